@@ -1,0 +1,186 @@
+"""CloudEvents 1.0 structured-JSON envelopes: the only thing that travels on the bus.
+
+An :class:`Envelope` is plain data. ``encode`` turns it into the bytes a transport
+stores; ``decode`` turns bytes back and raises :class:`MalformedEnvelope` (naming the
+attribute and the reason) for anything that is not a valid CloudEvent, so the
+runtime can dead-letter it instead of crashing.
+
+Output ids are deterministic (:func:`derive_id`): the same input handled by the same
+handler always yields the same output ids, which is what makes a re-run after a
+crash harmless downstream (the consumer's inbox drops the duplicate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from choreograph.errors import MalformedEnvelope
+
+SPECVERSION = "1.0"
+DEFAULT_CONTENT_TYPE = "application/json"
+
+#: Context attributes that are not extensions (CloudEvents 1.0 core).
+CORE_ATTRIBUTES = frozenset(
+    {"id", "source", "type", "specversion", "time", "subject", "datacontenttype", "dataschema", "data"}
+)
+#: Extensions choreograph reads and writes itself.
+KNOWN_EXTENSIONS = frozenset(
+    {"correlationid", "causationid", "traceparent", "tracestate", "hops", "partitionkey", "deadline"}
+)
+_EXTENSION_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+
+_NAMESPACE = uuid.UUID("6f2b1a0e-3c59-4d8e-9a41-2f4c6d8b7e10")
+
+
+def new_id() -> str:
+    """A fresh random event id (UUID4, as text)."""
+    return str(uuid.uuid4())
+
+
+def derive_id(input_id: str, service: str, handler: str, index: int | str) -> str:
+    """The id of output ``index`` of ``handler`` in ``service`` handling event ``input_id``.
+
+    A UUID5 over the four parts: stable across processes and re-runs, distinct for
+    every (input, service, handler, index).
+    """
+    return str(uuid.uuid5(_NAMESPACE, f"{input_id}\x1f{service}\x1f{handler}\x1f{index}"))
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(slots=True)
+class Envelope:
+    """One CloudEvent as choreograph sees it.
+
+    ``data`` is any JSON value. Unknown extensions are kept in ``extensions`` and
+    written back unchanged, so an envelope survives a round trip through any
+    service untouched.
+
+    >>> env = Envelope(id="1", source="/demo", type="demo.ping", data={"n": 1})
+    >>> decode(encode(env)).data
+    {'n': 1}
+    """
+
+    id: str
+    source: str
+    type: str
+    data: Any = None
+    time: str | None = None
+    subject: str | None = None
+    datacontenttype: str | None = DEFAULT_CONTENT_TYPE
+    dataschema: str | None = None
+    correlationid: str | None = None
+    causationid: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    hops: int = 0
+    partitionkey: str | None = None
+    deadline: str | None = None
+    extensions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    specversion: str = SPECVERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The structured-mode JSON object (CloudEvents JSON format)."""
+        out: dict[str, Any] = {
+            "specversion": self.specversion,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+        }
+        for name in ("time", "subject", "datacontenttype", "dataschema", "correlationid", "causationid",
+                     "traceparent", "tracestate", "partitionkey", "deadline"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        out["hops"] = self.hops
+        out.update(self.extensions)
+        if self.data is not None:
+            out["data"] = self.data
+        return out
+
+
+def encode(envelope: Envelope) -> bytes:
+    """Serialise to CloudEvents structured JSON (UTF-8 bytes)."""
+    try:
+        return orjson.dumps(envelope.to_dict())
+    except TypeError as exc:
+        raise MalformedEnvelope(f"data: not JSON-serialisable ({exc})", event_id=envelope.id) from exc
+
+
+def _require_str(obj: Mapping[str, Any], name: str, *, optional: bool = False) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        if optional:
+            return None
+        raise MalformedEnvelope(f"{name}: required attribute is missing", event_id=_id_of(obj))
+    if not isinstance(value, str):
+        raise MalformedEnvelope(f"{name}: expected a string, got {type(value).__name__}", event_id=_id_of(obj))
+    if not optional and not value:
+        raise MalformedEnvelope(f"{name}: must be a non-empty string", event_id=_id_of(obj))
+    return value
+
+
+def _id_of(obj: Mapping[str, Any]) -> str | None:
+    value = obj.get("id")
+    return value if isinstance(value, str) else None
+
+
+def from_dict(obj: Any) -> Envelope:
+    """Build an envelope from a decoded structured-mode JSON object, validating it."""
+    if not isinstance(obj, dict):
+        raise MalformedEnvelope(f"$: expected a JSON object, got {type(obj).__name__}")
+    spec = _require_str(obj, "specversion")
+    if spec != SPECVERSION:
+        raise MalformedEnvelope(f"specversion: unsupported version {spec!r} (expected '1.0')", event_id=_id_of(obj))
+    hops = obj.get("hops", 0)
+    if isinstance(hops, str) and hops.isdigit():  # extensions may arrive as strings (HTTP binary mode)
+        hops = int(hops)
+    if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
+        raise MalformedEnvelope(f"hops: expected a non-negative integer, got {hops!r}", event_id=_id_of(obj))
+    extensions: dict[str, Any] = {}
+    for key, value in obj.items():
+        if key in CORE_ATTRIBUTES or key in KNOWN_EXTENSIONS or key == "data_base64":
+            continue
+        if not key or not set(key) <= _EXTENSION_NAME_CHARS:
+            raise MalformedEnvelope(
+                f"{key}: extension names must be lower-case letters and digits", event_id=_id_of(obj)
+            )
+        extensions[key] = value
+    if "data_base64" in obj:
+        extensions["data_base64"] = obj["data_base64"]
+    return Envelope(
+        id=_require_str(obj, "id"),  # type: ignore[arg-type]
+        source=_require_str(obj, "source"),  # type: ignore[arg-type]
+        type=_require_str(obj, "type"),  # type: ignore[arg-type]
+        data=obj.get("data"),
+        time=_require_str(obj, "time", optional=True),
+        subject=_require_str(obj, "subject", optional=True),
+        datacontenttype=_require_str(obj, "datacontenttype", optional=True),
+        dataschema=_require_str(obj, "dataschema", optional=True),
+        correlationid=_require_str(obj, "correlationid", optional=True),
+        causationid=_require_str(obj, "causationid", optional=True),
+        traceparent=_require_str(obj, "traceparent", optional=True),
+        tracestate=_require_str(obj, "tracestate", optional=True),
+        hops=hops,
+        partitionkey=_require_str(obj, "partitionkey", optional=True),
+        deadline=_require_str(obj, "deadline", optional=True),
+        extensions=extensions,
+    )
+
+
+def decode(body: bytes | str) -> Envelope:
+    """Parse structured-mode JSON into an :class:`Envelope` or raise :class:`MalformedEnvelope`."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEnvelope(f"$: not valid JSON ({exc})") from exc
+    return from_dict(obj)

@@ -1,0 +1,98 @@
+"""The exceptions choreograph raises, and the two a handler raises to steer its outcome.
+
+::
+
+    ChoreographError                 base of everything below
+    ├── Retry(after=None)            handler: "try again later" (transient; counts an attempt)
+    ├── Reject(reason)               handler: "this can never succeed" (dead-letter at once)
+    ├── ConfigurationError           you: a bad URL, an unknown module, a duplicate handler
+    ├── EmitError                    you: a handler emitted an event type it did not declare
+    ├── MalformedEnvelope            the bus: bytes that are not a valid CloudEvent
+    ├── TransportError               the broker broke (client-library errors translated here)
+    │   └── TransportClosed          you closed it, then used it
+    └── StoreError                   the inbox / outbox / journal database broke
+
+Errors carry context where they have it (``event_id``, ``service``, ``handler``,
+``attempt``) so a log line or a dead-letter record says exactly what failed.
+Any other exception raised by a handler is treated as transient, like ``Retry``.
+"""
+
+from __future__ import annotations
+
+
+class ChoreographError(Exception):
+    """Base class of every choreograph exception."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        event_id: str | None = None,
+        service: str | None = None,
+        handler: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.event_id = event_id
+        self.service = service
+        self.handler = handler
+        self.attempt = attempt
+
+    def __str__(self) -> str:
+        context = [
+            f"{name}={value}"
+            for name, value in (
+                ("event", self.event_id),
+                ("service", self.service),
+                ("handler", self.handler),
+                ("attempt", self.attempt),
+            )
+            if value is not None
+        ]
+        return f"{self.message} [{', '.join(context)}]" if context else self.message
+
+
+class Retry(ChoreographError):
+    """Raise from a handler to retry the event, optionally no sooner than ``after`` seconds.
+
+    >>> raise Retry("inventory service busy", after=2.0)  # doctest: +SKIP
+    """
+
+    def __init__(self, message: str = "retry requested", *, after: float | None = None) -> None:
+        super().__init__(message)
+        if after is not None and after < 0:
+            raise ValueError("after: must be >= 0 seconds")
+        self.after = after
+
+
+class Reject(ChoreographError):
+    """Raise from a handler when the event can never succeed: it is dead-lettered at once."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConfigurationError(ChoreographError):
+    """Misuse: the program or its configuration is wrong (not the data, not the broker)."""
+
+
+class EmitError(ChoreographError):
+    """A handler returned or published an event type it did not declare in ``emits``."""
+
+
+class MalformedEnvelope(ChoreographError):
+    """Bytes on the bus that are not a valid CloudEvent; the message names the attribute."""
+
+
+class TransportError(ChoreographError):
+    """The broker failed (connection lost, publish not confirmed, ...)."""
+
+
+class TransportClosed(TransportError):
+    """The transport was closed and then used."""
+
+
+class StoreError(ChoreographError):
+    """A store (inbox, outbox, journal) failed."""

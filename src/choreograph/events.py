@@ -1,0 +1,78 @@
+"""Typed events: a pydantic model bound to a CloudEvents ``type`` and a schema version.
+
+>>> class PackageCreated(Event, type="drone.package.created", version=1):
+...     package_id: str
+...     weight_kg: float
+>>> PackageCreated.event_type()
+'drone.package.created'
+
+The model is the payload (the CloudEvent ``data``); the envelope attributes (id,
+correlation, causation, ...) live on the :class:`~choreograph.Envelope` and reach a
+handler through its context.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pydantic
+
+from choreograph.errors import ConfigurationError
+
+_REGISTRY: dict[str, type[Event]] = {}
+
+
+class Event(pydantic.BaseModel):
+    """Base class of every event payload. Subclass with ``type=`` (and optionally ``version=``).
+
+    Unknown fields are rejected (``extra="forbid"``) so a producer's typo is a clear
+    validation error at the consumer instead of silently ignored data.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    __event_type__: ClassVar[str] = ""
+    __event_version__: ClassVar[int] = 1
+
+    def __init_subclass__(cls, *, type: str | None = None, version: int = 1, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if type is None:
+            if not cls.__event_type__:
+                raise ConfigurationError(
+                    f"{cls.__qualname__}: an Event subclass needs a type, e.g. "
+                    f"class {cls.__name__}(Event, type=\"shop.order.placed\")"
+                )
+            return  # inherits its parent's type (e.g. a model with extra helpers)
+        if not type or type.startswith("choreograph."):
+            raise ConfigurationError(f"{cls.__qualname__}: type {type!r} is empty or reserved")
+        if version < 1:
+            raise ConfigurationError(f"{cls.__qualname__}: version must be >= 1")
+        cls.__event_type__ = type
+        cls.__event_version__ = version
+        existing = _REGISTRY.get(type)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            # Re-importing the same module (tests, reloads) re-defines the class: allowed.
+            raise ConfigurationError(
+                f"{cls.__qualname__}: event type {type!r} is already bound to {existing.__module__}.{existing.__qualname__}"
+            )
+        _REGISTRY[type] = cls
+
+    @classmethod
+    def event_type(cls) -> str:
+        """The CloudEvents ``type`` of this event."""
+        return cls.__event_type__
+
+    @classmethod
+    def schema_uri(cls) -> str:
+        """The CloudEvents ``dataschema`` of this event (a URN naming type and version)."""
+        return f"urn:choreograph:schema:{cls.__event_type__}:v{cls.__event_version__}"
+
+
+def event_class(type_name: str) -> type[Event] | None:
+    """The Event subclass bound to ``type_name`` in this process, if any."""
+    return _REGISTRY.get(type_name)
+
+
+def registered_types() -> dict[str, type[Event]]:
+    """Every event type defined in this process (a copy)."""
+    return dict(_REGISTRY)

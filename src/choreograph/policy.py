@@ -1,0 +1,62 @@
+"""Retry policy: how often and how late a failed event is tried again.
+
+Exponential backoff with *full jitter* (AWS architecture blog, "Exponential Backoff And
+Jitter"): the n-th retry waits a uniform random time in ``[0, min(max_interval,
+base * 2**(n-1))]``. Full jitter spreads a burst of failures over time instead of
+retrying them in lock-step. Pass ``jitter=False`` (or a seeded ``random.Random``) for
+deterministic delays in tests.
+
+>>> policy = RetryPolicy(max_attempts=3, base=0.5, jitter=False)
+>>> [policy.backoff(n) for n in (1, 2, 3)]
+[0.5, 1.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Literal
+
+GiveUp = Literal["max_attempts", "max_age"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to retry a failed attempt and when to give up.
+
+    ``max_attempts`` counts every attempt, the first included. ``max_age`` (seconds,
+    or ``None`` for no limit) is measured from the first failed attempt: once exceeded,
+    the event is given up even if attempts remain.
+    """
+
+    max_attempts: int = 5
+    base: float = 0.2
+    max_interval: float = 30.0
+    max_age: float | None = None
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts: must be >= 1")
+        if self.base < 0 or self.max_interval < 0:
+            raise ValueError("base, max_interval: must be >= 0")
+        if self.max_age is not None and self.max_age <= 0:
+            raise ValueError("max_age: must be > 0 seconds or None")
+
+    def backoff(self, failed_attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
+        ceiling = min(self.max_interval, self.base * (2 ** max(0, failed_attempt - 1)))
+        if not self.jitter:
+            return ceiling
+        return (rng or random).uniform(0.0, ceiling)
+
+    def give_up(self, attempt: int, age: float) -> GiveUp | None:
+        """Why to stop after ``attempt`` failed, ``age`` seconds after the first failure; else None."""
+        if attempt >= self.max_attempts:
+            return "max_attempts"
+        if self.max_age is not None and age >= self.max_age:
+            return "max_age"
+        return None
+
+
+DEFAULT_RETRY = RetryPolicy()

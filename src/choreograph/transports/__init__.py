@@ -1,0 +1,71 @@
+"""Transports: the seam to brokers, selected by URL scheme.
+
+========================  ===========================================================
+``memory://[name]``       in-process; the whole contract (tests, demos in one process)
+``sqlite:///path/bus.db`` embedded default: a SQLite file shared by processes on a host
+``nats://host:4222``      NATS JetStream
+``redis://host:6379/0``   Redis Streams
+``amqp://u:p@host/vhost`` RabbitMQ
+========================  ===========================================================
+
+Every URL accepts ``?lease=SECONDS`` (the ack deadline). Broker client libraries are
+imported only when their scheme is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from urllib.parse import parse_qs, urlsplit
+
+from choreograph.errors import ConfigurationError
+from choreograph.transports.base import DEFAULT_LEASE, DeadLetter, Delivery, Message, Subscription, Transport
+
+__all__ = ["DeadLetter", "Delivery", "Message", "Subscription", "Transport", "open_transport", "schemes"]
+
+# scheme -> (module, class, pip extra that provides its client library)
+_SCHEMES: dict[str, tuple[str, str, str | None]] = {
+    "memory": ("choreograph.transports.memory", "MemoryTransport", None),
+    "sqlite": ("choreograph.transports.sqlite", "SQLiteTransport", None),
+    "nats": ("choreograph.transports.nats", "NatsTransport", "nats"),
+    "redis": ("choreograph.transports.redis", "RedisTransport", "redis"),
+    "rediss": ("choreograph.transports.redis", "RedisTransport", "redis"),
+    "amqp": ("choreograph.transports.amqp", "AmqpTransport", "amqp"),
+    "amqps": ("choreograph.transports.amqp", "AmqpTransport", "amqp"),
+}
+
+
+def schemes() -> list[str]:
+    """The URL schemes choreograph knows."""
+    return sorted(_SCHEMES)
+
+
+def lease_from_url(url: str, default: float = DEFAULT_LEASE) -> float:
+    """The ``?lease=`` query parameter of ``url`` in seconds, validated."""
+    values = parse_qs(urlsplit(url).query).get("lease")
+    if not values:
+        return default
+    try:
+        lease = float(values[-1])
+    except ValueError:
+        raise ConfigurationError(f"broker URL: lease={values[-1]!r} is not a number of seconds") from None
+    if lease <= 0:
+        raise ConfigurationError("broker URL: lease must be > 0 seconds")
+    return lease
+
+
+def open_transport(url: str) -> Transport:
+    """A transport for ``url`` (not yet connected: ``async with`` it or call ``connect()``)."""
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"broker URL {url!r}: unknown scheme {scheme!r}; expected one of "
+            + ", ".join(f"{s}://" for s in schemes())
+        )
+    module_name, class_name, extra = _SCHEMES[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f" (pip install 'choreograph[{extra}]')" if extra else ""
+        raise ConfigurationError(f"broker URL {url!r}: {scheme}:// needs {exc.name}{hint}") from exc
+    transport: Transport = getattr(module, class_name)(url)
+    return transport
