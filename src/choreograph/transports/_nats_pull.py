@@ -1,0 +1,333 @@
+"""Pulling from a JetStream consumer: :class:`NatsSubscription` and :class:`NatsDelivery`.
+
+The pull protocol is spoken directly (``$JS.API.CONSUMER.MSG.NEXT``) rather than through
+nats-py's ``fetch``, because the contract wants something ``fetch`` does not do: return
+as soon as *one* message is available, yet hand over a whole batch when a backlog exists.
+Each :meth:`NatsSubscription.fetch` therefore
+
+1. asks for up to ``max_messages`` with ``no_wait`` - one round trip returns the backlog
+   (or a ``404``/``408`` status when there is less than a batch);
+2. if that returned nothing, parks one *single-message* pull request that expires with
+   the caller's timeout (chunked to :data:`LONG_POLL`): a lone message published to an
+   idle group is delivered the moment the server has it, and because that request asks
+   for one message it is spent once satisfied - no request outlives the fetch to hoard
+   messages a competing consumer could take.
+
+Replies arrive on a per-subscription inbox; each request gets its own reply subject
+(``<inbox>.<n>``) so the terminating status of an old request can never end a newer one.
+Messages that arrive after a fetch gave up (a late reply) are buffered for the next
+fetch, or NAKed for prompt redelivery on close. After a reconnect every outstanding
+request is presumed lost and re-issued at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsInbox
+
+from choreograph.errors import TransportClosed, TransportError
+from choreograph.transports import _nats_codec as codec
+from choreograph.transports.base import Delivery, Message, Subscription
+
+#: Longest a single parked pull request lives before it is renewed (seconds).
+LONG_POLL = 10.0
+#: How long to wait for the server to answer a ``no_wait`` pull before asking again.
+_NO_WAIT_GUARD = 2.0
+#: Extra time allowed past a parked request's expiry for its ``408`` to arrive.
+_GRACE = 1.0
+
+_RETRYABLE_CONFLICTS = ("leadership", "shutdown", "exceeded maxwaiting")
+
+StoreDeadLetter = Callable[[str, Message, Mapping[str, Any]], Awaitable[None]]
+
+
+class NatsDelivery(Delivery):
+    """A JetStream message; its verbs are the JetStream acks on its reply subject."""
+
+    __slots__ = ("_subscription", "_reply")
+
+    def __init__(
+        self, message: Message, attempt: int, group: str, subscription: NatsSubscription, reply: str
+    ):
+        super().__init__(message, attempt, group)
+        self._subscription = subscription
+        self._reply = reply
+
+    async def _ack(self) -> None:
+        await self._subscription._reply_to(self._reply, b"+ACK")
+
+    async def _retry(self, after: float) -> None:
+        # No backoff is configured on the consumer, so the NAK delay is the only delay.
+        payload = b"-NAK" if after <= 0 else b'-NAK {"delay": %d}' % int(after * 1_000_000_000)
+        await self._subscription._reply_to(self._reply, payload)
+
+    async def _dead_letter(self, record: Mapping[str, Any]) -> None:
+        # Store first, then TERM: a crash in between redelivers, and the runtime dead-letters
+        # it again, replacing the stored copy (one dead letter per group and message id).
+        await self._subscription._store_dead_letter(self.group, self.message, record)
+        await self._subscription._reply_to(self._reply, b"+TERM")
+
+    async def touch(self) -> None:
+        """Reset the lease (JetStream "work in progress")."""
+        if not self.settled:
+            await self._subscription._reply_to(self._reply, b"+WPI")
+
+
+class NatsSubscription(Subscription):
+    """One consumer's handle on a group's durable pull consumer.
+
+    Concurrent ``fetch`` calls on one subscription are served one after the other; open
+    several subscriptions for parallel pulls.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        group: str,
+        stream: str,
+        consumer: str,
+        event_prefix: str,
+        replay_subject: str,
+        types: frozenset[str] | None,
+        client_filter: bool,
+        store_dead_letter: StoreDeadLetter,
+        on_close: Callable[[NatsSubscription], None],
+    ) -> None:
+        self.group = group
+        self._nc = nc
+        self._stream = stream
+        self._consumer = consumer
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._event_prefix = event_prefix  # "<prefix>.ev."
+        self._replay_subject = replay_subject
+        self._types = types
+        self._client_filter = client_filter
+        self._store_dead_letter = store_dead_letter
+        self._on_close = on_close
+        self._inbox_prefix = nc.new_inbox() + "."
+        self._inbox: NatsInbox | None = None
+        self._buffer: collections.deque[Msg] = collections.deque()
+        self._statuses: dict[str, tuple[int, str]] = {}
+        self._requests = 0
+        self._epoch = 0  # bumped on reconnect: every outstanding pull request is presumed lost
+        self._waiter: asyncio.Future[None] | None = None
+        self._fetching = asyncio.Lock()
+        self._closed = False
+
+    async def start(self) -> None:
+        with codec.translated("subscribe"):
+            self._inbox = await self._nc.subscribe(self._inbox_prefix + "*", cb=self._on_reply)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def _on_reply(self, msg: Msg) -> None:
+        if msg.reply.startswith("$JS.ACK."):
+            self._buffer.append(msg)
+        else:
+            status = (msg.headers or {}).get("Status", "")
+            if status == "100":  # idle heartbeat / flow control: not an answer
+                return
+            description = str((msg.headers or {}).get("Description", ""))
+            token = msg.subject[len(self._inbox_prefix) :]
+            self._statuses[token] = (int(status) if status.isdigit() else 0, description)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def reconnected(self) -> None:
+        """The connection came back: outstanding pull requests died with the old one."""
+        self._epoch += 1
+        self._wake()
+
+    async def _wait(self, until: float | None) -> bool:
+        """Sleep until something arrives or loop time ``until``; False on timeout."""
+        loop = asyncio.get_running_loop()
+        if until is not None and until <= loop.time():
+            return False
+        self._waiter = loop.create_future()
+        try:
+            async with asyncio.timeout_at(until):
+                await self._waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiter = None
+
+    async def _pull(self, **request: Any) -> str:
+        self._requests += 1
+        token = str(self._requests)
+        self._statuses.clear()
+        with codec.translated("pull"):
+            await self._nc.publish(
+                self._next_subject, json.dumps(request).encode(), reply=self._inbox_prefix + token
+            )
+        return token
+
+    # -- the contract -------------------------------------------------------------------
+
+    async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
+        if max_messages < 1:
+            raise ValueError("max_messages: must be >= 1")
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, timeout)
+        async with self._fetching:
+            while not self._closed:
+                if batch := await self._take(max_messages):
+                    return batch
+                if not self._nc.is_connected:
+                    # Requests sent now would only queue up; wait for the reconnect instead.
+                    epoch = self._epoch
+                    while epoch == self._epoch and not self._closed:
+                        if not await self._wait(deadline):
+                            return []
+                    continue
+                # 1. Whatever is ready now, up to a whole batch, in one round trip.
+                epoch = self._epoch
+                token = await self._pull(batch=max_messages, no_wait=True)
+                until = _earliest(deadline, loop.time() + _NO_WAIT_GUARD)
+                while len(self._buffer) < max_messages and token not in self._statuses:
+                    if epoch != self._epoch or self._closed or not await self._wait(until):
+                        break
+                if batch := await self._take(max_messages):
+                    return batch
+                await self._check_status(self._statuses.pop(token, None))
+                # 2. Nothing ready: park a request for one message until the deadline.
+                remaining = LONG_POLL if deadline is None else min(LONG_POLL, deadline - loop.time())
+                if remaining < 0.002:
+                    return []
+                epoch = self._epoch
+                token = await self._pull(batch=1, expires=int(remaining * 1_000_000_000))
+                until = _earliest(deadline, loop.time() + remaining + _GRACE)
+                while not self._buffer and token not in self._statuses:
+                    if epoch != self._epoch or self._closed or not await self._wait(until):
+                        break
+                if batch := await self._take(max_messages):
+                    return batch
+                await self._check_status(self._statuses.pop(token, None))
+                if deadline is not None and loop.time() >= deadline:
+                    return []
+        return []
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack all of ``deliveries`` with one round trip: plain ack publishes, then one flush."""
+        pending = False
+        with codec.translated("ack"):
+            for delivery in deliveries:
+                if not delivery.settled:
+                    if not isinstance(delivery, NatsDelivery):
+                        await delivery.ack()
+                        continue
+                    delivery.settled = True
+                    await self._nc.publish(delivery._reply, b"+ACK")
+                    pending = True
+            if pending:
+                await self._nc.flush()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake()
+        self._on_close(self)
+        with codec.translated("close subscription"):
+            if self._inbox is not None and not self._nc.is_closed:
+                await self._inbox.unsubscribe()
+            # Messages that reached us after their fetch gave up: hand them back now
+            # rather than at lease expiry.
+            if self._buffer and self._nc.is_connected:
+                while self._buffer:
+                    await self._nc.publish(self._buffer.popleft().reply, b"-NAK")
+                await self._nc.flush()
+            self._buffer.clear()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed(f"nats: subscription of group {self.group!r} is closed")
+        if self._nc.is_closed:
+            raise TransportClosed("nats: transport is closed")
+
+    async def _take(self, max_messages: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        while self._buffer and len(out) < max_messages:
+            msg = self._buffer.popleft()
+            delivery = self._delivery(msg)
+            if delivery is not None:
+                out.append(delivery)
+            else:
+                # Not for this subscriber (a server without multi-subject consumer filters
+                # delivers the whole stream, another group's replay): settle it and move on.
+                with codec.translated("skip a message"):
+                    await self._nc.publish(msg.reply, b"+ACK")
+        return out
+
+    def _delivery(self, msg: Msg) -> NatsDelivery | None:
+        headers = msg.headers or {}
+        metadata = msg.metadata
+        if msg.subject == self._replay_subject:
+            message_id = codec.from_header(headers.get(codec.H_ID, ""))
+            event_type = codec.from_header(headers.get(codec.H_TYPE, ""))
+        elif msg.subject.startswith(self._event_prefix):
+            event_type = codec.type_from_tokens(msg.subject[len(self._event_prefix) :])
+            if self._client_filter and self._types is not None and event_type not in self._types:
+                return None
+            message_id = codec.from_header(headers.get(codec.H_MSG_ID, ""))
+        else:  # another group's replay
+            return None
+        if not message_id:  # published by something other than choreograph
+            message_id = f"nats-{self._stream}-{metadata.sequence.stream}"
+        message = Message(id=message_id, type=event_type, body=msg.data)
+        return NatsDelivery(message, metadata.num_delivered, self.group, self, msg.reply)
+
+    async def _reply_to(self, reply: str, payload: bytes) -> None:
+        with codec.translated("settle a delivery"):
+            await self._nc.publish(reply, payload)
+            await self._nc.flush()
+
+    async def _check_status(self, status: tuple[int, str] | None) -> None:
+        """Raise for a pull-request status that means the consumer cannot be pulled from."""
+        if status is None:
+            return
+        code, description = status
+        if code in (404, 408):
+            return
+        if code == 409 and any(reason in description.lower() for reason in _RETRYABLE_CONFLICTS):
+            await asyncio.sleep(0.05)
+            return
+        if code == 503:  # no responders: JetStream not ready yet (restarting) or consumer gone
+            await self._check_consumer_exists()
+            await asyncio.sleep(0.2)
+            return
+        raise TransportError(f"nats: pull from group {self.group!r} failed: {code} {description}")
+
+    async def _check_consumer_exists(self) -> None:
+        """Raise if the server says the group's consumer (or stream) no longer exists."""
+        try:
+            reply = await self._nc.request(
+                f"$JS.API.CONSUMER.INFO.{self._stream}.{self._consumer}", b"", timeout=1.0
+            )
+            error = json.loads(reply.data).get("error")
+        except (TimeoutError, nats.errors.Error, ValueError):
+            return  # cannot tell (JetStream still starting): keep trying
+        if error and error.get("err_code") in (codec.ERR_CONSUMER_NOT_FOUND, codec.ERR_STREAM_NOT_FOUND):
+            raise TransportError(
+                f"nats: the consumer of group {self.group!r} no longer exists: {error.get('description')}"
+            )
+
+
+def _earliest(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
