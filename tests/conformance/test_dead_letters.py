@@ -1,0 +1,128 @@
+"""Dead letters: kept per group with their record and original body; listed, shown, replayed, purged."""
+
+from __future__ import annotations
+
+import time
+
+from choreograph.transports import Delivery, Subscription, Transport
+from tests.conformance._support import TYPE_A, collect, ids, message, quiet
+from tests.conformance.conftest import Buses
+
+RECORD = {
+    "reason": "rejected",
+    "attempts": 3,
+    "service": "billing",
+    "last_error": {"type": "ValueError", "message": "card declined — ünïcode"},
+    "nested": [1, 2.5, None, True],
+}
+
+
+async def _dead_letter(subscription: Subscription, count: int, record: dict[str, object] = RECORD) -> list[Delivery]:
+    got = await collect(subscription, count)
+    for delivery in got:
+        await delivery.dead_letter({**record, "id": delivery.message.id})
+    return got
+
+
+async def test_a_dead_letter_keeps_its_record_and_the_original_message(bus: Transport) -> None:
+    subscription = await bus.subscribe("g", [TYPE_A])
+    body = b"\x00original body, not json\xff"
+    await bus.publish([message(1, body=body)])
+    before = time.time()
+    await _dead_letter(subscription, 1)
+    (letter,) = await bus.dead_letters("g")
+    assert letter.group == "g"
+    assert (letter.message.id, letter.message.type, letter.message.body) == ("m1", TYPE_A, body)
+    assert dict(letter.record) == {**RECORD, "id": "m1"}
+    assert before - 60 <= letter.dead_at <= time.time() + 60  # wall-clock seconds since the epoch
+
+
+async def test_a_dead_lettered_message_is_not_delivered_again(buses: Buses) -> None:
+    bus = await buses.open(buses.url(lease=1.0))
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(1)])
+    await _dead_letter(subscription, 1)
+    assert await quiet(subscription, 2.5) == []
+
+
+async def test_dead_letters_are_kept_per_group(bus: Transport) -> None:
+    failing = await bus.subscribe("failing", [TYPE_A])
+    fine = await bus.subscribe("fine", [TYPE_A])
+    await bus.publish([message(1)])
+    await _dead_letter(failing, 1)
+    await (await collect(fine, 1))[0].ack()
+    assert [letter.message.id for letter in await bus.dead_letters("failing")] == ["m1"]
+    assert await bus.dead_letters("fine") == []
+    assert [(letter.group, letter.message.id) for letter in await bus.dead_letters()] == [("failing", "m1")]
+
+
+async def test_dead_letters_are_listed_oldest_first_up_to_a_limit(bus: Transport) -> None:
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(n) for n in range(3)])
+    for delivery in sorted(await collect(subscription, 3), key=lambda d: d.message.id, reverse=True):
+        await delivery.dead_letter(RECORD)
+    assert [letter.message.id for letter in await bus.dead_letters("g")] == ["m2", "m1", "m0"]
+    assert [letter.message.id for letter in await bus.dead_letters("g", limit=2)] == ["m2", "m1"]
+
+
+async def test_one_dead_letter_can_be_shown_by_message_id(bus: Transport) -> None:
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(1), message(2)])
+    await _dead_letter(subscription, 2)
+    letter = await bus.dead_letter("g", "m2")
+    assert letter is not None
+    assert (letter.group, letter.message.id, letter.record["id"]) == ("g", "m2", "m2")
+    assert await bus.dead_letter("g", "no-such-id") is None
+    assert await bus.dead_letter("other-group", "m2") is None
+
+
+async def test_replay_delivers_to_that_group_only_with_a_fresh_attempt_count(bus: Transport) -> None:
+    failing = await bus.subscribe("failing", [TYPE_A])
+    fine = await bus.subscribe("fine", [TYPE_A])
+    await bus.publish([message(1, body=b"same bytes")])
+    await (await collect(fine, 1))[0].ack()
+    (delivery,) = await collect(failing, 1)
+    await delivery.retry(0)
+    (delivery,) = await collect(failing, 1)
+    assert delivery.attempt == 2
+    await delivery.dead_letter(RECORD)
+
+    assert await bus.replay("failing") == 1
+    (replayed,) = await collect(failing, 1)
+    assert (replayed.message.id, replayed.message.body, replayed.attempt) == ("m1", b"same bytes", 1)
+    assert await bus.dead_letters("failing") == []
+    assert await quiet(fine, 0.5) == []
+
+
+async def test_replay_can_pick_message_ids(bus: Transport) -> None:
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(n) for n in range(3)])
+    await _dead_letter(subscription, 3)
+    assert await bus.replay("g", ["m1"]) == 1
+    assert ids(await collect(subscription, 1)) == ["m1"]
+    assert sorted(letter.message.id for letter in await bus.dead_letters("g")) == ["m0", "m2"]
+    assert await bus.replay("g", ["no-such-id"]) == 0
+
+
+async def test_purge_deletes_dead_letters_for_good(bus: Transport) -> None:
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(n) for n in range(3)])
+    await _dead_letter(subscription, 3)
+    assert await bus.purge("g", ["m1"]) == 1
+    assert sorted(letter.message.id for letter in await bus.dead_letters("g")) == ["m0", "m2"]
+    assert await bus.purge("g") == 2
+    assert await bus.dead_letters("g") == []
+    assert await bus.replay("g") == 0
+    assert await quiet(subscription, 0.5) == []
+
+
+async def test_purge_and_replay_leave_other_groups_alone(bus: Transport) -> None:
+    first = await bus.subscribe("first", [TYPE_A])
+    second = await bus.subscribe("second", [TYPE_A])
+    await bus.publish([message(1)])
+    await _dead_letter(first, 1)
+    await _dead_letter(second, 1)
+    assert await bus.purge("first") == 1
+    assert [letter.group for letter in await bus.dead_letters()] == ["second"]
+    assert await bus.replay("first") == 0
+    assert await quiet(second, 0.3) == []
