@@ -16,9 +16,7 @@ MESSAGES = 1000
 async def test_a_hundred_consumers_in_one_group_process_each_message_once(buses: Buses, bus_url: str) -> None:
     """100 competing consumers over two connections: none processed twice, none lost."""
     transports = [await buses.open(bus_url) for _ in range(2)]
-    subscriptions = [
-        await transports[n % 2].subscribe("workers", [TYPE_A]) for n in range(CONSUMERS)
-    ]
+    subscriptions = [await transports[n % 2].subscribe("workers", [TYPE_A]) for n in range(CONSUMERS)]
     processed: Counter[str] = Counter()
     done = asyncio.Event()
 

@@ -17,7 +17,9 @@ RECORD = {
 }
 
 
-async def _dead_letter(subscription: Subscription, count: int, record: dict[str, object] = RECORD) -> list[Delivery]:
+async def _dead_letter(
+    subscription: Subscription, count: int, record: dict[str, object] = RECORD
+) -> list[Delivery]:
     got = await collect(subscription, count)
     for delivery in got:
         await delivery.dead_letter({**record, "id": delivery.message.id})

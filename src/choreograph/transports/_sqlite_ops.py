@@ -143,8 +143,12 @@ def publish(conn: sqlite3.Connection, messages: Sequence[Message], groups: Group
         seq += 1
         stored.append((seq, message.id, message.type, message.body, now))
         deliveries.extend((name, seq, now) for name in names)
-    conn.executemany("INSERT INTO messages (seq, id, type, body, published_at) VALUES (?, ?, ?, ?, ?)", stored)
-    conn.executemany("INSERT INTO deliveries (grp, seq, attempt, available_at) VALUES (?, ?, 0, ?)", deliveries)
+    conn.executemany(
+        "INSERT INTO messages (seq, id, type, body, published_at) VALUES (?, ?, ?, ?, ?)", stored
+    )
+    conn.executemany(
+        "INSERT INTO deliveries (grp, seq, attempt, available_at) VALUES (?, ?, 0, ?)", deliveries
+    )
     return len(deliveries)
 
 
@@ -220,7 +224,8 @@ def dead_letter(
 ) -> None:
     """Move one claim to the group's dead letters, copying the message body."""
     gone = conn.execute(
-        "DELETE FROM deliveries WHERE grp = ? AND seq = ? AND attempt = ? RETURNING seq", (group, seq, attempt)
+        "DELETE FROM deliveries WHERE grp = ? AND seq = ? AND attempt = ? RETURNING seq",
+        (group, seq, attempt),
     ).fetchone()
     if gone is None:  # our lease expired and another consumer holds it now
         return
@@ -269,7 +274,9 @@ def replay(conn: sqlite3.Connection, group: str, message_ids: Collection[str] | 
             "INSERT INTO messages (id, type, body, published_at) VALUES (?, ?, ?, ?) RETURNING seq",
             (id, type_, body, now),
         ).fetchone()[0]
-        conn.execute("INSERT INTO deliveries (grp, seq, attempt, available_at) VALUES (?, ?, 0, ?)", (group, seq, now))
+        conn.execute(
+            "INSERT INTO deliveries (grp, seq, attempt, available_at) VALUES (?, ?, 0, ?)", (group, seq, now)
+        )
     return len(letters)
 
 

@@ -198,7 +198,9 @@ class SQLiteTransport(Transport):
             return
         for message in messages:
             if not isinstance(message.body, bytes):
-                raise TypeError(f"message {message.id}: body must be bytes, not {type(message.body).__name__}")
+                raise TypeError(
+                    f"message {message.id}: body must be bytes, not {type(message.body).__name__}"
+                )
         batch = list(messages)
         await self._write(lambda conn, now: self._publish_op(conn, batch, now), wakes=True)
 
@@ -278,7 +280,9 @@ class SQLiteTransport(Transport):
                 batch, self._queue = self._queue, []
                 assert self._executor is not None
                 try:
-                    results = await loop.run_in_executor(self._executor, self._transact, [p.op for p in batch])
+                    results = await loop.run_in_executor(
+                        self._executor, self._transact, [p.op for p in batch]
+                    )
                 except Exception as exc:
                     for pending in batch:
                         if not pending.future.done():
@@ -444,7 +448,9 @@ class _SQLiteSubscription(Subscription):
         claims = [(seq, attempt) for seq, attempt, _ in result[0]]
         if claims:
             group = self.group
-            self._transport._submit_detached(lambda conn, now: ops.unclaim(conn, group, claims, now), wakes=True)
+            self._transport._submit_detached(
+                lambda conn, now: ops.unclaim(conn, group, claims, now), wakes=True
+            )
 
     def _release(self, deliveries: Sequence[_SQLiteDelivery]) -> list[tuple[int, int]]:
         for delivery in deliveries:
@@ -483,7 +489,9 @@ class _SQLiteSubscription(Subscription):
     async def _dead_letter(self, delivery: _SQLiteDelivery, record: dict[str, Any]) -> None:
         self._transport._check_open()
         ((seq, attempt),), group = self._release([delivery]), self.group
-        await self._transport._write(lambda conn, now: ops.dead_letter(conn, group, seq, attempt, record, now))
+        await self._transport._write(
+            lambda conn, now: ops.dead_letter(conn, group, seq, attempt, record, now)
+        )
 
     async def close(self) -> None:
         """Stop consuming; unsettled deliveries go back to the group at once (attempt + 1)."""
