@@ -1,0 +1,225 @@
+"""The Lua scripts behind :mod:`choreograph.transports.redis`.
+
+Every operation that touches more than one key, or must check before it writes, is one
+script: Redis runs a script atomically, so a crash or a competing consumer can never see
+half of it, and it costs one round trip. Layout of a bus with prefix ``P``::
+
+    P:groups        hash    group -> JSON list of types (null: every type)
+    P:s:<group>     stream  the group's backlog; consumer group <group> reads it
+    P:d:<group>     zset    delayed retries: score = due (server ms), member = msgpack
+                            [id, type, body, attempt, source entry id]
+    P:dl:<group>    stream  dead letters: id, type, body, attempt, record (JSON), dead_at
+
+A stream entry has the fields ``id``, ``type``, ``body`` and ``attempt`` (the attempt of
+its first delivery); the delivery count Redis keeps in the pending list adds the lease
+expiries: ``attempt + count - 1``. Times come from the server (``TIME``) so processes
+with skewed clocks agree on when a retry is due.
+"""
+
+from __future__ import annotations
+
+# Field table of a stream entry (flat [f1, v1, f2, v2, ...] as XRANGE returns it).
+_FIELDS = """
+local function fields(flat)
+  local f = {}
+  for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+  return f
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function ensure_group(stream, group)
+  local ok = redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+  if type(ok) == 'table' and ok.err and not string.find(ok.err, 'BUSYGROUP') then
+    return redis.error_reply(ok.err)
+  end
+end
+-- Is entry `id` still pending on consumer `me` with the delivery count we handed out?
+local function held(stream, group, me, id, count)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  return #p == 1 and p[1][2] == me and tonumber(p[1][4]) == tonumber(count)
+end
+"""
+
+#: KEYS: registry, stream.  ARGV: group, types JSON.
+REGISTER = (
+    _FIELDS
+    + """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return ensure_group(KEYS[2], ARGV[1]) or 1
+"""
+)
+
+#: KEYS: registry.  ARGV: prefix, maxlen (0: none), then (id, type, body) per message.
+#: Routes every message to the stream of each group bound to its type. Reading the
+#: registry here, not in the client, makes routing atomic with registration.
+PUBLISH = """
+local prefix, maxlen = ARGV[1], tonumber(ARGV[2])
+local registry = redis.call('HGETALL', KEYS[1])
+local wildcard, bound = {}, {}
+for i = 1, #registry, 2 do
+  local types = cjson.decode(registry[i + 1])
+  if types == cjson.null then
+    wildcard[#wildcard + 1] = registry[i]
+  else
+    for _, t in ipairs(types) do
+      bound[t] = bound[t] or {}
+      table.insert(bound[t], registry[i])
+    end
+  end
+end
+local function targets(t)
+  local out = {}
+  for _, g in ipairs(wildcard) do out[#out + 1] = g end
+  for _, g in ipairs(bound[t] or {}) do out[#out + 1] = g end
+  return out
+end
+if maxlen > 0 then
+  local adding = {}
+  for i = 3, #ARGV, 3 do
+    for _, g in ipairs(targets(ARGV[i + 1])) do adding[g] = (adding[g] or 0) + 1 end
+  end
+  for g, n in pairs(adding) do
+    local backlog = redis.call('XLEN', prefix .. ':s:' .. g) + redis.call('ZCARD', prefix .. ':d:' .. g)
+    if backlog + n > maxlen then
+      return redis.error_reply('BACKLOG group ' .. g .. ' holds ' .. backlog .. ' + ' .. n .. ' > maxlen ' .. maxlen)
+    end
+  end
+end
+local written = 0
+for i = 3, #ARGV, 3 do
+  for _, g in ipairs(targets(ARGV[i + 1])) do
+    redis.call('XADD', prefix .. ':s:' .. g, '*', 'id', ARGV[i], 'type', ARGV[i + 1], 'body', ARGV[i + 2], 'attempt', '1')
+    written = written + 1
+  end
+end
+return written
+"""
+
+#: KEYS: stream, delayed.  ARGV: group, consumer, lease ms, XAUTOCLAIM cursor, count.
+#: The consumer's housekeeping and non-blocking read in one step: due retries move back
+#: into the stream, lease-expired entries are claimed (with their delivery counts), fresh
+#: entries are read. Returns {next cursor, claimed, fresh, ms until next retry or -1}.
+SWEEP = (
+    _FIELDS
+    + """
+local stream, delayed = KEYS[1], KEYS[2]
+local group, me, lease, cursor, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local now = now_ms()
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 100)) do
+  local m = cmsgpack.unpack(member)
+  redis.call('XADD', stream, '*', 'id', m[1], 'type', m[2], 'body', m[3], 'attempt', m[4])
+  redis.call('ZREM', delayed, member)
+end
+local wait = -1
+local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+if #first == 2 then wait = math.max(0, tonumber(first[2]) - now) end
+local auto = redis.call('XAUTOCLAIM', stream, group, me, lease, cursor, 'COUNT', count)
+local claimed = {}
+for _, e in ipairs(auto[2]) do
+  local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
+  claimed[#claimed + 1] = {e[1], e[2], p[1][4]}
+end
+local fresh = {}
+if #claimed < count then
+  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count - #claimed, 'STREAMS', stream, '>')
+  if r then fresh = r[1][2] end
+end
+return {auto[1], claimed, fresh, wait}
+"""
+)
+
+#: KEYS: stream, delayed, dead.  ARGV: group, consumer, entry id, delivery count, verb
+#: ('retry' | 'dead'), retry delay ms | record JSON, next attempt | attempt.
+#: Settles a delivery only if this consumer still holds it (its lease did not expire and
+#: the entry was not redelivered meanwhile): a late verb is a no-op, as in every transport.
+SETTLE = (
+    _FIELDS
+    + """
+local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
+local group, me, id, count, verb = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if not held(stream, group, me, id, count) then return 0 end
+local e = redis.call('XRANGE', stream, id, id)
+redis.call('XACK', stream, group, id)
+redis.call('XDEL', stream, id)
+if #e == 0 then return 0 end
+local f = fields(e[1][2])
+local mid, mtype, body = f['id'] or id, f['type'] or '', f['body'] or ''
+if verb == 'retry' then
+  local after = tonumber(ARGV[6])
+  if after <= 0 then
+    redis.call('XADD', stream, '*', 'id', mid, 'type', mtype, 'body', body, 'attempt', ARGV[7])
+  else
+    redis.call('ZADD', delayed, now_ms() + after, cmsgpack.pack({mid, mtype, body, ARGV[7], id}))
+  end
+else
+  local t = redis.call('TIME')
+  redis.call('XADD', dead, '*', 'id', mid, 'type', mtype, 'body', body, 'attempt', ARGV[7],
+    'record', ARGV[6], 'dead_at', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+end
+return 1
+"""
+)
+
+#: KEYS: stream.  ARGV: group, consumer, idle ms, then (entry id, delivery count) pairs.
+#: Resets the idle time of entries this consumer still holds: 0 extends the lease
+#: (touch), a huge value hands them to the next consumer's XAUTOCLAIM at once (close).
+#: JUSTID leaves the delivery count alone.
+HOLD = (
+    _FIELDS
+    + """
+local n = 0
+for i = 4, #ARGV, 2 do
+  if held(KEYS[1], ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1]) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
+#: KEYS: stream.  ARGV: group, consumer. Forget the consumer name if it holds nothing
+#: (deleting a consumer that holds entries would strand them).
+FORGET = """
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if ok and #p == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) return 1 end
+return 0
+"""
+
+#: KEYS: dead, stream.  ARGV: verb ('replay' | 'purge'), group, start ('-' or '(<id>'),
+#: chunk, then the message ids to act on (none: all). Scans one chunk of dead letters
+#: and replays (attempt 1, to this group only) or deletes the matching ones.
+#: Returns {how many, where to continue or ''}.
+DEAD = (
+    _FIELDS
+    + """
+local dead, stream = KEYS[1], KEYS[2]
+local verb, group, start, chunk = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local wanted = nil
+if #ARGV > 4 then
+  wanted = {}
+  for i = 5, #ARGV do wanted[ARGV[i]] = true end
+end
+local entries = redis.call('XRANGE', dead, start, '+', 'COUNT', chunk)
+if verb == 'replay' and #entries > 0 then
+  local err = ensure_group(stream, group)
+  if err then return err end
+end
+local n = 0
+for _, e in ipairs(entries) do
+  local f = fields(e[2])
+  if wanted == nil or wanted[f['id']] then
+    if verb == 'replay' then
+      redis.call('XADD', stream, '*', 'id', f['id'] or e[1], 'type', f['type'] or '', 'body', f['body'] or '', 'attempt', '1')
+    end
+    redis.call('XDEL', dead, e[1])
+    n = n + 1
+  end
+end
+local next = ''
+if #entries == chunk then next = '(' .. entries[#entries][1] end
+return {n, next}
+"""
+)

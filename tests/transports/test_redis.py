@@ -1,0 +1,423 @@
+"""The Redis Streams transport: behaviour specific to it, plus the contract clauses it implements itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from choreograph.errors import ConfigurationError, TransportClosed, TransportError
+from choreograph.transports import open_transport
+from choreograph.transports.base import Delivery, Message, Subscription
+from choreograph.transports.redis import RedisTransport
+from tests.conformance.brokers import redis as broker
+
+
+def msg(n: int, type_: str = "order.placed", body: bytes = b"{}") -> Message:
+    return Message(id=f"m{n}", type=type_, body=body)
+
+
+@pytest.fixture
+async def bus_url() -> AsyncIterator[str]:
+    broker.require()
+    url = broker.url(uuid.uuid4().hex, lease=30.0)
+    yield url
+    await broker.cleanup(url)
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, **params: str) -> AsyncIterator[RedisTransport]:
+    if params:
+        url += "".join(f"&{k}={v}" for k, v in params.items())
+    transport = RedisTransport(url)
+    async with transport:
+        yield transport
+
+
+async def fetch_all(sub: Subscription, expected: int, wait: float = 5.0) -> list[Delivery]:
+    got: list[Delivery] = []
+    while len(got) < expected:
+        batch = await sub.fetch(expected - len(got), timeout=wait)
+        if not batch:
+            break
+        got += batch
+    return got
+
+
+# -- URL ---------------------------------------------------------------------------------
+
+
+def test_url_parameters_configure_the_transport_and_are_hidden_from_redis_py() -> None:
+    transport = RedisTransport("redis://127.0.0.1:6379/2?lease=7.5&prefix=shop&maxlen=10&client_name=x")
+    assert (transport.lease, transport.prefix, transport.maxlen) == (7.5, "shop", 10)
+    assert transport._client_url == "redis://127.0.0.1:6379/2?client_name=x"
+
+
+def test_the_default_prefix_is_choreograph() -> None:
+    assert RedisTransport("redis://127.0.0.1:6379/0").prefix == "choreograph"
+
+
+@pytest.mark.parametrize("query", ["maxlen=lots", "maxlen=-1", "lease=0"])
+def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
+    with pytest.raises(ConfigurationError):
+        RedisTransport(f"redis://127.0.0.1:6379/0?{query}")
+
+
+def test_open_transport_selects_redis_for_redis_and_rediss_urls() -> None:
+    assert isinstance(open_transport("redis://127.0.0.1/0"), RedisTransport)
+    assert isinstance(open_transport("rediss://127.0.0.1/0"), RedisTransport)
+
+
+async def test_an_unreachable_server_is_a_transport_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens here once the socket closes
+    with pytest.raises(TransportError):
+        await RedisTransport(f"redis://127.0.0.1:{port}/0").connect()
+
+
+async def test_a_closed_transport_refuses_to_publish(bus_url: str) -> None:
+    transport = RedisTransport(bus_url)
+    await transport.connect()
+    await transport.close()
+    with pytest.raises(TransportClosed):
+        await transport.publish([msg(1)])
+
+
+# -- routing and consuming ---------------------------------------------------------------
+
+
+async def test_prefixes_isolate_buses_on_one_server(bus_url: str) -> None:
+    other = broker.url(uuid.uuid4().hex, lease=30.0)
+    try:
+        async with opened(bus_url) as one, opened(other) as two:
+            mine = await one.subscribe("billing", None)
+            theirs = await two.subscribe("billing", None)
+            await one.publish([msg(1)])
+            assert [d.message.id for d in await mine.fetch(10, timeout=5)] == ["m1"]
+            assert await theirs.fetch(10, timeout=0.2) == []
+    finally:
+        await broker.cleanup(other)
+
+
+async def test_each_group_gets_its_own_copy_and_only_of_its_types(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        orders = await bus.subscribe("orders", ["order.placed"])
+        everything = await bus.subscribe("journal", None)
+        await bus.publish([msg(1), msg(2, "payment.done")])
+        assert [d.message.id for d in await fetch_all(orders, 1)] == ["m1"]
+        assert sorted(d.message.id for d in await fetch_all(everything, 2)) == ["m1", "m2"]
+        assert await orders.fetch(10, timeout=0.2) == []
+
+
+async def test_resubscribing_a_group_with_other_types_rebinds_it(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        await bus.subscribe("g", ["a"])
+        sub = await bus.subscribe("g", ["b"])
+        await bus.publish([msg(1, "a"), msg(2, "b")])
+        assert [d.message.id for d in await fetch_all(sub, 2, wait=0.5)] == ["m2"]
+
+
+async def test_consumers_of_one_group_in_different_processes_split_the_messages(bus_url: str) -> None:
+    async with opened(bus_url) as one, opened(bus_url) as two:
+        first = await one.subscribe("workers", None)
+        second = await two.subscribe("workers", None)
+        await one.publish([msg(n) for n in range(10)])
+        a = await first.fetch(4, timeout=5)
+        b = await fetch_all(second, 10 - len(a))
+        ids = [d.message.id for d in a + b]
+        assert sorted(ids) == sorted(f"m{n}" for n in range(10))  # each exactly once
+
+
+async def test_fetch_returns_the_first_message_without_waiting_to_fill_the_batch(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        waiting = asyncio.create_task(sub.fetch(100, timeout=None))
+        await asyncio.sleep(0.1)
+        await bus.publish([msg(1)])
+        got = await asyncio.wait_for(waiting, timeout=10)
+        assert [(d.message.id, d.attempt) for d in got] == [("m1", 1)]
+
+
+async def test_a_message_survives_byte_for_byte_up_to_one_mebibyte(bus_url: str) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        await bus.publish([Message(id="big", type="blob", body=body)])
+        [delivery] = await sub.fetch(1, timeout=5)
+        assert delivery.message == Message(id="big", type="blob", body=body)
+
+
+async def test_an_entry_without_our_fields_is_still_delivered_so_the_runtime_can_dead_letter_it(
+    bus_url: str,
+) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        entry = await bus._redis.xadd(bus._keys("g")[0], {"junk": "1"})
+        [delivery] = await sub.fetch(1, timeout=5)
+        assert (delivery.message.id, delivery.message.body, delivery.attempt) == (entry.decode(), b"", 1)
+        await delivery.dead_letter({"reason": "malformed"})
+        assert [d.record for d in await bus.dead_letters("g")] == [{"reason": "malformed"}]
+
+
+async def test_a_group_whose_keys_vanished_is_registered_again_and_keeps_consuming(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        await bus._redis.delete(bus._keys("g")[0])
+        await bus.publish([msg(1)])  # the registry survives: routed to a stream with no group yet
+        assert [d.message.id for d in await sub.fetch(1, timeout=5)] == ["m1"]
+
+
+# -- settling ----------------------------------------------------------------------------
+
+
+async def test_ack_deletes_the_entry_so_the_stream_holds_only_the_backlog(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        await bus.publish([msg(n) for n in range(5)])
+        got = await fetch_all(sub, 5)
+        await sub.ack_many(got[:4])
+        assert await bus._redis.xlen(bus._keys("g")[0]) == 1
+        await got[4].ack()
+        assert await bus._redis.xlen(bus._keys("g")[0]) == 0
+
+
+async def test_retry_redelivers_with_the_next_attempt_no_sooner_than_asked(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        [first] = await sub.fetch(1, timeout=5)
+        await first.retry(after=60)
+        assert await sub.fetch(1, timeout=0.3) == []  # parked in the delayed set
+        await bus._redis.zadd(
+            bus._keys("g")[1], {m: 0 for m in await bus._redis.zrange(bus._keys("g")[1], 0, -1)}
+        )
+        [second] = await sub.fetch(1, timeout=5)  # due now: moved back by the consumer itself
+        assert (second.message, second.attempt) == (first.message, 2)
+        await second.retry(after=0)
+        [third] = await sub.fetch(1, timeout=5)
+        assert third.attempt == 3
+
+
+async def test_an_expired_lease_redelivers_to_another_consumer_and_voids_the_late_verb(bus_url: str) -> None:
+    async with opened(bus_url, lease="0.5") as crashed, opened(bus_url, lease="0.5") as survivor:
+        slow = await crashed.subscribe("g", None)
+        other = await survivor.subscribe("g", None)
+        await crashed.publish([msg(1)])
+        [lost] = await slow.fetch(1, timeout=5)
+        [again] = await other.fetch(1, timeout=5)
+        assert (again.message.id, again.attempt) == ("m1", 2)
+        await lost.retry(after=0)  # too late: the lease moved on, so this must not duplicate
+        await lost.dead_letter({"reason": "late"})
+        assert await crashed.dead_letters("g") == []
+        await again.ack()
+        assert await other.fetch(1, timeout=1.0) == []
+
+
+async def test_touch_keeps_a_delivery_from_being_redelivered(bus_url: str) -> None:
+    async with opened(bus_url, lease="2") as busy, opened(bus_url, lease="2") as idle:
+        working = await busy.subscribe("g", None)
+        waiting = await idle.subscribe("g", None)
+        await busy.publish([msg(1)])
+        [delivery] = await working.fetch(1, timeout=5)
+
+        async def keep_touching() -> None:
+            for _ in range(12):
+                await asyncio.sleep(0.3)
+                await delivery.touch()
+
+        toucher = asyncio.create_task(keep_touching())
+        assert await waiting.fetch(1, timeout=3.0) == []  # 3 s > lease: only touch kept it
+        await toucher
+        [redelivered] = await waiting.fetch(1, timeout=10)  # touching stopped: the lease runs out
+        assert redelivered.attempt == 2
+
+
+async def test_closing_a_subscription_hands_its_unsettled_deliveries_on_at_once(bus_url: str) -> None:
+    async with opened(bus_url) as leaving, opened(bus_url) as staying:  # lease 30 s
+        going = await leaving.subscribe("g", None)
+        other = await staying.subscribe("g", None)
+        await leaving.publish([msg(1), msg(2)])
+        taken = await fetch_all(going, 2)
+        await taken[0].ack()
+        await going.close()
+        [handed_on] = await other.fetch(10, timeout=5)
+        assert (handed_on.message.id, handed_on.attempt) == (taken[1].message.id, 2)
+        with pytest.raises(TransportClosed):
+            await going.fetch(1, timeout=0)
+
+
+async def test_cancelling_a_waiting_fetch_is_prompt(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        task = asyncio.create_task(sub.fetch(10, timeout=None))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=3)  # generous bound; a blocking read is <= 0.5 s
+        assert done and task.cancelled()
+
+
+async def test_closing_the_transport_ends_a_waiting_fetch(bus_url: str) -> None:
+    bus = RedisTransport(bus_url)
+    await bus.connect()
+    sub = await bus.subscribe("g", None)
+    task = asyncio.create_task(sub.fetch(10, timeout=None))
+    await asyncio.sleep(0.2)
+    await bus.close()
+    with pytest.raises(TransportClosed):
+        await asyncio.wait_for(task, timeout=3)
+
+
+async def test_maxlen_refuses_a_publish_that_would_overflow_a_backlog_and_writes_nothing(
+    bus_url: str,
+) -> None:
+    async with opened(bus_url, maxlen="3") as bus:
+        small = await bus.subscribe("small", ["order.placed"])
+        other = await bus.subscribe("other", ["order.placed"])
+        await bus.publish([msg(1), msg(2)])
+        with pytest.raises(TransportError, match="maxlen"):
+            await bus.publish([msg(3), msg(4)])
+        assert await bus._redis.xlen(bus._keys("other")[0]) == 2  # the whole batch was refused
+        await bus.publish([msg(3)])
+        await small.ack_many(await fetch_all(small, 3))
+        await other.ack_many(await fetch_all(other, 3))
+        await bus.publish([msg(4)])  # acked entries no longer count
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+
+async def test_dead_letters_are_listed_shown_replayed_to_their_group_only_and_purged(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        a = await bus.subscribe("a", None)
+        b = await bus.subscribe("b", None)
+        await bus.publish([msg(1), msg(2), msg(3)])
+        for delivery in await fetch_all(a, 3):
+            await delivery.dead_letter({"reason": "rejected", "id": delivery.message.id})
+        await b.ack_many(await fetch_all(b, 3))
+
+        letters = await bus.dead_letters()
+        assert [(x.group, x.message.id) for x in letters] == [("a", "m1"), ("a", "m2"), ("a", "m3")]
+        assert letters[0].dead_at <= letters[1].dead_at <= letters[2].dead_at
+        shown = await bus.dead_letter("a", "m2")
+        assert shown is not None and shown.record == {"reason": "rejected", "id": "m2"}
+        assert await bus.dead_letter("a", "nope") is None
+
+        assert await bus.replay("a", ["m2"]) == 1
+        [replayed] = await a.fetch(10, timeout=5)
+        assert (replayed.message, replayed.attempt) == (msg(2), 1)
+        assert await b.fetch(10, timeout=0.2) == []
+
+        assert await bus.purge("a", ["m1"]) == 1
+        assert await bus.purge("a") == 1
+        assert await bus.dead_letters("a") == []
+
+
+async def test_replay_and_purge_of_all_cover_more_than_one_chunk(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        await bus.publish([msg(n) for n in range(250)])
+        for delivery in await fetch_all(sub, 250):
+            await delivery.dead_letter({"reason": "rejected"})
+        assert len(await bus.dead_letters("g", limit=1000)) == 250
+        assert await bus.replay("g") == 250
+        for delivery in await fetch_all(sub, 250):
+            await delivery.dead_letter({"reason": "rejected"})
+        assert await bus.purge("g") == 250
+
+
+# -- surviving a server restart ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _OwnRedis:
+    """A redis-server of this test's own (AOF on), so it can be killed without touching the shared one."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.dir = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def ready(self) -> None:
+        client = aioredis.Redis(port=self.port)
+        try:
+            for _ in range(200):
+                with contextlib.suppress(Exception):
+                    if await client.ping():
+                        return
+                await asyncio.sleep(0.05)
+            raise AssertionError("own redis-server did not start")
+        finally:
+            await client.aclose()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL: no shutdown save, only what the AOF already holds
+        self.proc.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[_OwnRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH (apt-get install redis-server)")
+    server = _OwnRedis(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.kill()
+
+
+@pytest.mark.slow
+async def test_consumers_resume_after_the_server_restarts_and_get_what_was_pending(
+    own_redis: _OwnRedis,
+) -> None:
+    await own_redis.ready()
+    url = f"redis://127.0.0.1:{own_redis.port}/0?lease=1&prefix=restart"
+    async with RedisTransport(url) as bus:
+        sub = await bus.subscribe("g", None)
+        await bus.publish([msg(1), msg(2), msg(3)])
+        [held] = await sub.fetch(1, timeout=5)  # taken but never settled: its lease must survive too
+
+        own_redis.kill()
+        waiting = asyncio.create_task(fetch_all(sub, 3, wait=30))  # keeps trying through the outage
+        await asyncio.sleep(1.0)
+        assert not waiting.done()
+        own_redis.start()
+
+        got = await asyncio.wait_for(waiting, timeout=60)
+        assert sorted((d.message.id, d.attempt) for d in got) == [(held.message.id, 2), ("m2", 1), ("m3", 1)]
+        await sub.ack_many(got)
+        await bus.publish([msg(4)])  # the publisher reconnects as well
+        assert [d.message.id for d in await sub.fetch(10, timeout=10)] == ["m4"]
