@@ -1,0 +1,237 @@
+"""SQLite transport specifics: real OS processes on one file, kill -9, URLs, housekeeping.
+
+The contract itself is asserted by tests/conformance (which runs on sqlite too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from choreograph.errors import ConfigurationError
+from choreograph.transports import Message, open_transport
+from choreograph.transports.sqlite import SQLiteTransport
+
+WORKER = str(Path(__file__).with_name("_sqlite_worker.py"))
+ROOT = str(Path(__file__).parents[2])
+TYPE = "test.work"  # the worker's type
+WAIT = 30.0
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "bus.db")
+
+
+def url_of(path: str, **params: object) -> str:
+    query = "&".join(f"{key}={value}" for key, value in params.items())
+    return f"sqlite:///{path}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture
+def spawn() -> Iterator[list[subprocess.Popen[str]]]:
+    """Start worker processes; any still running at the end is killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def start(started: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, WORKER, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    started.append(process)
+    return process
+
+
+async def readline(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), WAIT)
+    if not line:
+        assert process.stderr is not None
+        raise AssertionError(f"worker exited: {process.wait()} {process.stderr.read()}")
+    return line.strip()
+
+
+@pytest.fixture
+async def bus(path: str) -> AsyncIterator[SQLiteTransport]:
+    async with SQLiteTransport(url_of(path, lease=2)) as transport:
+        yield transport
+
+
+# -- several processes on one file --------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_two_processes_compete_on_one_file_without_duplicates(
+    path: str, bus: SQLiteTransport, spawn: list[subprocess.Popen[str]]
+) -> None:
+    workers = [start(spawn, url_of(path), "consume") for _ in range(2)]
+    for worker in workers:
+        assert await readline(worker) == "ready"
+    total = 3000
+    for first in range(0, total, 100):
+        await bus.publish([Message(f"m{n}", TYPE, b"x") for n in range(first, first + 100)])
+    results = [json.loads(await readline(worker)) for worker in workers]
+
+    processed = [mid for result in results for mid in result]
+    assert sorted(processed) == sorted(f"m{n}" for n in range(total))  # none lost, none twice
+    assert all(results), "both processes took part"
+
+
+@pytest.mark.slow
+async def test_deliveries_of_a_killed_process_go_to_another_after_the_lease(
+    path: str, bus: SQLiteTransport, spawn: list[subprocess.Popen[str]]
+) -> None:
+    survivor = await bus.subscribe("workers", [TYPE])
+    await bus.publish([Message(f"m{n}", TYPE, b"x") for n in range(5)])
+    victim = start(spawn, url_of(path, lease=1), "hold", "3")
+    held = json.loads(await readline(victim))
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+    got = []
+    while len(got) < 5:
+        batch = await survivor.fetch(5, timeout=WAIT)
+        assert batch, f"only {len(got)} of 5 delivered"
+        got.extend(batch)
+    attempts = {d.message.id: d.attempt for d in got}
+    assert sorted(attempts) == [f"m{n}" for n in range(5)]
+    assert {mid: attempts[mid] for mid in held} == {mid: 2 for mid in held}
+    assert all(attempts[mid] == 1 for mid in attempts if mid not in held)
+
+
+@pytest.mark.slow
+async def test_the_file_keeps_pending_messages_after_every_process_exits(
+    path: str, spawn: list[subprocess.Popen[str]]
+) -> None:
+    publisher = start(spawn, url_of(path), "publish", "20")
+    assert await asyncio.to_thread(publisher.wait, WAIT) == 0
+
+    async with SQLiteTransport(url_of(path)) as reopened:
+        subscription = await reopened.subscribe("g", [TYPE])
+        got = await subscription.fetch(100, timeout=WAIT)
+    assert [(d.message.id, d.message.body, d.attempt) for d in got] == [
+        (f"m{n}", b"%d" % n, 1) for n in range(20)
+    ]
+
+
+# -- URLs and configuration -----------------------------------------------------------------
+
+
+def test_three_slashes_are_relative_and_four_are_absolute() -> None:
+    assert SQLiteTransport("sqlite:///var/bus.db")._config.path == "var/bus.db"
+    assert SQLiteTransport("sqlite:////srv/bus.db")._config.path == "/srv/bus.db"
+
+
+def test_url_parameters_set_lease_and_synchronous() -> None:
+    transport = open_transport("sqlite:///bus.db?lease=2.5&synchronous=full")
+    assert isinstance(transport, SQLiteTransport)
+    assert transport.lease == 2.5
+    assert transport._config.synchronous == "FULL"
+    assert SQLiteTransport("sqlite:///bus.db")._config.synchronous == "NORMAL"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/bus.db",
+        "sqlite:///:memory:",
+        "sqlite:///bus.db?lease=0",
+        "sqlite:///bus.db?lease=soon",
+        "sqlite:///bus.db?synchronous=SOMETIMES",
+        "sqlite:///bus.db?leese=3",
+    ],
+)
+def test_bad_urls_are_configuration_errors(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        SQLiteTransport(url)
+
+
+async def test_the_file_is_in_wal_mode_with_the_asked_synchronous_level(path: str) -> None:
+    async with SQLiteTransport(url_of(path, synchronous="FULL")) as bus:
+        assert bus._conn is not None
+        assert bus._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert bus._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+async def test_the_directory_of_the_file_is_created(tmp_path: Path) -> None:
+    async with SQLiteTransport(f"sqlite:///{tmp_path}/var/deep/bus.db"):
+        pass
+    assert (tmp_path / "var" / "deep" / "bus.db").exists()
+
+
+# -- housekeeping -----------------------------------------------------------------------------
+
+
+def _count(path: str, table: str) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+async def test_a_message_is_deleted_once_every_group_has_settled_it(path: str, bus: SQLiteTransport) -> None:
+    first, second = await bus.subscribe("first", [TYPE]), await bus.subscribe("second", [TYPE])
+    await bus.publish([Message("m1", TYPE, b"x")])
+    await (await first.fetch(1))[0].ack()
+    assert _count(path, "messages") == 1
+    await (await second.fetch(1))[0].dead_letter({"reason": "rejected"})
+    assert (_count(path, "messages"), _count(path, "deliveries")) == (0, 0)
+    assert _count(path, "dead_letters") == 1
+
+
+async def test_a_message_no_group_wants_is_not_stored(path: str, bus: SQLiteTransport) -> None:
+    await bus.subscribe("g", ["some.other.type"])
+    await bus.publish([Message("m1", TYPE, b"x")])
+    assert _count(path, "messages") == 0
+
+
+async def test_a_group_subscribed_again_keeps_its_earlier_types(bus: SQLiteTransport) -> None:
+    """Replicas of different versions may subscribe one group: a binding widens, never narrows."""
+    await bus.subscribe("g", ["a"])
+    subscription = await bus.subscribe("g", ["b"])
+    await bus.publish([Message("m1", "a", b""), Message("m2", "b", b"")])
+    assert [d.message.id for d in await subscription.fetch(10, timeout=WAIT)] == ["m1", "m2"]
+
+
+async def test_a_cancelled_fetch_neither_loses_a_message_nor_counts_an_attempt(bus: SQLiteTransport) -> None:
+    """A fetch cancelled while its claim is in flight puts the claimed rows back untouched."""
+    subscription = await bus.subscribe("g", [TYPE])
+    await bus.publish([Message("m1", TYPE, b"x")])
+    cancelled = asyncio.ensure_future(subscription.fetch(10))
+    await asyncio.sleep(0)  # the claim is queued for the next transaction
+    cancelled.cancel()
+    got = await subscription.fetch(10, timeout=WAIT)
+    assert cancelled.cancelled()
+    assert [(d.message.id, d.attempt) for d in got] == [("m1", 1)]
+
+
+async def test_a_publish_in_this_process_wakes_a_waiting_fetch_without_polling(bus: SQLiteTransport) -> None:
+    subscription = await bus.subscribe("g", [TYPE])
+    waiting = asyncio.ensure_future(subscription.fetch(10, timeout=WAIT))
+    await asyncio.sleep(0.05)
+    changes = bus._changes
+    await bus.publish([Message("m1", TYPE, b"x")])
+    assert bus._changes > changes
+    assert [d.message.id for d in await waiting] == ["m1"]
