@@ -13,34 +13,30 @@ import contextlib
 import hashlib
 import re
 from collections.abc import Iterator
-from urllib.parse import quote, unquote
 
 import nats.errors
 
 from choreograph.errors import TransportClosed, TransportError
 
-# Headers choreograph writes. Values always pass through header_value() first.
-H_MSG_ID = "Nats-Msg-Id"  # JetStream dedupe key; on an event it is also the message id
-H_ID = "Choreograph-Id"  # message id when Nats-Msg-Id is something else (replays, dead letters)
-H_TYPE = "Choreograph-Type"  # event type when the subject does not carry it (replays, dead letters)
-H_GROUP = "Choreograph-Group"
-H_RECORD = "Choreograph-Record"  # the dead-letter record, compact ASCII JSON
-H_DEAD_AT = "Choreograph-Dead-At"
+#: JetStream dedupe key, set to the message id when it fits under max_payload.
+H_MSG_ID = "Nats-Msg-Id"
+#: The longest subject choreograph writes (nats-server's control line is 4 KiB).
+MAX_SUBJECT = 2048
 
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 _TYPE_TOKEN = re.compile(r"[A-Za-z0-9_:-]+")
-_HEADER_PLAIN = re.compile(r"[A-Za-z0-9._:/@+=~-]*")
 _MAX_NAME = 120
 
 
-def name_token(value: str) -> str:
+def name_token(value: str, *, hash_long: bool = True) -> str:
     """``value`` as one subject token that is also a valid stream/consumer name.
 
     ``[A-Za-z0-9_-]`` pass through; any other character becomes ``~XX`` per UTF-8 byte
-    (``~`` itself included), so the mapping is injective. Very long results are cut
-    and suffixed with ``~~`` + a SHA-256 digest (``~~`` never occurs in the escaped
-    form, so hashed names cannot collide with unhashed ones). Not ``%``: nats-server
-    2.9 mangles deliveries of consumers whose name contains ``%``.
+    (``~`` itself included), so the mapping is injective and :func:`from_name_token`
+    reverses it. With ``hash_long``, results past 120 characters are cut and suffixed
+    with ``~~`` + a SHA-256 digest (``~~`` never occurs in the escaped form, so hashed
+    names cannot collide with unhashed ones) - for consumer names, never read back.
+    Not ``%``: nats-server 2.9 mangles deliveries of consumers whose name has a ``%``.
     """
     if _NAME_CHARS.fullmatch(value):
         escaped = value
@@ -51,9 +47,27 @@ def name_token(value: str) -> str:
             char if _NAME_CHARS.fullmatch(char) else "".join(f"~{byte:02X}" for byte in char.encode())
             for char in value
         )
-    if len(escaped) <= _MAX_NAME:
+    if not hash_long or len(escaped) <= _MAX_NAME:
         return escaped
     return escaped[:60] + "~~" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def from_name_token(token: str) -> str:
+    """Inverse of :func:`name_token` (unhashed)."""
+    if "~" not in token:
+        return token
+    if token == "~":
+        return ""
+    out = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i] == "~":
+            out.append(int(token[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out += token[i].encode()
+            i += 1
+    return out.decode()
 
 
 def type_tokens(event_type: str) -> str:
@@ -71,14 +85,26 @@ def type_from_tokens(tokens: str) -> str:
     return tokens
 
 
-def header_value(value: str) -> str:
-    """``value`` made safe for a NATS header (one line, no surrounding blanks); reversible."""
-    return value if _HEADER_PLAIN.fullmatch(value) else quote(value, safe="")
+def message_subject(base: str, event_type: str, message_id: str) -> str:
+    """``<base>.<type tokens>.<id token>``: a message's type and id travel in its subject,
+    so its body can use the whole of the server's max_payload (no headers needed)."""
+    subject = f"{base}.{type_tokens(event_type)}.{name_token(message_id, hash_long=False)}"
+    if len(subject) > MAX_SUBJECT:
+        raise TransportError(
+            f"nats: event type and id too long for a subject ({len(subject)} > {MAX_SUBJECT} chars)"
+        )
+    return subject
 
 
-def from_header(value: str) -> str:
-    """Inverse of :func:`header_value`."""
-    return unquote(value) if "%" in value else value
+def split_subject(tail: str) -> tuple[str, str] | None:
+    """``(type, id)`` from the part of a subject after its base; None if it is not ours."""
+    tokens, _, id_token = tail.rpartition(".")
+    if not tokens:
+        return None
+    try:
+        return type_from_tokens(tokens), from_name_token(id_token)
+    except ValueError:  # bad hex / UTF-8: not written by choreograph
+        return None
 
 
 @contextlib.contextmanager
@@ -108,4 +134,3 @@ class JetStreamError(TransportError):
 ERR_STREAM_NAME_IN_USE = 10058
 ERR_STREAM_NOT_FOUND = 10059
 ERR_CONSUMER_NOT_FOUND = 10014
-ERR_NO_MESSAGE_FOUND = 10037

@@ -96,7 +96,7 @@ class NatsSubscription(Subscription):
         stream: str,
         consumer: str,
         event_prefix: str,
-        replay_subject: str,
+        replay_prefix: str,
         types: frozenset[str] | None,
         client_filter: bool,
         store_dead_letter: StoreDeadLetter,
@@ -108,7 +108,7 @@ class NatsSubscription(Subscription):
         self._consumer = consumer
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._event_prefix = event_prefix  # "<prefix>.ev."
-        self._replay_subject = replay_subject
+        self._replay_prefix = replay_prefix  # "<prefix>.rp.<group token>."
         self._types = types
         self._client_filter = client_filter
         self._store_dead_letter = store_dead_letter
@@ -276,20 +276,24 @@ class NatsSubscription(Subscription):
         return out
 
     def _delivery(self, msg: Msg) -> NatsDelivery | None:
-        headers = msg.headers or {}
-        metadata = msg.metadata
-        if msg.subject == self._replay_subject:
-            message_id = codec.from_header(headers.get(codec.H_ID, ""))
-            event_type = codec.from_header(headers.get(codec.H_TYPE, ""))
-        elif msg.subject.startswith(self._event_prefix):
-            event_type = codec.type_from_tokens(msg.subject[len(self._event_prefix) :])
-            if self._client_filter and self._types is not None and event_type not in self._types:
+        subject = msg.subject
+        if subject.startswith(self._event_prefix):
+            parsed = codec.split_subject(subject[len(self._event_prefix) :])
+            if (
+                parsed is not None
+                and self._client_filter
+                and self._types is not None
+                and parsed[0] not in self._types
+            ):
                 return None
-            message_id = codec.from_header(headers.get(codec.H_MSG_ID, ""))
-        else:  # another group's replay
+        elif subject.startswith(self._replay_prefix):
+            parsed = codec.split_subject(subject[len(self._replay_prefix) :])
+        else:  # another group's replay (servers without multi-subject filters)
             return None
-        if not message_id:  # published by something other than choreograph
-            message_id = f"nats-{self._stream}-{metadata.sequence.stream}"
+        metadata = msg.metadata
+        if parsed is None:  # not published by choreograph: let the runtime dead-letter it
+            parsed = (subject, f"nats-{self._stream}-{metadata.sequence.stream}")
+        event_type, message_id = parsed
         message = Message(id=message_id, type=event_type, body=msg.data)
         return NatsDelivery(message, metadata.num_delivered, self.group, self, msg.reply)
 

@@ -3,18 +3,24 @@
 Layout on the server, for ``prefix=P`` (``prefix`` isolates independent buses on one
 server; it must be ``[A-Za-z0-9_-]+``)::
 
-    stream P_EVENTS  subjects P.ev.>  (events, by type: P.ev.shop.order.placed)
-                              P.rp.>  (replays, by group: P.rp.<group>)
+    stream P_EVENTS  P.ev.<type>.<id>         events (P.ev.shop.order.placed.<id>)
+                     P.rp.<group>.<type>.<id> replays of a group's dead letters
                      interest retention: a message is kept until every group it
                      matched has settled it
       consumer <group>   durable pull consumer, one per group, shared by the group's
-                         competing consumers; filters: the group's type subjects + its
-                         replay subject; deliver policy NEW; explicit ack with
-                         ack_wait = lease; max_deliver unlimited and no backoff (the
-                         runtime owns retries: retry(after) is a NAK with that delay)
-    stream P_DLQ     subjects P.dlq.<group>.<message id>, one message per subject:
-                     the original body, with group, id, type, the record (JSON) and the
-                     time in headers
+                         competing consumers; filters: P.ev.<type>.* per type (P.ev.>
+                         for every type) + P.rp.<group>.>; deliver policy NEW; explicit
+                         ack, ack_wait = lease; max_deliver unlimited and no backoff
+                         (the runtime owns retries: retry(after) is a NAK with a delay)
+    stream P_DLQ     P.dlr.<group>.<id>       the dead-letter record: JSON with group,
+                                              id, type, record and time
+                     P.dlb.<group>.<id>       the original body, byte for byte
+                     one message per subject: dead-lettering an id again replaces it
+
+Type and id travel in the subject rather than in headers so that a body may use the
+whole of the server's ``max_payload`` (1 MiB by default); the record is a message of
+its own for the same reason. Names that are not plain ``[A-Za-z0-9_-]`` are escaped
+(see ``_nats_codec``).
 
 Consequences worth knowing:
 
@@ -22,8 +28,9 @@ Consequences worth knowing:
   registered (``subscribe``); earlier messages are not replayed to a new group.
 * **Dedupe**: ``publish`` sets ``Nats-Msg-Id`` to the message id, so republishing an id
   within the stream's duplicate window (2 minutes) stores it once - the deterministic
-  output ids of the runtime make a crashed handler's re-run harmless.
-* **Replay** republishes a dead letter to ``P.rp.<group>``, which only that group's
+  output ids of the runtime make a crashed handler's re-run harmless. (Not for a body
+  so large that the header would push it past ``max_payload``: it is sent bare.)
+* **Replay** republishes a dead letter to ``P.rp.<group>...``, which only that group's
   consumer filters on, as a new stream message: the group gets it with attempt 1 and
   no other group sees it.
 * **Servers before 2.10** lack multi-subject consumer filters: there a group's consumer
@@ -36,6 +43,7 @@ Consequences worth knowing:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -222,7 +230,7 @@ class NatsTransport(Transport):
             {
                 **common,
                 "name": self.dead_letter_stream,
-                "subjects": [f"{self.prefix}.dlq.>"],
+                "subjects": [f"{self.prefix}.dlr.>", f"{self.prefix}.dlb.>"],
                 "retention": "limits",
                 "max_msgs_per_subject": 1,
                 "allow_direct": True,
@@ -232,14 +240,15 @@ class NatsTransport(Transport):
     # -- publishing ---------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
+        base = f"{self.prefix}.ev"
         await self._publish(
             [
                 (
-                    f"{self.prefix}.ev.{codec.type_tokens(message.type)}",
-                    message.body,
-                    {codec.H_MSG_ID: codec.header_value(message.id)},
+                    codec.message_subject(base, m.type, m.id),
+                    m.body,
+                    {codec.H_MSG_ID: codec.name_token(m.id, hash_long=False)},
                 )
-                for message in messages
+                for m in messages
             ]
         )
 
@@ -253,16 +262,19 @@ class NatsTransport(Transport):
         try:
             with codec.translated("publish"):
                 for subject, body, headers in items:
-                    size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
-                    if size > nc.max_payload:
+                    if len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12 > nc.max_payload:
+                        headers = {}  # only dedupe keys go in headers: drop them rather than fail
+                    if len(body) > nc.max_payload:
                         raise TransportError(
-                            f"nats: message of {size} bytes exceeds the server's max_payload ({nc.max_payload})"
+                            f"nats: a body of {len(body)} bytes exceeds the server's max_payload ({nc.max_payload})"
                         )
                     token = str(next(self._tokens))
                     future: asyncio.Future[None] = loop.create_future()
                     self._pubacks[token] = future
                     waiting.append((token, future))
-                    await nc.publish(subject, body, reply=self._puback_prefix + token, headers=headers)
+                    await nc.publish(
+                        subject, body, reply=self._puback_prefix + token, headers=headers or None
+                    )
             futures = [future for _, future in waiting]
             done, pending = await asyncio.wait(futures, timeout=PUBLISH_TIMEOUT)
             errors = [exc for future in done if (exc := future.exception()) is not None]
@@ -304,7 +316,7 @@ class NatsTransport(Transport):
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
         nc = self._connection()
         consumer = codec.name_token(group)
-        replay_subject = f"{self.prefix}.rp.{consumer}"
+        replay_prefix = f"{self.prefix}.rp.{consumer}."
         config: dict[str, Any] = {
             "durable_name": consumer,
             "name": consumer,
@@ -319,9 +331,9 @@ class NatsTransport(Transport):
             subjects = (
                 [f"{self.prefix}.ev.>"]
                 if types is None
-                else sorted({f"{self.prefix}.ev.{codec.type_tokens(t)}" for t in types})
+                else sorted({f"{self.prefix}.ev.{codec.type_tokens(t)}.*" for t in types})
             )
-            config["filter_subjects"] = [*subjects, replay_subject]
+            config["filter_subjects"] = [*subjects, replay_prefix + ">"]
         await self._api(
             f"register group {group!r}",
             f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
@@ -333,7 +345,7 @@ class NatsTransport(Transport):
             stream=self.events_stream,
             consumer=consumer,
             event_prefix=f"{self.prefix}.ev.",
-            replay_subject=replay_subject,
+            replay_prefix=replay_prefix,
             types=None if types is None else frozenset(types),
             client_filter=not self._multi_filter,
             store_dead_letter=self._store_dead_letter,
@@ -345,22 +357,33 @@ class NatsTransport(Transport):
 
     # -- dead letters -------------------------------------------------------------------
 
-    def _dead_letter_subject(self, group: str, message_id: str | None = None) -> str:
-        tail = ">" if message_id is None else codec.name_token(message_id)
-        return f"{self.prefix}.dlq.{codec.name_token(group)}.{tail}"
+    def _letter_subject(self, kind: str, group: str, message_id: str | None = None) -> str:
+        """``P.dlr.<group>.<id>`` (record) / ``P.dlb...`` (body); ``None`` id: all of the group."""
+        tail = ">" if message_id is None else codec.name_token(message_id, hash_long=False)
+        return f"{self.prefix}.{kind}.{codec.name_token(group)}.{tail}"
 
     async def _store_dead_letter(self, group: str, message: Message, record: Mapping[str, Any]) -> None:
-        headers = {
-            codec.H_GROUP: codec.header_value(group),
-            codec.H_ID: codec.header_value(message.id),
-            codec.H_TYPE: codec.header_value(message.type),
-            codec.H_RECORD: json.dumps(record, separators=(",", ":"), default=str),
-            codec.H_DEAD_AT: repr(time.time()),
+        """Body first, then the record: a letter is visible once its record is stored."""
+        document = {
+            "group": group,
+            "id": message.id,
+            "type": message.type,
+            "record": record,
+            "dead_at": time.time(),
         }
-        await self._publish([(self._dead_letter_subject(group, message.id), message.body, headers)])
+        await self._publish(
+            [
+                (self._letter_subject("dlb", group, message.id), message.body, {}),
+                (
+                    self._letter_subject("dlr", group, message.id),
+                    json.dumps(document, default=str).encode(),
+                    {},
+                ),
+            ]
+        )
 
-    async def _get(self, request: Mapping[str, Any]) -> tuple[int, DeadLetter] | None:
-        """One dead letter by a direct-get request, with its stream sequence; None if none."""
+    async def _get(self, request: Mapping[str, Any]) -> tuple[int, str, bytes] | None:
+        """(sequence, subject, data) of one dead-letter stream message; None if there is none."""
         nc = self._connection()
         with codec.translated("read dead letters"):
             reply = await nc.request(
@@ -374,42 +397,48 @@ class NatsTransport(Transport):
             return None
         if status:
             raise TransportError(f"nats: read dead letters: {status} {headers.get('Description', '')}")
+        return int(headers["Nats-Sequence"]), headers["Nats-Subject"], reply.data
+
+    async def _letter(self, record: tuple[int, str, bytes]) -> _Entry | None:
+        """The dead letter whose record message is ``record``, with its body; None if the body is gone."""
+        sequence, subject, data = record
+        body = await self._get({"last_by_subj": subject.replace(".dlr.", ".dlb.", 1)})
+        if body is None:
+            return None
+        document = json.loads(data)
+        message = Message(id=document["id"], type=document["type"], body=body[2])
         letter = DeadLetter(
-            group=codec.from_header(headers.get(codec.H_GROUP, "")),
-            message=Message(
-                id=codec.from_header(headers.get(codec.H_ID, "")),
-                type=codec.from_header(headers.get(codec.H_TYPE, "")),
-                body=reply.data,
-            ),
-            record=json.loads(headers.get(codec.H_RECORD) or "{}"),
-            dead_at=float(headers.get(codec.H_DEAD_AT) or 0.0),
+            group=document["group"], message=message, record=document["record"], dead_at=document["dead_at"]
         )
-        return int(headers["Nats-Sequence"]), letter
+        return _Entry(letter, sequence, body[0])
 
-    async def _scan(self, group: str | None, limit: int) -> list[tuple[int, DeadLetter]]:
-        subject = f"{self.prefix}.dlq.>" if group is None else self._dead_letter_subject(group)
-        found: list[tuple[int, DeadLetter]] = []
+    async def _scan(self, group: str | None, limit: int) -> list[_Entry]:
+        subject = f"{self.prefix}.dlr.>" if group is None else self._letter_subject("dlr", group)
+        records: list[tuple[int, str, bytes]] = []
         sequence = 1
-        while len(found) < limit:
-            entry = await self._get({"seq": sequence, "next_by_subj": subject})
-            if entry is None:
+        while len(records) < limit:
+            found = await self._get({"seq": sequence, "next_by_subj": subject})
+            if found is None:
                 break
-            found.append(entry)
-            sequence = entry[0] + 1
-        return found
+            records.append(found)
+            sequence = found[0] + 1
+        return [entry for entry in await asyncio.gather(*map(self._letter, records)) if entry is not None]
 
-    async def _lookup(self, group: str, message_ids: Collection[str]) -> list[tuple[int, DeadLetter]]:
-        entries = [
-            await self._get({"last_by_subj": self._dead_letter_subject(group, i)}) for i in message_ids
+    async def _lookup(self, group: str, message_ids: Collection[str]) -> list[_Entry]:
+        records = [
+            await self._get({"last_by_subj": self._letter_subject("dlr", group, i)}) for i in message_ids
         ]
-        return sorted((entry for entry in entries if entry is not None), key=lambda entry: entry[0])
+        entries = await asyncio.gather(*(self._letter(record) for record in records if record is not None))
+        return sorted(
+            (entry for entry in entries if entry is not None), key=lambda entry: entry.record_sequence
+        )
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        return [letter for _, letter in await self._scan(group, limit)]
+        return [entry.letter for entry in await self._scan(group, limit)]
 
     async def dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
-        entry = await self._get({"last_by_subj": self._dead_letter_subject(group, message_id)})
-        return None if entry is None else entry[1]
+        entries = await self._lookup(group, [message_id])
+        return entries[0].letter if entries else None
 
     async def replay(self, group: str, message_ids: Collection[str] | None = None) -> int:
         """Republish to the group's replay subject (a new stream message: attempt 1), then
@@ -419,39 +448,45 @@ class NatsTransport(Transport):
         entries = (
             await self._scan(group, 2**62) if message_ids is None else await self._lookup(group, message_ids)
         )
-        replay_subject = f"{self.prefix}.rp.{codec.name_token(group)}"
+        base = f"{self.prefix}.rp.{codec.name_token(group)}"
         await self._publish(
             [
                 (
-                    replay_subject,
-                    letter.message.body,
-                    {
-                        codec.H_MSG_ID: f"replay-{self.dead_letter_stream}-{sequence}",
-                        codec.H_ID: codec.header_value(letter.message.id),
-                        codec.H_TYPE: codec.header_value(letter.message.type),
-                    },
+                    codec.message_subject(base, entry.letter.message.type, entry.letter.message.id),
+                    entry.letter.message.body,
+                    {codec.H_MSG_ID: f"replay-{self.dead_letter_stream}-{entry.record_sequence}"},
                 )
-                for sequence, letter in entries
+                for entry in entries
             ]
         )
-        for sequence, _ in entries:
-            await self._api(
-                "delete a replayed dead letter",
-                f"STREAM.MSG.DELETE.{self.dead_letter_stream}",
-                {"seq": sequence, "no_erase": True},
-            )
+        for entry in entries:
+            for sequence in (entry.record_sequence, entry.body_sequence):
+                await self._api(
+                    "delete a replayed dead letter",
+                    f"STREAM.MSG.DELETE.{self.dead_letter_stream}",
+                    {"seq": sequence, "no_erase": True},
+                )
         return len(entries)
 
     async def purge(self, group: str, message_ids: Collection[str] | None = None) -> int:
-        subjects = (
-            [self._dead_letter_subject(group)]
-            if message_ids is None
-            else [self._dead_letter_subject(group, i) for i in message_ids]
-        )
+        targets: list[str | None] = [None] if message_ids is None else list(message_ids)
         purged = 0
-        for subject in subjects:
-            response = await self._api(
-                "purge dead letters", f"STREAM.PURGE.{self.dead_letter_stream}", {"filter": subject}
-            )
-            purged += int(response.get("purged", 0))
+        for target in targets:
+            for kind in ("dlr", "dlb"):  # records first: a letter without its record is invisible
+                response = await self._api(
+                    "purge dead letters",
+                    f"STREAM.PURGE.{self.dead_letter_stream}",
+                    {"filter": self._letter_subject(kind, group, target)},
+                )
+                if kind == "dlr":
+                    purged += int(response.get("purged", 0))
         return purged
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Entry:
+    """A dead letter and the stream sequences of its record and body messages."""
+
+    letter: DeadLetter
+    record_sequence: int
+    body_sequence: int
