@@ -1,0 +1,377 @@
+"""Consuming one group's queue on RabbitMQ: deliveries, client-side leases, batched acks.
+
+RabbitMQ pushes messages to a consumer (up to the prefetch) and keeps every unacked
+one until the consumer acks it or its channel closes; it has no per-message ack
+deadline. So the lease is kept here, in the consuming process:
+
+* A delivery handed out by :meth:`AmqpSubscription.fetch` that is not settled within
+  ``lease`` seconds (``touch()`` restarts the clock) is re-published to the group's
+  queue with attempt + 1 and the original is acked: another consumer gets it, and a
+  late ``ack()`` from the slow handler is a no-op.
+* A process that dies or loses its connection returns its unacked messages to the
+  queue at once (the broker does it when the socket closes or heartbeats stop); quorum
+  queues count that return in ``x-delivery-count``, so the attempt is still right.
+* A process whose event loop hangs while its socket stays open keeps its messages
+  until heartbeats fail (the negotiated heartbeat, 60 s by default) or RabbitMQ's
+  ``consumer_timeout`` (30 min by default) closes the channel.
+
+Retries and dead letters are "publish a copy (confirmed), then ack the original": a
+crash in between duplicates the message, never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import aio_pika.abc
+import aiormq.abc
+import aiormq.exceptions
+import orjson
+
+from choreograph.errors import TransportClosed, TransportError
+from choreograph.transports._amqp_wire import (
+    DEAD_AT_HEADER,
+    DEAD_LETTER_CONTENT_TYPE,
+    attempt_of,
+    outgoing,
+    translated,
+)
+from choreograph.transports.base import Delivery, Message, Subscription
+
+if TYPE_CHECKING:
+    from choreograph.transports.amqp import AmqpTransport
+
+Raw = aio_pika.abc.AbstractIncomingMessage
+
+_QUIESCE_S = 0.05  # a quiet spell this long means nothing more is on its way
+_QUIESCE_ROUNDS = 20  # ...but stop waiting after a second of steady traffic
+
+
+def live_channel(raw: Raw) -> aiormq.abc.AbstractChannel | None:
+    """The channel ``raw`` arrived on, or ``None`` if it has closed (the broker took it back)."""
+    try:
+        return raw.channel
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return None
+
+
+def copy_of(raw: Raw, attempt: int) -> aio_pika.Message:
+    """``raw`` as a fresh message carrying ``attempt`` (broker-added ``x-`` headers dropped)."""
+    headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith("x-")}
+    return outgoing(
+        raw.body,
+        raw.message_id or "",
+        raw.type or "",
+        attempt=attempt,
+        content_type=raw.content_type or "application/octet-stream",
+        headers=headers,
+    )
+
+
+def dead_letter_body(record: Mapping[str, Any], body: bytes) -> bytes:
+    """Record (one line of JSON) + newline + the original body, untouched."""
+    head = orjson.dumps(dict(record), default=str, option=orjson.OPT_NON_STR_KEYS)
+    return head + b"\n" + body
+
+
+class AmqpDelivery(Delivery):
+    __slots__ = ("raw", "_sub", "_timer")
+
+    def __init__(self, sub: AmqpSubscription, raw: Raw, message: Message, attempt: int) -> None:
+        super().__init__(message, attempt, sub.group)
+        self.raw = raw
+        self._sub = sub
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _arm(self, lease: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(lease, self._sub._expire, self)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def touch(self) -> None:
+        """Restart the lease clock (kept in this process: RabbitMQ has no ack deadline)."""
+        if not self.settled:
+            self._arm(self._sub.lease)
+
+    async def _ack(self) -> None:
+        await self._sub._ack_raws([self])
+
+    async def _retry(self, after: float) -> None:
+        self._sub._forget(self)
+        target = await self._sub.transport._retry_queue(self.group, after)
+        await self._sub._forward([(self.raw, self.attempt + 1)], target)
+
+    async def _dead_letter(self, record: Mapping[str, Any]) -> None:
+        self._sub._forget(self)
+        raw = self.raw
+        letter = outgoing(
+            dead_letter_body(record, raw.body),
+            raw.message_id or "",
+            raw.type or "",
+            content_type=DEAD_LETTER_CONTENT_TYPE,
+            headers={DEAD_AT_HEADER: int(time.time() * 1000)},  # ms: float headers are 32-bit
+        )
+        await self._sub._forward([(raw, 0)], self._sub.transport.names.dlq(self.group), letters=[letter])
+
+
+class AmqpSubscription(Subscription):
+    """A consumer on ``<prefix>.group.<group>``, on its own channel (its own prefetch)."""
+
+    def __init__(
+        self,
+        transport: AmqpTransport,
+        group: str,
+        channel: aio_pika.abc.AbstractChannel,
+        queue: aio_pika.abc.AbstractQueue,
+    ) -> None:
+        self.group = group
+        self.transport = transport
+        self.lease = transport.lease
+        self._channel = channel
+        self._queue = queue
+        self._buffer: asyncio.Queue[Raw | None] = asyncio.Queue()
+        self._consumer_tag: str | None = None
+        self._prefetch = 0
+        self._consume_lock = asyncio.Lock()
+        self._unacked: dict[aiormq.abc.AbstractChannel, set[int]] = {}  # received, not yet acked
+        self._out: set[AmqpDelivery] = set()  # handed out, not settled
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._received = 0
+        self._closed = False
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def _on_message(self, raw: Raw) -> None:
+        self._received += 1
+        channel = live_channel(raw)
+        if channel is None or raw.delivery_tag is None:
+            return
+        self._unacked.setdefault(channel, set()).add(raw.delivery_tag)
+        self._buffer.put_nowait(raw)
+
+    async def _ensure_consuming(self, max_messages: int) -> None:
+        """Consume with a prefetch of the largest batch asked for so far.
+
+        A consumer's prefetch is fixed when it starts (quorum queues have no channel-wide
+        prefetch), so a larger batch restarts the consumer; messages already received
+        stay unacked on the channel and are handed out as usual.
+        """
+        if self._consumer_tag is not None and max_messages <= self._prefetch:
+            return
+        async with self._consume_lock:
+            if self._consumer_tag is not None and max_messages <= self._prefetch:
+                return
+            with translated(f"consume {self._queue.name}"):
+                if self._consumer_tag is not None:
+                    await self._queue.cancel(self._consumer_tag)
+                    self._consumer_tag = None
+                await self._channel.set_qos(prefetch_count=max_messages)
+                self._prefetch = max_messages
+                self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    def _hand_out(self, raw: Raw) -> AmqpDelivery | None:
+        if live_channel(raw) is None:  # from a connection that died: the broker requeued it
+            self._unacked = {ch: tags for ch, tags in self._unacked.items() if not ch.is_closed}
+            return None
+        message = Message(raw.message_id or "", raw.type or raw.routing_key or "", raw.body)
+        delivery = AmqpDelivery(self, raw, message, attempt_of(raw.headers, bool(raw.redelivered)))
+        delivery._arm(self.lease)
+        self._out.add(delivery)
+        return delivery
+
+    async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
+        if max_messages < 1:
+            raise ValueError("max_messages: must be >= 1")
+        self._check_open()
+        await self._ensure_consuming(max_messages)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        out: list[Delivery] = []
+        while True:
+            while len(out) < max_messages and not self._buffer.empty():
+                self._take(self._buffer.get_nowait(), out)
+            if out:
+                return out
+            self._check_open()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return []
+            try:
+                raw = await asyncio.wait_for(self._buffer.get(), remaining)
+            except TimeoutError:
+                return []
+            self._take(raw, out)
+
+    def _take(self, raw: Raw | None, out: list[Delivery]) -> None:
+        if raw is None:  # closing: wake the next waiter too
+            self._buffer.put_nowait(None)
+            self._check_open()
+            return
+        delivery = self._hand_out(raw)
+        if delivery is not None:
+            out.append(delivery)
+
+    def _check_open(self) -> None:
+        if self._closed or self.transport.closed:
+            raise TransportClosed(f"amqp: subscription of group {self.group!r} is closed")
+
+    # -- settling -------------------------------------------------------------------------
+
+    def _forget(self, delivery: AmqpDelivery) -> None:
+        delivery._disarm()
+        self._out.discard(delivery)
+
+    def _untrack(self, raw: Raw) -> None:
+        channel = live_channel(raw)
+        if channel is not None and raw.delivery_tag is not None:
+            self._unacked.get(channel, set()).discard(raw.delivery_tag)
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack a batch: one ``multiple`` ack when it is everything outstanding up to its last tag."""
+        mine: list[AmqpDelivery] = []
+        for delivery in deliveries:
+            if delivery.settled:
+                continue
+            if not isinstance(delivery, AmqpDelivery) or delivery._sub is not self:
+                await delivery.ack()
+                continue
+            delivery.settled = True
+            mine.append(delivery)
+        if mine:
+            await self._ack_raws(mine)
+
+    async def _ack_raws(self, deliveries: Sequence[AmqpDelivery]) -> None:
+        for delivery in deliveries:
+            self._forget(delivery)
+        await self._ack([d.raw for d in deliveries], f"ack in group {self.group!r}")
+
+    async def _ack(self, raws: Sequence[Raw], what: str) -> None:
+        by_channel: dict[aiormq.abc.AbstractChannel, list[int]] = {}
+        lost = 0
+        for raw in raws:
+            channel = live_channel(raw)
+            if channel is None or raw.delivery_tag is None:
+                lost += 1
+            else:
+                by_channel.setdefault(channel, []).append(raw.delivery_tag)
+        with translated(what):
+            for channel, tags in by_channel.items():
+                tags.sort()
+                outstanding = self._unacked.setdefault(channel, set())
+                last = tags[-1]
+                if len(tags) > 1 and {t for t in outstanding if t <= last} == set(tags):
+                    await channel.basic_ack(last, multiple=True)
+                else:
+                    await asyncio.gather(*(channel.basic_ack(tag, wait=False) for tag in tags))
+                outstanding.difference_update(tags)
+        if lost:
+            raise TransportError(
+                f"amqp: {what}: the connection that received {lost} message(s) was lost before the ack;"
+                " the broker redelivers them"
+            )
+
+    async def _forward(
+        self, items: Sequence[tuple[Raw, int]], queue: str, letters: Sequence[aio_pika.Message] | None = None
+    ) -> None:
+        """Publish copies (``attempt``) or ``letters`` to ``queue`` (confirmed), then ack the originals.
+
+        If the copies cannot be published the originals are returned to the queue (or the
+        broker returns them itself when their channel is gone) and TransportError is raised.
+        """
+        raws = [raw for raw, _ in items]
+        copies = list(letters) if letters is not None else [copy_of(raw, attempt) for raw, attempt in items]
+        try:
+            await self.transport._send(queue, copies)
+        except TransportError:
+            for raw in raws:
+                channel = live_channel(raw)
+                if channel is not None and raw.delivery_tag is not None:
+                    try:
+                        await channel.basic_nack(raw.delivery_tag, requeue=True)
+                    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError):
+                        pass  # the channel is going away: the broker requeues them
+                    self._untrack(raw)
+            raise
+        await self._ack(raws, f"ack after forwarding to {queue}")
+
+    def _expire(self, delivery: AmqpDelivery) -> None:
+        """Lease over: hand the message to the group again (attempt + 1)."""
+        if delivery.settled or self._closed:
+            return
+        delivery.settled = True
+        self._forget(delivery)
+        task = asyncio.get_running_loop().create_task(
+            self._requeue_quietly([(delivery.raw, delivery.attempt + 1)])
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _requeue_quietly(self, items: Sequence[tuple[Raw, int]]) -> None:
+        try:
+            await self._forward(items, self.transport.names.group(self.group))
+        except TransportError:
+            pass  # nothing lost: the originals went back to the queue
+
+    # -- closing --------------------------------------------------------------------------
+
+    async def _quiesce(self) -> None:
+        """Wait until deliveries stop arriving for a moment (bounded), before cancelling.
+
+        A quorum queue that dispatched a message to this consumer just as the cancel
+        reaches the broker keeps it checked out to the cancelled consumer and returns it,
+        counted as a failed delivery, when the channel closes. Letting in-flight
+        deliveries land first means they are handed back with their attempt unchanged;
+        only one dispatched inside the cancel's own round trip can still be counted.
+        """
+        for _ in range(_QUIESCE_ROUNDS):
+            seen = self._received
+            await asyncio.sleep(_QUIESCE_S)
+            if self._received == seen:
+                return
+
+    async def close(self) -> None:
+        """Stop consuming; return what this consumer holds to the group, attempts exact.
+
+        Messages received but never handed out go back with their attempt unchanged;
+        deliveries handed out and not settled go back with attempt + 1.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.put_nowait(None)
+        if self._consumer_tag is not None and not self._channel.is_closed:
+            await self._quiesce()
+            try:
+                with translated("cancel consumer"):
+                    await self._queue.cancel(self._consumer_tag)
+            except TransportError:
+                pass
+        for _ in range(3):  # let callbacks of deliveries that beat the cancel-ok reach the buffer
+            await asyncio.sleep(0)
+        items: list[tuple[Raw, int]] = []
+        while not self._buffer.empty():
+            raw = self._buffer.get_nowait()
+            if raw is not None and live_channel(raw) is not None:
+                items.append((raw, attempt_of(raw.headers, bool(raw.redelivered))))
+        for delivery in list(self._out):
+            delivery.settled = True
+            self._forget(delivery)
+            if live_channel(delivery.raw) is not None:
+                items.append((delivery.raw, delivery.attempt + 1))
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if items:
+            await self._requeue_quietly(items)
+        try:
+            with translated("close channel"):
+                await self._channel.close()
+        except TransportError:
+            pass

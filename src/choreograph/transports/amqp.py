@@ -1,0 +1,383 @@
+"""RabbitMQ transport (AMQP 0-9-1 via aio-pika).
+
+``amqp://user:pass@host:5672/vhost?lease=30&prefix=choreograph&queue_type=quorum``
+
+* ``prefix`` isolates independent buses on one server (every name starts with it;
+  see :mod:`choreograph.transports._amqp_wire` for the layout).
+* ``queue_type`` is ``quorum`` (default: replicated, counts redeliveries) or ``classic``.
+* Other query parameters go to aio-pika (``heartbeat``, ``reconnect_interval``, ...).
+
+How the contract maps onto RabbitMQ:
+
+* ``publish`` sends the batch on a publisher-confirms channel and awaits all confirms
+  together (one round trip per batch), persistent messages, routing key = event type.
+* A group is a durable queue bound to its types on the ``<prefix>.events`` topic
+  exchange (``#`` for all types); subscribing again replaces the bindings.
+* Consumers of a group compete on its queue with manual acks and a prefetch sized to
+  ``fetch``. The lease is kept by the consuming process, since RabbitMQ has none; see
+  :mod:`choreograph.transports._amqp_consumer` for exactly what it covers.
+* ``retry(after)`` publishes a copy with attempt + 1 to a holding queue whose TTL
+  dead-letters it back into the group's queue (no plugin needed). Delays are rounded up
+  to one of ~90 buckets (at most 25% late, never early).
+* Dead letters live in ``<prefix>.dlq.<group>``: body = record as one JSON line, a
+  newline, then the original body. Listing reads them with ``basic.get`` and returns
+  them to the queue by closing the channel, so two admins listing the same group at the
+  same instant each see only part of it.
+* The connection is robust: after a broker restart or network loss it reconnects, the
+  consumers resume, and operations wait up to ``ready_timeout`` seconds for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+import aio_pika.abc
+import aiormq.abc
+import aiormq.exceptions
+import orjson
+
+from choreograph.errors import ConfigurationError, TransportClosed
+from choreograph.transports import lease_from_url
+from choreograph.transports._amqp_consumer import AmqpSubscription, Raw
+from choreograph.transports._amqp_wire import (
+    CONTENT_TYPE,
+    DEAD_AT_HEADER,
+    RETRY_REDECLARE_S,
+    Names,
+    check_binding_type,
+    outgoing,
+    queue_arguments,
+    retry_bucket_ms,
+    retry_queue_arguments,
+    translated,
+)
+from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
+
+__all__ = ["AmqpTransport"]
+
+_OUR_PARAMS = ("lease", "prefix", "queue_type")
+_QUEUE_TYPES = ("quorum", "classic")
+_UNKNOWN: Any = object()
+
+
+class AmqpTransport(Transport):
+    """RabbitMQ. ``async with AmqpTransport("amqp://guest:guest@localhost/") as bus: ...``"""
+
+    #: How long an operation waits for a lost connection to come back before failing.
+    ready_timeout = 10.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.lease = lease_from_url(url)
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        ours = {key: value for key, value in query if key in _OUR_PARAMS}
+        self.names = Names(ours.get("prefix", "choreograph"))
+        self.queue_type = ours.get("queue_type", "quorum")
+        if self.queue_type not in _QUEUE_TYPES:
+            raise ConfigurationError(f"amqp URL: queue_type={self.queue_type!r}; expected quorum or classic")
+        rest = [(key, value) for key, value in query if key not in _OUR_PARAMS]
+        if not any(key == "reconnect_interval" for key, _ in rest):
+            rest.append(("reconnect_interval", "1"))
+        self._client_url = urlunsplit(parts._replace(query=urlencode(rest)))
+        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5672}"
+        self.closed = False
+        self._server_major = 3
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._pub: aio_pika.abc.AbstractRobustChannel | None = None
+        self._admin: aio_pika.abc.AbstractRobustChannel | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._connect_lock = asyncio.Lock()
+        self._registry_lock = asyncio.Lock()
+        self._retry_declared: dict[str, float] = {}
+        self._subscriptions: list[AmqpSubscription] = []
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.closed:
+            raise TransportClosed("amqp transport is closed")
+
+    async def connect(self) -> None:
+        self._check()
+        async with self._connect_lock:
+            if self._connection is not None:
+                return
+            with translated(f"connect to {self._where}"):
+                connection = await aio_pika.connect_robust(self._client_url)
+                self._server_major = _server_major(connection)
+                try:
+                    self._pub = connection.channel(publisher_confirms=True, on_return_raises=True)
+                    await self._pub
+                    self._admin = connection.channel(publisher_confirms=False)
+                    await self._admin
+                    self._exchange = await self._pub.declare_exchange(
+                        self.names.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+                    )
+                    await self._pub.declare_queue(
+                        self.names.registry, durable=True, arguments=self._queue_args()
+                    )
+                except BaseException:
+                    await connection.close()
+                    raise
+            self._connection = connection
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        await asyncio.gather(*(sub.close() for sub in self._subscriptions), return_exceptions=True)
+        self.closed = True
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    async def _ready(self) -> aio_pika.abc.AbstractRobustChannel:
+        """The publishing channel, once the (possibly reconnecting) connection is up."""
+        self._check()
+        if self._pub is None:
+            await self.connect()
+        assert self._pub is not None
+        with translated(f"wait for the broker at {self._where}"):
+            await asyncio.wait_for(self._pub.ready(), self.ready_timeout)
+        return self._pub
+
+    @contextlib.asynccontextmanager
+    async def _temp_channel(self, what: str) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A short-lived channel: an error on it (a missing queue) does not disturb the others."""
+        await self._ready()
+        assert self._connection is not None
+        with translated(what):
+            channel = self._connection.channel(publisher_confirms=False)
+            await channel
+            try:
+                yield await channel.get_underlay_channel()
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+
+    def _queue_args(self, **extra: Any) -> dict[str, Any]:
+        return queue_arguments(self.queue_type, self._server_major, **extra)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            if not message.type or len(message.type.encode()) > 255:
+                raise ConfigurationError(f"amqp: event type {message.type[:60]!r} must be 1..255 bytes")
+        await self._ready()
+        if not messages:
+            return
+        exchange = self._exchange
+        assert exchange is not None
+        with translated(f"publish {len(messages)} message(s) to {self.names.exchange}"):
+            await asyncio.gather(
+                *(
+                    exchange.publish(outgoing(m.body, m.id, m.type), routing_key=m.type, mandatory=False)
+                    for m in messages
+                )
+            )
+
+    async def _send(self, queue: str, messages: Sequence[aio_pika.Message]) -> None:
+        """Publish straight into ``queue`` (default exchange), confirmed; a missing queue is an error."""
+        channel = await self._ready()
+        with translated(f"publish to queue {queue}"):
+            await asyncio.gather(
+                *(channel.default_exchange.publish(m, routing_key=queue, mandatory=True) for m in messages)
+            )
+
+    async def _retry_queue(self, group: str, after: float) -> str:
+        """The queue a retry of ``group`` after ``after`` seconds goes to (declared if need be)."""
+        target = self.names.group(group)
+        delay_ms = retry_bucket_ms(after)
+        if delay_ms == 0:
+            return target
+        name = self.names.retry(group, delay_ms)
+        now = time.monotonic()
+        if now - self._retry_declared.get(name, float("-inf")) > RETRY_REDECLARE_S:
+            await self._ready()
+            assert self._admin is not None
+            with translated(f"declare retry queue {name}"):
+                await asyncio.wait_for(self._admin.ready(), self.ready_timeout)
+                channel = await self._admin.get_underlay_channel()
+                await channel.queue_declare(
+                    name,
+                    durable=True,
+                    arguments=retry_queue_arguments(self.queue_type, self._server_major, delay_ms, target),
+                )
+            self._retry_declared[name] = now
+        return name
+
+    # -- groups ---------------------------------------------------------------------------
+
+    async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
+        wanted = None if types is None else frozenset(types)
+        for event_type in wanted or ():
+            check_binding_type(event_type)
+        queue_name, exchange = self.names.group(group), self.names.exchange
+        keys = {"#"} if wanted is None else set(wanted)
+        async with self._registry_lock, self._temp_channel(f"subscribe group {group!r}") as channel:
+            await channel.queue_declare(queue_name, durable=True, arguments=self._queue_args())
+            await channel.queue_declare(self.names.dlq(group), durable=True, arguments=self._queue_args())
+            registered, held = await self._read_registry(channel)
+            known = registered.get(group, _UNKNOWN)
+            for key in sorted(keys):
+                await channel.queue_bind(queue_name, exchange, routing_key=key)
+            if known is not _UNKNOWN:
+                for key in ({"#"} if known is None else set(known)) - keys:
+                    await channel.queue_unbind(queue_name, exchange, routing_key=key)
+            if known != wanted:
+                entry = {
+                    "group": group,
+                    "types": None if wanted is None else sorted(wanted),
+                    "at": time.time(),
+                }
+                await self._send(
+                    self.names.registry, [outgoing(orjson.dumps(entry), "", "choreograph.group")]
+                )
+                for raw in held.get(group, ()):
+                    await raw.ack()
+        assert self._connection is not None
+        with translated(f"consume group {group!r}"):
+            consumer_channel = self._connection.channel(publisher_confirms=False)
+            await consumer_channel
+            # declared through the robust channel so that it (and the consumer) is restored
+            queue = await consumer_channel.declare_queue(
+                queue_name, durable=True, arguments=self._queue_args()
+            )
+        sub = AmqpSubscription(self, group, consumer_channel, queue)
+        self._subscriptions.append(sub)
+        return sub
+
+    async def groups(self) -> dict[str, frozenset[str] | None]:
+        """Every group registered on this bus and its types (``None``: all types)."""
+        async with self._registry_lock, self._temp_channel("read the group registry") as channel:
+            registered, _ = await self._read_registry(channel)
+        return registered
+
+    async def _read_registry(
+        self, channel: aiormq.abc.AbstractChannel
+    ) -> tuple[dict[str, frozenset[str] | None], dict[str, list[Raw]]]:
+        """Groups and types from the registry queue (held unacked on ``channel``; dropping duplicates)."""
+        latest: dict[str, tuple[float, frozenset[str] | None]] = {}
+        held: dict[str, list[Raw]] = {}
+        for raw in await _browse(channel, self.names.registry, None):
+            try:
+                entry = orjson.loads(raw.body)
+                group, at = str(entry["group"]), float(entry["at"])
+                types = None if entry["types"] is None else frozenset(map(str, entry["types"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                await raw.ack()  # not ours: drop it
+                continue
+            if group in latest and latest[group][0] > at:
+                await raw.ack()  # superseded
+                continue
+            for older in held.pop(group, []):
+                await older.ack()
+            latest[group] = (at, types)
+            held[group] = [raw]
+        return {group: types for group, (_, types) in latest.items()}, held
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _browsing(self, group: str, limit: int | None) -> AsyncIterator[list[Raw]]:
+        """Up to ``limit`` dead letters of ``group``, held; those not acked go back on exit."""
+        async with self._temp_channel(f"read dead letters of {group!r}") as channel:
+            yield await _browse(channel, self.names.dlq(group), limit)
+
+    async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        groups = [group] if group is not None else sorted(await self.groups())
+        letters: list[DeadLetter] = []
+        for name in groups:
+            async with self._browsing(name, limit) as raws:
+                letters.extend(_letter(name, raw) for raw in raws)
+        letters.sort(key=lambda letter: letter.dead_at)
+        return letters[:limit]
+
+    async def dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
+        async with self._browsing(group, None) as raws:
+            for raw in raws:
+                if raw.message_id == message_id:
+                    return _letter(group, raw)
+        return None
+
+    async def replay(self, group: str, message_ids: Collection[str] | None = None) -> int:
+        ids = None if message_ids is None else set(message_ids)
+        async with self._browsing(group, None) as raws:
+            chosen = [raw for raw in raws if ids is None or raw.message_id in ids]
+            if chosen:
+                copies = []
+                for raw in chosen:
+                    letter = _letter(group, raw)
+                    copies.append(
+                        outgoing(
+                            letter.message.body,
+                            letter.message.id,
+                            letter.message.type,
+                            content_type=CONTENT_TYPE,
+                        )
+                    )
+                await self._send(self.names.group(group), copies)
+                with translated(f"remove replayed dead letters of {group!r}"):
+                    for raw in chosen:
+                        await raw.ack()
+        return len(chosen)
+
+    async def purge(self, group: str, message_ids: Collection[str] | None = None) -> int:
+        ids = None if message_ids is None else set(message_ids)
+        async with self._browsing(group, None) as raws:
+            chosen = [raw for raw in raws if ids is None or raw.message_id in ids]
+            with translated(f"purge dead letters of {group!r}"):
+                for raw in chosen:
+                    await raw.ack()
+        return len(chosen)
+
+
+async def _browse(channel: aiormq.abc.AbstractChannel, queue: str, limit: int | None) -> list[Raw]:
+    """Up to ``limit`` messages of ``queue`` via ``basic.get``, held unacked on ``channel``.
+
+    A missing queue reads as empty (the error closes ``channel``, which is short-lived).
+    """
+    out: list[Raw] = []
+    while limit is None or len(out) < limit:
+        try:
+            got = await channel.basic_get(queue, no_ack=False)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            break
+        if not isinstance(got.delivery, aiormq.spec.Basic.GetOk):
+            break
+        out.append(aio_pika.IncomingMessage(got, no_ack=False))
+    return out
+
+
+def _letter(group: str, raw: Raw) -> DeadLetter:
+    head, _, body = raw.body.partition(b"\n")
+    try:
+        record = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        record, body = {"reason": "unreadable dead-letter record"}, raw.body
+    dead_at_ms = (raw.headers or {}).get(DEAD_AT_HEADER)
+    if isinstance(dead_at_ms, int) and not isinstance(dead_at_ms, bool):
+        dead_at = dead_at_ms / 1000
+    else:
+        dead_at = raw.timestamp.timestamp() if raw.timestamp is not None else 0.0
+    message = Message(raw.message_id or "", raw.type or "", body)
+    return DeadLetter(group, message, record if isinstance(record, dict) else {"record": record}, dead_at)
+
+
+def _server_major(connection: aio_pika.abc.AbstractRobustConnection) -> int:
+    """RabbitMQ's major version (3 if it cannot be told): quorum-queue defaults differ in 4."""
+    underlay = getattr(connection, "transport", None)
+    properties = getattr(getattr(underlay, "connection", None), "server_properties", None) or {}
+    version = properties.get("version", b"3")
+    text = version.decode() if isinstance(version, bytes) else str(version)
+    try:
+        return int(text.split(".")[0])
+    except ValueError:
+        return 3
