@@ -29,12 +29,13 @@ Why it is fast and never blocks the event loop:
   2 ms, only while some fetch waits; retries and leases wake a fetch when they fall due.
 
 Leases and retry times are wall-clock seconds in the file, the one time base several
-processes share. The SQL lives in :mod:`choreograph.transports._sqlite_ops`.
+processes share (a wall clock stepped back by some seconds delays redeliveries that much). The SQL lives in :mod:`choreograph.transports._sqlite_ops`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 import threading
@@ -169,7 +170,8 @@ class SQLiteTransport(Transport):
             await subscription.close()
         self._closed = True
         while self._flusher is not None:
-            await asyncio.shield(self._flusher)
+            with contextlib.suppress(BaseException):  # its waiters got the error already
+                await asyncio.shield(self._flusher)
         self._bump()  # waiting fetches see the transport closed
         if self._poller is not None:
             self._poll_wanted.set()
