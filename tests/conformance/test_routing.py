@@ -27,6 +27,16 @@ async def test_a_group_registered_on_one_transport_receives_what_another_publish
     assert ids(await collect(subscription, 1)) == ["m1"]
 
 
+async def test_a_group_stays_registered_while_it_has_no_consumer(buses: Buses, bus_url: str) -> None:
+    """subscribe() registers the group durably: what is published while nobody consumes waits for it."""
+    first = await buses.open(bus_url)
+    await (await first.subscribe("g", [TYPE_A])).close()
+    await first.close()
+    await (await buses.open(bus_url)).publish([message(1)])
+    later = await buses.open(bus_url)
+    assert ids(await collect(await later.subscribe("g", [TYPE_A]), 1)) == ["m1"]
+
+
 async def test_a_group_receives_only_the_types_it_subscribed_to(bus: Transport) -> None:
     only_a = await bus.subscribe("only-a", [TYPE_A])
     only_b = await bus.subscribe("only-b", [TYPE_B])
