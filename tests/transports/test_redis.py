@@ -18,6 +18,7 @@ from choreograph.errors import ConfigurationError, TransportClosed, TransportErr
 from choreograph.transports import open_transport
 from choreograph.transports.base import Delivery, Message, Subscription
 from choreograph.transports.redis import RedisTransport
+from tests._brokers import require_broker
 from tests.conformance.brokers import redis as broker
 
 
@@ -25,10 +26,15 @@ def msg(n: int, type_: str = "order.placed", body: bytes = b"{}") -> Message:
     return Message(id=f"m{n}", type=type_, body=body)
 
 
+def shared_bus_url() -> str:
+    """A fresh bus (its own key prefix) on the shared server."""
+    base = require_broker("redis")
+    return f"{base}{'&' if '?' in base else '?'}lease=30&prefix=choreograph-test-{uuid.uuid4().hex}"
+
+
 @pytest.fixture
 async def bus_url() -> AsyncIterator[str]:
-    broker.require()
-    url = broker.url(uuid.uuid4().hex, lease=30.0)
+    url = shared_bus_url()
     yield url
     await broker.cleanup(url)
 
@@ -96,7 +102,7 @@ async def test_a_closed_transport_refuses_to_publish(bus_url: str) -> None:
 
 
 async def test_prefixes_isolate_buses_on_one_server(bus_url: str) -> None:
-    other = broker.url(uuid.uuid4().hex, lease=30.0)
+    other = shared_bus_url()
     try:
         async with opened(bus_url) as one, opened(other) as two:
             mine = await one.subscribe("billing", None)
