@@ -151,7 +151,7 @@ if verb == 'retry' then
   if after <= 0 then
     redis.call('XADD', stream, '*', 'id', mid, 'type', mtype, 'body', body, 'attempt', ARGV[7])
   else
-    redis.call('ZADD', delayed, now_ms() + after, cmsgpack.pack({mid, mtype, body, ARGV[7], id}))
+    redis.call('ZADD', delayed, now_ms() + after + 1, cmsgpack.pack({mid, mtype, body, ARGV[7], id}))
   end
 else
   local t = redis.call('TIME')

@@ -1,0 +1,225 @@
+"""The consuming side of the Redis transport: subscriptions and their deliveries.
+
+See :mod:`choreograph.transports.redis` for the design; the scripts these call are in
+:mod:`choreograph.transports._redis_lua`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from choreograph.errors import TransportClosed, TransportError
+from choreograph.transports.base import Delivery, Message, Subscription
+
+if TYPE_CHECKING:
+    from choreograph.transports.redis import RedisTransport
+
+log = logging.getLogger("choreograph.transports.redis")
+
+#: Longest single blocking read, in seconds (also bounds retry and lease-expiry latency).
+POLL = 0.5
+_RELEASE_IDLE_MS = 10 * 365 * 86_400_000  # "idle for ten years": reclaimable at once
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisDelivery(Delivery):
+    __slots__ = ("_sub", "_entry", "_count")
+
+    def __init__(
+        self, sub: RedisSubscription, entry: bytes, fields: Mapping[bytes, bytes], count: int
+    ) -> None:
+        message = Message(
+            id=_str(fields.get(b"id") or entry),
+            type=_str(fields.get(b"type", b"")),
+            body=fields.get(b"body", b""),
+        )
+        try:
+            first = int(fields.get(b"attempt", b"1"))
+        except ValueError:
+            first = 1
+        super().__init__(message, first + count - 1, sub.group)
+        self._sub = sub
+        self._entry = entry
+        self._count = count  # the pending list's delivery count when handed out
+
+    async def _ack(self) -> None:
+        await self._sub._ack([self])
+
+    async def _retry(self, after: float) -> None:
+        await self._sub._settle(self, "retry", str(math.ceil(after * 1000)), self.attempt + 1)
+
+    async def _dead_letter(self, record: Mapping[str, Any]) -> None:
+        body = orjson.dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
+        await self._sub._settle(self, "dead", body, self.attempt)
+
+    async def touch(self) -> None:
+        if not self.settled:
+            await self._sub._hold([self], idle_ms=0)
+
+
+class RedisSubscription(Subscription):
+    def __init__(self, transport: RedisTransport, group: str, types_json: bytes) -> None:
+        self.group = group
+        self._transport = transport
+        self._types_json = types_json
+        self._stream, self._delayed, self._dead = transport._keys(group)
+        self._cursor: bytes | str = "0-0"
+        self._unsettled: dict[bytes, RedisDelivery] = {}
+        self._closed = False
+
+    # -- consuming ---------------------------------------------------------------------
+
+    async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
+        if max_messages < 1:
+            raise ValueError("max_messages: must be >= 1")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        transport, failures = self._transport, 0
+        while True:
+            if self._closed:
+                raise TransportClosed(f"redis transport: subscription {self.group!r} is closed")
+            try:
+                with transport._using():
+                    deliveries, wait_ms = await self._sweep(max_messages)
+                    if not deliveries:
+                        block = POLL if wait_ms < 0 else min(POLL, wait_ms / 1000)
+                        block = min(block, max(0.01, transport.lease / 4))
+                        if deadline is not None:
+                            block = min(block, deadline - loop.time())
+                        if block >= 0.001:
+                            deliveries = await self._read(max_messages, round(block * 1000))
+                    if deliveries and self._closed:  # closed while we waited: hand them on
+                        await self._release(deliveries)
+                        deliveries = []
+                if failures:
+                    log.info("redis transport: group %r reconnected", self.group)
+                failures = 0
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise TransportError(f"redis fetch for group {self.group!r} failed: {exc}") from exc
+                log.warning(
+                    "redis transport: group %r vanished from the server; registering it again", self.group
+                )
+                await transport._register(self.group, self._types_json)
+                continue
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self._closed or transport._closed:
+                    raise TransportClosed(f"redis transport: subscription {self.group!r} is closed") from exc
+                failures += 1
+                if failures == 1:
+                    log.warning("redis transport: group %r lost the server (%s); retrying", self.group, exc)
+                pause = min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                if deadline is not None:
+                    pause = min(pause, max(0.0, deadline - loop.time()))
+                await asyncio.sleep(pause)
+                deliveries = []
+            except RedisError as exc:
+                raise TransportError(f"redis fetch for group {self.group!r} failed: {exc}") from exc
+            if deliveries:
+                return list(deliveries)
+            if deadline is not None and loop.time() >= deadline:
+                return []
+
+    async def _sweep(self, max_messages: int) -> tuple[list[RedisDelivery], int]:
+        cursor, claimed, fresh, wait_ms = await self._transport._script(
+            "sweep",
+            [self._stream, self._delayed],
+            [
+                self.group,
+                self._transport.consumer,
+                round(self._transport.lease * 1000),
+                self._cursor,
+                max_messages,
+            ],
+        )
+        self._cursor = cursor
+        out = [self._deliver(entry, _pairs(flat), int(count)) for entry, flat, count in claimed]
+        out += [self._deliver(entry, _pairs(flat), 1) for entry, flat in fresh]
+        return out, int(wait_ms)
+
+    async def _read(self, max_messages: int, block_ms: int) -> list[RedisDelivery]:
+        reply: Any = await self._transport._redis.xreadgroup(
+            self.group, self._transport.consumer, {self._stream: ">"}, count=max_messages, block=block_ms
+        )
+        # RESP2 (the client is pinned to it): [[stream, [(entry id, {field: value}), ...]]] or None
+        return [self._deliver(entry, fields, 1) for _, entries in reply or () for entry, fields in entries]
+
+    def _deliver(self, entry: bytes, fields: Mapping[bytes, bytes], count: int) -> RedisDelivery:
+        delivery = RedisDelivery(self, entry, fields, count)
+        self._unsettled[entry] = delivery
+        return delivery
+
+    # -- settling ----------------------------------------------------------------------
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        ours = [d for d in deliveries if isinstance(d, RedisDelivery) and d._sub is self and not d.settled]
+        for delivery in ours:
+            delivery.settled = True
+        await self._ack(ours)
+        for other in deliveries:
+            if not (isinstance(other, RedisDelivery) and other._sub is self):
+                await other.ack()
+
+    async def _ack(self, deliveries: Sequence[RedisDelivery]) -> None:
+        if not deliveries:
+            return
+        entries = [d._entry for d in deliveries]
+        for entry in entries:
+            self._unsettled.pop(entry, None)
+        with self._transport._errors("ack"):
+            pipe = self._transport._redis.pipeline(transaction=True)
+            pipe.xack(self._stream, self.group, *entries)
+            pipe.xdel(self._stream, *entries)
+            await pipe.execute()
+
+    async def _settle(self, delivery: RedisDelivery, verb: str, arg: str | bytes, attempt: int) -> None:
+        self._unsettled.pop(delivery._entry, None)
+        with self._transport._errors(verb):
+            await self._transport._script(
+                "settle",
+                [self._stream, self._delayed, self._dead],
+                [self.group, self._transport.consumer, delivery._entry, delivery._count, verb, arg, attempt],
+            )
+
+    async def _hold(self, deliveries: Sequence[RedisDelivery], idle_ms: int) -> int:
+        pairs = [x for d in deliveries for x in (d._entry, d._count)]
+        if not pairs:
+            return 0
+        with self._transport._errors("touch"):
+            held: int = await self._transport._script(
+                "hold", [self._stream], [self.group, self._transport.consumer, idle_ms, *pairs]
+            )
+        return held
+
+    async def _release(self, deliveries: Sequence[RedisDelivery]) -> None:
+        """Hand unsettled deliveries to the group's next fetch now, not at lease expiry."""
+        for delivery in deliveries:
+            delivery.settled = True
+            self._unsettled.pop(delivery._entry, None)
+        with contextlib.suppress(TransportError):
+            await self._hold(deliveries, _RELEASE_IDLE_MS)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._transport._subscriptions.discard(self)
+        await self._release(list(self._unsettled.values()))
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
