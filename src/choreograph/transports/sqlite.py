@@ -29,7 +29,9 @@ Why it is fast and never blocks the event loop:
   2 ms, only while some fetch waits; retries and leases wake a fetch when they fall due.
 
 Leases and retry times are wall-clock seconds in the file, the one time base several
-processes share (a wall clock stepped back by some seconds delays redeliveries that much). The SQL lives in :mod:`choreograph.transports._sqlite_ops`.
+processes share (a wall clock stepped back by some seconds delays redeliveries that much).
+The SQL lives in :mod:`~choreograph.transports._sqlite_ops`, the consumer side in
+:mod:`~choreograph.transports._sqlite_consumer`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import dataclasses
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -48,7 +50,8 @@ from urllib.parse import parse_qs, urlsplit
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _sqlite_ops as ops
-from choreograph.transports.base import DeadLetter, Delivery, Message, Subscription, Transport
+from choreograph.transports._sqlite_consumer import SQLiteSubscription
+from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
 
 __all__ = ["SQLiteTransport"]
 
@@ -57,7 +60,6 @@ _Op = Callable[[sqlite3.Connection, float], Any]
 
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _POLL_INTERVAL = 0.002
-_MAX_IDLE_WAIT = 1.0  # re-check at least this often, whatever the poller says
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -131,7 +133,7 @@ class SQLiteTransport(Transport):
         self._idle_fetches = 0
         self._poll_wanted = threading.Event()
         self._poller: threading.Thread | None = None
-        self._subscriptions: set[_SQLiteSubscription] = set()
+        self._subscriptions: set[SQLiteSubscription] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class SQLiteTransport(Transport):
         await self._ensure()
         bound = None if types is None else frozenset(types)
         await self._write(lambda conn, now: ops.register_group(conn, group, bound))
-        subscription = _SQLiteSubscription(self, group)
+        subscription = SQLiteSubscription(self, group)
         self._subscriptions.add(subscription)
         return subscription
 
@@ -375,134 +377,3 @@ class SQLiteTransport(Transport):
             return
         finally:
             conn.close()
-
-
-class _SQLiteDelivery(Delivery):
-    __slots__ = ("_subscription", "_seq")
-
-    def __init__(self, message: Message, attempt: int, subscription: _SQLiteSubscription, seq: int) -> None:
-        super().__init__(message, attempt, subscription.group)
-        self._subscription = subscription
-        self._seq = seq
-
-    async def _ack(self) -> None:
-        await self._subscription._ack([self])
-
-    async def _retry(self, after: float) -> None:
-        await self._subscription._postpone([self], after)
-
-    async def _dead_letter(self, record: Mapping[str, Any]) -> None:
-        await self._subscription._dead_letter(self, dict(record))
-
-    async def touch(self) -> None:
-        if not self.settled:
-            await self._subscription._touch(self)
-
-
-class _SQLiteSubscription(Subscription):
-    def __init__(self, transport: SQLiteTransport, group: str) -> None:
-        self.group = group
-        self._transport = transport
-        self._held: dict[int, _SQLiteDelivery] = {}  # seq -> unsettled delivery
-        self._closed = False
-
-    def _check_open(self) -> None:
-        if self._closed or self._transport._closed:
-            raise TransportClosed(f"{self._transport.url}: subscription {self.group!r} is closed")
-
-    async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
-        if max_messages < 1:
-            raise ValueError("max_messages must be >= 1")
-        transport, clock = self._transport, self._transport._clock
-        deadline = None if timeout is None else clock.monotonic() + max(0.0, timeout)
-        group, lease = self.group, transport.lease
-
-        def claim(conn: sqlite3.Connection, now: float) -> tuple[ops.Claimed, float | None]:
-            claimed = ops.claim(conn, group, max_messages, now, now + lease)
-            return claimed, (None if claimed else ops.next_due(conn, group))
-
-        while True:
-            self._check_open()
-            seen = transport._changes
-            claimed, due = await transport._write(claim, abandon=self._unclaim)
-            if claimed:
-                return self._deliveries(claimed)
-            wait = _MAX_IDLE_WAIT
-            if deadline is not None:
-                left = deadline - clock.monotonic()
-                if left <= 0:
-                    return []
-                wait = min(wait, left)
-            if due is not None:
-                wait = min(wait, max(0.001, due - clock.time() + 0.001))
-            await transport._wait_change(seen, wait)
-
-    def _deliveries(self, claimed: ops.Claimed) -> list[Delivery]:
-        out: list[Delivery] = []
-        for seq, attempt, message in claimed:
-            delivery = _SQLiteDelivery(message, attempt, self, seq)
-            self._held[seq] = delivery
-            out.append(delivery)
-        return out
-
-    def _unclaim(self, result: tuple[ops.Claimed, float | None]) -> None:
-        """A cancelled fetch claimed rows after all: put them back as if never handed out."""
-        claims = [(seq, attempt) for seq, attempt, _ in result[0]]
-        if claims:
-            group = self.group
-            self._transport._submit_detached(
-                lambda conn, now: ops.unclaim(conn, group, claims, now), wakes=True
-            )
-
-    def _release(self, deliveries: Sequence[_SQLiteDelivery]) -> list[tuple[int, int]]:
-        for delivery in deliveries:
-            self._held.pop(delivery._seq, None)
-        return [(d._seq, d.attempt) for d in deliveries]
-
-    async def _ack(self, deliveries: Sequence[_SQLiteDelivery]) -> None:
-        self._transport._check_open()
-        claims, group = self._release(deliveries), self.group
-        await self._transport._write(lambda conn, now: ops.ack(conn, group, claims))
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        mine: list[_SQLiteDelivery] = []
-        for delivery in deliveries:
-            if isinstance(delivery, _SQLiteDelivery) and delivery._subscription is self:
-                if not delivery.settled:
-                    delivery.settled = True
-                    mine.append(delivery)
-            else:
-                await delivery.ack()
-        if mine:
-            await self._ack(mine)
-
-    async def _postpone(self, deliveries: Sequence[_SQLiteDelivery], after: float) -> None:
-        self._transport._check_open()
-        claims, group = self._release(deliveries), self.group
-        await self._transport._write(
-            lambda conn, now: ops.postpone(conn, group, claims, now + after), wakes=after <= 0
-        )
-
-    async def _touch(self, delivery: _SQLiteDelivery) -> None:
-        self._transport._check_open()
-        claims, group, lease = [(delivery._seq, delivery.attempt)], self.group, self._transport.lease
-        await self._transport._write(lambda conn, now: ops.postpone(conn, group, claims, now + lease))
-
-    async def _dead_letter(self, delivery: _SQLiteDelivery, record: dict[str, Any]) -> None:
-        self._transport._check_open()
-        ((seq, attempt),), group = self._release([delivery]), self.group
-        await self._transport._write(
-            lambda conn, now: ops.dead_letter(conn, group, seq, attempt, record, now)
-        )
-
-    async def close(self) -> None:
-        """Stop consuming; unsettled deliveries go back to the group at once (attempt + 1)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._transport._subscriptions.discard(self)
-        held = list(self._held.values())
-        if held and not self._transport._closed:
-            claims, group = self._release(held), self.group
-            await self._transport._write(lambda conn, now: ops.postpone(conn, group, claims, now), wakes=True)
-        self._transport._bump()  # a fetch waiting on this subscription notices the close
