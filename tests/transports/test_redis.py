@@ -228,6 +228,25 @@ async def test_an_expired_lease_redelivers_to_another_consumer_and_voids_the_lat
         assert await other.fetch(1, timeout=1.0) == []
 
 
+async def test_subscribing_forgets_consumer_names_that_crashed_processes_left_empty(bus_url: str) -> None:
+    async with opened(bus_url, lease="0.5") as crashed, opened(bus_url, lease="0.5") as survivor:
+        await survivor.publish([msg(1)])  # nobody subscribed yet: routed nowhere
+        lost_sub = await crashed.subscribe("g", None)
+        await survivor.publish([msg(2)])
+        await lost_sub.fetch(1, timeout=5)  # held and never settled: the process "crashed"
+        [taken] = await (await survivor.subscribe("g", None)).fetch(1, timeout=5)  # after the lease
+        await taken.ack()
+
+        async def consumers() -> set[str]:
+            info = await survivor._redis.xinfo_consumers(survivor._keys("g")[0], "g")
+            return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in info}
+
+        assert crashed.consumer in await consumers()
+        await asyncio.sleep(0.6)  # the crashed name, holding nothing, idles past a lease
+        await survivor.subscribe("g", None)
+        assert crashed.consumer not in await consumers()
+
+
 async def test_touch_keeps_a_delivery_from_being_redelivered(bus_url: str) -> None:
     async with opened(bus_url, lease="2") as busy, opened(bus_url, lease="2") as idle:
         working = await busy.subscribe("g", None)
@@ -418,7 +437,8 @@ async def test_consumers_resume_after_the_server_restarts_and_get_what_was_pendi
 
         own_redis.kill()
         waiting = asyncio.create_task(fetch_all(sub, 3, wait=30))  # keeps trying through the outage
-        await asyncio.sleep(1.0)
+        with pytest.raises(TransportError):
+            await bus.publish([msg(9)])  # a publisher learns the server did not take it
         assert not waiting.done()
         own_redis.start()
 

@@ -42,12 +42,23 @@ local function held(stream, group, me, id, count)
 end
 """
 
-#: KEYS: registry, stream.  ARGV: group, types JSON.
+#: KEYS: registry, stream.  ARGV: group, types JSON, idle ms.
+#: Registers the group and forgets consumer names that hold nothing and were idle longer
+#: than a lease (left by crashed processes). Deleting one that holds nothing is always
+#: safe: a live consumer is re-created by its next read.
 REGISTER = (
     _FIELDS
     + """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return ensure_group(KEYS[2], ARGV[1]) or 1
+local err = ensure_group(KEYS[2], ARGV[1])
+if err then return err end
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[2], ARGV[1])) do
+  local f = fields(c)
+  if tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[2], ARGV[1], f['name'])
+  end
+end
+return 1
 """
 )
 

@@ -23,7 +23,8 @@ Design, and why:
 * **Closing hands over at once.** ``Subscription.close`` re-claims its unsettled entries
   with a huge idle time (``XCLAIM ... IDLE``), so the next consumer's ``XAUTOCLAIM`` takes
   them (attempt + 1) without waiting out the lease; ``Transport.close`` forgets its
-  consumer name when it holds nothing.
+  consumer name when it holds nothing, and ``subscribe`` forgets idle names that hold
+  nothing (left by crashed processes), so the consumer list stays bounded.
 * **No daemon.** Consumers do the housekeeping in ``fetch``: one script moves due retries
   (``P:d:<group>``, a sorted set scored by server time) back into the stream, reclaims
   lease-expired entries and reads fresh ones. Only when nothing is ready does ``fetch``
@@ -215,7 +216,11 @@ class RedisTransport(Transport):
 
     async def _register(self, group: str, types_json: bytes) -> None:
         with self._errors("subscribe"):
-            await self._script("register", [self._registry, self._keys(group)[0]], [group, types_json])
+            await self._script(
+                "register",
+                [self._registry, self._keys(group)[0]],
+                [group, types_json, round(self.lease * 1000)],
+            )
 
     # -- dead letters ------------------------------------------------------------------
 
