@@ -165,6 +165,10 @@ class RedisSubscription(Subscription):
 
     # -- settling ----------------------------------------------------------------------
 
+    def _forget(self, delivery: RedisDelivery) -> None:
+        if self._unsettled.get(delivery._entry) is delivery:  # not a later redelivery of the entry
+            del self._unsettled[delivery._entry]
+
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         ours = [d for d in deliveries if isinstance(d, RedisDelivery) and d._sub is self and not d.settled]
         for delivery in ours:
@@ -178,8 +182,8 @@ class RedisSubscription(Subscription):
         if not deliveries:
             return
         entries = [d._entry for d in deliveries]
-        for entry in entries:
-            self._unsettled.pop(entry, None)
+        for delivery in deliveries:
+            self._forget(delivery)
         with self._transport._errors("ack"):
             pipe = self._transport._redis.pipeline(transaction=True)
             pipe.xack(self._stream, self.group, *entries)
@@ -187,7 +191,7 @@ class RedisSubscription(Subscription):
             await pipe.execute()
 
     async def _settle(self, delivery: RedisDelivery, verb: str, arg: str | bytes, attempt: int) -> None:
-        self._unsettled.pop(delivery._entry, None)
+        self._forget(delivery)
         with self._transport._errors(verb):
             await self._transport._script(
                 "settle",
@@ -209,7 +213,7 @@ class RedisSubscription(Subscription):
         """Hand unsettled deliveries to the group's next fetch now, not at lease expiry."""
         for delivery in deliveries:
             delivery.settled = True
-            self._unsettled.pop(delivery._entry, None)
+            self._forget(delivery)
         with contextlib.suppress(TransportError):
             await self._hold(deliveries, _RELEASE_IDLE_MS)
 
