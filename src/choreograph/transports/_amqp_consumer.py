@@ -138,8 +138,8 @@ class AmqpSubscription(Subscription):
         self._channel = channel
         self._queue = queue
         self._buffer: asyncio.Queue[Raw | None] = asyncio.Queue()
-        self._consumer_tag: str | None = None
-        self._prefetch = 0
+        self._consumer_tags: list[str] = []
+        self._prefetch = 0  # summed over the consumers
         self._consume_lock = asyncio.Lock()
         self._unacked: dict[aiormq.abc.AbstractChannel, set[int]] = {}  # received, not yet acked
         self._out: set[AmqpDelivery] = set()  # handed out, not settled
@@ -161,21 +161,21 @@ class AmqpSubscription(Subscription):
         """Consume with a prefetch of the largest batch asked for so far.
 
         A consumer's prefetch is fixed when it starts (quorum queues have no channel-wide
-        prefetch), so a larger batch restarts the consumer; messages already received
-        stay unacked on the channel and are handed out as usual.
+        prefetch), and cancelling a consumer strands a message the queue dispatched to it
+        at that instant until the channel closes. So a larger batch adds a consumer on
+        this channel for the difference instead of restarting the first one. (After a
+        reconnect aio-pika restores them all with the last prefetch: more, never less.)
         """
-        if self._consumer_tag is not None and max_messages <= self._prefetch:
+        if max_messages <= self._prefetch:
             return
         async with self._consume_lock:
-            if self._consumer_tag is not None and max_messages <= self._prefetch:
+            extra = max_messages - self._prefetch
+            if extra <= 0:
                 return
             with translated(f"consume {self._queue.name}"):
-                if self._consumer_tag is not None:
-                    await self._queue.cancel(self._consumer_tag)
-                    self._consumer_tag = None
-                await self._channel.set_qos(prefetch_count=max_messages)
-                self._prefetch = max_messages
-                self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
+                await self._channel.set_qos(prefetch_count=extra)
+                self._consumer_tags.append(await self._queue.consume(self._on_message, no_ack=False))
+            self._prefetch = max_messages
 
     def _hand_out(self, raw: Raw) -> AmqpDelivery | None:
         if live_channel(raw) is None:  # from a connection that died: the broker requeued it
@@ -199,6 +199,7 @@ class AmqpSubscription(Subscription):
             while len(out) < max_messages and not self._buffer.empty():
                 self._take(self._buffer.get_nowait(), out)
             if out:
+                await self._top_up(out, max_messages)
                 return out
             self._check_open()
             remaining = None if deadline is None else deadline - loop.time()
@@ -209,6 +210,22 @@ class AmqpSubscription(Subscription):
             except TimeoutError:
                 return []
             self._take(raw, out)
+
+    async def _top_up(self, out: list[Delivery], max_messages: int) -> None:
+        """Add what the client already read off the socket but has not queued yet.
+
+        Each delivery reaches the buffer a couple of event-loop turns after its frames
+        arrive, so a burst the broker pushed together lands over several turns. Give
+        it those turns (never a timed wait) while they keep bringing messages.
+        """
+        while len(out) < max_messages:
+            before = self._received
+            for _ in range(3):
+                await asyncio.sleep(0)
+            while len(out) < max_messages and not self._buffer.empty():
+                self._take(self._buffer.get_nowait(), out)
+            if self._received == before:
+                return
 
     def _take(self, raw: Raw | None, out: list[Delivery]) -> None:
         if raw is None:  # closing: wake the next waiter too
@@ -347,11 +364,12 @@ class AmqpSubscription(Subscription):
             return
         self._closed = True
         self._buffer.put_nowait(None)
-        if self._consumer_tag is not None and not self._channel.is_closed:
+        if self._consumer_tags and not self._channel.is_closed:
             await self._quiesce()
             try:
                 with translated("cancel consumer"):
-                    await self._queue.cancel(self._consumer_tag)
+                    for tag in self._consumer_tags:
+                        await self._queue.cancel(tag)
             except TransportError:
                 pass
         for _ in range(3):  # let callbacks of deliveries that beat the cancel-ok reach the buffer
