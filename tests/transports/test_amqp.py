@@ -1,0 +1,422 @@
+"""The RabbitMQ transport: behaviour specific to it (the contract itself is in tests/conformance)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import aiormq.exceptions
+import pytest
+
+from choreograph.errors import ConfigurationError, TransportError
+from choreograph.transports import open_transport
+from choreograph.transports._amqp_consumer import live_channel
+from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS, attempt_of, retry_bucket_ms
+from choreograph.transports.amqp import AmqpTransport
+from choreograph.transports.base import Delivery, Message, Subscription
+from tests._brokers import require_broker
+from tests.conformance.brokers import amqp as broker
+
+WAIT = 15.0
+
+
+def msg(n: int, type_: str = "order.placed", body: bytes = b"{}") -> Message:
+    return Message(id=f"m{n}", type=type_, body=body)
+
+
+def new_url(**params: str) -> str:
+    """A fresh bus (its own name prefix) on the shared server."""
+    url = broker.url(uuid.uuid4().hex[:12], lease=30.0)
+    return url + "".join(f"&{k}={v}" for k, v in params.items())
+
+
+@pytest.fixture
+async def bus_url() -> AsyncIterator[str]:
+    require_broker("amqp")
+    url = new_url()
+    yield url
+    await broker.cleanup(url)
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str) -> AsyncIterator[AmqpTransport]:
+    transport = AmqpTransport(url)
+    async with transport:
+        yield transport
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` until it holds (a ceiling, not a speed assertion)."""
+    for _ in range(int(WAIT / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition never held")
+
+
+async def fetch_all(sub: Subscription, expected: int, wait: float = WAIT) -> list[Delivery]:
+    got: list[Delivery] = []
+    while len(got) < expected:
+        batch = await sub.fetch(expected - len(got), timeout=wait)
+        if not batch:
+            break
+        got += batch
+    return got
+
+
+# -- URL and wire format (no broker) --------------------------------------------------------
+
+
+def test_url_parameters_configure_the_transport_and_are_hidden_from_aio_pika() -> None:
+    transport = AmqpTransport("amqp://u:p@h:5673/vh?lease=7.5&prefix=shop&queue_type=classic&heartbeat=5")
+    assert (transport.lease, transport.names.prefix, transport.queue_type) == (7.5, "shop", "classic")
+    assert transport._client_url == "amqp://u:p@h:5673/vh?heartbeat=5&reconnect_interval=1"
+
+
+def test_the_default_prefix_is_choreograph_and_queues_are_quorum() -> None:
+    transport = AmqpTransport("amqp://guest:guest@localhost/")
+    assert (transport.names.prefix, transport.queue_type) == ("choreograph", "quorum")
+    assert transport.names.exchange == "choreograph.events"
+    assert transport.names.group("billing") == "choreograph.group.billing"
+    assert transport.names.dlq("billing") == "choreograph.dlq.billing"
+
+
+@pytest.mark.parametrize("query", ["queue_type=lazy", "lease=0", "prefix="])
+def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
+    with pytest.raises(ConfigurationError):
+        AmqpTransport(f"amqp://localhost/?{query}")
+
+
+@pytest.mark.parametrize("scheme", ["amqp", "amqps"])
+def test_open_transport_selects_amqp_for_amqp_and_amqps_urls(scheme: str) -> None:
+    assert isinstance(open_transport(f"{scheme}://localhost/"), AmqpTransport)
+
+
+def test_retry_delays_round_up_to_a_bucket_never_early_and_at_most_a_quarter_late() -> None:
+    assert retry_bucket_ms(0) == 0
+    for ms in [1, 9, 10, 11, 99, 200, 1_000, 1_234, 30_000, 86_400_000]:
+        bucket = retry_bucket_ms(ms / 1000)
+        assert ms <= bucket <= max(10, ms * 1.25 + 1)
+    assert len(RETRY_BUCKETS_MS) < 100
+
+
+def test_the_attempt_is_the_header_plus_the_returns_the_broker_counted() -> None:
+    assert attempt_of(None, False) == 1
+    assert attempt_of({"x-choreograph-attempt": 3}, False) == 3
+    assert attempt_of({"x-choreograph-attempt": 3, "x-delivery-count": 2}, True) == 5  # quorum
+    assert attempt_of({"x-choreograph-attempt": 3}, True) == 4  # classic: redelivered at least once
+
+
+async def test_event_types_with_wildcard_words_cannot_be_subscribed() -> None:
+    transport = AmqpTransport("amqp://localhost/")
+    for bad in ["order.*", "#", "a.#.b"]:
+        with pytest.raises(ConfigurationError):
+            await transport.subscribe("g", [bad])
+
+
+async def test_an_unreachable_broker_is_a_transport_error() -> None:
+    with pytest.raises(TransportError):
+        async with opened("amqp://guest:guest@127.0.0.1:1/"):
+            pass
+
+
+# -- queues and bindings ------------------------------------------------------------------------
+
+
+async def _declare(url: str, queue: str, queue_type: str) -> None:
+    connection = await aio_pika.connect(AmqpTransport(url)._client_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": queue_type})
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_group_queues_have_the_queue_type_of_the_url(queue_type: str) -> None:
+    """Re-declaring with the other type is refused by RabbitMQ: proof of the type it has."""
+    require_broker("amqp")
+    url = new_url(queue_type=queue_type)
+    try:
+        async with opened(url) as bus:
+            await bus.subscribe("g", ["t"])
+            await _declare(url, bus.names.group("g"), queue_type)
+            other = "classic" if queue_type == "quorum" else "quorum"
+            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                await _declare(url, bus.names.group("g"), other)
+    finally:
+        await broker.cleanup(url)
+
+
+async def test_opening_a_bus_with_the_other_queue_type_is_a_transport_error_naming_it(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        await bus.subscribe("g", ["t"])
+    with pytest.raises(TransportError, match="queue_type"):
+        async with opened(bus_url + "&queue_type=classic"):
+            pass
+
+
+async def test_subscribing_again_replaces_the_groups_types(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        await bus.subscribe("g", ["a", "b"])
+        sub = await bus.subscribe("g", ["a"])
+        await bus.publish([msg(1, "b"), msg(2, "a")])
+        got = await fetch_all(sub, 1)
+        assert [d.message.id for d in got] == ["m2"]
+        assert await sub.fetch(10, timeout=0.5) == []
+        assert (await bus.groups())["g"] == frozenset({"a"})
+
+
+async def test_a_wildcard_group_narrowed_to_types_no_longer_receives_the_rest(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        await bus.subscribe("g", None)
+        assert (await bus.groups())["g"] is None
+        sub = await bus.subscribe("g", ["a"])
+        await bus.publish([msg(1, "b"), msg(2, "a")])
+        assert [d.message.id for d in await fetch_all(sub, 1)] == ["m2"]
+        assert await sub.fetch(10, timeout=0.5) == []
+
+
+# -- consuming ------------------------------------------------------------------------------------
+
+
+async def test_prefetch_is_sized_to_the_fetch_so_a_competing_consumer_gets_the_rest(bus_url: str) -> None:
+    async with opened(bus_url) as one, opened(bus_url) as two:
+        small = await one.subscribe("g", ["t"])
+        other = await two.subscribe("g", ["t"])
+        await one.publish([msg(n, "t") for n in range(10)])
+        held = await fetch_all(small, 2)
+        rest = await fetch_all(other, 8)
+        assert len(held) == 2 and len(rest) == 8
+        assert {d.message.id for d in held + rest} == {f"m{n}" for n in range(10)}
+
+
+async def test_ack_many_of_a_scattered_batch_acks_only_those(bus_url: str) -> None:
+    """A ``multiple`` ack is used only for a contiguous prefix: the others stay unacked."""
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(n, "t") for n in range(5)])
+        got = await fetch_all(sub, 5)
+        await sub.ack_many([got[1], got[3]])
+        await sub.close()
+        again = await fetch_all(await bus.subscribe("g", ["t"]), 3)
+        assert sorted(d.message.id for d in again) == ["m0", "m2", "m4"]
+
+
+async def test_a_late_ack_after_the_lease_expired_is_a_no_op_and_one_copy_remains(bus_url: str) -> None:
+    async with opened(bus_url.replace("lease=30.0", "lease=0.5")) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t")])
+        (first,) = await fetch_all(sub, 1)
+        (second,) = await fetch_all(sub, 1)
+        await first.ack()
+        assert (first.attempt, second.attempt) == (1, 2)
+        await second.ack()
+        assert await sub.fetch(10, timeout=1.0) == []
+
+
+async def test_a_delayed_retry_waits_in_a_ttl_queue_named_for_its_bucket(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t")])
+        (delivery,) = await fetch_all(sub, 1)
+        await delivery.retry(0.3)
+        connection = await aio_pika.connect(bus._client_url)
+        try:
+            channel = await connection.channel()
+            await channel.get_queue(bus.names.retry("g", retry_bucket_ms(0.3)), ensure=True)
+        finally:
+            await connection.close()
+        (again,) = await fetch_all(sub, 1)
+        assert (again.message, again.attempt) == (delivery.message, 2)
+
+
+async def test_dead_letters_keep_binary_bodies_and_records_of_any_value(bus_url: str) -> None:
+    body = b"\n\x00binary\nwith newlines\xff"
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t", body)])
+        (delivery,) = await fetch_all(sub, 1)
+        await delivery.dead_letter({"reason": "rejected", "error": ValueError("bad\nline"), 3: "x" * 100_000})
+        (letter,) = await bus.dead_letters("g")
+        assert letter.message.body == body
+        assert letter.record["reason"] == "rejected"
+        assert letter.record["error"] == "bad\nline"
+        assert len(letter.record["3"]) == 100_000
+
+
+async def test_dead_letters_of_every_registered_group_are_listed(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        subs = [await bus.subscribe(group, ["t"]) for group in ("a", "b", "c")]
+        await bus.publish([msg(1, "t")])
+        for sub in subs[:2]:
+            (delivery,) = await fetch_all(sub, 1)
+            await delivery.dead_letter({"reason": "rejected"})
+        assert sorted(letter.group for letter in await bus.dead_letters()) == ["a", "b"]
+        assert sorted(await bus.groups()) == ["a", "b", "c"]
+
+
+# -- losing consumers and connections -------------------------------------------------------------
+
+_HOLDER = """
+import asyncio, sys
+from choreograph.transports.amqp import AmqpTransport
+
+async def main():
+    bus = AmqpTransport(sys.argv[1])
+    await bus.connect()
+    sub = await bus.subscribe("g", ["t"])
+    (delivery,) = await sub.fetch(1, timeout=30)
+    print(delivery.message.id, delivery.attempt, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def _held_by_a_killed_process(url: str) -> tuple[str, int]:
+    """Run a consumer process until it holds one delivery, SIGKILL it, return what it held."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLDER,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), WAIT)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    message_id, attempt = line.decode().split()
+    return message_id, int(attempt)
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_a_killed_consumer_process_returns_its_delivery_at_once_with_the_next_attempt(
+    queue_type: str,
+) -> None:
+    """No lease wait: RabbitMQ requeues when the socket closes; the attempt counts the lost one."""
+    require_broker("amqp")
+    url = new_url(queue_type=queue_type).replace("lease=30.0", "lease=600")
+    try:
+        async with opened(url) as bus:
+            await bus.subscribe("g", ["t"])
+            await bus.publish([msg(1, "t")])
+            assert await _held_by_a_killed_process(url) == ("m1", 1)
+            sub = await bus.subscribe("g", ["t"])
+            (delivery,) = await fetch_all(sub, 1, wait=WAIT)
+            assert (delivery.message.id, delivery.attempt) == ("m1", 2)
+            await delivery.retry(0)
+        if queue_type == "quorum":  # quorum queues count every loss, on top of the header
+            assert await _held_by_a_killed_process(url) == ("m1", 3)
+            async with opened(url) as bus:
+                (delivery,) = await fetch_all(await bus.subscribe("g", ["t"]), 1)
+                assert delivery.attempt == 4
+    finally:
+        await broker.cleanup(url)
+
+
+class _Proxy:
+    """A loopback TCP proxy to the shared broker that can cut every connection through it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.refusing = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+            self._writers.discard(writer)
+
+    def cut(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[_Proxy]:
+    require_broker("amqp")
+    parts = AmqpTransport(broker.url("x", lease=1))
+    assert parts._where
+    host, port = parts._where.rsplit(":", 1)
+    running = _Proxy(host, int(port))
+    await running.start()
+    yield running
+    await running.stop()
+
+
+async def test_a_cut_connection_reconnects_and_the_consumer_resumes_without_duplicates(
+    proxy: _Proxy, bus_url: str
+) -> None:
+    proxied = bus_url.replace(":5672/", f":{proxy.port}/")
+    async with opened(proxied) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t"), msg(2, "t")])
+        (held,) = await fetch_all(sub, 1)  # m2 waits in the client's buffer
+        proxy.cut()
+        await _until(lambda: live_channel(held.raw) is None)  # the client noticed
+        with pytest.raises(TransportError):
+            await held.ack()  # its channel is gone: the broker has already taken it back
+        await bus.publish([msg(3, "t")])  # waits for the reconnect
+        got = await fetch_all(sub, 3)
+        assert sorted(d.message.id for d in got) == ["m1", "m2", "m3"]
+        assert {d.message.id: d.attempt for d in got}["m1"] == 2
+        await sub.ack_many(got)
+        assert await sub.fetch(10, timeout=1.0) == []
+
+
+async def test_operations_wait_for_a_lost_broker_then_fail_with_a_transport_error(
+    proxy: _Proxy, bus_url: str
+) -> None:
+    proxied = bus_url.replace(":5672/", f":{proxy.port}/")
+    async with opened(proxied) as bus:
+        bus.ready_timeout = 1.0
+        sub = await bus.subscribe("g", ["t"])
+        proxy.refusing = True
+        proxy.cut()
+        with pytest.raises(TransportError):
+            await bus.publish([msg(1, "t")])
+        proxy.refusing = False
+        await bus.publish([msg(2, "t")])
+        bus.ready_timeout = WAIT
+        assert [d.message.id for d in await fetch_all(sub, 1)] == ["m2"]
