@@ -107,7 +107,8 @@ class Subscription(abc.ABC):
         """Up to ``max_messages`` deliveries, returned as soon as at least one is available.
 
         Returns ``[]`` once ``timeout`` seconds pass with nothing to deliver (``None``:
-        wait indefinitely). Never waits to fill a batch.
+        wait indefinitely). Never waits to fill a batch. Cancel-safe: a cancelled fetch
+        delivers nothing and loses nothing (what it had claimed returns to the group).
         """
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:

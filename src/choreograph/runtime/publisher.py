@@ -1,0 +1,44 @@
+"""Publishing from outside a handler: an HTTP endpoint, a script, a test.
+
+Every event published here starts a transaction (its own id is the correlation id)
+unless ``correlation_id`` is given.
+"""
+
+from __future__ import annotations
+
+from choreograph._envelope import Envelope, new_id
+from choreograph.events import Event
+from choreograph.runtime.records import first_envelope, to_message
+from choreograph.transports.base import Transport
+
+
+class Publisher:
+    """Publishes typed events on a transport.
+
+    >>> envelopes = await Publisher(bus).publish(OrderPlaced(order_id="o-1", amount=30))  # doctest: +SKIP
+    """
+
+    def __init__(self, transport: Transport, *, source: str = "/choreograph/publisher") -> None:
+        self.transport = transport
+        self.source = source
+
+    async def publish(
+        self,
+        *events: Event,
+        correlation_id: str | None = None,
+        subject: str | None = None,
+        deadline: str | None = None,
+        ids: list[str] | None = None,
+    ) -> list[Envelope]:
+        """Durably publish ``events`` in one batch; returns their envelopes."""
+        if ids is not None and len(ids) != len(events):
+            raise ValueError("ids: must have one id per event")
+        envelopes = [
+            first_envelope(
+                event, source=self.source, id=ids[i] if ids else new_id(), correlation_id=correlation_id,
+                subject=subject, deadline=deadline,
+            )
+            for i, event in enumerate(events)
+        ]
+        await self.transport.publish([to_message(env) for env in envelopes])
+        return envelopes

@@ -1,0 +1,124 @@
+"""Building what the runtime writes: output envelopes, failure events, dead-letter records."""
+
+from __future__ import annotations
+
+import orjson
+from typing import Any, Literal
+
+from choreograph._envelope import Envelope, derive_id, encode, now_rfc3339
+from choreograph.events import Event
+from choreograph.stores.base import ErrorInfo
+from choreograph.transports.base import Message
+
+DeadLetterReason = Literal["max_attempts", "max_age", "rejected", "invalid_payload", "malformed", "loop_detected"]
+
+
+def to_message(envelope: Envelope) -> Message:
+    return Message(envelope.id, envelope.type, encode(envelope))
+
+
+def output_envelope(
+    event: Event,
+    *,
+    cause: Envelope,
+    service: str,
+    handler: str,
+    index: int | str,
+    source: str,
+    subject: str | None = None,
+) -> Envelope:
+    """The envelope of output ``index`` of ``handler`` caused by ``cause``: same correlation,
+    causation = the input, hops + 1, and an id derived from (input, service, handler, index)."""
+    cls = type(event)
+    return Envelope(
+        id=derive_id(cause.id, service, handler, index),
+        source=source,
+        type=cls.event_type(),
+        data=orjson.Fragment(event.__pydantic_serializer__.to_json(event)),
+        time=now_rfc3339(),
+        subject=subject,
+        dataschema=cls.schema_uri(),
+        correlationid=cause.correlationid or cause.id,
+        causationid=cause.id,
+        traceparent=cause.traceparent,
+        tracestate=cause.tracestate,
+        hops=cause.hops + 1,
+        partitionkey=cause.partitionkey,
+        deadline=cause.deadline,
+    )
+
+
+def first_envelope(
+    event: Event,
+    *,
+    source: str,
+    id: str,
+    correlation_id: str | None = None,
+    subject: str | None = None,
+    deadline: str | None = None,
+    traceparent: str | None = None,
+) -> Envelope:
+    """The envelope of an event published from outside a handler (ingress)."""
+    cls = type(event)
+    return Envelope(
+        id=id,
+        source=source,
+        type=cls.event_type(),
+        data=orjson.Fragment(event.__pydantic_serializer__.to_json(event)),
+        time=now_rfc3339(),
+        subject=subject,
+        dataschema=cls.schema_uri(),
+        correlationid=correlation_id or id,
+        traceparent=traceparent,
+        deadline=deadline,
+    )
+
+
+def dead_letter_record(
+    *,
+    reason: DeadLetterReason,
+    service: str,
+    handler: str | None,
+    group: str,
+    attempts: int,
+    first_error: ErrorInfo | None,
+    last_error: ErrorInfo | None,
+    first_attempt_at: float | None,
+    last_attempt_at: float,
+    envelope: Any,
+) -> dict[str, Any]:
+    """The record kept with a dead letter (DESIGN.md §5). ``envelope`` is the original, untouched."""
+    return {
+        "reason": reason,
+        "service": service,
+        "handler": handler,
+        "group": group,
+        "attempts": attempts,
+        "first_error": first_error.to_dict() if first_error else None,
+        "last_error": last_error.to_dict() if last_error else None,
+        "first_attempt_at": first_attempt_at if first_attempt_at is not None else last_attempt_at,
+        "last_attempt_at": last_attempt_at,
+        "envelope": envelope,
+    }
+
+
+def failure_envelope(cause: Envelope, record: dict[str, Any], *, service: str, handler: str, source: str) -> Envelope:
+    """The ``choreograph.failed`` event announcing that ``service`` gave up on ``cause``."""
+    from choreograph.service import FAILED
+
+    return Envelope(
+        id=derive_id(cause.id, service, handler, "failed"),
+        source=source,
+        type=FAILED,
+        data={"type": cause.type, "envelope": record["envelope"], "record": {k: v for k, v in record.items() if k != "envelope"}},
+        time=now_rfc3339(),
+        subject=cause.type,
+        correlationid=cause.correlationid or cause.id,
+        causationid=cause.id,
+        traceparent=cause.traceparent,
+        tracestate=cause.tracestate,
+        hops=cause.hops + 1,
+        partitionkey=cause.partitionkey,
+        deadline=cause.deadline,
+        extensions={"failedtype": cause.type},
+    )

@@ -1,0 +1,493 @@
+"""The worker: pulls deliveries, runs handlers, publishes outputs, then settles.
+
+Per service (one consumer group) a worker runs three tasks:
+
+* the **fetch loop** pulls as many deliveries as there are free handler slots
+  (``concurrency``), drops those the inbox has already seen, and starts a task per
+  delivery;
+* each **handler task** decodes, validates, runs the handler under its timeout and
+  turns the result into an *outcome* (done with outputs / retry after / dead-letter);
+* the **settler** takes every outcome that accumulated while it was busy and settles
+  them together: one ``publish`` for all outputs, one inbox commit, one batched ack.
+  An idle worker settles a lone event at once; a busy one amortises round trips
+  over whatever piled up (group commit). Outputs are always durable before the
+  input is acked, so a crash anywhere re-runs the handler, which republishes the
+  same deterministic ids, and downstream inboxes drop the duplicates.
+
+Shutdown (``stop()``) stops fetching, lets in-flight handlers finish within
+``drain_timeout``, releases the rest back to the broker, settles what finished and
+closes the subscription: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pydantic
+
+from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._envelope import Envelope, decode, from_dict
+from choreograph.context import Context, _set_current
+from choreograph.errors import EmitError, MalformedEnvelope, Reject, Retry
+from choreograph.events import Event
+from choreograph.runtime.records import (
+    DeadLetterReason,
+    dead_letter_record,
+    failure_envelope,
+    output_envelope,
+    to_message,
+)
+from choreograph.service import FAILED, Failure, Handler, Service
+from choreograph.stores.base import ErrorInfo, InboxStore
+from choreograph.stores.memory import MemoryStore
+from choreograph.transports.base import Delivery, Message, Subscription, Transport
+
+log = logging.getLogger("choreograph.worker")
+
+DEFAULT_MAX_HOPS = 64
+
+
+class HandlerTimeout(Exception):
+    """A handler ran longer than its timeout; counted as a failed (transient) attempt."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Done:
+    delivery: Delivery
+    messages: list[Message]
+    mark: bool  # record in the inbox (False for events this service ignores)
+
+
+@dataclasses.dataclass(slots=True)
+class _Again:
+    delivery: Delivery
+    after: float
+
+
+@dataclasses.dataclass(slots=True)
+class _Dead:
+    delivery: Delivery
+    record: dict[str, Any]
+    failure: Message | None
+
+
+_Outcome = _Done | _Again | _Dead
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters of one service's worker (for tests, reports and metrics)."""
+
+    handled: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+
+
+def _outputs_of(result: Any) -> list[Event]:
+    if result is None:
+        return []
+    if isinstance(result, Event):
+        return [result]
+    if isinstance(result, (list, tuple)):
+        out = []
+        for item in result:
+            if not isinstance(item, Event):
+                raise EmitError(f"handler returned {type(item).__name__} in its list; expected Event instances")
+            out.append(item)
+        return out
+    raise EmitError(f"handler returned {type(result).__name__}; expected None, an Event or a list of Events")
+
+
+class _Runner:
+    """The worker loop of one service."""
+
+    def __init__(self, worker: Worker, service: Service) -> None:
+        self.worker = worker
+        self.service = service
+        self.group = service.group
+        self.stats = Stats()
+        self.sub: Subscription | None = None
+        self.active: dict[asyncio.Task[None], Delivery] = {}
+        self.active_ids: set[str] = set()
+        self.outcomes: list[_Outcome] = []
+        self.outcome_ready = asyncio.Event()
+        self.slot_free = asyncio.Event()
+        self.stopping = False
+        self.fetching = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.sub = await self.worker.transport.subscribe(self.group, sorted(self.service.subscriptions))
+        self.tasks = [
+            asyncio.create_task(self._fetch_loop(), name=f"choreograph-fetch-{self.group}"),
+            asyncio.create_task(self._settle_loop(), name=f"choreograph-settle-{self.group}"),
+            asyncio.create_task(self._touch_loop(), name=f"choreograph-touch-{self.group}"),
+        ]
+
+    # -- fetching ---------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self.sub is not None
+        worker = self.worker
+        while not self.stopping:
+            free = worker.concurrency - len(self.active)
+            if free <= 0:
+                self.slot_free.clear()
+                await self.slot_free.wait()
+                continue
+            self.fetching = True
+            try:
+                batch = await self.sub.fetch(free, timeout=worker.poll_interval)
+            except asyncio.CancelledError:
+                if self.stopping:
+                    break  # stop() interrupts an idle fetch; fetch is cancel-safe
+                raise
+            except Exception as exc:  # broker down: back off, the client reconnects
+                if self.stopping:
+                    break
+                log.warning("fetch failed for %s: %s; retrying", self.group, exc)
+                await asyncio.sleep(0.5)
+                continue
+            finally:
+                self.fetching = False
+            if not batch:
+                continue
+            fresh = [d for d in batch if d.message.id not in self.active_ids]
+            try:
+                seen = await worker.store.seen(self.group, [d.message.id for d in fresh])
+            except Exception as exc:
+                log.error("inbox unavailable for %s: %s; releasing %d deliveries", self.group, exc, len(batch))
+                for delivery in batch:
+                    await delivery.retry(1.0)
+                await asyncio.sleep(1.0)
+                continue
+            for delivery in batch:
+                message_id = delivery.message.id
+                if message_id in seen or message_id in self.active_ids:
+                    self.stats.duplicates += 1
+                    self._emit(_Done(delivery, [], mark=False))
+                    continue
+                self.active_ids.add(message_id)
+                task = asyncio.create_task(self._handle(delivery))
+                self.active[task] = delivery
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        delivery = self.active.pop(task, None)
+        if delivery is not None:
+            self.active_ids.discard(delivery.message.id)
+        self.slot_free.set()
+        if not task.cancelled() and task.exception() is not None:  # a bug in us: never lose the delivery
+            log.error("internal error handling %r", delivery, exc_info=task.exception())
+
+    def _emit(self, outcome: _Outcome) -> None:
+        self.outcomes.append(outcome)
+        self.outcome_ready.set()
+
+    async def _touch_loop(self) -> None:
+        interval = max(0.05, self.worker.transport.lease / 3)
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            for delivery in list(self.active.values()):
+                try:
+                    await delivery.touch()
+                except Exception as exc:
+                    log.warning("could not extend the lease of %r: %s", delivery, exc)
+
+    # -- handling ---------------------------------------------------------------------
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            self._emit(await self._outcome(delivery))
+        except asyncio.CancelledError:
+            # Shutdown ran out of drain time: give the delivery back at once.
+            self.stats.released += 1
+            await asyncio.shield(delivery.retry(0.0))
+            raise
+
+    async def _outcome(self, delivery: Delivery) -> _Outcome:
+        service, worker = self.service, self.worker
+        now = worker.clock.time()
+        try:
+            envelope = decode(delivery.message.body)
+        except MalformedEnvelope as exc:
+            return self._dead(delivery, None, "malformed", None, ErrorInfo.from_exception(exc), now,
+                              _raw(delivery.message.body))
+        if envelope.hops > worker.max_hops:
+            error = ErrorInfo("LoopDetected", f"hops={envelope.hops} exceeds the limit of {worker.max_hops}")
+            return self._dead(delivery, envelope, "loop_detected", None, error, now, publish_failure=False)
+
+        handler = self._handler_for(envelope)
+        if handler is None:
+            self.stats.ignored += 1
+            return _Done(delivery, [], mark=False)
+        try:
+            argument = self._argument(handler, envelope)
+        except (pydantic.ValidationError, MalformedEnvelope) as exc:
+            return self._dead(delivery, envelope, "invalid_payload", handler, ErrorInfo.from_exception(exc, limit=0), now)
+
+        ctx = Context(envelope, service.name, handler.name, delivery.attempt)
+        token = _set_current(ctx)
+        try:
+            args = (argument, ctx) if handler.takes_context else (argument,)
+            try:
+                result = await asyncio.wait_for(handler.func(*args), handler.timeout)
+            except TimeoutError:
+                raise HandlerTimeout(f"handler exceeded its timeout of {handler.timeout}s") from None
+            messages = self._outputs(handler, envelope, _outputs_of(result), ctx)
+        except Reject as exc:
+            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), now)
+        except EmitError as exc:
+            exc.event_id, exc.service, exc.handler = envelope.id, service.name, handler.name
+            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), now)
+        except Exception as exc:
+            return await self._failed(delivery, envelope, handler, exc, now)
+        finally:
+            _set_current(None)
+            del token
+        self.stats.handled += 1
+        return _Done(delivery, messages, mark=True)
+
+    def _handler_for(self, envelope: Envelope) -> Handler | None:
+        if envelope.type == FAILED:
+            failed_type = envelope.data.get("type") if isinstance(envelope.data, dict) else None
+            return self.service.failure_handlers.get(failed_type) if isinstance(failed_type, str) else None
+        return self.service.handlers.get(envelope.type)
+
+    @staticmethod
+    def _argument(handler: Handler, envelope: Envelope) -> Any:
+        if handler.kind == "event":
+            return handler.consumes.model_validate(envelope.data)
+        data = envelope.data
+        original = from_dict(data.get("envelope"))
+        try:
+            event: Event | None = handler.consumes.model_validate(original.data)
+        except pydantic.ValidationError:
+            event = None
+        return Failure(event=event, envelope=original, record=dict(data.get("record") or {}))
+
+    def _outputs(self, handler: Handler, cause: Envelope, returned: list[Event], ctx: Context) -> list[Message]:
+        events = [(event, subject) for event, subject in ctx.outputs] + [(event, None) for event in returned]
+        messages = []
+        for index, (event, subject) in enumerate(events):
+            if type(event) not in handler.emits:
+                declared = sorted(cls.event_type() for cls in handler.emits) or "nothing"
+                raise EmitError(
+                    f"{handler.name} emitted {type(event).event_type()!r} but declares {declared}; "
+                    "add it to the return annotation or emits=[...]"
+                )
+            envelope = output_envelope(
+                event, cause=cause, service=self.service.name, handler=handler.name, index=index,
+                source=self.service.source, subject=subject,
+            )
+            messages.append(to_message(envelope))
+        return messages
+
+    async def _failed(
+        self, delivery: Delivery, envelope: Envelope, handler: Handler, exc: Exception, now: float
+    ) -> _Outcome:
+        error = ErrorInfo.from_exception(exc)
+        first_error, first_at = await self.worker.store.record_failure(self.group, envelope.id, error, now)
+        give_up = handler.retry.give_up(delivery.attempt, age=now - first_at)
+        if give_up is not None:
+            return self._dead(delivery, envelope, give_up, handler, error, now, first=(first_error, first_at))
+        after = exc.after if isinstance(exc, Retry) and exc.after is not None else None
+        if after is None:
+            after = handler.retry.backoff(delivery.attempt, self.worker.rng)
+        self.stats.retried += 1
+        log.warning(
+            "%s.%s failed on %s (attempt %d), retrying in %.2fs: %s: %s",
+            self.service.name, handler.name, envelope.id, delivery.attempt, after, error.type, error.message,
+        )
+        return _Again(delivery, after)
+
+    def _dead(
+        self,
+        delivery: Delivery,
+        envelope: Envelope | None,
+        reason: DeadLetterReason,
+        handler: Handler | None,
+        error: ErrorInfo,
+        now: float,
+        raw: Any = None,
+        *,
+        first: tuple[ErrorInfo, float] | None = None,
+        publish_failure: bool = True,
+    ) -> _Dead:
+        first_error, first_at = first or (error, now)
+        record = dead_letter_record(
+            reason=reason, service=self.service.name, handler=handler.name if handler else None, group=self.group,
+            attempts=delivery.attempt, first_error=first_error, last_error=error, first_attempt_at=first_at,
+            last_attempt_at=now, envelope=raw if envelope is None else _raw(delivery.message.body),
+        )
+        failure = None
+        if envelope is not None and publish_failure and handler is not None:
+            failure = to_message(failure_envelope(envelope, record, service=self.service.name,
+                                                  handler=handler.name, source=self.service.source))
+        self.stats.dead_lettered += 1
+        log.error(
+            "dead-lettering %s in %s: %s after %d attempt(s): %s: %s",
+            delivery.message.id, self.group, reason, delivery.attempt, error.type, error.message,
+        )
+        return _Dead(delivery, record, failure)
+
+    # -- settling ---------------------------------------------------------------------
+
+    async def _settle_loop(self) -> None:
+        while True:
+            await self.outcome_ready.wait()
+            self.outcome_ready.clear()
+            batch, self.outcomes = self.outcomes, []
+            if not batch:
+                if self.stopping and not self.active:
+                    return
+                continue
+            delay = 0.05
+            while True:
+                try:
+                    await self._settle(batch)
+                    break
+                except Exception as exc:  # broker or store down: keep the outcomes, try again
+                    log.error("settling %d outcomes of %s failed: %s; retrying", len(batch), self.group, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    async def _settle(self, batch: Sequence[_Outcome]) -> None:
+        assert self.sub is not None
+        store, transport = self.worker.store, self.worker.transport
+        messages: list[Message] = []
+        for outcome in batch:
+            if isinstance(outcome, _Done):
+                messages.extend(outcome.messages)
+            elif isinstance(outcome, _Dead) and outcome.failure is not None:
+                messages.append(outcome.failure)
+        if messages:
+            await transport.publish(messages)
+        done = [o for o in batch if isinstance(o, _Done)]
+        marks = [o.delivery.message.id for o in done if o.mark]
+        if marks:
+            await store.mark(self.group, marks)
+        dead = [o for o in batch if isinstance(o, _Dead)]
+        if dead:
+            await store.clear_failures(self.group, [o.delivery.message.id for o in dead])
+        if done:
+            await self.sub.ack_many([o.delivery for o in done])
+        for outcome in batch:
+            if isinstance(outcome, _Again):
+                await outcome.delivery.retry(outcome.after)
+            elif isinstance(outcome, _Dead):
+                await outcome.delivery.dead_letter(outcome.record)
+
+    # -- stopping ---------------------------------------------------------------------
+
+    async def stop(self, drain_timeout: float) -> None:
+        self.stopping = True
+        self.slot_free.set()
+        fetch, settle, touch = self.tasks
+        touch.cancel()
+        if self.fetching:
+            fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        if self.active:
+            _, pending = await asyncio.wait(list(self.active), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self.outcome_ready.set()
+        await asyncio.gather(settle, touch, return_exceptions=True)
+        if self.sub is not None:
+            await self.sub.close()
+
+
+def _raw(body: bytes) -> Any:
+    """The original envelope for a record: the JSON object if it parses, else the text."""
+    import orjson
+
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", errors="replace")
+
+
+class Worker:
+    """Runs one or more services against a transport until stopped.
+
+    >>> async with Worker([payments], open_transport("sqlite:///var/bus.db")) as worker:  # doctest: +SKIP
+    ...     await worker.wait()
+
+    ``concurrency`` bounds the handlers running at once per service. The inbox store
+    defaults to an in-memory one; give a durable store (``SQLiteStore``) for
+    deduplication across restarts.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[Service],
+        transport: Transport,
+        *,
+        store: InboxStore | None = None,
+        concurrency: int = 64,
+        clock: Clock | None = None,
+        max_hops: int = DEFAULT_MAX_HOPS,
+        drain_timeout: float = 10.0,
+        poll_interval: float = 0.25,
+        rng: Any = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency: must be >= 1")
+        self.services = list(services)
+        self.transport = transport
+        self.store = store or MemoryStore()
+        self.concurrency = concurrency
+        self.clock = clock or getattr(transport, "clock", None) or SYSTEM_CLOCK
+        self.max_hops = max_hops
+        self.drain_timeout = drain_timeout
+        self.poll_interval = poll_interval
+        self.rng = rng
+        self.runners = [_Runner(self, service) for service in self.services]
+        self._stopped = asyncio.Event()
+        self._started = False
+
+    def stats(self, service: str | None = None) -> Stats:
+        """Counters of one service (or the sum over all)."""
+        runners = [r for r in self.runners if service is None or r.service.name == service]
+        total = Stats()
+        for runner in runners:
+            for field in dataclasses.fields(Stats):
+                setattr(total, field.name, getattr(total, field.name) + getattr(runner.stats, field.name))
+        return total
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await self.transport.connect()
+        await self.store.open()
+        for runner in self.runners:
+            await runner.start()
+
+    async def wait(self) -> None:
+        """Until ``stop()`` is called."""
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Drain or release in-flight work, settle it, and close the subscriptions."""
+        if self._stopped.is_set():
+            return
+        await asyncio.gather(*(runner.stop(self.drain_timeout) for runner in self.runners))
+        self._stopped.set()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

@@ -1,0 +1,264 @@
+"""Services own one business step: they declare what they consume and what they emit.
+
+>>> payments = Service("payment")
+>>> @payments.on(OrderPlaced, retry=RetryPolicy(max_attempts=3))   # doctest: +SKIP
+... async def capture(order: OrderPlaced) -> PaymentCaptured | PaymentDeclined:
+...     ...
+
+A handler receives the typed event (and, if it takes a second parameter, the
+:class:`~choreograph.context.Context`) and returns ``None``, one event, or a list of
+events. The return annotation (or ``emits=``) declares the event types it may emit:
+that declaration is both a runtime check and what the flow graph is drawn from.
+
+``@service.on_failure(X)`` subscribes to the runtime's ``choreograph.failed`` events
+for events of type ``X``: the way to wire a compensation with no orchestrator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal
+
+from choreograph._envelope import Envelope
+from choreograph.errors import ConfigurationError
+from choreograph.events import Event
+from choreograph.policy import DEFAULT_RETRY, RetryPolicy
+
+FAILED = "choreograph.failed"
+"""The type of the failure event the runtime publishes when it gives up on an event."""
+
+HandlerKind = Literal["event", "failure"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """What an ``on_failure`` handler receives: the event that failed and why.
+
+    ``event`` is the original event parsed into its class (``None`` if it could not
+    be); ``envelope`` is the original envelope untouched; ``record`` the dead-letter
+    record (reason, attempts, first and last error, ...).
+    """
+
+    event: Event | None
+    envelope: Envelope
+    record: dict[str, Any]
+
+    @property
+    def reason(self) -> str:
+        return str(self.record.get("reason", ""))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Handler:
+    """One registered handler: what it consumes, emits, and how it is retried."""
+
+    service: str
+    name: str
+    kind: HandlerKind
+    consumes: type[Event]
+    func: Callable[..., Awaitable[Any]]
+    emits: frozenset[type[Event]]
+    retry: RetryPolicy
+    timeout: float
+    takes_context: bool
+
+    @property
+    def subscription(self) -> str:
+        """The CloudEvents type this handler's service must subscribe to."""
+        return FAILED if self.kind == "failure" else self.consumes.event_type()
+
+    def may_emit(self, event_type: str) -> bool:
+        return any(cls.event_type() == event_type for cls in self.emits)
+
+
+def _event_classes(annotation: Any) -> Iterable[type[Event]]:
+    """Event classes named in a return annotation: ``A``, ``A | B``, ``list[A]``, ``Optional[A]``..."""
+    if annotation is None or annotation is type(None):
+        return
+    if isinstance(annotation, type) and issubclass(annotation, Event):
+        yield annotation
+        return
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) or origin in (list, tuple, typing.Sequence, Iterable) or (
+        origin is not None and getattr(origin, "__module__", "") == "collections.abc"
+    ):
+        for arg in typing.get_args(annotation):
+            if arg is not Ellipsis:
+                yield from _event_classes(arg)
+        return
+    raise ConfigurationError(f"return annotation {annotation!r}: expected Event subclasses, a union or a list of them")
+
+
+def declared_emits(func: Callable[..., Any], emits: Iterable[type[Event]] | None) -> frozenset[type[Event]]:
+    """The event classes ``func`` may emit: ``emits=`` if given, else its return annotation."""
+    if emits is not None:
+        classes = frozenset(emits)
+        for cls in classes:
+            if not (isinstance(cls, type) and issubclass(cls, Event)):
+                raise ConfigurationError(f"{func.__qualname__}: emits= must list Event subclasses, got {cls!r}")
+        return classes
+    closure = dict(zip(func.__code__.co_freevars, (c.cell_contents for c in func.__closure__ or ()), strict=False))
+    try:
+        hints = typing.get_type_hints(func, localns=closure)
+    except Exception as exc:  # unresolvable forward references
+        raise ConfigurationError(
+            f"{func.__qualname__}: cannot resolve its return annotation ({exc}); pass emits=[...] instead"
+        ) from exc
+    if "return" not in hints:
+        return frozenset()
+    ret = hints["return"]
+    # `async def f() -> X` annotates X (the awaited value), which is what we want.
+    return frozenset(_event_classes(ret))
+
+
+class Service:
+    """A named service: one consumer group on the bus, a set of handlers.
+
+    ``retry`` and ``timeout`` are the defaults for its handlers; each ``on()`` can
+    override them.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        timeout: float = 30.0,
+        source: str | None = None,
+    ) -> None:
+        if not _NAME.match(name):
+            raise ConfigurationError(
+                f"Service name {name!r}: use 1-100 letters, digits, '_', '-', '.', starting with a letter or digit"
+            )
+        if timeout <= 0:
+            raise ConfigurationError(f"Service {name!r}: timeout must be > 0 seconds")
+        self.name = name
+        self.retry = retry
+        self.timeout = timeout
+        self.source = source or f"/choreograph/{name}"
+        self.handlers: dict[str, Handler] = {}  # consumed event type -> handler
+        self.failure_handlers: dict[str, Handler] = {}  # failed event type -> handler
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name!r} consumes={sorted(self.subscriptions)}>"
+
+    @property
+    def group(self) -> str:
+        """The consumer group on the bus: the service name (replicas compete within it)."""
+        return self.name
+
+    @property
+    def subscriptions(self) -> frozenset[str]:
+        types_ = set(self.handlers)
+        if self.failure_handlers:
+            types_.add(FAILED)
+        return frozenset(types_)
+
+    def all_handlers(self) -> list[Handler]:
+        return [*self.handlers.values(), *self.failure_handlers.values()]
+
+    def on(
+        self,
+        event: type[Event],
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        emits: Iterable[type[Event]] | None = None,
+    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """Register the decorated async function as this service's handler of ``event``."""
+        return self._register("event", event, retry, timeout, emits)
+
+    def on_failure(
+        self,
+        event: type[Event],
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        emits: Iterable[type[Event]] | None = None,
+    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """Register a handler of the runtime's failure events for events of type ``event``.
+
+        It receives a :class:`Failure`: the way to compensate a step whose successor
+        gave up, even when that successor cannot announce its own failure.
+        """
+        return self._register("failure", event, retry, timeout, emits)
+
+    def _register(
+        self,
+        kind: HandlerKind,
+        event: type[Event],
+        retry: RetryPolicy | None,
+        timeout: float | None,
+        emits: Iterable[type[Event]] | None,
+    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        if not (isinstance(event, type) and issubclass(event, Event)):
+            raise ConfigurationError(f"Service {self.name!r}: on({event!r}): expected an Event subclass")
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"Service {self.name!r}: timeout must be > 0 seconds")
+
+        def decorator(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            if not inspect.iscoroutinefunction(func):
+                raise ConfigurationError(f"{func.__qualname__}: handlers must be `async def` functions")
+            params = [
+                p for p in inspect.signature(func).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+            if not 1 <= len(params) <= 2:
+                raise ConfigurationError(f"{func.__qualname__}: a handler takes (event) or (event, ctx)")
+            table = self.handlers if kind == "event" else self.failure_handlers
+            key = event.event_type()
+            if key in table:
+                raise ConfigurationError(
+                    f"Service {self.name!r} already has a {kind} handler for {key!r} "
+                    f"({table[key].name}); use another Service for a second step"
+                )
+            table[key] = Handler(
+                service=self.name,
+                name=func.__qualname__,
+                kind=kind,
+                consumes=event,
+                func=func,
+                emits=declared_emits(func, emits),
+                retry=retry or self.retry,
+                timeout=timeout or self.timeout,
+                takes_context=len(params) == 2,
+            )
+            return func
+
+        return decorator
+
+
+class App:
+    """A manifest of services, for tooling (run, dev, graph, lint). It never routes events.
+
+    ``terminal`` maps event types that end a transaction to ``"completed"`` or ``"failed"``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        services: Iterable[Service],
+        *,
+        ingress: Iterable[type[Event]] = (),
+        terminal: dict[type[Event], Literal["completed", "failed"]] | None = None,
+    ) -> None:
+        self.name = name
+        self.services = list(services)
+        names = [s.name for s in self.services]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ConfigurationError(f"App {name!r}: duplicate service names {sorted(duplicates)}")
+        self.ingress = list(ingress)
+        self.terminal = dict(terminal or {})
+
+    def service(self, name: str) -> Service:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise ConfigurationError(f"App {self.name!r} has no service {name!r}; it has {[s.name for s in self.services]}")

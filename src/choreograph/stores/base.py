@@ -1,0 +1,69 @@
+"""The inbox store interface: which events a group has processed, and how its attempts failed.
+
+The inbox makes handling idempotent: an event id recorded for a group is acked
+without running the handler again. The failure history (first error and time) lives
+here rather than in process memory so a dead-letter record is complete even when
+attempts ran in different processes.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import traceback
+from collections.abc import Collection
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An exception as a dead-letter record keeps it: type, message, short traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, limit: int = 6) -> ErrorInfo:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=limit))
+        return cls(type=type(exc).__qualname__, message=str(exc) or repr(exc), traceback=tb[-4000:])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ErrorInfo:
+        return cls(type=str(data.get("type", "")), message=str(data.get("message", "")),
+                   traceback=str(data.get("traceback", "")))
+
+
+class InboxStore(abc.ABC):
+    """Processed ids and failure history per consumer group."""
+
+    url: str
+
+    async def open(self) -> None:  # noqa: B027 - nothing to open for in-memory stores
+        """Connect and create tables if needed. Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
+        """The subset of ``event_ids`` already processed by ``group``."""
+
+    @abc.abstractmethod
+    async def mark(self, group: str, event_ids: Collection[str]) -> None:
+        """Record ``event_ids`` as processed by ``group`` (and forget their failure history)."""
+
+    @abc.abstractmethod
+    async def record_failure(self, group: str, event_id: str, error: ErrorInfo, at: float) -> tuple[ErrorInfo, float]:
+        """Note a failed attempt; return the *first* failure's error and time for this event."""
+
+    @abc.abstractmethod
+    async def clear_failures(self, group: str, event_ids: Collection[str]) -> None:
+        """Forget the failure history of ``event_ids`` (after a dead letter: a replay starts afresh)."""
+
+    @abc.abstractmethod
+    async def expire(self, older_than: float) -> int:
+        """Drop inbox entries recorded before ``older_than`` (epoch seconds); returns how many."""

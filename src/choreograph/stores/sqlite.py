@@ -1,0 +1,148 @@
+"""The inbox on a SQLite file (WAL, synchronous=NORMAL: a commit survives a process crash).
+
+One file may be shared by the replicas of a service on one host. Calls run on a
+dedicated thread so the event loop never blocks on disk or on another process's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import orjson
+
+from choreograph.errors import ConfigurationError, StoreError
+from choreograph.stores.base import ErrorInfo, InboxStore
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    grp TEXT NOT NULL, event_id TEXT NOT NULL, processed_at REAL NOT NULL,
+    PRIMARY KEY (grp, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inbox_age ON inbox (processed_at);
+CREATE TABLE IF NOT EXISTS failures (
+    grp TEXT NOT NULL, event_id TEXT NOT NULL, first_error TEXT NOT NULL, first_at REAL NOT NULL,
+    PRIMARY KEY (grp, event_id)
+) WITHOUT ROWID;
+"""
+
+
+def sqlite_path(url: str) -> str:
+    """The file path of a ``sqlite:///path`` URL (``sqlite:///:memory:`` for in-memory)."""
+    parts = urlsplit(url)
+    path = parts.path
+    if parts.netloc:
+        raise ConfigurationError(f"sqlite URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path")
+    if path.startswith("/"):
+        path = path[1:]
+    if not path:
+        raise ConfigurationError(f"sqlite URL {url!r}: no file path")
+    return path
+
+
+class SQLiteStore(InboxStore):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        self._db: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-inbox")
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+
+        def call() -> T:
+            if self._db is None:
+                raise StoreError(f"inbox store {self.url} is not open")
+            try:
+                return fn(self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"inbox store {self.url}: {exc}") from exc
+
+        return await loop.run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def connect() -> sqlite3.Connection:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            return db
+
+        try:
+            self._db = await loop.run_in_executor(self._executor, connect)
+        except sqlite3.Error as exc:
+            raise StoreError(f"inbox store {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=False)
+
+    async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
+        ids = list(event_ids)
+        if not ids:
+            return set()
+
+        def query(db: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(f"SELECT event_id FROM inbox WHERE grp=? AND event_id IN ({marks})", [group, *chunk])
+                found.update(row[0] for row in rows)
+            return found
+
+        return await self._run(query)
+
+    async def mark(self, group: str, event_ids: Collection[str]) -> None:
+        ids = list(event_ids)
+        if not ids:
+            return
+        now = time.time()
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR IGNORE INTO inbox VALUES (?, ?, ?)", [(group, i, now) for i in ids])
+                db.executemany("DELETE FROM failures WHERE grp=? AND event_id=?", [(group, i) for i in ids])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._run(write)
+
+    async def record_failure(self, group: str, event_id: str, error: ErrorInfo, at: float) -> tuple[ErrorInfo, float]:
+        def write(db: sqlite3.Connection) -> tuple[ErrorInfo, float]:
+            db.execute(
+                "INSERT OR IGNORE INTO failures VALUES (?, ?, ?, ?)",
+                (group, event_id, orjson.dumps(error.to_dict()).decode(), at),
+            )
+            row: Any = db.execute(
+                "SELECT first_error, first_at FROM failures WHERE grp=? AND event_id=?", (group, event_id)
+            ).fetchone()
+            return ErrorInfo.from_dict(orjson.loads(row[0])), float(row[1])
+
+        return await self._run(write)
+
+    async def clear_failures(self, group: str, event_ids: Collection[str]) -> None:
+        ids = [(group, i) for i in event_ids]
+        await self._run(lambda db: db.executemany("DELETE FROM failures WHERE grp=? AND event_id=?", ids))
+
+    async def expire(self, older_than: float) -> int:
+        return await self._run(lambda db: db.execute("DELETE FROM inbox WHERE processed_at < ?", (older_than,)).rowcount)

@@ -1,0 +1,270 @@
+"""The in-process transport: the whole contract, no broker, no disk.
+
+It is how choreograph's own tests and its users' tests run a system in one process:
+fan-out, competing consumers, attempts, delayed retries, leases and dead letters all
+behave as on a real broker, on whatever :class:`~choreograph._clock.Clock` it is given
+(a :class:`~choreograph.testing.VirtualClock` makes backoffs and lease expiry instant).
+
+Two ``MemoryTransport`` objects opened on the same ``memory://name`` URL in one process
+share one bus, so "reopen" works as it does for durable brokers. Order within a group
+is publish order, except for retried and redelivered messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import weakref
+from collections import deque
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph.errors import TransportClosed
+from choreograph.transports import lease_from_url
+from choreograph.transports.base import DeadLetter, Delivery, Message, Subscription, Transport, matches
+
+_BUSES: weakref.WeakValueDictionary[str, _Bus] = weakref.WeakValueDictionary()
+
+
+class _Entry:
+    __slots__ = ("message", "attempt", "token")
+
+    def __init__(self, message: Message, attempt: int) -> None:
+        self.message = message
+        self.attempt = attempt
+        self.token = 0  # changes whenever the entry is (re)delivered; stale settles are ignored
+
+
+class _Group:
+    def __init__(self, name: str, types: frozenset[str] | None) -> None:
+        self.name = name
+        self.types = types
+        self.ready: deque[_Entry] = deque()
+        self.delayed: list[tuple[float, int, _Entry]] = []  # (due, seq, entry)
+        self.inflight: dict[int, tuple[float, _Entry]] = {}  # token -> (lease deadline, entry)
+        self.dead: dict[str, DeadLetter] = {}
+        self.consumers = 0
+        self.wakeup = asyncio.Event()
+
+
+class _Bus:
+    """Shared state of one named in-memory bus."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.groups: dict[str, _Group] = {}
+        self.tokens = itertools.count(1)
+        self.seq = itertools.count()
+
+    def wake(self, group: _Group) -> None:
+        group.wakeup.set()
+
+    def promote(self, group: _Group, lease: float) -> float | None:
+        """Move due retries and expired leases to ready; return when the next one is due."""
+        now = self.clock.monotonic()
+        while group.delayed and group.delayed[0][0] <= now:
+            group.ready.append(heapq.heappop(group.delayed)[2])
+        expired = [token for token, (deadline, _) in group.inflight.items() if deadline <= now]
+        for token in expired:
+            _, entry = group.inflight.pop(token)
+            entry.attempt += 1
+            group.ready.append(entry)
+        nexts = [group.delayed[0][0]] if group.delayed else []
+        nexts.extend(deadline for deadline, _ in group.inflight.values())
+        return min(nexts) if nexts else None
+
+    def pending(self, *, active_only: bool = True) -> tuple[int, float | None]:
+        """(messages ready or in flight, earliest due delayed/lease time) over groups with consumers."""
+        count = 0
+        due: float | None = None
+        for group in self.groups.values():
+            if active_only and group.consumers == 0:
+                continue
+            count += len(group.ready) + len(group.inflight)
+            times = [group.delayed[0][0]] if group.delayed else []
+            times.extend(deadline for deadline, _ in group.inflight.values())
+            if times:
+                due = min(times) if due is None else min(due, *times)
+        return count, due
+
+
+class MemoryDelivery(Delivery):
+    __slots__ = ("_bus", "_group", "_entry", "_token", "_lease")
+
+    def __init__(self, bus: _Bus, group: _Group, entry: _Entry, lease: float) -> None:
+        super().__init__(entry.message, entry.attempt, group.name)
+        self._bus = bus
+        self._group = group
+        self._entry = entry
+        self._token = entry.token
+        self._lease = lease
+
+    def _take(self) -> _Entry | None:
+        held = self._group.inflight.pop(self._token, None)
+        return held[1] if held is not None else None
+
+    async def _ack(self) -> None:
+        self._take()
+
+    async def _retry(self, after: float) -> None:
+        entry = self._take()
+        if entry is None:
+            return  # lease expired meanwhile: already redelivered
+        entry.attempt += 1
+        group = self._group
+        if after <= 0:
+            group.ready.append(entry)
+        else:
+            heapq.heappush(group.delayed, (self._bus.clock.monotonic() + after, next(self._bus.seq), entry))
+        self._bus.wake(group)
+
+    async def _dead_letter(self, record: Mapping[str, Any]) -> None:
+        entry = self._take()
+        if entry is None:
+            return
+        self._group.dead[entry.message.id] = DeadLetter(
+            self.group, entry.message, dict(record), self._bus.clock.time()
+        )
+
+    async def touch(self) -> None:
+        held = self._group.inflight.get(self._token)
+        if held is not None:
+            self._group.inflight[self._token] = (self._bus.clock.monotonic() + self._lease, held[1])
+
+
+class MemorySubscription(Subscription):
+    def __init__(self, transport: MemoryTransport, group: _Group) -> None:
+        self.group = group.name
+        self._transport = transport
+        self._group = group
+        self._closed = False
+        group.consumers += 1
+
+    async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:
+        bus, group, lease = self._transport.bus, self._group, self._transport.lease
+        clock = bus.clock
+        deadline = None if timeout is None else clock.monotonic() + timeout
+        while True:
+            if self._closed or self._transport.closed:
+                raise TransportClosed("memory transport: subscription is closed")
+            next_due = bus.promote(group, lease)
+            if group.ready:
+                out: list[Delivery] = []
+                now = clock.monotonic()
+                while group.ready and len(out) < max_messages:
+                    entry = group.ready.popleft()
+                    entry.token = next(bus.tokens)
+                    group.inflight[entry.token] = (now + lease, entry)
+                    out.append(MemoryDelivery(bus, group, entry, lease))
+                return out
+            now = clock.monotonic()
+            if deadline is not None and now >= deadline:
+                return []
+            wait_until = (
+                min(t for t in (next_due, deadline) if t is not None) if (next_due or deadline) else None
+            )
+            group.wakeup.clear()
+            waiter = asyncio.ensure_future(group.wakeup.wait())
+            sleeper = asyncio.ensure_future(clock.sleep(wait_until - now)) if wait_until is not None else None
+            try:
+                await asyncio.wait(
+                    [f for f in (waiter, sleeper) if f is not None], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+                if sleeper is not None:
+                    sleeper.cancel()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._group.consumers -= 1
+            self._group.wakeup.set()
+
+
+class MemoryTransport(Transport):
+    """In-process transport. ``MemoryTransport("memory://orders?lease=5", clock=VirtualClock())``."""
+
+    def __init__(self, url: str = "memory://", *, clock: Clock | None = None) -> None:
+        self.url = url
+        self.lease = lease_from_url(url)
+        name = urlsplit(url).netloc or urlsplit(url).path.strip("/")
+        bus = _BUSES.get(name) if name else None
+        if bus is None:
+            bus = _Bus(clock or SYSTEM_CLOCK)
+            if name:
+                _BUSES[name] = bus
+        self.bus = bus
+        self.closed = False
+        self._subscriptions: list[MemorySubscription] = []
+
+    @property
+    def clock(self) -> Clock:
+        return self.bus.clock
+
+    def _check(self) -> None:
+        if self.closed:
+            raise TransportClosed("memory transport is closed")
+
+    async def close(self) -> None:
+        self.closed = True
+        for sub in self._subscriptions:
+            await sub.close()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self._check()
+        groups = self.bus.groups.values()
+        for message in messages:
+            for group in groups:
+                if matches(group.types, message.type):
+                    group.ready.append(_Entry(message, 1))
+                    group.wakeup.set()
+
+    async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
+        self._check()
+        wanted = None if types is None else frozenset(types)
+        state = self.bus.groups.get(group)
+        if state is None:
+            state = self.bus.groups[group] = _Group(group, wanted)
+        else:
+            state.types = wanted
+        sub = MemorySubscription(self, state)
+        self._subscriptions.append(sub)
+        return sub
+
+    def pending(self) -> tuple[int, float | None]:
+        """(messages ready or in flight in groups with consumers, next due retry/lease time)."""
+        return self.bus.pending()
+
+    async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        letters = [
+            letter
+            for name, state in self.bus.groups.items()
+            if group is None or name == group
+            for letter in state.dead.values()
+        ]
+        letters.sort(key=lambda letter: letter.dead_at)
+        return letters[:limit]
+
+    async def replay(self, group: str, message_ids: Collection[str] | None = None) -> int:
+        state = self.bus.groups.get(group)
+        if state is None:
+            return 0
+        ids = list(state.dead) if message_ids is None else [i for i in message_ids if i in state.dead]
+        for message_id in ids:
+            state.ready.append(_Entry(state.dead.pop(message_id).message, 1))
+        if ids:
+            state.wakeup.set()
+        return len(ids)
+
+    async def purge(self, group: str, message_ids: Collection[str] | None = None) -> int:
+        state = self.bus.groups.get(group)
+        if state is None:
+            return 0
+        ids = list(state.dead) if message_ids is None else [i for i in message_ids if i in state.dead]
+        for message_id in ids:
+            del state.dead[message_id]
+        return len(ids)

@@ -1,0 +1,373 @@
+"""The worker's contract, on the in-memory transport in virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from choreograph import (
+    FAILED,
+    Context,
+    Event,
+    Failure,
+    Publisher,
+    Reject,
+    Retry,
+    RetryPolicy,
+    Service,
+    Worker,
+    current_context,
+    decode,
+)
+from choreograph.testing import MemoryTransport, VirtualClock, settled
+from choreograph.transports.base import Message
+
+
+class Placed(Event, type="test.worker.placed"):
+    order_id: str
+    amount: int = 1
+
+
+class Charged(Event, type="test.worker.charged"):
+    order_id: str
+
+
+class Shipped(Event, type="test.worker.shipped"):
+    order_id: str
+
+
+class Refunded(Event, type="test.worker.refunded"):
+    order_id: str
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+@pytest.fixture
+def bus(clock: VirtualClock) -> MemoryTransport:
+    return MemoryTransport(clock=clock)
+
+
+class Recorder(Service):
+    """A service that records what it receives, for assertions."""
+
+    def __init__(self, name: str, *types: type[Event]) -> None:
+        super().__init__(name)
+        self.received: list[tuple[str, dict, Context]] = []
+        for cls in types:
+            async def record(event: Event, ctx: Context) -> None:
+                self.received.append((ctx.envelope.type, event.model_dump(), ctx))
+            self.on(cls)(record)
+
+
+def chain() -> tuple[Service, Service]:
+    payment = Service("payment")
+    shipping = Service("shipping")
+
+    @payment.on(Placed)
+    async def charge(order: Placed) -> Charged:
+        return Charged(order_id=order.order_id)
+
+    @shipping.on(Charged)
+    async def ship(charged: Charged) -> Shipped:
+        return Shipped(order_id=charged.order_id)
+
+    return payment, shipping
+
+
+async def test_events_flow_through_a_chain_with_correlation_causation_and_hops(bus: MemoryTransport) -> None:
+    payment, shipping = chain()
+    sink = Recorder("sink", Shipped)
+    async with Worker([payment, shipping, sink], bus):
+        [first] = await Publisher(bus).publish(Placed(order_id="o-1"))
+        await settled(bus)
+    [(type_, data, ctx)] = sink.received
+    assert (type_, data) == ("test.worker.shipped", {"order_id": "o-1"})
+    assert ctx.correlation_id == first.id
+    assert ctx.envelope.hops == 2
+    assert ctx.causation_id is not None and ctx.causation_id != first.id
+
+
+async def test_output_ids_are_deterministic_across_reruns(clock: VirtualClock) -> None:
+    ids = []
+    for _ in range(2):
+        bus = MemoryTransport(clock=clock)
+        payment, _ = chain()
+        sink = Recorder("sink", Charged)
+        async with Worker([payment, sink], bus):
+            await Publisher(bus).publish(Placed(order_id="o-1"), ids=["fixed-input-id"])
+            await settled(bus)
+        ids.append(sink.received[0][2].event_id)
+    assert ids[0] == ids[1]
+
+
+async def test_a_duplicate_event_runs_the_handler_once(bus: MemoryTransport) -> None:
+    calls = []
+    svc = Service("dedupe")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        calls.append(order.order_id)
+
+    async with Worker([svc], bus) as worker:
+        publisher = Publisher(bus)
+        await publisher.publish(Placed(order_id="a"), ids=["same"])
+        await settled(bus)
+        await publisher.publish(Placed(order_id="a"), ids=["same"])
+        await settled(bus)
+    assert calls == ["a"]
+    assert worker.stats("dedupe").duplicates == 1
+
+
+async def test_retries_follow_the_backoff_policy_in_virtual_time(bus: MemoryTransport, clock: VirtualClock) -> None:
+    times: list[float] = []
+    svc = Service("flaky", retry=RetryPolicy(max_attempts=4, base=1.0, jitter=False))
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        times.append(clock.monotonic())
+        if ctx.attempt < 4:
+            raise RuntimeError("transient")
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    gaps = [round(b - a, 6) for a, b in zip(times, times[1:], strict=False)]
+    assert gaps == [1.0, 2.0, 4.0]
+    assert worker.stats().retried == 3
+    assert worker.stats().dead_lettered == 0
+
+
+async def test_retry_after_overrides_the_backoff(bus: MemoryTransport, clock: VirtualClock) -> None:
+    times: list[float] = []
+    svc = Service("later")
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        times.append(clock.monotonic())
+        if ctx.attempt == 1:
+            raise Retry("busy", after=7.5)
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert round(times[1] - times[0], 6) == 7.5
+
+
+async def test_giving_up_dead_letters_with_a_full_record_and_publishes_a_failure_event(
+    bus: MemoryTransport,
+) -> None:
+    svc = Service("poison", retry=RetryPolicy(max_attempts=3, base=0.1, jitter=False))
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        raise ValueError(f"boom {ctx.attempt}")
+
+    failures = Recorder("watch", )
+    seen: list[Failure] = []
+
+    @failures.on_failure(Placed)
+    async def compensate(failure: Failure) -> None:
+        seen.append(failure)
+
+    async with Worker([svc, failures], bus):
+        [env] = await Publisher(bus).publish(Placed(order_id="p-1"))
+        await settled(bus)
+    [letter] = await bus.dead_letters("poison")
+    record = letter.record
+    assert record["reason"] == "max_attempts"
+    assert record["attempts"] == 3
+    assert record["service"] == "poison" and record["group"] == "poison"
+    assert record["handler"].endswith("handle")
+    assert record["first_error"]["message"] == "boom 1"
+    assert record["last_error"]["message"] == "boom 3"
+    assert record["first_error"]["type"] == "ValueError"
+    assert "Traceback" in record["last_error"]["traceback"]
+    assert record["first_attempt_at"] < record["last_attempt_at"]
+    assert record["envelope"]["id"] == env.id
+    assert decode(letter.message.body).id == env.id  # original body untouched
+    [failure] = seen
+    assert failure.event == Placed(order_id="p-1")
+    assert failure.envelope.id == env.id
+    assert failure.reason == "max_attempts"
+
+
+async def test_reject_dead_letters_at_once(bus: MemoryTransport) -> None:
+    attempts = []
+    svc = Service("strict")
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        raise Reject("amount must be positive")
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="a", amount=-1))
+        await settled(bus)
+    [letter] = await bus.dead_letters("strict")
+    assert attempts == [1]
+    assert letter.record["reason"] == "rejected"
+    assert letter.record["last_error"]["message"] == "amount must be positive"
+
+
+async def test_an_invalid_payload_is_dead_lettered_naming_the_field(bus: MemoryTransport) -> None:
+    svc = Service("typed")
+    calls = []
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        calls.append(order)
+
+    body = orjson.dumps({"specversion": "1.0", "id": "x1", "source": "/t", "type": Placed.event_type(),
+                         "data": {"order_id": "a", "amount": "lots"}})
+    async with Worker([svc], bus):
+        await bus.publish([Message("x1", Placed.event_type(), body)])
+        await settled(bus)
+    [letter] = await bus.dead_letters("typed")
+    assert calls == []
+    assert letter.record["reason"] == "invalid_payload"
+    assert "amount" in letter.record["last_error"]["message"]
+
+
+async def test_a_malformed_envelope_is_dead_lettered_and_the_worker_keeps_going(bus: MemoryTransport) -> None:
+    sink = Recorder("sink", Placed)
+    async with Worker([sink], bus):
+        await bus.publish([Message("bad", Placed.event_type(), b"{not json")])
+        await bus.publish([Message("bad2", Placed.event_type(), b'{"specversion": "1.0", "id": "bad2"}')])
+        await Publisher(bus).publish(Placed(order_id="good"))
+        await settled(bus)
+    letters = {letter.message.id: letter.record for letter in await bus.dead_letters("sink")}
+    assert letters["bad"]["reason"] == "malformed"
+    assert letters["bad"]["envelope"] == "{not json"
+    assert "source" in letters["bad2"]["last_error"]["message"]
+    assert [data for _, data, _ in sink.received] == [{"order_id": "good", "amount": 1}]
+
+
+async def test_a_hung_handler_times_out_and_counts_as_an_attempt(bus: MemoryTransport) -> None:
+    svc = Service("slow", retry=RetryPolicy(max_attempts=2, base=0.01, jitter=False))
+
+    @svc.on(Placed, timeout=0.05)
+    async def handle(order: Placed) -> None:
+        await asyncio.sleep(3600)
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    [letter] = await bus.dead_letters("slow")
+    assert letter.record["attempts"] == 2
+    assert letter.record["last_error"]["type"] == "HandlerTimeout"
+
+
+async def test_hops_above_the_limit_are_dead_lettered_as_a_loop(bus: MemoryTransport) -> None:
+    class Ping(Event, type="test.worker.ping"):
+        n: int
+
+    svc = Service("looper")
+
+    @svc.on(Ping)
+    async def bounce(ping: Ping) -> Ping:
+        return Ping(n=ping.n + 1)
+
+    async with Worker([svc], bus, max_hops=10):
+        await Publisher(bus).publish(Ping(n=0))
+        await settled(bus)
+    [letter] = await bus.dead_letters("looper")
+    assert letter.record["reason"] == "loop_detected"
+    assert decode(letter.message.body).hops == 11
+
+
+async def test_emitting_an_undeclared_type_is_an_error_that_names_it(bus: MemoryTransport) -> None:
+    svc = Service("sloppy")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Charged:
+        return Shipped(order_id=order.order_id)  # type: ignore[return-value]
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    [letter] = await bus.dead_letters("sloppy")
+    assert letter.record["reason"] == "rejected"
+    assert "test.worker.shipped" in letter.record["last_error"]["message"]
+    assert letter.record["last_error"]["type"] == "EmitError"
+
+
+async def test_ctx_publish_emits_extra_events_and_the_context_is_ambient(bus: MemoryTransport) -> None:
+    svc = Service("multi")
+    ambient = []
+
+    @svc.on(Placed, emits=[Charged, Shipped])
+    async def handle(order: Placed, ctx: Context) -> list[Event]:
+        ctx.publish(Charged(order_id=order.order_id))
+        ambient.append(current_context() is ctx)
+        return [Shipped(order_id=order.order_id)]
+
+    sink = Recorder("sink", Charged, Shipped)
+    async with Worker([svc, sink], bus):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert sorted(t for t, _, _ in sink.received) == ["test.worker.charged", "test.worker.shipped"]
+    assert ambient == [True]
+    assert current_context() is None
+
+
+async def test_failure_handlers_only_see_failures_of_their_type(bus: MemoryTransport) -> None:
+    bad = Service("bad", retry=RetryPolicy(max_attempts=1))
+
+    @bad.on(Charged)
+    async def fail(charged: Charged) -> None:
+        raise Reject("no")
+
+    watcher = Service("watcher")
+    got = []
+
+    @watcher.on_failure(Placed)
+    async def on_placed_failure(failure: Failure) -> None:
+        got.append(failure)
+
+    async with Worker([bad, watcher], bus) as worker:
+        await Publisher(bus).publish(Charged(order_id="c"))
+        await settled(bus)
+    assert got == []
+    assert worker.stats("watcher").ignored == 1
+    assert "choreograph.failed" in watcher.subscriptions and FAILED == "choreograph.failed"
+
+
+async def test_max_age_gives_up_even_with_attempts_left(bus: MemoryTransport) -> None:
+    svc = Service("aged", retry=RetryPolicy(max_attempts=100, base=10.0, max_age=25.0, jitter=False))
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        raise RuntimeError("down")
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    [letter] = await bus.dead_letters("aged")
+    assert letter.record["reason"] == "max_age"
+    assert letter.record["attempts"] == 3  # t=0, 10, 30 (>= 25 s after the first failure)
+
+
+async def test_stop_releases_in_flight_work_after_the_drain_timeout(bus: MemoryTransport) -> None:
+    started = asyncio.Event()
+    svc = Service("stuck")
+
+    @svc.on(Placed, timeout=3600)
+    async def handle(order: Placed) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    worker = Worker([svc], bus, drain_timeout=0.05)
+    await worker.start()
+    await Publisher(bus).publish(Placed(order_id="a"))
+    await started.wait()
+    await worker.stop()
+    assert worker.stats().released == 1
+    # the event is back in the group, ready for the next consumer
+    sub = await bus.subscribe("stuck", [Placed.event_type()])
+    [delivery] = await sub.fetch(10, timeout=0)
+    assert delivery.attempt == 2
