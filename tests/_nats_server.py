@@ -6,7 +6,7 @@ restart keeps the data::
 
     server = NatsServer.start_new()
     ...server.url...
-    server.kill(); server.start()   # same port, same store
+    server.restart()                # SIGKILL, then start on the same port and store
     server.destroy()
 """
 
@@ -96,15 +96,26 @@ class NatsServer:
                 time.sleep(0.05)
 
     def kill(self) -> None:
-        """SIGKILL: the harshest stop; data written so far must survive it."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-            self.process = None
+        """SIGKILL: the harshest stop. Confirmed messages survive it; JetStream writes
+        consumer state (acks, delivery counts) lazily, so the last acks may not."""
+        self._signal(signal.SIGKILL)
 
-    def restart(self) -> None:
-        self.kill()
+    def stop(self) -> None:
+        """SIGTERM: a clean shutdown that persists consumer state."""
+        self._signal(signal.SIGTERM)
+
+    def restart(self, *, graceful: bool = False) -> None:
+        if graceful:
+            self.stop()
+        else:
+            self.kill()
         self.start()
+
+    def _signal(self, signum: int) -> None:
+        if self.process is not None:
+            self.process.send_signal(signum)
+            self.process.wait(timeout=30)
+            self.process = None
 
     def destroy(self) -> None:
         self.kill()

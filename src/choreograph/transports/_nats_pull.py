@@ -165,15 +165,31 @@ class NatsSubscription(Subscription):
         finally:
             self._waiter = None
 
-    async def _pull(self, **request: Any) -> str:
+    async def _round(
+        self, request: dict[str, Any], enough: int, guard: float, deadline: float | None
+    ) -> None:
+        """Send one pull request; return once ``enough`` messages are buffered, the server
+        ends the request, the caller's ``deadline`` passes, the connection is replaced or
+        the subscription closes. A request the server never answers by ``guard`` makes
+        us ask whether the consumer still exists (JetStream ignores pulls for a deleted one).
+        """
         self._requests += 1
         token = str(self._requests)
         self._statuses.clear()
+        epoch = self._epoch
         with codec.translated("pull"):
             await self._nc.publish(
                 self._next_subject, json.dumps(request).encode(), reply=self._inbox_prefix + token
             )
-        return token
+        until = _earliest(deadline, guard)
+        while len(self._buffer) < enough and token not in self._statuses:
+            if epoch != self._epoch or self._closed:
+                return
+            if not await self._wait(until):
+                if not self._buffer and until == guard and self._nc.is_connected:
+                    await self._check_consumer_exists()
+                return
+        await self._check_status(self._statuses.pop(token, None))
 
     # -- the contract -------------------------------------------------------------------
 
@@ -195,28 +211,18 @@ class NatsSubscription(Subscription):
                             return []
                     continue
                 # 1. Whatever is ready now, up to a whole batch, in one round trip.
-                epoch = self._epoch
-                token = await self._pull(batch=max_messages, no_wait=True)
-                until = _earliest(deadline, loop.time() + _NO_WAIT_GUARD)
-                while len(self._buffer) < max_messages and token not in self._statuses:
-                    if epoch != self._epoch or self._closed or not await self._wait(until):
-                        break
+                request: dict[str, Any] = {"batch": max_messages, "no_wait": True}
+                await self._round(request, max_messages, loop.time() + _NO_WAIT_GUARD, deadline)
                 if batch := await self._take(max_messages):
                     return batch
-                await self._check_status(self._statuses.pop(token, None))
                 # 2. Nothing ready: park a request for one message until the deadline.
                 remaining = LONG_POLL if deadline is None else min(LONG_POLL, deadline - loop.time())
                 if remaining < 0.002:
                     return []
-                epoch = self._epoch
-                token = await self._pull(batch=1, expires=int(remaining * 1_000_000_000))
-                until = _earliest(deadline, loop.time() + remaining + _GRACE)
-                while not self._buffer and token not in self._statuses:
-                    if epoch != self._epoch or self._closed or not await self._wait(until):
-                        break
+                request = {"batch": 1, "expires": int(remaining * 1_000_000_000)}
+                await self._round(request, 1, loop.time() + remaining + _GRACE, deadline)
                 if batch := await self._take(max_messages):
                     return batch
-                await self._check_status(self._statuses.pop(token, None))
                 if deadline is not None and loop.time() >= deadline:
                     return []
         return []

@@ -87,7 +87,7 @@ class NatsTransport(Transport):
         self.url = url
         self.lease = lease_from_url(url)
         parts = urlsplit(url)
-        query = parse_qs(parts.query)
+        query = parse_qs(parts.query, keep_blank_values=True)
         unknown = set(query) - {"lease", "prefix", "replicas"}
         if unknown:
             raise ConfigurationError(f"broker URL {url!r}: unknown parameter(s) {', '.join(sorted(unknown))}")

@@ -1,0 +1,419 @@
+"""The NATS JetStream transport: behaviour specific to it (naming, URLs, server restarts, limits).
+
+The contract itself is asserted by tests/conformance against the shared server
+(``nats``) and a private one (``nats-private``); these tests cover what only NATS has.
+Tests that restart a broker start their own nats-server on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from choreograph.errors import ConfigurationError, TransportClosed, TransportError
+from choreograph.transports import _nats_codec as codec
+from choreograph.transports import open_transport
+from choreograph.transports.base import Delivery, Message, Subscription
+from choreograph.transports.nats import NatsTransport
+from tests._brokers import require_broker
+from tests._nats_server import NatsServer
+from tests.conformance.brokers import nats as broker
+
+WAIT = 15.0  # a ceiling for a loaded machine, never a speed assertion
+
+
+def msg(n: int | str, type_: str = "order.placed", body: bytes | None = None) -> Message:
+    return Message(id=f"m{n}", type=type_, body=f"body-{n}".encode() if body is None else body)
+
+
+def bus_on(server_url: str, **params: object) -> str:
+    query = {"prefix": f"choreograph-test-{uuid.uuid4().hex[:12]}", "lease": 30, **params}
+    return server_url + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+async def collect(subscription: Subscription, count: int, within: float = WAIT) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + within
+    while len(got) < count and (left := deadline - time.monotonic()) > 0:
+        got += await subscription.fetch(count - len(got), timeout=left)
+    return got
+
+
+def ids(deliveries: list[Delivery]) -> list[str]:
+    return sorted(d.message.id for d in deliveries)
+
+
+@pytest.fixture
+def server() -> Iterator[NatsServer]:
+    """A private nats-server (free port, own store): these tests kill and restart it."""
+    running = NatsServer.start_new()
+    yield running
+    running.destroy()
+
+
+@pytest.fixture(params=["shared", "private"])
+def server_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The shared server (whatever version it is) and a private current nats-server."""
+    if request.param == "shared":
+        yield require_broker("nats")
+    else:
+        private = NatsServer.start_new()
+        yield private.url
+        private.destroy()
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str) -> AsyncIterator[NatsTransport]:
+    transport = NatsTransport(url)
+    try:
+        async with transport:
+            yield transport
+    finally:
+        await broker.cleanup(url)
+
+
+# -- URL ---------------------------------------------------------------------------------
+
+
+def test_url_parameters_configure_lease_prefix_and_replicas() -> None:
+    transport = NatsTransport("nats://127.0.0.1:4222?lease=7.5&prefix=shop&replicas=3")
+    assert (transport.lease, transport.prefix, transport.replicas) == (7.5, "shop", 3)
+    assert (transport.events_stream, transport.dead_letter_stream) == ("shop_EVENTS", "shop_DLQ")
+
+
+def test_defaults_are_prefix_choreograph_one_replica_and_the_default_lease() -> None:
+    transport = NatsTransport("nats://127.0.0.1:4222")
+    assert (transport.prefix, transport.replicas, transport.lease) == ("choreograph", 1, 30.0)
+
+
+def test_several_servers_may_be_listed_comma_separated() -> None:
+    transport = NatsTransport("nats://a:4222,b:4223?prefix=x")
+    assert transport._servers == ["nats://a:4222", "nats://b:4223"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["prefix=a.b", "prefix=a%20b", "prefix=", "replicas=0", "replicas=two", "lease=0", "leese=3"],
+)
+def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
+    with pytest.raises(ConfigurationError):
+        NatsTransport(f"nats://127.0.0.1:4222?{query}")
+
+
+def test_open_transport_selects_nats_for_nats_urls() -> None:
+    assert isinstance(open_transport("nats://127.0.0.1:4222"), NatsTransport)
+
+
+# -- naming ------------------------------------------------------------------------------
+
+
+@given(st.text())
+def test_message_ids_map_to_one_subject_token_and_back(message_id: str) -> None:
+    token = codec.name_token(message_id, hash_long=False)
+    assert token and not set(token) & set(". *>\t\r\n%")
+    assert codec.from_name_token(token) == message_id
+
+
+@given(st.text(), st.text())
+def test_different_group_names_never_share_a_consumer_name(a: str, b: str) -> None:
+    if a != b:
+        assert codec.name_token(a) != codec.name_token(b)
+
+
+def test_very_long_group_names_are_cut_and_hashed_to_a_bounded_consumer_name() -> None:
+    long_a, long_b = "g" * 500, "g" * 499 + "h"
+    assert len(codec.name_token(long_a)) < 200
+    assert codec.name_token(long_a) != codec.name_token(long_b)
+
+
+@given(st.text(min_size=1), st.text())
+def test_a_subject_carries_type_and_id_exactly(event_type: str, message_id: str) -> None:
+    subject = codec.message_subject("p.ev", event_type, message_id)
+    assert not any(token in ("", "*", ">") for token in subject.split("."))
+    assert codec.split_subject(subject[len("p.ev.") :]) == (event_type, message_id)
+
+
+def test_plain_dotted_types_stay_readable_in_subjects() -> None:
+    assert codec.message_subject("p.ev", "shop.order.placed", "abc-1") == "p.ev.shop.order.placed.abc-1"
+
+
+# -- connecting --------------------------------------------------------------------------
+
+
+async def test_connecting_to_a_server_that_is_not_there_fails_with_transport_error() -> None:
+    from tests._nats_server import free_port
+
+    transport = NatsTransport(f"nats://127.0.0.1:{free_port()}")
+    with pytest.raises(TransportError):
+        await transport.connect()
+
+
+async def test_using_the_transport_before_connect_is_a_transport_error() -> None:
+    with pytest.raises(TransportError):
+        await NatsTransport("nats://127.0.0.1:4222").publish([msg(1)])
+
+
+async def test_more_replicas_than_servers_is_reported_on_connect() -> None:
+    url = bus_on(require_broker("nats"), replicas=3)
+    transport = NatsTransport(url)
+    try:
+        with pytest.raises(TransportError, match="replica"):
+            await transport.connect()
+    finally:
+        await transport.close()
+        await broker.cleanup(url)
+
+
+async def test_connect_creates_both_streams_and_is_idempotent() -> None:
+    url = bus_on(require_broker("nats"))
+    async with opened(url) as bus:
+        await bus.connect()
+        async with NatsTransport(url) as second:  # a second transport on an existing bus
+            await second.publish([msg(1)])
+        assert bus._nc is not None
+        for stream in (bus.events_stream, bus.dead_letter_stream):
+            reply = await bus._nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)
+            assert "error" not in json.loads(reply.data)
+
+
+# -- routing on subjects -----------------------------------------------------------------
+
+
+async def test_names_types_and_ids_that_are_not_subject_tokens_round_trip(server_url: str) -> None:
+    """Dots, blanks, wildcards, '%', '~' and non-ASCII in group, type and id survive the trip."""
+    group, event_type = "billing.v2 eu*>%~ü", "shop order.*.>.placed~%"
+    odd = Message(id="id with.dots *> %41 ~7E ü", type=event_type, body=b"x")
+    async with opened(bus_on(server_url)) as bus:
+        subscription = await bus.subscribe(group, [event_type])
+        other = await bus.subscribe("other", ["shop.order.placed"])
+        await bus.publish([odd, msg(1, "shop.order.placed")])
+        (delivery,) = await collect(subscription, 1)
+        assert (delivery.message, delivery.group) == (odd, group)
+        await delivery.dead_letter({"why": "test"})
+        (letter,) = await bus.dead_letters(group)
+        assert (letter.group, letter.message) == (group, odd)
+        assert await bus.replay(group) == 1
+        (again,) = await collect(subscription, 1)
+        assert (again.message, again.attempt) == (odd, 1)
+        await again.ack()
+        assert ids(await collect(other, 1)) == ["m1"]
+
+
+async def test_a_type_that_extends_another_type_is_not_delivered_to_the_shorter_ones_group(
+    server_url: str,
+) -> None:
+    async with opened(bus_on(server_url)) as bus:
+        short = await bus.subscribe("short", ["order"])
+        await bus.publish([msg(1, "order.placed"), msg(2, "order")])
+        got = await collect(short, 2, within=1.0)
+        assert ids(got) == ["m2"]
+
+
+async def test_buses_with_different_prefixes_on_one_server_are_independent(server_url: str) -> None:
+    """Even when one prefix starts with the other, neither bus sees the other's messages."""
+    tag = uuid.uuid4().hex[:8]
+    async with (
+        opened(bus_on(server_url, prefix=f"t{tag}")) as a,
+        opened(bus_on(server_url, prefix=f"t{tag}-b")) as b,
+    ):
+        in_a, in_b = await a.subscribe("g", None), await b.subscribe("g", None)
+        await a.publish([msg("a")])
+        await b.publish([msg("b")])
+        assert ids(await collect(in_a, 2, within=1.0)) == ["ma"]
+        assert ids(await collect(in_b, 2, within=1.0)) == ["mb"]
+
+
+async def test_without_multi_subject_filters_a_group_still_gets_only_its_types() -> None:
+    """The fallback for nats-server < 2.10 (consumer takes the stream, subscription skips
+    other types and other groups' replays), forced on whatever server is running."""
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        bus._multi_filter = False
+        mine = await bus.subscribe("mine", ["a"])
+        theirs = await bus.subscribe("theirs", ["a", "b"])
+        await bus.publish([msg(1, "a"), msg(2, "b"), msg(3, "a")])
+        got = await collect(theirs, 3)
+        await got[0].dead_letter({})
+        await bus.replay("theirs")
+        assert ids(await collect(mine, 3, within=1.0)) == ["m1", "m3"]
+
+
+async def test_republishing_an_id_within_the_duplicate_window_stores_it_once() -> None:
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        await bus.publish([msg(1), msg(2)])
+        assert ids(await collect(subscription, 3, within=1.0)) == ["m1", "m2"]
+
+
+# -- limits ------------------------------------------------------------------------------
+
+
+async def test_a_body_larger_than_max_payload_is_refused_and_the_connection_survives() -> None:
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        subscription = await bus.subscribe("g", None)
+        assert bus._nc is not None
+        with pytest.raises(TransportError, match="max_payload"):
+            await bus.publish([msg(1, body=b"x" * (bus._nc.max_payload + 1))])
+        await bus.publish([msg(2)])
+        assert ids(await collect(subscription, 1)) == ["m2"]
+
+
+async def test_a_body_of_exactly_max_payload_can_be_dead_lettered_and_replayed() -> None:
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        assert bus._nc is not None
+        body = b"\x01" * bus._nc.max_payload
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1, body=body)])
+        (delivery,) = await collect(subscription, 1)
+        await delivery.dead_letter({"reason": "rejected", "traceback": "x" * 10_000})
+        letter = await bus.dead_letter("g", "m1")
+        assert letter is not None and letter.message.body == body
+        assert await bus.replay("g", ["m1"]) == 1
+        (again,) = await collect(subscription, 1)
+        assert again.message.body == body
+
+
+async def test_fetch_fails_instead_of_hanging_when_the_bus_is_deleted() -> None:
+    url = bus_on(require_broker("nats"))
+    async with opened(url) as bus:
+        subscription = await bus.subscribe("g", None)
+        await broker.cleanup(url)
+        with pytest.raises(TransportError):
+            await subscription.fetch(10, timeout=WAIT)
+
+
+async def test_publish_to_a_deleted_bus_fails_with_transport_error() -> None:
+    url = bus_on(require_broker("nats"))
+    async with opened(url) as bus:
+        await broker.cleanup(url)
+        with pytest.raises(TransportError):
+            await bus.publish([msg(1)])
+
+
+async def test_a_closed_subscription_refuses_to_fetch() -> None:
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        subscription = await bus.subscribe("g", None)
+        await subscription.close()
+        with pytest.raises(TransportClosed):
+            await subscription.fetch(1, timeout=0.1)
+
+
+async def test_closing_a_subscription_ends_a_fetch_that_is_waiting() -> None:
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        subscription = await bus.subscribe("g", None)
+        waiting = asyncio.ensure_future(subscription.fetch(10))
+        await asyncio.sleep(0.1)
+        await subscription.close()
+        assert await asyncio.wait_for(waiting, WAIT) == []
+
+
+# -- broker restarts (private server) ----------------------------------------------------
+
+
+async def _settle_some_and_leave_two_in_flight(url: str) -> list[Delivery]:
+    """m0 acked, m1 dead-lettered, m2 and m3 delivered and unsettled; the transport closed."""
+    async with NatsTransport(url) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(n) for n in range(4)])
+        first = await collect(subscription, 4)
+        assert [d.message.id for d in first] == ["m0", "m1", "m2", "m3"]
+        await first[0].ack()
+        await first[1].dead_letter({"reason": "rejected"})
+    return first
+
+
+async def _everything_delivered(subscription: Subscription) -> dict[str, int]:
+    """message id -> attempt of everything the group gets until it goes quiet (acking it all)."""
+    seen: dict[str, int] = {}
+    while batch := await subscription.fetch(100, timeout=3.0):
+        seen.update((d.message.id, d.attempt) for d in batch)
+        await subscription.ack_many(batch)
+    return seen
+
+
+@pytest.mark.slow
+async def test_settlements_delivery_counts_and_dead_letters_survive_a_clean_server_restart(
+    server: NatsServer,
+) -> None:
+    url = bus_on(server.url, lease=1)
+    await _settle_some_and_leave_two_in_flight(url)
+    server.restart(graceful=True)
+    async with opened(url) as bus:
+        assert await _everything_delivered(await bus.subscribe("g", None)) == {"m2": 2, "m3": 2}
+        assert [letter.message.id for letter in await bus.dead_letters("g")] == ["m1"]
+
+
+@pytest.mark.slow
+async def test_nothing_confirmed_is_lost_when_the_server_is_killed(server: NatsServer) -> None:
+    """kill -9: in-flight deliveries come back and dead letters stay (a settlement made just
+    before the kill may be redelivered: at least once, never lost)."""
+    url = bus_on(server.url, lease=1)
+    await _settle_some_and_leave_two_in_flight(url)
+    server.restart()
+    async with opened(url) as bus:
+        assert {"m2", "m3"} <= set(await _everything_delivered(await bus.subscribe("g", None)))
+        assert [letter.message.id for letter in await bus.dead_letters("g")] == ["m1"]
+
+
+@pytest.mark.slow
+async def test_a_live_transport_resumes_consuming_and_publishing_after_a_server_restart(
+    server: NatsServer,
+) -> None:
+    """A fetch parked across the restart gets what is published after it; an unsettled
+    delivery comes back after its lease with the next attempt."""
+    async with opened(bus_on(server.url, lease=2)) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        (unsettled,) = await subscription.fetch(1, timeout=WAIT)
+        waiting = asyncio.ensure_future(subscription.fetch(10, timeout=3 * WAIT))
+        await asyncio.sleep(0.2)  # the fetch has parked a pull request on the old connection
+
+        await asyncio.to_thread(server.restart, graceful=True)  # graceful: delivery counts persist
+        await bus.publish([msg(2)])  # rides out the reconnect, then is confirmed
+
+        assert [(d.message.id, d.attempt) for d in await waiting] == [("m2", 1)]
+        (back,) = await subscription.fetch(10, timeout=WAIT)
+        assert (back.message.id, back.attempt) == (unsettled.message.id, 2)
+
+
+@pytest.mark.slow
+async def test_acks_made_after_a_restart_settle_deliveries_fetched_before_it(server: NatsServer) -> None:
+    async with opened(bus_on(server.url, lease=5)) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        (delivery,) = await collect(subscription, 1)
+        await asyncio.to_thread(server.restart, graceful=True)
+        await wait_connected(bus)
+        await delivery.ack()
+        assert await subscription.fetch(10, timeout=6.0) == []  # past the lease: it stayed acked
+
+
+@pytest.mark.slow
+async def test_an_operation_while_the_server_is_down_fails_with_transport_error_not_a_hang(
+    server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from choreograph.transports import nats as nats_transport
+
+    monkeypatch.setattr(nats_transport, "PUBLISH_TIMEOUT", 1.0)
+    async with opened(bus_on(server.url)) as bus:
+        server.kill()
+        try:
+            with pytest.raises(TransportError):
+                await bus.publish([msg(1)])
+        finally:
+            server.start()
+
+
+async def wait_connected(bus: NatsTransport) -> None:
+    deadline = time.monotonic() + WAIT
+    while bus._nc is None or not bus._nc.is_connected:
+        assert time.monotonic() < deadline, "did not reconnect"
+        await asyncio.sleep(0.05)
