@@ -76,3 +76,12 @@ def event_class(type_name: str) -> type[Event] | None:
 def registered_types() -> dict[str, type[Event]]:
     """Every event type defined in this process (a copy)."""
     return dict(_REGISTRY)
+
+
+def format_validation_error(exc: pydantic.ValidationError) -> str:
+    """One line per bad field, naming its path and the reason: ``$.items[0].qty: Input should be > 0``."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        path = "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])
+        lines.append(f"{path}: {error['msg']}")
+    return f"{exc.title}: " + "; ".join(lines)

@@ -1,0 +1,93 @@
+"""Helpers shared by the subcommands: loading user objects, opening the bus, running asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from choreograph.errors import ConfigurationError
+from choreograph.service import App, Service
+
+T = TypeVar("T")
+
+DEFAULT_BROKER = "sqlite:///./var/bus.db"
+BROKER_ENV = "CHOREOGRAPH_BROKER"
+
+err_console = Console(stderr=True)
+console = Console()
+
+BrokerOption = typer.Option(
+    None, "--broker", "-b", help=f"Broker URL (env {BROKER_ENV}; default {DEFAULT_BROKER})", show_default=False
+)
+
+
+def broker_url(value: str | None) -> str:
+    return value or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+
+
+def console_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+
+
+def load_module(module_name: str) -> Any:
+    """Import ``module_name`` with the current directory importable (as uvicorn does)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(f"{module_name!r}: no module named {exc.name!r}") from None
+        raise
+
+
+def load_object(spec: str) -> Any:
+    """Import ``module.path:attribute``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"{spec!r}: expected MODULE:ATTRIBUTE, e.g. examples.chain:app")
+    module = load_module(module_name)
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ConfigurationError(f"{spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def load_services(spec: str, only: list[str] | None = None) -> tuple[list[Service], App | None]:
+    """The services named by ``spec`` (a Service, a list of them, or an App), optionally filtered."""
+    obj = load_object(spec)
+    app = obj if isinstance(obj, App) else None
+    if isinstance(obj, App):
+        services = list(obj.services)
+    elif isinstance(obj, Service):
+        services = [obj]
+    elif isinstance(obj, (list, tuple)) and obj and all(isinstance(s, Service) for s in obj):
+        services = list(obj)
+    else:
+        raise ConfigurationError(f"{spec!r} is a {type(obj).__name__}, not a Service, a list of Services or an App")
+    if only:
+        names = {s.name for s in services}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ConfigurationError(f"{spec!r} has no service {unknown[0]!r}; it has {sorted(names)}")
+        services = [s for s in services if s.name in only]
+    return services, app
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on uvloop when it is installed, else on the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

@@ -1,0 +1,62 @@
+"""``choreograph run``: one long-lived worker process for one service (or every service of an App)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import typer
+
+from choreograph.cli._common import BrokerOption, broker_url, err_console, load_services, run_async
+from choreograph.runtime import Worker
+from choreograph.stores import open_store
+from choreograph.transports import open_transport
+
+
+def default_store_url(broker: str, name: str) -> str:
+    """Where a service keeps its inbox unless told: beside a sqlite bus, else ./var/."""
+    parts = urlsplit(broker)
+    if parts.scheme == "memory":
+        return "memory://"
+    if parts.scheme == "sqlite":
+        bus = Path(parts.path[1:])
+        return f"sqlite:///{bus.parent / (bus.stem + '.stores') / (name + '.db')}"
+    return f"sqlite:///var/stores/{name}.db"
+
+
+def run(
+    target: str = typer.Argument(..., help="MODULE:ATTR naming a Service, a list of Services or an App"),
+    broker: str | None = BrokerOption,
+    service: list[str] = typer.Option(None, "--service", "-s", help="Run only these services of an App"),
+    concurrency: int = typer.Option(64, "--concurrency", "-c", min=1, help="Handlers running at once per service"),
+    store: str | None = typer.Option(None, "--store", help="Inbox store URL (default: beside the sqlite bus)"),
+    drain_timeout: float = typer.Option(10.0, "--drain-timeout", help="Seconds to let in-flight handlers finish on stop"),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+) -> None:
+    """Run a service as a worker until SIGTERM or Ctrl-C (in-flight work is drained or released)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    services, _ = load_services(target, service)
+    url = broker_url(broker)
+    transport = open_transport(url)
+    names = "+".join(s.name for s in services)
+    inbox = open_store(store or default_store_url(url, names))
+
+    async def main() -> None:
+        worker = Worker(services, transport, store=inbox, concurrency=concurrency, drain_timeout=drain_timeout)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.start()
+        err_console.print(f"[green]choreograph[/] running {names} on {url} (pid {os.getpid()})", highlight=False)
+        await stop.wait()
+        err_console.print(f"[yellow]choreograph[/] stopping {names}: draining in-flight work", highlight=False)
+        await worker.stop()
+        await inbox.close()
+        await transport.close()
+
+    run_async(main())
