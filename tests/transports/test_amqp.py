@@ -221,6 +221,20 @@ async def test_a_late_ack_after_the_lease_expired_is_a_no_op_and_one_copy_remain
         assert await sub.fetch(10, timeout=1.0) == []
 
 
+async def test_a_consumer_that_stops_fetching_hands_back_even_what_it_never_handed_out(bus_url: str) -> None:
+    """Pushed-but-unfetched messages have a lease too (attempt unchanged); handed-out ones get + 1."""
+    url = bus_url.replace("lease=30.0", "lease=1.0")
+    async with opened(url) as one, opened(url) as two:
+        stalled = await one.subscribe("g", ["t"])
+        await one.publish([msg(1, "t")])
+        assert len(await fetch_all(stalled, 1)) == 1  # consuming with prefetch 2 from here on
+        await stalled.fetch(2, timeout=0.01)
+        await one.publish([msg(2, "t")])
+        await _until(lambda: stalled._buffer.qsize() == 1)  # m2 pushed to it, never fetched
+        got = await fetch_all(await two.subscribe("g", ["t"]), 2)
+        assert {d.message.id: d.attempt for d in got} == {"m1": 2, "m2": 1}
+
+
 async def test_a_delayed_retry_waits_in_a_ttl_queue_named_for_its_bucket(bus_url: str) -> None:
     async with opened(bus_url) as bus:
         sub = await bus.subscribe("g", ["t"])

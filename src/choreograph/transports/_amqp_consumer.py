@@ -8,6 +8,9 @@ deadline. So the lease is kept here, in the consuming process:
   ``lease`` seconds (``touch()`` restarts the clock) is re-published to the group's
   queue with attempt + 1 and the original is acked: another consumer gets it, and a
   late ``ack()`` from the slow handler is a no-op.
+* A message the broker pushed (prefetch) that nobody fetches within ``lease`` seconds
+  is handed back the same way with its attempt unchanged, so a consumer that stops
+  fetching does not sit on messages other consumers could take.
 * A process that dies or loses its connection returns its unacked messages to the
   queue at once (the broker does it when the socket closes or heartbeats stop); quorum
   queues count that return in ``x-delivery-count``, so the attempt is still right.
@@ -142,6 +145,7 @@ class AmqpSubscription(Subscription):
         self._prefetch = 0  # summed over the consumers
         self._consume_lock = asyncio.Lock()
         self._unacked: dict[aiormq.abc.AbstractChannel, set[int]] = {}  # received, not yet acked
+        self._parked: dict[int, asyncio.TimerHandle] = {}  # id(raw) of those buffered: their lease
         self._out: set[AmqpDelivery] = set()  # handed out, not settled
         self._tasks: set[asyncio.Task[None]] = set()
         self._received = 0
@@ -155,6 +159,8 @@ class AmqpSubscription(Subscription):
         if channel is None or raw.delivery_tag is None:
             return
         self._unacked.setdefault(channel, set()).add(raw.delivery_tag)
+        loop = asyncio.get_running_loop()
+        self._parked[id(raw)] = loop.call_later(self.lease, self._unpark, raw)
         self._buffer.put_nowait(raw)
 
     async def _ensure_consuming(self, max_messages: int) -> None:
@@ -232,6 +238,10 @@ class AmqpSubscription(Subscription):
             self._buffer.put_nowait(None)
             self._check_open()
             return
+        parked = self._parked.pop(id(raw), None)
+        if parked is None:
+            return  # its lease ran out in the buffer: already handed back to the group
+        parked.cancel()
         delivery = self._hand_out(raw)
         if delivery is not None:
             out.append(delivery)
@@ -331,6 +341,15 @@ class AmqpSubscription(Subscription):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _unpark(self, raw: Raw) -> None:
+        """A message sat in the buffer for a whole lease (nobody fetched): give it back, same attempt."""
+        if self._closed or self._parked.pop(id(raw), None) is None or live_channel(raw) is None:
+            return
+        item = (raw, attempt_of(raw.headers, bool(raw.redelivered)))
+        task = asyncio.get_running_loop().create_task(self._requeue_quietly([item]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _requeue_quietly(self, items: Sequence[tuple[Raw, int]]) -> None:
         try:
             await self._forward(items, self.transport.names.group(self.group))
@@ -377,8 +396,11 @@ class AmqpSubscription(Subscription):
         items: list[tuple[Raw, int]] = []
         while not self._buffer.empty():
             raw = self._buffer.get_nowait()
-            if raw is not None and live_channel(raw) is not None:
-                items.append((raw, attempt_of(raw.headers, bool(raw.redelivered))))
+            parked = None if raw is None else self._parked.pop(id(raw), None)
+            if raw is not None and parked is not None:
+                parked.cancel()
+                if live_channel(raw) is not None:
+                    items.append((raw, attempt_of(raw.headers, bool(raw.redelivered))))
         for delivery in list(self._out):
             delivery.settled = True
             self._forget(delivery)
