@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import aio_pika
+import aiormq.channel
 import aiormq.exceptions
 import pytest
 
@@ -195,6 +196,29 @@ async def test_prefetch_is_sized_to_the_fetch_so_a_competing_consumer_gets_the_r
         rest = await fetch_all(other, 8)
         assert len(held) == 2 and len(rest) == 8
         assert {d.message.id for d in held + rest} == {f"m{n}" for n in range(10)}
+
+
+async def test_ack_many_of_everything_outstanding_is_one_multiple_ack(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[int, bool]] = []
+    original = aiormq.channel.Channel.basic_ack
+
+    async def spy(
+        self: aiormq.channel.Channel, delivery_tag: int, multiple: bool = False, wait: bool = True
+    ) -> None:
+        sent.append((delivery_tag, multiple))
+        await original(self, delivery_tag, multiple=multiple, wait=wait)
+
+    monkeypatch.setattr(aiormq.channel.Channel, "basic_ack", spy)
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(n, "t") for n in range(5)])
+        got = await fetch_all(sub, 5)
+        sent.clear()
+        await sub.ack_many(got)
+        assert sent == [(max(d.raw.delivery_tag or 0 for d in got), True)]  # type: ignore[attr-defined]
+        assert await sub.fetch(10, timeout=0.5) == []
 
 
 async def test_ack_many_of_a_scattered_batch_acks_only_those(bus_url: str) -> None:
