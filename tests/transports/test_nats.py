@@ -298,6 +298,21 @@ async def test_publish_to_a_deleted_bus_fails_with_transport_error() -> None:
             await bus.publish([msg(1)])
 
 
+async def test_replay_to_a_group_whose_consumer_is_gone_fails_and_keeps_the_dead_letter() -> None:
+    """Interest retention would drop a replay nobody consumes: refuse instead of losing it."""
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        (delivery,) = await collect(subscription, 1)
+        await delivery.dead_letter({"reason": "rejected"})
+        await subscription.close()
+        assert bus._nc is not None
+        await bus._nc.request(f"$JS.API.CONSUMER.DELETE.{bus.events_stream}.g", b"", timeout=5)
+        with pytest.raises(TransportError, match="consumer not found"):
+            await bus.replay("g")
+        assert [letter.message.id for letter in await bus.dead_letters("g")] == ["m1"]
+
+
 async def test_a_closed_subscription_refuses_to_fetch() -> None:
     async with opened(bus_on(require_broker("nats"))) as bus:
         subscription = await bus.subscribe("g", None)

@@ -44,7 +44,9 @@ _NO_WAIT_GUARD = 2.0
 #: Extra time allowed past a parked request's expiry for its ``408`` to arrive.
 _GRACE = 1.0
 
-_RETRYABLE_CONFLICTS = ("leadership", "shutdown", "exceeded maxwaiting")
+#: 409 statuses that end a pull for good; every other 409 (leadership change, server
+#: shutdown, too many waiting pulls, ...) is transient: pull again.
+_FATAL_CONFLICTS = ("consumer deleted", "push based")
 
 StoreDeadLetter = Callable[[str, Message, Mapping[str, Any]], Awaitable[None]]
 
@@ -203,6 +205,8 @@ class NatsSubscription(Subscription):
             while not self._closed:
                 if batch := await self._take(max_messages):
                     return batch
+                if self._nc.is_closed:
+                    raise TransportClosed("nats: transport is closed")
                 if not self._nc.is_connected:
                     # Requests sent now would only queue up; wait for the reconnect instead.
                     epoch = self._epoch
@@ -315,7 +319,7 @@ class NatsSubscription(Subscription):
         code, description = status
         if code in (404, 408):
             return
-        if code == 409 and any(reason in description.lower() for reason in _RETRYABLE_CONFLICTS):
+        if code == 409 and not any(reason in description.lower() for reason in _FATAL_CONFLICTS):
             await asyncio.sleep(0.05)
             return
         if code == 503:  # no responders: JetStream not ready yet (restarting) or consumer gone

@@ -277,6 +277,8 @@ class NatsTransport(Transport):
                     )
             futures = [future for _, future in waiting]
             done, pending = await asyncio.wait(futures, timeout=PUBLISH_TIMEOUT)
+            if any(future.cancelled() for future in done):
+                raise TransportClosed("nats: the transport was closed while publishing")
             errors = [exc for future in done if (exc := future.exception()) is not None]
             if errors:
                 raise errors[0]
@@ -448,7 +450,13 @@ class NatsTransport(Transport):
         entries = (
             await self._scan(group, 2**62) if message_ids is None else await self._lookup(group, message_ids)
         )
-        base = f"{self.prefix}.rp.{codec.name_token(group)}"
+        if not entries:
+            return 0
+        # The events stream keeps a message only while some consumer wants it: without the
+        # group's consumer the replay would vanish along with the deleted dead letter.
+        consumer = codec.name_token(group)
+        await self._api(f"find group {group!r}", f"CONSUMER.INFO.{self.events_stream}.{consumer}")
+        base = f"{self.prefix}.rp.{consumer}"
         await self._publish(
             [
                 (
