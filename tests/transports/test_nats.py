@@ -415,9 +415,9 @@ async def test_acks_made_after_a_restart_settle_deliveries_fetched_before_it(ser
 async def test_an_operation_while_the_server_is_down_fails_with_transport_error_not_a_hang(
     server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from choreograph.transports import nats as nats_transport
+    from choreograph.transports import _nats_client
 
-    monkeypatch.setattr(nats_transport, "PUBLISH_TIMEOUT", 1.0)
+    monkeypatch.setattr(_nats_client, "PUBLISH_TIMEOUT", 1.0)
     async with opened(bus_on(server.url)) as bus:
         server.kill()
         try:

@@ -1,0 +1,173 @@
+"""Dead letters on NATS: the ``<prefix>_DLQ`` stream.
+
+Each dead letter is two messages, one per subject (the stream keeps one message per
+subject, so dead-lettering an id again replaces it)::
+
+    P.dlb.<group>.<id>   the original body, byte for byte
+    P.dlr.<group>.<id>   the record: JSON with group, id, type, record, dead_at
+
+Two messages rather than one with the record in headers, because a body may already use
+the whole of the server's ``max_payload``. The body is written first: a letter exists
+once its record does, and listing walks the records (oldest first, by stream sequence).
+
+Replay republishes the body to ``P.rp.<group>.<type>.<id>`` on the events stream - a
+subject only that group's consumer filters on, as a new stream message (attempt 1) -
+then deletes both messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from choreograph.transports import _nats_codec as codec
+from choreograph.transports._nats_client import JetStream
+from choreograph.transports.base import DeadLetter, Message
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Entry:
+    """A dead letter and the stream sequences of its record and body messages."""
+
+    letter: DeadLetter
+    record_sequence: int
+    body_sequence: int
+
+
+class DeadLetterStream:
+    """The dead letters of the bus with ``prefix``; events go back via ``events_stream``."""
+
+    def __init__(self, js: JetStream, prefix: str, events_stream: str) -> None:
+        self._js = js
+        self._prefix = prefix
+        self._events_stream = events_stream
+        self.name = f"{prefix}_DLQ"
+
+    @staticmethod
+    def config(prefix: str, replicas: int) -> dict[str, Any]:
+        return {
+            "name": f"{prefix}_DLQ",
+            "subjects": [f"{prefix}.dlr.>", f"{prefix}.dlb.>"],
+            "retention": "limits",
+            "max_msgs_per_subject": 1,
+            "allow_direct": True,
+            "storage": "file",
+            "num_replicas": replicas,
+        }
+
+    def _subject(self, kind: str, group: str, message_id: str | None = None) -> str:
+        """``P.dlr.<group>.<id>`` (record) / ``P.dlb...`` (body); ``None`` id: all of the group."""
+        tail = ">" if message_id is None else codec.name_token(message_id, hash_long=False)
+        return f"{self._prefix}.{kind}.{codec.name_token(group)}.{tail}"
+
+    async def store(self, group: str, message: Message, record: Mapping[str, Any]) -> None:
+        document = {
+            "group": group,
+            "id": message.id,
+            "type": message.type,
+            "record": record,
+            "dead_at": time.time(),
+        }
+        await self._js.publish(
+            [
+                (self._subject("dlb", group, message.id), message.body, {}),
+                (self._subject("dlr", group, message.id), json.dumps(document, default=str).encode(), {}),
+            ]
+        )
+
+    async def _entry(self, record_sequence: int, subject: str, data: bytes) -> _Entry | None:
+        """The letter whose record is this message, with its body; None if the body is gone."""
+        body = await self._js.direct_get(self.name, {"last_by_subj": subject.replace(".dlr.", ".dlb.", 1)})
+        if body is None:
+            return None
+        document = json.loads(data)
+        letter = DeadLetter(
+            group=document["group"],
+            message=Message(id=document["id"], type=document["type"], body=body.data),
+            record=document["record"],
+            dead_at=document["dead_at"],
+        )
+        return _Entry(letter, record_sequence, int((body.headers or {})["Nats-Sequence"]))
+
+    async def _scan(self, group: str | None, limit: int) -> list[_Entry]:
+        subject = f"{self._prefix}.dlr.>" if group is None else self._subject("dlr", group)
+        records: list[tuple[int, str, bytes]] = []
+        sequence = 1
+        while len(records) < limit:
+            found = await self._js.direct_get(self.name, {"seq": sequence, "next_by_subj": subject})
+            if found is None:
+                break
+            headers = found.headers or {}
+            sequence = int(headers["Nats-Sequence"])
+            records.append((sequence, headers["Nats-Subject"], found.data))
+            sequence += 1
+        entries = await asyncio.gather(*(self._entry(*record) for record in records))
+        return [entry for entry in entries if entry is not None]
+
+    async def _lookup(self, group: str, message_ids: Collection[str]) -> list[_Entry]:
+        entries: list[_Entry] = []
+        for message_id in message_ids:
+            subject = self._subject("dlr", group, message_id)
+            found = await self._js.direct_get(self.name, {"last_by_subj": subject})
+            if found is not None:
+                entry = await self._entry(int((found.headers or {})["Nats-Sequence"]), subject, found.data)
+                if entry is not None:
+                    entries.append(entry)
+        return sorted(entries, key=lambda entry: entry.record_sequence)
+
+    async def letters(self, group: str | None, limit: int) -> list[DeadLetter]:
+        return [entry.letter for entry in await self._scan(group, limit)]
+
+    async def show(self, group: str, message_id: str) -> DeadLetter | None:
+        entries = await self._lookup(group, [message_id])
+        return entries[0].letter if entries else None
+
+    async def replay(self, group: str, message_ids: Collection[str] | None) -> int:
+        """Republish, then delete. The replay's ``Nats-Msg-Id`` derives from the record's
+        sequence, so a replay interrupted between the two steps and run again is stored once."""
+        entries = (
+            await self._scan(group, 2**62) if message_ids is None else await self._lookup(group, message_ids)
+        )
+        if not entries:
+            return 0
+        # The events stream keeps a message only while some consumer wants it: without the
+        # group's consumer a replay would vanish along with the deleted dead letter.
+        consumer = codec.name_token(group)
+        await self._js.api(f"find group {group!r}", f"CONSUMER.INFO.{self._events_stream}.{consumer}")
+        base = f"{self._prefix}.rp.{consumer}"
+        await self._js.publish(
+            [
+                (
+                    codec.message_subject(base, entry.letter.message.type, entry.letter.message.id),
+                    entry.letter.message.body,
+                    {codec.H_MSG_ID: f"replay-{self.name}-{entry.record_sequence}"},
+                )
+                for entry in entries
+            ]
+        )
+        for entry in entries:
+            for sequence in (entry.record_sequence, entry.body_sequence):
+                await self._js.api(
+                    "delete a replayed dead letter",
+                    f"STREAM.MSG.DELETE.{self.name}",
+                    {"seq": sequence, "no_erase": True},
+                )
+        return len(entries)
+
+    async def purge(self, group: str, message_ids: Collection[str] | None) -> int:
+        targets: list[str | None] = [None] if message_ids is None else list(message_ids)
+        purged = 0
+        for target in targets:
+            for kind in ("dlr", "dlb"):  # records first: a body without its record is invisible
+                response = await self._js.api(
+                    "purge dead letters",
+                    f"STREAM.PURGE.{self.name}",
+                    {"filter": self._subject(kind, group, target)},
+                )
+                if kind == "dlr":
+                    purged += int(response.get("purged", 0))
+        return purged
