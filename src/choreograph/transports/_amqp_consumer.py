@@ -25,29 +25,20 @@ crash in between duplicates the message, never loses it.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
-import orjson
 
 from choreograph.errors import TransportClosed, TransportError
-from choreograph.transports._amqp_wire import (
-    DEAD_AT_HEADER,
-    DEAD_LETTER_CONTENT_TYPE,
-    attempt_of,
-    outgoing,
-    translated,
-)
+from choreograph.transports._amqp_wire import Raw, attempt_of, copy_of, dead_letter_message, translated
 from choreograph.transports.base import Delivery, Message, Subscription
 
 if TYPE_CHECKING:
     from choreograph.transports.amqp import AmqpTransport
 
-Raw = aio_pika.abc.AbstractIncomingMessage
 
 _QUIESCE_S = 0.05  # a quiet spell this long means nothing more is on its way
 _QUIESCE_ROUNDS = 20  # ...but stop waiting after a second of steady traffic
@@ -59,25 +50,6 @@ def live_channel(raw: Raw) -> aiormq.abc.AbstractChannel | None:
         return raw.channel
     except aiormq.exceptions.ChannelInvalidStateError:
         return None
-
-
-def copy_of(raw: Raw, attempt: int) -> aio_pika.Message:
-    """``raw`` as a fresh message carrying ``attempt`` (broker-added ``x-`` headers dropped)."""
-    headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith("x-")}
-    return outgoing(
-        raw.body,
-        raw.message_id or "",
-        raw.type or "",
-        attempt=attempt,
-        content_type=raw.content_type or "application/octet-stream",
-        headers=headers,
-    )
-
-
-def dead_letter_body(record: Mapping[str, Any], body: bytes) -> bytes:
-    """Record (one line of JSON) + newline + the original body, untouched."""
-    head = orjson.dumps(dict(record), default=str, option=orjson.OPT_NON_STR_KEYS)
-    return head + b"\n" + body
 
 
 class AmqpDelivery(Delivery):
@@ -109,20 +81,17 @@ class AmqpDelivery(Delivery):
 
     async def _retry(self, after: float) -> None:
         self._sub._forget(self)
-        target = await self._sub.transport._retry_queue(self.group, after)
+        try:
+            target = await self._sub.transport._retry_queue(self.group, after)
+        except TransportError:
+            await self._sub._give_back([self.raw])
+            raise
         await self._sub._forward([(self.raw, self.attempt + 1)], target)
 
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
         self._sub._forget(self)
-        raw = self.raw
-        letter = outgoing(
-            dead_letter_body(record, raw.body),
-            raw.message_id or "",
-            raw.type or "",
-            content_type=DEAD_LETTER_CONTENT_TYPE,
-            headers={DEAD_AT_HEADER: int(time.time() * 1000)},  # ms: float headers are 32-bit
-        )
-        await self._sub._forward([(raw, 0)], self._sub.transport.names.dlq(self.group), letters=[letter])
+        letter = dead_letter_message(record, self.raw)
+        await self._sub._forward([(self.raw, 0)], self._sub.transport.names.dlq(self.group), letters=[letter])
 
 
 class AmqpSubscription(Subscription):
@@ -318,16 +287,20 @@ class AmqpSubscription(Subscription):
         try:
             await self.transport._send(queue, copies)
         except TransportError:
-            for raw in raws:
-                channel = live_channel(raw)
-                if channel is not None and raw.delivery_tag is not None:
-                    try:
-                        await channel.basic_nack(raw.delivery_tag, requeue=True)
-                    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError):
-                        pass  # the channel is going away: the broker requeues them
-                    self._untrack(raw)
+            await self._give_back(raws)
             raise
         await self._ack(raws, f"ack after forwarding to {queue}")
+
+    async def _give_back(self, raws: Sequence[Raw]) -> None:
+        """Return ``raws`` to the queue (nack, requeue) after a failed retry or dead letter."""
+        for raw in raws:
+            channel = live_channel(raw)
+            if channel is not None and raw.delivery_tag is not None:
+                try:
+                    await channel.basic_nack(raw.delivery_tag, requeue=True)
+                except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError):
+                    pass  # the channel is going away: the broker requeues them itself
+                self._untrack(raw)
 
     def _expire(self, delivery: AmqpDelivery) -> None:
         """Lease over: hand the message to the group again (attempt + 1)."""

@@ -12,20 +12,28 @@ found (and deleted) from its prefix alone::
 
 The attempt number travels in the ``x-choreograph-attempt`` header; quorum queues add
 ``x-delivery-count`` when a message comes back after a consumer died, and the two add up.
+A dead letter's body is its record as one line of JSON, a newline, then the original
+body byte for byte (a record of any size fits; headers are limited by the frame size).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import aio_pika
+import aio_pika.abc
 import aiormq.exceptions
+import orjson
 import pamqp.exceptions
 
 from choreograph.errors import ChoreographError, ConfigurationError, TransportError
+from choreograph.transports.base import DeadLetter, Message
+
+Raw = aio_pika.abc.AbstractIncomingMessage
 
 ATTEMPT_HEADER = "x-choreograph-attempt"
 DEAD_AT_HEADER = "x-choreograph-dead-at"
@@ -176,6 +184,50 @@ def outgoing(
         content_type=content_type,
         headers=all_headers or None,
     )
+
+
+def copy_of(raw: Raw, attempt: int) -> aio_pika.Message:
+    """``raw`` as a fresh message carrying ``attempt`` (broker-added ``x-`` headers dropped)."""
+    headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith("x-")}
+    return outgoing(
+        raw.body,
+        raw.message_id or "",
+        raw.type or "",
+        attempt=attempt,
+        content_type=raw.content_type or "application/octet-stream",
+        headers=headers,
+    )
+
+
+def dead_letter_message(record: Mapping[str, Any], raw: Raw) -> aio_pika.Message:
+    """A dead letter: the record as one line of JSON, a newline, then the original body untouched."""
+    try:
+        head = orjson.dumps(dict(record), default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # e.g. a cycle or an integer wider than 64 bits: keep it readable
+        head = orjson.dumps({"record": repr(record)})
+    return outgoing(
+        head + b"\n" + raw.body,
+        raw.message_id or "",
+        raw.type or "",
+        content_type=DEAD_LETTER_CONTENT_TYPE,
+        headers={DEAD_AT_HEADER: int(time.time() * 1000)},  # ms: float headers travel as 32-bit
+    )
+
+
+def read_dead_letter(group: str, raw: Raw) -> DeadLetter:
+    """The :class:`DeadLetter` stored in ``raw`` by :func:`dead_letter_message`."""
+    head, _, body = raw.body.partition(b"\n")
+    try:
+        record = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        record, body = {"reason": "unreadable dead-letter record"}, raw.body
+    dead_at_ms = (raw.headers or {}).get(DEAD_AT_HEADER)
+    if isinstance(dead_at_ms, int) and not isinstance(dead_at_ms, bool):
+        dead_at = dead_at_ms / 1000
+    else:
+        dead_at = raw.timestamp.timestamp() if raw.timestamp is not None else 0.0
+    message = Message(raw.message_id or "", raw.type or "", body)
+    return DeadLetter(group, message, record if isinstance(record, dict) else {"record": record}, dead_at)
 
 
 #: What the client libraries raise when the broker or the connection fails.

@@ -44,15 +44,16 @@ import orjson
 
 from choreograph.errors import ConfigurationError, TransportClosed
 from choreograph.transports import lease_from_url
-from choreograph.transports._amqp_consumer import AmqpSubscription, Raw
+from choreograph.transports._amqp_consumer import AmqpSubscription
 from choreograph.transports._amqp_wire import (
     CONTENT_TYPE,
-    DEAD_AT_HEADER,
     RETRY_REDECLARE_S,
     Names,
+    Raw,
     check_binding_type,
     outgoing,
     queue_arguments,
+    read_dead_letter,
     retry_bucket_ms,
     retry_queue_arguments,
     translated,
@@ -296,15 +297,15 @@ class AmqpTransport(Transport):
         letters: list[DeadLetter] = []
         for name in groups:
             async with self._browsing(name, limit) as raws:
-                letters.extend(_letter(name, raw) for raw in raws)
+                letters.extend(read_dead_letter(name, raw) for raw in raws)
         letters.sort(key=lambda letter: letter.dead_at)
         return letters[:limit]
 
-    async def dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
+    async def deadread_dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
         async with self._browsing(group, None) as raws:
             for raw in raws:
                 if raw.message_id == message_id:
-                    return _letter(group, raw)
+                    return read_dead_letter(group, raw)
         return None
 
     async def replay(self, group: str, message_ids: Collection[str] | None = None) -> int:
@@ -314,7 +315,7 @@ class AmqpTransport(Transport):
             if chosen:
                 copies = []
                 for raw in chosen:
-                    letter = _letter(group, raw)
+                    letter = read_dead_letter(group, raw)
                     copies.append(
                         outgoing(
                             letter.message.body,
@@ -354,21 +355,6 @@ async def _browse(channel: aiormq.abc.AbstractChannel, queue: str, limit: int | 
             break
         out.append(aio_pika.IncomingMessage(got, no_ack=False))
     return out
-
-
-def _letter(group: str, raw: Raw) -> DeadLetter:
-    head, _, body = raw.body.partition(b"\n")
-    try:
-        record = orjson.loads(head)
-    except orjson.JSONDecodeError:
-        record, body = {"reason": "unreadable dead-letter record"}, raw.body
-    dead_at_ms = (raw.headers or {}).get(DEAD_AT_HEADER)
-    if isinstance(dead_at_ms, int) and not isinstance(dead_at_ms, bool):
-        dead_at = dead_at_ms / 1000
-    else:
-        dead_at = raw.timestamp.timestamp() if raw.timestamp is not None else 0.0
-    message = Message(raw.message_id or "", raw.type or "", body)
-    return DeadLetter(group, message, record if isinstance(record, dict) else {"record": record}, dead_at)
 
 
 def _server_major(connection: aio_pika.abc.AbstractRobustConnection) -> int:
