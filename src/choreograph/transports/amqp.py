@@ -12,7 +12,11 @@ How the contract maps onto RabbitMQ:
 * ``publish`` sends the batch on a publisher-confirms channel and awaits all confirms
   together (one round trip per batch), persistent messages, routing key = event type.
 * A group is a durable queue bound to its types on the ``<prefix>.events`` topic
-  exchange (``#`` for all types); subscribing again replaces the bindings.
+  exchange (``#`` for all types); subscribing again replaces the bindings. AMQP cannot
+  list bindings or queues, so each group's types are also kept as a message in
+  ``<prefix>.registry`` (read the same way as dead letters): that is how old bindings
+  are found and how ``dead_letters()`` finds every group. A subscribe racing another
+  may miss the old entry; it then only adds bindings, never removes one.
 * Consumers of a group compete on its queue with manual acks and a prefetch sized to
   ``fetch``. The lease is kept by the consuming process, since RabbitMQ has none; see
   :mod:`choreograph.transports._amqp_consumer` for exactly what it covers.
@@ -25,6 +29,10 @@ How the contract maps onto RabbitMQ:
   same instant each see only part of it.
 * The connection is robust: after a broker restart or network loss it reconnects, the
   consumers resume, and operations wait up to ``ready_timeout`` seconds for it.
+  Deliveries received on the lost connection are void (the broker took them back):
+  acking one raises TransportError, and unfetched ones are dropped from the buffer.
+* RabbitMQ 4 quorum queues get ``x-delivery-limit: -1`` (its default limit of 20 would
+  drop messages that keep coming back); untested here, where the server is 3.10.
 """
 
 from __future__ import annotations
