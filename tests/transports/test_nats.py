@@ -313,6 +313,13 @@ async def test_replay_to_a_group_whose_consumer_is_gone_fails_and_keeps_the_dead
         assert [letter.message.id for letter in await bus.dead_letters("g")] == ["m1"]
 
 
+async def test_fetch_with_a_zero_timeout_returns_what_is_already_there() -> None:
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1), msg(2)])
+        assert ids(await subscription.fetch(10, timeout=0)) == ["m1", "m2"]
+
+
 async def test_a_closed_subscription_refuses_to_fetch() -> None:
     async with opened(bus_on(require_broker("nats"))) as bus:
         subscription = await bus.subscribe("g", None)

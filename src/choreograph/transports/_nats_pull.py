@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,8 @@ from nats.aio.subscription import Subscription as NatsInbox
 from choreograph.errors import TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports.base import Delivery, Message, Subscription
+
+log = logging.getLogger("choreograph.transports.nats")
 
 #: Longest a single parked pull request lives before it is renewed (seconds).
 LONG_POLL = 10.0
@@ -123,6 +126,7 @@ class NatsSubscription(Subscription):
         self._epoch = 0  # bumped on reconnect: every outstanding pull request is presumed lost
         self._waiter: asyncio.Future[None] | None = None
         self._fetching = asyncio.Lock()
+        self._background: set[asyncio.Future[None]] = set()
         self._closed = False
 
     async def start(self) -> None:
@@ -203,7 +207,7 @@ class NatsSubscription(Subscription):
         deadline = None if timeout is None else loop.time() + max(0.0, timeout)
         async with self._fetching:
             while not self._closed:
-                if batch := await self._take(max_messages):
+                if batch := self._take(max_messages):
                     return batch
                 if self._nc.is_closed:
                     raise TransportClosed("nats: transport is closed")
@@ -214,10 +218,11 @@ class NatsSubscription(Subscription):
                         if not await self._wait(deadline):
                             return []
                     continue
-                # 1. Whatever is ready now, up to a whole batch, in one round trip.
+                # 1. Whatever is ready now, up to a whole batch, in one round trip (waited
+                #    for even past the deadline, so that fetch(n, timeout=0) sees the backlog).
                 request: dict[str, Any] = {"batch": max_messages, "no_wait": True}
-                await self._round(request, max_messages, loop.time() + _NO_WAIT_GUARD, deadline)
-                if batch := await self._take(max_messages):
+                await self._round(request, max_messages, loop.time() + _NO_WAIT_GUARD, None)
+                if batch := self._take(max_messages):
                     return batch
                 # 2. Nothing ready: park a request for one message until the deadline.
                 remaining = LONG_POLL if deadline is None else min(LONG_POLL, deadline - loop.time())
@@ -225,7 +230,7 @@ class NatsSubscription(Subscription):
                     return []
                 request = {"batch": 1, "expires": int(remaining * 1_000_000_000)}
                 await self._round(request, 1, loop.time() + remaining + _GRACE, deadline)
-                if batch := await self._take(max_messages):
+                if batch := self._take(max_messages):
                     return batch
                 if deadline is not None and loop.time() >= deadline:
                     return []
@@ -271,8 +276,10 @@ class NatsSubscription(Subscription):
         if self._nc.is_closed:
             raise TransportClosed("nats: transport is closed")
 
-    async def _take(self, max_messages: int) -> list[Delivery]:
+    def _take(self, max_messages: int) -> list[Delivery]:
+        """Deliveries from the buffer. No await in here: a cancelled fetch loses nothing."""
         out: list[Delivery] = []
+        skipped: list[str] = []
         while self._buffer and len(out) < max_messages:
             msg = self._buffer.popleft()
             delivery = self._delivery(msg)
@@ -280,10 +287,20 @@ class NatsSubscription(Subscription):
                 out.append(delivery)
             else:
                 # Not for this subscriber (a server without multi-subject consumer filters
-                # delivers the whole stream, another group's replay): settle it and move on.
-                with codec.translated("skip a message"):
-                    await self._nc.publish(msg.reply, b"+ACK")
+                # delivers the whole stream, other groups' replays included): settle it.
+                skipped.append(msg.reply)
+        if skipped:
+            task = asyncio.ensure_future(self._ack_skipped(skipped))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return out
+
+    async def _ack_skipped(self, replies: list[str]) -> None:
+        try:
+            for reply in replies:
+                await self._nc.publish(reply, b"+ACK")
+        except Exception as exc:  # noqa: BLE001 - unacked, it just comes back after the lease
+            log.debug("nats: acking skipped messages: %s", exc)
 
     def _delivery(self, msg: Msg) -> NatsDelivery | None:
         subject = msg.subject
