@@ -238,7 +238,8 @@ class _Runner:
         try:
             args = (argument, ctx) if handler.takes_context else (argument,)
             try:
-                result = await asyncio.wait_for(handler.func(*args), handler.timeout)
+                async with asyncio.timeout(handler.timeout):  # no extra task, unlike wait_for
+                    result = await handler.func(*args)
             except TimeoutError:
                 raise HandlerTimeout(f"handler exceeded its timeout of {handler.timeout}s") from None
             messages = self._outputs(handler, envelope, _outputs_of(result), ctx)

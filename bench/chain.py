@@ -1,0 +1,217 @@
+"""Benchmark: a 3-hop chain (publisher → hop1 → hop2 → hop3) on memory:// and sqlite://.
+
+Prints one JSON document with, for each run, events/s end to end and p50/p99
+end-to-end latency (publish → hop3 handled), plus the *floor*: a plain asyncio
+pipeline doing the same JSON decode + encode per hop with no framework at all,
+measured in the same run so the ratio is fair on a shared machine.
+
+* ``memory``: the three services in one process on the in-memory transport.
+* ``sqlite``: each hop its own ``choreograph run`` process on one bus file
+  (WAL, synchronous=NORMAL: a returned commit survives a process crash).
+* ``sqlite_paced``: end-to-end latency at a light load (``--rate`` events/s).
+
+    python bench/chain.py --n 20000            # the README's figures
+    python bench/chain.py --n 2000 --quick     # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.chain_app import SINK, Hop0, hop1, hop2, hop3  # noqa: E402
+from choreograph import Publisher, Worker  # noqa: E402
+from choreograph.transports import open_transport  # noqa: E402
+from choreograph.transports.memory import MemoryTransport  # noqa: E402
+
+
+def summarize(latencies: list[float], elapsed: float) -> dict[str, Any]:
+    ordered = sorted(latencies)
+    return {
+        "events": len(ordered),
+        "events_per_s": round(len(ordered) / elapsed, 1),
+        "p50_ms": round(1000 * ordered[len(ordered) // 2], 2),
+        "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
+        "seconds": round(elapsed, 2),
+    }
+
+
+# -- the floor: plain asyncio, same JSON work per hop ---------------------------------------
+
+
+async def floor(n: int, dumps: Any, loads: Any) -> dict[str, Any]:
+    queues: list[asyncio.Queue[bytes]] = [asyncio.Queue() for _ in range(3)]
+    latencies: list[float] = []
+    done = asyncio.Event()
+
+    async def stage(i: int) -> None:
+        inbox = queues[i]
+        outbox = queues[i + 1] if i < 2 else None
+        while True:
+            event = loads(await inbox.get())
+            data = event["data"]
+            if outbox is None:
+                latencies.append(time.time() - data["t0"])
+                if len(latencies) == n:
+                    done.set()
+                continue
+            out = {**event, "id": f"{event['id']}-{i}", "type": f"bench.hop{i + 1}", "causationid": event["id"],
+                   "hops": event["hops"] + 1, "data": {"n": data["n"], "t0": data["t0"]}}
+            outbox.put_nowait(dumps(out))
+
+    tasks = [asyncio.create_task(stage(i)) for i in range(3)]
+    start = time.perf_counter()
+    for i in range(n):
+        queues[0].put_nowait(dumps({"specversion": "1.0", "id": str(i), "source": "/bench", "type": "bench.hop0",
+                                    "time": "2026-01-01T00:00:00Z", "correlationid": str(i), "hops": 0,
+                                    "data": {"n": i, "t0": time.time()}}))
+        if i % 500 == 0:
+            await asyncio.sleep(0)
+    await done.wait()
+    elapsed = time.perf_counter() - start
+    for task in tasks:
+        task.cancel()
+    return summarize(latencies, elapsed)
+
+
+# -- choreograph in one process on memory:// -------------------------------------------------
+
+
+async def memory_run(n: int, concurrency: int) -> dict[str, Any]:
+    bus = MemoryTransport()
+    SINK.reset(n, None)
+    async with Worker([hop1, hop2, hop3], bus, concurrency=concurrency):
+        publisher = Publisher(bus, source="/bench")
+        start = time.perf_counter()
+        for first in range(0, n, 500):
+            await publisher.publish(*(Hop0(n=i, t0=time.time()) for i in range(first, min(n, first + 500))))
+            await asyncio.sleep(0)
+        while len(SINK.latencies) < n:
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - start
+    return summarize(SINK.latencies, elapsed)
+
+
+# -- choreograph with a process per hop on sqlite:// -----------------------------------------
+
+
+def start_hops(url: str, tmp: Path, n: int, out: Path, concurrency: int) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for name in ("hop1", "hop2", "hop3"):
+        env = {**os.environ, "BENCH_N": str(n), "BENCH_OUT": str(out), "PYTHONPATH": str(ROOT)}
+        log = (tmp / f"{name}.log").open("wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "choreograph", "run", f"bench.chain_app:{name}", "--broker", url,
+             "--concurrency", str(concurrency), "--store", f"sqlite:///{tmp}/{name}-inbox.db", "--log-level", "WARNING"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        ))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until all three groups are registered
+        if all("running" in (tmp / f"{name}.log").read_text() for name in ("hop1", "hop2", "hop3")):
+            return procs
+        time.sleep(0.05)
+    raise RuntimeError("hop processes did not start")
+
+
+def stop_hops(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def publish_all(url: str, n: int, rate: float | None) -> float:
+    async with open_transport(url) as bus:
+        publisher = Publisher(bus, source="/bench")
+        start = time.perf_counter()
+        if rate is None:
+            for first in range(0, n, 500):
+                await publisher.publish(*(Hop0(n=i, t0=time.time()) for i in range(first, min(n, first + 500))))
+        else:
+            for i in range(n):
+                await publisher.publish(Hop0(n=i, t0=time.time()))
+                await asyncio.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
+        return start
+
+
+def sqlite_run(n: int, concurrency: int, rate: float | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="choreograph-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        url = f"sqlite:///{tmp}/bus.db"
+        out = tmp / "result.json"
+        procs = start_hops(url, tmp, n, out, concurrency)
+        try:
+            start_wall = time.time()
+            asyncio.run(publish_all(url, n, rate))
+            deadline = time.monotonic() + max(120, n / 500)
+            while not out.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"sqlite chain did not finish; see {tmp}/*.log")
+                time.sleep(0.02)
+            result = orjson.loads(out.read_bytes())
+        finally:
+            stop_hops(procs)
+    return summarize(result["latencies"], result["last"] - start_wall)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20_000, help="events per run (default 20000)")
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--rate", type=float, default=100.0, help="events/s for the paced latency run")
+    parser.add_argument("--paced-n", type=int, default=500)
+    parser.add_argument("--quick", action="store_true", help="skip the paced run")
+    parser.add_argument("--only", choices=["floor", "memory", "sqlite"], action="append")
+    args = parser.parse_args()
+    only = set(args.only or ["floor", "memory", "sqlite"])
+    try:
+        import uvloop
+
+        run = uvloop.run
+        loop_name = "uvloop"
+    except ImportError:
+        run = asyncio.run
+        loop_name = "asyncio"
+
+    report: dict[str, Any] = {
+        "bench": "chain", "hops": 3, "n": args.n, "loop": loop_name, "python": platform.python_version(),
+        "cpus": os.cpu_count(), "sqlite_synchronous": "NORMAL",
+    }
+    if "floor" in only:
+        report["floor_orjson"] = run(floor(args.n, orjson.dumps, orjson.loads))
+        report["floor_stdlib_json"] = run(floor(args.n, lambda o: json.dumps(o).encode(), json.loads))
+    if "memory" in only:
+        report["memory"] = run(memory_run(args.n, args.concurrency))
+    if "sqlite" in only:
+        report["sqlite"] = sqlite_run(args.n, args.concurrency)
+        if not args.quick:
+            report["sqlite_paced"] = {"rate": args.rate, **sqlite_run(args.paced_n, args.concurrency, args.rate)}
+    if "floor_orjson" in report and "memory" in report:
+        floor_eps = report["floor_orjson"]["events_per_s"]
+        report["memory_vs_floor_orjson"] = round(report["memory"]["events_per_s"] / floor_eps, 3)
+        report["memory_vs_floor_stdlib_json"] = round(
+            report["memory"]["events_per_s"] / report["floor_stdlib_json"]["events_per_s"], 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
