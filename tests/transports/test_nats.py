@@ -36,7 +36,7 @@ def msg(n: int | str, type_: str = "order.placed", body: bytes | None = None) ->
 
 def bus_on(server_url: str, **params: object) -> str:
     query = {"prefix": f"choreograph-test-{uuid.uuid4().hex[:12]}", "lease": 30, **params}
-    return server_url + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    return server_url + ("&" if "?" in server_url else "?") + "&".join(f"{k}={v}" for k, v in query.items())
 
 
 async def collect(subscription: Subscription, count: int, within: float = WAIT) -> list[Delivery]:
