@@ -115,7 +115,7 @@ class _Runner:
         self.stats = Stats()
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
-        self.active_ids: set[str] = set()
+        self.active_ids: dict[str, Delivery] = {}  # event id -> the delivery handling it, until settled
         self.outcomes: list[_Outcome] = []
         self.outcome_ready = asyncio.Event()
         self.slot_free = asyncio.Event()
@@ -174,18 +174,24 @@ class _Runner:
                     self.stats.duplicates += 1
                     self._emit(_Done(delivery, [], mark=False))
                     continue
-                self.active_ids.add(message_id)
+                self.active_ids[message_id] = delivery
                 task = asyncio.create_task(self._handle(delivery))
                 self.active[task] = delivery
                 task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
+        # The id stays in active_ids until its outcome is settled (inbox marked): a copy of
+        # the same event fetched meanwhile is a duplicate, not a second run.
         delivery = self.active.pop(task, None)
-        if delivery is not None:
-            self.active_ids.discard(delivery.message.id)
         self.slot_free.set()
-        if not task.cancelled() and task.exception() is not None:  # a bug in us: never lose the delivery
+        if delivery is not None and (task.cancelled() or task.exception() is not None):
+            self._release_id(delivery)
+        if not task.cancelled() and task.exception() is not None:  # a bug in us: the lease redelivers it
             log.error("internal error handling %r", delivery, exc_info=task.exception())
+
+    def _release_id(self, delivery: Delivery) -> None:
+        if self.active_ids.get(delivery.message.id) is delivery:
+            del self.active_ids[delivery.message.id]
 
     def _emit(self, outcome: _Outcome) -> None:
         self.outcomes.append(outcome)
@@ -385,6 +391,8 @@ class _Runner:
                 await outcome.delivery.retry(outcome.after)
             elif isinstance(outcome, _Dead):
                 await outcome.delivery.dead_letter(outcome.record)
+        for outcome in batch:
+            self._release_id(outcome.delivery)
 
     # -- stopping ---------------------------------------------------------------------
 
