@@ -1,0 +1,123 @@
+"""Package: records the package of a delivery, and cancels it when the delivery cannot happen.
+
+The compensation is wired with ``on_failure``: when the Drone Scheduler gives up on
+``PackageCreated`` (no drone free after its retries, or a permanent rejection), or the
+Delivery service gives up on ``DroneAssigned``, the runtime publishes a failure event
+and this service cancels the package. Nobody orchestrates it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from choreograph import Context, Failure, Service
+from choreograph.faults import Faults
+from examples.drone_delivery._store import Store
+from examples.drone_delivery.events import (
+    DeliveryCancelled,
+    DeliveryRequested,
+    DroneAssigned,
+    PackageCreated,
+)
+
+package = Service("package", timeout=5.0)
+faults = Faults.for_service(package.name)
+
+store = Store(
+    "package",
+    """
+    CREATE TABLE IF NOT EXISTS packages (
+        delivery_id TEXT PRIMARY KEY,
+        package_id TEXT NOT NULL,
+        weight_kg REAL NOT NULL,
+        pickup TEXT NOT NULL,
+        dropoff TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        status TEXT NOT NULL,            -- created | cancelled
+        reason TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )
+    """,
+)
+
+
+def _upsert(conn: sqlite3.Connection, request: DeliveryRequested) -> sqlite3.Row:
+    now = time.time()
+    conn.execute(
+        "INSERT INTO packages VALUES (?, ?, ?, ?, ?, ?, 'created', NULL, ?, ?) ON CONFLICT(delivery_id) DO NOTHING",
+        (
+            request.delivery_id,
+            request.package_id,
+            request.weight_kg,
+            request.pickup,
+            request.dropoff,
+            request.owner,
+            now,
+            now,
+        ),
+    )
+    row: sqlite3.Row = conn.execute(
+        "SELECT * FROM packages WHERE delivery_id = ?", (request.delivery_id,)
+    ).fetchone()
+    return row
+
+
+@package.on(DeliveryRequested)
+async def create_package(request: DeliveryRequested, ctx: Context) -> PackageCreated | DeliveryCancelled:
+    """Upsert the package keyed by delivery id (a repeat request changes nothing)."""
+    async with faults.step(ctx):
+        row = await store.run(lambda conn: _upsert(conn, request))
+    if row["status"] == "cancelled":  # asked again for a delivery already cancelled: say so again
+        return DeliveryCancelled(
+            delivery_id=row["delivery_id"], package_id=row["package_id"], reason=row["reason"]
+        )
+    ctx.logger.info("package %s created for delivery %s", row["package_id"], row["delivery_id"])
+    return PackageCreated(
+        delivery_id=row["delivery_id"],
+        package_id=row["package_id"],
+        weight_kg=row["weight_kg"],
+        pickup=row["pickup"],
+        dropoff=row["dropoff"],
+    )
+
+
+async def _cancel(delivery_id: str, package_id: str, failure: Failure, ctx: Context) -> DeliveryCancelled:
+    error = failure.record.get("last_error") or {}
+    reason = (
+        f"{failure.record.get('service', '?')} gave up ({failure.reason}): {error.get('message', '')}".strip()
+    )
+
+    def tx(conn: sqlite3.Connection) -> str:
+        conn.execute(
+            "UPDATE packages SET status = 'cancelled', reason = ?, updated_at = ? "
+            "WHERE delivery_id = ? AND status != 'cancelled'",
+            (reason, time.time(), delivery_id),
+        )
+        row = conn.execute("SELECT reason FROM packages WHERE delivery_id = ?", (delivery_id,)).fetchone()
+        return str(row[0]) if row is not None and row[0] else reason
+
+    async with faults.step(ctx):
+        stored_reason = await store.run(tx)
+    ctx.logger.warning("delivery %s cancelled: %s", delivery_id, stored_reason)
+    return DeliveryCancelled(delivery_id=delivery_id, package_id=package_id, reason=stored_reason)
+
+
+def _ids(failure: Failure) -> tuple[str, str]:
+    if failure.event is not None:
+        return failure.event.delivery_id, failure.event.package_id  # type: ignore[attr-defined]
+    data = failure.envelope.data if isinstance(failure.envelope.data, dict) else {}
+    return str(data.get("delivery_id", "")), str(data.get("package_id", ""))
+
+
+@package.on_failure(PackageCreated)
+async def cancel_unassigned(failure: Failure, ctx: Context) -> DeliveryCancelled:
+    """No drone could be assigned: cancel the package (the compensation of create_package)."""
+    return await _cancel(*_ids(failure), failure, ctx)
+
+
+@package.on_failure(DroneAssigned)
+async def cancel_unscheduled(failure: Failure, ctx: Context) -> DeliveryCancelled:
+    """The delivery could not be scheduled: cancel the package (the scheduler then frees the drone)."""
+    return await _cancel(*_ids(failure), failure, ctx)

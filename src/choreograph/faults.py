@@ -1,0 +1,222 @@
+"""Fault injection for demos and tests: make a service fail, hang or crash on purpose.
+
+Faults are configured per service, outside the code, so the same build can be run
+healthy or hostile::
+
+    CHOREOGRAPH_FAULTS='{"drone-scheduler": {"fail_rate": 0.2, "fail_first": 2}}'
+    CHOREOGRAPH_FAULTS=./faults.toml        # a TOML or JSON file with the same shape
+
+A handler wraps its step in the service's faults::
+
+    faults = Faults.for_service("drone-scheduler")
+
+    @scheduler.on(PackageCreated)
+    async def assign(package: PackageCreated, ctx: Context) -> DroneAssigned:
+        async with faults.step(ctx):
+            drone = await store.assign(package)      # the state change
+        return DroneAssigned(...)
+
+Before the step: ``fail_first`` fails attempts 1..N (the attempt number travels with
+the delivery, so this holds across processes), ``fail_rate`` fails a fraction of
+attempts (both transient: :class:`InjectedFault`), ``reject_rate`` rejects a fraction
+permanently (:class:`~choreograph.Reject`), ``hang`` sleeps that many seconds (set it
+above the handler's timeout to exercise timeouts). After the step succeeded:
+``crash_after`` kills the process with SIGKILL once it has completed that many steps,
+i.e. after the state change was committed but before the outputs were published and
+the input acked: the worst moment, and the one idempotency must survive.
+
+The ``"*"`` key applies to every service without an entry of its own. The
+configuration is read when :meth:`Faults.for_service` is first used in a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import tomllib
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from choreograph.errors import ConfigurationError, Reject
+
+__all__ = ["FAULTS_ENV", "FaultSpec", "Faults", "InjectedFault", "load_faults"]
+
+FAULTS_ENV = "CHOREOGRAPH_FAULTS"
+
+log = logging.getLogger("choreograph.faults")
+
+
+class InjectedFault(RuntimeError):
+    """A transient failure injected on purpose (the runtime retries it like any other)."""
+
+
+class _HasAttempt(Protocol):
+    @property
+    def attempt(self) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FaultSpec:
+    """The faults of one service. All zero (the default) means healthy."""
+
+    fail_rate: float = 0.0
+    fail_first: int = 0
+    reject_rate: float = 0.0
+    hang: float = 0.0
+    hang_rate: float = 1.0
+    crash_after: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("fail_rate", "reject_rate", "hang_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigurationError(f"faults: {name} must be between 0 and 1, got {value!r}")
+        for name in ("fail_first", "crash_after", "hang"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"faults: {name} must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def healthy(self) -> bool:
+        return not (self.fail_rate or self.fail_first or self.reject_rate or self.hang or self.crash_after)
+
+    @classmethod
+    def from_dict(cls, service: str, data: Any) -> FaultSpec:
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(
+                f"faults[{service!r}]: expected a table of settings, got {type(data).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"faults[{service!r}]: unknown setting(s) {unknown}; known: {sorted(known)}"
+            )
+        try:
+            return cls(**{key: _number(service, key, value) for key, value in data.items()})
+        except TypeError as exc:
+            raise ConfigurationError(f"faults[{service!r}]: {exc}") from None
+
+
+def _number(service: str, key: str, value: Any) -> Any:
+    if key == "seed" and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"faults[{service!r}].{key}: expected a number, got {value!r}")
+    return int(value) if key in ("fail_first", "crash_after", "seed") else float(value)
+
+
+def load_faults(source: str | None = None) -> dict[str, FaultSpec]:
+    """Parse a fault configuration: inline JSON, or the path of a ``.toml`` / ``.json`` file.
+
+    ``source`` defaults to the ``CHOREOGRAPH_FAULTS`` environment variable; empty
+    means no faults.
+    """
+    text = os.environ.get(FAULTS_ENV, "") if source is None else source
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            raw: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"{FAULTS_ENV}: not valid JSON ({exc})") from None
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigurationError(f"{FAULTS_ENV}: {text!r} is neither inline JSON nor an existing file")
+        try:
+            raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigurationError(f"{FAULTS_ENV}: {text}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"{FAULTS_ENV}: expected an object keyed by service name")
+    return {str(name): FaultSpec.from_dict(str(name), spec) for name, spec in raw.items()}
+
+
+class Faults:
+    """The faults one service injects into its steps (see the module docstring)."""
+
+    def __init__(self, service: str, spec: FaultSpec | None = None) -> None:
+        self.service = service
+        self.spec = spec or FaultSpec()
+        self.rng = random.Random(self.spec.seed)
+        self.completed = 0
+
+    def __repr__(self) -> str:
+        return f"<Faults {self.service!r} {self.spec}>"
+
+    @classmethod
+    def for_service(cls, service: str, source: str | None = None) -> Faults:
+        """The faults configured for ``service`` (by ``CHOREOGRAPH_FAULTS`` unless ``source`` is given).
+
+        The configuration is read lazily, on the first step, so importing a module that
+        builds its ``Faults`` at import time does not freeze the environment early.
+        """
+        return _LazyFaults(service, source)
+
+    async def before(self, ctx: _HasAttempt) -> None:
+        """Inject the faults that happen before the step: fail, reject, hang."""
+        spec = self.spec
+        if spec.fail_first and ctx.attempt <= spec.fail_first:
+            raise InjectedFault(
+                f"{self.service}: injected failure of attempt {ctx.attempt} (fail_first={spec.fail_first})"
+            )
+        if spec.fail_rate and self.rng.random() < spec.fail_rate:
+            raise InjectedFault(f"{self.service}: injected transient failure (fail_rate={spec.fail_rate})")
+        if spec.reject_rate and self.rng.random() < spec.reject_rate:
+            raise Reject(f"{self.service}: injected permanent rejection (reject_rate={spec.reject_rate})")
+        if spec.hang and self.rng.random() < spec.hang_rate:
+            log.warning("%s: injected hang of %.1fs", self.service, spec.hang)
+            await asyncio.sleep(spec.hang)
+
+    def after(self) -> None:
+        """Count a completed step; SIGKILL this process once ``crash_after`` steps completed."""
+        self.completed += 1
+        if self.spec.crash_after and self.completed >= self.spec.crash_after:
+            log.critical("%s: injected crash (SIGKILL) after %d step(s)", self.service, self.completed)
+            for handler in logging.getLogger().handlers:
+                with contextlib.suppress(Exception):
+                    handler.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @contextlib.asynccontextmanager
+    async def step(self, ctx: _HasAttempt) -> AsyncIterator[None]:
+        """Wrap one step: faults before it, a possible crash right after it succeeded."""
+        await self.before(ctx)
+        yield
+        self.after()
+
+
+class _LazyFaults(Faults):
+    """A :class:`Faults` that reads its configuration on first use."""
+
+    def __init__(self, service: str, source: str | None) -> None:
+        super().__init__(service)
+        self._source = source
+        self._loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            configured = load_faults(self._source)
+            spec = configured.get(self.service) or configured.get("*") or FaultSpec()
+            self.spec = spec
+            self.rng = random.Random(spec.seed)
+            self._loaded = True
+            if not spec.healthy:
+                log.warning("%s: fault injection enabled: %s", self.service, spec)
+
+    async def before(self, ctx: _HasAttempt) -> None:
+        self._load()
+        await super().before(ctx)
+
+    def after(self) -> None:
+        self._load()
+        super().after()
