@@ -1,0 +1,173 @@
+"""``choreograph dev``: the whole system on one machine, one process per service.
+
+    choreograph dev examples.drone_delivery.app:app
+
+starts, each in its own process with colour-prefixed logs:
+
+* every service of the App (``python -m choreograph run MODULE:ATTR --service NAME``,
+  ``--scale NAME=N`` for replicas that compete in the service's group);
+* the HTTP ingestion gateway, if the app has one: ``--gateway MODULE:ATTR``, else by
+  convention ``MODULE:gateway`` or ``gateway`` in the App module's package;
+* the journal, if installed (it observes every event; ``--no-journal`` to skip).
+
+The bus defaults to ``sqlite:///<data dir>/bus.db`` with the data dir ``./var/<app name>``;
+children get ``CHOREOGRAPH_BROKER`` and ``CHOREOGRAPH_DATA_DIR`` (where services keep
+their own state). Before any process starts, every service's consumer group is
+registered on the bus, so nothing the gateway accepts early is missed by a service
+that is still booting. A crashed process is restarted; Ctrl-C or SIGTERM stops
+everything cleanly (SIGTERM, ``--stop-timeout`` seconds, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from choreograph.cli._common import BROKER_ENV, console, load_object, run_async
+from choreograph.cli._supervisor import ProcSpec, Supervisor
+from choreograph.errors import ConfigurationError
+from choreograph.service import App
+from choreograph.transports import open_transport
+
+DATA_ENV = "CHOREOGRAPH_DATA_DIR"
+READY_LINE = "ready:"
+"""The supervisor prints ``dev | ready: ...`` once every process is up (scripts wait for it)."""
+
+
+def _python_m(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def _find_gateway(target: str) -> str | None:
+    """``MODULE:gateway``, else ``PACKAGE.gateway:gateway`` beside the App's module, if either exists."""
+    module_name = target.partition(":")[0]
+    module = importlib.import_module(module_name)
+    if hasattr(module, "gateway"):
+        return f"{module_name}:gateway"
+    package = module_name.rpartition(".")[0] if not hasattr(module, "__path__") else module_name
+    candidate = f"{package}.gateway" if package else "gateway"
+    if importlib.util.find_spec(candidate) is None:
+        return None
+    return f"{candidate}:gateway"
+
+
+def _gateway_spec(spec: str, host: str, port: int) -> ProcSpec:
+    load_object(spec)  # fail here, with one clear line, rather than in a child
+    argv = _python_m("uvicorn", spec, "--host", host, "--port", str(port), "--log-level", "info")
+    return ProcSpec("gateway", argv, ready="Uvicorn running on")
+
+
+def _has_command(name: str) -> bool:
+    from choreograph.cli import app as cli
+
+    return any(info.name == name for info in cli.registered_commands) or any(
+        info.name == name for info in cli.registered_groups
+    )
+
+
+def _journal_spec(target: str, url: str) -> ProcSpec | None:
+    """The journal observer, if this installation has a ``choreograph journal`` command."""
+    if not _has_command("journal"):
+        return None
+    return ProcSpec(
+        "journal", _python_m("choreograph", "journal", target, "--broker", url), ready="journal running"
+    )
+
+
+def _scales(values: list[str], app: App) -> dict[str, int]:
+    scales: dict[str, int] = {}
+    for value in values:
+        name, sep, count = value.partition("=")
+        if not sep or not count.isdigit() or int(count) < 1:
+            raise ConfigurationError(f"--scale {value!r}: expected SERVICE=N with N >= 1")
+        app.service(name)  # raises for an unknown service
+        scales[name] = int(count)
+    return scales
+
+
+async def register_groups(url: str, app: App) -> None:
+    """Create every service's consumer group (a publish before a consumer starts is then kept)."""
+    async with open_transport(url) as bus:
+        for service in app.services:
+            subscription = await bus.subscribe(service.group, sorted(service.subscriptions))
+            await subscription.close()
+
+
+DataDirOption = typer.Option(None, "--data-dir", help="State of the services (default ./var/<app>)")
+ScaleOption = typer.Option(None, "--scale", help="SERVICE=N replicas (repeatable)")
+
+
+def dev(
+    target: str = typer.Argument(..., help="MODULE:ATTR naming an App"),
+    broker: str | None = typer.Option(
+        None, "--broker", "-b", help="Broker URL (default: sqlite in the data dir)"
+    ),
+    data_dir: Path | None = DataDirOption,
+    gateway: str | None = typer.Option(None, "--gateway", help="MODULE:ATTR of the ASGI ingestion gateway"),
+    no_gateway: bool = typer.Option(False, "--no-gateway", help="Do not start the HTTP gateway"),
+    journal: bool = typer.Option(True, "--journal/--no-journal", help="Start the journal observer"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Gateway interface"),
+    port: int = typer.Option(8000, "--port", "-p", help="Gateway port"),
+    scale: list[str] = ScaleOption,
+    restart: bool = typer.Option(True, "--restart/--no-restart", help="Restart a process that dies"),
+    stop_timeout: float = typer.Option(
+        10.0, "--stop-timeout", help="Seconds between SIGTERM and SIGKILL on stop"
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", help="Log level of the services"),
+) -> None:
+    """Run every service of an App (plus gateway and journal) as separate processes, with restarts."""
+    app = load_object(target)
+    if not isinstance(app, App):
+        raise ConfigurationError(f"{target!r} is a {type(app).__name__}; choreograph dev needs an App")
+    directory = data_dir or Path("var") / app.name
+    directory.mkdir(parents=True, exist_ok=True)
+    url = broker or f"sqlite:///{directory / 'bus.db'}"
+    replicas = _scales(scale or [], app)
+
+    specs: list[ProcSpec] = []
+    for service in app.services:
+        argv = _python_m(
+            "choreograph", "run", target, "--service", service.name, "--broker", url, "--log-level", log_level
+        )
+        count = replicas.get(service.name, 1)
+        for n in range(1, count + 1):
+            name = service.name if count == 1 else f"{service.name}.{n}"
+            specs.append(ProcSpec(name, argv, ready="running"))
+    journal_spec = _journal_spec(target, url) if journal else None
+    if journal_spec is not None:
+        specs.append(journal_spec)
+    gateway_target = None if no_gateway else (gateway or _find_gateway(target))
+    if gateway_target is not None:
+        specs.append(_gateway_spec(gateway_target, host, port))
+
+    env = dict(os.environ)
+    env.update({BROKER_ENV: url, DATA_ENV: str(directory), "PYTHONUNBUFFERED": "1"})
+    if console.is_terminal:
+        env.setdefault("FORCE_COLOR", "1")
+    run_async(register_groups(url, app))
+
+    supervisor: Supervisor
+
+    def ready() -> None:
+        where = f"; gateway http://{host}:{port}" if gateway_target else ""
+        supervisor.say(f"{READY_LINE} {len(specs)} processes on {url}{where}", "bold green")
+
+    async def main() -> int:
+        nonlocal supervisor
+        supervisor = Supervisor(
+            specs, env=env, console=console, stop_timeout=stop_timeout, restart=restart, on_ready=ready
+        )
+        return await supervisor.run()
+
+    code = run_async(main())
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("dev")(dev)
