@@ -1,0 +1,234 @@
+"""What the journal keeps: one entry per event, one summary per transaction, and how a status is derived.
+
+This module is pure data and pure functions, shared by every journal store (memory,
+SQLite, PostgreSQL): a store persists entries and summaries, it never decides a status.
+
+Statuses (``Status``), for the events of one correlation id:
+
+* ``completed``   -- a terminal ``completed`` event was recorded.
+* ``compensated`` -- a terminal ``failed`` event was recorded, and the transaction also
+  contains a runtime failure (``choreograph.failed``) or a ``choreograph.timedout``:
+  something broke and the services rolled back to a declared failed end.
+* ``failed``      -- a terminal ``failed`` event with no runtime failure or timeout in the
+  transaction (a business "no", e.g. payment declined), *or* no terminal event yet but a
+  runtime failure of an event type that no service compensates (no ``on_failure``
+  handler): nothing will ever end it.
+* ``stuck``       -- none of the above and the deadline has passed (the envelope's
+  ``deadline`` extension, else ``stuck_after`` seconds after the journal first saw the
+  transaction). Not final: a late terminal event still moves it on.
+* ``running``     -- none of the above.
+
+The first terminal event recorded decides between completed and failed/compensated;
+later terminal events are kept in the timeline but do not change the status. The
+definitions do not depend on the order in which the journal receives events (a failure
+recorded after the terminal event still makes it ``compensated``), because brokers do
+not order events across services.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+Status = Literal["running", "completed", "failed", "compensated", "stuck"]
+STATUSES: tuple[Status, ...] = ("running", "completed", "failed", "compensated", "stuck")
+
+BaseStatus = Literal["running", "completed", "failed", "compensated"]
+"""What a store persists; ``stuck`` is ``running`` past the deadline, derived at query time."""
+
+EntryKind = Literal["event", "completed", "failed", "failure", "timedout"]
+"""``event`` an ordinary event; ``completed``/``failed`` a terminal event of that kind;
+``failure`` a ``choreograph.failed`` event; ``timedout`` a ``choreograph.timedout`` event."""
+
+
+def parse_time(value: str | None) -> float | None:
+    """Epoch seconds of an RFC 3339 timestamp, or ``None`` if absent or unparseable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def format_time(epoch: float) -> str:
+    """RFC 3339 UTC text of epoch seconds (microsecond precision, ``Z`` suffix)."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One recorded event of a transaction (a line of its timeline).
+
+    ``at`` is the event's own time (its envelope ``time``; the recording time if it has
+    none); ``recorded_at`` is when the journal recorded it, on the journal's clock.
+    ``attempt`` is the handler attempt that produced it when known (for a failure: the
+    attempts made before giving up). ``compensable`` says, for a failure, whether some
+    service compensates failures of ``failed_type``. ``record`` is a failure's
+    dead-letter record (without the original envelope, which is its own entry).
+    """
+
+    event_id: str
+    correlation_id: str
+    type: str
+    source: str
+    service: str
+    kind: EntryKind
+    at: float
+    recorded_at: float
+    causation_id: str | None = None
+    time: str | None = None
+    attempt: int | None = None
+    deadline: float | None = None
+    failed_type: str | None = None
+    compensable: bool = True
+    record: dict[str, Any] | None = None
+
+    @property
+    def outcome(self) -> str:
+        """A short word for the timeline: ``ok``, ``completed``, ``failed``, ``timed out``, ``gave up: REASON``."""
+        if self.kind == "failure":
+            reason = (self.record or {}).get("reason") or "unknown"
+            return f"gave up: {reason}"
+        if self.kind == "timedout":
+            return "timed out"
+        if self.kind in ("completed", "failed"):
+            return self.kind
+        return "ok"
+
+    @property
+    def error(self) -> str | None:
+        """``Type: message`` of a failure's last error."""
+        last = (self.record or {}).get("last_error")
+        if isinstance(last, dict):
+            return f"{last.get('type', '')}: {last.get('message', '')}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "type": self.type,
+            "service": self.service,
+            "source": self.source,
+            "causation_id": self.causation_id,
+            "time": self.time or format_time(self.at),
+            "recorded_at": format_time(self.recorded_at),
+            "attempt": self.attempt,
+            "kind": self.kind,
+            "outcome": self.outcome,
+            "error": self.error,
+            "failed_type": self.failed_type,
+            "record": self.record,
+        }
+
+
+@dataclasses.dataclass(slots=True)
+class TransactionSummary:
+    """The running totals of one transaction, updated by :meth:`fold` as entries arrive."""
+
+    correlation_id: str
+    first_seen: float
+    last_seen: float
+    started_at: float
+    deadline: float
+    deadline_explicit: bool = False
+    root_type: str | None = None
+    event_count: int = 0
+    terminal_type: str | None = None
+    terminal_kind: Literal["completed", "failed"] | None = None
+    failures: int = 0
+    uncompensated: int = 0
+    timed_out: bool = False
+
+    @classmethod
+    def first(cls, entry: JournalEntry, stuck_after: float) -> TransactionSummary:
+        summary = cls(
+            correlation_id=entry.correlation_id,
+            first_seen=entry.recorded_at,
+            last_seen=entry.recorded_at,
+            started_at=entry.at,
+            deadline=entry.recorded_at + stuck_after,
+        )
+        summary.fold(entry)
+        return summary
+
+    def fold(self, entry: JournalEntry) -> None:
+        """Account for one new entry (never called twice for the same event id)."""
+        self.event_count += 1
+        self.last_seen = max(self.last_seen, entry.recorded_at)
+        if entry.causation_id is None or self.root_type is None:
+            self.root_type = entry.type  # the event that started it (no cause), else the first seen
+        self.started_at = min(self.started_at, entry.at)
+        if entry.deadline is not None:
+            self.deadline = min(self.deadline, entry.deadline) if self.deadline_explicit else entry.deadline
+            self.deadline_explicit = True
+        if entry.kind in ("completed", "failed") and self.terminal_kind is None:
+            self.terminal_kind = entry.kind
+            self.terminal_type = entry.type
+        elif entry.kind == "failure":
+            self.failures += 1
+            if not entry.compensable:
+                self.uncompensated += 1
+        elif entry.kind == "timedout":
+            self.timed_out = True
+
+    @property
+    def base_status(self) -> BaseStatus:
+        """The status without the clock (what stores persist and filter on)."""
+        if self.terminal_kind == "completed":
+            return "completed"
+        if self.terminal_kind == "failed":
+            return "compensated" if self.failures or self.timed_out else "failed"
+        if self.uncompensated:
+            return "failed"
+        return "running"
+
+    def status(self, now: float) -> Status:
+        """The status at epoch time ``now`` (``stuck`` once a running transaction passes its deadline)."""
+        base = self.base_status
+        if base == "running" and now >= self.deadline:
+            return "stuck"
+        return base
+
+    def to_dict(self, status: Status) -> dict[str, Any]:
+        return {
+            "correlation_id": self.correlation_id,
+            "status": status,
+            "root_type": self.root_type,
+            "started_at": format_time(self.started_at),
+            "first_seen": format_time(self.first_seen),
+            "last_seen": format_time(self.last_seen),
+            "deadline": format_time(self.deadline) if math.isfinite(self.deadline) else None,
+            "terminal_type": self.terminal_type,
+            "event_count": self.event_count,
+            "failures": self.failures,
+            "timed_out": self.timed_out,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Transaction:
+    """A transaction as queried: its status at query time and its ordered timeline (``None`` in listings)."""
+
+    summary: TransactionSummary
+    status: Status
+    timeline: list[JournalEntry] | None
+
+    @property
+    def correlation_id(self) -> str:
+        return self.summary.correlation_id
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.summary.to_dict(self.status)
+        if self.timeline is None:
+            return out
+        start = self.summary.started_at
+        out["timeline"] = [
+            {**entry.to_dict(), "offset_ms": round((entry.at - start) * 1000, 3)} for entry in self.timeline
+        ]
+        return out

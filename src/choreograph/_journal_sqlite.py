@@ -1,0 +1,238 @@
+"""The journal on a SQLite file (WAL): one journal process writes, any number read.
+
+The gateway's ``GET /transactions`` and ``choreograph trace`` open the same file from
+other processes; WAL lets them read while the journal writes. Calls run on a dedicated
+thread so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from choreograph._journal_model import JournalEntry, Status, TransactionSummary
+from choreograph._journal_store import JournalStore, fold_entries
+from choreograph.errors import StoreError
+from choreograph.stores.sqlite import sqlite_path
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    correlation_id TEXT NOT NULL,
+    type TEXT NOT NULL, source TEXT NOT NULL, service TEXT NOT NULL, kind TEXT NOT NULL,
+    at REAL NOT NULL, recorded_at REAL NOT NULL, causation_id TEXT, time TEXT, attempt INTEGER,
+    deadline REAL, failed_type TEXT, compensable INTEGER NOT NULL, record TEXT
+);
+CREATE INDEX IF NOT EXISTS journal_events_cid ON journal_events (correlation_id, seq);
+CREATE TABLE IF NOT EXISTS journal_transactions (
+    correlation_id TEXT PRIMARY KEY,
+    base_status TEXT NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, started_at REAL NOT NULL,
+    deadline REAL NOT NULL, deadline_explicit INTEGER NOT NULL, root_type TEXT, event_count INTEGER NOT NULL,
+    terminal_type TEXT, terminal_kind TEXT, failures INTEGER NOT NULL, uncompensated INTEGER NOT NULL,
+    timed_out INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS journal_tx_status ON journal_transactions (base_status, deadline);
+CREATE INDEX IF NOT EXISTS journal_tx_started ON journal_transactions (started_at);
+"""
+
+_EVENT_COLUMNS = (
+    "event_id, correlation_id, type, source, service, kind, at, recorded_at, causation_id, time, attempt, "
+    "deadline, failed_type, compensable, record"
+)
+_TX_COLUMNS = (
+    "correlation_id, first_seen, last_seen, started_at, deadline, deadline_explicit, root_type, event_count, "
+    "terminal_type, terminal_kind, failures, uncompensated, timed_out"
+)
+
+
+def _entry_row(entry: JournalEntry) -> tuple[Any, ...]:
+    return (
+        entry.event_id, entry.correlation_id, entry.type, entry.source, entry.service, entry.kind, entry.at,
+        entry.recorded_at, entry.causation_id, entry.time, entry.attempt, entry.deadline, entry.failed_type,
+        int(entry.compensable), orjson.dumps(entry.record).decode() if entry.record is not None else None,
+    )
+
+
+def _entry(row: Sequence[Any]) -> JournalEntry:
+    return JournalEntry(
+        event_id=row[0], correlation_id=row[1], type=row[2], source=row[3], service=row[4], kind=row[5],
+        at=row[6], recorded_at=row[7], causation_id=row[8], time=row[9], attempt=row[10], deadline=row[11],
+        failed_type=row[12], compensable=bool(row[13]), record=orjson.loads(row[14]) if row[14] else None,
+    )
+
+
+def _summary_row(s: TransactionSummary) -> tuple[Any, ...]:
+    return (
+        s.correlation_id, s.base_status, s.first_seen, s.last_seen, s.started_at, s.deadline,
+        int(s.deadline_explicit), s.root_type, s.event_count, s.terminal_type, s.terminal_kind, s.failures,
+        s.uncompensated, int(s.timed_out),
+    )
+
+
+def _summary(row: Sequence[Any]) -> TransactionSummary:
+    return TransactionSummary(
+        correlation_id=row[0], first_seen=row[1], last_seen=row[2], started_at=row[3], deadline=row[4],
+        deadline_explicit=bool(row[5]), root_type=row[6], event_count=row[7], terminal_type=row[8],
+        terminal_kind=row[9], failures=row[10], uncompensated=row[11], timed_out=bool(row[12]),
+    )
+
+
+def _save(db: sqlite3.Connection, summaries: Collection[TransactionSummary]) -> None:
+    db.executemany(
+        "INSERT OR REPLACE INTO journal_transactions (correlation_id, base_status, "
+        + _TX_COLUMNS.split(", ", 1)[1] + ") VALUES (" + ",".join("?" * 14) + ")",
+        [_summary_row(s) for s in summaries],
+    )
+
+
+class SQLiteJournalStore(JournalStore):
+    """``sqlite:///var/journal.db``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None or self._executor is None:
+            await self.open()  # readers (gateway, trace) open lazily
+        assert self._executor is not None
+
+        def call() -> T:
+            if self._db is None:
+                raise StoreError(f"journal store {self.url} is closed")
+            try:
+                return fn(self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"journal store {self.url}: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-journal")
+        executor = self._executor
+
+        def connect() -> sqlite3.Connection:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            return db
+
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(executor, connect)
+        except sqlite3.Error as exc:
+            raise StoreError(f"journal store {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if self._db is not None and executor is not None:
+            db, self._db = self._db, None
+            await asyncio.get_running_loop().run_in_executor(executor, db.close)
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+    async def record(self, entries: Sequence[JournalEntry], *, stuck_after: float) -> list[TransactionSummary]:
+        def write(db: sqlite3.Connection) -> list[TransactionSummary]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                fresh = []
+                for entry in entries:
+                    cursor = db.execute(
+                        f"INSERT OR IGNORE INTO journal_events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * 15)})",
+                        _entry_row(entry),
+                    )
+                    if cursor.rowcount == 1:
+                        fresh.append(entry)
+                existing = {}
+                for cid in {e.correlation_id for e in fresh}:
+                    row = db.execute(
+                        f"SELECT {_TX_COLUMNS} FROM journal_transactions WHERE correlation_id=?", (cid,)
+                    ).fetchone()
+                    if row is not None:
+                        existing[cid] = _summary(row)
+                changed = fold_entries(existing, fresh, stuck_after)
+                _save(db, changed.values())
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return list(changed.values())
+
+        return await self._run(write)
+
+    async def summary(self, correlation_id: str) -> TransactionSummary | None:
+        def read(db: sqlite3.Connection) -> TransactionSummary | None:
+            row = db.execute(
+                f"SELECT {_TX_COLUMNS} FROM journal_transactions WHERE correlation_id=?", (correlation_id,)
+            ).fetchone()
+            return _summary(row) if row is not None else None
+
+        return await self._run(read)
+
+    async def timeline(self, correlation_id: str) -> list[JournalEntry]:
+        def read(db: sqlite3.Connection) -> list[JournalEntry]:
+            rows = db.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM journal_events WHERE correlation_id=? ORDER BY seq",
+                (correlation_id,),
+            )
+            return [_entry(row) for row in rows]
+
+        return await self._run(read)
+
+    async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
+        args: list[Any]
+        if status is None:
+            where, args = "", []
+        elif status == "stuck":
+            where, args = "WHERE base_status='running' AND deadline <= ?", [now]
+        elif status == "running":
+            where, args = "WHERE base_status='running' AND deadline > ?", [now]
+        else:
+            where, args = "WHERE base_status=?", [status]
+        sql = f"SELECT {_TX_COLUMNS} FROM journal_transactions {where} ORDER BY started_at DESC, first_seen DESC LIMIT ?"
+        return await self._run(lambda db: [_summary(row) for row in db.execute(sql, [*args, limit])])
+
+    async def due(self, now: float, limit: int) -> list[TransactionSummary]:
+        sql = (
+            f"SELECT {_TX_COLUMNS} FROM journal_transactions WHERE base_status='running' AND deadline <= ? "
+            "AND timed_out=0 ORDER BY deadline LIMIT ?"
+        )
+        return await self._run(lambda db: [_summary(row) for row in db.execute(sql, (now, limit))])
+
+    async def mark_timed_out(self, correlation_ids: Collection[str]) -> None:
+        ids = list(correlation_ids)
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for cid in ids:
+                    row = db.execute(
+                        f"SELECT {_TX_COLUMNS} FROM journal_transactions WHERE correlation_id=?", (cid,)
+                    ).fetchone()
+                    if row is not None:
+                        summary = _summary(row)
+                        summary.timed_out = True
+                        _save(db, [summary])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._run(write)

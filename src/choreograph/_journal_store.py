@@ -1,0 +1,178 @@
+"""The journal store interface, its in-memory implementation, and URL dispatch.
+
+A store persists :class:`~choreograph._journal_model.JournalEntry` rows and one
+:class:`~choreograph._journal_model.TransactionSummary` per correlation id. It decides
+nothing: :func:`fold_entries` (pure) turns new entries into updated summaries, and every
+implementation calls it inside one transaction so concurrent journals cannot lose an
+update. A PostgreSQL store implements the same six methods (``SELECT ... FOR UPDATE``
+around :func:`fold_entries`).
+
+=============================  ======================================================
+``memory://``                  in-process (tests)
+``sqlite:///var/journal.db``   a SQLite file (WAL): one journal writer, many readers
+``postgresql://...``           PostgreSQL (``choreograph._journal_postgres``)
+=============================  ======================================================
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import itertools
+from collections.abc import Collection, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from choreograph._journal_model import JournalEntry, Status, TransactionSummary
+from choreograph.errors import ConfigurationError
+
+
+def fold_entries(
+    existing: Mapping[str, TransactionSummary], entries: Sequence[JournalEntry], stuck_after: float
+) -> dict[str, TransactionSummary]:
+    """The summaries of every transaction touched by ``entries`` (all new event ids), updated.
+
+    ``existing`` holds the current summaries of (at least) those transactions; it is not modified.
+    """
+    changed: dict[str, TransactionSummary] = {}
+    for entry in entries:
+        cid = entry.correlation_id
+        summary = changed.get(cid)
+        if summary is None and cid in existing:
+            summary = changed[cid] = _copy(existing[cid])
+        if summary is None:
+            changed[cid] = TransactionSummary.first(entry, stuck_after)
+        else:
+            summary.fold(entry)
+    return changed
+
+
+def _copy(summary: TransactionSummary) -> TransactionSummary:
+    return dataclasses.replace(summary)
+
+
+def matches_status(summary: TransactionSummary, status: Status | None, now: float) -> bool:
+    return status is None or summary.status(now) == status
+
+
+class JournalStore(abc.ABC):
+    """Where the journal keeps entries and transaction summaries."""
+
+    url: str
+
+    async def open(self) -> None:  # noqa: B027 - nothing to open in memory
+        """Connect and create tables if needed. Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def record(self, entries: Sequence[JournalEntry], *, stuck_after: float) -> list[TransactionSummary]:
+        """Store the entries whose event id is new and fold them into their summaries, atomically.
+
+        ``stuck_after`` sets the default deadline of a transaction seen for the first time.
+        Returns the summaries that changed (known event ids change nothing).
+        """
+
+    @abc.abstractmethod
+    async def summary(self, correlation_id: str) -> TransactionSummary | None:
+        """One transaction's summary, or ``None`` if the journal never saw it."""
+
+    @abc.abstractmethod
+    async def timeline(self, correlation_id: str) -> list[JournalEntry]:
+        """Its entries in the order the journal recorded them.
+
+        Not by event time: event times come from many hosts' clocks, while the journal
+        usually records a cause before its effects (an effect is published after its cause).
+        """
+
+    @abc.abstractmethod
+    async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
+        """Transactions with ``status`` at time ``now`` (``None``: any), most recently started first."""
+
+    @abc.abstractmethod
+    async def due(self, now: float, limit: int) -> list[TransactionSummary]:
+        """Running transactions past their deadline at ``now`` whose timeout was not yet announced."""
+
+    @abc.abstractmethod
+    async def mark_timed_out(self, correlation_ids: Collection[str]) -> None:
+        """Record that ``choreograph.timedout`` was published for these transactions."""
+
+
+class MemoryJournalStore(JournalStore):
+    """A journal store in process memory (tests, demos); forgets everything on exit."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._entries: dict[str, tuple[int, JournalEntry]] = {}
+        self._by_cid: dict[str, list[str]] = {}
+        self._summaries: dict[str, TransactionSummary] = {}
+        self._seq = itertools.count()
+
+    async def record(self, entries: Sequence[JournalEntry], *, stuck_after: float) -> list[TransactionSummary]:
+        fresh: list[JournalEntry] = []
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.event_id in self._entries or entry.event_id in seen:
+                continue
+            seen.add(entry.event_id)
+            fresh.append(entry)
+        changed = fold_entries(self._summaries, fresh, stuck_after)
+        for entry in fresh:
+            self._entries[entry.event_id] = (next(self._seq), entry)
+            self._by_cid.setdefault(entry.correlation_id, []).append(entry.event_id)
+        self._summaries.update(changed)
+        return list(changed.values())
+
+    async def summary(self, correlation_id: str) -> TransactionSummary | None:
+        found = self._summaries.get(correlation_id)
+        return _copy(found) if found is not None else None
+
+    async def timeline(self, correlation_id: str) -> list[JournalEntry]:
+        rows = [self._entries[i] for i in self._by_cid.get(correlation_id, [])]
+        rows.sort(key=lambda row: row[0])
+        return [entry for _, entry in rows]
+
+    async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
+        found = [_copy(s) for s in self._summaries.values() if matches_status(s, status, now)]
+        found.sort(key=lambda s: (s.started_at, s.first_seen), reverse=True)
+        return found[:limit]
+
+    async def due(self, now: float, limit: int) -> list[TransactionSummary]:
+        found = [
+            _copy(s) for s in self._summaries.values()
+            if s.base_status == "running" and not s.timed_out and s.deadline <= now
+        ]
+        found.sort(key=lambda s: s.deadline)
+        return found[:limit]
+
+    async def mark_timed_out(self, correlation_ids: Collection[str]) -> None:
+        for cid in correlation_ids:
+            summary = self._summaries.get(cid)
+            if summary is not None:
+                summary.timed_out = True
+
+
+_SCHEMES: dict[str, tuple[str, str]] = {
+    "memory": ("choreograph._journal_store", "MemoryJournalStore"),
+    "sqlite": ("choreograph._journal_sqlite", "SQLiteJournalStore"),
+    "postgresql": ("choreograph._journal_postgres", "PostgresJournalStore"),
+    "postgres": ("choreograph._journal_postgres", "PostgresJournalStore"),
+}
+
+
+def open_journal_store(url: str) -> JournalStore:
+    """A journal store for ``url`` (not yet opened: ``await store.open()``)."""
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"journal URL {url!r}: unknown scheme {scheme!r}; expected one of "
+            + ", ".join(f"{s}://" for s in sorted(_SCHEMES))
+        )
+    module_name, class_name = _SCHEMES[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"journal URL {url!r}: {scheme}:// needs {exc.name}") from exc
+    store: JournalStore = getattr(module, class_name)(url)
+    return store

@@ -1,0 +1,354 @@
+"""The journal: a passive observer that derives each transaction's status, in virtual time.
+
+Each scenario runs over the in-memory and the SQLite journal store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from choreograph import FAILED, App, Event, Publisher, Reject, Service, Worker, derive_id
+from choreograph._envelope import decode
+from choreograph._journal_model import format_time
+from choreograph.errors import ConfigurationError
+from choreograph.journal import JOURNAL_GROUP, TIMEDOUT, Journal, JournalStore, open_journal_store
+from choreograph.testing import MemoryTransport, VirtualClock, settled
+from choreograph.transports.base import Message
+
+
+class Requested(Event, type="test.journal.requested"):
+    order: str
+    mode: str = "ok"  # ok | decline | crash | stall | nobody
+
+
+class Charged(Event, type="test.journal.charged"):
+    order: str
+    mode: str
+
+
+class Declined(Event, type="test.journal.declined"):
+    order: str
+
+
+class Delivered(Event, type="test.journal.delivered"):
+    order: str
+
+
+class Cancelled(Event, type="test.journal.cancelled"):
+    order: str
+
+
+class SpyBus(MemoryTransport):
+    """A memory bus that remembers everything published on it."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock=clock)
+        self.published: list[Message] = []
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.published.extend(messages)
+        await super().publish(messages)
+
+    def of_type(self, type_: str) -> list[Message]:
+        return [m for m in self.published if m.type == type_]
+
+
+def delivery_app() -> App:
+    """payment charges (or declines, or rejects); drone delivers (or crashes); payment refunds on a drone crash."""
+    payment, drone = Service("payment"), Service("drone")
+
+    @payment.on(Requested)
+    async def charge(req: Requested) -> Charged | Declined | None:
+        if req.mode == "decline":
+            return Declined(order=req.order)
+        if req.mode == "stall":
+            return None
+        if req.mode == "nobody":
+            raise Reject("cannot charge")
+        return Charged(order=req.order, mode=req.mode)
+
+    @drone.on(Charged)
+    async def fly(charged: Charged) -> Delivered:
+        if charged.mode == "crash":
+            raise Reject("drone lost")
+        return Delivered(order=charged.order)
+
+    @payment.on_failure(Charged)
+    async def refund(failure: object) -> Cancelled:
+        return Cancelled(order="refunded")
+
+    return App(
+        "delivery",
+        [payment, drone],
+        ingress=[Requested],
+        terminal={Delivered: "completed", Cancelled: "failed", Declined: "failed"},
+    )
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+@pytest.fixture
+def bus(clock: VirtualClock) -> SpyBus:
+    return SpyBus(clock)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/journal.db"
+
+
+@pytest.fixture
+def app() -> App:
+    return delivery_app()
+
+
+@pytest.fixture
+async def journal(app: App, store_url: str, bus: SpyBus) -> AsyncIterator[Journal]:
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=60, scan_interval=3600) as journal:
+        yield journal
+
+
+async def start(app: App, bus: SpyBus, mode: str = "ok") -> str:
+    """Run the app until settled on one request; return its correlation id."""
+    async with Worker(app.services, bus):
+        [env] = await Publisher(bus, source="/gateway").publish(Requested(order="o-1", mode=mode))
+        await settled(bus)
+    return env.id
+
+
+async def test_a_transaction_is_running_until_its_terminal_completed_event(
+    journal: Journal, app: App, bus: SpyBus
+) -> None:
+    async with Worker(app.services, bus):
+        pass  # registers the services' groups; they consume later
+    [env] = await Publisher(bus, source="/gateway").publish(Requested(order="o-1"))
+    await settled(bus)
+    tx = await journal.transaction(env.id)
+    assert tx is not None and tx.status == "running"
+    async with Worker(app.services, bus):
+        await settled(bus)
+    tx = await journal.transaction(env.id)
+    assert tx is not None and tx.status == "completed"
+    assert tx.summary.terminal_type == Delivered.event_type()
+
+
+async def test_the_timeline_is_ordered_and_names_service_and_outcome(journal: Journal, app: App, bus: SpyBus) -> None:
+    cid = await start(app, bus)
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.timeline is not None
+    rows = [(e.type, e.service, e.outcome) for e in tx.timeline]
+    assert rows == [
+        ("test.journal.requested", "gateway", "ok"),
+        ("test.journal.charged", "payment", "ok"),
+        ("test.journal.delivered", "drone", "completed"),
+    ]
+    first, second, third = tx.timeline
+    assert (second.causation_id, third.causation_id) == (first.event_id, second.event_id)
+    assert all(e.correlation_id == cid for e in tx.timeline)
+
+
+async def test_a_terminal_failed_event_without_runtime_failure_is_failed(journal: Journal, app: App, bus: SpyBus) -> None:
+    cid = await start(app, bus, mode="decline")
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.status == "failed"
+
+
+async def test_a_runtime_failure_followed_by_a_terminal_failed_event_is_compensated(
+    journal: Journal, app: App, bus: SpyBus
+) -> None:
+    cid = await start(app, bus, mode="crash")
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.timeline is not None
+    assert tx.status == "compensated"
+    assert [e.type for e in tx.timeline] == [
+        "test.journal.requested", "test.journal.charged", FAILED, "test.journal.cancelled",
+    ]
+    failure = tx.timeline[2]
+    assert (failure.service, failure.outcome, failure.attempt) == ("drone", "gave up: rejected", 1)
+    assert failure.failed_type == Charged.event_type()
+    assert failure.error == "Reject: drone lost"
+    assert failure.record is not None and "envelope" not in failure.record
+
+
+async def test_a_failure_nobody_compensates_fails_the_transaction_at_once(
+    journal: Journal, app: App, bus: SpyBus
+) -> None:
+    cid = await start(app, bus, mode="nobody")
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.status == "failed"
+    assert tx.summary.terminal_type is None
+
+
+async def test_without_compensation_knowledge_a_failure_waits_for_a_terminal_event(
+    app: App, store_url: str, bus: SpyBus, clock: VirtualClock
+) -> None:
+    async with Journal(store_url, transport=bus, stuck_after=60, scan_interval=3600) as journal:
+        cid = await start(app, bus, mode="nobody")
+        tx = await journal.transaction(cid)
+        assert tx is not None and tx.status == "running"
+        clock.advance(61)
+        tx = await journal.transaction(cid)
+        assert tx is not None and tx.status == "stuck"
+
+
+async def test_a_stuck_transaction_is_announced_once_with_a_deterministic_id(
+    journal: Journal, app: App, bus: SpyBus, clock: VirtualClock
+) -> None:
+    cid = await start(app, bus, mode="stall")
+    assert await journal.check_deadlines() == []
+    clock.advance(59)
+    assert await journal.check_deadlines() == []
+    clock.advance(2)
+    assert await journal.check_deadlines() == [cid]
+    await settled(bus)
+    assert await journal.check_deadlines() == []
+    clock.advance(3600)
+    assert await journal.check_deadlines() == []
+
+    [message] = bus.of_type(TIMEDOUT)
+    envelope = decode(message.body)
+    assert envelope.id == derive_id(cid, JOURNAL_GROUP, "timedout", 0)
+    assert envelope.correlationid == cid
+    assert envelope.data["root_type"] == Requested.event_type()
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.timeline is not None
+    assert tx.status == "stuck" and tx.summary.timed_out
+    assert tx.timeline[-1].type == TIMEDOUT and tx.timeline[-1].outcome == "timed out"
+
+
+async def test_the_deadline_watcher_announces_a_stuck_transaction_by_itself(
+    app: App, store_url: str, bus: SpyBus, clock: VirtualClock
+) -> None:
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=60, scan_interval=5):
+        cid = await start(app, bus, mode="stall")
+        clock.advance(65)
+        for _ in range(1000):  # the watcher wakes on the virtual clock; wait for its publish
+            if bus.of_type(TIMEDOUT):
+                break
+            await asyncio.sleep(0.001)
+        await settled(bus)
+        clock.advance(60)
+        await settled(bus)
+    assert [decode(m.body).correlationid for m in bus.of_type(TIMEDOUT)] == [cid]
+
+
+async def test_a_terminal_failed_event_after_the_timeout_is_compensated(
+    journal: Journal, app: App, bus: SpyBus, clock: VirtualClock
+) -> None:
+    cid = await start(app, bus, mode="stall")
+    clock.advance(61)
+    await journal.check_deadlines()
+    await Publisher(bus, source="/choreograph/payment").publish(Cancelled(order="o-1"), correlation_id=cid)
+    await settled(bus)
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.status == "compensated"
+
+
+async def test_a_late_terminal_completed_event_moves_a_stuck_transaction_to_completed(
+    journal: Journal, app: App, bus: SpyBus, clock: VirtualClock
+) -> None:
+    cid = await start(app, bus, mode="stall")
+    clock.advance(61)
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.status == "stuck"
+    await Publisher(bus).publish(Delivered(order="o-1"), correlation_id=cid)
+    await settled(bus)
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.status == "completed"
+    assert await journal.check_deadlines() == []
+
+
+async def test_the_envelope_deadline_overrides_stuck_after(
+    app: App, store_url: str, bus: SpyBus, clock: VirtualClock
+) -> None:
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=3600, scan_interval=3600) as journal:
+        deadline = format_time(clock.time() + 5)
+        [env] = await Publisher(bus).publish(Requested(order="o-1", mode="stall"), deadline=deadline)
+        await settled(bus)
+        clock.advance(4)
+        assert await journal.check_deadlines() == []
+        clock.advance(2)
+        assert await journal.check_deadlines() == [env.id]
+
+
+async def test_transactions_are_listed_by_status(journal: Journal, app: App, bus: SpyBus, clock: VirtualClock) -> None:
+    ids = {mode: await start(app, bus, mode=mode) for mode in ("ok", "decline", "crash", "stall")}
+    assert [t.correlation_id for t in await journal.transactions(status="completed")] == [ids["ok"]]
+    assert [t.correlation_id for t in await journal.transactions(status="failed")] == [ids["decline"]]
+    assert [t.correlation_id for t in await journal.transactions(status="compensated")] == [ids["crash"]]
+    assert [t.correlation_id for t in await journal.transactions(status="running")] == [ids["stall"]]
+    assert await journal.transactions(status="stuck") == []
+    clock.advance(61)
+    assert [t.correlation_id for t in await journal.transactions(status="stuck")] == [ids["stall"]]
+    assert len(await journal.transactions()) == 4
+    assert len(await journal.transactions(limit=2)) == 2
+    with pytest.raises(ConfigurationError):
+        await journal.transactions(status="lost")  # type: ignore[arg-type]
+
+
+async def test_a_redelivered_event_is_recorded_once(journal: Journal, bus: SpyBus) -> None:
+    [env] = await Publisher(bus).publish(Requested(order="o-1"), ids=["same-id"])
+    await Publisher(bus).publish(Requested(order="o-1"), ids=["same-id"])
+    await settled(bus)
+    await journal.record([env, env])
+    tx = await journal.transaction("same-id")
+    assert tx is not None and tx.timeline is not None
+    assert tx.summary.event_count == 1 and len(tx.timeline) == 1
+
+
+async def test_the_journal_publishes_nothing_but_timeouts(journal: Journal, app: App, bus: SpyBus) -> None:
+    await start(app, bus, mode="crash")
+    assert not [m for m in bus.published if decode(m.body).source == journal.source]
+
+
+async def test_a_malformed_message_is_skipped_not_blocking(journal: Journal, bus: SpyBus) -> None:
+    await bus.publish([Message("bad", "x.y", b"not json")])
+    [env] = await Publisher(bus).publish(Requested(order="o-1"))
+    await settled(bus)
+    assert journal.stats().malformed == 1
+    assert await journal.transaction(env.id) is not None
+
+
+async def test_an_unknown_correlation_id_has_no_transaction(journal: Journal) -> None:
+    assert await journal.transaction("nope") is None
+
+
+async def test_a_sqlite_journal_is_readable_by_another_journal_after_restart(
+    app: App, bus: SpyBus, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/j.db"
+    async with Journal.from_app(app, url, transport=bus):
+        cid = await start(app, bus, mode="crash")
+    reader = Journal(url)  # no transport: queries only
+    try:
+        tx = await reader.transaction(cid)
+        assert tx is not None and tx.timeline is not None
+        assert tx.status == "compensated" and len(tx.timeline) == 4
+    finally:
+        await reader.close()
+
+
+async def test_a_journal_without_transport_cannot_start() -> None:
+    with pytest.raises(ConfigurationError, match="transport"):
+        await Journal("memory://").start()
+
+
+def test_from_app_takes_terminal_events_and_compensated_failures(app: App) -> None:
+    journal = Journal.from_app(app, "memory://")
+    assert journal.terminal == {
+        Delivered.event_type(): "completed", Cancelled.event_type(): "failed", Declined.event_type(): "failed",
+    }
+    assert journal.compensated == {Charged.event_type()}
+
+
+def test_unknown_journal_url_scheme_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="unknown scheme"):
+        open_journal_store("mongodb://x")
+    assert isinstance(open_journal_store("memory://"), JournalStore)
