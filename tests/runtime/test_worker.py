@@ -371,3 +371,31 @@ async def test_stop_releases_in_flight_work_after_the_drain_timeout(bus: MemoryT
     sub = await bus.subscribe("stuck", [Placed.event_type()])
     [delivery] = await sub.fetch(10, timeout=0)
     assert delivery.attempt == 2
+
+
+async def test_a_copy_redelivered_while_its_handler_runs_is_deferred_not_acked(clock: VirtualClock) -> None:
+    bus = MemoryTransport("memory://?lease=5", clock=clock)
+    release = asyncio.Event()
+    attempts: list[int] = []
+    svc = Service("slowpoke", retry=RetryPolicy(max_attempts=5, base=0.5, jitter=False))
+
+    @svc.on(Placed, timeout=3600)
+    async def handle(order: Placed, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await release.wait()
+            raise RuntimeError("failed after its lease ran out")
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        while not attempts:
+            await asyncio.sleep(0)
+        clock.advance(6)  # the lease expires: the broker hands the same message out again
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert worker.stats().deferred >= 1
+        release.set()  # the first attempt fails late; the event must not have been settled by the copy
+        await settled(bus)
+    assert attempts[0] == 1 and len(attempts) == 2
+    assert worker.stats().handled == 1
+    assert await bus.dead_letters("slowpoke") == []

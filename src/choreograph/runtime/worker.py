@@ -49,6 +49,8 @@ from choreograph.transports.base import Delivery, Message, Subscription, Transpo
 log = logging.getLogger("choreograph.worker")
 
 DEFAULT_MAX_HOPS = 64
+#: Seconds to put back a copy of an event whose other copy is being handled right now.
+IN_FLIGHT_DEFER = 1.0
 
 
 class HandlerTimeout(Exception):
@@ -84,6 +86,7 @@ class Stats:
 
     handled: int = 0
     duplicates: int = 0
+    deferred: int = 0
     ignored: int = 0
     retried: int = 0
     dead_lettered: int = 0
@@ -170,7 +173,14 @@ class _Runner:
                 continue
             for delivery in batch:
                 message_id = delivery.message.id
-                if message_id in seen or message_id in self.active_ids:
+                if message_id in self.active_ids:
+                    # Another copy is being handled (published twice, or redelivered after its lease
+                    # ran out). Acking this one could settle the message while the handler may still
+                    # fail, so put it back: by then the inbox says whether it was processed.
+                    self.stats.deferred += 1
+                    self._emit(_Again(delivery, IN_FLIGHT_DEFER))
+                    continue
+                if message_id in seen:
                     self.stats.duplicates += 1
                     self._emit(_Done(delivery, [], mark=False))
                     continue
@@ -386,13 +396,15 @@ class _Runner:
             await store.clear_failures(self.group, [o.delivery.message.id for o in dead])
         if done:
             await self.sub.ack_many([o.delivery for o in done])
+        for outcome in done:
+            self._release_id(outcome.delivery)
         for outcome in batch:
             if isinstance(outcome, _Again):
+                self._release_id(outcome.delivery)  # before the copy can come back
                 await outcome.delivery.retry(outcome.after)
             elif isinstance(outcome, _Dead):
+                self._release_id(outcome.delivery)
                 await outcome.delivery.dead_letter(outcome.record)
-        for outcome in batch:
-            self._release_id(outcome.delivery)
 
     # -- stopping ---------------------------------------------------------------------
 
