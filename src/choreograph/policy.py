@@ -48,7 +48,7 @@ class RetryPolicy:
         ceiling = min(self.max_interval, self.base * (2 ** max(0, failed_attempt - 1)))
         if not self.jitter:
             return ceiling
-        return (rng or random).uniform(0.0, ceiling)
+        return rng.uniform(0.0, ceiling) if rng is not None else random.uniform(0.0, ceiling)
 
     def give_up(self, attempt: int, age: float) -> GiveUp | None:
         """Why to stop after ``attempt`` failed, ``age`` seconds after the first failure; else None."""
