@@ -45,7 +45,7 @@ class RetryPolicy:
 
     def backoff(self, failed_attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
-        ceiling = min(self.max_interval, self.base * (2 ** max(0, failed_attempt - 1)))
+        ceiling = min(self.max_interval, self.base * (2.0 ** max(0, failed_attempt - 1)))
         if not self.jitter:
             return ceiling
         return rng.uniform(0.0, ceiling) if rng is not None else random.uniform(0.0, ceiling)
