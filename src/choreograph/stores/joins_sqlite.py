@@ -1,0 +1,183 @@
+"""Join instances in a SQLite file (WAL; a commit survives a process crash).
+
+The file may be the service's inbox file (the tables do not clash) and may be shared
+by the replicas of a service on one host: ``arrive`` runs in one ``BEGIN IMMEDIATE``
+transaction, so two processes recording the last two arrivals of a join at once
+cannot both complete it. Calls run on a dedicated thread so the event loop never
+blocks on disk or on another process's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from choreograph.errors import StoreError
+from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
+from choreograph.stores.sqlite import sqlite_path
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS join_instances (
+    grp TEXT NOT NULL, name TEXT NOT NULL, correlation TEXT NOT NULL,
+    slots INTEGER NOT NULL, created_by TEXT NOT NULL, created_at REAL NOT NULL, deadline REAL,
+    fired_by TEXT, timed_out INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (grp, name, correlation)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS join_instances_age ON join_instances (created_at);
+CREATE TABLE IF NOT EXISTS join_arrivals (
+    grp TEXT NOT NULL, name TEXT NOT NULL, correlation TEXT NOT NULL, slot INTEGER NOT NULL,
+    event_id TEXT NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (grp, name, correlation, slot)
+) WITHOUT ROWID;
+"""
+
+
+def _state(db: sqlite3.Connection, key: JoinKey) -> JoinState | None:
+    row: Any = db.execute(
+        "SELECT slots, created_by, created_at, deadline, fired_by, timed_out FROM join_instances "
+        "WHERE grp=? AND name=? AND correlation=?",
+        (key.group, key.join, key.correlation),
+    ).fetchone()
+    if row is None:
+        return None
+    arrivals = {
+        int(slot): Arrival(event_id, bytes(body))
+        for slot, event_id, body in db.execute(
+            "SELECT slot, event_id, body FROM join_arrivals WHERE grp=? AND name=? AND correlation=?",
+            (key.group, key.join, key.correlation),
+        )
+    }
+    slots, created_by, created_at, deadline, fired_by, timed_out = row
+    return JoinState(int(slots), arrivals, created_by, float(created_at),
+                     None if deadline is None else float(deadline), fired_by, bool(timed_out))
+
+
+def _transaction(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn()
+        db.execute("COMMIT")
+        return result
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+class SQLiteJoinStore(JoinStore):
+    """``SQLiteJoinStore("sqlite:///var/shipping.db")``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        self._db: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-joins")
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._db is None:
+                raise StoreError(f"join store {self.url} is not open")
+            try:
+                return fn(self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"join store {self.url}: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+
+        def connect() -> sqlite3.Connection:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            return db
+
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        except sqlite3.Error as exc:
+            raise StoreError(f"join store {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=False)
+
+    async def arrive(
+        self, key: JoinKey, slot: int, arrival: Arrival, *, slots: int, now: float, deadline: float | None
+    ) -> JoinState:
+        ident = (key.group, key.join, key.correlation)
+
+        def write(db: sqlite3.Connection) -> JoinState:
+            def body() -> JoinState:
+                db.execute(
+                    "INSERT OR IGNORE INTO join_instances (grp, name, correlation, slots, created_by, created_at, "
+                    "deadline) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*ident, slots, arrival.event_id, now, deadline),
+                )
+                row: Any = db.execute(
+                    "SELECT slots, fired_by, timed_out FROM join_instances WHERE grp=? AND name=? AND correlation=?",
+                    ident,
+                ).fetchone()
+                if row[1] is None and not row[2]:
+                    stored = db.execute(
+                        "INSERT OR IGNORE INTO join_arrivals VALUES (?, ?, ?, ?, ?, ?)",
+                        (*ident, slot, arrival.event_id, arrival.body),
+                    ).rowcount
+                    if stored:
+                        (count,) = db.execute(
+                            "SELECT count(*) FROM join_arrivals WHERE grp=? AND name=? AND correlation=?", ident
+                        ).fetchone()
+                        if count == row[0]:
+                            db.execute(
+                                "UPDATE join_instances SET fired_by=? WHERE grp=? AND name=? AND correlation=?",
+                                (arrival.event_id, *ident),
+                            )
+                state = _state(db, key)
+                assert state is not None
+                return state
+
+            return _transaction(db, body)
+
+        return await self._run(write)
+
+    async def get(self, key: JoinKey) -> JoinState | None:
+        return await self._run(lambda db: _state(db, key))
+
+    async def time_out(self, key: JoinKey) -> JoinState | None:
+        def write(db: sqlite3.Connection) -> JoinState | None:
+            def body() -> JoinState | None:
+                db.execute(
+                    "UPDATE join_instances SET timed_out=1 WHERE grp=? AND name=? AND correlation=? "
+                    "AND fired_by IS NULL",
+                    (key.group, key.join, key.correlation),
+                )
+                return _state(db, key)
+
+            return _transaction(db, body)
+
+        return await self._run(write)
+
+    async def expire(self, older_than: float) -> int:
+        def write(db: sqlite3.Connection) -> int:
+            def body() -> int:
+                db.execute(
+                    "DELETE FROM join_arrivals WHERE (grp, name, correlation) IN "
+                    "(SELECT grp, name, correlation FROM join_instances WHERE created_at < ?)",
+                    (older_than,),
+                )
+                return db.execute("DELETE FROM join_instances WHERE created_at < ?", (older_than,)).rowcount
+
+            return _transaction(db, body)
+
+        return await self._run(write)

@@ -1,0 +1,120 @@
+"""The JoinStore contract, for every implementation: atomic completion, first arrival wins, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from choreograph.errors import ConfigurationError
+from choreograph.stores.joins_base import Arrival, JoinKey, JoinStore, open_join_store
+from choreograph.stores.joins_memory import MemoryJoinStore
+from choreograph.stores.joins_sqlite import SQLiteJoinStore
+
+KEY = JoinKey("shipping", "ship", "tx-1")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JoinStore]:
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'joins.db'}"
+    store = open_join_store(url)
+    await store.open()
+    yield store
+    await store.close()
+
+
+def arrival(event_id: str) -> Arrival:
+    return Arrival(event_id, f'{{"id": "{event_id}"}}'.encode())
+
+
+async def arrive(store: JoinStore, slot: int, event_id: str, *, key: JoinKey = KEY, now: float = 100.0,
+                 deadline: float | None = None) -> str | None:
+    state = await store.arrive(key, slot, arrival(event_id), slots=2, now=now, deadline=deadline)
+    return state.fired_by
+
+
+async def test_the_first_arrival_creates_the_instance_with_its_deadline(store: JoinStore) -> None:
+    state = await store.arrive(KEY, 1, arrival("b"), slots=2, now=100.0, deadline=130.0)
+    assert (state.created_by, state.created_at, state.deadline) == ("b", 100.0, 130.0)
+    assert state.arrivals == {1: arrival("b")}
+    assert state.fired_by is None and not state.timed_out and not state.complete
+
+
+async def test_the_arrival_that_fills_the_last_slot_completes_the_join_and_keeps_completing_it(
+    store: JoinStore,
+) -> None:
+    assert await arrive(store, 0, "a") is None
+    assert await arrive(store, 1, "b") == "b"
+    assert await arrive(store, 1, "b") == "b"  # redelivered: same answer
+    assert await arrive(store, 0, "a") == "b"
+    state = await store.get(KEY)
+    assert state is not None and state.complete and state.arrivals == {0: arrival("a"), 1: arrival("b")}
+
+
+async def test_a_slot_keeps_its_first_arrival(store: JoinStore) -> None:
+    await arrive(store, 0, "a1")
+    assert await arrive(store, 0, "a2") is None
+    assert await arrive(store, 1, "b") == "b"
+    state = await store.get(KEY)
+    assert state is not None and state.arrivals[0].event_id == "a1"
+
+
+async def test_instances_are_separate_per_group_join_and_correlation(store: JoinStore) -> None:
+    await arrive(store, 0, "a")
+    for other in (JoinKey("other", "ship", "tx-1"), JoinKey("shipping", "other", "tx-1"),
+                  JoinKey("shipping", "ship", "tx-2")):
+        assert await arrive(store, 1, "b", key=other) is None
+    assert await store.get(JoinKey("shipping", "ship", "tx-3")) is None
+
+
+async def test_a_timed_out_instance_never_fires(store: JoinStore) -> None:
+    await arrive(store, 0, "a")
+    state = await store.time_out(KEY)
+    assert state is not None and state.timed_out
+    assert await arrive(store, 1, "b") is None
+    state = await store.get(KEY)
+    assert state is not None and state.arrivals == {0: arrival("a")} and state.timed_out
+
+
+async def test_timing_out_a_fired_instance_changes_nothing(store: JoinStore) -> None:
+    await arrive(store, 0, "a")
+    await arrive(store, 1, "b")
+    state = await store.time_out(KEY)
+    assert state is not None and state.fired_by == "b" and not state.timed_out
+    assert await store.time_out(JoinKey("shipping", "ship", "nope")) is None
+
+
+async def test_expire_drops_instances_created_before_a_time(store: JoinStore) -> None:
+    await arrive(store, 0, "a", now=100.0)
+    await arrive(store, 0, "a", key=JoinKey("shipping", "ship", "tx-new"), now=200.0)
+    assert await store.expire(150.0) == 1
+    assert await store.get(KEY) is None
+    assert await store.get(JoinKey("shipping", "ship", "tx-new")) is not None
+
+
+async def test_two_sqlite_stores_on_one_file_complete_a_join_exactly_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    left, right = SQLiteJoinStore(url), SQLiteJoinStore(url)
+    await left.open()
+    await right.open()
+    try:
+        for n in range(30):
+            key = JoinKey("g", "j", f"tx-{n}")
+            states = await asyncio.gather(
+                left.arrive(key, 0, arrival(f"a{n}"), slots=2, now=1.0, deadline=None),
+                right.arrive(key, 1, arrival(f"b{n}"), slots=2, now=1.0, deadline=None),
+            )
+            fired = {s.fired_by for s in states} - {None}
+            assert len(fired) == 1
+    finally:
+        await left.close()
+        await right.close()
+
+
+def test_join_store_urls_pick_the_implementation() -> None:
+    assert isinstance(open_join_store("memory://"), MemoryJoinStore)
+    assert isinstance(open_join_store("sqlite:///var/x.db"), SQLiteJoinStore)
+    with pytest.raises(ConfigurationError, match="unknown scheme"):
+        open_join_store("mongodb://x")
