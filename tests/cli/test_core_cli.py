@@ -1,0 +1,128 @@
+"""The core CLI: run, publish and dlq, as a user types them (real processes, a sqlite bus)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from choreograph import Publisher, Reject, Service, Worker
+from choreograph.transports import open_transport
+from examples.chain import OrderPlaced
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "choreograph", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "no_such_module:svc", "--broker", "memory://"], "no module named 'no_such_module'"),
+        (["run", "examples.chain:nope", "--broker", "memory://"], "has no attribute 'nope'"),
+        (["run", "examples.chain", "--broker", "memory://"], "expected MODULE:ATTRIBUTE"),
+        (["run", "examples.chain:payment", "--broker", "kafka://x"], "unknown scheme 'kafka'"),
+        (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?lease=soon"], "lease"),
+        (["publish", "chain.order.placed", "--data", "{oops", "--broker", "memory://"], "--data: not valid JSON"),
+        (["publish", "chain.order.placed", "--data", '{"order_id": 5}', "--schema", "examples.chain",
+          "--broker", "memory://"], "$.amount: Field required"),
+        (["publish", "chain.nope", "--data", "{}", "--schema", "examples.chain", "--broker", "memory://"],
+         "unknown event type 'chain.nope'"),
+    ],
+)
+def test_bad_input_prints_one_clear_line_and_exits_2(args: list[str], needle: str) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert needle in " ".join(result.stderr.split())
+
+
+def seed_dead_letters(url: str) -> list[str]:
+    svc = Service("payment")
+
+    @svc.on(OrderPlaced)
+    async def refuse(order: OrderPlaced) -> None:
+        raise Reject(f"no {order.order_id}")
+
+    async def go() -> list[str]:
+        async with open_transport(url) as bus:
+            async with Worker([svc], bus):
+                envs = await Publisher(bus).publish(OrderPlaced(order_id="a", amount=1),
+                                                    OrderPlaced(order_id="b", amount=2))
+                for _ in range(200):
+                    if len(await bus.dead_letters("payment")) == 2:
+                        break
+                    await asyncio.sleep(0.02)
+            return [env.id for env in envs]
+
+    return asyncio.run(go())
+
+
+def test_dlq_list_show_replay_and_purge(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    ids = seed_dead_letters(url)
+    listed = json.loads(cli("dlq", "list", "--broker", url, "--json").stdout)
+    assert sorted(item["id"] for item in listed) == sorted(ids)
+    assert {item["record"]["reason"] for item in listed} == {"rejected"}
+    table = cli("dlq", "list", "--broker", url)
+    assert "rejected" in table.stdout and "payment" in table.stdout
+
+    shown = json.loads(cli("dlq", "show", ids[0], "--group", "payment", "--broker", url).stdout)
+    assert shown["envelope"]["id"] == ids[0]
+    assert shown["record"]["last_error"]["message"] == "no a"
+    missing = cli("dlq", "show", "nope", "--group", "payment", "--broker", url)
+    assert missing.returncode == 2 and "no dead letter 'nope'" in missing.stderr
+
+    replayed = json.loads(cli("dlq", "replay", ids[0], "--group", "payment", "--broker", url, "--json").stdout)
+    assert replayed == {"replayed": 1}
+    remaining = json.loads(cli("dlq", "list", "--broker", url, "--json").stdout)
+    assert [item["id"] for item in remaining] == [ids[1]]
+
+    purged = json.loads(cli("dlq", "purge", "--group", "payment", "--broker", url, "--json").stdout)
+    assert purged == {"purged": 1}
+    assert json.loads(cli("dlq", "list", "--broker", url, "--json").stdout) == []
+
+
+def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "choreograph", "run", "examples.chain:app", "--broker", url],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "running payment+shipping+notify" in line
+        published = json.loads(cli("publish", "chain.order.placed", "--data", '{"order_id": "o-9", "amount": 5}',
+                                   "--schema", "examples.chain", "--broker", url).stdout)
+        inbox = tmp_path / "bus.stores" / "payment+shipping+notify.db"
+        deadline = time.monotonic() + 30
+        import sqlite3
+
+        while time.monotonic() < deadline:
+            if inbox.exists():
+                db = sqlite3.connect(inbox)
+                groups = {row[0] for row in db.execute("SELECT grp FROM inbox")}
+                db.close()
+                if groups == {"payment", "shipping", "notify"}:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the chain did not complete")
+        assert published["id"] == published["correlation_id"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
