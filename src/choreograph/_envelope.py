@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -35,6 +36,12 @@ KNOWN_EXTENSIONS = frozenset(
     {"correlationid", "causationid", "traceparent", "tracestate", "hops", "partitionkey", "deadline"}
 )
 _EXTENSION_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+#: The shape of an RFC 3339 ``date-time`` ([0-9], not \d, which also matches non-ASCII digits).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+#: Optional core attributes: when present they must be non-empty strings (CloudEvents 1.0).
+_NON_EMPTY_OPTIONAL = ("time", "subject", "datacontenttype", "dataschema")
 
 _NAMESPACE = uuid.UUID("6f2b1a0e-3c59-4d8e-9a41-2f4c6d8b7e10")
 _NAMESPACE_BYTES = _NAMESPACE.bytes
@@ -122,6 +129,21 @@ def encode(envelope: Envelope) -> bytes:
         raise MalformedEnvelope(f"data: not JSON-serialisable ({exc})", event_id=envelope.id) from exc
 
 
+def is_rfc3339(value: str) -> bool:
+    """Whether ``value`` is an RFC 3339 timestamp (what the CloudEvents ``time`` attribute must be).
+
+    The shape is checked by pattern, the calendar (month 13, 31 February) by ``datetime``.
+    Leap seconds (``:60``) are refused: no Python datetime, and few consumers, can hold them.
+    """
+    if not _RFC3339.fullmatch(value):
+        return False
+    try:
+        datetime.fromisoformat(value.upper())
+    except ValueError:
+        return False
+    return True
+
+
 def _require_str(obj: Mapping[str, Any], name: str, *, optional: bool = False) -> str | None:
     value = obj.get(name)
     if value is None:
@@ -130,8 +152,10 @@ def _require_str(obj: Mapping[str, Any], name: str, *, optional: bool = False) -
         raise MalformedEnvelope(f"{name}: required attribute is missing", event_id=_id_of(obj))
     if not isinstance(value, str):
         raise MalformedEnvelope(f"{name}: expected a string, got {type(value).__name__}", event_id=_id_of(obj))
-    if not optional and not value:
+    if not value and (not optional or name in _NON_EMPTY_OPTIONAL):
         raise MalformedEnvelope(f"{name}: must be a non-empty string", event_id=_id_of(obj))
+    if name == "time" and not is_rfc3339(value):
+        raise MalformedEnvelope(f"time: expected an RFC 3339 timestamp, got {value!r}", event_id=_id_of(obj))
     return value
 
 
@@ -154,7 +178,8 @@ def from_dict(obj: Any) -> Envelope:
         if (
             type(id_) is str and id_ and type(source) is str and source and type(type_) is str and type_
             and type(hops) is int and hops >= 0
-            and all(type(v) is str or v is None for v in map(get, _OPTIONAL_STRINGS))
+            and all(v is None or (type(v) is str and v) for v in map(get, _OPTIONAL_STRINGS))
+            and ((time_ := get("time")) is None or is_rfc3339(time_))
         ):
             return Envelope(
                 id_, source, type_, get("data"), get("time"), get("subject"), get("datacontenttype"),
@@ -171,7 +196,7 @@ def _from_dict_checked(obj: Any) -> Envelope:
     if spec != SPECVERSION:
         raise MalformedEnvelope(f"specversion: unsupported version {spec!r} (expected '1.0')", event_id=_id_of(obj))
     hops = obj.get("hops", 0)
-    if isinstance(hops, str) and hops.isdigit():  # extensions may arrive as strings (HTTP binary mode)
+    if isinstance(hops, str) and hops.isascii() and hops.isdigit():  # may arrive as a string (HTTP binary mode)
         hops = int(hops)
     if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
         raise MalformedEnvelope(f"hops: expected a non-negative integer, got {hops!r}", event_id=_id_of(obj))
@@ -182,6 +207,11 @@ def _from_dict_checked(obj: Any) -> Envelope:
         if not key or not set(key) <= _EXTENSION_NAME_CHARS:
             raise MalformedEnvelope(
                 f"{key}: extension names must be lower-case letters and digits", event_id=_id_of(obj)
+            )
+        if isinstance(value, (dict, list)):  # not in the CloudEvents type system
+            raise MalformedEnvelope(
+                f"{key}: extension values must be strings, numbers or booleans, got {type(value).__name__}",
+                event_id=_id_of(obj),
             )
         extensions[key] = value
     if "data_base64" in obj:
