@@ -1,0 +1,452 @@
+"""The envelope is CloudEvents 1.0 structured JSON: checked against the spec's JSON Schema,
+the conformance events, and the CloudEvents Python SDK in both directions."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+import yaml
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+from dateutil.parser import isoparse
+from hypothesis import given
+from hypothesis import strategies as st
+
+from choreograph import Envelope, Event, MalformedEnvelope, decode, derive_id, encode
+from choreograph._envelope import CORE_ATTRIBUTES, KNOWN_EXTENSIONS, from_dict
+from choreograph.runtime.records import dead_letter_record, failure_envelope, first_envelope, output_envelope
+
+CONFORMANCE = Path("/work/shared/conformance")
+SCHEMA_PATH = CONFORMANCE / "cloudevents-spec/cloudevents/formats/cloudevents.json"
+MINIMUM_PATH = CONFORMANCE / "cloudevents-conformance/yaml/v1.0/v1_minimum.yaml"
+
+pytestmark = pytest.mark.skipif(not SCHEMA_PATH.exists(), reason=f"conformance data missing: {SCHEMA_PATH}")
+
+
+# --- the spec's JSON Schema, with the formats it names actually checked ---------------------------
+
+_URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _checker() -> jsonschema.FormatChecker:
+    """jsonschema checks ``date-time``/``uri`` only with optional packages; these are small equivalents."""
+    checker = jsonschema.FormatChecker()
+
+    @checker.checks("date-time")
+    def _date_time(value: object) -> bool:
+        if not isinstance(value, str):
+            return True
+        if not re.fullmatch(
+            r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", value, re.ASCII
+        ):
+            return False
+        isoparse(value.upper())  # raises on 31 February and friends
+        return True
+
+    @checker.checks("uri-reference")
+    def _uri_reference(value: object) -> bool:
+        return not isinstance(value, str) or bool(_URI_CHARS.fullmatch(value))
+
+    @checker.checks("uri")
+    def _uri(value: object) -> bool:
+        return not isinstance(value, str) or bool(_URI_CHARS.fullmatch(value) and _SCHEME.match(value))
+
+    return checker
+
+
+VALIDATOR = jsonschema.Draft7Validator(json.loads(SCHEMA_PATH.read_text()), format_checker=_checker())
+
+
+def assert_conforms(body: bytes) -> dict[str, Any]:
+    obj = json.loads(body)
+    errors = [f"{'/'.join(map(str, e.path)) or '$'}: {e.message}" for e in VALIDATOR.iter_errors(obj)]
+    assert not errors, errors
+    return obj  # type: ignore[no-any-return]
+
+
+# --- strategies -----------------------------------------------------------------------------------
+
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)  # JSON text: no lone surrogates
+_non_empty = _text.filter(bool)
+_uri_ref = st.from_regex(r"\A/[a-z0-9._~\-]{1,20}(/[a-z0-9._~\-]{1,10}){0,3}\Z")
+_json_scalar = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _text
+)
+_json = st.recursive(
+    _json_scalar,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=12,
+)
+_offsets = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m)))
+_datetimes = st.datetimes(
+    min_value=datetime(1000, 1, 1), max_value=datetime(9999, 1, 1), timezones=st.just(UTC) | _offsets
+)
+_times = _datetimes.map(lambda d: d.isoformat().replace("+00:00", "Z"))
+_extension_names = st.from_regex(r"\A[a-z0-9]{1,20}\Z").filter(
+    lambda n: n not in CORE_ATTRIBUTES and n not in KNOWN_EXTENSIONS
+)
+_extension_values = _text | st.integers(-(2**31), 2**31 - 1) | st.booleans()
+
+
+@st.composite
+def envelopes(draw: st.DrawFn, *, source: st.SearchStrategy[str] = _non_empty) -> Envelope:
+    optional = lambda strategy: draw(st.none() | strategy)  # noqa: E731
+    return Envelope(
+        id=draw(_non_empty),
+        source=draw(source),
+        type=draw(_non_empty),
+        data=optional(_json),
+        time=optional(_times),
+        subject=optional(_non_empty),
+        datacontenttype=optional(st.sampled_from(["application/json", "application/json; charset=utf-8"])),
+        dataschema=optional(st.just("urn:choreograph:schema:x:v1") | st.just("https://example.com/s.json")),
+        correlationid=optional(_non_empty),
+        causationid=optional(_non_empty),
+        traceparent=optional(st.just("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")),
+        tracestate=optional(_text),
+        hops=draw(st.integers(0, 1000)),
+        partitionkey=optional(_non_empty),
+        deadline=optional(_times),
+        extensions=draw(st.dictionaries(_extension_names, _extension_values, max_size=3)),
+    )
+
+
+# --- encode / decode ------------------------------------------------------------------------------
+
+
+@given(envelopes())
+def test_decode_inverts_encode(env: Envelope) -> None:
+    assert decode(encode(env)) == env
+
+
+@given(envelopes(source=_uri_ref))
+def test_every_encoded_envelope_conforms_to_the_cloudevents_json_schema(env: Envelope) -> None:
+    assert_conforms(encode(env))
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(sorted(CORE_ATTRIBUTES | KNOWN_EXTENSIONS | {"x", "Bad"})), _json, max_size=8
+    )
+)
+def test_decoding_any_json_object_gives_an_envelope_or_malformed_envelope(obj: dict[str, Any]) -> None:
+    """Nothing else escapes decode: the worker dead-letters MalformedEnvelope and moves on."""
+    body = orjson.dumps(obj)
+    try:
+        env = decode(body)
+    except MalformedEnvelope:
+        return
+    assert decode(encode(env)) == env
+
+
+@given(
+    st.fixed_dictionaries(
+        {"specversion": st.just("1.0"), "id": _non_empty, "source": _uri_ref, "type": _non_empty}
+    ),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "time": _json_scalar | _times,
+            "subject": _json_scalar,
+            "datacontenttype": _json_scalar,
+            "dataschema": _json_scalar.filter(lambda v: v == "" or not isinstance(v, str))
+            | st.just("urn:x:1"),
+            "hops": _json_scalar,
+        },
+    ),
+)
+def test_what_decode_accepts_is_a_conforming_cloudevent(
+    required: dict[str, Any], optional: dict[str, Any]
+) -> None:
+    """Types, emptiness and timestamps are checked; URI syntax (source, dataschema) is not (see below)."""
+    try:
+        env = from_dict({**required, **optional})
+    except MalformedEnvelope:
+        return
+    assert_conforms(encode(env))
+
+
+def test_unknown_extensions_survive_a_round_trip_untouched() -> None:
+    body = b'{"specversion":"1.0","id":"1","source":"/s","type":"t","region":"eu","priority":3,"beta":true}'
+    env = decode(body)
+    assert env.extensions == {"region": "eu", "priority": 3, "beta": True}
+    assert orjson.loads(encode(env)) | {"hops": 0} == orjson.loads(body) | {"hops": 0}
+
+
+def test_decode_does_not_police_uri_syntax() -> None:
+    """Like the SDK, decode accepts any non-empty source/dataschema: refusing a producer's odd but
+    harmless source would dead-letter real business events over a formality."""
+    env = decode(b'{"specversion":"1.0","id":"1","source":"my service","type":"t","dataschema":"v1"}')
+    assert (env.source, env.dataschema) == ("my service", "v1")
+
+
+def test_hops_sent_as_a_string_of_digits_is_read_as_an_integer() -> None:
+    """Binary-mode bindings carry extensions as strings."""
+    assert decode(b'{"specversion":"1.0","id":"1","source":"/s","type":"t","hops":"7"}').hops == 7
+
+
+def test_binary_data_is_carried_as_data_base64_untouched() -> None:
+    env = decode(b'{"specversion":"1.0","id":"1","source":"/s","type":"t","data_base64":"AAE="}')
+    assert env.data is None
+    assert orjson.loads(encode(env))["data_base64"] == "AAE="
+
+
+def test_data_that_is_not_json_serialisable_is_refused_at_encode() -> None:
+    with pytest.raises(MalformedEnvelope, match=r"^data: "):
+        encode(Envelope(id="1", source="/s", type="t", data={"when": object()}))
+
+
+# --- malformed envelopes name the attribute -------------------------------------------------------
+
+VALID: dict[str, Any] = {"specversion": "1.0", "id": "e-1", "source": "/s", "type": "t", "data": {"n": 1}}
+
+
+def without(name: str) -> dict[str, Any]:
+    return {k: v for k, v in VALID.items() if k != name}
+
+
+@pytest.mark.parametrize(
+    ("obj", "attribute"),
+    [
+        pytest.param(without("id"), "id", id="missing id"),
+        pytest.param(without("source"), "source", id="missing source"),
+        pytest.param(without("type"), "type", id="missing type"),
+        pytest.param(without("specversion"), "specversion", id="missing specversion"),
+        pytest.param({**VALID, "id": ""}, "id", id="empty id"),
+        pytest.param({**VALID, "source": ""}, "source", id="empty source"),
+        pytest.param({**VALID, "type": ""}, "type", id="empty type"),
+        pytest.param({**VALID, "id": 7}, "id", id="id a number"),
+        pytest.param({**VALID, "source": ["/s"]}, "source", id="source a list"),
+        pytest.param({**VALID, "type": None}, "type", id="type null"),
+        pytest.param({**VALID, "specversion": 1.0}, "specversion", id="specversion a number"),
+        pytest.param({**VALID, "specversion": "0.3"}, "specversion", id="specversion 0.3"),
+        pytest.param({**VALID, "time": "yesterday"}, "time", id="time not RFC 3339"),
+        pytest.param({**VALID, "time": "2024-02-31T00:00:00Z"}, "time", id="time 31 February"),
+        pytest.param({**VALID, "time": "2024-01-01T00:00:00"}, "time", id="time without offset"),
+        pytest.param({**VALID, "time": "٢٠٢٤-01-01T00:00:00Z"}, "time", id="time in Arabic-Indic digits"),
+        pytest.param({**VALID, "time": 1700000000}, "time", id="time a number"),
+        pytest.param({**VALID, "subject": ""}, "subject", id="empty subject"),
+        pytest.param({**VALID, "datacontenttype": 1}, "datacontenttype", id="datacontenttype a number"),
+        pytest.param({**VALID, "dataschema": ""}, "dataschema", id="empty dataschema"),
+        pytest.param({**VALID, "correlationid": 5}, "correlationid", id="correlationid a number"),
+        pytest.param({**VALID, "hops": -1}, "hops", id="negative hops"),
+        pytest.param({**VALID, "hops": True}, "hops", id="hops a boolean"),
+        pytest.param({**VALID, "hops": "²"}, "hops", id="hops a superscript digit"),
+        pytest.param({**VALID, "hops": 1.5}, "hops", id="hops a fraction"),
+        pytest.param({**VALID, "Region": "eu"}, "Region", id="upper-case extension name"),
+        pytest.param({**VALID, "x-region": "eu"}, "x-region", id="extension name with a dash"),
+        pytest.param({**VALID, "my_ext": "eu"}, "my_ext", id="extension name with an underscore"),
+        pytest.param({**VALID, "": "eu"}, "", id="empty extension name"),
+        pytest.param({**VALID, "region": {"name": "eu"}}, "region", id="extension value an object"),
+        pytest.param({**VALID, "tags": ["a"]}, "tags", id="extension value a list"),
+    ],
+)
+def test_an_invalid_envelope_raises_malformed_envelope_naming_the_attribute(
+    obj: dict[str, Any], attribute: str
+) -> None:
+    with pytest.raises(MalformedEnvelope) as info:
+        decode(orjson.dumps(obj))
+    assert info.value.message.startswith(f"{attribute}: ")
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"\xff", b"[1, 2]", b'"event"', b"null"])
+def test_a_body_that_is_not_a_json_object_raises_malformed_envelope_at_the_root(body: bytes) -> None:
+    with pytest.raises(MalformedEnvelope, match=r"^\$: "):
+        decode(body)
+
+
+def test_malformed_envelope_carries_the_event_id_when_there_is_one() -> None:
+    with pytest.raises(MalformedEnvelope) as info:
+        decode(orjson.dumps({**VALID, "id": "e-9", "hops": -1}))
+    assert info.value.event_id == "e-9"
+
+
+# --- agreement with the CloudEvents SDK -----------------------------------------------------------
+
+SDK = JSONFormat()
+
+
+def _sdk_view(env: Envelope) -> dict[str, Any]:
+    """What the SDK should see in our JSON: every attribute present, ``time`` as an aware datetime."""
+    attributes = {k: v for k, v in env.to_dict().items() if k != "data"}
+    if env.time is not None:
+        attributes["time"] = isoparse(env.time)
+    return attributes
+
+
+@given(envelopes())
+def test_the_sdk_reads_our_json_as_the_same_event(env: Envelope) -> None:
+    event = SDK.read(None, encode(env))
+    attributes = dict(event.get_attributes())
+    if env.time is None:
+        attributes.pop("time")  # the SDK stamps a missing time with "now"
+    assert attributes == _sdk_view(env)
+    assert event.get_data() == env.data
+
+
+_sdk_attributes = st.fixed_dictionaries(
+    {"id": _non_empty, "source": _non_empty, "type": _non_empty},
+    optional={
+        "time": _datetimes,
+        "subject": _non_empty,
+        "dataschema": st.just("https://example.com/schema.json"),
+        "correlationid": _non_empty,
+        "hops": st.integers(0, 100),
+        "region": _text,
+        "priority": st.integers(-(2**31), 2**31 - 1),
+    },
+)
+_sdk_data = st.none() | st.dictionaries(_text, _json, max_size=4)
+
+
+@given(_sdk_attributes, _sdk_data)
+def test_we_decode_the_sdks_json_as_the_same_event(attributes: dict[str, Any], data: Any) -> None:
+    event = CloudEvent(dict(attributes), data)
+    env = decode(SDK.write(event))
+    seen = {k: v for k, v in env.to_dict().items() if k != "data"}
+    expected = dict(event.get_attributes())
+    expected.setdefault("hops", 0)  # we always write hops
+    assert isoparse(seen.pop("time")) == expected.pop("time")
+    assert seen == expected
+    assert env.data == data
+
+
+def test_we_decode_the_sdks_binary_data_as_data_base64() -> None:
+    event = CloudEvent({"id": "1", "source": "/s", "type": "t"}, b"\x00\x01\xff")
+    env = decode(SDK.write(event))
+    assert env.extensions == {"data_base64": "AAH/"}
+    assert SDK.read(None, encode(env)).get_data() == b"\x00\x01\xff"
+
+
+# --- the conformance suite's minimum events, in the JSON format -----------------------------------
+
+
+def _minimum_events() -> list[dict[str, Any]]:
+    with MINIMUM_PATH.open() as f:  # BaseLoader: `specversion: 1.0` stays the string "1.0"
+        return [doc for doc in yaml.load_all(f, Loader=yaml.BaseLoader) if doc]
+
+
+def _as_structured_json(case: dict[str, Any]) -> dict[str, Any]:
+    """JSON format §3.1: JSON data is embedded as a JSON value, any other text as a string."""
+    attributes = case["ContextAttributes"]
+    data: Any = case["Data"]
+    if JSONFormat.JSON_CONTENT_TYPE_PATTERN.match(attributes["datacontenttype"]):
+        data = json.loads(data)
+    return {**attributes, "data": data}
+
+
+@pytest.mark.parametrize("case", _minimum_events(), ids=lambda c: c["ContextAttributes"]["id"])
+def test_conformance_minimum_events_round_trip_and_conform(case: dict[str, Any]) -> None:
+    structured = _as_structured_json(case)
+    env = from_dict(structured)
+    assert (env.id, env.datacontenttype, env.data) == (
+        structured["id"],
+        structured["datacontenttype"],
+        structured["data"],
+    )
+    body = encode(env)
+    assert assert_conforms(body) == {**structured, "hops": 0}
+    sdk_event = SDK.read(None, body)
+    assert sdk_event.get_id() == env.id and sdk_event.get_data() == env.data
+
+
+# --- what the runtime writes ----------------------------------------------------------------------
+
+
+class Placed(Event, type="test.envelope.placed", version=2):
+    order_id: str
+    amount: int
+
+
+def _input() -> Envelope:
+    return first_envelope(Placed(order_id="o-1", amount=3), source="/choreograph/publisher", id="in-1")
+
+
+def test_an_ingress_envelope_conforms_and_names_its_schema() -> None:
+    obj = assert_conforms(encode(_input()))
+    assert obj["dataschema"] == "urn:choreograph:schema:test.envelope.placed:v2"
+    assert obj["correlationid"] == "in-1" and obj["data"] == {"order_id": "o-1", "amount": 3}
+
+
+def test_an_output_envelope_conforms_and_carries_correlation_causation_and_hops() -> None:
+    cause = _input()
+    out = output_envelope(
+        Placed(order_id="o-1", amount=4),
+        cause=cause,
+        service="svc",
+        handler="h",
+        index=0,
+        source="/choreograph/svc",
+    )
+    obj = assert_conforms(encode(out))
+    assert (obj["id"], obj["correlationid"], obj["causationid"], obj["hops"]) == (
+        derive_id("in-1", "svc", "h", 0),
+        "in-1",
+        "in-1",
+        1,
+    )
+    assert SDK.read(None, encode(out)).get_data() == {"order_id": "o-1", "amount": 4}
+
+
+def test_a_failure_envelope_conforms_and_embeds_the_original() -> None:
+    cause = _input()
+    record = dead_letter_record(
+        reason="max_attempts",
+        service="svc",
+        handler="h",
+        group="svc",
+        attempts=5,
+        first_error=None,
+        last_error=None,
+        first_attempt_at=1.0,
+        last_attempt_at=2.0,
+        envelope=cause.to_dict(),
+    )
+    failure = failure_envelope(cause, record, service="svc", handler="h", source="/choreograph/svc")
+    obj = assert_conforms(encode(failure))
+    assert obj["type"] == "choreograph.failed" and obj["failedtype"] == "test.envelope.placed"
+    assert obj["data"]["envelope"]["id"] == "in-1" and obj["data"]["record"]["reason"] == "max_attempts"
+    assert decode(encode(failure)).extensions == {"failedtype": "test.envelope.placed"}
+
+
+# --- deterministic ids ----------------------------------------------------------------------------
+
+
+@given(_text, _text, _text, st.integers(0, 10**6) | _text)
+def test_derive_id_is_the_uuid5_of_its_parts(
+    input_id: str, service: str, handler: str, index: int | str
+) -> None:
+    """Stable across processes and Python versions: it is a standard UUID5, computed by hand."""
+    namespace = uuid.UUID("6f2b1a0e-3c59-4d8e-9a41-2f4c6d8b7e10")
+    expected = uuid.uuid5(namespace, f"{input_id}\x1f{service}\x1f{handler}\x1f{index}")
+    assert derive_id(input_id, service, handler, index) == str(expected)
+
+
+def test_derive_id_is_pinned() -> None:
+    """A changed derivation would break dedupe of outputs republished by an upgraded worker."""
+    assert derive_id("in-1", "payment", "capture", 0) == "a45b8613-a1f4-5651-9290-42913c8b32b5"
+
+
+_name = st.text(st.characters(exclude_categories=("Cs", "Cc")), max_size=10)  # names hold no \x1f
+
+
+@given(st.lists(st.tuples(_text, _name, _name, st.integers(0, 5)), min_size=2, max_size=10, unique=True))
+def test_derive_id_differs_for_every_distinct_input_service_handler_and_index(
+    parts: list[tuple[str, str, str, int]],
+) -> None:
+    """Service names and handler qualnames cannot contain the separator, so the parts never blur."""
+    ids = {derive_id(*p) for p in parts}
+    assert len(ids) == len(parts)
