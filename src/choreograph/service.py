@@ -29,6 +29,9 @@ from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.policy import DEFAULT_RETRY, RetryPolicy
 
+if typing.TYPE_CHECKING:
+    from choreograph.joins import JoinRunner, Route
+
 FAILED = "choreograph.failed"
 """The type of the failure event the runtime publishes when it gives up on an event."""
 
@@ -67,6 +70,7 @@ class Handler:
     retry: RetryPolicy
     timeout: float
     takes_context: bool
+    join: JoinRunner | None = None  # joins and compensations: the worker calls join.run(...), not func
 
     @property
     def subscription(self) -> str:
@@ -188,6 +192,32 @@ class Service:
         gave up, even when that successor cannot announce its own failure.
         """
         return self._register("failure", event, retry, timeout, emits)
+
+    def on_all(
+        self,
+        *events: type[Event] | Route,
+        within: float | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        emits: Iterable[type[Event]] | None = None,
+    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """Register a join: run once per correlation id when all of ``events`` have arrived.
+
+        The function takes the events in this order (then, optionally, the context).
+        ``within=seconds`` (from the first arrival) announces a ``join_timeout``
+        failure of each arrived event if the rest do not come. See :mod:`choreograph.joins`.
+        """
+        from choreograph.joins import as_route, install
+
+        slots = [[as_route(event, self.name)] for event in events]
+        if len(slots) < 2:
+            raise ConfigurationError(f"Service {self.name!r}: on_all() joins two or more events; use on() for one")
+
+        def decorator(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            install(self, func, slots, kind="join", within=within, retry=retry, timeout=timeout, emits=emits)
+            return func
+
+        return decorator
 
     def _register(
         self,

@@ -34,6 +34,7 @@ from choreograph._envelope import Envelope, decode, from_dict
 from choreograph.context import Context, _set_current
 from choreograph.errors import EmitError, MalformedEnvelope, Reject, Retry
 from choreograph.events import Event
+from choreograph.joins import Defer
 from choreograph.runtime.records import (
     DeadLetterReason,
     dead_letter_record,
@@ -43,6 +44,8 @@ from choreograph.runtime.records import (
 )
 from choreograph.service import FAILED, Failure, Handler, Service
 from choreograph.stores.base import ErrorInfo, InboxStore
+from choreograph.stores.joins_base import JoinStore
+from choreograph.stores.joins_memory import MemoryJoinStore
 from choreograph.stores.memory import MemoryStore
 from choreograph.transports.base import Delivery, Message, Subscription, Transport
 
@@ -255,10 +258,15 @@ class _Runner:
             args = (argument, ctx) if handler.takes_context else (argument,)
             try:
                 async with asyncio.timeout(handler.timeout):  # no extra task, unlike wait_for
-                    result = await handler.func(*args)
+                    if handler.join is None:
+                        result = await handler.func(*args)
+                    else:  # a join or compensation: records the arrival, calls func once all arrived
+                        result = await handler.join.run(argument, ctx, worker.joins, worker.clock)
             except TimeoutError:
                 raise HandlerTimeout(f"handler exceeded its timeout of {handler.timeout}s") from None
             messages = self._outputs(handler, envelope, _outputs_of(result), ctx)
+        except Defer as exc:  # a join deadline timer not due yet: not a failure
+            return _Again(delivery, exc.after)
         except Reject as exc:
             return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), now)
         except EmitError as exc:
@@ -446,7 +454,8 @@ class Worker:
 
     ``concurrency`` bounds the handlers running at once per service. The inbox store
     defaults to an in-memory one; give a durable store (``SQLiteStore``) for
-    deduplication across restarts.
+    deduplication across restarts. ``joins`` keeps the arrivals of joins and
+    compensations (default in-memory; give ``SQLiteJoinStore`` so they survive restarts).
     """
 
     def __init__(
@@ -455,6 +464,7 @@ class Worker:
         transport: Transport,
         *,
         store: InboxStore | None = None,
+        joins: JoinStore | None = None,
         concurrency: int = 64,
         clock: Clock | None = None,
         max_hops: int = DEFAULT_MAX_HOPS,
@@ -467,6 +477,7 @@ class Worker:
         self.services = list(services)
         self.transport = transport
         self.store = store or MemoryStore()
+        self.joins = joins or MemoryJoinStore()
         self.concurrency = concurrency
         self.clock = clock or getattr(transport, "clock", None) or SYSTEM_CLOCK
         self.max_hops = max_hops
@@ -492,6 +503,7 @@ class Worker:
         self._started = True
         await self.transport.connect()
         await self.store.open()
+        await self.joins.open()
         for runner in self.runners:
             await runner.start()
 

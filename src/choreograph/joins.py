@@ -1,0 +1,352 @@
+"""Joins: run a handler once per transaction when *all* of several events have arrived.
+
+>>> @shipping.on_all(PaymentCaptured, StockReserved, within=60)     # doctest: +SKIP
+... async def ship(paid: PaymentCaptured, reserved: StockReserved) -> OrderShipped:
+...     ...
+
+How it works, and why:
+
+* A join registers an ordinary handler for each of its event types (so a service
+  still has one handler per event type). Each arrival is recorded in the worker's
+  :class:`~choreograph.stores.joins_base.JoinStore` under ``(service, join,
+  correlation id)``; the store decides atomically which arrival *completes* the
+  join, and only that delivery runs the function, with every event as an argument
+  in declared order (plus the context if the function takes one more parameter).
+  Arrival order does not matter; a duplicate (same id, or a second event of a type
+  already stored) never fires it again; a redelivery of the completing event after a
+  crash or a failed attempt runs it again, with the same deterministic output ids.
+* ``within=seconds`` starts a deadline at the first arrival. The timer is an
+  event on the bus (``choreograph.join.deadline``) that the first arrival emits to
+  its own service and that the worker redelivers until it is due (:class:`Defer`):
+  it is as durable as any event, survives restarts, and a virtual clock
+  fast-forwards it. If the join has not fired by then it never will, and one
+  ``choreograph.failed`` event per arrived event is published with the record
+  reason ``join_timeout`` (``missing`` / ``arrived`` name the types), so each
+  upstream step's ``failed(X)`` compensation sees its own event.
+* When the join's handler gives up, the runtime announces the failure of the
+  completing event; the join adds the same announcement for each other arrival
+  (one extra hop), again so every upstream step can compensate from its own data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+import orjson
+import pydantic
+
+from choreograph._envelope import Envelope, decode, encode, from_dict
+from choreograph.errors import ConfigurationError
+from choreograph.events import Event
+from choreograph.policy import RetryPolicy
+from choreograph.service import FAILED, Failure, Handler, Service, declared_emits
+from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
+
+if TYPE_CHECKING:
+    from choreograph._clock import Clock
+    from choreograph.context import Context
+
+DEADLINE = "choreograph.join.deadline"
+"""The type of the timer event a join with ``within=`` sends to its own service."""
+
+MAX_DEFER = 3600.0
+"""Longest single redelivery delay of a timer; a later deadline is re-deferred (brokers cap delays)."""
+
+JoinKind = Literal["join", "compensation"]
+
+
+class Defer(Exception):
+    """Raised by a runtime-owned handler whose event is not due yet: deliver it again in ``after`` s.
+
+    Not a failure: the worker settles it with ``retry(after)`` without recording an
+    error or consulting the retry policy.
+    """
+
+    def __init__(self, after: float) -> None:
+        super().__init__(f"not due for {after:.3f}s")
+        self.after = max(0.0, after)
+
+
+class JoinDeadline(Event):
+    """The timer of one join instance: due at ``due`` (epoch seconds)."""
+
+    __event_type__: ClassVar[str] = DEADLINE
+    service: str
+    join: str
+    correlation_id: str
+    due: float
+
+
+class Failed(Event):
+    """A ``choreograph.failed`` event emitted by a handler (join timeouts, join failure fan-out).
+
+    Same shape as the runtime's own failure events: the failed event's type, its
+    original envelope, and a record (``reason``, ``service``, ``handler``, ...).
+    """
+
+    __event_type__: ClassVar[str] = FAILED
+    type: str
+    envelope: dict[str, Any]
+    record: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """What fills a slot of a join: events of ``cls``, or (``failure``) the runtime's failure of one."""
+
+    cls: type[Event]
+    failure: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{FAILED}:{self.cls.event_type()}" if self.failure else self.cls.event_type()
+
+    def __str__(self) -> str:
+        return f"failed({self.cls.__name__})" if self.failure else self.cls.__name__
+
+
+def as_route(value: type[Event] | Route, service: str) -> Route:
+    """An Event class or a :class:`Route` (``failed(X)``) as a route; anything else is a mistake."""
+    if isinstance(value, Route):
+        return value
+    if isinstance(value, type) and issubclass(value, Event):
+        return Route(value)
+    raise ConfigurationError(f"Service {service!r}: expected an Event subclass or failed(...), got {value!r}")
+
+
+def route_key(envelope: Envelope) -> str:
+    """The route an envelope arrives on: its type, or ``choreograph.failed:<failed type>``."""
+    if envelope.type == FAILED and isinstance(envelope.data, dict):
+        return f"{FAILED}:{envelope.data.get('type')}"
+    return envelope.type
+
+
+class JoinRunner(Protocol):
+    """What the worker calls instead of ``handler.func`` for joins and their helpers."""
+
+    async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any: ...
+
+
+def rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JoinSpec:
+    """One join of a service: its slots (each filled by any one of its routes) and its function."""
+
+    def __init__(
+        self,
+        service: str,
+        name: str,
+        slots: Sequence[Sequence[Route]],
+        func: Callable[..., Awaitable[Any]],
+        *,
+        takes_context: bool,
+        within: float | None,
+        kind: JoinKind,
+    ) -> None:
+        self.service = service
+        self.name = name
+        self.slots = [tuple(routes) for routes in slots]
+        self.func = func
+        self.takes_context = takes_context
+        self.within = within
+        self.kind = kind
+        self._slot_of = {route.key: index for index, routes in enumerate(self.slots) for route in routes}
+        self._route_of = {route.key: route for routes in self.slots for route in routes}
+
+    def __repr__(self) -> str:
+        slots = ", ".join(" | ".join(map(str, routes)) for routes in self.slots)
+        return f"<{self.kind} {self.service}.{self.name} on all of ({slots})>"
+
+    def key(self, correlation_id: str) -> JoinKey:
+        return JoinKey(self.service, self.name, correlation_id)
+
+    async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any:
+        envelope = ctx.envelope
+        now = clock.time()
+        state = await store.arrive(
+            self.key(ctx.correlation_id),
+            self._slot_of[route_key(envelope)],
+            Arrival(envelope.id, encode(envelope)),
+            slots=len(self.slots),
+            now=now,
+            deadline=None if self.within is None else now + self.within,
+        )
+        if state.fired_by != envelope.id:
+            if state.created_by == envelope.id and state.deadline is not None and not state.timed_out:
+                ctx.publish(JoinDeadline(service=self.service, join=self.name,
+                                         correlation_id=ctx.correlation_id, due=state.deadline))
+            return None
+        args: list[Any] = [self._argument(state.arrivals[index]) for index in range(len(self.slots))]
+        if self.takes_context:
+            args.append(ctx)
+        return await self.func(*args)
+
+    def _argument(self, arrival: Arrival) -> Any:
+        envelope = decode(arrival.body)
+        route = self._route_of[route_key(envelope)]
+        if not route.failure:
+            return route.cls.model_validate(envelope.data)
+        original = from_dict(envelope.data.get("envelope"))
+        try:
+            event: Event | None = route.cls.model_validate(original.data)
+        except pydantic.ValidationError:
+            event = None
+        return Failure(event=event, envelope=original, record=dict(envelope.data.get("record") or {}))
+
+    def timeout_failures(self, state: JoinState, now: float) -> list[Failed]:
+        """One failure event per arrived event of a join whose deadline passed."""
+        arrived = [orjson.loads(state.arrivals[i].body) for i in sorted(state.arrivals)]
+        missing = [str(r) for i, routes in enumerate(self.slots) if i not in state.arrivals for r in routes]
+        deadline = rfc3339(state.deadline) if state.deadline is not None else None
+        record = {
+            "reason": "join_timeout",
+            "service": self.service,
+            "handler": self.name,
+            "group": self.service,
+            "attempts": 0,
+            "first_error": None,
+            "last_error": {"type": "JoinTimeout", "traceback": "",
+                           "message": f"{self.name}: still missing {missing} at the deadline {deadline}"},
+            "first_attempt_at": state.created_at,
+            "last_attempt_at": now,
+            "deadline": deadline,
+            "arrived": [env["type"] for env in arrived],
+            "missing": missing,
+        }
+        return [Failed(type=env["type"], envelope=env, record=record) for env in arrived]
+
+
+class _Timers:
+    """The handler of a service's join deadline timers (one per service, for all its joins)."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.specs: dict[str, JoinSpec] = {}
+
+    async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any:
+        timer: JoinDeadline = argument
+        spec = self.specs.get(timer.join)
+        if timer.service != self.service or spec is None:
+            return None  # another service's timer (they share the type), or a join since removed
+        remaining = timer.due - clock.time()
+        if remaining > 0:
+            raise Defer(min(remaining, MAX_DEFER))
+        state = await store.time_out(spec.key(timer.correlation_id))
+        if state is None or not state.timed_out:
+            return None
+        return spec.timeout_failures(state, clock.time())
+
+
+class _FanOut:
+    """Announces a given-up join's failure for every arrival, not just the one that completed it."""
+
+    def __init__(self, spec: JoinSpec) -> None:
+        self.spec = spec
+
+    async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any:
+        failure: Failure = argument
+        record = failure.record
+        if record.get("service") != self.spec.service or record.get("handler") != self.spec.name:
+            return None
+        state = await store.get(self.spec.key(ctx.correlation_id))
+        if state is None or state.fired_by != failure.envelope.id:
+            return None  # not the runtime's announcement for the completing arrival
+        return [
+            Failed(type=env["type"], envelope=env, record=record)
+            for env in (orjson.loads(state.arrivals[i].body) for i in sorted(state.arrivals))
+            if env["id"] != failure.envelope.id
+        ]
+
+
+def _positional(func: Callable[..., Any]) -> int:
+    return len([
+        p for p in inspect.signature(func).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ])
+
+
+def install(
+    service: Service,
+    func: Callable[..., Awaitable[Any]],
+    slots: Sequence[Sequence[Route]],
+    *,
+    kind: JoinKind,
+    within: float | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+    emits: Iterable[type[Event]] | None = None,
+) -> JoinSpec:
+    """Register ``func`` as a join of ``service`` over ``slots``; check everything first, then insert."""
+    where = f"Service {service.name!r}: {func.__qualname__}"
+    if not inspect.iscoroutinefunction(func):
+        raise ConfigurationError(f"{func.__qualname__}: handlers must be `async def` functions")
+    count = _positional(func)
+    if count not in (len(slots), len(slots) + 1):
+        raise ConfigurationError(
+            f"{where} takes {count} positional parameters; expected one per joined slot "
+            f"({len(slots)}), optionally followed by ctx"
+        )
+    if within is not None and within <= 0:
+        raise ConfigurationError(f"{where}: within= must be > 0 seconds")
+    if timeout is not None and timeout <= 0:
+        raise ConfigurationError(f"{where}: timeout must be > 0 seconds")
+    spec = JoinSpec(service.name, func.__qualname__, slots, func, takes_context=count == len(slots) + 1,
+                    within=within, kind=kind)
+    declared = set(declared_emits(func, emits))
+    if within is not None:
+        declared.add(JoinDeadline)
+
+    def handler(route: Route, name: str, runner: JoinRunner, outputs: Iterable[type[Event]]) -> Handler:
+        return Handler(service=service.name, name=name, kind="failure" if route.failure else "event",
+                       consumes=route.cls, func=func, emits=frozenset(outputs), retry=retry or service.retry,
+                       timeout=timeout or service.timeout, takes_context=True, join=runner)
+
+    new: list[tuple[dict[str, Handler], str, Handler]] = []
+    for routes in slots:
+        for route in routes:
+            table = service.failure_handlers if route.failure else service.handlers
+            new.append((table, route.cls.event_type(), handler(route, spec.name, spec, declared)))
+    if kind == "join":
+        for routes in slots:
+            for route in routes:
+                if not route.failure:
+                    fan = handler(Route(route.cls, failure=True), f"{spec.name}.failed", _FanOut(spec), [Failed])
+                    new.append((service.failure_handlers, route.cls.event_type(), fan))
+    timers = service.handlers.get(DEADLINE)
+    if within is not None and timers is None:
+        timers = handler(Route(JoinDeadline), "join-deadline", _Timers(service.name), [Failed])
+        new.append((service.handlers, DEADLINE, timers))
+
+    seen: set[tuple[int, str]] = set()
+    for table, key, entry in new:
+        kind_name = "failure" if table is service.failure_handlers else "event"
+        if key in table or (id(table), key) in seen:
+            holder = table[key].name if key in table else "another slot of this join"
+            raise ConfigurationError(
+                f"{where}: {service.name!r} already has a {kind_name} handler for {key!r} ({holder}); "
+                "a service has one handler per event type: use another Service for this step"
+            )
+        seen.add((id(table), key))
+    if any(s.name == spec.name for s in joins_of(service)):
+        raise ConfigurationError(f"{where}: a join named {spec.name!r} already exists in this service")
+    for table, key, entry in new:
+        table[key] = entry
+    if within is not None:
+        assert timers is not None and isinstance(timers.join, _Timers)
+        timers.join.specs[spec.name] = spec
+    return spec
+
+
+def joins_of(service: Service) -> list[JoinSpec]:
+    """The joins and compensations of ``service`` (for tooling: graph, lint, docs)."""
+    found: dict[str, JoinSpec] = {}
+    for handler in service.all_handlers():
+        if isinstance(handler.join, JoinSpec):
+            found.setdefault(handler.join.name, handler.join)
+    return list(found.values())

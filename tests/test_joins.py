@@ -1,0 +1,295 @@
+"""Joins (``@service.on_all``): once per transaction, when all have arrived, in virtual time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from choreograph import FAILED, ConfigurationError, Context, Event, Failure, Publisher, RetryPolicy, Service, Worker
+from choreograph._envelope import decode
+from choreograph.joins import DEADLINE, joins_of
+from choreograph.stores.joins_sqlite import SQLiteJoinStore
+from choreograph.testing import MemoryTransport, VirtualClock, settled
+from choreograph.transports.base import Message
+
+
+class Paid(Event, type="test.joins.paid"):
+    order: str
+    amount: int = 10
+
+
+class Reserved(Event, type="test.joins.reserved"):
+    order: str
+    sku: str = "sku-1"
+
+
+class Packed(Event, type="test.joins.packed"):
+    order: str
+
+
+class Shipped(Event, type="test.joins.shipped"):
+    order: str
+    amount: int
+    sku: str
+
+
+class SpyBus(MemoryTransport):
+    """A memory bus that remembers everything published on it."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock=clock)
+        self.published: list[Message] = []
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.published.extend(messages)
+        await super().publish(messages)
+
+    def of_type(self, type_: str) -> list[Message]:
+        return [m for m in self.published if m.type == type_]
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+@pytest.fixture
+def bus(clock: VirtualClock) -> SpyBus:
+    return SpyBus(clock)
+
+
+def shipping(calls: list[tuple[Paid, Reserved]], *, within: float | None = None, fail_until: int = 0,
+             retry: RetryPolicy | None = None) -> Service:
+    svc = Service("shipping", retry=retry or RetryPolicy(max_attempts=5, base=1.0, jitter=False))
+
+    @svc.on_all(Paid, Reserved, within=within)
+    async def ship(paid: Paid, reserved: Reserved, ctx: Context) -> Shipped:
+        calls.append((paid, reserved))
+        if ctx.attempt <= fail_until:
+            raise RuntimeError(f"courier down (attempt {ctx.attempt})")
+        return Shipped(order=paid.order, amount=paid.amount, sku=reserved.sku)
+
+    return svc
+
+
+class Watcher(Service):
+    """Records the failure events announced for Paid and Reserved."""
+
+    def __init__(self) -> None:
+        super().__init__("watcher")
+        self.failures: list[tuple[str, Failure, float]] = []
+
+    def watch(self, clock: VirtualClock) -> Watcher:
+        for cls in (Paid, Reserved):
+            async def seen(failure: Failure, ctx: Context) -> None:
+                self.failures.append((failure.envelope.type, failure, clock.monotonic()))
+            self.on_failure(cls)(seen)
+        return self
+
+
+def shipped(bus: SpyBus) -> list[dict[str, object]]:
+    return [decode(m.body).data for m in bus.of_type(Shipped.event_type())]
+
+
+async def test_a_join_runs_once_with_every_event_in_declared_order_whatever_the_arrival_order(bus: SpyBus) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    async with Worker([shipping(calls)], bus):
+        publisher = Publisher(bus)
+        await publisher.publish(Reserved(order="o-1", sku="blue"), correlation_id="tx-1")
+        await settled(bus)
+        assert calls == []  # half a join does nothing
+        await publisher.publish(Paid(order="o-1", amount=30), correlation_id="tx-1")
+        await settled(bus)
+    assert calls == [(Paid(order="o-1", amount=30), Reserved(order="o-1", sku="blue"))]
+    [out] = bus.of_type(Shipped.event_type())
+    envelope = decode(out.body)
+    assert envelope.data == {"order": "o-1", "amount": 30, "sku": "blue"}
+    assert envelope.correlationid == "tx-1"
+
+
+async def test_each_correlation_id_is_its_own_join(bus: SpyBus) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    async with Worker([shipping(calls)], bus):
+        publisher = Publisher(bus)
+        await publisher.publish(Paid(order="a"), correlation_id="tx-a")
+        await publisher.publish(Reserved(order="b"), correlation_id="tx-b")
+        await publisher.publish(Reserved(order="a"), correlation_id="tx-a")
+        await settled(bus)
+    assert [(p.order, r.order) for p, r in calls] == [("a", "a")]
+
+
+async def test_duplicates_never_fire_a_join_twice(bus: SpyBus) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    async with Worker([shipping(calls)], bus):
+        publisher = Publisher(bus)
+        await publisher.publish(Paid(order="o", amount=1), correlation_id="tx", ids=["paid-1"])
+        await publisher.publish(Paid(order="o", amount=1), correlation_id="tx", ids=["paid-1"])  # same id
+        await publisher.publish(Paid(order="o", amount=2), correlation_id="tx", ids=["paid-2"])  # same type
+        await publisher.publish(Reserved(order="o"), correlation_id="tx", ids=["res-1"])
+        await settled(bus)
+        await publisher.publish(Reserved(order="o"), correlation_id="tx", ids=["res-2"])  # after firing
+        await publisher.publish(Paid(order="o", amount=3), correlation_id="tx", ids=["paid-3"])
+        await settled(bus)
+    assert len(calls) == 1
+    assert calls[0][0].amount == 1  # a slot keeps its first arrival
+    assert len(bus.of_type(Shipped.event_type())) == 1
+
+
+async def test_arrivals_handled_concurrently_fire_the_join_once(bus: SpyBus) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    async with Worker([shipping(calls)], bus, concurrency=64):
+        publisher = Publisher(bus)
+        for n in range(20):
+            await publisher.publish(Paid(order=f"o-{n}"), Reserved(order=f"o-{n}"), correlation_id=f"tx-{n}")
+        await settled(bus)
+    assert sorted(p.order for p, _ in calls) == sorted(f"o-{n}" for n in range(20))
+    assert len(bus.of_type(Shipped.event_type())) == 20
+
+
+async def test_a_failing_join_handler_is_retried_and_its_outputs_keep_their_ids(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    async with Worker([shipping(calls, fail_until=2)], bus) as worker:
+        await Publisher(bus).publish(Paid(order="o"), Reserved(order="o"), correlation_id="tx")
+        await settled(bus)
+    assert len(calls) == 3  # attempts 1 and 2 failed, 3 succeeded
+    assert worker.stats("shipping").retried == 2
+    assert len(bus.of_type(Shipped.event_type())) == 1
+
+
+async def test_a_join_that_is_not_complete_by_its_deadline_announces_each_arrival_as_failed(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    watcher = Watcher().watch(clock)
+    async with Worker([shipping(calls, within=30), watcher], bus):
+        start = clock.monotonic()
+        [paid] = await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+        await settled(bus)
+        [(failed_type, failure, at)] = watcher.failures
+        assert failed_type == Paid.event_type() and at - start == pytest.approx(30.0)
+        assert failure.envelope.id == paid.id and failure.event == Paid(order="o")
+        assert failure.reason == "join_timeout"
+        assert failure.record["service"] == "shipping" and failure.record["handler"].endswith("ship")
+        assert failure.record["missing"] == ["Reserved"] and failure.record["arrived"] == [Paid.event_type()]
+        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")  # too late
+        await settled(bus)
+    assert calls == []
+    assert shipped(bus) == []
+    [announcement] = bus.of_type(FAILED)
+    assert decode(announcement.body).correlationid == "tx"
+
+
+async def test_a_join_complete_before_its_deadline_announces_nothing(bus: SpyBus, clock: VirtualClock) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    watcher = Watcher().watch(clock)
+    async with Worker([shipping(calls, within=30), watcher], bus):
+        publisher = Publisher(bus)
+        await publisher.publish(Paid(order="o"), correlation_id="tx")
+        clock.advance(29)
+        await publisher.publish(Reserved(order="o"), correlation_id="tx")
+        await settled(bus)  # runs past the deadline: the timer finds the join fired
+    assert len(calls) == 1
+    assert watcher.failures == []
+    assert len(bus.of_type(DEADLINE)) == 1
+
+
+async def test_a_join_handler_that_gives_up_announces_the_failure_of_every_arrival(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    watcher = Watcher().watch(clock)
+    svc = shipping(calls, fail_until=99, retry=RetryPolicy(max_attempts=2, base=1.0, jitter=False))
+    async with Worker([svc, watcher], bus):
+        [paid, reserved] = await Publisher(bus).publish(Paid(order="o"), Reserved(order="o"), correlation_id="tx")
+        await settled(bus)
+    [letter] = await bus.dead_letters("shipping")
+    assert letter.message.id == reserved.id  # the arrival that completed the join
+    by_type = {t: f for t, f, _ in watcher.failures}
+    assert sorted(by_type) == sorted([Paid.event_type(), Reserved.event_type()])
+    assert by_type[Paid.event_type()].envelope.id == paid.id
+    assert by_type[Reserved.event_type()].envelope.id == reserved.id
+    assert {f.reason for f in by_type.values()} == {"max_attempts"}
+    assert len(calls) == 2
+
+
+async def test_join_arrivals_survive_a_restart_on_a_sqlite_join_store(clock: VirtualClock, tmp_path: Path) -> None:
+    bus = SpyBus(clock)
+    url = f"sqlite:///{tmp_path / 'shipping.db'}"
+    calls: list[tuple[Paid, Reserved]] = []
+    first = SQLiteJoinStore(url)
+    async with Worker([shipping(calls)], bus, joins=first):
+        await Publisher(bus).publish(Paid(order="o", amount=7), correlation_id="tx")
+        await settled(bus)
+    await first.close()
+    second = SQLiteJoinStore(url)
+    async with Worker([shipping(calls)], bus, joins=second):
+        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
+        await settled(bus)
+    await second.close()
+    assert calls == [(Paid(order="o", amount=7), Reserved(order="o"))]
+
+
+async def test_a_join_deadline_survives_a_restart(clock: VirtualClock, tmp_path: Path) -> None:
+    bus = SpyBus(clock)
+    url = f"sqlite:///{tmp_path / 'shipping.db'}"
+    calls: list[tuple[Paid, Reserved]] = []
+    first = SQLiteJoinStore(url)
+    worker = Worker([shipping(calls, within=60)], bus, joins=first)
+    await worker.start()
+    await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+    for _ in range(50):  # let the first arrival be handled, not the timer
+        if bus.of_type(DEADLINE):
+            break
+        await clock.sleep(0)
+    await worker.stop()
+    await first.close()
+    watcher = Watcher().watch(clock)
+    second = SQLiteJoinStore(url)
+    async with Worker([shipping(calls, within=60), watcher], bus, joins=second):
+        await settled(bus)
+    await second.close()
+    assert [(t, f.reason) for t, f, _ in watcher.failures] == [(Paid.event_type(), "join_timeout")]
+
+
+async def test_a_join_may_leave_out_the_context() -> None:
+    svc = Service("s")
+
+    @svc.on_all(Paid, Reserved)
+    async def both(paid: Paid, reserved: Reserved) -> None: ...
+
+    [spec] = joins_of(svc)
+    assert not spec.takes_context and spec.kind == "join"
+    assert {Paid.event_type(), Reserved.event_type(), FAILED} <= svc.subscriptions
+
+
+@pytest.mark.parametrize(
+    "declare",
+    [
+        pytest.param(lambda svc: svc.on_all(Paid), id="one event"),
+        pytest.param(lambda svc: svc.on_all(Paid, Paid), id="same type twice"),
+        pytest.param(lambda svc: svc.on_all(Paid, Reserved, within=0), id="within not positive"),
+        pytest.param(lambda svc: svc.on_all(Paid, Packed), id="type already handled by on()"),
+        pytest.param(lambda svc: svc.on_all(Paid, "x"), id="not an event"),
+    ],
+)
+def test_joins_are_checked_when_declared(declare) -> None:  # type: ignore[no-untyped-def]
+    svc = Service("s")
+
+    @svc.on(Packed)
+    async def pack(packed: Packed) -> None: ...
+
+    with pytest.raises(ConfigurationError):
+        @declare(svc)
+        async def join(a: Event, b: Event) -> None: ...
+
+
+def test_a_join_function_takes_one_parameter_per_event_and_maybe_the_context() -> None:
+    svc = Service("s")
+    with pytest.raises(ConfigurationError, match="positional parameters"):
+        @svc.on_all(Paid, Reserved)
+        async def short(paid: Paid) -> None: ...
+    assert svc.handlers == {}  # nothing half-registered
