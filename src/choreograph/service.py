@@ -219,6 +219,29 @@ class Service:
 
         return decorator
 
+    def compensate(
+        self,
+        step: type[Event],
+        *,
+        on: Iterable[type[Event] | Route],
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        emits: Iterable[type[Event]] | None = None,
+    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """Register the undo of ``step`` (an event this service emits), run when one of ``on`` happens.
+
+        ``on`` lists business events (``PaymentDeclined``), runtime failures
+        (``failed(StockReserved)``) and ``timed_out()``. The function receives the
+        step event and the trigger. See :mod:`choreograph.sagas`.
+        """
+        from choreograph.sagas import install_compensation
+
+        def decorator(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            install_compensation(self, func, step, on, retry=retry, timeout=timeout, emits=emits)
+            return func
+
+        return decorator
+
     def _register(
         self,
         kind: HandlerKind,

@@ -6,6 +6,9 @@ unless ``correlation_id`` is given.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
+from choreograph._clock import SYSTEM_CLOCK
 from choreograph._envelope import Envelope, new_id
 from choreograph.events import Event
 from choreograph.runtime.records import first_envelope, to_message
@@ -27,12 +30,21 @@ class Publisher:
         *events: Event,
         correlation_id: str | None = None,
         subject: str | None = None,
-        deadline: str | None = None,
+        deadline: str | float | timedelta | datetime | None = None,
         ids: list[str] | None = None,
     ) -> list[Envelope]:
-        """Durably publish ``events`` in one batch; returns their envelopes."""
+        """Durably publish ``events`` in one batch; returns their envelopes.
+
+        ``deadline`` (RFC 3339 text, an aware datetime, or a timedelta / seconds from
+        now on the transport's clock) travels with the transaction: see :mod:`choreograph.sagas`.
+        """
         if ids is not None and len(ids) != len(events):
             raise ValueError("ids: must have one id per event")
+        if deadline is not None and not isinstance(deadline, str):
+            from choreograph.sagas import deadline_text
+
+            now = (getattr(self.transport, "clock", None) or SYSTEM_CLOCK).time()
+            deadline = deadline_text(deadline, now=now)
         envelopes = [
             first_envelope(
                 event, source=self.source, id=ids[i] if ids else new_id(), correlation_id=correlation_id,
