@@ -1,0 +1,253 @@
+"""The CloudEvents 1.0 HTTP protocol binding: an :class:`Envelope` to and from an HTTP message.
+
+Three content modes (CloudEvents HTTP binding §3), chosen by the sender:
+
+* **binary**: every attribute in a ``ce-<name>`` header (values percent-encoded as
+  §3.1.3.2 requires), ``datacontenttype`` as ``Content-Type``, the data alone as the
+  body. What most receivers want: the body is the business payload.
+* **structured**: the whole event as ``application/cloudevents+json`` (the bytes that
+  travel on the bus, unchanged).
+* **batch**: a JSON array of structured events as ``application/cloudevents-batch+json``
+  (used for a response that carries several output events).
+
+A receiver never has to be told the mode: :func:`decode_http` recognises it from the
+headers. Decoding raises :class:`~choreograph.errors.MalformedEnvelope` naming what is
+wrong, so an HTTP endpoint can answer 400 with that message.
+
+In binary mode the body is interpreted by its ``Content-Type``: JSON media types
+(``application/json``, ``*/*+json``, or none at all) are parsed into ``data``; text
+(``text/*``, XML, or any type with a ``charset``) becomes a string; anything else is
+kept as ``data_base64`` so no byte is lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import quote, unquote
+
+import orjson
+
+from choreograph._envelope import Envelope, decode, encode, from_dict
+from choreograph.errors import MalformedEnvelope
+
+Mode = Literal["binary", "structured"]
+MODES: tuple[Mode, ...] = ("binary", "structured")
+
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+HEADER_PREFIX = "ce-"
+
+#: Printable ASCII minus space, '"' and '%': what a ce- header value may carry unencoded.
+_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+#: Attributes that are not ce- headers in binary mode.
+_NOT_HEADERS = frozenset({"data", "data_base64", "datacontenttype"})
+
+Headers = dict[str, str]
+
+
+def media_type(content_type: str | None) -> str:
+    """``"Application/JSON; charset=utf-8"`` → ``"application/json"`` (``""`` for none)."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _charset(content_type: str | None) -> str | None:
+    for param in (content_type or "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"') or None
+    return None
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether data of this content type is JSON (CloudEvents: absent means JSON)."""
+    mt = media_type(content_type)
+    return mt in ("", "application/json", "text/json") or mt.endswith("+json")
+
+
+def _is_text(content_type: str | None) -> bool:
+    mt = media_type(content_type)
+    return (
+        mt.startswith("text/") or mt in ("application/xml", "application/javascript")
+        or mt.endswith("+xml") or _charset(content_type) is not None
+    )
+
+
+def _lower(headers: Mapping[str, str]) -> Headers:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def is_cloudevent(headers: Mapping[str, str]) -> bool:
+    """Whether an HTTP message with these headers claims to carry CloudEvents (any mode)."""
+    lowered = _lower(headers)
+    return "ce-specversion" in lowered or media_type(lowered.get("content-type")) in (STRUCTURED, BATCH)
+
+
+# -- encoding -------------------------------------------------------------------------
+
+
+def _header_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return quote(value if isinstance(value, str) else str(value), safe=_SAFE)
+
+
+def _data_bytes(envelope: Envelope) -> bytes:
+    if "data_base64" in envelope.extensions:
+        try:
+            return base64.b64decode(str(envelope.extensions["data_base64"]), validate=True)
+        except binascii.Error as exc:
+            raise MalformedEnvelope(f"data_base64: not valid base64 ({exc})", event_id=envelope.id) from None
+    data = envelope.data
+    if data is None:
+        return b""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str) and not is_json(envelope.datacontenttype):
+        return data.encode(_charset(envelope.datacontenttype) or "utf-8")
+    try:
+        return orjson.dumps(data)
+    except TypeError as exc:
+        raise MalformedEnvelope(f"data: not JSON-serialisable ({exc})", event_id=envelope.id) from exc
+
+
+def to_binary(envelope: Envelope) -> tuple[Headers, bytes]:
+    """Headers and body of ``envelope`` in binary content mode.
+
+    The W3C ``traceparent``/``tracestate`` headers are set too, so an HTTP-instrumented
+    receiver joins the event's trace without knowing about CloudEvents.
+    """
+    headers: Headers = {}
+    for name, value in envelope.to_dict().items():
+        if name in _NOT_HEADERS or value is None:
+            continue
+        headers[HEADER_PREFIX + name] = _header_value(value)
+    if envelope.datacontenttype is not None:
+        headers["content-type"] = envelope.datacontenttype
+    _trace_headers(envelope, headers)
+    return headers, _data_bytes(envelope)
+
+
+def to_structured(envelope: Envelope, body: bytes | None = None) -> tuple[Headers, bytes]:
+    """Headers and body of ``envelope`` in structured content mode.
+
+    ``body`` is the envelope already encoded (the bytes from the bus), sent as is.
+    """
+    headers: Headers = {"content-type": f"{STRUCTURED}; charset=utf-8"}
+    _trace_headers(envelope, headers)
+    return headers, body if body is not None else encode(envelope)
+
+
+def to_batch(envelopes: Sequence[Envelope]) -> tuple[Headers, bytes]:
+    """Headers and body of several events in batch content mode."""
+    body = orjson.dumps([envelope.to_dict() for envelope in envelopes])
+    return {"content-type": f"{BATCH}; charset=utf-8"}, body
+
+
+def to_http(envelope: Envelope, mode: Mode = "binary", body: bytes | None = None) -> tuple[Headers, bytes]:
+    """Headers and body of ``envelope`` in ``mode`` (``body``: its structured encoding, if at hand)."""
+    if mode == "binary":
+        return to_binary(envelope)
+    if mode == "structured":
+        return to_structured(envelope, body)
+    raise ValueError(f"mode: expected 'binary' or 'structured', got {mode!r}")
+
+
+def _trace_headers(envelope: Envelope, headers: Headers) -> None:
+    if envelope.traceparent:
+        headers["traceparent"] = envelope.traceparent
+        if envelope.tracestate:
+            headers["tracestate"] = envelope.tracestate
+
+
+# -- decoding -------------------------------------------------------------------------
+
+
+def _data_from_body(body: bytes, content_type: str | None, event_id: str | None) -> dict[str, Any]:
+    """The ``data`` (or ``data_base64``) attribute for a binary-mode body."""
+    if not body:
+        return {}
+    if is_json(content_type):
+        try:
+            return {"data": orjson.loads(body)}
+        except orjson.JSONDecodeError as exc:
+            if content_type:  # declared JSON: it must be JSON
+                raise MalformedEnvelope(f"data: body is not valid JSON ({exc})", event_id=event_id) from None
+            # no Content-Type at all: fall through to text or bytes
+    if _is_text(content_type) or not content_type:
+        charset = _charset(content_type) or "utf-8"
+        try:
+            codecs.lookup(charset)
+        except LookupError:
+            raise MalformedEnvelope(f"datacontenttype: unknown charset {charset!r}", event_id=event_id) from None
+        try:
+            return {"data": body.decode(charset)}
+        except UnicodeDecodeError as exc:
+            if content_type:
+                raise MalformedEnvelope(f"data: body is not valid {charset} ({exc})", event_id=event_id) from None
+    return {"data_base64": base64.b64encode(body).decode("ascii")}
+
+
+def decode_binary(headers: Mapping[str, str], body: bytes) -> Envelope:
+    """The event of a binary-mode HTTP message (``ce-*`` headers + body)."""
+    lowered = _lower(headers)
+    attributes: dict[str, Any] = {}
+    for name, value in lowered.items():
+        if name.startswith(HEADER_PREFIX) and len(name) > len(HEADER_PREFIX):
+            try:
+                attributes[name[len(HEADER_PREFIX):]] = unquote(value, errors="strict") if "%" in value else value
+            except UnicodeDecodeError:
+                raise MalformedEnvelope(f"{name}: percent-encoded value is not valid UTF-8") from None
+    if "specversion" not in attributes:
+        raise MalformedEnvelope("ce-specversion: header is missing (binary content mode)")
+    for name in _NOT_HEADERS:
+        if name in attributes:
+            raise MalformedEnvelope(f"ce-{name}: not allowed as a header (binary content mode)")
+    content_type = lowered.get("content-type")
+    attributes["datacontenttype"] = content_type  # absent stays absent (None), not the JSON default
+    event_id = attributes.get("id") if isinstance(attributes.get("id"), str) else None
+    attributes.update(_data_from_body(body, content_type, event_id))
+    return from_dict(attributes)
+
+
+def decode_http(headers: Mapping[str, str], body: bytes) -> Envelope:
+    """The one event of an HTTP message in binary or structured mode.
+
+    Raises :class:`MalformedEnvelope` if the message is not a CloudEvent, is a batch, or
+    is an invalid one.
+    """
+    lowered = _lower(headers)
+    mt = media_type(lowered.get("content-type"))
+    if mt == STRUCTURED:
+        return decode(body)
+    if mt == BATCH:
+        raise MalformedEnvelope(f"Content-Type: {BATCH} carries several events; expected one")
+    if any(name.startswith(HEADER_PREFIX) for name in lowered):
+        return decode_binary(lowered, body)
+    raise MalformedEnvelope(
+        "not a CloudEvent: no ce-specversion header (binary mode) and Content-Type "
+        f"{lowered.get('content-type')!r} is not {STRUCTURED} (structured mode)"
+    )
+
+
+def decode_http_batch(headers: Mapping[str, str], body: bytes) -> list[Envelope]:
+    """Every event of an HTTP message in any content mode (batch included)."""
+    lowered = _lower(headers)
+    if media_type(lowered.get("content-type")) != BATCH:
+        return [decode_http(lowered, body)]
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEnvelope(f"$: not valid JSON ({exc})") from None
+    if not isinstance(items, list):
+        raise MalformedEnvelope(f"$: a batch must be a JSON array, got {type(items).__name__}")
+    envelopes = []
+    for index, item in enumerate(items):
+        try:
+            envelopes.append(from_dict(item))
+        except MalformedEnvelope as exc:
+            raise MalformedEnvelope(f"$[{index}].{exc.message}", event_id=exc.event_id) from None
+    return envelopes

@@ -1,0 +1,176 @@
+"""Receiving pushed events in Python: an ASGI endpoint that verifies, decodes and answers by outcome.
+
+A complete subscriber (run it with ``uvicorn module:app``)::
+
+    from choreograph.push import receiver
+    from examples.drone_delivery.events import DeliveryScheduled, DroneAssigned
+
+    async def schedule(assigned: DroneAssigned) -> DeliveryScheduled:
+        return DeliveryScheduled(delivery_id=assigned.delivery_id, ...)
+
+    app = receiver(schedule, event=DroneAssigned, secret=os.environ["WEBHOOK_SECRET"])
+
+The answer follows the push outcome table, so the ambassador does the right thing:
+a returned event (or list) goes back as a CloudEvent in the response (200), ``None``
+is 204, ``Reject`` and invalid payloads are 422, a malformed CloudEvent 400, a bad
+signature 401, ``Retry(after=)`` 503 with ``Retry-After``, any other exception 500.
+The ``OPTIONS`` handshake is answered for ``allowed_origins``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any
+
+import pydantic
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from choreograph._envelope import Envelope, derive_id, now_rfc3339
+from choreograph._http_binding import Mode, decode_http, to_batch, to_http
+from choreograph._webhook import (
+    ALLOWED_ORIGIN,
+    ALLOWED_RATE,
+    DEFAULT_TOLERANCE,
+    REQUEST_ORIGIN,
+    REQUEST_RATE,
+    SignatureError,
+    verify,
+)
+from choreograph.errors import MalformedEnvelope, Reject, Retry
+from choreograph.events import Event, format_validation_error
+
+log = logging.getLogger("choreograph.push.receiver")
+
+MAX_BODY = 1 << 20
+ReceiverHandler = Callable[..., Awaitable[Any]]
+
+
+async def read_event(
+    request: Request, *, secret: str | Sequence[str] | None = None, tolerance: float = DEFAULT_TOLERANCE
+) -> Envelope:
+    """The CloudEvent of a pushed request (binary or structured mode), signature checked if ``secret``.
+
+    Raises :class:`~choreograph.push.SignatureError` or
+    :class:`~choreograph.MalformedEnvelope`: for use inside an existing Starlette or
+    FastAPI endpoint.
+    """
+    body = await request.body()
+    if secret is not None:
+        verify(request.headers, body, secret, tolerance=tolerance)
+    return decode_http(request.headers, body)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _takes_envelope(handler: ReceiverHandler) -> bool:
+    try:
+        params = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in positional)
+
+
+def _as_envelopes(result: Any, cause: Envelope, source: str) -> list[Envelope]:
+    items = [] if result is None else list(result) if isinstance(result, (list, tuple)) else [result]
+    out = []
+    for index, item in enumerate(items):
+        if isinstance(item, Envelope):
+            out.append(item)
+        elif isinstance(item, Event):
+            cls = type(item)
+            out.append(Envelope(
+                id=derive_id(cause.id, source, "receiver", index), source=source, type=cls.event_type(),
+                data=item.model_dump(mode="json"), time=now_rfc3339(), dataschema=cls.schema_uri(),
+                correlationid=cause.correlationid or cause.id, causationid=cause.id,
+            ))
+        else:
+            raise TypeError(f"receiver handler returned {type(item).__name__}; expected None, Event or Envelope")
+    return out
+
+
+def receiver(
+    handler: ReceiverHandler,
+    *,
+    secret: str | Sequence[str] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    event: type[Event] | None = None,
+    allowed_origins: Collection[str] = ("*",),
+    path: str = "/",
+    source: str = "/choreograph/receiver",
+    response_mode: Mode = "binary",
+    max_body: int = MAX_BODY,
+) -> Starlette:
+    """An ASGI app receiving pushed CloudEvents at ``path`` and calling ``handler``.
+
+    ``handler`` receives the payload parsed into ``event`` (a choreograph Event class),
+    or the :class:`~choreograph.Envelope` when ``event`` is ``None``; if it takes a
+    second positional parameter it also receives the envelope. ``secret=None``
+    disables signature checks (only for trusted networks).
+    """
+    with_envelope = _takes_envelope(handler)
+    allow_any = "*" in allowed_origins
+
+    async def handshake(request: Request) -> Response:
+        headers = {"Allow": "POST, OPTIONS"}
+        origin = request.headers.get(REQUEST_ORIGIN)
+        if origin is None:
+            return Response(status_code=204, headers=headers)
+        if not (allow_any or origin in allowed_origins):
+            return _error(403, f"origin {origin!r} may not deliver here", headers)
+        headers[ALLOWED_ORIGIN] = origin
+        if REQUEST_RATE in request.headers:
+            headers[ALLOWED_RATE] = "*"
+        return Response(status_code=200, headers=headers)
+
+    async def deliver(request: Request) -> Response:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            return _error(413, f"body larger than {max_body} bytes")
+        body = await request.body()
+        if len(body) > max_body:
+            return _error(413, f"body larger than {max_body} bytes")
+        try:
+            if secret is not None:
+                verify(request.headers, body, secret, tolerance=tolerance)
+            envelope = decode_http(request.headers, body)
+        except SignatureError as exc:
+            return _error(401, str(exc))
+        except MalformedEnvelope as exc:
+            return _error(400, str(exc))
+        payload: Any = envelope
+        if event is not None:
+            if envelope.type != event.event_type():
+                return _error(400, f"type {envelope.type!r}: this endpoint receives {event.event_type()!r}")
+            try:
+                payload = event.model_validate(envelope.data)
+            except pydantic.ValidationError as exc:
+                return _error(422, format_validation_error(exc))
+        try:
+            result = await (handler(payload, envelope) if with_envelope else handler(payload))
+            outputs = _as_envelopes(result, envelope, source)
+        except Reject as exc:
+            return _error(422, exc.reason)
+        except Retry as exc:
+            headers = {"Retry-After": str(math.ceil(exc.after))} if exc.after is not None else None
+            return _error(503, exc.message, headers)
+        except Exception as exc:
+            log.exception("receiver handler failed on %s", envelope.id)
+            return _error(500, f"{type(exc).__name__}: {exc}")
+        if not outputs:
+            return Response(status_code=204)
+        headers, content = to_http(outputs[0], response_mode) if len(outputs) == 1 else to_batch(outputs)
+        return Response(content, status_code=200, headers=headers)
+
+    async def endpoint(request: Request) -> Response:
+        return await (handshake(request) if request.method == "OPTIONS" else deliver(request))
+
+    return Starlette(routes=[Route(path, endpoint, methods=["POST", "OPTIONS"])])

@@ -1,0 +1,362 @@
+"""The CloudEvents HTTP binding: the official conformance scenarios and YAML events, run against the
+sender's encoder and the receiver helper's decoder (over a real socket), plus the binding's edge cases."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from choreograph import Envelope, MalformedEnvelope
+from choreograph._http_binding import (
+    decode_http,
+    decode_http_batch,
+    is_cloudevent,
+    media_type,
+    to_batch,
+    to_binary,
+    to_http,
+    to_structured,
+)
+from choreograph.push import receiver
+from tests._push_support import serve
+
+CONFORMANCE = Path("/work/shared/conformance/cloudevents-conformance")
+FEATURE = CONFORMANCE / "features" / "http-protocol-binding.feature"
+YAML_FILES = [CONFORMANCE / "yaml" / "v1.yaml", CONFORMANCE / "yaml" / "v1.0" / "v1_minimum.yaml"]
+
+pytestmark = pytest.mark.skipif(not CONFORMANCE.exists(), reason=f"conformance data not found at {CONFORMANCE}")
+
+
+# -- a tiny Gherkin reader: scenario outlines, steps, doc strings, tables, examples ----------
+
+
+@dataclasses.dataclass
+class Step:
+    keyword: str
+    text: str
+    doc: str | None = None
+    table: list[list[str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Scenario:
+    name: str
+    steps: list[Step]
+
+
+def parse_feature(text: str) -> list[Scenario]:
+    """Scenarios of a feature file, outlines expanded once per Examples row (Background skipped)."""
+    outlines: list[tuple[str, list[Step], list[list[str]]]] = []
+    lines = text.splitlines()
+    in_examples = False
+    i = 0
+    while i < len(lines):
+        raw, line = lines[i], lines[i].strip()
+        if line.startswith(("Scenario Outline:", "Scenario:")):
+            outlines.append((line.partition(":")[2].strip(), [], []))
+            in_examples = False
+        elif line.startswith("Examples:"):
+            in_examples = True
+        elif outlines and line.split(" ", 1)[0] in ("Given", "When", "Then", "And", "But"):
+            keyword, _, rest = line.partition(" ")
+            outlines[-1][1].append(Step(keyword, rest))
+        elif outlines and line == '"""':
+            indent = len(raw) - len(raw.lstrip())
+            body = []
+            i += 1
+            while lines[i].strip() != '"""':
+                body.append(lines[i][indent:])
+                i += 1
+            outlines[-1][1][-1].doc = "\n".join(body)
+        elif outlines and line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            (outlines[-1][2] if in_examples else outlines[-1][1][-1].table).append(cells)
+        i += 1
+
+    scenarios = []
+    for name, steps, examples in outlines:
+        header, rows = (examples[0], examples[1:]) if examples else ([], [[]])
+        for row in rows:
+            values = dict(zip(header, row, strict=True))
+
+            def fill(text: str, values: dict[str, str] = values) -> str:
+                return re.sub(r"<([^<>]+)>", lambda m: values.get(m.group(1), m.group(0)), text)
+
+            scenarios.append(Scenario(fill(name), [
+                Step(s.keyword, fill(s.text), fill(s.doc) if s.doc is not None else None,
+                     [[fill(cell) for cell in r] for r in s.table])
+                for s in steps
+            ]))
+    return scenarios
+
+
+@dataclasses.dataclass
+class Case:
+    """One conformance scenario: a raw HTTP request and what it must parse to."""
+
+    name: str
+    raw: str
+    attributes: dict[str, str]
+    data: Any
+
+    @property
+    def head_and_body(self) -> tuple[list[tuple[str, str]], bytes]:
+        head, _, body = self.raw.partition("\n\n")
+        headers = [(name.strip(), value.strip()) for name, _, value in
+                   (line.partition(":") for line in head.splitlines()[1:])]
+        return headers, body.encode()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {name.lower(): value for name, value in self.head_and_body[0]}
+
+    @property
+    def body(self) -> bytes:
+        return self.head_and_body[1]
+
+
+def load_cases() -> list[Case]:
+    if not FEATURE.exists():
+        return []
+    cases = []
+    for scenario in parse_feature(FEATURE.read_text()):
+        raw = attributes = data = None
+        for step in scenario.steps:
+            if step.text == "an HTTP request":
+                raw = step.doc
+            elif step.text == "parsed as HTTP request":
+                pass
+            elif step.text == "the attributes are:":
+                attributes = {key: value for key, value in step.table[1:]}
+            elif step.text == "the data is equal to the following JSON:":
+                data = orjson.loads(step.doc or "")
+            else:
+                raise AssertionError(f"{scenario.name}: unknown step {step.keyword} {step.text!r}")
+        assert raw is not None and attributes is not None, scenario.name
+        cases.append(Case(scenario.name, raw, attributes, data))
+    return cases
+
+
+CASES = load_cases()
+_case_ids = [case.name for case in CASES]
+
+
+def test_the_feature_file_yields_the_four_documented_scenarios() -> None:
+    """The Gherkin reader finds 2 outlines x 2 examples, each with a self-consistent Content-Length."""
+    assert len(CASES) == 4
+    for case in CASES:
+        assert int(case.headers["content-length"]) == len(case.body), case.name
+
+
+def attributes_of(envelope: Envelope) -> dict[str, str]:
+    return {key: value for key, value in envelope.to_dict().items() if key not in ("data", "hops")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_ids)
+def test_decoder_parses_the_conformance_request(case: Case) -> None:
+    """decode_http reads exactly the scenario's attributes and JSON data."""
+    envelope = decode_http(case.headers, case.body)
+    assert attributes_of(envelope) == case.attributes
+    assert envelope.data == case.data
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_ids)
+async def test_receiver_helper_decodes_the_raw_request_from_a_socket(case: Case) -> None:
+    """The scenario's bytes, written verbatim to a TCP socket, reach the receiver's handler as that event."""
+    received: list[Envelope] = []
+
+    async def handle(event: Envelope) -> None:
+        received.append(event)
+
+    async with serve(receiver(handle, path="/someresource")) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head, body = case.head_and_body
+        request_line = case.raw.splitlines()[0]
+        wire = "\r\n".join([request_line, *(f"{n}: {v}" for n, v in head), "Connection: close", "", ""])
+        writer.write(wire.encode() + body)
+        await writer.drain()
+        status_line = await reader.readline()
+        await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    assert status_line.split()[1] == b"204", status_line
+    [envelope] = received
+    assert attributes_of(envelope) == case.attributes
+    assert envelope.data == case.data
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_ids)
+def test_encoder_produces_the_conformance_request(case: Case) -> None:
+    """Encoding the scenario's event yields its headers and body (plus only choreograph's hops extension)."""
+    envelope = Envelope(data=case.data, **{k: v for k, v in case.attributes.items() if k != "specversion"})
+    structured = media_type(case.headers["content-type"]) == "application/cloudevents+json"
+    headers, body = to_http(envelope, "structured" if structured else "binary")
+    if structured:
+        assert media_type(headers["content-type"]) == "application/cloudevents+json"
+        sent, expected = orjson.loads(body), orjson.loads(case.body)
+        assert {k: v for k, v in sent.items() if k != "hops"} == expected
+    else:
+        expected_ce = {k: v for k, v in case.headers.items() if k.startswith("ce-")}
+        sent_ce = {k: v for k, v in headers.items() if k.startswith("ce-")}
+        assert {k: v for k, v in sent_ce.items() if k != "ce-hops"} == expected_ce
+        assert headers["content-type"] == case.headers["content-type"]
+        assert orjson.loads(body) == case.data
+    assert attributes_of(decode_http(headers, body)) == case.attributes
+
+
+# -- the conformance YAML events, encoded by the sender and decoded by the receiver over HTTP --
+
+
+def yaml_events() -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for path in YAML_FILES:
+        if path.exists():
+            for index, doc in enumerate(yaml.load_all(path.read_text(), Loader=yaml.BaseLoader)):
+                if doc:
+                    events.append((f"{path.name}[{index}]", doc))
+    return events
+
+
+YAML_EVENTS = yaml_events()
+
+
+def envelope_from_yaml(doc: dict[str, Any]) -> Envelope:
+    attrs = dict(doc["ContextAttributes"])
+    extensions = attrs.pop("Extensions", {}) or {}
+    attrs.pop("specversion")
+    content_type = attrs.get("datacontenttype")
+    raw = doc.get("Data", "")
+    if content_type is None or media_type(content_type).endswith("json"):
+        data = orjson.loads(raw)
+    else:
+        data = raw
+    return Envelope(data=data, datacontenttype=content_type, extensions=dict(extensions),
+                    **{k: v for k, v in attrs.items() if k != "datacontenttype"})
+
+
+def test_the_yaml_files_yield_eight_events() -> None:
+    """v1.yaml (binary and structured) and v1_minimum.yaml (six content types) are all read."""
+    assert len(YAML_EVENTS) == 8
+
+
+@pytest.mark.parametrize(("name", "doc"), YAML_EVENTS, ids=[name for name, _ in YAML_EVENTS])
+async def test_yaml_event_round_trips_through_http(name: str, doc: dict[str, Any]) -> None:
+    """Each event, encoded in its Mode and POSTed with its transport headers, reaches the receiver intact."""
+    sent = envelope_from_yaml(doc)
+    mode = doc.get("Mode", "binary")
+    headers, body = to_http(sent, mode)
+    received: list[Envelope] = []
+
+    async def handle(event: Envelope) -> None:
+        received.append(event)
+
+    async with serve(receiver(handle)) as base, httpx.AsyncClient() as client:
+        response = await client.post(base + "/", content=body,
+                                     headers={**headers, **(doc.get("TransportExtensions") or {})})
+    assert response.status_code == 204, response.text
+    [got] = received
+    assert (got.id, got.source, got.type, got.time, got.datacontenttype) == (
+        sent.id, sent.source, sent.type, sent.time, sent.datacontenttype)
+    assert got.extensions == sent.extensions  # user-agent is a transport header, not an extension
+    assert got.data == sent.data
+
+
+def test_text_data_in_binary_mode_is_the_exact_body() -> None:
+    """A text/plain event's body is its text in the declared charset, byte for byte."""
+    [(_, doc)] = [(n, d) for n, d in YAML_EVENTS if d["ContextAttributes"]["id"] == "conformance-0002"]
+    headers, body = to_binary(envelope_from_yaml(doc))
+    assert body == doc["Data"].encode("utf-8")
+    assert headers["content-type"] == "text/plain; charset=utf-8"
+
+
+# -- edge cases of the binding ----------------------------------------------------------------
+
+
+def choreograph_envelope() -> Envelope:
+    return Envelope(
+        id="e-1", source="/shop", type="shop.order.placed", data={"order_id": "o-1"}, subject='café "ô" 100%',
+        correlationid="c-1", causationid="p-1", traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        hops=3, partitionkey="o-1", time="2026-01-01T00:00:00Z",
+    )
+
+
+def test_choreograph_extensions_survive_binary_mode() -> None:
+    """Correlation, causation, trace context, hops and partition key round-trip through ce- headers."""
+    envelope = choreograph_envelope()
+    headers, body = to_binary(envelope)
+    assert decode_http(headers, body) == envelope
+    assert headers["traceparent"] == envelope.traceparent  # W3C header for HTTP-level tracing too
+
+
+def test_header_values_are_percent_encoded_printable_ascii() -> None:
+    """Space, double quote, percent and non-ASCII characters are percent-encoded (binding §3.1.3.2)."""
+    headers, _ = to_binary(choreograph_envelope())
+    assert headers["ce-subject"] == "caf%C3%A9%20%22%C3%B4%22%20100%25"
+    assert all(value.isascii() and " " not in value for name, value in headers.items() if name.startswith("ce-"))
+
+
+def test_structured_mode_sends_the_bus_bytes_unchanged() -> None:
+    """Given the encoded envelope, structured mode sends those very bytes."""
+    bus_bytes = b'{"specversion":"1.0","id":"1","source":"/s","type":"t","hops":0}'
+    headers, body = to_structured(Envelope(id="1", source="/s", type="t"), bus_bytes)
+    assert body is bus_bytes
+    assert is_cloudevent(headers)
+
+
+def test_binary_data_without_a_text_type_travels_as_raw_bytes() -> None:
+    """An octet-stream event is sent as its raw bytes and comes back as data_base64."""
+    envelope = Envelope(id="1", source="/s", type="t", datacontenttype="application/octet-stream",
+                        extensions={"data_base64": base64.b64encode(b"\x00\xffpng").decode()})
+    headers, body = to_binary(envelope)
+    assert body == b"\x00\xffpng"
+    assert decode_http(headers, body).extensions["data_base64"] == envelope.extensions["data_base64"]
+
+
+def test_a_batch_round_trips_and_names_the_bad_item() -> None:
+    """Batch mode carries several events; an invalid one is reported by its index."""
+    first, second = choreograph_envelope(), Envelope(id="2", source="/s", type="t", data=[1, 2])
+    headers, body = to_batch([first, second])
+    assert decode_http_batch(headers, body) == [first, second]
+    bad = orjson.dumps([first.to_dict(), {"specversion": "1.0", "id": "3", "type": "t"}])
+    with pytest.raises(MalformedEnvelope, match=r"\$\[1\]\.source: required attribute is missing"):
+        decode_http_batch(headers, bad)
+    with pytest.raises(MalformedEnvelope, match="several events"):
+        decode_http(headers, body)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "message"),
+    [
+        ({"content-type": "application/json"}, b"{}", "not a CloudEvent"),
+        ({"ce-id": "1", "ce-source": "/s", "ce-type": "t"}, b"", "ce-specversion: header is missing"),
+        ({"ce-specversion": "0.3", "ce-id": "1", "ce-source": "/s", "ce-type": "t"}, b"", "unsupported version"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-type": "t"}, b"", "source: required attribute is missing"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t",
+          "content-type": "application/json"}, b"{oops", "data: body is not valid JSON"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t", "ce-x": "%FF"}, b"",
+         "ce-x: percent-encoded value is not valid UTF-8"),
+        ({"content-type": "application/cloudevents+json"}, b'{"specversion":"1.0","id":"1","type":"t"}',
+         "source: required attribute is missing"),
+    ],
+    ids=["no-cloudevent", "no-specversion", "old-specversion", "no-source", "bad-json", "bad-utf8", "structured"],
+)
+def test_invalid_messages_are_rejected_with_the_reason(headers: dict[str, str], body: bytes, message: str) -> None:
+    """Anything that is not a valid CloudEvent raises MalformedEnvelope naming what is wrong."""
+    with pytest.raises(MalformedEnvelope, match=re.escape(message)):
+        decode_http(headers, body)
+
+
+def test_header_names_are_case_insensitive() -> None:
+    """CE-Type and ce-type are the same header (HTTP header names are case-insensitive)."""
+    envelope = decode_http({"CE-SpecVersion": "1.0", "Ce-Id": "1", "CE-SOURCE": "/s", "ce-type": "t"}, b"")
+    assert (envelope.id, envelope.source, envelope.type, envelope.data) == ("1", "/s", "t", None)
