@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from choreograph import FAILED, ConfigurationError, Context, Event, Failure, Publisher, RetryPolicy, Service, Worker
+from choreograph import (
+    FAILED,
+    ConfigurationError,
+    Context,
+    Event,
+    Failure,
+    Publisher,
+    RetryPolicy,
+    Service,
+    Worker,
+)
 from choreograph._envelope import decode
 from choreograph.joins import DEADLINE, joins_of
 from choreograph.stores.joins_sqlite import SQLiteJoinStore

@@ -23,7 +23,15 @@ from choreograph import (
 from choreograph._envelope import decode
 from choreograph.journal import TIMEDOUT as JOURNAL_TIMEDOUT
 from choreograph.journal import Journal
-from choreograph.sagas import TIMEDOUT, TimedOut, deadline_of, deadline_text, failed, is_compensation, timed_out
+from choreograph.sagas import (
+    TIMEDOUT,
+    TimedOut,
+    deadline_of,
+    deadline_text,
+    failed,
+    is_compensation,
+    timed_out,
+)
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
 

@@ -324,7 +324,7 @@ def install(
         new.append((service.handlers, DEADLINE, timers))
 
     seen: set[tuple[int, str]] = set()
-    for table, key, entry in new:
+    for table, key, _entry in new:
         kind_name = "failure" if table is service.failure_handlers else "event"
         if key in table or (id(table), key) in seen:
             holder = table[key].name if key in table else "another slot of this join"
