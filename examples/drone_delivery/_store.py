@@ -78,6 +78,15 @@ class Store:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.name}")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
 
+    def close(self) -> None:
+        """Close the connection (the next call reopens it, possibly at a new data dir)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Synchronous read for tests and tools (another connection; never blocks writers)."""
         conn = sqlite3.connect(self.path, timeout=30.0)

@@ -35,6 +35,7 @@ from choreograph.service import App
 from choreograph.transports import open_transport
 
 DATA_ENV = "CHOREOGRAPH_DATA_DIR"
+JOURNAL_ENV = "CHOREOGRAPH_JOURNAL"
 READY_LINE = "ready:"
 """The supervisor prints ``dev | ready: ...`` once every process is up (scripts wait for it)."""
 
@@ -70,13 +71,13 @@ def _has_command(name: str) -> bool:
     )
 
 
-def _journal_spec(target: str, url: str) -> ProcSpec | None:
-    """The journal observer, if this installation has a ``choreograph journal`` command."""
-    if not _has_command("journal"):
-        return None
-    return ProcSpec(
-        "journal", _python_m("choreograph", "journal", target, "--broker", url), ready="journal running"
-    )
+def _journal_spec(target: str, url: str, store: str) -> ProcSpec:
+    """The journal observer: ``choreograph journal`` if installed, else the built-in runner."""
+    if _has_command("journal"):
+        argv = _python_m("choreograph", "journal", target, "--broker", url, "--store", store)
+    else:
+        argv = _python_m("choreograph.cli._journal_runner", target, "--broker", url, "--store", store)
+    return ProcSpec("journal", argv, ready="journal running")
 
 
 def _scales(values: list[str], app: App) -> dict[str, int]:
@@ -90,11 +91,16 @@ def _scales(values: list[str], app: App) -> dict[str, int]:
     return scales
 
 
-async def register_groups(url: str, app: App) -> None:
-    """Create every service's consumer group (a publish before a consumer starts is then kept)."""
+async def register_groups(url: str, app: App, *, journal: bool) -> None:
+    """Create every consumer group (a publish before a consumer starts is then kept for it)."""
+    groups: list[tuple[str, list[str] | None]] = [(s.group, sorted(s.subscriptions)) for s in app.services]
+    if journal:
+        from choreograph.journal import JOURNAL_GROUP
+
+        groups.append((JOURNAL_GROUP, None))
     async with open_transport(url) as bus:
-        for service in app.services:
-            subscription = await bus.subscribe(service.group, sorted(service.subscriptions))
+        for group, types in groups:
+            subscription = await bus.subscribe(group, types)
             await subscription.close()
 
 
@@ -138,18 +144,22 @@ def dev(
         for n in range(1, count + 1):
             name = service.name if count == 1 else f"{service.name}.{n}"
             specs.append(ProcSpec(name, argv, ready="running"))
-    journal_spec = _journal_spec(target, url) if journal else None
-    if journal_spec is not None:
-        specs.append(journal_spec)
+    journal_store = os.environ.get(JOURNAL_ENV) or f"sqlite:///{directory / 'journal.db'}"
+    if journal:
+        specs.append(_journal_spec(target, url, journal_store))
     gateway_target = None if no_gateway else (gateway or _find_gateway(target))
     if gateway_target is not None:
         specs.append(_gateway_spec(gateway_target, host, port))
 
     env = dict(os.environ)
-    env.update({BROKER_ENV: url, DATA_ENV: str(directory), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {BROKER_ENV: url, DATA_ENV: str(directory), JOURNAL_ENV: journal_store, "PYTHONUNBUFFERED": "1"}
+    )
     if console.is_terminal:
         env.setdefault("FORCE_COLOR", "1")
-    run_async(register_groups(url, app))
+    # Children write to a pipe, where Rich would wrap at 80 columns; the prefix takes the rest.
+    env.setdefault("COLUMNS", str(max(80, console.width - 20) if console.is_terminal else 200))
+    run_async(register_groups(url, app, journal=journal))
 
     supervisor: Supervisor
 

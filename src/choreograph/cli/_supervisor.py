@@ -29,6 +29,13 @@ _FATAL_WITHIN = 3.0
 _BACKOFF_START, _BACKOFF_MAX, _HEALTHY_AFTER = 0.25, 5.0, 10.0
 
 
+def _how(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
 @dataclasses.dataclass
 class ProcSpec:
     """One process to supervise. ``ready`` is a substring of the log line that says it is up."""
@@ -134,7 +141,7 @@ class Supervisor:
             if self.stopping.is_set():
                 return
             ran = time.monotonic() - child.started_at
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+            how = _how(code)
             if not child.ready and ran < _FATAL_WITHIN and code > 0:
                 self.say(f"{child.spec.name} exited with {how} before it was ready; stopping", "bold red")
                 self.failed = child.spec.name
@@ -201,5 +208,7 @@ class Supervisor:
             self._signal_all(signal.SIGKILL)  # only if something above failed
         for child in self.children:
             if child.proc is not None:
-                self.say(f"{child.spec.name} exited ({child.proc.returncode})", child.colour)
+                code = child.proc.returncode
+                how = "stopped" if code in (0, -signal.SIGTERM) else f"exited with {_how(code)}"
+                self.say(f"{child.spec.name} {how}", child.colour)
         return 1 if self.failed else 0
