@@ -327,6 +327,7 @@ class Journal:
             return await self._check_deadlines(limit)
 
     async def _check_deadlines(self, limit: int) -> list[str]:
+        assert self.transport is not None
         await self.open()
         now = self.now()
         due = await self.store.due(now, limit)

@@ -1,0 +1,133 @@
+"""The HTTP edge of the gateway: problem responses, bearer auth, content type, bounded body, payload errors.
+
+Every error is an RFC 9457 problem document (``application/problem+json``) with a
+``detail`` a person can act on; a payload error also lists each bad field as
+``{"path": "$.items[0].qty", "reason": "...", "type": "..."}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+import pydantic
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+PROBLEM_JSON = "application/problem+json"
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=dict(headers or {}), media_type="application/json")
+
+
+class Problem(Exception):
+    """An HTTP error answered as a problem document; raised anywhere in a request, turned into a response."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        errors: list[dict[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str = "about:blank",
+    ) -> None:
+        super().__init__(detail)
+        self.type = type
+        self.status = status
+        self.detail = detail
+        self.errors = errors
+        self.headers = dict(headers or {})
+
+    def response(self) -> Response:
+        body: dict[str, Any] = {
+            "type": self.type,
+            "title": HTTPStatus(self.status).phrase,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return Response(orjson.dumps(body), status_code=self.status, headers=self.headers, media_type=PROBLEM_JSON)
+
+
+def check_bearer(request: Request, token: str | None) -> None:
+    """401 unless ``Authorization: Bearer <token>`` matches (no check when ``token`` is ``None``)."""
+    if token is None:
+        return
+    header = request.headers.get("authorization")
+    if header is None:
+        raise Problem(401, "missing bearer token", headers={"WWW-Authenticate": 'Bearer realm="choreograph"'})
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Problem(
+            401, "invalid bearer token",
+            headers={"WWW-Authenticate": 'Bearer realm="choreograph", error="invalid_token"'},
+        )
+
+
+def check_json_content_type(request: Request) -> None:
+    """415 unless the body is declared JSON (``application/json`` or ``*/*+json``, UTF-8 if a charset is given)."""
+    header = request.headers.get("content-type")
+    if not header:
+        raise Problem(415, "missing Content-Type; send application/json")
+    media_type, *params = (part.strip() for part in header.split(";"))
+    media_type = media_type.lower()
+    if media_type != "application/json" and not (media_type.startswith("application/") and media_type.endswith("+json")):
+        raise Problem(415, f"unsupported Content-Type {media_type!r}; send application/json")
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise Problem(415, f"unsupported charset {value.strip()!r}; send UTF-8 JSON")
+
+
+async def read_body(request: Request, max_body: int) -> bytes:
+    """The request body, refusing (413) one whose Content-Length or streamed size exceeds ``max_body`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise Problem(400, f"Content-Length {declared!r} is not a number of bytes")
+        if int(declared) > max_body:
+            raise Problem(413, f"body of {int(declared)} bytes exceeds the limit of {max_body} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise Problem(413, f"body exceeds the limit of {max_body} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Problem(400, "client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("items", 0, "qty")`` -> ``$.items[0].qty``."""
+    return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
+def validation_problem(exc: pydantic.ValidationError) -> Problem:
+    """400 for a body that is not JSON at all, else 422 naming every bad field."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return Problem(400, f"body is not valid JSON: {errors[0]['msg']}")
+    items = [{"path": field_path(tuple(e["loc"])), "reason": e["msg"], "type": e["type"]} for e in errors]
+    summary = "; ".join(f"{item['path']}: {item['reason']}" for item in items[:5])
+    more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
+    return Problem(422, f"invalid {exc.title}: {summary}{more}", errors=items)
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header: 1-255 printable ASCII characters, or 400."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not all(" " <= ch <= "~" for ch in key):
+        raise Problem(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters")
+    return key

@@ -1,0 +1,364 @@
+"""The HTTP ingestion gateway: typed events in over HTTP, onto the bus, nothing lost.
+
+>>> gateway = Gateway(
+...     routes=[Route("POST", "/deliveries", DeliveryRequested, name="request_delivery", deadline=600)],
+...     broker="sqlite:///./var/bus.db",
+...     journal="sqlite:///./var/journal.db",      # enables GET /transactions/...
+...     idempotency="sqlite:///./var/gateway.db",  # durable Idempotency-Key handling
+... )                                                # doctest: +SKIP
+>>> asgi_app = gateway.asgi()                        # doctest: +SKIP  (serve with uvicorn, or `choreograph gateway`)
+
+``POST /deliveries`` validates the JSON body against the event's model, publishes the
+event under a fresh id (which is the transaction's correlation id) and answers ``202``
+with ``{"correlation_id", "status_url"}`` and a ``Location`` header, only once the
+broker holds the event. Errors are problem documents: ``400`` not JSON, ``401`` bad
+bearer token, ``409`` an ``Idempotency-Key`` conflict (problem ``type``
+:data:`KEY_IN_FLIGHT`: the first request is still running, retry; :data:`KEY_REUSED`:
+the key was used with a different body), ``413`` body over ``max_body``, ``415`` not
+JSON, ``422`` invalid payload (every bad field named by its path, e.g.
+``$.items[0].qty``), ``503`` broker unavailable (retry; with an ``Idempotency-Key``
+the retry is safe).
+
+A key reused with a different body is a ``409``, not the ``422`` the IETF
+idempotency-key draft suggests: the body itself is valid, it conflicts with the
+server's state, and a client that reads ``422`` as "fix your payload" would be misled.
+``GET /openapi.json`` is the OpenAPI 3.1 document; ``GET /healthz`` says it is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pydantic
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as StarletteRoute
+
+from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._envelope import new_id
+from choreograph._gateway_http import (
+    Problem,
+    check_bearer,
+    check_json_content_type,
+    idempotency_key,
+    json_response,
+    read_body,
+    validation_problem,
+)
+from choreograph._gateway_idempotency import IdempotencyStore, MemoryIdempotencyStore, open_idempotency_store
+from choreograph._gateway_openapi import build_openapi
+from choreograph._journal_model import STATUSES, Status, format_time
+from choreograph.errors import ConfigurationError, StoreError
+from choreograph.events import Event
+from choreograph.journal import Journal
+from choreograph.runtime.publisher import Publisher
+from choreograph.transports import open_transport
+from choreograph.transports.base import Transport
+
+__all__ = ["KEY_IN_FLIGHT", "KEY_REUSED", "Gateway", "Route"]
+
+log = logging.getLogger("choreograph.gateway")
+
+DEFAULT_BROKER = "sqlite:///./var/bus.db"
+_PATH = re.compile(r"^/[A-Za-z0-9._~\-/]*$")
+_RESERVED = ("/healthz", "/openapi.json", "/transactions")
+_METHODS = ("POST", "PUT", "PATCH")
+
+KEY_REUSED = "urn:choreograph:problem:idempotency-key-reused"
+"""Problem type of a 409: the Idempotency-Key was first used with another body (do not retry)."""
+KEY_IN_FLIGHT = "urn:choreograph:problem:idempotency-key-in-flight"
+"""Problem type of a 409: the first request with this key has not finished (retry after Retry-After)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """``METHOD path`` publishes an ``event`` built from the JSON body.
+
+    ``name`` is the OpenAPI operationId (default: ``publish_<event class>``).
+    ``deadline`` (seconds) stamps the envelope's ``deadline`` extension: the journal
+    calls the transaction stuck, and announces ``choreograph.timedout``, if it has not
+    ended by then.
+    """
+
+    method: str
+    path: str
+    event: type[Event]
+    name: str | None = None
+    deadline: float | None = None
+    summary: str | None = None
+
+    def __post_init__(self) -> None:
+        method = self.method.upper()
+        if method not in _METHODS:
+            raise ConfigurationError(f"Route {self.path!r}: method {self.method!r} must be one of {', '.join(_METHODS)}")
+        if not _PATH.match(self.path) or "//" in self.path:
+            raise ConfigurationError(f"Route {self.path!r}: a path is '/' then letters, digits, '-._~/' (no parameters)")
+        if any(self.path == r or self.path.startswith(r + "/") for r in _RESERVED):
+            raise ConfigurationError(f"Route {self.path!r}: the gateway serves {', '.join(_RESERVED)} itself")
+        if not (isinstance(self.event, type) and issubclass(self.event, Event)):
+            raise ConfigurationError(f"Route {self.path!r}: event must be an Event subclass, got {self.event!r}")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ConfigurationError(f"Route {self.path!r}: deadline must be > 0 seconds")
+        object.__setattr__(self, "method", method)
+        if self.name is None:
+            snake = re.sub(r"(?<!^)(?=[A-Z])", "_", self.event.__name__).lower()
+            object.__setattr__(self, "name", f"publish_{snake}")
+
+
+class Gateway:
+    """An ASGI app (Starlette) that turns HTTP requests into events on the bus.
+
+    ``broker`` is a URL or a :class:`Transport` (the gateway closes only what it opened).
+    ``journal`` (a URL or a :class:`Journal`) enables ``GET /transactions`` and
+    ``GET /transactions/{correlation_id}``. ``auth_token`` requires
+    ``Authorization: Bearer <token>`` on every route but ``/healthz`` and
+    ``/openapi.json``. ``idempotency`` is where ``Idempotency-Key``s are kept (a
+    ``sqlite:///`` URL for durability; default: this process's memory).
+    """
+
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        *,
+        broker: str | Transport = DEFAULT_BROKER,
+        journal: str | Journal | None = None,
+        auth_token: str | None = None,
+        max_body: int = 64 * 1024,
+        idempotency: str | IdempotencyStore | None = None,
+        source: str = "/gateway",
+        title: str = "choreograph gateway",
+        version: str = "1.0.0",
+        clock: Clock | None = None,
+        idempotency_ttl: float = 24 * 3600.0,
+        idempotency_lease: float = 30.0,
+    ) -> None:
+        self.routes = list(routes)
+        if not self.routes:
+            raise ConfigurationError("Gateway: give at least one Route")
+        seen: set[tuple[str, str]] = set()
+        names: set[str | None] = set()
+        for route in self.routes:
+            if (route.method, route.path) in seen or route.name in names:
+                raise ConfigurationError(f"Gateway: duplicate route {route.method} {route.path} ({route.name})")
+            seen.add((route.method, route.path))
+            names.add(route.name)
+        if max_body < 1:
+            raise ConfigurationError("Gateway: max_body must be >= 1 byte")
+        if auth_token is not None and not auth_token:
+            raise ConfigurationError("Gateway: auth_token must not be empty (None disables auth)")
+        self._owns_transport = isinstance(broker, str)
+        self.transport = open_transport(broker) if isinstance(broker, str) else broker
+        self._owns_journal = isinstance(journal, str)
+        self.journal = Journal(journal, clock=clock) if isinstance(journal, str) else journal
+        if idempotency is None:
+            idempotency = MemoryIdempotencyStore()
+        self.idempotency = open_idempotency_store(idempotency) if isinstance(idempotency, str) else idempotency
+        self.auth_token = auth_token
+        self.max_body = max_body
+        self.source = source
+        self.clock = clock or SYSTEM_CLOCK
+        self.idempotency_ttl = idempotency_ttl
+        self.idempotency_lease = idempotency_lease
+        self.publisher = Publisher(self.transport, source=source)
+        self._openapi = build_openapi(
+            self.routes, title=title, version=version, auth=auth_token is not None, journal=self.journal is not None
+        )
+        self._ready = False
+        self._lock: asyncio.Lock | None = None
+        self._app: Starlette | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI 3.1 document served at ``/openapi.json``."""
+        return self._openapi
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the broker and open the stores (requests do this lazily if it failed)."""
+        if self._ready:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._ready:
+                return
+            await self.transport.connect()
+            await self.idempotency.open()
+            if self.journal is not None:
+                await self.journal.open()
+            self._ready = True
+
+    async def close(self) -> None:
+        """Close what the gateway opened."""
+        self._ready = False
+        if self._owns_transport:
+            await self.transport.close()
+        await self.idempotency.close()
+        if self.journal is not None and self._owns_journal:
+            await self.journal.close()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        try:
+            await self.start()
+        except Exception as exc:  # serve anyway: requests answer 503 and retry the connection
+            log.error("gateway could not connect at startup: %s", exc)
+        try:
+            yield
+        finally:
+            await self.close()
+
+    async def _ensure_started(self) -> None:
+        try:
+            await self.start()
+        except Exception as exc:
+            raise Problem(503, f"broker unavailable: {exc}; retry", headers={"Retry-After": "1"}) from exc
+
+    # -- the ASGI app -------------------------------------------------------------------
+
+    def asgi(self) -> Starlette:
+        """The Starlette application (built once)."""
+        if self._app is None:
+            routes = [
+                StarletteRoute(route.path, self._endpoint(route), methods=[route.method], name=route.name)
+                for route in self.routes
+            ]
+            routes.append(StarletteRoute("/openapi.json", self._openapi_endpoint, methods=["GET"]))
+            routes.append(StarletteRoute("/healthz", self._healthz, methods=["GET"]))
+            if self.journal is not None:
+                routes.append(StarletteRoute("/transactions", self._list_transactions, methods=["GET"]))
+                routes.append(StarletteRoute("/transactions/{correlation_id}", self._get_transaction, methods=["GET"]))
+            self._app = Starlette(
+                routes=routes,
+                lifespan=self._lifespan,
+                exception_handlers={Problem: _problem_handler, HTTPException: _http_exception_handler},
+            )
+        return self._app
+
+    def _endpoint(self, route: Route) -> Any:
+        async def endpoint(request: Request) -> Response:
+            return await self._publish(request, route)
+
+        endpoint.__name__ = route.name or "publish"
+        return endpoint
+
+    async def _publish(self, request: Request, route: Route) -> Response:
+        check_bearer(request, self.auth_token)
+        check_json_content_type(request)
+        key = idempotency_key(request)
+        body = await read_body(request, self.max_body)
+        try:
+            event = route.event.model_validate_json(body)
+        except pydantic.ValidationError as exc:
+            raise validation_problem(exc) from None
+        await self._ensure_started()
+        now = self.clock.time()
+        correlation_id = new_id()
+        scope = route.name or route.path
+        if key is not None:
+            fingerprint = hashlib.sha256(event.model_dump_json().encode()).hexdigest()
+            try:
+                claim = await self.idempotency.claim(
+                    scope, key, fingerprint, correlation_id, now, lease=self.idempotency_lease, ttl=self.idempotency_ttl
+                )
+            except Exception as exc:
+                raise Problem(503, f"idempotency store unavailable: {exc}; retry", headers={"Retry-After": "1"}) from exc
+            if claim.outcome == "mismatch":
+                raise Problem(409, "Idempotency-Key was already used with a different body; use a new key",
+                              type=KEY_REUSED)
+            if claim.outcome == "in_flight":
+                raise Problem(409, "a request with this Idempotency-Key is in flight; retry later",
+                              headers={"Retry-After": "1"}, type=KEY_IN_FLIGHT)
+            if claim.outcome == "replay":
+                return self._accepted(request, claim.correlation_id, replayed=True)
+            correlation_id = claim.correlation_id
+        deadline = format_time(now + route.deadline) if route.deadline is not None else None
+        try:
+            await self.publisher.publish(event, ids=[correlation_id], deadline=deadline)
+        except Exception as exc:
+            log.error("publishing %s failed: %s", route.event.event_type(), exc)
+            if key is not None:
+                with contextlib.suppress(Exception):
+                    await self.idempotency.release(scope, key)
+            raise Problem(
+                503, f"could not publish to the broker ({exc}); retry (with an Idempotency-Key a retry is safe)",
+                headers={"Retry-After": "1"},
+            ) from exc
+        if key is not None:
+            try:
+                await self.idempotency.complete(scope, key)
+            except Exception as exc:  # published: answer 202; a retry after the lease republishes the same id
+                log.error("could not record Idempotency-Key as done: %s", exc)
+        return self._accepted(request, correlation_id, replayed=False)
+
+    def _accepted(self, request: Request, correlation_id: str, *, replayed: bool) -> Response:
+        headers: dict[str, str] = {}
+        status_url = None
+        if self.journal is not None:
+            status_url = f"{request.scope.get('root_path', '')}/transactions/{correlation_id}"
+            headers["Location"] = status_url
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return json_response({"correlation_id": correlation_id, "status_url": status_url}, 202, headers)
+
+    async def _openapi_endpoint(self, request: Request) -> Response:
+        return json_response(self._openapi)
+
+    async def _healthz(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def _list_transactions(self, request: Request) -> Response:
+        check_bearer(request, self.auth_token)
+        assert self.journal is not None
+        status = request.query_params.get("status")
+        if status is not None and status not in STATUSES:
+            raise Problem(422, f"status {status!r}: expected one of {', '.join(STATUSES)}",
+                          errors=[{"path": "$.status", "reason": "unknown status", "type": "enum"}])
+        raw_limit = request.query_params.get("limit", "100")
+        limit = int(raw_limit) if raw_limit.isdigit() else 0
+        if not 1 <= limit <= 1000:
+            raise Problem(422, f"limit {raw_limit!r}: expected an integer from 1 to 1000",
+                          errors=[{"path": "$.limit", "reason": "out of range", "type": "range"}])
+        try:
+            found = await self.journal.transactions(status=_status(status), limit=limit)
+        except StoreError as exc:
+            raise Problem(503, f"journal unavailable: {exc}", headers={"Retry-After": "1"}) from exc
+        return json_response({"transactions": [tx.to_dict() for tx in found]})
+
+    async def _get_transaction(self, request: Request) -> Response:
+        check_bearer(request, self.auth_token)
+        assert self.journal is not None
+        correlation_id = request.path_params["correlation_id"]
+        try:
+            tx = await self.journal.transaction(correlation_id)
+        except StoreError as exc:
+            raise Problem(503, f"journal unavailable: {exc}", headers={"Retry-After": "1"}) from exc
+        if tx is None:
+            raise Problem(404, f"no transaction {correlation_id!r} in the journal (yet)")
+        return json_response(tx.to_dict())
+
+
+def _status(value: str | None) -> Status | None:
+    for status in STATUSES:
+        if value == status:
+            return status
+    return None
+
+
+async def _problem_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return exc.response()
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return Problem(exc.status_code, exc.detail, headers=exc.headers).response()

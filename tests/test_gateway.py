@@ -1,0 +1,447 @@
+"""The HTTP gateway: typed events in over HTTP, every error a named problem, nothing lost.
+
+Most tests call the ASGI app in-process (httpx ASGITransport); ``test_over_a_real_socket``
+serves it with uvicorn on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydantic
+import pytest
+import schemathesis
+import uvicorn
+from hypothesis import HealthCheck, settings
+from schemathesis.config import SchemathesisConfig
+
+from choreograph import Event, decode
+from choreograph._journal_model import format_time
+from choreograph.errors import ConfigurationError, TransportError
+from choreograph.gateway import KEY_IN_FLIGHT, KEY_REUSED, Gateway, Route
+from choreograph.journal import Journal
+from choreograph.testing import MemoryTransport, VirtualClock, settled
+from choreograph.transports.base import Message
+
+
+class Item(pydantic.BaseModel):
+    sku: str
+    qty: int = pydantic.Field(gt=0)
+
+
+class Ordered(Event, type="test.gateway.ordered"):
+    """A customer orders items to an address."""
+
+    address: str
+    items: list[Item]
+
+
+class SpyBus(MemoryTransport):
+    """A memory bus that records publishes and can be told to fail or to hold them."""
+
+    def __init__(self, clock: VirtualClock | None = None) -> None:
+        super().__init__(clock=clock)
+        self.published: list[Message] = []
+        self.failures = 0
+        self.hold: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if self.hold is not None:
+            self.holding.set()
+            await self.hold.wait()
+        if self.failures:
+            self.failures -= 1
+            raise TransportError("broker unreachable")
+        self.published.extend(messages)
+        await super().publish(messages)
+
+
+BODY = {"address": "1 Main St", "items": [{"sku": "tea", "qty": 2}]}
+TOKEN = "s3cret"
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+@pytest.fixture
+def bus(clock: VirtualClock) -> SpyBus:
+    return SpyBus(clock)
+
+
+def client_for(gateway: Gateway) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw")
+
+
+@pytest.fixture
+async def gateway(bus: SpyBus, clock: VirtualClock) -> AsyncIterator[Gateway]:
+    gw = Gateway([Route("POST", "/orders", Ordered, name="order", deadline=60)], broker=bus, clock=clock, max_body=1024)
+    yield gw
+    await gw.close()
+
+
+@pytest.fixture
+async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(gateway) as client:
+        yield client
+
+
+# -- accepting ---------------------------------------------------------------------------
+
+
+async def test_a_valid_post_is_published_and_answered_202_with_its_correlation_id(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    response = await client.post("/orders", json=BODY)
+    assert response.status_code == 202
+    cid = response.json()["correlation_id"]
+    [message] = bus.published
+    envelope = decode(message.body)
+    assert (envelope.id, envelope.correlationid, envelope.type) == (cid, cid, "test.gateway.ordered")
+    assert envelope.source == "/gateway" and envelope.causationid is None
+    assert envelope.data == BODY
+
+
+async def test_a_route_deadline_stamps_the_envelope_deadline(
+    client: httpx.AsyncClient, bus: SpyBus, clock: VirtualClock
+) -> None:
+    await client.post("/orders", json=BODY)
+    assert decode(bus.published[0].body).deadline == format_time(clock.time() + 60)
+
+
+async def test_without_a_journal_there_is_no_status_url(client: httpx.AsyncClient) -> None:
+    response = await client.post("/orders", json=BODY)
+    assert response.json()["status_url"] is None and "location" not in response.headers
+
+
+async def test_with_a_journal_the_answer_points_at_the_transaction(bus: SpyBus, clock: VirtualClock) -> None:
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal="memory://", clock=clock)
+    async with client_for(gw) as client:
+        response = await client.post("/orders", json=BODY)
+    cid = response.json()["correlation_id"]
+    assert response.json()["status_url"] == f"/transactions/{cid}"
+    assert response.headers["location"] == f"/transactions/{cid}"
+
+
+# -- payload errors ----------------------------------------------------------------------
+
+
+async def test_an_invalid_payload_is_422_naming_each_bad_field(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    response = await client.post("/orders", json={"items": [{"sku": "tea", "qty": 0}, {"qty": 1}], "colour": "red"})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    errors = {e["path"]: e["type"] for e in response.json()["errors"]}
+    assert errors == {
+        "$.address": "missing",
+        "$.items[0].qty": "greater_than",
+        "$.items[1].sku": "missing",
+        "$.colour": "extra_forbidden",
+    }
+    assert "$.items[0].qty: Input should be greater than 0" in response.json()["detail"]
+    assert bus.published == []
+
+
+async def test_a_body_that_is_not_an_object_is_422_at_the_root(client: httpx.AsyncClient) -> None:
+    response = await client.post("/orders", json=[1, 2])
+    assert response.status_code == 422
+    assert [e["path"] for e in response.json()["errors"]] == ["$"]
+
+
+async def test_malformed_json_is_400_saying_where(client: httpx.AsyncClient) -> None:
+    response = await client.post("/orders", content=b'{"address": ', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["detail"] and "line 1 column" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"]
+)
+async def test_a_body_that_is_not_declared_json_is_415(client: httpx.AsyncClient, content_type: str | None) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post("/orders", content=b'{"address": "x", "items": []}', headers=headers)
+    assert response.status_code == 415
+
+
+async def test_json_subtypes_and_utf8_charset_are_accepted(client: httpx.AsyncClient) -> None:
+    for content_type in ("application/json; charset=UTF-8", "application/vnd.acme+json"):
+        response = await client.post("/orders", content=b'{"address": "x", "items": []}',
+                                     headers={"content-type": content_type})
+        assert response.status_code == 202, content_type
+
+
+async def test_a_declared_length_over_max_body_is_413_before_reading(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    big = {"address": "x" * 2000, "items": []}
+    response = await client.post("/orders", json=big)
+    assert response.status_code == 413
+    assert "1024" in response.json()["detail"]
+    assert bus.published == []
+
+
+async def test_a_streamed_body_over_max_body_is_413(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked
+        yield b'{"address": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'", "items": []}'
+
+    response = await client.post("/orders", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert bus.published == []
+
+
+# -- auth --------------------------------------------------------------------------------
+
+
+async def test_a_missing_or_wrong_bearer_token_is_401_with_www_authenticate(bus: SpyBus) -> None:
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, auth_token=TOKEN, journal="memory://")
+    async with client_for(gw) as client:
+        missing = await client.post("/orders", json=BODY)
+        wrong = await client.post("/orders", json=BODY, headers={"authorization": "Bearer nope"})
+        basic = await client.post("/orders", json=BODY, headers={"authorization": f"Basic {TOKEN}"})
+        listing = await client.get("/transactions")
+        right = await client.post("/orders", json=BODY, headers={"authorization": f"Bearer {TOKEN}"})
+        health = await client.get("/healthz")
+        spec = await client.get("/openapi.json")
+    assert missing.status_code == wrong.status_code == basic.status_code == listing.status_code == 401
+    assert missing.headers["www-authenticate"] == 'Bearer realm="choreograph"'
+    assert wrong.headers["www-authenticate"] == 'Bearer realm="choreograph", error="invalid_token"'
+    assert right.status_code == 202 and len(bus.published) == 1
+    assert health.status_code == spec.status_code == 200
+
+
+async def test_auth_is_checked_before_the_body(bus: SpyBus) -> None:
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, auth_token=TOKEN)
+    async with client_for(gw) as client:
+        response = await client.post("/orders", content=b"junk", headers={"content-type": "text/plain"})
+    assert response.status_code == 401
+
+
+# -- idempotency -------------------------------------------------------------------------
+
+
+async def test_a_retry_with_the_same_idempotency_key_returns_the_same_id_and_publishes_nothing(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    first = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+    again = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+    other = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-2"})
+    assert first.status_code == again.status_code == other.status_code == 202
+    assert again.json()["correlation_id"] == first.json()["correlation_id"] != other.json()["correlation_id"]
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert len(bus.published) == 2
+
+
+async def test_a_key_reused_with_a_different_body_is_409_key_reused(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+    response = await client.post("/orders", json={**BODY, "address": "elsewhere"}, headers={"idempotency-key": "k-1"})
+    assert response.status_code == 409
+    assert response.json()["type"] == KEY_REUSED
+    assert len(bus.published) == 1
+
+
+async def test_a_key_whose_first_request_is_in_flight_is_409_retry_later(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    hold = bus.hold = asyncio.Event()
+    first = asyncio.create_task(client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"}))
+    await bus.holding.wait()  # the first request has claimed the key and waits in publish
+    second = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+    hold.set()
+    assert (await first).status_code == 202
+    assert second.status_code == 409 and second.json()["type"] == KEY_IN_FLIGHT
+    assert second.headers["retry-after"] == "1"
+    assert len(bus.published) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9"])
+async def test_a_malformed_idempotency_key_is_400(client: httpx.AsyncClient, key: str) -> None:
+    response = await client.post("/orders", json=BODY, headers=[("idempotency-key", key.encode("latin-1"))])
+    assert response.status_code == 400
+
+
+async def test_idempotency_keys_in_sqlite_survive_a_gateway_restart(bus: SpyBus, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/gateway.db"
+    ids = []
+    for _ in range(2):
+        gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, idempotency=url)
+        async with client_for(gw) as client:
+            response = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+        await gw.close()
+        ids.append(response.json()["correlation_id"])
+    assert ids[0] == ids[1]
+    assert len(bus.published) == 1
+
+
+# -- nothing lost ------------------------------------------------------------------------
+
+
+async def test_a_failed_publish_is_503_and_a_retry_publishes_under_the_same_id(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    bus.failures = 1
+    failed = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+    assert failed.status_code == 503 and failed.headers["retry-after"] == "1"
+    assert bus.published == []
+    retried = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+    replayed = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+    assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
+    assert replayed.json()["correlation_id"] == retried.json()["correlation_id"]
+    [message] = bus.published
+    assert message.id == retried.json()["correlation_id"]
+
+
+async def test_a_failed_publish_without_a_key_is_503(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    bus.failures = 1
+    assert (await client.post("/orders", json=BODY)).status_code == 503
+
+
+# -- transactions ------------------------------------------------------------------------
+
+
+async def test_transactions_are_served_from_a_running_journal(bus: SpyBus, clock: VirtualClock) -> None:
+    async with Journal("memory://", transport=bus, stuck_after=60, scan_interval=3600) as journal:
+        gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal=journal, clock=clock)
+        async with client_for(gw) as client:
+            cid = (await client.post("/orders", json=BODY)).json()["correlation_id"]
+            await settled(bus)
+            one = await client.get(f"/transactions/{cid}")
+            running = await client.get("/transactions", params={"status": "running"})
+            clock.advance(61)
+            stuck = await client.get("/transactions", params={"status": "stuck", "limit": 5})
+            unknown = await client.get("/transactions/nope")
+            bad_status = await client.get("/transactions", params={"status": "lost"})
+            bad_limit = await client.get("/transactions", params={"limit": "0"})
+    assert one.status_code == 200
+    assert one.json()["status"] == "running"
+    assert [(e["type"], e["service"], e["outcome"]) for e in one.json()["timeline"]] == [
+        ("test.gateway.ordered", "gateway", "ok")
+    ]
+    assert [t["correlation_id"] for t in running.json()["transactions"]] == [cid]
+    assert [t["status"] for t in stuck.json()["transactions"]] == ["stuck"]
+    assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
+    assert bad_status.status_code == bad_limit.status_code == 422
+
+
+# -- the rest of HTTP --------------------------------------------------------------------
+
+
+async def test_unknown_paths_are_404_and_wrong_methods_405_as_problems(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/nope")
+    wrong = await client.get("/orders")
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+
+
+async def test_the_openapi_document_describes_routes_from_the_event_models(client: httpx.AsyncClient) -> None:
+    doc = (await client.get("/openapi.json")).json()
+    assert doc["openapi"] == "3.1.0"
+    operation = doc["paths"]["/orders"]["post"]
+    assert operation["operationId"] == "order"
+    assert operation["description"] == "A customer orders items to an address."
+    assert set(operation["responses"]) == {"202", "400", "409", "413", "415", "422", "503"}
+    ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schemas = doc["components"]["schemas"]
+    model = schemas[ref.rsplit("/", 1)[1]]
+    assert model["required"] == ["address", "items"] and model["additionalProperties"] is False
+    assert schemas["Item"]["properties"]["qty"]["exclusiveMinimum"] == 0
+    assert "/transactions" not in doc["paths"]  # no journal
+
+
+async def test_healthz(client: httpx.AsyncClient) -> None:
+    response = await client.get("/healthz")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("GET", "/orders", Ordered), "method"),
+        (("POST", "orders", Ordered), "path"),
+        (("POST", "/orders/{id}", Ordered), "path"),
+        (("POST", "/transactions/x", Ordered), "serves"),
+        (("POST", "/orders", dict), "Event subclass"),
+    ],
+)
+def test_bad_routes_are_configuration_errors(args: tuple[Any, ...], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Route(*args)
+
+
+def test_duplicate_routes_are_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="duplicate"):
+        Gateway([Route("POST", "/a", Ordered, name="x"), Route("POST", "/b", Ordered, name="x")], broker="memory://")
+
+
+def test_a_route_is_named_after_its_event_by_default() -> None:
+    assert Route("post", "/orders", Ordered).name == "publish_ordered"
+    assert Route("post", "/orders", Ordered).method == "POST"
+
+
+# -- over a real socket ------------------------------------------------------------------
+
+
+async def test_over_a_real_socket(bus: SpyBus) -> None:
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, auth_token=TOKEN, max_body=1024)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(gw.asgi(), log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+            await asyncio.sleep(0.01)
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            accepted = await client.post("/orders", json=BODY, headers={**auth, "idempotency-key": "k"})
+            replayed = await client.post("/orders", json=BODY, headers={**auth, "idempotency-key": "k"})
+            invalid = await client.post("/orders", json={"address": 1, "items": []}, headers=auth)
+            unauthorized = await client.post("/orders", json=BODY)
+            too_big = await client.post("/orders", json={"address": "x" * 5000, "items": []}, headers=auth)
+            not_json = await client.post("/orders", content=b"hi", headers={**auth, "content-type": "text/plain"})
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+    assert accepted.status_code == replayed.status_code == 202
+    assert accepted.json()["correlation_id"] == replayed.json()["correlation_id"]
+    assert invalid.status_code == 422 and invalid.json()["errors"][0]["path"] == "$.address"
+    assert unauthorized.status_code == 401
+    assert too_big.status_code == 413
+    assert not_json.status_code == 415
+    assert len(bus.published) == 1
+
+
+# -- fuzzing against its own OpenAPI document -------------------------------------------
+
+_fuzzed = Gateway(
+    [Route("POST", "/orders", Ordered, deadline=60), Route("PUT", "/orders/bulk", Ordered, name="bulk")],
+    broker=SpyBus(), journal="memory://", max_body=4096,
+)
+_fuzzed_with_auth = Gateway([Route("POST", "/orders", Ordered)], broker=SpyBus(), journal="memory://", auth_token=TOKEN)
+_schema = schemathesis.openapi.from_asgi("/openapi.json", _fuzzed.asgi())
+_schema_with_auth = schemathesis.openapi.from_asgi(
+    "/openapi.json", _fuzzed_with_auth.asgi(),
+    config=SchemathesisConfig.from_dict({"auth": {"openapi": {"bearer": {"bearer": TOKEN}}}}),
+)
+_FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+@_schema.parametrize()
+@_FUZZ
+def test_fuzzing_finds_no_server_error_and_no_undocumented_answer(case: schemathesis.Case) -> None:
+    """Positive and negative cases, all default checks: no 5xx, statuses/bodies/headers as documented."""
+    case.call_and_validate()
+
+
+@_schema_with_auth.parametrize()
+@_FUZZ
+def test_fuzzing_with_a_bearer_token(case: schemathesis.Case) -> None:
+    """The same with the token declared as the document's bearer scheme (schemathesis also tries without)."""
+    case.call_and_validate()
