@@ -13,7 +13,7 @@ $(BIN)/choreograph: pyproject.toml
 setup: $(BIN)/choreograph
 
 demo: setup
-	$(BIN)/python -m examples.chain.demo
+	$(BIN)/python -m examples.drone_delivery.demo
 
 test: setup
 	$(BIN)/python -m pytest -q

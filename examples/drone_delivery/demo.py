@@ -226,8 +226,22 @@ async def dead_letters(broker: str) -> list[dict[str, Any]]:
         return [dict(letter.record) for letter in await bus.dead_letters(None, 1000)]
 
 
+def retries(log_path: Path) -> dict[str, int]:
+    """Attempts that failed and were retried, per service (the worker logs each one)."""
+    counts: dict[str, int] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "retrying in" in line and " | " in line:
+            service = line.split(" | ", 1)[0].strip()
+            counts[service] = counts.get(service, 0) + 1
+    return counts
+
+
 def summary(
-    done: dict[str, dict[str, Any]], pending: int, letters: list[dict[str, Any]], sent_at: float
+    done: dict[str, dict[str, Any]],
+    pending: int,
+    letters: list[dict[str, Any]],
+    sent_at: float,
+    retried: dict[str, int],
 ) -> Table:
     completed = [tx for tx in done.values() if tx["status"] == "completed"]
     cancelled = [tx for tx in done.values() if tx["status"] in ("failed", "compensated")]
@@ -250,6 +264,8 @@ def summary(
     table.add_row(
         "dead-lettered", f"{len(letters)}  " + ", ".join(f"{k} ×{n}" for k, n in sorted(reasons.items()))
     )
+    retried_detail = ", ".join(f"{k} ×{n}" for k, n in sorted(retried.items()))
+    table.add_row("attempts retried", f"{sum(retried.values())}  {retried_detail}")
     if pending:
         table.add_row("[red]not finished", f"[red]{pending}")
     table.add_row(
@@ -289,7 +305,7 @@ async def drive(system: System, count: int, seed: int, wait_s: float) -> int:
             console.print(f"  {note}")
         done = await watch(client, list(accepted.values()), wait_s)
     letters = await dead_letters(system.broker)
-    console.print(summary(done, len(accepted) - len(done), letters, sent_at))
+    console.print(summary(done, len(accepted) - len(done), letters, sent_at, retries(system.log_path)))
     by_delivery = {cid: d for d, cid in accepted.items()}
     interesting = sorted(
         (tx for tx in done.values() if tx["status"] == "compensated"),
