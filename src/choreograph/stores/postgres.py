@@ -1,0 +1,138 @@
+"""The inbox on PostgreSQL (asyncpg): processed ids and failure history per consumer group.
+
+``postgresql://user@host:5432/db?schema=choreograph`` — every replica of every
+service may share one database; tables live in ``schema`` (see
+:mod:`choreograph.stores._pg` for the URL and migrations, ``docs/stores.md`` for the
+schema). A service database on PostgreSQL (``Service(database="postgresql://...")``)
+reuses these tables, so its inbox records commit in the same transaction as its state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from typing import Any
+
+import orjson
+
+from choreograph.errors import StoreError
+from choreograph.stores import _pg
+from choreograph.stores.base import ErrorInfo, InboxStore
+
+INBOX_MIGRATIONS = [
+    """
+    CREATE TABLE IF NOT EXISTS choreograph_inbox (
+        grp text NOT NULL,
+        event_id text NOT NULL,
+        processed_at double precision NOT NULL,
+        PRIMARY KEY (grp, event_id)
+    );
+    CREATE INDEX IF NOT EXISTS choreograph_inbox_age ON choreograph_inbox (processed_at);
+    CREATE TABLE IF NOT EXISTS choreograph_failures (
+        grp text NOT NULL,
+        event_id text NOT NULL,
+        first_error jsonb NOT NULL,
+        first_at double precision NOT NULL,
+        PRIMARY KEY (grp, event_id)
+    );
+    """,
+]
+
+#: Record an event as processed (forgetting its failures); affects 0 rows if it already was.
+MARK_ONE = """
+WITH forgotten AS (DELETE FROM choreograph_failures WHERE grp = $1 AND event_id = $2)
+INSERT INTO choreograph_inbox (grp, event_id, processed_at) VALUES ($1, $2, $3)
+ON CONFLICT DO NOTHING
+"""
+
+
+class PostgresStore(InboxStore):
+    """:class:`InboxStore` on PostgreSQL; open with ``await store.open()`` (creates tables once)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.config = _pg.parse_url(url)
+        self.pool: Any = None
+
+    def _migrations(self) -> list[tuple[str, list[str]]]:
+        """(component, steps) to apply on open; subclasses add their own."""
+        return [("inbox", INBOX_MIGRATIONS)]
+
+    def _pool(self) -> Any:
+        if self.pool is None:
+            raise StoreError(f"store {self.url} is not open")
+        return self.pool
+
+    async def open(self) -> None:
+        if self.pool is not None:
+            return
+        pool = await _pg.create_pool(self.config)
+        try:
+            for component, steps in self._migrations():
+                await _pg.migrate(pool, self.config, component, steps)
+        except BaseException:
+            await pool.close()
+            raise
+        self.pool = pool
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            with _pg.translate(f"closing {self.url}"):
+                await pool.close()
+
+    async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
+        ids = list(event_ids)
+        if not ids:
+            return set()
+        with _pg.translate(f"inbox {self.url}"):
+            rows = await self._pool().fetch(
+                "SELECT event_id FROM choreograph_inbox WHERE grp = $1 AND event_id = ANY($2::text[])", group, ids
+            )
+        return {row[0] for row in rows}
+
+    async def mark(self, group: str, event_ids: Collection[str]) -> None:
+        ids = list(event_ids)
+        if not ids:
+            return
+        with _pg.translate(f"inbox {self.url}"):
+            await self._pool().execute(
+                """
+                WITH forgotten AS (
+                    DELETE FROM choreograph_failures WHERE grp = $1 AND event_id = ANY($2::text[])
+                )
+                INSERT INTO choreograph_inbox (grp, event_id, processed_at)
+                SELECT $1, id, $3 FROM unnest($2::text[]) AS id
+                ON CONFLICT DO NOTHING
+                """,
+                group, ids, time.time(),
+            )
+
+    async def record_failure(self, group: str, event_id: str, error: ErrorInfo, at: float) -> tuple[ErrorInfo, float]:
+        pool = self._pool()
+        with _pg.translate(f"inbox {self.url}"):
+            await pool.execute(
+                "INSERT INTO choreograph_failures (grp, event_id, first_error, first_at) VALUES ($1, $2, $3::jsonb, $4)"
+                " ON CONFLICT DO NOTHING",
+                group, event_id, orjson.dumps(error.to_dict()).decode(), at,
+            )
+            row = await pool.fetchrow(
+                "SELECT first_error::text, first_at FROM choreograph_failures WHERE grp = $1 AND event_id = $2",
+                group, event_id,
+            )
+        if row is None:  # cleared concurrently (the event was just marked or dead-lettered)
+            return error, at
+        return ErrorInfo.from_dict(orjson.loads(row[0])), float(row[1])
+
+    async def clear_failures(self, group: str, event_ids: Collection[str]) -> None:
+        ids = list(event_ids)
+        if ids:
+            with _pg.translate(f"inbox {self.url}"):
+                await self._pool().execute(
+                    "DELETE FROM choreograph_failures WHERE grp = $1 AND event_id = ANY($2::text[])", group, ids
+                )
+
+    async def expire(self, older_than: float) -> int:
+        with _pg.translate(f"inbox {self.url}"):
+            status = await self._pool().execute("DELETE FROM choreograph_inbox WHERE processed_at < $1", older_than)
+        return _pg.rowcount(status)

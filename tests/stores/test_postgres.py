@@ -1,0 +1,116 @@
+"""The inbox on PostgreSQL, and the connection/migration helper every PostgreSQL store shares."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from choreograph.errors import ConfigurationError, StoreError
+from choreograph.stores import open_store
+from choreograph.stores._pg import create_pool, migrate, parse_url
+from choreograph.stores.base import ErrorInfo
+from choreograph.stores.postgres import PostgresStore
+from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+
+
+@pytest.fixture
+async def url() -> AsyncIterator[str]:
+    schema = fresh_schema()
+    url = postgres_url(schema)
+    try:
+        yield url
+    finally:
+        await drop_schema(url, schema)
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def test_open_store_dispatches_postgresql_urls() -> None:
+    assert isinstance(open_store("postgresql://u@h/db"), PostgresStore)
+    assert isinstance(open_store("postgres://u@h/db"), PostgresStore)
+
+
+def test_url_parameters_of_choreograph_are_kept_out_of_the_dsn() -> None:
+    config = parse_url("postgresql://u:p@h:5/db?schema=shop&pool_max=3&sslmode=disable")
+    assert (config.schema, config.pool_min, config.pool_max) == ("shop", 1, 3)
+    assert config.dsn == "postgresql://u:p@h:5/db?sslmode=disable"
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://h/db?schema=bad-name", "postgresql://h/db?pool_max=0", "postgresql://h/db?pool_min=x",
+    "mysql://h/db",
+])
+def test_bad_urls_are_configuration_errors(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        parse_url(url)
+
+
+async def test_the_inbox_reports_only_marked_ids_per_group(store: PostgresStore) -> None:
+    await store.mark("g", ["a", "b"])
+    await store.mark("g", ["a"])  # marking twice is harmless
+    assert await store.seen("g", ["a", "b", "c"]) == {"a", "b"}
+    assert await store.seen("other", ["a"]) == set()
+    assert await store.seen("g", []) == set()
+
+
+async def test_the_first_failure_is_kept_until_marked_or_cleared(store: PostgresStore) -> None:
+    first = await store.record_failure("g", "e", ErrorInfo("E", "first"), 10.0)
+    again = await store.record_failure("g", "e", ErrorInfo("E", "second"), 20.0)
+    assert first == again == (ErrorInfo("E", "first"), 10.0)
+    await store.mark("g", ["e"])
+    assert await store.record_failure("g", "e", ErrorInfo("E", "third"), 30.0) == (ErrorInfo("E", "third"), 30.0)
+    await store.clear_failures("g", ["e"])
+    assert await store.record_failure("g", "e", ErrorInfo("E", "fourth"), 40.0) == (ErrorInfo("E", "fourth"), 40.0)
+
+
+async def test_expire_drops_old_inbox_entries(store: PostgresStore) -> None:
+    await store.mark("g", ["a"])
+    assert await store.expire(0.0) == 0
+    assert await store.expire(float("inf")) == 1
+    assert await store.seen("g", ["a"]) == set()
+
+
+async def test_tables_live_in_the_schema_of_the_url(store: PostgresStore, url: str) -> None:
+    conn = await asyncpg.connect(parse_url(url).dsn)
+    try:
+        tables = {r[0] for r in await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", parse_url(url).schema
+        )}
+    finally:
+        await conn.close()
+    assert {"choreograph_inbox", "choreograph_failures", "choreograph_migrations"} <= tables
+
+
+async def test_migrations_run_once_and_a_new_step_is_applied_on_the_next_open(url: str) -> None:
+    config = parse_url(url)
+    pool = await create_pool(config)
+    try:
+        steps = ["CREATE TABLE t1 (a int)"]
+        assert await migrate(pool, config, "demo", steps) == 1
+        assert await migrate(pool, config, "demo", steps) == 0
+        assert await migrate(pool, config, "demo", [*steps, "CREATE TABLE t2 (b int)"]) == 1
+        assert await pool.fetchval("SELECT count(*) FROM choreograph_migrations WHERE component = 'demo'") == 2
+    finally:
+        await pool.close()
+
+
+async def test_an_unreachable_server_is_a_store_error() -> None:
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/test")
+    with pytest.raises(StoreError):
+        await store.open()
+
+
+async def test_using_a_closed_store_is_a_store_error(url: str) -> None:
+    store = PostgresStore(url)
+    with pytest.raises(StoreError, match="not open"):
+        await store.seen("g", ["a"])
