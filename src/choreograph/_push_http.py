@@ -1,0 +1,128 @@
+"""What an HTTP answer means for a pushed event, and the per-URL handshake cache.
+
+The outcome table (DESIGN.md §5) lives in :func:`classify`:
+
+======================================  ==========================================
+2xx                                     done (a CloudEvent in the body is an output)
+400, 413, 415, 422                      permanent: dead-letter at once
+404, 408, 409, 429, 5xx                 transient: retry by the policy
+timeouts, connection errors             transient
+any other status (3xx, 401, 403, 410…)  permanent: a redirect or an auth refusal will
+                                        not fix itself; the dead letter is replayable
+======================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+from datetime import UTC
+from typing import Literal
+
+import httpx
+
+from choreograph._clock import Clock
+from choreograph._webhook import ALLOWED_ORIGIN, REQUEST_ORIGIN
+
+Verdict = Literal["done", "permanent", "transient"]
+
+PERMANENT = frozenset({400, 413, 415, 422})
+TRANSIENT = frozenset({404, 408, 409, 429})
+
+
+def classify(status: int) -> Verdict:
+    """The outcome of a delivery answered with ``status``."""
+    if 200 <= status < 300:
+        return "done"
+    if status in TRANSIENT or 500 <= status < 600:
+        return "transient"
+    return "permanent"
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
+
+    ``now`` is wall-clock epoch seconds. Returns ``None`` for an absent or unreadable
+    header (the policy's backoff applies then); a date in the past means 0.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+class HandshakeRefused(Exception):
+    """The receiver answered the handshake without granting our origin (permanent)."""
+
+    def __init__(self, url: str, status: int, allowed: str | None, origin: str) -> None:
+        if allowed is None:
+            why = f"answered {status} without a WebHook-Allowed-Origin header"
+            if status == 405:
+                why += " (it does not implement the CloudEvents webhook handshake; set handshake=False to skip it)"
+        else:
+            why = f"allows origin {allowed!r}, not {origin!r}"
+        super().__init__(f"OPTIONS {url}: the receiver refused delivery: {why}")
+        self.status = status
+
+
+class HandshakeFailed(Exception):
+    """The handshake could not complete for a transient reason (retry later)."""
+
+    def __init__(self, url: str, status: int, after: float | None) -> None:
+        super().__init__(f"OPTIONS {url}: handshake answered {status}")
+        self.status = status
+        self.after = after
+
+
+class Handshakes:
+    """Which URLs granted delivery (CloudEvents webhook abuse protection, §4.1).
+
+    One ``OPTIONS`` per URL, however many deliveries wait for it (a lock per URL); a
+    grant is cached for ``ttl`` seconds, then asked again, so a receiver can revoke it.
+    Refusals are not cached: each delivery asks again, and is dead-lettered with the
+    refusal (replay it once the receiver is fixed).
+    """
+
+    def __init__(self, client: httpx.AsyncClient, origin: str, clock: Clock, ttl: float = 3600.0) -> None:
+        self.client = client
+        self.origin = origin
+        self.clock = clock
+        self.ttl = ttl
+        self.granted: dict[str, float] = {}
+        self.asked = 0
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def ensure(self, url: str, answer_within: float) -> None:
+        """Return once ``url`` has granted delivery; raise :class:`HandshakeRefused` or
+        :class:`HandshakeFailed`, or the ``httpx`` error of an unreachable receiver."""
+        if self.granted.get(url, -math.inf) > self.clock.monotonic():
+            return
+        lock = self._locks.setdefault(url, asyncio.Lock())
+        async with lock:
+            if self.granted.get(url, -math.inf) > self.clock.monotonic():
+                return
+            self.asked += 1
+            async with asyncio.timeout(answer_within):
+                response = await self.client.options(url, headers={REQUEST_ORIGIN: self.origin},
+                                                     timeout=answer_within)
+            allowed = response.headers.get(ALLOWED_ORIGIN)
+            if response.is_success and allowed is not None and allowed.strip() in (self.origin, "*"):
+                self.granted[url] = self.clock.monotonic() + self.ttl
+                return
+            if allowed is None and classify(response.status_code) == "transient":
+                raise HandshakeFailed(url, response.status_code,
+                                      retry_after(response.headers.get("retry-after"), self.clock.time()))
+            raise HandshakeRefused(url, response.status_code, allowed, self.origin)

@@ -1,0 +1,378 @@
+"""The push loop of one subscription: fetch from the group, POST, turn the answer into a settlement.
+
+Per delivery: decode → skip if the group's inbox has seen it → handshake (once per
+URL) → POST in the subscription's content mode, signed → an *outcome*:
+
+* done: the answer's CloudEvents (if any) become output events with deterministic ids;
+  they are published *before* the input is acked, as in the worker;
+* retry: after the answer's ``Retry-After`` (capped) or the policy's backoff;
+* dead: the dead-letter record of :mod:`choreograph.runtime.records` (plus the HTTP
+  ``status`` and ``url``), and a ``choreograph.failed`` event so compensations run.
+
+The worker's handler runner is not reused as is because its unit of work is a Python
+handler; what is reused is everything it is built from: the retry policy, the inbox
+store's failure history, the record and failure-event builders, and the transport's
+settle verbs. Settling is per delivery rather than batched: a push is bounded by the
+receiver's latency, not by broker round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import orjson
+
+from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339
+from choreograph._http_binding import decode_http_batch, is_cloudevent, to_http
+from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
+from choreograph._webhook import signature_headers
+from choreograph.errors import EmitError, MalformedEnvelope
+from choreograph.runtime.records import DeadLetterReason, dead_letter_record, failure_envelope, to_message
+from choreograph.service import FAILED
+from choreograph.stores.base import ErrorInfo
+from choreograph.transports.base import Delivery, Message, Subscription
+
+if TYPE_CHECKING:
+    from choreograph.push import PushAmbassador, PushSubscription
+
+log = logging.getLogger("choreograph.push")
+
+HANDLER = "push"
+"""The handler name in records and derived ids: outputs are ``derive_id(input, group, "push", i)``."""
+USER_AGENT = "choreograph-push/0.1"
+_EXCERPT = 500
+
+
+@dataclasses.dataclass
+class PushStats:
+    """Counters of one subscription's pushes (for tests, reports and metrics)."""
+
+    delivered: int = 0
+    published: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class _Done:
+    outputs: list[Message]
+    mark: bool
+
+
+@dataclasses.dataclass(slots=True)
+class _Again:
+    after: float
+
+
+@dataclasses.dataclass(slots=True)
+class _Dead:
+    record: dict[str, Any]
+    failure: Message | None
+
+
+_Outcome = _Done | _Again | _Dead
+
+
+def _original(body: bytes) -> Any:
+    """The original envelope for a record: the JSON object if it parses, else the text."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", errors="replace")
+
+
+def _excerpt(response: httpx.Response) -> str:
+    text = response.text.strip().replace("\n", " ")
+    return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
+
+
+class PushRunner:
+    """Consumes ``subscription.group`` and pushes each event to ``subscription.url``."""
+
+    def __init__(self, ambassador: PushAmbassador, subscription: PushSubscription) -> None:
+        self.amb = ambassador
+        self.sub = subscription
+        self.group = subscription.group
+        self.source = f"/choreograph/push/{subscription.group}"
+        self.stats = PushStats()
+        self.consumer: Subscription | None = None
+        self.active: dict[asyncio.Task[None], Delivery] = {}
+        self.active_ids: set[str] = set()
+        self.slot_free = asyncio.Event()
+        self.stopping = False
+        self.fetching = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.consumer = await self.amb.transport.subscribe(self.group, sorted(self.sub.types))
+        self.tasks = [
+            asyncio.create_task(self._fetch_loop(), name=f"choreograph-push-fetch-{self.group}"),
+            asyncio.create_task(self._touch_loop(), name=f"choreograph-push-touch-{self.group}"),
+        ]
+
+    # -- fetching ---------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self.consumer is not None
+        while not self.stopping:
+            free = self.amb.concurrency - len(self.active)
+            if free <= 0:
+                self.slot_free.clear()
+                await self.slot_free.wait()
+                continue
+            self.fetching = True
+            try:
+                batch = await self.consumer.fetch(free, timeout=self.amb.poll_interval)
+            except asyncio.CancelledError:
+                if self.stopping:
+                    break  # stop() interrupts an idle fetch; fetch is cancel-safe
+                raise
+            except Exception as exc:  # broker down: back off, the client reconnects
+                if self.stopping:
+                    break
+                log.warning("fetch failed for %s: %s; retrying", self.group, exc)
+                await asyncio.sleep(0.5)
+                continue
+            finally:
+                self.fetching = False
+            for delivery in batch:
+                if delivery.message.id in self.active_ids:
+                    # Its lease expired while the push is still in flight: come back later,
+                    # the inbox then tells whether the push in flight succeeded.
+                    await delivery.retry(1.0)
+                    continue
+                self.active_ids.add(delivery.message.id)
+                task = asyncio.create_task(self._push(delivery))
+                self.active[task] = delivery
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        delivery = self.active.pop(task, None)
+        if delivery is not None:
+            self.active_ids.discard(delivery.message.id)
+        self.slot_free.set()
+        if not task.cancelled() and task.exception() is not None:  # a bug in us: the lease redelivers it
+            log.error("internal error pushing %r", delivery, exc_info=task.exception())
+
+    async def _touch_loop(self) -> None:
+        interval = max(0.05, self.amb.transport.lease / 3)
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            for delivery in list(self.active.values()):
+                try:
+                    await delivery.touch()
+                except Exception as exc:
+                    log.warning("could not extend the lease of %r: %s", delivery, exc)
+
+    # -- one delivery -----------------------------------------------------------------
+
+    async def _push(self, delivery: Delivery) -> None:
+        try:
+            outcome = await self._attempt(delivery)
+            await self._settle(delivery, outcome)
+        except asyncio.CancelledError:
+            # Shutdown ran out of drain time: give the delivery back at once.
+            self.stats.released += 1
+            await asyncio.shield(delivery.retry(0.0))
+            raise
+
+    async def _attempt(self, delivery: Delivery) -> _Outcome:
+        amb, sub = self.amb, self.sub
+        now = amb.clock.time()
+        body = delivery.message.body
+        try:
+            envelope = decode(body)
+        except MalformedEnvelope as exc:
+            error = ErrorInfo.from_exception(exc, limit=0)
+            return self._dead(delivery, None, "malformed", error, now, publish_failure=False)
+        if envelope.hops > amb.max_hops:
+            error = ErrorInfo("LoopDetected", f"hops={envelope.hops} exceeds the limit of {amb.max_hops}")
+            return self._dead(delivery, envelope, "loop_detected", error, now, publish_failure=False)
+        if envelope.type not in sub.types:
+            self.stats.ignored += 1
+            return _Done([], mark=False)
+        try:
+            if await amb.store.seen(self.group, [envelope.id]):
+                self.stats.duplicates += 1
+                return _Done([], mark=False)
+        except Exception as exc:
+            log.error("inbox unavailable for %s: %s; retrying %s later", self.group, exc, envelope.id)
+            return _Again(1.0)
+
+        try:
+            if sub.handshake:
+                await amb.handshakes.ensure(sub.url, sub.timeout)
+            response = await self._post(envelope, body)
+        except HandshakeRefused as exc:
+            return self._dead(delivery, envelope, "rejected", ErrorInfo("HandshakeRefused", str(exc)), now,
+                              status=exc.status)
+        except HandshakeFailed as exc:
+            return await self._failed(delivery, envelope, ErrorInfo("HandshakeFailed", str(exc)), now,
+                                      status=exc.status, after=exc.after)
+        except (TimeoutError, httpx.TimeoutException):
+            error = ErrorInfo("Timeout", f"{sub.url}: no answer within {sub.timeout}s")
+            return await self._failed(delivery, envelope, error, now, status=None, after=None)
+        except httpx.HTTPError as exc:
+            error = ErrorInfo(type(exc).__qualname__, f"{sub.url}: {exc or type(exc).__name__}")
+            return await self._failed(delivery, envelope, error, now, status=None, after=None)
+
+        status = response.status_code
+        verdict = classify(status)
+        if verdict == "done":
+            try:
+                outputs = self._outputs(envelope, response)
+            except (MalformedEnvelope, EmitError) as exc:
+                error = ErrorInfo("InvalidResponse", f"POST {sub.url} answered {status} with {exc}")
+                return self._dead(delivery, envelope, "rejected", error, now, status=status)
+            self.stats.delivered += 1
+            self.stats.published += len(outputs)
+            return _Done(outputs, mark=True)
+        excerpt = _excerpt(response)
+        message = f"POST {sub.url} answered {status} {response.reason_phrase}" + (f": {excerpt}" if excerpt else "")
+        error = ErrorInfo("HTTPStatusError", message)
+        if verdict == "permanent":
+            return self._dead(delivery, envelope, "rejected", error, now, status=status)
+        after = retry_after(response.headers.get("retry-after"), now)
+        return await self._failed(delivery, envelope, error, now, status=status, after=after)
+
+    async def _post(self, envelope: Envelope, body: bytes) -> httpx.Response:
+        sub = self.sub
+        headers, payload = to_http(envelope, sub.mode, body)
+        headers = {**sub.headers, **headers, "user-agent": USER_AGENT}
+        if sub.secret:
+            headers.update(signature_headers(sub.secret, envelope.id, payload))
+        async with asyncio.timeout(sub.timeout):  # a bound on the whole exchange, not per read
+            return await self.amb.client.post(sub.url, content=payload, headers=headers, timeout=sub.timeout)
+
+    def _outputs(self, cause: Envelope, response: httpx.Response) -> list[Message]:
+        """The CloudEvents in a 2xx answer, as output events of ``cause`` with derived ids."""
+        if not response.content or not is_cloudevent(response.headers):
+            return []
+        try:
+            answered = decode_http_batch(response.headers, response.content)
+        except MalformedEnvelope as exc:
+            raise MalformedEnvelope(f"an invalid CloudEvent: {exc}") from None
+        stamp = now_rfc3339()
+        messages = []
+        for index, event in enumerate(answered):
+            if event.type.startswith("choreograph.") or event.type == FAILED:
+                raise EmitError(f"an event of the reserved type {event.type!r}")
+            if self.sub.emits is not None and event.type not in self.sub.emits:
+                raise EmitError(f"an event of type {event.type!r}; the subscription emits {sorted(self.sub.emits)}")
+            output = dataclasses.replace(
+                event,
+                id=derive_id(cause.id, self.group, HANDLER, index),
+                time=event.time or stamp,
+                correlationid=cause.correlationid or cause.id,
+                causationid=cause.id,
+                traceparent=cause.traceparent,
+                tracestate=cause.tracestate,
+                hops=cause.hops + 1,
+                partitionkey=event.partitionkey or cause.partitionkey,
+                deadline=cause.deadline,
+            )
+            messages.append(to_message(output))
+        return messages
+
+    async def _failed(
+        self, delivery: Delivery, envelope: Envelope, error: ErrorInfo, now: float, *,
+        status: int | None, after: float | None,
+    ) -> _Outcome:
+        sub = self.sub
+        try:
+            first = await self.amb.store.record_failure(self.group, envelope.id, error, now)
+        except Exception as exc:  # the record loses its first error, the delivery is not lost
+            log.warning("inbox unavailable for %s: %s", self.group, exc)
+            first = (error, now)
+        give_up = sub.retry.give_up(delivery.attempt, age=now - first[1])
+        if give_up is not None:
+            return self._dead(delivery, envelope, give_up, error, now, status=status, first=first)
+        if after is not None:
+            wait = min(after, sub.max_retry_after)
+        else:
+            wait = sub.retry.backoff(delivery.attempt, self.amb.rng)
+        self.stats.retried += 1
+        log.warning("push of %s to %s failed (attempt %d), retrying in %.2fs: %s",
+                    envelope.id, sub.url, delivery.attempt, wait, error.message)
+        return _Again(wait)
+
+    def _dead(
+        self, delivery: Delivery, envelope: Envelope | None, reason: DeadLetterReason, error: ErrorInfo,
+        now: float, *, status: int | None = None, first: tuple[ErrorInfo, float] | None = None,
+        publish_failure: bool = True,
+    ) -> _Dead:
+        first_error, first_at = first or (error, now)
+        record = dead_letter_record(
+            reason=reason, service=self.group, handler=HANDLER, group=self.group, attempts=delivery.attempt,
+            first_error=first_error, last_error=error, first_attempt_at=first_at, last_attempt_at=now,
+            envelope=_original(delivery.message.body),
+        )
+        record["url"] = self.sub.url
+        record["status"] = status
+        failure = None
+        if envelope is not None and publish_failure:
+            failure = to_message(failure_envelope(envelope, record, service=self.group, handler=HANDLER,
+                                                  source=self.source))
+        self.stats.dead_lettered += 1
+        log.error("dead-lettering %s in %s: %s after %d attempt(s): %s",
+                  delivery.message.id, self.group, reason, delivery.attempt, error.message)
+        return _Dead(record, failure)
+
+    # -- settling ---------------------------------------------------------------------
+
+    async def _settle(self, delivery: Delivery, outcome: _Outcome) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self._apply(delivery, outcome)
+                return
+            except Exception as exc:  # broker or store down: keep the outcome, try again
+                if self.stopping:
+                    log.error("settling %r failed during shutdown (%s); its lease will redeliver it", delivery, exc)
+                    return
+                log.error("settling %r failed: %s; retrying", delivery, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _apply(self, delivery: Delivery, outcome: _Outcome) -> None:
+        transport, store = self.amb.transport, self.amb.store
+        message_id = delivery.message.id
+        if isinstance(outcome, _Done):
+            if outcome.outputs:
+                await transport.publish(outcome.outputs)  # outputs durable before the ack
+            if outcome.mark:
+                await store.mark(self.group, [message_id])
+            await delivery.ack()
+        elif isinstance(outcome, _Again):
+            await delivery.retry(outcome.after)
+        else:
+            if outcome.failure is not None:
+                await transport.publish([outcome.failure])
+            await store.clear_failures(self.group, [message_id])
+            await delivery.dead_letter(outcome.record)
+
+    # -- stopping ---------------------------------------------------------------------
+
+    async def stop(self, drain_timeout: float) -> None:
+        self.stopping = True
+        self.slot_free.set()
+        fetch, touch = self.tasks
+        touch.cancel()
+        if self.fetching:
+            fetch.cancel()
+        await asyncio.gather(fetch, touch, return_exceptions=True)
+        if self.active:
+            _, pending = await asyncio.wait(list(self.active), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self.consumer is not None:
+            await self.consumer.close()

@@ -1,0 +1,238 @@
+"""Push delivery: HTTP subscribers in any language, and the Python side of receiving.
+
+A *push ambassador* stands in for an HTTP service on the bus. It consumes a consumer
+group like any service, POSTs each event to the subscriber's URL as a CloudEvent
+(HTTP binding, binary or structured mode), signed in the Standard Webhooks format,
+and settles the delivery by the answer (DESIGN.md §5):
+
+* 2xx: done. A CloudEvent in the response body (any content mode; a batch for
+  several) is the subscriber's *output*: the ambassador publishes it with a
+  deterministic id (``derive_id(input, group, "push", index)``), the input's
+  correlation and causation, *before* acking the input. The subscriber never needs
+  credentials to the bus, and a redelivery republishes the same ids.
+* 400, 413, 415, 422 (and any other 3xx/4xx): permanent, dead-lettered at once.
+* 404, 408, 409, 429, 5xx, timeouts, connection errors: retried by the subscription's
+  :class:`~choreograph.RetryPolicy`; ``Retry-After`` (seconds or an HTTP date) is
+  honoured up to ``max_retry_after``.
+* Giving up dead-letters the event with the runtime's record (plus the HTTP ``status``
+  and ``url``) and publishes ``choreograph.failed``, so ``on_failure`` compensations
+  run exactly as for a Python service.
+
+Before the first delivery to a URL the ambassador performs the CloudEvents webhook
+handshake (``OPTIONS`` + ``WebHook-Request-Origin``). A receiver that answers without
+granting our origin *refuses*: its deliveries are dead-lettered at once (reason
+``rejected``, the refusal in the record), never sent, and can be replayed once the
+receiver is fixed. A handshake that fails transiently (unreachable, 5xx, 429) is
+retried like a delivery. Pass ``handshake=False`` for receivers that do not
+implement it.
+
+>>> ambassador = PushAmbassador(
+...     [PushSubscription("delivery-node", ["drone.drone.assigned"], "http://127.0.0.1:8090/",
+...                       secret=os.environ["WEBHOOK_SECRET"], emits=["drone.delivery.scheduled"])],
+...     open_transport("sqlite:///./var/bus.db"),
+... )                                                                  # doctest: +SKIP
+>>> async with ambassador:                                             # doctest: +SKIP
+...     await ambassador.wait()
+
+The receiving side in Python is :func:`receiver` (an ASGI app) or :func:`read_event`
+plus :func:`verify` inside an existing endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import re
+import socket
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._http_binding import MODES, Mode, decode_http, decode_http_batch, to_batch, to_http
+from choreograph._push_http import Handshakes, classify, retry_after
+from choreograph._push_runner import HANDLER, PushRunner, PushStats
+from choreograph._receiver import read_event, receiver
+from choreograph._webhook import (
+    SignatureError,
+    generate_secret,
+    secret_key,
+    sign,
+    signature_headers,
+    verify,
+)
+from choreograph.errors import ConfigurationError
+from choreograph.policy import DEFAULT_RETRY, RetryPolicy
+from choreograph.stores.base import InboxStore
+from choreograph.stores.memory import MemoryStore
+from choreograph.transports.base import Transport
+
+__all__ = [
+    "HANDLER",
+    "PushAmbassador",
+    "PushStats",
+    "PushSubscription",
+    "SignatureError",
+    "classify",
+    "decode_http",
+    "decode_http_batch",
+    "generate_secret",
+    "read_event",
+    "receiver",
+    "retry_after",
+    "sign",
+    "signature_headers",
+    "to_batch",
+    "to_http",
+    "verify",
+]
+
+_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PushSubscription:
+    """One HTTP subscriber: the group it consumes as, the event types, and how to reach it.
+
+    ``secret`` signs every request (``whsec_...``; several during a rotation). ``emits``
+    lists the event types the subscriber may answer with (``None``: any, except
+    ``choreograph.*``); answering another type dead-letters the input as ``rejected``.
+    ``headers`` are added to every request (e.g. an ``Authorization``).
+    """
+
+    group: str
+    types: Collection[str]
+    url: str
+    mode: Mode = "binary"
+    retry: RetryPolicy = DEFAULT_RETRY
+    timeout: float = 10.0
+    secret: str | Sequence[str] | None = None
+    max_retry_after: float = 300.0
+    handshake: bool = True
+    emits: Collection[str] | None = None
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if not _GROUP.match(self.group):
+            raise ConfigurationError(f"push subscription group {self.group!r}: use letters, digits, '_', '.', '-'")
+        types = [self.types] if isinstance(self.types, str) else list(self.types)
+        if not types or not all(isinstance(t, str) and t for t in types):
+            raise ConfigurationError(f"push subscription {self.group!r}: types must list at least one event type")
+        fix("types", frozenset(types))
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigurationError(f"push subscription {self.group!r}: url {self.url!r} is not an http(s) URL")
+        if self.mode not in MODES:
+            raise ConfigurationError(f"push subscription {self.group!r}: mode must be 'binary' or 'structured'")
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ConfigurationError(f"push subscription {self.group!r}: timeout must be > 0 seconds")
+        if self.max_retry_after < 0:
+            raise ConfigurationError(f"push subscription {self.group!r}: max_retry_after must be >= 0 seconds")
+        if self.secret is not None:
+            secrets = (self.secret,) if isinstance(self.secret, str) else tuple(self.secret)
+            for secret in secrets:
+                secret_key(secret)
+            fix("secret", secrets[0] if len(secrets) == 1 else secrets)
+        if self.emits is not None:
+            fix("emits", frozenset([self.emits] if isinstance(self.emits, str) else self.emits))
+        fix("headers", dict(self.headers))
+
+
+class PushAmbassador:
+    """Runs push subscriptions against a transport until stopped (like a :class:`~choreograph.Worker`).
+
+    ``concurrency`` bounds the requests in flight per subscription; one pooled
+    ``httpx.AsyncClient`` serves them all (pass ``client`` to configure TLS or proxies).
+    ``store`` is the inbox (dedupe and failure history across processes; give a
+    durable one in production). ``origin`` is what the handshake announces (default:
+    this host's name).
+    """
+
+    def __init__(
+        self,
+        subscriptions: Sequence[PushSubscription],
+        transport: Transport,
+        *,
+        store: InboxStore | None = None,
+        concurrency: int = 16,
+        origin: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        clock: Clock | None = None,
+        max_hops: int = 64,
+        drain_timeout: float = 10.0,
+        poll_interval: float = 0.25,
+        handshake_ttl: float = 3600.0,
+        rng: Any = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency: must be >= 1")
+        groups = [s.group for s in subscriptions]
+        duplicated = sorted({g for g in groups if groups.count(g) > 1})
+        if duplicated:
+            raise ConfigurationError(f"push subscriptions: group {duplicated[0]!r} is used twice; one URL per group")
+        self.subscriptions = list(subscriptions)
+        self.transport = transport
+        self.store = store or MemoryStore()
+        self.concurrency = concurrency
+        self.origin = origin or socket.gethostname() or "choreograph"
+        self.clock = clock or getattr(transport, "clock", None) or SYSTEM_CLOCK
+        self.max_hops = max_hops
+        self.drain_timeout = drain_timeout
+        self.poll_interval = poll_interval
+        self.rng = rng
+        self._own_client = client is None
+        self.client = client or httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=concurrency * max(1, len(subscriptions)),
+                                max_keepalive_connections=concurrency * max(1, len(subscriptions))),
+            follow_redirects=False,
+        )
+        self.handshakes = Handshakes(self.client, self.origin, self.clock, ttl=handshake_ttl)
+        self.runners = [PushRunner(self, sub) for sub in self.subscriptions]
+        self._started = False
+        self._stopped = False
+        self._done = asyncio.Event()
+
+    def stats(self, group: str | None = None) -> PushStats:
+        """Counters of one subscription (or the sum over all)."""
+        total = PushStats()
+        for runner in self.runners:
+            if group is None or runner.group == group:
+                for field in dataclasses.fields(PushStats):
+                    setattr(total, field.name, getattr(total, field.name) + getattr(runner.stats, field.name))
+        return total
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await self.transport.connect()
+        await self.store.open()
+        for runner in self.runners:
+            await runner.start()
+
+    async def wait(self) -> None:
+        """Until ``stop()`` is called."""
+        await self._done.wait()
+
+    async def stop(self) -> None:
+        """Drain (or release) pushes in flight, settle them, close the subscriptions and the client."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        await asyncio.gather(*(runner.stop(self.drain_timeout) for runner in self.runners))
+        if self._own_client:
+            await self.client.aclose()
+        self._done.set()
+
+    async def __aenter__(self) -> PushAmbassador:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
