@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
+from starlette.types import Receive, Scope, Send
 
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph._envelope import new_id
@@ -175,6 +176,10 @@ class Gateway:
         self._ready = False
         self._lock: asyncio.Lock | None = None
         self._app: Starlette | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The gateway is itself an ASGI app (``uvicorn module:gateway`` works on the object)."""
+        await self.asgi()(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 document served at ``/openapi.json``."""

@@ -1,0 +1,202 @@
+"""``choreograph trace``, ``transactions`` and ``journal``: follow transactions through the journal.
+
+* ``choreograph journal APP --broker URL --store URL`` runs the journal (a passive
+  observer of every event) until SIGTERM or Ctrl-C;
+* ``choreograph trace CORRELATION_ID`` prints one transaction as a causation tree with
+  the time of every event since the first (``--json`` for scripts);
+* ``choreograph transactions --status stuck`` lists transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import orjson
+import typer
+from rich.text import Text
+from rich.tree import Tree
+
+from choreograph._journal_model import STATUSES, JournalEntry, Status, Transaction
+from choreograph.cli._common import BrokerOption, broker_url, console, err_console, load_object, run_async
+from choreograph.errors import ConfigurationError
+from choreograph.journal import DEFAULT_JOURNAL, DEFAULT_STUCK_AFTER, Journal
+from choreograph.service import App, Service
+
+JOURNAL_ENV = "CHOREOGRAPH_JOURNAL"
+READY = "journal running"
+"""Printed (stderr) once the journal consumes: ``choreograph dev`` waits for it."""
+
+_STATUS_STYLE = {
+    "running": "cyan", "completed": "green", "failed": "red", "compensated": "yellow", "stuck": "magenta",
+}
+_KIND_STYLE = {"completed": "green", "failed": "red", "failure": "bold red", "timedout": "magenta", "event": ""}
+
+
+def journal_url(value: str | None) -> str:
+    return value or os.environ.get(JOURNAL_ENV) or DEFAULT_JOURNAL
+
+
+JournalOption = typer.Option(
+    None, "--journal", "-j", help=f"Journal store URL (env {JOURNAL_ENV}; default {DEFAULT_JOURNAL})", show_default=False
+)
+
+
+async def _query(url: str, fn: Any) -> Any:
+    journal = Journal(url)
+    try:
+        return await fn(journal)
+    finally:
+        await journal.close()
+
+
+def _dump(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# -- trace ------------------------------------------------------------------------------
+
+
+def _label(entry: JournalEntry, start: float) -> Text:
+    offset = (entry.at - start) * 1000
+    label = Text(f"+{offset:,.1f} ms ", style="dim")
+    label.append(entry.type, style=_KIND_STYLE.get(entry.kind, "") or "bold")
+    if entry.kind == "failure" and entry.failed_type:
+        label.append(f" of {entry.failed_type}", style="red")
+    label.append(f"  {entry.service}", style="blue")
+    if entry.attempt is not None:
+        label.append(f"  attempt {entry.attempt}", style="dim")
+    label.append(f"  {entry.outcome}", style=_KIND_STYLE.get(entry.kind, "") or "green")
+    if entry.error:
+        label.append(f"  {entry.error}", style="red")
+    return label
+
+
+def causation_tree(tx: Transaction) -> Tree:
+    """The timeline as a tree: each event under the event that caused it (orphans at the top)."""
+    style = _STATUS_STYLE.get(tx.status, "")
+    timeline = tx.timeline or []
+    start = tx.summary.started_at
+    span = (max((e.at for e in timeline), default=start) - start) * 1000
+    title = Text("transaction ", style="bold")
+    title.append(tx.correlation_id, style="bold")
+    title.append("  ")
+    title.append(tx.status, style=f"bold {style}")
+    title.append(f"  {len(timeline)} events over {span:,.1f} ms", style="dim")
+    tree = Tree(title)
+    ids = {e.event_id for e in timeline}
+    children: dict[str | None, list[JournalEntry]] = {}
+    for entry in timeline:
+        parent = entry.causation_id if entry.causation_id in ids and entry.causation_id != entry.event_id else None
+        children.setdefault(parent, []).append(entry)
+
+    def add(node: Tree, parent: str | None, seen: set[str]) -> None:
+        for entry in children.get(parent, []):
+            if entry.event_id in seen:  # a causation cycle would be a bug elsewhere; never loop on it
+                continue
+            seen.add(entry.event_id)
+            add(node.add(_label(entry, start)), entry.event_id, seen)
+
+    add(tree, None, set())
+    return tree
+
+
+def trace(
+    correlation_id: str = typer.Argument(..., help="The transaction's correlation id (the gateway's answer)"),
+    journal: str | None = JournalOption,
+    json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """Show one transaction: status and causation tree with timings."""
+    url = journal_url(journal)
+    tx: Transaction | None = run_async(_query(url, lambda j: j.transaction(correlation_id)))
+    if tx is None:
+        raise ConfigurationError(f"no transaction {correlation_id!r} in the journal {url}")
+    if json:
+        _dump(tx.to_dict())
+        return
+    console.print(causation_tree(tx))
+
+
+# -- transactions -----------------------------------------------------------------------
+
+
+def transactions(
+    status: str | None = typer.Option(None, "--status", "-s", help=f"One of {', '.join(STATUSES)}"),
+    limit: int = typer.Option(50, "--limit", min=1, max=10_000),
+    journal: str | None = JournalOption,
+    json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """List transactions, most recent first."""
+    if status is not None and status not in STATUSES:
+        raise ConfigurationError(f"--status {status!r}: expected one of {', '.join(STATUSES)}")
+    wanted: Status | None = next((s for s in STATUSES if s == status), None)
+    found: list[Transaction] = run_async(_query(journal_url(journal), lambda j: j.transactions(wanted, limit)))
+    if json:
+        _dump([tx.to_dict() for tx in found])
+        return
+    from rich.table import Table
+
+    table = Table(title=f"transactions ({len(found)})")
+    table.add_column("correlation id", no_wrap=True)
+    for column in ("status", "started by", "events", "failures", "terminal", "started at"):
+        table.add_column(column)
+    for tx in found:
+        s = tx.summary
+        table.add_row(
+            s.correlation_id, Text(tx.status, style=_STATUS_STYLE.get(tx.status, "")), s.root_type or "",
+            str(s.event_count), str(s.failures), s.terminal_type or "", tx.to_dict()["started_at"],
+        )
+    console.print(table)
+
+
+# -- journal ----------------------------------------------------------------------------
+
+
+def _journal_for(target: str, store: str, broker: str, stuck_after: float) -> Journal:
+    obj = load_object(target)
+    if isinstance(obj, App):
+        return Journal.from_app(obj, store, transport=broker, stuck_after=stuck_after)
+    services = [obj] if isinstance(obj, Service) else obj
+    if not (isinstance(services, (list, tuple)) and all(isinstance(s, Service) for s in services)):
+        raise ConfigurationError(f"{target!r} is a {type(obj).__name__}, not an App, a Service or a list of Services")
+    compensated = {t for svc in services for t in svc.failure_handlers}
+    return Journal(store, transport=broker, compensated=compensated, stuck_after=stuck_after)
+
+
+def run_journal(
+    target: str = typer.Argument(..., help="MODULE:ATTR of the App (its terminal events and compensations)"),
+    broker: str | None = BrokerOption,
+    store: str | None = typer.Option(None, "--store", help=f"Journal store URL (env {JOURNAL_ENV}; default {DEFAULT_JOURNAL})"),
+    stuck_after: float = typer.Option(
+        DEFAULT_STUCK_AFTER, "--stuck-after", min=0.001, help="Seconds before a transaction without deadline is stuck"
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+) -> None:
+    """Run the journal: record every event by correlation id and announce stuck transactions."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url, store_url = broker_url(broker), journal_url(store)
+    journal = _journal_for(target, store_url, url, stuck_after)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await journal.start()
+        err_console.print(
+            f"[green]choreograph[/] {READY} on {url}, recording to {store_url} (pid {os.getpid()})", highlight=False
+        )
+        await stop.wait()
+        await journal.stop()
+
+    run_async(main())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("trace")(trace)
+    app.command("transactions")(transactions)
+    app.command("journal")(run_journal)

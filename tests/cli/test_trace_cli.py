@@ -1,0 +1,153 @@
+"""``choreograph journal``, ``trace``, ``transactions`` and ``gateway`` as a user runs them (real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from examples.chain import OrderPlaced
+
+from choreograph import Publisher
+from choreograph.transports import open_transport
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def env(*paths: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *map(str, paths)])}
+
+
+def cli(*args: str, extra_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "choreograph", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env(*([extra_path] if extra_path else [])))
+
+
+class Background:
+    """A CLI process whose stderr is read on a thread until a ready line appears."""
+
+    def __init__(self, args: list[str], ready: str, extra_path: Path | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "choreograph", *args], cwd=ROOT, env=env(*([extra_path] if extra_path else [])),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
+        self.reader.start()
+
+    def _read(self, ready: str) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if ready in line:
+                self.ready.set()
+
+    def wait_ready(self) -> None:
+        assert self.ready.wait(60), "".join(self.lines)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def background() -> Iterator[list[Background]]:
+    started: list[Background] = []
+    yield started
+    for proc in started:
+        proc.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_journal_records_what_is_published_and_trace_shows_it(tmp_path: Path, background: list[Background]) -> None:
+    bus, store = f"sqlite:///{tmp_path}/bus.db", f"sqlite:///{tmp_path}/journal.db"
+    journal = Background(["journal", "examples.chain:app", "--broker", bus, "--store", store], "journal running")
+    background.append(journal)
+    journal.wait_ready()
+
+    async def publish() -> str:
+        async with open_transport(bus) as transport:
+            [envelope] = await Publisher(transport, source="/gateway").publish(OrderPlaced(order_id="o-1", amount=3))
+        return envelope.id
+
+    cid = asyncio.run(publish())
+    for _ in range(600):  # the journal records within a few polls
+        result = cli("trace", cid, "--journal", store, "--json")
+        if result.returncode == 0:
+            break
+        time.sleep(0.05)
+    assert result.returncode == 0, result.stderr
+    tx = json.loads(result.stdout)
+    assert tx["status"] == "running"
+    assert [(e["type"], e["service"]) for e in tx["timeline"]] == [("chain.order.placed", "gateway")]
+    assert journal.stop() == 0
+
+    tree = cli("trace", cid, "--journal", store)
+    assert tree.returncode == 0
+    assert cid in tree.stdout and "chain.order.placed" in tree.stdout and "+0.0 ms" in tree.stdout
+    listed = cli("transactions", "--journal", store, "--status", "running", "--json")
+    assert [t["correlation_id"] for t in json.loads(listed.stdout)] == [cid]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["trace", "nope", "--journal", "memory://"], "no transaction 'nope'"),
+        (["trace", "x", "--journal", "mongodb://x"], "unknown scheme 'mongodb'"),
+        (["transactions", "--journal", "memory://", "--status", "lost"], "--status 'lost'"),
+        (["gateway", "examples.chain:app"], "not a Gateway"),
+        (["journal", "examples.chain:OrderPlaced", "--broker", "memory://", "--store", "memory://"], "not an App"),
+    ],
+)
+def test_bad_input_prints_one_clear_line_and_exits_2(args: list[str], needle: str) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert needle in " ".join(result.stderr.split())
+
+
+def test_choreograph_gateway_serves_a_gateway_object(tmp_path: Path, background: list[Background]) -> None:
+    (tmp_path / "gwmod.py").write_text(textwrap.dedent(f"""
+        from choreograph.gateway import Gateway, Route
+        from examples.chain import OrderPlaced
+        gateway = Gateway([Route("POST", "/orders", OrderPlaced)], broker="sqlite:///{tmp_path}/bus.db",
+                          journal="sqlite:///{tmp_path}/journal.db")
+    """))
+    port = free_port()
+    server = Background(["gateway", "gwmod:gateway", "--port", str(port)], "Uvicorn running on", tmp_path)
+    background.append(server)
+    server.wait_ready()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        accepted = client.post("/orders", json={"order_id": "o-1", "amount": 3})
+        health = client.get("/healthz")
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.headers["location"] == f"/transactions/{accepted.json()['correlation_id']}"
+    assert health.json() == {"status": "ok"}
+    assert server.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    server.cleanup()
+    assert "Application shutdown complete" in "".join(server.lines)
