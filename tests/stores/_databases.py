@@ -55,3 +55,14 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield url
     finally:
         await drop_schema(url, schema)
+
+
+@pytest.fixture
+async def postgres_database_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL service database URL (for behaviour only PostgreSQL has)."""
+    schema = fresh_schema()
+    url = postgres_url(schema)
+    try:
+        yield url
+    finally:
+        await drop_schema(url, schema)

@@ -1,0 +1,258 @@
+"""Service databases: one transaction for state, inbox record and outbox; relay claims; lag.
+
+Every test runs on SQLite and on PostgreSQL (``database_url``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from choreograph.errors import ConfigurationError, StoreError
+from choreograph.stores.state import StateStore, open_database
+from choreograph.transports.base import Message
+from tests.stores._databases import database_url, postgres_database_url, sqlite_url  # noqa: F401 - fixtures
+
+SERVICE = "svc"
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[StateStore]:  # noqa: F811
+    async with open_database(database_url) as store:
+        tx = await store.begin()
+        await tx.execute("CREATE TABLE items (id text PRIMARY KEY, n integer)", ())
+        await tx.commit(inbox=None, service=SERVICE, messages=[])
+        yield store
+
+
+def msg(n: int | str) -> Message:
+    return Message(f"m{n}", "test.state.item", b'{"n": %s}' % str(n).encode())
+
+
+async def commit(db: StateStore, *messages: Message, inbox: tuple[str, str] | None = None, item: str = "") -> bool:
+    tx = await db.begin()
+    try:
+        if item:
+            await tx.execute("INSERT INTO items (id, n) VALUES ($1, $2)", (item, 1))
+        return await tx.commit(inbox=inbox, service=SERVICE, messages=messages)
+    finally:
+        await tx.rollback()
+
+
+async def items(db: StateStore) -> list[str]:
+    tx = await db.begin()
+    try:
+        return [row["id"] for row in await tx.fetch("SELECT id FROM items ORDER BY id", ())]
+    finally:
+        await tx.rollback()
+
+
+class Recorder:
+    """A relay publish callback that records what it sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def __call__(self, messages: list[Message]) -> None:
+        self.sent.extend(m.id for m in messages)
+
+
+async def test_commit_writes_state_inbox_record_and_outbox_rows_together(db: StateStore) -> None:
+    assert await commit(db, msg(1), msg(2), inbox=("g", "e1"), item="a")
+    assert await items(db) == ["a"]
+    assert await db.seen("g", ["e1"]) == {"e1"}
+    assert (await db.outbox_lag(SERVICE)).pending == 2
+
+
+async def test_rollback_leaves_no_state_no_inbox_record_and_no_outbox_row(db: StateStore) -> None:
+    tx = await db.begin()
+    await tx.execute("INSERT INTO items (id, n) VALUES ($1, $2)", ("a", 1))
+    await tx.rollback()
+    assert await items(db) == []
+    assert await db.seen("g", ["e1"]) == set()
+    assert (await db.outbox_lag(SERVICE)).pending == 0
+
+
+async def test_a_second_commit_of_the_same_event_returns_false_and_undoes_its_state(db: StateStore) -> None:
+    assert await commit(db, msg(1), inbox=("g", "e1"), item="a")
+    assert not await commit(db, msg(2), inbox=("g", "e1"), item="b")
+    assert await items(db) == ["a"]
+    assert (await db.outbox_lag(SERVICE)).pending == 1
+
+
+async def test_a_commit_forgets_the_failure_history_of_its_event(db: StateStore) -> None:
+    from choreograph.stores.base import ErrorInfo
+
+    await db.record_failure("g", "e1", ErrorInfo("E", "first"), 1.0)
+    assert await commit(db, inbox=("g", "e1"))
+    assert await db.record_failure("g", "e1", ErrorInfo("E", "later"), 2.0) == (ErrorInfo("E", "later"), 2.0)
+
+
+async def test_placeholders_are_dollar_numbers_and_rows_index_by_name_and_position(db: StateStore) -> None:
+    tx = await db.begin()
+    try:
+        assert await tx.execute("INSERT INTO items (id, n) VALUES ($1, $2)", ("a", 5)) == 1
+        await tx.executemany("INSERT INTO items (id, n) VALUES ($1, $2)", [("b", 6), ("c", 7)])
+        assert await tx.execute("UPDATE items SET n = n + $1 WHERE n >= $2 AND n <= $2 + 1", (10, 6)) == 2
+        row = await tx.fetchone("SELECT id, n FROM items WHERE id = $1", ("b",))
+        assert (row["id"], row[1], dict(row)) == ("b", 16, {"id": "b", "n": 16})
+        assert await tx.fetchone("SELECT id FROM items WHERE id = $1", ("zz",)) is None
+        rows = await tx.fetch("SELECT id FROM items WHERE n > $1 ORDER BY id", (10,))
+        assert [r[0] for r in rows] == ["b", "c"]
+    finally:
+        await tx.rollback()
+
+
+async def test_a_bad_statement_is_a_store_error(db: StateStore) -> None:
+    tx = await db.begin()
+    try:
+        with pytest.raises(StoreError):
+            await tx.execute("INSERT INTO no_such_table VALUES ($1)", (1,))
+    finally:
+        await tx.rollback()
+
+
+async def test_a_finished_transaction_cannot_be_used(db: StateStore) -> None:
+    tx = await db.begin()
+    await tx.commit(inbox=None, service=SERVICE, messages=[])
+    with pytest.raises(StoreError, match="finished"):
+        await tx.execute("SELECT 1", ())
+
+
+async def test_the_relay_publishes_in_commit_order_and_marks_rows_sent(db: StateStore) -> None:
+    for n in range(0, 6, 2):
+        await commit(db, msg(n), msg(n + 1))
+    publish = Recorder()
+    assert await db.relay_pass(SERVICE, "me", 4, publish) == 4
+    assert await db.relay_pass(SERVICE, "me", 4, publish) == 2
+    assert await db.relay_pass(SERVICE, "me", 4, publish) == 0
+    assert publish.sent == [f"m{n}" for n in range(6)]
+    assert (await db.outbox_lag(SERVICE)).pending == 0
+
+
+async def test_the_relay_only_sends_rows_of_its_service(db: StateStore) -> None:
+    tx = await db.begin()
+    await tx.commit(inbox=None, service="another", messages=[msg(1)])
+    publish = Recorder()
+    assert await db.relay_pass(SERVICE, "me", 10, publish) == 0
+    assert (await db.outbox_lag("another")).pending == 1
+
+
+async def test_a_failed_publish_marks_nothing_and_the_rows_go_again_with_the_same_ids(db: StateStore) -> None:
+    await commit(db, msg(1), msg(2))
+
+    async def broken(messages: list[Message]) -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        await db.relay_pass(SERVICE, "me", 10, broken)
+    publish = Recorder()
+    assert await db.relay_pass(SERVICE, "me", 10, publish) == 2
+    assert publish.sent == ["m1", "m2"]
+
+
+async def test_while_one_relay_publishes_another_on_the_same_database_gets_no_claim(database_url: str) -> None:  # noqa: F811
+    async with open_database(database_url) as first:
+        second = type(first)(database_url)  # a separate store: its own connections, like another process
+        async with second:
+            await commit(first, msg(1))
+            seen_by_second: list[int | None] = []
+
+            async def publish(messages: list[Message]) -> None:
+                seen_by_second.append(await second.relay_pass(SERVICE, "second", 10, Recorder()))
+
+            assert await first.relay_pass(SERVICE, "first", 10, publish) == 1
+            assert seen_by_second == [None]
+
+
+async def test_outbox_lag_counts_unsent_rows_and_the_age_of_the_oldest(db: StateStore) -> None:
+    assert (await db.outbox_lag(SERVICE)).pending == 0
+    assert (await db.outbox_lag(SERVICE)).oldest_age == 0.0
+    await commit(db, msg(1), msg(2))
+    await asyncio.sleep(0.01)
+    lag = await db.outbox_lag(SERVICE)
+    assert lag.pending == 2 and lag.oldest_age > 0
+
+
+async def test_purge_deletes_only_rows_sent_before_the_cutoff(db: StateStore) -> None:
+    await commit(db, msg(1))
+    await db.relay_pass(SERVICE, "me", 10, Recorder())
+    await commit(db, msg(2))
+    assert await db.purge_sent(time.time() - 3600) == 0
+    assert await db.purge_sent(time.time() + 1) == 1
+    assert (await db.outbox_lag(SERVICE)).pending == 1
+
+
+async def test_open_database_shares_one_store_per_url_within_a_loop(database_url: str) -> None:  # noqa: F811
+    a = open_database(database_url)
+    assert open_database(database_url) is a
+    async with a:
+        async with open_database(database_url) as b:
+            assert b is a
+        assert await a.seen("g", []) == set()  # still open: the outer user holds it
+    assert open_database(database_url) is not a  # the last close forgets it
+
+
+async def test_a_commit_with_outbox_rows_wakes_a_waiting_relay(db: StateStore) -> None:
+    waiting = asyncio.create_task(db.wait_outbox(SERVICE, 3600))
+    await asyncio.sleep(0)
+    await commit(db, msg(1))
+    await asyncio.wait_for(waiting, 10)
+
+
+def test_unknown_database_schemes_are_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError, match="database URL"):
+        open_database("redis://localhost")
+
+
+def test_a_sqlite_service_database_needs_a_file() -> None:
+    with pytest.raises(ConfigurationError, match="file"):
+        open_database("sqlite:///:memory:")
+
+
+async def test_a_dead_sqlite_relays_lease_lapses_and_a_standby_takes_over(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path, relay_lease="0.2")
+    async with open_database(url) as db:
+        await commit(db, msg(1))
+        assert await db.relay_pass(SERVICE, "dead", 10, Recorder()) == 1
+        await commit(db, msg(2))
+        assert await db.relay_pass(SERVICE, "standby", 10, Recorder()) is None
+        await asyncio.sleep(0.3)
+        publish = Recorder()
+        assert await db.relay_pass(SERVICE, "standby", 10, publish) == 1
+        assert publish.sent == ["m2"]
+
+
+async def test_a_released_sqlite_claim_passes_to_a_standby_at_once(tmp_path: Path) -> None:
+    async with open_database(sqlite_url(tmp_path)) as db:
+        assert await db.relay_pass(SERVICE, "first", 10, Recorder()) == 0
+        assert await db.relay_pass(SERVICE, "second", 10, Recorder()) is None
+        await db.release_relay(SERVICE, "first")
+        assert await db.relay_pass(SERVICE, "second", 10, Recorder()) == 0
+
+
+async def test_postgres_concurrent_commits_of_one_event_keep_exactly_one(postgres_database_url: str) -> None:  # noqa: F811
+    async with open_database(postgres_database_url) as db:
+        tx = await db.begin()
+        await tx.execute("CREATE TABLE items (id text PRIMARY KEY, n integer)", ())
+        await tx.commit(inbox=None, service=SERVICE, messages=[])
+        results = await asyncio.gather(*(commit(db, msg(i), inbox=("g", "same"), item=f"i{i}") for i in range(4)))
+        assert sorted(results) == [False, False, False, True]
+        assert len(await items(db)) == 1
+        assert (await db.outbox_lag(SERVICE)).pending == 1
+
+
+async def test_postgres_notifies_a_relay_listening_from_another_store(postgres_database_url: str) -> None:  # noqa: F811
+    url = postgres_database_url
+    async with open_database(url) as writer:
+        listener = type(writer)(url)
+        async with listener:
+            await listener._listen()
+            waiting = asyncio.create_task(listener.wait_outbox(SERVICE, 3600))
+            await asyncio.sleep(0.05)
+            await commit(writer, msg(1))
+            await asyncio.wait_for(waiting, 10)
