@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from choreograph import Event, decode
+from choreograph._gateway_idempotency import IdempotencyStore, open_idempotency_store
 from choreograph._journal_model import format_time
 from choreograph.errors import ConfigurationError, TransportError
 from choreograph.gateway import KEY_IN_FLIGHT, KEY_REUSED, Gateway, Route
@@ -277,6 +278,32 @@ async def test_idempotency_keys_in_sqlite_survive_a_gateway_restart(bus: SpyBus,
         ids.append(response.json()["correlation_id"])
     assert ids[0] == ids[1]
     assert len(bus.published) == 1
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def keys(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[IdempotencyStore]:
+    store = open_idempotency_store("memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/keys.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_idempotency_claims_follow_the_documented_states(keys: IdempotencyStore) -> None:
+    async def claim(key: str, fingerprint: str, cid: str, now: float) -> tuple[str, str]:
+        found = await keys.claim("route", key, fingerprint, cid, now, lease=30, ttl=3600)
+        return found.outcome, found.correlation_id
+
+    assert await claim("k", "fp", "c-1", 0) == ("new", "c-1")
+    assert await claim("k", "fp", "c-2", 1) == ("in_flight", "c-1")
+    assert await claim("k", "other", "c-2", 1) == ("mismatch", "c-1")
+    assert await claim("k", "fp", "c-3", 31) == ("new", "c-1")  # the holder died: taken over, same id
+    await keys.release("route", "k")
+    assert await claim("k", "fp", "c-4", 32) == ("new", "c-1")  # released: retried under the same id
+    await keys.complete("route", "k")
+    assert await claim("k", "fp", "c-5", 33) == ("replay", "c-1")
+    assert await claim("k", "fp", "c-6", 4000) == ("new", "c-6")  # forgotten after the ttl
+    found = await keys.claim("another-route", "k", "fp", "c-7", 4000, lease=30, ttl=3600)
+    assert found.outcome == "new"  # keys are scoped per route
 
 
 # -- nothing lost ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from choreograph import FAILED, App, Event, Publisher, Reject, Service, Worker, derive_id
+from choreograph import FAILED, App, Event, Failure, Publisher, Reject, Service, Worker, derive_id
 from choreograph._envelope import decode
 from choreograph._journal_model import format_time
 from choreograph.errors import ConfigurationError
@@ -73,12 +73,14 @@ def delivery_app() -> App:
 
     @drone.on(Charged)
     async def fly(charged: Charged) -> Delivered:
-        if charged.mode == "crash":
+        if charged.mode in ("crash", "crash-twice"):
             raise Reject("drone lost")
         return Delivered(order=charged.order)
 
     @payment.on_failure(Charged)
-    async def refund(failure: object) -> Cancelled:
+    async def refund(failure: Failure) -> Cancelled:
+        if isinstance(failure.event, Charged) and failure.event.mode == "crash-twice":
+            raise Reject("refund refused too")
         return Cancelled(order="refunded")
 
     return App(
@@ -184,6 +186,16 @@ async def test_a_failure_nobody_compensates_fails_the_transaction_at_once(
     tx = await journal.transaction(cid)
     assert tx is not None and tx.status == "failed"
     assert tx.summary.terminal_type is None
+
+
+async def test_a_failing_compensation_fails_the_transaction(journal: Journal, app: App, bus: SpyBus) -> None:
+    cid = await start(app, bus, mode="crash-twice")
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.timeline is not None
+    assert tx.status == "failed"
+    assert [(e.type, e.failed_type) for e in tx.timeline if e.kind == "failure"] == [
+        (FAILED, Charged.event_type()), (FAILED, FAILED),
+    ]
 
 
 async def test_without_compensation_knowledge_a_failure_waits_for_a_terminal_event(
