@@ -170,6 +170,12 @@ async def test_a_body_that_is_not_declared_json_is_415(client: httpx.AsyncClient
     assert response.status_code == 415
 
 
+async def test_a_compressed_body_is_415(client: httpx.AsyncClient) -> None:
+    response = await client.post("/orders", content=b"\x1f\x8b...",
+                                 headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert response.status_code == 415 and "Content-Encoding" in response.json()["detail"]
+
+
 async def test_json_subtypes_and_utf8_charset_are_accepted(client: httpx.AsyncClient) -> None:
     for content_type in ("application/json; charset=UTF-8", "application/vnd.acme+json"):
         response = await client.post("/orders", content=b'{"address": "x", "items": []}',

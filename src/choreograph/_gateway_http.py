@@ -72,7 +72,8 @@ def check_bearer(request: Request, token: str | None) -> None:
 
 
 def check_json_content_type(request: Request) -> None:
-    """415 unless the body is declared JSON (``application/json`` or ``*/*+json``, UTF-8 if a charset is given)."""
+    """415 unless the body is declared JSON (``application/json`` or ``application/*+json``, UTF-8 if a
+    charset is given) and is not compressed (a gzip body would otherwise read as malformed JSON)."""
     header = request.headers.get("content-type")
     if not header:
         raise Problem(415, "missing Content-Type; send application/json")
@@ -84,6 +85,9 @@ def check_json_content_type(request: Request) -> None:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
             raise Problem(415, f"unsupported charset {value.strip()!r}; send UTF-8 JSON")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Problem(415, f"unsupported Content-Encoding {encoding!r}; send the body uncompressed")
 
 
 async def read_body(request: Request, max_body: int) -> bytes:

@@ -49,11 +49,13 @@ from choreograph.transports.base import Delivery, Subscription, Transport
 
 __all__ = [
     "DEFAULT_JOURNAL",
+    "DEFAULT_STUCK_AFTER",
     "JOURNAL_GROUP",
     "STATUSES",
     "TIMEDOUT",
     "Journal",
     "JournalEntry",
+    "JournalStats",
     "JournalStore",
     "MemoryJournalStore",
     "Status",
