@@ -1,0 +1,281 @@
+"""Checking a flow before it runs (``choreograph lint``).
+
+Rules, and why each has its severity:
+
+* ``unproduced`` (error): a handler waits for an event type no service emits and the App
+  does not list as ingress. It can never run: a missing producer or a typo'd type.
+* ``cycle`` (error): an event can cause itself. Choreography has no one to stop it; the
+  runtime's hops guard dead-letters it eventually (``loop_detected``), after the damage.
+* ``cannot-terminate`` (error): from an ingress event no terminal event is reachable,
+  on any path (business outcomes, failures and compensations, timeouts included), so
+  the journal can never see such a transaction end. ``no-terminal`` when the App
+  declares no terminal event at all. Only ingress events that *start* transactions
+  (some ordinary handler consumes them) are checked; an ingress event consumed only by
+  joins and compensations (a customer's cancellation, a courier's scan) *joins* a
+  running transaction, so it is taken as available in every transaction.
+* ``unconsumed`` (warning): an event type is emitted (or is ingress) but nobody
+  consumes it and it is not terminal: a dead end in the flow, or a consumer that lives
+  elsewhere (another language, a push subscriber), which lint cannot see.
+* ``uncompensated-failure`` (warning): a handler can give up on an event that a service
+  emitted (so an upstream step already happened) and nobody handles that failure
+  (``on_failure`` or ``compensate(..., on=[failed(X)])``). Skipped for terminal events
+  (the transaction has already ended) and for events only from outside (nothing upstream
+  to undo). A warning, because some steps need no undo (a notification, a read).
+
+Built from bare services instead of an App, ingress and terminal events are unknown:
+only ``cycle`` and ``uncompensated-failure`` run, and an ``info`` finding says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from choreograph.flow import Finding, FlowGraph, Step, Via
+from choreograph.sagas import TIMEDOUT
+
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def lint(graph: FlowGraph) -> list[Finding]:
+    findings: list[Finding] = []
+    if graph.app:
+        findings += _unproduced(graph)
+        findings += _unconsumed(graph)
+        findings += _cannot_terminate(graph)
+    else:
+        findings.append(
+            Finding(
+                "no-app",
+                "info",
+                "built from services, not an App: ingress and terminal events are unknown, "
+                "so unproduced, unconsumed and termination checks were skipped",
+            )
+        )
+    findings += _cycles(graph)
+    findings += _uncompensated(graph)
+    return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.subjects))
+
+
+def _names(steps: list[Step]) -> str:
+    return ", ".join(sorted({f"{s.service}.{s.handler}" for s in steps}))
+
+
+def _unproduced(graph: FlowGraph) -> list[Finding]:
+    out = []
+    for type_, node in graph.events.items():
+        if node.runtime or node.ingress or graph.producers(type_):
+            continue
+        waiting = [s for s in graph.steps if s.trigger == type_]
+        if waiting:
+            out.append(
+                Finding(
+                    "unproduced",
+                    "error",
+                    f"{type_} is consumed by {_names(waiting)} but no service emits it and the App does not "
+                    f"list it as ingress: that handler can never run",
+                    (type_, *sorted({s.service for s in waiting})),
+                )
+            )
+    return out
+
+
+def _unconsumed(graph: FlowGraph) -> list[Finding]:
+    out = []
+    for type_, node in graph.events.items():
+        if node.runtime or node.terminal or graph.consumers(type_):
+            continue
+        producers = graph.producers(type_)
+        if node.ingress:
+            message = f"ingress event {type_} has no consumer: a transaction it starts goes nowhere"
+        elif producers:
+            message = (
+                f"{type_} is emitted by {_names(producers)} but nobody consumes it and it is not terminal: "
+                f"add a consumer or declare it in App(terminal=...)"
+            )
+        else:
+            continue
+        out.append(
+            Finding("unconsumed", "warning", message, (type_, *sorted({s.service for s in producers})))
+        )
+    return out
+
+
+def starts_transactions(graph: FlowGraph, type_: str) -> bool:
+    """Whether an ingress event starts a transaction: an ordinary handler (not a join or a
+    compensation) consumes it."""
+    return any(s.trigger == type_ and s.via == "event" and s.role == "handler" for s in graph.steps)
+
+
+def reachable(graph: FlowGraph, start: str, *, joining: Iterable[str] = ()) -> set[tuple[str, Via]]:
+    """Everything that can happen in a transaction started by ``start``: events, failures, timeouts.
+
+    A step fires once every one of its join slots can be filled; a step that can give up
+    makes the failure of its trigger possible. A timeout is always possible (any
+    transaction with a deadline can pass it). ``joining`` events come from outside into
+    any running transaction.
+    """
+    seen: set[tuple[str, Via]] = {(start, "event"), (TIMEDOUT, "timeout")}
+    seen |= {(t, "event") for t in joining}
+    changed = True
+    while changed:
+        changed = False
+        for step in graph.steps:
+            if not all(any(route in seen for route in group) for group in step.requires):
+                continue
+            new: set[tuple[str, Via]] = {(t, "event") for t in step.emits}
+            if step.can_give_up:
+                new.add((step.trigger, "failure"))
+            if not new <= seen:
+                seen |= new
+                changed = True
+    return seen
+
+
+def _cannot_terminate(graph: FlowGraph) -> list[Finding]:
+    terminal = {t for t, node in graph.events.items() if node.terminal}
+    if not terminal:
+        return [
+            Finding(
+                "no-terminal",
+                "error",
+                "the App declares no terminal events (App(terminal={Event: 'completed' | 'failed'})): "
+                "no transaction can ever be seen to end",
+            )
+        ]
+    out = []
+    starters = [t for t, node in graph.events.items() if node.ingress and starts_transactions(graph, t)]
+    joining = [t for t, node in graph.events.items() if node.ingress and t not in starters]
+    for type_ in starters:
+        happened = {t for t, via in reachable(graph, type_, joining=joining) if via == "event"}
+        if not happened & terminal:
+            out.append(
+                Finding(
+                    "cannot-terminate",
+                    "error",
+                    f"a transaction started by {type_} can never reach a terminal event "
+                    f"({', '.join(sorted(terminal))}); it reaches only {', '.join(sorted(happened))}",
+                    (type_,),
+                )
+            )
+    return out
+
+
+def _cycles(graph: FlowGraph) -> list[Finding]:
+    """One finding per strongly connected set of event types (an event that can cause itself)."""
+    successors: dict[str, dict[str, str]] = {}  # type -> {next type: service}
+    for step in graph.steps:
+        for group in step.requires:
+            for source, via in group:
+                if via == "timeout":
+                    continue
+                for target in step.emits:
+                    successors.setdefault(source, {}).setdefault(target, step.service)
+    out = []
+    for component in _strongly_connected(successors):
+        start = min(component)
+        path = _cycle_through(start, component, successors)
+        if path is None:
+            continue
+        hops = [start]
+        for prev, nxt in zip(path, path[1:], strict=False):
+            hops += [f"[{successors[prev][nxt]}]", nxt]
+        out.append(
+            Finding(
+                "cycle",
+                "error",
+                f"cycle: {' → '.join(hops)}: an event can cause itself (the worker's hops guard stops it "
+                f"only after max_hops hops, as loop_detected)",
+                tuple(sorted(component)),
+            )
+        )
+    return out
+
+
+def _strongly_connected(successors: dict[str, dict[str, str]]) -> list[set[str]]:
+    """Tarjan's algorithm, iteratively (no recursion limit on long chains)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[set[str]] = []
+    nodes = sorted(set(successors) | {t for nexts in successors.values() for t in nexts})
+    for root in nodes:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(successors.get(root, {}))))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(successors.get(child, {})))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                if len(component) > 1 or node in successors.get(node, {}):
+                    components.append(component)
+    return components
+
+
+def _cycle_through(
+    start: str, component: set[str], successors: dict[str, dict[str, str]]
+) -> list[str] | None:
+    """A shortest path start → ... → start inside ``component`` (breadth first)."""
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for nxt in sorted(successors.get(node, {})):
+                if nxt not in component:
+                    continue
+                if nxt == start:
+                    back = [node]
+                    while back[-1] != start:
+                        back.append(parents[back[-1]])
+                    return [*reversed(back), start]
+                if nxt not in parents:
+                    parents[nxt] = node
+                    following.append(nxt)
+        frontier = following
+    return None
+
+
+def _uncompensated(graph: FlowGraph) -> list[Finding]:
+    out = []
+    for type_, node in graph.events.items():
+        if node.terminal or not graph.producers(type_):
+            continue
+        giving_up = [s for s in graph.steps if s.trigger == type_ and s.can_give_up]
+        handled = any(s.trigger == type_ and s.via == "failure" for s in graph.steps)
+        if giving_up and not handled:
+            emitters = sorted({s.service for s in graph.producers(type_)})
+            out.append(
+                Finding(
+                    "uncompensated-failure",
+                    "warning",
+                    f"if {_names(giving_up)} gives up on {type_}, nobody compensates what "
+                    f"{', '.join(emitters)} already did: add @service.on_failure({node.name or type_}) "
+                    f"or @service.compensate(..., on=[failed({node.name or type_})])",
+                    (type_, *emitters),
+                )
+            )
+    return out

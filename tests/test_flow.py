@@ -1,0 +1,502 @@
+"""The flow graph is derived from handlers: nodes, edges, renderings, and the lint rules."""
+
+from __future__ import annotations
+
+import json
+
+import pydot
+import pytest
+
+from choreograph import App, Event, Failure, Service
+from choreograph.flow import Edge, FlowGraph, build, lint
+from choreograph.sagas import TIMEDOUT, TimedOut, failed, timed_out
+
+
+class Placed(Event, type="test.flow.placed"):
+    order: str
+
+
+class Captured(Event, type="test.flow.captured"):
+    order: str
+
+
+class Declined(Event, type="test.flow.declined"):
+    order: str
+
+
+class Reserved(Event, type="test.flow.reserved"):
+    order: str
+
+
+class Released(Event, type="test.flow.released"):
+    order: str
+
+
+class Shipped(Event, type="test.flow.shipped"):
+    order: str
+
+
+class Refunded(Event, type="test.flow.refunded"):
+    order: str
+
+
+class Cancelled(Event, type="test.flow.cancelled"):
+    order: str
+
+
+class Audit(Event, type="test.flow.audit"):
+    order: str
+
+
+def shop() -> App:
+    """A small saga: payment and inventory in parallel, shipping joins them, undo on failure."""
+    payment, inventory, shipping = Service("payment"), Service("inventory"), Service("shipping")
+
+    @payment.on(Placed)
+    async def charge(order: Placed) -> Captured | Declined: ...
+
+    @payment.on_failure(Captured)
+    async def refund(failure: Failure) -> Refunded: ...
+
+    @inventory.on(Placed)
+    async def reserve(order: Placed) -> Reserved: ...
+
+    @inventory.compensate(Reserved, on=[Declined, failed(Reserved), timed_out()])
+    async def release(reserved: Reserved, cause: object) -> Released: ...
+
+    @shipping.on_all(Captured, Reserved, within=60)
+    async def ship(paid: Captured, reserved: Reserved) -> Shipped: ...
+
+    return App(
+        "shop",
+        [payment, inventory, shipping],
+        ingress=[Placed],
+        terminal={Shipped: "completed", Declined: "failed", Refunded: "failed", Released: "failed"},
+    )
+
+
+def edges(graph: FlowGraph, kind: str | None = None) -> set[tuple[str, str]]:
+    return {(e.source, e.target) for e in graph.edges if kind is None or e.kind == kind}
+
+
+def codes(graph: FlowGraph | App | list[Service]) -> list[tuple[str, str]]:
+    return [(f.severity, f.code) for f in lint(graph)]
+
+
+# --- the graph ------------------------------------------------------------------------------------
+
+
+def test_nodes_are_the_services_and_every_event_type_they_touch() -> None:
+    graph = build(shop())
+    assert graph.services == ["payment", "inventory", "shipping"]
+    assert set(graph.events) == {
+        Placed.event_type(),
+        Captured.event_type(),
+        Declined.event_type(),
+        Reserved.event_type(),
+        Released.event_type(),
+        Shipped.event_type(),
+        Refunded.event_type(),
+        TIMEDOUT,
+    }
+
+
+def test_consumes_and_emits_edges_follow_handlers_and_their_return_annotations() -> None:
+    graph = build(shop())
+    assert ("event:test.flow.placed", "service:payment") in edges(graph, "consumes")
+    assert ("event:test.flow.placed", "service:inventory") in edges(graph, "consumes")
+    assert {
+        ("service:payment", "event:test.flow.captured"),
+        ("service:payment", "event:test.flow.declined"),
+    } <= edges(graph, "emits")
+
+
+def test_emits_given_as_a_keyword_is_drawn_like_an_annotation() -> None:
+    svc = Service("audit")
+
+    @svc.on(Placed, emits=[Audit])
+    async def note(order: Placed):  # no return annotation: emits= declares the output
+        return Audit(order=order.order)
+
+    assert edges(build([svc]), "emits") == {("service:audit", "event:test.flow.audit")}
+
+
+def test_an_on_failure_handler_is_a_compensates_edge_from_the_failed_type() -> None:
+    [edge] = [e for e in build(shop()).edges if e.kind == "compensates" and e.target == "service:payment"]
+    assert (edge.source, edge.trigger, edge.label, edge.handlers) == (
+        "event:test.flow.captured",
+        "failure",
+        "failed",
+        ("shop.<locals>.refund",),
+    )
+
+
+def test_a_compensation_is_drawn_from_its_triggers_not_from_the_step_it_remembers() -> None:
+    graph = build(shop())
+    into_inventory = {(e.source, e.trigger) for e in graph.edges if e.target == "service:inventory"}
+    assert into_inventory == {
+        ("event:test.flow.placed", None),  # reserve
+        ("event:test.flow.declined", "event"),
+        ("event:test.flow.reserved", "failure"),
+        (f"event:{TIMEDOUT}", "timeout"),
+    }
+    assert ("service:inventory", "event:test.flow.released") in edges(graph, "emits")
+
+
+def test_a_plain_subscription_to_timedout_is_a_compensation_too() -> None:
+    svc = Service("janitor")
+
+    @svc.on(TimedOut)
+    async def cleanup(event: TimedOut) -> None: ...
+
+    [edge] = build([svc]).edges
+    assert (edge.source, edge.kind, edge.trigger) == (f"event:{TIMEDOUT}", "compensates", "timeout")
+    assert build([svc]).events[TIMEDOUT].runtime
+
+
+def test_a_join_consumes_every_joined_type_and_its_runtime_plumbing_is_not_drawn() -> None:
+    graph = build(shop())
+    into_shipping = {(e.source, e.kind) for e in graph.edges if e.target == "service:shipping"}
+    assert into_shipping == {
+        ("event:test.flow.captured", "consumes"),
+        ("event:test.flow.reserved", "consumes"),
+    }
+    assert not [
+        t for t in graph.events if t.startswith("choreograph.") and t != TIMEDOUT
+    ]  # no deadline, no failed
+
+
+def test_the_app_marks_ingress_and_terminal_events() -> None:
+    events = build(shop()).events
+    assert events["test.flow.placed"].ingress and events["test.flow.placed"].terminal is None
+    assert events["test.flow.shipped"].terminal == "completed"
+    assert events["test.flow.declined"].terminal == "failed"
+    assert events["test.flow.placed"].name == "Placed"
+
+
+def test_a_list_of_services_builds_a_graph_that_knows_no_ingress_or_terminal() -> None:
+    graph = build(shop().services)
+    assert not graph.app
+    assert not any(node.ingress or node.terminal for node in graph.events.values())
+
+
+def test_edges_merge_handlers_that_draw_the_same_line() -> None:
+    svc = Service("multi")
+
+    @svc.on(Placed)
+    async def a(order: Placed) -> Audit: ...
+
+    @svc.on(Captured)
+    async def b(order: Captured) -> Audit: ...
+
+    [emit] = [e for e in build([svc]).edges if e.kind == "emits"]
+    assert emit == Edge(
+        "service:multi",
+        "event:test.flow.audit",
+        "emits",
+        (
+            "test_edges_merge_handlers_that_draw_the_same_line.<locals>.a",
+            "test_edges_merge_handlers_that_draw_the_same_line.<locals>.b",
+        ),
+    )
+
+
+# --- renderings -----------------------------------------------------------------------------------
+
+
+def test_mermaid_draws_services_rounded_events_as_stadiums_and_compensations_dashed_red() -> None:
+    graph = build(shop())
+    text = graph.to_mermaid()
+    lines = text.splitlines()
+    assert lines[1] == "flowchart LR"
+    assert '    svc_payment("payment"):::service' in lines
+    assert '    evt_test_flow_placed(["test.flow.placed"]):::ingress' in lines
+    assert '    evt_test_flow_shipped(["test.flow.shipped"]):::completed' in lines
+    links = [line.strip() for line in lines if "-->" in line or "-.->" in line]
+    assert len(links) == len(graph.edges)
+    dashed = [i for i, line in enumerate(links) if "-.->" in line]
+    assert '    evt_test_flow_captured -.->|"failed"| svc_payment' in lines
+    [style] = [line for line in lines if line.strip().startswith("linkStyle")]
+    assert style.split()[1] == ",".join(map(str, dashed)) and "stroke:#c62828" in style
+    assert dashed == [i for i, e in enumerate(graph.edges) if e.kind == "compensates"]
+
+
+class Quoted(Event, type='test.flow.odd"name'):
+    pass
+
+
+class Hashed(Event, type="test_flow_odd#name"):
+    pass
+
+
+def test_mermaid_ids_stay_unique_and_labels_escaped() -> None:
+    """``test.flow.odd"name`` and ``test_flow_odd#name`` sanitise to the same id."""
+    svc = Service("x")
+
+    @svc.on(Quoted)
+    async def a(event: Quoted) -> Hashed: ...
+
+    text = build([svc]).to_mermaid()
+    assert '(["test.flow.odd#quot;name"])' in text and '(["test_flow_odd#35;name"])' in text
+    ids = [line.split("(")[0].strip() for line in text.splitlines() if ":::" in line]
+    assert len(ids) == len(set(ids)) == 3
+
+
+PYDOT_WARNINGS = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydot 4 on pyparsing 3.3
+
+
+@PYDOT_WARNINGS
+def test_dot_parses_and_has_every_node_and_edge_with_compensations_dashed_red() -> None:
+    graph = build(shop())
+    [dot] = pydot.graph_from_dot_data(graph.to_dot())
+    names = {n.get_name().strip('"') for n in dot.get_nodes()} - {"node", "edge"}
+    assert names == {f"service:{s}" for s in graph.services} | {f"event:{t}" for t in graph.events}
+    drawn = {
+        (e.get_source().strip('"'), e.get_destination().strip('"'), e.get_style()) for e in dot.get_edges()
+    }
+    assert drawn == {(e.source, e.target, "dashed" if e.kind == "compensates" else None) for e in graph.edges}
+    assert all(e.get_color() == '"#c62828"' for e in dot.get_edges() if e.get_style() == "dashed")
+
+
+@PYDOT_WARNINGS
+def test_dot_escapes_quotes_in_names() -> None:
+    graph = build([Service("plain")], name='say "hi"')
+    [dot] = pydot.graph_from_dot_data(graph.to_dot())
+    assert dot.get_name() == '"say \\"hi\\""'
+
+
+def test_json_lists_nodes_edges_and_steps() -> None:
+    graph = build(shop())
+    doc = json.loads(graph.to_json())
+    assert doc == graph.to_dict()
+    assert {n["id"] for n in doc["nodes"]} == {f"service:{s}" for s in graph.services} | {
+        f"event:{t}" for t in graph.events
+    }
+    assert len(doc["edges"]) == len(graph.edges)
+    placed = next(n for n in doc["nodes"] if n["id"] == "event:test.flow.placed")
+    assert placed == {
+        "id": "event:test.flow.placed",
+        "kind": "event",
+        "label": "test.flow.placed",
+        "class": "Placed",
+        "ingress": True,
+        "terminal": None,
+        "runtime": False,
+    }
+    release = [s for s in doc["steps"] if s["handler"].endswith("release")]
+    assert {(s["trigger"], s["via"]) for s in release} == {
+        ("test.flow.reserved", "step"),
+        ("test.flow.declined", "event"),
+        ("test.flow.reserved", "failure"),
+        (TIMEDOUT, "timeout"),
+    }
+
+
+def test_renderings_are_deterministic() -> None:
+    first, second = build(shop()), build(shop())
+    assert (first.to_mermaid(), first.to_dot(), first.to_json()) == (
+        second.to_mermaid(),
+        second.to_dot(),
+        second.to_json(),
+    )
+
+
+# --- lint -----------------------------------------------------------------------------------------
+
+
+def test_a_complete_saga_lints_clean() -> None:
+    assert lint(shop()) == []
+
+
+def test_the_chain_example_has_only_an_uncompensated_failure_warning() -> None:
+    from examples.chain import app
+
+    [finding] = lint(app)
+    assert (finding.severity, finding.code, finding.subjects) == (
+        "warning",
+        "uncompensated-failure",
+        ("chain.payment.captured", "payment"),
+    )
+    assert "shipping" in finding.message and "on_failure(PaymentCaptured)" in finding.message
+
+
+def test_a_consumed_event_nobody_emits_is_an_error_unless_it_is_ingress() -> None:
+    svc = Service("orphan")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Shipped: ...
+
+    assert ("error", "unproduced") in codes(App("a", [svc], terminal={Shipped: "completed"}))
+    assert codes(App("a", [svc], ingress=[Placed], terminal={Shipped: "completed"})) == []
+    [finding] = lint(App("a", [svc], terminal={Shipped: "completed"}))
+    assert finding.subjects == ("test.flow.placed", "orphan") and "orphan" in finding.message
+
+
+def test_an_emitted_event_nobody_consumes_is_a_warning_unless_it_is_terminal() -> None:
+    svc = Service("talker")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Shipped | Audit: ...
+
+    findings = lint(App("a", [svc], ingress=[Placed], terminal={Shipped: "completed"}))
+    assert [(f.severity, f.code, f.subjects) for f in findings] == [
+        ("warning", "unconsumed", ("test.flow.audit", "talker"))
+    ]
+    assert lint(App("a", [svc], ingress=[Placed], terminal={Shipped: "completed", Audit: "completed"})) == []
+
+
+def test_an_ingress_event_with_no_consumer_is_a_warning() -> None:
+    svc = Service("s")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Shipped: ...
+
+    app = App("a", [svc], ingress=[Placed, Cancelled], terminal={Shipped: "completed", Cancelled: "failed"})
+    assert ("warning", "unconsumed") not in codes(app)  # a terminal ingress is fine
+    app = App("a", [svc], ingress=[Placed, Audit], terminal={Shipped: "completed"})
+    assert ("warning", "unconsumed") in codes(app)
+
+
+def test_a_cycle_is_an_error_that_shows_the_loop() -> None:
+    ping, pong = Service("ping"), Service("pong")
+
+    @ping.on(Placed)
+    async def a(event: Placed) -> Captured | Shipped: ...
+
+    @pong.on(Captured)
+    async def b(event: Captured) -> Placed: ...
+
+    [finding] = [
+        f
+        for f in lint(App("a", [ping, pong], ingress=[Placed], terminal={Shipped: "completed"}))
+        if f.code == "cycle"
+    ]
+    assert finding.severity == "error"
+    assert finding.subjects == ("test.flow.captured", "test.flow.placed")
+    assert "test.flow.captured → [pong] → test.flow.placed → [ping] → test.flow.captured" in finding.message
+
+
+def test_an_event_that_causes_itself_is_a_cycle() -> None:
+    svc = Service("echo")
+
+    @svc.on(Placed)
+    async def again(event: Placed) -> Placed | Shipped: ...
+
+    [finding] = [f for f in lint([svc]) if f.code == "cycle"]
+    assert "test.flow.placed → [echo] → test.flow.placed" in finding.message
+
+
+def test_a_transaction_that_can_never_reach_a_terminal_event_is_an_error() -> None:
+    svc = Service("s")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Captured: ...
+
+    @svc.on(Captured)
+    async def more(event: Captured) -> None: ...
+
+    findings = lint(App("a", [svc], ingress=[Placed], terminal={Shipped: "completed"}))
+    [finding] = [f for f in findings if f.code == "cannot-terminate"]
+    assert finding.severity == "error" and finding.subjects == ("test.flow.placed",)
+    assert "test.flow.shipped" in finding.message
+
+
+def test_a_terminal_event_reached_only_through_a_compensation_still_terminates() -> None:
+    work, undo = Service("work"), Service("undo")
+
+    @work.on(Placed)
+    async def handle(order: Placed) -> Captured: ...
+
+    @work.on(Captured)
+    async def finish(event: Captured) -> None: ...
+
+    @undo.on_failure(Captured)
+    async def cancel(failure: Failure) -> Cancelled: ...
+
+    app = App("a", [work, undo], ingress=[Placed], terminal={Cancelled: "failed"})
+    assert "cannot-terminate" not in [f.code for f in lint(app)]
+
+
+def test_a_join_waiting_for_an_event_that_never_comes_cannot_terminate() -> None:
+    a, b = Service("a"), Service("b")
+
+    @a.on(Placed)
+    async def start(order: Placed) -> Captured: ...
+
+    @b.on_all(Captured, Reserved)
+    async def join(paid: Captured, reserved: Reserved) -> Shipped: ...
+
+    app = App("x", [a, b], ingress=[Placed, Reserved], terminal={Shipped: "completed"})
+    # Reserved comes from outside and joins the transaction Placed started
+    assert [f.code for f in lint(app)] == ["uncompensated-failure"]
+    app = App("x", [a, b], ingress=[Placed], terminal={Shipped: "completed"})
+    assert {"cannot-terminate", "unproduced"} <= {f.code for f in lint(app)}
+
+
+def test_an_app_without_terminal_events_is_an_error() -> None:
+    svc = Service("s")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None: ...
+
+    assert codes(App("a", [svc], ingress=[Placed])) == [("error", "no-terminal")]
+
+
+def test_a_failure_nobody_compensates_is_a_warning_and_on_failure_or_compensate_silences_it() -> None:
+    def services() -> tuple[Service, Service]:
+        pay, ship = Service("pay"), Service("ship")
+
+        @pay.on(Placed)
+        async def charge(order: Placed) -> Captured: ...
+
+        @ship.on(Captured)
+        async def send(event: Captured) -> Shipped: ...
+
+        return pay, ship
+
+    pay, ship = services()
+    app = App("a", [pay, ship], ingress=[Placed], terminal={Shipped: "completed"})
+    assert codes(app) == [("warning", "uncompensated-failure")]  # Placed is ingress: nothing upstream
+
+    pay, ship = services()
+
+    @pay.on_failure(Captured)
+    async def refund(failure: Failure) -> Refunded: ...
+
+    assert (
+        lint(App("a", [pay, ship], ingress=[Placed], terminal={Shipped: "completed", Refunded: "failed"}))
+        == []
+    )
+
+    pay, ship = services()
+
+    @pay.compensate(Captured, on=[failed(Captured)])
+    async def undo(paid: Captured, failure: Failure) -> Refunded: ...
+
+    assert (
+        lint(App("a", [pay, ship], ingress=[Placed], terminal={Shipped: "completed", Refunded: "failed"}))
+        == []
+    )
+
+
+def test_a_failure_on_a_terminal_event_needs_no_compensation() -> None:
+    pay, notify = Service("pay"), Service("notify")
+
+    @pay.on(Placed)
+    async def charge(order: Placed) -> Shipped: ...
+
+    @notify.on(Shipped)
+    async def tell(event: Shipped) -> None: ...
+
+    assert lint(App("a", [pay, notify], ingress=[Placed], terminal={Shipped: "completed"})) == []
+
+
+def test_bare_services_get_only_the_checks_that_need_no_app() -> None:
+    findings = lint(shop().services)
+    assert [(f.severity, f.code) for f in findings] == [("info", "no-app")]
+
+
+@pytest.mark.parametrize("target", ["app", "graph"])
+def test_lint_accepts_an_app_or_a_built_graph(target: str) -> None:
+    app = shop()
+    assert lint(app if target == "app" else build(app)) == []
