@@ -15,7 +15,11 @@ from typing import TYPE_CHECKING, Any
 from choreograph._envelope import Envelope
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
     from choreograph.events import Event
+    from choreograph.runtime.outbox import HandlerUnit
+    from choreograph.stores.state import Transaction
 
 _CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar("choreograph_context", default=None)
 
@@ -37,6 +41,7 @@ class Context:
     handler: str
     attempt: int
     outputs: list[tuple[Event, str | None]] = dataclasses.field(default_factory=list)
+    _unit: HandlerUnit | None = None  # set by the worker for a service with a database
 
     @property
     def event_id(self) -> str:
@@ -75,6 +80,24 @@ class Context:
         a deterministic id; the type must be declared in the handler's ``emits``.
         """
         self.outputs.append((event, subject))
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """The service database's transaction for this handler run (``Service(..., database=...)``).
+
+        >>> async with ctx.transaction() as tx:                    # doctest: +SKIP
+        ...     await tx.execute("INSERT INTO packages (id) VALUES ($1)", req.id)
+
+        It commits when the handler returns, together with the event's inbox record
+        and every event the handler emits (returned or published), which then go out
+        through the outbox: all or nothing. See :mod:`choreograph.runtime.outbox`.
+        """
+        if self._unit is None:
+            from choreograph.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"Service {self.service!r} has no database: Service({self.service!r}, database='sqlite:///...')"
+            )
+        return self._unit.block()
 
 
 def current_context() -> Context | None:

@@ -125,7 +125,9 @@ class Service:
     """A named service: one consumer group on the bus, a set of handlers.
 
     ``retry`` and ``timeout`` are the defaults for its handlers; each ``on()`` can
-    override them.
+    override them. ``database`` (``sqlite:///var/pkg.db`` or ``postgresql://...``) gives
+    the service its own state store: ``ctx.transaction()`` then commits state, inbox
+    record and emitted events atomically (see :mod:`choreograph.runtime.outbox`).
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class Service:
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout: float = 30.0,
         source: str | None = None,
+        database: str | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise ConfigurationError(
@@ -146,6 +149,11 @@ class Service:
         self.retry = retry
         self.timeout = timeout
         self.source = source or f"/choreograph/{name}"
+        if database is not None:
+            from choreograph.stores.state import check_database_url
+
+            check_database_url(database)
+        self.database = database
         self.handlers: dict[str, Handler] = {}  # consumed event type -> handler
         self.failure_handlers: dict[str, Handler] = {}  # failed event type -> handler
 

@@ -35,6 +35,7 @@ from choreograph.context import Context, _set_current
 from choreograph.errors import EmitError, MalformedEnvelope, Reject, Retry
 from choreograph.events import Event
 from choreograph.joins import Defer
+from choreograph.runtime.outbox import Outboxes
 from choreograph.runtime.records import (
     DeadLetterReason,
     dead_letter_record,
@@ -119,6 +120,7 @@ class _Runner:
         self.service = service
         self.group = service.group
         self.stats = Stats()
+        self.store: InboxStore = worker.store  # replaced by the service database's inbox if it has one
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
         self.active_ids: dict[str, Delivery] = {}  # event id -> the delivery handling it, until settled
@@ -130,6 +132,7 @@ class _Runner:
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        self.store = self.worker.outbox.store_for(self.service) or self.worker.store
         self.sub = await self.worker.transport.subscribe(self.group, sorted(self.service.subscriptions))
         self.tasks = [
             asyncio.create_task(self._fetch_loop(), name=f"choreograph-fetch-{self.group}"),
@@ -167,7 +170,7 @@ class _Runner:
                 continue
             fresh = [d for d in batch if d.message.id not in self.active_ids]
             try:
-                seen = await worker.store.seen(self.group, [d.message.id for d in fresh])
+                seen = await self.store.seen(self.group, [d.message.id for d in fresh])
             except Exception as exc:
                 log.error("inbox unavailable for %s: %s; releasing %d deliveries", self.group, exc, len(batch))
                 for delivery in batch:
@@ -253,6 +256,7 @@ class _Runner:
             return self._dead(delivery, envelope, "invalid_payload", handler, ErrorInfo.from_exception(exc, limit=0), now)
 
         ctx = Context(envelope, service.name, handler.name, delivery.attempt)
+        ctx._unit = unit = worker.outbox.unit(service, ctx)  # None unless the service has a database
         token = _set_current(ctx)
         try:
             args = (argument, ctx) if handler.takes_context else (argument,)
@@ -265,6 +269,12 @@ class _Runner:
             except TimeoutError:
                 raise HandlerTimeout(f"handler exceeded its timeout of {handler.timeout}s") from None
             messages = self._outputs(handler, envelope, _outputs_of(result), ctx)
+            mark = True
+            if unit is not None and unit.used:  # state, inbox record and outputs commit together
+                if not await unit.commit(self.group, envelope.id, messages):
+                    self.stats.duplicates += 1  # another consumer committed this event first
+                    return _Done(delivery, [], mark=False)
+                messages, mark = [], False  # in the outbox now: the relay publishes them
         except Defer as exc:  # a join deadline timer not due yet: not a failure
             return _Again(delivery, exc.after)
         except Reject as exc:
@@ -273,12 +283,16 @@ class _Runner:
             exc.event_id, exc.service, exc.handler = envelope.id, service.name, handler.name
             return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), now)
         except Exception as exc:
+            if unit is not None:
+                await unit.rollback()  # before touching the store: on SQLite it waits for the writer
             return await self._failed(delivery, envelope, handler, exc, now)
         finally:
+            if unit is not None:
+                await unit.rollback()  # no-op once committed
             _set_current(None)
             del token
         self.stats.handled += 1
-        return _Done(delivery, messages, mark=True)
+        return _Done(delivery, messages, mark=mark)
 
     def _handler_for(self, envelope: Envelope) -> Handler | None:
         if envelope.type == FAILED:
@@ -319,7 +333,7 @@ class _Runner:
         self, delivery: Delivery, envelope: Envelope, handler: Handler, exc: Exception, now: float
     ) -> _Outcome:
         error = ErrorInfo.from_exception(exc)
-        first_error, first_at = await self.worker.store.record_failure(self.group, envelope.id, error, now)
+        first_error, first_at = await self.store.record_failure(self.group, envelope.id, error, now)
         give_up = handler.retry.give_up(delivery.attempt, age=now - first_at)
         if give_up is not None:
             return self._dead(delivery, envelope, give_up, handler, error, now, first=(first_error, first_at))
@@ -386,7 +400,7 @@ class _Runner:
 
     async def _settle(self, batch: Sequence[_Outcome]) -> None:
         assert self.sub is not None
-        store, transport = self.worker.store, self.worker.transport
+        store, transport = self.store, self.worker.transport
         messages: list[Message] = []
         for outcome in batch:
             if isinstance(outcome, _Done):
@@ -484,6 +498,7 @@ class Worker:
         self.drain_timeout = drain_timeout
         self.poll_interval = poll_interval
         self.rng = rng
+        self.outbox = Outboxes(self.services, transport)  # service databases and their outbox relays
         self.runners = [_Runner(self, service) for service in self.services]
         self._stopped = asyncio.Event()
         self._started = False
@@ -503,6 +518,7 @@ class Worker:
         self._started = True
         await self.transport.connect()
         await self.store.open()
+        await self.outbox.start()
         await self.joins.open()
         for runner in self.runners:
             await runner.start()
@@ -516,6 +532,7 @@ class Worker:
         if self._stopped.is_set():
             return
         await asyncio.gather(*(runner.stop(self.drain_timeout) for runner in self.runners))
+        await self.outbox.stop()
         self._stopped.set()
 
     async def __aenter__(self) -> Worker:

@@ -1,0 +1,267 @@
+"""Effectively-once steps: handler transactions, the outbox relay, publishing from outside.
+
+A service with a database (``Service("package", database="sqlite:///var/pkg.db")``)
+can change its own state and emit events atomically::
+
+    @package.on(PackageRequested)
+    async def create(req: PackageRequested, ctx: Context) -> PackageCreated:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (id, weight) VALUES ($1, $2)", req.id, req.weight)
+        return PackageCreated(id=req.id)
+
+**Inside a handler the transaction commits when the handler returns**, not when the
+``async with`` block ends: the commit writes the handler's state changes, the inbox
+record of the event and *every* event the handler emits — returned, ``ctx.publish``-ed
+or ``tx.publish``-ed — into the outbox, all or nothing. The block only delimits where
+you use the connection; an exception escaping it rolls back at once, and an exception
+anywhere in the handler rolls back everything (the event is retried as usual). Keep
+slow calls out of a handler after its block: on SQLite the writer turn is held until
+the handler returns.
+
+After the commit the worker only acks the delivery; the **relay** (a task in the
+same worker, one per service) publishes outbox rows in commit order and marks them
+sent. Every crash point is covered: before commit nothing happened and the event is
+redelivered; after commit the redelivered event finds its inbox record and is acked
+without running the handler, while the relay publishes the rows; between publish and
+mark the rows go out again with the same deterministic ids, which downstream inboxes drop.
+
+A handler that never opens a transaction in such a service takes the ordinary path
+(publish, then record in the service database's inbox, then ack).
+
+**Outside a handler** (an HTTP endpoint, a script) the same guarantee is one block;
+there the transaction commits when the block ends::
+
+    async with transaction(package) as tx:
+        await tx.execute("INSERT INTO packages (id) VALUES ($1)", pid)
+        envelope = tx.publish(PackageRequested(id=pid))   # sent by package's relay
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from choreograph._envelope import Envelope, new_id
+from choreograph.errors import ConfigurationError
+from choreograph.events import Event
+from choreograph.runtime.records import first_envelope, to_message
+from choreograph.stores.state import OutboxLag, StateStore, Transaction, TxConnection, open_database
+from choreograph.transports.base import Message, Transport
+
+if TYPE_CHECKING:
+    from choreograph.context import Context
+    from choreograph.service import Service
+
+log = logging.getLogger("choreograph.outbox")
+
+__all__ = ["HandlerUnit", "OutboxLag", "OutboxRelay", "Outboxes", "Transaction", "open_database", "transaction"]
+
+
+class HandlerUnit:
+    """The unit of work of one handler run: at most one transaction, committed by the worker.
+
+    ``ctx.transaction()`` opens (or re-enters) it; the worker calls :meth:`commit` with
+    the handler's output messages once the handler returned, and :meth:`rollback` on
+    every other path (a no-op once committed).
+    """
+
+    __slots__ = ("store", "ctx", "used", "conn")
+
+    def __init__(self, store: StateStore, ctx: Context) -> None:
+        self.store = store
+        self.ctx = ctx
+        self.used = False
+        self.conn: TxConnection | None = None
+
+    @contextlib.asynccontextmanager
+    async def block(self) -> AsyncIterator[Transaction]:
+        self.used = True
+        if self.conn is None:
+            self.conn = await self.store.begin()
+        try:
+            yield Transaction(self.conn, self.store.backend, self._publish)
+        except BaseException:
+            await self.rollback()
+            raise
+
+    def _publish(self, event: Event, subject: str | None) -> None:
+        self.ctx.publish(event, subject=subject)
+
+    async def commit(self, group: str, event_id: str, messages: Sequence[Message]) -> bool:
+        """Commit state + inbox record + outbox rows; ``False`` if another consumer committed this event first."""
+        conn, self.conn = self.conn, None
+        if conn is None:  # the handler's block rolled back and it carried on: record the rest alone
+            conn = await self.store.begin()
+        try:
+            return await conn.commit(inbox=(group, event_id), service=self.ctx.service, messages=messages)
+        finally:
+            await conn.rollback()  # no-op after commit; releases the writer turn if commit failed early
+
+    async def rollback(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.rollback()
+
+
+@contextlib.asynccontextmanager
+async def transaction(service: Service, *, correlation_id: str | None = None) -> AsyncIterator[Transaction]:
+    """Change ``service``'s state and publish events atomically, outside a handler.
+
+    Commits when the block ends (rolls back if it raises). ``tx.publish`` returns the
+    envelope, with a fresh id fixed at once; each event starts its own transaction
+    unless ``correlation_id`` is given. The service's relay (in its worker, in this or
+    another process) publishes the rows. Keep the database open for the life of your
+    app (``async with open_database(service.database):``) to avoid reconnecting per call.
+    """
+    if not service.database:
+        raise ConfigurationError(f"Service {service.name!r} has no database=; transaction() needs one")
+    store = open_database(service.database)
+    messages: list[Message] = []
+
+    def publish(event: Event, subject: str | None) -> Envelope:
+        envelope = first_envelope(
+            event, source=service.source, id=new_id(), correlation_id=correlation_id, subject=subject
+        )
+        messages.append(to_message(envelope))
+        return envelope
+
+    async with store:
+        conn = await store.begin()
+        try:
+            yield Transaction(conn, store.backend, publish)
+            await conn.commit(inbox=None, service=service.name, messages=messages)
+        finally:
+            await conn.rollback()
+
+
+class OutboxRelay:
+    """Publishes one service's outbox rows in commit order, then marks them sent.
+
+    Runs as a task in the service's worker. Several relays (replicas) may run on one
+    database: only the one holding the service's claim publishes. ``published`` counts
+    rows sent by this relay; :meth:`lag` reads the backlog for metrics.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        service: str,
+        transport: Transport,
+        *,
+        batch: int = 256,
+        poll_interval: float = 0.5,
+        retention: float = 3600.0,
+        owner: str | None = None,
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.transport = transport
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self.retention = retention
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.published = 0
+        self.active = False  # whether this relay held the claim on its last pass
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.create_task(self._run(), name=f"choreograph-relay-{self.service}")
+
+    async def stop(self) -> None:
+        """Stop after the current pass; give up the claim so a standby takes over at once."""
+        self._stopping = True
+        self.store.wake(self.service)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+            try:  # flush what the last handlers committed, rather than leave it to the next start
+                while await self.run_once() == self.batch:
+                    pass
+            except Exception as exc:
+                log.warning("outbox relay of %s stopped with rows pending: %s", self.service, exc)
+        if self.active:
+            try:
+                await self.store.release_relay(self.service, self.owner)
+            except Exception as exc:
+                log.warning("could not release the relay claim of %s: %s", self.service, exc)
+            self.active = False
+
+    async def run_once(self) -> int | None:
+        """One pass: publish up to ``batch`` rows; ``None`` if another relay holds the claim."""
+        sent = await self.store.relay_pass(self.service, self.owner, self.batch, self.transport.publish)
+        self.active = sent is not None
+        if sent:
+            self.published += sent
+        return sent
+
+    async def lag(self) -> OutboxLag:
+        """Unsent rows of this service and the age of the oldest, in seconds."""
+        return await self.store.outbox_lag(self.service)
+
+    async def _run(self) -> None:
+        delay = 0.05
+        purge_at = time.monotonic() + 60.0
+        while not self._stopping:
+            try:
+                sent = await self.run_once()
+                delay = 0.05
+                if time.monotonic() >= purge_at:
+                    purge_at = time.monotonic() + 60.0
+                    await self.store.purge_sent(time.time() - self.retention)
+            except Exception as exc:  # broker or database down: keep the rows, try again
+                log.error("outbox relay of %s failed: %s; retrying in %.2fs", self.service, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if sent == self.batch:
+                continue  # more waiting
+            await self.store.wait_outbox(self.service, self.poll_interval)
+
+
+class Outboxes:
+    """The worker's side of service databases: open them, run one relay per service, close them."""
+
+    def __init__(self, services: Sequence[Service], transport: Transport, **relay_options: Any) -> None:
+        self.services = [s for s in services if getattr(s, "database", None)]
+        self.transport = transport
+        self.relay_options = relay_options
+        self.stores: dict[str, StateStore] = {}  # service name -> its database
+        self.relays: dict[str, OutboxRelay] = {}
+
+    async def start(self) -> None:
+        for service in self.services:
+            store = open_database(service.database)  # type: ignore[arg-type]
+            await store.open()
+            self.stores[service.name] = store
+            relay = OutboxRelay(store, service.name, self.transport, **self.relay_options)
+            self.relays[service.name] = relay
+            await relay.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(relay.stop() for relay in self.relays.values()))
+        for store in self.stores.values():
+            await store.close()
+        self.relays.clear()
+        self.stores.clear()
+
+    def store_for(self, service: Service) -> StateStore | None:
+        return self.stores.get(service.name)
+
+    def unit(self, service: Service, ctx: Context) -> HandlerUnit | None:
+        """A unit of work for one handler run of ``service`` (``None`` if it has no database)."""
+        store = self.stores.get(service.name)
+        return None if store is None else HandlerUnit(store, ctx)
+
+    async def lag(self, service: str) -> OutboxLag:
+        """Outbox backlog of ``service`` (for metrics and tests)."""
+        return await self.relays[service].lag()

@@ -1,0 +1,315 @@
+"""Effectively-once handlers: a service with a database commits state, inbox record and outputs together.
+
+In-process, on the memory bus with the real clock; every test runs against a SQLite
+file and a PostgreSQL schema (``database_url``). Crashes with real processes are in
+``test_outbox_crash.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from choreograph import ConfigurationError, Context, Event, Publisher, RetryPolicy, Service, Worker, derive_id
+from choreograph.runtime.outbox import transaction
+from choreograph.stores.state import open_database
+from choreograph.testing import MemoryTransport, settled
+from choreograph.transports.base import Message
+from tests.stores._databases import database_url  # noqa: F401 - fixture
+
+
+class Requested(Event, type="test.outbox.requested"):
+    pid: str
+
+
+class Created(Event, type="test.outbox.created"):
+    pid: str
+
+
+class Noted(Event, type="test.outbox.noted"):
+    pid: str
+
+
+class RecordingBus(MemoryTransport):
+    """The memory bus, remembering the order in which ids were published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[Message] = []
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.published.extend(messages)
+        await super().publish(messages)
+
+    def ids_of(self, event: type[Event]) -> list[str]:
+        return [m.id for m in self.published if m.type == event.event_type()]
+
+
+async def prepare(url: str) -> None:
+    async with transaction(Service("setup", database=url)) as tx:
+        await tx.execute("CREATE TABLE packages (pid text PRIMARY KEY)")
+
+
+async def packages(url: str) -> list[str]:
+    async with transaction(Service("setup", database=url)) as tx:
+        return [row["pid"] for row in await tx.fetch("SELECT pid FROM packages ORDER BY pid")]
+
+
+async def drained(worker: Worker, bus: MemoryTransport) -> None:
+    """The bus is settled and no service with a database has unsent outbox rows."""
+    for _ in range(2000):
+        await settled(bus)
+        lags = [await worker.outbox.lag(name) for name in worker.outbox.relays]
+        if all(lag.pending == 0 for lag in lags):
+            await settled(bus)
+            return
+        await asyncio.sleep(0.005)
+    raise TimeoutError("the outbox did not drain")
+
+
+def package_service(url: str, **kwargs: object) -> Service:
+    svc = Service("package", database=url, **kwargs)  # type: ignore[arg-type]
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+        return Created(pid=req.pid)
+
+    return svc
+
+
+async def test_a_transactional_handler_commits_state_and_its_output_goes_out_through_the_outbox(
+    database_url: str,  # noqa: F811
+) -> None:
+    await prepare(database_url)
+    bus = RecordingBus()
+    package = package_service(database_url)
+    async with Worker([package], bus) as worker:
+        [req] = await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+        relay = worker.outbox.relays["package"]
+        assert await worker.outbox.stores["package"].seen("package", [req.id]) == {req.id}
+    assert relay.published == 1
+    assert await packages(database_url) == ["p1"]
+    assert bus.ids_of(Created) == [derive_id(req.id, "package", package.handlers[Requested.event_type()].name, 0)]
+    assert worker.stats("package").handled == 1
+
+
+async def test_a_redelivered_event_whose_inbox_record_exists_is_acked_without_running(
+    database_url: str,  # noqa: F811
+) -> None:
+    await prepare(database_url)
+    bus = RecordingBus()
+    async with Worker([package_service(database_url)], bus) as worker:
+        publisher = Publisher(bus)
+        await publisher.publish(Requested(pid="p1"), ids=["same"])
+        await drained(worker, bus)
+        await publisher.publish(Requested(pid="p1"), ids=["same"])
+        await drained(worker, bus)
+    assert worker.stats("package").duplicates == 1
+    assert worker.stats("package").handled == 1
+    assert len(bus.ids_of(Created)) == 1
+
+
+async def test_an_exception_after_the_block_rolls_back_state_and_outputs(database_url: str) -> None:  # noqa: F811
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url, retry=RetryPolicy(base=0.01, jitter=False))
+
+    @svc.on(Requested, emits=[Created, Noted])
+    async def create(req: Requested, ctx: Context) -> Created:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            tx.publish(Noted(pid=req.pid))
+        if ctx.attempt == 1:
+            raise RuntimeError("after the block")
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    assert worker.stats("package").retried == 1
+    assert await packages(database_url) == ["p1"]
+    assert (len(bus.ids_of(Noted)), len(bus.ids_of(Created))) == (1, 1)
+
+
+async def test_an_exception_inside_the_block_rolls_back_and_the_handler_may_carry_on(
+    database_url: str,  # noqa: F811
+) -> None:
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url)
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        try:
+            async with ctx.transaction() as tx:
+                await tx.execute("INSERT INTO packages (pid) VALUES ($1)", "discarded")
+                raise LookupError("changed my mind")
+        except LookupError:
+            pass
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        [req] = await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+        assert await worker.outbox.stores["package"].seen("package", [req.id]) == {req.id}
+    assert await packages(database_url) == []
+    assert len(bus.ids_of(Created)) == 1  # still through the outbox, with the inbox record
+
+
+async def test_published_and_returned_outputs_all_go_through_the_outbox_in_order_with_derived_ids(
+    database_url: str,  # noqa: F811
+) -> None:
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url)
+
+    @svc.on(Requested, emits=[Created, Noted])
+    async def create(req: Requested, ctx: Context) -> Created:
+        ctx.publish(Noted(pid="before"))
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            tx.publish(Noted(pid="inside"))
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        [req] = await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    handler = svc.handlers[Requested.event_type()].name
+    outputs = [m for m in bus.published if m.type != Requested.event_type()]
+    assert [m.id for m in outputs] == [derive_id(req.id, "package", handler, i) for i in range(3)]
+    assert [m.type for m in outputs] == [Noted.event_type(), Noted.event_type(), Created.event_type()]
+
+
+async def test_an_undeclared_output_rolls_back_the_state_and_dead_letters(database_url: str) -> None:  # noqa: F811
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url)
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            tx.publish(Noted(pid=req.pid))  # not declared
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    assert worker.stats("package").dead_lettered == 1
+    assert await packages(database_url) == []
+    assert bus.ids_of(Noted) == bus.ids_of(Created) == []
+
+
+async def test_a_handler_that_times_out_inside_its_transaction_leaves_no_trace(database_url: str) -> None:  # noqa: F811
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url, retry=RetryPolicy(base=0.01, jitter=False))
+
+    @svc.on(Requested, timeout=0.2)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", f"{req.pid}-{ctx.attempt}")
+            if ctx.attempt == 1:
+                await asyncio.sleep(60)
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    assert worker.stats("package").retried == 1
+    assert await packages(database_url) == ["p1-2"]
+    assert len(bus.ids_of(Created)) == 1
+
+
+async def test_a_handler_without_a_transaction_takes_the_plain_path_with_the_services_inbox(
+    database_url: str,  # noqa: F811
+) -> None:
+    bus = RecordingBus()
+    svc = Service("package", database=database_url)
+
+    @svc.on(Requested)
+    async def create(req: Requested) -> Created:
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        [req] = await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+        assert await worker.outbox.stores["package"].seen("package", [req.id]) == {req.id}
+        relay = worker.outbox.relays["package"]
+    assert relay.published == 0
+    assert len(bus.ids_of(Created)) == 1
+
+
+async def test_many_concurrent_handlers_each_apply_their_effect_once(database_url: str) -> None:  # noqa: F811
+    await prepare(database_url)
+    bus = RecordingBus()
+    async with Worker([package_service(database_url)], bus, concurrency=16) as worker:
+        await Publisher(bus).publish(*(Requested(pid=f"p{n:03}") for n in range(60)))
+        await drained(worker, bus)
+    assert await packages(database_url) == [f"p{n:03}" for n in range(60)]
+    created = bus.ids_of(Created)
+    assert len(created) == len(set(created)) == 60
+
+
+async def test_publishing_from_outside_a_handler_is_atomic_with_the_state_change(
+    database_url: str,  # noqa: F811
+) -> None:
+    await prepare(database_url)
+    bus = RecordingBus()
+    package = Service("package", database=database_url)
+    async with Worker([package], bus) as worker:
+        with pytest.raises(RuntimeError):
+            async with transaction(package) as tx:
+                await tx.execute("INSERT INTO packages (pid) VALUES ($1)", "rolled-back")
+                tx.publish(Requested(pid="rolled-back"))
+                raise RuntimeError("abort")
+        async with transaction(package, correlation_id="order-7") as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", "p1")
+            envelope = tx.publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    assert envelope is not None and envelope.correlationid == "order-7"
+    assert bus.ids_of(Requested) == [envelope.id]
+    assert await packages(database_url) == ["p1"]
+
+
+async def test_the_relay_publishes_in_commit_order(database_url: str) -> None:  # noqa: F811
+    bus = RecordingBus()
+    package = Service("package", database=database_url)
+    expected = []
+    async with Worker([package], bus) as worker:
+        for n in range(30):
+            async with transaction(package) as tx:
+                expected += [tx.publish(Requested(pid=f"{n}a")), tx.publish(Requested(pid=f"{n}b"))]
+        await drained(worker, bus)
+    assert bus.ids_of(Requested) == [e.id for e in expected if e is not None]
+
+
+async def test_rows_committed_while_no_worker_runs_are_sent_when_one_starts(database_url: str) -> None:  # noqa: F811
+    bus = RecordingBus()
+    package = Service("package", database=database_url)
+    async with transaction(package) as tx:
+        envelope = tx.publish(Requested(pid="p1"))
+    async with open_database(database_url) as db:
+        assert (await db.outbox_lag("package")).pending == 1
+    async with Worker([package], bus) as worker:
+        await drained(worker, bus)
+        assert (await worker.outbox.lag("package")).pending == 0
+    assert envelope is not None and bus.ids_of(Requested) == [envelope.id]
+
+
+async def test_ctx_transaction_in_a_service_without_a_database_is_a_configuration_error() -> None:
+    from choreograph import Envelope
+
+    ctx = Context(Envelope(id="1", source="/t", type="t"), "plain", "h", 1)
+    with pytest.raises(ConfigurationError, match="has no database"):
+        ctx.transaction()
+
+
+def test_a_service_rejects_an_unknown_database_scheme() -> None:
+    with pytest.raises(ConfigurationError, match="database URL"):
+        Service("package", database="mysql://localhost/db")
