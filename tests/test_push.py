@@ -10,7 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import os
+import re
+import shutil
+import signal
+import sys
+import zlib
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,6 +38,7 @@ from choreograph import (
     derive_id,
 )
 from choreograph import decode as decode_envelope
+from choreograph._push_config import load_config
 from choreograph.errors import ConfigurationError
 from choreograph.push import (
     PushAmbassador,
@@ -46,6 +54,8 @@ from choreograph.push import (
     verify,
 )
 from choreograph.testing import MemoryTransport, VirtualClock, settled
+from choreograph.transports import open_transport
+from choreograph.transports.base import Message
 from tests._push_support import HANG, Scripted, serve
 
 SECRET = generate_secret()
@@ -522,3 +532,243 @@ def test_push_subscription_validates_its_configuration() -> None:
     with pytest.raises(ConfigurationError, match="timeout"):
         PushSubscription("g", "t", "http://x/", timeout=0)
     assert PushSubscription("g", "t", "http://x/").types == frozenset({"t"})
+
+
+# -- the polyglot proof: the Node.js Delivery service of examples/polyglot -----------------------
+
+NODE_SERVICE = Path(__file__).resolve().parent.parent / "examples" / "polyglot" / "delivery_service.mjs"
+
+
+@contextlib.asynccontextmanager
+async def node_service(tmp_path: Path, **env: str) -> AsyncIterator[tuple[str, Path]]:
+    """Run the Node.js service on a free port; yields its URL and its JSON store file."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("node is not installed (the polyglot example needs Node.js >= 20.15)")
+        pytest.skip("node is not installed; install Node.js >= 20.15 to run the polyglot example")
+    store = tmp_path / "deliveries.json"
+    proc = await asyncio.create_subprocess_exec(
+        node, str(NODE_SERVICE), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PORT": "0", "WEBHOOK_SECRET": SECRET, "STORE_PATH": str(store), **env},
+    )
+    assert proc.stdout is not None
+    first = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+    match = re.search(r"listening on (http://127\.0\.0\.1:\d+/)", first)
+    output = [first]
+
+    async def drain() -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            output.append(line.decode())
+
+    drainer = asyncio.create_task(drain())
+    try:
+        assert match, f"the node service did not start: {first!r}"
+        yield match.group(1), store
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+        await drainer
+    assert proc.returncode == 0, "".join(output)
+
+
+def drone_events() -> Any:
+    return pytest.importorskip("examples.drone_delivery.events")
+
+
+def node_subscription(url: str) -> PushSubscription:
+    return PushSubscription("delivery-node", ["drone.drone.assigned"], url, secret=SECRET,
+                            emits=["drone.delivery.scheduled"], retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False))
+
+
+def assigned_event(events: Any, delivery_id: str, drone_id: str = "d05-001") -> Event:
+    return events.DroneAssigned(delivery_id=delivery_id, package_id=f"p-{delivery_id}", drone_id=drone_id,
+                                pickup="Pier 39", dropoff="Ferry Building")  # type: ignore[no-any-return]
+
+
+def python_etas(pickup: str, dropoff: str) -> tuple[int, int]:
+    """The ETA stand-in of examples/drone_delivery/delivery.py, which the Node service mirrors."""
+    to_pickup = 60 + zlib.crc32(pickup.encode()) % 540
+    return to_pickup, to_pickup + 60 * (1 + zlib.crc32(f"{pickup}|{dropoff}".encode()) % 20)
+
+
+async def test_the_node_service_schedules_a_delivery_through_the_ambassador(
+    bus: MemoryTransport, tmp_path: Path
+) -> None:
+    """Node verifies, stores once per delivery id and answers drone.delivery.scheduled, which lands on the bus."""
+    events = drone_events()
+    await watch(bus, "observer", ["drone.delivery.scheduled"])
+    async with node_service(tmp_path) as (url, store), pushing(bus, node_subscription(url)) as ambassador:
+        [first] = await Publisher(bus).publish(assigned_event(events, "del-1"), ids=["a-1"])
+        await settled(bus)
+        # Re-assigned (another event, another drone): the schedule already made is the answer.
+        await Publisher(bus).publish(assigned_event(events, "del-1", drone_id="d05-002"), ids=["a-2"])
+        await settled(bus)
+    outputs = await watched(bus, "observer", ["drone.delivery.scheduled"])
+    assert [o.id for o in outputs] == [derive_id("a-1", "delivery-node", "push", 0),
+                                       derive_id("a-2", "delivery-node", "push", 0)]
+    scheduled = [events.DeliveryScheduled.model_validate(o.data) for o in outputs]  # the Python contract holds
+    pickup_eta, dropoff_eta = python_etas("Pier 39", "Ferry Building")
+    assert scheduled[0] == scheduled[1] == events.DeliveryScheduled(
+        delivery_id="del-1", package_id="p-del-1", drone_id="d05-001", pickup_eta_s=pickup_eta,
+        dropoff_eta_s=dropoff_eta)
+    assert (outputs[0].source, outputs[0].causationid, outputs[0].correlationid) == (
+        "/drone/delivery-node", "a-1", first.correlationid)
+    assert list(orjson.loads(store.read_bytes())["deliveries"]) == ["del-1"]
+    assert ambassador.stats().delivered == 2
+
+
+async def test_the_node_service_answering_503_is_retried_after_its_retry_after(
+    bus: MemoryTransport, clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A 503 with Retry-After: 1 from Node delays the retry by exactly 1 s; the second attempt succeeds."""
+    events = drone_events()
+    async with node_service(tmp_path, FAIL_FIRST="1") as (url, _), pushing(bus, node_subscription(url)) as ambassador:
+        await Publisher(bus).publish(assigned_event(events, "del-2"), ids=["a-1"])
+        await until(lambda: ambassador.stats().retried == 1 and bus.pending()[0] == 0)
+        assert bus.pending()[1] == clock.monotonic() + 1.0
+        await settled(bus)
+    stats = ambassador.stats()
+    assert (stats.delivered, stats.retried, stats.dead_lettered) == (1, 1, 0)
+
+
+async def test_the_node_service_refuses_what_it_cannot_take(bus: MemoryTransport, tmp_path: Path) -> None:
+    """Node answers 401 to a forged signature, 415 to non-JSON, 400 to a non-CloudEvent, 422 to a missing id."""
+    body = b'{"package_id": "p-1"}'
+    headers = {"ce-specversion": "1.0", "ce-id": "a-9", "ce-source": "/t", "ce-type": "drone.drone.assigned",
+               "content-type": "application/json"}
+    async with node_service(tmp_path) as (url, _), httpx.AsyncClient() as client:
+        forged = await client.post(url, content=body, headers={**headers, **signature_headers(generate_secret(), "a-9", body)})
+        text = await client.post(url, content=b"hi", headers={**headers, "content-type": "text/plain",
+                                                              **signature_headers(SECRET, "a-9", b"hi")})
+        bare = await client.post(url, content=body, headers={"content-type": "application/json",
+                                                             **signature_headers(SECRET, "a-9", body)})
+        handshake = await client.options(url, headers={"WebHook-Request-Origin": ORIGIN})
+        # Through the ambassador, the 422 becomes a dead letter with its status.
+        async with pushing(bus, node_subscription(url)):
+            await bus.publish([Message("a-9", "drone.drone.assigned", orjson.dumps(
+                {"specversion": "1.0", "id": "a-9", "source": "/t", "type": "drone.drone.assigned",
+                 "data": {"package_id": "p-1"}}))])
+            await settled(bus)
+    assert (forged.status_code, text.status_code, bare.status_code) == (401, 415, 400)
+    assert handshake.headers["webhook-allowed-origin"] == ORIGIN
+    [letter] = await bus.dead_letters("delivery-node")
+    assert (letter.record["reason"], letter.record["status"]) == ("rejected", 422)
+    assert "delivery_id is missing" in letter.record["last_error"]["message"]
+
+
+# -- configuration files and the CLI -------------------------------------------------------------
+
+CONFIG_TOML = """
+broker = "memory://"
+origin = "bus.example"
+
+[[subscriptions]]
+group = "delivery-node"
+types = ["drone.drone.assigned"]
+url = "http://127.0.0.1:8090/"
+emits = ["drone.delivery.scheduled"]
+secret_env = "TEST_PUSH_SECRET"
+max_retry_after = 30
+
+[subscriptions.retry]
+max_attempts = 7
+base = 0.5
+
+[[subscriptions]]
+group = "audit"
+types = "shop.order.placed"
+url = "https://audit.example/hook"
+mode = "structured"
+handshake = false
+max_attempts = 2
+headers = { Authorization = "Bearer t" }
+"""
+
+CONFIG_YAML = """
+subscriptions:
+  - group: delivery-node
+    types: [drone.drone.assigned]
+    url: http://127.0.0.1:8090/
+    secret_env: TEST_PUSH_SECRET
+    timeout: 2.5
+"""
+
+
+def test_a_toml_config_lists_several_subscriptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key of a TOML file reaches its subscription; secrets come from the environment."""
+    monkeypatch.setenv("TEST_PUSH_SECRET", SECRET)
+    path = tmp_path / "push.toml"
+    path.write_text(CONFIG_TOML)
+    config = load_config(path)
+    first, second = config.subscriptions
+    assert (config.broker, config.origin) == ("memory://", "bus.example")
+    assert (first.group, first.types, first.secret, first.emits) == (
+        "delivery-node", frozenset({"drone.drone.assigned"}), SECRET, frozenset({"drone.delivery.scheduled"}))
+    assert (first.retry.max_attempts, first.retry.base, first.max_retry_after) == (7, 0.5, 30)
+    assert (second.mode, second.handshake, second.retry.max_attempts, second.secret) == ("structured", False, 2, None)
+    assert second.headers == {"Authorization": "Bearer t"}
+
+
+def test_a_yaml_config_is_read_the_same_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """YAML files use the same keys."""
+    monkeypatch.setenv("TEST_PUSH_SECRET", SECRET)
+    path = tmp_path / "push.yaml"
+    path.write_text(CONFIG_YAML)
+    [sub] = load_config(path).subscriptions
+    assert (sub.group, sub.timeout, sub.secret) == ("delivery-node", 2.5, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (CONFIG_YAML.replace("timeout", "timout"), "subscriptions[0].timout: unknown key"),
+        (CONFIG_YAML.replace("    url: http://127.0.0.1:8090/\n", ""), "subscriptions[0].url: required key is missing"),
+        (CONFIG_YAML.replace("TEST_PUSH_SECRET", "TEST_PUSH_UNSET"), "'TEST_PUSH_UNSET' is not set"),
+        (CONFIG_YAML.replace("http://127.0.0.1:8090/", "127.0.0.1:8090"), "is not an http(s) URL"),
+        ("subscriptions: []\n", "list at least one subscription"),
+    ],
+    ids=["typo", "missing-url", "unset-secret", "bad-url", "empty"],
+)
+def test_config_errors_name_the_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str
+) -> None:
+    """A mistake in the file is a ConfigurationError saying where."""
+    monkeypatch.setenv("TEST_PUSH_SECRET", SECRET)
+    path = tmp_path / "push.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError, match=re.escape(message)) as info:
+        load_config(path)
+    assert "push.yaml" in str(info.value)
+
+
+async def test_the_cli_pushes_from_a_sqlite_bus_until_sigterm(tmp_path: Path) -> None:
+    """`choreograph push` delivers a published event, then exits 0 on SIGTERM after draining."""
+    bus_url = f"sqlite:///{tmp_path / 'bus.db'}"
+    hook = Scripted(204)
+    async with hook.running() as url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "choreograph", "push", "--broker", bus_url, "--group", GROUP,
+            "--type", Assigned.event_type(), "--url", url, "--origin", ORIGIN, "--timeout", "5",
+            stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "CHOREOGRAPH_PUSH_SECRET": SECRET},
+        )
+        assert proc.stderr is not None
+        lines: list[str] = []
+        async with asyncio.timeout(30):
+            while not any("running on" in line for line in lines):
+                line = (await proc.stderr.readline()).decode()
+                assert line, "".join(lines)
+                lines.append(line)
+        async with open_transport(bus_url) as bus:
+            await Publisher(bus).publish(Assigned(delivery_id="d-1"), ids=["cli-1"])
+        await until(lambda: hook.posts == 1, seconds=30)
+        proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.stderr.read(), 30)
+        assert await proc.wait() == 0, rest.decode()
+    [request] = hook.requests
+    assert request.headers["ce-id"] == "cli-1"
+    verify(request.headers, request.body, SECRET)
+    assert hook.options[0].headers["webhook-request-origin"] == ORIGIN

@@ -3,8 +3,9 @@
 Three content modes (CloudEvents HTTP binding §3), chosen by the sender:
 
 * **binary**: every attribute in a ``ce-<name>`` header (values percent-encoded as
-  §3.1.3.2 requires), ``datacontenttype`` as ``Content-Type``, the data alone as the
-  body. What most receivers want: the body is the business payload.
+  §3.1.3.2 requires), ``datacontenttype`` as ``Content-Type`` (``application/json``
+  when absent, as the JSON format implies), the data alone as the body. What most
+  receivers want: the body is the business payload. Extension values arrive as strings.
 * **structured**: the whole event as ``application/cloudevents+json`` (the bytes that
   travel on the bus, unchanged).
 * **batch**: a JSON array of structured events as ``application/cloudevents-batch+json``
@@ -125,10 +126,15 @@ def to_binary(envelope: Envelope) -> tuple[Headers, bytes]:
         if name in _NOT_HEADERS or value is None:
             continue
         headers[HEADER_PREFIX + name] = _header_value(value)
+    body = _data_bytes(envelope)
     if envelope.datacontenttype is not None:
         headers["content-type"] = envelope.datacontenttype
+    elif body and "data_base64" not in envelope.extensions:
+        # On the bus (JSON format) an absent datacontenttype means JSON; in binary mode the
+        # body stands alone, so say it, or the receiver cannot know.
+        headers["content-type"] = "application/json"
     _trace_headers(envelope, headers)
-    return headers, _data_bytes(envelope)
+    return headers, body
 
 
 def to_structured(envelope: Envelope, body: bytes | None = None) -> tuple[Headers, bytes]:

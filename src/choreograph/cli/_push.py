@@ -1,0 +1,115 @@
+"""``choreograph push``: a push ambassador process delivering events to HTTP subscribers.
+
+One subscription from the options, or several from ``--config`` (TOML/YAML, see
+:mod:`choreograph._push_config`); both may be combined. Runs until SIGTERM or Ctrl-C,
+then drains pushes in flight (or releases them to the broker) like ``choreograph run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
+from choreograph.cli._common import BrokerOption, broker_url, err_console, run_async
+from choreograph.cli._run import default_store_url
+from choreograph.errors import ConfigurationError
+from choreograph.push import PushAmbassador, PushSubscription
+from choreograph.stores import open_store
+from choreograph.transports import open_transport
+
+SECRET_ENV = "CHOREOGRAPH_PUSH_SECRET"
+
+
+def push(
+    broker: str | None = BrokerOption,
+    config: Annotated[Path | None, typer.Option("--config", "-f", help="TOML or YAML file of subscriptions")] = None,
+    group: Annotated[str | None, typer.Option("--group", "-g", help="Consumer group to deliver as")] = None,
+    types: Annotated[list[str] | None, typer.Option("--type", "-t", help="Event type to deliver (repeatable)")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="The subscriber's URL")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="binary or structured")] = "binary",
+    secret: Annotated[str | None, typer.Option("--secret", envvar=SECRET_ENV,
+                                               help=f"whsec_... signing secret (env {SECRET_ENV})")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for an answer")] = 10.0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, help="Attempts before giving up")] = 5,
+    max_retry_after: Annotated[float, typer.Option("--max-retry-after", help="Cap on Retry-After")] = 300.0,
+    emits: Annotated[list[str] | None, typer.Option("--emit", help="Event type the subscriber may answer with")] = None,
+    no_handshake: Annotated[bool, typer.Option("--no-handshake", help="Skip the OPTIONS handshake")] = False,
+    origin: Annotated[str | None, typer.Option("--origin", help="Origin announced in the handshake")] = None,
+    store: Annotated[str | None, typer.Option("--store", help="Inbox store URL (default: beside the bus)")] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", min=1,
+                                                    help="Requests in flight per subscription")] = None,
+    drain_timeout: Annotated[float | None, typer.Option("--drain-timeout", help="Seconds to drain on stop")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+) -> None:
+    """Deliver events to HTTP subscribers (CloudEvents over HTTP, signed) until SIGTERM or Ctrl-C."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_config(config) if config is not None else PushConfig(subscriptions=[])
+    if group or types or url:
+        item: dict[str, object] = {
+            "group": group, "types": types or [], "url": url, "mode": mode, "timeout": timeout,
+            "max_attempts": max_attempts, "max_retry_after": max_retry_after, "handshake": not no_handshake,
+        }
+        if secret:
+            item["secret"] = secret
+        if emits:
+            item["emits"] = emits
+        missing = [f"--{name}" for name in ("group", "type", "url") if not item[name if name != "type" else "types"]]
+        if missing:
+            raise ConfigurationError(f"push: {', '.join(missing)} missing (give --group, --type and --url together)")
+        settings.subscriptions.append(subscription_from_mapping(item, "options"))
+    if not settings.subscriptions:
+        raise ConfigurationError("push: nothing to deliver; give --group, --type and --url, or --config FILE")
+    serve(settings, broker=broker, store=store, origin=origin, concurrency=concurrency, drain_timeout=drain_timeout)
+
+
+def serve(
+    settings: PushConfig,
+    *,
+    broker: str | None,
+    store: str | None,
+    origin: str | None,
+    concurrency: int | None,
+    drain_timeout: float | None,
+) -> None:
+    url = broker_url(broker or settings.broker)
+    subscriptions: list[PushSubscription] = settings.subscriptions
+    names = "+".join(s.group for s in subscriptions)
+    transport = open_transport(url)
+    inbox = open_store(store or settings.store or default_store_url(url, names))
+    ambassador = PushAmbassador(
+        subscriptions, transport, store=inbox,
+        concurrency=concurrency or settings.concurrency or 16,
+        origin=origin or settings.origin,
+        drain_timeout=drain_timeout if drain_timeout is not None else settings.drain_timeout or 10.0,
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await ambassador.start()
+        for sub in subscriptions:
+            err_console.print(
+                f"[green]choreograph push[/] {sub.group}: {', '.join(sorted(sub.types))} → {sub.url} "
+                f"({sub.mode}{', signed' if sub.secret else ''})", highlight=False,
+            )
+        err_console.print(f"[green]choreograph push[/] running on {url} (pid {os.getpid()})", highlight=False)
+        await stop.wait()
+        err_console.print(f"[yellow]choreograph push[/] stopping {names}: draining pushes in flight", highlight=False)
+        await ambassador.stop()
+        await inbox.close()
+        await transport.close()
+
+    run_async(main())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("push")(push)
