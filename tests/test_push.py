@@ -772,3 +772,17 @@ async def test_the_cli_pushes_from_a_sqlite_bus_until_sigterm(tmp_path: Path) ->
     assert request.headers["ce-id"] == "cli-1"
     verify(request.headers, request.body, SECRET)
     assert hook.options[0].headers["webhook-request-origin"] == ORIGIN
+
+
+def test_config_strings_read_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """${NAME} comes from the environment, ${NAME:-default} falls back; examples/polyglot/push.toml loads."""
+    monkeypatch.setenv("DELIVERY_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("DELIVERY_NODE_URL", "http://10.0.0.5:8090/")
+    monkeypatch.delenv("PUSH_ORIGIN", raising=False)
+    config = load_config(NODE_SERVICE.parent / "push.toml")
+    [sub] = config.subscriptions
+    assert (sub.url, sub.secret, config.origin) == ("http://10.0.0.5:8090/", SECRET, "choreograph.local")
+    assert sub.emits == frozenset({"drone.delivery.scheduled"})
+    monkeypatch.delenv("DELIVERY_WEBHOOK_SECRET")
+    with pytest.raises(ConfigurationError, match=r"subscriptions\[0\]\.secret: environment variable"):
+        load_config(NODE_SERVICE.parent / "push.toml")

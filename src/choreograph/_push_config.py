@@ -18,14 +18,17 @@
     handshake = true
     headers = { Authorization = "Bearer ..." }
 
-The same keys in YAML (``subscriptions:`` a list of mappings). Every error names the
-file and the key path, e.g. ``push.toml: subscriptions[1].tyeps: unknown key``.
+The same keys in YAML (``subscriptions:`` a list of mappings). ``${NAME}`` (or
+``${NAME:-default}``) in any string is replaced from the environment, so one file
+serves every deployment. Every error names the file and the key path, e.g.
+``push.toml: subscriptions[1].tyeps: unknown key``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +44,7 @@ _SUBSCRIPTION = {
     "max_retry_after", "handshake", "emits", "headers",
 }
 _RETRY = {field.name for field in dataclasses.fields(RetryPolicy)}
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 @dataclasses.dataclass
@@ -75,6 +79,26 @@ def _read(path: Path) -> Any:
         except yaml.YAMLError as exc:
             raise ConfigurationError(f"{path}: invalid YAML ({exc})") from None
     raise ConfigurationError(f"{path}: expected a .toml, .yaml or .yml file")
+
+
+def _expand(value: Any, where: str) -> Any:
+    """``${NAME}`` / ``${NAME:-default}`` in every string, from the environment."""
+    if isinstance(value, str):
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            found = os.environ.get(name)
+            if found is None:
+                if default is None:
+                    raise ConfigurationError(f"{where}: environment variable {name!r} is not set")
+                return default
+            return found
+
+        return _VARIABLE.sub(substitute, value)
+    if isinstance(value, list):
+        return [_expand(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {key: _expand(item, f"{where}.{key}") for key, item in value.items()}
+    return value
 
 
 def _check_keys(data: Any, allowed: set[str], where: str) -> Mapping[str, Any]:
@@ -125,7 +149,7 @@ def subscription_from_mapping(data: Any, where: str = "subscription") -> PushSub
 def load_config(path: str | Path) -> PushConfig:
     """Read and validate a push configuration file."""
     path = Path(path)
-    data = _check_keys(_read(path) or {}, _TOP, str(path.name))
+    data = _check_keys(_expand(_read(path) or {}, path.name), _TOP, str(path.name))
     items = data.get("subscriptions")
     if not isinstance(items, list) or not items:
         raise ConfigurationError(f"{path.name}: subscriptions: list at least one subscription")

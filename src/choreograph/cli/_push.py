@@ -50,6 +50,8 @@ def push(
 ) -> None:
     """Deliver events to HTTP subscribers (CloudEvents over HTTP, signed) until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level.upper() != "DEBUG":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = load_config(config) if config is not None else PushConfig(subscriptions=[])
     if group or types or url:
         item: dict[str, object] = {
