@@ -1,0 +1,241 @@
+"""One AsyncAPI 3.0 document for a whole App: every event type, who sends it, who receives it.
+
+>>> doc = asyncapi_document(app)                      # doctest: +SKIP
+>>> doc["channels"]["shop.order.placed"]["address"]   # doctest: +SKIP
+'shop.order.placed'
+
+How choreograph maps onto AsyncAPI, and why:
+
+* **A channel per event type**, addressed by the CloudEvents ``type``: every transport
+  routes by type, so the type is the address (subject, routing key, stream key).
+* **A message per event type**: the payload is the JSON Schema of the pydantic model
+  (the CloudEvent ``data``), kept in ``components/schemas`` so models shared between
+  events are described once. The CloudEvents context attributes (``id``, ``source``,
+  ``type``, ``correlationid``, ...) are described as the message ``headers``: on the bus
+  they travel beside ``data`` in one structured-mode JSON object, on HTTP push as
+  ``ce-*`` headers (binary mode); the attributes are the same either way.
+* **Operations per service**: ``receive`` for what it subscribes to, ``send`` for what
+  it declares it emits. ``choreograph.failed`` (published by the runtime of a service
+  that gives up on an event) and ``choreograph.timedout`` (published by the journal)
+  appear when the flow uses them.
+
+The document is derived from the same :class:`~choreograph.flow.FlowGraph` as the
+flow diagrams, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from choreograph.events import Event
+from choreograph.flow import FlowGraph, build
+from choreograph.joins import Failed
+from choreograph.sagas import TIMEDOUT, TimedOut
+from choreograph.service import FAILED, App, Service
+
+__all__ = ["ASYNCAPI_VERSION", "CLOUDEVENTS_CONTEXT", "asyncapi_document"]
+
+ASYNCAPI_VERSION = "3.0.0"
+
+#: The CloudEvents 1.0 context attributes choreograph writes, as a JSON Schema.
+CLOUDEVENTS_CONTEXT: dict[str, Any] = {
+    "type": "object",
+    "title": "CloudEvents context attributes",
+    "description": "CloudEvents 1.0 attributes of every event (structured mode: beside `data` in one JSON object).",
+    "required": ["id", "source", "specversion", "type"],
+    "properties": {
+        "id": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Unique per source; outputs derive it from their input.",
+        },
+        "source": {
+            "type": "string",
+            "format": "uri-reference",
+            "minLength": 1,
+            "description": "The service that published it.",
+        },
+        "specversion": {"type": "string", "const": "1.0"},
+        "type": {
+            "type": "string",
+            "minLength": 1,
+            "description": "The event type (also the channel address).",
+        },
+        "time": {"type": "string", "format": "date-time"},
+        "subject": {"type": "string", "minLength": 1},
+        "datacontenttype": {"type": "string", "const": "application/json"},
+        "dataschema": {
+            "type": "string",
+            "format": "uri",
+            "description": "urn:choreograph:schema:TYPE:vVERSION",
+        },
+        "correlationid": {
+            "type": "string",
+            "description": "The transaction: the id of the event that started it.",
+        },
+        "causationid": {
+            "type": "string",
+            "description": "The id of the event whose handler published this one.",
+        },
+        "traceparent": {"type": "string", "description": "W3C trace context."},
+        "tracestate": {"type": "string", "description": "W3C trace context."},
+        "hops": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Handlers passed since the transaction began (loop guard).",
+        },
+        "partitionkey": {"type": "string"},
+        "deadline": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When the transaction times out.",
+        },
+    },
+}
+
+_DESCRIPTION = (
+    "Event-driven services run by choreography (no orchestrator): each service receives the event types it "
+    "consumes and sends the ones it declares. Every message is a CloudEvent: the headers below are its context "
+    "attributes, the payload its `data`. On the bus a message travels in CloudEvents structured mode "
+    "(one JSON object, `application/cloudevents+json`); pushed over HTTP it uses binary mode (`ce-*` headers)."
+)
+
+
+def _key(text: str) -> str:
+    """A component/channel key (AsyncAPI allows ``[\\w.-]``)."""
+    return re.sub(r"[^\w.\-]", "_", text)
+
+
+def _summary(cls: type[Event]) -> str | None:
+    doc = cls.__dict__.get("__doc__")
+    return doc.strip().splitlines()[0] if doc and doc.strip() else None
+
+
+def asyncapi_document(
+    target: App | FlowGraph | Service | Iterable[Service], *, version: str = "1.0.0", title: str | None = None
+) -> dict[str, Any]:
+    """The AsyncAPI 3.0 document (a JSON-ready dict) of an App, a flow graph, or services."""
+    graph = target if isinstance(target, FlowGraph) else build(target)
+    classes: dict[str, type[Event]] = {t: graph.classes[t] for t in graph.events if t in graph.classes}
+    if TIMEDOUT in graph.events:
+        classes[TIMEDOUT] = TimedOut
+    if any(step.can_give_up or step.via == "failure" for step in graph.steps):
+        classes[FAILED] = Failed
+
+    refs, defs = (
+        models_json_schema(
+            [(cls, "validation") for cls in classes.values()], ref_template="#/components/schemas/{model}"
+        )
+        if classes
+        else ({}, {})
+    )
+    schemas: dict[str, Any] = {"CloudEventsContext": CLOUDEVENTS_CONTEXT, **defs.get("$defs", {})}
+
+    channels: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
+    channel_of: dict[str, str] = {}
+    for type_, cls in classes.items():
+        key = _unique(_key(type_), channels)
+        channel_of[type_] = key
+        messages[key] = _message(graph, type_, cls, refs[(cls, "validation")])
+        channels[key] = {
+            "address": type_,
+            "title": type_,
+            "description": _channel_description(graph, type_),
+            "messages": {key: {"$ref": f"#/components/messages/{key}"}},
+        }
+
+    operations: dict[str, Any] = {}
+
+    def operation(service: str, action: str, type_: str, summary: str) -> None:
+        verb = "receive" if action == "receive" else "send"
+        op_id = _key(f"{service}.{verb}.{type_}")
+        if op_id in operations:
+            return
+        key = channel_of[type_]
+        operations[op_id] = {
+            "action": action,
+            "channel": {"$ref": f"#/channels/{key}"},
+            "messages": [{"$ref": f"#/channels/{key}/messages/{key}"}],
+            "summary": summary,
+            "tags": [{"name": service}],
+        }
+
+    for step in graph.steps:
+        handler = f"{step.service}.{step.handler}"
+        if step.via == "failure":
+            operation(step.service, "receive", FAILED, f"{handler} handles failures of {step.trigger}")
+        else:
+            operation(step.service, "receive", step.trigger, f"{handler} receives {step.trigger}")
+        if step.can_give_up and FAILED in channel_of:
+            operation(
+                step.service, "send", FAILED, f"the runtime announces that {step.service} gave up on an event"
+            )
+        for out in step.emits:
+            operation(step.service, "send", out, f"{handler} may emit {out}")
+
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "info": {"title": title or graph.name, "version": version, "description": _DESCRIPTION},
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": dict(sorted(operations.items())),
+        "components": {"schemas": schemas, "messages": messages},
+    }
+
+
+def _unique(key: str, taken: dict[str, Any]) -> str:
+    candidate, n = key, 2
+    while candidate in taken:
+        candidate, n = f"{key}_{n}", n + 1
+    return candidate
+
+
+def _message(graph: FlowGraph, type_: str, cls: type[Event], payload_ref: dict[str, Any]) -> dict[str, Any]:
+    fixed: dict[str, Any] = {"type": {"const": type_}}
+    if type_ not in (FAILED, TIMEDOUT):
+        fixed["dataschema"] = {"const": cls.schema_uri()}
+    message: dict[str, Any] = {
+        "name": cls.__name__,
+        "title": type_,
+        "contentType": "application/json",
+        "headers": {
+            "allOf": [
+                {"$ref": "#/components/schemas/CloudEventsContext"},
+                {"type": "object", "properties": fixed},
+            ]
+        },
+        "payload": payload_ref,
+        "correlationId": {
+            "description": "The transaction this event belongs to (CloudEvents extension `correlationid`).",
+            "location": "$message.header#/correlationid",
+        },
+    }
+    summary = _summary(cls)
+    if summary:
+        message["summary"] = summary
+    return message
+
+
+def _channel_description(graph: FlowGraph, type_: str) -> str:
+    if type_ == FAILED:
+        return "Published by a service's runtime when it gives up on an event: the event, and why (dead-letter record)."
+    if type_ == TIMEDOUT:
+        return "Published by the journal when a transaction passes its deadline without a terminal event."
+    node = graph.events[type_]
+    notes = []
+    if node.ingress:
+        notes.append(
+            "Ingress: published from outside (a gateway, a script) and starts or joins a transaction."
+        )
+    if node.terminal:
+        notes.append(f"Terminal: ends a transaction as {node.terminal}.")
+    senders = sorted({s.service for s in graph.producers(type_)})
+    receivers = sorted({s.service for s in graph.consumers(type_)})
+    notes.append(f"Sent by: {', '.join(senders) or 'nobody in this app'}.")
+    notes.append(f"Received by: {', '.join(receivers) or 'nobody in this app'}.")
+    return " ".join(notes)

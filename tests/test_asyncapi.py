@@ -1,0 +1,234 @@
+"""The AsyncAPI 3.0 document of an App: valid against the spec's JSON Schema, self-consistent,
+and describing what actually travels on the bus."""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pydantic
+import pytest
+
+from choreograph import FAILED, App, Event, Failure, Service
+from choreograph.asyncapi import asyncapi_document
+from choreograph.runtime.records import first_envelope, output_envelope
+from choreograph.sagas import TIMEDOUT, failed, timed_out
+
+SCHEMA_PATH = Path("/work/shared/conformance/asyncapi-spec-json-schemas/schemas/3.0.0-without-$id.json")
+
+
+class Size(enum.StrEnum):
+    small = "small"
+    large = "large"
+
+
+class Line(pydantic.BaseModel):
+    sku: str
+    qty: int = pydantic.Field(gt=0)
+    size: Size = Size.small
+
+
+class Placed(Event, type="test.asyncapi.placed"):
+    """An order was placed by a customer."""
+
+    order: str
+    lines: list[Line]
+
+
+class Paid(Event, type="test.asyncapi.paid"):
+    order: str
+    amount: float
+
+
+class Declined(Event, type="test.asyncapi.declined"):
+    order: str
+    reason: str | None = None
+
+
+class Packed(Event, type="test.asyncapi.packed"):
+    order: str
+    lines: list[Line]
+
+
+class Released(Event, type="test.asyncapi.released"):
+    order: str
+
+
+def shop() -> App:
+    payment, warehouse = Service("payment"), Service("warehouse")
+
+    @payment.on(Placed)
+    async def charge(order: Placed) -> Paid | Declined: ...
+
+    @warehouse.on(Paid)
+    async def pack(paid: Paid) -> Packed: ...
+
+    @payment.on_failure(Paid)
+    async def refund(failure: Failure) -> Declined: ...
+
+    @warehouse.compensate(Packed, on=[timed_out(), failed(Packed)])
+    async def unpack(packed: Packed, cause: object) -> Released: ...
+
+    return App(
+        "shop",
+        [payment, warehouse],
+        ingress=[Placed],
+        terminal={Packed: "completed", Declined: "failed", Released: "failed"},
+    )
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return asyncapi_document(shop(), version="2.1.0")
+
+
+def resolve(doc: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node: Any = doc
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def refs_in(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in refs_in(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in refs_in(v)]
+    return []
+
+
+def validator(doc: dict[str, Any], ref: str) -> jsonschema.Draft7Validator:
+    """A validator for the schema at ``ref``, resolving its ``#/components/...`` references in ``doc``."""
+    return jsonschema.Draft7Validator({"$ref": ref, "components": doc["components"]})
+
+
+@pytest.mark.skipif(not SCHEMA_PATH.exists(), reason=f"conformance data missing: {SCHEMA_PATH}")
+@pytest.mark.parametrize("target", ["shop", "chain", "services"])
+def test_the_document_is_valid_asyncapi_3(target: str) -> None:
+    from examples.chain import app as chain
+
+    subject = {"shop": shop(), "chain": chain, "services": shop().services}[target]
+    schema = json.loads(SCHEMA_PATH.read_text())
+    errors = [
+        f"{list(e.path)}: {e.message}"
+        for e in jsonschema.Draft7Validator(schema).iter_errors(asyncapi_document(subject))
+    ]
+    assert errors == []
+
+
+def test_it_survives_json_serialisation(doc: dict[str, Any]) -> None:
+    assert orjson.loads(orjson.dumps(doc)) == doc
+
+
+def test_every_reference_resolves(doc: dict[str, Any]) -> None:
+    refs = refs_in(doc)
+    assert refs
+    for ref in refs:
+        assert resolve(doc, ref) is not None
+
+
+def test_every_operation_uses_messages_of_its_own_channel(doc: dict[str, Any]) -> None:
+    """An AsyncAPI 3 rule that its JSON Schema cannot express."""
+    for op_id, op in doc["operations"].items():
+        channel_ref = op["channel"]["$ref"]
+        for message in op["messages"]:
+            assert message["$ref"].startswith(channel_ref + "/messages/"), op_id
+
+
+def test_there_is_a_channel_per_event_type_addressed_by_the_type(doc: dict[str, Any]) -> None:
+    addresses = {channel["address"] for channel in doc["channels"].values()}
+    assert addresses == {
+        "test.asyncapi.placed",
+        "test.asyncapi.paid",
+        "test.asyncapi.declined",
+        "test.asyncapi.packed",
+        "test.asyncapi.released",
+        FAILED,
+        TIMEDOUT,
+    }
+
+
+def test_info_names_the_app_and_the_requested_version(doc: dict[str, Any]) -> None:
+    assert (doc["asyncapi"], doc["info"]["title"], doc["info"]["version"]) == ("3.0.0", "shop", "2.1.0")
+
+
+def test_operations_say_which_service_sends_and_receives_what(doc: dict[str, Any]) -> None:
+    def ops(service: str, action: str) -> set[str]:
+        return {
+            resolve(doc, op["channel"]["$ref"])["address"]
+            for op in doc["operations"].values()
+            if op["action"] == action and op["tags"] == [{"name": service}]
+        }
+
+    assert ops("payment", "receive") == {"test.asyncapi.placed", FAILED}
+    assert ops("payment", "send") == {"test.asyncapi.paid", "test.asyncapi.declined", FAILED}
+    assert ops("warehouse", "receive") == {"test.asyncapi.paid", "test.asyncapi.packed", TIMEDOUT, FAILED}
+    assert ops("warehouse", "send") == {"test.asyncapi.packed", "test.asyncapi.released", FAILED}
+
+
+def test_the_payload_is_the_pydantic_schema_of_the_event(doc: dict[str, Any]) -> None:
+    message = doc["components"]["messages"]["test.asyncapi.placed"]
+    assert (message["name"], message["title"], message["summary"]) == (
+        "Placed",
+        "test.asyncapi.placed",
+        "An order was placed by a customer.",
+    )
+    payload = validator(doc, message["payload"]["$ref"])
+    good = Placed(order="o-1", lines=[Line(sku="a", qty=2, size=Size.large)]).model_dump(mode="json")
+    assert list(payload.iter_errors(good)) == []
+    assert not payload.is_valid({"order": "o-1", "lines": [{"sku": "a", "qty": 0}]})  # qty > 0
+    assert not payload.is_valid({"order": "o-1", "lines": [{"sku": "a", "qty": 1, "size": "huge"}]})
+    assert not payload.is_valid({"order": "o-1", "lines": [], "extra": 1})  # extra="forbid"
+
+
+def test_a_model_shared_by_two_events_is_described_once(doc: dict[str, Any]) -> None:
+    schemas = doc["components"]["schemas"]
+    assert "Line" in schemas and "Size" in schemas
+    line_refs = [r for r in refs_in(doc) if r == "#/components/schemas/Line"]
+    assert len(line_refs) == 2  # from Placed and from Packed
+
+
+def test_the_headers_describe_the_cloudevents_attributes_the_runtime_writes(doc: dict[str, Any]) -> None:
+    placed = first_envelope(Placed(order="o-1", lines=[]), source="/choreograph/gateway", id="e-1")
+    paid = output_envelope(
+        Paid(order="o-1", amount=3.5),
+        cause=placed,
+        service="payment",
+        handler="charge",
+        index=0,
+        source="/choreograph/payment",
+    )
+    for envelope in (placed, paid):
+        attributes = {k: v for k, v in orjson.loads(orjson.dumps(envelope.to_dict())).items() if k != "data"}
+        headers = validator(doc, f"#/components/messages/{envelope.type}/headers")
+        assert list(headers.iter_errors(attributes)) == []
+    wrong_type = {**{k: v for k, v in paid.to_dict().items() if k != "data"}, "type": "test.asyncapi.placed"}
+    assert not validator(doc, "#/components/messages/test.asyncapi.paid/headers").is_valid(wrong_type)
+    message = doc["components"]["messages"]["test.asyncapi.paid"]
+    assert message["correlationId"]["location"] == "$message.header#/correlationid"
+
+
+def test_failure_and_timeout_channels_carry_the_runtime_s_payloads(doc: dict[str, Any]) -> None:
+    failed_payload = validator(doc, doc["components"]["messages"][FAILED]["payload"]["$ref"])
+    assert failed_payload.is_valid(
+        {"type": "test.asyncapi.paid", "envelope": {"id": "e"}, "record": {"reason": "x"}}
+    )
+    timedout_payload = validator(doc, doc["components"]["messages"][TIMEDOUT]["payload"]["$ref"])
+    assert timedout_payload.is_valid({"correlation_id": "c", "deadline": "2024-01-01T00:00:00Z"})
+
+
+def test_channel_descriptions_mark_ingress_and_terminal_events(doc: dict[str, Any]) -> None:
+    assert doc["channels"]["test.asyncapi.placed"]["description"].startswith("Ingress:")
+    assert "ends a transaction as completed" in doc["channels"]["test.asyncapi.packed"]["description"]
+
+
+def test_an_app_without_handlers_is_still_a_valid_document() -> None:
+    doc = asyncapi_document(App("empty", []))
+    assert (doc["channels"], doc["operations"]) == ({}, {})
+    schema = json.loads(SCHEMA_PATH.read_text())
+    assert jsonschema.Draft7Validator(schema).is_valid(doc)
