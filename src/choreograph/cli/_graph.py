@@ -1,0 +1,126 @@
+"""``choreograph graph``, ``choreograph lint`` and ``choreograph asyncapi``: the flow, seen from the code.
+
+All three load ``MODULE:ATTR`` (an App, a Service or a list of Services) and never touch
+a broker. Renderings go to stdout as plain text (never through Rich, whose markup would
+eat ``[...]`` in event types) or to ``--output FILE``.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from choreograph.asyncapi import asyncapi_document
+from choreograph.cli._common import console, err_console, load_services
+from choreograph.flow import FlowGraph, build, lint
+
+Target = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODULE:ATTR", help="An App, a Service or a list of Services, e.g. examples.chain:app"
+    ),
+]
+Output = Annotated[Path | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout")]
+_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+class Format(enum.StrEnum):
+    mermaid = "mermaid"
+    dot = "dot"
+    json = "json"
+
+
+def _graph_of(target: str) -> FlowGraph:
+    services, app = load_services(target)
+    return build(
+        app if app is not None else services, name=None if app is not None else target.partition(":")[2]
+    )
+
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    err_console.print(f"wrote {escape(str(output))}", highlight=False)
+
+
+def graph(
+    target: Target,
+    format: Annotated[Format, typer.Option("--format", "-f", help="mermaid, dot or json")] = Format.mermaid,
+    output: Output = None,
+) -> None:
+    """Draw the flow: services, event types, and the consumes/emits/compensates edges between them."""
+    flow = _graph_of(target)
+    text = {Format.mermaid: flow.to_mermaid, Format.dot: flow.to_dot, Format.json: flow.to_json}[format]()
+    _emit(text, output)
+
+
+def lint_command(
+    target: Target,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON")] = False,
+) -> None:
+    """Check the flow: dead ends, missing producers, cycles, uncompensated failures, endless transactions.
+
+    Exits with status 1 when there is at least one error (warnings alone exit 0).
+    """
+    flow = _graph_of(target)
+    findings = lint(flow)
+    errors = sum(f.severity == "error" for f in findings)
+    warnings = sum(f.severity == "warning" for f in findings)
+    if as_json:
+        doc = {
+            "name": flow.name,
+            "errors": errors,
+            "warnings": warnings,
+            "findings": [f.to_dict() for f in findings],
+        }
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        if findings:
+            table = Table.grid(padding=(0, 1))
+            table.add_column(no_wrap=True)
+            table.add_column(no_wrap=True)
+            table.add_column(overflow="fold")
+            for f in findings:
+                table.add_row(
+                    Text(f.severity, style=_SEVERITY_STYLE[f.severity]),
+                    Text(f.code, style="bold"),
+                    Text(f.message),
+                )
+            console.print(table, highlight=False)
+        size = f"{len(flow.services)} services, {len(flow.events)} event types"
+        if errors or warnings:
+            mark = "[bold red]✗[/]" if errors else "[yellow]![/]"
+            counts = f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+            console.print(f"{mark} {escape(flow.name)}: {counts} ({size})", highlight=False)
+        else:
+            console.print(f"[green]✓[/] {escape(flow.name)}: no problems found ({size})", highlight=False)
+    if errors:
+        raise typer.Exit(1)
+
+
+def asyncapi(
+    target: Target,
+    output: Output = None,
+    version: Annotated[str, typer.Option("--version", help="info.version of the document")] = "1.0.0",
+    title: Annotated[str | None, typer.Option("--title", help="info.title (default: the App's name)")] = None,
+) -> None:
+    """Write one AsyncAPI 3.0 document (JSON) for the app: a channel per event type, operations per service."""
+    doc = asyncapi_document(_graph_of(target), version=version, title=title)
+    _emit(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), output)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("graph")(graph)
+    app.command("lint")(lint_command)
+    app.command("asyncapi")(asyncapi)

@@ -1,0 +1,199 @@
+"""``choreograph graph``, ``lint`` and ``asyncapi`` as a user types them.
+
+The apps below are loaded by the CLI as ``tests.cli.test_graph_cli:NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydot
+import pytest
+from examples.chain import app as chain
+from typer.testing import CliRunner
+
+from choreograph import App, Event, Service
+from choreograph.asyncapi import asyncapi_document
+from choreograph.cli import app as cli_app
+from choreograph.flow import build
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = "tests.cli.test_graph_cli"
+
+
+class Asked(Event, type="test.cli.graph.asked"):
+    question: str
+
+
+class Answered(Event, type="test.cli.graph.answered"):
+    answer: str
+
+
+class Echoed(Event, type="test.cli.graph.echoed"):
+    text: str
+
+
+oracle = Service("oracle")
+
+
+@oracle.on(Asked)
+async def answer(asked: Asked) -> Answered | Echoed: ...
+
+
+parrot = Service("parrot")
+
+
+@parrot.on(Echoed)
+async def repeat(echoed: Echoed) -> Asked: ...
+
+
+clean = App("clean", [oracle], ingress=[Asked], terminal={Answered: "completed", Echoed: "completed"})
+looping = App("looping", [oracle, parrot], ingress=[Asked], terminal={Answered: "completed"})
+warned = App("warned", [oracle], ingress=[Asked], terminal={Answered: "completed"})  # Echoed goes nowhere
+services = [oracle, parrot]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli_app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """A real ``python -m choreograph`` process: exit statuses as a shell sees them."""
+    return subprocess.run(
+        [sys.executable, "-m", "choreograph", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+    )
+
+
+# --- graph ----------------------------------------------------------------------------------------
+
+
+def test_graph_prints_mermaid_by_default() -> None:
+    code, out, _ = run("graph", "examples.chain:app")
+    assert code == 0
+    assert out == build(chain).to_mermaid()
+    assert out.splitlines()[:2] == ["%% choreograph flow: chain", "flowchart LR"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydot 4 on pyparsing 3.3
+def test_graph_prints_dot_that_graphviz_can_read() -> None:
+    code, out, _ = run("graph", "examples.chain:app", "--format", "dot")
+    assert code == 0 and out == build(chain).to_dot()
+    [dot] = pydot.graph_from_dot_data(out)
+    assert len(dot.get_edges()) == len(build(chain).edges)
+
+
+def test_graph_writes_json_to_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "flow.json"
+    code, out, err = run("graph", "examples.chain:app", "-f", "json", "--output", str(target))
+    assert (code, out) == (0, "")
+    assert "wrote" in err and str(target) in " ".join(err.split())
+    assert json.loads(target.read_text()) == build(chain).to_dict()
+
+
+def test_graph_of_a_list_of_services_is_named_after_the_attribute() -> None:
+    code, out, _ = run("graph", f"{HERE}:services", "-f", "json")
+    doc = json.loads(out)
+    assert (code, doc["name"], doc["app"]) == (0, "services", False)
+
+
+def test_an_unknown_format_is_a_usage_error() -> None:
+    code, _, err = run("graph", "examples.chain:app", "--format", "png")
+    assert code == 2 and "png" in err
+
+
+# --- lint -----------------------------------------------------------------------------------------
+
+
+def test_lint_of_a_clean_app_says_so_and_exits_0() -> None:
+    code, out, _ = run("lint", f"{HERE}:clean")
+    assert code == 0
+    assert "clean: no problems found (1 services, 3 event types)" in out
+
+
+def test_lint_warnings_alone_exit_0_and_are_printed_with_their_code() -> None:
+    code, out, _ = run("lint", f"{HERE}:warned")
+    assert code == 0
+    assert "warning" in out and "unconsumed" in out and "test.cli.graph.echoed" in out
+    assert "0 errors, 1 warning" in out
+
+
+def test_lint_errors_exit_1() -> None:
+    code, out, _ = run("lint", f"{HERE}:looping")
+    assert code == 1
+    assert "error" in out and "cycle" in out
+    assert "1 error" in out
+
+
+def test_lint_output_keeps_brackets_in_messages() -> None:
+    """Rich markup must not eat ``[parrot]`` or ``on=[failed(...)]`` from a finding."""
+    code, out, _ = run("lint", "examples.chain:app")
+    assert code == 0
+    assert "on=[failed(PaymentCaptured)]" in "".join(out.split())
+    code, out, _ = run("lint", f"{HERE}:looping")
+    assert "[parrot]" in out
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "errors"), [("clean", 0, 0), ("warned", 0, 0), ("looping", 1, 1)]
+)
+def test_lint_json_reports_findings_and_counts(target: str, status: int, errors: int) -> None:
+    code, out, _ = run("lint", f"{HERE}:{target}", "--json")
+    doc = json.loads(out)
+    assert (code, doc["name"], doc["errors"]) == (status, target, errors)
+    assert doc["warnings"] == sum(f["severity"] == "warning" for f in doc["findings"])
+    assert all(set(f) == {"code", "severity", "message", "subjects"} for f in doc["findings"])
+
+
+def test_lint_exit_status_reaches_the_shell() -> None:
+    assert cli("lint", f"{HERE}:looping").returncode == 1
+    assert cli("lint", f"{HERE}:warned").returncode == 0
+
+
+# --- asyncapi -------------------------------------------------------------------------------------
+
+
+def test_asyncapi_prints_the_document() -> None:
+    code, out, _ = run("asyncapi", "examples.chain:app")
+    assert code == 0
+    assert json.loads(out) == asyncapi_document(chain)
+
+
+def test_asyncapi_writes_a_file_with_title_and_version(tmp_path: Path) -> None:
+    target = tmp_path / "asyncapi.json"
+    code, _, _ = run(
+        "asyncapi", f"{HERE}:clean", "-o", str(target), "--title", "Oracle", "--version", "0.3.0"
+    )
+    doc = json.loads(target.read_text())
+    assert code == 0
+    assert (doc["asyncapi"], doc["info"]["title"], doc["info"]["version"]) == ("3.0.0", "Oracle", "0.3.0")
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["graph", "no_such_module:app"], "no module named 'no_such_module'"),
+        (["lint", "examples.chain:nope"], "has no attribute 'nope'"),
+        (["asyncapi", "examples.chain"], "expected MODULE:ATTRIBUTE"),
+        (["lint", "examples.chain:FAILURE_RATE"], "not a Service, a list of Services or an App"),
+    ],
+)
+def test_a_bad_target_prints_one_clear_line_and_exits_2(args: list[str], needle: str) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert needle in " ".join(result.stderr.split())
