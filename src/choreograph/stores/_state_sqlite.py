@@ -125,7 +125,14 @@ class _Tx(TxConnection):
         return await self._call(lambda db: db.execute(sql, _params(args)).fetchall())
 
     async def fetchone(self, sql: str, args: Sequence[Any]) -> Row | None:
-        return await self._call(lambda db: db.execute(sql, _params(args)).fetchone())
+        def first(db: sqlite3.Connection) -> Row | None:
+            cursor = db.execute(sql, _params(args))
+            try:
+                return cursor.fetchone()
+            finally:
+                cursor.close()  # finish the statement (an UPDATE ... RETURNING must not stay open)
+
+        return await self._call(first)
 
     async def commit(self, *, inbox: tuple[str, str] | None, service: str, messages: Sequence[Message]) -> bool:
         now = time.time()
