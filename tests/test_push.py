@@ -23,6 +23,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from choreograph import (
     FAILED,
@@ -408,6 +412,46 @@ async def test_stop_releases_a_push_still_in_flight(bus: MemoryTransport) -> Non
     [again] = await sub.fetch(1, timeout=0)
     assert again.message.id == "e-1"
     await sub.close()
+
+
+async def test_requests_in_flight_are_bounded_by_concurrency(bus: MemoryTransport) -> None:
+    """With concurrency=2, a receiver holding every request never sees more than two at once."""
+    gate = asyncio.Event()
+    in_flight = peak = posts = 0
+
+    async def hold(request: Request) -> Response:
+        nonlocal in_flight, peak, posts
+        posts += 1
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await gate.wait()
+        in_flight -= 1
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/", hold, methods=["POST"])])
+    async with serve(app) as base, pushing(bus, subscription(base + "/", handshake=False), concurrency=2):
+        try:
+            await publish(bus, *(f"e-{i}" for i in range(5)))
+            await until(lambda: posts >= 2)
+            await asyncio.sleep(0.2)  # room for a third request, were the bound broken
+            assert (posts, peak) == (2, 2)
+        finally:
+            gate.set()
+        await settled(bus)
+    assert (posts, peak) == (5, 2)
+
+
+async def test_a_malformed_envelope_on_the_bus_is_dead_lettered_without_a_post(bus: MemoryTransport) -> None:
+    """Bytes that are not a CloudEvent are dead-lettered as malformed; nothing is sent, no failure event."""
+    hook = Scripted(204)
+    await watch(bus, "observer", [FAILED])
+    async with hook.running() as url, pushing(bus, subscription(url)):
+        await bus.publish([Message("bad-1", Assigned.event_type(), b"{not json")])
+        await settled(bus)
+    [letter] = await bus.dead_letters(GROUP)
+    assert (letter.record["reason"], letter.record["envelope"]) == ("malformed", "{not json")
+    assert hook.posts == 0
+    assert await watched(bus, "observer", [FAILED]) == []
 
 
 # -- the handshake --------------------------------------------------------------------------
