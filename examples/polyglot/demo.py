@@ -85,12 +85,24 @@ class Processes:
 async def run_transactions(broker: str, count: int, wait_s: float) -> dict[str, str]:
     """Publish ``count`` requests (+2 too heavy); return delivery id → terminal event type."""
     requests = [
-        DeliveryRequested(delivery_id=f"dlv-{i:03d}", package_id=f"pkg-{i:03d}", weight_kg=1.0 + i % 8,
-                          pickup=PLACES[i % len(PLACES)], dropoff=PLACES[(i + 2) % len(PLACES)], owner="demo")
+        DeliveryRequested(
+            delivery_id=f"dlv-{i:03d}",
+            package_id=f"pkg-{i:03d}",
+            weight_kg=1.0 + i % 8,
+            pickup=PLACES[i % len(PLACES)],
+            dropoff=PLACES[(i + 2) % len(PLACES)],
+            owner="demo",
+        )
         for i in range(count)
     ] + [
-        DeliveryRequested(delivery_id=f"dlv-huge-{i}", package_id=f"pkg-huge-{i}", weight_kg=45.0,
-                          pickup="Docks", dropoff="Mill", owner="demo")
+        DeliveryRequested(
+            delivery_id=f"dlv-huge-{i}",
+            package_id=f"pkg-huge-{i}",
+            weight_kg=45.0,
+            pickup="Docks",
+            dropoff="Mill",
+            owner="demo",
+        )
         for i in range(2)
     ]
     outcome: dict[str, str] = {}
@@ -127,17 +139,37 @@ def main() -> None:
 
     procs = Processes(directory)
     try:
-        node_log = procs.start("delivery-node", ["node", str(HERE / "delivery_service.mjs")], {
-            "PORT": str(port), "WEBHOOK_SECRET": secret, "STORE_PATH": str(directory / "deliveries.json"),
-            "FAIL_FIRST": "1",
-        })
+        node_log = procs.start(
+            "delivery-node",
+            ["node", str(HERE / "delivery_service.mjs")],
+            {
+                "PORT": str(port),
+                "WEBHOOK_SECRET": secret,
+                "STORE_PATH": str(directory / "deliveries.json"),
+                "FAIL_FIRST": "1",
+            },
+        )
         procs.wait_for(node_log, "listening on")
-        services_log = procs.start("services", [
-            sys.executable, "-m", "choreograph", "run", "examples.drone_delivery.app:app",
-            "-s", "package", "-s", "drone-scheduler"], common)
-        push_log = procs.start("push", [
-            sys.executable, "-m", "choreograph", "push", "--config", str(HERE / "push.toml")],
-            {**common, "DELIVERY_NODE_URL": url, "DELIVERY_WEBHOOK_SECRET": secret})
+        services_log = procs.start(
+            "services",
+            [
+                sys.executable,
+                "-m",
+                "choreograph",
+                "run",
+                "examples.drone_delivery.app:app",
+                "-s",
+                "package",
+                "-s",
+                "drone-scheduler",
+            ],
+            common,
+        )
+        push_log = procs.start(
+            "push",
+            [sys.executable, "-m", "choreograph", "push", "--config", str(HERE / "push.toml")],
+            {**common, "DELIVERY_NODE_URL": url, "DELIVERY_WEBHOOK_SECRET": secret},
+        )
         procs.wait_for(services_log, "running")
         procs.wait_for(push_log, "running on")
         print(f"services, push ambassador and Node.js Delivery running on {broker}")
@@ -149,8 +181,10 @@ def main() -> None:
         procs.stop()
     scheduled = sum(1 for t in outcome.values() if t == TERMINAL[0])
     cancelled = sum(1 for t in outcome.values() if t == TERMINAL[1])
-    print(f"{len(outcome)} of {args.count + 2} transactions finished in {elapsed:.1f}s: "
-          f"{scheduled} scheduled by Node.js, {cancelled} cancelled (too heavy, compensated by Package)")
+    print(
+        f"{len(outcome)} of {args.count + 2} transactions finished in {elapsed:.1f}s: "
+        f"{scheduled} scheduled by Node.js, {cancelled} cancelled (too heavy, compensated by Package)"
+    )
     print(f"Node's store: {directory / 'deliveries.json'}; logs: {directory}/*.log")
     if len(outcome) != args.count + 2:
         sys.exit(1)
