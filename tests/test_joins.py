@@ -303,3 +303,21 @@ def test_a_join_function_takes_one_parameter_per_event_and_maybe_the_context() -
         @svc.on_all(Paid, Reserved)
         async def short(paid: Paid) -> None: ...
     assert svc.handlers == {}  # nothing half-registered
+
+
+async def test_a_worker_keeps_its_joins_in_its_sqlite_inbox_file_by_default(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    from choreograph.stores.sqlite import SQLiteStore
+
+    bus = SpyBus(clock)
+    url = f"sqlite:///{tmp_path / 'shipping.db'}"
+    calls: list[tuple[Paid, Reserved]] = []
+    for event in (Paid(order="o"), Reserved(order="o")):  # one arrival per worker lifetime
+        inbox = SQLiteStore(url)
+        async with Worker([shipping(calls)], bus, store=inbox) as worker:
+            assert isinstance(worker.joins, SQLiteJoinStore) and worker.joins.path == inbox.path
+            await Publisher(bus).publish(event, correlation_id="tx")
+            await settled(bus)
+        await inbox.close()
+    assert len(calls) == 1

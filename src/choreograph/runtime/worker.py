@@ -45,8 +45,7 @@ from choreograph.runtime.records import (
 )
 from choreograph.service import FAILED, Failure, Handler, Service
 from choreograph.stores.base import ErrorInfo, InboxStore
-from choreograph.stores.joins_base import JoinStore
-from choreograph.stores.joins_memory import MemoryJoinStore
+from choreograph.stores.joins_base import JoinStore, join_store_beside
 from choreograph.stores.memory import MemoryStore
 from choreograph.transports.base import Delivery, Message, Subscription, Transport
 
@@ -469,7 +468,8 @@ class Worker:
     ``concurrency`` bounds the handlers running at once per service. The inbox store
     defaults to an in-memory one; give a durable store (``SQLiteStore``) for
     deduplication across restarts. ``joins`` keeps the arrivals of joins and
-    compensations (default in-memory; give ``SQLiteJoinStore`` so they survive restarts).
+    compensations; by default they live in the inbox's database (the same SQLite file;
+    in memory for an in-memory inbox), so they survive restarts when the inbox does.
     """
 
     def __init__(
@@ -491,7 +491,8 @@ class Worker:
         self.services = list(services)
         self.transport = transport
         self.store = store or MemoryStore()
-        self.joins = joins or MemoryJoinStore()
+        self.joins = joins or join_store_beside(self.store.url)
+        self._owns_joins = joins is None
         self.concurrency = concurrency
         self.clock = clock or getattr(transport, "clock", None) or SYSTEM_CLOCK
         self.max_hops = max_hops
@@ -532,6 +533,8 @@ class Worker:
         if self._stopped.is_set():
             return
         await asyncio.gather(*(runner.stop(self.drain_timeout) for runner in self.runners))
+        if self._owns_joins:
+            await self.joins.close()
         await self.outbox.stop()
         self._stopped.set()
 

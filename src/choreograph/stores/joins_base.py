@@ -16,9 +16,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import logging
 from urllib.parse import urlsplit
 
 from choreograph.errors import ConfigurationError
+
+log = logging.getLogger("choreograph.stores")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,3 +124,21 @@ def open_join_store(url: str) -> JoinStore:
         raise ConfigurationError(f"join store URL {url!r}: {scheme}:// needs {exc.name}") from exc
     store: JoinStore = getattr(module, class_name)(url)
     return store
+
+
+def join_store_beside(inbox_url: str) -> JoinStore:
+    """A worker's default join store: in its inbox's database (same SQLite file), else in memory.
+
+    Join arrivals are as much the service's state as its inbox, so they live and die
+    with it: a worker given ``sqlite:///var/shipping.db`` for its inbox keeps its joins
+    there too and finds them again after a restart.
+    """
+    scheme = urlsplit(inbox_url).scheme if "://" in inbox_url else ""
+    if scheme in _SCHEMES and scheme != "memory":
+        try:
+            return open_join_store(inbox_url)
+        except ConfigurationError:  # e.g. no PostgreSQL join store yet
+            log.warning("no join store for %s; joins and compensations are kept in memory", inbox_url)
+    from choreograph.stores.joins_memory import MemoryJoinStore
+
+    return MemoryJoinStore()
