@@ -11,7 +11,7 @@ import pytest
 
 from choreograph import Reject
 from choreograph.errors import ConfigurationError
-from choreograph.faults import FAULTS_ENV, Faults, FaultSpec, InjectedFault, load_faults
+from choreograph.faults import FAULTS_ENV, RESTARTS_ENV, Faults, FaultSpec, InjectedFault, load_faults
 
 
 @dataclasses.dataclass
@@ -100,6 +100,31 @@ def test_crash_after_kills_the_process_after_the_nth_completed_step() -> None:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == -9
     assert done.stdout.split("\n")[:2] == ["step 0", "step 1"] and "step 2" not in done.stdout
+
+
+def test_crash_times_spares_a_process_restarted_that_many_times() -> None:
+    script = (
+        "import asyncio, dataclasses\n"
+        "from choreograph.faults import Faults\n"
+        "@dataclasses.dataclass\n"
+        "class C:\n attempt: int = 1\n"
+        "async def main():\n"
+        " f = Faults.for_service('svc')\n"
+        " for n in range(3):\n"
+        "  async with f.step(C()):\n"
+        "   pass\n"
+        " print('survived', flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    faults = '{"svc": {"crash_after": 1, "crash_times": 2}}'
+    outcomes = []
+    for restarts in ("0", "1", "2"):
+        env = {**os.environ, FAULTS_ENV: faults, RESTARTS_ENV: restarts}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30
+        )
+        outcomes.append(done.returncode)
+    assert outcomes == [-9, -9, 0]
 
 
 async def test_for_service_reads_the_environment_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -119,15 +119,21 @@ async def assign_drone(package: PackageCreated, ctx: Context) -> DroneAssigned:
     )
 
 
-def _release(conn: sqlite3.Connection, delivery_id: str) -> None:
+def _release(conn: sqlite3.Connection, delivery_id: str) -> str | None:
+    row = conn.execute("SELECT drone_id FROM drones WHERE delivery_id = ?", (delivery_id,)).fetchone()
     conn.execute("UPDATE drones SET delivery_id = NULL WHERE delivery_id = ?", (delivery_id,))
     conn.execute(
         "UPDATE assignments SET released_at = ? WHERE delivery_id = ? AND released_at IS NULL",
         (time.time(), delivery_id),
     )
+    return None if row is None else str(row[0])
 
 
 @scheduler.on(DeliveryCancelled)
-async def release_drone(cancelled: DeliveryCancelled) -> None:
+async def release_drone(cancelled: DeliveryCancelled, ctx: Context) -> None:
     """A cancelled delivery gives its drone back to the fleet (if it had one)."""
-    await store.run(lambda conn: _release(conn, cancelled.delivery_id))
+    drone_id = await store.run(lambda conn: _release(conn, cancelled.delivery_id))
+    if drone_id is None:
+        ctx.logger.info("delivery %s cancelled: no drone to release", cancelled.delivery_id)
+    else:
+        ctx.logger.info("delivery %s cancelled: drone %s released", cancelled.delivery_id, drone_id)

@@ -24,6 +24,10 @@ above the handler's timeout to exercise timeouts). After the step succeeded:
 ``crash_after`` kills the process with SIGKILL once it has completed that many steps,
 i.e. after the state change was committed but before the outputs were published and
 the input acked: the worst moment, and the one idempotency must survive.
+``crash_times`` (default 1; 0 for every time) limits the crashes to the first process
+lifetimes, counted by ``CHOREOGRAPH_RESTARTS`` (``choreograph dev`` sets it when it
+restarts a process): a restarted process that crashed again on the same redelivered
+batch before publishing anything would never make progress.
 
 The ``"*"`` key applies to every service without an entry of its own. The
 configuration is read when :meth:`Faults.for_service` is first used in a process.
@@ -46,9 +50,11 @@ from typing import Any, Protocol
 
 from choreograph.errors import ConfigurationError, Reject
 
-__all__ = ["FAULTS_ENV", "FaultSpec", "Faults", "InjectedFault", "load_faults"]
+__all__ = ["FAULTS_ENV", "RESTARTS_ENV", "FaultSpec", "Faults", "InjectedFault", "load_faults"]
 
 FAULTS_ENV = "CHOREOGRAPH_FAULTS"
+RESTARTS_ENV = "CHOREOGRAPH_RESTARTS"
+"""How many times a supervisor (``choreograph dev``) restarted this process; read by ``crash_times``."""
 
 log = logging.getLogger("choreograph.faults")
 
@@ -72,6 +78,7 @@ class FaultSpec:
     hang: float = 0.0
     hang_rate: float = 1.0
     crash_after: int = 0
+    crash_times: int = 1
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -79,7 +86,7 @@ class FaultSpec:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigurationError(f"faults: {name} must be between 0 and 1, got {value!r}")
-        for name in ("fail_first", "crash_after", "hang"):
+        for name in ("fail_first", "crash_after", "crash_times", "hang"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"faults: {name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -110,7 +117,7 @@ def _number(service: str, key: str, value: Any) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(f"faults[{service!r}].{key}: expected a number, got {value!r}")
-    return int(value) if key in ("fail_first", "crash_after", "seed") else float(value)
+    return int(value) if key in ("fail_first", "crash_after", "crash_times", "seed") else float(value)
 
 
 def load_faults(source: str | None = None) -> dict[str, FaultSpec]:
@@ -180,12 +187,22 @@ class Faults:
     def after(self) -> None:
         """Count a completed step; SIGKILL this process once ``crash_after`` steps completed."""
         self.completed += 1
-        if self.spec.crash_after and self.completed >= self.spec.crash_after:
+        spec = self.spec
+        if spec.crash_after and self.completed >= spec.crash_after and self._crashes_this_life():
             log.critical("%s: injected crash (SIGKILL) after %d step(s)", self.service, self.completed)
             for handler in logging.getLogger().handlers:
                 with contextlib.suppress(Exception):
                     handler.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _crashes_this_life(self) -> bool:
+        if not self.spec.crash_times:
+            return True
+        try:
+            restarts = int(os.environ.get(RESTARTS_ENV, "0"))
+        except ValueError:
+            restarts = 0
+        return restarts < self.spec.crash_times
 
     @contextlib.asynccontextmanager
     async def step(self, ctx: _HasAttempt) -> AsyncIterator[None]:

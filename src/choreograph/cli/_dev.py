@@ -91,13 +91,21 @@ def _scales(values: list[str], app: App) -> dict[str, int]:
     return scales
 
 
-async def register_groups(url: str, app: App, *, journal: bool) -> None:
-    """Create every consumer group (a publish before a consumer starts is then kept for it)."""
+async def prepare(url: str, app: App, *, journal_store: str | None) -> None:
+    """Create every consumer group and the journal store before any process starts.
+
+    A group registered up front keeps what is published before its consumer is up;
+    creating the journal's database here spares the journal and the gateway a race
+    on creating the same SQLite file.
+    """
     groups: list[tuple[str, list[str] | None]] = [(s.group, sorted(s.subscriptions)) for s in app.services]
-    if journal:
-        from choreograph.journal import JOURNAL_GROUP
+    if journal_store is not None:
+        from choreograph.journal import JOURNAL_GROUP, open_journal_store
 
         groups.append((JOURNAL_GROUP, None))
+        store = open_journal_store(journal_store)
+        await store.open()
+        await store.close()
     async with open_transport(url) as bus:
         for group, types in groups:
             subscription = await bus.subscribe(group, types)
@@ -159,7 +167,7 @@ def dev(
         env.setdefault("FORCE_COLOR", "1")
     # Children write to a pipe, where Rich would wrap at 80 columns; the prefix takes the rest.
     env.setdefault("COLUMNS", str(max(80, console.width - 20) if console.is_terminal else 200))
-    run_async(register_groups(url, app, journal=journal))
+    run_async(prepare(url, app, journal_store=journal_store if journal else None))
 
     supervisor: Supervisor
 

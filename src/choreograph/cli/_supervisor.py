@@ -5,7 +5,9 @@ colour, restarts a process that dies (with a backoff, so a crash loop does not s
 and stops everything on request: SIGTERM to each process group, a grace period, then
 SIGKILL for whatever is left. Each child runs in its own process group, so a Ctrl-C in
 the terminal reaches only the supervisor, which then stops the children exactly once
-(uvicorn, for one, treats a second signal as "exit now, skip the drain").
+(uvicorn, for one, treats a second signal as "exit now, skip the drain"). A child
+learns how many times it was restarted from ``CHOREOGRAPH_RESTARTS`` (fault injection
+uses it to crash only the first lifetimes of a process).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, "CHOREOGRAPH_RESTARTS": str(child.restarts)},
             start_new_session=True,
             limit=1 << 20,
         )
