@@ -1,7 +1,7 @@
 """The Ingestion gateway of Drone Delivery: ``POST /deliveries`` → ``DeliveryRequested`` on the bus.
 
-Serve it with ``uvicorn examples.drone_delivery.gateway:gateway`` (``choreograph dev``
-does). It validates the body against :class:`DeliveryRequested` (a bad field is a
+Serve it with ``choreograph gateway examples.drone_delivery.gateway:gateway``
+(``choreograph dev`` does). It validates the body against :class:`DeliveryRequested` (a bad field is a
 ``422`` naming its path), publishes the event (its id is the transaction's correlation
 id) and answers ``202`` with the ``status_url`` of the transaction in the journal
 (``GET /transactions/{correlation_id}``). An ``Idempotency-Key`` header makes a client
@@ -29,7 +29,7 @@ def _url(env: str, filename: str) -> str:
     return os.environ.get(env) or f"sqlite:///{data_dir() / filename}"
 
 
-ingestion = Gateway(
+gateway = Gateway(
     routes=[
         Route(
             "POST",
@@ -45,4 +45,3 @@ ingestion = Gateway(
     idempotency=f"sqlite:///{data_dir() / 'gateway.db'}",
     title="Drone Delivery ingestion",
 )
-gateway = ingestion.asgi()

@@ -6,9 +6,11 @@ starts, each in its own process with colour-prefixed logs:
 
 * every service of the App (``python -m choreograph run MODULE:ATTR --service NAME``,
   ``--scale NAME=N`` for replicas that compete in the service's group);
-* the HTTP ingestion gateway, if the app has one: ``--gateway MODULE:ATTR``, else by
-  convention ``MODULE:gateway`` or ``gateway`` in the App module's package;
-* the journal, if installed (it observes every event; ``--no-journal`` to skip).
+* the HTTP ingestion gateway (``choreograph gateway``), if the app has one:
+  ``--gateway MODULE:ATTR``, else by convention ``MODULE:gateway`` or ``gateway`` in the
+  App module's package (a :class:`~choreograph.gateway.Gateway` or any ASGI app);
+* the journal (``choreograph journal``), which observes every event and answers the
+  gateway's ``/transactions`` (``--no-journal`` to skip).
 
 The bus defaults to ``sqlite:///<data dir>/bus.db`` with the data dir ``./var/<app name>``;
 children get ``CHOREOGRAPH_BROKER`` and ``CHOREOGRAPH_DATA_DIR`` (where services keep
@@ -59,24 +61,13 @@ def _find_gateway(target: str) -> str | None:
 
 def _gateway_spec(spec: str, host: str, port: int) -> ProcSpec:
     load_object(spec)  # fail here, with one clear line, rather than in a child
-    argv = _python_m("uvicorn", spec, "--host", host, "--port", str(port), "--log-level", "info")
+    argv = _python_m("choreograph", "gateway", spec, "--host", host, "--port", str(port))
     return ProcSpec("gateway", argv, ready="Uvicorn running on")
 
 
-def _has_command(name: str) -> bool:
-    from choreograph.cli import app as cli
-
-    return any(info.name == name for info in cli.registered_commands) or any(
-        info.name == name for info in cli.registered_groups
-    )
-
-
 def _journal_spec(target: str, url: str, store: str) -> ProcSpec:
-    """The journal observer: ``choreograph journal`` if installed, else the built-in runner."""
-    if _has_command("journal"):
-        argv = _python_m("choreograph", "journal", target, "--broker", url, "--store", store)
-    else:
-        argv = _python_m("choreograph.cli._journal_runner", target, "--broker", url, "--store", store)
+    """The journal observer (``choreograph journal``), recording to ``store``."""
+    argv = _python_m("choreograph", "journal", target, "--broker", url, "--store", store)
     return ProcSpec("journal", argv, ready="journal running")
 
 
