@@ -10,7 +10,7 @@
    ``Idempotency-Key`` (answered without publishing twice);
 3. shows a progress bar while the transactions finish (polling the journal's
    ``GET /transactions/{id}``), then a summary table (completed / cancelled /
-   dead-lettered, throughput, p50/p99 latency) and one transaction's timeline;
+   dead-lettered, throughput, p50/p99 latency) and one transaction's causation tree (``choreograph trace``);
 4. stops the system (SIGTERM, then SIGKILL after a grace period).
 
 Run it with ``python -m examples.drone_delivery.demo`` (``--help`` for options). The
@@ -104,6 +104,7 @@ class System:
         self.data_dir = data_dir
         self.port = port
         self.broker = f"sqlite:///{data_dir / 'bus.db'}"
+        self.journal = f"sqlite:///{data_dir / 'journal.db'}"
         self.log_path = data_dir / "dev.log"
         env = {**os.environ, "CHOREOGRAPH_FAULTS": faults, "PYTHONUNBUFFERED": "1"}
         argv = [
@@ -281,18 +282,23 @@ def summary(
     return table
 
 
-def timeline(tx: dict[str, Any]) -> Table:
-    table = Table(title=f"timeline of transaction {tx['correlation_id']} ({tx['status']})")
-    for column in ("+ms", "service", "event", "outcome", "detail"):
-        table.add_column(column, justify="right" if column == "+ms" else "left")
-    for entry in tx["timeline"]:
-        detail = entry.get("error") or ""
-        if entry["kind"] == "failure":
-            detail = f"after {(entry.get('record') or {}).get('attempts', '?')} attempt(s): {detail}"
-        table.add_row(
-            f"{entry['offset_ms']:.0f}", entry["service"], entry["type"], entry["outcome"], detail[:90]
-        )
-    return table
+def _most_eventful(done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """A compensated transaction whose failed step was also retried (retry, dead letter and
+    compensation in one), else any compensated one, else any."""
+
+    def score(tx: dict[str, Any]) -> tuple[int, int]:
+        attempts = max(((e.get("record") or {}).get("attempts") or 0 for e in tx["timeline"]), default=0)
+        return (tx["status"] == "compensated", min(attempts, 2))
+
+    return max(done.values(), key=score, default=None)
+
+
+def trace(system: System, correlation_id: str) -> None:
+    """``choreograph trace``: the transaction's causation tree, from the journal."""
+    console.print(f"[bold]choreograph trace {correlation_id}")
+    env = {**os.environ, "COLUMNS": str(console.width)}
+    argv = [sys.executable, "-m", "choreograph", "trace", correlation_id, "--journal", system.journal]
+    subprocess.run(argv, env=env, check=False, timeout=30)
 
 
 async def drive(system: System, count: int, seed: int, wait_s: float) -> int:
@@ -306,13 +312,9 @@ async def drive(system: System, count: int, seed: int, wait_s: float) -> int:
         done = await watch(client, list(accepted.values()), wait_s)
     letters = await dead_letters(system.broker)
     console.print(summary(done, len(accepted) - len(done), letters, sent_at, retries(system.log_path)))
-    by_delivery = {cid: d for d, cid in accepted.items()}
-    interesting = sorted(
-        (tx for tx in done.values() if tx["status"] == "compensated"),
-        key=lambda tx: ("heavy" not in by_delivery.get(tx["correlation_id"], ""), tx["correlation_id"]),
-    )
-    if interesting or done:
-        console.print(timeline(interesting[0] if interesting else next(iter(done.values()))))
+    eventful = _most_eventful(done)
+    if eventful is not None:
+        trace(system, eventful["correlation_id"])
     console.print(
         f"[dim]logs: {system.log_path}   dead letters: choreograph dlq list --broker {system.broker}"
     )
