@@ -1,0 +1,22 @@
+"""The online shop: a saga with parallel branches, a join and compensations, no orchestrator.
+
+::
+
+                  ┌─▶ payment ──PaymentCaptured | PaymentDeclined──┐
+    OrderPlaced ──┤                                               ├─▶ shipping (joins Captured + Reserved) ──OrderShipped (completed)
+                  └─▶ inventory ──StockReserved | OutOfStock──────┘
+
+    compensations (each once per order, only if its step happened, in any order):
+      payment   refunds on OutOfStock, a shipping failure, inventory giving up, or the deadline
+      inventory releases on PaymentDeclined, a shipping failure, payment giving up, or the deadline
+      orders    cancels (OrderCancelled: failed) on any "no", any give-up, or the deadline
+
+Each service keeps its own SQLite database under ``$CHOREOGRAPH_DATA_DIR`` (default
+``./var/shop``): balances and payments, stock and reservations, shipments, orders.
+Demo data: customers alice (100.00), bob (20.00), carol (1000.00); skus widget (100),
+gadget (3), oversize-sofa (5, which no courier takes: a shipping failure). Run::
+
+    choreograph dev examples.shop.app:app
+    choreograph publish shop.order.placed --schema examples.shop.events:OrderPlaced \\
+        --data '{"order_id": "o-1", "customer": "alice", "sku": "widget", "qty": 2, "amount": 1500}'
+"""

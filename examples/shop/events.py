@@ -1,0 +1,72 @@
+"""The events of an order (the contract between the shop's services)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from choreograph import Event
+
+
+class OrderPlaced(Event, type="shop.order.placed"):
+    """Ingress: a customer ordered ``qty`` of ``sku`` for ``amount`` (in cents)."""
+
+    order_id: str = Field(min_length=1, max_length=100)
+    customer: str = Field(min_length=1, max_length=100)
+    sku: str = Field(min_length=1, max_length=100)
+    qty: int = Field(gt=0, le=1000)
+    amount: int = Field(gt=0)
+
+
+class PaymentCaptured(Event, type="shop.payment.captured"):
+    order_id: str
+    customer: str
+    amount: int
+
+
+class PaymentDeclined(Event, type="shop.payment.declined"):
+    order_id: str
+    reason: str
+
+
+class PaymentRefunded(Event, type="shop.payment.refunded"):
+    """Compensation of PaymentCaptured."""
+
+    order_id: str
+    amount: int
+    reason: str
+
+
+class StockReserved(Event, type="shop.stock.reserved"):
+    order_id: str
+    sku: str
+    qty: int
+
+
+class OutOfStock(Event, type="shop.stock.out_of_stock"):
+    order_id: str
+    sku: str
+    requested: int
+    available: int
+
+
+class StockReleased(Event, type="shop.stock.released"):
+    """Compensation of StockReserved."""
+
+    order_id: str
+    sku: str
+    qty: int
+    reason: str
+
+
+class OrderShipped(Event, type="shop.order.shipped"):
+    """Terminal (completed)."""
+
+    order_id: str
+    shipment_id: str
+
+
+class OrderCancelled(Event, type="shop.order.cancelled"):
+    """Terminal (failed)."""
+
+    order_id: str
+    reason: str

@@ -1,0 +1,195 @@
+"""The shop saga end to end, in one process and virtual time: every outcome, every compensation.
+
+Each order runs through the real services (their SQLite stores in a temporary data
+dir), on the memory bus, with the journal watching; the assertions are about money,
+stock and how each order ended.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from examples.shop import _store
+from examples.shop.app import app
+from examples.shop.events import (
+    OrderCancelled,
+    OrderPlaced,
+    OrderShipped,
+    PaymentRefunded,
+    StockReleased,
+)
+from examples.shop.inventory import STOCK
+from examples.shop.payment import BALANCES
+
+from choreograph import Publisher, Service, Worker
+from choreograph._envelope import decode
+from choreograph.journal import Journal
+from choreograph.testing import MemoryTransport, VirtualClock, settled
+from choreograph.transports.base import Message
+
+
+class SpyBus(MemoryTransport):
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock=clock)
+        self.published: list[Message] = []
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.published.extend(messages)
+        await super().publish(messages)
+
+    def data(self, type_: str, order_id: str) -> list[dict[str, object]]:
+        found = [decode(m.body).data for m in self.published if m.type == type_]
+        return [d for d in found if d.get("order_id") == order_id]
+
+
+class Shop:
+    def __init__(self, bus: SpyBus, clock: VirtualClock, journal: Journal, data: Path) -> None:
+        self.bus, self.clock, self.journal, self.data = bus, clock, journal, data
+
+    async def order(self, order_id: str, customer: str, sku: str, qty: int, amount: int) -> str:
+        [env] = await Publisher(self.bus, source="/test").publish(
+            OrderPlaced(order_id=order_id, customer=customer, sku=sku, qty=qty, amount=amount),
+            deadline=timedelta(minutes=5),
+        )
+        await settled(self.bus)
+        return env.id
+
+    def query(self, db: str, sql: str, *args: object) -> list[tuple[object, ...]]:
+        conn = sqlite3.connect(self.data / f"{db}.db")
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+    def balance(self, customer: str) -> int:
+        return int(self.query("payment", "SELECT balance FROM balances WHERE customer = ?", customer)[0][0])
+
+    def stock(self, sku: str) -> int:
+        return int(self.query("inventory", "SELECT available FROM stock WHERE sku = ?", sku)[0][0])
+
+    def ends(self, order_id: str) -> list[str]:
+        """The terminal events published for an order."""
+        return [t.__name__ for t in (OrderShipped, OrderCancelled) for _ in self.bus.data(t.event_type(), order_id)]
+
+    def count(self, cls: type, order_id: str) -> int:
+        return len(self.bus.data(cls.event_type(), order_id))  # type: ignore[attr-defined]
+
+    async def status(self, correlation_id: str) -> str:
+        tx = await self.journal.transaction(correlation_id)
+        assert tx is not None
+        return tx.status
+
+
+@pytest.fixture
+async def shop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Shop]:
+    monkeypatch.setenv(_store.DATA_ENV, str(tmp_path))
+    clock = VirtualClock()
+    bus = SpyBus(clock)
+    async with Journal.from_app(app, "memory://", transport=bus, scan_interval=3600) as journal:
+        yield Shop(bus, clock, journal, tmp_path)
+    _store.close_all()
+
+
+async def run(shop: Shop, services: Sequence[Service] = app.services) -> Worker:
+    worker = Worker(services, shop.bus)
+    await worker.start()
+    return worker
+
+
+async def test_an_order_paid_for_and_in_stock_ships(shop: Shop) -> None:
+    worker = await run(shop)
+    cid = await shop.order("o-1", "alice", "widget", 2, 15_00)
+    await worker.stop()
+    assert shop.ends("o-1") == ["OrderShipped"]
+    assert shop.balance("alice") == BALANCES["alice"] - 15_00
+    assert shop.stock("widget") == STOCK["widget"] - 2
+    assert shop.query("shipping", "SELECT order_id, sku, qty FROM shipments") == [("o-1", "widget", 2)]
+    assert shop.count(PaymentRefunded, "o-1") == shop.count(StockReleased, "o-1") == 0
+    assert await shop.status(cid) == "completed"
+
+
+async def test_a_declined_payment_releases_the_reserved_stock_and_cancels_the_order(shop: Shop) -> None:
+    worker = await run(shop)
+    cid = await shop.order("o-2", "bob", "widget", 1, 50_00)
+    await worker.stop()
+    assert shop.ends("o-2") == ["OrderCancelled"]
+    assert shop.balance("bob") == BALANCES["bob"]
+    assert shop.stock("widget") == STOCK["widget"]
+    assert shop.count(StockReleased, "o-2") == 1 and shop.count(PaymentRefunded, "o-2") == 0
+    assert await shop.status(cid) == "compensated"
+
+
+async def test_an_order_out_of_stock_refunds_the_payment_and_cancels_the_order(shop: Shop) -> None:
+    worker = await run(shop)
+    cid = await shop.order("o-3", "alice", "gadget", 5, 30_00)
+    await worker.stop()
+    assert shop.ends("o-3") == ["OrderCancelled"]
+    assert shop.balance("alice") == BALANCES["alice"]
+    assert shop.stock("gadget") == STOCK["gadget"]
+    assert shop.count(PaymentRefunded, "o-3") == 1 and shop.count(StockReleased, "o-3") == 0
+    assert await shop.status(cid) == "compensated"
+
+
+async def test_a_declined_order_out_of_stock_is_cancelled_once_with_nothing_to_undo(shop: Shop) -> None:
+    worker = await run(shop)
+    cid = await shop.order("o-4", "bob", "gadget", 5, 50_00)
+    await worker.stop()
+    assert shop.ends("o-4") == ["OrderCancelled"]
+    assert shop.count(PaymentRefunded, "o-4") == shop.count(StockReleased, "o-4") == 0
+    assert await shop.status(cid) == "failed"
+
+
+async def test_a_shipping_failure_refunds_releases_and_cancels(shop: Shop) -> None:
+    worker = await run(shop)
+    cid = await shop.order("o-5", "alice", "oversize-sofa", 1, 80_00)
+    await worker.stop()
+    assert shop.ends("o-5") == ["OrderCancelled"]
+    assert shop.balance("alice") == BALANCES["alice"]
+    assert shop.stock("oversize-sofa") == STOCK["oversize-sofa"]
+    assert shop.count(PaymentRefunded, "o-5") == shop.count(StockReleased, "o-5") == 1
+    [letter] = await shop.bus.dead_letters("shipping")
+    assert letter.record["reason"] == "rejected"
+    assert await shop.status(cid) == "compensated"
+
+
+async def test_an_order_past_its_deadline_is_undone_when_the_journal_times_it_out(shop: Shop) -> None:
+    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
+    cid = await shop.order("o-6", "alice", "widget", 1, 10_00)
+    assert shop.balance("alice") == BALANCES["alice"] - 10_00
+    shop.clock.advance(5 * 60 + 1)
+    assert await shop.journal.check_deadlines() == [cid]
+    await settled(shop.bus)
+    await worker.stop()
+    assert shop.ends("o-6") == ["OrderCancelled"]
+    assert shop.balance("alice") == BALANCES["alice"]
+    assert shop.stock("widget") == STOCK["widget"]
+    assert await shop.status(cid) == "compensated"
+
+
+async def test_money_and_stock_are_conserved_and_every_order_ends_once(shop: Shop) -> None:
+    worker = await run(shop)
+    customers = ["alice", "bob", "carol", "nobody"]
+    skus = ["widget", "gadget", "oversize-sofa", "unknown"]
+    orders = [(f"m-{n}", customers[n % 4], skus[(n // 4) % 4], 1 + n % 3, 5_00 + 7_00 * (n % 5))
+              for n in range(48)]
+    publisher = Publisher(shop.bus)
+    for order_id, customer, sku, qty, amount in orders:
+        await publisher.publish(OrderPlaced(order_id=order_id, customer=customer, sku=sku, qty=qty, amount=amount))
+    await settled(shop.bus)
+    await worker.stop()
+    ends = [shop.ends(order_id) for order_id, *_ in orders]
+    assert all(len(end) == 1 for end in ends)
+    assert ends.count(["OrderShipped"]) >= 5 and ends.count(["OrderCancelled"]) >= 5  # both outcomes occur
+    captured = shop.query("payment", "SELECT coalesce(sum(amount), 0) FROM payments WHERE status = 'captured'")
+    balances = shop.query("payment", "SELECT sum(balance) FROM balances")
+    assert int(balances[0][0]) + int(captured[0][0]) == sum(BALANCES.values())  # type: ignore[call-overload]
+    shipped = dict(shop.query("shipping", "SELECT sku, sum(qty) FROM shipments GROUP BY sku"))
+    for sku, opening in STOCK.items():
+        assert shop.stock(sku) + int(shipped.get(sku, 0)) == opening  # type: ignore[call-overload]
+    assert shop.query("payment", "SELECT count(*) FROM payments WHERE status = 'captured'")[0][0] == len(
+        shop.query("shipping", "SELECT * FROM shipments")
+    )
