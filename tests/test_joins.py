@@ -321,3 +321,35 @@ async def test_a_worker_keeps_its_joins_in_its_sqlite_inbox_file_by_default(
             await settled(bus)
         await inbox.close()
     assert len(calls) == 1
+
+
+async def test_a_deadline_hours_away_is_re_deferred_and_fires_exactly_on_time(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    calls: list[tuple[Paid, Reserved]] = []
+    watcher = Watcher().watch(clock)
+    # (a long poll interval only keeps settled() from stepping through hours in 0.25 s hops)
+    async with Worker([shipping(calls, within=2 * 3600 + 5), watcher], bus, poll_interval=900):
+        start = clock.monotonic()
+        await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+        await settled(bus)
+    [(_, failure, at)] = watcher.failures
+    assert failure.reason == "join_timeout" and at - start == pytest.approx(2 * 3600 + 5)
+    assert len(bus.of_type(DEADLINE)) == 1  # one timer, re-deferred in hops of at most MAX_DEFER
+
+
+async def test_services_sharing_the_timer_type_only_time_out_their_own_joins(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    other = Service("packing")
+
+    @other.on_all(Reserved, Packed, within=10)
+    async def pack(reserved: Reserved, packed: Packed) -> None: ...
+
+    calls: list[tuple[Paid, Reserved]] = []
+    watcher = Watcher().watch(clock)
+    async with Worker([shipping(calls, within=30), other, watcher], bus):
+        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
+        await settled(bus)
+    failures = sorted((f.record["service"], at - 1_000_000.0) for _, f, at in watcher.failures)
+    assert failures == [("packing", pytest.approx(10.0)), ("shipping", pytest.approx(30.0))]
