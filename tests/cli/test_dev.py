@@ -133,3 +133,21 @@ def test_choreograph_dev_refuses_a_target_that_is_not_an_app(tmp_path: os.PathLi
     )
     assert done.returncode == 2
     assert "is a Service; choreograph dev needs an App" in " ".join(done.stderr.split())
+
+
+async def test_a_repeated_sigterm_waits_for_the_stop_but_a_second_ctrl_c_kills_at_once() -> None:
+    slow_exit = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), sys.exit(0)))\n"
+        "print('up', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    for force, expected in ((False, "slow stopped"), (True, "slow exited with signal SIGKILL")):
+        sup, out = supervisor(ProcSpec("slow", child(slow_exit), ready="up"))
+        run = asyncio.create_task(sup.run())
+        await until(lambda out=out: "slow | up" in out.getvalue())
+        sup.stop(force_if_repeated=force)
+        await until(lambda out=out: "SIGTERM to every process" in out.getvalue())
+        sup.stop(force_if_repeated=force)
+        assert await run == 0
+        assert expected in out.getvalue()

@@ -10,7 +10,10 @@ starts, each in its own process with colour-prefixed logs:
   ``--gateway MODULE:ATTR``, else by convention ``MODULE:gateway`` or ``gateway`` in the
   App module's package (a :class:`~choreograph.gateway.Gateway` or any ASGI app);
 * the journal (``choreograph journal``), which observes every event and answers the
-  gateway's ``/transactions`` (``--no-journal`` to skip).
+  gateway's ``/transactions`` (``--no-journal`` to skip);
+* push ambassadors (``--push push.toml``: ``choreograph push --config``) and any other
+  process (``--proc NAME=COMMAND``), e.g. a Node.js service behind an ambassador;
+  ``--only SERVICE`` runs a subset of the App's services (the rest live elsewhere).
 
 The bus defaults to ``sqlite:///<data dir>/bus.db`` with the data dir ``./var/<app name>``;
 children get ``CHOREOGRAPH_BROKER`` and ``CHOREOGRAPH_DATA_DIR`` (where services keep
@@ -25,6 +28,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -82,14 +86,65 @@ def _scales(values: list[str], app: App) -> dict[str, int]:
     return scales
 
 
-async def prepare(url: str, app: App, *, journal_store: str | None) -> None:
+Group = tuple[str, "list[str] | None"]
+
+
+def _service_specs(
+    target: str, app: App, url: str, only: list[str], replicas: dict[str, int], log_level: str
+) -> tuple[list[ProcSpec], list[Group]]:
+    for name in only:
+        app.service(name)  # raises for an unknown service
+    specs: list[ProcSpec] = []
+    groups: list[Group] = []
+    for service in app.services:
+        if only and service.name not in only:
+            continue
+        groups.append((service.group, sorted(service.subscriptions)))
+        argv = _python_m(
+            "choreograph", "run", target, "--service", service.name, "--broker", url, "--log-level", log_level
+        )
+        count = replicas.get(service.name, 1)
+        for n in range(1, count + 1):
+            name = service.name if count == 1 else f"{service.name}.{n}"
+            specs.append(ProcSpec(name, argv, ready="running"))
+    return specs, groups
+
+
+def _push_specs(configs: list[Path], url: str) -> tuple[list[ProcSpec], list[Group]]:
+    """A ``choreograph push`` ambassador per config file (its groups are registered up front too)."""
+    from choreograph._push_config import load_config
+
+    specs: list[ProcSpec] = []
+    groups: list[Group] = []
+    for n, path in enumerate(configs, start=1):
+        config = load_config(path)  # a bad file fails here, in one line
+        groups.extend((sub.group, sorted(sub.types)) for sub in config.subscriptions)
+        name = "push" if len(configs) == 1 else f"push.{n}"
+        argv = _python_m("choreograph", "push", "--config", str(path), "--broker", url)
+        specs.append(ProcSpec(name, argv, ready="push running on"))
+    return specs, groups
+
+
+def _extra_specs(procs: list[str]) -> list[ProcSpec]:
+    """``NAME=COMMAND`` processes (a Procfile line each): a Node.js service, a mock, a tunnel..."""
+    specs = []
+    for value in procs:
+        name, sep, command = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not command.strip() or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigurationError(f'--proc {value!r}: expected NAME=COMMAND, e.g. node="node server.mjs"')
+        specs.append(ProcSpec(name, shlex.split(command)))
+    return specs
+
+
+async def prepare(url: str, groups: list[Group], *, journal_store: str | None) -> None:
     """Create every consumer group and the journal store before any process starts.
 
     A group registered up front keeps what is published before its consumer is up;
     creating the journal's database here spares the journal and the gateway a race
     on creating the same SQLite file.
     """
-    groups: list[tuple[str, list[str] | None]] = [(s.group, sorted(s.subscriptions)) for s in app.services]
+    groups = list(groups)
     if journal_store is not None:
         from choreograph.journal import JOURNAL_GROUP, open_journal_store
 
@@ -105,6 +160,9 @@ async def prepare(url: str, app: App, *, journal_store: str | None) -> None:
 
 DataDirOption = typer.Option(None, "--data-dir", help="State of the services (default ./var/<app>)")
 ScaleOption = typer.Option(None, "--scale", help="SERVICE=N replicas (repeatable)")
+OnlyOption = typer.Option(None, "--only", help="Run only these services of the App (repeatable)")
+PushOption = typer.Option(None, "--push", help="Start `choreograph push --config FILE` (repeatable)")
+ProcOption = typer.Option(None, "--proc", help='Also run NAME=COMMAND, e.g. node="node app.mjs" (repeatable)')
 
 
 def dev(
@@ -113,12 +171,15 @@ def dev(
         None, "--broker", "-b", help="Broker URL (default: sqlite in the data dir)"
     ),
     data_dir: Path | None = DataDirOption,
-    gateway: str | None = typer.Option(None, "--gateway", help="MODULE:ATTR of the ASGI ingestion gateway"),
+    gateway: str | None = typer.Option(None, "--gateway", help="MODULE:ATTR of the ingestion gateway"),
     no_gateway: bool = typer.Option(False, "--no-gateway", help="Do not start the HTTP gateway"),
     journal: bool = typer.Option(True, "--journal/--no-journal", help="Start the journal observer"),
     host: str = typer.Option("127.0.0.1", "--host", help="Gateway interface"),
     port: int = typer.Option(8000, "--port", "-p", help="Gateway port"),
     scale: list[str] = ScaleOption,
+    only: list[str] = OnlyOption,
+    push: list[Path] = PushOption,
+    proc: list[str] = ProcOption,
     restart: bool = typer.Option(True, "--restart/--no-restart", help="Restart a process that dies"),
     stop_timeout: float = typer.Option(
         10.0, "--stop-timeout", help="Seconds between SIGTERM and SIGKILL on stop"
@@ -132,23 +193,21 @@ def dev(
     directory = data_dir or Path("var") / app.name
     directory.mkdir(parents=True, exist_ok=True)
     url = broker or f"sqlite:///{directory / 'bus.db'}"
-    replicas = _scales(scale or [], app)
 
-    specs: list[ProcSpec] = []
-    for service in app.services:
-        argv = _python_m(
-            "choreograph", "run", target, "--service", service.name, "--broker", url, "--log-level", log_level
-        )
-        count = replicas.get(service.name, 1)
-        for n in range(1, count + 1):
-            name = service.name if count == 1 else f"{service.name}.{n}"
-            specs.append(ProcSpec(name, argv, ready="running"))
+    specs, groups = _service_specs(target, app, url, only or [], _scales(scale or [], app), log_level)
+    push_specs, push_groups = _push_specs(push or [], url)
+    specs += push_specs + _extra_specs(proc or [])
     journal_store = os.environ.get(JOURNAL_ENV) or f"sqlite:///{directory / 'journal.db'}"
     if journal:
         specs.append(_journal_spec(target, url, journal_store))
     gateway_target = None if no_gateway else (gateway or _find_gateway(target))
     if gateway_target is not None:
         specs.append(_gateway_spec(gateway_target, host, port))
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(
+            f"two processes share a name: {sorted(n for n in names if names.count(n) > 1)}"
+        )
 
     env = dict(os.environ)
     env.update(
@@ -158,7 +217,7 @@ def dev(
         env.setdefault("FORCE_COLOR", "1")
     # Children write to a pipe, where Rich would wrap at 80 columns; the prefix takes the rest.
     env.setdefault("COLUMNS", str(max(80, console.width - 20) if console.is_terminal else 200))
-    run_async(prepare(url, app, journal_store=journal_store if journal else None))
+    run_async(prepare(url, groups + push_groups, journal_store=journal_store if journal else None))
 
     supervisor: Supervisor
 

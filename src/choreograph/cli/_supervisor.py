@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -185,10 +186,12 @@ class Supervisor:
             self._signal_all(signal.SIGKILL)
             await asyncio.gather(*(c.proc.wait() for c in self.children if c.proc is not None))
 
-    def stop(self) -> None:
-        """Ask for a clean stop; a second call (a second Ctrl-C) kills at once."""
-        if self.stopping.is_set():
-            self.say("second stop request: SIGKILL", "bold red")
+    def stop(self, *, force_if_repeated: bool = False) -> None:
+        """Ask for a clean stop. A repeated request with ``force_if_repeated`` (a second
+        Ctrl-C) kills at once; a repeated SIGTERM (process managers and ``timeout`` signal
+        a whole process group) only waits for the stop already under way."""
+        if self.stopping.is_set() and force_if_repeated:
+            self.say("second interrupt: SIGKILL", "bold red")
             self._signal_all(signal.SIGKILL)
         self.stopping.set()
 
@@ -197,7 +200,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         for sig in signals:
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, functools.partial(self.stop, force_if_repeated=sig == signal.SIGINT))
         tasks = [asyncio.create_task(self._supervise(child)) for child in self.children]
         try:
             await self.stopping.wait()
