@@ -54,15 +54,18 @@ class DevSystem:
         faults: dict[str, Any] | None = None,
         fleet: str | None = None,
         lease: float = 2.0,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.broker = f"sqlite:///{data_dir / 'bus.db'}?lease={lease:g}"
-        env = {**os.environ, "CHOREOGRAPH_FAULTS": json.dumps(faults or {}), "PYTHONUNBUFFERED": "1"}
-        env.pop("CHOREOGRAPH_BROKER", None)
-        env.pop("CHOREOGRAPH_JOURNAL", None)
+        environ = {**os.environ, "CHOREOGRAPH_FAULTS": json.dumps(faults or {}), "PYTHONUNBUFFERED": "1"}
+        environ.pop("CHOREOGRAPH_BROKER", None)
+        environ.pop("CHOREOGRAPH_JOURNAL", None)
         if fleet:
-            env["DRONE_FLEET"] = fleet
+            environ["DRONE_FLEET"] = fleet
+        environ.update(env or {})
         argv = [
             sys.executable,
             "-m",
@@ -77,9 +80,10 @@ class DevSystem:
             str(self.port),
             "--stop-timeout",
             "10",
+            *(args or []),
         ]
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            argv, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()

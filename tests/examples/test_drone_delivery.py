@@ -8,7 +8,9 @@ journal over HTTP, and checks the services' own stores for the invariants that m
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.examples._system import DevSystem, alive, delivery
+from tests.examples._system import DevSystem, alive, delivery, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -211,3 +213,52 @@ def test_choreograph_dev_starts_every_process_and_stops_them_all_cleanly(system:
     for name in pids:
         assert f"{name} stopped" in dev.log
     assert "SIGKILL" not in dev.log
+
+
+def _node_version() -> tuple[int, ...] | None:
+    node = shutil.which("node")
+    if node is None:
+        return None
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    return tuple(int(part) for part in out.lstrip("v").split(".")[:3])
+
+
+def test_choreograph_dev_runs_a_nodejs_delivery_service_behind_the_push_ambassador(
+    system: SystemFactory, tmp_path: Path
+) -> None:
+    version = _node_version()
+    if version is None or version < (20, 15):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Node.js >= 20.15 is required in CI (found {version})")
+        pytest.skip("Node.js >= 20.15 not installed (apt-get install nodejs)")
+    from choreograph.push import generate_secret
+
+    secret, node_port = generate_secret(), free_port()
+    dev = system(
+        args=[
+            "--only",
+            "package",
+            "--only",
+            "drone-scheduler",
+            "--push",
+            "examples/polyglot/push.toml",
+            "--proc",
+            "delivery-node=node examples/polyglot/delivery_service.mjs",
+        ],
+        env={
+            "WEBHOOK_SECRET": secret,
+            "DELIVERY_WEBHOOK_SECRET": secret,
+            "PORT": str(node_port),
+            "DELIVERY_NODE_URL": f"http://127.0.0.1:{node_port}/",
+            "STORE_PATH": str(tmp_path / "node.json"),
+            "FAIL_FIRST": "1",  # Node answers 503 to every first attempt: the ambassador retries
+        },
+    )
+    assert sorted(dev.pids()) == ["delivery-node", "drone-scheduler", "gateway", "journal", "package", "push"]
+
+    tx = dev.wait_final(dev.submit(delivery(weight_kg=4.0)))
+
+    assert tx["status"] == "completed"
+    assert types_of(tx)[-1] == "drone.delivery.scheduled"
+    assert "answered 503" in dev.log  # the retry happened
+    assert not os.path.exists(dev.data_dir / "delivery.db")  # the Python Delivery service never ran
