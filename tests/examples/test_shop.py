@@ -73,7 +73,11 @@ class Shop:
 
     def ends(self, order_id: str) -> list[str]:
         """The terminal events published for an order."""
-        return [t.__name__ for t in (OrderShipped, OrderCancelled) for _ in self.bus.data(t.event_type(), order_id)]
+        return [
+            t.__name__
+            for t in (OrderShipped, OrderCancelled)
+            for _ in self.bus.data(t.event_type(), order_id)
+        ]
 
     def count(self, cls: type, order_id: str) -> int:
         return len(self.bus.data(cls.event_type(), order_id))  # type: ignore[attr-defined]
@@ -174,17 +178,22 @@ async def test_money_and_stock_are_conserved_and_every_order_ends_once(shop: Sho
     worker = await run(shop)
     customers = ["alice", "bob", "carol", "nobody"]
     skus = ["widget", "gadget", "oversize-sofa", "unknown"]
-    orders = [(f"m-{n}", customers[n % 4], skus[(n // 4) % 4], 1 + n % 3, 5_00 + 7_00 * (n % 5))
-              for n in range(48)]
+    orders = [
+        (f"m-{n}", customers[n % 4], skus[(n // 4) % 4], 1 + n % 3, 5_00 + 7_00 * (n % 5)) for n in range(48)
+    ]
     publisher = Publisher(shop.bus)
     for order_id, customer, sku, qty, amount in orders:
-        await publisher.publish(OrderPlaced(order_id=order_id, customer=customer, sku=sku, qty=qty, amount=amount))
+        await publisher.publish(
+            OrderPlaced(order_id=order_id, customer=customer, sku=sku, qty=qty, amount=amount)
+        )
     await settled(shop.bus)
     await worker.stop()
     ends = [shop.ends(order_id) for order_id, *_ in orders]
     assert all(len(end) == 1 for end in ends)
     assert ends.count(["OrderShipped"]) >= 5 and ends.count(["OrderCancelled"]) >= 5  # both outcomes occur
-    captured = shop.query("payment", "SELECT coalesce(sum(amount), 0) FROM payments WHERE status = 'captured'")
+    captured = shop.query(
+        "payment", "SELECT coalesce(sum(amount), 0) FROM payments WHERE status = 'captured'"
+    )
     balances = shop.query("payment", "SELECT sum(balance) FROM balances")
     assert int(balances[0][0]) + int(captured[0][0]) == sum(BALANCES.values())  # type: ignore[call-overload]
     shipped = dict(shop.query("shipping", "SELECT sku, sum(qty) FROM shipments GROUP BY sku"))

@@ -399,3 +399,26 @@ async def test_a_copy_redelivered_while_its_handler_runs_is_deferred_not_acked(c
     assert attempts[0] == 1 and len(attempts) == 2
     assert worker.stats().handled == 1
     assert await bus.dead_letters("slowpoke") == []
+
+
+async def test_stop_returns_when_the_last_handler_finishes_during_the_drain(bus: MemoryTransport) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    svc = Service("finisher")
+    done = []
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        started.set()
+        await release.wait()
+        done.append(order.order_id)
+
+    worker = Worker([svc], bus, drain_timeout=30)
+    await worker.start()
+    await Publisher(bus).publish(Placed(order_id="a"))
+    await started.wait()
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0)
+    release.set()  # its outcome and stop()'s wake-up reach the settler together
+    await asyncio.wait_for(stopping, timeout=2)
+    assert done == ["a"]
+    assert bus.pending() == (0, None)  # acked, not released

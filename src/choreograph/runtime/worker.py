@@ -380,13 +380,15 @@ class _Runner:
 
     async def _settle_loop(self) -> None:
         while True:
-            await self.outcome_ready.wait()
-            self.outcome_ready.clear()
-            batch, self.outcomes = self.outcomes, []
-            if not batch:
+            if not self.outcomes:
+                # Checked before every wait, not only after an empty wake-up: once stopping,
+                # nobody sets outcome_ready again after the last batch is settled.
                 if self.stopping and not self.active:
                     return
+                self.outcome_ready.clear()
+                await self.outcome_ready.wait()
                 continue
+            batch, self.outcomes = self.outcomes, []
             delay = 0.05
             while True:
                 try:
