@@ -107,3 +107,14 @@ async def test_assigning_the_same_delivery_again_answers_the_drone_it_already_ha
         lambda conn: _assign(conn, created.model_copy(update={"delivery_id": "d2"}))
     )
     assert first == again != other
+
+
+def test_the_flow_lints_clean_and_failures_of_both_steps_after_package_are_compensated() -> None:
+    from choreograph.flow import build, lint
+
+    assert lint(app) == []
+    compensations = {(e.source, e.target, e.handlers) for e in build(app).edges if e.kind == "compensates"}
+    assert compensations == {
+        ("event:drone.package.created", "service:package", ("cancel_unassigned",)),
+        ("event:drone.drone.assigned", "service:package", ("cancel_unscheduled",)),
+    }
