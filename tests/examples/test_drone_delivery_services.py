@@ -18,7 +18,8 @@ from examples.drone_delivery.events import (
 from examples.drone_delivery.scheduler import _assign, parse_fleet
 
 from choreograph import Publisher, Service, Worker
-from choreograph.testing import MemoryTransport, settled
+from choreograph.faults import Faults, FaultSpec
+from choreograph.testing import MemoryTransport, VirtualClock, settled
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ async def cancelled(event: DeliveryCancelled) -> None:
 
 @pytest.fixture
 async def bus() -> AsyncIterator[MemoryTransport]:
-    transport = MemoryTransport()
+    transport = MemoryTransport(clock=VirtualClock())
     async with Worker([*app.services, watcher], transport):
         yield transport
 
@@ -107,6 +108,22 @@ async def test_assigning_the_same_delivery_again_answers_the_drone_it_already_ha
         lambda conn: _assign(conn, created.model_copy(update={"delivery_id": "d2"}))
     )
     assert first == again != other
+
+
+async def test_when_delivery_gives_up_the_package_is_cancelled_and_its_drone_freed(
+    bus: MemoryTransport, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery, "faults", Faults("delivery", FaultSpec(fail_rate=1.0)))
+
+    assert await outcomes(bus, request("doomed", 2)) == {"doomed": "drone.delivery.cancelled"}
+
+    drones = sqlite3.connect(data_dir / "drone-scheduler.db")
+    assert drones.execute("SELECT COUNT(*) FROM drones WHERE delivery_id IS NOT NULL").fetchone() == (0,)
+    assert drones.execute(
+        "SELECT released_at IS NOT NULL FROM assignments WHERE delivery_id = 'doomed'"
+    ).fetchone() == (1,)
+    (letter,) = await bus.dead_letters("delivery")
+    assert letter.record["reason"] == "max_attempts"
 
 
 def test_the_flow_lints_clean_and_failures_of_both_steps_after_package_are_compensated() -> None:
