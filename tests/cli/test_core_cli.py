@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from examples.chain import OrderPlaced
 
 from choreograph import Publisher, Reject, Service, Worker
 from choreograph.transports import open_transport
-from examples.chain import OrderPlaced
 
 ROOT = Path(__file__).resolve().parents[2]
 

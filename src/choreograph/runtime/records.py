@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import orjson
 from typing import Any, Literal
+
+import orjson
 
 from choreograph._envelope import Envelope, derive_id, encode, now_rfc3339
 from choreograph.events import Event
