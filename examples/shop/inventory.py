@@ -14,10 +14,11 @@ from choreograph import Context, Failure, Service
 from choreograph.faults import Faults
 from choreograph.sagas import TimedOut, failed, timed_out
 from examples.shop._causes import describe
+from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import Store
 from examples.shop.events import OrderPlaced, OutOfStock, PaymentDeclined, StockReleased, StockReserved
 
-inventory = Service("inventory", timeout=5.0)
+inventory = Service("inventory", timeout=TIMEOUT, retry=RETRY)
 faults = Faults.for_service(inventory.name)
 
 STOCK = {"widget": 100, "gadget": 3, "oversize-sofa": 5}

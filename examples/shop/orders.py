@@ -14,6 +14,7 @@ from choreograph import Context, Event, Failure, Service
 from choreograph.faults import Faults
 from choreograph.sagas import TimedOut, failed, timed_out
 from examples.shop._causes import describe
+from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import Store
 from examples.shop.events import (
     OrderCancelled,
@@ -25,7 +26,7 @@ from examples.shop.events import (
     StockReserved,
 )
 
-orders = Service("orders", timeout=5.0)
+orders = Service("orders", timeout=TIMEOUT, retry=RETRY)
 faults = Faults.for_service(orders.name)
 
 store = Store(

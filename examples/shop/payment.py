@@ -17,6 +17,7 @@ from choreograph import Context, Failure, Service
 from choreograph.faults import Faults
 from choreograph.sagas import TimedOut, failed, timed_out
 from examples.shop._causes import describe
+from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import Store
 from examples.shop.events import (
     OrderPlaced,
@@ -26,7 +27,7 @@ from examples.shop.events import (
     PaymentRefunded,
 )
 
-payment = Service("payment", timeout=5.0)
+payment = Service("payment", timeout=TIMEOUT, retry=RETRY)
 faults = Faults.for_service(payment.name)
 
 BALANCES = {"alice": 100_00, "bob": 20_00, "carol": 1_000_00}

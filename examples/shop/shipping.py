@@ -13,15 +13,16 @@ from __future__ import annotations
 import sqlite3
 import uuid
 
-from choreograph import Context, Reject, RetryPolicy, Service
+from choreograph import Context, Reject, Service
 from choreograph.faults import Faults
+from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import Store
 from examples.shop.events import OrderShipped, PaymentCaptured, StockReserved
 
 SHIPPING_WAIT = 60.0
 """Seconds the join waits, from the first of its two events, for the other."""
 
-shipping = Service("shipping", timeout=5.0, retry=RetryPolicy(max_attempts=5, base=0.2, max_interval=5.0))
+shipping = Service("shipping", timeout=TIMEOUT, retry=RETRY)
 faults = Faults.for_service(shipping.name)
 
 store = Store(
