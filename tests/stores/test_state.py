@@ -256,3 +256,16 @@ async def test_postgres_notifies_a_relay_listening_from_another_store(postgres_d
             await asyncio.sleep(0.05)
             await commit(writer, msg(1))
             await asyncio.wait_for(waiting, 10)
+
+
+async def test_outbox_rows_keep_ids_types_and_bodies_byte_for_byte(db: StateStore) -> None:
+    odd = Message("it's \"odd\" \\ ünï", "a'type", bytes(range(256)))
+    assert await commit(db, odd, inbox=("gr'oup", "ev'ent"))
+    sent: list[Message] = []
+
+    async def publish(messages: list[Message]) -> None:
+        sent.extend(messages)
+
+    assert await db.relay_pass(SERVICE, "me", 10, publish) == 1
+    assert sent == [odd]
+    assert await db.seen("gr'oup", ["ev'ent"]) == {"ev'ent"}

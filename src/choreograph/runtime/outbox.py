@@ -100,7 +100,10 @@ class HandlerUnit:
         if conn is None:  # the handler's block rolled back and it carried on: record the rest alone
             conn = await self.store.begin()
         try:
-            return await conn.commit(inbox=(group, event_id), service=self.ctx.service, messages=messages)
+            return await conn.commit(
+                inbox=(group, event_id), service=self.ctx.service, messages=messages,
+                forget_failures=self.ctx.attempt > 1,  # a first attempt has no failure history
+            )
         finally:
             await conn.rollback()  # no-op after commit; releases the writer turn if commit failed early
 

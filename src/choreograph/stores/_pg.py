@@ -113,13 +113,24 @@ async def connect(config: PgConfig) -> Any:
         return await pg.connect(config.dsn, server_settings=server_settings(config))
 
 
-async def create_pool(config: PgConfig) -> Any:
-    """An asyncpg pool whose connections use ``config.schema`` first."""
+async def create_pool(config: PgConfig, settings: dict[str, str] | None = None) -> Any:
+    """An asyncpg pool whose connections use ``config.schema`` first (plus session ``settings``)."""
     pg = _require_asyncpg()
     with translate(f"connecting to {config.url}"):
         return await pg.create_pool(
-            config.dsn, min_size=config.pool_min, max_size=config.pool_max, server_settings=server_settings(config)
+            config.dsn, min_size=config.pool_min, max_size=config.pool_max,
+            server_settings={**server_settings(config), **(settings or {})}, reset=_keep_session,
         )
+
+
+async def _keep_session(conn: Any) -> None:
+    """Pool release without asyncpg's default reset query (``RESET ALL``, ``UNLISTEN *``...).
+
+    asyncpg still rolls back an open transaction and drops listeners first; choreograph
+    never leaves session state on pooled connections (LISTEN uses a dedicated one), so
+    the extra round trip per transaction buys nothing. Use ``SET LOCAL``, not ``SET``,
+    in your own transactions.
+    """
 
 
 _MIGRATIONS = """

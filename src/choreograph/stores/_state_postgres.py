@@ -13,6 +13,14 @@ COMMITTED). Two properties matter for the outbox:
   standby skips it. A killed relay's session ends, PostgreSQL releases the lock and a
   standby republishes whatever was not marked sent — with the same ids.
 
+* **Round trips.** A transaction is ``BEGIN``, your statements, then one simple-query
+  string that writes the inbox record, the outbox rows and the ``NOTIFY`` and
+  commits: the values are inlined as escaped literals (``standard_conforming_strings``
+  is forced on) because a simple query is the only way to send several statements in
+  one round trip. If the event was already processed the inbox insert violates its
+  primary key, PostgreSQL skips the rest (no ``COMMIT``) and the transaction is
+  rolled back: a concurrent duplicate waits for the first to commit, then vanishes.
+
 Commits that wrote outbox rows ``NOTIFY`` the channel ``choreograph_outbox_<schema>``
 with the service name; relays ``LISTEN`` on a dedicated connection, so they wake in
 any process without polling (they still poll slowly in case a notification is lost).
@@ -27,7 +35,7 @@ from typing import Any
 
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
-from choreograph.stores.postgres import MARK_ONE, PostgresStore
+from choreograph.stores.postgres import PostgresStore
 from choreograph.stores.state import OutboxLag, RelayPublish, Row, StateStore, TxConnection
 from choreograph.transports.base import Message
 
@@ -52,16 +60,47 @@ OUTBOX_MIGRATIONS = [
     """,
 ]
 
-_INSERT_OUTBOX = """
-WITH rows AS (
-    INSERT INTO choreograph_outbox (service, event_id, type, body, created_at)
-    SELECT $1, u.event_id, u.type, u.body, $5
-    FROM unnest($2::text[], $3::text[], $4::bytea[]) WITH ORDINALITY AS u(event_id, type, body, n)
-    ORDER BY u.n
-    RETURNING 1
-)
-SELECT pg_notify($6, $1) FROM (SELECT 1 FROM rows LIMIT 1) AS inserted
-"""
+_INBOX_PKEY = "choreograph_inbox_pkey"
+
+
+def _text(value: str) -> str:
+    """A SQL string literal (with ``standard_conforming_strings=on``, only quotes need doubling)."""
+    if "\x00" in value:
+        raise StoreError("a NUL character cannot be stored in PostgreSQL text")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _bytea(value: bytes) -> str:
+    return "'\\x" + value.hex() + "'::bytea"
+
+
+def commit_script(
+    *,
+    inbox: tuple[str, str] | None,
+    service: str,
+    messages: Sequence[Message],
+    now: float,
+    channel: str,
+    forget_failures: bool,
+) -> str:
+    """The statements that end a transaction: inbox record, outbox rows, NOTIFY, COMMIT."""
+    statements = []
+    if inbox is not None:
+        group, event_id = _text(inbox[0]), _text(inbox[1])
+        if forget_failures:
+            statements.append(f"DELETE FROM choreograph_failures WHERE grp = {group} AND event_id = {event_id}")
+        statements.append(
+            f"INSERT INTO choreograph_inbox (grp, event_id, processed_at) VALUES ({group}, {event_id}, {now!r})"
+        )
+    if messages:
+        svc = _text(service)
+        rows = ", ".join(
+            f"({svc}, {_text(m.id)}, {_text(m.type)}, {_bytea(m.body)}, {now!r})" for m in messages
+        )
+        statements.append(f"INSERT INTO choreograph_outbox (service, event_id, type, body, created_at) VALUES {rows}")
+        statements.append(f"SELECT pg_notify({_text(channel)}, {svc})")
+    statements.append("COMMIT")
+    return ";\n".join(statements)
 
 
 class _Tx(TxConnection):
@@ -70,7 +109,6 @@ class _Tx(TxConnection):
     def __init__(self, store: PostgresStateStore) -> None:
         self.store = store
         self.conn: Any = None
-        self.tr: Any = None
         self.done = False
 
     async def _ensure(self) -> Any:
@@ -81,12 +119,11 @@ class _Tx(TxConnection):
             with _pg.translate(f"database {self.store.url}"):
                 conn = await pool.acquire()
                 try:
-                    tr = conn.transaction()
-                    await tr.start()
+                    await conn.execute("BEGIN")
                 except BaseException:
                     await self.store._release(conn)
                     raise
-            self.conn, self.tr = conn, tr
+            self.conn = conn
         return self.conn
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
@@ -109,42 +146,49 @@ class _Tx(TxConnection):
         with _pg.translate(f"database {self.store.url}"):
             return await conn.fetchrow(sql, *args)
 
-    async def commit(self, *, inbox: tuple[str, str] | None, service: str, messages: Sequence[Message]) -> bool:
+    async def commit(
+        self,
+        *,
+        inbox: tuple[str, str] | None,
+        service: str,
+        messages: Sequence[Message],
+        forget_failures: bool = True,
+    ) -> bool:
         conn = await self._ensure()
-        now = time.time()
+        script = commit_script(inbox=inbox, service=service, messages=messages, now=time.time(),
+                               channel=self.store.channel, forget_failures=forget_failures)
         try:
-            with _pg.translate(f"database {self.store.url}"):
-                if inbox is not None and _pg.rowcount(await conn.execute(MARK_ONE, *inbox, now)) == 0:
-                    await self._end(commit=False)
-                    return False
-                if messages:
-                    await conn.execute(
-                        _INSERT_OUTBOX, service, [m.id for m in messages], [m.type for m in messages],
-                        [m.body for m in messages], now, self.store.channel,
-                    )
-                await self._end(commit=True)
+            try:
+                status = await conn.execute(script)
+            except Exception as exc:
+                if getattr(exc, "constraint_name", None) == _INBOX_PKEY:
+                    return False  # another consumer committed this event first: roll ours back
+                with _pg.translate(f"database {self.store.url}"):
+                    raise
+            if status != "COMMIT":  # PostgreSQL answers ROLLBACK to COMMIT in an aborted transaction
+                raise StoreError(f"database {self.store.url}: the transaction was rolled back ({status})")
+            self.done = True  # committed: nothing to roll back
         finally:
-            await self._end(commit=False)  # no-op after a successful commit
+            await self._close()
         if messages:
             self.store.wake(service)  # the NOTIFY reaches other processes; this wakes our own relay sooner
         return True
 
     async def rollback(self) -> None:
-        with _pg.translate(f"database {self.store.url}"):
-            await self._end(commit=False)
+        await self._close()
 
-    async def _end(self, *, commit: bool) -> None:
-        if self.done:
-            return
+    async def _close(self) -> None:
+        """Roll back unless committed, and give the connection back to the pool."""
+        conn, self.conn = self.conn, None
+        rolled_back = not self.done
         self.done = True
-        conn, tr, self.conn, self.tr = self.conn, self.tr, None, None
         if conn is None:
             return
         try:
-            if commit:
-                await tr.commit()
-            else:
-                await tr.rollback()
+            if rolled_back:
+                await conn.execute("ROLLBACK")
+        except Exception:  # a broken connection: the pool discards it below
+            conn.terminate()
         finally:
             await self.store._release(conn)
 
@@ -162,6 +206,9 @@ class PostgresStateStore(StateStore, PostgresStore):
 
     def _migrations(self) -> list[tuple[str, list[str]]]:
         return [*super()._migrations(), ("outbox", OUTBOX_MIGRATIONS)]
+
+    def _session_settings(self) -> dict[str, str]:
+        return {"standard_conforming_strings": "on"}  # commit_script's literals rely on it
 
     async def _connect(self) -> None:
         await PostgresStore.open(self)

@@ -1,20 +1,19 @@
-"""A service database on a SQLite file: state, inbox and outbox in one file, one writer at a time.
+"""A service database on a SQLite file: state, inbox and outbox in one file.
 
 ``sqlite:///var/pkg.db?relay_lease=10&synchronous=NORMAL``
 
-Two connections, each on its own thread so the event loop never blocks on disk or
-on another process's lock:
+Two connections:
 
-* the **transaction connection** runs user transactions one at a time per process
-  (an asyncio lock: SQLite has a single writer anyway). ``BEGIN IMMEDIATE`` is sent
-  with the first statement, so the write lock is taken up front and two processes
-  never deadlock upgrading a read lock;
-* the **auxiliary connection** serves the worker: inbox lookups, failure history,
-  relay claims and marking rows sent.
+* the **writer** (:mod:`choreograph.stores._sqlite_writer`) runs every write of this
+  process one turn at a time, inline on the event loop, with group commit: user
+  transactions, inbox records, relay leases, marking rows sent;
+* the **reader**, on its own thread, serves lookups that must not wait for the
+  writer's turn (WAL readers never block): inbox ``seen``, unsent outbox rows, lag;
+  and it checkpoints the WAL now and then.
 
 Relay claims are a lease row per service (``choreograph_relay``): the holder renews
 it when half of ``relay_lease`` seconds is left; a killed holder's lease lapses and a
-standby relay takes over. Because writers are serialised, ``seq`` order is commit order.
+standby relay takes over. Writers are serialised, so ``seq`` order is commit order.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from choreograph.errors import ConfigurationError, StoreError
+from choreograph.stores._sqlite_writer import Batch, SQLiteWriter
 from choreograph.stores.base import ErrorInfo
 from choreograph.stores.sqlite import sqlite_path
 from choreograph.stores.state import OutboxLag, RelayPublish, Row, StateStore, TxConnection
@@ -49,7 +49,7 @@ MIGRATIONS: list[list[str]] = [
             grp TEXT NOT NULL, event_id TEXT NOT NULL, first_error TEXT NOT NULL, first_at REAL NOT NULL,
             PRIMARY KEY (grp, event_id)) WITHOUT ROWID""",
         """CREATE TABLE IF NOT EXISTS choreograph_outbox (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL, event_id TEXT NOT NULL,
+            seq INTEGER PRIMARY KEY, service TEXT NOT NULL, event_id TEXT NOT NULL,
             type TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL, sent_at REAL)""",
         "CREATE INDEX IF NOT EXISTS choreograph_outbox_pending ON choreograph_outbox (service, seq)"
         " WHERE sent_at IS NULL",
@@ -96,33 +96,29 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 class _Tx(TxConnection):
-    """One user transaction on the transaction connection; holds the store's writer turn."""
+    """One user transaction: a unit of the writer, from its first statement to commit or rollback."""
 
     def __init__(self, store: SQLiteStateStore) -> None:
-        self.store = store
-        self.begun = False
+        self.writer = store.writer
+        self.batch: Batch | None = None
+        self.left = False
         self.done = False
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self.done:
-            raise StoreError(f"database {self.store.url}: the transaction is already finished")
-
-        def call(db: sqlite3.Connection) -> T:
-            if not self.begun:
-                db.execute("BEGIN IMMEDIATE")
-                self.begun = True
-            return fn(db)
-
-        return await self.store._run(self.store._tx_exec, lambda: self.store._tx_db, call)
+            raise StoreError(f"database {self.writer.url}: the transaction is already finished")
+        if self.batch is None:
+            self.batch = await self.writer.enter()
+        return self.writer.run(fn)
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
-        return await self._call(lambda db: max(0, db.execute(sql, _params(args)).rowcount))
+        return await self._run(lambda db: max(0, db.execute(sql, _params(args)).rowcount))
 
     async def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
-        await self._call(lambda db: db.executemany(sql, [_params(r) for r in rows]))
+        await self._run(lambda db: db.executemany(sql, [_params(r) for r in rows]))
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[Row]:
-        return await self._call(lambda db: db.execute(sql, _params(args)).fetchall())
+        return await self._run(lambda db: db.execute(sql, _params(args)).fetchall())
 
     async def fetchone(self, sql: str, args: Sequence[Any]) -> Row | None:
         def first(db: sqlite3.Connection) -> Row | None:
@@ -132,52 +128,60 @@ class _Tx(TxConnection):
             finally:
                 cursor.close()  # finish the statement (an UPDATE ... RETURNING must not stay open)
 
-        return await self._call(first)
+        return await self._run(first)
 
-    async def commit(self, *, inbox: tuple[str, str] | None, service: str, messages: Sequence[Message]) -> bool:
+    async def commit(
+        self,
+        *,
+        inbox: tuple[str, str] | None,
+        service: str,
+        messages: Sequence[Message],
+        forget_failures: bool = True,
+    ) -> bool:
         now = time.time()
         rows = [(service, m.id, m.type, m.body, now) for m in messages]
 
         def write(db: sqlite3.Connection) -> bool:
-            try:
-                if inbox is not None:
-                    if db.execute("INSERT OR IGNORE INTO choreograph_inbox VALUES (?, ?, ?)", (*inbox, now)).rowcount == 0:
-                        db.execute("ROLLBACK")
-                        return False
+            if inbox is not None:
+                if db.execute("INSERT OR IGNORE INTO choreograph_inbox VALUES (?, ?, ?)", (*inbox, now)).rowcount == 0:
+                    return False  # another consumer committed this event first
+                if forget_failures:
                     db.execute("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", inbox)
-                if rows:
-                    db.executemany(_INSERT_OUTBOX, rows)
-                db.execute("COMMIT")
-                return True
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            if rows:
+                db.executemany(_INSERT_OUTBOX, rows)
+            return True
 
         try:
-            committed = await self._call(write)
+            fresh = await self._run(write)
+            self._leave(keep=fresh)
+            if fresh and rows and self.batch is not None:
+                self.batch.woken.add(service)
+        except BaseException:
+            self._leave(keep=False)
+            raise
         finally:
-            self._finish()
-        if committed and rows:
-            self.store.wake(service)
-        return committed
+            await self._finish()
+        if fresh and self.batch is not None:
+            await asyncio.shield(self.batch.durable)  # acked only once the real COMMIT happened
+        return fresh
 
     async def rollback(self) -> None:
         if self.done:
             return
+        try:
+            self._leave(keep=False)
+        finally:
+            await self._finish()
 
-        def undo(db: sqlite3.Connection) -> None:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+    def _leave(self, *, keep: bool) -> None:
+        if self.batch is not None and not self.left:
+            self.left = True
+            self.writer.leave(keep=keep)
 
-        future = self.store._run(self.store._tx_exec, lambda: self.store._tx_db, undo)
-        self._finish()  # the executor is FIFO: the next transaction's statements run after this rollback
-        await future
-
-    def _finish(self) -> None:
+    async def _finish(self) -> None:
         if not self.done:
             self.done = True
-            self.store._turn.release()
+            await self.writer.release()
 
 
 class SQLiteStateStore(StateStore):
@@ -196,28 +200,22 @@ class SQLiteStateStore(StateStore):
         self.synchronous = params.get("synchronous", "NORMAL").upper()
         if self.synchronous not in ("NORMAL", "FULL", "EXTRA") or self.relay_lease <= 0:
             raise ConfigurationError(f"database URL {url!r}: synchronous=NORMAL|FULL|EXTRA, relay_lease > 0")
-        self._tx_db: sqlite3.Connection | None = None
-        self._aux_db: sqlite3.Connection | None = None
-        self._tx_exec: ThreadPoolExecutor | None = None
-        self._aux_exec: ThreadPoolExecutor | None = None
-        self._turn = asyncio.Lock()
+        self.writer = SQLiteWriter(url, self.synchronous, self._on_commit)
+        self._reader: sqlite3.Connection | None = None
+        self._writer_exec: ThreadPoolExecutor | None = None
+        self._reader_exec: ThreadPoolExecutor | None = None
+        self._commits = 0
         self._leases: dict[tuple[str, str], float] = {}  # (service, owner) -> until when owner holds the lease
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _run(
-        self,
-        executor: ThreadPoolExecutor | None,
-        db_of: Callable[[], sqlite3.Connection | None],
-        fn: Callable[[sqlite3.Connection], T],
-    ) -> asyncio.Future[T]:
-        if executor is None:
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """``fn`` on the reader's thread (never waits for the writer's turn)."""
+        executor, db = self._reader_exec, self._reader
+        if executor is None or db is None:
             raise StoreError(f"database {self.url} is not open")
 
         def call() -> T:
-            db = db_of()
-            if db is None:
-                raise StoreError(f"database {self.url} is not open")
             try:
                 return fn(db)
             except sqlite3.Error as exc:
@@ -225,20 +223,25 @@ class SQLiteStateStore(StateStore):
 
         return asyncio.get_running_loop().run_in_executor(executor, call)
 
-    def _aux(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        return self._run(self._aux_exec, lambda: self._aux_db, fn)
+    def _on_commit(self, woken: set[str]) -> None:
+        for service in woken:
+            self.wake(service)
+        self._commits += 1
+        if self._commits % 1000 == 0:  # the writer never checkpoints: do it off the loop, best effort
+            self._read(lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()).add_done_callback(
+                lambda f: f.cancelled() or f.exception()
+            )
 
     async def _connect(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._tx_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-state-tx")
-        self._aux_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-state-aux")
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-state-writer")
+        self._reader_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-state-reader")
         loop = asyncio.get_running_loop()
         try:
-            self._aux_db = await loop.run_in_executor(self._aux_exec, _connect, self.path, self.synchronous)
-            await self._aux(_migrate)
-            self._tx_db = await loop.run_in_executor(self._tx_exec, _connect, self.path, self.synchronous)
-            self._tx_db.row_factory = sqlite3.Row
+            self._reader = await loop.run_in_executor(self._reader_exec, _connect, self.path, self.synchronous)
+            await self._read(_migrate)
+            writer = await loop.run_in_executor(self._writer_exec, _connect, self.path, self.synchronous)
+            self.writer.attach(writer, self._writer_exec)
         except sqlite3.Error as exc:
             await self._disconnect()
             raise StoreError(f"database {self.url}: {exc}") from exc
@@ -248,21 +251,23 @@ class SQLiteStateStore(StateStore):
 
     async def _disconnect(self) -> None:
         loop = asyncio.get_running_loop()
-        for db, executor in ((self._tx_db, self._tx_exec), (self._aux_db, self._aux_exec)):
+        writer = self.writer.db
+        if writer is not None:
+            await self.writer.detach()
+        for db, executor in ((writer, self._writer_exec), (self._reader, self._reader_exec)):
             if db is not None and executor is not None:
                 await loop.run_in_executor(executor, db.close)
             if executor is not None:
                 executor.shutdown(wait=False)
-        self._tx_db = self._aux_db = None
-        self._tx_exec = self._aux_exec = None
+        self._reader = None
+        self._writer_exec = self._reader_exec = None
         self._leases.clear()
 
     # -- transactions -----------------------------------------------------------------
 
     async def begin(self) -> TxConnection:
-        if self._tx_exec is None:
-            raise StoreError(f"database {self.url} is not open")
-        await self._turn.acquire()
+        self.writer.connection()
+        await self.writer.acquire()
         return _Tx(self)
 
     # -- inbox ------------------------------------------------------------------------
@@ -283,7 +288,7 @@ class SQLiteStateStore(StateStore):
                 found.update(row[0] for row in rows)
             return found
 
-        return await self._aux(query)
+        return await self._read(query)
 
     async def mark(self, group: str, event_ids: Collection[str]) -> None:
         pairs = [(group, i) for i in event_ids]
@@ -292,16 +297,10 @@ class SQLiteStateStore(StateStore):
         now = time.time()
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("INSERT OR IGNORE INTO choreograph_inbox VALUES (?, ?, ?)", [(*p, now) for p in pairs])
-                db.executemany("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", pairs)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            db.executemany("INSERT OR IGNORE INTO choreograph_inbox VALUES (?, ?, ?)", [(*p, now) for p in pairs])
+            db.executemany("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", pairs)
 
-        await self._aux(write)
+        await self.writer.write(write)
 
     async def record_failure(self, group: str, event_id: str, error: ErrorInfo, at: float) -> tuple[ErrorInfo, float]:
         def write(db: sqlite3.Connection) -> tuple[ErrorInfo, float]:
@@ -314,36 +313,28 @@ class SQLiteStateStore(StateStore):
             ).fetchone()
             return ErrorInfo.from_dict(orjson.loads(row[0])), float(row[1])
 
-        return await self._aux(write)
+        return await self.writer.write(write)
 
     async def clear_failures(self, group: str, event_ids: Collection[str]) -> None:
         pairs = [(group, i) for i in event_ids]
         if pairs:
-            await self._aux(lambda db: db.executemany("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", pairs))
+            await self.writer.write(lambda db: db.executemany("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", pairs))
 
     async def expire(self, older_than: float) -> int:
-        return await self._aux(
+        return await self.writer.write(
             lambda db: db.execute("DELETE FROM choreograph_inbox WHERE processed_at < ?", (older_than,)).rowcount
         )
 
     # -- outbox -----------------------------------------------------------------------
 
     def _claim(self, db: sqlite3.Connection, service: str, owner: str) -> bool:
-        """Take or renew the relay lease of ``service`` (runs on the auxiliary thread)."""
+        """Take or renew the relay lease of ``service`` (inside a write transaction)."""
         now = time.time()
-        if self._leases.get((service, owner), 0.0) - now > self.relay_lease / 2:
-            return True
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("INSERT OR IGNORE INTO choreograph_relay VALUES (?, '', 0)", (service,))
-            got = db.execute(
-                "UPDATE choreograph_relay SET owner=?, lease_until=? WHERE service=? AND (owner=? OR lease_until<?)",
-                (owner, now + self.relay_lease, service, owner, now),
-            ).rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        db.execute("INSERT OR IGNORE INTO choreograph_relay VALUES (?, '', 0)", (service,))
+        got = db.execute(
+            "UPDATE choreograph_relay SET owner=?, lease_until=? WHERE service=? AND (owner=? OR lease_until<?)",
+            (owner, now + self.relay_lease, service, owner, now),
+        ).rowcount
         if got:
             self._leases[(service, owner)] = now + self.relay_lease
         else:
@@ -351,16 +342,16 @@ class SQLiteStateStore(StateStore):
         return bool(got)
 
     async def relay_pass(self, service: str, owner: str, limit: int, publish: RelayPublish) -> int | None:
-        def claim_and_read(db: sqlite3.Connection) -> list[Any] | None:
-            if not self._claim(db, service, owner):
+        if self._leases.get((service, owner), 0.0) - time.time() <= self.relay_lease / 2:
+            if not await self.writer.write(lambda db: self._claim(db, service, owner)):
                 return None
-            return db.execute(
+        rows = await self._read(
+            lambda db: db.execute(
                 "SELECT seq, event_id, type, body FROM choreograph_outbox WHERE service=? AND sent_at IS NULL"
                 " ORDER BY seq LIMIT ?",
                 (service, limit),
             ).fetchall()
-
-        rows = await self._aux(claim_and_read)
+        )
         if rows is None:
             return None
         if not rows:
@@ -377,19 +368,19 @@ class SQLiteStateStore(StateStore):
                     [now, *chunk],
                 )
 
-        await self._aux(mark_sent)
+        await self.writer.write(mark_sent)
         return len(rows)
 
     async def release_relay(self, service: str, owner: str) -> None:
         self._leases.pop((service, owner), None)
-        await self._aux(
+        await self.writer.write(
             lambda db: db.execute(
                 "UPDATE choreograph_relay SET lease_until=0 WHERE service=? AND owner=?", (service, owner)
             )
         )
 
     async def outbox_lag(self, service: str) -> OutboxLag:
-        count, oldest = await self._aux(
+        count, oldest = await self._read(
             lambda db: db.execute(
                 "SELECT count(*), min(created_at) FROM choreograph_outbox WHERE service=? AND sent_at IS NULL",
                 (service,),
@@ -398,7 +389,7 @@ class SQLiteStateStore(StateStore):
         return OutboxLag(int(count), max(0.0, time.time() - oldest) if oldest is not None else 0.0)
 
     async def purge_sent(self, older_than: float) -> int:
-        return await self._aux(
+        return await self.writer.write(
             lambda db: db.execute(
                 "DELETE FROM choreograph_outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (older_than,)
             ).rowcount

@@ -58,6 +58,10 @@ class PostgresStore(InboxStore):
         """(component, steps) to apply on open; subclasses add their own."""
         return [("inbox", INBOX_MIGRATIONS)]
 
+    def _session_settings(self) -> dict[str, str]:
+        """Session settings of the pool's connections; subclasses may add some."""
+        return {}
+
     def _pool(self) -> Any:
         if self.pool is None:
             raise StoreError(f"store {self.url} is not open")
@@ -66,7 +70,7 @@ class PostgresStore(InboxStore):
     async def open(self) -> None:
         if self.pool is not None:
             return
-        pool = await _pg.create_pool(self.config)
+        pool = await _pg.create_pool(self.config, self._session_settings())
         try:
             for component, steps in self._migrations():
                 await _pg.migrate(pool, self.config, component, steps)

@@ -78,11 +78,20 @@ class TxConnection(abc.ABC):
     async def fetchone(self, sql: str, args: Sequence[Any]) -> Row | None: ...
 
     @abc.abstractmethod
-    async def commit(self, *, inbox: tuple[str, str] | None, service: str, messages: Sequence[Message]) -> bool:
+    async def commit(
+        self,
+        *,
+        inbox: tuple[str, str] | None,
+        service: str,
+        messages: Sequence[Message],
+        forget_failures: bool = True,
+    ) -> bool:
         """Write the inbox record (group, event id) and the outbox rows, then commit.
 
         Returns ``False`` (and rolls back) when the inbox already holds the record:
         another consumer committed this event first, so this run's effects must vanish.
+        ``forget_failures=False`` skips deleting the event's failure history (a first
+        attempt has none).
         """
 
     @abc.abstractmethod

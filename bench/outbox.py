@@ -1,0 +1,196 @@
+"""The transactional path (state + inbox + outbox in one commit, relay publishes) vs the plain path.
+
+    python bench/outbox.py [--events N] [--lone M] [--database sqlite|postgres|both] [--rounds R]
+
+One process, one SQLite bus file per run. Each run has a step service and a sink;
+the step's storage is SQLite or PostgreSQL (``--database``), the same for both paths:
+
+* ``plain_<db>``: the step returns its output; the worker publishes it, records the
+  input in an inbox store on <db>, then acks (at-least-once + idempotent, no state);
+* ``tx_<db>``: the step inserts a row into its own database on <db> inside
+  ``ctx.transaction()`` and returns its output, which goes out through the outbox
+  relay (effectively-once).
+
+The tx path does strictly more work (a state write and an outbox row). Figures:
+``events_per_s`` (N inputs published up front, until the sink saw all N outputs),
+``p50_ms_loaded`` (publish-to-sink latency during that run) and ``p50_ms_lone`` (one
+event at a time through the idle system: the relay wake-up path). ``ratio`` is
+tx/plain throughput on the same database (medians over ``--rounds`` interleaved
+runs); the target is >= 0.7. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from choreograph import Context, Event, Publisher, Service, Worker
+from choreograph.runtime.outbox import transaction
+from choreograph.stores.base import InboxStore
+from choreograph.stores.postgres import PostgresStore
+from choreograph.stores.sqlite import SQLiteStore
+from choreograph.transports import open_transport
+
+
+class BenchIn(Event, type="bench.outbox.in"):
+    n: int
+    t0: float
+
+
+class BenchOut(Event, type="bench.outbox.out"):
+    n: int
+    t0: float
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.expected = 0
+        self.done = asyncio.Event()
+
+    def expect(self, count: int) -> None:
+        self.latencies = []
+        self.expected = count
+        self.done.clear()
+
+    def service(self) -> Service:
+        svc = Service("sink")
+
+        @svc.on(BenchOut)
+        async def record(out: BenchOut) -> None:
+            self.latencies.append(time.time() - out.t0)
+            if len(self.latencies) >= self.expected:
+                self.done.set()
+
+        return svc
+
+
+def step_service(mode: str, database: str | None) -> Service:
+    if mode.startswith("plain"):
+        svc = Service("step")
+
+        @svc.on(BenchIn)
+        async def plain(event: BenchIn) -> BenchOut:
+            return BenchOut(n=event.n, t0=event.t0)
+
+        return svc
+    svc = Service("step", database=database)
+
+    @svc.on(BenchIn)
+    async def tx(event: BenchIn, ctx: Context) -> BenchOut:
+        async with ctx.transaction() as t:
+            await t.execute("INSERT INTO items (n, t0) VALUES ($1, $2)", event.n, event.t0)
+        return BenchOut(n=event.n, t0=event.t0)
+
+    return svc
+
+
+def p50_ms(values: list[float]) -> float:
+    return round(statistics.median(values) * 1000, 2) if values else float("nan")
+
+
+async def run(mode: str, tmp: Path, database: str | None, events: int, lone: int, concurrency: int) -> dict[str, Any]:
+    inbox: InboxStore = SQLiteStore(f"sqlite:///{tmp / f'inbox-{mode}.db'}")
+    if mode == "plain_postgres" and database is not None:
+        inbox = PostgresStore(database)
+        database = None
+    if database is not None:
+        async with transaction(Service("setup", database=database)) as t:
+            await t.execute("CREATE TABLE IF NOT EXISTS items (n integer, t0 double precision)")
+    bus = open_transport(f"sqlite:///{tmp / f'bus-{mode}.db'}")
+    sink = Sink()
+    step = step_service(mode, database)
+    async with bus, Worker([step, sink.service()], bus, store=inbox,
+                           concurrency=concurrency) as worker:
+        publisher = Publisher(bus)
+        # warm up (connections, pages, JIT-free but caches)
+        sink.expect(50)
+        await publisher.publish(*(BenchIn(n=-i, t0=time.time()) for i in range(50)))
+        await asyncio.wait_for(sink.done.wait(), 60)
+
+        sink.expect(events)
+        started = time.perf_counter()
+        for first in range(0, events, 500):
+            now = time.time()
+            await publisher.publish(*(BenchIn(n=n, t0=now) for n in range(first, min(events, first + 500))))
+        await asyncio.wait_for(sink.done.wait(), 600)
+        elapsed = time.perf_counter() - started
+        loaded = sink.latencies
+
+        lone_latencies = []
+        for n in range(lone):
+            sink.expect(1)
+            await publisher.publish(BenchIn(n=events + n, t0=time.time()))
+            await asyncio.wait_for(sink.done.wait(), 60)
+            lone_latencies.extend(sink.latencies)
+        stats = worker.stats("step")
+    return {
+        "events_per_s": round(events / elapsed),
+        "p50_ms_loaded": p50_ms(loaded),
+        "p50_ms_lone": p50_ms(lone_latencies),
+        "handled": stats.handled,
+    }
+
+
+async def drop_schema(url: str) -> None:
+    import asyncpg
+
+    from choreograph.stores._pg import parse_url
+
+    config = parse_url(url)
+    conn = await asyncpg.connect(config.dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{config.schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--lone", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each path, interleaved; medians reported")
+    args = parser.parse_args()
+    backends = ["sqlite", "postgres"] if args.database == "both" else [args.database]
+    paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}")]
+    runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
+    for _ in range(args.rounds):  # interleaved, so a noisy neighbour hits every path alike
+        for path in paths:
+            with tempfile.TemporaryDirectory(prefix="choreograph-bench-outbox-") as tmp_:
+                tmp = Path(tmp_)
+                database = None
+                if path == "tx_sqlite":
+                    database = f"sqlite:///{tmp / 'state.db'}"
+                elif path.endswith("_postgres"):
+                    sep = "&" if "?" in args.postgres else "?"
+                    database = f"{args.postgres}{sep}schema=bench_outbox_{uuid.uuid4().hex[:8]}"
+                try:
+                    runs[path].append(await run(path, tmp, database, args.events, args.lone, args.concurrency))
+                finally:
+                    if database is not None and database.startswith("postgres"):
+                        await drop_schema(database)
+    result: dict[str, Any] = {"events": args.events, "concurrency": args.concurrency, "bus": "sqlite",
+                              "rounds": args.rounds}
+    for path in paths:
+        figures = {key: statistics.median(r[key] for r in runs[path])
+                   for key in ("events_per_s", "p50_ms_loaded", "p50_ms_lone")}
+        figures["events_per_s_each"] = [r["events_per_s"] for r in runs[path]]
+        result[path] = figures
+    for backend in backends:
+        tx, plain = result[f"tx_{backend}"], result[f"plain_{backend}"]
+        tx["ratio"] = round(tx["events_per_s"] / plain["events_per_s"], 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,99 @@
+"""The SQLite service database's writer: inline statements, one turn at a time, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from choreograph.errors import StoreError
+from choreograph.stores.state import StateStore, open_database
+from choreograph.transports.base import Message
+from tests.stores._databases import sqlite_url
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[StateStore]:
+    async with open_database(sqlite_url(tmp_path)) as store:
+        tx = await store.begin()
+        await tx.execute("CREATE TABLE items (id text PRIMARY KEY)", ())
+        await tx.commit(inbox=None, service="svc", messages=[])
+        yield store
+
+
+async def items(db: StateStore) -> list[str]:
+    tx = await db.begin()
+    try:
+        return [r[0] for r in await tx.fetch("SELECT id FROM items ORDER BY id", ())]
+    finally:
+        await tx.rollback()
+
+
+async def test_concurrent_transactions_commit_together_and_a_rolled_back_one_leaves_no_trace(
+    db: StateStore,
+) -> None:
+    commits: list[int] = []
+    writer = db.writer  # type: ignore[attr-defined]
+    original = writer._commit_batch
+
+    async def counting() -> None:
+        commits.append(1)
+        await original()
+
+    writer._commit_batch = counting
+
+    async def unit(name: str, *, keep: bool, bad: bool = False) -> None:
+        tx = await db.begin()
+        try:
+            await tx.execute("INSERT INTO items (id) VALUES ($1)", (name,))
+            if bad:
+                with pytest.raises(StoreError):
+                    await tx.execute("INSERT INTO items (id) VALUES ($1)", (name,))  # duplicate key
+            if keep:
+                assert await tx.commit(inbox=("g", name), service="svc", messages=[Message(name, "t", b"{}")])
+        finally:
+            await tx.rollback()
+
+    await asyncio.gather(
+        *(unit(f"k{n}", keep=True) for n in range(10)),
+        unit("dropped", keep=False),
+        unit("failed-statement", keep=True, bad=True),
+    )
+    assert await items(db) == sorted([*(f"k{n}" for n in range(10)), "failed-statement"])
+    assert len(commits) < 11, "several transactions shared one COMMIT"
+    assert (await db.outbox_lag("svc")).pending == 11
+
+
+async def test_waiting_for_another_processs_write_lock_does_not_block_the_event_loop(
+    db: StateStore, tmp_path: Path
+) -> None:
+    locked, release = threading.Event(), threading.Event()
+
+    def other_process() -> None:  # another connection holding SQLite's write lock
+        conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(30)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, locked.wait, 30)
+        writing = asyncio.create_task(db.mark("g", ["e1"]))
+        ticks = 0
+        for _ in range(5):  # the loop keeps running while the write waits for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 5 and not writing.done()
+        release.set()
+        await asyncio.wait_for(writing, 30)
+        assert await db.seen("g", ["e1"]) == {"e1"}
+    finally:
+        release.set()
+        holder.join()
