@@ -16,7 +16,9 @@ Per service (one consumer group) a worker runs three tasks:
 
 Shutdown (``stop()``) stops fetching, lets in-flight handlers finish within
 ``drain_timeout``, releases the rest back to the broker, settles what finished and
-closes the subscription: nothing is lost.
+closes the subscription: nothing is lost. Those last steps get :data:`STOP_GRACE` seconds,
+so a worker whose broker is unreachable still exits; what it could not settle is
+redelivered after the lease, and the inbox makes the re-run harmless downstream.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ log = logging.getLogger("choreograph.worker")
 DEFAULT_MAX_HOPS = 64
 #: Seconds to put back a copy of an event whose other copy is being handled right now.
 IN_FLIGHT_DEFER = 1.0
+#: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
+#: up on an unreachable broker: what is still unsettled then comes back after its lease.
+STOP_GRACE = 5.0
 
 
 class HandlerTimeout(Exception):
@@ -230,7 +235,10 @@ class _Runner:
         except asyncio.CancelledError:
             # Shutdown ran out of drain time: give the delivery back at once.
             self.stats.released += 1
-            await asyncio.shield(delivery.retry(0.0))
+            try:
+                await asyncio.shield(delivery.retry(0.0))
+            except Exception as exc:  # broker unreachable: the lease gives it back instead
+                log.warning("could not release %r: %s; it returns after its lease", delivery, exc)
             raise
 
     async def _outcome(self, delivery: Delivery) -> _Outcome:
@@ -438,17 +446,32 @@ class _Runner:
         touch.cancel()
         if self.fetching:
             fetch.cancel()
-        await asyncio.gather(fetch, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        drained_by = loop.time() + drain_timeout
+        await asyncio.wait([fetch], timeout=drain_timeout)  # a client ignoring cancellation must not hang us
         if self.active:
-            _, pending = await asyncio.wait(list(self.active), timeout=drain_timeout)
+            _, pending = await asyncio.wait(list(self.active), timeout=max(0.0, drained_by - loop.time()))
             for task in pending:
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        # Every wait from here on is bounded: with the broker unreachable, settling and
+        # releasing cannot succeed, and what stays unsettled returns after its lease anyway.
+        grace_by = loop.time() + STOP_GRACE
+        if self.active:
+            await asyncio.wait(list(self.active), timeout=STOP_GRACE)
         self.outcome_ready.set()
+        _, unsettled = await asyncio.wait([settle], timeout=max(0.0, grace_by - loop.time()))
+        if unsettled:
+            log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
+                        "their deliveries return after the lease", self.group, STOP_GRACE)
+            settle.cancel()
         await asyncio.gather(settle, touch, return_exceptions=True)
         if self.sub is not None:
-            await self.sub.close()
+            try:
+                async with asyncio.timeout(max(1.0, grace_by - loop.time())):
+                    await self.sub.close()
+            except TimeoutError:
+                log.warning("%s: closing the subscription timed out; unsettled deliveries return after their lease",
+                            self.group)
 
 
 def _raw(body: bytes) -> Any:
