@@ -47,6 +47,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
@@ -63,6 +64,7 @@ log = logging.getLogger("choreograph.transports.nats")
 
 _SECOND = 1_000_000_000  # JetStream durations are nanoseconds
 _RECONNECT_WAIT = 0.5  # seconds between reconnect attempts (nats-py waits this long per server)
+_CLOSE_TIMEOUT = 5.0  # seconds close() may spend flushing to a server that does not read
 
 
 class NatsTransport(Transport):
@@ -148,7 +150,14 @@ class NatsTransport(Transport):
                 log.debug("closing a subscription: %s", exc)
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
-            await nc.close()  # flushes what is still buffered (acks, NAKs)
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await nc.close()  # flushes what is still buffered (acks, NAKs)
+            except (RuntimeError, OSError, TimeoutError, nats.errors.Error) as exc:
+                # Closing while the server is gone (reconnecting): nats-py fails to flush to the
+                # dead socket, after it has stopped reconnecting. Nothing is lost: what was not
+                # settled returns to its group after the lease.
+                log.debug("nats: closing: %s", exc or type(exc).__name__)
         if self._js is not None:
             self._js.cancel()
 
