@@ -49,6 +49,7 @@ class ChainSystem:
         self.db = str(tmp / "chain.db")
         _chainapp.setup(self.db)
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self._running = 0  # procs[:_running] were seen running
 
     def spawn(self, hop: str, url: str | None = None) -> subprocess.Popen[bytes]:
         """Start a replica of ``hop`` on ``url`` (default: the system's; see :meth:`wait_running`)."""
@@ -77,14 +78,15 @@ class ChainSystem:
         return proc
 
     def wait_running(self, timeout: float = 60) -> None:
-        """Until every spawned process says it is running (its group is registered)."""
-        for proc, log in self.procs:
+        """Until every process spawned since the last call says it is running (its group is registered)."""
+        for proc, log in self.procs[self._running :]:
 
             def up(proc: subprocess.Popen[bytes] = proc, log: Path = log) -> bool:
                 return "running" in log.read_text() or proc.poll() is not None
 
             wait_for(up, timeout, f"{log.name} did not start within {timeout} s")
             assert proc.poll() is None, f"{log.name} exited: {log.read_text()}"
+        self._running = len(self.procs)
 
     def start(self, replicas: int = 1) -> None:
         """``replicas`` processes of every hop, running."""

@@ -1,0 +1,234 @@
+"""``choreograph run`` workers on NATS, Redis and RabbitMQ: stopping, and riding out a broker restart.
+
+Each broker is a private server this module starts on free loopback ports (never the
+shared one, which must not be restarted): ``nats-server`` from the venv, ``redis-server``
+from PATH, a private RabbitMQ node. The workers are real processes running the 3-hop
+chain of :mod:`tests._chainapp`; replicas of a hop share an inbox file.
+
+The bounds on how long a stopped process may take are liveness bounds (a hang fails the
+test), not speed measurements: see bench/brokers.py for those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from choreograph import Publisher
+from choreograph.transports import open_transport
+from tests._chainapp import Order
+from tests._chainsystem import ChainSystem, publish, publish_all, wait_for
+from tests._nats_server import NatsServer
+from tests._rabbitmq_server import RabbitNode
+from tests.conformance.brokers.redis import _PrivateServer
+
+pytestmark = pytest.mark.slow
+
+DRAIN = 2.0  # --drain-timeout of the workers
+EXIT_SLACK = 10.0  # a stopped worker must exit within DRAIN + this
+LONG_LEASE = 60.0  # longer than any test waits: what comes back early was released, not expired
+
+
+class Server(Protocol):
+    def url(self, lease: float) -> str: ...
+    def kill(self) -> None: ...
+    def start(self) -> None: ...
+    def destroy(self) -> None: ...
+
+
+class Nats:
+    def __init__(self) -> None:
+        self.server = NatsServer.start_new()
+
+    def url(self, lease: float) -> str:
+        return f"{self.server.url}?lease={lease}&prefix=workers-{uuid.uuid4().hex[:8]}"
+
+    def kill(self) -> None:
+        self.server.kill()
+
+    def start(self) -> None:
+        self.server.start()
+
+    def destroy(self) -> None:
+        self.server.destroy()
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.server = _PrivateServer()
+        self.start()
+
+    def url(self, lease: float) -> str:
+        return f"{self.server.url}?lease={lease}&prefix=workers-{uuid.uuid4().hex[:8]}"
+
+    def kill(self) -> None:
+        self.server.kill()
+
+    def start(self) -> None:
+        self.server.start()
+        wait_for(self.server.answers, 30, "the private redis-server did not start")
+
+    def destroy(self) -> None:
+        self.server.stop()
+
+
+class Rabbit:
+    def __init__(self) -> None:
+        self.node = RabbitNode.start_new()
+
+    def url(self, lease: float) -> str:
+        return f"{self.node.url}?lease={lease}&prefix=workers-{uuid.uuid4().hex[:8]}"
+
+    def kill(self) -> None:
+        self.node.kill()
+
+    def start(self) -> None:
+        self.node.start()
+
+    def destroy(self) -> None:
+        self.node.destroy()
+
+
+_KINDS = {"nats": Nats, "redis": Redis, "amqp": Rabbit}
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, Server]]:
+    """Private servers, started on first use and destroyed after the module."""
+    started: dict[str, Server] = {}
+    yield started
+    for server in started.values():
+        server.destroy()
+
+
+@pytest.fixture(params=sorted(_KINDS))
+def server(request: pytest.FixtureRequest, servers: dict[str, Server]) -> Server:
+    kind = request.param
+    if kind not in servers:
+        if kind == "redis":
+            import shutil
+
+            if shutil.which("redis-server") is None:
+                pytest.skip("redis-server not on PATH; apt-get install redis-server")
+        servers[kind] = _KINDS[kind]()
+    return servers[kind]
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Iterator[list[ChainSystem]]:
+    systems: list[ChainSystem] = []
+    yield systems
+    for system in systems:
+        system.stop_all()
+
+
+def exits_in(proc: subprocess.Popen[bytes], seconds: float) -> int:
+    """Wait for ``proc``; a hang past ``seconds`` fails the test (and kills it)."""
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the worker did not exit within {seconds} s of SIGTERM")
+
+
+def test_sigterm_releases_in_flight_work_to_another_replica_and_exits_promptly(
+    server: Server, chain: list[ChainSystem], tmp_path: Path
+) -> None:
+    system = ChainSystem(tmp_path, server.url(LONG_LEASE), drain_timeout=DRAIN)
+    chain.append(system)
+    holder = system.spawn("hop1")
+    system.spawn("hop2")
+    system.spawn("hop3")
+    system.wait_running()
+    asyncio.run(publish_all(system.url, [Order(n=n, hold=300.0) for n in range(10)]))
+    wait_for(lambda: system.query("SELECT count(*) FROM runs")[0][0] == 10, 30, "hop1 did not take all 10")
+    system.spawn("hop1")  # the replica that will get them
+    system.wait_running()
+
+    holder.send_signal(signal.SIGTERM)
+    assert exits_in(holder, DRAIN + EXIT_SLACK) == 0, system.logs()
+
+    wait_for(lambda: system.delivered() == 10, 30, lambda: f"{system.delivered()} of 10\n{system.logs()}")
+    attempts = system.query("SELECT attempt, count(*) FROM runs WHERE hop = 'hop1' GROUP BY attempt")
+    assert attempts == [(1, 10), (2, 10)]  # cut short by the stop, then run once more elsewhere
+    assert system.query("SELECT hop, count(*), max(applied) FROM effects GROUP BY hop") == [
+        ("hop1", 10, 1),
+        ("hop2", 10, 1),
+        ("hop3", 10, 1),
+    ]
+
+
+def test_workers_ride_out_a_broker_crash_and_one_stopped_meanwhile_still_exits(
+    server: Server, chain: list[ChainSystem], tmp_path: Path
+) -> None:
+    orders = 120
+    system = ChainSystem(tmp_path, server.url(lease=5.0), drain_timeout=DRAIN)
+    chain.append(system)
+    system.start()
+    leaving = system.spawn("hop2")  # a second hop2 replica, stopped while the broker is down
+    system.wait_running()
+
+    async def drive() -> None:
+        async with open_transport(system.url) as bus:
+            publisher = Publisher(bus, source="/tests")
+            for first in range(0, orders, 10):
+                if first == orders // 2:
+                    await asyncio.to_thread(crash)
+                await publish(publisher, [Order(n=n) for n in range(first, first + 10)], give_up_after=60)
+                await asyncio.sleep(0.05)
+
+    def crash() -> None:
+        server.kill()
+        time.sleep(0.5)  # the workers notice; their fetches wait for the broker
+        leaving.send_signal(signal.SIGTERM)
+        assert exits_in(leaving, DRAIN + EXIT_SLACK) == 0, system.logs()
+        server.start()
+
+    asyncio.run(drive())
+    wait_for(
+        lambda: system.delivered() == orders, 60, lambda: f"{system.delivered()} of {orders}\n{system.logs()}"
+    )
+    assert system.query("SELECT hop, count(*), max(applied) FROM effects GROUP BY hop") == [
+        ("hop1", orders, 1),
+        ("hop2", orders, 1),
+        ("hop3", orders, 1),
+    ]
+    twice = {key: count for key, count in system.runs_per_event().items() if count > 1}
+    assert twice == {}, f"handled more than once: {twice}"
+    assert all(proc.poll() is None for proc, _ in system.procs if proc is not leaving), system.logs()
+
+
+def test_a_worker_stopped_with_outcomes_it_cannot_settle_exits_and_another_replica_finishes_them(
+    server: Server, chain: list[ChainSystem], tmp_path: Path
+) -> None:
+    system = ChainSystem(tmp_path, server.url(lease=3.0), drain_timeout=DRAIN)
+    chain.append(system)
+    holder = system.spawn("hop1")
+    system.spawn("hop2")
+    system.spawn("hop3")
+    system.wait_running()
+    asyncio.run(publish_all(system.url, [Order(n=n, hold=1.0) for n in range(10)]))
+    wait_for(lambda: system.query("SELECT count(*) FROM runs")[0][0] == 10, 30, "hop1 did not take all 10")
+    server.kill()  # the handlers finish now, and their outputs cannot be published
+    time.sleep(1.5)
+    holder.send_signal(signal.SIGTERM)
+    assert exits_in(holder, DRAIN + EXIT_SLACK) == 0, system.logs()
+    server.start()
+    system.spawn("hop1")
+    system.wait_running()
+
+    wait_for(lambda: system.delivered() == 10, 60, lambda: f"{system.delivered()} of 10\n{system.logs()}")
+    effects = system.query("SELECT hop, count(*), max(applied) FROM effects GROUP BY hop")
+    assert [(hop, count) for hop, count, _ in effects] == [("hop1", 10), ("hop2", 10), ("hop3", 10)]
+    # hop1 ran again (its first outcome was never settled); the deterministic output ids and
+    # the downstream inboxes keep everything after it at one run per event
+    assert [applied for hop, _, applied in effects if hop != "hop1"] == [1, 1]
