@@ -313,3 +313,22 @@ async def test_ctx_transaction_in_a_service_without_a_database_is_a_configuratio
 def test_a_service_rejects_an_unknown_database_scheme() -> None:
     with pytest.raises(ConfigurationError, match="database URL"):
         Service("package", database="mysql://localhost/db")
+
+
+async def test_transaction_of_its_own_service_inside_a_handler_is_refused(database_url: str) -> None:  # noqa: F811
+    bus = RecordingBus()
+    svc = Service("package", database=database_url, retry=RetryPolicy(max_attempts=1))
+    errors: list[BaseException] = []
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> None:
+        try:
+            async with transaction(svc):
+                pass
+        except ConfigurationError as exc:
+            errors.append(exc)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    assert [str(e) for e in errors] == ["inside a handler of 'package', use ctx.transaction()"]

@@ -49,6 +49,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from choreograph._envelope import Envelope, new_id
+from choreograph.context import current_context
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.runtime.records import first_envelope, to_message
@@ -80,16 +81,9 @@ class HandlerUnit:
         self.used = False
         self.conn: TxConnection | None = None
 
-    @contextlib.asynccontextmanager
-    async def block(self) -> AsyncIterator[Transaction]:
-        self.used = True
-        if self.conn is None:
-            self.conn = await self.store.begin()
-        try:
-            yield Transaction(self.conn, self.store.backend, self._publish)
-        except BaseException:
-            await self.rollback()
-            raise
+    def block(self) -> _Block:
+        """``async with ctx.transaction() as tx``: begin (or re-enter); an exception rolls back."""
+        return _Block(self)
 
     def _publish(self, event: Event, subject: str | None) -> None:
         self.ctx.publish(event, subject=subject)
@@ -113,6 +107,26 @@ class HandlerUnit:
             await conn.rollback()
 
 
+class _Block:
+    """The ``async with`` of ``ctx.transaction()`` (a class: it runs once per event)."""
+
+    __slots__ = ("unit",)
+
+    def __init__(self, unit: HandlerUnit) -> None:
+        self.unit = unit
+
+    async def __aenter__(self) -> Transaction:
+        unit = self.unit
+        unit.used = True
+        if unit.conn is None:
+            unit.conn = await unit.store.begin()
+        return Transaction(unit.conn, unit.store.backend, unit._publish)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None:
+            await self.unit.rollback()
+
+
 @contextlib.asynccontextmanager
 async def transaction(service: Service, *, correlation_id: str | None = None) -> AsyncIterator[Transaction]:
     """Change ``service``'s state and publish events atomically, outside a handler.
@@ -125,6 +139,11 @@ async def transaction(service: Service, *, correlation_id: str | None = None) ->
     """
     if not service.database:
         raise ConfigurationError(f"Service {service.name!r} has no database=; transaction() needs one")
+    ctx = current_context()
+    if ctx is not None and ctx._unit is not None and ctx.service == service.name:
+        # A second transaction on the handler's own database would not be atomic with it,
+        # and on SQLite would wait forever for the writer turn the handler holds.
+        raise ConfigurationError(f"inside a handler of {service.name!r}, use ctx.transaction()")
     store = open_database(service.database)
     messages: list[Message] = []
 

@@ -84,6 +84,7 @@ class SQLiteWriter:
         self.executor: ThreadPoolExecutor | None = None
         self._turn = asyncio.Lock()
         self._batch: Batch | None = None
+        self._savepoint = False  # whether the unit holding the turn opened a savepoint
         self._flusher: asyncio.Task[None] | None = None
 
     def attach(self, db: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
@@ -135,16 +136,18 @@ class SQLiteWriter:
     # -- units --------------------------------------------------------------------------
 
     async def enter(self) -> Batch:
-        """Inside the turn: join the open transaction (or begin one), then a savepoint for this unit."""
+        """Inside the turn: join the open transaction under a savepoint, or begin one (needing none)."""
         db = self.connection()
         if self._batch is None:
             await self._begin_immediate(db)
             durable = asyncio.get_running_loop().create_future()
             durable.add_done_callback(_retrieve)
             self._batch = Batch(durable)
-        batch = self._batch
-        self.run(lambda d: d.execute(f"SAVEPOINT {_SAVEPOINT}"))
-        return batch
+            self._savepoint = False  # alone in the transaction: undoing it is a plain ROLLBACK
+        else:
+            self.run(lambda d: d.execute(f"SAVEPOINT {_SAVEPOINT}"))
+            self._savepoint = True
+        return self._batch
 
     def leave(self, *, keep: bool) -> None:
         """End this unit's savepoint: keep its work in the batch, or undo it.
@@ -156,7 +159,14 @@ class SQLiteWriter:
         if not db.in_transaction:  # the whole transaction already ended (and its batch failed)
             return
         if keep:
-            self.run(lambda d: d.execute(f"RELEASE {_SAVEPOINT}"))
+            if self._savepoint:
+                self.run(lambda d: d.execute(f"RELEASE {_SAVEPOINT}"))
+            return
+        if not self._savepoint:
+            batch, self._batch = self._batch, None
+            if batch is not None:
+                batch.durable.cancel()  # it held only this unit: nobody waits for it
+            self.run(lambda d: d.execute("ROLLBACK"))
             return
         try:
             db.execute(f"ROLLBACK TO {_SAVEPOINT}")

@@ -19,6 +19,7 @@ standby relay takes over. Writers are serialised, so ``seq`` order is commit ord
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -37,6 +38,8 @@ from choreograph.stores.state import OutboxLag, RelayPublish, Row, StateStore, T
 from choreograph.transports.base import Message
 
 T = TypeVar("T")
+
+log = logging.getLogger("choreograph.outbox")
 
 #: Versioned, append-only: step i is version i + 1 of component "state" (statements run in one transaction).
 MIGRATIONS: list[list[str]] = [
@@ -147,7 +150,9 @@ class _Tx(TxConnection):
                     return False  # another consumer committed this event first
                 if forget_failures:
                     db.execute("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", inbox)
-            if rows:
+            if len(rows) == 1:
+                db.execute(_INSERT_OUTBOX, rows[0])
+            elif rows:
                 db.executemany(_INSERT_OUTBOX, rows)
             return True
 
@@ -206,6 +211,8 @@ class SQLiteStateStore(StateStore):
         self._reader_exec: ThreadPoolExecutor | None = None
         self._commits = 0
         self._leases: dict[tuple[str, str], float] = {}  # (service, owner) -> until when owner holds the lease
+        self._published_upto: dict[tuple[str, str], int] = {}  # (service, owner) -> last seq published
+        self._marking: dict[tuple[str, str], asyncio.Task[None]] = {}  # (service, owner) -> last mark in flight
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -250,6 +257,9 @@ class SQLiteStateStore(StateStore):
             raise
 
     async def _disconnect(self) -> None:
+        for key in list(self._marking):
+            await self._marks_done(key)
+        self._published_upto.clear()
         loop = asyncio.get_running_loop()
         writer = self.writer.db
         if writer is not None:
@@ -342,25 +352,42 @@ class SQLiteStateStore(StateStore):
         return bool(got)
 
     async def relay_pass(self, service: str, owner: str, limit: int, publish: RelayPublish) -> int | None:
-        if self._leases.get((service, owner), 0.0) - time.time() <= self.relay_lease / 2:
+        """Claim, read, publish; marking the rows sent overlaps the next pass.
+
+        Writers are serialised, so ``seq`` order is commit order and a relay can read
+        past the rows it has published but not yet marked (``seq > published_upto``)
+        while their mark waits for the writer. If a mark fails, the rows are read and
+        published again (same ids). A pass that finds nothing waits for pending marks,
+        so an idle relay has marked everything it sent.
+        """
+        key = (service, owner)
+        if self._leases.get(key, 0.0) - time.time() <= self.relay_lease / 2:
             if not await self.writer.write(lambda db: self._claim(db, service, owner)):
+                self._published_upto.pop(key, None)
                 return None
+        after = self._published_upto.get(key, 0)
         rows = await self._read(
             lambda db: db.execute(
-                "SELECT seq, event_id, type, body FROM choreograph_outbox WHERE service=? AND sent_at IS NULL"
-                " ORDER BY seq LIMIT ?",
-                (service, limit),
+                "SELECT seq, event_id, type, body FROM choreograph_outbox"
+                " WHERE service=? AND sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+                (service, after, limit),
             ).fetchall()
         )
-        if rows is None:
-            return None
         if not rows:
+            await self._marks_done(key)
             return 0
         await publish([Message(row[1], row[2], bytes(row[3])) for row in rows])
         seqs = [row[0] for row in rows]
+        self._published_upto[key] = seqs[-1]
+        self._marking[key] = asyncio.create_task(self._mark_sent(key, seqs, self._marking.get(key)))
+        return len(rows)
+
+    async def _mark_sent(self, key: tuple[str, str], seqs: list[int], previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
         now = time.time()
 
-        def mark_sent(db: sqlite3.Connection) -> None:
+        def mark(db: sqlite3.Connection) -> None:
             for start in range(0, len(seqs), 500):
                 chunk = seqs[start:start + 500]
                 db.execute(
@@ -368,11 +395,22 @@ class SQLiteStateStore(StateStore):
                     [now, *chunk],
                 )
 
-        await self.writer.write(mark_sent)
-        return len(rows)
+        try:
+            await self.writer.write(mark)
+        except Exception as exc:
+            log.warning("could not mark %d outbox rows sent (they will be sent again): %s", len(seqs), exc)
+            self._published_upto.pop(key, None)
+            raise
+
+    async def _marks_done(self, key: tuple[str, str]) -> None:
+        task = self._marking.pop(key, None)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
 
     async def release_relay(self, service: str, owner: str) -> None:
+        await self._marks_done((service, owner))
         self._leases.pop((service, owner), None)
+        self._published_upto.pop((service, owner), None)
         await self.writer.write(
             lambda db: db.execute(
                 "UPDATE choreograph_relay SET lease_until=0 WHERE service=? AND owner=?", (service, owner)
