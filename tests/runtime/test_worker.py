@@ -422,3 +422,40 @@ async def test_stop_returns_when_the_last_handler_finishes_during_the_drain(bus:
     await asyncio.wait_for(stopping, timeout=2)
     assert done == ["a"]
     assert bus.pending() == (0, None)  # acked, not released
+
+
+async def test_the_inbox_forgets_processed_ids_after_the_retention_period() -> None:
+    from choreograph.stores.memory import MemoryStore
+
+    clock = VirtualClock(epoch=4_000_000_000.0)  # wall time far beyond the real marks below
+    bus = MemoryTransport(clock=clock)
+    store = MemoryStore()
+    calls = []
+    svc = Service("forgetful")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        calls.append(order.order_id)
+
+    async with Worker([svc], bus, store=store, retention=3600) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"), ids=["same"])
+        await settled(bus)
+        assert await worker.expire() == 1  # marked at real time, older than virtual now - 1 h
+        await Publisher(bus).publish(Placed(order_id="a"), ids=["same"])
+        await settled(bus)
+    assert calls == ["a", "a"]
+
+
+async def test_without_retention_the_inbox_keeps_everything() -> None:
+    clock = VirtualClock(epoch=4_000_000_000.0)
+    bus = MemoryTransport(clock=clock)
+    svc = Service("keeper")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        pass
+
+    async with Worker([svc], bus, retention=None) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+        assert await worker.expire() == 0

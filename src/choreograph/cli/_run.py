@@ -36,6 +36,9 @@ def run(
     store: str | None = typer.Option(None, "--store", help="Inbox store URL (default: beside the sqlite bus)"),
     drain_timeout: float = typer.Option(10.0, "--drain-timeout", help="Seconds to let in-flight handlers finish on stop"),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+    retention: float = typer.Option(
+        7 * 86400, "--retention", min=0, help="Seconds the inbox remembers processed event ids (0: forever)"
+    ),
 ) -> None:
     """Run a service as a worker until SIGTERM or Ctrl-C (in-flight work is drained or released)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,7 +49,8 @@ def run(
     inbox = open_store(store or default_store_url(url, names))
 
     async def main() -> None:
-        worker = Worker(services, transport, store=inbox, concurrency=concurrency, drain_timeout=drain_timeout)
+        worker = Worker(services, transport, store=inbox, concurrency=concurrency, drain_timeout=drain_timeout,
+                        retention=retention or None)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -54,6 +54,9 @@ from choreograph.transports.base import Delivery, Message, Subscription, Transpo
 log = logging.getLogger("choreograph.worker")
 
 DEFAULT_MAX_HOPS = 64
+#: How long the inbox remembers a processed event id (and joins keep their arrivals):
+#: a duplicate arriving later than this runs again. Seven days by default.
+DEFAULT_RETENTION = 7 * 86400.0
 #: Seconds to put back a copy of an event whose other copy is being handled right now.
 IN_FLIGHT_DEFER = 1.0
 #: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
@@ -510,6 +513,7 @@ class Worker:
         drain_timeout: float = 10.0,
         poll_interval: float = 0.25,
         rng: Any = None,
+        retention: float | None = DEFAULT_RETENTION,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency: must be >= 1")
@@ -524,6 +528,8 @@ class Worker:
         self.drain_timeout = drain_timeout
         self.poll_interval = poll_interval
         self.rng = rng
+        self.retention = retention
+        self._housekeeping: asyncio.Task[None] | None = None
         self.outbox = Outboxes(self.services, transport)  # service databases and their outbox relays
         self.runners = [_Runner(self, service) for service in self.services]
         self._stopped = asyncio.Event()
@@ -548,6 +554,29 @@ class Worker:
         await self.joins.open()
         for runner in self.runners:
             await runner.start()
+        if self.retention is not None:
+            self._housekeeping = asyncio.create_task(self._expire_loop(self.retention), name="choreograph-expire")
+
+    async def expire(self) -> int:
+        """Forget inbox entries and join instances older than ``retention``; returns how many."""
+        if self.retention is None:
+            return 0
+        older_than = self.clock.time() - self.retention
+        stores = {id(r.store): r.store for r in self.runners} | {id(self.store): self.store}
+        dropped = 0
+        for store in stores.values():
+            dropped += await store.expire(older_than)
+        return dropped + await self.joins.expire(older_than)
+
+    async def _expire_loop(self, retention: float) -> None:
+        while True:
+            try:
+                dropped = await self.expire()
+                if dropped:
+                    log.info("expired %d inbox entries and join instances older than %.0fs", dropped, retention)
+            except Exception as exc:  # housekeeping must never stop the worker
+                log.warning("expiring old inbox entries failed: %s", exc)
+            await asyncio.sleep(min(retention / 10, 3600.0))
 
     async def wait(self) -> None:
         """Until ``stop()`` is called."""
@@ -557,6 +586,8 @@ class Worker:
         """Drain or release in-flight work, settle it, and close the subscriptions."""
         if self._stopped.is_set():
             return
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         await asyncio.gather(*(runner.stop(self.drain_timeout) for runner in self.runners))
         if self._owns_joins:
             await self.joins.close()
