@@ -145,6 +145,20 @@ def test_plain_dotted_types_stay_readable_in_subjects() -> None:
     assert codec.message_subject("p.ev", "shop.order.placed", "abc-1") == "p.ev.shop.order.placed.abc-1"
 
 
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_an_event_subject_without_id_leaves_the_id_to_the_msg_id_header(event_type: str, message_id: str) -> None:
+    """Events share one subject per type (a subject per message costs the server dearly)."""
+    subject = codec.message_subject("p.ev", event_type, None)
+    assert subject == f"p.ev.{codec.type_tokens(event_type)}.~h"
+    headers = {codec.H_MSG_ID: codec.name_token(message_id, hash_long=False)}
+    assert codec.split_subject(subject[len("p.ev.") :], headers) == (event_type, message_id)
+
+
+def test_a_header_form_subject_without_its_header_is_not_ours() -> None:
+    assert codec.split_subject("shop.order.placed.~h", None) is None
+    assert codec.split_subject("shop.order.placed.~h", {"Other": "x"}) is None
+
+
 # -- connecting --------------------------------------------------------------------------
 
 

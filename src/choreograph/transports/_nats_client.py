@@ -104,7 +104,7 @@ class JetStream:
                         raise TransportError(
                             f"nats: a body of {len(body)} bytes exceeds the server's max_payload ({nc.max_payload})"
                         )
-                    if len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12 > nc.max_payload:
+                    if len(body) + codec.header_size(headers) > nc.max_payload:
                         headers = {}  # a dedupe key is not worth refusing the message for
                     token = str(next(self._tokens))
                     future: asyncio.Future[None] = loop.create_future()

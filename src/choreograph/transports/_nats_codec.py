@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import nats.errors
 
@@ -20,6 +20,9 @@ from choreograph.errors import TransportClosed, TransportError
 
 #: JetStream dedupe key, set to the message id when it fits under max_payload.
 H_MSG_ID = "Nats-Msg-Id"
+#: Last subject token of an event whose id travels in its ``Nats-Msg-Id`` header. Never
+#: the output of :func:`name_token` (which writes ``~`` only before two hex digits, or alone).
+ID_IN_HEADER = "~h"
 #: The longest subject choreograph writes (nats-server's control line is 4 KiB).
 MAX_SUBJECT = 2048
 
@@ -85,10 +88,17 @@ def type_from_tokens(tokens: str) -> str:
     return tokens
 
 
-def message_subject(base: str, event_type: str, message_id: str) -> str:
-    """``<base>.<type tokens>.<id token>``: a message's type and id travel in its subject,
-    so its body can use the whole of the server's max_payload (no headers needed)."""
-    subject = f"{base}.{type_tokens(event_type)}.{name_token(message_id, hash_long=False)}"
+def message_subject(base: str, event_type: str, message_id: str | None = None) -> str:
+    """``<base>.<type tokens>.<id token>``, or ``<base>.<type tokens>.~h`` when ``message_id``
+    is ``None`` (the id then travels in the ``Nats-Msg-Id`` header).
+
+    The header form is the usual one: a stream with a distinct subject per message makes
+    the server track every subject, which costs it several times the CPU per message. The
+    id goes into the subject only when a body is so large that the header would push it
+    past ``max_payload``.
+    """
+    tail = ID_IN_HEADER if message_id is None else name_token(message_id, hash_long=False)
+    subject = f"{base}.{type_tokens(event_type)}.{tail}"
     if len(subject) > MAX_SUBJECT:
         raise TransportError(
             f"nats: event type and id too long for a subject ({len(subject)} > {MAX_SUBJECT} chars)"
@@ -96,11 +106,21 @@ def message_subject(base: str, event_type: str, message_id: str) -> str:
     return subject
 
 
-def split_subject(tail: str) -> tuple[str, str] | None:
-    """``(type, id)`` from the part of a subject after its base; None if it is not ours."""
+def header_size(headers: Mapping[str, str]) -> int:
+    """Bytes ``headers`` add to a message (``NATS/1.0`` line, ``k: v`` lines, blank line)."""
+    return sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12 if headers else 0
+
+
+def split_subject(tail: str, headers: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """``(type, id)`` from the part of a subject after its base (and, for the ``~h`` form,
+    the message's headers); None if it is not ours."""
     tokens, _, id_token = tail.rpartition(".")
     if not tokens:
         return None
+    if id_token == ID_IN_HEADER:
+        id_token = (headers or {}).get(H_MSG_ID, "")
+        if not id_token:
+            return None
     try:
         return type_from_tokens(tokens), from_name_token(id_token)
     except ValueError:  # bad hex / UTF-8: not written by choreograph

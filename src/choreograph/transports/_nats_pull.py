@@ -305,7 +305,7 @@ class NatsSubscription(Subscription):
     def _delivery(self, msg: Msg) -> NatsDelivery | None:
         subject = msg.subject
         if subject.startswith(self._event_prefix):
-            parsed = codec.split_subject(subject[len(self._event_prefix) :])
+            parsed = codec.split_subject(subject[len(self._event_prefix) :], msg.headers)
             if (
                 parsed is not None
                 and self._client_filter
@@ -314,7 +314,7 @@ class NatsSubscription(Subscription):
             ):
                 return None
         elif subject.startswith(self._replay_prefix):
-            parsed = codec.split_subject(subject[len(self._replay_prefix) :])
+            parsed = codec.split_subject(subject[len(self._replay_prefix) :], msg.headers)
         else:  # another group's replay (servers without multi-subject filters)
             return None
         metadata = msg.metadata

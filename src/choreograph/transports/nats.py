@@ -3,7 +3,9 @@
 Layout on the server, for ``prefix=P`` (``prefix`` isolates independent buses on one
 server; it must be ``[A-Za-z0-9_-]+``)::
 
-    stream P_EVENTS  P.ev.<type>.<id>         events (P.ev.shop.order.placed.<id>)
+    stream P_EVENTS  P.ev.<type>.~h           events (P.ev.shop.order.placed.~h), the id in
+                                              the Nats-Msg-Id header (P.ev.<type>.<id> when
+                                              the body leaves no room for the header)
                      P.rp.<group>.<type>.<id> replays of a group's dead letters
                      interest retention: a message is kept until every group it
                      matched has settled it
@@ -15,10 +17,13 @@ server; it must be ``[A-Za-z0-9_-]+``)::
     stream P_DLQ     P.dlr.<group>.<id>       dead-letter record (see _nats_dead_letters)
                      P.dlb.<group>.<id>       dead-letter body
 
-Type and id travel in the subject rather than in headers so that a body may use the
-whole of the server's ``max_payload`` (1 MiB by default); the record is a message of
-its own for the same reason. Names that are not plain ``[A-Za-z0-9_-]`` are escaped
-(see ``_nats_codec``).
+The type travels in the subject, the id in the ``Nats-Msg-Id`` header (which also makes
+the server drop a republished duplicate). Putting the id in the subject too would give
+every message a subject of its own, and the server pays several times the CPU per
+message to track them; only a body too large to leave room for the header has its id
+in the subject instead, so a body may use the whole of the server's ``max_payload``
+(1 MiB by default). A dead letter's record is a message of its own for the same reason.
+Names that are not plain ``[A-Za-z0-9_-]`` are escaped (see ``_nats_codec``).
 
 Consequences worth knowing:
 
@@ -27,7 +32,7 @@ Consequences worth knowing:
 * **Dedupe**: ``publish`` sets ``Nats-Msg-Id`` to the message id, so republishing an id
   within the stream's duplicate window (2 minutes) stores it once - the deterministic
   output ids of the runtime make a crashed handler's re-run harmless. (Not for a body
-  so large that the header would push it past ``max_payload``: it is sent bare.)
+  so large that the header would push it past ``max_payload``: it is sent without.)
 * **Replay** republishes a dead letter to ``P.rp.<group>...``, which only that group's
   consumer filters on, as a new stream message: the group gets it with attempt 1 and
   no other group sees it.
@@ -53,7 +58,7 @@ from nats.aio.client import Client
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports import lease_from_url
-from choreograph.transports._nats_client import JetStream
+from choreograph.transports._nats_client import Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_pull import NatsSubscription
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
@@ -208,17 +213,16 @@ class NatsTransport(Transport):
     # -- the contract -------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        base = f"{self.prefix}.ev"
-        await self._jetstream().publish(
-            [
-                (
-                    codec.message_subject(base, m.type, m.id),
-                    m.body,
-                    {codec.H_MSG_ID: codec.name_token(m.id, hash_long=False)},
-                )
-                for m in messages
-            ]
-        )
+        js = self._jetstream()
+        base, room = f"{self.prefix}.ev", js.nc.max_payload
+        items: list[Item] = []
+        for m in messages:
+            headers = {codec.H_MSG_ID: codec.name_token(m.id, hash_long=False)}
+            if len(m.body) + codec.header_size(headers) <= room:
+                items.append((codec.message_subject(base, m.type), m.body, headers))
+            else:  # no room for the header: the id travels in the subject (and no broker dedupe)
+                items.append((codec.message_subject(base, m.type, m.id), m.body, {}))
+        await js.publish(items)
 
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
         js = self._jetstream()
