@@ -132,3 +132,12 @@ async def test_for_service_reads_the_environment_on_first_use(monkeypatch: pytes
     monkeypatch.setenv(FAULTS_ENV, '{"*": {"fail_first": 1}}')
     with pytest.raises(InjectedFault):
         await faults.before(Ctx())
+
+
+async def test_duplicate_rate_fails_attempts_after_their_step_succeeded() -> None:
+    faults = Faults("svc", FaultSpec(duplicate_rate=1.0))
+    ran = []
+    with pytest.raises(InjectedFault, match="duplicate"):
+        async with faults.step(Ctx()):
+            ran.append("step")
+    assert ran == ["step"] and faults.completed == 1

@@ -21,9 +21,13 @@ the delivery, so this holds across processes), ``fail_rate`` fails a fraction of
 attempts (both transient: :class:`InjectedFault`), ``reject_rate`` rejects a fraction
 permanently (:class:`~choreograph.Reject`), ``hang`` sleeps that many seconds (set it
 above the handler's timeout to exercise timeouts). After the step succeeded:
-``crash_after`` kills the process with SIGKILL once it has completed that many steps,
-i.e. after the state change was committed but before the outputs were published and
-the input acked: the worst moment, and the one idempotency must survive.
+``duplicate_rate`` fails a fraction of those attempts anyway (:class:`InjectedFault`),
+so the event is delivered again and the step runs a second time on the state it
+already changed: a duplicate delivery that idempotency must absorb and the inbox
+cannot filter (the first run was never recorded as done); ``crash_after`` kills the
+process with SIGKILL once it has completed that many steps, i.e. after the state change
+was committed but before the outputs were published and the input acked: the worst
+moment, and the one idempotency must survive.
 ``crash_times`` (default 1; 0 for every time) limits the crashes to the first process
 lifetimes, counted by ``CHOREOGRAPH_RESTARTS`` (``choreograph dev`` sets it when it
 restarts a process): a restarted process that crashed again on the same redelivered
@@ -77,12 +81,13 @@ class FaultSpec:
     reject_rate: float = 0.0
     hang: float = 0.0
     hang_rate: float = 1.0
+    duplicate_rate: float = 0.0
     crash_after: int = 0
     crash_times: int = 1
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("fail_rate", "reject_rate", "hang_rate"):
+        for name in ("fail_rate", "reject_rate", "hang_rate", "duplicate_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigurationError(f"faults: {name} must be between 0 and 1, got {value!r}")
@@ -92,7 +97,8 @@ class FaultSpec:
 
     @property
     def healthy(self) -> bool:
-        return not (self.fail_rate or self.fail_first or self.reject_rate or self.hang or self.crash_after)
+        return not (self.fail_rate or self.fail_first or self.reject_rate or self.hang or self.crash_after
+                    or self.duplicate_rate)
 
     @classmethod
     def from_dict(cls, service: str, data: Any) -> FaultSpec:
@@ -185,7 +191,8 @@ class Faults:
             await asyncio.sleep(spec.hang)
 
     def after(self) -> None:
-        """Count a completed step; SIGKILL this process once ``crash_after`` steps completed."""
+        """Count a completed step; SIGKILL this process once ``crash_after`` steps completed;
+        fail ``duplicate_rate`` of the completed steps so that they are delivered again."""
         self.completed += 1
         spec = self.spec
         if spec.crash_after and self.completed >= spec.crash_after and self._crashes_this_life():
@@ -194,6 +201,11 @@ class Faults:
                 with contextlib.suppress(Exception):
                     handler.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+        if spec.duplicate_rate and self.rng.random() < spec.duplicate_rate:
+            raise InjectedFault(
+                f"{self.service}: injected duplicate delivery: the step succeeded, the attempt fails "
+                f"(duplicate_rate={spec.duplicate_rate})"
+            )
 
     def _crashes_this_life(self) -> bool:
         if not self.spec.crash_times:
