@@ -10,6 +10,7 @@ items), the failure of *both* arrivals is announced: payment refunds, inventory 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import uuid
 
@@ -19,8 +20,9 @@ from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import Store
 from examples.shop.events import OrderShipped, PaymentCaptured, StockReserved
 
-SHIPPING_WAIT = 60.0
-"""Seconds the join waits, from the first of its two events, for the other."""
+SHIPPING_WAIT = float(os.environ.get("SHOP_SHIPPING_WAIT") or 60.0)
+"""Seconds the join waits, from the first of its two events, for the other (``$SHOP_SHIPPING_WAIT``:
+the chaos harness shortens it to make join timeouts happen)."""
 
 shipping = Service("shipping", timeout=TIMEOUT, retry=RETRY)
 faults = Faults.for_service(shipping.name)

@@ -1,0 +1,257 @@
+"""The chaos harness on the bus: an observer that duplicates deliveries, and backlog probes.
+
+The observer is a consumer group of its own with a wildcard subscription (like the
+journal): it sees every event every service sees, records per order which event ids
+of each type were published (two different ids of ``OrderShipped`` for one order would
+mean it shipped twice, whatever the stores say), keeps the due time of every join
+deadline timer, and publishes a fraction of what it sees a second time, **same id, same
+body**, after a random delay of up to a second. The copy reaches every group again:
+sometimes after the original was handled (the inbox drops it), sometimes while the
+original is being handled by the same or another replica (the worker defers it, or two
+replicas race and idempotent steps must hold).
+
+On NATS the transport sets ``Nats-Msg-Id`` to the event id, and JetStream drops a
+republished id within its two-minute duplicate window; that is the broker's dedupe
+working, not a duplicate delivery. To get a real second delivery there the observer
+publishes the copy with the nats-py client directly, on the same subject (which carries
+the type and id) and without the dedupe header: what a publisher retrying after the
+window would produce.
+
+Backlog probes answer "is any event still pending?" per group. SQLite: the bus file's
+``deliveries`` rows, with their type (a join deadline timer not yet due is *scheduled*,
+not pending). NATS: each group's consumer ``num_pending + num_ack_pending``; a timer
+waits as an unacknowledged message there, so the groups that take timers are allowed as
+many as the observer knows are not yet due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from choreograph.joins import DEADLINE
+from choreograph.service import FAILED
+from choreograph.transports.base import Message, Subscription, Transport
+
+OBSERVER_GROUP = "chaos-observer"
+TIMER_SLACK = 5.0
+"""Seconds past its due time a join deadline timer may still be waiting (redelivery precision)."""
+
+Republish = Callable[[Message], Awaitable[None]]
+
+
+def order_of(data: Any) -> str | None:
+    """The order an event is about: ``data.order_id``, or that of the failed event's envelope."""
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("order_id"), str):
+        return str(data["order_id"])
+    envelope = data.get("envelope")
+    if isinstance(envelope, dict):
+        return order_of(envelope.get("data"))
+    return None
+
+
+class Observer:
+    """Records every event per order and duplicates ``duplicate_rate`` of the deliveries."""
+
+    def __init__(self, transport: Transport, republish: Republish, *, duplicate_rate: float,
+                 rng: random.Random) -> None:
+        self.transport = transport
+        self.republish = republish
+        self.duplicate_rate = duplicate_rate
+        self.rng = rng
+        self.ids: dict[str, dict[str, set[str]]] = collections.defaultdict(lambda: collections.defaultdict(set))
+        self.types: collections.Counter[str] = collections.Counter()
+        self.timers: dict[str, float] = {}  # timer event id -> due (epoch seconds)
+        self.timer_copies: collections.Counter[str] = collections.Counter()  # timer id -> copies published
+        self.seen: set[str] = set()
+        self.observed = 0
+        self.duplicated = 0
+        self.duplicate_failures = 0
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._copies: set[asyncio.Task[None]] = set()
+
+    async def register(self) -> None:
+        """Register the group (before anything is published: groups get what follows)."""
+        self._sub = await self.transport.subscribe(OBSERVER_GROUP, None)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._consume())
+
+    async def _consume(self) -> None:
+        assert self._sub is not None
+        while True:
+            batch = await self._sub.fetch(256, timeout=0.5)
+            for delivery in batch:
+                self._record(delivery.message)
+            if batch:
+                await self._sub.ack_many(batch)
+
+    def _record(self, message: Message) -> None:
+        self.observed += 1
+        if message.id in self.seen:
+            return  # a redelivery, or one of our copies: recorded (and maybe copied) already
+        self.seen.add(message.id)
+        self.types[message.type] += 1
+        try:
+            envelope = orjson.loads(message.body)
+        except orjson.JSONDecodeError:
+            return
+        data = envelope.get("data")
+        if message.type == DEADLINE and isinstance(data, dict):
+            self.timers[message.id] = float(data.get("due", 0.0))
+        order = order_of(data)
+        if order is not None:
+            kind = f"{FAILED}:{data.get('type')}" if message.type == FAILED else message.type
+            self.ids[order][kind].add(message.id)
+        if self.duplicate_rate and self.rng.random() < self.duplicate_rate:
+            delay = self.rng.uniform(0.0, 1.0)
+            task = asyncio.create_task(self._copy(message, delay))
+            self._copies.add(task)
+            task.add_done_callback(self._copies.discard)
+
+    async def _copy(self, message: Message, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.republish(message)
+            self.duplicated += 1
+            if message.type == DEADLINE:
+                self.timer_copies[message.id] += 1
+        except Exception:  # a copy is a fault we inject; failing to inject one is not a finding
+            self.duplicate_failures += 1
+
+    def timers_not_due(self, now: float) -> int:
+        """Timer deliveries (copies included) a group taking timers may still hold, unacknowledged."""
+        return sum(1 + self.timer_copies[id_] for id_, due in self.timers.items() if due > now - TIMER_SLACK)
+
+    async def copies_done(self) -> None:
+        while self._copies:
+            await asyncio.gather(*list(self._copies), return_exceptions=True)
+
+    async def stop(self) -> None:
+        await self.copies_done()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.close()
+
+
+# -- per broker: duplicates, backlog, cleanup --------------------------------------------------
+
+
+class Bus:
+    """What the harness needs from a broker beyond the transport contract."""
+
+    def __init__(self, url: str, transport: Transport) -> None:
+        self.url = url
+        self.transport = transport
+        self.kind = urlsplit(url).scheme
+
+    async def start(self) -> None:
+        pass
+
+    async def republish(self, message: Message) -> None:
+        await self.transport.publish([message])
+
+    async def backlog(self, groups: Mapping[str, bool], timers_not_due: int) -> dict[str, int] | None:
+        """Events still pending per group (``groups``: name -> takes join timers); None: cannot tell."""
+        return None
+
+    async def close(self, *, keep: bool) -> None:
+        pass
+
+
+class SQLiteBus(Bus):
+    def __init__(self, url: str, transport: Transport) -> None:
+        super().__init__(url, transport)
+        self.path = Path(urlsplit(url).path[1:])
+
+    async def backlog(self, groups: Mapping[str, bool], timers_not_due: int) -> dict[str, int] | None:
+        return await asyncio.to_thread(self._backlog, list(groups))
+
+    def _backlog(self, groups: list[str]) -> dict[str, int]:
+        now = time.time()
+        pending = dict.fromkeys(groups, 0)
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            rows = conn.execute(
+                "SELECT d.grp, m.type, m.body FROM deliveries d JOIN messages m ON m.seq = d.seq"
+            ).fetchall()
+        finally:
+            conn.close()
+        for group, type_, body in rows:
+            if type_ == DEADLINE:
+                due = float((orjson.loads(body).get("data") or {}).get("due", 0.0))
+                if due > now - TIMER_SLACK:
+                    continue  # scheduled, not pending
+            pending[group] = pending.get(group, 0) + 1
+        return pending
+
+
+class NatsBus(Bus):
+    def __init__(self, url: str, transport: Transport) -> None:
+        super().__init__(url, transport)
+        from choreograph.transports.nats import NatsTransport
+
+        assert isinstance(transport, NatsTransport)
+        self.nats = transport
+        self._nc: Any = None
+        self._js: Any = None
+
+    async def start(self) -> None:
+        import nats
+
+        self._nc = await nats.connect(self.nats._servers, connect_timeout=2, max_reconnect_attempts=-1)
+        self._js = self._nc.jetstream()
+
+    async def republish(self, message: Message) -> None:
+        from choreograph.transports._nats_codec import message_subject
+
+        subject = message_subject(f"{self.nats.prefix}.ev", message.type, message.id)
+        await self._js.publish(subject, message.body)  # no Nats-Msg-Id: the broker keeps both copies
+
+    async def backlog(self, groups: Mapping[str, bool], timers_not_due: int) -> dict[str, int] | None:
+        from choreograph.transports._nats_codec import name_token
+
+        pending: dict[str, int] = {}
+        for group, takes_timers in groups.items():
+            info = await self._js.consumer_info(self.nats.events_stream, name_token(group))
+            waiting = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            pending[group] = max(0, waiting - timers_not_due) if takes_timers else waiting
+        return pending
+
+    async def close(self, *, keep: bool) -> None:
+        if self._nc is None:
+            return
+        if not keep:
+            for stream in (self.nats.events_stream, self.nats.dead_letter_stream):
+                reply = await self._nc.request(f"$JS.API.STREAM.DELETE.{stream}", b"", timeout=5)
+                error = json.loads(reply.data).get("error")
+                if error and error.get("err_code") != 10059:  # no such stream
+                    raise RuntimeError(f"deleting NATS stream {stream}: {error}")
+        with contextlib.suppress(Exception):
+            await self._nc.close()
+
+
+def bus_for(url: str, transport: Transport) -> Bus:
+    kind = urlsplit(url).scheme
+    if kind == "sqlite":
+        return SQLiteBus(url, transport)
+    if kind == "nats":
+        return NatsBus(url, transport)
+    return Bus(url, transport)

@@ -1,0 +1,365 @@
+"""Chaos harness: N orders through the shop while its processes fail, hang, die and see double.
+
+    python bench/chaos.py                                    # 500 orders on sqlite, 10 % faults
+    python bench/chaos.py --broker nats --kill-every 2       # on the NATS server at 127.0.0.1:4222
+    python bench/chaos.py --orders 5000 --fault-rate 0.2 --kill-every 3 --json   # docs/chaos.md
+
+It runs every service of ``examples/shop`` as real ``choreograph run`` processes
+(``--replicas`` of each, competing in the service's group, each service with its own
+SQLite state under a fresh temporary directory) on the chosen bus, and meanwhile:
+
+* **transient faults**: each handler attempt fails with probability ``--fault-rate``
+  (``CHOREOGRAPH_FAULTS`` ``fail_rate``; the runtime retries it);
+* **hangs**: with probability ``--hang-rate`` an attempt sleeps past the handler's
+  timeout (``hang``; the attempt times out and is retried);
+* **kills**: every ``--kill-every`` seconds a random replica gets SIGKILL (mid-handler,
+  mid-commit, wherever it is) and is started again at once;
+* **duplicates**: ``--duplicate-rate`` of all events on the bus are delivered a second
+  time, same id and body (see ``bench/_chaos_bus.py``).
+
+Orders are published at ``--rate`` per second. The harness then waits until the orders
+service has recorded every order as shipped or cancelled, stops the kills, waits until
+no group has an event pending, and checks the invariants of ``bench/_chaos_shop.py``
+from the services' own stores, the bus's dead letters, and what an observer group saw
+on the bus. It prints a report (``--json``: one JSON document on stdout) and exits 1 on
+any violation, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples.shop._policy import TIMEOUT  # noqa: E402
+from examples.shop.app import app  # noqa: E402
+from examples.shop.events import OrderPlaced  # noqa: E402
+
+from bench._chaos_bus import OBSERVER_GROUP, Observer, bus_for  # noqa: E402
+from bench._chaos_fleet import Fleet, ReplicaSpec, python_m  # noqa: E402
+from bench._chaos_shop import (  # noqa: E402
+    Check,
+    Order,
+    Stores,
+    check_bus,
+    check_dead_letters,
+    check_stores,
+    make_orders,
+    seed,
+)
+from choreograph import Publisher  # noqa: E402
+from choreograph.joins import DEADLINE  # noqa: E402
+from choreograph.transports import open_transport  # noqa: E402
+
+TARGET = "examples.shop.app:app"
+NATS_DEFAULT = "nats://127.0.0.1:4222"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/chaos.py", description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--broker", default="sqlite", help="sqlite (a fresh bus file), nats (CHOREOGRAPH_NATS_URL or "
+        f"{NATS_DEFAULT}) or a broker URL; NATS gets a unique prefix unless the URL has one")
+    add("--orders", type=int, default=500, help="orders to place (default 500)")
+    add("--rate", type=float, default=100.0, help="orders published per second; 0: all at once (default 100)")
+    add("--fault-rate", type=float, default=0.1, help="share of handler attempts that fail transiently")
+    add("--hang-rate", type=float, default=0.005, help=f"share of attempts that hang past the {TIMEOUT:g}s timeout")
+    add("--kill-every", type=float, default=3.0, help="SIGKILL a random replica every N seconds; 0: never")
+    add("--duplicate-rate", type=float, default=0.05, help="share of events delivered twice, and of "
+        "succeeded steps failed anyway so that they run again")
+    add("--replicas", type=int, default=2, help="processes per service (default 2)")
+    add("--concurrency", type=int, default=32, help="handlers at once per process")
+    add("--lease", type=float, default=10.0, help="ack deadline of the bus (seconds): a killed process's "
+        "work comes back after it")
+    add("--join-window", type=float, default=None, help="seconds shipping waits for the second of payment "
+        "and stock (default: the shop's 60); shorter makes join timeouts, which may then cancel any order")
+    add("--seed", type=int, default=1, help="seeds the orders, the faults, the kills and the duplicates")
+    add("--timeout", type=float, default=300.0, help="seconds to wait for every order to end, after the last")
+    add("--settle-timeout", type=float, default=90.0, help="seconds to wait for the bus to be idle after that")
+    add("--keep", action="store_true", help="keep the work directory (stores, bus, logs) and NATS streams")
+    add("--json", action="store_true", help="print the report as one JSON document on stdout")
+    opts = parser.parse_args(argv)
+    for name in ("fault_rate", "hang_rate", "duplicate_rate"):
+        if not 0.0 <= getattr(opts, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if opts.orders < 1 or opts.replicas < 1 or opts.concurrency < 1 or opts.lease <= 0:
+        parser.error("--orders, --replicas, --concurrency and --lease must be positive")
+    return opts
+
+
+def broker_url(choice: str, workdir: Path, lease: float) -> str:
+    if choice == "sqlite":
+        return f"sqlite:///{workdir / 'bus.db'}?lease={lease:g}"
+    if choice == "nats":
+        choice = os.environ.get("CHOREOGRAPH_NATS_URL", NATS_DEFAULT)
+    parts = urlsplit(choice)
+    if parts.scheme not in ("sqlite", "nats", "redis", "amqp", "amqps"):
+        raise SystemExit(f"bench/chaos.py: --broker {choice!r}: expected sqlite, nats or a broker URL")
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("lease", f"{lease:g}")
+    if parts.scheme != "sqlite":
+        query.setdefault("prefix", f"chaos-{uuid.uuid4().hex[:10]}")
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def fault_config(opts: argparse.Namespace, seed: int) -> str:
+    spec: dict[str, Any] = {"fail_rate": opts.fault_rate, "duplicate_rate": opts.duplicate_rate, "seed": seed}
+    if opts.hang_rate:
+        spec.update(hang=TIMEOUT + 1.0, hang_rate=opts.hang_rate)
+    return json.dumps({"*": spec})
+
+
+class Harness:
+    """One chaos run (see the module docstring)."""
+
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.rng = random.Random(opts.seed)
+        self.workdir = Path(tempfile.mkdtemp(prefix="choreograph-chaos-"))
+        self.data_dir = self.workdir / "shop"
+        self.url = broker_url(opts.broker, self.workdir, opts.lease)
+        self.orders: list[Order] = make_orders(opts.orders, random.Random(opts.seed))
+        self.t0 = time.monotonic()
+        self.marks: dict[str, float] = {}
+        self.published = 0
+
+    def say(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def replicas(self) -> list[ReplicaSpec]:
+        specs = []
+        for service in app.services:
+            argv = python_m("choreograph", "run", TARGET, "--service", service.name, "--broker", self.url,
+                            "--store", f"sqlite:///{self.workdir / 'inbox' / service.name}.db",
+                            "--log-level", "WARNING", "--concurrency", str(self.opts.concurrency),
+                            "--drain-timeout", "5")
+            for n in range(1, self.opts.replicas + 1):
+                specs.append(ReplicaSpec(f"{service.name}.{n}", service.name, argv))
+        return specs
+
+    def env_for(self, spec: ReplicaSpec, lifetime: int) -> dict[str, str]:
+        fault_seed = random.Random(f"{self.opts.seed}/{spec.name}/{lifetime}").randrange(2**31)
+        return {
+            "CHOREOGRAPH_DATA_DIR": str(self.data_dir),
+            "CHOREOGRAPH_FAULTS": fault_config(self.opts, fault_seed),
+            "CHOREOGRAPH_RESTARTS": str(lifetime),
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "300",
+            **({"SHOP_SHIPPING_WAIT": str(self.opts.join_window)} if self.opts.join_window else {}),
+        }
+
+    async def publish(self, publisher: Publisher) -> None:
+        rate, run = self.opts.rate, uuid.uuid4().hex
+        batch = max(1, int(rate / 20)) if rate else 100
+        start = time.monotonic()
+        for first in range(0, len(self.orders), batch):
+            chunk = self.orders[first : first + batch]
+            events = [OrderPlaced(**order.data()) for order in chunk]
+            ids = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"{run}/{order.order_id}")) for order in chunk]
+            for attempt in range(1, 11):  # same ids again: a publish that failed late is deduped downstream
+                try:
+                    await publisher.publish(*events, ids=ids)
+                    break
+                except Exception as exc:
+                    if attempt == 10:
+                        raise
+                    self.say(f"publish failed ({exc}); retrying")
+                    await asyncio.sleep(0.5)
+            self.published += len(chunk)
+            if rate:
+                await asyncio.sleep(max(0.0, start + self.published / rate - time.monotonic()))
+
+    async def wait_ended(self, stores: Stores, fleet: Fleet, timeout_after_publish: float,
+                         publishing: asyncio.Task[None]) -> bool:
+        last = 0.0
+        deadline: float | None = None
+        while True:
+            ended = await asyncio.to_thread(stores.ended)
+            if publishing.done():
+                publishing.result()
+                deadline = deadline or time.monotonic() + timeout_after_publish
+            if ended >= len(self.orders) and publishing.done():
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            if time.monotonic() - last >= 5.0:
+                last = time.monotonic()
+                outcomes = await asyncio.to_thread(stores.outcomes)
+                self.say(f"published {self.published}/{len(self.orders)}, ended {ended} {outcomes}, "
+                         f"kills {len(fleet.kills)}, retries {fleet.counts.retries}")
+            await asyncio.sleep(0.5)
+
+    async def settle(self, bus: Any, observer: Observer, timeout: float) -> dict[str, int] | None:
+        """Wait until no group has an event pending (join timers not yet due aside); the last backlog."""
+        groups = {s.group: DEADLINE in s.subscriptions for s in app.services} | {OBSERVER_GROUP: False}
+        deadline = time.monotonic() + timeout
+        quiet, shown = 0, time.monotonic()
+        backlog: dict[str, int] | None = None
+        while time.monotonic() < deadline:
+            await observer.copies_done()
+            backlog = await bus.backlog(groups, observer.timers_not_due(time.time()))
+            if backlog is None:
+                return None
+            quiet = quiet + 1 if not any(backlog.values()) else 0
+            if quiet >= 3:
+                return backlog
+            if not quiet and time.monotonic() - shown >= 5.0:
+                shown = time.monotonic()
+                self.say(f"waiting for the bus to be idle: pending {({g: n for g, n in backlog.items() if n})}")
+            await asyncio.sleep(1.0)
+        return backlog
+
+    async def run(self) -> dict[str, Any]:
+        opts = self.opts
+        self.say(f"work dir {self.workdir}; bus {self.url}")
+        balances, stock = seed(self.data_dir)
+        transport = open_transport(self.url)
+        await transport.connect()
+        bus = bus_for(self.url, transport)
+        await bus.start()
+        observer = Observer(transport, bus.republish, duplicate_rate=opts.duplicate_rate,
+                            rng=random.Random(f"{opts.seed}/duplicates"))
+        for service in app.services:  # every group exists before the first order
+            await (await transport.subscribe(service.group, sorted(service.subscriptions))).close()
+        await observer.register()
+        observer.start()
+        fleet = Fleet(self.replicas(), env_for=self.env_for, logs=self.workdir / "logs",
+                      rng=random.Random(f"{opts.seed}/kills"), cwd=ROOT, say=self.say)
+        checks: list[Check] = []
+        try:
+            await fleet.start()
+            self.say(f"{len(fleet.replicas)} processes ready; placing {len(self.orders)} orders")
+            self.marks["start"] = time.monotonic()
+            calm = asyncio.Event()
+            killing = asyncio.create_task(fleet.kill_every(opts.kill_every, calm)) if opts.kill_every else None
+            publishing = asyncio.create_task(self.publish(Publisher(transport, source="/chaos")))
+            with Stores(self.data_dir) as stores:
+                ended = await self.wait_ended(stores, fleet, opts.timeout, publishing)
+                self.marks["ended"] = time.monotonic()
+                calm.set()
+                if killing is not None:
+                    await killing
+                self.say("every order ended" if ended else f"orders still open after {opts.timeout:g}s")
+                backlog = await self.settle(bus, observer, opts.settle_timeout)
+                self.marks["settled"] = time.monotonic()
+                await observer.stop()
+                letters = await transport.dead_letters(None, limit=1_000_000)
+                await fleet.stop()
+                self.say("stopped; checking invariants")
+                status = dict(stores.rows("orders", "SELECT order_id, status FROM orders"))
+                checks += check_stores(stores, self.orders, balances, stock,
+                                       join_timeouts=self.opts.join_window is not None)
+                checks += check_bus(self.orders, observer.ids, status)
+                letters_check, reasons = check_dead_letters(letters, self.orders)
+                checks.append(letters_check)
+                checks += self.runtime_checks(backlog, fleet)
+                return self.report(stores, fleet, observer, checks, reasons, len(letters), backlog)
+        finally:
+            if not fleet._stopping:
+                await fleet.stop()
+            await observer.stop()
+            await transport.close()
+            await bus.close(keep=opts.keep)
+            if not opts.keep:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def runtime_checks(self, backlog: dict[str, int] | None, fleet: Fleet) -> list[Check]:
+        if backlog is None:
+            pending = Check("no event left pending", True, f"not checked on {urlsplit(self.url).scheme}")
+        else:
+            stuck = {group: n for group, n in backlog.items() if n}
+            pending = Check("no event left pending", not stuck,
+                            f"pending: {stuck}" if stuck else f"{len(backlog)} groups idle")
+        counts = fleet.counts
+        return [
+            pending,
+            Check("no internal error in the workers", counts.internal_errors == 0,
+                  "; ".join(s for s in counts.samples if "internal error" in s)[:500] or "none"),
+            Check("no process died unless killed", not fleet.unexpected_exits,
+                  "; ".join(fleet.unexpected_exits[:5]) or f"{len(fleet.kills)} kills, all restarted"),
+        ]
+
+    def report(self, stores: Stores, fleet: Fleet, observer: Observer, checks: list[Check],
+               reasons: dict[str, int], letters: int, backlog: dict[str, int] | None) -> dict[str, Any]:
+        opts, counts, marks = self.opts, fleet.counts, self.marks
+        outcomes = stores.outcomes()
+        compensations = stores.compensations()
+        to_end = marks["ended"] - marks["start"]
+        return {
+            "ok": all(c.ok for c in checks),
+            "broker": urlsplit(self.url).scheme,
+            "orders": len(self.orders),
+            "settings": {
+                "fault_rate": opts.fault_rate, "hang_rate": opts.hang_rate, "kill_every_s": opts.kill_every,
+                "duplicate_rate": opts.duplicate_rate, "replicas": opts.replicas, "rate": opts.rate,
+                "lease_s": opts.lease, "concurrency": opts.concurrency, "seed": opts.seed,
+                "processes": len(fleet.replicas), "join_window_s": opts.join_window,
+            },
+            "outcomes": {"shipped": outcomes.get("shipped", 0), "cancelled": outcomes.get("cancelled", 0),
+                         "must_ship": sum(o.must_ship for o in self.orders)},
+            "faults": {
+                "transient": counts.transient_faults, "hangs": counts.hangs,
+                "handler_timeouts": counts.timeouts, "kills": len(fleet.kills),
+                "duplicates": observer.duplicated + counts.reruns,
+                "duplicate_copies": observer.duplicated, "duplicate_reruns": counts.reruns,
+            },
+            "retries": counts.retries,
+            "dead_letters": {"total": letters, "by_group_reason": reasons},
+            "compensations": {**compensations, "total": sum(compensations.values())},
+            "events": {"distinct": len(observer.seen), "deliveries_to_observer": observer.observed},
+            "pending": backlog,
+            "invariants": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+            "errors": {"internal": counts.internal_errors, "other": counts.other_errors,
+                       "samples": counts.samples[:10], "unexpected_exits": fleet.unexpected_exits},
+            "duration_s": {
+                "total": round(time.monotonic() - self.t0, 1),
+                "orders_to_end": round(to_end, 1),
+                "settle": round(marks["settled"] - marks["ended"], 1),
+            },
+            "orders_per_s": round(len(self.orders) / to_end, 1) if to_end else None,
+            "workdir": str(self.workdir) if opts.keep else None,
+        }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    f, o, d = report["faults"], report["outcomes"], report["duration_s"]
+    lines = [
+        f"chaos on {report['broker']}: {report['orders']} orders -> shipped {o['shipped']}, "
+        f"cancelled {o['cancelled']} in {d['orders_to_end']}s ({report['orders_per_s']} orders/s)",
+        f"faults: {f['transient']} transient, {f['hangs']} hangs ({f['handler_timeouts']} timeouts), "
+        f"{f['kills']} kills, {f['duplicates']} duplicates ({f['duplicate_copies']} copies on the bus, "
+        f"{f['duplicate_reruns']} steps run again); retries {report['retries']}",
+        f"compensations: {report['compensations']}; dead letters: {report['dead_letters']}",
+    ]
+    for check in report["invariants"]:
+        lines.append(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['name']}: {check['detail']}")
+    lines.append("PASS: every invariant holds" if report["ok"] else "FAIL: invariant violated")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    harness = Harness(opts)
+    report = asyncio.run(harness.run())
+    if opts.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
