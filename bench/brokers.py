@@ -1,0 +1,294 @@
+"""Benchmark: the 3-hop chain of bench/chain.py on NATS JetStream, Redis Streams and RabbitMQ.
+
+For each broker, in one run (so that the ratios are fair on a shared machine):
+
+* ``one_process``: publisher and all three hops in this process -
+  choreograph (a ``Worker`` on the transport, in-memory inbox), the same chain written
+  directly on the client library (``raw``: see bench/_raw_chain.py for its ack
+  discipline) and on FastStream (bench/_faststream_chain.py).
+* ``process_per_hop``: each hop its own process - ``choreograph run`` (SQLite inbox, its
+  default) and the raw hop - fed from this process.
+* ``paced``: process per hop at a light load (``--rate`` events/s): end-to-end latency.
+
+Figures: events/s from the first publish to the last event reaching hop3, p50/p99
+end-to-end latency (publish → hop3), and choreograph's ratio to raw and to FastStream.
+Every run gets its own stream/key/queue prefix and deletes what it created.
+
+    python bench/brokers.py --n 20000             # the documented figures
+    python bench/brokers.py --n 2000 --quick      # a smoke run (no paced, no FastStream)
+    python bench/brokers.py --only nats --n 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import _broker_env as env  # noqa: E402
+from bench import _faststream_chain, _raw_chain  # noqa: E402
+from bench.chain import start_hops, stop_hops, summarize  # noqa: E402
+from bench.chain_app import SINK, Hop0, hop1, hop2, hop3  # noqa: E402
+from choreograph import Publisher, Worker  # noqa: E402
+from choreograph.transports import open_transport  # noqa: E402
+
+BROKERS = ("nats", "redis", "amqp")
+
+
+def _prefix(broker: str, kind: str) -> str:
+    return f"bench-{broker}-{kind}-{uuid.uuid4().hex[:8]}"
+
+
+# -- choreograph -----------------------------------------------------------------------------
+
+
+async def choreograph_publish(url: str, n: int, rate: float | None) -> float:
+    """Publish ``n`` Hop0 events (batches of 500, or paced); the wall time of the first publish."""
+    async with open_transport(url) as bus:
+        publisher = Publisher(bus, source="/bench")
+        start_wall, start = time.time(), time.perf_counter()
+        if rate is None:
+            for first in range(0, n, 500):
+                await publisher.publish(*(Hop0(n=i, t0=time.time()) for i in range(first, min(n, first + 500))))
+        else:
+            for i in range(n):
+                await publisher.publish(Hop0(n=i, t0=time.time()))
+                await asyncio.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
+        return start_wall
+
+
+async def choreograph_one(broker: str, base: str, n: int, concurrency: int) -> dict[str, Any]:
+    url = env.choreograph_url(base, _prefix(broker, "ch1"))
+    SINK.reset(n, None)
+    try:
+        async with open_transport(url) as bus, Worker([hop1, hop2, hop3], bus, concurrency=concurrency):
+            publisher = Publisher(bus, source="/bench")
+            start = time.perf_counter()
+            for first in range(0, n, 500):
+                await publisher.publish(*(Hop0(n=i, t0=time.time()) for i in range(first, min(n, first + 500))))
+            while len(SINK.latencies) < n:
+                await asyncio.sleep(0.005)
+            elapsed = time.perf_counter() - start
+        return summarize(SINK.latencies, elapsed)
+    finally:
+        await env.remove_choreograph_bus(broker, url)
+
+
+def choreograph_procs(broker: str, base: str, n: int, concurrency: int, rate: float | None, loop: Runner) -> dict:
+    url = env.choreograph_url(base, _prefix(broker, "chp"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="choreograph-bench-") as tmpdir:
+            tmp = Path(tmpdir)
+            out = tmp / "result.json"
+            procs = start_hops(url, tmp, n, out, concurrency)
+            try:
+                start_wall = loop(choreograph_publish(url, n, rate))
+                result = _wait_for_result(out, n, tmp)
+            finally:
+                stop_hops(procs)
+        return summarize(result["latencies"], result["last"] - start_wall)
+    finally:
+        loop(env.remove_choreograph_bus(broker, url))
+
+
+# -- raw client ------------------------------------------------------------------------------
+
+
+async def raw_one(broker: str, base: str, n: int) -> dict[str, Any]:
+    sink, elapsed = await _raw_chain.one_process(broker, base, _prefix(broker, "raw1"), n)
+    return summarize(sink.latencies, elapsed)
+
+
+def raw_procs(broker: str, base: str, n: int, rate: float | None, loop: Runner) -> dict[str, Any]:
+    prefix = _prefix(broker, "rawp")
+    loop(_raw_chain.setup(broker, base, prefix))
+    try:
+        with tempfile.TemporaryDirectory(prefix="choreograph-bench-raw-") as tmpdir:
+            tmp = Path(tmpdir)
+            out = tmp / "result.json"
+            procs = []
+            for hop in (1, 2, 3):
+                log = (tmp / f"raw-hop{hop}.log").open("wb")
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "bench._raw_chain", broker, base, prefix, str(hop), str(n), str(out)],
+                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+                ))  # fmt: skip
+            try:
+                _wait_running([tmp / f"raw-hop{hop}.log" for hop in (1, 2, 3)])
+                start_wall = loop(_raw_feed(broker, base, prefix, n, rate))
+                result = _wait_for_result(out, n, tmp)
+            finally:
+                stop_hops(procs)
+        return summarize(result["latencies"], result["last"] - start_wall)
+    finally:
+        loop(_raw_chain.teardown(broker, base, prefix))
+
+
+async def _raw_feed(broker: str, base: str, prefix: str, n: int, rate: float | None) -> float:
+    raw = _raw_chain.CLIENTS[broker](base, prefix)
+    await raw.connect()
+    try:
+        start_wall = time.time()
+        await _raw_chain.publish_events(raw, n, rate)
+        return start_wall
+    finally:
+        await raw.close()
+
+
+# -- FastStream ------------------------------------------------------------------------------
+
+
+async def faststream_one(broker: str, base: str, n: int) -> dict[str, Any]:
+    prefix = _prefix(broker, "fs1")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "a push consumer with durable can't scale": one process here
+            sink, elapsed = await _faststream_chain.one_process(broker, base, prefix, n)
+        return summarize(sink.latencies, elapsed)
+    finally:
+        await _raw_chain.teardown(broker, base, prefix)
+
+
+# -- plumbing --------------------------------------------------------------------------------
+
+Runner = Callable[[Awaitable[Any]], Any]
+
+
+def _wait_running(logs: list[Path], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(log.exists() and "running" in log.read_text() for log in logs):
+        if time.monotonic() > deadline:
+            raise RuntimeError("hop processes did not start: " + " | ".join(log.read_text()[-500:] for log in logs))
+        time.sleep(0.05)
+
+
+def _wait_for_result(out: Path, n: int, tmp: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + max(120, n / 200)
+    while not out.exists():
+        if time.monotonic() > deadline:
+            logs = " | ".join(p.read_text()[-800:] for p in sorted(tmp.glob("*.log")))
+            raise RuntimeError(f"the chain did not finish: {logs}")
+        time.sleep(0.02)
+    result: dict[str, Any] = orjson.loads(out.read_bytes())
+    return result
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def bench_broker(broker: str, base: str, args: argparse.Namespace, loop: Runner) -> dict[str, Any]:
+    n = args.amqp_n if broker == "amqp" and args.amqp_n else args.n
+    one: dict[str, Any] = {}
+    one["raw"] = loop(raw_one(broker, base, n))
+    one["choreograph"] = loop(choreograph_one(broker, base, n, args.concurrency))
+    if not args.quick:
+        one["faststream"] = loop(faststream_one(broker, base, n))
+    one["choreograph_vs_raw"] = _ratio(one["choreograph"]["events_per_s"], one["raw"]["events_per_s"])
+    if "faststream" in one:
+        one["choreograph_vs_faststream"] = _ratio(
+            one["choreograph"]["events_per_s"], one["faststream"]["events_per_s"]
+        )
+    report: dict[str, Any] = {"n": n, "one_process": one}
+    procs: dict[str, Any] = {}
+    procs["raw"] = raw_procs(broker, base, n, None, loop)
+    procs["choreograph"] = choreograph_procs(broker, base, n, args.concurrency, None, loop)
+    procs["choreograph_vs_raw"] = _ratio(procs["choreograph"]["events_per_s"], procs["raw"]["events_per_s"])
+    report["process_per_hop"] = procs
+    if not args.quick:
+        paced: dict[str, Any] = {"rate": args.rate}
+        paced["raw"] = raw_procs(broker, base, args.paced_n, args.rate, loop)
+        paced["choreograph"] = choreograph_procs(broker, base, args.paced_n, args.concurrency, args.rate, loop)
+        paced["p50_vs_raw"] = _ratio(paced["choreograph"]["p50_ms"], paced["raw"]["p50_ms"])
+        paced["p99_vs_raw"] = _ratio(paced["choreograph"]["p99_ms"], paced["raw"]["p99_ms"])
+        report["paced"] = paced
+    return report
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with the measured figure and whether it is met."""
+    out: dict[str, Any] = {}
+    for broker in BROKERS:
+        r = report.get(broker)
+        if not isinstance(r, dict):
+            continue
+        floor = 0.7 if broker == "amqp" else 0.8
+        checks = {
+            f"one_process >= {floor}x raw": r["one_process"]["choreograph_vs_raw"],
+            f"process_per_hop >= {floor}x raw": r["process_per_hop"]["choreograph_vs_raw"],
+        }
+        met = {k: v >= floor for k, v in checks.items()}
+        if "paced" in r:
+            checks["paced p50 <= 1.2x raw"] = r["paced"]["p50_vs_raw"]
+            checks["paced p99 <= 2x raw"] = r["paced"]["p99_vs_raw"]
+            met["paced p50 <= 1.2x raw"] = r["paced"]["p50_vs_raw"] <= 1.2
+            met["paced p99 <= 2x raw"] = r["paced"]["p99_vs_raw"] <= 2.0
+        if broker != "amqp" and "choreograph_vs_faststream" in r["one_process"]:
+            checks[">= 5x FastStream"] = r["one_process"]["choreograph_vs_faststream"]
+            met[">= 5x FastStream"] = r["one_process"]["choreograph_vs_faststream"] >= 5.0
+        out[broker] = {name: {"measured": checks[name], "met": met[name]} for name in checks}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20_000, help="events per throughput run (default 20000)")
+    parser.add_argument("--amqp-n", type=int, default=0, help="events per RabbitMQ run (default: --n)")
+    parser.add_argument("--concurrency", type=int, default=_raw_chain.WINDOW)
+    parser.add_argument("--rate", type=float, default=100.0, help="events/s for the paced latency runs")
+    parser.add_argument("--paced-n", type=int, default=500)
+    parser.add_argument("--quick", action="store_true", help="skip the paced and FastStream runs")
+    parser.add_argument("--only", choices=BROKERS, action="append")
+    parser.add_argument("--nats-url", help="use this NATS server (>= 2.10) instead of a private one")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        def loop(coro: Awaitable[Any]) -> Any:
+            return uvloop.run(coro)  # type: ignore[arg-type]
+
+        loop_name = "uvloop"
+    except ImportError:
+
+        def loop(coro: Awaitable[Any]) -> Any:
+            return asyncio.run(coro)  # type: ignore[arg-type]
+
+        loop_name = "asyncio"
+
+    private = None if args.nats_url or (args.only and "nats" not in args.only) else env.PrivateNats()
+    nats_url = args.nats_url or (private.url if private else None)
+    report: dict[str, Any] = {
+        "bench": "brokers", "hops": 3, "concurrency": args.concurrency, "loop": loop_name,
+        "python": platform.python_version(), "cpus": os.cpu_count(), "servers": {},
+    }  # fmt: skip
+    try:
+        for broker in args.only or BROKERS:
+            base = env.base_url(broker, nats_url)
+            report["servers"][broker] = loop(env.server_version(broker, base))
+            report[broker] = bench_broker(broker, base, args, loop)
+    finally:
+        if private is not None:
+            private.stop()
+    report["targets"] = targets(report)
+    print(env.dump(report))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    main()
