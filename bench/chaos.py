@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--fault-rate", type=float, default=0.1, help="share of handler attempts that fail transiently")
     add("--hang-rate", type=float, default=0.005, help=f"share of attempts that hang past the {TIMEOUT:g}s timeout")
     add("--kill-every", type=float, default=3.0, help="SIGKILL a random replica every N seconds; 0: never")
+    add("--min-kills", type=int, default=0, help="keep the chaos going until at least this many kills")
     add("--duplicate-rate", type=float, default=0.05, help="share of events delivered twice, and of "
         "succeeded steps failed anyway so that they run again")
     add("--replicas", type=int, default=2, help="processes per service (default 2)")
@@ -97,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
     if opts.orders < 1 or opts.replicas < 1 or opts.concurrency < 1 or opts.lease <= 0:
         parser.error("--orders, --replicas, --concurrency and --lease must be positive")
+    if opts.min_kills and not opts.kill_every:
+        parser.error("--min-kills needs --kill-every")
     return opts
 
 
@@ -191,7 +194,7 @@ class Harness:
             if publishing.done():
                 publishing.result()
                 deadline = deadline or time.monotonic() + timeout_after_publish
-            if ended >= len(self.orders) and publishing.done():
+            if ended >= len(self.orders) and publishing.done() and len(fleet.kills) >= self.opts.min_kills:
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -306,7 +309,7 @@ class Harness:
                 "fault_rate": opts.fault_rate, "hang_rate": opts.hang_rate, "kill_every_s": opts.kill_every,
                 "duplicate_rate": opts.duplicate_rate, "replicas": opts.replicas, "rate": opts.rate,
                 "lease_s": opts.lease, "concurrency": opts.concurrency, "seed": opts.seed,
-                "processes": len(fleet.replicas), "join_window_s": opts.join_window,
+                "processes": len(fleet.replicas), "join_window_s": opts.join_window, "min_kills": opts.min_kills,
             },
             "outcomes": {"shipped": outcomes.get("shipped", 0), "cancelled": outcomes.get("cancelled", 0),
                          "must_ship": sum(o.must_ship for o in self.orders)},
