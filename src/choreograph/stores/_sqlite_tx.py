@@ -1,0 +1,120 @@
+"""A user transaction on a SQLite service database: one unit of work of the store's writer.
+
+Statements run inline (see :mod:`choreograph.stores._sqlite_writer`); placeholders are
+``$1, $2`` (SQLite named parameters ``1``, ``2``). The commit writes the inbox record
+and the outbox rows, releases the unit's savepoint and returns once the group's
+``COMMIT`` happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from choreograph.errors import StoreError
+from choreograph.stores._sqlite_writer import Batch, SQLiteWriter
+from choreograph.stores.state import Row, TxConnection
+from choreograph.transports.base import Message
+
+T = TypeVar("T")
+
+_INSERT_OUTBOX = "INSERT INTO choreograph_outbox (service, event_id, type, body, created_at) VALUES (?, ?, ?, ?, ?)"
+
+
+def _params(args: Sequence[Any]) -> dict[str, Any]:
+    """``$1, $2`` are SQLite named parameters called ``1``, ``2``."""
+    return {str(i): value for i, value in enumerate(args, start=1)}
+
+
+class SQLiteTx(TxConnection):
+    """One user transaction: a unit of the writer, from its first statement to commit or rollback."""
+
+    def __init__(self, writer: SQLiteWriter) -> None:
+        self.writer = writer
+        self.batch: Batch | None = None
+        self.left = False
+        self.done = False
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self.done:
+            raise StoreError(f"database {self.writer.url}: the transaction is already finished")
+        if self.batch is None:
+            self.batch = await self.writer.enter()
+        return self.writer.run(fn)
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> int:
+        return await self._run(lambda db: max(0, db.execute(sql, _params(args)).rowcount))
+
+    async def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
+        await self._run(lambda db: db.executemany(sql, [_params(r) for r in rows]))
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[Row]:
+        return await self._run(lambda db: db.execute(sql, _params(args)).fetchall())
+
+    async def fetchone(self, sql: str, args: Sequence[Any]) -> Row | None:
+        def first(db: sqlite3.Connection) -> Row | None:
+            cursor = db.execute(sql, _params(args))
+            try:
+                return cursor.fetchone()
+            finally:
+                cursor.close()  # finish the statement (an UPDATE ... RETURNING must not stay open)
+
+        return await self._run(first)
+
+    async def commit(
+        self,
+        *,
+        inbox: tuple[str, str] | None,
+        service: str,
+        messages: Sequence[Message],
+        forget_failures: bool = True,
+    ) -> bool:
+        now = time.time()
+        rows = [(service, m.id, m.type, m.body, now) for m in messages]
+
+        def write(db: sqlite3.Connection) -> bool:
+            if inbox is not None:
+                if db.execute("INSERT OR IGNORE INTO choreograph_inbox VALUES (?, ?, ?)", (*inbox, now)).rowcount == 0:
+                    return False  # another consumer committed this event first
+                if forget_failures:
+                    db.execute("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", inbox)
+            if len(rows) == 1:
+                db.execute(_INSERT_OUTBOX, rows[0])
+            elif rows:
+                db.executemany(_INSERT_OUTBOX, rows)
+            return True
+
+        try:
+            fresh = await self._run(write)
+            self._leave(keep=fresh)
+            if fresh and rows and self.batch is not None:
+                self.batch.woken.add(service)
+        except BaseException:
+            self._leave(keep=False)
+            raise
+        finally:
+            await self._finish()
+        if fresh and self.batch is not None:
+            await asyncio.shield(self.batch.durable)  # acked only once the real COMMIT happened
+        return fresh
+
+    async def rollback(self) -> None:
+        if self.done:
+            return
+        try:
+            self._leave(keep=False)
+        finally:
+            await self._finish()
+
+    def _leave(self, *, keep: bool) -> None:
+        if self.batch is not None and not self.left:
+            self.left = True
+            self.writer.leave(keep=keep)
+
+    async def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            await self.writer.release()
