@@ -4,7 +4,8 @@ Each run places 500 orders through the shop's services, each service two real
 processes, while 10 % of handler attempts fail, some hang past their timeout, a random
 process is SIGKILLed every two seconds (at least three times) and 5 % of events are
 delivered twice. The harness exits 0 only if every invariant holds (see
-bench/_chaos_shop.py); the JSON report shows the chaos actually happened.
+bench/_chaos_shop.py); the JSON report shows the chaos actually happened. ``choreograph chaos``
+forwards to the same harness.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import pytest
 
 from tests._brokers import require_broker
 from tests.conformance.brokers import nats as nats_bus
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_RUN = [
@@ -56,10 +55,12 @@ def assert_the_chaos_happened(report: dict[str, Any]) -> None:
     assert set(report["dead_letters"]["by_group_reason"]) <= {"shipping:rejected"}
 
 
+@pytest.mark.slow
 def test_the_shop_keeps_its_invariants_under_chaos_on_sqlite() -> None:
     assert_the_chaos_happened(chaos("--broker", "sqlite"))
 
 
+@pytest.mark.slow
 def test_the_shop_keeps_its_invariants_under_chaos_on_nats() -> None:
     require_broker("nats")
     url = nats_bus.url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0)
@@ -69,3 +70,18 @@ def test_the_shop_keeps_its_invariants_under_chaos_on_nats() -> None:
         import asyncio
 
         asyncio.run(nats_bus.cleanup(url))  # the harness deletes its streams; this covers a crash
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "choreograph", "chaos", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_choreograph_chaos_hands_the_options_after_app_to_the_harness() -> None:
+    done = cli("examples.shop.app:app", "--orders", "0")
+    assert done.returncode == 2 and "bench/chaos.py: error: --orders" in done.stderr
+
+
+def test_choreograph_chaos_names_the_apps_it_has_a_scenario_for() -> None:
+    done = cli("examples.drone_delivery.app:app")
+    assert done.returncode == 2 and "no chaos scenario" in done.stderr and "examples.shop.app:app" in done.stderr

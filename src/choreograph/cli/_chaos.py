@@ -1,0 +1,46 @@
+"""``choreograph chaos APP``: the chaos harness (``bench/chaos.py``) of a source checkout.
+
+    choreograph chaos examples.shop.app:app --orders 500 --kill-every 2 --json
+
+runs ``python bench/chaos.py --orders 500 --kill-every 2 --json``: every option after
+APP is the harness's (``python bench/chaos.py --help`` lists them). A chaos run is only
+as good as its invariants, and those are a scenario's own (money and stock for the
+shop), so the command knows the apps that have a scenario rather than guessing checks
+for any app; the harness lives in ``bench/``, beside the examples, not in the package.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from choreograph.cli._common import load_module
+from choreograph.errors import ConfigurationError
+
+SCENARIOS = {"examples.shop.app:app": "bench.chaos"}
+"""App -> the module of its chaos harness (a ``main(argv) -> exit status``)."""
+
+
+def chaos(
+    ctx: typer.Context,
+    target: str = typer.Argument("examples.shop.app:app", help="MODULE:ATTR of an App with a chaos scenario"),
+) -> None:
+    """Run N orders through an App while injecting faults, hangs, kills and duplicates; check its invariants.
+
+    Options after APP go to the harness: see `python bench/chaos.py --help`.
+    """
+    module_name = SCENARIOS.get(target)
+    if module_name is None:
+        raise ConfigurationError(f"choreograph chaos: no chaos scenario for {target!r}; known: {sorted(SCENARIOS)}")
+    try:
+        harness = load_module(module_name)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"choreograph chaos: {module_name.replace('.', '/')}.py not found; run it from a source checkout"
+        ) from None
+    code = harness.main(list(ctx.args))
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chaos", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(chaos)
