@@ -24,6 +24,7 @@ EXPECTED = [
     "RetryPolicy",
     "Service",
     "StoreError",
+    "TimedOut",
     "TransportClosed",
     "TransportError",
     "Worker",
@@ -31,8 +32,11 @@ EXPECTED = [
     "decode",
     "derive_id",
     "encode",
+    "failed",
     "open_store",
     "open_transport",
+    "timed_out",
+    "transaction",
 ]
 
 

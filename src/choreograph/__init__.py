@@ -29,6 +29,8 @@ from choreograph.errors import (
 from choreograph.events import Event
 from choreograph.policy import RetryPolicy
 from choreograph.runtime import Publisher, Worker
+from choreograph.runtime.outbox import transaction
+from choreograph.sagas import TimedOut, failed, timed_out
 from choreograph.service import FAILED, App, Failure, Service
 from choreograph.stores import open_store
 from choreograph.transports import open_transport
@@ -50,6 +52,7 @@ __all__ = [
     "RetryPolicy",
     "Service",
     "StoreError",
+    "TimedOut",
     "TransportClosed",
     "TransportError",
     "Worker",
@@ -57,7 +60,10 @@ __all__ = [
     "decode",
     "derive_id",
     "encode",
+    "failed",
     "open_store",
     "open_transport",
+    "timed_out",
+    "transaction",
 ]
 __version__ = "0.1.0"
