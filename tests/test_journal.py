@@ -1,6 +1,7 @@
 """The journal: a passive observer that derives each transaction's status, in virtual time.
 
-Each scenario runs over the in-memory and the SQLite journal store.
+Each scenario runs over the in-memory, the SQLite and the PostgreSQL journal store (a private
+schema per test; skipped when PostgreSQL is unreachable, failed under CI).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from choreograph.errors import ConfigurationError
 from choreograph.journal import JOURNAL_GROUP, TIMEDOUT, Journal, JournalStore, open_journal_store
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
+from tests.stores._databases import drop_schema, fresh_schema, postgres_url
 
 
 class Requested(Event, type="test.journal.requested"):
@@ -101,9 +103,17 @@ def bus(clock: VirtualClock) -> SpyBus:
     return SpyBus(clock)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/journal.db"
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param != "postgres":
+        yield "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/journal.db"
+        return
+    schema = fresh_schema()
+    url = postgres_url(schema)
+    try:
+        yield url
+    finally:
+        await drop_schema(url, schema)
 
 
 @pytest.fixture
@@ -332,13 +342,13 @@ async def test_an_unknown_correlation_id_has_no_transaction(journal: Journal) ->
     assert await journal.transaction("nope") is None
 
 
-async def test_a_sqlite_journal_is_readable_by_another_journal_after_restart(
-    app: App, bus: SpyBus, tmp_path: Path
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+async def test_a_durable_journal_is_readable_by_another_journal_after_restart(
+    app: App, bus: SpyBus, store_url: str
 ) -> None:
-    url = f"sqlite:///{tmp_path}/j.db"
-    async with Journal.from_app(app, url, transport=bus):
+    async with Journal.from_app(app, store_url, transport=bus):
         cid = await start(app, bus, mode="crash")
-    reader = Journal(url)  # no transport: queries only
+    reader = Journal(store_url)  # no transport: queries only
     try:
         tx = await reader.transaction(cid)
         assert tx is not None and tx.timeline is not None

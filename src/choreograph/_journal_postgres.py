@@ -1,0 +1,260 @@
+"""The journal on PostgreSQL: several journal replicas may record into one database.
+
+``postgresql://user@host:5432/db?schema=journal`` (see :mod:`choreograph.stores._pg`
+for the URL, ``docs/stores.md`` for the schema). Unlike the SQLite file, the database
+may be written by every replica of the ``choreograph.journal`` group at once, so
+:meth:`PostgresJournalStore.record` must not lose a fold when two replicas record
+events of one transaction together:
+
+* the summaries it folds into are read ``SELECT ... FOR UPDATE`` (in correlation-id
+  order, so two writers never wait for each other in a cycle) and written back in the
+  same transaction;
+* a transaction seen for the first time has no row to lock yet, so every writer first
+  takes a transaction-scoped advisory lock per correlation id (in key order); the
+  second writer then finds the row the first one created. The same locks make the
+  "which event ids are new" decision race-free.
+
+``base_status`` and ``deadline`` are columns: ``stuck`` is ``running`` past the
+deadline, filtered at query time (:func:`~choreograph._journal_model.TransactionSummary.status`
+is never stored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import orjson
+
+from choreograph._journal_model import JournalEntry, Status, TransactionSummary
+from choreograph._journal_store import JournalStore, fold_entries
+from choreograph.errors import StoreError
+from choreograph.stores import _pg
+
+JOURNAL_MIGRATIONS = [
+    """
+    CREATE TABLE IF NOT EXISTS choreograph_journal_events (
+        seq bigserial PRIMARY KEY,
+        event_id text NOT NULL UNIQUE,
+        correlation_id text NOT NULL,
+        type text NOT NULL, source text NOT NULL, service text NOT NULL, kind text NOT NULL,
+        at double precision NOT NULL, recorded_at double precision NOT NULL,
+        causation_id text, time text, attempt integer, deadline double precision,
+        failed_type text, compensable boolean NOT NULL, record jsonb
+    );
+    CREATE INDEX IF NOT EXISTS choreograph_journal_events_cid ON choreograph_journal_events (correlation_id, seq);
+    CREATE TABLE IF NOT EXISTS choreograph_journal_transactions (
+        correlation_id text PRIMARY KEY,
+        base_status text NOT NULL,
+        first_seen double precision NOT NULL, last_seen double precision NOT NULL,
+        started_at double precision NOT NULL, deadline double precision NOT NULL,
+        deadline_explicit boolean NOT NULL, root_type text, event_count integer NOT NULL,
+        terminal_type text, terminal_kind text, failures integer NOT NULL, uncompensated integer NOT NULL,
+        timed_out boolean NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS choreograph_journal_tx_started
+        ON choreograph_journal_transactions (started_at DESC, first_seen DESC);
+    CREATE INDEX IF NOT EXISTS choreograph_journal_tx_status
+        ON choreograph_journal_transactions (base_status, started_at DESC);
+    CREATE INDEX IF NOT EXISTS choreograph_journal_tx_due
+        ON choreograph_journal_transactions (deadline) WHERE base_status = 'running' AND NOT timed_out;
+    """,
+]
+
+# (column, array type) in insert order; record travels as text and is cast to jsonb.
+_EVENT_COLUMNS = (
+    ("event_id", "text"), ("correlation_id", "text"), ("type", "text"), ("source", "text"),
+    ("service", "text"), ("kind", "text"), ("at", "float8"), ("recorded_at", "float8"),
+    ("causation_id", "text"), ("time", "text"), ("attempt", "int4"), ("deadline", "float8"),
+    ("failed_type", "text"), ("compensable", "bool"), ("record", "text"),
+)
+_TX_COLUMNS = (
+    ("correlation_id", "text"), ("base_status", "text"), ("first_seen", "float8"), ("last_seen", "float8"),
+    ("started_at", "float8"), ("deadline", "float8"), ("deadline_explicit", "bool"), ("root_type", "text"),
+    ("event_count", "int4"), ("terminal_type", "text"), ("terminal_kind", "text"), ("failures", "int4"),
+    ("uncompensated", "int4"), ("timed_out", "bool"),
+)
+
+
+def _names(columns: Sequence[tuple[str, str]]) -> str:
+    return ", ".join(name for name, _ in columns)
+
+
+def _unnest(columns: Sequence[tuple[str, str]]) -> str:
+    """``unnest($1::text[], ...) WITH ORDINALITY AS u(cols..., n)``: many rows in one parameterised statement."""
+    arrays = ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(columns, start=1))
+    return f"unnest({arrays}) WITH ORDINALITY AS u({_names(columns)}, n)"
+
+
+_SELECT_EVENT = ", ".join("record::text" if name == "record" else name for name, _ in _EVENT_COLUMNS)
+_SELECT_TX = _names(_TX_COLUMNS[:1] + _TX_COLUMNS[2:])  # base_status is derived on load
+
+_INSERT_EVENTS = (
+    f"INSERT INTO choreograph_journal_events ({_names(_EVENT_COLUMNS)}) "
+    f"SELECT {_names(_EVENT_COLUMNS[:-1])}, record::jsonb FROM {_unnest(_EVENT_COLUMNS)} ORDER BY n "
+    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
+_SAVE_SUMMARIES = (
+    f"INSERT INTO choreograph_journal_transactions ({_names(_TX_COLUMNS)}) "
+    f"SELECT {_names(_TX_COLUMNS)} FROM {_unnest(_TX_COLUMNS)} "
+    "ON CONFLICT (correlation_id) DO UPDATE SET "
+    + ", ".join(f"{name} = EXCLUDED.{name}" for name, _ in _TX_COLUMNS[1:])
+)
+_LOCK_SUMMARIES = (
+    f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions WHERE correlation_id = ANY($1::text[]) "
+    "ORDER BY correlation_id FOR UPDATE"
+)
+# Volatile calls in the select list run after the sort, so the locks are taken in key order.
+_LOCK_CORRELATIONS = (
+    "SELECT pg_advisory_xact_lock(k) FROM "
+    "(SELECT DISTINCT hashtextextended('choreograph-journal:' || c, 0) AS k FROM unnest($1::text[]) AS c) AS keys "
+    "ORDER BY k"
+)
+
+
+def _entry_row(entry: JournalEntry) -> tuple[Any, ...]:
+    return (
+        entry.event_id, entry.correlation_id, entry.type, entry.source, entry.service, entry.kind, entry.at,
+        entry.recorded_at, entry.causation_id, entry.time, entry.attempt, entry.deadline, entry.failed_type,
+        entry.compensable, orjson.dumps(entry.record).decode() if entry.record is not None else None,
+    )
+
+
+def _entry(row: Sequence[Any]) -> JournalEntry:
+    return JournalEntry(
+        event_id=row[0], correlation_id=row[1], type=row[2], source=row[3], service=row[4], kind=row[5],
+        at=row[6], recorded_at=row[7], causation_id=row[8], time=row[9], attempt=row[10], deadline=row[11],
+        failed_type=row[12], compensable=row[13], record=orjson.loads(row[14]) if row[14] is not None else None,
+    )
+
+
+def _summary_row(s: TransactionSummary) -> tuple[Any, ...]:
+    return (
+        s.correlation_id, s.base_status, s.first_seen, s.last_seen, s.started_at, s.deadline, s.deadline_explicit,
+        s.root_type, s.event_count, s.terminal_type, s.terminal_kind, s.failures, s.uncompensated, s.timed_out,
+    )
+
+
+def _summary(row: Sequence[Any]) -> TransactionSummary:
+    return TransactionSummary(
+        correlation_id=row[0], first_seen=row[1], last_seen=row[2], started_at=row[3], deadline=row[4],
+        deadline_explicit=row[5], root_type=row[6], event_count=row[7], terminal_type=row[8],
+        terminal_kind=row[9], failures=row[10], uncompensated=row[11], timed_out=row[12],
+    )
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows turned into one list per column (the arrays ``unnest`` takes)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+async def _save(conn: Any, summaries: Collection[TransactionSummary]) -> None:
+    if summaries:
+        await conn.execute(_SAVE_SUMMARIES, *_columns([_summary_row(s) for s in summaries], len(_TX_COLUMNS)))
+
+
+class PostgresJournalStore(JournalStore):
+    """``PostgresJournalStore("postgresql://user@host/db?schema=journal")``; tables are created on open."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.config = _pg.parse_url(url)
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = await _pg.create_pool(self.config)
+        try:
+            await _pg.migrate(pool, self.config, "journal", JOURNAL_MIGRATIONS)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with _pg.translate(f"closing journal store {self.url}"):
+                await pool.close()
+
+    def _open_pool(self) -> Any:
+        if self._pool is None:
+            raise StoreError(f"journal store {self.url} is not open")
+        return self._pool
+
+    async def record(self, entries: Sequence[JournalEntry], *, stuck_after: float) -> list[TransactionSummary]:
+        unique: dict[str, JournalEntry] = {}
+        for entry in entries:
+            unique.setdefault(entry.event_id, entry)
+        if not unique:
+            return []
+        rows = [_entry_row(entry) for entry in unique.values()]
+        cids = sorted({entry.correlation_id for entry in unique.values()})
+        pool = self._open_pool()
+        with _pg.translate(f"journal store {self.url}"):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(_LOCK_CORRELATIONS, cids)
+                inserted = {row[0] for row in await conn.fetch(_INSERT_EVENTS, *_columns(rows, len(_EVENT_COLUMNS)))}
+                fresh = [entry for entry in unique.values() if entry.event_id in inserted]
+                touched = sorted({entry.correlation_id for entry in fresh})
+                existing = {
+                    row[0]: _summary(row) for row in await conn.fetch(_LOCK_SUMMARIES, touched)
+                } if touched else {}
+                changed = fold_entries(existing, fresh, stuck_after)
+                await _save(conn, changed.values())
+        return list(changed.values())
+
+    async def summary(self, correlation_id: str) -> TransactionSummary | None:
+        with _pg.translate(f"journal store {self.url}"):
+            row = await self._open_pool().fetchrow(
+                f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions WHERE correlation_id = $1", correlation_id
+            )
+        return _summary(row) if row is not None else None
+
+    async def timeline(self, correlation_id: str) -> list[JournalEntry]:
+        with _pg.translate(f"journal store {self.url}"):
+            rows = await self._open_pool().fetch(
+                f"SELECT {_SELECT_EVENT} FROM choreograph_journal_events WHERE correlation_id = $1 ORDER BY seq",
+                correlation_id,
+            )
+        return [_entry(row) for row in rows]
+
+    async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
+        args: list[Any]
+        if status is None:
+            where, args = "", []
+        elif status == "stuck":
+            where, args = "WHERE base_status = 'running' AND deadline <= $1", [now]
+        elif status == "running":
+            where, args = "WHERE base_status = 'running' AND deadline > $1", [now]
+        else:
+            where, args = "WHERE base_status = $1", [status]
+        sql = (
+            f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions {where} "
+            f"ORDER BY started_at DESC, first_seen DESC LIMIT ${len(args) + 1}"
+        )
+        with _pg.translate(f"journal store {self.url}"):
+            rows = await self._open_pool().fetch(sql, *args, limit)
+        return [_summary(row) for row in rows]
+
+    async def due(self, now: float, limit: int) -> list[TransactionSummary]:
+        with _pg.translate(f"journal store {self.url}"):
+            rows = await self._open_pool().fetch(
+                f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions "
+                "WHERE base_status = 'running' AND NOT timed_out AND deadline <= $1 ORDER BY deadline LIMIT $2",
+                now, limit,
+            )
+        return [_summary(row) for row in rows]
+
+    async def mark_timed_out(self, correlation_ids: Collection[str]) -> None:
+        ids = sorted(set(correlation_ids))
+        if not ids:
+            return
+        pool = self._open_pool()
+        with _pg.translate(f"journal store {self.url}"):
+            async with pool.acquire() as conn, conn.transaction():
+                summaries = [_summary(row) for row in await conn.fetch(_LOCK_SUMMARIES, ids)]
+                for summary in summaries:
+                    summary.timed_out = True  # may turn a failed end into compensated: base_status is re-derived
+                await _save(conn, summaries)

@@ -1,0 +1,129 @@
+"""The journal store on PostgreSQL: what only a shared database has (replicas racing, the schema).
+
+The journal's behaviour on PostgreSQL is specified by ``tests/test_journal.py``, which runs
+every scenario on this store too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from choreograph._journal_model import JournalEntry
+from choreograph._journal_postgres import PostgresJournalStore
+from choreograph.journal import open_journal_store
+from choreograph.stores._pg import parse_url
+from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+
+
+@pytest.fixture
+async def url() -> AsyncIterator[str]:
+    schema = fresh_schema()
+    url = postgres_url(schema)
+    try:
+        yield url
+    finally:
+        await drop_schema(url, schema)
+
+
+@pytest.fixture
+async def stores(url: str) -> AsyncIterator[tuple[PostgresJournalStore, PostgresJournalStore]]:
+    left, right = PostgresJournalStore(url), PostgresJournalStore(url)
+    await asyncio.gather(left.open(), right.open())  # migrations race too
+    try:
+        yield left, right
+    finally:
+        await left.close()
+        await right.close()
+
+
+def entry(event_id: str, cid: str, *, kind: str = "event", at: float = 100.0) -> JournalEntry:
+    return JournalEntry(
+        event_id=event_id, correlation_id=cid, type="t.x", source="/s", service="s",
+        kind=kind,  # type: ignore[arg-type]
+        at=at, recorded_at=at,
+    )
+
+
+def test_postgresql_urls_open_the_postgresql_journal_store() -> None:
+    assert isinstance(open_journal_store("postgresql://u@h/db"), PostgresJournalStore)
+    assert isinstance(open_journal_store("postgres://u@h/db?schema=j"), PostgresJournalStore)
+
+
+async def test_two_replicas_recording_one_transaction_at_once_lose_no_entry(
+    stores: tuple[PostgresJournalStore, PostgresJournalStore],
+) -> None:
+    left, right = stores
+    cids = [f"tx-{n}" for n in range(20)]
+    for round_ in range(5):
+        batches = [
+            (store, [entry(f"{round_}-{name}-{cid}-{i}", cid) for cid in cids for i in range(3)])
+            for store, name in ((left, "l"), (right, "r"))
+        ]
+        batches.append((right, [entry(f"{round_}-l-{cid}-0", cid) for cid in reversed(cids)]))  # redeliveries
+        await asyncio.gather(*(store.record(batch, stuck_after=60) for store, batch in batches))
+    for cid in cids:
+        summary = await left.summary(cid)
+        assert summary is not None and summary.event_count == 30
+        assert len(await right.timeline(cid)) == 30
+
+
+async def test_the_first_terminal_event_decides_whichever_replica_records_it(
+    stores: tuple[PostgresJournalStore, PostgresJournalStore],
+) -> None:
+    left, right = stores
+    await left.record([entry("a", "tx")], stuck_after=60)
+    await asyncio.gather(
+        left.record([entry("done", "tx", kind="completed")], stuck_after=60),
+        right.record([entry("oops", "tx", kind="failed")], stuck_after=60),
+    )
+    summary = await right.summary("tx")
+    assert summary is not None and summary.event_count == 3
+    assert summary.base_status in ("completed", "failed") and summary.terminal_kind == summary.base_status
+
+
+async def test_marking_timed_out_while_recording_keeps_both(
+    stores: tuple[PostgresJournalStore, PostgresJournalStore],
+) -> None:
+    left, right = stores
+    cids = [f"tx-{n}" for n in range(20)]
+    await left.record([entry(f"start-{cid}", cid) for cid in cids], stuck_after=0)
+    await asyncio.gather(
+        left.mark_timed_out(cids),
+        right.record([entry(f"more-{cid}", cid) for cid in cids], stuck_after=0),
+    )
+    for cid in cids:
+        summary = await left.summary(cid)
+        assert summary is not None and summary.timed_out and summary.event_count == 2
+    assert await right.due(now=1e12, limit=100) == []
+
+
+async def test_stuck_is_derived_from_the_stored_base_status_and_deadline(url: str) -> None:
+    store = PostgresJournalStore(url)
+    await store.open()
+    try:
+        await store.record([entry("a", "tx")], stuck_after=60)  # recorded at 100: deadline 160
+    finally:
+        await store.close()
+    config = parse_url(url)
+    conn = await asyncpg.connect(config.dsn)
+    try:
+        row = await conn.fetchrow(
+            f'SELECT base_status, deadline FROM "{config.schema}".choreograph_journal_transactions '
+            "WHERE correlation_id = $1",
+            "tx",
+        )
+    finally:
+        await conn.close()
+    assert row is not None and (row["base_status"], row["deadline"]) == ("running", 160.0)
+    reader = open_journal_store(url)
+    await reader.open()
+    try:
+        assert [s.correlation_id for s in await reader.summaries(status="running", now=159.0, limit=10)] == ["tx"]
+        assert [s.correlation_id for s in await reader.summaries(status="stuck", now=160.0, limit=10)] == ["tx"]
+        assert [s.correlation_id for s in await reader.due(now=160.0, limit=10)] == ["tx"]
+    finally:
+        await reader.close()
