@@ -6,7 +6,7 @@ Only the core client of nats-py is used; the few JetStream requests are spoken d
 * :meth:`JetStream.api` - a JetStream API call; an error answer raises :class:`JetStreamError`.
 * :meth:`JetStream.publish` - write a batch of messages back to back, each with its own
   reply subject on one shared inbox, then wait for all of their PubAcks together: a
-  batch costs one round trip, not one per message.
+  batch costs one round trip, not one per message (and one future, not one per message).
 * :meth:`JetStream.direct_get` - read one stored message (dead letters).
 """
 
@@ -34,13 +34,37 @@ API_TIMEOUT = 5.0
 Item = tuple[str, bytes, Mapping[str, str]]
 
 
+class _Batch:
+    """The PubAcks one :meth:`JetStream.publish` call still waits for."""
+
+    __slots__ = ("left", "error", "done")
+
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.left = count
+        self.error: BaseException | None = None
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def confirm(self, error: BaseException | None) -> None:
+        if self.done.done():
+            return
+        if error is not None and self.error is None:
+            self.error = error
+        self.left -= 1
+        if self.left <= 0:
+            self.done.set_result(None)
+
+    def abort(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
 class JetStream:
     """JetStream requests on the connection ``nc`` (call :meth:`start` once)."""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self._puback_prefix = nc.new_inbox() + "."
-        self._pubacks: dict[str, asyncio.Future[None]] = {}
+        self._pubacks: dict[str, _Batch] = {}
         self._tokens = itertools.count()
 
     async def start(self) -> None:
@@ -49,8 +73,8 @@ class JetStream:
 
     def cancel(self) -> None:
         """Release publishers waiting for acknowledgements (the connection is going away)."""
-        for future in self._pubacks.values():
-            future.cancel()
+        for batch in set(self._pubacks.values()):
+            batch.abort(TransportClosed("nats: the transport was closed while publishing"))
 
     def _open(self) -> Client:
         if self.nc.is_closed:
@@ -95,8 +119,8 @@ class JetStream:
         if not items:
             return
         nc = self._open()
-        loop = asyncio.get_running_loop()
-        waiting: list[tuple[str, asyncio.Future[None]]] = []
+        batch = _Batch(len(items), asyncio.get_running_loop())
+        tokens: list[str] = []
         try:
             with codec.translated("publish"):
                 for subject, body, headers in items:
@@ -104,47 +128,47 @@ class JetStream:
                         raise TransportError(
                             f"nats: a body of {len(body)} bytes exceeds the server's max_payload ({nc.max_payload})"
                         )
-                    if len(body) + codec.header_size(headers) > nc.max_payload:
+                    if headers and len(body) + codec.header_size(headers) > nc.max_payload:
                         headers = {}  # a dedupe key is not worth refusing the message for
                     token = str(next(self._tokens))
-                    future: asyncio.Future[None] = loop.create_future()
-                    self._pubacks[token] = future
-                    waiting.append((token, future))
+                    self._pubacks[token] = batch
+                    tokens.append(token)
                     await nc.publish(
                         subject, body, reply=self._puback_prefix + token, headers=dict(headers) or None
                     )
-            done, pending = await asyncio.wait([future for _, future in waiting], timeout=PUBLISH_TIMEOUT)
-            if any(future.cancelled() for future in done):
-                raise TransportClosed("nats: the transport was closed while publishing")
-            errors = [exc for future in done if (exc := future.exception()) is not None]
-            if errors:
-                raise errors[0]
-            if pending:
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await batch.done
+            except TimeoutError:
                 raise TransportError(
-                    f"nats: publish: {len(pending)} of {len(items)} message(s) not confirmed within {PUBLISH_TIMEOUT} s"
-                )
+                    f"nats: publish: {batch.left} of {len(items)} message(s) not confirmed within {PUBLISH_TIMEOUT} s"
+                ) from None
+            if batch.error is not None:
+                raise batch.error
         finally:
-            for token, future in waiting:
+            for token in tokens:
                 self._pubacks.pop(token, None)
-                if not future.done():
-                    future.cancel()
-                elif not future.cancelled():
-                    future.exception()  # mark retrieved: no "never retrieved" noise
+            if batch.done.done() and not batch.done.cancelled():
+                batch.done.exception()  # mark retrieved: no "never retrieved" noise
+            else:
+                batch.done.cancel()
 
     async def _on_puback(self, msg: Msg) -> None:
-        future = self._pubacks.get(msg.subject[len(self._puback_prefix) :])
-        if future is None or future.done():
+        batch = self._pubacks.pop(msg.subject[len(self._puback_prefix) :], None)
+        if batch is None:
+            return
+        data = msg.data
+        if b'"error"' not in data and data.startswith(b"{"):  # the usual {"stream":...,"seq":...}
+            batch.confirm(None)
             return
         if (msg.headers or {}).get("Status") == "503":
-            future.set_exception(
-                TransportError("nats: publish: no stream takes this subject (was it deleted?)")
-            )
+            batch.confirm(TransportError("nats: publish: no stream answered (deleted, or electing a leader?)"))
             return
         try:
-            error = json.loads(msg.data).get("error")
+            error = json.loads(data).get("error")
         except ValueError:
-            error = {"description": f"unreadable acknowledgement {msg.data[:100]!r}"}
+            error = {"description": f"unreadable acknowledgement {data[:100]!r}"}
         if error:
-            future.set_exception(TransportError(f"nats: publish rejected: {error.get('description', error)}"))
+            batch.confirm(TransportError(f"nats: publish rejected: {error.get('description', error)}"))
         else:
-            future.set_result(None)
+            batch.confirm(None)

@@ -127,6 +127,24 @@ def split_subject(tail: str, headers: Mapping[str, str] | None = None) -> tuple[
         return None
 
 
+def ack_metadata(reply: str) -> tuple[int, int] | None:
+    """``(delivery count, stream sequence)`` from a JetStream ack subject, or None.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>`` or, with a
+    domain and account hash, ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>...``.
+    (nats-py's ``Msg.metadata`` parses the same and builds objects and a datetime we do not need.)
+    """
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[4]), int(tokens[5])
+        if len(tokens) >= 11:
+            return int(tokens[6]), int(tokens[7])
+    except ValueError:
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def translated(action: str) -> Iterator[None]:
     """Re-raise nats-py failures inside the block as :class:`TransportError` naming ``action``."""

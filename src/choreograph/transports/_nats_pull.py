@@ -317,12 +317,15 @@ class NatsSubscription(Subscription):
             parsed = codec.split_subject(subject[len(self._replay_prefix) :], msg.headers)
         else:  # another group's replay (servers without multi-subject filters)
             return None
-        metadata = msg.metadata
+        ack = codec.ack_metadata(msg.reply)
+        if ack is None:
+            metadata = msg.metadata
+            ack = (metadata.num_delivered, metadata.sequence.stream)
         if parsed is None:  # not published by choreograph: let the runtime dead-letter it
-            parsed = (subject, f"nats-{self._stream}-{metadata.sequence.stream}")
+            parsed = (subject, f"nats-{self._stream}-{ack[1]}")
         event_type, message_id = parsed
         message = Message(id=message_id, type=event_type, body=msg.data)
-        return NatsDelivery(message, metadata.num_delivered, self.group, self, msg.reply)
+        return NatsDelivery(message, ack[0], self.group, self, msg.reply)
 
     async def _reply_to(self, reply: str, payload: bytes) -> None:
         with codec.translated("settle a delivery"):
