@@ -45,6 +45,8 @@ from choreograph.service import FAILED
 from choreograph.transports.base import Message, Subscription, Transport
 
 OBSERVER_GROUP = "chaos-observer"
+PLACED = "shop.order.placed"
+TERMINAL = ("shop.order.shipped", "shop.order.cancelled")
 TIMER_SLACK = 5.0
 """Seconds past its due time a join deadline timer may still be waiting (redelivery precision)."""
 
@@ -77,6 +79,8 @@ class Observer:
         self.timers: dict[str, float] = {}  # timer event id -> due (epoch seconds)
         self.timer_copies: collections.Counter[str] = collections.Counter()  # timer id -> copies published
         self.seen: set[str] = set()
+        self.placed_at: dict[str, float] = {}  # order -> when the observer first saw it placed
+        self.ended_at: dict[str, float] = {}  # order -> when the observer first saw its terminal event
         self.observed = 0
         self.duplicated = 0
         self.duplicate_failures = 0
@@ -117,6 +121,10 @@ class Observer:
         if order is not None:
             kind = f"{FAILED}:{data.get('type')}" if message.type == FAILED else message.type
             self.ids[order][kind].add(message.id)
+            if kind in TERMINAL:
+                self.ended_at.setdefault(order, time.time())
+            elif kind == PLACED:
+                self.placed_at.setdefault(order, time.time())
         if self.duplicate_rate and self.rng.random() < self.duplicate_rate:
             delay = self.rng.uniform(0.0, 1.0)
             task = asyncio.create_task(self._copy(message, delay))
@@ -132,6 +140,14 @@ class Observer:
                 self.timer_copies[message.id] += 1
         except Exception:  # a copy is a fault we inject; failing to inject one is not a finding
             self.duplicate_failures += 1
+
+    def latencies(self) -> dict[str, float]:
+        """Seconds from an order's placement to its end, as the observer saw them: p50, p99, max."""
+        spans = sorted(self.ended_at[o] - self.placed_at[o] for o in self.ended_at if o in self.placed_at)
+        if not spans:
+            return {}
+        pick = lambda q: round(spans[min(len(spans) - 1, int(q * len(spans)))], 2)  # noqa: E731
+        return {"p50": pick(0.5), "p99": pick(0.99), "max": round(spans[-1], 2)}
 
     def timers_not_due(self, now: float) -> int:
         """Timer deliveries (copies included) a group taking timers may still hold, unacknowledged."""

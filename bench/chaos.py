@@ -333,6 +333,7 @@ class Harness:
                 "settle": round(marks["settled"] - marks["ended"], 1),
             },
             "orders_per_s": round(len(self.orders) / to_end, 1) if to_end else None,
+            "order_latency_s": observer.latencies(),
             "workdir": str(self.workdir) if opts.keep else None,
         }
 
@@ -341,7 +342,8 @@ def print_report(report: dict[str, Any]) -> None:
     f, o, d = report["faults"], report["outcomes"], report["duration_s"]
     lines = [
         f"chaos on {report['broker']}: {report['orders']} orders -> shipped {o['shipped']}, "
-        f"cancelled {o['cancelled']} in {d['orders_to_end']}s ({report['orders_per_s']} orders/s)",
+        f"cancelled {o['cancelled']} in {d['orders_to_end']}s ({report['orders_per_s']} orders/s; "
+        f"placed to ended {report['order_latency_s']})",
         f"faults: {f['transient']} transient, {f['hangs']} hangs ({f['handler_timeouts']} timeouts), "
         f"{f['kills']} kills, {f['duplicates']} duplicates ({f['duplicate_copies']} copies on the bus, "
         f"{f['duplicate_reruns']} steps run again); retries {report['retries']}",
