@@ -146,7 +146,9 @@ class Observer:
         spans = sorted(self.ended_at[o] - self.placed_at[o] for o in self.ended_at if o in self.placed_at)
         if not spans:
             return {}
-        pick = lambda q: round(spans[min(len(spans) - 1, int(q * len(spans)))], 2)  # noqa: E731
+        def pick(q: float) -> float:
+            return round(spans[min(len(spans) - 1, int(q * len(spans)))], 2)
+
         return {"p50": pick(0.5), "p99": pick(0.99), "max": round(spans[-1], 2)}
 
     def timers_not_due(self, now: float) -> int:

@@ -204,6 +204,8 @@ class Fleet:
 
     async def stop(self) -> None:
         """SIGTERM every replica (they drain and settle), SIGKILL what is left after STOP_TIMEOUT."""
+        if self._stopping:
+            return
         self._stopping = True
         live = [r.proc for r in self.replicas if r.proc is not None and r.proc.returncode is None]
         for proc in live:

@@ -111,7 +111,7 @@ def seed(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
     from examples.shop import inventory, orders, payment, shipping
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Callable[[sqlite3.Connection], None]] = {
+    extra: dict[str, Callable[[sqlite3.Connection], object]] = {
         "payment": lambda c: c.executemany("INSERT OR IGNORE INTO balances VALUES (?, ?)", BALANCES.items()),
         "inventory": lambda c: c.executemany("INSERT OR IGNORE INTO stock VALUES (?, ?)", STOCK.items()),
     }

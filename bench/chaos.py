@@ -130,7 +130,6 @@ class Harness:
 
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
-        self.rng = random.Random(opts.seed)
         self.workdir = Path(tempfile.mkdtemp(prefix="choreograph-chaos-"))
         self.data_dir = self.workdir / "shop"
         self.url = broker_url(opts.broker, self.workdir, opts.lease)
@@ -271,8 +270,7 @@ class Harness:
                 checks += self.runtime_checks(backlog, fleet)
                 return self.report(stores, fleet, observer, checks, reasons, len(letters), backlog)
         finally:
-            if not fleet._stopping:
-                await fleet.stop()
+            await fleet.stop()  # no-op once stopped
             await observer.stop()
             await transport.close()
             await bus.close(keep=opts.keep)
