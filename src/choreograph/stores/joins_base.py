@@ -65,7 +65,7 @@ class JoinState:
 
 
 class JoinStore(abc.ABC):
-    """Durable join instances (memory, SQLite; PostgreSQL to come)."""
+    """Durable join instances (memory, SQLite, PostgreSQL)."""
 
     url: str
 
@@ -127,17 +127,17 @@ def open_join_store(url: str) -> JoinStore:
 
 
 def join_store_beside(inbox_url: str) -> JoinStore:
-    """A worker's default join store: in its inbox's database (same SQLite file), else in memory.
+    """A worker's default join store: in its inbox's database (same SQLite file or PostgreSQL schema), else in memory.
 
     Join arrivals are as much the service's state as its inbox, so they live and die
-    with it: a worker given ``sqlite:///var/shipping.db`` for its inbox keeps its joins
-    there too and finds them again after a restart.
+    with it: a worker given ``sqlite:///var/shipping.db`` (or ``postgresql://...?schema=shipping``)
+    for its inbox keeps its joins there too and finds them again after a restart.
     """
     scheme = urlsplit(inbox_url).scheme if "://" in inbox_url else ""
     if scheme in _SCHEMES and scheme != "memory":
         try:
             return open_join_store(inbox_url)
-        except ConfigurationError:  # e.g. no PostgreSQL join store yet
+        except ConfigurationError:  # a URL the join store rejects
             log.warning("no join store for %s; joins and compensations are kept in memory", inbox_url)
     from choreograph.stores.joins_memory import MemoryJoinStore
 
