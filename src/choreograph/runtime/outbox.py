@@ -45,7 +45,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from choreograph._envelope import Envelope, new_id
@@ -73,13 +73,26 @@ class HandlerUnit:
     every other path (a no-op once committed).
     """
 
-    __slots__ = ("store", "ctx", "used", "conn")
+    __slots__ = ("store", "ctx", "used", "conn", "_after_commit")
 
     def __init__(self, store: StateStore, ctx: Context) -> None:
         self.store = store
         self.ctx = ctx
         self.used = False
         self.conn: TxConnection | None = None
+        self._after_commit: list[Callable[[], None]] | None = None
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` as soon as this unit's commit returns: before the worker acks
+        the delivery and before the relay, woken by the commit on the loop, has published
+        the rows; not at all if the unit rolls back or another consumer committed first.
+
+        For fault injection (``choreograph.faults`` crashes here, in the window the outbox
+        closes). The callback must not raise: the commit stands either way.
+        """
+        if self._after_commit is None:
+            self._after_commit = []
+        self._after_commit.append(callback)
 
     def block(self) -> _Block:
         """``async with ctx.transaction() as tx``: begin (or re-enter); an exception rolls back."""
@@ -94,10 +107,14 @@ class HandlerUnit:
         if conn is None:  # the handler's block rolled back and it carried on: record the rest alone
             conn = await self.store.begin()
         try:
-            return await conn.commit(
+            fresh = await conn.commit(
                 inbox=(group, event_id), service=self.ctx.service, messages=messages,
                 forget_failures=self.ctx.attempt > 1,  # a first attempt has no failure history
             )
+            if fresh and self._after_commit:
+                for callback in self._after_commit:  # no await in between: still before the relay
+                    callback()
+            return fresh
         finally:
             await conn.rollback()  # no-op after commit; releases the writer turn if commit failed early
 
