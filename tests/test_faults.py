@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from choreograph import Reject
+from choreograph import Context, Event, Publisher, Reject, RetryPolicy, Service, Worker
 from choreograph.errors import ConfigurationError
 from choreograph.faults import FAULTS_ENV, RESTARTS_ENV, Faults, FaultSpec, InjectedFault, load_faults
+from choreograph.testing import MemoryTransport, settled
+from choreograph.transports import open_transport
 
 
 @dataclasses.dataclass
@@ -141,3 +146,86 @@ async def test_duplicate_rate_fails_attempts_after_their_step_succeeded() -> Non
         async with faults.step(Ctx()):
             ran.append("step")
     assert ran == ["step"] and faults.completed == 1
+
+
+class DupAsked(Event, type="test.faults.dup.asked"):
+    n: int
+
+
+_TRANSACTIONAL_WORKER = """
+import asyncio, sys
+from choreograph import Context, Event, Publisher, Service, Worker
+from choreograph.faults import Faults
+from choreograph.transports import open_transport
+
+class Asked(Event, type="test.faults.asked"):
+    n: int
+
+class Done(Event, type="test.faults.done"):
+    n: int
+
+svc = Service("svc", database=sys.argv[1])
+faults = Faults.for_service("svc")
+
+@svc.on(Asked)
+async def handle(asked: Asked, ctx: Context) -> Done:
+    async with faults.step(ctx), ctx.transaction() as tx:
+        await tx.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY)")
+        await tx.execute("INSERT INTO t VALUES ($1)", asked.n)
+    return Done(n=asked.n)
+
+async def main():
+    async with open_transport(sys.argv[2]) as bus, Worker([svc], bus):
+        await Publisher(bus).publish(Asked(n=1))
+        await asyncio.sleep(30)
+
+asyncio.run(main())
+"""
+
+
+async def test_crash_after_in_a_transactional_step_kills_after_the_commit_before_the_relay_publishes(
+    tmp_path: Path,
+) -> None:
+    database, bus_url = tmp_path / "svc.db", f"sqlite:///{tmp_path / 'bus.db'}"
+    async with open_transport(bus_url) as bus:
+        await (await bus.subscribe("probe", ["test.faults.done"])).close()  # the group keeps what comes
+        env = {**os.environ, FAULTS_ENV: '{"svc": {"crash_after": 1}}'}
+        env.pop(RESTARTS_ENV, None)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _TRANSACTIONAL_WORKER, f"sqlite:///{database}", bus_url, env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == -9, stderr.decode()
+
+        db = sqlite3.connect(database)
+        assert db.execute("SELECT n FROM t").fetchall() == [(1,)]
+        assert db.execute("SELECT count(*) FROM choreograph_inbox WHERE grp = 'svc'").fetchone() == (1,)
+        assert db.execute("SELECT type, sent_at FROM choreograph_outbox").fetchall() == [("test.faults.done", None)]
+        db.close()
+        probe = await bus.subscribe("probe", ["test.faults.done"])
+        try:
+            assert await probe.fetch(10, timeout=0.5) == []
+        finally:
+            await probe.close()
+
+
+async def test_duplicate_rate_in_a_transactional_step_rolls_the_step_back_with_the_attempt(
+    tmp_path: Path,
+) -> None:
+    svc = Service("svc", database=f"sqlite:///{tmp_path / 'svc.db'}", retry=RetryPolicy(base=0.01, jitter=False))
+    duplicating, healthy = Faults("svc", FaultSpec(duplicate_rate=1.0)), Faults("svc")
+
+    @svc.on(DupAsked)
+    async def handle(asked: DupAsked, ctx: Context) -> None:
+        async with (duplicating if ctx.attempt == 1 else healthy).step(ctx), ctx.transaction() as tx:
+            await tx.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY)")
+            await tx.execute("INSERT INTO t VALUES ($1)", asked.n)  # a second insert of n would fail
+
+    bus = MemoryTransport()
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(DupAsked(n=1))
+        await settled(bus)
+    assert (worker.stats("svc").retried, worker.stats("svc").handled) == (1, 1)
+    assert sqlite3.connect(tmp_path / "svc.db").execute("SELECT n FROM t").fetchall() == [(1,)]
+    assert duplicating.completed == 0 and healthy.completed == 1

@@ -28,10 +28,19 @@ cannot filter (the first run was never recorded as done); ``crash_after`` kills 
 process with SIGKILL once it has completed that many steps, i.e. after the state change
 was committed but before the outputs were published and the input acked: the worst
 moment, and the one idempotency must survive.
+
 ``crash_times`` (default 1; 0 for every time) limits the crashes to the first process
 lifetimes, counted by ``CHOREOGRAPH_RESTARTS`` (``choreograph dev`` sets it when it
 restarts a process): a restarted process that crashed again on the same redelivered
 batch before publishing anything would never make progress.
+
+A step that used the service database (``ctx.transaction()`` inside the step) only
+commits when the handler returns, so there ``crash_after`` waits for that commit and
+kills the process right after it, before the outbox relay has published the outputs
+and before the input is acked: the window the transactional outbox closes (the
+redelivered input finds its inbox record, the restarted relay publishes the rows).
+``duplicate_rate`` fails such a step before its commit, so the state change is rolled
+back with it and the next attempt starts from scratch.
 
 The ``"*"`` key applies to every service without an entry of its own. The
 configuration is read when :meth:`Faults.for_service` is first used in a process.
@@ -193,6 +202,10 @@ class Faults:
     def after(self) -> None:
         """Count a completed step; SIGKILL this process once ``crash_after`` steps completed;
         fail ``duplicate_rate`` of the completed steps so that they are delivered again."""
+        self._count()
+        self._duplicate()
+
+    def _count(self) -> None:
         self.completed += 1
         spec = self.spec
         if spec.crash_after and self.completed >= spec.crash_after and self._crashes_this_life():
@@ -201,6 +214,9 @@ class Faults:
                 with contextlib.suppress(Exception):
                     handler.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _duplicate(self) -> None:
+        spec = self.spec
         if spec.duplicate_rate and self.rng.random() < spec.duplicate_rate:
             raise InjectedFault(
                 f"{self.service}: injected duplicate delivery: the step succeeded, the attempt fails "
@@ -218,10 +234,16 @@ class Faults:
 
     @contextlib.asynccontextmanager
     async def step(self, ctx: _HasAttempt) -> AsyncIterator[None]:
-        """Wrap one step: faults before it, a possible crash right after it succeeded."""
+        """Wrap one step: faults before it, a possible crash right after it succeeded
+        (after the handler's commit if the step used ``ctx.transaction()``)."""
         await self.before(ctx)
         yield
-        self.after()
+        unit = getattr(ctx, "_unit", None)  # a handler's unit of work (choreograph.runtime.outbox)
+        if unit is not None and unit.used:
+            self._duplicate()  # before the commit: rolls the step back with the attempt
+            unit.after_commit(self._count)
+        else:
+            self.after()
 
 
 class _LazyFaults(Faults):
