@@ -309,7 +309,7 @@ class AmqpTransport(Transport):
         letters.sort(key=lambda letter: letter.dead_at)
         return letters[:limit]
 
-    async def deadread_dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
+    async def dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
         async with self._browsing(group, None) as raws:
             for raw in raws:
                 if raw.message_id == message_id:
