@@ -137,6 +137,10 @@ class _Runner:
         self.stopping = False
         self.fetching = False
         self.tasks: list[asyncio.Task[None]] = []
+        # Handler timeouts: one watchdog per service instead of a timer per delivery.
+        self.deadlines: dict[asyncio.Task[Any], float] = {}
+        self.timed_out: set[asyncio.Task[Any]] = set()
+        self.watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.store = self.worker.outbox.store_for(self.service) or self.worker.store
@@ -146,6 +150,9 @@ class _Runner:
             asyncio.create_task(self._settle_loop(), name=f"choreograph-settle-{self.group}"),
             asyncio.create_task(self._touch_loop(), name=f"choreograph-touch-{self.group}"),
         ]
+        timeouts = [h.timeout for h in self.service.all_handlers()] or [1.0]
+        tick = min(0.5, max(0.005, min(timeouts) / 10))
+        self.watchdog = asyncio.create_task(self._watchdog_loop(tick), name=f"choreograph-timeouts-{self.group}")
 
     # -- fetching ---------------------------------------------------------------------
 
@@ -230,6 +237,21 @@ class _Runner:
                 except Exception as exc:
                     log.warning("could not extend the lease of %r: %s", delivery, exc)
 
+    async def _watchdog_loop(self, tick: float) -> None:
+        """Cancel handlers past their timeout (checked every ``tick`` seconds).
+
+        Cheaper than ``asyncio.timeout`` around every handler call, which schedules and
+        cancels a timer per delivery; the price is up to ``tick`` of lateness.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for task, deadline in list(self.deadlines.items()):
+                if deadline <= now and task not in self.timed_out:
+                    self.timed_out.add(task)
+                    task.cancel()
+
     # -- handling ---------------------------------------------------------------------
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -270,14 +292,23 @@ class _Runner:
         token = _set_current(ctx)
         try:
             args = (argument, ctx) if handler.takes_context else (argument,)
+            task = asyncio.current_task()
+            assert task is not None
+            self.deadlines[task] = asyncio.get_running_loop().time() + handler.timeout
             try:
-                async with asyncio.timeout(handler.timeout):  # no extra task, unlike wait_for
-                    if handler.join is None:
-                        result = await handler.func(*args)
-                    else:  # a join or compensation: records the arrival, calls func once all arrived
-                        result = await handler.join.run(argument, ctx, worker.joins, worker.clock)
-            except TimeoutError:
-                raise HandlerTimeout(f"handler exceeded its timeout of {handler.timeout}s") from None
+                if handler.join is None:
+                    result = await handler.func(*args)
+                else:  # a join or compensation: records the arrival, calls func once all arrived
+                    result = await handler.join.run(argument, ctx, worker.joins, worker.clock)
+            except asyncio.CancelledError:
+                if task in self.timed_out:  # the watchdog, not a shutdown
+                    raise HandlerTimeout(f"handler exceeded its timeout of {handler.timeout}s") from None
+                raise
+            finally:
+                del self.deadlines[task]
+                if task in self.timed_out:
+                    self.timed_out.discard(task)
+                    task.uncancel()
             messages = self._outputs(handler, envelope, _outputs_of(result), ctx)
             mark = True
             if unit is not None and unit.used:  # state, inbox record and outputs commit together
@@ -447,6 +478,8 @@ class _Runner:
         self.slot_free.set()
         fetch, settle, touch = self.tasks
         touch.cancel()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         if self.fetching:
             fetch.cancel()
         loop = asyncio.get_running_loop()
@@ -467,7 +500,7 @@ class _Runner:
             log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
                         "their deliveries return after the lease", self.group, STOP_GRACE)
             settle.cancel()
-        await asyncio.gather(settle, touch, return_exceptions=True)
+        await asyncio.gather(settle, touch, *([self.watchdog] if self.watchdog else []), return_exceptions=True)
         if self.sub is not None:
             try:
                 async with asyncio.timeout(max(1.0, grace_by - loop.time())):
