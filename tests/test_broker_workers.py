@@ -143,6 +143,8 @@ def exits_in(proc: subprocess.Popen[bytes], seconds: float) -> int:
 def test_sigterm_releases_in_flight_work_to_another_replica_and_exits_promptly(
     server: Server, chain: list[ChainSystem], tmp_path: Path
 ) -> None:
+    """Handlers still running at the end of the drain are cancelled and given back at once
+    (long before their lease), and the replica left picks them up."""
     system = ChainSystem(tmp_path, server.url(LONG_LEASE), drain_timeout=DRAIN)
     chain.append(system)
     holder = system.spawn("hop1")
@@ -167,15 +169,24 @@ def test_sigterm_releases_in_flight_work_to_another_replica_and_exits_promptly(
     ]
 
 
-def test_workers_ride_out_a_broker_crash_and_one_stopped_meanwhile_still_exits(
+def test_workers_ride_out_a_broker_crash_without_losing_or_repeating_anything(
     server: Server, chain: list[ChainSystem], tmp_path: Path
 ) -> None:
+    """SIGKILL the broker mid-run and start it again: every worker reconnects and carries on.
+
+    The lease is longer than the outage, so nothing in flight is handed to another replica
+    meanwhile (that would be an honest at-least-once re-run; see the next test)."""
     orders = 120
-    system = ChainSystem(tmp_path, server.url(lease=5.0), drain_timeout=DRAIN)
+    system = ChainSystem(tmp_path, server.url(lease=20.0), drain_timeout=DRAIN)
     chain.append(system)
     system.start()
-    leaving = system.spawn("hop2")  # a second hop2 replica, stopped while the broker is down
+    system.spawn("hop2")  # two replicas of hop2 compete across the outage
     system.wait_running()
+
+    def crash() -> None:
+        server.kill()
+        time.sleep(1.0)  # the workers notice; their fetches and settlements wait for the broker
+        server.start()
 
     async def drive() -> None:
         async with open_transport(system.url) as bus:
@@ -185,13 +196,6 @@ def test_workers_ride_out_a_broker_crash_and_one_stopped_meanwhile_still_exits(
                     await asyncio.to_thread(crash)
                 await publish(publisher, [Order(n=n) for n in range(first, first + 10)], give_up_after=60)
                 await asyncio.sleep(0.05)
-
-    def crash() -> None:
-        server.kill()
-        time.sleep(0.5)  # the workers notice; their fetches wait for the broker
-        leaving.send_signal(signal.SIGTERM)
-        assert exits_in(leaving, DRAIN + EXIT_SLACK) == 0, system.logs()
-        server.start()
 
     asyncio.run(drive())
     wait_for(
@@ -204,12 +208,14 @@ def test_workers_ride_out_a_broker_crash_and_one_stopped_meanwhile_still_exits(
     ]
     twice = {key: count for key, count in system.runs_per_event().items() if count > 1}
     assert twice == {}, f"handled more than once: {twice}"
-    assert all(proc.poll() is None for proc, _ in system.procs if proc is not leaving), system.logs()
+    assert all(proc.poll() is None for proc, _ in system.procs), system.logs()
 
 
 def test_a_worker_stopped_with_outcomes_it_cannot_settle_exits_and_another_replica_finishes_them(
     server: Server, chain: list[ChainSystem], tmp_path: Path
 ) -> None:
+    """The broker dies under a worker whose handlers then finish: SIGTERM still ends it within
+    the drain plus the stop grace, and what it could not settle reaches another replica."""
     system = ChainSystem(tmp_path, server.url(lease=3.0), drain_timeout=DRAIN)
     chain.append(system)
     holder = system.spawn("hop1")
@@ -220,7 +226,7 @@ def test_a_worker_stopped_with_outcomes_it_cannot_settle_exits_and_another_repli
     wait_for(lambda: system.query("SELECT count(*) FROM runs")[0][0] == 10, 30, "hop1 did not take all 10")
     server.kill()  # the handlers finish now, and their outputs cannot be published
     time.sleep(1.5)
-    holder.send_signal(signal.SIGTERM)
+    holder.send_signal(signal.SIGTERM)  # its fetch is waiting for the broker, its settling failing
     assert exits_in(holder, DRAIN + EXIT_SLACK) == 0, system.logs()
     server.start()
     system.spawn("hop1")
