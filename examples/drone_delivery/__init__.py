@@ -6,7 +6,7 @@
     package ──PackageCreated──▶ drone-scheduler ──DroneAssigned──▶ delivery ──DeliveryScheduled (completed)
     drone-scheduler gives up ──choreograph.failed──▶ package (compensates) ──DeliveryCancelled (failed)
 
-Each service owns its SQLite store (under ``$CHOREOGRAPH_DATA_DIR``, default
+Each service owns its SQLite database (under ``$CHOREOGRAPH_DATA_DIR``, default
 ``./var/drone_delivery``) and runs in its own process::
 
     choreograph dev examples.drone_delivery.app:app        # everything, colour-prefixed logs

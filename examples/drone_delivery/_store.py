@@ -1,22 +1,22 @@
-"""Each service's own SQLite database, used from async handlers without blocking the loop.
+"""Where the Drone Delivery services keep their state, and the tables they create on first use.
 
-One connection per store, used by one dedicated thread; every call is one
-transaction (``BEGIN IMMEDIATE``), so a read-check-write (e.g. "pick a free drone and
-assign it") is atomic even with several replicas of a service on the same file.
+Each service declares its own database (``Service("package", database=database_url("package"))``)
+and changes it only through ``ctx.transaction()``: the rows it writes, the inbox
+record of the event it handles and the events it emits commit together when the
+handler returns (see ``docs/stores.md``).
+
+The URL is fixed when the service module is imported, from ``$CHOREOGRAPH_DATA_DIR``
+(``choreograph dev`` sets it for every process it starts; default
+``./var/drone_delivery``), and the worker opens the database when it starts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sqlite3
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
+from choreograph.runtime.outbox import Transaction
 
 DATA_ENV = "CHOREOGRAPH_DATA_DIR"
 
@@ -26,82 +26,35 @@ def data_dir() -> Path:
     return Path(os.environ.get(DATA_ENV) or "./var/drone_delivery")
 
 
-class Store:
-    """A service's database at ``<data dir>/<name>.db``, created with ``schema`` on first use."""
+def database_url(service: str) -> str:
+    """``sqlite:///<data dir>/<service>.db``: the database of ``service``."""
+    return f"sqlite:///{data_dir() / f'{service}.db'}"
+
+
+class Schema:
+    """A service's tables (``CREATE ... IF NOT EXISTS``) and an optional seed, applied in its transaction.
+
+    ``await schema.ensure(tx)`` at the start of each transaction: once the tables exist
+    the statements are no-ops (microseconds on SQLite). It runs in the handler's own
+    transaction rather than once per process because a first transaction that rolls
+    back (a ``Reject``, a ``Retry``) takes its DDL with it, and the next one must create
+    the tables again. ``seed(tx)`` runs while ``probe`` (a table) is empty.
+    """
 
     def __init__(
-        self, name: str, schema: str, *, seed: Callable[[sqlite3.Connection], None] | None = None
+        self,
+        *statements: str,
+        seed: Callable[[Transaction], Awaitable[None]] | None = None,
+        probe: str | None = None,
     ) -> None:
-        self.name = name
-        self.schema = schema
+        if seed is not None and probe is None:
+            raise ValueError("a seed needs the table that shows whether it ran (probe=)")
+        self.statements = statements
         self.seed = seed
-        self._conn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self.probe = probe
 
-    @property
-    def path(self) -> Path:
-        return data_dir() / f"{self.name}.db"
-
-    def _open(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            conn.row_factory = sqlite3.Row
-            for attempt in range(100):
-                # Replicas may create the file at the same moment; switching it to WAL can
-                # then fail at once with "database is locked" (no busy wait): try again.
-                try:
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    break
-                except sqlite3.OperationalError:
-                    if attempt == 99:
-                        raise
-                    time.sleep(0.05)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in filter(None, (s.strip() for s in self.schema.split(";"))):
-                    conn.execute(statement)
-                if self.seed is not None:
-                    self.seed(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._open()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(connection)`` in one transaction on the store's thread."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.name}")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
-
-    def close(self) -> None:
-        """Close the connection (the next call reopens it, possibly at a new data dir)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Synchronous read for tests and tools (another connection; never blocks writers)."""
-        conn = sqlite3.connect(self.path, timeout=30.0)
-        conn.row_factory = sqlite3.Row
-        try:
-            return fn(conn)
-        finally:
-            conn.close()
+    async def ensure(self, tx: Transaction) -> None:
+        for statement in self.statements:
+            await tx.execute(statement)
+        if self.seed is not None and await tx.fetchval(f"SELECT 1 FROM {self.probe} LIMIT 1") is None:
+            await self.seed(tx)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import zlib
 
 from choreograph import Context, Service
 from choreograph.faults import Faults
-from examples.drone_delivery._store import Store
+from examples.drone_delivery._store import Schema, database_url
 from examples.drone_delivery.events import DeliveryScheduled, DroneAssigned
 
-delivery = Service("delivery", timeout=5.0)
+delivery = Service("delivery", timeout=5.0, database=database_url("delivery"))
 faults = Faults.for_service(delivery.name)
 
-store = Store(
-    "delivery",
+schema = Schema(
     """
     CREATE TABLE IF NOT EXISTS deliveries (
         delivery_id TEXT PRIMARY KEY,
@@ -38,11 +36,14 @@ def _etas(pickup: str, dropoff: str) -> tuple[int, int]:
     return to_pickup, to_pickup + flight
 
 
-def _schedule(conn: sqlite3.Connection, assigned: DroneAssigned) -> sqlite3.Row:
+@delivery.on(DroneAssigned)
+async def schedule_delivery(assigned: DroneAssigned, ctx: Context) -> DeliveryScheduled:
+    """Schedule once per delivery id; a repeat reads back the schedule already made."""
     pickup_eta, dropoff_eta = _etas(assigned.pickup, assigned.dropoff)
-    conn.execute(
-        "INSERT INTO deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(delivery_id) DO NOTHING",
-        (
+    async with faults.step(ctx), ctx.transaction() as tx:
+        await schema.ensure(tx)
+        await tx.execute(
+            "INSERT INTO deliveries VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (delivery_id) DO NOTHING",
             assigned.delivery_id,
             assigned.package_id,
             assigned.drone_id,
@@ -51,19 +52,8 @@ def _schedule(conn: sqlite3.Connection, assigned: DroneAssigned) -> sqlite3.Row:
             pickup_eta,
             dropoff_eta,
             time.time(),
-        ),
-    )
-    row: sqlite3.Row = conn.execute(
-        "SELECT * FROM deliveries WHERE delivery_id = ?", (assigned.delivery_id,)
-    ).fetchone()
-    return row
-
-
-@delivery.on(DroneAssigned)
-async def schedule_delivery(assigned: DroneAssigned, ctx: Context) -> DeliveryScheduled:
-    """Schedule once per delivery id; a redelivery reads back the schedule already made."""
-    async with faults.step(ctx):
-        row = await store.run(lambda conn: _schedule(conn, assigned))
+        )
+        (row,) = await tx.fetch("SELECT * FROM deliveries WHERE delivery_id = $1", assigned.delivery_id)
     return DeliveryScheduled(
         delivery_id=row["delivery_id"],
         package_id=row["package_id"],

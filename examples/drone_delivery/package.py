@@ -8,12 +8,11 @@ and this service cancels the package. Nobody orchestrates it.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 from choreograph import Context, Failure, Service
 from choreograph.faults import Faults
-from examples.drone_delivery._store import Store
+from examples.drone_delivery._store import Schema, database_url
 from examples.drone_delivery.events import (
     DeliveryCancelled,
     DeliveryRequested,
@@ -21,11 +20,10 @@ from examples.drone_delivery.events import (
     PackageCreated,
 )
 
-package = Service("package", timeout=5.0)
+package = Service("package", timeout=5.0, database=database_url("package"))
 faults = Faults.for_service(package.name)
 
-store = Store(
-    "package",
+schema = Schema(
     """
     CREATE TABLE IF NOT EXISTS packages (
         delivery_id TEXT PRIMARY KEY,
@@ -43,11 +41,19 @@ store = Store(
 )
 
 
-def _upsert(conn: sqlite3.Connection, request: DeliveryRequested) -> sqlite3.Row:
+@package.on(DeliveryRequested)
+async def create_package(request: DeliveryRequested, ctx: Context) -> PackageCreated | DeliveryCancelled:
+    """Upsert the package keyed by delivery id (a repeat request changes nothing).
+
+    The row, the inbox record of the request and the event returned commit together
+    when this returns; the outbox relay publishes the event afterwards.
+    """
     now = time.time()
-    conn.execute(
-        "INSERT INTO packages VALUES (?, ?, ?, ?, ?, ?, 'created', NULL, ?, ?) ON CONFLICT(delivery_id) DO NOTHING",
-        (
+    async with faults.step(ctx), ctx.transaction() as tx:
+        await schema.ensure(tx)
+        await tx.execute(
+            "INSERT INTO packages VALUES ($1, $2, $3, $4, $5, $6, 'created', NULL, $7, $7)"
+            " ON CONFLICT (delivery_id) DO NOTHING",
             request.delivery_id,
             request.package_id,
             request.weight_kg,
@@ -55,20 +61,8 @@ def _upsert(conn: sqlite3.Connection, request: DeliveryRequested) -> sqlite3.Row
             request.dropoff,
             request.owner,
             now,
-            now,
-        ),
-    )
-    row: sqlite3.Row = conn.execute(
-        "SELECT * FROM packages WHERE delivery_id = ?", (request.delivery_id,)
-    ).fetchone()
-    return row
-
-
-@package.on(DeliveryRequested)
-async def create_package(request: DeliveryRequested, ctx: Context) -> PackageCreated | DeliveryCancelled:
-    """Upsert the package keyed by delivery id (a repeat request changes nothing)."""
-    async with faults.step(ctx):
-        row = await store.run(lambda conn: _upsert(conn, request))
+        )
+        (row,) = await tx.fetch("SELECT * FROM packages WHERE delivery_id = $1", request.delivery_id)
     if row["status"] == "cancelled":  # asked again for a delivery already cancelled: say so again
         return DeliveryCancelled(
             delivery_id=row["delivery_id"], package_id=row["package_id"], reason=row["reason"]
@@ -88,18 +82,17 @@ async def _cancel(delivery_id: str, package_id: str, failure: Failure, ctx: Cont
     reason = (
         f"{failure.record.get('service', '?')} gave up ({failure.reason}): {error.get('message', '')}".strip()
     )
-
-    def tx(conn: sqlite3.Connection) -> str:
-        conn.execute(
-            "UPDATE packages SET status = 'cancelled', reason = ?, updated_at = ? "
-            "WHERE delivery_id = ? AND status != 'cancelled'",
-            (reason, time.time(), delivery_id),
+    async with faults.step(ctx), ctx.transaction() as tx:
+        await schema.ensure(tx)
+        await tx.execute(
+            "UPDATE packages SET status = 'cancelled', reason = $1, updated_at = $2"
+            " WHERE delivery_id = $3 AND status != 'cancelled'",
+            reason,
+            time.time(),
+            delivery_id,
         )
-        row = conn.execute("SELECT reason FROM packages WHERE delivery_id = ?", (delivery_id,)).fetchone()
-        return str(row[0]) if row is not None and row[0] else reason
-
-    async with faults.step(ctx):
-        stored_reason = await store.run(tx)
+        stored = await tx.fetchval("SELECT reason FROM packages WHERE delivery_id = $1", delivery_id)
+    stored_reason = str(stored) if stored else reason  # the first cancellation's reason stands
     ctx.logger.warning("delivery %s cancelled: %s", delivery_id, stored_reason)
     return DeliveryCancelled(delivery_id=delivery_id, package_id=package_id, reason=stored_reason)
 

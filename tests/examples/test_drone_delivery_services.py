@@ -1,13 +1,21 @@
-"""The Drone Delivery services in one process on the in-memory bus (fast; the end-to-end tests use real processes)."""
+"""The Drone Delivery services in one process on the in-memory bus (fast; the end-to-end tests use real processes).
+
+Each service writes its own SQLite database in ``tmp_path`` through ``ctx.transaction()``;
+its outputs leave through the outbox relay. The clock is real: retries here take about
+a second, and ``settled()`` in virtual time can stall on a retry that falls due while
+no consumer is looking (a consumer's timer registered after a jump lands late).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from examples.drone_delivery import delivery, package, scheduler
+from examples.drone_delivery import delivery, scheduler
 from examples.drone_delivery.app import app
 from examples.drone_delivery.events import (
     DeliveryCancelled,
@@ -15,21 +23,22 @@ from examples.drone_delivery.events import (
     DeliveryScheduled,
     PackageCreated,
 )
-from examples.drone_delivery.scheduler import _assign, parse_fleet
+from examples.drone_delivery.scheduler import assign, parse_fleet
 
 from choreograph import Publisher, Service, Worker
 from choreograph.faults import Faults, FaultSpec
-from choreograph.testing import MemoryTransport, VirtualClock, settled
+from choreograph.runtime.outbox import transaction
+from choreograph.testing import MemoryTransport, settled
 
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CHOREOGRAPH_DATA_DIR", str(tmp_path))
+    """Fresh databases per test (the services resolved their URLs when imported)."""
+    for service in app.services:
+        monkeypatch.setattr(service, "database", f"sqlite:///{tmp_path / service.name}.db")
     monkeypatch.setenv("DRONE_FLEET", "2x5,1x20")
     monkeypatch.delenv("CHOREOGRAPH_FAULTS", raising=False)
-    yield tmp_path
-    for module in (package, scheduler, delivery):
-        module.store.close()
+    return tmp_path
 
 
 ENDED: dict[str, str] = {}
@@ -47,17 +56,47 @@ async def cancelled(event: DeliveryCancelled) -> None:
 
 
 @pytest.fixture
-async def bus() -> AsyncIterator[MemoryTransport]:
-    transport = MemoryTransport(clock=VirtualClock())
-    async with Worker([*app.services, watcher], transport):
-        yield transport
+async def worker() -> AsyncIterator[Worker]:
+    async with Worker([*app.services, watcher], MemoryTransport()) as running:
+        yield running
 
 
-async def outcomes(bus: MemoryTransport, *requests: DeliveryRequested) -> dict[str, str]:
+@pytest.fixture
+def bus(worker: Worker) -> MemoryTransport:
+    assert isinstance(worker.transport, MemoryTransport)
+    return worker.transport
+
+
+def _progress(worker: Worker) -> tuple[object, ...]:
+    return (*dataclasses.astuple(worker.stats()), *(r.published for r in worker.outbox.relays.values()))
+
+
+async def drained(worker: Worker, timeout: float = 20.0) -> None:
+    """Nothing left on the bus and no outbox row unsent (the relays publish after each commit).
+
+    The outbox lags are read off the loop, while handlers and relays carry on: the
+    answer counts only if nothing moved meanwhile.
+    """
+    bus = worker.transport
+    assert isinstance(bus, MemoryTransport)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while True:
+        await settled(bus, timeout=timeout)
+        before = _progress(worker)
+        lags = [await worker.outbox.lag(name) for name in worker.outbox.relays]
+        if all(lag.pending == 0 for lag in lags) and bus.pending() == (0, None) and _progress(worker) == before:
+            return
+        if loop.time() > give_up:
+            raise TimeoutError(f"not drained after {timeout}s: {lags}")
+        await asyncio.sleep(0.005)
+
+
+async def outcomes(worker: Worker, *requests: DeliveryRequested) -> dict[str, str]:
     """Publish ``requests``; return delivery id → the type of the terminal event it reached."""
     ENDED.clear()
-    await Publisher(bus).publish(*requests)
-    await settled(bus, timeout=20)
+    await Publisher(worker.transport).publish(*requests)
+    await drained(worker)
     return dict(ENDED)
 
 
@@ -76,9 +115,9 @@ def test_the_fleet_spec_lists_count_times_payload() -> None:
 
 
 async def test_each_delivery_gets_the_lightest_drone_that_can_carry_it(
-    bus: MemoryTransport, data_dir: Path
+    worker: Worker, data_dir: Path
 ) -> None:
-    assert await outcomes(bus, request("light", 3), request("heavy", 15)) == {
+    assert await outcomes(worker, request("light", 3), request("heavy", 15)) == {
         "light": "drone.delivery.scheduled",
         "heavy": "drone.delivery.scheduled",
     }
@@ -89,11 +128,11 @@ async def test_each_delivery_gets_the_lightest_drone_that_can_carry_it(
 
 
 async def test_no_drone_free_after_the_retries_dead_letters_and_cancels_the_package(
-    bus: MemoryTransport, data_dir: Path
+    worker: Worker, bus: MemoryTransport, data_dir: Path
 ) -> None:
-    result = await outcomes(bus, request("first", 15))
+    result = await outcomes(worker, request("first", 15))
     assert result == {"first": "drone.delivery.scheduled"}
-    assert await outcomes(bus, request("second", 15)) == {"second": "drone.delivery.cancelled"}
+    assert await outcomes(worker, request("second", 15)) == {"second": "drone.delivery.cancelled"}
     db = sqlite3.connect(data_dir / "package.db")
     assert db.execute("SELECT status FROM packages WHERE delivery_id = 'second'").fetchone() == ("cancelled",)
     (letter,) = await bus.dead_letters("drone-scheduler")
@@ -102,20 +141,44 @@ async def test_no_drone_free_after_the_retries_dead_letters_and_cancels_the_pack
 
 async def test_assigning_the_same_delivery_again_answers_the_drone_it_already_has(data_dir: Path) -> None:
     created = PackageCreated(delivery_id="d1", package_id="p1", weight_kg=2, pickup="a", dropoff="b")
-    first = await scheduler.store.run(lambda conn: _assign(conn, created))
-    again = await scheduler.store.run(lambda conn: _assign(conn, created))
-    other = await scheduler.store.run(
-        lambda conn: _assign(conn, created.model_copy(update={"delivery_id": "d2"}))
-    )
+
+    async def assigned(package_created: PackageCreated) -> str:
+        async with transaction(scheduler.scheduler) as tx:
+            return await assign(tx, package_created)
+
+    first = await assigned(created)
+    again = await assigned(created)
+    other = await assigned(created.model_copy(update={"delivery_id": "d2"}))
     assert first == again != other
 
 
+async def test_a_delivery_that_reaches_its_end_leaves_every_step_in_its_service_database_with_its_inbox_record(
+    worker: Worker, data_dir: Path
+) -> None:
+    assert await outcomes(worker, request("one", 3)) == {"one": "drone.delivery.scheduled"}
+    for service, table in (("package", "packages"), ("drone-scheduler", "assignments"), ("delivery", "deliveries")):
+        db = sqlite3.connect(data_dir / f"{service}.db")
+        assert db.execute(f"SELECT delivery_id FROM {table}").fetchall() == [("one",)], service
+        assert db.execute("SELECT count(*) FROM choreograph_inbox WHERE grp = ?", (service,)).fetchone() == (1,)
+        assert db.execute("SELECT count(*) FROM choreograph_outbox WHERE sent_at IS NULL").fetchone() == (0,)
+
+
+async def test_a_first_transaction_that_rejects_leaves_no_tables_behind_and_the_next_one_creates_them(
+    worker: Worker, data_dir: Path
+) -> None:
+    assert await outcomes(worker, request("huge", 45)) == {"huge": "drone.delivery.cancelled"}
+    assert await outcomes(worker, request("light", 3)) == {"light": "drone.delivery.scheduled"}
+    drones = sqlite3.connect(data_dir / "drone-scheduler.db")
+    assert drones.execute("SELECT COUNT(*) FROM drones").fetchone() == (3,)  # seeded once
+    assert drones.execute("SELECT delivery_id FROM assignments").fetchall() == [("light",)]
+
+
 async def test_when_delivery_gives_up_the_package_is_cancelled_and_its_drone_freed(
-    bus: MemoryTransport, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    worker: Worker, bus: MemoryTransport, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(delivery, "faults", Faults("delivery", FaultSpec(fail_rate=1.0)))
 
-    assert await outcomes(bus, request("doomed", 2)) == {"doomed": "drone.delivery.cancelled"}
+    assert await outcomes(worker, request("doomed", 2)) == {"doomed": "drone.delivery.cancelled"}
 
     drones = sqlite3.connect(data_dir / "drone-scheduler.db")
     assert drones.execute("SELECT COUNT(*) FROM drones WHERE delivery_id IS NOT NULL").fetchone() == (0,)
