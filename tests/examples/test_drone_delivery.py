@@ -165,8 +165,10 @@ def test_a_scheduler_killed_with_sigkill_mid_run_loses_nothing_and_assigns_no_dr
 def test_a_scheduler_crashing_after_its_commit_but_before_publishing_reuses_the_drone_it_took(
     system: SystemFactory,
 ) -> None:
-    # crash_after: the process SIGKILLs itself right after committing its 3rd assignment,
-    # before the DroneAssigned events are published or the inputs acked.
+    # crash_after: the process SIGKILLs itself right after the handler's commit of its 3rd
+    # assignment (the row, the inbox record and DroneAssigned in the outbox), before the
+    # relay publishes DroneAssigned and before the input is acked. The restarted scheduler
+    # acks the redelivered input from its inbox and its relay publishes what was committed.
     dev = system(faults={"drone-scheduler": {"crash_after": 3}})
     bodies = [delivery(weight_kg=2.0) for _ in range(5)]
     cids = [dev.submit(body) for body in bodies]
@@ -175,6 +177,8 @@ def test_a_scheduler_crashing_after_its_commit_but_before_publishing_reuses_the_
 
     assert "drone-scheduler exited with signal SIGKILL" in dev.log
     assert [tx["status"] for tx in finals] == ["completed"] * len(bodies)
+    for tx in finals:  # no state without its event, no event twice
+        assert types_of(tx).count("drone.drone.assigned") == 1
     assignments = dict(dev.query("drone-scheduler", "SELECT delivery_id, drone_id FROM assignments"))
     assert len(assignments) == len(set(assignments.values())) == len(bodies)
     assert_no_drone_assigned_twice(dev)
