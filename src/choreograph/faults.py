@@ -12,8 +12,8 @@ A handler wraps its step in the service's faults::
 
     @scheduler.on(PackageCreated)
     async def assign(package: PackageCreated, ctx: Context) -> DroneAssigned:
-        async with faults.step(ctx):
-            drone = await store.assign(package)      # the state change
+        async with faults.step(ctx), ctx.transaction() as tx:
+            drone = await assign(tx, package)        # the state change
         return DroneAssigned(...)
 
 Before the step: ``fail_first`` fails attempts 1..N (the attempt number travels with
