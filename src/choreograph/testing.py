@@ -88,8 +88,15 @@ async def settled(bus: MemoryTransport, *, timeout: float = 10.0, max_jump: floa
         if loop.time() > give_up:
             raise TimeoutError(f"not settled after {timeout}s: {count} ready or in flight, next due at {due}")
         if isinstance(clock, VirtualClock) and count == 0:
-            target = min(t for t in (due, clock.next_due()) if t is not None)
-            jump = max(0.0, target - clock.monotonic())
+            # Jump to the earliest time still in the future. A retry already due may not be
+            # picked up until a consumer's timer fires: that timer is then the target (a
+            # timer registered just after a jump would otherwise leave nothing to jump to).
+            now = clock.monotonic()
+            future = [t for t in (due, clock.next_due()) if t is not None and t > now]
+            if not future:
+                await asyncio.sleep(0.001)
+                continue
+            jump = min(future) - now
             if max_jump is not None:
                 jump = min(jump, max_jump)
             clock.advance(jump)
