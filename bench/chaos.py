@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -48,6 +49,7 @@ from examples.shop._policy import TIMEOUT  # noqa: E402
 from examples.shop.app import app  # noqa: E402
 from examples.shop.events import OrderPlaced  # noqa: E402
 
+import choreograph  # noqa: E402
 from bench._chaos_bus import OBSERVER_GROUP, Observer, bus_for  # noqa: E402
 from bench._chaos_fleet import Fleet, ReplicaSpec, python_m  # noqa: E402
 from bench._chaos_shop import (  # noqa: E402
@@ -69,24 +71,25 @@ NATS_DEFAULT = "nats://127.0.0.1:4222"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/chaos.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/chaos.py", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--broker", default="sqlite", help="sqlite (a fresh bus file), nats (CHOREOGRAPH_NATS_URL or "
         f"{NATS_DEFAULT}) or a broker URL; NATS gets a unique prefix unless the URL has one")
-    add("--orders", type=int, default=500, help="orders to place (default 500)")
-    add("--rate", type=float, default=100.0, help="orders published per second; 0: all at once (default 100)")
+    add("--orders", type=int, default=500, help="orders to place")
+    add("--rate", type=float, default=100.0, help="orders published per second; 0: all at once")
     add("--fault-rate", type=float, default=0.1, help="share of handler attempts that fail transiently")
     add("--hang-rate", type=float, default=0.005, help=f"share of attempts that hang past the {TIMEOUT:g}s timeout")
     add("--kill-every", type=float, default=3.0, help="SIGKILL a random replica every N seconds; 0: never")
     add("--min-kills", type=int, default=0, help="keep the chaos going until at least this many kills")
     add("--duplicate-rate", type=float, default=0.05, help="share of events delivered twice, and of "
         "succeeded steps failed anyway so that they run again")
-    add("--replicas", type=int, default=2, help="processes per service (default 2)")
+    add("--replicas", type=int, default=2, help="processes per service")
     add("--concurrency", type=int, default=32, help="handlers at once per process")
     add("--lease", type=float, default=10.0, help="ack deadline of the bus (seconds): a killed process's "
         "work comes back after it")
     add("--join-window", type=float, default=None, help="seconds shipping waits for the second of payment "
-        "and stock (default: the shop's 60); shorter makes join timeouts, which may then cancel any order")
+        "and stock (unset: the shop's 60); shorter makes join timeouts, which may then cancel any order")
     add("--seed", type=int, default=1, help="seeds the orders, the faults, the kills and the duplicates")
     add("--timeout", type=float, default=300.0, help="seconds to wait for every order to end, after the last")
     add("--settle-timeout", type=float, default=90.0, help="seconds to wait for the bus to be idle after that")
@@ -118,6 +121,20 @@ def broker_url(choice: str, workdir: Path, lease: float) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def code_stamp() -> str:
+    """A digest of the code under test (choreograph and the shop: paths, sizes, mtimes).
+
+    A killed replica is restarted on the code as it is *then*: if the stamp changed
+    during a run (an edit in the working tree), its result says little about either version.
+    """
+    digest = hashlib.sha1()
+    for root in (Path(choreograph.__file__).parent, ROOT / "examples" / "shop"):
+        for path in sorted(root.rglob("*.py")):
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def fault_config(opts: argparse.Namespace, seed: int) -> str:
     spec: dict[str, Any] = {"fail_rate": opts.fault_rate, "duplicate_rate": opts.duplicate_rate, "seed": seed}
     if opts.hang_rate:
@@ -137,6 +154,7 @@ class Harness:
         self.t0 = time.monotonic()
         self.marks: dict[str, float] = {}
         self.published = 0
+        self.code = code_stamp()
 
     def say(self, message: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -277,6 +295,13 @@ class Harness:
             if not opts.keep:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def open_orders(self, stores: Stores, observer: Observer, limit: int = 20) -> dict[str, list[str]]:
+        """For orders that did not end: which events the observer saw for each (where the saga stopped)."""
+        ended = {row[0] for row in stores.rows("orders", "SELECT order_id FROM orders")}
+        open_ = [o.order_id for o in self.orders if o.order_id not in ended][:limit]
+        return {oid: sorted(f"{kind} x{len(ids)}" for kind, ids in observer.ids.get(oid, {}).items())
+                for oid in open_}
+
     def runtime_checks(self, backlog: dict[str, int] | None, fleet: Fleet) -> list[Check]:
         if backlog is None:
             pending = Check("no event left pending", True, f"not checked on {urlsplit(self.url).scheme}")
@@ -332,6 +357,8 @@ class Harness:
             },
             "orders_per_s": round(len(self.orders) / to_end, 1) if to_end else None,
             "order_latency_s": observer.latencies(),
+            "open_orders": self.open_orders(stores, observer),
+            "code_changed_during_run": code_stamp() != self.code,
             "workdir": str(self.workdir) if opts.keep else None,
         }
 
@@ -349,6 +376,10 @@ def print_report(report: dict[str, Any]) -> None:
     ]
     for check in report["invariants"]:
         lines.append(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['name']}: {check['detail']}")
+    if report["open_orders"]:
+        lines.append(f"open orders (events seen on the bus): {report['open_orders']}")
+    if report["code_changed_during_run"]:
+        lines.append("WARNING: the code under test changed during the run (restarted processes ran the new code)")
     lines.append("PASS: every invariant holds" if report["ok"] else "FAIL: invariant violated")
     print("\n".join(lines))
 
