@@ -13,9 +13,9 @@ replicas race and idempotent steps must hold).
 On NATS the transport sets ``Nats-Msg-Id`` to the event id, and JetStream drops a
 republished id within its two-minute duplicate window; that is the broker's dedupe
 working, not a duplicate delivery. To get a real second delivery there the observer
-publishes the copy with the nats-py client directly, on the same subject (which carries
-the type and id) and without the dedupe header: what a publisher retrying after the
-window would produce.
+publishes the copy with the nats-py client directly, in the form the transport uses for
+bodies too large for a header (type and id in the subject, ``P.ev.<type>.<id>``) and so
+without the dedupe header: what a publisher retrying after the window would produce.
 
 Backlog probes answer "is any event still pending?" per group. SQLite: the bus file's
 ``deliveries`` rows, with their type (a join deadline timer not yet due is *scheduled*,
@@ -240,7 +240,7 @@ class NatsBus(Bus):
     async def republish(self, message: Message) -> None:
         from choreograph.transports._nats_codec import message_subject
 
-        subject = message_subject(f"{self.nats.prefix}.ev", message.type, message.id)
+        subject = message_subject(f"{self.nats.prefix}.ev", message.type, message.id)  # id in the subject
         await self._js.publish(subject, message.body)  # no Nats-Msg-Id: the broker keeps both copies
 
     async def backlog(self, groups: Mapping[str, bool], timers_not_due: int) -> dict[str, int] | None:
