@@ -68,8 +68,13 @@ async def drive(url: str, orders: int) -> None:
         dead.add_column(column)
     for letter in letters:
         error = letter.record.get("last_error") or {}
-        dead.add_row(letter.group, letter.message.type, letter.record["reason"], str(letter.record["attempts"]),
-                     f"{error.get('type')}: {error.get('message')}")
+        dead.add_row(
+            letter.group,
+            letter.message.type,
+            letter.record["reason"],
+            str(letter.record["attempts"]),
+            f"{error.get('type')}: {error.get('message')}",
+        )
     console.print(dead)
 
 
@@ -87,8 +92,20 @@ def main() -> None:
     url = f"sqlite:///{root}/bus.db"
     env = {**os.environ, "CHAIN_FAILURE_RATE": "0.2"}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "choreograph", "run", f"examples.chain:{name}", "--broker", url,
-                          "--log-level", "ERROR"], env=env)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "choreograph",
+                "run",
+                f"examples.chain:{name}",
+                "--broker",
+                url,
+                "--log-level",
+                "ERROR",
+            ],
+            env=env,
+        )
         for name in ("payment", "shipping", "notify")
     ]
     try:
