@@ -236,6 +236,9 @@ class NatsTransport(Transport):
             "ack_policy": "explicit",
             "ack_wait": int(self.lease * _SECOND),
             "max_deliver": -1,
+            # Unlimited: the server's default of 1,000 unacked messages stalls a group whose
+            # deliveries wait on purpose (join deadline timers, long retries), as chaos runs showed.
+            "max_ack_pending": -1,
             "replay_policy": "instant",
         }
         if self._multi_filter:
