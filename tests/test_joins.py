@@ -185,12 +185,16 @@ async def test_a_join_that_is_not_complete_by_its_deadline_announces_each_arriva
         assert failure.reason == "join_timeout"
         assert failure.record["service"] == "shipping" and failure.record["handler"].endswith("ship")
         assert failure.record["missing"] == ["Reserved"] and failure.record["arrived"] == [Paid.event_type()]
-        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")  # too late
+        [reserved] = await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")  # too late
         await settled(bus)
     assert calls == []
     assert shipped(bus) == []
-    [announcement] = bus.of_type(FAILED)
-    assert decode(announcement.body).correlationid == "tx"
+    # The late arrival is announced as failed too, so the step that produced it can be undone.
+    first, late = bus.of_type(FAILED)
+    assert {decode(first.body).correlationid, decode(late.body).correlationid} == {"tx"}
+    (_, late_failure, _) = watcher.failures[1]
+    assert late_failure.envelope.id == reserved.id and late_failure.reason == "join_timeout"
+    assert late_failure.record["late"] is True
 
 
 async def test_a_join_complete_before_its_deadline_announces_nothing(bus: SpyBus, clock: VirtualClock) -> None:

@@ -177,6 +177,11 @@ class JoinSpec:
             now=now,
             deadline=None if self.within is None else now + self.within,
         )
+        if state.timed_out and state.fired_by != envelope.id:
+            # Arrived after the deadline: the join never fires now, so this arrival's step must be
+            # undone too. The timer announced the arrivals it saw; announce this one (a redelivered
+            # early arrival is announced again: compensations run once per transaction anyway).
+            return self.late_failure(orjson.loads(encode(envelope)), state, now)
         if state.fired_by != envelope.id:
             if state.created_by == envelope.id and state.deadline is not None and not state.timed_out:
                 ctx.publish(JoinDeadline(service=self.service, join=self.name,
@@ -198,6 +203,25 @@ class JoinSpec:
         except pydantic.ValidationError:
             event = None
         return Failure(event=event, envelope=original, record=dict(envelope.data.get("record") or {}))
+
+    def late_failure(self, arrived: dict[str, Any], state: JoinState, now: float) -> list[Failed]:
+        """The failure of an event that reached this join after its deadline had passed."""
+        deadline = rfc3339(state.deadline) if state.deadline is not None else None
+        record = {
+            "reason": "join_timeout",
+            "service": self.service,
+            "handler": self.name,
+            "group": self.service,
+            "attempts": 0,
+            "first_error": None,
+            "last_error": {"type": "JoinTimeout", "traceback": "",
+                           "message": f"{self.name}: {arrived['type']} arrived after the deadline {deadline}"},
+            "first_attempt_at": now,
+            "last_attempt_at": now,
+            "deadline": deadline,
+            "late": True,
+        }
+        return [Failed(type=arrived["type"], envelope=arrived, record=record)]
 
     def timeout_failures(self, state: JoinState, now: float) -> list[Failed]:
         """One failure event per arrived event of a join whose deadline passed."""
@@ -300,7 +324,7 @@ def install(
                     within=within, kind=kind)
     declared = set(declared_emits(func, emits))
     if within is not None:
-        declared.add(JoinDeadline)
+        declared.update((JoinDeadline, Failed))  # the timer, and late arrivals announced as failed
 
     def handler(route: Route, name: str, runner: JoinRunner, outputs: Iterable[type[Event]]) -> Handler:
         return Handler(service=service.name, name=name, kind="failure" if route.failure else "event",
