@@ -130,6 +130,7 @@ class RawRedis:
     def __init__(self, url: str, prefix: str) -> None:
         self.url, self.prefix = url, prefix
         self.client: Any = None
+        self.stopping = False  # hops end by this flag: redis-py can hang cancelling a blocking read
 
     def key(self, hop: int) -> str:
         return f"{self.prefix}:raw:hop{hop}"
@@ -161,8 +162,8 @@ class RawRedis:
     async def run_hop(self, hop: int, sink: Sink | None, ready: Callable[[], None]) -> None:
         key, group, consumer = self.key(hop - 1), f"hop{hop}", f"c-{os.getpid()}"
         ready()
-        while True:
-            reply = await self.client.xreadgroup(group, consumer, {key: ">"}, count=WINDOW, block=1000)
+        while not self.stopping:
+            reply = await self.client.xreadgroup(group, consumer, {key: ">"}, count=WINDOW, block=250)
             if not reply:
                 continue
             entries = reply[0][1]
@@ -283,11 +284,18 @@ async def one_process(broker: str, url: str, prefix: str, n: int) -> tuple[Sink,
             await asyncio.sleep(0.005)
         return sink, time.perf_counter() - start
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop(raw, tasks)
         await raw.teardown()
         await raw.close()
+
+
+async def _stop(raw: Raw, tasks: list[asyncio.Task[None]]) -> None:
+    if isinstance(raw, RawRedis):
+        raw.stopping = True
+        await asyncio.wait(tasks, timeout=2.0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks, timeout=2.0)
 
 
 async def hop_process(broker: str, url: str, prefix: str, hop: int, n: int, out: str) -> None:
@@ -303,8 +311,7 @@ async def hop_process(broker: str, url: str, prefix: str, hop: int, n: int, out:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     task = asyncio.create_task(raw.run_hop(hop, sink, lambda: print("running", flush=True)))
     await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await _stop(raw, [task])
     await raw.close()
 
 

@@ -276,6 +276,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "bench": "brokers", "hops": 3, "concurrency": args.concurrency, "loop": loop_name,
         "python": platform.python_version(), "cpus": os.cpu_count(), "servers": {},
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip
     try:
         for broker in args.only or BROKERS:
@@ -285,6 +286,7 @@ def main() -> None:
     finally:
         if private is not None:
             private.stop()
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine skews it
     report["targets"] = targets(report)
     print(env.dump(report))
 
