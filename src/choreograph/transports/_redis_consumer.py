@@ -29,6 +29,10 @@ log = logging.getLogger("choreograph.transports.redis")
 
 #: Longest single blocking read, in seconds (also bounds retry and lease-expiry latency).
 POLL = 0.5
+#: While messages keep coming, how often a consumer runs the housekeeping script (due
+#: retries back into the stream, lease-expired entries claimed); the fetches in between
+#: are plain ``XREADGROUP`` calls, which cost the server a fraction of the script.
+SWEEP_EVERY = 0.1
 _RELEASE_IDLE_MS = 10 * 365 * 86_400_000  # "idle for ten years": reclaimable at once
 
 
@@ -80,6 +84,8 @@ class RedisSubscription(Subscription):
         self._cursor: bytes | str = "0-0"
         self._unsettled: dict[bytes, RedisDelivery] = {}
         self._closed = False
+        self._next_sweep = 0.0  # loop time of the next housekeeping sweep
+        self._retry_due: float | None = None  # loop time the earliest known delayed retry is due
 
     # -- consuming ---------------------------------------------------------------------
 
@@ -94,14 +100,23 @@ class RedisSubscription(Subscription):
                 raise TransportClosed(f"redis transport: subscription {self.group!r} is closed")
             try:
                 with transport._using():
-                    deliveries, wait_ms = await self._sweep(max_messages)
+                    now = loop.time()
+                    if now >= self._next_sweep or (self._retry_due is not None and now >= self._retry_due):
+                        deliveries, wait_ms = await self._sweep(max_messages)
+                        now = loop.time()
+                        self._next_sweep = now + min(SWEEP_EVERY, transport.lease / 4)
+                        self._retry_due = None if wait_ms < 0 else now + wait_ms / 1000
+                    else:
+                        deliveries = await self._read(max_messages, None)
                     if not deliveries:
-                        block = POLL if wait_ms < 0 else min(POLL, wait_ms / 1000)
-                        block = min(block, max(0.01, transport.lease / 4))
+                        block = min(POLL, max(0.01, transport.lease / 4))
+                        if self._retry_due is not None:
+                            block = min(block, self._retry_due - loop.time())
                         if deadline is not None:
                             block = min(block, deadline - loop.time())
                         if block >= 0.001:
                             deliveries = await self._read(max_messages, round(block * 1000))
+                            self._next_sweep = 0.0  # it waited: look after leases and retries next
                     if deliveries and self._closed:  # closed while we waited: hand them on
                         await self._release(deliveries)
                         deliveries = []
@@ -151,7 +166,8 @@ class RedisSubscription(Subscription):
         out += [self._deliver(entry, _pairs(flat), 1) for entry, flat in fresh]
         return out, int(wait_ms)
 
-    async def _read(self, max_messages: int, block_ms: int) -> list[RedisDelivery]:
+    async def _read(self, max_messages: int, block_ms: int | None) -> list[RedisDelivery]:
+        """``XREADGROUP`` of fresh entries; ``block_ms=None``: do not wait."""
         reply: Any = await self._transport._redis.xreadgroup(
             self.group, self._transport.consumer, {self._stream: ">"}, count=max_messages, block=block_ms
         )
@@ -192,6 +208,9 @@ class RedisSubscription(Subscription):
 
     async def _settle(self, delivery: RedisDelivery, verb: str, arg: str | bytes, attempt: int) -> None:
         self._forget(delivery)
+        if verb == "retry":  # this consumer knows when its own retry is due without asking
+            due = asyncio.get_running_loop().time() + int(arg) / 1000
+            self._retry_due = due if self._retry_due is None else min(self._retry_due, due)
         with self._transport._errors(verb):
             await self._transport._script(
                 "settle",

@@ -11,8 +11,8 @@ half of it, and it costs one round trip. Layout of a bus with prefix ``P``::
     P:dl:<group>    stream  dead letters: id, type, body, attempt, record (JSON), dead_at
 
 A stream entry has the fields ``id``, ``type``, ``body`` and ``attempt`` (the attempt of
-its first delivery); the delivery count Redis keeps in the pending list adds the lease
-expiries: ``attempt + count - 1``. Times come from the server (``TIME``) so processes
+its first delivery; absent on a fresh publish, meaning 1); the delivery count Redis
+keeps in the pending list adds the lease expiries: ``attempt + count - 1``. Times come from the server (``TIME``) so processes
 with skewed clocks agree on when a retry is due.
 """
 
@@ -80,10 +80,14 @@ for i = 1, #registry, 2 do
     end
   end
 end
+local cache = {}
 local function targets(t)
-  local out = {}
+  local out = cache[t]
+  if out then return out end
+  out = {}
   for _, g in ipairs(wildcard) do out[#out + 1] = g end
   for _, g in ipairs(bound[t] or {}) do out[#out + 1] = g end
+  cache[t] = out
   return out
 end
 if maxlen > 0 then
@@ -101,7 +105,7 @@ end
 local written = 0
 for i = 3, #ARGV, 3 do
   for _, g in ipairs(targets(ARGV[i + 1])) do
-    redis.call('XADD', prefix .. ':s:' .. g, '*', 'id', ARGV[i], 'type', ARGV[i + 1], 'body', ARGV[i + 2], 'attempt', '1')
+    redis.call('XADD', prefix .. ':s:' .. g, '*', 'id', ARGV[i], 'type', ARGV[i + 1], 'body', ARGV[i + 2])
     written = written + 1
   end
 end
