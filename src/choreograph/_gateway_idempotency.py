@@ -25,10 +25,10 @@ import dataclasses
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores.sqlite import sqlite_path
 
@@ -144,13 +144,7 @@ class SQLiteIdempotencyStore(IdempotencyStore):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-idempotency")
 
         def connect() -> sqlite3.Connection:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            return db
+            return connect_wal(self.path, schema=_SCHEMA)
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)

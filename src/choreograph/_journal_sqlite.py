@@ -11,13 +11,13 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
 from choreograph._journal_model import JournalEntry, Status, TransactionSummary
 from choreograph._journal_store import JournalStore, fold_entries
+from choreograph._sqlite import connect_wal
 from choreograph.errors import StoreError
 from choreograph.stores.sqlite import sqlite_path
 
@@ -127,13 +127,7 @@ class SQLiteJournalStore(JournalStore):
         executor = self._executor
 
         def connect() -> sqlite3.Connection:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            return db
+            return connect_wal(self.path, schema=_SCHEMA)
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(executor, connect)

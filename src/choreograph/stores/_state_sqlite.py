@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores._sqlite_tx import SQLiteTx
 from choreograph.stores._sqlite_writer import SQLiteWriter
@@ -65,10 +66,7 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={synchronous}")
-    return db
+    return connect_wal(path, synchronous=synchronous)
 
 
 def _migrate(db: sqlite3.Connection) -> None:

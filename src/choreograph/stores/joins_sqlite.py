@@ -13,9 +13,9 @@ import asyncio
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
+from choreograph._sqlite import connect_wal
 from choreograph.errors import StoreError
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
 from choreograph.stores.sqlite import sqlite_path
@@ -94,13 +94,7 @@ class SQLiteJoinStore(JoinStore):
             return
 
         def connect() -> sqlite3.Connection:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            return db
+            return connect_wal(self.path, schema=_SCHEMA)
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)

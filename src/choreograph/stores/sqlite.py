@@ -11,12 +11,12 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
 
+from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores.base import ErrorInfo, InboxStore
 
@@ -74,13 +74,7 @@ class SQLiteStore(InboxStore):
         loop = asyncio.get_running_loop()
 
         def connect() -> sqlite3.Connection:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            return db
+            return connect_wal(self.path, schema=_SCHEMA)
 
         try:
             self._db = await loop.run_in_executor(self._executor, connect)

@@ -29,6 +29,7 @@ import sqlite3
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from choreograph._sqlite import connect_wal
 from choreograph.transports.base import DeadLetter, Message, matches
 
 SCHEMA = """
@@ -75,9 +76,7 @@ def open_connection(path: str, *, synchronous: str, busy_timeout: float) -> sqli
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn = connect_wal(path, timeout=busy_timeout, synchronous=synchronous)
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("BEGIN IMMEDIATE")
     try:
