@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 import itertools
 from collections.abc import Collection, Mapping, Sequence
-from urllib.parse import urlsplit
 
 from choreograph._journal_model import JournalEntry, Status, TransactionSummary
-from choreograph.errors import ConfigurationError
+from choreograph._schemes import instantiate
 
 
 def fold_entries(
@@ -163,16 +161,5 @@ _SCHEMES: dict[str, tuple[str, str]] = {
 
 def open_journal_store(url: str) -> JournalStore:
     """A journal store for ``url`` (not yet opened: ``await store.open()``)."""
-    scheme = urlsplit(url).scheme if "://" in url else ""
-    if scheme not in _SCHEMES:
-        raise ConfigurationError(
-            f"journal URL {url!r}: unknown scheme {scheme!r}; expected one of "
-            + ", ".join(f"{s}://" for s in sorted(_SCHEMES))
-        )
-    module_name, class_name = _SCHEMES[scheme]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"journal URL {url!r}: {scheme}:// needs {exc.name}") from exc
-    store: JournalStore = getattr(module, class_name)(url)
+    store: JournalStore = instantiate(url, _SCHEMES, "journal URL")
     return store

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 import logging
 from urllib.parse import urlsplit
 
+from choreograph._schemes import instantiate
 from choreograph.errors import ConfigurationError
 
 log = logging.getLogger("choreograph.stores")
@@ -111,18 +111,7 @@ _SCHEMES = {
 
 def open_join_store(url: str) -> JoinStore:
     """A join store for ``url`` (not yet opened). It may share a file or database with the inbox."""
-    scheme = urlsplit(url).scheme if "://" in url else ""
-    if scheme not in _SCHEMES:
-        raise ConfigurationError(
-            f"join store URL {url!r}: unknown scheme {scheme!r}; expected one of "
-            + ", ".join(f"{s}://" for s in sorted(_SCHEMES))
-        )
-    module_name, class_name = _SCHEMES[scheme]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"join store URL {url!r}: {scheme}:// needs {exc.name}") from exc
-    store: JoinStore = getattr(module, class_name)(url)
+    store: JoinStore = instantiate(url, _SCHEMES, "join store URL")
     return store
 
 
