@@ -28,7 +28,6 @@ import orjson
 
 from choreograph._journal_model import JournalEntry, Status, TransactionSummary
 from choreograph._journal_store import JournalStore, fold_entries
-from choreograph.errors import StoreError
 from choreograph.stores import _pg
 
 JOURNAL_MIGRATIONS = [
@@ -153,35 +152,12 @@ async def _save(conn: Any, summaries: Collection[TransactionSummary]) -> None:
         await conn.execute(_SAVE_SUMMARIES, *_columns([_summary_row(s) for s in summaries], len(_TX_COLUMNS)))
 
 
-class PostgresJournalStore(JournalStore):
+class PostgresJournalStore(_pg.PooledStore, JournalStore):
     """``PostgresJournalStore("postgresql://user@host/db?schema=journal")``; tables are created on open."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.config = _pg.parse_url(url)
-        self._pool: Any = None
-
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
-        pool = await _pg.create_pool(self.config)
-        try:
-            await _pg.migrate(pool, self.config, "journal", JOURNAL_MIGRATIONS)
-        except BaseException:
-            await pool.close()
-            raise
-        self._pool = pool
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            with _pg.translate(f"closing journal store {self.url}"):
-                await pool.close()
-
-    def _open_pool(self) -> Any:
-        if self._pool is None:
-            raise StoreError(f"journal store {self.url} is not open")
-        return self._pool
+    WHAT = "journal store"
+    COMPONENT = "journal"
+    MIGRATIONS = JOURNAL_MIGRATIONS
 
     async def record(self, entries: Sequence[JournalEntry], *, stuck_after: float) -> list[TransactionSummary]:
         unique: dict[str, JournalEntry] = {}

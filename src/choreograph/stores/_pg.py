@@ -174,3 +174,42 @@ def rowcount(status: str) -> int:
     """Rows affected from an asyncpg command status (``"INSERT 0 3"`` -> 3, ``"CREATE TABLE"`` -> 0)."""
     last = status.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
+
+
+class PooledStore:
+    """The pool lifecycle shared by the PostgreSQL stores: open (pool + migrations), close, access.
+
+    Subclasses set ``WHAT`` (for messages), ``COMPONENT`` and ``MIGRATIONS``, and list this
+    class before their store interface so its ``open``/``close`` are the ones used.
+    """
+
+    WHAT: str = "store"
+    COMPONENT: str = ""
+    MIGRATIONS: Any = ()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.config = parse_url(url)
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = await create_pool(self.config)
+        try:
+            await migrate(pool, self.config, self.COMPONENT, self.MIGRATIONS)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with translate(f"closing {self.WHAT} {self.url}"):
+                await pool.close()
+
+    def _open_pool(self) -> Any:
+        if self._pool is None:
+            raise StoreError(f"{self.WHAT} {self.url} is not open")
+        return self._pool

@@ -77,35 +77,12 @@ def _state(rows: Sequence[Any]) -> JoinState | None:
                      None if deadline is None else float(deadline), fired_by, bool(timed_out))
 
 
-class PostgresJoinStore(JoinStore):
+class PostgresJoinStore(_pg.PooledStore, JoinStore):
     """``PostgresJoinStore("postgresql://user@host/db?schema=shipping")``; tables are created on open."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.config = _pg.parse_url(url)
-        self._pool: Any = None
-
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
-        pool = await _pg.create_pool(self.config)
-        try:
-            await _pg.migrate(pool, self.config, "joins", JOINS_MIGRATIONS)
-        except BaseException:
-            await pool.close()
-            raise
-        self._pool = pool
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            with _pg.translate(f"closing join store {self.url}"):
-                await pool.close()
-
-    def _open_pool(self) -> Any:
-        if self._pool is None:
-            raise StoreError(f"join store {self.url} is not open")
-        return self._pool
+    WHAT = "join store"
+    COMPONENT = "joins"
+    MIGRATIONS = JOINS_MIGRATIONS
 
     async def arrive(
         self, key: JoinKey, slot: int, arrival: Arrival, *, slots: int, now: float, deadline: float | None
