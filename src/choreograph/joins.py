@@ -40,10 +40,11 @@ import orjson
 import pydantic
 
 from choreograph._envelope import Envelope, decode, encode, from_dict
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ConfigurationError, Retry
 from choreograph.events import Event
 from choreograph.policy import RetryPolicy
 from choreograph.service import FAILED, Failure, Handler, Service, declared_emits
+from choreograph.stores import joins_database
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
 
 if TYPE_CHECKING:
@@ -169,14 +170,11 @@ class JoinSpec:
     async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any:
         envelope = ctx.envelope
         now = clock.time()
-        state = await store.arrive(
-            self.key(ctx.correlation_id),
-            self._slot_of[route_key(envelope)],
-            Arrival(envelope.id, encode(envelope)),
-            slots=len(self.slots),
-            now=now,
-            deadline=None if self.within is None else now + self.within,
-        )
+        store = await store_for(ctx, store)
+        key, slot = self.key(ctx.correlation_id), self._slot_of[route_key(envelope)]
+        arrival = Arrival(envelope.id, encode(envelope))
+        deadline = None if self.within is None else now + self.within
+        state = await store.arrive(key, slot, arrival, slots=len(self.slots), now=now, deadline=deadline)
         if state.timed_out and state.fired_by != envelope.id:
             # Arrived after the deadline: the join never fires now, so this arrival's step must be
             # undone too. The timer announced the arrivals it saw; announce this one (a redelivered
@@ -190,7 +188,16 @@ class JoinSpec:
         args: list[Any] = [self._argument(state.arrivals[index]) for index in range(len(self.slots))]
         if self.takes_context:
             args.append(ctx)
-        return await self.func(*args)
+        result = await self.func(*args)
+        unit = ctx._unit
+        if unit is not None and unit.conn is None:
+            # The function caught an exception of its transaction block and returned: the rollback
+            # took this arrival with it. Record it again, or the outputs would commit while the
+            # join stays open (and its timer would then undo the steps it just completed).
+            again = await store.arrive(key, slot, arrival, slots=len(self.slots), now=now, deadline=deadline)
+            if again.fired_by != envelope.id:  # another arrival completed it meanwhile: it runs, not us
+                raise Retry(f"{self.name}: the join was completed by {again.fired_by} while this run rolled back")
+        return result
 
     def _argument(self, arrival: Arrival) -> Any:
         envelope = decode(arrival.body)
@@ -261,6 +268,7 @@ class _Timers:
         remaining = timer.due - clock.time()
         if remaining > 0:
             raise Defer(min(remaining, MAX_DEFER))
+        store = await store_for(ctx, store)
         state = await store.time_out(spec.key(timer.correlation_id))
         if state is None or not state.timed_out:
             return None
@@ -276,16 +284,41 @@ class _FanOut:
     async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any:
         failure: Failure = argument
         record = failure.record
-        if record.get("service") != self.spec.service or record.get("handler") != self.spec.name:
+        spec = self.spec
+        if record.get("service") != spec.service or record.get("handler") != spec.name:
             return None
-        state = await store.get(self.spec.key(ctx.correlation_id))
-        if state is None or state.fired_by != failure.envelope.id:
+        store = await store_for(ctx, store)
+        key, failed_id = spec.key(ctx.correlation_id), failure.envelope.id
+        state = await store.get(key)
+        if state is None:
+            return None
+        slot = spec._slot_of.get(failure.envelope.type)
+        if (state.fired_by is None and not state.timed_out and slot is not None and slot not in state.arrivals
+                and len(state.arrivals) == state.slots - 1):
+            # In a service database the completing arrival was rolled back with the function that
+            # gave up: record it now (it did complete the join), so nothing else fires it.
+            arrival = Arrival(failed_id, encode(failure.envelope))
+            state = await store.arrive(key, slot, arrival, slots=state.slots, now=clock.time(), deadline=None)
+        if state.fired_by != failed_id:
             return None  # not the runtime's announcement for the completing arrival
         return [
             Failed(type=env["type"], envelope=env, record=record)
             for env in (orjson.loads(state.arrivals[i].body) for i in sorted(state.arrivals))
-            if env["id"] != failure.envelope.id
+            if env["id"] != failed_id
         ]
+
+
+async def store_for(ctx: Context, store: JoinStore) -> JoinStore:
+    """Where a handler run records its joins: its service database if it has one, else the worker's store.
+
+    In a service database the arrival commits with the handler's state, inbox record and
+    outputs (:mod:`choreograph.stores.joins_database`): all or nothing.
+    """
+    unit = ctx._unit
+    if unit is None:
+        return store
+    await joins_database.prepare(unit.store)
+    return joins_database.DatabaseJoins(ctx.transaction, unit.store.url)
 
 
 def _positional(func: Callable[..., Any]) -> int:

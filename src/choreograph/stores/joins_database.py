@@ -1,0 +1,190 @@
+"""Join instances in a service's own database, written in the transaction of the handler run.
+
+A service with a database (``Service("shipping", database=...)``) keeps its joins and
+compensations there, not in the worker's join store: every arrival is recorded by the
+same transaction that commits the handler's state, the inbox record of the event and
+the events it emits (:mod:`choreograph.runtime.outbox`). So an arrival is recorded if
+and only if its event counts as handled, and a join's completion commits together with
+what its function did. Whatever point a process dies at, either all of it happened (the
+redelivered event finds its inbox record) or none of it did (the redelivered event
+arrives again, completes the join again and runs the function again).
+
+Which arrival completes a join is decided as in the other stores: on SQLite writers
+are serialised (one writer per process, ``BEGIN IMMEDIATE`` across processes); on
+PostgreSQL the instance row is locked ``FOR UPDATE`` until the transaction ends, so
+two replicas recording the last two arrivals run one after the other and the second
+sees the first. The lock is held while the join's function runs (it runs in the same
+transaction): keep join functions short, as any handler that holds its transaction.
+
+Tables: ``choreograph_join_instances`` and ``choreograph_join_arrivals`` (on PostgreSQL
+the same tables as :class:`~choreograph.stores.joins_postgres.PostgresJoinStore`'s,
+migrated by it); created once per process and database by :func:`prepare`, outside
+any handler's transaction, which also drops instances older than :data:`RETENTION`
+at most once an hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
+
+if TYPE_CHECKING:
+    from choreograph.stores.state import StateStore, Transaction
+
+RETENTION = 7 * 86400.0
+"""Seconds a join instance is kept in a service database (the worker's default retention)."""
+EXPIRE_EVERY = 3600.0
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS choreograph_join_instances (
+    grp TEXT NOT NULL, name TEXT NOT NULL, correlation TEXT NOT NULL,
+    slots INTEGER NOT NULL, created_by TEXT NOT NULL, created_at REAL NOT NULL, deadline REAL,
+    fired_by TEXT, timed_out INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (grp, name, correlation)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS choreograph_join_instances_age ON choreograph_join_instances (created_at);
+CREATE TABLE IF NOT EXISTS choreograph_join_arrivals (
+    grp TEXT NOT NULL, name TEXT NOT NULL, correlation TEXT NOT NULL, slot INTEGER NOT NULL,
+    event_id TEXT NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (grp, name, correlation, slot)
+) WITHOUT ROWID;
+"""
+
+_KEY = "grp = $1 AND name = $2 AND correlation = $3"
+_CREATE = (
+    "INSERT INTO choreograph_join_instances (grp, name, correlation, slots, created_by, created_at, deadline) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
+)
+_INSTANCE = f"SELECT slots, fired_by, timed_out FROM choreograph_join_instances WHERE {_KEY}"
+_STORE = (
+    "INSERT INTO choreograph_join_arrivals (grp, name, correlation, slot, event_id, body) "
+    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+)
+_COUNT = f"SELECT count(*) FROM choreograph_join_arrivals WHERE {_KEY}"
+_FIRE = f"UPDATE choreograph_join_instances SET fired_by = $4 WHERE {_KEY}"
+_STATE = (
+    "SELECT i.slots, i.created_by, i.created_at, i.deadline, i.fired_by, i.timed_out, a.slot, a.event_id, a.body "
+    "FROM choreograph_join_instances AS i LEFT JOIN choreograph_join_arrivals AS a "
+    "ON a.grp = i.grp AND a.name = i.name AND a.correlation = i.correlation "
+    "WHERE i.grp = $1 AND i.name = $2 AND i.correlation = $3"
+)
+_TIME_OUT = f"UPDATE choreograph_join_instances SET timed_out = $4 WHERE {_KEY} AND fired_by IS NULL"
+
+
+def _state(rows: Sequence[Any]) -> JoinState | None:
+    if not rows:
+        return None
+    slots, created_by, created_at, deadline, fired_by, timed_out = tuple(rows[0])[:6]
+    arrivals = {int(row[6]): Arrival(row[7], bytes(row[8])) for row in rows if row[6] is not None}
+    return JoinState(int(slots), arrivals, created_by, float(created_at),
+                     None if deadline is None else float(deadline), fired_by, bool(timed_out))
+
+
+class DatabaseJoins(JoinStore):
+    """The join store of one handler run: every call runs in ``transaction()``, the run's own.
+
+    ``DatabaseJoins(ctx.transaction)``; nothing is committed here: the worker commits
+    (or rolls back) the run's transaction with everything else the handler did.
+    """
+
+    def __init__(self, transaction: Callable[[], AbstractAsyncContextManager[Transaction]], url: str = "") -> None:
+        self._transaction = transaction
+        self.url = url
+
+    async def arrive(
+        self, key: JoinKey, slot: int, arrival: Arrival, *, slots: int, now: float, deadline: float | None
+    ) -> JoinState:
+        ident = (key.group, key.join, key.correlation)
+        async with self._transaction() as tx:
+            await tx.execute(_CREATE, *ident, slots, arrival.event_id, now, deadline)
+            lock = " FOR UPDATE" if tx.backend == "postgresql" else ""
+            row = await tx.fetchone(_INSTANCE + lock, *ident)
+            assert row is not None  # created above or before, and only expired after RETENTION
+            if row["fired_by"] is None and not row["timed_out"]:
+                stored = await tx.execute(_STORE, *ident, slot, arrival.event_id, arrival.body)
+                if stored and await tx.fetchval(_COUNT, *ident) == row["slots"]:
+                    await tx.execute(_FIRE, *ident, arrival.event_id)
+            state = _state(await tx.fetch(_STATE, *ident))
+        assert state is not None
+        return state
+
+    async def get(self, key: JoinKey) -> JoinState | None:
+        async with self._transaction() as tx:
+            return _state(await tx.fetch(_STATE, key.group, key.join, key.correlation))
+
+    async def time_out(self, key: JoinKey) -> JoinState | None:
+        async with self._transaction() as tx:
+            await tx.execute(_TIME_OUT, key.group, key.join, key.correlation, True)
+            return _state(await tx.fetch(_STATE, key.group, key.join, key.correlation))
+
+    async def expire(self, older_than: float) -> int:
+        async with self._transaction() as tx:
+            await tx.execute(
+                "DELETE FROM choreograph_join_arrivals WHERE EXISTS (SELECT 1 FROM choreograph_join_instances AS i "
+                "WHERE i.grp = choreograph_join_arrivals.grp AND i.name = choreograph_join_arrivals.name "
+                "AND i.correlation = choreograph_join_arrivals.correlation AND i.created_at < $1)",
+                older_than,
+            )
+            return await tx.execute("DELETE FROM choreograph_join_instances WHERE created_at < $1", older_than)
+
+
+class _Prepared:
+    """Per process and database: whether the tables exist, when instances were last expired."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.ready = False
+        self.expired_at = 0.0
+
+
+_PREPARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Prepared]] = weakref.WeakKeyDictionary()
+
+
+async def prepare(store: StateStore) -> None:
+    """Create the join tables in ``store`` once per process; expire old instances at most hourly.
+
+    Runs outside any handler's transaction (its own connection), so a handler that
+    rolls back never takes the tables with it.
+    """
+    prepared = _PREPARED.setdefault(asyncio.get_running_loop(), {}).setdefault(store.url, _Prepared())
+    now = time.time()
+    if prepared.ready and now - prepared.expired_at < EXPIRE_EVERY:
+        return
+    async with prepared.lock:
+        if prepared.ready and now - prepared.expired_at < EXPIRE_EVERY:
+            return
+        if store.backend == "postgresql":
+            from choreograph.stores.joins_postgres import PostgresJoinStore
+
+            joins: JoinStore = PostgresJoinStore(store.url)  # migrates its tables on open, under a lock
+            await joins.open()
+            try:
+                await joins.expire(now - RETENTION)
+            finally:
+                await joins.close()
+        else:
+            await asyncio.to_thread(_prepare_sqlite, store.url, now - RETENTION)
+        prepared.ready, prepared.expired_at = True, now
+
+
+def _prepare_sqlite(url: str, older_than: float) -> None:
+    from choreograph._sqlite import connect_wal
+    from choreograph.stores.sqlite import sqlite_path
+
+    db = connect_wal(sqlite_path(url), schema=_SQLITE_SCHEMA)
+    with contextlib.closing(db):
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "DELETE FROM choreograph_join_arrivals WHERE (grp, name, correlation) IN "
+            "(SELECT grp, name, correlation FROM choreograph_join_instances WHERE created_at < ?)",
+            (older_than,),
+        )
+        db.execute("DELETE FROM choreograph_join_instances WHERE created_at < ?", (older_than,))
+        db.execute("COMMIT")

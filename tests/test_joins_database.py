@@ -1,0 +1,202 @@
+"""Joins of a service with a database: arrivals commit in the handler's transaction, on SQLite and PostgreSQL.
+
+The service here ships an order once it is paid and reserved, writing a shipment row
+through ``ctx.transaction()``. The worker is created the way a process creates it,
+without a join store of its own: a restart is a new ``Worker`` on the same bus and
+the same service database. Real clock, memory bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from choreograph import FAILED, Context, Event, Publisher, Reject, RetryPolicy, Service, Worker
+from choreograph.runtime.outbox import transaction
+from choreograph.testing import MemoryTransport
+from choreograph.transports.base import Message
+from tests.stores._databases import database_url  # noqa: F401 - fixture
+
+
+class Paid(Event, type="test.dbjoins.paid"):
+    order: str
+
+
+class Reserved(Event, type="test.dbjoins.reserved"):
+    order: str
+    sku: str = "sku-1"
+
+
+class Shipped(Event, type="test.dbjoins.shipped"):
+    order: str
+
+
+class Boom(Exception):
+    pass
+
+
+class SpyBus(MemoryTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[Message] = []
+
+    async def publish(self, messages: list[Message]) -> None:  # type: ignore[override]
+        self.published.extend(messages)
+        await super().publish(messages)
+
+    def ids(self, type_: str) -> set[str]:
+        return {m.id for m in self.published if m.type == type_}
+
+
+def shipping(database: str, *, die_first: bool = False, swallow: bool = False, reject: bool = False,
+             within: float | None = None) -> Service:
+    svc = Service("shipping", database=database, retry=RetryPolicy(max_attempts=5, base=0.01, jitter=False))
+    svc.calls = 0  # type: ignore[attr-defined]
+
+    @svc.on_all(Paid, Reserved, within=within)
+    async def ship(paid: Paid, reserved: Reserved, ctx: Context) -> Shipped:
+        if reject:
+            raise Reject("no courier")
+        async with ctx.transaction() as tx:
+            await tx.execute("CREATE TABLE IF NOT EXISTS shipments (order_id TEXT PRIMARY KEY, n INTEGER)")
+            await tx.execute("INSERT INTO shipments VALUES ($1, 1) ON CONFLICT (order_id) "
+                             "DO UPDATE SET n = shipments.n + 1", paid.order)
+        svc.calls += 1  # type: ignore[attr-defined]
+        if die_first and svc.calls == 1:  # type: ignore[attr-defined]
+            await asyncio.Event().wait()  # the process dies here: join complete, transaction not committed
+        if swallow:
+            try:
+                async with ctx.transaction() as tx:
+                    raise Boom("a statement fails; the handler carries on without it")
+            except Boom:
+                pass
+        return Shipped(order=paid.order)
+
+    return svc
+
+
+async def drained(worker: Worker, bus: MemoryTransport, timeout: float = 20.0) -> None:
+    """Nothing pending on the bus and no outbox row unsent, twice in a row."""
+    give_up = asyncio.get_running_loop().time() + timeout
+    quiet = 0
+    while quiet < 3:
+        lags = [await worker.outbox.lag(name) for name in worker.outbox.relays]
+        idle = bus.pending() == (0, None) and all(lag.pending == 0 for lag in lags)
+        quiet = quiet + 1 if idle else 0
+        if asyncio.get_running_loop().time() > give_up:
+            raise TimeoutError(f"not drained: {bus.pending()} {lags}")
+        await asyncio.sleep(0.05)
+
+
+async def shipments(database: str) -> dict[str, int]:
+    async with transaction(Service("reader", database=database)) as tx:
+        if tx.backend == "sqlite":
+            exists = await tx.fetchval("SELECT 1 FROM sqlite_master WHERE name = 'shipments'")
+        else:
+            exists = await tx.fetchval("SELECT to_regclass('shipments')")
+        rows = await tx.fetch("SELECT order_id, n FROM shipments") if exists else []
+    return {row[0]: row[1] for row in rows}
+
+
+@pytest.fixture
+def bus() -> SpyBus:
+    return SpyBus()
+
+
+@pytest.fixture
+def database(database_url: str) -> str:  # noqa: F811 - the fixture imported above
+    return database_url
+
+
+async def test_a_join_keeps_its_first_arrival_across_a_restart_of_a_worker_without_a_join_store(
+    bus: SpyBus, database: str
+) -> None:
+    svc = shipping(database)
+    async with Worker([svc], bus) as first:
+        await Publisher(bus).publish(Paid(order="o-1"), correlation_id="c-1")
+        await drained(first, bus)
+    async with Worker([svc], bus) as second:  # a restarted process: nothing in memory
+        await Publisher(bus).publish(Reserved(order="o-1"), correlation_id="c-1")
+        await drained(second, bus)
+    assert await shipments(database) == {"o-1": 1}
+    assert len(bus.ids(Shipped.event_type())) == 1
+
+
+async def test_a_run_that_dies_after_completing_the_join_runs_again_after_a_restart_and_ships_once(
+    bus: SpyBus, database: str
+) -> None:
+    """The crash point of the brief: the join is complete, its function's transaction not committed."""
+    svc = shipping(database, die_first=True)
+    async with Worker([svc], bus, drain_timeout=0.1):  # stopping cancels the stuck run, as a kill would
+        await Publisher(bus).publish(Paid(order="o-1"), Reserved(order="o-1"), correlation_id="c-1")
+        for _ in range(500):  # until the join's function is running
+            if svc.calls:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
+        assert svc.calls == 1  # type: ignore[attr-defined]
+    async with Worker([svc], bus) as second:
+        await drained(second, bus)
+    assert await shipments(database) == {"o-1": 1}  # the failed attempt's row rolled back
+    assert len(bus.ids(Shipped.event_type())) == 1
+
+
+async def test_many_joins_completed_by_concurrent_arrivals_in_two_workers_each_ship_once(
+    bus: SpyBus, database: str
+) -> None:
+    svc = shipping(database)
+    orders = [f"o-{n}" for n in range(20)]
+    async with Worker([svc], bus, concurrency=8) as one, Worker([svc], bus, concurrency=8):
+        publisher = Publisher(bus)
+        await asyncio.gather(*(publisher.publish(Paid(order=o), correlation_id=o) for o in orders),
+                             *(publisher.publish(Reserved(order=o), correlation_id=o) for o in orders))
+        await drained(one, bus)
+        await asyncio.sleep(0.2)
+        await drained(one, bus)
+    assert await shipments(database) == dict.fromkeys(orders, 1)
+    assert len(bus.ids(Shipped.event_type())) == len(orders)
+
+
+async def test_a_join_function_that_swallows_a_rolled_back_block_still_completes_the_join(
+    bus: SpyBus, database: str
+) -> None:
+    """The rollback took the arrival with it; the join records it again, so its deadline finds it fired."""
+    svc = shipping(database, swallow=True, within=0.5)
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Paid(order="o-1"), Reserved(order="o-1"), correlation_id="c-1")
+        await drained(worker, bus)
+        await asyncio.sleep(0.6)  # past the deadline: the timer must find the join fired
+        await drained(worker, bus)
+    assert len(bus.ids(Shipped.event_type())) == 1
+    assert [m for m in bus.published if m.type == FAILED] == []
+    assert await shipments(database) == {}  # the rolled-back block's row is gone
+
+
+async def test_a_join_function_that_gives_up_announces_both_arrivals_as_failed(bus: SpyBus, database: str) -> None:
+    """Its rollback also took the completing arrival: the fan-out records it, then announces the other."""
+    svc = shipping(database, reject=True)
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Paid(order="o-1"), Reserved(order="o-1"), correlation_id="c-1")
+        await drained(worker, bus)
+    failed = {m.id: m for m in bus.published if m.type == FAILED}
+    announced = {type_ for type_ in (Paid.event_type(), Reserved.event_type())
+                 if any(f'"type":"{type_}"'.encode() in m.body for m in failed.values())}
+    assert announced == {Paid.event_type(), Reserved.event_type()}
+    assert bus.ids(Shipped.event_type()) == set()
+
+
+def test_the_join_tables_live_in_the_service_database(tmp_path: Path) -> None:
+    async def run() -> None:
+        bus = SpyBus()
+        svc = shipping(f"sqlite:///{tmp_path / 'shipping.db'}")
+        async with Worker([svc], bus) as worker:
+            await Publisher(bus).publish(Paid(order="o-1"), Reserved(order="o-1"), correlation_id="c-1")
+            await drained(worker, bus)
+
+    asyncio.run(run())
+    db = sqlite3.connect(tmp_path / "shipping.db")
+    (fired_by,) = db.execute("SELECT fired_by FROM choreograph_join_instances WHERE correlation = 'c-1'").fetchone()
+    inbox = {row[0] for row in db.execute("SELECT event_id FROM choreograph_inbox")}
+    assert fired_by in inbox  # the completing arrival committed with the inbox record of its event
