@@ -15,6 +15,10 @@ How it works, and why:
   Arrival order does not matter; a duplicate (same id, or a second event of a type
   already stored) never fires it again; a redelivery of the completing event after a
   crash or a failed attempt runs it again, with the same deterministic output ids.
+  A service with a database keeps its joins *there*, and records each arrival in
+  the handler's own transaction (:mod:`choreograph.stores.joins_database`): the
+  arrival, the function's state changes, the inbox record and the outputs commit
+  together or not at all.
 * ``within=seconds`` starts a deadline at the first arrival. The timer is an
   event on the bus (``choreograph.join.deadline``) that the first arrival emits to
   its own service and that the worker redelivers until it is due (:class:`Defer`):
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -318,7 +323,9 @@ async def store_for(ctx: Context, store: JoinStore) -> JoinStore:
     if unit is None:
         return store
     await joins_database.prepare(unit.store)
-    return joins_database.DatabaseJoins(ctx.transaction, unit.store.url)
+    joins = joins_database.DatabaseJoins(ctx.transaction, unit.store.url)
+    await joins_database.expire_now(joins, unit.store.url, time.time())
+    return joins
 
 
 def _positional(func: Callable[..., Any]) -> int:

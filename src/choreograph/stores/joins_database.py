@@ -18,16 +18,15 @@ transaction): keep join functions short, as any handler that holds its transacti
 
 Tables: ``choreograph_join_instances`` and ``choreograph_join_arrivals`` (on PostgreSQL
 the same tables as :class:`~choreograph.stores.joins_postgres.PostgresJoinStore`'s,
-migrated by it); created once per process and database by :func:`prepare`, outside
-any handler's transaction, which also drops instances older than :data:`RETENTION`
-at most once an hour.
+migrated by it); created by :func:`prepare`, outside any handler's transaction.
+Instances older than :data:`RETENTION` are dropped by a handler's transaction at most
+once an hour per process (:func:`expire_now`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -136,7 +135,7 @@ class DatabaseJoins(JoinStore):
 
 
 class _Prepared:
-    """Per process and database: whether the tables exist, when instances were last expired."""
+    """Per process and database: whether the tables exist, when old instances were last dropped."""
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
@@ -147,44 +146,51 @@ class _Prepared:
 _PREPARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Prepared]] = weakref.WeakKeyDictionary()
 
 
+def _prepared(url: str) -> _Prepared:
+    return _PREPARED.setdefault(asyncio.get_running_loop(), {}).setdefault(url, _Prepared())
+
+
 async def prepare(store: StateStore) -> None:
-    """Create the join tables in ``store`` once per process; expire old instances at most hourly.
+    """Create the join tables in ``store`` if they are missing, once per process.
 
     Runs outside any handler's transaction (its own connection), so a handler that
-    rolls back never takes the tables with it.
+    rolls back never takes the tables with it. Cheap once they exist: a read on
+    SQLite, a migrations check on PostgreSQL; no write lock is taken then.
     """
-    prepared = _PREPARED.setdefault(asyncio.get_running_loop(), {}).setdefault(store.url, _Prepared())
-    now = time.time()
-    if prepared.ready and now - prepared.expired_at < EXPIRE_EVERY:
+    prepared = _prepared(store.url)
+    if prepared.ready:
         return
     async with prepared.lock:
-        if prepared.ready and now - prepared.expired_at < EXPIRE_EVERY:
+        if prepared.ready:
             return
         if store.backend == "postgresql":
             from choreograph.stores.joins_postgres import PostgresJoinStore
 
-            joins: JoinStore = PostgresJoinStore(store.url)  # migrates its tables on open, under a lock
+            joins = PostgresJoinStore(store.url)  # migrates its tables on open, under an advisory lock
             await joins.open()
-            try:
-                await joins.expire(now - RETENTION)
-            finally:
-                await joins.close()
+            await joins.close()
         else:
-            await asyncio.to_thread(_prepare_sqlite, store.url, now - RETENTION)
-        prepared.ready, prepared.expired_at = True, now
+            await asyncio.to_thread(_prepare_sqlite, store.url)
+        prepared.ready = True
 
 
-def _prepare_sqlite(url: str, older_than: float) -> None:
+async def expire_now(joins: JoinStore, url: str, now: float) -> None:
+    """Drop instances older than :data:`RETENTION` in the caller's transaction, at most once an hour per process."""
+    prepared = _prepared(url)
+    if now - prepared.expired_at >= EXPIRE_EVERY:
+        prepared.expired_at = now
+        await joins.expire(now - RETENTION)
+
+
+def _prepare_sqlite(url: str) -> None:
+    import sqlite3
+
     from choreograph._sqlite import connect_wal
     from choreograph.stores.sqlite import sqlite_path
 
-    db = connect_wal(sqlite_path(url), schema=_SQLITE_SCHEMA)
-    with contextlib.closing(db):
-        db.execute("BEGIN IMMEDIATE")
-        db.execute(
-            "DELETE FROM choreograph_join_arrivals WHERE (grp, name, correlation) IN "
-            "(SELECT grp, name, correlation FROM choreograph_join_instances WHERE created_at < ?)",
-            (older_than,),
-        )
-        db.execute("DELETE FROM choreograph_join_instances WHERE created_at < ?", (older_than,))
-        db.execute("COMMIT")
+    path = sqlite_path(url)
+    with contextlib.closing(sqlite3.connect(path, timeout=30.0)) as db:
+        found = db.execute("SELECT count(*) FROM sqlite_master WHERE name IN "
+                           "('choreograph_join_instances', 'choreograph_join_arrivals')").fetchone()[0]
+    if found < 2:
+        connect_wal(path, schema=_SQLITE_SCHEMA).close()
