@@ -33,7 +33,7 @@ import collections
 import dataclasses
 import random
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ ONCE = (
 )
 """Event types of which an order may have at most one (distinct id) on the bus."""
 TERMINAL = ("shop.order.shipped", "shop.order.cancelled")
+SERVICES = ("orders", "payment", "inventory", "shipping")
+"""The shop's services, each with its database ``<data dir>/<service>.db``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,31 +102,33 @@ class Check:
 # -- the stores ----------------------------------------------------------------------------
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    return conn
-
-
 def seed(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """Create the four stores as the services would, plus the harness's data; return the openings."""
+    """Create the four services' tables as they would, with the demo and the harness's data; return the openings.
+
+    Each service keeps its state in its own database, ``<data_dir>/<service>.db`` (the
+    replicas get ``CHOREOGRAPH_DATA_DIR``); the tables are the services' own
+    (``schema.statements``), created here so the opening balances and stock are known
+    before the first order.
+    """
     from examples.shop import inventory, orders, payment, shipping
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Callable[[sqlite3.Connection], object]] = {
-        "payment": lambda c: c.executemany("INSERT OR IGNORE INTO balances VALUES (?, ?)", BALANCES.items()),
-        "inventory": lambda c: c.executemany("INSERT OR IGNORE INTO stock VALUES (?, ?)", STOCK.items()),
+    rows: dict[str, tuple[str, dict[str, int]]] = {
+        "payment": ("INSERT INTO balances VALUES (?, ?)", {**payment.BALANCES, **BALANCES}),
+        "inventory": ("INSERT INTO stock VALUES (?, ?)", {**inventory.STOCK, **STOCK}),
     }
-    for module in (orders, payment, inventory, shipping):
-        store = module.store
-        conn = _connect(data_dir / f"{store.name}.db")
+    schemas = {orders.orders.name: orders.schema, payment.payment.name: payment.schema,
+               inventory.inventory.name: inventory.schema, shipping.shipping.name: shipping.schema}
+    for name, schema in schemas.items():
+        conn = sqlite3.connect(data_dir / f"{name}.db", isolation_level=None, timeout=30.0)
         try:
-            conn.executescript(store.schema)
+            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("BEGIN IMMEDIATE")
-            if store.seed is not None:
-                store.seed(conn)
-            if store.name in extra:
-                extra[store.name](conn)
+            for statement in schema.statements:
+                conn.execute(statement)
+            if name in rows:
+                sql, values = rows[name]
+                conn.executemany(sql, values.items())
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -152,6 +156,11 @@ class Stores:
             self._conns[db] = sqlite3.connect(f"file:{self.data_dir / db}.db?mode=ro", uri=True, timeout=30.0,
                                              check_same_thread=False)
         return self._conns[db].execute(sql, args).fetchall()
+
+    def unsent(self) -> dict[str, int]:
+        """Outbox rows each service committed and its relay has not yet published."""
+        return {db: int(self.rows(db, "SELECT count(*) FROM choreograph_outbox WHERE sent_at IS NULL")[0][0])
+                for db in SERVICES}
 
     def ended(self) -> int:
         """How many orders the orders service has recorded as shipped or cancelled."""

@@ -53,6 +53,7 @@ import choreograph  # noqa: E402
 from bench._chaos_bus import OBSERVER_GROUP, Observer, bus_for  # noqa: E402
 from bench._chaos_fleet import Fleet, ReplicaSpec, python_m  # noqa: E402
 from bench._chaos_shop import (  # noqa: E402
+    SERVICES,
     Check,
     Order,
     Stores,
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "work comes back after it")
     add("--join-window", type=float, default=None, help="seconds shipping waits for the second of payment "
         "and stock (unset: the shop's 60); shorter makes join timeouts, which may then cancel any order")
+    add("--relay-lease", type=float, default=None, help="seconds a killed replica's outbox relay keeps its "
+        "service's claim (the service databases' relay_lease; unset: the library's 10)")
     add("--seed", type=int, default=1, help="seeds the orders, the faults, the kills and the duplicates")
     add("--timeout", type=float, default=300.0, help="seconds to wait for every order to end, after the last")
     add("--settle-timeout", type=float, default=90.0, help="seconds to wait for the bus to be idle after that")
@@ -179,6 +182,8 @@ class Harness:
             "PYTHONUNBUFFERED": "1",
             "COLUMNS": "300",
             **({"SHOP_SHIPPING_WAIT": str(self.opts.join_window)} if self.opts.join_window else {}),
+            **({f"SHOP_DATABASE_{name.upper()}": f"sqlite:///{self.data_dir / name}.db?relay_lease={lease:g}"
+                for name in SERVICES} if (lease := self.opts.relay_lease) else {}),
         }
 
     async def publish(self, publisher: Publisher) -> None:
@@ -222,25 +227,29 @@ class Harness:
                          f"kills {len(fleet.kills)}, retries {fleet.counts.retries}")
             await asyncio.sleep(0.5)
 
-    async def settle(self, bus: Any, observer: Observer, timeout: float) -> dict[str, int] | None:
-        """Wait until no group has an event pending (join timers not yet due aside); the last backlog."""
+    async def settle(self, bus: Any, observer: Observer, stores: Stores,
+                     timeout: float) -> tuple[dict[str, int] | None, dict[str, int]]:
+        """Wait until no group has an event pending (join timers not yet due aside) and every service's
+        outbox is sent; the last backlog (``None``: not readable on this broker) and unsent rows."""
         groups = {s.group: DEADLINE in s.subscriptions for s in app.services} | {OBSERVER_GROUP: False}
         deadline = time.monotonic() + timeout
         quiet, shown = 0, time.monotonic()
         backlog: dict[str, int] | None = None
+        unsent: dict[str, int] = {}
         while time.monotonic() < deadline:
             await observer.copies_done()
             backlog = await bus.backlog(groups, observer.timers_not_due(time.time()))
-            if backlog is None:
-                return None
-            quiet = quiet + 1 if not any(backlog.values()) else 0
+            unsent = await asyncio.to_thread(stores.unsent)
+            quiet = quiet + 1 if not any((backlog or {}).values()) and not any(unsent.values()) else 0
             if quiet >= 3:
-                return backlog
+                return backlog, unsent
             if not quiet and time.monotonic() - shown >= 5.0:
                 shown = time.monotonic()
-                self.say(f"waiting for the bus to be idle: pending {({g: n for g, n in backlog.items() if n})}")
+                waiting = {g: n for g, n in (backlog or {}).items() if n} | {
+                    f"{s} outbox": n for s, n in unsent.items() if n}
+                self.say(f"waiting for the bus to be idle: pending {waiting}")
             await asyncio.sleep(1.0)
-        return backlog
+        return backlog, unsent
 
     async def run(self) -> dict[str, Any]:
         opts = self.opts
@@ -273,7 +282,7 @@ class Harness:
                 if killing is not None:
                     await killing
                 self.say("every order ended" if ended else f"orders still open after {opts.timeout:g}s")
-                backlog = await self.settle(bus, observer, opts.settle_timeout)
+                backlog, unsent = await self.settle(bus, observer, stores, opts.settle_timeout)
                 self.marks["settled"] = time.monotonic()
                 await observer.stop()
                 letters = await transport.dead_letters(None, limit=1_000_000)
@@ -285,8 +294,8 @@ class Harness:
                 checks += check_bus(self.orders, observer.ids, status)
                 letters_check, reasons = check_dead_letters(letters, self.orders)
                 checks.append(letters_check)
-                checks += self.runtime_checks(backlog, fleet)
-                return self.report(stores, fleet, observer, checks, reasons, len(letters), backlog)
+                checks += self.runtime_checks(backlog, unsent, fleet)
+                return self.report(stores, fleet, observer, checks, reasons, len(letters), backlog, unsent)
         finally:
             await fleet.stop()  # no-op once stopped
             await observer.stop()
@@ -302,7 +311,7 @@ class Harness:
         return {oid: sorted(f"{kind} x{len(ids)}" for kind, ids in observer.ids.get(oid, {}).items())
                 for oid in open_}
 
-    def runtime_checks(self, backlog: dict[str, int] | None, fleet: Fleet) -> list[Check]:
+    def runtime_checks(self, backlog: dict[str, int] | None, unsent: dict[str, int], fleet: Fleet) -> list[Check]:
         if backlog is None:
             pending = Check("no event left pending", True, f"not checked on {urlsplit(self.url).scheme}")
         else:
@@ -310,8 +319,11 @@ class Harness:
             pending = Check("no event left pending", not stuck,
                             f"pending: {stuck}" if stuck else f"{len(backlog)} groups idle")
         counts = fleet.counts
+        left = {service: n for service, n in unsent.items() if n}
         return [
             pending,
+            Check("every committed event published (service outboxes empty)", not left and len(unsent) == 4,
+                  f"unsent outbox rows: {left}" if left else f"{len(unsent)} service databases"),
             Check("no internal error in the workers", counts.internal_errors == 0,
                   "; ".join(s for s in counts.samples if "internal error" in s)[:500] or "none"),
             Check("no process died unless killed", not fleet.unexpected_exits,
@@ -319,7 +331,8 @@ class Harness:
         ]
 
     def report(self, stores: Stores, fleet: Fleet, observer: Observer, checks: list[Check],
-               reasons: dict[str, int], letters: int, backlog: dict[str, int] | None) -> dict[str, Any]:
+               reasons: dict[str, int], letters: int, backlog: dict[str, int] | None,
+               unsent: dict[str, int]) -> dict[str, Any]:
         opts, counts, marks = self.opts, fleet.counts, self.marks
         outcomes = stores.outcomes()
         compensations = stores.compensations()
@@ -333,6 +346,7 @@ class Harness:
                 "duplicate_rate": opts.duplicate_rate, "replicas": opts.replicas, "rate": opts.rate,
                 "lease_s": opts.lease, "concurrency": opts.concurrency, "seed": opts.seed,
                 "processes": len(fleet.replicas), "join_window_s": opts.join_window, "min_kills": opts.min_kills,
+                "relay_lease_s": opts.relay_lease,
             },
             "outcomes": {"shipped": outcomes.get("shipped", 0), "cancelled": outcomes.get("cancelled", 0),
                          "must_ship": sum(o.must_ship for o in self.orders)},
@@ -347,6 +361,7 @@ class Harness:
             "compensations": {**compensations, "total": sum(compensations.values())},
             "events": {"distinct": len(observer.seen), "deliveries_to_observer": observer.observed},
             "pending": backlog,
+            "outbox_unsent": unsent,
             "invariants": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
             "errors": {"internal": counts.internal_errors, "other": counts.other_errors,
                        "samples": counts.samples[:10], "unexpected_exits": fleet.unexpected_exits},

@@ -11,8 +11,12 @@
       inventory releases on PaymentDeclined, a shipping failure, payment giving up, or the deadline
       orders    cancels (OrderCancelled: failed) on any "no", any give-up, or the deadline
 
-Each service keeps its own SQLite database under ``$CHOREOGRAPH_DATA_DIR`` (default
-``./var/shop``): balances and payments, stock and reservations, shipments, orders.
+Each service declares its own database (``Service(name, database=...)``: SQLite under
+``$CHOREOGRAPH_DATA_DIR``, default ``./var/shop``, or ``$SHOP_DATABASE_<SERVICE>``, e.g.
+PostgreSQL) and changes it only through ``ctx.transaction()``: balances and payments,
+stock and reservations, shipments, orders, each committed with the inbox record of the
+event and the events emitted (the outbox); joins and compensations record their
+arrivals in the same transaction.
 Demo data: customers alice (100.00), bob (20.00), carol (1000.00); skus widget (100),
 gadget (3), oversize-sofa (5, which no courier takes: a shipping failure). Run::
 

@@ -1,85 +1,63 @@
-"""Each shop service's own SQLite database, used from async handlers without blocking the loop.
+"""Where the shop's services keep their state, and the tables they create on first use.
 
-A store is opened on first use at ``$CHOREOGRAPH_DATA_DIR/<name>.db`` (default
-``./var/shop``); every call is one ``BEGIN IMMEDIATE`` transaction on the store's own
-thread, so a read-check-write ("is there enough stock? reserve it") is atomic even with
-several replicas of a service on one file. Handlers keep their effects idempotent by
-keying rows on the order id.
+Each service declares its own database (``Service("payment", database=database_url("payment"))``)
+and changes it only through ``ctx.transaction()``: the rows it writes, the inbox record
+of the event it handles and the events it emits commit together when the handler
+returns (``docs/stores.md``). Joins and compensations record their arrivals in the same
+database and the same transaction (``docs/sagas.md``).
+
+The URL is fixed when the service module is imported: ``$SHOP_DATABASE_<SERVICE>``
+(e.g. ``SHOP_DATABASE_PAYMENT=postgresql://.../test?schema=payment``) if set, else
+``sqlite:///<data dir>/<service>.db`` with the data dir ``$CHOREOGRAPH_DATA_DIR``
+(``choreograph dev`` sets it for every process it starts; default ``./var/shop``).
+The SQL is portable: it runs on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
+from choreograph.runtime.outbox import Transaction
 
 DATA_ENV = "CHOREOGRAPH_DATA_DIR"
-_OPEN: list[Store] = []
+DATABASE_ENV = "SHOP_DATABASE_{}"
 
 
 def data_dir() -> Path:
+    """Where the services keep their state: ``$CHOREOGRAPH_DATA_DIR`` or ``./var/shop``."""
     return Path(os.environ.get(DATA_ENV) or "./var/shop")
 
 
-class Store:
-    """A service's database, created with ``schema`` and ``seed`` on first use."""
+def database_url(service: str) -> str:
+    """The database of ``service``: ``$SHOP_DATABASE_<SERVICE>``, else ``sqlite:///<data dir>/<service>.db``."""
+    return os.environ.get(DATABASE_ENV.format(service.upper())) or f"sqlite:///{data_dir() / f'{service}.db'}"
 
-    def __init__(self, name: str, schema: str, seed: Callable[[sqlite3.Connection], None] | None = None) -> None:
-        self.name = name
-        self.schema = schema
+
+class Schema:
+    """A service's tables (``CREATE ... IF NOT EXISTS``) and an optional seed, applied in its transaction.
+
+    ``await schema.ensure(tx)`` at the start of each transaction: once the tables exist
+    the statements are no-ops. It runs in the handler's own transaction rather than
+    once per process because a first transaction that rolls back takes its DDL with it.
+    ``seed(tx)`` runs while ``probe`` (a table) is empty.
+    """
+
+    def __init__(
+        self,
+        *statements: str,
+        seed: Callable[[Transaction], Awaitable[None]] | None = None,
+        probe: str | None = None,
+    ) -> None:
+        if seed is not None and probe is None:
+            raise ValueError("a seed needs the table that shows whether it ran (probe=)")
+        self.statements = statements
         self.seed = seed
-        self._conn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self.probe = probe
 
-    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None:
-            path = data_dir() / f"{self.name}.db"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.row_factory = sqlite3.Row
-            conn.executescript(self.schema)
-            self._conn = conn
-            if self.seed is not None:
-                self._transaction(self.seed)
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(connection)`` in one transaction on the store's thread."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"shop-{self.name}")
-            _OPEN.append(self)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
-
-    def close(self) -> None:
-        """Close the connection (the next call reopens it, under the current data dir)."""
-        if self._executor is not None:
-            self._executor.submit(self._close).result()
-            self._executor.shutdown()
-            self._executor = None
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def close_all() -> None:
-    """Close every store opened in this process (tests switch data dirs between runs)."""
-    while _OPEN:
-        _OPEN.pop().close()
+    async def ensure(self, tx: Transaction) -> None:
+        for statement in self.statements:
+            await tx.execute(statement)
+        if self.seed is not None and await tx.fetchval(f"SELECT 1 FROM {self.probe} LIMIT 1") is None:
+            await self.seed(tx)

@@ -4,76 +4,79 @@
 
 Payment and inventory run in parallel, so a decline can arrive before the stock is
 even reserved: the release then runs as soon as the reservation exists.
+
+Both steps change ``inventory``'s own database through ``ctx.transaction()``: the stock,
+the reservation, the inbox record of the event and the event emitted commit together.
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 from choreograph import Context, Failure, Service
 from choreograph.faults import Faults
+from choreograph.runtime.outbox import Transaction
 from choreograph.sagas import TimedOut, failed, timed_out
+from choreograph.stores.state import Row
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
-from examples.shop._store import Store
+from examples.shop._store import Schema, database_url
 from examples.shop.events import OrderPlaced, OutOfStock, PaymentDeclined, StockReleased, StockReserved
 
-inventory = Service("inventory", timeout=TIMEOUT, retry=RETRY)
+inventory = Service("inventory", timeout=TIMEOUT, retry=RETRY, database=database_url("inventory"))
 faults = Faults.for_service(inventory.name)
 
 STOCK = {"widget": 100, "gadget": 3, "oversize-sofa": 5}
 """Opening stock of the demo catalogue (couriers refuse ``oversize-*``: see shipping)."""
 
 
-def _seed(conn: sqlite3.Connection) -> None:
-    conn.executemany("INSERT OR IGNORE INTO stock VALUES (?, ?)", STOCK.items())
+async def _seed(tx: Transaction) -> None:
+    await tx.executemany("INSERT INTO stock VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING", STOCK.items())
 
 
-store = Store(
-    "inventory",
+schema = Schema(
+    "CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, available BIGINT NOT NULL)",
     """
-    CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, available INTEGER NOT NULL);
     CREATE TABLE IF NOT EXISTS reservations (
         order_id TEXT PRIMARY KEY, sku TEXT NOT NULL, qty INTEGER NOT NULL,
         status TEXT NOT NULL,          -- reserved | out_of_stock | released
-        available INTEGER NOT NULL     -- what was available when asked
-    );
+        available BIGINT NOT NULL      -- what was available when asked
+    )
     """,
-    _seed,
+    seed=_seed,
+    probe="stock",
 )
 
 
-def _reserve(conn: sqlite3.Connection, order: OrderPlaced) -> sqlite3.Row:
-    row: sqlite3.Row | None = conn.execute("SELECT * FROM reservations WHERE order_id = ?", (order.order_id,)).fetchone()
-    if row is None:
-        found = conn.execute("SELECT available FROM stock WHERE sku = ?", (order.sku,)).fetchone()
-        available = 0 if found is None else int(found[0])
-        status = "reserved" if available >= order.qty else "out_of_stock"
-        if status == "reserved":
-            conn.execute("UPDATE stock SET available = available - ? WHERE sku = ?", (order.qty, order.sku))
-        conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?)",
-                     (order.order_id, order.sku, order.qty, status, available))
-        row = conn.execute("SELECT * FROM reservations WHERE order_id = ?", (order.order_id,)).fetchone()
-        assert row is not None
+async def take(tx: Transaction, order: OrderPlaced) -> Row:
+    """Reserve once per order id; the reservation row (a repeat returns the first decision).
+
+    The reservation row is inserted first, so a concurrent reservation for the same
+    order waits for this one; the stock is taken by one conditional ``UPDATE``, so two
+    orders never take the same units.
+    """
+    await schema.ensure(tx)
+    available = int(await tx.fetchval("SELECT available FROM stock WHERE sku = $1", order.sku) or 0)
+    first = await tx.execute(
+        "INSERT INTO reservations VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT (order_id) DO NOTHING",
+        order.order_id, order.sku, order.qty, available,
+    )
+    if first:
+        taken = await tx.execute(
+            "UPDATE stock SET available = available - $1 WHERE sku = $2 AND available >= $1", order.qty, order.sku
+        )
+        await tx.execute("UPDATE reservations SET status = $1 WHERE order_id = $2",
+                         "reserved" if taken else "out_of_stock", order.order_id)
+    row = await tx.fetchone("SELECT * FROM reservations WHERE order_id = $1", order.order_id)
+    assert row is not None
     return row
 
 
 @inventory.on(OrderPlaced)
 async def reserve(order: OrderPlaced, ctx: Context) -> StockReserved | OutOfStock:
-    async with faults.step(ctx):
-        row = await store.run(lambda conn: _reserve(conn, order))
+    async with faults.step(ctx), ctx.transaction() as tx:
+        row = await take(tx, order)
     if row["status"] == "out_of_stock":
-        return OutOfStock(order_id=order.order_id, sku=order.sku, requested=order.qty, available=row["available"])
-    return StockReserved(order_id=order.order_id, sku=order.sku, qty=order.qty)
-
-
-def _release(conn: sqlite3.Connection, reserved: StockReserved) -> None:
-    released = conn.execute(
-        "UPDATE reservations SET status = 'released' WHERE order_id = ? AND status = 'reserved'",
-        (reserved.order_id,),
-    ).rowcount
-    if released:
-        conn.execute("UPDATE stock SET available = available + ? WHERE sku = ?", (reserved.qty, reserved.sku))
+        return OutOfStock(order_id=order.order_id, sku=row["sku"], requested=row["qty"], available=row["available"])
+    return StockReserved(order_id=order.order_id, sku=row["sku"], qty=row["qty"])
 
 
 @inventory.compensate(
@@ -82,8 +85,14 @@ def _release(conn: sqlite3.Connection, reserved: StockReserved) -> None:
 async def release(
     reserved: StockReserved, cause: PaymentDeclined | Failure | TimedOut, ctx: Context
 ) -> StockReleased:
-    async with faults.step(ctx):
-        await store.run(lambda conn: _release(conn, reserved))
+    async with faults.step(ctx), ctx.transaction() as tx:
+        await schema.ensure(tx)
+        released = await tx.execute(
+            "UPDATE reservations SET status = 'released' WHERE order_id = $1 AND status = 'reserved'",
+            reserved.order_id,
+        )
+        if released:  # only the first release of an order puts the units back
+            await tx.execute("UPDATE stock SET available = available + $1 WHERE sku = $2", reserved.qty, reserved.sku)
     reason = describe(cause)
     ctx.logger.warning("released %d x %s: %s", reserved.qty, reserved.sku, reason)
     return StockReleased(order_id=reserved.order_id, sku=reserved.sku, qty=reserved.qty, reason=reason)

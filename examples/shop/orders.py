@@ -2,20 +2,19 @@
 
 Cancelling is a compensation of the order itself: it joins ``OrderPlaced`` with the
 first sign that the order cannot complete (a business "no", a service giving up, the
-deadline), so an order is cancelled exactly once however many of those arrive.
+deadline), so an order is cancelled exactly once however many of those arrive. The
+outcome row, the inbox record and ``OrderCancelled`` commit together (``ctx.transaction()``).
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable
-
 from choreograph import Context, Event, Failure, Service
 from choreograph.faults import Faults
+from choreograph.runtime.outbox import Transaction
 from choreograph.sagas import TimedOut, failed, timed_out
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
-from examples.shop._store import Store
+from examples.shop._store import Schema, database_url
 from examples.shop.events import (
     OrderCancelled,
     OrderPlaced,
@@ -26,32 +25,31 @@ from examples.shop.events import (
     StockReserved,
 )
 
-orders = Service("orders", timeout=TIMEOUT, retry=RETRY)
+orders = Service("orders", timeout=TIMEOUT, retry=RETRY, database=database_url("orders"))
 faults = Faults.for_service(orders.name)
 
-store = Store(
-    "orders",
+schema = Schema(
     """
     CREATE TABLE IF NOT EXISTS orders (
         order_id TEXT PRIMARY KEY,
         status TEXT NOT NULL,          -- shipped | cancelled
         detail TEXT NOT NULL
-    );
+    )
     """,
 )
 
 
-def _record(order_id: str, status: str, detail: str) -> Callable[[sqlite3.Connection], None]:
-    def tx(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT OR IGNORE INTO orders VALUES (?, ?, ?)", (order_id, status, detail))
-
-    return tx
+async def record(tx: Transaction, order_id: str, status: str, detail: str) -> None:
+    """Record how an order ended; the first outcome stands."""
+    await schema.ensure(tx)
+    await tx.execute("INSERT INTO orders VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING",
+                     order_id, status, detail)
 
 
 @orders.on(OrderShipped)
 async def shipped(order: OrderShipped, ctx: Context) -> None:
-    async with faults.step(ctx):
-        await store.run(_record(order.order_id, "shipped", order.shipment_id))
+    async with faults.step(ctx), ctx.transaction() as tx:
+        await record(tx, order.order_id, "shipped", order.shipment_id)
 
 
 @orders.compensate(
@@ -67,7 +65,7 @@ async def shipped(order: OrderShipped, ctx: Context) -> None:
 )
 async def cancel(order: OrderPlaced, cause: Event | Failure | TimedOut, ctx: Context) -> OrderCancelled:
     reason = describe(cause)
-    async with faults.step(ctx):
-        await store.run(_record(order.order_id, "cancelled", reason))
+    async with faults.step(ctx), ctx.transaction() as tx:
+        await record(tx, order.order_id, "cancelled", reason)
     ctx.logger.warning("order %s cancelled: %s", order.order_id, reason)
     return OrderCancelled(order_id=order.order_id, reason=reason)

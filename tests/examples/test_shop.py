@@ -1,19 +1,21 @@
 """The shop saga end to end, in one process and virtual time: every outcome, every compensation.
 
-Each order runs through the real services (their SQLite stores in a temporary data
-dir), on the memory bus, with the journal watching; the assertions are about money,
+Each order runs through the real services, each writing its own SQLite database in a
+temporary directory through ``ctx.transaction()`` (its outputs leave through the outbox
+relay), on the memory bus, with the journal watching; the assertions are about money,
 stock and how each order ended.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from examples.shop import _store
 from examples.shop.app import app
 from examples.shop.events import (
     OrderCancelled,
@@ -49,13 +51,29 @@ class SpyBus(MemoryTransport):
 class Shop:
     def __init__(self, bus: SpyBus, clock: VirtualClock, journal: Journal, data: Path) -> None:
         self.bus, self.clock, self.journal, self.data = bus, clock, journal, data
+        self.worker: Worker | None = None
+
+    async def drained(self, timeout: float = 20.0) -> None:
+        """Nothing left on the bus and no outbox row unsent (the relays publish after each commit)."""
+        worker = self.worker
+        assert worker is not None
+        give_up = asyncio.get_running_loop().time() + timeout
+        while True:
+            await settled(self.bus, timeout=timeout)
+            before = _progress(worker)
+            lags = [await worker.outbox.lag(name) for name in worker.outbox.relays]
+            if all(lag.pending == 0 for lag in lags) and self.bus.pending() == (0, None) and _progress(worker) == before:
+                return
+            if asyncio.get_running_loop().time() > give_up:
+                raise TimeoutError(f"not drained after {timeout}s: {lags}")
+            await asyncio.sleep(0.005)
 
     async def order(self, order_id: str, customer: str, sku: str, qty: int, amount: int) -> str:
         [env] = await Publisher(self.bus, source="/test").publish(
             OrderPlaced(order_id=order_id, customer=customer, sku=sku, qty=qty, amount=amount),
             deadline=timedelta(minutes=5),
         )
-        await settled(self.bus)
+        await self.drained()
         return env.id
 
     def query(self, db: str, sql: str, *args: object) -> list[tuple[object, ...]]:
@@ -88,19 +106,25 @@ class Shop:
         return tx.status
 
 
+def _progress(worker: Worker) -> tuple[object, ...]:
+    return (*dataclasses.astuple(worker.stats()), *(r.published for r in worker.outbox.relays.values()))
+
+
 @pytest.fixture
 async def shop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Shop]:
-    monkeypatch.setenv(_store.DATA_ENV, str(tmp_path))
+    for service in app.services:  # fresh databases per test (the URLs were fixed at import)
+        monkeypatch.setattr(service, "database", f"sqlite:///{tmp_path / service.name}.db")
+    monkeypatch.delenv("CHOREOGRAPH_FAULTS", raising=False)
     clock = VirtualClock()
     bus = SpyBus(clock)
     async with Journal.from_app(app, "memory://", transport=bus, scan_interval=3600) as journal:
         yield Shop(bus, clock, journal, tmp_path)
-    _store.close_all()
 
 
 async def run(shop: Shop, services: Sequence[Service] = app.services) -> Worker:
     worker = Worker(services, shop.bus)
     await worker.start()
+    shop.worker = worker
     return worker
 
 
@@ -166,7 +190,7 @@ async def test_an_order_past_its_deadline_is_undone_when_the_journal_times_it_ou
     assert shop.balance("alice") == BALANCES["alice"] - 10_00
     shop.clock.advance(5 * 60 + 1)
     assert await shop.journal.check_deadlines() == [cid]
-    await settled(shop.bus)
+    await shop.drained()
     await worker.stop()
     assert shop.ends("o-6") == ["OrderCancelled"]
     assert shop.balance("alice") == BALANCES["alice"]
@@ -186,7 +210,7 @@ async def test_money_and_stock_are_conserved_and_every_order_ends_once(shop: Sho
         await publisher.publish(
             OrderPlaced(order_id=order_id, customer=customer, sku=sku, qty=qty, amount=amount)
         )
-    await settled(shop.bus)
+    await shop.drained()
     await worker.stop()
     ends = [shop.ends(order_id) for order_id, *_ in orders]
     assert all(len(end) == 1 for end in ends)
