@@ -461,3 +461,24 @@ def test_derive_id_differs_for_every_distinct_input_service_handler_and_index(
     """Service names and handler qualnames cannot contain the separator, so the parts never blur."""
     ids = {derive_id(*p) for p in parts}
     assert len(ids) == len(parts)
+
+
+def test_the_workers_output_encoder_writes_the_same_envelope_as_the_generic_one() -> None:
+    from choreograph.runtime.records import output_envelope, output_message
+
+    class Shipped(Event, type="test.envelope.shipped"):
+        order_id: str
+
+    cause = Envelope(id="in-1", source="/orders", type="test.envelope.paid", data={}, correlationid="corr",
+                     traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", tracestate="k=v",
+                     hops=3, partitionkey="p", deadline="2030-01-01T00:00:00Z")
+    for c, subject in ((cause, "s-1"), (Envelope(id="in-2", source="/x", type="t"), None)):
+        fast = output_message(Shipped(order_id="o"), cause=c, service="svc", handler="h", index=2, source="/svc",
+                              subject=subject)
+        slow = encode(output_envelope(Shipped(order_id="o"), cause=c, service="svc", handler="h", index=2,
+                                      source="/svc", subject=subject))
+        got, want = decode(fast.body), decode(slow)
+        assert got.time is not None and want.time is not None
+        got.time = want.time = "x"
+        assert got == want
+        assert (fast.id, fast.type) == (want.id, "test.envelope.shipped")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
@@ -60,15 +61,26 @@ def derive_id(input_id: str, service: str, handler: str, index: int | str) -> st
     every (input, service, handler, index). Computed by hand (the same value as
     ``uuid.uuid5``) because it runs once per output on the hot path.
     """
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{input_id}\x1f{service}\x1f{handler}\x1f{index}".encode()).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = hashlib.sha1(_NAMESPACE_BYTES + f"{input_id}\x1f{service}\x1f{handler}\x1f{index}".encode()).hexdigest()
+    # version 5 in the 13th hex digit; the variant (10xx) in the top bits of the 17th
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+_VARIANT = {digit: "89ab"[int(digit, 16) & 0x3] for digit in "0123456789abcdef"}
+_second_stamp: tuple[int, str] = (0, "")
 
 
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """The current UTC time as RFC 3339 with microseconds (``2026-01-01T12:00:00.000001Z``).
+
+    Runs for every event emitted, so the date-and-seconds part is formatted once a second.
+    """
+    global _second_stamp
+    now = time.time()
+    second = int(now)
+    if second != _second_stamp[0]:
+        _second_stamp = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second_stamp[1]}.{int((now - second) * 1_000_000):06d}Z"
 
 
 @dataclasses.dataclass(slots=True)
@@ -173,6 +185,17 @@ _OPTIONAL_STRINGS = ("time", "subject", "datacontenttype", "dataschema", "correl
 _ALL_KNOWN = CORE_ATTRIBUTES | KNOWN_EXTENSIONS
 
 
+def _strings_ok(obj: dict[str, Any]) -> bool:
+    """Whether every optional string attribute present is a non-empty string."""
+    for name, value in obj.items():
+        if name in _OPTIONAL_STRING_SET and (type(value) is not str or not value) and value is not None:
+            return False
+    return True
+
+
+_OPTIONAL_STRING_SET = frozenset(_OPTIONAL_STRINGS)
+
+
 def from_dict(obj: Any) -> Envelope:
     """Build an envelope from a decoded structured-mode JSON object, validating it."""
     # Fast path (every event on the hot path): well-formed, no unknown extensions.
@@ -182,7 +205,7 @@ def from_dict(obj: Any) -> Envelope:
         if (
             type(id_) is str and id_ and type(source) is str and source and type(type_) is str and type_
             and type(hops) is int and hops >= 0
-            and all(v is None or (type(v) is str and v) for v in map(get, _OPTIONAL_STRINGS))
+            and _strings_ok(obj)
             and ((time_ := get("time")) is None or is_rfc3339(time_))
         ):
             return Envelope(

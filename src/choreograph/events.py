@@ -33,6 +33,7 @@ class Event(pydantic.BaseModel):
 
     __event_type__: ClassVar[str] = ""
     __event_version__: ClassVar[int] = 1
+    __schema_uri__: ClassVar[str] = ""
 
     def __init_subclass__(cls, *, type: str | None = None, version: int = 1, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -42,13 +43,16 @@ class Event(pydantic.BaseModel):
                     f"{cls.__qualname__}: an Event subclass needs a type, e.g. "
                     f"class {cls.__name__}(Event, type=\"shop.order.placed\")"
                 )
-            return  # inherits its parent's type (e.g. a model with extra helpers)
+            # inherits its parent's type (e.g. a model with extra helpers), or set it in its body
+            cls.__schema_uri__ = f"urn:choreograph:schema:{cls.__event_type__}:v{cls.__event_version__}"
+            return
         if not type or type.startswith("choreograph."):
             raise ConfigurationError(f"{cls.__qualname__}: type {type!r} is empty or reserved")
         if version < 1:
             raise ConfigurationError(f"{cls.__qualname__}: version must be >= 1")
         cls.__event_type__ = type
         cls.__event_version__ = version
+        cls.__schema_uri__ = f"urn:choreograph:schema:{type}:v{version}"
         existing = _REGISTRY.get(type)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             # Re-importing the same module (tests, reloads) re-defines the class: allowed.
@@ -65,7 +69,7 @@ class Event(pydantic.BaseModel):
     @classmethod
     def schema_uri(cls) -> str:
         """The CloudEvents ``dataschema`` of this event (a URN naming type and version)."""
-        return f"urn:choreograph:schema:{cls.__event_type__}:v{cls.__event_version__}"
+        return cls.__schema_uri__
 
 
 def event_class(type_name: str) -> type[Event] | None:

@@ -24,10 +24,11 @@ redelivered after the lease, and the inbox makes the re-run harmless downstream.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Coroutine, Generator, Sequence
+from typing import Any, cast
 
 import pydantic
 
@@ -37,12 +38,12 @@ from choreograph.context import Context, _set_current
 from choreograph.errors import EmitError, MalformedEnvelope, Reject, Retry
 from choreograph.events import Event
 from choreograph.joins import Defer
-from choreograph.runtime.outbox import Outboxes
+from choreograph.runtime.outbox import HandlerUnit, Outboxes
 from choreograph.runtime.records import (
     DeadLetterReason,
     dead_letter_record,
     failure_envelope,
-    output_envelope,
+    output_message,
     to_message,
 )
 from choreograph.service import FAILED, Failure, Handler, Service
@@ -89,6 +90,26 @@ class _Dead:
 
 
 _Outcome = _Done | _Again | _Dead
+
+
+@dataclasses.dataclass(slots=True)
+class _Call:
+    """One handler run: what it handles and the coroutine that runs it."""
+
+    delivery: Delivery
+    envelope: Envelope
+    handler: Handler
+    ctx: Context
+    unit: HandlerUnit | None
+    now: float  # clock time when handling began (records)
+    started: float  # loop time when handling began (timeout)
+    coro: Coroutine[Any, Any, Any]
+
+
+def _first_step(call: _Call) -> Any:
+    """Run ``call`` up to its first suspension (inside the call's own contextvars context)."""
+    _set_current(call.ctx)
+    return call.coro.send(None)
 
 
 @dataclasses.dataclass
@@ -138,11 +159,12 @@ class _Runner:
         self.fetching = False
         self.tasks: list[asyncio.Task[None]] = []
         # Handler timeouts: one watchdog per service instead of a timer per delivery.
-        self.deadlines: dict[asyncio.Task[Any], float] = {}
-        self.timed_out: set[asyncio.Task[Any]] = set()
+        self.deadlines: dict[Delivery, float] = {}
+        self.timed_out: set[Delivery] = set()
         self.watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.store = self.worker.outbox.store_for(self.service) or self.worker.store
         self.sub = await self.worker.transport.subscribe(self.group, sorted(self.service.subscriptions))
         self.tasks = [
@@ -205,9 +227,47 @@ class _Runner:
                     self._emit(_Done(delivery, [], mark=False))
                     continue
                 self.active_ids[message_id] = delivery
-                task = asyncio.create_task(self._handle(delivery))
-                self.active[task] = delivery
-                task.add_done_callback(self._finished)
+                self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        """Handle ``delivery`` at once, up to the handler's first real suspension.
+
+        Most handlers never suspend (or only after the work that matters), so a task per
+        delivery would cost a loop round trip each for nothing. The handler's first step
+        runs right here, in a context of its own as a task would give it; a handler that
+        waits on something continues in a task, which holds a slot (and a timeout) until it
+        ends. Services with a database take the general path in a task: their commit is I/O.
+        """
+        try:
+            call = self._prepare(delivery)
+            if not isinstance(call, _Call):
+                self._emit(call)
+                return
+            if call.unit is not None:
+                self._spawn(delivery, self._transactional(call))
+                return
+            context = contextvars.copy_context()
+            try:
+                waiting = context.run(_first_step, call)
+            except StopIteration as stop:
+                self._emit(self._returned(call, stop.value))
+            except Exception as exc:
+                outcome = self._raised(call, exc)
+                self._emit(outcome) if outcome is not None else self._spawn(delivery, self._settle_raised(call, exc))
+            except asyncio.CancelledError:  # the handler cancelled itself: give the delivery back
+                self._spawn(delivery, self._release(delivery))
+            else:
+                self._spawn(delivery, self._resume(call, waiting), context)
+        except Exception as exc:  # a bug in us: the lease redelivers it
+            self._release_id(delivery)
+            log.error("internal error handling %r", delivery, exc_info=exc)
+
+    def _spawn(
+        self, delivery: Delivery, coro: Coroutine[Any, Any, None], context: contextvars.Context | None = None
+    ) -> None:
+        task = asyncio.create_task(coro, context=context)
+        self.active[task] = delivery
+        task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         # The id stays in active_ids until its outcome is settled (inbox marked): a copy of
@@ -247,27 +307,25 @@ class _Runner:
         while True:
             await asyncio.sleep(tick)
             now = loop.time()
-            for task, deadline in list(self.deadlines.items()):
-                if deadline <= now and task not in self.timed_out:
-                    self.timed_out.add(task)
+            for task, delivery in list(self.active.items()):
+                deadline = self.deadlines.get(delivery)
+                if deadline is not None and deadline <= now and delivery not in self.timed_out:
+                    self.timed_out.add(delivery)
                     task.cancel()
 
     # -- handling ---------------------------------------------------------------------
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _release(self, delivery: Delivery) -> None:
+        """Give an unfinished delivery back at once (shutdown ran out of drain time)."""
+        self.stats.released += 1
         try:
-            self._emit(await self._outcome(delivery))
-        except asyncio.CancelledError:
-            # Shutdown ran out of drain time: give the delivery back at once.
-            self.stats.released += 1
-            try:
-                await asyncio.shield(delivery.retry(0.0))
-            except Exception as exc:  # broker unreachable: the lease gives it back instead
-                log.warning("could not release %r: %s; it returns after its lease", delivery, exc)
-            raise
+            await asyncio.shield(delivery.retry(0.0))
+        except Exception as exc:  # broker unreachable: the lease gives it back instead
+            log.warning("could not release %r: %s; it returns after its lease", delivery, exc)
 
-    async def _outcome(self, delivery: Delivery) -> _Outcome:
-        service, worker = self.service, self.worker
+    def _prepare(self, delivery: Delivery) -> _Call | _Outcome:
+        """Decode and validate ``delivery`` and create its handler call, or say at once what to do."""
+        worker = self.worker
         now = worker.clock.time()
         try:
             envelope = decode(delivery.message.body)
@@ -277,7 +335,6 @@ class _Runner:
         if envelope.hops > worker.max_hops:
             error = ErrorInfo("LoopDetected", f"hops={envelope.hops} exceeds the limit of {worker.max_hops}")
             return self._dead(delivery, envelope, "loop_detected", None, error, now, publish_failure=False)
-
         handler = self._handler_for(envelope)
         if handler is None:
             self.stats.ignored += 1
@@ -286,54 +343,101 @@ class _Runner:
             argument = self._argument(handler, envelope)
         except (pydantic.ValidationError, MalformedEnvelope) as exc:
             return self._dead(delivery, envelope, "invalid_payload", handler, ErrorInfo.from_exception(exc, limit=0), now)
+        ctx = Context(envelope, self.service.name, handler.name, delivery.attempt)
+        ctx._unit = unit = worker.outbox.unit(self.service, ctx)  # None unless the service has a database
+        if handler.join is None:
+            # an ``async def`` (checked at registration), so a coroutine
+            coro = cast(Coroutine[Any, Any, Any],
+                        handler.func(argument, ctx) if handler.takes_context else handler.func(argument))
+        else:  # a join or compensation: records the arrival, calls func once all arrived
+            coro = handler.join.run(argument, ctx, worker.joins, worker.clock)
+        return _Call(delivery, envelope, handler, ctx, unit, now, self.loop.time(), coro)
 
-        ctx = Context(envelope, service.name, handler.name, delivery.attempt)
-        ctx._unit = unit = worker.outbox.unit(service, ctx)  # None unless the service has a database
-        token = _set_current(ctx)
+    async def _guarded(self, call: _Call, handler: Awaitable[Any]) -> Any:
+        """Await the rest of a handler under its timeout (the watchdog cancels it, we say why)."""
+        delivery = call.delivery
+        self.deadlines[delivery] = call.started + call.handler.timeout
         try:
-            args = (argument, ctx) if handler.takes_context else (argument,)
-            task = asyncio.current_task()
-            assert task is not None
-            self.deadlines[task] = asyncio.get_running_loop().time() + handler.timeout
-            try:
-                if handler.join is None:
-                    result = await handler.func(*args)
-                else:  # a join or compensation: records the arrival, calls func once all arrived
-                    result = await handler.join.run(argument, ctx, worker.joins, worker.clock)
-            except asyncio.CancelledError:
-                if task in self.timed_out:  # the watchdog, not a shutdown
-                    raise HandlerTimeout(f"handler exceeded its timeout of {handler.timeout}s") from None
-                raise
-            finally:
-                del self.deadlines[task]
-                if task in self.timed_out:
-                    self.timed_out.discard(task)
-                    task.uncancel()
-            messages = self._outputs(handler, envelope, _outputs_of(result), ctx)
-            mark = True
-            if unit is not None and unit.used:  # state, inbox record and outputs commit together
-                if not await unit.commit(self.group, envelope.id, messages):
-                    self.stats.duplicates += 1  # another consumer committed this event first
-                    return _Done(delivery, [], mark=False)
-                messages, mark = [], False  # in the outbox now: the relay publishes them
-        except Defer as exc:  # a join deadline timer not due yet: not a failure
-            return _Again(delivery, exc.after)
-        except Reject as exc:
-            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), now)
-        except EmitError as exc:
-            exc.event_id, exc.service, exc.handler = envelope.id, service.name, handler.name
-            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), now)
-        except Exception as exc:
-            if unit is not None:
-                await unit.rollback()  # before touching the store: on SQLite it waits for the writer
-            return await self._failed(delivery, envelope, handler, exc, now)
+            return await handler
+        except asyncio.CancelledError:
+            if delivery in self.timed_out:  # the watchdog, not a shutdown
+                raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s") from None
+            raise
         finally:
-            if unit is not None:
-                await unit.rollback()  # no-op once committed
-            _set_current(None)
-            del token
+            del self.deadlines[delivery]
+            if delivery in self.timed_out:
+                self.timed_out.discard(delivery)
+                task = asyncio.current_task()
+                assert task is not None  # only a handler running in a task can be cancelled
+                task.uncancel()
+
+    async def _resume(self, call: _Call, waiting: Any) -> None:
+        """The rest of a handler that suspended on ``waiting``, in a task of its own."""
+        try:
+            result = await self._guarded(call, _Resume(call.coro, waiting))
+        except asyncio.CancelledError:  # shutdown ran out of drain time
+            await self._release(call.delivery)
+            raise
+        except Exception as exc:
+            await self._settle_raised(call, exc)
+        else:
+            self._emit(self._returned(call, result))
+
+    async def _settle_raised(self, call: _Call, exc: Exception) -> None:
+        outcome = self._raised(call, exc)
+        self._emit(outcome if outcome is not None else await self._failed(call, exc))
+
+    def _returned(self, call: _Call, result: Any) -> _Outcome:
+        """The outcome of a handler that returned ``result`` (a service without a database)."""
+        try:
+            messages = self._outputs(call.handler, call.envelope, _outputs_of(result), call.ctx)
+        except EmitError as exc:
+            outcome = self._raised(call, exc)
+            assert outcome is not None
+            return outcome
         self.stats.handled += 1
-        return _Done(delivery, messages, mark=mark)
+        return _Done(call.delivery, messages, mark=True)
+
+    def _raised(self, call: _Call, exc: Exception) -> _Outcome | None:
+        """The outcome of a handler that raised ``exc``; ``None`` for a failed attempt (see ``_failed``)."""
+        delivery, envelope, handler = call.delivery, call.envelope, call.handler
+        if isinstance(exc, Defer):  # a join deadline timer not due yet: not a failure
+            return _Again(delivery, exc.after)
+        if isinstance(exc, Reject):
+            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
+        if isinstance(exc, EmitError):
+            exc.event_id, exc.service, exc.handler = envelope.id, self.service.name, handler.name
+            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
+        return None
+
+    async def _transactional(self, call: _Call) -> None:
+        """A handler of a service with a database: its state, the inbox record and its outputs
+        commit together when it returns (then the relay publishes the outputs)."""
+        delivery, unit = call.delivery, call.unit
+        assert unit is not None
+        try:
+            try:
+                _set_current(call.ctx)  # this task's own context
+                result = await self._guarded(call, call.coro)
+                messages = self._outputs(call.handler, call.envelope, _outputs_of(result), call.ctx)
+                mark = True
+                if unit.used:
+                    if not await unit.commit(self.group, call.envelope.id, messages):
+                        self.stats.duplicates += 1  # another consumer committed this event first
+                        self._emit(_Done(delivery, [], mark=False))
+                        return
+                    messages, mark = [], False  # in the outbox now: the relay publishes them
+            except Exception as exc:
+                await unit.rollback()  # before touching the store: on SQLite it waits for the writer
+                await self._settle_raised(call, exc)
+                return
+            finally:
+                await unit.rollback()  # no-op once committed
+        except asyncio.CancelledError:  # shutdown ran out of drain time
+            await self._release(delivery)
+            raise
+        self.stats.handled += 1
+        self._emit(_Done(delivery, messages, mark=mark))
 
     def _handler_for(self, envelope: Envelope) -> Handler | None:
         if envelope.type == FAILED:
@@ -363,16 +467,15 @@ class _Runner:
                     f"{handler.name} emitted {type(event).event_type()!r} but declares {declared}; "
                     "add it to the return annotation or emits=[...]"
                 )
-            envelope = output_envelope(
+            messages.append(output_message(
                 event, cause=cause, service=self.service.name, handler=handler.name, index=index,
                 source=self.service.source, subject=subject,
-            )
-            messages.append(to_message(envelope))
+            ))
         return messages
 
-    async def _failed(
-        self, delivery: Delivery, envelope: Envelope, handler: Handler, exc: Exception, now: float
-    ) -> _Outcome:
+    async def _failed(self, call: _Call, exc: Exception) -> _Outcome:
+        """A failed attempt: retry by the handler's policy, or dead-letter once it gives up."""
+        delivery, envelope, handler, now = call.delivery, call.envelope, call.handler, call.now
         error = ErrorInfo.from_exception(exc)
         first_error, first_at = await self.store.record_failure(self.group, envelope.id, error, now)
         give_up = handler.retry.give_up(delivery.attempt, age=now - first_at)
@@ -510,6 +613,34 @@ class _Runner:
                             self.group)
 
 
+class _Resume:
+    """Awaiting it continues a coroutine that already ran its first step and is waiting on ``waiting``."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro, self.waiting = coro, waiting
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, waiting = self.coro, self.waiting
+        try:
+            while True:
+                try:
+                    sent = yield waiting
+                except BaseException as exc:  # cancellation (or anything thrown in): into the coroutine
+                    waiting = coro.throw(exc)
+                else:
+                    waiting = coro.send(sent)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        finally:
+            coro.close()  # no-op once it finished
+
+
+async def _continue(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    await _Resume(coro, waiting)
+
+
 def _raw(body: bytes) -> Any:
     """The original envelope for a record: the JSON object if it parses, else the text."""
     import orjson
@@ -588,6 +719,7 @@ class Worker:
         for runner in self.runners:
             await runner.start()
         if self.retention is not None:
+            await self._expire_pass()  # at start, before any delivery; then every retention / 10
             self._housekeeping = asyncio.create_task(self._expire_loop(self.retention), name="choreograph-expire")
 
     async def expire(self) -> int:
@@ -601,15 +733,18 @@ class Worker:
             dropped += await store.expire(older_than)
         return dropped + await self.joins.expire(older_than)
 
+    async def _expire_pass(self) -> None:
+        try:
+            dropped = await self.expire()
+            if dropped:
+                log.info("expired %d inbox entries and join instances older than %.0fs", dropped, self.retention)
+        except Exception as exc:  # housekeeping must never stop the worker
+            log.warning("expiring old inbox entries failed: %s", exc)
+
     async def _expire_loop(self, retention: float) -> None:
         while True:
-            try:
-                dropped = await self.expire()
-                if dropped:
-                    log.info("expired %d inbox entries and join instances older than %.0fs", dropped, retention)
-            except Exception as exc:  # housekeeping must never stop the worker
-                log.warning("expiring old inbox entries failed: %s", exc)
             await asyncio.sleep(min(retention / 10, 3600.0))
+            await self._expire_pass()
 
     async def wait(self) -> None:
         """Until ``stop()`` is called."""
