@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,97 @@ def test_the_join_tables_live_in_the_service_database(tmp_path: Path) -> None:
     (fired_by,) = db.execute("SELECT fired_by FROM choreograph_join_instances WHERE correlation = 'c-1'").fetchone()
     inbox = {row[0] for row in db.execute("SELECT event_id FROM choreograph_inbox")}
     assert fired_by in inbox  # the completing arrival committed with the inbox record of its event
+
+
+class Cancelled(Event, type="test.dbjoins.cancelled"):
+    order: str
+
+
+class Refunded(Event, type="test.dbjoins.refunded"):
+    order: str
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    give_up = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > give_up:
+            raise TimeoutError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_join_function_waiting_before_its_transaction_does_not_stop_other_joins_of_the_service(
+    bus: SpyBus, database: str
+) -> None:
+    """The completing arrival is recorded after the function, so slow work before its block holds no lock.
+
+    Recorded first (on SQLite: the writer turn of the whole file) it would stall every
+    other handler of the service until the function returned: here, for ever.
+    """
+    gate, blocked = asyncio.Event(), asyncio.Event()
+    svc = Service("shipping", database=database)
+    runs: list[str] = []
+
+    @svc.on_all(Paid, Reserved)
+    async def ship(paid: Paid, reserved: Reserved, ctx: Context) -> Shipped:
+        if paid.order == "o-slow":
+            blocked.set()
+            await gate.wait()  # a slow call, before the transaction
+        async with ctx.transaction() as tx:
+            await tx.execute("CREATE TABLE IF NOT EXISTS shipments (order_id TEXT PRIMARY KEY)")
+            await tx.execute("INSERT INTO shipments VALUES ($1)", paid.order)
+        runs.append(paid.order)
+        return Shipped(order=paid.order)
+
+    async with Worker([svc], bus) as worker:
+        publisher = Publisher(bus)
+        await publisher.publish(Paid(order="o-slow"), correlation_id="c-slow")
+        await until(lambda: bus.pending() == (0, None), "the first arrival handled")
+        await publisher.publish(Reserved(order="o-slow"), correlation_id="c-slow")
+        await asyncio.wait_for(blocked.wait(), 20)
+        await publisher.publish(Paid(order="o-fast"), Reserved(order="o-fast"), correlation_id="c-fast")
+        await until(lambda: "o-fast" in runs and len(bus.ids(Shipped.event_type())) == 1,
+                    "the other join shipped while the first one's function waited")
+        gate.set()
+        await drained(worker, bus)
+    assert runs == ["o-fast", "o-slow"]
+    assert len(bus.ids(Shipped.event_type())) == 2
+
+
+async def test_a_compensation_whose_trigger_raced_another_while_it_ran_is_rolled_back_and_not_run_again(
+    bus: SpyBus, database: str
+) -> None:
+    """Two triggers both complete the compensation and run (neither holds the join while its
+    function runs); the one that records its arrival second finds the compensation fired by
+    the other: its run rolls back, and its retry does nothing."""
+    gate, blocked = asyncio.Event(), asyncio.Event()
+    svc = Service("payment", database=database, retry=RetryPolicy(max_attempts=5, base=0.01, jitter=False))
+    runs: list[str] = []
+
+    @svc.compensate(Paid, on=[Cancelled, Reserved])
+    async def refund(paid: Paid, cause: Cancelled | Reserved, ctx: Context) -> Refunded:
+        if isinstance(cause, Cancelled) and not gate.is_set():
+            blocked.set()
+            await gate.wait()
+        async with ctx.transaction() as tx:
+            await tx.execute("CREATE TABLE IF NOT EXISTS refunds (order_id TEXT, cause TEXT)")
+            await tx.execute("INSERT INTO refunds VALUES ($1, $2)", paid.order, type(cause).__name__)
+        runs.append(type(cause).__name__)
+        return Refunded(order=paid.order)
+
+    async with Worker([svc], bus) as worker:
+        publisher = Publisher(bus)
+        await publisher.publish(Paid(order="o-1"), correlation_id="c-1")
+        await until(lambda: bus.pending() == (0, None), "the step recorded")
+        await publisher.publish(Cancelled(order="o-1"), correlation_id="c-1")
+        await asyncio.wait_for(blocked.wait(), 20)
+        await publisher.publish(Reserved(order="o-1"), correlation_id="c-1")
+        await until(lambda: len(bus.ids(Refunded.event_type())) == 1, "the second trigger refunded")
+        gate.set()
+        await drained(worker, bus)
+        await asyncio.sleep(0.1)
+        await drained(worker, bus)
+    async with transaction(Service("reader", database=database)) as tx:
+        rows = [tuple(row) for row in await tx.fetch("SELECT order_id, cause FROM refunds")]
+    assert rows == [("o-1", "Reserved")]  # the first trigger's run, which raced, left nothing
+    assert runs[0] == "Reserved"
+    assert len(bus.ids(Refunded.event_type())) == 1

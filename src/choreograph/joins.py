@@ -18,7 +18,9 @@ How it works, and why:
   A service with a database keeps its joins *there*, and records each arrival in
   the handler's own transaction (:mod:`choreograph.stores.joins_database`): the
   arrival, the function's state changes, the inbox record and the outputs commit
-  together or not at all.
+  together or not at all. There the completing arrival is recorded again *after* the
+  function ran (the first record is rolled back before it runs, so the function holds
+  no lock), and the run is retried if the join changed meanwhile.
 * ``within=seconds`` starts a deadline at the first arrival. The timer is an
   event on the bus (``choreograph.join.deadline``) that the first arrival emits to
   its own service and that the worker redelivers until it is due (:class:`Defer`):
@@ -193,15 +195,17 @@ class JoinSpec:
         args: list[Any] = [self._argument(state.arrivals[index]) for index in range(len(self.slots))]
         if self.takes_context:
             args.append(ctx)
+        if not isinstance(store, joins_database.DatabaseJoins):
+            return await self.func(*args)
+        # In a service database: give up the lock this arrival's record holds (on SQLite the writer
+        # turn of the whole file) while the function runs, then record it again in the transaction
+        # of the function's own statements; if the join changed meanwhile, retry the run.
+        await store.undo()
         result = await self.func(*args)
-        unit = ctx._unit
-        if unit is not None and unit.conn is None:
-            # The function caught an exception of its transaction block and returned: the rollback
-            # took this arrival with it. Record it again, or the outputs would commit while the
-            # join stays open (and its timer would then undo the steps it just completed).
-            again = await store.arrive(key, slot, arrival, slots=len(self.slots), now=now, deadline=deadline)
-            if again.fired_by != envelope.id:  # another arrival completed it meanwhile: it runs, not us
-                raise Retry(f"{self.name}: the join was completed by {again.fired_by} while this run rolled back")
+        again = await store.arrive(key, slot, arrival, slots=len(self.slots), now=now, deadline=deadline)
+        if again.fired_by != envelope.id or _ids(again) != _ids(state):
+            raise Retry(f"{self.name}: the join changed while its function ran (fired by {again.fired_by}, "
+                        f"timed out: {again.timed_out}); its run is rolled back and tried again")
         return result
 
     def _argument(self, arrival: Arrival) -> Any:
@@ -313,6 +317,10 @@ class _FanOut:
         ]
 
 
+def _ids(state: JoinState) -> dict[int, str]:
+    return {slot: arrival.event_id for slot, arrival in state.arrivals.items()}
+
+
 async def store_for(ctx: Context, store: JoinStore) -> JoinStore:
     """Where a handler run records its joins: its service database if it has one, else the worker's store.
 
@@ -323,7 +331,7 @@ async def store_for(ctx: Context, store: JoinStore) -> JoinStore:
     if unit is None:
         return store
     await joins_database.prepare(unit.store)
-    joins = joins_database.DatabaseJoins(ctx.transaction, unit.store.url)
+    joins = joins_database.DatabaseJoins(ctx.transaction, unit.store.url, undo=unit.rollback)
     await joins_database.expire_now(joins, unit.store.url, time.time())
     return joins
 

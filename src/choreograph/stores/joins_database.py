@@ -13,8 +13,17 @@ Which arrival completes a join is decided as in the other stores: on SQLite writ
 are serialised (one writer per process, ``BEGIN IMMEDIATE`` across processes); on
 PostgreSQL the instance row is locked ``FOR UPDATE`` until the transaction ends, so
 two replicas recording the last two arrivals run one after the other and the second
-sees the first. The lock is held while the join's function runs (it runs in the same
-transaction): keep join functions short, as any handler that holds its transaction.
+sees the first.
+
+The join's function does not run under that decision's lock: the arrival that
+completes a join is recorded, the record is rolled back (:meth:`DatabaseJoins.undo`,
+giving up SQLite's writer turn or PostgreSQL's row lock), the function runs, and the
+arrival is recorded again in the same transaction as the function's own statements.
+If that second record does not complete the join with the same arrivals (another
+trigger of the slot, or the deadline, came first), the run is retried and its effects
+are rolled back. So a slow call in a join function before its ``ctx.transaction()``
+holds no lock, as in any other handler; on SQLite, where the writer turn is the whole
+file's, holding it would stall every handler of the service in every process.
 
 Tables: ``choreograph_join_instances`` and ``choreograph_join_arrivals`` (on PostgreSQL
 the same tables as :class:`~choreograph.stores.joins_postgres.PostgresJoinStore`'s,
@@ -28,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +102,22 @@ class DatabaseJoins(JoinStore):
     (or rolls back) the run's transaction with everything else the handler did.
     """
 
-    def __init__(self, transaction: Callable[[], AbstractAsyncContextManager[Transaction]], url: str = "") -> None:
+    def __init__(
+        self,
+        transaction: Callable[[], AbstractAsyncContextManager[Transaction]],
+        url: str = "",
+        *,
+        undo: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._transaction = transaction
+        self._undo = undo
         self.url = url
+
+    async def undo(self) -> None:
+        """Roll back what the run wrote so far and end its transaction (the next call begins
+        another): on SQLite that gives up the writer turn, on PostgreSQL the instance's row lock."""
+        if self._undo is not None:
+            await self._undo()
 
     async def arrive(
         self, key: JoinKey, slot: int, arrival: Arrival, *, slots: int, now: float, deadline: float | None
