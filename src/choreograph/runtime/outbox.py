@@ -214,6 +214,7 @@ class OutboxRelay:
     async def start(self) -> None:
         if self._task is None:
             self._stopping = False
+            self.store.relay_started(self.service)
             self._task = asyncio.create_task(self._run(), name=f"choreograph-relay-{self.service}")
 
     async def stop(self) -> None:
@@ -221,6 +222,7 @@ class OutboxRelay:
         self._stopping = True
         self.store.wake(self.service)
         if self._task is not None:
+            self.store.relay_stopped(self.service)  # commits from now on notify other processes' relays
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
             try:  # flush what the last handlers committed, rather than leave it to the next start

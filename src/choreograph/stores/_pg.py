@@ -106,11 +106,11 @@ def server_settings(config: PgConfig) -> dict[str, str]:
     return {"search_path": f"{quote_ident(config.schema)}, public", "application_name": "choreograph"}
 
 
-async def connect(config: PgConfig) -> Any:
+async def connect(config: PgConfig, settings: dict[str, str] | None = None) -> Any:
     """One dedicated connection (LISTEN, long-lived locks), with the pool's session settings."""
     pg = _require_asyncpg()
     with translate(f"connecting to {config.url}"):
-        return await pg.connect(config.dsn, server_settings=server_settings(config))
+        return await pg.connect(config.dsn, server_settings={**server_settings(config), **(settings or {})})
 
 
 async def create_pool(config: PgConfig, settings: dict[str, str] | None = None) -> Any:
@@ -151,7 +151,14 @@ async def migrate(pool: Any, config: PgConfig, component: str, steps: Sequence[s
     starters wait for each other and nobody sees a half-built schema.
     """
     with translate(f"migrating {component} in {config.url}"):
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire() as conn:
+            return await migrate_connection(conn, config, component, steps)
+
+
+async def migrate_connection(conn: Any, config: PgConfig, component: str, steps: Sequence[str]) -> int:
+    """:func:`migrate` on one connection (not in a transaction) rather than a pool."""
+    with translate(f"migrating {component} in {config.url}"):
+        async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"choreograph-migrate:{config.schema}")
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(config.schema)}")
             await conn.execute(f"SET LOCAL search_path TO {quote_ident(config.schema)}, public")

@@ -3,7 +3,8 @@
 ``postgresql://user@host:5432/db?schema=package`` — the inbox tables are those of
 :class:`~choreograph.stores.postgres.PostgresStore`; this adds the outbox and the
 relay claim row. Transactions run concurrently (one pooled connection each, READ
-COMMITTED). Two properties matter for the outbox:
+COMMITTED) on a :class:`~choreograph.stores.HandoffPool`. Two properties matter
+for the outbox:
 
 * **Order.** Outbox rows are inserted at commit time, last in the transaction, so a
   transaction that read or overwrote another's rows got its ``seq`` after that one
@@ -14,16 +15,24 @@ COMMITTED). Two properties matter for the outbox:
   standby republishes whatever was not marked sent — with the same ids.
 
 * **Round trips.** A transaction is ``BEGIN``, your statements, then one simple-query
-  string that writes the inbox record, the outbox rows and the ``NOTIFY`` and
-  commits: the values are inlined as escaped literals (``standard_conforming_strings``
-  is forced on) because a simple query is the only way to send several statements in
-  one round trip. If the event was already processed the inbox insert violates its
-  primary key, PostgreSQL skips the rest (no ``COMMIT``) and the transaction is
-  rolled back: a concurrent duplicate waits for the first to commit, then vanishes.
+  string that writes the inbox record and the outbox rows and commits: the values are
+  inlined as escaped literals (``standard_conforming_strings`` is forced on) because a
+  simple query is the only way to send several statements in one round trip. If
+  another transaction is waiting for a connection, the string ends with its ``BEGIN``
+  and the connection is handed over begun, so under load a transaction costs one
+  round trip plus one per statement. If the event was already processed the inbox
+  insert violates its primary key, PostgreSQL skips the rest (no ``COMMIT``) and the
+  transaction is rolled back: a concurrent duplicate waits for the first to commit,
+  then vanishes.
 
-Commits that wrote outbox rows ``NOTIFY`` the channel ``choreograph_outbox_<schema>``
-with the service name; relays ``LISTEN`` on a dedicated connection, so they wake in
-any process without polling (they still poll slowly in case a notification is lost).
+**Wake-ups.** A commit that wrote outbox rows wakes this process's relay of the
+service directly. Only when none runs here does it ``NOTIFY`` the channel
+``choreograph_outbox_<schema>`` (payload: the service), which relays ``LISTEN`` to on
+a dedicated connection: a ``NOTIFY`` takes a database-wide lock at commit that
+serialises every notifying commit, fsync included. A relay woken by such quiet
+commits that finds another process's relay holding the claim sends one ``NOTIFY``
+itself, so the holder passes again and sees them. Relays still poll slowly in case a
+notification is lost.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import Any
 
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
+from choreograph.stores._pg_pool import HandoffPool, closed_if_interrupted
 from choreograph.stores.postgres import PostgresStore
 from choreograph.stores.state import OutboxLag, RelayPublish, Row, StateStore, TxConnection
 from choreograph.transports.base import Message
@@ -80,10 +90,16 @@ def commit_script(
     service: str,
     messages: Sequence[Message],
     now: float,
-    channel: str,
+    channel: str | None,
     forget_failures: bool,
+    begin_next: bool = False,
 ) -> str:
-    """The statements that end a transaction: inbox record, outbox rows, NOTIFY, COMMIT."""
+    """The statements that end a transaction: inbox record, outbox rows, NOTIFY (if ``channel``), COMMIT.
+
+    ``begin_next`` appends a ``BEGIN`` for the connection's next user; it needs a
+    statement before the ``COMMIT`` (one fails in an aborted transaction, where a bare
+    ``COMMIT`` would answer ``ROLLBACK`` without an error).
+    """
     statements = []
     if inbox is not None:
         group, event_id = _text(inbox[0]), _text(inbox[1])
@@ -98,8 +114,11 @@ def commit_script(
             f"({svc}, {_text(m.id)}, {_text(m.type)}, {_bytea(m.body)}, {now!r})" for m in messages
         )
         statements.append(f"INSERT INTO choreograph_outbox (service, event_id, type, body, created_at) VALUES {rows}")
-        statements.append(f"SELECT pg_notify({_text(channel)}, {svc})")
+        if channel is not None:
+            statements.append(f"SELECT pg_notify({_text(channel)}, {svc})")
     statements.append("COMMIT")
+    if begin_next and len(statements) > 1:
+        statements.append("BEGIN")
     return ";\n".join(statements)
 
 
@@ -110,6 +129,8 @@ class _Tx(TxConnection):
         self.store = store
         self.conn: Any = None
         self.done = False
+        self.ahead = False  # the pool wants this connection's commit to end with BEGIN
+        self.begun_next = False  # it did: the connection goes to the next user begun
 
     async def _ensure(self) -> Any:
         if self.done:
@@ -117,33 +138,35 @@ class _Tx(TxConnection):
         if self.conn is None:
             pool = self.store._pool()
             with _pg.translate(f"database {self.store.url}"):
-                conn = await pool.acquire()
-                try:
-                    await conn.execute("BEGIN")
-                except BaseException:
-                    await self.store._release(conn)
-                    raise
+                conn = await pool.acquire(transaction=True)
+                if not conn.is_in_transaction():  # else handed over begun by the previous commit
+                    try:
+                        with closed_if_interrupted(conn):
+                            await conn.execute("BEGIN")
+                    except BaseException:
+                        await pool.release(conn)
+                        raise
             self.conn = conn
         return self.conn
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         conn = await self._ensure()
-        with _pg.translate(f"database {self.store.url}"):
+        with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
             return _pg.rowcount(await conn.execute(sql, *args))
 
     async def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
         conn = await self._ensure()
-        with _pg.translate(f"database {self.store.url}"):
+        with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
             await conn.executemany(sql, rows)
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[Row]:
         conn = await self._ensure()
-        with _pg.translate(f"database {self.store.url}"):
+        with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
             return list(await conn.fetch(sql, *args))
 
     async def fetchone(self, sql: str, args: Sequence[Any]) -> Row | None:
         conn = await self._ensure()
-        with _pg.translate(f"database {self.store.url}"):
+        with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
             return await conn.fetchrow(sql, *args)
 
     async def commit(
@@ -154,24 +177,39 @@ class _Tx(TxConnection):
         messages: Sequence[Message],
         forget_failures: bool = True,
     ) -> bool:
+        store = self.store
         conn = await self._ensure()
-        script = commit_script(inbox=inbox, service=service, messages=messages, now=time.time(),
-                               channel=self.store.channel, forget_failures=forget_failures)
+        quiet = bool(messages) and store.relay_here(service)  # our relay is woken below: no NOTIFY
         try:
+            # BEGIN ahead needs a statement before the COMMIT (see commit_script)
+            self.ahead = (inbox is not None or bool(messages)) and store._pool().begin_ahead()
+            script = commit_script(
+                inbox=inbox, service=service, messages=messages, now=time.time(),
+                channel=None if quiet else store.channel, forget_failures=forget_failures, begin_next=self.ahead,
+            )
             try:
-                status = await conn.execute(script)
+                with closed_if_interrupted(conn):
+                    status = await conn.execute(script)
             except Exception as exc:
                 if getattr(exc, "constraint_name", None) == _INBOX_PKEY:
                     return False  # another consumer committed this event first: roll ours back
-                with _pg.translate(f"database {self.store.url}"):
+                with _pg.translate(f"database {store.url}"):
                     raise
-            if status != "COMMIT":  # PostgreSQL answers ROLLBACK to COMMIT in an aborted transaction
-                raise StoreError(f"database {self.store.url}: the transaction was rolled back ({status})")
+            # PostgreSQL answers ROLLBACK to COMMIT in an aborted transaction (a script that
+            # ends with BEGIN has statements before its COMMIT, which would have failed).
+            if status != ("BEGIN" if self.ahead else "COMMIT"):
+                raise StoreError(f"database {store.url}: the transaction was rolled back ({status})")
             self.done = True  # committed: nothing to roll back
+            self.begun_next = self.ahead
         finally:
             await self._close()
         if messages:
-            self.store.wake(service)  # the NOTIFY reaches other processes; this wakes our own relay sooner
+            if quiet:
+                store._quiet_commits.add(service)
+                if not store.relay_here(service):  # our relay stopped meanwhile: tell the others
+                    with _pg.translate(f"database {store.url}"):
+                        await store._pool().execute("SELECT pg_notify($1, $2)", store.channel, service)
+            store.wake(service)  # the NOTIFY (if any) reaches other processes; this wakes our own relay sooner
         return True
 
     async def rollback(self) -> None:
@@ -186,11 +224,12 @@ class _Tx(TxConnection):
             return
         try:
             if rolled_back:
-                await conn.execute("ROLLBACK")
-        except Exception:  # a broken connection: the pool discards it below
+                with closed_if_interrupted(conn):
+                    await conn.execute("ROLLBACK")
+        except Exception:  # a broken connection: the pool drops it below
             conn.terminate()
         finally:
-            await self.store._release(conn)
+            await self.store._pool().release(conn, ahead=self.ahead, begun=self.begun_next)
 
 
 class PostgresStateStore(StateStore, PostgresStore):
@@ -203,6 +242,7 @@ class PostgresStateStore(StateStore, PostgresStore):
         self._listener: Any = None
         self._listen_retry_at = 0.0
         self._relay_rows: set[str] = set()
+        self._quiet_commits: set[str] = set()  # services with rows committed without NOTIFY since their last pass
 
     def _migrations(self) -> list[tuple[str, list[str]]]:
         return [*super()._migrations(), ("outbox", OUTBOX_MIGRATIONS)]
@@ -211,7 +251,21 @@ class PostgresStateStore(StateStore, PostgresStore):
         return {"standard_conforming_strings": "on"}  # commit_script's literals rely on it
 
     async def _connect(self) -> None:
-        await PostgresStore.open(self)
+        if self.pool is not None:
+            return
+        pool = HandoffPool(self.config, self._session_settings())
+        try:
+            await pool.open()
+            conn = await pool.acquire()
+            try:
+                for component, steps in self._migrations():
+                    await _pg.migrate_connection(conn, self.config, component, steps)
+            finally:
+                await pool.release(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        self.pool = pool
 
     async def _disconnect(self) -> None:
         listener, self._listener = self._listener, None
@@ -221,13 +275,10 @@ class PostgresStateStore(StateStore, PostgresStore):
             except Exception:
                 listener.terminate()
         self._relay_rows.clear()
-        await PostgresStore.close(self)
-
-    async def _release(self, conn: Any) -> None:
-        try:
-            await self._pool().release(conn)
-        except Exception:  # a broken connection: drop it rather than return it to the pool
-            conn.terminate()
+        self._quiet_commits.clear()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await pool.close()
 
     async def begin(self) -> TxConnection:
         self._pool()
@@ -236,8 +287,18 @@ class PostgresStateStore(StateStore, PostgresStore):
     # -- outbox -----------------------------------------------------------------------
 
     async def relay_pass(self, service: str, owner: str, limit: int, publish: RelayPublish) -> int | None:
+        """Three round trips: ``BEGIN`` + claim, read the rows, mark them + ``COMMIT``.
+
+        The rows are read by a statement of their own, after the claim: its snapshot
+        then sees the marks of the relay that held the claim before (one statement
+        claiming and reading would read with a snapshot taken before that relay
+        committed, and publish its rows a second time).
+        """
         pool = self._pool()
         what = f"outbox {self.url}"
+        quiet = service in self._quiet_commits
+        self._quiet_commits.discard(service)
+        svc = _text(service)
         if service not in self._relay_rows:
             with _pg.translate(what):
                 await pool.execute("INSERT INTO choreograph_relay (service) VALUES ($1) ON CONFLICT DO NOTHING", service)
@@ -245,41 +306,32 @@ class PostgresStateStore(StateStore, PostgresStore):
         with _pg.translate(what):
             conn = await pool.acquire()
         try:
-            with _pg.translate(what):
-                tr = conn.transaction()
-                await tr.start()
-            finished = False
-            try:
-                with _pg.translate(what):
-                    claimed = await conn.fetchval(
-                        "SELECT 1 FROM choreograph_relay WHERE service = $1 FOR UPDATE SKIP LOCKED", service
-                    )
-                    if claimed is None:
-                        return None
-                    rows = await conn.fetch(
-                        "SELECT seq, event_id, type, body FROM choreograph_outbox"
-                        " WHERE service = $1 AND sent_at IS NULL ORDER BY seq LIMIT $2",
-                        service, limit,
-                    )
-                if rows:
+            with _pg.translate(what), closed_if_interrupted(conn):
+                claimed = await conn.execute(
+                    f"BEGIN; SELECT 1 FROM choreograph_relay WHERE service = {svc} FOR UPDATE SKIP LOCKED"
+                )
+                if claimed != "SELECT 1":  # another relay is in a pass
+                    # Rows committed here without NOTIFY may have missed its read: make it pass again.
+                    notify = f"; SELECT pg_notify({_text(self.channel)}, {svc})" if quiet else ""
+                    await conn.execute("ROLLBACK" + notify)
+                    return None
+                rows = await conn.fetch(
+                    "SELECT seq, event_id, type, body FROM choreograph_outbox"
+                    " WHERE service = $1 AND sent_at IS NULL ORDER BY seq LIMIT $2",
+                    service, limit,
+                )
+            if rows:
+                with closed_if_interrupted(conn):
                     await publish([Message(row[1], row[2], bytes(row[3])) for row in rows])
-                    with _pg.translate(what):
-                        await conn.execute(
-                            "UPDATE choreograph_outbox SET sent_at = $2 WHERE seq = ANY($1::bigint[])",
-                            [row[0] for row in rows], time.time(),
-                        )
-                with _pg.translate(what):
-                    await tr.commit()
-                finished = True
-                return len(rows)
-            finally:
-                if not finished:
-                    try:
-                        await tr.rollback()
-                    except Exception:  # the connection broke; releasing it below discards it
-                        pass
+            mark = ""
+            if rows:
+                seqs = ",".join(str(int(row[0])) for row in rows)
+                mark = f"UPDATE choreograph_outbox SET sent_at = {time.time()!r} WHERE seq IN ({seqs}); "
+            with _pg.translate(what), closed_if_interrupted(conn):
+                await conn.execute(mark + "COMMIT")
+            return len(rows)
         finally:
-            await self._release(conn)
+            await pool.release(conn)  # rolled back there if the pass did not commit
 
     async def outbox_lag(self, service: str) -> OutboxLag:
         with _pg.translate(f"outbox {self.url}"):

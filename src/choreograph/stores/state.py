@@ -161,6 +161,7 @@ class StateStore(InboxStore):
         self._refs = 0
         self._open_lock = asyncio.Lock()
         self._wakers: dict[str, asyncio.Event] = {}
+        self._relays_here: dict[str, int] = {}  # service -> relays of this process running on this store
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -241,6 +242,21 @@ class StateStore(InboxStore):
     def wake(self, service: str) -> None:
         """Tell the relay of ``service`` (if it runs in this process) that rows were committed."""
         self._waker(service).set()
+
+    def relay_started(self, service: str) -> None:
+        """A relay of ``service`` runs in this process on this store (commits may rely on :meth:`wake`)."""
+        self._relays_here[service] = self._relays_here.get(service, 0) + 1
+
+    def relay_stopped(self, service: str) -> None:
+        count = self._relays_here.get(service, 0) - 1
+        if count > 0:
+            self._relays_here[service] = count
+        else:
+            self._relays_here.pop(service, None)
+
+    def relay_here(self, service: str) -> bool:
+        """Whether a relay of ``service`` runs in this process on this store."""
+        return service in self._relays_here
 
 
 _SCHEMES = {
