@@ -3,7 +3,7 @@
 ``postgresql://user@host:5432/db?schema=package`` — the inbox tables are those of
 :class:`~choreograph.stores.postgres.PostgresStore`; this adds the outbox and the
 relay claim row. Transactions run concurrently (one pooled connection each, READ
-COMMITTED) on a :class:`~choreograph.stores.HandoffPool`. Two properties matter
+COMMITTED) on a :class:`~choreograph.stores._pg_pool.HandoffPool`. Two properties matter
 for the outbox:
 
 * **Order.** Outbox rows are inserted at commit time, last in the transaction, so a
