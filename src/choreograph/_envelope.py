@@ -185,34 +185,28 @@ _OPTIONAL_STRINGS = ("time", "subject", "datacontenttype", "dataschema", "correl
 _ALL_KNOWN = CORE_ATTRIBUTES | KNOWN_EXTENSIONS
 
 
-def _strings_ok(obj: dict[str, Any]) -> bool:
-    """Whether every optional string attribute present is a non-empty string."""
-    for name, value in obj.items():
-        if name in _OPTIONAL_STRING_SET and (type(value) is not str or not value) and value is not None:
-            return False
-    return True
-
-
-_OPTIONAL_STRING_SET = frozenset(_OPTIONAL_STRINGS)
+_STR_OR_NONE = frozenset({str, type(None)})
+_fullmatch_rfc3339 = _RFC3339.fullmatch
 
 
 def from_dict(obj: Any) -> Envelope:
     """Build an envelope from a decoded structured-mode JSON object, validating it."""
-    # Fast path (every event on the hot path): well-formed, no unknown extensions.
-    if type(obj) is dict and obj.keys() <= _ALL_KNOWN and obj.get("specversion") == SPECVERSION:
+    # Fast path (every event on the hot path): well-formed, no unknown extensions, a day of
+    # month up to 28. Written for speed: the checks run in C (map, set) where they can.
+    if type(obj) is dict and obj.get("specversion") == SPECVERSION and obj.keys() <= _ALL_KNOWN:
         get = obj.get
         id_, source, type_, hops = get("id"), get("source"), get("type"), get("hops", 0)
+        strings = tuple(map(get, _OPTIONAL_STRINGS))  # time first
+        time_ = strings[0]
         if (
             type(id_) is str and id_ and type(source) is str and source and type(type_) is str and type_
             and type(hops) is int and hops >= 0
-            and _strings_ok(obj)
-            and ((time_ := get("time")) is None or is_rfc3339(time_))
+            and set(map(type, strings)) <= _STR_OR_NONE and "" not in strings
+            and (time_ is None or (_fullmatch_rfc3339(time_) is not None and time_[8:10] <= "28"))
         ):
-            return Envelope(
-                id_, source, type_, get("data"), get("time"), get("subject"), get("datacontenttype"),
-                get("dataschema"), get("correlationid"), get("causationid"), get("traceparent"),
-                get("tracestate"), hops, get("partitionkey"), get("deadline"),
-            )
+            t = strings
+            return Envelope(id_, source, type_, get("data"), t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], hops,
+                            t[8], t[9])
     return _from_dict_checked(obj)
 
 

@@ -149,6 +149,8 @@ class _Runner:
         self.group = service.group
         self.stats = Stats()
         self.store: InboxStore = worker.store  # replaced by the service database's inbox if it has one
+        self.handlers = service.handlers
+        self.has_database = False  # set by start(): whether the service keeps state in its own database
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
         self.active_ids: dict[str, Delivery] = {}  # event id -> the delivery handling it, until settled
@@ -165,7 +167,9 @@ class _Runner:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.store = self.worker.outbox.store_for(self.service) or self.worker.store
+        database = self.worker.outbox.store_for(self.service)
+        self.has_database = database is not None
+        self.store = database or self.worker.store
         self.sub = await self.worker.transport.subscribe(self.group, sorted(self.service.subscriptions))
         self.tasks = [
             asyncio.create_task(self._fetch_loop(), name=f"choreograph-fetch-{self.group}"),
@@ -335,16 +339,21 @@ class _Runner:
         if envelope.hops > worker.max_hops:
             error = ErrorInfo("LoopDetected", f"hops={envelope.hops} exceeds the limit of {worker.max_hops}")
             return self._dead(delivery, envelope, "loop_detected", None, error, now, publish_failure=False)
-        handler = self._handler_for(envelope)
+        handler = self.handlers.get(envelope.type) if envelope.type != FAILED else self._failure_handler(envelope)
         if handler is None:
             self.stats.ignored += 1
             return _Done(delivery, [], mark=False)
         try:
-            argument = self._argument(handler, envelope)
+            if handler.kind == "event":
+                argument = handler.consumes.__pydantic_validator__.validate_python(envelope.data)
+            else:
+                argument = self._failure_argument(handler, envelope)
         except (pydantic.ValidationError, MalformedEnvelope) as exc:
             return self._dead(delivery, envelope, "invalid_payload", handler, ErrorInfo.from_exception(exc, limit=0), now)
         ctx = Context(envelope, self.service.name, handler.name, delivery.attempt)
-        ctx._unit = unit = worker.outbox.unit(self.service, ctx)  # None unless the service has a database
+        unit = None
+        if self.has_database:
+            ctx._unit = unit = worker.outbox.unit(self.service, ctx)
         if handler.join is None:
             # an ``async def`` (checked at registration), so a coroutine
             coro = cast(Coroutine[Any, Any, Any],
@@ -439,16 +448,12 @@ class _Runner:
         self.stats.handled += 1
         self._emit(_Done(delivery, messages, mark=mark))
 
-    def _handler_for(self, envelope: Envelope) -> Handler | None:
-        if envelope.type == FAILED:
-            failed_type = envelope.data.get("type") if isinstance(envelope.data, dict) else None
-            return self.service.failure_handlers.get(failed_type) if isinstance(failed_type, str) else None
-        return self.service.handlers.get(envelope.type)
+    def _failure_handler(self, envelope: Envelope) -> Handler | None:
+        failed_type = envelope.data.get("type") if isinstance(envelope.data, dict) else None
+        return self.service.failure_handlers.get(failed_type) if isinstance(failed_type, str) else None
 
     @staticmethod
-    def _argument(handler: Handler, envelope: Envelope) -> Any:
-        if handler.kind == "event":
-            return handler.consumes.model_validate(envelope.data)
+    def _failure_argument(handler: Handler, envelope: Envelope) -> Failure:
         data = envelope.data
         original = from_dict(data.get("envelope"))
         try:
@@ -458,6 +463,9 @@ class _Runner:
         return Failure(event=event, envelope=original, record=dict(data.get("record") or {}))
 
     def _outputs(self, handler: Handler, cause: Envelope, returned: list[Event], ctx: Context) -> list[Message]:
+        if not ctx.outputs and len(returned) == 1 and type(returned[0]) in handler.emits:  # the common case
+            return [output_message(returned[0], cause=cause, service=self.service.name, handler=handler.name,
+                                   index=0, source=self.service.source)]
         events = [(event, subject) for event, subject in ctx.outputs] + [(event, None) for event in returned]
         messages = []
         for index, (event, subject) in enumerate(events):
@@ -546,32 +554,41 @@ class _Runner:
 
     async def _settle(self, batch: Sequence[_Outcome]) -> None:
         assert self.sub is not None
-        store, transport = self.store, self.worker.transport
         messages: list[Message] = []
-        for outcome in batch:
-            if isinstance(outcome, _Done):
-                messages.extend(outcome.messages)
-            elif isinstance(outcome, _Dead) and outcome.failure is not None:
-                messages.append(outcome.failure)
+        done: list[Delivery] = []
+        marks: list[str] = []
+        others: list[_Again | _Dead] = []
+        for outcome in batch:  # one pass: this runs for every event
+            if type(outcome) is _Done:
+                delivery = outcome.delivery
+                done.append(delivery)
+                if outcome.mark:
+                    marks.append(delivery.message.id)
+                if outcome.messages:
+                    messages.extend(outcome.messages)
+            else:
+                assert isinstance(outcome, (_Again, _Dead))
+                others.append(outcome)
+                if isinstance(outcome, _Dead) and outcome.failure is not None:
+                    messages.append(outcome.failure)
         if messages:
-            await transport.publish(messages)
-        done = [o for o in batch if isinstance(o, _Done)]
-        marks = [o.delivery.message.id for o in done if o.mark]
+            await self.worker.transport.publish(messages)
         if marks:
-            await store.mark(self.group, marks)
-        dead = [o for o in batch if isinstance(o, _Dead)]
+            await self.store.mark(self.group, marks)
+        dead = [o.delivery.message.id for o in others if isinstance(o, _Dead)]
         if dead:
-            await store.clear_failures(self.group, [o.delivery.message.id for o in dead])
+            await self.store.clear_failures(self.group, dead)
         if done:
-            await self.sub.ack_many([o.delivery for o in done])
-        for outcome in done:
-            self._release_id(outcome.delivery)
-        for outcome in batch:
+            await self.sub.ack_many(done)
+            active_ids = self.active_ids
+            for delivery in done:
+                if active_ids.get(delivery.message.id) is delivery:
+                    del active_ids[delivery.message.id]
+        for outcome in others:
+            self._release_id(outcome.delivery)  # before the copy can come back
             if isinstance(outcome, _Again):
-                self._release_id(outcome.delivery)  # before the copy can come back
                 await outcome.delivery.retry(outcome.after)
-            elif isinstance(outcome, _Dead):
-                self._release_id(outcome.delivery)
+            else:
                 await outcome.delivery.dead_letter(outcome.record)
 
     # -- stopping ---------------------------------------------------------------------

@@ -27,15 +27,17 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Default ack deadline in seconds; override per URL with ``?lease=SECONDS``.
 DEFAULT_LEASE = 30.0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Message:
-    """One encoded event on the bus: its id (for dedupe), type (for routing) and body."""
+class Message(NamedTuple):
+    """One encoded event on the bus: its id (for dedupe), type (for routing) and body.
+
+    A named tuple rather than a dataclass: one is made for every event sent or received.
+    """
 
     id: str
     type: str

@@ -95,7 +95,11 @@ class MemoryDelivery(Delivery):
     __slots__ = ("_bus", "_group", "_entry", "_token", "_lease")
 
     def __init__(self, bus: _Bus, group: _Group, entry: _Entry, lease: float) -> None:
-        super().__init__(entry.message, entry.attempt, group.name)
+        # Delivery.__init__ written out: one of these is made per message handed out
+        self.message = entry.message
+        self.attempt = entry.attempt
+        self.group = group.name
+        self.settled = False
         self._bus = bus
         self._group = group
         self._entry = entry
