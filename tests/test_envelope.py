@@ -482,3 +482,30 @@ def test_the_workers_output_encoder_writes_the_same_envelope_as_the_generic_one(
         got.time = want.time = "x"
         assert got == want
         assert (fast.id, fast.type) == (want.id, "test.envelope.shipped")
+
+
+def test_new_ids_are_distinct_rfc4122_version_4_uuids() -> None:
+    import uuid
+
+    from choreograph._envelope import new_id
+
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+
+
+def test_now_is_the_current_utc_time_in_rfc3339_with_microseconds() -> None:
+    import time
+    from datetime import datetime
+
+    from choreograph._envelope import is_rfc3339, now_rfc3339
+
+    for _ in range(2000):  # crosses second boundaries now and then: the cached date part must follow
+        before = time.time()
+        stamp = now_rfc3339()
+        after = time.time()
+        assert is_rfc3339(stamp) and len(stamp) == 27 and stamp.endswith("Z")
+        at = datetime.fromisoformat(stamp[:-1] + "+00:00").timestamp()
+        assert before - 2e-6 <= at <= after + 2e-6

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import time
 import uuid
@@ -50,8 +51,9 @@ _NAMESPACE_BYTES = _NAMESPACE.bytes
 
 
 def new_id() -> str:
-    """A fresh random event id (UUID4, as text)."""
-    return str(uuid.uuid4())
+    """A fresh random event id (UUID4, as text; the same as ``str(uuid.uuid4())``, made faster)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def derive_id(input_id: str, service: str, handler: str, index: int | str) -> str:
@@ -67,20 +69,21 @@ def derive_id(input_id: str, service: str, handler: str, index: int | str) -> st
 
 
 _VARIANT = {digit: "89ab"[int(digit, 16) & 0x3] for digit in "0123456789abcdef"}
-_second_stamp: tuple[int, str] = (0, "")
+_second_stamp: tuple[int, str] = (-1, "")
 
 
 def now_rfc3339() -> str:
     """The current UTC time as RFC 3339 with microseconds (``2026-01-01T12:00:00.000001Z``).
 
-    Runs for every event emitted, so the date-and-seconds part is formatted once a second.
+    Runs for every event emitted, so the date-and-seconds part is formatted once a second
+    and the microseconds by concatenation (several times cheaper than a format spec).
     """
     global _second_stamp
-    now = time.time()
-    second = int(now)
+    ns = time.time_ns()
+    second = ns // 1_000_000_000
     if second != _second_stamp[0]:
-        _second_stamp = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_second_stamp[1]}.{int((now - second) * 1_000_000):06d}Z"
+        _second_stamp = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return _second_stamp[1] + str(1_000_000 + ns // 1000 % 1_000_000)[1:] + "Z"
 
 
 @dataclasses.dataclass(slots=True)
@@ -122,11 +125,27 @@ class Envelope:
             "source": self.source,
             "type": self.type,
         }
-        for name in ("time", "subject", "datacontenttype", "dataschema", "correlationid", "causationid",
-                     "traceparent", "tracestate", "partitionkey", "deadline"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
+        # written out (not a loop over the names): this runs for every event published
+        if self.time is not None:
+            out["time"] = self.time
+        if self.subject is not None:
+            out["subject"] = self.subject
+        if self.datacontenttype is not None:
+            out["datacontenttype"] = self.datacontenttype
+        if self.dataschema is not None:
+            out["dataschema"] = self.dataschema
+        if self.correlationid is not None:
+            out["correlationid"] = self.correlationid
+        if self.causationid is not None:
+            out["causationid"] = self.causationid
+        if self.traceparent is not None:
+            out["traceparent"] = self.traceparent
+        if self.tracestate is not None:
+            out["tracestate"] = self.tracestate
+        if self.partitionkey is not None:
+            out["partitionkey"] = self.partitionkey
+        if self.deadline is not None:
+            out["deadline"] = self.deadline
         out["hops"] = self.hops
         out.update(self.extensions)
         if self.data is not None:
