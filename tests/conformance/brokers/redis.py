@@ -28,7 +28,12 @@ NAME = "redis"
 
 
 class _PrivateServer:
-    """A redis-server of our own: AOF on, no RDB snapshots, loopback only."""
+    """A redis-server of our own: AOF on and fsynced per write, no RDB snapshots, loopback only.
+
+    ``appendfsync always``: with the default ``everysec`` Redis may hold back the AOF write
+    itself for up to 2 s while a slow fsync runs, and a kill then loses acknowledged writes
+    (a run of the conformance suite here lost both messages of the restart test that way).
+    """
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="choreograph-redis-")
@@ -41,7 +46,7 @@ class _PrivateServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--dir", self.dir],
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
