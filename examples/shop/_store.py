@@ -16,10 +16,9 @@ The SQL is portable: it runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from choreograph.runtime.outbox import Transaction
+from examples._schema import Schema
 
 DATA_ENV = "CHOREOGRAPH_DATA_DIR"
 DATABASE_ENV = "SHOP_DATABASE_{}"
@@ -35,29 +34,4 @@ def database_url(service: str) -> str:
     return os.environ.get(DATABASE_ENV.format(service.upper())) or f"sqlite:///{data_dir() / f'{service}.db'}"
 
 
-class Schema:
-    """A service's tables (``CREATE ... IF NOT EXISTS``) and an optional seed, applied in its transaction.
-
-    ``await schema.ensure(tx)`` at the start of each transaction: once the tables exist
-    the statements are no-ops. It runs in the handler's own transaction rather than
-    once per process because a first transaction that rolls back takes its DDL with it.
-    ``seed(tx)`` runs while ``probe`` (a table) is empty.
-    """
-
-    def __init__(
-        self,
-        *statements: str,
-        seed: Callable[[Transaction], Awaitable[None]] | None = None,
-        probe: str | None = None,
-    ) -> None:
-        if seed is not None and probe is None:
-            raise ValueError("a seed needs the table that shows whether it ran (probe=)")
-        self.statements = statements
-        self.seed = seed
-        self.probe = probe
-
-    async def ensure(self, tx: Transaction) -> None:
-        for statement in self.statements:
-            await tx.execute(statement)
-        if self.seed is not None and await tx.fetchval(f"SELECT 1 FROM {self.probe} LIMIT 1") is None:
-            await self.seed(tx)
+__all__ = ["DATA_ENV", "Schema", "data_dir", "database_url"]
