@@ -42,6 +42,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
+from choreograph.stores.joins_sqlite import join_tables
 
 if TYPE_CHECKING:
     from choreograph.stores.state import StateStore, Transaction
@@ -50,20 +51,7 @@ RETENTION = 7 * 86400.0
 """Seconds a join instance is kept in a service database (the worker's default retention)."""
 EXPIRE_EVERY = 3600.0
 
-_SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS choreograph_join_instances (
-    grp TEXT NOT NULL, name TEXT NOT NULL, correlation TEXT NOT NULL,
-    slots INTEGER NOT NULL, created_by TEXT NOT NULL, created_at REAL NOT NULL, deadline REAL,
-    fired_by TEXT, timed_out INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (grp, name, correlation)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS choreograph_join_instances_age ON choreograph_join_instances (created_at);
-CREATE TABLE IF NOT EXISTS choreograph_join_arrivals (
-    grp TEXT NOT NULL, name TEXT NOT NULL, correlation TEXT NOT NULL, slot INTEGER NOT NULL,
-    event_id TEXT NOT NULL, body BLOB NOT NULL,
-    PRIMARY KEY (grp, name, correlation, slot)
-) WITHOUT ROWID;
-"""
+_SQLITE_SCHEMA = join_tables("choreograph_")
 
 _KEY = "grp = $1 AND name = $2 AND correlation = $3"
 _CREATE = (

@@ -22,7 +22,16 @@ from choreograph.stores.sqlite import sqlite_path
 
 T = TypeVar("T")
 
-_SCHEMA = """
+def join_tables(prefix: str = "") -> str:
+    """The join tables (``<prefix>join_instances``, ``<prefix>join_arrivals``) for SQLite.
+
+    The join store's own file uses no prefix; a service database (``joins_database``) uses
+    ``choreograph_`` beside the service's tables.
+    """
+    return _SCHEMA_TEMPLATE.replace("join_", prefix + "join_")
+
+
+_SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS join_instances (
     grp TEXT NOT NULL, name TEXT NOT NULL, correlation TEXT NOT NULL,
     slots INTEGER NOT NULL, created_by TEXT NOT NULL, created_at REAL NOT NULL, deadline REAL,
@@ -36,6 +45,7 @@ CREATE TABLE IF NOT EXISTS join_arrivals (
     PRIMARY KEY (grp, name, correlation, slot)
 ) WITHOUT ROWID;
 """
+_SCHEMA = join_tables()
 
 
 def _state(db: sqlite3.Connection, key: JoinKey) -> JoinState | None:
