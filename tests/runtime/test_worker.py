@@ -459,3 +459,34 @@ async def test_without_retention_the_inbox_keeps_everything() -> None:
         await Publisher(bus).publish(Placed(order_id="a"))
         await settled(bus)
         assert await worker.expire() == 0
+
+
+async def test_task_bound_asyncio_tools_in_handlers_act_on_the_handler_not_the_worker() -> None:
+    """asyncio.timeout and TaskGroup cancel "the current task": it must be the handler's own."""
+    bus = MemoryTransport()  # real time: asyncio.timeout runs on the loop's clock
+    svc = Service("bounded", retry=RetryPolicy(max_attempts=2, base=0.01, jitter=False))
+    attempts: list[str] = []
+    grouped: list[str] = []
+    never = asyncio.Event()
+
+    @svc.on(Placed, timeout=30)
+    async def handle(order: Placed) -> Charged:
+        if order.order_id.startswith("slow"):
+            attempts.append(order.order_id)
+            async with asyncio.timeout(0.05):  # expires: cancels this handler only
+                await never.wait()
+        async with asyncio.TaskGroup() as group:  # a child failing cancels this handler only
+            group.create_task(asyncio.sleep(0))
+        grouped.append(order.order_id)
+        return Charged(order_id=order.order_id)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="slow-1"), Placed(order_id="a"))
+        await settled(bus)
+        await Publisher(bus).publish(Placed(order_id="b"))  # the worker still fetches
+        await settled(bus)
+    assert attempts == ["slow-1", "slow-1"]  # TimeoutError is a failed attempt, retried, then dead
+    assert sorted(grouped) == ["a", "b"]
+    assert worker.stats().dead_lettered == 1 and worker.stats().handled == 2
+    [letter] = await bus.dead_letters("bounded")
+    assert letter.record["last_error"]["type"] == "TimeoutError"

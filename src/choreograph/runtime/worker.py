@@ -24,10 +24,10 @@ redelivered after the lease, and the inbox makes the re-run harmless downstream.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import logging
-from collections.abc import Awaitable, Coroutine, Generator, Sequence
+import sys
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, cast
 
 import pydantic
@@ -91,6 +91,9 @@ class _Dead:
 
 _Outcome = _Done | _Again | _Dead
 
+#: Python 3.12+ can start a task eagerly (run it at once until it first suspends).
+_EAGER_TASKS = sys.version_info >= (3, 12)
+
 
 @dataclasses.dataclass(slots=True)
 class _Call:
@@ -104,12 +107,6 @@ class _Call:
     now: float  # clock time when handling began (records)
     started: float  # loop time when handling began (timeout)
     coro: Coroutine[Any, Any, Any]
-
-
-def _first_step(call: _Call) -> Any:
-    """Run ``call`` up to its first suspension (inside the call's own contextvars context)."""
-    _set_current(call.ctx)
-    return call.coro.send(None)
 
 
 @dataclasses.dataclass
@@ -234,51 +231,55 @@ class _Runner:
                 self._start(delivery)
 
     def _start(self, delivery: Delivery) -> None:
-        """Handle ``delivery`` at once, up to the handler's first real suspension.
+        """Decode and validate ``delivery`` here, then run its handler in a task of its own.
 
-        Most handlers never suspend (or only after the work that matters), so a task per
-        delivery would cost a loop round trip each for nothing. The handler's first step
-        runs right here, in a context of its own as a task would give it; a handler that
-        waits on something continues in a task, which holds a slot (and a timeout) until it
-        ends. Services with a database take the general path in a task: their commit is I/O.
+        The handler gets a real task (``asyncio.timeout``, ``TaskGroup`` and cancellation act
+        on "the current task"). On Python 3.12+ the task starts eagerly: a handler that
+        returns without suspending runs to the end right here, with no loop round trip.
         """
         try:
             call = self._prepare(delivery)
-            if not isinstance(call, _Call):
-                self._emit(call)
-                return
-            if call.unit is not None:
-                self._spawn(delivery, self._transactional(call))
-                return
-            context = contextvars.copy_context()
-            try:
-                waiting = context.run(_first_step, call)
-            except StopIteration as stop:
-                self._emit(self._returned(call, stop.value))
-            except Exception as exc:
-                outcome = self._raised(call, exc)
-                self._emit(outcome) if outcome is not None else self._spawn(delivery, self._settle_raised(call, exc))
-            except asyncio.CancelledError:  # the handler cancelled itself: give the delivery back
-                self._spawn(delivery, self._release(delivery))
-            else:
-                self._spawn(delivery, self._resume(call, waiting), context)
         except Exception as exc:  # a bug in us: the lease redelivers it
             self._release_id(delivery)
             log.error("internal error handling %r", delivery, exc_info=exc)
-
-    def _spawn(
-        self, delivery: Delivery, coro: Coroutine[Any, Any, None], context: contextvars.Context | None = None
-    ) -> None:
-        task = asyncio.create_task(coro, context=context)
+            return
+        if not isinstance(call, _Call):
+            self._emit(call)
+            return
+        coro = self._transactional(call) if call.unit is not None else self._run(call)
+        if _EAGER_TASKS:
+            task: asyncio.Task[None] = asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
+            if task.done():
+                self._ended(task, delivery)
+                return
+        else:
+            task = self.loop.create_task(coro)
         self.active[task] = delivery
         task.add_done_callback(self._finished)
 
+    async def _run(self, call: _Call) -> None:
+        """A handler of a service without a database, from its first step to its outcome."""
+        _set_current(call.ctx)  # this task's own context
+        try:
+            result = await self._guarded(call, call.coro)
+        except asyncio.CancelledError:  # shutdown ran out of drain time
+            await self._release(call.delivery)
+            raise
+        except Exception as exc:
+            await self._settle_raised(call, exc)
+        else:
+            self._emit(self._returned(call, result))
+
     def _finished(self, task: asyncio.Task[None]) -> None:
-        # The id stays in active_ids until its outcome is settled (inbox marked): a copy of
-        # the same event fetched meanwhile is a duplicate, not a second run.
         delivery = self.active.pop(task, None)
         self.slot_free.set()
-        if delivery is not None and (task.cancelled() or task.exception() is not None):
+        if delivery is not None:
+            self._ended(task, delivery)
+
+    def _ended(self, task: asyncio.Task[None], delivery: Delivery) -> None:
+        # The id stays in active_ids until its outcome is settled (inbox marked): a copy of
+        # the same event fetched meanwhile is a duplicate, not a second run.
+        if task.cancelled() or task.exception() is not None:
             self._release_id(delivery)
         if not task.cancelled() and task.exception() is not None:  # a bug in us: the lease redelivers it
             log.error("internal error handling %r", delivery, exc_info=task.exception())
@@ -379,18 +380,6 @@ class _Runner:
                 task = asyncio.current_task()
                 assert task is not None  # only a handler running in a task can be cancelled
                 task.uncancel()
-
-    async def _resume(self, call: _Call, waiting: Any) -> None:
-        """The rest of a handler that suspended on ``waiting``, in a task of its own."""
-        try:
-            result = await self._guarded(call, _Resume(call.coro, waiting))
-        except asyncio.CancelledError:  # shutdown ran out of drain time
-            await self._release(call.delivery)
-            raise
-        except Exception as exc:
-            await self._settle_raised(call, exc)
-        else:
-            self._emit(self._returned(call, result))
 
     async def _settle_raised(self, call: _Call, exc: Exception) -> None:
         outcome = self._raised(call, exc)
@@ -628,34 +617,6 @@ class _Runner:
             except TimeoutError:
                 log.warning("%s: closing the subscription timed out; unsettled deliveries return after their lease",
                             self.group)
-
-
-class _Resume:
-    """Awaiting it continues a coroutine that already ran its first step and is waiting on ``waiting``."""
-
-    __slots__ = ("coro", "waiting")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-        self.coro, self.waiting = coro, waiting
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro, waiting = self.coro, self.waiting
-        try:
-            while True:
-                try:
-                    sent = yield waiting
-                except BaseException as exc:  # cancellation (or anything thrown in): into the coroutine
-                    waiting = coro.throw(exc)
-                else:
-                    waiting = coro.send(sent)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        finally:
-            coro.close()  # no-op once it finished
-
-
-async def _continue(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-    await _Resume(coro, waiting)
 
 
 def _raw(body: bytes) -> Any:
