@@ -67,7 +67,7 @@ class NatsDelivery(Delivery):
         self._reply = reply
 
     async def _ack(self) -> None:
-        await self._subscription._reply_to(self._reply, b"+ACK")
+        await self._subscription._reply_to(self._reply, b"+ACK", confirm=False)
 
     async def _retry(self, after: float) -> None:
         # No backoff is configured on the consumer, so the NAK delay is the only delay.
@@ -237,8 +237,13 @@ class NatsSubscription(Subscription):
         return []
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack all of ``deliveries`` with one round trip: plain ack publishes, then one flush."""
-        pending = False
+        """Ack all of ``deliveries``: plain ack publishes, written out by the client's flusher.
+
+        Not waited for (no PING/PONG): a JetStream ack is unconfirmed anyway, the caller's
+        outputs are already durable, and an ack lost with the process only redelivers the
+        message after its lease (the inbox drops the copy). Waiting cost a round trip per
+        settled batch on the worker's settle path.
+        """
         with codec.translated("ack"):
             for delivery in deliveries:
                 if not delivery.settled:
@@ -247,9 +252,6 @@ class NatsSubscription(Subscription):
                         continue
                     delivery.settled = True
                     await self._nc.publish(delivery._reply, b"+ACK")
-                    pending = True
-            if pending:
-                await self._nc.flush()
 
     async def close(self) -> None:
         if self._closed:
@@ -327,10 +329,13 @@ class NatsSubscription(Subscription):
         message = Message(id=message_id, type=event_type, body=msg.data)
         return NatsDelivery(message, ack[0], self.group, self, msg.reply)
 
-    async def _reply_to(self, reply: str, payload: bytes) -> None:
+    async def _reply_to(self, reply: str, payload: bytes, *, confirm: bool = True) -> None:
+        """Send a settlement; with ``confirm``, wait until the server has read it (a round
+        trip: for NAKs, TERMs and WPIs, whose timing matters; acks need not wait)."""
         with codec.translated("settle a delivery"):
             await self._nc.publish(reply, payload)
-            await self._nc.flush()
+            if confirm:
+                await self._nc.flush()
 
     async def _check_status(self, status: tuple[int, str] | None) -> None:
         """Raise for a pull-request status that means the consumer cannot be pulled from."""
