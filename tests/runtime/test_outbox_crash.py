@@ -11,6 +11,7 @@ state, no state without its event, never two ids for one output).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -49,6 +50,7 @@ class System:
         self.audit = audit
         self.received: list[tuple[str, dict]] = []  # (id, data) in delivery order
         self.procs: list[subprocess.Popen[str]] = []
+        self.started: list[subprocess.Popen[str]] = []  # those that printed "ready"
 
     def start(self, *, crash: str | None = None, concurrency: int = 1) -> subprocess.Popen[str]:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "CHOREOGRAPH_TEST_CRASH_ONCE": str(self.tmp / "crashed")}
@@ -74,9 +76,21 @@ class System:
             await asyncio.sleep(0.05)
         raise TimeoutError(f"worker did not exit: {proc.args}")
 
+    async def ready(self, proc: subprocess.Popen[str]) -> bool:
+        """Until the worker printed ``ready`` (``False`` if it ended first)."""
+        while proc not in self.started:
+            line = await asyncio.to_thread(proc.stdout.readline) if proc.stdout else ""
+            if not line:
+                return False
+            if line.strip() == "ready":
+                self.started.append(proc)
+        return True
+
     async def stop(self, proc: subprocess.Popen[str]) -> dict:
         """SIGTERM, wait, and return the stats the worker printed."""
         for _ in range(600):  # a worker still starting up has no SIGTERM handler yet
+            if proc in self.started:
+                break
             line = proc.stdout.readline() if proc.stdout else ""
             if line.strip() == "ready" or not line:
                 break
@@ -129,7 +143,13 @@ class System:
 
 @pytest.fixture
 async def system(tmp_path: Path, database_url: str) -> AsyncIterator[System]:  # noqa: F811
-    setup = Service("package", database=database_url)
+    async with running_system(tmp_path, database_url) as system:
+        yield system
+
+
+@contextlib.asynccontextmanager
+async def running_system(tmp_path: Path, database: str) -> AsyncIterator[System]:
+    setup = Service("package", database=database)
     async with transaction(setup) as tx:
         await tx.execute("CREATE TABLE packages (pid text PRIMARY KEY)")
         await tx.execute("CREATE TABLE counter (n integer NOT NULL)")
@@ -138,7 +158,7 @@ async def system(tmp_path: Path, database_url: str) -> AsyncIterator[System]:  #
     async with bus:
         await (await bus.subscribe("package", [Requested.event_type()])).close()  # register before publishing
         audit = await bus.subscribe("audit", [Created.event_type()])
-        system = System(tmp_path, database_url, bus, audit)
+        system = System(tmp_path, database, bus, audit)
         try:
             yield system
         finally:
@@ -224,3 +244,52 @@ async def test_two_replicas_one_killed_publish_each_output_once_per_id_in_commit
         if data["n"] not in first_seen:
             first_seen.append(data["n"])
     assert first_seen == sorted(first_seen)
+
+
+async def test_the_standby_replica_takes_the_relay_of_a_killed_holder_at_once_and_keeps_commit_order(
+    tmp_path: Path,
+) -> None:
+    """SQLite, with a relay lease of an hour: waiting for it would time the test out."""
+    database = f"sqlite:///{tmp_path / 'package.db'}?relay_lease=3600"
+    count = 40
+    async with running_system(tmp_path, database) as system:
+        holder = system.start(crash="publish", concurrency=4)  # dies once its relay published, before marking
+        await holding_the_claim(database, holder)
+        standby = system.start(concurrency=4)
+        assert await system.ready(standby)
+        await Publisher(system.bus).publish(*(Requested(pid=f"r{n:02}") for n in range(count)))
+        assert await system.exited(holder) == -signal.SIGKILL, system.log(holder)
+        await system.collect(until_distinct=count)
+        await system.settled_group("package")
+        await holding_the_claim(database, standby)
+        await system.stop(standby)
+        await system.drain(0.5)
+
+        pids, counter, pending = await state(database)
+        assert (len(pids), counter, pending) == (count, count, 0)
+        ids_by_pid: dict[str, set[str]] = defaultdict(set)
+        for event_id, pid in system.outputs():
+            ids_by_pid[pid].add(event_id)
+        assert len(ids_by_pid) == count and all(len(ids) == 1 for ids in ids_by_pid.values())
+        first_seen: list[int] = []
+        for _, data in system.received:
+            if data["n"] not in first_seen:
+                first_seen.append(data["n"])
+        assert first_seen == sorted(first_seen), "outputs first arrive in commit order"
+
+
+async def holding_the_claim(database: str, proc: subprocess.Popen[str], within: float = 60.0) -> None:
+    """Until the relay claim row of ``package`` names ``proc`` (owner ``host:pid:...``)."""
+    path = database.removeprefix("sqlite:///").split("?")[0]
+    for _ in range(int(within / 0.05)):
+        db = sqlite3.connect(path, timeout=30)
+        try:
+            row = db.execute("SELECT owner FROM choreograph_relay WHERE service = 'package'").fetchone()
+        except sqlite3.OperationalError:  # the table is not there yet
+            row = None
+        finally:
+            db.close()
+        if row is not None and f":{proc.pid}:" in row[0]:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the relay claim of package is not held by pid {proc.pid}")

@@ -214,17 +214,97 @@ def test_a_sqlite_service_database_needs_a_file() -> None:
         open_database("sqlite:///:memory:")
 
 
-async def test_a_dead_sqlite_relays_lease_lapses_and_a_standby_takes_over(tmp_path: Path) -> None:
+async def test_a_sqlite_relay_that_stops_passing_keeps_its_claim_past_its_lease_while_its_process_lives(
+    tmp_path: Path,
+) -> None:
     url = sqlite_url(tmp_path, relay_lease="0.2")
     async with open_database(url) as db:
         await commit(db, msg(1))
-        assert await db.relay_pass(SERVICE, "dead", 10, Recorder()) == 1
+        assert await db.relay_pass(SERVICE, "stalled", 10, Recorder()) == 1
         await commit(db, msg(2))
+        await asyncio.sleep(0.3)  # the lease lapsed; the lock says the holder lives
         assert await db.relay_pass(SERVICE, "standby", 10, Recorder()) is None
-        await asyncio.sleep(0.3)
+        publish = Recorder()
+        assert await db.relay_pass(SERVICE, "stalled", 10, publish) == 1  # renews its lease and carries on
+        assert publish.sent == ["m2"]
+
+
+async def test_a_sqlite_standby_takes_over_at_once_when_the_holders_lock_is_gone(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path, relay_lease="3600")
+    async with open_database(url) as db:
+        holder = type(db)(url)  # its own connections and lock, like another process
+        async with holder:
+            await commit(db, msg(1))
+            assert await holder.relay_pass(SERVICE, "holder", 10, Recorder()) == 1
+            await commit(db, msg(2))
+            assert await db.relay_pass(SERVICE, "standby", 10, Recorder()) is None
+        # Closed without releasing the claim: the lease row still runs for an hour, but its lock is free.
         publish = Recorder()
         assert await db.relay_pass(SERVICE, "standby", 10, publish) == 1
         assert publish.sent == ["m2"]
+
+
+async def test_a_sqlite_claim_of_an_owner_without_the_lock_is_taken_only_when_its_lease_lapses(
+    tmp_path: Path,
+) -> None:
+    """An older relay (or one without flock) holds no lock: only its lease says it is alive."""
+    async with open_database(sqlite_url(tmp_path)) as db:
+        await commit(db, msg(1))
+        await db.relay_pass(SERVICE, "me", 10, Recorder())  # creates the claim row, then gives it to "old"
+        await db.release_relay(SERVICE, "me")
+        tx = await db.begin()
+        await tx.execute("UPDATE choreograph_relay SET owner = 'old', lease_until = $1", (time.time() + 0.3,))
+        await tx.commit(inbox=None, service=SERVICE, messages=[])
+        await commit(db, msg(2))
+        assert await db.relay_pass(SERVICE, "standby", 10, Recorder()) is None
+        await asyncio.sleep(0.4)
+        publish = Recorder()
+        assert await db.relay_pass(SERVICE, "standby", 10, publish) == 1
+        assert publish.sent == ["m2"]
+
+
+async def test_a_sqlite_claim_holder_waiting_for_rows_wakes_when_another_process_commits(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    async with open_database(url) as holder:
+        other = type(holder)(url)  # another process's store: its commits cannot wake the holder directly
+        async with other:
+            assert await holder.relay_pass(SERVICE, "holder", 10, Recorder()) == 0
+            await holder.wait_outbox(SERVICE, 0.2)  # the watcher's first look may wake it once
+            waiting = asyncio.create_task(holder.wait_outbox(SERVICE, 3600))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            await commit(other, msg(1))
+            await asyncio.wait_for(waiting, 30)
+            publish = Recorder()
+            assert await holder.relay_pass(SERVICE, "holder", 10, publish) == 1
+            assert publish.sent == ["m1"]
+
+
+async def test_a_sqlite_standby_waiting_for_rows_wakes_when_the_claim_comes_free(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path, relay_lease="3600")
+    async with open_database(url) as standby:
+        holder = type(standby)(url)
+        async with holder:
+            assert await holder.relay_pass(SERVICE, "holder", 10, Recorder()) == 0
+            assert await standby.relay_pass(SERVICE, "standby", 10, Recorder()) is None
+            waiting = asyncio.create_task(standby.wait_outbox(SERVICE, 3600))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+        await asyncio.wait_for(waiting, 30)  # the holder's store closed: its lock went with it
+        assert await standby.relay_pass(SERVICE, "standby", 10, Recorder()) == 0
+
+
+async def test_a_row_committed_after_every_row_was_sent_and_purged_is_still_published(db: StateStore) -> None:
+    """SQLite reuses the seq of purged rows: the holder must not skip a seq it published before."""
+    await commit(db, msg(1))
+    await commit(db, msg(2))
+    assert await db.relay_pass(SERVICE, "me", 10, Recorder()) == 2
+    assert await db.relay_pass(SERVICE, "me", 10, Recorder()) == 0
+    assert await db.purge_sent(time.time() + 1) == 2
+    await commit(db, msg(3))
+    publish = Recorder()
+    assert await db.relay_pass(SERVICE, "me", 10, publish) == 1
+    assert publish.sent == ["m3"]
 
 
 async def test_a_released_sqlite_claim_passes_to_a_standby_at_once(tmp_path: Path) -> None:

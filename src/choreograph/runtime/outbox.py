@@ -230,12 +230,11 @@ class OutboxRelay:
                     pass
             except Exception as exc:
                 log.warning("outbox relay of %s stopped with rows pending: %s", self.service, exc)
-        if self.active:
-            try:
-                await self.store.release_relay(self.service, self.owner)
-            except Exception as exc:
-                log.warning("could not release the relay claim of %s: %s", self.service, exc)
-            self.active = False
+        try:  # a standby's too: it may hold resources for its next claim (SQLite: the lock file)
+            await self.store.release_relay(self.service, self.owner)
+        except Exception as exc:
+            log.warning("could not release the relay claim of %s: %s", self.service, exc)
+        self.active = False
 
     async def run_once(self) -> int | None:
         """One pass: publish up to ``batch`` rows; ``None`` if another relay holds the claim."""

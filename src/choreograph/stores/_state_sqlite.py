@@ -11,9 +11,14 @@ Two connections:
   writer's turn (WAL readers never block): inbox ``seen``, unsent outbox rows, lag;
   and it checkpoints the WAL now and then.
 
-Relay claims are a lease row per service (``choreograph_relay``): the holder renews
-it when half of ``relay_lease`` seconds is left; a killed holder's lease lapses and a
-standby relay takes over. Writers are serialised, so ``seq`` order is commit order.
+Relay claims (:mod:`choreograph.stores._sqlite_relay`): the holder of a service's
+claim keeps an OS file lock beside the database for as long as it holds it, and a
+lease row (``choreograph_relay``) that it renews when half of ``relay_lease`` seconds
+is left. A standby takes over as soon as the holder's process dies (the kernel drops
+its lock) and never from a live holder; an owner without the lock (an older version,
+no ``flock``) still has to let its lease lapse first. A watcher thread wakes a waiting
+claim holder when another process commits outbox rows, and a waiting standby when the
+lock comes free. Writers are serialised, so ``seq`` order is commit order.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import orjson
 
 from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
+from choreograph.stores._sqlite_relay import LOCKED, OutboxWatcher, RelayLock, lock_path
 from choreograph.stores._sqlite_tx import SQLiteTx
 from choreograph.stores._sqlite_writer import SQLiteWriter
 from choreograph.stores.base import ErrorInfo
@@ -111,6 +117,9 @@ class SQLiteStateStore(StateStore):
         self._reader_exec: ThreadPoolExecutor | None = None
         self._commits = 0
         self._leases: dict[tuple[str, str], float] = {}  # (service, owner) -> until when owner holds the lease
+        self._locks: dict[tuple[str, str], RelayLock] = {}  # (service, owner) -> its claim's lock
+        self._waiting: dict[str, int] = {}  # service -> relays of this store waiting for rows
+        self._watcher = OutboxWatcher(self.path, self.wake)
         self._published_upto: dict[tuple[str, str], int] = {}  # (service, owner) -> last seq published
         self._marking: dict[tuple[str, str], asyncio.Task[None]] = {}  # (service, owner) -> last mark in flight
 
@@ -159,6 +168,11 @@ class SQLiteStateStore(StateStore):
     async def _disconnect(self) -> None:
         for key in list(self._marking):
             await self._marks_done(key)
+        await self._watcher.close()
+        self._watcher = OutboxWatcher(self.path, self.wake)
+        for lock in self._locks.values():
+            lock.release()
+        self._locks.clear()
         self._published_upto.clear()
         loop = asyncio.get_running_loop()
         writer = self.writer.db
@@ -237,42 +251,61 @@ class SQLiteStateStore(StateStore):
 
     # -- outbox -----------------------------------------------------------------------
 
-    def _claim(self, db: sqlite3.Connection, service: str, owner: str) -> bool:
-        """Take or renew the relay lease of ``service`` (inside a write transaction)."""
+    def _claim(self, db: sqlite3.Connection, service: str, owner: str, locked: bool) -> bool:
+        """Take or renew the relay lease of ``service`` (inside a write transaction).
+
+        Free when its lease lapsed, or when its owner is a locked one and ``locked``
+        says this relay now holds that lock: the owner is gone (dead or released).
+        """
         now = time.time()
-        db.execute("INSERT OR IGNORE INTO choreograph_relay VALUES (?, '', 0)", (service,))
-        got = db.execute(
-            "UPDATE choreograph_relay SET owner=?, lease_until=? WHERE service=? AND (owner=? OR lease_until<?)",
-            (owner, now + self.relay_lease, service, owner, now),
-        ).rowcount
+        me = owner + LOCKED if locked else owner
+        row = db.execute("SELECT owner, lease_until FROM choreograph_relay WHERE service=?", (service,)).fetchone()
+        got = row is None or row[0] == me or row[1] < now or (locked and row[0].endswith(LOCKED))
         if got:
+            db.execute("INSERT OR REPLACE INTO choreograph_relay VALUES (?, ?, ?)", (service, me, now + self.relay_lease))
             self._leases[(service, owner)] = now + self.relay_lease
         else:
             self._leases.pop((service, owner), None)
-        return bool(got)
+        return got
 
     async def relay_pass(self, service: str, owner: str, limit: int, publish: RelayPublish) -> int | None:
         """Claim, read, publish; marking the rows sent overlaps the next pass.
 
-        Writers are serialised, so ``seq`` order is commit order and a relay can read
-        past the rows it has published but not yet marked (``seq > published_upto``)
-        while their mark waits for the writer. If a mark fails, the rows are read and
-        published again (same ids). A pass that finds nothing waits for pending marks,
-        so an idle relay has marked everything it sent.
+        The claim is the lock of ``service``'s claim (held from here until released,
+        lost or the process ends) and the lease row, renewed at half-time. Writers are
+        serialised, so ``seq`` order is commit order and a relay can read past the rows
+        it has published but not yet marked (``seq > published_upto``) while their mark
+        waits for the writer. If a mark fails, the rows are read and published again
+        (same ids). A pass that finds nothing waits for pending marks, so an idle relay
+        has marked everything it sent.
         """
         key = (service, owner)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = RelayLock(lock_path(self.path, service))
+        if not lock.acquire():  # a live relay, in this process or another, holds the claim
+            self._leases.pop(key, None)
+            self._published_upto.pop(key, None)
+            return None
         if self._leases.get(key, 0.0) - time.time() <= self.relay_lease / 2:
-            if not await self.writer.write(lambda db: self._claim(db, service, owner)):
+            try:
+                claimed = await self.writer.write(lambda db: self._claim(db, service, owner, lock.enforced))
+            except BaseException:
+                if key not in self._leases:
+                    lock.release()
+                raise
+            if not claimed:  # an owner without the lock (an older version) holds a live lease
+                lock.release()
                 self._published_upto.pop(key, None)
                 return None
-        after = self._published_upto.get(key, 0)
-        rows = await self._read(
-            lambda db: db.execute(
-                "SELECT seq, event_id, type, body FROM choreograph_outbox"
-                " WHERE service=? AND sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
-                (service, after, limit),
-            ).fetchall()
-        )
+        rows = await self._unsent(service, self._published_upto.get(key, 0), limit)
+        if not rows and key in self._published_upto:
+            # Everything published is marked now: read from the start again. SQLite gives a
+            # new row the seq after the largest left, so after a purge of every row a seq
+            # is used again, below what this relay published.
+            await self._marks_done(key)
+            if self._published_upto.pop(key, 0):
+                rows = await self._unsent(service, 0, limit)
         if not rows:
             await self._marks_done(key)
             return 0
@@ -281,6 +314,15 @@ class SQLiteStateStore(StateStore):
         self._published_upto[key] = seqs[-1]
         self._marking[key] = asyncio.create_task(self._mark_sent(key, seqs, self._marking.get(key)))
         return len(rows)
+
+    def _unsent(self, service: str, after: int, limit: int) -> asyncio.Future[list[tuple[int, str, str, bytes]]]:
+        return self._read(
+            lambda db: db.execute(
+                "SELECT seq, event_id, type, body FROM choreograph_outbox"
+                " WHERE service=? AND sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+                (service, after, limit),
+            ).fetchall()
+        )
 
     async def _mark_sent(self, key: tuple[str, str], seqs: list[int], previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
@@ -308,14 +350,39 @@ class SQLiteStateStore(StateStore):
             await asyncio.gather(task, return_exceptions=True)
 
     async def release_relay(self, service: str, owner: str) -> None:
-        await self._marks_done((service, owner))
-        self._leases.pop((service, owner), None)
-        self._published_upto.pop((service, owner), None)
-        await self.writer.write(
-            lambda db: db.execute(
-                "UPDATE choreograph_relay SET lease_until=0 WHERE service=? AND owner=?", (service, owner)
-            )
-        )
+        """End the lease (if held), then give the lock up; a standby's lock is just closed."""
+        key = (service, owner)
+        lock = self._locks.pop(key, None)
+        try:
+            await self._marks_done(key)
+            self._published_upto.pop(key, None)
+            if self._leases.pop(key, None) is not None:
+                await self.writer.write(
+                    lambda db: db.execute(
+                        "UPDATE choreograph_relay SET lease_until=0 WHERE service=? AND owner IN (?, ?)",
+                        (service, owner, owner + LOCKED),
+                    )
+                )
+        finally:
+            if lock is not None:
+                lock.release()
+
+    async def wait_outbox(self, service: str, within: float) -> None:
+        """As :meth:`StateStore.wait_outbox`, and also until another process commits outbox rows
+        of a database whose claim this store's relay holds, or the claim's lock comes free."""
+        self._waiting[service] = self._waiting.get(service, 0) + 1
+        self._watch()
+        try:
+            await super().wait_outbox(service, within)
+        finally:
+            left = self._waiting.pop(service) - 1
+            if left:
+                self._waiting[service] = left
+            self._watch()
+
+    def _watch(self) -> None:
+        holders = {service for service, _ in self._leases}
+        self._watcher.watch({service: service in holders for service in self._waiting})
 
     async def outbox_lag(self, service: str) -> OutboxLag:
         count, oldest = await self._read(

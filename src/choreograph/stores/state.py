@@ -214,7 +214,10 @@ class StateStore(InboxStore):
         """
 
     async def release_relay(self, service: str, owner: str) -> None:  # noqa: B027 - PostgreSQL needs nothing
-        """Give up ``owner``'s claim on ``service`` at once (graceful stop: a standby takes over)."""
+        """Give up ``owner``'s claim on ``service`` at once (graceful stop: a standby takes over).
+
+        Every relay calls it when it stops, also one that did not hold the claim.
+        """
 
     @abc.abstractmethod
     async def outbox_lag(self, service: str) -> OutboxLag: ...
