@@ -187,9 +187,9 @@ def next_due(conn: sqlite3.Connection, group: str) -> float | None:
 
 def _collect(conn: sqlite3.Connection, seqs: Iterable[int]) -> None:
     """Delete the messages among ``seqs`` that no group still has to deliver."""
-    conn.executemany(
-        "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM deliveries WHERE seq = ?1)",
-        [(seq,) for seq in set(seqs)],
+    conn.executemany(  # plain ? (Python 3.12 deprecates numbered ?1 with a sequence; 3.14 refuses it)
+        "DELETE FROM messages WHERE seq = ? AND NOT EXISTS (SELECT 1 FROM deliveries WHERE seq = ?)",
+        [(seq, seq) for seq in set(seqs)],
     )
 
 
