@@ -154,10 +154,10 @@ def test_an_event_subject_without_id_leaves_the_id_to_the_msg_id_header(event_ty
     assert codec.split_subject(subject[len("p.ev.") :], headers) == (event_type, message_id)
 
 
-def test_the_delivery_count_and_stream_sequence_come_from_either_ack_subject_form() -> None:
+def test_the_delivery_count_stream_sequence_and_pending_come_from_either_ack_subject_form() -> None:
     v1 = "$JS.ACK.S_EVENTS.g.3.42.17.1700000000000000000.5"
     v2 = "$JS.ACK.dom.ACCHASH.S_EVENTS.g.3.42.17.1700000000000000000.5.rnd"
-    assert codec.ack_metadata(v1) == codec.ack_metadata(v2) == (3, 42)
+    assert codec.ack_metadata(v1) == codec.ack_metadata(v2) == (3, 42, 5)
     assert codec.ack_metadata("_INBOX.abc") is None
 
 

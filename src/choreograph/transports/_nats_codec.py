@@ -127,19 +127,20 @@ def split_subject(tail: str, headers: Mapping[str, str] | None = None) -> tuple[
         return None
 
 
-def ack_metadata(reply: str) -> tuple[int, int] | None:
-    """``(delivery count, stream sequence)`` from a JetStream ack subject, or None.
+def ack_metadata(reply: str) -> tuple[int, int, int] | None:
+    """``(delivery count, stream sequence, pending)`` from a JetStream ack subject, or None.
 
     ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>`` or, with a
     domain and account hash, ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>...``.
+    ``pending`` is how many messages the consumer had yet to deliver when it sent this one.
     (nats-py's ``Msg.metadata`` parses the same and builds objects and a datetime we do not need.)
     """
     tokens = reply.split(".")
     try:
         if len(tokens) == 9:
-            return int(tokens[4]), int(tokens[5])
+            return int(tokens[4]), int(tokens[5]), int(tokens[8])
         if len(tokens) >= 11:
-            return int(tokens[6]), int(tokens[7])
+            return int(tokens[6]), int(tokens[7]), int(tokens[10])
     except ValueError:
         pass
     return None

@@ -13,6 +13,12 @@ Each :meth:`NatsSubscription.fetch` therefore
    for one message it is spent once satisfied - no request outlives the fetch to hoard
    messages a competing consumer could take.
 
+Step 1 is skipped when the server has just told us there is nothing to take: the last
+message it sent said no others were pending for the consumer (the ack subject carries
+that count) and was a first delivery, or the last request ended empty. An idle group
+then costs one request per message instead of an extra round trip (and its ``404``)
+before each park - which sat on the path of every event at a light load.
+
 Replies arrive on a per-subscription inbox; each request gets its own reply subject
 (``<inbox>.<n>``) so the terminating status of an old request can never end a newer one.
 Messages that arrive after a fetch gave up (a late reply) are buffered for the next
@@ -46,6 +52,8 @@ LONG_POLL = 10.0
 _NO_WAIT_GUARD = 2.0
 #: Extra time allowed past a parked request's expiry for its ``408`` to arrive.
 _GRACE = 1.0
+#: Shortest wait worth parking a pull request for (seconds).
+_MIN_PARK = 0.002
 
 #: 409 statuses that end a pull for good; every other 409 (leadership change, server
 #: shutdown, too many waiting pulls, ...) is transient: pull again.
@@ -123,8 +131,10 @@ class NatsSubscription(Subscription):
         self._buffer: collections.deque[Msg] = collections.deque()
         self._statuses: dict[str, tuple[int, str]] = {}
         self._requests = 0
+        #: Whether the server may hold messages for us beyond what it sent (see the module doc).
+        self._more = True
         self._epoch = 0  # bumped on reconnect: every outstanding pull request is presumed lost
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
         self._fetching = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
         self._closed = False
@@ -149,31 +159,34 @@ class NatsSubscription(Subscription):
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+            self._waiter.set_result(True)
 
     def reconnected(self) -> None:
         """The connection came back: outstanding pull requests died with the old one."""
         self._epoch += 1
+        self._more = True
         self._wake()
 
     async def _wait(self, until: float | None) -> bool:
-        """Sleep until something arrives or loop time ``until``; False on timeout."""
+        """Sleep until something arrives or loop time ``until``; False on timeout.
+
+        A bare timer on the waiter rather than ``asyncio.timeout_at``: this runs for every
+        pull, and the context manager costs several times as much.
+        """
         loop = asyncio.get_running_loop()
         if until is not None and until <= loop.time():
             return False
-        self._waiter = loop.create_future()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = None if until is None else loop.call_at(until, _expire, waiter)
         try:
-            async with asyncio.timeout_at(until):
-                await self._waiter
-            return True
-        except TimeoutError:
-            return False
+            return await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
-    async def _round(
-        self, request: dict[str, Any], enough: int, guard: float, deadline: float | None
-    ) -> None:
+    async def _round(self, request: bytes, enough: int, guard: float, deadline: float | None) -> None:
         """Send one pull request; return once ``enough`` messages are buffered, the server
         ends the request, the caller's ``deadline`` passes, the connection is replaced or
         the subscription closes. A request the server never answers by ``guard`` makes
@@ -184,9 +197,7 @@ class NatsSubscription(Subscription):
         self._statuses.clear()
         epoch = self._epoch
         with codec.translated("pull"):
-            await self._nc.publish(
-                self._next_subject, json.dumps(request).encode(), reply=self._inbox_prefix + token
-            )
+            await self._nc.publish(self._next_subject, request, reply=self._inbox_prefix + token)
         until = _earliest(deadline, guard)
         while len(self._buffer) < enough and token not in self._statuses:
             if epoch != self._epoch or self._closed:
@@ -218,17 +229,20 @@ class NatsSubscription(Subscription):
                         if not await self._wait(deadline):
                             return []
                     continue
-                # 1. Whatever is ready now, up to a whole batch, in one round trip (waited
-                #    for even past the deadline, so that fetch(n, timeout=0) sees the backlog).
-                request: dict[str, Any] = {"batch": max_messages, "no_wait": True}
-                await self._round(request, max_messages, loop.time() + _NO_WAIT_GUARD, None)
-                if batch := self._take(max_messages):
-                    return batch
-                # 2. Nothing ready: park a request for one message until the deadline.
                 remaining = LONG_POLL if deadline is None else min(LONG_POLL, deadline - loop.time())
-                if remaining < 0.002:
-                    return []
-                request = {"batch": 1, "expires": int(remaining * 1_000_000_000)}
+                if self._more or remaining < _MIN_PARK:
+                    # 1. Whatever is ready now, up to a whole batch, in one round trip (waited
+                    #    for even past the deadline, so that fetch(n, timeout=0) sees the backlog).
+                    self._more = False  # until a message says otherwise
+                    request = b'{"batch":%d,"no_wait":true}' % max_messages
+                    await self._round(request, max_messages, loop.time() + _NO_WAIT_GUARD, None)
+                    if batch := self._take(max_messages):
+                        return batch
+                    remaining = LONG_POLL if deadline is None else min(LONG_POLL, deadline - loop.time())
+                    if remaining < _MIN_PARK:
+                        return []
+                # 2. Nothing ready: park a request for one message until the deadline.
+                request = b'{"batch":1,"expires":%d}' % int(remaining * 1_000_000_000)
                 await self._round(request, 1, loop.time() + remaining + _GRACE, deadline)
                 if batch := self._take(max_messages):
                     return batch
@@ -322,7 +336,9 @@ class NatsSubscription(Subscription):
         ack = codec.ack_metadata(msg.reply)
         if ack is None:
             metadata = msg.metadata
-            ack = (metadata.num_delivered, metadata.sequence.stream)
+            ack = (metadata.num_delivered, metadata.sequence.stream, metadata.num_pending)
+        # More to fetch: messages not yet sent, or (a redelivery) perhaps more coming due.
+        self._more = ack[2] > 0 or ack[0] > 1
         if parsed is None:  # not published by choreograph: let the runtime dead-letter it
             parsed = (subject, f"nats-{self._stream}-{ack[1]}")
         event_type, message_id = parsed
@@ -344,6 +360,7 @@ class NatsSubscription(Subscription):
         code, description = status
         if code in (404, 408):
             return
+        self._more = True
         if code == 409 and not any(reason in description.lower() for reason in _FATAL_CONFLICTS):
             await asyncio.sleep(0.05)
             return
@@ -366,6 +383,11 @@ class NatsSubscription(Subscription):
             raise TransportError(
                 f"nats: the consumer of group {self.group!r} no longer exists: {error.get('description')}"
             )
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 def _earliest(a: float | None, b: float) -> float:
