@@ -91,9 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "work comes back after it")
     add("--join-window", type=float, default=None, help="seconds shipping waits for the second of payment "
         "and stock (unset: the shop's 60); shorter makes join timeouts, which may then cancel any order")
-    add("--relay-lease", type=float, default=2.0, help="seconds a killed replica's outbox relay keeps its "
-        "service's claim (the service databases' relay_lease; the library's default, 10, leaves a service "
-        "whose claim holder was killed publishing nothing for up to 10 s; 0: that default)")
+    add("--relay-lease", type=float, default=0.0, help="the service databases' relay_lease in seconds (0: the "
+        "library's default, 10). A standby relay takes over from a killed claim holder at once whatever the "
+        "lease (the holder's file lock dies with it); the lease matters only for owners without the lock")
     add("--seed", type=int, default=1, help="seeds the orders, the faults, the kills and the duplicates")
     add("--timeout", type=float, default=300.0, help="seconds to wait for every order to end, after the last")
     add("--settle-timeout", type=float, default=90.0, help="seconds to wait for the bus to be idle after that")

@@ -220,7 +220,7 @@ class OutboxWatcher:
                     for service in woken:
                         loop.call_soon_threadsafe(self._wake, service)
                 time.sleep(min(_SLOW, _FAST * 2 ** min(4, int(now - quiet_since))))
-        except (sqlite3.Error, RuntimeError) as exc:  # RuntimeError: the loop closed under us
+        except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: the loop closed under us
             log.warning("outbox watcher of %s stopped (%s): relays poll instead", self.database, exc)
         finally:
             if db is not None:
