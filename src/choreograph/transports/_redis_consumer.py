@@ -101,22 +101,24 @@ class RedisSubscription(Subscription):
             try:
                 with transport._using():
                     now = loop.time()
+                    deliveries: list[RedisDelivery] = []
                     if now >= self._next_sweep or (self._retry_due is not None and now >= self._retry_due):
                         deliveries, wait_ms = await self._sweep(max_messages)
                         now = loop.time()
                         self._next_sweep = now + min(SWEEP_EVERY, transport.lease / 4)
                         self._retry_due = None if wait_ms < 0 else now + wait_ms / 1000
-                    else:
-                        deliveries = await self._read(max_messages, None)
                     if not deliveries:
+                        # Straight to the blocking read (it returns at once when entries are
+                        # there), no plain read before it: one round trip per fetch of a group
+                        # that is not busy, where there were three (sweep script, read, block).
                         block = min(POLL, max(0.01, transport.lease / 4))
                         if self._retry_due is not None:
-                            block = min(block, self._retry_due - loop.time())
+                            block = min(block, self._retry_due - now)
                         if deadline is not None:
-                            block = min(block, deadline - loop.time())
-                        if block >= 0.001:
-                            deliveries = await self._read(max_messages, round(block * 1000))
-                            self._next_sweep = 0.0  # it waited: look after leases and retries next
+                            block = min(block, deadline - now)
+                        deliveries = await self._read(max_messages, round(block * 1000) if block >= 0.001 else None)
+                        if not deliveries:
+                            self._next_sweep = 0.0  # it waited in vain: look after leases and retries next
                     if deliveries and self._closed:  # closed while we waited: hand them on
                         await self._release(deliveries)
                         deliveries = []
