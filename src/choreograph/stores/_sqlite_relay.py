@@ -94,12 +94,11 @@ class RelayLock:
             return self.held
 
     def probe(self) -> bool:
-        """Whether the lock is free: taken and given back at once."""
+        """Whether the lock is free: taken and given back at once (``False`` where none is enforced)."""
         with self._mutex:
-            if self.held or not self._lock():
+            if self.held or not self._lock() or not self.enforced or self._fd is None:
                 return False
-            if self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
             return True
 
     def release(self) -> None:
