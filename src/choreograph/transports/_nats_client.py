@@ -31,7 +31,7 @@ PUBLISH_TIMEOUT = 10.0
 API_TIMEOUT = 5.0
 
 #: One message to publish: subject, body, headers (only dedupe keys; dropped if they do not fit).
-Item = tuple[str, bytes, Mapping[str, str]]
+Item = tuple[str, bytes, Mapping[str, str] | None]
 
 
 class _Batch:
@@ -123,19 +123,18 @@ class JetStream:
         tokens: list[str] = []
         try:
             with codec.translated("publish"):
+                room, prefix, pubacks = nc.max_payload, self._puback_prefix, self._pubacks
                 for subject, body, headers in items:
-                    if len(body) > nc.max_payload:
+                    if len(body) > room:
                         raise TransportError(
-                            f"nats: a body of {len(body)} bytes exceeds the server's max_payload ({nc.max_payload})"
+                            f"nats: a body of {len(body)} bytes exceeds the server's max_payload ({room})"
                         )
-                    if headers and len(body) + codec.header_size(headers) > nc.max_payload:
-                        headers = {}  # a dedupe key is not worth refusing the message for
+                    if headers and len(body) + codec.header_size(headers) > room:
+                        headers = None  # a dedupe key is not worth refusing the message for
                     token = str(next(self._tokens))
-                    self._pubacks[token] = batch
+                    pubacks[token] = batch
                     tokens.append(token)
-                    await nc.publish(
-                        subject, body, reply=self._puback_prefix + token, headers=dict(headers) or None
-                    )
+                    await nc.publish(subject, body, reply=prefix + token, headers=dict(headers) if headers else None)
             try:
                 async with asyncio.timeout(PUBLISH_TIMEOUT):
                     await batch.done

@@ -70,6 +70,8 @@ log = logging.getLogger("choreograph.transports.nats")
 _SECOND = 1_000_000_000  # JetStream durations are nanoseconds
 _RECONNECT_WAIT = 0.5  # seconds between reconnect attempts (nats-py waits this long per server)
 _CLOSE_TIMEOUT = 5.0  # seconds close() may spend flushing to a server that does not read
+_MSG_ID_HEADER_SIZE = codec.header_size({codec.H_MSG_ID: ""})  # plus the id's length
+_SUBJECT_CACHE = 10_000  # event types whose subject publish remembers
 
 
 class NatsTransport(Transport):
@@ -108,6 +110,7 @@ class NatsTransport(Transport):
         self._multi_filter = True
         self._connecting = asyncio.Lock()
         self._subscriptions: set[NatsSubscription] = set()
+        self._subjects: dict[str, str] = {}  # event type -> its subject (ids in the header)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -214,14 +217,19 @@ class NatsTransport(Transport):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         js = self._jetstream()
-        base, room = f"{self.prefix}.ev", js.nc.max_payload
+        base, room, subjects = f"{self.prefix}.ev", js.nc.max_payload, self._subjects
         items: list[Item] = []
         for m in messages:
-            headers = {codec.H_MSG_ID: codec.name_token(m.id, hash_long=False)}
-            if len(m.body) + codec.header_size(headers) <= room:
-                items.append((codec.message_subject(base, m.type), m.body, headers))
+            msg_id = codec.name_token(m.id, hash_long=False)
+            if len(m.body) + len(msg_id) + _MSG_ID_HEADER_SIZE <= room:
+                subject = subjects.get(m.type)
+                if subject is None:
+                    subject = subjects[m.type] = codec.message_subject(base, m.type)
+                    if len(subjects) > _SUBJECT_CACHE:
+                        subjects.clear()
+                items.append((subject, m.body, {codec.H_MSG_ID: msg_id}))
             else:  # no room for the header: the id travels in the subject (and no broker dedupe)
-                items.append((codec.message_subject(base, m.type, m.id), m.body, {}))
+                items.append((codec.message_subject(base, m.type, m.id), m.body, None))
         await js.publish(items)
 
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
