@@ -16,7 +16,7 @@ Every run gets its own stream/key/queue prefix and deletes what it created.
 
     python bench/brokers.py --n 20000             # the documented figures
     python bench/brokers.py --n 2000 --quick      # a smoke run (no paced, no FastStream)
-    python bench/brokers.py --only nats --n 5000
+    python bench/brokers.py --only nats --n 5000 --no-faststream
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def bench_broker(broker: str, base: str, args: argparse.Namespace, loop: Runner)
     one: dict[str, Any] = {}
     one["raw"] = loop(raw_one(broker, base, n))
     one["choreograph"] = loop(choreograph_one(broker, base, n, args.concurrency))
-    if not args.quick:
+    if not args.quick and not args.no_faststream:
         one["faststream"] = loop(faststream_one(broker, base, n))
     one["choreograph_vs_raw"] = _ratio(one["choreograph"]["events_per_s"], one["raw"]["events_per_s"])
     if "faststream" in one:
@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="events/s for the paced latency runs")
     parser.add_argument("--paced-n", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="skip the paced and FastStream runs")
+    parser.add_argument("--no-faststream", action="store_true", help="skip the FastStream runs")
     parser.add_argument("--only", choices=BROKERS, action="append")
     parser.add_argument("--nats-url", help="use this NATS server (>= 2.10) instead of a private one")
     args = parser.parse_args()
