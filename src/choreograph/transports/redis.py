@@ -27,9 +27,12 @@ Design, and why:
   nothing (left by crashed processes), so the consumer list stays bounded.
 * **No daemon.** Consumers do the housekeeping in ``fetch``: one script moves due retries
   (``P:d:<group>``, a sorted set scored by server time) back into the stream, reclaims
-  lease-expired entries and reads fresh ones. Only when nothing is ready does ``fetch``
-  block in ``XREADGROUP``, for at most :data:`POLL` seconds at a time, so retries become
-  due, leases are noticed and task cancellation / ``close()`` stay prompt (a long
+  lease-expired entries and reads fresh ones. It runs when due - every
+  ``SWEEP_EVERY`` (100 ms) while messages flow, after a read that waited in vain, when a
+  known retry falls due; every other ``fetch`` is one blocking ``XREADGROUP``, which
+  returns at once when entries are there (one round trip per fetch, as a hand-written
+  consumer makes). A read blocks for at most :data:`POLL` seconds at a time, so retries
+  become due, leases are noticed and task cancellation / ``close()`` stay prompt (a long
   blocking read in redis-py can hold up cancellation).
 * **Memory is bounded by the backlog.** Settling deletes the entry (``XDEL``), so a
   stream holds only unsettled messages; nothing is ever trimmed unread. ``maxlen=N``
