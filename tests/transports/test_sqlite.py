@@ -235,3 +235,52 @@ async def test_a_publish_in_this_process_wakes_a_waiting_fetch_without_polling(b
     await bus.publish([Message("m1", TYPE, b"x")])
     assert bus._changes > changes
     assert [d.message.id for d in await waiting] == ["m1"]
+
+
+async def test_a_writer_waits_for_another_process_holding_the_lock_then_gives_up_after_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    from choreograph.errors import TransportError
+    from choreograph.transports.base import Message
+    from choreograph.transports.sqlite import SQLiteTransport
+
+    path = tmp_path / "bus.db"
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(seconds: float) -> None:  # another process's writer holding the file's write lock
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        holding.set()
+        release.wait(seconds)
+        other.execute("COMMIT")
+        other.close()
+
+    async with SQLiteTransport(f"sqlite:///{path}?busy_timeout=5") as bus:
+        sub = await bus.subscribe("g", ["t"])
+        holder = threading.Thread(target=hold, args=(10,))
+        holder.start()
+        await asyncio.to_thread(holding.wait, 10)
+        publishing = asyncio.create_task(bus.publish([Message("m1", "t", b"{}")]))
+        await asyncio.sleep(0.3)
+        assert not publishing.done()  # waiting for the lock, not failed
+        release.set()
+        await asyncio.wait_for(publishing, 10)
+        holder.join()
+        [delivery] = await sub.fetch(10, timeout=5)
+        assert delivery.message.id == "m1"
+        await delivery.ack()
+
+    holding.clear()
+    release.clear()
+    async with SQLiteTransport(f"sqlite:///{path}?busy_timeout=0.2") as bus:
+        holder = threading.Thread(target=hold, args=(10,))
+        holder.start()
+        await asyncio.to_thread(holding.wait, 10)
+        try:
+            with pytest.raises(TransportError, match="locked"):
+                await bus.publish([Message("m2", "t", b"{}")])
+        finally:
+            release.set()
+            holder.join()

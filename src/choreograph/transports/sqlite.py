@@ -314,7 +314,7 @@ class SQLiteTransport(Transport):
     def _transact(self, ops_: list[_Op]) -> list[Any]:
         conn = self._conn
         assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
+        ops.begin_immediate(conn, self._config.busy_timeout)
         try:
             now = self._clock.time()
             results = [op(conn, now) for op in ops_]
