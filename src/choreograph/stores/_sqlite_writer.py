@@ -36,6 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from choreograph._sqlite import begin_immediate
 from choreograph.errors import StoreError
 
 T = TypeVar("T")
@@ -224,12 +225,8 @@ class SQLiteWriter:
             if not is_busy(exc):
                 raise self.error(exc) from exc
 
-        def wait_for_lock() -> None:
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            finally:
-                db.execute("PRAGMA busy_timeout=0")
+        def wait_for_lock() -> None:  # in short steps: SQLite's busy handler sleeps up to 25 ms a try
+            begin_immediate(db, self.busy_timeout)
 
         try:
             await uncancellable(self._off_loop(wait_for_lock))

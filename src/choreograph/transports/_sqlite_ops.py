@@ -26,11 +26,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from choreograph._sqlite import connect_wal
+from choreograph._sqlite import begin_immediate, connect_wal
 from choreograph.transports.base import DeadLetter, Message, matches
 
 SCHEMA = """
@@ -91,34 +90,6 @@ def open_connection(path: str, *, synchronous: str, busy_timeout: float) -> sqli
         conn.close()
         raise
     return conn
-
-
-def begin_immediate(conn: sqlite3.Connection, busy_timeout: float) -> None:
-    """``BEGIN IMMEDIATE``, waiting up to ``busy_timeout`` seconds for another process's write lock.
-
-    The connection's own busy timeout is 0 and the waiting happens here, in steps of 0.1 ms
-    growing to 1 ms: SQLite's busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between
-    tries, so with several processes writing one bus a writer often slept well past the
-    moment the lock came free (a process-per-hop chain lost about a fifth of its throughput
-    that way). Nothing has happened before the lock is taken, so retrying is always safe.
-    """
-    delay = 0.0001
-    give_up = 0.0
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            message = str(exc)
-            if "locked" not in message and "busy" not in message:
-                raise
-            now = time.monotonic()
-            if not give_up:
-                give_up = now + busy_timeout
-            elif now > give_up:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.001)
 
 
 def groups_version(conn: sqlite3.Connection) -> int:

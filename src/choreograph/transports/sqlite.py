@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._sqlite import begin_immediate
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _sqlite_ops as ops
 from choreograph.transports._sqlite_consumer import SQLiteSubscription
@@ -314,7 +315,7 @@ class SQLiteTransport(Transport):
     def _transact(self, ops_: list[_Op]) -> list[Any]:
         conn = self._conn
         assert conn is not None
-        ops.begin_immediate(conn, self._config.busy_timeout)
+        begin_immediate(conn, self._config.busy_timeout)
         try:
             now = self._clock.time()
             results = [op(conn, now) for op in ops_]
