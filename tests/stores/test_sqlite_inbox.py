@@ -82,3 +82,15 @@ async def test_inline_marks_are_checkpointed_into_the_database_file_by_the_store
         assert loop.time() < give_up, "the marks never reached the database file"
         await asyncio.sleep(0.01)
     assert len(await store.seen("g", [f"e-{n}" for n in range(10)])) == 10
+
+
+async def test_marking_an_event_forgets_its_failure_history_and_only_its_own(store: SQLiteStore) -> None:
+    from choreograph.stores.base import ErrorInfo
+
+    first = ErrorInfo("Boom", "first")
+    assert await store.record_failure("g", "a", first, 10.0) == (first, 10.0)
+    assert await store.record_failure("g", "b", first, 11.0) == (first, 11.0)
+    await store.mark("g", ["a", "c"])  # a failed before, c did not
+    later = ErrorInfo("Boom", "later")
+    assert await store.record_failure("g", "a", later, 20.0) == (later, 20.0)  # a's history restarted
+    assert await store.record_failure("g", "b", later, 21.0) == (first, 11.0)  # b's kept

@@ -78,7 +78,9 @@ def _mark(db: sqlite3.Connection, group: str, ids: list[str], now: float) -> Non
     db.execute("BEGIN IMMEDIATE")
     try:
         db.executemany("INSERT OR IGNORE INTO inbox VALUES (?, ?, ?)", [(group, i, now) for i in ids])
-        db.executemany("DELETE FROM failures WHERE grp=? AND event_id=?", [(group, i) for i in ids])
+        if db.execute("SELECT 1 FROM failures WHERE grp=? LIMIT 1", (group,)).fetchone() is not None:
+            # usually nothing failed: one lookup instead of a delete per id
+            db.executemany("DELETE FROM failures WHERE grp=? AND event_id=?", [(group, i) for i in ids])
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
