@@ -232,7 +232,12 @@ async def test_two_replicas_one_killed_publish_each_output_once_per_id_in_commit
     await system.stop(second)
     await system.drain(0.5)
 
-    pids, counter, pending = await state(system.database)
+    await assert_each_applied_once_and_published_in_commit_order(system, system.database, count)
+
+
+async def assert_each_applied_once_and_published_in_commit_order(system: System, database: str, count: int) -> None:
+    """Every request's state once, no outbox row left, one output id per request, first seen in commit order."""
+    pids, counter, pending = await state(database)
     assert (len(pids), counter, pending) == (count, count, 0)
     ids_by_pid: dict[str, set[str]] = defaultdict(set)
     for event_id, pid in system.outputs():
@@ -243,7 +248,7 @@ async def test_two_replicas_one_killed_publish_each_output_once_per_id_in_commit
     for _, data in system.received:
         if data["n"] not in first_seen:
             first_seen.append(data["n"])
-    assert first_seen == sorted(first_seen)
+    assert first_seen == sorted(first_seen), "outputs first arrive in commit order"
 
 
 async def test_the_standby_replica_takes_the_relay_of_a_killed_holder_at_once_and_keeps_commit_order(
@@ -265,17 +270,7 @@ async def test_the_standby_replica_takes_the_relay_of_a_killed_holder_at_once_an
         await system.stop(standby)
         await system.drain(0.5)
 
-        pids, counter, pending = await state(database)
-        assert (len(pids), counter, pending) == (count, count, 0)
-        ids_by_pid: dict[str, set[str]] = defaultdict(set)
-        for event_id, pid in system.outputs():
-            ids_by_pid[pid].add(event_id)
-        assert len(ids_by_pid) == count and all(len(ids) == 1 for ids in ids_by_pid.values())
-        first_seen: list[int] = []
-        for _, data in system.received:
-            if data["n"] not in first_seen:
-                first_seen.append(data["n"])
-        assert first_seen == sorted(first_seen), "outputs first arrive in commit order"
+        await assert_each_applied_once_and_published_in_commit_order(system, database, count)
 
 
 async def holding_the_claim(database: str, proc: subprocess.Popen[str], within: float = 60.0) -> None:
