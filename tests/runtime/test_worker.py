@@ -490,3 +490,58 @@ async def test_task_bound_asyncio_tools_in_handlers_act_on_the_handler_not_the_w
     assert worker.stats().dead_lettered == 1 and worker.stats().handled == 2
     [letter] = await bus.dead_letters("bounded")
     assert letter.record["last_error"]["type"] == "TimeoutError"
+
+
+async def test_a_batch_is_acked_only_after_its_outputs_are_published_and_the_next_batch_publishes_meanwhile() -> None:
+    """Settling is two stages deep: batch 2's outputs go out while batch 1 is still being marked."""
+    from collections.abc import Callable, Collection, Sequence
+
+    from choreograph.stores.memory import MemoryStore
+
+    log: list[tuple[str, list[str]]] = []
+    publish_gate, mark_gate = asyncio.Event(), asyncio.Event()
+
+    class GatedBus(MemoryTransport):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            if any(m.type == Charged.event_type() for m in messages):  # the worker's outputs
+                log.append(("publishing", sorted(orjson.loads(m.body)["data"]["order_id"] for m in messages)))
+                await publish_gate.wait()
+            await super().publish(messages)
+
+    class GatedStore(MemoryStore):
+        async def mark(self, group: str, event_ids: Collection[str]) -> None:
+            log.append(("marking", list(event_ids)))
+            await mark_gate.wait()
+            await super().mark(group, event_ids)
+
+    bus = GatedBus()
+    payment = Service("payment")
+
+    @payment.on(Placed)
+    async def charge(order: Placed) -> Charged:
+        return Charged(order_id=order.order_id)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(1000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"never reached; log: {log}")
+
+    def in_flight() -> int:
+        return bus.pending()[0]
+
+    async with Worker([payment], bus, store=GatedStore()):
+        [a] = await Publisher(bus).publish(Placed(order_id="a"))
+        await until(lambda: log == [("publishing", ["a"])])
+        assert in_flight() == 1  # outputs not out yet: no mark, no ack
+        publish_gate.set()
+        await until(lambda: len(log) == 2)
+        assert log[1] == ("marking", [a.id]) and in_flight() == 1  # published, not acked yet
+        await Publisher(bus).publish(Placed(order_id="b"))
+        await until(lambda: len(log) == 3)
+        assert log[2] == ("publishing", ["b"])  # while batch 1 is still being marked
+        assert in_flight() == 2
+        mark_gate.set()
+        await settled(bus)
+    assert [entry for entry in log if entry[0] == "publishing"] == [("publishing", ["a"]), ("publishing", ["b"])]

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import sys
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import pydantic
@@ -521,59 +522,60 @@ class _Runner:
     # -- settling ---------------------------------------------------------------------
 
     async def _settle_loop(self) -> None:
-        while True:
-            if not self.outcomes:
-                # Checked before every wait, not only after an empty wake-up: once stopping,
-                # nobody sets outcome_ready again after the last batch is settled.
-                if self.stopping and not self.active:
-                    return
-                self.outcome_ready.clear()
-                await self.outcome_ready.wait()
-                continue
-            batch, self.outcomes = self.outcomes, []
-            delay = 0.05
+        """Settle outcomes in batches, two stages deep: while batch N is recorded in the inbox
+        and acked, the outputs of batch N+1 are already being published. Each batch's outputs
+        are durable before its own marks and acks; the stages of one batch never overlap."""
+        finishing: asyncio.Task[None] | None = None
+        try:
             while True:
-                try:
-                    await self._settle(batch)
-                    break
-                except Exception as exc:  # broker or store down: keep the outcomes, try again
-                    log.error("settling %d outcomes of %s failed: %s; retrying", len(batch), self.group, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                if not self.outcomes:
+                    # Checked before every wait, not only after an empty wake-up: once stopping,
+                    # nobody sets outcome_ready again after the last batch is settled.
+                    if self.stopping and not self.active:
+                        break
+                    self.outcome_ready.clear()
+                    await self.outcome_ready.wait()
+                    continue
+                batch, self.outcomes = self.outcomes, []
+                plan = _Settlement.of(batch)
+                if plan.messages:
+                    await self._retrying(len(batch), functools.partial(self.worker.transport.publish, plan.messages))
+                if finishing is not None:
+                    await finishing
+                finishing = asyncio.create_task(self._retrying(len(batch), functools.partial(self._finish, plan)))
+        except asyncio.CancelledError:
+            if finishing is not None:
+                finishing.cancel()
+            raise
+        if finishing is not None:
+            await finishing
 
-    async def _settle(self, batch: Sequence[_Outcome]) -> None:
+    async def _retrying(self, count: int, step: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await step()
+                return
+            except Exception as exc:  # broker or store down: keep the outcomes, try again
+                log.error("settling %d outcomes of %s failed: %s; retrying", count, self.group, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _finish(self, plan: _Settlement) -> None:
+        """After the batch's outputs are published: inbox marks, acks, retries and dead letters."""
         assert self.sub is not None
-        messages: list[Message] = []
-        done: list[Delivery] = []
-        marks: list[str] = []
-        others: list[_Again | _Dead] = []
-        for outcome in batch:  # one pass: this runs for every event
-            if type(outcome) is _Done:
-                delivery = outcome.delivery
-                done.append(delivery)
-                if outcome.mark:
-                    marks.append(delivery.message.id)
-                if outcome.messages:
-                    messages.extend(outcome.messages)
-            else:
-                assert isinstance(outcome, (_Again, _Dead))
-                others.append(outcome)
-                if isinstance(outcome, _Dead) and outcome.failure is not None:
-                    messages.append(outcome.failure)
-        if messages:
-            await self.worker.transport.publish(messages)
-        if marks:
-            await self.store.mark(self.group, marks)
-        dead = [o.delivery.message.id for o in others if isinstance(o, _Dead)]
+        if plan.marks:
+            await self.store.mark(self.group, plan.marks)
+        dead = [o.delivery.message.id for o in plan.others if isinstance(o, _Dead)]
         if dead:
             await self.store.clear_failures(self.group, dead)
-        if done:
-            await self.sub.ack_many(done)
+        if plan.done:
+            await self.sub.ack_many(plan.done)
             active_ids = self.active_ids
-            for delivery in done:
+            for delivery in plan.done:
                 if active_ids.get(delivery.message.id) is delivery:
                     del active_ids[delivery.message.id]
-        for outcome in others:
+        for outcome in plan.others:
             self._release_id(outcome.delivery)  # before the copy can come back
             if isinstance(outcome, _Again):
                 await outcome.delivery.retry(outcome.after)
@@ -617,6 +619,34 @@ class _Runner:
             except TimeoutError:
                 log.warning("%s: closing the subscription timed out; unsettled deliveries return after their lease",
                             self.group)
+
+
+@dataclasses.dataclass(slots=True)
+class _Settlement:
+    """A batch of outcomes sorted for settling: what to publish, mark, ack, retry or dead-letter."""
+
+    messages: list[Message]
+    done: list[Delivery]
+    marks: list[str]
+    others: list[_Again | _Dead]
+
+    @classmethod
+    def of(cls, batch: Sequence[_Outcome]) -> _Settlement:
+        plan = cls([], [], [], [])
+        for outcome in batch:  # one pass: this runs for every event
+            if type(outcome) is _Done:
+                delivery = outcome.delivery
+                plan.done.append(delivery)
+                if outcome.mark:
+                    plan.marks.append(delivery.message.id)
+                if outcome.messages:
+                    plan.messages.extend(outcome.messages)
+            else:
+                assert isinstance(outcome, (_Again, _Dead))
+                plan.others.append(outcome)
+                if isinstance(outcome, _Dead) and outcome.failure is not None:
+                    plan.messages.append(outcome.failure)
+        return plan
 
 
 def _raw(body: bytes) -> Any:
