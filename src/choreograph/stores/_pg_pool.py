@@ -11,7 +11,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from choreograph.errors import StoreError
@@ -163,29 +163,27 @@ class HandoffPool:
 
     # -- one-statement helpers (an autocommit statement on a pooled connection) -----------
 
-    async def execute(self, sql: str, *args: Any) -> str:
+    @contextlib.asynccontextmanager
+    async def _statement(self) -> AsyncIterator[Any]:
+        """A pooled connection for one statement: closed if interrupted, released after."""
         conn = await self.acquire()
         try:
             with closed_if_interrupted(conn):
-                return str(await conn.execute(sql, *args))
+                yield conn
         finally:
             await self.release(conn)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        async with self._statement() as conn:
+            return str(await conn.execute(sql, *args))
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
-        conn = await self.acquire()
-        try:
-            with closed_if_interrupted(conn):
-                return list(await conn.fetch(sql, *args))
-        finally:
-            await self.release(conn)
+        async with self._statement() as conn:
+            return list(await conn.fetch(sql, *args))
 
     async def fetchrow(self, sql: str, *args: Any) -> Any:
-        conn = await self.acquire()
-        try:
-            with closed_if_interrupted(conn):
-                return await conn.fetchrow(sql, *args)
-        finally:
-            await self.release(conn)
+        async with self._statement() as conn:
+            return await conn.fetchrow(sql, *args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         row = await self.fetchrow(sql, *args)
