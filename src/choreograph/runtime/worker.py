@@ -3,16 +3,17 @@
 Per service (one consumer group) a worker runs three tasks:
 
 * the **fetch loop** pulls as many deliveries as there are free handler slots
-  (``concurrency``), drops those the inbox has already seen, and starts a task per
-  delivery;
-* each **handler task** decodes, validates, runs the handler under its timeout and
-  turns the result into an *outcome* (done with outputs / retry after / dead-letter);
+  (``concurrency``), drops those the inbox has already seen, decodes and validates
+  each, and starts a task per delivery (eagerly on Python 3.12+);
+* each **handler task** runs the handler under its timeout and turns the result into
+  an *outcome* (done with outputs / retry after / dead-letter);
 * the **settler** takes every outcome that accumulated while it was busy and settles
   them together: one ``publish`` for all outputs, one inbox commit, one batched ack.
   An idle worker settles a lone event at once; a busy one amortises round trips
   over whatever piled up (group commit). Outputs are always durable before the
   input is acked, so a crash anywhere re-runs the handler, which republishes the
-  same deterministic ids, and downstream inboxes drop the duplicates.
+  same deterministic ids, and downstream inboxes drop the duplicates. It runs two
+  stages deep: batch N+1 publishes while batch N is marked and acked.
 
 Shutdown (``stop()``) stops fetching, lets in-flight handlers finish within
 ``drain_timeout``, releases the rest back to the broker, settles what finished and
