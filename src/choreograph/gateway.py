@@ -23,6 +23,10 @@ A key reused with a different body is a ``409``, not the ``422`` the IETF
 idempotency-key draft suggests: the body itself is valid, it conflicts with the
 server's state, and a client that reads ``422`` as "fix your payload" would be misled.
 ``GET /openapi.json`` is the OpenAPI 3.1 document; ``GET /healthz`` says it is alive.
+
+With ``telemetry=`` each published event gets a PRODUCER span continuing the request's
+W3C ``traceparent`` header (or a new trace) and carries it on; without, no ``traceparent``
+is set. See :mod:`choreograph.telemetry`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 from starlette.applications import Starlette
@@ -64,6 +68,9 @@ from choreograph.journal import Journal
 from choreograph.runtime.publisher import Publisher
 from choreograph.transports import open_transport
 from choreograph.transports.base import Transport
+
+if TYPE_CHECKING:
+    from choreograph.telemetry import Telemetry
 
 __all__ = ["KEY_IN_FLIGHT", "KEY_REUSED", "Gateway", "Route"]
 
@@ -123,7 +130,8 @@ class Gateway:
     ``GET /transactions/{correlation_id}``. ``auth_token`` requires
     ``Authorization: Bearer <token>`` on every route but ``/healthz`` and
     ``/openapi.json``. ``idempotency`` is where ``Idempotency-Key``s are kept (a
-    ``sqlite:///`` URL for durability; default: this process's memory).
+    ``sqlite:///`` URL for durability; default: this process's memory). ``telemetry``
+    traces each publish (see :mod:`choreograph.telemetry`).
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class Gateway:
         clock: Clock | None = None,
         idempotency_ttl: float = 24 * 3600.0,
         idempotency_lease: float = 30.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.routes = list(routes)
         if not self.routes:
@@ -169,7 +178,8 @@ class Gateway:
         self.clock = clock or SYSTEM_CLOCK
         self.idempotency_ttl = idempotency_ttl
         self.idempotency_lease = idempotency_lease
-        self.publisher = Publisher(self.transport, source=source)
+        self.telemetry = telemetry
+        self.publisher = Publisher(self.transport, source=source, telemetry=telemetry)
         self._openapi = build_openapi(
             self.routes, title=title, version=version, auth=auth_token is not None, journal=self.journal is not None
         )
@@ -288,7 +298,11 @@ class Gateway:
             correlation_id = claim.correlation_id
         deadline = format_time(now + route.deadline) if route.deadline is not None else None
         try:
-            await self.publisher.publish(event, ids=[correlation_id], deadline=deadline)
+            if self.telemetry is None:
+                await self.publisher.publish(event, ids=[correlation_id], deadline=deadline)
+            else:
+                with self.telemetry.incoming(request.headers):
+                    await self.publisher.publish(event, ids=[correlation_id], deadline=deadline)
         except Exception as exc:
             log.error("publishing %s failed: %s", route.event.event_type(), exc)
             if key is not None:

@@ -1,4 +1,9 @@
-"""``choreograph run``: one long-lived worker process for one service (or every service of an App)."""
+"""``choreograph run``: one long-lived worker process for one service (or every service of an App).
+
+Telemetry is off unless asked for: ``--otel`` (env ``CHOREOGRAPH_OTEL=1``) traces every
+handler attempt, setting up the OpenTelemetry SDK from the standard ``OTEL_*`` variables;
+``--metrics-port N`` (env ``CHOREOGRAPH_METRICS_PORT``) serves Prometheus ``/metrics``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import typer
@@ -14,6 +20,7 @@ import typer
 from choreograph.cli._common import BrokerOption, broker_url, err_console, load_services, run_async
 from choreograph.runtime import Worker
 from choreograph.stores import open_store
+from choreograph.telemetry import Telemetry, configure_tracing, serve_metrics
 from choreograph.transports import open_transport
 
 
@@ -39,6 +46,15 @@ def run(
     retention: float = typer.Option(
         7 * 86400, "--retention", min=0, help="Seconds the inbox remembers processed event ids (0: forever)"
     ),
+    otel: bool = typer.Option(
+        False, "--otel", envvar="CHOREOGRAPH_OTEL",
+        help="Trace handler attempts with OpenTelemetry (exporter from OTEL_TRACES_EXPORTER: otlp, console, none)",
+    ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", envvar="CHOREOGRAPH_METRICS_PORT", min=0, max=65535,
+        help="Serve Prometheus metrics on this port at /metrics (0: any free port)",
+    ),
+    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Interface for --metrics-port"),
 ) -> None:
     """Run a service as a worker until SIGTERM or Ctrl-C (in-flight work is drained or released)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,10 +63,11 @@ def run(
     transport = open_transport(url)
     names = "+".join(s.name for s in services)
     inbox = open_store(store or default_store_url(url, names))
+    telemetry, provider = _telemetry(names, otel, metrics_port, metrics_host)
 
     async def main() -> None:
         worker = Worker(services, transport, store=inbox, concurrency=concurrency, drain_timeout=drain_timeout,
-                        retention=retention or None)
+                        retention=retention or None, telemetry=telemetry)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,4 +80,21 @@ def run(
         await inbox.close()
         await transport.close()
 
-    run_async(main())
+    try:
+        run_async(main())
+    finally:
+        if provider is not None:
+            provider.shutdown()  # export the spans still buffered
+
+
+def _telemetry(names: str, otel: bool, metrics_port: int | None, metrics_host: str) -> tuple[Telemetry | None, Any]:
+    """The worker's telemetry from the options (``None``: off), and the tracer provider to flush at exit."""
+    traces = otel and os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() != "true"
+    if not traces and metrics_port is None:
+        return None, None
+    provider = configure_tracing(names) if traces else None
+    telemetry = Telemetry(traces=traces, metrics=metrics_port is not None)
+    if metrics_port is not None:
+        port = serve_metrics(metrics_port, metrics_host)
+        err_console.print(f"[green]choreograph[/] metrics on http://{metrics_host}:{port}/metrics", highlight=False)
+    return telemetry, provider

@@ -1,18 +1,24 @@
 """Publishing from outside a handler: an HTTP endpoint, a script, a test.
 
 Every event published here starts a transaction (its own id is the correlation id)
-unless ``correlation_id`` is given.
+unless ``correlation_id`` is given. With ``telemetry=`` each event also gets a PRODUCER
+span and a ``traceparent`` naming it (see :mod:`choreograph.telemetry`); without, the
+envelope carries no ``traceparent``.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from choreograph._clock import SYSTEM_CLOCK
 from choreograph._envelope import Envelope, new_id
 from choreograph.events import Event
 from choreograph.runtime.records import first_envelope, to_message
 from choreograph.transports.base import Transport
+
+if TYPE_CHECKING:
+    from choreograph.telemetry import Telemetry
 
 
 class Publisher:
@@ -21,9 +27,12 @@ class Publisher:
     >>> envelopes = await Publisher(bus).publish(OrderPlaced(order_id="o-1", amount=30))  # doctest: +SKIP
     """
 
-    def __init__(self, transport: Transport, *, source: str = "/choreograph/publisher") -> None:
+    def __init__(
+        self, transport: Transport, *, source: str = "/choreograph/publisher", telemetry: Telemetry | None = None
+    ) -> None:
         self.transport = transport
         self.source = source
+        self.telemetry = telemetry
 
     async def publish(
         self,
@@ -52,5 +61,11 @@ class Publisher:
             )
             for i, event in enumerate(events)
         ]
-        await self.transport.publish([to_message(env) for env in envelopes])
+        if self.telemetry is None:
+            await self.transport.publish([to_message(env) for env in envelopes])
+            return envelopes
+        from choreograph.telemetry import messaging_system
+
+        with self.telemetry.producing(envelopes, system=messaging_system(getattr(self.transport, "url", ""))):
+            await self.transport.publish([to_message(env) for env in envelopes])
         return envelopes

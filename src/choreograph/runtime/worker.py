@@ -30,7 +30,7 @@ import functools
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pydantic
 
@@ -53,6 +53,9 @@ from choreograph.stores.base import ErrorInfo, InboxStore
 from choreograph.stores.joins_base import JoinStore, join_store_beside
 from choreograph.stores.memory import MemoryStore
 from choreograph.transports.base import Delivery, Message, Subscription, Transport
+
+if TYPE_CHECKING:
+    from choreograph.telemetry import Telemetry
 
 log = logging.getLogger("choreograph.worker")
 
@@ -226,8 +229,7 @@ class _Runner:
                     self._emit(_Again(delivery, IN_FLIGHT_DEFER))
                     continue
                 if message_id in seen:
-                    self.stats.duplicates += 1
-                    self._emit(_Done(delivery, [], mark=False))
+                    self._emit(self._duplicate(delivery))
                     continue
                 self.active_ids[message_id] = delivery
                 self._start(delivery)
@@ -423,8 +425,7 @@ class _Runner:
                 mark = True
                 if unit.used:
                     if not await unit.commit(self.group, call.envelope.id, messages):
-                        self.stats.duplicates += 1  # another consumer committed this event first
-                        self._emit(_Done(delivery, [], mark=False))
+                        self._emit(self._duplicate(delivery))  # another consumer committed this event first
                         return
                     messages, mark = [], False  # in the outbox now: the relay publishes them
             except Exception as exc:
@@ -436,8 +437,17 @@ class _Runner:
         except asyncio.CancelledError:  # shutdown ran out of drain time
             await self._release(delivery)
             raise
+        self._emit(self._committed(call, messages, mark))
+
+    def _committed(self, call: _Call, messages: list[Message], mark: bool) -> _Done:
+        """The outcome of a handler of a service with a database that returned and committed."""
         self.stats.handled += 1
-        self._emit(_Done(delivery, messages, mark=mark))
+        return _Done(call.delivery, messages, mark=mark)
+
+    def _duplicate(self, delivery: Delivery) -> _Done:
+        """The outcome of a delivery the inbox says was processed already: ack it, run nothing."""
+        self.stats.duplicates += 1
+        return _Done(delivery, [], mark=False)
 
     def _failure_handler(self, envelope: Envelope) -> Handler | None:
         failed_type = envelope.data.get("type") if isinstance(envelope.data, dict) else None
@@ -671,6 +681,10 @@ class Worker:
     deduplication across restarts. ``joins`` keeps the arrivals of joins and
     compensations; by default they live in the inbox's database (the same SQLite file;
     in memory for an in-memory inbox), so they survive restarts when the inbox does.
+
+    ``telemetry`` (a :class:`~choreograph.telemetry.Telemetry`) adds a span per handler
+    attempt and Prometheus metrics. Without it the worker runs the uninstrumented path:
+    the choice is made here, once, not per event.
     """
 
     def __init__(
@@ -687,6 +701,7 @@ class Worker:
         poll_interval: float = 0.25,
         rng: Any = None,
         retention: float | None = DEFAULT_RETENTION,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency: must be >= 1")
@@ -704,7 +719,13 @@ class Worker:
         self.retention = retention
         self._housekeeping: asyncio.Task[None] | None = None
         self.outbox = Outboxes(self.services, transport)  # service databases and their outbox relays
-        self.runners = [_Runner(self, service) for service in self.services]
+        self.telemetry = telemetry
+        runner: type[_Runner] = _Runner
+        if telemetry is not None:
+            from choreograph.runtime._instrumented import InstrumentedRunner
+
+            runner = InstrumentedRunner
+        self.runners = [runner(self, service) for service in self.services]
         self._stopped = asyncio.Event()
         self._started = False
 
