@@ -1,6 +1,6 @@
 """The transactional path (state + inbox + outbox in one commit, relay publishes) vs the plain path.
 
-    python bench/outbox.py [--events N] [--lone M] [--database sqlite|postgres|both] [--rounds R]
+    python bench/outbox.py [--events N] [--lone M] [--database sqlite|postgres|both] [--rounds R] [--loop uvloop|asyncio]
 
 One process, one SQLite bus file per run. Each run has a step service and a sink;
 the step's storage is SQLite or PostgreSQL (``--database``), the same for both paths:
@@ -152,7 +152,7 @@ async def drop_schema(url: str) -> None:
         await conn.close()
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--lone", type=int, default=100)
@@ -160,7 +160,12 @@ async def main() -> None:
     parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each path, interleaved; medians reported")
-    args = parser.parse_args()
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                        help="event loop (uvloop, as `choreograph run` uses when installed)")
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace, loop_name: str) -> None:
     backends = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}")]
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
@@ -180,7 +185,7 @@ async def main() -> None:
                     if database is not None and database.startswith("postgres"):
                         await drop_schema(database)
     result: dict[str, Any] = {"events": args.events, "concurrency": args.concurrency, "bus": "sqlite",
-                              "rounds": args.rounds}
+                              "rounds": args.rounds, "loop": loop_name}
     for path in paths:
         figures = {key: statistics.median(r[key] for r in runs[path])
                    for key in ("events_per_s", "p50_ms_loaded", "p50_ms_lone")}
@@ -193,4 +198,13 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    options = parse_args()
+    if options.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            options.loop = "asyncio"
+        else:
+            uvloop.run(main(options, "uvloop"))
+    if options.loop == "asyncio":
+        asyncio.run(main(options, "asyncio"))
