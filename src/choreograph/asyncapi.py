@@ -167,10 +167,11 @@ def asyncapi_document(
 
     for step in graph.steps:
         handler = f"{step.service}.{step.handler}"
+        where = f" where {step.where}" if step.where else ""  # its CESQL filter
         if step.via == "failure":
-            operation(step.service, "receive", FAILED, f"{handler} handles failures of {step.trigger}")
+            operation(step.service, "receive", FAILED, f"{handler} handles failures of {step.trigger}{where}")
         else:
-            operation(step.service, "receive", step.trigger, f"{handler} receives {step.trigger}")
+            operation(step.service, "receive", step.trigger, f"{handler} receives {step.trigger}{where}")
         if step.can_give_up and FAILED in channel_of:
             operation(
                 step.service, "send", FAILED, f"the runtime announces that {step.service} gave up on an event"

@@ -60,6 +60,7 @@ class Step:
     role: Role
     emits: tuple[str, ...]
     requires: tuple[tuple[tuple[str, Via], ...], ...]
+    where: str | None = None  # the handler's CESQL filter: it runs only for matching events
 
     @property
     def can_give_up(self) -> bool:
@@ -198,7 +199,8 @@ def _step_of(handler: Handler) -> Step | None:
     failure = handler.kind == "failure"
     if handler.join is None:
         via = _route_via(trigger, failure)
-        return Step(handler.service, handler.name, trigger, via, "handler", emits, (((trigger, via),),))
+        where = handler.where.source if handler.where is not None else None
+        return Step(handler.service, handler.name, trigger, via, "handler", emits, (((trigger, via),),), where)
     spec = handler.join
     if not isinstance(spec, JoinSpec):
         return None  # deadline timers, failure fan-out: runtime plumbing

@@ -12,24 +12,31 @@ that declaration is both a runtime check and what the flow graph is drawn from.
 
 ``@service.on_failure(X)`` subscribes to the runtime's ``choreograph.failed`` events
 for events of type ``X``: the way to wire a compensation with no orchestrator.
+
+``where="<CESQL>"`` on either narrows a handler to the events whose CloudEvents
+attributes match (see :mod:`choreograph.cesql`); the others are acked unhandled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import logging
 import re
 import types
 import typing
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
+from choreograph import cesql
 from choreograph._envelope import Envelope
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.policy import DEFAULT_RETRY, RetryPolicy
 
 if typing.TYPE_CHECKING:
+    from choreograph.context import Context
     from choreograph.joins import JoinRunner, Route
 
 FAILED = "choreograph.failed"
@@ -37,6 +44,13 @@ FAILED = "choreograph.failed"
 
 HandlerKind = Literal["event", "failure"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_log = logging.getLogger("choreograph.service")
+
+#: Envelope fields a ``where=`` filter reads as CloudEvents attributes (any other name is an extension).
+_CONTEXT_FIELDS = frozenset({
+    "specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema",
+    "correlationid", "causationid", "traceparent", "tracestate", "hops", "partitionkey", "deadline",
+})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,6 +85,7 @@ class Handler:
     timeout: float
     takes_context: bool
     join: JoinRunner | None = None  # joins and compensations: the worker calls join.run(...), not func
+    where: cesql.Expression | None = None  # ``func`` is then the filter wrapping the decorated function
 
     @property
     def subscription(self) -> str:
@@ -182,9 +197,18 @@ class Service:
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         emits: Iterable[type[Event]] | None = None,
+        where: str | None = None,
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-        """Register the decorated async function as this service's handler of ``event``."""
-        return self._register("event", event, retry, timeout, emits)
+        """Register the decorated async function as this service's handler of ``event``.
+
+        ``where`` is a CESQL filter on the event's CloudEvents attributes (``subject``,
+        ``source``, ``hops``, ``correlationid``, any extension...), compiled here: an event
+        that does not match is acked without running the handler (not retried, not
+        dead-lettered). Its payload is still validated first.
+
+        >>> @eu.on(OrderPlaced, where="subject LIKE 'eu-%' AND hops < 5")   # doctest: +SKIP
+        """
+        return self._register("event", event, retry, timeout, emits, where)
 
     def on_failure(
         self,
@@ -193,13 +217,16 @@ class Service:
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         emits: Iterable[type[Event]] | None = None,
+        where: str | None = None,
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
         """Register a handler of the runtime's failure events for events of type ``event``.
 
         It receives a :class:`Failure`: the way to compensate a step whose successor
-        gave up, even when that successor cannot announce its own failure.
+        gave up, even when that successor cannot announce its own failure. ``where``
+        filters as in :meth:`on`, on the attributes of the event that failed
+        (``Failure.envelope``), so one expression means the same thing in both.
         """
-        return self._register("failure", event, retry, timeout, emits)
+        return self._register("failure", event, retry, timeout, emits, where)
 
     def on_all(
         self,
@@ -257,6 +284,7 @@ class Service:
         retry: RetryPolicy | None,
         timeout: float | None,
         emits: Iterable[type[Event]] | None,
+        where: str | None = None,
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
         if not (isinstance(event, type) and issubclass(event, Event)):
             raise ConfigurationError(f"Service {self.name!r}: on({event!r}): expected an Event subclass")
@@ -277,22 +305,91 @@ class Service:
             if key in table:
                 raise ConfigurationError(
                     f"Service {self.name!r} already has a {kind} handler for {key!r} "
-                    f"({table[key].name}); use another Service for a second step"
+                    f"({table[key].name}); use another Service for a second step "
+                    "(where= filters a handler's events, it does not allow a second handler)"
                 )
+            expression = None if where is None else _compile_where(where, self.name, func)
+            call: Callable[..., Awaitable[Any]] = func
+            takes_context = len(params) == 2
+            if expression is not None:
+                call, takes_context = _filtered(func, kind, takes_context, expression)
             table[key] = Handler(
                 service=self.name,
                 name=func.__qualname__,
                 kind=kind,
                 consumes=event,
-                func=func,
+                func=call,
                 emits=declared_emits(func, emits),
                 retry=retry or self.retry,
                 timeout=timeout or self.timeout,
-                takes_context=len(params) == 2,
+                takes_context=takes_context,
+                where=expression,
             )
             return func
 
         return decorator
+
+
+def _compile_where(where: str, service: str, func: Callable[..., Any]) -> cesql.Expression:
+    """Compile a handler's ``where=`` at registration; a bad filter is a :class:`ConfigurationError`."""
+    owner = f"Service {service!r}, handler {func.__qualname__}"
+    if not isinstance(where, str):
+        raise ConfigurationError(f"{owner}: where= takes a CESQL expression (a str), got {type(where).__name__}")
+    try:
+        expression = cesql.compile(where, strict=True)
+    except cesql.CESQLParseError as exc:
+        raise ConfigurationError(f"{owner}: where= is not a valid CESQL filter: {exc}") from None
+    if expression.type not in ("Boolean", None):
+        raise ConfigurationError(
+            f"{owner}: where={where!r} is an {expression.type} expression; a filter must be a condition "
+            "(a Boolean), e.g. \"subject = 'eu'\""
+        )
+    return expression
+
+
+def _filtered(
+    func: Callable[..., Awaitable[Any]], kind: HandlerKind, takes_context: bool, where: cesql.Expression
+) -> tuple[Callable[..., Awaitable[Any]], bool]:
+    """Wrap ``func`` so that an event ``where`` does not match returns ``None`` (acked, no outputs)
+    before ``func`` runs. Returns the wrapper and whether the worker must pass it the context.
+
+    A handler of events needs the context (its envelope holds the attributes); a failure
+    handler reads those of the failed event from its :class:`Failure`. Only the attributes
+    the expression names are read from the envelope.
+    """
+    fields = [name for name in where.references if name in _CONTEXT_FIELDS]
+    extensions = [name for name in where.references if name not in _CONTEXT_FIELDS]
+
+    def matches(envelope: Envelope) -> bool:
+        attributes = {name: getattr(envelope, name) for name in fields}
+        for name in extensions:
+            attributes[name] = envelope.extensions.get(name)
+        if where.matches(attributes):
+            return True
+        if _log.isEnabledFor(logging.DEBUG):
+            _, errors = where.evaluate(attributes)
+            _log.debug("%s: event %s does not match where=%r%s; acked unhandled", func.__qualname__, envelope.id,
+                       where.source, f" ({'; '.join(map(str, errors))})" if errors else "")
+        return False
+
+    if kind == "event":
+        @functools.wraps(func)
+        async def filtered_event(event: Event, ctx: Context) -> Any:
+            if not matches(ctx.envelope):
+                return None
+            return await (func(event, ctx) if takes_context else func(event))
+        return filtered_event, True
+
+    if takes_context:
+        @functools.wraps(func)
+        async def filtered_failure_ctx(failure: Failure, ctx: Context) -> Any:
+            return await func(failure, ctx) if matches(failure.envelope) else None
+        return filtered_failure_ctx, True
+
+    @functools.wraps(func)
+    async def filtered_failure(failure: Failure) -> Any:
+        return await func(failure) if matches(failure.envelope) else None
+    return filtered_failure, False
 
 
 class App:
