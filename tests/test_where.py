@@ -6,6 +6,7 @@ On the in-memory bus in virtual time (a database service on the real clock, as t
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,25 @@ async def test_filters_read_extensions_hops_and_correlationid(bus: MemoryTranspo
     assert {name: sorted(ids) for name, ids in seen.items()} == {
         "region": ["a"], "hops": ["a", "c"], "correlation": ["a"],
     }
+
+
+async def test_a_skipped_event_is_logged_at_debug_with_the_reason(
+    bus: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = Service("logged")
+
+    @svc.on(Placed, where="region = 'eu'")
+    async def handle(order: Placed) -> None: ...
+
+    caplog.set_level(logging.DEBUG, logger="choreograph.service")
+    async with Worker([svc], bus):
+        await publish_raw(bus, "a")
+        await settled(bus)
+    [record] = [r for r in caplog.records if r.name == "choreograph.service"]
+    assert record.getMessage() == (
+        f"{handle.__qualname__}: event id-a does not match where=\"region = 'eu'\" "
+        "(missingAttribute: the event has no attribute 'region' (column 1)); acked unhandled"
+    )
 
 
 async def test_a_handler_taking_the_context_still_receives_it(bus: MemoryTransport) -> None:

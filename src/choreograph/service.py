@@ -14,15 +14,13 @@ that declaration is both a runtime check and what the flow graph is drawn from.
 for events of type ``X``: the way to wire a compensation with no orchestrator.
 
 ``where="<CESQL>"`` on either narrows a handler to the events whose CloudEvents
-attributes match (see :mod:`choreograph.cesql`); the others are acked unhandled.
+attributes match (see :mod:`choreograph._where`); the others are acked unhandled.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
-import logging
 import re
 import types
 import typing
@@ -31,12 +29,12 @@ from typing import Any, Literal
 
 from choreograph import cesql
 from choreograph._envelope import Envelope
+from choreograph._where import compile_where, filtered
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.policy import DEFAULT_RETRY, RetryPolicy
 
 if typing.TYPE_CHECKING:
-    from choreograph.context import Context
     from choreograph.joins import JoinRunner, Route
 
 FAILED = "choreograph.failed"
@@ -44,13 +42,6 @@ FAILED = "choreograph.failed"
 
 HandlerKind = Literal["event", "failure"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-_log = logging.getLogger("choreograph.service")
-
-#: Envelope fields a ``where=`` filter reads as CloudEvents attributes (any other name is an extension).
-_CONTEXT_FIELDS = frozenset({
-    "specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema",
-    "correlationid", "causationid", "traceparent", "tracestate", "hops", "partitionkey", "deadline",
-})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -308,11 +299,11 @@ class Service:
                     f"({table[key].name}); use another Service for a second step "
                     "(where= filters a handler's events, it does not allow a second handler)"
                 )
-            expression = None if where is None else _compile_where(where, self.name, func)
+            expression = None if where is None else compile_where(where, self.name, func)
             call: Callable[..., Awaitable[Any]] = func
             takes_context = len(params) == 2
             if expression is not None:
-                call, takes_context = _filtered(func, kind, takes_context, expression)
+                call, takes_context = filtered(func, kind, takes_context, expression)
             table[key] = Handler(
                 service=self.name,
                 name=func.__qualname__,
@@ -328,68 +319,6 @@ class Service:
             return func
 
         return decorator
-
-
-def _compile_where(where: str, service: str, func: Callable[..., Any]) -> cesql.Expression:
-    """Compile a handler's ``where=`` at registration; a bad filter is a :class:`ConfigurationError`."""
-    owner = f"Service {service!r}, handler {func.__qualname__}"
-    if not isinstance(where, str):
-        raise ConfigurationError(f"{owner}: where= takes a CESQL expression (a str), got {type(where).__name__}")
-    try:
-        expression = cesql.compile(where, strict=True)
-    except cesql.CESQLParseError as exc:
-        raise ConfigurationError(f"{owner}: where= is not a valid CESQL filter: {exc}") from None
-    if expression.type not in ("Boolean", None):
-        raise ConfigurationError(
-            f"{owner}: where={where!r} is an {expression.type} expression; a filter must be a condition "
-            "(a Boolean), e.g. \"subject = 'eu'\""
-        )
-    return expression
-
-
-def _filtered(
-    func: Callable[..., Awaitable[Any]], kind: HandlerKind, takes_context: bool, where: cesql.Expression
-) -> tuple[Callable[..., Awaitable[Any]], bool]:
-    """Wrap ``func`` so that an event ``where`` does not match returns ``None`` (acked, no outputs)
-    before ``func`` runs. Returns the wrapper and whether the worker must pass it the context.
-
-    A handler of events needs the context (its envelope holds the attributes); a failure
-    handler reads those of the failed event from its :class:`Failure`. Only the attributes
-    the expression names are read from the envelope.
-    """
-    fields = [name for name in where.references if name in _CONTEXT_FIELDS]
-    extensions = [name for name in where.references if name not in _CONTEXT_FIELDS]
-
-    def matches(envelope: Envelope) -> bool:
-        attributes = {name: getattr(envelope, name) for name in fields}
-        for name in extensions:
-            attributes[name] = envelope.extensions.get(name)
-        if where.matches(attributes):
-            return True
-        if _log.isEnabledFor(logging.DEBUG):
-            _, errors = where.evaluate(attributes)
-            _log.debug("%s: event %s does not match where=%r%s; acked unhandled", func.__qualname__, envelope.id,
-                       where.source, f" ({'; '.join(map(str, errors))})" if errors else "")
-        return False
-
-    if kind == "event":
-        @functools.wraps(func)
-        async def filtered_event(event: Event, ctx: Context) -> Any:
-            if not matches(ctx.envelope):
-                return None
-            return await (func(event, ctx) if takes_context else func(event))
-        return filtered_event, True
-
-    if takes_context:
-        @functools.wraps(func)
-        async def filtered_failure_ctx(failure: Failure, ctx: Context) -> Any:
-            return await func(failure, ctx) if matches(failure.envelope) else None
-        return filtered_failure_ctx, True
-
-    @functools.wraps(func)
-    async def filtered_failure(failure: Failure) -> Any:
-        return await func(failure) if matches(failure.envelope) else None
-    return filtered_failure, False
 
 
 class App:
