@@ -14,7 +14,7 @@ that declaration is both a runtime check and what the flow graph is drawn from.
 for events of type ``X``: the way to wire a compensation with no orchestrator.
 
 ``where="<CESQL>"`` on either narrows a handler to the events whose CloudEvents
-attributes match (see :mod:`choreograph._where`); the others are acked unhandled.
+attributes match (CESQL: :mod:`choreograph.cesql`); the others are acked unhandled.
 """
 
 from __future__ import annotations
