@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from choreograph._journal_model import JournalEntry, Status, TransactionSummary
-from choreograph._journal_store import JournalStore, fold_entries
+from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph.stores import _pg
 
 JOURNAL_MIGRATIONS = [
@@ -57,6 +57,10 @@ JOURNAL_MIGRATIONS = [
         ON choreograph_journal_transactions (base_status, started_at DESC);
     CREATE INDEX IF NOT EXISTS choreograph_journal_tx_due
         ON choreograph_journal_transactions (deadline) WHERE base_status = 'running' AND NOT timed_out;
+    """,
+    # activity(): the entries of a recent window without reading the whole history.
+    """
+    CREATE INDEX IF NOT EXISTS choreograph_journal_events_recorded ON choreograph_journal_events (recorded_at);
     """,
 ]
 
@@ -213,6 +217,27 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
         with _pg.translate(f"journal store {self.url}"):
             rows = await self._open_pool().fetch(sql, *args, limit)
         return [_summary(row) for row in rows]
+
+    async def activity(self, *, since: float, now: float) -> Activity:
+        pool = self._open_pool()
+        with _pg.translate(f"journal store {self.url}"):
+            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                edge_rows = await conn.fetch(
+                    "SELECT service, type, kind, failed_type, count(*), max(recorded_at) "
+                    "FROM choreograph_journal_events WHERE recorded_at >= $1 "
+                    "GROUP BY service, type, kind, failed_type",
+                    since,
+                )
+                status_rows = await conn.fetch(
+                    "SELECT base_status, count(*), "
+                    "count(*) FILTER (WHERE base_status = 'running' AND deadline <= $1) "
+                    "FROM choreograph_journal_transactions GROUP BY base_status",
+                    now,
+                )
+        return Activity(
+            edges=[EdgeCount(*row) for row in edge_rows],
+            statuses=count_statuses({row[0]: row[1] for row in status_rows}, sum(row[2] for row in status_rows)),
+        )
 
     async def due(self, now: float, limit: int) -> list[TransactionSummary]:
         with _pg.translate(f"journal store {self.url}"):

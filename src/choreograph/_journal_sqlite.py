@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import orjson
 
 from choreograph._journal_model import JournalEntry, Status, TransactionSummary
-from choreograph._journal_store import JournalStore, fold_entries
+from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph._sqlite import connect_wal
 from choreograph.errors import StoreError
 from choreograph.stores.sqlite import sqlite_path
@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS journal_events (
     deadline REAL, failed_type TEXT, compensable INTEGER NOT NULL, record TEXT
 );
 CREATE INDEX IF NOT EXISTS journal_events_cid ON journal_events (correlation_id, seq);
+CREATE INDEX IF NOT EXISTS journal_events_recorded ON journal_events (recorded_at);
 CREATE TABLE IF NOT EXISTS journal_transactions (
     correlation_id TEXT PRIMARY KEY,
     base_status TEXT NOT NULL,
@@ -202,6 +203,27 @@ class SQLiteJournalStore(JournalStore):
             where, args = "WHERE base_status=?", [status]
         sql = f"SELECT {_TX_COLUMNS} FROM journal_transactions {where} ORDER BY started_at DESC, first_seen DESC LIMIT ?"
         return await self._run(lambda db: [_summary(row) for row in db.execute(sql, [*args, limit])])
+
+    async def activity(self, *, since: float, now: float) -> Activity:
+        def read(db: sqlite3.Connection) -> Activity:
+            db.execute("BEGIN")  # one snapshot of the file for both counts
+            try:
+                edges = [
+                    EdgeCount(*row) for row in db.execute(
+                        "SELECT service, type, kind, failed_type, count(*), max(recorded_at) FROM journal_events "
+                        "WHERE recorded_at >= ? GROUP BY service, type, kind, failed_type",
+                        (since,),
+                    )
+                ]
+                base = dict(db.execute("SELECT base_status, count(*) FROM journal_transactions GROUP BY base_status"))
+                [stuck] = db.execute(
+                    "SELECT count(*) FROM journal_transactions WHERE base_status='running' AND deadline <= ?", (now,)
+                ).fetchone()
+            finally:
+                db.execute("COMMIT")
+            return Activity(edges=edges, statuses=count_statuses(base, stuck))
+
+        return await self._run(read)
 
     async def due(self, now: float, limit: int) -> list[TransactionSummary]:
         sql = (

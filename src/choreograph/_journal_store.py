@@ -4,7 +4,7 @@ A store persists :class:`~choreograph._journal_model.JournalEntry` rows and one
 :class:`~choreograph._journal_model.TransactionSummary` per correlation id. It decides
 nothing: :func:`fold_entries` (pure) turns new entries into updated summaries, and every
 implementation calls it inside one transaction so concurrent journals cannot lose an
-update. A PostgreSQL store implements the same six methods (``SELECT ... FOR UPDATE``
+update. A PostgreSQL store implements the same seven methods (``SELECT ... FOR UPDATE``
 around :func:`fold_entries`).
 
 =============================  ======================================================
@@ -21,7 +21,7 @@ import dataclasses
 import itertools
 from collections.abc import Collection, Mapping, Sequence
 
-from choreograph._journal_model import JournalEntry, Status, TransactionSummary
+from choreograph._journal_model import STATUSES, EntryKind, JournalEntry, Status, TransactionSummary
 from choreograph._schemes import instantiate
 
 
@@ -47,6 +47,34 @@ def fold_entries(
 
 def _copy(summary: TransactionSummary) -> TransactionSummary:
     return dataclasses.replace(summary)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EdgeCount:
+    """Entries of one ``(service, type, kind, failed_type)`` recorded in a window, and the newest one's time."""
+
+    service: str
+    type: str
+    kind: EntryKind
+    failed_type: str | None
+    count: int
+    last_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Activity:
+    """What :meth:`JournalStore.activity` answers: recent traffic per edge, and transactions by status."""
+
+    edges: list[EdgeCount]
+    statuses: dict[Status, int]
+
+
+def count_statuses(base: Mapping[str, int], stuck: int) -> dict[Status, int]:
+    """Every status's count from counts per persisted ``base_status`` and the running ones past their deadline."""
+    counts: dict[Status, int] = {status: base.get(status, 0) for status in STATUSES}
+    counts["running"] -= stuck
+    counts["stuck"] = stuck
+    return counts
 
 
 def matches_status(summary: TransactionSummary, status: Status | None, now: float) -> bool:
@@ -87,6 +115,16 @@ class JournalStore(abc.ABC):
     @abc.abstractmethod
     async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
         """Transactions with ``status`` at time ``now`` (``None``: any), most recently started first."""
+
+    @abc.abstractmethod
+    async def activity(self, *, since: float, now: float) -> Activity:
+        """Entries recorded at or after ``since`` (journal clock) counted per service, type, kind
+        and failed type, and every transaction counted by its status at ``now``.
+
+        What ``choreograph watch`` polls every second or so: the entries are found through an
+        index on ``recorded_at``, so the cost follows the traffic in the window, not the
+        journal's history; the statuses are one count over the summaries' status index.
+        """
 
     @abc.abstractmethod
     async def due(self, now: float, limit: int) -> list[TransactionSummary]:
@@ -135,6 +173,23 @@ class MemoryJournalStore(JournalStore):
         found = [_copy(s) for s in self._summaries.values() if matches_status(s, status, now)]
         found.sort(key=lambda s: (s.started_at, s.first_seen), reverse=True)
         return found[:limit]
+
+    async def activity(self, *, since: float, now: float) -> Activity:
+        edges: dict[tuple[str, str, EntryKind, str | None], tuple[int, float]] = {}
+        for _, entry in self._entries.values():
+            if entry.recorded_at >= since:
+                key = (entry.service, entry.type, entry.kind, entry.failed_type)
+                count, last = edges.get(key, (0, entry.recorded_at))
+                edges[key] = (count + 1, max(last, entry.recorded_at))
+        base: dict[str, int] = {}
+        stuck = 0
+        for summary in self._summaries.values():
+            base[summary.base_status] = base.get(summary.base_status, 0) + 1
+            stuck += summary.status(now) == "stuck"
+        return Activity(
+            edges=[EdgeCount(*key, count, last) for key, (count, last) in edges.items()],
+            statuses=count_statuses(base, stuck),
+        )
 
     async def due(self, now: float, limit: int) -> list[TransactionSummary]:
         found = [

@@ -32,7 +32,7 @@ def _register_optional() -> None:
     """Subcommands of the edges (HTTP, journal, graph, dev) register themselves if present."""
     import importlib
 
-    for name in ("_graph", "_trace", "_push", "_dev", "_gateway", "_chaos"):
+    for name in ("_graph", "_trace", "_watch", "_push", "_dev", "_gateway", "_chaos"):
         try:
             module = importlib.import_module(f"choreograph.cli.{name}")
         except ImportError as exc:
