@@ -1,0 +1,270 @@
+"""The scenario helper (``choreograph.testing.Scenario``): given events, expect events, compensations
+and dead letters; on the shop example (services with their own SQLite databases) and on small
+services built inline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from examples.shop.app import app
+from examples.shop.events import (
+    OrderCancelled,
+    OrderPlaced,
+    OrderShipped,
+    OutOfStock,
+    PaymentCaptured,
+    PaymentDeclined,
+    PaymentRefunded,
+    StockReleased,
+    StockReserved,
+)
+from examples.shop.inventory import inventory
+from examples.shop.orders import orders
+from examples.shop.payment import BALANCES, payment
+from examples.shop.shipping import SHIPPING_WAIT, shipping
+
+from choreograph import ConfigurationError, Event, Reject, RetryPolicy, Service, TimedOut, failed, timed_out
+from choreograph.testing import Scenario, VirtualClock
+
+
+@pytest.fixture(autouse=True)
+def _no_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHOREOGRAPH_FAULTS", raising=False)
+
+
+def order(customer: str = "alice", sku: str = "widget", qty: int = 1, amount: int = 15_00) -> OrderPlaced:
+    return OrderPlaced(order_id="o-1", customer=customer, sku=sku, qty=qty, amount=amount)
+
+
+def balance(s: Scenario, customer: str) -> int:
+    path = s.database_url("payment").removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT balance FROM balances WHERE customer = ?", (customer,)).fetchone()[0])
+
+
+# -- the shop ------------------------------------------------------------------------------
+
+
+async def test_an_order_paid_for_and_in_stock_ships_with_nothing_undone() -> None:
+    async with Scenario(app) as s:
+        await s.given(order(amount=15_00))
+        s.expect(PaymentCaptured, StockReserved, OrderShipped)
+        s.expect(OrderPlaced, PaymentCaptured, OrderShipped, ordered=True)
+        s.expect_not(OrderCancelled, PaymentRefunded, StockReleased)
+        s.expect_not_compensated()
+        s.expect_no_dead_letters()
+        [shipped] = s.events(OrderShipped)
+        assert shipped.order_id == "o-1" and shipped.shipment_id.startswith("shp-")
+        assert await s.status() == "completed"
+        assert balance(s, "alice") == BALANCES["alice"] - 15_00  # the service's own database, changed for real
+
+
+async def test_a_declined_payment_releases_the_reserved_stock_and_cancels_the_order() -> None:
+    async with Scenario(app) as s:
+        await s.given(order(customer="bob", amount=50_00))
+        s.expect(PaymentDeclined, StockReserved, StockReleased, OrderCancelled)
+        s.expect(OrderPlaced, PaymentDeclined, OrderCancelled, ordered=True)
+        s.expect_compensated(StockReserved, OrderPlaced)
+        s.expect_not_compensated(PaymentCaptured)
+        s.expect_not(OrderShipped, PaymentCaptured, PaymentRefunded)
+        [declined] = s.events(PaymentDeclined)
+        assert declined.reason == "balance 2000 < 5000"
+        assert await s.status() == "compensated"
+
+
+async def test_a_shipping_failure_is_dead_lettered_and_both_branches_are_undone() -> None:
+    async with Scenario(app) as s:
+        await s.given(order(sku="oversize-sofa", amount=80_00))
+        # the join's completing arrival (either of the two) is the one dead-lettered
+        letter = s.expect_dead_letter(reason="rejected", service="shipping")
+        assert letter.record["last_error"]["message"] == "no courier takes oversize-sofa"
+        assert letter.message.type in (PaymentCaptured.event_type(), StockReserved.event_type())
+        s.expect(failed(StockReserved), failed(PaymentCaptured), PaymentRefunded, StockReleased, OrderCancelled)
+        s.expect_compensated(PaymentCaptured, StockReserved, OrderPlaced)
+        assert balance(s, "alice") == BALANCES["alice"]
+
+
+async def test_each_given_starts_the_transactions_the_expectations_look_at() -> None:
+    async with Scenario(app) as s:
+        await s.given(order(customer="bob", amount=50_00))
+        s.expect(OrderCancelled)
+        await s.given(OrderPlaced(order_id="o-2", customer="carol", sku="gadget", qty=5, amount=10_00))
+        s.expect(OutOfStock, PaymentRefunded, OrderCancelled)
+        s.expect_not(PaymentDeclined)  # o-1's decline is in another transaction
+        assert [e.order_id for e in s.events(OrderCancelled)] == ["o-2"]
+
+
+async def test_an_order_past_its_deadline_is_undone_when_the_clock_is_advanced_past_it() -> None:
+    async with Scenario([orders, payment, inventory]) as s:  # shipping is down: nobody joins
+        await s.given(order(), deadline=timedelta(minutes=5))
+        s.expect(PaymentCaptured, StockReserved)
+        s.expect_not(timed_out())  # given() never jumps the clock just to reach a deadline
+        await s.advance(5 * 60 + 1)
+        s.expect(TimedOut, PaymentRefunded, StockReleased, OrderCancelled)
+        [timeout] = [e for e in s.emitted if e.type == TimedOut.event_type()]
+        assert timeout.at == pytest.approx(300.0)  # announced at the deadline, not at the end of the advance
+        assert timeout.service is None and timeout.envelope.source == s.journal.source
+
+
+async def test_a_join_times_out_when_the_clock_is_advanced_past_its_window() -> None:
+    async with Scenario([orders, payment, shipping]) as s:  # inventory never answers
+        await s.given(order(), within=SHIPPING_WAIT - 1)
+        s.expect(PaymentCaptured)
+        s.expect_not(failed(PaymentCaptured), PaymentRefunded)
+        await s.advance(1)
+        s.expect(failed(PaymentCaptured), PaymentRefunded, OrderCancelled)
+        s.expect_compensated(PaymentCaptured)
+        [timeout] = [e for e in s.emitted if e.envelope.data.get("record", {}).get("reason") == "join_timeout"]
+        assert timeout.at == pytest.approx(SHIPPING_WAIT) and timeout.service == "shipping"
+
+
+# -- failed expectations say why -----------------------------------------------------------
+
+
+async def test_a_wrong_expectation_lists_what_was_emitted_in_order_and_the_dead_letters() -> None:
+    async with Scenario(app) as s:
+        [placed] = await s.given(order(customer="bob", amount=50_00))
+        with pytest.raises(AssertionError) as failure:
+            s.expect(PaymentDeclined, OrderShipped)
+    message = str(failure.value)
+    headline, listing = message.split("\n\n", 1)
+    assert headline == "expected PaymentDeclined, OrderShipped; not emitted: OrderShipped"
+    assert listing.startswith(f"emitted in transaction {placed.id[:8]}, in publish order")
+    lines = listing.splitlines()
+    assert "OrderPlaced" in lines[1] and "given" in lines[1] and f"id {placed.id[:8]}" in lines[1]
+    [declined] = [line for line in lines if "PaymentDeclined" in line and "payment.capture" in line]
+    assert f"<- {placed.id[:8]} OrderPlaced" in declined
+    assert any("StockReleased" in line and "inventory.release (undoes StockReserved)" in line for line in lines)
+    assert any("failed(StockReserved): join_timeout" in line and f"+{SHIPPING_WAIT:.3f}s" in line for line in lines)
+    assert lines[-1] == "dead letters: none"
+
+
+async def test_each_kind_of_expectation_fails_with_its_own_headline_and_the_listing() -> None:
+    async with Scenario(app) as s:
+        await s.given(order(sku="oversize-sofa", amount=80_00))
+        failures = []
+        for expectation in (
+            lambda: s.expect_not(PaymentCaptured),
+            lambda: s.expect(OrderCancelled, PaymentCaptured, ordered=True),
+            lambda: s.expect(StockReleased, StockReleased),
+            lambda: s.expect_compensated(OrderShipped),
+            lambda: s.expect_not_compensated(),
+            lambda: s.expect_dead_letter(OrderPlaced),
+            lambda: s.expect_dead_letter(reason="max_attempts", service="shipping"),
+            lambda: s.expect_no_dead_letters(),
+        ):
+            with pytest.raises(AssertionError) as failure:
+                expectation()
+            failures.append(str(failure.value).split("\n\n", 1))
+    headlines = [headline for headline, _ in failures]
+    assert headlines[0].startswith("expected no PaymentCaptured; emitted: PaymentCaptured (id ")
+    assert headlines[1:6] == [
+        "expected, in this order: OrderCancelled, PaymentCaptured; found OrderCancelled in that order, "
+        "then no PaymentCaptured",
+        "expected StockReleased, StockReleased; not emitted: StockReleased",
+        "expected the compensation of OrderShipped; not compensated: OrderShipped",
+        headlines[4],  # checked below: the order of concurrent compensations varies
+        "expected a dead letter of OrderPlaced",
+    ]
+    assert headlines[4].startswith("expected no compensation; compensated: ")
+    assert "StockReserved by inventory.release" in headlines[4]
+    assert headlines[6:] == ["expected a dead letter by shipping for 'max_attempts'",
+                             "expected no dead letters; found 1"]
+    for _, listing in failures:
+        assert re.search(r"\n  shipping: (StockReserved|PaymentCaptured) id \w{8}, rejected after 1 attempt\(s\) "
+                         r"in shipping.ship: Reject: no courier takes oversize-sofa$", listing)
+
+
+async def test_expectations_before_anything_was_given_are_a_mistake() -> None:
+    async with Scenario(app) as s:
+        with pytest.raises(RuntimeError, match="given"):
+            s.expect(OrderPlaced)
+
+
+# -- services built inline -----------------------------------------------------------------
+
+
+class Ping(Event, type="test.scenario.ping"):
+    n: int
+
+
+class Pong(Event, type="test.scenario.pong"):
+    n: int
+
+
+async def test_retries_are_fast_forwarded_and_a_give_up_is_dead_lettered_with_its_record() -> None:
+    flaky = Service("flaky", retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False))
+
+    @flaky.on(Ping)
+    async def answer(ping: Ping) -> Pong:
+        raise ConnectionError(f"upstream down for {ping.n}")
+
+    async with Scenario([flaky]) as s:
+        await s.given(Ping(n=1))
+        letter = s.expect_dead_letter(Ping, reason="max_attempts", service="flaky")
+        assert letter.record["attempts"] == 3
+        assert letter.record["last_error"]["message"] == "upstream down for 1"
+        s.expect(failed(Ping))
+        s.expect_not(Pong)
+        assert s.emitted[-1].at == 3.0  # backoffs of 1 s and 2 s, in virtual time
+        assert s.emitted[-1].handler == "answer"
+
+
+async def test_a_rejected_event_is_dead_lettered_at_once() -> None:
+    strict = Service("strict")
+
+    @strict.on(Ping)
+    async def answer(ping: Ping) -> Pong:
+        raise Reject("no pings on Sundays")
+
+    async with Scenario([strict], clock=VirtualClock(start=0.0)) as s:
+        await s.given(Ping(n=1))
+        letter = s.expect_dead_letter(Ping, reason="rejected")
+        assert letter.record["service"] == "strict" and letter.record["attempts"] == 1
+        assert s.clock.monotonic() == 0.0  # nothing waited, nothing moved
+
+
+async def test_a_scenario_that_does_not_settle_says_what_it_saw() -> None:
+    release = asyncio.Event()
+    stuck = Service("stuck")
+
+    @stuck.on(Ping)
+    async def answer(ping: Ping) -> Pong:
+        await release.wait()
+        return Pong(n=ping.n)
+
+    async with Scenario([stuck], timeout=0.2) as s:
+        with pytest.raises(TimeoutError) as failure:
+            await s.given(Ping(n=7))
+        release.set()
+    assert "1 events ready or in flight" in str(failure.value)
+    assert "Ping" in str(failure.value) and "given" in str(failure.value)
+
+
+async def test_the_services_passed_in_are_not_changed_and_the_temporary_databases_are_removed() -> None:
+    before = {service.name: service.database for service in app.services}
+    async with Scenario(app) as s:
+        await s.given(order())
+        data_dir = s.data_dir
+        assert data_dir is not None and (data_dir / "payment.db").exists()
+        assert s.database_url("payment") == f"sqlite:///{data_dir.resolve() / 'payment.db'}"
+    assert {service.name: service.database for service in app.services} == before
+    assert not data_dir.exists()
+
+
+async def test_a_data_dir_given_keeps_the_databases(tmp_path: Path) -> None:
+    async with Scenario(app, data_dir=tmp_path) as s:
+        await s.given(order())
+    databases = sorted(name for name in os.listdir(tmp_path) if name.endswith(".db"))
+    assert databases == ["inventory.db", "orders.db", "payment.db", "shipping.db"]
+
+
+def test_databases_may_only_name_services_with_a_database() -> None:
+    with pytest.raises(ConfigurationError, match=r"databases= names \['nobody'\]"):
+        Scenario(app, databases={"nobody": "sqlite:///x.db"})
