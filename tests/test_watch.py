@@ -282,10 +282,12 @@ async def test_stuck_and_failed_transactions_are_singled_out(store: JournalStore
     clock.advance(61)  # past stuck_after: the stalled transaction is stuck now
     snap = await read_snapshot(store, now=clock.time(), window=60)
     assert snap.statuses["stuck"] == 1 and snap.statuses["running"] == 0
-    stuck = [row for row in snap.attention if row.status == "stuck"]
-    assert [(row.correlation_id, row.last_type) for row in stuck] == [(ids["stall"], REQUESTED)]
-    assert stuck[0].idle_for == pytest.approx(61, abs=1)
-    assert all(row.attention for row in snap.attention)
+    assert [row.status for row in snap.attention] == ["stuck", "failed", "failed"]  # stuck ones first
+    stuck = snap.attention[0]
+    assert (stuck.correlation_id, stuck.last_type, stuck.last_service) == (ids["stall"], REQUESTED, "gateway")
+    assert stuck.idle_for == pytest.approx(61, abs=1)
+    few = await read_snapshot(store, now=clock.time(), window=60, limit=1)
+    assert [row.correlation_id for row in few.attention] == [ids["stall"]]
 
 
 async def test_without_a_graph_the_snapshot_shows_what_the_journal_saw(store: JournalStore, clock: VirtualClock) -> None:

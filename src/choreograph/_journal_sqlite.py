@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS journal_events (
     deadline REAL, failed_type TEXT, compensable INTEGER NOT NULL, record TEXT
 );
 CREATE INDEX IF NOT EXISTS journal_events_cid ON journal_events (correlation_id, seq);
-CREATE INDEX IF NOT EXISTS journal_events_recorded ON journal_events (recorded_at);
+-- activity(): the window's entries counted from the index alone (covering), not the table
+CREATE INDEX IF NOT EXISTS journal_events_window ON journal_events (recorded_at, service, type, kind, failed_type);
 CREATE TABLE IF NOT EXISTS journal_transactions (
     correlation_id TEXT PRIMARY KEY,
     base_status TEXT NOT NULL,

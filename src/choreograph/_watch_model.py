@@ -90,7 +90,7 @@ class TransactionRow:
     correlation_id: str
     status: Status
     root_type: str | None
-    age: float  # seconds since its first event's own time
+    age: float  # seconds since the journal first saw it
     idle_for: float  # seconds since the journal last recorded one of its events
     event_count: int
     failures: int
@@ -122,8 +122,8 @@ class Snapshot:
 
     ``statuses`` counts every transaction the journal knows (all five statuses, zeros
     included); ``edges`` counts only entries recorded in the last ``window`` seconds;
-    ``newest`` are the most recently started transactions, ``attention`` the most recently
-    started stuck or failed ones.
+    ``newest`` are the most recently started transactions, ``attention`` the stuck ones
+    then the failed ones, each most recently started first.
     """
 
     journal: str
@@ -177,7 +177,7 @@ def _row(summary: TransactionSummary, now: float, last: JournalEntry | None) -> 
         correlation_id=summary.correlation_id,
         status=summary.status(now),
         root_type=summary.root_type,
-        age=max(0.0, now - summary.started_at),
+        age=max(0.0, now - summary.first_seen),  # the journal's clock, as idle_for and deadlines
         idle_for=max(0.0, now - summary.last_seen),
         event_count=summary.event_count,
         failures=summary.failures,
@@ -201,7 +201,8 @@ def build_snapshot(
     """The snapshot from what the store answered (pure: same answers, same snapshot).
 
     ``last`` maps correlation ids to their last recorded entry; ``attention`` may hold
-    transactions of any status (only stuck and failed ones are kept, newest first).
+    transactions of any status: the stuck ones are kept first, then the failed ones, each
+    newest first.
     """
     emits = {
         (edge.source.removeprefix("service:"), edge.target.removeprefix("event:"))
@@ -243,10 +244,13 @@ def build_snapshot(
         statuses={status: activity.statuses.get(status, 0) for status in STATUSES},
         edges=ordered,
         newest=[_row(s, now, last.get(s.correlation_id)) for s in newest],
-        attention=[
-            row for row in (_row(s, now, last.get(s.correlation_id)) for s in _newest_first(attention)) if row.attention
-        ],
+        attention=_attention([_row(s, now, last.get(s.correlation_id)) for s in _newest_first(attention)]),
     )
+
+
+def _attention(rows: list[TransactionRow]) -> list[TransactionRow]:
+    """Stuck ones first (someone may still end them), then failed, each newest first."""
+    return sorted((row for row in rows if row.attention), key=lambda row: ATTENTION.index(row.status))
 
 
 def _newest_first(summaries: Sequence[TransactionSummary]) -> list[TransactionSummary]:
@@ -260,25 +264,25 @@ async def read_snapshot(
     """Ask an opened journal store what :func:`build_snapshot` needs, at epoch time ``now``.
 
     ``window`` (seconds, > 0) is how far back edges are counted; ``limit`` caps both
-    transaction lists. Costs one :meth:`~JournalStore.activity` call, three listings and
-    one timeline per listed transaction.
+    transaction lists. Costs one :meth:`~JournalStore.activity` call, up to three listings
+    and one timeline per listed transaction.
     """
     if window <= 0 or limit < 1:
         raise ConfigurationError("read_snapshot: window must be > 0 seconds and limit >= 1")
     activity = await store.activity(since=now - window, now=now)
     newest = await store.summaries(status=None, now=now, limit=limit)
     flagged: list[TransactionSummary] = []
-    for status in ATTENTION:
-        if activity.statuses.get(status, 0):
-            flagged.extend(await store.summaries(status=status, now=now, limit=limit))
-    attention = _newest_first(flagged)[:limit]
+    for status in ATTENTION:  # stuck ones first, failed ones in the room left
+        room = limit - len(flagged)
+        if room and activity.statuses.get(status, 0):
+            flagged.extend(await store.summaries(status=status, now=now, limit=room))
     last: dict[str, JournalEntry] = {}
-    for summary in [*newest, *attention]:
+    for summary in [*newest, *flagged]:
         cid = summary.correlation_id
         if cid not in last:
             timeline = await store.timeline(cid)
             if timeline:
                 last[cid] = timeline[-1]
     return build_snapshot(
-        activity, newest, attention, last, journal=store.url, now=now, window=window, graph=graph
+        activity, newest, flagged, last, journal=store.url, now=now, window=window, graph=graph
     )

@@ -39,21 +39,29 @@ _ALERT = "bold white on red"
 
 
 def _duration(seconds: float) -> str:
-    """``0.4 s``, ``12 s``, ``3 m 20 s``, ``2 h 05 m``, ``3 d 04 h``."""
+    """``0.4 s``, ``12 s``, ``3 m 20 s``, ``10 m``, ``2 h 05 m``, ``3 d 04 h``."""
     if seconds < 10:
         return f"{seconds:.1f} s"
     whole = int(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        return f"{whole // 60} m {whole % 60:02d} s"
-    if whole < 86400:
-        return f"{whole // 3600} h {whole % 3600 // 60:02d} m"
-    return f"{whole // 86400} d {whole % 86400 // 3600:02d} h"
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if whole >= size:
+            rest = whole % size // sub_size
+            return f"{whole // size} {unit}" + (f" {rest:02d} {sub}" if rest else "")
+    return f"{whole} s"
+
+
+def _rate(per_second: float) -> str:
+    """Events per second with the digits that matter: ``0``, ``0.017``, ``2.5``, ``1,250``."""
+    if per_second == 0:
+        return "0"
+    if per_second < 1:
+        return f"{per_second:.3f}"
+    return f"{per_second:.1f}" if per_second < 100 else f"{per_second:,.0f}"
 
 
 def _header(snap: Snapshot, error: str | None) -> Text:
-    text = Text("choreograph watch", style="bold")
+    text = Text()
+    text.append("choreograph watch", style="bold")
     if snap.app:
         text.append(f"  {snap.app}", style="bold cyan")
     text.append(f"  journal {snap.journal}", style="dim")
@@ -97,7 +105,7 @@ def _edges(snap: Snapshot) -> Table:
         kind_style = _KIND_STYLE.get(edge.kind) or (_KIND_STYLE[edge.terminal] if edge.terminal else "")
         last = f"{_duration(snap.now - edge.last_at)} ago" if edge.last_at is not None else ""
         table.add_row(
-            service, Text("→ " + edge.type, style=kind_style), str(edge.count), f"{edge.rate:.2f}", last,
+            service, Text("→ " + edge.type, style=kind_style), str(edge.count), _rate(edge.rate), last,
             _note(edge), style=row_style,
         )
     if not snap.edges:
