@@ -5,9 +5,11 @@ services built inline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sqlite3
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,8 +31,10 @@ from examples.shop.orders import orders
 from examples.shop.payment import BALANCES, payment
 from examples.shop.shipping import SHIPPING_WAIT, shipping
 
+import choreograph.testing
 from choreograph import ConfigurationError, Event, Reject, RetryPolicy, Service, TimedOut, failed, timed_out
 from choreograph.testing import Scenario, VirtualClock
+from tests.stores._databases import drop_schema, fresh_schema, postgres_url
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +48,7 @@ def order(customer: str = "alice", sku: str = "widget", qty: int = 1, amount: in
 
 def balance(s: Scenario, customer: str) -> int:
     path = s.database_url("payment").removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return int(conn.execute("SELECT balance FROM balances WHERE customer = ?", (customer,)).fetchone()[0])
 
 
@@ -265,6 +269,28 @@ async def test_a_data_dir_given_keeps_the_databases(tmp_path: Path) -> None:
     assert databases == ["inventory.db", "orders.db", "payment.db", "shipping.db"]
 
 
+@pytest.fixture
+async def postgres() -> AsyncIterator[str]:
+    schema = fresh_schema()
+    url = postgres_url(schema)
+    try:
+        yield url
+    finally:
+        await drop_schema(url, schema)
+
+
+async def test_databases_puts_a_service_on_the_database_named(postgres: str) -> None:
+    async with Scenario(app, databases={"payment": postgres}) as s:
+        await s.given(order())
+        s.expect(PaymentCaptured, StockReserved, OrderShipped)
+        assert s.database_url("payment") == postgres
+        assert s.database_url("inventory").startswith("sqlite:///")
+
+
 def test_databases_may_only_name_services_with_a_database() -> None:
     with pytest.raises(ConfigurationError, match=r"databases= names \['nobody'\]"):
         Scenario(app, databases={"nobody": "sqlite:///x.db"})
+
+
+def test_the_testing_module_exports_its_tools() -> None:
+    assert choreograph.testing.__all__ == ["Emitted", "MemoryTransport", "Scenario", "VirtualClock", "settled"]
