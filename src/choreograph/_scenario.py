@@ -367,9 +367,9 @@ class Scenario:
         if not steps:
             raise TypeError("expect_compensated(): name the steps (use expect_not_compensated() for none)")
         undone = {e.undoes for e in self._checked()}
-        missing = [step for step in steps if step not in undone]
-        if missing:
-            self._fail(f"expected the compensation of {names(steps)}; not compensated: {names(missing)}")
+        absent = [step for step in steps if step not in undone]
+        if absent:
+            self._fail(f"expected the compensation of {names(steps)}; not compensated: {names(absent)}")
 
     def expect_not_compensated(self, *steps: type[Event]) -> None:
         """No compensation of ``steps`` ran (no steps: no compensation at all)."""
