@@ -97,3 +97,41 @@ async def test_waiting_for_another_processs_write_lock_does_not_block_the_event_
     finally:
         release.set()
         holder.join()
+
+
+async def test_a_unit_cancelled_while_it_waits_for_the_commit_does_not_fail_the_others(db: StateStore) -> None:
+    # The units of a batch share one future for the COMMIT; cancelling one waiter must not
+    # cancel that future (the other units would fail and their events be retried), and
+    # the cancelled one learns of its cancellation once the commit is decided.
+    writer = db.writer  # type: ignore[attr-defined]
+    committing = asyncio.Event()
+    go = asyncio.Event()
+    original = writer._commit_batch
+
+    async def slow_commit() -> None:
+        committing.set()
+        await go.wait()
+        await original()
+
+    writer._commit_batch = slow_commit
+
+    async def unit(name: str) -> bool:
+        tx = await db.begin()
+        try:
+            await tx.execute("INSERT INTO items (id) VALUES ($1)", (name,))
+            return await tx.commit(inbox=("g", name), service="svc", messages=[])
+        finally:
+            await tx.rollback()
+
+    first = asyncio.create_task(unit("a"))
+    second = asyncio.create_task(unit("b"))
+    await committing.wait()  # both units left their savepoints; the flusher holds the COMMIT
+    first.cancel()
+    await asyncio.sleep(0)
+    assert not first.done()  # still waiting for the commit's outcome
+    go.set()
+    assert await second is True
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    writer._commit_batch = original
+    assert await items(db) == ["a", "b"]  # the cancelled unit's work committed with the batch

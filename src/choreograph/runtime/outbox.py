@@ -94,9 +94,22 @@ class HandlerUnit:
             self._after_commit = []
         self._after_commit.append(callback)
 
-    def block(self) -> _Block:
-        """``async with ctx.transaction() as tx``: begin (or re-enter); an exception rolls back."""
-        return _Block(self)
+    def block(self) -> HandlerUnit:
+        """``async with ctx.transaction() as tx``: begin (or re-enter); an exception rolls back.
+
+        The unit is its own context manager (one object fewer per event).
+        """
+        return self
+
+    async def __aenter__(self) -> Transaction:
+        self.used = True
+        if self.conn is None:
+            self.conn = await self.store.begin()
+        return Transaction(self.conn, self.store.backend, self._publish)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None:
+            await self.rollback()
 
     def _publish(self, event: Event, subject: str | None) -> None:
         self.ctx.publish(event, subject=subject)
@@ -122,26 +135,6 @@ class HandlerUnit:
         conn, self.conn = self.conn, None
         if conn is not None:
             await conn.rollback()
-
-
-class _Block:
-    """The ``async with`` of ``ctx.transaction()`` (a class: it runs once per event)."""
-
-    __slots__ = ("unit",)
-
-    def __init__(self, unit: HandlerUnit) -> None:
-        self.unit = unit
-
-    async def __aenter__(self) -> Transaction:
-        unit = self.unit
-        unit.used = True
-        if unit.conn is None:
-            unit.conn = await unit.store.begin()
-        return Transaction(unit.conn, unit.store.backend, unit._publish)
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is not None:
-            await self.unit.rollback()
 
 
 @contextlib.asynccontextmanager

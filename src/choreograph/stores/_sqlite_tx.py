@@ -8,7 +8,6 @@ and the outbox rows, releases the unit's savepoint and returns once the group's
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from choreograph.transports.base import Message
 
 T = TypeVar("T")
 
+_INSERT_INBOX = "INSERT OR IGNORE INTO choreograph_inbox VALUES (?, ?, ?)"
 _INSERT_OUTBOX = "INSERT INTO choreograph_outbox (service, event_id, type, body, created_at) VALUES (?, ?, ?, ?, ?)"
 
 
@@ -32,21 +32,33 @@ def _params(args: Sequence[Any]) -> dict[str, Any]:
 class SQLiteTx(TxConnection):
     """One user transaction: a unit of the writer, from its first statement to commit or rollback."""
 
+    __slots__ = ("writer", "batch", "left", "done")
+
     def __init__(self, writer: SQLiteWriter) -> None:
         self.writer = writer
         self.batch: Batch | None = None
         self.left = False
         self.done = False
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _db(self) -> sqlite3.Connection:
+        """The writer's connection, inside this unit (joining the open SQLite transaction first)."""
         if self.done:
             raise StoreError(f"database {self.writer.url}: the transaction is already finished")
         if self.batch is None:
             self.batch = await self.writer.enter()
+        return self.writer.connection()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        await self._db()
         return self.writer.run(fn)
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
-        return await self._run(lambda db: max(0, db.execute(sql, _params(args)).rowcount))
+        db = self.writer.db if self.batch is not None and not self.done else await self._db()
+        assert db is not None
+        try:  # inline rather than through writer.run: the one statement most handlers run
+            return max(0, db.execute(sql, _params(args) if args else ()).rowcount)
+        except sqlite3.Error as exc:
+            raise self.writer.failed(exc) from exc
 
     async def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
         await self._run(lambda db: db.executemany(sql, [_params(r) for r in rows]))
@@ -73,24 +85,25 @@ class SQLiteTx(TxConnection):
         forget_failures: bool = True,
     ) -> bool:
         now = time.time()
-        rows = [(service, m.id, m.type, m.body, now) for m in messages]
-
-        def write(db: sqlite3.Connection) -> bool:
-            if inbox is not None:
-                if db.execute("INSERT OR IGNORE INTO choreograph_inbox VALUES (?, ?, ?)", (*inbox, now)).rowcount == 0:
-                    return False  # another consumer committed this event first
-                if forget_failures:
-                    db.execute("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", inbox)
-            if len(rows) == 1:
-                db.execute(_INSERT_OUTBOX, rows[0])
-            elif rows:
-                db.executemany(_INSERT_OUTBOX, rows)
-            return True
-
         try:
-            fresh = await self._run(write)
+            db = await self._db()
+            fresh = True
+            try:
+                if inbox is not None:
+                    if db.execute(_INSERT_INBOX, (*inbox, now)).rowcount == 0:
+                        fresh = False  # another consumer committed this event first
+                    elif forget_failures:
+                        db.execute("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", inbox)
+                if fresh and messages:
+                    if len(messages) == 1:
+                        m = messages[0]
+                        db.execute(_INSERT_OUTBOX, (service, m.id, m.type, m.body, now))
+                    else:
+                        db.executemany(_INSERT_OUTBOX, [(service, m.id, m.type, m.body, now) for m in messages])
+            except sqlite3.Error as exc:
+                raise self.writer.failed(exc) from exc
             self._leave(keep=fresh)
-            if fresh and rows and self.batch is not None:
+            if fresh and messages and self.batch is not None:
                 self.batch.woken.add(service)
         except BaseException:
             self._leave(keep=False)
@@ -98,7 +111,7 @@ class SQLiteTx(TxConnection):
         finally:
             await self._finish()
         if fresh and self.batch is not None:
-            await asyncio.shield(self.batch.durable)  # acked only once the real COMMIT happened
+            await self.batch.durable  # acked only once the real COMMIT happened (a Durable: never torn off)
         return fresh
 
     async def rollback(self) -> None:

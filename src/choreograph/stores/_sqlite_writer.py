@@ -44,11 +44,28 @@ T = TypeVar("T")
 _SAVEPOINT = "choreograph_unit"
 
 
+class Durable(asyncio.Future[None]):
+    """Done when a batch's ``COMMIT`` happened (or failed); awaited by all of its units.
+
+    It refuses ``cancel()``: a unit's task cancelled while it waits is not torn off the
+    shared future (which would fail the batch for every other unit) but gets its
+    ``CancelledError`` as soon as the commit is decided -- what ``asyncio.shield`` would
+    give, without a second future and two callbacks per unit. :meth:`discard` drops a
+    batch nobody waits for.
+    """
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+    def discard(self) -> None:
+        super().cancel()
+
+
 @dataclasses.dataclass(slots=True)
 class Batch:
     """The open SQLite transaction: units that ended well, waiting for one ``COMMIT``."""
 
-    durable: asyncio.Future[None]
+    durable: Durable
     woken: set[str] = dataclasses.field(default_factory=set)  # services whose outbox got rows
 
 
@@ -141,7 +158,7 @@ class SQLiteWriter:
         db = self.connection()
         if self._batch is None:
             await self._begin_immediate(db)
-            durable = asyncio.get_running_loop().create_future()
+            durable = Durable()
             durable.add_done_callback(_retrieve)
             self._batch = Batch(durable)
             self._savepoint = False  # alone in the transaction: undoing it is a plain ROLLBACK
@@ -166,7 +183,7 @@ class SQLiteWriter:
         if not self._savepoint:
             batch, self._batch = self._batch, None
             if batch is not None:
-                batch.durable.cancel()  # it held only this unit: nobody waits for it
+                batch.durable.discard()  # it held only this unit: nobody waits for it
             self.run(lambda d: d.execute("ROLLBACK"))
             return
         try:
@@ -194,9 +211,14 @@ class SQLiteWriter:
         try:
             return fn(db)
         except sqlite3.Error as exc:
-            if self._batch is not None and not db.in_transaction:
-                self._abort(exc)
-            raise self.error(exc) from exc
+            raise self.failed(exc) from exc
+
+    def failed(self, exc: sqlite3.Error) -> StoreError:
+        """What a statement of the current unit that raised ``exc`` raises (see :meth:`run`)."""
+        db = self.db
+        if self._batch is not None and db is not None and not db.in_transaction:
+            self._abort(exc)
+        return self.error(exc)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """One unit of the store's own: ``fn`` inside the turn, durable when this returns."""
@@ -211,7 +233,7 @@ class SQLiteWriter:
             self.leave(keep=True)
         finally:
             await self.release()
-        await asyncio.shield(batch.durable)
+        await batch.durable
         return result
 
     # -- SQLite transactions ------------------------------------------------------------
