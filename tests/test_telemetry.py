@@ -443,3 +443,13 @@ def _skip_space(text: str, at: int) -> int:
         at += 1
     return at
 
+
+
+def test_choreograph_run_names_an_unknown_traces_exporter_and_exits_2() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "choreograph", "run", "examples.chain:app", "--broker", "memory://", "--otel"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OTEL_TRACES_EXPORTER": "zipkin"},
+    )
+    assert done.returncode == 2
+    assert "OTEL_TRACES_EXPORTER='zipkin': expected otlp, console or none" in done.stderr

@@ -80,6 +80,7 @@ __all__ = [
     "DURATION_BUCKETS",
     "Metrics",
     "Telemetry",
+    "Tracing",
     "configure_tracing",
     "messaging_system",
     "serve_metrics",
@@ -172,19 +173,62 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.tracer: Tracer | None = None
-        if traces:
-            try:
-                from opentelemetry import trace
-            except ImportError:
-                raise ConfigurationError(f"telemetry traces need opentelemetry-api: {INSTALL_HINT}") from None
-            from choreograph import __version__
-
-            self.tracer = trace.get_tracer("choreograph", __version__, tracer_provider=tracer_provider)
+        self.tracing: Tracing | None = Tracing(tracer_provider) if traces else None
         self.metrics: Metrics | None = Metrics.on(registry) if metrics else None
 
     def __repr__(self) -> str:
-        return f"Telemetry(traces={self.tracer is not None}, metrics={self.metrics is not None})"
+        return f"Telemetry(traces={self.tracing is not None}, metrics={self.metrics is not None})"
+
+    @property
+    def tracer(self) -> Tracer | None:
+        """The OpenTelemetry tracer spans are made with (``None`` without traces)."""
+        return self.tracing.tracer if self.tracing is not None else None
+
+    @contextlib.contextmanager
+    def producing(self, envelopes: Sequence[Envelope], *, system: str) -> Iterator[None]:
+        """Around publishing ``envelopes`` from outside a handler: PRODUCER spans, then the count.
+
+        Each envelope without a ``traceparent`` gets one naming its span (a child of the
+        current span, else the root of a new trace).
+        """
+        spans = self.tracing.producer_spans(envelopes, system=system) if self.tracing is not None else []
+        try:
+            yield
+        except Exception as exc:
+            for span in spans:
+                Tracing.failed(span, exc)
+            raise
+        finally:
+            for span in spans:
+                span.end()
+        if self.metrics is not None:
+            for envelope in envelopes:
+                self.metrics.published.labels(envelope.type).inc()
+
+    def incoming(self, headers: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
+        """Publish under an HTTP request's ``traceparent`` (see :meth:`Tracing.incoming`)."""
+        return self.tracing.incoming(headers) if self.tracing is not None else contextlib.nullcontext()
+
+
+class Tracing:
+    """The traces half of :class:`Telemetry`: making spans and reading and writing ``traceparent``.
+
+    Imports OpenTelemetry once, when built, and keeps what the per-attempt path uses at hand.
+    """
+
+    def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+        try:
+            from opentelemetry import context, trace
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        except ImportError:
+            raise ConfigurationError(f"telemetry traces need opentelemetry-api: {INSTALL_HINT}") from None
+        from choreograph import __version__
+
+        self.tracer: Tracer = trace.get_tracer("choreograph", __version__, tracer_provider=tracer_provider)
+        self._trace = trace
+        self._context = context
+        self._propagator = TraceContextTextMapPropagator()
+        self._sampled = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 
     # -- consuming (the worker) ---------------------------------------------------------
 
@@ -192,22 +236,20 @@ class Telemetry:
         self, envelope: Envelope, *, service: str, group: str, handler: str, attempt: int, system: str
     ) -> Span:
         """The (started) CONSUMER span of one handler attempt, child of the envelope's ``traceparent``."""
-        from opentelemetry.trace import SpanKind
-
-        assert self.tracer is not None
+        correlation_id = envelope.correlationid or envelope.id
         return self.tracer.start_span(
             f"{service} handle {envelope.type}",
-            context=_parent_of(envelope),
-            kind=SpanKind.CONSUMER,
+            context=self.parent_of(envelope),
+            kind=self._trace.SpanKind.CONSUMER,
             attributes={
                 "messaging.system": system,
                 "messaging.operation.type": "process",
                 "messaging.operation.name": "handle",
                 "messaging.destination.name": envelope.type,
                 "messaging.message.id": envelope.id,
-                "messaging.message.conversation_id": envelope.correlationid or envelope.id,
+                "messaging.message.conversation_id": correlation_id,
                 "messaging.consumer.group.name": group,
-                "choreograph.correlation_id": envelope.correlationid or envelope.id,
+                "choreograph.correlation_id": correlation_id,
                 "choreograph.service": service,
                 "choreograph.handler": handler,
                 "choreograph.attempt": attempt,
@@ -215,6 +257,36 @@ class Telemetry:
             record_exception=False,
             set_status_on_exception=False,
         )
+
+    def parent_of(self, envelope: Envelope) -> TraceContext:
+        """The parent of a handler span: the envelope's ``traceparent``, else its transaction's derived one."""
+        trace = self._trace
+        if envelope.traceparent is not None:
+            context = self._extract(envelope.traceparent, envelope.tracestate)
+            if trace.get_current_span(context).get_span_context().is_valid:
+                return context
+        trace_id, span_id = transaction_ids(envelope.correlationid or envelope.id)
+        parent = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=self._sampled)
+        derived: TraceContext = trace.set_span_in_context(trace.NonRecordingSpan(parent), self._context.Context())
+        return derived
+
+    def use(self, span: Span) -> contextlib.AbstractContextManager[Span]:
+        """Make ``span`` current while a handler runs (its own spans become children); end it on exit."""
+        return self._trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False)
+
+    @staticmethod
+    def traced(envelope: Envelope, span: Span) -> Envelope:
+        """``envelope`` with ``span`` as its trace parent: what the handler's outputs inherit.
+
+        Unchanged if ``span`` carries no valid context (no SDK configured: nothing to name).
+        """
+        context = span.get_span_context()
+        if not context.is_valid:
+            return envelope
+        out = copy.copy(envelope)
+        out.traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+        out.tracestate = context.trace_state.to_header() if context.trace_state else None
+        return out
 
     @staticmethod
     def failed(span: Span, exc: BaseException) -> None:
@@ -225,68 +297,34 @@ class Telemetry:
         span.set_attribute("error.type", f"{type(exc).__module__}.{type(exc).__qualname__}")
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
-    @staticmethod
-    def traced(envelope: Envelope, span: Span) -> Envelope:
-        """``envelope`` with ``span`` as its trace parent: what the handler's outputs inherit.
-
-        Unchanged if ``span`` carries no valid context (no SDK configured: nothing to name).
-        """
-        headers = _inject(span)
-        if headers is None:
-            return envelope
-        out = copy.copy(envelope)
-        out.traceparent = headers["traceparent"]
-        out.tracestate = headers.get("tracestate")
-        return out
-
     # -- producing (publisher, gateway) -------------------------------------------------
 
-    @contextlib.contextmanager
-    def producing(self, envelopes: Sequence[Envelope], *, system: str) -> Iterator[None]:
-        """PRODUCER spans for ``envelopes`` published from outside a handler, around the publish.
-
-        Each envelope without a ``traceparent`` gets one naming its span (a child of the
-        current span, else the root of a new trace). Counts them as published on success.
-        """
-        spans: list[Span] = []
-        if self.tracer is not None:
-            from opentelemetry.trace import SpanKind
-
-            for envelope in envelopes:
-                if envelope.traceparent is not None:
-                    continue
-                span = self.tracer.start_span(
-                    f"publish {envelope.type}",
-                    kind=SpanKind.PRODUCER,
-                    attributes={
-                        "messaging.system": system,
-                        "messaging.operation.type": "send",
-                        "messaging.operation.name": "publish",
-                        "messaging.destination.name": envelope.type,
-                        "messaging.message.id": envelope.id,
-                        "messaging.message.conversation_id": envelope.correlationid or envelope.id,
-                        "choreograph.correlation_id": envelope.correlationid or envelope.id,
-                    },
-                    record_exception=False,
-                    set_status_on_exception=False,
-                )
-                spans.append(span)
-                headers = _inject(span)
-                if headers is not None:
-                    envelope.traceparent = headers["traceparent"]
-                    envelope.tracestate = headers.get("tracestate")
-        try:
-            yield
-        except Exception as exc:
-            for span in spans:
-                self.failed(span, exc)
-            raise
-        finally:
-            for span in spans:
-                span.end()
-        if self.metrics is not None:
-            for envelope in envelopes:
-                self.metrics.published.labels(envelope.type).inc()
+    def producer_spans(self, envelopes: Sequence[Envelope], *, system: str) -> list[Span]:
+        """Started PRODUCER spans for the envelopes without a ``traceparent``, which then name them."""
+        spans = []
+        for envelope in envelopes:
+            if envelope.traceparent is not None:
+                continue
+            correlation_id = envelope.correlationid or envelope.id
+            span = self.tracer.start_span(
+                f"publish {envelope.type}",
+                kind=self._trace.SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": system,
+                    "messaging.operation.type": "send",
+                    "messaging.operation.name": "publish",
+                    "messaging.destination.name": envelope.type,
+                    "messaging.message.id": envelope.id,
+                    "messaging.message.conversation_id": correlation_id,
+                    "choreograph.correlation_id": correlation_id,
+                },
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            spans.append(span)
+            named = self.traced(envelope, span)
+            envelope.traceparent, envelope.tracestate = named.traceparent, named.tracestate
+        return spans
 
     @contextlib.contextmanager
     def incoming(self, headers: Mapping[str, str]) -> Iterator[None]:
@@ -295,33 +333,24 @@ class Telemetry:
         The gateway publishes under this, so its PRODUCER spans continue the caller's trace.
         An ASGI tracing middleware that already opened a server span takes precedence.
         """
-        if self.tracer is None:
+        if self._trace.get_current_span().get_span_context().is_valid:
             yield
             return
-        from opentelemetry import context, trace
-
-        if trace.get_current_span().get_span_context().is_valid:
-            yield
-            return
-        token = context.attach(_extract(headers.get("traceparent"), headers.get("tracestate")))
+        token = self._context.attach(self._extract(headers.get("traceparent"), headers.get("tracestate")))
         try:
             yield
         finally:
-            context.detach(token)
+            self._context.detach(token)
 
-
-def _parent_of(envelope: Envelope) -> TraceContext:
-    """The parent of a handler span: the envelope's ``traceparent``, else its transaction's derived one."""
-    from opentelemetry import trace
-    from opentelemetry.context import Context
-
-    if envelope.traceparent is not None:
-        context = _extract(envelope.traceparent, envelope.tracestate)
-        if trace.get_current_span(context).get_span_context().is_valid:
-            return context
-    trace_id, span_id = transaction_ids(envelope.correlationid or envelope.id)
-    parent = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
-    return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())
+    def _extract(self, traceparent: str | None, tracestate: str | None) -> TraceContext:
+        """The trace context named by W3C headers; an empty one (so a new trace) if absent or invalid."""
+        empty = self._context.Context()
+        if traceparent is None:
+            return empty
+        carrier = {"traceparent": traceparent}
+        if tracestate is not None:
+            carrier["tracestate"] = tracestate
+        return self._propagator.extract(carrier, context=empty)
 
 
 def transaction_ids(correlation_id: str) -> tuple[int, int]:
@@ -336,31 +365,6 @@ def transaction_ids(correlation_id: str) -> tuple[int, int]:
     except ValueError:
         trace_id = int.from_bytes(digest[:16], "big")
     return trace_id or 1, int.from_bytes(digest[16:24], "big") or 1
-
-
-def _extract(traceparent: str | None, tracestate: str | None) -> TraceContext:
-    """The trace context named by W3C headers; an empty one (so a new trace) if absent or invalid."""
-    from opentelemetry.context import Context
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    if traceparent is None:
-        return Context()
-    carrier = {"traceparent": traceparent}
-    if tracestate is not None:
-        carrier["tracestate"] = tracestate
-    return TraceContextTextMapPropagator().extract(carrier, context=Context())
-
-
-def _inject(span: Span) -> dict[str, str] | None:
-    """W3C ``traceparent`` (and ``tracestate``) naming ``span``; ``None`` for an invalid span."""
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    if not span.get_span_context().is_valid:
-        return None
-    carrier: dict[str, str] = {}
-    TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(span))
-    return carrier
 
 
 def configure_tracing(service_name: str, environ: Mapping[str, str] | None = None) -> SDKTracerProvider | None:

@@ -15,15 +15,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
-
 from choreograph._envelope import Envelope
 from choreograph.joins import Defer
 from choreograph.runtime.records import DeadLetterReason
 from choreograph.runtime.worker import _Again, _Call, _Dead, _Done, _Outcome, _Runner
 from choreograph.service import Handler, Service
 from choreograph.stores.base import ErrorInfo
-from choreograph.telemetry import Metrics, Telemetry, messaging_system
+from choreograph.telemetry import Metrics, Tracing, messaging_system
 from choreograph.transports.base import Delivery, Message
 
 if TYPE_CHECKING:
@@ -55,8 +53,7 @@ class InstrumentedRunner(_Runner):
         super().__init__(worker, service)
         telemetry = worker.telemetry
         assert telemetry is not None
-        self.telemetry: Telemetry = telemetry
-        self.traces = telemetry.tracer is not None
+        self.tracing: Tracing | None = telemetry.tracing
         self.metrics: Metrics | None = telemetry.metrics
         self.system = messaging_system(getattr(worker.transport, "url", ""))
         self.spans: dict[Delivery, Span] = {}  # the span of each attempt running now
@@ -115,19 +112,20 @@ class InstrumentedRunner(_Runner):
             in_flight.inc()
             started = time.perf_counter()
         try:
-            if not self.traces:
+            tracing = self.tracing
+            if tracing is None:
                 await run(call)
                 return
             delivery = call.delivery
-            span = self.telemetry.consumer_span(
+            span = tracing.consumer_span(
                 call.envelope, service=self.service.name, group=self.group, handler=call.handler.name,
                 attempt=delivery.attempt, system=self.system,
             )
             # What the handler emits, and the failure event if it gives up, are children of this span.
-            call.envelope = Telemetry.traced(call.envelope, span)
+            call.envelope = Tracing.traced(call.envelope, span)
             self.spans[delivery] = span
             try:
-                with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+                with tracing.use(span):
                     await run(call)
             finally:
                 del self.spans[delivery]
@@ -159,7 +157,7 @@ class InstrumentedRunner(_Runner):
     def _raised(self, call: _Call, exc: Exception) -> _Outcome | None:
         span = self.spans.get(call.delivery)
         if span is not None and not isinstance(exc, Defer):  # a join timer not yet due is no failure
-            Telemetry.failed(span, exc)
+            Tracing.failed(span, exc)
         return super()._raised(call, exc)
 
     async def _failed(self, call: _Call, exc: Exception) -> _Outcome:
