@@ -17,6 +17,8 @@
     max_retry_after = 300
     handshake = true
     headers = { Authorization = "Bearer ..." }
+    filters = [{ prefix = { subject = "eu-" } }]   # CloudEvents Subscriptions API filters, ANDed
+    where = "hops < 10"                     # CESQL; the same as one more { sql = "..." } filter
 
 The same keys in YAML (``subscriptions:`` a list of mappings). ``${NAME}`` (or
 ``${NAME:-default}``) in any string is replaced from the environment, so one file
@@ -34,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from choreograph._push_filters import FilterError
 from choreograph.errors import ConfigurationError
 from choreograph.policy import DEFAULT_RETRY, RetryPolicy
 from choreograph.push import PushSubscription
@@ -41,8 +44,10 @@ from choreograph.push import PushSubscription
 _TOP = {"broker", "store", "origin", "concurrency", "drain_timeout", "subscriptions"}
 _SUBSCRIPTION = {
     "group", "types", "url", "mode", "secret", "secret_env", "timeout", "max_attempts", "retry",
-    "max_retry_after", "handshake", "emits", "headers",
+    "max_retry_after", "handshake", "emits", "headers", "filters", "where",
 }
+#: What drawing or checking a flow does not need: credentials (``load_config(credentials=False)``).
+_CREDENTIALS = ("secret", "secret_env", "headers")
 _RETRY = {field.name for field in dataclasses.fields(RetryPolicy)}
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -139,17 +144,30 @@ def subscription_from_mapping(data: Any, where: str = "subscription") -> PushSub
                if key in item}
     try:
         return PushSubscription(str(item["group"]), item["types"], str(item["url"]), retry=retry,
-                                secret=secret, **options)
+                                secret=secret, filters=item.get("filters", ()), where=item.get("where"), **options)
+    except FilterError as exc:
+        raise ConfigurationError(f"{where}.{exc.path}: {exc.reason}") from None
     except ConfigurationError as exc:
         raise ConfigurationError(f"{where}: {exc.message}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"{where}: {exc}") from None
 
 
-def load_config(path: str | Path) -> PushConfig:
-    """Read and validate a push configuration file."""
+def load_config(path: str | Path, *, credentials: bool = True) -> PushConfig:
+    """Read and validate a push configuration file.
+
+    ``credentials=False`` (for ``choreograph graph --push`` and ``lint --push``) leaves out
+    ``secret``, ``secret_env`` and ``headers`` before anything is read from the environment:
+    drawing a flow needs no secrets, so a file whose secrets are not set here still loads.
+    """
     path = Path(path)
-    data = _check_keys(_expand(_read(path) or {}, path.name), _TOP, str(path.name))
+    data = _read(path) or {}
+    if not credentials and isinstance(data, Mapping) and isinstance(data.get("subscriptions"), list):
+        data = {**data, "subscriptions": [
+            {k: v for k, v in item.items() if k not in _CREDENTIALS} if isinstance(item, Mapping) else item
+            for item in data["subscriptions"]
+        ]}
+    data = _check_keys(_expand(data, path.name), _TOP, str(path.name))
     items = data.get("subscriptions")
     if not isinstance(items, list) or not items:
         raise ConfigurationError(f"{path.name}: subscriptions: list at least one subscription")

@@ -1,7 +1,8 @@
 """The push loop of one subscription: fetch from the group, POST, turn the answer into a settlement.
 
-Per delivery: decode → skip if the group's inbox has seen it → handshake (once per
-URL) → POST in the subscription's content mode, signed → an *outcome*:
+Per delivery: decode → ack at once if the subscription's filters do not match it →
+skip if the group's inbox has seen it → handshake (once per URL) → POST in the
+subscription's content mode, signed → an *outcome*:
 
 * done: the answer's CloudEvents (if any) become output events with deterministic ids;
   they are published *before* the input is acked, as in the worker;
@@ -49,12 +50,14 @@ _EXCERPT = 500
 
 @dataclasses.dataclass
 class PushStats:
-    """Counters of one subscription's pushes (for tests, reports and metrics)."""
+    """Counters of one subscription's pushes (for tests, reports and metrics). ``filtered``:
+    events acked without a request because the subscription's filters did not match."""
 
     delivered: int = 0
     published: int = 0
     duplicates: int = 0
     ignored: int = 0
+    filtered: int = 0
     retried: int = 0
     dead_lettered: int = 0
     released: int = 0
@@ -197,6 +200,12 @@ class PushRunner:
             return self._dead(delivery, envelope, "loop_detected", error, now, publish_failure=False)
         if envelope.type not in sub.types:
             self.stats.ignored += 1
+            return _Done([], mark=False)
+        if sub.filter is not None and not sub.filter.matches_envelope(envelope):
+            # Acked, not marked: the same id redelivered is filtered the same way, no inbox needed.
+            self.stats.filtered += 1
+            log.debug("%s: event %s does not match the filters (%s); acked without a request",
+                      self.group, envelope.id, sub.filter.text)
             return _Done([], mark=False)
         try:
             if await amb.store.seen(self.group, [envelope.id]):

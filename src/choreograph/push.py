@@ -53,6 +53,7 @@ import httpx
 
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph._http_binding import MODES, Mode, decode_http, decode_http_batch, to_batch, to_http
+from choreograph._push_filters import FilterError, Filters, compile_filters
 from choreograph._push_http import Handshakes, classify, retry_after
 from choreograph._push_runner import HANDLER, PushRunner, PushStats
 from choreograph._receiver import read_event, receiver
@@ -101,6 +102,14 @@ class PushSubscription:
     lists the event types the subscriber may answer with (``None``: any, except
     ``choreograph.*``); answering another type dead-letters the input as ``rejected``.
     ``headers`` are added to every request (e.g. an ``Authorization``).
+
+    ``filters`` (a list of filter objects in the CloudEvents Subscriptions API's shape,
+    all of which must hold) and ``where`` (a CESQL condition, the same as one more
+    ``{"sql": where}``) narrow what is delivered: an event of one of ``types`` that does
+    not match is acked without a request (see :mod:`choreograph._push_filters`)::
+
+        PushSubscription("eu-audit", ["shop.order.placed"], "https://audit.example/hook",
+                         filters=[{"prefix": {"subject": "eu-"}}], where="hops < 10")
     """
 
     group: str
@@ -114,6 +123,10 @@ class PushSubscription:
     handshake: bool = True
     emits: Collection[str] | None = None
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    filters: Sequence[Mapping[str, Any]] = ()
+    where: str | None = None
+    filter: Filters | None = dataclasses.field(init=False, repr=False, compare=False, default=None)
+    """``filters`` and ``where`` compiled to one predicate (``None``: every event is delivered)."""
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -142,6 +155,12 @@ class PushSubscription:
         if self.emits is not None:
             fix("emits", frozenset([self.emits] if isinstance(self.emits, str) else self.emits))
         fix("headers", dict(self.headers))
+        try:
+            compiled = compile_filters(self.filters, self.where)
+        except FilterError as exc:
+            raise FilterError(exc.path, exc.reason, owner=f"push subscription {self.group!r}") from None
+        fix("filters", tuple(compiled.source[: len(self.filters or ())]) if compiled is not None else ())
+        fix("filter", compiled)
 
 
 class PushAmbassador:

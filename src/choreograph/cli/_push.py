@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
 from choreograph.cli._common import BrokerOption, broker_url, err_console, run_async
@@ -40,6 +41,7 @@ def push(
     max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, help="Attempts before giving up")] = 5,
     max_retry_after: Annotated[float, typer.Option("--max-retry-after", help="Cap on Retry-After")] = 300.0,
     emits: Annotated[list[str] | None, typer.Option("--emit", help="Event type the subscriber may answer with")] = None,
+    where: Annotated[str | None, typer.Option("--where", help="Deliver only events matching this CESQL filter")] = None,
     no_handshake: Annotated[bool, typer.Option("--no-handshake", help="Skip the OPTIONS handshake")] = False,
     origin: Annotated[str | None, typer.Option("--origin", help="Origin announced in the handshake")] = None,
     store: Annotated[str | None, typer.Option("--store", help="Inbox store URL (default: beside the bus)")] = None,
@@ -62,6 +64,8 @@ def push(
             item["secret"] = secret
         if emits:
             item["emits"] = emits
+        if where is not None:
+            item["where"] = where
         missing = [f"--{name}" for name in ("group", "type", "url") if not item[name if name != "type" else "types"]]
         if missing:
             raise ConfigurationError(f"push: {', '.join(missing)} missing (give --group, --type and --url together)")
@@ -101,7 +105,9 @@ def serve(
         for sub in subscriptions:
             err_console.print(
                 f"[green]choreograph push[/] {sub.group}: {', '.join(sorted(sub.types))} → {sub.url} "
-                f"({sub.mode}{', signed' if sub.secret else ''})", highlight=False,
+                f"({sub.mode}{', signed' if sub.secret else ''}"
+                f"{f', only where {escape(sub.filter.text)}' if sub.filter is not None else ''})",
+                highlight=False,
             )
         err_console.print(f"[green]choreograph push[/] running on {url} (pid {os.getpid()})", highlight=False)
         await stop.wait()
