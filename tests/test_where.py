@@ -74,7 +74,7 @@ async def test_only_matching_events_run_the_handler_and_only_they_emit(bus: Memo
         stats = worker.stats("payment")
     assert calls == ["eu-1"]
     assert charged == ["eu-1"]
-    assert (stats.handled, stats.retried, stats.dead_lettered) == (3, 0, 0)
+    assert (stats.handled, stats.filtered, stats.retried, stats.dead_lettered) == (1, 2, 0, 0)
     assert bus.pending() == (0, None)
 
 
@@ -99,7 +99,7 @@ async def test_a_non_matching_event_is_acked_once_never_retried_nor_dead_lettere
     assert attempts == ["eu-1"] * 3
     assert [letter.record["envelope"]["id"] for letter in await bus.dead_letters("flaky")] == ["eu-1"]
     assert (stats.retried, stats.dead_lettered) == (2, 1)
-    assert stats.duplicates == 1  # the filtered event was recorded as processed: the copy is a duplicate
+    assert (stats.filtered, stats.duplicates) == (2, 0)  # not recorded: the copy is filtered again
 
 
 async def test_filters_read_extensions_hops_and_correlationid(bus: MemoryTransport) -> None:
@@ -182,7 +182,7 @@ async def test_on_failure_filters_on_the_attributes_of_the_event_that_failed(bus
         await settled(bus)
         stats = worker.stats("compensations")
     assert compensated == ["eu-1"]
-    assert (stats.handled, stats.retried, stats.dead_lettered) == (2, 0, 0)
+    assert (stats.handled, stats.filtered, stats.retried, stats.dead_lettered) == (1, 1, 0, 0)
 
 
 async def test_a_database_service_acks_a_non_matching_event_without_state_or_outputs(tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ async def test_a_database_service_acks_a_non_matching_event_without_state_or_out
         rows = [row["id"] for row in await tx.fetch("SELECT id FROM orders")]
     assert rows == ["eu-1"]
     assert charged == ["eu-1"]
-    assert (stats.handled, stats.dead_lettered) == (2, 0)
+    assert (stats.handled, stats.filtered, stats.dead_lettered) == (1, 1, 0)
 
 
 # -- registration ------------------------------------------------------------------------
@@ -287,7 +287,8 @@ def test_the_decorated_function_and_its_declared_emits_are_kept() -> None:
     assert handler.emits == frozenset({Charged})
     assert handler.name == filtered.__qualname__
     assert handler.where is not None and handler.where.source == "subject = 'eu'"
-    assert handler.takes_context  # the filter reads the envelope from the context
+    assert handler.func is filtered and not handler.takes_context  # not wrapped: the worker applies the filter
+    assert handler.accepts is not None
 
 
 def test_the_flow_graph_and_asyncapi_show_the_filter() -> None:
@@ -302,3 +303,28 @@ def test_the_flow_graph_and_asyncapi_show_the_filter() -> None:
     operations = asyncapi_document(svc)["operations"]
     receive = next(op for op in operations.values() if op["action"] == "receive")
     assert receive["summary"].endswith("receives test.where.placed where subject = 'eu'")
+
+
+async def test_an_event_filtered_out_is_acked_whatever_its_payload(bus: MemoryTransport) -> None:
+    """The filter runs before the payload is validated: a US event this EU handler cannot
+    parse is not its business, so it is acked, not dead-lettered as invalid_payload."""
+    svc = Service("eu-only")
+    seen: list[str] = []
+
+    @svc.on(Placed, where="subject = 'eu'")
+    async def handle(order: Placed) -> None:
+        seen.append(order.order_id)
+
+    def raw(event_id: str, subject: str, data: object) -> Envelope:
+        return Envelope(id=event_id, source="/test", type=Placed.event_type(), subject=subject,
+                        data=data)  # type: ignore[arg-type]
+
+    async with Worker([svc], bus) as worker:
+        await bus.publish([to_message(raw("us-bad", "us", {"order": 7})),   # no order_id: invalid
+                           to_message(raw("eu-bad", "eu", {"order": 7})),
+                           to_message(raw("eu-ok", "eu", {"order_id": "eu-ok"}))])
+        await settled(bus)
+        stats = worker.stats("eu-only")
+    assert seen == ["eu-ok"]
+    assert [letter.record["envelope"]["id"] for letter in await bus.dead_letters("eu-only")] == ["eu-bad"]
+    assert (stats.handled, stats.filtered, stats.dead_lettered) == (1, 1, 1)

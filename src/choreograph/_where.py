@@ -1,27 +1,22 @@
-"""``where=``: a handler's CESQL filter, compiled at registration and checked before the handler runs.
+"""``where=``: a handler's CESQL filter, compiled at registration and checked by the worker.
 
-:func:`filtered` wraps the decorated function: an event whose CloudEvents attributes do
-not match returns ``None`` before user code runs, which the worker acks like any handled
-event with no outputs (not retried, not dead-lettered). Handlers without ``where=`` are
-not wrapped, so they pay nothing. The payload is validated by the worker before the
-wrapper is called, so an invalid payload is dead-lettered even if it would not match.
+:func:`matcher` turns the expression into a test of an envelope. The worker applies it
+right after finding the handler and before validating the payload: an event whose
+CloudEvents attributes do not match is acked without running anything (not retried,
+not dead-lettered, not recorded in the inbox: a redelivered copy is filtered the same
+way) and counted in ``Stats.filtered``. A failure handler's filter reads the attributes
+of the *failed* event. Handlers without ``where=`` pay one ``is None`` test.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from typing import Any
 
 from choreograph import cesql
 from choreograph._envelope import Envelope
 from choreograph.errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from choreograph.context import Context
-    from choreograph.events import Event
-    from choreograph.service import Failure
 
 _log = logging.getLogger("choreograph.service")
 
@@ -49,15 +44,11 @@ def compile_where(where: str, service: str, func: Callable[..., Any]) -> cesql.E
     return expression
 
 
-def filtered(
-    func: Callable[..., Awaitable[Any]], kind: Literal["event", "failure"], takes_context: bool, where: cesql.Expression
-) -> tuple[Callable[..., Awaitable[Any]], bool]:
-    """Wrap ``func`` so that an event ``where`` does not match returns ``None`` (acked, no outputs)
-    before ``func`` runs. Returns the wrapper and whether the worker must pass it the context.
+def matcher(where: cesql.Expression, handler: str) -> Callable[[Envelope], bool]:
+    """``where`` as a test of an envelope's attributes (reads only the attributes it names).
 
-    A handler of events needs the context (its envelope holds the attributes); a failure
-    handler reads those of the failed event from its :class:`Failure`. Only the attributes
-    the expression names are read from the envelope.
+    The worker applies it before the payload is validated: an event a handler filters
+    out is acked whatever its payload (it is not this handler's business).
     """
     fields = [name for name in where.references if name in _CONTEXT_FIELDS]
     extensions = [name for name in where.references if name not in _CONTEXT_FIELDS]
@@ -70,25 +61,8 @@ def filtered(
             return True
         if _log.isEnabledFor(logging.DEBUG):
             _, errors = where.evaluate(attributes)
-            _log.debug("%s: event %s does not match where=%r%s; acked unhandled", func.__qualname__, envelope.id,
+            _log.debug("%s: event %s does not match where=%r%s; acked unhandled", handler, envelope.id,
                        where.source, f" ({'; '.join(map(str, errors))})" if errors else "")
         return False
 
-    if kind == "event":
-        @functools.wraps(func)
-        async def filtered_event(event: Event, ctx: Context) -> Any:
-            if not matches(ctx.envelope):
-                return None
-            return await (func(event, ctx) if takes_context else func(event))
-        return filtered_event, True
-
-    if takes_context:
-        @functools.wraps(func)
-        async def filtered_failure_ctx(failure: Failure, ctx: Context) -> Any:
-            return await func(failure, ctx) if matches(failure.envelope) else None
-        return filtered_failure_ctx, True
-
-    @functools.wraps(func)
-    async def filtered_failure(failure: Failure) -> Any:
-        return await func(failure) if matches(failure.envelope) else None
-    return filtered_failure, False
+    return matches

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from choreograph import cesql
 from choreograph._envelope import Envelope
-from choreograph._where import compile_where, filtered
+from choreograph._where import compile_where, matcher
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.policy import DEFAULT_RETRY, RetryPolicy
@@ -76,7 +76,8 @@ class Handler:
     timeout: float
     takes_context: bool
     join: JoinRunner | None = None  # joins and compensations: the worker calls join.run(...), not func
-    where: cesql.Expression | None = None  # ``func`` is then the filter wrapping the decorated function
+    where: cesql.Expression | None = None  # its CESQL filter, as written (for the flow graph)
+    accepts: Callable[[Envelope], bool] | None = None  # the filter as the worker applies it (see _where)
 
     @property
     def subscription(self) -> str:
@@ -300,21 +301,18 @@ class Service:
                     "(where= filters a handler's events, it does not allow a second handler)"
                 )
             expression = None if where is None else compile_where(where, self.name, func)
-            call: Callable[..., Awaitable[Any]] = func
-            takes_context = len(params) == 2
-            if expression is not None:
-                call, takes_context = filtered(func, kind, takes_context, expression)
             table[key] = Handler(
                 service=self.name,
                 name=func.__qualname__,
                 kind=kind,
                 consumes=event,
-                func=call,
+                func=func,
                 emits=declared_emits(func, emits),
                 retry=retry or self.retry,
                 timeout=timeout or self.timeout,
-                takes_context=takes_context,
+                takes_context=len(params) == 2,
                 where=expression,
+                accepts=None if expression is None else matcher(expression, func.__qualname__),
             )
             return func
 

@@ -122,6 +122,7 @@ class Stats:
     duplicates: int = 0
     deferred: int = 0
     ignored: int = 0
+    filtered: int = 0  # acked unhandled: the handler's where= did not match
     retried: int = 0
     dead_lettered: int = 0
     released: int = 0
@@ -350,9 +351,15 @@ class _Runner:
             return _Done(delivery, [], mark=False)
         try:
             if handler.kind == "event":
+                if handler.accepts is not None and not handler.accepts(envelope):
+                    self.stats.filtered += 1  # before validation: not this handler's business
+                    return _Done(delivery, [], mark=False)
                 argument = handler.consumes.__pydantic_validator__.validate_python(envelope.data)
             else:
                 argument = self._failure_argument(handler, envelope)
+                if handler.accepts is not None and not handler.accepts(argument.envelope):
+                    self.stats.filtered += 1  # a failure handler filters on the failed event
+                    return _Done(delivery, [], mark=False)
         except (pydantic.ValidationError, MalformedEnvelope) as exc:
             return self._dead(delivery, envelope, "invalid_payload", handler, ErrorInfo.from_exception(exc, limit=0), now)
         ctx = Context(envelope, self.service.name, handler.name, delivery.attempt)
