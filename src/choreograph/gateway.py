@@ -240,6 +240,11 @@ class Gateway:
 
     # -- the ASGI app -------------------------------------------------------------------
 
+    def instrument(self, telemetry: Telemetry | None) -> None:
+        """Trace (and count) what this gateway publishes from now on: what ``choreograph gateway
+        --otel`` / ``--metrics-port`` call on a gateway built without ``telemetry=``."""
+        self.telemetry = self.publisher.telemetry = telemetry
+
     def asgi(self) -> Starlette:
         """The Starlette application (built once)."""
         if self._app is None:

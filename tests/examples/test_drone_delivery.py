@@ -8,10 +8,13 @@ journal over HTTP, and checks the services' own stores for the invariants that m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -266,3 +269,48 @@ def test_choreograph_dev_runs_a_nodejs_delivery_service_behind_the_push_ambassad
     assert types_of(tx)[-1] == "drone.delivery.scheduled"
     assert "answered 503" in dev.log  # the retry happened
     assert not os.path.exists(dev.data_dir / "delivery.db")  # the Python Delivery service never ran
+
+
+def _free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports."""
+    for _ in range(50):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return first
+    raise AssertionError(f"no run of {count} free ports")
+
+
+def test_choreograph_dev_otel_and_metrics_reach_every_service_and_the_gateway(system: SystemFactory) -> None:
+    first = _free_port_run(8)
+    dev = system(args=["--otel", "--metrics-port", str(first)], env={"OTEL_TRACES_EXPORTER": "console"})
+    [listing] = dev.wait_for_line(r"metrics \(/metrics on 127\.0\.0\.1\): ")
+    ports = dict(re.findall(r"(\S+) :(\d+)", listing.split("): ", 1)[1]))
+    assert set(ports) == {"package", "drone-scheduler", "delivery", "gateway"}, listing
+    tx = dev.wait_final(dev.submit(delivery()))
+    assert tx["status"] == "completed", tx
+
+    def scrape(name: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[name]}/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+    assert re.search(r'choreograph_events_published_total\{event_type="drone\.delivery\.requested"\S*\} 1\.0',
+                     scrape("gateway")), scrape("gateway")
+    assert 'choreograph_events_handled_total{event_type="drone.drone.assigned",service="delivery"} 1.0' in scrape(
+        "delivery")
+    # Console-exported spans, one trace: the gateway's PRODUCER span and a handler span per hop.
+    dev.wait_for_line(r'"name": "publish drone\.delivery\.requested"')
+    dev.wait_for_line(r'"name": "delivery handle drone\.drone\.assigned"')
+    trace_ids = set(re.findall(r'"trace_id": "(0x[0-9a-f]{32})"', dev.log))
+    assert len(trace_ids) == 1, trace_ids

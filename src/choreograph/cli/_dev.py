@@ -125,6 +125,19 @@ def _push_specs(configs: list[Path], url: str) -> tuple[list[ProcSpec], list[Gro
     return specs, groups
 
 
+def _metrics_ports(specs: list[ProcSpec], first: int) -> dict[str, int]:
+    """Give each service process and the gateway ``--metrics-port``, counting up from ``first``."""
+    ports: dict[str, int] = {}
+    for spec in specs:
+        if spec.argv[2:4] in (["choreograph", "run"], ["choreograph", "gateway"]):
+            number = first + len(ports)
+            if number > 65535:
+                raise ConfigurationError(f"--metrics-port {first}: not enough ports above it for {len(specs)} processes")
+            spec.argv = [*spec.argv, "--metrics-port", str(number)]
+            ports[spec.name] = number
+    return ports
+
+
 def _extra_specs(procs: list[str]) -> list[ProcSpec]:
     """``NAME=COMMAND`` processes (a Procfile line each): a Node.js service, a mock, a tunnel..."""
     specs = []
@@ -185,6 +198,14 @@ def dev(
         10.0, "--stop-timeout", help="Seconds between SIGTERM and SIGKILL on stop"
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="Log level of the services"),
+    otel: bool = typer.Option(
+        False, "--otel", envvar="CHOREOGRAPH_OTEL",
+        help="Trace the services and the gateway with OpenTelemetry (the children get CHOREOGRAPH_OTEL=1)",
+    ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=1, max=65535,
+        help="Serve Prometheus metrics from each service process and the gateway, on ports from this one up",
+    ),
 ) -> None:
     """Run every service of an App (plus gateway and journal) as separate processes, with restarts."""
     app = load_object(target)
@@ -203,6 +224,7 @@ def dev(
     gateway_target = None if no_gateway else (gateway or _find_gateway(target))
     if gateway_target is not None:
         specs.append(_gateway_spec(gateway_target, host, port))
+    metrics = _metrics_ports(specs, metrics_port) if metrics_port is not None else {}
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigurationError(
@@ -213,6 +235,9 @@ def dev(
     env.update(
         {BROKER_ENV: url, DATA_ENV: str(directory), JOURNAL_ENV: journal_store, "PYTHONUNBUFFERED": "1"}
     )
+    if otel:
+        env["CHOREOGRAPH_OTEL"] = "1"
+    env.pop("CHOREOGRAPH_METRICS_PORT", None)  # one port per process, given on each command line
     if console.is_terminal:
         env.setdefault("FORCE_COLOR", "1")
     # Children write to a pipe, where Rich would wrap at 80 columns; the prefix takes the rest.
@@ -224,6 +249,9 @@ def dev(
     def ready() -> None:
         where = f"; gateway http://{host}:{port}" if gateway_target else ""
         supervisor.say(f"{READY_LINE} {len(specs)} processes on {url}{where}", "bold green")
+        if metrics:
+            listing = ", ".join(f"{name} :{number}" for name, number in metrics.items())
+            supervisor.say(f"metrics (/metrics on 127.0.0.1): {listing}", "green")
 
     async def main() -> int:
         nonlocal supervisor

@@ -7,17 +7,26 @@ from typing import Any
 import typer
 
 from choreograph.cli._common import load_object
+from choreograph.cli._run import telemetry_options
 from choreograph.errors import ConfigurationError
+from choreograph.telemetry import Telemetry
 
 
-def asgi_app(spec: str) -> Any:
-    """The ASGI app named by ``spec``: a :class:`~choreograph.gateway.Gateway` or any ASGI callable."""
+def asgi_app(spec: str, telemetry: Telemetry | None = None) -> Any:
+    """The ASGI app named by ``spec``: a :class:`~choreograph.gateway.Gateway` or any ASGI callable.
+
+    ``telemetry`` instruments a Gateway built without its own; a plain ASGI app cannot take it.
+    """
     from choreograph.gateway import Gateway
 
     obj = load_object(spec)
     if isinstance(obj, Gateway):
+        if telemetry is not None and obj.telemetry is None:
+            obj.instrument(telemetry)
         return obj.asgi()
     if callable(obj):
+        if telemetry is not None:
+            raise ConfigurationError(f"{spec!r} is not a Gateway: --otel and --metrics-port need a choreograph Gateway")
         return obj
     raise ConfigurationError(f"{spec!r} is a {type(obj).__name__}, not a Gateway or an ASGI app")
 
@@ -27,14 +36,28 @@ def gateway(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on"),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+    otel: bool = typer.Option(
+        False, "--otel", envvar="CHOREOGRAPH_OTEL",
+        help="Trace each publish with OpenTelemetry (a PRODUCER span continuing the request's traceparent)",
+    ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=0, max=65535,
+        help="Serve Prometheus metrics (events published) on this port at /metrics (0: any free port)",
+    ),
+    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Interface for --metrics-port"),
 ) -> None:
     """Serve the gateway: POST events in, GET /transactions out, /openapi.json, /healthz."""
     try:
         import uvicorn
     except ImportError:
         raise ConfigurationError("choreograph gateway needs uvicorn (pip install 'choreograph[http]')") from None
-    app = asgi_app(target)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
+    telemetry, provider = telemetry_options("gateway", otel, metrics_port, metrics_host)
+    app = asgi_app(target, telemetry)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
+    finally:
+        if provider is not None:
+            provider.shutdown()  # export the spans still buffered
 
 
 def register(app: typer.Typer) -> None:

@@ -63,7 +63,7 @@ def run(
     transport = open_transport(url)
     names = "+".join(s.name for s in services)
     inbox = open_store(store or default_store_url(url, names))
-    telemetry, provider = _telemetry(names, otel, metrics_port, metrics_host)
+    telemetry, provider = telemetry_options(names, otel, metrics_port, metrics_host)
 
     async def main() -> None:
         worker = Worker(services, transport, store=inbox, concurrency=concurrency, drain_timeout=drain_timeout,
@@ -87,8 +87,13 @@ def run(
             provider.shutdown()  # export the spans still buffered
 
 
-def _telemetry(names: str, otel: bool, metrics_port: int | None, metrics_host: str) -> tuple[Telemetry | None, Any]:
-    """The worker's telemetry from the options (``None``: off), and the tracer provider to flush at exit."""
+def telemetry_options(
+    names: str, otel: bool, metrics_port: int | None, metrics_host: str
+) -> tuple[Telemetry | None, Any]:
+    """Telemetry from ``--otel`` / ``--metrics-port`` (``None``: off), and the tracer provider to flush at exit.
+
+    Shared by ``run`` and ``gateway``: ``names`` is the default OpenTelemetry service name.
+    """
     traces = otel and os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() != "true"
     if not traces and metrics_port is None:
         return None, None
