@@ -15,15 +15,23 @@ Rules, and why each has its severity:
   running transaction, so it is taken as available in every transaction.
 * ``unconsumed`` (warning): an event type is emitted (or is ingress) but nobody
   consumes it and it is not terminal: a dead end in the flow, or a consumer that lives
-  elsewhere (another language, a push subscriber), which lint cannot see.
+  elsewhere (another language behind a push subscription: give its config with
+  ``--push`` and it counts as a consumer; its filters are not taken into account).
+* ``shared-group`` (error): a push subscription delivers as the consumer group of a
+  service: the two would compete for the group's events, each getting some of them.
 * ``uncompensated-failure`` (warning): a handler can give up on an event that a service
   emitted (so an upstream step already happened) and nobody handles that failure
   (``on_failure`` or ``compensate(..., on=[failed(X)])``). Skipped for terminal events
   (the transaction has already ended) and for events only from outside (nothing upstream
   to undo). A warning, because some steps need no undo (a notification, a read).
 
+Push subscriptions are steps like handlers (role ``push``): each consumes its types, may
+emit what its ``emits`` declares, and can give up (the ambassador publishes
+``choreograph.failed``), so every rule sees them.
+
 Built from bare services instead of an App, ingress and terminal events are unknown:
-only ``cycle`` and ``uncompensated-failure`` run, and an ``info`` finding says so.
+only ``cycle``, ``shared-group`` and ``uncompensated-failure`` run, and an ``info``
+finding says so.
 """
 
 from __future__ import annotations
@@ -52,12 +60,26 @@ def lint(graph: FlowGraph) -> list[Finding]:
             )
         )
     findings += _cycles(graph)
+    findings += _shared_groups(graph)
     findings += _uncompensated(graph)
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.subjects))
 
 
 def _names(steps: list[Step]) -> str:
-    return ", ".join(sorted({f"{s.service}.{s.handler}" for s in steps}))
+    return ", ".join(sorted({f"push {s.service}" if s.role == "push" else f"{s.service}.{s.handler}" for s in steps}))
+
+
+def _shared_groups(graph: FlowGraph) -> list[Finding]:
+    return [
+        Finding(
+            "shared-group",
+            "error",
+            f"push subscription {name!r} delivers as the consumer group of service {name!r}: the ambassador and "
+            f"the service would compete for its events, each getting only some; give the subscription its own group",
+            (name,),
+        )
+        for name in sorted(set(graph.push) & set(graph.services))
+    ]
 
 
 def _unproduced(graph: FlowGraph) -> list[Finding]:
@@ -72,11 +94,17 @@ def _unproduced(graph: FlowGraph) -> list[Finding]:
                     "unproduced",
                     "error",
                     f"{type_} is consumed by {_names(waiting)} but no service emits it and the App does not "
-                    f"list it as ingress: that handler can never run",
+                    f"list it as ingress: {_never(waiting)}",
                     (type_, *sorted({s.service for s in waiting})),
                 )
             )
     return out
+
+
+def _never(steps: list[Step]) -> str:
+    if all(s.role == "push" for s in steps):
+        return "that subscriber never receives anything"
+    return "that handler can never run"
 
 
 def _unconsumed(graph: FlowGraph) -> list[Finding]:
@@ -101,9 +129,9 @@ def _unconsumed(graph: FlowGraph) -> list[Finding]:
 
 
 def starts_transactions(graph: FlowGraph, type_: str) -> bool:
-    """Whether an ingress event starts a transaction: an ordinary handler (not a join or a
-    compensation) consumes it."""
-    return any(s.trigger == type_ and s.via == "event" and s.role == "handler" for s in graph.steps)
+    """Whether an ingress event starts a transaction: an ordinary handler or a push subscriber
+    (not a join or a compensation) consumes it."""
+    return any(s.trigger == type_ and s.via == "event" and s.role in ("handler", "push") for s in graph.steps)
 
 
 def reachable(graph: FlowGraph, start: str, *, joining: Iterable[str] = ()) -> set[tuple[str, Via]]:

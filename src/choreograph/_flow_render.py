@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from choreograph.flow import Edge, FlowGraph, event_id, service_id
+from choreograph.flow import Edge, FlowGraph, event_id, push_id, service_id
 
 COMPENSATION_COLOUR = "#c62828"
 
@@ -24,6 +24,8 @@ _MERMAID_CLASSES = {
     "failed": "fill:#fdecea,stroke:#c62828,stroke-width:2px,color:#111",
     "runtime": "fill:#fff8e1,stroke:#b8860b,stroke-dasharray:3 3,color:#111",
 }
+#: Declared only when there are push subscribers (a flow without any draws as it always did).
+_MERMAID_PUSH_CLASS = "fill:#f3e5f5,stroke:#6a1b9a,color:#111"
 
 
 def event_class(graph: FlowGraph, type_: str) -> str:
@@ -52,6 +54,20 @@ def to_dict(graph: FlowGraph) -> dict[str, Any]:
         }
         for node in graph.events.values()
     ]
+    nodes += [
+        {
+            "id": push_id(node.name),
+            "kind": "push",
+            "label": node.name,
+            "host": node.host,
+            "url": node.url,
+            "types": list(node.types),
+            "emits": None if node.emits is None else list(node.emits),
+            "filters": list(node.filters),
+            "filter": node.filter,
+        }
+        for node in graph.push.values()
+    ]
     edges = [
         {
             "source": e.source,
@@ -59,6 +75,7 @@ def to_dict(graph: FlowGraph) -> dict[str, Any]:
             "kind": e.kind,
             "trigger": e.trigger,
             "handlers": list(e.handlers),
+            "filter": e.filter,
         }
         for e in graph.edges
     ]
@@ -90,7 +107,7 @@ def _mermaid_ids(graph: FlowGraph) -> dict[str, str]:
     used: set[str] = set()
     keys = [(service_id(n), "svc_" + n) for n in graph.services] + [
         (event_id(t), "evt_" + t) for t in graph.events
-    ]
+    ] + [(push_id(n), "push_" + n) for n in graph.push]
     for key, raw in keys:
         base = re.sub(r"[^A-Za-z0-9_]", "_", raw)
         candidate, n = base, 2
@@ -106,13 +123,20 @@ def _mermaid_text(text: str) -> str:
 
 
 def to_mermaid(graph: FlowGraph) -> str:
-    """``flowchart LR``: services as rounded boxes, events as stadiums, compensations dashed red."""
+    """``flowchart LR``: services as rounded boxes, events as stadiums, push subscribers as
+    hexagons (name and host; their filters on the edges in), compensations dashed red."""
     ids = _mermaid_ids(graph)
     lines = [f"%% choreograph flow: {_mermaid_text(graph.name)}", "flowchart LR"]
     lines += [f"    classDef {name} {style}" for name, style in _MERMAID_CLASSES.items()]
+    if graph.push:
+        lines.append(f"    classDef push {_MERMAID_PUSH_CLASS}")
     lines += [f'    {ids[service_id(n)]}("{_mermaid_text(n)}"):::service' for n in graph.services]
     lines += [
         f'    {ids[event_id(t)]}(["{_mermaid_text(t)}"]):::{event_class(graph, t)}' for t in graph.events
+    ]
+    lines += [
+        f'    {ids[push_id(n)]}{{{{"{_mermaid_text(n)}<br/>{_mermaid_text(node.host)}"}}}}:::push'
+        for n, node in graph.push.items()
     ]
     red: list[int] = []
     for index, edge in enumerate(graph.edges):
@@ -120,6 +144,8 @@ def to_mermaid(graph: FlowGraph) -> str:
         if edge.kind == "compensates":
             lines.append(f'    {source} -.->|"{_mermaid_text(edge.label)}"| {target}')
             red.append(index)
+        elif edge.label:
+            lines.append(f'    {source} -->|"{_mermaid_text(edge.label)}"| {target}')
         else:
             lines.append(f"    {source} --> {target}")
     if red:
@@ -151,11 +177,14 @@ def _dot_edge(edge: Edge) -> str:
             f' [style=dashed, color="{COMPENSATION_COLOUR}", fontcolor="{COMPENSATION_COLOUR}", '
             f"label={_dot(edge.label)}]"
         )
+    elif edge.label:
+        attrs = f" [label={_dot(edge.label)}]"
     return f"  {_dot(edge.source)} -> {_dot(edge.target)}{attrs};"
 
 
 def to_dot(graph: FlowGraph) -> str:
-    """Graphviz: services as rounded boxes, events as ovals, compensations dashed red."""
+    """Graphviz: services as rounded boxes, events as ovals, push subscribers as hexagons,
+    compensations dashed red."""
     lines = [
         f"digraph {_dot(graph.name)} {{",
         "  rankdir=LR;",
@@ -178,6 +207,11 @@ def to_dot(graph: FlowGraph) -> str:
         lines.append(
             f'  {_dot(event_id(t))} [label={_dot(t)}, shape=oval, style={style}, fillcolor="{_DOT_FILL[kind]}"];'
         )
+    lines += [
+        f"  {_dot(push_id(n))} [label={_dot(n + chr(10) + node.host)}, shape=hexagon, style=filled, "
+        'fillcolor="#f3e5f5"];'
+        for n, node in graph.push.items()
+    ]
     lines += [_dot_edge(edge) for edge in graph.edges]
     lines.append("}")
     return "\n".join(lines) + "\n"

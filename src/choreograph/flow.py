@@ -13,6 +13,10 @@ Nodes are services and event types. Edges are ``consumes`` (event type → servi
 failure handler for that type, a compensation triggered by it, or a subscription to
 ``choreograph.timedout``).
 
+Push subscriptions (``build(app, push=[...])``, ``choreograph graph --push push.toml``)
+are nodes too: an HTTP subscriber consumes its types (the edge carries its filters) and
+emits what its ``emits`` declares, so lint counts it like a service.
+
 The graph is built from :class:`Step` records, one per handler and trigger, because
 a service is too coarse for reasoning: a service that consumes A (emitting B) and C
 (emitting D) must not make D look reachable from A. Handlers the runtime installs for
@@ -24,21 +28,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
+from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.joins import JoinSpec
 from choreograph.sagas import TIMEDOUT
 from choreograph.service import App, Handler, Service
 
-__all__ = ["Edge", "EventNode", "FlowGraph", "Finding", "Step", "build", "lint"]
+if TYPE_CHECKING:
+    from choreograph.push import PushSubscription
+
+__all__ = ["Edge", "EventNode", "FlowGraph", "Finding", "PushNode", "Step", "build", "lint"]
 
 Via = Literal["event", "failure", "timeout", "step"]
 """How a step is triggered: an event of the type, the runtime's failure of an event of the
 type, the journal's ``choreograph.timedout``, or (``step``) a compensation remembering the
 step it may have to undo."""
 
-Role = Literal["handler", "join", "compensation"]
+Role = Literal["handler", "join", "compensation", "push"]
+"""``push``: a push subscription delivering the trigger to an HTTP subscriber (``service`` is its group)."""
 EdgeKind = Literal["consumes", "emits", "compensates"]
 
 RUNTIME_PREFIX = "choreograph."
@@ -60,7 +70,7 @@ class Step:
     role: Role
     emits: tuple[str, ...]
     requires: tuple[tuple[tuple[str, Via], ...], ...]
-    where: str | None = None  # the handler's CESQL filter: it runs only for matching events
+    where: str | None = None  # the handler's CESQL filter (a push subscription's filters): only matching events
 
     @property
     def can_give_up(self) -> bool:
@@ -84,19 +94,48 @@ class EventNode:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PushNode:
+    """A push subscription in the flow: an HTTP subscriber behind the push ambassador.
+
+    ``url`` is the subscriber's URL without user info, query or fragment (places a token
+    may hide: a drawing is often committed); ``emits`` is what it may answer with
+    (``None``: undeclared, so nothing is drawn); ``filters`` the subscription's filter
+    objects (spec JSON shape, ``where`` included as an ``sql`` one) and ``filter`` their
+    one-line text.
+    """
+
+    name: str
+    url: str
+    types: tuple[str, ...]
+    emits: tuple[str, ...] | None = None
+    filters: tuple[dict[str, Any], ...] = ()
+    filter: str | None = None
+
+    @property
+    def host(self) -> str:
+        """Where it is delivered (``host:port`` of the URL): its label in drawings."""
+        return urlsplit(self.url).netloc
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Edge:
     """A drawn edge. ``trigger`` says why a ``compensates`` edge fires: ``failure``, ``timeout``
-    or ``event`` (a compensation triggered by a business event)."""
+    or ``event`` (a compensation triggered by a business event). ``filter``: the filters of the
+    push subscription an edge delivers to."""
 
     source: str
     target: str
     kind: EdgeKind
     handlers: tuple[str, ...]
     trigger: Literal["event", "failure", "timeout"] | None = None
+    filter: str | None = None
 
     @property
     def label(self) -> str:
-        return {"failure": "failed", "timeout": "timed out", "event": "compensate", None: ""}[self.trigger]
+        kind = {"failure": "failed", "timeout": "timed out", "event": "compensate", None: ""}[self.trigger]
+        if self.filter is None:
+            return kind
+        return f"{kind}: {self.filter}" if kind else self.filter
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,10 +164,19 @@ def event_id(type_: str) -> str:
     return f"event:{type_}"
 
 
+def push_id(name: str) -> str:
+    return f"push:{name}"
+
+
+def step_node(step: Step) -> str:
+    """The node a step belongs to: its service, or its push subscription."""
+    return push_id(step.service) if step.role == "push" else service_id(step.service)
+
+
 @dataclasses.dataclass(slots=True)
 class FlowGraph:
-    """The flow of a set of services. ``app`` is ``False`` when built from a bare list of
-    services: then nothing is known about ingress and terminal events."""
+    """The flow of a set of services (and push subscriptions). ``app`` is ``False`` when built
+    from a bare list of services: then nothing is known about ingress and terminal events."""
 
     name: str
     services: list[str]
@@ -136,13 +184,17 @@ class FlowGraph:
     steps: list[Step]
     classes: dict[str, type[Event]]
     app: bool = True
+    push: dict[str, PushNode] = dataclasses.field(default_factory=dict)
 
     @property
     def edges(self) -> list[Edge]:
         """The drawn edges, merged per (source, target, kind, trigger), in a stable order."""
         merged: dict[tuple[str, str, EdgeKind, str | None], list[str]] = {}
+        filters: dict[str, str | None] = {}
         for step in self.steps:
-            svc = service_id(step.service)
+            svc = step_node(step)
+            if step.role == "push":
+                filters[svc] = step.where
             if step.via != "step":
                 kind: EdgeKind = (
                     "consumes" if step.via == "event" and step.role != "compensation" else "compensates"
@@ -152,7 +204,8 @@ class FlowGraph:
             for out in step.emits:
                 merged.setdefault((svc, event_id(out), "emits", None), []).append(step.handler)
         return [
-            Edge(source, target, kind, tuple(dict.fromkeys(handlers)), trigger)  # type: ignore[arg-type]
+            Edge(source, target, kind, tuple(dict.fromkeys(handlers)), trigger,  # type: ignore[arg-type]
+                 filters.get(target) if kind != "emits" else None)
             for (source, target, kind, trigger), handlers in merged.items()
         ]
 
@@ -217,8 +270,36 @@ def _step_of(handler: Handler) -> Step | None:
     return Step(handler.service, handler.name, trigger, via, "join", emits, requires)
 
 
-def build(target: App | Service | Iterable[Service], *, name: str | None = None) -> FlowGraph:
-    """The flow graph of an App (or of a list of services: then ingress and terminal are unknown)."""
+def _push_node(subscription: PushSubscription) -> PushNode:
+    compiled = subscription.filter
+    emits = None if subscription.emits is None else tuple(sorted(subscription.emits))
+    parts = urlsplit(subscription.url)
+    url = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return PushNode(
+        subscription.group, url, tuple(sorted(subscription.types)), emits,
+        tuple(compiled.source) if compiled is not None else (), compiled.text if compiled is not None else None,
+    )
+
+
+def _push_steps(node: PushNode) -> list[Step]:
+    """One step per type a push subscription delivers: it consumes the type and may emit its ``emits``
+    (and, like any consumer, give up on it: the ambassador publishes ``choreograph.failed``)."""
+    emits = tuple(t for t in node.emits or () if not t.startswith(RUNTIME_PREFIX))
+    return [
+        Step(node.name, "push", type_, via, "push", emits, (((type_, via),),), node.filter)
+        for type_ in node.types
+        for via in [_route_via(type_, False)]
+    ]
+
+
+def build(
+    target: App | Service | Iterable[Service],
+    *,
+    name: str | None = None,
+    push: Iterable[PushSubscription] = (),
+) -> FlowGraph:
+    """The flow graph of an App (or of a list of services: then ingress and terminal are unknown),
+    with the HTTP subscribers of ``push`` subscriptions (e.g. ``load_config(path).subscriptions``)."""
     if isinstance(target, App):
         services, app = list(target.services), target
     elif isinstance(target, Service):
@@ -226,6 +307,15 @@ def build(target: App | Service | Iterable[Service], *, name: str | None = None)
     else:
         services, app = list(target), None
     steps = [step for svc in services for h in svc.all_handlers() if (step := _step_of(h)) is not None]
+    pushed: dict[str, PushNode] = {}
+    for subscription in push:
+        if subscription.group in pushed:
+            raise ConfigurationError(
+                f"push subscription {subscription.group!r} is given twice: two ambassadors delivering as one "
+                "consumer group would share its events"
+            )
+        pushed[subscription.group] = _push_node(subscription)
+        steps += _push_steps(pushed[subscription.group])
     classes: dict[str, type[Event]] = {}
     for svc in services:
         for h in svc.all_handlers():
@@ -249,6 +339,7 @@ def build(target: App | Service | Iterable[Service], *, name: str | None = None)
         steps=steps,
         classes={t: c for t, c in sorted(classes.items()) if t in events},
         app=app is not None,
+        push=pushed,
     )
 
 

@@ -161,6 +161,84 @@ def test_lint_exit_status_reaches_the_shell() -> None:
     assert cli("lint", f"{HERE}:warned").returncode == 0
 
 
+# --- push subscriptions (--push CONFIG) ---------------------------------------------------------
+
+ECHO_HOOK = """
+[[subscriptions]]
+group = "echo-hook"
+types = ["test.cli.graph.echoed"]
+url = "https://hooks.example/echo"
+secret_env = "TEST_GRAPH_UNSET_SECRET"   # graph and lint read no credentials: it need not be set
+where = "subject LIKE 'eu-%'"
+"""
+
+
+def push_config(tmp_path: Path, text: str = ECHO_HOOK, name: str = "push.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_graph_json_has_the_push_node_and_its_filtered_edge(tmp_path: Path) -> None:
+    code, out, _ = run("graph", f"{HERE}:warned", "-f", "json", "--push", push_config(tmp_path))
+    assert code == 0
+    doc = json.loads(out)
+    [node] = [n for n in doc["nodes"] if n["kind"] == "push"]
+    assert (node["id"], node["label"], node["host"]) == ("push:echo-hook", "echo-hook", "hooks.example")
+    assert node["filters"] == [{"sql": "subject LIKE 'eu-%'"}]
+    [edge] = [e for e in doc["edges"] if e["target"] == "push:echo-hook"]
+    assert (edge["source"], edge["kind"], edge["filter"]) == (
+        "event:test.cli.graph.echoed", "consumes", "subject LIKE 'eu-%'"
+    )
+
+
+def test_graph_mermaid_draws_every_push_config_given(tmp_path: Path) -> None:
+    """``--push`` repeats; each subscription is a node labelled with its host."""
+    audit = push_config(tmp_path, (
+        "subscriptions:\n  - group: audit\n    types: [test.cli.graph.asked]\n    url: http://10.0.0.9:9000/in\n"
+    ), "audit.yaml")
+    code, out, _ = run("graph", f"{HERE}:warned", "--push", push_config(tmp_path), "--push", audit)
+    assert code == 0
+    assert '    push_echo_hook{{"echo-hook<br/>hooks.example"}}:::push' in out.splitlines()
+    assert '    push_audit{{"audit<br/>10.0.0.9:9000"}}:::push' in out.splitlines()
+    assert "    evt_test_cli_graph_asked --> push_audit" in out.splitlines()
+    assert '    evt_test_cli_graph_echoed -->|"subject LIKE \'eu-%\'"| push_echo_hook' in out.splitlines()
+
+
+def test_lint_counts_push_subscribers_as_consumers(tmp_path: Path) -> None:
+    """Echoed goes nowhere in Python; with its HTTP subscriber given it is no longer a dead end."""
+    code, out, _ = run("lint", f"{HERE}:warned", "--json")
+    assert [f["code"] for f in json.loads(out)["findings"]] == ["unconsumed"]
+    code, out, _ = run("lint", f"{HERE}:warned", "--json", "--push", push_config(tmp_path))
+    assert code == 0
+    assert "unconsumed" not in [f["code"] for f in json.loads(out)["findings"]]
+    code, out, _ = run("lint", f"{HERE}:clean", "--push", push_config(tmp_path))
+    assert "(1 services, 3 event types, 1 push subscription)" in " ".join(out.split())
+
+
+def test_the_polyglot_push_config_joins_the_drone_delivery_graph_without_its_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """examples/polyglot/push.toml needs DELIVERY_WEBHOOK_SECRET to push, not to be drawn."""
+    monkeypatch.delenv("DELIVERY_WEBHOOK_SECRET", raising=False)
+    monkeypatch.delenv("DELIVERY_NODE_URL", raising=False)
+    config = str(ROOT / "examples" / "polyglot" / "push.toml")
+    code, out, _ = run("graph", "examples.drone_delivery.app:app", "--push", config)
+    assert code == 0
+    lines = out.splitlines()
+    assert "    evt_drone_drone_assigned --> push_delivery_node" in lines
+    assert "    push_delivery_node --> evt_drone_delivery_scheduled" in lines
+    code, out, _ = run("lint", "examples.drone_delivery.app:app", "--push", config)
+    assert code == 0 and "no problems found" in out
+
+
+def test_a_bad_push_config_names_the_file_and_key_and_exits_2(tmp_path: Path) -> None:
+    config = push_config(tmp_path, ECHO_HOOK.replace('where = "', 'filters = [{ prefx = { type = "x" } }]\n#'))
+    result = cli("graph", f"{HERE}:warned", "--push", config)
+    assert result.returncode == 2, result.stderr
+    assert "push.toml: subscriptions[0].filters[0]: unknown dialect 'prefx'" in " ".join(result.stderr.split())
+
+
 # --- asyncapi -------------------------------------------------------------------------------------
 
 

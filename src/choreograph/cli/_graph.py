@@ -2,7 +2,9 @@
 
 All three load ``MODULE:ATTR`` (an App, a Service or a list of Services) and never touch
 a broker. Renderings go to stdout as plain text (never through Rich, whose markup would
-eat ``[...]`` in event types) or to ``--output FILE``.
+eat ``[...]`` in event types) or to ``--output FILE``. ``graph`` and ``lint`` also take
+``--push CONFIG`` (repeatable): the push subscriptions of ``choreograph push --config``
+files join the flow as consumers (read without their secrets: none need to be set).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from choreograph._push_config import load_config
 from choreograph.asyncapi import asyncapi_document
 from choreograph.cli._common import console, err_console, load_services
 from choreograph.flow import FlowGraph, build, lint
@@ -29,6 +32,13 @@ Target = Annotated[
     ),
 ]
 Output = Annotated[Path | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout")]
+PushConfigs = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--push", "-p", metavar="CONFIG",
+        help="A `choreograph push --config` file (TOML/YAML): its subscriptions join the flow (repeatable)",
+    ),
+]
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
@@ -38,10 +48,13 @@ class Format(enum.StrEnum):
     json = "json"
 
 
-def _graph_of(target: str) -> FlowGraph:
+def _graph_of(target: str, push: list[Path] | None = None) -> FlowGraph:
     services, app = load_services(target)
+    subscriptions = [sub for path in push or () for sub in load_config(path, credentials=False).subscriptions]
     return build(
-        app if app is not None else services, name=None if app is not None else target.partition(":")[2]
+        app if app is not None else services,
+        name=None if app is not None else target.partition(":")[2],
+        push=subscriptions,
     )
 
 
@@ -58,9 +71,10 @@ def graph(
     target: Target,
     format: Annotated[Format, typer.Option("--format", "-f", help="mermaid, dot or json")] = Format.mermaid,
     output: Output = None,
+    push: PushConfigs = None,
 ) -> None:
     """Draw the flow: services, event types, and the consumes/emits/compensates edges between them."""
-    flow = _graph_of(target)
+    flow = _graph_of(target, push)
     text = {Format.mermaid: flow.to_mermaid, Format.dot: flow.to_dot, Format.json: flow.to_json}[format]()
     _emit(text, output)
 
@@ -68,12 +82,13 @@ def graph(
 def lint_command(
     target: Target,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON")] = False,
+    push: PushConfigs = None,
 ) -> None:
     """Check the flow: dead ends, missing producers, cycles, uncompensated failures, endless transactions.
 
     Exits with status 1 when there is at least one error (warnings alone exit 0).
     """
-    flow = _graph_of(target)
+    flow = _graph_of(target, push)
     findings = lint(flow)
     errors = sum(f.severity == "error" for f in findings)
     warnings = sum(f.severity == "warning" for f in findings)
@@ -99,6 +114,8 @@ def lint_command(
                 )
             console.print(table, highlight=False)
         size = f"{len(flow.services)} services, {len(flow.events)} event types"
+        if flow.push:
+            size += f", {len(flow.push)} push subscription{'s' * (len(flow.push) != 1)}"
         if errors or warnings:
             mark = "[bold red]✗[/]" if errors else "[yellow]![/]"
             counts = f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
