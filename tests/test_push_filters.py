@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -385,3 +387,14 @@ async def test_a_config_file_with_filters_drives_the_ambassador(tmp_path: Path) 
             await settled(bus)
     assert [r.headers["ce-id"] for r in hook.requests] == ["urgent"]
     assert ambassador.stats().filtered == 2
+
+
+def test_the_cli_where_option_is_checked_before_anything_runs() -> None:
+    """``choreograph push --where`` is the options' subscription's filter: a bad one exits 2, naming it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "choreograph", "push", "--broker", "memory://", "--group", GROUP, "--type", TYPE,
+         "--url", "http://127.0.0.1:9/", "--where", "hops <"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "options.where: not a valid CESQL expression" in " ".join(result.stderr.split())
