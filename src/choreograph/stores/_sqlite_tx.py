@@ -8,6 +8,7 @@ and the outbox rows, releases the unit's savepoint and returns once the group's
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -111,7 +112,10 @@ class SQLiteTx(TxConnection):
         finally:
             await self._finish()
         if fresh and self.batch is not None:
-            await self.batch.durable  # acked only once the real COMMIT happened (a Durable: never torn off)
+            # Acked only once the real COMMIT happened. Shielded: a cancelled unit must not
+            # cancel the future every unit of the batch waits on, and must not wait for a
+            # commit that may never come (a flusher cancelled at shutdown).
+            await asyncio.shield(self.batch.durable)
         return fresh
 
     async def rollback(self) -> None:

@@ -44,28 +44,11 @@ T = TypeVar("T")
 _SAVEPOINT = "choreograph_unit"
 
 
-class Durable(asyncio.Future[None]):
-    """Done when a batch's ``COMMIT`` happened (or failed); awaited by all of its units.
-
-    It refuses ``cancel()``: a unit's task cancelled while it waits is not torn off the
-    shared future (which would fail the batch for every other unit) but gets its
-    ``CancelledError`` as soon as the commit is decided -- what ``asyncio.shield`` would
-    give, without a second future and two callbacks per unit. :meth:`discard` drops a
-    batch nobody waits for.
-    """
-
-    def cancel(self, msg: object = None) -> bool:
-        return False
-
-    def discard(self) -> None:
-        super().cancel()
-
-
 @dataclasses.dataclass(slots=True)
 class Batch:
     """The open SQLite transaction: units that ended well, waiting for one ``COMMIT``."""
 
-    durable: Durable
+    durable: asyncio.Future[None]
     woken: set[str] = dataclasses.field(default_factory=set)  # services whose outbox got rows
 
 
@@ -158,7 +141,7 @@ class SQLiteWriter:
         db = self.connection()
         if self._batch is None:
             await self._begin_immediate(db)
-            durable = Durable()
+            durable = asyncio.get_running_loop().create_future()
             durable.add_done_callback(_retrieve)
             self._batch = Batch(durable)
             self._savepoint = False  # alone in the transaction: undoing it is a plain ROLLBACK
@@ -183,7 +166,7 @@ class SQLiteWriter:
         if not self._savepoint:
             batch, self._batch = self._batch, None
             if batch is not None:
-                batch.durable.discard()  # it held only this unit: nobody waits for it
+                batch.durable.cancel()  # it held only this unit: nobody waits for it
             self.run(lambda d: d.execute("ROLLBACK"))
             return
         try:
@@ -233,7 +216,7 @@ class SQLiteWriter:
             self.leave(keep=True)
         finally:
             await self.release()
-        await batch.durable
+        await asyncio.shield(batch.durable)
         return result
 
     # -- SQLite transactions ------------------------------------------------------------
