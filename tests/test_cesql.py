@@ -188,3 +188,12 @@ def test_identifiers_and_keywords_are_case_insensitive_and_the_references_are_kn
     assert expression.references == frozenset({"subject", "source"})
     assert expression.type == "Boolean"
     assert expression.matches({"subject": "s", "source": "/SHOP/orders"})
+
+
+def test_a_digit_string_too_long_for_any_integer_is_a_cast_error_not_an_exception() -> None:
+    # int() refuses strings over 4,300 digits; an attribute value must never make a filter raise
+    # (the worker would fail to settle that event, forever).
+    value, errors = compile("INT(subject)").evaluate({"subject": "9" * 5000})
+    assert value == 0 and [e.kind for e in errors] == [ErrorKind.CAST]
+    assert not compile("subject = 5").matches({"subject": "9" * 5000})
+    assert compile("INT(subject) = 1").matches({"subject": "0" * 5000 + "1"})  # leading zeros are fine

@@ -328,3 +328,20 @@ async def test_an_event_filtered_out_is_acked_whatever_its_payload(bus: MemoryTr
     assert seen == ["eu-ok"]
     assert [letter.record["envelope"]["id"] for letter in await bus.dead_letters("eu-only")] == ["eu-bad"]
     assert (stats.handled, stats.filtered, stats.dead_lettered) == (1, 1, 1)
+
+
+async def test_an_attribute_no_filter_can_read_is_filtered_out_not_stuck(bus: MemoryTransport) -> None:
+    # A 5,000-digit subject once made the integer cast raise out of the filter: the delivery
+    # was never settled and came back after every lease.
+    svc = Service("numbers")
+
+    @svc.on(Placed, where="subject = 5")
+    async def handle(order: Placed) -> None:
+        raise AssertionError("must not run")
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="x"), subject="9" * 5000)
+        await settled(bus)
+        stats = worker.stats("numbers")
+    assert (stats.filtered, stats.dead_lettered) == (1, 0)
+    assert bus.pending() == (0, None)

@@ -66,8 +66,12 @@ def to_integer(value: Value, errors: list[EvaluationError], pos: int) -> int:
         return 1 if value else 0
     if isinstance(value, int):
         return value
-    if _INTEGER.fullmatch(value) and INT_MIN <= (number := int(value)) <= INT_MAX:
-        return number
+    # A 32-bit integer has at most 10 digits after its sign and leading zeros; only those go
+    # to int(), which refuses strings of more than 4,300 digits (leading zeros included).
+    if _INTEGER.fullmatch(value):
+        digits = value.lstrip("+-").lstrip("0") or "0"
+        if len(digits) <= 10 and INT_MIN <= (number := int(digits) * (-1 if value[0] == "-" else 1)) <= INT_MAX:
+            return number
     cast_error(errors, pos, value, "Integer")
     return 0
 

@@ -87,9 +87,17 @@ class Expression:
         return value, errors
 
     def matches(self, attributes: Mapping[str, Any]) -> bool:
-        """Whether an event with these attributes passes the filter: ``true`` and no error."""
+        """Whether an event with these attributes passes the filter: ``true`` and no error.
+
+        Never raises: a filter decides on events from the outside world, so anything the
+        evaluation trips over (an attribute value no CESQL type can hold, ...) is a
+        "no match", as evaluation errors are, rather than an event that can never settle.
+        """
         errors: list[EvaluationError] = []
-        return self._fn(attributes, errors) is True and not errors
+        try:
+            return self._fn(attributes, errors) is True and not errors
+        except Exception:
+            return False
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
