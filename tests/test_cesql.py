@@ -197,3 +197,12 @@ def test_a_digit_string_too_long_for_any_integer_is_a_cast_error_not_an_exceptio
     assert value == 0 and [e.kind for e in errors] == [ErrorKind.CAST]
     assert not compile("subject = 5").matches({"subject": "9" * 5000})
     assert compile("INT(subject) = 1").matches({"subject": "0" * 5000 + "1"})  # leading zeros are fine
+
+
+def test_a_bare_attribute_filter_matches_the_string_true_as_cesql_casts_it() -> None:
+    # Extensions that arrive as HTTP headers are strings: where="urgent" must read "true".
+    urgent = compile("urgent")
+    assert urgent.matches({"urgent": True})
+    assert urgent.matches({"urgent": "true"}) and urgent.matches({"urgent": "TRUE"})
+    assert not urgent.matches({"urgent": "false"}) and not urgent.matches({"urgent": "yes"})
+    assert not urgent.matches({})

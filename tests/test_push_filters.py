@@ -398,3 +398,8 @@ def test_the_cli_where_option_is_checked_before_anything_runs() -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "options.where: not a valid CESQL expression" in " ".join(result.stderr.split())
+
+
+def test_an_attribute_name_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        compile_filters([{"exact": {"type\n": "x"}}])

@@ -199,7 +199,7 @@ def _attribute_filter(dialect: str, value: Any, where: str) -> _Compiled:
     for name, wanted in value.items():
         if not isinstance(name, str) or not name:
             raise FilterError(where, "an attribute name must not be empty")
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise FilterError(f"{where}.{name}", "not a CloudEvents attribute name (lower-case letters a-z "
                                                  "and digits only), so it would never match")
         if not isinstance(wanted, str):

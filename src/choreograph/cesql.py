@@ -95,9 +95,14 @@ class Expression:
         """
         errors: list[EvaluationError] = []
         try:
-            return self._fn(attributes, errors) is True and not errors
+            value = self._fn(attributes, errors)
         except Exception:
             return False
+        if isinstance(value, str) and self.type is None:
+            # An untyped expression (a bare attribute: ``where="urgent"``) is cast to Boolean as
+            # CESQL casts a String: "true"/"false" in any case; anything else is no match.
+            value = value.lower() == "true"
+        return value is True and not errors
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"

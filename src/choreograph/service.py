@@ -196,7 +196,7 @@ class Service:
         ``where`` is a CESQL filter on the event's CloudEvents attributes (``subject``,
         ``source``, ``hops``, ``correlationid``, any extension...), compiled here: an event
         that does not match is acked without running the handler (not retried, not
-        dead-lettered). Its payload is still validated first.
+        dead-lettered), before its payload is validated.
 
         >>> @eu.on(OrderPlaced, where="subject LIKE 'eu-%' AND hops < 5")   # doctest: +SKIP
         """
