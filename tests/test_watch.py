@@ -402,3 +402,17 @@ def test_bad_input_prints_one_clear_line_and_exits_2(args: list[str], needle: st
     assert "Traceback" not in result.stderr
     assert needle in " ".join(result.stderr.split())
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["watch", "--once"], ["transactions"], ["trace", "some-id"]])
+def test_a_mistyped_sqlite_journal_path_is_an_error_and_nothing_is_created(
+    command: list[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "typo" / "journal.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "choreograph", *command, "--journal", f"sqlite:///{missing}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"no journal at {missing}" in " ".join(result.stderr.split())
+    assert not missing.parent.exists()

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +40,22 @@ _KIND_STYLE = {"completed": "green", "failed": "red", "failure": "bold red", "ti
 
 def journal_url(value: str | None) -> str:
     return value or os.environ.get(JOURNAL_ENV) or DEFAULT_JOURNAL
+
+
+def existing_journal_url(value: str | None) -> str:
+    """:func:`journal_url` for commands that only read the journal: a SQLite journal file that
+    does not exist is an error (a mistyped path), not a new empty journal created there."""
+    url = journal_url(value)
+    if url.startswith("sqlite:"):
+        from choreograph.stores.sqlite import sqlite_path
+
+        path = sqlite_path(url)
+        if path != ":memory:" and not Path(path).exists():
+            raise ConfigurationError(
+                f"no journal at {path} (from {url}): start `choreograph journal` or `choreograph dev`, "
+                f"or point --journal / {JOURNAL_ENV} at its file"
+            )
+    return url
 
 
 JournalOption = typer.Option(
@@ -111,7 +128,7 @@ def trace(
     json: bool = typer.Option(False, "--json", help="Machine-readable output"),
 ) -> None:
     """Show one transaction: status and causation tree with timings."""
-    url = journal_url(journal)
+    url = existing_journal_url(journal)
     tx: Transaction | None = run_async(_query(url, lambda j: j.transaction(correlation_id)))
     if tx is None:
         raise ConfigurationError(f"no transaction {correlation_id!r} in the journal {url}")
@@ -134,7 +151,7 @@ def transactions(
     if status is not None and status not in STATUSES:
         raise ConfigurationError(f"--status {status!r}: expected one of {', '.join(STATUSES)}")
     wanted: Status | None = next((s for s in STATUSES if s == status), None)
-    found: list[Transaction] = run_async(_query(journal_url(journal), lambda j: j.transactions(wanted, limit)))
+    found: list[Transaction] = run_async(_query(existing_journal_url(journal), lambda j: j.transactions(wanted, limit)))
     if json:
         _dump([tx.to_dict() for tx in found])
         return

@@ -30,7 +30,7 @@ from rich.text import Text
 from choreograph._journal_store import JournalStore, open_journal_store
 from choreograph._watch_model import EdgeTraffic, Snapshot, TransactionRow, read_snapshot
 from choreograph.cli._common import console, err_console, load_services, run_async
-from choreograph.cli._trace import _STATUS_STYLE, JournalOption, journal_url
+from choreograph.cli._trace import _STATUS_STYLE, JournalOption, existing_journal_url
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.flow import FlowGraph, build
 
@@ -236,7 +236,7 @@ def watch(
     if limit < 1:
         raise ConfigurationError(f"--limit {limit}: expected at least 1")
     graph = _graph_of(target) if target else None
-    store = open_journal_store(journal_url(journal))
+    store = open_journal_store(existing_journal_url(journal))
     watcher = _Watch(store, graph, window, limit, json)
 
     async def main() -> None:
