@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -290,9 +291,10 @@ async def test_a_service_with_a_database_emits_through_its_outbox_under_the_hand
     async with Worker([payment, sink], bus, telemetry=telemetry):
         await Publisher(bus).publish(Placed(order_id="o-1"))
         await settled(bus)
-        for _ in range(200):  # the relay publishes after the commit, on its own task
+        for _ in range(6000):  # the relay publishes after the commit, on its own task (up to 30 s)
             if shipped:
                 break
+            await asyncio.sleep(0.005)
             await settled(bus)
     spans = consumer_spans(exporter)
     pay, rec = spans["payment handle test.telemetry.placed"], spans["sink handle test.telemetry.charged"]
@@ -419,7 +421,11 @@ def test_choreograph_run_serves_metrics_and_exports_one_trace_per_transaction(tm
         assert 'choreograph_handlers_in_flight{service="payment"} 0.0' in text
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leave the worker behind
+            out, err = proc.communicate()
     assert proc.returncode == 0, err
     spans = _json_objects(out)
     names = {span["name"] for span in spans}

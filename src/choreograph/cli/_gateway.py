@@ -41,7 +41,7 @@ def gateway(
         help="Trace each publish with OpenTelemetry (a PRODUCER span continuing the request's traceparent)",
     ),
     metrics_port: int | None = typer.Option(
-        None, "--metrics-port", min=0, max=65535,
+        None, "--metrics-port", envvar="CHOREOGRAPH_METRICS_PORT", min=0, max=65535,
         help="Serve Prometheus metrics (events published) on this port at /metrics (0: any free port)",
     ),
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Interface for --metrics-port"),
