@@ -232,3 +232,11 @@ def test_an_app_without_handlers_is_still_a_valid_document() -> None:
     assert (doc["channels"], doc["operations"]) == ({}, {})
     schema = json.loads(SCHEMA_PATH.read_text())
     assert jsonschema.Draft7Validator(schema).is_valid(doc)
+
+
+def test_a_push_subscriber_of_a_type_without_an_event_class_does_not_break_the_document() -> None:
+    from choreograph.flow import build
+    from choreograph.push import PushSubscription
+
+    doc = asyncapi_document(build([Service("lonely")], push=[PushSubscription("x", ["other.type"], "http://h/")]))
+    assert "other.type" not in {channel["address"] for channel in doc["channels"].values()}

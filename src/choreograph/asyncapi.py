@@ -154,8 +154,8 @@ def asyncapi_document(
     def operation(service: str, action: str, type_: str, summary: str) -> None:
         verb = "receive" if action == "receive" else "send"
         op_id = _key(f"{service}.{verb}.{type_}")
-        if op_id in operations:
-            return
+        if op_id in operations or type_ not in channel_of:
+            return  # (a type with no Event class, e.g. one only a push subscriber names: no channel to point at)
         key = channel_of[type_]
         operations[op_id] = {
             "action": action,
