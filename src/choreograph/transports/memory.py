@@ -5,9 +5,6 @@ fan-out, competing consumers, attempts, delayed retries, leases and dead letters
 behave as on a real broker, on whatever :class:`~choreograph._clock.Clock` it is given
 (a :class:`~choreograph.testing.VirtualClock` makes backoffs and lease expiry instant).
 
-A published body is stored as a right-sized copy: orjson 3.12+ returns small ``bytes`` in a
-4 KiB allocation, which a queue holding thousands of events would otherwise keep.
-
 Two ``MemoryTransport`` objects opened on the same ``memory://name`` URL in one process
 share one bus, so "reopen" works as it does for durable brokers. Order within a group
 is publish order, except for retried and redelivered messages.
@@ -225,12 +222,9 @@ class MemoryTransport(Transport):
         self._check()
         groups = self.bus.groups.values()
         for message in messages:
-            stored = None
             for group in groups:
                 if matches(group.types, message.type):
-                    if stored is None:  # kept until every group consumed it: hold only its bytes
-                        stored = Message(message.id, message.type, bytes(memoryview(message.body)))
-                    group.ready.append(_Entry(stored, 1))
+                    group.ready.append(_Entry(message, 1))
                     group.wakeup.set()
 
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
