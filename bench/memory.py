@@ -5,10 +5,12 @@ Each figure comes from a fresh child process (RSS from ``/proc/self/status``: ``
 
 * ``import``: resident size after importing choreograph (pydantic, orjson, the runtime),
   against a bare interpreter that imports only orjson.
-* ``floor`` vs ``memory``: the 3-hop chain of bench/chain.py, N events published up front,
-  as the plain-asyncio floor and on choreograph's memory:// transport. ``peak_growth_mb``
-  is the peak over the process's size just before the run; both hold the whole backlog
-  in their queues, so the ratio is what choreograph adds per queued and in-flight event.
+* ``floor`` vs ``memory``: the 3-hop chain of bench/chain.py (N events) as the plain-asyncio
+  floor and on choreograph's memory:// transport; ``peak_growth_mb`` is the peak over the
+  process's size just before the run. The floor keeps up with its publisher, memory://
+  does not (a backlog builds), so these peaks are not per-event figures: ``queued`` is.
+* ``queued``: N events held unconsumed, in the floor's asyncio.Queue of JSON bodies and on
+  a memory:// bus: resident bytes per queued event, and the ratio.
 * ``soak``: one memory:// worker (inbox in a SQLite file, as ``choreograph run`` keeps it:
   an in-memory inbox holds each processed id for the retention period by design) kept
   running for ``--rounds`` rounds of N/4 events each;
@@ -101,6 +103,46 @@ def child_run(what: str, n: int) -> dict[str, Any]:
     gc.collect()
     return {"start_mb": _mb(start), "peak_mb": _mb(peak), "peak_growth_mb": _mb(peak - start),
             "after_mb": _mb(_status("VmRSS")), "events_per_s": figures["events_per_s"]}
+
+
+async def _queued(what: str, n: int) -> None:
+    """Hold ``n`` events queued and unconsumed, as each path would: the floor's asyncio.Queue
+    of JSON bodies, or a memory:// bus with one group that nobody consumes yet."""
+    import orjson
+
+    from bench.chain_app import Hop0
+    from choreograph import Publisher
+    from choreograph.transports.memory import MemoryTransport
+
+    held: list[Any] = []
+    if what == "floor":
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(orjson.dumps({"specversion": "1.0", "id": str(i), "source": "/bench", "type": "bench.hop0",
+                                           "time": "2026-01-01T00:00:00Z", "correlationid": str(i), "hops": 0,
+                                           "data": {"n": i, "t0": time.time()}}))
+        held.append(queue)
+    else:
+        bus = MemoryTransport()
+        held.append(await bus.subscribe("hop1", ["bench.hop0"]))
+        publisher = Publisher(bus, source="/bench")
+        for first in range(0, n, 500):
+            await publisher.publish(*(Hop0(n=i, t0=time.time()) for i in range(first, min(n, first + 500))))
+        held.append(bus)
+    gc.collect()
+    _HELD.extend(held)
+
+
+_HELD: list[Any] = []
+
+
+def child_queued(what: str, n: int) -> dict[str, Any]:
+    _prepare_chain()
+    gc.collect()
+    start = _status("VmRSS")
+    asyncio.run(_queued(what, n))
+    grown = _status("VmRSS") - start
+    return {"queued": n, "rss_growth_mb": _mb(grown), "bytes_per_queued_event": round(grown / n)}
 
 
 async def _soak_floor(rounds: int, n: int, sample: Any) -> None:
@@ -226,6 +268,8 @@ def main() -> None:
             out = child_import(rest[0])
         elif what == "run":
             out = child_run(rest[0], int(rest[1]))
+        elif what == "queued":
+            out = child_queued(rest[0], int(rest[1]))
         elif what == "soak":
             out = child_soak(rest[0], int(rest[1]), int(rest[2]))
         else:
@@ -240,9 +284,10 @@ def main() -> None:
     floor = run_child("run", "floor", str(n))
     memory = run_child("run", "memory", str(n))
     report["floor"], report["memory"] = floor, memory
-    report["memory_vs_floor_peak_growth"] = round(memory["peak_growth_mb"] / max(0.01, floor["peak_growth_mb"]), 2)
-    report["memory_extra_bytes_per_queued_event"] = round(
-        (memory["peak_growth_mb"] - floor["peak_growth_mb"]) * MB / n)
+    queued_floor, queued_memory = run_child("queued", "floor", str(n)), run_child("queued", "memory", str(n))
+    report["queued"] = {"floor": queued_floor, "memory": queued_memory,
+                        "memory_vs_floor": round(queued_memory["bytes_per_queued_event"]
+                                                 / max(1, queued_floor["bytes_per_queued_event"]), 2)}
     report["soak"] = {"events_per_round": soak_n, "rounds": rounds,
                       "floor": run_child("soak", "floor", str(rounds), str(soak_n)),
                       "memory": run_child("soak", "memory", str(rounds), str(soak_n))}
