@@ -13,18 +13,14 @@ from choreograph import Publisher, Worker
 from choreograph.stores.joins_postgres import PostgresJoinStore
 from choreograph.stores.postgres import PostgresStore
 from choreograph.testing import VirtualClock, settled
-from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+from tests.stores._databases import fresh_postgres_url
 from tests.test_joins import Paid, Reserved, SpyBus, shipped, shipping
 
 
 @pytest.fixture
 async def url() -> AsyncIterator[str]:
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
+    async with fresh_postgres_url() as url:
         yield url
-    finally:
-        await drop_schema(url, schema)
 
 
 async def test_a_worker_keeps_its_joins_in_its_postgresql_inbox_schema_across_restarts(url: str) -> None:

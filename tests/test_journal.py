@@ -19,7 +19,7 @@ from choreograph.errors import ConfigurationError
 from choreograph.journal import JOURNAL_GROUP, TIMEDOUT, Journal, JournalStore, open_journal_store
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
-from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+from tests.stores._databases import backend_url
 
 
 class Requested(Event, type="test.journal.requested"):
@@ -105,15 +105,8 @@ def bus(clock: VirtualClock) -> SpyBus:
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param != "postgres":
-        yield "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/journal.db"
-        return
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
+    async with backend_url(request.param, tmp_path, "journal.db") as url:
         yield url
-    finally:
-        await drop_schema(url, schema)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from examples.shop.shipping import SHIPPING_WAIT, shipping
 import choreograph.testing
 from choreograph import ConfigurationError, Event, Reject, RetryPolicy, Service, TimedOut, failed, timed_out
 from choreograph.testing import Scenario, VirtualClock
-from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+from tests.stores._databases import fresh_postgres_url
 
 
 @pytest.fixture(autouse=True)
@@ -271,12 +271,8 @@ async def test_a_data_dir_given_keeps_the_databases(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def postgres() -> AsyncIterator[str]:
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
+    async with fresh_postgres_url() as url:
         yield url
-    finally:
-        await drop_schema(url, schema)
 
 
 async def test_databases_puts_a_service_on_the_database_named(postgres: str) -> None:

@@ -27,7 +27,7 @@ from choreograph.errors import ConfigurationError
 from choreograph.flow import build
 from choreograph.journal import Journal
 from choreograph.testing import MemoryTransport, VirtualClock, settled
-from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+from tests.stores._databases import backend_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,19 +115,13 @@ async def run_modes(store: str | JournalStore, clock: VirtualClock, modes: tuple
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JournalStore]:
-    if request.param == "postgres":
-        schema = fresh_schema()
-        url = postgres_url(schema)
-    else:
-        url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/journal.db"
-    opened = open_journal_store(url)
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
-        if request.param == "postgres":
-            await drop_schema(url, schema)
+    async with backend_url(request.param, tmp_path, "journal.db") as url:
+        opened = open_journal_store(url)
+        await opened.open()
+        try:
+            yield opened
+        finally:
+            await opened.close()
 
 
 @pytest.fixture

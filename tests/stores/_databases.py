@@ -1,13 +1,15 @@
 """Service databases for tests: a SQLite file, or a private schema in the local PostgreSQL.
 
 ``database_url`` is parametrised over both backends; the PostgreSQL one skips (or fails
-under CI) when the server is unreachable, and drops its schema afterwards.
+under CI) when the server is unreachable, and drops its schema afterwards. ``fresh_postgres_url`` and
+``backend_url`` give the same databases to fixtures that build their own store on them.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -38,6 +40,27 @@ async def drop_schema(url: str, schema: str) -> None:
         await conn.close()
 
 
+@asynccontextmanager
+async def fresh_postgres_url() -> AsyncIterator[str]:
+    """The test PostgreSQL URL on a fresh schema, dropped on leaving."""
+    schema = fresh_schema()
+    url = postgres_url(schema)
+    try:
+        yield url
+    finally:
+        await drop_schema(url, schema)
+
+
+@asynccontextmanager
+async def backend_url(kind: str, tmp_path: Path, name: str) -> AsyncIterator[str]:
+    """A fresh database URL of ``kind`` (``memory``, ``sqlite`` as ``tmp_path / name``, or ``postgres``)."""
+    if kind == "postgres":
+        async with fresh_postgres_url() as url:
+            yield url
+    else:
+        yield "memory://" if kind == "memory" else f"sqlite:///{tmp_path / name}"
+
+
 def sqlite_url(tmp_path: Path, name: str = "state.db", **params: str) -> str:
     query = "&".join(f"{k}={v}" for k, v in params.items())
     return f"sqlite:///{tmp_path / name}" + (f"?{query}" if query else "")
@@ -49,20 +72,12 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     if request.param == "sqlite":
         yield sqlite_url(tmp_path, relay_lease="1")
         return
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
+    async with fresh_postgres_url() as url:
         yield url
-    finally:
-        await drop_schema(url, schema)
 
 
 @pytest.fixture
 async def postgres_database_url() -> AsyncIterator[str]:
     """A fresh PostgreSQL service database URL (for behaviour only PostgreSQL has)."""
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
+    async with fresh_postgres_url() as url:
         yield url
-    finally:
-        await drop_schema(url, schema)

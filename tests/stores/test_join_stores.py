@@ -16,27 +16,14 @@ from choreograph.stores.joins_base import Arrival, JoinKey, JoinStore, join_stor
 from choreograph.stores.joins_memory import MemoryJoinStore
 from choreograph.stores.joins_postgres import PostgresJoinStore
 from choreograph.stores.joins_sqlite import SQLiteJoinStore
-from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+from tests.stores._databases import backend_url
 
 KEY = JoinKey("shipping", "ship", "tx-1")
 
 
-async def _database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database URL of ``kind``; a PostgreSQL schema is dropped afterwards."""
-    if kind != "postgres":
-        yield "memory://" if kind == "memory" else f"sqlite:///{tmp_path / 'joins.db'}"
-        return
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
-        yield url
-    finally:
-        await drop_schema(url, schema)
-
-
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JoinStore]:
-    async for url in _database(request.param, tmp_path):
+    async with backend_url(request.param, tmp_path, "joins.db") as url:
         store = open_join_store(url)
         await store.open()
         yield store
@@ -46,7 +33,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 @pytest.fixture(params=["sqlite", "postgres"])
 async def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A database several stores (replicas) open at once."""
-    async for url in _database(request.param, tmp_path):
+    async with backend_url(request.param, tmp_path, "joins.db") as url:
         yield url
 
 

@@ -16,17 +16,13 @@ from choreograph._journal_model import JournalEntry
 from choreograph._journal_postgres import PostgresJournalStore
 from choreograph.journal import open_journal_store
 from choreograph.stores._pg import parse_url
-from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+from tests.stores._databases import fresh_postgres_url
 
 
 @pytest.fixture
 async def url() -> AsyncIterator[str]:
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
+    async with fresh_postgres_url() as url:
         yield url
-    finally:
-        await drop_schema(url, schema)
 
 
 @pytest.fixture

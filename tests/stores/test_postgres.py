@@ -12,17 +12,13 @@ from choreograph.stores import open_store
 from choreograph.stores._pg import create_pool, migrate, parse_url
 from choreograph.stores.base import ErrorInfo
 from choreograph.stores.postgres import PostgresStore
-from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+from tests.stores._databases import fresh_postgres_url
 
 
 @pytest.fixture
 async def url() -> AsyncIterator[str]:
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
+    async with fresh_postgres_url() as url:
         yield url
-    finally:
-        await drop_schema(url, schema)
 
 
 @pytest.fixture

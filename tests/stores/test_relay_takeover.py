@@ -21,7 +21,7 @@ import pytest
 
 from choreograph.stores.state import StateStore, open_database
 from choreograph.transports.base import Message
-from tests.stores._databases import drop_schema, fresh_schema, postgres_url, sqlite_url
+from tests.stores._databases import fresh_postgres_url, sqlite_url
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +47,8 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     if request.param == "sqlite":
         yield "sqlite", sqlite_url(tmp_path) + "?relay_lease={lease}"
         return
-    schema = fresh_schema()
-    url = postgres_url(schema)
-    try:
+    async with fresh_postgres_url() as url:
         yield "postgresql", url
-    finally:
-        await drop_schema(url, schema)
 
 
 async def committed(db: StateStore, *messages: Message) -> None:
