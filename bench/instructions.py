@@ -37,16 +37,23 @@ def _child(what: str, n: int) -> None:
         asyncio.run(memory_run(n, 256))
 
 
-def instructions(what: str, n: int) -> int:
+def callgrind_instructions(script: str, child: str, n: int) -> int:
+    """Instructions callgrind counts for ``python script --child child --n n`` (bench/telemetry.py uses it too)."""
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-         "--child", what, "--n", str(n)],
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, script,
+         "--child", child, "--n", str(n)],
         capture_output=True, text=True, check=True,
     )
     found = re.search(r"Collected : (\d+)", out.stderr)
     if found is None:
-        raise RuntimeError(f"no callgrind total for {what}: {out.stderr[-500:]}")
+        raise RuntimeError(f"no callgrind total for {child}: {out.stderr[-500:]}")
     return int(found.group(1))
+
+
+def instructions(what: str, n: int) -> int:
+    return callgrind_instructions(__file__, what, n)
 
 
 def main() -> None:
@@ -57,8 +64,6 @@ def main() -> None:
     if args.child:
         _child(args.child, args.n)
         return
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     base = instructions("none", args.n)
     floor = (instructions("floor", args.n) - base) / args.n
     memory = (instructions("memory", args.n) - base) / args.n

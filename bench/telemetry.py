@@ -24,15 +24,16 @@ import argparse
 import asyncio
 import json
 import platform
-import re
-import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.instructions import callgrind_instructions  # noqa: E402
+
 MODES = ("off", "metrics", "traces", "both")
 
 
@@ -71,23 +72,10 @@ async def _chain(n: int, telemetry: Any) -> None:
 
 
 def _child(mode: str, n: int) -> None:
-    sys.path.insert(0, str(ROOT))
     telemetry, provider = _telemetry(mode if mode != "none" else "both")
     if mode != "none":
         asyncio.run(_chain(n, telemetry))
     provider.shutdown()
-
-
-def instructions(mode: str, n: int) -> int:
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-         "--child", mode, "--n", str(n)],
-        capture_output=True, text=True, check=True,
-    )
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if found is None:
-        raise RuntimeError(f"no callgrind total for {mode}: {out.stderr[-500:]}")
-    return int(found.group(1))
 
 
 def main() -> None:
@@ -99,11 +87,9 @@ def main() -> None:
     if args.child:
         _child(args.child, args.n)
         return
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     modes = [m for m in args.modes.split(",") if m]
-    base = instructions("none", args.n)
-    per_event = {mode: (instructions(mode, args.n) - base) / args.n for mode in modes}
+    base = callgrind_instructions(__file__, "none", args.n)
+    per_event = {mode: (callgrind_instructions(__file__, mode, args.n) - base) / args.n for mode in modes}
     result: dict[str, Any] = {
         "bench": "telemetry", "hops": 3, "n": args.n, "python": platform.python_version(),
         "instructions_per_event": {mode: round(v) for mode, v in per_event.items()},
