@@ -59,19 +59,22 @@ class SpyBus(MemoryTransport):
         return [m for m in self.published if m.type == type_]
 
 
+async def charge(req: Requested) -> Charged | Declined | None:
+    """payment's handler (in tests/test_watch.py's app too): charges, declines, stalls or rejects, by ``mode``."""
+    if req.mode == "decline":
+        return Declined(order=req.order)
+    if req.mode == "stall":
+        return None
+    if req.mode == "nobody":
+        raise Reject("cannot charge")
+    return Charged(order=req.order, mode=req.mode)
+
+
 def delivery_app() -> App:
     """payment charges (or declines, or rejects); drone delivers (or crashes); payment refunds on a drone crash."""
     payment, drone = Service("payment"), Service("drone")
 
-    @payment.on(Requested)
-    async def charge(req: Requested) -> Charged | Declined | None:
-        if req.mode == "decline":
-            return Declined(order=req.order)
-        if req.mode == "stall":
-            return None
-        if req.mode == "nobody":
-            raise Reject("cannot charge")
-        return Charged(order=req.order, mode=req.mode)
+    payment.on(Requested)(charge)
 
     @drone.on(Charged)
     async def fly(charged: Charged) -> Delivered:

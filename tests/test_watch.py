@@ -28,33 +28,12 @@ from choreograph.flow import build
 from choreograph.journal import Journal
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests.stores._databases import backend_url
+from tests.test_journal import Cancelled, Charged, Declined, Delivered, Requested, charge
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Requested(Event, type="test.watch.requested"):
-    order: str
-    mode: str = "ok"  # ok | decline | crash | stall | nobody
-
-
-class Charged(Event, type="test.watch.charged"):
-    order: str
-    mode: str
-
-
-class Declined(Event, type="test.watch.declined"):
-    order: str
-
-
-class Delivered(Event, type="test.watch.delivered"):
-    order: str
-
-
 class Rerouted(Event, type="test.watch.rerouted"):
-    order: str
-
-
-class Cancelled(Event, type="test.watch.cancelled"):
     order: str
 
 
@@ -62,15 +41,7 @@ def watch_app() -> App:
     """payment charges, declines, stalls or rejects; drone delivers or crashes (refunded); drone never reroutes."""
     payment, drone = Service("payment"), Service("drone")
 
-    @payment.on(Requested)
-    async def charge(req: Requested) -> Charged | Declined | None:
-        if req.mode == "decline":
-            return Declined(order=req.order)
-        if req.mode == "stall":
-            return None
-        if req.mode == "nobody":
-            raise Reject("cannot charge")
-        return Charged(order=req.order, mode=req.mode)
+    payment.on(Requested)(charge)
 
     @drone.on(Charged)
     async def fly(charged: Charged) -> Delivered | Rerouted:
@@ -343,7 +314,7 @@ def test_watch_once_draws_the_tables(journal_file: tuple[str, dict[str, str]]) -
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "stuck 1" in out and "completed 2" in out
-    assert "gave up on test.watch.charged" in out and "no traffic" in out and "terminal: completed" in out
+    assert f"gave up on {CHARGED}" in out and "no traffic" in out and "terminal: completed" in out
     assert ids["stall"] in out
 
 
