@@ -59,8 +59,9 @@ class Context:
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose records carry service, handler, event, correlation and attempt."""
-        return logging.LoggerAdapter(
+        """A logger whose records carry service, handler, event, correlation and attempt
+        (and whatever ``extra=`` a call adds: see :mod:`choreograph.logs` for JSON lines)."""
+        return _HandlerLogger(
             _log,
             {
                 "service": self.service,
@@ -98,6 +99,15 @@ class Context:
                 f"Service {self.service!r} has no database: Service({self.service!r}, database='sqlite:///...')"
             )
         return self._unit.block()
+
+
+class _HandlerLogger(logging.LoggerAdapter[logging.Logger]):
+    """Merges a call's ``extra=`` with the handler's fields (the stock adapter drops the call's)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = kwargs.get("extra")
+        kwargs["extra"] = {**extra, **(self.extra or {})} if extra else self.extra
+        return msg, kwargs
 
 
 def current_context() -> Context | None:

@@ -91,3 +91,9 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+LogFormatOption = typer.Option(
+    "text", "--log-format", envvar="CHOREOGRAPH_LOG_FORMAT",
+    help="text, or json: one JSON object per line with the handled event's ids (see choreograph.logs)",
+)

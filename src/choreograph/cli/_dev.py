@@ -198,6 +198,9 @@ def dev(
         10.0, "--stop-timeout", help="Seconds between SIGTERM and SIGKILL on stop"
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="Log level of the services"),
+    log_format: str = typer.Option(
+        "text", "--log-format", help="text or json: the log lines of services, journal and ambassadors"
+    ),
     otel: bool = typer.Option(
         False, "--otel", envvar="CHOREOGRAPH_OTEL",
         help="Trace the services and the gateway with OpenTelemetry (the children get CHOREOGRAPH_OTEL=1)",
@@ -235,6 +238,9 @@ def dev(
     env.update(
         {BROKER_ENV: url, DATA_ENV: str(directory), JOURNAL_ENV: journal_store, "PYTHONUNBUFFERED": "1"}
     )
+    if log_format.lower() not in ("text", "json"):
+        raise ConfigurationError(f"--log-format {log_format!r}: expected text or json")
+    env["CHOREOGRAPH_LOG_FORMAT"] = log_format.lower()
     if otel:
         env["CHOREOGRAPH_OTEL"] = "1"
     env.pop("CHOREOGRAPH_METRICS_PORT", None)  # one port per process, given on each command line

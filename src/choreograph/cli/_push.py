@@ -18,9 +18,10 @@ import typer
 from rich.markup import escape
 
 from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
-from choreograph.cli._common import BrokerOption, broker_url, err_console, run_async
+from choreograph.cli._common import BrokerOption, LogFormatOption, broker_url, err_console, run_async
 from choreograph.cli._run import default_store_url
 from choreograph.errors import ConfigurationError
+from choreograph.logs import configure_logging
 from choreograph.push import PushAmbassador, PushSubscription
 from choreograph.stores import open_store
 from choreograph.transports import open_transport
@@ -49,9 +50,10 @@ def push(
                                                     help="Requests in flight per subscription")] = None,
     drain_timeout: Annotated[float | None, typer.Option("--drain-timeout", help="Seconds to drain on stop")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+    log_format: str = LogFormatOption,
 ) -> None:
     """Deliver events to HTTP subscribers (CloudEvents over HTTP, signed) until SIGTERM or Ctrl-C."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, log_format)
     if log_level.upper() != "DEBUG":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = load_config(config) if config is not None else PushConfig(subscriptions=[])

@@ -8,7 +8,6 @@ handler attempt, setting up the OpenTelemetry SDK from the standard ``OTEL_*`` v
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 from pathlib import Path
@@ -17,7 +16,15 @@ from urllib.parse import urlsplit
 
 import typer
 
-from choreograph.cli._common import BrokerOption, broker_url, err_console, load_services, run_async
+from choreograph.cli._common import (
+    BrokerOption,
+    LogFormatOption,
+    broker_url,
+    err_console,
+    load_services,
+    run_async,
+)
+from choreograph.logs import configure_logging
 from choreograph.runtime import Worker
 from choreograph.stores import open_store
 from choreograph.telemetry import Telemetry, configure_tracing, serve_metrics
@@ -43,6 +50,7 @@ def run(
     store: str | None = typer.Option(None, "--store", help="Inbox store URL (default: beside the sqlite bus)"),
     drain_timeout: float = typer.Option(10.0, "--drain-timeout", help="Seconds to let in-flight handlers finish on stop"),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+    log_format: str = LogFormatOption,
     retention: float = typer.Option(
         7 * 86400, "--retention", min=0, help="Seconds the inbox remembers processed event ids (0: forever)"
     ),
@@ -57,7 +65,7 @@ def run(
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Interface for --metrics-port"),
 ) -> None:
     """Run a service as a worker until SIGTERM or Ctrl-C (in-flight work is drained or released)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, log_format)
     services, _ = load_services(target, service)
     url = broker_url(broker)
     transport = open_transport(url)

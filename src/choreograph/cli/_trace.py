@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -23,9 +22,18 @@ from rich.text import Text
 from rich.tree import Tree
 
 from choreograph._journal_model import STATUSES, JournalEntry, Status, Transaction
-from choreograph.cli._common import BrokerOption, broker_url, console, err_console, load_object, run_async
+from choreograph.cli._common import (
+    BrokerOption,
+    LogFormatOption,
+    broker_url,
+    console,
+    err_console,
+    load_object,
+    run_async,
+)
 from choreograph.errors import ConfigurationError
 from choreograph.journal import DEFAULT_JOURNAL, DEFAULT_STUCK_AFTER, Journal
+from choreograph.logs import configure_logging
 from choreograph.service import App, Service
 
 JOURNAL_ENV = "CHOREOGRAPH_JOURNAL"
@@ -192,9 +200,10 @@ def run_journal(
         DEFAULT_STUCK_AFTER, "--stuck-after", min=0.001, help="Seconds before a transaction without deadline is stuck"
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+    log_format: str = LogFormatOption,
 ) -> None:
     """Run the journal: record every event by correlation id and announce stuck transactions."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, log_format)
     url, store_url = broker_url(broker), journal_url(store)
     journal = _journal_for(target, store_url, url, stuck_after)
 

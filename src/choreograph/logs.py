@@ -1,0 +1,117 @@
+"""Structured logs: one JSON object per line, with the ids of the event being handled.
+
+``choreograph run --log-format json`` (env ``CHOREOGRAPH_LOG_FORMAT=json``; also ``push``
+and ``journal``) writes every log record as one JSON line on stderr::
+
+    {"time": "2026-12-02T07:30:01.123456Z", "level": "WARNING", "logger": "choreograph.worker",
+     "message": "payment.charge failed on 6f1c... (attempt 1), retrying in 0.42s: ...",
+     "service": "payment", "handler": "charge", "event_id": "6f1c...", "event_type": "order.placed",
+     "correlation_id": "...", "causation_id": null, "attempt": 1,
+     "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}
+
+The event's fields come from the handler context (:func:`~choreograph.context.current_context`),
+so the runtime's own records (retries, dead letters) carry them as well as ``ctx.logger``'s
+and any ``logging`` call made while a handler runs; ``trace_id`` / ``span_id`` appear when
+OpenTelemetry has a span current (``--otel``). Fields given with ``extra=`` are kept; a
+value JSON cannot hold is written as its ``repr``. In code::
+
+    from choreograph.logs import configure_logging
+    configure_logging("INFO", "json")
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from choreograph.context import current_context
+from choreograph.errors import ConfigurationError
+
+__all__ = ["ContextFilter", "JsonFormatter", "configure_logging"]
+
+LogFormat = Literal["text", "json"]
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: Attributes every LogRecord has: anything else on a record came from ``extra=`` (or a filter).
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def _span_ids() -> tuple[str, str] | None:
+    """The current OpenTelemetry span's (trace id, span id) in hex, if OpenTelemetry is loaded."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:  # never imported: no span can be current
+        return None
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+class ContextFilter(logging.Filter):
+    """Adds the handled event's fields (and the current span's ids) to every record.
+
+    Fields already on the record (``ctx.logger``'s, or the caller's ``extra=``) win.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = current_context()
+        if ctx is not None:
+            fields = {
+                "service": ctx.service, "handler": ctx.handler, "event_id": ctx.event_id,
+                "event_type": ctx.envelope.type, "correlation_id": ctx.correlation_id,
+                "causation_id": ctx.causation_id, "attempt": ctx.attempt,
+            }
+            for key, value in fields.items():
+                if key not in record.__dict__:
+                    setattr(record, key, value)
+        ids = _span_ids()
+        if ids is not None and "trace_id" not in record.__dict__:
+            record.trace_id, record.span_id = ids
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one JSON object: time (UTC, RFC 3339), level, logger, message, its extra fields,
+    and ``exception`` (the formatted traceback) when it has one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="microseconds").replace(
+                "+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(out, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log to stderr at ``level``, as text or JSON lines (what the CLI's ``--log-format`` sets).
+
+    Replaces the root logger's handlers, so calling it again switches format.
+    """
+    name = fmt.lower()
+    if name not in ("text", "json"):
+        raise ConfigurationError(f"--log-format {fmt!r}: expected text or json")
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ConfigurationError(f"--log-level {level!r}: expected DEBUG, INFO, WARNING or ERROR")
+    handler = logging.StreamHandler()
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter() if name == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)

@@ -1,0 +1,145 @@
+"""Structured logs: JSON lines carrying the handled event's ids, from ctx.logger and the runtime."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import use_span
+
+from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker
+from choreograph.logs import ContextFilter, JsonFormatter
+from choreograph.testing import MemoryTransport, VirtualClock, settled
+
+ROOT = Path(__file__).resolve().parents[1]
+
+Records = Callable[[], list[dict[str, Any]]]
+
+
+class Ordered(Event, type="test.logs.ordered"):
+    order_id: str
+    amount: int
+
+
+@pytest.fixture
+def records() -> Iterator[Records]:
+    """Every record logged during the test, formatted by JsonFormatter and parsed back."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+async def test_handler_and_runtime_records_carry_the_event_ids_and_the_callers_extra(records: Records) -> None:
+    bus = MemoryTransport(clock=VirtualClock())
+    svc = Service("payment", retry=RetryPolicy(max_attempts=2, base=1.0, jitter=False))
+
+    @svc.on(Ordered)
+    async def charge(order: Ordered, ctx: Context) -> None:
+        ctx.logger.info("charging", extra={"amount": order.amount})
+        logging.getLogger("app.billing").info("a plain logging call")
+        if ctx.attempt == 1:
+            raise RuntimeError("card service down")
+
+    async with Worker([svc], bus):
+        [envelope] = await Publisher(bus).publish(Ordered(order_id="o-1", amount=30))
+        await settled(bus)
+    ids = {"service": "payment", "handler": charge.__qualname__, "event_id": envelope.id,
+           "event_type": "test.logs.ordered", "correlation_id": envelope.correlationid}
+    charging = [r for r in records() if r["message"] == "charging"]
+    assert [r["attempt"] for r in charging] == [1, 2]
+    for record in charging:
+        assert record["amount"] == 30  # the call's extra= is kept (the stock LoggerAdapter drops it)
+        assert record["logger"] == "choreograph.handler" and record["level"] == "INFO"
+        assert {k: record[k] for k in ids} == ids
+        assert record["time"].endswith("Z")
+    plain = [r for r in records() if r["logger"] == "app.billing"]
+    assert len(plain) == 2 and all({k: r[k] for k in ids} == ids for r in plain)  # from the context, not ctx.logger
+    [retrying] = [r for r in records() if r["logger"] == "choreograph.worker" and "retrying" in r["message"]]
+    assert retrying["level"] == "WARNING" and {k: retrying[k] for k in ids} == ids and retrying["attempt"] == 1
+
+
+def test_a_record_logged_under_a_span_carries_its_trace_and_span_ids(records: Records) -> None:
+    span = TracerProvider().get_tracer("test").start_span("work")
+    with use_span(span, end_on_exit=True):
+        logging.getLogger("app").warning("inside")
+    logging.getLogger("app").warning("outside")
+    inside, outside = records()
+    context = span.get_span_context()
+    assert inside["trace_id"] == f"{context.trace_id:032x}" and inside["span_id"] == f"{context.span_id:016x}"
+    assert "trace_id" not in outside and "correlation_id" not in outside
+
+
+def test_values_json_cannot_hold_and_exceptions_are_written_not_lost(records: Records) -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("app").exception("failed", extra={"when": object(), "path": Path("/x")})
+    [record] = records()
+    assert record["level"] == "ERROR" and record["path"] == "PosixPath('/x')"
+    assert record["when"].startswith("<object object")
+    assert "ValueError: boom" in record["exception"]
+
+
+def test_choreograph_run_log_format_json_writes_json_lines(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "choreograph", "run", "examples.chain:app", "--broker", url, "--log-format", "json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "running " in line:
+                break
+        # amount missing: dead-lettered as invalid_payload, which the worker logs as an error
+        published = subprocess.run(
+            [sys.executable, "-m", "choreograph", "publish", "chain.order.placed", "--data", '{"order_id": "o-1"}',
+             "--broker", url], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+        )
+        assert published.returncode == 0, published.stderr
+        found = None
+        for line in proc.stderr:
+            if line.startswith("{") and "dead-lettering" in line:
+                found = json.loads(line)
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    assert found is not None
+    assert found["level"] == "ERROR" and found["logger"] == "choreograph.worker"
+    assert "invalid_payload" in found["message"]
+
+
+def test_an_unknown_log_format_is_one_clear_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "choreograph", "run", "examples.chain:app", "--broker", "memory://", "--log-format",
+         "xml"], cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2
+    assert "--log-format 'xml': expected text or json" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
