@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup bench-setup demo test test-fast bench lint clean
 
 $(BIN)/choreograph: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -11,6 +11,9 @@ $(BIN)/choreograph: pyproject.toml
 	touch $(BIN)/choreograph
 
 setup: $(BIN)/choreograph
+
+bench-setup: setup  # the benchmarks' comparisons (FastStream in bench/brokers.py)
+	$(BIN)/pip install -q -e '.[dev,bench]'
 
 demo: setup
 	$(BIN)/python -m examples.drone_delivery.demo

@@ -258,6 +258,11 @@ def main() -> None:
     parser.add_argument("--only", choices=BROKERS, action="append")
     parser.add_argument("--nats-url", help="use this NATS server (>= 2.10) instead of a private one")
     args = parser.parse_args()
+    if not args.quick and not args.no_faststream:
+        try:
+            import faststream  # noqa: F401
+        except ImportError:
+            parser.error("FastStream is not installed: `make bench-setup` (the bench extra), or --no-faststream")
     try:
         import uvloop
 
