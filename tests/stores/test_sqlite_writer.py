@@ -136,3 +136,34 @@ async def test_a_unit_cancelled_while_it_waits_for_the_commit_does_not_fail_the_
     assert await second is True
     monkeypatch.setattr(writer, "_commit_batch", original)
     assert await items(db) == ["a", "b"]  # the cancelled unit's work was in the batch, which committed
+
+
+async def test_after_sqlite_rolls_the_transaction_back_the_unit_cannot_go_on_in_autocommit(db: StateStore) -> None:
+    # A trigger's RAISE(ROLLBACK) ends the whole SQLite transaction. A handler that catches
+    # the error and carries on must not have its later statements, inbox record and outbox
+    # rows written one by one in autocommit (state lost, event marked processed).
+    tx = await db.begin()
+    await tx.execute("CREATE TABLE audit (id text)", ())
+    await tx.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON audit BEGIN SELECT RAISE(ROLLBACK, 'refused'); END", ()
+    )
+    assert await tx.commit(inbox=None, service="svc", messages=[])
+
+    tx = await db.begin()
+    try:
+        await tx.execute("INSERT INTO items (id) VALUES ($1)", ("a",))
+        with pytest.raises(StoreError, match="refused"):
+            await tx.execute("INSERT INTO audit (id) VALUES ($1)", ("a",))
+        with pytest.raises(StoreError, match="rolled this transaction back"):
+            await tx.execute("INSERT INTO items (id) VALUES ($1)", ("b",))
+        with pytest.raises(StoreError, match="rolled this transaction back"):
+            await tx.commit(inbox=("g", "a"), service="svc", messages=[Message("a", "t", b"{}")])
+    finally:
+        await tx.rollback()
+    assert await items(db) == []
+    check = await db.begin()
+    try:
+        assert await check.fetch("SELECT * FROM choreograph_inbox", ()) == []
+        assert await check.fetch("SELECT * FROM choreograph_outbox", ()) == []
+    finally:
+        await check.rollback()

@@ -42,11 +42,19 @@ class SQLiteTx(TxConnection):
         self.done = False
 
     async def _db(self) -> sqlite3.Connection:
-        """The writer's connection, inside this unit (joining the open SQLite transaction first)."""
+        """The writer's connection, inside this unit (joining the open SQLite transaction first).
+
+        Raises once SQLite ended the transaction under this unit (an I/O error, a trigger's
+        ``RAISE(ROLLBACK)``...): its work is gone, and a statement now would run in
+        autocommit, outside any unit — the rest of the handler must fail, not half-commit.
+        """
         if self.done:
             raise StoreError(f"database {self.writer.url}: the transaction is already finished")
         if self.batch is None:
             self.batch = await self.writer.enter()
+        elif self.batch is not self.writer.batch:  # the unit holds the turn: only an abort ends its batch
+            raise StoreError(f"database {self.writer.url}: SQLite rolled this transaction back; "
+                             "its statements so far are undone")
         return self.writer.connection()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -54,8 +62,10 @@ class SQLiteTx(TxConnection):
         return self.writer.run(fn)
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
-        db = self.writer.db if self.batch is not None and not self.done else await self._db()
-        assert db is not None
+        batch = self.batch
+        db = self.writer.db if batch is not None and batch is self.writer.batch and not self.done else None
+        if db is None:
+            db = await self._db()
         try:  # inline rather than through writer.run: the one statement most handlers run
             return max(0, db.execute(sql, _params(args) if args else ()).rowcount)
         except sqlite3.Error as exc:

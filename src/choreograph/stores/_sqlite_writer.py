@@ -106,6 +106,11 @@ class SQLiteWriter:
     def error(self, exc: BaseException) -> StoreError:
         return StoreError(f"database {self.url}: {type(exc).__name__}: {exc}")
 
+    @property
+    def batch(self) -> Batch | None:
+        """The open SQLite transaction's batch (``None`` between transactions, or once one was aborted)."""
+        return self._batch
+
     def connection(self) -> sqlite3.Connection:
         if self.db is None:
             raise StoreError(f"database {self.url} is not open")
