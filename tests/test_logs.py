@@ -6,9 +6,11 @@ import io
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,24 @@ def test_values_json_cannot_hold_and_exceptions_are_written_not_lost(records: Re
     assert "ValueError: boom" in record["exception"]
 
 
+def _lines_until(stream: Any, wanted: Callable[[str], bool], timeout: float = 60.0) -> str | None:
+    """The first line of ``stream`` that ``wanted`` accepts, read on a thread (never hangs the test)."""
+    found: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            if wanted(line):
+                found.put(line)
+                return
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        return found.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
 def test_choreograph_run_log_format_json_writes_json_lines(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -109,20 +129,15 @@ def test_choreograph_run_log_format_json_writes_json_lines(tmp_path: Path) -> No
     )
     try:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            if "running " in line:
-                break
+        assert _lines_until(proc.stderr, lambda line: "running " in line) is not None
         # amount missing: dead-lettered as invalid_payload, which the worker logs as an error
         published = subprocess.run(
             [sys.executable, "-m", "choreograph", "publish", "chain.order.placed", "--data", '{"order_id": "o-1"}',
              "--broker", url], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
         )
         assert published.returncode == 0, published.stderr
-        found = None
-        for line in proc.stderr:
-            if line.startswith("{") and "dead-lettering" in line:
-                found = json.loads(line)
-                break
+        line = _lines_until(proc.stderr, lambda line: line.startswith("{") and "dead-lettering" in line)
+        found = None if line is None else json.loads(line)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -143,3 +158,41 @@ def test_an_unknown_log_format_is_one_clear_line() -> None:
     assert result.returncode == 2
     assert "--log-format 'xml': expected text or json" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+async def test_an_extra_key_that_names_a_record_attribute_is_renamed_not_a_failed_handler(records: Records) -> None:
+    bus = MemoryTransport(clock=VirtualClock())
+    svc = Service("files")
+    done: list[str] = []
+
+    @svc.on(Ordered)
+    async def store(order: Ordered, ctx: Context) -> None:
+        ctx.logger.info("stored", extra={"filename": "/tmp/o-1.pdf", "attempt": 99, "size": 10})
+        done.append(order.order_id)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Ordered(order_id="o-1", amount=1))
+        await settled(bus)
+        stats = worker.stats("files")
+    assert done == ["o-1"] and (stats.handled, stats.retried) == (1, 0)
+    [stored] = [r for r in records() if r["message"] == "stored"]
+    assert stored["extra_filename"] == "/tmp/o-1.pdf" and stored["size"] == 10
+    assert "filename" not in stored  # a record attribute of its own, not written as a field
+    assert stored["attempt"] == 1  # the handler's fields win
+
+
+def test_values_orjson_cannot_write_keep_the_record(records: Records) -> None:
+    logging.getLogger("app").warning("totals", extra={"cents": 2**64, "by": {("eu", 1): 3}, "n": 5})
+    [record] = records()
+    assert record["message"] == "totals" and record["n"] == 5
+    assert record["cents"] == str(2**64) and record["by"] == "{('eu', 1): 3}"
+
+
+def test_choreograph_dev_reads_the_log_format_from_the_environment(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "choreograph", "dev", "examples.drone_delivery.app:app", "--data-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CHOREOGRAPH_LOG_FORMAT": "xml"},
+    )
+    assert result.returncode == 2
+    assert "--log-format 'xml': expected text or json" in " ".join(result.stderr.split())

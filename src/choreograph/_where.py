@@ -60,7 +60,10 @@ def matcher(where: cesql.Expression, handler: str) -> Callable[[Envelope], bool]
         if where.matches(attributes):
             return True
         if _log.isEnabledFor(logging.DEBUG):
-            _, errors = where.evaluate(attributes)
+            try:
+                _, errors = where.evaluate(attributes)
+            except Exception as exc:  # matches() never raises; neither may its log line
+                errors = [exc]  # type: ignore[list-item]
             _log.debug("%s: event %s does not match where=%r%s; acked unhandled", handler, envelope.id,
                        where.source, f" ({'; '.join(map(str, errors))})" if errors else "")
         return False

@@ -29,7 +29,8 @@ Semantics (the spec's, in complete-evaluation mode; the official TCK passes in f
   yields ``0`` and a *math* error; a result outside 32 bits is clamped with a *math* error.
 * A function called with an unknown name or arity yields ``false`` and a
   *missingFunction* error (``compile(..., strict=True)`` refuses it instead).
-* As a filter (:meth:`Expression.matches`) only the Boolean ``true`` with no error passes.
+* As a filter (:meth:`Expression.matches`) only ``true`` with no error passes: the Boolean,
+  or, for an untyped expression (a bare attribute), a String CESQL casts to it (``"true"``).
 
 Precedence and literal syntax: see :mod:`choreograph._cesql_parser`; note that ``AND``,
 ``OR`` and ``XOR`` share one level and group from the right, as in the CESQL grammar.

@@ -101,12 +101,26 @@ class Context:
         return self._unit.block()
 
 
+#: Names a LogRecord already has: an ``extra=`` key among them would make logging raise.
+_RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
 class _HandlerLogger(logging.LoggerAdapter[logging.Logger]):
-    """Merges a call's ``extra=`` with the handler's fields (the stock adapter drops the call's)."""
+    """Merges a call's ``extra=`` with the handler's fields (the stock adapter drops the call's).
+
+    A key that names a LogRecord attribute (``filename``, ``name``...) is kept as
+    ``extra_<key>`` (logging raises on such a key: a log line must not fail a handler);
+    the handler's own fields win over the caller's.
+    """
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         extra = kwargs.get("extra")
-        kwargs["extra"] = {**extra, **(self.extra or {})} if extra else self.extra
+        if extra:
+            merged = {f"extra_{k}" if k in _RECORD_FIELDS else k: v for k, v in extra.items()}
+            merged.update(self.extra or {})
+            kwargs["extra"] = merged
+        else:
+            kwargs["extra"] = self.extra
         return msg, kwargs
 
 

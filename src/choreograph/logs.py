@@ -74,6 +74,14 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def _encodable(value: Any) -> Any:
+    try:
+        orjson.dumps(value, default=repr, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return repr(value)
+    return value
+
+
 class JsonFormatter(logging.Formatter):
     """A record as one JSON object: time (UTC, RFC 3339), level, logger, message, its extra fields,
     and ``exception`` (the formatted traceback) when it has one."""
@@ -93,7 +101,10 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(out, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
+        try:
+            return orjson.dumps(out, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # an int wider than 64 bits, a key orjson cannot write: that value as its repr
+            return orjson.dumps({key: _encodable(value) for key, value in out.items()}).decode()
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
@@ -106,7 +117,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         raise ConfigurationError(f"--log-format {fmt!r}: expected text or json")
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
-        raise ConfigurationError(f"--log-level {level!r}: expected DEBUG, INFO, WARNING or ERROR")
+        raise ConfigurationError(f"--log-level {level!r}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
     handler = logging.StreamHandler()
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if name == "json" else logging.Formatter(TEXT_FORMAT))

@@ -151,3 +151,18 @@ async def test_a_repeated_sigterm_waits_for_the_stop_but_a_second_ctrl_c_kills_a
         sup.stop(force_if_repeated=force)
         assert await run == 0
         assert expected in out.getvalue()
+
+
+async def plain_asgi(scope: object, receive: object, send: object) -> None:
+    """A gateway that is not a choreograph Gateway (any ASGI app)."""
+
+
+def test_a_plain_asgi_gateway_is_never_asked_for_telemetry() -> None:
+    # --otel is inherited through CHOREOGRAPH_OTEL, and a plain ASGI app cannot take it: dev
+    # passes --no-otel and gives it no metrics port, so it starts instead of failing late.
+    from choreograph.cli._dev import _gateway_spec, _metrics_ports
+
+    plain = _gateway_spec("tests.cli.test_dev:plain_asgi", "127.0.0.1", 8000)
+    real = _gateway_spec("examples.drone_delivery.gateway:gateway", "127.0.0.1", 8001)
+    assert "--no-otel" in plain.argv and "--no-otel" not in real.argv
+    assert _metrics_ports([plain, real], 9000) == {"gateway": 9000} and "--metrics-port" not in plain.argv

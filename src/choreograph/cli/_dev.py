@@ -34,7 +34,7 @@ from pathlib import Path
 
 import typer
 
-from choreograph.cli._common import BROKER_ENV, console, load_object, run_async
+from choreograph.cli._common import BROKER_ENV, LogFormatOption, console, load_object, run_async
 from choreograph.cli._supervisor import ProcSpec, Supervisor
 from choreograph.errors import ConfigurationError
 from choreograph.service import App
@@ -64,8 +64,12 @@ def _find_gateway(target: str) -> str | None:
 
 
 def _gateway_spec(spec: str, host: str, port: int) -> ProcSpec:
-    load_object(spec)  # fail here, with one clear line, rather than in a child
+    from choreograph.gateway import Gateway
+
+    obj = load_object(spec)  # fail here, with one clear line, rather than in a child
     argv = _python_m("choreograph", "gateway", spec, "--host", host, "--port", str(port))
+    if not isinstance(obj, Gateway):  # a plain ASGI app cannot be instrumented: do not ask (--otel is inherited)
+        argv.append("--no-otel")
     return ProcSpec("gateway", argv, ready="Uvicorn running on")
 
 
@@ -129,10 +133,10 @@ def _metrics_ports(specs: list[ProcSpec], first: int) -> dict[str, int]:
     """Give each service process and the gateway ``--metrics-port``, counting up from ``first``."""
     ports: dict[str, int] = {}
     for spec in specs:
-        if spec.argv[2:4] in (["choreograph", "run"], ["choreograph", "gateway"]):
+        if spec.argv[2:4] in (["choreograph", "run"], ["choreograph", "gateway"]) and "--no-otel" not in spec.argv:
             number = first + len(ports)
             if number > 65535:
-                raise ConfigurationError(f"--metrics-port {first}: not enough ports above it for {len(specs)} processes")
+                raise ConfigurationError(f"--metrics-port {first}: not enough ports above it for every process")
             spec.argv = [*spec.argv, "--metrics-port", str(number)]
             ports[spec.name] = number
     return ports
@@ -198,9 +202,7 @@ def dev(
         10.0, "--stop-timeout", help="Seconds between SIGTERM and SIGKILL on stop"
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="Log level of the services"),
-    log_format: str = typer.Option(
-        "text", "--log-format", help="text or json: the log lines of services, journal and ambassadors"
-    ),
+    log_format: str = LogFormatOption,
     otel: bool = typer.Option(
         False, "--otel", envvar="CHOREOGRAPH_OTEL",
         help="Trace the services and the gateway with OpenTelemetry (the children get CHOREOGRAPH_OTEL=1)",

@@ -37,7 +37,7 @@ def gateway(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     otel: bool = typer.Option(
-        False, "--otel", envvar="CHOREOGRAPH_OTEL",
+        False, "--otel/--no-otel", envvar="CHOREOGRAPH_OTEL",
         help="Trace each publish with OpenTelemetry (a PRODUCER span continuing the request's traceparent)",
     ),
     metrics_port: int | None = typer.Option(
