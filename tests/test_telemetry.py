@@ -269,6 +269,29 @@ async def test_a_duplicate_skipped_by_the_inbox_counts_and_runs_no_span(
     assert len(exporter.get_finished_spans()) == 1
 
 
+async def test_an_event_filtered_out_by_where_counts_and_runs_no_span(
+    bus: MemoryTransport, exporter: InMemorySpanExporter, telemetry: Telemetry, registry: CollectorRegistry
+) -> None:
+    svc = Service("eu-only")
+
+    @svc.on(Placed, where="subject = 'eu'")
+    async def handle(order: Placed) -> None:
+        return None
+
+    async with Worker([svc], bus, telemetry=telemetry) as worker:
+        publisher = Publisher(bus)
+        await publisher.publish(Placed(order_id="a"), subject="eu")
+        await publisher.publish(Placed(order_id="b"), subject="us")
+        await publisher.publish(Placed(order_id="c"), subject="us")
+        await settled(bus)
+    assert worker.stats("eu-only").filtered == 2
+    assert sample(registry, "choreograph_events_filtered_total", service="eu-only",
+                  event_type="test.telemetry.placed") == 2
+    assert sample(registry, "choreograph_events_handled_total", service="eu-only",
+                  event_type="test.telemetry.placed") == 1
+    assert len(exporter.get_finished_spans()) == 1
+
+
 async def test_a_service_with_a_database_emits_through_its_outbox_under_the_handler_span(
     tmp_path: Path, exporter: InMemorySpanExporter, telemetry: Telemetry, registry: CollectorRegistry
 ) -> None:

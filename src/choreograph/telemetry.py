@@ -125,6 +125,8 @@ class Metrics:
                                      [*per_type, "reason"], registry=registry)
         self.duplicates = Counter("choreograph_events_duplicates", "Deliveries skipped: already processed",
                                   per_type, registry=registry)
+        self.filtered = Counter("choreograph_events_filtered", "Deliveries acked unhandled: where= did not match",
+                                per_type, registry=registry)
         self.duration = Histogram("choreograph_handler_duration_seconds", "Duration of handler attempts",
                                   per_type, buckets=DURATION_BUCKETS, registry=registry)
         self.in_flight = Gauge("choreograph_handlers_in_flight", "Handler attempts running now",

@@ -148,6 +148,12 @@ class InstrumentedRunner(_Runner):
             self._of(call.envelope.type).handled.inc()
         return outcome
 
+    def _filtered(self, delivery: Delivery) -> _Done:
+        outcome = super()._filtered(delivery)
+        if self.metrics is not None:
+            self.metrics.filtered.labels(self.service.name, delivery.message.type).inc()
+        return outcome
+
     def _duplicate(self, delivery: Delivery) -> _Done:
         outcome = super()._duplicate(delivery)
         if self.metrics is not None:

@@ -352,14 +352,12 @@ class _Runner:
         try:
             if handler.kind == "event":
                 if handler.accepts is not None and not handler.accepts(envelope):
-                    self.stats.filtered += 1  # before validation: not this handler's business
-                    return _Done(delivery, [], mark=False)
+                    return self._filtered(delivery)  # before validation: not this handler's business
                 argument = handler.consumes.__pydantic_validator__.validate_python(envelope.data)
             else:
                 argument = self._failure_argument(handler, envelope)
                 if handler.accepts is not None and not handler.accepts(argument.envelope):
-                    self.stats.filtered += 1  # a failure handler filters on the failed event
-                    return _Done(delivery, [], mark=False)
+                    return self._filtered(delivery)  # a failure handler filters on the failed event
         except (pydantic.ValidationError, MalformedEnvelope) as exc:
             return self._dead(delivery, envelope, "invalid_payload", handler, ErrorInfo.from_exception(exc, limit=0), now)
         ctx = Context(envelope, self.service.name, handler.name, delivery.attempt)
@@ -450,6 +448,12 @@ class _Runner:
         """The outcome of a handler of a service with a database that returned and committed."""
         self.stats.handled += 1
         return _Done(call.delivery, messages, mark=mark)
+
+    def _filtered(self, delivery: Delivery) -> _Done:
+        """The outcome of a delivery its handler's ``where=`` filters out: ack it, record nothing
+        (a redelivered copy is filtered the same way)."""
+        self.stats.filtered += 1
+        return _Done(delivery, [], mark=False)
 
     def _duplicate(self, delivery: Delivery) -> _Done:
         """The outcome of a delivery the inbox says was processed already: ack it, run nothing."""
