@@ -212,6 +212,20 @@ class Telemetry:
         return self.tracing.incoming(headers) if self.tracing is not None else contextlib.nullcontext()
 
 
+def _messaging_attributes(envelope: Envelope, system: str, operation: str, name: str) -> dict[str, Any]:
+    """The OpenTelemetry messaging attributes every span of an event carries."""
+    correlation_id = envelope.correlationid or envelope.id
+    return {
+        "messaging.system": system,
+        "messaging.operation.type": operation,
+        "messaging.operation.name": name,
+        "messaging.destination.name": envelope.type,
+        "messaging.message.id": envelope.id,
+        "messaging.message.conversation_id": correlation_id,
+        "choreograph.correlation_id": correlation_id,
+    }
+
+
 class Tracing:
     """The traces half of :class:`Telemetry`: making spans and reading and writing ``traceparent``.
 
@@ -238,20 +252,13 @@ class Tracing:
         self, envelope: Envelope, *, service: str, group: str, handler: str, attempt: int, system: str
     ) -> Span:
         """The (started) CONSUMER span of one handler attempt, child of the envelope's ``traceparent``."""
-        correlation_id = envelope.correlationid or envelope.id
         return self.tracer.start_span(
             f"{service} handle {envelope.type}",
             context=self.parent_of(envelope),
             kind=self._trace.SpanKind.CONSUMER,
             attributes={
-                "messaging.system": system,
-                "messaging.operation.type": "process",
-                "messaging.operation.name": "handle",
-                "messaging.destination.name": envelope.type,
-                "messaging.message.id": envelope.id,
-                "messaging.message.conversation_id": correlation_id,
+                **_messaging_attributes(envelope, system, "process", "handle"),
                 "messaging.consumer.group.name": group,
-                "choreograph.correlation_id": correlation_id,
                 "choreograph.service": service,
                 "choreograph.handler": handler,
                 "choreograph.attempt": attempt,
@@ -307,19 +314,10 @@ class Tracing:
         for envelope in envelopes:
             if envelope.traceparent is not None:
                 continue
-            correlation_id = envelope.correlationid or envelope.id
             span = self.tracer.start_span(
                 f"publish {envelope.type}",
                 kind=self._trace.SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": system,
-                    "messaging.operation.type": "send",
-                    "messaging.operation.name": "publish",
-                    "messaging.destination.name": envelope.type,
-                    "messaging.message.id": envelope.id,
-                    "messaging.message.conversation_id": correlation_id,
-                    "choreograph.correlation_id": correlation_id,
-                },
+                attributes=_messaging_attributes(envelope, system, "send", "publish"),
                 record_exception=False,
                 set_status_on_exception=False,
             )
