@@ -97,3 +97,18 @@ LogFormatOption = typer.Option(
     "text", "--log-format", envvar="CHOREOGRAPH_LOG_FORMAT",
     help="text, or json: one JSON object per line with the handled event's ids (see choreograph.logs)",
 )
+
+
+def otel_option(what: str) -> Any:
+    """``--otel/--no-otel`` (env ``CHOREOGRAPH_OTEL``): trace ``what`` with OpenTelemetry."""
+    return typer.Option(
+        False, "--otel/--no-otel", envvar="CHOREOGRAPH_OTEL",
+        help=f"Trace {what} with OpenTelemetry (exporter from OTEL_TRACES_EXPORTER: otlp, console, none)",
+    )
+
+
+MetricsPortOption = typer.Option(
+    None, "--metrics-port", envvar="CHOREOGRAPH_METRICS_PORT", min=0, max=65535,
+    help="Serve Prometheus metrics on this port at /metrics (0: any free port)",
+)
+MetricsHostOption = typer.Option("127.0.0.1", "--metrics-host", help="Interface for --metrics-port")

@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from choreograph.cli._common import load_object
+from choreograph.cli._common import MetricsHostOption, MetricsPortOption, load_object, otel_option
 from choreograph.cli._run import telemetry_options
 from choreograph.errors import ConfigurationError
 from choreograph.telemetry import Telemetry
@@ -36,15 +36,9 @@ def gateway(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on"),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
-    otel: bool = typer.Option(
-        False, "--otel/--no-otel", envvar="CHOREOGRAPH_OTEL",
-        help="Trace each publish with OpenTelemetry (a PRODUCER span continuing the request's traceparent)",
-    ),
-    metrics_port: int | None = typer.Option(
-        None, "--metrics-port", envvar="CHOREOGRAPH_METRICS_PORT", min=0, max=65535,
-        help="Serve Prometheus metrics (events published) on this port at /metrics (0: any free port)",
-    ),
-    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Interface for --metrics-port"),
+    otel: bool = otel_option("each publish (a PRODUCER span continuing the request's traceparent)"),
+    metrics_port: int | None = MetricsPortOption,
+    metrics_host: str = MetricsHostOption,
 ) -> None:
     """Serve the gateway: POST events in, GET /transactions out, /openapi.json, /healthz."""
     try:

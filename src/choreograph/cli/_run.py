@@ -19,9 +19,12 @@ import typer
 from choreograph.cli._common import (
     BrokerOption,
     LogFormatOption,
+    MetricsHostOption,
+    MetricsPortOption,
     broker_url,
     err_console,
     load_services,
+    otel_option,
     run_async,
 )
 from choreograph.logs import configure_logging
@@ -54,15 +57,9 @@ def run(
     retention: float = typer.Option(
         7 * 86400, "--retention", min=0, help="Seconds the inbox remembers processed event ids (0: forever)"
     ),
-    otel: bool = typer.Option(
-        False, "--otel", envvar="CHOREOGRAPH_OTEL",
-        help="Trace handler attempts with OpenTelemetry (exporter from OTEL_TRACES_EXPORTER: otlp, console, none)",
-    ),
-    metrics_port: int | None = typer.Option(
-        None, "--metrics-port", envvar="CHOREOGRAPH_METRICS_PORT", min=0, max=65535,
-        help="Serve Prometheus metrics on this port at /metrics (0: any free port)",
-    ),
-    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Interface for --metrics-port"),
+    otel: bool = otel_option("handler attempts"),
+    metrics_port: int | None = MetricsPortOption,
+    metrics_host: str = MetricsHostOption,
 ) -> None:
     """Run a service as a worker until SIGTERM or Ctrl-C (in-flight work is drained or released)."""
     configure_logging(log_level, log_format)
