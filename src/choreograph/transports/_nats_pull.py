@@ -42,6 +42,7 @@ from nats.aio.subscription import Subscription as NatsInbox
 
 from choreograph.errors import TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
+from choreograph.transports._nats_client import bulk_supported, send_commands
 from choreograph.transports.base import Delivery, Message, Subscription
 
 log = logging.getLogger("choreograph.transports.nats")
@@ -127,6 +128,7 @@ class NatsSubscription(Subscription):
         self._store_dead_letter = store_dead_letter
         self._on_close = on_close
         self._inbox_prefix = nc.new_inbox() + "."
+        self._bulk = bulk_supported(nc)  # acks as one write of encoded commands
         self._inbox: NatsInbox | None = None
         self._buffer: collections.deque[Msg] = collections.deque()
         self._statuses: dict[str, tuple[int, str]] = {}
@@ -256,16 +258,23 @@ class NatsSubscription(Subscription):
         Not waited for (no PING/PONG): a JetStream ack is unconfirmed anyway, the caller's
         outputs are already durable, and an ack lost with the process only redelivers the
         message after its lease (the inbox drops the copy). Waiting cost a round trip per
-        settled batch on the worker's settle path.
+        settled batch on the worker's settle path. The acks go out as one write of encoded
+        commands when the client allows it (see ``_nats_client``).
         """
         with codec.translated("ack"):
+            commands: list[bytes] = []
             for delivery in deliveries:
                 if not delivery.settled:
                     if not isinstance(delivery, NatsDelivery):
                         await delivery.ack()
                         continue
                     delivery.settled = True
-                    await self._nc.publish(delivery._reply, b"+ACK")
+                    if self._bulk:
+                        commands.append(b"PUB %s 4\r\n+ACK\r\n" % delivery._reply.encode())
+                    else:
+                        await self._nc.publish(delivery._reply, b"+ACK")
+            if commands:
+                await send_commands(self._nc, b"".join(commands), len(commands))
 
     async def close(self) -> None:
         if self._closed:
