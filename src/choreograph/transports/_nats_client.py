@@ -56,6 +56,9 @@ def bulk_supported(nc: Client) -> bool:
 
 def header_block(headers: Mapping[str, str]) -> bytes:
     """The ``NATS/1.0`` header block of ``headers`` (keys and values without CR/LF)."""
+    if len(headers) == 1:  # the usual: a dedupe key
+        ((key, value),) = headers.items()
+        return b"NATS/1.0\r\n%s: %s\r\n\r\n" % (key.encode(), value.encode())
     return _HEADER_LINE + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items()) + b"\r\n"
 
 
