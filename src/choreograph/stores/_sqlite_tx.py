@@ -8,7 +8,6 @@ and the outbox rows, releases the unit's savepoint and returns once the group's
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -122,10 +121,10 @@ class SQLiteTx(TxConnection):
         finally:
             await self._finish()
         if fresh and self.batch is not None:
-            # Acked only once the real COMMIT happened. Shielded: a cancelled unit must not
-            # cancel the future every unit of the batch waits on, and must not wait for a
-            # commit that may never come (a flusher cancelled at shutdown).
-            await asyncio.shield(self.batch.durable)
+            # Acked only once the real COMMIT happened. A cancelled unit must not cancel the
+            # future every unit of the batch waits on, and must not wait for a commit that
+            # may never come (a flusher cancelled at shutdown): wait_durable sees to both.
+            await self.batch.wait_durable()
         return fresh
 
     async def rollback(self) -> None:

@@ -46,15 +46,50 @@ _SAVEPOINT = "choreograph_unit"
 
 @dataclasses.dataclass(slots=True)
 class Batch:
-    """The open SQLite transaction: units that ended well, waiting for one ``COMMIT``."""
+    """The open SQLite transaction: units that ended well, waiting for one ``COMMIT``.
+
+    ``durable`` is resolved by the commit (or its failure); units wait for it through
+    :meth:`wait_durable`, each on a future of its own.
+    """
 
     durable: asyncio.Future[None]
     woken: set[str] = dataclasses.field(default_factory=set)  # services whose outbox got rows
+    waiters: list[asyncio.Future[None]] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def open(cls) -> Batch:
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch = cls(durable)
+        durable.add_done_callback(batch._resolved)
+        return batch
 
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()  # a failed commit is reported to every unit that awaits it; none may
+    async def wait_durable(self) -> None:
+        """Until the batch's ``COMMIT`` happened; raises if it failed.
+
+        Cancelling the caller cancels only its own wait, never ``durable``, which every
+        unit of the batch waits for (what ``asyncio.shield`` does, without its two
+        callbacks per caller: this runs once per handler).
+        """
+        durable = self.durable
+        if durable.done():
+            return durable.result()
+        waiter: asyncio.Future[None] = durable.get_loop().create_future()
+        self.waiters.append(waiter)
+        await waiter
+
+    def _resolved(self, durable: asyncio.Future[None]) -> None:
+        waiters, self.waiters = self.waiters, []
+        if durable.cancelled():  # it held only an undone unit: nobody can be waiting
+            for waiter in waiters:
+                waiter.cancel()
+            return
+        error = durable.exception()  # retrieved: a failed commit is reported to the waiting units
+        for waiter in waiters:
+            if not waiter.done():  # not cancelled meanwhile
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
 
 
 def is_busy(exc: sqlite3.Error) -> bool:
@@ -146,9 +181,7 @@ class SQLiteWriter:
         db = self.connection()
         if self._batch is None:
             await self._begin_immediate(db)
-            durable = asyncio.get_running_loop().create_future()
-            durable.add_done_callback(_retrieve)
-            self._batch = Batch(durable)
+            self._batch = Batch.open()
             self._savepoint = False  # alone in the transaction: undoing it is a plain ROLLBACK
         else:
             self.run(lambda d: d.execute(f"SAVEPOINT {_SAVEPOINT}"))
@@ -221,7 +254,7 @@ class SQLiteWriter:
             self.leave(keep=True)
         finally:
             await self.release()
-        await asyncio.shield(batch.durable)
+        await batch.wait_durable()
         return result
 
     # -- SQLite transactions ------------------------------------------------------------
