@@ -460,3 +460,59 @@ async def wait_connected(bus: NatsTransport) -> None:
     while bus._nc is None or not bus._nc.is_connected:
         assert time.monotonic() < deadline, "did not reconnect"
         await asyncio.sleep(0.05)
+
+
+# -- the client fast paths (bulk writes, direct delivery) and the paths without them ---------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"NATS/1.0\r\nNats-Msg-Id: abc-1\r\n\r\n",
+        b"NATS/1.0 404 No Messages\r\n\r\n",
+        b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1\r\nNats-Pending-Bytes: 12\r\n\r\n",
+        b"NATS/1.0 409 Consumer Deleted\r\n\r\n",
+        b"NATS/1.0 503\r\n\r\n",
+        b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 7\r\nNats-Last-Stream: 9\r\n\r\n",
+        b"NATS/1.0\r\nA: 1\r\nB:  two words \r\n\r\n",
+    ],
+)
+async def test_direct_delivery_reads_header_blocks_as_nats_py_does(raw: bytes) -> None:
+    """choreograph's own inboxes skip nats-py's header parsing: what they read must agree."""
+    from nats.aio.client import Client
+
+    from choreograph.transports._nats_client import parse_headers
+
+    assert parse_headers(raw) == await Client()._process_headers(raw)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-paths", "nats-py-paths"])
+async def test_publish_fetch_ack_and_dead_letters_with_and_without_the_client_fast_paths(
+    server_url: str, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches written as encoded commands and messages delivered straight from the parser,
+    or (a nats-py without those internals) through publish() and subscription callbacks."""
+    from choreograph.transports import _nats_client, _nats_pull
+
+    if not fast:
+        monkeypatch.setattr(_nats_client, "DIRECT_SUPPORTED", False)
+        monkeypatch.setattr(_nats_client, "bulk_supported", lambda nc: False)
+        monkeypatch.setattr(_nats_pull, "bulk_supported", lambda nc: False)
+    async with opened(bus_on(server_url)) as bus:
+        assert bus._js is not None and bus._js.bulk is fast
+        subscription = await bus.subscribe("g", None)
+        assert isinstance(subscription, _nats_pull.NatsSubscription) and subscription._bulk is fast
+        assert bool(bus._nc._direct) is fast  # type: ignore[union-attr]
+        await bus.publish([msg(n) for n in range(300)])
+        got = await collect(subscription, 300)
+        assert ids(got) == sorted(f"m{n}" for n in range(300))
+        assert {d.message.body for d in got} == {f"body-{n}".encode() for n in range(300)}
+        await subscription.ack_many(got[:-1])
+        await got[-1].dead_letter({"reason": "test"})
+        assert await subscription.fetch(10, timeout=1.0) == []  # acked: nothing comes back
+        (letter,) = await bus.dead_letters("g")
+        assert letter.message.id == got[-1].message.id and letter.message.body == got[-1].message.body
+        # the broker still drops a republished id (the dedupe header went out in the encoded batch)
+        await bus.publish([msg(0), msg("new")])
+        assert ids(await collect(subscription, 1)) == ["mnew"]
+        assert await subscription.fetch(10, timeout=0.5) == []

@@ -20,14 +20,22 @@ it to the client's write queue with the same checks ``publish`` makes (closed, d
 the reconnect buffer's limit). That uses two internals of nats-py's ``Client``
 (``_send_command`` and ``_flush_pending``, present since 2.0); :func:`bulk_supported`
 checks for them, and without them every message goes through ``publish`` as before.
+
+**Direct delivery.** For its own inboxes (pull replies, PubAcks) choreograph takes
+messages straight from the protocol parser (:class:`DirectClient`): a light :class:`Raw`
+message handed to a plain function, instead of nats-py's ``Msg``, its header parsing, its
+per-subscription queue and task and an awaited callback per message - a loop iteration
+less on the path of every delivery and every PubAck. Other subscriptions, and clients
+whose ``_process_msg`` has another shape, take nats-py's own path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import nats.errors
@@ -87,6 +95,92 @@ async def send_commands(nc: Client, commands: bytes, messages: int) -> None:
         await nc._flush_pending()
 
 
+class Raw:
+    """A message as the parser read it, duck-typed like nats-py's ``Msg`` where choreograph
+    reads one (headers parsed on first use)."""
+
+    __slots__ = ("subject", "reply", "data", "_raw_headers", "_headers", "_client")
+
+    def __init__(self, client: Client, subject: str, reply: str, data: bytes, headers: bytes | None) -> None:
+        self._client = client
+        self.subject = subject
+        self.reply = reply
+        self.data = data
+        self._raw_headers = headers
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        if self._headers is None and self._raw_headers:
+            self._headers = parse_headers(self._raw_headers)
+        return self._headers
+
+    @property
+    def metadata(self) -> Any:
+        """JetStream metadata of the ack subject, parsed by nats-py (a rare fallback)."""
+        return Msg(_client=self._client, subject=self.subject, reply=self.reply, data=self.data,
+                   headers=self.headers).metadata
+
+
+def parse_headers(raw: bytes) -> dict[str, str]:
+    """A ``NATS/1.0`` header block as nats-py reads it: an inline status becomes ``Status``
+    (and ``Description``), then one entry per ``Name: value`` line."""
+    lines = raw.decode("utf-8", errors="replace").split("\r\n")
+    headers: dict[str, str] = {}
+    status = lines[0][len("NATS/1.0"):].strip()
+    if status:
+        code, _, description = status.partition(" ")
+        if code.isdigit():
+            headers["Status"] = code
+        if description:
+            headers["Description"] = description
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if colon and name:
+            headers[name] = value.strip()
+    return headers
+
+
+#: Whether nats-py's ``Client._process_msg`` has the shape :class:`DirectClient` overrides.
+DIRECT_SUPPORTED = list(inspect.signature(Client._process_msg).parameters) == [
+    "self", "sid", "subject", "reply", "data", "headers"
+]
+
+
+class DirectClient(Client):
+    """nats-py's client, with a direct path from the parser to choreograph's own inboxes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, Callable[[Raw], None]] = {}
+
+    def route(self, subscription: Any, handler: Callable[[Raw], None]) -> bool:
+        """Hand ``subscription``'s messages to ``handler`` (which must not raise or block) from
+        now on; ``False`` if this nats-py cannot (its callback then receives them)."""
+        if not DIRECT_SUPPORTED:
+            return False
+        self._direct[subscription._id] = handler
+        return True
+
+    def unroute(self, subscription: Any) -> None:
+        self._direct.pop(subscription._id, None)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        # (``headers`` is None for a message without any, whatever nats-py's annotation says)
+        handler = self._direct.get(sid)
+        if handler is None or sid not in self._subs:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        try:
+            handler(Raw(self, subject.decode(), reply.decode(), data, headers or None))
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection's read loop
+            await self._error_cb(exc)
+
+
 class _Batch:
     """The PubAcks one :meth:`JetStream.publish` call still waits for."""
 
@@ -123,7 +217,9 @@ class JetStream:
 
     async def start(self) -> None:
         with codec.translated("subscribe to publish acknowledgements"):
-            await self.nc.subscribe(self._puback_prefix + "*", cb=self._on_puback)
+            sub = await self.nc.subscribe(self._puback_prefix + "*", cb=self._on_puback)
+        if isinstance(self.nc, DirectClient):
+            self.nc.route(sub, self._puback)
 
     def cancel(self) -> None:
         """Release publishers waiting for acknowledgements (the connection is going away)."""
@@ -216,6 +312,9 @@ class JetStream:
                 batch.done.cancel()
 
     async def _on_puback(self, msg: Msg) -> None:
+        self._puback(msg)
+
+    def _puback(self, msg: Msg | Raw) -> None:
         batch = self._pubacks.get(msg.subject[len(self._puback_prefix) :])  # one reply subject per batch
         if batch is None:
             return

@@ -42,7 +42,7 @@ from nats.aio.subscription import Subscription as NatsInbox
 
 from choreograph.errors import TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
-from choreograph.transports._nats_client import bulk_supported, send_commands
+from choreograph.transports._nats_client import DirectClient, Raw, bulk_supported, send_commands
 from choreograph.transports.base import Delivery, Message, Subscription
 
 log = logging.getLogger("choreograph.transports.nats")
@@ -130,7 +130,7 @@ class NatsSubscription(Subscription):
         self._inbox_prefix = nc.new_inbox() + "."
         self._bulk = bulk_supported(nc)  # acks as one write of encoded commands
         self._inbox: NatsInbox | None = None
-        self._buffer: collections.deque[Msg] = collections.deque()
+        self._buffer: collections.deque[Msg | Raw] = collections.deque()
         self._statuses: dict[str, tuple[int, str]] = {}
         self._requests = 0
         #: Whether the server may hold messages for us beyond what it sent (see the module doc).
@@ -144,10 +144,15 @@ class NatsSubscription(Subscription):
     async def start(self) -> None:
         with codec.translated("subscribe"):
             self._inbox = await self._nc.subscribe(self._inbox_prefix + "*", cb=self._on_reply)
+        if isinstance(self._nc, DirectClient):
+            self._nc.route(self._inbox, self._reply)  # straight from the parser (see _nats_client)
 
     # -- receiving ----------------------------------------------------------------------
 
     async def _on_reply(self, msg: Msg) -> None:
+        self._reply(msg)
+
+    def _reply(self, msg: Msg | Raw) -> None:
         if msg.reply.startswith("$JS.ACK."):
             self._buffer.append(msg)
         else:
@@ -283,6 +288,8 @@ class NatsSubscription(Subscription):
         self._wake()
         self._on_close(self)
         with codec.translated("close subscription"):
+            if self._inbox is not None and isinstance(self._nc, DirectClient):
+                self._nc.unroute(self._inbox)
             if self._inbox is not None and not self._nc.is_closed:
                 await self._inbox.unsubscribe()
             # Messages that reached us after their fetch gave up: hand them back now
@@ -327,7 +334,7 @@ class NatsSubscription(Subscription):
         except Exception as exc:  # noqa: BLE001 - unacked, it just comes back after the lease
             log.debug("nats: acking skipped messages: %s", exc)
 
-    def _delivery(self, msg: Msg) -> NatsDelivery | None:
+    def _delivery(self, msg: Msg | Raw) -> NatsDelivery | None:
         subject = msg.subject
         if subject.startswith(self._event_prefix):
             parsed = codec.split_subject(subject[len(self._event_prefix) :], msg.headers)

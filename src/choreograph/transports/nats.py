@@ -58,7 +58,7 @@ from nats.aio.client import Client
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports import lease_from_url
-from choreograph.transports._nats_client import Item, JetStream
+from choreograph.transports._nats_client import DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_pull import NatsSubscription
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
@@ -121,11 +121,12 @@ class NatsTransport(Transport):
             if self._nc is not None:
                 return
             with codec.translated(f"connect to {', '.join(self._servers)}"):
-                nc = await nats.connect(
+                nc = DirectClient()
+                await nc.connect(
                     self._servers,
                     name=f"choreograph:{self.prefix}",
                     connect_timeout=2,
-                    reconnect_time_wait=_RECONNECT_WAIT,  # nats-py types it int; a float works
+                    reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]  # typed int; a float works
                     max_reconnect_attempts=1,  # for the first connect: fail fast if nobody answers
                     ping_interval=10,  # notice a silently dead server within ~30 s
                     max_outstanding_pings=3,
