@@ -7,6 +7,7 @@ the step's storage is SQLite or PostgreSQL (``--database``), the same for both p
 
 * ``plain_<db>``: the step returns its output; the worker publishes it, records the
   input in an inbox store on <db>, then acks (at-least-once + idempotent, no state);
+  the sink's inbox is on <db> too, in both paths;
 * ``tx_<db>``: the step inserts a row into its own database on <db> inside
   ``ctx.transaction()`` and returns its output, which goes out through the outbox
   relay (effectively-once).
@@ -97,10 +98,13 @@ def p50_ms(values: list[float]) -> float:
 
 
 async def run(mode: str, tmp: Path, database: str | None, events: int, lone: int, concurrency: int) -> dict[str, Any]:
+    # The worker's inbox (the sink's, and the plain step's) on the same kind of database in both
+    # paths: a SQLite file, or the PostgreSQL schema the tx step keeps its state in.
     inbox: InboxStore = SQLiteStore(f"sqlite:///{tmp / f'inbox-{mode}.db'}")
-    if mode == "plain_postgres" and database is not None:
+    if mode.endswith("_postgres") and database is not None:
         inbox = PostgresStore(database)
-        database = None
+        if mode == "plain_postgres":
+            database = None
     if database is not None:
         async with transaction(Service("setup", database=database)) as t:
             await t.execute("CREATE TABLE IF NOT EXISTS items (n integer, t0 double precision)")
