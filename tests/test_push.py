@@ -830,3 +830,41 @@ def test_config_strings_read_environment_variables(tmp_path: Path, monkeypatch: 
     monkeypatch.delenv("DELIVERY_WEBHOOK_SECRET")
     with pytest.raises(ConfigurationError, match=r"subscriptions\[0\]\.secret: environment variable"):
         load_config(NODE_SERVICE.parent / "push.toml")
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+async def test_push_metrics_count_attempts_by_outcome_and_time_the_requests(
+    bus: MemoryTransport, clock: VirtualClock
+) -> None:
+    """With telemetry, each attempt's outcome is counted per subscription and event type, each
+    request is timed, and nothing stays in flight; the stats say the same."""
+    from prometheus_client import CollectorRegistry
+
+    from choreograph.telemetry import Telemetry
+
+    registry = CollectorRegistry()
+    telemetry = Telemetry(traces=False, registry=registry)
+    hook = Scripted(500, 200, 200)
+    async with hook.running() as url, pushing(
+        bus, subscription(url, where="id <> 'skip'"), telemetry=telemetry
+    ) as ambassador:
+        await publish(bus, "e-1", "e-2", "skip")
+        await settled(bus)
+        await Publisher(bus).publish(Assigned(delivery_id="d-e-1"), ids=["e-1"])  # the same id again
+        await settled(bus)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    counted = {"subscription": GROUP, "event_type": Assigned.event_type()}
+    assert value("choreograph_push_deliveries_total", **counted, outcome="delivered") == 2
+    assert value("choreograph_push_deliveries_total", **counted, outcome="retried") == 1
+    assert value("choreograph_push_deliveries_total", **counted, outcome="filtered") == 1
+    assert value("choreograph_push_deliveries_total", **counted, outcome="duplicate") == 1
+    assert value("choreograph_push_deliveries_total", **counted, outcome="dead_lettered") is None
+    assert value("choreograph_push_request_duration_seconds_count", subscription=GROUP) == hook.posts == 3
+    assert value("choreograph_pushes_in_flight", subscription=GROUP) == 0
+    stats = ambassador.stats()
+    assert (stats.delivered, stats.retried, stats.filtered, stats.duplicates) == (2, 1, 1, 1)

@@ -482,3 +482,66 @@ def test_choreograph_run_names_an_unknown_traces_exporter_and_exits_2() -> None:
     )
     assert done.returncode == 2
     assert "OTEL_TRACES_EXPORTER='zipkin': expected otlp, console or none" in done.stderr
+
+
+def test_choreograph_push_serves_push_metrics(tmp_path: Path) -> None:
+    """``choreograph push --metrics-port``: a delivered push is counted and timed on /metrics."""
+    import http.server
+    import threading
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's naming
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    url = f"sqlite:///{tmp_path}/bus.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "choreograph", "push", "--broker", url, "--group", "hook", "--type",
+         "chain.order.placed", "--url", f"http://127.0.0.1:{receiver.server_port}/", "--no-handshake",
+         "--metrics-port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        metrics_url = None
+        for line in proc.stderr:
+            if "metrics on " in line:
+                metrics_url = line.split("metrics on ", 1)[1].strip()
+            if "push running on" in line:
+                break
+        assert metrics_url is not None and metrics_url.endswith("/metrics")
+        published = subprocess.run(
+            [sys.executable, "-m", "choreograph", "publish", "chain.order.placed", "--data",
+             '{"order_id": "o-9", "amount": 5}', "--schema", "examples.chain", "--broker", url],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+        )
+        assert published.returncode == 0, published.stderr
+        wanted = ('choreograph_push_deliveries_total{event_type="chain.order.placed",outcome="delivered",'
+                  'subscription="hook"} 1.0')
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(metrics_url, timeout=10) as response:
+                text = response.read().decode()
+            if wanted in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert wanted in text
+        assert 'choreograph_push_request_duration_seconds_count{subscription="hook"} 1.0' in text
+        assert 'choreograph_pushes_in_flight{subscription="hook"} 0.0' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        receiver.shutdown()
+        receiver.server_close()
+    assert proc.returncode == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -39,6 +40,7 @@ from choreograph.transports.base import Delivery, Message, Subscription
 
 if TYPE_CHECKING:
     from choreograph.push import PushAmbassador, PushSubscription
+    from choreograph.telemetry import Metrics
 
 log = logging.getLogger("choreograph.push")
 
@@ -105,6 +107,8 @@ class PushRunner:
         self.group = subscription.group
         self.source = f"/choreograph/push/{subscription.group}"
         self.stats = PushStats()
+        telemetry = ambassador.telemetry
+        self.metrics: Metrics | None = telemetry.metrics if telemetry is not None else None
         self.consumer: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
         self.active_ids: set[str] = set()
@@ -112,6 +116,13 @@ class PushRunner:
         self.stopping = False
         self.fetching = False
         self.tasks: list[asyncio.Task[None]] = []
+
+    def _count(self, outcome: str, event_type: str) -> None:
+        """One attempt's outcome in the stats and, with telemetry, the metrics."""
+        field = {"duplicate": "duplicates"}.get(outcome, outcome)
+        setattr(self.stats, field, getattr(self.stats, field) + 1)
+        if self.metrics is not None:
+            self.metrics.push_outcomes.labels(self.group, event_type, outcome).inc()
 
     async def start(self) -> None:
         self.consumer = await self.amb.transport.subscribe(self.group, sorted(self.sub.types))
@@ -177,6 +188,9 @@ class PushRunner:
     # -- one delivery -----------------------------------------------------------------
 
     async def _push(self, delivery: Delivery) -> None:
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.push_in_flight.labels(self.group).inc()
         try:
             outcome = await self._attempt(delivery)
             await self._settle(delivery, outcome)
@@ -185,6 +199,9 @@ class PushRunner:
             self.stats.released += 1
             await asyncio.shield(delivery.retry(0.0))
             raise
+        finally:
+            if metrics is not None:
+                metrics.push_in_flight.labels(self.group).dec()
 
     async def _attempt(self, delivery: Delivery) -> _Outcome:
         amb, sub = self.amb, self.sub
@@ -199,26 +216,24 @@ class PushRunner:
             error = ErrorInfo("LoopDetected", f"hops={envelope.hops} exceeds the limit of {amb.max_hops}")
             return self._dead(delivery, envelope, "loop_detected", error, now, publish_failure=False)
         if envelope.type not in sub.types:
-            self.stats.ignored += 1
+            self._count("ignored", envelope.type)
             return _Done([], mark=False)
         if sub.filter is not None and not sub.filter.matches_envelope(envelope):
             # Acked, not marked: the same id redelivered is filtered the same way, no inbox needed.
-            self.stats.filtered += 1
+            self._count("filtered", envelope.type)
             log.debug("%s: event %s does not match the filters (%s); acked without a request",
                       self.group, envelope.id, sub.filter.text)
             return _Done([], mark=False)
         try:
             if await amb.store.seen(self.group, [envelope.id]):
-                self.stats.duplicates += 1
+                self._count("duplicate", envelope.type)
                 return _Done([], mark=False)
         except Exception as exc:
             log.error("inbox unavailable for %s: %s; retrying %s later", self.group, exc, envelope.id)
             return _Again(1.0)
 
         try:
-            if sub.handshake:
-                await amb.handshakes.ensure(sub.url, sub.timeout)
-            response = await self._post(envelope, body)
+            response = await self._request(envelope, body)
         except HandshakeRefused as exc:
             return self._dead(delivery, envelope, "rejected", ErrorInfo("HandshakeRefused", str(exc)), now,
                               status=exc.status)
@@ -240,7 +255,7 @@ class PushRunner:
             except (MalformedEnvelope, EmitError) as exc:
                 error = ErrorInfo("InvalidResponse", f"POST {sub.url} answered {status} with {exc}")
                 return self._dead(delivery, envelope, "rejected", error, now, status=status)
-            self.stats.delivered += 1
+            self._count("delivered", envelope.type)
             self.stats.published += len(outputs)
             return _Done(outputs, mark=True)
         excerpt = _excerpt(response)
@@ -259,6 +274,18 @@ class PushRunner:
             headers.update(signature_headers(sub.secret, envelope.id, payload))
         async with asyncio.timeout(sub.timeout):  # a bound on the whole exchange, not per read
             return await self.amb.client.post(sub.url, content=payload, headers=headers, timeout=sub.timeout)
+
+    async def _request(self, envelope: Envelope, body: bytes) -> httpx.Response:
+        """Handshake (once per URL) and POST; timed when metrics are on."""
+        sub, metrics = self.sub, self.metrics
+        started = time.perf_counter()
+        try:
+            if sub.handshake:
+                await self.amb.handshakes.ensure(sub.url, sub.timeout)
+            return await self._post(envelope, body)
+        finally:
+            if metrics is not None:
+                metrics.push_duration.labels(self.group).observe(time.perf_counter() - started)
 
     def _outputs(self, cause: Envelope, response: httpx.Response) -> list[Message]:
         """The CloudEvents in a 2xx answer, as output events of ``cause`` with derived ids."""
@@ -307,7 +334,7 @@ class PushRunner:
             wait = min(after, sub.max_retry_after)
         else:
             wait = sub.retry.backoff(delivery.attempt, self.amb.rng)
-        self.stats.retried += 1
+        self._count("retried", envelope.type)
         log.warning("push of %s to %s failed (attempt %d), retrying in %.2fs: %s",
                     envelope.id, sub.url, delivery.attempt, wait, error.message)
         return _Again(wait)
@@ -329,7 +356,7 @@ class PushRunner:
         if envelope is not None and publish_failure:
             failure = to_message(failure_envelope(envelope, record, service=self.group, handler=HANDLER,
                                                   source=self.source))
-        self.stats.dead_lettered += 1
+        self._count("dead_lettered", envelope.type if envelope is not None else "")
         log.error("dead-lettering %s in %s: %s after %d attempt(s): %s",
                   delivery.message.id, self.group, reason, delivery.attempt, error.message)
         return _Dead(record, failure)

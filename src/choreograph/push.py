@@ -46,7 +46,7 @@ import math
 import re
 import socket
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -70,6 +70,9 @@ from choreograph.policy import DEFAULT_RETRY, RetryPolicy
 from choreograph.stores.base import InboxStore
 from choreograph.stores.memory import MemoryStore
 from choreograph.transports.base import Transport
+
+if TYPE_CHECKING:
+    from choreograph.telemetry import Telemetry
 
 __all__ = [
     "HANDLER",
@@ -170,7 +173,8 @@ class PushAmbassador:
     ``httpx.AsyncClient`` serves them all (pass ``client`` to configure TLS or proxies).
     ``store`` is the inbox (dedupe and failure history across processes; give a
     durable one in production). ``origin`` is what the handshake announces (default:
-    this host's name).
+    this host's name). ``telemetry`` with metrics counts attempts by outcome and times
+    requests (see :mod:`choreograph.telemetry`).
     """
 
     def __init__(
@@ -188,6 +192,7 @@ class PushAmbassador:
         poll_interval: float = 0.25,
         handshake_ttl: float = 3600.0,
         rng: Any = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency: must be >= 1")
@@ -205,6 +210,7 @@ class PushAmbassador:
         self.drain_timeout = drain_timeout
         self.poll_interval = poll_interval
         self.rng = rng
+        self.telemetry = telemetry
         self._own_client = client is None
         self.client = client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=concurrency * max(1, len(subscriptions)),

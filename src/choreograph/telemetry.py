@@ -47,7 +47,16 @@ service's group), ``choreograph.handler`` and ``choreograph.attempt``.
 ``choreograph_outbox_pending``                 service                      outbox rows not yet published
 ``choreograph_outbox_oldest_age_seconds``      service                      age of the oldest of those
 ``choreograph_events_published_total``         event_type                   published by a Publisher
+``choreograph_push_deliveries_total``          subscription, event_type,    push attempts by outcome
+                                               outcome
+``choreograph_push_request_duration_seconds``  subscription                 histogram of push requests
+``choreograph_pushes_in_flight``               subscription                 pushes in flight now
 =============================================  ===========================  ==============================
+
+A push ambassador (``choreograph push --metrics-port``) reports the ``push`` metrics: the
+``outcome`` of an attempt is ``delivered`` (2xx), ``retried``, ``dead_lettered``, ``duplicate``
+(the inbox had it), ``filtered`` (its filters did not match) or ``ignored`` (a type it does
+not deliver); the request duration covers the handshake, the POST and its answer.
 
 Both need the ``telemetry`` extra (``pip install 'choreograph[telemetry]'``); this module
 imports them only when a :class:`Telemetry` is built.
@@ -137,6 +146,12 @@ class Metrics:
                                        "Age of the oldest unpublished outbox row", ["service"], registry=registry)
         self.published = Counter("choreograph_events_published", "Events published from outside handlers",
                                  ["event_type"], registry=registry)
+        self.push_outcomes = Counter("choreograph_push_deliveries", "Push attempts by outcome",
+                                     ["subscription", "event_type", "outcome"], registry=registry)
+        self.push_duration = Histogram("choreograph_push_request_duration_seconds", "Duration of push requests",
+                                       ["subscription"], buckets=DURATION_BUCKETS, registry=registry)
+        self.push_in_flight = Gauge("choreograph_pushes_in_flight", "Pushes in flight", ["subscription"],
+                                    registry=registry)
 
     @classmethod
     def on(cls, registry: CollectorRegistry | None = None) -> Metrics:

@@ -130,10 +130,11 @@ def _push_specs(configs: list[Path], url: str) -> tuple[list[ProcSpec], list[Gro
 
 
 def _metrics_ports(specs: list[ProcSpec], first: int) -> dict[str, int]:
-    """Give each service process and the gateway ``--metrics-port``, counting up from ``first``."""
+    """Give each service process, push ambassador and the gateway ``--metrics-port``, counting up from ``first``."""
     ports: dict[str, int] = {}
+    instrumented = (["choreograph", "run"], ["choreograph", "gateway"], ["choreograph", "push"])
     for spec in specs:
-        if spec.argv[2:4] in (["choreograph", "run"], ["choreograph", "gateway"]) and "--no-otel" not in spec.argv:
+        if spec.argv[2:4] in instrumented and "--no-otel" not in spec.argv:
             number = first + len(ports)
             if number > 65535:
                 raise ConfigurationError(f"--metrics-port {first}: not enough ports above it for every process")

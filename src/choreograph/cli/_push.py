@@ -18,8 +18,16 @@ import typer
 from rich.markup import escape
 
 from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
-from choreograph.cli._common import BrokerOption, LogFormatOption, broker_url, err_console, run_async
-from choreograph.cli._run import default_store_url
+from choreograph.cli._common import (
+    BrokerOption,
+    LogFormatOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    broker_url,
+    err_console,
+    run_async,
+)
+from choreograph.cli._run import default_store_url, telemetry_options
 from choreograph.errors import ConfigurationError
 from choreograph.logs import configure_logging
 from choreograph.push import PushAmbassador, PushSubscription
@@ -51,6 +59,8 @@ def push(
     drain_timeout: Annotated[float | None, typer.Option("--drain-timeout", help="Seconds to drain on stop")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
     log_format: str = LogFormatOption,
+    metrics_port: int | None = MetricsPortOption,
+    metrics_host: str = MetricsHostOption,
 ) -> None:
     """Deliver events to HTTP subscribers (CloudEvents over HTTP, signed) until SIGTERM or Ctrl-C."""
     configure_logging(log_level, log_format)
@@ -74,7 +84,8 @@ def push(
         settings.subscriptions.append(subscription_from_mapping(item, "options"))
     if not settings.subscriptions:
         raise ConfigurationError("push: nothing to deliver; give --group, --type and --url, or --config FILE")
-    serve(settings, broker=broker, store=store, origin=origin, concurrency=concurrency, drain_timeout=drain_timeout)
+    serve(settings, broker=broker, store=store, origin=origin, concurrency=concurrency, drain_timeout=drain_timeout,
+          metrics_port=metrics_port, metrics_host=metrics_host)
 
 
 def serve(
@@ -85,17 +96,21 @@ def serve(
     origin: str | None,
     concurrency: int | None,
     drain_timeout: float | None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     url = broker_url(broker or settings.broker)
     subscriptions: list[PushSubscription] = settings.subscriptions
     names = "+".join(s.group for s in subscriptions)
     transport = open_transport(url)
     inbox = open_store(store or settings.store or default_store_url(url, names))
+    telemetry, _ = telemetry_options(names, False, metrics_port, metrics_host)  # metrics only: no push spans yet
     ambassador = PushAmbassador(
         subscriptions, transport, store=inbox,
         concurrency=concurrency or settings.concurrency or 16,
         origin=origin or settings.origin,
         drain_timeout=drain_timeout if drain_timeout is not None else settings.drain_timeout or 10.0,
+        telemetry=telemetry,
     )
 
     async def main() -> None:
