@@ -33,8 +33,9 @@ directly. Commits by other processes are noticed by a watcher thread reading
 ``PRAGMA data_version`` (a counter in shared memory, no I/O) while a relay holding a
 claim waits, and ``max(seq)`` of the outbox when it moved; the same thread tries the
 lock of each waiting standby, so a standby wakes as soon as the holder dies. It
-checks every 10 ms, slowing to every 100 ms after a few quiet seconds, and sleeps
-while no relay waits.
+checks every 10 ms, slowing to every 100 ms after a few quiet seconds or while this
+process itself keeps committing outbox rows (its relays then pass often anyway, and a
+pass reads every unsent row), and sleeps while no relay waits.
 """
 
 from __future__ import annotations
@@ -164,6 +165,11 @@ class OutboxWatcher:
         self._closed = False
         self._watching: dict[str, bool] = {}  # service -> its waiting relay holds the claim (replaced, never mutated)
         self._probes: dict[str, RelayLock] = {}  # used by the thread only
+        #: Service -> ``time.monotonic()`` of this process's last commit of its outbox rows (set
+        #: by the store). While they keep coming, the service's relay here passes often anyway
+        #: and every pass reads all its unsent rows, other processes' included: the thread then
+        #: leaves that service alone (each check takes the GIL from a busy event loop).
+        self.committed_at: dict[str, float] = {}
 
     def watch(self, watching: dict[str, bool]) -> None:
         """Watch for these services from now on (``{}``: none; the thread then sleeps)."""
@@ -198,18 +204,23 @@ class OutboxWatcher:
                     return
                 woken: set[str] = set()
                 watching = self._watching
-                if any(watching.values()):
+                started = time.monotonic()
+                committed = self.committed_at
+                idle = [service for service, holder in watching.items()
+                        if holder and started - committed.get(service, 0.0) >= _SLOW]
+                if idle:
                     if db is None:
                         db = sqlite3.connect(self.database, timeout=5.0, isolation_level=None, check_same_thread=False)
                     now_version = db.execute("PRAGMA data_version").fetchone()[0]
                     if now_version != version:  # some other connection committed: rows added?
                         version = now_version
                         seq = db.execute("SELECT coalesce(max(seq), 0) FROM choreograph_outbox").fetchone()[0]
-                    for service, holder in watching.items():
-                        if holder and told.get(service) != seq:  # (after a purge max(seq) may also drop)
+                    for service in idle:
+                        if told.get(service) != seq:  # (after a purge max(seq) may also drop)
                             told[service] = seq
                             woken.add(service)
-                if LOCKING:
+                standby = LOCKING and not all(watching.values())
+                if standby:
                     for service, holder in watching.items():
                         if not holder and self._probe(service).probe():
                             woken.add(service)
@@ -218,7 +229,10 @@ class OutboxWatcher:
                     quiet_since = now
                     for service in woken:
                         loop.call_soon_threadsafe(self._wake, service)
-                time.sleep(min(_SLOW, _FAST * 2 ** min(4, int(now - quiet_since))))
+                if idle or standby:
+                    time.sleep(min(_SLOW, _FAST * 2 ** min(4, int(now - quiet_since))))
+                else:  # every holder's service is committing here: its passes see the rest
+                    time.sleep(_SLOW)
         except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: the loop closed under us
             log.warning("outbox watcher of %s stopped (%s): relays poll instead", self.database, exc)
         finally:

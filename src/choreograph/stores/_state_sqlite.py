@@ -140,6 +140,10 @@ class SQLiteStateStore(StateStore):
         return asyncio.get_running_loop().run_in_executor(executor, call)
 
     def _on_commit(self, woken: set[str]) -> None:
+        if woken:
+            now, committed = time.monotonic(), self._watcher.committed_at
+            for service in woken:
+                committed[service] = now
         for service in woken:
             self.wake(service)
         self._commits += 1
