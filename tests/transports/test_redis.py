@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -447,3 +448,31 @@ async def test_consumers_resume_after_the_server_restarts_and_get_what_was_pendi
         await sub.ack_many(got)
         await bus.publish([msg(4)])  # the publisher reconnects as well
         assert [d.message.id for d in await sub.fetch(10, timeout=10)] == ["m4"]
+
+
+# -- command packing ---------------------------------------------------------------------
+
+
+def test_commands_are_packed_to_the_same_bytes_as_redis_py_packs_them() -> None:
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from choreograph.transports import redis as transport_module
+
+    client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    transport_module._pack_with_hiredis(client)
+    fast: Any = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    plain = Connection()
+    if transport_module._hiredis_pack is not None:
+        assert type(fast) is not Connection and isinstance(fast, Connection)
+    commands: list[tuple[Any, ...]] = [
+        ("EVALSHA", "0" * 40, 1, "p:groups", "p", 0, "m1", "order.placed", b"{}", "é", b"x" * 70_000),
+        ("CONFIG GET", "maxmemory"),
+        (b"CLIENT SETNAME", b"x"),
+        ("XADD", "k", "*", "f", 1.5, 10**30, -3, 1e100, memoryview(b"mv"), bytearray(b"ba"), ""),
+    ]
+    for command in commands:
+        assert b"".join(fast.pack_command(*command)) == b"".join(plain.pack_command(*command))
+    for bad in (True, None, object()):
+        with pytest.raises(DataError):
+            fast.pack_command("SET", "k", bad)
