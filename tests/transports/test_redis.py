@@ -476,3 +476,34 @@ def test_commands_are_packed_to_the_same_bytes_as_redis_py_packs_them() -> None:
     for bad in (True, None, object()):
         with pytest.raises(DataError):
             fast.pack_command("SET", "k", bad)
+
+
+def test_deliveries_read_the_entry_fields_the_same_whatever_their_layout() -> None:
+    from types import SimpleNamespace
+
+    from choreograph.transports.redis import RedisDelivery
+
+    sub: Any = SimpleNamespace(group="g")
+    cases: list[tuple[list[bytes], int, tuple[str, str, bytes, int]]] = [
+        ([b"id", b"m1", b"type", b"t", b"body", b"{}"], 1, ("m1", "t", b"{}", 1)),  # as publish writes it
+        ([b"id", b"m1", b"type", b"t", b"body", b"{}"], 3, ("m1", "t", b"{}", 3)),  # lease expired twice
+        ([b"id", b"", b"type", b"t", b"body", b"{}"], 1, ("1-0", "t", b"{}", 1)),  # empty id: the entry id
+        ([b"body", b"{}", b"type", b"t", b"id", b"m1"], 1, ("m1", "t", b"{}", 1)),  # another order
+        (
+            [b"id", b"m1", b"type", b"t", b"body", b"{}", b"attempt", b"4"],
+            2,
+            ("m1", "t", b"{}", 5),
+        ),  # a retry
+        ([b"id", b"m1", b"type", b"t", b"body", b"{}", b"attempt", b"x"], 1, ("m1", "t", b"{}", 1)),
+        ([b"junk", b"1"], 1, ("1-0", "", b"", 1)),
+    ]
+    for flat, count, (id_, type_, body, attempt) in cases:
+        delivery = RedisDelivery(sub, b"1-0", flat, count)
+        assert type(delivery.message) is Message
+        assert (delivery.message, delivery.attempt) == (Message(id_, type_, body), attempt)
+        assert (delivery.group, delivery.settled, delivery._entry, delivery._count) == (
+            "g",
+            False,
+            b"1-0",
+            count,
+        )

@@ -40,22 +40,34 @@ def _str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+_new_message = tuple.__new__  # Message is a named tuple: built without its __new__ wrapper
+
+
 class RedisDelivery(Delivery):
     __slots__ = ("_sub", "_entry", "_count")
 
-    def __init__(
-        self, sub: RedisSubscription, entry: bytes, fields: Mapping[bytes, bytes], count: int
-    ) -> None:
-        message = Message(
-            id=_str(fields.get(b"id") or entry),
-            type=_str(fields.get(b"type", b"")),
-            body=fields.get(b"body", b""),
-        )
-        try:
-            first = int(fields.get(b"attempt", b"1"))
-        except ValueError:
-            first = 1
-        super().__init__(message, first + count - 1, sub.group)
+    def __init__(self, sub: RedisSubscription, entry: bytes, flat: Sequence[bytes], count: int) -> None:
+        """``flat``: the entry's fields as the server sends them, ``[f1, v1, f2, v2, ...]``."""
+        # Delivery.__init__ written out: one of these is made per message handed out.
+        if len(flat) == 6 and flat[0] == b"id" and flat[2] == b"type" and flat[4] == b"body":
+            # The entry exactly as publish writes it (attempt 1 on its first delivery):
+            # read in place, without a field dict.
+            self.message = _new_message(Message, ((flat[1] or entry).decode(), flat[3].decode(), flat[5]))
+            self.attempt = count
+        else:
+            fields = _pairs(flat)
+            self.message = Message(
+                id=_str(fields.get(b"id") or entry),
+                type=_str(fields.get(b"type", b"")),
+                body=fields.get(b"body", b""),
+            )
+            try:
+                first = int(fields.get(b"attempt", b"1"))
+            except ValueError:
+                first = 1
+            self.attempt = first + count - 1
+        self.group = sub.group
+        self.settled = False
         self._sub = sub
         self._entry = entry
         self._count = count  # the pending list's delivery count when handed out
@@ -116,7 +128,9 @@ class RedisSubscription(Subscription):
                             block = min(block, self._retry_due - now)
                         if deadline is not None:
                             block = min(block, deadline - now)
-                        deliveries = await self._read(max_messages, round(block * 1000) if block >= 0.001 else None)
+                        deliveries = await self._read(
+                            max_messages, round(block * 1000) if block >= 0.001 else None
+                        )
                         if not deliveries:
                             self._next_sweep = 0.0  # it waited in vain: look after leases and retries next
                     if deliveries and self._closed:  # closed while we waited: hand them on
@@ -164,20 +178,30 @@ class RedisSubscription(Subscription):
             ],
         )
         self._cursor = cursor
-        out = [self._deliver(entry, _pairs(flat), int(count)) for entry, flat, count in claimed]
-        out += [self._deliver(entry, _pairs(flat), 1) for entry, flat in fresh]
+        out = [self._deliver(entry, flat, int(count)) for entry, flat, count in claimed]
+        out += [self._deliver(entry, flat, 1) for entry, flat in fresh]
         return out, int(wait_ms)
 
     async def _read(self, max_messages: int, block_ms: int | None) -> list[RedisDelivery]:
         """``XREADGROUP`` of fresh entries; ``block_ms=None``: do not wait."""
-        reply: Any = await self._transport._redis.xreadgroup(
-            self.group, self._transport.consumer, {self._stream: ">"}, count=max_messages, block=block_ms
-        )
-        # RESP2 (the client is pinned to it): [[stream, [(entry id, {field: value}), ...]]] or None
-        return [self._deliver(entry, fields, 1) for _, entries in reply or () for entry, fields in entries]
+        transport = self._transport
+        block = () if block_ms is None else ("BLOCK", block_ms)
+        reply: Any = await transport._redis.execute_command(  # type: ignore[no-untyped-call]
+            "XREADGROUP", "GROUP", self.group, transport.consumer, "COUNT", max_messages, *block,
+            "STREAMS", self._stream, ">",
+        )  # fmt: skip
+        # The reply as the server sends it (RESP2; the transport's client parses XREADGROUP
+        # replies no further): [[stream, [[entry id, [field, value, ...]], ...]]] or None.
+        if not reply:
+            return []
+        unsettled, out = self._unsettled, []
+        for entry, flat in reply[0][1]:
+            delivery = unsettled[entry] = RedisDelivery(self, entry, flat, 1)
+            out.append(delivery)
+        return out
 
-    def _deliver(self, entry: bytes, fields: Mapping[bytes, bytes], count: int) -> RedisDelivery:
-        delivery = RedisDelivery(self, entry, fields, count)
+    def _deliver(self, entry: bytes, flat: Sequence[bytes], count: int) -> RedisDelivery:
+        delivery = RedisDelivery(self, entry, flat, count)
         self._unsettled[entry] = delivery
         return delivery
 

@@ -169,6 +169,9 @@ class RedisTransport(Transport):
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         _pack_with_hiredis(client)
+        # Fetches read the raw XREADGROUP reply: redis-py's parser would build a field dict
+        # per entry that the deliveries do not need.
+        client.set_response_callback("XREADGROUP", _raw_reply)
         self._scripts = {
             name: client.register_script(getattr(lua, name.upper()))
             for name in ("register", "publish", "sweep", "settle", "hold", "forget", "dead")
@@ -281,6 +284,10 @@ class RedisTransport(Transport):
                 count, after = await self._script("dead", [dead, stream], [verb, group, start, _CHUNK, *ids])
                 total, start = total + int(count), _str(after)
         return total
+
+
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
 
 
 _FAST_CLASSES: dict[type, type] = {}
