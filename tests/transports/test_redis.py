@@ -507,3 +507,15 @@ def test_deliveries_read_the_entry_fields_the_same_whatever_their_layout() -> No
             b"1-0",
             count,
         )
+
+
+async def test_ack_many_acks_and_deletes_batches_larger_than_the_script_slices(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", None)
+        await bus.publish([msg(n) for n in range(2500)])
+        got = await fetch_all(sub, 2500)
+        assert len(got) == 2500
+        await sub.ack_many(got)
+        stream = bus._keys("g")[0]
+        assert await bus._redis.xlen(stream) == 0
+        assert (await bus._redis.xpending(stream, "g"))["pending"] == 0

@@ -212,25 +212,31 @@ class RedisSubscription(Subscription):
             del self._unsettled[delivery._entry]
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        ours = [d for d in deliveries if isinstance(d, RedisDelivery) and d._sub is self and not d.settled]
-        for delivery in ours:
-            delivery.settled = True
+        ours: list[RedisDelivery] = []
+        others: list[Delivery] = []
+        for d in deliveries:
+            if isinstance(d, RedisDelivery) and d._sub is self:
+                if not d.settled:
+                    d.settled = True
+                    ours.append(d)
+            else:
+                others.append(d)
         await self._ack(ours)
-        for other in deliveries:
-            if not (isinstance(other, RedisDelivery) and other._sub is self):
-                await other.ack()
+        for other in others:
+            await other.ack()
 
     async def _ack(self, deliveries: Sequence[RedisDelivery]) -> None:
         if not deliveries:
             return
-        entries = [d._entry for d in deliveries]
+        unsettled = self._unsettled
+        entries = []
         for delivery in deliveries:
-            self._forget(delivery)
+            entry = delivery._entry
+            entries.append(entry)
+            if unsettled.get(entry) is delivery:  # _forget, written out
+                del unsettled[entry]
         with self._transport._errors("ack"):
-            pipe = self._transport._redis.pipeline(transaction=True)
-            pipe.xack(self._stream, self.group, *entries)
-            pipe.xdel(self._stream, *entries)
-            await pipe.execute()
+            await self._transport._script("ack", [self._stream], [self.group, *entries])
 
     async def _settle(self, delivery: RedisDelivery, verb: str, arg: str | bytes, attempt: int) -> None:
         self._forget(delivery)

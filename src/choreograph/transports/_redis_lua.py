@@ -145,6 +145,19 @@ return {auto[1], claimed, fresh, wait}
 """
 )
 
+#: KEYS: stream.  ARGV: group, then the entry ids.  Acks and deletes the entries: what a
+#: ``MULTI XACK XDEL EXEC`` does, as one command that carries the ids once. ``unpack``
+#: takes at most a few thousand values, hence the slices.
+ACK = """
+local n = 0
+for i = 2, #ARGV, 1000 do
+  local last = math.min(i + 999, #ARGV)
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, last))
+  n = n + redis.call('XDEL', KEYS[1], unpack(ARGV, i, last))
+end
+return n
+"""
+
 #: KEYS: stream, delayed, dead.  ARGV: group, consumer, entry id, delivery count, verb
 #: ('retry' | 'dead'), retry delay ms | record JSON, next attempt | attempt.
 #: Settles a delivery only if this consumer still holds it (its lease did not expire and

@@ -18,7 +18,7 @@ Design, and why:
   ``touch`` = ``XCLAIM ... JUSTID`` does not). Retry and dead-letter move the entry and
   ``XACK`` + ``XDEL`` it in one script that first checks this consumer still holds it, so
   a verb that arrives after the lease expired is a no-op. ``ack`` skips the check
-  (``XACK`` + ``XDEL`` in one ``MULTI``, one round trip for ``ack_many``): a late ack
+  (``XACK`` + ``XDEL`` in one script, one round trip for ``ack_many``): a late ack
   ends a message whose handler did succeed, which at-least-once allows.
 * **Closing hands over at once.** ``Subscription.close`` re-claims its unsettled entries
   with a huge idle time (``XCLAIM ... IDLE``), so the next consumer's ``XAUTOCLAIM`` takes
@@ -174,7 +174,7 @@ class RedisTransport(Transport):
         client.set_response_callback("XREADGROUP", _raw_reply)
         self._scripts = {
             name: client.register_script(getattr(lua, name.upper()))
-            for name in ("register", "publish", "sweep", "settle", "hold", "forget", "dead")
+            for name in ("register", "publish", "sweep", "ack", "settle", "hold", "forget", "dead")
         }
         with self._errors("connect"):
             try:
