@@ -469,6 +469,10 @@ async def wait_connected(bus: NatsTransport) -> None:
     "raw",
     [
         b"NATS/1.0\r\nNats-Msg-Id: abc-1\r\n\r\n",
+        b"NATS/1.0\r\nNats-Msg-Id:  spaced \r\n\r\n",
+        b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n",
+        b"NATS/1.0\r\nNats-Msg-Id: abc-2\r\nX-Other: y\r\n\r\n",
+        "NATS/1.0\r\nNats-Msg-Id: ~C3~A9-\u00e9\r\n\r\n".encode(),
         b"NATS/1.0 404 No Messages\r\n\r\n",
         b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1\r\nNats-Pending-Bytes: 12\r\n\r\n",
         b"NATS/1.0 409 Consumer Deleted\r\n\r\n",

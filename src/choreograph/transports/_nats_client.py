@@ -50,8 +50,9 @@ PUBLISH_TIMEOUT = 10.0
 #: How long a JetStream API call waits for its answer (seconds).
 API_TIMEOUT = 5.0
 
-#: One message to publish: subject, body, headers (only dedupe keys; dropped if they do not fit).
-Item = tuple[str, bytes, Mapping[str, str] | None]
+#: One message to publish: subject, body, headers (only dedupe keys; dropped if they do not fit),
+#: as a mapping or already encoded as a header block (:func:`header_block`).
+Item = tuple[str, bytes, Mapping[str, str] | bytes | None]
 
 _HEADER_LINE = b"NATS/1.0\r\n"
 
@@ -122,9 +123,15 @@ class Raw:
                    headers=self.headers).metadata
 
 
+_MSG_ID_BLOCK = b"NATS/1.0\r\nNats-Msg-Id: "
+
+
 def parse_headers(raw: bytes) -> dict[str, str]:
     """A ``NATS/1.0`` header block as nats-py reads it: an inline status becomes ``Status``
     (and ``Description``), then one entry per ``Name: value`` line."""
+    start = len(_MSG_ID_BLOCK)
+    if raw.startswith(_MSG_ID_BLOCK) and raw.find(b"\r\n", start) == len(raw) - 4:  # the usual: the dedupe id alone
+        return {"Nats-Msg-Id": raw[start:-4].decode("utf-8", errors="replace").strip()}
     lines = raw.decode("utf-8", errors="replace").split("\r\n")
     headers: dict[str, str] = {}
     status = lines[0][len("NATS/1.0"):].strip()
@@ -285,13 +292,18 @@ class JetStream:
                     reply_b = reply.encode()
                     commands = []
                     for subject, body, headers in items:
-                        block = header_block(headers) if headers else None
+                        if isinstance(headers, bytes):
+                            block: bytes | None = headers
+                        else:
+                            block = header_block(headers) if headers else None
                         if block is not None and len(body) + len(block) > room:
                             block = None  # a dedupe key is not worth refusing the message for
                         commands.append(pub_command(subject.encode(), reply_b, body, block))
                     await send_commands(nc, b"".join(commands), len(commands))
                 else:
                     for subject, body, headers in items:
+                        if isinstance(headers, bytes):
+                            headers = parse_headers(headers)
                         if headers and len(body) + codec.header_size(headers) > room:
                             headers = None
                         await nc.publish(subject, body, reply=reply, headers=dict(headers) if headers else None)

@@ -71,7 +71,11 @@ class NatsDelivery(Delivery):
     def __init__(
         self, message: Message, attempt: int, group: str, subscription: NatsSubscription, reply: str
     ):
-        super().__init__(message, attempt, group)
+        # Delivery.__init__ written out: one of these is made for every message received
+        self.message = message
+        self.attempt = attempt
+        self.group = group
+        self.settled = False
         self._subscription = subscription
         self._reply = reply
 

@@ -228,7 +228,7 @@ class NatsTransport(Transport):
                     subject = subjects[m.type] = codec.message_subject(base, m.type)
                     if len(subjects) > _SUBJECT_CACHE:
                         subjects.clear()
-                items.append((subject, m.body, {codec.H_MSG_ID: msg_id}))
+                items.append((subject, m.body, b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()))
             else:  # no room for the header: the id travels in the subject (and no broker dedupe)
                 items.append((codec.message_subject(base, m.type, m.id), m.body, None))
         await js.publish(items)
