@@ -407,6 +407,39 @@ def test_a_transaction_id_that_is_not_a_uuid_is_hashed_to_a_trace_id() -> None:
     assert transaction_ids("order-43")[0] != trace_id
 
 
+def _metrics_url_of(proc: subprocess.Popen[str], ready: str) -> str:
+    """The ``/metrics`` URL a CLI process prints, read from its stderr up to its ``ready`` line."""
+    assert proc.stderr is not None
+    metrics_url = None
+    for line in proc.stderr:
+        if "metrics on " in line:
+            metrics_url = line.split("metrics on ", 1)[1].strip()
+        if ready in line:
+            break
+    assert metrics_url is not None and metrics_url.endswith("/metrics")
+    return metrics_url
+
+
+def _publish_order(url: str) -> None:
+    published = subprocess.run(
+        [sys.executable, "-m", "choreograph", "publish", "chain.order.placed", "--data",
+         '{"order_id": "o-9", "amount": 5}', "--schema", "examples.chain", "--broker", url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert published.returncode == 0, published.stderr
+
+
+def _scrape_until(metrics_url: str, wanted: str) -> str:
+    """``/metrics`` once it shows ``wanted`` (or after a minute, for the assertion to report)."""
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        if wanted in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
+
+
 def test_choreograph_run_serves_metrics_and_exports_one_trace_per_transaction(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "chain"}
@@ -416,28 +449,10 @@ def test_choreograph_run_serves_metrics_and_exports_one_trace_per_transaction(tm
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
-        assert proc.stderr is not None
-        metrics_url = None
-        for line in proc.stderr:
-            if "metrics on " in line:
-                metrics_url = line.split("metrics on ", 1)[1].strip()
-            if "running " in line:
-                break
-        assert metrics_url is not None and metrics_url.endswith("/metrics")
-        published = subprocess.run(
-            [sys.executable, "-m", "choreograph", "publish", "chain.order.placed", "--data",
-             '{"order_id": "o-9", "amount": 5}', "--schema", "examples.chain", "--broker", url],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        assert published.returncode == 0, published.stderr
+        metrics_url = _metrics_url_of(proc, "running ")
+        _publish_order(url)
         wanted = 'choreograph_events_handled_total{event_type="chain.order.shipped",service="notify"} 1.0'
-        deadline = time.monotonic() + 60
-        while True:
-            with urllib.request.urlopen(metrics_url, timeout=10) as response:
-                text = response.read().decode()
-            if wanted in text or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        text = _scrape_until(metrics_url, wanted)
         assert wanted in text
         assert 'choreograph_events_handled_total{event_type="chain.order.placed",service="payment"} 1.0' in text
         assert "choreograph_handler_duration_seconds_bucket" in text
@@ -509,29 +524,11 @@ def test_choreograph_push_serves_push_metrics(tmp_path: Path) -> None:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
-        assert proc.stderr is not None
-        metrics_url = None
-        for line in proc.stderr:
-            if "metrics on " in line:
-                metrics_url = line.split("metrics on ", 1)[1].strip()
-            if "push running on" in line:
-                break
-        assert metrics_url is not None and metrics_url.endswith("/metrics")
-        published = subprocess.run(
-            [sys.executable, "-m", "choreograph", "publish", "chain.order.placed", "--data",
-             '{"order_id": "o-9", "amount": 5}', "--schema", "examples.chain", "--broker", url],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
-        )
-        assert published.returncode == 0, published.stderr
+        metrics_url = _metrics_url_of(proc, "push running on")
+        _publish_order(url)
         wanted = ('choreograph_push_deliveries_total{event_type="chain.order.placed",outcome="delivered",'
                   'subscription="hook"} 1.0')
-        deadline = time.monotonic() + 60
-        while True:
-            with urllib.request.urlopen(metrics_url, timeout=10) as response:
-                text = response.read().decode()
-            if wanted in text or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        text = _scrape_until(metrics_url, wanted)
         assert wanted in text
         assert 'choreograph_push_request_duration_seconds_count{subscription="hook"} 1.0' in text
         assert 'choreograph_pushes_in_flight{subscription="hook"} 0.0' in text
