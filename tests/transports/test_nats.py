@@ -520,3 +520,36 @@ async def test_publish_fetch_ack_and_dead_letters_with_and_without_the_client_fa
         await bus.publish([msg(0), msg("new")])
         assert ids(await collect(subscription, 1)) == ["mnew"]
         assert await subscription.fetch(10, timeout=0.5) == []
+
+
+async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
+    server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker retries a settle step that raised: the deliveries of an ack write that failed
+    (a full reconnect buffer, say) must still be unsettled then, or the retry acks nothing and
+    the whole batch comes back after the lease."""
+    import nats.errors
+
+    from choreograph.transports import _nats_pull
+
+    real = _nats_pull.send_commands
+    writes: list[int] = []
+
+    async def failing_once(nc: object, commands: bytes, count: int) -> None:
+        writes.append(count)
+        if len(writes) == 1:
+            raise nats.errors.OutboundBufferLimitError
+        await real(nc, commands, count)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_nats_pull, "send_commands", failing_once)
+    async with opened(bus_on(server.url, lease=1)) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(n) for n in range(5)])
+        got = await collect(subscription, 5)
+        with pytest.raises(TransportError):
+            await subscription.ack_many(got)
+        assert not any(d.settled for d in got)
+        await subscription.ack_many(got)  # what the worker's settle retry does
+        assert writes == [5, 5] and all(d.settled for d in got)
+        await asyncio.sleep(1.5)  # past the lease: an unacked message would be back
+        assert await subscription.fetch(10, timeout=1.0) == []

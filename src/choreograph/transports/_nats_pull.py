@@ -272,18 +272,22 @@ class NatsSubscription(Subscription):
         """
         with codec.translated("ack"):
             commands: list[bytes] = []
+            batch: list[NatsDelivery] = []
             for delivery in deliveries:
                 if not delivery.settled:
                     if not isinstance(delivery, NatsDelivery):
                         await delivery.ack()
-                        continue
-                    delivery.settled = True
-                    if self._bulk:
+                    elif self._bulk:
                         commands.append(b"PUB %s 4\r\n+ACK\r\n" % delivery._reply.encode())
+                        batch.append(delivery)
                     else:
                         await self._nc.publish(delivery._reply, b"+ACK")
+                        delivery.settled = True
             if commands:
+                # Settled once written: if the write fails, a retry of this call acks them all.
                 await send_commands(self._nc, b"".join(commands), len(commands))
+                for delivery in batch:
+                    delivery.settled = True
 
     async def close(self) -> None:
         if self._closed:
