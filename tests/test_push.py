@@ -401,13 +401,23 @@ async def test_an_event_already_in_the_inbox_is_not_posted_again(bus: MemoryTran
 
 async def test_stop_releases_a_push_still_in_flight(bus: MemoryTransport) -> None:
     """On stop, a push that outlives the drain timeout is given back to the group, not lost."""
+    from prometheus_client import CollectorRegistry
+
+    from choreograph.telemetry import Telemetry
+
+    registry = CollectorRegistry()
     hook = Scripted(HANG)
     async with hook.running() as url:
-        ambassador = PushAmbassador([subscription(url)], bus, origin=ORIGIN, drain_timeout=0.05)
+        ambassador = PushAmbassador([subscription(url)], bus, origin=ORIGIN, drain_timeout=0.05,
+                                    telemetry=Telemetry(traces=False, registry=registry))
         async with ambassador:
             await publish(bus, "e-1")
             await until(lambda: hook.posts == 1)
+            assert registry.get_sample_value("choreograph_pushes_in_flight", {"subscription": GROUP}) == 1
         assert ambassador.stats().released == 1
+    labels = {"subscription": GROUP, "event_type": Assigned.event_type(), "outcome": "released"}
+    assert registry.get_sample_value("choreograph_push_deliveries_total", labels) == 1
+    assert registry.get_sample_value("choreograph_pushes_in_flight", {"subscription": GROUP}) == 0
     sub = await bus.subscribe(GROUP, [Assigned.event_type()])
     [again] = await sub.fetch(1, timeout=0)
     assert again.message.id == "e-1"

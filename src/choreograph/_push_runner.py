@@ -63,6 +63,7 @@ class PushStats:
     retried: int = 0
     dead_lettered: int = 0
     released: int = 0
+    deferred: int = 0  # put back unpushed for a moment: the inbox could not be asked
 
 
 @dataclasses.dataclass(slots=True)
@@ -196,7 +197,7 @@ class PushRunner:
             await self._settle(delivery, outcome)
         except asyncio.CancelledError:
             # Shutdown ran out of drain time: give the delivery back at once.
-            self.stats.released += 1
+            self._count("released", delivery.message.type)
             await asyncio.shield(delivery.retry(0.0))
             raise
         finally:
@@ -230,6 +231,7 @@ class PushRunner:
                 return _Done([], mark=False)
         except Exception as exc:
             log.error("inbox unavailable for %s: %s; retrying %s later", self.group, exc, envelope.id)
+            self._count("deferred", envelope.type)
             return _Again(1.0)
 
         try:

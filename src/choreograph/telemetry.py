@@ -55,8 +55,10 @@ service's group), ``choreograph.handler`` and ``choreograph.attempt``.
 
 A push ambassador (``choreograph push --metrics-port``) reports the ``push`` metrics: the
 ``outcome`` of an attempt is ``delivered`` (2xx), ``retried``, ``dead_lettered``, ``duplicate``
-(the inbox had it), ``filtered`` (its filters did not match) or ``ignored`` (a type it does
-not deliver); the request duration covers the handshake, the POST and its answer.
+(the inbox had it), ``filtered`` (its filters did not match), ``ignored`` (a type it does not
+deliver), ``deferred`` (put back for a second: the inbox could not be asked) or ``released``
+(given back unfinished at shutdown); the request duration covers the handshake, the POST and
+its answer.
 
 Both need the ``telemetry`` extra (``pip install 'choreograph[telemetry]'``); this module
 imports them only when a :class:`Telemetry` is built.
