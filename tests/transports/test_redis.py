@@ -519,3 +519,32 @@ async def test_ack_many_acks_and_deletes_batches_larger_than_the_script_slices(b
         stream = bus._keys("g")[0]
         assert await bus._redis.xlen(stream) == 0
         assert (await bus._redis.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_an_ack_batch_whose_script_failed_is_acked_by_the_retry(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker retries a settle step that raised: the deliveries of an ack that failed must
+    still be unsettled then, or the retry acks nothing and the batch comes back after the lease."""
+    async with opened(bus_url, lease="1") as bus:
+        sub = await bus.subscribe("g", ["order.placed"])
+        await bus.publish([msg(n) for n in range(5)])
+        got = await fetch_all(sub, 5)
+        assert len(got) == 5
+        real = bus._script
+        calls: list[str] = []
+
+        async def failing_ack_once(name: str, keys: list[Any], args: list[Any]) -> Any:
+            calls.append(name)
+            if name == "ack" and calls.count("ack") == 1:
+                raise ConnectionError("the server went away")
+            return await real(name, keys, args)
+
+        monkeypatch.setattr(bus, "_script", failing_ack_once)
+        with pytest.raises((TransportError, ConnectionError)):
+            await sub.ack_many(got)
+        assert not any(d.settled for d in got)
+        await sub.ack_many(got)  # what the worker's settle retry does
+        assert calls.count("ack") == 2 and all(d.settled for d in got)
+        await asyncio.sleep(1.5)  # past the lease: an unacked entry would be claimed again
+        assert await sub.fetch(10, timeout=1.0) == []

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -284,3 +285,33 @@ async def test_a_writer_waits_for_another_process_holding_the_lock_then_gives_up
         finally:
             release.set()
             holder.join()
+
+
+async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
+    path: str, bus: SQLiteTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker retries a settle step that raised: the deliveries of an ack whose write failed
+    must still be unsettled (and held) then, or the retry acks nothing and they come back."""
+    sub = await bus.subscribe("g", [TYPE])
+    await bus.publish([Message(f"m{n}", TYPE, b"{}") for n in range(5)])
+    got = await sub.fetch(5, timeout=5)
+    assert len(got) == 5
+    real = bus._write
+    writes: list[int] = []
+
+    async def failing_once(fn: Any, **options: Any) -> Any:
+        writes.append(1)
+        if len(writes) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return await real(fn, **options)
+
+    monkeypatch.setattr(bus, "_write", failing_once)
+    with pytest.raises(sqlite3.OperationalError):
+        await sub.ack_many(got)
+    assert not any(d.settled for d in got)
+    await sub.ack_many(got)  # what the worker's settle retry does
+    assert len(writes) == 2 and all(d.settled for d in got)
+    monkeypatch.undo()
+    await asyncio.sleep(2.5)  # past the lease (2 s): an unacked message would be back
+    assert await sub.fetch(10, timeout=0.5) == []
+    assert _count(path, "messages") == 0

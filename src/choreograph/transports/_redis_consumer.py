@@ -217,26 +217,26 @@ class RedisSubscription(Subscription):
         for d in deliveries:
             if isinstance(d, RedisDelivery) and d._sub is self:
                 if not d.settled:
-                    d.settled = True
                     ours.append(d)
             else:
                 others.append(d)
-        await self._ack(ours)
+        await self._ack(ours)  # settled only once acked: the worker retries a failed settle step
+        for d in ours:
+            d.settled = True
         for other in others:
             await other.ack()
 
     async def _ack(self, deliveries: Sequence[RedisDelivery]) -> None:
         if not deliveries:
             return
-        unsettled = self._unsettled
-        entries = []
-        for delivery in deliveries:
-            entry = delivery._entry
-            entries.append(entry)
-            if unsettled.get(entry) is delivery:  # _forget, written out
-                del unsettled[entry]
+        entries = [delivery._entry for delivery in deliveries]
         with self._transport._errors("ack"):
             await self._transport._script("ack", [self._stream], [self.group, *entries])
+        unsettled = self._unsettled
+        for delivery in deliveries:  # _forget, written out; after the ack: if it failed, they stay ours
+            entry = delivery._entry
+            if unsettled.get(entry) is delivery:
+                del unsettled[entry]
 
     async def _settle(self, delivery: RedisDelivery, verb: str, arg: str | bytes, attempt: int) -> None:
         self._forget(delivery)

@@ -106,19 +106,25 @@ class SQLiteSubscription(Subscription):
     async def _ack(self, deliveries: Sequence[SQLiteDelivery]) -> None:
         self._transport._check_open()
         claims, group = self._release(deliveries), self.group
-        await self._transport._write(lambda conn, now: ops.ack(conn, group, claims))
+        try:
+            await self._transport._write(lambda conn, now: ops.ack(conn, group, claims))
+        except BaseException:
+            for delivery in deliveries:  # still held: a retry can ack them, close() gives them back
+                self._held.setdefault(delivery._seq, delivery)
+            raise
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         mine: list[SQLiteDelivery] = []
         for delivery in deliveries:
             if isinstance(delivery, SQLiteDelivery) and delivery._subscription is self:
                 if not delivery.settled:
-                    delivery.settled = True
                     mine.append(delivery)
             else:
                 await delivery.ack()
         if mine:
-            await self._ack(mine)
+            await self._ack(mine)  # settled only once acked: the worker retries a failed settle step
+            for delivery in mine:
+                delivery.settled = True
 
     async def _postpone(self, deliveries: Sequence[SQLiteDelivery], after: float) -> None:
         self._transport._check_open()
