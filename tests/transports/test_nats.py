@@ -492,17 +492,21 @@ async def test_direct_delivery_reads_header_blocks_as_nats_py_does(raw: bytes) -
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-paths", "nats-py-paths"])
 async def test_publish_fetch_ack_and_dead_letters_with_and_without_the_client_fast_paths(
-    server_url: str, fast: bool, monkeypatch: pytest.MonkeyPatch
+    server_url: str, fast: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Batches written as encoded commands and messages delivered straight from the parser,
     or (a nats-py without those internals) through publish() and subscription callbacks."""
     from choreograph.transports import _nats_client, _nats_pull
+    from choreograph.transports import nats as nats_transport
 
     if not fast:
         monkeypatch.setattr(_nats_client, "DIRECT_SUPPORTED", False)
+        monkeypatch.setattr(nats_transport, "DIRECT_SUPPORTED", False)
         monkeypatch.setattr(_nats_client, "bulk_supported", lambda nc: False)
         monkeypatch.setattr(_nats_pull, "bulk_supported", lambda nc: False)
+    caplog.set_level("INFO", logger="choreograph.transports.nats")
     async with opened(bus_on(server_url)) as bus:
+        assert ("lacks the client internals" in caplog.text) is not fast  # the slow path says so
         assert bus._js is not None and bus._js.bulk is fast
         subscription = await bus.subscribe("g", None)
         assert isinstance(subscription, _nats_pull.NatsSubscription) and subscription._bulk is fast

@@ -58,7 +58,7 @@ from nats.aio.client import Client
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports import lease_from_url
-from choreograph.transports._nats_client import DirectClient, Item, JetStream
+from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_pull import NatsSubscription
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
@@ -141,6 +141,9 @@ class NatsTransport(Transport):
                 version = nc.connected_server_version
                 self._multi_filter = (version.major, version.minor) >= (2, 10)
                 js = JetStream(nc)
+                if not (js.bulk and DIRECT_SUPPORTED):
+                    log.info("nats: this nats-py lacks the client internals choreograph's fast paths use; "
+                             "publishing and receiving through its public API instead (slower)")
                 await js.start()
                 await self._ensure_stream(js, self._events_config())
                 await self._ensure_stream(js, DeadLetterStream.config(self.prefix, self.replicas))
