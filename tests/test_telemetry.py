@@ -440,6 +440,16 @@ def _scrape_until(metrics_url: str, wanted: str) -> str:
         time.sleep(0.1)
 
 
+def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGTERM a CLI process and collect its output (killed if it does not exit within a minute)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave the process behind
+        return proc.communicate()
+
+
 def test_choreograph_run_serves_metrics_and_exports_one_trace_per_transaction(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "chain"}
@@ -458,12 +468,7 @@ def test_choreograph_run_serves_metrics_and_exports_one_trace_per_transaction(tm
         assert "choreograph_handler_duration_seconds_bucket" in text
         assert 'choreograph_handlers_in_flight{service="payment"} 0.0' in text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # never leave the worker behind
-            out, err = proc.communicate()
+        out, err = _stop(proc)
     assert proc.returncode == 0, err
     spans = _json_objects(out)
     names = {span["name"] for span in spans}
@@ -533,12 +538,7 @@ def test_choreograph_push_serves_push_metrics(tmp_path: Path) -> None:
         assert 'choreograph_push_request_duration_seconds_count{subscription="hook"} 1.0' in text
         assert 'choreograph_pushes_in_flight{subscription="hook"} 0.0' in text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        _stop(proc)
         receiver.shutdown()
         receiver.server_close()
     assert proc.returncode == 0
