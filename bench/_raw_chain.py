@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from bench import _gc
 from bench.chain_app import Sink
 from choreograph._envelope import now_rfc3339
 
@@ -343,4 +344,5 @@ def _loop_run(coro: Awaitable[Any]) -> Any:
 
 if __name__ == "__main__":
     broker_name, broker_url, bus_prefix, hop_number, total, out_path = sys.argv[1:7]
+    _gc.apply()  # the parent's --gc
     _loop_run(hop_process(broker_name, broker_url, bus_prefix, int(hop_number), int(total), out_path))

@@ -17,6 +17,9 @@ Every run gets its own stream/key/queue prefix and deletes what it created.
     python bench/brokers.py --n 20000             # the documented figures
     python bench/brokers.py --n 2000 --quick      # a smoke run (no paced, no FastStream)
     python bench/brokers.py --only nats --n 5000 --no-faststream
+
+Every process (choreograph's, the raw client's, FastStream's) runs with the collector
+settings of ``choreograph run`` unless ``--gc python`` (bench/_gc.py).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import _broker_env as env  # noqa: E402
-from bench import _faststream_chain, _raw_chain  # noqa: E402
+from bench import _faststream_chain, _gc, _raw_chain  # noqa: E402
 from bench.chain import start_hops, stop_hops, summarize  # noqa: E402
 from bench.chain_app import SINK, Hop0, hop1, hop2, hop3  # noqa: E402
 from choreograph import Publisher, Worker  # noqa: E402
@@ -256,6 +259,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the paced and FastStream runs")
     parser.add_argument("--no-faststream", action="store_true", help="skip the FastStream runs")
     parser.add_argument("--only", choices=BROKERS, action="append")
+    _gc.add_option(parser)
     parser.add_argument("--nats-url", help="use this NATS server (>= 2.10) instead of a private one")
     args = parser.parse_args()
     if not args.quick and not args.no_faststream:
@@ -282,7 +286,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "bench": "brokers", "hops": 3, "concurrency": args.concurrency, "loop": loop_name,
         "python": platform.python_version(), "cpus": os.cpu_count(), "servers": {},
-        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": [round(x, 2) for x in os.getloadavg()], **_gc.choose(args.gc),
     }  # fmt: skip
     try:
         for broker in args.only or BROKERS:

@@ -14,6 +14,10 @@ validation, no dedupe, no durability, one asyncio queue per hop.
 
     python bench/chain.py --n 20000            # the README's figures
     python bench/chain.py --n 2000 --quick     # a smoke run
+    python bench/chain.py --gc python          # CPython's collector settings in every process
+
+Every process runs with the collector settings of ``choreograph run`` unless ``--gc python``
+(bench/_gc.py): the floor too, so the ratio compares code, not settings.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import _gc  # noqa: E402
 from bench.chain_app import SINK, Hop0, hop1, hop2, hop3  # noqa: E402
 from choreograph import Publisher, Worker  # noqa: E402
 from choreograph._envelope import now_rfc3339  # noqa: E402
@@ -186,6 +191,7 @@ def main() -> None:
     parser.add_argument("--paced-n", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="skip the paced run")
     parser.add_argument("--only", choices=["floor", "memory", "sqlite"], action="append")
+    _gc.add_option(parser)
     args = parser.parse_args()
     only = set(args.only or ["floor", "memory", "sqlite"])
     try:
@@ -199,7 +205,7 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "bench": "chain", "hops": 3, "n": args.n, "loop": loop_name, "python": platform.python_version(),
-        "cpus": os.cpu_count(), "sqlite_synchronous": "NORMAL",
+        "cpus": os.cpu_count(), "sqlite_synchronous": "NORMAL", **_gc.choose(args.gc),
     }
     if "floor" in only:
         report["floor_orjson"] = run(floor(args.n, orjson.dumps, orjson.loads))

@@ -26,18 +26,22 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from choreograph import Context, Event, Publisher, Service, Worker
-from choreograph.runtime.outbox import transaction
-from choreograph.stores.base import InboxStore
-from choreograph.stores.postgres import PostgresStore
-from choreograph.stores.sqlite import SQLiteStore
-from choreograph.transports import open_transport
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import _gc  # noqa: E402
+from choreograph import Context, Event, Publisher, Service, Worker  # noqa: E402
+from choreograph.runtime.outbox import transaction  # noqa: E402
+from choreograph.stores.base import InboxStore  # noqa: E402
+from choreograph.stores.postgres import PostgresStore  # noqa: E402
+from choreograph.stores.sqlite import SQLiteStore  # noqa: E402
+from choreograph.transports import open_transport  # noqa: E402
 
 
 class BenchIn(Event, type="bench.outbox.in"):
@@ -163,6 +167,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    _gc.add_option(parser)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each path, interleaved; medians reported")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                         help="event loop (uvloop, as `choreograph run` uses when installed)")
@@ -170,6 +175,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace, loop_name: str) -> None:
+    gc_report = _gc.choose(args.gc)
     backends = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}")]
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
@@ -189,7 +195,7 @@ async def main(args: argparse.Namespace, loop_name: str) -> None:
                     if database is not None and database.startswith("postgres"):
                         await drop_schema(database)
     result: dict[str, Any] = {"events": args.events, "concurrency": args.concurrency, "bus": "sqlite",
-                              "rounds": args.rounds, "loop": loop_name}
+                              "rounds": args.rounds, "loop": loop_name, **gc_report}
     for path in paths:
         figures = {key: statistics.median(r[key] for r in runs[path])
                    for key in ("events_per_s", "p50_ms_loaded", "p50_ms_lone")}

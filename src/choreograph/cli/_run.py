@@ -29,6 +29,7 @@ from choreograph.cli._common import (
 )
 from choreograph.logs import configure_logging
 from choreograph.runtime import Worker
+from choreograph.runtime.gc_tuning import DEFAULT_GC_THRESHOLD, tune_gc
 from choreograph.stores import open_store
 from choreograph.telemetry import Telemetry, configure_tracing, serve_metrics
 from choreograph.transports import open_transport
@@ -60,6 +61,11 @@ def run(
     otel: bool = otel_option("handler attempts"),
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
+    gc_threshold: int = typer.Option(
+        DEFAULT_GC_THRESHOLD, "--gc-threshold", envvar="CHOREOGRAPH_GC_THRESHOLD", min=0,
+        help="Young-generation GC threshold set once the worker runs, after freezing what startup "
+        "allocated (0: Python's defaults; see choreograph.runtime.gc_tuning)",
+    ),
 ) -> None:
     """Run a service as a worker until SIGTERM or Ctrl-C (in-flight work is drained or released)."""
     configure_logging(log_level, log_format)
@@ -78,6 +84,7 @@ def run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await worker.start()
+        tune_gc(gc_threshold)
         err_console.print(f"[green]choreograph[/] running {names} on {url} (pid {os.getpid()})", highlight=False)
         await stop.wait()
         err_console.print(f"[yellow]choreograph[/] stopping {names}: draining in-flight work", highlight=False)
