@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from choreograph import Envelope, Event, MalformedEnvelope, decode, derive_id, encode
-from choreograph._envelope import CORE_ATTRIBUTES, KNOWN_EXTENSIONS, from_dict
+from choreograph._envelope import CORE_ATTRIBUTES, KNOWN_EXTENSIONS, _decode_general, from_dict
 from choreograph.runtime.records import dead_letter_record, failure_envelope, first_envelope, output_envelope
 
 CONFORMANCE = Path("/work/shared/conformance")
@@ -150,6 +150,60 @@ def test_decoding_any_json_object_gives_an_envelope_or_malformed_envelope(obj: d
     except MalformedEnvelope:
         return
     assert decode(encode(env)) == env
+
+
+def _outcome(decoder: Any, body: bytes) -> Envelope | str:
+    try:
+        return decoder(body)
+    except MalformedEnvelope as exc:
+        return f"MalformedEnvelope: {exc}"
+
+
+_near_envelopes = st.one_of(
+    envelopes().map(lambda env: orjson.loads(encode(env))),
+    st.dictionaries(st.sampled_from(sorted(CORE_ATTRIBUTES | KNOWN_EXTENSIONS | {"x", "Bad", "data_base64"})),
+                    _json, max_size=8),
+)
+
+
+@given(_near_envelopes, st.dictionaries(st.sampled_from(sorted(CORE_ATTRIBUTES | KNOWN_EXTENSIONS)),
+                                        _json_scalar | st.just(""), max_size=2))
+def test_the_one_pass_path_and_the_general_path_decode_alike(obj: dict[str, Any], changes: dict[str, Any]) -> None:
+    """decode() parses the common shape in one pass (msgspec) and the rest like from_dict: same result."""
+    body = orjson.dumps({**obj, **changes})
+    assert _outcome(decode, body) == _outcome(_decode_general, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data":{"big":18446744073709551616}}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data":{"n":123456789012345678901234567890}}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data":[1e400]}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","type":"u"}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","id":""}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","hops":true}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","hops":1.0}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","hops":"3"}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","hops":-1}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","correlationid":""}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","time":"2026-02-30T00:00:00Z"}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","time":"2024-02-29T00:00:00Z"}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","time":"yesterday"}',
+        b'{"specversion":"0.3","id":"a","source":"/s","type":"t"}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data_base64":"AAE="}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","region":"eu"}',
+        b'{"specversion":"1.0","id":null,"source":"/s","type":"t"}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data":null}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t"} trailing',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data":"\xff"}',
+        b'{"specversion":"1.0","id":"\\ud800","source":"/s","type":"t"}',
+        b"[]",
+        b"",
+    ],
+)
+def test_edge_cases_decode_alike_on_both_paths(body: bytes) -> None:
+    assert _outcome(decode, body) == _outcome(_decode_general, body)
 
 
 @given(
