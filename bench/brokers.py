@@ -12,6 +12,9 @@ For each broker, in one run (so that the ratios are fair on a shared machine):
 
 Figures: events/s from the first publish to the last event reaching hop3, p50/p99
 end-to-end latency (publish → hop3), and choreograph's ratio to raw and to FastStream.
+Every comparison runs ``--rounds`` times (default 3), its sides interleaved; a ratio is the
+median over rounds of the ratio within a round (every round's is printed too), a side's
+figures those of its median run.
 Every run gets its own stream/key/queue prefix and deletes what it created.
 
     python bench/brokers.py --n 20000             # the documented figures
@@ -29,6 +32,7 @@ import asyncio
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,31 +200,51 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
+def _paired(rounds: int, sides: dict[str, Callable[[], dict[str, Any]]], ratios: dict[str, str]) -> dict[str, Any]:
+    """Run every side once per round, interleaved, so that a noisy neighbour hits them alike.
+
+    Per side: the run with the median of the first key of ``ratios`` (and that key's value in
+    every round). Per key and per other side, ``<name>_vs_<other>``: the median over rounds of
+    choreograph's figure divided by the other side's *in the same round* (and every round's).
+    """
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, run in sides.items():
+            runs[side].append(run())
+    first = next(iter(ratios))
+    out: dict[str, Any] = {}
+    for side, each in runs.items():
+        middle = sorted(each, key=lambda r: r[first])[(len(each) - 1) // 2]
+        out[side] = {**middle, f"{first}_each": [r[first] for r in each]}
+    for key, name in ratios.items():
+        for other in sides:
+            if other != "choreograph":
+                each_ratio = [_ratio(c[key], o[key]) for c, o in zip(runs["choreograph"], runs[other], strict=True)]
+                out[f"{name}_vs_{other}"] = round(statistics.median(each_ratio), 3)
+                out[f"{name}_vs_{other}_each"] = each_ratio
+    return out
+
+
 def bench_broker(broker: str, base: str, args: argparse.Namespace, loop: Runner) -> dict[str, Any]:
     n = args.amqp_n if broker == "amqp" and args.amqp_n else args.n
-    one: dict[str, Any] = {}
-    one["raw"] = loop(raw_one(broker, base, n))
-    one["choreograph"] = loop(choreograph_one(broker, base, n, args.concurrency))
+    rounds = args.rounds
+    sides: dict[str, Callable[[], dict[str, Any]]] = {
+        "raw": lambda: loop(raw_one(broker, base, n)),
+        "choreograph": lambda: loop(choreograph_one(broker, base, n, args.concurrency)),
+    }
     if not args.quick and not args.no_faststream:
-        one["faststream"] = loop(faststream_one(broker, base, n))
-    one["choreograph_vs_raw"] = _ratio(one["choreograph"]["events_per_s"], one["raw"]["events_per_s"])
-    if "faststream" in one:
-        one["choreograph_vs_faststream"] = _ratio(
-            one["choreograph"]["events_per_s"], one["faststream"]["events_per_s"]
-        )
-    report: dict[str, Any] = {"n": n, "one_process": one}
-    procs: dict[str, Any] = {}
-    procs["raw"] = raw_procs(broker, base, n, None, loop)
-    procs["choreograph"] = choreograph_procs(broker, base, n, args.concurrency, None, loop)
-    procs["choreograph_vs_raw"] = _ratio(procs["choreograph"]["events_per_s"], procs["raw"]["events_per_s"])
-    report["process_per_hop"] = procs
+        sides["faststream"] = lambda: loop(faststream_one(broker, base, n))
+    throughput = {"events_per_s": "choreograph"}
+    report: dict[str, Any] = {"n": n, "rounds": rounds, "one_process": _paired(rounds, sides, throughput)}
+    report["process_per_hop"] = _paired(rounds, {
+        "raw": lambda: raw_procs(broker, base, n, None, loop),
+        "choreograph": lambda: choreograph_procs(broker, base, n, args.concurrency, None, loop),
+    }, throughput)
     if not args.quick:
-        paced: dict[str, Any] = {"rate": args.rate}
-        paced["raw"] = raw_procs(broker, base, args.paced_n, args.rate, loop)
-        paced["choreograph"] = choreograph_procs(broker, base, args.paced_n, args.concurrency, args.rate, loop)
-        paced["p50_vs_raw"] = _ratio(paced["choreograph"]["p50_ms"], paced["raw"]["p50_ms"])
-        paced["p99_vs_raw"] = _ratio(paced["choreograph"]["p99_ms"], paced["raw"]["p99_ms"])
-        report["paced"] = paced
+        report["paced"] = {"rate": args.rate, **_paired(rounds, {
+            "raw": lambda: raw_procs(broker, base, args.paced_n, args.rate, loop),
+            "choreograph": lambda: choreograph_procs(broker, base, args.paced_n, args.concurrency, args.rate, loop),
+        }, {"p50_ms": "p50", "p99_ms": "p99"})}
     return report
 
 
@@ -256,6 +280,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=_raw_chain.WINDOW)
     parser.add_argument("--rate", type=float, default=100.0, help="events/s for the paced latency runs")
     parser.add_argument("--paced-n", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every comparison, interleaved; medians reported (default 3)")
     parser.add_argument("--quick", action="store_true", help="skip the paced and FastStream runs")
     parser.add_argument("--no-faststream", action="store_true", help="skip the FastStream runs")
     parser.add_argument("--only", choices=BROKERS, action="append")
