@@ -29,6 +29,10 @@ def _child(what: str, n: int) -> None:
     sys.path.insert(0, str(ROOT))
     import orjson
 
+    from bench import _gc
+
+    _gc.apply()  # the parent's --gc, in every child (the import-only baseline too)
+
     from bench.chain import floor, memory_run
 
     if what == "floor":
@@ -60,15 +64,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="events per run (default 2000)")
     parser.add_argument("--child", choices=["none", "floor", "memory"], help=argparse.SUPPRESS)
+    sys.path.insert(0, str(ROOT))
+    from bench import _gc
+
+    _gc.add_option(parser)
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.n)
         return
+    gc_report = _gc.choose(args.gc)
     base = instructions("none", args.n)
     floor = (instructions("floor", args.n) - base) / args.n
     memory = (instructions("memory", args.n) - base) / args.n
     print(json.dumps({
         "bench": "instructions", "hops": 3, "n": args.n, "python": platform.python_version(), "loop": "asyncio",
+        **gc_report,
         "floor_orjson_instructions_per_event": round(floor),
         "memory_instructions_per_event": round(memory),
         "memory_vs_floor_orjson": round(floor / memory, 3),
