@@ -3,9 +3,12 @@ the conformance events, and the CloudEvents Python SDK in both directions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -200,10 +203,53 @@ def test_the_one_pass_path_and_the_general_path_decode_alike(obj: dict[str, Any]
         b'{"specversion":"1.0","id":"\\ud800","source":"/s","type":"t"}',
         b"[]",
         b"",
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","hops":18446744073709551616}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","hops":9223372036854775808}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","hops":9223372036854775807}',
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data":' + b"[" * 1000 + b"]" * 1000 + b"}",
+        b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data":' + b"[" * 1100 + b"]" * 1100 + b"}",
+        b' \n{"specversion":"1.0","id":"a","source":"/s","type":"t"} ',
+        b'{"specversion":"1.0","\\u0069d":"a","source":"/s","type":"t"}',
     ],
 )
-def test_edge_cases_decode_alike_on_both_paths(body: bytes) -> None:
+@pytest.mark.parametrize("recursion_limit", [None, 20_000])
+def test_edge_cases_decode_alike_on_both_paths(body: bytes, recursion_limit: int | None) -> None:
+    """Whatever Python's recursion limit (msgspec's nesting limit follows it; orjson's does not)."""
+    text = body.decode("utf-8", errors="replace")
+    with _recursion_limit(recursion_limit):
+        outcomes = [(_outcome(decode, b), _outcome(_decode_general, b)) for b in (body, text)]
+    with _recursion_limit(20_000):  # comparing data nested 1,000 deep recurses as deep
+        assert all(fast == general for fast, general in outcomes)
+
+
+@contextlib.contextmanager
+def _recursion_limit(limit: int | None) -> Iterator[None]:
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit or old)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def test_a_str_body_with_a_lone_surrogate_is_malformed_on_both_paths() -> None:
+    body = '{"specversion":"1.0","id":"\ud800","source":"/s","type":"t"}'
     assert _outcome(decode, body) == _outcome(_decode_general, body)
+    assert str(_outcome(decode, body)).startswith("MalformedEnvelope")
+
+
+@pytest.mark.parametrize("depth", [300, 900, 1022, 1023, 1024, 1100])
+def test_deep_data_decodes_alike_however_deep_the_callers_stack(depth: int) -> None:
+    """msgspec's nesting limit shrinks with the caller's stack; the result must not."""
+    body = b'{"specversion":"1.0","id":"a","source":"/s","type":"t","data":' + b"[" * depth + b"]" * depth + b"}"
+
+    def nested(frames: int) -> Envelope | str:
+        return nested(frames - 1) if frames else _outcome(decode, body)
+
+    with _recursion_limit(20_000):
+        fast, general = nested(300), _outcome(_decode_general, body)
+        assert fast == general
+    assert isinstance(fast, Envelope) == (depth < 1024)  # orjson's limit: 1,024 levels in all
 
 
 @given(

@@ -298,7 +298,7 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True):
     causationid: _NonEmpty | None = None
     traceparent: _NonEmpty | None = None
     tracestate: _NonEmpty | None = None
-    hops: Annotated[int, msgspec.Meta(ge=0)] = 0
+    hops: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0  # orjson reads larger ones as floats
     partitionkey: _NonEmpty | None = None
     deadline: _NonEmpty | None = None
 
@@ -318,13 +318,24 @@ def decode(body: bytes | str) -> Envelope:
     try:
         c = _decode_common(body)
         t = c.time
-        if t is None or (_fullmatch_rfc3339(t) is not None and t[8:10] <= "28"):
-            return Envelope(c.id, c.source, c.type, _loads(memoryview(c.data)), t, c.subject, c.datacontenttype,
+        raw = c.data
+        if (t is None or (_fullmatch_rfc3339(t) is not None and t[8:10] <= "28")) and (
+            len(raw) < 2048 or _shallow(bytes(raw))
+        ):
+            return Envelope(c.id, c.source, c.type, _loads(memoryview(raw)), t, c.subject, c.datacontenttype,
                             c.dataschema, c.correlationid, c.causationid, c.traceparent, c.tracestate, c.hops,
                             c.partitionkey, c.deadline)
-    except (msgspec.DecodeError, orjson.JSONDecodeError):
+    except (msgspec.DecodeError, orjson.JSONDecodeError, RecursionError, UnicodeEncodeError):
+        # RecursionError: msgspec's nesting limit follows the stack (orjson's is 1024 levels);
+        # UnicodeEncodeError: a str body holding a lone surrogate.
         pass
     return _decode_general(body)
+
+
+def _shallow(data: bytes) -> bool:
+    """Whether ``data`` surely nests less than 1,000 deep: parsed on its own, orjson's limit
+    (1,024 levels) would count from ``data`` rather than from the envelope around it."""
+    return data.count(b"[") + data.count(b"{") < 1000
 
 
 def _decode_general(body: bytes | str) -> Envelope:
