@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,27 +60,39 @@ def test_tune_gc_zero_leaves_pythons_settings() -> None:
 
 
 def _run_worker(*options: str) -> str:
-    """stderr of ``choreograph run`` on memory:// from start to a SIGTERM once it said it runs."""
+    """stderr of ``choreograph run`` on memory:// from start to a SIGTERM once it said it runs
+    (or 60 s went by: a worker that never says so fails the test, it does not hang it)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "choreograph", "run", "examples.chain:app", "--broker", "memory://",
          "--log-level", "DEBUG", *options], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env=ENV,
     )
     assert proc.stderr is not None
-    lines = []
-    try:
+    lines: list[str] = []
+    running = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line)
             if "running " in line:
-                break
+                running.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        running.wait(60)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            rest = proc.communicate(timeout=60)[1]
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            rest = proc.communicate()[1]
-    return "".join(lines) + (rest or "")
+            proc.wait()
+    reader.join(10)
+    proc.stderr.close()
+    return "".join(lines)
 
 
 def test_choreograph_run_tunes_the_collector_once_the_worker_runs() -> None:

@@ -63,7 +63,7 @@ def run(
     metrics_host: str = MetricsHostOption,
     gc_threshold: int = typer.Option(
         DEFAULT_GC_THRESHOLD, "--gc-threshold", envvar="CHOREOGRAPH_GC_THRESHOLD", min=0,
-        help="Young-generation GC threshold set once the worker runs, after freezing what startup "
+        help="Young-generation GC threshold set as the worker starts, after freezing what start-up "
         "allocated (0: Python's defaults; see choreograph.runtime.gc_tuning)",
     ),
 ) -> None:
@@ -83,8 +83,8 @@ def run(
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        tune_gc(gc_threshold)  # before the worker starts: nothing in flight gets frozen
         await worker.start()
-        tune_gc(gc_threshold)
         err_console.print(f"[green]choreograph[/] running {names} on {url} (pid {os.getpid()})", highlight=False)
         await stop.wait()
         err_console.print(f"[yellow]choreograph[/] stopping {names}: draining in-flight work", highlight=False)

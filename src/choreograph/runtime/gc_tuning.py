@@ -13,7 +13,8 @@ memory:// chain with a backlog that was about a third of the run time
 collector's permanent generation (``gc.freeze()``), where it is never walked, and makes
 the young generation larger, so that an event's objects are usually freed by reference
 counting before a collection sees them. Cycles are still collected; only less often.
-``choreograph run`` calls it once its worker has started (``--gc-threshold``);
+``choreograph run`` calls it just before its worker starts (``--gc-threshold``), once the
+app is loaded - so that nothing in flight is frozen;
 call it yourself when you embed a :class:`~choreograph.runtime.Worker` in your own
 long-lived process and the process is yours to tune.
 """
