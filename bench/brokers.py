@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import signal
@@ -220,6 +221,8 @@ def _paired(rounds: int, sides: dict[str, Callable[[], dict[str, Any]]], ratios:
         for other in sides:
             if other != "choreograph":
                 each_ratio = [_ratio(c[key], o[key]) for c, o in zip(runs["choreograph"], runs[other], strict=True)]
+                if any(math.isnan(r) for r in each_ratio):
+                    raise RuntimeError(f"{key}: a run of {other} measured 0: {runs[other]}")
                 out[f"{name}_vs_{other}"] = round(statistics.median(each_ratio), 3)
                 out[f"{name}_vs_{other}_each"] = each_ratio
     return out
@@ -288,6 +291,8 @@ def main() -> None:
     _gc.add_option(parser)
     parser.add_argument("--nats-url", help="use this NATS server (>= 2.10) instead of a private one")
     args = parser.parse_args()
+    if args.rounds < 1 or args.rounds % 2 == 0:
+        parser.error("--rounds: must be odd (the median is then one round's figure)")
     if not args.quick and not args.no_faststream:
         try:
             import faststream  # noqa: F401

@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the floor and memory:// runs")
     _gc.add_option(parser)
     args = parser.parse_args()
+    if args.rounds < 1 or args.rounds % 2 == 0:
+        parser.error("--rounds: must be odd (the median is then one round's figure)")
     only = set(args.only or ["floor", "memory", "sqlite"])
     try:
         import uvloop

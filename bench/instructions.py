@@ -30,10 +30,9 @@ def _child(what: str, n: int) -> None:
     import orjson
 
     from bench import _gc
-
-    _gc.apply()  # the parent's --gc, in every child (the import-only baseline too)
-
     from bench.chain import floor, memory_run
+
+    _gc.apply()  # the parent's --gc, in every child (the import-only baseline too), after the imports
 
     if what == "floor":
         asyncio.run(floor(n, orjson.dumps, orjson.loads))
