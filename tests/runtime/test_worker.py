@@ -10,6 +10,7 @@ import pytest
 from choreograph import (
     FAILED,
     Context,
+    Envelope,
     Event,
     Failure,
     Publisher,
@@ -245,6 +246,42 @@ async def test_a_malformed_envelope_is_dead_lettered_and_the_worker_keeps_going(
     assert letters["bad"]["envelope"] == "{not json"
     assert "source" in letters["bad2"]["last_error"]["message"]
     assert [data for _, data, _ in sink.received] == [{"order_id": "good", "amount": 1}]
+
+
+async def test_an_internal_error_preparing_a_delivery_is_retried_then_dead_lettered_not_looped(
+    bus: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message that trips a bug below the handler (here: decoding raises RuntimeError) counts
+    attempts under the service's policy and ends as a dead letter; others keep flowing."""
+    import choreograph.runtime.worker as worker_module
+
+    real_decode = worker_module.decode
+
+    def decode_or_trip(body: bytes | str) -> Envelope:
+        if b"trip" in (body if isinstance(body, bytes) else body.encode()):
+            raise RuntimeError("a bug below the handler")
+        return real_decode(body)
+
+    monkeypatch.setattr(worker_module, "decode", decode_or_trip)
+    svc = Service("buggy", retry=RetryPolicy(max_attempts=3, base=0.1, jitter=False))
+    handled: list[str] = []
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        handled.append(order.order_id)
+
+    async with Worker([svc], bus) as worker:
+        [tripping] = await Publisher(bus).publish(Placed(order_id="trip"))
+        await Publisher(bus).publish(Placed(order_id="fine"))
+        await settled(bus)
+        stats = worker.stats("buggy")
+    assert handled == ["fine"]
+    [letter] = await bus.dead_letters("buggy")
+    assert letter.message.id == tripping.id
+    assert letter.record["reason"] == "internal_error" and letter.record["attempts"] == 3
+    assert letter.record["last_error"]["type"] == "RuntimeError"
+    assert letter.record["envelope"]["id"] == tripping.id  # the original, for replay once fixed
+    assert (stats.retried, stats.dead_lettered, stats.handled) == (2, 1, 1)
 
 
 async def test_a_hung_handler_times_out_and_counts_as_an_attempt(bus: MemoryTransport) -> None:

@@ -11,7 +11,9 @@ from choreograph.events import Event
 from choreograph.stores.base import ErrorInfo
 from choreograph.transports.base import Message
 
-DeadLetterReason = Literal["max_attempts", "max_age", "rejected", "invalid_payload", "malformed", "loop_detected"]
+DeadLetterReason = Literal[
+    "max_attempts", "max_age", "rejected", "invalid_payload", "malformed", "loop_detected", "internal_error"
+]
 
 
 def to_message(envelope: Envelope) -> Message:

@@ -244,9 +244,8 @@ class _Runner:
         """
         try:
             call = self._prepare(delivery)
-        except Exception as exc:  # a bug in us: the lease redelivers it
-            self._release_id(delivery)
-            log.error("internal error handling %r", delivery, exc_info=exc)
+        except Exception as exc:  # a bug in us, or in a library under us
+            self._emit(self._internal_error(delivery, exc))
             return
         if not isinstance(call, _Call):
             self._emit(call)
@@ -288,6 +287,19 @@ class _Runner:
             self._release_id(delivery)
         if not task.cancelled() and task.exception() is not None:  # a bug in us: the lease redelivers it
             log.error("internal error handling %r", delivery, exc_info=task.exception())
+
+    def _internal_error(self, delivery: Delivery, exc: Exception) -> _Outcome:
+        """Preparing ``delivery`` raised where nothing should (no outcome was emitted for it):
+        a failed attempt under the service's retry policy, then a dead letter ``internal_error``
+        with the original body - a message that always trips it is not redelivered forever."""
+        self._release_id(delivery)
+        log.error("internal error handling %r (attempt %d)", delivery, delivery.attempt, exc_info=exc)
+        policy = self.service.retry
+        if delivery.attempt < policy.max_attempts:
+            self.stats.retried += 1
+            return _Again(delivery, policy.backoff(delivery.attempt, self.worker.rng))
+        return self._dead(delivery, None, "internal_error", None, ErrorInfo.from_exception(exc),
+                          self.worker.clock.time(), _raw(delivery.message.body))
 
     def _release_id(self, delivery: Delivery) -> None:
         if self.active_ids.get(delivery.message.id) is delivery:
