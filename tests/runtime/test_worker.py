@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 import pytest
+from pydantic import ConfigDict
 
 from choreograph import (
     FAILED,
@@ -282,6 +284,33 @@ async def test_an_internal_error_preparing_a_delivery_is_retried_then_dead_lette
     assert letter.record["last_error"]["type"] == "RuntimeError"
     assert letter.record["envelope"]["id"] == tripping.id  # the original, for replay once fixed
     assert (stats.retried, stats.dead_lettered, stats.handled) == (2, 1, 1)
+
+
+class Opaque(Event, type="test.worker.opaque"):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    thing: Any
+
+
+async def test_an_output_that_cannot_be_encoded_is_dead_lettered_at_once_not_redelivered(bus: MemoryTransport) -> None:
+    """The same every run, so no retry: rejected with a message naming the handler and the cause."""
+    svc = Service("opaque")
+    runs: list[str] = []
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Opaque:
+        runs.append(order.order_id)
+        return Opaque(thing=object())  # pydantic cannot serialise it
+
+    async with Worker([svc], bus) as worker:
+        [env] = await Publisher(bus).publish(Placed(order_id="o-1"))
+        await settled(bus)
+        stats = worker.stats("opaque")
+    assert runs == ["o-1"]
+    [letter] = await bus.dead_letters("opaque")
+    assert letter.message.id == env.id and letter.record["reason"] == "rejected"
+    assert letter.record["last_error"]["type"] == "EmitError"
+    assert "handle emitted an event that cannot be encoded as JSON" in letter.record["last_error"]["message"]
+    assert (stats.dead_lettered, stats.handled) == (1, 0)
 
 
 async def test_a_hung_handler_times_out_and_counts_as_an_attempt(bus: MemoryTransport) -> None:

@@ -487,23 +487,31 @@ class _Runner:
         return Failure(event=event, envelope=original, record=dict(data.get("record") or {}))
 
     def _outputs(self, handler: Handler, cause: Envelope, returned: list[Event], ctx: Context) -> list[Message]:
-        if not ctx.outputs and len(returned) == 1 and type(returned[0]) in handler.emits:  # the common case
-            return [output_message(returned[0], cause=cause, service=self.service.name, handler=handler.name,
-                                   index=0, source=self.service.source)]
-        events = [(event, subject) for event, subject in ctx.outputs] + [(event, None) for event in returned]
-        messages = []
-        for index, (event, subject) in enumerate(events):
-            if type(event) not in handler.emits:
-                declared = sorted(cls.event_type() for cls in handler.emits) or "nothing"
-                raise EmitError(
-                    f"{handler.name} emitted {type(event).event_type()!r} but declares {declared}; "
-                    "add it to the return annotation or emits=[...]"
-                )
-            messages.append(output_message(
-                event, cause=cause, service=self.service.name, handler=handler.name, index=index,
-                source=self.service.source, subject=subject,
-            ))
-        return messages
+        """The messages of what the handler emitted; :class:`EmitError` (dead letter ``rejected``)
+        for an undeclared type or an event that cannot be encoded - not a bug to redeliver."""
+        try:
+            if not ctx.outputs and len(returned) == 1 and type(returned[0]) in handler.emits:  # the common case
+                return [output_message(returned[0], cause=cause, service=self.service.name, handler=handler.name,
+                                       index=0, source=self.service.source)]
+            events = [(event, subject) for event, subject in ctx.outputs] + [(event, None) for event in returned]
+            messages = []
+            for index, (event, subject) in enumerate(events):
+                if type(event) not in handler.emits:
+                    declared = sorted(cls.event_type() for cls in handler.emits) or "nothing"
+                    raise EmitError(
+                        f"{handler.name} emitted {type(event).event_type()!r} but declares {declared}; "
+                        "add it to the return annotation or emits=[...]"
+                    )
+                messages.append(output_message(
+                    event, cause=cause, service=self.service.name, handler=handler.name, index=index,
+                    source=self.service.source, subject=subject,
+                ))
+            return messages
+        except EmitError:
+            raise
+        except Exception as exc:  # e.g. a field pydantic cannot serialise: the same on every run
+            raise EmitError(f"{handler.name} emitted an event that cannot be encoded as JSON: "
+                            f"{type(exc).__name__}: {exc}") from exc
 
     async def _failed(self, call: _Call, exc: Exception) -> _Outcome:
         """A failed attempt: retry by the handler's policy, or dead-letter once it gives up."""
