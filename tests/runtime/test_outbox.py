@@ -136,6 +136,34 @@ async def test_an_exception_after_the_block_rolls_back_state_and_outputs(databas
     assert (len(bus.ids_of(Noted)), len(bus.ids_of(Created))) == (1, 1)
 
 
+async def test_a_cancelled_error_the_handler_raises_itself_is_a_failed_attempt_and_rolls_back(
+    database_url: str,  # noqa: F811
+) -> None:
+    """Not a shutdown (nobody cancelled the task): rolled back, retried by the policy, then dead-lettered
+    - where it used to be released and redelivered at once, in a tight loop."""
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url, retry=RetryPolicy(max_attempts=2, base=0.01, jitter=False))
+    attempts: list[int] = []
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        attempts.append(ctx.attempt)
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            raise asyncio.CancelledError
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await asyncio.wait_for(drained(worker, bus), 30)
+        stats = worker.stats("package")
+    assert attempts == [1, 2]
+    assert (stats.retried, stats.dead_lettered, stats.released) == (1, 1, 0)
+    assert await packages(database_url) == []
+    [letter] = await bus.dead_letters("package")
+    assert letter.record["last_error"]["type"] == "CancelledError"
+
+
 async def test_an_exception_inside_the_block_rolls_back_and_the_handler_may_carry_on(
     database_url: str,  # noqa: F811
 ) -> None:

@@ -313,6 +313,75 @@ async def test_an_output_that_cannot_be_encoded_is_dead_lettered_at_once_not_red
     assert (stats.dead_lettered, stats.handled) == (1, 0)
 
 
+class _Custom(BaseException):
+    pass
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+@pytest.mark.parametrize(
+    ("raised", "kind"),
+    [
+        (asyncio.CancelledError(), "CancelledError"),  # raised by the handler, not a cancel(): no tight loop
+        (SystemExit(3), "SystemExit"),  # a handler does not end the worker
+        (_Custom(), "_Custom"),
+        (GeneratorExit(), "GeneratorExit"),
+        (_Unprintable(), "_Unprintable"),  # a record is still written
+        (ValueError("bad \ud800 text"), "ValueError"),  # and it encodes as JSON
+    ],
+)
+async def test_whatever_a_handler_raises_is_a_failed_attempt_then_a_dead_letter(
+    bus: MemoryTransport, raised: BaseException, kind: str
+) -> None:
+    svc = Service("odd", retry=RetryPolicy(max_attempts=3, base=0.1, jitter=False))
+    attempts: list[int] = []
+    watched: list[Failure] = []
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        raise raised
+
+    watch = Service("odd-watch")
+
+    @watch.on_failure(Placed)
+    async def seen(failure: Failure) -> None:
+        watched.append(failure)
+
+    async with Worker([svc, watch], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="o-1"))
+        await asyncio.wait_for(settled(bus), 10)
+        stats = worker.stats("odd")
+    assert attempts == [1, 2, 3]
+    [letter] = await bus.dead_letters("odd")
+    assert letter.record["reason"] == "max_attempts" and letter.record["last_error"]["type"] == kind
+    assert letter.record["last_error"]["message"]  # something readable, even for _Unprintable
+    assert (stats.retried, stats.dead_lettered, stats.released) == (2, 1, 0)
+    [failure] = watched  # the failure event went out too (its record encoded as JSON)
+    assert failure.reason == "max_attempts"
+
+
+@pytest.mark.parametrize("reason", [None, object(), "\udc80"])
+async def test_a_reject_with_a_reason_that_is_not_clean_text_still_dead_letters_at_once(
+    bus: MemoryTransport, reason: object
+) -> None:
+    svc = Service("picky")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        raise Reject(reason)  # type: ignore[arg-type]
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="o-1"))
+        await asyncio.wait_for(settled(bus), 10)
+    [letter] = await bus.dead_letters("picky")
+    assert letter.record["reason"] == "rejected" and letter.record["attempts"] == 1
+    orjson.dumps(letter.record)  # clean text
+
+
 async def test_a_hung_handler_times_out_and_counts_as_an_attempt(bus: MemoryTransport) -> None:
     svc = Service("slow", retry=RetryPolicy(max_attempts=2, base=0.01, jitter=False))
 

@@ -160,13 +160,13 @@ class InstrumentedRunner(_Runner):
             self._of(delivery.message.type).duplicates.inc()
         return outcome
 
-    def _raised(self, call: _Call, exc: Exception) -> _Outcome | None:
+    def _raised(self, call: _Call, exc: BaseException) -> _Outcome | None:
         span = self.spans.get(call.delivery)
         if span is not None and not isinstance(exc, Defer):  # a join timer not yet due is no failure
             Tracing.failed(span, exc)
         return super()._raised(call, exc)
 
-    async def _failed(self, call: _Call, exc: Exception) -> _Outcome:
+    async def _failed(self, call: _Call, exc: BaseException) -> _Outcome:
         outcome = await super()._failed(call, exc)
         if isinstance(outcome, _Again):
             if self.metrics is not None:

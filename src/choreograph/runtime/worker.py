@@ -37,7 +37,7 @@ import pydantic
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph._envelope import Envelope, decode, from_dict
 from choreograph.context import Context, _set_current
-from choreograph.errors import EmitError, MalformedEnvelope, Reject, Retry
+from choreograph.errors import EmitError, MalformedEnvelope, Reject, Retry, StoreError
 from choreograph.events import Event
 from choreograph.joins import Defer
 from choreograph.runtime.outbox import HandlerUnit, Outboxes
@@ -266,10 +266,11 @@ class _Runner:
         _set_current(call.ctx)  # this task's own context
         try:
             result = await self._guarded(call, call.coro)
-        except asyncio.CancelledError:  # shutdown ran out of drain time
-            await self._release(call.delivery)
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if not _own_failure(exc):
+                if isinstance(exc, asyncio.CancelledError):  # shutdown ran out of drain time
+                    await self._release(call.delivery)
+                raise
             await self._settle_raised(call, exc)
         else:
             self._emit(self._returned(call, result))
@@ -402,9 +403,16 @@ class _Runner:
                 assert task is not None  # only a handler running in a task can be cancelled
                 task.uncancel()
 
-    async def _settle_raised(self, call: _Call, exc: Exception) -> None:
-        outcome = self._raised(call, exc)
-        self._emit(outcome if outcome is not None else await self._failed(call, exc))
+    async def _settle_raised(self, call: _Call, exc: BaseException) -> None:
+        try:
+            outcome = self._raised(call, exc)
+            if outcome is None:
+                outcome = await self._failed(call, exc)
+        except StoreError:
+            raise  # the failure cannot be recorded now: the lease brings the delivery back later
+        except Exception as err:  # building the record failed: a bug, not the handler's
+            outcome = self._internal_error(call.delivery, err)
+        self._emit(outcome)
 
     def _returned(self, call: _Call, result: Any) -> _Outcome:
         """The outcome of a handler that returned ``result`` (a service without a database)."""
@@ -417,7 +425,7 @@ class _Runner:
         self.stats.handled += 1
         return _Done(call.delivery, messages, mark=True)
 
-    def _raised(self, call: _Call, exc: Exception) -> _Outcome | None:
+    def _raised(self, call: _Call, exc: BaseException) -> _Outcome | None:
         """The outcome of a handler that raised ``exc``; ``None`` for a failed attempt (see ``_failed``)."""
         delivery, envelope, handler = call.delivery, call.envelope, call.handler
         if isinstance(exc, Defer):  # a join deadline timer not due yet: not a failure
@@ -445,7 +453,9 @@ class _Runner:
                         self._emit(self._duplicate(delivery))  # another consumer committed this event first
                         return
                     messages, mark = [], False  # in the outbox now: the relay publishes them
-            except Exception as exc:
+            except BaseException as exc:
+                if not _own_failure(exc):
+                    raise
                 await unit.rollback()  # before touching the store: on SQLite it waits for the writer
                 await self._settle_raised(call, exc)
                 return
@@ -513,7 +523,7 @@ class _Runner:
             raise EmitError(f"{handler.name} emitted an event that cannot be encoded as JSON: "
                             f"{type(exc).__name__}: {exc}") from exc
 
-    async def _failed(self, call: _Call, exc: Exception) -> _Outcome:
+    async def _failed(self, call: _Call, exc: BaseException) -> _Outcome:
         """A failed attempt: retry by the handler's policy, or dead-letter once it gives up."""
         delivery, envelope, handler, now = call.delivery, call.envelope, call.handler, call.now
         error = ErrorInfo.from_exception(exc)
@@ -689,6 +699,20 @@ class _Settlement:
                 if isinstance(outcome, _Dead) and outcome.failure is not None:
                     plan.messages.append(outcome.failure)
         return plan
+
+
+def _own_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a handler, is that handler's failed attempt: anything but a
+    cancellation of its task (shutdown; the watchdog's is turned into HandlerTimeout before)
+    and Ctrl-C. A ``CancelledError``, ``SystemExit`` or other ``BaseException`` the handler
+    raises itself counts as a failed attempt: it must neither end the worker nor come back
+    at once (a bare re-raise made a tight redelivery loop)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return False
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return True
 
 
 def _raw(body: bytes) -> Any:

@@ -25,8 +25,13 @@ class ErrorInfo:
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, limit: int = 6) -> ErrorInfo:
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=limit))
-        return cls(type=type(exc).__qualname__, message=str(exc) or repr(exc), traceback=tb[-4000:])
+        """Never raises, and gives text that encodes as UTF-8: this builds the record that
+        settles a failed delivery, so an exception whose ``__str__`` raises, returns a
+        non-string or holds lone surrogates must not leave the delivery unsettled."""
+        name = _clean(type(exc).__qualname__)
+        message = _text(str, exc) or _text(repr, exc) or f"<{name}: unprintable>"
+        tb = _text(lambda e: "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=limit)), exc)
+        return cls(type=name, message=message, traceback=tb[-4000:])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -35,6 +40,23 @@ class ErrorInfo:
     def from_dict(cls, data: dict[str, Any]) -> ErrorInfo:
         return cls(type=str(data.get("type", "")), message=str(data.get("message", "")),
                    traceback=str(data.get("traceback", "")))
+
+
+def _text(render: Any, exc: BaseException) -> str:
+    try:
+        text = render(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__/__repr__ is the exception's problem, not ours
+        return ""
+    return _clean(text) if isinstance(text, str) else ""
+
+
+def _clean(text: str) -> str:
+    """``text`` without lone surrogates (they cannot be encoded as UTF-8 JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
 
 
 class InboxStore(abc.ABC):
