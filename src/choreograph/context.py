@@ -13,11 +13,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from choreograph._envelope import Envelope
+from choreograph.errors import EmitError
+from choreograph.events import Event
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
-    from choreograph.events import Event
     from choreograph.runtime.outbox import HandlerUnit
     from choreograph.stores.state import Transaction
 
@@ -41,6 +42,7 @@ class Context:
     handler: str
     attempt: int
     outputs: list[tuple[Event, str | None]] = dataclasses.field(default_factory=list)
+    _sealed: bool = False  # set when the handler has finished: publish() then raises
     _unit: HandlerUnit | None = None  # set by the worker for a service with a database
 
     @property
@@ -79,7 +81,16 @@ class Context:
 
         It is published with the handler's outputs, before the input is acked, with
         a deterministic id; the type must be declared in the handler's ``emits``.
+        Calling it with something other than an event, a subject that is not a non-empty
+        string, or after the handler has returned raises :class:`~choreograph.EmitError`.
         """
+        if not isinstance(event, Event):
+            raise EmitError(f"{self.handler}: publish() takes an Event, got {type(event).__name__}")
+        if subject is not None and (not isinstance(subject, str) or not subject):
+            raise EmitError(f"{self.handler}: publish(subject=...): expected a non-empty string, got {subject!r}")
+        if self._sealed:
+            raise EmitError(f"{self.handler}: publish() after the handler returned: {type(event).event_type()!r} "
+                            f"for event {self.envelope.id} would be lost; publish before returning")
         self.outputs.append((event, subject))
 
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:

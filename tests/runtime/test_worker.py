@@ -24,6 +24,8 @@ from choreograph import (
     current_context,
     decode,
 )
+from choreograph.errors import EmitError
+from choreograph.runtime.records import first_envelope, to_message
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
 
@@ -470,6 +472,65 @@ async def test_failure_handlers_only_see_failures_of_their_type(bus: MemoryTrans
     assert got == []
     assert worker.stats("watcher").ignored == 1
     assert "choreograph.failed" in watcher.subscriptions and FAILED == "choreograph.failed"
+
+
+async def test_a_failure_event_whose_record_is_not_an_object_is_an_invalid_payload(bus: MemoryTransport) -> None:
+    watcher = Service("watcher")
+    got: list[Failure] = []
+
+    @watcher.on_failure(Placed)
+    async def on_placed_failure(failure: Failure) -> None:
+        got.append(failure)
+
+    original = orjson.loads(to_message(first_envelope(Placed(order_id="p"), source="/t", id="p-1")).body)
+    odd = Envelope(id="f-1", source="/t", type=FAILED, data={"type": Placed.event_type(), "envelope": original,
+                                                             "record": ["not", "an", "object"]})
+    async with Worker([watcher], bus) as worker:
+        await bus.publish([to_message(odd)])
+        await settled(bus)
+    assert got == [] and worker.stats("watcher").retried == 0
+    [letter] = await bus.dead_letters("watcher")
+    assert letter.record["reason"] == "invalid_payload" and letter.record["attempts"] == 1
+    assert "data.record: expected an object, got list" in letter.record["last_error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("publish", "says"),
+    [
+        (lambda ctx: ctx.publish({"order_id": "x"}), "publish() takes an Event, got dict"),
+        (lambda ctx: ctx.publish(Charged(order_id="x"), subject=""), "expected a non-empty string, got ''"),
+        (lambda ctx: ctx.publish(Charged(order_id="x"), subject=7), "expected a non-empty string, got 7"),
+    ],
+)
+async def test_a_publish_that_cannot_be_right_is_rejected_at_once_naming_why(
+    bus: MemoryTransport, publish: Any, says: str
+) -> None:
+    svc = Service("sloppy-publisher")
+
+    @svc.on(Placed, emits=[Charged])
+    async def handle(order: Placed, ctx: Context) -> None:
+        publish(ctx)
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="o"))
+        await settled(bus)
+    [letter] = await bus.dead_letters("sloppy-publisher")
+    assert letter.record["reason"] == "rejected" and says in letter.record["last_error"]["message"]
+
+
+async def test_publish_after_the_handler_returned_raises_instead_of_losing_the_event(bus: MemoryTransport) -> None:
+    svc = Service("late")
+    contexts: list[Context] = []
+
+    @svc.on(Placed, emits=[Charged])
+    async def handle(order: Placed, ctx: Context) -> None:
+        contexts.append(ctx)
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="o"))
+        await settled(bus)
+    with pytest.raises(EmitError, match="after the handler returned"):
+        contexts[0].publish(Charged(order_id="o"))
 
 
 async def test_max_age_gives_up_even_with_attempts_left(bus: MemoryTransport) -> None:

@@ -396,6 +396,7 @@ class _Runner:
                 raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s") from None
             raise
         finally:
+            call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
             del self.deadlines[delivery]
             if delivery in self.timed_out:
                 self.timed_out.discard(delivery)
@@ -494,7 +495,11 @@ class _Runner:
             event: Event | None = handler.consumes.model_validate(original.data)
         except pydantic.ValidationError:
             event = None
-        return Failure(event=event, envelope=original, record=dict(data.get("record") or {}))
+        record = data.get("record") or {}
+        if not isinstance(record, dict):
+            raise MalformedEnvelope(f"data.record: expected an object, got {type(record).__name__}",
+                                    event_id=envelope.id)
+        return Failure(event=event, envelope=original, record=dict(record))
 
     def _outputs(self, handler: Handler, cause: Envelope, returned: list[Event], ctx: Context) -> list[Message]:
         """The messages of what the handler emitted; :class:`EmitError` (dead letter ``rejected``)
