@@ -338,6 +338,50 @@ async def test_ctx_transaction_in_a_service_without_a_database_is_a_configuratio
         ctx.transaction()
 
 
+async def test_ctx_transaction_without_a_database_dead_letters_at_once_rather_than_retrying() -> None:
+    bus = RecordingBus()
+    svc = Service("plain", retry=RetryPolicy(max_attempts=5, base=0.01, jitter=False))
+    attempts: list[int] = []
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        async with ctx.transaction():
+            pass
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await settled(bus)
+    assert attempts == [1]
+    [letter] = await bus.dead_letters("plain")
+    assert letter.record["reason"] == "rejected" and "has no database" in letter.record["last_error"]["message"]
+
+
+@pytest.mark.parametrize("statement", ["COMMIT", "  rollback", "BEGIN IMMEDIATE", "savepoint s1", "END"])
+async def test_transaction_control_inside_the_block_is_refused_and_nothing_commits(
+    database_url: str, statement: str  # noqa: F811
+) -> None:
+    """On SQLite several handlers' units share one commit: a raw COMMIT or ROLLBACK would act on theirs."""
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url)
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            await tx.execute(statement)
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    assert await packages(database_url) == []
+    assert bus.ids_of(Created) == []
+    [letter] = await bus.dead_letters("package")
+    assert letter.record["reason"] == "rejected" and "transaction control" in letter.record["last_error"]["message"]
+
+
 def test_a_service_rejects_an_unknown_database_scheme() -> None:
     with pytest.raises(ConfigurationError, match="database URL"):
         Service("package", database="mysql://localhost/db")

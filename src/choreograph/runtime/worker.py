@@ -37,7 +37,7 @@ import pydantic
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph._envelope import Envelope, decode, from_dict
 from choreograph.context import Context, _set_current
-from choreograph.errors import EmitError, MalformedEnvelope, Reject, Retry, StoreError
+from choreograph.errors import ConfigurationError, EmitError, MalformedEnvelope, Reject, Retry, StoreError
 from choreograph.events import Event
 from choreograph.joins import Defer
 from choreograph.runtime.outbox import HandlerUnit, Outboxes
@@ -435,6 +435,9 @@ class _Runner:
             return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
         if isinstance(exc, EmitError):
             exc.event_id, exc.service, exc.handler = envelope.id, self.service.name, handler.name
+            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
+        if isinstance(exc, ConfigurationError):  # the program is wrong (no database, transaction control):
+            # the same on every attempt, so no retries
             return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
         return None
 

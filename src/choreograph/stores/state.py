@@ -30,6 +30,7 @@ import abc
 import asyncio
 import dataclasses
 import importlib
+import re
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -98,6 +99,24 @@ class TxConnection(abc.ABC):
     async def rollback(self) -> None: ...
 
 
+#: Statements that would end or split choreograph's transaction under the user's feet.
+_CONTROL = re.compile(
+    r"\s*(BEGIN|COMMIT|ROLLBACK|END|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
+    re.IGNORECASE,
+)
+
+
+def _statement(sql: str) -> str:
+    """``sql``, unless it is transaction control: the transaction is choreograph's (state,
+    inbox and outbox commit together; on SQLite several handlers' units share one commit)."""
+    if _CONTROL.match(sql):
+        raise ConfigurationError(
+            f"tx.execute({sql.strip()[:40]!r}): transaction control is choreograph's - the block commits "
+            "with the inbox record and the outbox when the handler returns, and rolls back if it raises"
+        )
+    return sql
+
+
 class Transaction:
     """What ``async with ctx.transaction() as tx`` (or ``transaction(service)``) gives you.
 
@@ -118,23 +137,23 @@ class Transaction:
 
     async def execute(self, sql: str, *args: Any) -> int:
         """Run one statement; returns the number of rows it changed."""
-        return await self._conn.execute(sql, args)
+        return await self._conn.execute(_statement(sql), args)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per parameter tuple."""
-        await self._conn.executemany(sql, list(rows))
+        await self._conn.executemany(_statement(sql), list(rows))
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         """Every row of a query."""
-        return await self._conn.fetch(sql, args)
+        return await self._conn.fetch(_statement(sql), args)
 
     async def fetchone(self, sql: str, *args: Any) -> Row | None:
         """The first row of a query, or ``None``."""
-        return await self._conn.fetchone(sql, args)
+        return await self._conn.fetchone(_statement(sql), args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """The first column of the first row, or ``None``."""
-        row = await self._conn.fetchone(sql, args)
+        row = await self._conn.fetchone(_statement(sql), args)
         return None if row is None else row[0]
 
     def publish(self, event: Event, *, subject: str | None = None) -> Envelope | None:
