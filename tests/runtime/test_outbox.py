@@ -382,6 +382,32 @@ async def test_transaction_control_inside_the_block_is_refused_and_nothing_commi
     assert letter.record["reason"] == "rejected" and "transaction control" in letter.record["last_error"]["message"]
 
 
+async def test_waiting_for_the_database_does_not_count_against_the_handler_timeout(
+    database_url: str,  # noqa: F811
+) -> None:
+    """One handler holds its transaction past its timeout; the handlers queued behind it for the
+    SQLite writer (or a connection) are not timed out by that wait - they used to be, all of them."""
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url, retry=RetryPolicy(max_attempts=1), timeout=1.0)
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> None:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            if req.pid == "slow":
+                await asyncio.sleep(3)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="slow"), *(Requested(pid=p) for p in ("a", "b", "c")))
+        await asyncio.wait_for(drained(worker, bus), 30)
+        stats = worker.stats("package")
+    assert await packages(database_url) == ["a", "b", "c"]
+    [letter] = await bus.dead_letters("package")
+    assert letter.record["last_error"]["type"] == "HandlerTimeout"
+    assert (stats.handled, stats.dead_lettered) == (3, 1)
+
+
 def test_a_service_rejects_an_unknown_database_scheme() -> None:
     with pytest.raises(ConfigurationError, match="database URL"):
         Service("package", database="mysql://localhost/db")

@@ -73,7 +73,7 @@ class HandlerUnit:
     every other path (a no-op once committed).
     """
 
-    __slots__ = ("store", "ctx", "used", "conn", "_after_commit")
+    __slots__ = ("store", "ctx", "used", "conn", "_after_commit", "on_wait")
 
     def __init__(self, store: StateStore, ctx: Context) -> None:
         self.store = store
@@ -81,6 +81,10 @@ class HandlerUnit:
         self.used = False
         self.conn: TxConnection | None = None
         self._after_commit: list[Callable[[], None]] | None = None
+        #: Told ``None`` when the unit starts waiting for its connection (the SQLite writer,
+        #: a pooled PostgreSQL connection) and the seconds waited when it has it: the worker
+        #: keeps that time out of the handler's timeout.
+        self.on_wait: Callable[[float | None], None] | None = None
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` as soon as this unit's commit returns: before the worker acks
@@ -104,7 +108,17 @@ class HandlerUnit:
     async def __aenter__(self) -> Transaction:
         self.used = True
         if self.conn is None:
-            self.conn = await self.store.begin()
+            on_wait = self.on_wait
+            if on_wait is None:
+                self.conn = await self.store.begin()
+            else:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                on_wait(None)
+                try:
+                    self.conn = await self.store.begin()
+                finally:
+                    on_wait(loop.time() - started)
         return Transaction(self.conn, self.store.backend, self._publish)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:

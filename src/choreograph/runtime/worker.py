@@ -166,6 +166,7 @@ class _Runner:
         # Handler timeouts: one watchdog per service instead of a timer per delivery.
         self.deadlines: dict[Delivery, float] = {}
         self.timed_out: set[Delivery] = set()
+        self.waiting: set[Delivery] = set()  # handlers waiting for their database connection
         self.watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -332,9 +333,21 @@ class _Runner:
             now = loop.time()
             for task, delivery in list(self.active.items()):
                 deadline = self.deadlines.get(delivery)
-                if deadline is not None and deadline <= now and delivery not in self.timed_out:
+                if (deadline is not None and deadline <= now and delivery not in self.timed_out
+                        and delivery not in self.waiting):
                     self.timed_out.add(delivery)
                     task.cancel()
+
+    def _waiting(self, delivery: Delivery, waited: float | None) -> None:
+        """A handler waits for its database connection (``None``) or got it after ``waited``
+        seconds: that time does not count against its timeout - a handler holding the SQLite
+        writer too long must not time out the ones queued behind it."""
+        if waited is None:
+            self.waiting.add(delivery)
+            return
+        self.waiting.discard(delivery)
+        if delivery in self.deadlines:
+            self.deadlines[delivery] += waited
 
     # -- handling ---------------------------------------------------------------------
 
@@ -377,6 +390,8 @@ class _Runner:
         unit = None
         if self.has_database:
             ctx._unit = unit = worker.outbox.unit(self.service, ctx)
+            if unit is not None:
+                unit.on_wait = functools.partial(self._waiting, delivery)
         if handler.join is None:
             # an ``async def`` (checked at registration), so a coroutine
             coro = cast(Coroutine[Any, Any, Any],
