@@ -61,8 +61,8 @@ class Retry(ChoreographError):
 
     def __init__(self, message: str = "retry requested", *, after: float | None = None) -> None:
         super().__init__(message)
-        if after is not None and after < 0:
-            raise ValueError("after: must be >= 0 seconds")
+        if after is not None and not (0 <= after < float("inf")):  # refuses nan and inf as well
+            raise ValueError(f"after: must be a finite number of seconds >= 0, got {after!r}")
         self.after = after
 
 

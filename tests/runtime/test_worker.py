@@ -147,6 +147,13 @@ async def test_retries_follow_the_backoff_policy_in_virtual_time(bus: MemoryTran
     assert worker.stats().dead_lettered == 0
 
 
+@pytest.mark.parametrize("after", [-1.0, float("nan"), float("inf")])
+def test_retry_refuses_an_after_that_is_not_a_finite_number_of_seconds(after: float) -> None:
+    """inf parked the event for ever; nan compared as neither late nor early."""
+    with pytest.raises(ValueError, match="after: must be a finite number of seconds >= 0"):
+        Retry("later", after=after)
+
+
 async def test_retry_after_overrides_the_backoff(bus: MemoryTransport, clock: VirtualClock) -> None:
     times: list[float] = []
     svc = Service("later")
