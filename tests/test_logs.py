@@ -6,11 +6,8 @@ import io
 import json
 import logging
 import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from opentelemetry.trace import use_span
 from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker
 from choreograph.logs import ContextFilter, JsonFormatter
 from choreograph.testing import MemoryTransport, VirtualClock, settled
+from tests._procs import lines_until, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,24 +100,6 @@ def test_values_json_cannot_hold_and_exceptions_are_written_not_lost(records: Re
     assert "ValueError: boom" in record["exception"]
 
 
-def _lines_until(stream: Any, wanted: Callable[[str], bool], timeout: float = 60.0) -> str | None:
-    """The first line of ``stream`` that ``wanted`` accepts, read on a thread (never hangs the test)."""
-    found: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in stream:
-            if wanted(line):
-                found.put(line)
-                return
-        found.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        return found.get(timeout=timeout)
-    except queue.Empty:
-        return None
-
-
 def test_choreograph_run_log_format_json_writes_json_lines(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -129,22 +109,17 @@ def test_choreograph_run_log_format_json_writes_json_lines(tmp_path: Path) -> No
     )
     try:
         assert proc.stderr is not None
-        assert _lines_until(proc.stderr, lambda line: "running " in line) is not None
+        assert lines_until(proc.stderr, lambda line: "running " in line) is not None
         # amount missing: dead-lettered as invalid_payload, which the worker logs as an error
         published = subprocess.run(
             [sys.executable, "-m", "choreograph", "publish", "chain.order.placed", "--data", '{"order_id": "o-1"}',
              "--broker", url], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
         )
         assert published.returncode == 0, published.stderr
-        line = _lines_until(proc.stderr, lambda line: line.startswith("{") and "dead-lettering" in line)
+        line = lines_until(proc.stderr, lambda line: line.startswith("{") and "dead-lettering" in line)
         found = None if line is None else json.loads(line)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
     assert found is not None
     assert found["level"] == "ERROR" and found["logger"] == "choreograph.worker"
     assert "invalid_payload" in found["message"]

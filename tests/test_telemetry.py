@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from choreograph.gateway import Gateway, Route
 from choreograph.runtime.records import to_message
 from choreograph.telemetry import Telemetry, transaction_ids
 from choreograph.testing import MemoryTransport, VirtualClock, settled
+from tests._procs import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -440,16 +440,6 @@ def _scrape_until(metrics_url: str, wanted: str) -> str:
         time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    """SIGTERM a CLI process and collect its output (killed if it does not exit within a minute)."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # never leave the process behind
-        return proc.communicate()
-
-
 def test_choreograph_run_serves_metrics_and_exports_one_trace_per_transaction(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "chain"}
@@ -468,7 +458,7 @@ def test_choreograph_run_serves_metrics_and_exports_one_trace_per_transaction(tm
         assert "choreograph_handler_duration_seconds_bucket" in text
         assert 'choreograph_handlers_in_flight{service="payment"} 0.0' in text
     finally:
-        out, err = _stop(proc)
+        out, err = stop(proc)
     assert proc.returncode == 0, err
     spans = _json_objects(out)
     names = {span["name"] for span in spans}
@@ -538,7 +528,7 @@ def test_choreograph_push_serves_push_metrics(tmp_path: Path) -> None:
         assert 'choreograph_push_request_duration_seconds_count{subscription="hook"} 1.0' in text
         assert 'choreograph_pushes_in_flight{subscription="hook"} 0.0' in text
     finally:
-        _stop(proc)
+        stop(proc)
         receiver.shutdown()
         receiver.server_close()
     assert proc.returncode == 0

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
+
+from tests._procs import lines_until, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -69,30 +69,11 @@ def _run_worker(*options: str) -> str:
     )
     assert proc.stderr is not None
     lines: list[str] = []
-    running = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "running " in line:
-                running.set()
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
     try:
-        running.wait(60)
+        lines_until(proc.stderr, lambda line: "running " in line, seen=lines)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    reader.join(10)
-    proc.stderr.close()
-    return "".join(lines)
+        _, rest = stop(proc)
+    return "".join(lines) + rest
 
 
 def test_choreograph_run_tunes_the_collector_once_the_worker_runs() -> None:
