@@ -464,6 +464,31 @@ async def test_a_malformed_envelope_on_the_bus_is_dead_lettered_without_a_post(b
     assert await watched(bus, "observer", [FAILED]) == []
 
 
+async def test_an_internal_error_before_the_post_is_retried_then_dead_lettered_not_looped(
+    bus: MemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message that trips a bug below the push (here: decoding raises RuntimeError) counts attempts
+    under the subscription's policy and ends as a dead letter internal_error; nothing is posted."""
+    import choreograph._push_runner as runner
+
+    real_decode = runner.decode
+
+    def decode_or_trip(body: bytes | str) -> Any:
+        if b"trip" in (body if isinstance(body, bytes) else body.encode()):
+            raise RuntimeError("a bug below the push")
+        return real_decode(body)
+
+    monkeypatch.setattr(runner, "decode", decode_or_trip)
+    hook = Scripted(204)
+    async with hook.running() as url, pushing(bus, subscription(url)):
+        await bus.publish([Message("trip-1", Assigned.event_type(), b'{"trip": true}')])
+        await settled(bus)
+    [letter] = await bus.dead_letters(GROUP)
+    assert (letter.record["reason"], letter.record["attempts"]) == ("internal_error", 3)
+    assert letter.record["last_error"]["type"] == "RuntimeError"
+    assert hook.posts == 0
+
+
 # -- the handshake --------------------------------------------------------------------------
 
 

@@ -193,7 +193,10 @@ class PushRunner:
         if metrics is not None:
             metrics.push_in_flight.labels(self.group).inc()
         try:
-            outcome = await self._attempt(delivery)
+            try:
+                outcome = await self._attempt(delivery)
+            except Exception as exc:  # a bug below the push (not the endpoint's answer)
+                outcome = self._internal_error(delivery, exc)
             await self._settle(delivery, outcome)
         except asyncio.CancelledError:
             # Shutdown ran out of drain time: give the delivery back at once.
@@ -318,6 +321,18 @@ class PushRunner:
             )
             messages.append(to_message(output))
         return messages
+
+    def _internal_error(self, delivery: Delivery, exc: Exception) -> _Outcome:
+        """Preparing or making the push raised where nothing should: a failed attempt under the
+        subscription's retry policy, then a dead letter ``internal_error`` with the original
+        body - a message that always trips it is not redelivered at every lease for ever."""
+        log.error("internal error pushing %r (attempt %d)", delivery, delivery.attempt, exc_info=exc)
+        retry = self.sub.retry
+        if delivery.attempt < retry.max_attempts:
+            self._count("retried", delivery.message.type)
+            return _Again(retry.backoff(delivery.attempt, self.amb.rng))
+        return self._dead(delivery, None, "internal_error", ErrorInfo.from_exception(exc), self.amb.clock.time(),
+                          publish_failure=False)
 
     async def _failed(
         self, delivery: Delivery, envelope: Envelope, error: ErrorInfo, now: float, *,
