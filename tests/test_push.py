@@ -61,6 +61,7 @@ from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports import open_transport
 from choreograph.transports.base import Message
 from tests._push_support import HANG, Scripted, serve
+from tests._tripping import trip_decode
 
 SECRET = generate_secret()
 ORIGIN = "tests.choreograph.local"
@@ -471,14 +472,7 @@ async def test_an_internal_error_before_the_post_is_retried_then_dead_lettered_n
     under the subscription's policy and ends as a dead letter internal_error; nothing is posted."""
     import choreograph._push_runner as runner
 
-    real_decode = runner.decode
-
-    def decode_or_trip(body: bytes | str) -> Any:
-        if b"trip" in (body if isinstance(body, bytes) else body.encode()):
-            raise RuntimeError("a bug below the push")
-        return real_decode(body)
-
-    monkeypatch.setattr(runner, "decode", decode_or_trip)
+    trip_decode(monkeypatch, runner)
     hook = Scripted(204)
     async with hook.running() as url, pushing(bus, subscription(url)):
         await bus.publish([Message("trip-1", Assigned.event_type(), b'{"trip": true}')])

@@ -28,6 +28,7 @@ from choreograph.errors import EmitError
 from choreograph.runtime.records import first_envelope, to_message
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
+from tests._tripping import trip_decode
 
 
 class Placed(Event, type="test.worker.placed"):
@@ -266,14 +267,7 @@ async def test_an_internal_error_preparing_a_delivery_is_retried_then_dead_lette
     attempts under the service's policy and ends as a dead letter; others keep flowing."""
     import choreograph.runtime.worker as worker_module
 
-    real_decode = worker_module.decode
-
-    def decode_or_trip(body: bytes | str) -> Envelope:
-        if b"trip" in (body if isinstance(body, bytes) else body.encode()):
-            raise RuntimeError("a bug below the handler")
-        return real_decode(body)
-
-    monkeypatch.setattr(worker_module, "decode", decode_or_trip)
+    trip_decode(monkeypatch, worker_module)
     svc = Service("buggy", retry=RetryPolicy(max_attempts=3, base=0.1, jitter=False))
     handled: list[str] = []
 
