@@ -446,13 +446,9 @@ class _Runner:
         delivery, envelope, handler = call.delivery, call.envelope, call.handler
         if isinstance(exc, Defer):  # a join deadline timer not due yet: not a failure
             return _Again(delivery, exc.after)
-        if isinstance(exc, Reject):
-            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
         if isinstance(exc, EmitError):
             exc.event_id, exc.service, exc.handler = envelope.id, self.service.name, handler.name
-            return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
-        if isinstance(exc, ConfigurationError):  # the program is wrong (no database, transaction control):
-            # the same on every attempt, so no retries
+        if isinstance(exc, (Reject, EmitError, ConfigurationError)):  # the same on every attempt: no retries
             return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
         return None
 
