@@ -741,4 +741,7 @@ async def test_a_batch_is_acked_only_after_its_outputs_are_published_and_the_nex
         assert in_flight() == 2
         mark_gate.set()
         await settled(bus)
+    # "a" was settled by its handler's task (the settle loop was idle), "b" by the settle loop,
+    # which marked it only after "a" was marked
+    assert [entry[0] for entry in log] == ["publishing", "marking", "publishing", "marking"]
     assert [entry for entry in log if entry[0] == "publishing"] == [("publishing", ["a"]), ("publishing", ["b"])]
