@@ -61,6 +61,15 @@ async def test_batches_larger_than_the_inline_limit_go_through_the_thread(store:
     assert await store.seen("g", ids[:3]) == {"e-0", "e-2"}
 
 
+async def test_a_single_id_is_looked_up_by_its_group_and_id(store: SQLiteStore) -> None:
+    await store.mark("g", ["e-1"])
+    await store.mark("h", ["e-2"])
+    assert await store.seen("g", ["e-1"]) == {"e-1"}
+    assert await store.seen("g", ["e-2"]) == set()  # marked in another group
+    assert await store.seen("h", ["e-1"]) == set()
+    assert await store.seen("g", ["e-1x"]) == set()
+
+
 async def test_inline_marks_are_checkpointed_into_the_database_file_by_the_stores_thread(
     store: SQLiteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

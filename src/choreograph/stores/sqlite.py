@@ -59,12 +59,17 @@ INLINE_MAX = 16
 CHECKPOINT_EVERY = 500
 
 
+_SEEN_ONE = "SELECT 1 FROM inbox WHERE grp=? AND event_id=?"
+
+
 def _busy(exc: sqlite3.OperationalError) -> bool:
     message = str(exc)
     return "locked" in message or "busy" in message
 
 
 def _seen(db: sqlite3.Connection, group: str, ids: list[str]) -> set[str]:
+    if len(ids) == 1:  # a lone event's lookup: one cached statement, no string building
+        return set(ids) if db.execute(_SEEN_ONE, (group, ids[0])).fetchone() is not None else set()
     found: set[str] = set()
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
