@@ -269,10 +269,11 @@ class _Runner:
     async def _handle(self, call: _Call) -> None:
         """The task of a handler of a service without a database: run it, then settle a success.
 
-        A success is settled right here (outputs published, inbox marked, input acked) when the
-        settle loop is idle and no other task is doing the same - a lone event at a light load -
+        A success is settled right here (outputs published, inbox marked, input acked) when it is
+        the only delivery in hand and the settle loop is idle - a lone event at a light load -
         instead of waking the settle loop: a loop iteration less on every hop's path. Otherwise
-        it goes to the settle loop, which batches. Settling here keeps the order of one outcome
+        it goes to the settle loop, which batches (under load a lane taken now and then cost
+        more in lost batching than it saved). Settling here keeps the order of one outcome
         (outputs durable before mark and ack) and the retries of the settle loop; what other
         outcomes arrive meanwhile the settle loop takes as usual, publishing them at once and
         marking them after this one (the settle loop's two stages, with this as the first batch).
@@ -282,8 +283,8 @@ class _Runner:
         if outcome is None:
             return
         finishing = self.finishing
-        if (self.settling_inline is not None or self.outcomes or self.stopping or not self.settle_waiting
-                or (finishing is not None and not finishing.done())):
+        if (len(self.active) > 1 or self.settling_inline is not None or self.outcomes or self.stopping
+                or not self.settle_waiting or (finishing is not None and not finishing.done())):
             self._emit(outcome)
             return
         self.settling_inline = settled = self.loop.create_future()
