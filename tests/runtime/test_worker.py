@@ -745,3 +745,51 @@ async def test_a_batch_is_acked_only_after_its_outputs_are_published_and_the_nex
     # which marked it only after "a" was marked
     assert [entry[0] for entry in log] == ["publishing", "marking", "publishing", "marking"]
     assert [entry for entry in log if entry[0] == "publishing"] == [("publishing", ["a"]), ("publishing", ["b"])]
+
+
+async def test_a_lone_event_whose_outputs_cannot_be_published_yet_is_settled_once_they_can() -> None:
+    """The lone event's task settles it (the fast lane) and retries the publish like the
+    settle loop: the input stays unacked and unmarked until its output is out, then both."""
+    from collections.abc import Collection, Sequence
+
+    from choreograph.errors import TransportError
+    from choreograph.stores.memory import MemoryStore
+
+    failures = 2
+    runs: list[str] = []
+    marked: list[str] = []
+    published: list[str] = []
+    acked_while_failing: list[int] = []
+
+    class Unreachable(MemoryTransport):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            nonlocal failures
+            if any(m.type == Charged.event_type() for m in messages):
+                if failures:
+                    failures -= 1
+                    acked_while_failing.append(bus.pending()[0])
+                    raise TransportError("broker unreachable")
+                published.extend(m.id for m in messages)
+            await super().publish(messages)
+
+    class Recording(MemoryStore):
+        async def mark(self, group: str, event_ids: Collection[str]) -> None:
+            assert published, "marked before its output was published"
+            marked.extend(event_ids)
+            await super().mark(group, event_ids)
+
+    bus = Unreachable()
+    payment = Service("payment")
+
+    @payment.on(Placed)
+    async def charge(order: Placed) -> Charged:
+        runs.append(order.order_id)
+        return Charged(order_id=order.order_id)
+
+    async with Worker([payment], bus, store=Recording()):
+        [placed] = await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert runs == ["a"]  # not re-run for the failed publishes
+    assert acked_while_failing == [1, 1]  # still in flight while its output could not go out
+    assert len(published) == 1 and marked == [placed.id]
+    assert bus.pending()[0] == 0

