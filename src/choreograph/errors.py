@@ -19,6 +19,8 @@ Any other exception raised by a handler is treated as transient, like ``Retry``.
 
 from __future__ import annotations
 
+from choreograph.policy import MAX_RETRY_DELAY
+
 
 class ChoreographError(Exception):
     """Base class of every choreograph exception."""
@@ -61,8 +63,10 @@ class Retry(ChoreographError):
 
     def __init__(self, message: str = "retry requested", *, after: float | None = None) -> None:
         super().__init__(message)
-        if after is not None and not (0 <= after < float("inf")):  # refuses nan and inf as well
-            raise ValueError(f"after: must be a finite number of seconds >= 0, got {after!r}")
+        if after is not None and not (0 <= after <= MAX_RETRY_DELAY):  # refuses nan and inf as well
+            raise ValueError(
+                f"after: must be a finite number of seconds >= 0, at most {MAX_RETRY_DELAY:.0f} (14 days), got {after!r}"
+            )
         self.after = after
 
 

@@ -14,10 +14,17 @@ deterministic delays in tests.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from typing import Literal
 
 GiveUp = Literal["max_attempts", "max_age"]
+
+#: The longest retry delay (seconds): 14 days. Every transport can hold an event that long
+#: and no less (RabbitMQ's longest retry queue TTL is ~19.7 days here; a NATS NAK delay is
+#: int64 nanoseconds), so "no sooner than" holds everywhere. ``Retry(after=)`` and
+#: ``RetryPolicy.max_interval`` refuse more.
+MAX_RETRY_DELAY = 14 * 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,10 +45,13 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts: must be >= 1")
-        if self.base < 0 or self.max_interval < 0:
-            raise ValueError("base, max_interval: must be >= 0")
-        if self.max_age is not None and self.max_age <= 0:
-            raise ValueError("max_age: must be > 0 seconds or None")
+        if not (math.isfinite(self.base) and self.base >= 0):  # nan compares false with everything
+            raise ValueError(f"base: must be a finite number of seconds >= 0, got {self.base!r}")
+        if not 0 <= self.max_interval <= MAX_RETRY_DELAY:
+            raise ValueError(f"max_interval: must be between 0 and {MAX_RETRY_DELAY:.0f} seconds (14 days), "
+                             f"got {self.max_interval!r}")
+        if self.max_age is not None and not (0 < self.max_age < math.inf):
+            raise ValueError(f"max_age: must be a finite number of seconds > 0 or None, got {self.max_age!r}")
 
     def backoff(self, failed_attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""

@@ -148,11 +148,25 @@ async def test_retries_follow_the_backoff_policy_in_virtual_time(bus: MemoryTran
     assert worker.stats().dead_lettered == 0
 
 
-@pytest.mark.parametrize("after", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("after", [-1.0, float("nan"), float("inf"), 14 * 24 * 3600.0 + 1, 1e20])
 def test_retry_refuses_an_after_that_is_not_a_finite_number_of_seconds(after: float) -> None:
-    """inf parked the event for ever; nan compared as neither late nor early."""
-    with pytest.raises(ValueError, match="after: must be a finite number of seconds >= 0"):
+    """inf parked the event for ever; nan compared as neither late nor early; beyond 14 days
+    RabbitMQ's retry queues would bring it back sooner and 1e20 s overflowed a NATS NAK delay."""
+    with pytest.raises(ValueError, match=r"after: must be a finite number of seconds >= 0, at most 1209600"):
         Retry("later", after=after)
+    assert Retry("later", after=14 * 24 * 3600.0).after == 14 * 24 * 3600.0  # the limit itself is fine
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("base", float("nan")), ("base", float("inf")), ("base", -1.0),
+    ("max_interval", float("nan")), ("max_interval", float("inf")), ("max_interval", 14 * 24 * 3600.0 + 1),
+    ("max_age", float("nan")), ("max_age", float("inf")), ("max_age", 0.0),
+])  # fmt: skip
+def test_a_retry_policy_refuses_delays_no_transport_can_hold_naming_the_field(field: str, value: float) -> None:
+    """An infinite max_interval made an infinite backoff: parked for ever on memory:// and
+    SQLite, and an OverflowError encoding the NATS NAK delay; nan passed the old checks."""
+    with pytest.raises(ValueError, match=rf"^{field}: must be"):
+        RetryPolicy(**{field: value})
 
 
 async def test_retry_after_overrides_the_backoff(bus: MemoryTransport, clock: VirtualClock) -> None:
