@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -705,7 +706,7 @@ async def test_task_bound_asyncio_tools_in_handlers_act_on_the_handler_not_the_w
 
 async def test_a_batch_is_acked_only_after_its_outputs_are_published_and_the_next_batch_publishes_meanwhile() -> None:
     """Settling is two stages deep: batch 2's outputs go out while batch 1 is still being marked."""
-    from collections.abc import Callable, Collection, Sequence
+    from collections.abc import Callable, Collection
 
     from choreograph.stores.memory import MemoryStore
 
@@ -764,7 +765,7 @@ async def test_a_batch_is_acked_only_after_its_outputs_are_published_and_the_nex
 async def test_a_lone_event_whose_outputs_cannot_be_published_yet_is_settled_once_they_can() -> None:
     """The lone event's task settles it (the fast lane) and retries the publish like the
     settle loop: the input stays unacked and unmarked until its output is out, then both."""
-    from collections.abc import Collection, Sequence
+    from collections.abc import Collection
 
     from choreograph.errors import TransportError
     from choreograph.stores.memory import MemoryStore
@@ -807,3 +808,91 @@ async def test_a_lone_event_whose_outputs_cannot_be_published_yet_is_settled_onc
     assert acked_while_failing == [1, 1]  # still in flight while its output could not go out
     assert len(published) == 1 and marked == [placed.id]
     assert bus.pending()[0] == 0
+
+
+class _GatedOutputs(MemoryTransport):
+    """Holds the worker's outputs (Charged) at a gate; says when the first one reached it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.reached = asyncio.Event()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if any(m.type == Charged.event_type() for m in messages):
+            self.reached.set()
+            await self.gate.wait()
+        await super().publish(messages)
+
+
+def _charging(runs: list[str]) -> Service:
+    payment = Service("payment")
+
+    @payment.on(Placed)
+    async def charge(order: Placed) -> Charged:
+        runs.append(order.order_id)
+        return Charged(order_id=order.order_id)
+
+    return payment
+
+
+async def test_stopping_while_a_lone_event_is_settled_by_its_task_settles_it_within_the_grace() -> None:
+    """The fast lane is settle work, not a handler: the drain timeout does not cancel it."""
+    bus, runs = _GatedOutputs(), []
+    worker = Worker([_charging(runs)], bus, drain_timeout=0.01)
+    await worker.start()
+    await Publisher(bus).publish(Placed(order_id="a"))
+    await bus.reached.wait()  # the handler returned; its output is on the way
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0.1)  # well past the drain timeout
+    bus.gate.set()
+    await stopping
+    group = bus.bus.groups["payment"]  # (pending() counts only groups with a consumer)
+    assert runs == ["a"] and len(group.ready) + len(group.inflight) == 0  # settled, not left for the lease
+    assert worker.stats().released == 0
+
+
+async def test_stopping_with_the_broker_unreachable_gives_a_lane_the_grace_not_the_drain_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from choreograph.runtime import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "STOP_GRACE", 0.2)
+    bus, runs = _GatedOutputs(), []  # the gate never opens: the broker is gone
+    worker = Worker([_charging(runs)], bus, drain_timeout=3600)
+    await worker.start()
+    await Publisher(bus).publish(Placed(order_id="a"))
+    await bus.reached.wait()
+    await asyncio.wait_for(worker.stop(), 60)  # before: waited the whole hour of drain timeout
+    group = bus.bus.groups["payment"]
+    assert runs == ["a"] and len(group.ready) + len(group.inflight) == 1  # unsettled: back after its lease
+
+
+async def test_a_lane_frees_its_slot_so_the_next_event_runs_while_it_publishes() -> None:
+    """With concurrency 1 a lone event's task settling its outcome must not hold the only slot."""
+    bus, runs = _GatedOutputs(), []
+    async with Worker([_charging(runs)], bus, concurrency=1):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await bus.reached.wait()
+        await Publisher(bus).publish(Placed(order_id="b"))
+        for _ in range(1000):
+            if runs == ["a", "b"]:
+                break
+            await asyncio.sleep(0.01)
+        assert runs == ["a", "b"]  # "b" ran while "a"'s output was still held at the gate
+        bus.gate.set()
+        await settled(bus)
+    assert bus.pending()[0] == 0
+
+
+async def test_two_copies_of_one_event_in_a_batch_run_the_handler_once() -> None:
+    """On 3.12 a handler that does not suspend finishes inside the fetch loop's pass over the
+    batch (eager start); settling it there made the second copy look new."""
+    bus, runs = MemoryTransport(), []
+    async with Worker([_charging(runs)], bus) as worker:
+        await asyncio.sleep(0.05)  # the settle loop is idle, waiting: the lane would be open
+        message = to_message(first_envelope(Placed(order_id="a"), source="/test", id="evt-1"))
+        await bus.publish([message, message])
+        await settled(bus)
+    assert runs == ["a"]
+    assert worker.stats().duplicates + worker.stats().deferred >= 1

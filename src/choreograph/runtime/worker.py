@@ -162,7 +162,8 @@ class _Runner:
         self.outcome_ready = asyncio.Event()
         self.settle_waiting = False  # the settle loop waits for outcomes
         self.finishing: asyncio.Task[None] | None = None  # the settle loop's last batch's marks and acks
-        self.settling_inline: asyncio.Future[None] | None = None  # done when a handler's task has settled its own outcome (see _handle)
+        self.lane: asyncio.Task[None] | None = None  # a handler's task settling its own outcome (see _handle)
+        self.settling_inline: asyncio.Future[None] | None = None  # done once the lane marked and acked
         self.slot_free = asyncio.Event()
         self.stopping = False
         self.fetching = False
@@ -269,34 +270,45 @@ class _Runner:
     async def _handle(self, call: _Call) -> None:
         """The task of a handler of a service without a database: run it, then settle a success.
 
-        A success is settled right here (outputs published, inbox marked, input acked) when it is
-        the only delivery in hand and the settle loop is idle - a lone event at a light load -
-        instead of waking the settle loop: a loop iteration less on every hop's path. Otherwise
-        it goes to the settle loop, which batches (a lane under load would publish one event
-        where the settle loop publishes a batch; counted on a memory:// chain of 20,000 events
-        and on the brokers, the lane is taken for well under 1% of them). Settling here keeps the order of one outcome
-        (outputs durable before mark and ack) and the retries of the settle loop; what other
-        outcomes arrive meanwhile the settle loop takes as usual, publishing them at once and
-        marking them after this one (the settle loop's two stages, with this as the first batch).
+        A success is settled right here - the fast lane: outputs published, inbox marked, input
+        acked - when it is the only delivery in hand and the settle loop is idle (a lone event at
+        a light load), instead of waking the settle loop: a loop iteration less on every hop's
+        path. Otherwise it goes to the settle loop, which batches (counted on a memory:// chain
+        of 20,000 events and on the brokers, the lane is taken for well under 1% of them under
+        load). The lane keeps the order of one outcome (outputs durable before mark and ack) and
+        the settle loop's retries; what arrives meanwhile the settle loop publishes at once and
+        marks after this one (the settle loop's two stages, with this as the first batch).
+
+        Once in the lane the task is settle work, not a handler: it leaves ``active`` (its slot
+        is free for the next fetch; ``stop`` does not count it against the drain time nor cancel
+        it with the unfinished handlers) and ``stop`` gives it the settle loop's grace instead.
+        Not taken during an eager first step (3.12): the fetch loop is still going through the
+        batch, and a copy of the same event later in it must find the id in ``active_ids``.
         """
         await self._run(call)
         outcome, call.outcome = call.outcome, None
         if outcome is None:
             return
+        task = asyncio.current_task()
         finishing = self.finishing
-        if (len(self.active) > 1 or self.settling_inline is not None or self.outcomes or self.stopping
-                or not self.settle_waiting or (finishing is not None and not finishing.done())):
+        if (len(self.active) > 1 or task not in self.active or self.lane is not None or self.outcomes
+                or self.stopping or not self.settle_waiting or (finishing is not None and not finishing.done())):
             self._emit(outcome)
             return
-        self.settling_inline = settled = self.loop.create_future()
+        assert task is not None
+        del self.active[task]
+        self.slot_free.set()
+        settled = self.loop.create_future()
+        self.lane, self.settling_inline = task, settled
         try:
             plan = _Settlement.of((outcome,))
             if plan.messages:
                 await self._retrying(1, functools.partial(self.worker.transport.publish, plan.messages))
             await self._retrying(1, functools.partial(self._finish, plan))
         finally:
-            self.settling_inline = None
+            self.settling_inline = self.lane = None
             settled.set_result(None)
+            self.outcome_ready.set()  # a stopping settle loop waits for the lane before it ends
 
     async def _run(self, call: _Call) -> None:
         """A handler of a service without a database, from its first step to its outcome
@@ -639,7 +651,7 @@ class _Runner:
                 if not self.outcomes:
                     # Checked before every wait, not only after an empty wake-up: once stopping,
                     # nobody sets outcome_ready again after the last batch is settled.
-                    if self.stopping and not self.active:
+                    if self.stopping and not self.active and self.lane is None:
                         break
                     self.outcome_ready.clear()
                     self.settle_waiting = True
@@ -722,11 +734,15 @@ class _Runner:
             await asyncio.wait(list(self.active), timeout=STOP_GRACE)
         self.outcome_ready.set()
         _, unsettled = await asyncio.wait([settle], timeout=max(0.0, grace_by - loop.time()))
+        lane = self.lane
         if unsettled:
             log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
                         "their deliveries return after the lease", self.group, STOP_GRACE)
             settle.cancel()
-        await asyncio.gather(settle, touch, *([self.watchdog] if self.watchdog else []), return_exceptions=True)
+            if lane is not None:
+                lane.cancel()
+        await asyncio.gather(settle, touch, *([self.watchdog] if self.watchdog else []), *([lane] if lane else []),
+                             return_exceptions=True)
         if self.sub is not None:
             try:
                 async with asyncio.timeout(max(1.0, grace_by - loop.time())):
