@@ -896,3 +896,33 @@ async def test_two_copies_of_one_event_in_a_batch_run_the_handler_once() -> None
         await settled(bus)
     assert runs == ["a"]
     assert worker.stats().duplicates + worker.stats().deferred >= 1
+
+
+async def test_a_lone_events_outputs_are_published_by_its_own_task_not_the_settle_loop() -> None:
+    """The fast lane: the handler's task settles a lone success itself (a loop iteration less
+    on every hop); under a batch the settle loop publishes as before."""
+    publishers: list[str] = []
+
+    class Recording(MemoryTransport):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            if any(m.type == Charged.event_type() for m in messages):
+                task = asyncio.current_task()
+                publishers.append(task.get_name() if task is not None else "")
+            await super().publish(messages)
+
+    bus = Recording()
+    payment = Service("payment")
+
+    @payment.on(Placed)
+    async def charge(order: Placed) -> Charged:
+        await asyncio.sleep(0)  # suspends: on 3.12 too the task is past its eager first step
+        return Charged(order_id=order.order_id)
+
+    async with Worker([payment], bus):
+        await asyncio.sleep(0.05)  # the settle loop is idle
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+        await Publisher(bus).publish(*(Placed(order_id=str(n)) for n in range(20)))
+        await settled(bus)
+    assert not publishers[0].startswith("choreograph-settle-")  # the lone event: its own task
+    assert any(name.startswith("choreograph-settle-") for name in publishers[1:])  # the batch: the settle loop
