@@ -116,6 +116,50 @@ async def test_a_bad_statement_is_a_store_error(db: StateStore) -> None:
         await tx.rollback()
 
 
+async def test_a_string_of_several_statements_is_refused_and_commits_nothing(db: StateStore) -> None:
+    # PostgreSQL's simple protocol (asyncpg's execute without arguments) would run all of
+    # them: the COMMIT would end the transaction before its inbox record and outbox rows.
+    tx = await db.begin()
+    try:
+        await tx.execute("INSERT INTO items (id, n) VALUES ('a', 1)", ())
+        with pytest.raises(StoreError, match="multiple commands|one statement"):
+            await tx.execute("INSERT INTO items (id, n) VALUES ('b', 2); COMMIT", ())
+    finally:
+        await tx.rollback()
+    assert await items(db) == []
+
+
+async def test_a_statement_without_arguments_returns_its_row_count(db: StateStore) -> None:
+    tx = await db.begin()
+    try:
+        assert await tx.execute("INSERT INTO items (id, n) VALUES ('a', 1), ('b', 2)", ()) == 2
+        assert await tx.execute("UPDATE items SET n = n + 1", ()) == 2
+        assert await tx.execute("DELETE FROM items WHERE id = 'zz'", ()) == 0
+    finally:
+        await tx.rollback()
+
+
+async def test_postgres_statements_without_arguments_go_through_a_prepared_statement_without_asyncpgs_internals(
+    postgres_database_url: str,  # noqa: F811
+) -> None:
+    from choreograph.stores._state_postgres import _one_statement
+
+    class Public:  # a connection with asyncpg's public API only
+        def __init__(self, conn: object) -> None:
+            self.prepare = conn.prepare  # type: ignore[attr-defined]
+
+    async with open_database(postgres_database_url) as store:
+        tx = await store.begin()
+        try:
+            await tx.execute("CREATE TEMP TABLE scratch (n integer)", ())
+            conn = tx.conn  # type: ignore[attr-defined]
+            assert await _one_statement(Public(conn), "INSERT INTO scratch VALUES (1), (2)") == "INSERT 0 2"
+            with pytest.raises(Exception, match="multiple commands"):
+                await _one_statement(Public(conn), "INSERT INTO scratch VALUES (3); COMMIT")
+        finally:
+            await tx.rollback()
+
+
 async def test_a_finished_transaction_cannot_be_used(db: StateStore) -> None:
     tx = await db.begin()
     await tx.commit(inbox=None, service=SERVICE, messages=[])

@@ -122,6 +122,26 @@ def commit_script(
     return ";\n".join(statements)
 
 
+async def _one_statement(conn: Any, sql: str) -> str:
+    """Run ``sql`` (no arguments) by the extended protocol; its command status.
+
+    asyncpg's ``execute`` without arguments sends a simple query, which runs every
+    statement of the string: ``"INSERT ...; COMMIT"`` would commit the handler's
+    transaction half-way, before its inbox record and outbox rows. A prepared statement
+    holds exactly one (PostgreSQL refuses more: "cannot insert multiple commands into
+    a prepared statement"), as SQLite's ``execute`` does. asyncpg's ``execute`` with
+    arguments takes this path (``_execute``, its statement cache); without that private
+    method, a public prepared statement does the same in one more round trip.
+    """
+    run = getattr(conn, "_execute", None)
+    if run is not None:
+        _, status, _ = await run(sql, (), 0, None, return_status=True)
+        return str(status.decode())
+    statement = await conn.prepare(sql)
+    await statement.fetch()
+    return str(statement.get_statusmsg() or "")
+
+
 class _Tx(TxConnection):
     """One user transaction on one pooled connection, begun with its first statement."""
 
@@ -152,7 +172,9 @@ class _Tx(TxConnection):
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         conn = await self._ensure()
         with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
-            return _pg.rowcount(await conn.execute(sql, *args))
+            if args:
+                return _pg.rowcount(await conn.execute(sql, *args))
+            return _pg.rowcount(await _one_statement(conn, sql))
 
     async def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
         conn = await self._ensure()
