@@ -7,7 +7,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any, AnyStr
 
 
 def lines_until(stream: IO[str], wanted: Callable[[str], bool], timeout: float = 60.0,
@@ -33,13 +33,20 @@ def lines_until(stream: IO[str], wanted: Callable[[str], bool], timeout: float =
         return None
 
 
-def stop(proc: subprocess.Popen[str], timeout: float = 60.0) -> tuple[str, str]:
+def stop(proc: subprocess.Popen[AnyStr], timeout: float = 60.0) -> tuple[AnyStr, AnyStr]:
     """SIGTERM ``proc`` (a graceful stop), SIGKILL it if it has not exited within ``timeout``;
-    what it still wrote to stdout and stderr."""
+    what it still wrote to stdout and stderr.
+
+    The exit code is then ``proc.returncode`` (``-9`` if it had to be killed). The output is
+    ``str`` for a text-mode ``Popen`` and ``bytes`` otherwise; a stream that is not a pipe (a
+    log file, DEVNULL, stderr sent to stdout) gives an empty one. Only what is still in the
+    pipe is returned: lines a reader of ``proc.stdout`` or ``proc.stderr`` (``readline``,
+    :func:`lines_until`) already took, or read ahead into the stream's buffer, are not."""
     proc.send_signal(signal.SIGTERM)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-    return out or "", err or ""
+    empty: Any = "" if proc.text_mode else b""
+    return (empty if out is None else out), (empty if err is None else err)

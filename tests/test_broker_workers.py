@@ -12,8 +12,6 @@ test), not speed measurements: see bench/brokers.py for those.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ from choreograph.transports import open_transport
 from tests._chainapp import Order
 from tests._chainsystem import ChainSystem, publish, publish_all, wait_for
 from tests._nats_server import NatsServer
+from tests._procs import stop
 from tests._rabbitmq_server import RabbitNode
 from tests.conformance.brokers.redis import _PrivateServer
 
@@ -130,16 +129,6 @@ def chain(tmp_path: Path) -> Iterator[list[ChainSystem]]:
         system.stop_all()
 
 
-def exits_in(proc: subprocess.Popen[bytes], seconds: float) -> int:
-    """Wait for ``proc``; a hang past ``seconds`` fails the test (and kills it)."""
-    try:
-        return proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"the worker did not exit within {seconds} s of SIGTERM")
-
-
 def test_sigterm_releases_in_flight_work_to_another_replica_and_exits_promptly(
     server: Server, chain: list[ChainSystem], tmp_path: Path
 ) -> None:
@@ -156,8 +145,8 @@ def test_sigterm_releases_in_flight_work_to_another_replica_and_exits_promptly(
     system.spawn("hop1")  # the replica that will get them
     system.wait_running()
 
-    holder.send_signal(signal.SIGTERM)
-    assert exits_in(holder, DRAIN + EXIT_SLACK) == 0, system.logs()
+    stop(holder, DRAIN + EXIT_SLACK)  # a hang past that is SIGKILLed: exit code -9
+    assert holder.returncode == 0, system.logs()
 
     wait_for(lambda: system.delivered() == 10, 30, lambda: f"{system.delivered()} of 10\n{system.logs()}")
     attempts = system.query("SELECT attempt, count(*) FROM runs WHERE hop = 'hop1' GROUP BY attempt")
@@ -226,8 +215,8 @@ def test_a_worker_stopped_with_outcomes_it_cannot_settle_exits_and_another_repli
     wait_for(lambda: system.query("SELECT count(*) FROM runs")[0][0] == 10, 30, "hop1 did not take all 10")
     server.kill()  # the handlers finish now, and their outputs cannot be published
     time.sleep(1.5)
-    holder.send_signal(signal.SIGTERM)  # its fetch is waiting for the broker, its settling failing
-    assert exits_in(holder, DRAIN + EXIT_SLACK) == 0, system.logs()
+    stop(holder, DRAIN + EXIT_SLACK)  # its fetch is waiting for the broker, its settling failing
+    assert holder.returncode == 0, system.logs()
     server.start()
     system.spawn("hop1")
     system.wait_running()

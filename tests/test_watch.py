@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from choreograph.errors import ConfigurationError
 from choreograph.flow import build
 from choreograph.journal import Journal
 from choreograph.testing import MemoryTransport, VirtualClock, settled
+from tests._procs import stop
 from tests.stores._databases import backend_url
 from tests.test_journal import Cancelled, Charged, Declined, Delivered, Requested, charge
 
@@ -338,12 +338,9 @@ def test_watch_streams_one_json_line_per_interval_until_sigterm(journal_file: tu
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(3)]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        _, err = stop(proc, 30)
+    assert proc.returncode == 0, err
     snaps = [json.loads(line) for line in lines]
     assert [s["transactions"] for s in snaps] == [6, 6, 6]
     assert snaps[0]["at"] <= snaps[1]["at"] <= snaps[2]["at"]

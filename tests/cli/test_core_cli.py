@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from examples.chain import OrderPlaced
 
 from choreograph import Publisher, Reject, Service, Worker
 from choreograph.transports import open_transport
+from tests._procs import stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,7 +122,5 @@ def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> No
             raise AssertionError("the chain did not complete")
         assert published["id"] == published["correlation_id"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        assert proc.stdout is not None
-        proc.stdout.close()
+        out, _ = stop(proc, 30)
+        assert proc.returncode == 0, out

@@ -30,6 +30,7 @@ from choreograph.runtime.outbox import transaction
 from choreograph.stores.state import open_database
 from choreograph.transports import open_transport
 from choreograph.transports.base import Subscription, Transport
+from tests import _procs
 from tests.runtime._outbox_worker import Created, Requested
 from tests.stores._databases import database_url  # noqa: F401 - fixture
 
@@ -94,9 +95,8 @@ class System:
             line = proc.stdout.readline() if proc.stdout else ""
             if line.strip() == "ready" or not line:
                 break
-        proc.send_signal(signal.SIGTERM)
-        assert await self.exited(proc) == 0, self.log(proc)
-        out = proc.stdout.read() if proc.stdout else ""
+        out, _ = await asyncio.to_thread(_procs.stop, proc, 60.0)  # printed after SIGTERM: still in the pipe
+        assert proc.returncode == 0, self.log(proc)
         return json.loads(out.strip().splitlines()[-1])
 
     async def collect(self, until_distinct: int, within: float = 60.0) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from choreograph import Publisher
 from choreograph.transports import open_transport
+from tests._procs import stop
 from tests.runtime import _procapp
 from tests.runtime._procapp import Job
 
@@ -140,8 +141,8 @@ def test_a_poison_event_is_dead_lettered_while_others_keep_flowing(system: Syste
 
 def test_pending_events_survive_every_process_exiting(system: System) -> None:
     for proc in (system.start("work"), system.start("sink")):  # register both groups, then exit
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        stop(proc, 30)
+        assert proc.returncode == 0
     system.publish(*(Job(n=n) for n in range(50)))  # nobody is running: only the file holds them
     system.start("work")
     wait_for(lambda: system.query("SELECT count(*) FROM effects")[0][0] == 50, 60)
@@ -160,8 +161,8 @@ def test_sigterm_under_load_drains_and_loses_nothing(system: System) -> None:
     total = 2000
     system.publish(*(Job(n=n) for n in range(total)))
     wait_for(lambda: sink_count(system) > 200, 60, "no progress")
-    a.send_signal(signal.SIGTERM)
-    assert a.wait(timeout=30) == 0
+    stop(a, 30)
+    assert a.returncode == 0
     wait_for(lambda: sink_count(system) == total, 120, lambda: f"sink has {sink_count(system)} of {total}")
     assert system.query("SELECT count(*) FROM effects")[0][0] == total
     assert system.query("SELECT max(handled) FROM sink")[0][0] == 1
