@@ -239,7 +239,8 @@ class RedisSubscription(Subscription):
                 del unsettled[entry]
 
     async def _settle(self, delivery: RedisDelivery, verb: str, arg: str | bytes, attempt: int) -> None:
-        self._forget(delivery)
+        """Retry or dead-letter ``delivery`` (one script: a no-op unless this consumer still
+        holds that claim, so a second call after a failed one is safe)."""
         if verb == "retry":  # this consumer knows when its own retry is due without asking
             due = asyncio.get_running_loop().time() + int(arg) / 1000
             self._retry_due = due if self._retry_due is None else min(self._retry_due, due)
@@ -249,6 +250,7 @@ class RedisSubscription(Subscription):
                 [self._stream, self._delayed, self._dead],
                 [self.group, self._transport.consumer, delivery._entry, delivery._count, verb, arg, attempt],
             )
+        self._forget(delivery)  # after the script: if it failed, close() still hands the entry on
 
     async def _hold(self, deliveries: Sequence[RedisDelivery], idle_ms: int) -> int:
         pairs = [x for d in deliveries for x in (d._entry, d._count)]

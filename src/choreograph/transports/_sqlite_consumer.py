@@ -8,7 +8,7 @@ settle the newer claim. Writes go through the transport's group commit.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from choreograph.errors import TransportClosed
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from choreograph.transports.sqlite import SQLiteTransport
 
 _MAX_IDLE_WAIT = 1.0  # an idle fetch re-checks at least this often, whatever the poller says
+
+#: A settling write: ``(connection, now, [(seq, attempt), ...])``.
+_ClaimsOp = Callable[[sqlite3.Connection, float, list[tuple[int, int]]], None]
 
 
 class SQLiteDelivery(Delivery):
@@ -103,15 +106,27 @@ class SQLiteSubscription(Subscription):
             self._held.pop(delivery._seq, None)
         return [(d._seq, d.attempt) for d in deliveries]
 
-    async def _ack(self, deliveries: Sequence[SQLiteDelivery]) -> None:
+    async def _settle(
+        self, deliveries: Sequence[SQLiteDelivery], op: _ClaimsOp, *, wakes: bool = False
+    ) -> None:
+        """Write ``op`` for the claims of ``deliveries``, which stop being held once it committed.
+
+        If the write fails they are still held: a second call settles them (every op names
+        its (seq, attempt) claims, so a claim that did commit, or moved on to another
+        consumer meanwhile, is left alone), and ``close()`` gives them back.
+        """
         self._transport._check_open()
-        claims, group = self._release(deliveries), self.group
+        claims = self._release(deliveries)
         try:
-            await self._transport._write(lambda conn, now: ops.ack(conn, group, claims))
+            await self._transport._write(lambda conn, now: op(conn, now, claims), wakes=wakes)
         except BaseException:
-            for delivery in deliveries:  # still held: a retry can ack them, close() gives them back
+            for delivery in deliveries:
                 self._held.setdefault(delivery._seq, delivery)
             raise
+
+    async def _ack(self, deliveries: Sequence[SQLiteDelivery]) -> None:
+        group = self.group
+        await self._settle(deliveries, lambda conn, now, claims: ops.ack(conn, group, claims))
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         mine: list[SQLiteDelivery] = []
@@ -127,10 +142,11 @@ class SQLiteSubscription(Subscription):
                 delivery.settled = True
 
     async def _postpone(self, deliveries: Sequence[SQLiteDelivery], after: float) -> None:
-        self._transport._check_open()
-        claims, group = self._release(deliveries), self.group
-        await self._transport._write(
-            lambda conn, now: ops.postpone(conn, group, claims, now + after), wakes=after <= 0
+        group = self.group
+        await self._settle(
+            deliveries,
+            lambda conn, now, claims: ops.postpone(conn, group, claims, now + after),
+            wakes=after <= 0,
         )
 
     async def _touch(self, delivery: SQLiteDelivery) -> None:
@@ -139,10 +155,9 @@ class SQLiteSubscription(Subscription):
         await self._transport._write(lambda conn, now: ops.postpone(conn, group, claims, now + lease))
 
     async def _dead_letter(self, delivery: SQLiteDelivery, record: dict[str, Any]) -> None:
-        self._transport._check_open()
-        ((seq, attempt),), group = self._release([delivery]), self.group
-        await self._transport._write(
-            lambda conn, now: ops.dead_letter(conn, group, seq, attempt, record, now)
+        group = self.group
+        await self._settle(
+            [delivery], lambda conn, now, claims: ops.dead_letter(conn, group, *claims[0], record, now)
         )
 
     async def close(self) -> None:
