@@ -8,13 +8,14 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aio_pika
 import aiormq.channel
 import aiormq.exceptions
 import pytest
 
+from choreograph import Context, Event, Publisher, Retry, Service, Worker
 from choreograph.errors import ConfigurationError, TransportError
 from choreograph.transports import open_transport
 from choreograph.transports._amqp_consumer import live_channel
@@ -23,6 +24,7 @@ from choreograph.transports.amqp import AmqpTransport
 from choreograph.transports.base import Delivery, Message, Subscription
 from tests._brokers import require_broker
 from tests.conformance.brokers import amqp as broker
+from tests.transports import _second_call as second_call
 
 WAIT = 15.0
 
@@ -433,8 +435,8 @@ async def test_a_cut_connection_reconnects_and_the_consumer_resumes_without_dupl
         (held,) = await fetch_all(sub, 1)  # m2 waits in the client's buffer
         proxy.cut()
         await _until(lambda: live_channel(held.raw) is None)  # the client noticed
-        with pytest.raises(TransportError):
-            await held.ack()  # its channel is gone: the broker has already taken it back
+        await held.ack()  # its channel is gone: the broker has already taken it back
+        assert held.settled
         await bus.publish([msg(3, "t")])  # waits for the reconnect
         got = await fetch_all(sub, 3)
         assert sorted(d.message.id for d in got) == ["m1", "m2", "m3"]
@@ -458,3 +460,130 @@ async def test_operations_wait_for_a_lost_broker_then_fail_with_a_transport_erro
         await bus.publish([msg(2, "t")])
         bus.ready_timeout = WAIT
         assert [d.message.id for d in await fetch_all(sub, 1)] == ["m2"]
+
+
+# -- a verb that failed, called again; a verb that can never succeed -------------------------
+
+
+async def _queue_depth(bus: AmqpTransport, queue: str) -> int:
+    """How many messages ``queue`` holds (0 if it was never declared)."""
+    connection = await aio_pika.connect(bus._client_url)
+    try:
+        channel = await connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
+        return declared.declaration_result.message_count or 0
+    finally:
+        await connection.close()
+
+
+def _failing_send_once(bus: AmqpTransport, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the next publish of a copy (retry or dead letter) go unconfirmed; returns the queues sent to."""
+    real = bus._send
+    sent: list[str] = []
+
+    async def failing_once(queue: str, messages: Sequence[aio_pika.Message]) -> None:
+        sent.append(queue)
+        if len(sent) == 1:
+            raise TransportError(f"amqp: publish to queue {queue}: the broker did not confirm it")
+        await real(queue, messages)
+
+    monkeypatch.setattr(bus, "_send", failing_once)
+    return sent
+
+
+async def test_a_dead_letter_whose_copy_was_not_confirmed_is_stored_by_a_second_call(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The original stays held (not handed back to the queue, where the handler would run
+    again) until the worker's settle retry stores the dead letter."""
+    lease = second_call.lease_for("dead_letter")
+    async with opened(bus_url.replace("lease=30.0", f"lease={lease}")) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t")])
+        (delivery,) = await fetch_all(sub, 1)
+        sent = _failing_send_once(bus, monkeypatch)
+        await second_call.check_a_second_call_does_the_work(bus, sub, delivery, "dead_letter", TransportError)
+        assert sent == [bus.names.dlq("g")] * 2
+
+
+async def test_a_delayed_retry_whose_copy_was_not_confirmed_is_published_by_a_second_call(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The original is not handed back to the queue at once (a retry sooner than asked): the
+    worker's settle retry publishes the delayed copy, attempt + 1, and acks the original."""
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t")])
+        (delivery,) = await fetch_all(sub, 1)
+        sent = _failing_send_once(bus, monkeypatch)
+        with pytest.raises(TransportError):
+            await delivery.retry(60)
+        assert not delivery.settled
+        await delivery.retry(60)  # what the worker's settle retry does
+        assert delivery.settled
+        retry_queue = bus.names.retry("g", retry_bucket_ms(60))
+        assert sent == [retry_queue] * 2
+        assert await _queue_depth(bus, retry_queue) == 1
+        assert await sub.fetch(10, timeout=1.0) == []  # neither handed back nor left unacked
+
+
+@pytest.mark.parametrize("verb", second_call.VERBS)
+async def test_a_verb_on_a_delivery_whose_channel_closed_returns_and_the_broker_redelivers_it(
+    proxy: _Proxy, bus_url: str, verb: str
+) -> None:
+    """A delivery tag dies with its channel, and the broker takes the message back: no call can
+    settle it any more. So the verb returns (raising, the worker would call it again for ever),
+    publishes no copy (that would be a second one), and the broker's redelivery is what comes back."""
+    proxied = bus_url.replace(":5672/", f":{proxy.port}/")
+    async with opened(proxied) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t")])
+        (held,) = await fetch_all(sub, 1)
+        proxy.cut()
+        await _until(lambda: live_channel(held.raw) is None)  # the client noticed
+        await second_call.call(held, verb)
+        assert held.settled
+        await second_call.call(held, verb)  # settled: a no-op
+        (again,) = await fetch_all(sub, 1)  # after the reconnect
+        assert (again.message.id, again.attempt) == ("m1", 2)
+        await again.ack()
+        assert await sub.fetch(10, timeout=1.0) == []  # no copy in the group's queue
+        assert await bus.dead_letters("g") == []
+
+
+class Pinged(Event, type="test.amqp.pinged"):
+    n: int
+
+
+async def test_a_retry_whose_connection_dropped_during_the_handler_does_not_hold_up_the_worker(
+    proxy: _Proxy, bus_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection drops while a handler runs and the handler asks for a retry: the worker's
+    settle step returns (no error, no retry of it, nothing unsettled at stop) and publishes no
+    delayed copy; the broker's redelivery is the next attempt, which succeeds and is acked."""
+    proxied = bus_url.replace(":5672/", f":{proxy.port}/")
+    attempts: list[int] = []
+    service = Service("retrier")
+    caplog.set_level("WARNING")
+    async with opened(proxied) as bus, opened(bus_url) as direct:  # publishing is not cut
+
+        @service.on(Pinged)
+        async def ping(event: Pinged, ctx: Context) -> None:
+            attempts.append(ctx.attempt)
+            if ctx.attempt == 1:
+                proxy.cut()
+                (sub,) = bus._subscriptions
+                await _until(lambda: all(live_channel(d.raw) is None for d in sub._out))
+                raise Retry("later", after=60)
+
+        async with Worker([service], bus):
+            await Publisher(direct).publish(Pinged(n=1))
+            await _until(lambda: attempts == [1, 2])
+        assert await _queue_depth(bus, bus.names.retry("retrier", retry_bucket_ms(60))) == 0
+        again = await bus.subscribe("retrier", [Pinged.event_type()])
+        assert await again.fetch(10, timeout=1.0) == []  # attempt 2 was acked
+    worker_trouble = [r.getMessage() for r in caplog.records if r.name == "choreograph.worker"]
+    assert not [line for line in worker_trouble if "settling" in line or "unsettled" in line]

@@ -20,11 +20,21 @@ deadline. So the lease is kept here, in the consuming process:
 
 Retries and dead letters are "publish a copy (confirmed), then ack the original": a
 crash in between duplicates the message, never loses it.
+
+A delivery tag dies with its channel: once the channel a message arrived on has closed,
+the broker has taken the message back and redelivers it (attempt + 1 on quorum queues),
+and no ack, nack or copy can settle it any more. Every verb on such a delivery returns
+without raising and without publishing a copy (the runtime would otherwise retry it for
+ever): the message comes back as the broker redelivers it - a retry sooner than asked, a
+dead letter decided again on its next attempt, an ack's copy dropped by the inbox. The
+only failure a verb raises is a copy that could not be published: the original is then
+still held, and a second call publishes it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +43,21 @@ import aiormq.abc
 import aiormq.exceptions
 
 from choreograph.errors import TransportClosed, TransportError
-from choreograph.transports._amqp_wire import Raw, attempt_of, copy_of, dead_letter_message, translated
+from choreograph.transports._amqp_wire import (
+    CLIENT_ERRORS,
+    Raw,
+    attempt_of,
+    copy_of,
+    dead_letter_message,
+    translated,
+)
 from choreograph.transports.base import Delivery, Message, Subscription
 
 if TYPE_CHECKING:
     from choreograph.transports.amqp import AmqpTransport
 
+
+log = logging.getLogger("choreograph.transports.amqp")
 
 _QUIESCE_S = 0.05  # a quiet spell this long means nothing more is on its way
 _QUIESCE_ROUNDS = 20  # ...but stop waiting after a second of steady traffic
@@ -77,21 +96,13 @@ class AmqpDelivery(Delivery):
             self._arm(self._sub.lease)
 
     async def _ack(self) -> None:
-        await self._sub._ack_raws([self])
+        await self._sub._ack_raws([self])  # never raises: nothing to retry (see the module doc)
 
     async def _retry(self, after: float) -> None:
-        self._sub._forget(self)
-        try:
-            target = await self._sub.transport._retry_queue(self.group, after)
-        except TransportError:
-            await self._sub._give_back([self.raw])
-            raise
-        await self._sub._forward([(self.raw, self.attempt + 1)], target)
+        await self._sub._settle_by_copy(self, copy_of(self.raw, self.attempt + 1), after)
 
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
-        self._sub._forget(self)
-        letter = dead_letter_message(record, self.raw)
-        await self._sub._forward([(self.raw, 0)], self._sub.transport.names.dlq(self.group), letters=[letter])
+        await self._sub._settle_by_copy(self, dead_letter_message(record, self.raw), None)
 
 
 class AmqpSubscription(Subscription):
@@ -225,6 +236,11 @@ class AmqpSubscription(Subscription):
         delivery._disarm()
         self._out.discard(delivery)
 
+    def _holds(self, raw: Raw) -> bool:
+        """Whether ``raw`` is still ours to settle: its channel is open and it is not acked yet."""
+        channel = live_channel(raw)
+        return channel is not None and raw.delivery_tag in self._unacked.get(channel, ())
+
     def _untrack(self, raw: Raw) -> None:
         channel = live_channel(raw)
         if channel is not None and raw.delivery_tag is not None:
@@ -239,10 +255,11 @@ class AmqpSubscription(Subscription):
             if not isinstance(delivery, AmqpDelivery) or delivery._sub is not self:
                 await delivery.ack()
                 continue
-            delivery.settled = True
             mine.append(delivery)
         if mine:
             await self._ack_raws(mine)
+            for delivery in mine:
+                delivery.settled = True
 
     async def _ack_raws(self, deliveries: Sequence[AmqpDelivery]) -> None:
         for delivery in deliveries:
@@ -250,29 +267,70 @@ class AmqpSubscription(Subscription):
         await self._ack([d.raw for d in deliveries], f"ack in group {self.group!r}")
 
     async def _ack(self, raws: Sequence[Raw], what: str) -> None:
+        """Ack ``raws`` on the channels they arrived on. Does not raise: see the module doc.
+
+        A tag leaves ``_unacked`` before its ack goes out and is never acked twice (acking
+        an unknown tag is a channel error: the broker would close the channel and take
+        back every other message on it). Once ``basic_ack`` got past its closed-channel
+        check the frame is queued for the socket, so an error after that means the
+        connection is going: the broker returns the message, as for a closed channel.
+        """
         by_channel: dict[aiormq.abc.AbstractChannel, list[int]] = {}
         lost = 0
         for raw in raws:
             channel = live_channel(raw)
             if channel is None or raw.delivery_tag is None:
                 lost += 1
-            else:
+            elif raw.delivery_tag in self._unacked.get(channel, ()):
                 by_channel.setdefault(channel, []).append(raw.delivery_tag)
-        with translated(what):
-            for channel, tags in by_channel.items():
-                tags.sort()
-                outstanding = self._unacked.setdefault(channel, set())
-                last = tags[-1]
-                if len(tags) > 1 and {t for t in outstanding if t <= last} == set(tags):
+            # else: acked (or given back) already - by an earlier call that raised, say
+        for channel, tags in by_channel.items():
+            tags.sort()
+            outstanding = self._unacked[channel]
+            last = tags[-1]
+            multiple = len(tags) > 1 and {t for t in outstanding if t <= last} == set(tags)
+            outstanding.difference_update(tags)
+            try:
+                if multiple:
                     await channel.basic_ack(last, multiple=True)
                 else:
                     await asyncio.gather(*(channel.basic_ack(tag, wait=False) for tag in tags))
-                outstanding.difference_update(tags)
+            except CLIENT_ERRORS:
+                lost += len(tags)
         if lost:
-            raise TransportError(
-                f"amqp: {what}: the connection that received {lost} message(s) was lost before the ack;"
-                " the broker redelivers them"
-            )
+            log.warning(
+                "amqp: %s: the channel that received %d message(s) closed before the ack;"
+                " the broker redelivers them", what, lost,
+            )  # fmt: skip
+
+    async def _settle_by_copy(
+        self, delivery: AmqpDelivery, copy: aio_pika.Message, retry_after: float | None
+    ) -> None:
+        """Retry (``retry_after`` seconds) or dead-letter (``None``): publish ``copy`` to the
+        retry queue or the dead-letter queue (confirmed), then ack the original.
+
+        Nothing is published for a message whose channel is gone (the broker already has
+        it back). If the copy cannot be published, the original stays held - leased, and
+        returned by ``close()`` - and TransportError is raised: a second call publishes
+        again (a copy that reached the broker without its confirm is then there twice).
+        """
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.lease if delivery._timer is None else delivery._timer.when()
+        self._forget(delivery)  # close() and the lease timer leave it alone meanwhile
+        verb, raw = ("dead letter" if retry_after is None else "retry"), delivery.raw
+        try:
+            if self._holds(raw):
+                if retry_after is None:
+                    queue = self.transport.names.dlq(self.group)
+                else:
+                    queue = await self.transport._retry_queue(self.group, retry_after)
+                await self.transport._send(queue, [copy])
+        except BaseException:
+            if not self._closed:  # still ours: close() returns it, and its lease runs on
+                self._out.add(delivery)
+                delivery._arm(max(0.0, due - loop.time()))
+            raise
+        await self._ack([raw], f"{verb} in group {self.group!r}")
 
     async def _forward(
         self, items: Sequence[tuple[Raw, int]], queue: str, letters: Sequence[aio_pika.Message] | None = None
@@ -292,12 +350,12 @@ class AmqpSubscription(Subscription):
         await self._ack(raws, f"ack after forwarding to {queue}")
 
     async def _give_back(self, raws: Sequence[Raw]) -> None:
-        """Return ``raws`` to the queue (nack, requeue) after a failed retry or dead letter."""
+        """Return ``raws`` to the queue (nack, requeue) after a failed lease-expiry hand-back."""
         for raw in raws:
-            channel = live_channel(raw)
-            if channel is not None and raw.delivery_tag is not None:
+            channel, tag = live_channel(raw), raw.delivery_tag
+            if channel is not None and tag is not None and tag in self._unacked.get(channel, ()):
                 try:
-                    await channel.basic_nack(raw.delivery_tag, requeue=True)
+                    await channel.basic_nack(tag, requeue=True)
                 except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError):
                     pass  # the channel is going away: the broker requeues them itself
                 self._untrack(raw)

@@ -29,8 +29,9 @@ How the contract maps onto RabbitMQ:
   same instant each see only part of it.
 * The connection is robust: after a broker restart or network loss it reconnects, the
   consumers resume, and operations wait up to ``ready_timeout`` seconds for it.
-  Deliveries received on the lost connection are void (the broker took them back):
-  acking one raises TransportError, and unfetched ones are dropped from the buffer.
+  Deliveries received on the lost connection are void (the broker took them back and
+  redelivers them): their verbs return without doing anything but log it (see
+  ``_amqp_consumer``), and unfetched ones are dropped from the buffer.
 * RabbitMQ 4 quorum queues get ``x-delivery-limit: -1`` (its default limit of 20 would
   drop messages that keep coming back); untested here, where the server is 3.10.
 """

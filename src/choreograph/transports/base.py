@@ -11,8 +11,13 @@ A transport moves opaque :class:`Message` bodies (encoded CloudEvents) between
 * A :class:`Delivery` carries the message, its ``attempt`` (1 on first delivery; the
   count lives in the broker, not in a process) and three verbs: ``ack()``,
   ``retry(after)`` (deliver again, attempt + 1, no sooner than ``after`` seconds) and
-  ``dead_letter(record)``. The first verb called settles the delivery; later calls
-  are no-ops.
+  ``dead_letter(record)``. The first verb that returns settles the delivery; later
+  calls, and calls made while one is at work, are no-ops. A verb that raises (the
+  broker did not take it) leaves the delivery unsettled: calling a verb again does
+  the work - the runtime retries a failed settle step - at worst delivering the message
+  once more, never losing it. A failure no second call could mend (the broker already
+  took the message back, as RabbitMQ does when the channel that delivered it closes)
+  is not raised: the verb returns, and the message comes back as the broker redelivers it.
 * A delivery not settled within the lease (``lease`` seconds; ``touch()`` extends it)
   is redelivered to a consumer of the group with attempt + 1: a killed process loses
   nothing.
@@ -55,7 +60,26 @@ class DeadLetter:
 
 
 class Delivery(abc.ABC):
-    """One message handed to one consumer of ``group``, awaiting settlement."""
+    """One message handed to one consumer of ``group``, awaiting settlement.
+
+    ``settled`` is set while a verb is at work, so that a second verb called meanwhile is
+    a no-op, and stays set once the verb returned. If the verb raises it is cleared
+    again: the broker call failed and the delivery is not settled, so the next call (the
+    runtime's retry of its settle step) does the work. Left set, that call did nothing and
+    a failed retry or dead letter came back only when the lease ran out.
+
+    Transports implement ``_ack``, ``_retry`` and ``_dead_letter``, and must make a second
+    call after one that raised safe: done once, or at worst the message delivered once
+    more (the runtime's inbox drops a processed copy), never lost. A failure no second
+    call can mend - the broker has already taken the message back and redelivers it on
+    its own - must not raise, or the runtime would retry it for ever: the verb returns
+    and the delivery counts as settled. (A closed transport may raise TransportClosed, as
+    its other calls do: that is misuse, not the broker failing.)
+
+    >>> await delivery.retry(5.0)  # doctest: +SKIP
+    >>> delivery.settled           # doctest: +SKIP
+    True
+    """
 
     __slots__ = ("message", "attempt", "group", "settled")
 
@@ -65,26 +89,47 @@ class Delivery(abc.ABC):
         self.group = group
         self.settled = False
 
+    # The three verbs are written out (no shared wrapper): they run once per message.
+
     async def ack(self) -> None:
         """Done: never deliver this message to this group again."""
-        if not self.settled:
-            self.settled = True
+        if self.settled:
+            return
+        self.settled = True  # a second verb called while this one is at work is a no-op
+        try:
             await self._ack()
+        except BaseException:
+            self.settled = False  # not settled: calling a verb again does the work
+            raise
 
     async def retry(self, after: float = 0.0) -> None:
         """Deliver again to the group (attempt + 1), no sooner than ``after`` seconds."""
-        if not self.settled:
-            self.settled = True
+        if self.settled:
+            return
+        self.settled = True
+        try:
             await self._retry(max(0.0, after))
+        except BaseException:
+            self.settled = False
+            raise
 
     async def dead_letter(self, record: Mapping[str, Any]) -> None:
         """Stop delivering; keep the message and ``record`` in the group's dead letters."""
-        if not self.settled:
-            self.settled = True
+        if self.settled:
+            return
+        self.settled = True
+        try:
             await self._dead_letter(record)
+        except BaseException:
+            self.settled = False
+            raise
 
     async def touch(self) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Extend the lease (a long-running handler is still working on it)."""
+        """Extend the lease (a long-running handler is still working on it).
+
+        A no-op once settled, and while a verb is at work. A failed touch is harmless
+        (the lease runs out as it would have); callers log it and carry on.
+        """
 
     @abc.abstractmethod
     async def _ack(self) -> None: ...
@@ -114,7 +159,11 @@ class Subscription(abc.ABC):
         """
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack several deliveries; transports override this to batch the round trips."""
+        """Ack several deliveries; transports override this to batch the round trips.
+
+        As ``ack()``: a delivery is settled once its ack went through; if this raises, those
+        not acked stay unsettled and a second call acks them.
+        """
         for delivery in deliveries:
             await delivery.ack()
 
