@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -21,11 +22,13 @@ from hypothesis import strategies as st
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports import open_transport
+from choreograph.transports._nats_pull import NatsDelivery
 from choreograph.transports.base import Delivery, Message, Subscription
 from choreograph.transports.nats import NatsTransport
 from tests._brokers import require_broker
 from tests._nats_server import NatsServer
 from tests.conformance.brokers import nats as broker
+from tests.transports import _second_call as second_call
 
 WAIT = 15.0  # a ceiling for a loaded machine, never a speed assertion
 
@@ -557,3 +560,35 @@ async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
         assert writes == [5, 5] and all(d.settled for d in got)
         await asyncio.sleep(1.5)  # past the lease: an unacked message would be back
         assert await subscription.fetch(10, timeout=1.0) == []
+
+
+@pytest.mark.parametrize("verb", second_call.VERBS)
+async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
+    server: NatsServer, verb: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The +ACK, -NAK or +TERM of a delivery could not be written (a full reconnect buffer,
+    say): the delivery stays unsettled, so the worker's settle retry sends it - a retry back at
+    once, an ack that stays, a dead letter stored and terminated - not the message back after
+    its ack wait."""
+    import nats.errors
+
+    async with opened(bus_on(server.url, lease=second_call.lease_for(verb))) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        (delivery,) = await collect(subscription, 1)
+        assert isinstance(delivery, NatsDelivery)
+        client = bus._nc
+        assert client is not None
+        real = client.publish
+        settlements: list[bytes] = []
+
+        async def failing_once(subject: str, payload: bytes = b"", **options: Any) -> None:
+            if subject == delivery._reply:
+                settlements.append(payload)
+                if len(settlements) == 1:
+                    raise nats.errors.OutboundBufferLimitError
+            await real(subject, payload, **options)
+
+        monkeypatch.setattr(client, "publish", failing_once)
+        await second_call.check_a_second_call_does_the_work(bus, subscription, delivery, verb, TransportError)
+        assert len(settlements) == 2

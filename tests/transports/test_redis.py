@@ -14,13 +14,16 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import open_transport
+from choreograph.transports._redis_consumer import RedisSubscription
 from choreograph.transports.base import Delivery, Message, Subscription
 from choreograph.transports.redis import RedisTransport
 from tests._brokers import require_broker
 from tests.conformance.brokers import redis as broker
+from tests.transports import _second_call as second_call
 
 
 def msg(n: int, type_: str = "order.placed", body: bytes = b"{}") -> Message:
@@ -548,3 +551,29 @@ async def test_an_ack_batch_whose_script_failed_is_acked_by_the_retry(
         assert calls.count("ack") == 2 and all(d.settled for d in got)
         await asyncio.sleep(1.5)  # past the lease: an unacked entry would be claimed again
         assert await sub.fetch(10, timeout=1.0) == []
+
+
+@pytest.mark.parametrize("verb", second_call.VERBS)
+async def test_a_verb_whose_script_failed_is_done_by_a_second_call(
+    bus_url: str, verb: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ack, retry and dead_letter leave the delivery unsettled (and in the unsettled set close()
+    hands on) when their script fails, so the worker's settle retry runs it: a retry back at
+    once, an ack that stays, a dead letter stored - not the entry claimed again after its lease."""
+    async with opened(bus_url, lease=str(second_call.lease_for(verb))) as bus:
+        sub = await bus.subscribe("g", ["order.placed"])
+        await bus.publish([msg(1)])
+        (delivery,) = await fetch_all(sub, 1)
+        real = bus._script
+        settling: list[str] = []
+
+        async def failing_once(name: str, keys: list[Any], args: list[Any]) -> Any:
+            if name in ("ack", "settle"):
+                settling.append(name)
+                if len(settling) == 1:
+                    raise redis.exceptions.ConnectionError("Connection closed by server.")
+            return await real(name, keys, args)
+
+        monkeypatch.setattr(bus, "_script", failing_once)
+        await second_call.check_a_second_call_does_the_work(bus, sub, delivery, verb, TransportError)
+        assert isinstance(sub, RedisSubscription) and sub._unsettled == {}

@@ -21,6 +21,7 @@ import pytest
 from choreograph.errors import ConfigurationError
 from choreograph.transports import Message, open_transport
 from choreograph.transports.sqlite import SQLiteTransport
+from tests.transports import _second_call as second_call
 
 WORKER = str(Path(__file__).with_name("_sqlite_worker.py"))
 ROOT = str(Path(__file__).parents[2])
@@ -315,3 +316,27 @@ async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
     await asyncio.sleep(2.5)  # past the lease (2 s): an unacked message would be back
     assert await sub.fetch(10, timeout=0.5) == []
     assert _count(path, "messages") == 0
+
+
+@pytest.mark.parametrize("verb", second_call.VERBS)
+async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
+    path: str, verb: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ack, retry and dead_letter leave the delivery unsettled (and held) when their write
+    fails, so the worker's settle retry writes it: a retry back at once, an ack that stays, a
+    dead letter stored - not the message back at the end of its lease."""
+    async with SQLiteTransport(url_of(path, lease=second_call.lease_for(verb))) as bus:
+        sub = await bus.subscribe("g", [TYPE])
+        await bus.publish([Message("m1", TYPE, b"{}")])
+        (delivery,) = await sub.fetch(1, timeout=5)
+        real = bus._write
+        writes: list[int] = []
+
+        async def failing_once(fn: Any, **options: Any) -> Any:
+            writes.append(1)
+            if len(writes) == 1:
+                raise sqlite3.OperationalError("disk I/O error")
+            return await real(fn, **options)
+
+        monkeypatch.setattr(bus, "_write", failing_once)
+        await second_call.check_a_second_call_does_the_work(bus, sub, delivery, verb, sqlite3.OperationalError)

@@ -64,7 +64,15 @@ StoreDeadLetter = Callable[[str, Message, Mapping[str, Any]], Awaitable[None]]
 
 
 class NatsDelivery(Delivery):
-    """A JetStream message; its verbs are the JetStream acks on its reply subject."""
+    """A JetStream message; its verbs are the JetStream acks on its reply subject.
+
+    A verb whose write failed can simply be sent again: the reply subject stays valid
+    across reconnects, and a dead letter is stored under its group and id (storing it
+    twice keeps one). When the first write did reach the server after all, the second
+    acts on the message's current delivery - JetStream settles by stream sequence - so a
+    second NAK can hand out once more a copy already redelivered: a duplicate, never a
+    loss. No failure here is permanent but a closed transport.
+    """
 
     __slots__ = ("_subscription", "_reply")
 
