@@ -810,6 +810,88 @@ async def test_a_lone_event_whose_outputs_cannot_be_published_yet_is_settled_onc
     assert bus.pending()[0] == 0
 
 
+async def test_a_fetch_whose_inbox_and_broker_both_fail_keeps_the_worker_fetching(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inbox is down, so the batch is released; the release fails too (broker down). The
+    fetch loop goes on (it died before, and the worker silently stopped consuming): the
+    delivery whose release failed comes back after its lease and both events are handled once."""
+    from collections.abc import Collection
+
+    from choreograph.errors import StoreError, TransportError
+    from choreograph.stores.memory import MemoryStore
+    from choreograph.transports.memory import MemoryDelivery
+
+    inbox_down, release_fails = 1, 1
+    runs: list[str] = []
+
+    class DownOnce(MemoryStore):
+        async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
+            nonlocal inbox_down
+            if inbox_down:
+                inbox_down -= 1
+                raise StoreError("inbox unreachable")
+            return await super().seen(group, event_ids)
+
+    release = MemoryDelivery._retry
+
+    async def unreleasable(self: MemoryDelivery, after: float) -> None:
+        nonlocal release_fails
+        if release_fails:
+            release_fails -= 1
+            raise TransportError("broker unreachable")
+        await release(self, after)
+
+    monkeypatch.setattr(MemoryDelivery, "_retry", unreleasable)
+    bus = MemoryTransport("memory://?lease=0.3")
+    async with Worker([_charging(runs)], bus, store=DownOnce(), poll_interval=0.05):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        for _ in range(300):  # the lease (0.3 s) + the fetch loop's back-off (1 s)
+            if runs == ["a"] and bus.pending()[0] == 0:
+                break
+            await asyncio.sleep(0.02)
+        await Publisher(bus).publish(Placed(order_id="b"))
+        await settled(bus)
+    assert inbox_down == 0 and release_fails == 0
+    assert runs == ["a", "b"]
+    assert bus.pending()[0] == 0
+
+
+async def test_a_transport_closed_under_the_worker_is_not_retried_for_ever_and_nothing_is_acked() -> None:
+    """A closed transport never heals: settling gives up at once (it retried every few seconds
+    until stop before) and leaves the input unacked and unmarked for the broker to hand on."""
+    from collections.abc import Collection
+
+    from choreograph.errors import TransportClosed
+    from choreograph.stores.memory import MemoryStore
+
+    publishes: list[int] = []
+    marked: list[str] = []
+
+    class Closing(MemoryTransport):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            if any(m.type == Charged.event_type() for m in messages):
+                publishes.append(len(messages))
+                raise TransportClosed("memory transport is closed")
+            await super().publish(messages)
+
+    class Recording(MemoryStore):
+        async def mark(self, group: str, event_ids: Collection[str]) -> None:
+            marked.extend(event_ids)
+            await super().mark(group, event_ids)
+
+    bus = Closing()
+    runs: list[str] = []
+    async with Worker([_charging(runs)], bus, store=Recording()):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        for _ in range(200):
+            if publishes:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # the old loop tried again after 0.05, 0.1, 0.2 s ...
+        assert publishes == [1]
+        assert bus.pending()[0] == 1 and not marked  # still held: the lease hands it on
+    assert runs == ["a"]
+
+
 class _GatedOutputs(MemoryTransport):
     """Holds the worker's outputs (Charged) at a gate; says when the first one reached it."""
 

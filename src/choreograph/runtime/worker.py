@@ -37,7 +37,15 @@ import pydantic
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph._envelope import Envelope, decode, from_dict
 from choreograph.context import Context, _set_current
-from choreograph.errors import ConfigurationError, EmitError, MalformedEnvelope, Reject, Retry, StoreError
+from choreograph.errors import (
+    ConfigurationError,
+    EmitError,
+    MalformedEnvelope,
+    Reject,
+    Retry,
+    StoreError,
+    TransportClosed,
+)
 from choreograph.events import Event
 from choreograph.joins import Defer
 from choreograph.runtime.outbox import HandlerUnit, Outboxes
@@ -161,7 +169,7 @@ class _Runner:
         self.outcomes: list[_Outcome] = []
         self.outcome_ready = asyncio.Event()
         self.settle_waiting = False  # the settle loop waits for outcomes
-        self.finishing: asyncio.Task[None] | None = None  # the settle loop's last batch's marks and acks
+        self.finishing: asyncio.Task[bool] | None = None  # the settle loop's last batch's marks and acks
         self.lane: asyncio.Task[None] | None = None  # a handler's task settling its own outcome (see _handle)
         self.settling_inline: asyncio.Future[None] | None = None  # done once the lane marked and acked
         self.slot_free = asyncio.Event()
@@ -223,7 +231,10 @@ class _Runner:
             except Exception as exc:
                 log.error("inbox unavailable for %s: %s; releasing %d deliveries", self.group, exc, len(batch))
                 for delivery in batch:
-                    await delivery.retry(1.0)
+                    try:
+                        await delivery.retry(1.0)
+                    except Exception as again:  # the broker too: its lease hands the delivery on
+                        log.warning("releasing %r failed: %s; it comes back after its lease", delivery, again)
                 await asyncio.sleep(1.0)
                 continue
             for delivery in batch:
@@ -302,9 +313,8 @@ class _Runner:
         self.lane, self.settling_inline = task, settled
         try:
             plan = _Settlement.of((outcome,))
-            if plan.messages:
-                await self._retrying(1, functools.partial(self.worker.transport.publish, plan.messages))
-            await self._retrying(1, functools.partial(self._finish, plan))
+            if not plan.messages or await self._retrying(1, functools.partial(self.worker.transport.publish, plan.messages)):
+                await self._retrying(1, functools.partial(self._finish, plan))
         finally:
             self.settling_inline = self.lane = None
             settled.set_result(None)
@@ -645,7 +655,7 @@ class _Runner:
         """Settle outcomes in batches, two stages deep: while batch N is recorded in the inbox
         and acked, the outputs of batch N+1 are already being published. Each batch's outputs
         are durable before its own marks and acks; the stages of one batch never overlap."""
-        finishing: asyncio.Task[None] | None = None
+        finishing: asyncio.Task[bool] | None = None
         try:
             while True:
                 if not self.outcomes:
@@ -662,8 +672,9 @@ class _Runner:
                     continue
                 batch, self.outcomes = self.outcomes, []
                 plan = _Settlement.of(batch)
-                if plan.messages:
-                    await self._retrying(len(batch), functools.partial(self.worker.transport.publish, plan.messages))
+                if plan.messages and not await self._retrying(
+                        len(batch), functools.partial(self.worker.transport.publish, plan.messages)):
+                    continue  # unpublished: nothing of the batch may be marked or acked
                 if finishing is not None:
                     await finishing
                 if self.settling_inline is not None:  # a handler's task marks and acks its outcome first
@@ -677,12 +688,19 @@ class _Runner:
         if finishing is not None:
             await finishing
 
-    async def _retrying(self, count: int, step: Callable[[], Awaitable[None]]) -> None:
+    async def _retrying(self, count: int, step: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``step`` until it succeeds (True). False if the transport was closed under the
+        worker: that never heals, so the outcomes are left unsettled and the broker hands
+        their deliveries on after the lease (a handler may run again; the inbox is the guard)."""
         delay = 0.05
         while True:
             try:
                 await step()
-                return
+                return True
+            except TransportClosed as exc:
+                log.error("cannot settle %d outcomes of %s: %s; they come back after their lease",
+                          count, self.group, exc)
+                return False
             except Exception as exc:  # broker or store down: keep the outcomes, try again
                 log.error("settling %d outcomes of %s failed: %s; retrying", count, self.group, exc)
                 await asyncio.sleep(delay)
