@@ -10,14 +10,18 @@ the step's storage is SQLite or PostgreSQL (``--database``), the same for both p
   the sink's inbox is on <db> too, in both paths;
 * ``tx_<db>``: the step inserts a row into its own database on <db> inside
   ``ctx.transaction()`` and returns its output, which goes out through the outbox
-  relay (effectively-once).
+  relay (effectively-once);
+* ``floor_postgres``: the plain path whose step also runs the tx path's database work
+  on bare asyncpg, in two round trips per event (see ``BareTransactions``): a bound on
+  what the tx path can reach on this machine, whatever its implementation.
 
 The tx path does strictly more work (a state write and an outbox row). Figures:
 ``events_per_s`` (N inputs published up front, until the sink saw all N outputs),
 ``p50_ms_loaded`` (publish-to-sink latency during that run) and ``p50_ms_lone`` (one
 event at a time through the idle system: the relay wake-up path). ``ratio`` is
 tx/plain throughput on the same database (medians over ``--rounds`` interleaved
-runs); the target is >= 0.7. Prints JSON.
+runs); the target is >= 0.7. ``floor_postgres`` has its ratio to ``plain_postgres`` too.
+Prints JSON.
 """
 
 from __future__ import annotations
@@ -77,7 +81,69 @@ class Sink:
         return svc
 
 
-def step_service(mode: str, database: str | None) -> Service:
+class BareTransactions:
+    """``floor_postgres``: the tx path's database work on bare asyncpg, nothing else.
+
+    Per event one transaction on its own pooled connection (``pool_max`` of the URL, as
+    the service database's pool): the state insert, then one simple query with the inbox
+    record, an outbox row (the output's body) and ``COMMIT; BEGIN`` - every connection is
+    kept begun, so a transaction is two round trips, the fewest the tx path can need (it
+    sends ``BEGIN`` ahead only under load). The output is published by the worker as on
+    the plain path; nobody reads the rows back (no relay). So this path costs the plain
+    path plus the database work no outbox implementation can avoid: the tx path's
+    throughput can at best approach it.
+    """
+
+    def __init__(self, url: str) -> None:
+        from choreograph.stores._pg import parse_url
+
+        self.config = parse_url(url)
+        self.idle: asyncio.Queue[Any] = asyncio.Queue()
+        self.conns: list[Any] = []
+
+    async def open(self) -> None:
+        import asyncpg
+
+        for i in range(self.config.pool_max):
+            conn = await asyncpg.connect(self.config.dsn, server_settings={"search_path": self.config.schema})
+            if i == 0:  # committed before any connection begins (a BEGIN in the same string would hold it)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS floor_inbox (grp text, event_id text, at float8, PRIMARY KEY (grp, event_id));"
+                    "CREATE TABLE IF NOT EXISTS floor_outbox (seq bigserial PRIMARY KEY, event_id text, body bytea)"
+                )
+            await conn.execute("BEGIN")
+            self.conns.append(conn)
+            self.idle.put_nowait(conn)
+
+    async def close(self) -> None:
+        for conn in self.conns:
+            await conn.close()
+
+    async def run(self, event_id: str, n: int, t0: float, body: bytes) -> None:
+        conn = await self.idle.get()
+        try:
+            await conn.execute("INSERT INTO items (n, t0) VALUES ($1, $2)", n, t0)
+            await conn.execute(
+                f"INSERT INTO floor_inbox VALUES ('step', '{event_id}', {time.time()!r});"
+                f"INSERT INTO floor_outbox (event_id, body) VALUES ('{event_id}', '\\x{body.hex()}'::bytea);"
+                "COMMIT; BEGIN"
+            )
+        finally:
+            self.idle.put_nowait(conn)
+
+
+def step_service(mode: str, database: str | None, bare: BareTransactions | None = None) -> Service:
+    if mode.startswith("floor"):
+        assert bare is not None
+        svc = Service("step")
+
+        @svc.on(BenchIn)
+        async def floor(event: BenchIn, ctx: Context) -> BenchOut:
+            out = BenchOut(n=event.n, t0=event.t0)
+            await bare.run(ctx.event_id, event.n, event.t0, out.model_dump_json().encode())
+            return out
+
+        return svc
     if mode.startswith("plain"):
         svc = Service("step")
 
@@ -105,16 +171,31 @@ async def run(mode: str, tmp: Path, database: str | None, events: int, lone: int
     # The worker's inbox (the sink's, and the plain step's) on the same kind of database in both
     # paths: a SQLite file, or the PostgreSQL schema the tx step keeps its state in.
     inbox: InboxStore = SQLiteStore(f"sqlite:///{tmp / f'inbox-{mode}.db'}")
+    bare = None
     if mode.endswith("_postgres") and database is not None:
         inbox = PostgresStore(database)
-        if mode == "plain_postgres":
-            database = None
-    if database is not None:
         async with transaction(Service("setup", database=database)) as t:
             await t.execute("CREATE TABLE IF NOT EXISTS items (n integer, t0 double precision)")
+        if mode == "floor_postgres":
+            bare = BareTransactions(database)
+            await bare.open()
+        if mode != "tx_postgres":
+            database = None
+    elif database is not None:
+        async with transaction(Service("setup", database=database)) as t:
+            await t.execute("CREATE TABLE IF NOT EXISTS items (n integer, t0 double precision)")
+    try:
+        return await _measure(mode, tmp, database, inbox, bare, events, lone, concurrency)
+    finally:
+        if bare is not None:
+            await bare.close()
+
+
+async def _measure(mode: str, tmp: Path, database: str | None, inbox: InboxStore, bare: BareTransactions | None,
+                   events: int, lone: int, concurrency: int) -> dict[str, Any]:
     bus = open_transport(f"sqlite:///{tmp / f'bus-{mode}.db'}")
     sink = Sink()
-    step = step_service(mode, database)
+    step = step_service(mode, database, bare)
     async with bus, Worker([step, sink.service()], bus, store=inbox,
                            concurrency=concurrency) as worker:
         publisher = Publisher(bus)
@@ -177,7 +258,7 @@ def parse_args() -> argparse.Namespace:
 async def main(args: argparse.Namespace, loop_name: str) -> None:
     gc_report = _gc.choose(args.gc)
     backends = ["sqlite", "postgres"] if args.database == "both" else [args.database]
-    paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}")]
+    paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}", *(("floor_postgres",) if b == "postgres" else ()))]
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
     for _ in range(args.rounds):  # interleaved, so a noisy neighbour hits every path alike
         for path in paths:
@@ -204,6 +285,9 @@ async def main(args: argparse.Namespace, loop_name: str) -> None:
     for backend in backends:
         tx, plain = result[f"tx_{backend}"], result[f"plain_{backend}"]
         tx["ratio"] = round(tx["events_per_s"] / plain["events_per_s"], 2)
+    if "floor_postgres" in result:
+        floor = result["floor_postgres"]
+        floor["ratio"] = round(floor["events_per_s"] / result["plain_postgres"]["events_per_s"], 2)
     print(json.dumps(result, indent=2))
 
 
