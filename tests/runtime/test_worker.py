@@ -892,6 +892,47 @@ async def test_a_transport_closed_under_the_worker_is_not_retried_for_ever_and_n
     assert runs == ["a"]
 
 
+@pytest.mark.parametrize("events", [1, 2], ids=["own-task", "settle-loop"])
+async def test_a_batch_given_up_on_transport_closed_is_handled_again_when_its_lease_ends(events: int) -> None:
+    """Its ids leave the in-flight set when settling gives up: a copy handed on after the lease
+    runs the handler again and publishes (before, the copy was deferred as "in flight" for ever).
+    One event settles in its own task (3.11); two in flight at once go through the settle loop."""
+    closed_once: list[str] = []  # the task that gave up
+    published: list[str] = []
+
+    class ClosedOnce(MemoryTransport):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            outputs = [m for m in messages if m.type == Charged.event_type()]
+            if outputs and not closed_once:
+                task = asyncio.current_task()
+                closed_once.append(task.get_name() if task is not None else "")
+                raise TransportClosed("memory transport is closed")
+            published.extend(orjson.loads(m.body)["data"]["order_id"] for m in outputs)
+            await super().publish(messages)
+
+    from choreograph.errors import TransportClosed
+
+    bus = ClosedOnce("memory://?lease=0.3")
+    runs: list[str] = []
+    payment = Service("payment")
+
+    @payment.on(Placed)
+    async def charge(order: Placed) -> Charged:
+        runs.append(order.order_id)
+        await asyncio.sleep(0.05)  # the two events are in flight together
+        return Charged(order_id=order.order_id)
+
+    names = ["a", "b"][:events]
+    async with Worker([payment], bus, poll_interval=0.05):
+        await Publisher(bus).publish(*(Placed(order_id=name) for name in names))
+        await settled(bus)
+    assert len(closed_once) == 1
+    if events == 2:  # the first outcome found the other handler in flight: the settle loop's
+        assert closed_once[0].startswith("choreograph-settle-")
+    assert sorted(runs) == sorted(names * 2)  # each handled again after its lease
+    assert sorted(published) == names
+
+
 class _GatedOutputs(MemoryTransport):
     """Holds the worker's outputs (Charged) at a gate; says when the first one reached it."""
 

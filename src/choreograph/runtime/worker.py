@@ -313,8 +313,8 @@ class _Runner:
         self.lane, self.settling_inline = task, settled
         try:
             plan = _Settlement.of((outcome,))
-            if not plan.messages or await self._retrying(1, functools.partial(self.worker.transport.publish, plan.messages)):
-                await self._retrying(1, functools.partial(self._finish, plan))
+            if not plan.messages or await self._retrying((outcome,), functools.partial(self.worker.transport.publish, plan.messages)):
+                await self._retrying((outcome,), functools.partial(self._finish, plan))
         finally:
             self.settling_inline = self.lane = None
             settled.set_result(None)
@@ -673,14 +673,14 @@ class _Runner:
                 batch, self.outcomes = self.outcomes, []
                 plan = _Settlement.of(batch)
                 if plan.messages and not await self._retrying(
-                        len(batch), functools.partial(self.worker.transport.publish, plan.messages)):
+                        batch, functools.partial(self.worker.transport.publish, plan.messages)):
                     continue  # unpublished: nothing of the batch may be marked or acked
                 if finishing is not None:
                     await finishing
                 if self.settling_inline is not None:  # a handler's task marks and acks its outcome first
                     await asyncio.wait((self.settling_inline,))
                 finishing = self.finishing = asyncio.create_task(
-                    self._retrying(len(batch), functools.partial(self._finish, plan)))
+                    self._retrying(batch, functools.partial(self._finish, plan)))
         except asyncio.CancelledError:
             if finishing is not None:
                 finishing.cancel()
@@ -688,10 +688,12 @@ class _Runner:
         if finishing is not None:
             await finishing
 
-    async def _retrying(self, count: int, step: Callable[[], Awaitable[None]]) -> bool:
+    async def _retrying(self, outcomes: Sequence[_Outcome], step: Callable[[], Awaitable[None]]) -> bool:
         """Run ``step`` until it succeeds (True). False if the transport was closed under the
-        worker: that never heals, so the outcomes are left unsettled and the broker hands
-        their deliveries on after the lease (a handler may run again; the inbox is the guard)."""
+        worker: that never heals, so the outcomes are left unsettled - their ids no longer in
+        flight, or a copy handed on would be deferred for ever - and the broker hands their
+        deliveries on after the lease (the handler runs again unless the inbox mark landed)."""
+        count = len(outcomes)
         delay = 0.05
         while True:
             try:
@@ -700,6 +702,8 @@ class _Runner:
             except TransportClosed as exc:
                 log.error("cannot settle %d outcomes of %s: %s; they come back after their lease",
                           count, self.group, exc)
+                for outcome in outcomes:
+                    self._release_id(outcome.delivery)
                 return False
             except Exception as exc:  # broker or store down: keep the outcomes, try again
                 log.error("settling %d outcomes of %s failed: %s; retrying", count, self.group, exc)
