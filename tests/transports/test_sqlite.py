@@ -340,3 +340,24 @@ async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
 
         monkeypatch.setattr(bus, "_write", failing_once)
         await second_call.check_a_second_call_does_the_work(bus, sub, delivery, verb, sqlite3.OperationalError)
+
+
+async def test_a_write_interrupted_while_the_transport_is_open_is_not_reported_as_closed(path: str) -> None:
+    """The writer task cancelled under an open transport: its waiters get a TransportError the
+    worker retries, not TransportClosed (on which it gives up for good), and the next write works."""
+    from choreograph.errors import TransportClosed, TransportError
+
+    async with SQLiteTransport(url_of(path)) as bus:
+        await bus.subscribe("g", [TYPE])
+        publishing = asyncio.create_task(bus.publish([Message("m-1", TYPE, b"{}")]))
+        while bus._flusher is None:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the writer is in its executor call now
+        bus._flusher.cancel()
+        with pytest.raises(TransportError) as raised:
+            await publishing
+        assert not isinstance(raised.value, TransportClosed)
+        await bus.publish([Message("m-2", TYPE, b"{}")])
+        sub = await bus.subscribe("g", [TYPE])
+        ids = {d.message.id for d in await sub.fetch(10, timeout=1.0)}
+        assert "m-2" in ids  # m-1 may be there too: the interrupted commit can still land

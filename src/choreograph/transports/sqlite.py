@@ -306,7 +306,10 @@ class SQLiteTransport(Transport):
         except BaseException:
             for pending in [*batch, *self._queue]:
                 if not pending.future.done():
-                    pending.future.set_exception(TransportClosed(f"{self.url}: write interrupted"))
+                    # Closed only if close() is why; a flusher cancelled otherwise leaves the
+                    # transport usable, and the caller may try again.
+                    error = TransportClosed if self._closed else TransportError
+                    pending.future.set_exception(error(f"{self.url}: write interrupted"))
             self._queue = []
             raise
         finally:
