@@ -892,6 +892,16 @@ async def test_a_transport_closed_under_the_worker_is_not_retried_for_ever_and_n
     assert runs == ["a"]
 
 
+async def test_a_fetch_loop_whose_transport_was_closed_under_it_stops_fetching(caplog: pytest.LogCaptureFixture) -> None:
+    """A closed transport never comes back: one error, not a warning every 0.5 s until stop."""
+    bus = MemoryTransport()
+    async with Worker([_charging([])], bus, poll_interval=0.05):
+        await bus.close()
+        await asyncio.sleep(1.2)  # the old loop logged again after 0.5 and 1.0 s
+    fetch_logs = [r for r in caplog.records if r.getMessage().startswith("fetch failed for payment")]
+    assert len(fetch_logs) == 1 and "no longer fetching" in fetch_logs[0].getMessage()
+
+
 @pytest.mark.parametrize("events", [1, 2], ids=["own-task", "settle-loop"])
 async def test_a_batch_given_up_on_transport_closed_is_handled_again_when_its_lease_ends(events: int) -> None:
     """Its ids leave the in-flight set when settling gives up: a copy handed on after the lease

@@ -215,6 +215,10 @@ class _Runner:
                 if self.stopping:
                     break  # stop() interrupts an idle fetch; fetch is cancel-safe
                 raise
+            except TransportClosed as exc:  # closed under the worker: nothing to come back for
+                if not self.stopping:
+                    log.error("fetch failed for %s: %s; no longer fetching", self.group, exc)
+                break
             except Exception as exc:  # broker down: back off, the client reconnects
                 if self.stopping:
                     break
