@@ -587,3 +587,23 @@ async def test_a_retry_whose_connection_dropped_during_the_handler_does_not_hold
         assert await again.fetch(10, timeout=1.0) == []  # attempt 2 was acked
     worker_trouble = [r.getMessage() for r in caplog.records if r.name == "choreograph.worker"]
     assert not [line for line in worker_trouble if "settling" in line or "unsettled" in line]
+
+
+@pytest.mark.parametrize("how", ["ack", "ack_many"])
+async def test_an_ack_whose_caller_is_cancelled_still_goes_out(bus_url: str, how: str) -> None:
+    """The tags leave the consumer's books before their acks are sent; a caller cancelled in
+    between (the worker's stop, say) used to leave the message unacked on its channel, holding
+    a prefetch slot and redelivered as a duplicate when the channel closed."""
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t")])
+        (held,) = await fetch_all(sub, 1)
+        acking = asyncio.ensure_future(held.ack() if how == "ack" else sub.ack_many([held]))
+        await asyncio.sleep(0)  # into the ack, past the books
+        acking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acking
+        await sub.close()
+    async with opened(bus_url) as bus:  # a new connection: anything unacked is back by now
+        sub = await bus.subscribe("g", ["t"])
+        assert await sub.fetch(10, timeout=1.0) == []

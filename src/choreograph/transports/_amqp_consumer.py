@@ -125,6 +125,7 @@ class AmqpSubscription(Subscription):
         self._prefetch = 0  # summed over the consumers
         self._consume_lock = asyncio.Lock()
         self._unacked: dict[aiormq.abc.AbstractChannel, set[int]] = {}  # received, not yet acked
+        self._acking: set[asyncio.Future[int]] = set()  # acks going out for a cancelled caller
         self._parked: dict[int, asyncio.TimerHandle] = {}  # id(raw) of those buffered: their lease
         self._out: set[AmqpDelivery] = set()  # handed out, not settled
         self._tasks: set[asyncio.Task[None]] = set()
@@ -284,12 +285,33 @@ class AmqpSubscription(Subscription):
             elif raw.delivery_tag in self._unacked.get(channel, ()):
                 by_channel.setdefault(channel, []).append(raw.delivery_tag)
             # else: acked (or given back) already - by an earlier call that raised, say
+        acks: list[tuple[aiormq.abc.AbstractChannel, int, bool, list[int]]] = []
         for channel, tags in by_channel.items():
             tags.sort()
             outstanding = self._unacked[channel]
             last = tags[-1]
             multiple = len(tags) > 1 and {t for t in outstanding if t <= last} == set(tags)
             outstanding.difference_update(tags)
+            acks.append((channel, last, multiple, tags))
+        if acks:
+            # The tags are no longer tracked: their acks must go out even if the caller is
+            # cancelled now (a cancelled gather sent none; the message sat unacked on its
+            # channel, holding a prefetch slot, until the channel closed).
+            sending = asyncio.ensure_future(self._send_acks(acks))
+            self._acking.add(sending)
+            sending.add_done_callback(self._acking.discard)
+            lost += await asyncio.shield(sending)
+        if lost:
+            log.warning(
+                "amqp: %s: the channel that received %d message(s) closed before the ack;"
+                " the broker redelivers them", what, lost,
+            )  # fmt: skip
+
+    @staticmethod
+    async def _send_acks(acks: Sequence[tuple[aiormq.abc.AbstractChannel, int, bool, list[int]]]) -> int:
+        """Send ``(channel, last, multiple, tags)`` acks; returns how many tags were lost."""
+        lost = 0
+        for channel, last, multiple, tags in acks:
             try:
                 if multiple:
                     await channel.basic_ack(last, multiple=True)
@@ -297,11 +319,7 @@ class AmqpSubscription(Subscription):
                     await asyncio.gather(*(channel.basic_ack(tag, wait=False) for tag in tags))
             except CLIENT_ERRORS:
                 lost += len(tags)
-        if lost:
-            log.warning(
-                "amqp: %s: the channel that received %d message(s) closed before the ack;"
-                " the broker redelivers them", what, lost,
-            )  # fmt: skip
+        return lost
 
     async def _settle_by_copy(
         self, delivery: AmqpDelivery, copy: aio_pika.Message, retry_after: float | None
@@ -424,6 +442,8 @@ class AmqpSubscription(Subscription):
                 pass
         for _ in range(3):  # let callbacks of deliveries that beat the cancel-ok reach the buffer
             await asyncio.sleep(0)
+        if self._acking:  # acks a cancelled caller left going: out before the channel closes
+            await asyncio.wait(list(self._acking), timeout=5.0)
         items: list[tuple[Raw, int]] = []
         while not self._buffer.empty():
             raw = self._buffer.get_nowait()
