@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -47,16 +48,22 @@ async def check_a_second_call_does_the_work(
     delivery: Delivery,
     verb: str,
     raises: type[BaseException] | tuple[type[BaseException], ...],
+    held: Callable[[], bool] | None = None,
 ) -> None:
     """``verb`` on ``delivery`` fails once (the caller broke the next write), then succeeds:
 
     * ``retry``: the message is back with the next attempt well inside its lease;
     * ``ack``: it is not back after the lease;
     * ``dead_letter``: the dead letter is stored, and it is not back after the lease.
+
+    ``held``, where given, says the subscription still holds the delivery after the failed
+    call (what its ``close()`` hands on at once, rather than leaving it to the lease).
     """
     with pytest.raises(raises):
         await call(delivery, verb)
     assert not delivery.settled  # the broker did not take it: a second call must do the work
+    if held is not None:
+        assert held(), "the failed call dropped the delivery from its subscription's books"
     await call(delivery, verb)  # what the worker's settle retry does
     assert delivery.settled
     if verb == "retry":

@@ -18,7 +18,7 @@ import redis.exceptions
 
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import open_transport
-from choreograph.transports._redis_consumer import RedisSubscription
+from choreograph.transports._redis_consumer import RedisDelivery, RedisSubscription
 from choreograph.transports.base import Delivery, Message, Subscription
 from choreograph.transports.redis import RedisTransport
 from tests._brokers import require_broker
@@ -484,7 +484,6 @@ def test_commands_are_packed_to_the_same_bytes_as_redis_py_packs_them() -> None:
 def test_deliveries_read_the_entry_fields_the_same_whatever_their_layout() -> None:
     from types import SimpleNamespace
 
-    from choreograph.transports.redis import RedisDelivery
 
     sub: Any = SimpleNamespace(group="g")
     cases: list[tuple[list[bytes], int, tuple[str, str, bytes, int]]] = [
@@ -575,5 +574,9 @@ async def test_a_verb_whose_script_failed_is_done_by_a_second_call(
             return await real(name, keys, args)
 
         monkeypatch.setattr(bus, "_script", failing_once)
-        await second_call.check_a_second_call_does_the_work(bus, sub, delivery, verb, TransportError)
-        assert isinstance(sub, RedisSubscription) and sub._unsettled == {}
+        assert isinstance(sub, RedisSubscription) and isinstance(delivery, RedisDelivery)
+        await second_call.check_a_second_call_does_the_work(
+            bus, sub, delivery, verb, TransportError,
+            held=lambda: sub._unsettled.get(delivery._entry) is delivery,
+        )
+        assert sub._unsettled == {}

@@ -20,6 +20,7 @@ import pytest
 
 from choreograph.errors import ConfigurationError
 from choreograph.transports import Message, open_transport
+from choreograph.transports._sqlite_consumer import SQLiteDelivery, SQLiteSubscription
 from choreograph.transports.sqlite import SQLiteTransport
 from tests.transports import _second_call as second_call
 
@@ -339,7 +340,11 @@ async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
             return await real(fn, **options)
 
         monkeypatch.setattr(bus, "_write", failing_once)
-        await second_call.check_a_second_call_does_the_work(bus, sub, delivery, verb, sqlite3.OperationalError)
+        assert isinstance(sub, SQLiteSubscription) and isinstance(delivery, SQLiteDelivery)
+        await second_call.check_a_second_call_does_the_work(
+            bus, sub, delivery, verb, sqlite3.OperationalError,
+            held=lambda: sub._held.get(delivery._seq) is delivery,
+        )
 
 
 async def test_a_write_interrupted_while_the_transport_is_open_is_not_reported_as_closed(path: str) -> None:

@@ -95,7 +95,9 @@ class Delivery(abc.ABC):
         """Done: never deliver this message to this group again."""
         if self.settled:
             return
-        self.settled = True  # a second verb called while this one is at work is a no-op
+        # A second verb called while this one is at work returns at once: it does not wait for
+        # this call or report its outcome (the runtime never settles a delivery concurrently).
+        self.settled = True
         try:
             await self._ack()
         except BaseException:
