@@ -18,7 +18,7 @@ import pytest
 from choreograph import Context, Event, Publisher, Retry, Service, Worker
 from choreograph.errors import ConfigurationError, TransportError
 from choreograph.transports import open_transport
-from choreograph.transports._amqp_consumer import live_channel
+from choreograph.transports._amqp_consumer import AmqpSubscription, live_channel
 from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS, attempt_of, retry_bucket_ms
 from choreograph.transports.amqp import AmqpTransport
 from choreograph.transports.base import Delivery, Message, Subscription
@@ -507,6 +507,10 @@ async def test_a_dead_letter_whose_copy_was_not_confirmed_is_stored_by_a_second_
         sent = _failing_send_once(bus, monkeypatch)
         await second_call.check_a_second_call_does_the_work(bus, sub, delivery, "dead_letter", TransportError)
         assert sent == [bus.names.dlq("g")] * 2
+        # the lease is the client's: an original never acked would not come back while the
+        # channel is open, so look at the books too
+        assert isinstance(sub, AmqpSubscription)
+        assert not sub._out and not any(sub._unacked.values())
 
 
 async def test_a_delayed_retry_whose_copy_was_not_confirmed_is_published_by_a_second_call(
@@ -528,6 +532,8 @@ async def test_a_delayed_retry_whose_copy_was_not_confirmed_is_published_by_a_se
         assert sent == [retry_queue] * 2
         assert await _queue_depth(bus, retry_queue) == 1
         assert await sub.fetch(10, timeout=1.0) == []  # neither handed back nor left unacked
+        assert isinstance(sub, AmqpSubscription)
+        assert not sub._out and not any(sub._unacked.values())  # the original was acked
 
 
 @pytest.mark.parametrize("verb", second_call.VERBS)
