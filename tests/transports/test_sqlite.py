@@ -289,15 +289,9 @@ async def test_a_writer_waits_for_another_process_holding_the_lock_then_gives_up
             holder.join()
 
 
-async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
-    path: str, bus: SQLiteTransport, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The worker retries a settle step that raised: the deliveries of an ack whose write failed
-    must still be unsettled (and held) then, or the retry acks nothing and they come back."""
-    sub = await bus.subscribe("g", [TYPE])
-    await bus.publish([Message(f"m{n}", TYPE, b"{}") for n in range(5)])
-    got = await sub.fetch(5, timeout=5)
-    assert len(got) == 5
+def _fail_the_next_write(bus: SQLiteTransport, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The transport's next write raises (a disk error); later ones go through. Returns the
+    list that counts the writes."""
     real = bus._write
     writes: list[int] = []
 
@@ -308,6 +302,19 @@ async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
         return await real(fn, **options)
 
     monkeypatch.setattr(bus, "_write", failing_once)
+    return writes
+
+
+async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
+    path: str, bus: SQLiteTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker retries a settle step that raised: the deliveries of an ack whose write failed
+    must still be unsettled (and held) then, or the retry acks nothing and they come back."""
+    sub = await bus.subscribe("g", [TYPE])
+    await bus.publish([Message(f"m{n}", TYPE, b"{}") for n in range(5)])
+    got = await sub.fetch(5, timeout=5)
+    assert len(got) == 5
+    writes = _fail_the_next_write(bus, monkeypatch)
     with pytest.raises(sqlite3.OperationalError):
         await sub.ack_many(got)
     assert not any(d.settled for d in got)
@@ -330,16 +337,7 @@ async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
         sub = await bus.subscribe("g", [TYPE])
         await bus.publish([Message("m1", TYPE, b"{}")])
         (delivery,) = await sub.fetch(1, timeout=5)
-        real = bus._write
-        writes: list[int] = []
-
-        async def failing_once(fn: Any, **options: Any) -> Any:
-            writes.append(1)
-            if len(writes) == 1:
-                raise sqlite3.OperationalError("disk I/O error")
-            return await real(fn, **options)
-
-        monkeypatch.setattr(bus, "_write", failing_once)
+        _fail_the_next_write(bus, monkeypatch)
         assert isinstance(sub, SQLiteSubscription) and isinstance(delivery, SQLiteDelivery)
         await second_call.check_a_second_call_does_the_work(
             bus, sub, delivery, verb, sqlite3.OperationalError,
