@@ -125,7 +125,7 @@ class AmqpSubscription(Subscription):
         self._prefetch = 0  # summed over the consumers
         self._consume_lock = asyncio.Lock()
         self._unacked: dict[aiormq.abc.AbstractChannel, set[int]] = {}  # received, not yet acked
-        self._acking: set[asyncio.Future[int]] = set()  # acks going out for a cancelled caller
+        self._acking: set[asyncio.Future[int]] = set()  # ack sends in flight, shielded from their caller
         self._parked: dict[int, asyncio.TimerHandle] = {}  # id(raw) of those buffered: their lease
         self._out: set[AmqpDelivery] = set()  # handed out, not settled
         self._tasks: set[asyncio.Task[None]] = set()
