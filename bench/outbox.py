@@ -172,18 +172,16 @@ async def run(mode: str, tmp: Path, database: str | None, events: int, lone: int
     # paths: a SQLite file, or the PostgreSQL schema the tx step keeps its state in.
     inbox: InboxStore = SQLiteStore(f"sqlite:///{tmp / f'inbox-{mode}.db'}")
     bare = None
-    if mode.endswith("_postgres") and database is not None:
-        inbox = PostgresStore(database)
+    if database is not None:
         async with transaction(Service("setup", database=database)) as t:
             await t.execute("CREATE TABLE IF NOT EXISTS items (n integer, t0 double precision)")
+    if mode.endswith("_postgres") and database is not None:
+        inbox = PostgresStore(database)
         if mode == "floor_postgres":
             bare = BareTransactions(database)
             await bare.open()
         if mode != "tx_postgres":
             database = None
-    elif database is not None:
-        async with transaction(Service("setup", database=database)) as t:
-            await t.execute("CREATE TABLE IF NOT EXISTS items (n integer, t0 double precision)")
     try:
         return await _measure(mode, tmp, database, inbox, bare, events, lone, concurrency)
     finally:
