@@ -13,7 +13,11 @@ the step's storage is SQLite or PostgreSQL (``--database``), the same for both p
   relay (effectively-once);
 * ``floor_postgres``: the plain path whose step also runs the tx path's database work
   on bare asyncpg, in two round trips per event (see ``BareTransactions``): a bound on
-  what the tx path can reach on this machine, whatever its implementation.
+  what the tx path can reach on this machine, whatever its implementation;
+* ``state_postgres``: the plain path whose step also writes the tx path's state row, in
+  autocommit on a bare asyncpg pool (see ``AutocommitState``): the same business work as
+  the tx path without its guarantee - the service that "changes its own state and then
+  publishes" and can lose one of the two in a crash.
 
 The tx path does strictly more work (a state write and an outbox row). Figures:
 ``events_per_s`` (N inputs published up front, until the sink saw all N outputs),
@@ -132,8 +136,31 @@ class BareTransactions:
             self.idle.put_nowait(conn)
 
 
-def step_service(mode: str, database: str | None, bare: BareTransactions | None = None) -> Service:
-    if mode.startswith("floor"):
+class AutocommitState:
+    """``state_postgres``: the tx path's state row, written in autocommit; no inbox or outbox row."""
+
+    def __init__(self, url: str) -> None:
+        from choreograph.stores._pg import parse_url
+
+        self.config = parse_url(url)
+        self.pool: Any = None
+
+    async def open(self) -> None:
+        import asyncpg
+
+        self.pool = await asyncpg.create_pool(self.config.dsn, min_size=self.config.pool_max,
+                                              max_size=self.config.pool_max,
+                                              server_settings={"search_path": self.config.schema})
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def run(self, event_id: str, n: int, t0: float, body: bytes) -> None:
+        await self.pool.execute("INSERT INTO items (n, t0) VALUES ($1, $2)", n, t0)
+
+
+def step_service(mode: str, database: str | None, bare: BareTransactions | AutocommitState | None = None) -> Service:
+    if mode.startswith(("floor", "state")):
         assert bare is not None
         svc = Service("step")
 
@@ -171,14 +198,14 @@ async def run(mode: str, tmp: Path, database: str | None, events: int, lone: int
     # The worker's inbox (the sink's, and the plain step's) on the same kind of database in both
     # paths: a SQLite file, or the PostgreSQL schema the tx step keeps its state in.
     inbox: InboxStore = SQLiteStore(f"sqlite:///{tmp / f'inbox-{mode}.db'}")
-    bare = None
+    bare: BareTransactions | AutocommitState | None = None
     if database is not None:
         async with transaction(Service("setup", database=database)) as t:
             await t.execute("CREATE TABLE IF NOT EXISTS items (n integer, t0 double precision)")
     if mode.endswith("_postgres") and database is not None:
         inbox = PostgresStore(database)
-        if mode == "floor_postgres":
-            bare = BareTransactions(database)
+        if mode in ("floor_postgres", "state_postgres"):
+            bare = BareTransactions(database) if mode == "floor_postgres" else AutocommitState(database)
             await bare.open()
         if mode != "tx_postgres":
             database = None
@@ -189,7 +216,8 @@ async def run(mode: str, tmp: Path, database: str | None, events: int, lone: int
             await bare.close()
 
 
-async def _measure(mode: str, tmp: Path, database: str | None, inbox: InboxStore, bare: BareTransactions | None,
+async def _measure(mode: str, tmp: Path, database: str | None, inbox: InboxStore,
+                   bare: BareTransactions | AutocommitState | None,
                    events: int, lone: int, concurrency: int) -> dict[str, Any]:
     bus = open_transport(f"sqlite:///{tmp / f'bus-{mode}.db'}")
     sink = Sink()
@@ -256,7 +284,7 @@ def parse_args() -> argparse.Namespace:
 async def main(args: argparse.Namespace, loop_name: str) -> None:
     gc_report = _gc.choose(args.gc)
     backends = ["sqlite", "postgres"] if args.database == "both" else [args.database]
-    paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}", *(("floor_postgres",) if b == "postgres" else ()))]
+    paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}", *(("floor_postgres", "state_postgres") if b == "postgres" else ()))]
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
     for _ in range(args.rounds):  # interleaved, so a noisy neighbour hits every path alike
         for path in paths:
@@ -283,9 +311,12 @@ async def main(args: argparse.Namespace, loop_name: str) -> None:
     for backend in backends:
         tx, plain = result[f"tx_{backend}"], result[f"plain_{backend}"]
         tx["ratio"] = round(tx["events_per_s"] / plain["events_per_s"], 2)
-    if "floor_postgres" in result:
-        floor = result["floor_postgres"]
-        floor["ratio"] = round(floor["events_per_s"] / result["plain_postgres"]["events_per_s"], 2)
+    for path in ("floor_postgres", "state_postgres"):
+        if path in result:
+            result[path]["ratio"] = round(result[path]["events_per_s"] / result["plain_postgres"]["events_per_s"], 2)
+    if "state_postgres" in result:
+        tx = result["tx_postgres"]
+        tx["ratio_to_state"] = round(tx["events_per_s"] / result["state_postgres"]["events_per_s"], 2)
     print(json.dumps(result, indent=2))
 
 
