@@ -292,16 +292,18 @@ async def test_a_writer_waits_for_another_process_holding_the_lock_then_gives_up
 def _fail_the_next_write(bus: SQLiteTransport, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The transport's next write raises (a disk error); later ones go through. Returns the
     list that counts the writes."""
-    real = bus._write
+    real = bus._submit
     writes: list[int] = []
 
-    async def failing_once(fn: Any, **options: Any) -> Any:
+    def failing_once(fn: Any, **options: Any) -> asyncio.Future[Any]:
         writes.append(1)
         if len(writes) == 1:
-            raise sqlite3.OperationalError("disk I/O error")
-        return await real(fn, **options)
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(sqlite3.OperationalError("disk I/O error"))
+            return failed
+        return real(fn, **options)
 
-    monkeypatch.setattr(bus, "_write", failing_once)
+    monkeypatch.setattr(bus, "_submit", failing_once)
     return writes
 
 
@@ -343,6 +345,69 @@ async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
             bus, sub, delivery, verb, sqlite3.OperationalError,
             held=lambda: sub._held.get(delivery._seq) is delivery,
         )
+
+
+async def test_a_writer_cancelled_before_its_first_step_fails_its_writes_and_the_next_write_works(
+    path: str,
+) -> None:
+    """A writer task cancelled before it ever ran (so its ``finally`` never ran either) must
+    not leave its queued writes waiting for good, every later write behind it, and close()
+    spinning on it."""
+    from choreograph.errors import TransportClosed, TransportError
+
+    bus = SQLiteTransport(url_of(path))
+    await bus.connect()
+    await bus.subscribe("g", [TYPE])
+    publishing = asyncio.create_task(bus.publish([Message("m-1", TYPE, b"{}")]))
+    while bus._flusher is None:
+        await asyncio.sleep(0)
+    bus._flusher.cancel()  # scheduled, not started: its first step gets the cancellation
+    with pytest.raises(TransportError) as raised:
+        await asyncio.wait_for(publishing, WAIT)
+    assert not isinstance(raised.value, TransportClosed)
+    await asyncio.wait_for(bus.publish([Message("m-2", TYPE, b"{}")]), WAIT)
+    sub = await bus.subscribe("g", [TYPE])
+    assert [d.message.id for d in await sub.fetch(10, timeout=1.0)] == ["m-2"]
+    queued = bus._submit(lambda conn, now: None)
+    assert bus._flusher is not None
+    bus._flusher.cancel()
+    await asyncio.wait_for(bus.close(), WAIT)
+    with pytest.raises(TransportError):  # failed, not left waiting
+        queued.result()
+
+
+@pytest.mark.parametrize("write", ["commits", "fails"])
+async def test_a_retry_whose_caller_is_cancelled_is_held_again_only_if_its_write_fails(
+    path: str, write: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller of a retry cancelled while its write is queued: the write goes ahead. If it
+    commits, the delivery is not held again - close() would hand it back at once, before its
+    delay; if it fails, it is held, so close() gives it back."""
+    async with SQLiteTransport(url_of(path, lease=30)) as bus:
+        sub = await bus.subscribe("g", [TYPE])
+        await bus.publish([Message("m1", TYPE, b"{}")])
+        (delivery,) = await sub.fetch(1, timeout=5)
+        assert isinstance(sub, SQLiteSubscription) and isinstance(delivery, SQLiteDelivery)
+        if write == "fails":
+
+            def failing(ops_: Any) -> Any:
+                raise sqlite3.OperationalError("disk I/O error")
+
+            monkeypatch.setattr(bus, "_transact", failing)
+        retrying = asyncio.create_task(delivery.retry(30.0))
+        await asyncio.sleep(0)  # its write is queued
+        assert bus._flusher is not None
+        retrying.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await retrying
+        while bus._flusher is not None:  # the write ran
+            await asyncio.sleep(0.01)
+        assert (sub._held.get(delivery._seq) is delivery) == (write == "fails")
+        monkeypatch.undo()
+        await sub.close()
+        other = await bus.subscribe("g", [TYPE])
+        back = await other.fetch(1, timeout=0.5)
+        assert [d.message.id for d in back] == (["m1"] if write == "fails" else [])
 
 
 async def test_a_write_interrupted_while_the_transport_is_open_is_not_reported_as_closed(path: str) -> None:

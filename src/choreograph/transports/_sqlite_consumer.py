@@ -7,6 +7,8 @@ settle the newer claim. Writes go through the transport's group commit.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -114,15 +116,32 @@ class SQLiteSubscription(Subscription):
         If the write fails they are still held: a second call settles them (every op names
         its (seq, attempt) claims, so a claim that did commit, or moved on to another
         consumer meanwhile, is left alone), and ``close()`` gives them back.
+
+        A caller cancelled while the write is queued or running does not stop it: the
+        deliveries are held again only if it then fails. (Held at once, a retry that did
+        commit would be handed on again by ``close()``, before its delay.)
         """
         self._transport._check_open()
         claims = self._release(deliveries)
+        written = self._transport._submit(lambda conn, now: op(conn, now, claims), wakes=wakes)
         try:
-            await self._transport._write(lambda conn, now: op(conn, now, claims), wakes=wakes)
-        except BaseException:
-            for delivery in deliveries:
-                self._held.setdefault(delivery._seq, delivery)
+            await asyncio.shield(written)
+        except asyncio.CancelledError:
+            written.add_done_callback(functools.partial(self._hold_unless_written, deliveries))
             raise
+        except BaseException:
+            self._hold(deliveries)
+            raise
+
+    def _hold(self, deliveries: Sequence[SQLiteDelivery]) -> None:
+        for delivery in deliveries:
+            self._held.setdefault(delivery._seq, delivery)
+
+    def _hold_unless_written(
+        self, deliveries: Sequence[SQLiteDelivery], written: asyncio.Future[Any]
+    ) -> None:
+        if written.cancelled() or written.exception() is not None:
+            self._hold(deliveries)
 
     async def _ack(self, deliveries: Sequence[SQLiteDelivery]) -> None:
         group = self.group

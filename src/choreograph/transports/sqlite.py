@@ -172,9 +172,12 @@ class SQLiteTransport(Transport):
         for subscription in list(self._subscriptions):
             await subscription.close()
         self._closed = True
-        while self._flusher is not None:
+        while (flusher := self._flusher) is not None:
+            if flusher.done():  # cancelled before its first step (see _flusher_ended)
+                self._flusher_ended(flusher)
+                continue
             with contextlib.suppress(BaseException):  # its waiters got the error already
-                await asyncio.shield(self._flusher)
+                await asyncio.shield(flusher)
         self._bump()  # waiting fetches see the transport closed
         if self._poller is not None:
             self._poll_wanted.set()
@@ -266,10 +269,26 @@ class SQLiteTransport(Transport):
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self._flusher is not None and self._flusher.done():
+            self._flusher_ended(self._flusher)
         self._queue.append(_Pending(op, future, wakes, abandon))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
+            self._flusher.add_done_callback(self._flusher_ended)
         return future
+
+    def _flusher_ended(self, flusher: asyncio.Task[None]) -> None:
+        """A flusher cancelled before its first step ran none of its body, ``finally``
+        included: fail the writes it left queued (their callers may try again) and let the
+        next write start another, instead of leaving them all waiting for good."""
+        if self._flusher is not flusher:  # it ended through its finally, as it should
+            return
+        self._flusher = None
+        queued, self._queue = self._queue, []
+        error = TransportClosed if self._closed else TransportError
+        for pending in queued:
+            if not pending.future.done():
+                pending.future.set_exception(error(f"{self.url}: write interrupted"))
 
     def _submit_detached(self, op: _Op, *, wakes: bool = False) -> None:
         """Queue a write nobody awaits (releasing abandoned claims); its failure is dropped:
