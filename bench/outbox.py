@@ -14,17 +14,19 @@ the step's storage is SQLite or PostgreSQL (``--database``), the same for both p
 * ``floor_postgres``: the plain path whose step also runs the tx path's database work
   on bare asyncpg, in two round trips per event (see ``BareTransactions``): a bound on
   what the tx path can reach on this machine, whatever its implementation;
-* ``state_postgres``: the plain path whose step also writes the tx path's state row, in
-  autocommit on a bare asyncpg pool (see ``AutocommitState``): the same business work as
-  the tx path without its guarantee - the service that "changes its own state and then
-  publishes" and can lose one of the two in a crash.
+* ``state_<db>``: the plain path whose step also writes the tx path's state row, in
+  autocommit (a bare asyncpg pool, ``AutocommitState``; a WAL connection on a thread of
+  its own, ``AutocommitSQLite``): the same business work as the tx path without its
+  guarantee - the service that "changes its own state and then publishes" and can lose
+  one of the two in a crash.
 
 The tx path does strictly more work (a state write and an outbox row). Figures:
 ``events_per_s`` (N inputs published up front, until the sink saw all N outputs),
 ``p50_ms_loaded`` (publish-to-sink latency during that run) and ``p50_ms_lone`` (one
 event at a time through the idle system: the relay wake-up path). ``ratio`` is
 tx/plain throughput on the same database (medians over ``--rounds`` interleaved
-runs); the target is >= 0.7. ``floor_postgres`` has its ratio to ``plain_postgres`` too.
+runs); the target is >= 0.7. ``floor_postgres`` and ``state_<db>`` have their ratio to
+``plain_<db>`` too, and ``tx_<db>`` its ratio to ``state_<db>`` (``ratio_to_state``).
 Prints JSON.
 """
 
@@ -159,7 +161,34 @@ class AutocommitState:
         await self.pool.execute("INSERT INTO items (n, t0) VALUES ($1, $2)", n, t0)
 
 
-def step_service(mode: str, database: str | None, bare: BareTransactions | AutocommitState | None = None) -> Service:
+class AutocommitSQLite:
+    """``state_sqlite``: the tx path's state row, one autocommit INSERT per event on a thread
+    of its own (WAL, ``synchronous=NORMAL`` as the service database); no inbox or outbox row."""
+
+    def __init__(self, url: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.path = url.removeprefix("sqlite:///")
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.conn: Any = None
+
+    async def open(self) -> None:
+        from choreograph._sqlite import connect_wal
+
+        loop = asyncio.get_running_loop()
+        self.conn = await loop.run_in_executor(self.executor, lambda: connect_wal(self.path))
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.conn.close)
+        self.executor.shutdown()
+
+    async def run(self, event_id: str, n: int, t0: float, body: bytes) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.conn.execute, "INSERT INTO items (n, t0) VALUES (?, ?)", (n, t0)
+        )
+
+
+def step_service(mode: str, database: str | None, bare: BareTransactions | AutocommitState | AutocommitSQLite | None = None) -> Service:
     if mode.startswith(("floor", "state")):
         assert bare is not None
         svc = Service("step")
@@ -198,10 +227,14 @@ async def run(mode: str, tmp: Path, database: str | None, events: int, lone: int
     # The worker's inbox (the sink's, and the plain step's) on the same kind of database in both
     # paths: a SQLite file, or the PostgreSQL schema the tx step keeps its state in.
     inbox: InboxStore = SQLiteStore(f"sqlite:///{tmp / f'inbox-{mode}.db'}")
-    bare: BareTransactions | AutocommitState | None = None
+    bare: BareTransactions | AutocommitState | AutocommitSQLite | None = None
     if database is not None:
         async with transaction(Service("setup", database=database)) as t:
             await t.execute("CREATE TABLE IF NOT EXISTS items (n integer, t0 double precision)")
+    if mode == "state_sqlite" and database is not None:
+        bare = AutocommitSQLite(database)
+        await bare.open()
+        database = None
     if mode.endswith("_postgres") and database is not None:
         inbox = PostgresStore(database)
         if mode in ("floor_postgres", "state_postgres"):
@@ -217,7 +250,7 @@ async def run(mode: str, tmp: Path, database: str | None, events: int, lone: int
 
 
 async def _measure(mode: str, tmp: Path, database: str | None, inbox: InboxStore,
-                   bare: BareTransactions | AutocommitState | None,
+                   bare: BareTransactions | AutocommitState | AutocommitSQLite | None,
                    events: int, lone: int, concurrency: int) -> dict[str, Any]:
     bus = open_transport(f"sqlite:///{tmp / f'bus-{mode}.db'}")
     sink = Sink()
@@ -284,14 +317,14 @@ def parse_args() -> argparse.Namespace:
 async def main(args: argparse.Namespace, loop_name: str) -> None:
     gc_report = _gc.choose(args.gc)
     backends = ["sqlite", "postgres"] if args.database == "both" else [args.database]
-    paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}", *(("floor_postgres", "state_postgres") if b == "postgres" else ()))]
+    paths = [path for b in backends for path in (f"plain_{b}", f"tx_{b}", *(("floor_postgres",) if b == "postgres" else ()), f"state_{b}")]
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
     for _ in range(args.rounds):  # interleaved, so a noisy neighbour hits every path alike
         for path in paths:
             with tempfile.TemporaryDirectory(prefix="choreograph-bench-outbox-") as tmp_:
                 tmp = Path(tmp_)
                 database = None
-                if path == "tx_sqlite":
+                if path in ("tx_sqlite", "state_sqlite"):
                     database = f"sqlite:///{tmp / 'state.db'}"
                 elif path.endswith("_postgres"):
                     sep = "&" if "?" in args.postgres else "?"
@@ -311,12 +344,13 @@ async def main(args: argparse.Namespace, loop_name: str) -> None:
     for backend in backends:
         tx, plain = result[f"tx_{backend}"], result[f"plain_{backend}"]
         tx["ratio"] = round(tx["events_per_s"] / plain["events_per_s"], 2)
-    for path in ("floor_postgres", "state_postgres"):
-        if path in result:
-            result[path]["ratio"] = round(result[path]["events_per_s"] / result["plain_postgres"]["events_per_s"], 2)
-    if "state_postgres" in result:
-        tx = result["tx_postgres"]
-        tx["ratio_to_state"] = round(tx["events_per_s"] / result["state_postgres"]["events_per_s"], 2)
+    for backend in backends:
+        plain, state = result[f"plain_{backend}"], result[f"state_{backend}"]
+        for path in ("floor_postgres", f"state_{backend}"):
+            if path in result:
+                result[path]["ratio"] = round(result[path]["events_per_s"] / plain["events_per_s"], 2)
+        tx = result[f"tx_{backend}"]
+        tx["ratio_to_state"] = round(tx["events_per_s"] / state["events_per_s"], 2)
     print(json.dumps(result, indent=2))
 
 
