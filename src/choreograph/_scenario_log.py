@@ -113,7 +113,9 @@ def correlation_of(letter: DeadLetter) -> str | None:
 
 
 def short(event_id: str | None) -> str:
-    return (event_id or "-")[:8]
+    """The last 8 characters: in a time-ordered id (see ``new_id``) the first ones are the
+    time, shared by every event of a transaction."""
+    return (event_id or "-")[-8:]
 
 
 def _handler_name(handler: Handler) -> str:
