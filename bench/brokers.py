@@ -12,6 +12,10 @@ For each broker, in one run (so that the ratios are fair on a shared machine):
 
 Figures: events/s from the first publish to the last event reaching hop3, p50/p99
 end-to-end latency (publish → hop3), and choreograph's ratio to raw and to FastStream.
+The process-per-hop runs also give ``cpu_us_per_event`` (Linux): the CPU (user + system)
+the three hop processes, the broker's server and this process (the publisher) spent from
+the first publish to the last event, divided by the events - on two cores the
+throughput ratio follows the ratio of these sums.
 Every comparison runs ``--rounds`` times (default 3), its sides interleaved; a ratio is the
 median over rounds of the ratio within a round (every round's is printed too), a side's
 figures those of its median run.
@@ -106,11 +110,13 @@ def choreograph_procs(broker: str, base: str, n: int, concurrency: int, rate: fl
             out = tmp / "result.json"
             procs = start_hops(url, tmp, n, out, concurrency)
             try:
+                meter = CpuMeter(broker, procs)
                 start_wall = loop(choreograph_publish(url, n, rate))
                 result = _wait_for_result(out, n, tmp)
+                cpu = meter.per_event(n)
             finally:
                 stop_hops(procs)
-        return summarize(result["latencies"], result["last"] - start_wall)
+        return {**summarize(result["latencies"], result["last"] - start_wall), "cpu_us_per_event": cpu}
     finally:
         loop(env.remove_choreograph_bus(broker, url))
 
@@ -139,11 +145,13 @@ def raw_procs(broker: str, base: str, n: int, rate: float | None, loop: Runner) 
                 ))  # fmt: skip
             try:
                 _wait_running([tmp / f"raw-hop{hop}.log" for hop in (1, 2, 3)])
+                meter = CpuMeter(broker, procs)
                 start_wall = loop(_raw_feed(broker, base, prefix, n, rate))
                 result = _wait_for_result(out, n, tmp)
+                cpu = meter.per_event(n)
             finally:
                 stop_hops(procs)
-        return summarize(result["latencies"], result["last"] - start_wall)
+        return {**summarize(result["latencies"], result["last"] - start_wall), "cpu_us_per_event": cpu}
     finally:
         loop(_raw_chain.teardown(broker, base, prefix))
 
@@ -171,6 +179,58 @@ async def faststream_one(broker: str, base: str, n: int) -> dict[str, Any]:
         return summarize(sink.latencies, elapsed)
     finally:
         await _raw_chain.teardown(broker, base, prefix)
+
+
+# -- CPU per event ---------------------------------------------------------------------------
+
+#: The broker servers' pids, set by main() (a private nats-server's own; else by process name).
+SERVER_PIDS: dict[str, list[int]] = {}
+_SERVER_NAMES = {"nats": "nats-server", "redis": "redis-server", "amqp": "beam.smp"}
+
+
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds the processes ``pids`` have used (Linux ``/proc``; else None)."""
+    total = 0.0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+def server_pids(broker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if entry.isdigit() and f.read().strip() == _SERVER_NAMES[broker]:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+class CpuMeter:
+    """CPU of the hop processes, the broker's server and this process, from now to ``per_event``."""
+
+    def __init__(self, broker: str, procs: list[subprocess.Popen[bytes]]) -> None:
+        self.groups = {"hops": [p.pid for p in procs], "server": SERVER_PIDS.get(broker, [])}
+        self.before = {name: _cpu_seconds(pids) for name, pids in self.groups.items()}
+        self.own = os.times()
+
+    def per_event(self, n: int) -> dict[str, float] | None:
+        own = os.times()
+        out = {"publisher": (own.user + own.system - self.own.user - self.own.system) / n * 1e6}
+        for name, pids in self.groups.items():
+            now, before = _cpu_seconds(pids), self.before[name]
+            if now is None or before is None or not pids:
+                return None
+            out[name] = (now - before) / n * 1e6
+        out["total"] = sum(out.values())
+        return {name: round(value, 1) for name, value in out.items()}
 
 
 # -- plumbing --------------------------------------------------------------------------------
@@ -323,6 +383,7 @@ def main() -> None:
         for broker in args.only or BROKERS:
             base = env.base_url(broker, nats_url)
             report["servers"][broker] = loop(env.server_version(broker, base))
+            SERVER_PIDS[broker] = [private.proc.pid] if broker == "nats" and private else server_pids(broker)
             report[broker] = bench_broker(broker, base, args, loop)
     finally:
         if private is not None:
