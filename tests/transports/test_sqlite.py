@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -408,6 +409,86 @@ async def test_a_retry_whose_caller_is_cancelled_is_held_again_only_if_its_write
         other = await bus.subscribe("g", [TYPE])
         back = await other.fetch(1, timeout=0.5)
         assert [d.message.id for d in back] == (["m1"] if write == "fails" else [])
+
+
+def _fail_the_next_transaction_slowly(bus: SQLiteTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next group commit runs 0.2 s, then fails (the file was locked); later ones go through."""
+    real, calls = bus._transact, []
+
+    def transact(ops_: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.2)
+            raise sqlite3.OperationalError("database is locked")
+        return real(ops_)
+
+    monkeypatch.setattr(bus, "_transact", transact)
+
+
+async def _cancel_a_retry_while_its_write_runs(delivery: SQLiteDelivery) -> None:
+    retrying = asyncio.create_task(delivery.retry(30.0))
+    await asyncio.sleep(0.05)  # its write is running (for 0.2 s)
+    retrying.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await retrying
+
+
+async def test_a_cancelled_retry_whose_write_fails_after_a_second_retry_was_made_does_not_undo_it(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker retries a settle step whose caller was cancelled: the first write failing
+    afterwards must not hold the delivery again over the second one, which committed -
+    close() would hand it back at once, before the retry's delay."""
+    async with SQLiteTransport(url_of(path, lease=30)) as bus:
+        sub = await bus.subscribe("g", [TYPE])
+        await bus.publish([Message("m1", TYPE, b"{}")])
+        (delivery,) = await sub.fetch(1, timeout=5)
+        assert isinstance(sub, SQLiteSubscription) and isinstance(delivery, SQLiteDelivery)
+        _fail_the_next_transaction_slowly(bus, monkeypatch)
+        await _cancel_a_retry_while_its_write_runs(delivery)
+        await delivery.retry(30.0)  # queued behind the failing write; commits in the next one
+        assert delivery.settled and delivery._seq not in sub._held
+        await sub.close()
+        other = await bus.subscribe("g", [TYPE])
+        assert await other.fetch(1, timeout=0.5) == []
+
+
+async def test_a_cancelled_retry_whose_write_fails_after_close_goes_back_to_the_group_at_once(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() hands on only what it holds: a delivery whose cancelled retry was still being
+    written is not among them, so when that write fails it goes back itself - not at the end
+    of its lease."""
+    async with SQLiteTransport(url_of(path, lease=30)) as bus:
+        sub = await bus.subscribe("g", [TYPE])
+        await bus.publish([Message("m1", TYPE, b"{}")])
+        (delivery,) = await sub.fetch(1, timeout=5)
+        assert isinstance(delivery, SQLiteDelivery)
+        _fail_the_next_transaction_slowly(bus, monkeypatch)
+        await _cancel_a_retry_while_its_write_runs(delivery)
+        await sub.close()  # holds nothing now
+        other = await bus.subscribe("g", [TYPE])
+        back = await other.fetch(1, timeout=5)
+        assert [(d.message.id, d.attempt) for d in back] == [("m1", 2)]
+
+
+async def test_close_fails_the_writes_of_a_writer_that_was_cancelled_before_its_first_step(path: str) -> None:
+    """close() finds the writer task done without its finally (before its done callback ran:
+    here, without it) and neither spins on it nor leaves its writes waiting."""
+    from choreograph.errors import TransportClosed
+
+    bus = SQLiteTransport(url_of(path))
+    await bus.connect()
+    queued = bus._submit(lambda conn, now: None)
+    flusher = bus._flusher
+    assert flusher is not None
+    flusher.remove_done_callback(bus._flusher_ended)
+    flusher.cancel()
+    await asyncio.sleep(0)  # the writer ends, cancelled
+    assert flusher.done() and bus._flusher is flusher
+    await asyncio.wait_for(bus.close(), WAIT)
+    with pytest.raises(TransportClosed):
+        queued.result()
 
 
 async def test_a_write_interrupted_while_the_transport_is_open_is_not_reported_as_closed(path: str) -> None:

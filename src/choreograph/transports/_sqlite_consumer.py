@@ -118,8 +118,10 @@ class SQLiteSubscription(Subscription):
         consumer meanwhile, is left alone), and ``close()`` gives them back.
 
         A caller cancelled while the write is queued or running does not stop it: the
-        deliveries are held again only if it then fails. (Held at once, a retry that did
-        commit would be handed on again by ``close()``, before its delay.)
+        deliveries are held again only if it then fails (held at once, a retry that did
+        commit would be handed on again by ``close()``, before its delay) - and not when a
+        later call settled them meanwhile, nor after ``close()``, which has handed on what
+        it held: then they go back to the group at once, as ``close()`` would have done.
         """
         self._transport._check_open()
         claims = self._release(deliveries)
@@ -140,8 +142,16 @@ class SQLiteSubscription(Subscription):
     def _hold_unless_written(
         self, deliveries: Sequence[SQLiteDelivery], written: asyncio.Future[Any]
     ) -> None:
-        if written.cancelled() or written.exception() is not None:
-            self._hold(deliveries)
+        if not (written.cancelled() or written.exception() is not None):
+            return
+        unsettled = [d for d in deliveries if not d.settled]  # settled: a later call wrote it
+        if not self._closed:
+            self._hold(unsettled)
+        elif unsettled and not self._transport._closed:
+            claims, group = [(d._seq, d.attempt) for d in unsettled], self.group
+            self._transport._submit_detached(
+                lambda conn, now: ops.postpone(conn, group, claims, now), wakes=True
+            )
 
     async def _ack(self, deliveries: Sequence[SQLiteDelivery]) -> None:
         group = self.group
