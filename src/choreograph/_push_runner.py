@@ -26,14 +26,20 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import orjson
 
 from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339
 from choreograph._http_binding import decode_http_batch, is_cloudevent, to_http
 from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
 from choreograph._webhook import signature_headers
 from choreograph.errors import EmitError, MalformedEnvelope
-from choreograph.runtime.records import DeadLetterReason, dead_letter_record, failure_envelope, to_message
+from choreograph.runtime.records import (
+    DeadLetterReason,
+    dead_letter_record,
+    failure_envelope,
+    internal_error_retry,
+    original_envelope,
+    to_message,
+)
 from choreograph.service import FAILED
 from choreograph.stores.base import ErrorInfo
 from choreograph.transports.base import Delivery, Message, Subscription
@@ -84,14 +90,6 @@ class _Dead:
 
 
 _Outcome = _Done | _Again | _Dead
-
-
-def _original(body: bytes) -> Any:
-    """The original envelope for a record: the JSON object if it parses, else the text."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", errors="replace")
 
 
 def _excerpt(response: httpx.Response) -> str:
@@ -327,10 +325,10 @@ class PushRunner:
         subscription's retry policy, then a dead letter ``internal_error`` with the original
         body - a message that always trips it is not redelivered at every lease for ever."""
         log.error("internal error pushing %r (attempt %d)", delivery, delivery.attempt, exc_info=exc)
-        retry = self.sub.retry
-        if delivery.attempt < retry.max_attempts:
+        after = internal_error_retry(self.sub.retry, delivery.attempt, self.amb.rng)
+        if after is not None:
             self._count("retried", delivery.message.type)
-            return _Again(retry.backoff(delivery.attempt, self.amb.rng))
+            return _Again(after)
         return self._dead(delivery, None, "internal_error", ErrorInfo.from_exception(exc), self.amb.clock.time(),
                           publish_failure=False)
 
@@ -365,7 +363,7 @@ class PushRunner:
         record = dead_letter_record(
             reason=reason, service=self.group, handler=HANDLER, group=self.group, attempts=delivery.attempt,
             first_error=first_error, last_error=error, first_attempt_at=first_at, last_attempt_at=now,
-            envelope=_original(delivery.message.body),
+            envelope=original_envelope(delivery.message.body),
         )
         record["url"] = self.sub.url
         record["status"] = status

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import random
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
@@ -11,9 +12,28 @@ from choreograph.events import Event
 from choreograph.stores.base import ErrorInfo
 from choreograph.transports.base import Message
 
+if TYPE_CHECKING:
+    from choreograph.policy import RetryPolicy
+
 DeadLetterReason = Literal[
     "max_attempts", "max_age", "rejected", "invalid_payload", "malformed", "loop_detected", "internal_error"
 ]
+
+
+def original_envelope(body: bytes) -> Any:
+    """The original envelope for a record: the JSON object if it parses, else the text."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", errors="replace")
+
+
+def internal_error_retry(policy: RetryPolicy, attempt: int, rng: random.Random) -> float | None:
+    """After an internal error (preparing a delivery raised where nothing should, so there
+    is no failure history to age): seconds before the next attempt under ``policy``, or
+    ``None`` once its attempts are spent - then dead-letter ``internal_error``, so that a
+    message that always trips it is not redelivered for ever."""
+    return policy.backoff(attempt, rng) if attempt < policy.max_attempts else None
 
 
 def to_message(envelope: Envelope) -> Message:

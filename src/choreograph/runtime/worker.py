@@ -53,6 +53,8 @@ from choreograph.runtime.records import (
     DeadLetterReason,
     dead_letter_record,
     failure_envelope,
+    internal_error_retry,
+    original_envelope,
     output_message,
     to_message,
 )
@@ -359,12 +361,12 @@ class _Runner:
         with the original body - a message that always trips it is not redelivered forever."""
         self._release_id(delivery)
         log.error("internal error handling %r (attempt %d)", delivery, delivery.attempt, exc_info=exc)
-        policy = self.service.retry
-        if delivery.attempt < policy.max_attempts:
+        after = internal_error_retry(self.service.retry, delivery.attempt, self.worker.rng)
+        if after is not None:
             self.stats.retried += 1
-            return _Again(delivery, policy.backoff(delivery.attempt, self.worker.rng))
+            return _Again(delivery, after)
         return self._dead(delivery, None, "internal_error", None, ErrorInfo.from_exception(exc),
-                          self.worker.clock.time(), _raw(delivery.message.body))
+                          self.worker.clock.time(), original_envelope(delivery.message.body))
 
     def _release_id(self, delivery: Delivery) -> None:
         if self.active_ids.get(delivery.message.id) is delivery:
@@ -430,7 +432,7 @@ class _Runner:
             envelope = decode(delivery.message.body)
         except MalformedEnvelope as exc:
             return self._dead(delivery, None, "malformed", None, ErrorInfo.from_exception(exc), now,
-                              _raw(delivery.message.body))
+                              original_envelope(delivery.message.body))
         if envelope.hops > worker.max_hops:
             error = ErrorInfo("LoopDetected", f"hops={envelope.hops} exceeds the limit of {worker.max_hops}")
             return self._dead(delivery, envelope, "loop_detected", None, error, now, publish_failure=False)
@@ -640,7 +642,7 @@ class _Runner:
         record = dead_letter_record(
             reason=reason, service=self.service.name, handler=handler.name if handler else None, group=self.group,
             attempts=delivery.attempt, first_error=first_error, last_error=error, first_attempt_at=first_at,
-            last_attempt_at=now, envelope=raw if envelope is None else _raw(delivery.message.body),
+            last_attempt_at=now, envelope=raw if envelope is None else original_envelope(delivery.message.body),
         )
         failure = None
         if envelope is not None and publish_failure and handler is not None:
@@ -818,16 +820,6 @@ def _own_failure(exc: BaseException) -> bool:
         task = asyncio.current_task()
         return task is not None and task.cancelling() == 0
     return True
-
-
-def _raw(body: bytes) -> Any:
-    """The original envelope for a record: the JSON object if it parses, else the text."""
-    import orjson
-
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", errors="replace")
 
 
 class Worker:
