@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -167,24 +167,31 @@ async def publish_all(url: str, n: int, rate: float | None) -> float:
         return start
 
 
+def hops_run(url: str, tmp: Path, n: int, concurrency: int,
+             publish: Callable[[], Coroutine[Any, Any, Any]]) -> dict[str, Any]:
+    """The three hops as ``choreograph run`` processes on ``url`` while ``publish()`` feeds
+    them, until hop3 has seen ``n`` events; its figures from the first publish."""
+    out = tmp / "result.json"
+    procs = start_hops(url, tmp, n, out, concurrency)
+    try:
+        start_wall = time.time()
+        asyncio.run(publish())
+        deadline = time.monotonic() + max(120, n / 200)
+        while not out.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the chain did not finish; see {tmp}/*.log")
+            time.sleep(0.02)
+        result = orjson.loads(out.read_bytes())
+    finally:
+        stop_hops(procs)
+    return summarize(result["latencies"], result["last"] - start_wall)
+
+
 def sqlite_run(n: int, concurrency: int, rate: float | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="choreograph-bench-") as tmpdir:
         tmp = Path(tmpdir)
         url = f"sqlite:///{tmp}/bus.db"
-        out = tmp / "result.json"
-        procs = start_hops(url, tmp, n, out, concurrency)
-        try:
-            start_wall = time.time()
-            asyncio.run(publish_all(url, n, rate))
-            deadline = time.monotonic() + max(120, n / 500)
-            while not out.exists():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"sqlite chain did not finish; see {tmp}/*.log")
-                time.sleep(0.02)
-            result = orjson.loads(out.read_bytes())
-        finally:
-            stop_hops(procs)
-    return summarize(result["latencies"], result["last"] - start_wall)
+        return hops_run(url, tmp, n, concurrency, lambda: publish_all(url, n, rate))
 
 
 def main() -> None:

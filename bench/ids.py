@@ -32,13 +32,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import _gc  # noqa: E402
-from bench.chain import start_hops, stop_hops, summarize  # noqa: E402
+from bench.chain import hops_run  # noqa: E402
 from bench.chain_app import Hop0  # noqa: E402
 from choreograph import Publisher  # noqa: E402
 from choreograph._envelope import new_id  # noqa: E402
@@ -84,29 +82,17 @@ async def publish(url: str, n: int, side: str) -> None:
 def chain_run(broker: str | None, side: str, n: int, concurrency: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="choreograph-bench-ids-") as tmpdir:
         tmp = Path(tmpdir)
-        url = broker or f"sqlite:///{tmp}/bus.db"
-        if broker is not None:  # a bus of its own on a shared server
-            url += ("&" if "?" in url else "?") + f"prefix=bench-ids-{uuid.uuid4().hex[:8]}"
-        out = tmp / "result.json"
-        procs = start_hops(url, tmp, n, out, concurrency)
+        if broker is None:
+            url = f"sqlite:///{tmp}/bus.db"
+            return hops_run(url, tmp, n, concurrency, lambda: publish(url, n, side))
+        url = broker + ("&" if "?" in broker else "?") + f"prefix=bench-ids-{uuid.uuid4().hex[:8]}"  # a bus of its own
         try:
-            start_wall = time.time()
-            asyncio.run(publish(url, n, side))
-            deadline = time.monotonic() + max(120, n / 200)
-            while not out.exists():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the chain did not finish; see {tmp}/*.log")
-                time.sleep(0.02)
-            result = orjson.loads(out.read_bytes())
+            return hops_run(url, tmp, n, concurrency, lambda: publish(url, n, side))
         finally:
-            stop_hops(procs)
-            if broker is not None:
-                from bench import _broker_env
+            from bench import _broker_env
 
-                scheme = url.split(":", 1)[0]
-                kind = scheme if scheme in ("nats", "redis") else "amqp"
-                asyncio.run(_broker_env.remove_choreograph_bus(kind, url))
-    return summarize(result["latencies"], result["last"] - start_wall)
+            scheme = url.split(":", 1)[0]
+            asyncio.run(_broker_env.remove_choreograph_bus(scheme if scheme in ("nats", "redis") else "amqp", url))
 
 
 def main() -> None:
