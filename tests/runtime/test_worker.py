@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +29,7 @@ from choreograph import (
 )
 from choreograph.errors import EmitError
 from choreograph.runtime.records import first_envelope, to_message
+from choreograph.runtime.worker import _Runner, never_suspends
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
 from tests._tripping import trip_decode
@@ -47,6 +50,15 @@ class Shipped(Event, type="test.worker.shipped"):
 
 class Refunded(Event, type="test.worker.refunded"):
     order_id: str
+
+
+@pytest.fixture(autouse=True, params=["inline", "tasks"])
+def handler_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs twice: handlers that cannot suspend run inline in the fetch loop
+    (the default), then with every handler in a task of its own (as with telemetry on)."""
+    if request.param == "tasks":
+        monkeypatch.setattr(_Runner, "INLINE", False)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -1059,3 +1071,115 @@ async def test_a_lone_events_outputs_are_published_by_its_own_task_not_the_settl
         await settled(bus)
     assert not publishers[0].startswith("choreograph-settle-")  # the lone event: its own task
     assert any(name.startswith("choreograph-settle-") for name in publishers[1:])  # the batch: the settle loop
+
+
+# -- handlers that cannot suspend run inline ----------------------------------------------
+
+
+async def _plain(event: Event) -> None:
+    return None
+
+
+async def _awaits(event: Event) -> None:
+    await asyncio.sleep(0)
+
+
+async def _async_with(event: Event) -> None:
+    async with asyncio.Lock():
+        pass
+
+
+async def _async_for(event: Event) -> None:
+    async def gen() -> Any:
+        yield 1
+
+    async for _ in gen():
+        pass
+
+
+async def _awaits_in_a_comprehension(event: Event) -> list[Any]:
+    return [await asyncio.sleep(0) for _ in range(2)]
+
+
+def _not_async(event: Event) -> None:
+    return None
+
+
+class _Callable:
+    async def __call__(self, event: Event) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("func", "inline"), [
+    (_plain, True),
+    (_awaits, False),
+    (_async_with, False),
+    (_async_for, False),
+    (_awaits_in_a_comprehension, False),
+    (_not_async, False),
+    (_Callable(), False),
+    (functools.partial(_plain), False),
+])
+def test_only_a_coroutine_function_without_await_counts_as_never_suspending(func: Any, inline: bool) -> None:
+    assert never_suspends(func) is inline
+
+
+async def test_a_handler_without_await_runs_inline_and_one_that_awaits_gets_a_task(
+        bus: MemoryTransport, handler_path: str) -> None:
+    tasks: dict[str, list[asyncio.Task[Any] | None]] = {"plain": [], "awaits": []}
+    svc = Service("paths")
+
+    @svc.on(Placed)
+    async def plain(order: Placed) -> None:
+        tasks["plain"].append(asyncio.current_task())
+
+    @svc.on(Charged)
+    async def awaits(charged: Charged) -> None:
+        tasks["awaits"].append(asyncio.current_task())
+        await asyncio.sleep(0)
+
+    async with Worker([svc], bus):
+        publisher = Publisher(bus)
+        await publisher.publish(Placed(order_id="a"), Placed(order_id="b"), Charged(order_id="a"), Charged(order_id="b"))
+        await settled(bus)
+    assert len(tasks["plain"]) == len(tasks["awaits"]) == 2
+    assert tasks["awaits"][0] is not tasks["awaits"][1]
+    fetch_loop = [t for t in tasks["plain"] if t is not None and t.get_name().startswith("choreograph-fetch-")]
+    assert len(fetch_loop) == (2 if handler_path == "inline" else 0)
+
+
+async def test_what_a_handler_sets_in_a_context_variable_stays_its_own(bus: MemoryTransport) -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen = []
+    svc = Service("ctxvars")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        seen.append((var.get(), current_context() is not None))
+        var.set(order.order_id)
+
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Placed(order_id="a"), Placed(order_id="b"), Placed(order_id="c"))
+        await settled(bus)
+        assert var.get() == "unset" and current_context() is None
+    assert seen == [("unset", True)] * 3
+
+
+async def test_an_inline_handler_that_fails_is_retried_then_succeeds(bus: MemoryTransport, clock: VirtualClock) -> None:
+    attempts = []
+    svc = Service("flaky")
+
+    @svc.on(Placed, retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False))
+    async def handle(order: Placed, ctx: Context) -> Charged:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise RuntimeError("not yet")
+        return Charged(order_id=order.order_id)
+
+    sink = Recorder("sink", Charged)
+    async with Worker([svc, sink], bus, clock=clock) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert attempts == [1, 2, 3]
+    assert [data for _, data, _ in sink.received] == [{"order_id": "a"}]
+    assert worker.stats("flaky").retried == 2

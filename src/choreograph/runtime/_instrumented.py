@@ -49,6 +49,8 @@ class _TypeMetrics:
 class InstrumentedRunner(_Runner):
     """The worker loop of one service, reporting spans and metrics."""
 
+    INLINE = False  # every attempt runs in _attempt, which opens its span
+
     def __init__(self, worker: Worker, service: Service) -> None:
         super().__init__(worker, service)
         telemetry = worker.telemetry

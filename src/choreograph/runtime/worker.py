@@ -25,8 +25,11 @@ redelivered after the lease, and the inbox makes the re-run harmless downstream.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import dis
 import functools
+import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -139,6 +142,25 @@ class Stats:
     released: int = 0
 
 
+#: Opcodes at which a coroutine's own frame can suspend: ``await``, ``async for``, ``async with``.
+_SUSPENDING = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT",
+                         "END_ASYNC_FOR"})
+
+
+def never_suspends(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` is an ``async def`` whose body has no ``await``, ``async for`` or
+    ``async with`` (read off its bytecode): its coroutine runs to the end in one step.
+
+    What it calls can still be anything; only its own frame can suspend a coroutine, and
+    this one has nowhere to. A wrapper (a decorator's ``async def`` that awaits the
+    original), a ``functools.partial`` or an object with ``__call__`` answers ``False``.
+    """
+    code = getattr(func, "__code__", None)
+    if code is None or not code.co_flags & inspect.CO_COROUTINE:
+        return False
+    return not any(ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
+
+
 def _outputs_of(result: Any) -> list[Event]:
     if result is None:
         return []
@@ -157,6 +179,10 @@ def _outputs_of(result: Any) -> list[Event]:
 class _Runner:
     """The worker loop of one service."""
 
+    #: Whether handlers that cannot suspend run inline in the fetch loop (see :meth:`_run_inline`);
+    #: off where a subclass wraps every attempt (spans and metrics).
+    INLINE = True
+
     def __init__(self, worker: Worker, service: Service) -> None:
         self.worker = worker
         self.service = service
@@ -164,6 +190,9 @@ class _Runner:
         self.stats = Stats()
         self.store: InboxStore = worker.store  # replaced by the service database's inbox if it has one
         self.handlers = service.handlers
+        # id() of each handler that runs inline: a plain handler (not a join) whose body cannot suspend
+        self.inline: frozenset[int] = frozenset(
+            id(h) for h in service.all_handlers() if self.INLINE and h.join is None and never_suspends(h.func))
         self.has_database = False  # set by start(): whether the service keeps state in its own database
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
@@ -273,6 +302,9 @@ class _Runner:
         if not isinstance(call, _Call):
             self._emit(call)
             return
+        if call.unit is None and id(call.handler) in self.inline:
+            self._run_inline(call)
+            return
         coro = self._transactional(call) if call.unit is not None else self._handle(call)
         if _EAGER_TASKS:
             task: asyncio.Task[None] = asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
@@ -283,6 +315,41 @@ class _Runner:
             task = self.loop.create_task(coro)
         self.active[task] = delivery
         task.add_done_callback(self._finished)
+
+    def _run_inline(self, call: _Call) -> None:
+        """Run a handler that cannot suspend (:func:`never_suspends`) to its end right here, in
+        the fetch loop, and emit its outcome: no task, no loop round trip.
+
+        A task buys a handler what it can use only at an ``await``: cancellation by the
+        watchdog or ``stop()``, ``asyncio.timeout``, a ``TaskGroup``. This one has no
+        ``await``; nothing could interrupt it inside a task either. It runs in a copy of the
+        fetch loop's context, as a task would, so what it sets in a context variable stays
+        its own. A failure goes to a task of its own (recording it needs the inbox store).
+        """
+        delivery = call.delivery
+        context = contextvars.copy_context()
+        try:
+            try:
+                context.run(_step, call)
+            finally:
+                call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
+        except StopIteration as done:
+            try:
+                outcome = self._returned(call, done.value)
+            except Exception as exc:  # a bug in us
+                outcome = self._internal_error(delivery, exc)
+            self._emit(outcome)
+        except BaseException as exc:
+            if not _own_failure(exc):
+                self._release_id(delivery)
+                raise
+            task = self.loop.create_task(self._settle_raised(call, exc))
+            self.active[task] = delivery
+            task.add_done_callback(self._finished)
+        else:  # it suspended after all: its code changed under us
+            call.coro.close()
+            self._emit(self._internal_error(delivery, RuntimeError(
+                f"handler {call.handler.name} suspended although its code has no await")))
 
     async def _handle(self, call: _Call) -> None:
         """The task of a handler of a service without a database: run it, then settle a success.
@@ -806,6 +873,12 @@ class _Settlement:
                 if isinstance(outcome, _Dead) and outcome.failure is not None:
                     plan.messages.append(outcome.failure)
         return plan
+
+
+def _step(call: _Call) -> None:
+    """The one step of an inline handler's coroutine (in its own context: see ``_run_inline``)."""
+    _set_current(call.ctx)
+    call.coro.send(None)
 
 
 def _own_failure(exc: BaseException) -> bool:
