@@ -635,6 +635,46 @@ def test_new_ids_are_distinct_version_7_uuids_in_time_order() -> None:
     assert stamps == sorted(stamps)
 
 
+def test_a_forked_child_and_its_parent_never_draw_the_same_random_bits() -> None:
+    import os
+
+    from choreograph._envelope import new_id
+
+    new_id()  # the parent holds unused random digits now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then exit at once
+        os.write(write, " ".join(new_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode().split()
+    parent = [new_id() for _ in range(50)]
+    assert len(child) == 50
+    assert not {text[14:] for text in child} & {text[14:] for text in parent}  # the random part
+
+
+def test_new_ids_stay_distinct_across_threads() -> None:
+    import threading
+
+    from choreograph._envelope import new_id
+
+    drawn: list[list[str]] = [[] for _ in range(4)]
+
+    def draw(into: list[str]) -> None:
+        for _ in range(5000):
+            into.append(new_id())
+
+    threads = [threading.Thread(target=draw, args=(into,)) for into in drawn]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [text for into in drawn for text in into]
+    assert len(set(every)) == len(every) == 20000
+
+
 def test_now_is_the_current_utc_time_in_rfc3339_with_microseconds() -> None:
     import time
     from datetime import datetime
