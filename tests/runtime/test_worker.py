@@ -986,6 +986,7 @@ async def test_stopping_while_a_lone_event_is_settled_by_its_task_settles_it_wit
     bus, runs = _GatedOutputs(), []
     worker = Worker([_charging(runs)], bus, drain_timeout=0.01)
     await worker.start()
+    await asyncio.sleep(0.05)  # the settle loop is idle, waiting: the lane is open
     await Publisher(bus).publish(Placed(order_id="a"))
     await bus.reached.wait()  # the handler returned; its output is on the way
     stopping = asyncio.create_task(worker.stop())
@@ -1006,6 +1007,7 @@ async def test_stopping_with_the_broker_unreachable_gives_a_lane_the_grace_not_t
     bus, runs = _GatedOutputs(), []  # the gate never opens: the broker is gone
     worker = Worker([_charging(runs)], bus, drain_timeout=3600)
     await worker.start()
+    await asyncio.sleep(0.05)  # the settle loop is idle, waiting: the lane is open
     await Publisher(bus).publish(Placed(order_id="a"))
     await bus.reached.wait()
     await asyncio.wait_for(worker.stop(), 60)  # before: waited the whole hour of drain timeout
@@ -1017,6 +1019,7 @@ async def test_a_lane_frees_its_slot_so_the_next_event_runs_while_it_publishes()
     """With concurrency 1 a lone event's task settling its outcome must not hold the only slot."""
     bus, runs = _GatedOutputs(), []
     async with Worker([_charging(runs)], bus, concurrency=1):
+        await asyncio.sleep(0.05)  # the settle loop is idle, waiting: the lane is open
         await Publisher(bus).publish(Placed(order_id="a"))
         await bus.reached.wait()
         await Publisher(bus).publish(Placed(order_id="b"))
@@ -1146,6 +1149,40 @@ async def test_a_handler_without_await_runs_inline_and_one_that_awaits_gets_a_ta
     assert tasks["awaits"][0] is not tasks["awaits"][1]
     fetch_loop = [t for t in tasks["plain"] if t is not None and t.get_name().startswith("choreograph-fetch-")]
     assert len(fetch_loop) == (2 if handler_path == "inline" else 0)
+
+
+async def test_a_lone_inline_event_is_published_before_the_next_fetch(handler_path: str) -> None:
+    """At a light load the fetch loop settles a lone inline event itself before it fetches
+    again; a handler in a task (3.11) or a batch leaves the publish for later."""
+    calls: list[str] = []
+
+    class Recording(MemoryTransport):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            calls.extend(f"publish {m.type}" for m in messages)
+            await super().publish(messages)
+
+        async def subscribe(self, group: str, types: Any) -> Any:
+            sub = await super().subscribe(group, types)
+            fetch = sub.fetch
+
+            async def recording_fetch(max_messages: int, timeout: float | None = None) -> Any:
+                calls.append("fetch")
+                return await fetch(max_messages, timeout)
+
+            sub.fetch = recording_fetch  # type: ignore[method-assign]
+            return sub
+
+    bus = Recording()
+    async with Worker([_charging([])], bus, poll_interval=30):
+        await asyncio.sleep(0.05)  # the settle loop is idle, waiting: the lane is open
+        calls.clear()
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    output = f"publish {Charged.event_type()}"
+    if handler_path == "inline":
+        assert calls[:3] == [f"publish {Placed.event_type()}", output, "fetch"]
+    else:
+        assert calls.index("fetch") < calls.index(output)
 
 
 async def test_what_a_handler_sets_in_a_context_variable_stays_its_own(bus: MemoryTransport) -> None:

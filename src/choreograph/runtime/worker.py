@@ -201,7 +201,7 @@ class _Runner:
         self.outcome_ready = asyncio.Event()
         self.settle_waiting = False  # the settle loop waits for outcomes
         self.finishing: asyncio.Task[bool] | None = None  # the settle loop's last batch's marks and acks
-        self.lane: asyncio.Task[None] | None = None  # a handler's task settling its own outcome (see _handle)
+        self.lane: asyncio.Task[Any] | None = None  # a task settling its own outcome (see _handle)
         self.settling_inline: asyncio.Future[None] | None = None  # done once the lane marked and acked
         self.slot_free = asyncio.Event()
         self.stopping = False
@@ -286,6 +286,19 @@ class _Runner:
                     continue
                 self.active_ids[message_id] = delivery
                 self._start(delivery)
+            outcomes = self.outcomes
+            if (len(batch) == 1 and len(outcomes) == 1 and type(outcomes[0]) is _Done
+                    and outcomes[0].delivery is batch[0] and not self.active and worker.concurrency > 1
+                    and self._lane_open()):
+                # A lone event at a light load, handled inline: this loop settles it before
+                # its next fetch, as a handler's task would (see _handle), instead of issuing
+                # that fetch first and leaving the publish to the settle loop's next turn.
+                # A batch of one while there are slots to spare means nothing else was
+                # waiting; what arrives meanwhile waits for this publish (a batch then, not a
+                # lane). With concurrency 1 every batch is one: the lane would serialise them.
+                task = asyncio.current_task()
+                assert task is not None
+                await self._lane(task, outcomes.pop())
 
     def _start(self, delivery: Delivery) -> None:
         """Decode and validate ``delivery`` here, then run its handler in a task of its own.
@@ -374,14 +387,24 @@ class _Runner:
         if outcome is None:
             return
         task = asyncio.current_task()
-        finishing = self.finishing
-        if (len(self.active) > 1 or task not in self.active or self.lane is not None or self.outcomes
-                or self.stopping or not self.settle_waiting or (finishing is not None and not finishing.done())):
+        if len(self.active) > 1 or task not in self.active or self.outcomes or not self._lane_open():
             self._emit(outcome)
             return
         assert task is not None
         del self.active[task]
         self.slot_free.set()
+        await self._lane(task, outcome)
+
+    def _lane_open(self) -> bool:
+        """Whether a success may take the fast lane now: nobody in it, the settle loop idle
+        and not finishing a batch, the worker not stopping."""
+        finishing = self.finishing
+        return (self.lane is None and self.settle_waiting and not self.stopping
+                and (finishing is None or finishing.done()))
+
+    async def _lane(self, task: asyncio.Task[Any], outcome: _Outcome) -> None:
+        """Settle ``outcome`` here in ``task`` (a handler's, or the fetch loop's): publish its
+        outputs, then mark and ack, with the settle loop's retries (see :meth:`_handle`)."""
         settled = self.loop.create_future()
         self.lane, self.settling_inline = task, settled
         try:
@@ -817,7 +840,8 @@ class _Runner:
             fetch.cancel()
         loop = asyncio.get_running_loop()
         drained_by = loop.time() + drain_timeout
-        await asyncio.wait([fetch], timeout=drain_timeout)  # a client ignoring cancellation must not hang us
+        if self.lane is not fetch:  # the fetch loop in the lane is settle work: it gets the grace below
+            await asyncio.wait([fetch], timeout=drain_timeout)  # a client ignoring cancellation must not hang us
         if self.active:
             _, pending = await asyncio.wait(list(self.active), timeout=max(0.0, drained_by - loop.time()))
             for task in pending:
