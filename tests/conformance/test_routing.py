@@ -37,6 +37,16 @@ async def test_a_group_stays_registered_while_it_has_no_consumer(buses: Buses, b
     assert ids(await collect(await later.subscribe("g", [TYPE_A]), 1)) == ["m1"]
 
 
+async def test_a_group_that_joins_later_receives_what_is_published_from_then_on(bus: Transport) -> None:
+    early = await bus.subscribe("early", [TYPE_A])
+    await bus.publish([message(1)])  # routed while only "early" takes TYPE_A
+    late = await bus.subscribe("late", [TYPE_A, TYPE_B])
+    await bus.publish([message(2), message(3, type=TYPE_B)])
+    assert sorted(ids(await collect(early, 2))) == ["m1", "m2"]
+    assert sorted(ids(await collect(late, 2))) == ["m2", "m3"]
+    assert await quiet(early, 0.3) == [] and await quiet(late, 0.3) == []
+
+
 async def test_a_group_receives_only_the_types_it_subscribed_to(bus: Transport) -> None:
     only_a = await bus.subscribe("only-a", [TYPE_A])
     only_b = await bus.subscribe("only-b", [TYPE_B])

@@ -56,6 +56,7 @@ class _Bus:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.groups: dict[str, _Group] = {}
+        self.routes: dict[str, list[_Group]] = {}  # event type -> the groups that receive it; reset on subscribe
         self.tokens = itertools.count(1)
         self.seq = itertools.count()
 
@@ -220,12 +221,15 @@ class MemoryTransport(Transport):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         self._check()
-        groups = self.bus.groups.values()
+        bus = self.bus
+        routes = bus.routes
         for message in messages:
+            groups = routes.get(message.type)
+            if groups is None:
+                groups = routes[message.type] = [g for g in bus.groups.values() if matches(g.types, message.type)]
             for group in groups:
-                if matches(group.types, message.type):
-                    group.ready.append(_Entry(message, 1))
-                    group.wakeup.set()
+                group.ready.append(_Entry(message, 1))
+                group.wakeup.set()
 
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
         self._check()
@@ -235,6 +239,7 @@ class MemoryTransport(Transport):
             state = self.bus.groups[group] = _Group(group, wanted)
         else:
             state.types = wanted
+        self.bus.routes.clear()
         sub = MemorySubscription(self, state)
         self._subscriptions.append(sub)
         return sub
