@@ -1185,6 +1185,37 @@ async def test_a_lone_inline_event_is_published_before_the_next_fetch(handler_pa
         assert calls.index("fetch") < calls.index(output)
 
 
+async def test_a_handler_taken_for_inline_that_suspends_is_an_internal_error_not_a_hang(
+    bus: MemoryTransport, monkeypatch: pytest.MonkeyPatch, handler_path: str
+) -> None:
+    """Should the bytecode check ever be wrong, the suspended coroutine is closed and the
+    delivery counts as an internal error (retried, then dead-lettered): the fetch loop goes on."""
+    import choreograph.runtime.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "never_suspends", lambda func: True)
+    svc = Service("misjudged", retry=RetryPolicy(max_attempts=2, base=0.1, jitter=False))
+    finished: list[str] = []
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        if order.order_id == "suspends":
+            await asyncio.sleep(0)
+        finished.append(order.order_id)
+
+    async with Worker([svc], bus) as worker:
+        [suspends] = await Publisher(bus).publish(Placed(order_id="suspends"))
+        await Publisher(bus).publish(Placed(order_id="fine"))
+        await settled(bus)
+        stats = worker.stats("misjudged")
+    if handler_path == "tasks":  # a task runs whatever the check says
+        assert sorted(finished) == ["fine", "suspends"] and not await bus.dead_letters("misjudged")
+        return
+    assert finished == ["fine"]
+    [letter] = await bus.dead_letters("misjudged")
+    assert letter.message.id == suspends.id and letter.record["reason"] == "internal_error"
+    assert (stats.retried, stats.dead_lettered, stats.handled) == (1, 1, 1)
+
+
 async def test_what_a_handler_sets_in_a_context_variable_stays_its_own(bus: MemoryTransport) -> None:
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
     seen = []

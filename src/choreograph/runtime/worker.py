@@ -337,13 +337,18 @@ class _Runner:
         watchdog or ``stop()``, ``asyncio.timeout``, a ``TaskGroup``. This one has no
         ``await``; nothing could interrupt it inside a task either. It runs in a copy of the
         fetch loop's context, as a task would, so what it sets in a context variable stays
-        its own. A failure goes to a task of its own (recording it needs the inbox store).
+        its own, and what the runtime logs about it carries its ids. A failure goes to a task
+        of its own in that context (recording it needs the inbox store).
         """
-        delivery = call.delivery
         context = contextvars.copy_context()
+        context.run(self._inline, call, context)
+
+    def _inline(self, call: _Call, context: contextvars.Context) -> None:
+        delivery = call.delivery
+        _set_current(call.ctx)
         try:
             try:
-                context.run(_step, call)
+                call.coro.send(None)
             finally:
                 call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
         except StopIteration as done:
@@ -356,7 +361,7 @@ class _Runner:
             if not _own_failure(exc):
                 self._release_id(delivery)
                 raise
-            task = self.loop.create_task(self._settle_raised(call, exc))
+            task = self.loop.create_task(self._settle_raised(call, exc), context=context)
             self.active[task] = delivery
             task.add_done_callback(self._finished)
         else:  # it suspended after all: its code changed under us
@@ -897,12 +902,6 @@ class _Settlement:
                 if isinstance(outcome, _Dead) and outcome.failure is not None:
                     plan.messages.append(outcome.failure)
         return plan
-
-
-def _step(call: _Call) -> None:
-    """The one step of an inline handler's coroutine (in its own context: see ``_run_inline``)."""
-    _set_current(call.ctx)
-    call.coro.send(None)
 
 
 def _own_failure(exc: BaseException) -> bool:
