@@ -183,6 +183,14 @@ class MemorySubscription(Subscription):
                 if sleeper is not None:
                     sleeper.cancel()
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        # Delivery.ack for each, without a coroutine per delivery: an in-memory ack cannot fail.
+        for delivery in deliveries:
+            if not delivery.settled:
+                delivery.settled = True
+                assert isinstance(delivery, MemoryDelivery)
+                delivery._take()
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
