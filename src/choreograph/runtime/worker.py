@@ -29,10 +29,10 @@ import contextvars
 import dataclasses
 import dis
 import functools
-import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import pydantic
@@ -145,20 +145,54 @@ class Stats:
 #: Opcodes at which a coroutine's own frame can suspend: ``await``, ``async for``, ``async with``.
 _SUSPENDING = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT",
                          "END_ASYNC_FOR"})
+#: id(code) -> (code, whether it can suspend); the code is kept so that its id is never reused.
+_CODE_SUSPENDS: dict[int, tuple[types.CodeType, bool]] = {}
 
 
-def never_suspends(func: Callable[..., Any]) -> bool:
-    """Whether ``func`` is an ``async def`` whose body has no ``await``, ``async for`` or
-    ``async with`` (read off its bytecode): its coroutine runs to the end in one step.
+def _suspends(code: types.CodeType) -> bool:
+    known = _CODE_SUSPENDS.get(id(code))
+    if known is None:
+        known = _CODE_SUSPENDS[id(code)] = (code, any(i.opname in _SUSPENDING for i in dis.get_instructions(code)))
+    return known[1]
 
-    What it calls can still be anything; only its own frame can suspend a coroutine, and
-    this one has nowhere to. A wrapper (a decorator's ``async def`` that awaits the
-    original), a ``functools.partial`` or an object with ``__call__`` answers ``False``.
+
+def never_suspends(coro: object) -> bool:
+    """Whether ``coro`` is a coroutine of an ``async def`` whose body has no ``await``,
+    ``async for`` or ``async with`` (read off the bytecode it runs): it runs to its end in
+    one step. Only its own frame can suspend it, and this one has nowhere to; what it
+    calls can be anything. The coroutine is judged, not the function: a decorator's
+    wrapper (also one that reports the original's ``__code__``, as wrapt's do) is what
+    runs, and a compiled coroutine (Cython) has no bytecode to read, so it answers ``False``.
     """
-    code = getattr(func, "__code__", None)
-    if code is None or not code.co_flags & inspect.CO_COROUTINE:
-        return False
-    return not any(ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
+    return type(coro) is types.CoroutineType and not _suspends(coro.cr_code)
+
+
+class _Resumed:
+    """The rest of a coroutine that already took its first step and yielded ``first``:
+    awaited in a task, it hands the task what the coroutine yields and passes back what
+    the task sends or throws."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro, self.first = coro, first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                step = functools.partial(coro.throw, exc)
+            else:
+                step = functools.partial(coro.send, sent)
+            try:
+                value = step()
+            except StopIteration as done:
+                return done.value
 
 
 def _outputs_of(result: Any) -> list[Event]:
@@ -190,9 +224,6 @@ class _Runner:
         self.stats = Stats()
         self.store: InboxStore = worker.store  # replaced by the service database's inbox if it has one
         self.handlers = service.handlers
-        # id() of each handler that runs inline: a plain handler (not a join) whose body cannot suspend
-        self.inline: frozenset[int] = frozenset(
-            id(h) for h in service.all_handlers() if self.INLINE and h.join is None and never_suspends(h.func))
         self.has_database = False  # set by start(): whether the service keeps state in its own database
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
@@ -301,7 +332,8 @@ class _Runner:
                 await self._lane(task, outcomes.pop())
 
     def _start(self, delivery: Delivery) -> None:
-        """Decode and validate ``delivery`` here, then run its handler in a task of its own.
+        """Decode and validate ``delivery`` here, then run its handler in a task of its own -
+        or inline, right here, if it cannot suspend (see :meth:`_inline`).
 
         The handler gets a real task (``asyncio.timeout``, ``TaskGroup`` and cancellation act
         on "the current task"). On Python 3.12+ the task starts eagerly: a handler that
@@ -315,59 +347,64 @@ class _Runner:
         if not isinstance(call, _Call):
             self._emit(call)
             return
-        if call.unit is None and id(call.handler) in self.inline:
-            self._run_inline(call)
-            return
-        coro = self._transactional(call) if call.unit is not None else self._handle(call)
-        if _EAGER_TASKS:
-            task: asyncio.Task[None] = asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
-            if task.done():
-                self._ended(task, delivery)
+        task: asyncio.Task[None]
+        if self.INLINE and call.unit is None and never_suspends(call.coro):
+            context = contextvars.copy_context()
+            left = context.run(self._inline, call)
+            if left is None:
                 return
+            # created out here: a task that starts eagerly (a 3.12 eager task factory) enters
+            # its context, which must not be entered already
+            task = self.loop.create_task(
+                self._settle_raised(call, left) if isinstance(left, BaseException) else self._handle(call),
+                context=context)
         else:
-            task = self.loop.create_task(coro)
+            coro = self._transactional(call) if call.unit is not None else self._handle(call)
+            if _EAGER_TASKS:
+                task = asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
+                if task.done():
+                    self._ended(task, delivery)
+                    return
+            else:
+                task = self.loop.create_task(coro)
         self.active[task] = delivery
         task.add_done_callback(self._finished)
 
-    def _run_inline(self, call: _Call) -> None:
+    def _inline(self, call: _Call) -> BaseException | _Resumed | None:
         """Run a handler that cannot suspend (:func:`never_suspends`) to its end right here, in
-        the fetch loop, and emit its outcome: no task, no loop round trip.
+        the fetch loop (in a copy of its context), and emit its outcome: no task, no loop
+        round trip. What is left for a task: a failure to record (that needs the inbox
+        store), or - should the handler suspend after all - the rest of its run.
 
         A task buys a handler what it can use only at an ``await``: cancellation by the
         watchdog or ``stop()``, ``asyncio.timeout``, a ``TaskGroup``. This one has no
-        ``await``; nothing could interrupt it inside a task either. It runs in a copy of the
-        fetch loop's context, as a task would, so what it sets in a context variable stays
-        its own, and what the runtime logs about it carries its ids. A failure goes to a task
-        of its own in that context (recording it needs the inbox store).
+        ``await``; nothing could interrupt it inside a task either. In its own context
+        copy, as a task's, what it sets in a context variable stays its own and what the
+        runtime logs about it carries its ids.
         """
-        context = contextvars.copy_context()
-        context.run(self._inline, call, context)
-
-    def _inline(self, call: _Call, context: contextvars.Context) -> None:
         delivery = call.delivery
         _set_current(call.ctx)
         try:
-            try:
-                call.coro.send(None)
-            finally:
-                call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
+            first = call.coro.send(None)
         except StopIteration as done:
+            call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
             try:
                 outcome = self._returned(call, done.value)
             except Exception as exc:  # a bug in us
                 outcome = self._internal_error(delivery, exc)
             self._emit(outcome)
+            return None
         except BaseException as exc:
+            call.ctx._sealed = True
             if not _own_failure(exc):
                 self._release_id(delivery)
                 raise
-            task = self.loop.create_task(self._settle_raised(call, exc), context=context)
-            self.active[task] = delivery
-            task.add_done_callback(self._finished)
-        else:  # it suspended after all: its code changed under us
-            call.coro.close()
-            self._emit(self._internal_error(delivery, RuntimeError(
-                f"handler {call.handler.name} suspended although its code has no await")))
+            return exc
+        # It suspended after all (its code object swapped under us?): a task runs the rest.
+        log.warning("handler %s suspended although its code has no await; it goes on in a task", call.handler.name)
+        resumed = _Resumed(call.coro, first)
+        call.coro = cast(Coroutine[Any, Any, Any], resumed)
+        return resumed
 
     async def _handle(self, call: _Call) -> None:
         """The task of a handler of a service without a database: run it, then settle a success.
