@@ -213,7 +213,7 @@ def _outputs_of(result: Any) -> list[Event]:
 class _Runner:
     """The worker loop of one service."""
 
-    #: Whether handlers that cannot suspend run inline in the fetch loop (see :meth:`_run_inline`);
+    #: Whether handlers that cannot suspend run inline in the fetch loop (see :meth:`_inline`);
     #: off where a subclass wraps every attempt (spans and metrics).
     INLINE = True
 
@@ -321,9 +321,10 @@ class _Runner:
             if (len(batch) == 1 and len(outcomes) == 1 and type(outcomes[0]) is _Done
                     and outcomes[0].delivery is batch[0] and not self.active and worker.concurrency > 1
                     and self._lane_open()):
-                # A lone event at a light load, handled inline: this loop settles it before
-                # its next fetch, as a handler's task would (see _handle), instead of issuing
-                # that fetch first and leaving the publish to the settle loop's next turn.
+                # A lone event at a light load, handled inline (or, on 3.12, by a task that
+                # finished in its eager first step): this loop settles it before its next
+                # fetch, as a handler's task would (see _handle), instead of issuing that
+                # fetch first and leaving the publish to the settle loop's next turn.
                 # A batch of one while there are slots to spare means nothing else was
                 # waiting; what arrives meanwhile waits for this publish (a batch then, not a
                 # lane). With concurrency 1 every batch is one: the lane would serialise them.
