@@ -1034,6 +1034,31 @@ async def test_a_lane_frees_its_slot_so_the_next_event_runs_while_it_publishes()
     assert bus.pending()[0] == 0
 
 
+async def test_while_outputs_cannot_be_published_the_worker_holds_at_most_twice_its_concurrency() -> None:
+    """Handlers that ran (inline or in a task) free their slot before their outcome is
+    settled; deliveries in hand are bounded anyway, so a stalled publish does not let the
+    fetch loop take the whole backlog (and hold leases it does not extend)."""
+    from choreograph.runtime import worker as worker_module
+
+    bus, runs = _GatedOutputs(), []
+    async with Worker([_charging(runs)], bus, concurrency=4):
+        await Publisher(bus).publish(*(Placed(order_id=str(n)) for n in range(50)))
+        await bus.reached.wait()
+        bound = worker_module.UNSETTLED_PER_SLOT * 4
+        for _ in range(1000):
+            if len(runs) >= bound:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # room for more to run, were there no bound
+        held = len(runs)
+        group = bus.bus.groups["payment"]
+        assert held == bound == len(group.inflight)
+        assert len(group.ready) == 50 - held  # the rest waits on the broker
+        bus.gate.set()
+        await settled(bus)
+    assert sorted(runs, key=int) == [str(n) for n in range(50)]
+
+
 async def test_two_copies_of_one_event_in_a_batch_run_the_handler_once() -> None:
     """On 3.12 a handler that does not suspend finishes inside the fetch loop's pass over the
     batch (eager start); settling it there made the second copy look new."""

@@ -76,6 +76,9 @@ DEFAULT_MAX_HOPS = 64
 #: How long the inbox remembers a processed event id (and joins keep their arrivals):
 #: a duplicate arriving later than this runs again. Seven days by default.
 DEFAULT_RETENTION = 7 * 86400.0
+#: Deliveries a service holds unsettled (handling, or waiting for the settle loop), per
+#: handler slot (``concurrency``): room for one batch being settled while the next is handled.
+UNSETTLED_PER_SLOT = 2
 #: Seconds to put back a copy of an event whose other copy is being handled right now.
 IN_FLIGHT_DEFER = 1.0
 #: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
@@ -228,6 +231,7 @@ class _Runner:
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
         self.active_ids: dict[str, Delivery] = {}  # event id -> the delivery handling it, until settled
+        self.max_unsettled = UNSETTLED_PER_SLOT * worker.concurrency  # deliveries in hand, at most
         self.outcomes: list[_Outcome] = []
         self.outcome_ready = asyncio.Event()
         self.settle_waiting = False  # the settle loop waits for outcomes
@@ -265,7 +269,10 @@ class _Runner:
         assert self.sub is not None
         worker = self.worker
         while not self.stopping:
-            free = worker.concurrency - len(self.active)
+            # Slots for handlers, and room for deliveries in hand: fetched but not settled yet
+            # (handlers that ran inline, and outcomes the settle loop has not got to, hold
+            # no slot; without this bound a stalled publish let the fetch loop take the backlog).
+            free = min(worker.concurrency - len(self.active), self.max_unsettled - len(self.active_ids))
             if free <= 0:
                 self.slot_free.clear()
                 await self.slot_free.wait()
@@ -504,6 +511,7 @@ class _Runner:
     def _release_id(self, delivery: Delivery) -> None:
         if self.active_ids.get(delivery.message.id) is delivery:
             del self.active_ids[delivery.message.id]
+            self.slot_free.set()
 
     def _emit(self, outcome: _Outcome) -> None:
         self.outcomes.append(outcome)
@@ -863,6 +871,7 @@ class _Runner:
             for delivery in plan.done:
                 if active_ids.get(delivery.message.id) is delivery:
                     del active_ids[delivery.message.id]
+            self.slot_free.set()
         for outcome in plan.others:
             self._release_id(outcome.delivery)  # before the copy can come back
             if isinstance(outcome, _Again):
