@@ -76,9 +76,13 @@ DEFAULT_MAX_HOPS = 64
 #: How long the inbox remembers a processed event id (and joins keep their arrivals):
 #: a duplicate arriving later than this runs again. Seven days by default.
 DEFAULT_RETENTION = 7 * 86400.0
-#: Deliveries a service holds unsettled (handling, or waiting for the settle loop), per
-#: handler slot (``concurrency``): room for one batch being settled while the next is handled.
-UNSETTLED_PER_SLOT = 2
+#: Deliveries a service holds unsettled (handling, or waiting for the settle loop): at most
+#: ``max(UNSETTLED_FLOOR, UNSETTLED_PER_SLOT * concurrency)``. Generous on purpose: settle
+#: batches grow with the backlog and share the broker's round trips (a bound near
+#: ``concurrency`` made ``concurrency=1`` settle an event or two per round trip); what it
+#: stops is a stalled publish letting the fetch loop take the whole backlog.
+UNSETTLED_FLOOR = 1024
+UNSETTLED_PER_SLOT = 4
 #: Seconds to put back a copy of an event whose other copy is being handled right now.
 IN_FLIGHT_DEFER = 1.0
 #: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
@@ -231,7 +235,7 @@ class _Runner:
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
         self.active_ids: dict[str, Delivery] = {}  # event id -> the delivery handling it, until settled
-        self.max_unsettled = UNSETTLED_PER_SLOT * worker.concurrency  # deliveries in hand, at most
+        self.max_unsettled = max(UNSETTLED_FLOOR, UNSETTLED_PER_SLOT * worker.concurrency)  # in hand, at most
         self.outcomes: list[_Outcome] = []
         self.outcome_ready = asyncio.Event()
         self.settle_waiting = False  # the settle loop waits for outcomes
@@ -271,8 +275,10 @@ class _Runner:
         while not self.stopping:
             # Slots for handlers, and room for deliveries in hand: fetched but not settled yet
             # (handlers that ran inline, and outcomes the settle loop has not got to, hold
-            # no slot; without this bound a stalled publish let the fetch loop take the backlog).
-            free = min(worker.concurrency - len(self.active), self.max_unsettled - len(self.active_ids))
+            # no slot; without this bound a stalled publish let the fetch loop take the
+            # backlog). Outcomes count too: a duplicate or deferred copy has no id in hand.
+            free = min(worker.concurrency - len(self.active),
+                       self.max_unsettled - len(self.active_ids) - len(self.outcomes))
             if free <= 0:
                 self.slot_free.clear()
                 await self.slot_free.wait()
@@ -818,6 +824,7 @@ class _Runner:
                         self.settle_waiting = False
                     continue
                 batch, self.outcomes = self.outcomes, []
+                self.slot_free.set()  # room in hand for the fetch loop (see max_unsettled)
                 plan = _Settlement.of(batch)
                 if plan.messages and not await self._retrying(
                         batch, functools.partial(self.worker.transport.publish, plan.messages)):
