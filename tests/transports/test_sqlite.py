@@ -510,3 +510,22 @@ async def test_a_write_interrupted_while_the_transport_is_open_is_not_reported_a
         sub = await bus.subscribe("g", [TYPE])
         ids = {d.message.id for d in await sub.fetch(10, timeout=1.0)}
         assert "m-2" in ids  # m-1 may be there too: the interrupted commit can still land
+
+
+async def test_close_finishes_when_a_subscriptions_release_fails_and_its_deliveries_come_back_later(
+    path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() used to raise the failed release and stop there, leaving the connection and
+    its threads open; now it logs, closes the rest, and the lease brings the delivery back."""
+    bus = SQLiteTransport(url_of(path, lease=0.5))
+    await bus.connect()
+    sub = await bus.subscribe("g", [TYPE])
+    await bus.publish([Message("m-1", TYPE, b"{}")])
+    assert [d.message.id for d in await sub.fetch(10, timeout=WAIT)] == ["m-1"]
+    _fail_the_next_write(bus, monkeypatch)  # the release of m-1
+    await asyncio.wait_for(bus.close(), WAIT)
+    assert bus._conn is None and bus._closed
+    assert "returns after the lease" in caplog.text or "return after the lease" in caplog.text
+    async with SQLiteTransport(url_of(path, lease=0.5)) as again:
+        later = await (await again.subscribe("g", [TYPE])).fetch(10, timeout=5.0)
+        assert [d.message.id for d in later] == ["m-1"]

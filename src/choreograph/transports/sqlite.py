@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import sqlite3
 import threading
 import time
@@ -55,6 +56,8 @@ from choreograph.transports._sqlite_consumer import SQLiteSubscription
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
 
 __all__ = ["SQLiteTransport"]
+
+log = logging.getLogger("choreograph.transports.sqlite")
 
 T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection, float], Any]
@@ -170,7 +173,11 @@ class SQLiteTransport(Transport):
         if self._closed:
             return
         for subscription in list(self._subscriptions):
-            await subscription.close()
+            try:
+                await subscription.close()
+            except Exception as exc:  # its release write failed: its claims expire instead
+                log.warning("%s: closing a subscription of %s: %s; its deliveries return after the lease",
+                            self.url, subscription.group, exc)
         self._closed = True
         while (flusher := self._flusher) is not None:
             if flusher.done():  # cancelled before its first step (see _flusher_ended)
