@@ -34,6 +34,7 @@ from choreograph.runtime.worker import _EAGER_TASKS, _Runner, never_suspends
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
 from tests._tripping import trip_decode
+from tests._waiting import until
 
 
 class Placed(Event, type="test.worker.placed"):
@@ -1044,13 +1045,6 @@ def small_bound(monkeypatch: pytest.MonkeyPatch) -> int:
     return 8
 
 
-async def _until(condition: Any) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-
-
 async def test_while_outputs_cannot_be_published_the_worker_holds_a_bounded_number(small_bound: int) -> None:
     """Handlers that ran (inline or in a task) free their slot before their outcome is
     settled; deliveries in hand are bounded anyway, so a stalled publish does not let the
@@ -1059,7 +1053,7 @@ async def test_while_outputs_cannot_be_published_the_worker_holds_a_bounded_numb
     async with Worker([_charging(runs)], bus, concurrency=4):
         await Publisher(bus).publish(*(Placed(order_id=str(n)) for n in range(50)))
         await bus.reached.wait()
-        await _until(lambda: len(runs) >= small_bound)
+        await until(lambda: len(runs) >= small_bound)
         await asyncio.sleep(0.2)  # room for more to run, were there no bound
         group = bus.bus.groups["payment"]
         assert len(runs) == small_bound == len(group.inflight)
@@ -1081,7 +1075,7 @@ async def test_copies_of_an_event_in_hand_count_against_the_bound_too(small_boun
         await bus.reached.wait()  # "a" is handled; its output is held at the gate
         await bus.publish([message] * 50)
         group = bus.bus.groups["payment"]
-        await _until(lambda: len(group.inflight) >= small_bound)
+        await until(lambda: len(group.inflight) >= small_bound)
         await asyncio.sleep(0.2)  # room for every copy to be taken, were there no bound
         assert small_bound <= len(group.inflight) <= 3 * small_bound
         assert len(group.ready) == 51 - len(group.inflight)

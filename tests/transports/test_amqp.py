@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import aio_pika
 import aiormq.channel
@@ -23,6 +23,7 @@ from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS, attempt_of, retr
 from choreograph.transports.amqp import AmqpTransport
 from choreograph.transports.base import Delivery, Message, Subscription
 from tests._brokers import require_broker
+from tests._waiting import until as _until
 from tests.conformance.brokers import amqp as broker
 from tests.transports import _second_call as second_call
 
@@ -52,15 +53,6 @@ async def opened(url: str) -> AsyncIterator[AmqpTransport]:
     transport = AmqpTransport(url)
     async with transport:
         yield transport
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` until it holds (a ceiling, not a speed assertion)."""
-    for _ in range(int(WAIT / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition never held")
 
 
 async def fetch_all(sub: Subscription, expected: int, wait: float = WAIT) -> list[Delivery]:
@@ -256,7 +248,7 @@ async def test_a_consumer_that_stops_fetching_hands_back_even_what_it_never_hand
         assert len(await fetch_all(stalled, 1)) == 1  # consuming with prefetch 2 from here on
         await stalled.fetch(2, timeout=0.01)
         await one.publish([msg(2, "t")])
-        await _until(lambda: stalled._buffer.qsize() == 1)  # m2 pushed to it, never fetched
+        await _until(lambda: stalled._buffer.qsize() == 1, within=WAIT)  # m2 pushed to it, never fetched
         got = await fetch_all(await two.subscribe("g", ["t"]), 2)
         assert {d.message.id: d.attempt for d in got} == {"m1": 2, "m2": 1}
 
@@ -434,7 +426,7 @@ async def test_a_cut_connection_reconnects_and_the_consumer_resumes_without_dupl
         await bus.publish([msg(1, "t"), msg(2, "t")])
         (held,) = await fetch_all(sub, 1)  # m2 waits in the client's buffer
         proxy.cut()
-        await _until(lambda: live_channel(held.raw) is None)  # the client noticed
+        await _until(lambda: live_channel(held.raw) is None, within=WAIT)  # the client noticed
         await held.ack()  # its channel is gone: the broker has already taken it back
         assert held.settled
         await bus.publish([msg(3, "t")])  # waits for the reconnect
@@ -549,7 +541,7 @@ async def test_a_verb_on_a_delivery_whose_channel_closed_returns_and_the_broker_
         await bus.publish([msg(1, "t")])
         (held,) = await fetch_all(sub, 1)
         proxy.cut()
-        await _until(lambda: live_channel(held.raw) is None)  # the client noticed
+        await _until(lambda: live_channel(held.raw) is None, within=WAIT)  # the client noticed
         await second_call.call(held, verb)
         assert held.settled
         await second_call.call(held, verb)  # settled: a no-op
@@ -582,12 +574,12 @@ async def test_a_retry_whose_connection_dropped_during_the_handler_does_not_hold
             if ctx.attempt == 1:
                 proxy.cut()
                 (sub,) = bus._subscriptions
-                await _until(lambda: all(live_channel(d.raw) is None for d in sub._out))
+                await _until(lambda: all(live_channel(d.raw) is None for d in sub._out), within=WAIT)
                 raise Retry("later", after=60)
 
         async with Worker([service], bus):
             await Publisher(direct).publish(Pinged(n=1))
-            await _until(lambda: attempts == [1, 2])
+            await _until(lambda: attempts == [1, 2], within=WAIT)
         assert await _queue_depth(bus, bus.names.retry("retrier", retry_bucket_ms(60))) == 0
         again = await bus.subscribe("retrier", [Pinged.event_type()])
         assert await again.fetch(10, timeout=1.0) == []  # attempt 2 was acked

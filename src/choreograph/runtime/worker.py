@@ -193,11 +193,11 @@ class _Resumed:
                 coro.close()
                 raise
             except BaseException as exc:
-                step = functools.partial(coro.throw, exc)
+                thrown: BaseException | None = exc
             else:
-                step = functools.partial(coro.send, sent)
+                thrown = None
             try:
-                value = step()
+                value = coro.send(sent) if thrown is None else coro.throw(thrown)
             except StopIteration as done:
                 return done.value
 
