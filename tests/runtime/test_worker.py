@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import orjson
@@ -31,6 +31,7 @@ from choreograph import (
 from choreograph.errors import EmitError
 from choreograph.runtime.records import first_envelope, to_message
 from choreograph.runtime.worker import _EAGER_TASKS, _Runner, never_suspends
+from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
 from tests._tripping import trip_decode
@@ -720,7 +721,7 @@ async def test_task_bound_asyncio_tools_in_handlers_act_on_the_handler_not_the_w
 
 async def test_a_batch_is_acked_only_after_its_outputs_are_published_and_the_next_batch_publishes_meanwhile() -> None:
     """Settling is two stages deep: batch 2's outputs go out while batch 1 is still being marked."""
-    from collections.abc import Callable, Collection
+    from collections.abc import Callable
 
     from choreograph.stores.memory import MemoryStore
 
@@ -779,7 +780,6 @@ async def test_a_batch_is_acked_only_after_its_outputs_are_published_and_the_nex
 async def test_a_lone_event_whose_outputs_cannot_be_published_yet_is_settled_once_they_can() -> None:
     """The lone event's task settles it (the fast lane) and retries the publish like the
     settle loop: the input stays unacked and unmarked until its output is out, then both."""
-    from collections.abc import Collection
 
     from choreograph.errors import TransportError
     from choreograph.stores.memory import MemoryStore
@@ -828,7 +828,6 @@ async def test_a_fetch_whose_inbox_and_broker_both_fail_keeps_the_worker_fetchin
     """The inbox is down, so the batch is released; the release fails too (broker down). The
     fetch loop goes on (it died before, and the worker silently stopped consuming): the
     delivery whose release failed comes back after its lease and both events are handled once."""
-    from collections.abc import Collection
 
     from choreograph.errors import StoreError, TransportError
     from choreograph.stores.memory import MemoryStore
@@ -872,7 +871,6 @@ async def test_a_fetch_whose_inbox_and_broker_both_fail_keeps_the_worker_fetchin
 async def test_a_transport_closed_under_the_worker_is_not_retried_for_ever_and_nothing_is_acked() -> None:
     """A closed transport never heals: settling gives up at once (it retried every few seconds
     until stop before) and leaves the input unacked and unmarked for the broker to hand on."""
-    from collections.abc import Collection
 
     from choreograph.errors import TransportClosed
     from choreograph.stores.memory import MemoryStore
@@ -939,14 +937,20 @@ async def test_a_batch_given_up_on_transport_closed_is_handled_again_when_its_le
     bus = ClosedOnce("memory://?lease=0.3")
     runs: list[str] = []
     payment = Service("payment")
+    names = ["a", "b"][:events]
+    together = asyncio.Event()
 
     @payment.on(Placed)
     async def charge(order: Placed) -> Charged:
         runs.append(order.order_id)
-        await asyncio.sleep(0.05)  # the two events are in flight together
+        if len(runs) == events:
+            together.set()
+        # The first run of each: in flight together, and both resumed in one loop iteration,
+        # so each finds the other still in hand (two timers could fire an iteration apart and
+        # let the second take the lane: the test was flaky so).
+        await together.wait()
         return Charged(order_id=order.order_id)
 
-    names = ["a", "b"][:events]
     async with Worker([payment], bus, poll_interval=0.05):
         await Publisher(bus).publish(*(Placed(order_id=name) for name in names))
         await settled(bus)
@@ -1071,17 +1075,18 @@ async def test_copies_of_an_event_in_hand_count_against_the_bound_too(small_boun
     bus, runs = _GatedOutputs(), []
     async with Worker([_charging(runs)], bus, concurrency=4):
         message = to_message(first_envelope(Placed(order_id="a"), source="/test", id="evt-1"))
-        await bus.publish([message])
-        await bus.reached.wait()  # "a" is handled; its output is held at the gate
+        other = to_message(first_envelope(Placed(order_id="b"), source="/test", id="evt-2"))
+        await bus.publish([message, other])  # a batch of two: the settle loop publishes it, not a lane
+        await bus.reached.wait()  # "a" and "b" are handled; their outputs are held at the gate
         await bus.publish([message] * 50)
         group = bus.bus.groups["payment"]
         await until(lambda: len(group.inflight) >= small_bound)
         await asyncio.sleep(0.2)  # room for every copy to be taken, were there no bound
         assert small_bound <= len(group.inflight) <= 3 * small_bound
-        assert len(group.ready) == 51 - len(group.inflight)
+        assert len(group.ready) == 52 - len(group.inflight)
         bus.gate.set()
         await settled(bus)
-    assert runs == ["a"]
+    assert sorted(runs) == ["a", "b"]
 
 
 async def test_two_copies_of_one_event_in_a_batch_run_the_handler_once() -> None:
@@ -1351,3 +1356,67 @@ async def test_an_inline_handler_that_fails_is_retried_then_succeeds(bus: Memory
     assert attempts == [1, 2, 3]
     assert [data for _, data, _ in sink.received] == [{"order_id": "a"}]
     assert worker.stats("flaky").retried == 2
+
+
+class _Marks(MemoryStore):
+    """An inbox that records each mark call's ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    async def mark(self, group: str, event_ids: Collection[str]) -> None:
+        self.calls.append(sorted(event_ids))
+        await super().mark(group, event_ids)
+
+
+class _Outputs(MemoryTransport):
+    """Records every published message's type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types: list[str] = []
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.types += [m.type for m in messages]
+        await super().publish(messages)
+
+
+async def test_inputs_are_marked_and_acked_ack_delay_after_their_outputs_in_one_commit() -> None:
+    """Outputs go out at once; marking and acking the inputs waits ``ack_delay``, and what was
+    published meanwhile - here two lone events, each published by its own lane - shares one
+    inbox commit and one ack. ``stop()`` does not wait out the delay."""
+    bus, runs, store = _Outputs(), [], _Marks()
+    worker = Worker([_charging(runs)], bus, store=store)
+    worker.ack_delay = 3600.0  # past the constructor's bound: only stop() can end the wait
+    await worker.start()
+    await asyncio.sleep(0.05)  # the settle loop is idle: each lone event takes the lane
+    await Publisher(bus).publish(Placed(order_id="a"))
+    await until(lambda: runs == ["a"] and bus.types.count(Charged.event_type()) == 1)
+    await Publisher(bus).publish(Placed(order_id="b"))
+    await until(lambda: runs == ["a", "b"] and bus.types.count(Charged.event_type()) == 2)
+    group = bus.bus.groups["payment"]
+    assert runs == ["a", "b"] and len(group.inflight) == 2 and store.calls == []  # published, not yet settled
+    await asyncio.wait_for(worker.stop(), 60)
+    assert len(store.calls) == 1 and len(store.calls[0]) == 2
+    assert bus.pending()[0] == 0
+
+
+async def test_a_long_ack_delay_gives_way_to_the_bound_on_deliveries_in_hand(small_bound: int) -> None:
+    """Outcomes waiting for their marks and acks are in hand: past half the bound the finisher
+    settles at once rather than stall the fetch loop for the rest of the delay."""
+    bus, runs = MemoryTransport(), []
+    worker = Worker([_charging(runs)], bus, concurrency=4)
+    worker.ack_delay = 3600.0
+    async with worker:
+        await Publisher(bus).publish(*(Placed(order_id=str(n)) for n in range(50)))
+        await until(lambda: len(runs) == 50)
+        await until(lambda: len(bus.bus.groups["payment"].inflight) < small_bound)
+    assert sorted(runs, key=int) == [str(n) for n in range(50)]
+
+
+def test_ack_delay_is_checked() -> None:
+    with pytest.raises(ValueError, match="ack_delay"):
+        Worker([_charging([])], MemoryTransport(), ack_delay=-0.001)
+    with pytest.raises(ValueError, match="ack_delay"):
+        Worker([_charging([])], MemoryTransport(), ack_delay=2)

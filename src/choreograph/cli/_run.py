@@ -30,6 +30,7 @@ from choreograph.cli._common import (
 from choreograph.logs import configure_logging
 from choreograph.runtime import Worker
 from choreograph.runtime.gc_tuning import DEFAULT_GC_THRESHOLD, tune_gc
+from choreograph.runtime.worker import DEFAULT_ACK_DELAY
 from choreograph.stores import open_store
 from choreograph.telemetry import Telemetry, configure_tracing, serve_metrics
 from choreograph.transports import open_transport
@@ -53,6 +54,11 @@ def run(
     concurrency: int = typer.Option(64, "--concurrency", "-c", min=1, help="Handlers running at once per service"),
     store: str | None = typer.Option(None, "--store", help="Inbox store URL (default: beside the sqlite bus)"),
     drain_timeout: float = typer.Option(10.0, "--drain-timeout", help="Seconds to let in-flight handlers finish on stop"),
+    ack_delay: float = typer.Option(
+        DEFAULT_ACK_DELAY, "--ack-delay", envvar="CHOREOGRAPH_ACK_DELAY", min=0, max=1,
+        help="Seconds from publishing a batch's outputs to marking and acking its inputs: what is published "
+        "meanwhile shares one inbox commit and one ack",
+    ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
     log_format: str = LogFormatOption,
     retention: float = typer.Option(
@@ -78,6 +84,7 @@ def run(
 
     async def main() -> None:
         worker = Worker(services, transport, store=inbox, concurrency=concurrency, drain_timeout=drain_timeout,
+                        ack_delay=ack_delay,
                         retention=retention or None, telemetry=telemetry)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()

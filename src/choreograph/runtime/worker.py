@@ -13,7 +13,12 @@ Per service (one consumer group) a worker runs three tasks:
   over whatever piled up (group commit). Outputs are always durable before the
   input is acked, so a crash anywhere re-runs the handler, which republishes the
   same deterministic ids, and downstream inboxes drop the duplicates. It runs two
-  stages deep: batch N+1 publishes while batch N is marked and acked.
+  stages deep: batch N+1 publishes while batch N is marked and acked;
+* the **finisher** does that marking and acking, ``ack_delay`` (5 ms by default) after
+  the outputs are published: whatever is published within that window is marked in one
+  inbox commit and acked in one call, and the next service, which can act on the outputs
+  as soon as they are published, is not held up by this one's bookkeeping on a shared
+  host (about a third of the paced end-to-end latency on the brokers; see the README).
 
 Shutdown (``stop()``) stops fetching, lets in-flight handlers finish within
 ``drain_timeout``, releases the rest back to the broker, settles what finished and
@@ -88,6 +93,9 @@ IN_FLIGHT_DEFER = 1.0
 #: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
 #: up on an unreachable broker: what is still unsettled then comes back after its lease.
 STOP_GRACE = 5.0
+#: Seconds from publishing a batch's outputs to marking and acking its inputs (see the
+#: finisher above). Only what is already durable waits; ``stop()`` does not.
+DEFAULT_ACK_DELAY = 0.005
 
 
 class HandlerTimeout(Exception):
@@ -239,9 +247,13 @@ class _Runner:
         self.outcomes: list[_Outcome] = []
         self.outcome_ready = asyncio.Event()
         self.settle_waiting = False  # the settle loop waits for outcomes
-        self.finishing: asyncio.Task[bool] | None = None  # the settle loop's last batch's marks and acks
-        self.lane: asyncio.Task[Any] | None = None  # a task settling its own outcome (see _handle)
-        self.settling_inline: asyncio.Future[None] | None = None  # done once the lane marked and acked
+        self.lane: asyncio.Task[Any] | None = None  # a task publishing its own outcome's outputs (see _handle)
+        # Outcomes whose outputs are published, waiting for the finisher to mark and ack them.
+        self.published: list[tuple[Sequence[_Outcome], _Settlement]] = []
+        self.unfinished = 0  # outcomes in self.published
+        self.finish_due = asyncio.Event()  # wakes the finisher: work while it is idle, or finish now
+        self.finisher_idle = False
+        self.settle_ended = False  # the settle loop is done: the finisher finishes what is left and ends
         self.slot_free = asyncio.Event()
         self.stopping = False
         self.fetching = False
@@ -335,9 +347,9 @@ class _Runner:
                     and outcomes[0].delivery is batch[0] and not self.active and worker.concurrency > 1
                     and self._lane_open()):
                 # A lone event at a light load, handled inline (or, on 3.12, by a task that
-                # finished in its eager first step): this loop settles it before its next
-                # fetch, as a handler's task would (see _handle), instead of issuing that
-                # fetch first and leaving the publish to the settle loop's next turn.
+                # finished in its eager first step): this loop publishes its outputs before
+                # its next fetch, as a handler's task would (see _handle), instead of issuing
+                # that fetch first and leaving the publish to the settle loop's next turn.
                 # A batch of one while there are slots to spare means nothing else was
                 # waiting; what arrives meanwhile waits for this publish (a batch then, not a
                 # lane). With concurrency 1 every batch is one: the lane would serialise them.
@@ -423,14 +435,14 @@ class _Runner:
     async def _handle(self, call: _Call) -> None:
         """The task of a handler of a service without a database: run it, then settle a success.
 
-        A success is settled right here - the fast lane: outputs published, inbox marked, input
-        acked - when it is the only delivery in hand and the settle loop is idle (a lone event at
-        a light load), instead of waking the settle loop: a loop iteration less on every hop's
-        path. Otherwise it goes to the settle loop, which batches (counted on a memory:// chain
-        of 20,000 events and on the brokers, the lane is taken for well under 1% of them under
-        load). The lane keeps the order of one outcome (outputs durable before mark and ack) and
-        the settle loop's retries; what arrives meanwhile the settle loop publishes at once and
-        marks after this one (the settle loop's two stages, with this as the first batch).
+        A success's outputs are published right here - the fast lane - when it is the only
+        delivery in hand and the settle loop is idle (a lone event at a light load), instead of
+        waking the settle loop: a loop iteration less on every hop's path; the finisher marks
+        and acks it. Otherwise it goes to the settle loop, which batches (counted on a memory://
+        chain of 20,000 events and on the brokers, the lane is taken for well under 1% of them
+        under load). The lane keeps the order of one outcome (outputs durable before mark and
+        ack) and the settle loop's retries; what arrives meanwhile the settle loop publishes at
+        once, and the finisher marks and acks both.
 
         Once in the lane the task is settle work, not a handler: it leaves ``active`` (its slot
         is free for the next fetch; ``stop`` does not count it against the drain time nor cancel
@@ -452,24 +464,20 @@ class _Runner:
         await self._lane(task, outcome)
 
     def _lane_open(self) -> bool:
-        """Whether a success may take the fast lane now: nobody in it, the settle loop idle
-        and not finishing a batch, the worker not stopping."""
-        finishing = self.finishing
-        return (self.lane is None and self.settle_waiting and not self.stopping
-                and (finishing is None or finishing.done()))
+        """Whether a success may take the fast lane now: nobody in it, the settle loop idle,
+        the worker not stopping."""
+        return self.lane is None and self.settle_waiting and not self.stopping
 
     async def _lane(self, task: asyncio.Task[Any], outcome: _Outcome) -> None:
-        """Settle ``outcome`` here in ``task`` (a handler's, or the fetch loop's): publish its
-        outputs, then mark and ack, with the settle loop's retries (see :meth:`_handle`)."""
-        settled = self.loop.create_future()
-        self.lane, self.settling_inline = task, settled
+        """Publish ``outcome``'s outputs here in ``task`` (a handler's, or the fetch loop's),
+        with the settle loop's retries, and hand it to the finisher (see :meth:`_handle`)."""
+        self.lane = task
         try:
             plan = _Settlement.of((outcome,))
             if not plan.messages or await self._retrying((outcome,), functools.partial(self.worker.transport.publish, plan.messages)):
-                await self._retrying((outcome,), functools.partial(self._finish, plan))
+                self._published((outcome,), plan)
         finally:
-            self.settling_inline = self.lane = None
-            settled.set_result(None)
+            self.lane = None
             self.outcome_ready.set()  # a stopping settle loop waits for the lane before it ends
 
     async def _run(self, call: _Call) -> None:
@@ -806,9 +814,9 @@ class _Runner:
 
     async def _settle_loop(self) -> None:
         """Settle outcomes in batches, two stages deep: while batch N is recorded in the inbox
-        and acked, the outputs of batch N+1 are already being published. Each batch's outputs
-        are durable before its own marks and acks; the stages of one batch never overlap."""
-        finishing: asyncio.Task[bool] | None = None
+        and acked (by the finisher), the outputs of batch N+1 are already being published.
+        Each batch's outputs are durable before its own marks and acks."""
+        finisher = asyncio.create_task(self._finish_loop(), name=f"choreograph-finish-{self.group}")
         try:
             while True:
                 if not self.outcomes:
@@ -829,18 +837,55 @@ class _Runner:
                 if plan.messages and not await self._retrying(
                         batch, functools.partial(self.worker.transport.publish, plan.messages)):
                     continue  # unpublished: nothing of the batch may be marked or acked
-                if finishing is not None:
-                    await finishing
-                if self.settling_inline is not None:  # a handler's task marks and acks its outcome first
-                    await asyncio.wait((self.settling_inline,))
-                finishing = self.finishing = asyncio.create_task(
-                    self._retrying(batch, functools.partial(self._finish, plan)))
+                self._published(batch, plan)
         except asyncio.CancelledError:
-            if finishing is not None:
-                finishing.cancel()
+            finisher.cancel()
             raise
-        if finishing is not None:
-            await finishing
+        self.settle_ended = True
+        self.finish_due.set()
+        await finisher
+
+    def _published(self, batch: Sequence[_Outcome], plan: _Settlement) -> None:
+        """Hand ``batch``, its outputs published, to the finisher."""
+        self.published.append((batch, plan))
+        self.unfinished += len(batch)
+        # An idle finisher starts its delay now; a busy one finishes this too when it is done.
+        # Past half the bound on deliveries in hand, at once: the fetch loop needs the room.
+        if self.finisher_idle or self.unfinished * 2 >= self.max_unsettled:
+            self.finish_due.set()
+
+    async def _finish_loop(self) -> None:
+        """Mark and ack what the settle loop and the lane published, ``ack_delay`` after the
+        first of it was published: everything published meanwhile goes in the same inbox
+        commit and the same ack call. One finish at a time; once the worker is stopping there
+        is no delay (the settle loop's end cuts one short)."""
+        loop = self.loop
+        while True:
+            if not self.published:
+                if self.settle_ended:
+                    return
+                self.finish_due.clear()
+                self.finisher_idle = True
+                try:
+                    await self.finish_due.wait()
+                finally:
+                    self.finisher_idle = False
+                continue
+            delay = self.worker.ack_delay
+            if delay > 0 and not self.stopping and self.unfinished * 2 < self.max_unsettled:
+                self.finish_due.clear()
+                timer = loop.call_later(delay, self.finish_due.set)
+                try:
+                    await self.finish_due.wait()
+                finally:
+                    timer.cancel()
+            batches, self.published, self.unfinished = self.published, [], 0
+            if len(batches) == 1:
+                outcomes, plan = batches[0]
+            else:
+                outcomes = [outcome for batch, _ in batches for outcome in batch]
+                plan = _Settlement.joined([plan for _, plan in batches])
+            await self._retrying(outcomes, functools.partial(self._finish, plan))
 
     async def _retrying(self, outcomes: Sequence[_Outcome], step: Callable[[], Awaitable[None]]) -> bool:
         """Run ``step`` until it succeeds (True). False if the transport was closed under the
@@ -957,6 +1002,16 @@ class _Settlement:
                     plan.messages.append(outcome.failure)
         return plan
 
+    @classmethod
+    def joined(cls, plans: Sequence[_Settlement]) -> _Settlement:
+        """The marks, acks and the rest of ``plans`` (published already) as one."""
+        out = cls([], [], [], [])
+        for plan in plans:
+            out.done += plan.done
+            out.marks += plan.marks
+            out.others += plan.others
+        return out
+
 
 def _own_failure(exc: BaseException) -> bool:
     """Whether ``exc``, out of a handler, is that handler's failed attempt: anything but a
@@ -1001,12 +1056,15 @@ class Worker:
         max_hops: int = DEFAULT_MAX_HOPS,
         drain_timeout: float = 10.0,
         poll_interval: float = 0.25,
+        ack_delay: float = DEFAULT_ACK_DELAY,
         rng: Any = None,
         retention: float | None = DEFAULT_RETENTION,
         telemetry: Telemetry | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency: must be >= 1")
+        if not 0 <= ack_delay <= 1:
+            raise ValueError("ack_delay: must be between 0 and 1 second")
         self.services = list(services)
         self.transport = transport
         self.store = store or MemoryStore()
@@ -1017,6 +1075,7 @@ class Worker:
         self.max_hops = max_hops
         self.drain_timeout = drain_timeout
         self.poll_interval = poll_interval
+        self.ack_delay = ack_delay
         self.rng = rng
         self.retention = retention
         self._housekeeping: asyncio.Task[None] | None = None
