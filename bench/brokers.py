@@ -24,6 +24,7 @@ Every run gets its own stream/key/queue prefix and deletes what it created.
     python bench/brokers.py --n 20000             # the documented figures
     python bench/brokers.py --n 2000 --quick      # a smoke run (no paced, no FastStream)
     python bench/brokers.py --only nats --n 5000 --no-faststream
+    python bench/brokers.py --paced-only --rounds 5 --ack-delay 0   # latency, marks and acks at once
 
 Every process (choreograph's, the raw client's, FastStream's) runs with the collector
 settings of ``choreograph run`` unless ``--gc python`` (bench/_gc.py).
@@ -58,6 +59,7 @@ from bench import _faststream_chain, _gc, _raw_chain  # noqa: E402
 from bench.chain import start_hops, stop_hops, summarize  # noqa: E402
 from bench.chain_app import SINK, Hop0, hop1, hop2, hop3  # noqa: E402
 from choreograph import Publisher, Worker  # noqa: E402
+from choreograph.runtime.worker import DEFAULT_ACK_DELAY  # noqa: E402
 from choreograph.transports import open_transport  # noqa: E402
 
 BROKERS = ("nats", "redis", "amqp")
@@ -88,8 +90,10 @@ async def choreograph_publish(url: str, n: int, rate: float | None) -> float:
 async def choreograph_one(broker: str, base: str, n: int, concurrency: int) -> dict[str, Any]:
     url = env.choreograph_url(base, _prefix(broker, "ch1"))
     SINK.reset(n, None)
+    ack_delay = float(os.environ.get("CHOREOGRAPH_ACK_DELAY", DEFAULT_ACK_DELAY))
     try:
-        async with open_transport(url) as bus, Worker([hop1, hop2, hop3], bus, concurrency=concurrency):
+        async with open_transport(url) as bus, Worker([hop1, hop2, hop3], bus, concurrency=concurrency,
+                                                      ack_delay=ack_delay):
             publisher = Publisher(bus, source="/bench")
             start = time.perf_counter()
             for first in range(0, n, 500):
@@ -298,11 +302,13 @@ def bench_broker(broker: str, base: str, args: argparse.Namespace, loop: Runner)
     if not args.quick and not args.no_faststream:
         sides["faststream"] = lambda: loop(faststream_one(broker, base, n))
     throughput = {"events_per_s": "choreograph"}
-    report: dict[str, Any] = {"n": n, "rounds": rounds, "one_process": _paired(rounds, sides, throughput)}
-    report["process_per_hop"] = _paired(rounds, {
-        "raw": lambda: raw_procs(broker, base, n, None, loop),
-        "choreograph": lambda: choreograph_procs(broker, base, n, args.concurrency, None, loop),
-    }, throughput)
+    report: dict[str, Any] = {"n": n, "rounds": rounds}
+    if not args.paced_only:
+        report["one_process"] = _paired(rounds, sides, throughput)
+        report["process_per_hop"] = _paired(rounds, {
+            "raw": lambda: raw_procs(broker, base, n, None, loop),
+            "choreograph": lambda: choreograph_procs(broker, base, n, args.concurrency, None, loop),
+        }, throughput)
     if not args.quick:
         report["paced"] = {"rate": args.rate, **_paired(rounds, {
             "raw": lambda: raw_procs(broker, base, args.paced_n, args.rate, loop),
@@ -320,8 +326,8 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             continue
         floor = 0.7 if broker == "amqp" else 0.8
         checks = {
-            f"one_process >= {floor}x raw": r["one_process"]["choreograph_vs_raw"],
-            f"process_per_hop >= {floor}x raw": r["process_per_hop"]["choreograph_vs_raw"],
+            f"{mode} >= {floor}x raw": r[mode]["choreograph_vs_raw"]
+            for mode in ("one_process", "process_per_hop") if mode in r
         }
         met = {k: v >= floor for k, v in checks.items()}
         if "paced" in r:
@@ -329,7 +335,7 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             checks["paced p99 <= 2x raw"] = r["paced"]["p99_vs_raw"]
             met["paced p50 <= 1.2x raw"] = r["paced"]["p50_vs_raw"] <= 1.2
             met["paced p99 <= 2x raw"] = r["paced"]["p99_vs_raw"] <= 2.0
-        if broker != "amqp" and "choreograph_vs_faststream" in r["one_process"]:
+        if broker != "amqp" and "choreograph_vs_faststream" in r.get("one_process", {}):
             checks[">= 5x FastStream"] = r["one_process"]["choreograph_vs_faststream"]
             met[">= 5x FastStream"] = r["one_process"]["choreograph_vs_faststream"] >= 5.0
         out[broker] = {name: {"measured": checks[name], "met": met[name]} for name in checks}
@@ -346,6 +352,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every comparison, interleaved; medians reported (default 3)")
     parser.add_argument("--quick", action="store_true", help="skip the paced and FastStream runs")
+    parser.add_argument("--paced-only", action="store_true", help="only the paced latency runs")
+    parser.add_argument("--ack-delay", type=float, default=None,
+                        help=f"choreograph's ack_delay in seconds (default {DEFAULT_ACK_DELAY}: the runtime's)")
     parser.add_argument("--no-faststream", action="store_true", help="skip the FastStream runs")
     parser.add_argument("--only", choices=BROKERS, action="append")
     _gc.add_option(parser)
@@ -353,6 +362,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1 or args.rounds % 2 == 0:
         parser.error("--rounds: must be odd (the median is then one round's figure)")
+    if args.quick and args.paced_only:
+        parser.error("--paced-only: --quick skips the paced runs")
+    if args.ack_delay is not None:
+        os.environ["CHOREOGRAPH_ACK_DELAY"] = str(args.ack_delay)  # this process and the hop processes
+    if args.paced_only:
+        args.no_faststream = True
     if not args.quick and not args.no_faststream:
         try:
             import faststream  # noqa: F401
@@ -378,6 +393,7 @@ def main() -> None:
         "bench": "brokers", "hops": 3, "concurrency": args.concurrency, "loop": loop_name,
         "python": platform.python_version(), "cpus": os.cpu_count(), "servers": {},
         "load_average_before": [round(x, 2) for x in os.getloadavg()], **_gc.choose(args.gc),
+        "ack_delay": float(os.environ.get("CHOREOGRAPH_ACK_DELAY", DEFAULT_ACK_DELAY)),
     }  # fmt: skip
     try:
         for broker in args.only or BROKERS:

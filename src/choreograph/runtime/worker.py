@@ -17,8 +17,8 @@ Per service (one consumer group) a worker runs three tasks:
 * the **finisher** does that marking and acking, ``ack_delay`` (5 ms by default) after
   the outputs are published: whatever is published within that window is marked in one
   inbox commit and acked in one call, and the next service, which can act on the outputs
-  as soon as they are published, is not held up by this one's bookkeeping on a shared
-  host (about a third of the paced end-to-end latency on the brokers; see the README).
+  as soon as they are published, competes less with this one's bookkeeping on a shared
+  host (measured with all hops on one 2-core host: see the README).
 
 Shutdown (``stop()``) stops fetching, lets in-flight handlers finish within
 ``drain_timeout``, releases the rest back to the broker, settles what finished and
