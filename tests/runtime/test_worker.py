@@ -1420,3 +1420,85 @@ def test_ack_delay_is_checked() -> None:
         Worker([_charging([])], MemoryTransport(), ack_delay=-0.001)
     with pytest.raises(ValueError, match="ack_delay"):
         Worker([_charging([])], MemoryTransport(), ack_delay=2)
+
+
+def _placed(order_id: str, event_id: str) -> Message:
+    return to_message(first_envelope(Placed(order_id=order_id), source="/test", id=event_id))
+
+
+async def test_copies_stay_bounded_while_the_inbox_mark_is_stalled(small_bound: int) -> None:
+    """A copy has no id in hand: while the finisher is stuck marking, the settle loop must not
+    hand it more (that kept the fetch loop at the bound); it took all 50 copies before."""
+
+    class GatedMarks(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.reached = asyncio.Event(), asyncio.Event()
+
+        async def mark(self, group: str, event_ids: Collection[str]) -> None:
+            self.reached.set()
+            await self.gate.wait()
+            await super().mark(group, event_ids)
+
+    bus, runs, store = MemoryTransport(), [], GatedMarks()
+    async with Worker([_charging(runs)], bus, store=store, concurrency=4) as worker:
+        runner = worker.runners[0]
+        message = _placed("a", "evt-1")
+        await bus.publish([message, _placed("b", "evt-2")])  # a batch of two: the settle loop's
+        await store.reached.wait()  # published; marking "a" and "b" is held
+        await bus.publish([message] * 50)  # copies of "a", deferred while "a" is in hand
+        group = bus.bus.groups["payment"]
+        await until(lambda: not runner.slot_free.is_set() or not group.ready)  # at the bound, or took all
+        assert group.ready and len(group.inflight) <= 3 * small_bound
+        store.gate.set()
+        await settled(bus)
+    assert sorted(runs) == ["a", "b"]
+
+
+async def test_duplicates_stay_bounded_while_acks_are_stalled(small_bound: int) -> None:
+    """The same with inbox duplicates (handled before, their acks lost) and a stalled ack."""
+
+    class GatedAcks(MemoryTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.reached = asyncio.Event(), asyncio.Event()
+
+        async def subscribe(self, group: str, types: Collection[str] | None) -> Any:
+            sub = await super().subscribe(group, types)
+            ack_many = sub.ack_many
+
+            async def gated(deliveries: Sequence[Any]) -> None:
+                self.reached.set()
+                await self.gate.wait()
+                await ack_many(deliveries)
+
+            sub.ack_many = gated  # type: ignore[method-assign]
+            return sub
+
+    bus, runs = GatedAcks(), []
+    async with Worker([_charging(runs)], bus, concurrency=4) as worker:
+        runner = worker.runners[0]
+        messages = [_placed(str(n), f"evt-{n}") for n in range(60)]
+        await worker.store.mark("payment", [m.id for m in messages])
+        await bus.publish(messages[:2])
+        await bus.reached.wait()
+        await bus.publish(messages[2:])
+        group = bus.bus.groups["payment"]
+        await until(lambda: not runner.slot_free.is_set() or not group.ready)
+        assert group.ready and len(group.inflight) <= 3 * small_bound
+        bus.gate.set()
+        await settled(bus)
+    assert runs == [] and worker.stats().duplicates == 60
+
+
+async def test_the_ack_delay_stays_well_inside_the_lease() -> None:
+    """Inputs waiting for their marks and acks get no lease touches: a delay as long as the
+    lease handed every one of them out again (the inbox made the copies harmless)."""
+    bus, runs = MemoryTransport("memory://?lease=1"), []
+    worker = Worker([_charging(runs)], bus)
+    worker.ack_delay = 3.0  # past the constructor's bound and the lease: waits lease / 4
+    async with worker:
+        await Publisher(bus).publish(*(Placed(order_id=str(n)) for n in range(3)))
+        await settled(bus)
+    assert sorted(runs) == ["0", "1", "2"]
+    assert worker.stats().duplicates == 0 and worker.stats().deferred == 0

@@ -253,6 +253,8 @@ class _Runner:
         self.unfinished = 0  # outcomes in self.published
         self.finish_due = asyncio.Event()  # wakes the finisher: work while it is idle, or finish now
         self.finisher_idle = False
+        self.finishing = False  # the finisher is marking and acking (with its retries)
+        self.finished = asyncio.Event()  # set each time it is done with that
         self.settle_ended = False  # the settle loop is done: the finisher finishes what is left and ends
         self.slot_free = asyncio.Event()
         self.stopping = False
@@ -837,13 +839,19 @@ class _Runner:
                 if plan.messages and not await self._retrying(
                         batch, functools.partial(self.worker.transport.publish, plan.messages)):
                     continue  # unpublished: nothing of the batch may be marked or acked
+                # Not past a finisher that is still marking and acking: a copy (deferred, or a
+                # duplicate) has no id in hand, so only outcomes this loop has not taken count
+                # for it against the bound on deliveries in hand - without this wait a stalled
+                # mark or ack let the fetch loop take every copy the broker had.
+                while self.finishing:
+                    self.finished.clear()
+                    await self.finished.wait()
                 self._published(batch, plan)
-        except asyncio.CancelledError:
-            finisher.cancel()
-            raise
-        self.settle_ended = True
-        self.finish_due.set()
-        await finisher
+            self.settle_ended = True
+            self.finish_due.set()
+            await finisher
+        finally:
+            finisher.cancel()  # a no-op once it ended; else it must not outlive this loop
 
     def _published(self, batch: Sequence[_Outcome], plan: _Settlement) -> None:
         """Hand ``batch``, its outputs published, to the finisher."""
@@ -871,7 +879,8 @@ class _Runner:
                 finally:
                     self.finisher_idle = False
                 continue
-            delay = self.worker.ack_delay
+            # Waiting inputs get no lease touches: never wait a good part of the lease.
+            delay = min(self.worker.ack_delay, self.worker.transport.lease / 4)
             if delay > 0 and not self.stopping and self.unfinished * 2 < self.max_unsettled:
                 self.finish_due.clear()
                 timer = loop.call_later(delay, self.finish_due.set)
@@ -885,7 +894,12 @@ class _Runner:
             else:
                 outcomes = [outcome for batch, _ in batches for outcome in batch]
                 plan = _Settlement.joined([plan for _, plan in batches])
-            await self._retrying(outcomes, functools.partial(self._finish, plan))
+            self.finishing = True
+            try:
+                await self._retrying(outcomes, functools.partial(self._finish, plan))
+            finally:
+                self.finishing = False
+                self.finished.set()
 
     async def _retrying(self, outcomes: Sequence[_Outcome], step: Callable[[], Awaitable[None]]) -> bool:
         """Run ``step`` until it succeeds (True). False if the transport was closed under the
