@@ -1502,3 +1502,39 @@ async def test_the_ack_delay_stays_well_inside_the_lease() -> None:
         await settled(bus)
     assert sorted(runs) == ["0", "1", "2"]
     assert worker.stats().duplicates == 0 and worker.stats().deferred == 0
+
+
+async def test_a_copy_whose_original_settles_during_the_inbox_lookup_is_not_run_again() -> None:
+    """The fetch loop looked up only ids not in hand; a copy of an event in hand whose original
+    was marked and acked while the lookup awaited was then neither deferred (no longer in
+    hand) nor a duplicate (not looked up): its handler ran a second time."""
+
+    class GatedSeen(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.armed, self.gate, self.reached = False, asyncio.Event(), asyncio.Event()
+
+        async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
+            if self.armed:
+                self.armed = False
+                self.reached.set()
+                await self.gate.wait()
+            return await super().seen(group, event_ids)
+
+    bus, runs, store = MemoryTransport(), [], GatedSeen()
+    worker = Worker([_charging(runs)], bus, store=store)
+    worker.ack_delay = 3600.0  # "a" stays in hand, published, until the test lets it finish
+    async with worker:
+        runner = worker.runners[0]
+        message = _placed("a", "evt-1")
+        await bus.publish([message])
+        await until(lambda: runs == ["a"] and runner.unfinished == 1)
+        store.armed = True
+        await bus.publish([message, _placed("b", "evt-2")])  # a copy of "a", and "b" to look up
+        await store.reached.wait()  # the fetch loop awaits the lookup
+        runner.finish_due.set()  # meanwhile "a" is marked and acked
+        await until(lambda: runner.unfinished == 0 and "evt-1" not in runner.active_ids)
+        store.gate.set()
+        await until(lambda: "b" in runs)
+        await settled(bus)
+    assert sorted(runs) == ["a", "b"]

@@ -318,9 +318,11 @@ class _Runner:
                 self.fetching = False
             if not batch:
                 continue
-            fresh = [d for d in batch if d.message.id not in self.active_ids]
             try:
-                seen = await self.store.seen(self.group, [d.message.id for d in fresh])
+                # Every id, also those in hand now: one may be settled while this awaits, and
+                # its copy must then be found a duplicate (it ran again when only the ids not
+                # in hand were looked up).
+                seen = await self.store.seen(self.group, [d.message.id for d in batch])
             except Exception as exc:
                 log.error("inbox unavailable for %s: %s; releasing %d deliveries", self.group, exc, len(batch))
                 for delivery in batch:
