@@ -943,9 +943,7 @@ async def test_a_batch_given_up_on_transport_closed_is_handled_again_when_its_le
     @payment.on(Placed)
     async def charge(order: Placed) -> Charged:
         runs.append(order.order_id)
-        if len(runs) == events:
-            together.set()
-        # The first run of each: in flight together, and both resumed in one loop iteration,
+        # The first runs: in flight together, and resumed in one loop iteration by the test,
         # so each finds the other still in hand (two timers could fire an iteration apart and
         # let the second take the lane: the test was flaky so).
         await together.wait()
@@ -953,6 +951,8 @@ async def test_a_batch_given_up_on_transport_closed_is_handled_again_when_its_le
 
     async with Worker([payment], bus, poll_interval=0.05):
         await Publisher(bus).publish(*(Placed(order_id=name) for name in names))
+        await until(lambda: len(runs) == events)
+        together.set()
         await settled(bus)
     assert len(closed_once) == 1
     if events == 2:  # the first outcome found the other handler in flight: the settle loop's
