@@ -72,6 +72,12 @@ def _prefix(broker: str, kind: str) -> str:
 # -- choreograph -----------------------------------------------------------------------------
 
 
+def _ack_delay() -> float:
+    """choreograph's ack_delay in this run: ``--ack-delay`` puts it in the environment, where the
+    hop processes (``choreograph run``) read it too."""
+    return float(os.environ.get("CHOREOGRAPH_ACK_DELAY", DEFAULT_ACK_DELAY))
+
+
 async def choreograph_publish(url: str, n: int, rate: float | None) -> float:
     """Publish ``n`` Hop0 events (batches of 500, or paced); the wall time of the first publish."""
     async with open_transport(url) as bus:
@@ -90,10 +96,9 @@ async def choreograph_publish(url: str, n: int, rate: float | None) -> float:
 async def choreograph_one(broker: str, base: str, n: int, concurrency: int) -> dict[str, Any]:
     url = env.choreograph_url(base, _prefix(broker, "ch1"))
     SINK.reset(n, None)
-    ack_delay = float(os.environ.get("CHOREOGRAPH_ACK_DELAY", DEFAULT_ACK_DELAY))
     try:
         async with open_transport(url) as bus, Worker([hop1, hop2, hop3], bus, concurrency=concurrency,
-                                                      ack_delay=ack_delay):
+                                                      ack_delay=_ack_delay()):
             publisher = Publisher(bus, source="/bench")
             start = time.perf_counter()
             for first in range(0, n, 500):
@@ -393,7 +398,7 @@ def main() -> None:
         "bench": "brokers", "hops": 3, "concurrency": args.concurrency, "loop": loop_name,
         "python": platform.python_version(), "cpus": os.cpu_count(), "servers": {},
         "load_average_before": [round(x, 2) for x in os.getloadavg()], **_gc.choose(args.gc),
-        "ack_delay": float(os.environ.get("CHOREOGRAPH_ACK_DELAY", DEFAULT_ACK_DELAY)),
+        "ack_delay": _ack_delay(),
     }  # fmt: skip
     try:
         for broker in args.only or BROKERS:

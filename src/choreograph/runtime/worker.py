@@ -1125,6 +1125,8 @@ class Worker:
         await self.joins.open()
         for runner in self.runners:
             await runner.start()
+        log.debug("worker started: %s; concurrency %d, ack delay %g s", ", ".join(s.name for s in self.services),
+                  self.concurrency, self.ack_delay)
         if self.retention is not None:
             await self._expire_pass()  # at start, before any delivery; then every retention / 10
             self._housekeeping = asyncio.create_task(self._expire_loop(self.retention), name="choreograph-expire")

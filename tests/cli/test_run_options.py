@@ -1,0 +1,16 @@
+"""Options of ``choreograph run`` that reach the worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.runtime.test_gc_tuning import ENV, _run_worker
+
+
+def test_choreograph_run_passes_ack_delay_to_the_worker_from_the_option_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert "ack delay 0.25 s" in (log := _run_worker("--ack-delay", "0.25")), log
+    assert "ack delay 0.005 s" in (log := _run_worker()), log
+    monkeypatch.setitem(ENV, "CHOREOGRAPH_ACK_DELAY", "0")  # the environment of the worker process
+    assert "ack delay 0 s" in (log := _run_worker()), log
