@@ -437,6 +437,43 @@ async def test_a_cut_connection_reconnects_and_the_consumer_resumes_without_dupl
         assert await sub.fetch(10, timeout=1.0) == []
 
 
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_a_consumer_the_broker_cancels_consumes_again_once_its_queue_is_back(queue_type: str) -> None:
+    """RabbitMQ cancels a consumer itself (``basic.cancel`` from the server) when its queue is
+    deleted or a quorum queue loses its leader. The subscription must consume again, not sit
+    idle for ever: aio-pika before 10.2 only logged "cancelled by the broker"."""
+    require_broker("amqp")
+    url = new_url(queue_type=queue_type)
+    try:
+        async with opened(url) as bus:
+            sub = await bus.subscribe("g", ["t"])
+            assert isinstance(sub, AmqpSubscription)
+            await bus.publish([msg(1, "t")])
+            await sub.ack_many(await fetch_all(sub, 1))  # consuming now
+            cancelled = asyncio.Event()
+            underlay = await sub._channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(lambda frame: cancelled.set())
+            connection = await aio_pika.connect(bus._client_url)
+            try:
+                channel = await connection.channel()
+                await channel.queue_delete(bus.names.group("g"))
+                # a quorum queue's cancel comes after the delete-ok; declaring the queue again
+                # before it has reached the consumer's channel leaves RabbitMQ 3.10 a ghost consumer
+                await asyncio.wait_for(cancelled.wait(), WAIT)
+                queue = await channel.declare_queue(
+                    bus.names.group("g"), durable=True, arguments=bus._queue_args()
+                )
+                await queue.bind(bus.names.exchange, "t")  # back as the group subscribing again leaves it
+            finally:
+                await connection.close()
+            await bus.publish([msg(2, "t")])
+            got = await fetch_all(sub, 1)  # the same prefetch: no new consumer of its own
+            assert [d.message.id for d in got] == ["m2"]
+            await sub.ack_many(got)
+    finally:
+        await broker.cleanup(url)
+
+
 async def test_operations_wait_for_a_lost_broker_then_fail_with_a_transport_error(
     proxy: _Proxy, bus_url: str
 ) -> None:

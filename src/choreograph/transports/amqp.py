@@ -32,6 +32,11 @@ How the contract maps onto RabbitMQ:
   Deliveries received on the lost connection are void (the broker took them back and
   redelivers them): their verbs return without doing anything but log it (see
   ``_amqp_consumer``), and unfetched ones are dropped from the buffer.
+* A consumer the broker cancels itself (``basic.cancel`` from the server: its queue was
+  deleted, a quorum queue lost its leader) is consumed again by aio-pika, which needs
+  10.2 or later (before that it only logged "cancelled by the broker" and the group
+  received nothing more). A deleted group queue comes back declared by that recovery but
+  without its bindings: events reach it again once the group subscribes again.
 * RabbitMQ 4 quorum queues get ``x-delivery-limit: -1`` (its default limit of 20 would
   drop messages that keep coming back); untested here, where the server is 3.10.
 """
