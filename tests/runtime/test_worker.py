@@ -164,6 +164,35 @@ async def test_retries_follow_the_backoff_policy_in_virtual_time(bus: MemoryTran
     assert worker.stats().dead_lettered == 0
 
 
+async def test_a_fetch_waiting_for_a_retry_wakes_when_it_is_due_although_the_clock_jumped_before_its_timer_was_set() -> None:
+    """The memory fetch waits for the next due retry on a timer of the transport's clock, set by
+    a task that starts a loop turn later. A VirtualClock jump in that turn (``settled()`` jumps
+    from another task) pushed the timer back by the jump: the retry came late by it - the
+    occasional 4.25 s gap of the backoff test above."""
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    sub = await bus.subscribe("g", ["t"])
+    await bus.publish([Message("m1", "t", b"{}")])
+    [delivery] = await sub.fetch(1)
+    start = clock.monotonic()
+    await delivery.retry(4.0)  # due at start + 4
+    fetch = asyncio.ensure_future(sub.fetch(1, timeout=10.0))
+    await asyncio.sleep(0)  # the fetch runs to its wait; its timer's task has not run yet
+    clock.advance(1.0)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    clock.advance(3.0)  # now start + 4: the retry is due
+    for _ in range(20):
+        await asyncio.sleep(0)
+    try:
+        assert fetch.done(), "the fetch still waits for a timer pushed back by the jump"
+        assert [d.message.id for d in fetch.result()] == ["m1"]
+        assert clock.monotonic() == start + 4.0
+    finally:
+        fetch.cancel()
+        await bus.close()
+
+
 @pytest.mark.parametrize("after", [-1.0, float("nan"), float("inf"), 14 * 24 * 3600.0 + 1, 1e20])
 def test_retry_refuses_an_after_that_is_not_a_finite_number_of_seconds(after: float) -> None:
     """inf parked the event for ever; nan compared as neither late nor early; beyond 14 days

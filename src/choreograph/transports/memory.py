@@ -140,6 +140,12 @@ class MemoryDelivery(Delivery):
             self._group.inflight[self._token] = (self._bus.clock.monotonic() + self._lease, held[1])
 
 
+async def _sleep_until(clock: Clock, until: float) -> None:
+    """Sleep until ``until`` on ``clock``: the time left is read when this task starts (a loop turn
+    after it is created), not before - a VirtualClock may have jumped in between."""
+    await clock.sleep(until - clock.monotonic())
+
+
 class MemorySubscription(Subscription):
     def __init__(self, transport: MemoryTransport, group: _Group) -> None:
         self.group = group.name
@@ -173,7 +179,7 @@ class MemorySubscription(Subscription):
             )
             group.wakeup.clear()
             waiter = asyncio.ensure_future(group.wakeup.wait())
-            sleeper = asyncio.ensure_future(clock.sleep(wait_until - now)) if wait_until is not None else None
+            sleeper = asyncio.ensure_future(_sleep_until(clock, wait_until)) if wait_until is not None else None
             try:
                 await asyncio.wait(
                     [f for f in (waiter, sleeper) if f is not None], return_when=asyncio.FIRST_COMPLETED
