@@ -598,6 +598,7 @@ def test_derive_id_differs_for_every_distinct_input_service_handler_and_index(
 
 
 def test_the_workers_output_encoder_writes_the_same_envelope_as_the_generic_one() -> None:
+    from choreograph._envelope import id_suffix
     from choreograph.runtime.records import output_envelope, output_message
 
     class Shipped(Event, type="test.envelope.shipped"):
@@ -607,8 +608,7 @@ def test_the_workers_output_encoder_writes_the_same_envelope_as_the_generic_one(
                      traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", tracestate="k=v",
                      hops=3, partitionkey="p", deadline="2030-01-01T00:00:00Z")
     for c, subject in ((cause, "s-1"), (Envelope(id="in-2", source="/x", type="t"), None)):
-        fast = output_message(Shipped(order_id="o"), cause=c, service="svc", handler="h", index=2, source="/svc",
-                              subject=subject)
+        fast = output_message(Shipped(order_id="o"), c, id_suffix("svc", "h", 2), "/svc", subject)
         slow = encode(output_envelope(Shipped(order_id="o"), cause=c, service="svc", handler="h", index=2,
                                       source="/svc", subject=subject))
         got, want = decode(fast.body), decode(slow)

@@ -101,7 +101,18 @@ def derive_id(input_id: str, service: str, handler: str, index: int | str) -> st
     record them. Computed by hand (equal to ``uuid.uuid5`` in the plain case) because it
     runs once per output on the hot path.
     """
-    h = hashlib.sha1(_NAMESPACE_BYTES + f"{input_id}\x1f{service}\x1f{handler}\x1f{index}".encode()).hexdigest()
+    return derive_id_with(input_id, id_suffix(service, handler, index))
+
+
+def id_suffix(service: str, handler: str, index: int | str) -> bytes:
+    """What :func:`derive_id` hashes after the input id: the same for every input of a handler's
+    output ``index``, so the worker makes it once (``Handler.id_suffix0``)."""
+    return f"\x1f{service}\x1f{handler}\x1f{index}".encode()
+
+
+def derive_id_with(input_id: str, suffix: bytes) -> str:
+    """``derive_id(input_id, service, handler, index)`` given ``id_suffix(service, handler, index)``."""
+    h = hashlib.sha1(_NAMESPACE_BYTES + input_id.encode() + suffix).hexdigest()
     if len(input_id) == 36 and _TIMED_ID.fullmatch(input_id):
         return f"{input_id[:13]}-8{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
     # version 5 in the 13th hex digit; the variant (10xx) in the top bits of the 17th

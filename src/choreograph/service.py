@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 from choreograph import cesql
-from choreograph._envelope import Envelope
+from choreograph._envelope import Envelope, id_suffix
 from choreograph._where import compile_where, matcher
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
@@ -78,6 +78,15 @@ class Handler:
     join: JoinRunner | None = None  # joins and compensations: the worker calls join.run(...), not func
     where: cesql.Expression | None = None  # its CESQL filter, as written (for the flow graph)
     accepts: Callable[[Envelope], bool] | None = None  # the filter as the worker applies it (see _where)
+    #: ``id_suffix(service, name, 0)``: what derives the id of its first output from the input's
+    id_suffix0: bytes = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id_suffix0", id_suffix(self.service, self.name, 0))
+
+    def id_suffix(self, index: int) -> bytes:
+        """``id_suffix(service, name, index)``: see :func:`~choreograph._envelope.derive_id_with`."""
+        return self.id_suffix0 if index == 0 else id_suffix(self.service, self.name, index)
 
     @property
     def subscription(self) -> str:

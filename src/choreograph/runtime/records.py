@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from choreograph._envelope import DEFAULT_CONTENT_TYPE, SPECVERSION, Envelope, derive_id, encode, now_rfc3339
+from choreograph._envelope import (
+    DEFAULT_CONTENT_TYPE,
+    SPECVERSION,
+    Envelope,
+    derive_id,
+    derive_id_with,
+    encode,
+    now_rfc3339,
+)
 from choreograph.events import Event
 from choreograph.stores.base import ErrorInfo
 from choreograph.transports.base import Message
@@ -71,22 +79,16 @@ def output_envelope(
     )
 
 
-def output_message(
-    event: Event,
-    *,
-    cause: Envelope,
-    service: str,
-    handler: str,
-    index: int,
-    source: str,
-    subject: str | None = None,
-) -> Message:
-    """``to_message(output_envelope(...))`` without the intermediate envelope: the same bytes.
+def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str, subject: str | None = None) -> Message:
+    """``to_message(output_envelope(event, cause=cause, service=S, handler=H, index=I, source=source,
+    subject=subject))`` without the intermediate envelope: the same bytes, given
+    ``id_suffix = _envelope.id_suffix(S, H, I)``.
 
-    This is the worker's hot path (once per emitted event), hence the dict written out by hand.
+    This is the worker's hot path (once per emitted event), hence the dict written out by hand
+    and the arguments by position.
     """
     cls = type(event)
-    event_id = derive_id(cause.id, service, handler, index)
+    event_id = derive_id_with(cause.id, id_suffix)
     event_type = cls.__event_type__
     out: dict[str, Any] = {
         "specversion": SPECVERSION, "id": event_id, "source": source, "type": event_type, "time": now_rfc3339(),
@@ -94,7 +96,7 @@ def output_message(
     if subject is not None:
         out["subject"] = subject
     out["datacontenttype"] = DEFAULT_CONTENT_TYPE
-    out["dataschema"] = cls.schema_uri()
+    out["dataschema"] = cls.__schema_uri__
     out["correlationid"] = cause.correlationid or cause.id
     out["causationid"] = cause.id
     if cause.traceparent is not None:
@@ -107,7 +109,10 @@ def output_message(
         out["deadline"] = cause.deadline
     out["hops"] = cause.hops + 1
     out["data"] = orjson.Fragment(event.__pydantic_serializer__.to_json(event))
-    return Message(event_id, event_type, orjson.dumps(out))
+    return _new_message(Message, (event_id, event_type, orjson.dumps(out)))
+
+
+_new_message = tuple.__new__  # Message is a named tuple: built without its Python-level __new__
 
 
 def first_envelope(

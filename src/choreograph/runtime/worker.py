@@ -164,11 +164,13 @@ _SUSPENDING = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_W
 _CODE_SUSPENDS: dict[int, tuple[types.CodeType, bool]] = {}
 
 
+def _judged(code: types.CodeType) -> tuple[types.CodeType, bool]:
+    known = _CODE_SUSPENDS[id(code)] = (code, any(i.opname in _SUSPENDING for i in dis.get_instructions(code)))
+    return known
+
+
 def _suspends(code: types.CodeType) -> bool:
-    known = _CODE_SUSPENDS.get(id(code))
-    if known is None:
-        known = _CODE_SUSPENDS[id(code)] = (code, any(i.opname in _SUSPENDING for i in dis.get_instructions(code)))
-    return known[1]
+    return (_CODE_SUSPENDS.get(id(code)) or _judged(code))[1]
 
 
 def never_suspends(coro: object) -> bool:
@@ -378,7 +380,9 @@ class _Runner:
             self._emit(call)
             return
         task: asyncio.Task[None]
-        if self.INLINE and call.unit is None and never_suspends(call.coro):
+        coro = call.coro
+        if self.INLINE and call.unit is None and type(coro) is types.CoroutineType and not (
+                _CODE_SUSPENDS.get(id(coro.cr_code)) or _judged(coro.cr_code))[1]:  # never_suspends(coro)
             context = contextvars.copy_context()
             left = context.run(self._inline, call)
             if left is None:
@@ -417,12 +421,24 @@ class _Runner:
         try:
             first = call.coro.send(None)
         except StopIteration as done:
-            call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
+            ctx = call.ctx
+            ctx._sealed = True  # a publish() from now on would be lost: it raises instead
+            result, handler = done.value, call.handler
             try:
-                outcome = self._returned(call, done.value)
+                if type(result) in handler.emits and not ctx.outputs:  # one event out: _returned's common case
+                    try:
+                        message = output_message(result, call.envelope, handler.id_suffix0, self.service.source)
+                    except Exception:  # not encodable: _returned says so (a dead letter ``rejected``)
+                        outcome: _Outcome = self._returned(call, result)
+                    else:
+                        self.stats.handled += 1
+                        outcome = _Done(delivery, [message], True)
+                else:
+                    outcome = self._returned(call, result)
             except Exception as exc:  # a bug in us
                 outcome = self._internal_error(delivery, exc)
-            self._emit(outcome)
+            self.outcomes.append(outcome)  # self._emit(outcome)
+            self.outcome_ready.set()
             return None
         except BaseException as exc:
             call.ctx._sealed = True
@@ -744,8 +760,7 @@ class _Runner:
         for an undeclared type or an event that cannot be encoded - not a bug to redeliver."""
         try:
             if not ctx.outputs and len(returned) == 1 and type(returned[0]) in handler.emits:  # the common case
-                return [output_message(returned[0], cause=cause, service=self.service.name, handler=handler.name,
-                                       index=0, source=self.service.source)]
+                return [output_message(returned[0], cause, handler.id_suffix0, self.service.source)]
             events = [(event, subject) for event, subject in ctx.outputs] + [(event, None) for event in returned]
             messages = []
             for index, (event, subject) in enumerate(events):
@@ -755,10 +770,7 @@ class _Runner:
                         f"{handler.name} emitted {type(event).event_type()!r} but declares {declared}; "
                         "add it to the return annotation or emits=[...]"
                     )
-                messages.append(output_message(
-                    event, cause=cause, service=self.service.name, handler=handler.name, index=index,
-                    source=self.service.source, subject=subject,
-                ))
+                messages.append(output_message(event, cause, handler.id_suffix(index), self.service.source, subject))
             return messages
         except EmitError:
             raise
