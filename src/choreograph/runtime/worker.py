@@ -433,6 +433,9 @@ class _Runner:
                     else:
                         self.stats.handled += 1
                         outcome = _Done(delivery, [message], True)
+                elif result is None and not ctx.outputs:  # nothing out
+                    self.stats.handled += 1
+                    outcome = _Done(delivery, [], True)
                 else:
                     outcome = self._returned(call, result)
             except Exception as exc:  # a bug in us

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import weakref
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
@@ -45,6 +46,8 @@ class _Group:
         self.ready: deque[_Entry] = deque()
         self.delayed: list[tuple[float, int, _Entry]] = []  # (due, seq, entry)
         self.inflight: dict[int, tuple[float, _Entry]] = {}  # token -> (lease deadline, entry)
+        # No lease in ``inflight`` ends before this (it may have ended already: a lower bound).
+        self.leases_from = math.inf
         self.dead: dict[str, DeadLetter] = {}
         self.consumers = 0
         self.wakeup = asyncio.Event()
@@ -68,14 +71,17 @@ class _Bus:
         now = self.clock.monotonic()
         while group.delayed and group.delayed[0][0] <= now:
             group.ready.append(heapq.heappop(group.delayed)[2])
-        expired = [token for token, (deadline, _) in group.inflight.items() if deadline <= now]
-        for token in expired:
-            _, entry = group.inflight.pop(token)
-            entry.attempt += 1
-            group.ready.append(entry)
-        nexts = [group.delayed[0][0]] if group.delayed else []
-        nexts.extend(deadline for deadline, _ in group.inflight.values())
-        return min(nexts) if nexts else None
+        leases_from = group.leases_from
+        if leases_from <= now:  # a lease may have run out: look (else none has, and no scan)
+            expired = [token for token, (deadline, _) in group.inflight.items() if deadline <= now]
+            for token in expired:
+                _, entry = group.inflight.pop(token)
+                entry.attempt += 1
+                group.ready.append(entry)
+            leases_from = group.leases_from = min((d for d, _ in group.inflight.values()), default=math.inf)
+        due = group.delayed[0][0] if group.delayed else math.inf
+        due = min(due, leases_from)  # at worst early (a lease settled since): the caller looks again
+        return None if due == math.inf else due
 
     def pending(self, *, active_only: bool = True) -> tuple[int, float | None]:
         """(messages ready or in flight, earliest due delayed/lease time) over groups with consumers."""
@@ -138,6 +144,7 @@ class MemoryDelivery(Delivery):
         held = self._group.inflight.get(self._token)
         if held is not None:
             self._group.inflight[self._token] = (self._bus.clock.monotonic() + self._lease, held[1])
+            # a later deadline: leases_from stays a lower bound
 
 
 async def _sleep_until(clock: Clock, until: float) -> None:
@@ -170,6 +177,8 @@ class MemorySubscription(Subscription):
                     entry.token = next(bus.tokens)
                     group.inflight[entry.token] = (now + lease, entry)
                     out.append(MemoryDelivery(bus, group, entry, lease))
+                if now + lease < group.leases_from:
+                    group.leases_from = now + lease
                 return out
             now = clock.monotonic()
             if deadline is not None and now >= deadline:
