@@ -36,13 +36,14 @@ import dis
 import functools
 import logging
 import sys
+import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import pydantic
 
-from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._clock import SYSTEM_CLOCK, Clock, SystemClock
 from choreograph._envelope import Envelope, decode, from_dict
 from choreograph.context import Context, _set_current
 from choreograph.errors import (
@@ -138,8 +139,8 @@ class _Call:
     ctx: Context
     unit: HandlerUnit | None
     now: float  # clock time when handling began (records)
-    started: float  # loop time when handling began (timeout)
     coro: Coroutine[Any, Any, Any]
+    started: float = 0.0  # loop time when its task began (timeout): set by _start for a task only
     outcome: _Outcome | None = None  # a success, left by _run for its task to settle (see _handle)
 
 
@@ -241,6 +242,8 @@ class _Runner:
         self.stats = Stats()
         self.store: InboxStore = worker.store  # replaced by the service database's inbox if it has one
         self.handlers = service.handlers
+        # the clock's time(); time.time itself for the real clock (a Python call less per event)
+        self.clock_time = time.time if type(worker.clock) is SystemClock else worker.clock.time
         self.has_database = False  # set by start(): whether the service keeps state in its own database
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
@@ -389,10 +392,12 @@ class _Runner:
                 return
             # created out here: a task that starts eagerly (a 3.12 eager task factory) enters
             # its context, which must not be entered already
+            call.started = self.loop.time()
             task = self.loop.create_task(
                 self._settle_raised(call, left) if isinstance(left, BaseException) else self._handle(call),
                 context=context)
         else:
+            call.started = self.loop.time()
             coro = self._transactional(call) if call.unit is not None else self._handle(call)
             if _EAGER_TASKS:
                 task = asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
@@ -605,7 +610,7 @@ class _Runner:
     def _prepare(self, delivery: Delivery) -> _Call | _Outcome:
         """Decode and validate ``delivery`` and create its handler call, or say at once what to do."""
         worker = self.worker
-        now = worker.clock.time()
+        now = self.clock_time()
         try:
             envelope = decode(delivery.message.body)
         except MalformedEnvelope as exc:
@@ -641,7 +646,7 @@ class _Runner:
                         handler.func(argument, ctx) if handler.takes_context else handler.func(argument))
         else:  # a join or compensation: records the arrival, calls func once all arrived
             coro = handler.join.run(argument, ctx, worker.joins, worker.clock)
-        return _Call(delivery, envelope, handler, ctx, unit, now, self.loop.time(), coro)
+        return _Call(delivery, envelope, handler, ctx, unit, now, coro)
 
     async def _guarded(self, call: _Call, handler: Awaitable[Any]) -> Any:
         """Await the rest of a handler under its timeout (the watchdog cancels it, we say why)."""
