@@ -604,6 +604,10 @@ def test_the_workers_output_encoder_writes_the_same_envelope_as_the_generic_one(
     class Shipped(Event, type="test.envelope.shipped"):
         order_id: str
 
+        @classmethod
+        def schema_uri(cls) -> str:  # an override is what both write
+            return "https://schemas.example.com/shipped/v1.json"
+
     cause = Envelope(id="in-1", source="/orders", type="test.envelope.paid", data={}, correlationid="corr",
                      traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", tracestate="k=v",
                      hops=3, partitionkey="p", deadline="2030-01-01T00:00:00Z")
@@ -616,6 +620,7 @@ def test_the_workers_output_encoder_writes_the_same_envelope_as_the_generic_one(
         got.time = want.time = "x"
         assert got == want
         assert (fast.id, fast.type) == (want.id, "test.envelope.shipped")
+        assert got.dataschema == "https://schemas.example.com/shipped/v1.json"
 
 
 def test_new_ids_are_distinct_version_7_uuids_in_time_order() -> None:

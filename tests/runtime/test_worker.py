@@ -477,6 +477,33 @@ async def test_hops_above_the_limit_are_dead_lettered_as_a_loop(bus: MemoryTrans
     assert decode(letter.message.body).hops == 11
 
 
+class _EqualOnlyToItself(type):
+    def __eq__(cls, other: object) -> bool:  # and so no __hash__: instances' type is unhashable
+        return cls is other
+
+
+class _NotAnEvent(metaclass=_EqualOnlyToItself):
+    pass
+
+
+async def test_a_handler_returning_a_non_event_of_an_unhashable_type_is_rejected_not_retried(bus: MemoryTransport) -> None:
+    """What it returned is checked to be an Event before its type is looked up among those it
+    declares: the lookup hashes the type, and a TypeError there read as a bug of ours (retried)."""
+    svc = Service("odd")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Placed:
+        return _NotAnEvent()  # type: ignore[return-value]
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="o-1"))
+        await settled(bus)
+        stats = worker.stats("odd")
+    [letter] = await bus.dead_letters("odd")
+    assert (letter.record["reason"], letter.record["last_error"]["type"]) == ("rejected", "EmitError")
+    assert (stats.retried, stats.dead_lettered) == (0, 1)
+
+
 async def test_emitting_an_undeclared_type_is_an_error_that_names_it(bus: MemoryTransport) -> None:
     svc = Service("sloppy")
 

@@ -96,7 +96,7 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
     if subject is not None:
         out["subject"] = subject
     out["datacontenttype"] = DEFAULT_CONTENT_TYPE
-    out["dataschema"] = cls.__schema_uri__
+    out["dataschema"] = cls.schema_uri()  # a class may override it
     out["correlationid"] = cause.correlationid or cause.id
     out["causationid"] = cause.id
     if cause.traceparent is not None:
