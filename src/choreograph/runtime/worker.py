@@ -430,7 +430,11 @@ class _Runner:
             ctx._sealed = True  # a publish() from now on would be lost: it raises instead
             result, handler = done.value, call.handler
             try:
-                if isinstance(result, Event) and type(result) in handler.emits and not ctx.outputs:  # _returned's common case
+                try:
+                    declared = type(result) in handler.emits
+                except TypeError:  # not an Event (its type is not even hashable): _returned says so
+                    declared = False
+                if declared and not ctx.outputs:  # one event out: _returned's common case
                     try:
                         message = output_message(result, call.envelope, handler.id_suffix0, self.service.source)
                     except Exception:  # not encodable: _returned says so (a dead letter ``rejected``)
