@@ -252,6 +252,7 @@ class _Runner:
         self.outcomes: list[_Outcome] = []
         self.outcome_ready = asyncio.Event()
         self.settle_waiting = False  # the settle loop waits for outcomes
+        self.hold_wake = False  # the fetch loop wakes the settle loop itself after a lone event (see _emit)
         self.lane: asyncio.Task[Any] | None = None  # a task publishing its own outcome's outputs (see _handle)
         # Outcomes whose outputs are published, waiting for the finisher to mark and ack them.
         self.published: list[tuple[Sequence[_Outcome], _Settlement]] = []
@@ -337,20 +338,29 @@ class _Runner:
                         log.warning("releasing %r failed: %s; it comes back after its lease", delivery, again)
                 await asyncio.sleep(1.0)
                 continue
-            for delivery in batch:
-                message_id = delivery.message.id
-                if message_id in self.active_ids:
-                    # Another copy is being handled (published twice, or redelivered after its lease
-                    # ran out). Acking this one could settle the message while the handler may still
-                    # fail, so put it back: by then the inbox says whether it was processed.
-                    self.stats.deferred += 1
-                    self._emit(_Again(delivery, IN_FLIGHT_DEFER))
-                    continue
-                if message_id in seen:
-                    self._emit(self._duplicate(delivery))
-                    continue
-                self.active_ids[message_id] = delivery
-                self._start(delivery)
+            # A lone event's outcome may take the lane below: the settle loop is woken after
+            # this batch only if it does not (a wake-up for nothing per event otherwise).
+            self.hold_wake = len(batch) == 1
+            try:
+                for delivery in batch:
+                    message_id = delivery.message.id
+                    if message_id in self.active_ids:
+                        # Another copy is being handled (published twice, or redelivered after its lease
+                        # ran out). Acking this one could settle the message while the handler may still
+                        # fail, so put it back: by then the inbox says whether it was processed.
+                        self.stats.deferred += 1
+                        self._emit(_Again(delivery, IN_FLIGHT_DEFER))
+                        continue
+                    if message_id in seen:
+                        self._emit(self._duplicate(delivery))
+                        continue
+                    self.active_ids[message_id] = delivery
+                    self._start(delivery)
+            except BaseException:  # a KeyboardInterrupt out of a handler: nothing is held back
+                self.hold_wake = False
+                self.outcome_ready.set()
+                raise
+            self.hold_wake = False  # no await since it was set: nobody else emitted meanwhile
             outcomes = self.outcomes
             if (len(batch) == 1 and len(outcomes) == 1 and type(outcomes[0]) is _Done
                     and outcomes[0].delivery is batch[0] and not self.active and worker.concurrency > 1
@@ -365,6 +375,8 @@ class _Runner:
                 task = asyncio.current_task()
                 assert task is not None
                 await self._lane(task, outcomes.pop())
+            elif outcomes:
+                self.outcome_ready.set()
 
     def _start(self, delivery: Delivery) -> None:
         """Decode and validate ``delivery`` here, then run its handler in a task of its own -
@@ -450,7 +462,8 @@ class _Runner:
             except Exception as exc:  # a bug in us
                 outcome = self._internal_error(delivery, exc)
             self.outcomes.append(outcome)  # self._emit(outcome)
-            self.outcome_ready.set()
+            if not self.hold_wake:
+                self.outcome_ready.set()
             return None
         except BaseException as exc:
             call.ctx._sealed = True
@@ -510,7 +523,8 @@ class _Runner:
                 self._published((outcome,), plan)
         finally:
             self.lane = None
-            self.outcome_ready.set()  # a stopping settle loop waits for the lane before it ends
+            if self.stopping:  # a stopping settle loop waits for the lane before it ends
+                self.outcome_ready.set()
 
     async def _run(self, call: _Call) -> None:
         """A handler of a service without a database, from its first step to its outcome
@@ -561,7 +575,8 @@ class _Runner:
 
     def _emit(self, outcome: _Outcome) -> None:
         self.outcomes.append(outcome)
-        self.outcome_ready.set()
+        if not self.hold_wake:  # else the fetch loop wakes the settle loop after its batch
+            self.outcome_ready.set()
 
     async def _touch_loop(self) -> None:
         interval = max(0.05, self.worker.transport.lease / 3)
