@@ -165,13 +165,11 @@ _SUSPENDING = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_W
 _CODE_SUSPENDS: dict[int, tuple[types.CodeType, bool]] = {}
 
 
-def _judged(code: types.CodeType) -> tuple[types.CodeType, bool]:
-    known = _CODE_SUSPENDS[id(code)] = (code, any(i.opname in _SUSPENDING for i in dis.get_instructions(code)))
-    return known
-
-
 def _suspends(code: types.CodeType) -> bool:
-    return (_CODE_SUSPENDS.get(id(code)) or _judged(code))[1]
+    known = _CODE_SUSPENDS.get(id(code))
+    if known is None:
+        known = _CODE_SUSPENDS[id(code)] = (code, any(i.opname in _SUSPENDING for i in dis.get_instructions(code)))
+    return known[1]
 
 
 def never_suspends(coro: object) -> bool:
@@ -396,8 +394,7 @@ class _Runner:
             return
         task: asyncio.Task[None]
         coro = call.coro
-        if self.INLINE and call.unit is None and type(coro) is types.CoroutineType and not (
-                _CODE_SUSPENDS.get(id(coro.cr_code)) or _judged(coro.cr_code))[1]:  # never_suspends(coro)
+        if self.INLINE and call.unit is None and type(coro) is types.CoroutineType and not _suspends(coro.cr_code):
             context = contextvars.copy_context()
             left = context.run(self._inline, call)
             if left is None:
@@ -461,9 +458,7 @@ class _Runner:
                     outcome = self._returned(call, result)
             except Exception as exc:  # a bug in us
                 outcome = self._internal_error(delivery, exc)
-            self.outcomes.append(outcome)  # self._emit(outcome)
-            if not self.hold_wake:
-                self.outcome_ready.set()
+            self._emit(outcome)
             return None
         except BaseException as exc:
             call.ctx._sealed = True
