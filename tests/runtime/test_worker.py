@@ -1594,3 +1594,45 @@ async def test_a_copy_whose_original_settles_during_the_inbox_lookup_is_not_run_
         await until(lambda: "b" in runs)
         await settled(bus)
     assert sorted(runs) == ["a", "b"]
+
+
+@pytest.mark.parametrize("events", [1, 4], ids=["lane", "settle-loop"])
+async def test_a_publish_that_fails_for_a_while_is_retried_and_its_log_names_the_events(
+    events: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker refuses the outputs twice: the worker publishes them again after a pause,
+    and each error line says which events wait (to grep for them) and when it tries again."""
+    from choreograph.errors import TransportError
+
+    refusals = 2
+
+    class Refusing(MemoryTransport):
+        async def publish(self, messages: Sequence[Message]) -> None:
+            nonlocal refusals
+            if refusals and any(m.type == Charged.event_type() for m in messages):
+                refusals -= 1
+                raise TransportError("broker unreachable")
+            await super().publish(messages)
+
+    bus, runs = Refusing(), []
+    charged: list[Envelope] = []
+    sink = Service("sink")
+
+    @sink.on(Charged)
+    async def seen(event: Charged, ctx: Context) -> None:
+        charged.append(ctx.envelope)
+
+    async with Worker([_charging(runs), sink], bus):
+        await asyncio.sleep(0.05)  # the settle loop is idle: a lone event takes the lane
+        placed = await Publisher(bus).publish(*(Placed(order_id=str(i)) for i in range(events)))
+        await settled(bus)
+    assert sorted(runs) == [str(i) for i in range(events)] and len(charged) == events
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settling ")]
+    assert len(lines) == 2
+    noun = "outcome" if events == 1 else "outcomes"
+    assert lines[0].startswith(f"settling {events} {noun} (event ")
+    assert all(envelope.id in lines[0] for envelope in placed[:3])
+    assert lines[0].endswith("failed: broker unreachable; retrying in 0.05s")
+    assert lines[1].endswith("retrying in 0.10s")
+    if events > 3:
+        assert f"and {events - 3} more)" in lines[0]

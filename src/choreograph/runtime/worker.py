@@ -942,20 +942,20 @@ class _Runner:
         worker: that never heals, so the outcomes are left unsettled - their ids no longer in
         flight, or a copy handed on would be deferred for ever - and the broker hands their
         deliveries on after the lease (the handler runs again unless the inbox mark landed)."""
-        count = len(outcomes)
         delay = 0.05
         while True:
             try:
                 await step()
                 return True
             except TransportClosed as exc:
-                log.error("cannot settle %d outcomes of %s: %s; they come back after their lease",
-                          count, self.group, exc)
+                log.error("cannot settle %s of %s: %s; they come back after their lease",
+                          _describe(outcomes), self.group, exc)
                 for outcome in outcomes:
                     self._release_id(outcome.delivery)
                 return False
             except Exception as exc:  # broker or store down: keep the outcomes, try again
-                log.error("settling %d outcomes of %s failed: %s; retrying", count, self.group, exc)
+                log.error("settling %s of %s failed: %s; retrying in %.2fs",
+                          _describe(outcomes), self.group, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -1061,6 +1061,14 @@ class _Settlement:
             out.marks += plan.marks
             out.others += plan.others
         return out
+
+
+def _describe(outcomes: Sequence[_Outcome], show: int = 3) -> str:
+    """``outcomes`` for a log line: how many, and the first event ids (to grep for)."""
+    ids = [outcome.delivery.message.id for outcome in outcomes[:show]]
+    more = f" and {len(outcomes) - show} more" if len(outcomes) > show else ""
+    noun = "outcome" if len(outcomes) == 1 else "outcomes"
+    return f"{len(outcomes)} {noun} (event {', '.join(ids)}{more})"
 
 
 def _own_failure(exc: BaseException) -> bool:
