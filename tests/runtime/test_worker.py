@@ -1636,3 +1636,38 @@ async def test_a_publish_that_fails_for_a_while_is_retried_and_its_log_names_the
     assert lines[1].endswith("retrying in 0.10s")
     if events > 3:
         assert f"and {events - 3} more)" in lines[0]
+
+
+async def test_a_handled_event_whose_outputs_wait_for_the_broker_keeps_its_lease() -> None:
+    """The broker refuses the outputs for four leases (a full backlog downstream): the
+    handler's replica holds on to the input meanwhile, so the other replica never gets it
+    and the handler runs once; the output is published once the broker takes it."""
+    from choreograph.errors import TransportError
+
+    class Refusing(MemoryTransport):
+        refusing = True
+
+        async def publish(self, messages: Sequence[Message]) -> None:
+            if self.refusing and any(m.type == Charged.event_type() for m in messages):
+                raise TransportError("backlog full")
+            await super().publish(messages)
+
+    bus = Refusing("memory://?lease=0.3")
+    runs: list[str] = []
+    charged: list[str] = []
+    sink = Service("sink")
+
+    @sink.on(Charged)
+    async def seen(event: Charged) -> None:
+        charged.append(event.order_id)
+
+    store = MemoryStore()  # the two replicas share their inbox, as on a real store
+    async with Worker([_charging(runs)], bus, store=store), Worker([_charging(runs)], bus, store=store), \
+            Worker([sink], bus):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await until(lambda: runs == ["a"])
+        await asyncio.sleep(1.2)  # four leases
+        bus.refusing = False
+        await until(lambda: charged == ["a"])
+        await settled(bus)
+    assert runs == ["a"] and charged == ["a"]

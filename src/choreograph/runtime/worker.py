@@ -574,10 +574,22 @@ class _Runner:
             self.outcome_ready.set()
 
     async def _touch_loop(self) -> None:
+        """Extend the leases of what this worker holds, every third of a lease: the deliveries
+        whose handlers run, and those handled but not settled for a whole tick already - their
+        outputs, inbox mark or ack wait for a broker or store that refuses them for now (a
+        Redis ``maxlen`` backlog, a store that cannot write). Without that touch the lease ran
+        out and another replica ran the handler again. What settles within a tick, nearly
+        everything, is not touched."""
         interval = max(0.05, self.worker.transport.lease / 3)
+        before: dict[str, Delivery] = {}
         while not self.stopping:
             await asyncio.sleep(interval)
-            for delivery in list(self.active.values()):
+            running = list(self.active.values())
+            ids = {id(d) for d in running}
+            held = dict(self.active_ids)
+            waiting = [d for message_id, d in held.items() if before.get(message_id) is d and id(d) not in ids]
+            before = held
+            for delivery in running + waiting:
                 try:
                     await delivery.touch()
                 except Exception as exc:
