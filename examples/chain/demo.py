@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+import examples.chain
 from choreograph import Publisher, Service, Worker
 from choreograph.transports import open_transport
 from examples.chain import OrderPlaced, OrderShipped
@@ -30,7 +31,22 @@ from examples.chain import OrderPlaced, OrderShipped
 console = Console()
 
 
-async def drive(url: str, orders: int) -> None:
+async def register(url: str) -> None:
+    """Create the three services' consumer groups before anything is published.
+
+    A group receives what is published after it exists, and the worker processes take a
+    moment to start (longer on a loaded machine): registered here, every order waits in
+    its group for them instead of going nowhere.
+    """
+    async with open_transport(url) as bus:
+        for name in ("payment", "shipping", "notify"):
+            service = getattr(examples.chain, name)
+            subscription = await bus.subscribe(service.group, sorted(service.subscriptions))
+            await subscription.close()
+
+
+async def drive(url: str, orders: int) -> bool:
+    """Publish the orders and wait (a minute at most) until each is shipped or dead-lettered."""
     shipped: set[str] = set()
     watcher = Service("demo-watcher")
 
@@ -76,6 +92,14 @@ async def drive(url: str, orders: int) -> None:
             f"{error.get('type')}: {error.get('message')}",
         )
     console.print(dead)
+    finished = len(shipped) + len(letters) >= orders
+    if not finished:
+        console.print(
+            f"[bold red]not finished after a minute:[/] {orders - len(shipped) - len(letters)} orders are "
+            f"neither shipped nor dead-lettered; the worker processes' errors are above "
+            f"(try: choreograph dlq list --broker {url})"
+        )
+    return finished
 
 
 def main() -> None:
@@ -90,6 +114,7 @@ def main() -> None:
                 file.unlink()
     root.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{root}/bus.db"
+    asyncio.run(register(url))
     env = {**os.environ, "CHAIN_FAILURE_RATE": "0.2"}
     procs = [
         subprocess.Popen(
@@ -109,14 +134,15 @@ def main() -> None:
         for name in ("payment", "shipping", "notify")
     ]
     try:
-        time.sleep(2.0)  # let the three groups register before the first publish
-        asyncio.run(drive(url, args.orders))
-        console.print(f"\nTry: [bold]choreograph dlq list --broker {url}[/]")
+        finished = asyncio.run(drive(url, args.orders))
+        console.print(f"\nTry: [bold]choreograph dlq list --broker {url}[/]", soft_wrap=True)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=30)
+    if not finished:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
