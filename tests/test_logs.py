@@ -107,22 +107,28 @@ def test_choreograph_run_log_format_json_writes_json_lines(tmp_path: Path) -> No
         [sys.executable, "-m", "choreograph", "run", "examples.chain:app", "--broker", url, "--log-format", "json"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
+    lines: list[str] = []
     try:
         assert proc.stderr is not None
-        assert lines_until(proc.stderr, lambda line: "running " in line) is not None
+        assert lines_until(proc.stderr, lambda line: "running " in line, seen=lines) is not None
         # amount missing: dead-lettered as invalid_payload, which the worker logs as an error
         published = subprocess.run(
             [sys.executable, "-m", "choreograph", "publish", "chain.order.placed", "--data", '{"order_id": "o-1"}',
              "--broker", url], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
         )
         assert published.returncode == 0, published.stderr
-        line = lines_until(proc.stderr, lambda line: line.startswith("{") and "dead-lettering" in line)
+        line = lines_until(proc.stderr, lambda line: line.startswith("{") and "dead-lettering" in line, seen=lines)
         found = None if line is None else json.loads(line)
     finally:
-        stop(proc)
+        lines += stop(proc)[1].splitlines()
     assert found is not None
     assert found["level"] == "ERROR" and found["logger"] == "choreograph.worker"
     assert "invalid_payload" in found["message"]
+    # Nothing but JSON lines on stderr, the status lines included (they were Rich text, wrapped).
+    records = [json.loads(line) for line in lines if line.strip()]
+    messages = [r["message"] for r in records if r["logger"] == "choreograph.cli"]
+    assert messages[0].startswith("choreograph running payment+shipping+notify on ")
+    assert messages[-1] == "choreograph stopping payment+shipping+notify: draining in-flight work"
 
 
 def test_an_unknown_log_format_is_one_clear_line() -> None:

@@ -126,3 +126,33 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    global _format
+    _format = name
+
+
+_format = "text"
+
+
+def announce(message: str, *, label: str = "choreograph", colour: str = "green") -> None:
+    """Write a long-running command's status line to stderr ("choreograph running ... (pid N)").
+
+    Printed whatever the log level: supervisors (``choreograph dev``, scripts) wait for
+    these lines. With ``--log-format json`` it is a JSON line like every log record, so a
+    pipeline that reads stderr as JSON lines gets nothing else; as text it is one line
+    (never wrapped at the terminal's width), coloured on a terminal.
+    """
+    if _format == "json":
+        line = orjson.dumps({
+            "time": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "level": "INFO", "logger": "choreograph.cli", "message": f"{label} {message}",
+        }).decode()
+    elif sys.stderr.isatty():
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[{colour}]{escape(label)}[/] {escape(message)}")
+        return
+    else:
+        line = f"{label} {message}"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

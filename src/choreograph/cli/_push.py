@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
 from choreograph.cli._common import (
@@ -24,12 +23,11 @@ from choreograph.cli._common import (
     MetricsHostOption,
     MetricsPortOption,
     broker_url,
-    err_console,
     run_async,
 )
 from choreograph.cli._run import default_store_url, telemetry_options
 from choreograph.errors import ConfigurationError
-from choreograph.logs import configure_logging
+from choreograph.logs import announce, configure_logging
 from choreograph.push import PushAmbassador, PushSubscription
 from choreograph.stores import open_store
 from choreograph.transports import open_transport
@@ -120,15 +118,15 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         await ambassador.start()
         for sub in subscriptions:
-            err_console.print(
-                f"[green]choreograph push[/] {sub.group}: {', '.join(sorted(sub.types))} → {sub.url} "
+            announce(
+                f"{sub.group}: {', '.join(sorted(sub.types))} → {sub.url} "
                 f"({sub.mode}{', signed' if sub.secret else ''}"
-                f"{f', only where {escape(sub.filter.text)}' if sub.filter is not None else ''})",
-                highlight=False,
+                f"{f', only where {sub.filter.text}' if sub.filter is not None else ''})",
+                label="choreograph push",
             )
-        err_console.print(f"[green]choreograph push[/] running on {url} (pid {os.getpid()})", highlight=False)
+        announce(f"running on {url} (pid {os.getpid()})", label="choreograph push")
         await stop.wait()
-        err_console.print(f"[yellow]choreograph push[/] stopping {names}: draining pushes in flight", highlight=False)
+        announce(f"stopping {names}: draining pushes in flight", label="choreograph push", colour="yellow")
         await ambassador.stop()
         await inbox.close()
         await transport.close()

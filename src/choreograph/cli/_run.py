@@ -22,12 +22,11 @@ from choreograph.cli._common import (
     MetricsHostOption,
     MetricsPortOption,
     broker_url,
-    err_console,
     load_services,
     otel_option,
     run_async,
 )
-from choreograph.logs import configure_logging
+from choreograph.logs import announce, configure_logging
 from choreograph.runtime import Worker
 from choreograph.runtime.gc_tuning import DEFAULT_GC_THRESHOLD, tune_gc
 from choreograph.runtime.worker import DEFAULT_ACK_DELAY
@@ -92,9 +91,9 @@ def run(
             loop.add_signal_handler(sig, stop.set)
         tune_gc(gc_threshold)  # before the worker starts: nothing in flight gets frozen
         await worker.start()
-        err_console.print(f"[green]choreograph[/] running {names} on {url} (pid {os.getpid()})", highlight=False)
+        announce(f"running {names} on {url} (pid {os.getpid()})")
         await stop.wait()
-        err_console.print(f"[yellow]choreograph[/] stopping {names}: draining in-flight work", highlight=False)
+        announce(f"stopping {names}: draining in-flight work", colour="yellow")
         await worker.stop()
         await inbox.close()
         await transport.close()
@@ -120,5 +119,5 @@ def telemetry_options(
     telemetry = Telemetry(traces=traces, metrics=metrics_port is not None)
     if metrics_port is not None:
         port = serve_metrics(metrics_port, metrics_host)
-        err_console.print(f"[green]choreograph[/] metrics on http://{metrics_host}:{port}/metrics", highlight=False)
+        announce(f"metrics on http://{metrics_host}:{port}/metrics")
     return telemetry, provider

@@ -27,13 +27,12 @@ from choreograph.cli._common import (
     LogFormatOption,
     broker_url,
     console,
-    err_console,
     load_object,
     run_async,
 )
 from choreograph.errors import ConfigurationError
 from choreograph.journal import DEFAULT_JOURNAL, DEFAULT_STUCK_AFTER, Journal
-from choreograph.logs import configure_logging
+from choreograph.logs import announce, configure_logging
 from choreograph.service import App, Service
 
 JOURNAL_ENV = "CHOREOGRAPH_JOURNAL"
@@ -213,9 +212,7 @@ def run_journal(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await journal.start()
-        err_console.print(
-            f"[green]choreograph[/] {READY} on {url}, recording to {store_url} (pid {os.getpid()})", highlight=False
-        )
+        announce(f"{READY} on {url}, recording to {store_url} (pid {os.getpid()})")
         await stop.wait()
         await journal.stop()
 
