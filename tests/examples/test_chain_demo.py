@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from choreograph import Publisher
-from choreograph.transports import open_transport
 from examples.chain import OrderPlaced
 from examples.chain.demo import register
+
+from choreograph import Publisher
+from choreograph.transports import open_transport
 
 ROOT = Path(__file__).resolve().parents[2]
 
