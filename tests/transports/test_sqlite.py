@@ -529,3 +529,41 @@ async def test_close_finishes_when_a_subscriptions_release_fails_and_its_deliver
     async with SQLiteTransport(url_of(path, lease=0.5)) as again:
         later = await (await again.subscribe("g", [TYPE])).fetch(10, timeout=5.0)
         assert [d.message.id for d in later] == ["m-1"]
+
+
+async def test_an_idle_poller_slows_down_yet_still_wakes_a_fetch_for_another_process_commit(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Polled every 2 ms for ever, an idle worker spent 3-4% of a core. After a quiet spell the
+    poller doubles its pause up to the cap; a commit by another connection (another process)
+    still wakes the waiting fetch, and the poller is fast again from there."""
+    from choreograph.transports import sqlite as module
+
+    pauses: list[float] = []
+
+    class Clock:  # the module's ``time``, recording the poller's pauses
+        monotonic = staticmethod(time.monotonic)
+        time = staticmethod(time.time)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            pauses.append(seconds)
+            time.sleep(seconds)
+
+    monkeypatch.setattr(module, "time", Clock)
+    monkeypatch.setattr(module, "_POLL_QUIET", 0.05)
+    async with SQLiteTransport(url_of(path)) as consumer, SQLiteTransport(url_of(path)) as producer:
+        subscription = await consumer.subscribe("g", [TYPE])
+        waiting = asyncio.ensure_future(subscription.fetch(10, timeout=WAIT))
+        for _ in range(500):
+            if module._POLL_IDLE_MAX in pauses:
+                break
+            await asyncio.sleep(0.01)
+        assert pauses[0] == module._POLL_INTERVAL and module._POLL_IDLE_MAX in pauses
+        slow = [p for p in pauses if p > module._POLL_INTERVAL]
+        assert slow == sorted(slow)  # doubling up to the cap
+        seen = len(pauses)
+        await producer.publish([Message("m1", TYPE, b"x")])
+        assert [d.message.id for d in await waiting] == ["m1"]
+        await asyncio.sleep(0.05)
+        assert module._POLL_INTERVAL in pauses[seen:]  # noticed: back to polling fast

@@ -26,7 +26,8 @@ Why it is fast and never blocks the event loop:
   rows in one ``UPDATE ... RETURNING``; ``ack_many`` is one transaction;
 * wake-up: a local commit wakes local fetchers at once; commits by other processes are
   noticed by a poller thread reading ``PRAGMA data_version`` (a counter, no I/O) every
-  2 ms, only while some fetch waits; retries and leases wake a fetch when they fall due.
+  2 ms, only while some fetch waits, and less often (up to every 50 ms) once no other
+  process has committed for a second; retries and leases wake a fetch when they fall due.
 
 Leases and retry times are wall-clock seconds in the file, the one time base several
 processes share (a wall clock stepped back by some seconds delays redeliveries that much).
@@ -64,6 +65,11 @@ _Op = Callable[[sqlite3.Connection, float], Any]
 
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _POLL_INTERVAL = 0.002
+#: After this long without a commit by another process the poller slows down, doubling its
+#: interval up to ``_POLL_IDLE_MAX``: an idle worker polled 500 times a second (3-4% of a
+#: core each); now ~20. The first event after a quiet second waits that much longer.
+_POLL_QUIET = 1.0
+_POLL_IDLE_MAX = 0.05
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -394,15 +400,21 @@ class SQLiteTransport(Transport):
         assert loop is not None
         try:
             last = conn.execute("PRAGMA data_version").fetchone()[0]
+            changed, interval = time.monotonic(), _POLL_INTERVAL
             while True:
-                self._poll_wanted.wait()
+                if not self._poll_wanted.is_set():
+                    self._poll_wanted.wait()  # until a fetch waits: it was busy, so poll fast again
+                    changed, interval = time.monotonic(), _POLL_INTERVAL
                 if self._closed:
                     return
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
                 if version != last:
                     last = version
                     loop.call_soon_threadsafe(self._bump)
-                time.sleep(_POLL_INTERVAL)
+                    changed, interval = time.monotonic(), _POLL_INTERVAL
+                elif interval < _POLL_IDLE_MAX and time.monotonic() - changed > _POLL_QUIET:
+                    interval = min(_POLL_IDLE_MAX, interval * 2)
+                time.sleep(interval)
         except (sqlite3.Error, RuntimeError):  # RuntimeError: the loop closed under us
             return
         finally:
