@@ -7,7 +7,8 @@ Run one service per terminal (or let ``python -m examples.chain.demo`` do it)::
     choreograph run examples.chain:payment --broker sqlite:///./var/bus.db
     choreograph run examples.chain:shipping --broker sqlite:///./var/bus.db
     choreograph run examples.chain:notify --broker sqlite:///./var/bus.db
-    choreograph publish shop.order.placed --data '{"order_id": "o-1", "amount": 30}' --schema examples.chain
+    choreograph publish chain.order.placed --data '{"order_id": "o-1", "amount": 30}' \
+        --schema examples.chain:OrderPlaced --broker sqlite:///./var/bus.db
 """
 
 from __future__ import annotations
