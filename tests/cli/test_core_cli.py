@@ -33,6 +33,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["run", "examples.chain", "--broker", "memory://"], "expected MODULE:ATTRIBUTE"),
         (["run", "examples.chain:payment", "--broker", "kafka://x"], "unknown scheme 'kafka'"),
         (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?lease=soon"], "lease"),
+        (["dlq", "list", "--broker", "redis://127.0.0.1:1/0?prefix=x&bogus=1"], "unknown parameter(s) bogus"),
         (["publish", "chain.order.placed", "--data", "{oops", "--broker", "memory://"], "--data: not valid JSON"),
         (["publish", "chain.order.placed", "--data", '{"order_id": 5}', "--schema", "examples.chain",
           "--broker", "memory://"], "$.amount: Field required"),

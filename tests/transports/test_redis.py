@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import open_transport
@@ -79,6 +80,44 @@ def test_the_default_prefix_is_choreograph() -> None:
 def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
     with pytest.raises(ConfigurationError):
         RedisTransport(f"redis://127.0.0.1:6379/0?{query}")
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("prefix=x&bogus=1", "unknown parameter(s) bogus;"),
+        ("prefx=shop", "prefx (did you mean prefix?)"),
+        ("db=two", "Invalid value for 'db'"),
+    ],
+)
+def test_a_url_parameter_redis_py_would_not_take_is_a_configuration_error_at_construction(
+    query: str, needle: str
+) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        RedisTransport(f"redis://127.0.0.1:6379/0?{query}")
+    assert needle in str(raised.value)
+
+
+@pytest.mark.parametrize("base", ["redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6379/0", "unix:///tmp/r.sock"])
+def test_a_url_parameter_is_refused_exactly_when_redis_py_would_refuse_it(base: str) -> None:
+    """Every name redis-py parses from a URL, plus a few plain keyword arguments and a typo:
+    ours refuses one iff redis-py's connection class raises TypeError for it."""
+    values = {"ssl_cert_reqs": "none", "ssl_include_verify_flags": "VERIFY_X509_STRICT",
+              "ssl_exclude_verify_flags": "VERIFY_X509_STRICT"}
+    names = {*URL_QUERY_ARGUMENT_PARSERS, "client_name", "ssl_cert_reqs", "path", "bogus"} - {"protocol"}
+    for name in sorted(names):
+        url = f"{base}?{name}={values.get(name, '1')}"
+        try:
+            aioredis.Redis.from_url(url).connection_pool.make_connection()
+            redis_py_refuses = False
+        except TypeError:
+            redis_py_refuses = True
+        try:
+            RedisTransport(url)
+            we_refuse = False
+        except ConfigurationError:
+            we_refuse = True
+        assert we_refuse == redis_py_refuses, url
 
 
 def test_open_transport_selects_redis_for_redis_and_rediss_urls() -> None:

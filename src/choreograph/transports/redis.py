@@ -1,5 +1,8 @@
 """Redis Streams transport: ``redis://host:6379/0?lease=30&prefix=choreograph&maxlen=0``.
 
+Other query parameters go to redis-py (``client_name``, ``socket_keepalive``, ``ssl_ca_certs``
+on ``rediss://``, ...); one it would not take is a :class:`ConfigurationError` at once.
+
 Design, and why:
 
 * **One stream per group.** ``publish`` routes each message to the stream of every group
@@ -50,6 +53,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
+import inspect
 import os
 import secrets
 import socket
@@ -59,6 +64,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection as RedisConnection
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -101,8 +108,9 @@ class RedisTransport(Transport):
             raise ConfigurationError(f"broker URL: maxlen={ours['maxlen']!r} is not an integer") from None
         if self.maxlen < 0:
             raise ConfigurationError("broker URL: maxlen must be >= 0 (0: unbounded)")
-        rest = urlencode([(k, v) for k, v in query if k not in _OUR_PARAMS])
-        self._client_url = urlunsplit(parts._replace(query=rest))
+        rest = [(k, v) for k, v in query if k not in _OUR_PARAMS]
+        self._client_url = urlunsplit(parts._replace(query=urlencode(rest)))
+        _check_redis_py_params(self._client_url, {k for k, _ in rest})
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
@@ -284,6 +292,61 @@ class RedisTransport(Transport):
                 count, after = await self._script("dead", [dead, stream], [verb, group, start, _CHUNK, *ids])
                 total, start = total + int(count), _str(after)
         return total
+
+
+def _check_redis_py_params(client_url: str, names: set[str]) -> None:
+    """Refuse, now, the query parameters redis-py would not take.
+
+    redis-py turns every query parameter into a keyword argument of the connection class
+    the scheme selects, known or not: a typo surfaced as a ``TypeError`` traceback at the
+    first connection (``?bogus=1``), and a value it cannot parse (``?db=two``) as a
+    ``ValueError``. Both are the URL's fault, so both are a :class:`ConfigurationError`
+    when the transport is made, like the other transports' unknown parameters."""
+    try:
+        options = parse_url(client_url)
+    except ValueError as exc:
+        raise ConfigurationError(f"broker URL: {exc}") from None
+    connection_class = options.get("connection_class", RedisConnection)
+    accepted = _redis_py_params(connection_class)
+    unknown = sorted(names - accepted)
+    if unknown:
+        known = [*_OUR_PARAMS, *sorted(accepted)]
+        raise ConfigurationError(
+            f"broker URL: unknown parameter(s) {', '.join(_did_you_mean(name, known) for name in unknown)};"
+            f" choreograph's are {', '.join(_OUR_PARAMS)}, the others must be keyword arguments"
+            f" of redis-py's {connection_class.__name__}"
+        )
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+def _redis_py_params(connection_class: type) -> frozenset[str]:
+    """What redis-py takes from a URL's query without a ``TypeError``, read from redis-py
+    itself so it follows its versions: the keyword arguments of ``ConnectionPool`` (which
+    hands the rest on) and of ``connection_class``'s ``__init__`` and those of its bases,
+    up to the first that does not hand on ``**kwargs``. Its URL_QUERY_ARGUMENT_PARSERS
+    are not all in: a parser only converts a value, and ``timeout`` (or an ``ssl_*`` on
+    ``redis://``) still fails the connection class."""
+    names = _keyword_names(aioredis.ConnectionPool.__init__)[0]
+    for klass in connection_class.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        named, hands_on = _keyword_names(init)
+        names |= named
+        if not hands_on:
+            break
+    return frozenset(names)
+
+
+def _keyword_names(function: Callable[..., Any]) -> tuple[set[str], bool]:
+    """(names ``function`` takes as keywords, whether it also takes ``**kwargs``)."""
+    parameters = list(inspect.signature(function).parameters.values())[1:]  # not self
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _raw_reply(response: Any, **options: Any) -> Any:
