@@ -34,6 +34,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["run", "examples.chain:payment", "--broker", "kafka://x"], "unknown scheme 'kafka'"),
         (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?lease=soon"], "lease"),
         (["dlq", "list", "--broker", "redis://127.0.0.1:1/0?prefix=x&bogus=1"], "unknown parameter(s) bogus"),
+        (["dlq", "list", "--broker", "amqp://guest:guest@127.0.0.1:1/?prefx=shop"], "unknown parameter(s) prefx"),
         (["publish", "chain.order.placed", "--data", "{oops", "--broker", "memory://"], "--data: not valid JSON"),
         (["publish", "chain.order.placed", "--data", '{"order_id": 5}', "--schema", "examples.chain",
           "--broker", "memory://"], "$.amount: Field required"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
+import re
 import signal
 import sys
 import uuid
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import aio_pika
 import aiormq.channel
+import aiormq.connection
 import aiormq.exceptions
 import pytest
 
@@ -86,6 +89,27 @@ def test_the_default_prefix_is_choreograph_and_queues_are_quorum() -> None:
 def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
     with pytest.raises(ConfigurationError):
         AmqpTransport(f"amqp://localhost/?{query}")
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("prefx=shop", "unknown parameter(s) prefx (did you mean prefix?)"),
+        ("prefix=shop&bogus=1&ca_certs=ca.pem", "unknown parameter(s) bogus, ca_certs"),
+    ],
+)
+def test_an_unknown_url_parameter_is_a_configuration_error_naming_it(query: str, needle: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        AmqpTransport(f"amqp://guest:guest@localhost/?{query}")
+    assert needle in str(raised.value)
+
+
+def test_every_url_parameter_aio_pika_and_aiormq_read_is_accepted() -> None:
+    read = set(re.findall(r"url\.query\.get\(\s*[\"'](\w+)[\"']", inspect.getsource(aiormq.connection)))
+    assert {"heartbeat", "name", "cafile"} <= read  # the pattern still finds them
+    read |= {parameter.name for parameter in aio_pika.RobustConnection.PARAMETERS}
+    for name in sorted(read):
+        AmqpTransport(f"amqp://guest:guest@localhost/?{name}=1")
 
 
 @pytest.mark.parametrize("scheme", ["amqp", "amqps"])

@@ -5,7 +5,9 @@
 * ``prefix`` isolates independent buses on one server (every name starts with it;
   see :mod:`choreograph.transports._amqp_wire` for the layout).
 * ``queue_type`` is ``quorum`` (default: replicated, counts redeliveries) or ``classic``.
-* Other query parameters go to aio-pika (``heartbeat``, ``reconnect_interval``, ...).
+* Other query parameters go to aio-pika (``heartbeat``, ``reconnect_interval``, ...); one it
+  does not read is a :class:`ConfigurationError`, not silently ignored (``?prefx=shop``
+  would have published into the default namespace).
 
 How the contract maps onto RabbitMQ:
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
@@ -77,6 +80,12 @@ from choreograph.transports.base import DeadLetter, Message, Subscription, Trans
 __all__ = ["AmqpTransport"]
 
 _OUR_PARAMS = ("lease", "prefix", "queue_type")
+#: What aiormq 7 reads from a URL's query (``aiormq.Connection.__init__`` and
+#: ``_credentials_class``: ``url.query.get(...)``); a test checks aiormq's source still
+#: reads no other. aio-pika's own are its connection class's PARAMETERS.
+_AIORMQ_PARAMS = (
+    "auth", "cadata", "cafile", "capath", "certfile", "heartbeat", "keyfile", "name", "no_verify_ssl", "timeout",
+)
 _QUEUE_TYPES = ("quorum", "classic")
 _UNKNOWN: Any = object()
 
@@ -98,6 +107,7 @@ class AmqpTransport(Transport):
         if self.queue_type not in _QUEUE_TYPES:
             raise ConfigurationError(f"amqp URL: queue_type={self.queue_type!r}; expected quorum or classic")
         rest = [(key, value) for key, value in query if key not in _OUR_PARAMS]
+        _check_client_params({key for key, _ in rest})
         if not any(key == "reconnect_interval" for key, _ in rest):
             rest.append(("reconnect_interval", "1"))
         self._client_url = urlunsplit(parts._replace(query=urlencode(rest)))
@@ -369,6 +379,24 @@ async def _browse(channel: aiormq.abc.AbstractChannel, queue: str, limit: int | 
             break
         out.append(aio_pika.IncomingMessage(got, no_ack=False))
     return out
+
+
+def _check_client_params(names: set[str]) -> None:
+    """Refuse query parameters neither aio-pika nor aiormq reads: both take the URL's query
+    as a mapping and pick the names they know, so a typo (``?prefx=shop``, or aio-pika's
+    documented but unread ``ca_certs``) would be ignored without a word."""
+    client = {parameter.name for parameter in aio_pika.RobustConnection.PARAMETERS} | set(_AIORMQ_PARAMS)
+    unknown = sorted(names - client)
+    if unknown:
+        known = [*_OUR_PARAMS, *sorted(client)]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ConfigurationError(
+            f"amqp URL: unknown parameter(s) {', '.join(hints)}; choreograph's are {', '.join(_OUR_PARAMS)};"
+            f" aio-pika's are {', '.join(sorted(client))}"
+        )
 
 
 def _server_major(connection: aio_pika.abc.AbstractRobustConnection) -> int:
