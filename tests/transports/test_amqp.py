@@ -11,6 +11,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq.channel
@@ -143,6 +144,18 @@ async def test_an_unreachable_broker_is_a_transport_error() -> None:
     with pytest.raises(TransportError):
         async with opened("amqp://guest:guest@127.0.0.1:1/"):
             pass
+
+
+async def test_a_vhost_the_broker_does_not_have_is_a_transport_error_naming_it_and_the_brokers_reply() -> None:
+    require_broker("amqp")
+    vhost = f"choreograph-test-nosuch-{uuid.uuid4().hex[:12]}"
+    url = urlunsplit(urlsplit(new_url())._replace(path=f"/{vhost}"))
+    with pytest.raises(TransportError) as raised:
+        await AmqpTransport(url).connect()
+    message = str(raised.value)
+    assert f"vhost {vhost!r}: 530 NOT_ALLOWED" in message, message
+    assert "InvalidFrameError" not in message
+
 
 
 # -- queues and bindings ------------------------------------------------------------------------

@@ -58,8 +58,13 @@ import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 import orjson
+import pamqp.commands
+import pamqp.frame
+from aiormq.connection import FrameReceiver
+from pamqp.base import Frame
+from pamqp.frame import FrameTypes
 
-from choreograph.errors import ConfigurationError, TransportClosed
+from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import lease_from_url
 from choreograph.transports._amqp_consumer import AmqpSubscription
 from choreograph.transports._amqp_wire import (
@@ -135,7 +140,7 @@ class AmqpTransport(Transport):
             if self._connection is not None:
                 return
             with translated(f"connect to {self._where}"):
-                connection = await aio_pika.connect_robust(self._client_url)
+                connection = await self._open()
                 self._server_major = _server_major(connection)
                 try:
                     self._pub = connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -152,6 +157,16 @@ class AmqpTransport(Transport):
                     await connection.close()
                     raise
             self._connection = connection
+
+    async def _open(self) -> aio_pika.abc.AbstractRobustConnection:
+        """The connection, or a :class:`TransportError` that says why the broker refused it."""
+        try:
+            return await aio_pika.connect_robust(self._client_url)
+        except aiormq.exceptions.InvalidFrameError as exc:
+            refusal = await _open_refusal(self._client_url, self.ready_timeout)
+            if refusal is None:
+                raise
+            raise TransportError(f"amqp: connect to {self._where}: {refusal}") from exc
 
     async def close(self) -> None:
         if self.closed:
@@ -397,6 +412,53 @@ def _check_client_params(names: set[str]) -> None:
             f"amqp URL: unknown parameter(s) {', '.join(hints)}; choreograph's are {', '.join(_OUR_PARAMS)};"
             f" aio-pika's are {', '.join(sorted(client))}"
         )
+
+
+class _Refused(Exception):
+    """The broker's Connection.Close during the handshake: (reply code, reply text)."""
+
+
+class _RefusalProbe(aiormq.Connection):
+    """An aiormq connection whose handshake reports the broker's Connection.Close as it is.
+
+    When the broker refuses Connection.Open (a vhost that does not exist, or that the user
+    may not use), aiormq 7 raises ``InvalidFrameError: Expected one of
+    ['Connection.OpenOk'], got <Connection.Close object at 0x...>``, dropping the reply
+    code and text that say which. This subclass raises them instead; it is only used to
+    connect a second time, after such a failure, to learn the reason."""
+
+    @staticmethod
+    async def _rpc(
+        request: Frame,
+        writer: asyncio.StreamWriter,
+        frame_receiver: FrameReceiver,
+        wait_response: bool = True,
+    ) -> FrameTypes | None:
+        writer.write(pamqp.frame.marshal(request, 0))
+        await writer.drain()
+        if not wait_response:
+            return None
+        _, _, frame = await frame_receiver.get_frame()
+        if isinstance(frame, pamqp.commands.Connection.Close):
+            raise _Refused(frame.reply_code, frame.reply_text)
+        return frame
+
+
+async def _open_refusal(url: str, timeout: float) -> str | None:
+    """Why the broker refuses to open a connection to ``url``: the vhost and the broker's
+    reply (``vhost 'shop': 530 NOT_ALLOWED - vhost shop not found``), or None if a second
+    attempt does not tell (it fails otherwise, or succeeds)."""
+    probe = _RefusalProbe(url)
+    try:
+        await asyncio.wait_for(probe.connect(), timeout)
+    except _Refused as refused:
+        code, text = refused.args
+        return f"the broker refused to open vhost {probe.vhost!r}: {code} {text}"
+    except Exception:
+        return None
+    with contextlib.suppress(Exception):
+        await probe.close()
+    return None
 
 
 def _server_major(connection: aio_pika.abc.AbstractRobustConnection) -> int:
