@@ -11,7 +11,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq.channel
@@ -156,6 +156,16 @@ async def test_a_vhost_the_broker_does_not_have_is_a_transport_error_naming_it_a
     assert f"vhost {vhost!r}: 530 NOT_ALLOWED" in message, message
     assert "InvalidFrameError" not in message
 
+
+async def test_a_wrong_password_is_a_transport_error_naming_the_user() -> None:
+    require_broker("amqp")
+    parts = urlsplit(new_url())
+    user = parts.username or "guest"
+    url = urlunsplit(parts._replace(netloc=f"{user}:not-{uuid.uuid4().hex}@{parts.hostname}:{parts.port or 5672}"))
+    with pytest.raises(TransportError) as raised:
+        await AmqpTransport(url).connect()
+    message = str(raised.value)
+    assert f"refused the login of user {unquote(user)!r}" in message and "ACCESS_REFUSED" in message, message
 
 
 # -- queues and bindings ------------------------------------------------------------------------

@@ -51,7 +51,7 @@ import difflib
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.abc
@@ -162,6 +162,12 @@ class AmqpTransport(Transport):
         """The connection, or a :class:`TransportError` that says why the broker refused it."""
         try:
             return await aio_pika.connect_robust(self._client_url)
+        except aiormq.exceptions.ProbableAuthenticationError as exc:
+            user = unquote(urlsplit(self._client_url).username or "guest")
+            raise TransportError(
+                f"amqp: connect to {self._where}: the broker refused the login of user {user!r}"
+                f" (check the URL's user and password): {exc}"
+            ) from exc
         except aiormq.exceptions.InvalidFrameError as exc:
             refusal = await _open_refusal(self._client_url, self.ready_timeout)
             if refusal is None:
