@@ -46,8 +46,9 @@ class Event(pydantic.BaseModel):
             # inherits its parent's type (e.g. a model with extra helpers), or set it in its body
             cls.__schema_uri__ = f"urn:choreograph:schema:{cls.__event_type__}:v{cls.__event_version__}"
             return
-        if not type or type.startswith("choreograph."):
-            raise ConfigurationError(f"{cls.__qualname__}: type {type!r} is empty or reserved")
+        problem = event_type_problem(type)
+        if problem is not None:
+            raise ConfigurationError(f"{cls.__qualname__}: type {type!r} {problem}")
         if version < 1:
             raise ConfigurationError(f"{cls.__qualname__}: version must be >= 1")
         cls.__event_type__ = type
@@ -70,6 +71,24 @@ class Event(pydantic.BaseModel):
     def schema_uri(cls) -> str:
         """The CloudEvents ``dataschema`` of this event (a URN naming type and version)."""
         return cls.__schema_uri__
+
+
+def event_type_problem(type_name: str) -> str | None:
+    """Why ``type_name`` cannot be an event type, or ``None`` if it can.
+
+    The one rule for Event subclasses and for whatever else names a type by hand (the
+    ``choreograph publish`` command), so both refuse the same names. ``choreograph.*`` is
+    the runtime's own: a ``choreograph.failed`` published by anyone else would reach
+    ``on_failure`` handlers as a failure record the runtime never wrote.
+
+    >>> event_type_problem("choreograph.failed")
+    "is reserved (choreograph.* types are the runtime's own events)"
+    """
+    if not type_name:
+        return "is empty"
+    if type_name.startswith("choreograph."):
+        return "is reserved (choreograph.* types are the runtime's own events)"
+    return None
 
 
 def event_class(type_name: str) -> type[Event] | None:
