@@ -14,7 +14,7 @@ import pytest
 from examples.chain import OrderPlaced
 
 from choreograph import Publisher, Reject, Service, Worker
-from choreograph.transports import open_transport
+from choreograph.transports import Message, open_transport
 from tests._procs import stop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +47,57 @@ def test_bad_input_prints_one_clear_line_and_exits_2(args: list[str], needle: st
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert needle in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["shop.order.placed", "--data", "[1, 2]"], "--data: an event's data is a JSON object, got an array"),
+        (["shop.order.placed", "--data", '"str"'], "--data: an event's data is a JSON object, got a string"),
+        (["shop.order.placed", "--data", "null"], "--data: an event's data is a JSON object, got null"),
+        (["shop.order.placed", "--source", ""], "--source: must be a non-empty string"),
+        (["", "--data", "{}"], "TYPE: '' is empty"),
+        (["shop.order placed"], "TYPE: 'shop.order placed' contains whitespace"),
+        (["shop.order.placed\t"], "contains whitespace"),
+        (["choreograph.failed", "--data", "{}"], "TYPE: 'choreograph.failed' is reserved"),
+        (["chain.order.placed", "--schema", "examples.chain:payment"],
+         "--schema: 'examples.chain:payment' is a Service, not an Event class"),
+        (["chain.order.paid", "--data", '{"order_id": "o", "amount": 1}', "--schema", "examples.chain:OrderPlaced"],
+         "--schema: 'examples.chain:OrderPlaced' is the Event of type 'chain.order.placed', not of 'chain.order.paid'"),
+        (["chain.order.placed", "--schema", "examples.chain:Nope"], "--schema: 'examples.chain:Nope': module"),
+        (["chain.order.placed", "--data", '{"order_id": 5}', "--schema", "examples.chain:OrderPlaced"],
+         "--data: OrderPlaced: $.order_id: Input should be a valid string"),
+    ],
+    ids=["array", "string", "null", "empty-source", "empty-type", "space-in-type", "tab-in-type", "reserved-type",
+         "schema-not-an-event", "schema-of-another-type", "schema-missing", "data-invalid-for-schema"],
+)
+def test_publish_refuses_an_event_a_worker_would_dead_letter_before_opening_the_bus(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    result = cli("publish", *args, "--broker", f"sqlite:///{tmp_path}/bus.db")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and needle in " ".join(result.stderr.split())
+    assert not (tmp_path / "bus.db").exists()
+
+
+async def first_message(url: str, group: str) -> Message | None:
+    """The first message waiting for ``group`` (subscribing registers the group: ``None`` then)."""
+    async with open_transport(url) as bus:
+        subscription = await bus.subscribe(group, None)
+        deliveries = await subscription.fetch(1, timeout=0.5)
+        return deliveries[0].message if deliveries else None
+
+
+def test_publish_with_the_event_class_as_schema_validates_the_data_and_names_its_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    assert asyncio.run(first_message(url, "reader")) is None
+    result = cli("publish", "chain.order.placed", "--data", '{"order_id": "o-1", "amount": 3}',
+                 "--schema", "examples.chain:OrderPlaced", "--broker", url)
+    assert result.returncode == 0, result.stderr
+    message = asyncio.run(first_message(url, "reader"))
+    assert message is not None and message.id == json.loads(result.stdout)["id"]
+    assert json.loads(message.body)["dataschema"] == OrderPlaced.schema_uri()
 
 
 def seed_dead_letters(url: str) -> list[str]:

@@ -1,21 +1,74 @@
-"""``choreograph publish``: put one event on the bus (for poking a running system)."""
+"""``choreograph publish``: put one event on the bus (for poking a running system).
+
+Everything is checked before the bus is opened: an event a worker cannot take (a payload
+that is not an object, an empty source, a reserved type) would only come back as a dead
+letter, far from the command that sent it.
+"""
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 import orjson
+import pydantic
 import typer
 
 from choreograph._envelope import Envelope, new_id, now_rfc3339
 from choreograph.cli._common import BrokerOption, broker_url, console, load_module, load_object, run_async
 from choreograph.errors import ConfigurationError
-from choreograph.events import event_class
+from choreograph.events import Event, event_class, event_type_problem, format_validation_error
 from choreograph.runtime.records import to_message
 from choreograph.transports import open_transport
 
+_JSON_KINDS: dict[type, str] = {list: "an array", str: "a string", int: "a number", float: "a number",
+                                bool: "a boolean", type(None): "null"}
+
+
+def _check_type(event_type: str) -> None:
+    problem = event_type_problem(event_type)
+    # Event classes take any other string; on the command line whitespace or a control
+    # character is a quoting slip (``"shop.order.placed --data ..."``), not a type.
+    if problem is None and (not event_type.isprintable() or any(char.isspace() for char in event_type)):
+        problem = "contains whitespace or control characters"
+    if problem is not None:
+        raise ConfigurationError(f"TYPE: {event_type!r} {problem}")
+
+
+def _parse_data(data: str) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigurationError(f"--data: not valid JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        kind = _JSON_KINDS.get(type(payload), type(payload).__name__)
+        raise ConfigurationError(f"--data: an event's data is a JSON object, got {kind}")
+    return payload
+
+
+def _schema_class(schema: str, event_type: str) -> type[Event]:
+    """The Event class ``--schema`` names for ``event_type``: the class itself, or the one a module defines."""
+    try:
+        obj = load_object(schema) if ":" in schema else load_module(schema)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--schema: {exc}") from None
+    if isinstance(obj, ModuleType):
+        cls = event_class(event_type)
+        if cls is None:
+            raise ConfigurationError(f"--schema: unknown event type {event_type!r}: {schema!r} defines no such Event")
+        return cls
+    if not (isinstance(obj, type) and issubclass(obj, Event)):
+        raise ConfigurationError(f"--schema: {schema!r} is a {type(obj).__name__}, not an Event class")
+    if obj.event_type() != event_type:
+        raise ConfigurationError(
+            f"--schema: {schema!r} is the Event of type {obj.event_type()!r}, not of {event_type!r}"
+        )
+    return obj
+
 
 def publish(
-    event_type: str = typer.Argument(..., help="CloudEvents type, e.g. shop.order.placed"),
-    data: str = typer.Option("{}", "--data", "-d", help="The event's data as JSON"),
+    event_type: str = typer.Argument(..., metavar="TYPE", help="CloudEvents type, e.g. shop.order.placed"),
+    data: str = typer.Option("{}", "--data", "-d", help="The event's data as a JSON object"),
     broker: str | None = BrokerOption,
     schema: str | None = typer.Option(
         None, "--schema", help="MODULE:ATTR of the Event class (or of any module defining it) to validate --data"
@@ -24,18 +77,17 @@ def publish(
     source: str = typer.Option("/choreograph/cli", "--source", help="CloudEvents source"),
 ) -> None:
     """Publish one event; prints its id and correlation id."""
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise ConfigurationError(f"--data: not valid JSON ({exc})") from None
-    if schema:
-        load_object(schema) if ":" in schema else load_module(schema)
-    cls = event_class(event_type)
-    if schema and cls is None:
-        raise ConfigurationError(f"unknown event type {event_type!r}: {schema!r} defines no such Event")
+    _check_type(event_type)
+    if not source:
+        raise ConfigurationError("--source: must be a non-empty string (a CloudEvents source)")
+    payload = _parse_data(data)
     dataschema = None
+    cls = _schema_class(schema, event_type) if schema else event_class(event_type)
     if cls is not None:
-        model = cls.model_validate(payload)
+        try:
+            model = cls.model_validate(payload)
+        except pydantic.ValidationError as exc:
+            raise ConfigurationError(f"--data: {format_validation_error(exc)}") from None
         payload = model.model_dump(mode="json")
         dataschema = cls.schema_uri()
     event_id = new_id()
