@@ -141,9 +141,36 @@ def test_dlq_list_show_replay_and_purge(tmp_path: Path) -> None:
     remaining = json.loads(cli("dlq", "list", "--broker", url, "--json").stdout)
     assert [item["id"] for item in remaining] == [ids[1]]
 
-    purged = json.loads(cli("dlq", "purge", "--group", "payment", "--broker", url, "--json").stdout)
+    purged = json.loads(cli("dlq", "purge", "--group", "payment", "--all", "--broker", url, "--json").stdout)
     assert purged == {"purged": 1}
     assert json.loads(cli("dlq", "list", "--broker", url, "--json").stdout) == []
+
+
+def test_dlq_replay_and_purge_act_on_the_ids_the_group_has_and_name_the_others_with_exit_2(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    first, second = seed_dead_letters(url)
+
+    replayed = cli("dlq", "replay", first, "nosuch", "--group", "payment", "--broker", url)
+    assert replayed.returncode == 2
+    assert "replayed 1 dead letter(s) to payment" in replayed.stdout
+    assert replayed.stderr == "error: no dead letter 'nosuch' in group 'payment'\n"
+
+    purged = cli("dlq", "purge", first, second, "--group", "payment", "--broker", url, "--json")
+    assert purged.returncode == 2 and json.loads(purged.stdout) == {"purged": 1}
+    assert f"no dead letter '{first}' in group 'payment'" in purged.stderr  # replayed above: no longer dead
+
+    elsewhere = cli("dlq", "replay", "a", "b", "--group", "shipping", "--broker", url)
+    assert elsewhere.returncode == 2 and "no dead letters 'a', 'b' in group 'shipping'" in elsewhere.stderr
+
+
+def test_dlq_purge_without_ids_deletes_nothing_unless_told_all(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    seed_dead_letters(url)
+    refused = cli("dlq", "purge", "--group", "payment", "--broker", url)
+    assert refused.returncode == 2 and "--all" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(json.loads(cli("dlq", "list", "--broker", url, "--json").stdout)) == 2
+    purged = cli("dlq", "purge", "--group", "payment", "--all", "--broker", url, "--json")
+    assert json.loads(purged.stdout) == {"purged": 2}
 
 
 def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

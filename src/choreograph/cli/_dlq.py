@@ -1,7 +1,13 @@
-"""``choreograph dlq``: list, show, replay and purge dead letters."""
+"""``choreograph dlq``: list, show, replay and purge dead letters.
+
+An id the group has no dead letter for is an error (exit 2), reported after the ids it
+does have were acted on: a script learns that a letter it meant to replay or purge was
+not there (replayed already, mistyped, in another group) instead of reading "replayed 0".
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,12 +17,14 @@ from rich.table import Table
 
 from choreograph.cli._common import BrokerOption, broker_url, console, run_async
 from choreograph.errors import ConfigurationError
-from choreograph.transports import DeadLetter, open_transport
+from choreograph.transports import DeadLetter, Transport, open_transport
 
 app = typer.Typer(help="Inspect and act on dead letters.", no_args_is_help=True)
 
 GroupOption = typer.Option(None, "--group", "-g", help="Consumer group (service name)")
 JsonOption = typer.Option(False, "--json", help="Machine-readable output")
+
+_Verb = Callable[[str, Collection[str] | None], Awaitable[int]]
 
 
 def _as_dict(letter: DeadLetter) -> dict[str, Any]:
@@ -35,6 +43,26 @@ def _when(ts: float) -> str:
 async def _with_bus(url: str, action: Any) -> Any:
     async with open_transport(url) as bus:
         return await action(bus)
+
+
+def _missing_error(group: str, missing: Sequence[str]) -> ConfigurationError:
+    if len(missing) == 1:
+        return ConfigurationError(f"no dead letter {missing[0]!r} in group {group!r}")
+    return ConfigurationError(f"no dead letters {', '.join(map(repr, missing))} in group {group!r}")
+
+
+async def _act_on(bus: Transport, group: str, ids: list[str], verb: _Verb) -> tuple[int, list[str]]:
+    """Apply ``verb`` (replay or purge) to the ids the group has (all: none given); also return those it has not.
+
+    The transports skip unknown ids without a word, so each id is looked up first.
+    """
+    if not ids:
+        return await verb(group, None), []
+    wanted = list(dict.fromkeys(ids))
+    missing = [message_id for message_id in wanted if await bus.dead_letter(group, message_id) is None]
+    found = [message_id for message_id in wanted if message_id not in missing]
+    count = await verb(group, found) if found else 0
+    return count, missing
 
 
 @app.command("list")
@@ -62,7 +90,7 @@ def show(message_id: str, group: str = typer.Option(..., "--group", "-g"), broke
     """Show one dead letter with its full record and original envelope (JSON)."""
     letter = run_async(_with_bus(broker_url(broker), lambda bus: bus.dead_letter(group, message_id)))
     if letter is None:
-        raise ConfigurationError(f"no dead letter {message_id!r} in group {group!r}")
+        raise _missing_error(group, [message_id])
     console.print_json(orjson.dumps(_as_dict(letter)).decode())
 
 
@@ -71,20 +99,34 @@ def replay(message_id: list[str] = typer.Argument(None, help="Ids to replay (def
            group: str = typer.Option(..., "--group", "-g"), broker: str | None = BrokerOption,
            json: bool = JsonOption) -> None:
     """Deliver dead letters to their group again, with a fresh attempt count."""
-    count = run_async(_with_bus(broker_url(broker), lambda bus: bus.replay(group, message_id or None)))
+    count, missing = run_async(
+        _with_bus(broker_url(broker), lambda bus: _act_on(bus, group, message_id or [], bus.replay))
+    )
     if json:
         console.print_json(orjson.dumps({"replayed": count}).decode())
     else:
-        console.print(f"replayed {count} dead letter(s) to {group}")
+        console.print(f"replayed {count} dead letter(s) to {group}", markup=False, highlight=False)
+    if missing:
+        raise _missing_error(group, missing)
 
 
 @app.command("purge")
-def purge(message_id: list[str] = typer.Argument(None, help="Ids to delete (default: all of the group)"),
+def purge(message_id: list[str] = typer.Argument(None, help="Ids to delete"),
           group: str = typer.Option(..., "--group", "-g"), broker: str | None = BrokerOption,
+          all_: bool = typer.Option(False, "--all", help="Delete every dead letter of the group"),
           json: bool = JsonOption) -> None:
-    """Delete dead letters for good."""
-    count = run_async(_with_bus(broker_url(broker), lambda bus: bus.purge(group, message_id or None)))
+    """Delete dead letters for good: the ids given, or with --all every one of the group."""
+    # Deleting a whole group's letters is not undoable: it takes a flag, not forgotten ids.
+    if not message_id and not all_:
+        raise ConfigurationError(f"dlq purge: give the ids to delete, or --all to delete every dead letter of {group!r}")
+    if message_id and all_:
+        raise ConfigurationError("dlq purge: give ids or --all, not both")
+    count, missing = run_async(
+        _with_bus(broker_url(broker), lambda bus: _act_on(bus, group, message_id or [], bus.purge))
+    )
     if json:
         console.print_json(orjson.dumps({"purged": count}).decode())
     else:
-        console.print(f"purged {count} dead letter(s) from {group}")
+        console.print(f"purged {count} dead letter(s) from {group}", markup=False, highlight=False)
+    if missing:
+        raise _missing_error(group, missing)
