@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The command's output to pipes, whatever the width of the terminal running the tests."""
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
     return subprocess.run([sys.executable, "-m", "choreograph", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=timeout, env={**env, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.mark.parametrize(
@@ -171,6 +173,21 @@ def test_dlq_purge_without_ids_deletes_nothing_unless_told_all(tmp_path: Path) -
     assert len(json.loads(cli("dlq", "list", "--broker", url, "--json").stdout)) == 2
     purged = cli("dlq", "purge", "--group", "payment", "--all", "--broker", url, "--json")
     assert json.loads(purged.stdout) == {"purged": 2}
+
+
+def test_dlq_list_into_a_pipe_prints_whole_ids_that_dlq_show_takes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    ids = seed_dead_letters(url)
+    table = cli("dlq", "list", "--broker", url).stdout
+    assert all(message_id in table for message_id in ids) and "…" not in table
+    assert cli("dlq", "show", ids[0], "--group", "payment", "--broker", url).returncode == 0
+
+
+def test_an_error_into_a_pipe_is_one_line_however_long_and_prints_brackets_as_typed() -> None:
+    group = "[red]" + "g" * 100
+    result = cli("dlq", "show", "x" * 100, "--group", group, "--broker", "memory://")
+    assert result.returncode == 2
+    assert result.stderr == f"error: no dead letter {'x' * 100!r} in group {group!r}\n"
 
 
 def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from choreograph.errors import ConfigurationError
 from choreograph.service import App, Service
@@ -20,8 +21,26 @@ T = TypeVar("T")
 DEFAULT_BROKER = "sqlite:///./var/bus.db"
 BROKER_ENV = "CHOREOGRAPH_BROKER"
 
-err_console = Console(stderr=True)
-console = Console()
+#: The width of a console that is not a terminal: wide enough that nothing is wrapped or cut.
+_UNBOUNDED_WIDTH = 1_000_000
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A Rich console that fits a terminal, and does not pretend a pipe is one.
+
+    Rich lays out for 80 columns when the output is not a terminal: table cells are cut
+    (``01a23ce7…``, an id that can no longer be pasted into ``dlq show``) and long lines
+    wrapped. A pipe or a file has no width, so there nothing is cut or wrapped, unless
+    ``COLUMNS`` asks for a width.
+    """
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = _UNBOUNDED_WIDTH
+    return console
+
+
+err_console = _console(stderr=True)
+console = _console()
 
 BrokerOption = typer.Option(
     None, "--broker", "-b", help=f"Broker URL (env {BROKER_ENV}; default {DEFAULT_BROKER})", show_default=False
@@ -33,7 +52,13 @@ def broker_url(value: str | None) -> str:
 
 
 def console_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """``error: message`` on stderr, as one line whatever its length.
+
+    Soft-wrapped, so a terminal folds it but no newline is written into it (a script
+    reading stderr gets one line per error); a Text, so brackets in the message (a
+    group or id the user typed) are printed, not read as markup.
+    """
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
 
 
 def load_module(module_name: str) -> Any:

@@ -75,7 +75,8 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
         return
     table = Table(title=f"dead letters ({len(letters)})")
     for column in ("group", "id", "type", "reason", "attempts", "last error", "dead at"):
-        table.add_column(column)
+        # an id is pasted into `dlq show`: other columns give way first, and it folds rather than lose characters
+        table.add_column(column, no_wrap=column == "id", overflow="fold" if column == "id" else "ellipsis")
     for letter in letters:
         record = letter.record
         error = record.get("last_error") or {}
