@@ -190,6 +190,23 @@ def test_an_error_into_a_pipe_is_one_line_however_long_and_prints_brackets_as_ty
     assert result.stderr == f"error: no dead letter {'x' * 100!r} in group {group!r}\n"
 
 
+@pytest.mark.parametrize("command", [["list"], ["show", "some-id", "--group", "payment"],
+                                     ["replay", "--group", "payment"], ["purge", "--group", "payment", "--all"]])
+def test_dlq_on_a_sqlite_bus_that_does_not_exist_is_an_error_and_creates_nothing(
+    tmp_path: Path, command: list[str]
+) -> None:
+    result = cli("dlq", *command, "--broker", f"sqlite:///{tmp_path}/var/typo.db")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: no SQLite bus at {tmp_path}/var/typo.db")
+    assert not (tmp_path / "var").exists()
+
+
+def test_publish_to_a_sqlite_bus_that_does_not_exist_creates_it(tmp_path: Path) -> None:
+    result = cli("publish", "chain.order.placed", "--broker", f"sqlite:///{tmp_path}/var/bus.db")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "var" / "bus.db").exists()
+
+
 def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     proc = subprocess.Popen(

@@ -15,6 +15,8 @@ from rich.text import Text
 
 from choreograph.errors import ConfigurationError
 from choreograph.service import App, Service
+from choreograph.transports import Transport, open_transport
+from choreograph.transports.sqlite import SQLiteTransport
 
 T = TypeVar("T")
 
@@ -49,6 +51,21 @@ BrokerOption = typer.Option(
 
 def broker_url(value: str | None) -> str:
     return value or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+
+
+def open_existing_bus(url: str) -> Transport:
+    """A transport for a bus that must exist already (not connected yet).
+
+    For the commands that look at what a bus holds (``dlq``). Connecting to a SQLite URL
+    creates the file, so a mistyped path would be a new, empty bus reporting no dead
+    letters, and a stray file left behind; ``run`` and ``publish`` create the bus on
+    purpose (that is how a first deploy starts) and open it with ``open_transport``.
+    Brokers are servers: a wrong address fails to connect.
+    """
+    transport = open_transport(url)
+    if isinstance(transport, SQLiteTransport) and not os.path.exists(transport.path):
+        raise ConfigurationError(f"no SQLite bus at {transport.path} (broker URL {url!r}; run or publish creates one)")
+    return transport
 
 
 def console_error(message: str) -> None:

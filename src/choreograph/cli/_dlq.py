@@ -1,8 +1,10 @@
 """``choreograph dlq``: list, show, replay and purge dead letters.
 
-An id the group has no dead letter for is an error (exit 2), reported after the ids it
-does have were acted on: a script learns that a letter it meant to replay or purge was
-not there (replayed already, mistyped, in another group) instead of reading "replayed 0".
+Every subcommand opens the bus with :func:`open_existing_bus`: none has a reason to
+create one. An id the group has no dead letter for is an error (exit 2), reported after
+the ids it does have were acted on: a script learns that a letter it meant to replay or
+purge was not there (replayed already, mistyped, in another group) instead of reading
+"replayed 0".
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import orjson
 import typer
 from rich.table import Table
 
-from choreograph.cli._common import BrokerOption, broker_url, console, run_async
+from choreograph.cli._common import BrokerOption, broker_url, console, open_existing_bus, run_async
 from choreograph.errors import ConfigurationError
-from choreograph.transports import DeadLetter, Transport, open_transport
+from choreograph.transports import DeadLetter, Transport
 
 app = typer.Typer(help="Inspect and act on dead letters.", no_args_is_help=True)
 
@@ -41,7 +43,7 @@ def _when(ts: float) -> str:
 
 
 async def _with_bus(url: str, action: Any) -> Any:
-    async with open_transport(url) as bus:
+    async with open_existing_bus(url) as bus:
         return await action(bus)
 
 

@@ -145,6 +145,15 @@ class SQLiteTransport(Transport):
         self._poller: threading.Thread | None = None
         self._subscriptions: set[SQLiteSubscription] = set()
 
+    @property
+    def path(self) -> str:
+        """The database file, as the URL names it (relative paths: to the working directory).
+
+        ``connect()`` creates a missing file; commands that only look at a bus check this
+        first, so that a mistyped path is an error rather than a new, empty bus.
+        """
+        return self._config.path
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def connect(self) -> None:
