@@ -45,6 +45,33 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def _usage_error(error: Exception) -> None:
+    """A usage error (a missing option, a value out of range) as one line: ``error: ...``
+    and where the help is, instead of Typer's boxed panel with the usage above it."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing to add
+        return
+    format_message = getattr(error, "format_message", None)
+    message = format_message() if callable(format_message) else str(error)
+    ctx = getattr(error, "ctx", None)
+    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    console_error(" ".join(message.split()) + where)
+
+
+def _one_line_usage_errors() -> None:
+    """Typer prints a usage error through ``typer.rich_utils.rich_format_error``, looked up
+    when the error happens: replacing it keeps Rich help pages and makes the errors one line.
+    A Typer without that function keeps its own format."""
+    try:
+        from typer import rich_utils
+    except ImportError:
+        return
+    if hasattr(rich_utils, "rich_format_error"):
+        rich_utils.rich_format_error = _usage_error
+
+
+_one_line_usage_errors()
+
+
 def main() -> None:
     try:
         app()
