@@ -66,7 +66,7 @@ def _one_line_usage_errors() -> None:
     except ImportError:
         return
     if hasattr(rich_utils, "rich_format_error"):
-        rich_utils.rich_format_error = _usage_error
+        setattr(rich_utils, "rich_format_error", _usage_error)  # noqa: B010 - typed for ClickException only
 
 
 _one_line_usage_errors()
