@@ -225,6 +225,36 @@ def test_publish_to_a_sqlite_bus_that_does_not_exist_creates_it(tmp_path: Path) 
     assert (tmp_path / "var" / "bus.db").exists()
 
 
+def test_publish_warns_when_no_group_on_the_bus_would_receive_the_event(tmp_path: Path) -> None:
+    """Published before any consumer subscribed, an event reaches nobody: said on stderr, exit 0."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+    alone = cli("publish", "chain.order.placed", "--broker", url)
+    assert alone.returncode == 0, alone.stderr
+    assert " ".join(alone.stderr.split()) == (
+        "warning: no group on this bus subscribes to 'chain.order.placed': nobody receives this event "
+        "(a group receives what is published after it first subscribed: start its consumers first)"
+    )
+
+    async def subscribe(group: str, types: list[str] | None) -> None:
+        async with open_transport(url) as bus:
+            await (await bus.subscribe(group, types)).close()
+
+    asyncio.run(subscribe("shipping", ["chain.payment.captured"]))  # another type: still nobody
+    assert "warning: no group" in cli("publish", "chain.order.placed", "--broker", url).stderr
+    asyncio.run(subscribe("payment", ["chain.order.placed"]))
+    heard = cli("publish", "chain.order.placed", "--broker", url)
+    assert heard.returncode == 0 and heard.stderr == ""
+
+
+def test_dlq_list_of_a_group_the_bus_does_not_have_is_an_error_naming_the_groups_it_has(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    seed_dead_letters(url)
+    typo = cli("dlq", "list", "--group", "paymnet", "--broker", url)
+    assert typo.returncode == 2
+    assert typo.stderr == "error: --group: no group 'paymnet' on this bus (its groups: 'payment')\n"
+    assert json.loads(cli("dlq", "list", "--group", "payment", "--broker", url, "--json").stdout) != []
+
+
 def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     proc = subprocess.Popen(

@@ -53,6 +53,15 @@ def _missing_error(group: str, missing: Sequence[str]) -> ConfigurationError:
     return ConfigurationError(f"no dead letters {', '.join(map(repr, missing))} in group {group!r}")
 
 
+async def _check_group(bus: Transport, group: str) -> None:
+    """A group the bus has never seen is an error (a typo listed as "no dead letters"), where
+    the broker can tell (NATS cannot: its groups' types are not kept on the server)."""
+    groups = await bus.groups()
+    if groups is not None and group not in groups:
+        known = ", ".join(map(repr, sorted(groups))) or "none"
+        raise ConfigurationError(f"--group: no group {group!r} on this bus (its groups: {known})")
+
+
 async def _act_on(bus: Transport, group: str, ids: list[str], verb: _Verb) -> tuple[int, list[str]]:
     """Apply ``verb`` (replay or purge) to the ids the group has (all: none given); also return those it has not.
 
@@ -71,7 +80,13 @@ async def _act_on(bus: Transport, group: str, ids: list[str], verb: _Verb) -> tu
 def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, json: bool = JsonOption,
           limit: int = typer.Option(100, "--limit", min=1)) -> None:
     """List dead letters, oldest first."""
-    letters = run_async(_with_bus(broker_url(broker), lambda bus: bus.dead_letters(group, limit)))
+
+    async def listed(bus: Transport) -> list[DeadLetter]:
+        if group is not None:
+            await _check_group(bus, group)
+        return await bus.dead_letters(group, limit)
+
+    letters = run_async(_with_bus(broker_url(broker), listed))
     if json:
         console.print_json(orjson.dumps([_as_dict(letter) for letter in letters]).decode())
         return

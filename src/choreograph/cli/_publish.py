@@ -15,11 +15,20 @@ import pydantic
 import typer
 
 from choreograph._envelope import Envelope, new_id, now_rfc3339
-from choreograph.cli._common import BrokerOption, broker_url, console, load_module, load_object, run_async
+from choreograph.cli._common import (
+    BrokerOption,
+    broker_url,
+    console,
+    err_console,
+    load_module,
+    load_object,
+    run_async,
+)
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event, event_class, event_type_problem, format_validation_error
 from choreograph.runtime.records import to_message
 from choreograph.transports import open_transport
+from choreograph.transports.base import matches
 
 _JSON_KINDS: dict[type, str] = {list: "an array", str: "a string", int: "a number", float: "a number",
                                 bool: "a boolean", type(None): "null"}
@@ -98,7 +107,16 @@ def publish(
 
     async def main() -> None:
         async with open_transport(broker_url(broker)) as bus:
+            groups = await bus.groups()
             await bus.publish([to_message(envelope)])
+        if groups is not None and not any(matches(types, event_type) for types in groups.values()):
+            # Published, and gone: a group receives only what is published after it first
+            # subscribed. The classic first-deploy surprise, so say it where it happens.
+            err_console.print(
+                f"warning: no group on this bus subscribes to {event_type!r}: nobody receives this event "
+                "(a group receives what is published after it first subscribed: start its consumers first)",
+                markup=False, highlight=False, soft_wrap=True,
+            )
 
     run_async(main())
     console.print_json(orjson.dumps({"id": event_id, "correlation_id": envelope.correlationid}).decode())

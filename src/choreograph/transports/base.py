@@ -200,6 +200,12 @@ class Transport(abc.ABC):
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
         """Register ``group`` for ``types`` (``None``: all types) and consume from it."""
 
+    async def groups(self) -> Mapping[str, frozenset[str] | None] | None:
+        """Every group registered on this bus and the types it is bound to (``None``: every
+        type); ``None`` if this broker cannot tell. Not on any hot path: ``choreograph
+        publish`` uses it to warn that nobody would receive an event."""
+        return None
+
     # -- dead letters -------------------------------------------------------------------
 
     @abc.abstractmethod

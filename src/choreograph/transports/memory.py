@@ -271,6 +271,9 @@ class MemoryTransport(Transport):
         """(messages ready or in flight in groups with consumers, next due retry/lease time)."""
         return self.bus.pending()
 
+    async def groups(self) -> dict[str, frozenset[str] | None]:
+        return {name: state.types for name, state in self.bus.groups.items()}
+
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
         letters = [
             letter

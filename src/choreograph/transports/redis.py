@@ -247,6 +247,15 @@ class RedisTransport(Transport):
 
     # -- dead letters ------------------------------------------------------------------
 
+    async def groups(self) -> dict[str, frozenset[str] | None]:
+        with self._errors("groups"):
+            registry: Any = await self._redis.hgetall(self._registry)
+        out: dict[str, frozenset[str] | None] = {}
+        for name, types in registry.items():
+            bound = orjson.loads(types)
+            out[_str(name)] = None if bound is None else frozenset(map(str, bound))
+        return out
+
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
         with self._errors("dead_letters"):
             names: Any = [group] if group is not None else await self._redis.hkeys(self._registry)

@@ -249,6 +249,9 @@ class SQLiteTransport(Transport):
         self._subscriptions.add(subscription)
         return subscription
 
+    async def groups(self) -> dict[str, frozenset[str] | None]:
+        return await self._read(ops.load_groups)
+
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
         return await self._read(lambda conn: ops.list_dead_letters(conn, group, limit))
 
