@@ -174,6 +174,15 @@ def test_verify_rejects_a_request_outside_the_tolerance() -> None:
         verify(headers, b"{}", SECRET, now=1_699_999_000, tolerance=300)
 
 
+@pytest.mark.parametrize("secret", ["nope", "whsec_" + "A" * 28, "whsec_" + "A" * 88],
+                         ids=["3-bytes", "21-bytes", "66-bytes"])
+def test_a_secret_whose_key_is_not_24_to_64_bytes_is_a_configuration_error(secret: str) -> None:
+    """``--secret nope`` is base64 for 3 bytes: it was taken, and every push signed with it."""
+    with pytest.raises(ConfigurationError, match="Standard Webhooks keys are 24 to 64"):
+        subscription("http://127.0.0.1:9/", secret=secret)
+    subscription("http://127.0.0.1:9/", secret="whsec_" + "A" * 32)  # 24 bytes: fine
+
+
 def test_a_secret_that_is_not_whsec_base64_is_a_configuration_error() -> None:
     """A subscription with a malformed secret fails when it is declared, not at the first push."""
     with pytest.raises(ConfigurationError, match="whsec_"):

@@ -34,6 +34,9 @@ from collections.abc import Mapping, Sequence
 from choreograph.errors import ChoreographError, ConfigurationError
 
 SECRET_PREFIX = "whsec_"
+#: Standard Webhooks: "secret keys SHOULD be between 24 bytes and 64 bytes" (a sender's own
+#: secrets are held to it; a receiver verifies with whatever its sender chose).
+MIN_KEY_BYTES, MAX_KEY_BYTES = 24, 64
 DEFAULT_TOLERANCE = 300.0
 
 ID_HEADER = "webhook-id"

@@ -58,6 +58,8 @@ from choreograph._push_http import Handshakes, classify, retry_after
 from choreograph._push_runner import HANDLER, PushRunner, PushStats
 from choreograph._receiver import read_event, receiver
 from choreograph._webhook import (
+    MAX_KEY_BYTES,
+    MIN_KEY_BYTES,
     SignatureError,
     generate_secret,
     secret_key,
@@ -153,7 +155,15 @@ class PushSubscription:
         if self.secret is not None:
             secrets = (self.secret,) if isinstance(self.secret, str) else tuple(self.secret)
             for secret in secrets:
-                secret_key(secret)
+                # Standard Webhooks: a key of 24 to 64 bytes. A short one is most likely not a
+                # key at all (``--secret nope`` decodes as base64 to 3 bytes, and signed with it).
+                size = len(secret_key(secret))
+                if not MIN_KEY_BYTES <= size <= MAX_KEY_BYTES:
+                    raise ConfigurationError(
+                        f"push subscription {self.group!r}: the secret's key is {size} bytes; Standard Webhooks "
+                        f"keys are {MIN_KEY_BYTES} to {MAX_KEY_BYTES} (generate one with "
+                        "choreograph.push.generate_secret())"
+                    )
             fix("secret", secrets[0] if len(secrets) == 1 else secrets)
         if self.emits is not None:
             fix("emits", frozenset([self.emits] if isinstance(self.emits, str) else self.emits))
