@@ -480,3 +480,34 @@ def test_fuzzing_finds_no_server_error_and_no_undocumented_answer(case: schemath
 def test_fuzzing_with_a_bearer_token(case: schemathesis.Case) -> None:
     """The same with the token declared as the document's bearer scheme (schemathesis also tries without)."""
     case.call_and_validate()
+
+
+async def test_readyz_is_200_while_the_broker_answers_and_503_while_it_does_not(bus: SpyBus) -> None:
+    """/healthz says the process lives; /readyz whether a POST could be published now."""
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, auth_token=TOKEN)
+    async with client_for(gw) as client:
+        ready = await client.get("/readyz")
+        await bus.close()  # the broker is gone
+        gone = await client.get("/readyz")
+        alive = await client.get("/healthz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+    assert gone.status_code == 503 and gone.headers["retry-after"] == "1"
+    assert gone.json() == {"status": "unavailable", "reason": "broker: memory transport is closed"}
+    assert alive.status_code == 200
+
+
+async def test_readyz_answers_503_within_its_timeout_when_the_broker_does_not_answer(
+    bus: SpyBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import choreograph.gateway
+
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(choreograph.gateway, "READY_TIMEOUT", 0.05)
+    monkeypatch.setattr(bus, "ping", hang)
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus)
+    async with client_for(gw) as client:
+        hung = await client.get("/readyz")
+    assert hung.status_code == 503
+    assert hung.json() == {"status": "unavailable", "reason": "broker: no answer within 0.05s"}

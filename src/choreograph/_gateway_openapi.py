@@ -50,6 +50,10 @@ _COMMON_SCHEMAS: dict[str, Any] = {
         },
     },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+    "Readiness": {
+        "type": "object", "required": ["status"],
+        "properties": {"status": {"enum": ["ready", "unavailable"]}, "reason": {"type": "string"}},
+    },
 }
 
 _SUMMARY_PROPERTIES: dict[str, Any] = {
@@ -182,6 +186,10 @@ def build_openapi(
             **guarded,
         }}
     paths["/healthz"] = {"get": {"operationId": "healthz", "summary": "Liveness", "responses": {"200": _json("Alive", "Health")}}}
+    paths["/readyz"] = {"get": {"operationId": "readyz", "summary": "Readiness: the broker answers", "responses": {
+        "200": _json("The broker answered", "Readiness"),
+        "503": _json("The broker did not answer (retry after Retry-After)", "Readiness"),
+    }}}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},

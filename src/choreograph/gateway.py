@@ -22,7 +22,8 @@ the retry is safe).
 A key reused with a different body is a ``409``, not the ``422`` the IETF
 idempotency-key draft suggests: the body itself is valid, it conflicts with the
 server's state, and a client that reads ``422`` as "fix your payload" would be misled.
-``GET /openapi.json`` is the OpenAPI 3.1 document; ``GET /healthz`` says it is alive.
+``GET /openapi.json`` is the OpenAPI 3.1 document; ``GET /healthz`` says it is alive,
+``GET /readyz`` whether the broker answers (503 while it does not).
 
 With ``telemetry=`` each published event gets a PRODUCER span continuing the request's
 W3C ``traceparent`` header (or a new trace) and carries it on; without, no ``traceparent``
@@ -78,7 +79,9 @@ log = logging.getLogger("choreograph.gateway")
 
 DEFAULT_BROKER = "sqlite:///./var/bus.db"
 _PATH = re.compile(r"^/[A-Za-z0-9._~\-/]*$")
-_RESERVED = ("/healthz", "/openapi.json", "/transactions")
+_RESERVED = ("/healthz", "/readyz", "/openapi.json", "/transactions")
+#: Seconds ``/readyz`` waits for the broker's answer.
+READY_TIMEOUT = 2.0
 _METHODS = ("POST", "PUT", "PATCH")
 
 KEY_REUSED = "urn:choreograph:problem:idempotency-key-reused"
@@ -128,7 +131,7 @@ class Gateway:
     ``broker`` is a URL or a :class:`Transport` (the gateway closes only what it opened).
     ``journal`` (a URL or a :class:`Journal`) enables ``GET /transactions`` and
     ``GET /transactions/{correlation_id}``. ``auth_token`` requires
-    ``Authorization: Bearer <token>`` on every route but ``/healthz`` and
+    ``Authorization: Bearer <token>`` on every route but ``/healthz``, ``/readyz`` and
     ``/openapi.json``. ``idempotency`` is where ``Idempotency-Key``s are kept (a
     ``sqlite:///`` URL for durability; default: this process's memory). ``telemetry``
     traces each publish (see :mod:`choreograph.telemetry`).
@@ -254,6 +257,7 @@ class Gateway:
             ]
             routes.append(StarletteRoute("/openapi.json", self._openapi_endpoint, methods=["GET"]))
             routes.append(StarletteRoute("/healthz", self._healthz, methods=["GET"]))
+            routes.append(StarletteRoute("/readyz", self._readyz, methods=["GET"]))
             if self.journal is not None:
                 routes.append(StarletteRoute("/transactions", self._list_transactions, methods=["GET"]))
                 routes.append(StarletteRoute("/transactions/{correlation_id}", self._get_transaction, methods=["GET"]))
@@ -339,6 +343,22 @@ class Gateway:
 
     async def _healthz(self, request: Request) -> Response:
         return json_response({"status": "ok"})
+
+    async def _readyz(self, request: Request) -> Response:
+        """Ready when the broker answers now (``Transport.ping``, at most ``READY_TIMEOUT``):
+        ``/healthz`` says the process lives, this whether a POST can be published. A load
+        balancer that probes it stops sending requests a broker outage would answer 503."""
+        try:
+            await asyncio.wait_for(self._probe(), READY_TIMEOUT)
+        except Exception as exc:
+            reason = f"no answer within {READY_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            return json_response({"status": "unavailable", "reason": f"broker: {reason}"}, 503,
+                                 {"Retry-After": "1"})
+        return json_response({"status": "ready"})
+
+    async def _probe(self) -> None:
+        await self.start()
+        await self.transport.ping()
 
     async def _list_transactions(self, request: Request) -> Response:
         check_bearer(request, self.auth_token)

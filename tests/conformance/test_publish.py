@@ -118,3 +118,12 @@ async def test_publish_after_close_raises_transport_closed(buses: Buses) -> None
     await transport.close()
     with pytest.raises(TransportClosed):
         await transport.publish([message(1)])
+
+
+async def test_ping_answers_while_the_bus_is_open_and_raises_transport_closed_after(buses: Buses) -> None:
+    """What the gateway's /readyz asks the broker."""
+    bus = await buses.open()
+    await bus.ping()
+    await bus.close()
+    with pytest.raises(TransportClosed):
+        await bus.ping()

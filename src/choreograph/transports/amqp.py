@@ -300,6 +300,12 @@ class AmqpTransport(Transport):
         self._subscriptions.append(sub)
         return sub
 
+    async def ping(self) -> None:
+        """The bus's exchange, declared passively on the publishing channel: a round trip."""
+        channel = await self._ready()
+        with translated(f"ping {self._where}"):
+            await channel.declare_exchange(self.names.exchange, passive=True)
+
     async def groups(self) -> dict[str, frozenset[str] | None]:
         """Every group registered on this bus and its types (``None``: all types)."""
         async with self._registry_lock, self._temp_channel("read the group registry") as channel:

@@ -200,6 +200,12 @@ class Transport(abc.ABC):
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
         """Register ``group`` for ``types`` (``None``: all types) and consume from it."""
 
+    async def ping(self) -> None:
+        """Return once the broker answered a round trip; raise :class:`TransportError` (or
+        :class:`TransportClosed`) if it cannot now. What a readiness probe asks (the
+        gateway's ``/readyz``); cheap, but not free: not for every message."""
+        await self.groups()
+
     async def groups(self) -> Mapping[str, frozenset[str] | None] | None:
         """Every group registered on this bus and the types it is bound to (``None``: every
         type); ``None`` if this broker cannot tell. Not on any hot path: ``choreograph

@@ -271,6 +271,10 @@ class MemoryTransport(Transport):
         """(messages ready or in flight in groups with consumers, next due retry/lease time)."""
         return self.bus.pending()
 
+    async def ping(self) -> None:
+        if self.closed:
+            raise TransportClosed("memory transport is closed")
+
     async def groups(self) -> dict[str, frozenset[str] | None]:
         return {name: state.types for name, state in self.bus.groups.items()}
 

@@ -185,6 +185,10 @@ class NatsTransport(Transport):
         for subscription in self._subscriptions:
             subscription.reconnected()
 
+    async def ping(self) -> None:
+        """JetStream's account info: a round trip to a server with JetStream up."""
+        await self._jetstream().api("ping", "INFO")
+
     def _jetstream(self) -> JetStream:
         if self._closed:
             raise TransportClosed("nats: transport is closed")

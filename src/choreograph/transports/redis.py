@@ -247,6 +247,10 @@ class RedisTransport(Transport):
 
     # -- dead letters ------------------------------------------------------------------
 
+    async def ping(self) -> None:
+        with self._errors("ping"):
+            await self._redis.ping()
+
     async def groups(self) -> dict[str, frozenset[str] | None]:
         with self._errors("groups"):
             registry: Any = await self._redis.hgetall(self._registry)

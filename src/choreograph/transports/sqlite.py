@@ -249,6 +249,9 @@ class SQLiteTransport(Transport):
         self._subscriptions.add(subscription)
         return subscription
 
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall())
+
     async def groups(self) -> dict[str, frozenset[str] | None]:
         return await self._read(ops.load_groups)
 
