@@ -33,6 +33,9 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["run", "no_such_module:svc", "--broker", "memory://"], "no module named 'no_such_module'"),
         (["run", "examples.chain:nope", "--broker", "memory://"], "has no attribute 'nope'"),
         (["run", "examples.chain", "--broker", "memory://"], "expected MODULE:ATTRIBUTE"),
+        (["run", "examples.chain:OrderPlaced", "--broker", "memory://"],
+         "'examples.chain:OrderPlaced' is the Event class OrderPlaced, not a Service"),
+        (["run", "examples.chain:FAILURE_RATE", "--broker", "memory://"], "is a float, not a Service"),
         (["run", "examples.chain:payment", "--broker", "kafka://x"], "unknown scheme 'kafka'"),
         (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?lease=soon"], "lease"),
         (["dlq", "list", "--broker", "redis://127.0.0.1:1/0?prefix=x&bogus=1"], "unknown parameter(s) bogus"),
@@ -121,6 +124,34 @@ def seed_dead_letters(url: str) -> list[str]:
             return [env.id for env in envs]
 
     return asyncio.run(go())
+
+
+def test_dlq_list_shows_an_invalid_payloads_error_with_the_field_it_names(tmp_path: Path) -> None:
+    """A validation error names the field on its second line; the table showed the first only."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+
+    async def dead_letter_an_order_without_amount() -> None:
+        async with open_transport(url) as bus:
+            svc = Service("payment")
+
+            @svc.on(OrderPlaced)
+            async def never(order: OrderPlaced) -> None:
+                raise AssertionError("an invalid payload never reaches the handler")
+
+            async with Worker([svc], bus):
+                body = b'{"specversion":"1.0","id":"e-1","source":"/t","type":"chain.order.placed","data":{"order_id":"o"}}'
+                await bus.publish([Message("e-1", "chain.order.placed", body)])
+                for _ in range(200):
+                    if await bus.dead_letters("payment"):
+                        break
+                    await asyncio.sleep(0.02)
+
+    asyncio.run(dead_letter_an_order_without_amount())
+    table = cli("dlq", "list", "--broker", url)
+    assert table.returncode == 0, table.stderr
+    assert "1 validation error for OrderPlaced amount Field required" in " ".join(
+        cell.strip() for line in table.stdout.splitlines() for cell in line.split("│")
+    )
 
 
 def test_dlq_list_show_replay_and_purge(tmp_path: Path) -> None:

@@ -38,6 +38,13 @@ def _as_dict(letter: DeadLetter) -> dict[str, Any]:
             "dead_at": letter.dead_at, "record": dict(letter.record), "envelope": body}
 
 
+def _one_line(text: str, limit: int = 120) -> str:
+    """An error for a table cell: its lines joined (a validation error names the field on its
+    second line, which a cut at the first newline lost), at most ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -98,7 +105,7 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
         record = letter.record
         error = record.get("last_error") or {}
         table.add_row(letter.group, letter.message.id, letter.message.type, str(record.get("reason", "")),
-                      str(record.get("attempts", "")), f"{error.get('type', '')}: {error.get('message', '')}"[:60],
+                      str(record.get("attempts", "")), _one_line(f"{error.get('type', '')}: {error.get('message', '')}"),
                       _when(letter.dead_at))
     console.print(table)
 
