@@ -689,3 +689,14 @@ async def test_an_ack_whose_caller_is_cancelled_still_goes_out(bus_url: str, how
     async with opened(bus_url) as bus:  # a new connection: anything unacked is back by now
         sub = await bus.subscribe("g", ["t"])
         assert await sub.fetch(10, timeout=1.0) == []
+
+
+async def test_ping_asks_the_broker_and_fails_once_the_bus_is_deleted(bus_url: str) -> None:
+    """A passive declare of the exchange on the publishing channel was answered from aio-pika's
+    cache: ping said "ready" to a broker it never asked (the gateway's /readyz relies on it)."""
+    async with AmqpTransport(bus_url) as bus:
+        await bus.ping()
+        async with bus._temp_channel("delete the registry") as channel:
+            await channel.queue_delete(bus.names.registry)
+        with pytest.raises(TransportError):
+            await bus.ping()

@@ -301,10 +301,11 @@ class AmqpTransport(Transport):
         return sub
 
     async def ping(self) -> None:
-        """The bus's exchange, declared passively on the publishing channel: a round trip."""
-        channel = await self._ready()
-        with translated(f"ping {self._where}"):
-            await channel.declare_exchange(self.names.exchange, passive=True)
+        """The registry queue, declared passively on a channel of its own: round trips to the
+        broker. (A passive ``declare_exchange`` on the publishing channel is answered from
+        aio-pika's cache, so it said "ready" to a stalled broker.)"""
+        async with self._temp_channel(f"ping {self._where}") as channel:
+            await channel.queue_declare(self.names.registry, passive=True)
 
     async def groups(self) -> dict[str, frozenset[str] | None]:
         """Every group registered on this bus and its types (``None``: all types)."""
