@@ -36,6 +36,8 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["run", "examples.chain:OrderPlaced", "--broker", "memory://"],
          "'examples.chain:OrderPlaced' is the Event class OrderPlaced, not a Service"),
         (["run", "examples.chain:FAILURE_RATE", "--broker", "memory://"], "is a float, not a Service"),
+        (["publish", "x.y", "--schema", "choreograph:Context", "--broker", "memory://"],
+         "--schema: 'choreograph:Context' is the class Context, not an Event class"),
         (["run", "examples.chain:payment", "--broker", "kafka://x"], "unknown scheme 'kafka'"),
         (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?lease=soon"], "lease"),
         (["dlq", "list", "--broker", "redis://127.0.0.1:1/0?prefix=x&bogus=1"], "unknown parameter(s) bogus"),
@@ -192,8 +194,8 @@ def test_dlq_replay_and_purge_act_on_the_ids_the_group_has_and_name_the_others_w
     assert purged.returncode == 2 and json.loads(purged.stdout) == {"purged": 1}
     assert f"no dead letter '{first}' in group 'payment'" in purged.stderr  # replayed above: no longer dead
 
-    elsewhere = cli("dlq", "replay", "a", "b", "--group", "shipping", "--broker", url)
-    assert elsewhere.returncode == 2 and "no dead letters 'a', 'b' in group 'shipping'" in elsewhere.stderr
+    elsewhere = cli("dlq", "replay", "a", "b", "--group", "payment", "--broker", url)
+    assert elsewhere.returncode == 2 and "no dead letters 'a', 'b' in group 'payment'" in elsewhere.stderr
 
 
 def test_dlq_purge_without_ids_deletes_nothing_unless_told_all(tmp_path: Path) -> None:
@@ -284,6 +286,9 @@ def test_dlq_list_of_a_group_the_bus_does_not_have_is_an_error_naming_the_groups
     assert typo.returncode == 2
     assert typo.stderr == "error: --group: no group 'paymnet' on this bus (its groups: 'payment')\n"
     assert json.loads(cli("dlq", "list", "--group", "payment", "--broker", url, "--json").stdout) != []
+    for verb in (["replay"], ["purge", "--all"]):
+        acted = cli("dlq", *verb, "--group", "paymnet", "--broker", url)
+        assert acted.returncode == 2 and "no group 'paymnet' on this bus" in acted.stderr
 
 
 def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

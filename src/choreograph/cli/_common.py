@@ -116,7 +116,7 @@ def load_services(spec: str, only: list[str] | None = None) -> tuple[list[Servic
     elif isinstance(obj, (list, tuple)) and obj and all(isinstance(s, Service) for s in obj):
         services = list(obj)
     else:
-        raise ConfigurationError(f"{spec!r} is {_kind_of(obj)}, not a Service, a list of Services or an App")
+        raise ConfigurationError(f"{spec!r} is {kind_of(obj)}, not a Service, a list of Services or an App")
     if only:
         names = {s.name for s in services}
         unknown = [n for n in only if n not in names]
@@ -156,7 +156,7 @@ MetricsPortOption = typer.Option(
 MetricsHostOption = typer.Option("127.0.0.1", "--metrics-host", help="Interface for --metrics-port")
 
 
-def _kind_of(obj: Any) -> str:
+def kind_of(obj: Any) -> str:
     """What ``obj`` is, for an error message: "the Event class OrderPlaced", "a function"."""
     if isinstance(obj, type):
         from choreograph.events import Event

@@ -72,8 +72,10 @@ async def _check_group(bus: Transport, group: str) -> None:
 async def _act_on(bus: Transport, group: str, ids: list[str], verb: _Verb) -> tuple[int, list[str]]:
     """Apply ``verb`` (replay or purge) to the ids the group has (all: none given); also return those it has not.
 
-    The transports skip unknown ids without a word, so each id is looked up first.
+    The transports skip unknown ids without a word, so each id is looked up first; a group the
+    bus does not have is an error (``purge --all`` of a typo said "purged 0").
     """
+    await _check_group(bus, group)
     if not ids:
         return await verb(group, None), []
     wanted = list(dict.fromkeys(ids))

@@ -20,11 +20,12 @@ from choreograph.cli._common import (
     broker_url,
     console,
     err_console,
+    kind_of,
     load_module,
     load_object,
     run_async,
 )
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ConfigurationError, TransportError
 from choreograph.events import Event, event_class, event_type_problem, format_validation_error
 from choreograph.runtime.records import to_message
 from choreograph.transports import open_transport
@@ -67,7 +68,7 @@ def _schema_class(schema: str, event_type: str) -> type[Event]:
             raise ConfigurationError(f"--schema: unknown event type {event_type!r}: {schema!r} defines no such Event")
         return cls
     if not (isinstance(obj, type) and issubclass(obj, Event)):
-        raise ConfigurationError(f"--schema: {schema!r} is a {type(obj).__name__}, not an Event class")
+        raise ConfigurationError(f"--schema: {schema!r} is {kind_of(obj)}, not an Event class")
     if obj.event_type() != event_type:
         raise ConfigurationError(
             f"--schema: {schema!r} is the Event of type {obj.event_type()!r}, not of {event_type!r}"
@@ -107,7 +108,10 @@ def publish(
 
     async def main() -> None:
         async with open_transport(broker_url(broker)) as bus:
-            groups = await bus.groups()
+            try:
+                groups = await bus.groups()
+            except TransportError:  # only for a warning: never in the way of the publish
+                groups = None
             await bus.publish([to_message(envelope)])
         if groups is not None and not any(matches(types, event_type) for types in groups.values()):
             # Published, and gone: a group receives only what is published after it first
