@@ -589,11 +589,25 @@ class _Runner:
             held = dict(self.active_ids)
             waiting = [d for message_id, d in held.items() if before.get(message_id) is d and id(d) not in ids]
             before = held
-            for delivery in running + waiting:
-                try:
-                    await delivery.touch()
-                except Exception as exc:
-                    log.warning("could not extend the lease of %r: %s", delivery, exc)
+            await self._touch(running + waiting)
+
+    async def _touch(self, deliveries: list[Delivery]) -> None:
+        """Touch ``deliveries``, 64 at a time concurrently (a backlog of a thousand in hand
+        during an outage was a thousand round trips one after the other), and log the
+        failures once per tick, not once per delivery."""
+        failed, first = 0, None
+        for start in range(0, len(deliveries), 64):
+            chunk = deliveries[start:start + 64]
+            for delivery, result in zip(chunk, await asyncio.gather(*(d.touch() for d in chunk),
+                                                                    return_exceptions=True), strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result  # a cancellation: the worker is stopping
+                    failed += 1
+                    first = first or f"{delivery!r}: {result}"
+        if failed:
+            log.warning("could not extend the leases of %d of %d deliveries of %s (%s); they return "
+                        "after their lease if it runs out", failed, len(deliveries), self.group, first)
 
     async def _watchdog_loop(self, tick: float) -> None:
         """Cancel handlers past their timeout (checked every ``tick`` seconds).
@@ -927,7 +941,7 @@ class _Runner:
                 finally:
                     self.finisher_idle = False
                 continue
-            # Waiting inputs get no lease touches: never wait a good part of the lease.
+            # Never wait a good part of the lease: the touch loop only reaches what stays a tick.
             delay = min(self.worker.ack_delay, self.worker.transport.lease / 4)
             if delay > 0 and not self.stopping and self.unfinished * 2 < self.max_unsettled:
                 self.finish_due.clear()
