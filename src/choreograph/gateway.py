@@ -189,6 +189,7 @@ class Gateway:
         self._ready = False
         self._lock: asyncio.Lock | None = None
         self._app: Starlette | None = None
+        self._was_ready: bool | None = None  # what /readyz last answered (None: not asked yet)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The gateway is itself an ASGI app (``uvicorn module:gateway`` works on the object)."""
@@ -349,11 +350,19 @@ class Gateway:
         ``/healthz`` says the process lives, this whether a POST can be published. A load
         balancer that probes it stops sending requests a broker outage would answer 503."""
         try:
-            await asyncio.wait_for(self._probe(), READY_TIMEOUT)
+            # shielded: a timeout must not cancel a start() half way through connecting
+            await asyncio.wait_for(asyncio.shield(self._probe()), READY_TIMEOUT)
         except Exception as exc:
             reason = f"no answer within {READY_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else str(exc)
-            return json_response({"status": "unavailable", "reason": f"broker: {reason}"}, 503,
+            if self._was_ready is not False:  # logged when it changes, not at every probe
+                log.warning("gateway not ready: broker: %s", reason)
+            self._was_ready = False
+            # The probe needs no token: the reason stays in the log (it may name hosts and paths).
+            return json_response({"status": "unavailable", "reason": "broker unavailable"}, 503,
                                  {"Retry-After": "1"})
+        if self._was_ready is False:
+            log.info("gateway ready: the broker answers again")
+        self._was_ready = True
         return json_response({"status": "ready"})
 
     async def _probe(self) -> None:
