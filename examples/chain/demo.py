@@ -115,7 +115,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{root}/bus.db"
     asyncio.run(register(url))
-    env = {**os.environ, "CHAIN_FAILURE_RATE": "0.2"}
+    env = {"CHAIN_FAILURE_RATE": "0.2", **os.environ}  # the environment may set another rate
     procs = [
         subprocess.Popen(
             [

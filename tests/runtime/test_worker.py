@@ -1652,7 +1652,7 @@ async def test_a_handled_event_whose_outputs_wait_for_the_broker_keeps_its_lease
                 raise TransportError("backlog full")
             await super().publish(messages)
 
-    bus = Refusing("memory://?lease=0.3")
+    bus = Refusing("memory://?lease=0.6")
     runs: list[str] = []
     charged: list[str] = []
     sink = Service("sink")
@@ -1666,7 +1666,7 @@ async def test_a_handled_event_whose_outputs_wait_for_the_broker_keeps_its_lease
             Worker([sink], bus):
         await Publisher(bus).publish(Placed(order_id="a"))
         await until(lambda: runs == ["a"])
-        await asyncio.sleep(1.2)  # four leases
+        await asyncio.sleep(2.4)  # four leases (a touch tick is a third of one)
         bus.refusing = False
         await until(lambda: charged == ["a"])
         await settled(bus)
