@@ -315,9 +315,8 @@ async def drive(system: System, count: int, seed: int, wait_s: float) -> int:
     eventful = _most_eventful(done)
     if eventful is not None:
         trace(system, eventful["correlation_id"])
-    console.print(
-        f"[dim]logs: {system.log_path}   dead letters: choreograph dlq list --broker {system.broker}"
-    )
+    console.print(f"[dim]logs: {system.log_path}", soft_wrap=True)
+    console.print(f"[dim]dead letters: choreograph dlq list --broker {system.broker}", soft_wrap=True)  # copyable
     return 0 if len(done) == len(accepted) else 1
 
 
