@@ -469,12 +469,20 @@ async def test_hops_above_the_limit_are_dead_lettered_as_a_loop(bus: MemoryTrans
     async def bounce(ping: Ping) -> Ping:
         return Ping(n=ping.n + 1)
 
-    async with Worker([svc], bus, max_hops=10):
+    failures: list[Failure] = []
+    watch = Service("watch")
+
+    @watch.on_failure(Ping)
+    async def seen(failure: Failure) -> None:
+        failures.append(failure)
+
+    async with Worker([svc, watch], bus, max_hops=10):
         await Publisher(bus).publish(Ping(n=0))
         await settled(bus)
     [letter] = await bus.dead_letters("looper")
-    assert letter.record["reason"] == "loop_detected"
+    assert letter.record["reason"] == "loop_detected" and letter.record["handler"] is None
     assert decode(letter.message.body).hops == 11
+    assert failures == []  # a loop publishes no failure event: a compensation could loop again
 
 
 class _EqualOnlyToItself(type):
@@ -1671,3 +1679,50 @@ async def test_a_handled_event_whose_outputs_wait_for_the_broker_keeps_its_lease
         await until(lambda: charged == ["a"])
         await settled(bus)
     assert runs == ["a"] and charged == ["a"]
+
+
+async def test_an_event_no_handler_takes_is_acked_without_an_inbox_record() -> None:
+    """Ignored, not processed: the inbox records only what a handler ran for (a later
+    version of the service that handles the type must not take it for a duplicate)."""
+
+    class Recording(MemoryStore):
+        marked: list[str] = []
+
+        async def mark(self, group: str, event_ids: Collection[str]) -> None:
+            self.marked.extend(event_ids)
+            await super().mark(group, event_ids)
+
+    class Other(Event, type="test.worker.other"):
+        n: int
+
+    bus = MemoryTransport()
+    store = Recording()
+    async with Worker([_charging([])], bus, store=store):
+        await (await bus.subscribe("payment", None)).close()  # the group now takes every type
+        placed, other = await Publisher(bus).publish(Placed(order_id="a"), Other(n=1))
+        await settled(bus)
+    assert store.marked == [placed.id]
+    assert bus.pending()[0] == 0  # the other one was acked all the same
+
+
+async def test_a_replayed_dead_letter_starts_a_fresh_failure_history() -> None:
+    """Dead-lettering clears the event's recorded failures: after a replay its next dead
+    letter's record starts at the replay, not at the first run's first attempt."""
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    svc = Service("fragile", retry=RetryPolicy(max_attempts=2, base=1.0, jitter=False))
+
+    @svc.on(Placed)
+    async def fail(order: Placed) -> None:
+        raise RuntimeError(f"down at {clock.time():.0f}")
+
+    async with Worker([svc], bus, clock=clock):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+        [first] = await bus.dead_letters("fragile")
+        clock.advance(100)
+        await bus.replay("fragile")
+        await settled(bus)
+        [second] = await bus.dead_letters("fragile")
+    assert second.record["first_attempt_at"] >= first.record["last_attempt_at"] + 100
+    assert second.record["first_error"]["message"] != first.record["first_error"]["message"]
