@@ -103,3 +103,36 @@ async def test_marking_an_event_forgets_its_failure_history_and_only_its_own(sto
     later = ErrorInfo("Boom", "later")
     assert await store.record_failure("g", "a", later, 20.0) == (later, 20.0)  # a's history restarted
     assert await store.record_failure("g", "b", later, 21.0) == (first, 11.0)  # b's kept
+
+
+class _Clock:
+    """The store module's ``time``, at a time the test sets."""
+
+    now = 1_000.0
+
+    @classmethod
+    def time(cls) -> float:
+        return cls.now
+
+
+async def test_expire_forgets_the_ids_marked_before_the_cutoff_counted_from_their_first_mark(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "time", _Clock)
+    _Clock.now = 100.0
+    await store.mark("g", ["old", "again"])
+    _Clock.now = 200.0
+    await store.mark("g", ["new", "again"])  # marked twice: its first mark is what counts
+    assert await store.expire(150.0) == 2
+    assert await store.seen("g", ["old", "again", "new"]) == {"new"}
+
+
+async def test_clearing_failures_starts_the_next_history_afresh(store: SQLiteStore) -> None:
+    from choreograph.stores.base import ErrorInfo
+
+    first = ErrorInfo("RuntimeError", "first run")
+    assert await store.record_failure("g", "e1", first, 10.0) == (first, 10.0)
+    assert await store.record_failure("g", "e1", ErrorInfo("RuntimeError", "again"), 11.0) == (first, 10.0)
+    await store.clear_failures("g", ["e1"])
+    replayed = ErrorInfo("RuntimeError", "after the replay")
+    assert await store.record_failure("g", "e1", replayed, 50.0) == (replayed, 50.0)
