@@ -1726,3 +1726,23 @@ async def test_a_replayed_dead_letter_starts_a_fresh_failure_history() -> None:
         [second] = await bus.dead_letters("fragile")
     assert second.record["first_attempt_at"] >= first.record["last_attempt_at"] + 100
     assert second.record["first_error"]["message"] != first.record["first_error"]["message"]
+
+
+async def test_a_handlers_own_retry_policy_and_timeout_override_its_services(
+    bus: MemoryTransport, clock: VirtualClock
+) -> None:
+    svc = Service("policies", retry=RetryPolicy(max_attempts=6, base=1.0, jitter=False), timeout=30.0)
+    attempts: list[int] = []
+
+    @svc.on(Placed, retry=RetryPolicy(max_attempts=2, base=1.0, jitter=False), timeout=5.0)
+    async def handle(order: Placed, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        raise RuntimeError("down")
+
+    assert svc.handlers[Placed.event_type()].timeout == 5.0
+    async with Worker([svc], bus, clock=clock):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert attempts == [1, 2]  # the handler's two, not the service's six
+    [letter] = await bus.dead_letters("policies")
+    assert letter.record["reason"] == "max_attempts" and letter.record["attempts"] == 2
