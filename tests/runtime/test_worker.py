@@ -1746,3 +1746,27 @@ async def test_a_handlers_own_retry_policy_and_timeout_override_its_services(
     assert attempts == [1, 2]  # the handler's two, not the service's six
     [letter] = await bus.dead_letters("policies")
     assert letter.record["reason"] == "max_attempts" and letter.record["attempts"] == 2
+
+
+async def test_the_failure_event_of_a_dead_letter_is_derived_from_the_failed_event(bus: MemoryTransport) -> None:
+    """Deterministic id (a re-run after a crash publishes the same one), the failed type as its
+    subject (what failure subscriptions route on), one hop more, the same transaction."""
+    from choreograph._envelope import derive_id
+
+    svc = Service("payment")
+
+    @svc.on(Placed)
+    async def refuse(order: Placed) -> None:
+        raise Reject("no")
+
+    tap = await bus.subscribe("tap", [FAILED])
+    async with Worker([svc], bus):
+        [placed] = await Publisher(bus).publish(Placed(order_id="a"), correlation_id="tx-1")
+        [delivery] = await tap.fetch(10, timeout=5.0)
+        await delivery.ack()
+        await settled(bus)
+    failure = decode(delivery.message.body)
+    assert failure.id == derive_id(placed.id, "payment", svc.handlers[Placed.event_type()].name, "failed")
+    assert (failure.type, failure.subject) == (FAILED, Placed.event_type())
+    assert (failure.correlationid, failure.causationid) == ("tx-1", placed.id)
+    assert failure.hops == placed.hops + 1
