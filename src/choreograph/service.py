@@ -305,7 +305,7 @@ class Service:
             key = event.event_type()
             if key in table:
                 raise ConfigurationError(
-                    f"Service {self.name!r} already has a {kind} handler for {key!r} "
+                    f"Service {self.name!r} already has {'an event' if kind == 'event' else 'a failure'} handler for {key!r} "
                     f"({table[key].name}); use another Service for a second step "
                     "(where= filters a handler's events, it does not allow a second handler)"
                 )

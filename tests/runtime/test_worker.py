@@ -1770,3 +1770,23 @@ async def test_the_failure_event_of_a_dead_letter_is_derived_from_the_failed_eve
     assert (failure.type, failure.subject) == (FAILED, Placed.event_type())
     assert (failure.correlationid, failure.causationid) == ("tx-1", placed.id)
     assert failure.hops == placed.hops + 1
+
+
+def test_declaring_a_service_refuses_what_could_only_fail_later() -> None:
+    """A zero timeout, a second handler for one type, two services of one name in an App:
+    each is a ConfigurationError naming the problem when the code is loaded."""
+    from choreograph import App, ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="Service 'svc': timeout must be > 0 seconds"):
+        Service("svc", timeout=0)
+    svc = Service("svc")
+
+    @svc.on(Placed)
+    async def first(order: Placed) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="Service 'svc' already has an event handler for 'test.worker.placed'"):
+        @svc.on(Placed)
+        async def second(order: Placed) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"App 'shop': duplicate service names \['svc'\]"):
+        App("shop", [svc, Service("svc")])
