@@ -14,7 +14,9 @@ imported only when their scheme is used.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+from collections.abc import Iterable
 from urllib.parse import parse_qs, urlsplit
 
 from choreograph.errors import ConfigurationError
@@ -37,6 +39,13 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
 def schemes() -> list[str]:
     """The URL schemes choreograph knows."""
     return sorted(_SCHEMES)
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``name``, with the closest of ``known`` as a hint when one is close: for the error that
+    names an unknown URL parameter (``prefx (did you mean prefix?)``)."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
 
 
 def lease_from_url(url: str, default: float = DEFAULT_LEASE) -> float:

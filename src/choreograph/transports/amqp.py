@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
@@ -65,7 +64,7 @@ from pamqp.base import Frame
 from pamqp.frame import FrameTypes
 
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
-from choreograph.transports import lease_from_url
+from choreograph.transports import did_you_mean, lease_from_url
 from choreograph.transports._amqp_consumer import AmqpSubscription
 from choreograph.transports._amqp_wire import (
     CONTENT_TYPE,
@@ -417,10 +416,7 @@ def _check_client_params(names: set[str]) -> None:
     unknown = sorted(names - client)
     if unknown:
         known = [*_OUR_PARAMS, *sorted(client)]
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, known, n=1)
-            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        hints = [did_you_mean(name, known) for name in unknown]
         raise ConfigurationError(
             f"amqp URL: unknown parameter(s) {', '.join(hints)}; choreograph's are {', '.join(_OUR_PARAMS)};"
             f" aio-pika's are {', '.join(sorted(client))}"

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import inspect
 import os
 import secrets
@@ -74,7 +73,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _redis_lua as lua
-from choreograph.transports import lease_from_url
+from choreograph.transports import did_you_mean, lease_from_url
 from choreograph.transports._redis_consumer import POLL, RedisDelivery, RedisSubscription, _str
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
 
@@ -325,15 +324,10 @@ def _check_redis_py_params(client_url: str, names: set[str]) -> None:
     if unknown:
         known = [*_OUR_PARAMS, *sorted(accepted)]
         raise ConfigurationError(
-            f"broker URL: unknown parameter(s) {', '.join(_did_you_mean(name, known) for name in unknown)};"
+            f"broker URL: unknown parameter(s) {', '.join(did_you_mean(name, known) for name in unknown)};"
             f" choreograph's are {', '.join(_OUR_PARAMS)}, the others must be keyword arguments"
             f" of redis-py's {connection_class.__name__}"
         )
-
-
-def _did_you_mean(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f"{name} (did you mean {close[0]}?)" if close else name
 
 
 def _redis_py_params(connection_class: type) -> frozenset[str]:
