@@ -1790,3 +1790,31 @@ def test_declaring_a_service_refuses_what_could_only_fail_later() -> None:
 
     with pytest.raises(ConfigurationError, match=r"App 'shop': duplicate service names \['svc'\]"):
         App("shop", [svc, Service("svc")])
+
+
+async def test_a_copy_that_arrives_while_its_original_runs_is_put_back_for_later_not_at_once() -> None:
+    """Deferred by IN_FLIGHT_DEFER (virtual time, which does not move here): put back at once,
+    it came straight back to the same fetch loop, a busy loop for as long as the original ran."""
+    from choreograph.runtime.worker import IN_FLIGHT_DEFER
+
+    assert IN_FLIGHT_DEFER > 0
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    gate, started = asyncio.Event(), asyncio.Event()
+    svc = Service("slow")
+
+    @svc.on(Placed)
+    async def hold(order: Placed) -> None:
+        started.set()
+        await gate.wait()
+
+    async with Worker([svc], bus, clock=clock) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"), ids=["same"])
+        await started.wait()
+        await Publisher(bus).publish(Placed(order_id="a"), ids=["same"])  # published twice
+        await asyncio.sleep(0.3)  # real time: a copy put back at once would be fetched again and again
+        deferred = worker.stats("slow").deferred
+        gate.set()
+        await settled(bus)
+    assert deferred == 1
+    assert worker.stats("slow").duplicates == 1  # once due, the inbox says it was processed
