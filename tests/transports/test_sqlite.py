@@ -567,3 +567,24 @@ async def test_an_idle_poller_slows_down_yet_still_wakes_a_fetch_for_another_pro
         assert [d.message.id for d in await waiting] == ["m1"]
         await asyncio.sleep(0.05)
         assert module._POLL_INTERVAL in pauses[seen:]  # noticed: back to polling fast
+
+
+@pytest.mark.parametrize("verb", ["retry", "dead_letter"])
+async def test_a_late_retry_or_dead_letter_leaves_the_redelivery_alone(path: str, verb: str) -> None:
+    """The first consumer's lease ran out and the message went to a second one: a verb the
+    first still sends neither delays the redelivery nor dead-letters it (the row is matched by
+    its attempt, not only by its sequence)."""
+    url = url_of(path, lease=0.3)
+    async with SQLiteTransport(url) as a, SQLiteTransport(url) as b, SQLiteTransport(url) as c:
+        first, second, third = [await bus.subscribe("g", [TYPE]) for bus in (a, b, c)]
+        await a.publish([Message("m1", TYPE, b"x")])
+        (late,) = await first.fetch(1, timeout=WAIT)
+        (held,) = await second.fetch(1, timeout=WAIT)  # after the first one's lease
+        assert (late.attempt, held.attempt) == (1, 2)
+        if verb == "retry":
+            await late.retry(60.0)
+        else:
+            await late.dead_letter({"reason": "late"})
+        assert await a.dead_letters("g") == []
+        (again,) = await third.fetch(1, timeout=WAIT)  # the second one's lease ran out as usual
+        assert again.attempt == 3
