@@ -142,10 +142,8 @@ def announce(message: str, *, label: str = "choreograph", colour: str = "green")
     (never wrapped at the terminal's width), coloured on a terminal.
     """
     if _format == "json":
-        line = orjson.dumps({
-            "time": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "level": "INFO", "logger": "choreograph.cli", "message": f"{label} {message}",
-        }).decode()
+        record = logging.LogRecord("choreograph.cli", logging.INFO, __file__, 0, "%s %s", (label, message), None)
+        line = JsonFormatter().format(record)  # the same shape as every other JSON log line
     elif sys.stderr.isatty():
         from rich.console import Console
         from rich.markup import escape
