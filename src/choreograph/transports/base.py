@@ -8,6 +8,16 @@ A transport moves opaque :class:`Message` bodies (encoded CloudEvents) between
   type) and returns a :class:`Subscription`. Every group receives every matching
   message published after it was first registered (fan-out across groups); the
   consumers of one group compete (each delivery goes to one of them).
+* Subscribing a registered group again *widens* its binding to the union of the old
+  types and the new (``None`` absorbs the rest); it never narrows it. A group is bound
+  to every type any of its consumers ever asked for, and ``groups()`` reports that
+  union. Why: during a rolling deploy old and new replicas of a service share the group
+  and subscribe in no particular order; had the last subscribe won, an old replica
+  restarting late would unbind the types only the new version handles, and their
+  events would stop reaching the group - for good, not only during the deploy. A type
+  nobody handles any more stays bound: its events still reach the group, whose
+  consumers settle them (the runtime acks an event no handler of its service takes),
+  so they do not pile up while the group runs.
 * A :class:`Delivery` carries the message, its ``attempt`` (1 on first delivery; the
   count lives in the broker, not in a process) and three verbs: ``ack()``,
   ``retry(after)`` (deliver again, attempt + 1, no sooner than ``after`` seconds) and
@@ -198,7 +208,12 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
-        """Register ``group`` for ``types`` (``None``: all types) and consume from it."""
+        """Register ``group`` for ``types`` (``None``: all types) and consume from it.
+
+        A group registered before is bound to the union of its old types and ``types``
+        afterwards (never fewer: see the module docstring). Every delivery of the group
+        may come to this subscription, also of types another consumer asked for.
+        """
 
     async def ping(self) -> None:
         """Return once the broker answered a round trip; raise :class:`TransportError` (or
@@ -208,7 +223,7 @@ class Transport(abc.ABC):
 
     async def groups(self) -> Mapping[str, frozenset[str] | None] | None:
         """Every group registered on this bus and the types it is bound to (``None``: every
-        type); ``None`` if this broker cannot tell. Not on any hot path: ``choreograph
+        type) - the union of what its subscribes asked for; ``None`` if this broker cannot tell. Not on any hot path: ``choreograph
         publish`` uses it to warn that nobody would receive an event."""
         return None
 
@@ -244,3 +259,11 @@ class Transport(abc.ABC):
 def matches(types: frozenset[str] | None, message_type: str) -> bool:
     """Whether a group bound to ``types`` (``None`` = wildcard) receives ``message_type``."""
     return types is None or message_type in types
+
+
+def widened(bound: frozenset[str] | None, types: frozenset[str] | None) -> frozenset[str] | None:
+    """The binding of a group bound to ``bound`` once it subscribes for ``types``: the union
+    (``None``, every type, absorbs the rest). See :class:`Transport` for why never narrower."""
+    if bound is None or types is None:
+        return None
+    return bound | types

@@ -59,7 +59,7 @@ class _Bus:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.groups: dict[str, _Group] = {}
-        self.routes: dict[str, list[_Group]] = {}  # event type -> the groups that receive it; reset on subscribe
+        self.routes: dict[str, list[_Group]] = {}  # event type -> the groups that receive it; reset when one widens
         self.tokens = itertools.count(1)
         self.seq = itertools.count()
 
@@ -260,9 +260,10 @@ class MemoryTransport(Transport):
         state = self.bus.groups.get(group)
         if state is None:
             state = self.bus.groups[group] = _Group(group, wanted)
-        else:
-            state.types = wanted
-        self.bus.routes.clear()
+            self.bus.routes.clear()
+        elif state.types is not None and (wanted is None or not wanted <= state.types):
+            state.types = None if wanted is None else state.types | wanted  # widen, never narrow
+            self.bus.routes.clear()
         sub = MemorySubscription(self, state)
         self._subscriptions.append(sub)
         return sub
