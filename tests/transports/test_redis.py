@@ -167,14 +167,6 @@ async def test_each_group_gets_its_own_copy_and_only_of_its_types(bus_url: str) 
         assert await orders.fetch(10, timeout=0.2) == []
 
 
-async def test_resubscribing_a_group_with_other_types_rebinds_it(bus_url: str) -> None:
-    async with opened(bus_url) as bus:
-        await bus.subscribe("g", ["a"])
-        sub = await bus.subscribe("g", ["b"])
-        await bus.publish([msg(1, "a"), msg(2, "b")])
-        assert [d.message.id for d in await fetch_all(sub, 2, wait=0.5)] == ["m2"]
-
-
 async def test_consumers_of_one_group_in_different_processes_split_the_messages(bus_url: str) -> None:
     async with opened(bus_url) as one, opened(bus_url) as two:
         first = await one.subscribe("workers", None)

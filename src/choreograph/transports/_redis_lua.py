@@ -43,13 +43,30 @@ end
 """
 
 #: KEYS: registry, stream.  ARGV: group, types JSON, idle ms.
-#: Registers the group and forgets consumer names that hold nothing and were idle longer
+#: Registers the group, widening the types it is bound to (never narrowing them: see the
+#: Transport docstring), and forgets consumer names that hold nothing and were idle longer
 #: than a lease (left by crashed processes). Deleting one that holds nothing is always
 #: safe: a live consumer is re-created by its next read.
 REGISTER = (
     _FIELDS
     + """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local bound = ARGV[2]
+if old then
+  local was = cjson.decode(old)
+  local wanted = cjson.decode(ARGV[2])
+  if was == cjson.null then
+    bound = old
+  elseif wanted ~= cjson.null then
+    local seen, merged, grew = {}, {}, false
+    for _, t in ipairs(was) do seen[t] = true; merged[#merged + 1] = t end
+    for _, t in ipairs(wanted) do
+      if not seen[t] then seen[t] = true; merged[#merged + 1] = t; grew = true end
+    end
+    if grew then table.sort(merged); bound = cjson.encode(merged) else bound = old end
+  end
+end
+if bound ~= old then redis.call('HSET', KEYS[1], ARGV[1], bound) end
 local err = ensure_group(KEYS[2], ARGV[1])
 if err then return err end
 for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[2], ARGV[1])) do

@@ -15,7 +15,7 @@ Design, and why:
 * **Routing is server-side and atomic.** The group registry (``P:groups``, group -> types)
   is read by the publish Lua script itself, so a group registered before a publish
   receives it, with no client cache to go stale. A batch is one script: one round trip,
-  all or nothing.
+  all or nothing. Registering widens a group's types in the same script (never narrows).
 * **Attempts live in Redis.** An entry carries the attempt of its first delivery; the
   pending list's delivery count adds lease expiries (``XAUTOCLAIM`` increments it,
   ``touch`` = ``XCLAIM ... JUSTID`` does not). Retry and dead-letter move the entry and
