@@ -14,11 +14,11 @@ How the contract maps onto RabbitMQ:
 * ``publish`` sends the batch on a publisher-confirms channel and awaits all confirms
   together (one round trip per batch), persistent messages, routing key = event type.
 * A group is a durable queue bound to its types on the ``<prefix>.events`` topic
-  exchange (``#`` for all types); subscribing again replaces the bindings. AMQP cannot
-  list bindings or queues, so each group's types are also kept as a message in
-  ``<prefix>.registry`` (read the same way as dead letters): that is how old bindings
-  are found and how ``dead_letters()`` finds every group. A subscribe racing another
-  may miss the old entry; it then only adds bindings, never removes one.
+  exchange (``#`` for all types); subscribing again adds bindings, never removes one
+  (the contract widens a group's types). AMQP cannot list bindings or queues, so each
+  group's types are also kept as a message in ``<prefix>.registry`` (read the same way
+  as dead letters): that is how ``groups()`` and ``dead_letters()`` find every group.
+  Two subscribes racing may each write an entry; the group's types are their union.
 * Consumers of a group compete on its queue with manual acks and a prefetch sized to
   ``fetch``. The lease is kept by the consuming process, since RabbitMQ has none; see
   :mod:`choreograph.transports._amqp_consumer` for exactly what it covers.
@@ -79,7 +79,7 @@ from choreograph.transports._amqp_wire import (
     retry_queue_arguments,
     translated,
 )
-from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
+from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, widened
 
 __all__ = ["AmqpTransport"]
 
@@ -265,27 +265,26 @@ class AmqpTransport(Transport):
         for event_type in wanted or ():
             check_binding_type(event_type)
         queue_name, exchange = self.names.group(group), self.names.exchange
-        keys = {"#"} if wanted is None else set(wanted)
         async with self._registry_lock, self._temp_channel(f"subscribe group {group!r}") as channel:
             await channel.queue_declare(queue_name, durable=True, arguments=self._queue_args())
             await channel.queue_declare(self.names.dlq(group), durable=True, arguments=self._queue_args())
             registered, held = await self._read_registry(channel)
             known = registered.get(group, _UNKNOWN)
-            for key in sorted(keys):
+            bound = wanted if known is _UNKNOWN else widened(known, wanted)
+            # Bindings are only ever added (the contract widens, never narrows); all of the
+            # union, so a queue recreated without its bindings gets them all back.
+            for key in sorted({"#"} if bound is None else bound):
                 await channel.queue_bind(queue_name, exchange, routing_key=key)
-            if known is not _UNKNOWN:
-                for key in ({"#"} if known is None else set(known)) - keys:
-                    await channel.queue_unbind(queue_name, exchange, routing_key=key)
-            if known != wanted:
+            if known != bound or len(held.get(group, ())) > 1:
                 entry = {
                     "group": group,
-                    "types": None if wanted is None else sorted(wanted),
+                    "types": None if bound is None else sorted(bound),
                     "at": time.time(),
                 }
                 await self._send(
                     self.names.registry, [outgoing(orjson.dumps(entry), "", "choreograph.group")]
                 )
-                for raw in held.get(group, ()):
+                for raw in held.get(group, ()):  # the new entry covers them all
                     await raw.ack()
         assert self._connection is not None
         with translated(f"consume group {group!r}"):
@@ -315,25 +314,25 @@ class AmqpTransport(Transport):
     async def _read_registry(
         self, channel: aiormq.abc.AbstractChannel
     ) -> tuple[dict[str, frozenset[str] | None], dict[str, list[Raw]]]:
-        """Groups and types from the registry queue (held unacked on ``channel``; dropping duplicates)."""
-        latest: dict[str, tuple[float, frozenset[str] | None]] = {}
+        """Groups and types from the registry queue, its entries held unacked on ``channel``.
+
+        A group's types are the union of its entries: two subscribes racing each write one
+        (neither sees the entry the other holds), and neither loses the other's types. A
+        subscribe replaces all of its group's entries with one; nothing else acks them.
+        """
+        bound: dict[str, frozenset[str] | None] = {}
         held: dict[str, list[Raw]] = {}
         for raw in await _browse(channel, self.names.registry, None):
             try:
                 entry = orjson.loads(raw.body)
-                group, at = str(entry["group"]), float(entry["at"])
+                group = str(entry["group"])
                 types = None if entry["types"] is None else frozenset(map(str, entry["types"]))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 await raw.ack()  # not ours: drop it
                 continue
-            if group in latest and latest[group][0] > at:
-                await raw.ack()  # superseded
-                continue
-            for older in held.pop(group, []):
-                await older.ack()
-            latest[group] = (at, types)
-            held[group] = [raw]
-        return {group: types for group, (_, types) in latest.items()}, held
+            bound[group] = widened(bound[group], types) if group in bound else types
+            held.setdefault(group, []).append(raw)
+        return bound, held
 
     # -- dead letters ---------------------------------------------------------------------
 
