@@ -33,7 +33,7 @@ import collections
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final, Literal
 
 import nats.errors
 from nats.aio.client import Client
@@ -46,6 +46,9 @@ from choreograph.transports._nats_client import DirectClient, Raw, bulk_supporte
 from choreograph.transports.base import Delivery, Message, Subscription
 
 log = logging.getLogger("choreograph.transports.nats")
+
+#: What ``_delivery`` says of an event of a type the group may have been widened to since.
+_UNBOUND: Final = "unbound"
 
 #: Longest a single parked pull request lives before it is renewed (seconds).
 LONG_POLL = 10.0
@@ -127,6 +130,7 @@ class NatsSubscription(Subscription):
         client_filter: bool,
         store_dead_letter: StoreDeadLetter,
         on_close: Callable[[NatsSubscription], None],
+        bound_types: Callable[[], Awaitable[frozenset[str] | None]] | None = None,
     ) -> None:
         self.group = group
         self._nc = nc
@@ -137,6 +141,13 @@ class NatsSubscription(Subscription):
         self._replay_prefix = replay_prefix  # "<prefix>.rp.<group token>."
         self._types = types
         self._client_filter = client_filter
+        # Client filter only: the group's types as the server keeps them now. Another replica
+        # may have widened them since we read them; a message of a type we do not know waits
+        # in ``_parked`` until they are read again (see ``_look_again``), and is skipped only
+        # if the group is not bound to it then either.
+        self._bound_types = bound_types
+        self._parked: list[Msg | Raw] = []
+        self._looking = False
         self._store_dead_letter = store_dead_letter
         self._on_close = on_close
         self._inbox_prefix = nc.new_inbox() + "."
@@ -310,6 +321,8 @@ class NatsSubscription(Subscription):
                 await self._inbox.unsubscribe()
             # Messages that reached us after their fetch gave up: hand them back now
             # rather than at lease expiry.
+            self._buffer.extend(self._parked)
+            self._parked.clear()
             if self._buffer and self._nc.is_connected:
                 while self._buffer:
                     await self._nc.publish(self._buffer.popleft().reply, b"-NAK")
@@ -331,17 +344,50 @@ class NatsSubscription(Subscription):
         while self._buffer and len(out) < max_messages:
             msg = self._buffer.popleft()
             delivery = self._delivery(msg)
-            if delivery is not None:
+            if isinstance(delivery, NatsDelivery):
                 out.append(delivery)
+            elif delivery == _UNBOUND:
+                self._parked.append(msg)
             else:
                 # Not for this subscriber (a server without multi-subject consumer filters
                 # delivers the whole stream, other groups' replays included): settle it.
                 skipped.append(msg.reply)
         if skipped:
-            task = asyncio.ensure_future(self._ack_skipped(skipped))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._ack_skipped(skipped))
+        if self._parked and not self._looking:
+            self._looking = True
+            self._in_background(self._look_again())
         return out
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _look_again(self) -> None:
+        """Read the group's types again for the parked messages: those the group is bound to
+        go back to the buffer, the others are skipped. A message parked while a read is on
+        its way waits for the next one, which starts after it arrived - so it sees any
+        widening made before the message was published."""
+        assert self._bound_types is not None
+        try:
+            while self._parked and not self._closed:
+                parked, self._parked = self._parked, []
+                try:
+                    self._types = await self._bound_types()
+                except Exception as exc:  # noqa: BLE001 - unsettled, they come back after the lease
+                    log.warning("nats: reading the types of group %r: %s", self.group, exc)
+                    return
+                unbound = [self._delivery(msg) == _UNBOUND for msg in parked]
+                back = [msg for msg, no in zip(parked, unbound, strict=True) if not no]
+                skipped = [msg.reply for msg, no in zip(parked, unbound, strict=True) if no]
+                self._buffer.extend(back)
+                if skipped:
+                    await self._ack_skipped(skipped)
+                if back:
+                    self._wake()
+        finally:
+            self._looking = False
 
     async def _ack_skipped(self, replies: list[str]) -> None:
         try:
@@ -350,7 +396,10 @@ class NatsSubscription(Subscription):
         except Exception as exc:  # noqa: BLE001 - unacked, it just comes back after the lease
             log.debug("nats: acking skipped messages: %s", exc)
 
-    def _delivery(self, msg: Msg | Raw) -> NatsDelivery | None:
+    def _delivery(self, msg: Msg | Raw) -> NatsDelivery | Literal["unbound"] | None:
+        """The delivery of ``msg``; None to skip it (another group's replay, or a type this
+        group is not bound to); ``_UNBOUND`` for a type not bound as far as we know, when
+        the group's types can be read again (``_bound_types``)."""
         subject = msg.subject
         if subject.startswith(self._event_prefix):
             parsed = codec.split_subject(subject[len(self._event_prefix) :], msg.headers)
@@ -360,7 +409,7 @@ class NatsSubscription(Subscription):
                 and self._types is not None
                 and parsed[0] not in self._types
             ):
-                return None
+                return _UNBOUND if self._bound_types is not None else None
         elif subject.startswith(self._replay_prefix):
             parsed = codec.split_subject(subject[len(self._replay_prefix) :], msg.headers)
         else:  # another group's replay (servers without multi-subject filters)

@@ -46,6 +46,10 @@ Consequences worth knowing:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
+import functools
+import json
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -61,7 +65,7 @@ from choreograph.transports import lease_from_url
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_pull import NatsSubscription
-from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
+from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, widened
 
 __all__ = ["NatsTransport"]
 
@@ -72,6 +76,18 @@ _RECONNECT_WAIT = 0.5  # seconds between reconnect attempts (nats-py waits this 
 _CLOSE_TIMEOUT = 5.0  # seconds close() may spend flushing to a server that does not read
 _MSG_ID_HEADER_SIZE = codec.header_size({codec.H_MSG_ID: ""})  # plus the id's length
 _SUBJECT_CACHE = 10_000  # event types whose subject publish remembers
+_REGISTER_ROUNDS = 5  # read-widen-write rounds before subscribe gives up on a consumer that keeps changing
+#: Servers before 2.10 (no consumer filters): a group's types live in its consumer's description.
+_TYPES_NOTE = "choreograph group types: "
+_MAX_DESCRIPTION = 4096  # nats-server's limit
+
+
+class _Missing(enum.Enum):
+    CONSUMER = "no consumer"
+
+
+_NO_CONSUMER = _Missing.CONSUMER
+_UNKNOWN_TYPES: frozenset[str] = frozenset()  # made by an older choreograph: only the new types are known
 
 
 class NatsTransport(Transport):
@@ -243,11 +259,86 @@ class NatsTransport(Transport):
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
         js = self._jetstream()
         consumer = codec.name_token(group)
-        replay_prefix = f"{self.prefix}.rp.{consumer}."
+        bound = await self._register(js, group, consumer, None if types is None else frozenset(types))
+        subscription = NatsSubscription(
+            js.nc,
+            group=group,
+            stream=self.events_stream,
+            consumer=consumer,
+            event_prefix=f"{self.prefix}.ev.",
+            replay_prefix=f"{self.prefix}.rp.{consumer}.",
+            types=bound,
+            client_filter=not self._multi_filter,
+            store_dead_letter=self._store_dead_letter,
+            on_close=self._subscriptions.discard,
+            bound_types=None if self._multi_filter else functools.partial(self._bound_types, js, consumer),
+        )
+        await subscription.start()
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def _register(
+        self, js: JetStream, group: str, consumer: str, wanted: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        """Create the group's consumer, or widen the types it is bound to; returns them.
+
+        Read, widen, write, then read again: JetStream has no compare-and-set for a consumer's
+        config, so a subscribe of the same group racing this one (another process) may write
+        its union over ours; the second read sees that and writes the union again. A racing
+        write landing after that second read can still drop our new types until the group
+        subscribes again - the window is one API round trip, at a deploy.
+        """
+        for _ in range(_REGISTER_ROUNDS):
+            current = await self._read_types(js, consumer)
+            bound = wanted if current is _NO_CONSUMER else widened(current, wanted)
+            if bound == current:
+                return bound
+            await js.api(
+                f"register group {group!r}",
+                f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
+                {"stream_name": self.events_stream, "config": self._consumer_config(group, consumer, bound)},
+            )
+        raise TransportError(f"nats: register group {group!r}: its consumer kept changing under us")
+
+    async def _bound_types(self, js: JetStream, consumer: str) -> frozenset[str] | None:
+        """The types the group's consumer is bound to now (every type if it cannot tell)."""
+        current = await self._read_types(js, consumer)
+        return None if current is _NO_CONSUMER else current
+
+    async def _read_types(self, js: JetStream, consumer: str) -> frozenset[str] | None | _Missing:
+        """The types the consumer is bound to, or ``_NO_CONSUMER``; ``_UNKNOWN_TYPES`` for one
+        made by a choreograph that did not record them where this server lets us read them."""
+        try:
+            info = await js.api(
+                f"read group {consumer!r}", f"CONSUMER.INFO.{self.events_stream}.{consumer}"
+            )
+        except codec.JetStreamError as exc:
+            if exc.err_code != codec.ERR_CONSUMER_NOT_FOUND:
+                raise
+            return _NO_CONSUMER
+        config = info.get("config", {})
+        event = f"{self.prefix}.ev."
+        single = config.get("filter_subject")
+        filters = config.get("filter_subjects") or ([single] if single else [])
+        if self._multi_filter and filters:
+            types: set[str] = set()
+            for subject in filters:
+                if subject == event + ">":
+                    return None
+                if subject.startswith(event) and subject.endswith(".*"):
+                    types.add(codec.type_from_tokens(subject[len(event) : -2]))
+            return frozenset(types)
+        description = str(config.get("description", ""))
+        if description.startswith(_TYPES_NOTE):
+            with contextlib.suppress(ValueError, TypeError):
+                listed = json.loads(description[len(_TYPES_NOTE) :])
+                return None if listed is None else frozenset(map(str, listed))
+        return _UNKNOWN_TYPES
+
+    def _consumer_config(self, group: str, consumer: str, types: frozenset[str] | None) -> dict[str, Any]:
         config: dict[str, Any] = {
             "durable_name": consumer,
             "name": consumer,
-            "description": f"choreograph group {group}"[:200],
             "deliver_policy": "new",
             "ack_policy": "explicit",
             "ack_wait": int(self.lease * _SECOND),
@@ -257,33 +348,20 @@ class NatsTransport(Transport):
             "max_ack_pending": -1,
             "replay_policy": "instant",
         }
-        if self._multi_filter:
+        if self._multi_filter:  # the filter says which types; readable back (_read_types)
+            config["description"] = f"choreograph group {group}"[:200]
             subjects = (
                 [f"{self.prefix}.ev.>"]
                 if types is None
                 else sorted({f"{self.prefix}.ev.{codec.type_tokens(t)}.*" for t in types})
             )
-            config["filter_subjects"] = [*subjects, replay_prefix + ">"]
-        await js.api(
-            f"register group {group!r}",
-            f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
-            {"stream_name": self.events_stream, "config": config},
-        )
-        subscription = NatsSubscription(
-            js.nc,
-            group=group,
-            stream=self.events_stream,
-            consumer=consumer,
-            event_prefix=f"{self.prefix}.ev.",
-            replay_prefix=replay_prefix,
-            types=None if types is None else frozenset(types),
-            client_filter=not self._multi_filter,
-            store_dead_letter=self._store_dead_letter,
-            on_close=self._subscriptions.discard,
-        )
-        await subscription.start()
-        self._subscriptions.add(subscription)
-        return subscription
+            config["filter_subjects"] = [*subjects, f"{self.prefix}.rp.{consumer}.>"]
+        else:  # no filter: the description keeps the types for every subscription to read
+            note = _TYPES_NOTE + json.dumps(None if types is None else sorted(types), ensure_ascii=False)
+            # Past the server's limit for a description, none: the group takes every type
+            # (its consumers ignore those they do not handle) rather than miss one.
+            config["description"] = note if len(note.encode()) <= _MAX_DESCRIPTION else _TYPES_NOTE + "null"
+        return config
 
     async def _store_dead_letter(self, group: str, message: Message, record: Mapping[str, Any]) -> None:
         await self._dead_letter_stream().store(group, message, record)
