@@ -386,6 +386,33 @@ async def test_a_cloudevent_in_the_answer_is_published_with_a_deterministic_id(b
     assert ambassador.stats().published == 1
 
 
+async def test_a_binary_mode_answer_without_data_is_an_output_too(bus: MemoryTransport) -> None:
+    """A CloudEvent with no data travels in binary mode as ce- headers and an empty body: it is
+    published like any answer, not dropped while its input is acked."""
+    headers = {"ce-specversion": "1.0", "ce-id": "r-1", "ce-source": "/node", "ce-type": "test.push.noted"}
+    hook = Scripted((200, headers, b""))
+    await watch(bus, "observer", ["test.push.noted"])
+    async with hook.running() as url, pushing(bus, subscription(url)) as ambassador:
+        await publish(bus, "e-1")
+        await settled(bus)
+    [output] = await watched(bus, "observer", ["test.push.noted"])
+    assert (output.id, output.causationid, output.data) == (derive_id("e-1", GROUP, "push", 0), "e-1", None)
+    assert ambassador.stats().published == 1
+
+
+async def test_an_answer_with_ce_headers_but_no_specversion_is_rejected_not_ignored(bus: MemoryTransport) -> None:
+    """A subscriber that meant to answer an event but left out ce-specversion learns why from the dead
+    letter; its output is not silently dropped."""
+    headers = {"ce-id": "r-1", "ce-source": "/node", "ce-type": "test.push.noted", "content-type": "application/json"}
+    hook = Scripted((200, headers, b"{}"))
+    async with hook.running() as url, pushing(bus, subscription(url)):
+        await publish(bus, "e-1")
+        await settled(bus)
+    [letter] = await bus.dead_letters(GROUP)
+    assert letter.record["reason"] == "rejected"
+    assert "ce-specversion" in letter.record["last_error"]["message"]
+
+
 async def test_an_answer_of_an_undeclared_type_is_rejected(bus: MemoryTransport) -> None:
     """A receiver answering with a type its subscription does not emit has the input dead-lettered."""
     hook = Scripted(scheduled_response({"delivery_id": "d-e-1"}))

@@ -82,9 +82,17 @@ def _lower(headers: Mapping[str, str]) -> Headers:
 
 
 def is_cloudevent(headers: Mapping[str, str]) -> bool:
-    """Whether an HTTP message with these headers claims to carry CloudEvents (any mode)."""
+    """Whether an HTTP message with these headers claims to carry CloudEvents (any mode).
+
+    Any ``ce-`` header claims binary mode, as in :func:`decode_http`: a message that
+    carries ``ce-type`` but forgot ``ce-specversion`` is an invalid event to report, not
+    a plain answer to ignore.
+    """
     lowered = _lower(headers)
-    return "ce-specversion" in lowered or media_type(lowered.get("content-type")) in (STRUCTURED, BATCH)
+    return (
+        any(name.startswith(HEADER_PREFIX) and len(name) > len(HEADER_PREFIX) for name in lowered)
+        or media_type(lowered.get("content-type")) in (STRUCTURED, BATCH)
+    )
 
 
 # -- encoding -------------------------------------------------------------------------

@@ -291,8 +291,11 @@ class PushRunner:
                 metrics.push_duration.labels(self.group).observe(time.perf_counter() - started)
 
     def _outputs(self, cause: Envelope, response: httpx.Response) -> list[Message]:
-        """The CloudEvents in a 2xx answer, as output events of ``cause`` with derived ids."""
-        if not response.content or not is_cloudevent(response.headers):
+        """The CloudEvents in a 2xx answer, as output events of ``cause`` with derived ids.
+
+        Whether the answer carries any is read from its headers, not from its body: an event
+        without data in binary mode is ``ce-`` headers and an empty body."""
+        if not is_cloudevent(response.headers):
             return []
         try:
             answered = decode_http_batch(response.headers, response.content)
