@@ -853,6 +853,83 @@ def test_config_errors_name_the_file_and_key(
     assert "push.yaml" in str(info.value)
 
 
+MINIMAL_TOML = '[[subscriptions]]\ngroup = "g"\ntypes = ["a.b"]\nurl = "http://127.0.0.1:8090/"\n'
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('timeout = "ten"', "subscriptions[0].timeout: expected a number of seconds, got 'ten'"),
+        ("timeout = true", "subscriptions[0].timeout: expected a number of seconds, got true"),
+        ('max_retry_after = "x"', "subscriptions[0].max_retry_after: expected a number of seconds, got 'x'"),
+        ('handshake = "no"', "subscriptions[0].handshake: expected true or false, got 'no'"),
+        ("headers = { X-Api-Key = 1 }", "subscriptions[0].headers.X-Api-Key: expected a string, got 1"),
+        ("headers = [1]", "subscriptions[0].headers: expected a table/mapping, got list"),
+        ("emits = [1]", "subscriptions[0].emits[0]: expected an event type (a string), got 1"),
+        ("types = [1]", "subscriptions[0].types[0]: expected an event type (a string), got 1"),
+        ("max_attempts = 2.5", "subscriptions[0].max_attempts: expected a whole number, got 2.5"),
+    ],
+    ids=["timeout-str", "timeout-bool", "max-retry-after", "handshake-str", "header-int", "headers-list",
+         "emits-int", "types-int", "max-attempts-float"],
+)
+def test_a_subscription_value_of_the_wrong_type_is_refused_naming_its_key(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    """TOML and YAML values are typed: a quoted number, or "no" for a boolean, is a mistake to name,
+    not a value to misread ("no" is a true string) or to fail on later, at every push."""
+    path = tmp_path / "push.toml"
+    key = line.split(" = ")[0]
+    kept = [kept for kept in MINIMAL_TOML.splitlines() if not kept.startswith(key + " =")]
+    path.write_text("\n".join([*kept, line]) + "\n")
+    with pytest.raises(ConfigurationError) as info:
+        load_config(path)
+    assert str(info.value) == f"push.toml: {message}"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('concurrency = "eight"', "concurrency: expected a whole number >= 1, got 'eight'"),
+        ("concurrency = 0", "concurrency: expected a whole number >= 1, got 0"),
+        ('drain_timeout = "x"', "drain_timeout: expected a number of seconds, got 'x'"),
+        ("broker = 5", "broker: expected a URL (a string), got 5"),
+        ("store = 5", "store: expected a URL (a string), got 5"),
+        ("origin = 5", "origin: expected a string, got 5"),
+    ],
+    ids=["concurrency-str", "concurrency-zero", "drain-timeout", "broker", "store", "origin"],
+)
+def test_a_top_level_value_of_the_wrong_type_is_refused_naming_its_key(tmp_path: Path, line: str, message: str) -> None:
+    """The ambassador's own options are checked when the file is read, not when they are first used
+    (a traceback at start, or a concurrency of 0 silently read as the default)."""
+    path = tmp_path / "push.toml"
+    path.write_text(line + "\n" + MINIMAL_TOML)
+    with pytest.raises(ConfigurationError) as info:
+        load_config(path)
+    assert str(info.value) == f"push.toml: {message}"
+
+
+def test_numbers_and_booleans_may_be_strings_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``${NAME}`` always yields a string, so "2.5", "3" and "false" read as the numbers and booleans they spell."""
+    monkeypatch.setenv("TEST_PUSH_TIMEOUT", "2.5")
+    path = tmp_path / "push.toml"
+    path.write_text('concurrency = "4"\ndrain_timeout = "7"\n' + MINIMAL_TOML + 'timeout = "${TEST_PUSH_TIMEOUT}"\n'
+                    'max_attempts = "3"\nhandshake = "false"\nmax_retry_after = "60"\n')
+    config = load_config(path)
+    [sub] = config.subscriptions
+    assert (sub.timeout, sub.retry.max_attempts, sub.handshake, sub.max_retry_after) == (2.5, 3, False, 60.0)
+    assert (config.concurrency, config.drain_timeout) == (4, 7.0)
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A file saved in another encoding is a configuration error naming the file, not a traceback."""
+    path = tmp_path / "push.toml"
+    path.write_bytes(MINIMAL_TOML.replace('"g"', '"gr\xfcn"').encode("latin-1"))
+    with pytest.raises(ConfigurationError, match=r"push.toml: cannot read \(not UTF-8"):
+        load_config(path)
+
+
 async def test_the_cli_pushes_from_a_sqlite_bus_until_sigterm(tmp_path: Path) -> None:
     """`choreograph push` delivers a published event, then exits 0 on SIGTERM after draining."""
     bus_url = f"sqlite:///{tmp_path / 'bus.db'}"

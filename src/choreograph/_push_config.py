@@ -28,7 +28,9 @@ serves every deployment. Every error names the file and the key path, e.g.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -66,9 +68,11 @@ class PushConfig:
 
 def _read(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{path}: cannot read (not UTF-8: byte {exc.start})") from None
     if path.suffix == ".toml":
         try:
             return tomllib.loads(text)
@@ -106,11 +110,77 @@ def _expand(value: Any, where: str) -> Any:
     return value
 
 
-def _check_keys(data: Any, allowed: set[str], where: str) -> Mapping[str, Any]:
+# -- typed values ---------------------------------------------------------------------------
+# TOML and YAML values are typed, but ``${NAME}`` always yields a string: a number or a boolean
+# may be spelt as a string ("10", "false"); anything else of the wrong type is refused here,
+# naming its key, rather than misread ("no" is a true string) or failing at the first push.
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, (str, int, float)) else type(value).__name__
+
+
+def _number(value: Any, where: str, *, minimum: float = 0.0) -> float:
+    """Seconds: a finite number >= ``minimum`` (``PushSubscription`` refines the bounds)."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value.strip())
+    if number is None or not math.isfinite(number) or number < minimum:
+        bound = f" >= {minimum:g}" if minimum else ""
+        raise ConfigurationError(f"{where}: expected a number of seconds{bound}, got {_shown(value)}")
+    return number
+
+
+def _whole(value: Any, where: str, *, minimum: int | None = None) -> int:
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None or (minimum is not None and number < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ConfigurationError(f"{where}: expected a whole number{bound}, got {_shown(value)}")
+    return number
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigurationError(f"{where}: expected true or false, got {_shown(value)}")
+
+
+def _text(value: Any, where: str, what: str = "a string") -> str:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{where}: expected {what}, got {_shown(value)}")
+    return value
+
+
+def _types(value: Any, where: str) -> list[str]:
+    """An event type or a list of them."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ConfigurationError(f"{where}: expected a list of event types, got {_shown(value)}")
+    return [_text(item, f"{where}[{i}]", "an event type (a string)") for i, item in enumerate(value)]
+
+
+def _headers(value: Any, where: str) -> dict[str, str]:
+    headers = _check_keys(value, None, where)
+    return {str(name): _text(item, f"{where}.{name}") for name, item in headers.items()}
+
+
+def _check_keys(data: Any, allowed: set[str] | None, where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigurationError(f"{where}: expected a table/mapping, got {type(data).__name__}")
     for key in data:
-        if key not in allowed:
+        if allowed is not None and key not in allowed:
             raise ConfigurationError(f"{where}.{key}: unknown key; expected one of {', '.join(sorted(allowed))}")
     return data
 
@@ -130,7 +200,7 @@ def subscription_from_mapping(data: Any, where: str = "subscription") -> PushSub
             raise ConfigurationError(f"{where}.retry: {exc}") from None
     if "max_attempts" in item:
         try:
-            retry = dataclasses.replace(retry, max_attempts=int(item["max_attempts"]))
+            retry = dataclasses.replace(retry, max_attempts=_whole(item["max_attempts"], f"{where}.max_attempts"))
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"{where}.max_attempts: {exc}") from None
     if "secret" in item and "secret_env" in item:
@@ -140,10 +210,21 @@ def subscription_from_mapping(data: Any, where: str = "subscription") -> PushSub
         secret = os.environ.get(str(item["secret_env"]))
         if not secret:
             raise ConfigurationError(f"{where}.secret_env: environment variable {item['secret_env']!r} is not set")
-    options = {key: item[key] for key in ("mode", "timeout", "max_retry_after", "handshake", "emits", "headers")
-               if key in item}
+    options: dict[str, Any] = {}
+    if "mode" in item:
+        options["mode"] = item["mode"]
+    for key in ("timeout", "max_retry_after"):
+        if key in item:
+            options[key] = _number(item[key], f"{where}.{key}")
+    if "handshake" in item:
+        options["handshake"] = _boolean(item["handshake"], f"{where}.handshake")
+    if "emits" in item:
+        options["emits"] = _types(item["emits"], f"{where}.emits")
+    if "headers" in item:
+        options["headers"] = _headers(item["headers"], f"{where}.headers")
+    types = _types(item["types"], f"{where}.types")
     try:
-        return PushSubscription(str(item["group"]), item["types"], str(item["url"]), retry=retry,
+        return PushSubscription(str(item["group"]), types, str(item["url"]), retry=retry,
                                 secret=secret, filters=item.get("filters", ()), where=item.get("where"), **options)
     except FilterError as exc:
         raise ConfigurationError(f"{where}.{exc.path}: {exc.reason}") from None
@@ -173,11 +254,14 @@ def load_config(path: str | Path, *, credentials: bool = True) -> PushConfig:
         raise ConfigurationError(f"{path.name}: subscriptions: list at least one subscription")
     subscriptions = [subscription_from_mapping(item, f"{path.name}: subscriptions[{i}]")
                      for i, item in enumerate(items)]
+    def optional(key: str, read: Any) -> Any:
+        return None if data.get(key) is None else read(data[key], f"{path.name}: {key}")
+
     return PushConfig(
         subscriptions=subscriptions,
-        broker=data.get("broker"),
-        store=data.get("store"),
-        origin=data.get("origin"),
-        concurrency=data.get("concurrency"),
-        drain_timeout=data.get("drain_timeout"),
+        broker=optional("broker", lambda v, w: _text(v, w, "a URL (a string)")),
+        store=optional("store", lambda v, w: _text(v, w, "a URL (a string)")),
+        origin=optional("origin", _text),
+        concurrency=optional("concurrency", lambda v, w: _whole(v, w, minimum=1)),
+        drain_timeout=optional("drain_timeout", _number),
     )
