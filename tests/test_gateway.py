@@ -149,6 +149,21 @@ async def test_an_invalid_payload_is_422_naming_each_bad_field(client: httpx.Asy
     assert bus.published == []
 
 
+async def test_an_integer_the_bus_cannot_carry_is_422_not_accepted_then_dead_lettered(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    """Consumers read the bus with orjson, which turns an integer beyond 64 bits into a float their
+    model then refuses (invalid_payload): the gateway validates the body as they will read it, so
+    the client hears 422 naming the field instead of 202 for an event that can never be handled."""
+    body = {"address": "1 Main St", "items": [{"sku": "tea", "qty": 2**64 + 1}]}
+    response = await client.post("/orders", json=body)
+    assert response.status_code == 422
+    [error] = response.json()["errors"]
+    assert error["path"] == "$.items[0].qty"
+    assert "64" in error["reason"]
+    assert bus.published == []
+
+
 async def test_a_body_that_is_not_an_object_is_422_at_the_root(client: httpx.AsyncClient) -> None:
     response = await client.post("/orders", json=[1, 2])
     assert response.status_code == 422

@@ -101,6 +101,29 @@ _JOURNAL_SCHEMAS: dict[str, Any] = {
 }
 
 
+#: What an integer on the bus may be: orjson, which consumers read envelopes with, reads any
+#: other as a float (and the gateway answers 422).
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+
+
+def _bound_integers(schema: Any) -> None:
+    """Give every integer schema the bounds the bus can carry (tightening its own, if any)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _bound_integers(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    kind = schema.get("type")
+    if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+        if "exclusiveMinimum" not in schema:
+            schema["minimum"] = max(schema.get("minimum", INT_MIN), INT_MIN)
+        if "exclusiveMaximum" not in schema:
+            schema["maximum"] = min(schema.get("maximum", INT_MAX), INT_MAX)
+    for value in schema.values():
+        _bound_integers(value)
+
+
 def _problem(description: str) -> dict[str, Any]:
     return {"description": description, "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
 
@@ -121,6 +144,7 @@ def build_openapi(
     events = list(dict.fromkeys(route.event for route in routes))
     refs, top = models_json_schema([(cls, "validation") for cls in events], ref_template=_REF)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
+    _bound_integers(schemas)
     clash = sorted(set(schemas) & (set(_COMMON_SCHEMAS) | set(_JOURNAL_SCHEMAS)))
     if clash:
         raise ConfigurationError(f"Gateway: event model name(s) {clash} clash with the gateway's own OpenAPI schemas")

@@ -41,7 +41,6 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pydantic
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -57,8 +56,8 @@ from choreograph._gateway_http import (
     check_json_content_type,
     idempotency_key,
     json_response,
+    parse_payload,
     read_body,
-    validation_problem,
 )
 from choreograph._gateway_idempotency import IdempotencyStore, MemoryIdempotencyStore, open_idempotency_store
 from choreograph._gateway_openapi import build_openapi
@@ -281,10 +280,7 @@ class Gateway:
         check_json_content_type(request)
         key = idempotency_key(request)
         body = await read_body(request, self.max_body)
-        try:
-            event = route.event.model_validate_json(body)
-        except pydantic.ValidationError as exc:
-            raise validation_problem(exc) from None
+        event = parse_payload(route.event, body)
         await self._ensure_started()
         now = self.clock.time()
         correlation_id = new_id()
