@@ -275,3 +275,14 @@ def test_a_bad_target_prints_one_clear_line_and_exits_2(args: list[str], needle:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert needle in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("command", ["graph", "asyncapi"])
+def test_an_output_file_that_cannot_be_written_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    """-o under a path that is a file (or unwritable) names the file and why, without a traceback."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = cli(command, "examples.chain:app", "-o", str(blocker / "out.json"))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"error: {blocker / 'out.json'}: cannot write (" in " ".join(result.stderr.split())

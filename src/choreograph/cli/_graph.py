@@ -23,6 +23,7 @@ from rich.text import Text
 from choreograph._push_config import load_config
 from choreograph.asyncapi import asyncapi_document
 from choreograph.cli._common import console, err_console, load_services
+from choreograph.errors import ConfigurationError
 from choreograph.flow import FlowGraph, build, lint
 
 Target = Annotated[
@@ -62,8 +63,11 @@ def _emit(text: str, output: Path | None) -> None:
     if output is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"{output}: cannot write ({exc.strerror or exc})") from None
     err_console.print(f"wrote {escape(str(output))}", highlight=False)
 
 
