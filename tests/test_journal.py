@@ -296,6 +296,20 @@ async def test_the_envelope_deadline_overrides_stuck_after(
         assert await journal.check_deadlines() == [env.id]
 
 
+async def test_a_deadline_no_timestamp_can_show_does_not_stop_every_other_timeout(
+    app: App, store_url: str, bus: SpyBus, clock: VirtualClock
+) -> None:
+    """A producer's deadline of year 1 with a positive offset parses, but is before anything
+    ``choreograph.timedout`` can state; it counts as unreadable (stuck_after applies), so the
+    scan still announces every transaction that is due, its own included."""
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=60, scan_interval=3600) as journal:
+        [odd] = await Publisher(bus).publish(Requested(order="o-1", mode="stall"), deadline="0001-01-01T00:00:00+01:00")
+        [plain] = await Publisher(bus).publish(Requested(order="o-2", mode="stall"))
+        await settled(bus)
+        clock.advance(61)
+        assert sorted(await journal.check_deadlines()) == sorted([odd.id, plain.id])
+
+
 async def test_transactions_are_listed_by_status(journal: Journal, app: App, bus: SpyBus, clock: VirtualClock) -> None:
     ids = {mode: await start(app, bus, mode=mode) for mode in ("ok", "decline", "crash", "stall")}
     assert [t.correlation_id for t in await journal.transactions(status="completed")] == [ids["ok"]]

@@ -44,16 +44,20 @@ EntryKind = Literal["event", "completed", "failed", "failure", "timedout"]
 
 
 def parse_time(value: str | None) -> float | None:
-    """Epoch seconds of an RFC 3339 timestamp, or ``None`` if absent or unparseable."""
+    """Epoch seconds of an RFC 3339 timestamp, or ``None`` if absent, unparseable, or outside
+    what :func:`format_time` can write back (``0001-01-01T00:00:00+01:00`` is in year 0 in UTC:
+    as a deadline it would stop every ``choreograph.timedout`` of the scan that met it)."""
     if not value:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        epoch = parsed.timestamp()
+        datetime.fromtimestamp(epoch, UTC)
+    except (ValueError, OverflowError, OSError):
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    return epoch
 
 
 def format_time(epoch: float) -> str:
