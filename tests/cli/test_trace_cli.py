@@ -121,6 +121,7 @@ def test_the_journal_records_what_is_published_and_trace_shows_it(tmp_path: Path
         (["trace", "x", "--journal", "mongodb://x"], "unknown scheme 'mongodb'"),
         (["transactions", "--journal", "memory://", "--status", "lost"], "--status 'lost'"),
         (["gateway", "examples.chain:app"], "not a Gateway"),
+        (["gateway", "examples.chain:OrderPlaced"], "is the Event class OrderPlaced, not a Gateway or an ASGI app"),
         (["journal", "examples.chain:OrderPlaced", "--broker", "memory://", "--store", "memory://"], "not an App"),
     ],
 )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pydantic
 import typer
 
-from choreograph.cli._common import MetricsHostOption, MetricsPortOption, load_object, otel_option
+from choreograph.cli._common import MetricsHostOption, MetricsPortOption, kind_of, load_object, otel_option
 from choreograph.cli._run import telemetry_options
 from choreograph.errors import ConfigurationError
 from choreograph.telemetry import Telemetry
@@ -24,11 +25,13 @@ def asgi_app(spec: str, telemetry: Telemetry | None = None) -> Any:
         if telemetry is not None and obj.telemetry is None:
             obj.instrument(telemetry)
         return obj.asgi()
-    if callable(obj):
+    # A model class is callable too: uvicorn would instantiate it per request and fail on
+    # validation, an error about the wrong thing.
+    if callable(obj) and not (isinstance(obj, type) and issubclass(obj, pydantic.BaseModel)):
         if telemetry is not None:
             raise ConfigurationError(f"{spec!r} is not a Gateway: --otel and --metrics-port need a choreograph Gateway")
         return obj
-    raise ConfigurationError(f"{spec!r} is a {type(obj).__name__}, not a Gateway or an ASGI app")
+    raise ConfigurationError(f"{spec!r} is {kind_of(obj)}, not a Gateway or an ASGI app")
 
 
 def gateway(
