@@ -29,6 +29,7 @@ from choreograph.runtime.records import to_message
 from choreograph.telemetry import Telemetry, transaction_ids
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests._procs import stop
+from tests._waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -290,6 +291,26 @@ async def test_an_event_filtered_out_by_where_counts_and_runs_no_span(
     assert sample(registry, "choreograph_events_handled_total", service="eu-only",
                   event_type="test.telemetry.placed") == 1
     assert len(exporter.get_finished_spans()) == 1
+
+
+async def test_an_event_of_a_type_this_version_does_not_subscribe_to_counts_as_handed_back(
+    bus: MemoryTransport, telemetry: Telemetry, registry: CollectorRegistry
+) -> None:
+    svc = Service("payments")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        return None
+
+    class Refund(Event, type="test.telemetry.refund"):
+        order_id: str
+
+    async with Worker([svc], bus, telemetry=telemetry) as worker:
+        await (await bus.subscribe("payments", [Refund.event_type()])).close()  # a newer version's binding
+        await Publisher(bus).publish(Refund(order_id="a"))
+        await until(lambda: worker.stats("payments").handed_back == 1)
+    assert sample(registry, "choreograph_events_handed_back_total", service="payments",
+                  event_type="test.telemetry.refund") == 1
 
 
 async def test_a_service_with_a_database_emits_through_its_outbox_under_the_handler_span(

@@ -42,6 +42,9 @@ service's group), ``choreograph.handler`` and ``choreograph.attempt``.
 ``choreograph_events_retried_total``           service, event_type          failed attempts to be retried
 ``choreograph_events_dead_lettered_total``     service, event_type, reason  events given up on
 ``choreograph_events_duplicates_total``        service, event_type          deliveries the inbox had seen
+``choreograph_events_handed_back_total``       service, event_type          of a type this version does not
+                                                                            subscribe to: handed back for one
+                                                                            that does (a rolling deploy)
 ``choreograph_handler_duration_seconds``       service, event_type          histogram of handler attempts
 ``choreograph_handlers_in_flight``             service                      handlers running now
 ``choreograph_outbox_pending``                 service                      outbox rows not yet published
@@ -138,6 +141,9 @@ class Metrics:
                                   per_type, registry=registry)
         self.filtered = Counter("choreograph_events_filtered", "Deliveries acked unhandled: where= did not match",
                                 per_type, registry=registry)
+        self.handed_back = Counter("choreograph_events_handed_back",
+                                   "Deliveries of a type this version does not subscribe to, left for one that does",
+                                   per_type, registry=registry)
         self.duration = Histogram("choreograph_handler_duration_seconds", "Duration of handler attempts",
                                   per_type, buckets=DURATION_BUCKETS, registry=registry)
         self.in_flight = Gauge("choreograph_handlers_in_flight", "Handler attempts running now",

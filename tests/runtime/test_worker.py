@@ -30,7 +30,7 @@ from choreograph import (
 )
 from choreograph.errors import EmitError
 from choreograph.runtime.records import first_envelope, to_message
-from choreograph.runtime.worker import _EAGER_TASKS, _Runner, never_suspends
+from choreograph.runtime.worker import _EAGER_TASKS, HANDOVER_ATTEMPTS, _Runner, never_suspends
 from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
@@ -1681,9 +1681,17 @@ async def test_a_handled_event_whose_outputs_wait_for_the_broker_keeps_its_lease
     assert runs == ["a"] and charged == ["a"]
 
 
-async def test_an_event_no_handler_takes_is_acked_without_an_inbox_record() -> None:
-    """Ignored, not processed: the inbox records only what a handler ran for (a later
-    version of the service that handles the type must not take it for a duplicate)."""
+class Other(Event, type="test.worker.other"):
+    n: int
+
+
+async def test_an_event_of_a_type_this_version_does_not_subscribe_to_is_handed_back_then_dead_lettered(
+        clock: VirtualClock, bus: MemoryTransport) -> None:
+    """The group is bound to a type this version of the service does not handle (another
+    version subscribed it): not acked - that would lose it for the replicas that handle it -
+    but handed back with a growing delay, then dead-lettered ``unhandled`` with its record,
+    no inbox mark (a later version must not take it for a duplicate) and no failure event
+    (nothing failed: no compensation runs)."""
 
     class Recording(MemoryStore):
         marked: list[str] = []
@@ -1692,17 +1700,53 @@ async def test_an_event_no_handler_takes_is_acked_without_an_inbox_record() -> N
             self.marked.extend(event_ids)
             await super().mark(group, event_ids)
 
-    class Other(Event, type="test.worker.other"):
-        n: int
-
-    bus = MemoryTransport()
     store = Recording()
-    async with Worker([_charging([])], bus, store=store):
-        await (await bus.subscribe("payment", None)).close()  # the group now takes every type
+    watcher = Service("watcher")
+    failures: list[Failure] = []
+
+    @watcher.on_failure(Other)
+    async def on_other_failure(failure: Failure) -> None:
+        failures.append(failure)
+
+    async with Worker([_charging([]), watcher], bus, store=store, clock=clock) as worker:
+        await (await bus.subscribe("payment", [Other.event_type()])).close()  # another version's binding
         placed, other = await Publisher(bus).publish(Placed(order_id="a"), Other(n=1))
         await settled(bus)
+        stats = worker.stats("payment")
     assert store.marked == [placed.id]
-    assert bus.pending()[0] == 0  # the other one was acked all the same
+    assert stats.handed_back == HANDOVER_ATTEMPTS - 1 and stats.ignored == 0
+    [letter] = await bus.dead_letters("payment")
+    assert letter.message.id == other.id and letter.record["reason"] == "unhandled"
+    assert letter.record["attempts"] == HANDOVER_ATTEMPTS
+    assert "test.worker.other" in letter.record["last_error"]["message"]
+    assert failures == []
+    # 1 + 2 + 4 + 8 + 16 s, then 30 s apart: about ten minutes before it is given up
+    assert 600 <= clock.monotonic() - 1_000_000.0 <= 700
+
+
+async def test_in_a_rolling_deploy_the_version_that_handles_a_new_type_gets_every_event_of_it(
+        clock: VirtualClock, bus: MemoryTransport) -> None:
+    """Old and new replicas of one group side by side; only the new one handles ``Other``.
+    Every Other event ends in the new replica, none is lost to the old one."""
+    old = _charging([])
+    new = Service("payment")
+    got: list[int] = []
+
+    @new.on(Placed)
+    async def charge(order: Placed) -> Charged:
+        return Charged(order_id=order.order_id)
+
+    @new.on(Other)
+    async def other(event: Other) -> None:
+        got.append(event.n)
+
+    async with Worker([old], bus, clock=clock) as old_worker, Worker([new], bus, clock=clock):
+        await Publisher(bus).publish(*(Other(n=i) for i in range(20)))
+        await settled(bus)
+        handed_back = old_worker.stats("payment").handed_back
+    assert sorted(got) == list(range(20))
+    assert handed_back > 0  # the old replica did get some first (competing consumers)
+    assert await bus.dead_letters("payment") == []
 
 
 async def test_a_replayed_dead_letter_starts_a_fresh_failure_history() -> None:

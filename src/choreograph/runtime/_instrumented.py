@@ -156,6 +156,12 @@ class InstrumentedRunner(_Runner):
             self.metrics.filtered.labels(self.service.name, delivery.message.type).inc()
         return outcome
 
+    def _unsubscribed(self, delivery: Delivery, envelope: Envelope, now: float) -> _Outcome:
+        outcome = super()._unsubscribed(delivery, envelope, now)
+        if self.metrics is not None and isinstance(outcome, _Again):
+            self.metrics.handed_back.labels(self.service.name, envelope.type).inc()
+        return outcome
+
     def _duplicate(self, delivery: Delivery) -> _Done:
         outcome = super()._duplicate(delivery)
         if self.metrics is not None:

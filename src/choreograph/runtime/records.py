@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from choreograph.policy import RetryPolicy
 
 DeadLetterReason = Literal[
-    "max_attempts", "max_age", "rejected", "invalid_payload", "malformed", "loop_detected", "internal_error"
+    "max_attempts", "max_age", "rejected", "invalid_payload", "malformed", "loop_detected", "internal_error",
+    "unhandled",
 ]
 
 

@@ -91,6 +91,13 @@ UNSETTLED_FLOOR = 1024
 UNSETTLED_PER_SLOT = 4
 #: Seconds to put back a copy of an event whose other copy is being handled right now.
 IN_FLIGHT_DEFER = 1.0
+#: An event of a type this version of a service does not subscribe to reached its group:
+#: another version, running beside it during a rolling deploy, bound the group to that type
+#: (a group's binding only widens, see :class:`~choreograph.transports.Transport`). It goes
+#: back for a replica that handles it, after 1 s, 2 s, ... up to 30 s between tries, for
+#: HANDOVER_ATTEMPTS deliveries (about ten minutes); then it is dead-lettered ``unhandled``.
+HANDOVER_ATTEMPTS = 25
+HANDOVER_MAX_DELAY = 30.0
 #: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
 #: up on an unreachable broker: what is still unsettled then comes back after its lease.
 STOP_GRACE = 5.0
@@ -152,6 +159,7 @@ class Stats:
     duplicates: int = 0
     deferred: int = 0
     ignored: int = 0
+    handed_back: int = 0  # of a type this version does not subscribe to: left for a replica that does
     filtered: int = 0  # acked unhandled: the handler's where= did not match
     retried: int = 0
     dead_lettered: int = 0
@@ -240,6 +248,7 @@ class _Runner:
         self.stats = Stats()
         self.store: InboxStore = worker.store  # replaced by the service database's inbox if it has one
         self.handlers = service.handlers
+        self.handed_back_types: set[str] = set()  # types _unsubscribed has warned about
         # the clock's time(); time.time itself for the real clock (a Python call less per event)
         self.clock_time = time.time if type(worker.clock) is SystemClock else worker.clock.time
         self.has_database = False  # set by start(): whether the service keeps state in its own database
@@ -661,7 +670,9 @@ class _Runner:
             return self._dead(delivery, envelope, "loop_detected", None, error, now, publish_failure=False)
         handler = self.handlers.get(envelope.type) if envelope.type != FAILED else self._failure_handler(envelope)
         if handler is None:
-            self.stats.ignored += 1
+            if envelope.type != FAILED and envelope.type not in self.service.subscriptions:
+                return self._unsubscribed(delivery, envelope, now)
+            self.stats.ignored += 1  # a failure of a type this service has no failure handler for
             return _Done(delivery, [], mark=False)
         try:
             if handler.kind == "event":
@@ -784,6 +795,26 @@ class _Runner:
         """The outcome of a delivery the inbox says was processed already: ack it, run nothing."""
         self.stats.duplicates += 1
         return _Done(delivery, [], mark=False)
+
+    def _unsubscribed(self, delivery: Delivery, envelope: Envelope, now: float) -> _Outcome:
+        """``delivery`` is of a type this version of the service does not subscribe to: the
+        group is bound to it because another version subscribed (see ``HANDOVER_ATTEMPTS``).
+        Acking it would lose it for the replicas that handle it; it goes back for them."""
+        attempt = delivery.attempt
+        if attempt < HANDOVER_ATTEMPTS:
+            if envelope.type not in self.handed_back_types:
+                self.handed_back_types.add(envelope.type)
+                log.warning(
+                    "group %s is bound to %s, which this version of %s does not handle: handing such events "
+                    "back for a replica that does (a rolling deploy?); after %d deliveries they are "
+                    "dead-lettered 'unhandled'. If no version handles it any more: choreograph groups unbind %s %s",
+                    self.group, envelope.type, self.service.name, HANDOVER_ATTEMPTS, self.group, envelope.type)
+            self.stats.handed_back += 1
+            return _Again(delivery, min(HANDOVER_MAX_DELAY, 2.0 ** (attempt - 1)))
+        error = ErrorInfo("Unhandled", f"no replica of group {self.group!r} handled type {envelope.type!r} "
+                                       f"in {attempt} deliveries; this version of {self.service.name!r} "
+                                       f"subscribes to {sorted(self.service.subscriptions)}")
+        return self._dead(delivery, envelope, "unhandled", None, error, now, publish_failure=False)
 
     def _failure_handler(self, envelope: Envelope) -> Handler | None:
         failed_type = envelope.data.get("type") if isinstance(envelope.data, dict) else None

@@ -51,6 +51,12 @@ class _Group:
         self.dead: dict[str, DeadLetter] = {}
         self.consumers = 0
         self.wakeup = asyncio.Event()
+        # The subscriptions with a fetch waiting for messages. Of those, the one served least
+        # recently takes first, as a broker spreads messages over its consumers. Else the one
+        # whose fetch happened to run first took every message each time: a replica that
+        # hands an event back (a type it does not handle) got it again, and again.
+        self.waiting: list[MemorySubscription] = []
+        self.served = itertools.count(1)
 
 
 class _Bus:
@@ -159,17 +165,35 @@ class MemorySubscription(Subscription):
         self._transport = transport
         self._group = group
         self._closed = False
+        self._served = 0  # when it last took messages (group.served): 0, never
         group.consumers += 1
 
     async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:
         bus, group, lease = self._transport.bus, self._group, self._transport.lease
         clock = bus.clock
         deadline = None if timeout is None else clock.monotonic() + timeout
+        waiting = group.waiting
+        try:
+            return await self._fetch(bus, group, lease, clock, max_messages, deadline)
+        finally:
+            if waiting and self in waiting:
+                waiting.remove(self)
+                if waiting and group.ready:
+                    bus.wake(group)  # what is left is another one's
+
+    def _my_turn(self, waiting: list[MemorySubscription]) -> bool:
+        served = self._served
+        return not waiting or all(other._served >= served for other in waiting)
+
+    async def _fetch(self, bus: _Bus, group: _Group, lease: float, clock: Clock, max_messages: int,
+                     deadline: float | None) -> list[Delivery]:
+        waiting = group.waiting
         while True:
             if self._closed or self._transport.closed:
                 raise TransportClosed("memory transport: subscription is closed")
             next_due = bus.promote(group, lease)
-            if group.ready:
+            if group.ready and self._my_turn(waiting):
+                self._served = next(group.served)
                 out: list[Delivery] = []
                 now = clock.monotonic()
                 while group.ready and len(out) < max_messages:
@@ -186,7 +210,10 @@ class MemorySubscription(Subscription):
             wait_until = (
                 min(t for t in (next_due, deadline) if t is not None) if (next_due or deadline) else None
             )
-            group.wakeup.clear()
+            if self not in waiting:
+                waiting.append(self)
+            if not group.ready:
+                group.wakeup.clear()  # else it is set for the fetch whose turn it is
             waiter = asyncio.ensure_future(group.wakeup.wait())
             sleeper = asyncio.ensure_future(_sleep_until(clock, wait_until)) if wait_until is not None else None
             try:
