@@ -18,6 +18,12 @@ A transport moves opaque :class:`Message` bodies (encoded CloudEvents) between
   nobody handles any more stays bound: its events still reach the group, whose
   consumers settle them (the runtime acks an event no handler of its service takes),
   so they do not pile up while the group runs.
+* ``unbind(group, types)`` is the one way to narrow a binding: an operator removes the
+  types no version of the service handles any more (``choreograph groups unbind``).
+  Only routing changes: events published afterwards of those types no longer reach the
+  group; those it already holds stay and are settled as any other (the runtime hands
+  them back, then dead-letters them as unhandled). A consumer that subscribes for a
+  removed type later binds it again (widening), so unbind once no replica asks for it.
 * A :class:`Delivery` carries the message, its ``attempt`` (1 on first delivery; the
   count lives in the broker, not in a process) and three verbs: ``ack()``,
   ``retry(after)`` (deliver again, attempt + 1, no sooner than ``after`` seconds) and
@@ -43,6 +49,8 @@ import abc
 import dataclasses
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
+
+from choreograph.errors import ConfigurationError
 
 #: Default ack deadline in seconds; override per URL with ``?lease=SECONDS``.
 DEFAULT_LEASE = 30.0
@@ -215,6 +223,19 @@ class Transport(abc.ABC):
         may come to this subscription, also of types another consumer asked for.
         """
 
+    async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
+        """Remove ``types`` from the binding of registered ``group``; returns the binding after.
+
+        Removing a type the group is not bound to changes nothing. Raises
+        :class:`ConfigurationError` for a group never registered, and for a wildcard group
+        (bound to every type: there is no list to remove a type from). Events the group
+        already holds stay; only what is published afterwards is routed differently.
+
+        >>> await bus.unbind("billing", ["order.cancelled"])  # doctest: +SKIP
+        frozenset({'order.placed'})
+        """
+        raise ConfigurationError(f"{type(self).__name__} cannot unbind types from a group")
+
     async def ping(self) -> None:
         """Return once the broker answered a round trip; raise :class:`TransportError` (or
         :class:`TransportClosed`) if it cannot now. What a readiness probe asks (the
@@ -267,3 +288,18 @@ def widened(bound: frozenset[str] | None, types: frozenset[str] | None) -> froze
     if bound is None or types is None:
         return None
     return bound | types
+
+
+def narrowed(group: str, bound: frozenset[str] | None, types: Collection[str]) -> frozenset[str]:
+    """The binding of ``group``, bound to ``bound``, once ``types`` are unbound from it;
+    :class:`ConfigurationError` if it is a wildcard group (every type: none can be removed)."""
+    if bound is None:
+        raise ConfigurationError(
+            f"group {group!r} is bound to every type (a wildcard group): it cannot be unbound from some"
+        )
+    return bound - frozenset(types)
+
+
+def no_such_group(group: str) -> ConfigurationError:
+    """The error of ``unbind`` for a group this bus never registered."""
+    return ConfigurationError(f"no group {group!r} on this bus (choreograph groups list shows them)")

@@ -25,7 +25,16 @@ from urllib.parse import urlsplit
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph.errors import TransportClosed
 from choreograph.transports import lease_from_url
-from choreograph.transports.base import DeadLetter, Delivery, Message, Subscription, Transport, matches
+from choreograph.transports.base import (
+    DeadLetter,
+    Delivery,
+    Message,
+    Subscription,
+    Transport,
+    matches,
+    narrowed,
+    no_such_group,
+)
 
 _BUSES: weakref.WeakValueDictionary[str, _Bus] = weakref.WeakValueDictionary()
 
@@ -65,7 +74,7 @@ class _Bus:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.groups: dict[str, _Group] = {}
-        self.routes: dict[str, list[_Group]] = {}  # event type -> the groups that receive it; reset when one widens
+        self.routes: dict[str, list[_Group]] = {}  # event type -> the groups that receive it; reset when a binding changes
         self.tokens = itertools.count(1)
         self.seq = itertools.count()
 
@@ -294,6 +303,17 @@ class MemoryTransport(Transport):
         sub = MemorySubscription(self, state)
         self._subscriptions.append(sub)
         return sub
+
+    async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
+        self._check()
+        state = self.bus.groups.get(group)
+        if state is None:
+            raise no_such_group(group)
+        bound = narrowed(group, state.types, types)
+        if bound != state.types:
+            state.types = bound  # what the group holds stays: only routing changes
+            self.bus.routes.clear()
+        return bound
 
     def pending(self) -> tuple[int, float | None]:
         """(messages ready or in flight in groups with consumers, next due retry/lease time)."""
