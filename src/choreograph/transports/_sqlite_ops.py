@@ -124,6 +124,24 @@ def register_group(conn: sqlite3.Connection, group: str, types: frozenset[str] |
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'groups_version'")
 
 
+def unbind_group(conn: sqlite3.Connection, group: str, types: frozenset[str]) -> tuple[bool, frozenset[str] | None]:
+    """Remove ``types`` from the binding of ``group``: (whether the group exists, its binding
+    after; a wildcard stays one). Its deliveries stay: only messages published afterwards
+    are routed by the new binding. Raises nothing: it shares a transaction with others."""
+    row = conn.execute("SELECT types FROM groups WHERE name = ?", (group,)).fetchone()
+    if row is None:
+        return False, None
+    if row[0] is None:
+        return True, None
+    old = frozenset(json.loads(row[0]))
+    if not old & types:
+        return True, old
+    bound = old - types
+    conn.execute("UPDATE groups SET types = ? WHERE name = ?", (json.dumps(sorted(bound)), group))
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'groups_version'")
+    return True, bound
+
+
 def publish(conn: sqlite3.Connection, messages: Sequence[Message], groups: Groups, now: float) -> int:
     """Store each message once plus one delivery per matching group; returns deliveries made.
 

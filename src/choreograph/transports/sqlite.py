@@ -54,7 +54,7 @@ from choreograph._sqlite import begin_immediate
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _sqlite_ops as ops
 from choreograph.transports._sqlite_consumer import SQLiteSubscription
-from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
+from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
 
 __all__ = ["SQLiteTransport"]
 
@@ -248,6 +248,15 @@ class SQLiteTransport(Transport):
         subscription = SQLiteSubscription(self, group)
         self._subscriptions.add(subscription)
         return subscription
+
+    async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
+        await self._ensure()
+        removed = frozenset(types)
+        # The op raises nothing (it shares its transaction with other writes): errors here.
+        exists, bound = await self._write(lambda conn, now: ops.unbind_group(conn, group, removed))
+        if not exists:
+            raise no_such_group(group)
+        return narrowed(group, bound, removed)
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall())
