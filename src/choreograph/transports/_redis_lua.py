@@ -79,6 +79,29 @@ return 1
 """
 )
 
+#: KEYS: registry.  ARGV: group, JSON list of types to remove.
+#: Narrows the group's types; returns its types JSON afterwards (false: no such group; a
+#: wildcard's null is returned unchanged). Only the registry changes: the group's stream
+#: keeps what it holds, and the publish script reads the registry anew each time.
+UNBIND = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return false end
+local was = cjson.decode(old)
+if was == cjson.null then return old end
+local gone = {}
+for _, t in ipairs(cjson.decode(ARGV[2])) do gone[t] = true end
+local kept, changed = {}, false
+for _, t in ipairs(was) do
+  if gone[t] then changed = true else kept[#kept + 1] = t end
+end
+if not changed then return old end
+table.sort(kept)
+-- cjson writes an empty table as {}: spell the empty list out
+local bound = #kept == 0 and '[]' or cjson.encode(kept)
+redis.call('HSET', KEYS[1], ARGV[1], bound)
+return bound
+"""
+
 #: KEYS: registry.  ARGV: prefix, maxlen (0: none), then (id, type, body) per message.
 #: Routes every message to the stream of each group bound to its type. Reading the
 #: registry here, not in the client, makes routing atomic with registration.

@@ -15,7 +15,8 @@ Design, and why:
 * **Routing is server-side and atomic.** The group registry (``P:groups``, group -> types)
   is read by the publish Lua script itself, so a group registered before a publish
   receives it, with no client cache to go stale. A batch is one script: one round trip,
-  all or nothing. Registering widens a group's types in the same script (never narrows).
+  all or nothing. Registering widens a group's types in one script (never narrows);
+  ``unbind`` narrows them in another, leaving the group's stream as it is.
 * **Attempts live in Redis.** An entry carries the attempt of its first delivery; the
   pending list's delivery count adds lease expiries (``XAUTOCLAIM`` increments it,
   ``touch`` = ``XCLAIM ... JUSTID`` does not). Retry and dead-letter move the entry and
@@ -75,7 +76,7 @@ from choreograph.errors import ConfigurationError, TransportClosed, TransportErr
 from choreograph.transports import _redis_lua as lua
 from choreograph.transports import did_you_mean, lease_from_url
 from choreograph.transports._redis_consumer import POLL, RedisDelivery, RedisSubscription, _str
-from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
+from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
 
 _hiredis_pack: Callable[..., bytes] | None
 try:
@@ -181,7 +182,7 @@ class RedisTransport(Transport):
         client.set_response_callback("XREADGROUP", _raw_reply)
         self._scripts = {
             name: client.register_script(getattr(lua, name.upper()))
-            for name in ("register", "publish", "sweep", "ack", "settle", "hold", "forget", "dead")
+            for name in ("register", "unbind", "publish", "sweep", "ack", "settle", "hold", "forget", "dead")
         }
         with self._errors("connect"):
             try:
@@ -244,7 +245,13 @@ class RedisTransport(Transport):
                 [group, types_json, round(self.lease * 1000)],
             )
 
-    # -- dead letters ------------------------------------------------------------------
+    async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
+        with self._errors("unbind"):
+            after = await self._script("unbind", [self._registry], [group, orjson.dumps(sorted(set(types)))])
+        if after is None:
+            raise no_such_group(group)
+        bound = orjson.loads(after)
+        return narrowed(group, None if bound is None else frozenset(map(str, bound)), ())
 
     async def ping(self) -> None:
         with self._errors("ping"):
@@ -258,6 +265,8 @@ class RedisTransport(Transport):
             bound = orjson.loads(types)
             out[_str(name)] = None if bound is None else frozenset(map(str, bound))
         return out
+
+    # -- dead letters ------------------------------------------------------------------
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
         with self._errors("dead_letters"):
