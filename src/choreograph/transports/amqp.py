@@ -15,9 +15,10 @@ How the contract maps onto RabbitMQ:
   together (one round trip per batch), persistent messages, routing key = event type.
 * A group is a durable queue bound to its types on the ``<prefix>.events`` topic
   exchange (``#`` for all types); subscribing again adds bindings, never removes one
-  (the contract widens a group's types). AMQP cannot list bindings or queues, so each
-  group's types are also kept as a message in ``<prefix>.registry`` (read the same way
-  as dead letters): that is how ``groups()`` and ``dead_letters()`` find every group.
+  (the contract widens a group's types); only ``unbind`` removes some. AMQP cannot list
+  bindings or queues, so each group's types are also kept as a message in
+  ``<prefix>.registry`` (read the same way as dead letters): that is how ``groups()``
+  and ``dead_letters()`` find every group.
   Two subscribes racing may each write an entry; the group's types are their union.
 * Consumers of a group compete on its queue with manual acks and a prefetch sized to
   ``fetch``. The lease is kept by the consuming process, since RabbitMQ has none; see
@@ -79,7 +80,15 @@ from choreograph.transports._amqp_wire import (
     retry_queue_arguments,
     translated,
 )
-from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, widened
+from choreograph.transports.base import (
+    DeadLetter,
+    Message,
+    Subscription,
+    Transport,
+    narrowed,
+    no_such_group,
+    widened,
+)
 
 __all__ = ["AmqpTransport"]
 
@@ -276,16 +285,7 @@ class AmqpTransport(Transport):
             for key in sorted({"#"} if bound is None else bound):
                 await channel.queue_bind(queue_name, exchange, routing_key=key)
             if known != bound or len(held.get(group, ())) > 1:
-                entry = {
-                    "group": group,
-                    "types": None if bound is None else sorted(bound),
-                    "at": time.time(),
-                }
-                await self._send(
-                    self.names.registry, [outgoing(orjson.dumps(entry), "", "choreograph.group")]
-                )
-                for raw in held.get(group, ()):  # the new entry covers them all
-                    await raw.ack()
+                await self._replace_entries(group, bound, held.get(group, []))
         assert self._connection is not None
         with translated(f"consume group {group!r}"):
             consumer_channel = self._connection.channel(publisher_confirms=False)
@@ -297,6 +297,32 @@ class AmqpTransport(Transport):
         sub = AmqpSubscription(self, group, consumer_channel, queue)
         self._subscriptions.append(sub)
         return sub
+
+    async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
+        """Remove the bindings of ``types`` from the group's queue and write its narrowed entry.
+
+        What the queue holds stays. A subscribe of the group racing this one in another
+        process may bind a removed type again, as any later subscribe asking for it does.
+        """
+        removed = frozenset(types)
+        async with self._registry_lock, self._temp_channel(f"unbind group {group!r}") as channel:
+            registered, held = await self._read_registry(channel)
+            if group not in registered:
+                raise no_such_group(group)
+            known = registered[group]
+            bound = narrowed(group, known, removed)
+            for key in sorted(removed & (known or frozenset())):
+                await channel.queue_unbind(self.names.group(group), self.names.exchange, routing_key=key)
+            if known != bound or len(held[group]) > 1:
+                await self._replace_entries(group, bound, held[group])
+        return bound
+
+    async def _replace_entries(self, group: str, bound: frozenset[str] | None, held: list[Raw]) -> None:
+        """Write the group's registry entry for ``bound``, then ack the entries it replaces."""
+        entry = {"group": group, "types": None if bound is None else sorted(bound), "at": time.time()}
+        await self._send(self.names.registry, [outgoing(orjson.dumps(entry), "", "choreograph.group")])
+        for raw in held:  # the new entry covers them all
+            await raw.ack()
 
     async def ping(self) -> None:
         """The registry queue, declared passively on a channel of its own: round trips to the
