@@ -39,6 +39,8 @@ Consequences worth knowing:
 * **Servers before 2.10** lack multi-subject consumer filters: there a group's consumer
   takes the whole stream and the subscription acks the types it does not want. Correct,
   but every group then reads every event: use NATS >= 2.10 in production.
+* ``unbind`` narrows a consumer's filter, and JetStream delivers nothing outside it: the
+  group's unsettled events of the removed types are dropped, not handed back.
 * The ``attempt`` of a delivery is JetStream's delivery count, so it survives process
   crashes and broker restarts.
 """
@@ -65,7 +67,15 @@ from choreograph.transports import lease_from_url
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_pull import NatsSubscription
-from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, widened
+from choreograph.transports.base import (
+    DeadLetter,
+    Message,
+    Subscription,
+    Transport,
+    narrowed,
+    no_such_group,
+    widened,
+)
 
 __all__ = ["NatsTransport"]
 
@@ -299,6 +309,38 @@ class NatsTransport(Transport):
                 {"stream_name": self.events_stream, "config": self._consumer_config(group, consumer, bound)},
             )
         raise TransportError(f"nats: register group {group!r}: its consumer kept changing under us")
+
+    async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
+        """Narrow the group's consumer: its filter (>= 2.10) or the types in its description.
+
+        Read, narrow, write, read again; what the second read says is returned (a subscribe
+        racing this one may have widened the group again meanwhile).
+
+        Unlike the other transports, this does not keep what the group holds of the removed
+        types: JetStream delivers nothing outside a consumer's filter, so on >= 2.10 their
+        unsettled and undelivered events are gone from the group (interest retention then
+        deletes them); before 2.10 a subscription skips undelivered ones once it has read
+        the types again, and one running since before the unbind takes the removed types
+        until it does (it reads them on the next event of a type it does not know).
+        """
+        js = self._jetstream()
+        consumer = codec.name_token(group)
+        removed = frozenset(types)
+        current = await self._read_types(js, consumer)
+        if current is _NO_CONSUMER:
+            raise no_such_group(group)
+        bound = narrowed(group, current, removed)
+        if bound == current:
+            return bound
+        await js.api(
+            f"unbind types from group {group!r}",
+            f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
+            {"stream_name": self.events_stream, "config": self._consumer_config(group, consumer, bound)},
+        )
+        after = await self._read_types(js, consumer)
+        if after is _NO_CONSUMER:
+            raise no_such_group(group)
+        return after
 
     async def _bound_types(self, js: JetStream, consumer: str) -> frozenset[str] | None:
         """The types the group's consumer is bound to now (every type if it cannot tell)."""
