@@ -13,6 +13,8 @@ A transport joins the suite with one module ``tests/conformance/brokers/<name>.p
 and optionally::
 
     ORDERED: bool = True                           # False: no publish-order clause
+    UNBIND_KEEPS_HELD: bool = True                 # False: the held-events clause of
+                                                   # test_unbinding.py does not apply (NATS)
     async def restart(url: str) -> None            # stop and start the broker behind ``url``
                                                    # keeping its data (see test_restart.py)
 

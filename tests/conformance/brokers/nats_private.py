@@ -17,6 +17,10 @@ from tests._nats_server import NatsServer, require_binary
 from tests.conformance.brokers import nats as shared
 
 NAME = "nats-private"
+#: JetStream delivers nothing outside a consumer's filter: once ``unbind`` narrows it, the
+#: group's unsettled and undelivered events of the removed types are gone (documented in
+#: NatsTransport.unbind).
+UNBIND_KEEPS_HELD = False
 
 _server: NatsServer | None = None
 
