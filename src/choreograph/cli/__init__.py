@@ -11,7 +11,7 @@ import sys
 import pydantic
 import typer
 
-from choreograph.cli import _dlq, _publish, _run
+from choreograph.cli import _dlq, _groups, _publish, _run
 from choreograph.cli._common import console_error
 from choreograph.errors import ChoreographError
 from choreograph.events import format_validation_error
@@ -26,6 +26,7 @@ app = typer.Typer(
 app.command("run")(_run.run)
 app.command("publish")(_publish.publish)
 app.add_typer(_dlq.app, name="dlq")
+app.add_typer(_groups.app, name="groups")
 
 
 def _register_optional() -> None:
