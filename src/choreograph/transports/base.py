@@ -23,8 +23,8 @@ A transport moves opaque :class:`Message` bodies (encoded CloudEvents) between
   Only routing changes: events published afterwards of those types no longer reach the
   group; those it already holds stay and are settled as any other (the runtime hands
   them back, then dead-letters them as unhandled; NATS cannot keep them, see
-  ``NatsTransport.unbind``). A consumer that subscribes for a
-  removed type later binds it again (widening), so unbind once no replica asks for it.
+  ``NatsTransport.unbind``). A consumer that subscribes for a removed type later binds
+  it again (widening), so unbind once no replica asks for it.
 * A :class:`Delivery` carries the message, its ``attempt`` (1 on first delivery; the
   count lives in the broker, not in a process) and three verbs: ``ack()``,
   ``retry(after)`` (deliver again, attempt + 1, no sooner than ``after`` seconds) and
