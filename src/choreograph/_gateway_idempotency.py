@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from choreograph._redact import redact
 from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores.sqlite import sqlite_path
@@ -224,4 +225,4 @@ def open_idempotency_store(url: str) -> IdempotencyStore:
         return MemoryIdempotencyStore(url)
     if scheme == "sqlite":
         return SQLiteIdempotencyStore(url)
-    raise ConfigurationError(f"idempotency URL {url!r}: expected memory:// or sqlite:///path.db")
+    raise ConfigurationError(f"idempotency URL {redact(url)!r}: expected memory:// or sqlite:///path.db")

@@ -28,6 +28,7 @@ import orjson
 
 from choreograph._journal_model import JournalEntry, Status, TransactionSummary
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
+from choreograph._redact import redact
 from choreograph.stores import _pg
 
 JOURNAL_MIGRATIONS = [
@@ -173,7 +174,7 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
         rows = [_entry_row(entry) for entry in unique.values()]
         cids = sorted({entry.correlation_id for entry in unique.values()})
         pool = self._open_pool()
-        with _pg.translate(f"journal store {self.url}"):
+        with _pg.translate(f"journal store {redact(self.url)}"):
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute(_LOCK_CORRELATIONS, cids)
                 inserted = {row[0] for row in await conn.fetch(_INSERT_EVENTS, *_columns(rows, len(_EVENT_COLUMNS)))}
@@ -187,14 +188,14 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
         return list(changed.values())
 
     async def summary(self, correlation_id: str) -> TransactionSummary | None:
-        with _pg.translate(f"journal store {self.url}"):
+        with _pg.translate(f"journal store {redact(self.url)}"):
             row = await self._open_pool().fetchrow(
                 f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions WHERE correlation_id = $1", correlation_id
             )
         return _summary(row) if row is not None else None
 
     async def timeline(self, correlation_id: str) -> list[JournalEntry]:
-        with _pg.translate(f"journal store {self.url}"):
+        with _pg.translate(f"journal store {redact(self.url)}"):
             rows = await self._open_pool().fetch(
                 f"SELECT {_SELECT_EVENT} FROM choreograph_journal_events WHERE correlation_id = $1 ORDER BY seq",
                 correlation_id,
@@ -215,13 +216,13 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
             f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions {where} "
             f"ORDER BY started_at DESC, first_seen DESC LIMIT ${len(args) + 1}"
         )
-        with _pg.translate(f"journal store {self.url}"):
+        with _pg.translate(f"journal store {redact(self.url)}"):
             rows = await self._open_pool().fetch(sql, *args, limit)
         return [_summary(row) for row in rows]
 
     async def activity(self, *, since: float, now: float) -> Activity:
         pool = self._open_pool()
-        with _pg.translate(f"journal store {self.url}"):
+        with _pg.translate(f"journal store {redact(self.url)}"):
             async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
                 edge_rows = await conn.fetch(
                     "SELECT service, type, kind, failed_type, count(*), max(recorded_at) "
@@ -241,7 +242,7 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
         )
 
     async def due(self, now: float, limit: int) -> list[TransactionSummary]:
-        with _pg.translate(f"journal store {self.url}"):
+        with _pg.translate(f"journal store {redact(self.url)}"):
             rows = await self._open_pool().fetch(
                 f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions "
                 "WHERE base_status = 'running' AND NOT timed_out AND deadline <= $1 ORDER BY deadline LIMIT $2",
@@ -254,7 +255,7 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
         if not ids:
             return
         pool = self._open_pool()
-        with _pg.translate(f"journal store {self.url}"):
+        with _pg.translate(f"journal store {redact(self.url)}"):
             async with pool.acquire() as conn, conn.transaction():
                 summaries = [_summary(row) for row in await conn.fetch(_LOCK_SUMMARIES, ids)]
                 for summary in summaries:

@@ -23,6 +23,7 @@ from typing import Literal
 import httpx
 
 from choreograph._clock import Clock
+from choreograph._redact import redact
 from choreograph._webhook import ALLOWED_ORIGIN, REQUEST_ORIGIN
 
 Verdict = Literal["done", "permanent", "transient"]
@@ -74,7 +75,7 @@ class HandshakeRefused(Exception):
                 why += " (it does not implement the CloudEvents webhook handshake; set handshake=False to skip it)"
         else:
             why = f"allows origin {allowed!r}, not {origin!r}"
-        super().__init__(f"OPTIONS {url}: the receiver refused delivery: {why}")
+        super().__init__(f"OPTIONS {redact(url)}: the receiver refused delivery: {why}")
         self.status = status
 
 
@@ -82,7 +83,7 @@ class HandshakeFailed(Exception):
     """The handshake could not complete for a transient reason (retry later)."""
 
     def __init__(self, url: str, status: int, after: float | None) -> None:
-        super().__init__(f"OPTIONS {url}: handshake answered {status}")
+        super().__init__(f"OPTIONS {redact(url)}: handshake answered {status}")
         self.status = status
         self.after = after
 

@@ -30,6 +30,7 @@ import httpx
 from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339
 from choreograph._http_binding import decode_http_batch, is_cloudevent, to_http
 from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
+from choreograph._redact import redact
 from choreograph._webhook import signature_headers
 from choreograph.errors import EmitError, MalformedEnvelope
 from choreograph.runtime.records import (
@@ -244,10 +245,10 @@ class PushRunner:
             return await self._failed(delivery, envelope, ErrorInfo("HandshakeFailed", str(exc)), now,
                                       status=exc.status, after=exc.after)
         except (TimeoutError, httpx.TimeoutException):
-            error = ErrorInfo("Timeout", f"{sub.url}: no answer within {sub.timeout}s")
+            error = ErrorInfo("Timeout", f"{redact(sub.url)}: no answer within {sub.timeout}s")
             return await self._failed(delivery, envelope, error, now, status=None, after=None)
         except httpx.HTTPError as exc:
-            error = ErrorInfo(type(exc).__qualname__, f"{sub.url}: {exc or type(exc).__name__}")
+            error = ErrorInfo(type(exc).__qualname__, f"{redact(sub.url)}: {exc or type(exc).__name__}")
             return await self._failed(delivery, envelope, error, now, status=None, after=None)
 
         status = response.status_code
@@ -256,13 +257,13 @@ class PushRunner:
             try:
                 outputs = self._outputs(envelope, response)
             except (MalformedEnvelope, EmitError) as exc:
-                error = ErrorInfo("InvalidResponse", f"POST {sub.url} answered {status} with {exc}")
+                error = ErrorInfo("InvalidResponse", f"POST {redact(sub.url)} answered {status} with {exc}")
                 return self._dead(delivery, envelope, "rejected", error, now, status=status)
             self._count("delivered", envelope.type)
             self.stats.published += len(outputs)
             return _Done(outputs, mark=True)
         excerpt = _excerpt(response)
-        message = f"POST {sub.url} answered {status} {response.reason_phrase}" + (f": {excerpt}" if excerpt else "")
+        message = f"POST {redact(sub.url)} answered {status} {response.reason_phrase}" + (f": {excerpt}" if excerpt else "")
         error = ErrorInfo("HTTPStatusError", message)
         if verdict == "permanent":
             return self._dead(delivery, envelope, "rejected", error, now, status=status)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 
 
@@ -19,12 +20,12 @@ def instantiate(url: str, schemes: Mapping[str, tuple[str, str]], what: str) -> 
     scheme = urlsplit(url).scheme if "://" in url else ""
     if scheme not in schemes:
         raise ConfigurationError(
-            f"{what} {url!r}: unknown scheme {scheme!r}; expected one of "
+            f"{what} {redact(url)!r}: unknown scheme {scheme!r}; expected one of "
             + ", ".join(f"{s}://" for s in sorted(schemes))
         )
     module_name, class_name = schemes[scheme]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"{what} {url!r}: {scheme}:// needs {exc.name}") from exc
+        raise ConfigurationError(f"{what} {redact(url)!r}: {scheme}:// needs {exc.name}") from exc
     return getattr(module, class_name)(url)

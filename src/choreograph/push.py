@@ -57,6 +57,7 @@ from choreograph._push_filters import FilterError, Filters, compile_filters
 from choreograph._push_http import Handshakes, classify, retry_after
 from choreograph._push_runner import HANDLER, PushRunner, PushStats
 from choreograph._receiver import read_event, receiver
+from choreograph._redact import redact
 from choreograph._webhook import (
     MAX_KEY_BYTES,
     MIN_KEY_BYTES,
@@ -145,7 +146,7 @@ class PushSubscription:
         fix("types", frozenset(types))
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigurationError(f"push subscription {self.group!r}: url {self.url!r} is not an http(s) URL")
+            raise ConfigurationError(f"push subscription {self.group!r}: url {redact(self.url)!r} is not an http(s) URL")
         if self.mode not in MODES:
             raise ConfigurationError(f"push subscription {self.group!r}: mode must be 'binary' or 'structured'")
         if not (self.timeout > 0 and math.isfinite(self.timeout)):

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 from choreograph.service import App, Service
 from choreograph.transports import Transport, open_transport
@@ -64,7 +65,7 @@ def open_existing_bus(url: str) -> Transport:
     """
     transport = open_transport(url)
     if isinstance(transport, SQLiteTransport) and not os.path.exists(transport.path):
-        raise ConfigurationError(f"no SQLite bus at {transport.path} (broker URL {url!r}; run or publish creates one)")
+        raise ConfigurationError(f"no SQLite bus at {transport.path} (broker URL {redact(url)!r}; run or publish creates one)")
     return transport
 
 
@@ -73,9 +74,10 @@ def console_error(message: str) -> None:
 
     Soft-wrapped, so a terminal folds it but no newline is written into it (a script
     reading stderr gets one line per error); a Text, so brackets in the message (a
-    group or id the user typed) are printed, not read as markup.
+    group or id the user typed) are printed, not read as markup. Passwords in URLs are
+    masked: a driver's error may quote the URL it was given.
     """
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", redact(message)), soft_wrap=True)
 
 
 def load_module(module_name: str) -> Any:

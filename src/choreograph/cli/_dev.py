@@ -34,6 +34,7 @@ from pathlib import Path
 
 import typer
 
+from choreograph._redact import redact
 from choreograph.cli._common import BROKER_ENV, LogFormatOption, console, load_object, run_async
 from choreograph.cli._supervisor import ProcSpec, Supervisor
 from choreograph.errors import ConfigurationError
@@ -257,7 +258,7 @@ def dev(
 
     def ready() -> None:
         where = f"; gateway http://{host}:{port}" if gateway_target else ""
-        supervisor.say(f"{READY_LINE} {len(specs)} processes on {url}{where}", "bold green")
+        supervisor.say(f"{READY_LINE} {len(specs)} processes on {redact(url)}{where}", "bold green")
         if metrics:
             listing = ", ".join(f"{name} :{number}" for name, number in metrics.items())
             supervisor.say(f"metrics (/metrics on 127.0.0.1): {listing}", "green")

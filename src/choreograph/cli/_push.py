@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
+from choreograph._redact import redact
 from choreograph.cli._common import (
     BrokerOption,
     LogFormatOption,
@@ -119,12 +120,12 @@ def serve(
         await ambassador.start()
         for sub in subscriptions:
             announce(
-                f"{sub.group}: {', '.join(sorted(sub.types))} → {sub.url} "
+                f"{sub.group}: {', '.join(sorted(sub.types))} → {redact(sub.url)} "
                 f"({sub.mode}{', signed' if sub.secret else ''}"
                 f"{f', only where {sub.filter.text}' if sub.filter is not None else ''})",
                 label="choreograph push",
             )
-        announce(f"running on {url} (pid {os.getpid()})", label="choreograph push")
+        announce(f"running on {redact(url)} (pid {os.getpid()})", label="choreograph push")
         await stop.wait()
         announce(f"stopping {names}: draining pushes in flight", label="choreograph push", colour="yellow")
         await ambassador.stop()

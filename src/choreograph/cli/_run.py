@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import typer
 
+from choreograph._redact import redact
 from choreograph.cli._common import (
     BrokerOption,
     LogFormatOption,
@@ -91,7 +92,7 @@ def run(
             loop.add_signal_handler(sig, stop.set)
         tune_gc(gc_threshold)  # before the worker starts: nothing in flight gets frozen
         await worker.start()
-        announce(f"running {names} on {url} (pid {os.getpid()})")
+        announce(f"running {names} on {redact(url)} (pid {os.getpid()})")
         await stop.wait()
         announce(f"stopping {names}: draining in-flight work", colour="yellow")
         await worker.stop()

@@ -22,6 +22,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from choreograph._journal_model import STATUSES, JournalEntry, Status, Transaction
+from choreograph._redact import redact
 from choreograph.cli._common import (
     BrokerOption,
     LogFormatOption,
@@ -59,7 +60,7 @@ def existing_journal_url(value: str | None) -> str:
         path = sqlite_path(url)
         if path != ":memory:" and not Path(path).exists():
             raise ConfigurationError(
-                f"no journal at {path} (from {url}): start `choreograph journal` or `choreograph dev`, "
+                f"no journal at {path} (from {redact(url)}): start `choreograph journal` or `choreograph dev`, "
                 f"or point --journal / {JOURNAL_ENV} at its file"
             )
     return url
@@ -138,7 +139,7 @@ def trace(
     url = existing_journal_url(journal)
     tx: Transaction | None = run_async(_query(url, lambda j: j.transaction(correlation_id)))
     if tx is None:
-        raise ConfigurationError(f"no transaction {correlation_id!r} in the journal {url}")
+        raise ConfigurationError(f"no transaction {correlation_id!r} in the journal {redact(url)}")
     if json:
         _dump(tx.to_dict())
         return
@@ -212,7 +213,7 @@ def run_journal(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await journal.start()
-        announce(f"{READY} on {url}, recording to {store_url} (pid {os.getpid()})")
+        announce(f"{READY} on {redact(url)}, recording to {redact(store_url)} (pid {os.getpid()})")
         await stop.wait()
         await journal.stop()
 

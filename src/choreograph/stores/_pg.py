@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, StoreError
 
 try:
@@ -63,18 +64,18 @@ def parse_url(url: str) -> PgConfig:
     """Split choreograph's parameters (``schema``, ``pool_min``, ``pool_max``) from the DSN."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"PostgreSQL URL {url!r}: expected postgresql://")
+        raise ConfigurationError(f"PostgreSQL URL {redact(url)!r}: expected postgresql://")
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
     schema = params.get("schema", "public")
     if not _IDENT.match(schema):
-        raise ConfigurationError(f"PostgreSQL URL {url!r}: schema must be a plain identifier (letters, digits, _)")
+        raise ConfigurationError(f"PostgreSQL URL {redact(url)!r}: schema must be a plain identifier (letters, digits, _)")
     try:
         pool_min = int(params.get("pool_min", "1"))
         pool_max = int(params.get("pool_max", "10"))
     except ValueError:
-        raise ConfigurationError(f"PostgreSQL URL {url!r}: pool_min and pool_max must be integers") from None
+        raise ConfigurationError(f"PostgreSQL URL {redact(url)!r}: pool_min and pool_max must be integers") from None
     if not 0 <= pool_min <= pool_max or pool_max < 1:
-        raise ConfigurationError(f"PostgreSQL URL {url!r}: need 0 <= pool_min <= pool_max and pool_max >= 1")
+        raise ConfigurationError(f"PostgreSQL URL {redact(url)!r}: need 0 <= pool_min <= pool_max and pool_max >= 1")
     rest = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _OWN_PARAMS]
     dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
     return PgConfig(url=url, dsn=dsn, schema=schema, pool_min=pool_min, pool_max=pool_max, options=params)
@@ -109,14 +110,14 @@ def server_settings(config: PgConfig) -> dict[str, str]:
 async def connect(config: PgConfig, settings: dict[str, str] | None = None) -> Any:
     """One dedicated connection (LISTEN, long-lived locks), with the pool's session settings."""
     pg = _require_asyncpg()
-    with translate(f"connecting to {config.url}"):
+    with translate(f"connecting to {redact(config.url)}"):
         return await pg.connect(config.dsn, server_settings={**server_settings(config), **(settings or {})})
 
 
 async def create_pool(config: PgConfig, settings: dict[str, str] | None = None) -> Any:
     """An asyncpg pool whose connections use ``config.schema`` first (plus session ``settings``)."""
     pg = _require_asyncpg()
-    with translate(f"connecting to {config.url}"):
+    with translate(f"connecting to {redact(config.url)}"):
         return await pg.create_pool(
             config.dsn, min_size=config.pool_min, max_size=config.pool_max,
             server_settings={**server_settings(config), **(settings or {})}, reset=_keep_session,
@@ -150,14 +151,14 @@ async def migrate(pool: Any, config: PgConfig, component: str, steps: Sequence[s
     under a transaction-scoped advisory lock keyed by the schema, so concurrent
     starters wait for each other and nobody sees a half-built schema.
     """
-    with translate(f"migrating {component} in {config.url}"):
+    with translate(f"migrating {component} in {redact(config.url)}"):
         async with pool.acquire() as conn:
             return await migrate_connection(conn, config, component, steps)
 
 
 async def migrate_connection(conn: Any, config: PgConfig, component: str, steps: Sequence[str]) -> int:
     """:func:`migrate` on one connection (not in a transaction) rather than a pool."""
-    with translate(f"migrating {component} in {config.url}"):
+    with translate(f"migrating {component} in {redact(config.url)}"):
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"choreograph-migrate:{config.schema}")
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(config.schema)}")
@@ -213,10 +214,10 @@ class PooledStore:
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            with translate(f"closing {self.WHAT} {self.url}"):
+            with translate(f"closing {self.WHAT} {redact(self.url)}"):
                 await pool.close()
 
     def _open_pool(self) -> Any:
         if self._pool is None:
-            raise StoreError(f"{self.WHAT} {self.url} is not open")
+            raise StoreError(f"{self.WHAT} {redact(self.url)} is not open")
         return self._pool

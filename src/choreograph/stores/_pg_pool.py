@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores._pg import PgConfig, connect
 
@@ -77,7 +78,7 @@ class HandoffPool:
     async def acquire(self, *, transaction: bool = False) -> Any:
         """A connection; already in a transaction only if ``transaction`` (see the class docstring)."""
         if self._closed:
-            raise StoreError(f"database {self.config.url} is not open")
+            raise StoreError(f"database {redact(self.config.url)} is not open")
         waiters = self._waiters
         while waiters and waiters[0].future.done():  # given up (cancelled): they must not hold the line
             waiters.popleft()
@@ -154,7 +155,7 @@ class HandoffPool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
-                waiter.future.set_exception(StoreError(f"database {self.config.url} was closed"))
+                waiter.future.set_exception(StoreError(f"database {redact(self.config.url)} was closed"))
         idle, self._idle = self._idle, []
         for conn in idle:
             self._drop(conn)
@@ -202,7 +203,7 @@ class HandoffPool:
             raise
         if self._closed:
             self._drop(conn)
-            raise StoreError(f"database {self.config.url} was closed")
+            raise StoreError(f"database {redact(self.config.url)} was closed")
         return conn
 
     def _next_wants_transaction(self) -> bool:

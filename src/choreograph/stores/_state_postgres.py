@@ -42,6 +42,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores._pg_pool import HandoffPool, closed_if_interrupted
@@ -154,10 +155,10 @@ class _Tx(TxConnection):
 
     async def _ensure(self) -> Any:
         if self.done:
-            raise StoreError(f"database {self.store.url}: the transaction is already finished")
+            raise StoreError(f"database {redact(self.store.url)}: the transaction is already finished")
         if self.conn is None:
             pool = self.store._pool()
-            with _pg.translate(f"database {self.store.url}"):
+            with _pg.translate(f"database {redact(self.store.url)}"):
                 conn = await pool.acquire(transaction=True)
                 if not conn.is_in_transaction():  # else handed over begun by the previous commit
                     try:
@@ -171,24 +172,24 @@ class _Tx(TxConnection):
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         conn = await self._ensure()
-        with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
+        with _pg.translate(f"database {redact(self.store.url)}"), closed_if_interrupted(conn):
             if args:
                 return _pg.rowcount(await conn.execute(sql, *args))
             return _pg.rowcount(await _one_statement(conn, sql))
 
     async def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
         conn = await self._ensure()
-        with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
+        with _pg.translate(f"database {redact(self.store.url)}"), closed_if_interrupted(conn):
             await conn.executemany(sql, rows)
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[Row]:
         conn = await self._ensure()
-        with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
+        with _pg.translate(f"database {redact(self.store.url)}"), closed_if_interrupted(conn):
             return list(await conn.fetch(sql, *args))
 
     async def fetchone(self, sql: str, args: Sequence[Any]) -> Row | None:
         conn = await self._ensure()
-        with _pg.translate(f"database {self.store.url}"), closed_if_interrupted(conn):
+        with _pg.translate(f"database {redact(self.store.url)}"), closed_if_interrupted(conn):
             return await conn.fetchrow(sql, *args)
 
     async def commit(
@@ -215,12 +216,12 @@ class _Tx(TxConnection):
             except Exception as exc:
                 if getattr(exc, "constraint_name", None) == _INBOX_PKEY:
                     return False  # another consumer committed this event first: roll ours back
-                with _pg.translate(f"database {store.url}"):
+                with _pg.translate(f"database {redact(store.url)}"):
                     raise
             # PostgreSQL answers ROLLBACK to COMMIT in an aborted transaction (a script that
             # ends with BEGIN has statements before its COMMIT, which would have failed).
             if status != ("BEGIN" if self.ahead else "COMMIT"):
-                raise StoreError(f"database {store.url}: the transaction was rolled back ({status})")
+                raise StoreError(f"database {redact(store.url)}: the transaction was rolled back ({status})")
             self.done = True  # committed: nothing to roll back
             self.begun_next = self.ahead
         finally:
@@ -229,7 +230,7 @@ class _Tx(TxConnection):
             if quiet:
                 store._quiet_commits.add(service)
                 if not store.relay_here(service):  # our relay stopped meanwhile: tell the others
-                    with _pg.translate(f"database {store.url}"):
+                    with _pg.translate(f"database {redact(store.url)}"):
                         await store._pool().execute("SELECT pg_notify($1, $2)", store.channel, service)
             store.wake(service)  # the NOTIFY (if any) reaches other processes; this wakes our own relay sooner
         return True
@@ -317,7 +318,7 @@ class PostgresStateStore(StateStore, PostgresStore):
         committed, and publish its rows a second time).
         """
         pool = self._pool()
-        what = f"outbox {self.url}"
+        what = f"outbox {redact(self.url)}"
         quiet = service in self._quiet_commits
         self._quiet_commits.discard(service)
         svc = _text(service)
@@ -356,7 +357,7 @@ class PostgresStateStore(StateStore, PostgresStore):
             await pool.release(conn)  # rolled back there if the pass did not commit
 
     async def outbox_lag(self, service: str) -> OutboxLag:
-        with _pg.translate(f"outbox {self.url}"):
+        with _pg.translate(f"outbox {redact(self.url)}"):
             row = await self._pool().fetchrow(
                 "SELECT count(*), min(created_at) FROM choreograph_outbox WHERE service = $1 AND sent_at IS NULL",
                 service,
@@ -365,7 +366,7 @@ class PostgresStateStore(StateStore, PostgresStore):
         return OutboxLag(int(row[0]), max(0.0, time.time() - oldest) if oldest is not None else 0.0)
 
     async def purge_sent(self, older_than: float) -> int:
-        with _pg.translate(f"outbox {self.url}"):
+        with _pg.translate(f"outbox {redact(self.url)}"):
             status = await self._pool().execute(
                 "DELETE FROM choreograph_outbox WHERE sent_at IS NOT NULL AND sent_at < $1", older_than
             )
@@ -389,7 +390,7 @@ class PostgresStateStore(StateStore, PostgresStore):
             conn = await _pg.connect(self.config)
             await conn.add_listener(self.channel, self._notified)
         except Exception as exc:
-            log.warning("cannot LISTEN on %s (%s): relays poll instead", self.url, exc)
+            log.warning("cannot LISTEN on %s (%s): relays poll instead", redact(self.url), exc)
             return
         self._listener = conn
         for service in list(self._wakers):  # catch up with commits made while nobody listened

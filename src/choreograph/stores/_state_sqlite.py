@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from choreograph._redact import redact
 from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores._sqlite_relay import LOCKED, OutboxWatcher, RelayLock, lock_path
@@ -102,15 +103,15 @@ class SQLiteStateStore(StateStore):
         super().__init__(url)
         self.path = sqlite_path(url)
         if self.path == ":memory:":
-            raise ConfigurationError(f"database URL {url!r}: a service database needs a file")
+            raise ConfigurationError(f"database URL {redact(url)!r}: a service database needs a file")
         params = dict(parse_qsl(urlsplit(url).query))
         try:
             self.relay_lease = float(params.get("relay_lease", "10"))
         except ValueError:
-            raise ConfigurationError(f"database URL {url!r}: relay_lease must be seconds") from None
+            raise ConfigurationError(f"database URL {redact(url)!r}: relay_lease must be seconds") from None
         self.synchronous = params.get("synchronous", "NORMAL").upper()
         if self.synchronous not in ("NORMAL", "FULL", "EXTRA") or self.relay_lease <= 0:
-            raise ConfigurationError(f"database URL {url!r}: synchronous=NORMAL|FULL|EXTRA, relay_lease > 0")
+            raise ConfigurationError(f"database URL {redact(url)!r}: synchronous=NORMAL|FULL|EXTRA, relay_lease > 0")
         self.writer = SQLiteWriter(url, self.synchronous, self._on_commit)
         self._reader: sqlite3.Connection | None = None
         self._writer_exec: ThreadPoolExecutor | None = None

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 from urllib.parse import urlsplit
 
+from choreograph._redact import redact
 from choreograph._schemes import instantiate
 from choreograph.errors import ConfigurationError
 
@@ -127,7 +128,7 @@ def join_store_beside(inbox_url: str) -> JoinStore:
         try:
             return open_join_store(inbox_url)
         except ConfigurationError:  # a URL the join store rejects
-            log.warning("no join store for %s; joins and compensations are kept in memory", inbox_url)
+            log.warning("no join store for %s; joins and compensations are kept in memory", redact(inbox_url))
     from choreograph.stores.joins_memory import MemoryJoinStore
 
     return MemoryJoinStore()

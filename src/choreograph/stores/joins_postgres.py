@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
@@ -88,7 +89,7 @@ class PostgresJoinStore(_pg.PooledStore, JoinStore):
         self, key: JoinKey, slot: int, arrival: Arrival, *, slots: int, now: float, deadline: float | None
     ) -> JoinState:
         ident = (key.group, key.join, key.correlation)
-        with _pg.translate(f"join store {self.url}"):
+        with _pg.translate(f"join store {redact(self.url)}"):
             async with self._open_pool().acquire() as conn, conn.transaction():
                 is_open: bool | None = None
                 for _ in range(3):  # no row to lock: expire() deleted it after our INSERT found it; create again
@@ -100,22 +101,22 @@ class PostgresJoinStore(_pg.PooledStore, JoinStore):
                     await conn.execute(_STORE, *ident, slot, arrival.event_id, arrival.body)
                 state = _state(await conn.fetch(_STATE, *ident))
         if state is None:
-            raise StoreError(f"join store {self.url}: join {key} vanished while recording {arrival.event_id}")
+            raise StoreError(f"join store {redact(self.url)}: join {key} vanished while recording {arrival.event_id}")
         return state
 
     async def get(self, key: JoinKey) -> JoinState | None:
-        with _pg.translate(f"join store {self.url}"):
+        with _pg.translate(f"join store {redact(self.url)}"):
             return _state(await self._open_pool().fetch(_STATE, key.group, key.join, key.correlation))
 
     async def time_out(self, key: JoinKey) -> JoinState | None:
         ident = (key.group, key.join, key.correlation)
-        with _pg.translate(f"join store {self.url}"):
+        with _pg.translate(f"join store {redact(self.url)}"):
             async with self._open_pool().acquire() as conn, conn.transaction():
                 await conn.execute(_TIME_OUT, *ident)
                 return _state(await conn.fetch(_STATE, *ident))
 
     async def expire(self, older_than: float) -> int:
-        with _pg.translate(f"join store {self.url}"):
+        with _pg.translate(f"join store {redact(self.url)}"):
             status = await self._open_pool().execute(
                 "DELETE FROM choreograph_join_instances WHERE created_at < $1", older_than  # arrivals cascade
             )

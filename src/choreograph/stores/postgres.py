@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores.base import ErrorInfo, InboxStore
@@ -64,7 +65,7 @@ class PostgresStore(InboxStore):
 
     def _pool(self) -> Any:
         if self.pool is None:
-            raise StoreError(f"store {self.url} is not open")
+            raise StoreError(f"store {redact(self.url)} is not open")
         return self.pool
 
     async def open(self) -> None:
@@ -82,14 +83,14 @@ class PostgresStore(InboxStore):
     async def close(self) -> None:
         if self.pool is not None:
             pool, self.pool = self.pool, None
-            with _pg.translate(f"closing {self.url}"):
+            with _pg.translate(f"closing {redact(self.url)}"):
                 await pool.close()
 
     async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
         ids = list(event_ids)
         if not ids:
             return set()
-        with _pg.translate(f"inbox {self.url}"):
+        with _pg.translate(f"inbox {redact(self.url)}"):
             rows = await self._pool().fetch(
                 "SELECT event_id FROM choreograph_inbox WHERE grp = $1 AND event_id = ANY($2::text[])", group, ids
             )
@@ -99,7 +100,7 @@ class PostgresStore(InboxStore):
         ids = list(event_ids)
         if not ids:
             return
-        with _pg.translate(f"inbox {self.url}"):
+        with _pg.translate(f"inbox {redact(self.url)}"):
             await self._pool().execute(
                 """
                 WITH forgotten AS (
@@ -114,7 +115,7 @@ class PostgresStore(InboxStore):
 
     async def record_failure(self, group: str, event_id: str, error: ErrorInfo, at: float) -> tuple[ErrorInfo, float]:
         pool = self._pool()
-        with _pg.translate(f"inbox {self.url}"):
+        with _pg.translate(f"inbox {redact(self.url)}"):
             await pool.execute(
                 "INSERT INTO choreograph_failures (grp, event_id, first_error, first_at) VALUES ($1, $2, $3::jsonb, $4)"
                 " ON CONFLICT DO NOTHING",
@@ -131,12 +132,12 @@ class PostgresStore(InboxStore):
     async def clear_failures(self, group: str, event_ids: Collection[str]) -> None:
         ids = list(event_ids)
         if ids:
-            with _pg.translate(f"inbox {self.url}"):
+            with _pg.translate(f"inbox {redact(self.url)}"):
                 await self._pool().execute(
                     "DELETE FROM choreograph_failures WHERE grp = $1 AND event_id = ANY($2::text[])", group, ids
                 )
 
     async def expire(self, older_than: float) -> int:
-        with _pg.translate(f"inbox {self.url}"):
+        with _pg.translate(f"inbox {redact(self.url)}"):
             status = await self._pool().execute("DELETE FROM choreograph_inbox WHERE processed_at < $1", older_than)
         return _pg.rowcount(status)

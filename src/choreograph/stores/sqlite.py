@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from choreograph._redact import redact
 from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores.base import ErrorInfo, InboxStore
@@ -45,11 +46,11 @@ def sqlite_path(url: str) -> str:
     parts = urlsplit(url)
     path = parts.path
     if parts.netloc:
-        raise ConfigurationError(f"sqlite URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path")
+        raise ConfigurationError(f"sqlite URL {redact(url)!r}: use sqlite:///relative/path or sqlite:////absolute/path")
     if path.startswith("/"):
         path = path[1:]
     if not path:
-        raise ConfigurationError(f"sqlite URL {url!r}: no file path")
+        raise ConfigurationError(f"sqlite URL {redact(url)!r}: no file path")
     return path
 
 

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 from choreograph.stores.base import InboxStore
 from choreograph.transports.base import Message
@@ -297,7 +298,7 @@ def check_database_url(url: str) -> str:
     scheme = urlsplit(url).scheme if "://" in url else ""
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"database URL {url!r}: expected sqlite:///path or postgresql://user@host/db"
+            f"database URL {redact(url)!r}: expected sqlite:///path or postgresql://user@host/db"
         )
     return url
 
@@ -322,7 +323,7 @@ def open_database(url: str) -> StateStore:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"database URL {url!r}: needs {exc.name}") from exc
+        raise ConfigurationError(f"database URL {redact(url)!r}: needs {exc.name}") from exc
     store: StateStore = getattr(module, class_name)(url)
     if loop is not None:
         _SHARED.setdefault(loop, {})[url] = store

@@ -19,6 +19,7 @@ import importlib
 from collections.abc import Iterable
 from urllib.parse import parse_qs, urlsplit
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 from choreograph.transports.base import DEFAULT_LEASE, DeadLetter, Delivery, Message, Subscription, Transport
 
@@ -67,7 +68,7 @@ def open_transport(url: str) -> Transport:
     scheme = urlsplit(url).scheme if "://" in url else ""
     if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"broker URL {url!r}: unknown scheme {scheme!r}; expected one of "
+            f"broker URL {redact(url)!r}: unknown scheme {scheme!r}; expected one of "
             + ", ".join(f"{s}://" for s in schemes())
         )
     module_name, class_name, extra = _SCHEMES[scheme]
@@ -75,6 +76,6 @@ def open_transport(url: str) -> Transport:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         hint = f" (pip install 'choreograph[{extra}]')" if extra else ""
-        raise ConfigurationError(f"broker URL {url!r}: {scheme}:// needs {exc.name}{hint}") from exc
+        raise ConfigurationError(f"broker URL {redact(url)!r}: {scheme}:// needs {exc.name}{hint}") from exc
     transport: Transport = getattr(module, class_name)(url)
     return transport

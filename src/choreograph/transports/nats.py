@@ -61,6 +61,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports import lease_from_url
@@ -114,18 +115,18 @@ class NatsTransport(Transport):
         query = parse_qs(parts.query, keep_blank_values=True)
         unknown = set(query) - {"lease", "prefix", "replicas"}
         if unknown:
-            raise ConfigurationError(f"broker URL {url!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+            raise ConfigurationError(f"broker URL {redact(url)!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
         self.prefix = query.get("prefix", ["choreograph"])[-1]
         if not self.prefix or codec.name_token(self.prefix) != self.prefix:
-            raise ConfigurationError(f"broker URL {url!r}: prefix must match [A-Za-z0-9_-]+")
+            raise ConfigurationError(f"broker URL {redact(url)!r}: prefix must match [A-Za-z0-9_-]+")
         try:
             self.replicas = int(query.get("replicas", ["1"])[-1])
         except ValueError:
-            raise ConfigurationError(f"broker URL {url!r}: replicas must be an integer") from None
+            raise ConfigurationError(f"broker URL {redact(url)!r}: replicas must be an integer") from None
         if not 1 <= self.replicas <= 5:
-            raise ConfigurationError(f"broker URL {url!r}: replicas must be between 1 and 5")
+            raise ConfigurationError(f"broker URL {redact(url)!r}: replicas must be between 1 and 5")
         if not parts.netloc:
-            raise ConfigurationError(f"broker URL {url!r}: no host")
+            raise ConfigurationError(f"broker URL {redact(url)!r}: no host")
         self._servers = [f"nats://{server}" for server in parts.netloc.split(",")]
         self.events_stream = f"{self.prefix}_EVENTS"
         self.dead_letter_stream = f"{self.prefix}_DLQ"
@@ -146,7 +147,7 @@ class NatsTransport(Transport):
                 raise TransportClosed("nats: transport is closed")
             if self._nc is not None:
                 return
-            with codec.translated(f"connect to {', '.join(self._servers)}"):
+            with codec.translated(f"connect to {redact(', '.join(self._servers))}"):
                 nc = DirectClient()
                 await nc.connect(
                     self._servers,
@@ -204,7 +205,7 @@ class NatsTransport(Transport):
 
     async def _on_disconnected(self) -> None:
         if not self._closed:
-            log.warning("nats: disconnected from %s; reconnecting", ", ".join(self._servers))
+            log.warning("nats: disconnected from %s; reconnecting", redact(", ".join(self._servers)))
 
     async def _on_reconnected(self) -> None:
         log.info("nats: reconnected")

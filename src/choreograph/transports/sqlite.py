@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._redact import redact
 from choreograph._sqlite import begin_immediate
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _sqlite_ops as ops
@@ -83,29 +84,29 @@ class _Config:
 def _parse_url(url: str) -> _Config:
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
-        raise ConfigurationError(f"broker URL {url!r}: expected sqlite://")
+        raise ConfigurationError(f"broker URL {redact(url)!r}: expected sqlite://")
     if parts.netloc or not parts.path[1:]:
         raise ConfigurationError(
-            f"broker URL {url!r}: expected sqlite:///relative/bus.db or sqlite:////absolute/bus.db"
+            f"broker URL {redact(url)!r}: expected sqlite:///relative/bus.db or sqlite:////absolute/bus.db"
         )
     path = parts.path[1:]
     if path == ":memory:":
-        raise ConfigurationError(f"broker URL {url!r}: an in-memory database is not shared; use memory://")
+        raise ConfigurationError(f"broker URL {redact(url)!r}: an in-memory database is not shared; use memory://")
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
     unknown = set(query) - {"lease", "synchronous", "busy_timeout"}
     if unknown:
-        raise ConfigurationError(f"broker URL {url!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+        raise ConfigurationError(f"broker URL {redact(url)!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
     synchronous = query.get("synchronous", "NORMAL").upper()
     if synchronous not in _SYNCHRONOUS:
-        raise ConfigurationError(f"broker URL {url!r}: synchronous must be one of {', '.join(_SYNCHRONOUS)}")
+        raise ConfigurationError(f"broker URL {redact(url)!r}: synchronous must be one of {', '.join(_SYNCHRONOUS)}")
     seconds: dict[str, float] = {}
     for key, default in (("lease", 30.0), ("busy_timeout", 10.0)):
         try:
             seconds[key] = float(query.get(key, default))
         except ValueError:
-            raise ConfigurationError(f"broker URL {url!r}: {key} must be a number of seconds") from None
+            raise ConfigurationError(f"broker URL {redact(url)!r}: {key} must be a number of seconds") from None
         if seconds[key] <= 0:
-            raise ConfigurationError(f"broker URL {url!r}: {key} must be > 0 seconds")
+            raise ConfigurationError(f"broker URL {redact(url)!r}: {key} must be > 0 seconds")
     return _Config(path, seconds["lease"], synchronous, seconds["busy_timeout"])
 
 
