@@ -15,6 +15,7 @@
     timeout = 10
     max_attempts = 5                        # or a [subscriptions.retry] table
     max_retry_after = 300
+    max_response_body = 1048576             # bytes of an answer read at most (default 1 MiB)
     handshake = true
     headers = { Authorization = "Bearer ..." }
     filters = [{ prefix = { subject = "eu-" } }]   # CloudEvents Subscriptions API filters, ANDed
@@ -46,7 +47,7 @@ from choreograph.push import PushSubscription
 _TOP = {"broker", "store", "origin", "concurrency", "drain_timeout", "subscriptions"}
 _SUBSCRIPTION = {
     "group", "types", "url", "mode", "secret", "secret_env", "timeout", "max_attempts", "retry",
-    "max_retry_after", "handshake", "emits", "headers", "filters", "where",
+    "max_retry_after", "handshake", "emits", "headers", "filters", "where", "max_response_body",
 }
 #: What drawing or checking a flow does not need: credentials (``load_config(credentials=False)``).
 _CREDENTIALS = ("secret", "secret_env", "headers")
@@ -216,6 +217,8 @@ def subscription_from_mapping(data: Any, where: str = "subscription") -> PushSub
     for key in ("timeout", "max_retry_after"):
         if key in item:
             options[key] = _number(item[key], f"{where}.{key}")
+    if "max_response_body" in item:
+        options["max_response_body"] = _whole(item["max_response_body"], f"{where}.max_response_body", minimum=1)
     if "handshake" in item:
         options["handshake"] = _boolean(item["handshake"], f"{where}.handshake")
     if "emits" in item:

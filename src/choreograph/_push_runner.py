@@ -55,6 +55,7 @@ HANDLER = "push"
 """The handler name in records and derived ids: outputs are ``derive_id(input, group, "push", i)``."""
 USER_AGENT = "choreograph-push/0.1"
 _EXCERPT = 500
+_EXCERPT_BYTES = 4 * _EXCERPT  # enough for _EXCERPT characters of UTF-8
 
 
 @dataclasses.dataclass
@@ -93,9 +94,58 @@ class _Dead:
 _Outcome = _Done | _Again | _Dead
 
 
-def _excerpt(response: httpx.Response) -> str:
-    text = response.text.strip().replace("\n", " ")
-    return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
+class AnswerTooLarge(Exception):
+    """A 2xx answer carrying CloudEvents is larger than the subscription's ``max_response_body``."""
+
+    def __init__(self, status: int, limit: int, declared: int | None) -> None:
+        self.status = status
+        self.limit = limit
+        size = f" ({declared} bytes declared)" if declared is not None else ""
+        super().__init__(f"a body over the subscription's max_response_body of {limit} bytes{size}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Answer:
+    """What the receiver answered: status and headers, and as much of the body as is used."""
+
+    status: int
+    reason: str
+    headers: httpx.Headers
+    content: bytes
+    encoding: str
+
+    def excerpt(self) -> str:
+        text = self.content.decode(self.encoding, errors="replace").strip().replace("\n", " ")
+        return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
+
+
+async def _read_answer(response: httpx.Response, max_body: int) -> bytes:
+    """The part of the answer's body that is used, never more than ``max_body`` bytes held.
+
+    A 2xx answer carrying CloudEvents is read whole, or refused with :class:`AnswerTooLarge`
+    (before reading, if its Content-Length says so); a 2xx without events is not read at
+    all; any other status is read up to an excerpt for the dead-letter record.
+    """
+    if classify(response.status_code) != "done":
+        limit, strict = _EXCERPT_BYTES, False
+    elif is_cloudevent(response.headers):
+        limit, strict = max_body, True
+    else:
+        return b""
+    declared = response.headers.get("content-length", "").strip()
+    if strict and declared.isdigit() and int(declared) > limit:
+        raise AnswerTooLarge(response.status_code, limit, int(declared))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            if strict:
+                raise AnswerTooLarge(response.status_code, limit, None)
+            chunks.append(chunk[: limit - (size - len(chunk))])
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class PushRunner:
@@ -244,6 +294,9 @@ class PushRunner:
         except HandshakeFailed as exc:
             return await self._failed(delivery, envelope, ErrorInfo("HandshakeFailed", str(exc)), now,
                                       status=exc.status, after=exc.after)
+        except AnswerTooLarge as exc:
+            error = ErrorInfo("AnswerTooLarge", f"POST {redact(sub.url)} answered {exc.status} with {exc}")
+            return await self._failed(delivery, envelope, error, now, status=exc.status, after=None)
         except (TimeoutError, httpx.TimeoutException):
             error = ErrorInfo("Timeout", f"{redact(sub.url)}: no answer within {sub.timeout}s")
             return await self._failed(delivery, envelope, error, now, status=None, after=None)
@@ -251,7 +304,7 @@ class PushRunner:
             error = ErrorInfo(type(exc).__qualname__, f"{redact(sub.url)}: {exc or type(exc).__name__}")
             return await self._failed(delivery, envelope, error, now, status=None, after=None)
 
-        status = response.status_code
+        status = response.status
         verdict = classify(status)
         if verdict == "done":
             try:
@@ -262,24 +315,31 @@ class PushRunner:
             self._count("delivered", envelope.type)
             self.stats.published += len(outputs)
             return _Done(outputs, mark=True)
-        excerpt = _excerpt(response)
-        message = f"POST {redact(sub.url)} answered {status} {response.reason_phrase}" + (f": {excerpt}" if excerpt else "")
+        excerpt = response.excerpt()
+        message = f"POST {redact(sub.url)} answered {status} {response.reason}" + (f": {excerpt}" if excerpt else "")
         error = ErrorInfo("HTTPStatusError", message)
         if verdict == "permanent":
             return self._dead(delivery, envelope, "rejected", error, now, status=status)
         after = retry_after(response.headers.get("retry-after"), now)
         return await self._failed(delivery, envelope, error, now, status=status, after=after)
 
-    async def _post(self, envelope: Envelope, body: bytes) -> httpx.Response:
-        sub = self.sub
+    async def _post(self, envelope: Envelope, body: bytes) -> _Answer:
+        sub, client = self.sub, self.amb.client
         headers, payload = to_http(envelope, sub.mode, body)
         headers = {**sub.headers, **headers, "user-agent": USER_AGENT}
         if sub.secret:
             headers.update(signature_headers(sub.secret, envelope.id, payload))
+        request = client.build_request("POST", sub.url, content=payload, headers=headers, timeout=sub.timeout)
         async with asyncio.timeout(sub.timeout):  # a bound on the whole exchange, not per read
-            return await self.amb.client.post(sub.url, content=payload, headers=headers, timeout=sub.timeout)
+            response = await client.send(request, stream=True)
+            try:
+                content = await _read_answer(response, sub.max_response_body)
+            finally:
+                await response.aclose()
+        return _Answer(response.status_code, response.reason_phrase, response.headers, content,
+                       response.encoding or "utf-8")
 
-    async def _request(self, envelope: Envelope, body: bytes) -> httpx.Response:
+    async def _request(self, envelope: Envelope, body: bytes) -> _Answer:
         """Handshake (once per URL) and POST; timed when metrics are on."""
         sub, metrics = self.sub, self.metrics
         started = time.perf_counter()
@@ -291,7 +351,7 @@ class PushRunner:
             if metrics is not None:
                 metrics.push_duration.labels(self.group).observe(time.perf_counter() - started)
 
-    def _outputs(self, cause: Envelope, response: httpx.Response) -> list[Message]:
+    def _outputs(self, cause: Envelope, response: _Answer) -> list[Message]:
         """The CloudEvents in a 2xx answer, as output events of ``cause`` with derived ids.
 
         Whether the answer carries any is read from its headers, not from its body: an event

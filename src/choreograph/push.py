@@ -9,7 +9,9 @@ and settles the delivery by the answer (DESIGN.md §5):
   several) is the subscriber's *output*: the ambassador publishes it with a
   deterministic id (``derive_id(input, group, "push", index)``), the input's
   correlation and causation, *before* acking the input. The subscriber never needs
-  credentials to the bus, and a redelivery republishes the same ids.
+  credentials to the bus, and a redelivery republishes the same ids. An answer carrying
+  events is read up to the subscription's ``max_response_body`` (1 MiB by default); a
+  larger one is a failed attempt, retried and then dead-lettered, never truncated.
 * 400, 413, 415, 422 (and any other 3xx/4xx): permanent, dead-lettered at once.
 * 404, 408, 409, 429, 5xx, timeouts, connection errors: retried by the subscription's
   :class:`~choreograph.RetryPolicy`; ``Retry-After`` (seconds or an HTTP date) is
@@ -79,6 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HANDLER",
+    "MAX_RESPONSE_BODY",
     "PushAmbassador",
     "PushStats",
     "PushSubscription",
@@ -99,6 +102,9 @@ __all__ = [
 
 _GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
+MAX_RESPONSE_BODY = 1 << 20
+"""Bytes of a subscriber's answer the ambassador reads by default (the most :func:`receiver` accepts)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class PushSubscription:
@@ -108,6 +114,11 @@ class PushSubscription:
     lists the event types the subscriber may answer with (``None``: any, except
     ``choreograph.*``); answering another type dead-letters the input as ``rejected``.
     ``headers`` are added to every request (e.g. an ``Authorization``).
+
+    ``max_response_body`` bounds the answer the ambassador reads (bytes, after any
+    ``Content-Encoding``): an answer carrying CloudEvents over it is a failed attempt,
+    retried by ``retry`` and then dead-lettered naming the limit; it is never truncated
+    into events. Answers without events are not read beyond an excerpt for the record.
 
     ``filters`` (a list of filter objects in the CloudEvents Subscriptions API's shape,
     all of which must hold) and ``where`` (a CESQL condition, the same as one more
@@ -131,6 +142,7 @@ class PushSubscription:
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     filters: Sequence[Mapping[str, Any]] = ()
     where: str | None = None
+    max_response_body: int = MAX_RESPONSE_BODY
     filter: Filters | None = dataclasses.field(init=False, repr=False, compare=False, default=None)
     """``filters`` and ``where`` compiled to one predicate (``None``: every event is delivered)."""
 
@@ -153,6 +165,12 @@ class PushSubscription:
             raise ConfigurationError(f"push subscription {self.group!r}: timeout must be > 0 seconds")
         if self.max_retry_after < 0:
             raise ConfigurationError(f"push subscription {self.group!r}: max_retry_after must be >= 0 seconds")
+        limit = self.max_response_body
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigurationError(
+                f"push subscription {self.group!r}: max_response_body must be a whole number of bytes >= 1, "
+                f"got {limit!r}"
+            )
         if self.secret is not None:
             secrets = (self.secret,) if isinstance(self.secret, str) else tuple(self.secret)
             for secret in secrets:
