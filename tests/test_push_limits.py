@@ -10,15 +10,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from choreograph import Envelope
 from choreograph._push_config import load_config
 from choreograph.errors import ConfigurationError
-from choreograph.push import PushSubscription
+from choreograph.push import PushSubscription, receiver
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests._push_support import Scripted, serve
 from tests.test_push import (
@@ -152,3 +155,77 @@ def test_a_config_file_max_response_body_of_the_wrong_type_is_refused_naming_its
     with pytest.raises(ConfigurationError) as info:
         load_config(path)
     assert str(info.value) == "push.toml: subscriptions[0].max_response_body: expected a whole number >= 1, got 0"
+
+
+# -- receiver() reading requests ---------------------------------------------------------------
+
+
+def _event(size: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    headers = [(b"ce-specversion", b"1.0"), (b"ce-id", b"e"), (b"ce-source", b"/s"), (b"ce-type", b"t"),
+               (b"content-type", b"application/json")]
+    return headers, orjson.dumps({"padding": "x" * size})
+
+
+async def _post_chunked(app: Any, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes, int]:
+    """POST ``body`` to the ASGI ``app`` in 256-byte chunks without a Content-Length (as a chunked
+    request arrives); the status, the answer's body, and how many chunks the app asked for."""
+    chunks = [body[start:start + 256] for start in range(0, len(body), 256)]
+    asked = 0
+    answer: dict[str, Any] = {"body": b""}
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        if asked > len(chunks):
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunks[asked - 1], "more_body": asked < len(chunks)}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/", "raw_path": b"/", "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    return answer["status"], answer["body"], asked
+
+
+async def test_the_receiver_stops_reading_a_chunked_body_at_max_body_and_answers_413() -> None:
+    """A body without Content-Length is read streamed: the receiver stops at the limit rather than
+    holding the whole body first, and the handler is not called."""
+    calls: list[Envelope] = []
+
+    async def handle(event: Envelope) -> None:
+        calls.append(event)
+
+    headers, body = _event(64 * LIMIT)
+    status, answer, asked = await _post_chunked(receiver(handle, max_body=LIMIT), headers, body)
+    assert status == 413
+    assert f"{LIMIT} bytes" in orjson.loads(answer)["error"]
+    assert asked <= LIMIT // 256 + 1  # not the 256 chunks of the whole body
+    assert calls == []
+
+
+async def test_the_receiver_accepts_a_chunked_body_within_max_body() -> None:
+    calls: list[Envelope] = []
+
+    async def handle(event: Envelope) -> None:
+        calls.append(event)
+
+    headers, body = _event(LIMIT // 2)
+    status, _, _ = await _post_chunked(receiver(handle, max_body=LIMIT), headers, body)
+    assert status == 204
+    assert [event.data for event in calls] == [{"padding": "x" * (LIMIT // 2)}]
+
+
+async def test_the_receiver_refuses_a_declared_content_length_over_max_body_with_413() -> None:
+    async def handle(event: Envelope) -> None:
+        raise AssertionError("not called")
+
+    headers, body = _event(4 * LIMIT)
+    async with serve(receiver(handle, max_body=LIMIT)) as base, httpx.AsyncClient() as client:
+        response = await client.post(base, headers=dict((k.decode(), v.decode()) for k, v in headers), content=body)
+    assert response.status_code == 413

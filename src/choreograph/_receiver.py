@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from choreograph._envelope import Envelope, derive_id, now_rfc3339
+from choreograph._gateway_http import Problem, read_body
 from choreograph._http_binding import Mode, decode_http, to_batch, to_http
 from choreograph._webhook import (
     ALLOWED_ORIGIN,
@@ -114,7 +115,8 @@ def receiver(
     ``handler`` receives the payload parsed into ``event`` (a choreograph Event class),
     or the :class:`~choreograph.Envelope` when ``event`` is ``None``; if it takes a
     second positional parameter it also receives the envelope. ``secret=None``
-    disables signature checks (only for trusted networks).
+    disables signature checks (only for trusted networks). A body over ``max_body``
+    bytes is answered 413, whether its Content-Length says so or it arrives chunked.
     """
     with_envelope = _takes_envelope(handler)
     allow_any = "*" in allowed_origins
@@ -132,12 +134,10 @@ def receiver(
         return Response(status_code=200, headers=headers)
 
     async def deliver(request: Request) -> Response:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_body:
-            return _error(413, f"body larger than {max_body} bytes")
-        body = await request.body()
-        if len(body) > max_body:
-            return _error(413, f"body larger than {max_body} bytes")
+        try:  # streamed: a chunked body stops being read at the limit, it is not held whole first
+            body = await read_body(request, max_body)
+        except Problem as exc:
+            return _error(exc.status, exc.detail)
         try:
             if secret is not None:
                 verify(request.headers, body, secret, tolerance=tolerance)
