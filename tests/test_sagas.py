@@ -258,6 +258,23 @@ def test_deadlines_are_given_as_text_datetimes_timedeltas_or_seconds() -> None:
             deadline_text(bad, now=0.0)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("text", ["next tuesday", "", "2030-01-01", "2030-01-01T00:00:00", "2030-13-01T00:00:00Z"])
+async def test_a_publisher_refuses_deadline_text_that_is_not_an_rfc3339_timestamp(text: str) -> None:
+    """Text is checked as a datetime or a delay is converted: nothing is published with a deadline
+    no journal can read, and the error names ``deadline``."""
+    bus = MemoryTransport()
+    observer = await bus.subscribe("observer", [Placed.event_type()])
+    with pytest.raises(ConfigurationError, match=r"^deadline .*RFC 3339"):
+        await Publisher(bus).publish(Placed(order="o"), deadline=text)
+    assert await observer.fetch(10, timeout=0) == []
+
+
+async def test_a_publisher_keeps_rfc3339_deadline_text_as_given() -> None:
+    bus = MemoryTransport()
+    [placed] = await Publisher(bus).publish(Placed(order="o"), deadline="2030-01-01T12:00:00+02:00")
+    assert placed.deadline == "2030-01-01T12:00:00+02:00"
+
+
 def test_timed_out_is_the_journal_s_event_and_tolerates_fields_it_adds() -> None:
     assert TIMEDOUT == JOURNAL_TIMEDOUT == TimedOut.event_type()
     event = TimedOut.model_validate({"correlation_id": "c", "deadline": "2030-01-01T00:00:00Z",

@@ -135,9 +135,14 @@ def deadline_text(value: str | float | timedelta | datetime, *, now: float) -> s
     """
     if isinstance(value, str):
         try:
-            datetime.fromisoformat(value)
-        except ValueError as exc:
-            raise ConfigurationError(f"deadline {value!r}: not an RFC 3339 timestamp") from exc
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.tzinfo is None:  # RFC 3339 has a time and an offset, always
+            raise ConfigurationError(
+                f"deadline {value!r}: not an RFC 3339 timestamp (a date, a time and an offset, "
+                "e.g. 2030-01-01T12:00:00Z)"
+            )
         return value
     if isinstance(value, datetime):
         if value.tzinfo is None:

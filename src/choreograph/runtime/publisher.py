@@ -49,7 +49,7 @@ class Publisher:
         """
         if ids is not None and len(ids) != len(events):
             raise ValueError("ids: must have one id per event")
-        if deadline is not None and not isinstance(deadline, str):
+        if deadline is not None:  # text too: a deadline no journal can read is refused here, not stored
             from choreograph.sagas import deadline_text
 
             now = (getattr(self.transport, "clock", None) or SYSTEM_CLOCK).time()
