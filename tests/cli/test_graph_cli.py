@@ -286,3 +286,16 @@ def test_an_output_file_that_cannot_be_written_is_one_line_and_exit_2(tmp_path: 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"error: {blocker / 'out.json'}: cannot write (" in " ".join(result.stderr.split())
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device every write to fails)")
+@pytest.mark.parametrize("command", ["graph", "lint", "asyncapi"])
+def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_2(command: str) -> None:
+    """``> /dev/full`` (a full disk): the reason in one line on stderr, no traceback, no "Exception ignored"."""
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "choreograph", command, "examples.chain:app"], cwd=ROOT,
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                                env={**env, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: cannot write the output: No space left on device"]

@@ -6,6 +6,8 @@ clear line and exit with status 2, never a traceback.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 import pydantic
@@ -73,9 +75,34 @@ def _one_line_usage_errors() -> None:
 _one_line_usage_errors()
 
 
+#: What writing to a full disk, a failing device or a closed pipe raises: the output is lost, not the command.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EPIPE})
+
+
+def _abandon_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is still buffered does
+    not fail again at exit ("Exception ignored ... OSError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind stdout: nothing is flushed to one either
+        pass
+
+
 def main() -> None:
     try:
-        app()
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # a full disk is reported here, in one line, not at interpreter exit
+    except OSError as exc:
+        if exc.filename is not None or exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        _abandon_stdout()
+        if exc.errno == errno.EPIPE:  # `choreograph ... | head`: the reader has all it wanted
+            sys.exit(1)
+        console_error(f"cannot write the output: {exc.strerror}")
+        sys.exit(2)
     except ChoreographError as exc:
         console_error(str(exc))
         sys.exit(2)
