@@ -1862,3 +1862,39 @@ async def test_a_copy_that_arrives_while_its_original_runs_is_put_back_for_later
         await settled(bus)
     assert deferred == 1
     assert worker.stats("slow").duplicates == 1  # once due, the inbox says it was processed
+
+
+async def test_a_failure_the_inbox_cannot_record_leaves_the_event_to_run_again_after_its_lease() -> None:
+    """The handler failed and the inbox refused its failure record: its task ends with the
+    store's error and the lease hands the event on. Its id must leave the in-flight set then,
+    or that copy was deferred as "in flight" for ever and never ran again."""
+    from choreograph.errors import StoreError
+
+    class RefusesOnce(MemoryStore):
+        refused = False
+
+        async def record_failure(self, group: str, event_id: str, error: Any, at: float) -> Any:
+            if not self.refused:
+                self.refused = True
+                raise StoreError("inbox unreachable")
+            return await super().record_failure(group, event_id, error, at)
+
+    clock = VirtualClock()
+    bus = MemoryTransport("memory://?lease=5", clock=clock)
+    attempts: list[int] = []
+    svc = Service("fragile")
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("down")
+
+    store = RefusesOnce()
+    async with Worker([svc], bus, store=store, clock=clock) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await until(lambda: store.refused and not worker.runners[0].active)  # the task ended with the error
+        clock.advance(6)  # the lease runs out: the broker hands the event out again
+        await settled(bus)
+    assert store.refused and attempts == [1, 2]
+    assert worker.stats("fragile").handled == 1 and worker.stats().deferred == 0
