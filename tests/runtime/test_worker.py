@@ -1898,3 +1898,33 @@ async def test_a_failure_the_inbox_cannot_record_leaves_the_event_to_run_again_a
         await settled(bus)
     assert store.refused and attempts == [1, 2]
     assert worker.stats("fragile").handled == 1 and worker.stats().deferred == 0
+
+
+async def test_stopping_settles_every_handler_that_finishes_during_the_drain_not_only_the_first(
+    bus: MemoryTransport,
+) -> None:
+    """Two handlers run when stop() is called and finish one after the other: the settle loop
+    settles the first and must not end while the second still runs, or its outcome was never
+    settled (acked) and the event came back to run again."""
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    started: list[str] = []
+    svc = Service("pair")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        started.append(order.order_id)
+        await gates[order.order_id].wait()
+
+    worker = Worker([svc], bus, drain_timeout=30)
+    await worker.start()
+    await Publisher(bus).publish(Placed(order_id="a"), Placed(order_id="b"))
+    await until(lambda: sorted(started) == ["a", "b"])
+    group = bus.bus.groups["pair"]  # (pending() counts only groups with a consumer)
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0)
+    gates["a"].set()
+    await until(lambda: len(group.ready) + len(group.inflight) == 1)  # "a" is settled, "b" still runs
+    gates["b"].set()
+    await asyncio.wait_for(stopping, 10)
+    assert len(group.ready) + len(group.inflight) == 0  # both acked, none left for the lease
+    assert worker.stats().handled == 2 and worker.stats().released == 0
