@@ -114,6 +114,37 @@ async def test_a_redelivered_event_whose_inbox_record_exists_is_acked_without_ru
     assert len(bus.ids_of(Created)) == 1
 
 
+async def test_an_event_another_consumer_committed_while_the_handler_ran_is_a_duplicate_its_outputs_dropped(
+    database_url: str,  # noqa: F811
+) -> None:
+    """The inbox record appears between the fetch's lookup and the handler's commit (another
+    replica handled a copy meanwhile): the commit returns False, the handler's state is undone,
+    its output is neither published nor queued, and the delivery is acked as a duplicate."""
+    await prepare(database_url)
+    bus = RecordingBus()
+    running, other_consumer_done = asyncio.Event(), asyncio.Event()
+    svc = Service("package", database=database_url)
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        running.set()
+        await other_consumer_done.wait()
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        [req] = await Publisher(bus).publish(Requested(pid="p1"))
+        await running.wait()  # its delivery was looked up in the inbox: not processed yet
+        await worker.outbox.stores["package"].mark("package", [req.id])  # the other replica's commit
+        other_consumer_done.set()
+        await drained(worker, bus)
+        stats = worker.stats("package")
+    assert (stats.duplicates, stats.handled) == (1, 0)
+    assert bus.ids_of(Created) == []
+    assert await packages(database_url) == []
+
+
 async def test_an_exception_after_the_block_rolls_back_state_and_outputs(database_url: str) -> None:  # noqa: F811
     await prepare(database_url)
     bus = RecordingBus()
