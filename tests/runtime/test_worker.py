@@ -547,6 +547,25 @@ async def test_ctx_publish_emits_extra_events_and_the_context_is_ambient(bus: Me
     assert current_context() is None
 
 
+async def test_a_handler_that_publishes_and_returns_a_single_event_emits_both(bus: MemoryTransport) -> None:
+    """The returned event alone is the common case with a shortcut of its own (inline, no
+    ``await``); what the handler published with ``ctx.publish`` must not be lost by it."""
+    svc = Service("both")
+
+    @svc.on(Placed, emits=[Charged, Shipped])
+    async def handle(order: Placed, ctx: Context) -> Shipped:
+        ctx.publish(Charged(order_id=order.order_id))
+        return Shipped(order_id=order.order_id)
+
+    sink = Recorder("sink", Charged, Shipped)
+    async with Worker([svc, sink], bus):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert sorted((t, data["order_id"]) for t, data, _ in sink.received) == [
+        ("test.worker.charged", "a"), ("test.worker.shipped", "a")]
+    assert len({ctx.event_id for _, _, ctx in sink.received}) == 2
+
+
 async def test_failure_handlers_only_see_failures_of_their_type(bus: MemoryTransport) -> None:
     bad = Service("bad", retry=RetryPolicy(max_attempts=1))
 
