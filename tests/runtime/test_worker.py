@@ -756,6 +756,26 @@ async def test_the_inbox_forgets_processed_ids_after_the_retention_period() -> N
     assert calls == ["a", "a"]
 
 
+async def test_a_starting_worker_forgets_the_inbox_entries_older_than_the_retention_at_once() -> None:
+    """The first expiry pass runs at start, before any delivery (the next one only after a tenth
+    of the retention): an event processed longer ago than that runs again."""
+    clock = VirtualClock(epoch=4_000_000_000.0)  # wall time far beyond the real mark below
+    bus = MemoryTransport(clock=clock)
+    store = MemoryStore()
+    await store.mark("forgetful", ["same"])  # by an earlier run, at real time: older than virtual now - 1 h
+    calls = []
+    svc = Service("forgetful")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        calls.append(order.order_id)
+
+    async with Worker([svc], bus, store=store, retention=3600):
+        await Publisher(bus).publish(Placed(order_id="a"), ids=["same"])
+        await settled(bus)
+    assert calls == ["a"]
+
+
 async def test_without_retention_the_inbox_keeps_everything() -> None:
     clock = VirtualClock(epoch=4_000_000_000.0)
     bus = MemoryTransport(clock=clock)
