@@ -569,11 +569,11 @@ async def test_an_idle_poller_slows_down_yet_still_wakes_a_fetch_for_another_pro
         assert module._POLL_INTERVAL in pauses[seen:]  # noticed: back to polling fast
 
 
-@pytest.mark.parametrize("verb", ["retry", "dead_letter"])
-async def test_a_late_retry_or_dead_letter_leaves_the_redelivery_alone(path: str, verb: str) -> None:
+@pytest.mark.parametrize("verb", ["ack", "retry", "dead_letter"])
+async def test_a_late_ack_retry_or_dead_letter_leaves_the_redelivery_alone(path: str, verb: str) -> None:
     """The first consumer's lease ran out and the message went to a second one: a verb the
-    first still sends neither delays the redelivery nor dead-letters it (the row is matched by
-    its attempt, not only by its sequence)."""
+    first still sends neither settles the redelivery, delays it nor dead-letters it (the row is
+    matched by its attempt, not only by its sequence)."""
     url = url_of(path, lease=0.3)
     async with SQLiteTransport(url) as a, SQLiteTransport(url) as b, SQLiteTransport(url) as c:
         first, second, third = [await bus.subscribe("g", [TYPE]) for bus in (a, b, c)]
@@ -581,7 +581,9 @@ async def test_a_late_retry_or_dead_letter_leaves_the_redelivery_alone(path: str
         (late,) = await first.fetch(1, timeout=WAIT)
         (held,) = await second.fetch(1, timeout=WAIT)  # after the first one's lease
         assert (late.attempt, held.attempt) == (1, 2)
-        if verb == "retry":
+        if verb == "ack":
+            await late.ack()
+        elif verb == "retry":
             await late.retry(60.0)
         else:
             await late.dead_letter({"reason": "late"})
