@@ -590,3 +590,20 @@ async def test_a_late_ack_retry_or_dead_letter_leaves_the_redelivery_alone(path:
         assert await a.dead_letters("g") == []
         (again,) = await third.fetch(1, timeout=WAIT)  # the second one's lease ran out as usual
         assert again.attempt == 3
+
+
+async def test_touching_a_settled_delivery_neither_brings_it_back_nor_fails(path: str) -> None:
+    """A touch that comes after the delivery was settled (the worker's touch loop races its
+    settle step) does nothing: it neither cuts a retry's delay short to the lease, nor fails
+    once the transport is closed."""
+    async with SQLiteTransport(url_of(path, lease=0.3)) as bus:
+        subscription = await bus.subscribe("g", [TYPE])
+        await bus.publish([Message("m1", TYPE, b"x"), Message("m2", TYPE, b"y")])
+        retried, acked = await subscription.fetch(2, timeout=WAIT)
+        await retried.retry(60.0)
+        await acked.ack()
+        await retried.touch()
+        await acked.touch()
+        assert await subscription.fetch(10, timeout=1.0) == []  # three leases: the retry still waits
+    await retried.touch()
+    await acked.touch()
