@@ -156,6 +156,14 @@ def test_url_parameters_set_lease_and_synchronous() -> None:
     assert SQLiteTransport("sqlite:///bus.db")._config.synchronous == "NORMAL"
 
 
+def test_the_lease_defaults_to_the_documented_thirty_seconds() -> None:
+    """The module docstring promises ``lease`` 30 s when the URL does not say: deployments rely
+    on it (a handler running longer than the lease without touches runs twice)."""
+    assert SQLiteTransport("sqlite:///bus.db").lease == 30.0
+    documented = " ".join((sys.modules[SQLiteTransport.__module__].__doc__ or "").split())
+    assert "``lease`` (ack deadline in seconds, default 30)" in documented
+
+
 @pytest.mark.parametrize(
     "url",
     [
