@@ -1485,6 +1485,57 @@ class _Outputs(MemoryTransport):
         await super().publish(messages)
 
 
+class _Nothing(Event, type="test.worker.mark.nothing"):
+    n: int
+
+
+class _One(Event, type="test.worker.mark.one"):
+    n: int
+
+
+class _Several(Event, type="test.worker.mark.several"):
+    n: int
+
+
+class _Awaiting(Event, type="test.worker.mark.awaiting"):
+    n: int
+
+
+async def test_every_handled_event_is_marked_in_the_inbox_whatever_its_handler_returned() -> None:
+    """Nothing, one event, a list, events published with ``ctx.publish``; with or without an
+    ``await`` (inline or in a task); alone or in a batch: each handled input is recorded once."""
+    svc = Service("marking")
+
+    @svc.on(_Nothing)
+    async def nothing(event: _Nothing) -> None:
+        pass
+
+    @svc.on(_One)
+    async def one(event: _One) -> Charged:
+        return Charged(order_id=str(event.n))
+
+    @svc.on(_Several, emits=[Charged, Shipped])
+    async def several(event: _Several, ctx: Context) -> list[Event]:
+        ctx.publish(Charged(order_id=str(event.n)))
+        return [Shipped(order_id=str(event.n))]
+
+    @svc.on(_Awaiting)
+    async def awaiting(event: _Awaiting) -> Charged:
+        await asyncio.sleep(0)
+        return Charged(order_id=str(event.n))
+
+    kinds = (_Nothing, _One, _Several, _Awaiting)
+    bus, store, published = MemoryTransport(), _Marks(), []
+    async with Worker([svc], bus, store=store):
+        for kind in kinds:  # one at a time: each alone in hand
+            published += await Publisher(bus).publish(kind(n=0))
+            await settled(bus)
+        published += await Publisher(bus).publish(*(kind(n=n) for n in (1, 2) for kind in kinds))  # together
+        await settled(bus)
+    marked = [event_id for call in store.calls for event_id in call]
+    assert sorted(marked) == sorted(envelope.id for envelope in published)
+
+
 async def test_inputs_are_marked_and_acked_ack_delay_after_their_outputs_in_one_commit() -> None:
     """Outputs go out at once; marking and acking the inputs waits ``ack_delay``, and what was
     published meanwhile - here two lone events, each published by its own lane - shares one
