@@ -13,7 +13,9 @@ server; it must be ``[A-Za-z0-9_-]+``)::
                          competing consumers; filters: P.ev.<type>.* per type (P.ev.>
                          for every type) + P.rp.<group>.>; deliver policy NEW; explicit
                          ack, ack_wait = lease; max_deliver unlimited and no backoff
-                         (the runtime owns retries: retry(after) is a NAK with a delay)
+                         (the runtime owns retries: retry(after) is a NAK with a delay);
+                         description "choreograph group <group>" (before 2.10: the
+                         group's types, see _nats_consumers)
     stream P_DLQ     P.dlr.<group>.<id>       dead-letter record (see _nats_dead_letters)
                      P.dlb.<group>.<id>       dead-letter body
 
@@ -41,6 +43,9 @@ Consequences worth knowing:
   but every group then reads every event: use NATS >= 2.10 in production.
 * ``unbind`` narrows a consumer's filter, and JetStream delivers nothing outside it: the
   group's unsettled events of the removed types are dropped, not handed back.
+* ``groups()`` reads the groups back from the events stream's consumers: a group whose
+  name is past 120 characters escaped has a hashed consumer name, and before 2.10 nothing
+  else records its name: ``groups()`` then cannot tell (``None``).
 * The ``attempt`` of a delivery is JetStream's delivery count, so it survives process
   crashes and broker restarts.
 """
@@ -48,10 +53,8 @@ Consequences worth knowing:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
-import json
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -64,6 +67,7 @@ from nats.aio.client import Client
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
+from choreograph.transports import _nats_consumers as consumers
 from choreograph.transports import lease_from_url
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
@@ -88,9 +92,6 @@ _CLOSE_TIMEOUT = 5.0  # seconds close() may spend flushing to a server that does
 _MSG_ID_HEADER_SIZE = codec.header_size({codec.H_MSG_ID: ""})  # plus the id's length
 _SUBJECT_CACHE = 10_000  # event types whose subject publish remembers
 _REGISTER_ROUNDS = 5  # read-widen-write rounds before subscribe gives up on a consumer that keeps changing
-#: Servers before 2.10 (no consumer filters): a group's types live in its consumer's description.
-_TYPES_NOTE = "choreograph group types: "
-_MAX_DESCRIPTION = 4096  # nats-server's limit
 
 
 class _Missing(enum.Enum):
@@ -343,6 +344,37 @@ class NatsTransport(Transport):
             raise no_such_group(group)
         return after
 
+    async def groups(self) -> dict[str, frozenset[str] | None] | None:
+        """The groups read back from the events stream's consumers (see ``_nats_consumers``).
+
+        ``None`` (cannot tell) if one of them is a group that cannot be named: its name was
+        cut and hashed and, before nats-server 2.10, nothing else on the server records it.
+        Leaving it out instead would make ``choreograph dlq`` refuse that group as unknown.
+        A group registered by a choreograph that kept its types only in its subscriptions
+        (before 2.10) is reported bound to every type: its consumer takes every event.
+        """
+        js = self._jetstream()
+        found: dict[str, frozenset[str] | None] = {}
+        offset = 0
+        while True:  # the server answers a page at a time (256 consumers)
+            page = await js.api("list groups", f"CONSUMER.LIST.{self.events_stream}", {"offset": offset})
+            infos: list[dict[str, Any]] = page.get("consumers") or []
+            for info in infos:
+                config = info.get("config", {})
+                if not consumers.is_group(config):
+                    continue  # not choreograph's
+                name = str(info.get("name", ""))
+                group = consumers.group_name(name, config)
+                if group is None:
+                    log.warning("nats: consumer %r of %s is a group whose name was cut and hashed, and this "
+                                "server records it nowhere else: cannot list the groups", name, self.events_stream)
+                    return None
+                types = consumers.bound_types(config, self.prefix, multi_filter=self._multi_filter)
+                found[group] = None if types is consumers.UNRECORDED else types
+            offset += len(infos)
+            if not infos or offset >= int(page.get("total", 0)):
+                return found
+
     async def _bound_types(self, js: JetStream, consumer: str) -> frozenset[str] | None:
         """The types the group's consumer is bound to now (every type if it cannot tell)."""
         current = await self._read_types(js, consumer)
@@ -359,52 +391,14 @@ class NatsTransport(Transport):
             if exc.err_code != codec.ERR_CONSUMER_NOT_FOUND:
                 raise
             return _NO_CONSUMER
-        config = info.get("config", {})
-        event = f"{self.prefix}.ev."
-        single = config.get("filter_subject")
-        filters = config.get("filter_subjects") or ([single] if single else [])
-        if self._multi_filter and filters:
-            types: set[str] = set()
-            for subject in filters:
-                if subject == event + ">":
-                    return None
-                if subject.startswith(event) and subject.endswith(".*"):
-                    types.add(codec.type_from_tokens(subject[len(event) : -2]))
-            return frozenset(types)
-        description = str(config.get("description", ""))
-        if description.startswith(_TYPES_NOTE):
-            with contextlib.suppress(ValueError, TypeError):
-                listed = json.loads(description[len(_TYPES_NOTE) :])
-                return None if listed is None else frozenset(map(str, listed))
-        return _UNKNOWN_TYPES
+        types = consumers.bound_types(info.get("config", {}), self.prefix, multi_filter=self._multi_filter)
+        return _UNKNOWN_TYPES if types is consumers.UNRECORDED else types
 
     def _consumer_config(self, group: str, consumer: str, types: frozenset[str] | None) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "durable_name": consumer,
-            "name": consumer,
-            "deliver_policy": "new",
-            "ack_policy": "explicit",
-            "ack_wait": int(self.lease * _SECOND),
-            "max_deliver": -1,
-            # Unlimited: the server's default of 1,000 unacked messages stalls a group whose
-            # deliveries wait on purpose (join deadline timers, long retries), as chaos runs showed.
-            "max_ack_pending": -1,
-            "replay_policy": "instant",
-        }
-        if self._multi_filter:  # the filter says which types; readable back (_read_types)
-            config["description"] = f"choreograph group {group}"[:200]
-            subjects = (
-                [f"{self.prefix}.ev.>"]
-                if types is None
-                else sorted({f"{self.prefix}.ev.{codec.type_tokens(t)}.*" for t in types})
-            )
-            config["filter_subjects"] = [*subjects, f"{self.prefix}.rp.{consumer}.>"]
-        else:  # no filter: the description keeps the types for every subscription to read
-            note = _TYPES_NOTE + json.dumps(None if types is None else sorted(types), ensure_ascii=False)
-            # Past the server's limit for a description, none: the group takes every type
-            # (its consumers ignore those they do not handle) rather than miss one.
-            config["description"] = note if len(note.encode()) <= _MAX_DESCRIPTION else _TYPES_NOTE + "null"
-        return config
+        return consumers.config(
+            prefix=self.prefix, lease=self.lease, multi_filter=self._multi_filter,
+            group=group, consumer=consumer, types=types,
+        )
 
     async def _store_dead_letter(self, group: str, message: Message, record: Mapping[str, Any]) -> None:
         await self._dead_letter_stream().store(group, message, record)

@@ -1,0 +1,129 @@
+"""How a group lives on NATS: its durable consumer on the events stream, written and read back.
+
+A group ``G`` is the consumer named ``name_token(G)`` (see ``_nats_codec``). What the
+server keeps of it, for ``prefix=P``:
+
+* **nats-server >= 2.10** (multi-subject filters): ``filter_subjects`` are
+  ``P.ev.<type tokens>.*`` per type (``P.ev.>`` for every type) plus ``P.rp.<consumer>.>``
+  (the group's replays); the description is ``choreograph group G``.
+* **Before 2.10** a consumer has no filter and takes the whole stream; its description
+  keeps the types for every subscription to read: ``choreograph group types: ["a", "b"]``
+  (``null``: every type).
+
+Reading a group back (``NatsTransport.groups``) starts from a consumer whose description
+starts with ``choreograph group `` - choreograph wrote it; any other consumer on the
+stream is someone else's. Its name: the description's, when it maps to the consumer's
+name; else the consumer's name unescaped. A group whose escaped name is past 120
+characters has a cut and hashed consumer name that cannot be unescaped, and before 2.10
+its description holds the types, not the name: such a group cannot be named
+(:func:`group_name` returns ``None``). A consumer made by a choreograph that did not
+record its types where this server lets us read them (before 2.10, descriptions once
+held only the name) has :data:`UNRECORDED` types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from choreograph.transports import _nats_codec as codec
+
+#: Every description choreograph writes on a group's consumer starts with it.
+MARKER = "choreograph group "
+#: Servers before 2.10 (no consumer filters): a group's types live in its consumer's description.
+TYPES_NOTE = "choreograph group types: "
+MAX_DESCRIPTION = 4096  # bytes: nats-server's limit
+_SECOND = 1_000_000_000  # JetStream durations are nanoseconds
+
+
+class _Unrecorded(enum.Enum):
+    TYPES = "types not recorded"
+
+
+#: The types of a consumer whose types were not recorded where this server lets us read them.
+UNRECORDED = _Unrecorded.TYPES
+
+
+def config(
+    *, prefix: str, lease: float, multi_filter: bool, group: str, consumer: str, types: frozenset[str] | None
+) -> dict[str, Any]:
+    """The consumer config of ``group`` (consumer ``consumer``) bound to ``types``."""
+    result: dict[str, Any] = {
+        "durable_name": consumer,
+        "name": consumer,
+        "deliver_policy": "new",
+        "ack_policy": "explicit",
+        "ack_wait": int(lease * _SECOND),
+        "max_deliver": -1,
+        # Unlimited: the server's default of 1,000 unacked messages stalls a group whose
+        # deliveries wait on purpose (join deadline timers, long retries), as chaos runs showed.
+        "max_ack_pending": -1,
+        "replay_policy": "instant",
+    }
+    if multi_filter:  # the filter says which types; readable back (bound_types)
+        # The whole name when it fits (groups() reads it back); cut, the consumer's name tells it.
+        result["description"] = _cut(MARKER + group, MAX_DESCRIPTION)
+        subjects = (
+            [f"{prefix}.ev.>"]
+            if types is None
+            else sorted({f"{prefix}.ev.{codec.type_tokens(t)}.*" for t in types})
+        )
+        result["filter_subjects"] = [*subjects, f"{prefix}.rp.{consumer}.>"]
+    else:  # no filter: the description keeps the types for every subscription to read
+        note = TYPES_NOTE + json.dumps(None if types is None else sorted(types), ensure_ascii=False)
+        # Past the server's limit for a description, none: the group takes every type
+        # (its consumers ignore those they do not handle) rather than miss one.
+        result["description"] = note if len(note.encode()) <= MAX_DESCRIPTION else TYPES_NOTE + "null"
+    return result
+
+
+def bound_types(
+    config: Mapping[str, Any], prefix: str, *, multi_filter: bool
+) -> frozenset[str] | None | _Unrecorded:
+    """The types a consumer with ``config`` is bound to (``None``: every type), or
+    :data:`UNRECORDED`."""
+    event = f"{prefix}.ev."
+    single = config.get("filter_subject")
+    filters = config.get("filter_subjects") or ([single] if single else [])
+    if multi_filter and filters:
+        types: set[str] = set()
+        for subject in filters:
+            if subject == event + ">":
+                return None
+            if subject.startswith(event) and subject.endswith(".*"):
+                types.add(codec.type_from_tokens(subject[len(event) : -2]))
+        return frozenset(types)
+    description = str(config.get("description") or "")
+    if description.startswith(TYPES_NOTE):
+        with contextlib.suppress(ValueError, TypeError):
+            listed = json.loads(description[len(TYPES_NOTE) :])
+            return None if listed is None else frozenset(map(str, listed))
+    return UNRECORDED
+
+
+def is_group(config: Mapping[str, Any]) -> bool:
+    """Whether a consumer with ``config`` is a group choreograph registered."""
+    return str(config.get("description") or "").startswith(MARKER)
+
+
+def group_name(consumer: str, config: Mapping[str, Any]) -> str | None:
+    """The name of the group whose consumer is ``consumer`` (with ``config``), or ``None``
+    if it cannot be told (cut and hashed, and not in the description)."""
+    description = str(config.get("description") or "")
+    # name_token is injective: a name that maps to the consumer's is the group's (also when
+    # a group is named like a types note, or the description was cut).
+    if description.startswith(MARKER) and codec.name_token(named := description[len(MARKER) :]) == consumer:
+        return named
+    with contextlib.suppress(ValueError):  # bad escapes or UTF-8: not a name_token
+        unescaped = codec.from_name_token(consumer)
+        if codec.name_token(unescaped) == consumer:  # also refuses a cut and hashed name
+            return unescaped
+    return None
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (whole characters)."""
+    return text.encode()[:limit].decode(errors="ignore")
