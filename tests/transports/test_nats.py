@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
+from choreograph.transports import _nats_consumers as consumers
 from choreograph.transports import open_transport
 from choreograph.transports._nats_pull import NatsDelivery
 from choreograph.transports.base import Delivery, Message, Subscription
@@ -135,6 +136,16 @@ def test_very_long_group_names_are_cut_and_hashed_to_a_bounded_consumer_name() -
     long_a, long_b = "g" * 500, "g" * 499 + "h"
     assert len(codec.name_token(long_a)) < 200
     assert codec.name_token(long_a) != codec.name_token(long_b)
+
+
+@given(st.text(max_size=300))
+def test_a_group_is_named_back_from_its_consumer_unless_hashed_where_the_description_names_it(group: str) -> None:
+    consumer = codec.name_token(group)
+    hashed = "~~" in consumer
+    written = consumers.config(prefix="p", lease=30, multi_filter=True, group=group, consumer=consumer, types=None)
+    assert consumers.group_name(consumer, written) == group  # >= 2.10: the description names it
+    before_2_10 = consumers.config(prefix="p", lease=30, multi_filter=False, group=group, consumer=consumer, types=None)
+    assert consumers.group_name(consumer, before_2_10) == (None if hashed else group)
 
 
 @given(st.text(min_size=1), st.text())
@@ -275,6 +286,92 @@ async def test_republishing_an_id_within_the_duplicate_window_stores_it_once() -
         await bus.publish([msg(1)])
         await bus.publish([msg(1), msg(2)])
         assert ids(await collect(subscription, 3, within=1.0)) == ["m1", "m2"]
+
+
+# -- groups read back from the consumers -------------------------------------------------
+
+
+async def _create_consumer(bus: NatsTransport, name: str, config: dict[str, Any]) -> None:
+    """A consumer on the bus's events stream written by hand (not by this choreograph)."""
+    assert bus._nc is not None
+    request = {"stream_name": bus.events_stream, "config": {"durable_name": name, **config}}
+    reply = await bus._nc.request(
+        f"$JS.API.CONSUMER.CREATE.{bus.events_stream}.{name}", json.dumps(request).encode(), timeout=5
+    )
+    assert "error" not in json.loads(reply.data)
+
+
+async def test_groups_are_read_back_from_the_consumers_with_their_types(server_url: str) -> None:
+    """From another connection, so from the server: odd names, a wildcard group, an unbound
+    type; on the shared server (2.9 without filters, types in the description) as on a current one."""
+    url = bus_on(server_url)
+    async with opened(url) as bus, NatsTransport(url) as other:
+        await (await bus.subscribe("billing", ["shop.order.placed", "shop order.*"])).close()
+        await (await bus.subscribe("billing.v2 eu*>%~ü", ["a"])).close()
+        await (await bus.subscribe("audit", None)).close()
+        await bus.unbind("billing", ["shop order.*"])
+        assert await other.groups() == {
+            "billing": frozenset({"shop.order.placed"}), "billing.v2 eu*>%~ü": frozenset({"a"}), "audit": None,
+        }
+
+
+async def test_a_consumer_choreograph_did_not_create_is_not_a_group(server_url: str) -> None:
+    async with opened(bus_on(server_url)) as bus:
+        await (await bus.subscribe("billing", ["a"])).close()
+        await _create_consumer(bus, "someone-else", {"ack_policy": "explicit"})
+        await _create_consumer(bus, "described", {"ack_policy": "explicit", "description": "a tap"})
+        assert await bus.groups() == {"billing": frozenset({"a"})}
+
+
+async def test_a_bus_without_groups_lists_none() -> None:
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        assert await bus.groups() == {}
+
+
+async def test_groups_pages_through_more_consumers_than_one_answer_of_the_server_holds(
+    server: NatsServer,
+) -> None:
+    """The server lists 256 consumers at a time."""
+    async with opened(bus_on(server.url)) as bus:
+        names = [f"g{n:03}" for n in range(260)]
+        for name in names:
+            await (await bus.subscribe(name, [name])).close()
+        listed = await bus.groups()
+        assert listed is not None and sorted(listed) == names
+        assert all(listed[name] == frozenset({name}) for name in names)
+
+
+async def test_a_group_whose_consumer_name_is_hashed_is_named_by_its_description_on_2_10(
+    server: NatsServer,
+) -> None:
+    long = "billing." * 30
+    async with opened(bus_on(server.url)) as bus:
+        assert bus._multi_filter
+        await (await bus.subscribe(long, ["a"])).close()
+        assert "~~" in codec.name_token(long)
+        assert await bus.groups() == {long: frozenset({"a"})}
+
+
+async def test_before_2_10_a_group_whose_consumer_name_is_hashed_makes_groups_say_it_cannot_tell() -> None:
+    """Its description holds its types, its consumer name a digest: leaving it out would make
+    `choreograph dlq` refuse it as an unknown group. (The fallback forced on whatever server runs.)"""
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        bus._multi_filter = False
+        await (await bus.subscribe("billing", ["a"])).close()
+        assert await bus.groups() == {"billing": frozenset({"a"})}
+        await (await bus.subscribe("billing." * 30, ["a"])).close()
+        assert await bus.groups() is None
+
+
+async def test_before_2_10_a_group_an_older_choreograph_made_without_its_types_takes_every_type() -> None:
+    """Its consumer has no filter and only the group's name in its description: every event
+    reaches the group, whose subscriptions skipped the types they did not handle."""
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        bus._multi_filter = False
+        await _create_consumer(
+            bus, "legacy", {"ack_policy": "explicit", "deliver_policy": "new", "description": "choreograph group legacy"}
+        )
+        assert await bus.groups() == {"legacy": None}
 
 
 # -- limits ------------------------------------------------------------------------------
