@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from choreograph.transports import Delivery, Message, Subscription
+from choreograph.transports import Delivery, Message, Subscription, Transport
 
 #: How long a test waits for something that must happen. Generous on purpose: it is a
 #: ceiling for a loaded CI machine, never a speed assertion (speed lives in bench/).
@@ -43,3 +43,11 @@ def ids(deliveries: list[Delivery]) -> list[str]:
 
 async def settle_all(deliveries: list[Delivery]) -> None:
     await asyncio.gather(*(delivery.ack() for delivery in deliveries))
+
+
+async def bound(transport: Transport, group: str) -> frozenset[str] | None:
+    """The types ``groups()`` says ``group`` is bound to (``None``: every type), read over
+    ``transport`` - another connection than the subscriber's: what the bus keeps."""
+    listed = await transport.groups()
+    assert listed is not None, "every transport lists its groups"
+    return listed[group]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from choreograph.transports import Delivery, Subscription, Transport
 from tests.conformance._support import TYPE_A, TYPE_B, WAIT, collect, ids, message, quiet
@@ -108,19 +107,12 @@ async def test_concurrent_fetches_in_one_group_never_share_a_delivery(buses: Bus
     assert sorted(got) == sorted(f"m{n}" for n in range(60))
 
 
-async def test_groups_lists_each_group_with_its_types_or_says_it_cannot_tell(
-    buses: Buses, bus_url: str, broker: Any
-) -> None:
-    """What ``choreograph publish`` and ``dlq list --group`` check a type and a group against.
-    NATS alone cannot tell: on servers before 2.10 a group's types are filtered by its
-    consumers, not kept on the server."""
+async def test_groups_lists_each_group_with_its_types(buses: Buses, bus_url: str) -> None:
+    """What ``choreograph publish`` and ``dlq list --group`` check a type and a group against."""
     first, second = await buses.open(bus_url), await buses.open(bus_url)
     await first.subscribe("billing", [TYPE_A, TYPE_B])
     await (await first.subscribe("audit", None)).close()
     listed = await second.groups()  # another connection: what the bus keeps, not this process
-    if broker.NAME.startswith("nats"):
-        assert listed is None
-        return
     assert listed is not None
     assert {name: listed[name] for name in ("billing", "audit")} == {
         "billing": frozenset({TYPE_A, TYPE_B}), "audit": None,
