@@ -1,4 +1,4 @@
-"""The core CLI: run, publish and dlq, as a user types them (real processes, a sqlite bus)."""
+"""The core CLI: run, publish and dlq, as a user types them (real processes, a sqlite bus; NATS once)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from examples.chain import OrderPlaced
 
 from choreograph import Publisher, Reject, Service, Worker
 from choreograph.transports import Message, open_transport
+from tests._brokers import require_broker
 from tests._procs import stop
+from tests.conformance.brokers import nats as nats_broker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -289,6 +292,26 @@ def test_dlq_list_of_a_group_the_bus_does_not_have_is_an_error_naming_the_groups
     for verb in (["replay"], ["purge", "--all"]):
         acted = cli("dlq", *verb, "--group", "paymnet", "--broker", url)
         assert acted.returncode == 2 and "no group 'paymnet' on this bus" in acted.stderr
+
+
+def test_on_nats_dlq_list_of_an_unknown_group_is_an_error_and_groups_list_shows_the_groups() -> None:
+    """NATS reads its groups back from the consumers (on the shared server: before 2.10, the
+    types in their descriptions), so the CLI checks a group there as on the other brokers."""
+    url = f"{require_broker('nats')}?prefix=choreograph-test-{uuid.uuid4().hex[:12]}"
+
+    async def subscribe() -> None:
+        async with open_transport(url) as bus:
+            await (await bus.subscribe("payment", ["chain.order.placed"])).close()
+
+    try:
+        asyncio.run(subscribe())
+        typo = cli("dlq", "list", "--group", "paymnet", "--broker", url)
+        assert (typo.returncode, typo.stderr) == (2, "error: --group: no group 'paymnet' on this bus (its groups: 'payment')\n")
+        assert json.loads(cli("dlq", "list", "--group", "payment", "--broker", url, "--json").stdout) == []
+        listed = json.loads(cli("groups", "list", "--json", "--broker", url).stdout)
+        assert listed == [{"group": "payment", "types": ["chain.order.placed"]}]
+    finally:
+        asyncio.run(nats_broker.cleanup(url))
 
 
 def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

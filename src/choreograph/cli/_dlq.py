@@ -62,7 +62,7 @@ def _missing_error(group: str, missing: Sequence[str]) -> ConfigurationError:
 
 async def _check_group(bus: Transport, group: str) -> None:
     """A group the bus has never seen is an error (a typo listed as "no dead letters"), where
-    the broker can tell (NATS cannot: its groups' types are not kept on the server)."""
+    the broker can tell (``groups()`` is not ``None``: see ``NatsTransport.groups``)."""
     groups = await bus.groups()
     if groups is not None and group not in groups:
         known = ", ".join(map(repr, sorted(groups))) or "none"
