@@ -13,8 +13,9 @@ A transport joins the suite with one module ``tests/conformance/brokers/<name>.p
 and optionally::
 
     ORDERED: bool = True                           # False: no publish-order clause
-    UNBIND_KEEPS_HELD: bool = True                 # False: the held-events clause of
-                                                   # test_unbinding.py does not apply (NATS)
+    def unbind_keeps_held(bus) -> bool             # False: unbinding drops what the group
+                                                   # held of the type (NATS >= 2.10), which
+                                                   # test_unbinding.py then asserts instead
     async def restart(url: str) -> None            # stop and start the broker behind ``url``
                                                    # keeping its data (see test_restart.py)
 

@@ -49,14 +49,18 @@ async def test_a_delivery_of_an_unbound_type_handed_back_comes_back_to_the_group
 ) -> None:
     """What the group held when its type was unbound stays: the runtime retries it for a
     while (a replica that still handles it may take it), then dead-letters it."""
-    if not getattr(broker, "UNBIND_KEEPS_HELD", True):
-        pytest.skip(f"{broker.NAME}: unbinding drops what the group held of the type")
     bus, admin = await buses.open(bus_url), await buses.open(bus_url)
     subscription = await bus.subscribe("billing", [TYPE_A, TYPE_B])
     await bus.publish([message(1, TYPE_B)])
     [held] = await collect(subscription, 1)
     await admin.unbind("billing", [TYPE_B])
     await held.retry(0)
+    keeps_held = getattr(broker, "unbind_keeps_held", None)
+    if keeps_held is not None and not keeps_held(bus):
+        # The documented gap (NATS): a consumer whose filter no longer matches drops what
+        # it held of the type. Pinned, so that closing the gap changes this test too.
+        assert await quiet(subscription, 0.5) == []
+        return
     [again] = await collect(subscription, 1)
     assert (again.message.id, again.attempt) == ("m1", 2)
     await again.dead_letter({"reason": "unhandled"})
