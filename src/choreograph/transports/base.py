@@ -16,8 +16,8 @@ A transport moves opaque :class:`Message` bodies (encoded CloudEvents) between
   restarting late would unbind the types only the new version handles, and their
   events would stop reaching the group - for good, not only during the deploy. A type
   nobody handles any more stays bound: its events still reach the group, whose
-  consumers settle them (the runtime acks an event no handler of its service takes),
-  so they do not pile up while the group runs.
+  consumers settle them (the runtime hands an event of a type its version does not
+  subscribe to back for another replica, then dead-letters it ``unhandled``).
 * ``unbind(group, types)`` is the one way to narrow a binding: an operator removes the
   types no version of the service handles any more (``choreograph groups unbind``).
   Only routing changes: events published afterwards of those types no longer reach the
@@ -245,8 +245,9 @@ class Transport(abc.ABC):
 
     async def groups(self) -> Mapping[str, frozenset[str] | None] | None:
         """Every group registered on this bus and the types it is bound to (``None``: every
-        type) - the union of what its subscribes asked for; ``None`` if this broker cannot tell. Not on any hot path: ``choreograph
-        publish`` uses it to warn that nobody would receive an event."""
+        type) - the union of what its subscribes asked for; ``None`` if this broker cannot
+        tell. Not on any hot path: ``choreograph publish`` uses it to warn that nobody would
+        receive an event."""
         return None
 
     # -- dead letters -------------------------------------------------------------------

@@ -34,6 +34,7 @@ from choreograph.transports.base import (
     matches,
     narrowed,
     no_such_group,
+    widened,
 )
 
 _BUSES: weakref.WeakValueDictionary[str, _Bus] = weakref.WeakValueDictionary()
@@ -297,8 +298,8 @@ class MemoryTransport(Transport):
         if state is None:
             state = self.bus.groups[group] = _Group(group, wanted)
             self.bus.routes.clear()
-        elif state.types is not None and (wanted is None or not wanted <= state.types):
-            state.types = None if wanted is None else state.types | wanted  # widen, never narrow
+        elif (bound := widened(state.types, wanted)) != state.types:  # widen, never narrow
+            state.types = bound
             self.bus.routes.clear()
         sub = MemorySubscription(self, state)
         self._subscriptions.append(sub)
