@@ -305,12 +305,18 @@ class NatsTransport(Transport):
             bound = wanted if current is _NO_CONSUMER else widened(current, wanted)
             if bound == current:
                 return bound
-            await js.api(
-                f"register group {group!r}",
-                f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
-                {"stream_name": self.events_stream, "config": self._consumer_config(group, consumer, bound)},
-            )
+            await self._write_consumer(js, f"register group {group!r}", group, consumer, bound)
         raise TransportError(f"nats: register group {group!r}: its consumer kept changing under us")
+
+    async def _write_consumer(
+        self, js: JetStream, what: str, group: str, consumer: str, bound: frozenset[str] | None
+    ) -> None:
+        """Create or update the group's consumer to be bound to ``bound``."""
+        await js.api(
+            what,
+            f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
+            {"stream_name": self.events_stream, "config": self._consumer_config(group, consumer, bound)},
+        )
 
     async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
         """Narrow the group's consumer: its filter (>= 2.10) or the types in its description.
@@ -334,11 +340,7 @@ class NatsTransport(Transport):
         bound = narrowed(group, current, removed)
         if bound == current:
             return bound
-        await js.api(
-            f"unbind types from group {group!r}",
-            f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
-            {"stream_name": self.events_stream, "config": self._consumer_config(group, consumer, bound)},
-        )
+        await self._write_consumer(js, f"unbind types from group {group!r}", group, consumer, bound)
         after = await self._read_types(js, consumer)
         if after is _NO_CONSUMER:
             raise no_such_group(group)
