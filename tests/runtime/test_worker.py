@@ -29,8 +29,8 @@ from choreograph import (
     decode,
 )
 from choreograph.errors import EmitError
-from choreograph.runtime.records import first_envelope, to_message
-from choreograph.runtime.worker import _EAGER_TASKS, HANDOVER_ATTEMPTS, _Runner, never_suspends
+from choreograph.runtime.records import HANDOVER_ATTEMPTS, first_envelope, to_message
+from choreograph.runtime.worker import _EAGER_TASKS, _Runner, never_suspends
 from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message

@@ -1,8 +1,10 @@
-"""Building what the runtime writes: output envelopes, failure events, dead-letter records."""
+"""Building what the runtime writes: output envelopes, failure events, dead-letter records,
+and the settle rules the worker and the push ambassador share."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -43,6 +45,38 @@ def internal_error_retry(policy: RetryPolicy, attempt: int, rng: random.Random) 
     ``None`` once its attempts are spent - then dead-letter ``internal_error``, so that a
     message that always trips it is not redelivered for ever."""
     return policy.backoff(attempt, rng) if attempt < policy.max_attempts else None
+
+
+#: An event of a type the consumer that received it does not handle reached its group:
+#: another version, running beside it during a rolling deploy, bound the group to that type
+#: (a group's binding only widens, see :class:`~choreograph.transports.Transport`). It goes
+#: back for a replica that handles it, after 1 s, 2 s, ... up to 30 s between tries, for
+#: HANDOVER_ATTEMPTS deliveries (about ten minutes); then it is dead-lettered ``unhandled``.
+#: The worker (``_Runner._unsubscribed``) and the push ambassador both follow this rule.
+HANDOVER_ATTEMPTS = 25
+HANDOVER_MAX_DELAY = 30.0
+
+
+def handover_delay(attempt: int) -> float | None:
+    """Seconds before the ``attempt``-th delivery of a type its consumer does not handle comes
+    back, or ``None`` once HANDOVER_ATTEMPTS deliveries are spent: then dead-letter it
+    ``unhandled`` (no failure event, no inbox mark)."""
+    return min(HANDOVER_MAX_DELAY, 2.0 ** (attempt - 1)) if attempt < HANDOVER_ATTEMPTS else None
+
+
+def handover_warning(group: str, event_type: str, consumer: str) -> str:
+    """The warning logged once per type when ``consumer`` (``"this version of 'svc'"``, ...)
+    first hands an event of ``event_type`` back."""
+    return (f"group {group} is bound to {event_type}, which {consumer} does not handle: handing such events "
+            f"back for a replica that does (a rolling deploy?); after {HANDOVER_ATTEMPTS} deliveries they are "
+            f"dead-lettered 'unhandled'. If no version handles it any more: "
+            f"choreograph groups unbind {group} {event_type}")
+
+
+def unhandled_error(group: str, event_type: str, attempts: int, consumer: str, types: Collection[str]) -> ErrorInfo:
+    """The last error of an ``unhandled`` dead letter: nobody in ``group`` took it in ``attempts`` deliveries."""
+    return ErrorInfo("Unhandled", f"no replica of group {group!r} handled type {event_type!r} in {attempts} "
+                                  f"deliveries; {consumer} subscribes to {sorted(types)}")
 
 
 def to_message(envelope: Envelope) -> Message:

@@ -62,10 +62,13 @@ from choreograph.runtime.records import (
     DeadLetterReason,
     dead_letter_record,
     failure_envelope,
+    handover_delay,
+    handover_warning,
     internal_error_retry,
     original_envelope,
     output_message,
     to_message,
+    unhandled_error,
 )
 from choreograph.service import FAILED, Failure, Handler, Service
 from choreograph.stores.base import ErrorInfo, InboxStore
@@ -91,13 +94,6 @@ UNSETTLED_FLOOR = 1024
 UNSETTLED_PER_SLOT = 4
 #: Seconds to put back a copy of an event whose other copy is being handled right now.
 IN_FLIGHT_DEFER = 1.0
-#: An event of a type this version of a service does not subscribe to reached its group:
-#: another version, running beside it during a rolling deploy, bound the group to that type
-#: (a group's binding only widens, see :class:`~choreograph.transports.Transport`). It goes
-#: back for a replica that handles it, after 1 s, 2 s, ... up to 30 s between tries, for
-#: HANDOVER_ATTEMPTS deliveries (about ten minutes); then it is dead-lettered ``unhandled``.
-HANDOVER_ATTEMPTS = 25
-HANDOVER_MAX_DELAY = 30.0
 #: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
 #: up on an unreachable broker: what is still unsettled then comes back after its lease.
 STOP_GRACE = 5.0
@@ -798,22 +794,17 @@ class _Runner:
 
     def _unsubscribed(self, delivery: Delivery, envelope: Envelope, now: float) -> _Outcome:
         """``delivery`` is of a type this version of the service does not subscribe to: the
-        group is bound to it because another version subscribed (see ``HANDOVER_ATTEMPTS``).
+        group is bound to it because another version subscribed (see ``records.HANDOVER_ATTEMPTS``).
         Acking it would lose it for the replicas that handle it; it goes back for them."""
-        attempt = delivery.attempt
-        if attempt < HANDOVER_ATTEMPTS:
+        after = handover_delay(delivery.attempt)
+        consumer = f"this version of {self.service.name!r}"
+        if after is not None:
             if envelope.type not in self.handed_back_types:
                 self.handed_back_types.add(envelope.type)
-                log.warning(
-                    "group %s is bound to %s, which this version of %s does not handle: handing such events "
-                    "back for a replica that does (a rolling deploy?); after %d deliveries they are "
-                    "dead-lettered 'unhandled'. If no version handles it any more: choreograph groups unbind %s %s",
-                    self.group, envelope.type, self.service.name, HANDOVER_ATTEMPTS, self.group, envelope.type)
+                log.warning("%s", handover_warning(self.group, envelope.type, consumer))
             self.stats.handed_back += 1
-            return _Again(delivery, min(HANDOVER_MAX_DELAY, 2.0 ** (attempt - 1)))
-        error = ErrorInfo("Unhandled", f"no replica of group {self.group!r} handled type {envelope.type!r} "
-                                       f"in {attempt} deliveries; this version of {self.service.name!r} "
-                                       f"subscribes to {sorted(self.service.subscriptions)}")
+            return _Again(delivery, after)
+        error = unhandled_error(self.group, envelope.type, delivery.attempt, consumer, self.service.subscriptions)
         return self._dead(delivery, envelope, "unhandled", None, error, now, publish_failure=False)
 
     def _failure_handler(self, envelope: Envelope) -> Handler | None:
