@@ -1,14 +1,22 @@
 """The push loop of one subscription: fetch from the group, POST, turn the answer into a settlement.
 
-Per delivery: decode → ack at once if the subscription's filters do not match it →
-skip if the group's inbox has seen it → handshake (once per URL) → POST in the
-subscription's content mode, signed → an *outcome*:
+Per delivery: decode → hand it back if the subscription does not deliver its type →
+ack at once if the subscription's filters do not match it → skip if the group's inbox has
+seen it → handshake (once per URL) → POST in the subscription's content mode, signed → an
+*outcome*:
 
 * done: the answer's CloudEvents (if any) become output events with deterministic ids;
   they are published *before* the input is acked, as in the worker;
 * retry: after the answer's ``Retry-After`` (capped) or the policy's backoff;
 * dead: the dead-letter record of :mod:`choreograph.runtime.records` (plus the HTTP
   ``status`` and ``url``), and a ``choreograph.failed`` event so compensations run.
+
+An event of a type the subscription does not list reaches its group when another
+subscription of the group - another ambassador's configuration, during a rolling change -
+bound it (a group's binding only widens). Acking it would lose it for the ambassadors that
+deliver it, so it is handed back under the worker's rule (``records.HANDOVER_ATTEMPTS``,
+then a dead letter ``unhandled``). A ``choreograph.failed`` it does not list is acked as
+``ignored``, as the worker acks a failure it has no handler for.
 
 The worker's handler runner is not reused as is because its unit of work is a Python
 handler; what is reused is everything it is built from: the retry policy, the inbox
@@ -37,9 +45,12 @@ from choreograph.runtime.records import (
     DeadLetterReason,
     dead_letter_record,
     failure_envelope,
+    handover_delay,
+    handover_warning,
     internal_error_retry,
     original_envelope,
     to_message,
+    unhandled_error,
 )
 from choreograph.service import FAILED
 from choreograph.stores.base import ErrorInfo
@@ -61,12 +72,15 @@ _EXCERPT_BYTES = 4 * _EXCERPT  # enough for _EXCERPT characters of UTF-8
 @dataclasses.dataclass
 class PushStats:
     """Counters of one subscription's pushes (for tests, reports and metrics). ``filtered``:
-    events acked without a request because the subscription's filters did not match."""
+    events acked without a request because the subscription's filters did not match.
+    ``handed_back``: deliveries of a type the subscription does not list, left for an
+    ambassador of the group that delivers it. ``ignored``: failure events it does not list."""
 
     delivered: int = 0
     published: int = 0
     duplicates: int = 0
     ignored: int = 0
+    handed_back: int = 0
     filtered: int = 0
     retried: int = 0
     dead_lettered: int = 0
@@ -166,6 +180,7 @@ class PushRunner:
         self.stopping = False
         self.fetching = False
         self.tasks: list[asyncio.Task[None]] = []
+        self.handed_back_types: set[str] = set()  # types _unsubscribed has warned about
 
     def _count(self, outcome: str, event_type: str) -> None:
         """One attempt's outcome in the stats and, with telemetry, the metrics."""
@@ -269,8 +284,10 @@ class PushRunner:
             error = ErrorInfo("LoopDetected", f"hops={envelope.hops} exceeds the limit of {amb.max_hops}")
             return self._dead(delivery, envelope, "loop_detected", error, now, publish_failure=False)
         if envelope.type not in sub.types:
-            self._count("ignored", envelope.type)
-            return _Done([], mark=False)
+            if envelope.type == FAILED:
+                self._count("ignored", envelope.type)
+                return _Done([], mark=False)
+            return self._unsubscribed(delivery, envelope, now)
         if sub.filter is not None and not sub.filter.matches_envelope(envelope):
             # Acked, not marked: the same id redelivered is filtered the same way, no inbox needed.
             self._count("filtered", envelope.type)
@@ -383,6 +400,22 @@ class PushRunner:
             )
             messages.append(to_message(output))
         return messages
+
+    def _unsubscribed(self, delivery: Delivery, envelope: Envelope, now: float) -> _Outcome:
+        """``delivery`` is of a type this subscription does not list: the group is bound to it
+        because another subscription of the group did. Hand it back for an ambassador that
+        delivers it; after ``HANDOVER_ATTEMPTS`` deliveries, dead-letter it ``unhandled``
+        (no failure event, no inbox mark), as the worker does."""
+        after = handover_delay(delivery.attempt)
+        consumer = f"push subscription {self.group!r} (to {redact(self.sub.url)})"
+        if after is not None:
+            if envelope.type not in self.handed_back_types:
+                self.handed_back_types.add(envelope.type)
+                log.warning("%s", handover_warning(self.group, envelope.type, consumer))
+            self._count("handed_back", envelope.type)
+            return _Again(after)
+        error = unhandled_error(self.group, envelope.type, delivery.attempt, consumer, self.sub.types)
+        return self._dead(delivery, envelope, "unhandled", error, now, publish_failure=False)
 
     def _internal_error(self, delivery: Delivery, exc: Exception) -> _Outcome:
         """Preparing or making the push raised where nothing should: a failed attempt under the

@@ -58,8 +58,10 @@ service's group), ``choreograph.handler`` and ``choreograph.attempt``.
 
 A push ambassador (``choreograph push --metrics-port``) reports the ``push`` metrics: the
 ``outcome`` of an attempt is ``delivered`` (2xx), ``retried``, ``dead_lettered``, ``duplicate``
-(the inbox had it), ``filtered`` (its filters did not match), ``ignored`` (a type it does not
-deliver), ``deferred`` (put back for a second: the inbox could not be asked) or ``released``
+(the inbox had it), ``filtered`` (its filters did not match), ``handed_back`` (a type it does
+not deliver, which another subscription bound the group to: left for an ambassador that
+delivers it, then dead-lettered ``unhandled``), ``ignored`` (a ``choreograph.failed`` it does
+not deliver), ``deferred`` (put back for a second: the inbox could not be asked) or ``released``
 (given back unfinished at shutdown); the request duration covers the handshake, the POST and
 its answer.
 
