@@ -1,5 +1,6 @@
 """Size limits at both ends of a push: the ambassador reads at most ``max_response_body`` bytes of an
-answer it needs, and ``receiver()`` reads at most ``max_body`` bytes of a request, streamed or not.
+answer it needs, and ``receiver()`` and ``read_event()`` read at most ``max_body`` bytes of a request,
+streamed or not.
 
 Over real loopback HTTP; the bus is the in-memory transport on a virtual clock (see test_push).
 """
@@ -21,7 +22,7 @@ from starlette.routing import Route
 from choreograph import Envelope
 from choreograph._push_config import load_config
 from choreograph.errors import ConfigurationError
-from choreograph.push import PushSubscription, receiver
+from choreograph.push import Problem, PushSubscription, read_event, receiver
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests._push_support import Scripted, serve
 from tests.test_push import (
@@ -229,3 +230,58 @@ async def test_the_receiver_refuses_a_declared_content_length_over_max_body_with
     async with serve(receiver(handle, max_body=LIMIT)) as base, httpx.AsyncClient() as client:
         response = await client.post(base, headers=dict((k.decode(), v.decode()) for k, v in headers), content=body)
     assert response.status_code == 413
+
+
+# -- read_event() inside an endpoint -----------------------------------------------------------
+
+
+def _reading(outcomes: list[Envelope | Problem]) -> Starlette:
+    """An endpoint of one's own that reads the pushed event with ``read_event(max_body=LIMIT)``."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            outcomes.append(await read_event(request, max_body=LIMIT))
+        except Problem as exc:
+            outcomes.append(exc)
+            return exc.response()
+        return Response(status_code=204)
+
+    return Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+
+
+def test_read_event_reads_at_most_one_mebibyte_unless_told() -> None:
+    import inspect
+
+    assert inspect.signature(read_event).parameters["max_body"].default == 1 << 20
+
+
+async def test_read_event_stops_reading_a_chunked_body_over_max_body_with_a_413_naming_the_limit() -> None:
+    """Streamed, as the receiver reads it: the read stops at the limit, the whole body is never held."""
+    outcomes: list[Envelope | Problem] = []
+    headers, body = _event(64 * LIMIT)
+    status, _, asked = await _post_chunked(_reading(outcomes), headers, body)
+    [refused] = outcomes
+    assert isinstance(refused, Problem) and status == refused.status == 413
+    assert refused.detail == f"body exceeds the limit of {LIMIT} bytes"
+    assert asked <= LIMIT // 256 + 1  # not the 256 chunks of the whole body
+
+
+async def test_read_event_refuses_a_declared_content_length_over_max_body_before_reading() -> None:
+    outcomes: list[Envelope | Problem] = []
+    headers, body = _event(4 * LIMIT)
+    headers.append((b"content-length", str(len(body)).encode()))
+    status, _, asked = await _post_chunked(_reading(outcomes), headers, body)
+    [refused] = outcomes
+    assert isinstance(refused, Problem) and status == 413
+    assert refused.detail == f"body of {len(body)} bytes exceeds the limit of {LIMIT} bytes"
+    assert asked == 0
+
+
+async def test_read_event_accepts_a_body_of_exactly_max_body() -> None:
+    outcomes: list[Envelope | Problem] = []
+    headers, body = _event(LIMIT - len(orjson.dumps({"padding": ""})))
+    assert len(body) == LIMIT
+    status, _, _ = await _post_chunked(_reading(outcomes), headers, body)
+    [event] = outcomes
+    assert status == 204 and isinstance(event, Envelope)
+    assert event.data == orjson.loads(body)

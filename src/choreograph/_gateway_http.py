@@ -31,7 +31,11 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
 
 
 class Problem(Exception):
-    """An HTTP error answered as a problem document; raised anywhere in a request, turned into a response."""
+    """An HTTP error answered as a problem document; raised anywhere in a request, turned into a response.
+
+    ``status`` and ``detail`` say what was wrong; :meth:`response` is the RFC 9457 answer.
+    Public as :class:`choreograph.push.Problem` (what :func:`~choreograph.push.read_event` raises).
+    """
 
     def __init__(
         self,

@@ -53,15 +53,31 @@ ReceiverHandler = Callable[..., Awaitable[Any]]
 
 
 async def read_event(
-    request: Request, *, secret: str | Sequence[str] | None = None, tolerance: float = DEFAULT_TOLERANCE
+    request: Request,
+    *,
+    secret: str | Sequence[str] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_body: int = MAX_BODY,
 ) -> Envelope:
     """The CloudEvent of a pushed request (binary or structured mode), signature checked if ``secret``.
 
-    Raises :class:`~choreograph.push.SignatureError` or
-    :class:`~choreograph.MalformedEnvelope`: for use inside an existing Starlette or
-    FastAPI endpoint.
+    For use inside an existing Starlette or FastAPI endpoint. The body is read as
+    :func:`receiver` reads it: streamed, and never more than ``max_body`` bytes (1 MiB by
+    default) - a Content-Length over it is refused before reading, a chunked body once it
+    passes the limit. The body is consumed: ``request.body()`` cannot read it again.
+
+    Raises :class:`~choreograph.push.Problem` with ``status`` 413 for a body over
+    ``max_body`` (its ``detail`` names the limit), 400 for a Content-Length that is not a
+    number or a client that disconnects mid-body (``exc.response()`` is the answer
+    :func:`receiver` would give); :class:`~choreograph.push.SignatureError` (401) or
+    :class:`~choreograph.MalformedEnvelope` (400) for the event itself::
+
+        try:
+            envelope = await read_event(request, secret=SECRET, max_body=64 * 1024)
+        except Problem as exc:
+            return exc.response()
     """
-    body = await request.body()
+    body = await read_body(request, max_body)
     if secret is not None:
         verify(request.headers, body, secret, tolerance=tolerance)
     return decode_http(request.headers, body)

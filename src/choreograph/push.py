@@ -37,7 +37,8 @@ implement it.
 ...     await ambassador.wait()
 
 The receiving side in Python is :func:`receiver` (an ASGI app) or :func:`read_event`
-plus :func:`verify` inside an existing endpoint.
+inside an existing endpoint (it verifies when given the secret, and refuses a body over
+``max_body`` with a 413 :class:`Problem`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._gateway_http import Problem
 from choreograph._http_binding import MODES, Mode, decode_http, decode_http_batch, to_batch, to_http
 from choreograph._push_filters import FilterError, Filters, compile_filters
 from choreograph._push_http import Handshakes, classify, retry_after
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HANDLER",
     "MAX_RESPONSE_BODY",
+    "Problem",
     "PushAmbassador",
     "PushStats",
     "PushSubscription",
