@@ -1,5 +1,10 @@
 """Clocks. The runtime and the in-memory transport read time only through a :class:`Clock`,
-so tests can swap in :class:`choreograph.testing.VirtualClock` and fast-forward backoffs."""
+so tests can swap in :class:`choreograph.testing.VirtualClock` and fast-forward backoffs.
+
+The runtime waits in two ways. A *timer* (a fetch's poll, a retry's due time on the bus) is
+just time passing. A *backoff* (:func:`backoff`: a store or broker failed, try again later)
+is work the runtime owes: a virtual clock counts it as pending, so ``settled()`` neither
+returns while one runs nor waits it out in real time."""
 
 from __future__ import annotations
 
@@ -34,3 +39,16 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+async def backoff(clock: Clock, seconds: float) -> None:
+    """Wait ``seconds`` on ``clock`` before trying again what failed (a store or broker down).
+
+    A clock with a ``backoff`` method of its own (:class:`~choreograph.testing.VirtualClock`)
+    is told it is a backoff, not a timer; any other clock just sleeps.
+    """
+    wait = getattr(clock, "backoff", None)
+    if wait is None:
+        await clock.sleep(seconds)
+    else:
+        await wait(seconds)

@@ -12,14 +12,22 @@ import itertools
 
 from choreograph.transports.memory import MemoryTransport
 
+_Sleeper = tuple[float, int, "asyncio.Future[None]"]
+
 
 class VirtualClock:
-    """A clock that moves only when told (``advance``) or when ``settled()`` jumps it."""
+    """A clock that moves only when told (``advance``) or when ``settled()`` jumps it.
+
+    The runtime's backoffs (a store or broker failed: try again after a while) wait on it
+    through :meth:`backoff`, which ``settled()`` counts as pending work: it jumps the clock
+    to the backoff's end instead of returning early or waiting it out in real time.
+    """
 
     def __init__(self, start: float = 1_000_000.0, *, epoch: float = 1_767_225_600.0) -> None:
         self._now = start
         self._epoch_offset = epoch - start
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._sleepers: list[_Sleeper] = []
+        self._backoffs: list[_Sleeper] = []  # those of the sleepers that are backoffs
         self._seq = itertools.count()
 
     def monotonic(self) -> float:
@@ -29,17 +37,30 @@ class VirtualClock:
         return self._now + self._epoch_offset
 
     async def sleep(self, seconds: float) -> None:
+        await self._wait(seconds, backoff=False)
+
+    async def backoff(self, seconds: float) -> None:
+        """Sleep ``seconds`` as a backoff: pending work for ``settled()`` until it ends."""
+        await self._wait(seconds, backoff=True)
+
+    async def _wait(self, seconds: float, *, backoff: bool) -> None:
         if seconds <= 0:
             await asyncio.sleep(0)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), future))
+        sleeper = (self._now + seconds, next(self._seq), future)
+        heapq.heappush(self._sleepers, sleeper)
+        if backoff:
+            heapq.heappush(self._backoffs, sleeper)
         await future
 
     def next_due(self) -> float | None:
-        while self._sleepers and self._sleepers[0][2].done():
-            heapq.heappop(self._sleepers)
-        return self._sleepers[0][0] if self._sleepers else None
+        """When the earliest sleeper (timer or backoff) wakes; ``None`` if nobody sleeps."""
+        return _earliest(self._sleepers)
+
+    def backoff_due(self) -> float | None:
+        """When the earliest backoff still running ends; ``None`` if none runs."""
+        return _earliest(self._backoffs)
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper now due."""
@@ -52,43 +73,68 @@ class VirtualClock:
                 future.set_result(None)
 
 
+def _earliest(sleepers: list[_Sleeper]) -> float | None:
+    while sleepers and sleepers[0][2].done():  # woken, or its task was cancelled
+        heapq.heappop(sleepers)
+    return sleepers[0][0] if sleepers else None
+
+
 async def _quiesce(rounds: int = 20) -> None:
     for _ in range(rounds):
         await asyncio.sleep(0)
 
 
 async def settled(bus: MemoryTransport, *, timeout: float = 10.0, max_jump: float | None = None) -> None:
-    """Return once nothing is ready or in flight on ``bus`` and no retry is pending.
+    """Return once nothing is ready or in flight on ``bus``, no retry is pending and no
+    backoff of the runtime runs.
 
-    With a :class:`VirtualClock`, pending retries and lease expiries are fast-forwarded;
-    with the real clock this waits for them. Raises ``TimeoutError`` (real seconds)
-    if the system does not settle, e.g. a group with a backlog but no consumer.
+    With a :class:`VirtualClock`, pending retries, lease expiries and the runtime's own
+    backoffs are fast-forwarded: a worker whose inbox store or broker failed waits on the
+    clock before it tries again, and ``settled()`` jumps the clock to the end of that wait
+    (also while the worker holds deliveries in flight), so a test of an outage takes no real
+    time and the clock shows how long the system backed off. With the real clock this waits
+    for them. Raises ``TimeoutError`` (real seconds) if the system does not settle, e.g. a
+    group with a backlog but no consumer, or a store that never comes back.
+
+    >>> clock = VirtualClock()
+    >>> bus = MemoryTransport(clock=clock)
+    >>> async with Worker([payments], bus, store=down_twice) as worker:       # doctest: +SKIP
+    ...     await Publisher(bus).publish(OrderPlaced(order_id="o-1", amount=30))
+    ...     await settled(bus)                      # the backoffs passed in virtual time
     """
     clock = bus.clock
+    virtual = clock if isinstance(clock, VirtualClock) else None
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     while True:
         await _quiesce()
         count, due = bus.pending()
-        if count == 0 and due is None:
+        backoff = virtual.backoff_due() if virtual is not None else None
+        if count == 0 and due is None and backoff is None:
             await _quiesce()
             count, due = bus.pending()
-            if count == 0 and due is None:
+            backoff = virtual.backoff_due() if virtual is not None else None
+            if count == 0 and due is None and backoff is None:
                 return
         if loop.time() > give_up:
-            raise TimeoutError(f"not settled after {timeout}s: {count} ready or in flight, next due at {due}")
-        if isinstance(clock, VirtualClock) and count == 0:
+            raise TimeoutError(
+                f"not settled after {timeout}s: {count} ready or in flight, next due at {due}"
+                + ("" if backoff is None else f", a backoff of the runtime runs until {backoff}")
+            )
+        if virtual is not None and (count == 0 or backoff is not None):
             # Jump to the earliest time still in the future. A retry already due may not be
             # picked up until a consumer's timer fires: that timer is then the target (a
             # timer registered just after a jump would otherwise leave nothing to jump to).
-            now = clock.monotonic()
-            future = [t for t in (due, clock.next_due()) if t is not None and t > now]
+            # Events in flight stop the clock (their handlers may still be running) unless a
+            # backoff runs: a worker that holds them while its store is down waits on it.
+            now = virtual.monotonic()
+            future = [t for t in (due, virtual.next_due()) if t is not None and t > now]
             if not future:
                 await asyncio.sleep(0.001)
                 continue
             jump = min(future) - now
             if max_jump is not None:
                 jump = min(jump, max_jump)
-            clock.advance(jump)
+            virtual.advance(jump)
         else:
             await asyncio.sleep(0.001)
