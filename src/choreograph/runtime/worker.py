@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pydantic
 
-from choreograph._clock import SYSTEM_CLOCK, Clock, SystemClock
+from choreograph._clock import SYSTEM_CLOCK, Clock, SystemClock, backoff
 from choreograph._envelope import Envelope, decode, from_dict
 from choreograph.context import Context, _set_current
 from choreograph.errors import (
@@ -321,7 +321,7 @@ class _Runner:
                 if self.stopping:
                     break
                 log.warning("fetch failed for %s: %s; retrying", self.group, exc)
-                await asyncio.sleep(0.5)
+                await backoff(worker.clock, 0.5)
                 continue
             finally:
                 self.fetching = False
@@ -339,7 +339,7 @@ class _Runner:
                         await delivery.retry(1.0)
                     except Exception as again:  # the broker too: its lease hands the delivery on
                         log.warning("releasing %r failed: %s; it comes back after its lease", delivery, again)
-                await asyncio.sleep(1.0)
+                await backoff(worker.clock, 1.0)
                 continue
             # A lone event's outcome may take the lane below: the settle loop is woken after
             # this batch only if it does not (a wake-up for nothing per event otherwise).
@@ -1004,7 +1004,7 @@ class _Runner:
             except Exception as exc:  # broker or store down: keep the outcomes, try again
                 log.error("settling %s of %s failed: %s; retrying in %.2fs",
                           _describe(outcomes), self.group, exc, delay)
-                await asyncio.sleep(delay)
+                await backoff(self.worker.clock, delay)
                 delay = min(delay * 2, 5.0)
 
     async def _finish(self, plan: _Settlement) -> None:
