@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from choreograph import (
 )
 from choreograph import decode as decode_envelope
 from choreograph._push_config import load_config
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ConfigurationError, StoreError
 from choreograph.push import (
     PushAmbassador,
     PushSubscription,
@@ -57,6 +57,7 @@ from choreograph.push import (
     signature_headers,
     verify,
 )
+from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports import open_transport
 from choreograph.transports.base import Message
@@ -434,6 +435,34 @@ async def test_an_event_already_in_the_inbox_is_not_posted_again(bus: MemoryTran
         await settled(bus)
     assert hook.posts == 1
     assert ambassador.stats().duplicates == 1
+
+
+@pytest.mark.timeout(60)  # a ceiling for a stuck test, not a speed assertion
+async def test_an_inbox_that_cannot_record_a_push_is_retried_after_backoffs_in_virtual_time(
+    bus: MemoryTransport, clock: VirtualClock
+) -> None:
+    """The POST succeeded; marking it in the inbox fails 8 times. The backoffs (0.05 s doubling
+    up to 5 s: 11.35 s, more than settled()'s real timeout) pass on the virtual clock, and the
+    event is acked once, posted once."""
+    failures = 8
+
+    class Down(MemoryStore):
+        async def mark(self, group: str, event_ids: Collection[str]) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise StoreError("inbox unavailable")
+            await super().mark(group, event_ids)
+
+    hook = Scripted(204)
+    async with hook.running() as url, pushing(bus, subscription(url), store=Down()) as ambassador:
+        start = clock.monotonic()
+        await publish(bus, "e-1")
+        await settled(bus)
+        elapsed = clock.monotonic() - start
+    assert failures == 0 and hook.posts == 1
+    assert ambassador.stats().delivered == 1
+    assert elapsed == pytest.approx(sum(min(0.05 * 2**n, 5.0) for n in range(8)))
 
 
 async def test_stop_releases_a_push_still_in_flight(bus: MemoryTransport) -> None:

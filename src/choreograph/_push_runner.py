@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from choreograph._clock import backoff
 from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339
 from choreograph._http_binding import decode_http_batch, is_cloudevent, to_http
 from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
@@ -217,7 +218,7 @@ class PushRunner:
                 if self.stopping:
                     break
                 log.warning("fetch failed for %s: %s; retrying", self.group, exc)
-                await asyncio.sleep(0.5)
+                await backoff(self.amb.clock, 0.5)
                 continue
             finally:
                 self.fetching = False
@@ -486,7 +487,7 @@ class PushRunner:
                     log.error("settling %r failed during shutdown (%s); its lease will redeliver it", delivery, exc)
                     return
                 log.error("settling %r failed: %s; retrying", delivery, exc)
-                await asyncio.sleep(delay)
+                await backoff(self.amb.clock, delay)
                 delay = min(delay * 2, 5.0)
 
     async def _apply(self, delivery: Delivery, outcome: _Outcome) -> None:
