@@ -292,3 +292,47 @@ def test_databases_may_only_name_services_with_a_database() -> None:
 
 def test_the_testing_module_exports_its_tools() -> None:
     assert choreograph.testing.__all__ == ["Emitted", "MemoryTransport", "Scenario", "VirtualClock", "settled"]
+
+
+class _Pinged(Event, type="test.scenario.pinged"):
+    n: int
+
+
+class _Ponged(Event, type="test.scenario.ponged"):
+    n: int
+
+
+@pytest.mark.timeout(60)  # a ceiling for a stuck test, not a speed assertion
+async def test_a_scenario_moves_the_clock_over_the_backoffs_of_an_inbox_that_fails_for_a_while() -> None:
+    """Marking the handled event fails 8 times: the worker holds it in flight and backs off
+    (11.35 s in all, more than the scenario's real timeout) on the scenario's clock."""
+    from collections.abc import Collection
+
+    from choreograph.errors import StoreError
+    from choreograph.stores.memory import MemoryStore
+
+    class DownForAWhile(MemoryStore):
+        failures = 8
+
+        async def mark(self, group: str, event_ids: Collection[str]) -> None:
+            if group == "pinger" and self.failures:
+                self.failures -= 1
+                raise StoreError("inbox unavailable")
+            await super().mark(group, event_ids)
+
+    pinger = Service("pinger")
+
+    @pinger.on(_Pinged)
+    async def pong(ping: _Pinged) -> _Ponged:
+        return _Ponged(n=ping.n)
+
+    store = DownForAWhile()
+    s = Scenario([pinger])
+    s.worker.store = store  # the inbox of services without a database
+    async with s:
+        start = s.clock.monotonic()
+        await s.given(_Pinged(n=1))
+        s.expect(_Ponged)
+        assert [p.n for p in s.events(_Ponged)] == [1]
+        assert s.clock.monotonic() - start == pytest.approx(sum(min(0.05 * 2**n, 5.0) for n in range(8)))
+    assert store.failures == 0 and s.worker.stats("pinger").handled == 1

@@ -231,7 +231,7 @@ class Scenario:
         give_up = asyncio.get_running_loop().time() + self.timeout
         stalled = 0
         while True:
-            await self._quiet(give_up)
+            await self._quiet(give_up, until)
             if await self.journal.check_deadlines():
                 continue  # the timeouts it published run first
             now = clock.monotonic()
@@ -244,7 +244,7 @@ class Scenario:
                 if not count and stalled > 3 and wake is not None and (until is None or wake <= until):
                     clock.advance(max(0.0, wake - now))
                 else:
-                    await self._pause(give_up)
+                    await self._pause(give_up, until)
                 continue
             stalled = 0
             if (until is not None and now >= until) or (until is None and due is None):
@@ -257,7 +257,7 @@ class Scenario:
                 clock.advance(target - now)
         self._letters = [(letter, correlation_of(letter)) for letter in await self.bus.dead_letters(None, 1_000_000)]
 
-    async def _quiet(self, give_up: float) -> None:
+    async def _quiet(self, give_up: float, until: float | None) -> None:
         """Until nothing is ready or in flight, no outbox row is unsent, and nothing moved meanwhile."""
         while True:
             if self._recorder is not None and self._recorder.done():
@@ -269,9 +269,9 @@ class Scenario:
                 await _quiesce()
                 if self.bus.pending()[0] == 0 and self._progress() == before:
                     return
-            await self._pause(give_up)
+            await self._pause(give_up, until)
 
-    async def _pause(self, give_up: float) -> None:
+    async def _pause(self, give_up: float, until: float | None) -> None:
         if asyncio.get_running_loop().time() > give_up:
             count, due = self.bus.pending()
             retry = "none" if due is None else f"in {due - self.clock.monotonic():.3f}s"
@@ -280,6 +280,13 @@ class Scenario:
                 f"in flight, {await self._unsent()} unsent in outboxes, next retry due: {retry}\n"
                 + self._log.listing(self._scope, [])
             )
+        clock = self.clock
+        wake = clock.next_due() if clock.backoff_due() is not None else None
+        if wake is not None and (until is None or wake <= until):
+            # A backoff of the runtime (its store or broker failed) holds events in flight: it
+            # waits on this clock, so move it on (never past ``until``), as settled() does.
+            clock.advance(max(0.0, wake - clock.monotonic()))
+            return
         await asyncio.sleep(0.001)
 
     async def _unsent(self) -> int:
