@@ -20,7 +20,10 @@ the parts it is made of, for tests that drive a worker themselves:
 
 :class:`VirtualClock` never sleeps for real: ``settled()`` jumps it straight to the
 next due retry or lease expiry once nothing else can run, so a test of a 30-second
-backoff takes microseconds and asserts exact times.
+backoff takes microseconds and asserts exact times. The runtime's own backoffs (its
+store or broker failed) wait on the same clock, and ``settled()`` counts them as pending
+work: a test of an outage neither waits it out nor sees ``settled()`` return before the
+worker tried again.
 """
 
 from __future__ import annotations
