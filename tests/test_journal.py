@@ -14,8 +14,9 @@ import pytest
 
 from choreograph import FAILED, App, Event, Failure, Publisher, Reject, Service, Worker, derive_id
 from choreograph._envelope import decode
-from choreograph._journal_model import format_time
-from choreograph.errors import ConfigurationError
+from choreograph._journal_model import JournalEntry, TransactionSummary, format_time
+from choreograph._journal_store import MemoryJournalStore
+from choreograph.errors import ConfigurationError, StoreError
 from choreograph.journal import JOURNAL_GROUP, TIMEDOUT, Journal, JournalStore, open_journal_store
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
@@ -384,3 +385,32 @@ def test_unknown_journal_url_scheme_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="unknown scheme"):
         open_journal_store("mongodb://x")
     assert isinstance(open_journal_store("memory://"), JournalStore)
+
+
+class FlakyJournalStore(MemoryJournalStore):
+    """A memory journal store whose first ``failures`` writes raise, as a database that is down."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def record(self, entries: Sequence[JournalEntry], *, stuck_after: float) -> list[TransactionSummary]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("journal store unavailable")
+        return await super().record(entries, stuck_after=stuck_after)
+
+
+async def test_a_journal_store_outage_is_waited_out_on_the_clock(bus: SpyBus, clock: VirtualClock) -> None:
+    """The journal backs off on its clock while its store is down, so settled() fast-forwards
+    the outage (longer than settled()'s real timeout) and every event is recorded once."""
+    store = FlakyJournalStore(failures=15)
+    async with Journal(store, transport=bus, scan_interval=3600):
+        [env] = await Publisher(bus, source="/gateway").publish(Requested(order="o-1"))
+        start = clock.time()
+        await settled(bus, timeout=5.0)
+        assert store.failures == 0
+        assert clock.time() - start >= 15.0  # each failed write: the delivery back after 1 s, the consumer 1 s
+        journal_view = Journal(store)
+        tx = await journal_view.transaction(env.id)
+        assert tx is not None and tx.summary.event_count == 1

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
-from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._clock import SYSTEM_CLOCK, Clock, backoff
 from choreograph._envelope import Envelope, decode, derive_id
 from choreograph._journal_model import (
     STATUSES,
@@ -280,7 +280,7 @@ class Journal:
                 raise
             except Exception as exc:  # broker down: the client reconnects
                 log.warning("journal fetch failed: %s; retrying", exc)
-                await asyncio.sleep(0.5)
+                await backoff(self.clock, 0.5)
                 continue
             await self._handle_batch(sub, batch)
 
@@ -299,7 +299,7 @@ class Journal:
             log.error("journal store failed: %s; returning %d deliveries", exc, len(batch))
             for delivery in batch:
                 await delivery.retry(1.0)
-            await asyncio.sleep(1.0)
+            await backoff(self.clock, 1.0)
             return
         await sub.ack_many(batch)
 
