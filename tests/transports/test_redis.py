@@ -103,14 +103,14 @@ def test_a_url_parameter_is_refused_exactly_when_redis_py_would_refuse_it(base: 
     """Every name redis-py parses from a URL, plus a few plain keyword arguments and a typo:
     ours refuses one iff redis-py's connection class raises TypeError for it."""
     values = {"ssl_cert_reqs": "none", "ssl_include_verify_flags": "VERIFY_X509_STRICT",
-              "ssl_exclude_verify_flags": "VERIFY_X509_STRICT"}
+              "ssl_exclude_verify_flags": "VERIFY_X509_STRICT", "retry_on_error": "ConnectionError"}
     names = {*URL_QUERY_ARGUMENT_PARSERS, "client_name", "ssl_cert_reqs", "path", "bogus"} - {"protocol"}
     for name in sorted(names):
         url = f"{base}?{name}={values.get(name, '1')}"
         try:
             aioredis.Redis.from_url(url).connection_pool.make_connection()
             redis_py_refuses = False
-        except TypeError:
+        except (TypeError, ValueError):  # a name it does not take, or a value it cannot parse
             redis_py_refuses = True
         try:
             RedisTransport(url)

@@ -60,7 +60,7 @@ import secrets
 import socket
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -109,7 +109,7 @@ class RedisTransport(Transport):
         if self.maxlen < 0:
             raise ConfigurationError("broker URL: maxlen must be >= 0 (0: unbounded)")
         rest = [(k, v) for k, v in query if k not in _OUR_PARAMS]
-        self._client_url = urlunsplit(parts._replace(query=urlencode(rest)))
+        self._client_url = _without_our_params(parts, rest)
         _check_redis_py_params(self._client_url, {k for k, _ in rest})
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._client: aioredis.Redis | None = None
@@ -313,6 +313,17 @@ class RedisTransport(Transport):
                 count, after = await self._script("dead", [dead, stream], [verb, group, start, _CHUNK, *ids])
                 total, start = total + int(count), _str(after)
         return total
+
+
+def _without_our_params(parts: SplitResult, rest: list[tuple[str, str]]) -> str:
+    """The URL for redis-py: ``parts`` with only ``rest`` in its query.
+
+    ``urlunsplit`` writes a URL with no host as ``unix:/tmp/r.sock``, which recent redis-py
+    refuses (its scheme must be followed by ``//``), so the ``//`` is kept."""
+    url = urlunsplit(parts._replace(query=urlencode(rest)))
+    if not parts.netloc and not url.startswith(f"{parts.scheme}://"):
+        url = f"{parts.scheme}://{url[len(parts.scheme) + 1:]}"
+    return url
 
 
 def _check_redis_py_params(client_url: str, names: set[str]) -> None:
