@@ -13,9 +13,6 @@ A transport joins the suite with one module ``tests/conformance/brokers/<name>.p
 and optionally::
 
     ORDERED: bool = True                           # False: no publish-order clause
-    def unbind_keeps_held(bus) -> bool             # False: unbinding drops what the group
-                                                   # held of the type (NATS >= 2.10), which
-                                                   # test_unbinding.py then asserts instead
     async def restart(url: str) -> None            # stop and start the broker behind ``url``
                                                    # keeping its data (see test_restart.py)
 

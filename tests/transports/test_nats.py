@@ -24,6 +24,7 @@ from choreograph.transports import _nats_codec as codec
 from choreograph.transports import _nats_consumers as consumers
 from choreograph.transports import open_transport
 from choreograph.transports._nats_pull import NatsDelivery
+from choreograph.transports._nats_routing import Binding
 from choreograph.transports.base import Delivery, Message, Subscription
 from choreograph.transports.nats import NatsTransport
 from tests._brokers import require_broker
@@ -142,9 +143,9 @@ def test_very_long_group_names_are_cut_and_hashed_to_a_bounded_consumer_name() -
 def test_a_group_is_named_back_from_its_consumer_unless_hashed_where_the_description_names_it(group: str) -> None:
     consumer = codec.name_token(group)
     hashed = "~~" in consumer
-    written = consumers.config(prefix="p", lease=30, multi_filter=True, group=group, consumer=consumer, types=None)
+    written = consumers.config(prefix="p", lease=30, multi_filter=True, group=group, consumer=consumer, binding=Binding(None))
     assert consumers.group_name(consumer, written) == group  # >= 2.10: the description names it
-    before_2_10 = consumers.config(prefix="p", lease=30, multi_filter=False, group=group, consumer=consumer, types=None)
+    before_2_10 = consumers.config(prefix="p", lease=30, multi_filter=False, group=group, consumer=consumer, binding=Binding(None))
     assert consumers.group_name(consumer, before_2_10) == (None if hashed else group)
 
 

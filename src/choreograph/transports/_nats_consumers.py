@@ -5,10 +5,13 @@ server keeps of it, for ``prefix=P``:
 
 * **nats-server >= 2.10** (multi-subject filters): ``filter_subjects`` are
   ``P.ev.<type tokens>.*`` per type (``P.ev.>`` for every type) plus ``P.rp.<consumer>.>``
-  (the group's replays); the description is ``choreograph group G``.
+  (the group's replays); the description is ``choreograph group G``. Types unbound whose
+  events the group still holds (see ``_nats_routing``) stay in the filter, and their lines
+  are the metadata ``choreograph.removed``: ``{"b": 1042}``.
 * **Before 2.10** a consumer has no filter and takes the whole stream; its description
   keeps the types for every subscription to read: ``choreograph group types: ["a", "b"]``
-  (``null``: every type).
+  (``null``: every type). Types unbound whose events the group still holds stay in the
+  list, their lines in an object closing it: ``["a", "b", {"choreograph.removed": {"b": 1042}}]``.
 
 Reading a group back (``NatsTransport.groups``) starts from a consumer whose description
 starts with ``choreograph group `` - choreograph wrote it; any other consumer on the
@@ -30,12 +33,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from choreograph.transports import _nats_codec as codec
+from choreograph.transports._nats_routing import Binding
 
 #: Every description choreograph writes on a group's consumer starts with it.
 MARKER = "choreograph group "
 #: Servers before 2.10 (no consumer filters): a group's types live in its consumer's description.
 TYPES_NOTE = "choreograph group types: "
 MAX_DESCRIPTION = 4096  # bytes: nats-server's limit
+#: Where the lines of the types unbound from a group are kept (see ``_nats_routing``).
+REMOVED_KEY = "choreograph.removed"
 _SECOND = 1_000_000_000  # JetStream durations are nanoseconds
 
 
@@ -48,9 +54,10 @@ UNRECORDED = _Unrecorded.TYPES
 
 
 def config(
-    *, prefix: str, lease: float, multi_filter: bool, group: str, consumer: str, types: frozenset[str] | None
+    *, prefix: str, lease: float, multi_filter: bool, group: str, consumer: str, binding: Binding
 ) -> dict[str, Any]:
-    """The consumer config of ``group`` (consumer ``consumer``) bound to ``types``."""
+    """The consumer config of ``group`` (consumer ``consumer``) with ``binding``."""
+    types, removed = binding.held, dict(sorted(binding.removed.items()))
     result: dict[str, Any] = {
         "durable_name": consumer,
         "name": consumer,
@@ -72,8 +79,13 @@ def config(
             else sorted({f"{prefix}.ev.{codec.type_tokens(t)}.*" for t in types})
         )
         result["filter_subjects"] = [*subjects, f"{prefix}.rp.{consumer}.>"]
+        if removed:
+            result["metadata"] = {REMOVED_KEY: json.dumps(removed, ensure_ascii=False)}
     else:  # no filter: the description keeps the types for every subscription to read
-        note = TYPES_NOTE + json.dumps(None if types is None else sorted(types), ensure_ascii=False)
+        listed: list[Any] | None = None if types is None else sorted(types)
+        if listed is not None and removed:
+            listed.append({REMOVED_KEY: removed})
+        note = TYPES_NOTE + json.dumps(listed, ensure_ascii=False)
         # Past the server's limit for a description, none: the group takes every type
         # (its consumers ignore those they do not handle) rather than miss one.
         result["description"] = note if len(note.encode()) <= MAX_DESCRIPTION else TYPES_NOTE + "null"
@@ -85,6 +97,12 @@ def bound_types(
 ) -> frozenset[str] | None | _Unrecorded:
     """The types a consumer with ``config`` is bound to (``None``: every type), or
     :data:`UNRECORDED`."""
+    read = binding(config, prefix, multi_filter=multi_filter)
+    return read if read is UNRECORDED else read.types
+
+
+def binding(config: Mapping[str, Any], prefix: str, *, multi_filter: bool) -> Binding | _Unrecorded:
+    """The binding a consumer with ``config`` keeps, or :data:`UNRECORDED`."""
     event = f"{prefix}.ev."
     single = config.get("filter_subject")
     filters = config.get("filter_subjects") or ([single] if single else [])
@@ -92,16 +110,34 @@ def bound_types(
         types: set[str] = set()
         for subject in filters:
             if subject == event + ">":
-                return None
+                return Binding(None)
             if subject.startswith(event) and subject.endswith(".*"):
                 types.add(codec.type_from_tokens(subject[len(event) : -2]))
-        return frozenset(types)
+        removed: Any = None
+        with contextlib.suppress(ValueError):
+            removed = json.loads((config.get("metadata") or {}).get(REMOVED_KEY) or "null")
+        return _with_lines(types, removed)
     description = str(config.get("description") or "")
     if description.startswith(TYPES_NOTE):
         with contextlib.suppress(ValueError, TypeError):
             listed = json.loads(description[len(TYPES_NOTE) :])
-            return None if listed is None else frozenset(map(str, listed))
+            if listed is None:
+                return Binding(None)
+            lines = [item[REMOVED_KEY] for item in listed if isinstance(item, dict) and REMOVED_KEY in item]
+            named = {str(item) for item in listed if not isinstance(item, dict)}
+            return _with_lines(named, lines[-1] if lines else None)
     return UNRECORDED
+
+
+def _with_lines(held: set[str], lines: Any) -> Binding:
+    """The binding of a consumer taking the types ``held``, some of them removed at ``lines``
+    (``{type: stream sequence}`` as read back; anything else there is ignored)."""
+    removed = (
+        {t: line for t, line in lines.items() if t in held and isinstance(line, int)}
+        if isinstance(lines, dict)
+        else {}
+    )
+    return Binding(frozenset(held - removed.keys()), removed)
 
 
 def is_group(config: Mapping[str, Any]) -> bool:

@@ -24,6 +24,9 @@ Replies arrive on a per-subscription inbox; each request gets its own reply subj
 Messages that arrive after a fetch gave up (a late reply) are buffered for the next
 fetch, or NAKed for prompt redelivery on close. After a reconnect every outstanding
 request is presumed lost and re-issued at once.
+
+Every :data:`~choreograph.transports._nats_routing.REMOVAL_CHECK` seconds a subscription
+reads its group's binding again, for the types unbound from it (see ``_nats_routing``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from nats.aio.subscription import Subscription as NatsInbox
 from choreograph.errors import TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports._nats_client import DirectClient, Raw, bulk_supported, send_commands
+from choreograph.transports._nats_routing import REMOVAL_CHECK, Binding
 from choreograph.transports.base import Delivery, Message, Subscription
 
 log = logging.getLogger("choreograph.transports.nats")
@@ -126,11 +130,11 @@ class NatsSubscription(Subscription):
         consumer: str,
         event_prefix: str,
         replay_prefix: str,
-        types: frozenset[str] | None,
+        binding: Binding,
         client_filter: bool,
         store_dead_letter: StoreDeadLetter,
         on_close: Callable[[NatsSubscription], None],
-        bound_types: Callable[[], Awaitable[frozenset[str] | None]] | None = None,
+        read_binding: Callable[[], Awaitable[Binding]] | None = None,
     ) -> None:
         self.group = group
         self._nc = nc
@@ -139,13 +143,17 @@ class NatsSubscription(Subscription):
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._event_prefix = event_prefix  # "<prefix>.ev."
         self._replay_prefix = replay_prefix  # "<prefix>.rp.<group token>."
-        self._types = types
+        self._types = binding.types
+        # Types unbound from the group whose events it still holds up to a stream sequence
+        # (their line); later ones are skipped. Mostly empty: then nothing is looked up.
+        self._removed = binding.removed
         self._client_filter = client_filter
-        # Client filter only: the group's types as the server keeps them now. Another replica
-        # may have widened them since we read them; a message of a type we do not know waits
-        # in ``_parked`` until they are read again (see ``_look_again``), and is skipped only
-        # if the group is not bound to it then either.
-        self._bound_types = bound_types
+        # Reads the group's binding as the server keeps it now (see ``_watch``). Client filter:
+        # another replica may have widened the types since we read them; a message of a type
+        # we do not know waits in ``_parked`` until they are read again (see ``_look_again``),
+        # and is skipped only if the group is not bound to it then either.
+        self._read_binding = read_binding
+        self._watcher: asyncio.Future[None] | None = None
         self._parked: list[Msg | Raw] = []
         self._looking = False
         self._store_dead_letter = store_dead_letter
@@ -169,6 +177,25 @@ class NatsSubscription(Subscription):
             self._inbox = await self._nc.subscribe(self._inbox_prefix + "*", cb=self._on_reply)
         if isinstance(self._nc, DirectClient):
             self._nc.route(self._inbox, self._reply)  # straight from the parser (see _nats_client)
+        if self._read_binding is not None:
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    def rebind(self, binding: Binding) -> None:
+        """The group's binding as read from the server (by this subscription or an unbind)."""
+        self._types, self._removed = binding.types, binding.removed
+
+    async def _watch(self) -> None:
+        """Read the group's binding every ``REMOVAL_CHECK`` seconds: to learn of an unbind made
+        by another process, and to narrow the consumer once what it held is settled."""
+        assert self._read_binding is not None
+        while not self._closed and not self._nc.is_closed:
+            await asyncio.sleep(REMOVAL_CHECK)
+            if self._closed or not self._nc.is_connected:
+                continue
+            try:
+                self.rebind(await self._read_binding())
+            except Exception as exc:  # noqa: BLE001 - it is read again at the next check
+                log.debug("nats: reading the binding of group %r: %s", self.group, exc)
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -314,6 +341,8 @@ class NatsSubscription(Subscription):
         self._closed = True
         self._wake()
         self._on_close(self)
+        if self._watcher is not None:
+            self._watcher.cancel()
         with codec.translated("close subscription"):
             if self._inbox is not None and isinstance(self._nc, DirectClient):
                 self._nc.unroute(self._inbox)
@@ -369,12 +398,12 @@ class NatsSubscription(Subscription):
         go back to the buffer, the others are skipped. A message parked while a read is on
         its way waits for the next one, which starts after it arrived - so it sees any
         widening made before the message was published."""
-        assert self._bound_types is not None
+        assert self._read_binding is not None
         try:
             while self._parked and not self._closed:
                 parked, self._parked = self._parked, []
                 try:
-                    self._types = await self._bound_types()
+                    self.rebind(await self._read_binding())
                 except Exception as exc:  # noqa: BLE001 - unsettled, they come back after the lease
                     log.warning("nats: reading the types of group %r: %s", self.group, exc)
                     return
@@ -397,27 +426,30 @@ class NatsSubscription(Subscription):
             log.debug("nats: acking skipped messages: %s", exc)
 
     def _delivery(self, msg: Msg | Raw) -> NatsDelivery | Literal["unbound"] | None:
-        """The delivery of ``msg``; None to skip it (another group's replay, or a type this
-        group is not bound to); ``_UNBOUND`` for a type not bound as far as we know, when
-        the group's types can be read again (``_bound_types``)."""
+        """The delivery of ``msg``; None to skip it (another group's replay, a type this
+        group is not bound to, or one unbound from it published after the unbind);
+        ``_UNBOUND`` for a type not bound as far as we know, when the group's types can be
+        read again (``_read_binding``)."""
         subject = msg.subject
+        ack: tuple[int, int, int] | None = None
         if subject.startswith(self._event_prefix):
             parsed = codec.split_subject(subject[len(self._event_prefix) :], msg.headers)
-            if (
-                parsed is not None
-                and self._client_filter
-                and self._types is not None
-                and parsed[0] not in self._types
-            ):
-                return _UNBOUND if self._bound_types is not None else None
+            if parsed is not None:
+                if self._removed and parsed[0] in self._removed:  # an empty map costs one test
+                    ack = _ack_of(msg)
+                    if ack[1] > self._removed[parsed[0]]:
+                        return None  # published after its type was unbound
+                elif self._client_filter and self._types is not None and parsed[0] not in self._types:
+                    return _UNBOUND if self._read_binding is not None else None
         elif subject.startswith(self._replay_prefix):
             parsed = codec.split_subject(subject[len(self._replay_prefix) :], msg.headers)
         else:  # another group's replay (servers without multi-subject filters)
             return None
-        ack = codec.ack_metadata(msg.reply)
         if ack is None:
-            metadata = msg.metadata
-            ack = (metadata.num_delivered, metadata.sequence.stream, metadata.num_pending)
+            ack = codec.ack_metadata(msg.reply)
+            if ack is None:
+                metadata = msg.metadata
+                ack = (metadata.num_delivered, metadata.sequence.stream, metadata.num_pending)
         # More to fetch: messages not yet sent, or (a redelivery) perhaps more coming due.
         self._more = ack[2] > 0 or ack[0] > 1
         if parsed is None:  # not published by choreograph: let the runtime dead-letter it
@@ -464,6 +496,15 @@ class NatsSubscription(Subscription):
             raise TransportError(
                 f"nats: the consumer of group {self.group!r} no longer exists: {error.get('description')}"
             )
+
+
+def _ack_of(msg: Msg | Raw) -> tuple[int, int, int]:
+    """The delivery count, stream sequence and pending count of ``msg``."""
+    ack = codec.ack_metadata(msg.reply)
+    if ack is None:
+        metadata = msg.metadata
+        ack = (metadata.num_delivered, metadata.sequence.stream, metadata.num_pending)
+    return ack
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:

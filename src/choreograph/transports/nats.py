@@ -41,8 +41,9 @@ Consequences worth knowing:
 * **Servers before 2.10** lack multi-subject consumer filters: there a group's consumer
   takes the whole stream and the subscription acks the types it does not want. Correct,
   but every group then reads every event: use NATS >= 2.10 in production.
-* ``unbind`` narrows a consumer's filter, and JetStream delivers nothing outside it: the
-  group's unsettled events of the removed types are dropped, not handed back.
+* ``unbind`` keeps a removed type in the consumer's filter until what the group held of
+  it is settled, and the subscriptions skip its events published after the unbind (see
+  ``_nats_routing``): JetStream delivers nothing outside a consumer's filter.
 * ``groups()`` reads the groups back from the events stream's consumers: a group whose
   name is past 120 characters escaped has a hashed consumer name, and before 2.10 nothing
   else records its name: ``groups()`` then cannot tell (``None``).
@@ -72,15 +73,8 @@ from choreograph.transports import lease_from_url
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_pull import NatsSubscription
-from choreograph.transports.base import (
-    DeadLetter,
-    Message,
-    Subscription,
-    Transport,
-    narrowed,
-    no_such_group,
-    widened,
-)
+from choreograph.transports._nats_routing import Binding, settled
+from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, no_such_group
 
 __all__ = ["NatsTransport"]
 
@@ -99,7 +93,7 @@ class _Missing(enum.Enum):
 
 
 _NO_CONSUMER = _Missing.CONSUMER
-_UNKNOWN_TYPES: frozenset[str] = frozenset()  # made by an older choreograph: only the new types are known
+_UNKNOWN_TYPES = Binding(frozenset())  # made by an older choreograph: only the new types are known
 
 
 class NatsTransport(Transport):
@@ -279,11 +273,11 @@ class NatsTransport(Transport):
             consumer=consumer,
             event_prefix=f"{self.prefix}.ev.",
             replay_prefix=f"{self.prefix}.rp.{consumer}.",
-            types=bound,
+            binding=bound,
             client_filter=not self._multi_filter,
             store_dead_letter=self._store_dead_letter,
             on_close=self._subscriptions.discard,
-            bound_types=None if self._multi_filter else functools.partial(self._bound_types, js, consumer),
+            read_binding=functools.partial(self._check_binding, js, group, consumer),
         )
         await subscription.start()
         self._subscriptions.add(subscription)
@@ -291,8 +285,8 @@ class NatsTransport(Transport):
 
     async def _register(
         self, js: JetStream, group: str, consumer: str, wanted: frozenset[str] | None
-    ) -> frozenset[str] | None:
-        """Create the group's consumer, or widen the types it is bound to; returns them.
+    ) -> Binding:
+        """Create the group's consumer, or widen the types it is bound to; returns its binding.
 
         Read, widen, write, then read again: JetStream has no compare-and-set for a consumer's
         config, so a subscribe of the same group racing this one (another process) may write
@@ -301,17 +295,15 @@ class NatsTransport(Transport):
         subscribes again - the window is one API round trip, at a deploy.
         """
         for _ in range(_REGISTER_ROUNDS):
-            current = await self._read_types(js, consumer)
-            bound = wanted if current is _NO_CONSUMER else widened(current, wanted)
+            current = await self._read_binding(js, consumer)
+            bound = Binding(wanted) if current is _NO_CONSUMER else current.widened(wanted)
             if bound == current:
                 return bound
             await self._write_consumer(js, f"register group {group!r}", group, consumer, bound)
         raise TransportError(f"nats: register group {group!r}: its consumer kept changing under us")
 
-    async def _write_consumer(
-        self, js: JetStream, what: str, group: str, consumer: str, bound: frozenset[str] | None
-    ) -> None:
-        """Create or update the group's consumer to be bound to ``bound``."""
+    async def _write_consumer(self, js: JetStream, what: str, group: str, consumer: str, bound: Binding) -> None:
+        """Create or update the group's consumer to keep ``bound``."""
         await js.api(
             what,
             f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
@@ -319,32 +311,35 @@ class NatsTransport(Transport):
         )
 
     async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
-        """Narrow the group's consumer: its filter (>= 2.10) or the types in its description.
+        """Narrow the group's binding: the types its subscriptions deliver from now on.
 
         Read, narrow, write, read again; what the second read says is returned (a subscribe
         racing this one may have widened the group again meanwhile).
 
-        Unlike the other transports, this does not keep what the group holds of the removed
-        types: JetStream delivers nothing outside a consumer's filter, so on >= 2.10 their
-        unsettled and undelivered events are gone from the group (interest retention then
-        deletes them); before 2.10 a subscription skips undelivered ones once it has read
-        the types again, and one running since before the unbind takes the removed types
-        until it does (it reads them on the next event of a type it does not know).
+        What the group holds of the removed types stays: JetStream delivers nothing outside
+        a consumer's filter, so the filter keeps them, and the consumer records the stream's
+        last sequence, read before writing, as their line (see ``_nats_routing``): events
+        above it are skipped, and the filter narrows once nothing under it is unsettled.
+        This process's subscriptions of the group know at once, others at their next check.
         """
         js = self._jetstream()
         consumer = codec.name_token(group)
-        removed = frozenset(types)
-        current = await self._read_types(js, consumer)
+        current = await self._read_binding(js, consumer)
         if current is _NO_CONSUMER:
             raise no_such_group(group)
-        bound = narrowed(group, current, removed)
-        if bound == current:
-            return bound
+        if current.unbound(group, types, 0).types == current.types:
+            return current.types
+        stream = await js.api(f"read stream {self.events_stream}", f"STREAM.INFO.{self.events_stream}")
+        line = int((stream.get("state") or {}).get("last_seq") or 0)
+        bound = current.unbound(group, types, line)
         await self._write_consumer(js, f"unbind types from group {group!r}", group, consumer, bound)
-        after = await self._read_types(js, consumer)
+        after = await self._read_binding(js, consumer)
         if after is _NO_CONSUMER:
             raise no_such_group(group)
-        return after
+        for subscription in self._subscriptions:
+            if subscription.group == group:
+                subscription.rebind(after)
+        return after.types
 
     async def groups(self) -> dict[str, frozenset[str] | None] | None:
         """The groups read back from the events stream's consumers (see ``_nats_consumers``).
@@ -377,29 +372,43 @@ class NatsTransport(Transport):
             if not infos or offset >= int(page.get("total", 0)):
                 return found
 
-    async def _bound_types(self, js: JetStream, consumer: str) -> frozenset[str] | None:
-        """The types the group's consumer is bound to now (every type if it cannot tell)."""
-        current = await self._read_types(js, consumer)
-        return None if current is _NO_CONSUMER else current
+    async def _check_binding(self, js: JetStream, group: str, consumer: str) -> Binding:
+        """The group's binding now (every type if its consumer is gone), once the lines under
+        which nothing is unsettled any more are dropped - and their types from the filter."""
+        info = await self._read_info(js, consumer)
+        if info is _NO_CONSUMER:
+            return Binding(None)
+        current = self._binding_of(info)
+        after = settled(current, info)
+        if after != current:
+            await self._write_consumer(js, f"narrow group {group!r}", group, consumer, after)
+        return after
 
-    async def _read_types(self, js: JetStream, consumer: str) -> frozenset[str] | None | _Missing:
-        """The types the consumer is bound to, or ``_NO_CONSUMER``; ``_UNKNOWN_TYPES`` for one
-        made by a choreograph that did not record them where this server lets us read them."""
+    async def _read_binding(self, js: JetStream, consumer: str) -> Binding | _Missing:
+        """The consumer's binding, or ``_NO_CONSUMER``; ``_UNKNOWN_TYPES`` for one made by a
+        choreograph that did not record its types where this server lets us read them."""
+        info = await self._read_info(js, consumer)
+        return info if info is _NO_CONSUMER else self._binding_of(info)
+
+    async def _read_info(self, js: JetStream, consumer: str) -> dict[str, Any] | _Missing:
         try:
-            info = await js.api(
+            info: dict[str, Any] = await js.api(
                 f"read group {consumer!r}", f"CONSUMER.INFO.{self.events_stream}.{consumer}"
             )
         except codec.JetStreamError as exc:
             if exc.err_code != codec.ERR_CONSUMER_NOT_FOUND:
                 raise
             return _NO_CONSUMER
-        types = consumers.bound_types(info.get("config", {}), self.prefix, multi_filter=self._multi_filter)
-        return _UNKNOWN_TYPES if types is consumers.UNRECORDED else types
+        return info
 
-    def _consumer_config(self, group: str, consumer: str, types: frozenset[str] | None) -> dict[str, Any]:
+    def _binding_of(self, info: Mapping[str, Any]) -> Binding:
+        read = consumers.binding(info.get("config", {}), self.prefix, multi_filter=self._multi_filter)
+        return _UNKNOWN_TYPES if read is consumers.UNRECORDED else read
+
+    def _consumer_config(self, group: str, consumer: str, binding: Binding) -> dict[str, Any]:
         return consumers.config(
             prefix=self.prefix, lease=self.lease, multi_filter=self._multi_filter,
-            group=group, consumer=consumer, types=types,
+            group=group, consumer=consumer, binding=binding,
         )
 
     async def _store_dead_letter(self, group: str, message: Message, record: Mapping[str, Any]) -> None:

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tests._brokers import broker_url, require_broker
 
 NAME = "nats"
-
-
-def unbind_keeps_held(bus: Any) -> bool:
-    """JetStream delivers nothing outside a consumer's filter: once ``unbind`` narrows it
-    (servers >= 2.10), the group's unsettled and undelivered events of the removed types are
-    gone (documented in NatsTransport.unbind). Before 2.10 the consumer takes the whole
-    stream and the subscriptions filter: what the group held comes back."""
-    return not bus._multi_filter
 
 
 def require() -> None:

@@ -11,21 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-from typing import Any
 from urllib.parse import urlencode
 
 from tests._nats_server import NatsServer, require_binary
 from tests.conformance.brokers import nats as shared
 
 NAME = "nats-private"
-
-
-def unbind_keeps_held(bus: Any) -> bool:
-    """JetStream delivers nothing outside a consumer's filter: once ``unbind`` narrows it
-    (servers >= 2.10), the group's unsettled and undelivered events of the removed types are
-    gone (documented in NatsTransport.unbind). Before 2.10 the consumer takes the whole
-    stream and the subscriptions filter: what the group held comes back."""
-    return not bus._multi_filter
 
 _server: NatsServer | None = None
 
