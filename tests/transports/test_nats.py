@@ -316,6 +316,106 @@ async def test_groups_are_read_back_from_the_consumers_with_their_types(server_u
         }
 
 
+# -- unbinding: what the group held of a removed type (see _nats_routing) ------------------
+
+
+async def _consumer_info(bus: NatsTransport, group: str) -> dict[str, Any]:
+    consumer = codec.name_token(group)
+    return await bus._jetstream().api("read", f"CONSUMER.INFO.{bus.events_stream}.{consumer}")
+
+
+async def _binding(bus: NatsTransport, group: str) -> Binding:
+    read = consumers.binding(
+        (await _consumer_info(bus, group))["config"], bus.prefix, multi_filter=bus._multi_filter
+    )
+    assert isinstance(read, Binding)
+    return read
+
+
+@given(
+    st.frozensets(st.text(max_size=20), max_size=4),
+    st.dictionaries(st.text(max_size=20), st.integers(0, 2**63), max_size=4),
+    st.booleans(),
+)
+def test_a_binding_with_the_lines_of_removed_types_is_read_back_as_written(
+    types: frozenset[str], lines: dict[str, int], multi_filter: bool
+) -> None:
+    written = Binding(types - lines.keys(), lines)
+    config = consumers.config(
+        prefix="p", lease=30, multi_filter=multi_filter, group="g", consumer="g", binding=written
+    )
+    assert consumers.binding(config, "p", multi_filter=multi_filter) == written
+    assert consumers.bound_types(config, "p", multi_filter=multi_filter) == written.types
+
+
+def test_subscribing_for_a_removed_type_again_drops_its_line() -> None:
+    binding = Binding(frozenset({"a", "b"})).unbound("g", ["b", "c"], 7)
+    assert binding == Binding(frozenset({"a"}), {"b": 7})
+    assert binding.widened(frozenset({"b"})) == Binding(frozenset({"a", "b"}))
+    assert binding.widened(None) == Binding(None)
+
+
+async def test_a_subscription_of_the_process_that_unbinds_skips_at_once_what_is_published_afterwards(
+    server_url: str,
+) -> None:
+    """And what it held of the type still comes back, for the runtime to hand on."""
+    async with opened(bus_on(server_url)) as bus:
+        subscription = await bus.subscribe("billing", ["a", "b"])
+        await bus.publish([msg(1, "b")])
+        [held] = await collect(subscription, 1)
+        await bus.unbind("billing", ["b"])
+        await bus.publish([msg(2, "b"), msg(3, "a")])
+        await held.retry(0)
+        assert ids(await collect(subscription, 3, within=1.0)) == ["m1", "m3"]
+
+
+async def test_a_subscription_of_another_process_learns_of_an_unbind_and_skips_what_is_published_afterwards(
+    server_url: str,
+) -> None:
+    """Until its next check it may take such an event: handed back, it comes back and is skipped."""
+    url = bus_on(server_url)
+    async with opened(url) as bus, NatsTransport(url) as admin:
+        subscription = await bus.subscribe("billing", ["a", "b"])
+        await admin.unbind("billing", ["b"])
+        await admin.publish([msg(2, "b"), msg(3, "a")])
+        seen: list[str] = []
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            for delivery in await subscription.fetch(10, timeout=0.2):
+                seen.append(delivery.message.id)
+                await (delivery.ack() if delivery.message.type == "a" else delivery.retry(0))
+            info = await _consumer_info(admin, "billing")
+            if "m3" in seen and info["num_pending"] == info["num_ack_pending"] == 0:
+                break
+        assert "m3" in seen
+        assert (info["num_pending"], info["num_ack_pending"]) == (0, 0)  # m2 settled: skipped
+
+
+async def test_the_consumer_narrows_once_what_the_group_held_of_an_unbound_type_is_settled(
+    server_url: str,
+) -> None:
+    """By a subscription's periodic check: here one of another process than the unbind."""
+    url = bus_on(server_url)
+    async with opened(url) as bus, NatsTransport(url) as admin:
+        subscription = await bus.subscribe("billing", ["a", "b"])
+        await bus.publish([msg(1, "b"), msg(2, "a")])
+        held = {d.message.id: d for d in await collect(subscription, 2)}
+        await held["m2"].ack()
+        await admin.unbind("billing", ["b"])
+        holding = await _binding(admin, "billing")
+        assert holding.types == frozenset({"a"})
+        assert set(holding.removed) == {"b"}
+        assert await admin.groups() == {"billing": frozenset({"a"})}
+        await held["m1"].dead_letter({"reason": "unhandled"})
+        deadline = time.monotonic() + WAIT
+        while (binding := await _binding(admin, "billing")).removed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert binding == Binding(frozenset({"a"}))
+        if admin._multi_filter:
+            filters = (await _consumer_info(admin, "billing"))["config"]["filter_subjects"]
+            assert not any(".ev.b." in subject for subject in filters)
+
+
 async def test_a_consumer_choreograph_did_not_create_is_not_a_group(server_url: str) -> None:
     async with opened(bus_on(server_url)) as bus:
         await (await bus.subscribe("billing", ["a"])).close()
