@@ -15,7 +15,8 @@ server; it must be ``[A-Za-z0-9_-]+``)::
                          ack, ack_wait = lease; max_deliver unlimited and no backoff
                          (the runtime owns retries: retry(after) is a NAK with a delay);
                          description "choreograph group <group>" (before 2.10: the
-                         group's types, see _nats_consumers)
+                         group's types, see _nats_consumers); metadata
+                         choreograph.removed: types being unbound (see _nats_routing)
     stream P_DLQ     P.dlr.<group>.<id>       dead-letter record (see _nats_dead_letters)
                      P.dlb.<group>.<id>       dead-letter body
 
