@@ -475,6 +475,18 @@ async def test_before_2_10_a_group_an_older_choreograph_made_without_its_types_t
         assert await bus.groups() == {"legacy": None}
 
 
+async def test_before_2_10_a_subscription_whose_group_an_older_choreograph_rewrote_skips_nothing() -> None:
+    """Its types are then recorded nowhere: reading them again finds every type, not none."""
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        bus._multi_filter = False
+        subscription = await bus.subscribe("legacy", ["a"])
+        await _create_consumer(
+            bus, "legacy", {"ack_policy": "explicit", "deliver_policy": "new", "description": "choreograph group legacy"}
+        )
+        await bus.publish([msg(1, "b"), msg(2, "a")])  # b: a type it does not know, so it reads them again
+        assert ids(await collect(subscription, 2)) == ["m1", "m2"]
+
+
 # -- limits ------------------------------------------------------------------------------
 
 

@@ -374,12 +374,16 @@ class NatsTransport(Transport):
                 return found
 
     async def _check_binding(self, js: JetStream, group: str, consumer: str) -> Binding:
-        """The group's binding now (every type if its consumer is gone), once the lines under
-        which nothing is unsettled any more are dropped - and their types from the filter."""
+        """The group's binding now, once the lines under which nothing is unsettled any more
+        are dropped - and their types from the filter. Every type if its consumer is gone or
+        does not record its types (an older choreograph rewrote it): the subscriptions then
+        skip nothing, as ``groups()`` says."""
         info = await self._read_info(js, consumer)
         if info is _NO_CONSUMER:
             return Binding(None)
-        current = self._binding_of(info)
+        current = consumers.binding(info.get("config", {}), self.prefix, multi_filter=self._multi_filter)
+        if current is consumers.UNRECORDED:
+            return Binding(None)
         after = settled(current, info)
         if after != current:
             await self._write_consumer(js, f"narrow group {group!r}", group, consumer, after)
