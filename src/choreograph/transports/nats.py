@@ -75,7 +75,7 @@ from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, 
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_pull import NatsSubscription
 from choreograph.transports._nats_routing import Binding, settled
-from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, no_such_group
+from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
 
 __all__ = ["NatsTransport"]
 
@@ -328,7 +328,7 @@ class NatsTransport(Transport):
         current = await self._read_binding(js, consumer)
         if current is _NO_CONSUMER:
             raise no_such_group(group)
-        if current.unbound(group, types, 0).types == current.types:
+        if narrowed(group, current.types, types) == current.types:  # a wildcard group: raises
             return current.types
         stream = await js.api(f"read stream {self.events_stream}", f"STREAM.INFO.{self.events_stream}")
         line = int((stream.get("state") or {}).get("last_seq") or 0)
