@@ -8,8 +8,10 @@ handler attempt, setting up the OpenTelemetry SDK from the standard ``OTEL_*`` v
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +29,7 @@ from choreograph.cli._common import (
     otel_option,
     run_async,
 )
+from choreograph.errors import ConfigurationError
 from choreograph.logs import announce, configure_logging
 from choreograph.runtime import Worker
 from choreograph.runtime.gc_tuning import DEFAULT_GC_THRESHOLD, tune_gc
@@ -119,6 +122,21 @@ def telemetry_options(
     provider = configure_tracing(names) if traces else None
     telemetry = Telemetry(traces=traces, metrics=metrics_port is not None)
     if metrics_port is not None:
-        port = serve_metrics(metrics_port, metrics_host)
+        port = _serve_metrics(metrics_port, metrics_host)
         announce(f"metrics on http://{metrics_host}:{port}/metrics")
     return telemetry, provider
+
+
+#: Why binding fails because of the interface rather than the port (an address this host does not have).
+_HOST_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+
+
+def _serve_metrics(port: int, host: str) -> int:
+    """:func:`serve_metrics`, with a port taken or a host that cannot be bound as one line naming the option."""
+    try:
+        return serve_metrics(port, host)
+    except OSError as exc:
+        option = (f"--metrics-host {host!r}" if isinstance(exc, socket.gaierror) or exc.errno in _HOST_ERRNOS
+                  else f"--metrics-port {port}")
+        reason = exc.strerror or str(exc)
+        raise ConfigurationError(f"{option}: cannot serve metrics on {host}:{port}: {reason}") from None

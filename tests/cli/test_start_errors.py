@@ -1,0 +1,30 @@
+"""What ``run`` and ``dev`` refuse as they start: one line naming the option and the reason, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import socket
+
+from tests.cli.test_core_cli import cli
+
+
+def refused(*args: str) -> str:
+    """The one line of stderr of a command that must refuse its input with exit 2."""
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def test_run_with_a_metrics_port_already_taken_names_the_option_the_address_and_the_reason() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        line = refused("run", "examples.chain:payment", "--broker", "memory://", "--metrics-port", str(port))
+    assert line.startswith(f"error: --metrics-port {port}: cannot serve metrics on 127.0.0.1:{port}: "), line
+    assert "in use" in line
+
+
+def test_run_with_a_metrics_host_that_does_not_resolve_names_the_host_option() -> None:
+    line = refused("run", "examples.chain:payment", "--broker", "memory://", "--metrics-port", "0",
+                   "--metrics-host", "no-such-host.invalid")
+    assert line.startswith("error: --metrics-host 'no-such-host.invalid': cannot serve metrics on "
+                           "no-such-host.invalid:0: "), line
