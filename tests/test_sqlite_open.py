@@ -1,11 +1,23 @@
-"""Processes opening one new SQLite file at the same moment all succeed (no 'database is locked')."""
+"""Opening SQLite files: processes opening one new file at the same moment all succeed (no
+'database is locked'); a folder that cannot be created is a ConfigurationError naming it."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from choreograph._journal_store import open_journal_store
 from choreograph._sqlite import connect_wal
+from choreograph.errors import ConfigurationError
+from choreograph.stores import open_store
+from choreograph.stores.joins_base import open_join_store
+from choreograph.stores.state import open_database
+from choreograph.transports import open_transport
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY); CREATE INDEX IF NOT EXISTS t_k ON t (k);"
 
@@ -37,3 +49,27 @@ def test_many_processes_opening_a_new_file_together_all_get_a_wal_connection(tmp
         results.close()
         results.join_thread()
     assert outcomes == ["ok"] * 60  # without the retry about 1 in 20 opens fails here
+
+
+@pytest.mark.parametrize(
+    "opener",
+    [open_transport, open_store, open_database, open_join_store, open_journal_store],
+    ids=["transport", "inbox-store", "service-database", "join-store", "journal-store"],
+)
+@pytest.mark.parametrize("below", ["bus.db", "deeper/bus.db"])
+async def test_a_file_where_the_folder_should_be_is_a_configuration_error_naming_both(
+    tmp_path: Path, opener: Callable[[str], Any], below: str
+) -> None:
+    (tmp_path / "data").write_text("not a folder")
+    path = tmp_path / "data" / below
+    opened = opener(f"sqlite:///{path}")
+    try:
+        with pytest.raises(ConfigurationError) as raised:
+            await (opened.connect() if hasattr(opened, "connect") else opened.open())
+    finally:
+        with contextlib.suppress(Exception):
+            await opened.close()
+    assert str(raised.value) == (
+        f"SQLite database {str(path)!r}: cannot create its folder {str(path.parent)!r}: "
+        f"{str(tmp_path / 'data')!r} is a file, not a folder"
+    )

@@ -5,6 +5,10 @@ to WAL needs an exclusive lock that SQLite may refuse at once (``database is loc
 without waiting on the busy timeout) when another process opens the same new file at
 that moment — two services starting together, a journal and a gateway. Those first
 steps are retried until ``timeout``; after them the busy timeout does the waiting.
+
+A file's folder is created with it (:func:`make_folder`): a folder that cannot be is the
+user's path, so it is a :class:`~choreograph.errors.ConfigurationError` naming the file,
+the folder and why, not an ``OSError`` from deep inside a store.
 """
 
 from __future__ import annotations
@@ -13,11 +17,34 @@ import sqlite3
 import time
 from pathlib import Path
 
+from choreograph.errors import ConfigurationError
+
+
+def make_folder(path: str) -> None:
+    """Create the folder of the SQLite file ``path`` (and its parents) unless it exists.
+
+    Raises :class:`ConfigurationError` naming ``path`` and the reason when it cannot be
+    created: a component of it is a file (``/etc/hostname/bus.db``), permission denied...
+    """
+    if path == ":memory:":
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (*reversed(folder.parents), folder) if p.exists() and not p.is_dir()), None)
+        reason = f"{str(blocker)!r} is a file, not a folder" if blocker is not None else exc.strerror or str(exc)
+        raise ConfigurationError(
+            f"SQLite database {path!r}: cannot create its folder {str(folder)!r}: {reason}"
+        ) from None
+
 
 def connect_wal(path: str, *, timeout: float = 30.0, synchronous: str = "NORMAL", schema: str | None = None) -> sqlite3.Connection:
-    """An autocommit connection in WAL mode with ``schema`` (a script) applied."""
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """An autocommit connection in WAL mode with ``schema`` (a script) applied, its folder created.
+
+    A folder that cannot be created raises :class:`ConfigurationError` (see :func:`make_folder`).
+    """
+    make_folder(path)
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:

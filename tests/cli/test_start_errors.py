@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from tests.cli.test_core_cli import cli
 
@@ -28,3 +29,10 @@ def test_run_with_a_metrics_host_that_does_not_resolve_names_the_host_option() -
                    "--metrics-host", "no-such-host.invalid")
     assert line.startswith("error: --metrics-host 'no-such-host.invalid': cannot serve metrics on "
                            "no-such-host.invalid:0: "), line
+
+
+def test_run_on_a_sqlite_bus_whose_folder_is_a_file_names_the_file_and_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "var").write_text("")
+    line = refused("run", "examples.chain:payment", "--broker", f"sqlite:///{tmp_path}/var/bus.db")
+    assert line == (f"error: SQLite database '{tmp_path}/var/bus.db': cannot create its folder '{tmp_path}/var': "
+                    f"'{tmp_path}/var' is a file, not a folder\n")

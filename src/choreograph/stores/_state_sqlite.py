@@ -29,14 +29,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
 from choreograph._redact import redact
-from choreograph._sqlite import connect_wal
+from choreograph._sqlite import connect_wal, make_folder
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores._sqlite_relay import LOCKED, OutboxWatcher, RelayLock, lock_path
 from choreograph.stores._sqlite_tx import SQLiteTx
@@ -154,7 +153,7 @@ class SQLiteStateStore(StateStore):
             )
 
     async def _connect(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path)  # a folder that cannot be created is one clear error, before any thread starts
         self._writer_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-state-writer")
         self._reader_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-state-reader")
         loop = asyncio.get_running_loop()

@@ -195,10 +195,11 @@ async def expire_now(joins: JoinStore, url: str, now: float) -> None:
 def _prepare_sqlite(url: str) -> None:
     import sqlite3
 
-    from choreograph._sqlite import connect_wal
+    from choreograph._sqlite import connect_wal, make_folder
     from choreograph.stores.sqlite import sqlite_path
 
     path = sqlite_path(url)
+    make_folder(path)
     with contextlib.closing(sqlite3.connect(path, timeout=30.0)) as db:
         found = db.execute("SELECT count(*) FROM sqlite_master WHERE name IN "
                            "('choreograph_join_instances', 'choreograph_join_arrivals')").fetchone()[0]

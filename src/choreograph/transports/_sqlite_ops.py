@@ -24,7 +24,6 @@ Times are wall-clock seconds: several processes must agree on them.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
@@ -72,10 +71,10 @@ Claimed = list[tuple[int, int, Message]]  # (seq, attempt, message), in seq orde
 
 
 def open_connection(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, schema in place."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+    """A connection in autocommit mode (transactions are explicit), WAL, schema in place.
+
+    Its folder is created; one that cannot be raises :class:`~choreograph.errors.ConfigurationError`.
+    """
     conn = connect_wal(path, timeout=busy_timeout, synchronous=synchronous)
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("PRAGMA busy_timeout=0")  # writers wait in begin_immediate, reads never wait in WAL

@@ -180,6 +180,9 @@ class SQLiteTransport(Transport):
             except sqlite3.Error as exc:
                 self._executor.shutdown(wait=False)
                 raise TransportError(f"{self.url}: cannot open the database: {exc}") from exc
+            except ConfigurationError:  # its folder cannot be created
+                self._executor.shutdown(wait=False)
+                raise
             self._poller = threading.Thread(
                 target=self._poll, args=(poll_conn,), name="choreograph-sqlite-poll", daemon=True
             )
