@@ -23,10 +23,10 @@ from tests.conformance.brokers import nats as nats_broker
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 60, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """The command's output to pipes, whatever the width of the terminal running the tests."""
     env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
-    return subprocess.run([sys.executable, "-m", "choreograph", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "choreograph", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**env, "PYTHONPATH": str(ROOT)})
 
 

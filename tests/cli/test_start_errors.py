@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.cli.test_core_cli import cli
+import pytest
+
+from tests.cli.test_core_cli import ROOT, cli
 
 
-def refused(*args: str) -> str:
+def refused(*args: str, cwd: Path = ROOT) -> str:
     """The one line of stderr of a command that must refuse its input with exit 2."""
-    result = cli(*args)
+    result = cli(*args, cwd=cwd)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
     return result.stderr
@@ -36,3 +38,26 @@ def test_run_on_a_sqlite_bus_whose_folder_is_a_file_names_the_file_and_the_folde
     line = refused("run", "examples.chain:payment", "--broker", f"sqlite:///{tmp_path}/var/bus.db")
     assert line == (f"error: SQLite database '{tmp_path}/var/bus.db': cannot create its folder '{tmp_path}/var': "
                     f"'{tmp_path}/var' is a file, not a folder\n")
+
+
+@pytest.mark.parametrize(
+    ("source", "raised"),
+    [
+        ("import os\n\nraise ValueError('no PAYMENT_URL set')\n",
+         "ValueError: no PAYMENT_URL set (at app_module.py:3)"),
+        ("import json\n\nSETTINGS = json.loads('{oops')\n",  # the line of the app, not of the json package
+         "JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1) "
+         "(at app_module.py:3)"),
+        ("def handler(:\n    pass\n", "SyntaxError: invalid syntax (at app_module.py:1)"),
+        ("import app_dependency_not_installed\n",  # a missing dependency, not a missing module
+         "ModuleNotFoundError: No module named 'app_dependency_not_installed' (at app_module.py:1)"),
+        ("import app\n", "ModuleNotFoundError: No module named 'app' (at app_module.py:1)"),
+    ],
+    ids=["raises", "raises-in-a-library", "syntax-error", "missing-dependency", "dependency-named-like-its-prefix"],
+)
+def test_run_of_a_module_that_fails_to_import_is_one_line_naming_the_exception_and_its_line(
+    tmp_path: Path, source: str, raised: str
+) -> None:
+    (tmp_path / "app_module.py").write_text(source)
+    line = refused("run", "app_module:app", "--broker", "memory://", cwd=tmp_path)
+    assert line == f"error: 'app_module': importing it raised {raised}\n"

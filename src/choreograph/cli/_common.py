@@ -6,6 +6,8 @@ import asyncio
 import importlib
 import os
 import sys
+import sysconfig
+import traceback
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -81,15 +83,47 @@ def console_error(message: str) -> None:
 
 
 def load_module(module_name: str) -> Any:
-    """Import ``module_name`` with the current directory importable (as uvicorn does)."""
+    """Import ``module_name`` with the current directory importable (as uvicorn does).
+
+    A module that is not there, or that raises while it is imported (a syntax error, a
+    missing dependency, its own code failing), is a :class:`ConfigurationError`: one line
+    with the exception and where it was raised, instead of a traceback through importlib.
+    """
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise ConfigurationError(f"{module_name!r}: no module named {exc.name!r}") from None
-        raise
+        raise ConfigurationError(_import_failure(module_name, exc)) from exc
+    except Exception as exc:
+        raise ConfigurationError(_import_failure(module_name, exc)) from exc
+
+
+def _import_failure(module_name: str, exc: Exception) -> str:
+    """``'app': importing it raised ValueError: boom (at app.py:3)``.
+
+    The line is the innermost one of the user's code (outside importlib, the standard
+    library and installed packages: ``json.loads`` failing names the line that called it),
+    else the innermost one; for a syntax error, the line it names.
+    """
+    if isinstance(exc, SyntaxError):
+        what = f"{type(exc).__name__}: {exc.msg}"
+        where: tuple[str | None, int | None] = (exc.filename, exc.lineno)
+    else:
+        message = " ".join(str(exc).split())  # one line, whatever the exception's own layout
+        what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen ")]
+        libraries = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")})
+        own = [f for f in frames if not f.filename.startswith(libraries)] or frames
+        where = (own[-1].filename, own[-1].lineno) if own else (None, None)
+    filename, line = where
+    if filename is None:
+        return f"{module_name!r}: importing it raised {what}"
+    relative = os.path.relpath(filename)
+    shown = filename if relative.startswith("..") else relative
+    return f"{module_name!r}: importing it raised {what} (at {shown}:{line})"
 
 
 def load_object(spec: str) -> Any:
