@@ -54,6 +54,36 @@ def test_bad_configuration_names_the_problem(source: str, message: str) -> None:
         load_faults(source)
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ('{"svc": {"fail_rate": 2}}', "CHOREOGRAPH_FAULTS: faults['svc']: fail_rate must be between 0 and 1, got 2.0"),
+        ('{"svc": {"hang": -1}}', "CHOREOGRAPH_FAULTS: faults['svc']: hang must be >= 0, got -1.0"),
+        ('{"svc": {"fail_first": 1.5}}', "CHOREOGRAPH_FAULTS: faults['svc'].fail_first: expected a whole number, got 1.5"),
+        ('{"svc": {"fail_rat": 0.1}}', "CHOREOGRAPH_FAULTS: faults['svc']: unknown setting(s) ['fail_rat']; known: "
+         "['crash_after', 'crash_times', 'duplicate_rate', 'fail_first', 'fail_rate', 'hang', 'hang_rate', "
+         "'reject_rate', 'seed']"),
+        ('[{"svc": {}}]', "CHOREOGRAPH_FAULTS: expected an object keyed by service name, got list"),
+    ],
+)
+def test_every_error_names_the_variable_the_service_and_the_setting(source: str, message: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        load_faults(source)
+    assert str(raised.value) == message
+
+
+def test_an_error_in_a_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "faults.toml"
+    path.write_text("[svc]\nreject_rate = 3\n")
+    with pytest.raises(ConfigurationError) as raised:
+        load_faults(str(path))
+    assert str(raised.value) == f"CHOREOGRAPH_FAULTS: {path}: faults['svc']: reject_rate must be between 0 and 1, got 3.0"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigurationError) as raised:
+        load_faults(str(path))  # a UnicodeDecodeError escaped
+    assert str(raised.value).startswith(f"CHOREOGRAPH_FAULTS: {path}: 'utf-8' codec can't decode")
+
+
 async def test_fail_first_fails_the_first_attempts_only() -> None:
     faults = Faults("svc", FaultSpec(fail_first=2))
     for attempt in (1, 2):

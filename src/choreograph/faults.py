@@ -43,7 +43,9 @@ redelivered input finds its inbox record, the restarted relay publishes the rows
 back with it and the next attempt starts from scratch.
 
 The ``"*"`` key applies to every service without an entry of its own. The
-configuration is read when :meth:`Faults.for_service` is first used in a process.
+configuration is read when :meth:`Faults.for_service` is first used in a process;
+``choreograph run`` and ``choreograph dev`` parse it as they start and refuse a malformed
+one (exit 2) before any service runs.
 """
 
 from __future__ import annotations
@@ -121,10 +123,16 @@ class FaultSpec:
             raise ConfigurationError(
                 f"faults[{service!r}]: unknown setting(s) {unknown}; known: {sorted(known)}"
             )
+        values = {key: _number(service, key, value) for key, value in data.items()}
         try:
-            return cls(**{key: _number(service, key, value) for key, value in data.items()})
+            return cls(**values)
         except TypeError as exc:
             raise ConfigurationError(f"faults[{service!r}]: {exc}") from None
+        except ConfigurationError as exc:  # out of range (__post_init__): say which service
+            raise ConfigurationError(f"faults[{service!r}]: {str(exc).removeprefix('faults: ')}") from None
+
+
+_WHOLE = ("fail_first", "crash_after", "crash_times", "seed")
 
 
 def _number(service: str, key: str, value: Any) -> Any:
@@ -132,20 +140,28 @@ def _number(service: str, key: str, value: Any) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(f"faults[{service!r}].{key}: expected a number, got {value!r}")
-    return int(value) if key in ("fail_first", "crash_after", "crash_times", "seed") else float(value)
+    if key in _WHOLE:
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigurationError(f"faults[{service!r}].{key}: expected a whole number, got {value!r}")
+        return int(value)
+    return float(value)
 
 
 def load_faults(source: str | None = None) -> dict[str, FaultSpec]:
     """Parse a fault configuration: inline JSON, or the path of a ``.toml`` / ``.json`` file.
 
     ``source`` defaults to the ``CHOREOGRAPH_FAULTS`` environment variable; empty
-    means no faults.
+    means no faults. Every error is a :class:`ConfigurationError` naming the variable,
+    the file if it is one, and the bad part (``faults['svc']: fail_rate must be between
+    0 and 1``). ``choreograph run`` and ``dev`` call this as they start, so a mistake
+    stops them there rather than failing every step of the handlers that read it.
     """
     text = os.environ.get(FAULTS_ENV, "") if source is None else source
     text = text.strip()
     if not text:
         return {}
-    if text.startswith("{"):
+    where = FAULTS_ENV
+    if text.startswith(("{", "[")):  # inline JSON (an array is refused below, as not an object)
         try:
             raw: Any = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -154,13 +170,19 @@ def load_faults(source: str | None = None) -> dict[str, FaultSpec]:
         path = Path(text)
         if not path.is_file():
             raise ConfigurationError(f"{FAULTS_ENV}: {text!r} is neither inline JSON nor an existing file")
+        where = f"{FAULTS_ENV}: {text}"
         try:
             raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigurationError(f"{FAULTS_ENV}: {text}: {exc}") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"{where}: {exc}") from None
+        except OSError as exc:
+            raise ConfigurationError(f"{where}: cannot read it: {exc.strerror or exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigurationError(f"{FAULTS_ENV}: expected an object keyed by service name")
-    return {str(name): FaultSpec.from_dict(str(name), spec) for name, spec in raw.items()}
+        raise ConfigurationError(f"{where}: expected an object keyed by service name, got {type(raw).__name__}")
+    try:
+        return {str(name): FaultSpec.from_dict(str(name), spec) for name, spec in raw.items()}
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from None
 
 
 class Faults:

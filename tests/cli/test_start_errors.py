@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests._procs import stop
 from tests.cli.test_core_cli import ROOT, cli
 
 
@@ -61,3 +65,40 @@ def test_run_of_a_module_that_fails_to_import_is_one_line_naming_the_exception_a
     (tmp_path / "app_module.py").write_text(source)
     line = refused("run", "app_module:app", "--broker", "memory://", cwd=tmp_path)
     assert line == f"error: 'app_module': importing it raised {raised}\n"
+
+
+@pytest.mark.parametrize(
+    ("faults", "bad_part"),
+    [
+        ('{"payment": {"fail_rate": 2}}', "faults['payment']: fail_rate must be between 0 and 1, got 2.0"),
+        ('{"payment": {"fail_rat": 0.5}}', "faults['payment']: unknown setting(s) ['fail_rat']"),
+        ("{oops", "not valid JSON"),
+    ],
+)
+def test_run_refuses_a_malformed_choreograph_faults_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch, faults: str, bad_part: str
+) -> None:
+    """Handlers read the variable on their first step: without the check the worker started, then every
+    step of a faulty service failed on the configuration and was retried into the dead letters."""
+    monkeypatch.setenv("CHOREOGRAPH_FAULTS", faults)
+    line = refused("run", "examples.chain:payment", "--broker", "memory://")
+    assert line.startswith(f"error: CHOREOGRAPH_FAULTS: {bad_part}"), line
+
+
+def test_dev_refuses_a_malformed_choreograph_faults_before_any_process_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CHOREOGRAPH_FAULTS", '{"*": {"crash_after": -1}}')
+    dev = subprocess.Popen(  # not cli(): a dev that starts must be stopped with its processes, not killed alone
+        [sys.executable, "-m", "choreograph", "dev", "examples.chain:app", "--data-dir", str(tmp_path / "var"),
+         "--no-gateway"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "1000"},
+    )
+    try:
+        _, err = dev.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        _, err = stop(dev)
+        pytest.fail(f"dev started: {err}")
+    assert dev.returncode == 2, err
+    assert err == "error: CHOREOGRAPH_FAULTS: faults['*']: crash_after must be >= 0, got -1\n"
+    assert not (tmp_path / "var").exists()  # not even the bus was created

@@ -38,6 +38,7 @@ from choreograph._redact import redact
 from choreograph.cli._common import BROKER_ENV, LogFormatOption, console, load_object, run_async
 from choreograph.cli._supervisor import ProcSpec, Supervisor
 from choreograph.errors import ConfigurationError
+from choreograph.faults import load_faults
 from choreograph.service import App
 from choreograph.transports import open_transport
 
@@ -215,6 +216,7 @@ def dev(
     ),
 ) -> None:
     """Run every service of an App (plus gateway and journal) as separate processes, with restarts."""
+    load_faults()  # every service inherits CHOREOGRAPH_FAULTS: refuse a malformed one before any starts
     app = load_object(target)
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}; choreograph dev needs an App")

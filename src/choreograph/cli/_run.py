@@ -30,6 +30,7 @@ from choreograph.cli._common import (
     run_async,
 )
 from choreograph.errors import ConfigurationError
+from choreograph.faults import load_faults
 from choreograph.logs import announce, configure_logging
 from choreograph.runtime import Worker
 from choreograph.runtime.gc_tuning import DEFAULT_GC_THRESHOLD, tune_gc
@@ -78,6 +79,7 @@ def run(
 ) -> None:
     """Run a service as a worker until SIGTERM or Ctrl-C (in-flight work is drained or released)."""
     configure_logging(log_level, log_format)
+    load_faults()  # handlers read CHOREOGRAPH_FAULTS on their first step: a mistake in it stops us here instead
     services, _ = load_services(target, service)
     url = broker_url(broker)
     transport = open_transport(url)
