@@ -166,3 +166,12 @@ def test_a_plain_asgi_gateway_is_never_asked_for_telemetry() -> None:
     real = _gateway_spec("examples.drone_delivery.gateway:gateway", "127.0.0.1", 8001)
     assert "--no-otel" in plain.argv and "--no-otel" not in real.argv
     assert _metrics_ports([plain, real], 9000) == {"gateway": 9000} and "--metrics-port" not in plain.argv
+
+
+def test_metrics_port_0_gives_every_instrumented_process_port_0_any_free_one() -> None:
+    from choreograph.cli._dev import _gateway_spec, _metrics_ports
+
+    service = ProcSpec("payment", [sys.executable, "-m", "choreograph", "run", "examples.chain:app"])
+    gateway = _gateway_spec("examples.drone_delivery.gateway:gateway", "127.0.0.1", 8001)
+    assert _metrics_ports([service, gateway], 0) == {"payment": 0, "gateway": 0}  # not 0, 1, ...
+    assert service.argv[-2:] == gateway.argv[-2:] == ["--metrics-port", "0"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._procs import stop
+from tests._procs import lines_until, stop
 from tests.cli.test_core_cli import ROOT, cli
 
 
@@ -89,16 +89,63 @@ def test_dev_refuses_a_malformed_choreograph_faults_before_any_process_starts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("CHOREOGRAPH_FAULTS", '{"*": {"crash_after": -1}}')
-    dev = subprocess.Popen(  # not cli(): a dev that starts must be stopped with its processes, not killed alone
-        [sys.executable, "-m", "choreograph", "dev", "examples.chain:app", "--data-dir", str(tmp_path / "var"),
-         "--no-gateway"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    line = dev_refused(tmp_path / "var")
+    assert line == "error: CHOREOGRAPH_FAULTS: faults['*']: crash_after must be >= 0, got -1\n"
+    assert not (tmp_path / "var").exists()  # not even the bus was created
+
+
+def dev(data_dir: Path, *options: str) -> subprocess.Popen[str]:
+    """``choreograph dev examples.chain:app`` (no gateway); stop it with :func:`stop`, which stops its
+    processes too (killing it alone would leave them running)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "choreograph", "dev", "examples.chain:app", "--data-dir", str(data_dir),
+         "--no-gateway", *options], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "1000"},
     )
+
+
+def dev_refused(data_dir: Path, *options: str) -> str:
+    """The one line of stderr of a ``dev`` that must refuse its input with exit 2 before starting anything."""
+    proc = dev(data_dir, *options)
     try:
-        _, err = dev.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        _, err = stop(dev)
+        _, err = stop(proc)
         pytest.fail(f"dev started: {err}")
-    assert dev.returncode == 2, err
-    assert err == "error: CHOREOGRAPH_FAULTS: faults['*']: crash_after must be >= 0, got -1\n"
-    assert not (tmp_path / "var").exists()  # not even the bus was created
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def test_run_refuses_a_negative_drain_timeout_naming_the_option() -> None:
+    line = refused("run", "examples.chain:payment", "--broker", "memory://", "--drain-timeout", "-5")
+    assert line.startswith("error: Invalid value for '--drain-timeout': "), line
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_broker_option_is_refused_rather_than_taken_for_the_default_bus(
+    tmp_path: Path, value: str
+) -> None:
+    """A script passing ``--broker "$BROKER"`` with the variable unset ran against ./var/bus.db."""
+    assert refused("groups", "list", "--broker", value, cwd=tmp_path) == (
+        f"error: --broker {value!r}: empty; give a broker URL, or leave the option out\n"
+    )
+    assert refused("run", "examples.chain:payment", "-b", value, cwd=tmp_path).startswith(f"error: --broker {value!r}")
+    assert dev_refused(tmp_path / "dev", "--broker", value).startswith(f"error: --broker {value!r}")
+    assert not list(tmp_path.iterdir())  # no bus was created anywhere
+
+
+def test_dev_metrics_port_0_gives_each_process_a_free_port_as_run_does(tmp_path: Path) -> None:
+    proc = dev(tmp_path / "var", "--no-journal", "--metrics-port", "0")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        ready = lines_until(proc.stdout, lambda line: "metrics (/metrics on 127.0.0.1)" in line, seen=lines)
+    finally:
+        out, err = stop(proc)
+    assert ready is not None, "".join(lines) + out + err
+    ports = {line.split("|")[0].strip(): int(line.rsplit(":", 1)[1].split("/")[0])
+             for line in lines if "metrics on http://127.0.0.1:" in line}
+    assert sorted(ports) == ["notify", "payment", "shipping"] and 0 not in ports.values(), lines
+    assert len(set(ports.values())) == 3
+    assert "payment, shipping, notify each on a free port" in ready

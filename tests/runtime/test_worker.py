@@ -1576,6 +1576,12 @@ def test_ack_delay_is_checked() -> None:
         Worker([_charging([])], MemoryTransport(), ack_delay=2)
 
 
+@pytest.mark.parametrize("drain_timeout", [-5.0, float("nan")])
+def test_drain_timeout_is_checked(drain_timeout: float) -> None:
+    with pytest.raises(ValueError, match="drain_timeout: must be >= 0 seconds"):
+        Worker([_charging([])], MemoryTransport(), drain_timeout=drain_timeout)
+
+
 def _placed(order_id: str, event_id: str) -> Message:
     return to_message(first_envelope(Placed(order_id=order_id), source="/test", id=event_id))
 

@@ -53,7 +53,16 @@ BrokerOption = typer.Option(
 
 
 def broker_url(value: str | None) -> str:
-    return value or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+    """``--broker``, else ``CHOREOGRAPH_BROKER``, else the default; an empty ``--broker`` is refused
+    (a variable left empty in a script would otherwise be the default bus, silently)."""
+    return given_broker(value) or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+
+
+def given_broker(value: str | None) -> str | None:
+    """``--broker`` as given (``None``: not given); empty or blank raises :class:`ConfigurationError`."""
+    if value is not None and not value.strip():
+        raise ConfigurationError(f"--broker {value!r}: empty; give a broker URL, or leave the option out")
+    return value
 
 
 def open_existing_bus(url: str) -> Transport:

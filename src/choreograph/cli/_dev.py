@@ -35,7 +35,7 @@ from pathlib import Path
 import typer
 
 from choreograph._redact import redact
-from choreograph.cli._common import BROKER_ENV, LogFormatOption, console, load_object, run_async
+from choreograph.cli._common import BROKER_ENV, LogFormatOption, console, given_broker, load_object, run_async
 from choreograph.cli._supervisor import ProcSpec, Supervisor
 from choreograph.errors import ConfigurationError
 from choreograph.faults import load_faults
@@ -132,12 +132,16 @@ def _push_specs(configs: list[Path], url: str) -> tuple[list[ProcSpec], list[Gro
 
 
 def _metrics_ports(specs: list[ProcSpec], first: int) -> dict[str, int]:
-    """Give each service process, push ambassador and the gateway ``--metrics-port``, counting up from ``first``."""
+    """Give each service process, push ambassador and the gateway ``--metrics-port``, counting up from ``first``.
+
+    ``first`` 0 gives each of them 0, as ``run --metrics-port 0`` means: any free port (each
+    process prints the one it took).
+    """
     ports: dict[str, int] = {}
     instrumented = (["choreograph", "run"], ["choreograph", "gateway"], ["choreograph", "push"])
     for spec in specs:
         if spec.argv[2:4] in instrumented and "--no-otel" not in spec.argv:
-            number = first + len(ports)
+            number = first + len(ports) if first else 0
             if number > 65535:
                 raise ConfigurationError(f"--metrics-port {first}: not enough ports above it for every process")
             spec.argv = [*spec.argv, "--metrics-port", str(number)]
@@ -202,7 +206,7 @@ def dev(
     proc: list[str] = ProcOption,
     restart: bool = typer.Option(True, "--restart/--no-restart", help="Restart a process that dies"),
     stop_timeout: float = typer.Option(
-        10.0, "--stop-timeout", help="Seconds between SIGTERM and SIGKILL on stop"
+        10.0, "--stop-timeout", min=0, help="Seconds between SIGTERM and SIGKILL on stop"
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="Log level of the services"),
     log_format: str = LogFormatOption,
@@ -211,18 +215,20 @@ def dev(
         help="Trace the services and the gateway with OpenTelemetry (the children get CHOREOGRAPH_OTEL=1)",
     ),
     metrics_port: int | None = typer.Option(
-        None, "--metrics-port", min=1, max=65535,
-        help="Serve Prometheus metrics from each service process and the gateway, on ports from this one up",
+        None, "--metrics-port", min=0, max=65535,
+        help="Serve Prometheus metrics from each service process, push ambassador and the gateway, on ports "
+        "from this one up (0: each on any free port, printed in its log as `metrics on`)",
     ),
 ) -> None:
     """Run every service of an App (plus gateway and journal) as separate processes, with restarts."""
     load_faults()  # every service inherits CHOREOGRAPH_FAULTS: refuse a malformed one before any starts
+    given_broker(broker)
     app = load_object(target)
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}; choreograph dev needs an App")
     directory = data_dir or Path("var") / app.name
     directory.mkdir(parents=True, exist_ok=True)
-    url = broker or f"sqlite:///{directory / 'bus.db'}"
+    url = given_broker(broker) or f"sqlite:///{directory / 'bus.db'}"
 
     specs, groups = _service_specs(target, app, url, only or [], _scales(scale or [], app), log_level)
     push_specs, push_groups = _push_specs(push or [], url)
@@ -261,7 +267,10 @@ def dev(
     def ready() -> None:
         where = f"; gateway http://{host}:{port}" if gateway_target else ""
         supervisor.say(f"{READY_LINE} {len(specs)} processes on {redact(url)}{where}", "bold green")
-        if metrics:
+        if metrics and not metrics_port:
+            supervisor.say(f"metrics (/metrics on 127.0.0.1): {', '.join(metrics)} each on a free port "
+                           "(its `metrics on` line)", "green")
+        elif metrics:
             listing = ", ".join(f"{name} :{number}" for name, number in metrics.items())
             supervisor.say(f"metrics (/metrics on 127.0.0.1): {listing}", "green")
 

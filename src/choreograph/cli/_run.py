@@ -57,7 +57,9 @@ def run(
     service: list[str] = typer.Option(None, "--service", "-s", help="Run only these services of an App"),
     concurrency: int = typer.Option(64, "--concurrency", "-c", min=1, help="Handlers running at once per service"),
     store: str | None = typer.Option(None, "--store", help="Inbox store URL (default: beside the sqlite bus)"),
-    drain_timeout: float = typer.Option(10.0, "--drain-timeout", help="Seconds to let in-flight handlers finish on stop"),
+    drain_timeout: float = typer.Option(
+        10.0, "--drain-timeout", min=0, help="Seconds to let in-flight handlers finish on stop"
+    ),
     ack_delay: float = typer.Option(
         DEFAULT_ACK_DELAY, "--ack-delay", envvar="CHOREOGRAPH_ACK_DELAY", min=0, max=1,
         help="Seconds from publishing a batch's outputs to marking and acking its inputs: what is published "

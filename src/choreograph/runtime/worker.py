@@ -1171,6 +1171,8 @@ class Worker:
             raise ValueError("concurrency: must be >= 1")
         if not 0 <= ack_delay <= 1:
             raise ValueError("ack_delay: must be between 0 and 1 second")
+        if not drain_timeout >= 0:  # NaN too
+            raise ValueError(f"drain_timeout: must be >= 0 seconds, got {drain_timeout!r}")
         self.services = list(services)
         self.transport = transport
         self.store = store or MemoryStore()
