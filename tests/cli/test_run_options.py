@@ -14,3 +14,10 @@ def test_choreograph_run_passes_ack_delay_to_the_worker_from_the_option_or_the_e
     assert "ack delay 0.005 s" in (log := _run_worker()), log
     monkeypatch.setitem(ENV, "CHOREOGRAPH_ACK_DELAY", "0")  # the environment of the worker process
     assert "ack delay 0 s" in (log := _run_worker()), log
+
+
+def test_the_metrics_address_puts_an_ipv6_host_in_brackets_as_a_url_needs() -> None:
+    from choreograph.cli._run import _address
+
+    assert _address("::1", 9464) == "[::1]:9464"
+    assert _address("127.0.0.1", 9464) == "127.0.0.1:9464"

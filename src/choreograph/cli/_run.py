@@ -127,12 +127,12 @@ def telemetry_options(
     telemetry = Telemetry(traces=traces, metrics=metrics_port is not None)
     if metrics_port is not None:
         port = _serve_metrics(metrics_port, metrics_host)
-        announce(f"metrics on http://{metrics_host}:{port}/metrics")
+        announce(f"metrics on http://{_address(metrics_host, port)}/metrics")
     return telemetry, provider
 
 
 #: Why binding fails because of the interface rather than the port (an address this host does not have).
-_HOST_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+_HOST_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL})  # EINVAL: fe80::1, no scope
 
 
 def _serve_metrics(port: int, host: str) -> int:
@@ -143,4 +143,9 @@ def _serve_metrics(port: int, host: str) -> int:
         option = (f"--metrics-host {host!r}" if isinstance(exc, socket.gaierror) or exc.errno in _HOST_ERRNOS
                   else f"--metrics-port {port}")
         reason = exc.strerror or str(exc)
-        raise ConfigurationError(f"{option}: cannot serve metrics on {host}:{port}: {reason}") from None
+        raise ConfigurationError(f"{option}: cannot serve metrics on {_address(host, port)}: {reason}") from None
+
+
+def _address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (``[::1]:9464``) as a URL needs it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
