@@ -32,11 +32,16 @@ def make_folder(path: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocker = next((p for p in (*reversed(folder.parents), folder) if p.exists() and not p.is_dir()), None)
-        reason = f"{str(blocker)!r} is a file, not a folder" if blocker is not None else exc.strerror or str(exc)
         raise ConfigurationError(
-            f"SQLite database {path!r}: cannot create its folder {str(folder)!r}: {reason}"
+            f"SQLite database {path!r}: cannot create its folder {str(folder)!r}: {why_not_made(folder, exc)}"
         ) from None
+
+
+def why_not_made(folder: Path, exc: OSError) -> str:
+    """Why ``folder.mkdir(parents=True)`` raised ``exc``, for an error message: the file standing
+    where a folder must be (``'/etc/hostname' is a file, not a folder``), else the OS's reason."""
+    blocker = next((p for p in (*reversed(folder.parents), folder) if p.exists() and not p.is_dir()), None)
+    return f"{str(blocker)!r} is a file, not a folder" if blocker is not None else exc.strerror or str(exc)
 
 
 def connect_wal(path: str, *, timeout: float = 30.0, synchronous: str = "NORMAL", schema: str | None = None) -> sqlite3.Connection:

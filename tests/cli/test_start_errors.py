@@ -94,6 +94,13 @@ def test_dev_refuses_a_malformed_choreograph_faults_before_any_process_starts(
     assert not (tmp_path / "var").exists()  # not even the bus was created
 
 
+def test_dev_with_a_data_dir_under_a_file_names_the_option_and_the_file(tmp_path: Path) -> None:
+    (tmp_path / "var").write_text("")
+    assert dev_refused(tmp_path / "var" / "shop") == (
+        f"error: --data-dir '{tmp_path}/var/shop': cannot create it: '{tmp_path}/var' is a file, not a folder\n"
+    )
+
+
 def dev(data_dir: Path, *options: str) -> subprocess.Popen[str]:
     """``choreograph dev examples.chain:app`` (no gateway); stop it with :func:`stop`, which stops its
     processes too (killing it alone would leave them running)."""

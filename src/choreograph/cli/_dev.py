@@ -35,6 +35,7 @@ from pathlib import Path
 import typer
 
 from choreograph._redact import redact
+from choreograph._sqlite import why_not_made
 from choreograph.cli._common import BROKER_ENV, LogFormatOption, console, given_broker, load_object, run_async
 from choreograph.cli._supervisor import ProcSpec, Supervisor
 from choreograph.errors import ConfigurationError
@@ -227,8 +228,11 @@ def dev(
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}; choreograph dev needs an App")
     directory = data_dir or Path("var") / app.name
-    directory.mkdir(parents=True, exist_ok=True)
-    url = given_broker(broker) or f"sqlite:///{directory / 'bus.db'}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"--data-dir {str(directory)!r}: cannot create it: {why_not_made(directory, exc)}") from None
+    url = broker or f"sqlite:///{directory / 'bus.db'}"
 
     specs, groups = _service_specs(target, app, url, only or [], _scales(scale or [], app), log_level)
     push_specs, push_groups = _push_specs(push or [], url)
