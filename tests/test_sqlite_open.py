@@ -73,3 +73,18 @@ async def test_a_file_where_the_folder_should_be_is_a_configuration_error_naming
         f"SQLite database {str(path)!r}: cannot create its folder {str(path.parent)!r}: "
         f"{str(tmp_path / 'data')!r} is a file, not a folder"
     )
+
+
+def test_a_folder_the_os_refuses_to_create_is_a_configuration_error_with_the_os_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:  # what a read-only parent does (tests run as root)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    path = tmp_path / "locked" / "bus.db"
+    with pytest.raises(ConfigurationError) as raised:
+        connect_wal(str(path))
+    assert str(raised.value) == (
+        f"SQLite database {str(path)!r}: cannot create its folder {str(path.parent)!r}: Permission denied"
+    )
