@@ -15,6 +15,7 @@ import pytest
 from examples.chain import OrderPlaced
 
 from choreograph import Publisher, Reject, Service, Worker
+from choreograph.journal import JOURNAL_GROUP
 from choreograph.transports import Message, open_transport
 from tests._brokers import require_broker
 from tests._procs import stop
@@ -280,6 +281,22 @@ def test_publish_warns_when_no_group_on_the_bus_would_receive_the_event(tmp_path
     asyncio.run(subscribe("payment", ["chain.order.placed"]))
     heard = cli("publish", "chain.order.placed", "--broker", url)
     assert heard.returncode == 0 and heard.stderr == ""
+
+
+def test_publish_warns_that_no_service_receives_the_event_while_the_journal_records_every_type(tmp_path: Path) -> None:
+    """The journal's group subscribes to every type; it records an event, nobody handles it."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+
+    async def subscribe(group: str, types: list[str] | None) -> None:
+        async with open_transport(url) as bus:
+            await (await bus.subscribe(group, types)).close()
+
+    asyncio.run(subscribe(JOURNAL_GROUP, None))
+    recorded = cli("publish", "chain.order.placed", "--broker", url)
+    assert recorded.returncode == 0, recorded.stderr
+    assert "warning: no group on this bus subscribes to 'chain.order.placed'" in " ".join(recorded.stderr.split())
+    asyncio.run(subscribe("payment", ["chain.order.placed"]))
+    assert cli("publish", "chain.order.placed", "--broker", url).stderr == ""
 
 
 def test_dlq_list_of_a_group_the_bus_does_not_have_is_an_error_naming_the_groups_it_has(tmp_path: Path) -> None:

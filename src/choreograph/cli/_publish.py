@@ -27,6 +27,7 @@ from choreograph.cli._common import (
 )
 from choreograph.errors import ConfigurationError, TransportError
 from choreograph.events import Event, event_class, event_type_problem, format_validation_error
+from choreograph.journal import JOURNAL_GROUP
 from choreograph.runtime.records import to_message
 from choreograph.transports import open_transport
 from choreograph.transports.base import matches
@@ -113,7 +114,9 @@ def publish(
             except TransportError:  # only for a warning: never in the way of the publish
                 groups = None
             await bus.publish([to_message(envelope)])
-        if groups is not None and not any(matches(types, event_type) for types in groups.values()):
+        # The journal's group takes every type: it records the event, but no service handles it.
+        services = None if groups is None else [types for group, types in groups.items() if group != JOURNAL_GROUP]
+        if services is not None and not any(matches(types, event_type) for types in services):
             # Published, and gone: a group receives only what is published after it first
             # subscribed. The classic first-deploy surprise, so say it where it happens.
             err_console.print(
