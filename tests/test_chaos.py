@@ -82,6 +82,11 @@ def test_choreograph_chaos_hands_the_options_after_app_to_the_harness() -> None:
     assert done.returncode == 2 and "bench/chaos.py: error: --orders" in done.stderr
 
 
+def test_choreograph_chaos_without_app_runs_the_shop_with_the_options_given_first() -> None:
+    done = cli("--orders", "0")
+    assert done.returncode == 2 and "bench/chaos.py: error: --orders" in done.stderr
+
+
 def test_choreograph_chaos_names_the_apps_it_has_a_scenario_for() -> None:
     done = cli("examples.drone_delivery.app:app")
     assert done.returncode == 2 and "no chaos scenario" in done.stderr and "examples.shop.app:app" in done.stderr
