@@ -185,6 +185,20 @@ def test_dlq_list_show_replay_and_purge(tmp_path: Path) -> None:
     assert json.loads(cli("dlq", "list", "--broker", url, "--json").stdout) == []
 
 
+def test_dlq_show_and_list_print_the_envelope_once(tmp_path: Path) -> None:
+    """The record keeps a copy of the original envelope: shown inside it as well, it appeared twice."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+    ids = seed_dead_letters(url)
+    shown = cli("dlq", "show", ids[0], "--group", "payment", "--broker", url)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count('"envelope"') == 1 and shown.stdout.count('"order_id"') == 1
+    letter = json.loads(shown.stdout)
+    assert letter["envelope"]["data"] == {"order_id": "a", "amount": 1}
+    assert letter["record"]["reason"] == "rejected" and "envelope" not in letter["record"]
+    listed = cli("dlq", "list", "--broker", url, "--json").stdout
+    assert listed.count('"envelope"') == len(ids) == 2
+
+
 def test_dlq_replay_and_purge_act_on_the_ids_the_group_has_and_name_the_others_with_exit_2(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     first, second = seed_dead_letters(url)

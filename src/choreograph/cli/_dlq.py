@@ -30,12 +30,19 @@ _Verb = Callable[[str, Collection[str] | None], Awaitable[int]]
 
 
 def _as_dict(letter: DeadLetter) -> dict[str, Any]:
+    """A dead letter as JSON: its record, and the envelope once, beside the record.
+
+    The record keeps its own copy of the original envelope (the failure event carries it);
+    printed there too, every envelope appeared twice. The one kept is the message's body:
+    what ``dlq replay`` delivers again.
+    """
     try:
         body: Any = orjson.loads(letter.message.body)
     except orjson.JSONDecodeError:
         body = letter.message.body.decode("utf-8", "replace")
+    record = {key: value for key, value in letter.record.items() if key != "envelope"}
     return {"group": letter.group, "id": letter.message.id, "type": letter.message.type,
-            "dead_at": letter.dead_at, "record": dict(letter.record), "envelope": body}
+            "dead_at": letter.dead_at, "record": record, "envelope": body}
 
 
 def _one_line(text: str, limit: int = 120) -> str:
