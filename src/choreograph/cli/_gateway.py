@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Any
 
 import pydantic
@@ -34,6 +36,32 @@ def asgi_app(spec: str, telemetry: Telemetry | None = None) -> Any:
     raise ConfigurationError(f"{spec!r} is {kind_of(obj)}, not a Gateway or an ASGI app")
 
 
+def check_listen(host: str, port: int) -> None:
+    """Fail with one line (``--port``, the address, the OS's reason) if ``host:port`` cannot be listened on.
+
+    uvicorn binds after the app's startup and reports a taken port as a log record between
+    its startup and shutdown lines, then exits 3. Binding once first, as uvicorn will (every
+    address ``host`` resolves to, ``SO_REUSEADDR``), reports it as a configuration error,
+    before anything starts. A port taken between this check and uvicorn's bind still gets
+    uvicorn's report.
+    """
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"--host: cannot listen on {shown}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                option = "--host" if exc.errno == errno.EADDRNOTAVAIL else "--port"
+                raise ConfigurationError(f"{option}: cannot listen on {shown}: {exc.strerror}") from None
+
+
 def gateway(
     target: str = typer.Argument(..., help="MODULE:ATTR of a Gateway (or its .asgi() app)"),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on"),
@@ -48,6 +76,7 @@ def gateway(
         import uvicorn
     except ImportError:
         raise ConfigurationError("choreograph gateway needs uvicorn (pip install 'choreograph[http]')") from None
+    check_listen(host, port)
     telemetry, provider = telemetry_options("gateway", otel, metrics_port, metrics_host)
     app = asgi_app(target, telemetry)
     try:
