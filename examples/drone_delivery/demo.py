@@ -104,7 +104,8 @@ class System:
         self.data_dir = data_dir
         self.port = port
         self.broker = f"sqlite:///{data_dir / 'bus.db'}"
-        self.journal = f"sqlite:///{data_dir / 'journal.db'}"
+        # where `choreograph dev` puts it: CHOREOGRAPH_JOURNAL (passed on to dev), else the data dir
+        self.journal = os.environ.get("CHOREOGRAPH_JOURNAL") or f"sqlite:///{data_dir / 'journal.db'}"
         self.log_path = data_dir / "dev.log"
         env = {**os.environ, "CHOREOGRAPH_FAULTS": faults, "PYTHONUNBUFFERED": "1"}
         argv = [
@@ -295,7 +296,9 @@ def _most_eventful(done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
 
 def trace(system: System, correlation_id: str) -> None:
     """``choreograph trace``: the transaction's causation tree, from the journal."""
-    console.print(f"[bold]choreograph trace {correlation_id}")
+    # copyable: without --journal, trace reads ./var/journal.db, not the demo's journal
+    console.print(f"choreograph trace {correlation_id} --journal {system.journal}", style="bold", markup=False,
+                  highlight=False, soft_wrap=True)
     env = {**os.environ, "COLUMNS": str(console.width)}
     argv = [sys.executable, "-m", "choreograph", "trace", correlation_id, "--journal", system.journal]
     subprocess.run(argv, env=env, check=False, timeout=30)
