@@ -126,11 +126,42 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    if numeric <= logging.DEBUG:
+        unquiet_client_loggers()
     global _format
     _format = name
 
 
 _format = "text"
+
+#: The loggers of the broker and database clients under the transports and stores. On a
+#: refused connection each says so in its own words (aiormq at ERROR on every attempt,
+#: aio-pika that it reconnects), before choreograph's error says it once, naming the URL.
+CLIENT_LOGGERS = ("aio_pika", "aiormq", "asyncpg", "nats", "redis")
+
+_quieted: dict[str, int] = {}
+"""Client logger -> its level before :func:`quiet_client_loggers`."""
+
+
+def quiet_client_loggers() -> None:
+    """Silence the client libraries' own log lines (below CRITICAL): what the CLI does.
+
+    A command's user gets choreograph's one line for a broker that cannot be reached, not
+    the clients' lines (some with a traceback) before it; once connected, the transports
+    log losing and regaining their broker themselves. :func:`configure_logging` at DEBUG
+    (``--log-level debug``) gives the clients their levels back.
+    """
+    for name in CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        _quieted.setdefault(name, logger.level)
+        logger.setLevel(logging.CRITICAL)
+
+
+def unquiet_client_loggers() -> None:
+    """Give the client loggers back the levels :func:`quiet_client_loggers` took (``--log-level debug``)."""
+    while _quieted:
+        name, level = _quieted.popitem()
+        logging.getLogger(name).setLevel(level)
 
 
 def announce(message: str, *, label: str = "choreograph", colour: str = "green") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import subprocess
@@ -343,6 +344,28 @@ def test_on_nats_dlq_list_of_an_unknown_group_is_an_error_and_groups_list_shows_
         assert listed == [{"group": "payment", "types": ["chain.order.placed"]}]
     finally:
         asyncio.run(nats_broker.cleanup(url))
+
+
+UNREACHABLE = {"nats": "nats://127.0.0.1:1", "amqp": "amqp://guest:guest@127.0.0.1:1/"}
+
+
+@pytest.mark.parametrize("scheme", sorted(UNREACHABLE))
+@pytest.mark.parametrize("command", [["publish", "chain.order.placed"], ["dlq", "list"],
+                                     ["run", "examples.chain:app", "--store", "memory://"]], ids=["publish", "dlq", "run"])
+def test_an_unreachable_broker_is_one_error_line_without_the_clients_own_lines(scheme: str, command: list[str]) -> None:
+    """nats-py's errors (relayed as warnings) and aiormq's (an ERROR per attempt) came first."""
+    result = cli(*command, "--broker", UNREACHABLE[scheme])
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {scheme}: connect to ") and result.stderr.count("\n") == 1, result.stderr
+    assert f"[Errno {errno.ECONNREFUSED}]" in result.stderr  # the reason, said once
+
+
+def test_run_with_log_level_debug_keeps_the_client_libraries_lines() -> None:
+    result = cli("run", "examples.chain:app", "--store", "memory://", "--log-level", "debug",
+                 "--broker", UNREACHABLE["amqp"])
+    assert result.returncode == 2
+    assert "aiormq.connection: error when creating transport" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: amqp: connect to 127.0.0.1:1")
 
 
 def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

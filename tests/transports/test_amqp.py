@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import re
 import signal
@@ -695,3 +696,23 @@ async def test_ping_asks_the_broker_and_fails_once_the_bus_is_deleted(bus_url: s
             await channel.queue_delete(bus.names.registry)
         with pytest.raises(TransportError):
             await bus.ping()
+
+
+async def test_losing_and_regaining_the_broker_is_logged_by_the_transport(
+    bus_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aio-pika's own reconnect lines are silenced by the CLI: the transport says it in its own."""
+    caplog.set_level(logging.INFO, logger="choreograph.transports.amqp")
+
+    def lines() -> list[tuple[str, str]]:  # (aio-pika's records may fail to format: not read)
+        return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "choreograph.transports.amqp"]
+
+    async with opened(bus_url) as bus:
+        connection = bus._connection
+        assert connection is not None and connection.transport is not None
+        await connection.transport.connection.close(ConnectionResetError("dropped by the test"))
+        await _until(lambda: any("reconnected to" in message for _, message in lines()), WAIT)
+        await bus.publish([msg(1)])  # and it works again
+    where = bus._where
+    assert lines() == [("WARNING", f"amqp: lost the connection to {where} (dropped by the test); reconnecting"),
+                       ("INFO", f"amqp: reconnected to {where}")]  # closing the transport is not a loss

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -190,6 +192,20 @@ async def test_connecting_to_a_server_that_is_not_there_fails_with_transport_err
     transport = NatsTransport(f"nats://127.0.0.1:{free_port()}")
     with pytest.raises(TransportError):
         await transport.connect()
+
+
+async def test_a_refused_first_connect_is_one_error_naming_the_reason_and_no_warnings_before_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """nats-py reports each failed attempt to error_cb; logged as warnings, they said it twice before the error."""
+    from tests._nats_server import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    with pytest.raises(TransportError) as raised:
+        await NatsTransport(url).connect()
+    assert str(raised.value).startswith(f"nats: connect to {url} failed: ")
+    assert f"[Errno {errno.ECONNREFUSED}]" in str(raised.value)  # the OS's reason
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_using_the_transport_before_connect_is_a_transport_error() -> None:

@@ -17,6 +17,7 @@ from choreograph.cli import _dlq, _groups, _publish, _run
 from choreograph.cli._common import console_error
 from choreograph.errors import ChoreographError
 from choreograph.events import format_validation_error
+from choreograph.logs import quiet_client_loggers
 
 app = typer.Typer(
     name="choreograph",
@@ -90,6 +91,7 @@ def _abandon_stdout() -> None:
 
 
 def main() -> None:
+    quiet_client_loggers()  # a refused connection is choreograph's one error line (--log-level debug: theirs too)
     try:
         try:
             app()

@@ -12,6 +12,7 @@ import typer
 from choreograph.cli._common import MetricsHostOption, MetricsPortOption, kind_of, load_object, otel_option
 from choreograph.cli._run import telemetry_options
 from choreograph.errors import ConfigurationError
+from choreograph.logs import unquiet_client_loggers
 from choreograph.telemetry import Telemetry
 
 
@@ -77,6 +78,8 @@ def gateway(
     except ImportError:
         raise ConfigurationError("choreograph gateway needs uvicorn (pip install 'choreograph[http]')") from None
     check_listen(host, port)
+    if log_level.lower() in ("debug", "trace"):
+        unquiet_client_loggers()  # the broker client's own lines too, as `run --log-level debug` shows them
     telemetry, provider = telemetry_options("gateway", otel, metrics_port, metrics_host)
     app = asgi_app(target, telemetry)
     try:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
@@ -89,6 +90,8 @@ from choreograph.transports.base import (
     no_such_group,
     widened,
 )
+
+log = logging.getLogger("choreograph.transports.amqp")
 
 __all__ = ["AmqpTransport"]
 
@@ -165,6 +168,18 @@ class AmqpTransport(Transport):
                     await connection.close()
                     raise
             self._connection = connection
+            # aio-pika logs its reconnects itself, but the CLI keeps the clients quiet
+            # (choreograph.logs.quiet_client_loggers): say it here, as the other transports do.
+            connection.close_callbacks.add(self._on_connection_lost)
+            connection.reconnect_callbacks.add(self._on_reconnected)
+
+    def _on_connection_lost(self, _connection: object, exc: BaseException | None) -> None:
+        if not self.closed:
+            log.warning("amqp: lost the connection to %s (%s); reconnecting", self._where,
+                        exc or "closed by the broker")
+
+    def _on_reconnected(self, _connection: object) -> None:
+        log.info("amqp: reconnected to %s", self._where)
 
     async def _open(self) -> aio_pika.abc.AbstractRobustConnection:
         """The connection, or a :class:`TransportError` that says why the broker refused it."""

@@ -132,6 +132,7 @@ class NatsTransport(Transport):
         self._closed = False
         self._multi_filter = True
         self._connecting = asyncio.Lock()
+        self._connect_errors: list[str] | None = None  # during a first connect: what error_cb reported
         self._subscriptions: set[NatsSubscription] = set()
         self._subjects: dict[str, str] = {}  # event type -> its subject (ids in the header)
 
@@ -143,7 +144,21 @@ class NatsTransport(Transport):
                 raise TransportClosed("nats: transport is closed")
             if self._nc is not None:
                 return
-            with codec.translated(f"connect to {redact(', '.join(self._servers))}"):
+            # nats-py reports each failed attempt to error_cb: kept until the connect is over,
+            # they become its error's reason, or warnings if a later server of the list answered.
+            self._connect_errors = []
+            try:
+                nc = await self._first_connect()
+            finally:
+                errors, self._connect_errors = self._connect_errors, None
+            for error in errors:
+                log.warning("nats: while connecting: %s", error)
+            await self._set_up(nc)
+
+    async def _first_connect(self) -> DirectClient:
+        where = redact(", ".join(self._servers))
+        try:
+            with codec.translated(f"connect to {where}"):
                 nc = DirectClient()
                 await nc.connect(
                     self._servers,
@@ -157,24 +172,34 @@ class NatsTransport(Transport):
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                 )
-            # Once connected, never give up: nats-py reconnects (and re-subscribes) forever,
-            # and every subscription re-issues its pull requests when it is back.
-            nc.options["max_reconnect_attempts"] = -1
-            try:
-                version = nc.connected_server_version
-                self._multi_filter = (version.major, version.minor) >= (2, 10)
-                js = JetStream(nc)
-                if not (js.bulk and DIRECT_SUPPORTED):
-                    log.info("nats: this nats-py lacks the client internals choreograph's fast paths use; "
-                             "publishing and receiving through its public API instead (slower)")
-                await js.start()
-                await self._ensure_stream(js, self._events_config())
-                await self._ensure_stream(js, DeadLetterStream.config(self.prefix, self.replicas))
-            except BaseException:
-                await nc.close()
+        except TransportError as exc:
+            if not self._connect_errors:
                 raise
-            self._nc, self._js = nc, js
-            self._letters = DeadLetterStream(js, self.prefix, self.events_stream)
+            last = self._connect_errors[-1]
+            self._connect_errors.clear()  # said here: not again as warnings
+            raise TransportError(f"nats: connect to {where} failed: {last}") from exc
+        return nc
+
+    async def _set_up(self, nc: DirectClient) -> None:
+        """Once connected: JetStream and the streams; the connection closed if they fail."""
+        # Once connected, never give up: nats-py reconnects (and re-subscribes) forever,
+        # and every subscription re-issues its pull requests when it is back.
+        nc.options["max_reconnect_attempts"] = -1
+        try:
+            version = nc.connected_server_version
+            self._multi_filter = (version.major, version.minor) >= (2, 10)
+            js = JetStream(nc)
+            if not (js.bulk and DIRECT_SUPPORTED):
+                log.info("nats: this nats-py lacks the client internals choreograph's fast paths use; "
+                         "publishing and receiving through its public API instead (slower)")
+            await js.start()
+            await self._ensure_stream(js, self._events_config())
+            await self._ensure_stream(js, DeadLetterStream.config(self.prefix, self.replicas))
+        except BaseException:
+            await nc.close()
+            raise
+        self._nc, self._js = nc, js
+        self._letters = DeadLetterStream(js, self.prefix, self.events_stream)
 
     async def close(self) -> None:
         self._closed = True
@@ -197,7 +222,11 @@ class NatsTransport(Transport):
             self._js.cancel()
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("nats: %s", exc or type(exc).__name__)
+        message = str(exc) or type(exc).__name__
+        if self._connect_errors is not None:
+            self._connect_errors.append(message)
+        else:
+            log.warning("nats: %s", message)
 
     async def _on_disconnected(self) -> None:
         if not self._closed:
