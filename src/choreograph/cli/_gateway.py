@@ -38,7 +38,7 @@ def asgi_app(spec: str, telemetry: Telemetry | None = None) -> Any:
 
 
 def check_listen(host: str, port: int) -> None:
-    """Fail with one line (``--port``, the address, the OS's reason) if ``host:port`` cannot be listened on.
+    """Fail with one line (``--port`` or ``--host``, the address, the OS's reason) if ``host:port`` cannot be listened on.
 
     uvicorn binds after the app's startup and reports a taken port as a log record between
     its startup and shutdown lines, then exits 3. Binding once first, as uvicorn will (every
