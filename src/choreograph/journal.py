@@ -30,6 +30,8 @@ from typing import Any, Literal
 from choreograph._clock import SYSTEM_CLOCK, Clock, backoff
 from choreograph._envelope import Envelope, decode, derive_id
 from choreograph._journal_model import (
+    DEFAULT_JOURNAL,
+    DEFAULT_STUCK_AFTER,
     STATUSES,
     EntryKind,
     JournalEntry,
@@ -69,8 +71,6 @@ log = logging.getLogger("choreograph.journal")
 TIMEDOUT = "choreograph.timedout"
 """The type of the event the journal publishes when a transaction passes its deadline."""
 JOURNAL_GROUP = "choreograph.journal"
-DEFAULT_JOURNAL = "sqlite:///./var/journal.db"
-DEFAULT_STUCK_AFTER = 300.0
 
 TerminalKind = Literal["completed", "failed"]
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from typing import Any
 
 import pydantic
 import typer
+from typer.core import TyperGroup
 
 from choreograph.cli import _dlq, _groups, _publish, _run
 from choreograph.cli._common import console_error
@@ -19,8 +21,34 @@ from choreograph.errors import ChoreographError
 from choreograph.events import format_validation_error
 from choreograph.logs import quiet_client_loggers
 
+
+class _Group(TyperGroup):
+    """The root command: its usage errors are printed in one line (:func:`_usage_error`).
+
+    Typer prints a usage error with ``typer.rich_utils.rich_format_error``, looked up once the
+    error has been raised. Replacing it then, as the error passes the root command, rather
+    than at import keeps ``typer.rich_utils`` (Rich's Markdown, panels, Pygments' lexers:
+    a hundred modules, about 0.1 s) out of every command that prints no help and no error.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except typer.TyperException:  # a usage error of the root command (or no command: the help)
+            _one_line_usage_errors()
+            raise
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException:  # a usage error of a subcommand, or one a command raised
+            _one_line_usage_errors()
+            raise
+
+
 app = typer.Typer(
     name="choreograph",
+    cls=_Group,
     help="Run, inspect and poke choreographed services.",
     no_args_is_help=True,
     add_completion=False,
@@ -64,16 +92,14 @@ def _usage_error(error: Exception) -> None:
 def _one_line_usage_errors() -> None:
     """Typer prints a usage error through ``typer.rich_utils.rich_format_error``, looked up
     when the error happens: replacing it keeps Rich help pages and makes the errors one line.
-    A Typer without that function keeps its own format."""
+    A Typer without that function keeps its own format. Called by :class:`_Group` as an
+    error goes by."""
     try:
         from typer import rich_utils
     except ImportError:
         return
     if hasattr(rich_utils, "rich_format_error"):
         setattr(rich_utils, "rich_format_error", _usage_error)  # noqa: B010 - typed for ClickException only
-
-
-_one_line_usage_errors()
 
 
 #: What writing to a full disk, a failing device or a closed pipe raises: the output is lost, not the command.

@@ -10,6 +10,7 @@ import sysconfig
 import traceback
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -19,7 +20,6 @@ from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 from choreograph.service import App, Service
 from choreograph.transports import Transport, open_transport
-from choreograph.transports.sqlite import SQLiteTransport
 
 T = TypeVar("T")
 
@@ -75,6 +75,10 @@ def open_existing_bus(url: str) -> Transport:
     Brokers are servers: a wrong address fails to connect.
     """
     transport = open_transport(url)
+    if urlsplit(url).scheme != "sqlite":  # a server: nothing to check, and the SQLite transport stays unimported
+        return transport
+    from choreograph.transports.sqlite import SQLiteTransport
+
     if isinstance(transport, SQLiteTransport) and not os.path.exists(transport.path):
         raise ConfigurationError(f"no SQLite bus at {transport.path} (broker URL {redact(url)!r}; run or publish creates one)")
     return transport

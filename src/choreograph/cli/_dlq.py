@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 import typer
-from rich.table import Table
 
 from choreograph.cli._common import BrokerOption, broker_url, console, open_existing_bus, run_async
 from choreograph.errors import ConfigurationError
@@ -106,6 +105,8 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
     if json:
         console.print_json(orjson.dumps([_as_dict(letter) for letter in letters]).decode())
         return
+    from rich.table import Table
+
     table = Table(title=f"dead letters ({len(letters)})")
     for column in ("group", "id", "type", "reason", "attempts", "last error", "dead at"):
         # an id is pasted into `dlq show`: other columns give way first, and it folds rather than lose characters

@@ -12,19 +12,17 @@ from __future__ import annotations
 import enum
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
 from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from choreograph._push_config import load_config
-from choreograph.asyncapi import asyncapi_document
 from choreograph.cli._common import console, err_console, load_services
 from choreograph.errors import ConfigurationError
-from choreograph.flow import FlowGraph, build, lint
+
+if TYPE_CHECKING:
+    from choreograph.flow import FlowGraph
 
 Target = Annotated[
     str,
@@ -50,6 +48,11 @@ class Format(enum.StrEnum):
 
 
 def _graph_of(target: str, push: list[Path] | None = None) -> FlowGraph:
+    # Imported here, as in every command module: a command pays only for what it uses
+    # (the push config reads its subscriptions with the push ambassador's own types).
+    from choreograph._push_config import load_config
+    from choreograph.flow import build
+
     services, app = load_services(target)
     subscriptions = [sub for path in push or () for sub in load_config(path, credentials=False).subscriptions]
     return build(
@@ -92,6 +95,8 @@ def lint_command(
 
     Exits with status 1 when there is at least one error (warnings alone exit 0).
     """
+    from choreograph.flow import lint
+
     flow = _graph_of(target, push)
     findings = lint(flow)
     errors = sum(f.severity == "error" for f in findings)
@@ -106,6 +111,9 @@ def lint_command(
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         if findings:
+            from rich.table import Table
+            from rich.text import Text
+
             table = Table.grid(padding=(0, 1))
             table.add_column(no_wrap=True)
             table.add_column(no_wrap=True)
@@ -137,6 +145,8 @@ def asyncapi(
     title: Annotated[str | None, typer.Option("--title", help="info.title (default: the App's name)")] = None,
 ) -> None:
     """Write one AsyncAPI 3.0 document (JSON) for the app: a channel per event type, operations per service."""
+    from choreograph.asyncapi import asyncapi_document
+
     doc = asyncapi_document(_graph_of(target), version=version, title=title)
     _emit(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), output)
 

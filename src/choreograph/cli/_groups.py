@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import orjson
 import typer
-from rich.table import Table
 
 from choreograph.cli._common import (
     BrokerOption,
@@ -74,6 +73,8 @@ def list_(broker: str | None = BrokerOption, json: bool = JsonOption) -> None:
         rows = [{"group": name, "types": _types(groups[name])} for name in sorted(groups)]
         console.print_json(orjson.dumps(rows).decode())
         return
+    from rich.table import Table
+
     table = Table(title=f"groups ({len(groups)})")
     table.add_column("group", no_wrap=True)
     table.add_column("types")

@@ -12,11 +12,10 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
 from choreograph._redact import redact
 from choreograph.cli._common import (
     BrokerOption,
@@ -29,9 +28,12 @@ from choreograph.cli._common import (
 from choreograph.cli._run import default_store_url, telemetry_options
 from choreograph.errors import ConfigurationError
 from choreograph.logs import announce, configure_logging
-from choreograph.push import PushAmbassador, PushSubscription
 from choreograph.stores import open_store
 from choreograph.transports import open_transport
+
+if TYPE_CHECKING:
+    from choreograph._push_config import PushConfig
+    from choreograph.push import PushSubscription
 
 SECRET_ENV = "CHOREOGRAPH_PUSH_SECRET"
 
@@ -62,6 +64,8 @@ def push(
     metrics_host: str = MetricsHostOption,
 ) -> None:
     """Deliver events to HTTP subscribers (CloudEvents over HTTP, signed) until SIGTERM or Ctrl-C."""
+    from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
+
     configure_logging(log_level, log_format)
     if log_level.upper() != "DEBUG":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -98,6 +102,8 @@ def serve(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
 ) -> None:
+    from choreograph.push import PushAmbassador
+
     url = broker_url(broker or settings.broker)
     subscriptions: list[PushSubscription] = settings.subscriptions
     names = "+".join(s.group for s in subscriptions)

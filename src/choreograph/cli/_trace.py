@@ -14,14 +14,20 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import typer
 from rich.text import Text
-from rich.tree import Tree
 
-from choreograph._journal_model import STATUSES, JournalEntry, Status, Transaction
+from choreograph._journal_model import (
+    DEFAULT_JOURNAL,
+    DEFAULT_STUCK_AFTER,
+    STATUSES,
+    JournalEntry,
+    Status,
+    Transaction,
+)
 from choreograph._redact import redact
 from choreograph.cli._common import (
     BrokerOption,
@@ -32,9 +38,13 @@ from choreograph.cli._common import (
     run_async,
 )
 from choreograph.errors import ConfigurationError
-from choreograph.journal import DEFAULT_JOURNAL, DEFAULT_STUCK_AFTER, Journal
 from choreograph.logs import announce, configure_logging
 from choreograph.service import App, Service
+
+if TYPE_CHECKING:
+    from rich.tree import Tree
+
+    from choreograph.journal import Journal
 
 JOURNAL_ENV = "CHOREOGRAPH_JOURNAL"
 READY = "journal running"
@@ -72,6 +82,8 @@ JournalOption = typer.Option(
 
 
 async def _query(url: str, fn: Any) -> Any:
+    from choreograph.journal import Journal
+
     journal = Journal(url)
     try:
         return await fn(journal)
@@ -103,6 +115,8 @@ def _label(entry: JournalEntry, start: float) -> Text:
 
 def causation_tree(tx: Transaction) -> Tree:
     """The timeline as a tree: each event under the event that caused it (orphans at the top)."""
+    from rich.tree import Tree
+
     style = _STATUS_STYLE.get(tx.status, "")
     timeline = tx.timeline or []
     start = tx.summary.started_at
@@ -182,6 +196,8 @@ def transactions(
 
 
 def _journal_for(target: str, store: str, broker: str, stuck_after: float) -> Journal:
+    from choreograph.journal import Journal
+
     obj = load_object(target)
     if isinstance(obj, App):
         return Journal.from_app(obj, store, transport=broker, stuck_after=stuck_after)

@@ -1,37 +1,29 @@
-"""``choreograph watch``: the flow's traffic and its transactions, live, from the journal store.
+"""What ``choreograph watch`` draws: the view of one snapshot, redrawn or streamed.
 
-It reads only the journal store (``--journal``, as ``trace`` and ``transactions`` do),
-never the bus, so it creates no consumer group and any number can run beside a live
-system. ``MODULE:ATTR`` (optional, as ``graph`` takes) adds the flow graph: edges that
-saw no traffic, traffic the graph does not draw, terminal types. On a terminal the view
-is redrawn every ``--interval`` seconds until Ctrl-C; piped, one view is printed per
-interval; ``--once`` prints one and exits; ``--json`` prints snapshots as JSON (indented
-with ``--once``, else one line per interval). What is shown is built by
-:mod:`choreograph._watch_model`; this module only draws it.
+Imported by :func:`choreograph.cli._watch.watch` when it runs, so the other commands do
+not pay for Rich's live display, the flow graph and the snapshot model. What is shown is
+built by :mod:`choreograph._watch_model`; this module only draws it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import signal
 import sys
 import time
 from datetime import datetime
-from typing import Annotated
 
 import orjson
-import typer
 from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from choreograph._journal_store import JournalStore, open_journal_store
+from choreograph._journal_store import JournalStore
 from choreograph._watch_model import EdgeTraffic, Snapshot, TransactionRow, read_snapshot
-from choreograph.cli._common import console, err_console, load_services, run_async
-from choreograph.cli._trace import _STATUS_STYLE, JournalOption, existing_journal_url
-from choreograph.errors import ConfigurationError, StoreError
+from choreograph.cli._common import console, err_console, load_services
+from choreograph.cli._trace import _STATUS_STYLE
+from choreograph.errors import StoreError
 from choreograph.flow import FlowGraph, build
 
 _KIND_STYLE = {"completed": "green", "failed": "red", "failure": "bold red", "timedout": "magenta"}
@@ -142,18 +134,12 @@ def render(snap: Snapshot, error: str | None = None) -> RenderableType:
     return Group(*parts)
 
 
-def _graph_of(target: str) -> FlowGraph:
+def graph_of(target: str) -> FlowGraph:
     services, app = load_services(target)
     return build(app if app is not None else services, name=None if app is not None else target.partition(":")[2])
 
 
-def _positive(name: str, value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigurationError(f"{name} {value:g}: expected a positive number of seconds")
-    return value
-
-
-class _Watch:
+class Watcher:
     """One store, read every interval, each snapshot shown the chosen way."""
 
     def __init__(self, store: JournalStore, graph: FlowGraph | None, window: float, limit: int, json: bool) -> None:
@@ -216,38 +202,3 @@ async def _stopped(stop: asyncio.Event, interval: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-def watch(
-    target: Annotated[
-        str | None,
-        typer.Argument(metavar="MODULE:ATTR", help="The App (or Services) whose flow graph to lay over the traffic"),
-    ] = None,
-    journal: str | None = JournalOption,
-    interval: Annotated[float, typer.Option("--interval", "-i", help="Seconds between refreshes")] = 1.0,
-    window: Annotated[float, typer.Option("--window", "-w", help="Count edge traffic over the last S seconds")] = 60.0,
-    limit: Annotated[int, typer.Option("--limit", help="Transactions listed (newest; stuck or failed)")] = 10,
-    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit")] = False,
-    json: Annotated[bool, typer.Option("--json", help="Snapshots as JSON (one line each unless --once)")] = False,
-) -> None:
-    """Watch the flow live: traffic per edge, transactions by status, stuck and failed ones first."""
-    _positive("--interval", interval)
-    _positive("--window", window)
-    if limit < 1:
-        raise ConfigurationError(f"--limit {limit}: expected at least 1")
-    graph = _graph_of(target) if target else None
-    store = open_journal_store(existing_journal_url(journal))
-    watcher = _Watch(store, graph, window, limit, json)
-
-    async def main() -> None:
-        await store.open()
-        try:
-            await (watcher.once() if once else watcher.run(interval))
-        finally:
-            await store.close()
-
-    run_async(main())
-
-
-def register(app: typer.Typer) -> None:
-    app.command("watch")(watch)
