@@ -35,11 +35,13 @@ from typing import Any, Literal
 Status = Literal["running", "completed", "failed", "compensated", "stuck"]
 STATUSES: tuple[Status, ...] = ("running", "completed", "failed", "compensated", "stuck")
 
+JOURNAL_GROUP = "choreograph.journal"
+"""The journal's consumer group (wildcard: every type)."""
 DEFAULT_STUCK_AFTER = 300.0
 """Seconds from first sight to ``stuck`` for a transaction without a deadline."""
 DEFAULT_JOURNAL = "sqlite:///./var/journal.db"
 """The journal store of a journal (and of ``choreograph trace``) that is not given one.
-Both defaults live here, beside the model, so the command line reads them without
+These constants live here, beside the model, so the command line reads them without
 importing the journal itself."""
 
 BaseStatus = Literal["running", "completed", "failed", "compensated"]

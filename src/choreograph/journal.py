@@ -32,6 +32,7 @@ from choreograph._envelope import Envelope, decode, derive_id
 from choreograph._journal_model import (
     DEFAULT_JOURNAL,
     DEFAULT_STUCK_AFTER,
+    JOURNAL_GROUP,
     STATUSES,
     EntryKind,
     JournalEntry,
@@ -70,7 +71,6 @@ log = logging.getLogger("choreograph.journal")
 
 TIMEDOUT = "choreograph.timedout"
 """The type of the event the journal publishes when a transaction passes its deadline."""
-JOURNAL_GROUP = "choreograph.journal"
 
 TerminalKind = Literal["completed", "failed"]
 
