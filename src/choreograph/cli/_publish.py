@@ -15,6 +15,7 @@ import pydantic
 import typer
 
 from choreograph._envelope import Envelope, new_id, now_rfc3339
+from choreograph._journal_model import JOURNAL_GROUP
 from choreograph.cli._common import (
     BrokerOption,
     broker_url,
@@ -27,7 +28,6 @@ from choreograph.cli._common import (
 )
 from choreograph.errors import ConfigurationError, TransportError
 from choreograph.events import Event, event_class, event_type_problem, format_validation_error
-from choreograph.journal import JOURNAL_GROUP
 from choreograph.runtime.records import to_message
 from choreograph.transports import open_transport
 from choreograph.transports.base import matches
