@@ -177,3 +177,24 @@ def test_choreograph_dev_reads_the_log_format_from_the_environment(tmp_path: Pat
     )
     assert result.returncode == 2
     assert "--log-format 'xml': expected text or json" in " ".join(result.stderr.split())
+
+
+async def test_a_broker_blocking_the_amqp_connection_is_logged_while_the_clients_are_quiet(records: Records) -> None:
+    """A RabbitMQ resource alarm (disk, memory) blocks every publisher: only aiormq sees it
+    (no public hook), so its two lines pass the CLI's quieting; its other lines do not."""
+    import aiormq
+    from pamqp import commands as spec
+
+    from choreograph.logs import quiet_client_loggers, unquiet_client_loggers
+
+    connection = aiormq.Connection("amqp://guest:guest@127.0.0.1:5672/")
+    quiet_client_loggers()
+    try:
+        await connection._Connection__handle_connection_blocked(spec.Connection.Blocked(reason="low on disk"))  # type: ignore[attr-defined]
+        await connection._Connection__handle_connection_unblocked(spec.Connection.Unblocked())  # type: ignore[attr-defined]
+        logging.getLogger("aiormq.connection").error("error when creating transport: %r", OSError("refused"))
+    finally:
+        unquiet_client_loggers()
+    lines = [(r["level"], r["logger"], r["message"]) for r in records()]
+    assert [(level, logger) for level, logger, _ in lines] == [("WARNING", "aiormq.connection")] * 2
+    assert "was blocked by: 'low on disk'" in lines[0][2] and "was unblocked" in lines[1][2]

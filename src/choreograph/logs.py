@@ -143,22 +143,43 @@ _quieted: dict[str, int] = {}
 """Client logger -> its level before :func:`quiet_client_loggers`."""
 
 
+class _BrokerBlocking(logging.Filter):
+    """aiormq's lines on RabbitMQ blocking the connection (a disk or memory alarm: every
+    publish waits) and unblocking it: the one outage the AMQP transport cannot see itself
+    (aiormq offers no hook), so they pass the quieting."""
+
+    LINES = ("Connection %r was blocked by: %r", "Connection %r was unblocked")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg in self.LINES
+
+
+_BLOCKING_LOGGER = "aiormq.connection"
+_blocking = _BrokerBlocking()
+
+
 def quiet_client_loggers() -> None:
     """Silence the client libraries' own log lines (below CRITICAL): what the CLI does.
 
     A command's user gets choreograph's one line for a broker that cannot be reached, not
     the clients' lines (some with a traceback) before it; once connected, the transports
-    log losing and regaining their broker themselves. :func:`configure_logging` at DEBUG
+    log losing and regaining their broker themselves (RabbitMQ blocking publishers on an
+    alarm: aiormq's lines, see :class:`_BrokerBlocking`). :func:`configure_logging` at DEBUG
     (``--log-level debug``) gives the clients their levels back.
     """
     for name in CLIENT_LOGGERS:
         logger = logging.getLogger(name)
         _quieted.setdefault(name, logger.level)
         logger.setLevel(logging.CRITICAL)
+    blocking = logging.getLogger(_BLOCKING_LOGGER)
+    _quieted.setdefault(_BLOCKING_LOGGER, blocking.level)
+    blocking.setLevel(logging.WARNING)
+    blocking.addFilter(_blocking)
 
 
 def unquiet_client_loggers() -> None:
     """Give the client loggers back the levels :func:`quiet_client_loggers` took (``--log-level debug``)."""
+    logging.getLogger(_BLOCKING_LOGGER).removeFilter(_blocking)
     while _quieted:
         name, level = _quieted.popitem()
         logging.getLogger(name).setLevel(level)
