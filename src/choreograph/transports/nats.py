@@ -307,7 +307,9 @@ class NatsTransport(Transport):
             client_filter=not self._multi_filter,
             store_dead_letter=self._store_dead_letter,
             on_close=self._subscriptions.discard,
-            read_binding=functools.partial(self._check_binding, js, group, consumer),
+            # A wildcard group stays one (subscribing only widens; unbind refuses it): no lines
+            # to learn of, nothing to narrow, so no reading of its consumer every second.
+            read_binding=None if bound.types is None else functools.partial(self._check_binding, js, group, consumer),
         )
         await subscription.start()
         self._subscriptions.add(subscription)
