@@ -26,7 +26,7 @@ fetch, or NAKed for prompt redelivery on close. After a reconnect every outstand
 request is presumed lost and re-issued at once.
 
 Every :data:`~choreograph.transports._nats_routing.REMOVAL_CHECK` seconds a subscription
-reads its group's binding again, for the types unbound from it (see ``_nats_routing``).
+(not a wildcard group's) reads its group's binding again, for the types unbound from it (see ``_nats_routing``).
 """
 
 from __future__ import annotations
