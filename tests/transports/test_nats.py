@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports import _nats_consumers as consumers
-from choreograph.transports import open_transport
+from choreograph.transports import _nats_pull, open_transport
 from choreograph.transports._nats_pull import NatsDelivery
 from choreograph.transports._nats_routing import Binding
 from choreograph.transports.base import Delivery, Message, Subscription
@@ -348,6 +348,13 @@ async def _binding(bus: NatsTransport, group: str) -> Binding:
     return read
 
 
+async def _wait_for(condition: Callable[[], Awaitable[bool]]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not await condition():
+        assert time.monotonic() < deadline, "not within WAIT"
+        await asyncio.sleep(0.02)
+
+
 @given(
     st.frozensets(st.text(max_size=20), max_size=4),
     st.dictionaries(st.text(max_size=20), st.integers(0, 2**63), max_size=4),
@@ -438,6 +445,40 @@ async def test_the_consumer_narrows_once_what_the_group_held_of_an_unbound_type_
         if admin._multi_filter:
             filters = (await _consumer_info(admin, "billing"))["config"]["filter_subjects"]
             assert not any(".ev.b." in subject for subject in filters)
+
+
+async def test_a_subscription_that_cannot_read_its_consumer_warns_once_and_says_when_it_can_again(
+    server_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its group's consumer deleted under it: a warning after a few checks in a row fail, not
+    one every check; once the group is registered again, one info line."""
+    monkeypatch.setattr(_nats_pull, "REMOVAL_CHECK", 0.02)
+    caplog.set_level(logging.DEBUG, logger="choreograph.transports.nats")
+    url = bus_on(server_url)
+
+    def said(level: int, text: str) -> int:
+        return sum(r.levelno == level and text in r.getMessage() for r in caplog.records)
+
+    async def failed_checks(count: int) -> bool:
+        return said(logging.DEBUG, "reading the binding of group 'billing'") >= count
+
+    async with opened(url) as bus, NatsTransport(url) as admin:
+        await bus.subscribe("billing", ["a"])
+        await admin._jetstream().api("delete", f"CONSUMER.DELETE.{admin.events_stream}.billing")
+        await _wait_for(lambda: failed_checks(3 * _nats_pull.WARN_AFTER))
+        assert said(logging.WARNING, "cannot read the consumer of group 'billing'") == 1
+        assert "no longer exists" in caplog.text
+        await (await admin.subscribe("billing", ["a"])).close()
+
+        async def read_again() -> bool:
+            return said(logging.INFO, "the consumer of group 'billing' can be read again") > 0
+
+        await _wait_for(read_again)
+        checks = said(logging.DEBUG, "reading the binding of group 'billing'")
+        await asyncio.sleep(0.2)  # more checks, all reading it
+        assert said(logging.DEBUG, "reading the binding of group 'billing'") == checks
+        assert said(logging.INFO, "can be read again") == 1
+        assert said(logging.WARNING, "cannot read the consumer of group 'billing'") == 1
 
 
 async def test_a_consumer_choreograph_did_not_create_is_not_a_group(server_url: str) -> None:

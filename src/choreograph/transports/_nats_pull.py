@@ -26,7 +26,10 @@ fetch, or NAKed for prompt redelivery on close. After a reconnect every outstand
 request is presumed lost and re-issued at once.
 
 Every :data:`~choreograph.transports._nats_routing.REMOVAL_CHECK` seconds a subscription
-(not a wildcard group's) reads its group's binding again, for the types unbound from it (see ``_nats_routing``).
+(not a wildcard group's) reads its group's binding again, for the types unbound from it (see
+``_nats_routing``). A read that fails is logged at debug; :data:`WARN_AFTER` failures in a
+row (the consumer deleted, a permission taken away) once at warning, and the first read
+that works again at info.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ _NO_WAIT_GUARD = 2.0
 _GRACE = 1.0
 #: Shortest wait worth parking a pull request for (seconds).
 _MIN_PARK = 0.002
+
+#: Failed reads of the group's binding in a row after which the subscription says so (warning).
+WARN_AFTER = 3
 
 #: 409 statuses that end a pull for good; every other 409 (leadership change, server
 #: shutdown, too many waiting pulls, ...) is transient: pull again.
@@ -186,16 +192,29 @@ class NatsSubscription(Subscription):
 
     async def _watch(self) -> None:
         """Read the group's binding every ``REMOVAL_CHECK`` seconds: to learn of an unbind made
-        by another process, and to narrow the consumer once what it held is settled."""
+        by another process, and to narrow the consumer once what it held is settled. A failing
+        read keeps the binding last read; the failures are said once they persist (see the
+        module doc)."""
         assert self._read_binding is not None
+        failures = 0
         while not self._closed and not self._nc.is_closed:
             await asyncio.sleep(REMOVAL_CHECK)
             if self._closed or not self._nc.is_connected:
-                continue
+                continue  # the connection says so itself (disconnected, reconnected)
             try:
-                self.rebind(await self._read_binding())
+                binding = await self._read_binding()
             except Exception as exc:  # noqa: BLE001 - it is read again at the next check
-                log.debug("nats: reading the binding of group %r: %s", self.group, exc)
+                failures += 1
+                if failures == WARN_AFTER:
+                    log.warning("nats: cannot read the consumer of group %r (%d checks in a row): %s; its "
+                                "subscription keeps the binding it last read", self.group, failures, exc)
+                else:
+                    log.debug("nats: reading the binding of group %r: %s", self.group, exc)
+                continue
+            if failures >= WARN_AFTER:
+                log.info("nats: the consumer of group %r can be read again", self.group)
+            failures = 0
+            self.rebind(binding)
 
     # -- receiving ----------------------------------------------------------------------
 

@@ -406,12 +406,12 @@ class NatsTransport(Transport):
 
     async def _check_binding(self, js: JetStream, group: str, consumer: str) -> Binding:
         """The group's binding now, once the lines under which nothing is unsettled any more
-        are dropped - and their types from the filter. Every type if its consumer is gone or
-        does not record its types (an older choreograph rewrote it): the subscriptions then
-        skip nothing, as ``groups()`` says."""
+        are dropped - and their types from the filter. Every type if its consumer does not
+        record its types (an older choreograph rewrote it): the subscriptions then skip
+        nothing, as ``groups()`` says. A :class:`TransportError` if the consumer is gone."""
         info = await self._read_info(js, consumer)
         if info is _NO_CONSUMER:
-            return Binding(None)
+            raise TransportError(f"nats: the consumer of group {group!r} no longer exists")
         current = consumers.binding(info.get("config", {}), self.prefix, multi_filter=self._multi_filter)
         if current is consumers.UNRECORDED:
             return Binding(None)
