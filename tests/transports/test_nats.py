@@ -348,6 +348,10 @@ async def _binding(bus: NatsTransport, group: str) -> Binding:
     return read
 
 
+async def _acked_all(bus: NatsTransport, group: str) -> bool:
+    return bool((await _consumer_info(bus, group))["num_ack_pending"] == 0)
+
+
 async def _wait_for(condition: Callable[[], Awaitable[bool]]) -> None:
     deadline = time.monotonic() + WAIT
     while not await condition():
@@ -444,6 +448,32 @@ async def test_the_consumer_narrows_once_what_the_group_held_of_an_unbound_type_
         assert binding == Binding(frozenset({"a"}))
         if admin._multi_filter:
             filters = (await _consumer_info(admin, "billing"))["config"]["filter_subjects"]
+            assert not any(".ev.b." in subject for subject in filters)
+
+
+@pytest.mark.parametrize("holds", ["nothing", "an event of another type"])
+async def test_unbinding_a_type_the_group_holds_nothing_of_narrows_its_consumer_at_once(
+    server_url: str, holds: str
+) -> None:
+    """Without a running subscription nobody would narrow it later. Nothing held at all: the
+    consumer says so (another group still holds an event of b). An event of type a held: no
+    event of b is left in the stream."""
+    async with opened(bus_on(server_url)) as bus:
+        billing = await bus.subscribe("billing", ["a", "b"])
+        shipping = await bus.subscribe("shipping", ["b"])
+        await bus.publish([msg(1, "b")])
+        await (await collect(billing, 1))[0].ack()
+        await billing.close()  # no subscription of the group runs
+        await _wait_for(lambda: _acked_all(bus, "billing"))
+        if holds == "an event of another type":
+            await (await collect(shipping, 1))[0].ack()
+            await _wait_for(lambda: _acked_all(bus, "shipping"))
+            await bus.publish([msg(2, "a")])
+            assert (await _consumer_info(bus, "billing"))["num_pending"] == 1
+        assert await bus.unbind("billing", ["b"]) == frozenset({"a"})
+        assert await _binding(bus, "billing") == Binding(frozenset({"a"}))
+        if bus._multi_filter:
+            filters = (await _consumer_info(bus, "billing"))["config"]["filter_subjects"]
             assert not any(".ev.b." in subject for subject in filters)
 
 

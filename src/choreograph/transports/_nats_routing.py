@@ -16,7 +16,10 @@ A subscribe that binds the type again (widening) drops its line. The lines are k
 the consumer (see ``_nats_consumers``), so every process sees them; a subscription running
 in another process than the unbind learns of it at its next check, and until then takes
 the events of the removed type as before (the runtime hands them back if it does not
-handle them; they come back and are skipped).
+handle them; they come back and are skipped). ``unbind`` narrows at once what nothing is
+held of (:meth:`Binding.without`): a type with no event left in the stream, or every line
+when the consumer's ack floor passed it or the consumer holds nothing at all - so a group
+with no running subscription (nobody to check) need not keep the type.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ class Binding:
         assert self.types is not None  # narrowed refuses a wildcard group
         return Binding(bound, {**self.removed, **dict.fromkeys(self.types - bound, line)})
 
+    def without(self, types: Collection[str]) -> Binding:
+        """Without the lines of ``types``: nothing at or below them is held any more, so their
+        subjects leave the filter now."""
+        kept = {t: line for t, line in self.removed.items() if t not in types}
+        return self if len(kept) == len(self.removed) else Binding(self.types, kept)
+
     @property
     def held(self) -> frozenset[str] | None:
         """The types the consumer takes: bound or still held (``None``: every type)."""
@@ -68,5 +77,4 @@ def settled(binding: Binding, info: Mapping[str, Any]) -> Binding:
         return binding
     floor = int((info.get("ack_floor") or {}).get("stream_seq") or 0)
     idle = not info.get("num_ack_pending") and not info.get("num_pending")
-    kept = {t: line for t, line in binding.removed.items() if not (idle or floor >= line)}
-    return binding if len(kept) == len(binding.removed) else Binding(binding.types, kept)
+    return binding.without([t for t, line in binding.removed.items() if idle or floor >= line])

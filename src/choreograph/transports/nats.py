@@ -352,6 +352,9 @@ class NatsTransport(Transport):
         a consumer's filter, so the filter keeps them, and the consumer records the stream's
         last sequence, read before writing, as their line (see ``_nats_routing``): events
         above it are skipped, and the filter narrows once nothing under it is unsettled.
+        That is known at once for a type with no event left in the stream, and for every line
+        when the consumer, read after the line was taken, has acked past it or holds nothing:
+        those narrow now (a group with no running subscription would never narrow them).
         This process's subscriptions of the group know at once, others at their next check.
         """
         js = self._jetstream()
@@ -361,10 +364,16 @@ class NatsTransport(Transport):
             raise no_such_group(group)
         if narrowed(group, current.types, types) == current.types:  # a wildcard group: raises
             return current.types
-        stream = await js.api(f"read stream {self.events_stream}", f"STREAM.INFO.{self.events_stream}")
-        line = int((stream.get("state") or {}).get("last_seq") or 0)
-        bound = current.unbound(group, types, line)
-        await self._write_consumer(js, f"unbind types from group {group!r}", group, consumer, bound)
+        line, empty = await self._line(js, current.unbound(group, types, 0).removed)
+        # Read again after the line: what the consumer holds at or below it - and the config
+        # this write is computed from, the latest there is.
+        info = await self._read_info(js, consumer)
+        if info is _NO_CONSUMER:
+            raise no_such_group(group)
+        current = self._binding_of(info)
+        bound = settled(current.unbound(group, types, line).without(empty), info)
+        if bound != current:
+            await self._write_consumer(js, f"unbind types from group {group!r}", group, consumer, bound)
         after = await self._read_binding(js, consumer)
         if after is _NO_CONSUMER:
             raise no_such_group(group)
@@ -372,6 +381,24 @@ class NatsTransport(Transport):
             if subscription.group == group:
                 subscription.rebind(after)
         return after.types
+
+    async def _line(self, js: JetStream, types: Collection[str]) -> tuple[int, frozenset[str]]:
+        """The events stream's last sequence - the line of types unbound now - and those of
+        ``types`` (at least one) with no event in the stream at all: no group holds any."""
+        line: int | None = None
+        empty: set[str] = set()
+        for event_type in sorted(types):
+            subject = f"{self.prefix}.ev.{codec.type_tokens(event_type)}.*"
+            stream = await js.api(
+                f"read stream {self.events_stream}", f"STREAM.INFO.{self.events_stream}", {"subjects_filter": subject}
+            )
+            state = stream.get("state") or {}
+            if line is None:  # the first answer: its count and the line are one snapshot
+                line = int(state.get("last_seq") or 0)
+            if not state.get("subjects") and not stream.get("total"):
+                empty.add(event_type)
+        assert line is not None, "no types"
+        return line, frozenset(empty)
 
     async def groups(self) -> dict[str, frozenset[str] | None] | None:
         """The groups read back from the events stream's consumers (see ``_nats_consumers``).
