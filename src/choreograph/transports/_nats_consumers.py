@@ -7,11 +7,14 @@ server keeps of it, for ``prefix=P``:
   ``P.ev.<type tokens>.*`` per type (``P.ev.>`` for every type) plus ``P.rp.<consumer>.>``
   (the group's replays); the description is ``choreograph group G``. Types unbound whose
   events the group still holds (see ``_nats_routing``) stay in the filter, and their lines
-  are the metadata ``choreograph.removed``: ``{"b": 1042}``.
+  are the metadata ``choreograph.removed``: ``{"b": 1042}``. The metadata
+  ``choreograph.lineage`` names the write and those it was computed from (see :func:`lineage`).
 * **Before 2.10** a consumer has no filter and takes the whole stream; its description
   keeps the types for every subscription to read: ``choreograph group types: ["a", "b"]``
   (``null``: every type). Types unbound whose events the group still holds stay in the
-  list, their lines in an object closing it: ``["a", "b", {"choreograph.removed": {"b": 1042}}]``.
+  list, their lines and the lineage in an object closing it:
+  ``["a", "b", {"choreograph.removed": {"b": 1042}, "choreograph.lineage": "9f3c01ab,..."}]``
+  (a wildcard group's ``null`` has no lineage).
 
 Reading a group back (``NatsTransport.groups``) starts from a consumer whose description
 starts with ``choreograph group `` - choreograph wrote it; any other consumer on the
@@ -29,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from choreograph.transports import _nats_codec as codec
@@ -42,6 +45,10 @@ TYPES_NOTE = "choreograph group types: "
 MAX_DESCRIPTION = 4096  # bytes: nats-server's limit
 #: Where the lines of the types unbound from a group are kept (see ``_nats_routing``).
 REMOVED_KEY = "choreograph.removed"
+#: Where the stamps of a consumer's last writes are kept, newest first (see :func:`lineage`).
+LINEAGE_KEY = "choreograph.lineage"
+#: How many stamps a lineage keeps.
+LINEAGE = 8
 _SECOND = 1_000_000_000  # JetStream durations are nanoseconds
 
 
@@ -54,10 +61,19 @@ UNRECORDED = _Unrecorded.TYPES
 
 
 def config(
-    *, prefix: str, lease: float, multi_filter: bool, group: str, consumer: str, binding: Binding
+    *,
+    prefix: str,
+    lease: float,
+    multi_filter: bool,
+    group: str,
+    consumer: str,
+    binding: Binding,
+    lineage: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The consumer config of ``group`` (consumer ``consumer``) with ``binding``."""
+    """The consumer config of ``group`` (consumer ``consumer``) with ``binding``, written by
+    the write ``lineage[0]``, computed from a config written by ``lineage[1]``, and so on."""
     types, removed = binding.held, dict(sorted(binding.removed.items()))
+    stamps = ",".join(lineage[:LINEAGE])
     result: dict[str, Any] = {
         "durable_name": consumer,
         "name": consumer,
@@ -79,12 +95,16 @@ def config(
             else sorted({f"{prefix}.ev.{codec.type_tokens(t)}.*" for t in types})
         )
         result["filter_subjects"] = [*subjects, f"{prefix}.rp.{consumer}.>"]
-        if removed:
-            result["metadata"] = {REMOVED_KEY: json.dumps(removed, ensure_ascii=False)}
+        metadata = {REMOVED_KEY: json.dumps(removed, ensure_ascii=False)} if removed else {}
+        if stamps:
+            metadata[LINEAGE_KEY] = stamps
+        if metadata:
+            result["metadata"] = metadata
     else:  # no filter: the description keeps the types for every subscription to read
         listed: list[Any] | None = None if types is None else sorted(types)
-        if listed is not None and removed:
-            listed.append({REMOVED_KEY: removed})
+        closing = ({REMOVED_KEY: removed} if removed else {}) | ({LINEAGE_KEY: stamps} if stamps else {})
+        if listed is not None and closing:
+            listed.append(closing)
         note = TYPES_NOTE + json.dumps(listed, ensure_ascii=False)
         # Past the server's limit for a description, none: the group takes every type
         # (its consumers ignore those they do not handle) rather than miss one.
@@ -127,6 +147,28 @@ def binding(config: Mapping[str, Any], prefix: str, *, multi_filter: bool) -> Bi
             named = {str(item) for item in listed if not isinstance(item, dict)}
             return _with_lines(named, lines[-1] if lines else None)
     return UNRECORDED
+
+
+def lineage(config: Mapping[str, Any], *, multi_filter: bool) -> tuple[str, ...]:
+    """The stamps of the write of a consumer with ``config`` and of those it was computed
+    from, newest first (empty if not recorded: an older choreograph wrote it).
+
+    JetStream has no compare-and-set for a consumer's config: a write computed from a read
+    older than another write undoes that write. Whether the config now descends from a
+    given write - was computed, directly or through later writes, from a read that saw it -
+    is whether its lineage holds that write's stamp (see ``_nats_routing``).
+    """
+    stamps: Any = None
+    if multi_filter:
+        stamps = (config.get("metadata") or {}).get(LINEAGE_KEY)
+    else:
+        description = str(config.get("description") or "")
+        if description.startswith(TYPES_NOTE):
+            with contextlib.suppress(ValueError, TypeError):
+                listed = json.loads(description[len(TYPES_NOTE) :])
+                closing = [item for item in listed or () if isinstance(item, dict) and LINEAGE_KEY in item]
+                stamps = closing[-1][LINEAGE_KEY] if closing else None
+    return tuple(stamps.split(",")) if isinstance(stamps, str) and stamps else ()
 
 
 def _with_lines(held: set[str], lines: Any) -> Binding:

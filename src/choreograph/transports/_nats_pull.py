@@ -26,10 +26,11 @@ fetch, or NAKed for prompt redelivery on close. After a reconnect every outstand
 request is presumed lost and re-issued at once.
 
 Every :data:`~choreograph.transports._nats_routing.REMOVAL_CHECK` seconds a subscription
-(not a wildcard group's) reads its group's binding again, for the types unbound from it (see
-``_nats_routing``). A read that fails is logged at debug; :data:`WARN_AFTER` failures in a
-row (the consumer deleted, a permission taken away) once at warning, and the first read
-that works again at info.
+reads its group's binding again: for the types unbound from it, and to bind its own again
+if a racing write dropped them (see ``_nats_routing``; a wildcard group's subscription only
+for a while after its subscribe wrote the consumer). A read that fails is logged at debug;
+:data:`WARN_AFTER` failures in a row (the consumer deleted, a permission taken away) once at
+warning, and the first read that works again at info.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class NatsSubscription(Subscription):
         store_dead_letter: StoreDeadLetter,
         on_close: Callable[[NatsSubscription], None],
         read_binding: Callable[[], Awaitable[Binding]] | None = None,
+        watch_until: float | None = None,
     ) -> None:
         self.group = group
         self._nc = nc
@@ -159,6 +161,7 @@ class NatsSubscription(Subscription):
         # we do not know waits in ``_parked`` until they are read again (see ``_look_again``),
         # and is skipped only if the group is not bound to it then either.
         self._read_binding = read_binding
+        self._watch_until = watch_until  # loop time the checks stop at (None: while open)
         self._watcher: asyncio.Future[None] | None = None
         self._parked: list[Msg | Raw] = []
         self._looking = False
@@ -191,13 +194,17 @@ class NatsSubscription(Subscription):
         self._types, self._removed = binding.types, binding.removed
 
     async def _watch(self) -> None:
-        """Read the group's binding every ``REMOVAL_CHECK`` seconds: to learn of an unbind made
-        by another process, and to narrow the consumer once what it held is settled. A failing
-        read keeps the binding last read; the failures are said once they persist (see the
-        module doc)."""
+        """Read the group's binding every ``REMOVAL_CHECK`` seconds (until ``watch_until``): to
+        learn of an unbind made by another process, to narrow the consumer once what it held
+        is settled, and to bind its types again if a racing write dropped them (see
+        ``_nats_routing``). A failing read keeps the binding last read; the failures are said
+        once they persist (see the module doc)."""
         assert self._read_binding is not None
+        loop = asyncio.get_running_loop()
         failures = 0
         while not self._closed and not self._nc.is_closed:
+            if self._watch_until is not None and loop.time() >= self._watch_until:
+                return
             await asyncio.sleep(REMOVAL_CHECK)
             if self._closed or not self._nc.is_connected:
                 continue  # the connection says so itself (disconnected, reconnected)

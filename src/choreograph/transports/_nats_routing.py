@@ -20,6 +20,36 @@ handle them; they come back and are skipped). ``unbind`` narrows at once what no
 held of (:meth:`Binding.without`): a type with no event left in the stream, or every line
 when the consumer's ack floor passed it or the consumer holds nothing at all - so a group
 with no running subscription (nobody to check) need not keep the type.
+
+**Racing writes.** A consumer's config has no compare-and-set: every writer (subscribe,
+unbind, a subscription's narrowing) reads it, changes it and writes it whole, so a write
+computed from a read that another write then overtook undoes that other write - a
+narrowing landing over a subscribe that bound its type again unbinds it, one landing over
+an unbind binds its types again. ``subscribe`` reads once more after writing (and writes
+again if its types are gone), which leaves a racing write landing after that read. So
+every write stamps the config with a *lineage* (``_nats_consumers.lineage``): a stamp of
+its own, then those of the writes it was computed from. A subscription keeps the stamp its
+subscribe found its types bound under and follows the lineage at each check; a check that
+finds types it asked for dropped by a config not descended from what it saw last - a write
+computed from an older read - binds them again, with a warning. An unbind made after the
+subscribe descends from it: it stands. What is left:
+
+* events of the dropped types published between the overwrite and the repair (up to
+  :data:`REMOVAL_CHECK`) may not reach the group, though its subscribe had returned;
+* a subscription for every type (a wildcard group has nothing else to check) checks for
+  :data:`BIND_CONFIRM` seconds after its subscribe wrote the consumer, not after; before
+  2.10 its description (``types: null``) keeps no lineage, so it repairs nothing; nor does
+  a closed subscription: the group stays as the racing write left it until it subscribes
+  again;
+* an unbind undone by a write that overtook it is not repaired: the types stay bound
+  (their events handed back, then dead-lettered - nothing lost), which ``groups()`` shows
+  (the unbind's return value, read right after its write, may not);
+* more than ``LINEAGE`` writes between two checks, or one by a choreograph without
+  lineages, break the chain: a later unbind of the subscription's types is then taken for
+  a race and undone.
+
+Closing it fully needs a compare-and-set JetStream does not offer for a consumer's config
+(a lock kept in a stream through per-subject expected sequences would be one).
 """
 
 from __future__ import annotations
@@ -33,6 +63,9 @@ from choreograph.transports.base import narrowed, widened
 #: Seconds between a subscription's reads of its group's consumer: to learn of an unbind
 #: made elsewhere, and to narrow the filter once what the group held is settled.
 REMOVAL_CHECK = 1.0
+#: Seconds a wildcard group's subscription checks its consumer after its subscribe wrote it
+#: (a list group's checks while it runs): to bind every type again if a racing write undid it.
+BIND_CONFIRM = 10.0
 
 
 @dataclasses.dataclass(frozen=True)

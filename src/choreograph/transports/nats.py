@@ -16,7 +16,8 @@ server; it must be ``[A-Za-z0-9_-]+``)::
                          (the runtime owns retries: retry(after) is a NAK with a delay);
                          description "choreograph group <group>" (before 2.10: the
                          group's types, see _nats_consumers); metadata
-                         choreograph.removed: types being unbound (see _nats_routing)
+                         choreograph.removed: types being unbound (see _nats_routing),
+                         choreograph.lineage: stamps of its last writes
     stream P_DLQ     P.dlr.<group>.<id>       dead-letter record (see _nats_dead_letters)
                      P.dlb.<group>.<id>       dead-letter body
 
@@ -45,6 +46,9 @@ Consequences worth knowing:
 * ``unbind`` keeps a removed type in the consumer's filter until what the group held of
   it is settled, and the subscriptions skip its events published after the unbind (see
   ``_nats_routing``): JetStream delivers nothing outside a consumer's filter.
+* A consumer's config has no compare-and-set: racing writes of a group's consumer can undo
+  one another. A subscription binds its types again when a write computed from an older
+  read dropped them (``_nats_routing`` says what is left).
 * ``groups()`` reads the groups back from the events stream's consumers: a group whose
   name is past 120 characters escaped has a hashed consumer name, and before 2.10 nothing
   else records its name: ``groups()`` then cannot tell (``None``).
@@ -56,9 +60,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import logging
-from collections.abc import Collection, Mapping, Sequence
+import secrets
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -74,8 +78,16 @@ from choreograph.transports import lease_from_url
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_pull import NatsSubscription
-from choreograph.transports._nats_routing import Binding, settled
-from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
+from choreograph.transports._nats_routing import BIND_CONFIRM, Binding, settled
+from choreograph.transports.base import (
+    DeadLetter,
+    Message,
+    Subscription,
+    Transport,
+    narrowed,
+    no_such_group,
+    widened,
+)
 
 __all__ = ["NatsTransport"]
 
@@ -295,7 +307,8 @@ class NatsTransport(Transport):
     async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
         js = self._jetstream()
         consumer = codec.name_token(group)
-        bound = await self._register(js, group, consumer, None if types is None else frozenset(types))
+        wanted = None if types is None else frozenset(types)
+        bound, mark, wrote = await self._register(js, group, consumer, wanted)
         subscription = NatsSubscription(
             js.nc,
             group=group,
@@ -308,8 +321,12 @@ class NatsTransport(Transport):
             store_dead_letter=self._store_dead_letter,
             on_close=self._subscriptions.discard,
             # A wildcard group stays one (subscribing only widens; unbind refuses it): no lines
-            # to learn of, nothing to narrow, so no reading of its consumer every second.
-            read_binding=None if bound.types is None else functools.partial(self._check_binding, js, group, consumer),
+            # to learn of, nothing to narrow, so no reading of its consumer every second - but
+            # for BIND_CONFIRM seconds after writing it, in case a racing write undid that.
+            read_binding=(
+                None if bound.types is None and not wrote else self._checker(js, group, consumer, wanted, mark)
+            ),
+            watch_until=None if bound.types is not None else asyncio.get_running_loop().time() + BIND_CONFIRM,
         )
         await subscription.start()
         self._subscriptions.add(subscription)
@@ -317,30 +334,40 @@ class NatsTransport(Transport):
 
     async def _register(
         self, js: JetStream, group: str, consumer: str, wanted: frozenset[str] | None
-    ) -> Binding:
-        """Create the group's consumer, or widen the types it is bound to; returns its binding.
+    ) -> tuple[Binding, str | None, bool]:
+        """Create the group's consumer, or widen the types it is bound to; returns its binding,
+        the stamp of the write the read that found it so was of (``None``: not recorded), and
+        whether it wrote the consumer.
 
         Read, widen, write, then read again: JetStream has no compare-and-set for a consumer's
-        config, so a subscribe of the same group racing this one (another process) may write
-        its union over ours; the second read sees that and writes the union again. A racing
-        write landing after that second read can still drop our new types until the group
-        subscribes again - the window is one API round trip, at a deploy.
+        config, so a write of the same group racing this one (another process's subscribe,
+        unbind or narrowing) may land over ours; the second read sees that and writes the union
+        again. A racing write landing after that second read is the subscription's to repair:
+        it does not descend from the stamp returned (see ``_checker`` and ``_nats_routing``).
         """
+        wrote = False
         for _ in range(_REGISTER_ROUNDS):
-            current = await self._read_binding(js, consumer)
-            bound = Binding(wanted) if current is _NO_CONSUMER else current.widened(wanted)
+            info = await self._read_info(js, consumer)
+            current = None if info is _NO_CONSUMER else self._binding_of(info)
+            lineage = () if info is _NO_CONSUMER else self._lineage_of(info)
+            bound = Binding(wanted) if current is None else current.widened(wanted)
             if bound == current:
-                return bound
-            await self._write_consumer(js, f"register group {group!r}", group, consumer, bound)
+                return bound, lineage[0] if lineage else None, wrote
+            await self._write_consumer(js, f"register group {group!r}", group, consumer, bound, lineage)
+            wrote = True
         raise TransportError(f"nats: register group {group!r}: its consumer kept changing under us")
 
-    async def _write_consumer(self, js: JetStream, what: str, group: str, consumer: str, bound: Binding) -> None:
-        """Create or update the group's consumer to keep ``bound``."""
-        await js.api(
-            what,
-            f"CONSUMER.CREATE.{self.events_stream}.{consumer}",
-            {"stream_name": self.events_stream, "config": self._consumer_config(group, consumer, bound)},
-        )
+    async def _write_consumer(
+        self, js: JetStream, what: str, group: str, consumer: str, bound: Binding, base: Sequence[str]
+    ) -> str:
+        """Create or update the group's consumer to keep ``bound``, computed from a read of a
+        config with lineage ``base``; returns the stamp of this write (see
+        :func:`~choreograph.transports._nats_consumers.lineage`)."""
+        stamp = secrets.token_hex(4)
+        config = self._consumer_config(group, consumer, bound, (stamp, *base))
+        request = {"stream_name": self.events_stream, "config": config}
+        await js.api(what, f"CONSUMER.CREATE.{self.events_stream}.{consumer}", request)
+        return stamp
 
     async def unbind(self, group: str, types: Collection[str]) -> frozenset[str] | None:
         """Narrow the group's binding: the types its subscriptions deliver from now on.
@@ -373,7 +400,8 @@ class NatsTransport(Transport):
         current = self._binding_of(info)
         bound = settled(current.unbound(group, types, line).without(empty), info)
         if bound != current:
-            await self._write_consumer(js, f"unbind types from group {group!r}", group, consumer, bound)
+            what = f"unbind types from group {group!r}"
+            await self._write_consumer(js, what, group, consumer, bound, self._lineage_of(info))
         after = await self._read_binding(js, consumer)
         if after is _NO_CONSUMER:
             raise no_such_group(group)
@@ -431,21 +459,42 @@ class NatsTransport(Transport):
             if not infos or offset >= int(page.get("total", 0)):
                 return found
 
-    async def _check_binding(self, js: JetStream, group: str, consumer: str) -> Binding:
-        """The group's binding now, once the lines under which nothing is unsettled any more
-        are dropped - and their types from the filter. Every type if its consumer does not
-        record its types (an older choreograph rewrote it): the subscriptions then skip
-        nothing, as ``groups()`` says. A :class:`TransportError` if the consumer is gone."""
-        info = await self._read_info(js, consumer)
-        if info is _NO_CONSUMER:
-            raise TransportError(f"nats: the consumer of group {group!r} no longer exists")
-        current = consumers.binding(info.get("config", {}), self.prefix, multi_filter=self._multi_filter)
-        if current is consumers.UNRECORDED:
-            return Binding(None)
-        after = settled(current, info)
-        if after != current:
-            await self._write_consumer(js, f"narrow group {group!r}", group, consumer, after)
-        return after
+    def _checker(
+        self, js: JetStream, group: str, consumer: str, wanted: frozenset[str] | None, mark: str | None
+    ) -> Callable[[], Awaitable[Binding]]:
+        """The check a subscription for ``wanted`` makes of its group's consumer every
+        ``REMOVAL_CHECK`` seconds (see ``_nats_routing``); ``mark`` is the stamp of the write
+        its subscribe found its types bound in (``_register``)."""
+
+        async def check() -> Binding:
+            """The group's binding now, once the lines under which nothing is unsettled any
+            more are dropped - and their types from the filter. If it dropped ``wanted`` types
+            and does not descend from ``mark`` (a racing write computed from an older read: an
+            unbind since would descend from it), they are bound again first. Every type if the
+            consumer does not record its types (an older choreograph rewrote it): the
+            subscriptions then skip nothing, as ``groups()`` says. A :class:`TransportError` if
+            the consumer is gone."""
+            nonlocal mark
+            info = await self._read_info(js, consumer)
+            if info is _NO_CONSUMER:
+                raise TransportError(f"nats: the consumer of group {group!r} no longer exists")
+            current = consumers.binding(info.get("config", {}), self.prefix, multi_filter=self._multi_filter)
+            if current is consumers.UNRECORDED:
+                return Binding(None)
+            lineage = self._lineage_of(info)
+            if mark is not None and mark not in lineage and widened(current.types, wanted) != current.types:
+                log.warning("nats: a racing write of the consumer of group %r dropped types a subscription "
+                            "asked for (their events published meanwhile may not have reached it); "
+                            "binding them again", group)
+                bound, mark, _ = await self._register(js, group, consumer, wanted)
+                return bound
+            mark = lineage[0] if lineage else None
+            after = settled(current, info)
+            if after != current:
+                mark = await self._write_consumer(js, f"narrow group {group!r}", group, consumer, after, lineage)
+            return after
+
+        return check
 
     async def _read_binding(self, js: JetStream, consumer: str) -> Binding | _Missing:
         """The consumer's binding, or ``_NO_CONSUMER``; ``_UNKNOWN_TYPES`` for one made by a
@@ -468,10 +517,15 @@ class NatsTransport(Transport):
         read = consumers.binding(info.get("config", {}), self.prefix, multi_filter=self._multi_filter)
         return _UNKNOWN_TYPES if read is consumers.UNRECORDED else read
 
-    def _consumer_config(self, group: str, consumer: str, binding: Binding) -> dict[str, Any]:
+    def _lineage_of(self, info: Mapping[str, Any]) -> tuple[str, ...]:
+        return consumers.lineage(info.get("config", {}), multi_filter=self._multi_filter)
+
+    def _consumer_config(
+        self, group: str, consumer: str, binding: Binding, lineage: Sequence[str] = ()
+    ) -> dict[str, Any]:
         return consumers.config(
             prefix=self.prefix, lease=self.lease, multi_filter=self._multi_filter,
-            group=group, consumer=consumer, binding=binding,
+            group=group, consumer=consumer, binding=binding, lineage=lineage,
         )
 
     async def _store_dead_letter(self, group: str, message: Message, record: Mapping[str, Any]) -> None:
