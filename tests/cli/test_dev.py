@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import os
 import subprocess
 import sys
@@ -96,6 +97,22 @@ async def test_stop_sends_sigterm_then_sigkills_a_process_that_ignores_it() -> N
     assert "stubborn exited with signal SIGKILL" in text
     assert "polite stopped" in text
     assert all(c.proc is not None and c.proc.returncode is not None for c in sup.children)
+
+
+async def test_an_infinite_stop_timeout_waits_for_a_slow_stop_and_never_sigkills() -> None:
+    """``dev --stop-timeout inf``: a process draining long after SIGTERM is waited for."""
+    slow = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.0), sys.exit(0)))\n"
+        "print('up', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    sup, out = supervisor(ProcSpec("slow", child(slow), ready="up"), stop_timeout=math.inf)
+    run = asyncio.create_task(sup.run())
+    await until(lambda: "| up" in out.getvalue())
+    sup.stop()
+    assert await run == 0
+    assert "dev  | slow stopped" in out.getvalue() and "SIGKILL" not in out.getvalue(), out.getvalue()
 
 
 async def test_a_process_failing_before_it_is_ready_stops_everything_instead_of_looping() -> None:

@@ -129,6 +129,78 @@ def test_run_refuses_a_negative_drain_timeout_naming_the_option() -> None:
     assert line.startswith("error: Invalid value for '--drain-timeout': "), line
 
 
+RUN = ("run", "examples.chain:payment", "--broker", "memory://")
+PUSH = ("push", "--broker", "memory://", "--store", "memory://", "--group", "h-seconds", "--type", "a.b",
+        "--url", "http://127.0.0.1:9/", "--no-handshake")
+JOURNAL = ("journal", "examples.chain:app", "--broker", "memory://", "--store", "memory://")
+UNTIL_INF = "a number of seconds >= 0, or inf (no limit)"
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "expected"),
+    [
+        (RUN, "--drain-timeout", "nan", UNTIL_INF),
+        (RUN, "--drain-timeout", "-inf", UNTIL_INF),
+        (RUN, "--retention", "nan", UNTIL_INF),
+        (RUN, "--ack-delay", "nan", "a number of seconds >= 0 and <= 1"),
+        (PUSH, "--drain-timeout", "nan", UNTIL_INF),  # was taken: a ValueError from the event loop on stop
+        (PUSH, "--drain-timeout", "-1", UNTIL_INF),  # was taken: no drain at all
+        (PUSH, "--timeout", "nan", "a number of seconds > 0"),  # was blamed on 'options.timeout'
+        (PUSH, "--timeout", "inf", "a number of seconds > 0"),
+        (PUSH, "--max-retry-after", "nan", "a number of seconds >= 0"),
+        (JOURNAL, "--stuck-after", "nan", "a number of seconds > 0, or inf (no limit)"),
+    ],
+)
+def test_an_option_taking_seconds_refuses_nan_and_what_is_out_of_its_range_naming_the_option_and_the_range(
+    command: tuple[str, ...], option: str, value: str, expected: str
+) -> None:
+    """nan passed a range check (click's) or failed it for the wrong reason ("should be greater than
+    or equal to 0"); an option without one took it, or a negative number."""
+    line = refused(*command, option, value)
+    assert line.startswith(f"error: Invalid value for '{option}'"), line
+    assert f": expected {expected}, got {value} (see python -m choreograph {command[0]} --help)\n" in line, line
+
+
+def test_dev_refuses_a_nan_stop_timeout_before_any_process_starts(tmp_path: Path) -> None:
+    assert dev_refused(tmp_path / "var", "--stop-timeout", "nan") == (
+        f"error: Invalid value for '--stop-timeout': expected {UNTIL_INF}, got nan (see python -m choreograph dev --help)\n"
+    )
+    assert not (tmp_path / "var").exists()
+
+
+def test_run_takes_an_infinite_drain_timeout_and_retention_and_drains_what_is_in_flight(tmp_path: Path) -> None:
+    """inf is meaningful for both: wait for in-flight handlers however long they take; never forget."""
+    (tmp_path / "slow_h1.py").write_text(
+        "import asyncio\n"
+        "from choreograph import Event, Service\n\n"
+        "class Slow(Event, type='h1.slow.requested'):\n"
+        "    n: int\n\n"
+        "slow = Service('slow-h1')\n\n"
+        "@slow.on(Slow)\n"
+        "async def take_time(event: Slow, ctx) -> None:\n"
+        "    ctx.logger.info('handler started')\n"
+        "    await asyncio.sleep(1.5)\n"
+        "    ctx.logger.info('handler finished')\n"
+    )
+    bus = f"sqlite:///{tmp_path}/bus.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "choreograph", "run", "slow_h1:slow", "--broker", bus, "--drain-timeout", "inf",
+         "--retention", "inf"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        assert lines_until(proc.stdout, lambda line: "running slow-h1" in line, seen=lines), lines
+        published = cli("publish", "h1.slow.requested", "--data", '{"n": 1}', "--broker", bus, cwd=tmp_path)
+        assert published.returncode == 0, published.stderr
+        assert lines_until(proc.stdout, lambda line: "handler started" in line, seen=lines), lines
+    finally:
+        out, _ = stop(proc)
+    assert proc.returncode == 0 and "Traceback" not in out, "".join(lines) + out
+    assert "handler finished" in out, "".join(lines) + out
+
+
 @pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_broker_option_is_refused_rather_than_taken_for_the_default_bus(
     tmp_path: Path, value: str

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
 import os
 import sys
 import sysconfig
 import traceback
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -196,6 +197,34 @@ def otel_option(what: str) -> Any:
         False, "--otel/--no-otel", envvar="CHOREOGRAPH_OTEL",
         help=f"Trace {what} with OpenTelemetry (exporter from OTEL_TRACES_EXPORTER: otlp, console, none)",
     )
+
+
+def seconds(
+    *, positive: bool = False, forever: bool = False, most: float | None = None
+) -> Callable[[float | None], float | None]:
+    """The ``callback`` of an option taking seconds: a number >= 0 (``positive``: > 0; ``most``:
+    at most that), or ``inf`` if ``forever`` (no limit); anything else is a usage error, one
+    line naming the option (exit 2).
+
+    Rather than Typer's ``min`` and ``max``: whether those refuse ``nan`` depends on Typer's
+    version (click's ranges let it through, to a ``ValueError`` in the Worker or the event
+    loop), and "should be greater than or equal to 0" is the wrong reason for ``nan``.
+
+        typer.Option(10.0, "--drain-timeout", callback=seconds(forever=True), help=...)
+    """
+    expected = "a number of seconds " + ("> 0" if positive else ">= 0")
+    expected += f" and <= {most:g}" if most is not None else ""
+    expected += ", or inf (no limit)" if forever else ""
+
+    def check(value: float | None) -> float | None:
+        if value is None:  # not given, and no default
+            return None
+        above = value > 0 if positive else value >= 0  # False for nan
+        if not (above and (forever or math.isfinite(value)) and (most is None or value <= most)):
+            raise typer.BadParameter(f"expected {expected}, got {value:g}")
+        return value
+
+    return check
 
 
 MetricsPortOption = typer.Option(

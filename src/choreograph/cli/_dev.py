@@ -36,7 +36,15 @@ import typer
 
 from choreograph._redact import redact
 from choreograph._sqlite import why_not_made
-from choreograph.cli._common import BROKER_ENV, LogFormatOption, console, given_broker, load_object, run_async
+from choreograph.cli._common import (
+    BROKER_ENV,
+    LogFormatOption,
+    console,
+    given_broker,
+    load_object,
+    run_async,
+    seconds,
+)
 from choreograph.cli._supervisor import ProcSpec, Supervisor
 from choreograph.errors import ConfigurationError
 from choreograph.faults import load_faults
@@ -207,7 +215,8 @@ def dev(
     proc: list[str] = ProcOption,
     restart: bool = typer.Option(True, "--restart/--no-restart", help="Restart a process that dies"),
     stop_timeout: float = typer.Option(
-        10.0, "--stop-timeout", min=0, help="Seconds between SIGTERM and SIGKILL on stop"
+        10.0, "--stop-timeout", callback=seconds(forever=True),
+        help="Seconds between SIGTERM and SIGKILL on stop (inf: no SIGKILL)",
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="Log level of the services"),
     log_format: str = LogFormatOption,

@@ -24,6 +24,7 @@ from choreograph.cli._common import (
     MetricsPortOption,
     broker_url,
     run_async,
+    seconds,
 )
 from choreograph.cli._run import default_store_url, telemetry_options
 from choreograph.errors import ConfigurationError
@@ -47,9 +48,11 @@ def push(
     mode: Annotated[str, typer.Option("--mode", help="binary or structured")] = "binary",
     secret: Annotated[str | None, typer.Option("--secret", envvar=SECRET_ENV,
                                                help=f"whsec_... signing secret (env {SECRET_ENV})")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for an answer")] = 10.0,
+    timeout: Annotated[float, typer.Option("--timeout", callback=seconds(positive=True),
+                                           help="Seconds to wait for an answer")] = 10.0,
     max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, help="Attempts before giving up")] = 5,
-    max_retry_after: Annotated[float, typer.Option("--max-retry-after", help="Cap on Retry-After")] = 300.0,
+    max_retry_after: Annotated[float, typer.Option("--max-retry-after", callback=seconds(),
+                                                   help="Cap on Retry-After")] = 300.0,
     emits: Annotated[list[str] | None, typer.Option("--emit", help="Event type the subscriber may answer with")] = None,
     where: Annotated[str | None, typer.Option("--where", help="Deliver only events matching this CESQL filter")] = None,
     no_handshake: Annotated[bool, typer.Option("--no-handshake", help="Skip the OPTIONS handshake")] = False,
@@ -57,7 +60,8 @@ def push(
     store: Annotated[str | None, typer.Option("--store", help="Inbox store URL (default: beside the bus)")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", min=1,
                                                     help="Requests in flight per subscription")] = None,
-    drain_timeout: Annotated[float | None, typer.Option("--drain-timeout", help="Seconds to drain on stop")] = None,
+    drain_timeout: Annotated[float | None, typer.Option("--drain-timeout", callback=seconds(forever=True),
+                                                        help="Seconds to drain on stop (inf: until done)")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
     log_format: str = LogFormatOption,
     metrics_port: int | None = MetricsPortOption,

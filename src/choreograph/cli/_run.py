@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from choreograph.cli._common import (
     load_services,
     otel_option,
     run_async,
+    seconds,
 )
 from choreograph.errors import ConfigurationError
 from choreograph.faults import load_faults
@@ -58,17 +60,19 @@ def run(
     concurrency: int = typer.Option(64, "--concurrency", "-c", min=1, help="Handlers running at once per service"),
     store: str | None = typer.Option(None, "--store", help="Inbox store URL (default: beside the sqlite bus)"),
     drain_timeout: float = typer.Option(
-        10.0, "--drain-timeout", min=0, help="Seconds to let in-flight handlers finish on stop"
+        10.0, "--drain-timeout", callback=seconds(forever=True),
+        help="Seconds to let in-flight handlers finish on stop (inf: until they finish)",
     ),
     ack_delay: float = typer.Option(
-        DEFAULT_ACK_DELAY, "--ack-delay", envvar="CHOREOGRAPH_ACK_DELAY", min=0, max=1,
+        DEFAULT_ACK_DELAY, "--ack-delay", envvar="CHOREOGRAPH_ACK_DELAY", callback=seconds(most=1),
         help="Seconds from publishing a batch's outputs to marking and acking its inputs: what is published "
-        "meanwhile shares one inbox commit and one ack",
+        "meanwhile shares one inbox commit and one ack (0 to 1)",
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
     log_format: str = LogFormatOption,
     retention: float = typer.Option(
-        7 * 86400, "--retention", min=0, help="Seconds the inbox remembers processed event ids (0: forever)"
+        7 * 86400, "--retention", callback=seconds(forever=True),
+        help="Seconds the inbox remembers processed event ids (0 or inf: forever)",
     ),
     otel: bool = otel_option("handler attempts"),
     metrics_port: int | None = MetricsPortOption,
@@ -92,7 +96,7 @@ def run(
     async def main() -> None:
         worker = Worker(services, transport, store=inbox, concurrency=concurrency, drain_timeout=drain_timeout,
                         ack_delay=ack_delay,
-                        retention=retention or None, telemetry=telemetry)
+                        retention=retention if 0 < retention < math.inf else None, telemetry=telemetry)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -36,6 +36,7 @@ from choreograph.cli._common import (
     console,
     load_object,
     run_async,
+    seconds,
 )
 from choreograph.errors import ConfigurationError
 from choreograph.logs import announce, configure_logging
@@ -213,7 +214,8 @@ def run_journal(
     broker: str | None = BrokerOption,
     store: str | None = typer.Option(None, "--store", help=f"Journal store URL (env {JOURNAL_ENV}; default {DEFAULT_JOURNAL})"),
     stuck_after: float = typer.Option(
-        DEFAULT_STUCK_AFTER, "--stuck-after", min=0.001, help="Seconds before a transaction without deadline is stuck"
+        DEFAULT_STUCK_AFTER, "--stuck-after", callback=seconds(positive=True, forever=True),
+        help="Seconds before a transaction without deadline is stuck (inf: never)",
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
     log_format: str = LogFormatOption,
