@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
-from tests.cli.test_core_cli import cli
+import pytest
+
+from tests._procs import lines_until, stop
+from tests.cli.test_core_cli import ROOT, cli
 
 
 def test_gateway_on_a_port_in_use_is_one_line_naming_the_port_and_the_reason_and_exits_2() -> None:
@@ -16,3 +23,40 @@ def test_gateway_on_a_port_in_use_is_one_line_naming_the_port_and_the_reason_and
         result = cli("gateway", "examples.drone_delivery.gateway:gateway", "--port", str(port))
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == f"error: --port: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def dev_gateway(data_dir: Path, *options: str) -> subprocess.Popen[str]:
+    """``choreograph dev`` of the drone delivery app, with its gateway (no journal)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "choreograph", "dev", "examples.drone_delivery.app:app", "--data-dir", str(data_dir),
+         "--no-journal", *options], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "1000"},
+    )
+
+
+def test_dev_port_0_announces_the_port_the_gateway_listens_on(tmp_path: Path) -> None:
+    """It announced `gateway http://127.0.0.1:0`."""
+    proc = dev_gateway(tmp_path / "var", "--port", "0")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        ready = lines_until(proc.stdout, lambda line: "ready:" in line, seen=lines)
+    finally:
+        out, err = stop(proc)
+    assert ready is not None, "".join(lines) + out + err
+    announced = int(ready.rsplit("gateway http://127.0.0.1:", 1)[1])
+    assert f"Uvicorn running on http://127.0.0.1:{announced} " in "".join(lines)
+    assert announced != 0
+
+
+def test_dev_with_the_gateway_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = dev_gateway(tmp_path / "var", "--port", str(port))
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            out, err = stop(proc)
+            pytest.fail(f"dev started: {out}{err}")
+    assert (proc.returncode, out) == (2, "")
+    assert err == f"error: --port: cannot listen on 127.0.0.1:{port}: Address already in use\n"

@@ -208,7 +208,7 @@ def dev(
     no_gateway: bool = typer.Option(False, "--no-gateway", help="Do not start the HTTP gateway"),
     journal: bool = typer.Option(True, "--journal/--no-journal", help="Start the journal observer"),
     host: str = typer.Option("127.0.0.1", "--host", help="Gateway interface"),
-    port: int = typer.Option(8000, "--port", "-p", help="Gateway port"),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Gateway port (0: any free one)"),
     scale: list[str] = ScaleOption,
     only: list[str] = OnlyOption,
     push: list[Path] = PushOption,
@@ -251,6 +251,9 @@ def dev(
         specs.append(_journal_spec(target, url, journal_store))
     gateway_target = None if no_gateway else (gateway or _find_gateway(target))
     if gateway_target is not None:
+        from choreograph.cli._gateway import check_listen
+
+        port = check_listen(host, port)  # a port taken or a host not ours: one line now; 0: a free port to name
         specs.append(_gateway_spec(gateway_target, host, port))
     metrics = _metrics_ports(specs, metrics_port) if metrics_port is not None else {}
     names = [spec.name for spec in specs]

@@ -37,7 +37,7 @@ def asgi_app(spec: str, telemetry: Telemetry | None = None) -> Any:
     raise ConfigurationError(f"{spec!r} is {kind_of(obj)}, not a Gateway or an ASGI app")
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int) -> int:
     """Fail with one line (``--port`` or ``--host``, the address, the OS's reason) if ``host:port`` cannot be listened on.
 
     uvicorn binds after the app's startup and reports a taken port as a log record between
@@ -45,6 +45,9 @@ def check_listen(host: str, port: int) -> None:
     address ``host`` resolves to, ``SO_REUSEADDR``), reports it as a configuration error,
     before anything starts. A port taken between this check and uvicorn's bind still gets
     uvicorn's report.
+
+    Returns the port: for 0, one free on every address now (the first address picks it), so
+    ``dev --port 0`` can name the gateway's URL before the gateway binds it.
     """
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -57,10 +60,12 @@ def check_listen(host: str, port: int) -> None:
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
-                probe.bind(address)
+                probe.bind((address[0], port, *address[2:]))
             except OSError as exc:
                 option = "--host" if exc.errno == errno.EADDRNOTAVAIL else "--port"
                 raise ConfigurationError(f"{option}: cannot listen on {shown}: {exc.strerror}") from None
+            port = probe.getsockname()[1]  # 0: the port the first address got, tried on the others
+    return port
 
 
 def gateway(
