@@ -163,6 +163,15 @@ def _text(value: Any, where: str, what: str = "a string") -> str:
     return value
 
 
+def _broker(value: Any, where: str) -> str:
+    """A broker URL; empty or blank is refused here, naming the key (``--broker`` would be named
+    downstream, an option nobody typed), as ``${BROKER}`` left empty would be the default bus."""
+    url = _text(value, where, "a URL (a string)")
+    if not url.strip():
+        raise ConfigurationError(f"{where}: empty; give a broker URL, or leave the key out")
+    return url
+
+
 def _types(value: Any, where: str) -> list[str]:
     """An event type or a list of them."""
     if isinstance(value, str):
@@ -262,7 +271,7 @@ def load_config(path: str | Path, *, credentials: bool = True) -> PushConfig:
 
     return PushConfig(
         subscriptions=subscriptions,
-        broker=optional("broker", lambda v, w: _text(v, w, "a URL (a string)")),
+        broker=optional("broker", _broker),
         store=optional("store", lambda v, w: _text(v, w, "a URL (a string)")),
         origin=optional("origin", _text),
         concurrency=optional("concurrency", lambda v, w: _whole(v, w, minimum=1)),

@@ -214,6 +214,21 @@ def test_an_empty_broker_option_is_refused_rather_than_taken_for_the_default_bus
     assert not list(tmp_path.iterdir())  # no bus was created anywhere
 
 
+@pytest.mark.parametrize("value", ['""', '"  "', '"${CHOREOGRAPH_TEST_UNSET_BROKER:-}"'])
+def test_an_empty_broker_in_a_push_config_names_the_file_and_its_key_not_the_broker_option(
+    tmp_path: Path, value: str
+) -> None:
+    """It was `error: --broker '': empty`, an option the user never typed."""
+    (tmp_path / "push.toml").write_text(
+        f"broker = {value}\n\n[[subscriptions]]\ngroup = \"g-empty-broker\"\ntypes = [\"a.b\"]\n"
+        "url = \"http://127.0.0.1:9/\"\nhandshake = false\n"
+    )
+    line = "error: push.toml: broker: empty; give a broker URL, or leave the key out\n"
+    assert refused("push", "--config", "push.toml", cwd=tmp_path) == line
+    assert refused("push", "--config", "push.toml", "--broker", "memory://", cwd=tmp_path) == line  # the file is wrong
+    assert list(tmp_path.iterdir()) == [tmp_path / "push.toml"]  # no bus, no store
+
+
 def test_dev_metrics_port_0_gives_each_process_a_free_port_as_run_does(tmp_path: Path) -> None:
     proc = dev(tmp_path / "var", "--no-journal", "--metrics-port", "0")
     assert proc.stdout is not None
