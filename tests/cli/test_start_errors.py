@@ -68,6 +68,31 @@ def test_run_of_a_module_that_fails_to_import_is_one_line_naming_the_exception_a
 
 
 @pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "app_module:app", "--broker", "memory://"],
+        ["journal", "app_module:app", "--broker", "memory://", "--store", "memory://"],
+        ["gateway", "app_module:gateway", "--port", "0"],
+        ["dev", "app_module:app", "--data-dir", "var"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_with_log_level_debug_a_module_that_fails_to_import_shows_its_traceback_then_the_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
+    (tmp_path / "app_module.py").write_text("import app_settings\n")
+    (tmp_path / "app_settings.py").write_text("def url():\n    raise ValueError('no PAYMENT_URL set')\n\nURL = url()\n")
+    result = cli(*command, "--log-level", "debug", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback (most recent call last):" in result.stderr, result.stderr
+    assert 'app_settings.py", line 4, in <module>' in result.stderr  # the frames between the module and the raise
+    assert 'app_settings.py", line 2, in url' in result.stderr
+    assert result.stderr.endswith(
+        "error: 'app_module': importing it raised ValueError: no PAYMENT_URL set (at app_settings.py:2)\n"
+    ), result.stderr
+
+
+@pytest.mark.parametrize(
     ("faults", "bad_part"),
     [
         ('{"payment": {"fail_rate": 2}}', "faults['payment']: fail_rate must be between 0 and 1, got 2.0"),
@@ -98,6 +123,13 @@ def test_dev_with_a_data_dir_under_a_file_names_the_option_and_the_file(tmp_path
     (tmp_path / "var").write_text("")
     assert dev_refused(tmp_path / "var" / "shop") == (
         f"error: --data-dir '{tmp_path}/var/shop': cannot create it: '{tmp_path}/var' is a file, not a folder\n"
+    )
+
+
+def test_dev_refuses_an_unknown_log_level_before_any_process_starts(tmp_path: Path) -> None:
+    """Each process refused it as it started, and dev stopped them all (exit 1)."""
+    assert dev_refused(tmp_path / "var", "--log-level", "loud") == (
+        "error: --log-level 'loud': expected DEBUG, INFO, WARNING, ERROR or CRITICAL\n"
     )
 
 

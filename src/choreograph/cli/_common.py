@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import math
 import os
 import sys
@@ -23,6 +24,8 @@ from choreograph.service import App, Service
 from choreograph.transports import Transport, open_transport
 
 T = TypeVar("T")
+
+_log = logging.getLogger("choreograph.cli")
 
 DEFAULT_BROKER = "sqlite:///./var/bus.db"
 BROKER_ENV = "CHOREOGRAPH_BROKER"
@@ -101,7 +104,8 @@ def load_module(module_name: str) -> Any:
 
     A module that is not there, or that raises while it is imported (a syntax error, a
     missing dependency, its own code failing), is a :class:`ConfigurationError`: one line
-    with the exception and where it was raised, instead of a traceback through importlib.
+    with the exception and where it was raised, instead of a traceback through importlib
+    (logged at DEBUG before it: ``--log-level debug`` shows it).
     """
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -110,9 +114,16 @@ def load_module(module_name: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise ConfigurationError(f"{module_name!r}: no module named {exc.name!r}") from None
-        raise ConfigurationError(_import_failure(module_name, exc)) from exc
+        raise _import_error(module_name, exc) from exc
     except Exception as exc:
-        raise ConfigurationError(_import_failure(module_name, exc)) from exc
+        raise _import_error(module_name, exc) from exc
+
+
+def _import_error(module_name: str, exc: Exception) -> ConfigurationError:
+    """The one line of :func:`_import_failure`, after logging the whole traceback at DEBUG: with
+    ``--log-level debug`` the user sees where in their code, and through what, the import failed."""
+    _log.debug("importing %r failed", module_name, exc_info=exc)
+    return ConfigurationError(_import_failure(module_name, exc))
 
 
 def _import_failure(module_name: str, exc: Exception) -> str:

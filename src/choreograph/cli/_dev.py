@@ -48,6 +48,7 @@ from choreograph.cli._common import (
 from choreograph.cli._supervisor import ProcSpec, Supervisor
 from choreograph.errors import ConfigurationError
 from choreograph.faults import load_faults
+from choreograph.logs import configure_logging
 from choreograph.service import App
 from choreograph.transports import open_transport
 
@@ -231,6 +232,7 @@ def dev(
     ),
 ) -> None:
     """Run every service of an App (plus gateway and journal) as separate processes, with restarts."""
+    configure_logging(log_level, log_format)  # checks both; --log-level debug: a failing import's traceback too
     load_faults()  # every service inherits CHOREOGRAPH_FAULTS: refuse a malformed one before any starts
     given_broker(broker)
     app = load_object(target)
@@ -266,8 +268,6 @@ def dev(
     env.update(
         {BROKER_ENV: url, DATA_ENV: str(directory), JOURNAL_ENV: journal_store, "PYTHONUNBUFFERED": "1"}
     )
-    if log_format.lower() not in ("text", "json"):
-        raise ConfigurationError(f"--log-format {log_format!r}: expected text or json")
     env["CHOREOGRAPH_LOG_FORMAT"] = log_format.lower()
     if otel:
         env["CHOREOGRAPH_OTEL"] = "1"

@@ -12,7 +12,7 @@ import typer
 from choreograph.cli._common import MetricsHostOption, MetricsPortOption, kind_of, load_object, otel_option
 from choreograph.cli._run import telemetry_options
 from choreograph.errors import ConfigurationError
-from choreograph.logs import unquiet_client_loggers
+from choreograph.logs import configure_logging
 from choreograph.telemetry import Telemetry
 
 
@@ -84,7 +84,9 @@ def gateway(
         raise ConfigurationError("choreograph gateway needs uvicorn (pip install 'choreograph[http]')") from None
     check_listen(host, port)
     if log_level.lower() in ("debug", "trace"):
-        unquiet_client_loggers()  # the broker client's own lines too, as `run --log-level debug` shows them
+        # choreograph's and the broker client's own lines too, as `run --log-level debug` shows them
+        # (a user module failing to import: its traceback); uvicorn logs through its own handlers
+        configure_logging("DEBUG")
     telemetry, provider = telemetry_options("gateway", otel, metrics_port, metrics_host)
     app = asgi_app(target, telemetry)
     try:
