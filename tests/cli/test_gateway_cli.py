@@ -25,6 +25,23 @@ def test_gateway_on_a_port_in_use_is_one_line_naming_the_port_and_the_reason_and
     assert result.stderr == f"error: --port: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
+
+@pytest.mark.parametrize(
+    ("host", "shown"),
+    [
+        ("192.0.2.1", "192.0.2.1"),  # TEST-NET-1: never an address of this machine
+        ("fe80::1", "[fe80::1]"),  # link-local without a scope: EINVAL, which blamed --port
+        ("no-such-host.invalid", "no-such-host.invalid"),
+    ],
+)
+def test_gateway_on_an_address_this_machine_cannot_listen_on_is_one_line_naming_the_host_and_exits_2(
+    host: str, shown: str
+) -> None:
+    result = cli("gateway", "examples.drone_delivery.gateway:gateway", "--host", host, "--port", "8765")
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.startswith(f"error: --host: cannot listen on {shown}:8765: "), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
 def dev_gateway(data_dir: Path, *options: str) -> subprocess.Popen[str]:
     """``choreograph dev`` of the drone delivery app, with its gateway (no journal)."""
     return subprocess.Popen(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import logging
 import math
@@ -86,6 +87,11 @@ def open_existing_bus(url: str) -> Transport:
     if isinstance(transport, SQLiteTransport) and not os.path.exists(transport.path):
         raise ConfigurationError(f"no SQLite bus at {transport.path} (broker URL {redact(url)!r}; run or publish creates one)")
     return transport
+
+
+#: Why binding fails because of the interface rather than the port (an address this host does not have):
+#: ``--host`` or ``--metrics-host`` is named, not the port.
+HOST_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL})  # EINVAL: fe80::1, no scope
 
 
 def console_error(message: str) -> None:

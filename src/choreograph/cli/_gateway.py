@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import errno
 import socket
 from typing import Any
 
 import pydantic
 import typer
 
-from choreograph.cli._common import MetricsHostOption, MetricsPortOption, kind_of, load_object, otel_option
+from choreograph.cli._common import (
+    HOST_ERRNOS,
+    MetricsHostOption,
+    MetricsPortOption,
+    kind_of,
+    load_object,
+    otel_option,
+)
 from choreograph.cli._run import telemetry_options
 from choreograph.errors import ConfigurationError
 from choreograph.logs import configure_logging
@@ -49,22 +55,24 @@ def check_listen(host: str, port: int) -> int:
     Returns the port: for 0, one free on every address now (the first address picks it), so
     ``dev --port 0`` can name the gateway's URL before the gateway binds it.
     """
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    def refused(option: str, reason: str | None) -> ConfigurationError:
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return ConfigurationError(f"{option}: cannot listen on {shown}: {reason}")
+
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigurationError(f"--host: cannot listen on {shown}: {exc.strerror}") from None
+        raise refused("--host", exc.strerror) from None
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as probe:  # no IPv6 here: EAFNOSUPPORT
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind((address[0], port, *address[2:]))
-            except OSError as exc:
-                option = "--host" if exc.errno == errno.EADDRNOTAVAIL else "--port"
-                raise ConfigurationError(f"{option}: cannot listen on {shown}: {exc.strerror}") from None
-            port = probe.getsockname()[1]  # 0: the port the first address got, tried on the others
+                port = probe.getsockname()[1]  # 0: the port the first address got, tried on the others
+        except OSError as exc:
+            raise refused("--host" if exc.errno in HOST_ERRNOS else "--port", exc.strerror or str(exc)) from None
     return port
 
 

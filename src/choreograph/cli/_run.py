@@ -8,7 +8,6 @@ handler attempt, setting up the OpenTelemetry SDK from the standard ``OTEL_*`` v
 from __future__ import annotations
 
 import asyncio
-import errno
 import math
 import os
 import signal
@@ -21,6 +20,7 @@ import typer
 
 from choreograph._redact import redact
 from choreograph.cli._common import (
+    HOST_ERRNOS,
     BrokerOption,
     LogFormatOption,
     MetricsHostOption,
@@ -135,16 +135,12 @@ def telemetry_options(
     return telemetry, provider
 
 
-#: Why binding fails because of the interface rather than the port (an address this host does not have).
-_HOST_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL})  # EINVAL: fe80::1, no scope
-
-
 def _serve_metrics(port: int, host: str) -> int:
     """:func:`serve_metrics`, with a port taken or a host that cannot be bound as one line naming the option."""
     try:
         return serve_metrics(port, host)
     except OSError as exc:
-        option = (f"--metrics-host {host!r}" if isinstance(exc, socket.gaierror) or exc.errno in _HOST_ERRNOS
+        option = (f"--metrics-host {host!r}" if isinstance(exc, socket.gaierror) or exc.errno in HOST_ERRNOS
                   else f"--metrics-port {port}")
         reason = exc.strerror or str(exc)
         raise ConfigurationError(f"{option}: cannot serve metrics on {_address(host, port)}: {reason}") from None
