@@ -920,12 +920,15 @@ def test_a_subscription_value_of_the_wrong_type_is_refused_naming_its_key(
     [
         ('concurrency = "eight"', "concurrency: expected a whole number >= 1, got 'eight'"),
         ("concurrency = 0", "concurrency: expected a whole number >= 1, got 0"),
-        ('drain_timeout = "x"', "drain_timeout: expected a number of seconds, got 'x'"),
+        ('drain_timeout = "x"', "drain_timeout: expected a number of seconds, or inf (no limit), got 'x'"),
+        ("drain_timeout = nan", "drain_timeout: expected a number of seconds, or inf (no limit), got nan"),
+        ("drain_timeout = -1", "drain_timeout: expected a number of seconds, or inf (no limit), got -1"),
         ("broker = 5", "broker: expected a URL (a string), got 5"),
         ("store = 5", "store: expected a URL (a string), got 5"),
         ("origin = 5", "origin: expected a string, got 5"),
     ],
-    ids=["concurrency-str", "concurrency-zero", "drain-timeout", "broker", "store", "origin"],
+    ids=["concurrency-str", "concurrency-zero", "drain-timeout", "drain-timeout-nan", "drain-timeout-negative",
+         "broker", "store", "origin"],
 )
 def test_a_top_level_value_of_the_wrong_type_is_refused_naming_its_key(tmp_path: Path, line: str, message: str) -> None:
     """The ambassador's own options are checked when the file is read, not when they are first used
@@ -935,6 +938,27 @@ def test_a_top_level_value_of_the_wrong_type_is_refused_naming_its_key(tmp_path:
     with pytest.raises(ConfigurationError) as info:
         load_config(path)
     assert str(info.value) == f"push.toml: {message}"
+
+
+@pytest.mark.parametrize("value", ["inf", '"inf"'])
+def test_a_drain_timeout_of_inf_in_the_config_means_no_limit_as_the_option_does(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "push.toml"
+    path.write_text(f"drain_timeout = {value}\n" + MINIMAL_TOML)
+    assert load_config(path).drain_timeout == float("inf")
+
+
+def test_a_drain_timeout_of_0_in_the_config_is_no_wait_not_the_default(tmp_path: Path) -> None:
+    """``choreograph push`` takes the option, then the file, then 10 s: a 0 in the file read
+    as "unset" gave pushes in flight 10 s at stop instead of handing them back at once."""
+    from choreograph.cli._push import DEFAULT_DRAIN_TIMEOUT, first_given
+
+    path = tmp_path / "push.toml"
+    path.write_text("drain_timeout = 0\n" + MINIMAL_TOML)
+    config = load_config(path)
+    assert first_given(None, config.drain_timeout, DEFAULT_DRAIN_TIMEOUT) == 0.0
+    assert first_given(2.5, config.drain_timeout, DEFAULT_DRAIN_TIMEOUT) == 2.5
+    path.write_text(MINIMAL_TOML)
+    assert first_given(None, load_config(path).drain_timeout, DEFAULT_DRAIN_TIMEOUT) == 10.0
 
 
 def test_numbers_and_booleans_may_be_strings_from_the_environment(

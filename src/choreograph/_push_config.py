@@ -123,17 +123,19 @@ def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, (str, int, float)) else type(value).__name__
 
 
-def _number(value: Any, where: str, *, minimum: float = 0.0) -> float:
-    """Seconds: a finite number >= ``minimum`` (``PushSubscription`` refines the bounds)."""
+def _number(value: Any, where: str, *, minimum: float = 0.0, forever: bool = False) -> float:
+    """Seconds: a finite number >= ``minimum`` (``PushSubscription`` refines the bounds), or
+    with ``forever`` also ``inf``: no limit (as the CLI's options of the same name take)."""
     number: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):
             number = float(value.strip())
-    if number is None or not math.isfinite(number) or number < minimum:
+    if number is None or not (math.isfinite(number) or (forever and number == math.inf)) or number < minimum:
         bound = f" >= {minimum:g}" if minimum else ""
-        raise ConfigurationError(f"{where}: expected a number of seconds{bound}, got {_shown(value)}")
+        unlimited = ", or inf (no limit)" if forever else ""
+        raise ConfigurationError(f"{where}: expected a number of seconds{bound}{unlimited}, got {_shown(value)}")
     return number
 
 
@@ -275,5 +277,5 @@ def load_config(path: str | Path, *, credentials: bool = True) -> PushConfig:
         store=optional("store", lambda v, w: _text(v, w, "a URL (a string)")),
         origin=optional("origin", _text),
         concurrency=optional("concurrency", lambda v, w: _whole(v, w, minimum=1)),
-        drain_timeout=optional("drain_timeout", _number),
+        drain_timeout=optional("drain_timeout", lambda v, w: _number(v, w, forever=True)),
     )

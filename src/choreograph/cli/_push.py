@@ -95,6 +95,16 @@ def push(
           metrics_port=metrics_port, metrics_host=metrics_host)
 
 
+#: Seconds a stopping ambassador waits for pushes in flight, unless the option or the file says.
+DEFAULT_DRAIN_TIMEOUT = 10.0
+
+
+def first_given(*values: float | None) -> float:
+    """The first value given (not None): the option, then the file, then the default - a
+    0 given is 0 (no wait), not "unset"."""
+    return next(value for value in values if value is not None)
+
+
 def serve(
     settings: PushConfig,
     *,
@@ -118,7 +128,7 @@ def serve(
         subscriptions, transport, store=inbox,
         concurrency=concurrency or settings.concurrency or 16,
         origin=origin or settings.origin,
-        drain_timeout=drain_timeout if drain_timeout is not None else settings.drain_timeout or 10.0,
+        drain_timeout=first_given(drain_timeout, settings.drain_timeout, DEFAULT_DRAIN_TIMEOUT),
         telemetry=telemetry,
     )
 
