@@ -17,26 +17,19 @@ publishes the copy with the nats-py client directly, in the form the transport u
 bodies too large for a header (type and id in the subject, ``P.ev.<type>.<id>``) and so
 without the dedupe header: what a publisher retrying after the window would produce.
 
-Backlog probes answer "is any event still pending?" per group. SQLite: the bus file's
-``deliveries`` rows, with their type (a join deadline timer not yet due is *scheduled*,
-not pending). NATS: each group's consumer ``num_pending + num_ack_pending``; a timer
-waits as an unacknowledged message there, so the groups that take timers are allowed as
-many as the observer knows are not yet due.
+What the harness needs from each broker beyond the transport contract (how to publish a
+real copy, how to count what a group still holds, how to clean up) is in
+``bench/_chaos_brokers.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import json
 import random
-import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -51,6 +44,20 @@ TIMER_SLACK = 5.0
 """Seconds past its due time a join deadline timer may still be waiting (redelivery precision)."""
 
 Republish = Callable[[Message], Awaitable[None]]
+
+
+def timer_due(body: bytes | str) -> float:
+    """When the join deadline timer whose envelope is ``body`` is due (epoch seconds; 0 if unreadable)."""
+    try:
+        data = orjson.loads(body).get("data")
+        return float(data.get("due", 0.0)) if isinstance(data, dict) else 0.0
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0.0
+
+
+def timer_scheduled(body: bytes | str, now: float) -> bool:
+    """A join deadline timer not yet due (within ``TIMER_SLACK``) is *scheduled*, not pending."""
+    return timer_due(body) > now - TIMER_SLACK
 
 
 def order_of(data: Any) -> str | None:
@@ -167,109 +174,3 @@ class Observer:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await sub.close()
-
-
-# -- per broker: duplicates, backlog, cleanup --------------------------------------------------
-
-
-class Bus:
-    """What the harness needs from a broker beyond the transport contract."""
-
-    def __init__(self, url: str, transport: Transport) -> None:
-        self.url = url
-        self.transport = transport
-        self.kind = urlsplit(url).scheme
-
-    async def start(self) -> None:
-        pass
-
-    async def republish(self, message: Message) -> None:
-        await self.transport.publish([message])
-
-    async def backlog(self, groups: Mapping[str, bool], timers_not_due: int) -> dict[str, int] | None:
-        """Events still pending per group (``groups``: name -> takes join timers); None: cannot tell."""
-        return None
-
-    async def close(self, *, keep: bool) -> None:
-        pass
-
-
-class SQLiteBus(Bus):
-    def __init__(self, url: str, transport: Transport) -> None:
-        super().__init__(url, transport)
-        self.path = Path(urlsplit(url).path[1:])
-
-    async def backlog(self, groups: Mapping[str, bool], timers_not_due: int) -> dict[str, int] | None:
-        return await asyncio.to_thread(self._backlog, list(groups))
-
-    def _backlog(self, groups: list[str]) -> dict[str, int]:
-        now = time.time()
-        pending = dict.fromkeys(groups, 0)
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
-        try:
-            rows = conn.execute(
-                "SELECT d.grp, m.type, m.body FROM deliveries d JOIN messages m ON m.seq = d.seq"
-            ).fetchall()
-        finally:
-            conn.close()
-        for group, type_, body in rows:
-            if type_ == DEADLINE:
-                due = float((orjson.loads(body).get("data") or {}).get("due", 0.0))
-                if due > now - TIMER_SLACK:
-                    continue  # scheduled, not pending
-            pending[group] = pending.get(group, 0) + 1
-        return pending
-
-
-class NatsBus(Bus):
-    def __init__(self, url: str, transport: Transport) -> None:
-        super().__init__(url, transport)
-        from choreograph.transports.nats import NatsTransport
-
-        assert isinstance(transport, NatsTransport)
-        self.nats = transport
-        self._nc: Any = None
-        self._js: Any = None
-
-    async def start(self) -> None:
-        import nats
-
-        self._nc = await nats.connect(self.nats._servers, connect_timeout=2, max_reconnect_attempts=-1)
-        self._js = self._nc.jetstream()
-
-    async def republish(self, message: Message) -> None:
-        from choreograph.transports._nats_codec import message_subject
-
-        subject = message_subject(f"{self.nats.prefix}.ev", message.type, message.id)  # id in the subject
-        await self._js.publish(subject, message.body)  # no Nats-Msg-Id: the broker keeps both copies
-
-    async def backlog(self, groups: Mapping[str, bool], timers_not_due: int) -> dict[str, int] | None:
-        from choreograph.transports._nats_codec import name_token
-
-        pending: dict[str, int] = {}
-        for group, takes_timers in groups.items():
-            info = await self._js.consumer_info(self.nats.events_stream, name_token(group))
-            waiting = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
-            pending[group] = max(0, waiting - timers_not_due) if takes_timers else waiting
-        return pending
-
-    async def close(self, *, keep: bool) -> None:
-        if self._nc is None:
-            return
-        if not keep:
-            for stream in (self.nats.events_stream, self.nats.dead_letter_stream):
-                reply = await self._nc.request(f"$JS.API.STREAM.DELETE.{stream}", b"", timeout=5)
-                error = json.loads(reply.data).get("error")
-                if error and error.get("err_code") != 10059:  # no such stream
-                    raise RuntimeError(f"deleting NATS stream {stream}: {error}")
-        with contextlib.suppress(Exception):
-            await self._nc.close()
-
-
-def bus_for(url: str, transport: Transport) -> Bus:
-    kind = urlsplit(url).scheme
-    if kind == "sqlite":
-        return SQLiteBus(url, transport)
-    if kind == "nats":
-        return NatsBus(url, transport)
-    return Bus(url, transport)

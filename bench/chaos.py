@@ -50,7 +50,8 @@ from examples.shop.app import app  # noqa: E402
 from examples.shop.events import OrderPlaced  # noqa: E402
 
 import choreograph  # noqa: E402
-from bench._chaos_bus import OBSERVER_GROUP, Observer, bus_for  # noqa: E402
+from bench._chaos_brokers import UNSEEN_QUIET_S, Bus, Groups, bus_for  # noqa: E402
+from bench._chaos_bus import OBSERVER_GROUP, Observer  # noqa: E402
 from bench._chaos_fleet import Fleet, ReplicaSpec, python_m  # noqa: E402
 from bench._chaos_shop import (  # noqa: E402
     SERVICES,
@@ -76,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--broker", default="sqlite", help="sqlite (a fresh bus file), nats (CHOREOGRAPH_NATS_URL or "
-        f"{NATS_DEFAULT}) or a broker URL; NATS gets a unique prefix unless the URL has one")
+        f"{NATS_DEFAULT}) or a broker URL (nats, redis, amqp); a broker gets a unique prefix unless the URL "
+        "has one")
     add("--orders", type=int, default=500, help="orders to place")
     add("--rate", type=float, default=100.0, help="orders published per second; 0: all at once")
     add("--fault-rate", type=float, default=0.1, help="share of handler attempts that fail transiently")
@@ -97,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=1, help="seeds the orders, the faults, the kills and the duplicates")
     add("--timeout", type=float, default=300.0, help="seconds to wait for every order to end, after the last")
     add("--settle-timeout", type=float, default=90.0, help="seconds to wait for the bus to be idle after that")
-    add("--keep", action="store_true", help="keep the work directory (stores, bus, logs) and NATS streams")
+    add("--keep", action="store_true", help="keep the work directory (stores, bus, logs) and what the bus made "
+        "on a broker (NATS streams, Redis keys, RabbitMQ queues)")
     add("--json", action="store_true", help="print the report as one JSON document on stdout")
     opts = parser.parse_args(argv)
     for name in ("fault_rate", "hang_rate", "duplicate_rate"):
@@ -228,27 +231,40 @@ class Harness:
                          f"kills {len(fleet.kills)}, retries {fleet.counts.retries}")
             await asyncio.sleep(0.5)
 
-    async def settle(self, bus: Any, observer: Observer, stores: Stores,
+    @staticmethod
+    def groups() -> Groups:
+        """Every group on the bus, and whether it takes join deadline timers."""
+        return {s.group: DEADLINE in s.subscriptions for s in app.services} | {OBSERVER_GROUP: False}
+
+    async def settle(self, bus: Bus, observer: Observer, stores: Stores,
                      timeout: float) -> tuple[dict[str, int] | None, dict[str, int]]:
         """Wait until no group has an event pending (join timers not yet due aside) and every service's
-        outbox is sent; the last backlog (``None``: not readable on this broker) and unsent rows."""
-        groups = {s.group: DEADLINE in s.subscriptions for s in app.services} | {OBSERVER_GROUP: False}
+        outbox is sent; the last backlog (``None``: not readable on this broker) and unsent rows.
+
+        Three polls in a row, a second apart, must say so. Where the bus cannot count what consumers
+        hold unacknowledged (RabbitMQ), the quiet must also last ``UNSEEN_QUIET_S`` with no new
+        event seen by the observer; what is left is counted after the consumers stop."""
+        groups = self.groups()
+        polls = 3 if bus.sees_unacked else 3 + int(UNSEEN_QUIET_S)
         deadline = time.monotonic() + timeout
-        quiet, shown = 0, time.monotonic()
+        quiet, shown, seen = 0, time.monotonic(), -1
         backlog: dict[str, int] | None = None
         unsent: dict[str, int] = {}
         while time.monotonic() < deadline:
             await observer.copies_done()
             backlog = await bus.backlog(groups, observer.timers_not_due(time.time()))
             unsent = await asyncio.to_thread(stores.unsent)
-            quiet = quiet + 1 if not any((backlog or {}).values()) and not any(unsent.values()) else 0
-            if quiet >= 3:
+            idle = not any((backlog or {}).values()) and not any(unsent.values())
+            if not bus.sees_unacked:
+                idle, seen = idle and observer.observed == seen, observer.observed
+            quiet = quiet + 1 if idle else 0
+            if quiet >= polls:
                 return backlog, unsent
             if not quiet and time.monotonic() - shown >= 5.0:
                 shown = time.monotonic()
                 waiting = {g: n for g, n in (backlog or {}).items() if n} | {
                     f"{s} outbox": n for s, n in unsent.items() if n}
-                self.say(f"waiting for the bus to be idle: pending {waiting}")
+                self.say(f"waiting for the bus to be idle: pending {waiting} {bus.detail or ''}")
             await asyncio.sleep(1.0)
         return backlog, unsent
 
@@ -287,7 +303,10 @@ class Harness:
                 self.marks["settled"] = time.monotonic()
                 await observer.stop()
                 letters = await transport.dead_letters(None, limit=1_000_000)
+                stopped_at = time.time()
                 await fleet.stop()
+                final = await bus.final_backlog(self.groups(), observer.timers_not_due(stopped_at))
+                backlog = backlog if final is None else final
                 self.say("stopped; checking invariants")
                 status = dict(stores.rows("orders", "SELECT order_id, status FROM orders"))
                 checks += check_stores(stores, self.orders, balances, stock,
@@ -295,7 +314,7 @@ class Harness:
                 checks += check_bus(self.orders, observer.ids, status)
                 letters_check, reasons = check_dead_letters(letters, self.orders)
                 checks.append(letters_check)
-                checks += self.runtime_checks(backlog, unsent, fleet)
+                checks += self.runtime_checks(backlog, unsent, fleet, bus)
                 return self.report(stores, fleet, observer, checks, reasons, len(letters), backlog, unsent)
         finally:
             await fleet.stop()  # no-op once stopped
@@ -312,13 +331,15 @@ class Harness:
         return {oid: sorted(f"{kind} x{len(ids)}" for kind, ids in observer.ids.get(oid, {}).items())
                 for oid in open_}
 
-    def runtime_checks(self, backlog: dict[str, int] | None, unsent: dict[str, int], fleet: Fleet) -> list[Check]:
+    def runtime_checks(self, backlog: dict[str, int] | None, unsent: dict[str, int], fleet: Fleet,
+                       bus: Bus) -> list[Check]:
         if backlog is None:
             pending = Check("no event left pending", True, f"not checked on {urlsplit(self.url).scheme}")
         else:
             stuck = {group: n for group, n in backlog.items() if n}
-            pending = Check("no event left pending", not stuck,
-                            f"pending: {stuck}" if stuck else f"{len(backlog)} groups idle")
+            what = {group: bus.detail.get(group, "") for group in stuck}
+            idle = f"{len(backlog)} groups idle ({bus.how})"
+            pending = Check("no event left pending", not stuck, f"pending: {stuck} ({what})" if stuck else idle)
         counts = fleet.counts
         left = {service: n for service, n in unsent.items() if n}
         return [

@@ -1,26 +1,38 @@
-"""The chaos harness (bench/chaos.py) in CI: the shop keeps every invariant under faults, on SQLite and NATS.
+"""The chaos harness (bench/chaos.py) in CI: the shop keeps every invariant under faults, on every broker.
 
 Each run places 500 orders through the shop's services, each service two real
 processes, while 10 % of handler attempts fail, some hang past their timeout, a random
 process is SIGKILLed every two seconds (at least three times) and 5 % of events are
 delivered twice. The harness exits 0 only if every invariant holds (see
 bench/_chaos_shop.py); the JSON report shows the chaos actually happened. ``choreograph chaos``
-forwards to the same harness.
+forwards to the same harness. Its "no event left pending" counts what each broker holds
+(bench/_chaos_brokers.py); the tests below the runs show those counts see what they must.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import orjson
 import pytest
+from bench._chaos_brokers import AmqpBus, RedisBus
 
+from choreograph.joins import DEADLINE
+from choreograph.transports.amqp import AmqpTransport
+from choreograph.transports.base import Message
+from choreograph.transports.redis import RedisTransport
 from tests._brokers import require_broker
+from tests.conformance.brokers import amqp as amqp_bus
 from tests.conformance.brokers import nats as nats_bus
+from tests.conformance.brokers import redis as redis_bus
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_RUN = [
@@ -70,6 +82,103 @@ def test_the_shop_keeps_its_invariants_under_chaos_on_nats() -> None:
         import asyncio
 
         asyncio.run(nats_bus.cleanup(url))  # the harness deletes its streams; this covers a crash
+
+
+def shared_redis_url(unique: str, *, lease: float) -> str:
+    """A bus with its own key prefix on the shared Redis (the conformance suite's ``redis.url`` would
+    start a private server with an fsync per write: not the deployment a chaos run stands for)."""
+    parts = urlsplit(require_broker("redis"))
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("lease", "prefix")]
+    query += [("lease", repr(lease)), ("prefix", f"choreograph-test-{unique}")]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.mark.slow
+def test_the_shop_keeps_its_invariants_under_chaos_on_redis() -> None:
+    url = shared_redis_url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0)
+    try:
+        report = chaos("--broker", url)
+        assert_the_chaos_happened(report)
+        assert set(report["pending"]) == {"orders", "payment", "inventory", "shipping", "chaos-observer"}
+    finally:
+        asyncio.run(redis_bus.cleanup(url))  # the harness deletes its keys; this covers a crash
+
+
+@pytest.mark.slow
+def test_the_shop_keeps_its_invariants_under_chaos_on_amqp() -> None:
+    require_broker("amqp")
+    url = amqp_bus.url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0)
+    try:
+        report = chaos("--broker", url)
+        assert_the_chaos_happened(report)
+        assert set(report["pending"]) == {"orders", "payment", "inventory", "shipping", "chaos-observer"}
+    finally:
+        asyncio.run(amqp_bus.cleanup(url))  # the harness deletes its queues; this covers a crash
+
+
+def timer(due: float) -> Message:
+    """A join deadline timer as the bus carries it (only ``data.due`` matters to the backlog)."""
+    return Message(uuid.uuid4().hex, DEADLINE, orjson.dumps({"type": DEADLINE, "data": {"due": due}}))
+
+
+def events(n: int) -> list[Message]:
+    return [Message(uuid.uuid4().hex, "chaos.test", b"{}") for _ in range(n)]
+
+
+async def test_the_redis_backlog_counts_unacked_undelivered_and_delayed_but_not_a_timer_not_yet_due() -> None:
+    url = shared_redis_url(f"backlog-{uuid.uuid4().hex[:8]}", lease=30.0)
+    transport = RedisTransport(url)
+    await transport.connect()
+    bus = RedisBus(url, transport)
+    await bus.start()
+    try:
+        sub = await transport.subscribe("g", ["chaos.test", DEADLINE])
+        await transport.publish([*events(3), timer(time.time() + 60), timer(time.time() - 60)])
+        assert await bus.backlog({"g": True}, 0) == {"g": 4}  # undelivered; the timer due in 60 s: scheduled
+        got = await sub.fetch(10, timeout=2.0)
+        assert len(got) == 5
+        assert await bus.backlog({"g": True}, 0) == {"g": 4}  # delivered, not acknowledged
+        first, second, *_ = [d for d in got if d.message.type == "chaos.test"]
+        timers = [d for d in got if d.message.type == DEADLINE]
+        not_due = next(d for d in timers if orjson.loads(d.message.body)["data"]["due"] > time.time())
+        await first.retry(30.0)
+        await not_due.retry(60.0)
+        await second.ack()
+        assert await bus.backlog({"g": True}, 0) == {"g": 3}  # one delayed, one unacked, the overdue timer
+        await sub.ack_many([d for d in got if not d.settled])
+        assert await bus.backlog({"g": True}, 0) == {"g": 1}  # the delayed retry
+        assert "2 delayed, 1 of them timers not yet due" in bus.detail["g"]
+    finally:
+        await transport.close()
+        await bus.close(keep=False)
+    async with RedisTransport(url) as reader:
+        assert await reader.groups() == {}  # close deleted the bus's keys
+
+
+async def test_the_rabbitmq_backlog_counts_ready_and_retrying_and_what_consumers_held_once_stopped() -> None:
+    require_broker("amqp")
+    url = amqp_bus.url(f"backlog-{uuid.uuid4().hex[:8]}", lease=30.0)
+    transport = AmqpTransport(url)
+    await transport.connect()
+    bus = AmqpBus(url, transport)
+    await bus.start()
+    try:
+        sub = await transport.subscribe("g", ["chaos.test"])
+        await transport.publish(events(3))
+        assert await bus.backlog({"g": False}, 0) == {"g": 3}
+        assert await bus.backlog({"g": True}, 2) == {"g": 1}  # a group taking timers may hold those not due
+        got = await sub.fetch(3, timeout=5.0)
+        assert len(got) == 3
+        await got[0].retry(30.0)  # into a holding queue
+        await got[1].ack()
+        assert await bus.backlog({"g": False}, 0) == {"g": 1}  # the retry; the one held is not seen over AMQP
+        await sub.close()  # the consumer stops: the broker has its message back
+        assert await bus.final_backlog({"g": False}, 0) == {"g": 2}
+    finally:
+        await transport.close()
+        await bus.close(keep=False)
+    async with AmqpTransport(url) as reader:
+        assert await reader.groups() == {}  # close deleted the bus's queues
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,365 @@
+"""The chaos harness per broker: real duplicate copies, what a group still holds, cleanup.
+
+"Is any event still pending?" is asked of each group (the shop's services and the
+observer) once every order has ended, until three polls in a row say no. What a group
+holds, per broker:
+
+* **SQLite**: the bus file's ``deliveries`` rows of the group, delivered or not.
+* **NATS**: the group's consumer ``num_pending + num_ack_pending``.
+* **Redis Streams**: the group's pending entries list (``XPENDING``: delivered, not
+  acknowledged), the entries of its stream after its ``last-delivered-id`` (not yet
+  delivered; ``XINFO GROUPS`` ``lag`` cannot be used: the transport deletes settled
+  entries, and Redis reports no lag for a stream with deletions in it) and its delayed
+  retries (the sorted set ``P:d:<group>``), read in one Lua script (one snapshot).
+* **RabbitMQ**: the group's queue and its retry holding queues (``P.retry.<group>.<ms>``,
+  every bucket) by a passive declare, which gives the messages *ready*. Messages a
+  consumer holds unacknowledged are counted nowhere over AMQP 0-9-1 (only the
+  management plugin's HTTP API has them, and it is not a given): so the harness polls
+  the ready counts, waits longer for quiet (no new event seen by the observer for longer
+  than a handler may run), and takes the count that is checked after every consumer has
+  stopped, when the broker has put every unacknowledged message back in its queue.
+
+A join deadline timer that is not yet due is *scheduled*, not pending (it can only find
+its join fired or already compensated). SQLite and Redis read each held message's type
+and the timer's due time; NATS and RabbitMQ cannot look inside without consuming, so
+the groups that take timers are allowed as many as the observer knows are not yet due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench._chaos_bus import timer_scheduled
+from choreograph.joins import DEADLINE
+from choreograph.transports.base import Message, Transport
+
+Groups = Mapping[str, bool]
+"""Group name -> whether it takes join deadline timers."""
+
+
+class Bus:
+    """What the harness needs from a broker beyond the transport contract."""
+
+    #: The backlog counts messages consumers hold unacknowledged (False: ready ones only,
+    #: so the settle waits longer and ``final_backlog`` has the count to check).
+    sees_unacked = True
+    #: How the pending check counts, for its detail line.
+    how = ""
+
+    def __init__(self, url: str, transport: Transport) -> None:
+        self.url = url
+        self.transport = transport
+        self.kind = urlsplit(url).scheme
+        self.detail: dict[str, str] = {}  # group -> what it held at the last poll, when it held anything
+
+    async def start(self) -> None:
+        pass
+
+    async def republish(self, message: Message) -> None:
+        await self.transport.publish([message])
+
+    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+        """Events still pending per group; None: cannot tell on this broker."""
+        return None
+
+    async def final_backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+        """Pending per group once every consumer has stopped; None: the last ``backlog`` stands."""
+        return None
+
+    async def close(self, *, keep: bool) -> None:
+        pass
+
+
+class SQLiteBus(Bus):
+    how = "the bus file's deliveries"
+
+    def __init__(self, url: str, transport: Transport) -> None:
+        super().__init__(url, transport)
+        self.path = Path(urlsplit(url).path[1:])
+
+    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+        return await asyncio.to_thread(self._backlog, list(groups))
+
+    def _backlog(self, groups: list[str]) -> dict[str, int]:
+        now = time.time()
+        pending = dict.fromkeys(groups, 0)
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            rows = conn.execute(
+                "SELECT d.grp, m.type, m.body FROM deliveries d JOIN messages m ON m.seq = d.seq"
+            ).fetchall()
+        finally:
+            conn.close()
+        for group, type_, body in rows:
+            if type_ == DEADLINE and timer_scheduled(body, now):
+                continue
+            pending[group] = pending.get(group, 0) + 1
+        return pending
+
+
+class NatsBus(Bus):
+    how = "num_pending + num_ack_pending"
+
+    def __init__(self, url: str, transport: Transport) -> None:
+        super().__init__(url, transport)
+        from choreograph.transports.nats import NatsTransport
+
+        assert isinstance(transport, NatsTransport)
+        self.nats = transport
+        self._nc: Any = None
+        self._js: Any = None
+
+    async def start(self) -> None:
+        import nats
+
+        self._nc = await nats.connect(self.nats._servers, connect_timeout=2, max_reconnect_attempts=-1)
+        self._js = self._nc.jetstream()
+
+    async def republish(self, message: Message) -> None:
+        from choreograph.transports._nats_codec import message_subject
+
+        subject = message_subject(f"{self.nats.prefix}.ev", message.type, message.id)  # id in the subject
+        await self._js.publish(subject, message.body)  # no Nats-Msg-Id: the broker keeps both copies
+
+    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+        from choreograph.transports._nats_codec import name_token
+
+        pending: dict[str, int] = {}
+        for group, takes_timers in groups.items():
+            info = await self._js.consumer_info(self.nats.events_stream, name_token(group))
+            waiting = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            pending[group] = max(0, waiting - timers_not_due) if takes_timers else waiting
+        return pending
+
+    async def close(self, *, keep: bool) -> None:
+        if self._nc is None:
+            return
+        if not keep:
+            for stream in (self.nats.events_stream, self.nats.dead_letter_stream):
+                reply = await self._nc.request(f"$JS.API.STREAM.DELETE.{stream}", b"", timeout=5)
+                error = json.loads(reply.data).get("error")
+                if error and error.get("err_code") != 10059:  # no such stream
+                    raise RuntimeError(f"deleting NATS stream {stream}: {error}")
+        with contextlib.suppress(Exception):
+            await self._nc.close()
+
+
+REDIS_HELD = """
+local stream, delayed, group, timer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local function fields(flat)
+  local f = {}
+  for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+  return f
+end
+local last = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local f = fields(g)
+  if f['name'] == group then last = f['last-delivered-id'] end
+end
+if not last then return redis.error_reply('NOGROUP no group ' .. group .. ' on ' .. stream) end
+local timers = {}
+local function note(flat)
+  local f = fields(flat)
+  if f['type'] == timer then timers[#timers + 1] = f['body'] or '' end
+end
+local unacked = tonumber(redis.call('XPENDING', stream, group)[1])
+if unacked > 0 then
+  for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', unacked)) do
+    local e = redis.call('XRANGE', stream, p[1], p[1])
+    if #e == 1 then note(e[1][2]) end
+  end
+end
+local undelivered = 0
+for _, e in ipairs(redis.call('XRANGE', stream, '(' .. last, '+')) do
+  undelivered = undelivered + 1
+  note(e[2])
+end
+local waiting = redis.call('ZRANGE', delayed, 0, -1)
+for _, member in ipairs(waiting) do
+  local m = cmsgpack.unpack(member)
+  if m[2] == timer then timers[#timers + 1] = m[3] end
+end
+return {unacked, undelivered, #waiting, timers}
+"""
+"""KEYS: a group's stream and delayed set. ARGV: group, timer type. Returns {delivered and
+not acknowledged, not yet delivered, delayed retries, bodies of the join timers among them}."""
+
+
+class RedisBus(Bus):
+    """Redis Streams (layout: ``choreograph.transports._redis_lua``)."""
+
+    how = "unacknowledged + undelivered + delayed retries"
+
+    def __init__(self, url: str, transport: Transport) -> None:
+        super().__init__(url, transport)
+        from choreograph.transports.redis import RedisTransport
+
+        assert isinstance(transport, RedisTransport)
+        self.redis = transport
+        self._client: Any = None
+        self._held: Any = None
+
+    async def start(self) -> None:
+        import redis.asyncio as aioredis
+
+        self._client = aioredis.Redis.from_url(self.redis._client_url, protocol=2)
+        self._held = self._client.register_script(REDIS_HELD)
+
+    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+        pending: dict[str, int] = {}
+        self.detail = {}
+        for group in groups:
+            stream, delayed, _ = self.redis._keys(group)
+            held = await self._held(keys=[stream, delayed], args=[group, DEADLINE])
+            unacked, undelivered, waiting, timers = held
+            now = time.time()
+            scheduled = sum(timer_scheduled(body, now) for body in timers)
+            pending[group] = int(unacked) + int(undelivered) + int(waiting) - scheduled
+            if pending[group]:
+                self.detail[group] = (f"{unacked} unacknowledged, {undelivered} undelivered, "
+                                      f"{waiting} delayed, {scheduled} of them timers not yet due")
+        return pending
+
+    async def close(self, *, keep: bool) -> None:
+        if self._client is None:
+            return
+        try:
+            if not keep:
+                match = _glob_escape(self.redis.prefix) + ":*"
+                keys = [key async for key in self._client.scan_iter(match=match, count=500)]
+                for start in range(0, len(keys), 500):
+                    await self._client.delete(*keys[start : start + 500])
+        finally:
+            await self._client.aclose()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+UNSEEN_QUIET_S = 8.0
+"""Seconds of quiet the settle asks for where unacknowledged messages cannot be counted: longer
+than a handler may run (the shop's 5 s timeout), so whatever a consumer held when the quiet
+began has been settled, or retried (into a holding queue, which is counted), before it ends."""
+
+
+class AmqpBus(Bus):
+    """RabbitMQ (layout: ``choreograph.transports._amqp_wire``). Counts by passive declares on a
+    connection of its own: nothing is consumed, nothing changes."""
+
+    sees_unacked = False
+    how = "counted after every consumer stopped: ready in the group's queue and its retry queues"
+
+    def __init__(self, url: str, transport: Transport) -> None:
+        super().__init__(url, transport)
+        from choreograph.transports.amqp import AmqpTransport
+
+        assert isinstance(transport, AmqpTransport)
+        self.amqp = transport
+        self._connection: Any = None
+
+    async def start(self) -> None:
+        import aiormq
+
+        self._connection = await aiormq.connect(self.amqp._client_url)
+
+    async def _held(self, group: str) -> int:
+        """Messages ready in the group's queue and in every retry queue it may have (a queue
+        that does not exist holds nothing; the refusal closes the channel, so a new one follows)."""
+        import aiormq.exceptions
+
+        from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS
+
+        names = self.amqp.names
+        queues = [names.group(group), *(names.retry(group, ms) for ms in RETRY_BUCKETS_MS)]
+        channel = await self._connection.channel()
+        total = 0
+        try:
+            for queue in queues:
+                try:
+                    declared = await channel.queue_declare(queue, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    channel = await self._connection.channel()
+                    continue
+                total += int(declared.message_count or 0)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return total
+
+    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+        held = await asyncio.gather(*(self._held(group) for group in groups))
+        pending = {}
+        self.detail = {}
+        for (group, takes_timers), count in zip(groups.items(), held, strict=True):
+            pending[group] = max(0, count - timers_not_due) if takes_timers else count
+            if pending[group]:
+                self.detail[group] = f"{count} ready" + (f", {timers_not_due} timers not yet due"
+                                                         if takes_timers else "")
+        return pending
+
+    async def final_backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+        """Every consumer has stopped, so the broker has returned what they held: the counts are
+        all that is left. Taken when two polls half a second apart agree (a retry's hop from its
+        holding queue into the group's queue may be counted twice, or on classic queues not at
+        all, for an instant)."""
+        last: dict[str, int] | None = None
+        for _ in range(20):
+            pending = await self.backlog(groups, timers_not_due) or {}
+            if pending == last:
+                break
+            last = pending
+            await asyncio.sleep(0.5)
+        return last
+
+    async def close(self, *, keep: bool) -> None:
+        if self._connection is None:
+            return
+        try:
+            if not keep:
+                await self._delete()
+        finally:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    async def _delete(self) -> None:
+        """Delete every queue and the exchange of this bus (its groups are read from its registry)."""
+        from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS
+        from choreograph.transports.amqp import AmqpTransport
+
+        names = self.amqp.names
+        reader = AmqpTransport(self.url)
+        try:
+            groups = list(await reader.groups())
+        finally:
+            await reader.close()
+        channel = await self._connection.channel()
+        queues = [names.registry]
+        for group in groups:
+            queues += [names.group(group), names.dlq(group)]
+            queues += [names.retry(group, ms) for ms in RETRY_BUCKETS_MS]
+        for queue in queues:
+            await channel.queue_delete(queue)
+        await channel.exchange_delete(names.exchange)
+        await channel.close()
+
+
+def bus_for(url: str, transport: Transport) -> Bus:
+    kind = urlsplit(url).scheme
+    if kind == "sqlite":
+        return SQLiteBus(url, transport)
+    if kind == "nats":
+        return NatsBus(url, transport)
+    if kind in ("redis", "rediss"):
+        return RedisBus(url, transport)
+    if kind in ("amqp", "amqps"):
+        return AmqpBus(url, transport)
+    return Bus(url, transport)
