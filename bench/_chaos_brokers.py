@@ -13,16 +13,21 @@ holds, per broker:
   retries (the sorted set ``P:d:<group>``), read in one Lua script (one snapshot).
 * **RabbitMQ**: the group's queue and its retry holding queues (``P.retry.<group>.<ms>``,
   every bucket) by a passive declare, which gives the messages *ready*. Messages a
-  consumer holds unacknowledged are counted nowhere over AMQP 0-9-1 (only the
-  management plugin's HTTP API has them, and it is not a given): so the harness polls
-  the ready counts, waits longer for quiet (no new event seen by the observer for longer
-  than a handler may run), and takes the count that is checked after every consumer has
-  stopped, when the broker has put every unacknowledged message back in its queue.
+  consumer holds unacknowledged are counted nowhere over AMQP 0-9-1 (only the management
+  plugin's HTTP API has them, and a server need not run it): so the harness waits longer
+  for quiet (no new event seen by the observer for longer than a handler may run), stops
+  the consumers, and checks the count taken after they stopped, when the broker has put
+  every unacknowledged message back in its queue (``Harness.run`` has the order).
 
 A join deadline timer that is not yet due is *scheduled*, not pending (it can only find
 its join fired or already compensated). SQLite and Redis read each held message's type
-and the timer's due time; NATS and RabbitMQ cannot look inside without consuming, so
-the groups that take timers are allowed as many as the observer knows are not yet due.
+and the timer's due time. NATS cannot look inside without consuming, so the groups that
+take timers are allowed as many as the observer knows are not yet due. RabbitMQ cannot
+either, but a timer waits for its due time in a holding queue whose delay is longer than
+any retry backoff of the shop's policy, where nothing else goes: those queues are
+scheduled timers (and copies of them: a kill between the copy and the ack of a deferral
+leaves two, which no count by the observer could allow for); what a timer-taking group
+holds elsewhere is allowed the timers due around then (see ``AmqpBus.timers_allowed``).
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench._chaos_bus import timer_scheduled
+from bench._chaos_bus import TIMER_SLACK, Observer, timer_scheduled
 from choreograph.joins import DEADLINE
+from choreograph.runtime.worker import IN_FLIGHT_DEFER
 from choreograph.transports.base import Message, Transport
 
 Groups = Mapping[str, bool]
@@ -66,11 +72,14 @@ class Bus:
     async def republish(self, message: Message) -> None:
         await self.transport.publish([message])
 
-    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
-        """Events still pending per group; None: cannot tell on this broker."""
+    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
+        """Events still pending per group; None: cannot tell on this broker.
+
+        ``as_of``: when the consumers of the timer-taking groups stopped (None: they run), so
+        timers falling due since then are still scheduled."""
         return None
 
-    async def final_backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+    async def final_backlog(self, groups: Groups, observer: Observer, as_of: float) -> dict[str, int] | None:
         """Pending per group once every consumer has stopped; None: the last ``backlog`` stands."""
         return None
 
@@ -85,11 +94,10 @@ class SQLiteBus(Bus):
         super().__init__(url, transport)
         self.path = Path(urlsplit(url).path[1:])
 
-    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
-        return await asyncio.to_thread(self._backlog, list(groups))
+    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
+        return await asyncio.to_thread(self._backlog, list(groups), as_of or time.time())
 
-    def _backlog(self, groups: list[str]) -> dict[str, int]:
-        now = time.time()
+    def _backlog(self, groups: list[str], now: float) -> dict[str, int]:
         pending = dict.fromkeys(groups, 0)
         conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
         try:
@@ -129,9 +137,10 @@ class NatsBus(Bus):
         subject = message_subject(f"{self.nats.prefix}.ev", message.type, message.id)  # id in the subject
         await self._js.publish(subject, message.body)  # no Nats-Msg-Id: the broker keeps both copies
 
-    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
         from choreograph.transports._nats_codec import name_token
 
+        timers_not_due = observer.timers_not_due(as_of or time.time())
         pending: dict[str, int] = {}
         for group, takes_timers in groups.items():
             info = await self._js.consumer_info(self.nats.events_stream, name_token(group))
@@ -213,14 +222,14 @@ class RedisBus(Bus):
         self._client = aioredis.Redis.from_url(self.redis._client_url, protocol=2)
         self._held = self._client.register_script(REDIS_HELD)
 
-    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
         pending: dict[str, int] = {}
         self.detail = {}
         for group in groups:
             stream, delayed, _ = self.redis._keys(group)
             held = await self._held(keys=[stream, delayed], args=[group, DEADLINE])
             unacked, undelivered, waiting, timers = held
-            now = time.time()
+            now = as_of or time.time()
             scheduled = sum(timer_scheduled(body, now) for body in timers)
             pending[group] = int(unacked) + int(undelivered) + int(waiting) - scheduled
             if pending[group]:
@@ -245,25 +254,33 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-UNSEEN_QUIET_S = 8.0
-"""Seconds of quiet the settle asks for where unacknowledged messages cannot be counted: longer
-than a handler may run (the shop's 5 s timeout), so whatever a consumer held when the quiet
-began has been settled, or retried (into a holding queue, which is counted), before it ends."""
+WORKER_HAND_BACK_S = max(IN_FLIGHT_DEFER, 1.0)
+"""The worker's own delayed hand-backs wait this long: a copy arriving while another is handled
+(``IN_FLIGHT_DEFER``), a batch whose inbox could not be read (1 s)."""
 
 
 class AmqpBus(Bus):
     """RabbitMQ (layout: ``choreograph.transports._amqp_wire``). Counts by passive declares on a
-    connection of its own: nothing is consumed, nothing changes."""
+    connection of its own: nothing is consumed, nothing changes.
+
+    ``longest_retry``: the longest backoff of the services' retry policies (seconds); a holding
+    queue with a longer delay holds only deferred join timers."""
 
     sees_unacked = False
-    how = "counted after every consumer stopped: ready in the group's queue and its retry queues"
+    how = ("counted after every consumer stopped: ready in the group's queue and its retry queues; "
+           "timers waiting in longer holding queues are scheduled")
 
-    def __init__(self, url: str, transport: Transport) -> None:
+    def __init__(self, url: str, transport: Transport, *, longest_retry: float) -> None:
         super().__init__(url, transport)
+        from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS, retry_bucket_ms
         from choreograph.transports.amqp import AmqpTransport
 
         assert isinstance(transport, AmqpTransport)
         self.amqp = transport
+        self.longest_retry_ms = retry_bucket_ms(max(longest_retry, WORKER_HAND_BACK_S))
+        # A delay is rounded up to the next bucket: a timer leaves its holding queue at most this
+        # share of its wait after it fell due.
+        self.late_fraction = max(b / a for a, b in zip(RETRY_BUCKETS_MS, RETRY_BUCKETS_MS[1:], strict=False)) - 1
         self._connection: Any = None
 
     async def start(self) -> None:
@@ -271,49 +288,64 @@ class AmqpBus(Bus):
 
         self._connection = await aiormq.connect(self.amqp._client_url)
 
-    async def _held(self, group: str) -> int:
-        """Messages ready in the group's queue and in every retry queue it may have (a queue
-        that does not exist holds nothing; the refusal closes the channel, so a new one follows)."""
+    async def _held(self, group: str) -> tuple[int, int]:
+        """(ready in the group's queue and in the holding queues of retries, waiting in the
+        longer holding queues). A queue that does not exist holds nothing (the refusal closes
+        the channel, so a new one follows)."""
         import aiormq.exceptions
 
         from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS
 
         names = self.amqp.names
-        queues = [names.group(group), *(names.retry(group, ms) for ms in RETRY_BUCKETS_MS)]
+        queues = [(names.group(group), 0), *((names.retry(group, ms), ms) for ms in RETRY_BUCKETS_MS)]
         channel = await self._connection.channel()
-        total = 0
+        ready = waiting = 0
         try:
-            for queue in queues:
+            for queue, delay_ms in queues:
                 try:
                     declared = await channel.queue_declare(queue, passive=True)
                 except aiormq.exceptions.ChannelNotFoundEntity:
                     channel = await self._connection.channel()
                     continue
-                total += int(declared.message_count or 0)
+                count = int(declared.message_count or 0)
+                if delay_ms > self.longest_retry_ms:
+                    waiting += count
+                else:
+                    ready += count
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
-        return total
+        return ready, waiting
 
-    async def backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+    def timers_allowed(self, observer: Observer, as_of: float, now: float) -> int:
+        """Timers a timer-taking group may hold outside the long holding queues, as scheduled:
+        those that left them since ``as_of`` (their consumers stopped then: nobody takes them)
+        or were just deferred into a short one (due within the longest retry), copies included.
+        A timer leaves its holding queue up to ``late_fraction`` of its wait after its due time."""
+        late = self.late_fraction * observer.longest_timer_wait()
+        return observer.timers_due_between(as_of - TIMER_SLACK - late, now + self.longest_retry_ms / 1000)
+
+    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
         held = await asyncio.gather(*(self._held(group) for group in groups))
+        now = time.time()
+        allowed = self.timers_allowed(observer, as_of or now, now)
         pending = {}
         self.detail = {}
-        for (group, takes_timers), count in zip(groups.items(), held, strict=True):
-            pending[group] = max(0, count - timers_not_due) if takes_timers else count
+        for (group, takes_timers), (ready, waiting) in zip(groups.items(), held, strict=True):
+            pending[group] = max(0, ready - allowed) if takes_timers else ready
             if pending[group]:
-                self.detail[group] = f"{count} ready" + (f", {timers_not_due} timers not yet due"
-                                                         if takes_timers else "")
+                self.detail[group] = f"{ready} ready" + (
+                    f", {allowed} timers may be among them, {waiting} timers waiting" if takes_timers else "")
         return pending
 
-    async def final_backlog(self, groups: Groups, timers_not_due: int) -> dict[str, int] | None:
+    async def final_backlog(self, groups: Groups, observer: Observer, as_of: float) -> dict[str, int] | None:
         """Every consumer has stopped, so the broker has returned what they held: the counts are
         all that is left. Taken when two polls half a second apart agree (a retry's hop from its
         holding queue into the group's queue may be counted twice, or on classic queues not at
         all, for an instant)."""
         last: dict[str, int] | None = None
         for _ in range(20):
-            pending = await self.backlog(groups, timers_not_due) or {}
+            pending = await self.backlog(groups, observer, as_of) or {}
             if pending == last:
                 break
             last = pending
@@ -352,7 +384,7 @@ class AmqpBus(Bus):
         await channel.close()
 
 
-def bus_for(url: str, transport: Transport) -> Bus:
+def bus_for(url: str, transport: Transport, *, longest_retry: float) -> Bus:
     kind = urlsplit(url).scheme
     if kind == "sqlite":
         return SQLiteBus(url, transport)
@@ -361,5 +393,5 @@ def bus_for(url: str, transport: Transport) -> Bus:
     if kind in ("redis", "rediss"):
         return RedisBus(url, transport)
     if kind in ("amqp", "amqps"):
-        return AmqpBus(url, transport)
+        return AmqpBus(url, transport, longest_retry=longest_retry)
     return Bus(url, transport)

@@ -84,6 +84,7 @@ class Observer:
         self.ids: dict[str, dict[str, set[str]]] = collections.defaultdict(lambda: collections.defaultdict(set))
         self.types: collections.Counter[str] = collections.Counter()
         self.timers: dict[str, float] = {}  # timer event id -> due (epoch seconds)
+        self.timer_seen: dict[str, float] = {}  # timer event id -> when the observer first saw it
         self.timer_copies: collections.Counter[str] = collections.Counter()  # timer id -> copies published
         self.seen: set[str] = set()
         self.placed_at: dict[str, float] = {}  # order -> when the observer first saw it placed
@@ -124,6 +125,7 @@ class Observer:
         data = envelope.get("data")
         if message.type == DEADLINE and isinstance(data, dict):
             self.timers[message.id] = float(data.get("due", 0.0))
+            self.timer_seen[message.id] = time.time()
         order = order_of(data)
         if order is not None:
             kind = f"{FAILED}:{data.get('type')}" if message.type == FAILED else message.type
@@ -161,6 +163,14 @@ class Observer:
     def timers_not_due(self, now: float) -> int:
         """Timer deliveries (copies included) a group taking timers may still hold, unacknowledged."""
         return sum(1 + self.timer_copies[id_] for id_, due in self.timers.items() if due > now - TIMER_SLACK)
+
+    def timers_due_between(self, start: float, end: float) -> int:
+        """Timer deliveries (copies included) due after ``start`` and by ``end``."""
+        return sum(1 + self.timer_copies[id_] for id_, due in self.timers.items() if start < due <= end)
+
+    def longest_timer_wait(self) -> float:
+        """The longest a timer had to wait for its due time when first seen (seconds; 0 without timers)."""
+        return max((due - self.timer_seen[id_] for id_, due in self.timers.items()), default=0.0)
 
     async def copies_done(self) -> None:
         while self._copies:

@@ -23,7 +23,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -92,6 +92,7 @@ class _Replica:
     lifetime: int = 0
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
+    stopped: bool = False  # stopped by the harness: neither killed nor restarted any more
 
 
 EnvFor = Callable[[ReplicaSpec, int], Mapping[str, str]]
@@ -164,7 +165,7 @@ class Fleet:
     async def _watch(self, replica: _Replica, proc: asyncio.subprocess.Process) -> None:
         """A replica that dies on its own (not killed by us, not stopping) is reported and restarted."""
         code = await proc.wait()
-        if self._stopping or proc is not replica.proc or code == -signal.SIGKILL and self._killed(proc.pid):
+        if replica.stopped or proc is not replica.proc or code == -signal.SIGKILL and self._killed(proc.pid):
             return
         self.unexpected_exits.append(f"{replica.spec.name} (pid {proc.pid}) exited with {code}")
         self.say(f"{replica.spec.name} exited on its own with {code}; restarting")
@@ -176,7 +177,8 @@ class Fleet:
 
     async def kill_one(self) -> str | None:
         """SIGKILL one random ready replica, then start it again (without waiting for it)."""
-        ready = [r for r in self.replicas if r.ready.is_set() and r.proc is not None and r.proc.returncode is None]
+        ready = [r for r in self.replicas
+                 if r.ready.is_set() and not r.stopped and r.proc is not None and r.proc.returncode is None]
         if not ready:
             return None
         replica = self.rng.choice(ready)
@@ -202,12 +204,20 @@ class Fleet:
             if name is not None:
                 self.say(f"SIGKILL {name} (kill {len(self.kills)}); restarted")
 
-    async def stop(self) -> None:
-        """SIGTERM every replica (they drain and settle), SIGKILL what is left after STOP_TIMEOUT."""
+    async def stop(self, services: Collection[str] | None = None) -> None:
+        """SIGTERM every replica (they drain and settle), SIGKILL what is left after STOP_TIMEOUT.
+
+        ``services``: only the replicas of those (the others go on; a later ``stop()`` stops them)."""
         if self._stopping:
             return
-        self._stopping = True
-        live = [r.proc for r in self.replicas if r.proc is not None and r.proc.returncode is None]
+        chosen = [r for r in self.replicas if not r.stopped and (services is None or r.spec.service in services)]
+        for replica in chosen:
+            replica.stopped = True
+        await self._terminate([r.proc for r in chosen if r.proc is not None and r.proc.returncode is None])
+        if services is None:
+            await self._finish()
+
+    async def _terminate(self, live: list[asyncio.subprocess.Process]) -> None:
         for proc in live:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -221,6 +231,9 @@ class Fleet:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
             await asyncio.gather(*(proc.wait() for proc in live))
+
+    async def _finish(self) -> None:
+        self._stopping = True
         await asyncio.gather(*(r.reader for r in self.replicas if r.reader is not None), return_exceptions=True)
         for task in self._watchers:
             task.cancel()

@@ -45,12 +45,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.shop._policy import TIMEOUT  # noqa: E402
+from examples.shop._policy import RETRY, TIMEOUT  # noqa: E402
 from examples.shop.app import app  # noqa: E402
 from examples.shop.events import OrderPlaced  # noqa: E402
 
 import choreograph  # noqa: E402
-from bench._chaos_brokers import UNSEEN_QUIET_S, Bus, Groups, bus_for  # noqa: E402
+from bench._chaos_brokers import Bus, Groups, bus_for  # noqa: E402
 from bench._chaos_bus import OBSERVER_GROUP, Observer  # noqa: E402
 from bench._chaos_fleet import Fleet, ReplicaSpec, python_m  # noqa: E402
 from bench._chaos_shop import (  # noqa: E402
@@ -69,6 +69,10 @@ from choreograph.joins import DEADLINE  # noqa: E402
 from choreograph.transports import open_transport  # noqa: E402
 
 TARGET = "examples.shop.app:app"
+UNSEEN_QUIET_S = TIMEOUT + 2.0
+"""Seconds of quiet the settle asks for where what consumers hold unacknowledged cannot be
+counted (RabbitMQ): longer than a handler may run, so whatever a consumer held when the quiet
+began has since been settled, or retried into a holding queue (which is counted)."""
 NATS_DEFAULT = "nats://127.0.0.1:4222"
 
 
@@ -236,29 +240,28 @@ class Harness:
         """Every group on the bus, and whether it takes join deadline timers."""
         return {s.group: DEADLINE in s.subscriptions for s in app.services} | {OBSERVER_GROUP: False}
 
-    async def settle(self, bus: Bus, observer: Observer, stores: Stores,
-                     timeout: float) -> tuple[dict[str, int] | None, dict[str, int]]:
+    async def settle(self, bus: Bus, observer: Observer, stores: Stores, timeout: float,
+                     as_of: float | None = None) -> tuple[dict[str, int] | None, dict[str, int]]:
         """Wait until no group has an event pending (join timers not yet due aside) and every service's
         outbox is sent; the last backlog (``None``: not readable on this broker) and unsent rows.
 
         Three polls in a row, a second apart, must say so. Where the bus cannot count what consumers
-        hold unacknowledged (RabbitMQ), the quiet must also last ``UNSEEN_QUIET_S`` with no new
-        event seen by the observer; what is left is counted after the consumers stop."""
+        hold unacknowledged (RabbitMQ), the quiet must also have lasted ``UNSEEN_QUIET_S`` with no
+        new event seen by the observer. ``as_of``: when the timer-taking services were stopped."""
         groups = self.groups()
-        polls = 3 if bus.sees_unacked else 3 + int(UNSEEN_QUIET_S)
         deadline = time.monotonic() + timeout
-        quiet, shown, seen = 0, time.monotonic(), -1
+        quiet, shown, seen, quiet_since = 0, time.monotonic(), -1, time.monotonic()
         backlog: dict[str, int] | None = None
         unsent: dict[str, int] = {}
         while time.monotonic() < deadline:
             await observer.copies_done()
-            backlog = await bus.backlog(groups, observer.timers_not_due(time.time()))
+            backlog = await bus.backlog(groups, observer, as_of)
             unsent = await asyncio.to_thread(stores.unsent)
             idle = not any((backlog or {}).values()) and not any(unsent.values())
             if not bus.sees_unacked:
                 idle, seen = idle and observer.observed == seen, observer.observed
-            quiet = quiet + 1 if idle else 0
-            if quiet >= polls:
+            quiet, quiet_since = (quiet + 1, quiet_since) if idle else (0, time.monotonic())
+            if quiet >= 3 and (bus.sees_unacked or time.monotonic() - quiet_since >= UNSEEN_QUIET_S):
                 return backlog, unsent
             if not quiet and time.monotonic() - shown >= 5.0:
                 shown = time.monotonic()
@@ -274,7 +277,7 @@ class Harness:
         balances, stock = seed(self.data_dir)
         transport = open_transport(self.url)
         await transport.connect()
-        bus = bus_for(self.url, transport)
+        bus = bus_for(self.url, transport, longest_retry=RETRY.max_interval)
         await bus.start()
         observer = Observer(transport, bus.republish, duplicate_rate=opts.duplicate_rate,
                             rng=random.Random(f"{opts.seed}/duplicates"))
@@ -300,12 +303,19 @@ class Harness:
                     await killing
                 self.say("every order ended" if ended else f"orders still open after {opts.timeout:g}s")
                 backlog, unsent = await self.settle(bus, observer, stores, opts.settle_timeout)
+                stopped_at = time.time()
+                if not bus.sees_unacked:
+                    # What is left is counted once the consumers have stopped. First those that take
+                    # join timers: a timer falling due may publish (a join timing out announces its
+                    # arrivals' failures), and nothing the others have not handled may be left when
+                    # they stop in turn.
+                    await fleet.stop([s.name for s in app.services if DEADLINE in s.subscriptions])
+                    backlog, unsent = await self.settle(bus, observer, stores, opts.settle_timeout, stopped_at)
                 self.marks["settled"] = time.monotonic()
                 await observer.stop()
                 letters = await transport.dead_letters(None, limit=1_000_000)
-                stopped_at = time.time()
                 await fleet.stop()
-                final = await bus.final_backlog(self.groups(), observer.timers_not_due(stopped_at))
+                final = await bus.final_backlog(self.groups(), observer, stopped_at)
                 backlog = backlog if final is None else final
                 self.say("stopped; checking invariants")
                 status = dict(stores.rows("orders", "SELECT order_id, status FROM orders"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 import sys
 import time
@@ -24,10 +25,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import orjson
 import pytest
 from bench._chaos_brokers import AmqpBus, RedisBus
+from bench._chaos_bus import Observer
 
 from choreograph.joins import DEADLINE
 from choreograph.transports.amqp import AmqpTransport
-from choreograph.transports.base import Message
+from choreograph.transports.base import Delivery, Message, Transport
 from choreograph.transports.redis import RedisTransport
 from tests._brokers import require_broker
 from tests.conformance.brokers import amqp as amqp_bus
@@ -125,28 +127,37 @@ def events(n: int) -> list[Message]:
     return [Message(uuid.uuid4().hex, "chaos.test", b"{}") for _ in range(n)]
 
 
+def observer_of(transport: Transport, timers: dict[str, float] | None = None) -> Observer:
+    """An observer (not consuming) that knows of ``timers`` (id -> due), seen now."""
+    observer = Observer(transport, lambda m: transport.publish([m]), duplicate_rate=0.0, rng=random.Random(0))
+    observer.timers = dict(timers or {})
+    observer.timer_seen = dict.fromkeys(observer.timers, time.time())
+    return observer
+
+
 async def test_the_redis_backlog_counts_unacked_undelivered_and_delayed_but_not_a_timer_not_yet_due() -> None:
     url = shared_redis_url(f"backlog-{uuid.uuid4().hex[:8]}", lease=30.0)
     transport = RedisTransport(url)
     await transport.connect()
     bus = RedisBus(url, transport)
     await bus.start()
+    observer = observer_of(transport)
     try:
         sub = await transport.subscribe("g", ["chaos.test", DEADLINE])
         await transport.publish([*events(3), timer(time.time() + 60), timer(time.time() - 60)])
-        assert await bus.backlog({"g": True}, 0) == {"g": 4}  # undelivered; the timer due in 60 s: scheduled
+        assert await bus.backlog({"g": True}, observer) == {"g": 4}  # undelivered; one due in 60 s: scheduled
         got = await sub.fetch(10, timeout=2.0)
         assert len(got) == 5
-        assert await bus.backlog({"g": True}, 0) == {"g": 4}  # delivered, not acknowledged
+        assert await bus.backlog({"g": True}, observer) == {"g": 4}  # delivered, not acknowledged
         first, second, *_ = [d for d in got if d.message.type == "chaos.test"]
         timers = [d for d in got if d.message.type == DEADLINE]
         not_due = next(d for d in timers if orjson.loads(d.message.body)["data"]["due"] > time.time())
         await first.retry(30.0)
         await not_due.retry(60.0)
         await second.ack()
-        assert await bus.backlog({"g": True}, 0) == {"g": 3}  # one delayed, one unacked, the overdue timer
+        assert await bus.backlog({"g": True}, observer) == {"g": 3}  # delayed, unacked, the overdue timer
         await sub.ack_many([d for d in got if not d.settled])
-        assert await bus.backlog({"g": True}, 0) == {"g": 1}  # the delayed retry
+        assert await bus.backlog({"g": True}, observer) == {"g": 1}  # the delayed retry
         assert "2 delayed, 1 of them timers not yet due" in bus.detail["g"]
     finally:
         await transport.close()
@@ -160,20 +171,28 @@ async def test_the_rabbitmq_backlog_counts_ready_and_retrying_and_what_consumers
     url = amqp_bus.url(f"backlog-{uuid.uuid4().hex[:8]}", lease=30.0)
     transport = AmqpTransport(url)
     await transport.connect()
-    bus = AmqpBus(url, transport)
+    bus = AmqpBus(url, transport, longest_retry=2.0)
     await bus.start()
+    nobody = observer_of(transport)
     try:
         sub = await transport.subscribe("g", ["chaos.test"])
-        await transport.publish(events(3))
-        assert await bus.backlog({"g": False}, 0) == {"g": 3}
-        assert await bus.backlog({"g": True}, 2) == {"g": 1}  # a group taking timers may hold those not due
-        got = await sub.fetch(3, timeout=5.0)
-        assert len(got) == 3
-        await got[0].retry(30.0)  # into a holding queue
-        await got[1].ack()
-        assert await bus.backlog({"g": False}, 0) == {"g": 1}  # the retry; the one held is not seen over AMQP
-        await sub.close()  # the consumer stops: the broker has its message back
-        assert await bus.final_backlog({"g": False}, 0) == {"g": 2}
+        await transport.publish(events(4))
+        assert await bus.backlog({"g": False}, nobody) == {"g": 4}
+        got: list[Delivery] = []
+        while len(got) < 4:
+            got += await sub.fetch(4 - len(got), timeout=5.0)
+        assert await bus.backlog({"g": False}, nobody) == {"g": 0}  # held by a consumer: not seen over AMQP
+        await got[0].retry(1.0)  # into a holding queue of retries
+        await got[1].retry(30.0)  # longer than any retry of the policy: where only join timers wait
+        await got[2].ack()
+        await sub.close()  # the consumer stops: the broker has got[3] back
+        assert await bus.final_backlog({"g": False}, nobody, time.time()) == {"g": 2}
+        assert await bus.backlog({"g": True}, nobody) == {"g": 2}
+        assert bus.detail["g"].endswith("1 timers waiting")
+        due_now = observer_of(transport, {"t1": time.time(), "t2": time.time() + 0.5})
+        assert await bus.backlog({"g": True}, due_now) == {"g": 0}  # two timers falling due may be those
+        due_later = observer_of(transport, {"t1": time.time() + 50, "t2": time.time() + 50})
+        assert await bus.backlog({"g": True}, due_later) == {"g": 2}  # not timers: those are not due for long
     finally:
         await transport.close()
         await bus.close(keep=False)
