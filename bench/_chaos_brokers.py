@@ -72,7 +72,8 @@ class Bus:
     async def republish(self, message: Message) -> None:
         await self.transport.publish([message])
 
-    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
+    async def backlog(self, groups: Groups, observer: Observer,
+                      as_of: float | None = None) -> dict[str, int] | None:
         """Events still pending per group; None: cannot tell on this broker.
 
         ``as_of``: when the consumers of the timer-taking groups stopped (None: they run), so
@@ -94,7 +95,8 @@ class SQLiteBus(Bus):
         super().__init__(url, transport)
         self.path = Path(urlsplit(url).path[1:])
 
-    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
+    async def backlog(self, groups: Groups, observer: Observer,
+                      as_of: float | None = None) -> dict[str, int] | None:
         return await asyncio.to_thread(self._backlog, list(groups), as_of or time.time())
 
     def _backlog(self, groups: list[str], now: float) -> dict[str, int]:
@@ -137,7 +139,8 @@ class NatsBus(Bus):
         subject = message_subject(f"{self.nats.prefix}.ev", message.type, message.id)  # id in the subject
         await self._js.publish(subject, message.body)  # no Nats-Msg-Id: the broker keeps both copies
 
-    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
+    async def backlog(self, groups: Groups, observer: Observer,
+                      as_of: float | None = None) -> dict[str, int] | None:
         from choreograph.transports._nats_codec import name_token
 
         timers_not_due = observer.timers_not_due(as_of or time.time())
@@ -222,7 +225,8 @@ class RedisBus(Bus):
         self._client = aioredis.Redis.from_url(self.redis._client_url, protocol=2)
         self._held = self._client.register_script(REDIS_HELD)
 
-    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
+    async def backlog(self, groups: Groups, observer: Observer,
+                      as_of: float | None = None) -> dict[str, int] | None:
         pending: dict[str, int] = {}
         self.detail = {}
         for group in groups:
@@ -280,7 +284,8 @@ class AmqpBus(Bus):
         self.longest_retry_ms = retry_bucket_ms(max(longest_retry, WORKER_HAND_BACK_S))
         # A delay is rounded up to the next bucket: a timer leaves its holding queue at most this
         # share of its wait after it fell due.
-        self.late_fraction = max(b / a for a, b in zip(RETRY_BUCKETS_MS, RETRY_BUCKETS_MS[1:], strict=False)) - 1
+        buckets = RETRY_BUCKETS_MS
+        self.late_fraction = max(b / a for a, b in zip(buckets, buckets[1:], strict=False)) - 1
         self._connection: Any = None
 
     async def start(self) -> None:
@@ -325,7 +330,8 @@ class AmqpBus(Bus):
         late = self.late_fraction * observer.longest_timer_wait()
         return observer.timers_due_between(as_of - TIMER_SLACK - late, now + self.longest_retry_ms / 1000)
 
-    async def backlog(self, groups: Groups, observer: Observer, as_of: float | None = None) -> dict[str, int] | None:
+    async def backlog(self, groups: Groups, observer: Observer,
+                      as_of: float | None = None) -> dict[str, int] | None:
         held = await asyncio.gather(*(self._held(group) for group in groups))
         now = time.time()
         allowed = self.timers_allowed(observer, as_of or now, now)
@@ -340,9 +346,8 @@ class AmqpBus(Bus):
 
     async def final_backlog(self, groups: Groups, observer: Observer, as_of: float) -> dict[str, int] | None:
         """Every consumer has stopped, so the broker has returned what they held: the counts are
-        all that is left. Taken when two polls half a second apart agree (a retry's hop from its
-        holding queue into the group's queue may be counted twice, or on classic queues not at
-        all, for an instant)."""
+        all that is left. Taken when two polls half a second apart agree (a retry leaving its
+        holding queue for the group's queue is ready in neither for an instant)."""
         last: dict[str, int] | None = None
         for _ in range(20):
             pending = await self.backlog(groups, observer, as_of) or {}

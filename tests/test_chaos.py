@@ -171,7 +171,7 @@ async def test_the_rabbitmq_backlog_counts_ready_and_retrying_and_what_consumers
     url = amqp_bus.url(f"backlog-{uuid.uuid4().hex[:8]}", lease=30.0)
     transport = AmqpTransport(url)
     await transport.connect()
-    bus = AmqpBus(url, transport, longest_retry=2.0)
+    bus = AmqpBus(url, transport, longest_retry=30.0)  # the retries below stay in their queues meanwhile
     await bus.start()
     nobody = observer_of(transport)
     try:
@@ -182,8 +182,8 @@ async def test_the_rabbitmq_backlog_counts_ready_and_retrying_and_what_consumers
         while len(got) < 4:
             got += await sub.fetch(4 - len(got), timeout=5.0)
         assert await bus.backlog({"g": False}, nobody) == {"g": 0}  # held by a consumer: not seen over AMQP
-        await got[0].retry(1.0)  # into a holding queue of retries
-        await got[1].retry(30.0)  # longer than any retry of the policy: where only join timers wait
+        await got[0].retry(10.0)  # into a holding queue of retries
+        await got[1].retry(60.0)  # longer than any retry of the policy: where only join timers wait
         await got[2].ack()
         await sub.close()  # the consumer stops: the broker has got[3] back
         assert await bus.final_backlog({"g": False}, nobody, time.time()) == {"g": 2}
