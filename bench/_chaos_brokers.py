@@ -8,9 +8,9 @@ holds, per broker:
 * **NATS**: the group's consumer ``num_pending + num_ack_pending``.
 * **Redis Streams**: the group's pending entries list (``XPENDING``: delivered, not
   acknowledged), the entries of its stream after its ``last-delivered-id`` (not yet
-  delivered; ``XINFO GROUPS`` ``lag`` cannot be used: the transport deletes settled
-  entries, and Redis reports no lag for a stream with deletions in it) and its delayed
-  retries (the sorted set ``P:d:<group>``), read in one Lua script (one snapshot).
+  delivered: counted, since ``XINFO GROUPS`` ``lag`` is nil once an entry the group has
+  not read was deleted, and the transport deletes entries) and its delayed retries (the
+  sorted set ``P:d:<group>``), read in one Lua script (one snapshot).
 * **RabbitMQ**: the group's queue and its retry holding queues (``P.retry.<group>.<ms>``,
   every bucket) by a passive declare, which gives the messages *ready*. Messages a
   consumer holds unacknowledged are counted nowhere over AMQP 0-9-1 (only the management
