@@ -369,24 +369,9 @@ class AmqpBus(Bus):
 
     async def _delete(self) -> None:
         """Delete every queue and the exchange of this bus (its groups are read from its registry)."""
-        from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS
-        from choreograph.transports.amqp import AmqpTransport
+        from bench._broker_env import remove_choreograph_bus
 
-        names = self.amqp.names
-        reader = AmqpTransport(self.url)
-        try:
-            groups = list(await reader.groups())
-        finally:
-            await reader.close()
-        channel = await self._connection.channel()
-        queues = [names.registry]
-        for group in groups:
-            queues += [names.group(group), names.dlq(group)]
-            queues += [names.retry(group, ms) for ms in RETRY_BUCKETS_MS]
-        for queue in queues:
-            await channel.queue_delete(queue)
-        await channel.exchange_delete(names.exchange)
-        await channel.close()
+        await remove_choreograph_bus("amqp", self.url)
 
 
 def bus_for(url: str, transport: Transport, *, longest_retry: float) -> Bus:
