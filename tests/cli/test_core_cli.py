@@ -236,21 +236,24 @@ def test_dlq_list_into_a_pipe_prints_whole_ids_that_dlq_show_takes(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("args", "line"),
+    ("args", "lines"),
     [
-        (["dlq", "show"], "error: Missing argument 'message_id'. (see {} dlq show --help)"),
-        (["run", "examples.chain:app", "--concurrency", "0"],
-         "error: Invalid value for '--concurrency' / '-c': Input should be greater than or equal to 1 "
-         "(see {} run --help)"),
-        (["nosuch"], "error: No such command 'nosuch'. (see {} --help)"),
+        (["dlq", "show"], ["error: Missing argument 'message_id'. (see {} dlq show --help)"]),
+        (["run", "examples.chain:app", "--concurrency", "0"], [  # Typer's reason: 0.29 and later, 0.28
+            "error: Invalid value for '--concurrency' / '-c': Input should be greater than or equal to 1 "
+            "(see {} run --help)",
+            "error: Invalid value for '--concurrency' / '-c': 0 is not in the range x>=1. (see {} run --help)",
+        ]),
+        (["nosuch"], ["error: No such command 'nosuch'. (see {} --help)"]),
     ],
     ids=["missing-argument", "out-of-range", "unknown-command"],
 )
-def test_a_usage_error_is_one_line_saying_where_the_help_is_and_exits_2(args: list[str], line: str) -> None:
+def test_a_usage_error_is_one_line_saying_where_the_help_is_and_exits_2(args: list[str], lines: list[str]) -> None:
     """Typer printed these as a boxed panel under the usage line."""
     result = cli(*args)
     assert result.returncode == 2
-    assert result.stderr == line.format("python -m choreograph") + "\n"  # (`choreograph` from the script)
+    # (`choreograph` from the script)
+    assert result.stderr in [line.format("python -m choreograph") + "\n" for line in lines]
 
 
 def test_an_error_into_a_pipe_is_one_line_however_long_and_prints_brackets_as_typed() -> None:

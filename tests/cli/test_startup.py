@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
+from importlib.metadata import version
 from pathlib import Path
 
 from choreograph.transports import Message, open_transport
@@ -46,7 +47,10 @@ BROKER_CLIENTS = {
     "choreograph.transports.nats", "choreograph.transports.redis", "choreograph.transports.amqp",
 }
 #: What only help pages and usage errors are drawn with: Typer's Rich formatting (Markdown, panels).
-HELP_RENDERING = {"typer.rich_utils", "markdown_it", "rich.markdown", "rich.panel"}
+#: (Rich before 15 imports its panels with ``rich.console``, which every table needs.)
+HELP_RENDERING = {"typer.rich_utils", "markdown_it", "rich.markdown"} | (
+    {"rich.panel"} if int(version("rich").split(".")[0]) >= 15 else set()
+)
 
 
 def imported_by(tmp_path: Path, *args: str) -> set[str]:

@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -824,7 +825,13 @@ async def wait_connected(bus: NatsTransport) -> None:
         b"NATS/1.0\r\nNats-Msg-Id:  spaced \r\n\r\n",
         b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n",
         b"NATS/1.0\r\nNats-Msg-Id: abc-2\r\nX-Other: y\r\n\r\n",
-        "NATS/1.0\r\nNats-Msg-Id: ~C3~A9-\u00e9\r\n\r\n".encode(),
+        pytest.param(
+            "NATS/1.0\r\nNats-Msg-Id: ~C3~A9-\u00e9\r\n\r\n".encode(),
+            marks=pytest.mark.skipif(
+                tuple(map(int, version("nats-py").split(".")[:2])) < (2, 15),
+                reason="nats-py before 2.15 reads no headers at all from a block holding non-ASCII",
+            ),
+        ),
         b"NATS/1.0 404 No Messages\r\n\r\n",
         b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1\r\nNats-Pending-Bytes: 12\r\n\r\n",
         b"NATS/1.0 409 Consumer Deleted\r\n\r\n",

@@ -505,8 +505,15 @@ def test_commands_are_packed_to_the_same_bytes_as_redis_py_packs_them() -> None:
         (b"CLIENT SETNAME", b"x"),
         ("XADD", "k", "*", "f", 1.5, 10**30, -3, 1e100, memoryview(b"mv"), bytearray(b"ba"), ""),
     ]
+
+    def packed(connection: Any, command: tuple[Any, ...]) -> bytes | type[DataError]:
+        try:
+            return b"".join(connection.pack_command(*command))
+        except DataError:  # redis-py before 8.0 refuses a bytearray
+            return DataError
+
     for command in commands:
-        assert b"".join(fast.pack_command(*command)) == b"".join(plain.pack_command(*command))
+        assert packed(fast, command) == packed(plain, command)
     for bad in (True, None, object()):
         with pytest.raises(DataError):
             fast.pack_command("SET", "k", bad)
