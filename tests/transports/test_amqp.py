@@ -714,5 +714,8 @@ async def test_losing_and_regaining_the_broker_is_logged_by_the_transport(
         await _until(lambda: any("reconnected to" in message for _, message in lines()), WAIT)
         await bus.publish([msg(1)])  # and it works again
     where = bus._where
-    assert lines() == [("WARNING", f"amqp: lost the connection to {where} (dropped by the test); reconnecting"),
-                       ("INFO", f"amqp: reconnected to {where}")]  # closing the transport is not a loss
+    # The reason is aio-pika's: on a loaded machine its close callback sometimes comes without
+    # the exception, and the line says "closed by the broker" instead.
+    reasons = ("dropped by the test", "closed by the broker")
+    assert lines() in ([("WARNING", f"amqp: lost the connection to {where} ({reason}); reconnecting"),
+                        ("INFO", f"amqp: reconnected to {where}")] for reason in reasons)  # closing is not a loss
