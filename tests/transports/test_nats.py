@@ -495,6 +495,40 @@ async def test_a_narrowing_read_before_a_subscribe_bound_the_type_again_and_writ
         assert ids(await collect(subscription, 1)) == ["m1"]
 
 
+async def test_a_run_of_single_type_unbinds_in_one_process_stands(server_url: str) -> None:
+    """Ten writes of the consumer between two checks of the subscription (one a second): its
+    mark must still be in the lineage, or it takes the last unbind for a race and binds all
+    ten types again (it did with a lineage of 8 stamps)."""
+    async with opened(bus_on(server_url)) as bus:
+        types = [f"t{i}" for i in range(10)]
+        subscription = await bus.subscribe("billing", [*types, "keep"])
+        for event_type in types:
+            await bus.unbind("billing", [event_type])
+        assert await bus.groups() == {"billing": frozenset({"keep"})}
+        await asyncio.sleep(2.5 * _nats_pull.REMOVAL_CHECK)  # the subscription checks at least twice
+        assert await bus.groups() == {"billing": frozenset({"keep"})}
+        await subscription.close()
+
+
+def test_before_2_10_a_description_short_of_room_drops_the_lineage_before_the_types() -> None:
+    """The description (4,096 bytes) keeps the types; the lineage goes first, then the list."""
+    lineage = tuple(f"{i:08x}" for i in range(consumers.LINEAGE))
+
+    def written(types: int) -> Any:
+        binding = Binding(frozenset(f"shop.order.type{i:04d}" for i in range(types)))
+        config = consumers.config(prefix="p", lease=30.0, multi_filter=False, group="g", consumer="g",
+                                  binding=binding, lineage=lineage)
+        return config, consumers.binding(config, "p", multi_filter=False)
+
+    config, bound = written(20)
+    assert consumers.lineage(config, multi_filter=False) == lineage
+    config, bound = written(173)  # fits without the lineage only
+    assert consumers.lineage(config, multi_filter=False) == ()
+    assert isinstance(bound, Binding) and bound.types is not None and len(bound.types) == 173
+    config, bound = written(400)
+    assert isinstance(bound, Binding) and bound.types is None  # every type rather than miss one
+
+
 @pytest.mark.parametrize("holds", ["nothing", "an event of another type"])
 async def test_unbinding_a_type_the_group_holds_nothing_of_narrows_its_consumer_at_once(
     server_url: str, holds: str

@@ -47,8 +47,10 @@ MAX_DESCRIPTION = 4096  # bytes: nats-server's limit
 REMOVED_KEY = "choreograph.removed"
 #: Where the stamps of a consumer's last writes are kept, newest first (see :func:`lineage`).
 LINEAGE_KEY = "choreograph.lineage"
-#: How many stamps a lineage keeps.
-LINEAGE = 8
+#: How many stamps a lineage keeps (~9 bytes each): more writes than this between two checks
+#: of a subscription (a loop of single-type unbinds, a subscription away for a while) make
+#: a later write look like a race to it, and it binds its types again.
+LINEAGE = 64
 _SECOND = 1_000_000_000  # JetStream durations are nanoseconds
 
 
@@ -101,14 +103,19 @@ def config(
         if metadata:
             result["metadata"] = metadata
     else:  # no filter: the description keeps the types for every subscription to read
-        listed: list[Any] | None = None if types is None else sorted(types)
-        closing = ({REMOVED_KEY: removed} if removed else {}) | ({LINEAGE_KEY: stamps} if stamps else {})
-        if listed is not None and closing:
-            listed.append(closing)
-        note = TYPES_NOTE + json.dumps(listed, ensure_ascii=False)
-        # Past the server's limit for a description, none: the group takes every type
-        # (its consumers ignore those they do not handle) rather than miss one.
-        result["description"] = note if len(note.encode()) <= MAX_DESCRIPTION else TYPES_NOTE + "null"
+        # Past the server's limit for a description: the lineage goes first (a write not told
+        # apart from a race costs less than the types), then the list - the group takes every
+        # type (its consumers ignore those they do not handle) rather than miss one.
+        result["description"] = TYPES_NOTE + "null"
+        for kept in (stamps, ""):
+            listed: list[Any] | None = None if types is None else sorted(types)
+            closing = ({REMOVED_KEY: removed} if removed else {}) | ({LINEAGE_KEY: kept} if kept else {})
+            if listed is not None and closing:
+                listed.append(closing)
+            note = TYPES_NOTE + json.dumps(listed, ensure_ascii=False)
+            if len(note.encode()) <= MAX_DESCRIPTION:
+                result["description"] = note
+                break
     return result
 
 

@@ -44,9 +44,10 @@ subscribe descends from it: it stands. What is left:
 * an unbind undone by a write that overtook it is not repaired: the types stay bound
   (their events handed back, then dead-lettered - nothing lost), which ``groups()`` shows
   (the unbind's return value, read right after its write, may not);
-* more than ``LINEAGE`` writes between two checks, or one by a choreograph without
-  lineages, break the chain: a later unbind of the subscription's types is then taken for
-  a race and undone.
+* more than ``LINEAGE`` (64) writes between two checks, one by a choreograph without
+  lineages, or (before 2.10) a description with no room for the lineage beside the types,
+  break the chain: a later unbind of the subscription's types is then taken for a race
+  and undone.
 
 Closing it fully needs a compare-and-set JetStream does not offer for a consumer's config
 (a lock kept in a stream through per-subject expected sequences would be one).
