@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -69,6 +70,21 @@ def assert_the_chaos_happened(report: dict[str, Any]) -> None:
     assert set(report["dead_letters"]["by_group_reason"]) <= {"shipping:rejected"}
 
 
+
+#: The groups whose pending deliveries the harness counts: the shop's services and its observer.
+SHOP_GROUPS = {"orders", "payment", "inventory", "shipping", "chaos-observer"}
+
+
+def chaos_on(url: str, cleanup: Callable[[str], Awaitable[None]]) -> dict[str, Any]:
+    """The CI run on the broker bus at ``url``, checked; ``cleanup`` deletes the bus afterwards
+    (the harness deletes what it made; this covers a crash)."""
+    try:
+        report = chaos("--broker", url)
+        assert_the_chaos_happened(report)
+        return report
+    finally:
+        asyncio.run(cleanup(url))
+
 @pytest.mark.slow
 def test_the_shop_keeps_its_invariants_under_chaos_on_sqlite() -> None:
     assert_the_chaos_happened(chaos("--broker", "sqlite"))
@@ -77,13 +93,7 @@ def test_the_shop_keeps_its_invariants_under_chaos_on_sqlite() -> None:
 @pytest.mark.slow
 def test_the_shop_keeps_its_invariants_under_chaos_on_nats() -> None:
     require_broker("nats")
-    url = nats_bus.url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0)
-    try:
-        assert_the_chaos_happened(chaos("--broker", url))
-    finally:
-        import asyncio
-
-        asyncio.run(nats_bus.cleanup(url))  # the harness deletes its streams; this covers a crash
+    chaos_on(nats_bus.url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0), nats_bus.cleanup)
 
 
 def shared_redis_url(unique: str, *, lease: float) -> str:
@@ -97,25 +107,15 @@ def shared_redis_url(unique: str, *, lease: float) -> str:
 
 @pytest.mark.slow
 def test_the_shop_keeps_its_invariants_under_chaos_on_redis() -> None:
-    url = shared_redis_url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0)
-    try:
-        report = chaos("--broker", url)
-        assert_the_chaos_happened(report)
-        assert set(report["pending"]) == {"orders", "payment", "inventory", "shipping", "chaos-observer"}
-    finally:
-        asyncio.run(redis_bus.cleanup(url))  # the harness deletes its keys; this covers a crash
+    report = chaos_on(shared_redis_url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0), redis_bus.cleanup)
+    assert set(report["pending"]) == SHOP_GROUPS
 
 
 @pytest.mark.slow
 def test_the_shop_keeps_its_invariants_under_chaos_on_amqp() -> None:
     require_broker("amqp")
-    url = amqp_bus.url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0)
-    try:
-        report = chaos("--broker", url)
-        assert_the_chaos_happened(report)
-        assert set(report["pending"]) == {"orders", "payment", "inventory", "shipping", "chaos-observer"}
-    finally:
-        asyncio.run(amqp_bus.cleanup(url))  # the harness deletes its queues; this covers a crash
+    report = chaos_on(amqp_bus.url(f"chaos-{uuid.uuid4().hex[:8]}", lease=10.0), amqp_bus.cleanup)
+    assert set(report["pending"]) == SHOP_GROUPS
 
 
 def timer(due: float) -> Message:
