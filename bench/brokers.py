@@ -25,6 +25,7 @@ Every run gets its own stream/key/queue prefix and deletes what it created.
     python bench/brokers.py --n 2000 --quick      # a smoke run (no paced, no FastStream)
     python bench/brokers.py --only nats --n 5000 --no-faststream
     python bench/brokers.py --paced-only --rounds 5 --ack-delay 0   # latency, marks and acks at once
+    python bench/brokers.py --paced-only --rounds 1 --stages        # where a hop's time goes
 
 Every process (choreograph's, the raw client's, FastStream's) runs with the collector
 settings of ``choreograph run`` unless ``--gc python`` (bench/_gc.py).
@@ -56,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import _broker_env as env  # noqa: E402
 from bench import _faststream_chain, _gc, _raw_chain  # noqa: E402
+from bench._stages.sitecustomize import stage_medians  # noqa: E402
 from bench.chain import start_hops, stop_hops, summarize  # noqa: E402
 from bench.chain_app import SINK, Hop0, hop1, hop2, hop3  # noqa: E402
 from choreograph import Publisher, Worker  # noqa: E402
@@ -111,13 +113,14 @@ async def choreograph_one(broker: str, base: str, n: int, concurrency: int) -> d
         await env.remove_choreograph_bus(broker, url)
 
 
-def choreograph_procs(broker: str, base: str, n: int, concurrency: int, rate: float | None, loop: Runner) -> dict:
+def choreograph_procs(broker: str, base: str, n: int, concurrency: int, rate: float | None, loop: Runner,
+                      stages: bool = False) -> dict:
     url = env.choreograph_url(base, _prefix(broker, "chp"))
     try:
         with tempfile.TemporaryDirectory(prefix="choreograph-bench-") as tmpdir:
             tmp = Path(tmpdir)
             out = tmp / "result.json"
-            procs = start_hops(url, tmp, n, out, concurrency)
+            procs = start_hops(url, tmp, n, out, concurrency, stages=tmp if stages else None)
             try:
                 meter = CpuMeter(broker, procs)
                 start_wall = loop(choreograph_publish(url, n, rate))
@@ -125,7 +128,8 @@ def choreograph_procs(broker: str, base: str, n: int, concurrency: int, rate: fl
                 cpu = meter.per_event(n)
             finally:
                 stop_hops(procs)
-        return {**summarize(result["latencies"], result["last"] - start_wall), "cpu_us_per_event": cpu}
+            steps = {"stages_us": stage_medians(str(tmp))} if stages else {}
+        return {**summarize(result["latencies"], result["last"] - start_wall), "cpu_us_per_event": cpu, **steps}
     finally:
         loop(env.remove_choreograph_bus(broker, url))
 
@@ -317,7 +321,8 @@ def bench_broker(broker: str, base: str, args: argparse.Namespace, loop: Runner)
     if not args.quick:
         report["paced"] = {"rate": args.rate, **_paired(rounds, {
             "raw": lambda: raw_procs(broker, base, args.paced_n, args.rate, loop),
-            "choreograph": lambda: choreograph_procs(broker, base, args.paced_n, args.concurrency, args.rate, loop),
+            "choreograph": lambda: choreograph_procs(broker, base, args.paced_n, args.concurrency, args.rate, loop,
+                                                     stages=args.stages),
         }, {"p50_ms": "p50", "p99_ms": "p99"})}
     return report
 
@@ -361,6 +366,9 @@ def main() -> None:
     parser.add_argument("--ack-delay", type=float, default=None,
                         help=f"choreograph's ack_delay in seconds (default {DEFAULT_ACK_DELAY}: the runtime's)")
     parser.add_argument("--no-faststream", action="store_true", help="skip the FastStream runs")
+    parser.add_argument("--stages", action="store_true",
+                        help="paced runs: where a hop's time goes (median microseconds per step of hop1 and"
+                             " hop2, bench/_stages/sitecustomize.py); the stamps add ~1 us per step")
     parser.add_argument("--only", choices=BROKERS, action="append")
     _gc.add_option(parser)
     parser.add_argument("--nats-url", help="use this NATS server (>= 2.10) instead of a private one")

@@ -125,10 +125,16 @@ async def memory_run(n: int, concurrency: int) -> dict[str, Any]:
 # -- choreograph with a process per hop on sqlite:// -----------------------------------------
 
 
-def start_hops(url: str, tmp: Path, n: int, out: Path, concurrency: int) -> list[subprocess.Popen[bytes]]:
+def start_hops(url: str, tmp: Path, n: int, out: Path, concurrency: int,
+               stages: Path | None = None) -> list[subprocess.Popen[bytes]]:
+    """The three hops as ``choreograph run`` processes; with ``stages``, each stamps its steps
+    into that folder (bench/_stages/sitecustomize.py)."""
     procs = []
+    path = str(ROOT) if stages is None else os.pathsep.join((str(ROOT / "bench" / "_stages"), str(ROOT)))
     for name in ("hop1", "hop2", "hop3"):
-        env = {**os.environ, "BENCH_N": str(n), "BENCH_OUT": str(out), "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "BENCH_N": str(n), "BENCH_OUT": str(out), "PYTHONPATH": path}
+        if stages is not None:
+            env["CHOREOGRAPH_BENCH_STAGES"] = str(stages)
         log = (tmp / f"{name}.log").open("wb")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "choreograph", "run", f"bench.chain_app:{name}", "--broker", url,
