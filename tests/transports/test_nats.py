@@ -32,6 +32,7 @@ from choreograph.transports.base import Delivery, Message, Subscription
 from choreograph.transports.nats import NatsTransport
 from tests._brokers import require_broker
 from tests._nats_server import NatsServer
+from tests.conformance._support import quiet
 from tests.conformance.brokers import nats as broker
 from tests.transports import _second_call as second_call
 
@@ -452,6 +453,36 @@ async def test_the_consumer_narrows_once_what_the_group_held_of_an_unbound_type_
         if admin._multi_filter:
             filters = (await _consumer_info(admin, "billing"))["config"]["filter_subjects"]
             assert not any(".ev.b." in subject for subject in filters)
+
+
+async def test_an_event_above_a_line_handed_back_before_the_line_is_dropped_is_skipped_when_it_comes_back(
+    server_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscription of another process takes m2 (b, published after the unbind) before its
+    check and hands it back with a delay; m1, held below the line, is settled, and the check
+    drops b's line and narrows the filter. Group shipping still holds m2, so the stream keeps
+    it, and JetStream redelivers it to billing all the same (from 2.10: a message a consumer
+    sent stays its own, filter or not): it is skipped, not delivered as an event of a bound type."""
+    monkeypatch.setattr(_nats_pull, "REMOVAL_CHECK", 3600.0)  # its check made by hand, below
+    async with unbound_while_held(server_url) as (admin, subscription, held):
+        assert isinstance(subscription, _nats_pull.NatsSubscription)
+        await (await admin.subscribe("shipping", ["b"])).close()
+        await admin.publish([msg(2, "b"), msg(3, "a")])
+        taken = await collect(subscription, 2)
+        assert ids(taken) == ["m2", "m3"]  # it does not know of the unbind yet
+        for delivery in taken:
+            await (delivery.ack() if delivery.message.type == "a" else delivery.retry(2.0))
+        await held.ack()
+
+        async def floor_passed_the_line() -> bool:
+            info = await _consumer_info(admin, "billing")
+            return bool(info["ack_floor"]["stream_seq"] >= 1 and info["num_ack_pending"] == 1)
+
+        await _wait_for(floor_passed_the_line)  # m1 and m3 settled, m2 handed back
+        subscription.rebind(await subscription._read_binding())  # the check
+        assert await _binding(admin, "billing") == Binding(frozenset({"a"}))
+        assert await quiet(subscription, 4.0) == []  # m2 came back meanwhile
+        assert (await _consumer_info(admin, "billing"))["num_ack_pending"] == 0  # skipped: acked
 
 
 @pytest.mark.parametrize("types", [["a", "b"], None], ids=["b", "every-type"])

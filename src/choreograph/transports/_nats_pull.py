@@ -138,7 +138,6 @@ class NatsSubscription(Subscription):
         event_prefix: str,
         replay_prefix: str,
         binding: Binding,
-        client_filter: bool,
         store_dead_letter: StoreDeadLetter,
         on_close: Callable[[NatsSubscription], None],
         read_binding: Callable[[], Awaitable[Binding]] | None = None,
@@ -155,11 +154,13 @@ class NatsSubscription(Subscription):
         # Types unbound from the group whose events it still holds up to a stream sequence
         # (their line); later ones are skipped. Mostly empty: then nothing is looked up.
         self._removed = binding.removed
-        self._client_filter = client_filter
-        # Reads the group's binding as the server keeps it now (see ``_watch``). Client filter:
-        # another replica may have widened the types since we read them; a message of a type
-        # we do not know waits in ``_parked`` until they are read again (see ``_look_again``),
-        # and is skipped only if the group is not bound to it then either.
+        # Reads the group's binding as the server keeps it now (see ``_watch``). A message of a
+        # type we do not know is bound waits in ``_parked`` until it is read again (see
+        # ``_look_again``), and is skipped only if the group is not bound to it then either:
+        # another replica may have widened the group since we read it; before 2.10 the consumer
+        # takes every type; and from 2.10 a message the consumer sent before its filter narrowed
+        # still comes back to it (handed back, or its lease run out) once its type's line is
+        # dropped - an event published after the unbind, to be skipped (see ``_nats_routing``).
         self._read_binding = read_binding
         self._watch_until = watch_until  # loop time the checks stop at (None: while open)
         self._watcher: asyncio.Future[None] | None = None
@@ -455,7 +456,8 @@ class NatsSubscription(Subscription):
         """The delivery of ``msg``; None to skip it (another group's replay, a type this
         group is not bound to, or one unbound from it published after the unbind);
         ``_UNBOUND`` for a type not bound as far as we know, when the group's types can be
-        read again (``_read_binding``)."""
+        read again (``_read_binding``). Whatever the filter let through: a consumer whose
+        filter narrowed still redelivers what it had sent of the types it left."""
         subject = msg.subject
         ack: tuple[int, int, int] | None = None
         if subject.startswith(self._event_prefix):
@@ -465,7 +467,7 @@ class NatsSubscription(Subscription):
                     ack = _ack_of(msg)
                     if ack[1] > self._removed[parsed[0]]:
                         return None  # published after its type was unbound
-                elif self._client_filter and self._types is not None and parsed[0] not in self._types:
+                elif self._types is not None and parsed[0] not in self._types:
                     return _UNBOUND if self._read_binding is not None else None
         elif subject.startswith(self._replay_prefix):
             parsed = codec.split_subject(subject[len(self._replay_prefix) :], msg.headers)

@@ -21,6 +21,15 @@ held of (:meth:`Binding.without`): a type with no event left in the stream, or e
 when the consumer's ack floor passed it or the consumer holds nothing at all - so a group
 with no running subscription (nobody to check) need not keep the type.
 
+An unsettled event *above* a line does not hold it (the ack floor passes the line without
+it): one a subscription took before it learned of the unbind and handed back, or one it
+NAKed back on close. From 2.10 JetStream redelivers such a message after the filter
+narrowed (a message a consumer sent is its own until settled; the stream keeps it while
+another group holds it, interest retention drops it otherwise), and before 2.10 the filter
+never narrows: either way it comes back of a type neither bound nor removed, and the
+subscription reads the group's types again before it skips it (``_nats_pull``). A
+subscribe binding the type again before it comes back has it delivered.
+
 **Racing writes.** A consumer's config has no compare-and-set: every writer (subscribe,
 unbind, a subscription's narrowing) reads it, changes it and writes it whole, so a write
 computed from a read that another write then overtook undoes that other write - a

@@ -299,7 +299,6 @@ class NatsTransport(GroupBindings, Transport):
             event_prefix=f"{self.prefix}.ev.",
             replay_prefix=f"{self.prefix}.rp.{consumer}.",
             binding=bound,
-            client_filter=not self._multi_filter,
             store_dead_letter=self._store_dead_letter,
             on_close=self._subscriptions.discard,
             # A wildcard group stays one (subscribing only widens; unbind refuses it): no lines
