@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests._procs import lines_until, stop
@@ -64,6 +65,32 @@ def test_dev_port_0_announces_the_port_the_gateway_listens_on(tmp_path: Path) ->
     announced = int(ready.rsplit("gateway http://127.0.0.1:", 1)[1])
     assert f"Uvicorn running on http://127.0.0.1:{announced} " in "".join(lines)
     assert announced != 0
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_dev_on_an_ipv6_host_announces_the_gateway_url_with_the_host_in_brackets(tmp_path: Path) -> None:
+    """It announced `gateway http://::1:PORT`, a URL no client can use."""
+    proc = dev_gateway(tmp_path / "var", "--host", "::1", "--port", "0")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        ready = lines_until(proc.stdout, lambda line: "ready:" in line, seen=lines)
+        assert ready is not None, "".join(lines)
+        url = ready.rsplit("; gateway ", 1)[1].strip()
+        assert url.startswith("http://[::1]:"), ready
+        assert httpx.get(f"{url}/healthz", timeout=10, trust_env=False).status_code == 200
+    finally:
+        out, err = stop(proc)
+    assert proc.returncode == 0, "".join(lines) + out + err
 
 
 def test_dev_with_the_gateway_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path) -> None:

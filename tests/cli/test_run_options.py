@@ -17,7 +17,8 @@ def test_choreograph_run_passes_ack_delay_to_the_worker_from_the_option_or_the_e
 
 
 def test_the_metrics_address_puts_an_ipv6_host_in_brackets_as_a_url_needs() -> None:
-    from choreograph.cli._run import _address
+    from choreograph.cli._common import address  # shared with the gateway's and dev's lines
 
-    assert _address("::1", 9464) == "[::1]:9464"
-    assert _address("127.0.0.1", 9464) == "127.0.0.1:9464"
+    assert address("::1", 9464) == "[::1]:9464"
+    assert address("127.0.0.1", 9464) == "127.0.0.1:9464"
+    assert address("metrics.internal", 9464) == "metrics.internal:9464"

@@ -94,6 +94,12 @@ def open_existing_bus(url: str) -> Transport:
 HOST_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL})  # EINVAL: fe80::1, no scope
 
 
+def address(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets (``[::1]:8000``), or
+    ``http://::1:8000`` would be a URL no client can use."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def console_error(message: str) -> None:
     """``error: message`` on stderr, as one line whatever its length.
 

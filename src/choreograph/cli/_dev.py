@@ -39,6 +39,7 @@ from choreograph._sqlite import why_not_made
 from choreograph.cli._common import (
     BROKER_ENV,
     LogFormatOption,
+    address,
     console,
     given_broker,
     load_object,
@@ -281,7 +282,7 @@ def dev(
     supervisor: Supervisor
 
     def ready() -> None:
-        where = f"; gateway http://{host}:{port}" if gateway_target else ""
+        where = f"; gateway http://{address(host, port)}" if gateway_target else ""
         supervisor.say(f"{READY_LINE} {len(specs)} processes on {redact(url)}{where}", "bold green")
         if metrics and not metrics_port:
             supervisor.say(f"metrics (/metrics on 127.0.0.1): {', '.join(metrics)} each on a free port "

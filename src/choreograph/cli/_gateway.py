@@ -12,6 +12,7 @@ from choreograph.cli._common import (
     HOST_ERRNOS,
     MetricsHostOption,
     MetricsPortOption,
+    address,
     kind_of,
     load_object,
     otel_option,
@@ -56,20 +57,19 @@ def check_listen(host: str, port: int) -> int:
     ``dev --port 0`` can name the gateway's URL before the gateway binds it.
     """
     def refused(option: str, reason: str | None) -> ConfigurationError:
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return ConfigurationError(f"{option}: cannot listen on {shown}: {reason}")
+        return ConfigurationError(f"{option}: cannot listen on {address(host, port)}: {reason}")
 
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise refused("--host", exc.strerror) from None
-    for family, kind, proto, _, address in addresses:
+    for family, kind, proto, _, sockaddr in addresses:
         try:
             with socket.socket(family, kind, proto) as probe:  # no IPv6 here: EAFNOSUPPORT
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind((address[0], port, *address[2:]))
+                probe.bind((sockaddr[0], port, *sockaddr[2:]))
                 port = probe.getsockname()[1]  # 0: the port the first address got, tried on the others
         except OSError as exc:
             raise refused("--host" if exc.errno in HOST_ERRNOS else "--port", exc.strerror or str(exc)) from None

@@ -25,6 +25,7 @@ from choreograph.cli._common import (
     LogFormatOption,
     MetricsHostOption,
     MetricsPortOption,
+    address,
     broker_url,
     load_services,
     otel_option,
@@ -131,7 +132,7 @@ def telemetry_options(
     telemetry = Telemetry(traces=traces, metrics=metrics_port is not None)
     if metrics_port is not None:
         port = _serve_metrics(metrics_port, metrics_host)
-        announce(f"metrics on http://{_address(metrics_host, port)}/metrics")
+        announce(f"metrics on http://{address(metrics_host, port)}/metrics")
     return telemetry, provider
 
 
@@ -143,9 +144,4 @@ def _serve_metrics(port: int, host: str) -> int:
         option = (f"--metrics-host {host!r}" if isinstance(exc, socket.gaierror) or exc.errno in HOST_ERRNOS
                   else f"--metrics-port {port}")
         reason = exc.strerror or str(exc)
-        raise ConfigurationError(f"{option}: cannot serve metrics on {_address(host, port)}: {reason}") from None
-
-
-def _address(host: str, port: int) -> str:
-    """``host:port``, an IPv6 address in brackets (``[::1]:9464``) as a URL needs it."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ConfigurationError(f"{option}: cannot serve metrics on {address(host, port)}: {reason}") from None
