@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -65,6 +67,43 @@ def test_dev_port_0_announces_the_port_the_gateway_listens_on(tmp_path: Path) ->
     announced = int(ready.rsplit("gateway http://127.0.0.1:", 1)[1])
     assert f"Uvicorn running on http://127.0.0.1:{announced} " in "".join(lines)
     assert announced != 0
+
+
+def _port_option(pid: int) -> int:
+    """The ``--port`` on the command line of process ``pid`` (read from /proc once it has exec'd)."""
+    for _ in range(100):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"--port" in argv:
+            return int(argv[argv.index(b"--port") + 1])
+        time.sleep(0.01)
+    raise AssertionError(f"no --port in {argv}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads the gateway's command line from /proc")
+def test_dev_port_0_holds_the_port_it_names_so_no_other_process_can_take_it_before_the_gateway_serves(
+    tmp_path: Path,
+) -> None:
+    """dev found a free port, let it go and named it to the gateway, which bound it only once its app
+    had started: a process taking the port in between left the gateway unable to listen."""
+    proc = dev_gateway(tmp_path / "var", "--port", "0")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    with socket.socket() as other:
+        try:
+            started = lines_until(proc.stdout, lambda line: "started gateway (pid" in line, seen=lines)
+            assert started is not None, "".join(lines)
+            port = _port_option(int(started.rsplit("(pid ", 1)[1].split(")")[0]))
+            with pytest.raises(OSError) as refused:
+                other.bind(("127.0.0.1", port))
+                other.listen()
+            assert refused.value.errno == errno.EADDRINUSE
+            ready = lines_until(proc.stdout, lambda line: "ready:" in line, seen=lines)
+            assert ready is not None, "".join(lines)
+            assert ready.rstrip().endswith(f"; gateway http://127.0.0.1:{port}"), ready
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10, trust_env=False).status_code == 200
+        finally:
+            out, err = stop(proc)
+    assert proc.returncode == 0, "".join(lines) + out + err
 
 
 def _ipv6_loopback() -> bool:

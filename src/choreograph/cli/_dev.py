@@ -29,6 +29,7 @@ import importlib
 import importlib.util
 import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -76,14 +77,17 @@ def _find_gateway(target: str) -> str | None:
     return f"{candidate}:gateway"
 
 
-def _gateway_spec(spec: str, host: str, port: int) -> ProcSpec:
+def _gateway_spec(spec: str, host: str, port: int, fds: tuple[int, ...] = ()) -> ProcSpec:
+    """The gateway process, serving on the listening sockets ``fds`` (bound to ``host:port`` here)."""
     from choreograph.gateway import Gateway
 
     obj = load_object(spec)  # fail here, with one clear line, rather than in a child
     argv = _python_m("choreograph", "gateway", spec, "--host", host, "--port", str(port))
+    for fd in fds:
+        argv += ["--fd", str(fd)]
     if not isinstance(obj, Gateway):  # a plain ASGI app cannot be instrumented: do not ask (--otel is inherited)
         argv.append("--no-otel")
-    return ProcSpec("gateway", argv, ready="Uvicorn running on")
+    return ProcSpec("gateway", argv, ready="Uvicorn running on", fds=fds)
 
 
 def _journal_spec(target: str, url: str, store: str) -> ProcSpec:
@@ -253,54 +257,63 @@ def dev(
     if journal:
         specs.append(_journal_spec(target, url, journal_store))
     gateway_target = None if no_gateway else (gateway or _find_gateway(target))
+    listening: list[socket.socket] = []
     if gateway_target is not None:
-        from choreograph.cli._gateway import check_listen
+        from choreograph.cli._gateway import listen
 
-        port = check_listen(host, port)  # a port taken or a host not ours: one line now; 0: a free port to name
-        specs.append(_gateway_spec(gateway_target, host, port))
-    metrics = _metrics_ports(specs, metrics_port) if metrics_port is not None else {}
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise ConfigurationError(
-            f"two processes share a name: {sorted(n for n in names if names.count(n) > 1)}"
+        # Bound here, once, and inherited by every lifetime of the gateway process: a port taken
+        # or a host not ours is one line now, --port 0 names the port really served on (no moment
+        # between choosing it and serving on it for another process to take it), a restart keeps it.
+        listening = listen(host, port)
+        port = listening[0].getsockname()[1]
+        specs.append(_gateway_spec(gateway_target, host, port, tuple(sock.fileno() for sock in listening)))
+    try:
+        metrics = _metrics_ports(specs, metrics_port) if metrics_port is not None else {}
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(
+                f"two processes share a name: {sorted(n for n in names if names.count(n) > 1)}"
+            )
+
+        env = dict(os.environ)
+        env.update(
+            {BROKER_ENV: url, DATA_ENV: str(directory), JOURNAL_ENV: journal_store, "PYTHONUNBUFFERED": "1"}
         )
+        env["CHOREOGRAPH_LOG_FORMAT"] = log_format.lower()
+        if otel:
+            env["CHOREOGRAPH_OTEL"] = "1"
+        env.pop("CHOREOGRAPH_METRICS_PORT", None)  # one port per process, given on each command line
+        if console.is_terminal:
+            env.setdefault("FORCE_COLOR", "1")
+        # Children write to a pipe, where Rich would wrap at 80 columns; the prefix takes the rest.
+        env.setdefault("COLUMNS", str(max(80, console.width - 20) if console.is_terminal else 200))
+        run_async(prepare(url, groups + push_groups, journal_store=journal_store if journal else None))
 
-    env = dict(os.environ)
-    env.update(
-        {BROKER_ENV: url, DATA_ENV: str(directory), JOURNAL_ENV: journal_store, "PYTHONUNBUFFERED": "1"}
-    )
-    env["CHOREOGRAPH_LOG_FORMAT"] = log_format.lower()
-    if otel:
-        env["CHOREOGRAPH_OTEL"] = "1"
-    env.pop("CHOREOGRAPH_METRICS_PORT", None)  # one port per process, given on each command line
-    if console.is_terminal:
-        env.setdefault("FORCE_COLOR", "1")
-    # Children write to a pipe, where Rich would wrap at 80 columns; the prefix takes the rest.
-    env.setdefault("COLUMNS", str(max(80, console.width - 20) if console.is_terminal else 200))
-    run_async(prepare(url, groups + push_groups, journal_store=journal_store if journal else None))
+        supervisor: Supervisor
 
-    supervisor: Supervisor
+        def ready() -> None:
+            where = f"; gateway http://{address(host, port)}" if gateway_target else ""
+            supervisor.say(f"{READY_LINE} {len(specs)} processes on {redact(url)}{where}", "bold green")
+            if metrics and not metrics_port:
+                supervisor.say(f"metrics (/metrics on 127.0.0.1): {', '.join(metrics)} each on a free port "
+                               "(its `metrics on` line)", "green")
+            elif metrics:
+                listing = ", ".join(f"{name} :{number}" for name, number in metrics.items())
+                supervisor.say(f"metrics (/metrics on 127.0.0.1): {listing}", "green")
 
-    def ready() -> None:
-        where = f"; gateway http://{address(host, port)}" if gateway_target else ""
-        supervisor.say(f"{READY_LINE} {len(specs)} processes on {redact(url)}{where}", "bold green")
-        if metrics and not metrics_port:
-            supervisor.say(f"metrics (/metrics on 127.0.0.1): {', '.join(metrics)} each on a free port "
-                           "(its `metrics on` line)", "green")
-        elif metrics:
-            listing = ", ".join(f"{name} :{number}" for name, number in metrics.items())
-            supervisor.say(f"metrics (/metrics on 127.0.0.1): {listing}", "green")
+        async def main() -> int:
+            nonlocal supervisor
+            supervisor = Supervisor(
+                specs, env=env, console=console, stop_timeout=stop_timeout, restart=restart, on_ready=ready
+            )
+            return await supervisor.run()
 
-    async def main() -> int:
-        nonlocal supervisor
-        supervisor = Supervisor(
-            specs, env=env, console=console, stop_timeout=stop_timeout, restart=restart, on_ready=ready
-        )
-        return await supervisor.run()
-
-    code = run_async(main())
-    if code:
-        raise typer.Exit(code)
+        code = run_async(main())
+        if code:
+            raise typer.Exit(code)
+    finally:
+        for sock in listening:
+            sock.close()
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -44,17 +45,18 @@ def asgi_app(spec: str, telemetry: Telemetry | None = None) -> Any:
     raise ConfigurationError(f"{spec!r} is {kind_of(obj)}, not a Gateway or an ASGI app")
 
 
-def check_listen(host: str, port: int) -> int:
-    """Fail with one line (``--port`` or ``--host``, the address, the OS's reason) if ``host:port`` cannot be listened on.
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on ``host:port``, one per address ``host`` resolves to, as uvicorn would
+    bind them (``SO_REUSEADDR``, an IPv6 socket for IPv6 only); what fails is one line naming
+    ``--port`` or ``--host``, the address and the OS's reason.
 
-    uvicorn binds after the app's startup and reports a taken port as a log record between
-    its startup and shutdown lines, then exits 3. Binding once first, as uvicorn will (every
-    address ``host`` resolves to, ``SO_REUSEADDR``), reports it as a configuration error,
-    before anything starts. A port taken between this check and uvicorn's bind still gets
-    uvicorn's report.
-
-    Returns the port: for 0, one free on every address now (the first address picks it), so
-    ``dev --port 0`` can name the gateway's URL before the gateway binds it.
+    The gateway serves on exactly these sockets (uvicorn's ``Server.run(sockets=...)``; from
+    ``dev``, the gateway process inherits them: ``--fd``). Binding once, rather than checking
+    the address and letting uvicorn bind it again after the app's startup, leaves no moment
+    where another process can take the port: ``--port 0`` names the port served on, a taken
+    port is a configuration error before anything starts, and a gateway that ``dev`` restarts
+    keeps its port (connections meanwhile wait in the backlog instead of being refused).
+    With ``--port 0`` every address gets the port the first one was given.
     """
     def refused(option: str, reason: str | None) -> ConfigurationError:
         return ConfigurationError(f"{option}: cannot listen on {address(host, port)}: {reason}")
@@ -63,17 +65,37 @@ def check_listen(host: str, port: int) -> int:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise refused("--host", exc.strerror) from None
-    for family, kind, proto, _, sockaddr in addresses:
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, sockaddr in addresses:
+            sock = socket.socket(family, kind, proto)  # no IPv6 here: EAFNOSUPPORT
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((sockaddr[0], port, *sockaddr[2:]))
+            sock.listen(_BACKLOG)  # taken from now on: a bound socket that does not listen can be shared
+            port = sock.getsockname()[1]  # 0: the port the first address got, taken on the others
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise refused("--host" if exc.errno in HOST_ERRNOS else "--port", exc.strerror or str(exc)) from None
+    return sockets
+
+
+#: uvicorn's default backlog (it listens again with its own when it starts serving).
+_BACKLOG = 2048
+
+
+def inherited(fds: list[int]) -> list[socket.socket]:
+    """The listening sockets ``dev`` opened (:func:`listen`) and passed down as these file descriptors."""
+    sockets = []
+    for fd in fds:
         try:
-            with socket.socket(family, kind, proto) as probe:  # no IPv6 here: EAFNOSUPPORT
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind((sockaddr[0], port, *sockaddr[2:]))
-                port = probe.getsockname()[1]  # 0: the port the first address got, tried on the others
+            sockets.append(socket.socket(fileno=fd))
         except OSError as exc:
-            raise refused("--host" if exc.errno in HOST_ERRNOS else "--port", exc.strerror or str(exc)) from None
-    return port
+            raise ConfigurationError(f"--fd {fd}: not an open socket: {exc.strerror or exc}") from None
+    return sockets
 
 
 def gateway(
@@ -84,24 +106,51 @@ def gateway(
     otel: bool = otel_option("each publish (a PRODUCER span continuing the request's traceparent)"),
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
+    fds: list[int] = typer.Option(
+        None, "--fd", hidden=True, help="Serve on this listening socket, already bound to --host and --port "
+        "(repeatable; how `choreograph dev` hands over the sockets it bound)",
+    ),
 ) -> None:
     """Serve the gateway: POST events in, GET /transactions out, /openapi.json, /healthz."""
     try:
         import uvicorn
     except ImportError:
         raise ConfigurationError("choreograph gateway needs uvicorn (pip install 'choreograph[http]')") from None
-    check_listen(host, port)
-    if log_level.lower() in ("debug", "trace"):
-        # choreograph's and the broker client's own lines too, as `run --log-level debug` shows them
-        # (a user module failing to import: its traceback); uvicorn logs through its own handlers
-        configure_logging("DEBUG")
-    telemetry, provider = telemetry_options("gateway", otel, metrics_port, metrics_host)
-    app = asgi_app(target, telemetry)
+    sockets = inherited(fds) if fds else listen(host, port)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
+        if log_level.lower() in ("debug", "trace"):
+            # choreograph's and the broker client's own lines too, as `run --log-level debug` shows them
+            # (a user module failing to import: its traceback); uvicorn logs through its own handlers
+            configure_logging("DEBUG")
+        telemetry, provider = telemetry_options("gateway", otel, metrics_port, metrics_host)
+        app = asgi_app(target, telemetry)
+        url = f"http://{address(host, sockets[0].getsockname()[1])}"  # the port bound, for --port 0 too
+
+        class Server(uvicorn.Server):
+            """uvicorn's server, with its `running on` line (it has none for sockets given to it; ``dev`` waits for it)."""
+
+            async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+                await super().startup(sockets=sockets)
+                if self.started:
+                    logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
+
+        server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on"))
+        try:  # what uvicorn.run does, on the sockets already listening
+            server.run(sockets=sockets)
+        except KeyboardInterrupt:  # the SIGINT uvicorn caught, raised again once it has shut down
+            pass
+        finally:
+            if provider is not None:
+                provider.shutdown()  # export the spans still buffered
     finally:
-        if provider is not None:
-            provider.shutdown()  # export the spans still buffered
+        for sock in sockets:
+            sock.close()
+    if not server.started:  # the app's startup failed: uvicorn has logged why
+        raise typer.Exit(_STARTUP_FAILURE)
+
+
+#: uvicorn's exit status for an app that failed to start (its lifespan startup raised).
+_STARTUP_FAILURE = 3
 
 
 def register(app: typer.Typer) -> None:

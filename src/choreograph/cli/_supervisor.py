@@ -41,12 +41,15 @@ def _how(code: int | None) -> str:
 
 @dataclasses.dataclass
 class ProcSpec:
-    """One process to supervise. ``ready`` is a substring of the log line that says it is up."""
+    """One process to supervise. ``ready`` is a substring of the log line that says it is up;
+    ``fds`` are file descriptors it inherits, the same numbers in every lifetime (a listening
+    socket: see ``_gateway.listen``)."""
 
     name: str
     argv: list[str]
     ready: str | None = None
     restart: bool = True
+    fds: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -126,6 +129,7 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT,
             env={**self.env, "CHOREOGRAPH_RESTARTS": str(child.restarts)},
             start_new_session=True,
+            pass_fds=child.spec.fds,
             limit=1 << 20,
         )
         child.proc, child.started_at = proc, time.monotonic()
