@@ -168,9 +168,18 @@ def _text(value: Any, where: str, what: str = "a string") -> str:
 def _broker(value: Any, where: str) -> str:
     """A broker URL; empty or blank is refused here, naming the key (``--broker`` would be named
     downstream, an option nobody typed), as ``${BROKER}`` left empty would be the default bus."""
+    return _url(value, where, "a broker URL")
+
+
+def _store(value: Any, where: str) -> str:
+    """The inbox store's URL; empty or blank is refused, as for ``broker`` (it was the default store)."""
+    return _url(value, where, "a store URL")
+
+
+def _url(value: Any, where: str, what: str) -> str:
     url = _text(value, where, "a URL (a string)")
     if not url.strip():
-        raise ConfigurationError(f"{where}: empty; give a broker URL, or leave the key out")
+        raise ConfigurationError(f"{where}: empty; give {what}, or leave the key out")
     return url
 
 
@@ -274,7 +283,7 @@ def load_config(path: str | Path, *, credentials: bool = True) -> PushConfig:
     return PushConfig(
         subscriptions=subscriptions,
         broker=optional("broker", _broker),
-        store=optional("store", lambda v, w: _text(v, w, "a URL (a string)")),
+        store=optional("store", _store),
         origin=optional("origin", _text),
         concurrency=optional("concurrency", lambda v, w: _whole(v, w, minimum=1)),
         drain_timeout=optional("drain_timeout", lambda v, w: _number(v, w, forever=True)),

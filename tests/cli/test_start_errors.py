@@ -261,6 +261,54 @@ def test_an_empty_broker_in_a_push_config_names_the_file_and_its_key_not_the_bro
     assert list(tmp_path.iterdir()) == [tmp_path / "push.toml"]  # no bus, no store
 
 
+PUSH_OPTIONS = ("--group", "g-empty-store", "--type", "a.b", "--url", "http://127.0.0.1:9/", "--no-handshake")
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_store_option_is_refused_rather_than_taken_for_the_default_store(tmp_path: Path, value: str) -> None:
+    """A script passing ``--store "$STORE"`` with the variable unset kept its inbox (or journal) in the default
+    one: a service then ran again what its real inbox had recorded as done."""
+    store = f"error: --store {value!r}: empty; give a store URL, or leave the option out\n"
+    assert refused("run", "examples.chain:payment", "--broker", "memory://", "--store", value, cwd=tmp_path) == store
+    assert refused("push", "--broker", "memory://", "--store", value, *PUSH_OPTIONS, cwd=tmp_path) == store
+    assert refused("journal", "examples.chain:app", "--broker", "memory://", "--store", value, cwd=tmp_path) == (
+        f"error: --store {value!r}: empty; give a journal store URL, or leave the option out\n"
+    )
+    for command in (["trace", "order-1"], ["transactions"], ["watch", "--once"]):
+        assert refused(*command, "--journal", value, cwd=tmp_path) == (
+            f"error: --journal {value!r}: empty; give a journal store URL, or leave the option out\n"
+        ), command
+    assert not list(tmp_path.iterdir())  # no store was created anywhere
+
+
+@pytest.mark.parametrize("value", ['""', '"  "', '"${CHOREOGRAPH_TEST_UNSET_STORE:-}"'])
+def test_an_empty_store_in_a_push_config_names_the_file_and_its_key(tmp_path: Path, value: str) -> None:
+    """It was taken for no store at all: the inbox went beside the bus."""
+    (tmp_path / "push.toml").write_text(
+        f"store = {value}\n\n[[subscriptions]]\ngroup = \"g-empty-store\"\ntypes = [\"a.b\"]\n"
+        "url = \"http://127.0.0.1:9/\"\nhandshake = false\n"
+    )
+    line = "error: push.toml: store: empty; give a store URL, or leave the key out\n"
+    assert refused("push", "--config", "push.toml", "--broker", "memory://", cwd=tmp_path) == line
+    assert refused("push", "--config", "push.toml", "--broker", "memory://", "--store", "memory://", cwd=tmp_path) == line
+    assert list(tmp_path.iterdir()) == [tmp_path / "push.toml"]
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_choreograph_journal_is_refused_naming_the_variable_rather_than_taken_for_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    """``CHOREOGRAPH_JOURNAL=$JOURNAL`` with the variable unset recorded to (or read) ./var/journal.db."""
+    monkeypatch.setenv("CHOREOGRAPH_JOURNAL", value)
+    line = f"error: CHOREOGRAPH_JOURNAL {value!r}: empty; give a journal store URL, or unset the variable\n"
+    assert refused("journal", "examples.chain:app", "--broker", "memory://", cwd=tmp_path) == line
+    for command in (["trace", "order-1"], ["transactions"], ["watch", "--once"]):
+        assert refused(*command, cwd=tmp_path) == line, command
+    assert dev_refused(tmp_path / "var") == line
+    assert not list(tmp_path.iterdir())  # not even dev's data dir
+    assert cli("transactions", "--journal", "memory://", cwd=tmp_path).returncode == 0  # the option wins: not read
+
+
 def test_dev_metrics_port_0_gives_each_process_a_free_port_as_run_does(tmp_path: Path) -> None:
     proc = dev(tmp_path / "var", "--no-journal", "--metrics-port", "0")
     assert proc.stdout is not None

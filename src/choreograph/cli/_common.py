@@ -65,8 +65,27 @@ def broker_url(value: str | None) -> str:
 
 def given_broker(value: str | None) -> str | None:
     """``--broker`` as given (``None``: not given); empty or blank raises :class:`ConfigurationError`."""
+    return given_url(value, "--broker", "a broker URL")
+
+
+def given_url(value: str | None, option: str, what: str) -> str | None:
+    """A URL option as given (``None``: not given); empty or blank raises :class:`ConfigurationError`
+    naming ``option`` (``--store``, ``--journal``): a script passing ``--store "$STORE"`` with the
+    variable unset would otherwise get the default, silently.
+
+        inbox = given_url(store, "--store", "a store URL") or default_store_url(url, names)
+    """
     if value is not None and not value.strip():
-        raise ConfigurationError(f"--broker {value!r}: empty; give a broker URL, or leave the option out")
+        raise ConfigurationError(f"{option} {value!r}: empty; give {what}, or leave the option out")
+    return value
+
+
+def env_url(name: str, what: str) -> str | None:
+    """Environment variable ``name`` holding a URL (``None``: not set); set but empty or blank raises
+    :class:`ConfigurationError` naming the variable, rather than being taken for "not set"."""
+    value = os.environ.get(name)
+    if value is not None and not value.strip():
+        raise ConfigurationError(f"{name} {value!r}: empty; give {what}, or unset the variable")
     return value
 
 

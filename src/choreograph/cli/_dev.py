@@ -42,6 +42,7 @@ from choreograph.cli._common import (
     LogFormatOption,
     address,
     console,
+    env_url,
     given_broker,
     load_object,
     run_async,
@@ -240,6 +241,7 @@ def dev(
     configure_logging(log_level, log_format)  # checks both; --log-level debug: a failing import's traceback too
     load_faults()  # every service inherits CHOREOGRAPH_FAULTS: refuse a malformed one before any starts
     given_broker(broker)
+    journal_env = env_url(JOURNAL_ENV, "a journal store URL")  # set empty: refused before anything is made
     app = load_object(target)
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}; choreograph dev needs an App")
@@ -253,7 +255,7 @@ def dev(
     specs, groups = _service_specs(target, app, url, only or [], _scales(scale or [], app), log_level)
     push_specs, push_groups = _push_specs(push or [], url)
     specs += push_specs + _extra_specs(proc or [])
-    journal_store = os.environ.get(JOURNAL_ENV) or f"sqlite:///{directory / 'journal.db'}"
+    journal_store = journal_env or f"sqlite:///{directory / 'journal.db'}"
     if journal:
         specs.append(_journal_spec(target, url, journal_store))
     gateway_target = None if no_gateway else (gateway or _find_gateway(target))

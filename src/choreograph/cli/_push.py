@@ -23,6 +23,7 @@ from choreograph.cli._common import (
     MetricsHostOption,
     MetricsPortOption,
     broker_url,
+    given_url,
     run_async,
     seconds,
 )
@@ -119,6 +120,7 @@ def serve(
     from choreograph.push import PushAmbassador
 
     url = broker_url(broker or settings.broker)
+    store = given_url(store, "--store", "a store URL")
     subscriptions: list[PushSubscription] = settings.subscriptions
     names = "+".join(s.group for s in subscriptions)
     transport = open_transport(url)

@@ -27,6 +27,7 @@ from choreograph.cli._common import (
     MetricsPortOption,
     address,
     broker_url,
+    given_url,
     load_services,
     otel_option,
     run_async,
@@ -89,6 +90,7 @@ def run(
     load_faults()  # handlers read CHOREOGRAPH_FAULTS on their first step: a mistake in it stops us here instead
     services, _ = load_services(target, service)
     url = broker_url(broker)
+    store = given_url(store, "--store", "a store URL")
     transport = open_transport(url)
     names = "+".join(s.name for s in services)
     inbox = open_store(store or default_store_url(url, names))

@@ -34,6 +34,8 @@ from choreograph.cli._common import (
     LogFormatOption,
     broker_url,
     console,
+    env_url,
+    given_url,
     load_object,
     run_async,
     seconds,
@@ -57,8 +59,11 @@ _STATUS_STYLE = {
 _KIND_STYLE = {"completed": "green", "failed": "red", "failure": "bold red", "timedout": "magenta", "event": ""}
 
 
-def journal_url(value: str | None) -> str:
-    return value or os.environ.get(JOURNAL_ENV) or DEFAULT_JOURNAL
+def journal_url(value: str | None, option: str = "--journal") -> str:
+    """The journal store's URL: ``option`` (``--journal``; ``journal --store``), else
+    ``CHOREOGRAPH_JOURNAL``, else the default. Either given empty is refused, naming it."""
+    what = "a journal store URL"
+    return given_url(value, option, what) or env_url(JOURNAL_ENV, what) or DEFAULT_JOURNAL
 
 
 def existing_journal_url(value: str | None) -> str:
@@ -222,7 +227,7 @@ def run_journal(
 ) -> None:
     """Run the journal: record every event by correlation id and announce stuck transactions."""
     configure_logging(log_level, log_format)
-    url, store_url = broker_url(broker), journal_url(store)
+    url, store_url = broker_url(broker), journal_url(store, "--store")
     journal = _journal_for(target, store_url, url, stuck_after)
 
     async def main() -> None:
