@@ -323,3 +323,16 @@ def test_dev_metrics_port_0_gives_each_process_a_free_port_as_run_does(tmp_path:
     assert sorted(ports) == ["notify", "payment", "shipping"] and 0 not in ports.values(), lines
     assert len(set(ports.values())) == 3
     assert "payment, shipping, notify each on a free port" in ready
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_choreograph_broker_is_refused_naming_the_variable_rather_than_taken_for_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    """``CHOREOGRAPH_BROKER=$BROKER`` with the variable unset published to (or read) ./var/bus.db."""
+    monkeypatch.setenv("CHOREOGRAPH_BROKER", value)
+    line = f"error: CHOREOGRAPH_BROKER {value!r}: empty; give a broker URL, or unset the variable\n"
+    assert refused("publish", "order.placed", "--data", "{}", cwd=tmp_path) == line
+    assert refused("dlq", "list", cwd=tmp_path) == line
+    assert not list(tmp_path.iterdir())  # no bus was created
+    assert cli("groups", "list", "--broker", "memory://", cwd=tmp_path).returncode == 0  # the option wins: not read

@@ -58,9 +58,10 @@ BrokerOption = typer.Option(
 
 
 def broker_url(value: str | None) -> str:
-    """``--broker``, else ``CHOREOGRAPH_BROKER``, else the default; an empty ``--broker`` is refused
-    (a variable left empty in a script would otherwise be the default bus, silently)."""
-    return given_broker(value) or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+    """``--broker``, else ``CHOREOGRAPH_BROKER``, else the default; an empty ``--broker`` or
+    ``CHOREOGRAPH_BROKER`` is refused (a variable left empty in a script would otherwise be the
+    default bus, silently). The variable is read only when the option is not given."""
+    return given_broker(value) or env_url(BROKER_ENV, "a broker URL") or DEFAULT_BROKER
 
 
 def given_broker(value: str | None) -> str | None:
