@@ -7,7 +7,7 @@
 URL: ``sqlite:///relative/bus.db`` (relative to the working directory) or
 ``sqlite:////absolute/bus.db`` (SQLAlchemy's convention). Query parameters:
 ``lease`` (ack deadline in seconds, default 30), ``synchronous`` (``NORMAL``, the default,
-or ``FULL``) and ``busy_timeout`` (seconds a writer waits for the file lock, default 10).
+``FULL`` or ``EXTRA``) and ``busy_timeout`` (seconds a writer waits for the file lock, default 10).
 
 Durability: the file is in WAL mode. With ``synchronous=NORMAL``, a publish or settlement
 that returned survives a crash or ``kill -9`` of any process; an OS crash or power loss
