@@ -238,7 +238,7 @@ def test_dlq_list_into_a_pipe_prints_whole_ids_that_dlq_show_takes(tmp_path: Pat
 @pytest.mark.parametrize(
     ("args", "lines"),
     [
-        (["dlq", "show"], ["error: Missing argument 'message_id'. (see {} dlq show --help)"]),
+        (["dlq", "show"], ["error: Missing argument 'ID'. (see {} dlq show --help)"]),
         (["run", "examples.chain:app", "--concurrency", "0"], [  # Typer's reason: 0.29 and later, 0.28
             "error: Invalid value for '--concurrency' / '-c': Input should be greater than or equal to 1 "
             "(see {} run --help)",

@@ -24,7 +24,9 @@ SCENARIOS = {DEFAULT_APP: "bench.chaos"}
 
 def chaos(
     ctx: typer.Context,
-    target: str = typer.Argument(DEFAULT_APP, help="MODULE:ATTR of an App with a chaos scenario"),
+    target: str = typer.Argument(
+        DEFAULT_APP, metavar="MODULE:APP", help="MODULE:ATTR of an App with a chaos scenario"
+    ),
 ) -> None:
     """Run N orders through an App while injecting faults, hangs, kills and duplicates; check its invariants.
 

@@ -206,7 +206,7 @@ ProcOption = typer.Option(None, "--proc", help='Also run NAME=COMMAND, e.g. node
 
 
 def dev(
-    target: str = typer.Argument(..., help="MODULE:ATTR naming an App"),
+    target: str = typer.Argument(..., metavar="MODULE:APP", help="MODULE:ATTR naming an App"),
     broker: str | None = typer.Option(
         None, "--broker", "-b", help="Broker URL (default: sqlite in the data dir)"
     ),

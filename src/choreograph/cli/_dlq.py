@@ -121,7 +121,8 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
 
 
 @app.command("show")
-def show(message_id: str, group: str = typer.Option(..., "--group", "-g"), broker: str | None = BrokerOption) -> None:
+def show(message_id: str = typer.Argument(..., metavar="ID"), group: str = typer.Option(..., "--group", "-g"),
+         broker: str | None = BrokerOption) -> None:
     """Show one dead letter with its full record and original envelope (JSON)."""
     letter = run_async(_with_bus(broker_url(broker), lambda bus: bus.dead_letter(group, message_id)))
     if letter is None:
@@ -130,7 +131,8 @@ def show(message_id: str, group: str = typer.Option(..., "--group", "-g"), broke
 
 
 @app.command("replay")
-def replay(message_id: list[str] = typer.Argument(None, help="Ids to replay (default: all of the group)"),
+def replay(message_id: list[str] = typer.Argument(None, metavar="ID...",
+                                                  help="Ids to replay (default: all of the group)"),
            group: str = typer.Option(..., "--group", "-g"), broker: str | None = BrokerOption,
            json: bool = JsonOption) -> None:
     """Deliver dead letters to their group again, with a fresh attempt count."""
@@ -146,7 +148,7 @@ def replay(message_id: list[str] = typer.Argument(None, help="Ids to replay (def
 
 
 @app.command("purge")
-def purge(message_id: list[str] = typer.Argument(None, help="Ids to delete"),
+def purge(message_id: list[str] = typer.Argument(None, metavar="ID...", help="Ids to delete"),
           group: str = typer.Option(..., "--group", "-g"), broker: str | None = BrokerOption,
           all_: bool = typer.Option(False, "--all", help="Delete every dead letter of the group"),
           json: bool = JsonOption) -> None:

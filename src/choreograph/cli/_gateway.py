@@ -99,7 +99,9 @@ def inherited(fds: list[int]) -> list[socket.socket]:
 
 
 def gateway(
-    target: str = typer.Argument(..., help="MODULE:ATTR of a Gateway (or its .asgi() app)"),
+    target: str = typer.Argument(
+        ..., metavar="MODULE:GATEWAY", help="MODULE:ATTR of a Gateway (or its .asgi() app)"
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on"),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),

@@ -84,7 +84,7 @@ def list_(broker: str | None = BrokerOption, json: bool = JsonOption) -> None:
 
 
 @app.command("unbind")
-def unbind(group: str = typer.Argument(..., help="Consumer group (service name)"),
+def unbind(group: str = typer.Argument(..., metavar="GROUP", help="Consumer group (service name)"),
            types: list[str] = typer.Argument(..., metavar="TYPE...", help="Event types to stop routing to it"),
            broker: str | None = BrokerOption, json: bool = JsonOption) -> None:
     """Stop routing event types to a group; print what it is bound to afterwards.

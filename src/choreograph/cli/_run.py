@@ -56,7 +56,9 @@ def default_store_url(broker: str, name: str) -> str:
 
 
 def run(
-    target: str = typer.Argument(..., help="MODULE:ATTR naming a Service, a list of Services or an App"),
+    target: str = typer.Argument(
+        ..., metavar="MODULE:ATTR", help="MODULE:ATTR naming a Service, a list of Services or an App"
+    ),
     broker: str | None = BrokerOption,
     service: list[str] = typer.Option(None, "--service", "-s", help="Run only these services of an App"),
     concurrency: int = typer.Option(64, "--concurrency", "-c", min=1, help="Handlers running at once per service"),

@@ -151,7 +151,9 @@ def causation_tree(tx: Transaction) -> Tree:
 
 
 def trace(
-    correlation_id: str = typer.Argument(..., help="The transaction's correlation id (the gateway's answer)"),
+    correlation_id: str = typer.Argument(
+        ..., metavar="ID", help="The transaction's correlation id (the gateway's answer)"
+    ),
     journal: str | None = JournalOption,
     json: bool = typer.Option(False, "--json", help="Machine-readable output"),
 ) -> None:
@@ -215,7 +217,9 @@ def _journal_for(target: str, store: str, broker: str, stuck_after: float) -> Jo
 
 
 def run_journal(
-    target: str = typer.Argument(..., help="MODULE:ATTR of the App (its terminal events and compensations)"),
+    target: str = typer.Argument(
+        ..., metavar="MODULE:APP", help="MODULE:ATTR of the App (its terminal events and compensations)"
+    ),
     broker: str | None = BrokerOption,
     store: str | None = typer.Option(None, "--store", help=f"Journal store URL (env {JOURNAL_ENV}; default {DEFAULT_JOURNAL})"),
     stuck_after: float = typer.Option(
