@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -63,15 +64,15 @@ PLACES = [
 console = Console(width=None if Console().is_terminal else 120)
 
 
-def _free_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise RuntimeError("no free port")
+def _port_to_ask(preferred: int) -> int:
+    """``preferred`` if it is free now, else 0: ``choreograph dev`` then binds a free port itself
+    and names it in its ready line (no window for another process to take a port picked here)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            return 0
+    return preferred
 
 
 def requests_batch(count: int, seed: int) -> list[dict[str, Any]]:
@@ -131,7 +132,12 @@ class System:
         while time.monotonic() < give_up:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"choreograph dev exited with {self.proc.returncode}; see {self.log_path}")
-            if b"ready:" in self.log_path.read_bytes():
+            log = self.log_path.read_bytes()
+            if b"ready:" in log:
+                served = re.search(rb"ready:.*gateway http://127\.0\.0\.1:(\d+)", log)
+                if served is None:
+                    raise RuntimeError(f"choreograph dev named no gateway port; see {self.log_path}")
+                self.port = int(served.group(1))  # the one asked for, or the free one dev bound for 0
                 return
             time.sleep(0.1)
         raise RuntimeError(f"the system was not ready after {timeout:g}s; see {self.log_path}")
@@ -340,7 +346,7 @@ def main() -> int:
     args = parser.parse_args()
     shutil.rmtree(args.data_dir, ignore_errors=True)  # a fresh bus and fresh stores every run
     args.data_dir.mkdir(parents=True)
-    port = _free_port(args.port)
+    port = _port_to_ask(args.port)
     console.rule("[bold]Drone Delivery demo")
     console.print(f"starting the system: choreograph dev {APP} (faults: {args.faults})")
     system = System(args.data_dir, port, args.faults)
