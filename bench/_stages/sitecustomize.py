@@ -34,7 +34,7 @@ def _install(folder: str) -> None:
     import time
     from typing import Any
 
-    import choreograph.runtime.worker as worker
+    from choreograph.runtime import _runner, _verdicts
     from choreograph.stores.base import InboxStore
     from choreograph.transports import _amqp_consumer, _nats_pull, _redis_consumer, amqp, nats, redis
 
@@ -84,8 +84,9 @@ def _install(folder: str) -> None:
     for store in _subclasses(InboxStore):
         if "seen" in vars(store):
             around(store, "seen", "seen0", "seen1")
-    around(worker._Runner, "_prepare", "prep0", "prep1")
-    around(worker, "output_message", "out0", "out1")
+    around(_runner._Runner, "_prepare", "prep0", "prep1")
+    for module in (_runner, _verdicts):  # where the runner calls it: inline handlers, and the rest
+        around(module, "output_message", "out0", "out1")
     for transport in (nats.NatsTransport, redis.RedisTransport, amqp.AmqpTransport):
         around(transport, "publish", "pub0", None)
 

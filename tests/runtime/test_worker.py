@@ -324,9 +324,9 @@ async def test_an_internal_error_preparing_a_delivery_is_retried_then_dead_lette
 ) -> None:
     """A message that trips a bug below the handler (here: decoding raises RuntimeError) counts
     attempts under the service's policy and ends as a dead letter; others keep flowing."""
-    import choreograph.runtime.worker as worker_module
+    import choreograph.runtime._verdicts as verdicts_module  # where the runner decodes
 
-    trip_decode(monkeypatch, worker_module)
+    trip_decode(monkeypatch, verdicts_module)
     svc = Service("buggy", retry=RetryPolicy(max_attempts=3, base=0.1, jitter=False))
     handled: list[str] = []
 
@@ -1110,9 +1110,9 @@ async def test_stopping_while_a_lone_event_is_settled_by_its_task_settles_it_wit
 async def test_stopping_with_the_broker_unreachable_gives_a_lane_the_grace_not_the_drain_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from choreograph.runtime import worker as worker_module
+    from choreograph.runtime import _runner as runner_module
 
-    monkeypatch.setattr(worker_module, "STOP_GRACE", 0.2)
+    monkeypatch.setattr(runner_module, "STOP_GRACE", 0.2)
     bus, runs = _GatedOutputs(), []  # the gate never opens: the broker is gone
     worker = Worker([_charging(runs)], bus, drain_timeout=3600)
     await worker.start()
@@ -1145,10 +1145,10 @@ async def test_a_lane_frees_its_slot_so_the_next_event_runs_while_it_publishes()
 @pytest.fixture
 def small_bound(monkeypatch: pytest.MonkeyPatch) -> int:
     """At most 8 deliveries in hand for a worker of concurrency 4 (the default floor is 1,024)."""
-    from choreograph.runtime import worker as worker_module
+    from choreograph.runtime import _runner as runner_module
 
-    monkeypatch.setattr(worker_module, "UNSETTLED_FLOOR", 0)
-    monkeypatch.setattr(worker_module, "UNSETTLED_PER_SLOT", 2)
+    monkeypatch.setattr(runner_module, "UNSETTLED_FLOOR", 0)
+    monkeypatch.setattr(runner_module, "UNSETTLED_PER_SLOT", 2)
     return 8
 
 

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from choreograph._envelope import Envelope
 from choreograph.joins import Defer
+from choreograph.runtime._outcomes import _Again, _Call, _Dead, _Done, _Outcome
+from choreograph.runtime._runner import _Runner
 from choreograph.runtime.records import DeadLetterReason
-from choreograph.runtime.worker import _Again, _Call, _Dead, _Done, _Outcome, _Runner
 from choreograph.service import Handler, Service
 from choreograph.stores.base import ErrorInfo
 from choreograph.telemetry import Metrics, Tracing, messaging_system

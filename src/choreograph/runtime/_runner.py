@@ -1,0 +1,569 @@
+"""The worker loop of one service: :class:`_Runner`, what :class:`~choreograph.runtime.worker.Worker`
+runs per service (how, and why so: :mod:`choreograph.runtime.worker`).
+
+The runner fetches, starts each handler (in a task, or inline if it cannot suspend), keeps
+the leases of what it holds and the handlers' timeouts, and stops. What a delivery comes to
+is decided by :class:`~choreograph.runtime._verdicts.Verdicts`, and its outcome is settled
+by :class:`~choreograph.runtime._settling.Settling`: both mixins of the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import sys
+import time
+import types
+from collections.abc import Awaitable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from choreograph._clock import SystemClock, backoff
+from choreograph.context import _set_current
+from choreograph.errors import StoreError, TransportClosed
+from choreograph.runtime._coroutines import _Resumed, _suspends
+from choreograph.runtime._outcomes import Stats, _Again, _Call, _Done, _Outcome
+from choreograph.runtime._settling import Settling, _Settlement
+from choreograph.runtime._verdicts import Verdicts, _outputs_of
+from choreograph.runtime.records import output_message
+from choreograph.service import Service
+from choreograph.stores.base import InboxStore
+from choreograph.transports.base import Delivery, Subscription
+
+if TYPE_CHECKING:
+    from choreograph.runtime.worker import Worker
+
+log = logging.getLogger("choreograph.worker")  # the worker's: one logger for the user to tune
+
+#: Deliveries a service holds unsettled (handling, or waiting for the settle loop): at most
+#: ``max(UNSETTLED_FLOOR, UNSETTLED_PER_SLOT * concurrency)``. Generous on purpose: settle
+#: batches grow with the backlog and share the broker's round trips (a bound near
+#: ``concurrency`` made ``concurrency=1`` settle an event or two per round trip); what it
+#: stops is a stalled publish letting the fetch loop take the whole backlog.
+UNSETTLED_FLOOR = 1024
+UNSETTLED_PER_SLOT = 4
+#: Seconds to put back a copy of an event whose other copy is being handled right now.
+IN_FLIGHT_DEFER = 1.0
+#: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
+#: up on an unreachable broker: what is still unsettled then comes back after its lease.
+STOP_GRACE = 5.0
+
+
+class HandlerTimeout(Exception):
+    """A handler ran longer than its timeout; counted as a failed (transient) attempt."""
+
+
+HandlerTimeout.__module__ = "choreograph.runtime.worker"  # public there: tracebacks and records name it so
+
+#: Python 3.12+ can start a task eagerly (run it at once until it first suspends).
+_EAGER_TASKS = sys.version_info >= (3, 12)
+
+
+class _Runner(Verdicts, Settling):
+    """The worker loop of one service."""
+
+    #: Whether handlers that cannot suspend run inline in the fetch loop (see :meth:`_inline`);
+    #: off where a subclass wraps every attempt (spans and metrics).
+    INLINE = True
+
+    def __init__(self, worker: Worker, service: Service) -> None:
+        self.worker = worker
+        self.service = service
+        self.group = service.group
+        self.stats = Stats()
+        self.store: InboxStore = worker.store  # replaced by the service database's inbox if it has one
+        self.handlers = service.handlers
+        self.handed_back_types: set[str] = set()  # types _unsubscribed has warned about
+        # the clock's time(); time.time itself for the real clock (a Python call less per event)
+        self.clock_time = time.time if type(worker.clock) is SystemClock else worker.clock.time
+        self.has_database = False  # set by start(): whether the service keeps state in its own database
+        self.sub: Subscription | None = None
+        self.active: dict[asyncio.Task[None], Delivery] = {}
+        self.active_ids: dict[str, Delivery] = {}  # event id -> the delivery handling it, until settled
+        self.max_unsettled = max(UNSETTLED_FLOOR, UNSETTLED_PER_SLOT * worker.concurrency)  # in hand, at most
+        self.outcomes: list[_Outcome] = []
+        self.outcome_ready = asyncio.Event()
+        self.settle_waiting = False  # the settle loop waits for outcomes
+        self.hold_wake = False  # the fetch loop wakes the settle loop itself after a lone event (see _emit)
+        self.lane: asyncio.Task[Any] | None = None  # a task publishing its own outcome's outputs (see _handle)
+        # Outcomes whose outputs are published, waiting for the finisher to mark and ack them.
+        self.published: list[tuple[Sequence[_Outcome], _Settlement]] = []
+        self.unfinished = 0  # outcomes in self.published
+        self.finish_due = asyncio.Event()  # wakes the finisher: work while it is idle, or finish now
+        self.finisher_idle = False
+        self.finishing = False  # the finisher is marking and acking (with its retries)
+        self.finished = asyncio.Event()  # set each time it is done with that
+        self.settle_ended = False  # the settle loop is done: the finisher finishes what is left and ends
+        self.slot_free = asyncio.Event()
+        self.stopping = False
+        self.fetching = False
+        self.tasks: list[asyncio.Task[None]] = []
+        # Handler timeouts: one watchdog per service instead of a timer per delivery.
+        self.deadlines: dict[Delivery, float] = {}
+        self.timed_out: set[Delivery] = set()
+        self.waiting: set[Delivery] = set()  # handlers waiting for their database connection
+        self.watchdog: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        database = self.worker.outbox.store_for(self.service)
+        self.has_database = database is not None
+        self.store = database or self.worker.store
+        self.sub = await self.worker.transport.subscribe(self.group, sorted(self.service.subscriptions))
+        self.tasks = [
+            asyncio.create_task(self._fetch_loop(), name=f"choreograph-fetch-{self.group}"),
+            asyncio.create_task(self._settle_loop(), name=f"choreograph-settle-{self.group}"),
+            asyncio.create_task(self._touch_loop(), name=f"choreograph-touch-{self.group}"),
+        ]
+        timeouts = [h.timeout for h in self.service.all_handlers()] or [1.0]
+        tick = min(0.5, max(0.005, min(timeouts) / 10))
+        self.watchdog = asyncio.create_task(self._watchdog_loop(tick), name=f"choreograph-timeouts-{self.group}")
+
+    # -- fetching ---------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self.sub is not None
+        worker = self.worker
+        while not self.stopping:
+            # Slots for handlers, and room for deliveries in hand: fetched but not settled yet
+            # (handlers that ran inline, and outcomes the settle loop has not got to, hold
+            # no slot; without this bound a stalled publish let the fetch loop take the
+            # backlog). Outcomes count too: a duplicate or deferred copy has no id in hand.
+            free = min(worker.concurrency - len(self.active),
+                       self.max_unsettled - len(self.active_ids) - len(self.outcomes))
+            if free <= 0:
+                self.slot_free.clear()
+                await self.slot_free.wait()
+                continue
+            self.fetching = True
+            try:
+                batch = await self.sub.fetch(free, timeout=worker.poll_interval)
+            except asyncio.CancelledError:
+                if self.stopping:
+                    break  # stop() interrupts an idle fetch; fetch is cancel-safe
+                raise
+            except TransportClosed as exc:  # closed under the worker: nothing to come back for
+                if not self.stopping:
+                    log.error("fetch failed for %s: %s; no longer fetching", self.group, exc)
+                break
+            except Exception as exc:  # broker down: back off, the client reconnects
+                if self.stopping:
+                    break
+                log.warning("fetch failed for %s: %s; retrying", self.group, exc)
+                await backoff(worker.clock, 0.5)
+                continue
+            finally:
+                self.fetching = False
+            if not batch:
+                continue
+            try:
+                # Every id, also those in hand now: one may be settled while this awaits, and
+                # its copy must then be found a duplicate (it ran again when only the ids not
+                # in hand were looked up).
+                seen = await self.store.seen(self.group, [d.message.id for d in batch])
+            except Exception as exc:
+                log.error("inbox unavailable for %s: %s; releasing %d deliveries", self.group, exc, len(batch))
+                for delivery in batch:
+                    try:
+                        await delivery.retry(1.0)
+                    except Exception as again:  # the broker too: its lease hands the delivery on
+                        log.warning("releasing %r failed: %s; it comes back after its lease", delivery, again)
+                await backoff(worker.clock, 1.0)
+                continue
+            # A lone event's outcome may take the lane below: the settle loop is woken after
+            # this batch only if it does not (a wake-up for nothing per event otherwise).
+            self.hold_wake = len(batch) == 1
+            try:
+                for delivery in batch:
+                    message_id = delivery.message.id
+                    if message_id in self.active_ids:
+                        # Another copy is being handled (published twice, or redelivered after its lease
+                        # ran out). Acking this one could settle the message while the handler may still
+                        # fail, so put it back: by then the inbox says whether it was processed.
+                        self.stats.deferred += 1
+                        self._emit(_Again(delivery, IN_FLIGHT_DEFER))
+                        continue
+                    if message_id in seen:
+                        self._emit(self._duplicate(delivery))
+                        continue
+                    self.active_ids[message_id] = delivery
+                    self._start(delivery)
+            except BaseException:  # a KeyboardInterrupt out of a handler: nothing is held back
+                self.hold_wake = False
+                self.outcome_ready.set()
+                raise
+            self.hold_wake = False  # no await since it was set: nobody else emitted meanwhile
+            outcomes = self.outcomes
+            if (len(batch) == 1 and len(outcomes) == 1 and type(outcomes[0]) is _Done
+                    and outcomes[0].delivery is batch[0] and not self.active and worker.concurrency > 1
+                    and self._lane_open()):
+                # A lone event at a light load, handled inline (or, on 3.12, by a task that
+                # finished in its eager first step): this loop publishes its outputs before
+                # its next fetch, as a handler's task would (see _handle), instead of issuing
+                # that fetch first and leaving the publish to the settle loop's next turn.
+                # A batch of one while there are slots to spare means nothing else was
+                # waiting; what arrives meanwhile waits for this publish (a batch then, not a
+                # lane). With concurrency 1 every batch is one: the lane would serialise them.
+                task = asyncio.current_task()
+                assert task is not None
+                await self._lane(task, outcomes.pop())
+            elif outcomes:
+                self.outcome_ready.set()
+
+    def _start(self, delivery: Delivery) -> None:
+        """Decode and validate ``delivery`` here, then run its handler in a task of its own -
+        or inline, right here, if it cannot suspend (see :meth:`_inline`).
+
+        The handler gets a real task (``asyncio.timeout``, ``TaskGroup`` and cancellation act
+        on "the current task"). On Python 3.12+ the task starts eagerly: a handler that
+        returns without suspending runs to the end right here, with no loop round trip.
+        """
+        try:
+            call = self._prepare(delivery)
+        except Exception as exc:  # a bug in us, or in a library under us
+            self._emit(self._internal_error(delivery, exc))
+            return
+        if not isinstance(call, _Call):
+            self._emit(call)
+            return
+        task: asyncio.Task[None]
+        coro = call.coro
+        if self.INLINE and call.unit is None and type(coro) is types.CoroutineType and not _suspends(coro.cr_code):
+            context = contextvars.copy_context()
+            left = context.run(self._inline, call)
+            if left is None:
+                return
+            # created out here: a task that starts eagerly (a 3.12 eager task factory) enters
+            # its context, which must not be entered already
+            call.started = self.loop.time()
+            task = self.loop.create_task(
+                self._settle_raised(call, left) if isinstance(left, BaseException) else self._handle(call),
+                context=context)
+        else:
+            call.started = self.loop.time()
+            coro = self._transactional(call) if call.unit is not None else self._handle(call)
+            if _EAGER_TASKS:
+                task = asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
+                if task.done():
+                    self._ended(task, delivery)
+                    return
+            else:
+                task = self.loop.create_task(coro)
+        self.active[task] = delivery
+        task.add_done_callback(self._finished)
+
+    def _inline(self, call: _Call) -> BaseException | _Resumed | None:
+        """Run a handler that cannot suspend (:func:`never_suspends`) to its end right here, in
+        the fetch loop (in a copy of its context), and emit its outcome: no task, no loop
+        round trip. What is left for a task: a failure to record (that needs the inbox
+        store), or - should the handler suspend after all - the rest of its run.
+
+        A task buys a handler what it can use only at an ``await``: cancellation by the
+        watchdog or ``stop()``, ``asyncio.timeout``, a ``TaskGroup``. This one has no
+        ``await``; nothing could interrupt it inside a task either. In its own context
+        copy, as a task's, what it sets in a context variable stays its own and what the
+        runtime logs about it carries its ids.
+        """
+        delivery = call.delivery
+        _set_current(call.ctx)
+        try:
+            first = call.coro.send(None)
+        except StopIteration as done:
+            ctx = call.ctx
+            ctx._sealed = True  # a publish() from now on would be lost: it raises instead
+            result, handler = done.value, call.handler
+            try:
+                try:
+                    declared = type(result) in handler.emits
+                except TypeError:  # not an Event (its type is not even hashable): _returned says so
+                    declared = False
+                if declared and not ctx.outputs:  # one event out: _returned's common case
+                    try:
+                        message = output_message(result, call.envelope, handler.id_suffix0, self.service.source)
+                    except Exception:  # not encodable: _returned says so (a dead letter ``rejected``)
+                        outcome: _Outcome = self._returned(call, result)
+                    else:
+                        self.stats.handled += 1
+                        outcome = _Done(delivery, [message], True)
+                elif result is None and not ctx.outputs:  # nothing out
+                    self.stats.handled += 1
+                    outcome = _Done(delivery, [], True)
+                else:
+                    outcome = self._returned(call, result)
+            except Exception as exc:  # a bug in us
+                outcome = self._internal_error(delivery, exc)
+            self._emit(outcome)
+            return None
+        except BaseException as exc:
+            call.ctx._sealed = True
+            if not _own_failure(exc):
+                self._release_id(delivery)
+                raise
+            return exc
+        # It suspended after all (its code object swapped under us?): a task runs the rest.
+        log.warning("handler %s suspended although its code has no await; it goes on in a task", call.handler.name)
+        resumed = _Resumed(call.coro, first)
+        call.coro = cast(Coroutine[Any, Any, Any], resumed)
+        return resumed
+
+    async def _handle(self, call: _Call) -> None:
+        """The task of a handler of a service without a database: run it, then settle a success.
+
+        A success's outputs are published right here - the fast lane - when it is the only
+        delivery in hand and the settle loop is idle (a lone event at a light load), instead of
+        waking the settle loop: a loop iteration less on every hop's path; the finisher marks
+        and acks it. Otherwise it goes to the settle loop, which batches (counted on a memory://
+        chain of 20,000 events and on the brokers, the lane is taken for well under 1% of them
+        under load). The lane keeps the order of one outcome (outputs durable before mark and
+        ack) and the settle loop's retries; what arrives meanwhile the settle loop publishes at
+        once, and the finisher marks and acks both.
+
+        Once in the lane the task is settle work, not a handler: it leaves ``active`` (its slot
+        is free for the next fetch; ``stop`` does not count it against the drain time nor cancel
+        it with the unfinished handlers) and ``stop`` gives it the settle loop's grace instead.
+        Not taken during an eager first step (3.12): the fetch loop is still going through the
+        batch, and a copy of the same event later in it must find the id in ``active_ids``.
+        """
+        await self._run(call)
+        outcome, call.outcome = call.outcome, None
+        if outcome is None:
+            return
+        task = asyncio.current_task()
+        if len(self.active) > 1 or task not in self.active or self.outcomes or not self._lane_open():
+            self._emit(outcome)
+            return
+        assert task is not None
+        del self.active[task]
+        self.slot_free.set()
+        await self._lane(task, outcome)
+
+    async def _run(self, call: _Call) -> None:
+        """A handler of a service without a database, from its first step to its outcome
+        (a success is left in ``call.outcome`` for :meth:`_handle`)."""
+        _set_current(call.ctx)  # this task's own context
+        try:
+            result = await self._guarded(call, call.coro)
+        except BaseException as exc:
+            if not _own_failure(exc):
+                if isinstance(exc, asyncio.CancelledError):  # shutdown ran out of drain time
+                    await self._release(call.delivery)
+                raise
+            await self._settle_raised(call, exc)
+        else:
+            call.outcome = self._returned(call, result)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        delivery = self.active.pop(task, None)
+        self.slot_free.set()
+        if delivery is not None:
+            self._ended(task, delivery)
+
+    def _ended(self, task: asyncio.Task[None], delivery: Delivery) -> None:
+        # The id stays in active_ids until its outcome is settled (inbox marked): a copy of
+        # the same event fetched meanwhile is a duplicate, not a second run.
+        if task.cancelled() or task.exception() is not None:
+            self._release_id(delivery)
+        if not task.cancelled() and task.exception() is not None:  # a bug in us: the lease redelivers it
+            log.error("internal error handling %r", delivery, exc_info=task.exception())
+
+    def _release_id(self, delivery: Delivery) -> None:
+        if self.active_ids.get(delivery.message.id) is delivery:
+            del self.active_ids[delivery.message.id]
+            self.slot_free.set()
+
+    def _emit(self, outcome: _Outcome) -> None:
+        self.outcomes.append(outcome)
+        if not self.hold_wake:  # else the fetch loop wakes the settle loop after its batch
+            self.outcome_ready.set()
+
+    async def _touch_loop(self) -> None:
+        """Extend the leases of what this worker holds, every third of a lease: the deliveries
+        whose handlers run, and those handled but not settled for a whole tick already - their
+        outputs, inbox mark or ack wait for a broker or store that refuses them for now (a
+        Redis ``maxlen`` backlog, a store that cannot write). Without that touch the lease ran
+        out and another replica ran the handler again. What settles within a tick, nearly
+        everything, is not touched."""
+        interval = max(0.05, self.worker.transport.lease / 3)
+        before: dict[str, Delivery] = {}
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            running = list(self.active.values())
+            ids = {id(d) for d in running}
+            held = dict(self.active_ids)
+            waiting = [d for message_id, d in held.items() if before.get(message_id) is d and id(d) not in ids]
+            before = held
+            await self._touch(running + waiting)
+
+    async def _touch(self, deliveries: list[Delivery]) -> None:
+        """Touch ``deliveries``, 64 at a time concurrently (a backlog of a thousand in hand
+        during an outage was a thousand round trips one after the other), and log the
+        failures once per tick, not once per delivery."""
+        failed, first = 0, None
+        for start in range(0, len(deliveries), 64):
+            chunk = deliveries[start:start + 64]
+            for delivery, result in zip(chunk, await asyncio.gather(*(d.touch() for d in chunk),
+                                                                    return_exceptions=True), strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result  # a cancellation: the worker is stopping
+                    failed += 1
+                    first = first or f"{delivery!r}: {result}"
+        if failed:
+            log.warning("could not extend the leases of %d of %d deliveries of %s (%s); they return "
+                        "after their lease if it runs out", failed, len(deliveries), self.group, first)
+
+    async def _watchdog_loop(self, tick: float) -> None:
+        """Cancel handlers past their timeout (checked every ``tick`` seconds).
+
+        Cheaper than ``asyncio.timeout`` around every handler call, which schedules and
+        cancels a timer per delivery; the price is up to ``tick`` of lateness.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for task, delivery in list(self.active.items()):
+                deadline = self.deadlines.get(delivery)
+                if (deadline is not None and deadline <= now and delivery not in self.timed_out
+                        and delivery not in self.waiting):
+                    self.timed_out.add(delivery)
+                    task.cancel()
+
+    def _waiting(self, delivery: Delivery, waited: float | None) -> None:
+        """A handler waits for its database connection (``None``) or got it after ``waited``
+        seconds: that time does not count against its timeout - a handler holding the SQLite
+        writer too long must not time out the ones queued behind it."""
+        if waited is None:
+            self.waiting.add(delivery)
+            return
+        self.waiting.discard(delivery)
+        if delivery in self.deadlines:
+            self.deadlines[delivery] += waited
+
+    # -- handling ---------------------------------------------------------------------
+
+    async def _release(self, delivery: Delivery) -> None:
+        """Give an unfinished delivery back at once (shutdown ran out of drain time)."""
+        self.stats.released += 1
+        try:
+            await asyncio.shield(delivery.retry(0.0))
+        except Exception as exc:  # broker unreachable: the lease gives it back instead
+            log.warning("could not release %r: %s; it returns after its lease", delivery, exc)
+
+    async def _guarded(self, call: _Call, handler: Awaitable[Any]) -> Any:
+        """Await the rest of a handler under its timeout (the watchdog cancels it, we say why)."""
+        delivery = call.delivery
+        self.deadlines[delivery] = call.started + call.handler.timeout
+        try:
+            return await handler
+        except asyncio.CancelledError:
+            if delivery in self.timed_out:  # the watchdog, not a shutdown
+                raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s") from None
+            raise
+        finally:
+            call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
+            del self.deadlines[delivery]
+            if delivery in self.timed_out:
+                self.timed_out.discard(delivery)
+                task = asyncio.current_task()
+                assert task is not None  # only a handler running in a task can be cancelled
+                task.uncancel()
+
+    async def _settle_raised(self, call: _Call, exc: BaseException) -> None:
+        try:
+            outcome = self._raised(call, exc)
+            if outcome is None:
+                outcome = await self._failed(call, exc)
+        except StoreError:
+            raise  # the failure cannot be recorded now: the lease brings the delivery back later
+        except Exception as err:  # building the record failed: a bug, not the handler's
+            outcome = self._internal_error(call.delivery, err)
+        self._emit(outcome)
+
+    async def _transactional(self, call: _Call) -> None:
+        """A handler of a service with a database: its state, the inbox record and its outputs
+        commit together when it returns (then the relay publishes the outputs)."""
+        delivery, unit = call.delivery, call.unit
+        assert unit is not None
+        try:
+            try:
+                _set_current(call.ctx)  # this task's own context
+                result = await self._guarded(call, call.coro)
+                messages = self._outputs(call.handler, call.envelope, _outputs_of(result), call.ctx)
+                mark = True
+                if unit.used:
+                    if not await unit.commit(self.group, call.envelope.id, messages):
+                        self._emit(self._duplicate(delivery))  # another consumer committed this event first
+                        return
+                    messages, mark = [], False  # in the outbox now: the relay publishes them
+            except BaseException as exc:
+                if not _own_failure(exc):
+                    raise
+                await unit.rollback()  # before touching the store: on SQLite it waits for the writer
+                await self._settle_raised(call, exc)
+                return
+            finally:
+                await unit.rollback()  # no-op once committed
+        except asyncio.CancelledError:  # shutdown ran out of drain time
+            await self._release(delivery)
+            raise
+        self._emit(self._committed(call, messages, mark))
+
+    # -- stopping ---------------------------------------------------------------------
+
+    async def stop(self, drain_timeout: float) -> None:
+        self.stopping = True
+        self.slot_free.set()
+        fetch, settle, touch = self.tasks
+        touch.cancel()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        if self.fetching:
+            fetch.cancel()
+        loop = asyncio.get_running_loop()
+        drained_by = loop.time() + drain_timeout
+        if self.lane is not fetch:  # the fetch loop in the lane is settle work: it gets the grace below
+            await asyncio.wait([fetch], timeout=drain_timeout)  # a client ignoring cancellation must not hang us
+        if self.active:
+            _, pending = await asyncio.wait(list(self.active), timeout=max(0.0, drained_by - loop.time()))
+            for task in pending:
+                task.cancel()
+        # Every wait from here on is bounded: with the broker unreachable, settling and
+        # releasing cannot succeed, and what stays unsettled returns after its lease anyway.
+        grace_by = loop.time() + STOP_GRACE
+        if self.active:
+            await asyncio.wait(list(self.active), timeout=STOP_GRACE)
+        self.outcome_ready.set()
+        _, unsettled = await asyncio.wait([settle], timeout=max(0.0, grace_by - loop.time()))
+        lane = self.lane
+        if unsettled:
+            log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
+                        "their deliveries return after the lease", self.group, STOP_GRACE)
+            settle.cancel()
+            if lane is not None:
+                lane.cancel()
+        await asyncio.gather(settle, touch, *([self.watchdog] if self.watchdog else []), *([lane] if lane else []),
+                             return_exceptions=True)
+        if self.sub is not None:
+            try:
+                async with asyncio.timeout(max(1.0, grace_by - loop.time())):
+                    await self.sub.close()
+            except TimeoutError:
+                log.warning("%s: closing the subscription timed out; unsettled deliveries return after their lease",
+                            self.group)
+
+
+
+def _own_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a handler, is that handler's failed attempt: anything but a
+    cancellation of its task (shutdown; the watchdog's is turned into HandlerTimeout before)
+    and Ctrl-C. A ``CancelledError``, ``SystemExit`` or other ``BaseException`` the handler
+    raises itself counts as a failed attempt: it must neither end the worker nor come back
+    at once (a bare re-raise made a tight redelivery loop)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return False
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return True
+
