@@ -62,6 +62,46 @@ _EAGER_TASKS = sys.version_info >= (3, 12)
 class _Runner(Verdicts, Settling):
     """The worker loop of one service."""
 
+    # Slots, not a __dict__: more than 30 attributes make CPython 3.11 give an instance a
+    # plain dict (its shared-key layout stops at 30), so that no ``self.x`` and no
+    # ``self._method()`` on the hot path could be specialised. The mixins have none.
+    __slots__ = (
+        "active",
+        "active_ids",
+        "clock_time",
+        "deadlines",
+        "fetching",
+        "finish_due",
+        "finished",
+        "finisher_idle",
+        "finishing",
+        "group",
+        "handed_back_types",
+        "handlers",
+        "has_database",
+        "hold_wake",
+        "lane",
+        "loop",
+        "max_unsettled",
+        "outcome_ready",
+        "outcomes",
+        "published",
+        "service",
+        "settle_ended",
+        "settle_waiting",
+        "slot_free",
+        "stats",
+        "stopping",
+        "store",
+        "sub",
+        "tasks",
+        "timed_out",
+        "unfinished",
+        "waiting",
+        "watchdog",
+        "worker",
+    )
+
     #: Whether handlers that cannot suspend run inline in the fetch loop (see :meth:`_inline`);
     #: off where a subclass wraps every attempt (spans and metrics).
     INLINE = True

@@ -34,6 +34,9 @@ class Settling:
     """The settle loop, the lane and the finisher of one service (a mixin of the runner,
     whose state it shares; see the module's docstring)."""
 
+    if not TYPE_CHECKING:  # the runner's slots hold the state (mypy would check assignments against ())
+        __slots__ = ()
+
     worker: Worker
     group: str
     loop: asyncio.AbstractEventLoop

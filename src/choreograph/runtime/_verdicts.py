@@ -65,6 +65,9 @@ class Verdicts:
     """The outcome of a delivery, of its handler's return or of its raise (a mixin of the
     runner, whose state it reads; see the module's docstring)."""
 
+    if not TYPE_CHECKING:  # the runner's slots hold the state (mypy would check assignments against ())
+        __slots__ = ()
+
     worker: Worker
     service: Service
     group: str
