@@ -20,5 +20,6 @@ def test_the_metrics_address_puts_an_ipv6_host_in_brackets_as_a_url_needs() -> N
     from choreograph.cli._common import address  # shared with the gateway's and dev's lines
 
     assert address("::1", 9464) == "[::1]:9464"
+    assert address("fe80::1%eth0", 9464) == "[fe80::1%25eth0]:9464"  # RFC 6874: the zone's % escaped
     assert address("127.0.0.1", 9464) == "127.0.0.1:9464"
     assert address("metrics.internal", 9464) == "metrics.internal:9464"

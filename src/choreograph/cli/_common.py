@@ -116,8 +116,11 @@ HOST_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL})
 
 def address(host: str, port: int) -> str:
     """``host:port`` as a URL writes it: an IPv6 address in brackets (``[::1]:8000``), or
-    ``http://::1:8000`` would be a URL no client can use."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    ``http://::1:8000`` would be a URL no client can use; a scoped one's zone separator
+    escaped (``[fe80::1%25eth0]:8000``, RFC 6874), or the ``%`` starts a bad escape."""
+    if ":" not in host:
+        return f"{host}:{port}"
+    return f"[{host.replace('%', '%25')}]:{port}"
 
 
 def console_error(message: str) -> None:
