@@ -227,6 +227,21 @@ def test_dlq_purge_without_ids_deletes_nothing_unless_told_all(tmp_path: Path) -
     assert json.loads(purged.stdout) == {"purged": 2}
 
 
+def test_dlq_list_says_when_limit_hides_dead_letters(tmp_path: Path) -> None:
+    """The table's title counted the letters shown: with more than --limit (100 by default) on the
+    bus, "dead letters (100)" read as all of them, and --json gave no hint at all."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+    first, second = seed_dead_letters(url)
+    table = cli("dlq", "list", "--limit", "1", "--broker", url)
+    assert table.returncode == 0, table.stderr
+    assert "dead letters (1)" not in table.stdout and "more not shown" in table.stdout
+    assert "there are more (--limit N shows more)" in table.stderr
+    listed = cli("dlq", "list", "--limit", "1", "--broker", url, "--json")
+    assert len(json.loads(listed.stdout)) == 1 and "--limit" in listed.stderr
+    whole = cli("dlq", "list", "--limit", "2", "--broker", url)
+    assert "dead letters (2)" in whole.stdout and whole.stderr == ""
+
+
 def test_dlq_list_into_a_pipe_prints_whole_ids_that_dlq_show_takes(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     ids = seed_dead_letters(url)

@@ -16,7 +16,14 @@ from typing import Any
 import orjson
 import typer
 
-from choreograph.cli._common import BrokerOption, broker_url, console, open_existing_bus, run_async
+from choreograph.cli._common import (
+    BrokerOption,
+    broker_url,
+    console,
+    err_console,
+    open_existing_bus,
+    run_async,
+)
 from choreograph.errors import ConfigurationError
 from choreograph.transports import DeadLetter, Transport
 
@@ -93,21 +100,26 @@ async def _act_on(bus: Transport, group: str, ids: list[str], verb: _Verb) -> tu
 
 @app.command("list")
 def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, json: bool = JsonOption,
-          limit: int = typer.Option(100, "--limit", min=1)) -> None:
+          limit: int = typer.Option(100, "--limit", min=1, help="Show at most N, oldest first")) -> None:
     """List dead letters, oldest first."""
 
     async def listed(bus: Transport) -> list[DeadLetter]:
         if group is not None:
             await _check_group(bus, group)
-        return await bus.dead_letters(group, limit)
+        return await bus.dead_letters(group, limit + 1)  # one more: whether there are more than shown
 
     letters = run_async(_with_bus(broker_url(broker), listed))
+    more = len(letters) > limit
+    letters = letters[:limit]
+    if more:  # the count alone read as "that is all of them"
+        err_console.print(f"note: showing the oldest {limit} dead letters; there are more (--limit N shows more)",
+                          markup=False, highlight=False)
     if json:
         console.print_json(orjson.dumps([_as_dict(letter) for letter in letters]).decode())
         return
     from rich.table import Table
 
-    table = Table(title=f"dead letters ({len(letters)})")
+    table = Table(title=f"dead letters (the oldest {limit}; more not shown)" if more else f"dead letters ({len(letters)})")
     for column in ("group", "id", "type", "reason", "attempts", "last error", "dead at"):
         # an id is pasted into `dlq show`: other columns give way first, and it folds rather than lose characters
         table.add_column(column, no_wrap=column == "id", overflow="fold" if column == "id" else "ellipsis")
