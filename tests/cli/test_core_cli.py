@@ -227,6 +227,24 @@ def test_dlq_purge_without_ids_deletes_nothing_unless_told_all(tmp_path: Path) -
     assert json.loads(purged.stdout) == {"purged": 2}
 
 
+def test_a_sqlite_path_with_a_hash_is_refused_instead_of_opening_another_file(tmp_path: Path) -> None:
+    """``#`` starts a URL fragment: ``sqlite:///…/proj#2/bus.db`` opened (and created) ``…/proj``, a bus
+    no tool pointed at ``proj#2/bus.db`` would see."""
+    folder = tmp_path / "proj#2"
+    commands = [
+        ["publish", "x.y", "--broker", f"sqlite:///{folder}/bus.db"],
+        ["dlq", "list", "--broker", f"sqlite:///{folder}/bus.db"],
+        ["run", "examples.chain:payment", "--broker", "memory://", "--store", f"sqlite:///{folder}/inbox.db"],
+        ["trace", "x", "--journal", f"sqlite:///{folder}/journal.db"],
+        ["dev", "examples.chain:app", "--port", "0", "--data-dir", str(folder)],
+    ]
+    for args in commands:
+        result = cli(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and "'#'" in result.stderr, (args, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither proj nor proj#2 made
+
+
 def test_dlq_list_says_when_limit_hides_dead_letters(tmp_path: Path) -> None:
     """The table's title counted the letters shown: with more than --limit (100 by default) on the
     bus, "dead letters (100)" read as all of them, and --json gave no hint at all."""

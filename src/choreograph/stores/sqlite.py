@@ -51,6 +51,9 @@ def sqlite_path(url: str) -> str:
         path = path[1:]
     if not path:
         raise ConfigurationError(f"sqlite URL {redact(url)!r}: no file path")
+    if "#" in url:  # everything after it is a fragment: the file opened would be another one
+        raise ConfigurationError(f"sqlite URL {redact(url)!r}: a '#' in a URL starts a fragment, which cut the "
+                                 f"file's path to {path!r}; a sqlite:// path cannot contain '#'")
     return path
 
 

@@ -81,6 +81,11 @@ class _Config:
     busy_timeout: float
 
 
+#: Why a ``#`` in a sqlite URL is refused: everything after it is a URL fragment, so the file
+#: opened would be another one (``sqlite:////srv/proj#2/bus.db`` opened ``/srv/proj``).
+_FRAGMENT = "a '#' in a URL starts a fragment, which cut the file's path to {path!r}; a sqlite:// path cannot contain '#'"
+
+
 def _parse_url(url: str) -> _Config:
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
@@ -90,6 +95,8 @@ def _parse_url(url: str) -> _Config:
             f"broker URL {redact(url)!r}: expected sqlite:///relative/bus.db or sqlite:////absolute/bus.db"
         )
     path = parts.path[1:]
+    if "#" in url:
+        raise ConfigurationError(f"broker URL {redact(url)!r}: {_FRAGMENT.format(path=path)}")
     if path == ":memory:":
         raise ConfigurationError(f"broker URL {redact(url)!r}: an in-memory database is not shared; use memory://")
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
