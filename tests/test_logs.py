@@ -128,7 +128,8 @@ def test_choreograph_run_log_format_json_writes_json_lines(tmp_path: Path) -> No
     records = [json.loads(line) for line in lines if line.strip()]
     messages = [r["message"] for r in records if r["logger"] == "choreograph.cli"]
     assert messages[0].startswith("choreograph running payment+shipping+notify on ")
-    assert messages[-1] == "choreograph stopping payment+shipping+notify: draining in-flight work"
+    assert messages[-1] == ("choreograph stopping payment+shipping+notify: draining in-flight work "
+                            "(up to 10s; Ctrl-C again releases it now)")
 
 
 def test_an_unknown_log_format_is_one_clear_line() -> None:

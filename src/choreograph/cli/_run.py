@@ -104,13 +104,26 @@ def run(
                         retention=retention if 0 < retention < math.inf else None, telemetry=telemetry)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        release = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            # A second Ctrl-C releases what is still running (nothing is lost: the broker hands it
+            # out again); a repeated SIGTERM (process managers, `timeout`) waits for the drain under way.
+            if stop.is_set() and sig == signal.SIGINT and not release.is_set():
+                release.set()
+                announce(f"stopping {names}: second interrupt, releasing in-flight work now", colour="yellow")
+                worker.release_in_flight()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         tune_gc(gc_threshold)  # before the worker starts: nothing in flight gets frozen
         await worker.start()
         announce(f"running {names} on {redact(url)} (pid {os.getpid()})")
         await stop.wait()
-        announce(f"stopping {names}: draining in-flight work", colour="yellow")
+        limit = "until it finishes" if math.isinf(drain_timeout) else f"up to {drain_timeout:g}s"
+        announce(f"stopping {names}: draining in-flight work ({limit}; Ctrl-C again releases it now)",
+                 colour="yellow")
         await worker.stop()
         await inbox.close()
         await transport.close()

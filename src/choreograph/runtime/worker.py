@@ -138,6 +138,7 @@ class Worker:
             runner = InstrumentedRunner
         self.runners = [runner(self, service) for service in self.services]
         self._stopped = asyncio.Event()
+        self._release_now = False  # release_in_flight() was called: stop() drains nothing more
         self._started = False
 
     def stats(self, service: str | None = None) -> Stats:
@@ -199,11 +200,27 @@ class Worker:
             return
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        await asyncio.gather(*(runner.stop(self.drain_timeout) for runner in self.runners))
+        await asyncio.gather(*(self._stop_runner(runner) for runner in self.runners))
         if self._owns_joins:
             await self.joins.close()
         await self.outbox.stop()
         self._stopped.set()
+
+    async def _stop_runner(self, runner: _Runner) -> None:
+        # the drain time is read as the runner starts stopping: a release_in_flight() before it
+        # means none, one after it cancels what the runner drains (see release_in_flight)
+        await runner.stop(0.0 if self._release_now else self.drain_timeout)
+
+    def release_in_flight(self) -> None:
+        """Cut a drain short (a second Ctrl-C): the handlers still running are cancelled and their
+        events released to the broker at once, as when ``drain_timeout`` runs out (the interrupted
+        attempt counts); ``stop()`` then settles what had finished and returns. Called before
+        ``stop()``, it makes that stop drain nothing."""
+        self._release_now = True
+        for runner in self.runners:
+            if runner.stopping:
+                for task in list(runner.active):
+                    task.cancel()
 
     async def __aenter__(self) -> Worker:
         await self.start()
