@@ -1013,6 +1013,50 @@ async def test_the_cli_pushes_from_a_sqlite_bus_until_sigterm(tmp_path: Path) ->
     assert hook.options[0].headers["webhook-request-origin"] == ORIGIN
 
 
+async def test_a_second_ctrl_c_releases_the_pushes_a_drain_waits_for(tmp_path: Path) -> None:
+    """`choreograph push --drain-timeout inf` with a push that hangs: the first Ctrl-C waits for
+    it, a second one (it was ignored, so only SIGKILL stopped the process) releases it to the
+    group at once and the process exits 0; the event is there for the next consumer."""
+    bus_url = f"sqlite:///{tmp_path / 'bus.db'}"
+    hook = Scripted(HANG)
+    async with hook.running() as url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "choreograph", "push", "--broker", bus_url, "--group", GROUP,
+            "--type", Assigned.event_type(), "--url", url, "--origin", ORIGIN, "--timeout", "600",
+            "--drain-timeout", "inf", stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "CHOREOGRAPH_PUSH_SECRET": SECRET},
+        )
+        assert proc.stderr is not None
+        lines: list[str] = []
+
+        async def read_until(text: str) -> None:
+            async with asyncio.timeout(30):
+                while not any(text in line for line in lines):
+                    line = (await proc.stderr.readline()).decode()  # type: ignore[union-attr]
+                    assert line, "".join(lines)
+                    lines.append(line)
+
+        await read_until("running on")
+        async with open_transport(bus_url) as bus:
+            await Publisher(bus).publish(Assigned(delivery_id="d-1"), ids=["cli-hang"])
+        await until(lambda: hook.posts == 1, seconds=30)
+        proc.send_signal(signal.SIGINT)
+        await read_until("draining pushes in flight")
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest = await asyncio.wait_for(proc.stderr.read(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+        assert await proc.wait() == 0, "".join(lines) + rest.decode()
+    assert "releasing pushes in flight now" in "".join(lines) + rest.decode()
+    async with open_transport(bus_url) as bus:
+        sub = await bus.subscribe(GROUP, [Assigned.event_type()])
+        [again] = await sub.fetch(1, timeout=5)
+        assert again.message.id == "cli-hang"
+        await sub.close()
+
+
 def test_config_strings_read_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """${NAME} comes from the environment, ${NAME:-default} falls back; examples/polyglot/push.toml loads."""
     monkeypatch.setenv("DELIVERY_WEBHOOK_SECRET", SECRET)

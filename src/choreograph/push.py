@@ -253,6 +253,7 @@ class PushAmbassador:
         self.runners = [PushRunner(self, sub) for sub in self.subscriptions]
         self._started = False
         self._stopped = False
+        self._release_now = False  # release_in_flight() was called: stop() drains nothing more
         self._done = asyncio.Event()
 
     def stats(self, group: str | None = None) -> PushStats:
@@ -282,10 +283,21 @@ class PushAmbassador:
         if self._stopped or not self._started:
             return
         self._stopped = True
-        await asyncio.gather(*(runner.stop(self.drain_timeout) for runner in self.runners))
+        drain = 0.0 if self._release_now else self.drain_timeout
+        await asyncio.gather(*(runner.stop(drain) for runner in self.runners))
         if self._own_client:
             await self.client.aclose()
         self._done.set()
+
+    def release_in_flight(self) -> None:
+        """Cut a drain short (a second Ctrl-C): the pushes still in flight are cancelled and their
+        events released to the group at once, as when ``drain_timeout`` runs out; ``stop()`` then
+        returns. Called before ``stop()``, it makes that stop drain nothing."""
+        self._release_now = True
+        for runner in self.runners:
+            if runner.stopping:
+                for task in list(runner.active):
+                    task.cancel()
 
     async def __aenter__(self) -> PushAmbassador:
         await self.start()

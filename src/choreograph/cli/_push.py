@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -137,8 +138,20 @@ def serve(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        release = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            # as `choreograph run`: a second Ctrl-C releases the pushes still in flight (the group
+            # gets them again); a repeated SIGTERM waits for the drain under way
+            if stop.is_set() and sig == signal.SIGINT and not release.is_set():
+                release.set()
+                announce(f"stopping {names}: second interrupt, releasing pushes in flight now",
+                         label="choreograph push", colour="yellow")
+                ambassador.release_in_flight()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         await ambassador.start()
         for sub in subscriptions:
             announce(
@@ -149,7 +162,10 @@ def serve(
             )
         announce(f"running on {redact(url)} (pid {os.getpid()})", label="choreograph push")
         await stop.wait()
-        announce(f"stopping {names}: draining pushes in flight", label="choreograph push", colour="yellow")
+        drain = ambassador.drain_timeout
+        limit = "until they finish" if math.isinf(drain) else f"up to {drain:g}s"
+        announce(f"stopping {names}: draining pushes in flight ({limit}; Ctrl-C again releases them now)",
+                 label="choreograph push", colour="yellow")
         await ambassador.stop()
         await inbox.close()
         await transport.close()
