@@ -632,6 +632,27 @@ async def test_a_verb_on_a_delivery_whose_channel_closed_returns_and_the_broker_
         assert await bus.dead_letters("g") == []
 
 
+async def test_a_lease_that_runs_out_after_the_connection_dropped_hands_back_no_second_copy(
+    proxy: _Proxy, bus_url: str
+) -> None:
+    """The connection drops while a handler holds a delivery, and the handler outlives the lease.
+    The broker already took the message back when the channel closed and redelivers it; the
+    lease expiry must not publish a copy of its own as well (two of one message in the queue)."""
+    proxied = bus_url.replace(":5672/", f":{proxy.port}/").replace("lease=30.0", "lease=1.0")
+    async with opened(proxied) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t")])
+        (held,) = await fetch_all(sub, 1)
+        proxy.cut()
+        await _until(lambda: live_channel(held.raw) is None, within=WAIT)  # the client noticed
+        await _until(lambda: held.settled, within=WAIT)  # the lease ran out on the dead delivery
+        await bus.publish([])  # waits for the reconnect
+        (again,) = await fetch_all(sub, 1)
+        assert (again.message.id, again.attempt) == ("m1", 2)
+        await again.ack()
+        assert await sub.fetch(10, timeout=2.0) == []  # no second copy in the group's queue
+
+
 class Pinged(Event, type="test.amqp.pinged"):
     n: int
 

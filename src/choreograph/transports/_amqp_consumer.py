@@ -379,11 +379,14 @@ class AmqpSubscription(Subscription):
                 self._untrack(raw)
 
     def _expire(self, delivery: AmqpDelivery) -> None:
-        """Lease over: hand the message to the group again (attempt + 1)."""
+        """Lease over: hand the message to the group again (attempt + 1) - unless its channel
+        closed, when the broker already has it back and redelivers it itself."""
         if delivery.settled or self._closed:
             return
         delivery.settled = True
         self._forget(delivery)
+        if live_channel(delivery.raw) is None:
+            return  # its channel closed: the broker took it back and redelivers it (no copy too)
         task = asyncio.get_running_loop().create_task(
             self._requeue_quietly([(delivery.raw, delivery.attempt + 1)])
         )
