@@ -394,6 +394,39 @@ async def test_replay_and_purge_of_all_cover_more_than_one_chunk(bus_url: str) -
         assert await bus.purge("g") == 250
 
 
+async def test_a_replay_stops_at_the_dead_letters_it_found_while_consumers_dead_letter_again(
+    bus_url: str,
+) -> None:
+    """Replay walks the dead letters a chunk at a time while the group's consumers run. A
+    replayed message they dead-letter again lands behind the walk, which used to reach it and
+    replay it once more in the same call (and, with a group that keeps failing, walk on for as
+    long as the consumers kept up): a replay acts on the dead letters there when it began."""
+    async with opened(bus_url) as bus, opened(bus_url) as worker:
+        sub = await worker.subscribe("g", None)
+        await bus.publish([msg(n) for n in range(150)])
+        for delivery in await fetch_all(sub, 150):
+            await delivery.dead_letter({"reason": "rejected"})
+        script, chunks = bus._script, 0
+
+        async def consumers_run_between_chunks(name: str, keys: Any, args: Any) -> Any:
+            nonlocal chunks
+            reply = await script(name, keys, args)
+            if name == "dead":
+                chunks += 1
+                if chunks == 1:  # the consumers get the first chunk's copies and fail again
+                    for delivery in await fetch_all(sub, 100):
+                        await delivery.dead_letter({"reason": "rejected again"})
+            return reply
+
+        bus._script = consumers_run_between_chunks  # type: ignore[method-assign]
+        assert await bus.replay("g") == 150
+        bus._script = script  # type: ignore[method-assign]
+        letters = await bus.dead_letters("g", limit=1000)
+        assert sorted(x.record["reason"] for x in letters) == ["rejected again"] * 100
+        again = await fetch_all(sub, 150, wait=1.0)
+        assert sorted(d.message.id for d in again) == sorted(f"m{n}" for n in range(100, 150))
+
+
 # -- surviving a server restart ----------------------------------------------------------
 
 

@@ -257,20 +257,28 @@ return 0
 """
 
 #: KEYS: dead, stream.  ARGV: verb ('replay' | 'purge'), group, start ('-' or '(<id>'),
-#: chunk, then the message ids to act on (none: all). Scans one chunk of dead letters
-#: and replays (attempt 1, to this group only) or deletes the matching ones.
-#: Returns {how many, where to continue or ''}.
+#: end ('': the newest dead letter now), chunk, then the message ids to act on (none: all).
+#: Scans one chunk of dead letters up to ``end`` and replays (attempt 1, to this group
+#: only) or deletes the matching ones. ``end`` is fixed by the first chunk and passed back
+#: by the caller: a message a consumer dead-letters again meanwhile lands after it and is
+#: not replayed a second time by the same call (nor does the walk go on while they keep up).
+#: Returns {how many, where to continue or '', end}.
 DEAD = (
     _FIELDS
     + """
 local dead, stream = KEYS[1], KEYS[2]
-local verb, group, start, chunk = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local verb, group, start, last, chunk = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local wanted = nil
-if #ARGV > 4 then
+if #ARGV > 5 then
   wanted = {}
-  for i = 5, #ARGV do wanted[ARGV[i]] = true end
+  for i = 6, #ARGV do wanted[ARGV[i]] = true end
 end
-local entries = redis.call('XRANGE', dead, start, '+', 'COUNT', chunk)
+if last == '' then
+  local newest = redis.call('XREVRANGE', dead, '+', '-', 'COUNT', 1)
+  if #newest == 0 then return {0, '', ''} end
+  last = newest[1][1]
+end
+local entries = redis.call('XRANGE', dead, start, last, 'COUNT', chunk)
 if verb == 'replay' and #entries > 0 then
   local err = ensure_group(stream, group)
   if err then return err end
@@ -287,7 +295,7 @@ for _, e in ipairs(entries) do
   end
 end
 local next = ''
-if #entries == chunk then next = '(' .. entries[#entries][1] end
-return {n, next}
+if #entries == chunk and entries[#entries][1] ~= last then next = '(' .. entries[#entries][1] end
+return {n, next, last}
 """
 )

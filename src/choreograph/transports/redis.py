@@ -307,11 +307,13 @@ class RedisTransport(Transport):
             return 0
         stream, _, dead = self._keys(group)
         ids = [] if message_ids is None else list(message_ids)
-        total, start = 0, "-"
+        total, start, last = 0, "-", ""
         with self._errors(verb):
-            while start:
-                count, after = await self._script("dead", [dead, stream], [verb, group, start, _CHUNK, *ids])
-                total, start = total + int(count), _str(after)
+            while start:  # up to the newest dead letter when the first chunk ran (see DEAD)
+                count, after, end = await self._script(
+                    "dead", [dead, stream], [verb, group, start, last, _CHUNK, *ids]
+                )
+                total, start, last = total + int(count), _str(after), _str(end)
         return total
 
 
