@@ -336,6 +336,30 @@ async def test_closing_the_transport_ends_a_waiting_fetch(bus_url: str) -> None:
         await asyncio.wait_for(task, timeout=3)
 
 
+async def test_what_a_waiting_fetch_reads_while_the_transport_closes_is_handed_on_at_once(
+    bus_url: str,
+) -> None:
+    """A message that reaches a fetch blocked in its read while the transport is closing: the
+    fetch hands it on (as ``close`` does with what it holds), not leave it pending on a
+    consumer that is gone until the lease (30 s here) runs out."""
+    async with opened(bus_url) as staying:
+        other = await staying.subscribe("g", None)
+        leaving = RedisTransport(bus_url)
+        await leaving.connect()
+        sub = await leaving.subscribe("g", None)
+        fetching = asyncio.create_task(sub.fetch(10, timeout=None))
+        await asyncio.sleep(0.2)  # blocked in XREADGROUP
+        closing = asyncio.create_task(leaving.close())
+        while not leaving._closed:  # closed, waiting for the fetch to notice
+            await asyncio.sleep(0)
+        await staying.publish([msg(1)])  # reaches the blocked read of the leaving consumer
+        await closing
+        with pytest.raises(TransportClosed):
+            await fetching
+        [handed_on] = await other.fetch(10, timeout=5)
+        assert (handed_on.message.id, handed_on.attempt) == ("m1", 2)
+
+
 async def test_maxlen_refuses_a_publish_that_would_overflow_a_backlog_and_writes_nothing(
     bus_url: str,
 ) -> None:

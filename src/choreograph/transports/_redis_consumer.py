@@ -252,11 +252,11 @@ class RedisSubscription(Subscription):
             )
         self._forget(delivery)  # after the script: if it failed, close() still hands the entry on
 
-    async def _hold(self, deliveries: Sequence[RedisDelivery], idle_ms: int) -> int:
+    async def _hold(self, deliveries: Sequence[RedisDelivery], idle_ms: int, *, closing: bool = False) -> int:
         pairs = [x for d in deliveries for x in (d._entry, d._count)]
         if not pairs:
             return 0
-        with self._transport._errors("touch"):
+        with self._transport._errors("touch", closing=closing):
             held: int = await self._transport._script(
                 "hold", [self._stream], [self.group, self._transport.consumer, idle_ms, *pairs]
             )
@@ -268,7 +268,9 @@ class RedisSubscription(Subscription):
             delivery.settled = True
             self._forget(delivery)
         with contextlib.suppress(TransportError):
-            await self._hold(deliveries, _RELEASE_IDLE_MS)
+            # closing=True: a fetch whose read returned while the transport was closing hands
+            # on what it read; refused, that waited on a consumer that is gone for the lease.
+            await self._hold(deliveries, _RELEASE_IDLE_MS, closing=True)
 
     async def close(self) -> None:
         if self._closed:

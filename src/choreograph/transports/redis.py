@@ -135,10 +135,13 @@ class RedisTransport(Transport):
         return self._client
 
     @contextlib.contextmanager
-    def _using(self) -> Iterator[None]:
+    def _using(self, *, closing: bool = False) -> Iterator[None]:
         """Count an operation in flight, so ``close`` lets it finish before closing the pool
-        (a connection redis-py reopens for a retry after the pool closed would leak)."""
-        if self._closed:
+        (a connection redis-py reopens for a retry after the pool closed would leak).
+
+        ``closing``: the operation may still run once ``close`` began, while the client is
+        open - a fetch under way handing on what its read brought (``close`` waits for it)."""
+        if self._closed and not (closing and self._client is not None):
             raise TransportClosed("redis transport is closed")
         self._inflight += 1
         self._drained.clear()
@@ -153,10 +156,10 @@ class RedisTransport(Transport):
         return await self._scripts[name](keys=keys, args=args, client=self._redis)
 
     @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
+    def _errors(self, what: str, *, closing: bool = False) -> Iterator[None]:
         """Translate redis-py errors into choreograph's at the boundary."""
         try:
-            with self._using():
+            with self._using(closing=closing):
                 yield
         except RedisError as exc:
             if self._closed:
