@@ -708,6 +708,35 @@ async def test_an_ack_whose_caller_is_cancelled_still_goes_out(bus_url: str, how
         assert await sub.fetch(10, timeout=1.0) == []
 
 
+async def test_a_fetch_cancelled_while_it_tops_up_its_batch_hands_back_what_it_took_unchanged(
+    bus_url: str,
+) -> None:
+    """A fetch is cancel-safe: cancelled (the worker's stop cancels its fetch loop) after it took
+    messages from the buffer but before it returned them, it delivered nothing, so what it took
+    goes back as never handed out - its attempt unchanged - not as a delivery the consumer
+    failed to settle (attempt + 1 at close, one attempt of the retry policy spent unseen)."""
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        assert isinstance(sub, AmqpSubscription)
+        await sub._ensure_consuming(10)
+        await bus.publish([msg(1, "t"), msg(2, "t")])
+        await _until(lambda: sub._buffer.qsize() == 2, within=WAIT)
+        fetching = asyncio.ensure_future(sub.fetch(10, timeout=5))
+        await asyncio.sleep(0)  # the fetch took both and gives the socket a turn to top up the batch
+        fetching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetching
+        assert fetching.cancelled()
+        got = await fetch_all(sub, 2)  # the same subscription fetches them next, in order
+        assert [(d.message.id, d.attempt) for d in got] == [("m1", 1), ("m2", 1)]
+        await got[1].ack()
+        await sub.close()  # m1 unsettled: back with the next attempt
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        assert [(d.message.id, d.attempt) for d in await fetch_all(sub, 1)] == [("m1", 2)]
+        assert await sub.fetch(10, timeout=1.0) == []
+
+
 async def test_ping_asks_the_broker_and_fails_once_the_bus_is_deleted(bus_url: str) -> None:
     """A passive declare of the exchange on the publishing channel was answered from aio-pika's
     cache: ping said "ready" to a broker it never asked (the gateway's /readyz relies on it)."""

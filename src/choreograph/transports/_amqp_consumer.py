@@ -34,6 +34,7 @@ still held, and a second call publishes it again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,8 @@ class AmqpSubscription(Subscription):
         self._channel = channel
         self._queue = queue
         self._buffer: asyncio.Queue[Raw | None] = asyncio.Queue()
+        # What a cancelled fetch had taken from the buffer, in order: handed out before the buffer.
+        self._returned: collections.deque[Raw] = collections.deque()
         self._consumer_tags: list[str] = []
         self._prefetch = 0  # summed over the consumers
         self._consume_lock = asyncio.Lock()
@@ -183,10 +186,13 @@ class AmqpSubscription(Subscription):
         deadline = None if timeout is None else loop.time() + timeout
         out: list[Delivery] = []
         while True:
-            while len(out) < max_messages and not self._buffer.empty():
-                self._take(self._buffer.get_nowait(), out)
+            self._take_ready(out, max_messages)
             if out:
-                await self._top_up(out, max_messages)
+                try:
+                    await self._top_up(out, max_messages)
+                except asyncio.CancelledError:
+                    self._hand_back(out)  # cancel-safe: the caller never saw them
+                    raise
                 return out
             self._check_open()
             remaining = None if deadline is None else deadline - loop.time()
@@ -209,10 +215,29 @@ class AmqpSubscription(Subscription):
             before = self._received
             for _ in range(3):
                 await asyncio.sleep(0)
-            while len(out) < max_messages and not self._buffer.empty():
-                self._take(self._buffer.get_nowait(), out)
+            self._take_ready(out, max_messages)
             if self._received == before:
                 return
+
+    def _take_ready(self, out: list[Delivery], max_messages: int) -> None:
+        """Hand out what is ready, up to ``max_messages`` in ``out``: first what a cancelled
+        fetch gave back, then the buffer."""
+        returned, buffer = self._returned, self._buffer
+        while len(out) < max_messages and (returned or not buffer.empty()):
+            self._take(returned.popleft() if returned else buffer.get_nowait(), out)
+
+    def _hand_back(self, out: Sequence[Delivery]) -> None:
+        """Undo handing out ``out`` (a fetch cancelled before it returned them): their leases
+        end, they are parked again with their attempt unchanged, ahead of the buffer."""
+        loop = asyncio.get_running_loop()
+        raws = []
+        for delivery in out:
+            assert isinstance(delivery, AmqpDelivery)
+            delivery.settled = True  # void: the raw is handed out again as a new delivery
+            self._forget(delivery)
+            raws.append(delivery.raw)
+            self._parked[id(delivery.raw)] = loop.call_later(self.lease, self._unpark, delivery.raw)
+        self._returned.extendleft(reversed(raws))
 
     def _take(self, raw: Raw | None, out: list[Delivery]) -> None:
         if raw is None:  # closing: wake the next waiter too
@@ -448,8 +473,8 @@ class AmqpSubscription(Subscription):
         if self._acking:  # acks a cancelled caller left going: out before the channel closes
             await asyncio.wait(list(self._acking), timeout=5.0)
         items: list[tuple[Raw, int]] = []
-        while not self._buffer.empty():
-            raw = self._buffer.get_nowait()
+        while self._returned or not self._buffer.empty():
+            raw = self._returned.popleft() if self._returned else self._buffer.get_nowait()
             parked = None if raw is None else self._parked.pop(id(raw), None)
             if raw is not None and parked is not None:
                 parked.cancel()
