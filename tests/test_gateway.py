@@ -164,6 +164,30 @@ async def test_an_integer_the_bus_cannot_carry_is_422_not_accepted_then_dead_let
     assert bus.published == []
 
 
+class Measured(Event, type="test.gateway.measured"):
+    sensor: str
+    value: float
+
+
+@pytest.mark.parametrize("sent", ["inf", "-Infinity", "nan"])
+async def test_a_number_json_cannot_carry_is_422_not_accepted_then_dead_lettered(
+    bus: SpyBus, clock: VirtualClock, sent: str
+) -> None:
+    """pydantic reads the strings "inf" and "nan" as floats, but JSON has no such numbers: the event
+    would go on the bus with ``null`` there, which every consumer refuses. The client hears 422."""
+    gw = Gateway([Route("POST", "/measures", Measured)], broker=bus, clock=clock)
+    async with client_for(gw) as client:
+        response = await client.post("/measures", json={"sensor": "s1", "value": sent})
+        fine = await client.post("/measures", json={"sensor": "s1", "value": "1.5"})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["path"] == "$.value"
+    assert "null" in error["reason"]
+    assert fine.status_code == 202
+    [message] = bus.published
+    assert decode(message.body).data == {"sensor": "s1", "value": 1.5}
+
+
 async def test_a_body_that_is_not_an_object_is_422_at_the_root(client: httpx.AsyncClient) -> None:
     response = await client.post("/orders", json=[1, 2])
     assert response.status_code == 422

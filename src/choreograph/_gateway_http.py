@@ -138,9 +138,18 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
     except orjson.JSONDecodeError as exc:
         raise Problem(400, f"body is not valid JSON: {exc}") from None
     try:
-        return model.__pydantic_validator__.validate_python(data)  # type: ignore[no-any-return]
+        event: EventT = model.__pydantic_validator__.validate_python(data)
     except pydantic.ValidationError as exc:
         raise validation_problem(exc) from None
+    # The bus carries the event serialised to JSON: a value that does not survive it (the
+    # strings "inf" and "nan" pydantic reads as floats are published as null) reaches
+    # every consumer invalid. Read it back as they will, and refuse it now.
+    wire = orjson.loads(event.__pydantic_serializer__.to_json(event))
+    try:
+        model.__pydantic_validator__.validate_python(wire)
+    except pydantic.ValidationError as exc:
+        raise _not_carried(exc, wire) from None
+    return event
 
 
 def _reason(error: Any) -> str:
@@ -155,6 +164,30 @@ def validation_problem(exc: pydantic.ValidationError) -> Problem:
     if errors and errors[0]["type"] == "json_invalid":
         return Problem(400, f"body is not valid JSON: {errors[0]['msg']}")
     items = [{"path": field_path(tuple(e["loc"])), "reason": _reason(e), "type": e["type"]} for e in errors]
+    summary = "; ".join(f"{item['path']}: {item['reason']}" for item in items[:5])
+    more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
+    return Problem(422, f"invalid {exc.title}: {summary}{more}", errors=items)
+
+
+def _published(wire: Any, loc: tuple[int | str, ...]) -> str | None:
+    for part in loc:
+        try:
+            wire = wire[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return orjson.dumps(wire).decode()
+
+
+def _not_carried(exc: pydantic.ValidationError, wire: Any) -> Problem:
+    """422 for a payload that is valid as sent but not once published (read back off the bus)."""
+    items = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = tuple(error["loc"])
+        published = _published(wire, loc)
+        sent_as = f"it would be published as {published}" if published is not None else "it would be published"
+        why = " (JSON has no inf or nan)" if published == "null" else ""
+        reason = f"not representable on the bus{why}: {sent_as}, which consumers refuse"
+        items.append({"path": field_path(loc), "reason": reason, "type": "not_representable"})
     summary = "; ".join(f"{item['path']}: {item['reason']}" for item in items[:5])
     more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
     return Problem(422, f"invalid {exc.title}: {summary}{more}", errors=items)
