@@ -401,6 +401,32 @@ async def test_transactions_are_served_from_a_running_journal(bus: SpyBus, clock
     assert bad_status.status_code == bad_limit.status_code == 422
 
 
+@pytest.mark.parametrize("limit", ["\u00b2", "1\u00b2", "\u0661\u0660", " 5"])
+async def test_a_limit_that_is_not_ascii_digits_is_422_not_500(bus: SpyBus, clock: VirtualClock, limit: str) -> None:
+    """``str.isdigit`` is true for "²" (which ``int`` refuses) and Arabic-Indic digits (which it reads)."""
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal="memory://", clock=clock)
+    async with client_for(gw) as client:
+        response = await client.get("/transactions", params={"limit": limit})
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["path"] == "$.limit"
+
+
+async def test_a_content_length_that_is_not_ascii_digits_is_400() -> None:
+    """What an ASGI server that does not check Content-Length itself hands over ("²".isdigit() is true)."""
+    from starlette.requests import Request
+
+    from choreograph._gateway_http import Problem, read_body
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "headers": [(b"content-length", "\u00b2".encode("latin-1"))]},
+                      receive)
+    with pytest.raises(Problem) as caught:
+        await read_body(request, 1024)
+    assert caught.value.status == 400
+
+
 # -- the rest of HTTP --------------------------------------------------------------------
 
 

@@ -103,7 +103,7 @@ async def read_body(request: Request, max_body: int) -> bytes:
     """The request body, refusing (413) one whose Content-Length or streamed size exceeds ``max_body`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        if not (declared.strip().isascii() and declared.strip().isdigit()):  # "²".isdigit(), int() refuses it
             raise Problem(400, f"Content-Length {declared!r} is not a number of bytes")
         if int(declared) > max_body:
             raise Problem(413, f"body of {int(declared)} bytes exceeds the limit of {max_body} bytes")

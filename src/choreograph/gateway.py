@@ -373,7 +373,7 @@ class Gateway:
             raise Problem(422, f"status {status!r}: expected one of {', '.join(STATUSES)}",
                           errors=[{"path": "$.status", "reason": "unknown status", "type": "enum"}])
         raw_limit = request.query_params.get("limit", "100")
-        limit = int(raw_limit) if raw_limit.isdigit() else 0
+        limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() else 0  # "²".isdigit()
         if not 1 <= limit <= 1000:
             raise Problem(422, f"limit {raw_limit!r}: expected an integer from 1 to 1000",
                           errors=[{"path": "$.limit", "reason": "out of range", "type": "range"}])
