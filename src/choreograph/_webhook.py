@@ -118,7 +118,8 @@ def verify(
     if missing:
         raise SignatureError(f"{missing[0]}: header is missing (the request is not signed)")
     msg_id, raw_ts, header = lowered[ID_HEADER], lowered[TIMESTAMP_HEADER].strip(), lowered[SIGNATURE_HEADER]
-    if not raw_ts.isascii() or not raw_ts.isdigit():
+    # at most 20 digits (any Unix time in seconds): int() refuses more than 4300 (ValueError)
+    if not raw_ts.isascii() or not raw_ts.isdigit() or len(raw_ts) > 20:
         raise SignatureError(f"{TIMESTAMP_HEADER}: expected Unix seconds, got {raw_ts[:40]!r}")
     timestamp = int(raw_ts)
     current = time.time() if now is None else now
