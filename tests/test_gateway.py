@@ -369,6 +369,31 @@ async def test_a_failed_publish_is_503_and_a_retry_publishes_under_the_same_id(
     assert message.id == retried.json()["correlation_id"]
 
 
+def remove_database(path: str | Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+async def test_a_bus_file_removed_under_the_gateway_is_503_not_202_for_a_lost_event(tmp_path: Path) -> None:
+    """SQLite went on committing to the deleted file: 202, /readyz 200, and the event in a file
+    no worker would ever open again."""
+    bus = tmp_path / "bus.db"
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=f"sqlite:///{bus}")
+    await gw.start()
+    try:
+        await gw.transport.subscribe("orders", None)
+        async with client_for(gw) as client:
+            assert (await client.post("/orders", json=BODY)).status_code == 202
+            remove_database(bus)
+            response = await client.post("/orders", json=BODY, headers={"Idempotency-Key": "k-gone"})
+            ready = await client.get("/readyz")
+    finally:
+        await gw.close()
+    assert response.status_code == 503, response.text
+    assert "database file is gone" in response.json()["detail"]
+    assert ready.status_code == 503
+
+
 async def test_a_failed_publish_without_a_key_is_503(client: httpx.AsyncClient, bus: SpyBus) -> None:
     bus.failures = 1
     assert (await client.post("/orders", json=BODY)).status_code == 503

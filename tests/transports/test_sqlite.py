@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ConfigurationError, TransportError
 from choreograph.transports import Message, open_transport
 from choreograph.transports._sqlite_consumer import SQLiteDelivery, SQLiteSubscription
 from choreograph.transports.sqlite import SQLiteTransport
@@ -217,6 +217,31 @@ async def test_a_message_no_group_wants_is_not_stored(path: str, bus: SQLiteTran
     await bus.subscribe("g", ["some.other.type"])
     await bus.publish([Message("m1", TYPE, b"x")])
     assert _count(path, "messages") == 0
+
+
+def remove_database(path: str | Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_a_bus_file_removed_or_replaced_under_an_open_transport_fails_its_writes_and_ping(
+    path: str, bus: SQLiteTransport, how: str
+) -> None:
+    """SQLite goes on committing to a deleted file: a publish "succeeded" into a file no process
+    will open again (the gateway answered 202 for an event that was gone). Now it fails, loudly."""
+    await bus.subscribe("g", [TYPE])
+    await bus.publish([Message("m1", TYPE, b"x")])
+    remove_database(path)
+    if how == "replaced":
+        async with SQLiteTransport(url_of(path)) as other:
+            await other.subscribe("g", [TYPE])
+    with pytest.raises(TransportError, match="database file"):
+        await bus.publish([Message("m2", TYPE, b"x")])
+    with pytest.raises(TransportError, match="database file"):
+        await bus.ping()
+    if how == "replaced":
+        assert _count(path, "messages") == 0
 
 
 async def test_a_group_subscribed_again_keeps_its_earlier_types(bus: SQLiteTransport) -> None:

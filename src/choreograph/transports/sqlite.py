@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -152,6 +153,7 @@ class SQLiteTransport(Transport):
         self._poll_wanted = threading.Event()
         self._poller: threading.Thread | None = None
         self._subscriptions: set[SQLiteSubscription] = set()
+        self._file: tuple[str, int, int] | None = None  # (absolute path, st_dev, st_ino) opened
 
     @property
     def path(self) -> str:
@@ -173,23 +175,29 @@ class SQLiteTransport(Transport):
             self._loop = asyncio.get_running_loop()
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-sqlite")
             config = self._config
+
+            def open_file() -> tuple[sqlite3.Connection, tuple[str, int, int]]:
+                conn = ops.open_connection(config.path, synchronous=config.synchronous, busy_timeout=config.busy_timeout)
+                try:  # the file checked before each commit and read (_check_file)
+                    opened = os.stat(config.path)
+                    return conn, (os.path.abspath(config.path), opened.st_dev, opened.st_ino)
+                except OSError:
+                    conn.close()
+                    raise
+
             try:
-                self._conn = await self._loop.run_in_executor(
-                    self._executor,
-                    lambda: ops.open_connection(
-                        config.path, synchronous=config.synchronous, busy_timeout=config.busy_timeout
-                    ),
-                )
+                self._conn, file = await self._loop.run_in_executor(self._executor, open_file)
                 poll_conn = await self._loop.run_in_executor(
                     self._executor,
                     lambda: sqlite3.connect(config.path, isolation_level=None, check_same_thread=False),
                 )
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 self._executor.shutdown(wait=False)
                 raise TransportError(f"{self.url}: cannot open the database: {exc}") from exc
             except ConfigurationError:  # its folder cannot be created
                 self._executor.shutdown(wait=False)
                 raise
+            self._file = file
             self._poller = threading.Thread(
                 target=self._poll, args=(poll_conn,), name="choreograph-sqlite-poll", daemon=True
             )
@@ -296,12 +304,37 @@ class SQLiteTransport(Transport):
 
     # -- running SQL on the SQLite thread ---------------------------------------------------
 
+    def _check_file(self) -> None:
+        """Raise :class:`TransportError` if the path no longer names the file this transport has open.
+
+        SQLite goes on reading and committing to a file that was deleted (or replaced by
+        another) under it: every publish would succeed into a file no other process opens
+        any more, and be lost. Checked before every commit and read (one ``stat``).
+        """
+        if self._file is None:
+            return
+        path, dev, ino = self._file
+        try:
+            now = os.stat(path)
+        except OSError as exc:
+            raise TransportError(f"{self.url}: the database file is gone ({exc.strerror}); nothing was written") from None
+        if (now.st_dev, now.st_ino) != (dev, ino):
+            raise TransportError(
+                f"{self.url}: the database file was replaced since it was opened; nothing was written "
+                "(restart to use the new file)"
+            )
+
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         await self._ensure()
         conn, executor = self._conn, self._executor
         assert conn is not None and executor is not None
+
+        def checked(conn: sqlite3.Connection) -> T:
+            self._check_file()
+            return fn(conn)
+
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, fn, conn)
+            return await asyncio.get_running_loop().run_in_executor(executor, checked, conn)
         except sqlite3.Error as exc:
             raise TransportError(f"{self.url}: {exc}") from exc
 
@@ -387,6 +420,7 @@ class SQLiteTransport(Transport):
         assert conn is not None
         begin_immediate(conn, self._config.busy_timeout)
         try:
+            self._check_file()
             now = self._clock.time()
             results = [op(conn, now) for op in ops_]
             conn.execute("COMMIT")
