@@ -7,6 +7,7 @@ serves it with uvicorn on a free port.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -289,6 +290,33 @@ async def test_a_key_reused_with_a_different_body_is_409_key_reused(client: http
     response = await client.post("/orders", json={**BODY, "address": "elsewhere"}, headers={"idempotency-key": "k-1"})
     assert response.status_code == 409
     assert response.json()["type"] == KEY_REUSED
+    assert len(bus.published) == 1
+
+
+class Stamped(Event, type="test.gateway.stamped"):
+    item: str
+    request_id: str = pydantic.Field(default_factory=lambda: f"r-{next(_request_ids)}")
+
+
+_request_ids = itertools.count()
+
+
+async def test_a_retry_of_the_same_body_is_replayed_when_the_model_fills_in_fields(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    """The fingerprint was taken over the validated event, defaults included: a field the body
+    leaves to a default_factory (a uuid, a timestamp) differed on every retry, so the exact same
+    request was refused as "used with a different body". What the client sent decides."""
+    gw = Gateway([Route("POST", "/stamped", Stamped)], broker=bus, clock=clock)
+    async with client_for(gw) as client:
+        first = await client.post("/stamped", json={"item": "tea"}, headers={"idempotency-key": "k-1"})
+        retry = await client.post("/stamped", json={"item": "tea"}, headers={"idempotency-key": "k-1"})
+        other = await client.post("/stamped", json={"item": "coffee"}, headers={"idempotency-key": "k-1"})
+    assert first.status_code == 202
+    assert retry.status_code == 202, retry.text
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json()["correlation_id"] == first.json()["correlation_id"]
+    assert other.status_code == 409 and other.json()["type"] == KEY_REUSED
     assert len(bus.published) == 1
 
 

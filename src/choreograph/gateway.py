@@ -286,7 +286,9 @@ class Gateway:
         correlation_id = new_id()
         scope = route.name or route.path
         if key is not None:
-            fingerprint = hashlib.sha256(event.model_dump_json().encode()).hexdigest()
+            # what the client sent (as validated: key order and 1 vs 1.0 do not matter), not the
+            # defaults the model filled in: a default_factory (a uuid, a time) differs per retry
+            fingerprint = hashlib.sha256(event.model_dump_json(exclude_unset=True).encode()).hexdigest()
             try:
                 claim = await self.idempotency.claim(
                     scope, key, fingerprint, correlation_id, now, lease=self.idempotency_lease, ttl=self.idempotency_ttl
