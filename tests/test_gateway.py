@@ -189,6 +189,25 @@ async def test_a_number_json_cannot_carry_is_422_not_accepted_then_dead_lettered
     assert decode(message.body).data == {"sensor": "s1", "value": 1.5}
 
 
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (b'{"address": "1 Main St", "address": "2 Side St", "items": []}', "$.address"),
+        (b'{"address": "a", "items": [{"sku": "tea", "qty": 1, "qty": 100}]}', "$.items[0].qty"),
+    ],
+)
+async def test_a_key_given_twice_is_422_naming_it_not_the_last_one_silently_taken(
+    client: httpx.AsyncClient, bus: SpyBus, body: bytes, path: str
+) -> None:
+    """Which of two values a JSON parser keeps is not defined (RFC 8259 §4): a proxy that checked
+    the first saw another request than the gateway published (it took the last)."""
+    response = await client.post("/orders", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert (error["path"], error["type"]) == (path, "duplicate_key")
+    assert bus.published == []
+
+
 async def test_a_body_that_is_not_an_object_is_422_at_the_root(client: httpx.AsyncClient) -> None:
     response = await client.post("/orders", json=[1, 2])
     assert response.status_code == 422

@@ -8,6 +8,7 @@ Every error is an RFC 9457 problem document (``application/problem+json``) with 
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -137,6 +138,11 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise Problem(400, f"body is not valid JSON: {exc}") from None
+    duplicate = duplicate_key(body)
+    if duplicate is not None:
+        reason = "the key is given twice in one object: which value is meant is undefined; send it once"
+        raise Problem(422, f"invalid {model.__name__}: {duplicate}: {reason}",
+                      errors=[{"path": duplicate, "reason": reason, "type": "duplicate_key"}])
     try:
         event: EventT = model.__pydantic_validator__.validate_python(data)
     except pydantic.ValidationError as exc:
@@ -150,6 +156,39 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
     except pydantic.ValidationError as exc:
         raise _not_carried(exc, wire) from None
     return event
+
+
+class _Object(list[tuple[str, Any]]):
+    """A JSON object as its (key, value) pairs, duplicates kept."""
+
+
+def _ignore(_: str) -> None:
+    return None
+
+
+def duplicate_key(body: bytes) -> str | None:
+    """The path (``$.items[0].qty``) of the first key given twice in one object of ``body``, if any.
+
+    orjson keeps the last of the two values, silently; the stdlib parser, with every object
+    kept as its pairs, says whether there was a choice. ``body`` is JSON orjson has read.
+    """
+    try:  # numbers are not converted: only the keys matter (and int() refuses over 4300 digits)
+        root = json.loads(body, object_pairs_hook=_Object, parse_int=_ignore, parse_float=_ignore)
+    except (ValueError, RecursionError):  # nested deeper than the stdlib parser goes: orjson's reading stands
+        return None
+    stack: list[tuple[str, Any]] = [("$", root)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, _Object):
+            seen: set[str] = set()
+            for key, _ in value:
+                if key in seen:
+                    return f"{path}.{key}"
+                seen.add(key)
+            stack.extend((f"{path}.{key}", item) for key, item in reversed(value))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
+    return None
 
 
 def _reason(error: Any) -> str:
