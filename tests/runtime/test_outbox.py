@@ -114,6 +114,26 @@ async def test_a_redelivered_event_whose_inbox_record_exists_is_acked_without_ru
     assert len(bus.ids_of(Created)) == 1
 
 
+async def test_an_event_whose_id_has_a_nul_character_commits_once_and_its_copy_is_a_duplicate(
+    database_url: str,  # noqa: F811
+) -> None:
+    """JSON lets an id hold U+0000, which PostgreSQL text cannot: its inbox lookup failed and the
+    worker released the event, and the events fetched with it, to look them up again, for ever."""
+    await prepare(database_url)
+    bus = RecordingBus()
+    async with Worker([package_service(database_url)], bus) as worker:
+        publisher = Publisher(bus)
+        await publisher.publish(Requested(pid="p1"), ids=["p1\x00"])
+        await publisher.publish(Requested(pid="p2"))
+        await asyncio.wait_for(drained(worker, bus), 10)
+        await publisher.publish(Requested(pid="p1"), ids=["p1\x00"])
+        await asyncio.wait_for(drained(worker, bus), 10)
+    assert await packages(database_url) == ["p1", "p2"]
+    assert worker.stats("package").handled == 2
+    assert worker.stats("package").duplicates == 1
+    assert len(bus.ids_of(Created)) == 2
+
+
 async def test_an_event_another_consumer_committed_while_the_handler_ran_is_a_duplicate_its_outputs_dropped(
     database_url: str,  # noqa: F811
 ) -> None:

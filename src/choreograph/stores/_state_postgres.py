@@ -46,7 +46,7 @@ from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores._pg_pool import HandoffPool, closed_if_interrupted
-from choreograph.stores.postgres import PostgresStore
+from choreograph.stores.postgres import PostgresStore, stored_id
 from choreograph.stores.state import OutboxLag, RelayPublish, Row, StateStore, TxConnection
 from choreograph.transports.base import Message
 
@@ -103,7 +103,7 @@ def commit_script(
     """
     statements = []
     if inbox is not None:
-        group, event_id = _text(inbox[0]), _text(inbox[1])
+        group, event_id = _text(inbox[0]), _text(stored_id(inbox[1]))
         if forget_failures:
             statements.append(f"DELETE FROM choreograph_failures WHERE grp = {group} AND event_id = {event_id}")
         statements.append(

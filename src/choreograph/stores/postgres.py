@@ -46,6 +46,19 @@ INSERT INTO choreograph_inbox (grp, event_id, processed_at) VALUES ($1, $2, $3)
 ON CONFLICT DO NOTHING
 """
 
+#: What an event id's U+0000 is stored as: PostgreSQL text cannot hold U+0000, and JSON (so an
+#: envelope's ``id``) can. U+FFFE is a noncharacter, which a CloudEvents id may not contain either.
+NUL_STAND_IN = "\ufffe"
+
+
+def stored_id(event_id: str) -> str:
+    """``event_id`` as the inbox stores it: unchanged unless it holds U+0000 (see :data:`NUL_STAND_IN`).
+
+    Without this, one such id failed the inbox lookup of its whole batch, and the worker
+    released the batch to look it up again - the same batch, for ever.
+    """
+    return event_id.replace("\x00", NUL_STAND_IN) if "\x00" in event_id else event_id
+
 
 class PostgresStore(InboxStore):
     """:class:`InboxStore` on PostgreSQL; open with ``await store.open()`` (creates tables once)."""
@@ -90,14 +103,18 @@ class PostgresStore(InboxStore):
         ids = list(event_ids)
         if not ids:
             return set()
+        keys = [stored_id(i) for i in ids]
         with _pg.translate(f"inbox {redact(self.url)}"):
             rows = await self._pool().fetch(
-                "SELECT event_id FROM choreograph_inbox WHERE grp = $1 AND event_id = ANY($2::text[])", group, ids
+                "SELECT event_id FROM choreograph_inbox WHERE grp = $1 AND event_id = ANY($2::text[])", group, keys
             )
-        return {row[0] for row in rows}
+        found = {row[0] for row in rows}
+        if keys == ids:
+            return found
+        return {i for i, key in zip(ids, keys, strict=True) if key in found}
 
     async def mark(self, group: str, event_ids: Collection[str]) -> None:
-        ids = list(event_ids)
+        ids = [stored_id(i) for i in event_ids]
         if not ids:
             return
         with _pg.translate(f"inbox {redact(self.url)}"):
@@ -115,6 +132,7 @@ class PostgresStore(InboxStore):
 
     async def record_failure(self, group: str, event_id: str, error: ErrorInfo, at: float) -> tuple[ErrorInfo, float]:
         pool = self._pool()
+        event_id = stored_id(event_id)
         with _pg.translate(f"inbox {redact(self.url)}"):
             await pool.execute(
                 "INSERT INTO choreograph_failures (grp, event_id, first_error, first_at) VALUES ($1, $2, $3::jsonb, $4)"
@@ -130,7 +148,7 @@ class PostgresStore(InboxStore):
         return ErrorInfo.from_dict(orjson.loads(row[0])), float(row[1])
 
     async def clear_failures(self, group: str, event_ids: Collection[str]) -> None:
-        ids = list(event_ids)
+        ids = [stored_id(i) for i in event_ids]
         if ids:
             with _pg.translate(f"inbox {redact(self.url)}"):
                 await self._pool().execute(
