@@ -9,6 +9,7 @@ reuses these tables, so its inbox records commit in the same transaction as its 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Collection
 from typing import Any
@@ -49,14 +50,25 @@ ON CONFLICT DO NOTHING
 #: What an event id's U+0000 is stored as: PostgreSQL text cannot hold U+0000, and JSON (so an
 #: envelope's ``id``) can. U+FFFE is a noncharacter, which a CloudEvents id may not contain either.
 NUL_STAND_IN = "\ufffe"
+#: Ids longer than this (UTF-8 bytes) are stored as a digest: a btree index entry holds at most
+#: 2,704 bytes (the group is in the key too), and an id that does not fit can be looked up but
+#: never inserted.
+MAX_ID_BYTES = 2000
+_LONG_PREFIX = NUL_STAND_IN + "sha256:"
 
 
 def stored_id(event_id: str) -> str:
-    """``event_id`` as the inbox stores it: unchanged unless it holds U+0000 (see :data:`NUL_STAND_IN`).
+    """``event_id`` as the inbox stores it: unchanged unless it holds U+0000 (see
+    :data:`NUL_STAND_IN`) or is longer than :data:`MAX_ID_BYTES` (then ``U+FFFE sha256:<hex>``).
 
-    Without this, one such id failed the inbox lookup of its whole batch, and the worker
-    released the batch to look it up again - the same batch, for ever.
+    Without this, one id holding U+0000 failed the inbox lookup of its whole batch (the worker
+    released the batch to look it up again: the same batch, for ever), and one too long to
+    index failed every mark of its batch (the worker retried that mark, and acked nothing, for ever).
     """
+    if len(event_id) > MAX_ID_BYTES // 4:  # else short enough whatever its characters
+        raw = event_id.encode("utf-8", "surrogatepass")
+        if len(raw) > MAX_ID_BYTES:
+            return _LONG_PREFIX + hashlib.sha256(raw).hexdigest()
     return event_id.replace("\x00", NUL_STAND_IN) if "\x00" in event_id else event_id
 
 
