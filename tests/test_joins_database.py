@@ -9,6 +9,7 @@ the same service database. Real clock, memory bus.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,20 @@ async def test_a_join_keeps_its_first_arrival_across_a_restart_of_a_worker_witho
         await drained(second, bus)
     assert await shipments(database) == {"o-1": 1}
     assert len(bus.ids(Shipped.event_type())) == 1
+
+
+async def test_a_join_of_a_transaction_with_a_long_or_odd_correlation_id_fires_once(bus: SpyBus, database: str) -> None:
+    """PostgreSQL text holds no U+0000 and its index entries no 3 kB: each arrival of such a
+    transaction failed, was dead-lettered, and the join never fired."""
+    svc = shipping(database)
+    odd = {"o-nul": "c\x00nul", "o-long": "c-" + secrets.token_hex(2000)}
+    async with Worker([svc], bus) as worker:
+        for order, correlation in odd.items():
+            await Publisher(bus).publish(Paid(order=order), Reserved(order=order), correlation_id=correlation)
+        await drained(worker, bus)
+        assert worker.stats("shipping").dead_lettered == 0
+    assert await shipments(database) == dict.fromkeys(odd, 1)
+    assert len(bus.ids(Shipped.event_type())) == 2
 
 
 async def test_a_run_that_dies_after_completing_the_join_runs_again_after_a_restart_and_ships_once(

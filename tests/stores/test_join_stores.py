@@ -6,6 +6,7 @@ PostgreSQL runs in a private schema per test (skipped when unreachable, failed u
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -63,6 +64,21 @@ async def test_the_arrival_that_fills_the_last_slot_completes_the_join_and_keeps
     assert await arrive(store, 0, "a") == "b"
     state = await store.get(KEY)
     assert state is not None and state.complete and state.arrivals == {0: arrival("a"), 1: arrival("b")}
+
+
+@pytest.mark.parametrize("correlation", ["tx-1\x00", "tx-" + secrets.token_hex(2000)], ids=["nul", "long"])
+async def test_any_correlation_id_keys_its_own_instance(store: JoinStore, correlation: str) -> None:
+    """JSON allows U+0000 in a correlation id and PostgreSQL text does not; nor does a PostgreSQL
+    index entry take 3 kB: every arrival of such a transaction failed, and its join never fired."""
+    key, near = JoinKey("shipping", "ship", correlation), JoinKey("shipping", "ship", correlation[:-1])
+    assert await arrive(store, 0, "a", key=key) is None
+    assert await arrive(store, 0, "a-near", key=near) is None
+    assert await arrive(store, 1, "b", key=key) == "b"
+    state = await store.get(key)
+    assert state is not None and state.arrivals == {0: arrival("a"), 1: arrival("b")}
+    timed_out = await store.time_out(near)
+    assert timed_out is not None and timed_out.timed_out and timed_out.arrivals == {0: arrival("a-near")}
+    assert await store.expire(1_000.0) == 2
 
 
 async def test_a_slot_keeps_its_first_arrival(store: JoinStore) -> None:

@@ -74,6 +74,16 @@ _STATE = (
 _TIME_OUT = f"UPDATE choreograph_join_instances SET timed_out = $4 WHERE {_KEY} AND fired_by IS NULL"
 
 
+def _ident(key: JoinKey, tx: Transaction) -> tuple[str, str, str]:
+    """The instance's primary key: on PostgreSQL, as :class:`~choreograph.stores.joins_postgres.PostgresJoinStore`
+    keys it (a correlation id holding U+0000 or over 2,000 bytes cannot be a key as it is)."""
+    if tx.backend == "postgresql":
+        from choreograph.stores.joins_postgres import ident
+
+        return ident(key)
+    return key.group, key.join, key.correlation
+
+
 def _state(rows: Sequence[Any]) -> JoinState | None:
     if not rows:
         return None
@@ -110,8 +120,8 @@ class DatabaseJoins(JoinStore):
     async def arrive(
         self, key: JoinKey, slot: int, arrival: Arrival, *, slots: int, now: float, deadline: float | None
     ) -> JoinState:
-        ident = (key.group, key.join, key.correlation)
         async with self._transaction() as tx:
+            ident = _ident(key, tx)
             await tx.execute(_CREATE, *ident, slots, arrival.event_id, now, deadline)
             lock = " FOR UPDATE" if tx.backend == "postgresql" else ""
             row = await tx.fetchone(_INSTANCE + lock, *ident)
@@ -126,12 +136,13 @@ class DatabaseJoins(JoinStore):
 
     async def get(self, key: JoinKey) -> JoinState | None:
         async with self._transaction() as tx:
-            return _state(await tx.fetch(_STATE, key.group, key.join, key.correlation))
+            return _state(await tx.fetch(_STATE, *_ident(key, tx)))
 
     async def time_out(self, key: JoinKey) -> JoinState | None:
         async with self._transaction() as tx:
-            await tx.execute(_TIME_OUT, key.group, key.join, key.correlation, True)
-            return _state(await tx.fetch(_STATE, key.group, key.join, key.correlation))
+            ident = _ident(key, tx)
+            await tx.execute(_TIME_OUT, *ident, True)
+            return _state(await tx.fetch(_STATE, *ident))
 
     async def expire(self, older_than: float) -> int:
         async with self._transaction() as tx:

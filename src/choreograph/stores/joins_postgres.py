@@ -11,6 +11,9 @@ stores its arrival and counts the slots. Two replicas recording the last two arr
 at once therefore run one after the other, and the second sees the first's arrival:
 exactly one of them fills the last slot. A slot keeps its first arrival (its primary
 key); a timed-out or fired instance stores nothing more.
+
+The correlation id is keyed as the inbox keys event ids (:func:`~choreograph.stores.postgres.stored_id`):
+one holding U+0000 or longer than 2,000 bytes cannot be a primary key as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
+from choreograph.stores.postgres import stored_id
 
 JOINS_MIGRATIONS = [
     """
@@ -68,6 +72,11 @@ WHERE i.grp = $1 AND i.name = $2 AND i.correlation = $3
 _TIME_OUT = f"UPDATE choreograph_join_instances SET timed_out = true WHERE {_KEY} AND fired_by IS NULL"
 
 
+def ident(key: JoinKey) -> tuple[str, str, str]:
+    """The primary key of ``key``'s instance (see :func:`~choreograph.stores.postgres.stored_id`)."""
+    return key.group, key.join, stored_id(key.correlation)
+
+
 def _state(rows: Sequence[Any]) -> JoinState | None:
     """The instance from its rows joined with its arrivals (one row per arrival, one if none)."""
     if not rows:
@@ -88,32 +97,32 @@ class PostgresJoinStore(_pg.PooledStore, JoinStore):
     async def arrive(
         self, key: JoinKey, slot: int, arrival: Arrival, *, slots: int, now: float, deadline: float | None
     ) -> JoinState:
-        ident = (key.group, key.join, key.correlation)
+        row = ident(key)
         with _pg.translate(f"join store {redact(self.url)}"):
             async with self._open_pool().acquire() as conn, conn.transaction():
                 is_open: bool | None = None
                 for _ in range(3):  # no row to lock: expire() deleted it after our INSERT found it; create again
-                    await conn.execute(_CREATE, *ident, slots, arrival.event_id, now, deadline)
-                    is_open = await conn.fetchval(_LOCK, *ident)
+                    await conn.execute(_CREATE, *row, slots, arrival.event_id, now, deadline)
+                    is_open = await conn.fetchval(_LOCK, *row)
                     if is_open is not None:
                         break
                 if is_open:
-                    await conn.execute(_STORE, *ident, slot, arrival.event_id, arrival.body)
-                state = _state(await conn.fetch(_STATE, *ident))
+                    await conn.execute(_STORE, *row, slot, arrival.event_id, arrival.body)
+                state = _state(await conn.fetch(_STATE, *row))
         if state is None:
             raise StoreError(f"join store {redact(self.url)}: join {key} vanished while recording {arrival.event_id}")
         return state
 
     async def get(self, key: JoinKey) -> JoinState | None:
         with _pg.translate(f"join store {redact(self.url)}"):
-            return _state(await self._open_pool().fetch(_STATE, key.group, key.join, key.correlation))
+            return _state(await self._open_pool().fetch(_STATE, *ident(key)))
 
     async def time_out(self, key: JoinKey) -> JoinState | None:
-        ident = (key.group, key.join, key.correlation)
+        row = ident(key)
         with _pg.translate(f"join store {redact(self.url)}"):
             async with self._open_pool().acquire() as conn, conn.transaction():
-                await conn.execute(_TIME_OUT, *ident)
-                return _state(await conn.fetch(_STATE, *ident))
+                await conn.execute(_TIME_OUT, *row)
+                return _state(await conn.fetch(_STATE, *row))
 
     async def expire(self, older_than: float) -> int:
         with _pg.translate(f"join store {redact(self.url)}"):
