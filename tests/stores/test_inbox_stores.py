@@ -11,7 +11,9 @@ acked nothing more. The other stores took both ids like any other.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -113,3 +115,15 @@ async def test_an_event_with_an_unusual_id_is_handled_once_and_holds_nothing_up(
         await until(lambda: worker.stats().duplicates == 1, within=5.0)
     assert sorted(handled) == ["odd", "plain"]
     assert await inbox.seen("sink", [event_id]) == {event_id}
+
+
+async def test_expiry_counts_from_an_ids_first_mark(inbox: InboxStore) -> None:
+    """The durable stores keep an id's first mark (``INSERT OR IGNORE``, ``ON CONFLICT DO NOTHING``);
+    the memory store moved it to the latest, so an id marked again outlived its retention there."""
+    await inbox.mark("g", ["old", "again"])
+    await asyncio.sleep(0.02)
+    cutoff = time.time()
+    await asyncio.sleep(0.02)
+    await inbox.mark("g", ["new", "again"])
+    assert await inbox.expire(cutoff) == 2
+    assert await inbox.seen("g", ["old", "again", "new"]) == {"new"}
