@@ -12,6 +12,7 @@ acked nothing more. The other stores took both ids like any other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -127,3 +128,21 @@ async def test_expiry_counts_from_an_ids_first_mark(inbox: InboxStore) -> None:
     await inbox.mark("g", ["new", "again"])
     assert await inbox.expire(cutoff) == 2
     assert await inbox.seen("g", ["old", "again", "new"]) == {"new"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite-database", "postgres-database"])
+async def test_a_service_database_given_as_the_inbox_is_closed_by_its_callers_close(kind: str, tmp_path: Path) -> None:
+    """A service database counts its opens: the worker took one in start() and never gave it back,
+    so the caller's close() left the database open (on PostgreSQL a pooled connection for good)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if kind.startswith("postgres"):
+            url = await stack.enter_async_context(fresh_postgres_url())
+        else:
+            url = sqlite_url(tmp_path)
+        database = open_database(url)
+        await database.open()
+        async with Worker([Service("quiet")], MemoryTransport(), store=database):
+            assert await database.seen("quiet", ["x"]) == set()
+        await database.close()
+        with pytest.raises(Exception, match="not open|closed"):
+            await database.seen("quiet", ["x"])

@@ -50,6 +50,7 @@ from choreograph.service import Service
 from choreograph.stores.base import InboxStore
 from choreograph.stores.joins_base import JoinStore, join_store_beside
 from choreograph.stores.memory import MemoryStore
+from choreograph.stores.state import StateStore
 from choreograph.transports.base import Transport
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._release_now = False  # release_in_flight() was called: stop() drains nothing more
         self._started = False
+        self._store_opened = False  # start() opened the inbox store (stop() closes a counted one)
 
     def stats(self, service: str | None = None) -> Stats:
         """Counters of one service (or the sum over all)."""
@@ -156,6 +158,7 @@ class Worker:
         self._started = True
         await self.transport.connect()
         await self.store.open()
+        self._store_opened = True
         await self.outbox.start()
         await self.joins.open()
         for runner in self.runners:
@@ -204,6 +207,12 @@ class Worker:
         if self._owns_joins:
             await self.joins.close()
         await self.outbox.stop()
+        if self._store_opened and isinstance(self.store, StateStore):
+            self._store_opened = False
+            # A service database given as the inbox counts its opens (the worker's relays and
+            # the caller's share it): the worker gives back the one it took in start(), or
+            # the caller's close() left its connection pool open for good.
+            await self.store.close()
         self._stopped.set()
 
     async def _stop_runner(self, runner: _Runner) -> None:
