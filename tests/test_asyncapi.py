@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,44 @@ def test_a_push_subscriber_of_a_type_without_an_event_class_does_not_break_the_d
 
     doc = asyncapi_document(build([Service("lonely")], push=[PushSubscription("x", ["other.type"], "http://h/")]))
     assert "other.type" not in {channel["address"] for channel in doc["channels"].values()}
+
+
+class Créée(Event, type="test.asyncapi.commande.créée"):
+    order: str
+
+
+class CreeeSpaced(Event, type="test.asyncapi.commande cree"):
+    order: str
+
+
+class CreeeUnderscored(Event, type="test.asyncapi.commande_cree"):
+    order: str
+
+
+def test_keys_are_ascii_and_types_that_sanitise_alike_keep_every_operation() -> None:
+    """The spec's key patterns are ECMA-262 regexes, where ``\\w`` is ASCII only (Python's
+    ``re`` matches any letter, so the spec's own schema passes here either way); and two types
+    whose keys come out the same must not lose one of their operations."""
+    notes = Service("notes")
+
+    @notes.on(Créée)
+    async def first(event: Créée) -> None: ...
+
+    @notes.on(CreeeSpaced)
+    async def second(event: CreeeSpaced) -> None: ...
+
+    @notes.on(CreeeUnderscored)
+    async def third(event: CreeeUnderscored) -> None: ...
+
+    doc = asyncapi_document(App("notes", [notes], ingress=[Créée, CreeeSpaced, CreeeUnderscored]))
+    ascii_key = "^[A-Za-z0-9_.\\-]+$"
+    for section in (doc["channels"], doc["operations"], doc["components"]["messages"], doc["components"]["schemas"]):
+        for key in section:
+            assert re.fullmatch(ascii_key, key, flags=re.ASCII), key
+    received = {
+        resolve(doc, op["channel"]["$ref"])["address"] for op in doc["operations"].values() if op["action"] == "receive"
+    }
+    assert received == {Créée.event_type(), CreeeSpaced.event_type(), CreeeUnderscored.event_type()}
+    for op_id, op in doc["operations"].items():
+        channel_ref = op["channel"]["$ref"]
+        assert all(m["$ref"].startswith(channel_ref + "/messages/") for m in op["messages"]), op_id

@@ -106,8 +106,9 @@ _DESCRIPTION = (
 
 
 def _key(text: str) -> str:
-    """A component/channel key (AsyncAPI allows ``[\\w.-]``)."""
-    return re.sub(r"[^\w.\-]", "_", text)
+    """A component/channel/operation key: AsyncAPI allows ``[\\w.-]``, where ``\\w`` is ASCII
+    (JSON Schema patterns are ECMA-262 regexes), so any other character becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", text)
 
 
 def _summary(cls: type[Event]) -> str | None:
@@ -150,12 +151,14 @@ def asyncapi_document(
         }
 
     operations: dict[str, Any] = {}
+    op_ids: dict[tuple[str, str, str], str] = {}
 
     def operation(service: str, action: str, type_: str, summary: str) -> None:
         verb = "receive" if action == "receive" else "send"
-        op_id = _key(f"{service}.{verb}.{type_}")
-        if op_id in operations or type_ not in channel_of:
+        if (service, verb, type_) in op_ids or type_ not in channel_of:
             return  # (a type with no Event class, e.g. one only a push subscriber names: no channel to point at)
+        # Two types may give one key ("a b", "a_b"): each keeps its own operation.
+        op_id = op_ids[(service, verb, type_)] = _unique(_key(f"{service}.{verb}.{type_}"), operations)
         key = channel_of[type_]
         operations[op_id] = {
             "action": action,
