@@ -17,12 +17,19 @@ events of one transaction together:
 ``base_status`` and ``deadline`` are columns: ``stuck`` is ``running`` past the
 deadline, filtered at query time (:func:`~choreograph._journal_model.TransactionSummary.status`
 is never stored).
+
+PostgreSQL text (and jsonb) cannot hold U+0000, which JSON, so an event, can: it is stored
+as the noncharacter U+FFFE and read back as U+0000. An event or correlation id over 2,000
+bytes cannot be a btree key: it is keyed as the inbox keys such event ids
+(:func:`~choreograph.stores.postgres.stored_id`), so such an event id reads back as its
+digest (its children's ``causation_id`` too, so the tree still links them); a correlation id
+keeps its full text in ``correlation_full`` and reads back as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 import orjson
 
@@ -30,6 +37,7 @@ from choreograph._journal_model import JournalEntry, Status, TransactionSummary
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph._redact import redact
 from choreograph.stores import _pg
+from choreograph.stores.postgres import NUL_STAND_IN, stored_id
 
 JOURNAL_MIGRATIONS = [
     """
@@ -64,6 +72,10 @@ JOURNAL_MIGRATIONS = [
     """
     CREATE INDEX IF NOT EXISTS choreograph_journal_events_recorded ON choreograph_journal_events (recorded_at);
     """,
+    # A correlation id too long to be the key is keyed by its digest; its text is kept here.
+    """
+    ALTER TABLE choreograph_journal_transactions ADD COLUMN IF NOT EXISTS correlation_full text;
+    """,
 ]
 
 # (column, array type) in insert order; record travels as text and is cast to jsonb.
@@ -77,7 +89,7 @@ _TX_COLUMNS = (
     ("correlation_id", "text"), ("base_status", "text"), ("first_seen", "float8"), ("last_seen", "float8"),
     ("started_at", "float8"), ("deadline", "float8"), ("deadline_explicit", "bool"), ("root_type", "text"),
     ("event_count", "int4"), ("terminal_type", "text"), ("terminal_kind", "text"), ("failures", "int4"),
-    ("uncompensated", "int4"), ("timed_out", "bool"),
+    ("uncompensated", "int4"), ("timed_out", "bool"), ("correlation_full", "text"),
 )
 
 
@@ -117,34 +129,73 @@ _LOCK_CORRELATIONS = (
 )
 
 
+_DIGEST = NUL_STAND_IN + "sha256:"  # how stored_id() begins a long id's digest
+T = TypeVar("T")
+
+
+def _in(value: T) -> T:
+    """Text as stored: U+0000 as U+FFFE (PostgreSQL text cannot hold it)."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", NUL_STAND_IN)  # type: ignore[return-value]
+    return value
+
+
+def _out(value: T) -> T:
+    """Stored text as it was (U+FFFE back to U+0000); a long id's digest stays a digest."""
+    if isinstance(value, str) and NUL_STAND_IN in value and not value.startswith(_DIGEST):
+        return value.replace(NUL_STAND_IN, "\x00")  # type: ignore[return-value]
+    return value
+
+
+def _key(value: str | None) -> str | None:
+    """An event or correlation id as the key it is stored under."""
+    return stored_id(value) if value is not None else None
+
+
+def _walk(value: Any, text: Callable[[str], str]) -> Any:
+    """A JSON value with ``text`` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return text(value)
+    if isinstance(value, dict):
+        return {text(k): _walk(v, text) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk(v, text) for v in value]
+    return value
+
+
 def _entry_row(entry: JournalEntry) -> tuple[Any, ...]:
+    record = orjson.dumps(_walk(entry.record, _in)).decode() if entry.record is not None else None
     return (
-        entry.event_id, entry.correlation_id, entry.type, entry.source, entry.service, entry.kind, entry.at,
-        entry.recorded_at, entry.causation_id, entry.time, entry.attempt, entry.deadline, entry.failed_type,
-        entry.compensable, orjson.dumps(entry.record).decode() if entry.record is not None else None,
+        _key(entry.event_id), _key(entry.correlation_id), _in(entry.type), _in(entry.source), _in(entry.service),
+        entry.kind, entry.at, entry.recorded_at, _key(entry.causation_id), _in(entry.time), entry.attempt,
+        entry.deadline, _in(entry.failed_type), entry.compensable, record,
     )
 
 
-def _entry(row: Sequence[Any]) -> JournalEntry:
+def _entry(row: Sequence[Any], correlation_id: str) -> JournalEntry:
     return JournalEntry(
-        event_id=row[0], correlation_id=row[1], type=row[2], source=row[3], service=row[4], kind=row[5],
-        at=row[6], recorded_at=row[7], causation_id=row[8], time=row[9], attempt=row[10], deadline=row[11],
-        failed_type=row[12], compensable=row[13], record=orjson.loads(row[14]) if row[14] is not None else None,
+        event_id=_out(row[0]), correlation_id=correlation_id, type=_out(row[2]), source=_out(row[3]),
+        service=_out(row[4]), kind=row[5], at=row[6], recorded_at=row[7], causation_id=_out(row[8]),
+        time=_out(row[9]), attempt=row[10], deadline=row[11], failed_type=_out(row[12]), compensable=row[13],
+        record=_walk(orjson.loads(row[14]), _out) if row[14] is not None else None,
     )
 
 
 def _summary_row(s: TransactionSummary) -> tuple[Any, ...]:
+    key = stored_id(s.correlation_id)
     return (
-        s.correlation_id, s.base_status, s.first_seen, s.last_seen, s.started_at, s.deadline, s.deadline_explicit,
-        s.root_type, s.event_count, s.terminal_type, s.terminal_kind, s.failures, s.uncompensated, s.timed_out,
+        key, s.base_status, s.first_seen, s.last_seen, s.started_at, s.deadline, s.deadline_explicit,
+        _in(s.root_type), s.event_count, _in(s.terminal_type), s.terminal_kind, s.failures, s.uncompensated,
+        s.timed_out, _in(s.correlation_id) if key.startswith(_DIGEST) else None,
     )
 
 
 def _summary(row: Sequence[Any]) -> TransactionSummary:
     return TransactionSummary(
-        correlation_id=row[0], first_seen=row[1], last_seen=row[2], started_at=row[3], deadline=row[4],
-        deadline_explicit=row[5], root_type=row[6], event_count=row[7], terminal_type=row[8],
-        terminal_kind=row[9], failures=row[10], uncompensated=row[11], timed_out=row[12],
+        correlation_id=_out(row[13] if row[13] is not None else row[0]), first_seen=row[1], last_seen=row[2],
+        started_at=row[3], deadline=row[4], deadline_explicit=row[5], root_type=_out(row[6]), event_count=row[7],
+        terminal_type=_out(row[8]), terminal_kind=row[9], failures=row[10], uncompensated=row[11],
+        timed_out=row[12],
     )
 
 
@@ -168,20 +219,21 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
     async def record(self, entries: Sequence[JournalEntry], *, stuck_after: float) -> list[TransactionSummary]:
         unique: dict[str, JournalEntry] = {}
         for entry in entries:
-            unique.setdefault(entry.event_id, entry)
+            unique.setdefault(stored_id(entry.event_id), entry)
         if not unique:
             return []
         rows = [_entry_row(entry) for entry in unique.values()]
-        cids = sorted({entry.correlation_id for entry in unique.values()})
+        cids = sorted({stored_id(entry.correlation_id) for entry in unique.values()})
         pool = self._open_pool()
         with _pg.translate(f"journal store {redact(self.url)}"):
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute(_LOCK_CORRELATIONS, cids)
                 inserted = {row[0] for row in await conn.fetch(_INSERT_EVENTS, *_columns(rows, len(_EVENT_COLUMNS)))}
-                fresh = [entry for entry in unique.values() if entry.event_id in inserted]
-                touched = sorted({entry.correlation_id for entry in fresh})
+                fresh = [entry for key, entry in unique.items() if key in inserted]
+                touched = sorted({stored_id(entry.correlation_id) for entry in fresh})
                 existing = {
-                    row[0]: _summary(row) for row in await conn.fetch(_LOCK_SUMMARIES, touched)
+                    summary.correlation_id: summary
+                    for summary in map(_summary, await conn.fetch(_LOCK_SUMMARIES, touched))
                 } if touched else {}
                 changed = fold_entries(existing, fresh, stuck_after)
                 await _save(conn, changed.values())
@@ -190,7 +242,8 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
     async def summary(self, correlation_id: str) -> TransactionSummary | None:
         with _pg.translate(f"journal store {redact(self.url)}"):
             row = await self._open_pool().fetchrow(
-                f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions WHERE correlation_id = $1", correlation_id
+                f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions WHERE correlation_id = $1",
+                stored_id(correlation_id),
             )
         return _summary(row) if row is not None else None
 
@@ -198,9 +251,9 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
         with _pg.translate(f"journal store {redact(self.url)}"):
             rows = await self._open_pool().fetch(
                 f"SELECT {_SELECT_EVENT} FROM choreograph_journal_events WHERE correlation_id = $1 ORDER BY seq",
-                correlation_id,
+                stored_id(correlation_id),
             )
-        return [_entry(row) for row in rows]
+        return [_entry(row, correlation_id) for row in rows]
 
     async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
         args: list[Any]
@@ -237,7 +290,7 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
                     now,
                 )
         return Activity(
-            edges=[EdgeCount(*row) for row in edge_rows],
+            edges=[EdgeCount(_out(row[0]), _out(row[1]), row[2], _out(row[3]), row[4], row[5]) for row in edge_rows],
             statuses=count_statuses({row[0]: row[1] for row in status_rows}, sum(row[2] for row in status_rows)),
         )
 
@@ -251,7 +304,7 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
         return [_summary(row) for row in rows]
 
     async def mark_timed_out(self, correlation_ids: Collection[str]) -> None:
-        ids = sorted(set(correlation_ids))
+        ids = sorted({stored_id(cid) for cid in correlation_ids})
         if not ids:
             return
         pool = self._open_pool()

@@ -123,3 +123,44 @@ async def test_stuck_is_derived_from_the_stored_base_status_and_deadline(url: st
         assert [s.correlation_id for s in await reader.due(now=160.0, limit=10)] == ["tx"]
     finally:
         await reader.close()
+
+
+async def test_ids_and_text_postgresql_cannot_hold_as_they_are_are_recorded_not_failing_the_batch(
+    stores: tuple[PostgresJournalStore, PostgresJournalStore],
+) -> None:
+    """U+0000 (JSON has it, PostgreSQL text and jsonb do not) anywhere in an event, or an id past
+    a btree entry's 2,704 bytes, failed the whole batch: the journal returned it and fetched it
+    again, for ever, recording nothing more of the events fetched with it."""
+    import secrets
+
+    from choreograph._journal_model import JournalEntry
+
+    store, _ = stores
+    long_cid, long_id = secrets.token_hex(2000), secrets.token_hex(2000)
+    entries = [
+        JournalEntry(
+            event_id="a\x00", correlation_id="tx\x00", type="t.\x00", source="/s\x00", service="s\x00",
+            kind="failure", at=100.0, recorded_at=100.0, causation_id="c\x00", time="\x00",
+            failed_type="f\x00", compensable=False, record={"last_error": {"type": "E", "message": "bad \x00 byte"}, "k\x00": 1},
+        ),
+        JournalEntry(event_id=long_id, correlation_id=long_cid, type="t.x", source="/s", service="s",
+                     kind="event", at=100.0, recorded_at=100.0),
+        JournalEntry(event_id="child", correlation_id=long_cid, type="t.y", source="/s", service="s",
+                     kind="completed", at=101.0, recorded_at=101.0, causation_id=long_id),
+        entry("plain", "tx-plain"),
+    ]
+    await store.record(entries, stuck_after=60)
+
+    [failure] = await store.timeline("tx\x00")
+    assert failure == entries[0]
+    summary = await store.summary("tx\x00")
+    assert summary is not None and summary.correlation_id == "tx\x00" and summary.uncompensated == 1
+
+    root, child = await store.timeline(long_cid)
+    assert root.correlation_id == child.correlation_id == long_cid
+    assert child.causation_id == root.event_id  # the causation tree still links them
+    summary = await store.summary(long_cid)
+    assert summary is not None and summary.correlation_id == long_cid and summary.base_status == "completed"
+    listed = {s.correlation_id for s in await store.summaries(status=None, now=200.0, limit=10)}
+    assert listed == {"tx\x00", long_cid, "tx-plain"}
+    assert await store.summary("tx-plain") is not None
