@@ -18,6 +18,7 @@ from choreograph._journal_model import JournalEntry, TransactionSummary, format_
 from choreograph._journal_store import MemoryJournalStore
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.journal import JOURNAL_GROUP, TIMEDOUT, Journal, JournalStore, open_journal_store
+from choreograph.runtime.records import first_envelope
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
 from tests.stores._databases import backend_url
@@ -324,6 +325,39 @@ async def test_transactions_are_listed_by_status(journal: Journal, app: App, bus
     assert len(await journal.transactions(limit=2)) == 2
     with pytest.raises(ConfigurationError):
         await journal.transactions(status="lost")  # type: ignore[arg-type]
+
+
+class Scanned(Event, type="test.journal.scanned"):
+    """An event from outside that joins a running transaction (a courier's scan)."""
+
+    order: str
+
+
+async def test_an_event_joining_from_outside_does_not_replace_the_root_whatever_the_order(
+    journal: Journal, app: App, bus: SpyBus, clock: VirtualClock
+) -> None:
+    """An uncaused event published into a running transaction (its correlation id given) is not
+    what started it: ``root_type`` (``transactions``' "started by", ``choreograph.timedout``'s
+    ``root_type`` and subject) stays the root's, also when the root is recorded after its effects."""
+    cid = await start(app, bus, mode="stall")
+    clock.advance(1)
+    await Publisher(bus, source="/gateway").publish(Scanned(order="o-1"), correlation_id=cid)
+    await settled(bus)
+    tx = await journal.transaction(cid)
+    assert tx is not None and tx.summary.event_count == 2
+    assert tx.summary.root_type == Requested.event_type()
+    clock.advance(60)
+    await journal.check_deadlines()
+    [message] = bus.of_type(TIMEDOUT)
+    assert decode(message.body).data["root_type"] == Requested.event_type()
+
+    root = first_envelope(Requested(order="o-2", mode="stall"), source="/gateway", id="root-2")
+    clock.advance(1)  # (the envelopes' times are the system clock's: the root's is earlier)
+    joined = first_envelope(Scanned(order="o-2"), source="/gateway", id="scan-2", correlation_id="root-2")
+    await journal.record([joined])  # not on the bus: recorded in this order
+    await journal.record([root])
+    tx = await journal.transaction("root-2")
+    assert tx is not None and tx.summary.root_type == Requested.event_type()
 
 
 async def test_a_redelivered_event_is_recorded_once(journal: Journal, bus: SpyBus) -> None:

@@ -174,8 +174,13 @@ class TransactionSummary:
         """Account for one new entry (never called twice for the same event id)."""
         self.event_count += 1
         self.last_seen = max(self.last_seen, entry.recorded_at)
-        if entry.causation_id is None or self.root_type is None:
-            self.root_type = entry.type  # the event that started it (no cause), else the first seen
+        if self.root_type is None or (
+            entry.causation_id is None and (entry.event_id == entry.correlation_id or entry.at < self.started_at)
+        ):
+            # The event that started it: no cause, and its id is the correlation id or it is the
+            # earliest yet (an uncaused event published into a running transaction, e.g. a
+            # courier's scan, is not its start); until it is recorded, the first seen.
+            self.root_type = entry.type
         self.started_at = min(self.started_at, entry.at)
         if entry.deadline is not None:
             self.deadline = min(self.deadline, entry.deadline) if self.deadline_explicit else entry.deadline
