@@ -9,6 +9,8 @@ found (and deleted) from its prefix alone::
     <prefix>.retry.<group>.<ms>   delayed retries: TTL <ms>, then dead-lettered back to the group
     <prefix>.dlq.<group>          the group's dead letters
     <prefix>.registry             one small message per group (its types): how groups are listed
+    <prefix>.throwaway.<uuid>     created and deleted at once after declaring quorum queues,
+                                  so a hard kill of the broker does not lose them (see amqp.py)
 
 The attempt number travels in the ``x-choreograph-attempt`` header; quorum queues add
 ``x-delivery-count`` when a message comes back after a consumer died, and the two add up.
@@ -72,6 +74,10 @@ class Names:
 
     def retry(self, group: str, delay_ms: int) -> str:
         return self._checked(f"{self.prefix}.retry.{group}.{delay_ms}")
+
+    def throwaway(self, unique: str) -> str:
+        """A queue created and deleted at once (see ``AmqpTransport._settle_declares``)."""
+        return self._checked(f"{self.prefix}.throwaway.{unique}")
 
     @staticmethod
     def _checked(name: str) -> str:

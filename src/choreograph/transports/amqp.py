@@ -40,6 +40,13 @@ How the contract maps onto RabbitMQ:
   10.2 or later (before that it only logged "cancelled by the broker" and the group
   received nothing more). A deleted group queue comes back declared by that recovery but
   without its bindings: events reach it again once the group subscribes again.
+* RabbitMQ 3.10 loses what the most recently created quorum queue holds - confirmed
+  messages included - when the node is killed (SIGKILL, power loss): a retry into a retry
+  queue the retry had just created, or a dead letter in the dead-letter queue the group's
+  subscribe had just created, was gone after the restart. So after declaring queues a
+  subscribe or a retry (re)declare creates and deletes a throwaway quorum queue, which makes
+  them durable (see ``_settle_declares``); a broker killed during the declares themselves,
+  before anything is published into them, loses nothing.
 * RabbitMQ 4 quorum queues get ``x-delivery-limit: -1`` (its default limit of 20 would
   drop messages that keep coming back); untested here, where the server is 3.10.
 """
@@ -50,6 +57,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -279,8 +287,27 @@ class AmqpTransport(Transport):
                     durable=True,
                     arguments=retry_queue_arguments(self.queue_type, self._server_major, delay_ms, target),
                 )
+                await self._settle_declares(channel)
             self._retry_declared[name] = now
         return name
+
+    async def _settle_declares(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """Make the quorum queues just declared on ``channel`` survive a hard kill of the broker.
+
+        RabbitMQ 3.10 loses what a quorum queue holds - publisher-confirmed messages included -
+        if the node is killed (SIGKILL, power loss) while that queue is still the most recently
+        created one: a retry published into a retry queue created for it, or a dead letter in a
+        group's dead-letter queue created by its subscribe, was gone after the restart (or the
+        queue answered every read with an internal error). Creating one more quorum queue after
+        it makes it durable, so a throwaway one is created and deleted at once (``x-expires``
+        removes it should we die in between). Only when a queue may have been created: a
+        subscribe, a retry queue's (re)declare - not per message.
+        """
+        if self.queue_type != "quorum":
+            return
+        name = self.names.throwaway(uuid.uuid4().hex)
+        await channel.queue_declare(name, durable=True, arguments=self._queue_args(**{"x-expires": 60_000}))
+        await channel.queue_delete(name)
 
     # -- groups ---------------------------------------------------------------------------
 
@@ -292,6 +319,7 @@ class AmqpTransport(Transport):
         async with self._registry_lock, self._temp_channel(f"subscribe group {group!r}") as channel:
             await channel.queue_declare(queue_name, durable=True, arguments=self._queue_args())
             await channel.queue_declare(self.names.dlq(group), durable=True, arguments=self._queue_args())
+            await self._settle_declares(channel)
             registered, held = await self._read_registry(channel)
             known = registered.get(group, _UNKNOWN)
             bound = wanted if known is _UNKNOWN else widened(known, wanted)

@@ -55,6 +55,13 @@ Consequences worth knowing:
   else records its name: ``groups()`` then cannot tell (``None``).
 * The ``attempt`` of a delivery is JetStream's delivery count, so it survives process
   crashes and broker restarts.
+* A delayed retry (NAK with a delay) survives a restart of the server, but its delay lives
+  in consumer state the server writes lazily (within a fraction of a second): a server
+  killed right after the NAK (SIGKILL, power loss) comes back without it, and redelivers
+  the message, attempt + 1, once the lease of the delivery that was retried runs out - late
+  by up to the lease, or early if the delay was longer than the lease. A clean shutdown
+  keeps the delay (the server stores the time in whole seconds: redelivered up to a second
+  early). tests/conformance/test_restart.py holds the kill case to "comes back".
 """
 
 from __future__ import annotations
