@@ -261,6 +261,34 @@ async def test_names_types_and_ids_that_are_not_subject_tokens_round_trip(server
         assert ids(await collect(other, 1)) == ["m1"]
 
 
+async def test_a_replay_whose_messages_are_dead_lettered_again_before_it_ends_succeeds(server_url: str) -> None:
+    """A consumer running during a replay may fail the replayed message again before the
+    replay removed the old dead letter: the replay still succeeds and the new one stays."""
+    async with opened(bus_on(server_url)) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1), msg(2)])
+        for delivery in await collect(subscription, 2):
+            await delivery.dead_letter({"reason": "first"})
+        js = bus._jetstream()
+        publish = js.publish
+
+        async def publish_then_fail_them_again(items: Any) -> None:
+            await publish(items)
+            if any(".rp." in subject for subject, _, _ in items):  # the replay's republish
+                js.publish = publish  # type: ignore[method-assign]
+                for delivery in await collect(subscription, 2):
+                    await delivery.dead_letter({"reason": "again"})
+
+        js.publish = publish_then_fail_them_again  # type: ignore[method-assign]
+        assert await bus.replay("g") == 2
+        letters = await bus.dead_letters("g")
+        assert sorted((letter.message.id, letter.record["reason"]) for letter in letters) == [
+            ("m1", "again"), ("m2", "again")
+        ]
+        assert await bus.replay("g") == 2
+        assert ids(await collect(subscription, 2)) == ["m1", "m2"]
+
+
 async def test_a_type_that_extends_another_type_is_not_delivered_to_the_shorter_ones_group(
     server_url: str,
 ) -> None:

@@ -12,7 +12,8 @@ once its record does, and listing walks the records (oldest first, by stream seq
 
 Replay republishes the body to ``P.rp.<group>.<type>.<id>`` on the events stream - a
 subject only that group's consumer filters on, as a new stream message (attempt 1) -
-then deletes both messages.
+then purges both messages up to the sequences it read (a newer dead letter of the
+same id, from a consumer that failed the replay again meanwhile, stays).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class _Entry:
     """A dead letter and the stream sequences of its record and body messages."""
 
     letter: DeadLetter
+    record_subject: str
     record_sequence: int
     body_sequence: int
 
@@ -91,7 +93,7 @@ class DeadLetterStream:
             record=document["record"],
             dead_at=document["dead_at"],
         )
-        return _Entry(letter, record_sequence, int((body.headers or {})["Nats-Sequence"]))
+        return _Entry(letter, subject, record_sequence, int((body.headers or {})["Nats-Sequence"]))
 
     async def _scan(self, group: str | None, limit: int) -> list[_Entry]:
         subject = f"{self._prefix}.dlr.>" if group is None else self._subject("dlr", group)
@@ -149,12 +151,18 @@ class DeadLetterStream:
                 for entry in entries
             ]
         )
+        # Purged by subject up to the sequence read, not deleted by sequence: a consumer may
+        # have dead-lettered the replayed message again meanwhile, which replaced the copy
+        # read (one message per subject). Deleting that sequence then failed, and the replay
+        # stopped half-way with an error though it had republished everything; purging up
+        # to it keeps the new dead letter and succeeds whether or not the old copy is left.
         for entry in entries:
-            for sequence in (entry.record_sequence, entry.body_sequence):
+            body_subject = entry.record_subject.replace(".dlr.", ".dlb.", 1)
+            for subject, sequence in ((entry.record_subject, entry.record_sequence), (body_subject, entry.body_sequence)):
                 await self._js.api(
                     "delete a replayed dead letter",
-                    f"STREAM.MSG.DELETE.{self.name}",
-                    {"seq": sequence, "no_erase": True},
+                    f"STREAM.PURGE.{self.name}",
+                    {"filter": subject, "seq": sequence + 1},
                 )
         return len(entries)
 
