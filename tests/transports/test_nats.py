@@ -289,6 +289,48 @@ async def test_a_replay_whose_messages_are_dead_lettered_again_before_it_ends_su
         assert ids(await collect(subscription, 2)) == ["m1", "m2"]
 
 
+@pytest.mark.parametrize("message_id", ["i" * 3_000, "ü" * 1_000], ids=["3000-chars", "6000-chars-escaped"])
+async def test_an_event_with_a_very_long_id_is_dead_lettered_shown_replayed_and_purged(
+    server_url: str, message_id: str
+) -> None:
+    """An id travels in a header, so any length is published and delivered; its dead letter's
+    subjects must stay under the server's control line (past it the server drops the whole
+    connection) and its replay's subject under the longest choreograph writes."""
+    long = Message(id=message_id, type="order.placed", body=b"x")
+    async with opened(bus_on(server_url)) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([long, msg(1)])
+        for delivery in await collect(subscription, 2):
+            await asyncio.wait_for(delivery.dead_letter({"reason": "rejected"}), WAIT)
+        assert sorted(letter.message.id for letter in await bus.dead_letters("g")) == sorted([message_id, "m1"])
+        shown = await bus.dead_letter("g", message_id)
+        assert shown is not None and shown.message == long
+        assert await bus.replay("g", [message_id]) == 1
+        (again,) = await collect(subscription, 1)
+        assert (again.message, again.attempt) == (long, 1)
+        await again.dead_letter({"reason": "again"})
+        assert await bus.purge("g", [message_id]) == 1
+        assert [letter.message.id for letter in await bus.dead_letters("g")] == ["m1"]
+
+
+async def test_a_long_id_dead_lettered_under_its_unhashed_subject_before_is_still_shown_and_purged() -> None:
+    """An id past MAX_LETTER_ID whose subject the server took was stored unhashed before."""
+    message_id = "i" * 2_000
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        letters = bus._dead_letter_stream()
+        hashed, unhashed = codec.letter_id_tokens(message_id)
+        assert unhashed == message_id and "~~" in hashed
+        document = {"group": "g", "id": message_id, "type": "t", "record": {}, "dead_at": 0.0}
+        await bus._jetstream().publish([
+            (f"{bus.prefix}.dlb.g.{unhashed}", b"old", {}),
+            (f"{bus.prefix}.dlr.g.{unhashed}", json.dumps(document).encode(), {}),
+        ])
+        shown = await letters.show("g", message_id)
+        assert shown is not None and shown.message.body == b"old"
+        assert await bus.purge("g", [message_id]) == 1
+        assert await bus.dead_letters("g") == []
+
+
 async def test_a_type_that_extends_another_type_is_not_delivered_to_the_shorter_ones_group(
     server_url: str,
 ) -> None:

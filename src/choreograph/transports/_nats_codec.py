@@ -20,11 +20,16 @@ from choreograph.errors import TransportClosed, TransportError
 
 #: JetStream dedupe key, set to the message id when it fits under max_payload.
 H_MSG_ID = "Nats-Msg-Id"
+#: The id of a replayed dead letter too long for its subject (its ``Nats-Msg-Id`` is the
+#: replay's own dedupe key): read before ``Nats-Msg-Id`` for the ``~h`` form.
+H_ID = "Choreograph-Id"
 #: Last subject token of an event whose id travels in its ``Nats-Msg-Id`` header. Never
 #: the output of :func:`name_token` (which writes ``~`` only before two hex digits, or alone).
 ID_IN_HEADER = "~h"
 #: The longest subject choreograph writes (nats-server's control line is 4 KiB).
 MAX_SUBJECT = 2048
+#: The longest id token a dead letter's subjects carry; a longer one is cut and hashed.
+MAX_LETTER_ID = 1024
 
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 _TYPE_TOKEN = re.compile(r"[A-Za-z0-9_:-]+")
@@ -53,6 +58,20 @@ def name_token(value: str, *, hash_long: bool = True) -> str:
     if not hash_long or len(escaped) <= _MAX_NAME:
         return escaped
     return escaped[:60] + "~~" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def letter_id_tokens(message_id: str) -> tuple[str, ...]:
+    """The id token of a dead letter's subjects: :func:`name_token` unhashed, but cut and
+    hashed (as a long consumer name is) past :data:`MAX_LETTER_ID` characters - an id of any
+    length then makes a subject the server takes (past its 4 KiB control line it drops the
+    connection). A dead letter keeps its id in its record, so its subject need not give it
+    back. A hashed id is followed by its unhashed token when that is short enough to have
+    been stored unhashed by an earlier choreograph: a lookup tries both."""
+    token = name_token(message_id, hash_long=False)
+    if len(token) <= MAX_LETTER_ID:
+        return (token,)
+    hashed = token[:60] + "~~" + hashlib.sha256(message_id.encode()).hexdigest()
+    return (hashed, token) if len(token) <= MAX_SUBJECT * 2 - 200 else (hashed,)
 
 
 def from_name_token(token: str) -> str:
@@ -118,7 +137,7 @@ def split_subject(tail: str, headers: Mapping[str, str] | None = None) -> tuple[
     if not tokens:
         return None
     if id_token == ID_IN_HEADER:
-        id_token = (headers or {}).get(H_MSG_ID, "")
+        id_token = (headers or {}).get(H_ID) or (headers or {}).get(H_MSG_ID, "")
         if not id_token:
             return None
     try:

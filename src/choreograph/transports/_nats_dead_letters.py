@@ -6,12 +6,15 @@ subject, so dead-lettering an id again replaces it)::
     P.dlb.<group>.<id>   the original body, byte for byte
     P.dlr.<group>.<id>   the record: JSON with group, id, type, record, dead_at
 
-Two messages rather than one with the record in headers, because a body may already use
+(``<id>`` is the id's token; past ``MAX_LETTER_ID`` characters it is cut and hashed, see
+``_nats_codec.letter_id_tokens``: the record keeps the id.) Two messages rather than one
+with the record in headers, because a body may already use
 the whole of the server's ``max_payload``. The body is written first: a letter exists
 once its record does, and listing walks the records (oldest first, by stream sequence).
 
 Replay republishes the body to ``P.rp.<group>.<type>.<id>`` on the events stream - a
-subject only that group's consumer filters on, as a new stream message (attempt 1) -
+subject only that group's consumer filters on (an id too long for it travels in a
+``Choreograph-Id`` header: ``P.rp.<group>.<type>.~h``), as a new stream message (attempt 1) -
 then purges both messages up to the sequences it read (a newer dead letter of the
 same id, from a consumer that failed the replay again meanwhile, stays).
 """
@@ -25,8 +28,9 @@ import time
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from choreograph.errors import TransportError
 from choreograph.transports import _nats_codec as codec
-from choreograph.transports._nats_client import JetStream
+from choreograph.transports._nats_client import Item, JetStream, header_block
 from choreograph.transports.base import DeadLetter, Message
 
 
@@ -63,8 +67,13 @@ class DeadLetterStream:
 
     def _subject(self, kind: str, group: str, message_id: str | None = None) -> str:
         """``P.dlr.<group>.<id>`` (record) / ``P.dlb...`` (body); ``None`` id: all of the group."""
-        tail = ">" if message_id is None else codec.name_token(message_id, hash_long=False)
-        return f"{self._prefix}.{kind}.{codec.name_token(group)}.{tail}"
+        return self._subjects(kind, group, message_id)[0]
+
+    def _subjects(self, kind: str, group: str, message_id: str | None) -> list[str]:
+        """The subjects a dead letter of ``message_id`` is kept under: the one it is stored
+        under now, then (an id so long it is hashed) the one an earlier choreograph used."""
+        tails = (">",) if message_id is None else codec.letter_id_tokens(message_id)
+        return [f"{self._prefix}.{kind}.{codec.name_token(group)}.{tail}" for tail in tails]
 
     async def store(self, group: str, message: Message, record: Mapping[str, Any]) -> None:
         document = {
@@ -113,12 +122,13 @@ class DeadLetterStream:
     async def _lookup(self, group: str, message_ids: Collection[str]) -> list[_Entry]:
         entries: list[_Entry] = []
         for message_id in message_ids:
-            subject = self._subject("dlr", group, message_id)
-            found = await self._js.direct_get(self.name, {"last_by_subj": subject})
-            if found is not None:
-                entry = await self._entry(int((found.headers or {})["Nats-Sequence"]), subject, found.data)
-                if entry is not None:
-                    entries.append(entry)
+            for subject in self._subjects("dlr", group, message_id):
+                found = await self._js.direct_get(self.name, {"last_by_subj": subject})
+                if found is not None:
+                    entry = await self._entry(int((found.headers or {})["Nats-Sequence"]), subject, found.data)
+                    if entry is not None:
+                        entries.append(entry)
+                        break
         return sorted(entries, key=lambda entry: entry.record_sequence)
 
     async def letters(self, group: str | None, limit: int) -> list[DeadLetter]:
@@ -141,16 +151,7 @@ class DeadLetterStream:
         consumer = codec.name_token(group)
         await self._js.api(f"find group {group!r}", f"CONSUMER.INFO.{self._events_stream}.{consumer}")
         base = f"{self._prefix}.rp.{consumer}"
-        await self._js.publish(
-            [
-                (
-                    codec.message_subject(base, entry.letter.message.type, entry.letter.message.id),
-                    entry.letter.message.body,
-                    {codec.H_MSG_ID: f"replay-{self.name}-{entry.record_sequence}"},
-                )
-                for entry in entries
-            ]
-        )
+        await self._js.publish([self._replay_item(base, entry) for entry in entries])
         # Purged by subject up to the sequence read, not deleted by sequence: a consumer may
         # have dead-lettered the replayed message again meanwhile, which replaced the copy
         # read (one message per subject). Deleting that sequence then failed, and the replay
@@ -166,16 +167,34 @@ class DeadLetterStream:
                 )
         return len(entries)
 
+    def _replay_item(self, base: str, entry: _Entry) -> Item:
+        """The replay of ``entry``: to ``<base>.<type>.<id>``, with a dedupe key of its own -
+        or, an id too long for a subject, to ``<base>.<type>.~h`` with the id in a header
+        (:data:`~choreograph.transports._nats_codec.H_ID`) that must fit beside the body."""
+        message = entry.letter.message
+        dedupe = {codec.H_MSG_ID: f"replay-{self.name}-{entry.record_sequence}"}
+        subject = f"{base}.{codec.type_tokens(message.type)}.{codec.name_token(message.id, hash_long=False)}"
+        if len(subject) <= codec.MAX_SUBJECT:
+            return subject, message.body, dedupe
+        headers = {codec.H_ID: codec.name_token(message.id, hash_long=False), **dedupe}
+        room = self._js.nc.max_payload
+        if len(message.body) + codec.header_size(headers) > room:
+            del headers[codec.H_MSG_ID]  # the dedupe key may go, the id may not
+            if len(message.body) + codec.header_size(headers) > room:
+                raise TransportError(
+                    f"nats: replay of {message.id[:60]!r}...: its id and body do not fit the server's max_payload"
+                )
+        return codec.message_subject(base, message.type), message.body, header_block(headers)
+
     async def purge(self, group: str, message_ids: Collection[str] | None) -> int:
         targets: list[str | None] = [None] if message_ids is None else list(message_ids)
         purged = 0
         for target in targets:
             for kind in ("dlr", "dlb"):  # records first: a body without its record is invisible
-                response = await self._js.api(
-                    "purge dead letters",
-                    f"STREAM.PURGE.{self.name}",
-                    {"filter": self._subject(kind, group, target)},
-                )
-                if kind == "dlr":
-                    purged += int(response.get("purged", 0))
+                for subject in self._subjects(kind, group, target):
+                    response = await self._js.api(
+                        "purge dead letters", f"STREAM.PURGE.{self.name}", {"filter": subject}
+                    )
+                    if kind == "dlr":
+                        purged += int(response.get("purged", 0))
         return purged

@@ -6,7 +6,8 @@ server; it must be ``[A-Za-z0-9_-]+``)::
     stream P_EVENTS  P.ev.<type>.~h           events (P.ev.shop.order.placed.~h), the id in
                                               the Nats-Msg-Id header (P.ev.<type>.<id> when
                                               the body leaves no room for the header)
-                     P.rp.<group>.<type>.<id> replays of a group's dead letters
+                     P.rp.<group>.<type>.<id> replays of a group's dead letters (.~h
+                                              and a Choreograph-Id header for a long id)
                      interest retention: a message is kept until every group it
                      matched has settled it
       consumer <group>   durable pull consumer, one per group, shared by the group's
