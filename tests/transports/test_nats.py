@@ -789,6 +789,36 @@ async def test_a_body_of_exactly_max_payload_can_be_dead_lettered_and_replayed()
         assert again.message.body == body
 
 
+async def test_a_dead_letter_whose_record_exceeds_max_payload_is_kept_shown_replayed_and_purged(
+    server_url: str,
+) -> None:
+    """The runtime's record holds the original envelope, so an event near max_payload (or
+    one of non-ASCII text, which JSON escapes) has a record past it: it must still be kept."""
+    async with opened(bus_on(server_url)) as bus:
+        assert bus._nc is not None
+        room = bus._nc.max_payload
+        body = b"\x02" * (room - 100)
+        record = {"reason": "rejected", "envelope": "\u4e2d" * room, "traceback": "t" * 10_000}
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1, body=body), msg(2)])
+        for delivery in await collect(subscription, 2):
+            await delivery.dead_letter({**record, "id": delivery.message.id})
+        letters = await bus.dead_letters("g")
+        assert [(letter.message.id, dict(letter.record)) for letter in letters] == [
+            ("m1", {**record, "id": "m1"}), ("m2", {**record, "id": "m2"})
+        ]
+        shown = await bus.dead_letter("g", "m1")
+        assert shown is not None and shown.message.body == body and dict(shown.record) == {**record, "id": "m1"}
+        assert await bus.replay("g", ["m1"]) == 1
+        (again,) = await collect(subscription, 1)
+        assert (again.message.body, again.attempt) == (body, 1)
+        await again.ack()
+        assert await bus.purge("g", ["m2"]) == 1
+        assert await bus.dead_letters("g") == []
+        state = (await bus._jetstream().api("info", f"STREAM.INFO.{bus.dead_letter_stream}"))["state"]
+        assert state["messages"] == 0  # no part of a record left behind
+
+
 async def test_fetch_fails_instead_of_hanging_when_the_bus_is_deleted() -> None:
     url = bus_on(require_broker("nats"))
     async with opened(url) as bus:

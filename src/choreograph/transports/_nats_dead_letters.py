@@ -6,6 +6,10 @@ subject, so dead-lettering an id again replaces it)::
     P.dlb.<group>.<id>   the original body, byte for byte
     P.dlr.<group>.<id>   the record: JSON with group, id, type, record, dead_at
 
+A record longer than the server's ``max_payload`` (it holds the original envelope, say)
+is cut in parts: the first in ``P.dlr...`` with a ``Choreograph-Parts`` header, the others
+in ``P.dlb.<group>.<id>.<n>`` (written before it, and removed with the letter).
+
 (``<id>`` is the id's token; past ``MAX_LETTER_ID`` characters it is cut and hashed, see
 ``_nats_codec.letter_id_tokens``: the record keeps the id.) Two messages rather than one
 with the record in headers, because a body may already use
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import secrets
 import time
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -32,6 +37,11 @@ from choreograph.errors import TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports._nats_client import Item, JetStream, header_block
 from choreograph.transports.base import DeadLetter, Message
+
+#: On a record too long for one message (``store``): ``<parts> <stamp>``; the further parts
+#: are ``P.dlb.<group>.<id>.<n>``, each with the stamp in ``_H_PART``.
+_H_PARTS = "Choreograph-Parts"
+_H_PART = "Choreograph-Part"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,6 +52,7 @@ class _Entry:
     record_subject: str
     record_sequence: int
     body_sequence: int
+    parts: bool = False  # its record is split (see ``store``)
 
 
 class DeadLetterStream:
@@ -83,18 +94,39 @@ class DeadLetterStream:
             "record": record,
             "dead_at": time.time(),
         }
-        await self._js.publish(
-            [
-                (self._subject("dlb", group, message.id), message.body, {}),
-                (self._subject("dlr", group, message.id), json.dumps(document, default=str).encode(), {}),
-            ]
-        )
+        body_subject, record_subject = self._subject("dlb", group, message.id), self._subject("dlr", group, message.id)
+        data = json.dumps(document, default=str).encode()
+        items: list[Item] = [(body_subject, message.body, {})]
+        room = self._js.nc.max_payload
+        if len(data) <= room:
+            items.append((record_subject, data, {}))
+        else:  # in parts, each under max_payload: the record holds the original envelope
+            stamp = secrets.token_hex(8)
+            part_header = header_block({_H_PART: stamp})
+            head_room = room - len(header_block({_H_PARTS: f"{len(data)} {stamp}"}))  # count < len(data)
+            head, rest = data[:head_room], data[head_room:]
+            step = room - len(part_header)
+            parts = [rest[i : i + step] for i in range(0, len(rest), step)]
+            items += [(f"{body_subject}.{k}", part, part_header) for k, part in enumerate(parts, 1)]
+            items.append((record_subject, head, header_block({_H_PARTS: f"{len(parts) + 1} {stamp}"})))
+        await self._js.publish(items)
 
-    async def _entry(self, record_sequence: int, subject: str, data: bytes) -> _Entry | None:
-        """The letter whose record is this message, with its body; None if the body is gone."""
-        body = await self._js.direct_get(self.name, {"last_by_subj": subject.replace(".dlr.", ".dlb.", 1)})
+    async def _entry(self, record_sequence: int, subject: str, data: bytes, headers: Mapping[str, str]) -> _Entry | None:
+        """The letter whose record is this message, with its body; None if the body is gone
+        (or a part of the record: replaced by a newer dead letter of the id meanwhile)."""
+        body_subject = subject.replace(".dlr.", ".dlb.", 1)
+        body = await self._js.direct_get(self.name, {"last_by_subj": body_subject})
         if body is None:
             return None
+        count, _, stamp = str(headers.get(_H_PARTS, "")).partition(" ")
+        if count:
+            chunks = [data]
+            for k in range(1, int(count)):
+                part = await self._js.direct_get(self.name, {"last_by_subj": f"{body_subject}.{k}"})
+                if part is None or (part.headers or {}).get(_H_PART) != stamp:
+                    return None
+                chunks.append(part.data)
+            data = b"".join(chunks)
         document = json.loads(data)
         letter = DeadLetter(
             group=document["group"],
@@ -102,11 +134,11 @@ class DeadLetterStream:
             record=document["record"],
             dead_at=document["dead_at"],
         )
-        return _Entry(letter, subject, record_sequence, int((body.headers or {})["Nats-Sequence"]))
+        return _Entry(letter, subject, record_sequence, int((body.headers or {})["Nats-Sequence"]), bool(count))
 
     async def _scan(self, group: str | None, limit: int) -> list[_Entry]:
         subject = f"{self._prefix}.dlr.>" if group is None else self._subject("dlr", group)
-        records: list[tuple[int, str, bytes]] = []
+        records: list[tuple[int, str, bytes, Mapping[str, str]]] = []
         sequence = 1
         while len(records) < limit:
             found = await self._js.direct_get(self.name, {"seq": sequence, "next_by_subj": subject})
@@ -114,7 +146,7 @@ class DeadLetterStream:
                 break
             headers = found.headers or {}
             sequence = int(headers["Nats-Sequence"])
-            records.append((sequence, headers["Nats-Subject"], found.data))
+            records.append((sequence, headers["Nats-Subject"], found.data, headers))
             sequence += 1
         entries = await asyncio.gather(*(self._entry(*record) for record in records))
         return [entry for entry in entries if entry is not None]
@@ -125,7 +157,8 @@ class DeadLetterStream:
             for subject in self._subjects("dlr", group, message_id):
                 found = await self._js.direct_get(self.name, {"last_by_subj": subject})
                 if found is not None:
-                    entry = await self._entry(int((found.headers or {})["Nats-Sequence"]), subject, found.data)
+                    headers = found.headers or {}
+                    entry = await self._entry(int(headers["Nats-Sequence"]), subject, found.data, headers)
                     if entry is not None:
                         entries.append(entry)
                         break
@@ -159,11 +192,12 @@ class DeadLetterStream:
         # to it keeps the new dead letter and succeeds whether or not the old copy is left.
         for entry in entries:
             body_subject = entry.record_subject.replace(".dlr.", ".dlb.", 1)
-            for subject, sequence in ((entry.record_subject, entry.record_sequence), (body_subject, entry.body_sequence)):
+            done = [(entry.record_subject, entry.record_sequence + 1), (body_subject, entry.body_sequence + 1)]
+            if entry.parts:  # published before their record
+                done.append((body_subject + ".>", entry.record_sequence))
+            for subject, below in done:
                 await self._js.api(
-                    "delete a replayed dead letter",
-                    f"STREAM.PURGE.{self.name}",
-                    {"filter": subject, "seq": sequence + 1},
+                    "delete a replayed dead letter", f"STREAM.PURGE.{self.name}", {"filter": subject, "seq": below}
                 )
         return len(entries)
 
@@ -191,7 +225,10 @@ class DeadLetterStream:
         purged = 0
         for target in targets:
             for kind in ("dlr", "dlb"):  # records first: a body without its record is invisible
-                for subject in self._subjects(kind, group, target):
+                subjects = self._subjects(kind, group, target)
+                if kind == "dlb" and target is not None:  # and the further parts of a long record
+                    subjects += [subject + ".>" for subject in subjects]
+                for subject in subjects:
                     response = await self._js.api(
                         "purge dead letters", f"STREAM.PURGE.{self.name}", {"filter": subject}
                     )

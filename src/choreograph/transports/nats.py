@@ -22,6 +22,7 @@ server; it must be ``[A-Za-z0-9_-]+``)::
                          (written and read back by _nats_bindings)
     stream P_DLQ     P.dlr.<group>.<id>       dead-letter record (see _nats_dead_letters)
                      P.dlb.<group>.<id>       dead-letter body
+                     P.dlb.<group>.<id>.<n>   further parts of a record past max_payload
 
 The type travels in the subject, the id in the ``Nats-Msg-Id`` header (which also makes
 the server drop a republished duplicate). Putting the id in the subject too would give
