@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -688,6 +689,75 @@ async def test_a_subscription_that_cannot_read_its_consumer_warns_once_and_says_
         assert said(logging.DEBUG, "reading the binding of group 'billing'") == checks
         assert said(logging.INFO, "can be read again") == 1
         assert said(logging.WARNING, "cannot read the consumer of group 'billing'") == 1
+
+
+# -- the lease: the consumer's ack_wait ---------------------------------------------------
+
+
+def _with_lease(url: str, lease: float | None) -> str:
+    """``url`` (the same bus: the same prefix) with ``lease`` instead (``None``: no ``?lease=``)."""
+    return re.sub(r"[?&]lease=[^&]*", "", url) + ("" if lease is None else f"&lease={lease}")
+
+
+async def _ack_wait(bus: NatsTransport, group: str) -> float:
+    return int((await _consumer_info(bus, group))["config"]["ack_wait"]) / 1e9
+
+
+@pytest.mark.parametrize("types", [["a"], None], ids=["typed", "every-type"])
+async def test_a_group_subscribed_again_with_another_lease_takes_it_on_the_server(
+    server_url: str, types: list[str] | None
+) -> None:
+    """The consumer's ack_wait is the lease of the URL the group was last subscribed with, not
+    the one it was created with (it was only rewritten when its types changed): a delivery held
+    past the old lease, within the new one, is not redelivered to another replica. And back."""
+    short = bus_on(server_url, lease=1)
+    long = _with_lease(short, 4)
+    async with opened(short) as bus:
+        await (await bus.subscribe("billing", types)).close()
+        assert await _ack_wait(bus, "billing") == 1
+        async with NatsTransport(long) as replica, NatsTransport(long) as other:
+            holder = await replica.subscribe("billing", types)
+            assert await _ack_wait(bus, "billing") == 4
+            waiting = await other.subscribe("billing", types)
+            await bus.publish([msg(1, "a")])
+            [held] = await collect(holder, 1)
+            # 2.5 s: past the old lease (1 s), within the new one (4 s); nobody touches it
+            assert await asyncio.gather(holder.fetch(10, timeout=2.5), waiting.fetch(10, timeout=2.5)) == [[], []]
+            assert (await _consumer_info(bus, "billing"))["num_redelivered"] == 0
+            await held.ack()
+            await _wait_for(lambda: _acked_all(bus, "billing"))
+        again = await bus.subscribe("billing", types)
+        assert await _ack_wait(bus, "billing") == 1
+        await bus.publish([msg(2, "a")])
+        [first, second] = await collect(again, 2)  # the second: the first, its 1 s lease run out
+        assert (first.message.id, first.attempt, second.message.id, second.attempt) == ("m2", 1, "m2", 2)
+        await again.close()
+
+
+async def test_unbinding_and_narrowing_keep_the_lease_the_group_was_last_subscribed_with(server_url: str) -> None:
+    """During a rolling change of the lease (1 s to 4 s): a replica still on the old lease
+    narrowing the group's consumer, and ``choreograph groups unbind`` with a URL without
+    ``?lease=`` (30 s), rewrite the consumer but keep its ack_wait."""
+    old = bus_on(server_url, lease=1)
+    async with opened(old) as bus, NatsTransport(_with_lease(old, 4)) as new, NatsTransport(
+        _with_lease(old, None)
+    ) as admin:
+        subscription = await bus.subscribe("billing", ["a", "b"])  # the old replica, still running
+        await (await new.subscribe("billing", ["a", "b"])).close()  # a new one started (and stopped)
+        assert await _ack_wait(bus, "billing") == 4
+        await bus.publish([msg(1, "b")])
+        [held] = await collect(subscription, 1)
+        await admin.unbind("billing", ["b"])
+        assert (await _binding(admin, "billing")).removed.keys() == {"b"}  # written: m1 is held under the line
+        assert await _ack_wait(bus, "billing") == 4
+        await held.dead_letter({"reason": "unhandled"})
+
+        async def narrowed() -> bool:  # by the old replica's subscription: the only one running
+            return await _binding(admin, "billing") == Binding(frozenset({"a"}))
+
+        await _wait_for(narrowed)
+        assert await _ack_wait(bus, "billing") == 4
+        await subscription.close()
 
 
 async def test_a_consumer_choreograph_did_not_create_is_not_a_group(server_url: str) -> None:

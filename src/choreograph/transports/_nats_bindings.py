@@ -5,11 +5,23 @@ A group is bound to its event types by its durable consumer's filter (its config
 keep their lines there (see ``_nats_routing``). Every change is a read of the consumer,
 a new binding computed from it and a write of the whole config, stamped with a lineage:
 
-* ``subscribe`` registers: creates the consumer, or widens its types (``_register``);
+* ``subscribe`` registers: creates the consumer, or widens its types, and sets its
+  ``ack_wait`` to the transport's lease (``_register``);
 * ``unbind`` narrows: the removed types keep the stream's last sequence as their line;
 * a subscription's periodic check (``_checker``) drops the lines nothing is held under
   any more, and binds again what a racing write dropped;
 * ``groups()`` reads every group's binding back from the events stream's consumers.
+
+The lease (``ack_wait``) is the one of the URL the group was last subscribed with: a
+subscribe whose lease differs from the consumer's rewrites it; every other write (an
+unbind, a narrowing, a check binding types again) keeps the consumer's. So during a rolling
+change of ``?lease=`` the replicas started last set it, and the old ones still running (or
+``choreograph groups unbind`` with a URL without ``?lease=``) do not set it back - unless
+one of them subscribes again. A replica on another lease than the consumer's touches what it
+holds every third of its own lease: one still on a lease more than three times the new one
+touches too rarely, and a handler of its running past the new lease is redelivered to
+another replica (the inbox makes the re-run harmless downstream, but it runs). Lengthening
+the lease is safe while old replicas run; shortening it much is, once they are gone.
 
 The connection, publishing and the subscriptions themselves are ``nats.py``'s and
 ``_nats_pull``'s; this is only what is written on, and read from, a group's consumer.
@@ -69,38 +81,57 @@ class GroupBindings:
         """The connection's JetStream, or a :class:`TransportError` if there is none."""
 
     async def _register(
-        self, js: JetStream, group: str, consumer: str, wanted: frozenset[str] | None
+        self, js: JetStream, group: str, consumer: str, wanted: frozenset[str] | None, *, set_lease: bool = True
     ) -> tuple[Binding, str | None, bool]:
-        """Create the group's consumer, or widen the types it is bound to; returns its binding,
-        the stamp of the write the read that found it so was of (``None``: not recorded), and
-        whether it wrote the consumer.
+        """Create the group's consumer, or widen the types it is bound to, and (``set_lease``)
+        make its ``ack_wait`` the transport's lease; returns its binding, the stamp of the write
+        the read that found it so was of (``None``: not recorded), and whether it wrote the
+        consumer. Without ``set_lease`` an existing consumer keeps its ``ack_wait``.
 
         Read, widen, write, then read again: JetStream has no compare-and-set for a consumer's
         config, so a write of the same group racing this one (another process's subscribe,
         unbind or narrowing) may land over ours; the second read sees that and writes the union
         again. A racing write landing after that second read is the subscription's to repair:
         it does not descend from the stamp returned (see ``_checker`` and ``_nats_routing``).
+
+        The lease is set once: a second read finding another ``ack_wait`` is a racing subscribe
+        with another lease (a rolling change of it), whose write then stands - last writer wins.
         """
         wrote = False
+        lease = consumers.ack_wait(self.lease)
         for _ in range(_REGISTER_ROUNDS):
             info = await self._read_info(js, consumer)
             current = None if info is _NO_CONSUMER else self._binding_of(info)
             lineage = () if info is _NO_CONSUMER else self._lineage_of(info)
+            kept = None if info is _NO_CONSUMER else self._ack_wait_of(info)
+            ack_wait = lease if set_lease or kept is None else kept
             bound = Binding(wanted) if current is None else current.widened(wanted)
-            if bound == current:
+            if bound == current and ack_wait == kept:
                 return bound, lineage[0] if lineage else None, wrote
-            await self._write_consumer(js, f"register group {group!r}", group, consumer, bound, lineage)
-            wrote = True
+            what = f"register group {group!r}"
+            await self._write_consumer(js, what, group, consumer, bound, lineage, ack_wait=ack_wait)
+            wrote, set_lease = True, False
         raise TransportError(f"nats: register group {group!r}: its consumer kept changing under us")
 
     async def _write_consumer(
-        self, js: JetStream, what: str, group: str, consumer: str, bound: Binding, base: Sequence[str]
+        self,
+        js: JetStream,
+        what: str,
+        group: str,
+        consumer: str,
+        bound: Binding,
+        base: Sequence[str],
+        *,
+        ack_wait: int | None = None,
     ) -> str:
         """Create or update the group's consumer to keep ``bound``, computed from a read of a
-        config with lineage ``base``; returns the stamp of this write (see
+        config with lineage ``base``, with ``ack_wait`` (nanoseconds; ``None``: the transport's
+        lease); returns the stamp of this write (see
         :func:`~choreograph.transports._nats_consumers.lineage`)."""
         stamp = secrets.token_hex(4)
         config = self._consumer_config(group, consumer, bound, (stamp, *base))
+        if ack_wait is not None:
+            config["ack_wait"] = ack_wait
         request = {"stream_name": self.events_stream, "config": config}
         await js.api(what, f"CONSUMER.CREATE.{self.events_stream}.{consumer}", request)
         return stamp
@@ -137,7 +168,9 @@ class GroupBindings:
         bound = settled(current.unbound(group, types, line).without(empty), info)
         if bound != current:
             what = f"unbind types from group {group!r}"
-            await self._write_consumer(js, what, group, consumer, bound, self._lineage_of(info))
+            await self._write_consumer(
+                js, what, group, consumer, bound, self._lineage_of(info), ack_wait=self._ack_wait_of(info)
+            )
         after = await self._read_binding(js, consumer)
         if after is _NO_CONSUMER:
             raise no_such_group(group)
@@ -222,12 +255,14 @@ class GroupBindings:
                 log.warning("nats: a racing write of the consumer of group %r dropped types a subscription "
                             "asked for (their events published meanwhile may not have reached it); "
                             "binding them again", group)
-                bound, mark, _ = await self._register(js, group, consumer, wanted)
+                bound, mark, _ = await self._register(js, group, consumer, wanted, set_lease=False)
                 return bound
             mark = lineage[0] if lineage else None
             after = settled(current, info)
             if after != current:
-                mark = await self._write_consumer(js, f"narrow group {group!r}", group, consumer, after, lineage)
+                what = f"narrow group {group!r}"
+                kept = self._ack_wait_of(info)
+                mark = await self._write_consumer(js, what, group, consumer, after, lineage, ack_wait=kept)
             return after
 
         return check
@@ -255,6 +290,12 @@ class GroupBindings:
 
     def _lineage_of(self, info: Mapping[str, Any]) -> tuple[str, ...]:
         return consumers.lineage(info.get("config", {}), multi_filter=self._multi_filter)
+
+    @staticmethod
+    def _ack_wait_of(info: Mapping[str, Any]) -> int | None:
+        """The consumer's ``ack_wait`` (nanoseconds), ``None`` if the server did not say."""
+        ack_wait = info.get("config", {}).get("ack_wait")
+        return ack_wait if isinstance(ack_wait, int) and ack_wait > 0 else None
 
     def _consumer_config(
         self, group: str, consumer: str, binding: Binding, lineage: Sequence[str] = ()

@@ -81,7 +81,7 @@ def config(
         "name": consumer,
         "deliver_policy": "new",
         "ack_policy": "explicit",
-        "ack_wait": int(lease * _SECOND),
+        "ack_wait": ack_wait(lease),
         "max_deliver": -1,
         # Unlimited: the server's default of 1,000 unacked messages stalls a group whose
         # deliveries wait on purpose (join deadline timers, long retries), as chaos runs showed.
@@ -117,6 +117,11 @@ def config(
                 result["description"] = note
                 break
     return result
+
+
+def ack_wait(lease: float) -> int:
+    """A consumer's ``ack_wait`` (nanoseconds) for ``lease`` seconds."""
+    return int(lease * _SECOND)
 
 
 def bound_types(

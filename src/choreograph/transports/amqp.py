@@ -22,7 +22,9 @@ How the contract maps onto RabbitMQ:
   Two subscribes racing may each write an entry; the group's types are their union.
 * Consumers of a group compete on its queue with manual acks and a prefetch sized to
   ``fetch``. The lease is kept by the consuming process, since RabbitMQ has none; see
-  :mod:`choreograph.transports._amqp_consumer` for exactly what it covers.
+  :mod:`choreograph.transports._amqp_consumer` for exactly what it covers. Nothing of it
+  is declared on the broker (no queue argument or policy): a changed ``?lease=`` applies
+  to what each process holds as it restarts with it, whatever other replicas run with.
 * ``retry(after)`` publishes a copy with attempt + 1 to a holding queue whose TTL
   dead-letters it back into the group's queue (no plugin needed). Delays are rounded up
   to one of ~90 buckets (at most 25% late, never early).

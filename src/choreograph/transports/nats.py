@@ -13,7 +13,8 @@ server; it must be ``[A-Za-z0-9_-]+``)::
       consumer <group>   durable pull consumer, one per group, shared by the group's
                          competing consumers; filters: P.ev.<type>.* per type (P.ev.>
                          for every type) + P.rp.<group>.>; deliver policy NEW; explicit
-                         ack, ack_wait = lease; max_deliver unlimited and no backoff
+                         ack, ack_wait = the lease of the URL the group was last
+                         subscribed with; max_deliver unlimited and no backoff
                          (the runtime owns retries: retry(after) is a NAK with a delay);
                          description "choreograph group <group>" (before 2.10: the
                          group's types, see _nats_consumers); metadata
@@ -49,6 +50,14 @@ Consequences worth knowing:
 * ``unbind`` keeps a removed type in the consumer's filter until what the group held of
   it is settled, and the subscriptions skip its events published after the unbind (see
   ``_nats_routing``): JetStream delivers nothing outside a consumer's filter.
+* **The lease lives on the server**, as the group's consumer's ``ack_wait``: a ``subscribe``
+  with another ``?lease=`` than the consumer's rewrites it (before, only a change of the
+  group's types did, so a group kept the lease it was created with). Unbinds, narrowings
+  and ``choreograph groups unbind`` keep the consumer's. During a rolling change of the
+  lease the last replica to subscribe wins; one still running on a lease more than three
+  times the consumer's touches what it holds too rarely for it, and a handler of its running
+  past the consumer's lease is redelivered: lengthen the lease freely, shorten it much once
+  the old replicas are gone (see ``_nats_bindings``).
 * A consumer's config has no compare-and-set: racing writes of a group's consumer can undo
   one another. A subscription binds its types again when a write computed from an older
   read dropped them (``_nats_routing`` says what is left).

@@ -24,6 +24,13 @@ Design, and why:
   a verb that arrives after the lease expired is a no-op. ``ack`` skips the check
   (``XACK`` + ``XDEL`` in one script, one round trip for ``ack_many``): a late ack
   ends a message whose handler did succeed, which at-least-once allows.
+* **The lease is each process's own.** Nothing of it is kept in Redis: a fetch claims
+  (``XAUTOCLAIM``) the group's entries pending longer than *its* transport's lease, and a
+  changed ``?lease=`` applies as each process restarts with it. While replicas run with
+  different leases (a rolling change), one on a short lease claims the entries of one on a
+  lease more than three times longer that it has not touched for the short lease (it
+  touches every third of its own): its handler runs twice. Lengthen the lease freely,
+  shorten it much once the old replicas are gone.
 * **Closing hands over at once.** ``Subscription.close`` re-claims its unsettled entries
   with a huge idle time (``XCLAIM ... IDLE``), so the next consumer's ``XAUTOCLAIM`` takes
   them (attempt + 1) without waiting out the lease; ``Transport.close`` forgets its
