@@ -1048,10 +1048,13 @@ async def test_a_second_ctrl_c_releases_the_pushes_a_drain_waits_for(tmp_path: P
         proc.send_signal(signal.SIGINT)
         try:
             rest = await asyncio.wait_for(proc.stderr.read(), 20)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-        assert await proc.wait() == 0, "".join(lines) + rest.decode()
+            code = await asyncio.wait_for(proc.wait(), 20)
+        except TimeoutError:
+            # only now: Popen.kill() polls first, reaping an exited child under asyncio's
+            # watcher, which then reports 255 ("Unknown child process")
+            proc.kill()
+            raise
+        assert code == 0, "".join(lines) + rest.decode()
     assert "releasing pushes in flight now" in "".join(lines) + rest.decode()
     async with open_transport(bus_url) as bus:
         sub = await bus.subscribe(GROUP, [Assigned.event_type()])
