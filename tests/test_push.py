@@ -662,6 +662,36 @@ async def test_the_receiver_answers_outcomes_with_the_statuses_the_ambassador_un
     assert handshake.headers["webhook-allowed-origin"] == ORIGIN
 
 
+class Estimated(Event, type="test.push.estimated"):
+    delivery_id: str
+    eta: float
+    margin: float | None = None
+
+
+@pytest.mark.parametrize("eta", [float("inf"), float("nan")])
+async def test_the_receiver_answers_500_for_an_event_json_cannot_carry_not_200_with_null(eta: float) -> None:
+    """A float inf or nan would go back as null, which every consumer of the output refuses:
+    a 500 naming the field, as for any other handler bug; a legit None still goes back."""
+
+    async def handle(assigned: Assigned) -> Estimated:
+        return Estimated(delivery_id=assigned.delivery_id, eta=eta if assigned.delivery_id == "bad" else 1.5)
+
+    def event(delivery_id: str) -> tuple[dict[str, str], bytes]:
+        return ({"ce-specversion": "1.0", "ce-id": delivery_id, "ce-source": "/s", "ce-type": Assigned.event_type(),
+                 "content-type": "application/json"}, orjson.dumps({"delivery_id": delivery_id}))
+
+    async with serve(receiver(handle, event=Assigned)) as base, httpx.AsyncClient(base_url=base) as client:
+        bad = await client.post("/", headers=event("bad")[0], content=event("bad")[1])
+        good = await client.post("/", headers=event("good")[0], content=event("good")[1])
+    assert bad.status_code == 500
+    assert bad.json()["error"] == (
+        f"EmitError: 'test.push.estimated' cannot be published: $.eta: {eta!r} cannot be carried by JSON; "
+        "it would be published as null, which consumers refuse"
+    )
+    assert good.status_code == 200
+    assert orjson.loads(good.content) == {"delivery_id": "good", "eta": 1.5, "margin": None}
+
+
 def test_push_subscription_validates_its_configuration() -> None:
     """Bad URLs, modes, empty types and timeouts are configuration errors naming the subscription."""
     with pytest.raises(ConfigurationError, match="not an http"):

@@ -13,7 +13,9 @@ A complete subscriber (run it with ``uvicorn module:app``)::
 The answer follows the push outcome table, so the ambassador does the right thing:
 a returned event (or list) goes back as a CloudEvent in the response (200), ``None``
 is 204, ``Reject`` and invalid payloads are 422, a malformed CloudEvent 400, a bad
-signature 401, ``Retry(after=)`` 503 with ``Retry-After``, any other exception 500.
+signature 401, ``Retry(after=)`` 503 with ``Retry-After``, any other exception 500 - an
+event that cannot be sent as JSON too (a float ``inf`` or ``nan`` would go as ``null``,
+which the ambassador's consumers refuse: :class:`~choreograph.EmitError`).
 The ``OPTIONS`` handshake is answered for ``allowed_origins``.
 """
 
@@ -25,6 +27,7 @@ import math
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
+import orjson
 import pydantic
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,7 +47,7 @@ from choreograph._webhook import (
     verify,
 )
 from choreograph.errors import MalformedEnvelope, Reject, Retry
-from choreograph.events import Event, format_validation_error
+from choreograph.events import Event, event_json, format_validation_error
 
 log = logging.getLogger("choreograph.push.receiver")
 
@@ -97,6 +100,8 @@ def _takes_envelope(handler: ReceiverHandler) -> bool:
 
 
 def _as_envelopes(result: Any, cause: Envelope, source: str) -> list[Envelope]:
+    """The events ``result`` answers with; :class:`~choreograph.EmitError` for one whose JSON
+    would not read back as valid (a float inf or nan, sent as null): a 500, as any handler bug."""
     items = [] if result is None else list(result) if isinstance(result, (list, tuple)) else [result]
     out = []
     for index, item in enumerate(items):
@@ -106,7 +111,7 @@ def _as_envelopes(result: Any, cause: Envelope, source: str) -> list[Envelope]:
             cls = type(item)
             out.append(Envelope(
                 id=derive_id(cause.id, source, "receiver", index), source=source, type=cls.event_type(),
-                data=item.model_dump(mode="json"), time=now_rfc3339(), dataschema=cls.schema_uri(),
+                data=orjson.loads(event_json(item)), time=now_rfc3339(), dataschema=cls.schema_uri(),
                 correlationid=cause.correlationid or cause.id, causationid=cause.id,
             ))
         else:

@@ -6,7 +6,8 @@
     ├── Retry(after=None)            handler: "try again later" (transient; counts an attempt)
     ├── Reject(reason)               handler: "this can never succeed" (dead-letter at once)
     ├── ConfigurationError           you: a bad URL, an unknown module, a duplicate handler
-    ├── EmitError                    you: a handler emitted an event type it did not declare
+    ├── EmitError                    you: a handler emitted an event type it did not declare, or an
+    │                                event its JSON cannot carry (a float inf or nan)
     ├── MalformedEnvelope            the bus: bytes that are not a valid CloudEvent
     ├── TransportError               the broker broke (client-library errors translated here)
     │   └── TransportClosed          you closed it, then used it
@@ -83,7 +84,10 @@ class ConfigurationError(ChoreographError):
 
 
 class EmitError(ChoreographError):
-    """A handler returned or published an event type it did not declare in ``emits``."""
+    """A handler returned or published an event type it did not declare in ``emits``, or an
+    event whose JSON does not read back as a valid instance of its model (a float ``inf`` or
+    ``nan``, which JSON would carry as ``null``); :class:`~choreograph.Publisher` raises it
+    too, before publishing anything."""
 
 
 class MalformedEnvelope(ChoreographError):

@@ -13,11 +13,13 @@ handler through its context.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
+import orjson
 import pydantic
 
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ConfigurationError, EmitError
 
 _REGISTRY: dict[str, type[Event]] = {}
 
@@ -108,3 +110,83 @@ def format_validation_error(exc: pydantic.ValidationError) -> str:
         path = "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])
         lines.append(f"{path}: {error['msg']}")
     return f"{exc.title}: " + "; ".join(lines)
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("items", 0, "qty")`` -> ``$.items[0].qty``."""
+    return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
+def event_json(event: Event) -> bytes:
+    """``event`` serialised to JSON, the CloudEvent ``data`` it is published with; :class:`EmitError`
+    if consumers could not read it back (see :func:`check_published`)."""
+    data = event.__pydantic_serializer__.to_json(event)
+    # Cheap: only data that holds a null can have lost a value to it. find(), not ``in``: on
+    # bytes ``in`` first tries the operand as an integer, raising and clearing a TypeError.
+    if data.find(b"null") != -1:
+        check_published(event, data)
+    return data
+
+
+def check_published(event: Event, data: bytes) -> None:
+    """Raise :class:`EmitError` if ``data``, ``event`` serialised to JSON, does not read back
+    as a valid instance of its own model the way a consumer reads it off the bus (orjson,
+    then the model's validator): pydantic writes a float ``inf`` or ``nan`` as ``null``, which
+    every consumer of a ``float`` field dead-letters ``invalid_payload``, the value lost.
+
+    The message names the event type, each field's path and why:
+    ``'shop.price.quoted' cannot be published: $.value: inf cannot be carried by JSON; it
+    would be published as null, which consumers refuse``. The emitters call it only for
+    data holding ``null`` (a bytes search), so that an event without one costs nothing more.
+    """
+    cls = type(event)
+    try:
+        wire = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise EmitError(f"{cls.__event_type__!r} cannot be published: its data is not valid JSON ({exc})") from None
+    try:
+        cls.__pydantic_validator__.validate_python(wire)
+    except pydantic.ValidationError as exc:
+        try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
+            sent: Any = event.__pydantic_serializer__.to_python(event)
+        except Exception:  # noqa: BLE001 - only to say which value it was
+            sent = _MISSING
+        reasons: dict[str, str] = {}  # one per path (a union's members each fail at the same one)
+        for error in exc.errors(include_url=False, include_input=False, include_context=False):
+            loc, published, original = _located(wire, sent, tuple(error["loc"]))
+            path = field_path(loc)
+            if path not in reasons:
+                reasons[path] = _not_carried(original, published, str(error["msg"]))
+        summary = "; ".join(f"{path}: {reason}" for path, reason in list(reasons.items())[:5])
+        more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
+        raise EmitError(f"{cls.__event_type__!r} cannot be published: {summary}{more}") from None
+
+
+_MISSING: Any = object()
+
+
+def _located(wire: Any, sent: Any, loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], Any, Any]:
+    """A validation error's ``loc`` without the parts that are not keys or indexes in the JSON
+    (a union member's tag, ``function-after[...]``), and the published and sent values there."""
+    path: list[int | str] = []
+    for part in loc:
+        if isinstance(wire, dict) and part in wire:
+            wire = wire[part]
+        elif isinstance(wire, list) and isinstance(part, int) and -len(wire) <= part < len(wire):
+            wire = wire[part]
+        else:
+            continue
+        path.append(part)
+        if sent is not _MISSING:
+            try:
+                sent = sent[part]
+            except Exception:  # noqa: BLE001 - a set, a model python mode kept: the value is unknown
+                sent = _MISSING
+    return tuple(path), wire, sent
+
+
+def _not_carried(sent: Any, published: Any, msg: str) -> str:
+    if isinstance(sent, float) and not math.isfinite(sent):
+        return f"{sent!r} cannot be carried by JSON; it would be published as null, which consumers refuse"
+    return (f"it would be published as {orjson.dumps(published).decode()}, "
+            f"which consumers refuse: {msg}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import pytest
 
 from choreograph import ConfigurationError, Context, Event, Publisher, RetryPolicy, Service, Worker, derive_id
+from choreograph.errors import EmitError
 from choreograph.runtime.outbox import transaction
 from choreograph.stores.state import open_database
 from choreograph.testing import MemoryTransport, settled
@@ -286,6 +287,47 @@ async def test_an_undeclared_output_rolls_back_the_state_and_dead_letters(databa
     assert worker.stats("package").dead_lettered == 1
     assert await packages(database_url) == []
     assert bus.ids_of(Noted) == bus.ids_of(Created) == []
+
+
+class Measured(Event, type="test.outbox.measured"):
+    pid: str
+    weight: float
+
+
+async def test_an_output_json_cannot_carry_rolls_back_the_state_and_is_rejected_naming_the_field(
+    database_url: str,  # noqa: F811
+) -> None:
+    """A float nan would be published as null, which consumers refuse: nothing commits, nothing goes out."""
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url)
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Measured:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            tx.publish(Measured(pid=req.pid, weight=1.0))
+        return Measured(pid=req.pid, weight=float("nan"))
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    [letter] = await bus.dead_letters("package")
+    assert (letter.record["reason"], letter.record["last_error"]["type"]) == ("rejected", "EmitError")
+    assert "$.weight: nan cannot be carried by JSON" in letter.record["last_error"]["message"]
+    assert await packages(database_url) == []
+    assert bus.ids_of(Measured) == []
+
+
+async def test_a_transaction_publishing_an_event_json_cannot_carry_raises_and_commits_nothing(
+    database_url: str,  # noqa: F811
+) -> None:
+    await prepare(database_url)
+    with pytest.raises(EmitError, match=r"'test.outbox.measured' cannot be published: \$.weight: inf cannot be"):
+        async with transaction(Service("package", database=database_url)) as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", "p1")
+            tx.publish(Measured(pid="p1", weight=float("inf")))
+    assert await packages(database_url) == []
 
 
 async def test_a_handler_that_times_out_inside_its_transaction_leaves_no_trace(database_url: str) -> None:  # noqa: F811

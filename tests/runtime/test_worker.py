@@ -375,6 +375,98 @@ async def test_an_output_that_cannot_be_encoded_is_dead_lettered_at_once_not_red
     assert (stats.dead_lettered, stats.handled) == (1, 0)
 
 
+class Quoted(Event, type="test.worker.quoted"):
+    order_id: str
+    price: float
+    discount: float | None = None
+    history: list[float] = []
+
+
+_NOT_JSON = "cannot be carried by JSON; it would be published as null, which consumers refuse"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+async def test_an_output_with_a_float_json_cannot_carry_is_rejected_naming_the_field_not_published_as_null(
+    bus: MemoryTransport, value: float
+) -> None:
+    """pydantic writes inf and nan as null, which every consumer dead-letters ``invalid_payload``,
+    one hop from the cause: the emitter dead-letters the input ``rejected`` at once instead."""
+    svc = Service("quoting")
+    sink = Recorder("quote-sink", Quoted)
+    runs: list[str] = []
+
+    @svc.on(Placed)
+    async def quote(order: Placed) -> Quoted:
+        runs.append(order.order_id)
+        return Quoted(order_id=order.order_id, price=value)
+
+    async with Worker([svc, sink], bus) as worker:
+        [env] = await Publisher(bus).publish(Placed(order_id="o-1"))
+        await settled(bus)
+        stats = worker.stats("quoting")
+    assert runs == ["o-1"] and sink.received == []
+    [letter] = await bus.dead_letters("quoting")
+    assert letter.message.id == env.id and letter.record["reason"] == "rejected" and letter.record["attempts"] == 1
+    assert letter.record["envelope"] == orjson.loads(to_message(env).body)
+    assert letter.record["last_error"]["type"] == "EmitError"
+    assert letter.record["last_error"]["message"].startswith(
+        f"'test.worker.quoted' cannot be published: $.price: {value!r} {_NOT_JSON}")
+    assert (stats.dead_lettered, stats.handled) == (1, 0)
+    assert await bus.dead_letters("quote-sink") == []
+
+
+async def test_a_published_event_json_cannot_carry_rejects_the_input_and_publishes_none_of_its_outputs(
+    bus: MemoryTransport,
+) -> None:
+    """ctx.publish() too, deep in a list: nothing of the handler's output reaches the bus."""
+    svc = Service("quoting-many")
+    sink = Recorder("many-sink", Quoted, Charged)
+
+    @svc.on(Placed, emits=[Quoted, Charged])
+    async def quote(order: Placed, ctx: Context) -> Charged:
+        ctx.publish(Quoted(order_id=order.order_id, price=2.0))
+        ctx.publish(Quoted(order_id=order.order_id, price=3.0, history=[1.0, float("nan")]))
+        return Charged(order_id=order.order_id)
+
+    async with Worker([svc, sink], bus):
+        await Publisher(bus).publish(Placed(order_id="o-2"))
+        await settled(bus)
+    assert sink.received == [] and await bus.dead_letters("many-sink") == []
+    [letter] = await bus.dead_letters("quoting-many")
+    assert letter.record["reason"] == "rejected"
+    assert f"$.history[1]: nan {_NOT_JSON}" in letter.record["last_error"]["message"]
+
+
+async def test_an_output_with_a_none_optional_field_is_published_as_null(bus: MemoryTransport) -> None:
+    """A null that reads back as the same value is no loss: published as before."""
+    svc = Service("quoting-fine")
+    sink = Recorder("fine-sink", Quoted)
+
+    @svc.on(Placed)
+    async def quote(order: Placed) -> Quoted:
+        return Quoted(order_id=order.order_id, price=2.5, discount=None)
+
+    async with Worker([svc, sink], bus):
+        await Publisher(bus).publish(Placed(order_id="o-3"))
+        await settled(bus)
+    assert [data for _, data, _ in sink.received] == [
+        {"order_id": "o-3", "price": 2.5, "discount": None, "history": []}]
+    assert await bus.dead_letters("quoting-fine") == []
+
+
+async def test_the_publisher_refuses_an_event_json_cannot_carry_before_publishing_any(bus: MemoryTransport) -> None:
+    sink = Recorder("publisher-sink", Quoted)
+    async with Worker([sink], bus):
+        with pytest.raises(EmitError) as raised:
+            await Publisher(bus).publish(Quoted(order_id="ok", price=1.0),
+                                         Quoted(order_id="bad", price=float("inf")))
+        await Publisher(bus).publish(Quoted(order_id="fine", price=1.0, discount=None))
+        await settled(bus)
+    assert str(raised.value) == f"'test.worker.quoted' cannot be published: $.price: inf {_NOT_JSON}"
+    assert [data["order_id"] for _, data, _ in sink.received] == ["fine"]
+    assert await bus.dead_letters("publisher-sink") == []
+
+
 class _Custom(BaseException):
     pass
 

@@ -18,7 +18,7 @@ from choreograph._envelope import (
     encode,
     now_rfc3339,
 )
-from choreograph.events import Event
+from choreograph.events import Event, check_published, event_json
 from choreograph.stores.base import ErrorInfo
 from choreograph.transports.base import Message
 
@@ -100,7 +100,7 @@ def output_envelope(
         id=derive_id(cause.id, service, handler, index),
         source=source,
         type=cls.event_type(),
-        data=orjson.Fragment(event.__pydantic_serializer__.to_json(event)),
+        data=orjson.Fragment(event_json(event)),
         time=now_rfc3339(),
         subject=subject,
         dataschema=cls.schema_uri(),
@@ -120,7 +120,9 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
     ``id_suffix = _envelope.id_suffix(S, H, I)``.
 
     This is the worker's hot path (once per emitted event), hence the dict written out by hand
-    and the arguments by position.
+    and the arguments by position. Raises :class:`~choreograph.EmitError` for an event whose
+    JSON does not read back as a valid instance of its model (a float inf or nan, published as
+    null: see :func:`~choreograph.events.check_published`).
     """
     cls = type(event)
     event_id = derive_id_with(cause.id, id_suffix)
@@ -143,7 +145,10 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
     if cause.deadline is not None:
         out["deadline"] = cause.deadline
     out["hops"] = cause.hops + 1
-    out["data"] = orjson.Fragment(event.__pydantic_serializer__.to_json(event))
+    data = event.__pydantic_serializer__.to_json(event)
+    if data.find(b"null") != -1:  # event_json's check, inline: a float inf or nan would be published as null
+        check_published(event, data)
+    out["data"] = orjson.Fragment(data)
     return _new_message(Message, (event_id, event_type, orjson.dumps(out)))
 
 
@@ -160,13 +165,17 @@ def first_envelope(
     deadline: str | None = None,
     traceparent: str | None = None,
 ) -> Envelope:
-    """The envelope of an event published from outside a handler (ingress)."""
+    """The envelope of an event published from outside a handler (ingress); :class:`~choreograph.EmitError`
+    for an event whose JSON would not read back as valid (see :func:`~choreograph.events.event_json`)."""
     cls = type(event)
+    data = event.__pydantic_serializer__.to_json(event)
+    if data.find(b"null") != -1:  # event_json's check, inline (once per event published from outside)
+        check_published(event, data)
     return Envelope(
         id=id,
         source=source,
         type=cls.event_type(),
-        data=orjson.Fragment(event.__pydantic_serializer__.to_json(event)),
+        data=orjson.Fragment(data),
         time=now_rfc3339(),
         subject=subject,
         dataschema=cls.schema_uri(),
