@@ -2116,3 +2116,40 @@ async def test_stopping_settles_every_handler_that_finishes_during_the_drain_not
     await asyncio.wait_for(stopping, 10)
     assert len(group.ready) + len(group.inflight) == 0  # both acked, none left for the lease
     assert worker.stats().handled == 2 and worker.stats().released == 0
+
+
+@pytest.mark.parametrize("permanent", ["reject", "undeclared output"])
+async def test_a_permanent_error_after_failed_attempts_keeps_the_first_failure_in_its_record(
+    bus: MemoryTransport, permanent: str
+) -> None:
+    """Rejected at once, but not on the first attempt: the record's first error and first
+    attempt time are the first failure's (they were the rejecting attempt's own)."""
+    svc = Service("late-reject", retry=RetryPolicy(max_attempts=5, base=2.0, jitter=False))
+
+    @svc.on(Placed, emits=[Charged])
+    async def handle(order: Placed, ctx: Context) -> Any:
+        if ctx.attempt == 1:
+            raise RuntimeError("flaky")
+        if permanent == "reject":
+            raise Reject("never")
+        return Shipped(order_id=order.order_id)  # not declared
+
+    watcher = Service("late-reject-watch")
+    failures: list[Failure] = []
+
+    @watcher.on_failure(Placed)
+    async def on_failure(failure: Failure) -> None:
+        failures.append(failure)
+
+    async with Worker([svc, watcher], bus):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    [letter] = await bus.dead_letters("late-reject")
+    record = letter.record
+    assert record["reason"] == "rejected" and record["attempts"] == 2
+    assert record["first_error"]["type"] == "RuntimeError" and record["first_error"]["message"] == "flaky"
+    assert record["last_error"]["type"] == ("Reject" if permanent == "reject" else "EmitError")
+    assert record["last_attempt_at"] - record["first_attempt_at"] == 2.0
+    [failure] = failures
+    assert failure.record["first_error"] == record["first_error"]
+    assert failure.record["first_attempt_at"] == record["first_attempt_at"]

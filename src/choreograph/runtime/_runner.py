@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from choreograph._clock import SystemClock, backoff
 from choreograph.context import _set_current
-from choreograph.errors import StoreError, TransportClosed
+from choreograph.errors import EmitError, StoreError, TransportClosed
 from choreograph.runtime._coroutines import _Resumed, _suspends
 from choreograph.runtime._outcomes import Stats, _Again, _Call, _Done, _Outcome
 from choreograph.runtime._settling import Settling, _Settlement
@@ -330,6 +330,8 @@ class _Runner(Verdicts, Settling):
                     outcome = _Done(delivery, [], True)
                 else:
                     outcome = self._returned(call, result)
+            except EmitError as exc:  # after failed attempts: a task records it with their history
+                return exc
             except Exception as exc:  # a bug in us
                 outcome = self._internal_error(delivery, exc)
             self._emit(outcome)
@@ -390,7 +392,10 @@ class _Runner(Verdicts, Settling):
                 raise
             await self._settle_raised(call, exc)
         else:
-            call.outcome = self._returned(call, result)
+            try:
+                call.outcome = self._returned(call, result)
+            except EmitError as exc:  # after failed attempts: recorded with their history
+                await self._settle_raised(call, exc)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         delivery = self.active.pop(task, None)

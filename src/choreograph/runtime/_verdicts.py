@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("choreograph.worker")  # the worker's: one logger for the user to tune
 
 
+#: What a handler raises (or emits) that fails the same way on every attempt: dead-lettered
+#: ``rejected`` at once, not retried.
+_PERMANENT = (Reject, EmitError, ConfigurationError)
+
+
 def _outputs_of(result: Any) -> list[Event]:
     if result is None:
         return []
@@ -148,6 +153,8 @@ class Verdicts:
         try:
             messages = self._outputs(call.handler, call.envelope, _outputs_of(result), call.ctx)
         except EmitError as exc:
+            if call.delivery.attempt > 1:
+                raise  # earlier attempts failed: the caller settles it by _settle_raised, which keeps their history
             outcome = self._raised(call, exc)
             assert outcome is not None
             return outcome
@@ -161,9 +168,9 @@ class Verdicts:
             return _Again(delivery, exc.after)
         if isinstance(exc, EmitError):
             exc.event_id, exc.service, exc.handler = envelope.id, self.service.name, handler.name
-        if isinstance(exc, (Reject, EmitError, ConfigurationError)):  # the same on every attempt: no retries
+        if isinstance(exc, _PERMANENT) and delivery.attempt == 1:  # the same on every attempt: no retries
             return self._dead(delivery, envelope, "rejected", handler, ErrorInfo.from_exception(exc), call.now)
-        return None
+        return None  # a permanent error after failed attempts too: _failed keeps their history in the record
 
     def _committed(self, call: _Call, messages: list[Message], mark: bool) -> _Done:
         """The outcome of a handler of a service with a database that returned and committed."""
@@ -242,7 +249,11 @@ class Verdicts:
         delivery, envelope, handler, now = call.delivery, call.envelope, call.handler, call.now
         error = ErrorInfo.from_exception(exc)
         first_error, first_at = await self.store.record_failure(self.group, envelope.id, error, now)
-        give_up = handler.retry.give_up(delivery.attempt, age=now - first_at)
+        give_up: DeadLetterReason | None
+        if isinstance(exc, _PERMANENT):  # rejected at once, its record with the first failure's error and time
+            give_up = "rejected"
+        else:
+            give_up = handler.retry.give_up(delivery.attempt, age=now - first_at)
         if give_up is not None:
             return self._dead(delivery, envelope, give_up, handler, error, now, first=(first_error, first_at))
         after = exc.after if isinstance(exc, Retry) and exc.after is not None else None
