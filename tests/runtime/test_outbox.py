@@ -351,6 +351,32 @@ async def test_a_handler_that_times_out_inside_its_transaction_leaves_no_trace(d
     assert len(bus.ids_of(Created)) == 1
 
 
+async def test_a_handler_that_returns_after_its_timeout_cancelled_it_commits_nothing(database_url: str) -> None:  # noqa: F811
+    """It caught the watchdog's cancellation inside its transaction and returned: a timed-out
+    attempt all the same, its state rolled back and its output never published."""
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url, retry=RetryPolicy(base=0.01, jitter=False))
+
+    @svc.on(Requested, timeout=0.2)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", f"{req.pid}-{ctx.attempt}")
+            if ctx.attempt == 1:
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    pass
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await drained(worker, bus)
+    assert worker.stats("package").retried == 1
+    assert await packages(database_url) == ["p1-2"]
+    assert len(bus.ids_of(Created)) == 1
+
+
 async def test_a_handler_without_a_transaction_takes_the_plain_path_with_the_services_inbox(
     database_url: str,  # noqa: F811
 ) -> None:

@@ -2153,3 +2153,30 @@ async def test_a_permanent_error_after_failed_attempts_keeps_the_first_failure_i
     [failure] = failures
     assert failure.record["first_error"] == record["first_error"]
     assert failure.record["first_attempt_at"] == record["first_attempt_at"]
+
+
+async def test_a_handler_that_returns_after_its_timeout_cancelled_it_has_its_result_dropped(
+    bus: MemoryTransport,
+) -> None:
+    """A handler that catches the watchdog's cancellation and returns anyway timed out all
+    the same: a failed attempt, its outputs (returned or published) never published."""
+    svc = Service("stubborn", retry=RetryPolicy(max_attempts=2, base=0.01, jitter=False))
+
+    @svc.on(Placed, timeout=0.05, emits=[Charged, Shipped])
+    async def handle(order: Placed, ctx: Context) -> Charged:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            ctx.publish(Shipped(order_id=order.order_id))
+        return Charged(order_id=order.order_id)
+
+    sink = Recorder("stubborn-sink", Charged, Shipped)
+    async with Worker([svc, sink], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert sink.received == []
+    assert worker.stats("stubborn").handled == 0 and worker.stats("stubborn").retried == 1
+    [letter] = await bus.dead_letters("stubborn")
+    assert letter.record["reason"] == "max_attempts" and letter.record["attempts"] == 2
+    assert letter.record["last_error"]["type"] == "HandlerTimeout"
+    assert "its result is dropped" in letter.record["last_error"]["message"]

@@ -499,8 +499,9 @@ class _Runner(Verdicts, Settling):
         """Await the rest of a handler under its timeout (the watchdog cancels it, we say why)."""
         delivery = call.delivery
         self.deadlines[delivery] = call.started + call.handler.timeout
+        late = False
         try:
-            return await handler
+            result = await handler
         except asyncio.CancelledError:
             if delivery in self.timed_out:  # the watchdog, not a shutdown
                 raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s") from None
@@ -513,6 +514,11 @@ class _Runner(Verdicts, Settling):
                 task = asyncio.current_task()
                 assert task is not None  # only a handler running in a task can be cancelled
                 task.uncancel()
+                late = True
+        if late:  # it caught the watchdog's cancellation and returned: a timed-out attempt all the same
+            raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s "
+                                 "(it returned after its cancellation; its result is dropped)")
+        return result
 
     async def _settle_raised(self, call: _Call, exc: BaseException) -> None:
         try:
