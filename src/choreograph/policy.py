@@ -55,7 +55,9 @@ class RetryPolicy:
 
     def backoff(self, failed_attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
-        ceiling = min(self.max_interval, self.base * (2.0 ** max(0, failed_attempt - 1)))
+        # The exponent is capped: 2.0 ** 1024 raises OverflowError (a policy with max_attempts
+        # past 1025 and a max_age hit it), and any doubling that large is past max_interval.
+        ceiling = min(self.max_interval, self.base * (2.0 ** min(max(0, failed_attempt - 1), 1000)))
         if not self.jitter:
             return ceiling
         return rng.uniform(0.0, ceiling) if rng is not None else random.uniform(0.0, ceiling)

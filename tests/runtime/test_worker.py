@@ -214,6 +214,32 @@ def test_a_retry_policy_refuses_delays_no_transport_can_hold_naming_the_field(fi
         RetryPolicy(**{field: value})
 
 
+def test_the_backoff_of_a_late_attempt_is_the_max_interval_not_an_overflow() -> None:
+    """2.0 ** 1024 raises OverflowError: from attempt 1025 on, a policy allowing that many
+    attempts (bounded by max_age instead) could not say how long to wait."""
+    policy = RetryPolicy(max_attempts=1_000_000, base=0.2, max_interval=30.0, max_age=86400.0, jitter=False)
+    assert [policy.backoff(n) for n in (1, 2, 1024, 1025, 1026, 10_000, 1_000_000)] == [0.2, 0.4] + [30.0] * 5
+    assert 0.0 <= RetryPolicy(max_attempts=5000, max_interval=30.0).backoff(5000) <= 30.0  # with jitter
+
+
+async def test_an_event_failing_past_a_thousand_attempts_is_still_retried_then_dead_lettered(
+    clock: VirtualClock,
+) -> None:
+    bus = MemoryTransport(clock=clock)
+    svc = Service("persistent", retry=RetryPolicy(max_attempts=1030, base=0.0, max_interval=0.0, jitter=False))
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        raise RuntimeError("down")
+
+    async with Worker([svc], bus, ack_delay=0) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus, timeout=60)
+    [letter] = await bus.dead_letters("persistent")
+    assert letter.record["reason"] == "max_attempts" and letter.record["attempts"] == 1030
+    assert worker.stats("persistent").retried == 1029
+
+
 async def test_retry_after_overrides_the_backoff(bus: MemoryTransport, clock: VirtualClock) -> None:
     times: list[float] = []
     svc = Service("later")
