@@ -345,6 +345,19 @@ async def test_retry_after_is_honoured_up_to_the_cap(
     assert hook.posts == 2
 
 
+async def test_a_retry_after_that_reaches_past_max_age_gives_up_at_once(bus: MemoryTransport) -> None:
+    """As in the worker: no retry can honour both the Retry-After and max_age, so none is made."""
+    hook = Scripted((503, {"Retry-After": "120"}, b""), 204)
+    retry = RetryPolicy(max_attempts=5, base=1.0, max_age=60.0, jitter=False)
+    async with hook.running() as url, pushing(bus, subscription(url, retry=retry)) as ambassador:
+        await publish(bus, "e-1")
+        await settled(bus)
+    assert hook.posts == 1
+    [letter] = await bus.dead_letters(GROUP)
+    assert (letter.record["reason"], letter.record["attempts"], letter.record["status"]) == ("max_age", 1, 503)
+    assert ambassador.stats().retried == 0
+
+
 async def test_giving_up_dead_letters_the_full_record_and_compensations_run(bus: MemoryTransport) -> None:
     """After max attempts: record with first/last error and times, and an on_failure handler elsewhere fires."""
     compensated: list[Failure] = []

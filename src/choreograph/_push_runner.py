@@ -440,11 +440,13 @@ class PushRunner:
         except Exception as exc:  # the record loses its first error, the delivery is not lost
             log.warning("inbox unavailable for %s: %s", self.group, exc)
             first = (error, now)
-        give_up = sub.retry.give_up(delivery.attempt, age=now - first[1])
+        if after is not None:
+            after = min(after, sub.max_retry_after)
+        give_up = sub.retry.give_up(delivery.attempt, age=now - first[1], not_before=after)
         if give_up is not None:
             return self._dead(delivery, envelope, give_up, error, now, status=status, first=first)
         if after is not None:
-            wait = min(after, sub.max_retry_after)
+            wait = after
         else:
             wait = sub.retry.backoff(delivery.attempt, self.amb.rng)
         self._count("retried", envelope.type)

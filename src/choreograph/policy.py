@@ -33,7 +33,8 @@ class RetryPolicy:
 
     ``max_attempts`` counts every attempt, the first included. ``max_age`` (seconds,
     or ``None`` for no limit) is measured from the first failed attempt: once exceeded,
-    the event is given up even if attempts remain.
+    the event is given up even if attempts remain - and at once when the failure asks for a
+    delay reaching past it (``Retry(after=)``, see :meth:`give_up`).
     """
 
     max_attempts: int = 5
@@ -62,11 +63,17 @@ class RetryPolicy:
             return ceiling
         return rng.uniform(0.0, ceiling) if rng is not None else random.uniform(0.0, ceiling)
 
-    def give_up(self, attempt: int, age: float) -> GiveUp | None:
-        """Why to stop after ``attempt`` failed, ``age`` seconds after the first failure; else None."""
+    def give_up(self, attempt: int, age: float, *, not_before: float | None = None) -> GiveUp | None:
+        """Why to stop after ``attempt`` failed, ``age`` seconds after the first failure; else None.
+
+        ``not_before`` is a delay the failure itself asked for (``Retry(after=)``, an HTTP
+        ``Retry-After``): when it reaches past ``max_age`` no attempt can honour both, so the
+        answer is ``"max_age"`` now rather than one more attempt that late.
+        """
         if attempt >= self.max_attempts:
             return "max_attempts"
-        if self.max_age is not None and age >= self.max_age:
+        if self.max_age is not None and (age >= self.max_age or (
+                not_before is not None and age + not_before > self.max_age)):
             return "max_age"
         return None
 

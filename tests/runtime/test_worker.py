@@ -780,6 +780,31 @@ async def test_max_age_gives_up_even_with_attempts_left(bus: MemoryTransport) ->
     assert letter.record["attempts"] == 3  # t=0, 10, 30 (>= 25 s after the first failure)
 
 
+async def test_a_retry_after_that_reaches_past_max_age_gives_up_at_once(
+    bus: MemoryTransport, clock: VirtualClock
+) -> None:
+    """Retry(after=) may ask for up to 14 days: the event waited all that time past its
+    max_age for one more attempt (which could even succeed), and its failure event - what
+    compensations run on - came that late. No attempt can be both after ``after`` and within
+    max_age: it gives up now. A Retry(after=) within max_age is honoured."""
+    svc = Service("patient", retry=RetryPolicy(max_attempts=10, max_age=60.0, jitter=False))
+    times: list[float] = []
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        times.append(clock.monotonic())
+        raise Retry("busy", after=30.0 if ctx.attempt == 1 else 300.0)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert [t - times[0] for t in times] == [0.0, 30.0]  # not a third attempt at 330 s
+    [letter] = await bus.dead_letters("patient")
+    assert letter.record["reason"] == "max_age" and letter.record["attempts"] == 2
+    assert letter.record["last_attempt_at"] - letter.record["first_attempt_at"] == 30.0
+    assert worker.stats("patient").retried == 1
+
+
 async def test_stop_releases_in_flight_work_after_the_drain_timeout(bus: MemoryTransport) -> None:
     started = asyncio.Event()
     svc = Service("stuck")

@@ -249,14 +249,14 @@ class Verdicts:
         delivery, envelope, handler, now = call.delivery, call.envelope, call.handler, call.now
         error = ErrorInfo.from_exception(exc)
         first_error, first_at = await self.store.record_failure(self.group, envelope.id, error, now)
+        after = exc.after if isinstance(exc, Retry) else None
         give_up: DeadLetterReason | None
         if isinstance(exc, _PERMANENT):  # rejected at once, its record with the first failure's error and time
             give_up = "rejected"
         else:
-            give_up = handler.retry.give_up(delivery.attempt, age=now - first_at)
+            give_up = handler.retry.give_up(delivery.attempt, age=now - first_at, not_before=after)
         if give_up is not None:
             return self._dead(delivery, envelope, give_up, handler, error, now, first=(first_error, first_at))
-        after = exc.after if isinstance(exc, Retry) and exc.after is not None else None
         if after is None:
             after = handler.retry.backoff(delivery.attempt, self.worker.rng)
         self.stats.retried += 1
