@@ -291,6 +291,23 @@ async def test_a_permanent_status_is_dead_lettered_at_once_with_a_failure_event(
     assert (failed.correlationid, failed.causationid) == (sent.correlationid, sent.id)
 
 
+async def test_a_permanent_status_after_a_transient_one_keeps_the_first_failure_in_its_record(
+    bus: MemoryTransport,
+) -> None:
+    """As in the worker: rejected at once, but the record's first error and time are the 503's."""
+    hook = Scripted(503, (422, {}, b"unknown delivery"))
+    async with hook.running() as url, pushing(bus, subscription(url)):
+        await publish(bus, "e-1")
+        await settled(bus)
+    assert hook.posts == 2
+    [letter] = await bus.dead_letters(GROUP)
+    record = letter.record
+    assert (record["reason"], record["attempts"], record["status"]) == ("rejected", 2, 422)
+    assert "answered 503" in record["first_error"]["message"]
+    assert "answered 422" in record["last_error"]["message"]
+    assert record["last_attempt_at"] - record["first_attempt_at"] == 1.0  # base=1.0, no jitter
+
+
 @pytest.mark.parametrize("status", [404, 408, 409, 429, 502, 503])
 async def test_a_transient_status_is_retried(bus: MemoryTransport, status: int) -> None:
     """404/408/409/429/5xx are retried, and the event arrives once the receiver recovers."""

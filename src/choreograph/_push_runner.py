@@ -307,8 +307,8 @@ class PushRunner:
         try:
             response = await self._request(envelope, body)
         except HandshakeRefused as exc:
-            return self._dead(delivery, envelope, "rejected", ErrorInfo("HandshakeRefused", str(exc)), now,
-                              status=exc.status)
+            return await self._rejected(delivery, envelope, ErrorInfo("HandshakeRefused", str(exc)), now,
+                                        status=exc.status)
         except HandshakeFailed as exc:
             return await self._failed(delivery, envelope, ErrorInfo("HandshakeFailed", str(exc)), now,
                                       status=exc.status, after=exc.after)
@@ -329,7 +329,7 @@ class PushRunner:
                 outputs = self._outputs(envelope, response)
             except (MalformedEnvelope, EmitError) as exc:
                 error = ErrorInfo("InvalidResponse", f"POST {redact(sub.url)} answered {status} with {exc}")
-                return self._dead(delivery, envelope, "rejected", error, now, status=status)
+                return await self._rejected(delivery, envelope, error, now, status=status)
             self._count("delivered", envelope.type)
             self.stats.published += len(outputs)
             return _Done(outputs, mark=True)
@@ -337,7 +337,7 @@ class PushRunner:
         message = f"POST {redact(sub.url)} answered {status} {response.reason}" + (f": {excerpt}" if excerpt else "")
         error = ErrorInfo("HTTPStatusError", message)
         if verdict == "permanent":
-            return self._dead(delivery, envelope, "rejected", error, now, status=status)
+            return await self._rejected(delivery, envelope, error, now, status=status)
         after = retry_after(response.headers.get("retry-after"), now)
         return await self._failed(delivery, envelope, error, now, status=status, after=after)
 
@@ -429,6 +429,19 @@ class PushRunner:
             return _Again(after)
         return self._dead(delivery, None, "internal_error", ErrorInfo.from_exception(exc), self.amb.clock.time(),
                           publish_failure=False)
+
+    async def _rejected(
+        self, delivery: Delivery, envelope: Envelope, error: ErrorInfo, now: float, *, status: int | None,
+    ) -> _Dead:
+        """Dead-letter ``rejected`` at once; after failed attempts its record keeps the first one's
+        error and time (on a first attempt there is none to look up)."""
+        first = None
+        if delivery.attempt > 1:
+            try:
+                first = await self.amb.store.record_failure(self.group, envelope.id, error, now)
+            except Exception as exc:  # the record loses its first error, the delivery is not lost
+                log.warning("inbox unavailable for %s: %s", self.group, exc)
+        return self._dead(delivery, envelope, "rejected", error, now, status=status, first=first)
 
     async def _failed(
         self, delivery: Delivery, envelope: Envelope, error: ErrorInfo, now: float, *,
