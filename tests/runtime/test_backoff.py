@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 
 import pytest
 
-from choreograph import Publisher, Service, Worker
+from choreograph import Context, Publisher, RetryPolicy, Service, Worker
 from choreograph.errors import StoreError, TransportError
 from choreograph.events import Event
 from choreograph.stores.memory import MemoryStore
@@ -76,8 +76,8 @@ class FailingStore(MemoryStore):
 
 
 async def test_an_inbox_that_cannot_look_ids_up_is_waited_for_in_virtual_time() -> None:
-    """The fetch loop releases the batch and backs off a second per failure; settled()
-    jumps over each backoff, and the event is handled once when the inbox answers."""
+    """The fetch loop holds the batch and backs off a second per failure; settled() jumps
+    over each backoff, and the event is handled once when the inbox answers."""
     clock = VirtualClock()
     bus = MemoryTransport(clock=clock)
     runs: list[str] = []
@@ -91,7 +91,55 @@ async def test_an_inbox_that_cannot_look_ids_up_is_waited_for_in_virtual_time() 
     assert store.left == 0
     assert runs == ["a"] and sink.received == ["a"]
     assert worker.stats("payment").handled == 1
-    assert elapsed == pytest.approx(20.0)  # 20 releases of 1 s, each with a backoff of 1 s
+    assert elapsed == pytest.approx(20.0)  # 20 backoffs of 1 s
+
+
+async def test_an_inbox_outage_before_the_handler_runs_spends_no_attempt() -> None:
+    """The fetch loop holds the batch while the inbox cannot look ids up: releasing it counted
+    an attempt on the broker per failed lookup, so six seconds of outage spent a five-attempt
+    budget and the handler's first transient failure was dead-lettered ``max_attempts``."""
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    attempts: list[int] = []
+    payment = Service("payment", retry=RetryPolicy(max_attempts=5, base=1.0, jitter=False))
+
+    @payment.on(Placed)
+    async def charge(order: Placed, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("flaky")
+
+    store = FailingStore("seen", times=6)
+    async with Worker([payment], bus, store=store) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    assert store.left == 0
+    assert attempts == [1, 2]
+    assert worker.stats("payment").handled == 1 and await bus.dead_letters("payment") == []
+
+
+async def test_a_batch_held_through_an_inbox_outage_longer_than_its_lease_keeps_its_lease() -> None:
+    """Held, not released: its leases are touched between lookups, so the broker does not hand
+    it to another consumer (a second run) while the inbox is down."""
+    clock = VirtualClock()
+    bus = MemoryTransport("memory://?lease=1", clock=clock)
+    attempts: list[int] = []
+    payment = Service("payment")
+
+    @payment.on(Placed)
+    async def charge(order: Placed, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+
+    store = FailingStore("seen", times=10)
+    async with Worker([payment], bus, store=store) as worker:
+        start = clock.monotonic()
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+        elapsed = clock.monotonic() - start
+    assert store.left == 0 and attempts == [1]
+    stats = worker.stats("payment")
+    assert (stats.handled, stats.duplicates, stats.deferred) == (1, 0, 0)  # no copy came back
+    assert elapsed == pytest.approx(10 / 3)  # ten lookups a third of the lease apart
 
 
 async def test_an_inbox_that_cannot_record_a_handled_event_is_retried_in_virtual_time() -> None:
@@ -192,3 +240,4 @@ async def test_settled_does_not_return_while_the_worker_backs_off_with_nothing_o
         await settled(bus)
         assert failures == 0
         assert clock.monotonic() - start >= 0.5
+

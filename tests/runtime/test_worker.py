@@ -1071,15 +1071,15 @@ async def test_a_lone_event_whose_outputs_cannot_be_published_yet_is_settled_onc
 
 
 async def test_a_fetch_whose_inbox_and_broker_both_fail_keeps_the_worker_fetching(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The inbox is down, so the batch is released; the release fails too (broker down). The
-    fetch loop goes on (it died before, and the worker silently stopped consuming): the
-    delivery whose release failed comes back after its lease and both events are handled once."""
+    """The inbox is down, so the batch is held and its leases touched; the touch fails too
+    (broker down). The fetch loop goes on (a failed release once ended it, and the worker
+    silently stopped consuming) and both events are handled once."""
 
     from choreograph.errors import StoreError, TransportError
     from choreograph.stores.memory import MemoryStore
     from choreograph.transports.memory import MemoryDelivery
 
-    inbox_down, release_fails = 1, 1
+    inbox_down, touch_fails = 1, 1
     runs: list[str] = []
 
     class DownOnce(MemoryStore):
@@ -1090,26 +1090,26 @@ async def test_a_fetch_whose_inbox_and_broker_both_fail_keeps_the_worker_fetchin
                 raise StoreError("inbox unreachable")
             return await super().seen(group, event_ids)
 
-    release = MemoryDelivery._retry
+    touch = MemoryDelivery.touch
 
-    async def unreleasable(self: MemoryDelivery, after: float) -> None:
-        nonlocal release_fails
-        if release_fails:
-            release_fails -= 1
+    async def untouchable(self: MemoryDelivery) -> None:
+        nonlocal touch_fails
+        if touch_fails:
+            touch_fails -= 1
             raise TransportError("broker unreachable")
-        await release(self, after)
+        await touch(self)
 
-    monkeypatch.setattr(MemoryDelivery, "_retry", unreleasable)
+    monkeypatch.setattr(MemoryDelivery, "touch", untouchable)
     bus = MemoryTransport("memory://?lease=0.3")
     async with Worker([_charging(runs)], bus, store=DownOnce(), poll_interval=0.05):
         await Publisher(bus).publish(Placed(order_id="a"))
-        for _ in range(300):  # the lease (0.3 s) + the fetch loop's back-off (1 s)
+        for _ in range(300):  # the fetch loop's back-off (a third of the lease)
             if runs == ["a"] and bus.pending()[0] == 0:
                 break
             await asyncio.sleep(0.02)
         await Publisher(bus).publish(Placed(order_id="b"))
         await settled(bus)
-    assert inbox_down == 0 and release_fails == 0
+    assert inbox_down == 0 and touch_fails == 0
     assert runs == ["a", "b"]
     assert bus.pending()[0] == 0
 

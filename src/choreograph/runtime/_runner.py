@@ -202,14 +202,10 @@ class _Runner(Verdicts, Settling):
                 # in hand were looked up).
                 seen = await self.store.seen(self.group, [d.message.id for d in batch])
             except Exception as exc:
-                log.error("inbox unavailable for %s: %s; releasing %d deliveries", self.group, exc, len(batch))
-                for delivery in batch:
-                    try:
-                        await delivery.retry(1.0)
-                    except Exception as again:  # the broker too: its lease hands the delivery on
-                        log.warning("releasing %r failed: %s; it comes back after its lease", delivery, again)
-                await backoff(worker.clock, 1.0)
-                continue
+                held = await self._inbox_down(batch, exc)
+                if held is None:  # stopping while the inbox was down: the batch is released
+                    continue
+                seen = held
             # A lone event's outcome may take the lane below: the settle loop is woken after
             # this batch only if it does not (a wake-up for nothing per event otherwise).
             self.hold_wake = len(batch) == 1
@@ -249,6 +245,30 @@ class _Runner(Verdicts, Settling):
                 await self._lane(task, outcomes.pop())
             elif outcomes:
                 self.outcome_ready.set()
+
+    async def _inbox_down(self, batch: list[Delivery], exc: Exception) -> set[str] | None:
+        """The inbox could not look ``batch`` up (``exc``): hold the batch (its leases touched)
+        and look again every second until it answers - the ids it has processed. Releasing it
+        counted an attempt on the broker per failure, so an outage of a few seconds spent an
+        event's whole retry budget before its handler ran. ``None`` once stopping: released."""
+        ids = [d.message.id for d in batch]
+        wait = min(1.0, self.worker.transport.lease / 3)
+        while True:
+            log.error("inbox unavailable for %s: %s; holding %d deliveries, trying again in %.2fs",
+                      self.group, exc, len(batch), wait)
+            await backoff(self.worker.clock, wait)
+            if self.stopping:
+                for delivery in batch:
+                    try:
+                        await delivery.retry(0.0)
+                    except Exception as again:  # the broker too: its lease hands the delivery on
+                        log.warning("releasing %r failed: %s; it comes back after its lease", delivery, again)
+                return None
+            await self._touch(batch)
+            try:
+                return await self.store.seen(self.group, ids)
+            except Exception as again:
+                exc = again
 
     def _start(self, delivery: Delivery) -> None:
         """Decode and validate ``delivery`` here, then run its handler in a task of its own -
