@@ -4,7 +4,8 @@ so tests can swap in :class:`choreograph.testing.VirtualClock` and fast-forward 
 The runtime waits in two ways. A *timer* (a fetch's poll, a retry's due time on the bus) is
 just time passing. A *backoff* (:func:`backoff`: a store or broker failed, try again later)
 is work the runtime owes: a virtual clock counts it as pending, so ``settled()`` neither
-returns while one runs nor waits it out in real time."""
+returns while one runs nor waits it out in real time. A *poll* (:func:`poll`: a memory fetch
+waiting for the bus) only looks at the bus again: ``settled()`` may jump past it."""
 
 from __future__ import annotations
 
@@ -48,6 +49,20 @@ async def backoff(clock: Clock, seconds: float) -> None:
     is told it is a backoff, not a timer; any other clock just sleeps.
     """
     wait = getattr(clock, "backoff", None)
+    if wait is None:
+        await clock.sleep(seconds)
+    else:
+        await wait(seconds)
+
+
+async def poll(clock: Clock, seconds: float) -> None:
+    """Wait ``seconds`` on ``clock`` before looking at the bus again (a fetch waiting for messages).
+
+    A clock with a ``poll`` method of its own (:class:`~choreograph.testing.VirtualClock`) is
+    told the wait only re-checks the bus, so ``settled()`` can jump past it to the next due
+    retry; any other clock just sleeps.
+    """
+    wait = getattr(clock, "poll", None)
     if wait is None:
         await clock.sleep(seconds)
     else:

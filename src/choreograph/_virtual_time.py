@@ -28,6 +28,7 @@ class VirtualClock:
         self._epoch_offset = epoch - start
         self._sleepers: list[_Sleeper] = []
         self._backoffs: list[_Sleeper] = []  # those of the sleepers that are backoffs
+        self._timers: list[_Sleeper] = []  # those of the sleepers that are not polls
         self._seq = itertools.count()
 
     def monotonic(self) -> float:
@@ -43,7 +44,11 @@ class VirtualClock:
         """Sleep ``seconds`` as a backoff: pending work for ``settled()`` until it ends."""
         await self._wait(seconds, backoff=True)
 
-    async def _wait(self, seconds: float, *, backoff: bool) -> None:
+    async def poll(self, seconds: float) -> None:
+        """Sleep ``seconds`` as a fetch waiting for the bus: ``settled()`` may jump past it."""
+        await self._wait(seconds, backoff=False, poll=True)
+
+    async def _wait(self, seconds: float, *, backoff: bool, poll: bool = False) -> None:
         if seconds <= 0:
             await asyncio.sleep(0)
             return
@@ -52,6 +57,8 @@ class VirtualClock:
         heapq.heappush(self._sleepers, sleeper)
         if backoff:
             heapq.heappush(self._backoffs, sleeper)
+        if not poll:
+            heapq.heappush(self._timers, sleeper)
         await future
 
     def next_due(self) -> float | None:
@@ -61,6 +68,10 @@ class VirtualClock:
     def backoff_due(self) -> float | None:
         """When the earliest backoff still running ends; ``None`` if none runs."""
         return _earliest(self._backoffs)
+
+    def timer_due(self) -> float | None:
+        """When the earliest sleeper that is not a fetch's poll of the bus wakes; ``None`` if none sleeps."""
+        return _earliest(self._timers)
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper now due."""
@@ -127,8 +138,12 @@ async def settled(bus: MemoryTransport, *, timeout: float = 10.0, max_jump: floa
             # timer registered just after a jump would otherwise leave nothing to jump to).
             # Events in flight stop the clock (their handlers may still be running) unless a
             # backoff runs: a worker that holds them while its store is down waits on it.
+            # A retry or lease due later is the target itself: the fetches' polls of the bus on
+            # the way (every poll_interval) only look at it again, and the jump wakes them all
+            # (stepping from poll to poll, a retry a day away took hundreds of thousands of jumps).
             now = virtual.monotonic()
-            future = [t for t in (due, virtual.next_due()) if t is not None and t > now]
+            wakes = (virtual.next_due(),) if due is not None and due <= now else (due, virtual.timer_due())
+            future = [t for t in wakes if t is not None and t > now]
             if not future:
                 await asyncio.sleep(0.001)
                 continue

@@ -164,6 +164,26 @@ async def test_retries_follow_the_backoff_policy_in_virtual_time(bus: MemoryTran
     assert worker.stats().dead_lettered == 0
 
 
+@pytest.mark.timeout(60)  # a ceiling for a stuck test, not a speed assertion
+async def test_settled_jumps_straight_to_a_retry_days_away(bus: MemoryTransport, clock: VirtualClock) -> None:
+    """settled() jumped to the earliest sleeper of the clock, which is the next 0.25 s poll of
+    the worker's fetch: a retry a day away took 345,600 jumps and settled() timed out."""
+    times: list[float] = []
+    svc = Service("patient")
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        times.append(clock.monotonic())
+        if ctx.attempt < 3:
+            raise Retry(after=86_400.0 * ctx.attempt)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus, timeout=5.0)
+    assert [b - a for a, b in zip(times, times[1:], strict=False)] == [86_400.0, 172_800.0]
+    assert worker.stats().handled == 1
+
+
 async def test_a_fetch_waiting_for_a_retry_wakes_when_it_is_due_although_the_clock_jumped_before_its_timer_was_set() -> None:
     """The memory fetch waits for the next due retry on a timer of the transport's clock, set by
     a task that starts a loop turn later. A VirtualClock jump in that turn (``settled()`` jumps

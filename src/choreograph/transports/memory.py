@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._clock import SYSTEM_CLOCK, Clock, poll
 from choreograph.errors import TransportClosed
 from choreograph.transports import lease_from_url
 from choreograph.transports.base import (
@@ -166,7 +166,7 @@ class MemoryDelivery(Delivery):
 async def _sleep_until(clock: Clock, until: float) -> None:
     """Sleep until ``until`` on ``clock``: the time left is read when this task starts (a loop turn
     after it is created), not before - a VirtualClock may have jumped in between."""
-    await clock.sleep(until - clock.monotonic())
+    await poll(clock, until - clock.monotonic())
 
 
 class MemorySubscription(Subscription):
