@@ -222,6 +222,45 @@ async def test_retries_are_fast_forwarded_and_a_give_up_is_dead_lettered_with_it
         assert s.emitted[-1].handler == "answer"
 
 
+class _Declined(Event, type="test.scenario.declined"):
+    n: int
+
+
+async def test_a_compensation_that_gave_up_is_not_a_compensation_that_ran() -> None:
+    """The failure event the runtime published when the compensation gave up was attributed
+    to it as "undoes Pong", so expect_compensated(Pong) passed though nothing was undone."""
+    shop = Service("shop", retry=RetryPolicy(max_attempts=2, base=1.0, jitter=False))
+
+    @shop.on(Ping)
+    async def reserve(ping: Ping) -> Pong:
+        return Pong(n=ping.n)
+
+    @shop.compensate(Pong, on=[_Declined])
+    async def release(pong: Pong, declined: _Declined) -> Ping:
+        raise ConnectionError("stock database down")
+
+    bank = Service("bank")
+
+    @bank.on(Ping)
+    async def decline(ping: Ping) -> _Declined:
+        return _Declined(n=ping.n)
+
+    async with Scenario([shop, bank]) as s:
+        await s.given(Ping(n=1))
+        s.expect_dead_letter(_Declined, reason="max_attempts", service="shop")
+        with pytest.raises(AssertionError) as failure:
+            s.expect_compensated(Pong)
+        with pytest.raises(AssertionError) as attempted:
+            s.expect_not_compensated(Pong)  # it ran, and gave up: not "no compensation" either
+    assert str(failure.value).split("\n\n")[0] == (
+        "expected the compensation of Pong; not compensated: Pong "
+        "(its compensation shop.release gave up: max_attempts)"
+    )
+    assert str(attempted.value).split("\n\n")[0] == (
+        "expected no compensation of Pong; compensated: Pong by shop.release (gave up: max_attempts)"
+    )
+
+
 async def test_a_rejected_event_is_dead_lettered_at_once() -> None:
     strict = Service("strict")
 

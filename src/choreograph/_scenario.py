@@ -44,6 +44,7 @@ from choreograph._scenario_log import (
     EventLog,
     Expected,
     correlation_of,
+    failure_record,
     found_in_order,
     matches,
     missing,
@@ -373,18 +374,32 @@ class Scenario:
         __tracebackhide__ = True
         if not steps:
             raise TypeError("expect_compensated(): name the steps (use expect_not_compensated() for none)")
-        undone = {e.undoes for e in self._checked()}
+        emitted = self._checked()
+        undone = {e.undoes for e in emitted}
         absent = [step for step in steps if step not in undone]
         if absent:
-            self._fail(f"expected the compensation of {names(steps)}; not compensated: {names(absent)}")
+            gave_up = self._gave_up(emitted)
+            why = ", ".join(step.__name__ + "".join(
+                f" (its compensation {by} gave up: {reason})" for undid, by, reason in gave_up if undid is step
+            ) for step in absent)
+            self._fail(f"expected the compensation of {names(steps)}; not compensated: {why}")
 
     def expect_not_compensated(self, *steps: type[Event]) -> None:
-        """No compensation of ``steps`` ran (no steps: no compensation at all)."""
+        """No compensation of ``steps`` ran (no steps: no compensation at all), not even one that gave up."""
         __tracebackhide__ = True
-        undone = [e for e in self._checked() if e.undoes is not None and (not steps or e.undoes in steps)]
-        if undone:
-            seen = ", ".join(f"{e.undoes.__name__} by {e.service}.{e.handler}" for e in undone if e.undoes)
-            self._fail(f"expected no compensation{' of ' + names(steps) if steps else ''}; compensated: {seen}")
+        emitted = self._checked()
+        seen = [f"{e.undoes.__name__} by {e.service}.{e.handler}" for e in emitted
+                if e.undoes is not None and (not steps or e.undoes in steps)]
+        seen += [f"{step.__name__} by {by} (gave up: {reason})" for step, by, reason in self._gave_up(emitted)
+                 if not steps or step in steps]
+        if seen:
+            self._fail(f"expected no compensation{' of ' + names(steps) if steps else ''}; "
+                       f"compensated: {', '.join(seen)}")
+
+    def _gave_up(self, emitted: list[Emitted]) -> list[tuple[type[Event], str, object]]:
+        """(step, service.handler, reason) of each compensation among ``emitted`` that gave up."""
+        return [(self._log.gave_up[e.envelope.id], f"{e.service}.{e.handler}", failure_record(e.envelope).get("reason"))
+                for e in emitted if e.envelope.id in self._log.gave_up]
 
     def expect_dead_letter(
         self, event: type[Event] | None = None, *, reason: str | None = None, service: str | None = None

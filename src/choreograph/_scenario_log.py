@@ -33,7 +33,8 @@ class Emitted:
     ``at`` is virtual seconds since the scenario began. ``service`` and ``handler`` name
     what emitted it (for a runtime failure event: the handler that gave up); both are
     ``None`` for an event given by the test or published by the journal. ``undoes`` is
-    the step a compensation undid, for the events a compensation emitted.
+    the step a compensation undid, for the events a compensation emitted (not for the
+    failure event of a compensation that gave up: it undid nothing).
     """
 
     envelope: Envelope
@@ -132,6 +133,8 @@ class EventLog:
         self.emitted: list[Emitted] = []
         self.by_id: dict[str, Emitted] = {}
         self.correlation_ids: dict[str, None] = {}  # every transaction seen, in order
+        #: The failure events of compensations that gave up (event id -> the step they did not undo).
+        self.gave_up: dict[str, type[Event]] = {}
         self.classes: dict[str, type[Event]] = {TimedOut.event_type(): TimedOut,
                                                 JoinDeadline.event_type(): JoinDeadline}
         for service in services:
@@ -152,7 +155,11 @@ class EventLog:
         undoes = None
         if handler is not None and is_compensation(handler):
             assert isinstance(handler.join, JoinSpec)
-            undoes = handler.join.slots[0][0].cls
+            step = handler.join.slots[0][0].cls
+            if envelope.type == FAILED:  # the runtime's, as the compensation gave up: nothing undone
+                self.gave_up[envelope.id] = step
+            else:
+                undoes = step
         emitted = Emitted(envelope, at, service.name if service else None,
                           _handler_name(handler) if handler else None, undoes)
         self.emitted.append(emitted)
