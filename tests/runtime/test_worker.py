@@ -28,7 +28,7 @@ from choreograph import (
     current_context,
     decode,
 )
-from choreograph.errors import EmitError
+from choreograph.errors import ConfigurationError, EmitError
 from choreograph.runtime.records import HANDOVER_ATTEMPTS, first_envelope, to_message
 from choreograph.runtime.worker import _EAGER_TASKS, _Runner, never_suspends
 from choreograph.stores.memory import MemoryStore
@@ -182,6 +182,46 @@ async def test_settled_jumps_straight_to_a_retry_days_away(bus: MemoryTransport,
         await settled(bus, timeout=5.0)
     assert [b - a for a, b in zip(times, times[1:], strict=False)] == [86_400.0, 172_800.0]
     assert worker.stats().handled == 1
+
+
+async def test_a_named_bus_opened_on_a_clock_of_its_own_is_not_an_earlier_tests_bus() -> None:
+    """A named bus lives until nothing refers to it, and a stopped worker's reference cycles keep
+    it until the garbage collector runs: the next test's ``MemoryTransport("memory://shop",
+    clock=VirtualClock())`` got the earlier test's bus, its dead letters and its clock (the
+    clock passed in was ignored, so settled() moved the other one)."""
+    svc = Service("named-bus")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        if order.order_id == "bad":
+            raise Reject("bad order")
+
+    earlier = MemoryTransport("memory://h11-shop", clock=VirtualClock())  # an earlier test's, not yet collected
+    async with Worker([svc], earlier):
+        await Publisher(earlier).publish(Placed(order_id="bad"))
+        await settled(earlier)
+    assert len(await earlier.dead_letters()) == 1
+    assert MemoryTransport("memory://h11-shop").bus is earlier.bus  # reopened (no clock named): the same bus
+    assert MemoryTransport("memory://h11-shop", clock=earlier.clock).bus is earlier.bus
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport("memory://h11-shop", clock=clock)
+    assert bus.clock is clock
+    assert await bus.dead_letters() == []
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Placed(order_id="good"))
+        await settled(bus)
+    assert worker.stats().handled == 1 and await bus.dead_letters() == []
+
+
+async def test_a_named_bus_in_use_cannot_be_opened_on_another_clock() -> None:
+    bus = MemoryTransport("memory://h11-busy", clock=VirtualClock())
+    sub = await bus.subscribe("g", ["t"])
+    try:
+        with pytest.raises(ConfigurationError, match=r"memory://h11-busy: this bus is in use on another clock"):
+            MemoryTransport("memory://h11-busy", clock=VirtualClock())
+    finally:
+        await sub.close()
 
 
 async def test_a_fetch_waiting_for_a_retry_wakes_when_it_is_due_although_the_clock_jumped_before_its_timer_was_set() -> None:

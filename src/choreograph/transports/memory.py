@@ -6,8 +6,12 @@ behave as on a real broker, on whatever :class:`~choreograph._clock.Clock` it is
 (a :class:`~choreograph.testing.VirtualClock` makes backoffs and lease expiry instant).
 
 Two ``MemoryTransport`` objects opened on the same ``memory://name`` URL in one process
-share one bus, so "reopen" works as it does for durable brokers. Order within a group
-is publish order, except for retried and redelivered messages.
+share one bus, so "reopen" works as it does for durable brokers, unless the second is given
+a clock of its own: a bus keeps the clock it was made with, so a transport given another
+clock gets a new bus (a bus lives until nothing refers to it, and the garbage collector
+may not have freed an earlier test's yet), or a :class:`ConfigurationError` while the old
+one still has consumers. Order within a group is publish order, except for retried and
+redelivered messages.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from choreograph._clock import SYSTEM_CLOCK, Clock, poll
-from choreograph.errors import TransportClosed
+from choreograph.errors import ConfigurationError, TransportClosed
 from choreograph.transports import lease_from_url
 from choreograph.transports.base import (
     DeadLetter,
@@ -258,6 +262,13 @@ class MemoryTransport(Transport):
         self.lease = lease_from_url(url)
         name = urlsplit(url).netloc or urlsplit(url).path.strip("/")
         bus = _BUSES.get(name) if name else None
+        if bus is not None and clock is not None and clock is not bus.clock:
+            if any(group.consumers for group in bus.groups.values()):
+                raise ConfigurationError(
+                    f"memory://{name}: this bus is in use on another clock; open it with the same clock "
+                    "(or none), or give this one a name of its own"
+                )
+            bus = None  # another timeline: a bus of its own, not one an earlier test left behind
         if bus is None:
             bus = _Bus(clock or SYSTEM_CLOCK)
             if name:
