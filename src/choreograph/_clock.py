@@ -1,8 +1,8 @@
 """Clocks. The runtime and the in-memory transport read time only through a :class:`Clock`,
 so tests can swap in :class:`choreograph.testing.VirtualClock` and fast-forward backoffs.
 
-The runtime waits in two ways. A *timer* (a fetch's poll, a retry's due time on the bus) is
-just time passing. A *backoff* (:func:`backoff`: a store or broker failed, try again later)
+The runtime waits in three ways. A *timer* (a retry's due time on the bus, a lease) is just
+time passing. A *backoff* (:func:`backoff`: a store or broker failed, try again later)
 is work the runtime owes: a virtual clock counts it as pending, so ``settled()`` neither
 returns while one runs nor waits it out in real time. A *poll* (:func:`poll`: a memory fetch
 waiting for the bus) only looks at the bus again: ``settled()`` may jump past it."""

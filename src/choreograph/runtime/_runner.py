@@ -197,15 +197,24 @@ class _Runner(Verdicts, Settling):
             if not batch:
                 continue
             try:
-                # Every id, also those in hand now: one may be settled while this awaits, and
-                # its copy must then be found a duplicate (it ran again when only the ids not
-                # in hand were looked up).
-                seen = await self.store.seen(self.group, [d.message.id for d in batch])
-            except Exception as exc:
-                held = await self._inbox_down(batch, exc)
-                if held is None:  # stopping while the inbox was down: the batch is released
-                    continue
-                seen = held
+                try:
+                    # Every id, also those in hand now: one may be settled while this awaits, and
+                    # its copy must then be found a duplicate (it ran again when only the ids not
+                    # in hand were looked up).
+                    seen = await self.store.seen(self.group, [d.message.id for d in batch])
+                except Exception as exc:
+                    held = await self._inbox_down(batch, exc)
+                    if held is None:  # stopping while the inbox was down: the batch is released
+                        continue
+                    seen = held
+            except asyncio.CancelledError:
+                if not self.stopping:
+                    raise
+                # stop() gave the fetch loop no more time (a drain cut short): nothing of the
+                # batch has started, so none of it runs after stop() returned
+                for delivery in batch:
+                    await self._release(delivery)
+                break
             # A lone event's outcome may take the lane below: the settle loop is woken after
             # this batch only if it does not (a wake-up for nothing per event otherwise).
             self.hold_wake = len(batch) == 1
@@ -248,7 +257,8 @@ class _Runner(Verdicts, Settling):
 
     async def _inbox_down(self, batch: list[Delivery], exc: Exception) -> set[str] | None:
         """The inbox could not look ``batch`` up (``exc``): hold the batch (its leases touched)
-        and look again every second until it answers - the ids it has processed. Releasing it
+        and look again every second (every third of the lease, if shorter) until it answers -
+        the ids it has processed. Releasing it
         counted an attempt on the broker per failure, so an outage of a few seconds spent an
         event's whole retry budget before its handler ran. ``None`` once stopping: released."""
         ids = [d.message.id for d in batch]
@@ -595,6 +605,11 @@ class _Runner(Verdicts, Settling):
         drained_by = loop.time() + drain_timeout
         if self.lane is not fetch:  # the fetch loop in the lane is settle work: it gets the grace below
             await asyncio.wait([fetch], timeout=drain_timeout)  # a client ignoring cancellation must not hang us
+            if not fetch.done() and self.lane is not fetch:
+                # still looking a batch up in the inbox (or holding it through an outage): it
+                # must not start handlers after stop() returned; it releases the batch
+                fetch.cancel()
+                await asyncio.wait([fetch], timeout=STOP_GRACE)
         if self.active:
             _, pending = await asyncio.wait(list(self.active), timeout=max(0.0, drained_by - loop.time()))
             for task in pending:
