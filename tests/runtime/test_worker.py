@@ -2291,3 +2291,67 @@ async def test_a_handler_that_returns_after_its_timeout_cancelled_it_has_its_res
     assert letter.record["reason"] == "max_attempts" and letter.record["attempts"] == 2
     assert letter.record["last_error"]["type"] == "HandlerTimeout"
     assert "its result is dropped" in letter.record["last_error"]["message"]
+
+
+async def test_a_drain_cut_short_while_the_inbox_looks_a_batch_up_runs_none_of_it_after_stop() -> None:
+    """``release_in_flight()`` then ``stop()`` (a second Ctrl-C): stop() gave the fetch loop no
+    time and returned while it still awaited the inbox lookup of a batch; the lookup answered
+    later and the batch's handlers ran on a stopped worker, their outcomes never settled. The
+    batch is released now, nothing runs after stop(), and the next worker gets the event."""
+
+    class GatedSeen(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.reached = asyncio.Event(), asyncio.Event()
+
+        async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
+            self.reached.set()
+            await self.gate.wait()
+            return await super().seen(group, event_ids)
+
+    bus, runs, store = MemoryTransport(), [], GatedSeen()
+    worker = Worker([_charging(runs)], bus, store=store)
+    await worker.start()
+    await bus.publish([_placed("a", "evt-1")])
+    await store.reached.wait()  # the fetch loop awaits the lookup
+    worker.release_in_flight()
+    await worker.stop()
+    store.gate.set()
+    await asyncio.sleep(0.05)
+    assert runs == []
+    assert all(task.done() for task in worker.runners[0].tasks)
+    async with Worker([_charging(runs)], bus):
+        await settled(bus)
+    assert runs == ["a"]
+
+
+async def test_a_rejection_after_failed_attempts_is_dead_lettered_while_the_inbox_cannot_record_it(
+    bus: MemoryTransport,
+) -> None:
+    """A Reject on attempt 2 looks up the failure history to name the first failure; with the
+    inbox down at that moment it is still dead-lettered at once (its record's first failure its
+    own), not left to come back after every lease until the inbox answers."""
+
+    class DownOnSecond(MemoryStore):
+        async def record_failure(self, group: str, event_id: str, error: Any, at: float) -> Any:
+            if self.calls:
+                raise RuntimeError("inbox unreachable")
+            self.calls += 1
+            return await super().record_failure(group, event_id, error, at)
+
+    store = DownOnSecond()
+    store.calls = 0  # type: ignore[attr-defined]
+    svc = Service("late-reject-down", retry=RetryPolicy(max_attempts=5, base=2.0, jitter=False))
+
+    @svc.on(Placed)
+    async def handle(order: Placed, ctx: Context) -> None:
+        if ctx.attempt == 1:
+            raise RuntimeError("flaky")
+        raise Reject("never")
+
+    async with Worker([svc], bus, store=store):
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await settled(bus)
+    [letter] = await bus.dead_letters("late-reject-down")
+    assert letter.record["reason"] == "rejected" and letter.record["attempts"] == 2
+    assert letter.record["first_error"]["type"] == "Reject"

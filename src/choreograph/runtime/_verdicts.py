@@ -248,7 +248,16 @@ class Verdicts:
         """A failed attempt: retry by the handler's policy, or dead-letter once it gives up."""
         delivery, envelope, handler, now = call.delivery, call.envelope, call.handler, call.now
         error = ErrorInfo.from_exception(exc)
-        first_error, first_at = await self.store.record_failure(self.group, envelope.id, error, now)
+        try:
+            first_error, first_at = await self.store.record_failure(self.group, envelope.id, error, now)
+        except Exception as store_exc:
+            if not isinstance(exc, _PERMANENT):
+                raise  # a failed attempt that cannot be recorded comes back after its lease
+            # rejected all the same (as it was before the history was looked up for it): only
+            # the record's first failure is this attempt's, the history being out of reach
+            log.warning("%s: inbox unavailable recording the failure of %s (%s); dead-lettered "
+                        "with this attempt's error as its first", self.group, envelope.id, store_exc)
+            first_error, first_at = error, now
         after = exc.after if isinstance(exc, Retry) else None
         give_up: DeadLetterReason | None
         if isinstance(exc, _PERMANENT):  # rejected at once, its record with the first failure's error and time
