@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +147,22 @@ async def test_a_service_database_given_as_the_inbox_is_closed_by_its_callers_cl
         await database.close()
         with pytest.raises(Exception, match="not open|closed"):
             await database.seen("quiet", ["x"])
+
+
+async def test_a_worker_that_fails_to_start_gives_back_its_open_of_a_service_database(tmp_path: Path) -> None:
+    """No ``stop()`` follows a start that raised (``async with`` never entered): the open the worker
+    took of a service database given as its inbox must be given back there, or the caller's
+    close() leaves the database open."""
+
+    class Refusing(MemoryTransport):
+        async def subscribe(self, group: str, types: Any) -> Any:
+            raise RuntimeError("broker refused the subscription")
+
+    database = open_database(sqlite_url(tmp_path))
+    await database.open()
+    with pytest.raises(RuntimeError, match="refused"):
+        async with Worker([Service("quiet")], Refusing(), store=database):
+            pass
+    await database.close()
+    with pytest.raises(Exception, match="not open|closed"):
+        await database.seen("quiet", ["x"])

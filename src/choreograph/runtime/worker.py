@@ -159,10 +159,14 @@ class Worker:
         await self.transport.connect()
         await self.store.open()
         self._store_opened = True
-        await self.outbox.start()
-        await self.joins.open()
-        for runner in self.runners:
-            await runner.start()
+        try:
+            await self.outbox.start()
+            await self.joins.open()
+            for runner in self.runners:
+                await runner.start()
+        except BaseException:
+            await self._give_back_store()  # no stop() follows a failed start (``async with``)
+            raise
         log.debug("worker started: %s; concurrency %d, ack delay %g s", ", ".join(s.name for s in self.services),
                   self.concurrency, self.ack_delay)
         if self.retention is not None:
@@ -203,17 +207,22 @@ class Worker:
             return
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        await asyncio.gather(*(self._stop_runner(runner) for runner in self.runners))
-        if self._owns_joins:
-            await self.joins.close()
-        await self.outbox.stop()
+        try:
+            await asyncio.gather(*(self._stop_runner(runner) for runner in self.runners))
+            if self._owns_joins:
+                await self.joins.close()
+            await self.outbox.stop()
+        finally:
+            await self._give_back_store()
+        self._stopped.set()
+
+    async def _give_back_store(self) -> None:
         if self._store_opened and isinstance(self.store, StateStore):
             self._store_opened = False
             # A service database given as the inbox counts its opens (the worker's relays and
             # the caller's share it): the worker gives back the one it took in start(), or
             # the caller's close() left its connection pool open for good.
             await self.store.close()
-        self._stopped.set()
 
     async def _stop_runner(self, runner: _Runner) -> None:
         # the drain time is read as the runner starts stopping: a release_in_flight() before it
