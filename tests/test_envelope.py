@@ -693,3 +693,28 @@ def test_now_is_the_current_utc_time_in_rfc3339_with_microseconds() -> None:
         assert is_rfc3339(stamp) and len(stamp) == 27 and stamp.endswith("Z")
         at = datetime.fromisoformat(stamp[:-1] + "+00:00").timestamp()
         assert before - 2e-6 <= at <= after + 2e-6
+
+
+def test_only_models_that_can_write_a_value_as_null_are_read_back_before_publishing() -> None:
+    """The emit-side inf/nan check reads data holding ``null`` back; a model without a float
+    (nor a validator of unknown type) has only optional fields' None there and is not read back."""
+    import pydantic
+
+    from choreograph.events import _may_write_null_for_a_value as lossy
+
+    class Inner(pydantic.BaseModel):
+        weight: float
+
+    class Plain(Event, type="test.lossy.plain"):
+        n: int
+        note: str | None = None
+
+    class Nested(Event, type="test.lossy.nested"):
+        parts: list[dict[str, Inner]] | None = None
+
+    class Direct(Event, type="test.lossy.direct"):
+        value: float | None = None
+
+    assert not lossy(Plain.__pydantic_core_schema__)
+    assert lossy(Nested.__pydantic_core_schema__)
+    assert lossy(Direct.__pydantic_core_schema__)
