@@ -715,6 +715,11 @@ def test_only_models_that_can_write_a_value_as_null_are_read_back_before_publish
     class Direct(Event, type="test.lossy.direct"):
         value: float | None = None
 
+    class Typed(Event, type="test.lossy.typed"):  # a field named "type": a schema under that key
+        type: str
+        kind: dict[str, str] | None = None
+
     assert not lossy(Plain.__pydantic_core_schema__)
     assert lossy(Nested.__pydantic_core_schema__)
     assert lossy(Direct.__pydantic_core_schema__)
+    assert not lossy(Typed.__pydantic_core_schema__)

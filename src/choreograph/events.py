@@ -142,7 +142,8 @@ def _may_write_null_for_a_value(schema: Any) -> bool:
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if node.get("type") in _NULL_WRITERS:
+            kind = node.get("type")  # a schema's kind, or (a model field named "type") a schema
+            if isinstance(kind, str) and kind in _NULL_WRITERS:
                 return True
             stack.extend(node.values())
         elif isinstance(node, (list, tuple)):
