@@ -18,6 +18,8 @@ import pydantic
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from choreograph.events import field_path
+
 if TYPE_CHECKING:
     from choreograph.events import Event
 
@@ -119,11 +121,6 @@ async def read_body(request: Request, max_body: int) -> bytes:
     except ClientDisconnect:
         raise Problem(400, "client disconnected before sending the whole body") from None
     return b"".join(chunks)
-
-
-def field_path(loc: tuple[int | str, ...]) -> str:
-    """``("items", 0, "qty")`` -> ``$.items[0].qty``."""
-    return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
 
 
 def parse_payload(model: type[EventT], body: bytes) -> EventT:
