@@ -141,6 +141,19 @@ async def test_a_join_of_a_transaction_with_a_long_or_odd_correlation_id_fires_o
     assert len(bus.ids(Shipped.event_type())) == 2
 
 
+async def test_a_join_of_events_whose_ids_hold_u0000_fires_once(bus: SpyBus, database: str) -> None:
+    """PostgreSQL text holds no U+0000: each arrival of such an event failed in the service's
+    database (the arrival's id is stored), was dead-lettered, and the join never fired."""
+    svc = shipping(database)
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Paid(order="o-nul"), Reserved(order="o-nul"), correlation_id="c-nul",
+                                     ids=["paid\x00", "reserved\x00"])
+        await drained(worker, bus)
+        assert worker.stats("shipping").dead_lettered == 0
+    assert await shipments(database) == {"o-nul": 1}
+    assert len(bus.ids(Shipped.event_type())) == 1
+
+
 async def test_a_run_that_dies_after_completing_the_join_runs_again_after_a_restart_and_ships_once(
     bus: SpyBus, database: str
 ) -> None:

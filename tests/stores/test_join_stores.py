@@ -81,6 +81,21 @@ async def test_any_correlation_id_keys_its_own_instance(store: JoinStore, correl
     assert await store.expire(1_000.0) == 2
 
 
+async def test_arrival_ids_holding_u0000_are_kept_and_read_back_as_they_arrived(store: JoinStore) -> None:
+    """JSON allows U+0000 in an event id and PostgreSQL text does not: the arrival (its id is also
+    the instance's created_by and fired_by) failed, so the join never fired. The ids must read back
+    as they arrived: the runtime tells the arrival that fired the join by comparing them."""
+    assert await arrive(store, 0, "a\x00") is None
+    assert await arrive(store, 1, "b\x00") == "b\x00"
+    state = await store.get(KEY)
+    assert state is not None and state.arrivals == {0: arrival("a\x00"), 1: arrival("b\x00")}
+    assert (state.created_by, state.fired_by) == ("a\x00", "b\x00")
+    other = JoinKey("shipping", "ship", "tx-2")
+    assert await arrive(store, 0, "c\x00", key=other) is None
+    timed_out = await store.time_out(other)
+    assert timed_out is not None and timed_out.created_by == "c\x00" and timed_out.arrivals == {0: arrival("c\x00")}
+
+
 async def test_a_slot_keeps_its_first_arrival(store: JoinStore) -> None:
     await arrive(store, 0, "a1")
     assert await arrive(store, 0, "a2") is None

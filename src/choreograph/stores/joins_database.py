@@ -84,7 +84,20 @@ def _ident(key: JoinKey, tx: Transaction) -> tuple[str, str, str]:
     return key.group, key.join, key.correlation
 
 
-def _state(rows: Sequence[Any]) -> JoinState | None:
+def _event_id(event_id: str, tx: Transaction) -> str:
+    """An arrival's event id as stored: on PostgreSQL, U+0000 as its stand-in (text cannot hold it)."""
+    if tx.backend == "postgresql":
+        from choreograph.stores.joins_postgres import event_id_in
+
+        return event_id_in(event_id)
+    return event_id
+
+
+def _state(rows: Sequence[Any], tx: Transaction) -> JoinState | None:
+    if tx.backend == "postgresql":
+        from choreograph.stores.joins_postgres import state_of
+
+        return state_of(rows)  # the event ids read back as they arrived
     if not rows:
         return None
     slots, created_by, created_at, deadline, fired_by, timed_out = tuple(rows[0])[:6]
@@ -122,27 +135,28 @@ class DatabaseJoins(JoinStore):
     ) -> JoinState:
         async with self._transaction() as tx:
             ident = _ident(key, tx)
-            await tx.execute(_CREATE, *ident, slots, arrival.event_id, now, deadline)
+            event_id = _event_id(arrival.event_id, tx)
+            await tx.execute(_CREATE, *ident, slots, event_id, now, deadline)
             lock = " FOR UPDATE" if tx.backend == "postgresql" else ""
             row = await tx.fetchone(_INSTANCE + lock, *ident)
             assert row is not None  # created above or before, and only expired after RETENTION
             if row["fired_by"] is None and not row["timed_out"]:
-                stored = await tx.execute(_STORE, *ident, slot, arrival.event_id, arrival.body)
+                stored = await tx.execute(_STORE, *ident, slot, event_id, arrival.body)
                 if stored and await tx.fetchval(_COUNT, *ident) == row["slots"]:
-                    await tx.execute(_FIRE, *ident, arrival.event_id)
-            state = _state(await tx.fetch(_STATE, *ident))
+                    await tx.execute(_FIRE, *ident, event_id)
+            state = _state(await tx.fetch(_STATE, *ident), tx)
         assert state is not None
         return state
 
     async def get(self, key: JoinKey) -> JoinState | None:
         async with self._transaction() as tx:
-            return _state(await tx.fetch(_STATE, *_ident(key, tx)))
+            return _state(await tx.fetch(_STATE, *_ident(key, tx)), tx)
 
     async def time_out(self, key: JoinKey) -> JoinState | None:
         async with self._transaction() as tx:
             ident = _ident(key, tx)
             await tx.execute(_TIME_OUT, *ident, True)
-            return _state(await tx.fetch(_STATE, *ident))
+            return _state(await tx.fetch(_STATE, *ident), tx)
 
     async def expire(self, older_than: float) -> int:
         async with self._transaction() as tx:

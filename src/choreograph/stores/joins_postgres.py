@@ -13,7 +13,10 @@ exactly one of them fills the last slot. A slot keeps its first arrival (its pri
 key); a timed-out or fired instance stores nothing more.
 
 The correlation id is keyed as the inbox keys event ids (:func:`~choreograph.stores.postgres.stored_id`):
-one holding U+0000 or longer than 2,000 bytes cannot be a primary key as it is.
+one holding U+0000 or longer than 2,000 bytes cannot be a primary key as it is. An arrival's
+event id (also ``created_by`` and ``fired_by``) is not a key, so a long one is kept as it is,
+but its U+0000 is stored as ``stored_id`` stores it (:data:`~choreograph.stores.postgres.NUL_STAND_IN`)
+and read back as U+0000: the runtime compares these ids with the arriving event's own.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
-from choreograph.stores.postgres import stored_id
+from choreograph.stores.postgres import NUL_STAND_IN, stored_id
 
 JOINS_MIGRATIONS = [
     """
@@ -72,19 +75,30 @@ WHERE i.grp = $1 AND i.name = $2 AND i.correlation = $3
 _TIME_OUT = f"UPDATE choreograph_join_instances SET timed_out = true WHERE {_KEY} AND fired_by IS NULL"
 
 
+def event_id_in(event_id: str) -> str:
+    """An arrival's event id as stored (PostgreSQL text cannot hold U+0000: see :func:`stored_id`)."""
+    return event_id.replace("\x00", NUL_STAND_IN) if "\x00" in event_id else event_id
+
+
+def event_id_out(stored: str | None) -> str | None:
+    """A stored event id as it arrived (the inverse of :func:`event_id_in`)."""
+    return stored.replace(NUL_STAND_IN, "\x00") if stored is not None and NUL_STAND_IN in stored else stored
+
+
 def ident(key: JoinKey) -> tuple[str, str, str]:
     """The primary key of ``key``'s instance (see :func:`~choreograph.stores.postgres.stored_id`)."""
     return key.group, key.join, stored_id(key.correlation)
 
 
-def _state(rows: Sequence[Any]) -> JoinState | None:
-    """The instance from its rows joined with its arrivals (one row per arrival, one if none)."""
+def state_of(rows: Sequence[Any]) -> JoinState | None:
+    """The instance from its rows joined with its arrivals (one row per arrival, one if none), its
+    event ids as they arrived (also :class:`~choreograph.stores.joins_database.DatabaseJoins`')."""
     if not rows:
         return None
-    slots, created_by, created_at, deadline, fired_by, timed_out = rows[0][:6]
-    arrivals = {int(row[6]): Arrival(row[7], bytes(row[8])) for row in rows if row[6] is not None}
-    return JoinState(int(slots), arrivals, created_by, float(created_at),
-                     None if deadline is None else float(deadline), fired_by, bool(timed_out))
+    slots, created_by, created_at, deadline, fired_by, timed_out = tuple(rows[0])[:6]
+    arrivals = {int(row[6]): Arrival(str(event_id_out(row[7])), bytes(row[8])) for row in rows if row[6] is not None}
+    return JoinState(int(slots), arrivals, str(event_id_out(created_by)), float(created_at),
+                     None if deadline is None else float(deadline), event_id_out(fired_by), bool(timed_out))
 
 
 class PostgresJoinStore(_pg.PooledStore, JoinStore):
@@ -98,31 +112,32 @@ class PostgresJoinStore(_pg.PooledStore, JoinStore):
         self, key: JoinKey, slot: int, arrival: Arrival, *, slots: int, now: float, deadline: float | None
     ) -> JoinState:
         row = ident(key)
+        event_id = event_id_in(arrival.event_id)
         with _pg.translate(f"join store {redact(self.url)}"):
             async with self._open_pool().acquire() as conn, conn.transaction():
                 is_open: bool | None = None
                 for _ in range(3):  # no row to lock: expire() deleted it after our INSERT found it; create again
-                    await conn.execute(_CREATE, *row, slots, arrival.event_id, now, deadline)
+                    await conn.execute(_CREATE, *row, slots, event_id, now, deadline)
                     is_open = await conn.fetchval(_LOCK, *row)
                     if is_open is not None:
                         break
                 if is_open:
-                    await conn.execute(_STORE, *row, slot, arrival.event_id, arrival.body)
-                state = _state(await conn.fetch(_STATE, *row))
+                    await conn.execute(_STORE, *row, slot, event_id, arrival.body)
+                state = state_of(await conn.fetch(_STATE, *row))
         if state is None:
             raise StoreError(f"join store {redact(self.url)}: join {key} vanished while recording {arrival.event_id}")
         return state
 
     async def get(self, key: JoinKey) -> JoinState | None:
         with _pg.translate(f"join store {redact(self.url)}"):
-            return _state(await self._open_pool().fetch(_STATE, *ident(key)))
+            return state_of(await self._open_pool().fetch(_STATE, *ident(key)))
 
     async def time_out(self, key: JoinKey) -> JoinState | None:
         row = ident(key)
         with _pg.translate(f"join store {redact(self.url)}"):
             async with self._open_pool().acquire() as conn, conn.transaction():
                 await conn.execute(_TIME_OUT, *row)
-                return _state(await conn.fetch(_STATE, *row))
+                return state_of(await conn.fetch(_STATE, *row))
 
     async def expire(self, older_than: float) -> int:
         with _pg.translate(f"join store {redact(self.url)}"):
