@@ -7,18 +7,22 @@ schema per test; skipped when PostgreSQL is unreachable, failed under CI).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import itertools
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from choreograph import FAILED, App, Event, Failure, Publisher, Reject, Service, Worker, derive_id
-from choreograph._envelope import decode
+from choreograph._envelope import Envelope, decode
 from choreograph._journal_model import JournalEntry, TransactionSummary, format_time
 from choreograph._journal_store import MemoryJournalStore
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.journal import JOURNAL_GROUP, TIMEDOUT, Journal, JournalStore, open_journal_store
-from choreograph.runtime.records import first_envelope
+from choreograph.runtime.records import dead_letter_record, failure_envelope, first_envelope
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
 from tests.stores._databases import backend_url
@@ -196,14 +200,66 @@ async def test_a_failure_nobody_compensates_fails_the_transaction_at_once(
     assert tx.summary.terminal_type is None
 
 
-async def test_a_failing_compensation_fails_the_transaction(journal: Journal, app: App, bus: SpyBus) -> None:
+async def test_a_failing_compensation_is_compensation_failed(journal: Journal, app: App, bus: SpyBus) -> None:
     cid = await start(app, bus, mode="crash-twice")
     tx = await journal.transaction(cid)
     assert tx is not None and tx.timeline is not None
-    assert tx.status == "failed"
+    assert tx.status == "compensation_failed" and tx.summary.compensation_failures == 1
     assert [(e.type, e.failed_type) for e in tx.timeline if e.kind == "failure"] == [
         (FAILED, Charged.event_type()), (FAILED, FAILED),
     ]
+
+
+def gave_up(cause: Envelope, service: str, handler: str) -> Envelope:
+    """The ``choreograph.failed`` a worker publishes when ``service``'s ``handler`` gives up on ``cause``."""
+    record = dead_letter_record(
+        reason="max_attempts", service=service, handler=handler, group=service, attempts=3, first_error=None,
+        last_error=None, first_attempt_at=None, last_attempt_at=0.0, envelope=cause.to_dict(),
+    )
+    return failure_envelope(cause, record, service=service, handler=handler, source=f"/choreograph/{service}")
+
+
+def rolled_back_halfway(cid: str, end: Event) -> list[Envelope]:
+    """A drone crash with two compensations: one gives up (its ``choreograph.failed`` handler was
+    dead-lettered), the other ends the transaction with ``end``."""
+    root = first_envelope(Requested(order=cid), source="/gateway", id=cid)
+    charged = first_envelope(Charged(order=cid, mode="crash"), source="/choreograph/payment", id=f"{cid}-charged",
+                             correlation_id=cid)
+    crashed = gave_up(charged, "drone", "fly")
+    refund_gave_up = gave_up(crashed, "payment", "refund")
+    ended = first_envelope(end, source="/choreograph/stock", id=f"{cid}-end", correlation_id=cid)
+    return [root, charged, crashed, refund_gave_up, ended]
+
+
+async def test_a_compensation_that_gave_up_is_compensation_failed_whatever_the_order_and_the_end(
+    journal: Journal,
+) -> None:
+    """The other compensation's terminal ``failed`` event made it ``compensated``: the rollback
+    read as finished while the refund was dead-lettered and the money never came back."""
+    orders = list(itertools.permutations(range(5)))[::4]  # 30 of the 120 orders, each envelope alone
+    for n, order in enumerate(orders):
+        envelopes = rolled_back_halfway(f"tx-{n}", Cancelled(order="o"))
+        for i in order:
+            await journal.record([envelopes[i]])
+        tx = await journal.transaction(f"tx-{n}")
+        assert tx is not None and tx.status == "compensation_failed", order
+        assert tx.summary.terminal_type == Cancelled.event_type() and tx.summary.compensation_failures == 1
+    await journal.record(rolled_back_halfway("tx-delivered", Delivered(order="o")))  # a completed end neither
+    tx = await journal.transaction("tx-delivered")
+    assert tx is not None and tx.status == "compensation_failed"
+
+    cids = {f"tx-{n}" for n in range(len(orders))} | {"tx-delivered"}
+    listed = await journal.transactions(status="compensation_failed", limit=100)
+    assert {t.correlation_id for t in listed} == cids and {t.status for t in listed} == {"compensation_failed"}
+    assert await journal.transactions(status="compensated") == []
+    assert await journal.transactions(status="completed") == []
+    activity = await journal.store.activity(since=0.0, now=journal.now())
+    assert activity.statuses["compensation_failed"] == len(cids) and activity.statuses["compensated"] == 0
+
+    intact = rolled_back_halfway("tx-intact", Cancelled(order="o"))
+    await journal.record(intact[:3] + intact[4:])  # the refund did not give up: compensated, as before
+    tx = await journal.transaction("tx-intact")
+    assert tx is not None and tx.status == "compensated"
 
 
 async def test_without_compensation_knowledge_a_failure_waits_for_a_terminal_event(
@@ -360,6 +416,34 @@ async def test_an_event_joining_from_outside_does_not_replace_the_root_whatever_
     assert tx is not None and tx.summary.root_type == Requested.event_type()
 
 
+async def test_a_timeout_carries_the_trace_context_of_the_transaction(
+    journal: Journal, bus: SpyBus, clock: VirtualClock
+) -> None:
+    """``choreograph.timedout`` went out with no ``traceparent``: a tracing backend showed the
+    timeout (and every compensation it triggered) as a trace of its own, unlinked to the
+    transaction. It carries the trace context of the latest event that had one."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    root = first_envelope(Requested(order="o-1", mode="stall"), source="/gateway", id="tx-traced",
+                          traceparent=f"00-{trace}-00f067aa0ba902b7-01")
+    charged = dataclasses.replace(
+        first_envelope(Charged(order="o-1", mode="stall"), source="/choreograph/payment", id="tx-traced-charged",
+                       correlation_id="tx-traced", traceparent=f"00-{trace}-b7ad6b7169203331-01"),
+        causationid="tx-traced", tracestate="vendor=opaque",
+    )
+    scanned = first_envelope(Scanned(order="o-1"), source="/courier", id="tx-traced-scan", correlation_id="tx-traced")
+    for envelope in (root, charged, scanned):  # the last from outside any trace
+        await journal.record([envelope])
+    clock.advance(61)
+    assert await journal.check_deadlines() == ["tx-traced"]
+    [message] = bus.of_type(TIMEDOUT)
+    timedout = decode(message.body)
+    assert (timedout.traceparent, timedout.tracestate) == (charged.traceparent, "vendor=opaque")
+    assert timedout.causationid == "tx-traced-scan"
+    tx = await journal.transaction("tx-traced")
+    assert tx is not None and tx.timeline is not None
+    assert [e.traceparent for e in tx.timeline[:3]] == [root.traceparent, charged.traceparent, None]
+
+
 async def test_a_redelivered_event_is_recorded_once(journal: Journal, bus: SpyBus) -> None:
     [env] = await Publisher(bus).publish(Requested(order="o-1"), ids=["same-id"])
     await Publisher(bus).publish(Requested(order="o-1"), ids=["same-id"])
@@ -400,6 +484,87 @@ async def test_a_durable_journal_is_readable_by_another_journal_after_restart(
         assert tx.status == "compensated" and len(tx.timeline) == 4
     finally:
         await reader.close()
+
+
+OLD_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    correlation_id TEXT NOT NULL,
+    type TEXT NOT NULL, source TEXT NOT NULL, service TEXT NOT NULL, kind TEXT NOT NULL,
+    at REAL NOT NULL, recorded_at REAL NOT NULL, causation_id TEXT, time TEXT, attempt INTEGER,
+    deadline REAL, failed_type TEXT, compensable INTEGER NOT NULL, record TEXT
+);
+CREATE INDEX IF NOT EXISTS journal_events_cid ON journal_events (correlation_id, seq);
+-- activity(): the window's entries counted from the index alone (covering), not the table
+CREATE INDEX IF NOT EXISTS journal_events_window ON journal_events (recorded_at, service, type, kind, failed_type);
+CREATE TABLE IF NOT EXISTS journal_transactions (
+    correlation_id TEXT PRIMARY KEY,
+    base_status TEXT NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, started_at REAL NOT NULL,
+    deadline REAL NOT NULL, deadline_explicit INTEGER NOT NULL, root_type TEXT, event_count INTEGER NOT NULL,
+    terminal_type TEXT, terminal_kind TEXT, failures INTEGER NOT NULL, uncompensated INTEGER NOT NULL,
+    timed_out INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS journal_tx_status ON journal_transactions (base_status, deadline);
+CREATE INDEX IF NOT EXISTS journal_tx_started ON journal_transactions (started_at);
+"""
+
+
+def old_rows(db: sqlite3.Connection, journal: Journal, envelopes: Sequence[Envelope], base_status: str) -> None:
+    """What a journal before ``compensation_failed`` (and stored trace contexts) wrote for ``envelopes``."""
+    entries = [journal.entry(env, 1_000.0) for env in envelopes]
+    for e in entries:
+        db.execute(
+            "INSERT INTO journal_events (event_id, correlation_id, type, source, service, kind, at, recorded_at, "
+            "causation_id, time, attempt, deadline, failed_type, compensable, record) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
+            (e.event_id, e.correlation_id, e.type, e.source, e.service, e.kind, e.at, e.recorded_at,
+             e.causation_id, e.time, e.attempt, e.deadline, e.failed_type, int(e.compensable)),
+        )
+    s = TransactionSummary.first(entries[0], 60.0)
+    for e in entries[1:]:
+        s.fold(e)
+    db.execute(
+        "INSERT INTO journal_transactions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (s.correlation_id, base_status, s.first_seen, s.last_seen, s.started_at, s.deadline,
+         int(s.deadline_explicit), s.root_type, s.event_count, s.terminal_type, s.terminal_kind, s.failures,
+         s.uncompensated, int(s.timed_out)),
+    )
+
+
+async def test_a_journal_file_written_before_compensation_failed_opens_and_shows_it(
+    app: App, bus: SpyBus, tmp_path: Path
+) -> None:
+    """A new column in a file that has the table: ``CREATE TABLE IF NOT EXISTS`` left the old table
+    as it was, so every read and write of the new column failed; and a transaction recorded before
+    must read ``compensation_failed`` too, not the ``compensated`` it was stored as."""
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(OLD_SQLITE_SCHEMA)
+        writer = Journal.from_app(app, "memory://")
+        old_rows(db, writer, rolled_back_halfway("tx-old", Cancelled(order="o")), "compensated")
+        intact = rolled_back_halfway("tx-intact", Cancelled(order="o"))
+        old_rows(db, writer, intact[:3] + intact[4:], "compensated")
+        db.commit()
+    url = f"sqlite:///{path}"
+    reader = Journal(url)  # no transport: queries only (gateway, trace)
+    try:
+        tx = await reader.transaction("tx-old")
+        assert tx is not None and tx.status == "compensation_failed" and tx.timeline is not None
+        assert len(tx.timeline) == 5 and all(e.traceparent is None for e in tx.timeline)
+        assert [t.correlation_id for t in await reader.transactions(status="compensation_failed")] == ["tx-old"]
+        assert [t.correlation_id for t in await reader.transactions(status="compensated")] == ["tx-intact"]
+    finally:
+        await reader.close()
+    async with Journal.from_app(app, url, transport=bus) as journal:  # and records into it
+        traceparent = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+        late = first_envelope(Scanned(order="o"), source="/courier", id="late", correlation_id="tx-intact",
+                              traceparent=traceparent)
+        await journal.record([late])
+        tx = await journal.transaction("tx-intact")
+        assert tx is not None and tx.timeline is not None and tx.summary.event_count == 5
+        assert tx.status == "compensated" and tx.timeline[-1].traceparent == traceparent
 
 
 async def test_a_journal_without_transport_cannot_start() -> None:

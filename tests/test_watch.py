@@ -28,7 +28,7 @@ from choreograph.journal import Journal
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests._procs import stop
 from tests.stores._databases import backend_url
-from tests.test_journal import Cancelled, Charged, Declined, Delivered, Requested, charge
+from tests.test_journal import Cancelled, Charged, Declined, Delivered, Requested, charge, rolled_back_halfway
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ async def test_activity_counts_entries_recorded_since_a_time_and_transactions_by
         ("s2", FAILED, "failure", "t.start", 1, 125.0),
         ("s2", "t.done", "completed", None, 1, 110.0),
     ]
-    assert late.statuses == {"running": 0, "completed": 1, "failed": 1, "compensated": 0, "stuck": 1}
+    assert late.statuses == {"running": 0, "completed": 1, "failed": 1, "compensated": 0, "compensation_failed": 0, "stuck": 1}
 
     early = await store.activity(since=0.0, now=125.0)
     assert {(e.service, e.type): (e.count, e.last_at) for e in early.edges}[("s1", "t.start")] == (2, 120.0)
@@ -145,7 +145,7 @@ async def test_activity_counts_entries_recorded_since_a_time_and_transactions_by
 async def test_activity_of_an_empty_journal_counts_zero_of_every_status(store: JournalStore) -> None:
     found = await store.activity(since=0.0, now=0.0)
     assert found.edges == []
-    assert found.statuses == {"running": 0, "completed": 0, "failed": 0, "compensated": 0, "stuck": 0}
+    assert found.statuses == {"running": 0, "completed": 0, "failed": 0, "compensated": 0, "compensation_failed": 0, "stuck": 0}
 
 
 # -- the snapshot -----------------------------------------------------------------------
@@ -227,7 +227,7 @@ async def test_transactions_are_counted_by_status_and_the_newest_listed_with_the
 ) -> None:
     ids = await run_modes(store, clock)
     snap = await read_snapshot(store, now=clock.time(), window=60, limit=3)
-    assert snap.statuses == {"running": 1, "completed": 2, "failed": 2, "compensated": 1, "stuck": 0}
+    assert snap.statuses == {"running": 1, "completed": 2, "failed": 2, "compensated": 1, "compensation_failed": 0, "stuck": 0}
     assert snap.total == 6 and len(snap.newest) == 3
     rows = {row.correlation_id: row for row in (await read_snapshot(store, now=clock.time(), window=60)).newest}
     crash = rows[ids["crash"]]
@@ -235,6 +235,21 @@ async def test_transactions_are_counted_by_status_and_the_newest_listed_with_the
         "compensated", Cancelled.event_type(), "payment", 1,
     )
     assert (rows[ids["stall"]].status, rows[ids["stall"]].last_type) == ("running", REQUESTED)
+
+
+async def test_a_transaction_whose_compensation_gave_up_is_singled_out(store: JournalStore, clock: VirtualClock) -> None:
+    """Nothing will finish its rollback: it needs a person as much as a failed one (it read
+    ``compensated`` before, and was not flagged)."""
+    ids = await run_modes(store, clock)
+    journal = Journal.from_app(watch_app(), store, clock=clock)
+    await journal.record(rolled_back_halfway("tx-half", Cancelled(order="o")))
+    clock.advance(61)
+    snap = await read_snapshot(store, now=clock.time(), window=60)
+    assert snap.statuses["compensation_failed"] == 1 and snap.statuses["compensated"] == 1
+    assert [(row.status, row.correlation_id) for row in snap.attention] == [
+        ("stuck", ids["stall"]), ("compensation_failed", "tx-half"), ("failed", ids["nobody"]),
+        ("failed", ids["decline"]),
+    ]
 
 
 async def test_stuck_and_failed_transactions_are_singled_out(store: JournalStore, clock: VirtualClock) -> None:
@@ -295,7 +310,7 @@ def test_watch_once_json_prints_the_snapshot(journal_file: tuple[str, dict[str, 
     assert result.returncode == 0, result.stderr
     snap = json.loads(result.stdout)
     assert snap["app"] == "watched" and snap["window_s"] == 3600
-    assert snap["statuses"] == {"running": 0, "completed": 2, "failed": 2, "compensated": 1, "stuck": 1}
+    assert snap["statuses"] == {"running": 0, "completed": 2, "failed": 2, "compensated": 1, "compensation_failed": 0, "stuck": 1}
     edges = {(e["service"], e["type"], e["failed_type"]): e for e in snap["edges"]}
     assert edges[("gateway", REQUESTED, None)]["count"] == 6
     assert edges[("gateway", REQUESTED, None)]["rate"] == pytest.approx(6 / 3600)

@@ -67,6 +67,7 @@ _SUMMARY_PROPERTIES: dict[str, Any] = {
     "terminal_type": _OPT_STR,
     "event_count": {"type": "integer"},
     "failures": {"type": "integer"},
+    "compensation_failures": {"type": "integer"},
     "timed_out": {"type": "boolean"},
 }
 

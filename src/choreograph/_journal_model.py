@@ -5,6 +5,15 @@ SQLite, PostgreSQL): a store persists entries and summaries, it never decides a 
 
 Statuses (``Status``), for the events of one correlation id:
 
+* ``compensation_failed`` -- a compensation gave up: an ``on_failure`` handler was retried
+  to exhaustion and dead-lettered, so the journal recorded a ``choreograph.failed`` of a
+  ``choreograph.failed`` event. The rollback did not finish and nothing will finish it:
+  some step stays half undone and needs a person (replay the dead letter, or repair by
+  hand). It takes precedence over every other status, terminal events included (a
+  ``failed`` or even a ``completed`` end does not undo what the compensation left behind).
+  Final: no deadline, no ``choreograph.timedout``. Only ``on_failure`` handlers are known
+  to be compensations; an ordinary handler that undoes something and gives up is a failure
+  like any other.
 * ``completed``   -- a terminal ``completed`` event was recorded.
 * ``compensated`` -- a terminal ``failed`` event was recorded, and the transaction also
   contains a runtime failure (``choreograph.failed``) or a ``choreograph.timedout``:
@@ -18,11 +27,12 @@ Statuses (``Status``), for the events of one correlation id:
   transaction). Not final: a late terminal event still moves it on.
 * ``running``     -- none of the above.
 
-The first terminal event recorded decides between completed and failed/compensated;
+Apart from ``compensation_failed``, the first terminal event recorded decides between
+completed and failed/compensated;
 later terminal events are kept in the timeline but do not change the status. The
 definitions do not depend on the order in which the journal receives events (a failure
-recorded after the terminal event still makes it ``compensated``), because brokers do
-not order events across services.
+recorded after the terminal event still makes it ``compensated``, a compensation's failure
+recorded after it ``compensation_failed``), because brokers do not order events across services.
 """
 
 from __future__ import annotations
@@ -32,8 +42,8 @@ import math
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-Status = Literal["running", "completed", "failed", "compensated", "stuck"]
-STATUSES: tuple[Status, ...] = ("running", "completed", "failed", "compensated", "stuck")
+Status = Literal["running", "completed", "failed", "compensated", "compensation_failed", "stuck"]
+STATUSES: tuple[Status, ...] = ("running", "completed", "failed", "compensated", "compensation_failed", "stuck")
 
 JOURNAL_GROUP = "choreograph.journal"
 """The journal's consumer group (wildcard: every type)."""
@@ -44,8 +54,13 @@ DEFAULT_JOURNAL = "sqlite:///./var/journal.db"
 These constants live here, beside the model, so the command line reads them without
 importing the journal itself."""
 
-BaseStatus = Literal["running", "completed", "failed", "compensated"]
+BaseStatus = Literal["running", "completed", "failed", "compensated", "compensation_failed"]
 """What a store persists; ``stuck`` is ``running`` past the deadline, derived at query time."""
+
+FAILED = "choreograph.failed"
+"""The runtime's failure event type (:data:`choreograph.service.FAILED`, repeated here so the
+command line reads the model without importing the services). A failure whose failed type is
+this one is a compensation (an ``on_failure`` handler) that gave up."""
 
 EntryKind = Literal["event", "completed", "failed", "failure", "timedout"]
 """``event`` an ordinary event; ``completed``/``failed`` a terminal event of that kind;
@@ -84,6 +99,7 @@ class JournalEntry:
     attempts made before giving up). ``compensable`` says, for a failure, whether some
     service compensates failures of ``failed_type``. ``record`` is a failure's
     dead-letter record (without the original envelope, which is its own entry).
+    ``traceparent``/``tracestate`` are the event's W3C trace context, if it carried one.
     """
 
     event_id: str
@@ -101,6 +117,13 @@ class JournalEntry:
     failed_type: str | None = None
     compensable: bool = True
     record: dict[str, Any] | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+    @property
+    def compensation_failure(self) -> bool:
+        """Whether this is a compensation that gave up (a failure of a ``choreograph.failed`` event)."""
+        return self.kind == "failure" and self.failed_type == FAILED
 
     @property
     def outcome(self) -> str:
@@ -157,6 +180,7 @@ class TransactionSummary:
     failures: int = 0
     uncompensated: int = 0
     timed_out: bool = False
+    compensation_failures: int = 0
 
     @classmethod
     def first(cls, entry: JournalEntry, stuck_after: float) -> TransactionSummary:
@@ -192,12 +216,16 @@ class TransactionSummary:
             self.failures += 1
             if not entry.compensable:
                 self.uncompensated += 1
+            if entry.compensation_failure:
+                self.compensation_failures += 1
         elif entry.kind == "timedout":
             self.timed_out = True
 
     @property
     def base_status(self) -> BaseStatus:
         """The status without the clock (what stores persist and filter on)."""
+        if self.compensation_failures:
+            return "compensation_failed"
         if self.terminal_kind == "completed":
             return "completed"
         if self.terminal_kind == "failed":
@@ -225,6 +253,7 @@ class TransactionSummary:
             "terminal_type": self.terminal_type,
             "event_count": self.event_count,
             "failures": self.failures,
+            "compensation_failures": self.compensation_failures,
             "timed_out": self.timed_out,
         }
 

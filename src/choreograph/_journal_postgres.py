@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from choreograph._journal_model import JournalEntry, Status, TransactionSummary
+from choreograph._journal_model import FAILED, JournalEntry, Status, TransactionSummary
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph._redact import redact
 from choreograph.stores import _pg
@@ -76,6 +76,21 @@ JOURNAL_MIGRATIONS = [
     """
     ALTER TABLE choreograph_journal_transactions ADD COLUMN IF NOT EXISTS correlation_full text;
     """,
+    # Each event's trace context (choreograph.timedout carries the transaction's), and the
+    # compensations that gave up per transaction, counted from what is already recorded.
+    f"""
+    ALTER TABLE choreograph_journal_events ADD COLUMN IF NOT EXISTS traceparent text;
+    ALTER TABLE choreograph_journal_events ADD COLUMN IF NOT EXISTS tracestate text;
+    ALTER TABLE choreograph_journal_transactions
+        ADD COLUMN IF NOT EXISTS compensation_failures integer NOT NULL DEFAULT 0;
+    UPDATE choreograph_journal_transactions AS t
+    SET compensation_failures = f.n, base_status = 'compensation_failed'
+    FROM (
+        SELECT correlation_id, count(*) AS n FROM choreograph_journal_events
+        WHERE kind = 'failure' AND failed_type = '{FAILED}' GROUP BY correlation_id
+    ) AS f
+    WHERE t.correlation_id = f.correlation_id;
+    """,
 ]
 
 # (column, array type) in insert order; record travels as text and is cast to jsonb.
@@ -83,13 +98,15 @@ _EVENT_COLUMNS = (
     ("event_id", "text"), ("correlation_id", "text"), ("type", "text"), ("source", "text"),
     ("service", "text"), ("kind", "text"), ("at", "float8"), ("recorded_at", "float8"),
     ("causation_id", "text"), ("time", "text"), ("attempt", "int4"), ("deadline", "float8"),
-    ("failed_type", "text"), ("compensable", "bool"), ("record", "text"),
+    ("failed_type", "text"), ("compensable", "bool"), ("traceparent", "text"), ("tracestate", "text"),
+    ("record", "text"),
 )
 _TX_COLUMNS = (
     ("correlation_id", "text"), ("base_status", "text"), ("first_seen", "float8"), ("last_seen", "float8"),
     ("started_at", "float8"), ("deadline", "float8"), ("deadline_explicit", "bool"), ("root_type", "text"),
     ("event_count", "int4"), ("terminal_type", "text"), ("terminal_kind", "text"), ("failures", "int4"),
     ("uncompensated", "int4"), ("timed_out", "bool"), ("correlation_full", "text"),
+    ("compensation_failures", "int4"),
 )
 
 
@@ -168,7 +185,8 @@ def _entry_row(entry: JournalEntry) -> tuple[Any, ...]:
     return (
         _key(entry.event_id), _key(entry.correlation_id), _in(entry.type), _in(entry.source), _in(entry.service),
         entry.kind, entry.at, entry.recorded_at, _key(entry.causation_id), _in(entry.time), entry.attempt,
-        entry.deadline, _in(entry.failed_type), entry.compensable, record,
+        entry.deadline, _in(entry.failed_type), entry.compensable, _in(entry.traceparent), _in(entry.tracestate),
+        record,
     )
 
 
@@ -177,7 +195,8 @@ def _entry(row: Sequence[Any], correlation_id: str) -> JournalEntry:
         event_id=_out(row[0]), correlation_id=correlation_id, type=_out(row[2]), source=_out(row[3]),
         service=_out(row[4]), kind=row[5], at=row[6], recorded_at=row[7], causation_id=_out(row[8]),
         time=_out(row[9]), attempt=row[10], deadline=row[11], failed_type=_out(row[12]), compensable=row[13],
-        record=_walk(orjson.loads(row[14]), _out) if row[14] is not None else None,
+        traceparent=_out(row[14]), tracestate=_out(row[15]),
+        record=_walk(orjson.loads(row[16]), _out) if row[16] is not None else None,
     )
 
 
@@ -186,7 +205,7 @@ def _summary_row(s: TransactionSummary) -> tuple[Any, ...]:
     return (
         key, s.base_status, s.first_seen, s.last_seen, s.started_at, s.deadline, s.deadline_explicit,
         _in(s.root_type), s.event_count, _in(s.terminal_type), s.terminal_kind, s.failures, s.uncompensated,
-        s.timed_out, _in(s.correlation_id) if key.startswith(_DIGEST) else None,
+        s.timed_out, _in(s.correlation_id) if key.startswith(_DIGEST) else None, s.compensation_failures,
     )
 
 
@@ -195,7 +214,7 @@ def _summary(row: Sequence[Any]) -> TransactionSummary:
         correlation_id=_out(row[13] if row[13] is not None else row[0]), first_seen=row[1], last_seen=row[2],
         started_at=row[3], deadline=row[4], deadline_explicit=row[5], root_type=_out(row[6]), event_count=row[7],
         terminal_type=_out(row[8]), terminal_kind=row[9], failures=row[10], uncompensated=row[11],
-        timed_out=row[12],
+        timed_out=row[12], compensation_failures=row[14],
     )
 
 

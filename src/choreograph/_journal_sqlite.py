@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from choreograph._journal_model import JournalEntry, Status, TransactionSummary
+from choreograph._journal_model import FAILED, JournalEntry, Status, TransactionSummary
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph._sqlite import connect_wal
 from choreograph.errors import StoreError
@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS journal_events (
     correlation_id TEXT NOT NULL,
     type TEXT NOT NULL, source TEXT NOT NULL, service TEXT NOT NULL, kind TEXT NOT NULL,
     at REAL NOT NULL, recorded_at REAL NOT NULL, causation_id TEXT, time TEXT, attempt INTEGER,
-    deadline REAL, failed_type TEXT, compensable INTEGER NOT NULL, record TEXT
+    deadline REAL, failed_type TEXT, compensable INTEGER NOT NULL, record TEXT,
+    traceparent TEXT, tracestate TEXT
 );
 CREATE INDEX IF NOT EXISTS journal_events_cid ON journal_events (correlation_id, seq);
 -- activity(): the window's entries counted from the index alone (covering), not the table
@@ -41,19 +42,55 @@ CREATE TABLE IF NOT EXISTS journal_transactions (
     first_seen REAL NOT NULL, last_seen REAL NOT NULL, started_at REAL NOT NULL,
     deadline REAL NOT NULL, deadline_explicit INTEGER NOT NULL, root_type TEXT, event_count INTEGER NOT NULL,
     terminal_type TEXT, terminal_kind TEXT, failures INTEGER NOT NULL, uncompensated INTEGER NOT NULL,
-    timed_out INTEGER NOT NULL
+    timed_out INTEGER NOT NULL, compensation_failures INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS journal_tx_status ON journal_transactions (base_status, deadline);
 CREATE INDEX IF NOT EXISTS journal_tx_started ON journal_transactions (started_at);
 """
 
+# The compensations that gave up (JournalEntry.compensation_failure) of each transaction.
+_COMPENSATION_FAILURES = (
+    "SELECT correlation_id, count(*) FROM journal_events "
+    f"WHERE kind = 'failure' AND failed_type = '{FAILED}' GROUP BY correlation_id"
+)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns a journal file written before them lacks (``CREATE TABLE IF NOT EXISTS``
+    leaves an existing table as it is), and derive the new summary column from the recorded entries."""
+
+    def missing() -> tuple[set[str], set[str]]:
+        events = {row[1] for row in db.execute("PRAGMA table_info(journal_events)")}
+        txs = {row[1] for row in db.execute("PRAGMA table_info(journal_transactions)")}
+        return {"traceparent", "tracestate"} - events, {"compensation_failures"} - txs
+
+    if missing() == (set(), set()):
+        return
+    db.execute("BEGIN IMMEDIATE")  # another process may be migrating the same file
+    try:
+        events, txs = missing()
+        for column in sorted(events):
+            db.execute(f"ALTER TABLE journal_events ADD COLUMN {column} TEXT")
+        if txs:
+            db.execute("ALTER TABLE journal_transactions ADD COLUMN compensation_failures INTEGER NOT NULL DEFAULT 0")
+            db.executemany(
+                "UPDATE journal_transactions SET compensation_failures = ?, base_status = 'compensation_failed' "
+                "WHERE correlation_id = ?",
+                [(count, cid) for cid, count in db.execute(_COMPENSATION_FAILURES).fetchall()],
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 _EVENT_COLUMNS = (
     "event_id, correlation_id, type, source, service, kind, at, recorded_at, causation_id, time, attempt, "
-    "deadline, failed_type, compensable, record"
+    "deadline, failed_type, compensable, record, traceparent, tracestate"
 )
 _TX_COLUMNS = (
     "correlation_id, first_seen, last_seen, started_at, deadline, deadline_explicit, root_type, event_count, "
-    "terminal_type, terminal_kind, failures, uncompensated, timed_out"
+    "terminal_type, terminal_kind, failures, uncompensated, timed_out, compensation_failures"
 )
 
 
@@ -62,6 +99,7 @@ def _entry_row(entry: JournalEntry) -> tuple[Any, ...]:
         entry.event_id, entry.correlation_id, entry.type, entry.source, entry.service, entry.kind, entry.at,
         entry.recorded_at, entry.causation_id, entry.time, entry.attempt, entry.deadline, entry.failed_type,
         int(entry.compensable), orjson.dumps(entry.record).decode() if entry.record is not None else None,
+        entry.traceparent, entry.tracestate,
     )
 
 
@@ -70,6 +108,7 @@ def _entry(row: Sequence[Any]) -> JournalEntry:
         event_id=row[0], correlation_id=row[1], type=row[2], source=row[3], service=row[4], kind=row[5],
         at=row[6], recorded_at=row[7], causation_id=row[8], time=row[9], attempt=row[10], deadline=row[11],
         failed_type=row[12], compensable=bool(row[13]), record=orjson.loads(row[14]) if row[14] else None,
+        traceparent=row[15], tracestate=row[16],
     )
 
 
@@ -77,7 +116,7 @@ def _summary_row(s: TransactionSummary) -> tuple[Any, ...]:
     return (
         s.correlation_id, s.base_status, s.first_seen, s.last_seen, s.started_at, s.deadline,
         int(s.deadline_explicit), s.root_type, s.event_count, s.terminal_type, s.terminal_kind, s.failures,
-        s.uncompensated, int(s.timed_out),
+        s.uncompensated, int(s.timed_out), s.compensation_failures,
     )
 
 
@@ -86,13 +125,14 @@ def _summary(row: Sequence[Any]) -> TransactionSummary:
         correlation_id=row[0], first_seen=row[1], last_seen=row[2], started_at=row[3], deadline=row[4],
         deadline_explicit=bool(row[5]), root_type=row[6], event_count=row[7], terminal_type=row[8],
         terminal_kind=row[9], failures=row[10], uncompensated=row[11], timed_out=bool(row[12]),
+        compensation_failures=row[13],
     )
 
 
 def _save(db: sqlite3.Connection, summaries: Collection[TransactionSummary]) -> None:
     db.executemany(
         "INSERT OR REPLACE INTO journal_transactions (correlation_id, base_status, "
-        + _TX_COLUMNS.split(", ", 1)[1] + ") VALUES (" + ",".join("?" * 14) + ")",
+        + _TX_COLUMNS.split(", ", 1)[1] + ") VALUES (" + ",".join("?" * 15) + ")",
         [_summary_row(s) for s in summaries],
     )
 
@@ -129,7 +169,13 @@ class SQLiteJournalStore(JournalStore):
         executor = self._executor
 
         def connect() -> sqlite3.Connection:
-            return connect_wal(self.path, schema=_SCHEMA)
+            db = connect_wal(self.path, schema=_SCHEMA)
+            try:
+                _migrate(db)
+            except BaseException:
+                db.close()
+                raise
+            return db
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(executor, connect)
@@ -151,7 +197,7 @@ class SQLiteJournalStore(JournalStore):
                 fresh = []
                 for entry in entries:
                     cursor = db.execute(
-                        f"INSERT OR IGNORE INTO journal_events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * 15)})",
+                        f"INSERT OR IGNORE INTO journal_events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * 17)})",
                         _entry_row(entry),
                     )
                     if cursor.rowcount == 1:

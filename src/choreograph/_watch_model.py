@@ -37,8 +37,9 @@ from choreograph.flow import RUNTIME_PREFIX, FlowGraph
 
 __all__ = ["ATTENTION", "EdgeTraffic", "Snapshot", "TransactionRow", "build_snapshot", "read_snapshot"]
 
-ATTENTION: tuple[Status, ...] = ("stuck", "failed")
-"""Statuses that need a person: nothing will end these transactions by itself."""
+ATTENTION: tuple[Status, ...] = ("stuck", "compensation_failed", "failed")
+"""Statuses that need a person: nothing will end these transactions by itself (a
+``compensation_failed`` one has a step left half undone), in the order they are listed."""
 
 Terminal = Literal["completed", "failed"]
 
@@ -249,7 +250,8 @@ def build_snapshot(
 
 
 def _attention(rows: list[TransactionRow]) -> list[TransactionRow]:
-    """Stuck ones first (someone may still end them), then failed, each newest first."""
+    """Stuck ones first (someone may still end them), then those whose compensation gave up, then
+    failed, each newest first."""
     return sorted((row for row in rows if row.attention), key=lambda row: ATTENTION.index(row.status))
 
 
@@ -272,7 +274,7 @@ async def read_snapshot(
     activity = await store.activity(since=now - window, now=now)
     newest = await store.summaries(status=None, now=now, limit=limit)
     flagged: list[TransactionSummary] = []
-    for status in ATTENTION:  # stuck ones first, failed ones in the room left
+    for status in ATTENTION:  # stuck ones first, the others in the room left
         room = limit - len(flagged)
         if room and activity.statuses.get(status, 0):
             flagged.extend(await store.summaries(status=status, now=now, limit=room))

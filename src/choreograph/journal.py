@@ -3,10 +3,13 @@
 It consumes as its own group (``choreograph.journal``) with a wildcard subscription,
 through the ordinary transport API, so it sees every event every service sees and
 never routes anything. From what it records it derives each transaction's status
-(running, completed, failed, compensated, stuck: defined in
-:mod:`choreograph._journal_model`), and when a transaction passes its deadline without
+(running, completed, failed, compensated, compensation_failed, stuck: defined in
+:mod:`choreograph._journal_model`; ``compensation_failed`` says a compensation gave up, so
+the rollback did not finish), and when a transaction passes its deadline without
 a terminal event it publishes ``choreograph.timedout`` once, with the transaction's
-correlation id and a deterministic id, so services can compensate.
+correlation id, a deterministic id and the transaction's trace context (the ``traceparent``
+of its most recent event that had one, so a tracing backend links the timeout to the
+transaction's trace), so services can compensate.
 
 >>> journal = Journal.from_app(app, "sqlite:///./var/journal.db", transport=bus)   # doctest: +SKIP
 >>> async with journal:                                                            # doctest: +SKIP
@@ -261,6 +264,8 @@ class Journal:
             failed_type=failed_type,
             compensable=compensable,
             record=record,
+            traceparent=envelope.traceparent,
+            tracestate=envelope.tracestate,
         )
 
     async def record(self, envelopes: Collection[Envelope]) -> list[TransactionSummary]:
@@ -345,7 +350,12 @@ class Journal:
 
     async def _timedout(self, summary: TransactionSummary, now: float) -> Envelope:
         timeline = await self.store.timeline(summary.correlation_id)
-        last = max(timeline, key=lambda e: e.recorded_at, default=None)
+        # The timeline is in recording order; entries of one batch share their recorded_at (a
+        # max() by it picked the batch's first), so the last is the last in the timeline.
+        last = timeline[-1] if timeline else None
+        # The trace context of the latest recorded event that carried one (the last may come from
+        # outside any trace): the timeout joins the transaction's trace, after what happened last.
+        traced = next((e for e in reversed(timeline) if e.traceparent), None)
         cid = summary.correlation_id
         return Envelope(
             id=derive_id(cid, self.group, "timedout", 0),
@@ -362,6 +372,8 @@ class Journal:
             subject=summary.root_type,
             correlationid=cid,
             causationid=last.event_id if last else None,
+            traceparent=traced.traceparent if traced else None,
+            tracestate=traced.tracestate if traced else None,
         )
 
     # -- queries ------------------------------------------------------------------------

@@ -114,6 +114,28 @@ def test_the_journal_records_what_is_published_and_trace_shows_it(tmp_path: Path
     assert [t["correlation_id"] for t in json.loads(listed.stdout)] == [cid]
 
 
+def test_a_transaction_whose_compensation_gave_up_is_shown_and_filtered_as_such(tmp_path: Path) -> None:
+    from choreograph.journal import Journal
+    from tests.test_journal import Cancelled, delivery_app, rolled_back_halfway
+
+    store = f"sqlite:///{tmp_path}/journal.db"
+
+    async def record() -> None:
+        journal = Journal.from_app(delivery_app(), store)
+        try:
+            await journal.record(rolled_back_halfway("tx-half", Cancelled(order="o")))
+        finally:
+            await journal.close()
+
+    asyncio.run(record())
+    listed = cli("transactions", "--journal", store, "--status", "compensation_failed", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(t["correlation_id"], t["status"]) for t in json.loads(listed.stdout)] == [("tx-half", "compensation_failed")]
+    assert json.loads(cli("transactions", "--journal", store, "--status", "compensated", "--json").stdout) == []
+    tree = cli("trace", "tx-half", "--journal", store)
+    assert tree.returncode == 0 and "compensation_failed" in tree.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

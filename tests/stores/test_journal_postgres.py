@@ -7,13 +7,14 @@ every scenario on this store too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from choreograph._journal_model import JournalEntry
-from choreograph._journal_postgres import PostgresJournalStore
+from choreograph._journal_model import FAILED, JournalEntry
+from choreograph._journal_postgres import JOURNAL_MIGRATIONS, PostgresJournalStore
 from choreograph.journal import open_journal_store
 from choreograph.stores._pg import parse_url
 from tests.stores._databases import fresh_postgres_url
@@ -164,3 +165,53 @@ async def test_ids_and_text_postgresql_cannot_hold_as_they_are_are_recorded_not_
     listed = {s.correlation_id for s in await store.summaries(status=None, now=200.0, limit=10)}
     assert listed == {"tx\x00", long_cid, "tx-plain"}
     assert await store.summary("tx-plain") is not None
+
+
+class JournalBeforeCompensationFailed(PostgresJournalStore):
+    """The journal's schema before the step that added ``compensation_failures`` and trace contexts."""
+
+    MIGRATIONS = JOURNAL_MIGRATIONS[:3]
+
+
+async def test_a_schema_migrated_before_compensation_failed_is_migrated_and_shows_it(url: str) -> None:
+    """Summaries stored before: a transaction whose compensation gave up (a failure of a
+    ``choreograph.failed`` event) was stored ``compensated``; after the migration it reads, and
+    is listed as, ``compensation_failed``, and new entries keep their trace context."""
+    old = JournalBeforeCompensationFailed(url)
+    await old.open()
+    try:
+        pool = old._open_pool()
+        for cid, failed_types in (("tx-old", ["t.x", FAILED]), ("tx-intact", ["t.x"])):
+            for n, failed_type in enumerate(failed_types):
+                await pool.execute(
+                    "INSERT INTO choreograph_journal_events (event_id, correlation_id, type, source, service, kind, "
+                    "at, recorded_at, failed_type, compensable) VALUES ($1, $2, $3, '/s', 's', 'failure', 100, 100, "
+                    "$4, false)",
+                    f"{cid}-{n}", cid, FAILED, failed_type,
+                )
+            await pool.execute(
+                "INSERT INTO choreograph_journal_transactions (correlation_id, base_status, first_seen, last_seen, "
+                "started_at, deadline, deadline_explicit, event_count, terminal_type, terminal_kind, failures, "
+                "uncompensated, timed_out) VALUES ($1, 'compensated', 100, 100, 100, 160, false, $2, 't.end', "
+                "'failed', $2, $2 - 1, false)",
+                cid, len(failed_types),
+            )
+    finally:
+        await old.close()
+    store = PostgresJournalStore(url)
+    await store.open()
+    try:
+        summary = await store.summary("tx-old")
+        assert summary is not None and summary.compensation_failures == 1
+        assert summary.status(200.0) == "compensation_failed"
+        listed = await store.summaries(status="compensation_failed", now=200.0, limit=10)
+        assert [s.correlation_id for s in listed] == ["tx-old"]
+        assert [s.correlation_id for s in await store.summaries(status="compensated", now=200.0, limit=10)] == [
+            "tx-intact"
+        ]
+        assert (await store.activity(since=0.0, now=200.0)).statuses["compensation_failed"] == 1
+        traced = dataclasses.replace(entry("late", "tx-intact", at=150.0), traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+        await store.record([traced], stuck_after=60)
+        assert (await store.timeline("tx-intact"))[-1] == traced
+    finally:
+        await store.close()

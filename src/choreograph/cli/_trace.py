@@ -54,7 +54,8 @@ READY = "journal running"
 """Printed (stderr) once the journal consumes: ``choreograph dev`` waits for it."""
 
 _STATUS_STYLE = {
-    "running": "cyan", "completed": "green", "failed": "red", "compensated": "yellow", "stuck": "magenta",
+    "running": "cyan", "completed": "green", "failed": "red", "compensated": "yellow",
+    "compensation_failed": "bold red", "stuck": "magenta",
 }
 _KIND_STYLE = {"completed": "green", "failed": "red", "failure": "bold red", "timedout": "magenta", "event": ""}
 

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from choreograph._journal_store import JournalStore
-from choreograph._watch_model import EdgeTraffic, Snapshot, TransactionRow, read_snapshot
+from choreograph._watch_model import ATTENTION, EdgeTraffic, Snapshot, TransactionRow, read_snapshot
 from choreograph.cli._common import console, err_console, load_services
 from choreograph.cli._trace import _STATUS_STYLE
 from choreograph.errors import StoreError
@@ -63,7 +63,7 @@ def _header(snap: Snapshot, error: str | None) -> Text:
         text.append(f"\n{error} (showing the last good view)", style=_ALERT)
     text.append(f"\n{snap.total} transactions:")
     for status, count in snap.statuses.items():
-        alert = count and status in ("stuck", "failed")
+        alert = count and status in ATTENTION
         text.append("  ")
         text.append(f"{status} {count}", style=_ALERT if alert else _STATUS_STYLE.get(status, ""))
     return text
