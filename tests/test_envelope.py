@@ -723,3 +723,21 @@ def test_only_models_that_can_write_a_value_as_null_are_read_back_before_publish
     assert lossy(Nested.__pydantic_core_schema__)
     assert lossy(Direct.__pydantic_core_schema__)
     assert not lossy(Typed.__pydantic_core_schema__)
+
+
+def test_an_inf_in_a_field_of_any_type_is_refused_not_published_as_null() -> None:
+    """``Any`` has no float in its schema, yet holds one at run time: without reading it back
+    the null it is published as reaches consumers as None."""
+    from choreograph.errors import EmitError
+    from choreograph.events import event_json
+
+    class Tagged(Event, type="test.lossy.tagged"):
+        name: str
+        tags: dict[str, Any] = {}
+
+    assert orjson.loads(event_json(Tagged(name="n", tags={"a": None, "b": 1.5}))) == {
+        "name": "n", "tags": {"a": None, "b": 1.5}}
+    with pytest.raises(EmitError) as raised:
+        event_json(Tagged(name="n", tags={"a": None, "b": float("inf")}))
+    assert str(raised.value) == ("'test.lossy.tagged' cannot be published: $.tags.b: inf cannot be carried by "
+                                 "JSON; it would be published as null, which consumers read as None")

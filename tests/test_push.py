@@ -722,6 +722,23 @@ async def test_the_receiver_answers_500_for_an_event_json_cannot_carry_not_200_w
     assert orjson.loads(good.content) == {"delivery_id": "good", "eta": 1.5, "margin": None}
 
 
+async def test_the_receiver_answers_500_for_an_inf_in_an_optional_field_not_200_with_null() -> None:
+    """``margin: float | None``: the null inf is written as reads back as None, a changed value."""
+
+    async def handle(assigned: Assigned) -> Estimated:
+        return Estimated(delivery_id=assigned.delivery_id, eta=1.5, margin=float("-inf"))
+
+    headers = {"ce-specversion": "1.0", "ce-id": "m", "ce-source": "/s", "ce-type": Assigned.event_type(),
+               "content-type": "application/json"}
+    async with serve(receiver(handle, event=Assigned)) as base, httpx.AsyncClient(base_url=base) as client:
+        answer = await client.post("/", headers=headers, content=orjson.dumps({"delivery_id": "m"}))
+    assert answer.status_code == 500
+    assert answer.json()["error"] == (
+        "EmitError: 'test.push.estimated' cannot be published: $.margin: -inf cannot be carried by JSON; "
+        "it would be published as null, which consumers read as None"
+    )
+
+
 def test_push_subscription_validates_its_configuration() -> None:
     """Bad URLs, modes, empty types and timeouts are configuration errors naming the subscription."""
     with pytest.raises(ConfigurationError, match="not an http"):

@@ -130,9 +130,10 @@ def event_json(event: Event) -> bytes:
 
 #: Per event class: whether its JSON may hold a ``null`` that was a value (see below).
 _LOSSY: dict[type, bool] = {}
-#: Core schema types that may serialise a value as ``null``: a float (inf, nan), and plain or
-#: wrap validators whose inner type is unknown here.
-_NULL_WRITERS = frozenset({"float", "function-plain", "function-wrap"})
+#: Core schema types that may serialise a value as ``null``: a float (inf, nan), a field of any
+#: type (``Any``, ``dict[str, Any]``: a float at run time), and plain or wrap validators whose
+#: inner type is unknown here.
+_NULL_WRITERS = frozenset({"float", "any", "function-plain", "function-wrap"})
 
 
 def _may_write_null_for_a_value(schema: Any) -> bool:
@@ -155,12 +156,15 @@ def check_published(event: Event, data: bytes) -> None:
     """Raise :class:`EmitError` if ``data``, ``event`` serialised to JSON, does not read back
     as a valid instance of its own model the way a consumer reads it off the bus (orjson,
     then the model's validator): pydantic writes a float ``inf`` or ``nan`` as ``null``, which
-    every consumer of a ``float`` field dead-letters ``invalid_payload``, the value lost.
+    every consumer of a ``float`` field dead-letters ``invalid_payload``, the value lost; or,
+    in a field that takes ``None`` (``float | None``, ``Any``), reads as ``None``, the value
+    silently changed (found where the read-back differs from ``event``).
 
     The message names the event type, each field's path and why:
     ``'shop.price.quoted' cannot be published: $.value: inf cannot be carried by JSON; it
-    would be published as null, which consumers refuse``. The emitters call it only for
-    data holding ``null`` (a bytes search), so that an event without one costs nothing more.
+    would be published as null, which consumers refuse`` (``..., which consumers read as
+    None`` for the second kind). The emitters call it only for data holding ``null`` (a bytes
+    search), so that an event without one costs nothing more.
     """
     cls = type(event)
     lossy = _LOSSY.get(cls)
@@ -172,22 +176,53 @@ def check_published(event: Event, data: bytes) -> None:
         wire = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise EmitError(f"{cls.__event_type__!r} cannot be published: its data is not valid JSON ({exc})") from None
+    errors: list[Any] = []
     try:
-        cls.__pydantic_validator__.validate_python(wire)
+        read = cls.__pydantic_validator__.validate_python(wire)
     except pydantic.ValidationError as exc:
-        try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
-            sent: Any = event.__pydantic_serializer__.to_python(event)
-        except Exception:  # noqa: BLE001 - only to say which value it was
-            sent = _MISSING
-        reasons: dict[str, str] = {}  # one per path (a union's members each fail at the same one)
-        for error in exc.errors(include_url=False, include_input=False, include_context=False):
-            loc, published, original = _located(wire, sent, tuple(error["loc"]))
-            path = field_path(loc)
-            if path not in reasons:
-                reasons[path] = _not_carried(original, published, str(error["msg"]))
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    else:
+        # Valid, but an inf or nan in a field that takes None (``float | None``, ``Any``) reads
+        # back as None: the value changed. Equal, it did not (the common case: a legit None);
+        # unequal for another reason (an ``Any`` tuple read as a list), the search below is empty.
+        if read.__dict__ == event.__dict__:
+            return
+    try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
+        sent: Any = event.__pydantic_serializer__.to_python(event)
+    except Exception:  # noqa: BLE001 - only to say which value it was
+        sent = _MISSING
+    reasons: dict[str, str] = {}  # one per path (a union's members each fail at the same one)
+    for error in errors:
+        loc, published, original = _located(wire, sent, tuple(error["loc"]))
+        path = field_path(loc)
+        if path not in reasons:
+            reasons[path] = _not_carried(original, published, str(error["msg"]))
+    for loc, value in _non_finite(sent):
+        reasons.setdefault(field_path(loc), f"{value!r} {_READ_AS_NONE}")
+    if reasons:
         summary = "; ".join(f"{path}: {reason}" for path, reason in list(reasons.items())[:5])
         more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
-        raise EmitError(f"{cls.__event_type__!r} cannot be published: {summary}{more}") from None
+        raise EmitError(f"{cls.__event_type__!r} cannot be published: {summary}{more}")
+
+
+_READ_AS_NONE = "cannot be carried by JSON; it would be published as null, which consumers read as None"
+
+
+def _non_finite(sent: Any) -> list[tuple[tuple[int | str, ...], float]]:
+    """Where ``sent``, an event's python-mode dump, holds a float inf or nan, and the value."""
+    found: list[tuple[tuple[int | str, ...], float]] = []
+    stack: list[tuple[tuple[int | str, ...], Any]] = [((), sent)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                found.append((loc, value))
+        elif isinstance(value, dict):
+            stack.extend(((*loc, key if isinstance(key, str) else str(key)), item) for key, item in value.items())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(((*loc, index), item) for index, item in enumerate(value))
+    found.reverse()
+    return found
 
 
 _MISSING: Any = object()

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 from choreograph import (
     FAILED,
@@ -538,6 +538,66 @@ async def test_an_output_with_a_none_optional_field_is_published_as_null(bus: Me
     assert [data for _, data, _ in sink.received] == [
         {"order_id": "o-3", "price": 2.5, "discount": None, "history": []}]
     assert await bus.dead_letters("quoting-fine") == []
+
+
+_READ_AS_NONE = "cannot be carried by JSON; it would be published as null, which consumers read as None"
+
+
+class Reading(BaseModel):
+    value: float | None = None
+
+
+class Surveyed(Event, type="test.worker.surveyed"):
+    site: str
+    best: float | None = None
+    readings: list[Reading] = []
+    by_sensor: dict[str, float | None] = {}
+    either: int | float | None = None
+    extra: dict[str, Any] = {}
+
+
+@pytest.mark.parametrize(("fields", "path", "value"), [
+    ({"best": float("inf")}, "$.best", float("inf")),
+    ({"readings": [Reading(value=1.0), Reading(value=float("nan"))]}, "$.readings[1].value", float("nan")),
+    ({"by_sensor": {"s1": 2.0, "s2": float("-inf")}}, "$.by_sensor.s2", float("-inf")),
+    ({"either": float("inf")}, "$.either", float("inf")),
+    ({"extra": {"note": "x", "peak": float("nan")}}, "$.extra.peak", float("nan")),
+])
+async def test_an_output_with_inf_or_nan_where_null_is_valid_is_rejected_not_read_back_as_none(
+    bus: MemoryTransport, fields: dict[str, Any], path: str, value: float
+) -> None:
+    """In a field that takes None (``float | None``, nested, in a list, a dict, a union, ``Any``)
+    the null pydantic writes for inf or nan reads back valid: the consumer got None, the value
+    silently changed. Refused like a non-optional float's, naming the field."""
+    svc = Service("surveying")
+    sink = Recorder("survey-sink", Surveyed)
+
+    @svc.on(Placed)
+    async def survey(order: Placed) -> Surveyed:
+        return Surveyed(site=order.order_id, **fields)
+
+    async with Worker([svc, sink], bus) as worker:
+        [env] = await Publisher(bus).publish(Placed(order_id="o-4"))
+        await settled(bus)
+        stats = worker.stats("surveying")
+    assert sink.received == [] and await bus.dead_letters("survey-sink") == []
+    [letter] = await bus.dead_letters("surveying")
+    assert letter.message.id == env.id and letter.record["reason"] == "rejected" and letter.record["attempts"] == 1
+    assert letter.record["last_error"]["type"] == "EmitError"
+    assert letter.record["last_error"]["message"].startswith(
+        f"'test.worker.surveyed' cannot be published: {path}: {value!r} {_READ_AS_NONE} [event=")
+    assert (stats.dead_lettered, stats.handled) == (1, 0)
+
+
+async def test_the_publisher_refuses_an_inf_in_an_optional_field_and_publishes_its_none(bus: MemoryTransport) -> None:
+    sink = Recorder("optional-sink", Quoted)
+    async with Worker([sink], bus):
+        with pytest.raises(EmitError) as raised:
+            await Publisher(bus).publish(Quoted(order_id="bad", price=1.0, discount=float("inf")))
+        await Publisher(bus).publish(Quoted(order_id="fine", price=1.0, discount=None))
+        await settled(bus)
+    assert str(raised.value) == f"'test.worker.quoted' cannot be published: $.discount: inf {_READ_AS_NONE}"
+    assert [(data["order_id"], data["discount"]) for _, data, _ in sink.received] == [("fine", None)]
 
 
 async def test_the_publisher_refuses_an_event_json_cannot_carry_before_publishing_any(bus: MemoryTransport) -> None:
