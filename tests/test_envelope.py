@@ -741,3 +741,54 @@ def test_an_inf_in_a_field_of_any_type_is_refused_not_published_as_null() -> Non
         event_json(Tagged(name="n", tags={"a": None, "b": float("inf")}))
     assert str(raised.value) == ("'test.lossy.tagged' cannot be published: $.tags.b: inf cannot be carried by "
                                  "JSON; it would be published as null, which consumers read as None")
+
+
+@pytest.mark.parametrize("mode", ["constants", "strings"])
+def test_an_event_whose_model_writes_inf_as_other_than_null_is_refused_where_it_is_defined(mode: str) -> None:
+    """``ser_json_inf_nan="constants"`` writes ``Infinity``, which is not JSON: no consumer can
+    read the envelope, and the emit check (looking for ``null``) never ran. ``"strings"`` writes
+    ``"Infinity"``, which a ``float | str`` or ``Any`` field reads back as a str and a strict
+    model refuses. Either, on the event or a model in it, is a ConfigurationError."""
+    import pydantic
+
+    from choreograph.errors import ConfigurationError
+    from choreograph.events import event_class
+
+    with pytest.raises(ConfigurationError) as own:
+        class Own(Event, type="test.inf_nan.own"):
+            model_config = pydantic.ConfigDict(ser_json_inf_nan=mode)
+            value: float
+
+    class Part(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(ser_json_inf_nan=mode)
+        value: float | str
+
+    with pytest.raises(ConfigurationError) as nested:
+        class Whole(Event, type="test.inf_nan.nested"):
+            parts: list[Part]
+
+    assert f".Own: its config sets ser_json_inf_nan={mode!r}, which consumers cannot read" in str(own.value)
+    assert f".Whole: Part, a model in it, sets ser_json_inf_nan={mode!r}" in str(nested.value)
+    assert event_class("test.inf_nan.own") is None and event_class("test.inf_nan.nested") is None
+
+    class Fine(Event, type="test.inf_nan.default"):
+        model_config = pydantic.ConfigDict(ser_json_inf_nan="null")
+        value: float
+
+
+def test_a_model_writing_inf_as_constants_is_refused_once_its_forward_reference_resolves() -> None:
+    import pydantic
+
+    from choreograph.errors import ConfigurationError
+
+    class Later(Event, type="test.inf_nan.later"):
+        part: Part2
+
+    assert not Later.__pydantic_complete__
+
+    class Part2(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(ser_json_inf_nan="constants")
+        value: float
+
+    with pytest.raises(ConfigurationError, match="Part2, a model in it, sets ser_json_inf_nan='constants'"):
+        Later.model_rebuild()

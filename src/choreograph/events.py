@@ -65,6 +65,18 @@ class Event(pydantic.BaseModel):
         _REGISTRY[type] = cls
 
     @classmethod
+    def __pydantic_on_complete__(cls) -> None:  # pydantic >= 2.12: once its schema is built, rebuilt too
+        super().__pydantic_on_complete__()
+        if cls.__event_type__:  # not Event itself
+            _refuse_inf_nan_modes(cls)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.__pydantic_complete__ and cls.__event_type__:  # older pydantic: not if it waits for a forward reference
+            _refuse_inf_nan_modes(cls)
+
+    @classmethod
     def event_type(cls) -> str:
         """The CloudEvents ``type`` of this event."""
         return cls.__event_type__
@@ -134,6 +146,37 @@ _LOSSY: dict[type, bool] = {}
 #: type (``Any``, ``dict[str, Any]``: a float at run time), and plain or wrap validators whose
 #: inner type is unknown here.
 _NULL_WRITERS = frozenset({"float", "any", "function-plain", "function-wrap"})
+
+
+def _refuse_inf_nan_modes(cls: type[Event]) -> None:
+    """:class:`ConfigurationError` if ``cls`` or a model in it sets ``ser_json_inf_nan`` to other than
+    ``"null"``: ``"constants"`` writes ``Infinity`` and ``NaN``, which are not JSON (no consumer can
+    read the envelope); ``"strings"`` writes ``"Infinity"``, which a consumer reads as a ``str``
+    where the field also takes one (``Any``, ``float | str``) and refuses in strict mode."""
+    stack: list[Any] = [cls.__pydantic_core_schema__]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            mode = node.get("ser_json_inf_nan")  # a config's, or (a field of that name) a schema
+            if isinstance(mode, str) and mode != "null":
+                owner = node.get("title")
+                which = "its config" if owner in (None, cls.__name__) else f"{owner}, a model in it,"
+                if _REGISTRY.get(cls.__event_type__) is cls:  # bound by __init_subclass__: a refused class is not
+                    del _REGISTRY[cls.__event_type__]
+                raise ConfigurationError(
+                    f"{cls.__qualname__}: {which} sets ser_json_inf_nan={mode!r}, which consumers cannot read "
+                    f"back as the value sent ({_INF_NAN_MODES.get(mode, 'not JSON')}); leave the default: "
+                    f"an event holding inf or nan is then refused where it is emitted"
+                )
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+_INF_NAN_MODES = {
+    "constants": "Infinity and NaN are not JSON: no consumer could read the event",
+    "strings": '"Infinity" and "NaN" are strings: read as a str where a field takes one, refused in strict mode',
+}
 
 
 def _may_write_null_for_a_value(schema: Any) -> bool:
