@@ -776,6 +776,41 @@ def test_an_event_whose_model_writes_inf_as_other_than_null_is_refused_where_it_
         value: float
 
 
+@pytest.mark.parametrize("config", [
+    {"ser_json_bytes": "base64"}, {"ser_json_bytes": "hex"}, {"val_json_bytes": "base64"},
+    {"ser_json_bytes": "base64", "val_json_bytes": "hex"},
+])
+def test_an_event_model_writing_bytes_in_another_encoding_than_it_reads_them_is_refused(config: dict[str, str]) -> None:
+    """``ser_json_bytes="base64"`` alone writes ``b"abc"`` as ``"YWJj"``, which the consumer's
+    model (reading bytes as UTF-8 text) takes as ``b"YWJj"``; ``val_json_bytes="base64"`` alone
+    reads the UTF-8 text ``"abcd"`` as the bytes ``b"i\xb7\x1d"``. The value silently changes."""
+    import pydantic
+
+    from choreograph.errors import ConfigurationError
+
+    class Blob(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(**config)
+        content: bytes
+
+    with pytest.raises(ConfigurationError) as raised:
+        class Stored(Event, type="test.bytes.mismatch"):
+            blob: Blob
+
+    written, read = config.get("ser_json_bytes", "utf8"), config.get("val_json_bytes", "utf8")
+    assert (f".Stored: Blob, a model in it, writes bytes as {written} (ser_json_bytes) but reads them as "
+            f"{read} (val_json_bytes)") in str(raised.value)
+
+    from choreograph.events import event_json
+
+    class Both(Event, type=f"test.bytes.{written}"):  # one encoding both ways round-trips: accepted
+        model_config = pydantic.ConfigDict(ser_json_bytes=written, val_json_bytes=written)
+        content: bytes
+
+    if written != "utf8":
+        sent = Both(content=b"\x00\xffabc")
+        assert Both.model_validate(orjson.loads(event_json(sent))) == sent
+
+
 def test_a_model_writing_inf_as_constants_is_refused_once_its_forward_reference_resolves() -> None:
     import pydantic
 

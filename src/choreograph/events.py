@@ -68,13 +68,13 @@ class Event(pydantic.BaseModel):
     def __pydantic_on_complete__(cls) -> None:  # pydantic >= 2.12: once its schema is built, rebuilt too
         super().__pydantic_on_complete__()
         if cls.__event_type__:  # not Event itself
-            _refuse_inf_nan_modes(cls)
+            _refuse_lossy_config(cls)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         if cls.__pydantic_complete__ and cls.__event_type__:  # older pydantic: not if it waits for a forward reference
-            _refuse_inf_nan_modes(cls)
+            _refuse_lossy_config(cls)
 
     @classmethod
     def event_type(cls) -> str:
@@ -148,29 +148,45 @@ _LOSSY: dict[type, bool] = {}
 _NULL_WRITERS = frozenset({"float", "any", "function-plain", "function-wrap"})
 
 
-def _refuse_inf_nan_modes(cls: type[Event]) -> None:
-    """:class:`ConfigurationError` if ``cls`` or a model in it sets ``ser_json_inf_nan`` to other than
-    ``"null"``: ``"constants"`` writes ``Infinity`` and ``NaN``, which are not JSON (no consumer can
-    read the envelope); ``"strings"`` writes ``"Infinity"``, which a consumer reads as a ``str``
-    where the field also takes one (``Any``, ``float | str``) and refuses in strict mode."""
+def _refuse_lossy_config(cls: type[Event]) -> None:
+    """:class:`ConfigurationError` if ``cls`` or a model in it is configured to write values its
+    consumers (the same model) would read back changed:
+
+    - ``ser_json_inf_nan`` other than ``"null"``: ``"constants"`` writes ``Infinity`` and ``NaN``,
+      which are not JSON (no consumer can read the envelope); ``"strings"`` writes ``"Infinity"``,
+      which a consumer reads as a ``str`` where the field also takes one (``Any``, ``float | str``)
+      and refuses in strict mode;
+    - ``ser_json_bytes`` other than ``val_json_bytes``: bytes written as base64 are read back as
+      their base64 text, UTF-8 text read as base64 is decoded to other bytes.
+    """
     stack: list[Any] = [cls.__pydantic_core_schema__]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            mode = node.get("ser_json_inf_nan")  # a config's, or (a field of that name) a schema
-            if isinstance(mode, str) and mode != "null":
+            problem = _config_problem(node)
+            if problem is not None:
                 owner = node.get("title")
                 which = "its config" if owner in (None, cls.__name__) else f"{owner}, a model in it,"
                 if _REGISTRY.get(cls.__event_type__) is cls:  # bound by __init_subclass__: a refused class is not
                     del _REGISTRY[cls.__event_type__]
-                raise ConfigurationError(
-                    f"{cls.__qualname__}: {which} sets ser_json_inf_nan={mode!r}, which consumers cannot read "
-                    f"back as the value sent ({_INF_NAN_MODES.get(mode, 'not JSON')}); leave the default: "
-                    f"an event holding inf or nan is then refused where it is emitted"
-                )
+                raise ConfigurationError(f"{cls.__qualname__}: {which} {problem}")
             stack.extend(node.values())
         elif isinstance(node, (list, tuple)):
             stack.extend(node)
+
+
+def _config_problem(node: dict[str, Any]) -> str | None:
+    """What makes ``node``, a model's config in its core schema (or any other part of it), lossy."""
+    mode = node.get("ser_json_inf_nan")  # a config's, or (a field of that name) a schema
+    if isinstance(mode, str) and mode != "null":
+        return (f"sets ser_json_inf_nan={mode!r}, which consumers cannot read back as the value sent "
+                f"({_INF_NAN_MODES.get(mode, 'not JSON')}); leave the default: an event holding inf or nan "
+                f"is then refused where it is emitted")
+    written, read = node.get("ser_json_bytes", "utf8"), node.get("val_json_bytes", "utf8")
+    if isinstance(written, str) and isinstance(read, str) and written != read:
+        return (f"writes bytes as {written} (ser_json_bytes) but reads them as {read} (val_json_bytes): "
+                f"consumers would read other bytes than were sent; set both to the same encoding")
+    return None
 
 
 _INF_NAN_MODES = {
