@@ -19,10 +19,10 @@ import pytest
 
 from choreograph.transports.base import Delivery, Subscription, Transport
 
-VERBS = ("ack", "retry", "dead_letter")
+VERBS = ("ack", "retry", "defer", "dead_letter")
 RECORD = {"reason": "rejected", "error": "the second call stored it"}
 
-#: retry: longer than the check waits, so a copy that comes back was retried, not expired.
+#: retry, defer: longer than the check waits, so a copy that comes back was retried, not expired.
 RETRY_LEASE = 60.0
 #: ack, dead_letter: the check waits past it; what was not settled would be back by then.
 SHORT_LEASE = 1.0
@@ -30,7 +30,7 @@ WAIT = 15.0  # a ceiling for a loaded machine, never a speed assertion
 
 
 def lease_for(verb: str) -> float:
-    return RETRY_LEASE if verb == "retry" else SHORT_LEASE
+    return RETRY_LEASE if verb in ("retry", "defer") else SHORT_LEASE
 
 
 async def call(delivery: Delivery, verb: str) -> None:
@@ -38,6 +38,8 @@ async def call(delivery: Delivery, verb: str) -> None:
         await delivery.ack()
     elif verb == "retry":
         await delivery.retry(0)
+    elif verb == "defer":
+        await delivery.defer(0)
     else:
         await delivery.dead_letter(RECORD)
 
@@ -49,10 +51,13 @@ async def check_a_second_call_does_the_work(
     verb: str,
     raises: type[BaseException] | tuple[type[BaseException], ...],
     held: Callable[[], bool] | None = None,
+    defer_keeps_attempt: bool = True,
 ) -> None:
     """``verb`` on ``delivery`` fails once (the caller broke the next write), then succeeds:
 
     * ``retry``: the message is back with the next attempt well inside its lease;
+    * ``defer``: the same, with the attempt it had (unless ``defer_keeps_attempt`` is False:
+      a broker that counts deliveries itself);
     * ``ack``: it is not back after the lease;
     * ``dead_letter``: the dead letter is stored, and it is not back after the lease.
 
@@ -66,10 +71,11 @@ async def check_a_second_call_does_the_work(
         assert held(), "the failed call dropped the delivery from its subscription's books"
     await call(delivery, verb)  # what the worker's settle retry does
     assert delivery.settled
-    if verb == "retry":
+    if verb in ("retry", "defer"):
         again = await _first(subscription, WAIT)
-        assert again is not None, f"not back within {WAIT}s (lease {RETRY_LEASE}s): the second retry did nothing"
-        assert (again.message, again.attempt) == (delivery.message, delivery.attempt + 1)
+        assert again is not None, f"not back within {WAIT}s (lease {RETRY_LEASE}s): the second {verb} did nothing"
+        counted = verb == "retry" or not defer_keeps_attempt
+        assert (again.message, again.attempt) == (delivery.message, delivery.attempt + counted)
         await again.ack()
         return
     await asyncio.sleep(SHORT_LEASE * 1.5)  # past the lease: an unsettled message would be back

@@ -1,6 +1,6 @@
 """The settling verbs of :class:`Delivery`, on a delivery whose broker calls the test controls.
 
-Every transport's deliveries run these three verbs; each broker's own tests check the
+Every transport's deliveries run these verbs; each broker's own tests check the
 same clauses against its real broker with one failed write (``_second_call``).
 """
 
@@ -41,6 +41,9 @@ class Scripted(Delivery):
 
     async def _retry(self, after: float) -> None:
         await self._broker("retry")
+
+    async def _defer(self, after: float) -> None:
+        await self._broker("defer")
 
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
         await self._broker("dead_letter")

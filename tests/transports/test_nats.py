@@ -1181,5 +1181,7 @@ async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
             await real(subject, payload, **options)
 
         monkeypatch.setattr(client, "publish", failing_once)
-        await second_call.check_a_second_call_does_the_work(bus, subscription, delivery, verb, TransportError)
+        await second_call.check_a_second_call_does_the_work(  # JetStream counts deliveries: defer is a NAK
+            bus, subscription, delivery, verb, TransportError, defer_keeps_attempt=False
+        )
         assert len(settlements) == 2

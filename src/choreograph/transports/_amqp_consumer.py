@@ -102,6 +102,9 @@ class AmqpDelivery(Delivery):
     async def _retry(self, after: float) -> None:
         await self._sub._settle_by_copy(self, copy_of(self.raw, self.attempt + 1), after)
 
+    async def _defer(self, after: float) -> None:
+        await self._sub._settle_by_copy(self, copy_of(self.raw, self.attempt), after)
+
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
         await self._sub._settle_by_copy(self, dead_letter_message(record, self.raw), None)
 

@@ -78,6 +78,9 @@ class RedisDelivery(Delivery):
     async def _retry(self, after: float) -> None:
         await self._sub._settle(self, "retry", str(math.ceil(after * 1000)), self.attempt + 1)
 
+    async def _defer(self, after: float) -> None:
+        await self._sub._settle(self, "retry", str(math.ceil(after * 1000)), self.attempt)
+
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
         body = orjson.dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
         await self._sub._settle(self, "dead", body, self.attempt)

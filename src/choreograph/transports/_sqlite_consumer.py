@@ -24,6 +24,8 @@ _MAX_IDLE_WAIT = 1.0  # an idle fetch re-checks at least this often, whatever th
 
 #: A settling write: ``(connection, now, [(seq, attempt), ...])``.
 _ClaimsOp = Callable[[sqlite3.Connection, float, list[tuple[int, int]]], None]
+#: ``ops.postpone`` (a retry: the next claim counts an attempt) or ``ops.defer`` (it does not).
+_PostponeOp = Callable[[sqlite3.Connection, str, Sequence[tuple[int, int]], float], None]
 
 
 class SQLiteDelivery(Delivery):
@@ -39,6 +41,9 @@ class SQLiteDelivery(Delivery):
 
     async def _retry(self, after: float) -> None:
         await self._subscription._postpone([self], after)
+
+    async def _defer(self, after: float) -> None:
+        await self._subscription._postpone([self], after, op=ops.defer)
 
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
         await self._subscription._dead_letter(self, dict(record))
@@ -170,11 +175,13 @@ class SQLiteSubscription(Subscription):
             for delivery in mine:
                 delivery.settled = True
 
-    async def _postpone(self, deliveries: Sequence[SQLiteDelivery], after: float) -> None:
+    async def _postpone(
+        self, deliveries: Sequence[SQLiteDelivery], after: float, op: _PostponeOp = ops.postpone
+    ) -> None:
         group = self.group
         await self._settle(
             deliveries,
-            lambda conn, now, claims: ops.postpone(conn, group, claims, now + after),
+            lambda conn, now, claims: op(conn, group, claims, now + after),
             wakes=after <= 0,
         )
 

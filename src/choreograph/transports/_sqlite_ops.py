@@ -15,7 +15,7 @@ Schema (fan-out on write)::
 A delivery row is *available* when ``available_at <= now``. Claiming it adds 1 to
 ``attempt`` and moves ``available_at`` to the lease deadline, so an expired lease makes
 the row available again with no sweeper; ``retry(after)`` moves ``available_at`` to
-``now + after``. The pair (seq, attempt) identifies one claim: a consumer whose lease
+``now + after``, and ``defer(after)`` too, taking back the 1 its claim added. The pair (seq, attempt) identifies one claim: a consumer whose lease
 expired and was re-claimed elsewhere cannot settle the newer claim. ``seq`` uses
 AUTOINCREMENT so a garbage-collected message's number is never handed out again.
 Times are wall-clock seconds: several processes must agree on them.
@@ -224,6 +224,17 @@ def postpone(conn: sqlite3.Connection, group: str, claims: Sequence[tuple[int, i
     """Make claims available again at ``when``: retry(after), touch() and release share this."""
     conn.executemany(
         "UPDATE deliveries SET available_at = ? WHERE grp = ? AND seq = ? AND attempt = ?",
+        [(when, group, seq, attempt) for seq, attempt in claims],
+    )
+
+
+def defer(conn: sqlite3.Connection, group: str, claims: Sequence[tuple[int, int]], when: float) -> None:
+    """Make claims available again at ``when`` with the attempt they had before (``defer``):
+    the next claim counts the attempt this one counted. A consumer holding the claim before
+    (its lease ran out) matches the row again meanwhile: its verbs settle the message, as
+    they would have before its lease ran out - that copy is the one that was handled."""
+    conn.executemany(
+        "UPDATE deliveries SET available_at = ?, attempt = attempt - 1 WHERE grp = ? AND seq = ? AND attempt = ?",
         [(when, group, seq, attempt) for seq, attempt in claims],
     )
 

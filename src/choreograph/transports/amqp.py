@@ -27,7 +27,8 @@ How the contract maps onto RabbitMQ:
   to what each process holds as it restarts with it, whatever other replicas run with.
 * ``retry(after)`` publishes a copy with attempt + 1 to a holding queue whose TTL
   dead-letters it back into the group's queue (no plugin needed). Delays are rounded up
-  to one of ~90 buckets (at most 25% late, never early).
+  to one of ~90 buckets (at most 25% late, never early). ``defer(after)`` is the same
+  with the attempt unchanged.
 * Dead letters live in ``<prefix>.dlq.<group>``: body = record as one JSON line, a
   newline, then the original body. Listing reads them with ``basic.get`` and returns
   them to the queue by closing the channel, so two admins listing the same group at the

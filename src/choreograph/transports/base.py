@@ -28,7 +28,8 @@ A transport moves opaque :class:`Message` bodies (encoded CloudEvents) between
 * A :class:`Delivery` carries the message, its ``attempt`` (1 on first delivery; the
   count lives in the broker, not in a process) and three verbs: ``ack()``,
   ``retry(after)`` (deliver again, attempt + 1, no sooner than ``after`` seconds) and
-  ``dead_letter(record)``. The first verb that returns settles the delivery; later
+  ``dead_letter(record)``; and ``defer(after)``, a retry that is not a failed attempt (the
+  attempt stays as it was: see :meth:`Delivery.defer`). The first verb that returns settles the delivery; later
   calls, and calls made while one is at work, are no-ops. A verb that raises (the
   broker did not take it) leaves the delivery unsettled: calling a verb again does
   the work - the runtime retries a failed settle step - at worst delivering the message
@@ -134,6 +135,25 @@ class Delivery(abc.ABC):
             self.settled = False
             raise
 
+    async def defer(self, after: float = 0.0) -> None:
+        """Deliver again to the group no sooner than ``after`` seconds, the attempt unchanged.
+
+        For a delivery that was not tried, only put off: a join's deadline timer not due
+        yet, a copy of an event whose other copy is being handled. A retry counted an
+        attempt per deferral, and the handler's real failures then got fewer retries than
+        its policy allows (a timer re-deferred for hours was dead-lettered on its first).
+        Settles as ``retry`` does. A broker that counts deliveries itself cannot keep the
+        attempt (NATS: JetStream's delivery count): there it is a retry, attempt + 1.
+        """
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            await self._defer(max(0.0, after))
+        except BaseException:
+            self.settled = False
+            raise
+
     async def dead_letter(self, record: Mapping[str, Any]) -> None:
         """Stop delivering; keep the message and ``record`` in the group's dead letters."""
         if self.settled:
@@ -160,6 +180,10 @@ class Delivery(abc.ABC):
 
     @abc.abstractmethod
     async def _dead_letter(self, record: Mapping[str, Any]) -> None: ...
+
+    async def _defer(self, after: float) -> None:
+        """``defer``'s work: a retry where the broker keeps the count (override to keep the attempt)."""
+        await self._retry(after)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.group}:{self.message.type}:{self.message.id} attempt={self.attempt}>"

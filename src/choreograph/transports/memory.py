@@ -141,10 +141,16 @@ class MemoryDelivery(Delivery):
         self._take()
 
     async def _retry(self, after: float) -> None:
+        await self._again(after, 1)
+
+    async def _defer(self, after: float) -> None:
+        await self._again(after, 0)
+
+    async def _again(self, after: float, counted: int) -> None:
         entry = self._take()
         if entry is None:
             return  # lease expired meanwhile: already redelivered
-        entry.attempt += 1
+        entry.attempt += counted
         group = self._group
         if after <= 0:
             group.ready.append(entry)

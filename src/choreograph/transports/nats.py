@@ -65,7 +65,9 @@ Consequences worth knowing:
   name is past 120 characters escaped has a hashed consumer name, and before 2.10 nothing
   else records its name: ``groups()`` then cannot tell (``None``).
 * The ``attempt`` of a delivery is JetStream's delivery count, so it survives process
-  crashes and broker restarts.
+  crashes and broker restarts. For the same reason ``defer(after)`` cannot keep it: it is
+  a NAK, attempt + 1, as ``retry`` (a join timer re-deferred many times reaches its
+  time-out with that many attempts spent).
 * A delayed retry (NAK with a delay) survives a restart of the server, but its delay lives
   in consumer state the server writes lazily (within a fraction of a second): a server
   killed right after the NAK (SIGKILL, power loss) comes back without it, and redelivers

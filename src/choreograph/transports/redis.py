@@ -19,7 +19,8 @@ Design, and why:
   ``unbind`` narrows them in another, leaving the group's stream as it is.
 * **Attempts live in Redis.** An entry carries the attempt of its first delivery; the
   pending list's delivery count adds lease expiries (``XAUTOCLAIM`` increments it,
-  ``touch`` = ``XCLAIM ... JUSTID`` does not). Retry and dead-letter move the entry and
+  ``touch`` = ``XCLAIM ... JUSTID`` does not). Retry (``defer``: the entry carries the
+  attempt it had, not the next) and dead-letter move the entry and
   ``XACK`` + ``XDEL`` it in one script that first checks this consumer still holds it, so
   a verb that arrives after the lease expired is a no-op. ``ack`` skips the check
   (``XACK`` + ``XDEL`` in one script, one round trip for ``ack_many``): a late ack

@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from tests._brokers import broker_url, require_broker
 
 NAME = "nats"
+DEFER_KEEPS_ATTEMPT = False  # JetStream counts deliveries: a deferral is a NAK (attempt + 1)
 
 
 def require() -> None:
