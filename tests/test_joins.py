@@ -20,6 +20,8 @@ from choreograph import (
 )
 from choreograph._envelope import decode
 from choreograph.joins import DEADLINE, joins_of
+from choreograph.stores.joins_base import JoinKey, JoinState
+from choreograph.stores.joins_memory import MemoryJoinStore
 from choreograph.stores.joins_sqlite import SQLiteJoinStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
@@ -340,6 +342,38 @@ async def test_a_deadline_hours_away_is_re_deferred_and_fires_exactly_on_time(
     [(_, failure, at)] = watcher.failures
     assert failure.reason == "join_timeout" and at - start == pytest.approx(2 * 3600 + 5)
     assert len(bus.of_type(DEADLINE)) == 1  # one timer, re-deferred in hops of at most MAX_DEFER
+
+
+class TimesOutOnTheSecondTry(MemoryJoinStore):
+    """A join store whose first time-out fails (a store briefly out of reach)."""
+
+    failed = 0
+
+    async def time_out(self, key: JoinKey) -> JoinState | None:
+        if not self.failed:
+            self.failed += 1
+            raise RuntimeError("join store unreachable")
+        return await super().time_out(key)
+
+
+async def test_a_timer_re_deferred_for_hours_keeps_its_retries_for_a_real_failure(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    """Waiting is not failing: a timer re-deferred six times (hops of at most MAX_DEFER) whose
+    time-out then fails once is retried by the policy, not dead-lettered ``max_attempts`` on its
+    first failure (each deferral counted an attempt: the join never timed out, nothing was undone)."""
+    calls: list[tuple[Paid, Reserved]] = []
+    watcher = Watcher().watch(clock)
+    joins = TimesOutOnTheSecondTry()
+    svc = shipping(calls, within=6 * 3600 + 5, retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False))
+    async with Worker([svc, watcher], bus, joins=joins, poll_interval=900):
+        start = clock.monotonic()
+        await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+        await settled(bus)
+    assert joins.failed == 1
+    assert await bus.dead_letters("shipping") == []
+    [(_, failure, at)] = watcher.failures
+    assert failure.reason == "join_timeout" and at - start == pytest.approx(6 * 3600 + 5 + 1.0)  # + the backoff
 
 
 async def test_services_sharing_the_timer_type_only_time_out_their_own_joins(

@@ -330,6 +330,22 @@ async def test_a_receiver_that_never_answers_times_out_and_is_retried(bus: Memor
     assert (stats.delivered, stats.retried) == (1, 1)
 
 
+async def test_a_copy_put_back_while_its_push_is_in_flight_keeps_its_retries(clock: VirtualClock) -> None:
+    """The lease of a hung push runs out: its copy is put back while the push is in flight,
+    again and again. Put back, not tried: when the push fails at last, the copy's 500 is
+    retried as the policy says (it came back with an attempt per put-back: dead-lettered)."""
+    bus = MemoryTransport("memory://?lease=2", clock=clock)
+    hook = Scripted(HANG, 500, 204)
+    async with hook.running() as url, pushing(bus, subscription(url, timeout=1.0)) as ambassador:
+        await publish(bus, "e-1")
+        await until(lambda: hook.posts == 1)
+        clock.advance(2.0)  # the lease of the hung push runs out: its copy is handed out again
+        await settled(bus)  # the copy is put back until the push times out (real time), then runs
+    assert hook.posts == 3
+    assert await bus.dead_letters() == []
+    assert ambassador.stats().delivered == 1
+
+
 async def test_an_unreachable_receiver_is_retried_then_given_up(bus: MemoryTransport) -> None:
     """Connection refused is transient; after max attempts the record names the connection error."""
     async with serve(Scripted().app) as base:

@@ -225,8 +225,9 @@ class PushRunner:
             for delivery in batch:
                 if delivery.message.id in self.active_ids:
                     # Its lease expired while the push is still in flight: come back later,
-                    # the inbox then tells whether the push in flight succeeded.
-                    await delivery.retry(1.0)
+                    # the inbox then tells whether the push in flight succeeded. Deferred, not
+                    # retried: this copy was not tried (an attempt per put-back spent its retries).
+                    await delivery.defer(1.0)
                     continue
                 self.active_ids.add(delivery.message.id)
                 task = asyncio.create_task(self._push(delivery))

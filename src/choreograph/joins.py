@@ -70,8 +70,11 @@ JoinKind = Literal["join", "compensation"]
 class Defer(Exception):
     """Raised by a runtime-owned handler whose event is not due yet: deliver it again in ``after`` s.
 
-    Not a failure: the worker settles it with ``retry(after)`` without recording an
-    error or consulting the retry policy.
+    Not a failure, nor an attempt: the worker settles it with ``Delivery.defer(after)``
+    (the attempt unchanged) without recording an error or consulting the retry policy. A
+    retry counted an attempt per hop, and a timer re-deferred for hours was dead-lettered
+    ``max_attempts`` on the first failure of its time-out. (NATS counts the hops all the
+    same: its attempt is JetStream's delivery count.)
     """
 
     def __init__(self, after: float) -> None:

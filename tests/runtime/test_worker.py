@@ -2223,6 +2223,41 @@ async def test_a_copy_that_arrives_while_its_original_runs_is_put_back_for_later
     assert worker.stats("slow").duplicates == 1  # once due, the inbox says it was processed
 
 
+async def test_a_copy_put_back_while_its_original_runs_keeps_its_attempt_and_its_retries() -> None:
+    """A copy put back (IN_FLIGHT_DEFER) for as long as its original runs has not been tried:
+    when it runs at last its handler sees the attempt it was delivered with, and its failures
+    get the policy's retries (put back ten times, it was dead-lettered on its first failure)."""
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    gate = asyncio.Event()
+    attempts: list[int] = []
+    svc = Service("slow", retry=RetryPolicy(max_attempts=3, base=0.5, jitter=False))
+
+    @svc.on(Placed)
+    async def hold(order: Placed, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            await gate.wait()
+        if len(attempts) <= 2:
+            raise RuntimeError("courier down")
+
+    async with Worker([svc], bus, clock=clock) as worker:
+        await Publisher(bus).publish(Placed(order_id="a"), ids=["same"])
+        await until(lambda: bool(attempts))
+        await Publisher(bus).publish(Placed(order_id="a"), ids=["same"])  # published twice
+        for _ in range(10):  # the original runs on: its copy is put back again and again
+            await until(lambda: clock.next_due() is not None)
+            clock.advance(1.0)
+            await asyncio.sleep(0.01)
+        deferred = worker.stats("slow").deferred
+        gate.set()  # the original fails
+        await settled(bus)
+    assert deferred >= 5
+    assert max(attempts) <= 2, attempts  # the copy's own attempts, not one per time it was put back
+    assert await bus.dead_letters("slow") == []
+    assert worker.stats("slow").handled == 1
+
+
 async def test_a_failure_the_inbox_cannot_record_leaves_the_event_to_run_again_after_its_lease() -> None:
     """The handler failed and the inbox refused its failure record: its task ends with the
     store's error and the lease hands the event on. Its id must leave the in-flight set then,

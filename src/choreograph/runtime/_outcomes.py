@@ -31,6 +31,8 @@ class _Done:
 class _Again:
     delivery: Delivery
     after: float
+    #: put off, not tried (a timer not due, a copy of an event in hand): ``defer``, attempt kept
+    deferred: bool = False
 
 
 @dataclasses.dataclass(slots=True)

@@ -225,8 +225,10 @@ class _Runner(Verdicts, Settling):
                         # Another copy is being handled (published twice, or redelivered after its lease
                         # ran out). Acking this one could settle the message while the handler may still
                         # fail, so put it back: by then the inbox says whether it was processed.
+                        # Deferred, not retried: this copy was not tried, and should its original
+                        # fail, its own attempts are the policy's to count.
                         self.stats.deferred += 1
-                        self._emit(_Again(delivery, IN_FLIGHT_DEFER))
+                        self._emit(_Again(delivery, IN_FLIGHT_DEFER, deferred=True))
                         continue
                     if message_id in seen:
                         self._emit(self._duplicate(delivery))

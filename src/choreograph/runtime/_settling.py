@@ -208,7 +208,10 @@ class Settling:
         for outcome in plan.others:
             self._release_id(outcome.delivery)  # before the copy can come back
             if isinstance(outcome, _Again):
-                await outcome.delivery.retry(outcome.after)
+                if outcome.deferred:
+                    await outcome.delivery.defer(outcome.after)
+                else:
+                    await outcome.delivery.retry(outcome.after)
             else:
                 await outcome.delivery.dead_letter(outcome.record)
 

@@ -164,8 +164,8 @@ class Verdicts:
     def _raised(self, call: _Call, exc: BaseException) -> _Outcome | None:
         """The outcome of a handler that raised ``exc``; ``None`` for a failed attempt (see ``_failed``)."""
         delivery, envelope, handler = call.delivery, call.envelope, call.handler
-        if isinstance(exc, Defer):  # a join deadline timer not due yet: not a failure
-            return _Again(delivery, exc.after)
+        if isinstance(exc, Defer):  # a join deadline timer not due yet: not a failure, nor an attempt
+            return _Again(delivery, exc.after, deferred=True)
         if isinstance(exc, EmitError):
             exc.event_id, exc.service, exc.handler = envelope.id, self.service.name, handler.name
         if isinstance(exc, _PERMANENT) and delivery.attempt == 1:  # the same on every attempt: no retries
