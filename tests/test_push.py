@@ -486,6 +486,31 @@ async def test_an_event_already_in_the_inbox_is_not_posted_again(bus: MemoryTran
     assert ambassador.stats().duplicates == 1
 
 
+async def test_an_inbox_down_before_the_post_puts_the_event_off_without_spending_its_retries(
+    bus: MemoryTransport,
+) -> None:
+    """The inbox cannot say whether the event was pushed, for six seconds: it is put off once a
+    second, no request made. Not an attempt: the receiver's 500 afterwards is retried as the
+    policy says (three attempts), where an attempt per second of the outage dead-lettered it."""
+    down = 6
+
+    class Down(MemoryStore):
+        async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
+            nonlocal down
+            if down:
+                down -= 1
+                raise StoreError("inbox unreachable")
+            return await super().seen(group, event_ids)
+
+    hook = Scripted(500, 204)
+    async with hook.running() as url, pushing(bus, subscription(url), store=Down()) as ambassador:
+        await publish(bus, "e-1")
+        await settled(bus)
+    assert down == 0 and hook.posts == 2
+    assert await bus.dead_letters() == []
+    assert ambassador.stats().delivered == 1
+
+
 @pytest.mark.timeout(60)  # a ceiling for a stuck test, not a speed assertion
 async def test_an_inbox_that_cannot_record_a_push_is_retried_after_backoffs_in_virtual_time(
     bus: MemoryTransport, clock: VirtualClock

@@ -98,6 +98,7 @@ class _Done:
 @dataclasses.dataclass(slots=True)
 class _Again:
     after: float
+    deferred: bool = False  # put off, not tried (the inbox could not tell): ``defer``, attempt kept
 
 
 @dataclasses.dataclass(slots=True)
@@ -303,7 +304,7 @@ class PushRunner:
         except Exception as exc:
             log.error("inbox unavailable for %s: %s; retrying %s later", self.group, exc, envelope.id)
             self._count("deferred", envelope.type)
-            return _Again(1.0)
+            return _Again(1.0, deferred=True)  # nothing was sent: an attempt per second of the outage spent its retries
 
         try:
             response = await self._request(envelope, body)
@@ -516,7 +517,10 @@ class PushRunner:
                 await store.mark(self.group, [message_id])
             await delivery.ack()
         elif isinstance(outcome, _Again):
-            await delivery.retry(outcome.after)
+            if outcome.deferred:
+                await delivery.defer(outcome.after)
+            else:
+                await delivery.retry(outcome.after)
         else:
             if outcome.failure is not None:
                 await transport.publish([outcome.failure])
