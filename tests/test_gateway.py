@@ -189,6 +189,27 @@ async def test_a_number_json_cannot_carry_is_422_not_accepted_then_dead_lettered
     assert decode(message.body).data == {"sensor": "s1", "value": 1.5}
 
 
+class Series(Event, type="test.gateway.series"):
+    readings: list[list[float] | int]
+
+
+async def test_a_value_lost_in_a_union_inside_a_nested_list_is_named_by_its_json_path(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    """pydantic's error for a union member carries the member's tag (``list[float]``), which is no
+    key in the JSON: the client hears the path it sent (``$.readings[0][1]``) and the value that was
+    lost, not ``$.readings[0].list[float][1]`` and "it would be published"."""
+    gw = Gateway([Route("POST", "/series", Series)], broker=bus, clock=clock)
+    async with client_for(gw) as client:
+        response = await client.post("/series", json={"readings": [[1.5, "nan"]]})
+    assert response.status_code == 422, response.text
+    errors = {e["path"]: e["reason"] for e in response.json()["errors"]}
+    assert "$.readings[0][1]" in errors, errors
+    assert "nan cannot be carried by JSON" in errors["$.readings[0][1]"]
+    assert not [path for path in errors if "list[float]" in path or path.endswith(".int")], errors
+    assert bus.published == []
+
+
 @pytest.mark.parametrize("qty", [True, "2", 2.5])
 async def test_a_value_of_another_json_type_than_the_schema_gives_is_422(
     client: httpx.AsyncClient, bus: SpyBus, qty: object

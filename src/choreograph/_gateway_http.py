@@ -18,7 +18,7 @@ import pydantic
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from choreograph.events import field_path
+from choreograph.events import field_path, not_carried
 
 if TYPE_CHECKING:
     from choreograph.events import Event
@@ -151,7 +151,7 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
     try:
         model.__pydantic_validator__.validate_python(wire)
     except pydantic.ValidationError as exc:
-        raise _not_carried(exc, wire) from None
+        raise _not_carried(event, wire, exc) from None
     # What the OpenAPI document promises: JSON types as its schema gives them. Lax validation
     # took ``true`` or ``"2"`` for an integer and ``1`` for a boolean, which a client written
     # from the schema never sends and never expects to read back. Strict JSON mode still reads
@@ -225,25 +225,12 @@ def validation_problem(exc: pydantic.ValidationError, errors: list[Any] | None =
     return Problem(422, f"invalid {exc.title}: {summary}{more}", errors=items)
 
 
-def _published(wire: Any, loc: tuple[int | str, ...]) -> str | None:
-    for part in loc:
-        try:
-            wire = wire[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return orjson.dumps(wire).decode()
-
-
-def _not_carried(exc: pydantic.ValidationError, wire: Any) -> Problem:
+def _not_carried(event: Event, wire: Any, exc: pydantic.ValidationError) -> Problem:
     """422 for a payload that is valid as sent but not once published (read back off the bus)."""
-    items = []
-    for error in exc.errors(include_url=False, include_input=False, include_context=False):
-        loc = tuple(error["loc"])
-        published = _published(wire, loc)
-        sent_as = f"it would be published as {published}" if published is not None else "it would be published"
-        why = " (JSON has no inf or nan)" if published == "null" else ""
-        reason = f"not representable on the bus{why}: {sent_as}, which consumers refuse"
-        items.append({"path": field_path(loc), "reason": reason, "type": "not_representable"})
+    items = [
+        {"path": path, "reason": f"not representable on the bus: {reason}", "type": "not_representable"}
+        for path, reason in not_carried(event, wire, exc).items()
+    ]
     summary = "; ".join(f"{item['path']}: {item['reason']}" for item in items[:5])
     more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
     return Problem(422, f"invalid {exc.title}: {summary}{more}", errors=items)

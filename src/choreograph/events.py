@@ -239,6 +239,7 @@ def check_published(event: Event, data: bytes) -> None:
     try:
         read = cls.__pydantic_validator__.validate_python(wire)
     except pydantic.ValidationError as exc:
+        reasons = not_carried(event, wire, exc)
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
     else:
         # Valid, but an inf or nan in a field that takes None (``float | None``, ``Any``) reads
@@ -282,6 +283,25 @@ def _non_finite(sent: Any) -> list[tuple[tuple[int | str, ...], float]]:
             stack.extend(((*loc, index), item) for index, item in enumerate(value))
     found.reverse()
     return found
+
+
+def not_carried(event: Event, wire: Any, exc: pydantic.ValidationError) -> dict[str, str]:
+    """Per JSON path (``$.readings[0][1]``), why ``wire``, ``event`` as published, failed to read
+    back as its model (``exc``): the value sent and what it became. The path is the one in the
+    JSON: a union member's tag or a validator's name in an error's ``loc`` is left out, and a
+    path that several union members fail at is given once. What :func:`check_published` and
+    the gateway (a 422 per field) say."""
+    try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
+        sent: Any = event.__pydantic_serializer__.to_python(event)
+    except Exception:  # noqa: BLE001 - only to say which value it was
+        sent = _MISSING
+    reasons: dict[str, str] = {}
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc, published, original = _located(wire, sent, tuple(error["loc"]))
+        path = field_path(loc)
+        if path not in reasons:
+            reasons[path] = _not_carried(original, published, str(error["msg"]))
+    return reasons
 
 
 _MISSING: Any = object()
