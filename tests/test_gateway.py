@@ -480,6 +480,28 @@ async def test_a_bus_file_removed_under_the_gateway_is_503_not_202_for_a_lost_ev
     assert ready.status_code == 503
 
 
+async def test_a_store_that_cannot_open_is_named_in_the_503_and_blocks_only_what_needs_it(
+    bus: SpyBus, tmp_path: Path
+) -> None:
+    """The idempotency store (or the journal) failing to open answered every POST "broker
+    unavailable", though the broker was fine: a client (and an operator) looked at the wrong
+    system, and requests that need no key were refused. The 503 names the store; a request
+    without a key is published."""
+    (tmp_path / "not-a-dir").write_text("")
+    unopenable = f"sqlite:///{tmp_path}/not-a-dir/x.db"
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, idempotency=unopenable, journal=unopenable)
+    async with client_for(gw) as client:
+        keyed = await client.post("/orders", json=BODY, headers={"idempotency-key": "k-1"})
+        plain = await client.post("/orders", json=BODY)
+        listed = await client.get("/transactions")
+    assert keyed.status_code == 503 and keyed.headers["retry-after"] == "1"
+    assert keyed.json()["detail"].startswith("idempotency store unavailable: "), keyed.text
+    assert "broker" not in keyed.json()["detail"]
+    assert plain.status_code == 202, plain.text
+    assert len(bus.published) == 1
+    assert listed.status_code == 503 and listed.json()["detail"].startswith("journal unavailable: "), listed.text
+
+
 async def test_a_failed_publish_without_a_key_is_503(client: httpx.AsyncClient, bus: SpyBus) -> None:
     bus.failures = 1
     assert (await client.post("/orders", json=BODY)).status_code == 503

@@ -177,7 +177,8 @@ def build_openapi(
                 "413": _problem("Body too large"),
                 "415": _problem("Body is not JSON"),
                 "422": _problem("Payload invalid (each bad field named by its path)"),
-                "503": _problem("Broker unavailable: nothing was published, retry"),
+                "503": _problem("Broker (or, with an Idempotency-Key, the idempotency store) unavailable: "
+                                "nothing was published, retry"),
             },
         }
         if security:
@@ -197,6 +198,7 @@ def build_openapi(
             "responses": {
                 "200": _json("Transactions", "TransactionList"), **unauthorized,
                 "422": _problem("Bad status or limit"),
+                "503": _problem("Journal unavailable, retry"),
             },
             **guarded,
         }}
@@ -207,6 +209,7 @@ def build_openapi(
             "responses": {
                 "200": _json("The transaction", "Transaction"), **unauthorized,
                 "404": _problem("The journal has not seen this correlation id"),
+                "503": _problem("Journal unavailable, retry"),
             },
             **guarded,
         }}

@@ -17,7 +17,9 @@ bearer token, ``409`` an ``Idempotency-Key`` conflict (problem ``type``
 the key was used with a different body), ``413`` body over ``max_body``, ``415`` not
 JSON, ``422`` invalid payload (every bad field named by its path, e.g.
 ``$.items[0].qty``; a key given twice, a number JSON cannot carry), ``503`` broker unavailable (retry; with an ``Idempotency-Key``
-the retry is safe).
+the retry is safe), or idempotency store unavailable (only a request with a key needs it;
+the ``detail`` names which). The journal is opened only by ``/transactions``: a journal
+that cannot be opened is their ``503``, never a POST's.
 
 A key reused with a different body is a ``409``, not the ``422`` the IETF
 idempotency-key draft suggests: the body itself is valid, it conflicts with the
@@ -39,7 +41,7 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -82,6 +84,8 @@ _RESERVED = ("/healthz", "/readyz", "/openapi.json", "/transactions")
 #: Seconds ``/readyz`` waits for the broker's answer.
 READY_TIMEOUT = 2.0
 _METHODS = ("POST", "PUT", "PATCH")
+
+_Part = Literal["broker", "idempotency store", "journal"]
 
 KEY_REUSED = "urn:choreograph:problem:idempotency-key-reused"
 """Problem type of a 409: the Idempotency-Key was first used with another body (do not retry)."""
@@ -185,7 +189,7 @@ class Gateway:
         self._openapi = build_openapi(
             self.routes, title=title, version=version, auth=auth_token is not None, journal=self.journal is not None
         )
-        self._ready = False
+        self._opened: set[_Part] = set()
         self._lock: asyncio.Lock | None = None
         self._app: Starlette | None = None
         self._was_ready: bool | None = None  # what /readyz last answered (None: not asked yet)
@@ -202,22 +206,32 @@ class Gateway:
 
     async def start(self) -> None:
         """Connect to the broker and open the stores (requests do this lazily if it failed)."""
-        if self._ready:
+        await self._open("broker")
+        await self._open("idempotency store")
+        if self.journal is not None:
+            await self._open("journal")
+
+    async def _open(self, part: _Part) -> None:
+        """Connect to the broker or open a store, once. Each on its own: a request opens only what
+        it needs (a POST without an Idempotency-Key needs no idempotency store, none the journal)."""
+        if part in self._opened:
             return
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._ready:
+            if part in self._opened:
                 return
-            await self.transport.connect()
-            await self.idempotency.open()
-            if self.journal is not None:
+            if part == "broker":
+                await self.transport.connect()
+            elif part == "idempotency store":
+                await self.idempotency.open()
+            elif self.journal is not None:
                 await self.journal.open()
-            self._ready = True
+            self._opened.add(part)
 
     async def close(self) -> None:
         """Close what the gateway opened."""
-        self._ready = False
+        self._opened.clear()
         if self._owns_transport:
             await self.transport.close()
         await self.idempotency.close()
@@ -235,11 +249,13 @@ class Gateway:
         finally:
             await self.close()
 
-    async def _ensure_started(self) -> None:
-        try:
-            await self.start()
-        except Exception as exc:
-            raise Problem(503, f"broker unavailable: {exc}; retry", headers={"Retry-After": "1"}) from exc
+    async def _ensure_started(self, *parts: _Part) -> None:
+        """503 naming the part (broker, idempotency store, journal) that cannot be reached."""
+        for part in parts:
+            try:
+                await self._open(part)
+            except Exception as exc:
+                raise Problem(503, f"{part} unavailable: {exc}; retry", headers={"Retry-After": "1"}) from exc
 
     # -- the ASGI app -------------------------------------------------------------------
 
@@ -281,7 +297,7 @@ class Gateway:
         key = idempotency_key(request)
         body = await read_body(request, self.max_body)
         event = parse_payload(route.event, body)
-        await self._ensure_started()
+        await self._ensure_started("broker", *(("idempotency store",) if key is not None else ()))
         now = self.clock.time()
         correlation_id = new_id()
         scope = route.name or route.path
@@ -364,12 +380,13 @@ class Gateway:
         return json_response({"status": "ready"})
 
     async def _probe(self) -> None:
-        await self.start()
+        await self._open("broker")
         await self.transport.ping()
 
     async def _list_transactions(self, request: Request) -> Response:
         check_bearer(request, self.auth_token)
         assert self.journal is not None
+        await self._ensure_started("journal")
         status = request.query_params.get("status")
         if status is not None and status not in STATUSES:
             raise Problem(422, f"status {status!r}: expected one of {', '.join(STATUSES)}",
@@ -388,6 +405,7 @@ class Gateway:
     async def _get_transaction(self, request: Request) -> Response:
         check_bearer(request, self.auth_token)
         assert self.journal is not None
+        await self._ensure_started("journal")
         correlation_id = request.path_params["correlation_id"]
         try:
             tx = await self.journal.transaction(correlation_id)
