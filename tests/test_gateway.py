@@ -437,6 +437,76 @@ async def test_idempotency_claims_follow_the_documented_states(keys: Idempotency
     assert found.outcome == "new"  # keys are scoped per route
 
 
+# -- CloudEvents binary content mode -----------------------------------------------------
+
+CE = {"ce-specversion": "1.0", "ce-type": "test.gateway.ordered", "ce-source": "/shop/web"}
+
+
+async def test_ce_headers_of_binary_content_mode_are_carried_onto_the_published_envelope(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    """What a CloudEvents SDK client sends (the HTTP binding's binary mode: attributes in ce-
+    headers, the data as the body) was silently dropped: the event went out under another id,
+    source, time and subject. They are the envelope's now, percent-decoded as the binding says;
+    ``ce-id`` is the event (and correlation) id."""
+    headers = {**CE, "ce-id": "order-42", "ce-time": "2018-04-05T03:56:24Z", "ce-subject": "caf%C3%A9/7",
+               "ce-channel": "web"}
+    response = await client.post("/orders", json=BODY, headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.json()["correlation_id"] == "order-42"
+    [message] = bus.published
+    envelope = decode(message.body)
+    assert (envelope.id, envelope.correlationid, envelope.source) == ("order-42", "order-42", "/shop/web")
+    assert (envelope.time, envelope.subject) == ("2018-04-05T03:56:24Z", "caf\u00e9/7")
+    assert envelope.extensions == {"channel": "web"}
+    assert envelope.data == BODY
+
+
+async def test_a_ce_id_makes_a_retry_idempotent_and_its_reuse_for_another_event_a_409(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    """Consumers drop a second event with an id they have seen: a ce-id reused for another body
+    would be a 202 for an event no one handles. The id is claimed as an Idempotency-Key is."""
+    headers = {**CE, "ce-id": "order-42", "ce-time": "2018-04-05T03:56:24Z"}
+    first = await client.post("/orders", json=BODY, headers=headers)
+    retry = await client.post("/orders", json=BODY, headers={**headers, "ce-time": "2018-04-05T03:56:25Z"})
+    other = await client.post("/orders", json={**BODY, "address": "2 Side St"}, headers=headers)
+    elsewhere = await client.post("/orders", json=BODY, headers={**headers, "ce-subject": "cust/7"})
+    assert first.status_code == retry.status_code == 202
+    assert retry.headers["idempotent-replayed"] == "true"  # an SDK's retry may stamp a new time
+    assert other.status_code == elsewhere.status_code == 409
+    assert other.json()["type"] == KEY_REUSED and "ce-id" in other.json()["detail"]
+    [message] = bus.published
+    assert decode(message.body).time == "2018-04-05T03:56:24Z"
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ({"ce-type": "test.gateway.ordered", "ce-id": "x"}, "ce-specversion"),
+        ({**CE, "ce-specversion": "0.3"}, "ce-specversion"),
+        ({**CE, "ce-type": "test.gateway.cancelled"}, "ce-type"),
+        ({**CE, "ce-dataschema": "urn:other"}, "ce-dataschema"),
+        ({**CE, "ce-time": "yesterday"}, "ce-time"),
+        ({**CE, "ce-id": "a/b"}, "ce-id"),
+        ({**CE, "ce-subject": ""}, "ce-subject"),
+        ({**CE, "ce-correlationid": "c-1"}, "ce-correlationid"),
+        ({**CE, "ce-deadline": "2030-01-01T00:00:00Z"}, "ce-deadline"),
+        ({**CE, "ce-traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, "ce-traceparent"),
+        ({**CE, "ce-data_base64": "e30="}, "ce-data_base64"),
+        ({**CE, "ce-b%C3%A6d": "x"}, "ce-b%c3%a6d"),
+        ({**CE, "ce-id": "order-42", "idempotency-key": "k-1"}, "ce-id"),
+    ],
+)
+async def test_a_ce_header_the_gateway_cannot_carry_is_400_naming_it(
+    client: httpx.AsyncClient, bus: SpyBus, headers: dict[str, str], named: str
+) -> None:
+    response = await client.post("/orders", json=BODY, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith(f"{named}: "), response.json()["detail"]
+    assert bus.published == []
+
+
 # -- nothing lost ------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 import pytest
 import yaml
 
-from choreograph import Envelope, MalformedEnvelope
+from choreograph import Envelope, Event, MalformedEnvelope, decode
 from choreograph._http_binding import (
     decode_http,
     decode_http_batch,
@@ -26,7 +27,10 @@ from choreograph._http_binding import (
     to_http,
     to_structured,
 )
+from choreograph.gateway import Gateway, Route
 from choreograph.push import receiver
+from choreograph.testing import MemoryTransport
+from choreograph.transports.base import Message
 from tests._push_support import serve
 
 CONFORMANCE = Path("/work/shared/conformance/cloudevents-conformance")
@@ -193,6 +197,51 @@ async def test_receiver_helper_decodes_the_raw_request_from_a_socket(case: Case)
     [envelope] = received
     assert attributes_of(envelope) == case.attributes
     assert envelope.data == case.data
+
+
+class SomeEvent(Event, type="com.example.someevent"):
+    message: str
+
+
+class RecordingBus(MemoryTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[Message] = []
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.sent.extend(messages)
+        await super().publish(messages)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_ids)
+async def test_the_gateway_publishes_the_conformance_request_or_refuses_it_saying_how_to_send_it(
+    case: Case,
+) -> None:
+    """Binary mode: the gateway publishes the scenario's event with its attributes (they were
+    dropped: another id, source and time). Structured mode carries the attributes in the body,
+    where the route's model expects the data: a 415 saying to send binary mode, not a 422 for
+    fields named specversion and id."""
+    bus = RecordingBus()
+    gateway = Gateway([Route("POST", "/someresource", SomeEvent)], broker=bus)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw") as client:
+        head, body = case.head_and_body
+        response = await client.post("/someresource", content=body, headers=[
+            (name, value) for name, value in head if name.lower() not in ("host", "content-length")
+        ])
+    await gateway.close()
+    if case.headers.get("ce-specversion") is None:
+        assert response.status_code == 415, response.text
+        assert "binary content mode" in response.json()["detail"]
+        return
+    assert response.status_code == 202, response.text
+    [message] = bus.sent
+    envelope = decode(message.body)
+    published = attributes_of(envelope)
+    assert {k: published[k] for k in ("id", "specversion", "type", "source", "time")} == {
+        k: case.attributes[k] for k in ("id", "specversion", "type", "source", "time")
+    }
+    assert envelope.data == case.data
+    assert response.json()["correlation_id"] == case.attributes["id"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_ids)

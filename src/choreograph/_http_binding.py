@@ -205,11 +205,12 @@ def _data_from_body(body: bytes, content_type: str | None, event_id: str | None)
     return {"data_base64": base64.b64encode(body).decode("ascii")}
 
 
-def decode_binary(headers: Mapping[str, str], body: bytes) -> Envelope:
-    """The event of a binary-mode HTTP message (``ce-*`` headers + body)."""
-    lowered = _lower(headers)
+def binary_attributes(headers: Mapping[str, str]) -> dict[str, Any]:
+    """The attributes of a binary-mode message's ``ce-*`` headers (names without the prefix,
+    values percent-decoded); :class:`MalformedEnvelope` naming the header if one is invalid or
+    ``ce-specversion`` is missing. What :func:`decode_binary` and the gateway read."""
     attributes: dict[str, Any] = {}
-    for name, value in lowered.items():
+    for name, value in _lower(headers).items():
         if name.startswith(HEADER_PREFIX) and len(name) > len(HEADER_PREFIX):
             try:
                 attributes[name[len(HEADER_PREFIX):]] = unquote(value, errors="strict") if "%" in value else value
@@ -217,9 +218,16 @@ def decode_binary(headers: Mapping[str, str], body: bytes) -> Envelope:
                 raise MalformedEnvelope(f"{name}: percent-encoded value is not valid UTF-8") from None
     if "specversion" not in attributes:
         raise MalformedEnvelope("ce-specversion: header is missing (binary content mode)")
-    for name in _NOT_HEADERS:
+    for name in sorted(_NOT_HEADERS):
         if name in attributes:
             raise MalformedEnvelope(f"ce-{name}: not allowed as a header (binary content mode)")
+    return attributes
+
+
+def decode_binary(headers: Mapping[str, str], body: bytes) -> Envelope:
+    """The event of a binary-mode HTTP message (``ce-*`` headers + body)."""
+    lowered = _lower(headers)
+    attributes = binary_attributes(lowered)
     content_type = lowered.get("content-type")
     attributes["datacontenttype"] = content_type  # absent stays absent (None), not the JSON default
     event_id = attributes.get("id") if isinstance(attributes.get("id"), str) else None

@@ -21,6 +21,11 @@ the retry is safe), or idempotency store unavailable (only a request with a key 
 the ``detail`` names which). The journal is opened only by ``/transactions``: a journal
 that cannot be opened is their ``503``, never a POST's.
 
+A CloudEvents SDK client may send the body in binary content mode: its ``ce-*`` headers are
+published with the event (``ce-id`` is the event id and is idempotent as an
+``Idempotency-Key`` is; see :mod:`choreograph._gateway_cloudevents`), or are a ``400`` naming
+the header. Structured mode (``application/cloudevents+json``) is a ``415``.
+
 A key reused with a different body is a ``409``, not the ``422`` the IETF
 idempotency-key draft suggests: the body itself is valid, it conflicts with the
 server's state, and a client that reads ``422`` as "fix your payload" would be misled.
@@ -52,6 +57,7 @@ from starlette.types import Receive, Scope, Send
 
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph._envelope import new_id
+from choreograph._gateway_cloudevents import cloudevent_attributes
 from choreograph._gateway_http import (
     Problem,
     check_bearer,
@@ -68,6 +74,7 @@ from choreograph.errors import ConfigurationError, StoreError
 from choreograph.events import Event
 from choreograph.journal import Journal
 from choreograph.runtime.publisher import Publisher
+from choreograph.runtime.records import first_envelope
 from choreograph.transports import open_transport
 from choreograph.transports.base import Transport
 
@@ -85,6 +92,8 @@ _RESERVED = ("/healthz", "/readyz", "/openapi.json", "/transactions")
 READY_TIMEOUT = 2.0
 _METHODS = ("POST", "PUT", "PATCH")
 
+#: The idempotency scope of ``ce-id``s: one for every route (an event id is unique across them).
+CE_ID_SCOPE = " ce-id"
 _Part = Literal["broker", "idempotency store", "journal"]
 
 KEY_REUSED = "urn:choreograph:problem:idempotency-key-reused"
@@ -295,16 +304,27 @@ class Gateway:
         check_bearer(request, self.auth_token)
         check_json_content_type(request)
         key = idempotency_key(request)
+        attributes = cloudevent_attributes(request.headers.items(), route.event)
+        ce_id = attributes.id if attributes is not None else None
+        if ce_id is not None and key is not None:
+            raise Problem(400, "ce-id: send it or an Idempotency-Key, not both (the event id makes retries "
+                               "idempotent itself)")
         body = await read_body(request, self.max_body)
         event = parse_payload(route.event, body)
+        # An Idempotency-Key is claimed per route; a ce-id across routes: it is the event id.
+        scope, header = (route.name or route.path, "Idempotency-Key") if ce_id is None else (CE_ID_SCOPE, "ce-id")
+        key = key if ce_id is None else ce_id
         await self._ensure_started("broker", *(("idempotency store",) if key is not None else ()))
         now = self.clock.time()
-        correlation_id = new_id()
-        scope = route.name or route.path
+        correlation_id = ce_id or new_id()
         if key is not None:
             # what the client sent (as validated: key order and 1 vs 1.0 do not matter), not the
             # defaults the model filled in: a default_factory (a uuid, a time) differs per retry
-            fingerprint = hashlib.sha256(event.model_dump_json(exclude_unset=True).encode()).hexdigest()
+            sent = event.model_dump_json(exclude_unset=True)
+            also = "\0".join(filter(None, [
+                attributes.fingerprint() if attributes is not None else "", route.name if ce_id is not None else "",
+            ]))
+            fingerprint = hashlib.sha256(f"{sent}\0{also}".encode() if also else sent.encode()).hexdigest()
             try:
                 claim = await self.idempotency.claim(
                     scope, key, fingerprint, correlation_id, now, lease=self.idempotency_lease, ttl=self.idempotency_ttl
@@ -312,21 +332,31 @@ class Gateway:
             except Exception as exc:
                 raise Problem(503, f"idempotency store unavailable: {exc}; retry", headers={"Retry-After": "1"}) from exc
             if claim.outcome == "mismatch":
+                if ce_id is not None:
+                    raise Problem(409, f"ce-id {ce_id!r} was already used for another event (another body, attributes "
+                                       "or route); consumers would drop this one as a duplicate: use a new id",
+                                  type=KEY_REUSED)
                 raise Problem(409, "Idempotency-Key was already used with a different body; use a new key",
                               type=KEY_REUSED)
             if claim.outcome == "in_flight":
-                raise Problem(409, "a request with this Idempotency-Key is in flight; retry later",
+                raise Problem(409, f"a request with this {header} is in flight; retry later",
                               headers={"Retry-After": "1"}, type=KEY_IN_FLIGHT)
             if claim.outcome == "replay":
                 return self._accepted(request, claim.correlation_id, replayed=True)
             correlation_id = claim.correlation_id
         deadline = format_time(now + route.deadline) if route.deadline is not None else None
+        envelope = first_envelope(
+            event, source=self.source, id=correlation_id, deadline=deadline,
+            subject=attributes.subject if attributes is not None else None,
+        )
+        if attributes is not None:
+            attributes.apply(envelope)
         try:
             if self.telemetry is None:
-                await self.publisher.publish(event, ids=[correlation_id], deadline=deadline)
+                await self.publisher.publish_envelopes([envelope])
             else:
                 with self.telemetry.incoming(request.headers):
-                    await self.publisher.publish(event, ids=[correlation_id], deadline=deadline)
+                    await self.publisher.publish_envelopes([envelope])
         except Exception as exc:
             log.error("publishing %s failed: %s", route.event.event_type(), exc)
             if key is not None:

@@ -8,6 +8,7 @@ envelope carries no ``traceparent``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -61,11 +62,16 @@ class Publisher:
             )
             for i, event in enumerate(events)
         ]
+        await self.publish_envelopes(envelopes)
+        return envelopes
+
+    async def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
+        """Durably publish ``envelopes`` built by the caller (as :meth:`publish` builds them, then
+        changed: the gateway sets a client's CloudEvents attributes), traced and counted alike."""
         if self.telemetry is None:
             await self.transport.publish([to_message(env) for env in envelopes])
-            return envelopes
+            return
         from choreograph.telemetry import messaging_system
 
         with self.telemetry.producing(envelopes, system=messaging_system(getattr(self.transport, "url", ""))):
             await self.transport.publish([to_message(env) for env in envelopes])
-        return envelopes

@@ -1,0 +1,116 @@
+"""CloudEvents binary content mode on a gateway request: what ``ce-*`` headers the event carries.
+
+A CloudEvents SDK client POSTs the event's data as the body and its attributes as ``ce-*``
+headers (the HTTP binding's binary mode, read as :func:`~choreograph._http_binding.binary_attributes`
+reads it for a receiver). The gateway publishes them rather than drop them silently:
+
+* ``ce-id`` is the event id, hence the correlation id, and is claimed as an
+  ``Idempotency-Key`` is (consumers drop an event whose id they have seen, so an id reused for
+  another body would be a 202 for an event no one handles: it is a 409 instead);
+* ``ce-source``, ``ce-time``, ``ce-subject`` and extensions of the client's own go onto the
+  envelope as sent;
+* ``ce-specversion`` must be ``1.0``, ``ce-type`` and ``ce-dataschema`` those of the route's
+  event (the route decides what is published);
+* the extensions choreograph sets itself (correlation, causation, deadline, hops, partition
+  key, trace context) are refused, naming the header: the gateway would overwrite them.
+
+Every refusal is a 400 whose ``detail`` starts with the header's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+from choreograph._envelope import KNOWN_EXTENSIONS, SPECVERSION, Envelope, is_rfc3339
+from choreograph._gateway_http import Problem
+from choreograph._http_binding import HEADER_PREFIX, binary_attributes
+from choreograph.errors import MalformedEnvelope
+from choreograph.events import Event
+
+#: A ``ce-id``: it is the correlation id, a path segment of ``/transactions/{id}`` (RFC 3986 pchar).
+_ID = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,255}$")
+_EXTENSION_NAME = re.compile(r"^[a-z0-9]+$")
+_SET_BY_THE_GATEWAY = {
+    "correlationid": "the gateway starts a transaction: its correlation id is the event id (send ce-id)",
+    "causationid": "an event published at the gateway is caused by no other",
+    "deadline": "the route's deadline is the transaction's",
+    "hops": "the gateway counts hops itself",
+    "partitionkey": "the gateway does not take a partition key from a client",
+    "traceparent": "send the W3C traceparent header instead",
+    "tracestate": "send the W3C tracestate header instead",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudEventAttributes:
+    """What a request's ``ce-*`` headers give the envelope (``None``: the gateway's own)."""
+
+    id: str | None = None
+    source: str | None = None
+    time: str | None = None
+    subject: str | None = None
+    extensions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def apply(self, envelope: Envelope) -> None:
+        """Set these attributes on ``envelope`` (built with :attr:`id` as its id, if given)."""
+        if self.source is not None:
+            envelope.source = self.source
+        if self.time is not None:
+            envelope.time = self.time
+        envelope.extensions.update(self.extensions)
+
+    def fingerprint(self) -> str:
+        """The attributes as part of an idempotent request's fingerprint (``""`` for none). Not
+        ``time``: an SDK may stamp a retry anew, and the first event's time stands (the replay)."""
+        parts = [self.source, self.subject, *sorted(self.extensions.items())]
+        return repr(parts) if any(p is not None for p in parts) else ""
+
+
+def _problem(header: str, reason: str) -> Problem:
+    return Problem(400, f"{header}: {reason}")
+
+
+def cloudevent_attributes(headers: Sequence[tuple[str, str]], event: type[Event]) -> CloudEventAttributes | None:
+    """The ``ce-*`` attributes of a request's ``headers`` (name, value pairs as received) for a route
+    publishing ``event``; ``None`` without any ``ce-`` header; a 400 :class:`Problem` naming the header."""
+    names = [name.lower() for name, _ in headers if name.lower().startswith(HEADER_PREFIX)]
+    if not names:
+        return None
+    for name in names:
+        if names.count(name) > 1:
+            raise _problem(name, "given more than once; which value is meant is undefined, send it once")
+    try:
+        attributes = binary_attributes(dict(headers))
+    except MalformedEnvelope as exc:
+        header, _, reason = exc.message.partition(": ")
+        raise _problem(header, reason) from None
+    if attributes.pop("specversion") != SPECVERSION:
+        raise _problem("ce-specversion", f"expected {SPECVERSION!r} (CloudEvents 1.0)")
+    expected_type = event.event_type()
+    if attributes.pop("type", expected_type) != expected_type:
+        raise _problem("ce-type", f"this route publishes {expected_type!r}; send that or leave the header out")
+    if attributes.pop("dataschema", event.schema_uri()) != event.schema_uri():
+        raise _problem("ce-dataschema", f"this route publishes data of {event.schema_uri()!r}; "
+                                        "send that or leave the header out")
+    found: dict[str, str | None] = {}
+    for name in ("id", "source", "time", "subject"):
+        value = attributes.pop(name, None)
+        if value is not None and not value:
+            raise _problem(f"ce-{name}", "must not be empty")
+        found[name] = value
+    if found["id"] is not None and not _ID.match(found["id"]):
+        raise _problem("ce-id", "1-255 characters of letters, digits and -._~:@!$&'()*+,;= (it becomes "
+                                "the transaction's id, a segment of its /transactions URL)")
+    if found["time"] is not None and not is_rfc3339(found["time"]):
+        raise _problem("ce-time", f"{found['time']!r} is not an RFC 3339 timestamp")
+    for name in sorted(attributes):
+        if name in KNOWN_EXTENSIONS:
+            why = _SET_BY_THE_GATEWAY.get(name, "choreograph sets it itself")
+            raise _problem(f"ce-{name}", f"not taken from a client: {why}")
+        if not _EXTENSION_NAME.match(name):
+            raise _problem(f"ce-{name}", "an extension name is lower-case letters and digits")
+    return CloudEventAttributes(
+        id=found["id"], source=found["source"], time=found["time"], subject=found["subject"], extensions=attributes
+    )
