@@ -793,6 +793,31 @@ def test_push_subscription_validates_its_configuration() -> None:
     assert PushSubscription("g", "t", "http://x/").types == frozenset({"t"})
 
 
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ({"Content-Type": "application/json"}, "'Content-Type'"),
+        ({"CE-Type": "x"}, "'CE-Type'"),
+        ({"Webhook-Signature": "v1,x"}, "'Webhook-Signature'"),
+        ({"Content-Length": "10"}, "'Content-Length'"),
+        ({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, "'traceparent'"),
+        ({"X-Tenant": "a\r\nX-Injected: 1"}, "'X-Tenant'"),
+        ({"X Tenant": "a"}, "'X Tenant'"),
+    ],
+)
+def test_a_header_the_ambassador_sets_itself_or_cannot_send_is_a_configuration_error(
+    headers: dict[str, str], named: str
+) -> None:
+    """Subscription headers were merged case-sensitively into the request: ``Content-Type`` went
+    out beside the binding's ``content-type`` (the receiver read the first and dead-lettered a
+    structured event as not a CloudEvent), ``Content-Length`` made a request servers refuse, and
+    an unsendable value failed every delivery as a transient error, retried until the policy
+    gave up. Each is refused where the subscription is made, naming the header."""
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
+        PushSubscription("g", "t", "http://x/", headers=headers)
+    assert PushSubscription("g", "t", "http://x/", headers={"Authorization": "Bearer t"}).headers
+
+
 # -- the polyglot proof: the Node.js Delivery service of examples/polyglot -----------------------
 
 NODE_SERVICE = Path(__file__).resolve().parent.parent / "examples" / "polyglot" / "delivery_service.mjs"

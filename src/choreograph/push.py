@@ -105,6 +105,28 @@ __all__ = [
 
 _GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
+#: An HTTP header name (RFC 9110 token), and the characters a header value may not hold.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_NOT_IN_VALUES = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Headers the ambassador (or httpx) sets on every request: a second copy from a subscription
+#: would go out beside it (a receiver reads one of the two) or make a request servers refuse.
+_SET_BY_THE_AMBASSADOR = ("content-type", "content-length", "transfer-encoding", "content-encoding",
+                          "user-agent", "traceparent", "tracestate")
+
+
+def _header_refused(name: str, value: object) -> str | None:
+    """Why a subscription may not add header ``name: value`` (``None``: it may)."""
+    if not isinstance(name, str) or not _TOKEN.match(name):
+        return "not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"
+    if not isinstance(value, str) or _NOT_IN_VALUES.search(value):
+        return "the value must be text without control characters (no line breaks)"
+    lowered = name.lower()
+    if lowered in _SET_BY_THE_AMBASSADOR or lowered.startswith(("ce-", "webhook-")):
+        return ("the ambassador sets it on every request (the CloudEvents binding, the Standard Webhooks "
+                "signature, the trace context); a second copy would go out beside it")
+    return None
+
+
 MAX_RESPONSE_BODY = 1 << 20
 """Bytes of a subscriber's answer the ambassador reads by default (the most :func:`receiver` accepts)."""
 
@@ -116,7 +138,9 @@ class PushSubscription:
     ``secret`` signs every request (``whsec_...``; several during a rotation). ``emits``
     lists the event types the subscriber may answer with (``None``: any, except
     ``choreograph.*``); answering another type dead-letters the input as ``rejected``.
-    ``headers`` are added to every request (e.g. an ``Authorization``).
+    ``headers`` are added to every request (e.g. an ``Authorization``); not those the
+    ambassador sets itself (``Content-Type``, ``ce-*``, ``webhook-*``, ``traceparent``, ...):
+    a second copy would go out beside its own.
 
     ``max_response_body`` bounds the answer the ambassador reads (bytes, after any
     ``Content-Encoding``): an answer carrying CloudEvents over it is a failed attempt,
@@ -189,6 +213,10 @@ class PushSubscription:
             fix("secret", secrets[0] if len(secrets) == 1 else secrets)
         if self.emits is not None:
             fix("emits", frozenset([self.emits] if isinstance(self.emits, str) else self.emits))
+        for name, value in dict(self.headers).items():
+            why = _header_refused(name, value)
+            if why is not None:
+                raise ConfigurationError(f"push subscription {self.group!r}: header {name!r}: {why}")
         fix("headers", dict(self.headers))
         try:
             compiled = compile_filters(self.filters, self.where)
