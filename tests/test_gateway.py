@@ -7,6 +7,7 @@ serves it with uvicorn on a free port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -570,6 +571,27 @@ async def test_a_store_that_cannot_open_is_named_in_the_503_and_blocks_only_what
     assert plain.status_code == 202, plain.text
     assert len(bus.published) == 1
     assert listed.status_code == 503 and listed.json()["detail"].startswith("journal unavailable: "), listed.text
+
+
+async def test_a_broker_that_hangs_on_connect_does_not_hold_up_the_journal(bus: SpyBus, clock: VirtualClock) -> None:
+    """The broker, the idempotency store and the journal were opened under one lock: while a
+    POST waited on a broker that did not answer, GET /transactions waited behind it."""
+    connecting = asyncio.Event()
+
+    async def hang() -> None:
+        connecting.set()
+        await asyncio.Event().wait()
+
+    bus.connect = hang  # type: ignore[method-assign]
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal="memory://", clock=clock)
+    async with client_for(gw) as client:
+        posting = asyncio.create_task(client.post("/orders", json=BODY))
+        await connecting.wait()
+        listed = await asyncio.wait_for(client.get("/transactions"), 2)
+        posting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await posting
+    assert listed.status_code == 200, listed.text
 
 
 async def test_a_failed_publish_without_a_key_is_503(client: httpx.AsyncClient, bus: SpyBus) -> None:

@@ -199,7 +199,7 @@ class Gateway:
             self.routes, title=title, version=version, auth=auth_token is not None, journal=self.journal is not None
         )
         self._opened: set[_Part] = set()
-        self._lock: asyncio.Lock | None = None
+        self._locks: dict[_Part, asyncio.Lock] = {}
         self._app: Starlette | None = None
         self._was_ready: bool | None = None  # what /readyz last answered (None: not asked yet)
 
@@ -225,9 +225,7 @@ class Gateway:
         it needs (a POST without an Idempotency-Key needs no idempotency store, none the journal)."""
         if part in self._opened:
             return
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
+        async with self._locks.setdefault(part, asyncio.Lock()):  # one each: a hung broker holds up no store
             if part in self._opened:
                 return
             if part == "broker":
