@@ -496,11 +496,12 @@ async def test_a_ce_id_makes_a_retry_idempotent_and_its_reuse_for_another_event_
         ({**CE, "ce-traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, "ce-traceparent"),
         ({**CE, "ce-data_base64": "e30="}, "ce-data_base64"),
         ({**CE, "ce-b%C3%A6d": "x"}, "ce-b%c3%a6d"),
+        ({**CE, "ce-subject": "caf\u00e9/7".encode()}, "ce-subject"),  # raw UTF-8: read as latin-1, mojibake
         ({**CE, "ce-id": "order-42", "idempotency-key": "k-1"}, "ce-id"),
     ],
 )
 async def test_a_ce_header_the_gateway_cannot_carry_is_400_naming_it(
-    client: httpx.AsyncClient, bus: SpyBus, headers: dict[str, str], named: str
+    client: httpx.AsyncClient, bus: SpyBus, headers: dict[str, str | bytes], named: str
 ) -> None:
     response = await client.post("/orders", json=BODY, headers=headers)
     assert response.status_code == 400, response.text

@@ -81,6 +81,10 @@ def cloudevent_attributes(headers: Sequence[tuple[str, str]], event: type[Event]
     for name in names:
         if names.count(name) > 1:
             raise _problem(name, "given more than once; which value is meant is undefined, send it once")
+    for name, value in headers:
+        if name.lower().startswith(HEADER_PREFIX) and not value.isascii():  # raw UTF-8, read as latin-1
+            raise _problem(name.lower(), "characters beyond ASCII must be percent-encoded as UTF-8 "
+                                         "(CloudEvents HTTP binding 3.1.3.2)")
     try:
         attributes = binary_attributes(dict(headers))
     except MalformedEnvelope as exc:
