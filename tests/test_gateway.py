@@ -497,6 +497,8 @@ async def test_a_ce_id_makes_a_retry_idempotent_and_its_reuse_for_another_event_
         ({**CE, "ce-data_base64": "e30="}, "ce-data_base64"),
         ({**CE, "ce-b%C3%A6d": "x"}, "ce-b%c3%a6d"),
         ({**CE, "ce-subject": "caf\u00e9/7".encode()}, "ce-subject"),  # raw UTF-8: read as latin-1, mojibake
+        ({**CE, "ce-subject": "a%0Ab"}, "ce-subject"),  # CloudEvents strings hold no control characters
+        ({**CE, "ce-source": "%00"}, "ce-source"),
         ({**CE, "ce-id": "order-42", "idempotency-key": "k-1"}, "ce-id"),
     ],
 )

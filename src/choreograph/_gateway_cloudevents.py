@@ -31,6 +31,7 @@ from choreograph.events import Event
 
 #: A ``ce-id``: it is the correlation id, a path segment of ``/transactions/{id}`` (RFC 3986 pchar).
 _ID = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,255}$")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]+$")
 _SET_BY_THE_GATEWAY = {
     "correlationid": "the gateway starts a transaction: its correlation id is the event id (send ce-id)",
@@ -90,6 +91,10 @@ def cloudevent_attributes(headers: Sequence[tuple[str, str]], event: type[Event]
     except MalformedEnvelope as exc:
         header, _, reason = exc.message.partition(": ")
         raise _problem(header, reason) from None
+    for name, value in attributes.items():
+        if _CONTROL.search(value):
+            raise _problem(f"ce-{name}", "CloudEvents strings may not hold control characters (U+0000-U+001F, "
+                                         "U+007F-U+009F)")
     if attributes.pop("specversion") != SPECVERSION:
         raise _problem("ce-specversion", f"expected {SPECVERSION!r} (CloudEvents 1.0)")
     expected_type = event.event_type()
