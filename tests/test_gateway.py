@@ -412,6 +412,50 @@ async def test_idempotency_keys_in_sqlite_survive_a_gateway_restart(bus: SpyBus,
     assert len(bus.published) == 1
 
 
+_RESTARTED_GATEWAY = """
+import asyncio, sys, httpx
+from choreograph import Event
+from choreograph.gateway import Gateway, Route
+from choreograph.testing import MemoryTransport
+
+class Tagged(Event, type="test.gateway.tagged"):
+    tags: set[str]
+    pairs: dict[int, frozenset[str]]
+
+async def main():
+    gw = Gateway([Route("POST", "/tagged", Tagged)], broker=MemoryTransport(), idempotency=sys.argv[1])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.asgi()), base_url="http://gw") as client:
+        body = {"tags": ["alpha", "beta", "gamma", "delta"], "pairs": {"1": ["x", "y", "z"]}}
+        response = await client.post("/tagged", json=body, headers={"idempotency-key": "k-1"})
+    await gw.close()
+    print(response.status_code, response.json().get("correlation_id"))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_retry_of_a_body_with_a_set_is_replayed_by_a_restarted_gateway(tmp_path: Path) -> None:
+    """The fingerprint was the model's JSON, in which a set is listed in its iteration order: for
+    strings that order changes with the process's hash seed, so the same retry after a restart
+    (or at another gateway sharing the SQLite keys) was a 409 "use a new key", and the event lost."""
+    import os
+    import sys
+
+    script = tmp_path / "gateway_process.py"
+    script.write_text(_RESTARTED_GATEWAY)
+    url = f"sqlite:///{tmp_path}/keys.db"
+    answers = []
+    for seed in ("1", "2", "3"):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), url, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(Path(__file__).parent.parent / "src")},
+        )
+        out, _ = await process.communicate()
+        answers.append(out.decode().split())
+    assert [status for status, _ in answers] == ["202", "202", "202"], answers
+    assert len({cid for _, cid in answers}) == 1, answers
+
+
 @pytest.fixture(params=["memory", "sqlite"])
 async def keys(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[IdempotencyStore]:
     store = open_idempotency_store("memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/keys.db")

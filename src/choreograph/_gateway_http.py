@@ -241,6 +241,45 @@ def _not_carried(event: Event, wire: Any, exc: pydantic.ValidationError) -> Prob
     return Problem(422, f"invalid {exc.title}: {summary}{more}", errors=items)
 
 
+def sent_json(event: Event) -> str:
+    """What the client sent, as validated (key order and ``1`` vs ``1.0`` do not matter), for an
+    idempotent request's fingerprint: not the defaults the model filled in (a ``default_factory``,
+    a uuid or a time, differs per retry), and every set listed in one order. The model's JSON
+    lists a set in its iteration order, which for strings changes with the process's hash seed:
+    the same retry at a restarted gateway would be a 409."""
+    sent = event.model_dump_json(exclude_unset=True)
+    if not _holds_a_set(event):
+        return sent  # unchanged: a key claimed before sets were sorted still replays
+    return orjson.dumps(_sorted_sets(event, orjson.loads(sent))).decode()
+
+
+def _holds_a_set(value: Any) -> bool:
+    if isinstance(value, (set, frozenset)):
+        return True
+    if isinstance(value, pydantic.BaseModel):
+        return any(_holds_a_set(getattr(value, name, None)) for name in type(value).model_fields)
+    if isinstance(value, dict):
+        return any(_holds_a_set(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_a_set(item) for item in value)
+    return False
+
+
+def _sorted_sets(value: Any, wire: Any) -> Any:
+    """``wire``, the JSON of ``value``, with each set's items in sorted order. Both are walked
+    together: the JSON lists a set's items, and a dict's keys, in the order ``value`` iterates them."""
+    if isinstance(value, (set, frozenset)) and isinstance(wire, list):
+        items = [_sorted_sets(v, w) for v, w in zip(value, wire, strict=False)]
+        return sorted(items, key=lambda item: orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
+    if isinstance(value, pydantic.BaseModel) and isinstance(wire, dict):
+        return {key: _sorted_sets(getattr(value, key, None), w) for key, w in wire.items()}
+    if isinstance(value, dict) and isinstance(wire, dict):
+        return {key: _sorted_sets(v, w) for key, v, w in zip(wire, value.values(), wire.values(), strict=False)}
+    if isinstance(value, (list, tuple)) and isinstance(wire, list):
+        return [_sorted_sets(v, w) for v, w in zip(value, wire, strict=False)]
+    return wire
+
+
 def idempotency_key(request: Request) -> str | None:
     """The ``Idempotency-Key`` header: 1-255 printable ASCII characters, or 400."""
     key = request.headers.get("idempotency-key")

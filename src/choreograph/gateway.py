@@ -66,6 +66,7 @@ from choreograph._gateway_http import (
     json_response,
     parse_payload,
     read_body,
+    sent_json,
 )
 from choreograph._gateway_idempotency import IdempotencyStore, MemoryIdempotencyStore, open_idempotency_store
 from choreograph._gateway_openapi import build_openapi
@@ -316,9 +317,7 @@ class Gateway:
         now = self.clock.time()
         correlation_id = ce_id or new_id()
         if key is not None:
-            # what the client sent (as validated: key order and 1 vs 1.0 do not matter), not the
-            # defaults the model filled in: a default_factory (a uuid, a time) differs per retry
-            sent = event.model_dump_json(exclude_unset=True)
+            sent = sent_json(event)
             also = "\0".join(filter(None, [
                 attributes.fingerprint() if attributes is not None else "", route.name if ce_id is not None else "",
             ]))
