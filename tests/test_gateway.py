@@ -211,6 +211,37 @@ async def test_a_value_lost_in_a_union_inside_a_nested_list_is_named_by_its_json
     assert bus.published == []
 
 
+class Tagged(Event, type="test.gateway.tagged"):
+    labels: list[frozenset[str]]
+    counts: dict[int, int] = {}
+
+
+async def test_an_item_given_twice_in_a_set_is_422_not_silently_dropped(bus: SpyBus, clock: VirtualClock) -> None:
+    """The OpenAPI document says a set's items are unique (``uniqueItems``); the gateway took
+    ``["eu", "eu", "fr"]``, published ``["eu", "fr"]`` and answered 202."""
+    gw = Gateway([Route("POST", "/tagged", Tagged)], broker=bus, clock=clock)
+    async with client_for(gw) as client:
+        response = await client.post("/tagged", json={"labels": [["eu", "fr"], ["eu", "eu", "fr"]]})
+        fine = await client.post("/tagged", json={"labels": [["eu", "fr"]]})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert (error["path"], error["type"]) == ("$.labels[1]", "duplicate_item")
+    assert fine.status_code == 202
+    assert len(bus.published) == 1
+
+
+async def test_two_keys_a_mapping_reads_as_one_are_422_not_one_silently_dropped(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    """``{"1": 5, "01": 7}`` for a ``dict[int, int]``: both keys are the integer 1; one value was lost."""
+    gw = Gateway([Route("POST", "/tagged", Tagged)], broker=bus, clock=clock)
+    async with client_for(gw) as client:
+        response = await client.post("/tagged", json={"labels": [], "counts": {"1": 5, "01": 7}})
+    assert response.status_code == 422, response.text
+    assert [(e["path"], e["type"]) for e in response.json()["errors"]] == [("$.counts", "duplicate_item")]
+    assert bus.published == []
+
+
 @pytest.mark.parametrize("qty", [True, "2", 2.5])
 async def test_a_value_of_another_json_type_than_the_schema_gives_is_422(
     client: httpx.AsyncClient, bus: SpyBus, qty: object

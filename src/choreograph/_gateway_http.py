@@ -168,7 +168,41 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
         wrong = [e for e in exc.errors(include_url=False, include_context=False) if not _integral(e)]
         if wrong:
             raise validation_problem(exc, wrong) from None
+    collapsed = collapsed_set(event, data)
+    if collapsed is not None:
+        reason = ("an item (or key) is given more than once, or two are equal as the model reads them; "
+                  "a set holds each item once, a mapping each key")
+        raise Problem(422, f"invalid {model.__name__}: {collapsed}: {reason}",
+                      errors=[{"path": collapsed, "reason": reason, "type": "duplicate_item"}])
     return event
+
+
+def collapsed_set(value: Any, sent: Any, path: str = "$") -> str | None:
+    """The path of the first set of ``value`` (a validated model) with fewer items than the JSON
+    array ``sent`` gave it: items dropped as duplicates, which the schema (``uniqueItems``) forbids;
+    or of a mapping with fewer keys than the object sent (two keys one once read: ``"1"``, ``"01"``)."""
+    if isinstance(value, (set, frozenset)):
+        return path if isinstance(sent, list) and len(value) < len(sent) else None
+    if isinstance(value, pydantic.BaseModel) and isinstance(sent, dict):
+        fields = type(value).model_fields
+        for key, item in sent.items():
+            if key in fields:  # (a key given by its alias is not followed)
+                found = collapsed_set(getattr(value, key), item, f"{path}.{key}")
+                if found is not None:
+                    return found
+    elif isinstance(value, dict) and isinstance(sent, dict):
+        if len(value) < len(sent):  # keys equal as the model reads them ("1" and "01" for an int)
+            return path
+        for key, v, item in zip(sent, value.values(), sent.values(), strict=False):
+            found = collapsed_set(v, item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)) and isinstance(sent, list):
+        for index, (v, item) in enumerate(zip(value, sent, strict=False)):
+            found = collapsed_set(v, item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 class _Object(list[tuple[str, Any]]):
