@@ -586,6 +586,14 @@ async def test_a_ce_header_the_gateway_cannot_carry_is_400_naming_it(
     assert bus.published == []
 
 
+async def test_a_ce_header_given_twice_is_400_not_one_of_them_taken(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    headers = [*CE.items(), ("ce-id", "order-1"), ("ce-id", "order-2")]
+    response = await client.post("/orders", json=BODY, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith("ce-id: given more than once")
+    assert bus.published == []
+
+
 # -- nothing lost ------------------------------------------------------------------------
 
 
