@@ -235,30 +235,24 @@ def check_published(event: Event, data: bytes) -> None:
         wire = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise EmitError(f"{cls.__event_type__!r} cannot be published: its data is not valid JSON ({exc})") from None
-    errors: list[Any] = []
     try:
         read = cls.__pydantic_validator__.validate_python(wire)
     except pydantic.ValidationError as exc:
-        reasons = not_carried(event, wire, exc)
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        reasons = not_carried(event, wire, exc)  # one per path (a union's members each fail at the same one)
     else:
         # Valid, but an inf or nan in a field that takes None (``float | None``, ``Any``) reads
         # back as None: the value changed. Equal, it did not (the common case: a legit None);
         # unequal for another reason (an ``Any`` tuple read as a list), the search below is empty.
         if read.__dict__ == event.__dict__:
             return
+        reasons = {}
     try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
         sent: Any = event.__pydantic_serializer__.to_python(event)
     except Exception:  # noqa: BLE001 - only to say which value it was
         sent = _MISSING
-    reasons: dict[str, str] = {}  # one per path (a union's members each fail at the same one)
-    for error in errors:
-        loc, published, original = _located(wire, sent, tuple(error["loc"]))
-        path = field_path(loc)
-        if path not in reasons:
-            reasons[path] = _not_carried(original, published, str(error["msg"]))
-    for loc, value in _non_finite(sent):
-        reasons.setdefault(field_path(loc), f"{value!r} {_READ_AS_NONE}")
+    if sent is not _MISSING:
+        for loc, value in _non_finite(sent):
+            reasons.setdefault(field_path(loc), f"{value!r} {_READ_AS_NONE}")
     if reasons:
         summary = "; ".join(f"{path}: {reason}" for path, reason in list(reasons.items())[:5])
         more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
