@@ -18,6 +18,7 @@ from opentelemetry.trace import use_span
 
 from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker
 from choreograph.logs import ContextFilter, JsonFormatter
+from choreograph.runtime.records import first_envelope, to_message
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests._procs import lines_until, stop
 
@@ -199,3 +200,27 @@ async def test_a_broker_blocking_the_amqp_connection_is_logged_while_the_clients
     lines = [(r["level"], r["logger"], r["message"]) for r in records()]
     assert [(level, logger) for level, logger, _ in lines] == [("WARNING", "aiormq.connection")] * 2
     assert "was blocked by: 'low on disk'" in lines[0][2] and "was unblocked" in lines[1][2]
+
+
+async def test_dead_letters_decided_before_the_handler_runs_carry_the_event_ids(records: Records) -> None:
+    """A loop stopped by the hops guard, or a payload its model refuses, is dead-lettered before any
+    handler context exists: the runtime's line must still name the event and its transaction."""
+    bus = MemoryTransport(clock=VirtualClock())
+    svc = Service("payment")
+
+    @svc.on(Ordered)
+    async def charge(order: Ordered) -> None: ...
+
+    looping = first_envelope(Ordered(order_id="o-1", amount=1), source="/test", id="e-loop", correlation_id="tx-loop")
+    looping.hops = 99
+    invalid = first_envelope(Ordered(order_id="o-2", amount=2), source="/test", id="e-bad", correlation_id="tx-bad")
+    invalid.data = {"order_id": "o-2", "amount": "not a number"}
+    async with Worker([svc], bus, max_hops=10):
+        await bus.publish([to_message(looping), to_message(invalid)])
+        await settled(bus)
+    dead = {r["event_id"]: r for r in records() if r["message"].startswith("dead-lettering")}
+    assert set(dead) == {"e-loop", "e-bad"}
+    assert dead["e-loop"]["correlation_id"] == "tx-loop" and dead["e-bad"]["correlation_id"] == "tx-bad"
+    for record in dead.values():
+        assert record["service"] == "payment" and record["event_type"] == "test.logs.ordered"
+    assert dead["e-bad"]["handler"] == charge.__qualname__

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pydantic
 
 from choreograph._envelope import Envelope, decode, from_dict
-from choreograph.context import Context
+from choreograph.context import Context, current_context
 from choreograph.errors import ConfigurationError, EmitError, MalformedEnvelope, Reject, Retry
 from choreograph.events import Event
 from choreograph.joins import Defer
@@ -302,5 +302,19 @@ class Verdicts:
         log.error(
             "dead-lettering %s in %s: %s after %d attempt(s): %s: %s",
             delivery.message.id, self.group, reason, delivery.attempt, error.type, error.message,
+            extra=None if envelope is None else self._event_fields(envelope, handler, delivery.attempt),
         )
         return _Dead(delivery, record, failure)
+
+    def _event_fields(self, envelope: Envelope, handler: Handler | None, attempt: int) -> dict[str, Any] | None:
+        """The handled event's log fields for a line written outside its handler's context: a dead
+        letter decided before any handler ran (``loop_detected``, ``invalid_payload``, ``unhandled``)
+        must name its transaction as a handler's own lines do (inside one, the context adds them)."""
+        if current_context() is not None:
+            return None
+        return {
+            "service": self.service.name, "handler": handler.name if handler is not None else None,
+            "event_id": envelope.id, "event_type": envelope.type,
+            "correlation_id": envelope.correlationid or envelope.id, "causation_id": envelope.causationid,
+            "attempt": attempt,
+        }
