@@ -201,6 +201,37 @@ def test_edges_merge_handlers_that_draw_the_same_line() -> None:
     )
 
 
+def test_a_handlers_where_filter_is_on_its_edge_in_mermaid_dot_and_json() -> None:
+    """``where=`` narrows what a handler takes, as a push subscription's filters do: drawn on the
+    edge in (an on_failure handler's too), and kept in the JSON steps."""
+    eu, audit = Service("eu"), Service("audit")
+
+    @eu.on(Placed, where="subject LIKE 'eu-%'")
+    async def take(order: Placed) -> Captured: ...
+
+    @eu.on_failure(Captured, where="subject = 'eu-1'")
+    async def undo(failure: Failure) -> Refunded: ...
+
+    @audit.on(Placed)
+    async def note(order: Placed) -> Audit: ...
+
+    graph = build([eu, audit])
+    into = {(e.source, e.target): e for e in graph.edges if e.kind != "emits"}
+    assert into[("event:test.flow.placed", "service:eu")].filter == "subject LIKE 'eu-%'"
+    assert into[("event:test.flow.captured", "service:eu")].label == "failed: subject = 'eu-1'"
+    assert into[("event:test.flow.placed", "service:audit")].filter is None
+    assert all(e.filter is None for e in graph.edges if e.kind == "emits")
+    assert '    evt_test_flow_placed -->|"subject LIKE \'eu-%\'"| svc_eu' in graph.to_mermaid().splitlines()
+    assert '"event:test.flow.placed" -> "service:eu" [label="subject LIKE \'eu-%\'"];' in graph.to_dot()
+    doc = graph.to_dict()
+    [json_edge] = [e for e in doc["edges"] if (e["source"], e["target"]) == ("event:test.flow.placed", "service:eu")]
+    assert json_edge["filter"] == "subject LIKE 'eu-%'"
+    wheres = {(s["service"], s["trigger"], s["via"]): s["where"] for s in doc["steps"]}
+    assert wheres[("eu", "test.flow.captured", "failure")] == "subject = 'eu-1'"
+    assert wheres[("eu", "test.flow.placed", "event")] == "subject LIKE 'eu-%'"
+    assert wheres[("audit", "test.flow.placed", "event")] is None
+
+
 # --- renderings -----------------------------------------------------------------------------------
 
 

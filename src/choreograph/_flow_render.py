@@ -88,6 +88,7 @@ def to_dict(graph: FlowGraph) -> dict[str, Any]:
             "role": s.role,
             "emits": list(s.emits),
             "requires": [[list(route) for route in group] for group in s.requires],
+            "where": s.where,
         }
         for s in graph.steps
     ]

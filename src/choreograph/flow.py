@@ -120,8 +120,9 @@ class PushNode:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Edge:
     """A drawn edge. ``trigger`` says why a ``compensates`` edge fires: ``failure``, ``timeout``
-    or ``event`` (a compensation triggered by a business event). ``filter``: the filters of the
-    push subscription an edge delivers to."""
+    or ``event`` (a compensation triggered by a business event). ``filter``: what narrows the
+    events an edge in delivers: the handler's ``where=`` (an ``on_failure`` handler's filters
+    the failed event), or the filters of the push subscription it delivers to."""
 
     source: str
     target: str
@@ -188,24 +189,27 @@ class FlowGraph:
 
     @property
     def edges(self) -> list[Edge]:
-        """The drawn edges, merged per (source, target, kind, trigger), in a stable order."""
+        """The drawn edges, merged per (source, target, kind, trigger), in a stable order.
+
+        An edge in carries the filter of what it feeds (a handler's ``where=``, a push
+        subscription's filters) when every step merged into it has that one filter."""
         merged: dict[tuple[str, str, EdgeKind, str | None], list[str]] = {}
-        filters: dict[str, str | None] = {}
+        filters: dict[tuple[str, str, EdgeKind, str | None], set[str | None]] = {}
         for step in self.steps:
             svc = step_node(step)
-            if step.role == "push":
-                filters[svc] = step.where
             if step.via != "step":
                 kind: EdgeKind = (
                     "consumes" if step.via == "event" and step.role != "compensation" else "compensates"
                 )
                 trigger = None if kind == "consumes" else ("event" if step.via == "event" else step.via)
-                merged.setdefault((event_id(step.trigger), svc, kind, trigger), []).append(step.handler)
+                key = (event_id(step.trigger), svc, kind, trigger)
+                merged.setdefault(key, []).append(step.handler)
+                filters.setdefault(key, set()).add(step.where)
             for out in step.emits:
                 merged.setdefault((svc, event_id(out), "emits", None), []).append(step.handler)
         return [
             Edge(source, target, kind, tuple(dict.fromkeys(handlers)), trigger,  # type: ignore[arg-type]
-                 filters.get(target) if kind != "emits" else None)
+                 _one(filters.get((source, target, kind, trigger), set())))
             for (source, target, kind, trigger), handlers in merged.items()
         ]
 
@@ -236,6 +240,11 @@ class FlowGraph:
         from choreograph._flow_render import to_dot
 
         return to_dot(self)
+
+
+def _one(filters: set[str | None]) -> str | None:
+    """The filter of an edge: the one its steps share (none if one of them takes everything)."""
+    return next(iter(filters)) if len(filters) == 1 else None
 
 
 def _route_via(type_: str, failure: bool) -> Via:
