@@ -393,3 +393,36 @@ def test_a_mistyped_sqlite_journal_path_is_an_error_and_nothing_is_created(
     assert result.returncode == 2, result.stderr
     assert f"no journal at {missing}" in " ".join(result.stderr.split())
     assert not missing.parent.exists()
+
+
+ODD_IDS, ODD_TYPE = ("[order-42]", "tx[/x]"), "test.watch.[odd]"
+
+
+@pytest.fixture
+async def odd_journal(tmp_path: Path) -> str:
+    """A SQLite journal of two transactions whose ids (and type) Rich would read as markup."""
+    url = f"sqlite:///{tmp_path}/journal.db"
+    seeded = open_journal_store(url)
+    await seeded.open()
+    try:
+        now = time.time()
+        await seeded.record([entry(f"e-{n}", cid, ODD_TYPE, "gateway", now - n) for n, cid in enumerate(ODD_IDS)],
+                            stuck_after=600)
+    finally:
+        await seeded.close()
+    return url
+
+
+def test_correlation_ids_and_types_with_brackets_are_shown_as_they_are(odd_journal: str) -> None:
+    """Ids and types are any text (``choreograph publish --correlation-id``, a CloudEvent received
+    over HTTP): ``watch`` and ``transactions`` print them verbatim, not as Rich markup (which ate
+    ``[order-42]`` and raised on ``[/x]``, ending the command)."""
+    watched = cli("--journal", odd_journal, "--once", "--window", "3600")
+    listed = subprocess.run(
+        [sys.executable, "-m", "choreograph", "transactions", "--journal", odd_journal], cwd=ROOT,
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+    )
+    for result in (watched, listed):
+        assert result.returncode == 0, result.stderr
+        assert all(cid in result.stdout for cid in ODD_IDS), result.stdout
+    assert ODD_TYPE in listed.stdout

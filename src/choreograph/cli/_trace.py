@@ -195,8 +195,8 @@ def transactions(
     for tx in found:
         s = tx.summary
         table.add_row(
-            s.correlation_id, Text(tx.status, style=_STATUS_STYLE.get(tx.status, "")), s.root_type or "",
-            str(s.event_count), str(s.failures), s.terminal_type or "", tx.to_dict()["started_at"],
+            Text(s.correlation_id), Text(tx.status, style=_STATUS_STYLE.get(tx.status, "")), Text(s.root_type or ""),
+            str(s.event_count), str(s.failures), Text(s.terminal_type or ""), tx.to_dict()["started_at"],
         )
     console.print(table)
 

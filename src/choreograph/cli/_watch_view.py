@@ -119,7 +119,7 @@ def _transactions(title: str, rows: list[TransactionRow], *, alert: bool = False
         status = Text(row.status, style=_ALERT if row.attention else _STATUS_STYLE.get(row.status, ""))
         last = Text(row.last_type or "", style=_KIND_STYLE.get(row.last_kind or "", ""))
         table.add_row(
-            row.correlation_id, status, _duration(row.age), last, Text(row.last_service or "", style="blue"),
+            Text(row.correlation_id), status, _duration(row.age), last, Text(row.last_service or "", style="blue"),
             _duration(row.idle_for), str(row.event_count), Text(str(row.failures), style="red" if row.failures else ""),
         )
     return table
