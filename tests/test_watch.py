@@ -8,6 +8,7 @@ against a SQLite journal file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from choreograph import FAILED, App, Event, Failure, Publisher, Reject, Service, Worker
-from choreograph._journal_model import JournalEntry
-from choreograph._journal_store import JournalStore, open_journal_store
-from choreograph._watch_model import EdgeTraffic, Snapshot, read_snapshot
+from choreograph._journal_model import JournalEntry, TransactionSummary
+from choreograph._journal_store import Activity, EdgeCount, JournalStore, open_journal_store
+from choreograph._watch_model import EdgeTraffic, Snapshot, build_snapshot, read_snapshot
 from choreograph.errors import ConfigurationError
 from choreograph.flow import build
 from choreograph.journal import Journal
@@ -198,6 +199,38 @@ async def test_traffic_the_graph_does_not_draw_is_flagged_and_runtime_events_are
     assert edge(snap, "drone", Declined.event_type()).declared is False
     assert edge(snap, "drone", FAILED).declared is None
     assert edge(snap, "gateway", REQUESTED).declared is True  # ingress: any source may publish it
+
+
+def test_a_service_publishing_under_a_source_of_its_own_is_matched_to_its_graph_edges() -> None:
+    """The journal names a publisher after its CloudEvents source (``Service(source=...)``): traffic
+    from ``urn:shop:payment`` is payment's, not "not in the graph" beside payment's edges shown idle."""
+    payment, drone = Service("payment", source="urn:shop:payment"), Service("drone", source="/fleet/drone")
+
+    @payment.on(Requested)
+    async def take(request: Requested) -> Charged | Declined: ...
+
+    @drone.on(Charged)
+    async def fly(charged: Charged) -> Delivered: ...
+
+    graph = build(App("sourced", [payment, drone], ingress=[Requested], terminal={Delivered: "completed"}))
+    now = 1000.0
+    activity = Activity(
+        edges=[EdgeCount("urn:shop:payment", CHARGED, "event", None, 3, now),
+               EdgeCount("fleet/drone", DELIVERED, "completed", None, 2, now),
+               EdgeCount("fleet/drone", FAILED, "failure", CHARGED, 1, now)],
+        statuses={"completed": 2},
+    )
+    summary = TransactionSummary(correlation_id="tx", first_seen=now, last_seen=now, started_at=now, deadline=now + 60)
+    last = {"tx": entry("e", "tx", DELIVERED, "drone", now)}
+    last["tx"] = dataclasses.replace(last["tx"], service="fleet/drone")
+    snap = build_snapshot(activity, [summary], [], last, journal="memory://", now=now, window=60, graph=graph)
+    assert counts(snap) == {
+        (None, REQUESTED, None): 0, ("payment", CHARGED, None): 3, ("payment", Declined.event_type(), None): 0,
+        ("drone", DELIVERED, None): 2, ("drone", FAILED, CHARGED): 1,
+    }
+    assert edge(snap, "payment", CHARGED).declared is True and edge(snap, "drone", DELIVERED).declared is True
+    assert [e.type for e in snap.edges if e.idle] == [REQUESTED, Declined.event_type()]
+    assert snap.newest[0].last_service == "drone"
 
 
 async def test_an_ingress_type_nobody_published_in_the_window_is_listed_as_idle(

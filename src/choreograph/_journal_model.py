@@ -84,6 +84,16 @@ def parse_time(value: str | None) -> float | None:
     return epoch
 
 
+def service_of(source: str) -> str:
+    """A readable service name from a CloudEvents source (``/choreograph/payment`` -> ``payment``):
+    what the journal records as the service of an event."""
+    if source.startswith("/choreograph/"):
+        return source[len("/choreograph/"):] or source
+    if source.startswith("/") and len(source) > 1:
+        return source[1:]
+    return source
+
+
 def format_time(epoch: float) -> str:
     """RFC 3339 UTC text of epoch seconds (microsecond precision, ``Z`` suffix)."""
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -11,7 +11,8 @@ The CLI only renders snapshots, so everything a user sees is testable without a 
     >>> [(e.service, e.type, e.count) for e in snap.edges]                # doctest: +SKIP
 
 An edge is a service publishing an event type (the journal's ``service`` of an entry: the
-envelope's source, or for ``choreograph.failed`` the service that gave up). With a flow
+envelope's source, or for ``choreograph.failed`` the service that gave up; with a flow graph,
+a service publishing under a source of its own, ``Service(source=...)``, by its name). With a flow
 graph the snapshot also lists the graph's ``emits`` edges and ingress types that saw no
 traffic in the window (``idle``), and flags traffic the graph does not draw
 (``declared=False``). Reading only the journal store, it never touches the bus.
@@ -30,6 +31,7 @@ from choreograph._journal_model import (
     Status,
     TransactionSummary,
     format_time,
+    service_of,
 )
 from choreograph._journal_store import Activity, JournalStore
 from choreograph.errors import ConfigurationError
@@ -173,7 +175,17 @@ def _terminal(graph: FlowGraph | None, type_: str, kind: EntryKind) -> Terminal 
     return kind if kind in ("completed", "failed") else None
 
 
-def _row(summary: TransactionSummary, now: float, last: JournalEntry | None) -> TransactionRow:
+def _service_names(graph: FlowGraph | None) -> dict[str, str]:
+    """The graph's name of each service the journal knows by another: the journal names a publisher
+    after its CloudEvents source, which ``Service(source=...)`` may set to anything."""
+    if graph is None:
+        return {}
+    return {service_of(source): name for name, source in graph.sources.items() if service_of(source) != name}
+
+
+def _row(
+    summary: TransactionSummary, now: float, last: JournalEntry | None, names: Mapping[str, str]
+) -> TransactionRow:
     return TransactionRow(
         correlation_id=summary.correlation_id,
         status=summary.status(now),
@@ -183,7 +195,7 @@ def _row(summary: TransactionSummary, now: float, last: JournalEntry | None) -> 
         event_count=summary.event_count,
         failures=summary.failures,
         last_type=last.type if last else None,
-        last_service=last.service if last else None,
+        last_service=names.get(last.service, last.service) if last else None,
         last_kind=last.kind if last else None,
     )
 
@@ -210,17 +222,19 @@ def build_snapshot(
         for edge in (graph.edges if graph is not None else [])
         if edge.kind == "emits"
     }
+    names = _service_names(graph)
     edges: dict[tuple[str | None, str, str | None], EdgeTraffic] = {}
     for count in activity.edges:
-        key = (count.service, count.type, count.failed_type)
+        service = names.get(count.service, count.service)
+        key = (service, count.type, count.failed_type)
         seen = edges.get(key)  # the same edge under another kind: the journal's terminal map changed
         total, last_at = count.count, count.last_at
         if seen is not None:
             total, last_at = total + seen.count, max(last_at, seen.last_at or last_at)
         edges[key] = EdgeTraffic(
-            service=count.service, type=count.type, kind=count.kind, count=total, rate=total / window,
+            service=service, type=count.type, kind=count.kind, count=total, rate=total / window,
             last_at=last_at, terminal=_terminal(graph, count.type, count.kind), failed_type=count.failed_type,
-            declared=_declared(graph, emits, count.service, count.type),
+            declared=_declared(graph, emits, service, count.type),
         )
     if graph is not None:
         busy = {(service, type_) for service, type_, _ in edges}
@@ -244,8 +258,8 @@ def build_snapshot(
         window=window,
         statuses={status: activity.statuses.get(status, 0) for status in STATUSES},
         edges=ordered,
-        newest=[_row(s, now, last.get(s.correlation_id)) for s in newest],
-        attention=_attention([_row(s, now, last.get(s.correlation_id)) for s in _newest_first(attention)]),
+        newest=[_row(s, now, last.get(s.correlation_id), names) for s in newest],
+        attention=_attention([_row(s, now, last.get(s.correlation_id), names) for s in _newest_first(attention)]),
     )
 
 

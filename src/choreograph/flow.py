@@ -186,6 +186,8 @@ class FlowGraph:
     classes: dict[str, type[Event]]
     app: bool = True
     push: dict[str, PushNode] = dataclasses.field(default_factory=dict)
+    #: each service's CloudEvents source (``Service(source=...)``): what the journal names it after
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def edges(self) -> list[Edge]:
@@ -349,6 +351,7 @@ def build(
         classes={t: c for t, c in sorted(classes.items()) if t in events},
         app=app is not None,
         push=pushed,
+        sources={s.name: s.source for s in services},
     )
 
 

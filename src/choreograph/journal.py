@@ -44,6 +44,7 @@ from choreograph._journal_model import (
     TransactionSummary,
     format_time,
     parse_time,
+    service_of,
 )
 from choreograph._journal_store import JournalStore, MemoryJournalStore, open_journal_store
 from choreograph.errors import ConfigurationError, MalformedEnvelope
@@ -80,15 +81,6 @@ TerminalKind = Literal["completed", "failed"]
 
 def _type_name(value: str | type[Event]) -> str:
     return value if isinstance(value, str) else value.event_type()
-
-
-def service_of(source: str) -> str:
-    """A readable service name from a CloudEvents source (``/choreograph/payment`` -> ``payment``)."""
-    if source.startswith("/choreograph/"):
-        return source[len("/choreograph/"):] or source
-    if source.startswith("/") and len(source) > 1:
-        return source[1:]
-    return source
 
 
 @dataclasses.dataclass
