@@ -417,6 +417,39 @@ def test_an_event_that_causes_itself_is_a_cycle() -> None:
     assert "test.flow.placed → [echo] → test.flow.placed" in finding.message
 
 
+def test_a_loop_through_a_compensation_or_a_join_ends_after_one_round_and_is_no_cycle() -> None:
+    """A join or a compensation runs at most once per transaction: a drone reassigned after its
+    assignment failed, or a re-quote after a join, goes round once, never until loop_detected."""
+    scheduler, delivery, quotes = Service("scheduler"), Service("delivery"), Service("quotes")
+
+    @scheduler.on(Placed)
+    async def assign(order: Placed) -> Reserved: ...
+
+    @scheduler.compensate(Reserved, on=[failed(Reserved)])
+    async def unassign(reserved: Reserved, cause: object) -> Released: ...
+
+    @scheduler.on(Released)
+    async def reassign(released: Released) -> Reserved: ...
+
+    @delivery.on(Reserved)
+    async def fly(reserved: Reserved) -> Captured: ...
+
+    @quotes.on_all(Captured, Reserved)
+    async def quote(paid: Captured, reserved: Reserved) -> Shipped | Audit: ...
+
+    @quotes.on(Audit)
+    async def requote(audit: Audit) -> Captured: ...
+
+    app = App("a", [scheduler, delivery, quotes], ingress=[Placed], terminal={Shipped: "completed"})
+    assert [f for f in lint(app) if f.code == "cycle"] == []
+
+    @scheduler.on(Captured)  # an ordinary handler closes a loop that does repeat
+    async def again(paid: Captured) -> Released: ...
+
+    [finding] = [f for f in lint(app) if f.code == "cycle"]
+    assert "[delivery]" in finding.message and "[scheduler]" in finding.message
+
+
 def test_a_transaction_that_can_never_reach_a_terminal_event_is_an_error() -> None:
     svc = Service("s")
 

@@ -6,6 +6,8 @@ Rules, and why each has its severity:
   does not list as ingress. It can never run: a missing producer or a typo'd type.
 * ``cycle`` (error): an event can cause itself. Choreography has no one to stop it; the
   runtime's hops guard dead-letters it eventually (``loop_detected``), after the damage.
+  Loops through a join or a compensation are not cycles: each runs at most once per
+  transaction, so such a loop (a reassignment after a failed step) goes round once.
 * ``cannot-terminate`` (error): from an ingress event no terminal event is reachable,
   on any path (business outcomes, failures and compensations, timeouts included), so
   the journal can never see such a transaction end. ``no-terminal`` when the App
@@ -189,9 +191,15 @@ def _cannot_terminate(graph: FlowGraph) -> list[Finding]:
 
 
 def _cycles(graph: FlowGraph) -> list[Finding]:
-    """One finding per strongly connected set of event types (an event that can cause itself)."""
+    """One finding per strongly connected set of event types (an event that can cause itself).
+
+    Joins and compensations are left out: each runs at most once per transaction (per
+    correlation id), so a loop through one goes round once and ends; it cannot repeat.
+    """
     successors: dict[str, dict[str, str]] = {}  # type -> {next type: service}
     for step in graph.steps:
+        if step.role in ("join", "compensation"):
+            continue
         for group in step.requires:
             for source, via in group:
                 if via == "timeout":
