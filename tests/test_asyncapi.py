@@ -172,6 +172,26 @@ def test_operations_say_which_service_sends_and_receives_what(doc: dict[str, Any
     assert ops("warehouse", "send") == {"test.asyncapi.packed", "test.asyncapi.released", FAILED}
 
 
+def test_a_service_whose_only_handlers_undo_still_sends_failures() -> None:
+    """Any handler can give up, an ``on_failure`` handler and a compensation too: its runtime then
+    publishes ``choreograph.failed``, so the document says the service sends it (a broker ACL
+    drawn from it must let it)."""
+    shop_, audit, undo = shop(), Service("audit"), Service("undo")
+
+    @audit.on_failure(Placed)
+    async def note(failure: Failure) -> None: ...
+
+    @undo.compensate(Packed, on=[Declined])
+    async def unpack(packed: Packed, cause: object) -> Released: ...
+
+    doc = asyncapi_document(App("shop", [*shop_.services, audit, undo], ingress=[Placed], terminal=shop_.terminal))
+    sends = {
+        (op["tags"][0]["name"], resolve(doc, op["channel"]["$ref"])["address"])
+        for op in doc["operations"].values() if op["action"] == "send"
+    }
+    assert ("audit", FAILED) in sends and ("undo", FAILED) in sends
+
+
 def test_the_payload_is_the_pydantic_schema_of_the_event(doc: dict[str, Any]) -> None:
     message = doc["components"]["messages"]["test.asyncapi.placed"]
     assert (message["name"], message["title"], message["summary"]) == (

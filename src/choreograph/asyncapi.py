@@ -16,7 +16,8 @@ How choreograph maps onto AsyncAPI, and why:
   ``ce-*`` headers (binary mode); the attributes are the same either way.
 * **Operations per service**: ``receive`` for what it subscribes to, ``send`` for what
   it declares it emits. ``choreograph.failed`` (published by the runtime of a service
-  that gives up on an event) and ``choreograph.timedout`` (published by the journal)
+  that gives up on an event: any handler can, an ``on_failure`` handler or a compensation
+  too, so every service sends it) and ``choreograph.timedout`` (published by the journal)
   appear when the flow uses them.
 
 The document is derived from the same :class:`~choreograph.flow.FlowGraph` as the
@@ -124,7 +125,7 @@ def asyncapi_document(
     classes: dict[str, type[Event]] = {t: graph.classes[t] for t in graph.events if t in graph.classes}
     if TIMEDOUT in graph.events:
         classes[TIMEDOUT] = TimedOut
-    if any(step.can_give_up or step.via == "failure" for step in graph.steps):
+    if graph.steps:  # any handler can give up: its runtime then publishes choreograph.failed
         classes[FAILED] = Failed
 
     refs, defs = (
@@ -175,10 +176,9 @@ def asyncapi_document(
             operation(step.service, "receive", FAILED, f"{handler} handles failures of {step.trigger}{where}")
         else:
             operation(step.service, "receive", step.trigger, f"{handler} receives {step.trigger}{where}")
-        if step.can_give_up and FAILED in channel_of:
-            operation(
-                step.service, "send", FAILED, f"the runtime announces that {step.service} gave up on an event"
-            )
+        # Every handler can give up (an on_failure handler, a compensation too), and then its
+        # service's runtime publishes choreograph.failed.
+        operation(step.service, "send", FAILED, f"the runtime announces that {step.service} gave up on an event")
         for out in step.emits:
             operation(step.service, "send", out, f"{handler} may emit {out}")
 
