@@ -11,6 +11,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -22,10 +23,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 
-from choreograph import Context, Event, Publisher, Reject, RetryPolicy, Service, Worker, decode
+from choreograph import App, Context, Event, Publisher, Reject, RetryPolicy, Service, Worker, decode
 from choreograph._envelope import Envelope
 from choreograph.gateway import Gateway, Route
+from choreograph.journal import Journal
 from choreograph.runtime.records import to_message
+from choreograph.sagas import timed_out
 from choreograph.telemetry import Telemetry, transaction_ids
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests._procs import stop
@@ -245,6 +248,41 @@ async def test_a_dead_lettered_event_counts_by_reason_and_its_failure_event_stay
     assert compensation.parent.span_id == rejected.context.span_id
     [failure] = failures
     assert names_span(failure.traceparent, rejected)
+
+
+async def test_a_compensation_of_a_timeout_stays_in_the_transaction_s_trace(
+    bus: MemoryTransport, exporter: InMemorySpanExporter, telemetry: Telemetry
+) -> None:
+    """The journal's ``choreograph.timedout`` continues the trace of the transaction's last event:
+    it carried no ``traceparent``, so the compensation it triggers (and what that emits) landed
+    in the trace derived from the correlation id, not in the publisher's."""
+    inventory = Service("inventory")
+
+    @inventory.on(Placed)
+    async def reserve(order: Placed) -> Charged:
+        return Charged(order_id=order.order_id)
+
+    @inventory.compensate(Charged, on=[timed_out()])
+    async def release(charged: Charged, cause: object) -> Shipped:
+        return Shipped(order_id=charged.order_id)
+
+    app = App("timed", [inventory], ingress=[Placed], terminal={Shipped: "failed"})
+    async with Journal.from_app(app, "memory://", transport=bus, scan_interval=3600) as journal:
+        async with Worker([inventory], bus, telemetry=telemetry):
+            [placed] = await Publisher(bus, telemetry=telemetry).publish(
+                Placed(order_id="o-1"), deadline=timedelta(seconds=30))
+            await settled(bus)
+            bus.clock.advance(31)
+            assert await journal.check_deadlines() == [placed.id]
+            await settled(bus)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    published, compensated = spans["publish test.telemetry.placed"], spans["inventory handle choreograph.timedout"]
+    assert published.context is not None and compensated.context is not None
+    assert compensated.context.trace_id == published.context.trace_id
+    # a child of the span that emitted the last event recorded (Charged: reserve's), as its causation says
+    reserved = spans["inventory handle test.telemetry.placed"].context
+    assert compensated.parent is not None and reserved is not None
+    assert compensated.parent.span_id == reserved.span_id
 
 
 async def test_a_duplicate_skipped_by_the_inbox_counts_and_runs_no_span(
