@@ -652,6 +652,23 @@ async def test_a_receiver_that_does_not_grant_the_handshake_gets_no_delivery(
     assert "refused delivery" in letter.record["last_error"]["message"]
 
 
+@pytest.mark.parametrize("allowed", ["*", ORIGIN, "someone-else.example"], ids=["any", "ours", "other"])
+async def test_a_handshake_answered_503_is_retried_even_with_an_allowed_origin(clock: VirtualClock, allowed: str) -> None:
+    """A 5xx is the receiver failing, not refusing: a WebHook-Allowed-Origin on it (a proxy's, a
+    middleware's) does not make it a permanent refusal (dead-lettered), and it grants nothing."""
+    from choreograph._push_http import HandshakeFailed, Handshakes
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, headers={"WebHook-Allowed-Origin": allowed, "Retry-After": "5"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        handshakes = Handshakes(client, ORIGIN, clock)
+        with pytest.raises(HandshakeFailed) as caught:
+            await handshakes.ensure("http://receiver.example/hook", 5.0)
+    assert (caught.value.status, caught.value.after) == (503, 5.0)
+    assert handshakes.granted == {}
+
+
 async def test_handshake_false_posts_without_asking(bus: MemoryTransport) -> None:
     """A subscription with handshake=False skips OPTIONS (for receivers that do not implement it)."""
     hook = Scripted(204, allowed=None)

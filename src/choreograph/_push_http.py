@@ -124,7 +124,9 @@ class Handshakes:
             if response.is_success and allowed is not None and allowed.strip() in (self.origin, "*"):
                 self.granted[url] = self.clock.monotonic() + self.ttl
                 return
-            if allowed is None and classify(response.status_code) == "transient":
+            # A 5xx (or 404, 408, 409, 429) is the receiver failing to answer, not answering no:
+            # a WebHook-Allowed-Origin it carries (a proxy's or a middleware's) refuses nothing.
+            if classify(response.status_code) == "transient":
                 raise HandshakeFailed(url, response.status_code,
                                       retry_after(response.headers.get("retry-after"), self.clock.time()))
             raise HandshakeRefused(url, response.status_code, allowed, self.origin)
