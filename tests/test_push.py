@@ -218,6 +218,21 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after(None, now) is None
 
 
+def test_retry_after_reads_only_what_rfc_9110_writes() -> None:
+    """delay-seconds are ASCII digits: what float() reads besides is unreadable (the backoff applies),
+    not 10 s for ``1_0``; a four-digit year is the one written (0030 is long past: 0), not 2030."""
+    now = 1_750_000_000.0  # June 2025
+    assert retry_after("10", now) == 10.0
+    assert retry_after(" 2.5 ", now) == 2.5
+    for junk in ("1_0", "1e3", "+5", "\u0661\u0660", "infinity", "nan", "0x10"):
+        assert retry_after(junk, now) is None, junk
+    assert retry_after("Wed, 06 Nov 0030 08:49:37 GMT", now) == 0.0
+    assert retry_after("Mon, 06 Nov 0000 08:49:37 GMT", now) == 0.0
+    assert retry_after("Wed Nov  6 08:49:37 0030", now) == 0.0
+    assert retry_after("Wed, 06 Nov 2030 08:49:37 GMT", now) == pytest.approx(1920185377.0 - now)
+    assert retry_after("Wednesday, 06-Nov-30 08:49:37 GMT", now) == pytest.approx(1920185377.0 - now)
+
+
 # -- the ambassador over real HTTP --------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import re
 from datetime import UTC
 from typing import Literal
 
@@ -30,6 +31,9 @@ Verdict = Literal["done", "permanent", "transient"]
 
 PERMANENT = frozenset({400, 413, 415, 422})
 TRANSIENT = frozenset({404, 408, 409, 429})
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?\Z")
+#: The year of an IMF-fixdate or asctime date (not a part of the time, hh:mm:ss).
+_FOUR_DIGIT_YEAR = re.compile(r"(?<![0-9:])[0-9]{4}(?![0-9:])")
 
 
 def classify(status: int) -> Verdict:
@@ -45,21 +49,24 @@ def retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
 
     ``now`` is wall-clock epoch seconds. Returns ``None`` for an absent or unreadable
-    header (the policy's backoff applies then); a date in the past means 0.
+    header (the policy's backoff applies then); a date in the past means 0. Seconds are
+    ASCII digits (RFC 9110 delay-seconds; a decimal fraction is tolerated): what Python's
+    ``float()`` reads besides (``1_0``, ``1e3``, ``+5``, other scripts' digits) is unreadable.
+    A four-digit year is the year written: ``0030`` is long past, not 2030.
     """
     if not value:
         return None
     value = value.strip()
-    try:
+    if _DELAY_SECONDS.match(value):
         seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+        return seconds if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
+    year = _FOUR_DIGIT_YEAR.search(value)
+    if year is not None and int(year.group()) < 100:  # email.utils reads it as 19xx/20xx (a two-digit year)
+        return 0.0
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
