@@ -430,6 +430,16 @@ async def test_a_malformed_idempotency_key_is_400(client: httpx.AsyncClient, key
     assert response.status_code == 400
 
 
+async def test_an_idempotency_key_given_twice_is_400_not_the_first_one_taken(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    headers = [("idempotency-key", "key-1"), ("idempotency-key", "key-2")]
+    response = await client.post("/orders", json=BODY, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith("Idempotency-Key: given more than once")
+    assert bus.published == []
+
+
 async def test_idempotency_keys_in_sqlite_survive_a_gateway_restart(bus: SpyBus, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/gateway.db"
     ids = []

@@ -315,10 +315,13 @@ def _sorted_sets(value: Any, wire: Any) -> Any:
 
 
 def idempotency_key(request: Request) -> str | None:
-    """The ``Idempotency-Key`` header: 1-255 printable ASCII characters, or 400."""
-    key = request.headers.get("idempotency-key")
-    if key is None:
+    """The ``Idempotency-Key`` header: 1-255 printable ASCII characters, given once, or 400."""
+    keys = request.headers.getlist("idempotency-key")
+    if not keys:
         return None
+    if len(keys) > 1:  # one request, two keys: whichever were claimed, a retry sending the other is not matched
+        raise Problem(400, "Idempotency-Key: given more than once; which key is meant is undefined, send it once")
+    key = keys[0]
     if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not all(" " <= ch <= "~" for ch in key):
         raise Problem(400, f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters")
     return key
