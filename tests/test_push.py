@@ -43,7 +43,7 @@ from choreograph import (
 )
 from choreograph import decode as decode_envelope
 from choreograph._push_config import load_config
-from choreograph.errors import ConfigurationError, StoreError
+from choreograph.errors import ConfigurationError, MalformedEnvelope, StoreError
 from choreograph.push import (
     PushAmbassador,
     PushSubscription,
@@ -51,6 +51,7 @@ from choreograph.push import (
     classify,
     decode_http,
     generate_secret,
+    read_event,
     receiver,
     retry_after,
     sign,
@@ -763,6 +764,75 @@ async def test_the_receiver_answers_outcomes_with_the_statuses_the_ambassador_un
     assert answers["later"].headers["retry-after"] == "3"
     assert "$.delivery_id" in answers["invalid"].json()["error"]
     assert handshake.headers["webhook-allowed-origin"] == ORIGIN
+
+
+BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce-type", Assigned.event_type()),
+          ("content-type", "application/json")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "expected"),
+    [
+        ([*BINARY, ("ce-subject", "drone-1"), ("ce-subject", "drone-2")], b'{"delivery_id": "d-1"}',
+         "ce-subject: given more than once"),
+        ([*BINARY, ("ce-subject", "caf\u00e9".encode())], b'{"delivery_id": "d-1"}',
+         "ce-subject: characters beyond ASCII must be percent-encoded as UTF-8"),
+        (BINARY, b'{"delivery_id": "d-1", "delivery_id": "d-2"}',
+         "data: $.delivery_id: the key is given twice in one object"),
+        ([("content-type", "application/cloudevents+json")],
+         b'{"specversion": "1.0", "id": "e-1", "id": "e-2", "source": "/s", "type": "test.push.assigned"}',
+         "$.id: the key is given twice in one object"),
+        ([("content-type", "application/cloudevents+json")],
+         b'{"specversion": "1.0", "id": "e-1", "source": "/s", "type": "test.push.assigned", '
+         b'"data": {"delivery_id": "d-1", "delivery_id": "d-2"}}',
+         "$.data.delivery_id: the key is given twice in one object"),
+    ],
+    ids=["ce-header-twice", "raw-utf8-header", "data-key-twice", "attribute-key-twice", "structured-data-key-twice"],
+)
+async def test_the_receiver_refuses_what_it_would_misread_with_400_naming_it(
+    headers: list[tuple[str, str | bytes]], body: bytes, expected: str
+) -> None:
+    """As the gateway does: a ce- header given twice (one value was kept), raw UTF-8 in one (read as
+    Latin-1: "cafÃ©"), a JSON key given twice (one value dropped) are a 400 naming the header or
+    key; the handler is not called. read_event() raises MalformedEnvelope for them alike."""
+    calls: list[Any] = []
+
+    async def handle(event: Envelope) -> None:
+        calls.append(event)
+
+    read: list[Any] = []
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            read.append(await read_event(request))
+        except MalformedEnvelope as exc:
+            read.append(exc)
+        return Response(status_code=204)
+
+    own = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+    async with serve(receiver(handle)) as base, serve(own) as own_base, httpx.AsyncClient() as client:
+        response = await client.post(base, headers=headers, content=body)
+        await client.post(own_base, headers=headers, content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(expected), response.json()["error"]
+    assert calls == []
+    [error] = read
+    assert isinstance(error, MalformedEnvelope) and str(error).startswith(expected)
+
+
+async def test_the_receiver_still_takes_percent_encoded_utf8_and_distinct_keys() -> None:
+    """What the binding sends (UTF-8 percent-encoded, each key once) is read as before."""
+    calls: list[Envelope] = []
+
+    async def handle(event: Envelope) -> None:
+        calls.append(event)
+
+    async with serve(receiver(handle)) as base, httpx.AsyncClient() as client:
+        response = await client.post(base, headers=[*BINARY, ("ce-subject", "caf%C3%A9")],
+                                     content=b'{"delivery_id": "d-1", "nested": {"delivery_id": "d-2"}}')
+    assert response.status_code == 204, response.text
+    [event] = calls
+    assert (event.subject, event.data) == ("caf\u00e9", {"delivery_id": "d-1", "nested": {"delivery_id": "d-2"}})
 
 
 class Estimated(Event, type="test.push.estimated"):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from choreograph._envelope import KNOWN_EXTENSIONS, SPECVERSION, Envelope, is_rfc3339
 from choreograph._gateway_http import Problem
-from choreograph._http_binding import HEADER_PREFIX, binary_attributes
+from choreograph._http_binding import HEADER_PREFIX, binary_attributes, check_ce_headers
 from choreograph.errors import MalformedEnvelope
 from choreograph.events import Event
 
@@ -79,14 +79,8 @@ def cloudevent_attributes(headers: Sequence[tuple[str, str]], event: type[Event]
     names = [name.lower() for name, _ in headers if name.lower().startswith(HEADER_PREFIX)]
     if not names:
         return None
-    for name in names:
-        if names.count(name) > 1:
-            raise _problem(name, "given more than once; which value is meant is undefined, send it once")
-    for name, value in headers:
-        if name.lower().startswith(HEADER_PREFIX) and not value.isascii():  # raw UTF-8, read as latin-1
-            raise _problem(name.lower(), "characters beyond ASCII must be percent-encoded as UTF-8 "
-                                         "(CloudEvents HTTP binding 3.1.3.2)")
     try:
+        check_ce_headers(headers)  # given twice, raw UTF-8 read as latin-1: the receiver's checks
         attributes = binary_attributes(dict(headers))
     except MalformedEnvelope as exc:
         header, _, reason = exc.message.partition(": ")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
@@ -203,6 +203,26 @@ def _data_from_body(body: bytes, content_type: str | None, event_id: str | None)
             if content_type:
                 raise MalformedEnvelope(f"data: body is not valid {charset} ({exc})", event_id=event_id) from None
     return {"data_base64": base64.b64encode(body).decode("ascii")}
+
+
+def check_ce_headers(headers: Iterable[tuple[str, str]]) -> None:
+    """Raise :class:`MalformedEnvelope` naming the first ``ce-`` header of ``headers`` (the
+    ``(name, value)`` pairs as received, duplicates kept) given more than once, or holding raw
+    bytes beyond ASCII. A mapping keeps one of two values, silently; an HTTP server reads raw
+    UTF-8 as Latin-1 (``é`` as ``Ã©``), where the binding (3.1.3.2) has the sender percent-encode
+    UTF-8. What the gateway and :func:`~choreograph.push.receiver` check before
+    :func:`binary_attributes`."""
+    seen: set[str] = set()
+    for raw_name, value in headers:
+        name = raw_name.lower()
+        if not name.startswith(HEADER_PREFIX):
+            continue
+        if name in seen:
+            raise MalformedEnvelope(f"{name}: given more than once; which value is meant is undefined, send it once")
+        seen.add(name)
+        if not value.isascii():
+            raise MalformedEnvelope(f"{name}: characters beyond ASCII must be percent-encoded as UTF-8 "
+                                    "(CloudEvents HTTP binding 3.1.3.2)")
 
 
 def binary_attributes(headers: Mapping[str, str]) -> dict[str, Any]:

@@ -12,7 +12,9 @@ A complete subscriber (run it with ``uvicorn module:app``)::
 
 The answer follows the push outcome table, so the ambassador does the right thing:
 a returned event (or list) goes back as a CloudEvent in the response (200), ``None``
-is 204, ``Reject`` and invalid payloads are 422, a malformed CloudEvent 400, a bad
+is 204, ``Reject`` and invalid payloads are 422, a malformed CloudEvent 400 (one this
+would misread too: a ``ce-`` header given twice or with raw non-ASCII bytes, a JSON key
+given twice; the message names it), a bad
 signature 401, ``Retry(after=)`` 503 with ``Retry-After``, any other exception 500 - an
 event that cannot be sent as JSON too (a float ``inf`` or ``nan`` would go as ``null``,
 which the ambassador's consumers refuse: :class:`~choreograph.EmitError`).
@@ -30,13 +32,24 @@ from typing import Any
 import orjson
 import pydantic
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from choreograph._envelope import Envelope, derive_id, now_rfc3339
-from choreograph._gateway_http import Problem, read_body
-from choreograph._http_binding import Mode, decode_http, to_batch, to_http
+from choreograph._gateway_http import Problem, duplicate_key, read_body
+from choreograph._http_binding import (
+    BATCH,
+    STRUCTURED,
+    Mode,
+    check_ce_headers,
+    decode_http,
+    is_json,
+    media_type,
+    to_batch,
+    to_http,
+)
 from choreograph._webhook import (
     ALLOWED_ORIGIN,
     ALLOWED_RATE,
@@ -73,7 +86,9 @@ async def read_event(
     ``max_body`` (its ``detail`` names the limit), 400 for a Content-Length that is not a
     number or a client that disconnects mid-body (``exc.response()`` is the answer
     :func:`receiver` would give); :class:`~choreograph.push.SignatureError` (401) or
-    :class:`~choreograph.MalformedEnvelope` (400) for the event itself::
+    :class:`~choreograph.MalformedEnvelope` (400) for the event itself, one it would misread
+    included (a ``ce-`` header given twice or with raw bytes beyond ASCII, a JSON key given
+    twice: which value is meant is undefined), the message naming the header or key::
 
         try:
             envelope = await read_event(request, secret=SECRET, max_body=64 * 1024)
@@ -83,7 +98,25 @@ async def read_event(
     body = await read_body(request, max_body)
     if secret is not None:
         verify(request.headers, body, secret, tolerance=tolerance)
-    return decode_http(request.headers, body)
+    return _decode(request.headers, body)
+
+
+def _decode(headers: Headers, body: bytes) -> Envelope:
+    """The CloudEvent of a request, held to what the gateway holds a client to: a ``ce-`` header
+    given twice or with raw bytes beyond ASCII, and a JSON key given twice (the data's, or the
+    structured envelope's), are a :class:`MalformedEnvelope` naming it, not one value kept."""
+    content_type = headers.get("content-type")
+    structured = media_type(content_type) in (STRUCTURED, BATCH)
+    if not structured:
+        check_ce_headers(headers.items())  # Starlette's items(): every header as received
+    envelope = decode_http(headers, body)
+    if body and (structured or is_json(content_type)):
+        duplicate = duplicate_key(body)
+        if duplicate is not None:
+            where = duplicate if structured else f"data: {duplicate}"
+            raise MalformedEnvelope(f"{where}: the key is given twice in one object; which value is meant "
+                                    "is undefined, send it once", event_id=envelope.id)
+    return envelope
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -162,7 +195,7 @@ def receiver(
         try:
             if secret is not None:
                 verify(request.headers, body, secret, tolerance=tolerance)
-            envelope = decode_http(request.headers, body)
+            envelope = _decode(request.headers, body)
         except SignatureError as exc:
             return _error(401, str(exc))
         except MalformedEnvelope as exc:
