@@ -1140,7 +1140,7 @@ MINIMAL_TOML = '[[subscriptions]]\ngroup = "g"\ntypes = ["a.b"]\nurl = "http://1
         ("timeout = true", "subscriptions[0].timeout: expected a number of seconds, got true"),
         ('max_retry_after = "x"', "subscriptions[0].max_retry_after: expected a number of seconds, got 'x'"),
         ('handshake = "no"', "subscriptions[0].handshake: expected true or false, got 'no'"),
-        ("headers = { X-Api-Key = 1 }", "subscriptions[0].headers.X-Api-Key: expected a string, got 1"),
+        ("headers = { X-Api-Key = 1 }", "subscriptions[0].headers.X-Api-Key: expected a string, got int"),
         ("headers = [1]", "subscriptions[0].headers: expected a table/mapping, got list"),
         ("emits = [1]", "subscriptions[0].emits[0]: expected an event type (a string), got 1"),
         ("types = [1]", "subscriptions[0].types[0]: expected an event type (a string), got 1"),

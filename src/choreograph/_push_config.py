@@ -194,7 +194,10 @@ def _types(value: Any, where: str) -> list[str]:
 
 def _headers(value: Any, where: str) -> dict[str, str]:
     headers = _check_keys(value, None, where)
-    return {str(name): _text(item, f"{where}.{name}") for name, item in headers.items()}
+    for name, item in headers.items():
+        if not isinstance(item, str):  # a header is usually a credential: its type is named, never its value
+            raise ConfigurationError(f"{where}.{name}: expected a string, got {type(item).__name__}")
+    return {str(name): item for name, item in headers.items()}
 
 
 def _check_keys(data: Any, allowed: set[str] | None, where: str) -> Mapping[str, Any]:

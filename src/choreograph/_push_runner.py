@@ -9,7 +9,10 @@ seen it → handshake (once per URL) → POST in the subscription's content mode
   they are published *before* the input is acked, as in the worker;
 * retry: after the answer's ``Retry-After`` (capped) or the policy's backoff;
 * dead: the dead-letter record of :mod:`choreograph.runtime.records` (plus the HTTP
-  ``status`` and ``url``), and a ``choreograph.failed`` event so compensations run.
+  ``status`` and the redacted ``url``), and a ``choreograph.failed`` event so compensations run.
+
+The subscriber's URL is written (log lines, errors, records) only through ``redact``, and
+every line about an event carries its ids as ``extra=`` (:meth:`PushRunner._event_fields`).
 
 An event of a type the subscription does not list reaches its group when another
 subscription of the group - another ambassador's configuration, during a rolling change -
@@ -295,14 +298,15 @@ class PushRunner:
             # Acked, not marked: the same id redelivered is filtered the same way, no inbox needed.
             self._count("filtered", envelope.type)
             log.debug("%s: event %s does not match the filters (%s); acked without a request",
-                      self.group, envelope.id, sub.filter.text)
+                      self.group, envelope.id, sub.filter.text, extra=self._event_fields(envelope, delivery.attempt))
             return _Done([], mark=False)
         try:
             if await amb.store.seen(self.group, [envelope.id]):
                 self._count("duplicate", envelope.type)
                 return _Done([], mark=False)
         except Exception as exc:
-            log.error("inbox unavailable for %s: %s; retrying %s later", self.group, exc, envelope.id)
+            log.error("inbox unavailable for %s: %s; retrying %s later", self.group, exc, envelope.id,
+                      extra=self._event_fields(envelope, delivery.attempt))
             self._count("deferred", envelope.type)
             return _Again(1.0, deferred=True)  # nothing was sent: an attempt per second of the outage spent its retries
 
@@ -320,8 +324,8 @@ class PushRunner:
         except (TimeoutError, httpx.TimeoutException):
             error = ErrorInfo("Timeout", f"{redact(sub.url)}: no answer within {sub.timeout}s")
             return await self._failed(delivery, envelope, error, now, status=None, after=None)
-        except httpx.HTTPError as exc:
-            error = ErrorInfo(type(exc).__qualname__, f"{redact(sub.url)}: {exc or type(exc).__name__}")
+        except httpx.HTTPError as exc:  # its text may quote the URL (an HTTPStatusError's does): redacted whole
+            error = ErrorInfo(type(exc).__qualname__, redact(f"{sub.url}: {exc or type(exc).__name__}"))
             return await self._failed(delivery, envelope, error, now, status=None, after=None)
 
         status = response.status
@@ -414,7 +418,8 @@ class PushRunner:
         if after is not None:
             if envelope.type not in self.handed_back_types:
                 self.handed_back_types.add(envelope.type)
-                log.warning("%s", handover_warning(self.group, envelope.type, consumer))
+                log.warning("%s", handover_warning(self.group, envelope.type, consumer),
+                            extra=self._event_fields(envelope, delivery.attempt))
             self._count("handed_back", envelope.type)
             return _Again(after)
         error = unhandled_error(self.group, envelope.type, delivery.attempt, consumer, self.sub.types)
@@ -424,7 +429,8 @@ class PushRunner:
         """Preparing or making the push raised where nothing should: a failed attempt under the
         subscription's retry policy, then a dead letter ``internal_error`` with the original
         body - a message that always trips it is not redelivered at every lease for ever."""
-        log.error("internal error pushing %r (attempt %d)", delivery, delivery.attempt, exc_info=exc)
+        log.error("internal error pushing %r (attempt %d)", delivery, delivery.attempt, exc_info=exc,
+                  extra=self._delivery_fields(delivery))
         after = internal_error_retry(self.sub.retry, delivery.attempt, self.amb.rng)
         if after is not None:
             self._count("retried", delivery.message.type)
@@ -442,7 +448,8 @@ class PushRunner:
             try:
                 first = await self.amb.store.record_failure(self.group, envelope.id, error, now)
             except Exception as exc:  # the record loses its first error, the delivery is not lost
-                log.warning("inbox unavailable for %s: %s", self.group, exc)
+                log.warning("inbox unavailable for %s: %s", self.group, exc,
+                            extra=self._event_fields(envelope, delivery.attempt))
         return self._dead(delivery, envelope, "rejected", error, now, status=status, first=first)
 
     async def _failed(
@@ -453,7 +460,8 @@ class PushRunner:
         try:
             first = await self.amb.store.record_failure(self.group, envelope.id, error, now)
         except Exception as exc:  # the record loses its first error, the delivery is not lost
-            log.warning("inbox unavailable for %s: %s", self.group, exc)
+            log.warning("inbox unavailable for %s: %s", self.group, exc,
+                        extra=self._event_fields(envelope, delivery.attempt))
             first = (error, now)
         if after is not None:
             after = min(after, sub.max_retry_after)
@@ -466,7 +474,8 @@ class PushRunner:
             wait = sub.retry.backoff(delivery.attempt, self.amb.rng)
         self._count("retried", envelope.type)
         log.warning("push of %s to %s failed (attempt %d), retrying in %.2fs: %s",
-                    envelope.id, sub.url, delivery.attempt, wait, error.message)
+                    envelope.id, redact(sub.url), delivery.attempt, wait, error.message,
+                    extra=self._event_fields(envelope, delivery.attempt))
         return _Again(wait)
 
     def _dead(
@@ -480,7 +489,7 @@ class PushRunner:
             first_error=first_error, last_error=error, first_attempt_at=first_at, last_attempt_at=now,
             envelope=original_envelope(delivery.message.body),
         )
-        record["url"] = self.sub.url
+        record["url"] = redact(self.sub.url)  # the record travels: choreograph.failed, the journal, trace
         record["status"] = status
         failure = None
         if envelope is not None and publish_failure:
@@ -488,8 +497,27 @@ class PushRunner:
                                                   source=self.source))
         self._count("dead_lettered", envelope.type if envelope is not None else "")
         log.error("dead-lettering %s in %s: %s after %d attempt(s): %s",
-                  delivery.message.id, self.group, reason, delivery.attempt, error.message)
+                  delivery.message.id, self.group, reason, delivery.attempt, error.message,
+                  extra=None if envelope is None else self._event_fields(envelope, delivery.attempt))
         return _Dead(record, failure)
+
+    def _delivery_fields(self, delivery: Delivery) -> dict[str, Any]:
+        """:meth:`_event_fields` of a delivery whose body may not decode (then its id and type only)."""
+        try:
+            return self._event_fields(decode(delivery.message.body), delivery.attempt)
+        except Exception:  # noqa: BLE001 - a log line's fields must not fail the settlement
+            return {"service": self.group, "handler": HANDLER, "group": self.group, "event_id": delivery.message.id,
+                    "event_type": delivery.message.type, "attempt": delivery.attempt}
+
+    def _event_fields(self, envelope: Envelope, attempt: int) -> dict[str, Any]:
+        """The pushed event's log fields, as the worker's lines about an event carry them
+        (:mod:`choreograph.logs`): no handler context is current in the ambassador, so they are
+        given with ``extra=``. ``service`` is the group (as in the dead-letter record)."""
+        return {
+            "service": self.group, "handler": HANDLER, "group": self.group, "event_id": envelope.id,
+            "event_type": envelope.type, "correlation_id": envelope.correlationid or envelope.id,
+            "causation_id": envelope.causationid, "attempt": attempt,
+        }
 
     # -- settling ---------------------------------------------------------------------
 

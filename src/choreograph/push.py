@@ -17,8 +17,9 @@ and settles the delivery by the answer (DESIGN.md §5):
   :class:`~choreograph.RetryPolicy`; ``Retry-After`` (seconds or an HTTP date) is
   honoured up to ``max_retry_after``.
 * Giving up dead-letters the event with the runtime's record (plus the HTTP ``status``
-  and ``url``) and publishes ``choreograph.failed``, so ``on_failure`` compensations
-  run exactly as for a Python service.
+  and ``url``, its password and token masked by :func:`~choreograph._redact.redact` as in
+  every log line and error) and publishes ``choreograph.failed``, so ``on_failure``
+  compensations run exactly as for a Python service.
 
 Before the first delivery to a URL the ambassador performs the CloudEvents webhook
 handshake (``OPTIONS`` + ``WebHook-Request-Origin``). A receiver that answers without
