@@ -1,7 +1,9 @@
 """Passwords out of URLs before a URL reaches an error message, a log line or a status line.
 
 Broker and store URLs carry credentials (``amqp://user:pass@host``, ``redis://:pass@host``,
-``postgresql://user:pass@host/db?password=pass``, a NATS token as ``nats://token@host``).
+``postgresql://user:pass@host/db?password=pass``, a NATS token as ``nats://token@host``), and
+so do push subscribers' URLs (``https://hooks.example/in?token=...``, ``?access_token=``,
+``?api_key=``, ``?code=``, ``?sig=``, ``https://KEY@hooks.example/in``).
 Messages name the URL so the reader knows which server is meant; :func:`redact` keeps
 everything that says which (scheme, user, host, port, path, other parameters) and puts
 ``***`` where the secret was. It works on a bare URL and on a message that contains
@@ -22,10 +24,18 @@ MASK = "***"
 _USERINFO = re.compile(
     r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*)://(?P<user>[^\s/?#@:'\"]*)(?::(?P<password>[^\s/?#'\"]*))?@"
 )
-#: A password given as a query parameter (libpq and asyncpg read ``?password=``).
-_PASSWORD_PARAM = re.compile(r"(?P<key>[?&](?:password|passwd|pass|token)=)[^&#\s'\"]*", re.IGNORECASE)
-#: Schemes whose user part alone is a secret (nats-py sends ``nats://TOKEN@host`` as a token).
-_TOKEN_SCHEMES = frozenset({"nats", "tls"})
+#: A secret given as a query parameter: libpq and asyncpg read ``?password=``; a webhook URL
+#: carries its credential as ``?token=``, ``?access_token=`` (RFC 6750 §2.3), ``?api_key=``,
+#: ``?key=``, ``?code=`` (Azure Functions), ``?sig=`` (a shared access signature), ...
+_PASSWORD_PARAM = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pass|pwd|token|access_token|auth_token|api_key|apikey|api-key|key|secret"
+    r"|client_secret|sig|signature|code)=)[^&#\s'\"]*",
+    re.IGNORECASE,
+)
+#: Schemes whose user part alone is a secret: nats-py sends ``nats://TOKEN@host`` as a token,
+#: and an HTTP URL's user info is only ever credentials (``https://API_KEY@hooks.example/in``
+#: is Basic authentication with the key as the user).
+_TOKEN_SCHEMES = frozenset({"nats", "tls", "http", "https"})
 
 
 def _userinfo(match: re.Match[str]) -> str:
