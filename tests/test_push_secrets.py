@@ -139,3 +139,22 @@ def test_a_header_value_of_the_wrong_type_is_refused_without_showing_it(tmp_path
         load_config(tmp_path / "push.toml")
     assert "918273645546372819" not in str(caught.value)
     assert "headers.X-Api-Key: expected a string, got int" in str(caught.value)
+
+
+async def test_httpx_request_lines_name_the_subscriber_without_its_secrets(
+    bus: MemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx logs every request with its URL whole, at INFO (shown by ``choreograph push
+    --log-level debug``, and by any app logging at INFO): an ambassador masks it there too."""
+    caplog.set_level(logging.DEBUG)
+    hook = Scripted(204)
+    async with hook.running() as base:
+        url, shown = secret_url(base)
+        async with PushAmbassador([subscription(url)], bus, origin="tests.local") as ambassador:
+            await Publisher(bus).publish(Placed(order_id="o-1"), ids=["e-1"])
+            await settled(bus)
+    assert ambassador.stats().delivered == 1
+    requests = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert any(line.startswith(f"HTTP Request: POST {shown} ") for line in requests), requests
+    assert any(line.startswith(f"HTTP Request: OPTIONS {shown} ") for line in requests), requests
+    assert not [r.getMessage() for r in caplog.records if leaked(r.getMessage())]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import math
 import re
 from datetime import UTC
@@ -70,6 +71,26 @@ def retry_after(value: str | None, now: float) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
+
+
+class RedactedUrls(logging.Filter):
+    """Masks the secrets of URLs in a logger's records: httpx logs every request with its URL
+    whole (``HTTP Request: POST https://hook:pw@host/in?token=... "HTTP/1.1 204"``, at INFO, so
+    ``choreograph push --log-level debug`` and any app logging at INFO print it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format is left for the handler to report
+            return True
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+REDACTED_URLS = RedactedUrls()
+"""The one instance: ``addFilter`` adds it to a logger once, however many ambassadors are made."""
 
 
 class HandshakeRefused(Exception):

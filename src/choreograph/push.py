@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import re
 import socket
@@ -59,7 +60,7 @@ from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph._gateway_http import Problem
 from choreograph._http_binding import MODES, Mode, decode_http, decode_http_batch, to_batch, to_http
 from choreograph._push_filters import FilterError, Filters, compile_filters
-from choreograph._push_http import Handshakes, classify, retry_after
+from choreograph._push_http import REDACTED_URLS, Handshakes, classify, retry_after
 from choreograph._push_runner import HANDLER, PushRunner, PushStats
 from choreograph._receiver import read_event, receiver
 from choreograph._redact import redact
@@ -278,6 +279,8 @@ class PushAmbassador:
                                 max_keepalive_connections=concurrency * max(1, len(subscriptions))),
             follow_redirects=False,
         )
+        # httpx logs each request's URL whole (at INFO): its secrets masked, as in our own lines
+        logging.getLogger("httpx").addFilter(REDACTED_URLS)
         self.handshakes = Handshakes(self.client, self.origin, self.clock, ttl=handshake_ttl)
         self.runners = [PushRunner(self, sub) for sub in self.subscriptions]
         self._started = False
