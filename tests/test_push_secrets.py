@@ -158,3 +158,18 @@ async def test_httpx_request_lines_name_the_subscriber_without_its_secrets(
     assert any(line.startswith(f"HTTP Request: POST {shown} ") for line in requests), requests
     assert any(line.startswith(f"HTTP Request: OPTIONS {shown} ") for line in requests), requests
     assert not [r.getMessage() for r in caplog.records if leaked(r.getMessage())]
+
+
+async def test_an_unreachable_receiver_is_recorded_as_its_masked_url_then_the_error(bus: MemoryTransport) -> None:
+    """The record reads ``URL: error``: masking the token that ends the URL keeps the separator."""
+    async with Scripted().running() as base:
+        url = base.replace("http://", f"http://hook:{PASSWORD}@") + f"?token={TOKEN}"
+    shown = base.replace("http://", "http://hook:***@") + "?token=***"
+    async with PushAmbassador([subscription(url, handshake=False)], bus):
+        await Publisher(bus).publish(Placed(order_id="o-1"), ids=["e-1"])
+        await settled(bus)
+    [letter] = await bus.dead_letters(GROUP)
+    error = letter.record["last_error"]
+    assert error["type"] == "ConnectError"
+    assert error["message"].startswith(f"{shown}: "), error["message"]
+    assert not leaked(repr(letter.record))

@@ -324,8 +324,8 @@ class PushRunner:
         except (TimeoutError, httpx.TimeoutException):
             error = ErrorInfo("Timeout", f"{redact(sub.url)}: no answer within {sub.timeout}s")
             return await self._failed(delivery, envelope, error, now, status=None, after=None)
-        except httpx.HTTPError as exc:  # its text may quote the URL (an HTTPStatusError's does): redacted whole
-            error = ErrorInfo(type(exc).__qualname__, redact(f"{sub.url}: {exc or type(exc).__name__}"))
+        except httpx.HTTPError as exc:  # its text may quote the URL (an HTTPStatusError's does): redacted too
+            error = ErrorInfo(type(exc).__qualname__, f"{redact(sub.url)}: {redact(str(exc) or type(exc).__name__)}")
             return await self._failed(delivery, envelope, error, now, status=None, after=None)
 
         status = response.status
