@@ -7,6 +7,7 @@ ambassador's lines about an event name it as the worker's do (ids, type, group).
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ import pytest
 
 from choreograph import FAILED, Event, Publisher, RetryPolicy
 from choreograph._push_config import load_config
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ConfigurationError, StoreError
 from choreograph.logs import JsonFormatter
 from choreograph.push import PushAmbassador, PushSubscription, generate_secret
+from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests._push_support import Scripted
 
@@ -173,3 +175,60 @@ async def test_an_unreachable_receiver_is_recorded_as_its_masked_url_then_the_er
     assert error["type"] == "ConnectError"
     assert error["message"].startswith(f"{shown}: "), error["message"]
     assert not leaked(repr(letter.record))
+
+
+class Other(Event, type="test.secrets.other"):
+    order_id: str
+
+
+@pytest.mark.parametrize(
+    ("case", "line"),
+    [("filtered", "does not match the filters"), ("inbox-down", "; retrying e-1 later"),
+     ("record-down", "inbox unavailable for hooked: inbox unreachable"), ("handed-back", "is bound to"),
+     ("internal-error", "internal error pushing")],
+)
+async def test_the_other_push_lines_about_an_event_carry_its_ids_too(
+    bus: MemoryTransport, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, case: str, line: str
+) -> None:
+    """An event filtered out, put off because the inbox cannot say whether it was pushed, whose
+    failed attempt the inbox cannot record, handed back (its type is another subscription's),
+    or tripping a bug below the push: each line about it names its id, type, transaction and group."""
+    import choreograph._push_runner as runner
+
+    caplog.set_level(logging.DEBUG, logger="choreograph.push")
+    options: dict[str, Any] = {"where": "hops > 1000"} if case == "filtered" else {}
+    seen_down, record_down = int(case == "inbox-down"), int(case == "record-down")
+
+    class Down(MemoryStore):
+        async def seen(self, group: str, event_ids: Collection[str]) -> set[str]:
+            nonlocal seen_down
+            if seen_down:
+                seen_down -= 1
+                raise StoreError("inbox unreachable")
+            return await super().seen(group, event_ids)
+
+        async def record_failure(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal record_down
+            if record_down:
+                record_down -= 1
+                raise StoreError("inbox unreachable")
+            return await super().record_failure(*args, **kwargs)
+
+    if case == "internal-error":
+        def broken(*args: Any, **kwargs: Any) -> dict[str, str]:
+            raise RuntimeError("a bug below the push")
+
+        monkeypatch.setattr(runner, "signature_headers", broken)
+    event: Event = Placed(order_id="o-1")
+    if case == "handed-back":
+        event = Other(order_id="o-1")
+        await (await bus.subscribe(GROUP, [Other.event_type()])).close()  # another version's binding
+    hook = Scripted(503 if case == "record-down" else 204, 204)
+    async with hook.running() as url, PushAmbassador([subscription(url, **options)], bus, store=Down()):
+        await Publisher(bus).publish(event, ids=["e-1"], correlation_id="order-o-1")
+        await settled(bus)
+    record = next(r for r in caplog.records if line in r.getMessage())
+    fields = {key: getattr(record, key, "missing") for key in (
+        "event_id", "event_type", "correlation_id", "service", "handler", "group", "attempt")}
+    assert fields == {"event_id": "e-1", "event_type": event.event_type(), "correlation_id": "order-o-1",
+                      "service": GROUP, "handler": "push", "group": GROUP, "attempt": 1}
