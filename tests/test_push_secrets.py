@@ -232,3 +232,17 @@ async def test_the_other_push_lines_about_an_event_carry_its_ids_too(
         "event_id", "event_type", "correlation_id", "service", "handler", "group", "attempt")}
     assert fields == {"event_id": "e-1", "event_type": event.event_type(), "correlation_id": "order-o-1",
                       "service": GROUP, "handler": "push", "group": GROUP, "attempt": 1}
+
+
+def test_invalid_yaml_is_refused_naming_the_place_without_quoting_the_lines(tmp_path: Path) -> None:
+    """PyYAML's error quotes the lines around a mistake, here a literal Authorization header:
+    the refusal says what and where (line, column), as TOML's does, not the text."""
+    pytest.importorskip("yaml")
+    (tmp_path / "push.yaml").write_text(
+        "subscriptions:\n  - group: g\n    types: [a.b]\n    url: https://hooks.example/in\n"
+        f"    headers: {{Authorization: Bearer {TOKEN}: x}}\n"
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        load_config(tmp_path / "push.yaml")
+    assert str(caught.value).endswith("push.yaml: invalid YAML (line 5, column 47: expected ',' or '}', but got ':')")
+    assert TOKEN not in str(caught.value)

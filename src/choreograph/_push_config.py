@@ -87,8 +87,19 @@ def _read(path: Path) -> Any:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigurationError(f"{path}: invalid YAML ({exc})") from None
+            raise ConfigurationError(f"{path}: invalid YAML ({_yaml_problem(exc)})") from None
     raise ConfigurationError(f"{path}: expected a .toml, .yaml or .yml file")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """What is wrong and where, as TOML's errors say it: PyYAML's own text quotes the lines
+    around the mistake, and those may hold a secret or a header (a token, an ``Authorization``)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return type(exc).__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def _expand(value: Any, where: str) -> Any:
