@@ -246,3 +246,14 @@ def test_invalid_yaml_is_refused_naming_the_place_without_quoting_the_lines(tmp_
         load_config(tmp_path / "push.yaml")
     assert str(caught.value).endswith("push.yaml: invalid YAML (line 5, column 47: expected ',' or '}', but got ':')")
     assert TOKEN not in str(caught.value)
+
+
+def test_a_subscription_s_repr_shows_neither_its_secret_nor_its_headers() -> None:
+    from choreograph.push import PushSubscription, generate_secret
+
+    SECRET = generate_secret()  # noqa: N806
+    sub = PushSubscription("hooks", ["shop.order.placed"], "http://127.0.0.1:1/in", secret=SECRET,
+                           headers={"Authorization": "Bearer t0k3n"})
+    shown = repr(sub)
+    assert "hooks" in shown
+    assert SECRET.removeprefix("whsec_") not in shown and "t0k3n" not in shown

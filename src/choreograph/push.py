@@ -164,11 +164,11 @@ class PushSubscription:
     mode: Mode = "binary"
     retry: RetryPolicy = DEFAULT_RETRY
     timeout: float = 10.0
-    secret: str | Sequence[str] | None = None
+    secret: str | Sequence[str] | None = dataclasses.field(default=None, repr=False)  # kept out of logs and tracebacks
     max_retry_after: float = 300.0
     handshake: bool = True
     emits: Collection[str] | None = None
-    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)  # an Authorization, say
     filters: Sequence[Mapping[str, Any]] = ()
     where: str | None = None
     max_response_body: int = MAX_RESPONSE_BODY
