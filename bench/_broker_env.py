@@ -116,7 +116,7 @@ async def remove_choreograph_bus(broker: str, url: str) -> None:
         transport = NatsTransport(url)
         nc = await nats.connect(transport._servers)
         try:
-            for stream in (transport.events_stream, transport.dead_letter_stream):
+            for stream in transport.streams:
                 await nc.request(f"$JS.API.STREAM.DELETE.{stream}", b"", timeout=10)
         finally:
             await nc.close()

@@ -155,7 +155,7 @@ class NatsBus(Bus):
         if self._nc is None:
             return
         if not keep:
-            for stream in (self.nats.events_stream, self.nats.dead_letter_stream):
+            for stream in self.nats.streams:
                 reply = await self._nc.request(f"$JS.API.STREAM.DELETE.{stream}", b"", timeout=5)
                 error = json.loads(reply.data).get("error")
                 if error and error.get("err_code") != 10059:  # no such stream

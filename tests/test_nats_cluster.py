@@ -175,3 +175,27 @@ def test_the_chain_survives_losing_the_stream_leader_with_no_loss_and_no_double_
             assert after[0][0] > 0, system.logs()
     finally:
         system.stop_all()
+
+
+async def test_a_deferral_made_through_one_node_keeps_the_attempt_read_through_another(cluster: NatsCluster) -> None:
+    """The deferral counts are replicated like the events (``P_DEFER``, ``replicas=3``): a
+    replica of the group connected to another node than the one that deferred reads them."""
+    from tests.transports.test_nats import collect, msg
+
+    query = f"replicas=3&prefix=cluster-defer-{os.getpid()}&lease=30"
+    await create_bus(cluster.url(query))
+    first, second = (NatsTransport(cluster.url(query, only=name)) for name in ("n0", "n2"))
+    async with first, second:
+        info = await first._jetstream().api("info", f"STREAM.INFO.{first.deferral_stream}")
+        assert info["config"]["num_replicas"] == 3
+        mine, theirs = await first.subscribe("g", None), await second.subscribe("g", None)
+        await first.publish([msg(1)])
+        (got,) = await collect(mine, 1)
+        for _ in range(4):  # through either node in turn
+            await got.defer(0.2)
+            (got,) = await collect(theirs, 1)
+            assert got.attempt == 1
+            mine, theirs = theirs, mine
+        await got.retry(0)
+        (got,) = await collect(mine, 1)
+        assert got.attempt == 2

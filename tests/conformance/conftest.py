@@ -15,8 +15,6 @@ and optionally::
     ORDERED: bool = True                           # False: no publish-order clause
     async def restart(url: str) -> None            # stop and start the broker behind ``url``
                                                    # keeping its data (see test_restart.py)
-    DEFER_KEEPS_ATTEMPT: bool = True               # False: the broker counts deliveries itself,
-                                                   # ``defer`` is a retry (attempt + 1)
 
 Every module found there (``pkgutil``) parametrises the ``broker`` fixture, so each test
 below runs once per transport, with the module's ``NAME`` as its id (``-k sqlite``).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from choreograph.transports import Transport
 from tests.conformance._support import TYPE_A, WAIT, collect, ids, message, quiet
@@ -75,10 +74,9 @@ async def test_retry_after_is_not_delivered_before_its_delay(bus: Transport) -> 
     assert again.message.id == "m1"
 
 
-async def test_defer_redelivers_after_its_delay_with_the_attempt_unchanged(broker: Any, bus: Transport) -> None:
+async def test_defer_redelivers_after_its_delay_with_the_attempt_unchanged(bus: Transport) -> None:
     """defer(after) is a retry that is not a failed attempt: delivered again no sooner than
-    ``after`` seconds with the attempt it had; a retry after it counts from there. (A broker
-    that counts deliveries itself cannot keep it: ``DEFER_KEEPS_ATTEMPT = False``, a retry.)"""
+    ``after`` seconds with the attempt it had; a retry after it counts from there."""
     subscription = await bus.subscribe("g", [TYPE_A])
     await bus.publish([message(1)])
     (first,) = await collect(subscription, 1)
@@ -94,7 +92,7 @@ async def test_defer_redelivers_after_its_delay_with_the_attempt_unchanged(broke
     (fourth,) = await collect(subscription, 1)
     assert fourth.message == first.message
     attempts = (first.attempt, again.attempt, third.attempt, fourth.attempt)
-    assert attempts == ((1, 1, 1, 2) if getattr(broker, "DEFER_KEEPS_ATTEMPT", True) else (1, 2, 3, 4))
+    assert attempts == (1, 1, 1, 2)
 
 
 async def test_a_delayed_retry_does_not_hold_back_other_messages(bus: Transport) -> None:

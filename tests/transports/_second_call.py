@@ -51,13 +51,11 @@ async def check_a_second_call_does_the_work(
     verb: str,
     raises: type[BaseException] | tuple[type[BaseException], ...],
     held: Callable[[], bool] | None = None,
-    defer_keeps_attempt: bool = True,
 ) -> None:
     """``verb`` on ``delivery`` fails once (the caller broke the next write), then succeeds:
 
     * ``retry``: the message is back with the next attempt well inside its lease;
-    * ``defer``: the same, with the attempt it had (unless ``defer_keeps_attempt`` is False:
-      a broker that counts deliveries itself);
+    * ``defer``: the same, with the attempt it had;
     * ``ack``: it is not back after the lease;
     * ``dead_letter``: the dead letter is stored, and it is not back after the lease.
 
@@ -74,8 +72,7 @@ async def check_a_second_call_does_the_work(
     if verb in ("retry", "defer"):
         again = await _first(subscription, WAIT)
         assert again is not None, f"not back within {WAIT}s (lease {RETRY_LEASE}s): the second {verb} did nothing"
-        counted = verb == "retry" or not defer_keeps_attempt
-        assert (again.message, again.attempt) == (delivery.message, delivery.attempt + counted)
+        assert (again.message, again.attempt) == (delivery.message, delivery.attempt + (verb == "retry"))
         await again.ack()
         return
     await asyncio.sleep(SHORT_LEASE * 1.5)  # past the lease: an unsettled message would be back

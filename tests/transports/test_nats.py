@@ -96,7 +96,7 @@ async def opened(url: str) -> AsyncIterator[NatsTransport]:
 def test_url_parameters_configure_lease_prefix_and_replicas() -> None:
     transport = NatsTransport("nats://127.0.0.1:4222?lease=7.5&prefix=shop&replicas=3")
     assert (transport.lease, transport.prefix, transport.replicas) == (7.5, "shop", 3)
-    assert (transport.events_stream, transport.dead_letter_stream) == ("shop_EVENTS", "shop_DLQ")
+    assert transport.streams == ("shop_EVENTS", "shop_DLQ", "shop_DEFER")
 
 
 def test_defaults_are_prefix_choreograph_one_replica_and_the_default_lease() -> None:
@@ -227,14 +227,14 @@ async def test_more_replicas_than_servers_is_reported_on_connect() -> None:
         await broker.cleanup(url)
 
 
-async def test_connect_creates_both_streams_and_is_idempotent() -> None:
+async def test_connect_creates_the_streams_and_is_idempotent() -> None:
     url = bus_on(require_broker("nats"))
     async with opened(url) as bus:
         await bus.connect()
         async with NatsTransport(url) as second:  # a second transport on an existing bus
             await second.publish([msg(1)])
         assert bus._nc is not None
-        for stream in (bus.events_stream, bus.dead_letter_stream):
+        for stream in bus.streams:
             reply = await bus._nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)
             assert "error" not in json.loads(reply.data)
 
@@ -1181,7 +1181,5 @@ async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
             await real(subject, payload, **options)
 
         monkeypatch.setattr(client, "publish", failing_once)
-        await second_call.check_a_second_call_does_the_work(  # JetStream counts deliveries: defer is a NAK
-            bus, subscription, delivery, verb, TransportError, defer_keeps_attempt=False
-        )
+        await second_call.check_a_second_call_does_the_work(bus, subscription, delivery, verb, TransportError)
         assert len(settlements) == 2

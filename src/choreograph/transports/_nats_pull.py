@@ -25,6 +25,10 @@ Messages that arrive after a fetch gave up (a late reply) are buffered for the n
 fetch, or NAKed for prompt redelivery on close. After a reconnect every outstanding
 request is presumed lost and re-issued at once.
 
+A redelivered message (JetStream's ``num_delivered`` > 1) has its deferrals looked up
+before the fetch hands it out, so that its attempt does not count them (see
+``_nats_deferrals``); a first delivery is handed out as it came.
+
 Every :data:`~choreograph.transports._nats_routing.REMOVAL_CHECK` seconds a subscription
 reads its group's binding again: for the types unbound from it, and to bind its own again
 if a racing write dropped them (see ``_nats_routing``; a wildcard group's subscription only
@@ -50,6 +54,7 @@ from nats.aio.subscription import Subscription as NatsInbox
 from choreograph.errors import TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports._nats_client import DirectClient, Raw, bulk_supported, send_commands
+from choreograph.transports._nats_deferrals import Deferrals
 from choreograph.transports._nats_routing import REMOVAL_CHECK, Binding
 from choreograph.transports.base import Delivery, Message, Subscription
 
@@ -86,12 +91,15 @@ class NatsDelivery(Delivery):
     acts on the message's current delivery - JetStream settles by stream sequence - so a
     second NAK can hand out once more a copy already redelivered: a duplicate, never a
     loss. No failure here is permanent but a closed transport.
+
+    ``attempt`` is JetStream's delivery count less the deferrals among those deliveries
+    (``_deferrals``, looked up for a redelivery: see ``_nats_deferrals``).
     """
 
-    __slots__ = ("_subscription", "_reply")
+    __slots__ = ("_subscription", "_reply", "_msg", "_deferrals")
 
     def __init__(
-        self, message: Message, attempt: int, group: str, subscription: NatsSubscription, reply: str
+        self, message: Message, attempt: int, group: str, subscription: NatsSubscription, msg: Msg | Raw
     ):
         # Delivery.__init__ written out: one of these is made for every message received
         self.message = message
@@ -99,21 +107,41 @@ class NatsDelivery(Delivery):
         self.group = group
         self.settled = False
         self._subscription = subscription
-        self._reply = reply
+        self._msg = msg
+        self._reply = msg.reply
+        self._deferrals = 0
 
     async def _ack(self) -> None:
         await self._subscription._reply_to(self._reply, b"+ACK", confirm=False)
+        if self._deferrals:
+            self._subscription._forget(self)
 
     async def _retry(self, after: float) -> None:
         # No backoff is configured on the consumer, so the NAK delay is the only delay.
         payload = b"-NAK" if after <= 0 else b'-NAK {"delay": %d}' % int(after * 1_000_000_000)
         await self._subscription._reply_to(self._reply, payload)
 
+    async def _defer(self, after: float) -> None:
+        # The count first, then the NAK: the redelivery must find it. Without it the NAK is a
+        # retry (attempt + 1) rather than a message held back.
+        subscription = self._subscription
+        delivered, sequence, _ = _ack_of(self._msg)
+        try:
+            await subscription._deferrals.write(subscription._consumer, sequence, self._deferrals + 1, delivered)
+        except TransportClosed:
+            raise
+        except TransportError as exc:
+            log.warning("nats: could not record the deferral of %r in group %r (%s): it comes back as a "
+                        "retry, attempt %d", self.message.id, self.group, exc, self.attempt + 1)
+        await self._retry(after)
+
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
         # Store first, then TERM: a crash in between redelivers, and the runtime dead-letters
         # it again, replacing the stored copy (one dead letter per group and message id).
         await self._subscription._store_dead_letter(self.group, self.message, record)
         await self._subscription._reply_to(self._reply, b"+TERM")
+        if self._deferrals:
+            self._subscription._forget(self)
 
     async def touch(self) -> None:
         """Reset the lease (JetStream "work in progress")."""
@@ -139,6 +167,7 @@ class NatsSubscription(Subscription):
         replay_prefix: str,
         binding: Binding,
         store_dead_letter: StoreDeadLetter,
+        deferrals: Deferrals,
         on_close: Callable[[NatsSubscription], None],
         read_binding: Callable[[], Awaitable[Binding]] | None = None,
         watch_until: float | None = None,
@@ -167,6 +196,8 @@ class NatsSubscription(Subscription):
         self._parked: list[Msg | Raw] = []
         self._looking = False
         self._store_dead_letter = store_dead_letter
+        self._deferrals = deferrals
+        self._redelivered: list[NatsDelivery] = []  # of the last _take: their deferrals to look up
         self._on_close = on_close
         self._inbox_prefix = nc.new_inbox() + "."
         self._bulk = bulk_supported(nc)  # acks as one write of encoded commands
@@ -303,7 +334,7 @@ class NatsSubscription(Subscription):
         async with self._fetching:
             while not self._closed:
                 if batch := self._take(max_messages):
-                    return batch
+                    return await self._hand_out(batch) if self._redelivered else batch
                 if self._nc.is_closed:
                     raise TransportClosed("nats: transport is closed")
                 if not self._nc.is_connected:
@@ -321,7 +352,7 @@ class NatsSubscription(Subscription):
                     request = b'{"batch":%d,"no_wait":true}' % max_messages
                     await self._round(request, max_messages, loop.time() + _NO_WAIT_GUARD, None)
                     if batch := self._take(max_messages):
-                        return batch
+                        return await self._hand_out(batch) if self._redelivered else batch
                     remaining = LONG_POLL if deadline is None else min(LONG_POLL, deadline - loop.time())
                     if remaining < _MIN_PARK:
                         return []
@@ -329,7 +360,7 @@ class NatsSubscription(Subscription):
                 request = b'{"batch":1,"expires":%d}' % int(remaining * 1_000_000_000)
                 await self._round(request, 1, loop.time() + remaining + _GRACE, deadline)
                 if batch := self._take(max_messages):
-                    return batch
+                    return await self._hand_out(batch) if self._redelivered else batch
                 if deadline is not None and loop.time() >= deadline:
                     return []
         return []
@@ -356,11 +387,15 @@ class NatsSubscription(Subscription):
                     else:
                         await self._nc.publish(delivery._reply, b"+ACK")
                         delivery.settled = True
+                        if delivery._deferrals:
+                            self._forget(delivery)
             if commands:
                 # Settled once written: if the write fails, a retry of this call acks them all.
                 await send_commands(self._nc, b"".join(commands), len(commands))
                 for delivery in batch:
                     delivery.settled = True
+                    if delivery._deferrals:
+                        self._forget(delivery)
 
     async def close(self) -> None:
         if self._closed:
@@ -402,6 +437,8 @@ class NatsSubscription(Subscription):
             delivery = self._delivery(msg)
             if isinstance(delivery, NatsDelivery):
                 out.append(delivery)
+                if delivery.attempt > 1:  # a redelivery: some of those may have been deferrals
+                    self._redelivered.append(delivery)
             elif delivery == _UNBOUND:
                 self._parked.append(msg)
             else:
@@ -414,6 +451,46 @@ class NatsSubscription(Subscription):
             self._looking = True
             self._in_background(self._look_again())
         return out
+
+    async def _hand_out(self, batch: list[Delivery]) -> list[Delivery]:
+        """``batch`` as ``_take`` made it, the attempts of its redeliveries less their
+        deferrals. Cancelled meanwhile, it goes back to the buffer: nothing is lost."""
+        redelivered, self._redelivered = self._redelivered, []
+        try:
+            counts = await asyncio.gather(*(self._deferrals_of(delivery) for delivery in redelivered))
+        except BaseException:
+            self._buffer.extendleft(reversed([d._msg for d in batch if isinstance(d, NatsDelivery)]))
+            raise
+        failed = 0
+        for delivery, deferrals in zip(redelivered, counts, strict=True):
+            if deferrals is None:
+                failed += 1
+            elif deferrals:
+                delivery._deferrals = deferrals
+                delivery.attempt -= deferrals
+        if failed:
+            log.warning("nats: could not read the deferrals of %d redelivered message(s) of group %r: "
+                        "their attempts count them", failed, self.group)
+        return batch
+
+    async def _deferrals_of(self, delivery: NatsDelivery) -> int | None:
+        """The deferrals among the deliveries of ``delivery``'s message; None if unreadable."""
+        delivered, sequence, _ = _ack_of(delivery._msg)
+        try:
+            return await self._deferrals.count(self._consumer, sequence, delivered)
+        except (TransportError, ValueError, KeyError, TypeError) as exc:
+            log.debug("nats: reading the deferrals of %r in group %r: %s", delivery.message.id, self.group, exc)
+            return None
+
+    def _forget(self, delivery: NatsDelivery) -> None:
+        """Delete the deferral count of ``delivery``'s message, settled for good (in the background)."""
+        self._in_background(self._forget_now(_ack_of(delivery._msg)[1]))
+
+    async def _forget_now(self, sequence: int) -> None:
+        try:
+            await self._deferrals.forget(self._consumer, sequence)
+        except Exception as exc:  # noqa: BLE001 - left behind, it goes with the stream's max age
+            log.debug("nats: deleting the deferral count of message %d of group %r: %s", sequence, self.group, exc)
 
     def _in_background(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -484,7 +561,7 @@ class NatsSubscription(Subscription):
             parsed = (subject, f"nats-{self._stream}-{ack[1]}")
         event_type, message_id = parsed
         message = Message(id=message_id, type=event_type, body=msg.data)
-        return NatsDelivery(message, ack[0], self.group, self, msg.reply)
+        return NatsDelivery(message, ack[0], self.group, self, msg)
 
     async def _reply_to(self, reply: str, payload: bytes, *, confirm: bool = True) -> None:
         """Send a settlement; with ``confirm``, wait until the server has read it (a round

@@ -24,6 +24,8 @@ server; it must be ``[A-Za-z0-9_-]+``)::
     stream P_DLQ     P.dlr.<group>.<id>       dead-letter record (see _nats_dead_letters)
                      P.dlb.<group>.<id>       dead-letter body
                      P.dlb.<group>.<id>.<n>   further parts of a record past max_payload
+    stream P_DEFER   P.df.<group>.<seq>       how many of the group's deliveries of stream
+                                              message <seq> were deferrals (see _nats_deferrals)
 
 The type travels in the subject, the id in the ``Nats-Msg-Id`` header (which also makes
 the server drop a republished duplicate). Putting the id in the subject too would give
@@ -65,9 +67,11 @@ Consequences worth knowing:
   name is past 120 characters escaped has a hashed consumer name, and before 2.10 nothing
   else records its name: ``groups()`` then cannot tell (``None``).
 * The ``attempt`` of a delivery is JetStream's delivery count, so it survives process
-  crashes and broker restarts. For the same reason ``defer(after)`` cannot keep it: it is
-  a NAK, attempt + 1, as ``retry`` (a join timer re-deferred many times reaches its
-  time-out with that many attempts spent).
+  crashes and broker restarts - less the deliveries that were deferred: ``defer(after)`` is
+  a NAK with a delay, which JetStream counts, so before it the delivery writes the
+  message's deferral count to ``P_DEFER``, and a redelivery (delivery count > 1; a first
+  delivery reads nothing) reads it back (see ``_nats_deferrals``). If that write fails the
+  NAK goes anyway, and the deferral counts an attempt.
 * A delayed retry (NAK with a delay) survives a restart of the server, but its delay lives
   in consumer state the server writes lazily (within a fraction of a second): a server
   killed right after the NAK (SIGKILL, power loss) comes back without it, and redelivers
@@ -96,6 +100,7 @@ from choreograph.transports import lease_from_url
 from choreograph.transports._nats_bindings import GroupBindings
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
+from choreograph.transports._nats_deferrals import Deferrals
 from choreograph.transports._nats_pull import NatsSubscription
 from choreograph.transports._nats_routing import BIND_CONFIRM
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport
@@ -140,9 +145,11 @@ class NatsTransport(GroupBindings, Transport):
         self._servers = [f"nats://{server}" for server in parts.netloc.split(",")]
         self.events_stream = f"{self.prefix}_EVENTS"
         self.dead_letter_stream = f"{self.prefix}_DLQ"
+        self.deferral_stream = f"{self.prefix}_DEFER"
         self._nc: Client | None = None
         self._js: JetStream | None = None
         self._letters: DeadLetterStream | None = None
+        self._deferrals: Deferrals | None = None
         self._closed = False
         self._multi_filter = True
         self._connecting = asyncio.Lock()
@@ -207,13 +214,17 @@ class NatsTransport(GroupBindings, Transport):
                 log.info("nats: this nats-py lacks the client internals choreograph's fast paths use; "
                          "publishing and receiving through its public API instead (slower)")
             await js.start()
-            await self._ensure_stream(js, self._events_config())
+            events = await self._ensure_stream(js, self._events_config())
             await self._ensure_stream(js, DeadLetterStream.config(self.prefix, self.replicas))
+            await self._ensure_stream(js, Deferrals.config(self.prefix, self.replicas))
         except BaseException:
             await nc.close()
             raise
         self._nc, self._js = nc, js
         self._letters = DeadLetterStream(js, self.prefix, self.events_stream)
+        # The events stream's creation time tells a count of its messages from one of an events
+        # stream deleted since, whose sequences the new one hands out again.
+        self._deferrals = Deferrals(js, self.prefix, str(events.get("created", "")))
 
     async def close(self) -> None:
         self._closed = True
@@ -262,6 +273,11 @@ class NatsTransport(GroupBindings, Transport):
             raise TransportError("nats: not connected (use `async with` or call connect())")
         return self._js
 
+    def _deferral_counts(self) -> Deferrals:
+        self._jetstream()
+        assert self._deferrals is not None
+        return self._deferrals
+
     def _dead_letter_stream(self) -> DeadLetterStream:
         self._jetstream()
         assert self._letters is not None
@@ -277,15 +293,21 @@ class NatsTransport(GroupBindings, Transport):
             "num_replicas": self.replicas,
         }
 
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The names of the bus's streams (events, dead letters, deferral counts)."""
+        return self.events_stream, self.dead_letter_stream, self.deferral_stream
+
     @staticmethod
-    async def _ensure_stream(js: JetStream, config: dict[str, Any]) -> None:
+    async def _ensure_stream(js: JetStream, config: dict[str, Any]) -> dict[str, Any]:
+        """Create or update the stream of ``config``; its info (config, ``created``, state)."""
         name = config["name"]
         try:
-            await js.api(f"create stream {name}", f"STREAM.CREATE.{name}", config)
+            return await js.api(f"create stream {name}", f"STREAM.CREATE.{name}", config)
         except codec.JetStreamError as exc:
             if exc.err_code != codec.ERR_STREAM_NAME_IN_USE:
                 raise
-            await js.api(f"update stream {name}", f"STREAM.UPDATE.{name}", config)
+            return await js.api(f"update stream {name}", f"STREAM.UPDATE.{name}", config)
 
     # -- the contract -------------------------------------------------------------------
 
@@ -320,6 +342,7 @@ class NatsTransport(GroupBindings, Transport):
             replay_prefix=f"{self.prefix}.rp.{consumer}.",
             binding=bound,
             store_dead_letter=self._store_dead_letter,
+            deferrals=self._deferral_counts(),
             on_close=self._subscriptions.discard,
             # A wildcard group stays one (subscribing only widens; unbind refuses it): no lines
             # to learn of, nothing to narrow, so no reading of its consumer every second - but

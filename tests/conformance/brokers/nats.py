@@ -8,7 +8,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from tests._brokers import broker_url, require_broker
 
 NAME = "nats"
-DEFER_KEEPS_ATTEMPT = False  # JetStream counts deliveries: a deferral is a NAK (attempt + 1)
 
 
 def require() -> None:
@@ -16,7 +15,7 @@ def require() -> None:
 
 
 def url(unique: str, *, lease: float) -> str:
-    """A fresh, isolated bus on the shared server: streams ``<prefix>_EVENTS``/``_DLQ`` with ``unique`` in the prefix."""
+    """A fresh, isolated bus on the shared server: streams ``<prefix>_EVENTS``/``_DLQ``/``_DEFER`` with ``unique`` in the prefix."""
     parts = urlsplit(broker_url("nats"))
     query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("lease", "prefix")]
     query += [("lease", repr(lease)), ("prefix", f"choreograph-test-{unique}")]
@@ -24,7 +23,7 @@ def url(unique: str, *, lease: float) -> str:
 
 
 async def cleanup(url: str) -> None:
-    """Delete the bus's two streams (their consumers go with them)."""
+    """Delete the bus's streams (their consumers go with them)."""
     import nats
 
     from choreograph.transports.nats import NatsTransport
@@ -32,7 +31,7 @@ async def cleanup(url: str) -> None:
     transport = NatsTransport(url)  # parses the URL: the servers, the stream names
     client = await nats.connect(transport._servers, max_reconnect_attempts=1, connect_timeout=2)
     try:
-        for stream in (transport.events_stream, transport.dead_letter_stream):
+        for stream in transport.streams:
             reply = await client.request(f"$JS.API.STREAM.DELETE.{stream}", b"", timeout=5)
             error = json.loads(reply.data).get("error")
             if error and error.get("err_code") != 10059:  # 10059: no such stream (never connected)

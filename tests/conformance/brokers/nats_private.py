@@ -17,7 +17,6 @@ from tests._nats_server import NatsServer, require_binary
 from tests.conformance.brokers import nats as shared
 
 NAME = "nats-private"
-DEFER_KEEPS_ATTEMPT = False  # JetStream counts deliveries: a deferral is a NAK (attempt + 1)
 
 _server: NatsServer | None = None
 
