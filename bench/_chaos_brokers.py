@@ -287,11 +287,21 @@ class AmqpBus(Bus):
         buckets = RETRY_BUCKETS_MS
         self.late_fraction = max(b / a for a, b in zip(buckets, buckets[1:], strict=False)) - 1
         self._connection: Any = None
+        self._connecting = asyncio.Lock()
 
     async def start(self) -> None:
         import aiormq
 
         self._connection = await aiormq.connect(self.amqp._client_url)
+
+    async def _open_connection(self) -> Any:
+        """The counting connection, opened again if the broker closed it (a broker restart)."""
+        import aiormq
+
+        async with self._connecting:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await aiormq.connect(self.amqp._client_url)
+            return self._connection
 
     async def _held(self, group: str) -> tuple[int, int]:
         """(ready in the group's queue and in the holding queues of retries, waiting in the
@@ -303,14 +313,15 @@ class AmqpBus(Bus):
 
         names = self.amqp.names
         queues = [(names.group(group), 0), *((names.retry(group, ms), ms) for ms in RETRY_BUCKETS_MS)]
-        channel = await self._connection.channel()
+        connection = await self._open_connection()
+        channel = await connection.channel()
         ready = waiting = 0
         try:
             for queue, delay_ms in queues:
                 try:
                     declared = await channel.queue_declare(queue, passive=True)
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    channel = await self._connection.channel()
+                    channel = await connection.channel()
                     continue
                 count = int(declared.message_count or 0)
                 if delay_ms > self.longest_retry_ms:

@@ -263,6 +263,14 @@ def check_stores(stores: Stores, orders: list[Order], balances: dict[str, int], 
     checks.append(Check("stock: opening - held, never negative", not wrong,
                         "; ".join(f"{s}: {left.get(s)} != {stock[s]} - {holding[s]}" for s in sorted(wrong)[:5])
                         or f"{len(stock)} skus"))
+    # Each order's OrderPlaced reaches payment and inventory, which each record a decision for it
+    # whatever the outcome (captured/declined, reserved/out_of_stock). A lost OrderPlaced can hide
+    # behind a cancellation (a decline, a join timeout), so the orders table alone does not show it.
+    undecided = {name: sorted(ids - {row[0] for row in rows})
+                 for name, rows in (("payment", payments), ("inventory", reservations))}
+    checks.append(Check("payment and inventory each decided every order", not any(undecided.values()),
+                        "; ".join(f"no {name} decision for {_few(set(oids))}" for name, oids in undecided.items()
+                                  if oids) or f"{len(ids)} orders each"))
     return checks
 
 

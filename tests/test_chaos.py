@@ -12,8 +12,10 @@ forwards to the same harness. Its "no event left pending" counts what each broke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import sqlite3
 import subprocess
 import sys
 import time
@@ -218,3 +220,33 @@ def test_choreograph_chaos_without_app_runs_the_shop_with_the_options_given_firs
 def test_choreograph_chaos_names_the_apps_it_has_a_scenario_for() -> None:
     done = cli("examples.drone_delivery.app:app")
     assert done.returncode == 2 and "no chaos scenario" in done.stderr and "examples.shop.app:app" in done.stderr
+
+
+def test_an_order_that_payment_or_inventory_never_decided_is_a_violation(tmp_path: Path) -> None:
+    """An OrderPlaced lost for inventory hides behind a cancellation (here payment declined it,
+    so nothing was reserved to release): the orders table alone looks fine, the new invariant
+    names the order. Found on RabbitMQ with the broker SIGKILLed mid-run (docs/chaos.md, 15)."""
+    from bench._chaos_shop import Order, Stores, check_stores, seed
+
+    balances, stock = seed(tmp_path)
+
+    def write(db: str, sql: str, args: tuple[Any, ...]) -> None:
+        with contextlib.closing(sqlite3.connect(tmp_path / f"{db}.db")) as conn, conn:
+            conn.execute(sql, args)
+
+    orders = [Order("o-1", "chaos-nobody", "chaos-widget-0", 1, 100),
+              Order("o-2", "chaos-nobody", "chaos-widget-0", 1, 100)]
+    with Stores(tmp_path) as stores:
+        for order in orders:
+            write("orders", "INSERT INTO orders VALUES (?, 'cancelled', 'PaymentDeclined')", (order.order_id,))
+            write("payment", "INSERT INTO payments VALUES (?, ?, ?, 'declined', 'unknown customer')",
+                         (order.order_id, order.customer, order.amount))
+        write("inventory", "INSERT INTO reservations VALUES ('o-1', 'chaos-widget-0', 1, 'released', 9)", ())
+
+        def decided() -> Any:
+            (check,) = [c for c in check_stores(stores, orders, balances, stock) if "decided" in c.name]
+            return check
+
+        assert not decided().ok and decided().detail == "no inventory decision for o-2"
+        write("inventory", "INSERT INTO reservations VALUES ('o-2', 'chaos-widget-0', 1, 'released', 9)", ())
+        assert decided().ok
