@@ -47,6 +47,51 @@ _RFC3339 = re.compile(
 #: Optional core attributes: when present they must be non-empty strings (CloudEvents 1.0).
 _NON_EMPTY_OPTIONAL = ("time", "subject", "datacontenttype", "dataschema")
 
+#: What a CloudEvents String must not hold (the 1.0.2 type system): control characters
+#: (U+0000-U+001F, U+007F-U+009F), surrogate code points, and Unicode noncharacters
+#: (U+FDD0-U+FDEF and the last two code points of every plane).
+_NOT_IN_A_STRING = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
+    + "]"
+)
+
+
+def string_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a CloudEvents String attribute, or ``None`` if it can.
+
+    Checked where choreograph *makes* an attribute (a handler's subject, a publisher's
+    correlation id, a service's source...), never on decode: an event another producer sent
+    with such a character is still handled as it is, and what an output inherits from its
+    input (correlation id, trace context, partition key, deadline) is carried as is.
+
+    >>> string_problem("a\\nb")
+    'contains a control character (U+000A at index 1), which a CloudEvents String must not'
+    """
+    if value.isprintable():  # in C, and what nearly every value is: none of those is printable
+        return None
+    found = _NOT_IN_A_STRING.search(value)  # whitespace, format characters...: printable or not, allowed
+    if found is None:
+        return None
+    code = ord(found.group())
+    kind = ("a control character" if code <= 0x9F else
+            "a surrogate code point" if 0xD800 <= code <= 0xDFFF else "a Unicode noncharacter")
+    return f"contains {kind} (U+{code:04X} at index {found.start()}), which a CloudEvents String must not"
+
+
+def attribute_problem(name: str, value: object) -> str | None:
+    """``"<name>: <why>"`` if ``value`` (a string, or anything else a caller passed) cannot be
+    the CloudEvents attribute ``name``; ``None`` if it can (``None`` itself: not set)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"{name}: expected a string, got {type(value).__name__}"
+    if not value:
+        return f"{name}: must be a non-empty string"
+    problem = string_problem(value)
+    return None if problem is None else f"{name}: {value!r} {problem}"
+
+
 _NAMESPACE = uuid.UUID("6f2b1a0e-3c59-4d8e-9a41-2f4c6d8b7e10")
 _NAMESPACE_BYTES = _NAMESPACE.bytes
 

@@ -23,7 +23,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
-from choreograph._envelope import KNOWN_EXTENSIONS, SPECVERSION, Envelope, is_rfc3339
+from choreograph._envelope import KNOWN_EXTENSIONS, SPECVERSION, Envelope, is_rfc3339, string_problem
 from choreograph._gateway_http import Problem
 from choreograph._http_binding import HEADER_PREFIX, binary_attributes, check_ce_headers
 from choreograph.errors import MalformedEnvelope
@@ -31,7 +31,6 @@ from choreograph.events import Event
 
 #: A ``ce-id``: it is the correlation id, a path segment of ``/transactions/{id}`` (RFC 3986 pchar).
 _ID = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,255}$")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]+$")
 _SET_BY_THE_GATEWAY = {
     "correlationid": "the gateway starts a transaction: its correlation id is the event id (send ce-id)",
@@ -86,9 +85,9 @@ def cloudevent_attributes(headers: Sequence[tuple[str, str]], event: type[Event]
         header, _, reason = exc.message.partition(": ")
         raise _problem(header, reason) from None
     for name, value in attributes.items():
-        if _CONTROL.search(value):
-            raise _problem(f"ce-{name}", "CloudEvents strings may not hold control characters (U+0000-U+001F, "
-                                         "U+007F-U+009F)")
+        problem = string_problem(value)
+        if problem is not None:  # control characters, and a percent-encoded noncharacter (U+FFFF...)
+            raise _problem(f"ce-{name}", problem)
     if attributes.pop("specversion") != SPECVERSION:
         raise _problem("ce-specversion", f"expected {SPECVERSION!r} (CloudEvents 1.0)")
     expected_type = event.event_type()

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from choreograph._envelope import Envelope
+from choreograph._envelope import Envelope, string_problem
 from choreograph.errors import EmitError
 from choreograph.events import Event
 
@@ -82,12 +82,18 @@ class Context:
         It is published with the handler's outputs, before the input is acked, with
         a deterministic id; the type must be declared in the handler's ``emits``.
         Calling it with something other than an event, a subject that is not a non-empty
-        string, or after the handler has returned raises :class:`~choreograph.EmitError`.
+        string or holds what a CloudEvents String must not (a control character, a surrogate,
+        a Unicode noncharacter), or after the handler has returned raises
+        :class:`~choreograph.EmitError`: the delivery is rejected (dead-lettered) with its message.
         """
         if not isinstance(event, Event):
             raise EmitError(f"{self.handler}: publish() takes an Event, got {type(event).__name__}")
-        if subject is not None and (not isinstance(subject, str) or not subject):
-            raise EmitError(f"{self.handler}: publish(subject=...): expected a non-empty string, got {subject!r}")
+        if subject is not None:
+            if not isinstance(subject, str) or not subject:
+                raise EmitError(f"{self.handler}: publish(subject=...): expected a non-empty string, got {subject!r}")
+            problem = string_problem(subject)
+            if problem is not None:
+                raise EmitError(f"{self.handler}: publish(subject=...): {subject!r} {problem}")
         if self._sealed:
             raise EmitError(f"{self.handler}: publish() after the handler returned: {type(event).event_type()!r} "
                             f"for event {self.envelope.id} would be lost; publish before returning")

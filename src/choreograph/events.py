@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import orjson
 import pydantic
 
+from choreograph._envelope import string_problem
 from choreograph.errors import ConfigurationError, EmitError
 
 _REGISTRY: dict[str, type[Event]] = {}
@@ -102,7 +103,7 @@ def event_type_problem(type_name: str) -> str | None:
         return "is empty"
     if type_name.startswith("choreograph."):
         return "is reserved (choreograph.* types are the runtime's own events)"
-    return None
+    return string_problem(type_name)  # a control character, a surrogate, a Unicode noncharacter
 
 
 def event_class(type_name: str) -> type[Event] | None:

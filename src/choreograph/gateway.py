@@ -56,7 +56,7 @@ from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
 
 from choreograph._clock import SYSTEM_CLOCK, Clock
-from choreograph._envelope import new_id
+from choreograph._envelope import attribute_problem, new_id
 from choreograph._gateway_cloudevents import cloudevent_attributes
 from choreograph._gateway_http import (
     Problem,
@@ -181,6 +181,9 @@ class Gateway:
             raise ConfigurationError("Gateway: max_body must be >= 1 byte")
         if auth_token is not None and not auth_token:
             raise ConfigurationError("Gateway: auth_token must not be empty (None disables auth)")
+        problem = attribute_problem("source", source)
+        if problem is not None:  # every event published here carries it (unless a ce-source header overrides it)
+            raise ConfigurationError(f"Gateway: {problem}")
         self._owns_transport = isinstance(broker, str)
         self.transport = open_transport(broker) if isinstance(broker, str) else broker
         self._owns_journal = isinstance(journal, str)

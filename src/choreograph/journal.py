@@ -31,7 +31,7 @@ from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 from choreograph._clock import SYSTEM_CLOCK, Clock, backoff
-from choreograph._envelope import Envelope, decode, derive_id
+from choreograph._envelope import Envelope, attribute_problem, decode, derive_id
 from choreograph._journal_model import (
     DEFAULT_JOURNAL,
     DEFAULT_STUCK_AFTER,
@@ -122,6 +122,9 @@ class Journal:
             raise ConfigurationError("Journal: stuck_after must be > 0 seconds")
         if scan_interval <= 0 or batch_size < 1:
             raise ConfigurationError("Journal: scan_interval must be > 0 and batch_size >= 1")
+        problem = attribute_problem("source", source)
+        if problem is not None:  # the choreograph.timedout events it publishes carry it
+            raise ConfigurationError(f"Journal: {problem}")
         self.store = open_journal_store(store) if isinstance(store, str) else store
         self._owns_transport = isinstance(transport, str)
         self.transport = open_transport(transport) if isinstance(transport, str) else transport
@@ -348,6 +351,9 @@ class Journal:
         # The trace context of the latest recorded event that carried one (the last may come from
         # outside any trace): the timeout joins the transaction's trace, after what happened last.
         traced = next((e for e in reversed(timeline) if e.traceparent), None)
+        # Every attribute but the source (checked in __init__) and the derived id is the
+        # transaction's, recorded as its events carried it: carried as is, as a worker carries
+        # what an output inherits (a correlation id with a control character stays one).
         cid = summary.correlation_id
         return Envelope(
             id=derive_id(cid, self.group, "timedout", 0),

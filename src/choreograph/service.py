@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 from choreograph import cesql
-from choreograph._envelope import Envelope, id_suffix
+from choreograph._envelope import Envelope, attribute_problem, id_suffix
 from choreograph._where import compile_where, matcher
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
@@ -165,6 +165,9 @@ class Service:
         self.retry = retry
         self.timeout = timeout
         self.source = source or f"/choreograph/{name}"
+        problem = attribute_problem("source", self.source)
+        if problem is not None:  # every event the service emits carries it: refused here, once
+            raise ConfigurationError(f"Service {name!r}: {problem}")
         if database is not None:
             from choreograph.stores.state import check_database_url
 

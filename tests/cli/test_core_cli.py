@@ -68,6 +68,10 @@ def test_bad_input_prints_one_clear_line_and_exits_2(args: list[str], needle: st
         (["shop.order.placed", "--data", '"str"'], "--data: an event's data is a JSON object, got a string"),
         (["shop.order.placed", "--data", "null"], "--data: an event's data is a JSON object, got null"),
         (["shop.order.placed", "--source", ""], "--source: must be a non-empty string"),
+        (["shop.order.placed", "--source", "/cli\x7f"], "--source: '/cli\\x7f' contains a control character (U+007F"),
+        (["shop.order.placed", "--correlation-id", "c\n1"],
+         "--correlation-id: 'c\\n1' contains a control character (U+000A at index 1)"),
+        (["shop.order.placed", "--correlation-id", "c\ufdd0"], "contains a Unicode noncharacter (U+FDD0 at index 1)"),
         (["", "--data", "{}"], "TYPE: '' is empty"),
         (["shop.order placed"], "TYPE: 'shop.order placed' contains whitespace"),
         (["shop.order.placed\t"], "contains whitespace"),
@@ -80,7 +84,8 @@ def test_bad_input_prints_one_clear_line_and_exits_2(args: list[str], needle: st
         (["chain.order.placed", "--data", '{"order_id": 5}', "--schema", "examples.chain:OrderPlaced"],
          "--data: OrderPlaced: $.order_id: Input should be a valid string"),
     ],
-    ids=["array", "string", "null", "empty-source", "empty-type", "space-in-type", "tab-in-type", "reserved-type",
+    ids=["array", "string", "null", "empty-source", "control-in-source", "control-in-correlation-id",
+         "noncharacter-in-correlation-id", "empty-type", "space-in-type", "tab-in-type", "reserved-type",
          "schema-not-an-event", "schema-of-another-type", "schema-missing", "data-invalid-for-schema"],
 )
 def test_publish_refuses_an_event_a_worker_would_dead_letter_before_opening_the_bus(

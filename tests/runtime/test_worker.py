@@ -852,6 +852,11 @@ async def test_a_failure_event_whose_record_is_not_an_object_is_an_invalid_paylo
         (lambda ctx: ctx.publish({"order_id": "x"}), "publish() takes an Event, got dict"),
         (lambda ctx: ctx.publish(Charged(order_id="x"), subject=""), "expected a non-empty string, got ''"),
         (lambda ctx: ctx.publish(Charged(order_id="x"), subject=7), "expected a non-empty string, got 7"),
+        (lambda ctx: ctx.publish(Charged(order_id="x"), subject="a\nb"),
+         "publish(subject=...): 'a\\nb' contains a control character (U+000A at index 1)"),
+        (lambda ctx: ctx.publish(Charged(order_id="x"), subject="x\x85"), "a control character (U+0085 at index 1)"),
+        (lambda ctx: ctx.publish(Charged(order_id="x"), subject="\ud800"), "a surrogate code point (U+D800"),
+        (lambda ctx: ctx.publish(Charged(order_id="x"), subject="k\ufffe"), "a Unicode noncharacter (U+FFFE"),
     ],
 )
 async def test_a_publish_that_cannot_be_right_is_rejected_at_once_naming_why(
@@ -868,6 +873,39 @@ async def test_a_publish_that_cannot_be_right_is_rejected_at_once_naming_why(
         await settled(bus)
     [letter] = await bus.dead_letters("sloppy-publisher")
     assert letter.record["reason"] == "rejected" and says in letter.record["last_error"]["message"]
+
+
+async def test_what_an_output_inherits_is_carried_as_is_even_where_a_new_value_would_be_refused(
+    bus: MemoryTransport,
+) -> None:
+    # Another producer's event, with characters a CloudEvents String must not hold: decoded and
+    # handled as it is; its outputs carry the correlation id, partition key and trace state
+    # they inherit unchanged (not ours to change), while the subject the handler sets is checked.
+    svc = Service("inheritor")
+
+    @svc.on(Placed, emits=[Charged])
+    async def handle(order: Placed, ctx: Context) -> Charged:
+        ctx.publish(Charged(order_id="published"), subject="fine")
+        return Charged(order_id=order.order_id)
+
+    sink = Service("inherited-sink")
+    seen: list[Envelope] = []
+
+    @sink.on(Charged)
+    async def record(charged: Charged, ctx: Context) -> None:
+        seen.append(ctx.envelope)
+
+    odd = Envelope(id="in\x01put", source="/other\x7fproducer", type=Placed.event_type(), data={"order_id": "o"},
+                   correlationid="corr\nid", partitionkey="key\ufffe", tracestate="vendor=\x00")
+    async with Worker([svc, sink], bus):
+        await bus.publish([to_message(odd)])
+        await settled(bus)
+    outputs = sorted(seen, key=lambda e: e.subject or "")
+    assert [e.subject for e in outputs] == [None, "fine"]
+    assert {(e.correlationid, e.causationid, e.partitionkey, e.tracestate) for e in outputs} == {
+        ("corr\nid", "in\x01put", "key\ufffe", "vendor=\x00")
+    }
+    assert await bus.dead_letters("inheritor") == []
 
 
 async def test_publish_after_the_handler_returned_raises_instead_of_losing_the_event(bus: MemoryTransport) -> None:

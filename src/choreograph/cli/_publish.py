@@ -14,7 +14,7 @@ import orjson
 import pydantic
 import typer
 
-from choreograph._envelope import Envelope, new_id, now_rfc3339
+from choreograph._envelope import Envelope, new_id, now_rfc3339, string_problem
 from choreograph._journal_model import JOURNAL_GROUP
 from choreograph.cli._common import (
     BrokerOption,
@@ -37,11 +37,13 @@ _JSON_KINDS: dict[type, str] = {list: "an array", str: "a string", int: "a numbe
 
 
 def _check_type(event_type: str) -> None:
-    problem = event_type_problem(event_type)
-    # Event classes take any other string; on the command line whitespace or a control
-    # character is a quoting slip (``"shop.order.placed --data ..."``), not a type.
-    if problem is None and (not event_type.isprintable() or any(char.isspace() for char in event_type)):
+    # Event classes take any other string but a control character, a surrogate or a Unicode
+    # noncharacter (event_type_problem); on the command line whitespace or a control character
+    # is a quoting slip (``"shop.order.placed --data ..."``), not a type: said so first.
+    problem = None
+    if not event_type.isprintable() or any(char.isspace() for char in event_type):
         problem = "contains whitespace or control characters"
+    problem = problem or event_type_problem(event_type)
     if problem is not None:
         raise ConfigurationError(f"TYPE: {event_type!r} {problem}")
 
@@ -91,6 +93,10 @@ def publish(
     _check_type(event_type)
     if not source:
         raise ConfigurationError("--source: must be a non-empty string (a CloudEvents source)")
+    for option, value in (("--source", source), ("--correlation-id", correlation_id)):
+        problem = None if value is None else string_problem(value)
+        if problem is not None:
+            raise ConfigurationError(f"{option}: {value!r} {problem}")
     payload = _parse_data(data)
     dataschema = None
     cls = _schema_class(schema, event_type) if schema else event_class(event_type)

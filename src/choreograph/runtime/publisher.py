@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from choreograph._clock import SYSTEM_CLOCK
-from choreograph._envelope import Envelope, new_id
+from choreograph._envelope import Envelope, attribute_problem, new_id
 from choreograph.events import Event
 from choreograph.runtime.records import first_envelope, to_message
 from choreograph.transports.base import Transport
@@ -31,6 +31,9 @@ class Publisher:
     def __init__(
         self, transport: Transport, *, source: str = "/choreograph/publisher", telemetry: Telemetry | None = None
     ) -> None:
+        problem = attribute_problem("source", source)
+        if problem is not None:  # every event published here carries it: refused here, once
+            raise ValueError(problem)
         self.transport = transport
         self.source = source
         self.telemetry = telemetry
@@ -47,6 +50,9 @@ class Publisher:
 
         ``deadline`` (RFC 3339 text, an aware datetime, or a timedelta / seconds from
         now on the transport's clock) travels with the transaction: see :mod:`choreograph.sagas`.
+        A ``correlation_id``, ``subject`` or id in ``ids`` that holds what a
+        CloudEvents String must not (a control character, a surrogate, a Unicode
+        noncharacter) raises :class:`ValueError` naming it, before anything is published.
         """
         if ids is not None and len(ids) != len(events):
             raise ValueError("ids: must have one id per event")

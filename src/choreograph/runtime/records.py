@@ -13,10 +13,12 @@ from choreograph._envelope import (
     DEFAULT_CONTENT_TYPE,
     SPECVERSION,
     Envelope,
+    attribute_problem,
     derive_id,
     derive_id_with,
     encode,
     now_rfc3339,
+    string_problem,
 )
 from choreograph.events import Event, check_published, event_json
 from choreograph.stores.base import ErrorInfo
@@ -123,6 +125,12 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
     and the arguments by position. Raises :class:`~choreograph.EmitError` for an event whose
     JSON does not read back as a valid instance of its model (a float inf or nan, published as
     null: see :func:`~choreograph.events.check_published`).
+
+    Nothing here is checked against the CloudEvents String rules (:func:`~choreograph._envelope.string_problem`),
+    and it need not be: the id is a derived UUID, the type and dataschema were checked when the Event class
+    was defined, ``source`` when the Service was made, a ``subject`` by ``Context.publish``. What the output
+    inherits from ``cause`` (correlation and causation ids, trace context, partition key, deadline) is
+    carried as is: the producer's, not ours to change or refuse, as decode does not.
     """
     cls = type(event)
     event_id = derive_id_with(cause.id, id_suffix)
@@ -166,7 +174,17 @@ def first_envelope(
     traceparent: str | None = None,
 ) -> Envelope:
     """The envelope of an event published from outside a handler (ingress); :class:`~choreograph.EmitError`
-    for an event whose JSON would not read back as valid (see :func:`~choreograph.events.event_json`)."""
+    for an event whose JSON would not read back as valid (see :func:`~choreograph.events.event_json`),
+    :class:`ValueError` naming the attribute for an ``id``, ``correlation_id``, ``subject``, ``deadline``
+    or ``traceparent`` that is not a string or holds what a CloudEvents String must not
+    (:func:`~choreograph._envelope.string_problem`). ``source`` is the caller's to check, once:
+    ``Publisher``, ``Service`` and ``Gateway`` check theirs when they are made."""
+    if (type(id) is not str or not id.isprintable() or correlation_id is not None or subject is not None
+            or deadline is not None or traceparent is not None):  # the common case (a new id alone) in one test
+        for name, value in (("id", id), ("correlation_id", correlation_id), ("subject", subject),
+                            ("deadline", deadline), ("traceparent", traceparent)):
+            if value is not None and (type(value) is not str or string_problem(value) is not None):
+                raise ValueError(attribute_problem(name, value))
     cls = type(event)
     data = event.__pydantic_serializer__.to_json(event)
     if data.find(b"null") != -1:  # event_json's check, inline (once per event published from outside)
@@ -214,7 +232,10 @@ def dead_letter_record(
 
 
 def failure_envelope(cause: Envelope, record: dict[str, Any], *, service: str, handler: str, source: str) -> Envelope:
-    """The ``choreograph.failed`` event announcing that ``service`` gave up on ``cause``."""
+    """The ``choreograph.failed`` event announcing that ``service`` gave up on ``cause``.
+
+    Its subject and ``failedtype`` are ``cause``'s type, and its correlation, trace context,
+    partition key and deadline ``cause``'s: inherited, carried as is (see :func:`output_message`)."""
     from choreograph.service import FAILED
 
     return Envelope(
