@@ -54,8 +54,13 @@ class Publisher:
         CloudEvents String must not (a control character, a surrogate, a Unicode
         noncharacter) raises :class:`ValueError` naming it, before anything is published.
         """
-        if ids is not None and len(ids) != len(events):
-            raise ValueError("ids: must have one id per event")
+        if ids is not None:
+            if len(ids) != len(events):
+                raise ValueError("ids: must have one id per event")
+            for event_id in ids:  # first_envelope checks the other attributes; a new id needs no check
+                problem = attribute_problem("id", event_id)
+                if problem is not None:
+                    raise ValueError(problem)
         if deadline is not None:  # text too: a deadline no journal can read is refused here, not stored
             from choreograph.sagas import deadline_text
 

@@ -175,14 +175,16 @@ def first_envelope(
 ) -> Envelope:
     """The envelope of an event published from outside a handler (ingress); :class:`~choreograph.EmitError`
     for an event whose JSON would not read back as valid (see :func:`~choreograph.events.event_json`),
-    :class:`ValueError` naming the attribute for an ``id``, ``correlation_id``, ``subject``, ``deadline``
-    or ``traceparent`` that is not a string or holds what a CloudEvents String must not
-    (:func:`~choreograph._envelope.string_problem`). ``source`` is the caller's to check, once:
-    ``Publisher``, ``Service`` and ``Gateway`` check theirs when they are made."""
-    if (type(id) is not str or not id.isprintable() or correlation_id is not None or subject is not None
-            or deadline is not None or traceparent is not None):  # the common case (a new id alone) in one test
-        for name, value in (("id", id), ("correlation_id", correlation_id), ("subject", subject),
-                            ("deadline", deadline), ("traceparent", traceparent)):
+    :class:`ValueError` naming the attribute for a ``correlation_id``, ``subject``, ``deadline`` or
+    ``traceparent`` that is not a string or holds what a CloudEvents String must not
+    (:func:`~choreograph._envelope.string_problem`). ``source`` and ``id`` are the caller's to check,
+    once: ``Publisher``, ``Service`` and ``Gateway`` check their source when they are made; an id is
+    :func:`~choreograph._envelope.new_id`'s (hex), a gateway's ``ce-id`` (checked against a pattern),
+    or one of ``Publisher.publish``'s ``ids`` (checked there): a bare new id, the common case, costs
+    nothing here."""
+    if correlation_id is not None or subject is not None or deadline is not None or traceparent is not None:
+        for name, value in (("correlation_id", correlation_id), ("subject", subject), ("deadline", deadline),
+                            ("traceparent", traceparent)):
             if value is not None and (type(value) is not str or string_problem(value) is not None):
                 raise ValueError(attribute_problem(name, value))
     cls = type(event)
