@@ -143,6 +143,20 @@ def test_a_header_value_of_the_wrong_type_is_refused_without_showing_it(tmp_path
     assert "headers.X-Api-Key: expected a string, got int" in str(caught.value)
 
 
+@pytest.mark.parametrize(("value", "shown"), [("918273645546372819", "got int"), ("[918273645546372819]", "got a list holding int")])
+def test_a_secret_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path, value: str, shown: str) -> None:
+    """A ``secret`` that is not a whsec_ string or a list of them is a clear error naming the
+    key and the type (it was an AttributeError traceback), never the value."""
+    (tmp_path / "push.toml").write_text(
+        '[[subscriptions]]\ngroup = "g"\ntypes = ["a.b"]\nurl = "https://hooks.example/in"\n'
+        f"secret = {value}\n"
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        load_config(tmp_path / "push.toml")
+    assert "918273645546372819" not in str(caught.value)
+    assert f"subscriptions[0].secret: expected a whsec_ string or a list of them (rotation), {shown}" in str(caught.value)
+
+
 async def test_httpx_request_lines_name_the_subscriber_without_its_secrets(
     bus: MemoryTransport, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -241,6 +241,12 @@ def subscription_from_mapping(data: Any, where: str = "subscription") -> PushSub
     if "secret" in item and "secret_env" in item:
         raise ConfigurationError(f"{where}: give secret or secret_env, not both")
     secret = item.get("secret")
+    if secret is not None and not (isinstance(secret, str) or (
+            isinstance(secret, list) and secret and all(isinstance(one, str) for one in secret))):
+        shown = type(secret).__name__ if not isinstance(secret, list) else "a list holding " + ", ".join(
+            sorted({type(one).__name__ for one in secret}) or ["nothing"])
+        # the type, never the value: it is a credential
+        raise ConfigurationError(f"{where}.secret: expected a whsec_ string or a list of them (rotation), got {shown}")
     if "secret_env" in item:
         secret = os.environ.get(str(item["secret_env"]))
         if not secret:
