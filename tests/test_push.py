@@ -490,6 +490,29 @@ async def test_an_answer_of_an_undeclared_type_is_rejected(bus: MemoryTransport)
     assert "'test.push.scheduled'" in letter.record["last_error"]["message"]
 
 
+@pytest.mark.parametrize(("header", "value", "shown"), [
+    ("ce-subject", "a%0Ab", "subject 'a\\nb'"),
+    ("ce-source", "/node%C2%85", "source '/node\\x85'"),
+    ("ce-region", "eu%EF%BF%BE", "region 'eu\\ufffe'"),
+])
+async def test_an_answer_whose_attribute_a_cloudevents_string_cannot_hold_is_rejected(
+    bus: MemoryTransport, header: str, value: str, shown: str
+) -> None:
+    """An event in a subscriber's answer goes onto the bus as the ambassador's output: an attribute
+    it sets itself holding a control character or a noncharacter is refused (the input
+    dead-lettered, naming it), as a handler's own subject would be."""
+    headers = {"ce-specversion": "1.0", "ce-id": "r-1", "ce-source": "/node", "ce-type": "test.push.noted",
+               "content-type": "application/json", header: value}
+    hook = Scripted((200, headers, b"{}"))
+    async with hook.running() as url, pushing(bus, subscription(url)):
+        await publish(bus, "e-1")
+        await settled(bus)
+    [letter] = await bus.dead_letters(GROUP)
+    assert letter.record["reason"] == "rejected"
+    assert shown in letter.record["last_error"]["message"]
+    assert "CloudEvents String must not" in letter.record["last_error"]["message"]
+
+
 async def test_an_event_already_in_the_inbox_is_not_posted_again(bus: MemoryTransport) -> None:
     """A redelivered id (same event published twice) is acked from the inbox without a second POST."""
     hook = Scripted(204)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from choreograph._clock import backoff
-from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339
+from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339, string_problem
 from choreograph._http_binding import decode_http_batch, is_cloudevent, to_http
 from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
 from choreograph._redact import redact
@@ -393,6 +393,14 @@ class PushRunner:
                 raise EmitError(f"an event of the reserved type {event.type!r}")
             if self.sub.emits is not None and event.type not in self.sub.emits:
                 raise EmitError(f"an event of type {event.type!r}; the subscription emits {sorted(self.sub.emits)}")
+            # What the answer sets itself goes onto the bus as ours: held to CloudEvents' String
+            # type as choreograph's own attributes are (what the output inherits from the cause is not).
+            for name, value in (("source", event.source), ("type", event.type), ("subject", event.subject),
+                                ("dataschema", event.dataschema), ("partitionkey", event.partitionkey),
+                                *event.extensions.items()):
+                problem = string_problem(value) if isinstance(value, str) else None
+                if problem is not None:
+                    raise EmitError(f"an event whose {name} {value!r} {problem}")
             output = dataclasses.replace(
                 event,
                 id=derive_id(cause.id, self.group, HANDLER, index),
