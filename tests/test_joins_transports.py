@@ -18,11 +18,10 @@ from types import ModuleType
 import pytest
 
 from choreograph import Context, Event, Failure, Publisher, RetryPolicy, Service, Worker, joins
-from choreograph.stores.joins_base import JoinKey, JoinState
-from choreograph.stores.joins_memory import MemoryJoinStore
 from choreograph.stores.memory import MemoryStore
 from choreograph.transports import Transport, open_transport
 from tests.conformance.brokers import amqp, nats, redis, sqlite
+from tests.test_joins import TimesOutOnTheSecondTry
 
 
 class Paid(Event, type="test.joins.transports.paid"):
@@ -31,18 +30,6 @@ class Paid(Event, type="test.joins.transports.paid"):
 
 class Reserved(Event, type="test.joins.transports.reserved"):
     order: str
-
-
-class TimesOutOnTheSecondTry(MemoryJoinStore):
-    """A join store whose first time-out fails (a store briefly out of reach)."""
-
-    failed = 0
-
-    async def time_out(self, key: JoinKey) -> JoinState | None:
-        if not self.failed:
-            self.failed += 1
-            raise RuntimeError("join store unreachable")
-        return await super().time_out(key)
 
 
 @pytest.fixture(params=[sqlite, redis, amqp, nats], ids=lambda module: module.NAME)

@@ -69,17 +69,6 @@ def server() -> Iterator[NatsServer]:
     running.destroy()
 
 
-@pytest.fixture(params=["shared", "private"])
-def server_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The shared server (whatever version it is) and a private current nats-server."""
-    if request.param == "shared":
-        yield require_broker("nats")
-    else:
-        private = NatsServer.start_new()
-        yield private.url
-        private.destroy()
-
-
 @contextlib.asynccontextmanager
 async def opened(url: str) -> AsyncIterator[NatsTransport]:
     transport = NatsTransport(url)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,20 +18,8 @@ from choreograph.errors import TransportError
 from choreograph.transports._nats_client import JetStream
 from choreograph.transports._nats_deferrals import Deferrals
 from choreograph.transports.nats import NatsTransport
-from tests._brokers import require_broker
 from tests._nats_server import NatsServer
 from tests.transports.test_nats import WAIT, bus_on, collect, msg, opened
-
-
-@pytest.fixture(params=["shared", "private"])
-def server_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The shared server (nats-server 2.9 here) and a private current one."""
-    if request.param == "shared":
-        yield require_broker("nats")
-    else:
-        private = NatsServer.start_new()
-        yield private.url
-        private.destroy()
 
 
 async def entries(bus: NatsTransport) -> int:
