@@ -45,6 +45,7 @@ from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, 
 from choreograph._redact import redact
 from choreograph._webhook import signature_headers
 from choreograph.errors import EmitError, MalformedEnvelope
+from choreograph.logs import event_fields
 from choreograph.runtime.records import (
     DeadLetterReason,
     dead_letter_record,
@@ -521,11 +522,7 @@ class PushRunner:
         """The pushed event's log fields, as the worker's lines about an event carry them
         (:mod:`choreograph.logs`): no handler context is current in the ambassador, so they are
         given with ``extra=``. ``service`` is the group (as in the dead-letter record)."""
-        return {
-            "service": self.group, "handler": HANDLER, "group": self.group, "event_id": envelope.id,
-            "event_type": envelope.type, "correlation_id": envelope.correlationid or envelope.id,
-            "causation_id": envelope.causationid, "attempt": attempt,
-        }
+        return {**event_fields(envelope, self.group, HANDLER, attempt), "group": self.group}
 
     # -- settling ---------------------------------------------------------------------
 

@@ -24,12 +24,15 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
 from choreograph.context import current_context
 from choreograph.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from choreograph._envelope import Envelope
 
 __all__ = ["ContextFilter", "JsonFormatter", "configure_logging"]
 
@@ -38,6 +41,16 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 #: Attributes every LogRecord has: anything else on a record came from ``extra=`` (or a filter).
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def event_fields(envelope: Envelope, service: str, handler: str | None, attempt: int) -> dict[str, Any]:
+    """The fields a line about handling ``envelope`` carries (those :class:`ContextFilter` adds
+    inside a handler's context), for a line written outside one: give them with ``extra=``."""
+    return {
+        "service": service, "handler": handler, "event_id": envelope.id, "event_type": envelope.type,
+        "correlation_id": envelope.correlationid or envelope.id, "causation_id": envelope.causationid,
+        "attempt": attempt,
+    }
 
 
 def _span_ids() -> tuple[str, str] | None:

@@ -23,6 +23,7 @@ from choreograph.context import Context, current_context
 from choreograph.errors import ConfigurationError, EmitError, MalformedEnvelope, Reject, Retry
 from choreograph.events import Event
 from choreograph.joins import Defer
+from choreograph.logs import event_fields
 from choreograph.runtime._outcomes import Stats, _Again, _Call, _Dead, _Done, _Outcome
 from choreograph.runtime.records import (
     DeadLetterReason,
@@ -312,9 +313,4 @@ class Verdicts:
         must name its transaction as a handler's own lines do (inside one, the context adds them)."""
         if current_context() is not None:
             return None
-        return {
-            "service": self.service.name, "handler": handler.name if handler is not None else None,
-            "event_id": envelope.id, "event_type": envelope.type,
-            "correlation_id": envelope.correlationid or envelope.id, "causation_id": envelope.causationid,
-            "attempt": attempt,
-        }
+        return event_fields(envelope, self.service.name, handler.name if handler is not None else None, attempt)
