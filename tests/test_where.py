@@ -44,8 +44,8 @@ def bus() -> MemoryTransport:
 
 async def publish_raw(bus: MemoryTransport, order_id: str, **attributes: object) -> None:
     """Publish a Placed event with exactly these envelope attributes (extensions included)."""
-    known = {k: v for k, v in attributes.items() if k in Envelope.__dataclass_fields__}
-    extensions = {k: v for k, v in attributes.items() if k not in Envelope.__dataclass_fields__}
+    known = {k: v for k, v in attributes.items() if k in Envelope.__struct_fields__}
+    extensions = {k: v for k, v in attributes.items() if k not in Envelope.__struct_fields__}
     envelope = Envelope(id=f"id-{order_id}", source="/test", type=Placed.event_type(),
                         data={"order_id": order_id}, extensions=extensions, **known)  # type: ignore[arg-type]
     await bus.publish([to_message(envelope)])

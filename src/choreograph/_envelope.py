@@ -12,7 +12,6 @@ crash harmless downstream (the consumer's inbox drops the duplicate).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
@@ -182,8 +181,7 @@ def now_rfc3339() -> str:
     return _second_stamp[1] + str(1_000_000 + ns // 1000 % 1_000_000)[1:] + "Z"
 
 
-@dataclasses.dataclass(slots=True)
-class Envelope:
+class Envelope(msgspec.Struct):
     """One CloudEvent as choreograph sees it.
 
     ``data`` is any JSON value. Unknown extensions are kept in ``extensions`` and
@@ -210,7 +208,7 @@ class Envelope:
     hops: int = 0
     partitionkey: str | None = None
     deadline: str | None = None
-    extensions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extensions: dict[str, Any] = msgspec.field(default_factory=dict)
     specversion: str = SPECVERSION
 
     def to_dict(self) -> dict[str, Any]:

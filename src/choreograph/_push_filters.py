@@ -47,7 +47,7 @@ DIALECTS = ("all", "any", "exact", "not", "prefix", "sql", "suffix")
 #: CloudEvents attribute names: lower-case ASCII letters and digits (core spec, "Attribute Naming").
 _NAME = re.compile(r"^[a-z0-9]+$")
 #: Envelope fields read as attributes; any other name is looked up in ``extensions``.
-_FIELDS = frozenset(f.name for f in dataclasses.fields(Envelope)) - {"data", "extensions"}
+_FIELDS = frozenset(Envelope.__struct_fields__) - {"data", "extensions"}
 #: CESQL text that needs brackets when combined with other filters in a rendering.
 _CONNECTIVE = re.compile(r"\b(AND|OR|XOR)\b", re.IGNORECASE)
 

@@ -37,6 +37,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import msgspec
 
 from choreograph._clock import backoff
 from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339, string_problem
@@ -402,7 +403,7 @@ class PushRunner:
                 problem = string_problem(value) if isinstance(value, str) else None
                 if problem is not None:
                     raise EmitError(f"an event whose {name} {value!r} {problem}")
-            output = dataclasses.replace(
+            output = msgspec.structs.replace(
                 event,
                 id=derive_id(cause.id, self.group, HANDLER, index),
                 time=event.time or stamp,

@@ -8,9 +8,10 @@ records see the correlation and causation ids of the event being handled.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from choreograph._envelope import Envelope, string_problem
 from choreograph.errors import EmitError
@@ -27,8 +28,7 @@ _CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar("chore
 _log = logging.getLogger("choreograph.handler")
 
 
-@dataclasses.dataclass(slots=True)
-class Context:
+class Context(msgspec.Struct):
     """What a handler knows about the delivery it is handling.
 
     >>> @service.on(OrderPlaced)                       # doctest: +SKIP
@@ -41,7 +41,7 @@ class Context:
     service: str
     handler: str
     attempt: int
-    outputs: list[tuple[Event, str | None]] = dataclasses.field(default_factory=list)
+    outputs: list[tuple[Event, str | None]] = msgspec.field(default_factory=list)
     _sealed: bool = False  # set when the handler has finished: publish() then raises
     _unit: HandlerUnit | None = None  # set by the worker for a service with a database
 

@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Coroutine
 from typing import Any
 
+import msgspec
+
 from choreograph._envelope import Envelope
 from choreograph.context import Context
 from choreograph.runtime.outbox import HandlerUnit
@@ -20,23 +22,20 @@ from choreograph.service import Handler
 from choreograph.transports.base import Delivery, Message
 
 
-@dataclasses.dataclass(slots=True)
-class _Done:
+class _Done(msgspec.Struct):
     delivery: Delivery
     messages: list[Message]
     mark: bool  # record in the inbox (False for events this service ignores)
 
 
-@dataclasses.dataclass(slots=True)
-class _Again:
+class _Again(msgspec.Struct):
     delivery: Delivery
     after: float
     #: put off, not tried (a timer not due, a copy of an event in hand): ``defer``, attempt kept
     deferred: bool = False
 
 
-@dataclasses.dataclass(slots=True)
-class _Dead:
+class _Dead(msgspec.Struct):
     delivery: Delivery
     record: dict[str, Any]
     failure: Message | None
@@ -45,8 +44,7 @@ class _Dead:
 _Outcome = _Done | _Again | _Dead
 
 
-@dataclasses.dataclass(slots=True)
-class _Call:
+class _Call(msgspec.Struct):
     """One handler run: what it handles and the coroutine that runs it."""
 
     delivery: Delivery
