@@ -19,9 +19,11 @@ class MemoryStore(InboxStore):
 
     async def mark(self, group: str, event_ids: Collection[str]) -> None:
         now = time.time()
+        seen, failures = self._seen, self._failures
         for event_id in event_ids:
-            self._seen.setdefault((group, event_id), now)  # the first mark counts, as in the durable stores
-            self._failures.pop((group, event_id), None)
+            seen.setdefault((group, event_id), now)  # the first mark counts, as in the durable stores
+            if failures:
+                failures.pop((group, event_id), None)
 
     async def record_failure(self, group: str, event_id: str, error: ErrorInfo, at: float) -> tuple[ErrorInfo, float]:
         return self._failures.setdefault((group, event_id), (error, at))
