@@ -214,10 +214,15 @@ def build_openapi(
             **guarded,
         }}
     paths["/healthz"] = {"get": {"operationId": "healthz", "summary": "Liveness", "responses": {"200": _json("Alive", "Health")}}}
-    paths["/readyz"] = {"get": {"operationId": "readyz", "summary": "Readiness: the broker answers", "responses": {
-        "200": _json("The broker answered", "Readiness"),
-        "503": _json("The broker did not answer (retry after Retry-After)", "Readiness"),
-    }}}
+    paths["/readyz"] = {"get": {
+        "operationId": "readyz",
+        "summary": "Readiness: the broker answers, the stores are open",
+        "responses": {
+            "200": _json("The broker answered and the stores are open", "Readiness"),
+            "503": _json("The broker did not answer, or a store (idempotency store, journal) could not be opened; "
+                         "the reason names which (retry after Retry-After)", "Readiness"),
+        },
+    }}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},

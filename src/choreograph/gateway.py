@@ -30,7 +30,8 @@ A key reused with a different body is a ``409``, not the ``422`` the IETF
 idempotency-key draft suggests: the body itself is valid, it conflicts with the
 server's state, and a client that reads ``422`` as "fix your payload" would be misled.
 ``GET /openapi.json`` is the OpenAPI 3.1 document; ``GET /healthz`` says it is alive,
-``GET /readyz`` whether the broker answers (503 while it does not).
+``GET /readyz`` whether the broker answers and the stores a request may need (the idempotency
+store, the journal) are open (503 naming what is not).
 
 With ``telemetry=`` each published event gets a PRODUCER span continuing the request's
 W3C ``traceparent`` header (or a new trace) and carries it on; without, no ``traceparent``
@@ -89,7 +90,7 @@ log = logging.getLogger("choreograph.gateway")
 DEFAULT_BROKER = "sqlite:///./var/bus.db"
 _PATH = re.compile(r"^/[A-Za-z0-9._~\-/]*$")
 _RESERVED = ("/healthz", "/readyz", "/openapi.json", "/transactions")
-#: Seconds ``/readyz`` waits for the broker's answer.
+#: Seconds ``/readyz`` waits for the broker's answer (and the stores', probed at the same time).
 READY_TIMEOUT = 2.0
 _METHODS = ("POST", "PUT", "PATCH")
 
@@ -205,7 +206,7 @@ class Gateway:
         self._opened: set[_Part] = set()
         self._locks: dict[_Part, asyncio.Lock] = {}
         self._app: Starlette | None = None
-        self._was_ready: bool | None = None  # what /readyz last answered (None: not asked yet)
+        self._unready: frozenset[_Part] = frozenset()  # what /readyz last found unavailable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The gateway is itself an ASGI app (``uvicorn module:gateway`` works on the object)."""
@@ -390,28 +391,42 @@ class Gateway:
         return json_response({"status": "ok"})
 
     async def _readyz(self, request: Request) -> Response:
-        """Ready when the broker answers now (``Transport.ping``, at most ``READY_TIMEOUT``):
-        ``/healthz`` says the process lives, this whether a POST can be published. A load
-        balancer that probes it stops sending requests a broker outage would answer 503."""
+        """Ready when the broker answers now (``Transport.ping``) and the stores a request may need
+        (the idempotency store, the journal if any) are open, all probed at once within
+        ``READY_TIMEOUT``: ``/healthz`` says the process lives, this whether a request can be
+        served. A load balancer that probes it stops sending requests an outage would answer
+        503. A store already open costs nothing to probe; one that cannot be opened is named, as
+        the 503 of a request that needs it names it (the broker alone was probed: a gateway whose
+        idempotency store could not be opened said it was ready and answered every keyed POST 503)."""
+        parts: list[_Part] = ["broker", "idempotency store", *(("journal",) if self.journal is not None else ())]
+        # shielded: a timeout must not cancel a start() half way through connecting
+        probes = [asyncio.shield(self._probe(part)) for part in parts]
         try:
-            # shielded: a timeout must not cancel a start() half way through connecting
-            await asyncio.wait_for(asyncio.shield(self._probe()), READY_TIMEOUT)
-        except Exception as exc:
-            reason = f"no answer within {READY_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else str(exc)
-            if self._was_ready is not False:  # logged when it changes, not at every probe
-                log.warning("gateway not ready: broker: %s", reason)
-            self._was_ready = False
-            # The probe needs no token: the reason stays in the log (it may name hosts and paths).
-            return json_response({"status": "unavailable", "reason": "broker unavailable"}, 503,
-                                 {"Retry-After": "1"})
-        if self._was_ready is False:
-            log.info("gateway ready: the broker answers again")
-        self._was_ready = True
+            await asyncio.wait(probes, timeout=READY_TIMEOUT)
+        finally:
+            for probe in probes:
+                probe.cancel()  # the shield only (what it guards runs on); a late error is not logged as unseen
+        reasons: dict[_Part, str] = {}
+        for part, probe in zip(parts, probes, strict=True):
+            error = None if probe.cancelled() else probe.exception()
+            if probe.cancelled() or error is not None:
+                reasons[part] = f"no answer within {READY_TIMEOUT:g}s" if error is None else str(error)
+        unready = frozenset(reasons)
+        if unready and unready != self._unready:  # logged when it changes, not at every probe
+            log.warning("gateway not ready: %s", "; ".join(f"{part}: {why}" for part, why in reasons.items()))
+        elif self._unready and not unready:
+            log.info("gateway ready: %s answer%s again", ", ".join(sorted(self._unready)),
+                     "s" if len(self._unready) == 1 else "")
+        self._unready = unready
+        if unready:  # the probe needs no token: the reasons stay in the log (they may name hosts and paths)
+            reason = "; ".join(f"{part} unavailable" for part in reasons)
+            return json_response({"status": "unavailable", "reason": reason}, 503, {"Retry-After": "1"})
         return json_response({"status": "ready"})
 
-    async def _probe(self) -> None:
-        await self._open("broker")
-        await self.transport.ping()
+    async def _probe(self, part: _Part) -> None:
+        await self._open(part)
+        if part == "broker":
+            await self.transport.ping()
 
     async def _list_transactions(self, request: Request) -> Response:
         check_bearer(request, self.auth_token)
