@@ -587,6 +587,7 @@ async def test_a_ce_id_makes_a_retry_idempotent_and_its_reuse_for_another_event_
         ({**CE, "ce-subject": "a%EF%BF%BFb"}, "ce-subject"),  # nor Unicode noncharacters (U+FFFF)
         ({**CE, "ce-source": "/s%EF%B7%90"}, "ce-source"),  # U+FDD0
         ({**CE, "ce-tenant": "t%F4%8F%BF%BE"}, "ce-tenant"),  # U+10FFFE, in an extension of the client's
+        ({**CE, "ce-subject": "a\tb"}, "ce-subject"),  # a raw control character too
         ({**CE, "ce-id": "order-42", "idempotency-key": "k-1"}, "ce-id"),
     ],
 )

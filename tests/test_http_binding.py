@@ -281,7 +281,11 @@ YAML_EVENTS = yaml_events()
 
 def envelope_from_yaml(doc: dict[str, Any]) -> Envelope:
     attrs = dict(doc["ContextAttributes"])
-    extensions = attrs.pop("Extensions", {}) or {}
+    # v1.yaml writes an extension as a `|` block, which keeps its final newline: no CloudEvents
+    # String holds a control character (the receiver answers 400 naming the header), and the
+    # value meant is the JSON text without it.
+    extensions = {name: value.rstrip("\n") if isinstance(value, str) else value
+                  for name, value in (attrs.pop("Extensions", {}) or {}).items()}
     attrs.pop("specversion")
     content_type = attrs.get("datacontenttype")
     raw = doc.get("Data", "")

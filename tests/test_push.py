@@ -800,6 +800,14 @@ BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce
          "ce-subject: given more than once"),
         ([*BINARY, ("ce-subject", "caf\u00e9".encode())], b'{"delivery_id": "d-1"}',
          "ce-subject: characters beyond ASCII must be percent-encoded as UTF-8"),
+        ([*BINARY, ("ce-subject", "drone%0A1")], b'{"delivery_id": "d-1"}',
+         "ce-subject: contains a control character (U+000A at index 5)"),
+        ([*BINARY, ("ce-subject", "drone\t1")], b'{"delivery_id": "d-1"}',
+         "ce-subject: contains a control character (U+0009 at index 5)"),
+        ([*BINARY, ("ce-tenant", "t%C2%85")], b'{"delivery_id": "d-1"}',
+         "ce-tenant: contains a control character (U+0085 at index 1)"),
+        ([*BINARY, ("ce-subject", "a%EF%BF%BFb")], b'{"delivery_id": "d-1"}',
+         "ce-subject: contains a Unicode noncharacter (U+FFFF at index 1)"),
         (BINARY, b'{"delivery_id": "d-1", "delivery_id": "d-2"}',
          "data: $.delivery_id: the key is given twice in one object"),
         ([("content-type", "application/cloudevents+json")],
@@ -810,14 +818,17 @@ BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce
          b'"data": {"delivery_id": "d-1", "delivery_id": "d-2"}}',
          "$.data.delivery_id: the key is given twice in one object"),
     ],
-    ids=["ce-header-twice", "raw-utf8-header", "data-key-twice", "attribute-key-twice", "structured-data-key-twice"],
+    ids=["ce-header-twice", "raw-utf8-header", "encoded-control", "raw-tab", "c1-control", "noncharacter",
+         "data-key-twice", "attribute-key-twice", "structured-data-key-twice"],
 )
 async def test_the_receiver_refuses_what_it_would_misread_with_400_naming_it(
     headers: list[tuple[str, str | bytes]], body: bytes, expected: str
 ) -> None:
     """As the gateway does: a ce- header given twice (one value was kept), raw UTF-8 in one (read as
-    Latin-1: "cafÃ©"), a JSON key given twice (one value dropped) are a 400 naming the header or
-    key; the handler is not called. read_event() raises MalformedEnvelope for them alike."""
+    Latin-1: "cafÃ©"), a control character in one (raw or percent-encoded: no CloudEvents String
+    holds one; the handler got it), a JSON key given twice (one value dropped) are a 400 naming
+    the header or key; the handler is not called. read_event() raises MalformedEnvelope for them
+    alike."""
     calls: list[Any] = []
 
     async def handle(event: Envelope) -> None:

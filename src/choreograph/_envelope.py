@@ -62,7 +62,9 @@ def string_problem(value: str) -> str | None:
     Checked where choreograph *makes* an attribute (a handler's subject, a publisher's
     correlation id, a service's source...), never on decode: an event another producer sent
     with such a character is still handled as it is, and what an output inherits from its
-    input (correlation id, trace context, partition key, deadline) is carried as is.
+    input (correlation id, trace context, partition key, deadline) is carried as is. The HTTP
+    edges are the exception: the gateway and ``receiver()`` answer 400 to a ``ce-`` header
+    holding one (``_http_binding.check_ce_headers``), as a client can send it again.
 
     >>> string_problem("a\\nb")
     'contains a control character (U+000A at index 1), which a CloudEvents String must not'

@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote
 
 import orjson
 
-from choreograph._envelope import Envelope, decode, encode, from_dict
+from choreograph._envelope import Envelope, decode, encode, from_dict, string_problem
 from choreograph.errors import MalformedEnvelope
 
 Mode = Literal["binary", "structured"]
@@ -207,11 +207,13 @@ def _data_from_body(body: bytes, content_type: str | None, event_id: str | None)
 
 def check_ce_headers(headers: Iterable[tuple[str, str]]) -> None:
     """Raise :class:`MalformedEnvelope` naming the first ``ce-`` header of ``headers`` (the
-    ``(name, value)`` pairs as received, duplicates kept) given more than once, or holding raw
-    bytes beyond ASCII. A mapping keeps one of two values, silently; an HTTP server reads raw
-    UTF-8 as Latin-1 (``é`` as ``Ã©``), where the binding (3.1.3.2) has the sender percent-encode
-    UTF-8. What the gateway and :func:`~choreograph.push.receiver` check before
-    :func:`binary_attributes`."""
+    ``(name, value)`` pairs as received, duplicates kept) given more than once, holding raw
+    bytes beyond ASCII, or whose value, decoded, is no CloudEvents String (a control character,
+    raw or percent-encoded, or a noncharacter). A mapping keeps one of two values, silently; an
+    HTTP server reads raw UTF-8 as Latin-1 (``é`` as ``Ã©``), where the binding (3.1.3.2) has the
+    sender percent-encode UTF-8. What the gateway and :func:`~choreograph.push.receiver` check
+    before :func:`binary_attributes`, which stays lenient (the push ambassador reads a
+    subscriber's answer with it)."""
     seen: set[str] = set()
     for raw_name, value in headers:
         name = raw_name.lower()
@@ -223,19 +225,30 @@ def check_ce_headers(headers: Iterable[tuple[str, str]]) -> None:
         if not value.isascii():
             raise MalformedEnvelope(f"{name}: characters beyond ASCII must be percent-encoded as UTF-8 "
                                     "(CloudEvents HTTP binding 3.1.3.2)")
+        problem = string_problem(_header_text(name, value))
+        if problem is not None:
+            raise MalformedEnvelope(f"{name}: {problem}")
+
+
+def _header_text(name: str, value: str) -> str:
+    """The attribute value a ``ce-`` header ``name`` carries: percent-decoded, once;
+    :class:`MalformedEnvelope` naming the header if the percent-encoded bytes are not UTF-8."""
+    if "%" not in value:
+        return value
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise MalformedEnvelope(f"{name}: percent-encoded value is not valid UTF-8") from None
 
 
 def binary_attributes(headers: Mapping[str, str]) -> dict[str, Any]:
     """The attributes of a binary-mode message's ``ce-*`` headers (names without the prefix,
-    values percent-decoded); :class:`MalformedEnvelope` naming the header if one is invalid or
-    ``ce-specversion`` is missing. What :func:`decode_binary` and the gateway read."""
+    values decoded by :func:`_header_text`); :class:`MalformedEnvelope` naming the header if one is
+    invalid or ``ce-specversion`` is missing. What :func:`decode_binary` and the gateway read."""
     attributes: dict[str, Any] = {}
     for name, value in _lower(headers).items():
         if name.startswith(HEADER_PREFIX) and len(name) > len(HEADER_PREFIX):
-            try:
-                attributes[name[len(HEADER_PREFIX):]] = unquote(value, errors="strict") if "%" in value else value
-            except UnicodeDecodeError:
-                raise MalformedEnvelope(f"{name}: percent-encoded value is not valid UTF-8") from None
+            attributes[name[len(HEADER_PREFIX):]] = _header_text(name, value)
     if "specversion" not in attributes:
         raise MalformedEnvelope("ce-specversion: header is missing (binary content mode)")
     for name in sorted(_NOT_HEADERS):

@@ -13,8 +13,9 @@ A complete subscriber (run it with ``uvicorn module:app``)::
 The answer follows the push outcome table, so the ambassador does the right thing:
 a returned event (or list) goes back as a CloudEvent in the response (200), ``None``
 is 204, ``Reject`` and invalid payloads are 422, a malformed CloudEvent 400 (one this
-would misread too: a ``ce-`` header given twice or with raw non-ASCII bytes, a JSON key
-given twice; the message names it), a bad
+would misread too: a ``ce-`` header given twice, with raw non-ASCII bytes or holding what no
+CloudEvents String may, a control character or noncharacter, raw or percent-encoded; a JSON
+key given twice; the message names it), a bad
 signature 401, ``Retry(after=)`` 503 with ``Retry-After``, any other exception 500 - an
 event that cannot be sent as JSON too (a float ``inf`` or ``nan`` would go as ``null``,
 which the ambassador's consumers refuse: :class:`~choreograph.EmitError`).
@@ -88,7 +89,8 @@ async def read_event(
     :func:`receiver` would give); :class:`~choreograph.push.SignatureError` (401) or
     :class:`~choreograph.MalformedEnvelope` (400) for the event itself, one it would misread
     included (a ``ce-`` header given twice or with raw bytes beyond ASCII, a JSON key given
-    twice: which value is meant is undefined), the message naming the header or key::
+    twice: which value is meant is undefined; a ``ce-`` header holding a control character or
+    noncharacter, raw or percent-encoded), the message naming the header or key::
 
         try:
             envelope = await read_event(request, secret=SECRET, max_body=64 * 1024)
@@ -103,8 +105,9 @@ async def read_event(
 
 def _decode(headers: Headers, body: bytes) -> Envelope:
     """The CloudEvent of a request, held to what the gateway holds a client to: a ``ce-`` header
-    given twice or with raw bytes beyond ASCII, and a JSON key given twice (the data's, or the
-    structured envelope's), are a :class:`MalformedEnvelope` naming it, not one value kept."""
+    given twice, with raw bytes beyond ASCII or whose value is no CloudEvents String, and a JSON
+    key given twice (the data's, or the structured envelope's), are a :class:`MalformedEnvelope`
+    naming it, not one value kept (or a control character handed to the handler)."""
     content_type = headers.get("content-type")
     structured = media_type(content_type) in (STRUCTURED, BATCH)
     if not structured:
