@@ -548,6 +548,18 @@ async def test_ce_headers_of_binary_content_mode_are_carried_onto_the_published_
     assert envelope.data == BODY
 
 
+async def test_a_double_quoted_ce_header_is_read_as_its_content(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    """The binding (3.1.3.2) has a receiver unescape double-quoted strings, then percent-decode:
+    older SDKs quote a value with spaces rather than percent-encode them. A quoted ce-id was a
+    400, a quoted subject published with its quotes."""
+    headers = {**CE, "ce-id": '"order-42"', "ce-subject": '"cust 7 \\"caf%C3%A9\\""'}
+    response = await client.post("/orders", json=BODY, headers=headers)
+    assert response.status_code == 202, response.text
+    [message] = bus.published
+    envelope = decode(message.body)
+    assert (envelope.id, envelope.subject) == ("order-42", 'cust 7 "caf\u00e9"')
+
+
 async def test_a_ce_id_makes_a_retry_idempotent_and_its_reuse_for_another_event_a_409(
     client: httpx.AsyncClient, bus: SpyBus
 ) -> None:
@@ -588,6 +600,7 @@ async def test_a_ce_id_makes_a_retry_idempotent_and_its_reuse_for_another_event_
         ({**CE, "ce-source": "/s%EF%B7%90"}, "ce-source"),  # U+FDD0
         ({**CE, "ce-tenant": "t%F4%8F%BF%BE"}, "ce-tenant"),  # U+10FFFE, in an extension of the client's
         ({**CE, "ce-subject": "a\tb"}, "ce-subject"),  # a raw control character too
+        ({**CE, "ce-subject": '"cust 7'}, "ce-subject"),  # a double-quoted string left open
         ({**CE, "ce-id": "order-42", "idempotency-key": "k-1"}, "ce-id"),
     ],
 )

@@ -360,6 +360,26 @@ def test_header_values_are_percent_encoded_printable_ascii() -> None:
     assert all(value.isascii() and " " not in value for name, value in headers.items() if name.startswith("ce-"))
 
 
+@pytest.mark.parametrize(
+    ("value", "attribute"),
+    [
+        ('"caf%C3%A9 100%25"', "caf\u00e9 100%"),
+        ('"a \\"quoted\\" b"', 'a "quoted" b'),
+        ('"back\\\\slash"', "back\\slash"),
+        ('x"y z"w', "xy zw"),
+        ('""', ""),
+        ("a\\b", "a\\b"),
+    ],
+    ids=["percent-in-quotes", "escaped-quote", "escaped-backslash", "quoted-part", "empty", "backslash-outside"],
+)
+def test_a_double_quoted_header_value_is_unescaped_then_percent_decoded(value: str, attribute: str) -> None:
+    """Binding 3.1.3.2: a receiver unescapes double-quoted strings (RFC 7230 3.2.6, a backslash
+    escaping the next character), then percent-decodes once, for senders of older versions that
+    quoted rather than percent-encoded. The quotes were kept as part of the value."""
+    headers = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t", "ce-note": value}
+    assert decode_http(headers, b"").extensions["note"] == attribute
+
+
 def test_structured_mode_sends_the_bus_bytes_unchanged() -> None:
     """Given the encoded envelope, structured mode sends those very bytes."""
     bus_bytes = b'{"specversion":"1.0","id":"1","source":"/s","type":"t","hops":0}'
@@ -400,10 +420,13 @@ def test_a_batch_round_trips_and_names_the_bad_item() -> None:
           "content-type": "application/json"}, b"{oops", "data: body is not valid JSON"),
         ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t", "ce-x": "%FF"}, b"",
          "ce-x: percent-encoded value is not valid UTF-8"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t", "ce-x": '"a\\"'}, b"",
+         "ce-x: a double-quoted string is not closed"),
         ({"content-type": "application/cloudevents+json"}, b'{"specversion":"1.0","id":"1","type":"t"}',
          "source: required attribute is missing"),
     ],
-    ids=["no-cloudevent", "no-specversion", "old-specversion", "no-source", "bad-json", "bad-utf8", "structured"],
+    ids=["no-cloudevent", "no-specversion", "old-specversion", "no-source", "bad-json", "bad-utf8", "open-quote",
+         "structured"],
 )
 def test_invalid_messages_are_rejected_with_the_reason(headers: dict[str, str], body: bytes, message: str) -> None:
     """Anything that is not a valid CloudEvent raises MalformedEnvelope naming what is wrong."""

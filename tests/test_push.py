@@ -808,6 +808,8 @@ BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce
          "ce-tenant: contains a control character (U+0085 at index 1)"),
         ([*BINARY, ("ce-subject", "a%EF%BF%BFb")], b'{"delivery_id": "d-1"}',
          "ce-subject: contains a Unicode noncharacter (U+FFFF at index 1)"),
+        ([*BINARY, ("ce-subject", '"drone 1')], b'{"delivery_id": "d-1"}',
+         "ce-subject: a double-quoted string is not closed"),
         (BINARY, b'{"delivery_id": "d-1", "delivery_id": "d-2"}',
          "data: $.delivery_id: the key is given twice in one object"),
         ([("content-type", "application/cloudevents+json")],
@@ -818,7 +820,7 @@ BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce
          b'"data": {"delivery_id": "d-1", "delivery_id": "d-2"}}',
          "$.data.delivery_id: the key is given twice in one object"),
     ],
-    ids=["ce-header-twice", "raw-utf8-header", "encoded-control", "raw-tab", "c1-control", "noncharacter",
+    ids=["ce-header-twice", "raw-utf8-header", "encoded-control", "raw-tab", "c1-control", "noncharacter", "open-quote",
          "data-key-twice", "attribute-key-twice", "structured-data-key-twice"],
 )
 async def test_the_receiver_refuses_what_it_would_misread_with_400_naming_it(
@@ -867,6 +869,23 @@ async def test_the_receiver_still_takes_percent_encoded_utf8_and_distinct_keys()
     assert response.status_code == 204, response.text
     [event] = calls
     assert (event.subject, event.data) == ("caf\u00e9", {"delivery_id": "d-1", "nested": {"delivery_id": "d-2"}})
+
+
+async def test_the_receiver_reads_a_double_quoted_ce_header_as_its_content() -> None:
+    """The binding (3.1.3.2) has a receiver unescape double-quoted strings, then percent-decode:
+    older senders quote a value with spaces rather than percent-encode them. The quotes were
+    kept as part of the value."""
+    calls: list[Envelope] = []
+
+    async def handle(event: Envelope) -> None:
+        calls.append(event)
+
+    async with serve(receiver(handle)) as base, httpx.AsyncClient() as client:
+        response = await client.post(base, headers=[*BINARY, ("ce-subject", '"drone \\"7\\" caf%C3%A9"')],
+                                     content=b'{"delivery_id": "d-1"}')
+    assert response.status_code == 204, response.text
+    [event] = calls
+    assert event.subject == 'drone "7" caf\u00e9'
 
 
 class Estimated(Event, type="test.push.estimated"):

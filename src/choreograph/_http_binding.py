@@ -3,9 +3,11 @@
 Three content modes (CloudEvents HTTP binding §3), chosen by the sender:
 
 * **binary**: every attribute in a ``ce-<name>`` header (values percent-encoded as
-  §3.1.3.2 requires), ``datacontenttype`` as ``Content-Type`` (``application/json``
-  when absent, as the JSON format implies), the data alone as the body. What most
-  receivers want: the body is the business payload. Extension values arrive as strings.
+  §3.1.3.2 requires, and read back as it has a receiver read them: double-quoted strings
+  unescaped first, as older senders quote), ``datacontenttype`` as ``Content-Type``
+  (``application/json`` when absent, as the JSON format implies), the data alone as the
+  body. What most receivers want: the body is the business payload. Extension values
+  arrive as strings.
 * **structured**: the whole event as ``application/cloudevents+json`` (the bytes that
   travel on the bus, unchanged).
 * **batch**: a JSON array of structured events as ``application/cloudevents-batch+json``
@@ -230,9 +232,34 @@ def check_ce_headers(headers: Iterable[tuple[str, str]]) -> None:
             raise MalformedEnvelope(f"{name}: {problem}")
 
 
+def _unquote_strings(name: str, value: str) -> str:
+    """``value`` with each double-quoted string (RFC 7230 3.2.6) replaced by its content, a
+    backslash escaping the character after it; :class:`MalformedEnvelope` for one left open."""
+    out: list[str] = []
+    quoted = escaped = False
+    for char in value:
+        if escaped:
+            out.append(char)
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        else:
+            out.append(char)
+    if quoted:
+        raise MalformedEnvelope(f"{name}: a double-quoted string is not closed (a '\"' in a value is sent "
+                                "percent-encoded, %22)")
+    return "".join(out)
+
+
 def _header_text(name: str, value: str) -> str:
-    """The attribute value a ``ce-`` header ``name`` carries: percent-decoded, once;
-    :class:`MalformedEnvelope` naming the header if the percent-encoded bytes are not UTF-8."""
+    """The attribute value a ``ce-`` header ``name`` carries: double-quoted strings unescaped, then
+    one round of percent-decoding, as the binding (3.1.3.2) has a receiver do (we send neither
+    quotes nor spaces, but older senders quote); :class:`MalformedEnvelope` naming the header if
+    a quoted string is left open or the percent-encoded bytes are not UTF-8."""
+    if '"' in value:
+        value = _unquote_strings(name, value)
     if "%" not in value:
         return value
     try:
