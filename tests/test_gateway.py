@@ -790,6 +790,28 @@ async def test_the_openapi_document_describes_routes_from_the_event_models(clien
     assert "/transactions" not in doc["paths"]  # no journal
 
 
+async def test_the_openapi_document_describes_the_ce_headers_the_gateway_reads(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    """The binary-mode ce- headers a CloudEvents SDK client sends were read but not documented: a
+    client written from the document never knew ce-id makes a POST idempotent, nor that ce-type
+    must be the route's. Each is a header parameter, and its example is what the route accepts."""
+    doc = (await client.get("/openapi.json")).json()
+    parameters = doc["paths"]["/orders"]["post"]["parameters"]
+    ce = {p["name"]: p for p in parameters if p["name"].startswith("ce-")}
+    assert set(ce) == {"ce-specversion", "ce-id", "ce-source", "ce-type", "ce-dataschema", "ce-time", "ce-subject"}
+    assert all(p["in"] == "header" and not p["required"] for p in ce.values())
+    assert ce["ce-type"]["schema"]["const"] == Ordered.event_type()
+    assert ce["ce-dataschema"]["schema"]["const"] == Ordered.schema_uri()
+    assert ce["ce-specversion"]["schema"]["const"] == "1.0"
+    assert "ce-correlationid" in ce["ce-specversion"]["description"]  # refused, and said so
+    response = await client.post("/orders", json=BODY, headers={name: p["example"] for name, p in ce.items()})
+    assert response.status_code == 202, response.text
+    envelope = decode(bus.published[0].body)
+    assert (envelope.id, envelope.source, envelope.subject, envelope.time) == tuple(
+        ce[name]["example"] for name in ("ce-id", "ce-source", "ce-subject", "ce-time"))
+
+
 async def test_healthz(client: httpx.AsyncClient) -> None:
     response = await client.get("/healthz")
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
@@ -871,18 +893,32 @@ _FUZZ = settings(
 )
 
 
+#: Not run on a case carrying ce- headers: what the gateway accepts there is the binding's
+#: decoding (double-quoted strings, then percent-decoding: ``%`` alone is taken, ``%0A`` is not)
+#: and rules across headers (a ce- header needs ce-specversion; ce-id or an Idempotency-Key,
+#: not both), which OpenAPI parameter schemas cannot state. The ce- tests above pin them; the
+#: other checks (no 5xx, only documented answers) still run on such a case.
+_BINARY_MODE_UNCHECKED = [schemathesis.checks.positive_data_acceptance, schemathesis.checks.negative_data_rejection]
+
+
+def call_and_validate(case: schemathesis.Case) -> None:
+    binary_mode = any(name.lower().startswith("ce-") for name in case.headers or {})
+    case.call_and_validate(excluded_checks=_BINARY_MODE_UNCHECKED if binary_mode else None)
+
+
 @_schema.parametrize()
 @_FUZZ
 def test_fuzzing_finds_no_server_error_and_no_undocumented_answer(case: schemathesis.Case) -> None:
-    """Positive and negative cases, all default checks: no 5xx, statuses/bodies/headers as documented."""
-    case.call_and_validate()
+    """Positive and negative cases, all default checks (bar data acceptance with ce- headers, above): no
+    5xx, statuses/bodies/headers as documented."""
+    call_and_validate(case)
 
 
 @_schema_with_auth.parametrize()
 @_FUZZ
 def test_fuzzing_with_a_bearer_token(case: schemathesis.Case) -> None:
     """The same with the token declared as the document's bearer scheme (schemathesis also tries without)."""
-    case.call_and_validate()
+    call_and_validate(case)
 
 
 async def test_readyz_is_200_while_the_broker_answers_and_503_while_it_does_not(

@@ -22,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from choreograph._envelope import KNOWN_EXTENSIONS, SPECVERSION, Envelope, is_rfc3339
 from choreograph._gateway_http import Problem
-from choreograph._http_binding import HEADER_PREFIX, binary_attributes, check_ce_headers
+from choreograph._http_binding import HEADER_PREFIX, binary_attributes, check_ce_headers, header_value
 from choreograph.errors import MalformedEnvelope
 from choreograph.events import Event
 
@@ -114,3 +115,43 @@ def cloudevent_attributes(headers: Sequence[tuple[str, str]], event: type[Event]
     return CloudEventAttributes(
         id=found["id"], source=found["source"], time=found["time"], subject=found["subject"], extensions=attributes
     )
+
+
+#: A header value as it is sent: printable ASCII (the binding percent-encodes the rest; a space
+#: from older senders, who quote rather than encode).
+_PRINTABLE = "^[ -~]+$"
+_BINDING = (" Sent as the CloudEvents HTTP binding (3.1.3.2) says, UTF-8 beyond printable ASCII and space, "
+            "'\"' and '%' percent-encoded (the schema is of the value sent); read back after unquoting a "
+            "double-quoted string, then percent-decoding.")
+
+
+def _header(name: str, description: str, schema: dict[str, Any], example: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "description": description + _BINDING,
+            "schema": schema, "example": example}
+
+
+def openapi_parameters(event: type[Event]) -> list[dict[str, Any]]:
+    """The ``ce-*`` headers :func:`cloudevent_attributes` reads, as OpenAPI header parameters of a
+    route publishing ``event`` (each with an ``example`` the route accepts)."""
+    own = ", ".join(f"ce-{name}" for name in sorted(KNOWN_EXTENSIONS))
+    return [
+        _header("ce-specversion", "CloudEvents binary content mode: required with any other ce- header. "
+                "Any other ce-<name> header (lower-case letters and digits) is an extension attribute "
+                f"published with the event, but choreograph's own ({own}) and ce-datacontenttype, "
+                "ce-data_base64 are refused (400).",
+                {"type": "string", "const": SPECVERSION}, SPECVERSION),
+        _header("ce-id", "The event id, hence the transaction's correlation id; idempotent as an "
+                "Idempotency-Key is (send one or the other, not both). Default: a new UUIDv7.",
+                {"type": "string", "pattern": _ID.pattern}, "order-42"),
+        _header("ce-source", "The event's source (default: the gateway's).",
+                {"type": "string", "minLength": 1, "pattern": _PRINTABLE}, "/shop/web"),
+        _header("ce-type", "The event type: this route's, if given.",
+                {"type": "string", "const": header_value(event.event_type())}, header_value(event.event_type())),
+        _header("ce-dataschema", "The data's schema: this route's, if given.",
+                {"type": "string", "const": header_value(event.schema_uri())}, header_value(event.schema_uri())),
+        _header("ce-time", "When the event happened, RFC 3339 (no leap second, no year 0000; default: when "
+                "published). Not part of an idempotent request's fingerprint.",
+                {"type": "string", "format": "date-time"}, "2018-04-05T03:56:24Z"),
+        _header("ce-subject", "The event's subject.",
+                {"type": "string", "minLength": 1, "pattern": _PRINTABLE}, "cust/7"),
+    ]

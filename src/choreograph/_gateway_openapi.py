@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic.json_schema import models_json_schema
 
+from choreograph._gateway_cloudevents import openapi_parameters
 from choreograph._gateway_http import IDEMPOTENCY_KEY_MAX, PROBLEM_JSON
 from choreograph._journal_model import STATUSES
 from choreograph.errors import ConfigurationError
@@ -164,7 +165,7 @@ def build_openapi(
                 "required": False,
                 "description": "Retry safely: the same key and body return the first answer and publish nothing.",
                 "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX, "pattern": "^[ -~]+$"},
-            }],
+            }, *openapi_parameters(route.event)],
             "requestBody": {"required": True, "content": {"application/json": {"schema": refs[(route.event, "validation")]}}},
             "responses": {
                 "202": _json(
@@ -173,11 +174,12 @@ def build_openapi(
                 ),
                 "400": _problem("Malformed request (not JSON, bad header)"),
                 **unauthorized,
-                "409": _problem("Idempotency-Key conflict: the first request is in flight, or used another body"),
+                "409": _problem("Idempotency-Key (or ce-id) conflict: the first request is in flight, or used "
+                                "another body"),
                 "413": _problem("Body too large"),
                 "415": _problem("Body is not JSON"),
                 "422": _problem("Payload invalid (each bad field named by its path)"),
-                "503": _problem("Broker (or, with an Idempotency-Key, the idempotency store) unavailable: "
+                "503": _problem("Broker (or, with an Idempotency-Key or ce-id, the idempotency store) unavailable: "
                                 "nothing was published, retry"),
             },
         }

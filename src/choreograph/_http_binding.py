@@ -100,7 +100,9 @@ def is_cloudevent(headers: Mapping[str, str]) -> bool:
 # -- encoding -------------------------------------------------------------------------
 
 
-def _header_value(value: Any) -> str:
+def header_value(value: Any) -> str:
+    """``value`` as a ``ce-`` header carries it (3.1.3.2: percent-encoded beyond printable ASCII,
+    space, ``"`` and ``%``)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return quote(value if isinstance(value, str) else str(value), safe=_SAFE)
@@ -135,7 +137,7 @@ def to_binary(envelope: Envelope) -> tuple[Headers, bytes]:
     for name, value in envelope.to_dict().items():
         if name in _NOT_HEADERS or value is None:
             continue
-        headers[HEADER_PREFIX + name] = _header_value(value)
+        headers[HEADER_PREFIX + name] = header_value(value)
     body = _data_bytes(envelope)
     if envelope.datacontenttype is not None:
         headers["content-type"] = envelope.datacontenttype

@@ -24,7 +24,8 @@ that cannot be opened is their ``503``, never a POST's.
 A CloudEvents SDK client may send the body in binary content mode: its ``ce-*`` headers are
 published with the event (``ce-id`` is the event id and is idempotent as an
 ``Idempotency-Key`` is; see :mod:`choreograph._gateway_cloudevents`), or are a ``400`` naming
-the header. Structured mode (``application/cloudevents+json``) is a ``415``.
+the header; the OpenAPI document lists them as header parameters. Structured mode
+(``application/cloudevents+json``) is a ``415``.
 
 A key reused with a different body is a ``409``, not the ``422`` the IETF
 idempotency-key draft suggests: the body itself is valid, it conflicts with the
