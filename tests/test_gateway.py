@@ -962,18 +962,24 @@ async def test_readyz_names_a_store_that_cannot_be_opened_though_the_broker_answ
 ) -> None:
     """Only the broker was probed: a gateway whose idempotency store could not be opened said it
     was ready, and answered every POST with a key (or a ce-id) 503. Each store a request may need
-    is probed with the broker, and named; the reasons stay in the log."""
+    is probed with the broker, and named; the reasons stay in the log. The journal is not: it
+    serves only /transactions, and its outage must not take the intake out of rotation."""
     (tmp_path / "not-a-dir").write_text("")
     unopenable = f"sqlite:///{tmp_path}/not-a-dir/x.db"
     keys_only = Gateway([Route("POST", "/orders", Ordered)], broker=bus, idempotency=unopenable)
     both = Gateway([Route("POST", "/orders", Ordered)], broker=bus, idempotency=unopenable, journal=unopenable)
     async with client_for(keys_only) as client:
         keyed = await client.get("/readyz")
+    journal_only = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal=unopenable)
     async with client_for(both) as client:
         stores = await client.get("/readyz")
+    async with client_for(journal_only) as client:
+        intake = await client.get("/readyz")
+        listing = await client.get("/transactions")
+    assert intake.status_code == 200 and listing.status_code == 503
     assert keyed.status_code == 503 and keyed.headers["retry-after"] == "1"
     assert keyed.json() == {"status": "unavailable", "reason": "idempotency store unavailable"}
-    assert stores.json() == {"status": "unavailable", "reason": "idempotency store unavailable; journal unavailable"}
+    assert stores.json() == {"status": "unavailable", "reason": "idempotency store unavailable"}
     logged = [r.getMessage() for r in caplog.records if "not ready" in r.getMessage()]
     assert logged[0].startswith("gateway not ready: idempotency store: ") and "not-a-dir" in logged[0]
     assert "broker" not in logged[0]

@@ -31,8 +31,8 @@ A key reused with a different body is a ``409``, not the ``422`` the IETF
 idempotency-key draft suggests: the body itself is valid, it conflicts with the
 server's state, and a client that reads ``422`` as "fix your payload" would be misled.
 ``GET /openapi.json`` is the OpenAPI 3.1 document; ``GET /healthz`` says it is alive,
-``GET /readyz`` whether the broker answers and the stores a request may need (the idempotency
-store, the journal) are open (503 naming what is not).
+``GET /readyz`` whether the broker answers and the idempotency store is open (503 naming what
+is not; not the journal, which only ``/transactions`` needs).
 
 With ``telemetry=`` each published event gets a PRODUCER span continuing the request's
 W3C ``traceparent`` header (or a new trace) and carries it on; without, no ``traceparent``
@@ -392,14 +392,16 @@ class Gateway:
         return json_response({"status": "ok"})
 
     async def _readyz(self, request: Request) -> Response:
-        """Ready when the broker answers now (``Transport.ping``) and the stores a request may need
-        (the idempotency store, the journal if any) are open, all probed at once within
-        ``READY_TIMEOUT``: ``/healthz`` says the process lives, this whether a request can be
-        served. A load balancer that probes it stops sending requests an outage would answer
-        503. A store already open costs nothing to probe; one that cannot be opened is named, as
-        the 503 of a request that needs it names it (the broker alone was probed: a gateway whose
-        idempotency store could not be opened said it was ready and answered every keyed POST 503)."""
-        parts: list[_Part] = ["broker", "idempotency store", *(("journal",) if self.journal is not None else ())]
+        """Ready when the broker answers now (``Transport.ping``) and the idempotency store is open,
+        both probed at once within ``READY_TIMEOUT``: ``/healthz`` says the process lives, this
+        whether an event can be taken in. A load balancer that probes it stops sending POSTs an
+        outage would answer 503. A store already open costs nothing to probe; one that cannot be
+        opened is named, as the 503 of a request that needs it names it (the broker alone was
+        probed: a gateway whose idempotency store could not be opened said it was ready and
+        answered every keyed POST 503). The journal is not probed: it serves only
+        ``/transactions``, whose own 503 names it, and its outage must not take every replica's
+        intake out of rotation."""
+        parts: list[_Part] = ["broker", "idempotency store"]
         # shielded: a timeout must not cancel a start() half way through connecting
         probes = [asyncio.shield(self._probe(part)) for part in parts]
         try:
