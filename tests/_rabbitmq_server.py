@@ -4,7 +4,7 @@ Runs the distribution's ``rabbitmq-server`` as its own Erlang node (own node nam
 AMQP port, distribution port, data directory, config and cookie) on free loopback
 ports, so killing it never touches the shared broker on 5672::
 
-    node = RabbitNode.start_new()
+    node = RabbitNode.start_new()   # management=True: also the HTTP API, node.management_url
     ...node.url...
     node.kill(); node.start()   # same ports, same data
     node.destroy()
@@ -24,6 +24,11 @@ import pytest
 
 #: ``dead_letter_worker_publisher_confirm_timeout`` of a private node (see ``RabbitNode``).
 DLX_RESEND_MS = 2000
+#: ``collect_statistics_interval`` of a private node with the management plugin: how stale its
+#: queue counts may be.
+STATS_INTERVAL_MS = 500
+#: ``quorum_tick_interval`` of a node with the management plugin (see ``RabbitNode``).
+QUORUM_TICK_MS = 1000
 
 _CANDIDATES = ("/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/lib/rabbitmq/sbin/rabbitmq-server")
 
@@ -56,31 +61,41 @@ def _free_port() -> int:
 class RabbitNode:
     """One private RabbitMQ node; ``start``/``kill`` keep its ports and data."""
 
-    def __init__(self, path: str, port: int, dist_port: int, home: str) -> None:
+    def __init__(self, path: str, port: int, dist_port: int, home: str, management_port: int | None = None) -> None:
         self.path = path
         self.port = port
         self.dist_port = dist_port
         self.home = home
+        self.management_port = management_port
         self.process: subprocess.Popen[bytes] | None = None
         with open(os.path.join(home, "rabbitmq.conf"), "w") as conf:
             conf.write(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+            if management_port is not None:
+                # Queue counts in the HTTP API are sampled at this interval (default 5 s).
+                conf.write(f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management_port}\n"
+                           f"collect_statistics_interval = {STATS_INTERVAL_MS}\n")
         # A quorum queue's at-least-once dead-letter worker can start, after a crash, before the
         # vhost's exchanges are recovered: what it holds then (a retry copy in transit from its
         # retry queue back to the group at the kill) waits this long before it is sent again -
         # 180 s by default on 3.10, longer than a restart test or a chaos run waits.
-        advanced = f"[{{rabbit, [{{dead_letter_worker_publisher_confirm_timeout, {DLX_RESEND_MS}}}]}}].\n"
+        # With the management plugin, a quorum queue's counts reach the HTTP API at its tick
+        # (5 s by default), sampled every STATS_INTERVAL_MS: a 1 s tick keeps them near to date.
+        tick = f", {{quorum_tick_interval, {QUORUM_TICK_MS}}}" if management_port is not None else ""
+        advanced = f"[{{rabbit, [{{dead_letter_worker_publisher_confirm_timeout, {DLX_RESEND_MS}}}{tick}]}}].\n"
         for name, text in (
             ("rabbitmq-env.conf", ""),
-            ("enabled_plugins", "[].\n"),
+            ("enabled_plugins", "[rabbitmq_management].\n" if management_port is not None else "[].\n"),
             ("advanced.config", advanced),
         ):
             with open(os.path.join(home, name), "w") as file:
                 file.write(text)
 
     @classmethod
-    def start_new(cls) -> RabbitNode:
+    def start_new(cls, *, management: bool = False) -> RabbitNode:
+        """A node on free ports; ``management``: with the management plugin's HTTP API too."""
         node = cls(
-            require_binary(), _free_port(), _free_port(), tempfile.mkdtemp(prefix="choreograph-rabbit-")
+            require_binary(), _free_port(), _free_port(), tempfile.mkdtemp(prefix="choreograph-rabbit-"),
+            _free_port() if management else None,
         )
         node.start()
         return node
@@ -88,6 +103,13 @@ class RabbitNode:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def management_url(self) -> str | None:
+        """The HTTP API's base URL (guest's credentials in it), or None without the plugin."""
+        if self.management_port is None:
+            return None
+        return f"http://guest:guest@127.0.0.1:{self.management_port}/api"
 
     def _env(self) -> dict[str, str]:
         home = self.home

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 
@@ -24,10 +22,8 @@ from choreograph import Publisher
 from choreograph.transports import open_transport
 from tests._chainapp import Order
 from tests._chainsystem import ChainSystem, publish, publish_all, wait_for
-from tests._nats_server import NatsServer
+from tests._private_brokers import KINDS, PrivateBroker, missing
 from tests._procs import stop
-from tests._rabbitmq_server import RabbitNode
-from tests.conformance.brokers.redis import _PrivateServer
 
 pytestmark = pytest.mark.slow
 
@@ -36,88 +32,22 @@ EXIT_SLACK = 10.0  # a stopped worker must exit within DRAIN + this
 LONG_LEASE = 60.0  # longer than any test waits: what comes back early was released, not expired
 
 
-class Server(Protocol):
-    def url(self, lease: float) -> str: ...
-    def kill(self) -> None: ...
-    def start(self) -> None: ...
-    def destroy(self) -> None: ...
-
-
-class Nats:
-    def __init__(self) -> None:
-        self.server = NatsServer.start_new()
-
-    def url(self, lease: float) -> str:
-        return f"{self.server.url}?lease={lease}&prefix=workers-{uuid.uuid4().hex[:8]}"
-
-    def kill(self) -> None:
-        self.server.kill()
-
-    def start(self) -> None:
-        self.server.start()
-
-    def destroy(self) -> None:
-        self.server.destroy()
-
-
-class Redis:
-    def __init__(self) -> None:
-        self.server = _PrivateServer()
-        self.start()
-
-    def url(self, lease: float) -> str:
-        return f"{self.server.url}?lease={lease}&prefix=workers-{uuid.uuid4().hex[:8]}"
-
-    def kill(self) -> None:
-        self.server.kill()
-
-    def start(self) -> None:
-        self.server.start()
-        wait_for(self.server.answers, 30, "the private redis-server did not start")
-
-    def destroy(self) -> None:
-        self.server.stop()
-
-
-class Rabbit:
-    def __init__(self) -> None:
-        self.node = RabbitNode.start_new()
-
-    def url(self, lease: float) -> str:
-        return f"{self.node.url}?lease={lease}&prefix=workers-{uuid.uuid4().hex[:8]}"
-
-    def kill(self) -> None:
-        self.node.kill()
-
-    def start(self) -> None:
-        self.node.start()
-
-    def destroy(self) -> None:
-        self.node.destroy()
-
-
-_KINDS = {"nats": Nats, "redis": Redis, "amqp": Rabbit}
-
-
 @pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, Server]]:
+def servers() -> Iterator[dict[str, PrivateBroker]]:
     """Private servers, started on first use and destroyed after the module."""
-    started: dict[str, Server] = {}
+    started: dict[str, PrivateBroker] = {}
     yield started
     for server in started.values():
         server.destroy()
 
 
-@pytest.fixture(params=sorted(_KINDS))
-def server(request: pytest.FixtureRequest, servers: dict[str, Server]) -> Server:
+@pytest.fixture(params=sorted(KINDS))
+def server(request: pytest.FixtureRequest, servers: dict[str, PrivateBroker]) -> PrivateBroker:
     kind = request.param
     if kind not in servers:
-        if kind == "redis":
-            import shutil
-
-            if shutil.which("redis-server") is None:
-                pytest.skip("redis-server not on PATH; apt-get install redis-server")
-        servers[kind] = _KINDS[kind]()
+        if kind == "redis" and (how := missing(kind)):
+            pytest.skip(how)
+        servers[kind] = KINDS[kind]()
     return servers[kind]
 
 
@@ -130,7 +60,7 @@ def chain(tmp_path: Path) -> Iterator[list[ChainSystem]]:
 
 
 def test_sigterm_releases_in_flight_work_to_another_replica_and_exits_promptly(
-    server: Server, chain: list[ChainSystem], tmp_path: Path
+    server: PrivateBroker, chain: list[ChainSystem], tmp_path: Path
 ) -> None:
     """Handlers still running at the end of the drain are cancelled and given back at once
     (long before their lease), and the replica left picks them up."""
@@ -159,7 +89,7 @@ def test_sigterm_releases_in_flight_work_to_another_replica_and_exits_promptly(
 
 
 def test_workers_ride_out_a_broker_crash_without_losing_or_repeating_anything(
-    server: Server, chain: list[ChainSystem], tmp_path: Path
+    server: PrivateBroker, chain: list[ChainSystem], tmp_path: Path
 ) -> None:
     """SIGKILL the broker mid-run and start it again: every worker reconnects and carries on.
 
@@ -201,7 +131,7 @@ def test_workers_ride_out_a_broker_crash_without_losing_or_repeating_anything(
 
 
 def test_a_worker_stopped_with_outcomes_it_cannot_settle_exits_and_another_replica_finishes_them(
-    server: Server, chain: list[ChainSystem], tmp_path: Path
+    server: PrivateBroker, chain: list[ChainSystem], tmp_path: Path
 ) -> None:
     """The broker dies under a worker whose handlers then finish: SIGTERM still ends it within
     the drain plus the stop grace, and what it could not settle reaches another replica."""
