@@ -17,7 +17,12 @@ holds, per broker:
   plugin's HTTP API has them, and a server need not run it): so the harness waits longer
   for quiet (no new event seen by the observer for longer than a handler may run), stops
   the consumers, and checks the count taken after they stopped, when the broker has put
-  every unacknowledged message back in its queue (``Harness.run`` has the order).
+  every unacknowledged message back in its queue (``Harness.run`` has the order). A retry
+  copy held in at-least-once dead-letter transit (from a retry queue back to the group,
+  after a node restart) is neither ready nor unacknowledged: only the HTTP API's
+  ``messages`` counts it. Where the harness runs the node itself (``--restart-broker``,
+  the only runs that kill a node) it enables the API and counts every queue's ``messages``
+  there instead (``bench/_rabbit_management.py``).
 
 A join deadline timer that is not yet due is *scheduled*, not pending (it can only find
 its join fired or already compensated). SQLite and Redis read each held message's type
@@ -27,7 +32,7 @@ either, but a timer waits for its due time in a holding queue whose delay is lon
 any retry backoff of the shop's policy, where nothing else goes: those queues are
 scheduled timers (and copies of them: a kill between the copy and the ack of a deferral
 leaves two, which no count by the observer could allow for); what a timer-taking group
-holds elsewhere is allowed the timers due around then (see ``AmqpBus.timers_allowed``).
+holds elsewhere is allowed the timers due around then (see ``bench._chaos_amqp.AmqpBus.timers_allowed``).
 """
 
 from __future__ import annotations
@@ -42,9 +47,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench._chaos_bus import TIMER_SLACK, Observer, timer_scheduled
+from bench._chaos_bus import Observer, timer_scheduled
 from choreograph.joins import DEADLINE
-from choreograph.runtime.worker import IN_FLIGHT_DEFER
 from choreograph.transports.base import Message, Transport
 
 Groups = Mapping[str, bool]
@@ -258,134 +262,8 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-WORKER_HAND_BACK_S = max(IN_FLIGHT_DEFER, 1.0)
-"""The worker's own delayed hand-backs wait this long: a copy arriving while another is handled
-(``IN_FLIGHT_DEFER``), a batch whose inbox could not be read (1 s)."""
-
-
-class AmqpBus(Bus):
-    """RabbitMQ (layout: ``choreograph.transports._amqp_wire``). Counts by passive declares on a
-    connection of its own: nothing is consumed, nothing changes.
-
-    ``longest_retry``: the longest backoff of the services' retry policies (seconds); a holding
-    queue with a longer delay holds only deferred join timers."""
-
-    sees_unacked = False
-    how = ("counted after every consumer stopped: ready in the group's queue and its retry queues; "
-           "timers waiting in longer holding queues are scheduled")
-
-    def __init__(self, url: str, transport: Transport, *, longest_retry: float) -> None:
-        super().__init__(url, transport)
-        from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS, retry_bucket_ms
-        from choreograph.transports.amqp import AmqpTransport
-
-        assert isinstance(transport, AmqpTransport)
-        self.amqp = transport
-        self.longest_retry_ms = retry_bucket_ms(max(longest_retry, WORKER_HAND_BACK_S))
-        # A delay is rounded up to the next bucket: a timer leaves its holding queue at most this
-        # share of its wait after it fell due.
-        buckets = RETRY_BUCKETS_MS
-        self.late_fraction = max(b / a for a, b in zip(buckets, buckets[1:], strict=False)) - 1
-        self._connection: Any = None
-        self._connecting = asyncio.Lock()
-
-    async def start(self) -> None:
-        import aiormq
-
-        self._connection = await aiormq.connect(self.amqp._client_url)
-
-    async def _open_connection(self) -> Any:
-        """The counting connection, opened again if the broker closed it (a broker restart)."""
-        import aiormq
-
-        async with self._connecting:
-            if self._connection is None or self._connection.is_closed:
-                self._connection = await aiormq.connect(self.amqp._client_url)
-            return self._connection
-
-    async def _held(self, group: str) -> tuple[int, int]:
-        """(ready in the group's queue and in the holding queues of retries, waiting in the
-        longer holding queues). A queue that does not exist holds nothing (the refusal closes
-        the channel, so a new one follows)."""
-        import aiormq.exceptions
-
-        from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS
-
-        names = self.amqp.names
-        queues = [(names.group(group), 0), *((names.retry(group, ms), ms) for ms in RETRY_BUCKETS_MS)]
-        connection = await self._open_connection()
-        channel = await connection.channel()
-        ready = waiting = 0
-        try:
-            for queue, delay_ms in queues:
-                try:
-                    declared = await channel.queue_declare(queue, passive=True)
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    channel = await connection.channel()
-                    continue
-                count = int(declared.message_count or 0)
-                if delay_ms > self.longest_retry_ms:
-                    waiting += count
-                else:
-                    ready += count
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-        return ready, waiting
-
-    def timers_allowed(self, observer: Observer, as_of: float, now: float) -> int:
-        """Timers a timer-taking group may hold outside the long holding queues, as scheduled:
-        those that left them since ``as_of`` (their consumers stopped then: nobody takes them)
-        or were just deferred into a short one (due within the longest retry), copies included.
-        A timer leaves its holding queue up to ``late_fraction`` of its wait after its due time."""
-        late = self.late_fraction * observer.longest_timer_wait()
-        return observer.timers_due_between(as_of - TIMER_SLACK - late, now + self.longest_retry_ms / 1000)
-
-    async def backlog(self, groups: Groups, observer: Observer,
-                      as_of: float | None = None) -> dict[str, int] | None:
-        held = await asyncio.gather(*(self._held(group) for group in groups))
-        now = time.time()
-        allowed = self.timers_allowed(observer, as_of or now, now)
-        pending = {}
-        self.detail = {}
-        for (group, takes_timers), (ready, waiting) in zip(groups.items(), held, strict=True):
-            pending[group] = max(0, ready - allowed) if takes_timers else ready
-            if pending[group]:
-                self.detail[group] = f"{ready} ready" + (
-                    f", {allowed} timers may be among them, {waiting} timers waiting" if takes_timers else "")
-        return pending
-
-    async def final_backlog(self, groups: Groups, observer: Observer, as_of: float) -> dict[str, int] | None:
-        """Every consumer has stopped, so the broker has returned what they held: the counts are
-        all that is left. Taken when two polls half a second apart agree (a retry leaving its
-        holding queue for the group's queue is ready in neither for an instant)."""
-        last: dict[str, int] | None = None
-        for _ in range(20):
-            pending = await self.backlog(groups, observer, as_of) or {}
-            if pending == last:
-                break
-            last = pending
-            await asyncio.sleep(0.5)
-        return last
-
-    async def close(self, *, keep: bool) -> None:
-        if self._connection is None:
-            return
-        try:
-            if not keep:
-                await self._delete()
-        finally:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
-
-    async def _delete(self) -> None:
-        """Delete every queue and the exchange of this bus (its groups are read from its registry)."""
-        from bench._broker_env import remove_choreograph_bus
-
-        await remove_choreograph_bus("amqp", self.url)
-
-
-def bus_for(url: str, transport: Transport, *, longest_retry: float) -> Bus:
+def bus_for(url: str, transport: Transport, *, longest_retry: float, management_url: str | None = None) -> Bus:
+    """``management_url``: a RabbitMQ node's management API, counted by ``AmqpBus`` if given."""
     kind = urlsplit(url).scheme
     if kind == "sqlite":
         return SQLiteBus(url, transport)
@@ -394,5 +272,7 @@ def bus_for(url: str, transport: Transport, *, longest_retry: float) -> Bus:
     if kind in ("redis", "rediss"):
         return RedisBus(url, transport)
     if kind in ("amqp", "amqps"):
-        return AmqpBus(url, transport, longest_retry=longest_retry)
+        from bench._chaos_amqp import AmqpBus
+
+        return AmqpBus(url, transport, longest_retry=longest_retry, management_url=management_url)
     return Bus(url, transport)

@@ -95,6 +95,8 @@ class Observer:
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._copies: set[asyncio.Task[None]] = set()
+        self.failures = 0  # fetches or acks that failed (and were tried again)
+        self.last_failure = ""
 
     async def register(self) -> None:
         """Register the group (before anything is published: groups get what follows)."""
@@ -104,13 +106,20 @@ class Observer:
         self._task = asyncio.create_task(self._consume())
 
     async def _consume(self) -> None:
+        """Record and ack what the group gets. A failed fetch or ack (a broker restarting) is tried
+        again, as a worker does: what was not acked comes back and is recognised by its id."""
         assert self._sub is not None
         while True:
-            batch = await self._sub.fetch(256, timeout=0.5)
-            for delivery in batch:
-                self._record(delivery.message)
-            if batch:
-                await self._sub.ack_many(batch)
+            try:
+                batch = await self._sub.fetch(256, timeout=0.5)
+                for delivery in batch:
+                    self._record(delivery.message)
+                if batch:
+                    await self._sub.ack_many(batch)
+            except Exception as exc:
+                self.failures += 1
+                self.last_failure = repr(exc)[:200]
+                await asyncio.sleep(0.5)
 
     def _record(self, message: Message) -> None:
         self.observed += 1

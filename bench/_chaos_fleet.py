@@ -93,17 +93,22 @@ class _Replica:
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
     stopped: bool = False  # stopped by the harness: neither killed nor restarted any more
+    started_at: float = 0.0  # time.monotonic() when its current process was started
 
 
 EnvFor = Callable[[ReplicaSpec, int], Mapping[str, str]]
 """The environment of a replica's ``lifetime``-th process (0 first, 1 after the first restart...)."""
+BrokerDown = Callable[[float, float], bool]
+"""Whether the broker was down at some time between two ``time.monotonic()`` readings."""
+STARTUP_RETRY_S = 1.0
+"""The pause before a replica that exited at start-up while the broker was down is started again."""
 
 
 class Fleet:
     """Runs the replicas; :meth:`kill_one` SIGKILLs a random ready one and starts it again."""
 
     def __init__(self, specs: list[ReplicaSpec], *, env_for: EnvFor, logs: Path, rng: random.Random,
-                 cwd: Path, say: Callable[[str], None]) -> None:
+                 cwd: Path, say: Callable[[str], None], broker_down: BrokerDown | None = None) -> None:
         self.replicas = [_Replica(spec) for spec in specs]
         self.env_for = env_for
         self.logs = logs
@@ -113,6 +118,10 @@ class Fleet:
         self.counts = LogCounts()
         self.kills: list[dict[str, object]] = []
         self.unexpected_exits: list[str] = []
+        # ``choreograph run`` exits when it cannot reach its broker at start-up (a process manager
+        # starts it again): with the broker restarted under it, such exits are expected.
+        self.broker_down = broker_down
+        self.startup_exits: list[str] = []
         self._files: dict[str, IO[str]] = {}
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
@@ -136,6 +145,7 @@ class Fleet:
 
     async def _spawn(self, replica: _Replica) -> None:
         replica.ready = asyncio.Event()
+        replica.started_at = time.monotonic()
         env = {**os.environ, **self.env_for(replica.spec, replica.lifetime)}
         replica.proc = await asyncio.create_subprocess_exec(
             *replica.spec.argv, cwd=self.cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -163,9 +173,18 @@ class Fleet:
                 replica.ready.set()
 
     async def _watch(self, replica: _Replica, proc: asyncio.subprocess.Process) -> None:
-        """A replica that dies on its own (not killed by us, not stopping) is reported and restarted."""
+        """A replica that dies on its own (not killed by us, not stopping) is reported and restarted;
+        one that never got going while the broker was down is counted apart and restarted after a pause."""
         code = await proc.wait()
         if replica.stopped or proc is not replica.proc or code == -signal.SIGKILL and self._killed(proc.pid):
+            return
+        if (self.broker_down is not None and not replica.ready.is_set()
+                and self.broker_down(replica.started_at, time.monotonic())):
+            self.startup_exits.append(f"{replica.spec.name} (pid {proc.pid}) exited with {code}")
+            await asyncio.sleep(STARTUP_RETRY_S)
+            if not replica.stopped and proc is replica.proc:
+                replica.lifetime += 1
+                await self._spawn(replica)
             return
         self.unexpected_exits.append(f"{replica.spec.name} (pid {proc.pid}) exited with {code}")
         self.say(f"{replica.spec.name} exited on its own with {code}; restarting")

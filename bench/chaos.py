@@ -3,6 +3,7 @@
     python bench/chaos.py                                    # 500 orders on sqlite, 10 % faults
     python bench/chaos.py --broker nats --kill-every 2       # on the NATS server at 127.0.0.1:4222
     python bench/chaos.py --orders 5000 --fault-rate 0.2 --kill-every 3 --json   # docs/chaos.md
+    python bench/chaos.py --broker redis --restart-broker 4 --min-restarts 3    # a private redis-server, killed
 
 It runs every service of ``examples/shop`` as real ``choreograph run`` processes
 (``--replicas`` of each, competing in the service's group, each service with its own
@@ -15,7 +16,11 @@ SQLite state under a fresh temporary directory) on the chosen bus, and meanwhile
 * **kills**: every ``--kill-every`` seconds a random replica gets SIGKILL (mid-handler,
   mid-commit, wherever it is) and is started again at once;
 * **duplicates**: ``--duplicate-rate`` of all events on the bus are delivered a second
-  time, same id and body (see ``bench/_chaos_bus.py``).
+  time, same id and body (see ``bench/_chaos_bus.py``);
+* **broker restarts** (``--restart-broker``): the bus is on a private server the harness
+  starts on a free loopback port (``nats-server``, ``redis-server`` with its AOF fsynced per
+  write, or a RabbitMQ node with the management API; ``tests/_private_brokers.py``, never
+  the shared server), SIGKILLed and started again (same port and data) every N seconds.
 
 Orders are published at ``--rate`` per second. The harness then waits until the orders
 service has recorded every order as shipped or cancelled, stops the kills, waits until
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -48,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from examples.shop._policy import RETRY, TIMEOUT  # noqa: E402
 from examples.shop.app import app  # noqa: E402
 from examples.shop.events import OrderPlaced  # noqa: E402
+from tests._private_brokers import KINDS, PrivateBroker, Rabbit, missing  # noqa: E402
 
 import choreograph  # noqa: E402
 from bench._chaos_brokers import Bus, Groups, bus_for  # noqa: E402
@@ -74,6 +81,11 @@ UNSEEN_QUIET_S = TIMEOUT + 2.0
 counted (RabbitMQ): longer than a handler may run, so whatever a consumer held when the quiet
 began has since been settled, or retried into a holding queue (which is counted)."""
 NATS_DEFAULT = "nats://127.0.0.1:4222"
+BROKER_UP_SLACK_S = 2.0
+"""Seconds after a restarted broker accepts connections during which it still counts as down."""
+PUBLISH_RETRY_S = 120.0
+"""How long a batch of orders is published again (same ids) before the run gives up: longer than
+a broker restart takes (a RabbitMQ node needs 5-10 s)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--hang-rate", type=float, default=0.005, help=f"share of attempts that hang past the {TIMEOUT:g}s timeout")
     add("--kill-every", type=float, default=3.0, help="SIGKILL a random replica every N seconds; 0: never")
     add("--min-kills", type=int, default=0, help="keep the chaos going until at least this many kills")
+    add("--restart-broker", type=float, default=0.0, metavar="SECONDS", help="run the bus on a private server "
+        "started on a free port (--broker nats, redis or amqp), SIGKILL it and start it again every SECONDS; 0: "
+        "never (the shared brokers are never restarted)")
+    add("--min-restarts", type=int, default=0, help="keep the chaos going until at least this many broker restarts")
     add("--duplicate-rate", type=float, default=0.05, help="share of events delivered twice, and of "
         "succeeded steps failed anyway so that they run again")
     add("--replicas", type=int, default=2, help="processes per service")
@@ -114,6 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--orders, --replicas, --concurrency and --lease must be positive")
     if opts.min_kills and not opts.kill_every:
         parser.error("--min-kills needs --kill-every")
+    if opts.restart_broker < 0 or opts.min_restarts and not opts.restart_broker:
+        parser.error("--restart-broker must be positive, and --min-restarts needs it")
+    if opts.restart_broker and opts.broker not in KINDS:
+        parser.error(f"--restart-broker starts a server of its own: --broker must be one of {sorted(KINDS)}, "
+                     f"not {opts.broker!r}")
+    if opts.restart_broker and (how := missing(opts.broker)):
+        parser.error(f"--restart-broker --broker {opts.broker}: {how}")
     return opts
 
 
@@ -160,7 +183,10 @@ class Harness:
         self.opts = opts
         self.workdir = Path(tempfile.mkdtemp(prefix="choreograph-chaos-"))
         self.data_dir = self.workdir / "shop"
-        self.url = broker_url(opts.broker, self.workdir, opts.lease)
+        self.server: PrivateBroker | None = None  # the private broker of --restart-broker, once started
+        self.url = "" if opts.restart_broker else broker_url(opts.broker, self.workdir, opts.lease)
+        self.restarts: list[float] = []  # seconds each broker restart took (kill to accepting again)
+        self.outages: list[tuple[float, float]] = []  # (killed, accepting again) per restart, time.monotonic()
         self.orders: list[Order] = make_orders(opts.orders, random.Random(opts.seed))
         self.t0 = time.monotonic()
         self.marks: dict[str, float] = {}
@@ -202,12 +228,13 @@ class Harness:
             chunk = self.orders[first : first + batch]
             events = [OrderPlaced(**order.data()) for order in chunk]
             ids = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"{run}/{order.order_id}")) for order in chunk]
-            for attempt in range(1, 11):  # same ids again: a publish that failed late is deduped downstream
+            give_up = time.monotonic() + PUBLISH_RETRY_S
+            while True:  # same ids again: a publish that failed late is deduped downstream
                 try:
                     await publisher.publish(*events, ids=ids)
                     break
                 except Exception as exc:
-                    if attempt == 10:
+                    if time.monotonic() > give_up:
                         raise
                     self.say(f"publish failed ({exc}); retrying")
                     await asyncio.sleep(0.5)
@@ -216,15 +243,18 @@ class Harness:
                 await asyncio.sleep(max(0.0, start + self.published / rate - time.monotonic()))
 
     async def wait_ended(self, stores: Stores, fleet: Fleet, timeout_after_publish: float,
-                         publishing: asyncio.Task[None]) -> bool:
+                         publishing: asyncio.Task[None], restarting: asyncio.Task[None] | None) -> bool:
         last = 0.0
         deadline: float | None = None
         while True:
             ended = await asyncio.to_thread(stores.ended)
+            if restarting is not None and restarting.done():
+                restarting.result()  # a broker that did not come back ends the run
             if publishing.done():
                 publishing.result()
                 deadline = deadline or time.monotonic() + timeout_after_publish
-            if ended >= len(self.orders) and publishing.done() and len(fleet.kills) >= self.opts.min_kills:
+            if (ended >= len(self.orders) and publishing.done() and len(fleet.kills) >= self.opts.min_kills
+                    and len(self.restarts) >= self.opts.min_restarts):
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -232,8 +262,39 @@ class Harness:
                 last = time.monotonic()
                 outcomes = await asyncio.to_thread(stores.outcomes)
                 self.say(f"published {self.published}/{len(self.orders)}, ended {ended} {outcomes}, "
-                         f"kills {len(fleet.kills)}, retries {fleet.counts.retries}")
+                         f"kills {len(fleet.kills)}, broker restarts {len(self.restarts)}, "
+                         f"retries {fleet.counts.retries}")
             await asyncio.sleep(0.5)
+
+    async def start_server(self) -> None:
+        """Start the private broker of ``--restart-broker`` (a RabbitMQ node with its management
+        API, which counts what AMQP cannot) and put the bus on it."""
+        kind = self.opts.broker
+        self.server = await asyncio.to_thread(lambda: Rabbit(management=True) if kind == "amqp" else KINDS[kind]())
+        self.url = self.server.url(self.opts.lease, "chaos")
+
+    async def restart_every(self, seconds: float, until: asyncio.Event) -> None:
+        """SIGKILL the private broker and start it again (same port, same data) every ``seconds``
+        until ``until`` is set. Everything connected to it rides the restart out or fails the run."""
+        server = self.server
+        assert server is not None
+        while not until.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(until.wait(), seconds)
+                return
+            began = time.monotonic()
+            self.outages.append((began, float("inf")))
+            await asyncio.to_thread(server.kill)
+            await asyncio.to_thread(server.start)
+            self.outages[-1] = (began, time.monotonic())
+            self.restarts.append(round(time.monotonic() - began, 2))
+            self.say(f"broker SIGKILLed and started again (restart {len(self.restarts)}, "
+                     f"{self.restarts[-1]:.1f}s until it accepted connections)")
+
+    def broker_down(self, start: float, end: float) -> bool:
+        """Whether a broker restart overlapped ``start``-``end`` (``BROKER_UP_SLACK_S`` after the
+        broker accepted connections again counts: a client may still be reconnecting)."""
+        return any(killed <= end and start <= up + BROKER_UP_SLACK_S for killed, up in self.outages)
 
     @staticmethod
     def groups() -> Groups:
@@ -273,11 +334,22 @@ class Harness:
 
     async def run(self) -> dict[str, Any]:
         opts = self.opts
-        self.say(f"work dir {self.workdir}; bus {self.url}")
+        if opts.restart_broker:
+            await self.start_server()
+        try:
+            return await self._run()
+        finally:
+            if self.server is not None:
+                await asyncio.to_thread(self.server.destroy)
+
+    async def _run(self) -> dict[str, Any]:
+        opts = self.opts
+        self.say(f"work dir {self.workdir}; bus {self.url}" + (" (private server)" if self.server else ""))
         balances, stock = seed(self.data_dir)
         transport = open_transport(self.url)
         await transport.connect()
-        bus = bus_for(self.url, transport, longest_retry=RETRY.max_interval)
+        management = self.server.management_url if isinstance(self.server, Rabbit) else None
+        bus = bus_for(self.url, transport, longest_retry=RETRY.max_interval, management_url=management)
         await bus.start()
         observer = Observer(transport, bus.republish, duplicate_rate=opts.duplicate_rate,
                             rng=random.Random(f"{opts.seed}/duplicates"))
@@ -286,7 +358,8 @@ class Harness:
         await observer.register()
         observer.start()
         fleet = Fleet(self.replicas(), env_for=self.env_for, logs=self.workdir / "logs",
-                      rng=random.Random(f"{opts.seed}/kills"), cwd=ROOT, say=self.say)
+                      rng=random.Random(f"{opts.seed}/kills"), cwd=ROOT, say=self.say,
+                      broker_down=self.broker_down if opts.restart_broker else None)
         checks: list[Check] = []
         try:
             await fleet.start()
@@ -294,13 +367,17 @@ class Harness:
             self.marks["start"] = time.monotonic()
             calm = asyncio.Event()
             killing = asyncio.create_task(fleet.kill_every(opts.kill_every, calm)) if opts.kill_every else None
+            restarting = (asyncio.create_task(self.restart_every(opts.restart_broker, calm))
+                          if opts.restart_broker else None)
             publishing = asyncio.create_task(self.publish(Publisher(transport, source="/chaos")))
             with Stores(self.data_dir) as stores:
-                ended = await self.wait_ended(stores, fleet, opts.timeout, publishing)
+                ended = await self.wait_ended(stores, fleet, opts.timeout, publishing, restarting)
                 self.marks["ended"] = time.monotonic()
                 calm.set()
                 if killing is not None:
                     await killing
+                if restarting is not None:
+                    await restarting
                 self.say("every order ended" if ended else f"orders still open after {opts.timeout:g}s")
                 backlog, unsent = await self.settle(bus, observer, stores, opts.settle_timeout)
                 stopped_at = time.time()
@@ -359,7 +436,9 @@ class Harness:
             Check("no internal error in the workers", counts.internal_errors == 0,
                   "; ".join(s for s in counts.samples if "internal error" in s)[:500] or "none"),
             Check("no process died unless killed", not fleet.unexpected_exits,
-                  "; ".join(fleet.unexpected_exits[:5]) or f"{len(fleet.kills)} kills, all restarted"),
+                  "; ".join(fleet.unexpected_exits[:5]) or f"{len(fleet.kills)} kills, all restarted" + (
+                      f"; {len(fleet.startup_exits)} processes exited at start-up while the broker was down, "
+                      "restarted" if fleet.startup_exits else "")),
         ]
 
     def report(self, stores: Stores, fleet: Fleet, observer: Observer, checks: list[Check],
@@ -372,13 +451,15 @@ class Harness:
         return {
             "ok": all(c.ok for c in checks),
             "broker": urlsplit(self.url).scheme,
+            "private_server": self.server is not None,
             "orders": len(self.orders),
             "settings": {
                 "fault_rate": opts.fault_rate, "hang_rate": opts.hang_rate, "kill_every_s": opts.kill_every,
                 "duplicate_rate": opts.duplicate_rate, "replicas": opts.replicas, "rate": opts.rate,
                 "lease_s": opts.lease, "concurrency": opts.concurrency, "seed": opts.seed,
                 "processes": len(fleet.replicas), "join_window_s": opts.join_window, "min_kills": opts.min_kills,
-                "relay_lease_s": opts.relay_lease,
+                "relay_lease_s": opts.relay_lease, "restart_broker_s": opts.restart_broker,
+                "min_restarts": opts.min_restarts,
             },
             "outcomes": {"shipped": outcomes.get("shipped", 0), "cancelled": outcomes.get("cancelled", 0),
                          "must_ship": sum(o.must_ship for o in self.orders)},
@@ -387,11 +468,14 @@ class Harness:
                 "handler_timeouts": counts.timeouts, "kills": len(fleet.kills),
                 "duplicates": observer.duplicated + counts.reruns,
                 "duplicate_copies": observer.duplicated, "duplicate_reruns": counts.reruns,
+                "broker_restarts": len(self.restarts), "broker_restart_s": self.restarts,
+                "startup_exits_broker_down": len(fleet.startup_exits),
             },
             "retries": counts.retries,
             "dead_letters": {"total": letters, "by_group_reason": reasons},
             "compensations": {**compensations, "total": sum(compensations.values())},
-            "events": {"distinct": len(observer.seen), "deliveries_to_observer": observer.observed},
+            "events": {"distinct": len(observer.seen), "deliveries_to_observer": observer.observed,
+                       "observer_fetch_failures": observer.failures},
             "pending": backlog,
             "outbox_unsent": unsent,
             "invariants": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
@@ -413,12 +497,14 @@ class Harness:
 def print_report(report: dict[str, Any]) -> None:
     f, o, d = report["faults"], report["outcomes"], report["duration_s"]
     lines = [
-        f"chaos on {report['broker']}: {report['orders']} orders -> shipped {o['shipped']}, "
+        f"chaos on {report['broker']}{' (a private server)' if report['private_server'] else ''}: "
+        f"{report['orders']} orders -> shipped {o['shipped']}, "
         f"cancelled {o['cancelled']} in {d['orders_to_end']}s ({report['orders_per_s']} orders/s; "
         f"placed to ended {report['order_latency_s']})",
         f"faults: {f['transient']} transient, {f['hangs']} hangs ({f['handler_timeouts']} timeouts), "
         f"{f['kills']} kills, {f['duplicates']} duplicates ({f['duplicate_copies']} copies on the bus, "
-        f"{f['duplicate_reruns']} steps run again); retries {report['retries']}",
+        f"{f['duplicate_reruns']} steps run again), {f['broker_restarts']} broker restarts; "
+        f"retries {report['retries']}",
         f"compensations: {report['compensations']}; dead letters: {report['dead_letters']}",
     ]
     for check in report["invariants"]:
