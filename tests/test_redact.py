@@ -68,3 +68,40 @@ def test_a_webhook_credential_in_the_query_or_the_user_is_masked(url: str, shown
 @pytest.mark.parametrize("url", ["https://hooks.example/in?monkey=1&keys=2&sslkey=/k", "amqp://shop@mq/prod"])
 def test_parameters_that_only_end_like_a_secret_and_a_broker_user_are_kept(url: str) -> None:
     assert redact(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.slack.com/services/T000/B000/XXXXXXXX", "https://hooks.slack.com/services/T000/B000/***"),
+        ("https://hooks.slack.com/services/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",
+         "https://hooks.slack.com/services/T0123ABCD/B0123ABCD/***"),
+        ("https://discord.com/api/webhooks/123456789012345678/s3cret", "https://discord.com/api/webhooks/123456789012345678/***"),
+        ("https://discordapp.com/api/webhooks/1234/s3cret?wait=true", "https://discordapp.com/api/webhooks/1234/***?wait=true"),
+        ("https://hooks.example/in/Zx8Qk2LmNp4Rt6Vw9Yb1Cd3F", "https://hooks.example/in/***"),
+        ("https://api.telegram.org/bot123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11/sendMessage",
+         "https://api.telegram.org/***/sendMessage"),
+        ("https://acme.webhook.office.com/IncomingWebhook/0123456789abcdef0123456789abcdef/x",
+         "https://acme.webhook.office.com/IncomingWebhook/***/x"),
+    ],
+    ids=["slack", "slack-real-shape", "discord", "discordapp-query", "mixed-case-token", "telegram", "hex-key"],
+)
+def test_a_webhook_secret_in_the_path_is_masked(url: str, shown: str) -> None:
+    """Slack and Discord carry a webhook's secret as a path segment, whatever it looks like; any
+    other segment of 20 characters or more that mixes upper and lower case letters and digits, or
+    of 32 hex digits or more, is taken for a token."""
+    assert redact(url) == shown
+    assert redact(f"POST {url} answered 401") == f"POST {shown} answered 401"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://shop.example/orders/123", "https://shop.example/api/v1/orders/3f2b1a0e-3c59-4d8e-9a41-2f4c6d8b7e10/items",
+     "https://shop.example/API/V1/ORDERS/3F2B1A0E-3C59-4D8E-9A41-2F4C6D8B7E10",
+     "https://blog.example/posts/my-very-long-article-title-2024", "https://hooks.example/IncomingWebhookForOrders",
+     "https://hooks.slack.com/services/", "https://discord.com/api/webhooks/", "sqlite:///./var/bus.db"],
+)
+def test_ordinary_path_segments_are_kept_where_a_secret_beside_them_is_masked(url: str) -> None:
+    """Names, numbers, slugs and UUIDs say which resource is meant; they are not credentials."""
+    hook = "https://hooks.slack.com/services/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"
+    assert redact(f"{url} failed, then {hook}") == f"{url} failed, then https://hooks.slack.com/services/T0123ABCD/B0123ABCD/***"
