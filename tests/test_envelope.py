@@ -811,6 +811,40 @@ def test_an_event_model_writing_bytes_in_another_encoding_than_it_reads_them_is_
         assert Both.model_validate(orjson.loads(event_json(sent))) == sent
 
 
+@pytest.mark.parametrize("unit", ["seconds", "milliseconds"])
+def test_an_event_model_writing_temporal_values_as_numbers_is_refused_where_it_is_defined(unit: str) -> None:
+    """``ser_json_temporal="seconds"`` writes datetimes and times as numbers, which the consumer's
+    model reads back as UTC: a naive value becomes aware, an aware one loses its offset; with
+    ``"milliseconds"`` a time is refused (a number over 86,399). Pydantic before 2.12 has no such
+    option (the key is ignored there)."""
+    import pydantic
+
+    from choreograph.errors import ConfigurationError
+
+    if tuple(int(part) for part in pydantic.VERSION.split(".")[:2]) < (2, 12):
+        pytest.skip("ser_json_temporal is pydantic >= 2.12")
+
+    class Slot(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(ser_json_temporal=unit)
+        opens: datetime
+
+    with pytest.raises(ConfigurationError) as own:
+        class Booked(Event, type="test.temporal.own"):
+            model_config = pydantic.ConfigDict(ser_json_temporal=unit)
+            at: datetime
+
+    with pytest.raises(ConfigurationError) as nested:
+        class Planned(Event, type="test.temporal.nested"):
+            slots: list[Slot]
+
+    assert f".Booked: its config sets ser_json_temporal={unit!r}, which consumers cannot read back" in str(own.value)
+    assert f".Planned: Slot, a model in it, sets ser_json_temporal={unit!r}" in str(nested.value)
+
+    class Default(Event, type="test.temporal.default"):
+        model_config = pydantic.ConfigDict(ser_json_temporal="iso8601")
+        at: datetime
+
+
 def test_a_model_writing_inf_as_constants_is_refused_once_its_forward_reference_resolves() -> None:
     import pydantic
 

@@ -158,7 +158,10 @@ def _refuse_lossy_config(cls: type[Event]) -> None:
       which a consumer reads as a ``str`` where the field also takes one (``Any``, ``float | str``)
       and refuses in strict mode;
     - ``ser_json_bytes`` other than ``val_json_bytes``: bytes written as base64 are read back as
-      their base64 text, UTF-8 text read as base64 is decoded to other bytes.
+      their base64 text, UTF-8 text read as base64 is decoded to other bytes;
+    - ``ser_json_temporal`` other than ``"iso8601"`` (pydantic >= 2.12): datetimes, dates, times
+      and durations written as numbers; a naive datetime or time is read back as UTC, an aware
+      one loses its offset, and with ``"milliseconds"`` a time is refused (over 86,399).
     """
     stack: list[Any] = [cls.__pydantic_core_schema__]
     while stack:
@@ -183,6 +186,12 @@ def _config_problem(node: dict[str, Any]) -> str | None:
         return (f"sets ser_json_inf_nan={mode!r}, which consumers cannot read back as the value sent "
                 f"({_INF_NAN_MODES.get(mode, 'not JSON')}); leave the default: an event holding inf or nan "
                 f"is then refused where it is emitted")
+    temporal = node.get("ser_json_temporal")  # pydantic >= 2.12
+    if isinstance(temporal, str) and temporal != "iso8601":
+        return (f"sets ser_json_temporal={temporal!r}, which consumers cannot read back as the value sent "
+                f"(a naive datetime or time is read back as UTC, a UTC offset is lost"
+                f"{', a time is refused: its milliseconds exceed 86,399' if temporal == 'milliseconds' else ''}); "
+                f"leave the default, 'iso8601'")
     written, read = node.get("ser_json_bytes", "utf8"), node.get("val_json_bytes", "utf8")
     if isinstance(written, str) and isinstance(read, str) and written != read:
         return (f"writes bytes as {written} (ser_json_bytes) but reads them as {read} (val_json_bytes): "
