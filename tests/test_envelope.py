@@ -811,6 +811,91 @@ def test_an_event_model_writing_bytes_in_another_encoding_than_it_reads_them_is_
         assert Both.model_validate(orjson.loads(event_json(sent))) == sent
 
 
+def test_only_models_that_can_write_an_integer_or_an_offset_are_checked_for_them() -> None:
+    """What the emitters look for beyond nulls, decided once per model from its schema: nothing
+    for a model without an int, a datetime or a time; its top-level int fields' values (compared
+    in place) when those are all; else a search of its JSON (check_wire)."""
+    from datetime import time
+
+    import pydantic
+
+    class Inner(pydantic.BaseModel):
+        count: int
+
+    class Words(Event, type="test.wire.words"):
+        name: str
+        weight: float
+        tags: list[str] = []
+
+    class Counts(Event, type="test.wire.counts"):
+        name: str
+        count: int
+        spare: int | None = None
+        limit: int = 3
+
+    class Nested(Event, type="test.wire.nested"):
+        count: int
+        parts: list[Inner] = []
+
+    class Loose(Event, type="test.wire.loose"):
+        extra: dict[str, Any] = {}
+
+    class Timed(Event, type="test.wire.timed"):
+        at: datetime
+        opens: time | None = None
+
+    class Open(Event, type="test.wire.open"):
+        model_config = pydantic.ConfigDict(extra="allow")
+        name: str
+
+    assert Words.__wire_checks__ == ()
+    assert Counts.__wire_checks__ == ("count", "spare", "limit")
+    assert [cls.__wire_checks__ for cls in (Nested, Loose, Timed, Open)] == [None] * 4
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**400])
+def test_an_int_json_consumers_cannot_read_as_one_is_refused_naming_the_field(value: int) -> None:
+    """orjson reads an integer outside -2**63..2**64-1 as a float (past a double, not at all)."""
+    from choreograph.errors import EmitError
+    from choreograph.events import event_json
+
+    class Ledger(Event, type="test.wire.ledger"):
+        total: int
+        lines: dict[str, Any] = {}
+
+    assert orjson.loads(event_json(Ledger(total=2**64 - 1, lines={"a": -(2**63)}))) == {
+        "total": 2**64 - 1, "lines": {"a": -(2**63)}}
+    with pytest.raises(EmitError) as top:
+        event_json(Ledger(total=value))
+    with pytest.raises(EmitError) as deep:
+        event_json(Ledger(total=1, lines={"a": [1, value]}))
+    assert str(top.value).startswith(f"'test.wire.ledger' cannot be published: $.total: {value} cannot be carried by "
+                                     "JSON; consumers read an integer outside the 64-bit range as a float")
+    assert f"$.lines.a[1]: {value} cannot be carried" in str(deep.value)
+
+
+def test_a_datetime_whose_offset_has_seconds_is_refused_naming_the_field_other_offsets_are_not() -> None:
+    """RFC 3339 offsets are hours and minutes: pydantic writes +05:30:15 as +05:30, another instant."""
+    from choreograph.errors import EmitError
+    from choreograph.events import event_json
+
+    class Stamped(Event, type="test.wire.stamped"):
+        at: datetime
+        seen: dict[str, Any] = {}
+
+    odd = timezone(timedelta(hours=5, minutes=30, seconds=15))
+    for fine in (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=-3))),
+                 datetime(2026, 1, 1)):
+        assert Stamped.model_validate(orjson.loads(event_json(Stamped(at=fine)))).at == fine
+    with pytest.raises(EmitError) as top:
+        event_json(Stamped(at=datetime(2026, 1, 1, tzinfo=odd)))
+    with pytest.raises(EmitError) as deep:
+        event_json(Stamped(at=datetime(2026, 1, 1, tzinfo=UTC), seen={"by": [datetime(1900, 1, 1, tzinfo=odd)]}))
+    assert str(top.value).startswith("'test.wire.stamped' cannot be published: $.at: 2026-01-01T00:00:00+05:30:15 "
+                                     "has a UTC offset with seconds, which RFC 3339 cannot carry")
+    assert "$.seen.by[0]: 1900-01-01T00:00:00+05:30:15 has a UTC offset with seconds" in str(deep.value)
+
+
 @pytest.mark.parametrize("unit", ["seconds", "milliseconds"])
 def test_an_event_model_writing_temporal_values_as_numbers_is_refused_where_it_is_defined(unit: str) -> None:
     """``ser_json_temporal="seconds"`` writes datetimes and times as numbers, which the consumer's

@@ -14,6 +14,8 @@ handler through its context.
 from __future__ import annotations
 
 import math
+import re
+from datetime import datetime, time, timedelta
 from typing import Any, ClassVar
 
 import orjson
@@ -37,9 +39,14 @@ class Event(pydantic.BaseModel):
     __event_type__: ClassVar[str] = ""
     __event_version__: ClassVar[int] = 1
     __schema_uri__: ClassVar[str] = ""
+    #: What the emitters check in this model's values beyond its JSON's nulls (see :func:`check_wire`):
+    #: ``()`` nothing, a tuple of field names the int fields to compare against the 64-bit range,
+    #: ``None`` whatever :func:`check_wire` finds the model may need. Set once its schema is built.
+    __wire_checks__: ClassVar[tuple[str, ...] | None] = None
 
     def __init_subclass__(cls, *, type: str | None = None, version: int = 1, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls.__wire_checks__ = None  # not its parent's: the full check until its own schema is built
         if type is None:
             if not cls.__event_type__:
                 raise ConfigurationError(
@@ -70,12 +77,14 @@ class Event(pydantic.BaseModel):
         super().__pydantic_on_complete__()
         if cls.__event_type__:  # not Event itself
             _refuse_lossy_config(cls)
+            _plan_wire_checks(cls)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         if cls.__pydantic_complete__ and cls.__event_type__:  # older pydantic: not if it waits for a forward reference
             _refuse_lossy_config(cls)
+            _plan_wire_checks(cls)
 
     @classmethod
     def event_type(cls) -> str:
@@ -132,12 +141,15 @@ def field_path(loc: tuple[int | str, ...]) -> str:
 
 def event_json(event: Event) -> bytes:
     """``event`` serialised to JSON, the CloudEvent ``data`` it is published with; :class:`EmitError`
-    if consumers could not read it back (see :func:`check_published`)."""
+    if consumers could not read it back (see :func:`check_published` and :func:`check_wire`)."""
     data = event.__pydantic_serializer__.to_json(event)
     # Cheap: only data that holds a null can have lost a value to it. find(), not ``in``: on
     # bytes ``in`` first tries the operand as an integer, raising and clearing a TypeError.
     if data.find(b"null") != -1:
         check_published(event, data)
+    checks = type(event).__wire_checks__
+    if checks or checks is None:
+        check_wire(event, data)
     return data
 
 
@@ -285,6 +297,154 @@ def _non_finite(sent: Any) -> list[tuple[tuple[int | str, ...], float]]:
             stack.extend(((*loc, key if isinstance(key, str) else str(key)), item) for key, item in value.items())
         elif isinstance(value, (list, tuple, set, frozenset)):
             stack.extend(((*loc, index), item) for index, item in enumerate(value))
+    found.reverse()
+    return found
+
+
+#: The integers orjson, which consumers read ``data`` with, reads as integers: it reads any other as a float.
+I64_MIN = -(2**63)
+U64_MAX = 2**64 - 1
+#: Core schema types whose JSON may hold an integer: an int, and those whose value is unknown here.
+_INT_WRITERS = frozenset({"int", "any", "function-plain", "function-wrap", "is-instance"})
+#: Core schema types whose JSON may hold a datetime or time with a UTC offset.
+_OFFSET_WRITERS = frozenset({"datetime", "time", "any", "function-plain", "function-wrap", "is-instance"})
+#: Per event class: whether its JSON may hold an integer, and a datetime or time with an offset.
+_WIRE_RISKS: dict[type, tuple[bool, bool]] = {}
+#: Every integer outside the 64-bit range has 19 digits or more (-2**63 - 1 has 19).
+_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_DIGITS = b"0" * 19
+#: A JSON string ending in a UTC offset other than Z, as pydantic writes a datetime's or time's.
+_OFFSET_AT_END = re.compile(rb'[+-][0-9]{2}:[0-9]{2}"')
+
+
+def _plan_wire_checks(cls: type[Event]) -> None:
+    """Set ``cls.__wire_checks__`` and its :data:`_WIRE_RISKS` from its core schema: ``()`` if no
+    part of it can write an integer or an offset; the names of its top-level ``int`` fields
+    (``int | None`` and defaults too) if they are the only such parts, which the emitters
+    compare with the 64-bit range in place (cheaper than any search of the JSON); else ``None``."""
+    schema = cls.__pydantic_core_schema__
+    model = schema
+    if model.get("type") == "definitions":  # a model with a recursive or shared part
+        model = model["schema"]
+        if model.get("type") == "definition-ref":
+            model = next((part for part in schema["definitions"] if part.get("ref") == model["schema_ref"]), {})
+    fields: list[str] = []
+    compared: set[int] = set()  # the schemas of those fields, left out of the search below
+    if model.get("type") == "model" and model["schema"].get("type") == "model-fields":
+        for name, field in model["schema"]["fields"].items():
+            inner = field["schema"]
+            while inner.get("type") in ("default", "nullable") and "serialization" not in inner:
+                inner = inner["schema"]
+            if inner.get("type") == "int" and "serialization" not in inner:
+                fields.append(name)
+                compared.add(id(inner))
+    ints = offsets = False
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if id(node) in compared:
+                continue
+            kind = node.get("type")  # a schema's kind, or (a model field named "type") a schema
+            if isinstance(kind, str):
+                ints = ints or kind in _INT_WRITERS
+                offsets = offsets or kind in _OFFSET_WRITERS
+            if node.get("extra_fields_behavior") == "allow":  # extra values are written by their type at run time
+                ints = offsets = True
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    _WIRE_RISKS[cls] = (ints or bool(fields), offsets)
+    cls.__wire_checks__ = tuple(fields) if fields and not ints and not offsets else (
+        None if fields or ints or offsets else ())
+
+
+def check_wire(event: Event, data: bytes) -> None:
+    """Raise :class:`EmitError` if ``data``, ``event`` serialised to JSON, holds a value that
+    consumers would read back as another, or not at all:
+
+    - an integer outside the 64-bit range (-2**63 to 2**64-1): orjson, which consumers read
+      data with, reads it as a float, which an ``int`` field refuses (``invalid_payload``, one
+      hop later) and an ``Any`` field keeps, rounded;
+    - a datetime or time whose UTC offset has seconds (historic zones, +05:30:15): RFC 3339
+      offsets have hours and minutes only, so pydantic writes ``+05:30``, another instant.
+
+    Its message is :func:`check_published`'s, naming each field:
+    ``'shop.ledger.posted' cannot be published: $.total: 18446744073709551616 cannot be carried
+    by JSON; consumers read an integer outside the 64-bit range as a float (1.8446744073709552e+19)``.
+
+    The emitters call it only when the model's schema may hold either (``__wire_checks__``). When
+    all it may hold are top-level int fields, their values are compared with the range in place
+    (``output_message`` and ``first_envelope`` do that themselves, calling only on a value out of
+    range); else a search of ``data`` comes first (a run of 19 digits; an offset at the end of a
+    string), and only what it finds is looked for in the values.
+    """
+    cls = type(event)
+    checks = cls.__wire_checks__
+    if checks:  # top-level int fields only: compared in place
+        values = event.__dict__
+        try:
+            if all(I64_MIN <= (values[name] or 0) <= U64_MAX for name in checks):  # or 0: an int | None's None
+                return
+        except (TypeError, KeyError):  # not an int, or not set (model_construct): search below
+            pass
+    ints, offsets = _WIRE_RISKS.get(cls, (True, True))
+    reasons: dict[str, str] = {}
+    if ints and data.translate(_DIGITS_AS_ZEROS).find(_NINETEEN_DIGITS) != -1:
+        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event, mode="json")):
+            if type(value) is int and not I64_MIN <= value <= U64_MAX:
+                reasons.setdefault(field_path(loc), f"{value} {_NOT_AN_INT}{_as_float(value)}")
+    if offsets and _OFFSET_AT_END.search(data) is not None:
+        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event)):
+            if isinstance(value, (datetime, time)):
+                problem = _offset_problem(value)
+                if problem is not None:
+                    reasons.setdefault(field_path(loc), problem)
+    if reasons:
+        summary = "; ".join(f"{path}: {reason}" for path, reason in list(reasons.items())[:5])
+        more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
+        raise EmitError(f"{cls.__event_type__!r} cannot be published: {summary}{more}")
+
+
+_NOT_AN_INT = "cannot be carried by JSON; consumers read an integer outside the 64-bit range as a float"
+
+
+def _as_float(value: int) -> str:
+    try:
+        return f" ({float(value)!r})"
+    except OverflowError:  # past a double: not read at all
+        return " (this one is past any float: consumers cannot read the event)"
+
+
+def _offset_problem(value: datetime | time) -> str | None:
+    try:
+        offset = value.utcoffset()
+    except Exception:  # noqa: BLE001 - a tzinfo that cannot say (a zone, for a time): written without one
+        return None
+    if offset is None or not offset % timedelta(minutes=1):
+        return None
+    return (f"{value.isoformat()} has a UTC offset with seconds, which RFC 3339 cannot carry; it would be "
+            f"published with the offset cut to hours and minutes, another time: convert it first "
+            f"(e.g. .astimezone(UTC))")
+
+
+def _leaves(sent: Any) -> list[tuple[tuple[int | str, ...], Any]]:
+    """Every value in ``sent``, an event's dump, with its path; a dict's keys that are not
+    strings too (a datetime key is written as text), at the path of their value."""
+    found: list[tuple[tuple[int | str, ...], Any]] = []
+    stack: list[tuple[tuple[int | str, ...], Any]] = [((), sent)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                at = (*loc, key if isinstance(key, str) else str(key))
+                if not isinstance(key, str):
+                    found.append((at, key))
+                stack.append((at, item))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(((*loc, index), item) for index, item in enumerate(value))
+        else:
+            found.append((loc, value))
     found.reverse()
     return found
 

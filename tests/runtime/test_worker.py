@@ -7,6 +7,7 @@ import contextvars
 import functools
 import inspect
 from collections.abc import Collection, Sequence
+from datetime import UTC, datetime, time, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -611,6 +612,142 @@ async def test_the_publisher_refuses_an_event_json_cannot_carry_before_publishin
     assert str(raised.value) == f"'test.worker.quoted' cannot be published: $.price: inf {_NOT_JSON}"
     assert [data["order_id"] for _, data, _ in sink.received] == ["fine"]
     assert await bus.dead_letters("publisher-sink") == []
+
+
+class Counted(Event, type="test.worker.counted"):
+    order_id: str
+    count: int
+    spare: int | None = None
+
+
+class Tallied(Event, type="test.worker.tallied"):
+    order_id: str
+    counts: list[int] = []
+    extra: dict[str, Any] = {}
+
+
+_AS_FLOAT = "cannot be carried by JSON; consumers read an integer outside the 64-bit range as a float"
+
+
+@pytest.mark.parametrize(("fields", "path", "value"), [
+    ({"count": 2**64}, "$.count", 2**64),
+    ({"count": -(2**63) - 1}, "$.count", -(2**63) - 1),
+    ({"count": 1, "spare": 10**30}, "$.spare", 10**30),
+])
+async def test_an_output_with_an_int_outside_the_64_bit_range_is_rejected_naming_the_field(
+    bus: MemoryTransport, fields: dict[str, Any], path: str, value: int
+) -> None:
+    """orjson, which consumers read data with, reads a larger integer as a float, which an ``int``
+    field refuses: dead-lettered ``invalid_payload`` one hop on. Refused where it is emitted."""
+    svc = Service("counting")
+    sink = Recorder("count-sink", Counted)
+
+    @svc.on(Placed)
+    async def count(order: Placed) -> Counted:
+        return Counted(order_id=order.order_id, **fields)
+
+    async with Worker([svc, sink], bus) as worker:
+        [env] = await Publisher(bus).publish(Placed(order_id="o-5"))
+        await settled(bus)
+        stats = worker.stats("counting")
+    assert sink.received == [] and await bus.dead_letters("count-sink") == []
+    [letter] = await bus.dead_letters("counting")
+    assert letter.message.id == env.id and letter.record["reason"] == "rejected" and letter.record["attempts"] == 1
+    assert letter.record["last_error"]["type"] == "EmitError"
+    assert letter.record["last_error"]["message"].startswith(
+        f"'test.worker.counted' cannot be published: {path}: {value} {_AS_FLOAT} ({float(value)!r})")
+    assert (stats.dead_lettered, stats.handled) == (1, 0)
+
+
+async def test_an_output_with_a_big_int_deep_in_a_list_or_an_any_field_is_rejected(bus: MemoryTransport) -> None:
+    """In an ``Any`` field the consumer keeps the float: the value silently rounded. Refused too."""
+    svc = Service("tallying")
+    sink = Recorder("tally-sink", Tallied)
+
+    @svc.on(Placed, emits=[Tallied])
+    async def tally(order: Placed, ctx: Context) -> None:
+        ctx.publish(Tallied(order_id=order.order_id, counts=[1, 2**64 - 1]))  # the largest orjson reads
+        ctx.publish(Tallied(order_id=order.order_id, counts=[1, 2], extra={"n": [2**70 + 1]}))
+
+    async with Worker([svc, sink], bus):
+        await Publisher(bus).publish(Placed(order_id="o-6"))
+        await settled(bus)
+    assert sink.received == []
+    [letter] = await bus.dead_letters("tallying")
+    assert letter.record["reason"] == "rejected"
+    assert f"$.extra.n[0]: {2**70 + 1} {_AS_FLOAT}" in letter.record["last_error"]["message"]
+
+
+async def test_the_publisher_refuses_an_int_outside_the_64_bit_range_and_publishes_the_extremes(
+    bus: MemoryTransport,
+) -> None:
+    sink = Recorder("extreme-sink", Counted)
+    async with Worker([sink], bus):
+        with pytest.raises(EmitError) as raised:
+            await Publisher(bus).publish(Counted(order_id="bad", count=2**64))
+        await Publisher(bus).publish(Counted(order_id="max", count=2**64 - 1),
+                                     Counted(order_id="min", count=-(2**63), spare=None))
+        await settled(bus)
+    assert str(raised.value) == (f"'test.worker.counted' cannot be published: $.count: {2**64} {_AS_FLOAT} "
+                                 f"({float(2**64)!r})")
+    assert [(data["order_id"], data["count"]) for _, data, _ in sink.received] == [
+        ("max", 2**64 - 1), ("min", -(2**63))]
+    assert await bus.dead_letters("extreme-sink") == []
+
+
+class Scheduled(Event, type="test.worker.scheduled"):
+    order_id: str
+    at: datetime
+    opens: time | None = None
+
+
+_SECONDS_OFFSET = timezone(timedelta(hours=5, minutes=30, seconds=15))
+_CUT_OFFSET = ("has a UTC offset with seconds, which RFC 3339 cannot carry; it would be published with the "
+               "offset cut to hours and minutes, another time")
+
+
+@pytest.mark.parametrize(("fields", "path", "shown"), [
+    ({"at": datetime(2026, 1, 1, 12, tzinfo=_SECONDS_OFFSET)}, "$.at", "2026-01-01T12:00:00+05:30:15"),
+    ({"at": datetime(2026, 1, 1, 12, tzinfo=timezone(-timedelta(minutes=1, microseconds=5)))}, "$.at",
+     "2026-01-01T12:00:00-00:01:00.000005"),
+    ({"at": datetime(2026, 1, 1, tzinfo=UTC), "opens": time(9, tzinfo=_SECONDS_OFFSET)}, "$.opens",
+     "09:00:00+05:30:15"),
+])
+async def test_an_output_with_a_utc_offset_holding_seconds_is_rejected_naming_the_field(
+    bus: MemoryTransport, fields: dict[str, Any], path: str, shown: str
+) -> None:
+    """pydantic writes +05:30:15 as +05:30 (RFC 3339 offsets have no seconds): the consumer
+    would read another instant, silently. Refused where it is emitted."""
+    svc = Service("scheduling")
+    sink = Recorder("schedule-sink", Scheduled)
+
+    @svc.on(Placed)
+    async def schedule(order: Placed) -> Scheduled:
+        return Scheduled(order_id=order.order_id, **fields)
+
+    async with Worker([svc, sink], bus):
+        await Publisher(bus).publish(Placed(order_id="o-7"))
+        await settled(bus)
+    assert sink.received == []
+    [letter] = await bus.dead_letters("scheduling")
+    assert letter.record["reason"] == "rejected" and letter.record["last_error"]["type"] == "EmitError"
+    assert letter.record["last_error"]["message"].startswith(
+        f"'test.worker.scheduled' cannot be published: {path}: {shown} {_CUT_OFFSET}")
+
+
+async def test_the_publisher_refuses_an_offset_with_seconds_and_publishes_whole_minutes(bus: MemoryTransport) -> None:
+    sink = Recorder("offset-sink", Scheduled)
+    fine = [datetime(2026, 1, 1, 12, tzinfo=UTC), datetime(2026, 1, 1, 12, tzinfo=timezone(timedelta(hours=-5,
+                                                                                                         minutes=-30)))]
+    async with Worker([sink], bus):
+        with pytest.raises(EmitError) as raised:
+            await Publisher(bus).publish(Scheduled(order_id="bad", at=datetime(2026, 1, 1, tzinfo=_SECONDS_OFFSET)))
+        await Publisher(bus).publish(*(Scheduled(order_id="fine", at=at) for at in fine))
+        await settled(bus)
+    assert str(raised.value).startswith(
+        f"'test.worker.scheduled' cannot be published: $.at: 2026-01-01T00:00:00+05:30:15 {_CUT_OFFSET}")
+    assert [(data["at"], data["at"].utcoffset()) for _, data, _ in sink.received] == [
+        (at, at.utcoffset()) for at in fine]
 
 
 class _Custom(BaseException):
