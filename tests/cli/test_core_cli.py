@@ -392,9 +392,11 @@ UNREACHABLE = {"nats": "nats://127.0.0.1:1", "amqp": "amqp://guest:guest@127.0.0
 
 @pytest.mark.parametrize("scheme", sorted(UNREACHABLE))
 @pytest.mark.parametrize("command", [["publish", "chain.order.placed"], ["dlq", "list"],
-                                     ["run", "examples.chain:app", "--store", "memory://"]], ids=["publish", "dlq", "run"])
+                                     ["run", "examples.chain:app", "--store", "memory://", "--connect-timeout", "0"]],
+                         ids=["publish", "dlq", "run"])
 def test_an_unreachable_broker_is_one_error_line_without_the_clients_own_lines(scheme: str, command: list[str]) -> None:
-    """nats-py's errors (relayed as warnings) and aiormq's (an ERROR per attempt) came first."""
+    """nats-py's errors (relayed as warnings) and aiormq's (an ERROR per attempt) came first.
+    (``run`` tries once with ``--connect-timeout 0``; tests/cli/test_connect.py has the waiting.)"""
     result = cli(*command, "--broker", UNREACHABLE[scheme])
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {scheme}: connect to ") and result.stderr.count("\n") == 1, result.stderr
@@ -403,7 +405,7 @@ def test_an_unreachable_broker_is_one_error_line_without_the_clients_own_lines(s
 
 def test_run_with_log_level_debug_keeps_the_client_libraries_lines() -> None:
     result = cli("run", "examples.chain:app", "--store", "memory://", "--log-level", "debug",
-                 "--broker", UNREACHABLE["amqp"])
+                 "--broker", UNREACHABLE["amqp"], "--connect-timeout", "0")
     assert result.returncode == 2
     assert "aiormq.connection: error when creating transport" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: amqp: connect to 127.0.0.1:1")

@@ -200,6 +200,16 @@ async def test_a_refused_first_connect_is_one_error_naming_the_reason_and_no_war
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+async def test_a_refused_first_connect_is_raised_from_the_sockets_own_error() -> None:
+    """Not from nats-py's NoServersError: the CLI's --connect-timeout tries again only what the cause
+    says cannot be reached (a refused login must fail at once)."""
+    from tests._nats_server import free_port
+
+    with pytest.raises(TransportError) as raised:
+        await NatsTransport(f"nats://127.0.0.1:{free_port()}").connect()
+    assert isinstance(raised.value.__cause__, ConnectionRefusedError), repr(raised.value.__cause__)
+
+
 async def test_using_the_transport_before_connect_is_a_transport_error() -> None:
     with pytest.raises(TransportError):
         await NatsTransport("nats://127.0.0.1:4222").publish([msg(1)])

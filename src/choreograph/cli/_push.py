@@ -28,7 +28,8 @@ from choreograph.cli._common import (
     run_async,
     seconds,
 )
-from choreograph.cli._run import default_store_url, telemetry_options
+from choreograph.cli._connect import DEFAULT_CONNECT_TIMEOUT, ConnectTimeoutOption, unless_stopped
+from choreograph.cli._run import connect_at_start, default_store_url, telemetry_options
 from choreograph.errors import ConfigurationError
 from choreograph.logs import announce, configure_logging
 from choreograph.stores import open_store
@@ -68,6 +69,7 @@ def push(
     log_format: str = LogFormatOption,
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
+    connect_timeout: float = ConnectTimeoutOption,
 ) -> None:
     """Deliver events to HTTP subscribers (CloudEvents over HTTP, signed) until SIGTERM or Ctrl-C."""
     from choreograph._push_config import PushConfig, load_config, subscription_from_mapping
@@ -94,7 +96,7 @@ def push(
     if not settings.subscriptions:
         raise ConfigurationError("push: nothing to deliver; give --group, --type and --url, or --config FILE")
     serve(settings, broker=broker, store=store, origin=origin, concurrency=concurrency, drain_timeout=drain_timeout,
-          metrics_port=metrics_port, metrics_host=metrics_host)
+          metrics_port=metrics_port, metrics_host=metrics_host, connect_timeout=connect_timeout)
 
 
 #: Seconds a stopping ambassador waits for pushes in flight, unless the option or the file says.
@@ -117,6 +119,7 @@ def serve(
     drain_timeout: float | None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> None:
     from choreograph.push import PushAmbassador
 
@@ -125,7 +128,8 @@ def serve(
     subscriptions: list[PushSubscription] = settings.subscriptions
     names = "+".join(s.group for s in subscriptions)
     transport = open_transport(url)
-    inbox = open_store(store or settings.store or default_store_url(url, names))
+    store_url = store or settings.store or default_store_url(url, names)
+    inbox = open_store(store_url)
     telemetry, _ = telemetry_options(names, False, metrics_port, metrics_host)  # metrics only: no push spans yet
     ambassador = PushAmbassador(
         subscriptions, transport, store=inbox,
@@ -152,6 +156,11 @@ def serve(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        if not await unless_stopped(connect_at_start(transport, url, inbox, store_url, connect_timeout), stop):
+            announce(f"stopping {names}: stopped while waiting to connect", label="choreograph push", colour="yellow")
+            await inbox.close()
+            await transport.close()
+            return
         await ambassador.start()
         for sub in subscriptions:
             announce(

@@ -33,15 +33,16 @@ from choreograph.cli._common import (
     run_async,
     seconds,
 )
+from choreograph.cli._connect import ConnectTimeoutOption, Patience, unless_stopped
 from choreograph.errors import ConfigurationError
 from choreograph.faults import load_faults
 from choreograph.logs import announce, configure_logging
 from choreograph.runtime import Worker
 from choreograph.runtime.gc_tuning import DEFAULT_GC_THRESHOLD, tune_gc
 from choreograph.runtime.worker import DEFAULT_ACK_DELAY
-from choreograph.stores import open_store
+from choreograph.stores import InboxStore, open_store
 from choreograph.telemetry import Telemetry, configure_tracing, serve_metrics
-from choreograph.transports import open_transport
+from choreograph.transports import Transport, open_transport
 
 
 def default_store_url(broker: str, name: str) -> str:
@@ -86,6 +87,7 @@ def run(
         help="Young-generation GC threshold set as the worker starts, after freezing what start-up "
         "allocated (0: Python's defaults; see choreograph.runtime.gc_tuning)",
     ),
+    connect_timeout: float = ConnectTimeoutOption,
 ) -> None:
     """Run a service as a worker until SIGTERM or Ctrl-C (in-flight work is drained or released)."""
     configure_logging(log_level, log_format)
@@ -95,7 +97,8 @@ def run(
     store = given_url(store, "--store", "a store URL")
     transport = open_transport(url)
     names = "+".join(s.name for s in services)
-    inbox = open_store(store or default_store_url(url, names))
+    store_url = store or default_store_url(url, names)
+    inbox = open_store(store_url)
     telemetry, provider = telemetry_options(names, otel, metrics_port, metrics_host)
 
     async def main() -> None:
@@ -117,6 +120,11 @@ def run(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        if not await unless_stopped(connect_at_start(transport, url, inbox, store_url, connect_timeout), stop):
+            announce(f"stopping {names}: stopped while waiting to connect", colour="yellow")
+            await inbox.close()
+            await transport.close()
+            return
         tune_gc(gc_threshold)  # before the worker starts: nothing in flight gets frozen
         await worker.start()
         announce(f"running {names} on {redact(url)} (pid {os.getpid()})")
@@ -133,6 +141,16 @@ def run(
     finally:
         if provider is not None:
             provider.shutdown()  # export the spans still buffered
+
+
+async def connect_at_start(transport: Transport, url: str, inbox: InboxStore, store_url: str, timeout: float) -> None:
+    """Connect to the broker, then open the inbox, each tried again while it cannot be reached
+    (``--connect-timeout``): :meth:`Worker.start` (or the push ambassador's) then finds both open.
+
+    Shared by ``run`` and ``push``."""
+    patience = Patience(timeout)
+    await patience.connect(transport.connect, f"the broker {redact(url)}")
+    await patience.connect(inbox.open, f"the inbox store {redact(store_url)}")
 
 
 def telemetry_options(

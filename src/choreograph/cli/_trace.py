@@ -40,6 +40,7 @@ from choreograph.cli._common import (
     run_async,
     seconds,
 )
+from choreograph.cli._connect import ConnectTimeoutOption, Patience, unless_stopped
 from choreograph.errors import ConfigurationError
 from choreograph.logs import announce, configure_logging
 from choreograph.service import App, Service
@@ -229,17 +230,31 @@ def run_journal(
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
     log_format: str = LogFormatOption,
+    connect_timeout: float = ConnectTimeoutOption,
 ) -> None:
     """Run the journal: record every event by correlation id and announce stuck transactions."""
     configure_logging(log_level, log_format)
     url, store_url = broker_url(broker), journal_url(store, "--store")
     journal = _journal_for(target, store_url, url, stuck_after)
 
+    async def connect() -> None:
+        """The store, then the broker, as :meth:`Journal.start` opens them, each tried again while
+        it cannot be reached (``--connect-timeout``)."""
+        transport = journal.transport
+        assert transport is not None  # given: the broker URL
+        patience = Patience(connect_timeout)
+        await patience.connect(journal.open, f"the journal store {redact(store_url)}")
+        await patience.connect(transport.connect, f"the broker {redact(url)}")
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if not await unless_stopped(connect(), stop):
+            announce("journal stopped while waiting to connect", colour="yellow")
+            await journal.stop()
+            return
         await journal.start()
         announce(f"{READY} on {redact(url)}, recording to {redact(store_url)} (pid {os.getpid()})")
         await stop.wait()

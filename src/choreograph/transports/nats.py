@@ -116,6 +116,11 @@ _MSG_ID_HEADER_SIZE = codec.header_size({codec.H_MSG_ID: ""})  # plus the id's l
 _SUBJECT_CACHE = 10_000  # event types whose subject publish remembers
 
 
+def _message(exc: Exception) -> str:
+    """What nats-py reported to ``error_cb``, as a line: its text, else its class."""
+    return str(exc) or type(exc).__name__
+
+
 class NatsTransport(GroupBindings, Transport):
     """Choreograph's bus on NATS JetStream.
 
@@ -153,7 +158,7 @@ class NatsTransport(GroupBindings, Transport):
         self._closed = False
         self._multi_filter = True
         self._connecting = asyncio.Lock()
-        self._connect_errors: list[str] | None = None  # during a first connect: what error_cb reported
+        self._connect_errors: list[Exception] | None = None  # during a first connect: what error_cb reported
         self._subscriptions: set[NatsSubscription] = set()
         self._subjects: dict[str, str] = {}  # event type -> its subject (ids in the header)
 
@@ -173,7 +178,7 @@ class NatsTransport(GroupBindings, Transport):
             finally:
                 errors, self._connect_errors = self._connect_errors, None
             for error in errors:
-                log.warning("nats: while connecting: %s", error)
+                log.warning("nats: while connecting: %s", _message(error))
             await self._set_up(nc)
 
     async def _first_connect(self) -> DirectClient:
@@ -193,12 +198,14 @@ class NatsTransport(GroupBindings, Transport):
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                 )
-        except TransportError as exc:
+        except TransportError:
             if not self._connect_errors:
                 raise
             last = self._connect_errors[-1]
             self._connect_errors.clear()  # said here: not again as warnings
-            raise TransportError(f"nats: connect to {where} failed: {last}") from exc
+            # chained from the attempt's own error (a refused socket, a login refused), not from
+            # nats-py's NoServersError: what went wrong decides whether trying again can help
+            raise TransportError(f"nats: connect to {where} failed: {_message(last)}") from last
         return nc
 
     async def _set_up(self, nc: DirectClient) -> None:
@@ -247,11 +254,10 @@ class NatsTransport(GroupBindings, Transport):
             self._js.cancel()
 
     async def _on_error(self, exc: Exception) -> None:
-        message = str(exc) or type(exc).__name__
         if self._connect_errors is not None:
-            self._connect_errors.append(message)
+            self._connect_errors.append(exc)
         else:
-            log.warning("nats: %s", message)
+            log.warning("nats: %s", _message(exc))
 
     async def _on_disconnected(self) -> None:
         if not self._closed:
