@@ -118,8 +118,9 @@ class Fleet:
         self.counts = LogCounts()
         self.kills: list[dict[str, object]] = []
         self.unexpected_exits: list[str] = []
-        # ``choreograph run`` exits when it cannot reach its broker at start-up (a process manager
-        # starts it again): with the broker restarted under it, such exits are expected.
+        # ``choreograph run`` exits when it cannot reach its broker at start-up within its
+        # --connect-timeout (a process manager starts it again): with the broker restarted
+        # under it, such exits are expected.
         self.broker_down = broker_down
         self.startup_exits: list[str] = []
         self._files: dict[str, IO[str]] = {}
