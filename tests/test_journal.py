@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from choreograph import FAILED, App, Event, Failure, Publisher, Reject, Service, Worker, derive_id
@@ -425,7 +425,7 @@ async def test_a_timeout_carries_the_trace_context_of_the_transaction(
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     root = first_envelope(Requested(order="o-1", mode="stall"), source="/gateway", id="tx-traced",
                           traceparent=f"00-{trace}-00f067aa0ba902b7-01")
-    charged = dataclasses.replace(
+    charged = msgspec.structs.replace(
         first_envelope(Charged(order="o-1", mode="stall"), source="/choreograph/payment", id="tx-traced-charged",
                        correlation_id="tx-traced", traceparent=f"00-{trace}-b7ad6b7169203331-01"),
         causationid="tx-traced", tracestate="vendor=opaque",
