@@ -874,6 +874,31 @@ def test_an_int_json_consumers_cannot_read_as_one_is_refused_naming_the_field(va
     assert f"$.lines.a[1]: {value} cannot be carried" in str(deep.value)
 
 
+def test_an_int_out_of_range_deep_in_a_model_that_holds_itself_is_refused_by_every_emitter() -> None:
+    """A tree's int fields are written at every level, not only the top one: compared in place,
+    the top level's values say nothing of its children's."""
+    from choreograph._envelope import id_suffix
+    from choreograph.errors import EmitError
+    from choreograph.events import event_json
+    from choreograph.runtime.records import output_message
+
+    class Tree(Event, type="test.wire.tree"):
+        size: int
+        children: list[Tree] = []
+
+    deep = Tree(size=1, children=[Tree(size=2, children=[Tree(size=2**64)])])
+    cause = Envelope(id="in-1", source="/s", type="test.wire.cause")
+    emitters = {
+        "event_json": lambda: event_json(deep),
+        "first_envelope": lambda: first_envelope(deep, source="/s", id="e-1"),
+        "output_message": lambda: output_message(deep, cause, id_suffix("svc", "h", 0), "/svc"),
+    }
+    for emit in emitters.values():
+        with pytest.raises(EmitError, match=r"\$\.children\[0\]\.children\[0\]\.size: 18446744073709551616 "):
+            emit()
+    assert orjson.loads(event_json(Tree(size=1, children=[Tree(size=2**64 - 1)])))["children"][0]["size"] == 2**64 - 1
+
+
 def test_a_datetime_whose_offset_has_seconds_is_refused_naming_the_field_other_offsets_are_not() -> None:
     """RFC 3339 offsets are hours and minutes: pydantic writes +05:30:15 as +05:30, another instant."""
     from choreograph.errors import EmitError

@@ -321,10 +321,15 @@ def _plan_wire_checks(cls: type[Event]) -> None:
     """Set ``cls.__wire_checks__`` and its :data:`_WIRE_RISKS` from its core schema: ``()`` if no
     part of it can write an integer or an offset; the names of its top-level ``int`` fields
     (``int | None`` and defaults too) if they are the only such parts, which the emitters
-    compare with the 64-bit range in place (cheaper than any search of the JSON); else ``None``."""
+    compare with the 64-bit range in place (cheaper than any search of the JSON); else ``None``.
+
+    A model that holds itself (a tree: ``children: list[Node]``) writes its int fields at depth
+    too, through a reference to the one schema whose top level is compared in place: ``None``."""
     schema = cls.__pydantic_core_schema__
     model = schema
+    top_ref = None  # the reference that stands for the model at the top (not a part holding it)
     if model.get("type") == "definitions":  # a model with a recursive or shared part
+        top_ref = model["schema"]
         model = model["schema"]
         if model.get("type") == "definition-ref":
             model = next((part for part in schema["definitions"] if part.get("ref") == model["schema_ref"]), {})
@@ -339,6 +344,7 @@ def _plan_wire_checks(cls: type[Event]) -> None:
                 fields.append(name)
                 compared.add(id(inner))
     ints = offsets = False
+    refs: set[Any] = set()  # the definitions some part refers to
     stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
@@ -349,11 +355,15 @@ def _plan_wire_checks(cls: type[Event]) -> None:
             if isinstance(kind, str):
                 ints = ints or kind in _INT_WRITERS
                 offsets = offsets or kind in _OFFSET_WRITERS
+                if kind == "definition-ref" and node is not top_ref:
+                    refs.add(node.get("schema_ref"))
             if node.get("extra_fields_behavior") == "allow":  # extra values are written by their type at run time
                 ints = offsets = True
             stack.extend(node.values())
         elif isinstance(node, (list, tuple)):
             stack.extend(node)
+    if fields and model.get("ref") in refs:  # it holds itself: its int fields are searched for
+        ints = True
     _WIRE_RISKS[cls] = (ints or bool(fields), offsets)
     cls.__wire_checks__ = tuple(fields) if fields and not ints and not offsets else (
         None if fields or ints or offsets else ())
