@@ -171,6 +171,25 @@ def test_values_orjson_cannot_write_keep_the_record(records: Records) -> None:
     assert record["cents"] == str(2**64) and record["by"] == "{('eu', 1): 3}"
 
 
+def test_an_envelope_or_context_in_extra_is_written_as_an_object_of_its_fields(records: Records) -> None:
+    envelope = first_envelope(Ordered(order_id="o-1", amount=30), source="/shop", id="e-1")
+    ctx = Context(envelope, "payment", "charge", 2)
+    logging.getLogger("app").info("got", extra={"envelope": envelope, "ctx": ctx})
+    [record] = records()
+    assert record["envelope"]["id"] == "e-1" and record["envelope"]["data"] == {"order_id": "o-1", "amount": 30}
+    assert record["ctx"]["envelope"] == record["envelope"] and record["ctx"]["attempt"] == 2
+    assert "_sealed" not in record["ctx"] and "_unit" not in record["ctx"]  # private, as for a dataclass
+
+
+def test_a_value_orjson_cannot_write_beside_one_it_writes_by_repr_keeps_the_record(records: Records) -> None:
+    """The second try (each value on its own) writes what the first wrote: reprs, objects, int keys."""
+    envelope = first_envelope(Ordered(order_id="o-1", amount=30), source="/shop", id="e-1")
+    logging.getLogger("app").info("got", extra={"cents": 2**64, "path": Path("/x"), "by": {1: 2}, "envelope": envelope})
+    [record] = records()
+    assert record["cents"] == str(2**64) and record["path"] == "PosixPath('/x')" and record["by"] == {"1": 2}
+    assert record["envelope"]["id"] == "e-1"
+
+
 def test_choreograph_dev_reads_the_log_format_from_the_environment(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "choreograph", "dev", "examples.drone_delivery.app:app", "--data-dir", str(tmp_path)],

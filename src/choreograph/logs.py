@@ -12,8 +12,9 @@ and ``journal``) writes every log record as one JSON line on stderr::
 The event's fields come from the handler context (:func:`~choreograph.context.current_context`),
 so the runtime's own records (retries, dead letters) carry them as well as ``ctx.logger``'s
 and any ``logging`` call made while a handler runs; ``trace_id`` / ``span_id`` appear when
-OpenTelemetry has a span current (``--otel``). Fields given with ``extra=`` are kept; a
-value JSON cannot hold is written as its ``repr``. In code::
+OpenTelemetry has a span current (``--otel``). Fields given with ``extra=`` are kept (an
+``Envelope`` or a ``Context`` as an object of its fields); a value JSON cannot hold is written
+as its ``repr``. In code::
 
     from choreograph.logs import configure_logging
     configure_logging("INFO", "json")
@@ -26,6 +27,7 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
 import orjson
 
 from choreograph.context import current_context
@@ -87,9 +89,17 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def _default(value: Any) -> Any:
+    """What orjson writes for a value it has no type for: a msgspec Struct (an ``Envelope``, a
+    ``Context``) as an object of its public fields, as orjson writes a dataclass; else its repr."""
+    if isinstance(value, msgspec.Struct):
+        return {name: getattr(value, name) for name in value.__struct_fields__ if not name.startswith("_")}
+    return repr(value)
+
+
 def _encodable(value: Any) -> Any:
     try:
-        orjson.dumps(value, default=repr, option=orjson.OPT_NON_STR_KEYS)
+        orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:
         return repr(value)
     return value
@@ -115,9 +125,10 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
         try:
-            return orjson.dumps(out, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
+            return orjson.dumps(out, default=_default, option=orjson.OPT_NON_STR_KEYS).decode()
         except TypeError:  # an int wider than 64 bits, a key orjson cannot write: that value as its repr
-            return orjson.dumps({key: _encodable(value) for key, value in out.items()}).decode()
+            return orjson.dumps({key: _encodable(value) for key, value in out.items()}, default=_default,
+                                option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
