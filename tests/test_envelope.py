@@ -921,6 +921,30 @@ def test_a_datetime_whose_offset_has_seconds_is_refused_naming_the_field_other_o
     assert "$.seen.by[0]: 1900-01-01T00:00:00+05:30:15 has a UTC offset with seconds" in str(deep.value)
 
 
+def test_a_datetime_with_seconds_in_its_offset_that_the_models_json_serializer_converts_is_published() -> None:
+    """What is checked is what is written: a serializer used for JSON only (converting to UTC)
+    does not show in the Python dump the values are read from."""
+    import pydantic
+
+    from choreograph.errors import EmitError
+    from choreograph.events import event_json
+
+    class Converted(Event, type="test.wire.converted"):
+        at: datetime
+        seen: datetime | None = None
+
+        @pydantic.field_serializer("at", when_used="json")
+        def _in_utc(self, value: datetime) -> str:
+            return value.astimezone(UTC).isoformat()
+
+    odd = timezone(timedelta(hours=5, minutes=30, seconds=15))
+    at = datetime(2026, 1, 1, tzinfo=odd)
+    sent = orjson.loads(event_json(Converted(at=at, seen=datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=2))))))
+    assert datetime.fromisoformat(sent["at"]) == at  # the same instant
+    with pytest.raises(EmitError, match=r"\$\.seen: 2026-01-01T00:00:00\+05:30:15 has a UTC offset with seconds"):
+        event_json(Converted(at=at, seen=at))  # the field it does not convert is still refused
+
+
 @pytest.mark.parametrize("unit", ["seconds", "milliseconds"])
 def test_an_event_model_writing_temporal_values_as_numbers_is_refused_where_it_is_defined(unit: str) -> None:
     """``ser_json_temporal="seconds"`` writes datetimes and times as numbers, which the consumer's

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import orjson
 import pydantic
+import pydantic_core
 
 from choreograph._envelope import string_problem
 from choreograph.errors import ConfigurationError, EmitError
@@ -408,7 +409,7 @@ def check_wire(event: Event, data: bytes) -> None:
         for loc, value in _leaves(event.__pydantic_serializer__.to_python(event)):
             if isinstance(value, (datetime, time)):
                 problem = _offset_problem(value)
-                if problem is not None:
+                if problem is not None and _written_cut(value, data):
                     reasons.setdefault(field_path(loc), problem)
     if reasons:
         summary = "; ".join(f"{path}: {reason}" for path, reason in list(reasons.items())[:5])
@@ -436,6 +437,17 @@ def _offset_problem(value: datetime | time) -> str | None:
     return (f"{value.isoformat()} has a UTC offset with seconds, which RFC 3339 cannot carry; it would be "
             f"published with the offset cut to hours and minutes, another time: convert it first "
             f"(e.g. .astimezone(UTC))")
+
+
+def _written_cut(value: datetime | time, data: bytes) -> bool:
+    """Whether ``data`` holds ``value`` as pydantic writes it, its offset cut: not if the model's
+    own JSON serializer wrote it otherwise (``when_used="json"``, converted to UTC, say), which
+    the Python dump the values are read from does not show."""
+    try:
+        written = pydantic_core.to_json(value)
+    except (pydantic_core.PydanticSerializationError, ValueError):  # a tzinfo that cannot say: look no further
+        return True
+    return data.find(written) != -1
 
 
 def _leaves(sent: Any) -> list[tuple[tuple[int | str, ...], Any]]:
