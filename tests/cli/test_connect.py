@@ -6,6 +6,7 @@ The brokers are private servers on free loopback ports, started by the test afte
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
@@ -23,6 +24,7 @@ import pytest
 
 from choreograph.cli._connect import unreachable
 from choreograph.errors import ConfigurationError, StoreError, TransportError
+from choreograph.transports import open_transport
 from tests._nats_server import NatsServer, free_port, require_binary
 from tests._private_brokers import missing
 from tests._procs import lines_until, stop
@@ -83,6 +85,61 @@ def test_only_a_server_not_reached_or_still_starting_is_worth_trying_again(
     error: Callable[[], Exception], expected: bool
 ) -> None:
     assert unreachable(error()) is expected
+
+
+def _timed_out(wrap: Callable[[TimeoutError], Exception] | None = None) -> Exception:
+    """A real ``asyncio.wait_for`` timeout (raised from its CancelledError), as a client meets it
+    connecting to a host that does not answer yet; ``wrap`` translates it as the client does."""
+
+    async def connect() -> None:
+        try:
+            await asyncio.wait_for(asyncio.sleep(1), 0.001)
+        except TimeoutError as exc:
+            if wrap is None:
+                raise
+            raise wrap(exc)  # noqa: B904 - the implicit context, as redis-py raises it
+
+    try:
+        try:
+            asyncio.run(connect())
+        except Exception as exc:
+            raise TransportError("connect failed") from exc
+    except TransportError as exc:
+        return exc
+    raise AssertionError("no timeout")
+
+
+def _redis_timed_out(exc: TimeoutError) -> Exception:
+    import redis.exceptions
+
+    return redis.exceptions.TimeoutError("Timeout connecting to server")
+
+
+@pytest.mark.parametrize("wrap", [None, _redis_timed_out], ids=["asyncio", "redis"])
+def test_a_connect_that_timed_out_in_asyncio_is_worth_trying_again(
+    wrap: Callable[[TimeoutError], Exception] | None,
+) -> None:
+    assert unreachable(_timed_out(wrap)) is True
+
+
+@pytest.mark.slow
+def test_a_nats_server_that_does_not_answer_yet_is_tried_again() -> None:
+    with socket.socket() as silent:  # accepts the connection, never says INFO (a server busy starting)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        transport = open_transport(f"nats://127.0.0.1:{silent.getsockname()[1]}")
+
+        async def connect() -> BaseException:
+            try:
+                await transport.connect()
+            except TransportError as exc:
+                return exc
+            finally:
+                await transport.close()
+            raise AssertionError("connected to a silent server")
+
+        error = asyncio.run(connect())
+    assert "TimeoutError" in str(error) and unreachable(error) is True
 
 
 class Unstarted:

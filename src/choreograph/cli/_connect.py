@@ -90,10 +90,14 @@ def _not_answering(exc: BaseException) -> bool:
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and its causes, outermost first, as a traceback shows them (and never in a loop)."""
+    """``exc`` and its causes, outermost first, as a traceback shows them (and never in a loop).
+
+    Without the :class:`asyncio.CancelledError` that ends the chain of every timeout a client
+    takes from ``asyncio.wait_for`` or ``asyncio.timeout`` (``TimeoutError`` is raised from it):
+    that is how the timeout was made, not what went wrong."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
-    while current is not None and current not in chain:
+    while current is not None and current not in chain and not isinstance(current, asyncio.CancelledError):
         chain.append(current)
         current = current.__cause__ if current.__cause__ is not None else (
             None if current.__suppress_context__ else current.__context__)
