@@ -105,3 +105,15 @@ def test_ordinary_path_segments_are_kept_where_a_secret_beside_them_is_masked(ur
     """Names, numbers, slugs and UUIDs say which resource is meant; they are not credentials."""
     hook = "https://hooks.slack.com/services/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"
     assert redact(f"{url} failed, then {hook}") == f"{url} failed, then https://hooks.slack.com/services/T0123ABCD/B0123ABCD/***"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///var/lib/choreograph/OrderService2Inbox.sqlite3", "postgresql://app:***@db/OrdersProduction2024db",
+     "amqp://shop:***@mq:5672/ShopVhost2024Production", "sqlite:///srv/0123456789abcdef0123456789abcdef/bus.db"],
+    ids=["sqlite-file", "postgres-database", "amqp-vhost", "sqlite-hex-directory"],
+)
+def test_a_broker_or_store_url_keeps_its_path_which_names_a_file_or_database_not_a_secret(url: str) -> None:
+    """Only a webhook (HTTP) URL carries a secret in its path: a broker's or store's names what
+    an error is about."""
+    assert redact(f"cannot open {url}: disk full") == f"cannot open {url}: disk full"

@@ -4,7 +4,8 @@ Broker and store URLs carry credentials (``amqp://user:pass@host``, ``redis://:p
 ``postgresql://user:pass@host/db?password=pass``, a NATS token as ``nats://token@host``), and
 so do push subscribers' URLs (``https://hooks.example/in?token=...``, ``?access_token=``,
 ``?api_key=``, ``?code=``, ``?sig=``, ``https://KEY@hooks.example/in``), some in their path
-(``https://hooks.slack.com/services/T…/B…/SECRET``, ``https://discord.com/api/webhooks/ID/TOKEN``).
+(``https://hooks.slack.com/services/T…/B…/SECRET``, ``https://discord.com/api/webhooks/ID/TOKEN``;
+only an HTTP or WebSocket URL's path is read for one).
 Messages name the URL so the reader knows which server is meant; :func:`redact` keeps
 everything that says which (scheme, user, host, port, the path's ordinary segments, other
 parameters) and puts ``***`` where the secret was. It works on a bare URL and on a message that contains
@@ -58,6 +59,10 @@ _LONG_SEGMENT = re.compile(r"[^/]{20}")
 #: (``/services/T…/B…/SECRET``), Discord's after ``webhooks/ID/``.
 _SLACK_HOSTS = frozenset({"hooks.slack.com"})
 _DISCORD_HOSTS = frozenset({"discord.com", "discordapp.com", "ptb.discord.com", "canary.discord.com"})
+#: Schemes whose path may carry a secret (a webhook's). A broker's or store's path never does: it is
+#: a file (``sqlite:///var/lib/OrderService2Inbox.db``), a database, a vhost or a Redis db, and
+#: says which one an error is about.
+_PATH_SECRET_SCHEMES = frozenset({"http", "https", "ws", "wss"})
 
 
 def _looks_secret(segment: str) -> bool:
@@ -74,6 +79,8 @@ def _looks_secret(segment: str) -> bool:
 
 def _path(match: re.Match[str]) -> str:
     head, path = match["head"], match["path"]
+    if head.partition("://")[0].lower() not in _PATH_SECRET_SCHEMES:
+        return match[0]
     host = head.partition("://")[2].rpartition("@")[2].partition(":")[0].lower()
     segments = path.split("/")
     secret = -1  # the index of the segment a known host keeps its secret in
