@@ -142,6 +142,29 @@ def test_a_nats_server_that_does_not_answer_yet_is_tried_again() -> None:
     assert "TimeoutError" in str(error) and unreachable(error) is True
 
 
+def test_a_unix_socket_not_there_yet_is_worth_trying_again_a_missing_file_is_not(tmp_path: Path) -> None:
+    """PostgreSQL in a shared socket directory, or a Cloud SQL proxy sidecar, creates its socket
+    when it listens: until then connecting is ENOENT naming no file, where a file's own is named."""
+    from choreograph.stores import open_store
+
+    store = open_store(f"postgresql://app@/orders?host={tmp_path}")
+
+    async def open_it() -> BaseException:
+        try:
+            await store.open()
+        except StoreError as exc:
+            return exc
+        finally:
+            await store.close()
+        raise AssertionError("opened a store on a socket that does not exist")
+
+    assert unreachable(asyncio.run(open_it())) is True
+    try:
+        (tmp_path / "missing" / "inbox.db").open()
+    except FileNotFoundError as exc:
+        assert unreachable(caused_by(exc, StoreError)) is False
+
+
 class Unstarted:
     """A private ``kind`` server on a free port, not started until :meth:`start`."""
 

@@ -8,8 +8,8 @@ error is the command's one error line, as it was without waiting.
 
 Only what can get better is tried again (:func:`unreachable`): nothing answered (refused,
 reset, timed out, a host name that does not resolve yet) or the server said it is starting
-(Redis loading its data, PostgreSQL starting up). A bad URL, refused credentials or a TLS
-certificate that does not verify fail at the first try. The gateway needs none of this: it
+(Redis loading its data, PostgreSQL starting up), or its Unix socket is not there yet. A bad
+URL, refused credentials or a TLS certificate that does not verify fail at the first try. The gateway needs none of this: it
 serves anyway, answering 503 until its broker answers (see ``/readyz``).
 """
 
@@ -86,7 +86,11 @@ def _not_answering(exc: BaseException) -> bool:
     if not isinstance(exc, OSError):
         return False
     # errno None: asyncio's one error for every address of a host that failed ("Multiple exceptions: ...")
-    return exc.errno in _NOT_ANSWERING or (exc.errno is None and type(exc) is OSError)
+    if exc.errno in _NOT_ANSWERING or (exc.errno is None and type(exc) is OSError):
+        return True
+    # a Unix socket not there yet (PostgreSQL's in a shared directory, a Cloud SQL proxy sidecar's):
+    # connect(2) names no file, where a file's own error (open, mkdir) does
+    return exc.errno == errno.ENOENT and exc.filename is None
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
