@@ -52,6 +52,12 @@ def _nats_login_refused() -> Exception:
     return nats.errors.AuthorizationError()
 
 
+def _amqp_login_refused() -> Exception:
+    import aiormq.exceptions
+
+    return aiormq.exceptions.ProbableAuthenticationError("ACCESS_REFUSED - Login was refused")  # a ConnectionError
+
+
 def _postgres_starting() -> Exception:
     import asyncpg
 
@@ -71,6 +77,7 @@ def _postgres_starting() -> Exception:
         (lambda: caused_by(_postgres_starting(), StoreError), True),
         (lambda: caused_by(_redis_errors()[1]), False),
         (lambda: caused_by(_nats_login_refused()), False),
+        (lambda: caused_by(_amqp_login_refused()), False),
         (lambda: caused_by(ssl.SSLCertVerificationError(1, "certificate verify failed")), False),
         (lambda: caused_by(PermissionError(errno.EACCES, "Permission denied")), False),  # a file, not a server
         (lambda: TransportError("amqp: connect: the broker refused the login of user 'guest'"), False),
@@ -78,7 +85,7 @@ def _postgres_starting() -> Exception:
         (lambda: caused_by(ConnectionRefusedError(), ConfigurationError), False),
     ],
     ids=["refused", "timed-out", "name-not-resolved", "every-address-failed", "no-route", "store-refused",
-         "redis-loading", "postgres-starting", "redis-login-refused", "nats-login-refused", "tls-certificate",
+         "redis-loading", "postgres-starting", "redis-login-refused", "nats-login-refused", "amqp-login-refused", "tls-certificate",
          "permission-denied", "no-cause", "bad-url", "configuration"],
 )
 def test_only_a_server_not_reached_or_still_starting_is_worth_trying_again(

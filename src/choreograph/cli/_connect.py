@@ -81,10 +81,14 @@ _NOT_ANSWERING = frozenset({
 
 
 def _not_answering(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+    if isinstance(exc, socket.gaierror):
         return True
-    if not isinstance(exc, OSError):
+    if not isinstance(exc, OSError) or type(exc).__module__ != "builtins":
+        # a client's own error says what the server answered, whatever it derives from: aiormq's
+        # are ConnectionErrors, a refused login (ProbableAuthenticationError) among them
         return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
     # errno None: asyncio's one error for every address of a host that failed ("Multiple exceptions: ...")
     if exc.errno in _NOT_ANSWERING or (exc.errno is None and type(exc) is OSError):
         return True
