@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -170,6 +171,33 @@ def test_a_unix_socket_not_there_yet_is_worth_trying_again_a_missing_file_is_not
         (tmp_path / "missing" / "inbox.db").open()
     except FileNotFoundError as exc:
         assert unreachable(caused_by(exc, StoreError)) is False
+
+
+def test_an_amqp_server_that_does_not_answer_yet_is_tried_again_not_waited_for_for_ever() -> None:
+    """aio-pika sets no limit on a connect: one to a server that accepts but never sends
+    Connection.Start held ``run --connect-timeout`` (and a signal's cancel) for ever."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        transport = open_transport(f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/")
+        transport.connect_timeout = 0.5  # type: ignore[attr-defined]  # AmqpTransport's
+        errors: list[BaseException] = []
+
+        async def connect() -> None:
+            try:
+                await transport.connect()
+            except TransportError as exc:
+                errors.append(exc)
+            finally:
+                await transport.close()
+
+        # in a thread of its own: without a limit the connect never returns, nor does its loop close
+        threading.Thread(target=asyncio.run, args=(connect(),), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert errors, "connect() still waiting after 10 s"
+    assert unreachable(errors[0]) is True
 
 
 class Unstarted:

@@ -122,6 +122,9 @@ class AmqpTransport(Transport):
 
     #: How long an operation waits for a lost connection to come back before failing.
     ready_timeout = 10.0
+    #: How long one try to connect (TCP, TLS, the AMQP handshake) may take: aio-pika and aiormq
+    #: set no limit, so a server that accepts but never speaks held ``connect()`` for ever.
+    connect_timeout = 10.0
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -195,7 +198,7 @@ class AmqpTransport(Transport):
     async def _open(self) -> aio_pika.abc.AbstractRobustConnection:
         """The connection, or a :class:`TransportError` that says why the broker refused it."""
         try:
-            return await aio_pika.connect_robust(self._client_url)
+            return await aio_pika.connect_robust(self._client_url, timeout=self.connect_timeout)
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             user = unquote(urlsplit(self._client_url).username or "guest")
             raise TransportError(
