@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -130,23 +130,26 @@ def test_a_connect_that_timed_out_in_asyncio_is_worth_trying_again(
     assert unreachable(_timed_out(wrap)) is True
 
 
+async def _error_of(open_: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]],
+                    success: str) -> BaseException:
+    """The TransportError or StoreError ``open_()`` raises (``close()`` after it either way);
+    ``success`` is the assertion message should it open after all."""
+    try:
+        await open_()
+    except (TransportError, StoreError) as exc:
+        return exc
+    finally:
+        await close()
+    raise AssertionError(success)
+
+
 @pytest.mark.slow
 def test_a_nats_server_that_does_not_answer_yet_is_tried_again() -> None:
     with socket.socket() as silent:  # accepts the connection, never says INFO (a server busy starting)
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         transport = open_transport(f"nats://127.0.0.1:{silent.getsockname()[1]}")
-
-        async def connect() -> BaseException:
-            try:
-                await transport.connect()
-            except TransportError as exc:
-                return exc
-            finally:
-                await transport.close()
-            raise AssertionError("connected to a silent server")
-
-        error = asyncio.run(connect())
+        error = asyncio.run(_error_of(transport.connect, transport.close, "connected to a silent server"))
     assert "TimeoutError" in str(error) and unreachable(error) is True
 
 
@@ -156,17 +159,8 @@ def test_a_unix_socket_not_there_yet_is_worth_trying_again_a_missing_file_is_not
     from choreograph.stores import open_store
 
     store = open_store(f"postgresql://app@/orders?host={tmp_path}")
-
-    async def open_it() -> BaseException:
-        try:
-            await store.open()
-        except StoreError as exc:
-            return exc
-        finally:
-            await store.close()
-        raise AssertionError("opened a store on a socket that does not exist")
-
-    assert unreachable(asyncio.run(open_it())) is True
+    error = asyncio.run(_error_of(store.open, store.close, "opened a store on a socket that does not exist"))
+    assert unreachable(error) is True
     try:
         (tmp_path / "missing" / "inbox.db").open()
     except FileNotFoundError as exc:
