@@ -7,6 +7,11 @@ measured in the same run so the ratio is fair on a shared machine. The floor giv
 output a new id (uuid4) and time, as any valid CloudEvent needs, and nothing else: no
 validation, no dedupe, no durability, one asyncio queue per hop.
 
+* ``codec``: the floor's pipeline doing choreograph's own per-event work and nothing else -
+  decode and check the envelope, validate the payload into the handler's model, call the
+  handler, build and encode its output envelope (derived id, time) - with no runtime: no
+  inbox, no leases, no settling, no acks. What the typed events alone cost against the
+  floor; ``memory`` against ``codec`` is what the at-least-once runtime costs.
 * ``memory``: the three services in one process on the in-memory transport.
 * ``sqlite``: each hop its own ``choreograph run`` process on one bus file
   (WAL, synchronous=NORMAL: a returned commit survives a process crash).
@@ -48,8 +53,10 @@ sys.path.insert(0, str(ROOT))
 from bench import _gc  # noqa: E402
 from bench.chain_app import SINK, Hop0, hop1, hop2, hop3  # noqa: E402
 from choreograph import Publisher, Worker  # noqa: E402
-from choreograph._envelope import now_rfc3339  # noqa: E402
+from choreograph._envelope import decode, new_id, now_rfc3339  # noqa: E402
+from choreograph.runtime.records import first_envelope, output_message, to_message  # noqa: E402
 from choreograph.transports import open_transport  # noqa: E402
+from choreograph.transports.base import Message  # noqa: E402
 from choreograph.transports.memory import MemoryTransport  # noqa: E402
 
 
@@ -102,6 +109,47 @@ async def floor(n: int, dumps: Any, loads: Any) -> dict[str, Any]:
     for task in tasks:
         task.cancel()
     return summarize(latencies, elapsed)
+
+
+# -- the floor with choreograph's codec: its per-event work, no runtime ---------------------
+
+
+async def codec_floor(n: int) -> dict[str, Any]:
+    """The floor's pipeline (a queue per hop, a task per hop) doing what choreograph's worker does
+    for every event before and after the handler, by the same functions - and nothing else."""
+    queues: list[asyncio.Queue[Message]] = [asyncio.Queue() for _ in range(3)]
+    SINK.reset(n, None)
+
+    async def stage(i: int) -> None:
+        (handler,) = (hop1, hop2, hop3)[i].all_handlers()
+        source = (hop1, hop2, hop3)[i].source
+        validate = handler.consumes.__pydantic_validator__.validate_python
+        inbox = queues[i]
+        outbox = queues[i + 1] if i < 2 else None
+        while True:
+            envelope = decode((await inbox.get()).body)
+            coro = handler.func(validate(envelope.data))
+            try:
+                coro.send(None)
+            except StopIteration as done:
+                result = done.value
+            else:
+                raise RuntimeError(f"{handler.name} suspended")
+            if outbox is not None:
+                outbox.put_nowait(output_message(result, envelope, handler.id_suffix0, source))
+
+    tasks = [asyncio.create_task(stage(i)) for i in range(3)]
+    start = time.perf_counter()
+    for i in range(n):
+        queues[0].put_nowait(to_message(first_envelope(Hop0(n=i, t0=time.time()), source="/bench", id=new_id())))
+        if i % 500 == 0:
+            await asyncio.sleep(0)
+    while len(SINK.latencies) < n:
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    for task in tasks:
+        task.cancel()
+    return summarize(SINK.latencies, elapsed)
 
 
 # -- choreograph in one process on memory:// -------------------------------------------------
@@ -207,13 +255,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="events/s for the paced latency run")
     parser.add_argument("--paced-n", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="skip the paced run")
-    parser.add_argument("--only", choices=["floor", "memory", "sqlite"], action="append")
+    parser.add_argument("--only", choices=["floor", "codec", "memory", "sqlite"], action="append")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the floor and memory:// runs")
     _gc.add_option(parser)
     args = parser.parse_args()
     if args.rounds < 1 or args.rounds % 2 == 0:
         parser.error("--rounds: must be odd (the median is then one round's figure)")
-    only = set(args.only or ["floor", "memory", "sqlite"])
+    only = set(args.only or ["floor", "codec", "memory", "sqlite"])
     try:
         import uvloop
 
@@ -234,6 +282,8 @@ def main() -> None:
     if "floor" in only:
         sides["floor_orjson"] = lambda: run(floor(args.n, orjson.dumps, orjson.loads))
         sides["floor_stdlib_json"] = lambda: run(floor(args.n, lambda o: json.dumps(o).encode(), json.loads))
+    if "codec" in only:
+        sides["codec"] = lambda: run(codec_floor(args.n))
     if "memory" in only:
         sides["memory"] = lambda: run(memory_run(args.n, args.concurrency))
     rounds: list[dict[str, dict[str, Any]]] = [{side: go() for side, go in sides.items()} for _ in range(args.rounds)]
@@ -245,11 +295,12 @@ def main() -> None:
         report["sqlite"] = sqlite_run(args.n, args.concurrency)
         if not args.quick:
             report["sqlite_paced"] = {"rate": args.rate, **sqlite_run(args.paced_n, args.concurrency, args.rate)}
-    if "floor" in only and "memory" in only:
-        for floor_name in ("floor_orjson", "floor_stdlib_json"):
-            ratios = [round(r["memory"]["events_per_s"] / r[floor_name]["events_per_s"], 3) for r in rounds]
-            report[f"memory_vs_{floor_name}"] = round(statistics.median(ratios), 3)
-            report[f"memory_vs_{floor_name}_each"] = ratios
+    pairs = [("memory", "floor_orjson"), ("memory", "floor_stdlib_json"), ("codec", "floor_orjson"), ("memory", "codec")]
+    for side, base in pairs:
+        if side in sides and base in sides:
+            ratios = [round(r[side]["events_per_s"] / r[base]["events_per_s"], 3) for r in rounds]
+            report[f"{side}_vs_{base}"] = round(statistics.median(ratios), 3)
+            report[f"{side}_vs_{base}_each"] = ratios
     print(json.dumps(report, indent=2))
 
 

@@ -2,10 +2,10 @@
 
 Wall-clock figures on a shared 2-core machine move by ±20% or more with whatever else runs;
 instruction counts do not (valgrind counts the same for the same binary and input). This
-runs bench/chain.py's floor (orjson) and its memory:// run under ``valgrind --tool=callgrind``
-for N events each, subtracts a run that only imports the same modules, and prints JSON:
-instructions per event (3 hops) for both and their ratio, the same ratio the issue asks of
-events/s (floor cost / choreograph cost). About a minute per 1,000 events.
+runs bench/chain.py's floor (orjson), its codec-only pipeline and its memory:// run under
+``valgrind --tool=callgrind`` for N events each, subtracts a run that only imports the same
+modules, and prints JSON: instructions per event (3 hops) for each and their ratios, the same
+ratios the issue asks of events/s (floor cost / choreograph cost). About a minute per 1,000 events.
 
     python bench/instructions.py --n 2000
 """
@@ -30,12 +30,14 @@ def _child(what: str, n: int) -> None:
     import orjson
 
     from bench import _gc
-    from bench.chain import floor, memory_run
+    from bench.chain import codec_floor, floor, memory_run
 
     _gc.apply()  # the parent's --gc, in every child (the import-only baseline too), after the imports
 
     if what == "floor":
         asyncio.run(floor(n, orjson.dumps, orjson.loads))
+    elif what == "codec":
+        asyncio.run(codec_floor(n))
     elif what == "memory":
         asyncio.run(memory_run(n, 256))
 
@@ -62,7 +64,7 @@ def instructions(what: str, n: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="events per run (default 2000)")
-    parser.add_argument("--child", choices=["none", "floor", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["none", "floor", "codec", "memory"], help=argparse.SUPPRESS)
     sys.path.insert(0, str(ROOT))
     from bench import _gc
 
@@ -74,13 +76,17 @@ def main() -> None:
     gc_report = _gc.choose(args.gc)
     base = instructions("none", args.n)
     floor = (instructions("floor", args.n) - base) / args.n
+    codec = (instructions("codec", args.n) - base) / args.n
     memory = (instructions("memory", args.n) - base) / args.n
     print(json.dumps({
         "bench": "instructions", "hops": 3, "n": args.n, "python": platform.python_version(), "loop": "asyncio",
         **gc_report,
         "floor_orjson_instructions_per_event": round(floor),
+        "codec_instructions_per_event": round(codec),
         "memory_instructions_per_event": round(memory),
         "memory_vs_floor_orjson": round(floor / memory, 3),
+        "codec_vs_floor_orjson": round(floor / codec, 3),
+        "memory_vs_codec": round(codec / memory, 3),
     }, indent=2))
 
 
