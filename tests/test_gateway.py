@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pydantic
 import pytest
 import schemathesis
@@ -810,6 +811,35 @@ async def test_the_openapi_document_describes_the_ce_headers_the_gateway_reads(
     envelope = decode(bus.published[0].body)
     assert (envelope.id, envelope.source, envelope.subject, envelope.time) == tuple(
         ce[name]["example"] for name in ("ce-id", "ce-source", "ce-subject", "ce-time"))
+
+
+_ID_SENT = [
+    "order-42", "urn%3Aorder%3A42", "urn%3aorder", "%6Frder-%34%34", '"order-43"', '"urn%3Aorder%3A43"',
+    "a" * 255, "%41" * 255, '"' + "b" * 255 + '"',  # 255 characters, however sent
+    "a" * 256, "%41" * 256, "a/b", "a%2Fb", "a%20b", "a%25b", "a%", "a%4", "%zz", "",
+    '"ord"er-42', '"order\\-42"', '""', "caf%C3%A9",
+]
+
+
+async def test_the_documented_ce_id_pattern_is_of_the_value_sent_and_the_gateway_takes_what_it_matches(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    """Clients send a ce-id percent-encoded (3.1.3.2) or double-quoted, and the document's pattern
+    was of the decoded id: ``urn%3Aorder%3A42`` was accepted as ``urn:order:42`` but failed the
+    pattern a client generator checks before sending. The pattern is of the value sent now, and
+    the gateway takes a ce-id if and only if it matches (every percent-encoded byte too)."""
+    doc = (await client.get("/openapi.json")).json()
+    [parameter] = [p for p in doc["paths"]["/orders"]["post"]["parameters"] if p["name"] == "ce-id"]
+    documented = jsonschema.Draft202012Validator(parameter["schema"])
+    sent = [*_ID_SENT, *(f"a%{byte:02X}" for byte in range(256))]
+    for number, ce_id in enumerate(sent):
+        response = await client.post("/orders", json={**BODY, "address": str(number)}, headers={**CE, "ce-id": ce_id})
+        assert response.status_code in (202, 400), response.text
+        assert (response.status_code == 202) == documented.is_valid(ce_id), (ce_id, response.text)
+        if response.status_code == 400:
+            assert response.json()["detail"].startswith("ce-id: "), response.text
+    accepted = {decode(message.body).id for message in bus.published}
+    assert {"urn:order:42", "order-42", "a:", "urn:order:43"} <= accepted
 
 
 async def test_healthz(client: httpx.AsyncClient) -> None:

@@ -30,8 +30,18 @@ from choreograph._http_binding import HEADER_PREFIX, binary_attributes, check_ce
 from choreograph.errors import MalformedEnvelope
 from choreograph.events import Event
 
-#: A ``ce-id``: it is the correlation id, a path segment of ``/transactions/{id}`` (RFC 3986 pchar).
-_ID = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,255}$")
+#: A ``ce-id`` character: the id is the correlation id, a path segment of ``/transactions/{id}``
+#: (RFC 3986 pchar but ``%``).
+_ID_CHAR = "[A-Za-z0-9._~:@!$&'()*+,;=-]"
+#: The percent-encoding of an :data:`_ID_CHAR` (either case of hex digit).
+_ID_CHAR_ENCODED = "%(?:2[146-9A-Ea-e]|3[0-9ABDabd]|4[0-9A-Fa-f]|5[0-9AFaf]|6[1-9A-Fa-f]|7[0-9AEae])"
+_ID_UNITS = f"(?:{_ID_CHAR}|{_ID_CHAR_ENCODED}){{1,255}}"
+#: A ``ce-id`` header value as *sent* (ECMA-262 and Python alike): 1-255 id characters, each as it
+#: is or percent-encoded (3.1.3.2 lets a sender encode any character; a receiver decodes), the
+#: whole value possibly double-quoted (older SDKs quote). The gateway checks this and the OpenAPI
+#: document gives it: a client generator checks a header against its pattern, then sends it as it
+#: is, and a pattern of the decoded id turned away ``urn%3Aorder%3A42`` (``urn:order:42``).
+_WIRE_ID = re.compile(f'^(?:{_ID_UNITS}|"{_ID_UNITS}")$')
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]+$")
 _SET_BY_THE_GATEWAY = {
     "correlationid": "the gateway starts a transaction: its correlation id is the event id (send ce-id)",
@@ -73,6 +83,11 @@ def _problem(header: str, reason: str) -> Problem:
     return Problem(400, f"{header}: {reason}")
 
 
+def _sent(headers: Sequence[tuple[str, str]], name: str) -> str:
+    """The value of header ``name`` as sent (given once: :func:`check_ce_headers` saw to it)."""
+    return next(value for key, value in headers if key.lower() == name)
+
+
 def cloudevent_attributes(headers: Sequence[tuple[str, str]], event: type[Event]) -> CloudEventAttributes | None:
     """The ``ce-*`` attributes of a request's ``headers`` (name, value pairs as received) for a route
     publishing ``event``; ``None`` without any ``ce-`` header; a 400 :class:`Problem` naming the header."""
@@ -101,8 +116,9 @@ def cloudevent_attributes(headers: Sequence[tuple[str, str]], event: type[Event]
         if value is not None and not value:
             raise _problem(f"ce-{name}", "must not be empty")
         found[name] = value
-    if found["id"] is not None and not _ID.match(found["id"]):
-        raise _problem("ce-id", "1-255 characters of letters, digits and -._~:@!$&'()*+,;= (it becomes "
+    if found["id"] is not None and not _WIRE_ID.fullmatch(_sent(headers, "ce-id")):
+        raise _problem("ce-id", "1-255 characters of letters, digits and -._~:@!$&'()*+,;=, each as it is "
+                                "or percent-encoded, the whole value possibly double-quoted (it becomes "
                                 "the transaction's id, a segment of its /transactions URL)")
     if found["time"] is not None and not is_rfc3339(found["time"]):
         raise _problem("ce-time", f"{found['time']!r} is not an RFC 3339 timestamp")
@@ -141,8 +157,11 @@ def openapi_parameters(event: type[Event]) -> list[dict[str, Any]]:
                 "ce-data_base64 are refused (400).",
                 {"type": "string", "const": SPECVERSION}, SPECVERSION),
         _header("ce-id", "The event id, hence the transaction's correlation id; idempotent as an "
-                "Idempotency-Key is (send one or the other, not both). Default: a new UUIDv7.",
-                {"type": "string", "pattern": _ID.pattern}, "order-42"),
+                "Idempotency-Key is (send one or the other, not both). Default: a new UUIDv7. 1-255 "
+                "characters of letters, digits and -._~:@!$&'()*+,;=, each as it is or percent-encoded "
+                "(%3A is read as ':'), the whole value possibly double-quoted: the pattern is of the value "
+                "sent. A value quoted in part or holding a backslash escape is refused (400).",
+                {"type": "string", "pattern": _WIRE_ID.pattern}, "order-42"),
         _header("ce-source", "The event's source (default: the gateway's).",
                 {"type": "string", "minLength": 1, "pattern": _PRINTABLE}, "/shop/web"),
         _header("ce-type", "The event type: this route's, if given.",
