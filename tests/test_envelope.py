@@ -874,6 +874,48 @@ def test_an_int_json_consumers_cannot_read_as_one_is_refused_naming_the_field(va
     assert f"$.lines.a[1]: {value} cannot be carried" in str(deep.value)
 
 
+def test_an_int_enum_member_or_literal_int_out_of_range_is_refused_where_it_is_emitted() -> None:
+    """An IntEnum member or a Literal's int is written as an int field's value is, and was
+    published unchecked: consumers read 2**64 + 1 as a float, which the same enum or Literal
+    refuses (``invalid_payload`` one hop on). A member in range is published."""
+    import enum
+    from typing import Literal
+
+    from choreograph.errors import EmitError
+    from choreograph.events import event_json
+
+    class Size(enum.IntEnum):
+        SMALL = 1
+        HUGE = 2**64 + 1
+
+    class Flag(enum.Enum):  # an Enum of ints, not IntEnum: written as its value too
+        WIDE = -(2**63) - 1
+        NARROW = "narrow"
+
+    class Parcel(Event, type="test.wire.parcel"):
+        size: Size
+        code: Literal[1, 2**64 + 1] = 1
+        flag: Flag = Flag.NARROW
+        tagged: Literal[Size.HUGE, "none"] = "none"
+        sizes: list[Size] = []
+
+    fine = Parcel(size=Size.SMALL, sizes=[Size.SMALL])
+    assert Parcel.model_validate(orjson.loads(event_json(fine))) == fine
+    refused = {
+        "$.size": Parcel(size=Size.HUGE),
+        "$.code": Parcel.model_construct(size=Size.SMALL, code=2**64 + 1),  # pydantic's own validator refuses it
+        "$.flag": Parcel(size=Size.SMALL, flag=Flag.WIDE),
+        "$.tagged": Parcel(size=Size.SMALL, tagged=Size.HUGE),
+        "$.sizes[1]": Parcel(size=Size.SMALL, sizes=[Size.SMALL, Size.HUGE]),
+    }
+    for path, event in refused.items():
+        with pytest.raises(EmitError) as raised:
+            event_json(event)
+        assert f"{path}: " in str(raised.value) and "outside the 64-bit range" in str(raised.value), path
+    with pytest.raises(EmitError, match=r"\$\.size: 18446744073709551617 cannot be carried"):
+        first_envelope(Parcel(size=Size.HUGE), source="/s", id="e-1")
+
+
 def test_an_int_out_of_range_deep_in_a_model_that_holds_itself_is_refused_by_every_emitter() -> None:
     """A tree's int fields are written at every level, not only the top one: compared in place,
     the top level's values say nothing of its children's."""

@@ -13,6 +13,7 @@ handler through its context.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from datetime import datetime, time, timedelta
@@ -354,7 +355,7 @@ def _plan_wire_checks(cls: type[Event]) -> None:
                 continue
             kind = node.get("type")  # a schema's kind, or (a model field named "type") a schema
             if isinstance(kind, str):
-                ints = ints or kind in _INT_WRITERS
+                ints = ints or kind in _INT_WRITERS or (kind in ("literal", "enum") and _holds_a_wide_int(node))
                 offsets = offsets or kind in _OFFSET_WRITERS
                 if kind == "definition-ref" and node is not top_ref:
                     refs.add(node.get("schema_ref"))
@@ -368,6 +369,21 @@ def _plan_wire_checks(cls: type[Event]) -> None:
     _WIRE_RISKS[cls] = (ints or bool(fields), offsets)
     cls.__wire_checks__ = tuple(fields) if fields and not ints and not offsets else (
         None if fields or ints or offsets else ())
+
+
+def _holds_a_wide_int(node: dict[str, Any]) -> bool:
+    """Whether ``node``, a ``literal`` or ``enum`` core schema, has an integer value outside the
+    64-bit range (``Literal[2**64]``, an ``IntEnum`` member): written as it is, as an ``int``
+    field's value is, so searched for as one. Not every ``literal`` and ``enum``: most hold
+    none, and their models keep the cheaper checks."""
+    values = node.get("expected", ()) if node.get("type") == "literal" else node.get("members", ())
+    if not isinstance(values, (list, tuple)):  # a model field named "expected" or "members"
+        return False
+    for value in values:
+        value = value.value if isinstance(value, enum.Enum) else value  # Literal[Size.HUGE]
+        if isinstance(value, int) and not isinstance(value, bool) and not I64_MIN <= value <= U64_MAX:
+            return True
+    return False
 
 
 def check_wire(event: Event, data: bytes) -> None:
