@@ -9,7 +9,7 @@ import re
 import sys
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -815,8 +815,6 @@ def test_only_models_that_can_write_an_integer_or_an_offset_are_checked_for_them
     """What the emitters look for beyond nulls, decided once per model from its schema: nothing
     for a model without an int, a datetime or a time; its top-level int fields' values (compared
     in place) when those are all; else a search of its JSON (check_wire)."""
-    from datetime import time
-
     import pydantic
 
     class Inner(pydantic.BaseModel):
@@ -1019,6 +1017,70 @@ def test_an_event_model_writing_temporal_values_as_numbers_is_refused_where_it_i
     class Default(Event, type="test.temporal.default"):
         model_config = pydantic.ConfigDict(ser_json_temporal="iso8601")
         at: datetime
+
+
+@pytest.mark.parametrize("unit", ["seconds", "milliseconds"])
+def test_a_temporal_config_that_writes_no_temporal_value_is_not_refused(unit: str) -> None:
+    """A shared base config setting ``ser_json_temporal`` refused every event holding a model
+    built on it, though pydantic writes by it only that model's own datetime, date, time and
+    duration fields (a model in it has its own config) and, for the event's config, values typed
+    at run time (``Any``). Where it writes none, the event is published and read back as sent;
+    where it may, it is still refused."""
+    import pydantic
+
+    from choreograph.errors import ConfigurationError
+    from choreograph.events import event_json
+
+    if tuple(int(part) for part in pydantic.VERSION.split(".")[:2]) < (2, 12):
+        pytest.skip("ser_json_temporal is pydantic >= 2.12")
+
+    class Base(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(ser_json_temporal=unit)
+
+    class Window(pydantic.BaseModel):  # the default config: its datetime is written as ISO 8601
+        opens: datetime
+
+    class Address(Base):
+        street: str
+        floor: int = 0
+        window: Window | None = None
+
+    class Moved(Event, type="test.temporal.harmless"):
+        address: Address
+
+    class Counted(Event, type="test.temporal.harmless-own"):
+        model_config = pydantic.ConfigDict(ser_json_temporal=unit)
+        count: int
+        address: Address  # a datetime in it is written by Window's config, not this one
+
+    naive = datetime(2026, 1, 1, 12, 30)
+    moved = Moved(address=Address(street="1 Main St", window=Window(opens=naive)))
+    counted = Counted(count=1, address=moved.address)
+    assert Moved.model_validate(orjson.loads(event_json(moved))) == moved
+    assert Counted.model_validate(orjson.loads(event_json(counted))) == counted
+
+    class Loose(Base):
+        note: Any = None
+
+    class Extra(Base):
+        model_config = pydantic.ConfigDict(extra="allow")
+
+    for holds in (datetime, date, time, timedelta, list[datetime] | None, Loose, Extra):
+        with pytest.raises(ConfigurationError, match=f"a model in it, sets ser_json_temporal={unit!r}"):
+            class Holder(Base):
+                value: holds  # type: ignore[valid-type]
+
+            class Sent(Event, type="test.temporal.harmful"):
+                holder: Holder
+
+    class Open(pydantic.BaseModel):  # the default config, but an Any is written by the event's
+        note: Any = None
+
+    with pytest.raises(ConfigurationError, match=f"its config sets ser_json_temporal={unit!r}"):
+        class Noted(Event, type="test.temporal.inferred"):
+            model_config = pydantic.ConfigDict(ser_json_temporal=unit)
+            address: Address
+            open: list[Open]
 
 
 def test_a_model_writing_inf_as_constants_is_refused_once_its_forward_reference_resolves() -> None:

@@ -175,36 +175,90 @@ def _refuse_lossy_config(cls: type[Event]) -> None:
       their base64 text, UTF-8 text read as base64 is decoded to other bytes;
     - ``ser_json_temporal`` other than ``"iso8601"`` (pydantic >= 2.12): datetimes, dates, times
       and durations written as numbers; a naive datetime or time is read back as UTC, an aware
-      one loses its offset, and with ``"milliseconds"`` a time is refused (over 86,399).
+      one loses its offset, and with ``"milliseconds"`` a time is refused (over 86,399). Only
+      where the config is the one such a value is written by (:func:`_writes_temporal`): a
+      shared base config on a nested model without one is harmless.
     """
-    stack: list[Any] = [cls.__pydantic_core_schema__]
+    schema = cls.__pydantic_core_schema__
+    definitions: dict[Any, Any] = {}
+    if schema.get("type") == "definitions":
+        definitions = {part.get("ref"): part for part in schema["definitions"] if isinstance(part, dict)}
+    stack: list[tuple[Any, Any]] = [(schema, None)]  # a part and the part holding it
     while stack:
-        node = stack.pop()
+        node, parent = stack.pop()
         if isinstance(node, dict):
-            problem = _config_problem(node)
+            temporal = node.get("ser_json_temporal")
+            owner = parent if isinstance(parent, dict) and parent.get("config") is node else None
+            matters = not (isinstance(temporal, str) and temporal != "iso8601") or owner is None or (
+                _writes_temporal(owner, owner.get("cls") is cls, definitions))
+            problem = _config_problem(node, temporal=matters)
             if problem is not None:
                 owner = node.get("title")
                 which = "its config" if owner in (None, cls.__name__) else f"{owner}, a model in it,"
                 if _REGISTRY.get(cls.__event_type__) is cls:  # bound by __init_subclass__: a refused class is not
                     del _REGISTRY[cls.__event_type__]
                 raise ConfigurationError(f"{cls.__qualname__}: {which} {problem}")
-            stack.extend(node.values())
+            stack.extend((value, node) for value in node.values())
         elif isinstance(node, (list, tuple)):
-            stack.extend(node)
+            stack.extend((value, parent) for value in node)
 
 
-def _config_problem(node: dict[str, Any]) -> str | None:
-    """What makes ``node``, a model's config in its core schema (or any other part of it), lossy."""
+#: Core schema types pydantic writes by a config's ``ser_json_temporal``: the owner's (the model,
+#: dataclass or TypedDict whose config it is) typed fields ...
+_TEMPORAL = frozenset({"datetime", "date", "time", "timedelta"})
+#: ... and values whose type is known only at run time, written by the config of the model
+#: serialised (the event's), wherever they sit: an ``Any`` holding a datetime, a serializer
+#: function returning one, an extra field.
+_INFERRED = frozenset({"any", "function-plain", "function-wrap", "is-instance"})
+
+
+def _writes_temporal(owner: dict[str, Any], is_event: bool, definitions: dict[Any, Any]) -> bool:
+    """Whether ``owner``, a core schema part with a ``config`` (model, dataclass, TypedDict), may
+    write a datetime, date, time or duration by that config: a temporal type among its own parts
+    (not those of a model in it, which has a config of its own) or a part of unknown type. The
+    event's config (``is_event``) also writes the parts of unknown type of every model in it
+    (pydantic infers them by the config of the model serialised); a nested model's is counted
+    for its own ones too, in case a pydantic version infers by the nearest config."""
+    if owner["config"].get("extra_fields_behavior") == "allow":  # extra values: typed at run time
+        return True
+    stack: list[tuple[Any, bool]] = [(owner, True)]  # a part, and whether it is the owner's own
+    seen: set[tuple[int, bool]] = set()
+    while stack:
+        node, own = stack.pop()
+        if isinstance(node, dict):
+            if (id(node), own) in seen:
+                continue
+            seen.add((id(node), own))
+            if node is not owner and isinstance(node.get("config"), dict):  # another model: its own config
+                if not is_event:
+                    continue
+                own = False
+            kind = node.get("type")
+            if isinstance(kind, str) and ((own and kind in _TEMPORAL) or kind in _INFERRED):
+                return True
+            if node.get("extra_fields_behavior") == "allow":  # extra values: typed at run time
+                return True
+            if kind == "definition-ref" and node.get("schema_ref") in definitions:
+                stack.append((definitions[node["schema_ref"]], own))
+            stack.extend((value, own) for key, value in node.items() if node is not owner or key != "config")
+        elif isinstance(node, (list, tuple)):
+            stack.extend((value, own) for value in node)
+    return False
+
+
+def _config_problem(node: dict[str, Any], *, temporal: bool = True) -> str | None:
+    """What makes ``node``, a model's config in its core schema (or any other part of it), lossy
+    (its ``ser_json_temporal`` only if ``temporal``: see :func:`_writes_temporal`)."""
     mode = node.get("ser_json_inf_nan")  # a config's, or (a field of that name) a schema
     if isinstance(mode, str) and mode != "null":
         return (f"sets ser_json_inf_nan={mode!r}, which consumers cannot read back as the value sent "
                 f"({_INF_NAN_MODES.get(mode, 'not JSON')}); leave the default: an event holding inf or nan "
                 f"is then refused where it is emitted")
-    temporal = node.get("ser_json_temporal")  # pydantic >= 2.12
-    if isinstance(temporal, str) and temporal != "iso8601":
-        return (f"sets ser_json_temporal={temporal!r}, which consumers cannot read back as the value sent "
+    unit = node.get("ser_json_temporal")  # pydantic >= 2.12
+    if temporal and isinstance(unit, str) and unit != "iso8601":
+        return (f"sets ser_json_temporal={unit!r}, which consumers cannot read back as the value sent "
                 f"(a naive datetime or time is read back as UTC, a UTC offset is lost"
-                f"{', a time is refused: its milliseconds exceed 86,399' if temporal == 'milliseconds' else ''}); "
+                f"{', a time is refused: its milliseconds exceed 86,399' if unit == 'milliseconds' else ''}); "
                 f"leave the default, 'iso8601'")
     written, read = node.get("ser_json_bytes", "utf8"), node.get("val_json_bytes", "utf8")
     if isinstance(written, str) and isinstance(read, str) and written != read:
