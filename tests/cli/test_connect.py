@@ -23,9 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from choreograph.cli._connect import unreachable
+from choreograph._redact import redact
+from choreograph.cli._connect import CONNECT_TIMEOUT_ENV, unreachable
 from choreograph.errors import ConfigurationError, StoreError, TransportError
 from choreograph.transports import open_transport
+from tests._brokers import require_broker
 from tests._nats_server import NatsServer, free_port, require_binary
 from tests._private_brokers import missing
 from tests._procs import lines_until, stop
@@ -337,6 +339,24 @@ def test_a_refused_login_is_not_tried_again(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: redis connect failed: ") and "cannot reach" not in result.stderr
     assert time.monotonic() - began < 20
+
+
+def test_tls_spoken_to_a_plain_redis_port_fails_at_once_naming_the_url_and_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plain Redis holds a TLS handshake unanswered, which read as a slow server: with the
+    default --connect-timeout the command tried twice and gave up after about 55 s with "Timeout
+    connecting to server". The port answers plain-text Redis, so it is refused at the first try."""
+    monkeypatch.delenv(CONNECT_TIMEOUT_ENV, raising=False)  # the default patience, 30 s
+    plain = require_broker("redis")
+    url = "rediss" + plain[plain.index("://"):]
+    began = time.monotonic()
+    result = cli("run", "examples.chain:payment", "--store", "memory://", "--broker", url)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: redis connect failed: {redact(url)} did not complete a TLS handshake, "
+                                    "but the port answers plain-text Redis: it is not a TLS port; use redis://")
+    assert "cannot reach" not in result.stderr
+    assert time.monotonic() - began < 15  # the interpreter's start-up, then about a second
 
 
 def _listens(port: int) -> bool:

@@ -80,10 +80,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _redis_lua as lua
 from choreograph.transports import did_you_mean, lease_from_url
 from choreograph.transports._redis_consumer import POLL, RedisDelivery, RedisSubscription, _str
+from choreograph.transports._redis_tls import first_ping_over_tls
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
 
 _hiredis_pack: Callable[..., bytes] | None
@@ -195,9 +197,14 @@ class RedisTransport(Transport):
             name: client.register_script(getattr(lua, name.upper()))
             for name in ("register", "unbind", "publish", "sweep", "ack", "settle", "hold", "forget", "dead")
         }
+        parts = urlsplit(self._client_url)
         with self._errors("connect"):
             try:
-                await client.ping()
+                if parts.scheme == "rediss":  # a plain Redis port would hold the handshake: told apart
+                    await first_ping_over_tls(client.ping(), parts.hostname or "localhost", parts.port or 6379,
+                                              redact(self.url))
+                else:
+                    await client.ping()
             except BaseException:
                 await client.aclose()
                 raise
