@@ -188,9 +188,9 @@ def _refuse_lossy_config(cls: type[Event]) -> None:
         node, parent = stack.pop()
         if isinstance(node, dict):
             temporal = node.get("ser_json_temporal")
-            owner = parent if isinstance(parent, dict) and parent.get("config") is node else None
-            matters = not (isinstance(temporal, str) and temporal != "iso8601") or owner is None or (
-                _writes_temporal(owner, owner.get("cls") is cls, definitions))
+            holder = parent if isinstance(parent, dict) and parent.get("config") is node else None
+            matters = not (isinstance(temporal, str) and temporal != "iso8601") or holder is None or (
+                _writes_temporal(holder, holder.get("cls") is cls, definitions))
             problem = _config_problem(node, temporal=matters)
             if problem is not None:
                 owner = node.get("title")
