@@ -8,7 +8,7 @@ import pydot
 import pytest
 
 from choreograph import App, Event, Failure, Service
-from choreograph.flow import Edge, FlowGraph, build, lint
+from choreograph.flow import Edge, Finding, FlowGraph, build, lint
 from choreograph.sagas import TIMEDOUT, TimedOut, failed, timed_out
 
 
@@ -81,6 +81,11 @@ def edges(graph: FlowGraph, kind: str | None = None) -> set[tuple[str, str]]:
 
 def codes(graph: FlowGraph | App | list[Service]) -> list[tuple[str, str]]:
     return [(f.severity, f.code) for f in lint(graph)]
+
+
+def problems(graph: FlowGraph | App | list[Service]) -> list[Finding]:
+    """The findings but ``compensation-can-fail``: an info about every compensation, whatever the flow."""
+    return [f for f in lint(graph) if f.code != "compensation-can-fail"]
 
 
 # --- the graph ------------------------------------------------------------------------------------
@@ -336,7 +341,7 @@ def test_renderings_are_deterministic() -> None:
 
 
 def test_a_complete_saga_lints_clean() -> None:
-    assert lint(shop()) == []
+    assert problems(shop()) == []
 
 
 def test_the_chain_example_has_only_an_uncompensated_failure_warning() -> None:
@@ -528,7 +533,7 @@ def test_a_failure_nobody_compensates_is_a_warning_and_on_failure_or_compensate_
     async def refund(failure: Failure) -> Refunded: ...
 
     assert (
-        lint(App("a", [pay, ship], ingress=[Placed], terminal={Shipped: "completed", Refunded: "failed"}))
+        problems(App("a", [pay, ship], ingress=[Placed], terminal={Shipped: "completed", Refunded: "failed"}))
         == []
     )
 
@@ -538,7 +543,7 @@ def test_a_failure_nobody_compensates_is_a_warning_and_on_failure_or_compensate_
     async def undo(paid: Captured, failure: Failure) -> Refunded: ...
 
     assert (
-        lint(App("a", [pay, ship], ingress=[Placed], terminal={Shipped: "completed", Refunded: "failed"}))
+        problems(App("a", [pay, ship], ingress=[Placed], terminal={Shipped: "completed", Refunded: "failed"}))
         == []
     )
 
@@ -555,12 +560,53 @@ def test_a_failure_on_a_terminal_event_needs_no_compensation() -> None:
     assert lint(App("a", [pay, notify], ingress=[Placed], terminal={Shipped: "completed"})) == []
 
 
+def test_a_compensation_can_give_up_too_and_nobody_compensates_it() -> None:
+    """An on_failure handler, a compensate(...) and a handler of choreograph.timedout are retried and
+    dead-lettered like any handler: one info each says so (nothing in the flow can take over)."""
+    pay, stock, ship_, clock = Service("pay"), Service("stock"), Service("ship"), Service("clock")
+
+    @pay.on(Placed)
+    async def charge(order: Placed) -> Captured: ...
+
+    @pay.on_failure(Captured)
+    async def refund(failure: Failure) -> Refunded: ...
+
+    @stock.on(Captured)
+    async def reserve(paid: Captured) -> Reserved | Declined: ...
+
+    @stock.compensate(Reserved, on=[Declined, failed(Reserved), timed_out()])
+    async def release(reserved: Reserved, cause: object) -> Released: ...
+
+    @ship_.on(Reserved)
+    async def ship(reserved: Reserved) -> Shipped: ...
+
+    @clock.on(TimedOut)
+    async def expire(timeout: TimedOut) -> Cancelled: ...
+
+    terminal = {Shipped: "completed", Refunded: "failed", Released: "failed", Cancelled: "failed",
+                Declined: "failed"}
+    findings = [f for f in lint(App("a", [pay, stock, ship_, clock], ingress=[Placed], terminal=terminal))
+                if f.code == "compensation-can-fail"]
+    assert [(f.severity, f.subjects) for f in findings] == [
+        ("info", (TIMEDOUT, "clock")),
+        ("info", (TIMEDOUT, "test.flow.declined", "test.flow.reserved", "stock")),
+        ("info", ("test.flow.captured", "pay")),
+    ]
+    expire_, release_, refund_ = (f.message for f in findings)
+    assert refund_.startswith("if pay.test_a_compensation_can_give_up_too_and_nobody_compensates_it.<locals>.refund "
+                              "(on failed(test.flow.captured)) gives up")
+    assert "nobody compensates a compensation" in refund_ and "choreograph dlq replay" in refund_
+    assert "the transaction compensation_failed" in refund_  # the journal's status for a failure handler's give-up
+    assert "(on failed(test.flow.reserved), test.flow.declined, timed out)" in release_  # one per compensation
+    assert "(on timed out)" in expire_ and "compensation_failed" not in expire_
+
+
 def test_bare_services_get_only_the_checks_that_need_no_app() -> None:
-    findings = lint(shop().services)
-    assert [(f.severity, f.code) for f in findings] == [("info", "no-app")]
+    assert codes(shop().services) == [("info", "compensation-can-fail")] * 2 + [("info", "no-app")]
 
 
 @pytest.mark.parametrize("target", ["app", "graph"])
 def test_lint_accepts_an_app_or_a_built_graph(target: str) -> None:
     app = shop()
-    assert lint(app if target == "app" else build(app)) == []
+    assert lint(app if target == "app" else build(app)) == lint(build(app))
+    assert problems(app if target == "app" else build(app)) == []

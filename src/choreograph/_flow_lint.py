@@ -26,14 +26,23 @@ Rules, and why each has its severity:
   (``on_failure`` or ``compensate(..., on=[failed(X)])``). Skipped for terminal events
   (the transaction has already ended) and for events only from outside (nothing upstream
   to undo). A warning, because some steps need no undo (a notification, a read).
+* ``compensation-can-fail`` (info): a compensation (an ``on_failure`` handler, a
+  ``compensate(...)``, a handler of ``choreograph.timedout``) is retried like any handler
+  and can give up too (its retries spent, or ``Reject``). Then what it undoes stays half
+  undone and nothing in the flow takes over: nobody compensates a compensation (the
+  journal marks a transaction whose failure handler gave up ``compensation_failed``, for a
+  person to fix the cause and replay the dead letter). One finding per compensation, info
+  and not a warning: every compensation can give up and no change to the flow removes
+  that, so it says what to watch for (``choreograph transactions --status
+  compensation_failed``, ``choreograph watch``) rather than what to fix.
 
 Push subscriptions are steps like handlers (role ``push``): each consumes its types, may
 emit what its ``emits`` declares, and can give up (the ambassador publishes
 ``choreograph.failed``), so every rule sees them.
 
 Built from bare services instead of an App, ingress and terminal events are unknown:
-only ``cycle``, ``shared-group`` and ``uncompensated-failure`` run, and an ``info``
-finding says so.
+only ``cycle``, ``shared-group``, ``uncompensated-failure`` and ``compensation-can-fail``
+run, and an ``info`` finding says so.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ def lint(graph: FlowGraph) -> list[Finding]:
     findings += _cycles(graph)
     findings += _shared_groups(graph)
     findings += _uncompensated(graph)
+    findings += _compensations_can_fail(graph)
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.subjects))
 
 
@@ -315,3 +325,43 @@ def _uncompensated(graph: FlowGraph) -> list[Finding]:
                 )
             )
     return out
+
+
+def _is_compensation(step: Step) -> bool:
+    """Whether a step undoes something: a ``compensate(...)`` (any of its routes), an ``on_failure``
+    handler or a handler of ``choreograph.timedout`` (what the graph draws as ``compensates``)."""
+    return step.role == "compensation" or (step.role in ("handler", "push") and step.via in ("failure", "timeout"))
+
+
+def _compensations_can_fail(graph: FlowGraph) -> list[Finding]:
+    """One ``info`` per compensation: it can give up too, and nothing compensates a compensation."""
+    compensations: dict[tuple[str, str], list[Step]] = {}
+    for step in graph.steps:
+        if _is_compensation(step):
+            compensations.setdefault((step.service, step.handler), []).append(step)
+    out = []
+    for steps in compensations.values():
+        triggers = sorted({_trigger(s) for s in steps if s.via != "step"})
+        types_ = sorted({s.trigger for s in steps if s.via != "step"})
+        journal = (
+            "The journal marks the transaction compensation_failed. "
+            if any(s.role == "handler" and s.via == "failure" for s in steps) else ""
+        )
+        out.append(
+            Finding(
+                "compensation-can-fail",
+                "info",
+                f"if {_names(steps)} (on {', '.join(triggers)}) gives up (retries spent, or Reject), what it "
+                f"undoes stays half undone and nothing in the flow takes over: nobody compensates a "
+                f"compensation. {journal}A person fixes the cause and replays the dead letter "
+                f"(choreograph dlq replay)",
+                (*types_, steps[0].service),
+            )
+        )
+    return out
+
+
+def _trigger(step: Step) -> str:
+    if step.via == "failure":
+        return f"failed({step.trigger})"
+    return "timed out" if step.via == "timeout" else step.trigger
