@@ -7,7 +7,7 @@ import enum
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import jsonschema
 import orjson
@@ -302,3 +302,40 @@ def test_keys_are_ascii_and_types_that_sanitise_alike_keep_every_operation() -> 
     for op_id, op in doc["operations"].items():
         channel_ref = op["channel"]["$ref"]
         assert all(m["$ref"].startswith(channel_ref + "/messages/") for m in op["messages"]), op_id
+
+
+class Card(pydantic.BaseModel):
+    method: Literal["card"] = "card"
+    last4: str
+
+
+class Wire(pydantic.BaseModel):
+    method: Literal["wire"] = "wire"
+    iban: str
+
+
+class Charged(Event, type="test.asyncapi.charged"):
+    order: str
+    means: Annotated[Card | Wire, pydantic.Field(discriminator="method")]
+    discriminator: str = "a field of that name is no keyword"
+
+
+@pytest.mark.skipif(not SCHEMA_PATH.exists(), reason=f"conformance data missing: {SCHEMA_PATH}")
+def test_a_discriminated_union_in_a_payload_is_valid_asyncapi() -> None:
+    """pydantic writes OpenAPI's ``discriminator`` object; AsyncAPI's is the property name."""
+    billing = Service("billing")
+
+    @billing.on(Charged)
+    async def book(event: Charged) -> None: ...
+
+    doc = asyncapi_document(App("billing", [billing], ingress=[Charged], terminal={}))
+    schema = json.loads(SCHEMA_PATH.read_text())
+    errors = [f"{list(e.path)}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+    assert errors == []
+    properties = doc["components"]["schemas"]["Charged"]["properties"]
+    assert properties["means"]["discriminator"] == "method"
+    assert properties["discriminator"] == {"default": "a field of that name is no keyword",
+                                           "title": "Discriminator", "type": "string"}
+    payload = validator(doc, "#/components/schemas/Charged")
+    assert payload.is_valid(Charged(order="o", means=Wire(iban="x")).model_dump(mode="json"))
+    assert not payload.is_valid({"order": "o", "means": {"method": "wire", "last4": "1234"}})

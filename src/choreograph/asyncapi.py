@@ -135,7 +135,7 @@ def asyncapi_document(
         if classes
         else ({}, {})
     )
-    schemas: dict[str, Any] = {"CloudEventsContext": CLOUDEVENTS_CONTEXT, **defs.get("$defs", {})}
+    schemas: dict[str, Any] = {"CloudEventsContext": CLOUDEVENTS_CONTEXT, **_asyncapi_schema(defs.get("$defs", {}))}
 
     channels: dict[str, Any] = {}
     messages: dict[str, Any] = {}
@@ -190,6 +190,23 @@ def asyncapi_document(
         "operations": dict(sorted(operations.items())),
         "components": {"schemas": schemas, "messages": messages},
     }
+
+
+def _asyncapi_schema(node: Any) -> Any:
+    """pydantic's JSON Schema as an AsyncAPI Schema Object: a discriminated union's
+    ``discriminator`` is OpenAPI's object (``propertyName`` and ``mapping``), where AsyncAPI's
+    is the property name alone (a document with the object does not validate). The mapping
+    adds nothing: each variant's property holds its ``const``."""
+    if isinstance(node, list):
+        return [_asyncapi_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _asyncapi_schema(value) for key, value in node.items()}
+    discriminator = node.get("discriminator")
+    if (isinstance(discriminator, dict) and isinstance(discriminator.get("propertyName"), str)
+            and ("oneOf" in node or "anyOf" in node)):  # not a property named "discriminator"
+        out["discriminator"] = discriminator["propertyName"]
+    return out
 
 
 def _unique(key: str, taken: dict[str, Any]) -> str:
