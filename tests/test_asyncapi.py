@@ -339,3 +339,25 @@ def test_a_discriminated_union_in_a_payload_is_valid_asyncapi() -> None:
     payload = validator(doc, "#/components/schemas/Charged")
     assert payload.is_valid(Charged(order="o", means=Wire(iban="x")).model_dump(mode="json"))
     assert not payload.is_valid({"order": "o", "means": {"method": "wire", "last4": "1234"}})
+
+
+class Located(Event, type="test.asyncapi.located"):
+    position: tuple[float, float, str]
+
+
+@pytest.mark.skipif(not SCHEMA_PATH.exists(), reason=f"conformance data missing: {SCHEMA_PATH}")
+def test_a_tuple_in_a_payload_describes_each_item_as_draft_07_does() -> None:
+    """pydantic's ``prefixItems`` (draft 2020-12) means nothing to an AsyncAPI Schema Object (draft 07):
+    the items went unchecked. They are draft 07's ``items`` list."""
+    tracker = Service("tracker")
+
+    @tracker.on(Located)
+    async def track(event: Located) -> None: ...
+
+    doc = asyncapi_document(App("tracking", [tracker], ingress=[Located]))
+    assert jsonschema.Draft7Validator(json.loads(SCHEMA_PATH.read_text())).is_valid(doc)
+    assert "prefixItems" not in doc["components"]["schemas"]["Located"]["properties"]["position"]
+    payload = validator(doc, "#/components/schemas/Located")
+    assert payload.is_valid(Located(position=(1.5, 2.0, "hangar")).model_dump(mode="json"))
+    assert not payload.is_valid({"position": ["hangar", 1.5, 2.0]})
+    assert not payload.is_valid({"position": [1.5, 2.0]})

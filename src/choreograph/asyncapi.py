@@ -193,19 +193,29 @@ def asyncapi_document(
 
 
 def _asyncapi_schema(node: Any) -> Any:
-    """pydantic's JSON Schema as an AsyncAPI Schema Object: a discriminated union's
-    ``discriminator`` is OpenAPI's object (``propertyName`` and ``mapping``), where AsyncAPI's
-    is the property name alone (a document with the object does not validate). The mapping
-    adds nothing: each variant's property holds its ``const``."""
+    """pydantic's JSON Schema (draft 2020-12) as an AsyncAPI Schema Object (a superset of draft 07).
+
+    A discriminated union's ``discriminator`` is OpenAPI's object (``propertyName`` and
+    ``mapping``), where AsyncAPI's is the property name alone (a document with the object does
+    not validate); the mapping adds nothing, each variant's property holds its ``const``. A
+    tuple's ``prefixItems`` is unknown to draft 07, so its items were left unchecked: it is
+    draft 07's ``items`` list (and ``items``, the rest, ``additionalItems``).
+    """
     if isinstance(node, list):
         return [_asyncapi_schema(item) for item in node]
     if not isinstance(node, dict):
         return node
     out = {key: _asyncapi_schema(value) for key, value in node.items()}
+    # Keywords only where the node is a schema (not the "properties" map of a model with a field
+    # of that name): a discriminator goes with a union, prefixItems with an array.
     discriminator = node.get("discriminator")
     if (isinstance(discriminator, dict) and isinstance(discriminator.get("propertyName"), str)
-            and ("oneOf" in node or "anyOf" in node)):  # not a property named "discriminator"
+            and ("oneOf" in node or "anyOf" in node)):
         out["discriminator"] = discriminator["propertyName"]
+    if isinstance(node.get("prefixItems"), list) and node.get("type") == "array":
+        out["items"] = out.pop("prefixItems")
+        if "items" in node:
+            out["additionalItems"] = _asyncapi_schema(node["items"])
     return out
 
 
