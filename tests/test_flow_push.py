@@ -78,6 +78,16 @@ def test_a_push_subscription_is_a_node_that_consumes_its_types() -> None:
     assert graph.services == ["payment", "shipping"]
 
 
+def test_a_token_in_a_webhook_url_s_path_is_masked_in_every_drawing() -> None:
+    """Slack's and Discord's webhook URLs carry their secret in the path, not the query."""
+    secret = "xoxbSECRETtoken0123456789"
+    slack = PushSubscription("slack", [Receipt.event_type()], f"https://hooks.slack.com/services/T01/B02/{secret}")
+    graph = build(shop(), push=[slack])
+    assert graph.push["slack"].url == "https://hooks.slack.com/services/T01/B02/***"
+    for text in (graph.to_json(), graph.to_mermaid(), graph.to_dot()):
+        assert secret not in text
+
+
 def test_what_a_push_subscriber_declares_it_emits_is_drawn_and_new_types_become_nodes() -> None:
     """``emits`` are emits edges from the push node; a type only it touches is still an event node."""
     sub = PushSubscription("ledger", [Paid.event_type()], "http://ledger:80/", emits=["test.hooked.booked"])

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.joins import JoinSpec
@@ -97,8 +98,9 @@ class EventNode:
 class PushNode:
     """A push subscription in the flow: an HTTP subscriber behind the push ambassador.
 
-    ``url`` is the subscriber's URL without user info, query or fragment (places a token
-    may hide: a drawing is often committed); ``emits`` is what it may answer with
+    ``url`` is the subscriber's URL without user info, query or fragment, and with a secret
+    in its path masked as :func:`~choreograph._redact.redact` does (a Slack or Discord webhook's
+    token): places a token may hide, and a drawing is often committed; ``emits`` is what it may answer with
     (``None``: undeclared, so nothing is drawn); ``filters`` the subscription's filter
     objects (spec JSON shape, ``where`` included as an ``sql`` one) and ``filter`` their
     one-line text.
@@ -285,7 +287,7 @@ def _push_node(subscription: PushSubscription) -> PushNode:
     compiled = subscription.filter
     emits = None if subscription.emits is None else tuple(sorted(subscription.emits))
     parts = urlsplit(subscription.url)
-    url = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    url = redact(urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", "")))
     return PushNode(
         subscription.group, url, tuple(sorted(subscription.types)), emits,
         tuple(compiled.source) if compiled is not None else (), compiled.text if compiled is not None else None,
