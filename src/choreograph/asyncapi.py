@@ -10,7 +10,9 @@ How choreograph maps onto AsyncAPI, and why:
   routes by type, so the type is the address (subject, routing key, stream key).
 * **A message per event type**: the payload is the JSON Schema of the pydantic model
   (the CloudEvent ``data``), kept in ``components/schemas`` so models shared between
-  events are described once. The CloudEvents context attributes (``id``, ``source``,
+  events are described once (written for an AsyncAPI Schema Object, a superset of JSON
+  Schema draft 07, where pydantic's draft 2020-12 differs: ``discriminator``, ``prefixItems``).
+  The CloudEvents context attributes (``id``, ``source``,
   ``type``, ``correlationid``, ...) are described as the message ``headers``: on the bus
   they travel beside ``data`` in one structured-mode JSON object, on HTTP push as
   ``ce-*`` headers (binary mode); the attributes are the same either way.
