@@ -16,6 +16,7 @@ import pytest
 
 from choreograph import FAILED, App, Event, Failure, Service
 from choreograph.asyncapi import asyncapi_document
+from choreograph.errors import ConfigurationError
 from choreograph.runtime.records import first_envelope, output_envelope
 from choreograph.sagas import TIMEDOUT, failed, timed_out
 
@@ -361,3 +362,27 @@ def test_a_tuple_in_a_payload_describes_each_item_as_draft_07_does() -> None:
     assert payload.is_valid(Located(position=(1.5, 2.0, "hangar")).model_dump(mode="json"))
     assert not payload.is_valid({"position": ["hangar", 1.5, 2.0]})
     assert not payload.is_valid({"position": [1.5, 2.0]})
+
+
+class Sensor:
+    """A Python object pydantic checks with isinstance: it has no JSON Schema."""
+
+
+class Wired(Event, type="test.asyncapi.wired"):
+    model_config = pydantic.ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    label: str
+    sensor: Sensor | None = pydantic.Field(default=None, alias="probe")
+
+
+def test_a_payload_without_a_json_schema_is_a_configuration_error_naming_the_event_and_field() -> None:
+    lab = Service("lab")
+
+    @lab.on(Wired)
+    async def read(event: Wired) -> None: ...
+
+    with pytest.raises(ConfigurationError) as caught:
+        asyncapi_document(App("lab", [lab], ingress=[Wired]))
+    message = str(caught.value)
+    assert message.startswith("test.asyncapi.wired (tests.test_asyncapi.Wired): its payload has no JSON Schema "
+                              "at $.probe, so the AsyncAPI document cannot describe it: ")
+    assert "Sensor" in message and "\n" not in message

@@ -32,8 +32,11 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import pydantic
+from pydantic.errors import PydanticInvalidForJsonSchema
 from pydantic.json_schema import models_json_schema
 
+from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.flow import FlowGraph, build
 from choreograph.joins import Failed
@@ -130,13 +133,16 @@ def asyncapi_document(
     if graph.steps:  # any handler can give up: its runtime then publishes choreograph.failed
         classes[FAILED] = Failed
 
-    refs, defs = (
-        models_json_schema(
-            [(cls, "validation") for cls in classes.values()], ref_template="#/components/schemas/{model}"
+    try:
+        refs, defs = (
+            models_json_schema(
+                [(cls, "validation") for cls in classes.values()], ref_template="#/components/schemas/{model}"
+            )
+            if classes
+            else ({}, {})
         )
-        if classes
-        else ({}, {})
-    )
+    except PydanticInvalidForJsonSchema as exc:
+        raise _no_schema(classes, exc) from None
     schemas: dict[str, Any] = {"CloudEventsContext": CLOUDEVENTS_CONTEXT, **_asyncapi_schema(defs.get("$defs", {}))}
 
     channels: dict[str, Any] = {}
@@ -192,6 +198,38 @@ def asyncapi_document(
         "operations": dict(sorted(operations.items())),
         "components": {"schemas": schemas, "messages": messages},
     }
+
+
+def _no_schema(classes: dict[str, type[Event]], exc: PydanticInvalidForJsonSchema) -> ConfigurationError:
+    """The error naming the event, and the field, whose payload pydantic cannot describe (a type it
+    only checks with ``isinstance``: ``arbitrary_types_allowed``), rather than pydantic's traceback."""
+    for type_, cls in classes.items():
+        try:
+            cls.model_json_schema()
+        except PydanticInvalidForJsonSchema as own:
+            field = _field_without_schema(cls)
+            at = f" at $.{field}" if field is not None else ""
+            return ConfigurationError(
+                f"{type_} ({cls.__module__}.{cls.__qualname__}): its payload has no JSON Schema{at}, so the "
+                f"AsyncAPI document cannot describe it: {str(own).splitlines()[0]}"
+            )
+    return ConfigurationError(f"no JSON Schema for an event's payload: {str(exc).splitlines()[0]}")
+
+
+def _field_without_schema(cls: type[Event]) -> str | None:
+    """The first field of ``cls`` that has no JSON Schema on its own (its alias, as in the payload)."""
+    for name, field in cls.model_fields.items():
+        definition: dict[str, Any] = {name: (field.annotation, field)}
+        try:
+            probe = pydantic.create_model(
+                "Probe", __config__=pydantic.ConfigDict(arbitrary_types_allowed=True), **definition
+            )
+            probe.model_json_schema()
+        except PydanticInvalidForJsonSchema:
+            return field.alias or name
+        except Exception:  # a field the probe cannot rebuild on its own: not the one to name
+            continue
+    return None
 
 
 def _asyncapi_schema(node: Any) -> Any:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
 import pydot
 import pytest
 from examples.chain import app as chain
@@ -275,6 +276,33 @@ def test_a_bad_target_prints_one_clear_line_and_exits_2(args: list[str], needle:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert needle in " ".join(result.stderr.split())
+
+
+class Unschemed:
+    """Checked with isinstance only: no JSON Schema."""
+
+
+class Gauged(Event, type="test.cli.graph.gauged"):
+    model_config = pydantic.ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    gauge: Unschemed
+
+
+gauges = Service("gauges")
+
+
+@gauges.on(Gauged)
+async def measure(gauged: Gauged) -> None: ...
+
+
+unschemed = App("unschemed", [gauges], ingress=[Gauged])
+
+
+def test_asyncapi_of_a_payload_without_a_json_schema_names_the_event_and_field_and_exits_2() -> None:
+    result = cli("asyncapi", f"{HERE}:unschemed")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error: test.cli.graph.gauged (tests.cli.test_graph_cli.Gauged): its payload has no JSON Schema at " \
+           "$.gauge" in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize("command", ["graph", "asyncapi"])
