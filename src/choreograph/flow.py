@@ -75,7 +75,9 @@ class Step:
 
     @property
     def can_give_up(self) -> bool:
-        """Whether the runtime may announce ``failed(trigger)`` for it (every business handler can)."""
+        """Whether its giving up is a failure of ``trigger`` for the flow to compensate (every business
+        handler's is). A compensation gives up too, but nothing compensates a compensation: lint
+        says so apart (``compensation-can-fail``) rather than as a failure route."""
         return self.via == "event" and self.role != "compensation"
 
 
