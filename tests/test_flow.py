@@ -8,6 +8,7 @@ import pydot
 import pytest
 
 from choreograph import App, Event, Failure, Service
+from choreograph.errors import ConfigurationError
 from choreograph.flow import Edge, Finding, FlowGraph, build, lint
 from choreograph.sagas import TIMEDOUT, TimedOut, failed, timed_out
 
@@ -610,3 +611,30 @@ def test_lint_accepts_an_app_or_a_built_graph(target: str) -> None:
     app = shop()
     assert lint(app if target == "app" else build(app)) == lint(build(app))
     assert problems(app if target == "app" else build(app)) == []
+
+
+@pytest.mark.parametrize(
+    ("ingress", "terminal", "message"),
+    [
+        ([Placed], {Shipped: "complete"}, "App 'a': terminal[Shipped]: must be 'completed' or 'failed', not 'complete'"),
+        ([Placed], {"test.flow.shipped": "completed"},
+         "App 'a': terminal: expected an Event subclass, got 'test.flow.shipped'"),
+        (["test.flow.placed"], {Shipped: "completed"},
+         "App 'a': ingress[0]: expected an Event subclass, got 'test.flow.placed'"),
+    ],
+)
+def test_an_app_s_ingress_and_terminal_are_checked_as_the_journal_checks_them(
+    ingress: list[object], terminal: dict[object, str], message: str
+) -> None:
+    """A typo'd kind was drawn and linted as an end ("no problems found") the journal refuses at run
+    time, and DOT failed on it with a KeyError; a type name instead of a class, an AttributeError."""
+    svc = Service("s")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Shipped: ...
+
+    app = App("a", [svc], ingress=ingress, terminal=terminal)  # type: ignore[arg-type]
+    for check in (build, lint):
+        with pytest.raises(ConfigurationError) as caught:
+            check(app)
+        assert str(caught.value) == message

@@ -337,8 +337,7 @@ def build(
             if h.join is None or isinstance(h.join, JoinSpec):
                 for cls in (h.consumes, *h.emits):
                     classes.setdefault(cls.event_type(), cls)
-    ingress = {cls.event_type(): cls for cls in app.ingress} if app else {}
-    terminal = {cls.event_type(): kind for cls, kind in app.terminal.items()} if app else {}
+    ingress, terminal = _manifest(app) if app else ({}, {})
     if app:
         classes.update(ingress)
         classes.update({cls.event_type(): cls for cls in app.terminal})
@@ -357,6 +356,27 @@ def build(
         push=pushed,
         sources={s.name: s.source for s in services},
     )
+
+
+def _manifest(app: App) -> tuple[dict[str, type[Event]], dict[str, Literal["completed", "failed"]]]:
+    """The App's ingress and terminal event types, checked as the journal checks its terminal ones: a
+    kind that is neither ``completed`` nor ``failed`` would be drawn and linted as an end the journal
+    refuses, and an entry that is not an Event class has no type to draw."""
+    def event_type(entry: Any, where: str) -> str:
+        if not (isinstance(entry, type) and issubclass(entry, Event)):
+            raise ConfigurationError(f"App {app.name!r}: {where}: expected an Event subclass, got {entry!r}")
+        return entry.event_type()
+
+    ingress = {event_type(cls, f"ingress[{index}]"): cls for index, cls in enumerate(app.ingress)}
+    terminal: dict[str, Literal["completed", "failed"]] = {}
+    for cls, kind in app.terminal.items():
+        type_ = event_type(cls, "terminal")
+        if kind not in ("completed", "failed"):
+            raise ConfigurationError(
+                f"App {app.name!r}: terminal[{cls.__name__}]: must be 'completed' or 'failed', not {kind!r}"
+            )
+        terminal[type_] = kind
+    return ingress, terminal
 
 
 def lint(graph: FlowGraph | App | Iterable[Service]) -> list[Finding]:
