@@ -16,7 +16,20 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from choreograph import FAILED, App, Event, Failure, Publisher, Reject, Service, Worker, derive_id
+from choreograph import (
+    FAILED,
+    App,
+    Event,
+    Failure,
+    Publisher,
+    Reject,
+    Service,
+    TimedOut,
+    Worker,
+    derive_id,
+    failed,
+    timed_out,
+)
 from choreograph._envelope import Envelope, decode
 from choreograph._journal_model import JournalEntry, TransactionSummary, format_time
 from choreograph._journal_store import MemoryJournalStore
@@ -208,6 +221,8 @@ async def test_a_failing_compensation_is_compensation_failed(journal: Journal, a
     assert [(e.type, e.failed_type) for e in tx.timeline if e.kind == "failure"] == [
         (FAILED, Charged.event_type()), (FAILED, FAILED),
     ]
+    fly, refund = (e.record or {} for e in tx.timeline if e.kind == "failure")
+    assert "compensation" not in fly and refund["compensation"] is True  # what the worker marks
 
 
 def gave_up(cause: Envelope, service: str, handler: str) -> Envelope:
@@ -260,6 +275,90 @@ async def test_a_compensation_that_gave_up_is_compensation_failed_whatever_the_o
     await journal.record(intact[:3] + intact[4:])  # the refund did not give up: compensated, as before
     tx = await journal.transaction("tx-intact")
     assert tx is not None and tx.status == "compensated"
+
+
+class Reserved(Event, type="test.journal.reserved"):
+    order: str
+
+
+class Released(Event, type="test.journal.released"):
+    order: str
+
+
+def stock_app() -> App:
+    """stock reserves for every request; its compensation (``release``, triggered by a decline,
+    a failed charge or the transaction's timeout) and its timeout handler (``alert``) refuse."""
+    payment, stock = Service("payment"), Service("stock")
+    payment.on(Requested)(charge)
+
+    @stock.on(Requested)
+    async def reserve(req: Requested) -> Reserved:
+        return Reserved(order=req.order)
+
+    @stock.compensate(Reserved, on=[Declined, failed(Charged), timed_out()])
+    async def release(reserved: Reserved, cause: Declined | Failure | TimedOut) -> Released:
+        raise Reject("stock ledger closed")
+
+    return App("stock", [payment, stock], ingress=[Requested],
+               terminal={Delivered: "completed", Declined: "failed", Released: "failed"})
+
+
+async def test_a_compensation_that_gave_up_is_compensation_failed_whichever_event_completed_it(
+    store_url: str, bus: SpyBus, clock: VirtualClock
+) -> None:
+    """A ``compensate(...)`` handler gives up on whichever event completed its join: the business
+    trigger (the decline after the reservation), its own step (the decline first) or the timeout.
+    The journal showed ``compensated`` or ``failed``: the failed type is the trigger's, the step's or the timeout's."""
+    app = stock_app()
+    publisher = Publisher(bus, source="/gateway")
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=60, scan_interval=3600) as journal:
+        async with Worker(app.services, bus):
+            await publisher.publish(Requested(order="o", mode="stall"), correlation_id="by-trigger")
+            await settled(bus)
+            await publisher.publish(Declined(order="o"), correlation_id="by-trigger")
+            await publisher.publish(Declined(order="o"), correlation_id="by-step")
+            await settled(bus)
+            await publisher.publish(Requested(order="o", mode="stall"), correlation_id="by-step")
+            await settled(bus)
+            await publisher.publish(Requested(order="o", mode="stall"), correlation_id="by-timeout")
+            await settled(bus)
+            clock.advance(61)
+            assert await journal.check_deadlines() == ["by-timeout"]
+            await settled(bus)
+        for cid, gave_up_on in [("by-trigger", Declined.event_type()), ("by-step", Reserved.event_type()),
+                                ("by-timeout", TIMEDOUT)]:
+            tx = await journal.transaction(cid)
+            assert tx is not None and tx.timeline is not None
+            [failure] = [e for e in tx.timeline if e.kind == "failure"]
+            assert failure.failed_type == gave_up_on and failure.service == "stock", cid
+            assert tx.status == "compensation_failed" and tx.summary.compensation_failures == 1, cid
+            assert failure.record is not None and failure.record["compensation"] is True
+        listed = await journal.transactions(status="compensation_failed")
+        assert {t.correlation_id for t in listed} == {"by-trigger", "by-step", "by-timeout"}
+
+
+async def test_a_handler_of_the_timeout_that_gave_up_is_compensation_failed(
+    app: App, store_url: str, bus: SpyBus, clock: VirtualClock
+) -> None:
+    """It undoes what a stuck transaction left behind; the journal showed ``failed`` (nobody
+    compensates failures of ``choreograph.timedout``), as if an ordinary step had given up."""
+    alerts = Service("alerts")
+
+    @alerts.on(TimedOut)
+    async def page(timeout: TimedOut) -> None:
+        raise Reject("pager down")
+
+    app = App("delivery", [*app.services, alerts], ingress=app.ingress, terminal=app.terminal)
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=60, scan_interval=3600) as journal:
+        cid = await start(app, bus, mode="stall")
+        clock.advance(61)
+        async with Worker(app.services, bus):
+            assert await journal.check_deadlines() == [cid]
+            await settled(bus)
+        tx = await journal.transaction(cid)
+    assert tx is not None and tx.timeline is not None
+    assert [(e.service, e.failed_type) for e in tx.timeline if e.kind == "failure"] == [("alerts", TIMEDOUT)]
+    assert tx.status == "compensation_failed"
 
 
 async def test_without_compensation_knowledge_a_failure_waits_for_a_terminal_event(

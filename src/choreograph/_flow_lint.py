@@ -30,7 +30,7 @@ Rules, and why each has its severity:
   ``compensate(...)``, a handler of ``choreograph.timedout``) is retried like any handler
   and can give up too (its retries spent, or ``Reject``). Then what it undoes stays half
   undone and nothing in the flow takes over: nobody compensates a compensation (the
-  journal marks a transaction whose failure handler gave up ``compensation_failed``, for a
+  journal marks a transaction whose compensation gave up ``compensation_failed``, for a
   person to fix the cause and replay the dead letter). One finding per compensation, info
   and not a warning: every compensation can give up and no change to the flow removes
   that, so it says what to watch for (``choreograph transactions --status
@@ -343,17 +343,13 @@ def _compensations_can_fail(graph: FlowGraph) -> list[Finding]:
     for steps in compensations.values():
         triggers = sorted({_trigger(s) for s in steps if s.via != "step"})
         types_ = sorted({s.trigger for s in steps if s.via != "step"})
-        journal = (
-            "The journal marks the transaction compensation_failed. "
-            if any(s.role == "handler" and s.via == "failure" for s in steps) else ""
-        )
         out.append(
             Finding(
                 "compensation-can-fail",
                 "info",
                 f"if {_names(steps)} (on {', '.join(triggers)}) gives up (retries spent, or Reject), what it "
                 f"undoes stays half undone and nothing in the flow takes over: nobody compensates a "
-                f"compensation. {journal}A person fixes the cause and replays the dead letter "
+                f"compensation. The journal marks the transaction compensation_failed. A person fixes the cause and replays the dead letter "
                 f"(choreograph dlq replay)",
                 (*types_, steps[0].service),
             )

@@ -5,15 +5,16 @@ SQLite, PostgreSQL): a store persists entries and summaries, it never decides a 
 
 Statuses (``Status``), for the events of one correlation id:
 
-* ``compensation_failed`` -- a compensation gave up: an ``on_failure`` handler was retried
-  to exhaustion and dead-lettered, so the journal recorded a ``choreograph.failed`` of a
-  ``choreograph.failed`` event. The rollback did not finish and nothing will finish it:
-  some step stays half undone and needs a person (replay the dead letter, or repair by
-  hand). It takes precedence over every other status, terminal events included (a
-  ``failed`` or even a ``completed`` end does not undo what the compensation left behind).
-  Final: no deadline, no ``choreograph.timedout``. Only ``on_failure`` handlers are known
-  to be compensations; an ordinary handler that undoes something and gives up is a failure
-  like any other.
+* ``compensation_failed`` -- a compensation gave up: it was retried to exhaustion (or
+  rejected) and dead-lettered, and the runtime announced it with a ``choreograph.failed``
+  event (see :attr:`JournalEntry.compensation_failure` for how the journal tells one). The
+  rollback did not finish and nothing will finish it: some step stays half undone and needs
+  a person (replay the dead letter, or repair by hand). It takes precedence over every other
+  status, terminal events included (a ``failed`` or even a ``completed`` end does not undo
+  what the compensation left behind). Final: no deadline, no ``choreograph.timedout``. The
+  compensations are the flow's: ``on_failure`` handlers, ``compensate(...)`` handlers and
+  handlers of ``choreograph.timedout``; an ordinary handler that undoes something and gives
+  up is a failure like any other.
 * ``completed``   -- a terminal ``completed`` event was recorded.
 * ``compensated`` -- a terminal ``failed`` event was recorded, and the transaction also
   contains a runtime failure (``choreograph.failed``) or a ``choreograph.timedout``:
@@ -61,6 +62,13 @@ FAILED = "choreograph.failed"
 """The runtime's failure event type (:data:`choreograph.service.FAILED`, repeated here so the
 command line reads the model without importing the services). A failure whose failed type is
 this one is a compensation (an ``on_failure`` handler) that gave up."""
+TIMEDOUT = "choreograph.timedout"
+"""The type of the event the journal publishes when a transaction passes its deadline. A
+failure whose failed type is this one is a handler of the timeout (a compensation) that gave up."""
+COMPENSATION_MARK = "compensation"
+"""The key a worker sets to ``true`` in the record of a compensation that gave up
+(:func:`choreograph.sagas.is_rollback`): what tells the journal a ``compensate(...)`` handler
+gave up when the event it gave up on was its own step or a business trigger."""
 
 EntryKind = Literal["event", "completed", "failed", "failure", "timedout"]
 """``event`` an ordinary event; ``completed``/``failed`` a terminal event of that kind;
@@ -132,8 +140,18 @@ class JournalEntry:
 
     @property
     def compensation_failure(self) -> bool:
-        """Whether this is a compensation that gave up (a failure of a ``choreograph.failed`` event)."""
-        return self.kind == "failure" and self.failed_type == FAILED
+        """Whether this is a compensation that gave up: a failure whose record is marked
+        ``compensation`` (the worker marks every compensation's), or of a ``choreograph.failed``
+        or ``choreograph.timedout`` event (only compensations handle those; this also tells
+        failures announced by a worker from before the mark, or by a push subscriber).
+
+        The failed type alone cannot tell a ``compensate(...)`` handler: it gives up on
+        whichever event completed its join, its own step or a business trigger as often as a
+        failure or a timeout, depending on the order they arrived in.
+        """
+        if self.kind != "failure":
+            return False
+        return self.failed_type in (FAILED, TIMEDOUT) or (self.record or {}).get(COMPENSATION_MARK) is True
 
     @property
     def outcome(self) -> str:

@@ -37,6 +37,7 @@ from choreograph._journal_model import (
     DEFAULT_STUCK_AFTER,
     JOURNAL_GROUP,
     STATUSES,
+    TIMEDOUT,
     EntryKind,
     JournalEntry,
     Status,
@@ -73,8 +74,6 @@ __all__ = [
 
 log = logging.getLogger("choreograph.journal")
 
-TIMEDOUT = "choreograph.timedout"
-"""The type of the event the journal publishes when a transaction passes its deadline."""
 
 TerminalKind = Literal["completed", "failed"]
 

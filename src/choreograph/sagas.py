@@ -27,8 +27,11 @@ happened*, for one correlation id (see :mod:`choreograph.joins`). So:
   own step event for this), not from whatever the trigger happens to carry;
 * it is an ordinary handler to the runtime: idempotent (inbox + join store),
   retried by policy, dead-lettered when it gives up, and then announced with a
-  ``choreograph.failed`` event whose record names the compensation handler, so the
-  journal can mark the transaction.
+  ``choreograph.failed`` event whose record names the compensation handler and is marked
+  ``"compensation": true``, so the journal marks the transaction ``compensation_failed``
+  whichever event completed the join (its own step, a business trigger, a failure or a
+  timeout). ``on_failure`` handlers and handlers of ``choreograph.timedout`` are marked
+  the same way (:func:`is_rollback`).
 
 Deadlines: ``Publisher.publish(..., deadline=timedelta(seconds=30))`` (or seconds,
 a datetime, or RFC 3339 text) puts a ``deadline`` extension on the first event;
@@ -58,6 +61,7 @@ __all__ = [
     "failed",
     "install_compensation",
     "is_compensation",
+    "is_rollback",
     "timed_out",
 ]
 
@@ -125,6 +129,19 @@ def install_compensation(
 def is_compensation(handler: Handler) -> bool:
     """Whether ``handler`` belongs to a compensation (e.g. to label a failure record's handler)."""
     return isinstance(handler.join, JoinSpec) and handler.join.kind == "compensation"
+
+
+def is_rollback(handler: Handler) -> bool:
+    """Whether ``handler`` is one of the flow's compensations: a ``compensate(...)`` handler, an
+    ``on_failure`` handler, or a handler of ``choreograph.timedout`` (the roles lint's
+    ``compensation-can-fail`` names). When it gives up, the worker marks its dead-letter record
+    ``"compensation": true``, and the journal marks the transaction ``compensation_failed``.
+
+    A plain join (``on_all``) is not one, even with a ``failed(...)`` slot, nor its
+    internal fan-out of failures."""
+    if handler.join is not None:
+        return is_compensation(handler)
+    return handler.kind == "failure" or handler.consumes.event_type() == TIMEDOUT
 
 
 def deadline_text(value: str | float | timedelta | datetime, *, now: float) -> str:

@@ -37,6 +37,7 @@ from choreograph.runtime.records import (
     to_message,
     unhandled_error,
 )
+from choreograph.sagas import is_rollback
 from choreograph.service import FAILED, Failure, Handler, Service
 from choreograph.stores.base import ErrorInfo, InboxStore
 from choreograph.transports.base import Delivery, Message
@@ -295,6 +296,7 @@ class Verdicts:
             reason=reason, service=self.service.name, handler=handler.name if handler else None, group=self.group,
             attempts=delivery.attempt, first_error=first_error, last_error=error, first_attempt_at=first_at,
             last_attempt_at=now, envelope=raw if envelope is None else original_envelope(delivery.message.body),
+            compensation=handler is not None and is_rollback(handler),
         )
         failure = None
         if envelope is not None and publish_failure and handler is not None:

@@ -256,8 +256,14 @@ def dead_letter_record(
     first_attempt_at: float | None,
     last_attempt_at: float,
     envelope: Any,
+    compensation: bool = False,
 ) -> dict[str, Any]:
-    """The record kept with a dead letter (DESIGN.md §5). ``envelope`` is the original, untouched."""
+    """The record kept with a dead letter (DESIGN.md §5). ``envelope`` is the original, untouched.
+
+    ``compensation``: the handler that gave up is a compensation
+    (:func:`~choreograph.sagas.is_rollback`); the record then says ``"compensation": true``,
+    which the journal reads to mark the transaction ``compensation_failed``."""
+    mark = {"compensation": True} if compensation else {}
     return {
         "reason": reason,
         "service": service,
@@ -268,6 +274,7 @@ def dead_letter_record(
         "last_error": last_error.to_dict() if last_error else None,
         "first_attempt_at": first_attempt_at if first_attempt_at is not None else last_attempt_at,
         "last_attempt_at": last_attempt_at,
+        **mark,
         "envelope": envelope,
     }
 
