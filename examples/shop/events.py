@@ -29,7 +29,7 @@ class PaymentDeclined(Event, type="shop.payment.declined"):
 
 
 class PaymentRefunded(Event, type="shop.payment.refunded"):
-    """Compensation of PaymentCaptured."""
+    """Compensation of PaymentCaptured; terminal (failed): it ends its branch of a failed order."""
 
     order_id: str
     amount: int
@@ -50,7 +50,7 @@ class OutOfStock(Event, type="shop.stock.out_of_stock"):
 
 
 class StockReleased(Event, type="shop.stock.released"):
-    """Compensation of StockReserved."""
+    """Compensation of StockReserved; terminal (failed): it ends its branch of a failed order."""
 
     order_id: str
     sku: str

@@ -226,3 +226,14 @@ async def test_money_and_stock_are_conserved_and_every_order_ends_once(shop: Sho
     assert shop.query("payment", "SELECT count(*) FROM payments WHERE status = 'captured'")[0][0] == len(
         shop.query("shipping", "SELECT * FROM shipments")
     )
+
+
+def test_the_shop_lints_clean_with_its_compensations_ending_the_failed_path() -> None:
+    """A reference workload lints without warnings: the refund and the stock release were
+    ``unconsumed`` (neither consumed nor terminal); they end the compensation path, as
+    ``OrderCancelled`` does. What remains are infos: any compensation can give up."""
+    from choreograph.flow import lint
+
+    findings = lint(app)
+    assert [(f.severity, f.code) for f in findings] == [("info", "compensation-can-fail")] * 3
+    assert app.terminal[PaymentRefunded] == app.terminal[StockReleased] == app.terminal[OrderCancelled] == "failed"
