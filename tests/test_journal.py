@@ -357,8 +357,10 @@ async def test_a_handler_of_the_timeout_that_gave_up_is_compensation_failed(
             await settled(bus)
         tx = await journal.transaction(cid)
     assert tx is not None and tx.timeline is not None
-    assert [(e.service, e.failed_type) for e in tx.timeline if e.kind == "failure"] == [("alerts", TIMEDOUT)]
+    [failure] = [e for e in tx.timeline if e.kind == "failure"]
+    assert (failure.service, failure.failed_type) == ("alerts", TIMEDOUT)
     assert tx.status == "compensation_failed"
+    assert failure.record is not None and failure.record["compensation"] is True
 
 
 async def test_without_compensation_knowledge_a_failure_waits_for_a_terminal_event(

@@ -30,6 +30,7 @@ from choreograph.sagas import (
     deadline_text,
     failed,
     is_compensation,
+    is_rollback,
     timed_out,
 )
 from choreograph.testing import MemoryTransport, VirtualClock, settled
@@ -229,6 +230,27 @@ async def test_a_compensation_that_gives_up_is_dead_lettered_and_announced(bus: 
     assert failure.envelope.id == declined.id and failure.record["handler"].endswith("release")
     handler = inventory.failure_handlers[Reserved.event_type()]
     assert is_compensation(handler) and is_compensation(inventory.handlers[Declined.event_type()])
+    # what tells the journal a compensation gave up, though the failed type is a business event's
+    assert letter.record["compensation"] is True and failure.record["compensation"] is True
+
+
+def test_the_flow_s_compensations_are_rollbacks_and_nothing_else() -> None:
+    """``compensate(...)``, ``on_failure`` and handlers of the timeout; not steps, not plain joins."""
+    inventory, other = Inventory(), Service("other")
+
+    @other.on_failure(Placed)
+    async def undo(failure: Failure) -> None: ...
+
+    @other.on(TimedOut)
+    async def expire(timeout: TimedOut) -> None: ...
+
+    @other.on_all(Reserved, failed(Declined))
+    async def both(reserved: Reserved, failure: Failure) -> None: ...
+
+    rollbacks = {(h.name.rpartition(".")[2], h.consumes.__name__)
+                 for s in (inventory, other) for h in s.all_handlers() if is_rollback(h)}
+    assert rollbacks == {("release", "Reserved"), ("release", "Declined"), ("release", "TimedOut"),
+                         ("undo", "Placed"), ("expire", "TimedOut")}
 
 
 async def test_a_deadline_set_at_ingress_travels_to_every_output(bus: SpyBus, clock: VirtualClock) -> None:
