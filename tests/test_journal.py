@@ -668,6 +668,52 @@ async def test_a_journal_file_written_before_compensation_failed_opens_and_shows
         assert tx.status == "compensated" and tx.timeline[-1].traceparent == traceparent
 
 
+def gave_up_marked(cause: Envelope, service: str, handler: str) -> Envelope:
+    """:func:`gave_up` by a compensation: the worker marks its record ``"compensation": true``."""
+    envelope = gave_up(cause, service, handler)
+    envelope.data["record"]["compensation"] = True
+    return envelope
+
+
+async def test_a_journal_file_counted_by_the_previous_rule_is_counted_again_once(
+    app: App, bus: SpyBus, tmp_path: Path
+) -> None:
+    """A journal before the compensation mark stored a timeout handler's or a marked
+    compensation's give-up as ``failed`` or ``compensated``; the file reads ``compensation_failed``."""
+    url = f"sqlite:///{tmp_path / 'counted.db'}"
+    cid = "tx-timeout"
+    root = first_envelope(Requested(order="o", mode="stall"), source="/gateway", id=cid)
+    timedout = first_envelope(Requested(order="o"), source="/choreograph/journal", id=f"{cid}-t", correlation_id=cid)
+    timedout = msgspec.structs.replace(timedout, type=TIMEDOUT)
+    released = first_envelope(Charged(order="o", mode="ok"), source="/choreograph/stock", id="tx-step-c",
+                              correlation_id="tx-step")
+    intact = rolled_back_halfway("tx-intact", Cancelled(order="o"))
+    async with Journal.from_app(app, url, transport=bus) as journal:
+        await journal.record([root, timedout, gave_up(timedout, "alerts", "page")])
+        await journal.record([first_envelope(Requested(order="o"), source="/gateway", id="tx-step"), released,
+                              gave_up_marked(released, "stock", "release"),
+                              first_envelope(Cancelled(order="o"), source="/s", id="tx-step-e",
+                                             correlation_id="tx-step")])
+        await journal.record(intact[:3] + intact[4:])
+    with contextlib.closing(sqlite3.connect(tmp_path / "counted.db")) as db:  # as the previous journal stored them
+        db.execute("UPDATE journal_transactions SET compensation_failures = 0, base_status = 'failed' "
+                   "WHERE correlation_id = 'tx-timeout'")
+        db.execute("UPDATE journal_transactions SET compensation_failures = 0, base_status = 'compensated' "
+                   "WHERE correlation_id = 'tx-step'")
+        db.execute("PRAGMA user_version = 0")
+        db.commit()
+    reader = Journal(url)
+    try:
+        listed = await reader.transactions(status="compensation_failed")
+        assert sorted(t.correlation_id for t in listed) == ["tx-step", "tx-timeout"]
+        assert all(t.summary.compensation_failures == 1 for t in listed)
+        assert [t.correlation_id for t in await reader.transactions(status="compensated")] == ["tx-intact"]
+    finally:
+        await reader.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "counted.db")) as db:  # once: not on every open
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+
+
 async def test_a_journal_without_transport_cannot_start() -> None:
     with pytest.raises(ConfigurationError, match="transport"):
         await Journal("memory://").start()

@@ -33,7 +33,14 @@ from typing import Any, TypeVar
 
 import orjson
 
-from choreograph._journal_model import FAILED, JournalEntry, Status, TransactionSummary
+from choreograph._journal_model import (
+    COMPENSATION_MARK,
+    FAILED,
+    TIMEDOUT,
+    JournalEntry,
+    Status,
+    TransactionSummary,
+)
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph._redact import redact
 from choreograph.stores import _pg
@@ -90,6 +97,21 @@ JOURNAL_MIGRATIONS = [
         WHERE kind = 'failure' AND failed_type = '{FAILED}' GROUP BY correlation_id
     ) AS f
     WHERE t.correlation_id = f.correlation_id;
+    """,
+    # The compensations that gave up, counted again by the journal's current rule
+    # (JournalEntry.compensation_failure): also a failure of choreograph.timedout, and one whose
+    # record a worker marked "compensation": true (a compensate(...) giving up on its step or
+    # a business trigger).
+    f"""
+    UPDATE choreograph_journal_transactions AS t
+    SET compensation_failures = f.n, base_status = 'compensation_failed'
+    FROM (
+        SELECT correlation_id, count(*) AS n FROM choreograph_journal_events
+        WHERE kind = 'failure' AND (failed_type IN ('{FAILED}', '{TIMEDOUT}')
+                                    OR record -> '{COMPENSATION_MARK}' = 'true'::jsonb)
+        GROUP BY correlation_id
+    ) AS f
+    WHERE t.correlation_id = f.correlation_id AND t.compensation_failures <> f.n;
     """,
 ]
 

@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 
 import orjson
 
-from choreograph._journal_model import FAILED, JournalEntry, Status, TransactionSummary
+from choreograph._journal_model import (
+    COMPENSATION_MARK,
+    FAILED,
+    TIMEDOUT,
+    JournalEntry,
+    Status,
+    TransactionSummary,
+)
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph._sqlite import connect_wal
 from choreograph.errors import StoreError
@@ -51,20 +58,28 @@ CREATE INDEX IF NOT EXISTS journal_tx_started ON journal_transactions (started_a
 # The compensations that gave up (JournalEntry.compensation_failure) of each transaction.
 _COMPENSATION_FAILURES = (
     "SELECT correlation_id, count(*) FROM journal_events "
-    f"WHERE kind = 'failure' AND failed_type = '{FAILED}' GROUP BY correlation_id"
+    f"WHERE kind = 'failure' AND (failed_type IN ('{FAILED}', '{TIMEDOUT}') "
+    f"OR json_type(record, '$.{COMPENSATION_MARK}') = 'true') GROUP BY correlation_id"
 )
+# PRAGMA user_version once the summaries' compensation_failures were counted by that rule (a
+# journal before it counted only failures of choreograph.failed events).
+_COUNTED = 1
 
 
 def _migrate(db: sqlite3.Connection) -> None:
     """Add the columns a journal file written before them lacks (``CREATE TABLE IF NOT EXISTS``
-    leaves an existing table as it is), and derive the new summary column from the recorded entries."""
+    leaves an existing table as it is), and count the summaries' compensation failures from the
+    recorded entries, once (``PRAGMA user_version``), by the journal's current rule."""
 
     def missing() -> tuple[set[str], set[str]]:
         events = {row[1] for row in db.execute("PRAGMA table_info(journal_events)")}
         txs = {row[1] for row in db.execute("PRAGMA table_info(journal_transactions)")}
         return {"traceparent", "tracestate"} - events, {"compensation_failures"} - txs
 
-    if missing() == (set(), set()):
+    def counted() -> bool:
+        return int(db.execute("PRAGMA user_version").fetchone()[0]) >= _COUNTED
+
+    if missing() == (set(), set()) and counted():
         return
     db.execute("BEGIN IMMEDIATE")  # another process may be migrating the same file
     try:
@@ -73,11 +88,13 @@ def _migrate(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE journal_events ADD COLUMN {column} TEXT")
         if txs:
             db.execute("ALTER TABLE journal_transactions ADD COLUMN compensation_failures INTEGER NOT NULL DEFAULT 0")
+        if not counted():
             db.executemany(
                 "UPDATE journal_transactions SET compensation_failures = ?, base_status = 'compensation_failed' "
-                "WHERE correlation_id = ?",
-                [(count, cid) for cid, count in db.execute(_COMPENSATION_FAILURES).fetchall()],
+                "WHERE correlation_id = ? AND compensation_failures != ?",
+                [(count, cid, count) for cid, count in db.execute(_COMPENSATION_FAILURES).fetchall()],
             )
+            db.execute(f"PRAGMA user_version = {_COUNTED}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from choreograph._journal_model import FAILED, JournalEntry
+from choreograph._journal_model import FAILED, TIMEDOUT, JournalEntry
 from choreograph._journal_postgres import JOURNAL_MIGRATIONS, PostgresJournalStore
 from choreograph.journal import open_journal_store
 from choreograph.stores._pg import parse_url
@@ -213,5 +213,48 @@ async def test_a_schema_migrated_before_compensation_failed_is_migrated_and_show
         traced = dataclasses.replace(entry("late", "tx-intact", at=150.0), traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
         await store.record([traced], stuck_after=60)
         assert (await store.timeline("tx-intact"))[-1] == traced
+    finally:
+        await store.close()
+
+
+class JournalBeforeTheCompensationMark(PostgresJournalStore):
+    """The journal's schema before the step that counts compensation failures by the current rule."""
+
+    MIGRATIONS = JOURNAL_MIGRATIONS[:4]
+
+
+async def test_a_schema_counted_by_the_previous_rule_is_counted_again(url: str) -> None:
+    """A timeout handler's give-up and a compensation's marked give-up (on a business event) were
+    stored ``compensated``: only failures of ``choreograph.failed`` counted. They read, and are
+    listed as, ``compensation_failed``; an unmarked failure of a step stays a failure."""
+    old = JournalBeforeTheCompensationMark(url)
+    await old.open()
+    try:
+        pool = old._open_pool()
+        for cid, failed_type, record in (("tx-timeout", TIMEDOUT, None), ("tx-step", "t.x", '{"compensation": true}'),
+                                         ("tx-intact", "t.x", '{"reason": "rejected"}')):
+            await pool.execute(
+                "INSERT INTO choreograph_journal_events (event_id, correlation_id, type, source, service, kind, "
+                "at, recorded_at, failed_type, compensable, record) VALUES ($1, $2, $3, '/s', 's', 'failure', 100, "
+                "100, $4, false, $5::jsonb)",
+                f"{cid}-0", cid, FAILED, failed_type, record,
+            )
+            await pool.execute(
+                "INSERT INTO choreograph_journal_transactions (correlation_id, base_status, first_seen, last_seen, "
+                "started_at, deadline, deadline_explicit, event_count, terminal_type, terminal_kind, failures, "
+                "uncompensated, timed_out) VALUES ($1, 'compensated', 100, 100, 100, 160, false, 1, 't.end', "
+                "'failed', 1, 0, false)",
+                cid,
+            )
+    finally:
+        await old.close()
+    store = PostgresJournalStore(url)
+    await store.open()
+    try:
+        listed = await store.summaries(status="compensation_failed", now=200.0, limit=10)
+        assert sorted(s.correlation_id for s in listed) == ["tx-step", "tx-timeout"]
+        assert all(s.compensation_failures == 1 for s in listed)
+        intact = await store.summary("tx-intact")
+        assert intact is not None and intact.status(200.0) == "compensated" and intact.compensation_failures == 0
     finally:
         await store.close()
