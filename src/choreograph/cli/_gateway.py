@@ -117,7 +117,8 @@ def gateway(
     try:
         import uvicorn
     except ImportError:
-        raise ConfigurationError("choreograph gateway needs uvicorn (pip install 'choreograph[http]')") from None
+        raise ConfigurationError("choreograph gateway needs uvicorn, part of choreograph's install: "
+                                 "reinstall choreograph (pip install --force-reinstall choreograph)") from None
     sockets = inherited(fds) if fds else listen(host, port)
     try:
         if log_level.lower() in ("debug", "trace"):
