@@ -15,7 +15,7 @@ import pytest
 from choreograph import Context, Event, Publisher, Reject, RetryPolicy, Service, Worker
 from choreograph.errors import ConfigurationError
 from choreograph.faults import FAULTS_ENV, RESTARTS_ENV, Faults, FaultSpec, InjectedFault, load_faults
-from choreograph.testing import MemoryTransport, settled
+from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports import open_transport
 
 
@@ -259,3 +259,55 @@ async def test_duplicate_rate_in_a_transactional_step_rolls_the_step_back_with_t
     assert (worker.stats("svc").retried, worker.stats("svc").handled) == (1, 1)
     assert sqlite3.connect(tmp_path / "svc.db").execute("SELECT n FROM t").fetchall() == [(1,)]
     assert duplicating.completed == 0 and healthy.completed == 1
+
+
+class HangAsked(Event, type="test.faults.hang.asked"):
+    n: int
+
+
+async def test_a_hang_on_a_virtual_clock_times_out_in_virtual_time_and_is_dead_lettered() -> None:
+    """A hang of 600 s past a 5 s timeout, on a VirtualClock: each attempt times out when the
+    clock passes 5 s (the hang slept for real, 600 s an attempt), and the event is dead-lettered
+    after its attempts; the clock, not the wall, shows the time spent."""
+    svc = Service("svc", retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False))
+    faults = Faults("svc", FaultSpec(hang=600))
+
+    @svc.on(HangAsked, timeout=5.0)
+    async def handle(asked: HangAsked, ctx: Context) -> None:
+        async with faults.step(ctx):
+            pass
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(HangAsked(n=1))
+        await asyncio.wait_for(settled(bus), 30)
+    [letter] = await bus.dead_letters("svc")
+    assert letter.record["reason"] == "max_attempts" and letter.record["attempts"] == 3
+    assert letter.record["last_error"]["type"] == "HandlerTimeout"
+    assert (worker.stats("svc").retried, worker.stats("svc").handled) == (2, 0)
+    assert faults.completed == 0
+    assert clock.monotonic() == pytest.approx(3 * 5.0 + 1.0 + 2.0)  # three timeouts and two backoffs
+
+
+async def test_a_hang_shorter_than_the_timeout_but_longer_than_the_lease_passes_in_virtual_time() -> None:
+    """The worker keeps the lease of the hanging delivery on the same clock: the event is
+    handled once, not handed out again when the clock passes its lease (30 s)."""
+    svc = Service("svc")
+    faults = Faults("svc", FaultSpec(hang=45))
+    runs: list[int] = []
+
+    @svc.on(HangAsked, timeout=60.0)
+    async def handle(asked: HangAsked, ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        async with faults.step(ctx):
+            pass
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(HangAsked(n=1))
+        await asyncio.wait_for(settled(bus), 30)
+    assert runs == [1] and faults.completed == 1
+    assert (worker.stats("svc").handled, worker.stats("svc").retried, worker.stats("svc").deferred) == (1, 0, 0)
+    assert clock.monotonic() == pytest.approx(45.0)

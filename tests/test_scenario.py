@@ -32,7 +32,18 @@ from examples.shop.payment import BALANCES, payment
 from examples.shop.shipping import SHIPPING_WAIT, shipping
 
 import choreograph.testing
-from choreograph import ConfigurationError, Event, Reject, RetryPolicy, Service, TimedOut, failed, timed_out
+from choreograph import (
+    ConfigurationError,
+    Context,
+    Event,
+    Reject,
+    RetryPolicy,
+    Service,
+    TimedOut,
+    failed,
+    timed_out,
+)
+from choreograph.faults import Faults, FaultSpec
 from choreograph.testing import Scenario, VirtualClock
 from tests.stores._databases import fresh_postgres_url
 
@@ -220,6 +231,25 @@ async def test_retries_are_fast_forwarded_and_a_give_up_is_dead_lettered_with_it
         s.expect_not(Pong)
         assert s.emitted[-1].at == 3.0  # backoffs of 1 s and 2 s, in virtual time
         assert s.emitted[-1].handler == "answer"
+
+
+async def test_a_hang_past_the_timeout_is_cut_short_in_virtual_time() -> None:
+    """An injected hang of 10 minutes past a 5 s timeout: the attempt times out at 5 s on the
+    scenario's clock (the hang was slept in real time, the timeout measured on it), and the
+    retry after 1 s answers."""
+    hanging = Faults("slow", FaultSpec(hang=600))
+    slow = Service("slow", retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False), timeout=5.0)
+
+    @slow.on(Ping)
+    async def answer(ping: Ping, ctx: Context) -> Pong:
+        async with (hanging if ctx.attempt == 1 else Faults("slow")).step(ctx):
+            return Pong(n=ping.n)
+
+    async with Scenario([slow]) as s:
+        await s.given(Ping(n=1))
+        s.expect(Pong)
+        s.expect_no_dead_letters()
+        assert s.emitted[-1].at == pytest.approx(6.0)  # timed out at 5 s, retried 1 s later
 
 
 class _Declined(Event, type="test.scenario.declined"):

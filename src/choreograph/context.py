@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from choreograph._clock import SYSTEM_CLOCK
 from choreograph._envelope import Envelope, string_problem
 from choreograph.errors import EmitError
 from choreograph.events import Event
@@ -20,6 +21,7 @@ from choreograph.events import Event
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
+    from choreograph._clock import Clock
     from choreograph.runtime.outbox import HandlerUnit
     from choreograph.stores.state import Transaction
 
@@ -44,6 +46,17 @@ class Context(msgspec.Struct):
     outputs: list[tuple[Event, str | None]] = msgspec.field(default_factory=list)
     _sealed: bool = False  # set when the handler has finished: publish() then raises
     _unit: HandlerUnit | None = None  # set by the worker for a service with a database
+    _clock: Clock | None = None  # set by the worker when it runs on a clock other than the real one
+
+    @property
+    def clock(self) -> Clock:
+        """The worker's clock: the real one, or a test's :class:`~choreograph.testing.VirtualClock`.
+
+        The handler's timeout is measured on it (on a virtual clock, real time too), and an
+        injected hang (:mod:`choreograph.faults`) waits on it, so that a test in virtual time
+        sees a hang and its timeout pass at once. ``ctx.clock.time()`` is the time a test sees.
+        """
+        return self._clock or SYSTEM_CLOCK
 
     @property
     def event_id(self) -> str:

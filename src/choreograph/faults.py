@@ -20,7 +20,9 @@ Before the step: ``fail_first`` fails attempts 1..N (the attempt number travels 
 the delivery, so this holds across processes), ``fail_rate`` fails a fraction of
 attempts (both transient: :class:`InjectedFault`), ``reject_rate`` rejects a fraction
 permanently (:class:`~choreograph.Reject`), ``hang`` sleeps that many seconds (set it
-above the handler's timeout to exercise timeouts). After the step succeeded:
+above the handler's timeout to exercise timeouts) on the handler's clock (``ctx.clock``:
+under a test's :class:`~choreograph.testing.VirtualClock` it passes in virtual time, and
+the timeout, measured on the same clock, cuts it short there). After the step succeeded:
 ``duplicate_rate`` fails a fraction of those attempts anyway (:class:`InjectedFault`),
 so the event is delivered again and the step runs a second time on the state it
 already changed: a duplicate delivery that idempotency must absorb and the inbox
@@ -50,7 +52,6 @@ one (exit 2) before any service runs.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -63,6 +64,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from choreograph._clock import SYSTEM_CLOCK, backoff
 from choreograph.errors import ConfigurationError, Reject
 
 __all__ = ["FAULTS_ENV", "RESTARTS_ENV", "FaultSpec", "Faults", "InjectedFault", "load_faults"]
@@ -219,7 +221,10 @@ class Faults:
             raise Reject(f"{self.service}: injected permanent rejection (reject_rate={spec.reject_rate})")
         if spec.hang and self.rng.random() < spec.hang_rate:
             log.warning("%s: injected hang of %.1fs", self.service, spec.hang)
-            await asyncio.sleep(spec.hang)
+            # On the handler's clock (ctx.clock): a test's VirtualClock passes it at once, and its
+            # timeout, measured on the same clock, cuts it short. Waited as a backoff: work still
+            # under way, which settled() neither returns during nor waits out in real time.
+            await backoff(getattr(ctx, "clock", SYSTEM_CLOCK), spec.hang)
 
     def after(self) -> None:
         """Count a completed step; SIGKILL this process once ``crash_after`` steps completed;

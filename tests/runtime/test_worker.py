@@ -35,6 +35,7 @@ from choreograph.runtime.worker import _EAGER_TASKS, _Runner, never_suspends
 from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
+from choreograph.transports.memory import MemoryDelivery
 from tests._tripping import trip_decode
 from tests._waiting import until
 
@@ -1121,7 +1122,13 @@ async def test_stop_releases_in_flight_work_after_the_drain_timeout(bus: MemoryT
     assert delivery.attempt == 2
 
 
-async def test_a_copy_redelivered_while_its_handler_runs_is_deferred_not_acked(clock: VirtualClock) -> None:
+async def test_a_copy_redelivered_while_its_handler_runs_is_deferred_not_acked(
+    clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def lost(self: MemoryDelivery) -> None:
+        """A touch the broker never saw: the lease runs out (the worker touches on the virtual clock)."""
+
+    monkeypatch.setattr(MemoryDelivery, "touch", lost)
     bus = MemoryTransport("memory://?lease=5", clock=clock)
     release = asyncio.Event()
     attempts: list[int] = []
@@ -1372,7 +1379,6 @@ async def test_a_fetch_whose_inbox_and_broker_both_fail_keeps_the_worker_fetchin
 
     from choreograph.errors import StoreError, TransportError
     from choreograph.stores.memory import MemoryStore
-    from choreograph.transports.memory import MemoryDelivery
 
     inbox_down, touch_fails = 1, 1
     runs: list[str] = []

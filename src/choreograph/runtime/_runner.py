@@ -96,7 +96,9 @@ class _Runner(Verdicts, Settling):
         "sub",
         "tasks",
         "timed_out",
+        "touch_wake",
         "unfinished",
+        "virtual_clock",
         "waiting",
         "watchdog",
         "worker",
@@ -116,6 +118,7 @@ class _Runner(Verdicts, Settling):
         self.handed_back_types: set[str] = set()  # types _unsubscribed has warned about
         # the clock's time(); time.time itself for the real clock (a Python call less per event)
         self.clock_time = time.time if type(worker.clock) is SystemClock else worker.clock.time
+        self.virtual_clock = type(worker.clock) is not SystemClock
         self.has_database = False  # set by start(): whether the service keeps state in its own database
         self.sub: Subscription | None = None
         self.active: dict[asyncio.Task[None], Delivery] = {}
@@ -135,6 +138,7 @@ class _Runner(Verdicts, Settling):
         self.finished = asyncio.Event()  # set each time it is done with that
         self.settle_ended = False  # the settle loop is done: the finisher finishes what is left and ends
         self.slot_free = asyncio.Event()
+        self.touch_wake = asyncio.Event()  # on a test's clock: the touch loop has something to touch
         self.stopping = False
         self.fetching = False
         self.tasks: list[asyncio.Task[None]] = []
@@ -240,6 +244,8 @@ class _Runner(Verdicts, Settling):
                 self.outcome_ready.set()
                 raise
             self.hold_wake = False  # no await since it was set: nobody else emitted meanwhile
+            if self.virtual_clock:
+                self.touch_wake.set()
             outcomes = self.outcomes
             if (len(batch) == 1 and len(outcomes) == 1 and type(outcomes[0]) is _Done
                     and outcomes[0].delivery is batch[0] and not self.active and worker.concurrency > 1
@@ -459,11 +465,24 @@ class _Runner(Verdicts, Settling):
         outputs, inbox mark or ack wait for a broker or store that refuses them for now (a
         Redis ``maxlen`` backlog, a store that cannot write). Without that touch the lease ran
         out and another replica ran the handler again. What settles within a tick, nearly
-        everything, is not touched."""
+        everything, is not touched.
+
+        On a test's clock (a VirtualClock) the ticks are on that clock, where leases run out:
+        ``settled()`` jumping it past a lease while a handler hangs in virtual time (a fault's
+        hang) expired the lease of a delivery still being handled, and it was handled again.
+        With nothing in hand the loop waits for the fetch loop instead of ticking, so that its
+        ticks are not stops for every jump of the clock to a retry due far away."""
         interval = max(0.05, self.worker.transport.lease / 3)
+        clock = self.worker.clock
         before: dict[str, Delivery] = {}
         while not self.stopping:
-            await asyncio.sleep(interval)
+            if self.virtual_clock:
+                if not self.active_ids:
+                    self.touch_wake.clear()
+                    await self.touch_wake.wait()
+                await clock.sleep(interval)
+            else:
+                await asyncio.sleep(interval)
             running = list(self.active.values())
             ids = {id(d) for d in running}
             held = dict(self.active_ids)
@@ -506,6 +525,14 @@ class _Runner(Verdicts, Settling):
                     self.timed_out.add(delivery)
                     task.cancel()
 
+    async def _clock_timeout(self, task: asyncio.Task[Any], delivery: Delivery, timeout: float) -> None:
+        """Cancel ``task``, the handler of ``delivery``, once ``timeout`` passed on the worker's clock
+        (not the real one: see :meth:`_guarded`), unless the watchdog did or it waits for its database."""
+        await self.worker.clock.sleep(timeout)
+        if delivery in self.deadlines and delivery not in self.timed_out and delivery not in self.waiting:
+            self.timed_out.add(delivery)
+            task.cancel()
+
     def _waiting(self, delivery: Delivery, waited: float | None) -> None:
         """A handler waits for its database connection (``None``) or got it after ``waited``
         seconds: that time does not count against its timeout - a handler holding the SQLite
@@ -532,6 +559,15 @@ class _Runner(Verdicts, Settling):
         delivery = call.delivery
         self.deadlines[delivery] = call.started + call.handler.timeout
         late = False
+        # On a clock of a test's own (a VirtualClock) the timeout runs on that clock too: a
+        # handler waiting on it (a fault's hang, ``ctx.clock.sleep``) times out when the clock
+        # passes its timeout, at once in real time. The watchdog still measures real time, so a
+        # handler stuck on something else times out as it would in production.
+        timer = None
+        if self.virtual_clock:
+            task = asyncio.current_task()
+            assert task is not None
+            timer = self.loop.create_task(self._clock_timeout(task, delivery, call.handler.timeout))
         try:
             result = await handler
         except asyncio.CancelledError:
@@ -539,6 +575,8 @@ class _Runner(Verdicts, Settling):
                 raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s") from None
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
             del self.deadlines[delivery]
             if delivery in self.timed_out:

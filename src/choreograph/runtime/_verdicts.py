@@ -83,6 +83,7 @@ class Verdicts:
     handlers: dict[str, Handler]
     handed_back_types: set[str]
     clock_time: Callable[[], float]
+    virtual_clock: bool  # the worker's clock is not the real one (a test's VirtualClock)
     has_database: bool
 
     @abc.abstractmethod
@@ -123,6 +124,8 @@ class Verdicts:
         except (pydantic.ValidationError, MalformedEnvelope) as exc:
             return self._dead(delivery, envelope, "invalid_payload", handler, ErrorInfo.from_exception(exc, limit=0), now)
         ctx = Context(envelope, self.service.name, handler.name, delivery.attempt)
+        if self.virtual_clock:
+            ctx._clock = worker.clock
         unit = None
         if self.has_database:
             ctx._unit = unit = worker.outbox.unit(self.service, ctx)
