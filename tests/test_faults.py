@@ -72,6 +72,39 @@ def test_every_error_names_the_variable_the_service_and_the_setting(source: str,
     assert str(raised.value) == message
 
 
+@pytest.mark.parametrize("source", ['{"svc": {"hang": NaN}}', "[svc]\nhang = nan\n"])
+def test_a_nan_hang_is_refused_naming_the_setting(source: str, tmp_path: Path) -> None:
+    """JSON as Python reads it, and TOML, have NaN: it passed the range check of hang, and the
+    step then slept for NaN seconds."""
+    if not source.startswith("{"):
+        path = tmp_path / "faults.toml"
+        path.write_text(source)
+        source = str(path)
+    with pytest.raises(ConfigurationError) as raised:
+        load_faults(source)
+    assert str(raised.value).endswith("faults['svc']: hang must be >= 0, got nan")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"hang": "1"}, "faults: hang must be a number, got '1'"),
+        ({"fail_rate": None}, "faults: fail_rate must be a number, got None"),
+        ({"fail_first": True}, "faults: fail_first must be a whole number, got True"),
+        ({"crash_after": 1.5}, "faults: crash_after must be a whole number, got 1.5"),
+        ({"seed": "x"}, "faults: seed must be a whole number, got 'x'"),
+        ({"hang": float("nan")}, "faults: hang must be >= 0, got nan"),
+    ],
+)
+def test_a_fault_spec_built_in_code_names_the_bad_setting(settings: dict[str, object], message: str) -> None:
+    """A FaultSpec made in code (not through load_faults) with a bad value: a comparison with a
+    string raised a bare TypeError naming no setting; a float crash_after, a bool fail_first or
+    a string seed were taken as they were."""
+    with pytest.raises(ConfigurationError) as raised:
+        FaultSpec(**settings)  # type: ignore[arg-type]
+    assert str(raised.value) == message
+
+
 def test_an_error_in_a_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "faults.toml"
     path.write_text("[svc]\nreject_rate = 3\n")

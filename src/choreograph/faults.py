@@ -100,12 +100,21 @@ class FaultSpec:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # Types first (a FaultSpec built in code skips from_dict's checks): a comparison with a
+        # string raised a TypeError naming no setting, and a NaN passed every range check.
+        for name in (f.name for f in dataclasses.fields(self)):
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int if name in _WHOLE else (int, float)):
+                kind = "a whole number" if name in _WHOLE else "a number"
+                raise ConfigurationError(f"faults: {name} must be {kind}, got {value!r}")
         for name in ("fail_rate", "reject_rate", "hang_rate", "duplicate_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigurationError(f"faults: {name} must be between 0 and 1, got {value!r}")
         for name in ("fail_first", "crash_after", "crash_times", "hang"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too
                 raise ConfigurationError(f"faults: {name} must be >= 0, got {getattr(self, name)!r}")
 
     @property
