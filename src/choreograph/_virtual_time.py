@@ -49,6 +49,8 @@ class VirtualClock:
         await self._wait(seconds, backoff=False, poll=True)
 
     async def _wait(self, seconds: float, *, backoff: bool, poll: bool = False) -> None:
+        if seconds != seconds:  # NaN: at the top of the heap it would hold back every other sleeper
+            raise ValueError("seconds: NaN is not a duration")
         if seconds <= 0:
             await asyncio.sleep(0)
             return
@@ -75,8 +77,8 @@ class VirtualClock:
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper now due."""
-        if seconds < 0:
-            raise ValueError("seconds: time does not go backwards")
+        if not seconds >= 0:  # NaN too: the clock would read NaN from then on
+            raise ValueError(f"seconds: time does not go backwards, got {seconds!r}")
         self._now += seconds
         while self._sleepers and self._sleepers[0][0] <= self._now:
             _, _, future = heapq.heappop(self._sleepers)

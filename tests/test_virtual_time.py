@@ -1,0 +1,51 @@
+"""choreograph.testing.VirtualClock: time that moves only when told."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from choreograph import Event, Service
+from choreograph.testing import Scenario, VirtualClock
+
+
+async def test_a_nan_sleep_is_refused_and_holds_back_no_other_sleeper() -> None:
+    """A NaN due time at the top of the sleepers' heap compared false with every time: no
+    advance woke it or anyone behind it, and the clock's next due time read NaN."""
+    clock = VirtualClock(start=0.0)
+    for wait in (clock.sleep, clock.backoff):
+        with pytest.raises(ValueError, match="NaN"):
+            await asyncio.wait_for(wait(math.nan), 1.0)  # it slept for ever, holding the others back
+    blocker = asyncio.ensure_future(clock.sleep(math.nan))  # none of it may stay in the heap
+    await asyncio.sleep(0)
+    assert blocker.done()
+    sleeper = asyncio.ensure_future(clock.sleep(1.0))
+    await asyncio.sleep(0)
+    assert clock.next_due() == 1.0
+    clock.advance(5.0)
+    await asyncio.sleep(0)
+    assert sleeper.done()
+
+
+def test_advancing_by_nan_is_refused_and_leaves_the_clock_as_it_was() -> None:
+    clock = VirtualClock(start=0.0)
+    with pytest.raises(ValueError, match="time does not go backwards"):
+        clock.advance(math.nan)
+    assert clock.monotonic() == 0.0
+
+
+class Ping(Event, type="test.virtual_time.ping"):
+    n: int
+
+
+async def test_a_scenario_refuses_nan_seconds() -> None:
+    """``advance(nan)`` and ``given(..., within=nan)`` jumped the clock to NaN and ran for ever
+    (never past its end, nothing left to wait for, so never at the scenario's timeout)."""
+    async with Scenario([Service("idle")], timeout=2.0) as s:
+        with pytest.raises(ValueError, match="time does not go backwards"):
+            await asyncio.wait_for(s.advance(math.nan), 5.0)
+        with pytest.raises(ValueError, match="time does not go backwards"):
+            await asyncio.wait_for(s.given(Ping(n=1), within=math.nan), 5.0)
+        assert s.clock.monotonic() == s.clock.monotonic()  # not NaN
