@@ -252,6 +252,28 @@ async def test_a_hang_past_the_timeout_is_cut_short_in_virtual_time() -> None:
         assert s.emitted[-1].at == pytest.approx(6.0)  # timed out at 5 s, retried 1 s later
 
 
+async def test_within_ends_while_a_handler_still_hangs_and_advance_goes_on_from_there() -> None:
+    """``within=3`` with a handler hanging in virtual time: the scenario returns at 3 s with
+    the attempt still running (it waited for the hang to end, past the scenario's real timeout);
+    ``advance()`` then sees it time out at 5 s and the retry answer at 6 s."""
+    hanging = Faults("slow", FaultSpec(hang=600))
+    slow = Service("slow", retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False), timeout=5.0)
+
+    @slow.on(Ping)
+    async def answer(ping: Ping, ctx: Context) -> Pong:
+        async with (hanging if ctx.attempt == 1 else Faults("slow")).step(ctx):
+            return Pong(n=ping.n)
+
+    async with Scenario([slow], clock=VirtualClock(start=0.0), timeout=3.0) as s:
+        await s.given(Ping(n=1), within=3.0)
+        s.expect_not(Pong)
+        assert s.clock.monotonic() == pytest.approx(3.0)
+        await s.advance(10.0)
+        s.expect(Pong)
+        assert s.emitted[-1].at == pytest.approx(6.0)
+        assert s.clock.monotonic() == pytest.approx(13.0)
+
+
 class _Declined(Event, type="test.scenario.declined"):
     n: int
 

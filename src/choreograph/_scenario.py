@@ -237,6 +237,8 @@ class Scenario:
                 continue  # the timeouts it published run first
             now = clock.monotonic()
             count, due = self.bus.pending()
+            if self._held_past(until):
+                break  # what is in flight waits on the clock past ``until`` (see _quiet)
             if count or (due is not None and due <= now):
                 # Arrived meanwhile, or due but not taken: its consumer may sleep on a timer it set
                 # just after the last jump (as settled() does, that timer is then the next stop).
@@ -259,7 +261,8 @@ class Scenario:
         self._letters = [(letter, correlation_of(letter)) for letter in await self.bus.dead_letters(None, 1_000_000)]
 
     async def _quiet(self, give_up: float, until: float | None) -> None:
-        """Until nothing is ready or in flight, no outbox row is unsent, and nothing moved meanwhile."""
+        """Until nothing is ready or in flight, no outbox row is unsent, and nothing moved meanwhile;
+        or, the clock at ``until``, until what is in flight only waits on it past ``until``."""
         while True:
             if self._recorder is not None and self._recorder.done():
                 self._recorder.result()  # a crashed recorder: raise its error rather than hang
@@ -270,7 +273,19 @@ class Scenario:
                 await _quiesce()
                 if self.bus.pending()[0] == 0 and self._progress() == before:
                     return
+            elif self._held_past(until):
+                # A handler hangs (an injected hang) or the runtime backs off beyond ``until``:
+                # the time asked for has passed, with it still in flight, as it would be then.
+                before = self._progress()
+                await _quiesce()
+                if self._held_past(until) and self._progress() == before:
+                    return
             await self._pause(give_up, until)
+
+    def _held_past(self, until: float | None) -> bool:
+        """The clock is at ``until`` and a backoff (or a fault's hang) runs beyond it."""
+        backoff = self.clock.backoff_due()
+        return until is not None and self.clock.monotonic() >= until and backoff is not None and backoff > until
 
     async def _pause(self, give_up: float, until: float | None) -> None:
         if asyncio.get_running_loop().time() > give_up:
@@ -283,9 +298,11 @@ class Scenario:
             )
         clock = self.clock
         wake = clock.next_due() if clock.backoff_due() is not None else None
+        if wake is not None and until is not None and wake > until > clock.monotonic():
+            wake = until  # the backoff ends later: let the time asked for pass (see _quiet)
         if wake is not None and (until is None or wake <= until):
-            # A backoff of the runtime (its store or broker failed) holds events in flight: it
-            # waits on this clock, so move it on (never past ``until``), as settled() does.
+            # A backoff of the runtime (its store or broker failed) or a fault's hang holds events
+            # in flight: it waits on this clock, so move it on (never past ``until``), as settled() does.
             clock.advance(max(0.0, wake - clock.monotonic()))
             return
         await asyncio.sleep(0.001)
