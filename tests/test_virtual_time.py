@@ -29,6 +29,16 @@ async def test_a_nan_sleep_is_refused_and_holds_back_no_other_sleeper() -> None:
     assert sleeper.done()
 
 
+async def test_a_sleep_too_short_to_move_the_clock_returns_at_once() -> None:
+    """1e-12 s on a clock at a million seconds rounds to no time at all: the sleeper was due
+    at the current time, woken only by a later advance(); settled() jumps only to times ahead
+    of the clock, so nothing woke it."""
+    clock = VirtualClock()
+    assert clock.monotonic() + 1e-12 == clock.monotonic()
+    await asyncio.wait_for(clock.sleep(1e-12), 1.0)
+    assert clock.next_due() is None
+
+
 def test_advancing_by_nan_is_refused_and_leaves_the_clock_as_it_was() -> None:
     clock = VirtualClock(start=0.0)
     with pytest.raises(ValueError, match="time does not go backwards"):

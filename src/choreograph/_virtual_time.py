@@ -51,11 +51,12 @@ class VirtualClock:
     async def _wait(self, seconds: float, *, backoff: bool, poll: bool = False) -> None:
         if seconds != seconds:  # NaN: at the top of the heap it would hold back every other sleeper
             raise ValueError("seconds: NaN is not a duration")
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
+        due = self._now + seconds
+        if due <= self._now:  # not > 0, or too short to move the clock (1e-12 s at a million seconds)
+            await asyncio.sleep(0)  # due now: such a sleeper was left for the next advance(), and
+            return  # settled(), which jumps only to times ahead of the clock, never woke it
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        sleeper = (self._now + seconds, next(self._seq), future)
+        sleeper = (due, next(self._seq), future)
         heapq.heappush(self._sleepers, sleeper)
         if backoff:
             heapq.heappush(self._backoffs, sleeper)
