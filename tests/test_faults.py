@@ -344,3 +344,32 @@ async def test_a_hang_shorter_than_the_timeout_but_longer_than_the_lease_passes_
     assert runs == [1] and faults.completed == 1
     assert (worker.stats("svc").handled, worker.stats("svc").retried, worker.stats("svc").deferred) == (1, 0, 0)
     assert clock.monotonic() == pytest.approx(45.0)
+
+
+async def test_settled_does_not_jump_the_clock_over_a_handler_at_work_while_another_hangs() -> None:
+    """settled() jumps a virtual clock while only a hang holds events in flight; it jumped while
+    another handler still worked for real, which then saw 5 s pass in 10 ms and timed out."""
+    hanging, working = Service("hanging", retry=RetryPolicy(max_attempts=1)), Service("working")
+    faults = Faults("hanging", FaultSpec(hang=600))
+    seen: list[float] = []
+
+    @hanging.on(HangAsked, timeout=5.0)
+    async def hang(asked: HangAsked, ctx: Context) -> None:
+        async with faults.step(ctx):
+            pass
+
+    @working.on(HangAsked, timeout=1.0)
+    async def work(asked: HangAsked, ctx: Context) -> None:
+        started = ctx.clock.monotonic()
+        await asyncio.sleep(0.02)  # real work
+        seen.append(ctx.clock.monotonic() - started)
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([hanging, working], bus) as worker:
+        await Publisher(bus).publish(HangAsked(n=1))
+        await asyncio.wait_for(settled(bus), 30)
+    assert seen == [0.0]
+    assert (worker.stats("working").handled, worker.stats("working").retried) == (1, 0)  # not timed out
+    assert worker.stats("hanging").dead_lettered == 1
+    assert clock.monotonic() == 5.0

@@ -274,6 +274,43 @@ async def test_within_ends_while_a_handler_still_hangs_and_advance_goes_on_from_
         assert s.clock.monotonic() == pytest.approx(13.0)
 
 
+class Pang(Event, type="test.scenario.pang"):
+    n: int
+
+
+@pytest.mark.parametrize("database", [False, True])
+async def test_the_clock_does_not_jump_over_a_handler_at_work_while_another_hangs(
+    database: bool, tmp_path: Path
+) -> None:
+    """One handler hangs in virtual time, another works for real (10 ms): the clock, which
+    jumps while only the hang holds events in flight, waits for the worker first. It jumped
+    at once: the worker's output was stamped at the end of the jump (+5.000s, +0.250s), as if
+    its work had taken that long (and a handler with a short timeout timed out on it)."""
+    hanging = Faults("slow", FaultSpec(hang=600))
+    slow = Service("slow", retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False), timeout=5.0)
+    worker = Service("worker", database=f"sqlite:///{tmp_path / 'worker.db'}" if database else None)
+
+    @slow.on(Ping)
+    async def answer(ping: Ping, ctx: Context) -> Pong:
+        async with (hanging if ctx.attempt == 1 else Faults("slow")).step(ctx):
+            return Pong(n=ping.n)
+
+    @worker.on(Ping)
+    async def work(ping: Ping, ctx: Context) -> Pang:
+        if database:
+            async with ctx.transaction() as tx:
+                await tx.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+                await tx.execute("INSERT INTO t VALUES ($1)", ping.n)
+        await asyncio.sleep(0.01)
+        return Pang(n=ping.n)
+
+    async with Scenario([slow, worker], clock=VirtualClock(start=0.0), data_dir=tmp_path) as s:
+        await s.given(Ping(n=1))
+        s.expect(Pang, Pong)
+        assert [(e.type, e.at) for e in s.emitted if e.service] == [
+            (Pang.event_type(), 0.0), (Pong.event_type(), 6.0)]
+
+
 class _Declined(Event, type="test.scenario.declined"):
     n: int
 

@@ -282,10 +282,20 @@ class Scenario:
                     return
             await self._pause(give_up, until)
 
+    async def _only_waits(self) -> bool:
+        """What is in flight only waits on the clock: no handler runs that is not in a backoff (a
+        fault's hang), no outbox row is unsent, nothing moved meanwhile. A jump
+        of the clock before made the work still under way look as if it took the jump (its events
+        were stamped with the later time, and a handler could time out on it)."""
+        before = self._progress()
+        await _quiesce()
+        return not self.clock.busy() and not await self._unsent() and self._progress() == before
+
     def _held_past(self, until: float | None) -> bool:
         """The clock is at ``until`` and a backoff (or a fault's hang) runs beyond it."""
         backoff = self.clock.backoff_due()
-        return until is not None and self.clock.monotonic() >= until and backoff is not None and backoff > until
+        return (until is not None and self.clock.monotonic() >= until and backoff is not None and backoff > until
+                and not self.clock.busy())
 
     async def _pause(self, give_up: float, until: float | None) -> None:
         if asyncio.get_running_loop().time() > give_up:
@@ -297,7 +307,7 @@ class Scenario:
                 + self._log.listing(self._scope, [])
             )
         clock = self.clock
-        wake = clock.next_due() if clock.backoff_due() is not None else None
+        wake = clock.next_due() if clock.backoff_due() is not None and await self._only_waits() else None
         if wake is not None and until is not None and wake > until > clock.monotonic():
             wake = until  # the backoff ends later: let the time asked for pass (see _quiet)
         if wake is not None and (until is None or wake <= until):

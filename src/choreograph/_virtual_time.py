@@ -30,6 +30,20 @@ class VirtualClock:
         self._backoffs: list[_Sleeper] = []  # those of the sleepers that are backoffs
         self._timers: list[_Sleeper] = []  # those of the sleepers that are not polls
         self._seq = itertools.count()
+        self._handlers: set[asyncio.Task[object]] = set()  # handler tasks running (see handling())
+        self._backing_off: dict[asyncio.Task[object], int] = {}  # tasks in a backoff, how many deep
+
+    def handling(self, task: asyncio.Task[object], running: bool) -> None:
+        """The worker tells the clock that a handler's ``task`` started (``running``) or ended."""
+        if running:
+            self._handlers.add(task)
+        else:
+            self._handlers.discard(task)
+
+    def busy(self) -> bool:
+        """Whether a handler runs that does not wait in a backoff (a fault's hang) on this clock:
+        real work under way, which a jump of the clock would make look as if it took that long."""
+        return any(task not in self._backing_off for task in self._handlers)
 
     def monotonic(self) -> float:
         return self._now
@@ -58,11 +72,22 @@ class VirtualClock:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         sleeper = (due, next(self._seq), future)
         heapq.heappush(self._sleepers, sleeper)
-        if backoff:
-            heapq.heappush(self._backoffs, sleeper)
         if not poll:
             heapq.heappush(self._timers, sleeper)
-        await future
+        if not backoff:
+            await future
+            return
+        heapq.heappush(self._backoffs, sleeper)
+        task = asyncio.current_task()
+        assert task is not None
+        self._backing_off[task] = self._backing_off.get(task, 0) + 1
+        try:
+            await future
+        finally:
+            if self._backing_off[task] == 1:
+                del self._backing_off[task]
+            else:
+                self._backing_off[task] -= 1
 
     def next_due(self) -> float | None:
         """When the earliest sleeper (timer or backoff) wakes; ``None`` if nobody sleeps."""
@@ -135,12 +160,14 @@ async def settled(bus: MemoryTransport, *, timeout: float = 10.0, max_jump: floa
                 f"not settled after {timeout}s: {count} ready or in flight, next due at {due}"
                 + ("" if backoff is None else f", a backoff of the runtime runs until {backoff}")
             )
-        if virtual is not None and (count == 0 or backoff is not None):
+        if virtual is not None and (count == 0 or (backoff is not None and not virtual.busy())):
             # Jump to the earliest time still in the future. A retry already due may not be
             # picked up until a consumer's timer fires: that timer is then the target (a
             # timer registered just after a jump would otherwise leave nothing to jump to).
             # Events in flight stop the clock (their handlers may still be running) unless a
-            # backoff runs: a worker that holds them while its store is down waits on it.
+            # backoff runs: a worker that holds them while its store is down waits on it, as does
+            # a handler in a fault's hang - but not while another handler still runs (busy()):
+            # its real work would look as if it took the jump, and could time out on it.
             # A retry or lease due later is the target itself: the fetches' polls of the bus on
             # the way (every poll_interval) only look at it again, and the jump wakes them all
             # (stepping from poll to poll, a retry a day away took hundreds of thousands of jumps).

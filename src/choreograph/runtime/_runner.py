@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import sys
 import time
@@ -200,6 +201,8 @@ class _Runner(Verdicts, Settling):
                 self.fetching = False
             if not batch:
                 continue
+            if self.virtual_clock:
+                self._busy(True)  # until the batch's handlers started: the lookup is work too
             try:
                 try:
                     # Every id, also those in hand now: one may be settled while this awaits, and
@@ -246,6 +249,7 @@ class _Runner(Verdicts, Settling):
             self.hold_wake = False  # no await since it was set: nobody else emitted meanwhile
             if self.virtual_clock:
                 self.touch_wake.set()
+                self._busy(False)
             outcomes = self.outcomes
             if (len(batch) == 1 and len(outcomes) == 1 and type(outcomes[0]) is _Done
                     and outcomes[0].delivery is batch[0] and not self.active and worker.concurrency > 1
@@ -525,6 +529,13 @@ class _Runner(Verdicts, Settling):
                     self.timed_out.add(delivery)
                     task.cancel()
 
+    def _busy(self, running: bool) -> None:
+        """Tell a VirtualClock that the current task works (or no longer does): see its ``busy()``."""
+        handling = getattr(self.worker.clock, "handling", None)
+        task = asyncio.current_task()
+        if handling is not None and task is not None:
+            handling(task, running)
+
     async def _clock_timeout(self, task: asyncio.Task[Any], delivery: Delivery, timeout: float) -> None:
         """Cancel ``task``, the handler of ``delivery``, once ``timeout`` passed on the worker's clock
         (not the real one: see :meth:`_guarded`), unless the watchdog did or it waits for its database."""
@@ -568,6 +579,10 @@ class _Runner(Verdicts, Settling):
             task = asyncio.current_task()
             assert task is not None
             timer = self.loop.create_task(self._clock_timeout(task, delivery, call.handler.timeout))
+            handling = getattr(self.worker.clock, "handling", None)  # a VirtualClock's: see its busy()
+            if handling is not None:  # until the task ends: its commit and its lane are work too
+                handling(task, True)
+                task.add_done_callback(functools.partial(handling, running=False))
         try:
             result = await handler
         except asyncio.CancelledError:
