@@ -59,3 +59,26 @@ async def test_a_scenario_refuses_nan_seconds() -> None:
         with pytest.raises(ValueError, match="time does not go backwards"):
             await asyncio.wait_for(s.given(Ping(n=1), within=math.nan), 5.0)
         assert s.clock.monotonic() == s.clock.monotonic()  # not NaN
+
+
+async def test_a_handler_that_ended_without_saying_so_does_not_keep_the_clock_busy() -> None:
+    """A worker stopped while its fetch loop looked a batch up never said the loop was done;
+    the ended task kept busy() true, and no later jump over a backoff on that clock happened."""
+    clock = VirtualClock()
+    task = asyncio.ensure_future(asyncio.sleep(0))
+    clock.handling(task, True)
+    assert clock.busy()
+    await task
+    assert not clock.busy()
+
+
+async def test_a_handler_waiting_in_a_backoff_on_the_clock_is_not_busy() -> None:
+    clock = VirtualClock()
+    task = asyncio.ensure_future(clock.backoff(10.0))
+    clock.handling(task, True)
+    await asyncio.sleep(0)
+    assert not clock.busy()
+    clock.advance(10.0)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert task.done()

@@ -43,6 +43,7 @@ class VirtualClock:
     def busy(self) -> bool:
         """Whether a handler runs that does not wait in a backoff (a fault's hang) on this clock:
         real work under way, which a jump of the clock would make look as if it took that long."""
+        self._handlers = {task for task in self._handlers if not task.done()}  # one that ended unannounced
         return any(task not in self._backing_off for task in self._handlers)
 
     def monotonic(self) -> float:
