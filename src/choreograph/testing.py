@@ -23,7 +23,9 @@ next due retry or lease expiry once nothing else can run, so a test of a 30-seco
 backoff takes microseconds and asserts exact times. The runtime's own backoffs (its
 store or broker failed) wait on the same clock, and ``settled()`` counts them as pending
 work: a test of an outage neither waits it out nor sees ``settled()`` return before the
-worker tried again.
+worker tried again. Handler timeouts and injected hangs (:mod:`choreograph.faults`) run on
+it too: a hang of ten minutes past a 5 s timeout times out at once, 5 s later on the clock.
+The clock jumps while events are in flight only once every running handler waits on it.
 """
 
 from __future__ import annotations
