@@ -153,7 +153,7 @@ class DeadLetterStream:
 
     async def _lookup(self, group: str, message_ids: Collection[str]) -> list[_Entry]:
         entries: list[_Entry] = []
-        for message_id in message_ids:
+        for message_id in dict.fromkeys(message_ids):  # an id given twice: one entry (replay counted it twice)
             for subject in self._subjects("dlr", group, message_id):
                 found = await self._js.direct_get(self.name, {"last_by_subj": subject})
                 if found is not None:

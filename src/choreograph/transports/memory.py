@@ -358,7 +358,7 @@ class MemoryTransport(Transport):
         state = self.bus.groups.get(group)
         if state is None:
             return 0
-        ids = list(state.dead) if message_ids is None else [i for i in message_ids if i in state.dead]
+        ids = _chosen(state.dead, message_ids)
         for message_id in ids:
             state.ready.append(_Entry(state.dead.pop(message_id).message, 1))
         if ids:
@@ -369,7 +369,17 @@ class MemoryTransport(Transport):
         state = self.bus.groups.get(group)
         if state is None:
             return 0
-        ids = list(state.dead) if message_ids is None else [i for i in message_ids if i in state.dead]
+        ids = _chosen(state.dead, message_ids)
         for message_id in ids:
             del state.dead[message_id]
         return len(ids)
+
+
+def _chosen(dead: dict[str, DeadLetter], message_ids: Collection[str] | None) -> list[str]:
+    """The ids of ``dead`` among ``message_ids`` (``None``: all), each once, oldest letter first.
+
+    Each once: an id given twice was popped twice (``KeyError``). Oldest first, as every
+    transport replays: not in the order the caller happened to list them."""
+    wanted = None if message_ids is None else set(message_ids)
+    letters = sorted(dead.values(), key=lambda letter: letter.dead_at)
+    return [letter.message.id for letter in letters if wanted is None or letter.message.id in wanted]
