@@ -170,3 +170,17 @@ async def test_a_replayed_message_dead_lettered_again_is_one_letter_with_the_new
     letter = await bus.dead_letter("g", "m1")
     assert letter is not None and letter.record["reason"] == "again"
     assert await quiet(subscription, 0.5) == []
+
+
+async def test_a_limited_listing_is_of_the_oldest_also_after_dead_letters_were_listed_and_shown(bus: Transport) -> None:
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(n) for n in range(4)])
+    for delivery in sorted(await collect(subscription, 4), key=lambda d: d.message.id):
+        await delivery.dead_letter(RECORD)
+        await asyncio.sleep(0.01)
+    for _ in range(2):  # reading letters leaves them where they were
+        assert [letter.message.id for letter in await bus.dead_letters("g", limit=1)] == ["m0"]
+        assert [letter.message.id for letter in await bus.dead_letters(limit=2)] == ["m0", "m1"]
+        assert await bus.dead_letter("g", "m1") is not None
+    assert await bus.replay("g") == 4
+    assert ids(await collect(subscription, 4)) == ["m0", "m1", "m2", "m3"]

@@ -32,7 +32,9 @@ How the contract maps onto RabbitMQ:
 * Dead letters live in ``<prefix>.dlq.<group>``: body = record as one JSON line, a
   newline, then the original body. Listing reads them with ``basic.get`` and returns
   them to the queue by closing the channel, so two admins listing the same group at the
-  same instant each see only part of it.
+  same instant each see only part of it. A quorum queue does not keep returned messages
+  in their place, so the queue's order is not the letters' age once some were listed:
+  listing reads them all and sorts them by the time each was dead-lettered.
 * The connection is robust: after a broker restart or network loss it reconnects, the
   consumers resume, and operations wait up to ``ready_timeout`` seconds for it.
   Deliveries received on the lost connection are void (the broker took them back and
@@ -418,10 +420,13 @@ class AmqpTransport(Transport):
             yield await _browse(channel, self.names.dlq(group), limit)
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        # Every letter is read, then the oldest ``limit`` kept: a quorum queue puts the letters
+        # a listing returned behind the others, so its first ``limit`` were the oldest only
+        # until the first listing (``dlq list --limit 2`` twice showed other letters).
         groups = [group] if group is not None else sorted(await self.groups())
         letters: list[DeadLetter] = []
         for name in groups:
-            async with self._browsing(name, limit) as raws:
+            async with self._browsing(name, None) as raws:
                 letters.extend(read_dead_letter(name, raw) for raw in raws)
         letters.sort(key=lambda letter: letter.dead_at)
         return letters[:limit]
