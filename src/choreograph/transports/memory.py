@@ -62,7 +62,9 @@ class _Group:
         self.inflight: dict[int, tuple[float, _Entry]] = {}  # token -> (lease deadline, entry)
         # No lease in ``inflight`` ends before this (it may have ended already: a lower bound).
         self.leases_from = math.inf
-        self.dead: dict[str, DeadLetter] = {}
+        # id -> (the bus's count when it died, letter): oldest first also among letters of one
+        # instant, as a virtual clock's are (by dead_at alone they came by group)
+        self.dead: dict[str, tuple[int, DeadLetter]] = {}
         self.consumers = 0
         self.wakeup = asyncio.Event()
         # The subscriptions with a fetch waiting for messages. Of those, the one served least
@@ -162,7 +164,7 @@ class MemoryDelivery(Delivery):
         entry = self._take()
         if entry is None:
             return
-        self._group.dead[entry.message.id] = DeadLetter(
+        self._group.dead[entry.message.id] = next(self._bus.seq), DeadLetter(
             self.group, entry.message, dict(record), self._bus.clock.time()
         )
 
@@ -346,13 +348,13 @@ class MemoryTransport(Transport):
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
         letters = [
-            letter
+            (letter.dead_at, seq, letter)
             for name, state in self.bus.groups.items()
             if group is None or name == group
-            for letter in state.dead.values()
+            for seq, letter in state.dead.values()
         ]
-        letters.sort(key=lambda letter: letter.dead_at)
-        return letters[:limit]
+        letters.sort(key=lambda item: item[:2])
+        return [letter for _, _, letter in letters[:limit]]
 
     async def replay(self, group: str, message_ids: Collection[str] | None = None) -> int:
         state = self.bus.groups.get(group)
@@ -360,7 +362,7 @@ class MemoryTransport(Transport):
             return 0
         ids = _chosen(state.dead, message_ids)
         for message_id in ids:
-            state.ready.append(_Entry(state.dead.pop(message_id).message, 1))
+            state.ready.append(_Entry(state.dead.pop(message_id)[1].message, 1))
         if ids:
             state.wakeup.set()
         return len(ids)
@@ -375,11 +377,11 @@ class MemoryTransport(Transport):
         return len(ids)
 
 
-def _chosen(dead: dict[str, DeadLetter], message_ids: Collection[str] | None) -> list[str]:
+def _chosen(dead: dict[str, tuple[int, DeadLetter]], message_ids: Collection[str] | None) -> list[str]:
     """The ids of ``dead`` among ``message_ids`` (``None``: all), each once, oldest letter first.
 
     Each once: an id given twice was popped twice (``KeyError``). Oldest first, as every
     transport replays: not in the order the caller happened to list them."""
     wanted = None if message_ids is None else set(message_ids)
-    letters = sorted(dead.values(), key=lambda letter: letter.dead_at)
-    return [letter.message.id for letter in letters if wanted is None or letter.message.id in wanted]
+    letters = sorted(dead.values(), key=lambda item: (item[1].dead_at, item[0]))
+    return [letter.message.id for _, letter in letters if wanted is None or letter.message.id in wanted]
