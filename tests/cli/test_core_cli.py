@@ -166,6 +166,29 @@ def test_dlq_list_shows_an_invalid_payloads_error_with_the_field_it_names(tmp_pa
     )
 
 
+def test_dlq_list_prints_ids_groups_and_errors_as_they_are_not_as_rich_markup(tmp_path: Path) -> None:
+    """A table cell given as a str is Rich markup: pydantic's "[type=missing, ...]" vanished from
+    the error, and an id with ":ok:" (an emoji code) or "[b]" in it could not be pasted into dlq show."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+    error = "Field required [type=missing, input_value={}, input_type=dict] in list[str]"
+
+    async def dead_letter_one() -> None:
+        async with open_transport(url) as bus:
+            subscription = await bus.subscribe("pay:ok:", ["t.a"])
+            await bus.publish([Message("id[b]x:ok:", "t.a", b"{}")])
+            (delivery,) = await subscription.fetch(1, timeout=5)
+            await delivery.dead_letter({"reason": "rejected", "attempts": 1,
+                                        "last_error": {"type": "ValidationError", "message": error}})
+
+    asyncio.run(dead_letter_one())
+    table = cli("dlq", "list", "--broker", url)
+    assert table.returncode == 0, table.stderr
+    cells = [cell.strip() for line in table.stdout.splitlines() for cell in line.split("│")]
+    assert {"pay:ok:", "id[b]x:ok:", f"ValidationError: {error}"} <= set(cells)
+    replayed = cli("dlq", "replay", "id[b]x:ok:", "--group", "pay:ok:", "--broker", url)
+    assert replayed.stdout == "replayed 1 dead letter(s) to pay:ok:\n", replayed.stderr
+
+
 def test_dlq_list_show_replay_and_purge(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     ids = seed_dead_letters(url)

@@ -118,6 +118,7 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
         console.print_json(orjson.dumps([_as_dict(letter) for letter in letters]).decode())
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"dead letters (the oldest {limit}; more not shown)" if more else f"dead letters ({len(letters)})")
     for column in ("group", "id", "type", "reason", "attempts", "last error", "dead at"):
@@ -126,9 +127,13 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
     for letter in letters:
         record = letter.record
         error = record.get("last_error") or {}
-        table.add_row(letter.group, letter.message.id, letter.message.type, str(record.get("reason", "")),
-                      str(record.get("attempts", "")), _one_line(f"{error.get('type', '')}: {error.get('message', '')}"),
-                      _when(letter.dead_at))
+        # Text, not str: a str cell is read as Rich markup and emoji codes, so pydantic's
+        # "[type=missing, ...]" vanished from an error and an id with ":ok:" or "[b]" in it
+        # was shown as one `dlq show` does not know
+        cells = (letter.group, letter.message.id, letter.message.type, str(record.get("reason", "")),
+                 str(record.get("attempts", "")), _one_line(f"{error.get('type', '')}: {error.get('message', '')}"),
+                 _when(letter.dead_at))
+        table.add_row(*(Text(cell) for cell in cells))
     console.print(table)
 
 
@@ -154,7 +159,7 @@ def replay(message_id: list[str] = typer.Argument(None, metavar="ID...",
     if json:
         console.print_json(orjson.dumps({"replayed": count}).decode())
     else:
-        console.print(f"replayed {count} dead letter(s) to {group}", markup=False, highlight=False)
+        console.print(f"replayed {count} dead letter(s) to {group}", markup=False, highlight=False, emoji=False)
     if missing:
         raise _missing_error(group, missing)
 
@@ -176,6 +181,6 @@ def purge(message_id: list[str] = typer.Argument(None, metavar="ID...", help="Id
     if json:
         console.print_json(orjson.dumps({"purged": count}).decode())
     else:
-        console.print(f"purged {count} dead letter(s) from {group}", markup=False, highlight=False)
+        console.print(f"purged {count} dead letter(s) from {group}", markup=False, highlight=False, emoji=False)
     if missing:
         raise _missing_error(group, missing)
