@@ -37,6 +37,21 @@ def test_groups_list_shows_each_group_and_its_types(tmp_path: Path) -> None:
     ]
 
 
+def test_groups_list_prints_names_and_types_as_they_are_not_as_rich_markup(tmp_path: Path) -> None:
+    """A str cell is Rich markup and emoji codes: "[b]" vanished and ":ok:" became an emoji."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+
+    async def subscribe() -> None:
+        async with open_transport(url) as bus:
+            await bus.subscribe("ops:ok:", ["order[b]placed"])
+
+    asyncio.run(subscribe())
+    result = cli("groups", "list", "--broker", url)
+    assert result.returncode == 0, result.stderr
+    rows = [" ".join(line.strip("│ ").split()) for line in result.stdout.splitlines() if line.startswith("│")]
+    assert rows == ["ops:ok: │ order[b]placed"]
+
+
 def test_groups_list_json_gives_types_as_a_list_and_null_for_every_type(tmp_path: Path) -> None:
     result = cli("groups", "list", "--json", "--broker", bus_with_groups(tmp_path))
     assert result.returncode == 0, result.stderr

@@ -74,12 +74,13 @@ def list_(broker: str | None = BrokerOption, json: bool = JsonOption) -> None:
         console.print_json(orjson.dumps(rows).decode())
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"groups ({len(groups)})")
     table.add_column("group", no_wrap=True)
     table.add_column("types")
     for name in sorted(groups):
-        table.add_row(name, _shown(groups[name]))
+        table.add_row(Text(name), Text(_shown(groups[name])))  # text, not Rich markup or emoji codes
     console.print(table)
 
 
