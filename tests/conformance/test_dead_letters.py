@@ -184,3 +184,21 @@ async def test_a_limited_listing_is_of_the_oldest_also_after_dead_letters_were_l
         assert await bus.dead_letter("g", "m1") is not None
     assert await bus.replay("g") == 4
     assert ids(await collect(subscription, 4)) == ["m0", "m1", "m2", "m3"]
+
+
+async def test_a_dead_letter_after_the_lease_ran_out_and_the_copy_was_acked_is_dropped(buses: Buses) -> None:
+    """A consumer stalled past its lease dead-letters its delivery after the group's other
+    consumer got the message again and acked it: nothing is dead-lettered (the late verb is
+    ignored, as a late settle is everywhere). On NATS the letter was stored and the TERM, by
+    stream sequence, settled the other consumer's copy: a dead letter of a processed event."""
+    bus = await buses.open(buses.url(lease=1.0))
+    stalled = await bus.subscribe("g", [TYPE_A])
+    rival = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(1)])
+    (late,) = await collect(stalled, 1)
+    (copy,) = await collect(rival, 1, within=10.0)  # once the lease ran out
+    assert copy.message.id == "m1"
+    await copy.ack()
+    await late.dead_letter(RECORD)
+    assert await bus.dead_letters("g") == []
+    assert await quiet(stalled, 1.5) == [] and await quiet(rival, 0.1) == []

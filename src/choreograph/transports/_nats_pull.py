@@ -43,6 +43,8 @@ import asyncio
 import collections
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
@@ -94,9 +96,16 @@ class NatsDelivery(Delivery):
 
     ``attempt`` is JetStream's delivery count less the deferrals among those deliveries
     (``_deferrals``, looked up for a redelivery: see ``_nats_deferrals``).
+
+    A dead letter after the lease ran out (``_until``: the lease as this client last knew it
+    to start, when the message was handed out or touched) is dropped: JetStream may have
+    handed the message to another consumer meanwhile, and its TERM would settle that copy -
+    by stream sequence - after a dead letter was stored for an event the copy may well have
+    processed. The server hands the message out again (or has), as it would any delivery
+    whose lease ran out; the other transports ignore such a late verb the same way.
     """
 
-    __slots__ = ("_subscription", "_reply", "_msg", "_deferrals")
+    __slots__ = ("_subscription", "_reply", "_msg", "_deferrals", "_until")
 
     def __init__(
         self, message: Message, attempt: int, group: str, subscription: NatsSubscription, msg: Msg | Raw
@@ -110,6 +119,7 @@ class NatsDelivery(Delivery):
         self._msg = msg
         self._reply = msg.reply
         self._deferrals = 0
+        self._until = time.monotonic() + subscription._lease
 
     async def _ack(self) -> None:
         await self._subscription._reply_to(self._reply, b"+ACK", confirm=False)
@@ -136,6 +146,10 @@ class NatsDelivery(Delivery):
         await self._retry(after)
 
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
+        if time.monotonic() > self._until:
+            log.warning("nats: not dead-lettering %r of group %r: its lease ran out before (%.1fs), so the "
+                        "server hands it out again", self.message.id, self.group, self._subscription._lease)
+            return
         # Store first, then TERM: a crash in between redelivers, and the runtime dead-letters
         # it again, replacing the stored copy (one dead letter per group and message id).
         await self._subscription._store_dead_letter(self.group, self.message, record)
@@ -146,7 +160,9 @@ class NatsDelivery(Delivery):
     async def touch(self) -> None:
         """Reset the lease (JetStream "work in progress")."""
         if not self.settled:
+            until = time.monotonic() + self._subscription._lease
             await self._subscription._reply_to(self._reply, b"+WPI")
+            self._until = until
 
 
 class NatsSubscription(Subscription):
@@ -171,8 +187,10 @@ class NatsSubscription(Subscription):
         on_close: Callable[[NatsSubscription], None],
         read_binding: Callable[[], Awaitable[Binding]] | None = None,
         watch_until: float | None = None,
+        lease: float = math.inf,
     ) -> None:
         self.group = group
+        self._lease = lease  # the consumer's ack wait as this transport set it (see NatsDelivery)
         self._nc = nc
         self._stream = stream
         self._consumer = consumer

@@ -357,6 +357,7 @@ class NatsTransport(GroupBindings, Transport):
                 None if bound.types is None and not wrote else self._checker(js, group, consumer, wanted, mark)
             ),
             watch_until=None if bound.types is not None else asyncio.get_running_loop().time() + BIND_CONFIRM,
+            lease=self.lease,
         )
         await subscription.start()
         self._subscriptions.add(subscription)
