@@ -20,7 +20,7 @@ from choreograph.runtime.records import first_envelope, to_message
 from choreograph.stores.state import open_database
 from choreograph.testing import MemoryTransport, settled
 from choreograph.transports.base import Message
-from tests.stores._databases import database_url  # noqa: F401 - fixture
+from tests.stores._databases import database_url, postgres_database_url  # noqa: F401 - fixtures
 
 
 class Requested(Event, type="test.outbox.requested"):
@@ -557,3 +557,29 @@ async def test_transaction_of_its_own_service_inside_a_handler_is_refused(databa
         await Publisher(bus).publish(Requested(pid="p1"))
         await drained(worker, bus)
     assert [str(e) for e in errors] == ["inside a handler of 'package', use ctx.transaction()"]
+
+
+async def test_waiting_for_a_pooled_postgresql_connection_does_not_count_against_the_handler_timeout(
+    postgres_database_url: str,  # noqa: F811
+) -> None:
+    """On PostgreSQL the wait is for a pooled connection, taken at the first statement: with one
+    connection in the pool, the handlers queued behind a slow one are not timed out by that wait."""
+    url = f"{postgres_database_url}&pool_max=1"
+    await prepare(url)
+    bus = RecordingBus()
+    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=1), timeout=1.0)
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> None:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            await asyncio.sleep(3 if req.pid == "slow" else 0.25)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="slow"), *(Requested(pid=p) for p in ("a", "b", "c")))
+        await asyncio.wait_for(drained(worker, bus), 30)
+        stats = worker.stats("package")
+    assert await packages(url) == ["a", "b", "c"]
+    [letter] = await bus.dead_letters("package")
+    assert letter.record["last_error"]["type"] == "HandlerTimeout"
+    assert (stats.handled, stats.dead_lettered) == (3, 1)

@@ -116,7 +116,13 @@ class HandlerUnit:
                 started = loop.time()
                 on_wait(None)
                 try:
-                    self.conn = await self.store.begin()
+                    conn = await self.store.begin()
+                    try:
+                        await conn.connect()  # PostgreSQL waits for a pooled connection here, not at the first statement
+                    except BaseException:
+                        await conn.rollback()
+                        raise
+                    self.conn = conn
                 finally:
                     on_wait(loop.time() - started)
         return Transaction(self.conn, self.store.backend, self._publish)

@@ -170,6 +170,9 @@ class _Tx(TxConnection):
             self.conn = conn
         return self.conn
 
+    async def connect(self) -> None:
+        await self._ensure()
+
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         conn = await self._ensure()
         with _pg.translate(f"database {redact(self.store.url)}"), closed_if_interrupted(conn):

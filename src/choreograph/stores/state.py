@@ -67,6 +67,13 @@ class TxConnection(abc.ABC):
     and ends with exactly one ``commit`` or ``rollback`` (``rollback`` after either is a no-op).
     """
 
+    async def connect(self) -> None:  # noqa: B027 - SQLite's begin() already holds the writer turn
+        """Take the connection now rather than at the first statement (PostgreSQL: from the pool).
+
+        A handler's unit calls it while it times its wait for the database, which does not
+        count against the handler's timeout.
+        """
+
     @abc.abstractmethod
     async def execute(self, sql: str, args: Sequence[Any]) -> int: ...
 
