@@ -6,6 +6,7 @@ Every test runs on SQLite and on PostgreSQL (``database_url``).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -251,6 +252,18 @@ async def test_a_commit_with_outbox_rows_wakes_a_waiting_relay(db: StateStore) -
 def test_unknown_database_schemes_are_configuration_errors() -> None:
     with pytest.raises(ConfigurationError, match="database URL"):
         open_database("redis://localhost")
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [("synchronus=FULL", "unknown parameter(s) synchronus"), ("relay_lease=nan", "relay_lease"),
+     ("relay_lease=inf", "relay_lease"), ("relay_lease=0", "relay_lease")],
+)
+def test_a_sqlite_service_database_url_names_what_it_cannot_take(tmp_path: Path, query: str, named: str) -> None:
+    """A misspelt parameter is refused rather than ignored (it ran with the default), and a lease
+    that never ends or never compares (``inf``, ``nan``) is refused like one that is over at once."""
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
+        open_database(f"sqlite:///{tmp_path / 'state.db'}?{query}")
 
 
 def test_a_sqlite_service_database_needs_a_file() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Collection
@@ -103,13 +104,19 @@ class SQLiteStateStore(StateStore):
         self.path = sqlite_path(url)
         if self.path == ":memory:":
             raise ConfigurationError(f"database URL {redact(url)!r}: a service database needs a file")
-        params = dict(parse_qsl(urlsplit(url).query))
+        params = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+        unknown = set(params) - {"relay_lease", "synchronous"}
+        if unknown:  # a misspelt synchronous=FULL silently ran with NORMAL's durability
+            raise ConfigurationError(
+                f"database URL {redact(url)!r}: unknown parameter(s) {', '.join(sorted(unknown))}"
+                " (a SQLite service database takes relay_lease and synchronous)"
+            )
         try:
             self.relay_lease = float(params.get("relay_lease", "10"))
         except ValueError:
             raise ConfigurationError(f"database URL {redact(url)!r}: relay_lease must be seconds") from None
         self.synchronous = params.get("synchronous", "NORMAL").upper()
-        if self.synchronous not in ("NORMAL", "FULL", "EXTRA") or self.relay_lease <= 0:
+        if self.synchronous not in ("NORMAL", "FULL", "EXTRA") or not 0 < self.relay_lease < math.inf:
             raise ConfigurationError(f"database URL {redact(url)!r}: synchronous=NORMAL|FULL|EXTRA, relay_lease > 0")
         self.writer = SQLiteWriter(url, self.synchronous, self._on_commit)
         self._reader: sqlite3.Connection | None = None
