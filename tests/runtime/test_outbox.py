@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -583,3 +585,26 @@ async def test_waiting_for_a_pooled_postgresql_connection_does_not_count_against
     [letter] = await bus.dead_letters("package")
     assert letter.record["last_error"]["type"] == "HandlerTimeout"
     assert (stats.handled, stats.dead_lettered) == (3, 1)
+
+
+async def test_waiting_for_another_process_s_sqlite_write_lock_does_not_count_against_the_handler_timeout(
+    tmp_path: Path,
+) -> None:
+    """Another process (here: another connection) holds the file's write lock longer than the
+    handler's timeout; the handler waits for it as for this process's writer turn, untimed."""
+    url = f"sqlite:///{tmp_path / 'package.db'}"
+    await prepare(url)
+    bus = RecordingBus()
+    svc = package_service(url, retry=RetryPolicy(max_attempts=1), timeout=0.5)
+    other = sqlite3.connect(tmp_path / "package.db", isolation_level=None, check_same_thread=False)
+    try:
+        async with Worker([svc], bus) as worker:
+            other.execute("BEGIN IMMEDIATE")
+            await Publisher(bus).publish(Requested(pid="a"))
+            await asyncio.sleep(1.5)
+            other.execute("COMMIT")
+            await asyncio.wait_for(drained(worker, bus), 30)
+    finally:
+        other.close()
+    assert await packages(url) == ["a"]
+    assert await bus.dead_letters("package") == []

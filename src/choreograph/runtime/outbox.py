@@ -118,7 +118,7 @@ class HandlerUnit:
                 try:
                     conn = await self.store.begin()
                     try:
-                        await conn.connect()  # PostgreSQL waits for a pooled connection here, not at the first statement
+                        await conn.connect()  # a pooled connection, another process's SQLite lock: here, not at the first statement
                     except BaseException:
                         await conn.rollback()
                         raise

@@ -56,6 +56,11 @@ class SQLiteTx(TxConnection):
                              "its statements so far are undone")
         return self.writer.connection()
 
+    async def connect(self) -> None:
+        """Join the open SQLite transaction now: ``BEGIN IMMEDIATE`` may wait for another
+        process's write lock, and a handler's unit keeps that wait out of its timeout."""
+        await self._db()
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         await self._db()
         return self.writer.run(fn)

@@ -67,8 +67,9 @@ class TxConnection(abc.ABC):
     and ends with exactly one ``commit`` or ``rollback`` (``rollback`` after either is a no-op).
     """
 
-    async def connect(self) -> None:  # noqa: B027 - SQLite's begin() already holds the writer turn
-        """Take the connection now rather than at the first statement (PostgreSQL: from the pool).
+    async def connect(self) -> None:  # noqa: B027 - a backend whose begin() takes it all needs nothing
+        """Take the connection now rather than at the first statement (PostgreSQL: from the
+        pool; SQLite: the file's write lock, which another process may hold).
 
         A handler's unit calls it while it times its wait for the database, which does not
         count against the handler's timeout.
