@@ -232,11 +232,13 @@ async def test_an_exception_inside_the_block_rolls_back_and_the_handler_may_carr
     bus = RecordingBus()
     svc = Service("package", database=database_url)
 
-    @svc.on(Requested)
+    @svc.on(Requested, emits=[Created, Noted])
     async def create(req: Requested, ctx: Context) -> Created:
+        ctx.publish(Noted(pid="before"))  # not the transaction's: it stays
         try:
             async with ctx.transaction() as tx:
                 await tx.execute("INSERT INTO packages (pid) VALUES ($1)", "discarded")
+                tx.publish(Noted(pid="discarded"))  # sent only if the transaction commits: it does not
                 raise LookupError("changed my mind")
         except LookupError:
             pass
@@ -248,6 +250,8 @@ async def test_an_exception_inside_the_block_rolls_back_and_the_handler_may_carr
         assert await worker.outbox.stores["package"].seen("package", [req.id]) == {req.id}
     assert await packages(database_url) == []
     assert len(bus.ids_of(Created)) == 1  # still through the outbox, with the inbox record
+    assert [m.body for m in bus.published if m.type == Noted.event_type() and b"discarded" in m.body] == []
+    assert len(bus.ids_of(Noted)) == 1
 
 
 async def test_published_and_returned_outputs_all_go_through_the_outbox_in_order_with_derived_ids(

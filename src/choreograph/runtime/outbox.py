@@ -13,8 +13,9 @@ can change its own state and emit events atomically::
 ``async with`` block ends: the commit writes the handler's state changes, the inbox
 record of the event and *every* event the handler emits — returned, ``ctx.publish``-ed
 or ``tx.publish``-ed — into the outbox, all or nothing. The block only delimits where
-you use the connection; an exception escaping it rolls back at once, and an exception
-anywhere in the handler rolls back everything (the event is retried as usual). Keep
+you use the connection; an exception escaping it rolls back at once (with the events
+``tx.publish``-ed in the transaction), and an exception anywhere in the handler rolls
+back everything (the event is retried as usual). Keep
 slow calls out of a handler after its block: on SQLite the writer turn is held until
 the handler returns.
 
@@ -73,7 +74,7 @@ class HandlerUnit:
     every other path (a no-op once committed).
     """
 
-    __slots__ = ("store", "ctx", "used", "conn", "_after_commit", "on_wait")
+    __slots__ = ("store", "ctx", "used", "conn", "_after_commit", "on_wait", "_published")
 
     def __init__(self, store: StateStore, ctx: Context) -> None:
         self.store = store
@@ -81,6 +82,7 @@ class HandlerUnit:
         self.used = False
         self.conn: TxConnection | None = None
         self._after_commit: list[Callable[[], None]] | None = None
+        self._published: list[int] | None = None  # where in ctx.outputs the open transaction's tx.publish went
         #: Told ``None`` when the unit starts waiting for its connection (the SQLite writer,
         #: a pooled PostgreSQL connection) and the seconds waited when it has it: the worker
         #: keeps that time out of the handler's timeout.
@@ -132,11 +134,16 @@ class HandlerUnit:
             await self.rollback()
 
     def _publish(self, event: Event, subject: str | None) -> None:
+        at = len(self.ctx.outputs)
         self.ctx.publish(event, subject=subject)
+        if self._published is None:
+            self._published = []
+        self._published.append(at)
 
     async def commit(self, group: str, event_id: str, messages: Sequence[Message]) -> bool:
         """Commit state + inbox record + outbox rows; ``False`` if another consumer committed this event first."""
         conn, self.conn = self.conn, None
+        self._published = None  # its events are in ``messages`` now: nothing left to undo
         if conn is None:  # the handler's block rolled back and it carried on: record the rest alone
             conn = await self.store.begin()
         try:
@@ -152,6 +159,13 @@ class HandlerUnit:
             await conn.rollback()  # no-op after commit; releases the writer turn if commit failed early
 
     async def rollback(self) -> None:
+        """Undo the open transaction, and the events ``tx.publish``-ed in it (sent only if it
+        commits): a handler that catches the block's exception and returns must not send them."""
+        published, self._published = self._published, None
+        if published:
+            outputs = self.ctx.outputs
+            for at in reversed(published):
+                del outputs[at]
         conn, self.conn = self.conn, None
         if conn is not None:
             await conn.rollback()
