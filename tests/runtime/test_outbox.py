@@ -612,3 +612,29 @@ async def test_waiting_for_another_process_s_sqlite_write_lock_does_not_count_ag
         other.close()
     assert await packages(url) == ["a"]
     assert await bus.dead_letters("package") == []
+
+
+async def test_a_worker_whose_start_fails_stops_the_relays_and_databases_it_had_started(
+    database_url: str,  # noqa: F811
+) -> None:
+    """A service's subscription refused after the outbox started: the failed start leaves no relay
+    running (on SQLite it kept the claim's lock, so no other process could take the relay over)."""
+
+    class RefusingBus(RecordingBus):
+        async def subscribe(self, group: str, types: object) -> object:  # type: ignore[override]
+            if group == "broken":
+                raise ConnectionError("refused")
+            return await super().subscribe(group, types)  # type: ignore[arg-type]
+
+    await prepare(database_url)
+    broken = Service("broken")
+
+    @broken.on(Requested)
+    async def ignore(req: Requested) -> None:
+        pass
+
+    worker = Worker([package_service(database_url), broken], RefusingBus())
+    with pytest.raises(ConnectionError):
+        await worker.start()
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("choreograph-")] == []
+    assert worker.outbox.stores == {}

@@ -159,13 +159,24 @@ class Worker:
         await self.transport.connect()
         await self.store.open()
         self._store_opened = True
+        started: list[_Runner] = []
         try:
             await self.outbox.start()
             await self.joins.open()
             for runner in self.runners:
                 await runner.start()
+                started.append(runner)
         except BaseException:
-            await self._give_back_store()  # no stop() follows a failed start (``async with``)
+            # No stop() follows a failed start (``async with``): undo what did start, or the
+            # runners before the failed one kept fetching and handling, and the relays kept
+            # their databases open (and on SQLite the claim's lock, barring any other process).
+            try:
+                await asyncio.gather(*(runner.stop(0.0) for runner in started), return_exceptions=True)
+                await self.outbox.stop()
+            except Exception as exc:
+                log.warning("could not undo a failed start cleanly: %s", exc)
+            finally:
+                await self._give_back_store()
             raise
         log.debug("worker started: %s; concurrency %d, ack delay %g s", ", ".join(s.name for s in self.services),
                   self.concurrency, self.ack_delay)
