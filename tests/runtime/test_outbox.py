@@ -638,3 +638,35 @@ async def test_a_worker_whose_start_fails_stops_the_relays_and_databases_it_had_
         await worker.start()
     assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("choreograph-")] == []
     assert worker.outbox.stores == {}
+
+
+async def test_transaction_of_another_service_on_the_same_sqlite_file_inside_the_handler_s_block_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Two services share a SQLite file; inside its own open transaction a handler asks for the
+    other's: that would wait for the writer turn its own transaction holds, until its timeout."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    await prepare(url)
+    bus = RecordingBus()
+    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=1), timeout=2.0)
+    audit = Service("audit", database=url)
+    errors: list[BaseException] = []
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> None:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            try:
+                async with transaction(audit):
+                    pass
+            except ConfigurationError as exc:
+                errors.append(exc)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await asyncio.wait_for(drained(worker, bus), 10)
+    assert [str(e) for e in errors] == [
+        "inside a handler of 'package', transaction('audit') would wait for the SQLite writer "
+        "its own transaction holds; use ctx.transaction()"
+    ]
+    assert await packages(url) == ["p1"]

@@ -189,6 +189,15 @@ async def transaction(service: Service, *, correlation_id: str | None = None) ->
         # and on SQLite would wait forever for the writer turn the handler holds.
         raise ConfigurationError(f"inside a handler of {service.name!r}, use ctx.transaction()")
     store = open_database(service.database)
+    if ctx is not None and ctx._unit is not None and ctx._unit.store is store and ctx._unit.conn is not None \
+            and store.backend == "sqlite":
+        # Another service on the handler's SQLite file: its begin() would queue for the writer
+        # turn the handler's open transaction holds until the handler returns - a wait only
+        # the handler's timeout ended, on every attempt.
+        raise ConfigurationError(
+            f"inside a handler of {ctx.service!r}, transaction({service.name!r}) would wait for the "
+            "SQLite writer its own transaction holds; use ctx.transaction()"
+        )
     messages: list[Message] = []
 
     def publish(event: Event, subject: str | None) -> Envelope:
