@@ -168,8 +168,9 @@ class Transaction:
     def publish(self, event: Event, *, subject: str | None = None) -> Envelope | None:
         """Emit ``event`` if (and when) this transaction commits.
 
-        Inside a handler this is ``ctx.publish``: the id is derived from the input and
-        the type must be declared in ``emits``; returns ``None``. Outside a handler it
+        Inside a handler this is ``ctx.publish``, except that the event is dropped if the
+        transaction rolls back: the id is derived from the input and the type must be
+        declared in ``emits``; returns ``None``. Outside a handler it
         returns the envelope (its id is fixed now and stored with the row).
         """
         return self._publish(event, subject)
