@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib
 import logging
@@ -11,7 +12,7 @@ import os
 import sys
 import sysconfig
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -90,23 +91,52 @@ def env_url(name: str, what: str) -> str | None:
     return value
 
 
-def open_existing_bus(url: str) -> Transport:
-    """A transport for a bus that must exist already (not connected yet).
+def open_existing_bus(url: str) -> contextlib.AbstractAsyncContextManager[Transport]:
+    """A transport for a bus that must exist already, to ``async with``: connected, or an error
+    (:class:`ConfigurationError`) if the bus is not there, with nothing created.
 
-    For the commands that look at what a bus holds (``dlq``). Connecting to a SQLite URL
-    creates the file, so a mistyped path would be a new, empty bus reporting no dead
-    letters, and a stray file left behind; ``run`` and ``publish`` create the bus on
-    purpose (that is how a first deploy starts) and open it with ``open_transport``.
-    Brokers are servers: a wrong address fails to connect.
+    For the commands that look at what a bus holds (``dlq``, ``groups``): a mistyped URL
+    would otherwise be a new, empty bus reporting no dead letters, left behind. Connecting
+    to a SQLite URL creates the file, so the file must be there; NATS and RabbitMQ connect
+    with ``create=False``, which reads whether the bus's events stream or exchange is on the
+    server first. Redis needs no check: it creates nothing until a write, and an unknown
+    prefix reads as a bus without groups. ``run`` and ``publish`` create the bus on purpose
+    (that is how a first deploy starts) and open it with ``open_transport``.
+
+        async with open_existing_bus(url) as bus:
+            letters = await bus.dead_letters()
     """
     transport = open_transport(url)
-    if urlsplit(url).scheme != "sqlite":  # a server: nothing to check, and the SQLite transport stays unimported
-        return transport
-    from choreograph.transports.sqlite import SQLiteTransport
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":  # the SQLite transport stays unimported for the other schemes
+        from choreograph.transports.sqlite import SQLiteTransport
 
-    if isinstance(transport, SQLiteTransport) and not os.path.exists(transport.path):
-        raise ConfigurationError(f"no SQLite bus at {transport.path} (broker URL {redact(url)!r}; run or publish creates one)")
-    return transport
+        if isinstance(transport, SQLiteTransport) and not os.path.exists(transport.path):
+            raise ConfigurationError(
+                f"no SQLite bus at {transport.path} (broker URL {redact(url)!r}; run or publish creates one)"
+            )
+    return _connected(transport, scheme)
+
+
+@contextlib.asynccontextmanager
+async def _connected(transport: Transport, scheme: str) -> AsyncIterator[Transport]:
+    """``transport`` connected without creating its bus (see :func:`open_existing_bus`), then closed."""
+    try:
+        if scheme == "nats":
+            from choreograph.transports.nats import NatsTransport
+
+            assert isinstance(transport, NatsTransport)
+            await transport.connect(create=False)
+        elif scheme in ("amqp", "amqps"):
+            from choreograph.transports.amqp import AmqpTransport
+
+            assert isinstance(transport, AmqpTransport)
+            await transport.connect(create=False)
+        else:
+            await transport.connect()
+        yield transport
+    finally:
+        await transport.close()
 
 
 #: Why binding fails because of the interface rather than the port (an address this host does not have):

@@ -78,6 +78,7 @@ from aiormq.connection import FrameReceiver
 from pamqp.base import Frame
 from pamqp.frame import FrameTypes
 
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import did_you_mean, lease_from_url
 from choreograph.transports._amqp_consumer import AmqpSubscription
@@ -161,7 +162,13 @@ class AmqpTransport(Transport):
         if self.closed:
             raise TransportClosed("amqp transport is closed")
 
-    async def connect(self) -> None:
+    async def connect(self, *, create: bool = True) -> None:
+        """Connect, and declare the bus's exchange and registry queue.
+
+        ``create=False`` is for a bus that must exist already (``choreograph dlq``): if its
+        exchange is not on the broker (a mistyped ``prefix``) the connect raises
+        :class:`ConfigurationError` and declares nothing.
+        """
         self._check()
         async with self._connect_lock:
             if self._connection is not None:
@@ -170,6 +177,8 @@ class AmqpTransport(Transport):
                 connection = await self._open()
                 self._server_major = _server_major(connection)
                 try:
+                    if not create:
+                        await self._check_exists(connection)
                     self._pub = connection.channel(publisher_confirms=True, on_return_raises=True)
                     await self._pub
                     self._admin = connection.channel(publisher_confirms=False)
@@ -188,6 +197,23 @@ class AmqpTransport(Transport):
             # (choreograph.logs.quiet_client_loggers): say it here, as the other transports do.
             connection.close_callbacks.add(self._on_connection_lost)
             connection.reconnect_callbacks.add(self._on_reconnected)
+
+    async def _check_exists(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        """The bus is on the broker: its exchange declared passively (which creates nothing), on
+        a channel of its own, since a passive declare that fails closes its channel."""
+        channel = connection.channel(publisher_confirms=False)
+        await channel
+        try:
+            underlay = await channel.get_underlay_channel()
+            await underlay.exchange_declare(self.names.exchange, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise ConfigurationError(
+                f"no RabbitMQ bus with prefix {self.names.prefix!r} at broker URL {redact(self.url)!r}"
+                f" (no exchange {self.names.exchange} there)"
+            ) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     def _on_connection_lost(self, _connection: object, exc: BaseException | None) -> None:
         if not self.closed:

@@ -164,7 +164,13 @@ class NatsTransport(GroupBindings, Transport):
 
     # -- connection ---------------------------------------------------------------------
 
-    async def connect(self) -> None:
+    async def connect(self, *, create: bool = True) -> None:
+        """Connect, and create the bus's streams or bring them to this URL's settings.
+
+        ``create=False`` is for a bus that must exist already (``choreograph dlq``): if its
+        events stream is not on the server (a mistyped ``prefix``) the connect raises
+        :class:`ConfigurationError` and creates nothing.
+        """
         async with self._connecting:
             if self._closed:
                 raise TransportClosed("nats: transport is closed")
@@ -179,7 +185,7 @@ class NatsTransport(GroupBindings, Transport):
                 errors, self._connect_errors = self._connect_errors, None
             for error in errors:
                 log.warning("nats: while connecting: %s", _message(error))
-            await self._set_up(nc)
+            await self._set_up(nc, create)
 
     async def _first_connect(self) -> DirectClient:
         where = redact(", ".join(self._servers))
@@ -208,8 +214,9 @@ class NatsTransport(GroupBindings, Transport):
             raise TransportError(f"nats: connect to {where} failed: {_message(last)}") from last
         return nc
 
-    async def _set_up(self, nc: DirectClient) -> None:
-        """Once connected: JetStream and the streams; the connection closed if they fail."""
+    async def _set_up(self, nc: DirectClient, create: bool) -> None:
+        """Once connected: JetStream and the streams (``create=False``: only if the events stream
+        is there already); the connection closed if they fail."""
         # Once connected, never give up: nats-py reconnects (and re-subscribes) forever,
         # and every subscription re-issues its pull requests when it is back.
         nc.options["max_reconnect_attempts"] = -1
@@ -221,6 +228,8 @@ class NatsTransport(GroupBindings, Transport):
                 log.info("nats: this nats-py lacks the client internals choreograph's fast paths use; "
                          "publishing and receiving through its public API instead (slower)")
             await js.start()
+            if not create:
+                await self._check_exists(js)
             events = await self._ensure_stream(js, self._events_config())
             await self._ensure_stream(js, DeadLetterStream.config(self.prefix, self.replicas))
             await self._ensure_stream(js, Deferrals.config(self.prefix, self.replicas))
@@ -232,6 +241,18 @@ class NatsTransport(GroupBindings, Transport):
         # The events stream's creation time tells a count of its messages from one of an events
         # stream deleted since, whose sequences the new one hands out again.
         self._deferrals = Deferrals(js, self.prefix, str(events.get("created", "")))
+
+    async def _check_exists(self, js: JetStream) -> None:
+        """The bus is on the server: its events stream's info, a read that creates nothing."""
+        try:
+            await js.api(f"read stream {self.events_stream}", f"STREAM.INFO.{self.events_stream}")
+        except codec.JetStreamError as exc:
+            if exc.err_code != codec.ERR_STREAM_NOT_FOUND:
+                raise
+            raise ConfigurationError(
+                f"no NATS bus with prefix {self.prefix!r} at broker URL {redact(self.url)!r}"
+                f" (no stream {self.events_stream} there)"
+            ) from None
 
     async def close(self) -> None:
         self._closed = True
@@ -260,7 +281,9 @@ class NatsTransport(GroupBindings, Transport):
             log.warning("nats: %s", _message(exc))
 
     async def _on_disconnected(self) -> None:
-        if not self._closed:
+        # Not while connecting: a set-up that failed (no such bus, JetStream off) closes the
+        # connection itself, and its error says why; "reconnecting" would be untrue.
+        if not self._closed and self._nc is not None:
             log.warning("nats: disconnected from %s; reconnecting", redact(", ".join(self._servers)))
 
     async def _on_reconnected(self) -> None:
