@@ -737,6 +737,23 @@ async def test_a_fetch_cancelled_while_it_tops_up_its_batch_hands_back_what_it_t
         assert await sub.fetch(10, timeout=1.0) == []
 
 
+async def test_connect_without_create_refuses_a_bus_the_broker_lacks_creates_nothing_and_opens_one_it_has(
+    bus_url: str,
+) -> None:
+    from tests.cli.test_existing_bus_cli import amqp_names
+
+    missing = AmqpTransport(bus_url)
+    with pytest.raises(ConfigurationError, match=r"^no RabbitMQ bus with prefix 'choreograph-test-[\w-]+' at broker URL"):
+        await missing.connect(create=False)
+    await missing.close()
+    assert await amqp_names(bus_url) == []
+    async with opened(bus_url):
+        existing = AmqpTransport(bus_url)
+        await existing.connect(create=False)
+        await existing.publish([Message("m1", "t", b"{}")])
+        await existing.close()
+
+
 async def test_ping_asks_the_broker_and_fails_once_the_bus_is_deleted(bus_url: str) -> None:
     """A passive declare of the exchange on the publishing channel was answered from aio-pika's
     cache: ping said "ready" to a broker it never asked (the gateway's /readyz relies on it)."""

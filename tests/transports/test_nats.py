@@ -238,6 +238,22 @@ async def test_connect_creates_the_streams_and_is_idempotent() -> None:
             assert "error" not in json.loads(reply.data)
 
 
+async def test_connect_without_create_refuses_a_bus_the_server_lacks_creates_nothing_and_opens_one_it_has() -> None:
+    from tests.cli.test_existing_bus_cli import nats_streams
+
+    url = bus_on(require_broker("nats"))
+    missing = NatsTransport(url)
+    with pytest.raises(ConfigurationError, match=r"^no NATS bus with prefix 'choreograph-test-\w+' at broker URL"):
+        await missing.connect(create=False)
+    await missing.close()
+    assert await nats_streams(url) == []
+    async with opened(url):
+        existing = NatsTransport(url)
+        await existing.connect(create=False)
+        await existing.publish([msg(1)])
+        await existing.close()
+
+
 # -- routing on subjects -----------------------------------------------------------------
 
 
