@@ -213,6 +213,34 @@ async def test_a_message_is_deleted_once_every_group_has_settled_it(path: str, b
     assert _count(path, "dead_letters") == 1
 
 
+async def test_a_file_from_before_one_letter_per_id_keeps_the_latest_letter_of_each_id(path: str) -> None:
+    """Such a file kept a row per failed copy of a message published twice; opening it
+    deletes the older rows and adds the unique (grp, id) index."""
+    async with SQLiteTransport(url_of(path)) as transport:
+        subscription = await transport.subscribe("g", [TYPE])
+        await transport.publish([Message("m1", TYPE, b"x"), Message("m2", TYPE, b"y")])
+        for delivery in await subscription.fetch(2):
+            await delivery.dead_letter({"reason": "first"})
+    with sqlite3.connect(path) as conn:  # back to the old schema, and a second copy's letter
+        conn.execute("DROP INDEX IF EXISTS dead_letters_one_per_id")
+        conn.execute("CREATE INDEX IF NOT EXISTS dead_letters_grp ON dead_letters (grp, id)")
+        conn.execute(
+            "INSERT INTO dead_letters (grp, id, type, body, record, dead_at) "
+            "SELECT grp, id, type, body, ?, dead_at + 1 FROM dead_letters WHERE id = 'm1'",
+            (json.dumps({"reason": "second"}),),
+        )
+    async with SQLiteTransport(url_of(path)) as transport:
+        letters = await transport.dead_letters("g")
+        assert sorted((letter.message.id, letter.record["reason"]) for letter in letters) == [
+            ("m1", "second"),
+            ("m2", "first"),
+        ]
+        assert await transport.replay("g", ["m1"]) == 1
+    with sqlite3.connect(path) as conn:
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "dead_letters_one_per_id" in indexes and "dead_letters_grp" not in indexes
+
+
 async def test_a_message_no_group_wants_is_not_stored(path: str, bus: SQLiteTransport) -> None:
     await bus.subscribe("g", ["some.other.type"])
     await bus.publish([Message("m1", TYPE, b"x")])

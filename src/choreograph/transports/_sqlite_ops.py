@@ -9,7 +9,7 @@ Schema (fan-out on write)::
     messages      seq (never reused) | id | type | body | published_at
     groups        name | types (JSON list, NULL = every type)
     deliveries    grp | seq | attempt | available_at        one row per (group, message)
-    dead_letters  n | grp | id | type | body | record (JSON) | dead_at
+    dead_letters  n | grp | id | type | body | record (JSON) | dead_at     one row per (group, id)
     meta          groups_version (bumped when a group changes: publishers reload their cache)
 
 A delivery row is *available* when ``available_at <= now``. Claiming it adds 1 to
@@ -19,6 +19,11 @@ the row available again with no sweeper; ``retry(after)`` moves ``available_at``
 expired and was re-claimed elsewhere cannot settle the newer claim. ``seq`` uses
 AUTOINCREMENT so a garbage-collected message's number is never handed out again.
 Times are wall-clock seconds: several processes must agree on them.
+
+The schema evolves on open, in the same transaction, by idempotent statements: a file
+from before the unique ``(grp, id)`` index on ``dead_letters`` (it kept one row per
+failed copy of a message published twice) has its older duplicates deleted, the latest
+row (highest ``n``) kept, and then gets the index - only while the index does not exist.
 """
 
 from __future__ import annotations
@@ -59,7 +64,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     record TEXT NOT NULL,
     dead_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS dead_letters_grp ON dead_letters (grp, id);
+DELETE FROM dead_letters
+WHERE NOT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'dead_letters_one_per_id')
+  AND n NOT IN (SELECT max(n) FROM dead_letters GROUP BY grp, id);
+CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_one_per_id ON dead_letters (grp, id);
+DROP INDEX IF EXISTS dead_letters_grp;
 INSERT OR IGNORE INTO meta (key, value) VALUES ('groups_version', 0);
 """
 
@@ -250,13 +259,20 @@ def unclaim(conn: sqlite3.Connection, group: str, claims: Sequence[tuple[int, in
 def dead_letter(
     conn: sqlite3.Connection, group: str, seq: int, attempt: int, record: Mapping[str, Any], now: float
 ) -> None:
-    """Move one claim to the group's dead letters, copying the message body."""
+    """Move one claim to the group's dead letters, copying the message body.
+
+    One letter per (group, id): an older letter of the same id (another copy of a message
+    published twice) is replaced, so the latest record wins and is listed as the newest.
+    """
     gone = conn.execute(
         "DELETE FROM deliveries WHERE grp = ? AND seq = ? AND attempt = ? RETURNING seq",
         (group, seq, attempt),
     ).fetchone()
     if gone is None:  # our lease expired and another consumer holds it now
         return
+    conn.execute(
+        "DELETE FROM dead_letters WHERE grp = ? AND id = (SELECT id FROM messages WHERE seq = ?)", (group, seq)
+    )
     conn.execute(
         "INSERT INTO dead_letters (grp, id, type, body, record, dead_at) "
         "SELECT ?, id, type, body, ?, ? FROM messages WHERE seq = ?",
