@@ -675,3 +675,40 @@ async def test_a_verb_whose_script_failed_is_done_by_a_second_call(
             held=lambda: sub._unsettled.get(delivery._entry) is delivery,
         )
         assert sub._unsettled == {}
+
+
+@pytest.mark.parametrize("first", ["list", "show", "replay", "dead_letter"])
+async def test_dead_letters_from_before_the_index_are_one_per_id_the_latest_kept(bus_url: str, first: str) -> None:
+    """A bus written before P:dlx:<group> may hold two letters of one id (two failed
+    copies of an event published twice); whatever touches the letters first indexes
+    them, keeping each id's newest letter."""
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["order.placed"])
+        await bus.publish([msg(1), msg(2)])
+        for delivery in await fetch_all(sub, 2):
+            await delivery.dead_letter({"reason": "first"})
+        dead = bus._keys("g")[2]
+        (old,) = [entry for entry, fields in await bus._redis.xrange(dead) if fields[b"id"] == b"m1"]
+        fields = dict((await bus._redis.xrange(dead, min=old, max=old))[0][1])
+        await bus._redis.xadd(dead, {**fields, b"record": b'{"reason": "second"}'})
+        await bus._redis.delete(bus._letter_index("g"))  # as before the index
+        if first == "list":
+            letters = await bus.dead_letters("g")
+            assert sorted((x.message.id, x.record["reason"]) for x in letters) == [("m1", "second"), ("m2", "first")]
+        elif first == "show":
+            letter = await bus.dead_letter("g", "m1")
+            assert letter is not None and letter.record["reason"] == "second"
+        elif first == "replay":
+            assert await bus.replay("g", ["m1"]) == 1
+            assert [d.message.id for d in await fetch_all(sub, 2, wait=1.0)] == ["m1"]
+        else:
+            await bus.publish([msg(1)])
+            (delivery,) = await fetch_all(sub, 1)
+            await delivery.dead_letter({"reason": "third"})
+        latest = {"list": "second", "show": "second", "dead_letter": "third"}
+        if first in latest:
+            assert [x.record["reason"] for x in await bus.dead_letters("g") if x.message.id == "m1"] == [latest[first]]
+            assert await bus.replay("g", ["m1"]) == 1
+        assert await bus.replay("g") == 1  # m2
+        assert await bus.dead_letters("g") == []
+        assert await bus._redis.exists(bus._letter_index("g")) == 0

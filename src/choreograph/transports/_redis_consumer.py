@@ -250,7 +250,7 @@ class RedisSubscription(Subscription):
         with self._transport._errors(verb):
             await self._transport._script(
                 "settle",
-                [self._stream, self._delayed, self._dead],
+                [self._stream, self._delayed, self._dead, self._transport._letter_index(self.group)],
                 [self.group, self._transport.consumer, delivery._entry, delivery._count, verb, arg, attempt],
             )
         self._forget(delivery)  # after the script: if it failed, close() still hands the entry on

@@ -9,6 +9,13 @@ half of it, and it costs one round trip. Layout of a bus with prefix ``P``::
     P:d:<group>     zset    delayed retries: score = due (server ms), member = msgpack
                             [id, type, body, attempt, source entry id]
     P:dl:<group>    stream  dead letters: id, type, body, attempt, record (JSON), dead_at
+    P:dlx:<group>   hash    message id -> its dead letter's entry id in P:dl:<group>
+
+One dead letter per (group, message id): dead-lettering an id again (another copy of an
+event published twice, both failed) deletes the older entry, found by ``P:dlx``, so the
+stream holds the latest record at its latest place. A dead-letter stream written before
+the index (it may hold an id twice) is indexed by the first script that writes or
+replays its letters, or by ``INDEX`` before a listing: one walk, keeping each id's newest.
 
 A stream entry has the fields ``id``, ``type``, ``body`` and ``attempt`` (the attempt of
 its first delivery; absent on a fresh publish, meaning 1); the delivery count Redis
@@ -33,6 +40,24 @@ local function ensure_group(stream, group)
   local ok = redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
   if type(ok) == 'table' and ok.err and not string.find(ok.err, 'BUSYGROUP') then
     return redis.error_reply(ok.err)
+  end
+end
+-- Stream entry ids "<ms>-<seq>": is `a` older than `b`?
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
+  return tonumber(as) < tonumber(bs)
+end
+-- Index the dead letters of `dead` by message id in `index` if that was never done (an
+-- empty index with letters: a stream from before the index), deleting older duplicates.
+local function index_letters(dead, index)
+  if redis.call('EXISTS', index) == 1 or redis.call('XLEN', dead) == 0 then return end
+  for _, e in ipairs(redis.call('XRANGE', dead, '-', '+')) do
+    local mid = fields(e[2])['id'] or e[1]
+    local prev = redis.call('HGET', index, mid)
+    if prev then redis.call('XDEL', dead, prev) end
+    redis.call('HSET', index, mid, e[1])
   end
 end
 -- Is entry `id` still pending on consumer `me` with the delivery count we handed out?
@@ -198,14 +223,15 @@ end
 return n
 """
 
-#: KEYS: stream, delayed, dead.  ARGV: group, consumer, entry id, delivery count, verb
-#: ('retry' | 'dead'), retry delay ms | record JSON, next attempt | attempt.
+#: KEYS: stream, delayed, dead, dead-letter index.  ARGV: group, consumer, entry id,
+#: delivery count, verb ('retry' | 'dead'), retry delay ms | record JSON, next attempt | attempt.
 #: Settles a delivery only if this consumer still holds it (its lease did not expire and
 #: the entry was not redelivered meanwhile): a late verb is a no-op, as in every transport.
+#: A dead letter replaces the group's older letter of the same message id.
 SETTLE = (
     _FIELDS
     + """
-local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
+local stream, delayed, dead, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, me, id, count, verb = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if not held(stream, group, me, id, count) then return 0 end
 local e = redis.call('XRANGE', stream, id, id)
@@ -222,9 +248,13 @@ if verb == 'retry' then
     redis.call('ZADD', delayed, now_ms() + after + 1, cmsgpack.pack({mid, mtype, body, ARGV[7], id}))
   end
 else
+  index_letters(dead, index)
+  local prev = redis.call('HGET', index, mid)
+  if prev then redis.call('XDEL', dead, prev) end
   local t = redis.call('TIME')
-  redis.call('XADD', dead, '*', 'id', mid, 'type', mtype, 'body', body, 'attempt', ARGV[7],
+  local letter = redis.call('XADD', dead, '*', 'id', mid, 'type', mtype, 'body', body, 'attempt', ARGV[7],
     'record', ARGV[6], 'dead_at', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+  redis.call('HSET', index, mid, letter)
 end
 return 1
 """
@@ -256,7 +286,7 @@ if ok and #p == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARG
 return 0
 """
 
-#: KEYS: dead, stream.  ARGV: verb ('replay' | 'purge'), group, start ('-' or '(<id>'),
+#: KEYS: dead, stream, dead-letter index.  ARGV: verb ('replay' | 'purge'), group, start ('-' or '(<id>'),
 #: end ('': the newest dead letter now), chunk, then the message ids to act on (none: all).
 #: Scans one chunk of dead letters up to ``end`` and replays (attempt 1, to this group
 #: only) or deletes the matching ones. ``end`` is fixed by the first chunk and passed back
@@ -266,7 +296,7 @@ return 0
 DEAD = (
     _FIELDS
     + """
-local dead, stream = KEYS[1], KEYS[2]
+local dead, stream, index = KEYS[1], KEYS[2], KEYS[3]
 local verb, group, start, last, chunk = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local wanted = nil
 if #ARGV > 5 then
@@ -274,6 +304,7 @@ if #ARGV > 5 then
   for i = 6, #ARGV do wanted[ARGV[i]] = true end
 end
 if last == '' then
+  index_letters(dead, index)
   local newest = redis.call('XREVRANGE', dead, '+', '-', 'COUNT', 1)
   if #newest == 0 then return {0, '', ''} end
   last = newest[1][1]
@@ -291,11 +322,22 @@ for _, e in ipairs(entries) do
       redis.call('XADD', stream, '*', 'id', f['id'] or e[1], 'type', f['type'] or '', 'body', f['body'] or '', 'attempt', '1')
     end
     redis.call('XDEL', dead, e[1])
+    if redis.call('HGET', index, f['id'] or e[1]) == e[1] then redis.call('HDEL', index, f['id'] or e[1]) end
     n = n + 1
   end
 end
 local next = ''
 if #entries == chunk and entries[#entries][1] ~= last then next = '(' .. entries[#entries][1] end
 return {n, next, last}
+"""
+)
+
+#: KEYS: dead, dead-letter index. Indexes a dead-letter stream from before the index (see
+#: the module docstring); a no-op on one indexed already. Run before a listing.
+INDEX = (
+    _FIELDS
+    + """
+index_letters(KEYS[1], KEYS[2])
+return 0
 """
 )

@@ -134,6 +134,10 @@ class RedisTransport(Transport):
         """(stream, delayed set, dead-letter stream) of ``group``."""
         return f"{self.prefix}:s:{group}", f"{self.prefix}:d:{group}", f"{self.prefix}:dl:{group}"
 
+    def _letter_index(self, group: str) -> str:
+        """The hash of ``group``'s dead letters by message id (one letter per id)."""
+        return f"{self.prefix}:dlx:{group}"
+
     @property
     def _registry(self) -> str:
         return f"{self.prefix}:groups"
@@ -195,7 +199,7 @@ class RedisTransport(Transport):
         client.set_response_callback("XREADGROUP", _raw_reply)
         self._scripts = {
             name: client.register_script(getattr(lua, name.upper()))
-            for name in ("register", "unbind", "publish", "sweep", "ack", "settle", "hold", "forget", "dead")
+            for name in ("register", "unbind", "publish", "sweep", "ack", "settle", "hold", "forget", "dead", "index")
         }
         parts = urlsplit(self._client_url)
         with self._errors("connect"):
@@ -290,6 +294,8 @@ class RedisTransport(Transport):
         with self._errors("dead_letters"):
             names: Any = [group] if group is not None else await self._redis.hkeys(self._registry)
             groups = sorted(_str(name) for name in names)
+            for name in groups:
+                await self._script("index", [self._keys(name)[2], self._letter_index(name)], [])
             pipe = self._redis.pipeline(transaction=False)
             for name in groups:
                 pipe.xrange(self._keys(name)[2], count=limit)
@@ -305,6 +311,7 @@ class RedisTransport(Transport):
     async def dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
         start: str = "-"
         with self._errors("dead_letter"):
+            await self._script("index", [self._keys(group)[2], self._letter_index(group)], [])
             while True:
                 entries: Any = await self._redis.xrange(self._keys(group)[2], min=start, count=_CHUNK)
                 for _, fields in entries:
@@ -329,7 +336,7 @@ class RedisTransport(Transport):
         with self._errors(verb):
             while start:  # up to the newest dead letter when the first chunk ran (see DEAD)
                 count, after, end = await self._script(
-                    "dead", [dead, stream], [verb, group, start, last, _CHUNK, *ids]
+                    "dead", [dead, stream, self._letter_index(group)], [verb, group, start, last, _CHUNK, *ids]
                 )
                 total, start, last = total + int(count), _str(after), _str(end)
         return total
