@@ -30,7 +30,10 @@ How the contract maps onto RabbitMQ:
   to one of ~90 buckets (at most 25% late, never early). ``defer(after)`` is the same
   with the attempt unchanged.
 * Dead letters live in ``<prefix>.dlq.<group>``: body = record as one JSON line, a
-  newline, then the original body. Listing reads them with ``basic.get`` and returns
+  newline, then the original body. One per (group, message id): a queue cannot replace
+  a message, so a second failed copy of an event published twice is stored beside the
+  first, and every read (list, show, replay, purge) drops the older letters of an id
+  while it holds them all (see ``_browsing``). Listing reads them with ``basic.get`` and returns
   them to the queue by closing the channel, so two admins listing the same group at the
   same instant each see only part of it. A quorum queue does not keep returned messages
   in their place, so the queue's order is not the letters' age once some were listed:
@@ -441,9 +444,32 @@ class AmqpTransport(Transport):
 
     @contextlib.asynccontextmanager
     async def _browsing(self, group: str, limit: int | None) -> AsyncIterator[list[Raw]]:
-        """Up to ``limit`` dead letters of ``group``, held; those not acked go back on exit."""
+        """Up to ``limit`` dead letters of ``group``, held, one per message id; those not
+        acked go back on exit.
+
+        One dead letter per (group, message id): a queue cannot replace a message, so a
+        second failed copy of an event published twice is stored beside the first, and the
+        older letters of an id are dropped here, as they are read. That is safe because every
+        letter read is held (``basic.get`` unacked) on this channel until the end: the newest
+        is in hand when the older ones are acked, and goes back to the queue however this
+        channel ends - a crash in between loses nothing, at worst leaves a stale copy for the
+        next reader to drop. (Two readers at once each hold part of the queue; one holding
+        only an id's older letter shows it until a later read drops it.)
+        """
         async with self._temp_channel(f"read dead letters of {group!r}") as channel:
-            yield await _browse(channel, self.names.dlq(group), limit)
+            raws = await _browse(channel, self.names.dlq(group), limit)
+            latest: dict[str, tuple[float, int]] = {}  # message id -> (dead_at, index in raws)
+            for n, raw in enumerate(raws):
+                at = (read_dead_letter(group, raw).dead_at, n)
+                message_id = raw.message_id or ""
+                latest[message_id] = max(latest.get(message_id, at), at)
+            kept = {n for _, n in latest.values()}
+            if len(kept) < len(raws):
+                with translated(f"drop superseded dead letters of {group!r}"):
+                    for n, raw in enumerate(raws):
+                        if n not in kept:
+                            await raw.ack()
+            yield [raw for n, raw in enumerate(raws) if n in kept]
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
         # Every letter is read, then the oldest ``limit`` kept: a quorum queue puts the letters
