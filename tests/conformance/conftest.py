@@ -13,6 +13,7 @@ A transport joins the suite with one module ``tests/conformance/brokers/<name>.p
 and optionally::
 
     ORDERED: bool = True                           # False: no publish-order clause
+    DEDUPES_PUBLISHED_IDS: bool = False            # True: an id published twice is stored once
     async def restart(url: str) -> None            # stop and start the broker behind ``url``
                                                    # keeping its data (see test_restart.py)
 

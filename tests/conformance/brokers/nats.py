@@ -8,6 +8,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from tests._brokers import broker_url, require_broker
 
 NAME = "nats"
+#: JetStream stores a message id published again within the duplicate window once.
+DEDUPES_PUBLISHED_IDS = True
 
 
 def require() -> None:

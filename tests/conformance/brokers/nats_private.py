@@ -17,6 +17,8 @@ from tests._nats_server import NatsServer, require_binary
 from tests.conformance.brokers import nats as shared
 
 NAME = "nats-private"
+#: JetStream stores a message id published again within the duplicate window once.
+DEDUPES_PUBLISHED_IDS = True
 
 _server: NatsServer | None = None
 
