@@ -337,6 +337,26 @@ async def test_dead_letters_of_every_registered_group_are_listed(bus_url: str) -
         assert sorted(await bus.groups()) == ["a", "b", "c"]
 
 
+async def test_a_read_of_the_dead_letters_drops_an_ids_older_letters_from_the_queue(bus_url: str) -> None:
+    """Both failed copies of an event published twice are stored (a queue cannot replace a
+    message); the next read keeps the newer one and acks the older one away."""
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([msg(1, "t")])
+        await bus.publish([msg(1, "t"), msg(2, "t")])
+        for n, delivery in enumerate(sorted(await fetch_all(sub, 3), key=lambda d: d.message.id), 1):
+            await delivery.dead_letter({"reason": f"copy {n}"})
+            await asyncio.sleep(0.01)
+        assert await _queue_depth(bus, bus.names.dlq("g")) == 3
+        letter = await bus.dead_letter("g", "m1")
+        assert letter is not None and letter.record["reason"] == "copy 2"
+        assert await _queue_depth(bus, bus.names.dlq("g")) == 2
+        assert sorted((x.message.id, x.record["reason"]) for x in await bus.dead_letters("g")) == [
+            ("m1", "copy 2"),
+            ("m2", "copy 3"),
+        ]
+
+
 # -- losing consumers and connections -------------------------------------------------------------
 
 _HOLDER = """
