@@ -549,6 +549,40 @@ def test_a_failure_nobody_compensates_is_a_warning_and_on_failure_or_compensate_
     )
 
 
+def test_an_on_failure_handler_with_where_compensates_only_some_failures_so_the_warning_stays() -> None:
+    def services() -> tuple[Service, Service]:
+        pay, ship = Service("pay"), Service("ship")
+
+        @pay.on(Placed)
+        async def charge(order: Placed) -> Captured: ...
+
+        @ship.on(Captured)
+        async def send(event: Captured) -> Shipped: ...
+
+        @pay.on_failure(Captured, where="subject LIKE 'eu-%'")
+        async def refund(failure: Failure) -> Refunded: ...
+
+        return pay, ship
+
+    terminal = {Shipped: "completed", Refunded: "failed"}
+    pay, ship = services()
+    [finding] = problems(App("a", [pay, ship], ingress=[Placed], terminal=terminal))
+    assert (finding.severity, finding.code, finding.subjects) == (
+        "warning",
+        "uncompensated-failure",
+        ("test.flow.captured", "pay"),
+    )
+    assert "subject LIKE 'eu-%'" in finding.message and "without where=" in finding.message
+
+    pay, ship = services()
+    audit = Service("audit")
+
+    @audit.on_failure(Captured)
+    async def record(failure: Failure) -> None: ...
+
+    assert problems(App("a", [pay, ship, audit], ingress=[Placed], terminal=terminal)) == []
+
+
 def test_a_failure_on_a_terminal_event_needs_no_compensation() -> None:
     pay, notify = Service("pay"), Service("notify")
 

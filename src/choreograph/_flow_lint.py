@@ -23,7 +23,9 @@ Rules, and why each has its severity:
   service: the two would compete for the group's events, each getting some of them.
 * ``uncompensated-failure`` (warning): a handler can give up on an event that a service
   emitted (so an upstream step already happened) and nobody handles that failure
-  (``on_failure`` or ``compensate(..., on=[failed(X)])``). Skipped for terminal events
+  (``on_failure`` or ``compensate(..., on=[failed(X)])``). An ``on_failure`` handler with a
+  ``where=`` handles only the failures it matches, so it silences the finding only next to
+  one without (the message names the filters). Skipped for terminal events
   (the transaction has already ended) and for events only from outside (nothing upstream
   to undo). A warning, because some steps need no undo (a notification, a read).
 * ``compensation-can-fail`` (info): a compensation (an ``on_failure`` handler, a
@@ -311,19 +313,26 @@ def _uncompensated(graph: FlowGraph) -> list[Finding]:
         if node.terminal or not graph.producers(type_):
             continue
         giving_up = [s for s in graph.steps if s.trigger == type_ and s.can_give_up]
-        handled = any(s.trigger == type_ and s.via == "failure" for s in graph.steps)
-        if giving_up and not handled:
-            emitters = sorted({s.service for s in graph.producers(type_)})
-            out.append(
-                Finding(
-                    "uncompensated-failure",
-                    "warning",
-                    f"if {_names(giving_up)} gives up on {type_}, nobody compensates what "
-                    f"{', '.join(emitters)} already did: add @service.on_failure({node.name or type_}) "
-                    f"or @service.compensate(..., on=[failed({node.name or type_})])",
-                    (type_, *emitters),
-                )
+        handlers = [s for s in graph.steps if s.trigger == type_ and s.via == "failure"]
+        if not giving_up or any(s.where is None for s in handlers):
+            continue
+        emitters = sorted({s.service for s in graph.producers(type_)})
+        if handlers:
+            # every handler of the failure has a where=: a failure none of them matches reaches nobody
+            filtered = "; ".join(sorted({f"{_names([s])} where={s.where!r}" for s in handlers}))
+            message = (
+                f"if {_names(giving_up)} gives up on {type_}, what {', '.join(emitters)} already did is "
+                f"compensated only when the failed event matches a filter ({filtered}): a failure none "
+                f"matches reaches nobody; add an @service.on_failure({node.name or type_}) without where= "
+                f"or @service.compensate(..., on=[failed({node.name or type_})])"
             )
+        else:
+            message = (
+                f"if {_names(giving_up)} gives up on {type_}, nobody compensates what "
+                f"{', '.join(emitters)} already did: add @service.on_failure({node.name or type_}) "
+                f"or @service.compensate(..., on=[failed({node.name or type_})])"
+            )
+        out.append(Finding("uncompensated-failure", "warning", message, (type_, *emitters)))
     return out
 
 
