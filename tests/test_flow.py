@@ -302,6 +302,44 @@ def test_dot_escapes_quotes_in_names() -> None:
     assert dot.get_name() == '"say \\"hi\\""'
 
 
+def multi_line_flow() -> FlowGraph:
+    """An App name and ``where=`` filters written over several lines (``\\n``, ``\\r\\n``, ``\\r``)."""
+    eu = Service("eu")
+
+    @eu.on(Placed, where="subject LIKE 'eu-%'\r\n  AND hops < 5")
+    async def take(order: Placed) -> Captured: ...
+
+    @eu.on_failure(Captured, where="subject = 'eu-1'\nOR subject = 'eu-2'\rOR subject = 'eu-3'")
+    async def undo(failure: Failure) -> Refunded: ...
+
+    return build([eu], name="shop\r\neu")
+
+
+def test_mermaid_keeps_line_breaks_of_names_and_filters_out_of_its_lines() -> None:
+    """A raw line break would end the ``%%`` comment or an edge label mid-way: it is drawn as ``<br/>``."""
+    text = multi_line_flow().to_mermaid()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[:2] == ["%% choreograph flow: shop<br/>eu", "flowchart LR"]
+    assert all(line.startswith("    ") for line in lines[2:])
+    assert "    evt_test_flow_placed -->|\"subject LIKE 'eu-%'<br/>  AND hops #lt; 5\"| svc_eu" in lines
+    assert (
+        "    evt_test_flow_captured -.->|\"failed: subject = 'eu-1'<br/>OR subject = 'eu-2'<br/>OR subject = 'eu-3'\"| svc_eu"
+        in lines
+    )
+
+
+@PYDOT_WARNINGS
+def test_dot_writes_every_line_break_as_an_escaped_newline() -> None:
+    text = multi_line_flow().to_dot()
+    assert "\r" not in text
+    assert text.splitlines()[0] == 'digraph "shop\\neu" {'
+    [dot] = pydot.graph_from_dot_data(text)
+    labels = {e.get_label() for e in dot.get_edges()}
+    assert '"subject LIKE \'eu-%\'\\n  AND hops < 5"' in labels
+    assert '"failed: subject = \'eu-1\'\\nOR subject = \'eu-2\'\\nOR subject = \'eu-3\'"' in labels
+
+
 def test_json_lists_nodes_edges_and_steps() -> None:
     graph = build(shop())
     doc = json.loads(graph.to_json())

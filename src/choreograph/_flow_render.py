@@ -119,8 +119,14 @@ def _mermaid_ids(graph: FlowGraph) -> dict[str, str]:
     return ids
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _mermaid_text(text: str) -> str:
-    return text.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+    """Text for a quoted Mermaid label (or the ``%%`` comment): a line break (an App name, a
+    multi-line ``where=``) is a ``<br/>``, since a raw one would end the line mid-label."""
+    escaped = text.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+    return _LINE_BREAK.sub("<br/>", escaped)
 
 
 def to_mermaid(graph: FlowGraph) -> str:
@@ -168,7 +174,9 @@ _DOT_FILL = {
 
 
 def _dot(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    """A quoted DOT ID; every line break (``\\r\\n`` and ``\\r`` too) is DOT's ``\\n``."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + _LINE_BREAK.sub(r"\\n", escaped) + '"'
 
 
 def _dot_edge(edge: Edge) -> str:
