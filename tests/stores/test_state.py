@@ -406,3 +406,16 @@ async def test_outbox_rows_keep_ids_types_and_bodies_byte_for_byte(db: StateStor
     assert await db.relay_pass(SERVICE, "me", 10, publish) == 1
     assert sent == [odd]
     assert await db.seen("gr'oup", ["ev'ent"]) == {"ev'ent"}
+
+
+async def test_outbox_rows_whose_id_and_type_hold_nul_are_stored_and_relayed_as_they_were(db: StateStore) -> None:
+    nul = Message("m\x001", "test.state\x00item", b"{}")  # PostgreSQL text cannot hold U+0000
+    assert await commit(db, nul, inbox=("g", "e\x001"))
+    sent: list[Message] = []
+
+    async def publish(messages: list[Message]) -> None:
+        sent.extend(messages)
+
+    assert await db.relay_pass(SERVICE, "me", 10, publish) == 1
+    assert sent == [nul]
+    assert await db.seen("g", ["e\x001"]) == {"e\x001"}

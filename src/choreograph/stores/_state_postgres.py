@@ -13,6 +13,9 @@ for the outbox:
   ``choreograph_relay`` row (``FOR UPDATE SKIP LOCKED``) in an open transaction; a
   standby skips it. A killed relay's session ends, PostgreSQL releases the lock and a
   standby republishes whatever was not marked sent — with the same ids.
+* **U+0000.** PostgreSQL text cannot hold it: a row's event id and type keep theirs as
+  U+FFFE (as join arrivals do, :func:`~choreograph.stores.joins_postgres.event_id_in`)
+  and the relay publishes them as they were committed.
 
 * **Round trips.** A transaction is ``BEGIN``, your statements, then one simple-query
   string that writes the inbox record and the outbox rows and commits: the values are
@@ -46,6 +49,7 @@ from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores._pg_pool import HandoffPool, closed_if_interrupted
+from choreograph.stores.joins_postgres import event_id_in, event_id_out
 from choreograph.stores.postgres import PostgresStore, stored_id
 from choreograph.stores.state import OutboxLag, RelayPublish, Row, StateStore, TxConnection
 from choreograph.transports.base import Message
@@ -112,7 +116,8 @@ def commit_script(
     if messages:
         svc = _text(service)
         rows = ", ".join(
-            f"({svc}, {_text(m.id)}, {_text(m.type)}, {_bytea(m.body)}, {now!r})" for m in messages
+            f"({svc}, {_text(event_id_in(m.id))}, {_text(event_id_in(m.type))}, {_bytea(m.body)}, {now!r})"
+            for m in messages
         )
         statements.append(f"INSERT INTO choreograph_outbox (service, event_id, type, body, created_at) VALUES {rows}")
         if channel is not None:
@@ -348,7 +353,8 @@ class PostgresStateStore(StateStore, PostgresStore):
                 )
             if rows:
                 with closed_if_interrupted(conn):
-                    await publish([Message(row[1], row[2], bytes(row[3])) for row in rows])
+                    await publish([Message(str(event_id_out(row[1])), str(event_id_out(row[2])), bytes(row[3]))
+                                   for row in rows])
             mark = ""
             if rows:
                 seqs = ",".join(str(int(row[0])) for row in rows)
