@@ -81,6 +81,13 @@ async def test_a_very_long_id_is_marked_and_found_like_any_other(inbox: InboxSto
     assert await inbox.seen("g", [LONG_ID, *near]) == {LONG_ID, near[-1]}
 
 
+async def test_a_failure_whose_message_and_traceback_hold_a_nul_character_is_kept_as_it_was(inbox: InboxStore) -> None:
+    # A handler's error message may quote the payload: PostgreSQL jsonb cannot hold U+0000.
+    first = ErrorInfo("Value\x00Error", "no sku 'a\x00b'", "Traceback ... 'a\x00b'")
+    assert await inbox.record_failure("g", "e", first, 10.0) == (first, 10.0)
+    assert await inbox.record_failure("g", "e", ErrorInfo("E", "later"), 11.0) == (first, 10.0)
+
+
 @pytest.mark.parametrize("event_id", [NUL_ID, LONG_ID], ids=["nul", "long"])
 async def test_the_failure_history_of_an_unusual_id_is_kept_and_forgotten(inbox: InboxStore, event_id: str) -> None:
     NUL_ID = event_id  # noqa: N806 - the body reads as in the test above

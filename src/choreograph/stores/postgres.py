@@ -72,6 +72,21 @@ def stored_id(event_id: str) -> str:
     return event_id.replace("\x00", NUL_STAND_IN) if "\x00" in event_id else event_id
 
 
+def _error_in(error: ErrorInfo) -> str:
+    """``error`` as ``first_error`` stores it: jsonb cannot hold U+0000 either, and an error
+    message may quote a payload, so its U+0000 is stored as :data:`NUL_STAND_IN` (a failure
+    holding one failed to record on every attempt, and the worker released the delivery to
+    come back after its lease each time, its retry policy never applied)."""
+    return orjson.dumps({k: v.replace("\x00", NUL_STAND_IN) for k, v in error.to_dict().items()}).decode()
+
+
+def _error_out(stored: str) -> ErrorInfo:
+    """A stored ``first_error`` as it was recorded (the inverse of :func:`_error_in`)."""
+    data = orjson.loads(stored)
+    return ErrorInfo.from_dict({k: v.replace(NUL_STAND_IN, "\x00") if isinstance(v, str) else v
+                                for k, v in data.items()})
+
+
 class PostgresStore(InboxStore):
     """:class:`InboxStore` on PostgreSQL; open with ``await store.open()`` (creates tables once)."""
 
@@ -149,7 +164,7 @@ class PostgresStore(InboxStore):
             await pool.execute(
                 "INSERT INTO choreograph_failures (grp, event_id, first_error, first_at) VALUES ($1, $2, $3::jsonb, $4)"
                 " ON CONFLICT DO NOTHING",
-                group, event_id, orjson.dumps(error.to_dict()).decode(), at,
+                group, event_id, _error_in(error), at,
             )
             row = await pool.fetchrow(
                 "SELECT first_error::text, first_at FROM choreograph_failures WHERE grp = $1 AND event_id = $2",
@@ -157,7 +172,7 @@ class PostgresStore(InboxStore):
             )
         if row is None:  # cleared concurrently (the event was just marked or dead-lettered)
             return error, at
-        return ErrorInfo.from_dict(orjson.loads(row[0])), float(row[1])
+        return _error_out(row[0]), float(row[1])
 
     async def clear_failures(self, group: str, event_ids: Collection[str]) -> None:
         ids = [stored_id(i) for i in event_ids]
