@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from choreograph import ConfigurationError, Context, Event, Publisher, RetryPolicy, Service, Worker, derive_id
 from choreograph.errors import EmitError
-from choreograph.runtime.outbox import transaction
+from choreograph.runtime.outbox import Outboxes, transaction
 from choreograph.runtime.records import first_envelope, to_message
 from choreograph.stores.state import open_database
 from choreograph.testing import MemoryTransport, settled
@@ -670,3 +670,25 @@ async def test_transaction_of_another_service_on_the_same_sqlite_file_inside_the
         "its own transaction holds; use ctx.transaction()"
     ]
     assert await packages(url) == ["p1"]
+
+
+async def test_stopping_closes_every_database_when_one_fails_to_close(tmp_path: Path) -> None:
+    services = [Service(name, database=f"sqlite:///{tmp_path / name}.db") for name in ("a", "b", "c")]
+    outboxes = Outboxes(services, MemoryTransport())
+    await outboxes.start()
+    closed: list[str] = []
+
+    def recording(name: str, close: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def close_and_record() -> None:
+            await close()
+            closed.append(name)
+            if name == "a":
+                raise OSError("disk gone")
+        return close_and_record
+
+    for name, store in outboxes.stores.items():
+        store.close = recording(name, store.close)  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk gone"):
+        await outboxes.stop()
+    assert closed == ["a", "b", "c"]  # b and c were left open, and the dicts kept all three
+    assert outboxes.stores == {} and outboxes.relays == {}

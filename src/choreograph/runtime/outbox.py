@@ -324,11 +324,23 @@ class Outboxes:
             await relay.start()
 
     async def stop(self) -> None:
+        """Stop every relay, then close every database, even after one fails to close (one left
+        open keeps its connections, or on SQLite its file lock); the first failure is raised."""
         await asyncio.gather(*(relay.stop() for relay in self.relays.values()))
-        for store in self.stores.values():
-            await store.close()
+        stores = list(self.stores.items())
         self.relays.clear()
         self.stores.clear()
+        failure: Exception | None = None
+        for name, store in stores:
+            try:
+                await store.close()
+            except Exception as exc:
+                if failure is None:
+                    failure = exc
+                else:
+                    log.warning("could not close the database of %s: %s", name, exc)
+        if failure is not None:
+            raise failure
 
     def store_for(self, service: Service) -> StateStore | None:
         return self.stores.get(service.name)
