@@ -298,6 +298,16 @@ class HangAsked(Event, type="test.faults.hang.asked"):
     n: int
 
 
+async def _one_hang_asked(svc: Service) -> tuple[VirtualClock, MemoryTransport, Worker]:
+    """Publish one HangAsked to ``svc``'s worker on a VirtualClock at 0 and wait until all settled."""
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(HangAsked(n=1))
+        await asyncio.wait_for(settled(bus), 30)
+    return clock, bus, worker
+
+
 async def test_a_hang_on_a_virtual_clock_times_out_in_virtual_time_and_is_dead_lettered() -> None:
     """A hang of 600 s past a 5 s timeout, on a VirtualClock: each attempt times out when the
     clock passes 5 s (the hang slept for real, 600 s an attempt), and the event is dead-lettered
@@ -310,11 +320,7 @@ async def test_a_hang_on_a_virtual_clock_times_out_in_virtual_time_and_is_dead_l
         async with faults.step(ctx):
             pass
 
-    clock = VirtualClock(start=0.0)
-    bus = MemoryTransport(clock=clock)
-    async with Worker([svc], bus) as worker:
-        await Publisher(bus).publish(HangAsked(n=1))
-        await asyncio.wait_for(settled(bus), 30)
+    clock, bus, worker = await _one_hang_asked(svc)
     [letter] = await bus.dead_letters("svc")
     assert letter.record["reason"] == "max_attempts" and letter.record["attempts"] == 3
     assert letter.record["last_error"]["type"] == "HandlerTimeout"
@@ -336,11 +342,7 @@ async def test_a_hang_shorter_than_the_timeout_but_longer_than_the_lease_passes_
         async with faults.step(ctx):
             pass
 
-    clock = VirtualClock(start=0.0)
-    bus = MemoryTransport(clock=clock)
-    async with Worker([svc], bus) as worker:
-        await Publisher(bus).publish(HangAsked(n=1))
-        await asyncio.wait_for(settled(bus), 30)
+    clock, bus, worker = await _one_hang_asked(svc)
     assert runs == [1] and faults.completed == 1
     assert (worker.stats("svc").handled, worker.stats("svc").retried, worker.stats("svc").deferred) == (1, 0, 0)
     assert clock.monotonic() == pytest.approx(45.0)

@@ -550,18 +550,21 @@ def test_an_app_without_terminal_events_is_an_error() -> None:
     assert codes(App("a", [svc], ingress=[Placed])) == [("error", "no-terminal")]
 
 
+def _pay_and_ship() -> tuple[Service, Service]:
+    """pay charges a Placed order (Captured), ship sends what was captured (Shipped)."""
+    pay, ship = Service("pay"), Service("ship")
+
+    @pay.on(Placed)
+    async def charge(order: Placed) -> Captured: ...
+
+    @ship.on(Captured)
+    async def send(event: Captured) -> Shipped: ...
+
+    return pay, ship
+
+
 def test_a_failure_nobody_compensates_is_a_warning_and_on_failure_or_compensate_silences_it() -> None:
-    def services() -> tuple[Service, Service]:
-        pay, ship = Service("pay"), Service("ship")
-
-        @pay.on(Placed)
-        async def charge(order: Placed) -> Captured: ...
-
-        @ship.on(Captured)
-        async def send(event: Captured) -> Shipped: ...
-
-        return pay, ship
-
+    services = _pay_and_ship
     pay, ship = services()
     app = App("a", [pay, ship], ingress=[Placed], terminal={Shipped: "completed"})
     assert codes(app) == [("warning", "uncompensated-failure")]  # Placed is ingress: nothing upstream
@@ -589,13 +592,7 @@ def test_a_failure_nobody_compensates_is_a_warning_and_on_failure_or_compensate_
 
 def test_an_on_failure_handler_with_where_compensates_only_some_failures_so_the_warning_stays() -> None:
     def services() -> tuple[Service, Service]:
-        pay, ship = Service("pay"), Service("ship")
-
-        @pay.on(Placed)
-        async def charge(order: Placed) -> Captured: ...
-
-        @ship.on(Captured)
-        async def send(event: Captured) -> Shipped: ...
+        pay, ship = _pay_and_ship()
 
         @pay.on_failure(Captured, where="subject LIKE 'eu-%'")
         async def refund(failure: Failure) -> Refunded: ...

@@ -233,10 +233,9 @@ async def test_retries_are_fast_forwarded_and_a_give_up_is_dead_lettered_with_it
         assert s.emitted[-1].handler == "answer"
 
 
-async def test_a_hang_past_the_timeout_is_cut_short_in_virtual_time() -> None:
-    """An injected hang of 10 minutes past a 5 s timeout: the attempt times out at 5 s on the
-    scenario's clock (the hang was slept in real time, the timeout measured on it), and the
-    retry after 1 s answers."""
+def _hanging_once() -> Service:
+    """Service "slow": its first attempt at a Ping hangs 600 s past its 5 s timeout (a fault),
+    the retry 1 s later answers Pong."""
     hanging = Faults("slow", FaultSpec(hang=600))
     slow = Service("slow", retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False), timeout=5.0)
 
@@ -244,6 +243,15 @@ async def test_a_hang_past_the_timeout_is_cut_short_in_virtual_time() -> None:
     async def answer(ping: Ping, ctx: Context) -> Pong:
         async with (hanging if ctx.attempt == 1 else Faults("slow")).step(ctx):
             return Pong(n=ping.n)
+
+    return slow
+
+
+async def test_a_hang_past_the_timeout_is_cut_short_in_virtual_time() -> None:
+    """An injected hang of 10 minutes past a 5 s timeout: the attempt times out at 5 s on the
+    scenario's clock (the hang was slept in real time, the timeout measured on it), and the
+    retry after 1 s answers."""
+    slow = _hanging_once()
 
     async with Scenario([slow]) as s:
         await s.given(Ping(n=1))
@@ -256,13 +264,7 @@ async def test_within_ends_while_a_handler_still_hangs_and_advance_goes_on_from_
     """``within=3`` with a handler hanging in virtual time: the scenario returns at 3 s with
     the attempt still running (it waited for the hang to end, past the scenario's real timeout);
     ``advance()`` then sees it time out at 5 s and the retry answer at 6 s."""
-    hanging = Faults("slow", FaultSpec(hang=600))
-    slow = Service("slow", retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False), timeout=5.0)
-
-    @slow.on(Ping)
-    async def answer(ping: Ping, ctx: Context) -> Pong:
-        async with (hanging if ctx.attempt == 1 else Faults("slow")).step(ctx):
-            return Pong(n=ping.n)
+    slow = _hanging_once()
 
     async with Scenario([slow], clock=VirtualClock(start=0.0), timeout=3.0) as s:
         await s.given(Ping(n=1), within=3.0)
@@ -286,14 +288,8 @@ async def test_the_clock_does_not_jump_over_a_handler_at_work_while_another_hang
     jumps while only the hang holds events in flight, waits for the worker first. It jumped
     at once: the worker's output was stamped at the end of the jump (+5.000s, +0.250s), as if
     its work had taken that long (and a handler with a short timeout timed out on it)."""
-    hanging = Faults("slow", FaultSpec(hang=600))
-    slow = Service("slow", retry=RetryPolicy(max_attempts=3, base=1.0, jitter=False), timeout=5.0)
+    slow = _hanging_once()
     worker = Service("worker", database=f"sqlite:///{tmp_path / 'worker.db'}" if database else None)
-
-    @slow.on(Ping)
-    async def answer(ping: Ping, ctx: Context) -> Pong:
-        async with (hanging if ctx.attempt == 1 else Faults("slow")).step(ctx):
-            return Pong(n=ping.n)
 
     @worker.on(Ping)
     async def work(ping: Ping, ctx: Context) -> Pang:
