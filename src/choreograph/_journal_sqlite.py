@@ -11,6 +11,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -66,29 +67,59 @@ _COMPENSATION_FAILURES = (
 _COUNTED = 1
 
 
+def _missing(db: sqlite3.Connection) -> tuple[set[str], set[str]]:
+    """The columns of the current schema that the journal file lacks (events, transactions)."""
+    events = {row[1] for row in db.execute("PRAGMA table_info(journal_events)")}
+    txs = {row[1] for row in db.execute("PRAGMA table_info(journal_transactions)")}
+    return {"traceparent", "tracestate"} - events, {"compensation_failures"} - txs
+
+
+def _counted(db: sqlite3.Connection) -> bool:
+    return int(db.execute("PRAGMA user_version").fetchone()[0]) >= _COUNTED
+
+
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    """A connection that never writes ``path`` (``mode=ro``), for the commands that only read.
+
+    A WAL file whose ``-shm`` cannot be created (a read-only folder with no writer at work, such
+    as a copy from production) cannot be opened ``mode=ro``; it is opened ``immutable=1`` then.
+    A file older than the current schema is refused: migrating it is a write, and reading it as
+    it is would show compensation failures counted by the old rule.
+    """
+    uri = Path(path).absolute().as_uri()
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            db.close()
+            raise
+    except sqlite3.OperationalError:
+        db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+    if _missing(db) != (set(), set()) or not _counted(db):
+        db.close()
+        raise StoreError(
+            f"journal store {path}: written by an older choreograph and opened read-only; "
+            "the journal (`choreograph journal`) must open it once, with write access, to migrate it"
+        )
+    return db
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     """Add the columns a journal file written before them lacks (``CREATE TABLE IF NOT EXISTS``
     leaves an existing table as it is), and count the summaries' compensation failures from the
     recorded entries, once (``PRAGMA user_version``), by the journal's current rule."""
 
-    def missing() -> tuple[set[str], set[str]]:
-        events = {row[1] for row in db.execute("PRAGMA table_info(journal_events)")}
-        txs = {row[1] for row in db.execute("PRAGMA table_info(journal_transactions)")}
-        return {"traceparent", "tracestate"} - events, {"compensation_failures"} - txs
-
-    def counted() -> bool:
-        return int(db.execute("PRAGMA user_version").fetchone()[0]) >= _COUNTED
-
-    if missing() == (set(), set()) and counted():
+    if _missing(db) == (set(), set()) and _counted(db):
         return
     db.execute("BEGIN IMMEDIATE")  # another process may be migrating the same file
     try:
-        events, txs = missing()
+        events, txs = _missing(db)
         for column in sorted(events):
             db.execute(f"ALTER TABLE journal_events ADD COLUMN {column} TEXT")
         if txs:
             db.execute("ALTER TABLE journal_transactions ADD COLUMN compensation_failures INTEGER NOT NULL DEFAULT 0")
-        if not counted():
+        if not _counted(db):
             db.executemany(
                 "UPDATE journal_transactions SET compensation_failures = ?, base_status = 'compensation_failed' "
                 "WHERE correlation_id = ? AND compensation_failures != ?",
@@ -155,11 +186,17 @@ def _save(db: sqlite3.Connection, summaries: Collection[TransactionSummary]) -> 
 
 
 class SQLiteJournalStore(JournalStore):
-    """``sqlite:///var/journal.db``."""
+    """``sqlite:///var/journal.db``.
 
-    def __init__(self, url: str) -> None:
+    ``read_only`` (the commands that only read: ``trace``, ``transactions``, ``watch``) opens the
+    file ``mode=ro``: it is never created, migrated or written, so a file the user may only read
+    works, and a file older than the current schema is a :class:`StoreError` saying to migrate it.
+    """
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url
         self.path = sqlite_path(url)
+        self.read_only = read_only
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
 
@@ -186,6 +223,8 @@ class SQLiteJournalStore(JournalStore):
         executor = self._executor
 
         def connect() -> sqlite3.Connection:
+            if self.read_only and self.path != ":memory:":
+                return _connect_read_only(self.path)
             db = connect_wal(self.path, schema=_SCHEMA)
             try:
                 _migrate(db)

@@ -215,7 +215,16 @@ _SCHEMES: dict[str, tuple[str, str]] = {
 }
 
 
-def open_journal_store(url: str) -> JournalStore:
-    """A journal store for ``url`` (not yet opened: ``await store.open()``)."""
+def open_journal_store(url: str, *, read_only: bool = False) -> JournalStore:
+    """A journal store for ``url`` (not yet opened: ``await store.open()``).
+
+    ``read_only``: for a reader that must not write (``trace``, ``transactions``, ``watch``); a
+    SQLite file is then opened ``mode=ro``, never created or migrated.
+    """
     store: JournalStore = instantiate(url, _SCHEMES, "journal URL")
+    if read_only:
+        from choreograph._journal_sqlite import SQLiteJournalStore
+
+        if isinstance(store, SQLiteJournalStore):
+            store.read_only = True
     return store

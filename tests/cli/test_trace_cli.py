@@ -174,3 +174,49 @@ def test_choreograph_gateway_serves_a_gateway_object(tmp_path: Path, background:
     assert server.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
     server.cleanup()
     assert "Application shutdown complete" in "".join(server.lines)
+
+
+def recorded_journal(path: Path) -> None:
+    """A journal file written by the current code, holding transaction ``tx-ro``."""
+    from choreograph.journal import Journal
+    from choreograph.runtime.records import first_envelope
+
+    async def write() -> None:
+        journal = Journal(f"sqlite:///{path}")
+        try:
+            await journal.record([first_envelope(OrderPlaced(order_id="o-ro", amount=1), source="/gateway", id="tx-ro")])
+        finally:
+            await journal.close()
+
+    asyncio.run(write())
+
+
+def test_transactions_reads_a_journal_in_a_folder_the_user_can_only_read(tmp_path: Path) -> None:
+    """(Root ignores file modes: run as root, this test cannot tell a read-only open from another.)"""
+    folder = tmp_path / "prod"
+    folder.mkdir()
+    recorded_journal(folder / "journal.db")
+    (folder / "journal.db").chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        done = cli("transactions", "--journal", f"sqlite:///{folder / 'journal.db'}")
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert "tx-ro" in done.stdout
+
+
+def test_trace_refuses_an_older_journal_it_would_have_to_migrate_without_writing_it(tmp_path: Path) -> None:
+    import contextlib
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    recorded_journal(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:  # as a journal before the counting rule left it
+        db.execute("PRAGMA user_version = 0")
+        db.commit()
+    done = cli("trace", "tx-ro", "--journal", f"sqlite:///{path}")
+    assert done.returncode != 0
+    assert str(path) in done.stderr and "choreograph journal" in done.stderr and "migrate" in done.stderr
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (0,)

@@ -90,9 +90,9 @@ JournalOption = typer.Option(
 
 
 async def _query(url: str, fn: Any) -> Any:
-    from choreograph.journal import Journal
+    from choreograph.journal import Journal, open_journal_store
 
-    journal = Journal(url)
+    journal = Journal(open_journal_store(url, read_only=True))
     try:
         return await fn(journal)
     finally:

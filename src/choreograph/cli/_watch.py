@@ -50,7 +50,7 @@ def watch(
     from choreograph.cli._watch_view import Watcher, graph_of
 
     graph = graph_of(target) if target else None
-    store = open_journal_store(existing_journal_url(journal))
+    store = open_journal_store(existing_journal_url(journal), read_only=True)
     watcher = Watcher(store, graph, window, limit, json)
 
     async def main() -> None:
