@@ -2631,3 +2631,20 @@ async def test_a_rejection_after_failed_attempts_is_dead_lettered_while_the_inbo
     [letter] = await bus.dead_letters("late-reject-down")
     assert letter.record["reason"] == "rejected" and letter.record["attempts"] == 2
     assert letter.record["first_error"]["type"] == "Reject"
+
+
+async def test_a_worker_whose_start_fails_closes_the_join_store_it_opened(tmp_path: Any) -> None:
+    """A subscription refused after the joins were opened: the worker's own join store (in its
+    SQLite inbox file) is closed again, as stop() would, not left holding its connection."""
+    from choreograph.stores.joins_base import JoinKey
+    from choreograph.stores.sqlite import SQLiteStore
+
+    class Refusing(MemoryTransport):
+        async def subscribe(self, group: str, types: Collection[str] | None) -> Any:
+            raise ConnectionError("refused")
+
+    worker = Worker([_charging([])], Refusing(), store=SQLiteStore(f"sqlite:///{tmp_path / 'inbox.db'}"))
+    with pytest.raises(ConnectionError):
+        await worker.start()
+    with pytest.raises(RuntimeError, match="shutdown"):  # closed: its thread is gone with its connection
+        await worker.joins.get(JoinKey("payment", "join", "tx"))

@@ -160,9 +160,11 @@ class Worker:
         await self.store.open()
         self._store_opened = True
         started: list[_Runner] = []
+        joins_opened = False
         try:
             await self.outbox.start()
             await self.joins.open()
+            joins_opened = True
             for runner in self.runners:
                 await runner.start()
                 started.append(runner)
@@ -172,6 +174,8 @@ class Worker:
             # their databases open (and on SQLite the claim's lock, barring any other process).
             try:
                 await asyncio.gather(*(runner.stop(0.0) for runner in started), return_exceptions=True)
+                if joins_opened and self._owns_joins:  # as stop() does; its database connection too
+                    await self.joins.close()
                 await self.outbox.stop()
             except Exception as exc:
                 log.warning("could not undo a failed start cleanly: %s", exc)
