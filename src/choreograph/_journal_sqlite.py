@@ -94,7 +94,9 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
         except sqlite3.OperationalError:
             db.close()
             raise
-    except sqlite3.OperationalError:
+    except sqlite3.OperationalError as exc:
+        if "readonly" not in str(exc):  # its -shm cannot be made; anything else is an error
+            raise
         db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
     if _missing(db) != (set(), set()) or not _counted(db):
         db.close()
