@@ -254,6 +254,29 @@ async def test_connect_without_create_refuses_a_bus_the_server_lacks_creates_not
         await existing.close()
 
 
+async def test_connect_without_create_writes_no_stream_and_reads_a_missing_dead_letter_stream_as_empty() -> None:
+    """An inspection (``choreograph dlq``) of a bus whose _DLQ and _DEFER streams are gone
+    neither creates them nor fails: the bus holds no dead letters."""
+    from tests.cli.test_existing_bus_cli import nats_streams
+
+    url = bus_on(require_broker("nats"))
+    async with opened(url) as bus:
+        assert bus._nc is not None
+        for stream in (bus.dead_letter_stream, bus.deferral_stream):
+            reply = await bus._nc.request(f"$JS.API.STREAM.DELETE.{stream}", b"", timeout=5)
+            assert json.loads(reply.data).get("success") is True
+        inspecting = NatsTransport(url)
+        await inspecting.connect(create=False)
+        try:
+            assert await inspecting.dead_letters() == []
+            assert await inspecting.dead_letter("billing", "m1") is None
+            assert await inspecting.replay("billing", ["m1"]) == 0
+            assert await inspecting.purge("billing") == 0
+        finally:
+            await inspecting.close()
+        assert await nats_streams(url) == [bus.events_stream]
+
+
 # -- routing on subjects -----------------------------------------------------------------
 
 

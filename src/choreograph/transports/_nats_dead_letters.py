@@ -58,8 +58,11 @@ class _Entry:
 class DeadLetterStream:
     """The dead letters of the bus with ``prefix``; events go back via ``events_stream``."""
 
-    def __init__(self, js: JetStream, prefix: str, events_stream: str) -> None:
+    def __init__(self, js: JetStream, prefix: str, events_stream: str, *, exists: bool = True) -> None:
         self._js = js
+        # False: a bus opened without creating anything (connect(create=False)) whose
+        # dead-letter stream is not on the server; it holds no dead letters.
+        self._exists = exists
         self._prefix = prefix
         self._events_stream = events_stream
         self.name = f"{prefix}_DLQ"
@@ -165,15 +168,21 @@ class DeadLetterStream:
         return sorted(entries, key=lambda entry: entry.record_sequence)
 
     async def letters(self, group: str | None, limit: int) -> list[DeadLetter]:
+        if not self._exists:
+            return []
         return [entry.letter for entry in await self._scan(group, limit)]
 
     async def show(self, group: str, message_id: str) -> DeadLetter | None:
+        if not self._exists:
+            return None
         entries = await self._lookup(group, [message_id])
         return entries[0].letter if entries else None
 
     async def replay(self, group: str, message_ids: Collection[str] | None) -> int:
         """Republish, then delete. The replay's ``Nats-Msg-Id`` derives from the record's
         sequence, so a replay interrupted between the two steps and run again is stored once."""
+        if not self._exists:
+            return 0
         entries = (
             await self._scan(group, 2**62) if message_ids is None else await self._lookup(group, message_ids)
         )
@@ -221,6 +230,8 @@ class DeadLetterStream:
         return codec.message_subject(base, message.type), message.body, header_block(headers)
 
     async def purge(self, group: str, message_ids: Collection[str] | None) -> int:
+        if not self._exists:
+            return 0
         targets: list[str | None] = [None] if message_ids is None else list(message_ids)
         purged = 0
         for target in targets:

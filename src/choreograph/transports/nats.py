@@ -169,7 +169,9 @@ class NatsTransport(GroupBindings, Transport):
 
         ``create=False`` is for a bus that must exist already (``choreograph dlq``): if its
         events stream is not on the server (a mistyped ``prefix``) the connect raises
-        :class:`ConfigurationError` and creates nothing.
+        :class:`ConfigurationError` and creates nothing. It never writes a stream: a bus
+        whose dead-letter stream is missing then holds no dead letters, and its deferral
+        counts are not there for subscribing (an inspection does not subscribe).
         """
         async with self._connecting:
             if self._closed:
@@ -228,31 +230,42 @@ class NatsTransport(GroupBindings, Transport):
                 log.info("nats: this nats-py lacks the client internals choreograph's fast paths use; "
                          "publishing and receiving through its public API instead (slower)")
             await js.start()
-            if not create:
-                await self._check_exists(js)
-            events = await self._ensure_stream(js, self._events_config())
-            await self._ensure_stream(js, DeadLetterStream.config(self.prefix, self.replicas))
-            await self._ensure_stream(js, Deferrals.config(self.prefix, self.replicas))
+            if create:
+                events = await self._ensure_stream(js, self._events_config())
+                await self._ensure_stream(js, DeadLetterStream.config(self.prefix, self.replicas))
+                await self._ensure_stream(js, Deferrals.config(self.prefix, self.replicas))
+                letters_stored = True
+            else:  # an inspection writes nothing: no stream created, none brought to this URL
+                events = await self._check_exists(js)
+                letters_stored = await self._stream_info(js, self.dead_letter_stream) is not None
         except BaseException:
             await nc.close()
             raise
         self._nc, self._js = nc, js
-        self._letters = DeadLetterStream(js, self.prefix, self.events_stream)
+        self._letters = DeadLetterStream(js, self.prefix, self.events_stream, exists=letters_stored)
         # The events stream's creation time tells a count of its messages from one of an events
         # stream deleted since, whose sequences the new one hands out again.
         self._deferrals = Deferrals(js, self.prefix, str(events.get("created", "")))
 
-    async def _check_exists(self, js: JetStream) -> None:
+    async def _check_exists(self, js: JetStream) -> dict[str, Any]:
         """The bus is on the server: its events stream's info, a read that creates nothing."""
-        try:
-            await js.api(f"read stream {self.events_stream}", f"STREAM.INFO.{self.events_stream}")
-        except codec.JetStreamError as exc:
-            if exc.err_code != codec.ERR_STREAM_NOT_FOUND:
-                raise
+        info = await self._stream_info(js, self.events_stream)
+        if info is None:
             raise ConfigurationError(
                 f"no NATS bus with prefix {self.prefix!r} at broker URL {redact(self.url)!r}"
                 f" (no stream {self.events_stream} there)"
-            ) from None
+            )
+        return info
+
+    @staticmethod
+    async def _stream_info(js: JetStream, name: str) -> dict[str, Any] | None:
+        """The info of stream ``name``; None if the server has no such stream."""
+        try:
+            return await js.api(f"read stream {name}", f"STREAM.INFO.{name}")
+        except codec.JetStreamError as exc:
+            if exc.err_code != codec.ERR_STREAM_NOT_FOUND:
+                raise
+            return None
 
     async def close(self) -> None:
         self._closed = True
