@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -19,6 +20,7 @@ import aiormq.channel
 import aiormq.connection
 import aiormq.exceptions
 import orjson
+import pamqp.commands
 import pytest
 
 from choreograph import Context, Event, Publisher, Retry, Service, Worker
@@ -806,3 +808,74 @@ async def test_losing_and_regaining_the_broker_is_logged_by_the_transport(
     reasons = ("dropped by the test", "closed by the broker")
     assert lines() in ([("WARNING", f"amqp: lost the connection to {where} ({reason}); reconnecting"),
                         ("INFO", f"amqp: reconnected to {where}")] for reason in reasons)  # closing is not a loss
+
+
+class _WithoutMessageId(pamqp.commands.Basic.Properties):
+    """Properties that stay without ``message_id``: aiormq sets a random one on every publish
+    that lacks it, other clients do not."""
+
+    @property  # type: ignore[override]
+    def message_id(self) -> None:
+        return None
+
+    @message_id.setter
+    def message_id(self, value: str | None) -> None:
+        pass
+
+
+async def test_dead_letters_of_messages_published_without_an_id_get_a_stable_id_to_show_replay_and_purge(
+    bus_url: str,
+) -> None:
+    """An outside publisher's messages without ``message_id``: each dead letter gets the
+    CloudEvents ``id`` of its body, else ``sha256:<hex>`` of the body, on every read."""
+    cloud_event = orjson.dumps({"specversion": "1.0", "id": "ce-1", "type": "t", "source": "/x"})
+    opaque = b"not json"
+    async with opened(bus_url) as bus:
+        sub = await bus.subscribe("g", ["t"])
+        connection = await aio_pika.connect(bus._client_url)
+        try:
+            channel = await connection.channel()
+            for body in (cloud_event, opaque):
+                await (await channel.get_underlay_channel()).basic_publish(
+                    body, exchange=bus.names.exchange, routing_key="t", properties=_WithoutMessageId(message_type="t")
+                )
+        finally:
+            await connection.close()
+        for delivery in await fetch_all(sub, 2):
+            await delivery.dead_letter({"why": "test"})
+        hashed = "sha256:" + hashlib.sha256(opaque).hexdigest()
+        letters = await bus.dead_letters("g")
+        assert sorted(letter.message.id for letter in letters) == sorted(["ce-1", hashed])
+        assert sorted(letter.message.id for letter in await bus.dead_letters("g")) == ["ce-1", hashed]
+        shown = await bus.dead_letter("g", hashed)
+        assert shown is not None and shown.message.body == opaque
+        assert await bus.replay("g", [hashed]) == 1
+        (again,) = await fetch_all(sub, 1)
+        assert again.message.body == opaque
+        await again.ack()
+        assert await bus.purge("g", ["ce-1"]) == 1
+        assert await bus.dead_letters("g") == []
+
+
+async def test_a_dead_letter_stored_without_an_id_is_read_with_the_id_of_its_body(bus_url: str) -> None:
+    """A letter in the dead-letter queue without ``message_id`` (stored by a client that
+    mints none) is listed, shown and purged by ``sha256:<hex>`` of its original body."""
+    async with opened(bus_url) as bus:
+        await bus.subscribe("g", ["t"])
+        connection = await aio_pika.connect(bus._client_url)
+        try:
+            channel = await (await connection.channel()).get_underlay_channel()
+            for body in (b"first", b"second"):
+                await channel.basic_publish(
+                    b'{"why": "test"}\n' + body,
+                    routing_key=bus.names.dlq("g"),
+                    properties=_WithoutMessageId(message_type="t", delivery_mode=2),
+                )
+        finally:
+            await connection.close()
+        first, second = ("sha256:" + hashlib.sha256(body).hexdigest() for body in (b"first", b"second"))
+        assert sorted(letter.message.id for letter in await bus.dead_letters("g")) == sorted([first, second])
+        shown = await bus.dead_letter("g", second)
+        assert shown is not None and shown.message.body == b"second"
+        assert await bus.purge("g", [first]) == 1
+        assert [letter.message.id for letter in await bus.dead_letters("g")] == [second]

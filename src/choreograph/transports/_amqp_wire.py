@@ -21,6 +21,7 @@ body byte for byte (a record of any size fits; headers are limited by the frame 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -213,26 +214,52 @@ def dead_letter_message(record: Mapping[str, Any], raw: Raw) -> aio_pika.Message
         head = orjson.dumps({"record": repr(record)})
     return outgoing(
         head + b"\n" + raw.body,
-        raw.message_id or "",
+        letter_id(raw.message_id, raw.body),  # never none: aiormq would mint a random one
         raw.type or "",
         content_type=DEAD_LETTER_CONTENT_TYPE,
         headers={DEAD_AT_HEADER: int(time.time() * 1000)},  # ms: float headers travel as 32-bit
     )
 
 
-def read_dead_letter(group: str, raw: Raw) -> DeadLetter:
-    """The :class:`DeadLetter` stored in ``raw`` by :func:`dead_letter_message`."""
+def _split_dead_letter(raw: Raw) -> tuple[Any, bytes]:
+    """The record and the original body of a dead letter stored by :func:`dead_letter_message`."""
     head, _, body = raw.body.partition(b"\n")
     try:
-        record = orjson.loads(head)
+        return orjson.loads(head), body
     except orjson.JSONDecodeError:
-        record, body = {"reason": "unreadable dead-letter record"}, raw.body
+        return {"reason": "unreadable dead-letter record"}, raw.body
+
+
+def letter_id(message_id: str | None, body: bytes) -> str:
+    """The id a dead letter is listed, shown, replayed and purged by: its ``message_id``, or,
+    for a message published without one (by an outside publisher), the CloudEvents ``id``
+    of its body if that is a JSON object with a non-empty string ``id``, else
+    ``sha256:<hex>`` of the body - the same on every read, distinct per body."""
+    if message_id:
+        return message_id
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("id"), str) and document["id"]:
+        return str(document["id"])
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def dead_letter_id(raw: Raw) -> str:
+    """The id of the dead letter in ``raw`` (see :func:`letter_id`)."""
+    return letter_id(raw.message_id, _split_dead_letter(raw)[1])
+
+
+def read_dead_letter(group: str, raw: Raw) -> DeadLetter:
+    """The :class:`DeadLetter` stored in ``raw`` by :func:`dead_letter_message`."""
+    record, body = _split_dead_letter(raw)
     dead_at_ms = (raw.headers or {}).get(DEAD_AT_HEADER)
     if isinstance(dead_at_ms, int) and not isinstance(dead_at_ms, bool):
         dead_at = dead_at_ms / 1000
     else:
         dead_at = raw.timestamp.timestamp() if raw.timestamp is not None else 0.0
-    message = Message(raw.message_id or "", raw.type or "", body)
+    message = Message(letter_id(raw.message_id, body), raw.type or "", body)
     return DeadLetter(group, message, record if isinstance(record, dict) else {"record": record}, dead_at)
 
 

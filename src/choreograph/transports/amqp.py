@@ -91,6 +91,7 @@ from choreograph.transports._amqp_wire import (
     Names,
     Raw,
     check_binding_type,
+    dead_letter_id,
     outgoing,
     queue_arguments,
     read_dead_letter,
@@ -461,7 +462,7 @@ class AmqpTransport(Transport):
             latest: dict[str, tuple[float, int]] = {}  # message id -> (dead_at, index in raws)
             for n, raw in enumerate(raws):
                 at = (read_dead_letter(group, raw).dead_at, n)
-                message_id = raw.message_id or ""
+                message_id = dead_letter_id(raw)  # letters published without an id: one per body
                 latest[message_id] = max(latest.get(message_id, at), at)
             kept = {n for _, n in latest.values()}
             if len(kept) < len(raws):
@@ -486,14 +487,14 @@ class AmqpTransport(Transport):
     async def dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
         async with self._browsing(group, None) as raws:
             for raw in raws:
-                if raw.message_id == message_id:
+                if dead_letter_id(raw) == message_id:
                     return read_dead_letter(group, raw)
         return None
 
     async def replay(self, group: str, message_ids: Collection[str] | None = None) -> int:
         ids = None if message_ids is None else set(message_ids)
         async with self._browsing(group, None) as raws:
-            chosen = [raw for raw in raws if ids is None or raw.message_id in ids]
+            chosen = [raw for raw in raws if ids is None or dead_letter_id(raw) in ids]
             if chosen:
                 copies = []
                 for raw in chosen:
@@ -515,7 +516,7 @@ class AmqpTransport(Transport):
     async def purge(self, group: str, message_ids: Collection[str] | None = None) -> int:
         ids = None if message_ids is None else set(message_ids)
         async with self._browsing(group, None) as raws:
-            chosen = [raw for raw in raws if ids is None or raw.message_id in ids]
+            chosen = [raw for raw in raws if ids is None or dead_letter_id(raw) in ids]
             with translated(f"purge dead letters of {group!r}"):
                 for raw in chosen:
                     await raw.ack()
