@@ -333,6 +333,14 @@ class _Runner(Verdicts, Settling):
                 task = self.loop.create_task(coro)
         self.active[task] = delivery
         task.add_done_callback(self._finished)
+        if self.virtual_clock:
+            # Work from its creation on, not from its first step (_guarded): on 3.11 that step
+            # comes a loop turn after the fetch loop stopped counting as busy, and a busy() read
+            # in between let settled() or a Scenario jump the clock over the handler's work.
+            handling = getattr(self.worker.clock, "handling", None)  # a VirtualClock's: see its busy()
+            if handling is not None:  # until the task ends: its commit and its lane are work too
+                handling(task, True)
+                task.add_done_callback(functools.partial(handling, running=False))
 
     def _inline(self, call: _Call) -> BaseException | _Resumed | None:
         """Run a handler that cannot suspend (:func:`never_suspends`) to its end right here, in
@@ -579,10 +587,6 @@ class _Runner(Verdicts, Settling):
             task = asyncio.current_task()
             assert task is not None
             timer = self.loop.create_task(self._clock_timeout(task, delivery, call.handler.timeout))
-            handling = getattr(self.worker.clock, "handling", None)  # a VirtualClock's: see its busy()
-            if handling is not None:  # until the task ends: its commit and its lane are work too
-                handling(task, True)
-                task.add_done_callback(functools.partial(handling, running=False))
         try:
             result = await handler
         except asyncio.CancelledError:
