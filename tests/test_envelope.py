@@ -1083,6 +1083,71 @@ def test_a_temporal_config_that_writes_no_temporal_value_is_not_refused(unit: st
             open: list[Open]
 
 
+@pytest.mark.parametrize("config", [
+    {"ser_json_inf_nan": "constants"}, {"ser_json_inf_nan": "strings"}, {"ser_json_bytes": "base64"},
+    {"val_json_bytes": "hex"},
+])
+def test_an_inf_nan_or_bytes_config_that_writes_no_such_value_is_not_refused(config: dict[str, str]) -> None:
+    """A shared base config setting ``ser_json_inf_nan`` or ``ser_json_bytes`` refused every event
+    holding a model built on it, though pydantic writes (and reads) by it only that model's own
+    float or bytes fields (a model in it has its own config) and, for the event's config, values
+    typed at run time (``Any``). Where it writes none, the event is published and read back as
+    sent; where it may, it is still refused."""
+    import pydantic
+
+    from choreograph.errors import ConfigurationError
+    from choreograph.events import event_json
+
+    class Base(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(**config)
+
+    class Reading(pydantic.BaseModel):  # the default config: its float and bytes round-trip
+        value: float
+        raw: bytes
+
+    class Address(Base):
+        street: str
+        floor: int = 0
+        reading: Reading | None = None
+
+    class Moved(Event, type="test.lossy_config.harmless"):
+        address: Address
+
+    class Counted(Event, type="test.lossy_config.harmless-own"):
+        model_config = pydantic.ConfigDict(**config)
+        count: int
+        address: Address  # a float or bytes in it is written by Reading's config, not this one
+
+    moved = Moved(address=Address(street="1 Main St", reading=Reading(value=1.5, raw=b"\x00abc")))
+    counted = Counted(count=1, address=moved.address)
+    assert Moved.model_validate(orjson.loads(event_json(moved))) == moved
+    assert Counted.model_validate(orjson.loads(event_json(counted))) == counted
+
+    class Loose(Base):
+        note: Any = None
+
+    class Extra(Base):
+        model_config = pydantic.ConfigDict(extra="allow")
+
+    written = float | str if "ser_json_inf_nan" in config else bytes
+    for holds in (written, list[written] | None, Loose, Extra):  # type: ignore[valid-type]
+        with pytest.raises(ConfigurationError, match="a model in it, (sets ser_json_inf_nan|writes bytes)"):
+            class Holder(Base):
+                value: holds  # type: ignore[valid-type]
+
+            class Sent(Event, type="test.lossy_config.harmful"):
+                holder: Holder
+
+    class Open(pydantic.BaseModel):  # the default config, but an Any is written by the event's
+        note: Any = None
+
+    with pytest.raises(ConfigurationError, match="its config (sets ser_json_inf_nan|writes bytes)"):
+        class Noted(Event, type="test.lossy_config.inferred"):
+            model_config = pydantic.ConfigDict(**config)
+            address: Address
+            open: list[Open]
+
+
 def test_a_model_writing_inf_as_constants_is_refused_once_its_forward_reference_resolves() -> None:
     import pydantic
 

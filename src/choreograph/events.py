@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Callable
 from datetime import datetime, time, timedelta
 from typing import Any, ClassVar
 
@@ -175,9 +176,11 @@ def _refuse_lossy_config(cls: type[Event]) -> None:
       their base64 text, UTF-8 text read as base64 is decoded to other bytes;
     - ``ser_json_temporal`` other than ``"iso8601"`` (pydantic >= 2.12): datetimes, dates, times
       and durations written as numbers; a naive datetime or time is read back as UTC, an aware
-      one loses its offset, and with ``"milliseconds"`` a time is refused (over 86,399). Only
-      where the config is the one such a value is written by (:func:`_writes_temporal`): a
-      shared base config on a nested model without one is harmless.
+      one loses its offset, and with ``"milliseconds"`` a time is refused (over 86,399).
+
+    Each only where the config is the one such a value (a float, bytes, a date or time) is
+    written or read by (:func:`_writes_by_config`): a shared base config on a nested model
+    without one is harmless.
     """
     schema = cls.__pydantic_core_schema__
     definitions: dict[Any, Any] = {}
@@ -187,11 +190,12 @@ def _refuse_lossy_config(cls: type[Event]) -> None:
     while stack:
         node, parent = stack.pop()
         if isinstance(node, dict):
-            temporal = node.get("ser_json_temporal")
             holder = parent if isinstance(parent, dict) and parent.get("config") is node else None
-            matters = not (isinstance(temporal, str) and temporal != "iso8601") or holder is None or (
-                _writes_temporal(holder, holder.get("cls") is cls, definitions))
-            problem = _config_problem(node, temporal=matters)
+
+            def writes(kind: Callable[[dict[str, Any]], bool], holder: Any = holder) -> bool:
+                return holder is None or _writes_by_config(holder, holder.get("cls") is cls, definitions, kind)
+
+            problem = _config_problem(node, writes)
             if problem is not None:
                 owner = node.get("title")
                 which = "its config" if owner in (None, cls.__name__) else f"{owner}, a model in it,"
@@ -203,22 +207,41 @@ def _refuse_lossy_config(cls: type[Event]) -> None:
             stack.extend((value, parent) for value in node)
 
 
-#: Core schema types pydantic writes by a config's ``ser_json_temporal``: the owner's (the model,
-#: dataclass or TypedDict whose config it is) typed fields ...
+#: What pydantic writes (or reads) by a config's ``ser_json_temporal``, ``ser_json_inf_nan`` and
+#: ``ser_json_bytes``/``val_json_bytes``, of the owner's (the model, dataclass or TypedDict whose
+#: config it is) typed fields: a core schema part of these types ...
 _TEMPORAL = frozenset({"datetime", "date", "time", "timedelta"})
+
+
+def _temporal_part(node: dict[str, Any]) -> bool:
+    return node.get("type") in _TEMPORAL
+
+
+def _float_part(node: dict[str, Any]) -> bool:  # a Decimal or complex is written as a string either way
+    return node.get("type") == "float"
+
+
+def _bytes_part(node: dict[str, Any]) -> bool:
+    kind = node.get("type")
+    return kind == "bytes" or (kind == "literal" and any(isinstance(v, bytes) for v in node.get("expected", ())))
+
+
 #: ... and values whose type is known only at run time, written by the config of the model
 #: serialised (the event's), wherever they sit: an ``Any`` holding a datetime, a serializer
 #: function returning one, an extra field.
 _INFERRED = frozenset({"any", "function-plain", "function-wrap", "is-instance"})
 
 
-def _writes_temporal(owner: dict[str, Any], is_event: bool, definitions: dict[Any, Any]) -> bool:
+def _writes_by_config(
+    owner: dict[str, Any], is_event: bool, definitions: dict[Any, Any], typed: Callable[[dict[str, Any]], bool]
+) -> bool:
     """Whether ``owner``, a core schema part with a ``config`` (model, dataclass, TypedDict), may
-    write a datetime, date, time or duration by that config: a temporal type among its own parts
-    (not those of a model in it, which has a config of its own) or a part of unknown type. The
-    event's config (``is_event``) also writes the parts of unknown type of every model in it
-    (pydantic infers them by the config of the model serialised); a nested model's is counted
-    for its own ones too, in case a pydantic version infers by the nearest config."""
+    write a value of a kind ``typed`` recognises (a datetime, a float, bytes) by that config: such
+    a part among its own (not those of a model in it, which has a config of its own) or a part of
+    unknown type. The event's config (``is_event``) also writes the parts of unknown type of
+    every model in it (pydantic infers them by the config of the model serialised); a nested
+    model's is counted for its own ones too, in case a pydantic version infers by the nearest
+    config."""
     if owner["config"].get("extra_fields_behavior") == "allow":  # extra values: typed at run time
         return True
     stack: list[tuple[Any, bool]] = [(owner, True)]  # a part, and whether it is the owner's own
@@ -234,7 +257,7 @@ def _writes_temporal(owner: dict[str, Any], is_event: bool, definitions: dict[An
                     continue
                 own = False
             kind = node.get("type")
-            if isinstance(kind, str) and ((own and kind in _TEMPORAL) or kind in _INFERRED):
+            if isinstance(kind, str) and ((own and typed(node)) or kind in _INFERRED):
                 return True
             if node.get("extra_fields_behavior") == "allow":  # extra values: typed at run time
                 return True
@@ -246,22 +269,23 @@ def _writes_temporal(owner: dict[str, Any], is_event: bool, definitions: dict[An
     return False
 
 
-def _config_problem(node: dict[str, Any], *, temporal: bool = True) -> str | None:
-    """What makes ``node``, a model's config in its core schema (or any other part of it), lossy
-    (its ``ser_json_temporal`` only if ``temporal``: see :func:`_writes_temporal`)."""
+def _config_problem(node: dict[str, Any], writes: Callable[[Callable[[dict[str, Any]], bool]], bool]) -> str | None:
+    """What makes ``node``, a model's config in its core schema (or any other part of it), lossy:
+    a setting counts only if ``writes`` says the config writes (or reads) a value it changes
+    (see :func:`_writes_by_config`)."""
     mode = node.get("ser_json_inf_nan")  # a config's, or (a field of that name) a schema
-    if isinstance(mode, str) and mode != "null":
+    if isinstance(mode, str) and mode != "null" and writes(_float_part):
         return (f"sets ser_json_inf_nan={mode!r}, which consumers cannot read back as the value sent "
                 f"({_INF_NAN_MODES.get(mode, 'not JSON')}); leave the default: an event holding inf or nan "
                 f"is then refused where it is emitted")
     unit = node.get("ser_json_temporal")  # pydantic >= 2.12
-    if temporal and isinstance(unit, str) and unit != "iso8601":
+    if isinstance(unit, str) and unit != "iso8601" and writes(_temporal_part):
         return (f"sets ser_json_temporal={unit!r}, which consumers cannot read back as the value sent "
                 f"(a naive datetime or time is read back as UTC, a UTC offset is lost"
                 f"{', a time is refused: its milliseconds exceed 86,399' if unit == 'milliseconds' else ''}); "
                 f"leave the default, 'iso8601'")
     written, read = node.get("ser_json_bytes", "utf8"), node.get("val_json_bytes", "utf8")
-    if isinstance(written, str) and isinstance(read, str) and written != read:
+    if isinstance(written, str) and isinstance(read, str) and written != read and writes(_bytes_part):
         return (f"writes bytes as {written} (ser_json_bytes) but reads them as {read} (val_json_bytes): "
                 f"consumers would read other bytes than were sent; set both to the same encoding")
     return None
