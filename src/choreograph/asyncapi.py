@@ -17,7 +17,9 @@ How choreograph maps onto AsyncAPI, and why:
   they travel beside ``data`` in one structured-mode JSON object, on HTTP push as
   ``ce-*`` headers (binary mode); the attributes are the same either way.
 * **Operations per service**: ``receive`` for what it subscribes to, ``send`` for what
-  it declares it emits. ``choreograph.failed`` (published by the runtime of a service
+  it declares it emits. The push subscribers of a graph built with ``push=`` (the CLI's
+  ``--push CONFIG``) have theirs too: they consume from the bus like a service (the push
+  ambassador delivers to them over HTTP and publishes what they answer with). ``choreograph.failed`` (published by the runtime of a service
   that gives up on an event: any handler can, an ``on_failure`` handler or a compensation
   too, so every service sends it) and ``choreograph.timedout`` (published by the journal)
   appear when the flow uses them.
@@ -178,15 +180,20 @@ def asyncapi_document(
         }
 
     for step in graph.steps:
-        handler = f"{step.service}.{step.handler}"
-        where = f" where {step.where}" if step.where else ""  # its CESQL filter
+        pushed = graph.push.get(step.service) if step.role == "push" else None
+        # A push subscriber (its group) is delivered to over HTTP by the push ambassador, which
+        # publishes what it answers with, and choreograph.failed when it gives up.
+        handler = f"{step.service}.{step.handler}" if pushed is None else f"push subscriber {step.service}"
+        over = "" if pushed is None else f" over HTTP ({pushed.host})"
+        runtime = "the runtime" if pushed is None else "the push ambassador"
+        where = f" where {step.where}" if step.where else ""  # its CESQL filter (a subscription's filters)
         if step.via == "failure":
-            operation(step.service, "receive", FAILED, f"{handler} handles failures of {step.trigger}{where}")
+            operation(step.service, "receive", FAILED, f"{handler} handles failures of {step.trigger}{over}{where}")
         else:
-            operation(step.service, "receive", step.trigger, f"{handler} receives {step.trigger}{where}")
+            operation(step.service, "receive", step.trigger, f"{handler} receives {step.trigger}{over}{where}")
         # Every handler can give up (an on_failure handler, a compensation too), and then its
         # service's runtime publishes choreograph.failed.
-        operation(step.service, "send", FAILED, f"the runtime announces that {step.service} gave up on an event")
+        operation(step.service, "send", FAILED, f"{runtime} announces that {step.service} gave up on an event")
         for out in step.emits:
             operation(step.service, "send", out, f"{handler} may emit {out}")
 

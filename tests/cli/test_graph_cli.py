@@ -18,6 +18,7 @@ from examples.chain import app as chain
 from typer.testing import CliRunner
 
 from choreograph import App, Event, Service
+from choreograph._push_config import load_config
 from choreograph.asyncapi import asyncapi_document
 from choreograph.cli import app as cli_app
 from choreograph.flow import build
@@ -257,6 +258,31 @@ def test_asyncapi_writes_a_file_with_title_and_version(tmp_path: Path) -> None:
     doc = json.loads(target.read_text())
     assert code == 0
     assert (doc["asyncapi"], doc["info"]["title"], doc["info"]["version"]) == ("3.0.0", "Oracle", "0.3.0")
+
+
+ASYNCAPI_SCHEMA = Path("/work/shared/conformance/asyncapi-spec-json-schemas/schemas/3.0.0-without-$id.json")
+
+
+@pytest.mark.skipif(not ASYNCAPI_SCHEMA.exists(), reason=f"conformance data missing: {ASYNCAPI_SCHEMA}")
+def test_asyncapi_takes_push_configs_and_documents_each_subscriber_as_a_receiver(tmp_path: Path) -> None:
+    """``graph`` and ``lint`` counted a push subscriber as a consumer, ``asyncapi`` had no ``--push``:
+    a type only an HTTP subscriber receives was documented as received by nobody."""
+    import jsonschema
+
+    hook = push_config(tmp_path, ECHO_HOOK + 'emits = ["test.cli.graph.asked"]\n')
+    code, out, _ = run("asyncapi", f"{HERE}:warned", "--push", hook)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc == asyncapi_document(build(warned, push=load_config(Path(hook), credentials=False).subscriptions))
+    assert "Received by: echo-hook." in doc["channels"]["test.cli.graph.echoed"]["description"]
+    received = doc["operations"]["echo-hook.receive.test.cli.graph.echoed"]
+    assert received["action"] == "receive" and received["tags"] == [{"name": "echo-hook"}]
+    assert received["summary"] == (
+        "push subscriber echo-hook receives test.cli.graph.echoed over HTTP (hooks.example) where subject LIKE 'eu-%'"
+    )
+    assert doc["operations"]["echo-hook.send.test.cli.graph.asked"]["action"] == "send"
+    schema = json.loads(ASYNCAPI_SCHEMA.read_text())
+    assert [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(doc)] == []
 
 
 # --- bad input ------------------------------------------------------------------------------------

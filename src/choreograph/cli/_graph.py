@@ -2,9 +2,10 @@
 
 All three load ``MODULE:ATTR`` (an App, a Service or a list of Services) and never touch
 a broker. Renderings go to stdout as plain text (never through Rich, whose markup would
-eat ``[...]`` in event types) or to ``--output FILE``. ``graph`` and ``lint`` also take
-``--push CONFIG`` (repeatable): the push subscriptions of ``choreograph push --config``
-files join the flow as consumers (read without their secrets: none need to be set).
+eat ``[...]`` in event types) or to ``--output FILE``. All three also take ``--push CONFIG``
+(repeatable): the push subscriptions of ``choreograph push --config`` files join the flow as
+consumers (read without their secrets: none need to be set); in the AsyncAPI document each
+receives its types and sends what it declares it emits.
 """
 
 from __future__ import annotations
@@ -143,11 +144,13 @@ def asyncapi(
     output: Output = None,
     version: Annotated[str, typer.Option("--version", help="info.version of the document")] = "1.0.0",
     title: Annotated[str | None, typer.Option("--title", help="info.title (default: the App's name)")] = None,
+    push: PushConfigs = None,
 ) -> None:
-    """Write one AsyncAPI 3.0 document (JSON) for the app: a channel per event type, operations per service."""
+    """Write one AsyncAPI 3.0 document (JSON) for the app: a channel per event type, operations per
+    service and per push subscriber (--push)."""
     from choreograph.asyncapi import asyncapi_document
 
-    doc = asyncapi_document(_graph_of(target), version=version, title=title)
+    doc = asyncapi_document(_graph_of(target, push), version=version, title=title)
     _emit(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), output)
 
 
