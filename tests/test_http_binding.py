@@ -409,6 +409,44 @@ def test_a_batch_round_trips_and_names_the_bad_item() -> None:
         decode_http(headers, body)
 
 
+BASE = {"specversion": "1.0", "id": "b1", "source": "/s", "type": "t"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"data_base64": "!!"}, "data_base64: not valid base64"),
+        ({"data_base64": "AAE"}, "data_base64: not valid base64"),
+        ({"data_base64": 12}, "data_base64: expected a base64 string, got int"),
+        ({"data_base64": "AAE=", "data": {"a": 1}}, "data_base64: an event carries data or data_base64, not both"),
+    ],
+    ids=["not-base64", "bad-padding", "not-a-string", "with-data"],
+)
+async def test_a_structured_or_batch_event_with_unreadable_data_base64_is_refused_naming_it(
+    extra: dict[str, Any], reason: str
+) -> None:
+    """The JSON format has binary data as one base64 string that the reader MUST decode, and ``data``
+    and ``data_base64`` mutually exclusive. Such an event was accepted (a receiver answered 204,
+    or a typed one 422 "$: Input should be a valid dictionary") and failed only where it was
+    pushed on in binary mode; it is malformed, a 400 naming ``data_base64``."""
+    event = orjson.dumps({**BASE, **extra})
+    with pytest.raises(MalformedEnvelope, match=re.escape(reason)):
+        decode_http({"content-type": "application/cloudevents+json"}, event)
+    with pytest.raises(MalformedEnvelope, match=re.escape(f"$[1].{reason}")):
+        decode_http_batch({"content-type": "application/cloudevents-batch+json"}, b"[" + orjson.dumps(BASE) + b"," + event + b"]")
+    handled: list[Envelope] = []
+
+    async def handle(envelope: Envelope) -> None:
+        handled.append(envelope)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=receiver(handle)), base_url="http://r") as client:
+        answer = await client.post("/", content=event, headers={"content-type": "application/cloudevents+json"})
+    assert (answer.status_code, handled) == (400, [])
+    assert answer.json()["error"].startswith(reason)
+    assert decode_http({"content-type": "application/cloudevents+json"}, orjson.dumps({**BASE, "data_base64": "AAE="}))
+    assert decode(orjson.dumps({**BASE, "data_base64": None})).extensions == {}  # null: absent
+
+
 @pytest.mark.parametrize(
     ("headers", "body", "message"),
     [

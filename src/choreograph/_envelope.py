@@ -12,6 +12,8 @@ crash harmless downstream (the consumer's inbox drops the duplicate).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import re
@@ -350,7 +352,10 @@ def _from_dict_checked(obj: Any) -> Envelope:
                 event_id=_id_of(obj),
             )
         extensions[key] = value
-    if "data_base64" in obj:
+    if obj.get("data_base64") is not None:  # null: absent, as for any optional attribute
+        problem = _data_base64_problem(obj["data_base64"], obj.get("data"))
+        if problem is not None:
+            raise MalformedEnvelope(f"data_base64: {problem}", event_id=_id_of(obj))
         extensions["data_base64"] = obj["data_base64"]
     return Envelope(
         id=_require_str(obj, "id"),  # type: ignore[arg-type]
@@ -370,6 +375,22 @@ def _from_dict_checked(obj: Any) -> Envelope:
         deadline=_require_str(obj, "deadline", optional=True),
         extensions=extensions,
     )
+
+
+def _data_base64_problem(value: Any, data: Any) -> str | None:
+    """Why ``value`` cannot be an event's ``data_base64`` beside its ``data``, or ``None``. The JSON
+    format (3.1) has binary data as a base64 JSON string, which the reader MUST decode, and the
+    two members mutually exclusive: one whose bytes cannot be told, or two payloads, is
+    malformed (it was carried, and failed only where pushed, or reached a handler as is)."""
+    if not isinstance(value, str):
+        return f"expected a base64 string, got {type(value).__name__}"
+    if data is not None:
+        return "an event carries data or data_base64, not both (CloudEvents JSON format 3.1)"
+    try:
+        base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        return f"not valid base64 ({exc})"
+    return None
 
 
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
