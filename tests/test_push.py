@@ -789,6 +789,27 @@ async def test_the_receiver_answers_outcomes_with_the_statuses_the_ambassador_un
     assert handshake.headers["webhook-allowed-origin"] == ORIGIN
 
 
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        ("not a secret!", "receiver: secret: webhook secret: expected 'whsec_' followed by base64"),
+        ("whsec_", "receiver: secret: webhook secret: the key is empty"),
+        ([SECRET, "whsec_%%"], "receiver: secret[1]: webhook secret: expected 'whsec_' followed by base64"),
+        ([], "receiver: secret is an empty list"),
+    ],
+)
+def test_a_receiver_secret_no_signature_can_be_checked_with_is_refused_where_it_is_made(
+    secret: str | list[str], message: str
+) -> None:
+    """The key was read only when a delivery was verified: every delivery answered 500, which the
+    ambassador retries until it dead-letters the event (an empty list: every delivery 401)."""
+
+    async def handle(envelope: Envelope) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        receiver(handle, secret=secret)
+
+
 BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce-type", Assigned.event_type()),
           ("content-type", "application/json")]
 

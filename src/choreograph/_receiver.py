@@ -58,9 +58,10 @@ from choreograph._webhook import (
     REQUEST_ORIGIN,
     REQUEST_RATE,
     SignatureError,
+    secret_key,
     verify,
 )
-from choreograph.errors import MalformedEnvelope, Reject, Retry
+from choreograph.errors import ConfigurationError, MalformedEnvelope, Reject, Retry
 from choreograph.events import Event, event_json, format_validation_error
 
 log = logging.getLogger("choreograph.push.receiver")
@@ -155,6 +156,25 @@ def _as_envelopes(result: Any, cause: Envelope, source: str) -> list[Envelope]:
     return out
 
 
+def _check_secrets(secret: str | Sequence[str] | None) -> None:
+    """:class:`~choreograph.errors.ConfigurationError` for a ``secret`` no signature can be checked
+    with: one that is not ``whsec_`` and base64 (every delivery was a 500 its sender retried, as
+    verifying read the key only then), or an empty list (every delivery a 401). Any key length
+    is taken: a receiver verifies with whatever its sender chose."""
+    if secret is None:
+        return
+    secrets = [secret] if isinstance(secret, str) else list(secret)
+    if not secrets:
+        raise ConfigurationError("receiver: secret is an empty list; give at least one, or None to "
+                                 "disable signature checks")
+    for index, one in enumerate(secrets):
+        try:
+            secret_key(one)
+        except ConfigurationError as exc:
+            where = "" if isinstance(secret, str) else f"[{index}]"
+            raise ConfigurationError(f"receiver: secret{where}: {exc}") from None
+
+
 def receiver(
     handler: ReceiverHandler,
     *,
@@ -172,9 +192,11 @@ def receiver(
     ``handler`` receives the payload parsed into ``event`` (a choreograph Event class),
     or the :class:`~choreograph.Envelope` when ``event`` is ``None``; if it takes a
     second positional parameter it also receives the envelope. ``secret=None``
-    disables signature checks (only for trusted networks). A body over ``max_body``
+    disables signature checks (only for trusted networks); a secret that is not one
+    (``whsec_`` and base64), or an empty list, is a :class:`~choreograph.errors.ConfigurationError` here. A body over ``max_body``
     bytes is answered 413, whether its Content-Length says so or it arrives chunked.
     """
+    _check_secrets(secret)
     with_envelope = _takes_envelope(handler)
     allow_any = "*" in allowed_origins
 
