@@ -23,7 +23,7 @@ import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
-from choreograph import Event, decode
+from choreograph import Envelope, Event, decode
 from choreograph._gateway_idempotency import IdempotencyStore, open_idempotency_store
 from choreograph._journal_model import format_time
 from choreograph.errors import ConfigurationError, TransportError
@@ -764,6 +764,38 @@ async def test_a_content_length_that_is_not_ascii_digits_is_400() -> None:
     with pytest.raises(Problem) as caught:
         await read_body(request, 1024)
     assert caught.value.status == 400
+
+
+async def test_a_content_length_of_thousands_of_digits_is_413_not_500(bus: SpyBus, clock: VirtualClock) -> None:
+    """``int()`` refuses a string of over 4,300 digits: a ValueError, answered 500 by the gateway and
+    ``receiver()`` (and raised by ``read_event()``), where any other length over ``max_body`` is a 413."""
+    from choreograph.push import receiver
+
+    async def handle(envelope: Envelope) -> None: ...
+
+    declared = "9" * 5000
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, clock=clock, max_body=1024)
+    ce = [(b"ce-specversion", b"1.0"), (b"ce-id", b"1"), (b"ce-source", b"/s"), (b"ce-type", b"t")]
+    for app, path, more in ((gw.asgi(), "/orders", []), (receiver(handle, max_body=1024), "/", ce)):
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "server": ("gw", 80), "client": ("c", 1),
+                 "headers": [(b"content-type", b"application/json"), *more, (b"content-length", declared.encode())]}
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        assert status == 413, body
+        assert b"a 5000-digit number of bytes exceeds the limit of 1024 bytes" in body
+    await gw.close()
+    assert bus.published == []
 
 
 # -- the rest of HTTP --------------------------------------------------------------------
