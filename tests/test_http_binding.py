@@ -409,6 +409,31 @@ def test_a_batch_round_trips_and_names_the_bad_item() -> None:
         decode_http(headers, body)
 
 
+@pytest.mark.parametrize("raw", [b"123", b"hello", b'{"a": 1}', b"\x00\xff"])
+async def test_binary_data_without_a_datacontenttype_is_pushed_as_octet_stream_and_read_back_as_bytes(raw: bytes) -> None:
+    """An event carrying ``data_base64`` and no ``datacontenttype`` (an outside producer's, on the
+    bus) was POSTed in binary mode without a Content-Type: the receiver, left to guess, read the
+    bytes ``b"123"`` as the number 123 and ``b"hello"`` as a string. Sent as
+    ``application/octet-stream``, they arrive as the same bytes."""
+    envelope = Envelope(id="1", source="/s", type="t", datacontenttype=None,
+                        extensions={"data_base64": base64.b64encode(raw).decode()})
+    headers, body = to_binary(envelope)
+    assert (headers["content-type"], body) == ("application/octet-stream", raw)
+    back = decode_http(headers, body)
+    assert (back.data, back.extensions) == (None, {"data_base64": envelope.extensions["data_base64"]})
+    handled: list[Envelope] = []
+
+    async def handle(received: Envelope) -> None:
+        handled.append(received)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=receiver(handle)), base_url="http://r") as client:
+        answer = await client.post("/", content=body, headers=headers)
+    assert answer.status_code == 204
+    assert [base64.b64decode(str(e.extensions["data_base64"])) for e in handled] == [raw]
+    assert to_binary(Envelope(id="2", source="/s", type="t", datacontenttype=None, data={"a": 1}))[0][
+        "content-type"] == "application/json"  # data: JSON, as before
+
+
 BASE = {"specversion": "1.0", "id": "b1", "source": "/s", "type": "t"}
 
 

@@ -5,8 +5,8 @@ Three content modes (CloudEvents HTTP binding §3), chosen by the sender:
 * **binary**: every attribute in a ``ce-<name>`` header (values percent-encoded as
   §3.1.3.2 requires, and read back as it has a receiver read them: double-quoted strings
   unescaped first, as older senders quote), ``datacontenttype`` as ``Content-Type``
-  (``application/json`` when absent, as the JSON format implies), the data alone as the
-  body. What most receivers want: the body is the business payload. Extension values
+  (when absent, ``application/json`` as the JSON format implies, or
+  ``application/octet-stream`` for ``data_base64`` bytes), the data alone as the body. What most receivers want: the body is the business payload. Extension values
   arrive as strings.
 * **structured**: the whole event as ``application/cloudevents+json`` (the bytes that
   travel on the bus, unchanged).
@@ -42,6 +42,8 @@ MODES: tuple[Mode, ...] = ("binary", "structured")
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
+#: What binary-mode data without a datacontenttype is sent as (RFC 2046: bytes of no known type).
+OCTET_STREAM = "application/octet-stream"
 HEADER_PREFIX = "ce-"
 
 #: Printable ASCII minus space, '"' and '%': what a ce- header value may carry unencoded.
@@ -141,10 +143,11 @@ def to_binary(envelope: Envelope) -> tuple[Headers, bytes]:
     body = _data_bytes(envelope)
     if envelope.datacontenttype is not None:
         headers["content-type"] = envelope.datacontenttype
-    elif body and "data_base64" not in envelope.extensions:
-        # On the bus (JSON format) an absent datacontenttype means JSON; in binary mode the
-        # body stands alone, so say it, or the receiver cannot know.
-        headers["content-type"] = "application/json"
+    elif body:
+        # On the bus (JSON format) an absent datacontenttype means JSON, and data_base64 bytes;
+        # in binary mode the body stands alone, so say which, or the receiver cannot know (the
+        # bytes b"123" were read back as the number 123, b"hi" as the string "hi").
+        headers["content-type"] = OCTET_STREAM if "data_base64" in envelope.extensions else "application/json"
     _trace_headers(envelope, headers)
     return headers, body
 
