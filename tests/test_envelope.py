@@ -305,6 +305,18 @@ def test_hops_sent_as_a_string_of_digits_is_read_as_an_integer() -> None:
     assert decode(b'{"specversion":"1.0","id":"1","source":"/s","type":"t","hops":"7"}').hops == 7
 
 
+@pytest.mark.parametrize("digits", [20, 5000])
+def test_hops_as_a_string_of_too_many_digits_is_malformed_not_a_value_error(digits: int) -> None:
+    """``int()`` refuses a string of over 4,300 digits: a ValueError, which no consumer handles as a
+    malformed envelope (it dead-letters only MalformedEnvelope) and a receiver answered 500."""
+    body = orjson.dumps({"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "hops": "9" * digits})
+    with pytest.raises(MalformedEnvelope, match=f"^hops: expected a non-negative 64-bit integer, got a string of "
+                                                 f"{digits} digits"):
+        decode(body)
+    padded = b'{"specversion":"1.0","id":"1","source":"/s","type":"t","hops":"' + b"0" * 30 + b'7"}'
+    assert decode(padded).hops == 7  # leading zeros are no count
+
+
 def test_binary_data_is_carried_as_data_base64_untouched() -> None:
     env = decode(b'{"specversion":"1.0","id":"1","source":"/s","type":"t","data_base64":"AAE="}')
     assert env.data is None

@@ -434,6 +434,21 @@ async def test_binary_data_without_a_datacontenttype_is_pushed_as_octet_stream_a
         "content-type"] == "application/json"  # data: JSON, as before
 
 
+async def test_a_ce_hops_header_of_thousands_of_digits_is_a_400_naming_hops() -> None:
+    """Extensions arrive as strings in binary mode; ``int()`` refused one of over 4,300 digits with a
+    ValueError, which ``receiver()`` answered 500 (retried by a sender) rather than 400."""
+    handled: list[Envelope] = []
+
+    async def handle(envelope: Envelope) -> None:
+        handled.append(envelope)
+
+    headers = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t", "ce-hops": "9" * 5000}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=receiver(handle)), base_url="http://r") as client:
+        answer = await client.post("/", content=b"", headers=headers)
+    assert (answer.status_code, handled) == (400, [])
+    assert answer.json()["error"].startswith("hops: expected a non-negative 64-bit integer, got a string of 5000 digits")
+
+
 BASE = {"specversion": "1.0", "id": "b1", "source": "/s", "type": "t"}
 
 

@@ -335,6 +335,11 @@ def _from_dict_checked(obj: Any) -> Envelope:
         raise MalformedEnvelope(f"specversion: unsupported version {spec!r} (expected '1.0')", event_id=_id_of(obj))
     hops = obj.get("hops", 0)
     if isinstance(hops, str) and hops.isascii() and hops.isdigit():  # may arrive as a string (HTTP binary mode)
+        # int() refuses over 4,300 digits (a ValueError: no MalformedEnvelope, the consumer's
+        # loop or a receiver's 500); over 19 is past any count of hops a 64-bit integer holds
+        if len(hops.lstrip("0")) > 19:
+            raise MalformedEnvelope(f"hops: expected a non-negative 64-bit integer, got a string of "
+                                    f"{len(hops)} digits", event_id=_id_of(obj))
         hops = int(hops)
     if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
         raise MalformedEnvelope(f"hops: expected a non-negative integer, got {hops!r}", event_id=_id_of(obj))
