@@ -750,6 +750,23 @@ async def test_a_limit_that_is_not_ascii_digits_is_422_not_500(bus: SpyBus, cloc
     assert response.json()["errors"][0]["path"] == "$.limit"
 
 
+@pytest.mark.parametrize(("limit", "status"), [("9" * 5000, 422), ("0", 422), ("000", 422), ("0" * 40 + "7", 200),
+                                               ("1000", 200), ("01001", 422)])
+async def test_a_limit_of_thousands_of_digits_is_422_not_500(
+    bus: SpyBus, clock: VirtualClock, limit: str, status: int
+) -> None:
+    """``int()`` refuses a string of over 4,300 digits: a ValueError, a 500, where every other
+    limit out of 1..1000 is a 422 (leading zeros are read past)."""
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal="memory://", clock=clock)
+    async with client_for(gw) as client:
+        response = await client.get("/transactions", params={"limit": limit})
+    await gw.close()
+    assert response.status_code == status, response.text
+    if status == 422:
+        assert response.json()["errors"][0]["path"] == "$.limit"
+        assert len(response.json()["detail"]) < 200
+
+
 async def test_a_content_length_that_is_not_ascii_digits_is_400() -> None:
     """What an ASGI server that does not check Content-Length itself hands over ("²".isdigit() is true)."""
     from starlette.requests import Request

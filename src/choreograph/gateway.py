@@ -440,9 +440,11 @@ class Gateway:
             raise Problem(422, f"status {status!r}: expected one of {', '.join(STATUSES)}",
                           errors=[{"path": "$.status", "reason": "unknown status", "type": "enum"}])
         raw_limit = request.query_params.get("limit", "100")
-        limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() else 0  # "²".isdigit()
+        digits = raw_limit.lstrip("0")  # "²".isdigit(); and int() refuses over 4,300 digits (a ValueError)
+        limit = int(digits or "0") if raw_limit.isascii() and raw_limit.isdigit() and len(digits) <= 4 else 0
         if not 1 <= limit <= 1000:
-            raise Problem(422, f"limit {raw_limit!r}: expected an integer from 1 to 1000",
+            shown = raw_limit if len(raw_limit) <= 40 else f"{raw_limit[:20]}... ({len(raw_limit)} characters)"
+            raise Problem(422, f"limit {shown!r}: expected an integer from 1 to 1000",
                           errors=[{"path": "$.limit", "reason": "out of range", "type": "range"}])
         try:
             found = await self.journal.transactions(status=_status(status), limit=limit)
