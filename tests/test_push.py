@@ -737,6 +737,25 @@ async def test_a_python_subscriber_in_ten_lines(bus: MemoryTransport) -> None:
     assert output.causationid == "e-1"
 
 
+async def test_an_event_id_beyond_ascii_is_pushed_signed_its_webhook_id_percent_encoded(bus: MemoryTransport) -> None:
+    """An id of an outside producer's (``commande-é``) went raw into ``webhook-id``, a header value
+    httpx refuses to send (UnicodeEncodeError): the push failed as an internal error on every
+    attempt. The header carries it percent-encoded as UTF-8, and signed as sent, so it verifies."""
+    received: list[Envelope] = []
+
+    async def handle(envelope: Envelope) -> None:
+        received.append(envelope)
+
+    sent = signature_headers(SECRET, "commande-é", b"{}", timestamp=1)
+    assert sent["webhook-id"] == "commande-%C3%A9"
+    verify(sent, b"{}", SECRET, now=1)
+    async with serve(receiver(handle, secret=SECRET)) as base, pushing(bus, subscription(base + "/")):
+        await publish(bus, "commande-é")
+        await settled(bus)
+    assert [envelope.id for envelope in received] == ["commande-é"]
+    assert await bus.dead_letters(GROUP) == []
+
+
 async def test_the_receiver_refuses_a_forged_signature_with_401() -> None:
     """A request signed with another secret, or not at all, never reaches the handler."""
     calls: list[Envelope] = []

@@ -2,8 +2,8 @@
 
 **Signing** (https://www.standardwebhooks.com): every push request carries
 
-* ``webhook-id``: the event id; the same on every retry, so it is the receiver's
-  idempotency key;
+* ``webhook-id``: the event id (beyond printable ASCII percent-encoded, :func:`wire_id`); the
+  same on every retry, so it is the receiver's idempotency key;
 * ``webhook-timestamp``: Unix seconds of *this* attempt (a replayed old request fails
   the tolerance check);
 * ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``,
@@ -30,6 +30,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from urllib.parse import quote
 
 from choreograph.errors import ChoreographError, ConfigurationError
 
@@ -84,11 +85,26 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
+#: What a header value carries as it is: printable ASCII and space.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
+
+
+def wire_id(msg_id: str) -> str:
+    """``msg_id`` as the ``webhook-id`` header carries it, and the signature signs it: as it is,
+    but for characters beyond printable ASCII, percent-encoded as UTF-8 (as the CloudEvents binding
+    sends a ``ce-`` header). A header value is ASCII: httpx refused to send an id holding an ``é``,
+    so an event with one (an outside producer's id) could never be pushed to a signed subscriber.
+    A receiver verifies with the header as received, so any Standard Webhooks library checks it."""
+    return msg_id if msg_id.isascii() and msg_id.isprintable() else quote(msg_id, safe=_HEADER_SAFE)
+
+
 def signature_headers(
     secrets_: str | Sequence[str], msg_id: str, body: bytes, *, timestamp: int | None = None
 ) -> dict[str, str]:
-    """The three Standard Webhooks headers for one request (one signature per secret)."""
+    """The three Standard Webhooks headers for one request (one signature per secret); ``msg_id``
+    is sent, and signed, as :func:`wire_id` writes it."""
     ts = int(time.time()) if timestamp is None else timestamp
+    msg_id = wire_id(msg_id)
     keys = [secrets_] if isinstance(secrets_, str) else list(secrets_)
     return {
         ID_HEADER: msg_id,
