@@ -756,6 +756,26 @@ async def test_an_event_id_beyond_ascii_is_pushed_signed_its_webhook_id_percent_
     assert await bus.dead_letters(GROUP) == []
 
 
+async def test_a_trace_context_beyond_ascii_is_pushed_without_the_w3c_headers(bus: MemoryTransport) -> None:
+    """An outside producer's ``traceparent`` holding a non-ASCII character went raw into the W3C
+    ``traceparent`` header, which httpx refuses to send: every push of it failed as an internal
+    error. It is no W3C trace context: left out of those headers, the event is delivered (binary
+    mode still carries it in ``ce-traceparent``, percent-encoded)."""
+    received: list[Envelope] = []
+
+    async def handle(envelope: Envelope) -> None:
+        received.append(envelope)
+
+    body = orjson.dumps({"specversion": "1.0", "id": "t-1", "source": "/outside", "type": Assigned.event_type(),
+                         "traceparent": "00-é", "tracestate": "k=v", "data": {"delivery_id": "d-1"}})
+    for mode in ("binary", "structured"):
+        async with serve(receiver(handle)) as base, pushing(bus, subscription(base + "/", secret=None, mode=mode)):
+            await bus.publish([Message(f"t-{mode}", Assigned.event_type(), body.replace(b'"t-1"', f'"t-{mode}"'.encode()))])
+            await settled(bus)
+    assert [(e.id, e.traceparent) for e in received] == [("t-binary", "00-é"), ("t-structured", "00-é")]
+    assert await bus.dead_letters(GROUP) == []
+
+
 async def test_the_receiver_refuses_a_forged_signature_with_401() -> None:
     """A request signed with another secret, or not at all, never reaches the handler."""
     calls: list[Envelope] = []

@@ -178,10 +178,18 @@ def to_http(envelope: Envelope, mode: Mode = "binary", body: bytes | None = None
 
 
 def _trace_headers(envelope: Envelope, headers: Headers) -> None:
-    if envelope.traceparent:
+    """The W3C headers of the event's trace context, if it can be one: printable ASCII (W3C Trace
+    Context is lower-case hex and ASCII keys). An outside producer's value beyond that went raw
+    into a header httpx refuses to send, and the push failed on every attempt; binary mode still
+    carries it, percent-encoded, in ``ce-traceparent``, structured mode in the event."""
+    if envelope.traceparent and _header_safe(envelope.traceparent):
         headers["traceparent"] = envelope.traceparent
-        if envelope.tracestate:
+        if envelope.tracestate and _header_safe(envelope.tracestate):
             headers["tracestate"] = envelope.tracestate
+
+
+def _header_safe(value: str) -> bool:
+    return value.isascii() and value.isprintable()
 
 
 # -- decoding -------------------------------------------------------------------------
