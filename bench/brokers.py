@@ -7,7 +7,7 @@ For each broker, in one run (so that the ratios are fair on a shared machine):
   directly on the client library (``raw``: see bench/_raw_chain.py for its ack
   discipline) and on FastStream (bench/_faststream_chain.py).
 * ``process_per_hop``: each hop its own process - ``choreograph run`` (SQLite inbox, its
-  default) and the raw hop - fed from this process.
+  default; ``--inbox memory`` for what that inbox costs) and the raw hop - fed from this process.
 * ``paced``: process per hop at a light load (``--rate`` events/s): end-to-end latency.
 
 Figures: events/s from the first publish to the last event reaching hop3, p50/p99
@@ -26,6 +26,7 @@ Every run gets its own stream/key/queue prefix and deletes what it created.
     python bench/brokers.py --only nats --n 5000 --no-faststream
     python bench/brokers.py --paced-only --rounds 5 --ack-delay 0   # latency, marks and acks at once
     python bench/brokers.py --paced-only --rounds 1 --stages        # where a hop's time goes
+    python bench/brokers.py --paced-only --inbox memory             # the path without the SQLite inbox
 
 Every process (choreograph's, the raw client's, FastStream's) runs with the collector
 settings of ``choreograph run`` unless ``--gc python`` (bench/_gc.py).
@@ -114,13 +115,13 @@ async def choreograph_one(broker: str, base: str, n: int, concurrency: int) -> d
 
 
 def choreograph_procs(broker: str, base: str, n: int, concurrency: int, rate: float | None, loop: Runner,
-                      stages: bool = False) -> dict:
+                      stages: bool = False, inbox: str = "sqlite") -> dict:
     url = env.choreograph_url(base, _prefix(broker, "chp"))
     try:
         with tempfile.TemporaryDirectory(prefix="choreograph-bench-") as tmpdir:
             tmp = Path(tmpdir)
             out = tmp / "result.json"
-            procs = start_hops(url, tmp, n, out, concurrency, stages=tmp if stages else None)
+            procs = start_hops(url, tmp, n, out, concurrency, stages=tmp if stages else None, inbox=inbox)
             try:
                 meter = CpuMeter(broker, procs)
                 start_wall = loop(choreograph_publish(url, n, rate))
@@ -316,13 +317,13 @@ def bench_broker(broker: str, base: str, args: argparse.Namespace, loop: Runner)
         report["one_process"] = _paired(rounds, sides, throughput)
         report["process_per_hop"] = _paired(rounds, {
             "raw": lambda: raw_procs(broker, base, n, None, loop),
-            "choreograph": lambda: choreograph_procs(broker, base, n, args.concurrency, None, loop),
+            "choreograph": lambda: choreograph_procs(broker, base, n, args.concurrency, None, loop, inbox=args.inbox),
         }, throughput)
     if not args.quick:
         report["paced"] = {"rate": args.rate, **_paired(rounds, {
             "raw": lambda: raw_procs(broker, base, args.paced_n, args.rate, loop),
             "choreograph": lambda: choreograph_procs(broker, base, args.paced_n, args.concurrency, args.rate, loop,
-                                                     stages=args.stages),
+                                                     stages=args.stages, inbox=args.inbox),
         }, {"p50_ms": "p50", "p99_ms": "p99"})}
     return report
 
@@ -369,6 +370,9 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true",
                         help="paced runs: where a hop's time goes (median microseconds per step of hop1 and"
                              " hop2, bench/_stages/sitecustomize.py); the stamps add ~1 us per step")
+    parser.add_argument("--inbox", choices=("sqlite", "memory"), default="sqlite",
+                        help="the hop processes' inbox store (default sqlite, choreograph run's); memory shows"
+                             " what the durable inbox costs on the path - not a setting to deploy")
     parser.add_argument("--only", choices=BROKERS, action="append")
     _gc.add_option(parser)
     parser.add_argument("--nats-url", help="use this NATS server (>= 2.10) instead of a private one")
@@ -406,7 +410,7 @@ def main() -> None:
         "bench": "brokers", "hops": 3, "concurrency": args.concurrency, "loop": loop_name,
         "python": platform.python_version(), "cpus": os.cpu_count(), "servers": {},
         "load_average_before": [round(x, 2) for x in os.getloadavg()], **_gc.choose(args.gc),
-        "ack_delay": _ack_delay(),
+        "ack_delay": _ack_delay(), "inbox": args.inbox,
     }  # fmt: skip
     try:
         for broker in args.only or BROKERS:

@@ -174,19 +174,21 @@ async def memory_run(n: int, concurrency: int) -> dict[str, Any]:
 
 
 def start_hops(url: str, tmp: Path, n: int, out: Path, concurrency: int,
-               stages: Path | None = None) -> list[subprocess.Popen[bytes]]:
+               stages: Path | None = None, inbox: str = "sqlite") -> list[subprocess.Popen[bytes]]:
     """The three hops as ``choreograph run`` processes; with ``stages``, each stamps its steps
-    into that folder (bench/_stages/sitecustomize.py)."""
+    into that folder (bench/_stages/sitecustomize.py). Each has its own SQLite inbox file, or
+    with ``inbox="memory"`` an in-process one (bench/brokers.py ``--inbox memory``)."""
     procs = []
     path = str(ROOT) if stages is None else os.pathsep.join((str(ROOT / "bench" / "_stages"), str(ROOT)))
     for name in ("hop1", "hop2", "hop3"):
+        store = "memory://" if inbox == "memory" else f"sqlite:///{tmp}/{name}-inbox.db"
         env = {**os.environ, "BENCH_N": str(n), "BENCH_OUT": str(out), "PYTHONPATH": path}
         if stages is not None:
             env["CHOREOGRAPH_BENCH_STAGES"] = str(stages)
         log = (tmp / f"{name}.log").open("wb")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "choreograph", "run", f"bench.chain_app:{name}", "--broker", url,
-             "--concurrency", str(concurrency), "--store", f"sqlite:///{tmp}/{name}-inbox.db", "--log-level", "WARNING"],
+             "--concurrency", str(concurrency), "--store", store, "--log-level", "WARNING"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         ))
     deadline = time.monotonic() + 60
