@@ -364,6 +364,55 @@ async def test_a_row_committed_after_every_row_was_sent_and_purged_is_still_publ
     assert publish.sent == ["m3"]
 
 
+async def test_rows_committed_after_a_purge_of_what_a_busy_relay_published_go_out_in_commit_order(
+    db: StateStore,
+) -> None:
+    """SQLite gave a new row the seq after the largest left: after a purge of every row the
+    relay read past the seqs it had published and sent a later row before earlier ones."""
+    await commit(db, msg(1), msg(2))
+    assert await db.relay_pass(SERVICE, "me", 10, Recorder()) == 2  # no idle pass after it
+    purged = 0
+    for _ in range(100):  # the rows' mark overlaps the next pass
+        purged += await db.purge_sent(time.time() + 1)
+        if purged == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert purged == 2
+    await commit(db, msg(3), msg(4), msg(5))
+    publish = Recorder()
+    while await db.relay_pass(SERVICE, "me", 10, publish):
+        pass
+    assert publish.sent == ["m3", "m4", "m5"]
+
+
+async def test_a_sqlite_outbox_of_the_first_schema_keeps_its_rows_and_seqs_when_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    from choreograph.stores._state_sqlite import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE choreograph_migrations (component TEXT NOT NULL, version INTEGER NOT NULL,"
+                " applied_at REAL NOT NULL, PRIMARY KEY (component, version))")
+    for statement in MIGRATIONS[0]:
+        old.execute(statement)
+    old.execute("INSERT INTO choreograph_migrations VALUES ('state', 1, 0)")
+    old.execute("INSERT INTO choreograph_outbox VALUES (7, ?, 'm7', 't', x'7b7d', 0, NULL)", (SERVICE,))
+    old.commit()
+    old.close()
+    async with open_database(f"sqlite:///{path}") as db:
+        await commit(db, msg(8))
+        publish = Recorder()
+        assert await db.relay_pass(SERVICE, "me", 10, publish) == 2
+        assert publish.sent == ["m7", "m8"]
+    check = sqlite3.connect(path)
+    try:
+        assert [row[0] for row in check.execute("SELECT seq FROM choreograph_outbox ORDER BY seq")] == [7, 8]
+        assert check.execute("SELECT seq FROM sqlite_sequence WHERE name='choreograph_outbox'").fetchone() == (8,)
+    finally:
+        check.close()
+
+
 async def test_a_released_sqlite_claim_passes_to_a_standby_at_once(tmp_path: Path) -> None:
     async with open_database(sqlite_url(tmp_path)) as db:
         assert await db.relay_pass(SERVICE, "first", 10, Recorder()) == 0

@@ -216,7 +216,7 @@ class OutboxWatcher:
                         version = now_version
                         seq = db.execute("SELECT coalesce(max(seq), 0) FROM choreograph_outbox").fetchone()[0]
                     for service in idle:
-                        if told.get(service) != seq:  # (after a purge max(seq) may also drop)
+                        if told.get(service) != seq:  # (a purge may lower it; seq is never reused)
                             told[service] = seq
                             woken.add(service)
                 standby = LOCKING and not all(watching.values())

@@ -70,6 +70,21 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE IF NOT EXISTS choreograph_relay (
             service TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until REAL NOT NULL)""",
     ],
+    # seq AUTOINCREMENT: without it SQLite gives a new row the seq after the largest left, so
+    # once a purge deleted the rows of the largest seqs a seq was used again. A relay reads
+    # past the last seq it published (``seq > published_upto``): it then published a later
+    # row first and the earlier ones after it - out of commit order.
+    [
+        """CREATE TABLE choreograph_outbox_v2 (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL, event_id TEXT NOT NULL,
+            type TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL, sent_at REAL)""",
+        "INSERT INTO choreograph_outbox_v2 (seq, service, event_id, type, body, created_at, sent_at)"
+        " SELECT seq, service, event_id, type, body, created_at, sent_at FROM choreograph_outbox ORDER BY seq",
+        "DROP TABLE choreograph_outbox",
+        "ALTER TABLE choreograph_outbox_v2 RENAME TO choreograph_outbox",
+        "CREATE INDEX choreograph_outbox_pending ON choreograph_outbox (service, seq) WHERE sent_at IS NULL",
+        "CREATE INDEX choreograph_outbox_sent ON choreograph_outbox (sent_at) WHERE sent_at IS NOT NULL",
+    ],
 ]
 
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
@@ -311,9 +326,7 @@ class SQLiteStateStore(StateStore):
                 return None
         rows = await self._unsent(service, self._published_upto.get(key, 0), limit)
         if not rows and key in self._published_upto:
-            # Everything published is marked now: read from the start again. SQLite gives a
-            # new row the seq after the largest left, so after a purge of every row a seq
-            # is used again, below what this relay published.
+            # Everything published is marked now: read from the start again.
             await self._marks_done(key)
             if self._published_upto.pop(key, 0):
                 rows = await self._unsent(service, 0, limit)
