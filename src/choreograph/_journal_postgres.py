@@ -44,7 +44,7 @@ from choreograph._journal_model import (
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph._redact import redact
 from choreograph.stores import _pg
-from choreograph.stores.postgres import NUL_STAND_IN, stored_id
+from choreograph.stores.postgres import NUL_STAND_IN, stored_id, text_in, text_out
 
 JOURNAL_MIGRATIONS = [
     """
@@ -173,16 +173,16 @@ T = TypeVar("T")
 
 
 def _in(value: T) -> T:
-    """Text as stored: U+0000 as U+FFFE (PostgreSQL text cannot hold it)."""
-    if isinstance(value, str) and "\x00" in value:
-        return value.replace("\x00", NUL_STAND_IN)  # type: ignore[return-value]
+    """Text as stored: U+0000 as U+FFFE (PostgreSQL text cannot hold it; see :func:`text_in`)."""
+    if isinstance(value, str):
+        return text_in(value)  # type: ignore[return-value]
     return value
 
 
 def _out(value: T) -> T:
-    """Stored text as it was (U+FFFE back to U+0000); a long id's digest stays a digest."""
-    if isinstance(value, str) and NUL_STAND_IN in value and not value.startswith(_DIGEST):
-        return value.replace(NUL_STAND_IN, "\x00")  # type: ignore[return-value]
+    """Stored text as it was (the inverse of :func:`_in`); a long id's digest stays a digest."""
+    if isinstance(value, str) and not value.startswith(_DIGEST):
+        return text_out(value)  # type: ignore[return-value]
     return value
 
 

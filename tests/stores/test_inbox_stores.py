@@ -72,6 +72,27 @@ async def test_an_id_with_a_nul_character_is_marked_and_found_like_any_other(inb
     assert await inbox.seen("g", [NUL_ID, "order-2\x00", *near]) == {NUL_ID, "order-2\x00"}
 
 
+ESCAPED_IDS = ["a\x00", "a\ufffe", "a\uffff", "a\uffff\ufffe", "a\uffff\x00", "a\ufffe\uffff", "a\x00\ufffe"]
+
+
+async def test_ids_differing_only_in_u0000_ufffe_or_uffff_are_different_ids(inbox: InboxStore) -> None:
+    """PostgreSQL stores U+0000 as U+FFFE: a genuine U+FFFE was stored as it was, so ``a\\x00``
+    and ``a\\ufffe`` were one key and the second event was dropped as a duplicate."""
+    await inbox.mark("g", ["a\x00"])
+    assert await inbox.seen("g", ESCAPED_IDS) == {"a\x00"}
+    await inbox.mark("g", ["a\ufffe"])
+    assert await inbox.seen("g", ESCAPED_IDS) == {"a\x00", "a\ufffe"}
+    await inbox.mark("g", ESCAPED_IDS)
+    assert await inbox.seen("g", ESCAPED_IDS) == set(ESCAPED_IDS)
+
+
+async def test_a_failure_holding_ufffe_and_uffff_reads_back_as_it_was(inbox: InboxStore) -> None:
+    first = ErrorInfo("Value\ufffeError", "sku 'a\ufffeb\x00c\uffff'", "Traceback ... '\uffff\ufffe'")
+    assert await inbox.record_failure("g", "a\ufffe", first, 10.0) == (first, 10.0)
+    assert await inbox.record_failure("g", "a\x00", ErrorInfo("E", "other"), 11.0) == (ErrorInfo("E", "other"), 11.0)
+    assert await inbox.record_failure("g", "a\ufffe", ErrorInfo("E", "later"), 12.0) == (first, 10.0)
+
+
 async def test_a_very_long_id_is_marked_and_found_like_any_other(inbox: InboxStore) -> None:
     near = [LONG_ID[:-1], LONG_ID[:-1] + ("0" if LONG_ID[-1] != "0" else "1"), LONG_ID + "\x00"]
     assert await inbox.seen("g", [LONG_ID, *near]) == set()

@@ -96,6 +96,16 @@ async def test_arrival_ids_holding_u0000_are_kept_and_read_back_as_they_arrived(
     assert timed_out is not None and timed_out.created_by == "c\x00" and timed_out.arrivals == {0: arrival("c\x00")}
 
 
+async def test_arrival_ids_holding_ufffe_read_back_as_they_arrived(store: JoinStore) -> None:
+    """PostgreSQL stores U+0000 as U+FFFE: a genuine U+FFFE read back as U+0000, so the runtime
+    no longer recognised the arrival that fired the join as its own."""
+    assert await arrive(store, 0, "a\ufffe") is None
+    assert await arrive(store, 1, "b\uffff\ufffe") == "b\uffff\ufffe"
+    state = await store.get(KEY)
+    assert state is not None and state.arrivals == {0: arrival("a\ufffe"), 1: arrival("b\uffff\ufffe")}
+    assert (state.created_by, state.fired_by) == ("a\ufffe", "b\uffff\ufffe")
+
+
 async def test_a_slot_keeps_its_first_arrival(store: JoinStore) -> None:
     await arrive(store, 0, "a1")
     assert await arrive(store, 0, "a2") is None

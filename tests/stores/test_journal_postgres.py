@@ -167,6 +167,23 @@ async def test_ids_and_text_postgresql_cannot_hold_as_they_are_are_recorded_not_
     assert await store.summary("tx-plain") is not None
 
 
+async def test_text_holding_ufffe_reads_back_as_it_was_and_keys_apart_from_u0000(
+    stores: tuple[PostgresJournalStore, PostgresJournalStore],
+) -> None:
+    """U+0000 is stored as U+FFFE: a genuine U+FFFE read back as U+0000, and a correlation id
+    holding one shared the transaction of the one holding U+0000 in its place."""
+    store, _ = stores
+    odd = JournalEntry(
+        event_id="a\ufffe", correlation_id="tx\ufffe", type="t.\ufffe", source="/s\uffff", service="s\ufffe",
+        kind="failure", at=100.0, recorded_at=100.0, causation_id="c\uffff\ufffe", time="\ufffe",
+        failed_type="f\ufffe", compensable=False, record={"m": "bad \ufffe\x00\uffff", "k\ufffe": 1},
+    )
+    nul = dataclasses.replace(odd, event_id="a\x00", correlation_id="tx\x00", record=None)
+    await store.record([odd, nul], stuck_after=60)
+    assert await store.timeline("tx\ufffe") == [odd]
+    assert await store.timeline("tx\x00") == [nul]
+
+
 class JournalBeforeCompensationFailed(PostgresJournalStore):
     """The journal's schema before the step that added ``compensation_failures`` and trace contexts."""
 

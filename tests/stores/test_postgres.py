@@ -110,3 +110,14 @@ async def test_using_a_closed_store_is_a_store_error(url: str) -> None:
     store = PostgresStore(url)
     with pytest.raises(StoreError, match="not open"):
         await store.seen("g", ["a"])
+
+
+def test_stored_text_escaping_is_reversible_and_keeps_what_older_versions_wrote() -> None:
+    from choreograph.stores.postgres import text_in, text_out
+
+    for value in ["", "plain", "a\x00b", "\ufffe", "\uffff", "\uffff\ufffe", "\x00\ufffe\uffff\x00", "\ufffe\ufffe"]:
+        stored = text_in(value)
+        assert "\x00" not in stored and text_out(stored) == value
+    assert len({text_in(v) for v in ["a\x00", "a\ufffe", "a\uffff", "a\uffff\ufffe", "a\uffff\x00"]}) == 5
+    assert text_in("a\x00b") == "a\ufffeb"  # as before: inbox records of such ids still match
+    assert text_out("a\ufffeb") == "a\x00b" and text_out("a\uffffb") == "a\uffffb"  # rows written before

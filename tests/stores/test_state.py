@@ -468,3 +468,18 @@ async def test_outbox_rows_whose_id_and_type_hold_nul_are_stored_and_relayed_as_
     assert await db.relay_pass(SERVICE, "me", 10, publish) == 1
     assert sent == [nul]
     assert await db.seen("g", ["e\x001"]) == {"e\x001"}
+
+
+async def test_outbox_rows_whose_id_and_type_hold_ufffe_are_relayed_as_they_were(db: StateStore) -> None:
+    """PostgreSQL stores U+0000 as U+FFFE: a genuine U+FFFE was published as U+0000 (another id)."""
+    odd = [Message("m\ufffe1", "test.state\ufffeitem", b"{}"), Message("m\uffff\ufffe2", "t\uffff", b"{}"),
+           Message("m\x00\ufffe3", "t\x00\uffff\x00", b"{}")]
+    assert await commit(db, *odd, inbox=("g", "e\ufffe1"))
+    sent: list[Message] = []
+
+    async def publish(messages: list[Message]) -> None:
+        sent.extend(messages)
+
+    assert await db.relay_pass(SERVICE, "me", 10, publish) == 3
+    assert sent == odd
+    assert await db.seen("g", ["e\ufffe1", "e\x001"]) == {"e\ufffe1"}

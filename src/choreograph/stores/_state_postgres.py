@@ -14,8 +14,9 @@ for the outbox:
   standby skips it. A killed relay's session ends, PostgreSQL releases the lock and a
   standby republishes whatever was not marked sent — with the same ids.
 * **U+0000.** PostgreSQL text cannot hold it: a row's event id and type keep theirs as
-  U+FFFE (as join arrivals do, :func:`~choreograph.stores.joins_postgres.event_id_in`)
-  and the relay publishes them as they were committed.
+  U+FFFE, a genuine U+FFFE or U+FFFF escaped (as join arrivals do,
+  :func:`~choreograph.stores.postgres.text_in`), and the relay publishes them as they
+  were committed.
 
 * **Round trips.** A transaction is ``BEGIN``, your statements, then one simple-query
   string that writes the inbox record and the outbox rows and commits: the values are

@@ -28,7 +28,7 @@ from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
-from choreograph.stores.postgres import NUL_STAND_IN, stored_id
+from choreograph.stores.postgres import stored_id, text_in, text_out
 
 JOINS_MIGRATIONS = [
     """
@@ -77,12 +77,12 @@ _TIME_OUT = f"UPDATE choreograph_join_instances SET timed_out = true WHERE {_KEY
 
 def event_id_in(event_id: str) -> str:
     """An arrival's event id as stored (PostgreSQL text cannot hold U+0000: see :func:`stored_id`)."""
-    return event_id.replace("\x00", NUL_STAND_IN) if "\x00" in event_id else event_id
+    return text_in(event_id)
 
 
 def event_id_out(stored: str | None) -> str | None:
     """A stored event id as it arrived (the inverse of :func:`event_id_in`)."""
-    return stored.replace(NUL_STAND_IN, "\x00") if stored is not None and NUL_STAND_IN in stored else stored
+    return text_out(stored) if stored is not None else None
 
 
 def ident(key: JoinKey) -> tuple[str, str, str]:

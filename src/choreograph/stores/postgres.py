@@ -10,6 +10,7 @@ reuses these tables, so its inbox records commit in the same transaction as its 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Collection
 from typing import Any
@@ -50,6 +51,33 @@ ON CONFLICT DO NOTHING
 #: What an event id's U+0000 is stored as: PostgreSQL text cannot hold U+0000, and JSON (so an
 #: envelope's ``id``) can. U+FFFE is a noncharacter, which a CloudEvents id may not contain either.
 NUL_STAND_IN = "\ufffe"
+#: Escapes a genuine U+FFFE (and itself) in stored text, so that :func:`text_in` is reversible:
+#: U+FFFE was stored as it was, so it read back as U+0000, and ``"a\x00"`` and ``"a\ufffe"``
+#: were one inbox key (the second event was dropped as a duplicate of the first).
+ESCAPE = "\uffff"
+_TEXT_IN = str.maketrans({"\x00": NUL_STAND_IN, NUL_STAND_IN: ESCAPE + NUL_STAND_IN, ESCAPE: ESCAPE + ESCAPE})
+_TEXT_OUT = re.compile("\uffff([\ufffe\uffff])|\ufffe")
+
+
+def text_in(value: str) -> str:
+    """``value`` as PostgreSQL text stores it: U+0000 as :data:`NUL_STAND_IN`, a genuine U+FFFE
+    or U+FFFF escaped by :data:`ESCAPE`. Text without those three is stored unchanged, and
+    text with U+0000 only as before the escape existed (rows already written still match)."""
+    if "\x00" in value or NUL_STAND_IN in value or ESCAPE in value:
+        return value.translate(_TEXT_IN)
+    return value
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return match.group(1) or "\x00"
+
+
+def text_out(stored: str) -> str:
+    """Stored text as it was (the inverse of :func:`text_in`). A U+FFFF not followed by U+FFFE
+    or U+FFFF is kept as it is: a row written before the escape existed."""
+    if ESCAPE in stored:
+        return _TEXT_OUT.sub(_unescape, stored)
+    return stored.replace(NUL_STAND_IN, "\x00") if NUL_STAND_IN in stored else stored
 #: Ids longer than this (UTF-8 bytes) are stored as a digest: a btree index entry holds at most
 #: 2,704 bytes (the group is in the key too), and an id that does not fit can be looked up but
 #: never inserted.
@@ -58,8 +86,8 @@ _LONG_PREFIX = NUL_STAND_IN + "sha256:"
 
 
 def stored_id(event_id: str) -> str:
-    """``event_id`` as the inbox stores it: unchanged unless it holds U+0000 (see
-    :data:`NUL_STAND_IN`) or is longer than :data:`MAX_ID_BYTES` (then ``U+FFFE sha256:<hex>``).
+    """``event_id`` as the inbox stores it: unchanged unless it holds U+0000, U+FFFE or U+FFFF
+    (see :func:`text_in`) or is longer than :data:`MAX_ID_BYTES` (then ``U+FFFE sha256:<hex>``).
 
     Without this, one id holding U+0000 failed the inbox lookup of its whole batch (the worker
     released the batch to look it up again: the same batch, for ever), and one too long to
@@ -69,7 +97,7 @@ def stored_id(event_id: str) -> str:
         raw = event_id.encode("utf-8", "surrogatepass")
         if len(raw) > MAX_ID_BYTES:
             return _LONG_PREFIX + hashlib.sha256(raw).hexdigest()
-    return event_id.replace("\x00", NUL_STAND_IN) if "\x00" in event_id else event_id
+    return text_in(event_id)
 
 
 def _error_in(error: ErrorInfo) -> str:
@@ -77,14 +105,13 @@ def _error_in(error: ErrorInfo) -> str:
     message may quote a payload, so its U+0000 is stored as :data:`NUL_STAND_IN` (a failure
     holding one failed to record on every attempt, and the worker released the delivery to
     come back after its lease each time, its retry policy never applied)."""
-    return orjson.dumps({k: v.replace("\x00", NUL_STAND_IN) for k, v in error.to_dict().items()}).decode()
+    return orjson.dumps({k: text_in(v) for k, v in error.to_dict().items()}).decode()
 
 
 def _error_out(stored: str) -> ErrorInfo:
     """A stored ``first_error`` as it was recorded (the inverse of :func:`_error_in`)."""
     data = orjson.loads(stored)
-    return ErrorInfo.from_dict({k: v.replace(NUL_STAND_IN, "\x00") if isinstance(v, str) else v
-                                for k, v in data.items()})
+    return ErrorInfo.from_dict({k: text_out(v) if isinstance(v, str) else v for k, v in data.items()})
 
 
 class PostgresStore(InboxStore):
