@@ -444,6 +444,51 @@ async def test_postgres_notifies_a_relay_listening_from_another_store(postgres_d
             await asyncio.wait_for(waiting, 10)
 
 
+async def test_postgres_a_failed_pass_keeps_the_notify_owed_for_rows_committed_without_one(
+    postgres_database_url: str,  # noqa: F811
+) -> None:
+    """A commit made while this process runs a relay sends no NOTIFY; this relay's pass, finding
+    another process's relay in a pass, sends it instead. A pass that failed before that (the
+    database busy) forgot it had one to send: the other relay found the rows only by polling."""
+    import asyncpg
+
+    from choreograph.stores._pg import parse_url
+
+    url = postgres_database_url
+    config = parse_url(url)
+    async with open_database(url) as db:
+        assert await db.relay_pass(SERVICE, "me", 10, Recorder()) == 0  # creates the claim row
+        other = await asyncpg.connect(config.dsn, server_settings={"search_path": config.schema})
+        listener = await asyncpg.connect(config.dsn)  # not in a transaction: it hears at once
+        heard: asyncio.Queue[str] = asyncio.Queue()
+        try:
+            await listener.add_listener(db.channel, lambda *args: heard.put_nowait(args[-1]))
+            holder = other.transaction()
+            await holder.start()
+            await other.execute("SELECT 1 FROM choreograph_relay WHERE service = $1 FOR UPDATE", SERVICE)
+            db.relay_started(SERVICE)
+            try:
+                await commit(db, msg(1))  # quiet: this process runs a relay
+                pool = db._pool()  # type: ignore[attr-defined]  # the PostgreSQL store's pool
+                acquire = pool.acquire
+
+                async def busy(**kwargs: object) -> object:
+                    pool.acquire = acquire
+                    raise StoreError("database busy")
+
+                pool.acquire = busy
+                with pytest.raises(StoreError, match="busy"):
+                    await db.relay_pass(SERVICE, "me", 10, Recorder())
+                assert await db.relay_pass(SERVICE, "me", 10, Recorder()) is None  # the other one holds it
+                assert await asyncio.wait_for(heard.get(), 10) == SERVICE
+            finally:
+                db.relay_stopped(SERVICE)
+                await holder.rollback()
+        finally:
+            await other.close()
+            await listener.close()
+
+
 async def test_outbox_rows_keep_ids_types_and_bodies_byte_for_byte(db: StateStore) -> None:
     odd = Message("it's \"odd\" \\ ünï", "a'type", bytes(range(256)))
     assert await commit(db, odd, inbox=("gr'oup", "ev'ent"))

@@ -35,7 +35,8 @@ service directly. Only when none runs here does it ``NOTIFY`` the channel
 a dedicated connection: a ``NOTIFY`` takes a database-wide lock at commit that
 serialises every notifying commit, fsync included. A relay woken by such quiet
 commits that finds another process's relay holding the claim sends one ``NOTIFY``
-itself, so the holder passes again and sees them. Relays still poll slowly in case a
+itself, so the holder passes again and sees them; a pass that fails before it could
+(the database busy, a connection lost) leaves that ``NOTIFY`` owed to the next pass. Relays still poll slowly in case a
 notification is lost.
 """
 
@@ -326,10 +327,18 @@ class PostgresStateStore(StateStore, PostgresStore):
         claiming and reading would read with a snapshot taken before that relay
         committed, and publish its rows a second time).
         """
-        pool = self._pool()
-        what = f"outbox {redact(self.url)}"
         quiet = service in self._quiet_commits
         self._quiet_commits.discard(service)
+        try:
+            return await self._pass(service, limit, publish, quiet)
+        except BaseException:
+            if quiet:  # the NOTIFY another process's relay may be owed is still owed: next pass
+                self._quiet_commits.add(service)
+            raise
+
+    async def _pass(self, service: str, limit: int, publish: RelayPublish, quiet: bool) -> int | None:
+        pool = self._pool()
+        what = f"outbox {redact(self.url)}"
         svc = _text(service)
         if service not in self._relay_rows:
             with _pg.translate(what):
