@@ -25,6 +25,7 @@ EXPECTED = [
     "Service",
     "StoreError",
     "TimedOut",
+    "TransactionConflict",
     "TransportClosed",
     "TransportError",
     "Worker",

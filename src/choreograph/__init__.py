@@ -23,6 +23,7 @@ from choreograph.errors import (
     Reject,
     Retry,
     StoreError,
+    TransactionConflict,
     TransportClosed,
     TransportError,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "Service",
     "StoreError",
     "TimedOut",
+    "TransactionConflict",
     "TransportClosed",
     "TransportError",
     "Worker",

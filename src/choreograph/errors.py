@@ -104,3 +104,13 @@ class TransportClosed(TransportError):
 
 class StoreError(ChoreographError):
     """A store (inbox, outbox, journal) failed."""
+
+
+class TransactionConflict(StoreError):
+    """PostgreSQL aborted a transaction for conflicting with a concurrent one: a serialization
+    failure (SQLSTATE ``40001``) or a deadlock (``40P01``). Running it again may succeed.
+
+    A handler whose transaction (``ctx.transaction()``) raises it is run again at once, in the
+    same attempt, up to 3 times after pauses of 10-80 ms; only then is it a failed attempt
+    under the handler's retry policy.
+    """

@@ -8,6 +8,7 @@ file and a PostgreSQL schema (``database_url``). Crashes with real processes are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -682,3 +683,99 @@ async def test_stopping_closes_every_database_when_one_fails_to_close(tmp_path: 
         await outboxes.stop()
     assert closed == ["a", "b", "c"]  # b and c were left open, and the dicts kept all three
     assert outboxes.stores == {} and outboxes.relays == {}
+
+
+def _conflicting_service(url: str, conflicts: int, errcode: str, runs: list[int], **kwargs: object) -> Service:
+    """A handler whose transaction PostgreSQL aborts with ``errcode`` on its first ``conflicts`` runs."""
+    svc = Service("package", database=url, **kwargs)  # type: ignore[arg-type]
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        runs.append(ctx.attempt)
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            if len(runs) <= conflicts:  # as a concurrent transaction would make PostgreSQL do
+                await tx.execute(f"DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{errcode}'; END $$")
+        return Created(pid=req.pid)
+
+    return svc
+
+
+@pytest.mark.parametrize("errcode", ["serialization_failure", "deadlock_detected"])
+async def test_a_postgresql_transaction_conflict_reruns_the_handler_in_place_without_spending_an_attempt(
+    postgres_database_url: str, errcode: str,  # noqa: F811
+) -> None:
+    """A serialization failure (40001) or deadlock (40P01) says nothing about the event: it was
+    a failed attempt, so a service with max_attempts=1 dead-lettered an event a rerun commits."""
+    url = postgres_database_url
+    await prepare(url)
+    bus = RecordingBus()
+    runs: list[int] = []
+    svc = _conflicting_service(url, 2, errcode, runs, retry=RetryPolicy(max_attempts=1))
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await asyncio.wait_for(drained(worker, bus), 30)
+        stats = worker.stats("package")
+    assert runs == [1, 1, 1]
+    assert (stats.handled, stats.retried, stats.dead_lettered) == (1, 0, 0)
+    assert await packages(url) == ["p1"]
+    assert len(bus.ids_of(Created)) == 1
+
+
+async def test_a_postgresql_transaction_that_keeps_conflicting_is_a_failed_attempt_named_as_a_conflict(
+    postgres_database_url: str,  # noqa: F811
+) -> None:
+    from choreograph.runtime._runner import CONFLICT_RERUNS
+
+    url = postgres_database_url
+    await prepare(url)
+    bus = RecordingBus()
+    runs: list[int] = []
+    svc = _conflicting_service(url, 1000, "serialization_failure", runs,
+                               retry=RetryPolicy(max_attempts=2, base=0.01, jitter=False))
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await asyncio.wait_for(drained(worker, bus), 30)
+        stats = worker.stats("package")
+    assert runs == [1] * (1 + CONFLICT_RERUNS) + [2] * (1 + CONFLICT_RERUNS)
+    assert (stats.handled, stats.retried, stats.dead_lettered) == (0, 1, 1)
+    assert await packages(url) == []
+    [letter] = await bus.dead_letters("package")
+    assert letter.record["last_error"]["type"] == "TransactionConflict"
+    assert "SQLSTATE 40001" in letter.record["last_error"]["message"]
+
+
+async def test_concurrent_serializable_handlers_that_conflict_both_commit_without_a_retry(
+    postgres_database_url: str,  # noqa: F811
+) -> None:
+    """Write skew under SERIALIZABLE: PostgreSQL aborts one of two handlers that both read what
+    the other writes (at a statement or at its commit); its rerun sees the other's row."""
+    url = postgres_database_url
+    await prepare(url)
+    bus = RecordingBus()
+    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=1))
+    read = [0]
+    both_read = asyncio.Event()
+    counts: dict[str, int] = {}
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async with ctx.transaction() as tx:
+            await tx.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            counts[req.pid] = await tx.fetchval("SELECT count(*) FROM packages")
+            read[0] += 1
+            if read[0] >= 2:
+                both_read.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(both_read.wait(), 2)
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus, concurrency=4) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"), Requested(pid="p2"))
+        await asyncio.wait_for(drained(worker, bus), 30)
+        stats = worker.stats("package")
+    assert read[0] == 3  # one of them ran again
+    assert sorted(counts.values()) == [0, 1]  # and its rerun saw the other's row
+    assert (stats.handled, stats.retried, stats.dead_lettered) == (2, 0, 0)
+    assert await packages(url) == ["p1", "p2"]

@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import random
 import sys
 import time
 import types
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from choreograph._clock import SystemClock, backoff
 from choreograph.context import _set_current
-from choreograph.errors import EmitError, StoreError, TransportClosed
+from choreograph.errors import EmitError, StoreError, TransactionConflict, TransportClosed
 from choreograph.runtime._coroutines import _Resumed, _suspends
 from choreograph.runtime._outcomes import Stats, _Again, _Call, _Done, _Outcome
 from choreograph.runtime._settling import Settling, _Settlement
@@ -48,6 +49,13 @@ IN_FLIGHT_DEFER = 1.0
 #: Seconds ``stop()`` spends after the drain releasing, settling and closing before it gives
 #: up on an unreachable broker: what is still unsettled then comes back after its lease.
 STOP_GRACE = 5.0
+#: A handler whose transaction PostgreSQL aborted for a concurrent one (TransactionConflict:
+#: a serialization failure or a deadlock) is run again in place, in the same attempt and
+#: under the same timeout, up to this many times; then it is a failed attempt as before.
+CONFLICT_RERUNS = 3
+#: The pause before the first such rerun, doubled for each next one (with jitter: the
+#: transactions that conflicted should not meet again).
+CONFLICT_PAUSE = 0.01
 
 
 class HandlerTimeout(Exception):
@@ -623,31 +631,61 @@ class _Runner(Verdicts, Settling):
     async def _transactional(self, call: _Call) -> None:
         """A handler of a service with a database: its state, the inbox record and its outputs
         commit together when it returns (then the relay publishes the outputs)."""
-        delivery, unit = call.delivery, call.unit
-        assert unit is not None
+        delivery = call.delivery
+        reruns = 0
         try:
-            try:
-                _set_current(call.ctx)  # this task's own context
-                result = await self._guarded(call, call.coro)
-                messages = self._outputs(call.handler, call.envelope, _outputs_of(result), call.ctx)
-                mark = True
-                if unit.used:
-                    if not await unit.commit(self.group, call.envelope.id, messages):
-                        self._emit(self._duplicate(delivery))  # another consumer committed this event first
+            while True:
+                unit = call.unit
+                assert unit is not None
+                try:
+                    _set_current(call.ctx)  # this task's own context
+                    result = await self._guarded(call, call.coro)
+                    messages = self._outputs(call.handler, call.envelope, _outputs_of(result), call.ctx)
+                    mark = True
+                    if unit.used:
+                        if not await unit.commit(self.group, call.envelope.id, messages):
+                            self._emit(self._duplicate(delivery))  # another consumer committed this event first
+                            return
+                        messages, mark = [], False  # in the outbox now: the relay publishes them
+                    break
+                except BaseException as exc:
+                    if not _own_failure(exc):
+                        raise
+                    await unit.rollback()  # before touching the store: on SQLite it waits for the writer
+                    if reruns < CONFLICT_RERUNS and _conflict(exc):
+                        reruns += 1
+                        again = await self._rerun(call, exc, reruns)
+                        if isinstance(again, _Call):
+                            call = again
+                            continue
+                        self._emit(again)
                         return
-                    messages, mark = [], False  # in the outbox now: the relay publishes them
-            except BaseException as exc:
-                if not _own_failure(exc):
-                    raise
-                await unit.rollback()  # before touching the store: on SQLite it waits for the writer
-                await self._settle_raised(call, exc)
-                return
-            finally:
-                await unit.rollback()  # no-op once committed
+                    await self._settle_raised(call, exc)
+                    return
+                finally:
+                    await unit.rollback()  # no-op once committed
         except asyncio.CancelledError:  # shutdown ran out of drain time
             await self._release(delivery)
             raise
         self._emit(self._committed(call, messages, mark))
+
+    async def _rerun(self, call: _Call, exc: BaseException, rerun: int) -> _Call | _Outcome:
+        """The handler's transaction conflicted with a concurrent one (``exc``): after a short
+        pause, a fresh call of the handler for the same delivery and attempt (a new context and
+        unit of work), under the timeout the attempt started with. Not a failed attempt: a
+        conflict says nothing about the event, and the attempts are the policy's to count."""
+        rng = self.worker.rng
+        jitter = rng.random() if rng is not None else random.random()
+        pause = CONFLICT_PAUSE * 2 ** (rerun - 1) * (0.5 + jitter)
+        log.info("%s.%s: the transaction of %s conflicted with a concurrent one (%s); running it again "
+                 "in %.3fs (%d of %d)", self.service.name, call.handler.name, call.envelope.id, exc, pause,
+                 rerun, CONFLICT_RERUNS)
+        await backoff(self.worker.clock, pause)
+        again = self._prepare(call.delivery)
+        if isinstance(again, _Call):
+            again.started = call.started
+            again.envelope = call.envelope  # as the attempt's span left it (its outputs are its children)
+        return again
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -697,6 +735,18 @@ class _Runner(Verdicts, Settling):
                 log.warning("%s: closing the subscription timed out; unsettled deliveries return after their lease",
                             self.group)
 
+
+
+def _conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised from, a :class:`TransactionConflict`."""
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None:
+            return False
+        if isinstance(cause, TransactionConflict):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _own_failure(exc: BaseException) -> bool:

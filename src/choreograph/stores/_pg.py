@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from choreograph._redact import redact
-from choreograph.errors import ConfigurationError, StoreError
+from choreograph.errors import ConfigurationError, StoreError, TransactionConflict
 
 try:
     import asyncpg
@@ -87,9 +87,15 @@ def _require_asyncpg() -> Any:
     return asyncpg
 
 
+#: SQLSTATEs of a transaction aborted for a concurrent one (serialization failure, deadlock):
+#: raised as :class:`~choreograph.errors.TransactionConflict`, which may succeed if run again.
+CONFLICTS = frozenset({"40001", "40P01"})
+
+
 @contextlib.contextmanager
 def translate(what: str) -> Iterator[None]:
-    """Re-raise driver and network errors as :class:`StoreError` naming ``what`` failed."""
+    """Re-raise driver and network errors as :class:`StoreError` naming ``what`` failed
+    (:class:`TransactionConflict` for the SQLSTATEs in :data:`CONFLICTS`)."""
     try:
         yield
     except StoreError:
@@ -98,6 +104,8 @@ def translate(what: str) -> Iterator[None]:
         raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         if asyncpg is not None and isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError)):
+            if getattr(exc, "sqlstate", None) in CONFLICTS:
+                raise TransactionConflict(f"{what}: {type(exc).__name__} (SQLSTATE {exc.sqlstate}): {exc}") from exc
             raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
         raise
 
