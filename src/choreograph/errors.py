@@ -111,6 +111,6 @@ class TransactionConflict(StoreError):
     failure (SQLSTATE ``40001``) or a deadlock (``40P01``). Running it again may succeed.
 
     A handler whose transaction (``ctx.transaction()``) raises it is run again at once, in the
-    same attempt, up to 3 times after pauses of 10-80 ms; only then is it a failed attempt
+    same attempt, up to 3 times after pauses of 5-60 ms; only then is it a failed attempt
     under the handler's retry policy.
     """
