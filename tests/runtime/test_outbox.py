@@ -490,7 +490,11 @@ async def test_ctx_transaction_without_a_database_dead_letters_at_once_rather_th
     assert letter.record["reason"] == "rejected" and "has no database" in letter.record["last_error"]["message"]
 
 
-@pytest.mark.parametrize("statement", ["COMMIT", "  rollback", "BEGIN IMMEDIATE", "savepoint s1", "END"])
+@pytest.mark.parametrize("statement", [
+    "COMMIT", "  rollback", "BEGIN IMMEDIATE", "savepoint s1", "END",
+    # a leading comment hid the statement from the check, and the database ran it
+    "/* end it */ COMMIT", "-- done\nCOMMIT", " /* a */ -- b\n /* c\n d */ rollback",
+])
 async def test_transaction_control_inside_the_block_is_refused_and_nothing_commits(
     database_url: str, statement: str  # noqa: F811
 ) -> None:

@@ -108,10 +108,12 @@ class TxConnection(abc.ABC):
     async def rollback(self) -> None: ...
 
 
-#: Statements that would end or split choreograph's transaction under the user's feet.
+#: Statements that would end or split choreograph's transaction under the user's feet (after
+#: any leading whitespace and comments, which both databases skip: they hid the statement).
 _CONTROL = re.compile(
-    r"\s*(BEGIN|COMMIT|ROLLBACK|END|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
-    re.IGNORECASE,
+    r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+    r"(BEGIN|COMMIT|ROLLBACK|END|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
+    re.IGNORECASE | re.DOTALL,
 )
 
 
