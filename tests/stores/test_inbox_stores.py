@@ -102,6 +102,20 @@ async def test_a_very_long_id_is_marked_and_found_like_any_other(inbox: InboxSto
     assert await inbox.seen("g", [LONG_ID, *near]) == {LONG_ID, near[-1]}
 
 
+async def test_an_id_spelling_a_long_ids_digest_is_not_taken_for_that_id(inbox: InboxStore) -> None:
+    """PostgreSQL keys a long id by ``U+FFFE sha256:<hex>`` and stores U+0000 as U+FFFE: the id
+    ``U+0000 sha256:<hex of the long id>`` had the long id's key, so one dropped the other."""
+    import hashlib
+
+    spelled = "\x00sha256:" + hashlib.sha256(LONG_ID.encode()).hexdigest()
+    await inbox.mark("g", [LONG_ID])
+    assert await inbox.seen("g", [spelled]) == set()
+    await inbox.mark("g", [spelled])
+    assert await inbox.seen("g", [LONG_ID, spelled]) == {LONG_ID, spelled}
+    await inbox.mark("h", [spelled])
+    assert await inbox.seen("h", [LONG_ID]) == set()
+
+
 async def test_a_failure_whose_message_and_traceback_hold_a_nul_character_is_kept_as_it_was(inbox: InboxStore) -> None:
     # A handler's error message may quote the payload: PostgreSQL jsonb cannot hold U+0000.
     first = ErrorInfo("Value\x00Error", "no sku 'a\x00b'", "Traceback ... 'a\x00b'")

@@ -87,7 +87,8 @@ _LONG_PREFIX = NUL_STAND_IN + "sha256:"
 
 def stored_id(event_id: str) -> str:
     """``event_id`` as the inbox stores it: unchanged unless it holds U+0000, U+FFFE or U+FFFF
-    (see :func:`text_in`) or is longer than :data:`MAX_ID_BYTES` (then ``U+FFFE sha256:<hex>``).
+    (see :func:`text_in`) or is longer than :data:`MAX_ID_BYTES` (then ``U+FFFE sha256:<hex>``,
+    as is an id beginning with ``U+0000 sha256:``, which would otherwise be stored as a digest).
 
     Without this, one id holding U+0000 failed the inbox lookup of its whole batch (the worker
     released the batch to look it up again: the same batch, for ever), and one too long to
@@ -97,7 +98,12 @@ def stored_id(event_id: str) -> str:
         raw = event_id.encode("utf-8", "surrogatepass")
         if len(raw) > MAX_ID_BYTES:
             return _LONG_PREFIX + hashlib.sha256(raw).hexdigest()
-    return text_in(event_id)
+    stored = text_in(event_id)
+    if stored.startswith(_LONG_PREFIX):
+        # an id "\x00sha256:<hex>" would be stored as a long id's digest is, and taken for that
+        # id (the later of the two dropped as a duplicate): it is keyed by its own digest too
+        return _LONG_PREFIX + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return stored
 
 
 def _error_in(error: ErrorInfo) -> str:
