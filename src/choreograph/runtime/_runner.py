@@ -605,7 +605,8 @@ class _Runner(Verdicts, Settling):
             if timer is not None:
                 timer.cancel()
             call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
-            del self.deadlines[delivery]
+            # its waits for the database excluded (see _waiting): what a rerun in place starts from
+            call.started = self.deadlines.pop(delivery) - call.handler.timeout
             if delivery in self.timed_out:
                 self.timed_out.discard(delivery)
                 task = asyncio.current_task()
@@ -672,8 +673,9 @@ class _Runner(Verdicts, Settling):
     async def _rerun(self, call: _Call, exc: BaseException, rerun: int) -> _Call | _Outcome:
         """The handler's transaction conflicted with a concurrent one (``exc``): after a short
         pause, a fresh call of the handler for the same delivery and attempt (a new context and
-        unit of work), under the timeout the attempt started with. Not a failed attempt: a
-        conflict says nothing about the event, and the attempts are the policy's to count."""
+        unit of work), under what is left of the attempt's timeout (its waits for the database
+        not counted). Not a failed attempt: a conflict says nothing about the event, and the
+        attempts are the policy's to count."""
         rng = self.worker.rng
         jitter = rng.random() if rng is not None else random.random()
         pause = CONFLICT_PAUSE * 2 ** (rerun - 1) * (0.5 + jitter)
