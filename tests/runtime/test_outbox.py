@@ -783,3 +783,58 @@ async def test_concurrent_serializable_handlers_that_conflict_both_commit_withou
     assert sorted(counts.values()) == [0, 1]  # and its rerun saw the other's row
     assert (stats.handled, stats.retried, stats.dead_lettered) == (2, 0, 0)
     assert await packages(url) == ["p1", "p2"]
+
+
+async def test_a_handler_units_block_is_refused_once_the_handler_returned(database_url: str) -> None:  # noqa: F811
+    from choreograph.runtime.outbox import HandlerUnit
+
+    envelope = first_envelope(Requested(pid="p1"), source="/test", id="e1")
+    ctx = Context(envelope, "package", "create", 1)
+    ctx._sealed = True  # as the runner leaves it when the handler returned
+    async with open_database(database_url) as store:
+        unit = HandlerUnit(store, ctx)
+        try:
+            with pytest.raises(ConfigurationError, match="after the handler returned"):
+                async with unit.block():
+                    pass
+        finally:
+            await unit.rollback()  # (without the refusal: the transaction it began)
+        tx = await store.begin()  # the SQLite writer turn is free
+        await tx.rollback()
+
+
+async def test_ctx_transaction_from_a_task_left_running_after_the_handler_returned_is_refused(
+    database_url: str,  # noqa: F811
+) -> None:
+    """Its block began a transaction nobody would end: on SQLite it held the writer turn, and
+    every later handler waited for it for ever; on PostgreSQL it kept a pooled connection."""
+    await prepare(database_url)
+    bus = RecordingBus()
+    svc = Service("package", database=database_url)
+    late: list[asyncio.Task[None]] = []
+    refused: list[BaseException] = []
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async def afterwards() -> None:
+            await asyncio.sleep(0.1)  # the handler returned and committed by then
+            try:
+                async with ctx.transaction() as tx:
+                    await tx.execute("INSERT INTO packages (pid) VALUES ($1)", f"late-{req.pid}")
+            except ConfigurationError as exc:
+                refused.append(exc)
+
+        if req.pid == "p1":
+            late.append(asyncio.create_task(afterwards()))
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await asyncio.wait_for(drained(worker, bus), 10)
+        await asyncio.wait_for(asyncio.gather(*late), 10)
+        await Publisher(bus).publish(Requested(pid="p2"))
+        await asyncio.wait_for(drained(worker, bus), 10)
+    assert len(refused) == 1 and "after the handler returned" in str(refused[0])
+    assert await packages(database_url) == ["p1", "p2"]

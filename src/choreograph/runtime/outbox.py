@@ -108,6 +108,14 @@ class HandlerUnit:
         return self
 
     async def __aenter__(self) -> Transaction:
+        if self.ctx._sealed:
+            # A task the handler left running: its block would begin a transaction nobody
+            # commits or rolls back, holding a pooled connection - on SQLite the writer turn,
+            # so every later write of the process waited for ever.
+            raise ConfigurationError(
+                f"{self.ctx.handler}: ctx.transaction() after the handler returned (event {self.ctx.envelope.id}): "
+                "its transaction was committed or rolled back then; use the database before returning"
+            )
         self.used = True
         if self.conn is None:
             on_wait = self.on_wait
