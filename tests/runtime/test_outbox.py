@@ -838,3 +838,64 @@ async def test_ctx_transaction_from_a_task_left_running_after_the_handler_return
         await asyncio.wait_for(drained(worker, bus), 10)
     assert len(refused) == 1 and "after the handler returned" in str(refused[0])
     assert await packages(database_url) == ["p1", "p2"]
+
+
+async def test_a_transaction_inside_another_on_the_same_sqlite_file_is_refused_not_left_waiting(
+    tmp_path: Path,
+) -> None:
+    """The inner one waited for the writer turn the outer one holds: for ever."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    await prepare(url)
+    package, audit = Service("package", database=url), Service("audit", database=url)
+
+    async def inner() -> None:
+        async with transaction(audit):
+            pass
+
+    ended = asyncio.Event()
+
+    async def after_the_block() -> None:
+        await ended.wait()
+        await inner()
+
+    async with transaction(package) as tx:
+        await tx.execute("INSERT INTO packages (pid) VALUES ($1)", "p1")
+        with pytest.raises(ConfigurationError, match="inside another transaction"):
+            await asyncio.wait_for(inner(), 5)  # a task of its own on 3.11, which the block awaits
+        with pytest.raises(ConfigurationError, match="inside another transaction"):
+            await inner()
+        later = asyncio.create_task(after_the_block())  # created inside the block, runs after it
+    ended.set()
+    await asyncio.wait_for(later, 5)
+    assert await packages(url) == ["p1"]
+
+
+async def test_a_handlers_ctx_transaction_inside_its_transaction_of_another_service_on_the_same_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The handler's block waited for the writer turn its own transaction(audit) held - for ever,
+    as waiting for the database does not count against the handler's timeout."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    await prepare(url)
+    bus = RecordingBus()
+    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=1), timeout=2.0)
+    audit = Service("audit", database=url)
+    errors: list[BaseException] = []
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> None:
+        async with transaction(audit) as outer:
+            await outer.execute("INSERT INTO packages (pid) VALUES ($1)", f"audit-{req.pid}")
+            try:
+                async with ctx.transaction():
+                    pass
+            except ConfigurationError as exc:
+                errors.append(exc)
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await asyncio.wait_for(drained(worker, bus), 10)
+    assert len(errors) == 1 and "inside transaction() on the same SQLite file" in str(errors[0])
+    assert await packages(url) == ["audit-p1", "p1"]

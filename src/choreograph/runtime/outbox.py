@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -62,6 +63,28 @@ if TYPE_CHECKING:
     from choreograph.service import Service
 
 log = logging.getLogger("choreograph.outbox")
+
+class _Holding:
+    """An open :func:`transaction` on a SQLite store: it holds the store's writer turn."""
+
+    __slots__ = ("store", "open")
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.open = True
+
+
+#: The open :func:`transaction` on a SQLite store of this task (or of the task that created
+#: it: ``asyncio.wait_for`` on 3.11 and ``gather`` run their coroutines in tasks of their own,
+#: which the block then awaits), if any: another transaction begun on that store inside it
+#: would wait for its writer turn for ever. ``open`` turns false when the block ends.
+_HOLDING: contextvars.ContextVar[_Holding | None] = contextvars.ContextVar("choreograph_holding", default=None)
+
+
+def _holds_writer(store: StateStore) -> bool:
+    """Whether this task is inside an open :func:`transaction` holding ``store``'s SQLite writer turn."""
+    holding = _HOLDING.get()
+    return holding is not None and holding.open and holding.store is store
 
 __all__ = ["HandlerUnit", "OutboxLag", "OutboxRelay", "Outboxes", "Transaction", "open_database", "transaction"]
 
@@ -108,6 +131,11 @@ class HandlerUnit:
         return self
 
     async def __aenter__(self) -> Transaction:
+        if self.conn is None and _holds_writer(self.store):
+            raise ConfigurationError(
+                f"{self.ctx.handler}: ctx.transaction() inside transaction() on the same SQLite file would wait "
+                "for the writer turn that transaction holds; open ctx.transaction() first, or use it alone"
+            )
         if self.ctx._sealed:
             # A task the handler left running: its block would begin a transaction nobody
             # commits or rolls back, holding a pooled connection - on SQLite the writer turn,
@@ -197,6 +225,11 @@ async def transaction(service: Service, *, correlation_id: str | None = None) ->
         # and on SQLite would wait forever for the writer turn the handler holds.
         raise ConfigurationError(f"inside a handler of {service.name!r}, use ctx.transaction()")
     store = open_database(service.database)
+    if _holds_writer(store):
+        raise ConfigurationError(
+            f"transaction({service.name!r}) inside another transaction() on the same SQLite file would wait "
+            "for the writer turn the outer one holds; use one transaction"
+        )
     if ctx is not None and ctx._unit is not None and ctx._unit.store is store and ctx._unit.conn is not None \
             and store.backend == "sqlite":
         # Another service on the handler's SQLite file: its begin() would queue for the writer
@@ -217,10 +250,17 @@ async def transaction(service: Service, *, correlation_id: str | None = None) ->
 
     async with store:
         conn = await store.begin()
+        holding = _Holding(store) if store.backend == "sqlite" else None
+        token = _HOLDING.set(holding) if holding is not None else None
         try:
             yield Transaction(conn, store.backend, publish)
             await conn.commit(inbox=None, service=service.name, messages=messages)
         finally:
+            if holding is not None:
+                holding.open = False
+            if token is not None:
+                with contextlib.suppress(ValueError):  # (exited in another context: nothing to undo there)
+                    _HOLDING.reset(token)
             await conn.rollback()
 
 
