@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from choreograph import Event, Service
-from choreograph.testing import Scenario, VirtualClock
+from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker
+from choreograph.testing import MemoryTransport, Scenario, VirtualClock, settled
 
 
 async def test_a_nan_sleep_is_refused_and_holds_back_no_other_sleeper() -> None:
@@ -82,3 +82,61 @@ async def test_a_handler_waiting_in_a_backoff_on_the_clock_is_not_busy() -> None
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert task.done()
+
+
+class Slept(Event, type="test.virtual_time.slept"):
+    n: int
+    after: float
+
+
+async def test_settled_jumps_over_a_handlers_own_clock_sleep() -> None:
+    """A handler that waits on ``ctx.clock.sleep()`` waits on the virtual clock: settled() must
+    jump it (it counted the handler as real work at hand, never jumped, and timed out in real time)."""
+    sleeper = Service("sleeper")
+
+    @sleeper.on(Ping, timeout=60.0, emits=[Slept])
+    async def nap(ping: Ping, ctx: Context) -> Slept:
+        started = ctx.clock.monotonic()
+        await ctx.clock.sleep(30.0)
+        return Slept(n=ping.n, after=ctx.clock.monotonic() - started)
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([sleeper], bus) as worker:
+        await Publisher(bus).publish(Ping(n=1))
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+        assert worker.stats("sleeper").handled == 1
+    assert clock.monotonic() == 30.0
+
+
+async def test_a_handlers_clock_sleep_past_its_timeout_times_out_on_the_clock() -> None:
+    """A handler sleeping on the clock beyond its timeout times out when the clock passes it."""
+    sleeper = Service("sleeper", retry=RetryPolicy(max_attempts=1))
+
+    @sleeper.on(Ping, timeout=5.0)
+    async def nap(ping: Ping, ctx: Context) -> None:
+        await ctx.clock.sleep(600.0)
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([sleeper], bus) as worker:
+        await Publisher(bus).publish(Ping(n=1))
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+        assert worker.stats("sleeper").dead_lettered == 1
+    assert clock.monotonic() == 5.0
+
+
+async def test_a_scenario_runs_a_handler_that_sleeps_on_the_clock() -> None:
+    sleeper = Service("sleeper")
+
+    @sleeper.on(Ping, emits=[Slept])
+    async def nap(ping: Ping, ctx: Context) -> Slept:
+        started = ctx.clock.monotonic()
+        await ctx.clock.sleep(12.5)
+        return Slept(n=ping.n, after=ctx.clock.monotonic() - started)
+
+    async with Scenario([sleeper], timeout=5.0) as s:
+        await asyncio.wait_for(s.given(Ping(n=1)), 10.0)
+        s.expect(Slept)
+        assert s.events(Slept)[0].after == 12.5
+        assert s.emitted[-1].at == 12.5

@@ -53,7 +53,10 @@ class VirtualClock:
         return self._now + self._epoch_offset
 
     async def sleep(self, seconds: float) -> None:
-        await self._wait(seconds, backoff=False)
+        """Sleep ``seconds`` of virtual time. A handler's own sleep (``ctx.clock.sleep`` in a
+        handler task, see :meth:`handling`) waits on the clock as a backoff does: pending work
+        that ``settled()`` jumps the clock over, not real work that holds the clock still."""
+        await self._wait(seconds, backoff=asyncio.current_task() in self._handlers)
 
     async def backoff(self, seconds: float) -> None:
         """Sleep ``seconds`` as a backoff: pending work for ``settled()`` until it ends."""
