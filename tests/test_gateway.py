@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from choreograph import Envelope, Event, decode
+from choreograph._envelope import rfc3339
 from choreograph._gateway_idempotency import IdempotencyStore, open_idempotency_store
 from choreograph._journal_model import format_time
 from choreograph.errors import ConfigurationError, TransportError
@@ -118,6 +119,14 @@ async def test_a_route_deadline_stamps_the_envelope_deadline(
 ) -> None:
     await client.post("/orders", json=BODY)
     assert decode(bus.published[0].body).deadline == format_time(clock.time() + 60)
+
+
+async def test_the_envelope_time_is_the_gateways_clocks(
+    client: httpx.AsyncClient, bus: SpyBus, clock: VirtualClock
+) -> None:
+    """On a VirtualClock the event's ``time`` is the clock's, as its deadline is (it was wall time)."""
+    await client.post("/orders", json=BODY)
+    assert decode(bus.published[0].body).time == rfc3339(clock.time())
 
 
 async def test_without_a_journal_there_is_no_status_url(client: httpx.AsyncClient) -> None:

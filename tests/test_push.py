@@ -42,6 +42,7 @@ from choreograph import (
     derive_id,
 )
 from choreograph import decode as decode_envelope
+from choreograph._envelope import rfc3339
 from choreograph._push_config import load_config
 from choreograph.errors import ConfigurationError, MalformedEnvelope, StoreError
 from choreograph.push import (
@@ -1471,3 +1472,21 @@ async def test_push_metrics_count_attempts_by_outcome_and_time_the_requests(
     assert value("choreograph_pushes_in_flight", subscription=GROUP) == 0
     stats = ambassador.stats()
     assert (stats.delivered, stats.retried, stats.filtered, stats.duplicates) == (2, 1, 1, 1)
+
+
+async def test_the_ambassadors_outputs_and_failure_events_are_stamped_on_the_virtual_clock(
+    bus: MemoryTransport, clock: VirtualClock
+) -> None:
+    """Under a VirtualClock an answer's output and a ``choreograph.failed`` get the clock's time,
+    as the dead-letter record's attempt times do (they were stamped with wall time)."""
+    hook = Scripted(scheduled_response({"delivery_id": "d-e-1", "slot": 4}), (400, {}, b"no"))
+    await watch(bus, "observer", [Scheduled.event_type(), FAILED])
+    async with hook.running() as url, pushing(bus, subscription(url, emits=[Scheduled.event_type()])):
+        await publish(bus, "e-1")
+        await settled(bus)
+        await publish(bus, "e-2")
+        await settled(bus)
+    [letter] = await bus.dead_letters(GROUP)
+    output, failed = await watched(bus, "observer", [Scheduled.event_type(), FAILED])
+    assert output.time == rfc3339(clock.time())
+    assert failed.time == rfc3339(letter.record["last_attempt_at"]) == rfc3339(clock.time())

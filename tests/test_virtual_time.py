@@ -8,6 +8,9 @@ import math
 import pytest
 
 from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker
+from choreograph._envelope import decode, now_rfc3339, rfc3339
+from choreograph._journal_model import parse_time
+from choreograph.service import FAILED
 from choreograph.testing import MemoryTransport, Scenario, VirtualClock, settled
 
 
@@ -140,3 +143,59 @@ async def test_a_scenario_runs_a_handler_that_sleeps_on_the_clock() -> None:
         s.expect(Slept)
         assert s.events(Slept)[0].after == 12.5
         assert s.emitted[-1].at == 12.5
+
+
+class Flaky(Event, type="test.virtual_time.flaky"):
+    n: int
+
+
+async def test_envelope_times_follow_the_virtual_clock() -> None:
+    """Every ``time`` the runtime stamps under a VirtualClock is the clock's: the published
+    event's, a retried handler's output's, and the ``choreograph.failed`` event's. They were
+    wall time, while dead-letter records, deadlines and the journal read the clock: a test of
+    retry timing saw its events microseconds apart instead of a backoff apart."""
+    flaky = Service("flaky", retry=RetryPolicy(max_attempts=2, base=10.0, jitter=False))
+    attempts: dict[int, list[float]] = {1: [], 2: []}
+
+    @flaky.on(Ping, emits=[Flaky, Slept])
+    async def handle(ping: Ping, ctx: Context) -> Flaky:
+        attempts[ping.n].append(ctx.clock.time())
+        if ping.n == 2 or len(attempts[ping.n]) < 2:
+            raise RuntimeError("not yet")
+        ctx.publish(Slept(n=ping.n, after=0.0))
+        return Flaky(n=ping.n)
+
+    epoch = 1_767_225_600.0
+    clock = VirtualClock(start=0.0, epoch=epoch)
+    bus = MemoryTransport(clock=clock)
+    watcher = await bus.subscribe("watcher", None)
+    emitted = {}
+
+    async def watch() -> None:
+        while True:
+            batch = await watcher.fetch(100)
+            emitted.update((e.type, e) for e in (decode(d.message.body) for d in batch))
+            await watcher.ack_many(batch)
+
+    watching = asyncio.create_task(watch())
+    async with Worker([flaky], bus):
+        (ping,) = await Publisher(bus).publish(Ping(n=1))
+        await settled(bus)
+        await Publisher(bus).publish(Ping(n=2))
+        await settled(bus)
+    watching.cancel()
+    assert attempts[1][1] - attempts[1][0] == 10.0  # the retry, 10 s later on the clock
+    assert emitted[Flaky.event_type()].time == rfc3339(attempts[1][1])
+    assert emitted[Slept.event_type()].time == rfc3339(attempts[1][1])
+    assert ping.time == rfc3339(epoch)
+    assert len(attempts[2]) == 2
+    assert emitted[FAILED].time == rfc3339(attempts[2][1])
+    assert emitted[FAILED].data["record"]["last_attempt_at"] == attempts[2][1]  # as the record says
+
+
+def test_rfc3339_writes_epoch_seconds_as_now_rfc3339_writes_now() -> None:
+    assert rfc3339(1_767_225_600.0) == "2026-01-01T00:00:00.000000Z"
+    assert rfc3339(1_767_225_600.9999996) == "2026-01-01T00:00:01.000000Z"  # rounded, never 60 s
+    assert len(rfc3339(1_767_225_612.25)) == len(now_rfc3339())
+    assert parse_time(rfc3339(1_767_225_612.25)) == 1_767_225_612.25
+

@@ -79,6 +79,7 @@ async def run_modes(store: str | JournalStore, clock: VirtualClock, modes: tuple
             for n, mode in enumerate(modes):
                 [env] = await Publisher(bus, source="/gateway").publish(Requested(order=f"o-{n}", mode=mode))
                 ids[mode] = env.id
+                clock.advance(0.001)  # one after the other, as the newest-first order reads them
             await settled(bus)
     if isinstance(store, JournalStore):
         await store.open()  # the journal closed the store it was given when it stopped

@@ -185,6 +185,13 @@ def now_rfc3339() -> str:
     return _second_stamp[1] + str(1_000_000 + ns // 1000 % 1_000_000)[1:] + "Z"
 
 
+def rfc3339(epoch: float) -> str:
+    """Epoch seconds as :func:`now_rfc3339` writes the current time (``2026-01-01T12:00:00.000001Z``):
+    the ``time`` of an event stamped on a clock other than the real one (a test's VirtualClock)."""
+    second, micro = divmod(round(epoch * 1_000_000), 1_000_000)
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{micro:06d}Z"
+
+
 class Envelope(msgspec.Struct):
     """One CloudEvent as choreograph sees it.
 

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 
-from choreograph._clock import backoff
-from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339, string_problem
+from choreograph._clock import SystemClock, backoff
+from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339, rfc3339, string_problem
 from choreograph._http_binding import decode_http_batch, is_cloudevent, to_http
 from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
 from choreograph._redact import redact
@@ -388,7 +388,8 @@ class PushRunner:
             answered = decode_http_batch(response.headers, response.content)
         except MalformedEnvelope as exc:
             raise MalformedEnvelope(f"an invalid CloudEvent: {exc}") from None
-        stamp = now_rfc3339()
+        clock = self.amb.clock  # a test's clock's time, not the wall's
+        stamp = now_rfc3339() if type(clock) is SystemClock else rfc3339(clock.time())
         messages = []
         for index, event in enumerate(answered):
             if event.type.startswith("choreograph.") or event.type == FAILED:
@@ -504,7 +505,8 @@ class PushRunner:
         failure = None
         if envelope is not None and publish_failure:
             failure = to_message(failure_envelope(envelope, record, service=self.group, handler=HANDLER,
-                                                  source=self.source))
+                                                  source=self.source,
+                                                  time=None if type(self.amb.clock) is SystemClock else now))
         self._count("dead_lettered", envelope.type if envelope is not None else "")
         log.error("dead-lettering %s in %s: %s after %d attempt(s): %s",
                   delivery.message.id, self.group, reason, delivery.attempt, error.message,

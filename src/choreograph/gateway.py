@@ -57,7 +57,7 @@ from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
 
-from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph._clock import SYSTEM_CLOCK, Clock, SystemClock
 from choreograph._envelope import attribute_problem, new_id
 from choreograph._gateway_cloudevents import cloudevent_attributes
 from choreograph._gateway_http import (
@@ -350,6 +350,7 @@ class Gateway:
         envelope = first_envelope(
             event, source=self.source, id=correlation_id, deadline=deadline,
             subject=attributes.subject if attributes is not None else None,
+            time=None if type(self.clock) is SystemClock else now,  # a test's clock's time (None: now)
         )
         if attributes is not None:
             attributes.apply(envelope)

@@ -377,7 +377,8 @@ class _Runner(Verdicts, Settling):
                     declared = False
                 if declared and not ctx.outputs:  # one event out: _returned's common case
                     try:
-                        message = output_message(result, call.envelope, handler.id_suffix0, self.service.source)
+                        message = output_message(result, call.envelope, handler.id_suffix0, self.service.source, None,
+                                                 self.clock_time() if self.virtual_clock else None)
                     except Exception:  # not encodable: _returned says so (a dead letter ``rejected``)
                         outcome: _Outcome = self._returned(call, result)
                     else:

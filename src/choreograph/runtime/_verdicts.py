@@ -230,9 +230,11 @@ class Verdicts:
     def _outputs(self, handler: Handler, cause: Envelope, returned: list[Event], ctx: Context) -> list[Message]:
         """The messages of what the handler emitted; :class:`EmitError` (dead letter ``rejected``)
         for an undeclared type or an event that cannot be encoded - not a bug to redeliver."""
+        # stamped on the worker's clock: a test's VirtualClock's time, not the wall's (None: now)
+        stamp = self.clock_time() if self.virtual_clock else None
         try:
             if not ctx.outputs and len(returned) == 1 and type(returned[0]) in handler.emits:  # the common case
-                return [output_message(returned[0], cause, handler.id_suffix0, self.service.source)]
+                return [output_message(returned[0], cause, handler.id_suffix0, self.service.source, None, stamp)]
             events = [(event, subject) for event, subject in ctx.outputs] + [(event, None) for event in returned]
             messages = []
             for index, (event, subject) in enumerate(events):
@@ -242,7 +244,8 @@ class Verdicts:
                         f"{handler.name} emitted {type(event).event_type()!r} but declares {declared}; "
                         "add it to the return annotation or emits=[...]"
                     )
-                messages.append(output_message(event, cause, handler.id_suffix(index), self.service.source, subject))
+                messages.append(output_message(event, cause, handler.id_suffix(index), self.service.source, subject,
+                                               stamp))
             return messages
         except EmitError:
             raise
@@ -304,7 +307,8 @@ class Verdicts:
         failure = None
         if envelope is not None and publish_failure and handler is not None:
             failure = to_message(failure_envelope(envelope, record, service=self.service.name,
-                                                  handler=handler.name, source=self.service.source))
+                                                  handler=handler.name, source=self.service.source,
+                                                  time=self.clock_time() if self.virtual_clock else None))
         self.stats.dead_lettered += 1
         log.error(
             "dead-lettering %s in %s: %s after %d attempt(s): %s: %s",

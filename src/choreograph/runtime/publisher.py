@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from choreograph._clock import SYSTEM_CLOCK
+from choreograph._clock import SYSTEM_CLOCK, SystemClock
 from choreograph._envelope import Envelope, attribute_problem, new_id
 from choreograph.events import Event
 from choreograph.runtime.records import first_envelope, to_message
@@ -61,15 +61,17 @@ class Publisher:
                 problem = attribute_problem("id", event_id)
                 if problem is not None:
                     raise ValueError(problem)
+        clock = getattr(self.transport, "clock", None) or SYSTEM_CLOCK
+        # stamped on the transport's clock: a test's VirtualClock's time, not the wall's (None: now)
+        stamp = None if type(clock) is SystemClock else clock.time()
         if deadline is not None:  # text too: a deadline no journal can read is refused here, not stored
             from choreograph.sagas import deadline_text
 
-            now = (getattr(self.transport, "clock", None) or SYSTEM_CLOCK).time()
-            deadline = deadline_text(deadline, now=now)
+            deadline = deadline_text(deadline, now=clock.time())
         envelopes = [
             first_envelope(
                 event, source=self.source, id=ids[i] if ids else new_id(), correlation_id=correlation_id,
-                subject=subject, deadline=deadline,
+                subject=subject, deadline=deadline, time=stamp,
             )
             for i, event in enumerate(events)
         ]

@@ -18,6 +18,7 @@ from choreograph._envelope import (
     derive_id_with,
     encode,
     now_rfc3339,
+    rfc3339,
     string_problem,
 )
 from choreograph.events import I64_MIN, U64_MAX, Event, check_published, check_wire, event_json
@@ -94,16 +95,18 @@ def output_envelope(
     index: int | str,
     source: str,
     subject: str | None = None,
+    time: float | None = None,
 ) -> Envelope:
     """The envelope of output ``index`` of ``handler`` caused by ``cause``: same correlation,
-    causation = the input, hops + 1, and an id derived from (input, service, handler, index)."""
+    causation = the input, hops + 1, and an id derived from (input, service, handler, index).
+    ``time``: when it was emitted (epoch seconds on the worker's clock; by default the current time)."""
     cls = type(event)
     return Envelope(
         id=derive_id(cause.id, service, handler, index),
         source=source,
         type=cls.event_type(),
         data=orjson.Fragment(event_json(event)),
-        time=now_rfc3339(),
+        time=now_rfc3339() if time is None else rfc3339(time),
         subject=subject,
         dataschema=cls.schema_uri(),
         correlationid=cause.correlationid or cause.id,
@@ -116,9 +119,10 @@ def output_envelope(
     )
 
 
-def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str, subject: str | None = None) -> Message:
+def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str, subject: str | None = None,
+                   time: float | None = None) -> Message:
     """``to_message(output_envelope(event, cause=cause, service=S, handler=H, index=I, source=source,
-    subject=subject))`` without the intermediate envelope: the same bytes, given
+    subject=subject, time=time))`` without the intermediate envelope: the same bytes, given
     ``id_suffix = _envelope.id_suffix(S, H, I)``.
 
     This is the worker's hot path (once per emitted event), hence the dict written out by hand
@@ -140,7 +144,8 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
         event_type, dataschema, checks = _emitted(cls)
     event_id = derive_id_with(cause.id, id_suffix)
     out: dict[str, Any] = {
-        "specversion": SPECVERSION, "id": event_id, "source": source, "type": event_type, "time": now_rfc3339(),
+        "specversion": SPECVERSION, "id": event_id, "source": source, "type": event_type,
+        "time": now_rfc3339() if time is None else rfc3339(time),
     }
     if subject is not None:
         out["subject"] = subject
@@ -197,8 +202,10 @@ def first_envelope(
     subject: str | None = None,
     deadline: str | None = None,
     traceparent: str | None = None,
+    time: float | None = None,
 ) -> Envelope:
-    """The envelope of an event published from outside a handler (ingress); :class:`~choreograph.EmitError`
+    """The envelope of an event published from outside a handler (ingress), stamped ``time``
+    (epoch seconds; by default the current time); :class:`~choreograph.EmitError`
     for an event whose JSON would not read back as valid (see :func:`~choreograph.events.event_json`),
     :class:`ValueError` naming the attribute for a ``correlation_id``, ``subject``, ``deadline`` or
     ``traceparent`` that is not a string or holds what a CloudEvents String must not
@@ -235,7 +242,7 @@ def first_envelope(
         source=source,
         type=event_type,
         data=orjson.Fragment(data),
-        time=now_rfc3339(),
+        time=now_rfc3339() if time is None else rfc3339(time),
         subject=subject,
         dataschema=dataschema,
         correlationid=correlation_id or id,
@@ -279,8 +286,10 @@ def dead_letter_record(
     }
 
 
-def failure_envelope(cause: Envelope, record: dict[str, Any], *, service: str, handler: str, source: str) -> Envelope:
-    """The ``choreograph.failed`` event announcing that ``service`` gave up on ``cause``.
+def failure_envelope(cause: Envelope, record: dict[str, Any], *, service: str, handler: str, source: str,
+                     time: float | None = None) -> Envelope:
+    """The ``choreograph.failed`` event announcing that ``service`` gave up on ``cause``, stamped
+    ``time`` (epoch seconds; by default the current time).
 
     Its subject and ``failedtype`` are ``cause``'s type, and its correlation, trace context,
     partition key and deadline ``cause``'s: inherited, carried as is (see :func:`output_message`)."""
@@ -291,7 +300,7 @@ def failure_envelope(cause: Envelope, record: dict[str, Any], *, service: str, h
         source=source,
         type=FAILED,
         data={"type": cause.type, "envelope": record["envelope"], "record": {k: v for k, v in record.items() if k != "envelope"}},
-        time=now_rfc3339(),
+        time=now_rfc3339() if time is None else rfc3339(time),
         subject=cause.type,
         correlationid=cause.correlationid or cause.id,
         causationid=cause.id,
