@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +200,44 @@ def test_rfc3339_writes_epoch_seconds_as_now_rfc3339_writes_now() -> None:
     assert len(rfc3339(1_767_225_612.25)) == len(now_rfc3339())
     assert parse_time(rfc3339(1_767_225_612.25)) == 1_767_225_612.25
 
+
+class Requested(Event, type="test.virtual_time.requested"):
+    pid: str
+
+
+async def test_a_hang_in_a_transaction_times_out_on_the_clock_while_another_waits_for_the_writer(
+    tmp_path: Path,
+) -> None:
+    """One handler hangs on the clock inside its transaction; the others queue for the SQLite
+    writer it holds. The queued ones counted as work at hand, so the clock never jumped and the
+    real-time watchdog cut the hang (the test took the timeout in real seconds, the clock read 0).
+    A queued one's wait stays out of its timeout on the clock too: one that hangs in turn once it
+    has the writer times out its whole timeout after its wait ended."""
+    svc = Service("package", database=f"sqlite:///{tmp_path / 'package.db'}", retry=RetryPolicy(max_attempts=1))
+    timed_out_at: dict[str, float] = {}
+
+    @svc.on(Requested, timeout=2.0)
+    async def create(req: Requested, ctx: Context) -> None:
+        started = ctx.clock.monotonic()
+        try:
+            async with ctx.transaction():
+                if req.pid != "quick":
+                    await ctx.clock.sleep(600.0)
+        except asyncio.CancelledError:
+            timed_out_at[req.pid] = ctx.clock.monotonic() - started
+            raise
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    loop = asyncio.get_running_loop()
+    async with Worker([svc], bus) as worker:
+        began = loop.time()
+        await Publisher(bus).publish(Requested(pid="slow"), Requested(pid="quick"), Requested(pid="slow too"))
+        await asyncio.wait_for(settled(bus, timeout=20.0), 30.0)
+        took = loop.time() - began
+        stats = worker.stats("package")
+    assert (stats.handled, stats.dead_lettered) == (1, 2)
+    assert took < 1.5  # the watchdog's 2 s in real time
+    assert timed_out_at == {"slow": 2.0, "slow too": 4.0}  # its wait of 2 s not counted
+    letters = await bus.dead_letters("package")
+    assert {letter.record["last_error"]["type"] for letter in letters} == {"HandlerTimeout"}

@@ -10,7 +10,9 @@ waiting for the bus) only looks at the bus again: ``settled()`` may jump past it
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -40,6 +42,13 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+#: Set by the worker in a handler's task on a test's clock (a VirtualClock): told ``True`` when
+#: the task starts waiting for another's work - the SQLite writer's turn, a group commit - and
+#: ``False`` when that wait ends, so that the clock does not count the wait as work of its own
+#: (see ``VirtualClock.waiting``). ``None`` (the real clock, any other task): nobody to tell.
+waits_on_others: contextvars.ContextVar[Callable[[bool], None] | None] = contextvars.ContextVar(
+    "choreograph_waits_on_others", default=None)
 
 
 async def backoff(clock: Clock, seconds: float) -> None:

@@ -32,6 +32,7 @@ class VirtualClock:
         self._seq = itertools.count()
         self._handlers: set[asyncio.Task[object]] = set()  # handler tasks running (see handling())
         self._backing_off: dict[asyncio.Task[object], int] = {}  # tasks in a backoff, how many deep
+        self._waiting: dict[asyncio.Task[object], int] = {}  # handler tasks waiting on another's work, how many deep
 
     def handling(self, task: asyncio.Task[object], running: bool) -> None:
         """The worker tells the clock that a handler's ``task`` started (``running``) or ended."""
@@ -40,11 +41,24 @@ class VirtualClock:
         else:
             self._handlers.discard(task)
 
+    def waiting(self, task: asyncio.Task[object], waiting: bool) -> None:
+        """The worker tells the clock that a handler's ``task`` waits for another's work (its
+        database connection: the SQLite writer another handler holds), or no longer does. Such a
+        task is no work of its own: if whatever it waits for waits on the clock, the clock may jump."""
+        if waiting:
+            self._waiting[task] = self._waiting.get(task, 0) + 1
+        elif self._waiting.get(task, 0) > 1:
+            self._waiting[task] -= 1
+        else:
+            self._waiting.pop(task, None)
+
     def busy(self) -> bool:
-        """Whether a handler runs that does not wait in a backoff (a fault's hang) on this clock:
-        real work under way, which a jump of the clock would make look as if it took that long."""
+        """Whether a handler runs that does not wait in a backoff (a fault's hang) on this clock,
+        nor for another's work (:meth:`waiting`): real work under way, which a jump of the clock
+        would make look as if it took that long."""
         self._handlers = {task for task in self._handlers if not task.done()}  # one that ended unannounced
-        return any(task not in self._backing_off for task in self._handlers)
+        self._waiting = {task: deep for task, deep in self._waiting.items() if task in self._handlers}
+        return any(task not in self._backing_off and task not in self._waiting for task in self._handlers)
 
     def monotonic(self) -> float:
         return self._now

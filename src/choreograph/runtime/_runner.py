@@ -20,7 +20,7 @@ import types
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from choreograph._clock import SystemClock, backoff
+from choreograph._clock import SystemClock, backoff, waits_on_others
 from choreograph.context import _set_current
 from choreograph.errors import EmitError, StoreError, TransactionConflict, TransportClosed
 from choreograph.runtime._coroutines import _Resumed, _suspends
@@ -77,7 +77,9 @@ class _Runner(Verdicts, Settling):
     __slots__ = (
         "active",
         "active_ids",
+        "clock_due",
         "clock_time",
+        "clock_timers",
         "deadlines",
         "fetching",
         "finish_due",
@@ -108,6 +110,7 @@ class _Runner(Verdicts, Settling):
         "touch_wake",
         "unfinished",
         "virtual_clock",
+        "wait_from",
         "waiting",
         "watchdog",
         "worker",
@@ -155,6 +158,11 @@ class _Runner(Verdicts, Settling):
         self.deadlines: dict[Delivery, float] = {}
         self.timed_out: set[Delivery] = set()
         self.waiting: set[Delivery] = set()  # handlers waiting for their database connection
+        # On a test's clock (a VirtualClock): each handler's timeout on that clock - when it is due
+        # (pushed on by its waits for its database connection), its timer, and since when it waits.
+        self.clock_due: dict[Delivery, float] = {}
+        self.clock_timers: dict[Delivery, asyncio.Task[None]] = {}
+        self.wait_from: dict[Delivery, float] = {}
         self.watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -553,10 +561,18 @@ class _Runner(Verdicts, Settling):
         if handling is not None and task is not None:
             handling(task, running)
 
-    async def _clock_timeout(self, task: asyncio.Task[Any], delivery: Delivery, timeout: float) -> None:
-        """Cancel ``task``, the handler of ``delivery``, once ``timeout`` passed on the worker's clock
-        (not the real one: see :meth:`_guarded`), unless the watchdog did or it waits for its database."""
-        await self.worker.clock.sleep(timeout)
+    async def _clock_timeout(self, task: asyncio.Task[Any], delivery: Delivery) -> None:
+        """Cancel ``task``, the handler of ``delivery``, once its timeout passed on the worker's clock
+        (not the real one: see :meth:`_guarded`), unless the watchdog did. Due at ``clock_due``,
+        which a wait for its database connection pushes on (:meth:`_waiting`); one that falls due
+        during such a wait ends here, and the end of the wait arms a new one for the time left."""
+        clock = self.worker.clock
+        while True:
+            now = clock.monotonic()
+            due = self.clock_due.get(delivery, now)
+            if now + (due - now) <= now:  # due (or too close to move the clock: as good as due)
+                break
+            await clock.sleep(due - now)
         if delivery in self.deadlines and delivery not in self.timed_out and delivery not in self.waiting:
             self.timed_out.add(delivery)
             task.cancel()
@@ -564,13 +580,39 @@ class _Runner(Verdicts, Settling):
     def _waiting(self, delivery: Delivery, waited: float | None) -> None:
         """A handler waits for its database connection (``None``) or got it after ``waited``
         seconds: that time does not count against its timeout - a handler holding the SQLite
-        writer too long must not time out the ones queued behind it."""
+        writer too long must not time out the ones queued behind it.
+
+        On a test's clock the wait is kept out of the timeout on that clock too, and the clock is
+        told the handler waits on another's work (``VirtualClock.waiting``): not work of its own
+        that holds the clock still - else a handler hanging on the clock in its transaction, with
+        one queued behind it for the writer, was cut by the real-time watchdog, not at its timeout
+        on the clock."""
+        clock = self.worker.clock
         if waited is None:
             self.waiting.add(delivery)
+            if self.virtual_clock:
+                self.wait_from[delivery] = clock.monotonic()
+                self._clock_waits(True)
             return
         self.waiting.discard(delivery)
         if delivery in self.deadlines:
             self.deadlines[delivery] += waited
+        if self.virtual_clock:
+            self._clock_waits(False)
+            since = self.wait_from.pop(delivery, None)
+            if since is not None and delivery in self.clock_due:
+                self.clock_due[delivery] += clock.monotonic() - since
+                timer = self.clock_timers.get(delivery)
+                task = asyncio.current_task()
+                if timer is not None and timer.done() and task is not None:  # it fell due during the wait
+                    self.clock_timers[delivery] = self.loop.create_task(self._clock_timeout(task, delivery))
+
+    def _clock_waits(self, waiting: bool) -> None:
+        """Tell a VirtualClock the current task waits on another's work (or no longer does)."""
+        tell = getattr(self.worker.clock, "waiting", None)
+        task = asyncio.current_task()
+        if tell is not None and task is not None:
+            tell(task, waiting)
 
     # -- handling ---------------------------------------------------------------------
 
@@ -591,11 +633,11 @@ class _Runner(Verdicts, Settling):
         # handler waiting on it (a fault's hang, ``ctx.clock.sleep``) times out when the clock
         # passes its timeout, at once in real time. The watchdog still measures real time, so a
         # handler stuck on something else times out as it would in production.
-        timer = None
         if self.virtual_clock:
             task = asyncio.current_task()
             assert task is not None
-            timer = self.loop.create_task(self._clock_timeout(task, delivery, call.handler.timeout))
+            self.clock_due[delivery] = self.worker.clock.monotonic() + call.handler.timeout
+            self.clock_timers[delivery] = self.loop.create_task(self._clock_timeout(task, delivery))
         try:
             result = await handler
         except asyncio.CancelledError:
@@ -603,8 +645,12 @@ class _Runner(Verdicts, Settling):
                 raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s") from None
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if self.virtual_clock:
+                timer = self.clock_timers.pop(delivery, None)
+                if timer is not None:
+                    timer.cancel()
+                self.clock_due.pop(delivery, None)
+                self.wait_from.pop(delivery, None)
             call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
             # its waits for the database excluded (see _waiting): what a rerun in place starts from
             call.started = self.deadlines.pop(delivery) - call.handler.timeout
@@ -641,6 +687,8 @@ class _Runner(Verdicts, Settling):
                 assert unit is not None
                 try:
                     _set_current(call.ctx)  # this task's own context
+                    if self.virtual_clock:  # its waits for the SQLite writer are no work of its own
+                        waits_on_others.set(self._clock_waits)
                     result = await self._guarded(call, call.coro)
                     messages = self._outputs(call.handler, call.envelope, _outputs_of(result), call.ctx)
                     mark = True

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from choreograph._clock import waits_on_others
 from choreograph._sqlite import begin_immediate
 from choreograph.errors import StoreError
 
@@ -75,7 +76,15 @@ class Batch:
             return durable.result()
         waiter: asyncio.Future[None] = durable.get_loop().create_future()
         self.waiters.append(waiter)
-        await waiter
+        tell = waits_on_others.get()
+        if tell is None:
+            await waiter
+            return
+        tell(True)  # the commit may wait for another unit of the batch still holding the turn
+        try:
+            await waiter
+        finally:
+            tell(False)
 
     def _resolved(self, durable: asyncio.Future[None]) -> None:
         waiters, self.waiters = self.waiters, []
@@ -154,7 +163,15 @@ class SQLiteWriter:
     # -- the turn -----------------------------------------------------------------------
 
     async def acquire(self) -> None:
-        await self._turn.acquire()
+        tell = waits_on_others.get()
+        if tell is None:
+            await self._turn.acquire()
+            return
+        tell(True)  # another may hold the turn, or be next in line (on a test's clock: see _clock.waits_on_others)
+        try:
+            await self._turn.acquire()
+        finally:
+            tell(False)
 
     async def release(self) -> None:
         """End a turn, leaving the commit to a flusher queued behind whoever waits now.
