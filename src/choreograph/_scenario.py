@@ -140,6 +140,7 @@ class Scenario:
         if self._entered:
             raise RuntimeError("a Scenario runs once: make a new one")
         self._entered = True
+        self.clock._own()  # a clock another running loop uses: say so now
         try:
             if self.data_dir is not None:
                 self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -33,9 +33,29 @@ class VirtualClock:
         self._handlers: set[asyncio.Task[object]] = set()  # handler tasks running (see handling())
         self._backing_off: dict[asyncio.Task[object], int] = {}  # tasks in a backoff, how many deep
         self._waiting: dict[asyncio.Task[object], int] = {}  # handler tasks waiting on another's work, how many deep
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop it serves (see _own)
+
+    def _own(self) -> None:
+        """Serve the running event loop, if any. One loop at a time: a clock whose loop still runs
+        (in another thread) is refused on a second one - its futures and tasks are that loop's, and
+        waking them from here is not safe. Once that loop stopped (a test's loop, closed after the
+        test) the clock moves on to the new one; what still waited on the old one is never woken."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # advance() outside any loop
+            return
+        if loop is self._loop:
+            return
+        if self._loop is not None and self._loop.is_running():
+            raise RuntimeError(
+                "this VirtualClock is in use on another event loop that is running (in another thread): "
+                "a VirtualClock serves one event loop at a time; give each its own clock"
+            )
+        self._loop = loop
 
     def handling(self, task: asyncio.Task[object], running: bool) -> None:
         """The worker tells the clock that a handler's ``task`` started (``running``) or ended."""
+        self._own()
         if running:
             self._handlers.add(task)
         else:
@@ -56,7 +76,8 @@ class VirtualClock:
         """Whether a handler runs that does not wait in a backoff (a fault's hang) on this clock,
         nor for another's work (:meth:`waiting`): real work under way, which a jump of the clock
         would make look as if it took that long."""
-        self._handlers = {task for task in self._handlers if not task.done()}  # one that ended unannounced
+        # one that ended unannounced, or was left on a closed loop (it never ends)
+        self._handlers = {task for task in self._handlers if not task.done() and not task.get_loop().is_closed()}
         self._waiting = {task: deep for task, deep in self._waiting.items() if task in self._handlers}
         return any(task not in self._backing_off and task not in self._waiting for task in self._handlers)
 
@@ -83,6 +104,7 @@ class VirtualClock:
     async def _wait(self, seconds: float, *, backoff: bool, poll: bool = False) -> None:
         if seconds != seconds:  # NaN: at the top of the heap it would hold back every other sleeper
             raise ValueError("seconds: NaN is not a duration")
+        self._own()
         due = self._now + seconds
         if due <= self._now:  # not > 0, or too short to move the clock (1e-12 s at a million seconds)
             await asyncio.sleep(0)  # due now: such a sleeper was left for the next advance(), and
@@ -123,16 +145,17 @@ class VirtualClock:
         """Move time forward and wake every sleeper now due."""
         if not seconds >= 0:  # NaN too: the clock would read NaN from then on
             raise ValueError(f"seconds: time does not go backwards, got {seconds!r}")
+        self._own()
         self._now += seconds
         while self._sleepers and self._sleepers[0][0] <= self._now:
             _, _, future = heapq.heappop(self._sleepers)
-            if not future.done():
+            if not future.done() and not future.get_loop().is_closed():  # a closed loop's: nobody to wake
                 future.set_result(None)
 
 
 def _earliest(sleepers: list[_Sleeper]) -> float | None:
-    while sleepers and sleepers[0][2].done():  # woken, or its task was cancelled
-        heapq.heappop(sleepers)
+    while sleepers and (sleepers[0][2].done() or sleepers[0][2].get_loop().is_closed()):
+        heapq.heappop(sleepers)  # woken, its task cancelled, or left on a closed loop (never woken)
     return sleepers[0][0] if sleepers else None
 
 
@@ -161,6 +184,8 @@ async def settled(bus: MemoryTransport, *, timeout: float = 10.0, max_jump: floa
     """
     clock = bus.clock
     virtual = clock if isinstance(clock, VirtualClock) else None
+    if virtual is not None:
+        virtual._own()  # a clock another running loop uses: say so, rather than time out
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     while True:
