@@ -301,3 +301,37 @@ def test_a_clock_in_use_on_a_loop_running_in_another_thread_is_refused() -> None
         stop.set()
         other.join(5.0)
     assert clock.monotonic() == 0.0
+
+
+async def test_stopping_does_not_wait_out_a_handler_that_waits_on_the_clock() -> None:
+    """Nothing moves a VirtualClock while the worker stops: a handler in a ``ctx.clock.sleep``
+    (or a fault's hang) never ends, and the drain waited its ``drain_timeout`` in real time
+    for it (a Scenario left so took 10 s to exit). It is released at once; a handler at work
+    in real time is still waited for."""
+    sleeper = Service("sleeper")
+    worked: list[int] = []
+
+    @sleeper.on(Ping, timeout=100.0)
+    async def nap(ping: Ping, ctx: Context) -> None:
+        if ping.n == 1:
+            await ctx.clock.sleep(30.0)
+        else:
+            await asyncio.sleep(0.05)  # real work
+            worked.append(ping.n)
+
+    loop = asyncio.get_running_loop()
+    async with Scenario([sleeper], timeout=5.0) as s:
+        await s.given(Ping(n=1), within=1.0)
+        began = loop.time()
+    assert loop.time() - began < 2.0  # the drain's 10 s before
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    worker = Worker([sleeper], bus, drain_timeout=3.0)
+    async with worker:
+        await Publisher(bus).publish(Ping(n=1), Ping(n=2))
+        await asyncio.sleep(0.01)
+        began = loop.time()
+    assert loop.time() - began < 1.5
+    assert worked == [2]  # the one at work was drained
+    assert worker.stats("sleeper").released == 1
