@@ -204,6 +204,19 @@ async def test_expectations_before_anything_was_given_are_a_mistake() -> None:
             s.expect(OrderPlaced)
 
 
+async def test_an_expectation_naming_no_event_is_a_mistake() -> None:
+    """``expect()`` and ``expect_not()`` with nothing named passed whatever happened: an
+    assertion that cannot fail (``expect_not()`` read as "nothing was emitted", and was not)."""
+    async with Scenario(app) as s:
+        await s.given(order())
+        with pytest.raises(TypeError, match="name the events"):
+            s.expect()
+        with pytest.raises(TypeError, match="name the events"):
+            s.expect(ordered=True)
+        with pytest.raises(TypeError, match="name the events"):
+            s.expect_not()
+
+
 # -- services built inline -----------------------------------------------------------------
 
 

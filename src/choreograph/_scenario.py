@@ -374,6 +374,8 @@ class Scenario:
         a join timeout) or ``timed_out()``.
         """
         __tracebackhide__ = True
+        if not events:  # it passed whatever happened
+            raise TypeError("expect(): name the events expected")
         envelopes = [e.envelope for e in self._checked()]
         if ordered:
             found = found_in_order(events, envelopes)
@@ -388,6 +390,8 @@ class Scenario:
     def expect_not(self, *events: Expected) -> None:
         """None of ``events`` was emitted."""
         __tracebackhide__ = True
+        if not events:  # it passed whatever happened
+            raise TypeError("expect_not(): name the events that must not be emitted")
         found = [e for e in self._checked() if any(matches(expected, e.envelope) for expected in events)]
         if found:
             seen = ", ".join(f"{self._log.label(e.envelope)} (id {short(e.envelope.id)})" for e in found)
