@@ -278,6 +278,8 @@ def test_a_clock_in_use_on_a_loop_running_in_another_thread_is_refused() -> None
 
     async def hold() -> None:
         sleeper = asyncio.ensure_future(clock.sleep(5.0))
+        while clock.next_due() is None:  # until the sleeper's first step: the clock is this loop's
+            await asyncio.sleep(0)
         started.set()
         while not stop.is_set():
             await asyncio.sleep(0.001)
