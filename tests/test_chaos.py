@@ -285,6 +285,26 @@ def test_choreograph_chaos_names_the_apps_it_has_a_scenario_for() -> None:
     assert done.returncode == 2 and "no chaos scenario" in done.stderr and "examples.shop.app:app" in done.stderr
 
 
+def test_choreograph_chaos_says_why_the_harness_failed_to_import(tmp_path: Path) -> None:
+    """A checkout whose harness is there but cannot be imported (``pip install choreograph``
+    without the dev extra: no pytest) gets the import error, not "bench/chaos.py not found"."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")
+    (tmp_path / "bench" / "chaos.py").write_text("import a_dependency_not_installed\n")
+    done = subprocess.run([sys.executable, "-m", "choreograph", "chaos", "--orders", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "not found" not in done.stderr
+    assert "bench/chaos.py failed to import" in done.stderr
+    assert "No module named 'a_dependency_not_installed'" in done.stderr
+
+
+def test_choreograph_chaos_outside_a_checkout_says_the_harness_is_not_there(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "choreograph", "chaos", "--orders", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "bench/chaos.py not found; run it from a source checkout" in done.stderr
+
+
 def test_an_order_that_payment_or_inventory_never_decided_is_a_violation(tmp_path: Path) -> None:
     """An OrderPlaced lost for inventory hides behind a cancellation (here payment declined it,
     so nothing was reserved to release): the orders table alone looks fine, the new invariant

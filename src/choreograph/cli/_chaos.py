@@ -43,7 +43,12 @@ def chaos(
         raise ConfigurationError(f"choreograph chaos: no chaos scenario for {target!r}; known: {sorted(SCENARIOS)}")
     try:
         harness = load_module(module_name)
-    except ConfigurationError:
+    except ConfigurationError as exc:
+        if exc.__cause__ is not None:  # the harness is there but its import failed: say why, not "not found"
+            raise ConfigurationError(
+                f"choreograph chaos: the harness {module_name.replace('.', '/')}.py failed to import: {exc} "
+                "(it runs in a source checkout's dev environment: make setup)"
+            ) from exc
         raise ConfigurationError(
             f"choreograph chaos: {module_name.replace('.', '/')}.py not found; run it from a source checkout"
         ) from None
