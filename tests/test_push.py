@@ -709,6 +709,26 @@ async def test_a_handshake_answered_503_is_retried_even_with_an_allowed_origin(c
     assert handshakes.granted == {}
 
 
+@pytest.mark.parametrize("status", [405, 501])
+async def test_a_receiver_without_options_refuses_the_handshake_and_says_how_to_skip_it(
+    clock: VirtualClock, status: int
+) -> None:
+    """405 and 501 (Python's http.server answers OPTIONS 501) mean the receiver does not implement
+    the handshake: a refusal (dead-lettered at once), not a failure retried to max_attempts, and
+    the message names the ways to skip it."""
+    from choreograph._push_http import HandshakeRefused, Handshakes
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(HandshakeRefused) as caught:
+            await Handshakes(client, ORIGIN, clock).ensure("http://receiver.example/hook", 5.0)
+    message = str(caught.value)
+    assert f"answered {status} without a WebHook-Allowed-Origin header" in message
+    assert "--no-handshake" in message and "handshake = false" in message
+
+
 async def test_handshake_false_posts_without_asking(bus: MemoryTransport) -> None:
     """A subscription with handshake=False skips OPTIONS (for receivers that do not implement it)."""
     hook = Scripted(204, allowed=None)

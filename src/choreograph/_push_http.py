@@ -93,14 +93,21 @@ REDACTED_URLS = RedactedUrls()
 """The one instance: ``addFilter`` adds it to a logger once, however many ambassadors are made."""
 
 
+NO_HANDSHAKE = frozenset({405, 501})
+"""What a server that does not implement ``OPTIONS`` answers the handshake: 405 Method Not
+Allowed, or 501 Not Implemented (Python's ``http.server``, some proxies). A refusal, not a
+failure: asking again would get the same answer, so the event is dead-lettered at once."""
+
+
 class HandshakeRefused(Exception):
     """The receiver answered the handshake without granting our origin (permanent)."""
 
     def __init__(self, url: str, status: int, allowed: str | None, origin: str) -> None:
         if allowed is None:
             why = f"answered {status} without a WebHook-Allowed-Origin header"
-            if status == 405:
-                why += " (it does not implement the CloudEvents webhook handshake; set handshake=False to skip it)"
+            if status in NO_HANDSHAKE:
+                why += (" (it does not implement the CloudEvents webhook handshake; skip it with"
+                        " --no-handshake, handshake = false in a push config, or handshake=False)")
         else:
             why = f"allows origin {allowed!r}, not {origin!r}"
         super().__init__(f"OPTIONS {redact(url)}: the receiver refused delivery: {why}")
@@ -154,7 +161,8 @@ class Handshakes:
                 return
             # A 5xx (or 404, 408, 409, 429) is the receiver failing to answer, not answering no:
             # a WebHook-Allowed-Origin it carries (a proxy's or a middleware's) refuses nothing.
-            if classify(response.status_code) == "transient":
+            # 501 is the exception: the server does not implement OPTIONS, and never will.
+            if classify(response.status_code) == "transient" and response.status_code not in NO_HANDSHAKE:
                 raise HandshakeFailed(url, response.status_code,
                                       retry_after(response.headers.get("retry-after"), self.clock.time()))
             raise HandshakeRefused(url, response.status_code, allowed, self.origin)

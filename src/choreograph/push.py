@@ -26,8 +26,8 @@ handshake (``OPTIONS`` + ``WebHook-Request-Origin``). A receiver that answers wi
 granting our origin *refuses*: its deliveries are dead-lettered at once (reason
 ``rejected``, the refusal in the record), never sent, and can be replayed once the
 receiver is fixed. A handshake that fails transiently (unreachable, 5xx, 429) is
-retried like a delivery. Pass ``handshake=False`` for receivers that do not
-implement it.
+retried like a delivery. A receiver that does not implement it (``OPTIONS`` answered
+405 or 501) refuses too; pass ``handshake=False`` for those.
 
 >>> ambassador = PushAmbassador(
 ...     [PushSubscription("delivery-node", ["drone.drone.assigned"], "http://127.0.0.1:8090/",
