@@ -139,7 +139,8 @@ def test_an_unknown_log_format_is_one_clear_line() -> None:
          "xml"], cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 2
-    assert "--log-format 'xml': expected text or json" in " ".join(result.stderr.split())
+    assert "Invalid value for '--log-format'" in result.stderr
+    assert "expected text or json, got 'xml'" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
 
 
@@ -190,14 +191,18 @@ def test_a_value_orjson_cannot_write_beside_one_it_writes_by_repr_keeps_the_reco
     assert record["envelope"]["id"] == "e-1"
 
 
-def test_choreograph_dev_reads_the_log_format_from_the_environment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["dev", "examples.drone_delivery.app:app"], ["run", "examples.chain:app"]])
+def test_a_log_format_from_the_environment_is_refused_naming_the_variable(tmp_path: Path, command: list[str]) -> None:
+    """Set through CHOREOGRAPH_LOG_FORMAT, a bad value names the variable, as every other option's does."""
     result = subprocess.run(
-        [sys.executable, "-m", "choreograph", "dev", "examples.drone_delivery.app:app", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "choreograph", *command, "--data-dir" if command[0] == "dev" else "--broker",
+         str(tmp_path) if command[0] == "dev" else "memory://"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT), "CHOREOGRAPH_LOG_FORMAT": "xml"},
     )
     assert result.returncode == 2
-    assert "--log-format 'xml': expected text or json" in " ".join(result.stderr.split())
+    assert ("Invalid value for '--log-format' (env var: 'CHOREOGRAPH_LOG_FORMAT'): expected text or json, got 'xml'"
+            in " ".join(result.stderr.split()))
 
 
 async def test_a_broker_blocking_the_amqp_connection_is_logged_while_the_clients_are_quiet(records: Records) -> None:

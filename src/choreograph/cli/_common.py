@@ -261,8 +261,16 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
+def _log_format(value: str) -> str:
+    """``--log-format``'s callback: a usage error naming the option, and the variable when it
+    came from ``CHOREOGRAPH_LOG_FORMAT`` (``configure_logging`` would name only the option)."""
+    if value.lower() not in ("text", "json"):
+        raise typer.BadParameter(f"expected text or json, got {value!r}")
+    return value
+
+
 LogFormatOption = typer.Option(
-    "text", "--log-format", envvar="CHOREOGRAPH_LOG_FORMAT",
+    "text", "--log-format", envvar="CHOREOGRAPH_LOG_FORMAT", callback=_log_format,
     help="text, or json: one JSON object per line with the handled event's ids (see choreograph.logs)",
 )
 
