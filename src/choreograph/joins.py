@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -367,10 +368,10 @@ def install(
             f"{where} takes {count} positional parameters; expected one per joined slot "
             f"({len(slots)}), optionally followed by ctx"
         )
-    if within is not None and within <= 0:
-        raise ConfigurationError(f"{where}: within= must be > 0 seconds")
-    if timeout is not None and timeout <= 0:
-        raise ConfigurationError(f"{where}: timeout must be > 0 seconds")
+    if within is not None and not (within > 0 and math.isfinite(within)):  # nan, inf: a deadline JSON cannot carry
+        raise ConfigurationError(f"{where}: within= must be a finite number of seconds > 0, got {within!r}")
+    if timeout is not None and not timeout > 0:
+        raise ConfigurationError(f"{where}: timeout must be > 0 seconds, got {timeout!r}")
     spec = JoinSpec(service.name, func.__qualname__, slots, func, takes_context=count == len(slots) + 1,
                     within=within, kind=kind)
     declared = set(declared_emits(func, emits))

@@ -159,8 +159,8 @@ class Service:
             raise ConfigurationError(
                 f"Service name {name!r}: use 1-100 letters, digits, '_', '-', '.', starting with a letter or digit"
             )
-        if timeout <= 0:
-            raise ConfigurationError(f"Service {name!r}: timeout must be > 0 seconds")
+        if not timeout > 0:  # nan too: a nan timeout would never fire
+            raise ConfigurationError(f"Service {name!r}: timeout must be > 0 seconds, got {timeout!r}")
         self.name = name
         self.retry = retry
         self.timeout = timeout
@@ -292,8 +292,8 @@ class Service:
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
         if not (isinstance(event, type) and issubclass(event, Event)):
             raise ConfigurationError(f"Service {self.name!r}: on({event!r}): expected an Event subclass")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"Service {self.name!r}: timeout must be > 0 seconds")
+        if timeout is not None and not timeout > 0:  # nan too
+            raise ConfigurationError(f"Service {self.name!r}: timeout must be > 0 seconds, got {timeout!r}")
 
         def decorator(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             if not inspect.iscoroutinefunction(func):

@@ -2356,6 +2356,29 @@ async def test_the_failure_event_of_a_dead_letter_is_derived_from_the_failed_eve
     assert failure.hops == placed.hops + 1
 
 
+def test_a_nan_timeout_or_a_deadline_json_cannot_carry_is_refused_where_it_is_declared() -> None:
+    """``timeout <= 0`` let nan through (a timeout that never fires), and ``within <= 0`` let nan
+    and inf through: a join's deadline timer carries ``due`` in JSON, so every arrival was
+    dead-lettered (EmitError). Each is a ConfigurationError naming the value when the code loads."""
+    from choreograph import ConfigurationError
+
+    nan, inf = float("nan"), float("inf")
+    with pytest.raises(ConfigurationError, match="Service 'svc': timeout must be > 0 seconds, got nan"):
+        Service("svc", timeout=nan)
+    svc = Service("svc")
+    with pytest.raises(ConfigurationError, match="Service 'svc': timeout must be > 0 seconds, got nan"):
+        @svc.on(Placed, timeout=nan)
+        async def handle(order: Placed) -> None: ...
+
+    for within in (nan, inf):
+        with pytest.raises(ConfigurationError, match=f"within= must be a finite number of seconds > 0, got {within}"):
+            @svc.on_all(Placed, Charged, within=within)
+            async def join(order: Placed, charged: Charged) -> None: ...
+    with pytest.raises(ConfigurationError, match="timeout must be > 0 seconds, got nan"):
+        @svc.on_all(Placed, Charged, timeout=nan)
+        async def join_timeout(order: Placed, charged: Charged) -> None: ...
+
+
 def test_declaring_a_service_refuses_what_could_only_fail_later() -> None:
     """A zero timeout, a second handler for one type, two services of one name in an App:
     each is a ConfigurationError naming the problem when the code is loaded."""
