@@ -321,7 +321,7 @@ def test_an_error_into_a_pipe_is_one_line_however_long_and_prints_brackets_as_ty
     group = "[red]" + "g" * 100
     result = cli("dlq", "show", "x" * 100, "--group", group, "--broker", "memory://")
     assert result.returncode == 2
-    assert result.stderr == f"error: no dead letter {'x' * 100!r} in group {group!r}\n"
+    assert result.stderr == f"error: --group: no group {group!r} on this bus (its groups: none)\n"
 
 
 @pytest.mark.parametrize("command", [["list"], ["show", "some-id", "--group", "payment"],
@@ -388,6 +388,17 @@ def test_dlq_list_of_a_group_the_bus_does_not_have_is_an_error_naming_the_groups
     for verb in (["replay"], ["purge", "--all"]):
         acted = cli("dlq", *verb, "--group", "paymnet", "--broker", url)
         assert acted.returncode == 2 and "no group 'paymnet' on this bus" in acted.stderr
+
+
+def test_dlq_show_in_a_group_the_bus_does_not_have_names_the_groups_it_has(tmp_path: Path) -> None:
+    """Not "no dead letter ID in group 'paymnet'", which reads as a letter already replayed or purged."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+    first, _ = seed_dead_letters(url)
+    typo = cli("dlq", "show", first, "--group", "paymnet", "--broker", url)
+    assert (typo.returncode, typo.stderr) == (2, "error: --group: no group 'paymnet' on this bus (its groups: 'payment')\n")
+    gone = cli("dlq", "show", "nope", "--group", "payment", "--broker", url)
+    assert (gone.returncode, gone.stderr) == (2, "error: no dead letter 'nope' in group 'payment'\n")
+    assert json.loads(cli("dlq", "show", first, "--group", "payment", "--broker", url).stdout)["id"] == first
 
 
 def test_on_nats_dlq_list_of_an_unknown_group_is_an_error_and_groups_list_shows_the_groups() -> None:

@@ -141,7 +141,14 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
 def show(message_id: str = typer.Argument(..., metavar="ID"), group: str = typer.Option(..., "--group", "-g"),
          broker: str | None = BrokerOption) -> None:
     """Show one dead letter with its full record and original envelope (JSON)."""
-    letter = run_async(_with_bus(broker_url(broker), lambda bus: bus.dead_letter(group, message_id)))
+
+    async def shown(bus: Transport) -> DeadLetter | None:
+        letter = await bus.dead_letter(group, message_id)
+        if letter is None:  # a typo in --group is named as one, not as a letter that is gone
+            await _check_group(bus, group)
+        return letter
+
+    letter = run_async(_with_bus(broker_url(broker), shown))
     if letter is None:
         raise _missing_error(group, [message_id])
     console.print_json(orjson.dumps(_as_dict(letter)).decode())
