@@ -96,7 +96,7 @@ from nats.aio.client import Client
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
-from choreograph.transports import lease_from_url
+from choreograph.transports import did_you_mean, lease_from_url
 from choreograph.transports._nats_bindings import GroupBindings
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_dead_letters import DeadLetterStream
@@ -133,9 +133,13 @@ class NatsTransport(GroupBindings, Transport):
         self.lease = lease_from_url(url)
         parts = urlsplit(url)
         query = parse_qs(parts.query, keep_blank_values=True)
-        unknown = set(query) - {"lease", "prefix", "replicas"}
+        known = ("lease", "prefix", "replicas")
+        unknown = set(query) - set(known)
         if unknown:
-            raise ConfigurationError(f"broker URL {redact(url)!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+            raise ConfigurationError(
+                f"broker URL {redact(url)!r}: unknown parameter(s) "
+                f"{', '.join(did_you_mean(name, known) for name in sorted(unknown))}; nats:// takes {', '.join(known)}"
+            )
         self.prefix = query.get("prefix", ["choreograph"])[-1]
         if not self.prefix or codec.name_token(self.prefix) != self.prefix:
             raise ConfigurationError(f"broker URL {redact(url)!r}: prefix must match [A-Za-z0-9_-]+")

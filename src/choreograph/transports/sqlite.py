@@ -55,6 +55,7 @@ from choreograph._redact import redact
 from choreograph._sqlite import begin_immediate
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _sqlite_ops as ops
+from choreograph.transports import did_you_mean
 from choreograph.transports._sqlite_consumer import SQLiteSubscription
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
 
@@ -101,9 +102,13 @@ def _parse_url(url: str) -> _Config:
     if path == ":memory:":
         raise ConfigurationError(f"broker URL {redact(url)!r}: an in-memory database is not shared; use memory://")
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-    unknown = set(query) - {"lease", "synchronous", "busy_timeout"}
+    known = ("lease", "synchronous", "busy_timeout")
+    unknown = set(query) - set(known)
     if unknown:
-        raise ConfigurationError(f"broker URL {redact(url)!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+        raise ConfigurationError(
+            f"broker URL {redact(url)!r}: unknown parameter(s) "
+            f"{', '.join(did_you_mean(name, known) for name in sorted(unknown))}; sqlite:// takes {', '.join(known)}"
+        )
     synchronous = query.get("synchronous", "NORMAL").upper()
     if synchronous not in _SYNCHRONOUS:
         raise ConfigurationError(f"broker URL {redact(url)!r}: synchronous must be one of {', '.join(_SYNCHRONOUS)}")
