@@ -51,6 +51,8 @@ def cli(*args: str, timeout: float = 60, cwd: Path = ROOT) -> subprocess.Complet
          "unknown parameter(s) prefx (did you mean prefix?); nats:// takes lease, prefix, replicas"),
         (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?synchronus=FULL"],
          "unknown parameter(s) synchronus (did you mean synchronous?); sqlite:// takes lease, synchronous, busy_timeout"),
+        (["publish", "chain.order.placed", "--correlation-id", "", "--broker", "memory://"],
+         "--correlation-id '': empty; give the transaction's correlation id"),
         (["publish", "chain.order.placed", "--data", "{oops", "--broker", "memory://"], "--data: not valid JSON"),
         (["publish", "chain.order.placed", "--data", '{"order_id": 5}', "--schema", "examples.chain",
           "--broker", "memory://"], "$.amount: Field required"),

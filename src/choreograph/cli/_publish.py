@@ -93,6 +93,9 @@ def publish(
     _check_type(event_type)
     if not source:
         raise ConfigurationError("--source: must be a non-empty string (a CloudEvents source)")
+    if correlation_id == "":  # "$CID" of an unset variable: not a new transaction without a word
+        raise ConfigurationError("--correlation-id '': empty; give the transaction's correlation id, or leave "
+                                 "the option out to start a new one")
     for option, value in (("--source", source), ("--correlation-id", correlation_id)):
         problem = None if value is None else string_problem(value)
         if problem is not None:
