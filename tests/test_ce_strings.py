@@ -70,6 +70,8 @@ def test_a_publisher_source_a_cloudevents_string_cannot_hold_is_refused_when_it_
         ({"subject": "s\ufdd0"}, r"^subject: 's\\ufdd0' contains a Unicode noncharacter \(U\+FDD0"),
         ({"subject": "s\udc00"}, r"^subject: 's\\udc00' contains a surrogate code point \(U\+DC00"),
         ({"ids": ["fine", "id\x1b"]}, r"^id: 'id\\x1b' contains a control character \(U\+001B at index 2\)"),
+        ({"correlation_id": ""}, r"^correlation_id: '' is empty; pass None to start a new transaction"),
+        ({"subject": ""}, r"^subject: '' is empty; a CloudEvents subject must be non-empty"),
     ],
 )
 async def test_publisher_arguments_a_cloudevents_string_cannot_hold_are_refused_before_anything_is_published(

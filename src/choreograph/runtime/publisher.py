@@ -52,8 +52,15 @@ class Publisher:
         now on the transport's clock) travels with the transaction: see :mod:`choreograph.sagas`.
         A ``correlation_id``, ``subject`` or id in ``ids`` that holds what a
         CloudEvents String must not (a control character, a surrogate, a Unicode
-        noncharacter) raises :class:`ValueError` naming it, before anything is published.
+        noncharacter), or an empty ``correlation_id`` or ``subject``, raises
+        :class:`ValueError` naming it, before anything is published.
         """
+        # Empty is refused too: a CloudEvents subject that is present must not be empty, and an
+        # empty correlation_id (an unset variable) would start a new transaction without a word.
+        if correlation_id == "":
+            raise ValueError("correlation_id: '' is empty; pass None to start a new transaction")
+        if subject == "":
+            raise ValueError("subject: '' is empty; a CloudEvents subject must be non-empty (pass None for none)")
         if ids is not None:
             if len(ids) != len(events):
                 raise ValueError("ids: must have one id per event")
