@@ -4,6 +4,8 @@ a value, naming the attribute and why. (Decoding stays lenient: see tests/test_e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from choreograph import Event, Publisher, Service
@@ -84,6 +86,22 @@ async def test_publisher_arguments_a_cloudevents_string_cannot_hold_are_refused_
         await Publisher(bus).publish(*events, **kwargs)  # type: ignore[arg-type]
     assert await sub.fetch(10, timeout=0.05) == []
     await bus.close()
+
+
+async def test_an_empty_correlation_id_or_subject_of_a_transaction_outside_a_handler_is_refused(
+    tmp_path: Path,
+) -> None:
+    """``transaction(correlation_id="")`` put each event in a transaction of its own, and
+    ``tx.publish(subject="")`` wrote an empty subject, which a CloudEvents subject must not be."""
+    from choreograph import transaction
+
+    svc = Service("noter", database=f"sqlite:///{tmp_path / 'noter.db'}")
+    with pytest.raises(ValueError, match=r"^correlation_id: '' is empty"):
+        async with transaction(svc, correlation_id=""):
+            pass
+    with pytest.raises(ValueError, match=r"^subject: '' is empty"):
+        async with transaction(svc) as tx:
+            tx.publish(Noted(), subject="")
 
 
 def test_a_gateway_source_a_cloudevents_string_cannot_hold_is_refused_at_construction() -> None:

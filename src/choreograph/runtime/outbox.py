@@ -217,6 +217,8 @@ async def transaction(service: Service, *, correlation_id: str | None = None) ->
     another process) publishes the rows. Keep the database open for the life of your
     app (``async with open_database(service.database):``) to avoid reconnecting per call.
     """
+    if correlation_id == "":  # an unset variable: each event would start a transaction of its own
+        raise ValueError("correlation_id: '' is empty; pass None for events that start their own transactions")
     if not service.database:
         raise ConfigurationError(f"Service {service.name!r} has no database=; transaction() needs one")
     ctx = current_context()
@@ -242,6 +244,8 @@ async def transaction(service: Service, *, correlation_id: str | None = None) ->
     messages: list[Message] = []
 
     def publish(event: Event, subject: str | None) -> Envelope:
+        if subject == "":  # as ctx.publish and Publisher.publish: a CloudEvents subject is non-empty
+            raise ValueError("subject: '' is empty; a CloudEvents subject must be non-empty (pass None for none)")
         envelope = first_envelope(
             event, source=service.source, id=new_id(), correlation_id=correlation_id, subject=subject
         )
