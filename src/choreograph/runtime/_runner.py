@@ -1,10 +1,11 @@
 """The worker loop of one service: :class:`_Runner`, what :class:`~choreograph.runtime.worker.Worker`
 runs per service (how, and why so: :mod:`choreograph.runtime.worker`).
 
-The runner fetches, starts each handler (in a task, or inline if it cannot suspend), keeps
-the leases of what it holds and the handlers' timeouts, and stops. What a delivery comes to
-is decided by :class:`~choreograph.runtime._verdicts.Verdicts`, and its outcome is settled
-by :class:`~choreograph.runtime._settling.Settling`: both mixins of the runner.
+The runner fetches, starts each handler (in a task, or inline if it cannot suspend), and
+stops. What a delivery comes to is decided by :class:`~choreograph.runtime._verdicts.Verdicts`,
+its outcome is settled by :class:`~choreograph.runtime._settling.Settling`, and the leases of
+what it holds and the handlers' timeouts are kept by :class:`~choreograph.runtime._timing.Timing`:
+mixins of the runner.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import random
 import sys
 import time
 import types
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from choreograph._clock import SystemClock, backoff, waits_on_others
@@ -26,6 +27,7 @@ from choreograph.errors import EmitError, StoreError, TransactionConflict, Trans
 from choreograph.runtime._coroutines import _Resumed, _suspends
 from choreograph.runtime._outcomes import Stats, _Again, _Call, _Done, _Outcome
 from choreograph.runtime._settling import Settling, _Settlement
+from choreograph.runtime._timing import Timing
 from choreograph.runtime._verdicts import Verdicts, _outputs_of
 from choreograph.runtime.records import output_message
 from choreograph.service import Service
@@ -58,17 +60,11 @@ CONFLICT_RERUNS = 3
 CONFLICT_PAUSE = 0.01
 
 
-class HandlerTimeout(Exception):
-    """A handler ran longer than its timeout; counted as a failed (transient) attempt."""
-
-
-HandlerTimeout.__module__ = "choreograph.runtime.worker"  # public there: tracebacks and records name it so
-
 #: Python 3.12+ can start a task eagerly (run it at once until it first suspends).
 _EAGER_TASKS = sys.version_info >= (3, 12)
 
 
-class _Runner(Verdicts, Settling):
+class _Runner(Timing, Verdicts, Settling):
     """The worker loop of one service."""
 
     # Slots, not a __dict__: more than 30 attributes make CPython 3.11 give an instance a
@@ -488,148 +484,6 @@ class _Runner(Verdicts, Settling):
         if not self.hold_wake:  # else the fetch loop wakes the settle loop after its batch
             self.outcome_ready.set()
 
-    async def _touch_loop(self) -> None:
-        """Extend the leases of what this worker holds, every third of a lease: the deliveries
-        whose handlers run, and those handled but not settled for a whole tick already - their
-        outputs, inbox mark or ack wait for a broker or store that refuses them for now (a
-        Redis ``maxlen`` backlog, a store that cannot write). Without that touch the lease ran
-        out and another replica ran the handler again. What settles within a tick, nearly
-        everything, is not touched.
-
-        On a test's clock (a VirtualClock) the ticks are on that clock, where leases run out:
-        ``settled()`` jumping it past a lease while a handler hangs in virtual time (a fault's
-        hang) expired the lease of a delivery still being handled, and it was handled again.
-        With nothing in hand the loop waits for the fetch loop instead of ticking, so that its
-        ticks are not stops for every jump of the clock to a retry due far away."""
-        interval = max(0.05, self.worker.transport.lease / 3)
-        clock = self.worker.clock
-        before: dict[str, Delivery] = {}
-        while not self.stopping:
-            if self.virtual_clock:
-                if not self.active_ids:
-                    self.touch_wake.clear()
-                    await self.touch_wake.wait()
-                await clock.sleep(interval)
-            else:
-                await asyncio.sleep(interval)
-            running = list(self.active.values())
-            ids = {id(d) for d in running}
-            held = dict(self.active_ids)
-            waiting = [d for message_id, d in held.items() if before.get(message_id) is d and id(d) not in ids]
-            before = held
-            await self._touch(running + waiting)
-
-    async def _drain_on_clock(self, drained_by: float) -> float:
-        """On a test's clock (a VirtualClock): wait for the handlers still running while one of
-        them works (``busy()``), up to ``drained_by``; the drain's end, now if what is left only
-        waits on the clock. Nothing moves the clock while the worker stops, so a handler in a hang
-        or a ``ctx.clock.sleep`` would never end: the drain waited ``drain_timeout`` in real time
-        for it (a Scenario left with such a handler took 10 s to exit)."""
-        busy = getattr(self.worker.clock, "busy", None)
-        if busy is None:
-            return drained_by
-        loop = asyncio.get_running_loop()
-        while self.active and loop.time() < drained_by:
-            if not busy():
-                return loop.time()
-            await asyncio.wait(list(self.active), timeout=0.001)
-        return drained_by
-
-    async def _touch(self, deliveries: list[Delivery]) -> None:
-        """Touch ``deliveries``, 64 at a time concurrently (a backlog of a thousand in hand
-        during an outage was a thousand round trips one after the other), and log the
-        failures once per tick, not once per delivery."""
-        failed, first = 0, None
-        for start in range(0, len(deliveries), 64):
-            chunk = deliveries[start:start + 64]
-            for delivery, result in zip(chunk, await asyncio.gather(*(d.touch() for d in chunk),
-                                                                    return_exceptions=True), strict=True):
-                if isinstance(result, BaseException):
-                    if not isinstance(result, Exception):
-                        raise result  # a cancellation: the worker is stopping
-                    failed += 1
-                    first = first or f"{delivery!r}: {result}"
-        if failed:
-            log.warning("could not extend the leases of %d of %d deliveries of %s (%s); they return "
-                        "after their lease if it runs out", failed, len(deliveries), self.group, first)
-
-    async def _watchdog_loop(self, tick: float) -> None:
-        """Cancel handlers past their timeout (checked every ``tick`` seconds).
-
-        Cheaper than ``asyncio.timeout`` around every handler call, which schedules and
-        cancels a timer per delivery; the price is up to ``tick`` of lateness.
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(tick)
-            now = loop.time()
-            for task, delivery in list(self.active.items()):
-                deadline = self.deadlines.get(delivery)
-                if (deadline is not None and deadline <= now and delivery not in self.timed_out
-                        and delivery not in self.waiting):
-                    self.timed_out.add(delivery)
-                    task.cancel()
-
-    def _busy(self, running: bool) -> None:
-        """Tell a VirtualClock that the current task works (or no longer does): see its ``busy()``."""
-        handling = getattr(self.worker.clock, "handling", None)
-        task = asyncio.current_task()
-        if handling is not None and task is not None:
-            handling(task, running)
-
-    async def _clock_timeout(self, task: asyncio.Task[Any], delivery: Delivery) -> None:
-        """Cancel ``task``, the handler of ``delivery``, once its timeout passed on the worker's clock
-        (not the real one: see :meth:`_guarded`), unless the watchdog did. Due at ``clock_due``,
-        which a wait for its database connection pushes on (:meth:`_waiting`); one that falls due
-        during such a wait ends here, and the end of the wait arms a new one for the time left."""
-        clock = self.worker.clock
-        while True:
-            now = clock.monotonic()
-            due = self.clock_due.get(delivery, now)
-            if now + (due - now) <= now:  # due (or too close to move the clock: as good as due)
-                break
-            await clock.sleep(due - now)
-        if delivery in self.deadlines and delivery not in self.timed_out and delivery not in self.waiting:
-            self.timed_out.add(delivery)
-            task.cancel()
-
-    def _waiting(self, delivery: Delivery, waited: float | None) -> None:
-        """A handler waits for its database connection (``None``) or got it after ``waited``
-        seconds: that time does not count against its timeout - a handler holding the SQLite
-        writer too long must not time out the ones queued behind it.
-
-        On a test's clock the wait is kept out of the timeout on that clock too, and the clock is
-        told the handler waits on another's work (``VirtualClock.waiting``): not work of its own
-        that holds the clock still - else a handler hanging on the clock in its transaction, with
-        one queued behind it for the writer, was cut by the real-time watchdog, not at its timeout
-        on the clock."""
-        clock = self.worker.clock
-        if waited is None:
-            self.waiting.add(delivery)
-            if self.virtual_clock:
-                self.wait_from[delivery] = clock.monotonic()
-                self._clock_waits(True)
-            return
-        self.waiting.discard(delivery)
-        if delivery in self.deadlines:
-            self.deadlines[delivery] += waited
-        if self.virtual_clock:
-            self._clock_waits(False)
-            since = self.wait_from.pop(delivery, None)
-            if since is not None and delivery in self.clock_due:
-                self.clock_due[delivery] += clock.monotonic() - since
-                timer = self.clock_timers.get(delivery)
-                task = asyncio.current_task()
-                if timer is not None and timer.done() and task is not None:  # it fell due during the wait
-                    self.clock_timers[delivery] = self.loop.create_task(self._clock_timeout(task, delivery))
-
-    def _clock_waits(self, waiting: bool) -> None:
-        """Tell a VirtualClock the current task waits on another's work (or no longer does)."""
-        tell = getattr(self.worker.clock, "waiting", None)
-        task = asyncio.current_task()
-        if tell is not None and task is not None:
-            tell(task, waiting)
-
     # -- handling ---------------------------------------------------------------------
 
     async def _release(self, delivery: Delivery) -> None:
@@ -639,47 +493,6 @@ class _Runner(Verdicts, Settling):
             await asyncio.shield(delivery.retry(0.0))
         except Exception as exc:  # broker unreachable: the lease gives it back instead
             log.warning("could not release %r: %s; it returns after its lease", delivery, exc)
-
-    async def _guarded(self, call: _Call, handler: Awaitable[Any]) -> Any:
-        """Await the rest of a handler under its timeout (the watchdog cancels it, we say why)."""
-        delivery = call.delivery
-        self.deadlines[delivery] = call.started + call.handler.timeout
-        late = False
-        # On a clock of a test's own (a VirtualClock) the timeout runs on that clock too: a
-        # handler waiting on it (a fault's hang, ``ctx.clock.sleep``) times out when the clock
-        # passes its timeout, at once in real time. The watchdog still measures real time, so a
-        # handler stuck on something else times out as it would in production.
-        if self.virtual_clock:
-            task = asyncio.current_task()
-            assert task is not None
-            self.clock_due[delivery] = self.worker.clock.monotonic() + call.handler.timeout
-            self.clock_timers[delivery] = self.loop.create_task(self._clock_timeout(task, delivery))
-        try:
-            result = await handler
-        except asyncio.CancelledError:
-            if delivery in self.timed_out:  # the watchdog, not a shutdown
-                raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s") from None
-            raise
-        finally:
-            if self.virtual_clock:
-                timer = self.clock_timers.pop(delivery, None)
-                if timer is not None:
-                    timer.cancel()
-                self.clock_due.pop(delivery, None)
-                self.wait_from.pop(delivery, None)
-            call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
-            # its waits for the database excluded (see _waiting): what a rerun in place starts from
-            call.started = self.deadlines.pop(delivery) - call.handler.timeout
-            if delivery in self.timed_out:
-                self.timed_out.discard(delivery)
-                task = asyncio.current_task()
-                assert task is not None  # only a handler running in a task can be cancelled
-                task.uncancel()
-                late = True
-        if late:  # it caught the watchdog's cancellation and returned: a timed-out attempt all the same
-            raise HandlerTimeout(f"handler exceeded its timeout of {call.handler.timeout}s "
-                                 "(it returned after its cancellation; its result is dropped)")
-        return result
 
     async def _settle_raised(self, call: _Call, exc: BaseException) -> None:
         try:

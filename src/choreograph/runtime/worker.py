@@ -26,9 +26,9 @@ closes the subscription: nothing is lost. Those last steps get ``STOP_GRACE`` se
 so a worker whose broker is unreachable still exits; what it could not settle is
 redelivered after the lease, and the inbox makes the re-run harmless downstream.
 
-The runner of one service is ``_runner``'s, with its two mixins: what a delivery comes to
-(``_verdicts``) and the settle loop, lane and finisher (``_settling``); the values they pass
-along are ``_outcomes``'s.
+The runner of one service is ``_runner``'s, with its three mixins: what a delivery comes to
+(``_verdicts``), the settle loop, lane and finisher (``_settling``), and the leases and
+timeouts (``_timing``); the values they pass along are ``_outcomes``'s.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from choreograph.runtime._coroutines import never_suspends as never_suspends  # 
 from choreograph.runtime._outcomes import Stats
 from choreograph.runtime._runner import _EAGER_TASKS as _EAGER_TASKS  # for tests
 from choreograph.runtime._runner import IN_FLIGHT_DEFER as IN_FLIGHT_DEFER  # for tests and bench
-from choreograph.runtime._runner import HandlerTimeout, _Runner
+from choreograph.runtime._runner import _Runner
+from choreograph.runtime._timing import HandlerTimeout
 from choreograph.runtime.outbox import Outboxes
 from choreograph.service import Service
 from choreograph.stores.base import InboxStore
