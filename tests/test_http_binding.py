@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import orjson
 import pytest
 import yaml
@@ -516,3 +517,15 @@ def test_header_names_are_case_insensitive() -> None:
     """CE-Type and ce-type are the same header (HTTP header names are case-insensitive)."""
     envelope = decode_http({"CE-SpecVersion": "1.0", "Ce-Id": "1", "CE-SOURCE": "/s", "ce-type": "t"}, b"")
     assert (envelope.id, envelope.source, envelope.type, envelope.data) == ("1", "/s", "t", None)
+
+
+def test_binary_mode_sends_a_datacontenttype_without_its_surrounding_whitespace() -> None:
+    """Whitespace around a header value is no part of it (RFC 9110 5.5) and h11 refuses to send it:
+    a ``datacontenttype`` of ``" text/plain "`` goes as ``text/plain``; one no Content-Type can
+    hold (a line break, a character beyond ASCII, blank) is a MalformedEnvelope naming it."""
+    envelope = Envelope(id="w-1", source="/s", type="t", data="hi", datacontenttype=" text/plain\t")
+    headers, body = to_binary(envelope)
+    assert (headers["content-type"], body) == ("text/plain", b"hi")
+    for value in ("text/plain\nx: 1", "text/plainé", "  "):
+        with pytest.raises(MalformedEnvelope, match="^datacontenttype: .* cannot be an HTTP Content-Type"):
+            to_binary(msgspec.structs.replace(envelope, datacontenttype=value))

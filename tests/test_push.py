@@ -662,6 +662,51 @@ async def test_an_internal_error_before_the_post_is_retried_then_dead_lettered_n
     assert hook.posts == 0
 
 
+@pytest.mark.parametrize(
+    ("datacontenttype", "data", "problem"),
+    [
+        ("text/plain; charset=é", "hi", "cannot be an HTTP Content-Type"),
+        ("text/plain\r\nx-injected: 1", "hi", "cannot be an HTTP Content-Type"),
+        ("text/plain; charset=no-such-charset", "hi", "unknown charset 'no-such-charset'"),
+        ("text/plain; charset=ascii", "café", "not encodable in ascii"),
+    ],
+    ids=["non-ascii", "newline", "unknown-charset", "unencodable"],
+)
+async def test_an_event_binary_mode_cannot_carry_is_dead_lettered_at_once_naming_it(
+    bus: MemoryTransport, datacontenttype: str, data: str, problem: str
+) -> None:
+    """An outside producer's ``datacontenttype`` beyond printable ASCII (or holding a line break)
+    went raw into the Content-Type header, which httpx refuses to send; one whose charset is
+    unknown, or cannot encode the data, raised encoding the body. Each failed as an internal error
+    on every attempt and was retried by the policy before it was dead-lettered ``internal_error``,
+    its cause hidden. Nothing can fix it by waiting: it is dead-lettered ``rejected`` at once,
+    naming the attribute, with no request made; a structured-mode subscriber still gets it."""
+    hook = Scripted(204)
+    await watch(bus, "observer", [FAILED])
+    body = orjson.dumps({"specversion": "1.0", "id": "ct-1", "source": "/outside", "type": Assigned.event_type(),
+                         "datacontenttype": datacontenttype, "data": data})
+    async with hook.running() as url, pushing(bus, subscription(url)) as ambassador:
+        await bus.publish([Message("ct-1", Assigned.event_type(), body)])
+        await settled(bus)
+    assert hook.posts == 0
+    [letter] = await bus.dead_letters(GROUP)
+    record = letter.record
+    assert (record["reason"], record["attempts"], record["status"]) == ("rejected", 1, None)
+    assert record["last_error"]["type"] == "MalformedEnvelope"
+    assert record["last_error"]["message"].startswith("datacontenttype: ")
+    assert problem in record["last_error"]["message"]
+    assert ambassador.stats().retried == 0
+    [failed] = await watched(bus, "observer", [FAILED])
+    assert failed.causationid == "ct-1"
+    hook = Scripted(204)
+    async with hook.running() as url, pushing(bus, subscription(url, mode="structured")) as ambassador:
+        await bus.publish([Message("ct-2", Assigned.event_type(), body.replace(b'"ct-1"', b'"ct-2"'))])
+        await settled(bus)
+    assert hook.posts == 1
+    assert decode_envelope(hook.requests[0].body).datacontenttype == datacontenttype
+    assert ambassador.stats().delivered == 1
+
+
 # -- the handshake --------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote, unquote
@@ -48,6 +49,9 @@ HEADER_PREFIX = "ce-"
 
 #: Printable ASCII minus space, '"' and '%': what a ce- header value may carry unencoded.
 _SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+#: What a Content-Type header value may hold: printable ASCII, space and tab inside (RFC 9110
+#: field-value without obs-text, as h11 checks it; a media type and its parameters are ASCII, RFC 2046/6838).
+_CONTENT_TYPE_SAFE = re.compile(r"[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?")
 #: Attributes that are not ce- headers in binary mode.
 _NOT_HEADERS = frozenset({"data", "data_base64", "datacontenttype"})
 
@@ -122,7 +126,14 @@ def _data_bytes(envelope: Envelope) -> bytes:
     if isinstance(data, bytes):
         return data
     if isinstance(data, str) and not is_json(envelope.datacontenttype):
-        return data.encode(_charset(envelope.datacontenttype) or "utf-8")
+        charset = _charset(envelope.datacontenttype) or "utf-8"
+        try:
+            return data.encode(charset)
+        except LookupError:
+            raise MalformedEnvelope(f"datacontenttype: unknown charset {charset!r}", event_id=envelope.id) from None
+        except UnicodeEncodeError as exc:
+            raise MalformedEnvelope(f"datacontenttype: the data is not encodable in {charset} ({exc})",
+                                    event_id=envelope.id) from None
     try:
         return orjson.dumps(data)
     except TypeError as exc:
@@ -135,14 +146,25 @@ def to_binary(envelope: Envelope) -> tuple[Headers, bytes]:
     The W3C ``traceparent``/``tracestate`` headers are set too, so an HTTP-instrumented
     receiver joins the event's trace without knowing about CloudEvents.
     """
+    content_type = envelope.datacontenttype
+    if content_type is not None:
+        content_type = content_type.strip(" \t")  # optional whitespace around a field value (RFC 9110 5.5)
+    if content_type is not None and not _CONTENT_TYPE_SAFE.fullmatch(content_type):
+        # An outside producer's value, carried as it is on the bus (decode is lenient): httpx refused
+        # to send it (UnicodeEncodeError, or h11's "Illegal header value"), on every attempt.
+        raise MalformedEnvelope(
+            f"datacontenttype: {content_type!r} cannot be an HTTP Content-Type (a media type is printable "
+            "ASCII, RFC 2046 and RFC 9110): binary mode cannot carry the event, structured mode can",
+            event_id=envelope.id,
+        )
     headers: Headers = {}
     for name, value in envelope.to_dict().items():
         if name in _NOT_HEADERS or value is None:
             continue
         headers[HEADER_PREFIX + name] = header_value(value)
     body = _data_bytes(envelope)
-    if envelope.datacontenttype is not None:
-        headers["content-type"] = envelope.datacontenttype
+    if content_type is not None:
+        headers["content-type"] = content_type
     elif body:
         # On the bus (JSON format) an absent datacontenttype means JSON, and data_base64 bytes;
         # in binary mode the body stands alone, so say which, or the receiver cannot know (the

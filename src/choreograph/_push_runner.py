@@ -313,7 +313,13 @@ class PushRunner:
             return _Again(1.0, deferred=True)  # nothing was sent: an attempt per second of the outage spent its retries
 
         try:
-            response = await self._request(envelope, body)
+            headers, payload = to_http(envelope, sub.mode, body)
+        except MalformedEnvelope as exc:
+            # What binary mode cannot carry (a datacontenttype no Content-Type header can hold, a
+            # charset that cannot encode the data): no retry sends it, nothing to ask the receiver.
+            return await self._rejected(delivery, envelope, ErrorInfo.from_exception(exc, limit=0), now, status=None)
+        try:
+            response = await self._request(envelope, headers, payload)
         except HandshakeRefused as exc:
             return await self._rejected(delivery, envelope, ErrorInfo("HandshakeRefused", str(exc)), now,
                                         status=exc.status)
@@ -349,9 +355,8 @@ class PushRunner:
         after = retry_after(response.headers.get("retry-after"), now)
         return await self._failed(delivery, envelope, error, now, status=status, after=after)
 
-    async def _post(self, envelope: Envelope, body: bytes) -> _Answer:
+    async def _post(self, envelope: Envelope, headers: dict[str, str], payload: bytes) -> _Answer:
         sub, client = self.sub, self.amb.client
-        headers, payload = to_http(envelope, sub.mode, body)
         headers = {**sub.headers, **headers, "user-agent": USER_AGENT}
         if sub.secret:
             headers.update(signature_headers(sub.secret, envelope.id, payload))
@@ -365,14 +370,14 @@ class PushRunner:
         return _Answer(response.status_code, response.reason_phrase, response.headers, content,
                        response.encoding or "utf-8")
 
-    async def _request(self, envelope: Envelope, body: bytes) -> _Answer:
+    async def _request(self, envelope: Envelope, headers: dict[str, str], payload: bytes) -> _Answer:
         """Handshake (once per URL) and POST; timed when metrics are on."""
         sub, metrics = self.sub, self.metrics
         started = time.perf_counter()
         try:
             if sub.handshake:
                 await self.amb.handshakes.ensure(sub.url, sub.timeout)
-            return await self._post(envelope, body)
+            return await self._post(envelope, headers, payload)
         finally:
             if metrics is not None:
                 metrics.push_duration.labels(self.group).observe(time.perf_counter() - started)
