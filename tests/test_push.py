@@ -514,6 +514,23 @@ async def test_an_answer_whose_attribute_a_cloudevents_string_cannot_hold_is_rej
     assert "CloudEvents String must not" in letter.record["last_error"]["message"]
 
 
+async def test_an_answer_whose_charset_is_no_text_encoding_is_rejected_not_pushed_again(bus: MemoryTransport) -> None:
+    """``charset=base64`` (or ``rot13``, ``zlib``...) names a Python codec that is no text encoding:
+    ``codecs.lookup`` finds it, ``bytes.decode`` raises LookupError. Reading the answer raised it
+    past the runner's checks: an internal error, so the event was pushed again at every retry and
+    dead-lettered ``internal_error``. It is an invalid CloudEvent in the answer, rejected at once."""
+    headers = {"ce-specversion": "1.0", "ce-id": "r-1", "ce-source": "/node", "ce-type": "test.push.noted",
+               "content-type": "text/plain; charset=base64"}
+    hook = Scripted((200, headers, b"aGk="))
+    async with hook.running() as url, pushing(bus, subscription(url)):
+        await publish(bus, "e-1")
+        await settled(bus)
+    assert hook.posts == 1
+    [letter] = await bus.dead_letters(GROUP)
+    assert (letter.record["reason"], letter.record["attempts"]) == ("rejected", 1)
+    assert "unknown charset 'base64'" in letter.record["last_error"]["message"]
+
+
 async def test_an_event_already_in_the_inbox_is_not_posted_again(bus: MemoryTransport) -> None:
     """A redelivered id (same event published twice) is acked from the inbox without a second POST."""
     hook = Scripted(204)
@@ -945,9 +962,11 @@ BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce
          b'{"specversion": "1.0", "id": "e-1", "source": "/s", "type": "test.push.assigned", '
          b'"data": {"delivery_id": "d-1", "delivery_id": "d-2"}}',
          "$.data.delivery_id: the key is given twice in one object"),
+        ([*[h for h in BINARY if h[0] != "content-type"], ("content-type", "text/plain; charset=base64")], b"aGk=",
+         "datacontenttype: unknown charset 'base64'"),  # a codec, no text encoding: was a 500
     ],
     ids=["ce-header-twice", "raw-utf8-header", "encoded-control", "raw-tab", "c1-control", "noncharacter", "open-quote",
-         "data-key-twice", "attribute-key-twice", "structured-data-key-twice"],
+         "data-key-twice", "attribute-key-twice", "structured-data-key-twice", "codec-no-text-encoding"],
 )
 async def test_the_receiver_refuses_what_it_would_misread_with_400_naming_it(
     headers: list[tuple[str, str | bytes]], body: bytes, expected: str

@@ -232,10 +232,10 @@ def _data_from_body(body: bytes, content_type: str | None, event_id: str | None)
         charset = _charset(content_type) or "utf-8"
         try:
             codecs.lookup(charset)
+            # LookupError here too: a codec that is no text encoding (base64, rot13, zlib...)
+            return {"data": body.decode(charset)}
         except LookupError:
             raise MalformedEnvelope(f"datacontenttype: unknown charset {charset!r}", event_id=event_id) from None
-        try:
-            return {"data": body.decode(charset)}
         except UnicodeDecodeError as exc:
             if content_type:
                 raise MalformedEnvelope(f"data: body is not valid {charset} ({exc})", event_id=event_id) from None
