@@ -363,6 +363,37 @@ async def test_a_copy_put_back_while_its_push_is_in_flight_keeps_its_retries(clo
     assert ambassador.stats().delivered == 1
 
 
+@pytest.mark.parametrize("handshake", [True, False], ids=["handshake", "no-handshake"])
+async def test_a_redirect_is_not_followed_even_by_a_client_that_follows_them(
+    bus: MemoryTransport, handshake: bool
+) -> None:
+    """A 3xx is permanent (the outcome table), and the handshake grants the URL that answered it.
+    The ``client`` given to the ambassador (for TLS or proxies) decided instead: one made with
+    ``follow_redirects=True`` followed a 307 from the handshake to another URL, whose grant then
+    counted for the first, and re-sent the signed POST there. Neither request follows a redirect:
+    the event is dead-lettered ``rejected`` with the 307, and the other URL gets nothing."""
+    elsewhere: list[str] = []
+
+    async def hook(request: Request) -> Response:
+        return Response(status_code=307, headers={"location": "/elsewhere"})
+
+    async def other(request: Request) -> Response:
+        elsewhere.append(request.method)
+        return Response(status_code=200 if request.method == "OPTIONS" else 204,
+                        headers={"WebHook-Allowed-Origin": "*"})
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST", "OPTIONS"]),
+                            Route("/elsewhere", other, methods=["POST", "OPTIONS"])])
+    async with serve(app) as base, httpx.AsyncClient(follow_redirects=True) as client:
+        async with PushAmbassador([subscription(base + "/hook", handshake=handshake)], bus, origin=ORIGIN,
+                                  client=client):
+            await publish(bus, "e-1")
+            await settled(bus)
+    assert elsewhere == []
+    [letter] = await bus.dead_letters(GROUP)
+    assert (letter.record["reason"], letter.record["status"], letter.record["attempts"]) == ("rejected", 307, 1)
+
+
 async def test_an_unreachable_receiver_is_retried_then_given_up(bus: MemoryTransport) -> None:
     """Connection refused is transient; after max attempts the record names the connection error."""
     async with serve(Scripted().app) as base:

@@ -152,7 +152,8 @@ class Handshakes:
                 return
             self.asked += 1
             async with asyncio.timeout(answer_within), self.client.stream(
-                "OPTIONS", url, headers={REQUEST_ORIGIN: self.origin}, timeout=answer_within
+                "OPTIONS", url, headers={REQUEST_ORIGIN: self.origin}, timeout=answer_within,
+                follow_redirects=False,  # a grant is the answer of ``url`` itself, not of where it points
             ) as response:
                 pass  # the answer is its status and headers; a body, however large, is not read
             allowed = response.headers.get(ALLOWED_ORIGIN)

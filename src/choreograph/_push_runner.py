@@ -362,7 +362,9 @@ class PushRunner:
             headers.update(signature_headers(sub.secret, envelope.id, payload))
         request = client.build_request("POST", sub.url, content=payload, headers=headers, timeout=sub.timeout)
         async with asyncio.timeout(sub.timeout):  # a bound on the whole exchange, not per read
-            response = await client.send(request, stream=True)
+            # never followed, whatever the client given does: a 3xx is permanent (the outcome table),
+            # and the signed body and the subscription's headers go to the URL configured, no other
+            response = await client.send(request, stream=True, follow_redirects=False)
             try:
                 content = await _read_answer(response, sub.max_response_body)
             finally:
