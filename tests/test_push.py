@@ -1374,9 +1374,16 @@ MINIMAL_TOML = '[[subscriptions]]\ngroup = "g"\ntypes = ["a.b"]\nurl = "http://1
         ("emits = [1]", "subscriptions[0].emits[0]: expected an event type (a string), got 1"),
         ("types = [1]", "subscriptions[0].types[0]: expected an event type (a string), got 1"),
         ("max_attempts = 2.5", "subscriptions[0].max_attempts: expected a whole number, got 2.5"),
+        # the retry table was given to RetryPolicy as it was read: "no" a true jitter, 2.5 attempts,
+        # and a quoted number an error naming no key ("'<' not supported between 'str' and 'int'")
+        ('retry = { jitter = "no" }', "subscriptions[0].retry.jitter: expected true or false, got 'no'"),
+        ("retry = { max_attempts = 2.5 }", "subscriptions[0].retry.max_attempts: expected a whole number, got 2.5"),
+        ('retry = { base = "x" }', "subscriptions[0].retry.base: expected a number of seconds, got 'x'"),
+        ('retry = { max_age = "soon" }', "subscriptions[0].retry.max_age: expected a number of seconds, got 'soon'"),
     ],
     ids=["timeout-str", "timeout-bool", "max-retry-after", "handshake-str", "header-int", "headers-list",
-         "emits-int", "types-int", "max-attempts-float"],
+         "emits-int", "types-int", "max-attempts-float", "retry-jitter-str", "retry-attempts-float", "retry-base-str",
+         "retry-max-age-str"],
 )
 def test_a_subscription_value_of_the_wrong_type_is_refused_naming_its_key(
     tmp_path: Path, line: str, message: str
@@ -1450,6 +1457,20 @@ def test_numbers_and_booleans_may_be_strings_from_the_environment(
     [sub] = config.subscriptions
     assert (sub.timeout, sub.retry.max_attempts, sub.handshake, sub.max_retry_after) == (2.5, 3, False, 60.0)
     assert (config.concurrency, config.drain_timeout) == (4, 7.0)
+
+
+def test_the_retry_table_reads_numbers_and_booleans_from_the_environment_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_attempts = "${N}"`` was read, ``retry = { max_attempts = "${N}" }`` refused with
+    "'<' not supported between instances of 'str' and 'int'" (naming no key), and a
+    ``jitter = "${JITTER}"`` of "false" kept as the string, a true jitter."""
+    monkeypatch.setenv("TEST_PUSH_ATTEMPTS", "3")
+    path = tmp_path / "push.toml"
+    path.write_text(MINIMAL_TOML + 'retry = { max_attempts = "${TEST_PUSH_ATTEMPTS}", base = "0.5", '
+                    'max_interval = "10", max_age = "60", jitter = "false" }\n')
+    [sub] = load_config(path).subscriptions
+    assert sub.retry == RetryPolicy(max_attempts=3, base=0.5, max_interval=10.0, max_age=60.0, jitter=False)
 
 
 def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -211,6 +211,18 @@ def _headers(value: Any, where: str) -> dict[str, str]:
     return {str(name): item for name, item in headers.items()}
 
 
+def _retry_option(key: str, value: Any, where: str) -> Any:
+    """A value of the ``retry`` table, typed as the subscription's own are (``RetryPolicy`` took
+    them as read: ``jitter = "no"`` a true jitter, a quoted number an error naming no key)."""
+    if key == "max_attempts":
+        return _whole(value, where)
+    if key == "jitter":
+        return _boolean(value, where)
+    if key == "max_age" and value is None:  # YAML's null: no limit, as RetryPolicy's None
+        return None
+    return _number(value, where)
+
+
 def _check_keys(data: Any, allowed: set[str] | None, where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigurationError(f"{where}: expected a table/mapping, got {type(data).__name__}")
@@ -228,7 +240,8 @@ def subscription_from_mapping(data: Any, where: str = "subscription") -> PushSub
             raise ConfigurationError(f"{where}.{key}: required key is missing")
     retry = DEFAULT_RETRY
     if "retry" in item:
-        retry_options = dict(_check_keys(item["retry"], _RETRY, f"{where}.retry"))
+        retry_options = {key: _retry_option(key, value, f"{where}.retry.{key}")
+                         for key, value in _check_keys(item["retry"], _RETRY, f"{where}.retry").items()}
         try:
             retry = RetryPolicy(**retry_options)
         except (TypeError, ValueError) as exc:
