@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import math
 import os
 import re
 import shutil
@@ -1122,6 +1123,16 @@ def test_push_subscription_validates_its_configuration() -> None:
     with pytest.raises(ConfigurationError, match="timeout"):
         PushSubscription("g", "t", "http://x/", timeout=0)
     assert PushSubscription("g", "t", "http://x/").types == frozenset({"t"})
+
+
+@pytest.mark.parametrize("cap", [math.nan, math.inf, 15 * 24 * 3600.0, -1.0])
+def test_max_retry_after_is_a_cap_a_transport_can_hold(cap: float) -> None:
+    """``nan`` passed the ``< 0`` check and capped nothing (``min(after, nan)`` is ``after``), and
+    a cap past 14 days let a receiver's ``Retry-After`` ask for a wait ``Retry(after=)`` and
+    ``max_interval`` refuse: longer than a transport is known to hold a delayed event."""
+    with pytest.raises(ConfigurationError, match=r"max_retry_after must be between 0 and 1209600 seconds"):
+        PushSubscription("g", "t", "http://x/", max_retry_after=cap)
+    assert PushSubscription("g", "t", "http://x/", max_retry_after=14 * 24 * 3600.0).max_retry_after == 1209600.0
 
 
 @pytest.mark.parametrize(

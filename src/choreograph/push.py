@@ -75,7 +75,7 @@ from choreograph._webhook import (
     verify,
 )
 from choreograph.errors import ConfigurationError
-from choreograph.policy import DEFAULT_RETRY, RetryPolicy
+from choreograph.policy import DEFAULT_RETRY, MAX_RETRY_DELAY, RetryPolicy
 from choreograph.stores.base import InboxStore
 from choreograph.stores.memory import MemoryStore
 from choreograph.transports.base import Transport
@@ -192,8 +192,10 @@ class PushSubscription:
             raise ConfigurationError(f"push subscription {self.group!r}: mode must be 'binary' or 'structured'")
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ConfigurationError(f"push subscription {self.group!r}: timeout must be > 0 seconds")
-        if self.max_retry_after < 0:
-            raise ConfigurationError(f"push subscription {self.group!r}: max_retry_after must be >= 0 seconds")
+        if not 0 <= self.max_retry_after <= MAX_RETRY_DELAY:  # refuses nan (no cap at all: min(x, nan) is x)
+            # A wait past MAX_RETRY_DELAY is one a transport may not hold (Retry(after=) refuses it too).
+            raise ConfigurationError(f"push subscription {self.group!r}: max_retry_after must be between 0 and "
+                                     f"{MAX_RETRY_DELAY:.0f} seconds (14 days), got {self.max_retry_after!r}")
         limit = self.max_response_body
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise ConfigurationError(
