@@ -309,6 +309,23 @@ async def test_a_permanent_status_is_dead_lettered_at_once_with_a_failure_event(
     assert (failed.correlationid, failed.causationid) == (sent.correlationid, sent.id)
 
 
+async def test_an_error_answer_whose_charset_is_no_text_encoding_is_still_read_for_its_excerpt(
+    bus: MemoryTransport,
+) -> None:
+    """httpx takes any codec ``codecs.lookup`` finds as the answer's encoding (``base64``,
+    ``zlib_codec``...), and decoding the excerpt with it raised LookupError: a 400 was an
+    internal error, retried (the event pushed again) before a dead letter ``internal_error``
+    without its status. The excerpt falls back to UTF-8; the 400 is dead-lettered at once."""
+    hook = Scripted((400, {"content-type": "text/plain; charset=base64"}, b"delivery_id is unknown"))
+    async with hook.running() as url, pushing(bus, subscription(url)):
+        await publish(bus, "e-1")
+        await settled(bus)
+    assert hook.posts == 1
+    [letter] = await bus.dead_letters(GROUP)
+    assert (letter.record["reason"], letter.record["status"], letter.record["attempts"]) == ("rejected", 400, 1)
+    assert "answered 400 Bad Request: delivery_id is unknown" in letter.record["last_error"]["message"]
+
+
 async def test_a_permanent_status_after_a_transient_one_keeps_the_first_failure_in_its_record(
     bus: MemoryTransport,
 ) -> None:

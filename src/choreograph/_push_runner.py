@@ -136,7 +136,11 @@ class _Answer:
     encoding: str
 
     def excerpt(self) -> str:
-        text = self.content.decode(self.encoding, errors="replace").strip().replace("\n", " ")
+        try:
+            text = self.content.decode(self.encoding, errors="replace")
+        except LookupError:  # a codec httpx took for a charset that is no text encoding (base64, zlib_codec...)
+            text = self.content.decode("utf-8", errors="replace")
+        text = text.strip().replace("\n", " ")
         return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
 
 
