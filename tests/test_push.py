@@ -670,6 +670,34 @@ async def test_stop_releases_a_push_still_in_flight(bus: MemoryTransport) -> Non
     await sub.close()
 
 
+async def test_a_push_answered_before_the_drain_runs_out_is_settled_not_released_to_be_pushed_again(
+    bus: MemoryTransport,
+) -> None:
+    """The drain ran out while a push answered 204 was still being settled (its inbox mark slow):
+    the task was cancelled with the outcome known, and the event released to the group, so the
+    next ambassador pushed it again although the receiver had it. An outcome already known is
+    settled (within a bounded grace) rather than thrown away; nothing is pushed twice."""
+
+    class SlowMark(MemoryStore):
+        async def mark(self, group: str, ids: list[str]) -> None:
+            await asyncio.sleep(0.3)  # real time: past the drain timeout below
+            await super().mark(group, ids)
+
+    store = SlowMark()
+    hook = Scripted(204)
+    async with hook.running() as url:
+        ambassador = PushAmbassador([subscription(url)], bus, origin=ORIGIN, drain_timeout=0.05, store=store)
+        async with ambassador:
+            await publish(bus, "e-1")
+            await until(lambda: hook.posts == 1)
+        stats = ambassador.stats()
+        assert (stats.delivered, stats.released) == (1, 0)
+        async with pushing(bus, subscription(url), store=store):
+            await settled(bus)
+    assert hook.posts == 1
+    assert bus.pending()[0] == 0
+
+
 async def test_requests_in_flight_are_bounded_by_concurrency(bus: MemoryTransport) -> None:
     """With concurrency=2, a receiver holding every request never sees more than two at once."""
     gate = asyncio.Event()

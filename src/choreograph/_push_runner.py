@@ -47,6 +47,7 @@ from choreograph._redact import redact
 from choreograph._webhook import signature_headers
 from choreograph.errors import EmitError, MalformedEnvelope
 from choreograph.logs import event_fields
+from choreograph.runtime._runner import STOP_GRACE
 from choreograph.runtime.records import (
     DeadLetterReason,
     dead_letter_record,
@@ -191,6 +192,7 @@ class PushRunner:
         self.stopping = False
         self.fetching = False
         self.tasks: list[asyncio.Task[None]] = []
+        self.settling: set[asyncio.Task[None]] = set()  # outcomes being settled (a push cancelled meanwhile)
         self.handed_back_types: set[str] = set()  # types _unsubscribed has warned about
 
     def _count(self, outcome: str, event_type: str) -> None:
@@ -273,12 +275,21 @@ class PushRunner:
                 outcome = await self._attempt(delivery)
             except Exception as exc:  # a bug below the push (not the endpoint's answer)
                 outcome = self._internal_error(delivery, exc)
-            await self._settle(delivery, outcome)
         except asyncio.CancelledError:
             # Shutdown ran out of drain time: give the delivery back at once.
             self._count("released", delivery.message.type)
+            if metrics is not None:
+                metrics.push_in_flight.labels(self.group).dec()
             await asyncio.shield(delivery.retry(0.0))
             raise
+        # The outcome is known (the receiver may have the event): settled even when the drain runs
+        # out now - released instead, the event was pushed again by the next ambassador. stop()
+        # gives what is still settling STOP_GRACE, then leaves it to the lease.
+        settling = asyncio.create_task(self._settle(delivery, outcome))
+        self.settling.add(settling)
+        settling.add_done_callback(self.settling.discard)
+        try:
+            await asyncio.shield(settling)
         finally:
             if metrics is not None:
                 metrics.push_in_flight.labels(self.group).dec()
@@ -590,5 +601,13 @@ class PushRunner:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self.settling:  # pushes cancelled while their outcome was settled: bounded, as the worker's
+            _, unsettled = await asyncio.wait(list(self.settling), timeout=STOP_GRACE)
+            if unsettled:
+                log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
+                            "their deliveries return after the lease", self.group, STOP_GRACE)
+                for task in unsettled:
+                    task.cancel()
+                await asyncio.wait(unsettled)
         if self.consumer is not None:
             await self.consumer.close()
