@@ -563,6 +563,27 @@ async def test_an_answer_whose_attribute_a_cloudevents_string_cannot_hold_is_rej
     assert "CloudEvents String must not" in letter.record["last_error"]["message"]
 
 
+@pytest.mark.parametrize("datacontenttype", ["text/plain\nx-injected: 1", "text/pl\u00e4in"])
+async def test_an_answer_whose_datacontenttype_no_content_type_can_hold_is_rejected(
+    bus: MemoryTransport, datacontenttype: str
+) -> None:
+    """An event in a structured answer carrying a ``datacontenttype`` no HTTP Content-Type can hold
+    went onto the bus as the ambassador's output, where every binary-mode subscription it reached
+    had to dead-letter it. It is refused where it enters, as its other attributes are."""
+    event = {"specversion": "1.0", "id": "r-1", "source": "/node", "type": "test.push.noted",
+             "datacontenttype": datacontenttype, "data": "noted"}
+    hook = Scripted((200, {"content-type": "application/cloudevents+json"}, orjson.dumps(event)))
+    await watch(bus, "observer", ["test.push.noted"])
+    async with hook.running() as url, pushing(bus, subscription(url)):
+        await publish(bus, "e-1")
+        await settled(bus)
+    [letter] = await bus.dead_letters(GROUP)
+    assert letter.record["reason"] == "rejected"
+    assert "datacontenttype" in letter.record["last_error"]["message"]
+    assert "cannot be an HTTP Content-Type" in letter.record["last_error"]["message"]
+    assert await watched(bus, "observer", ["test.push.noted"]) == []
+
+
 async def test_an_answer_whose_charset_is_no_text_encoding_is_rejected_not_pushed_again(bus: MemoryTransport) -> None:
     """``charset=base64`` (or ``rot13``, ``zlib``...) names a Python codec that is no text encoding:
     ``codecs.lookup`` finds it, ``bytes.decode`` raises LookupError. Reading the answer raised it

@@ -149,14 +149,12 @@ def to_binary(envelope: Envelope) -> tuple[Headers, bytes]:
     content_type = envelope.datacontenttype
     if content_type is not None:
         content_type = content_type.strip(" \t")  # optional whitespace around a field value (RFC 9110 5.5)
-    if content_type is not None and not _CONTENT_TYPE_SAFE.fullmatch(content_type):
         # An outside producer's value, carried as it is on the bus (decode is lenient): httpx refused
         # to send it (UnicodeEncodeError, or h11's "Illegal header value"), on every attempt.
-        raise MalformedEnvelope(
-            f"datacontenttype: {content_type!r} cannot be an HTTP Content-Type (a media type is printable "
-            "ASCII, RFC 2046 and RFC 9110): binary mode cannot carry the event, structured mode can",
-            event_id=envelope.id,
-        )
+        problem = content_type_problem(content_type)
+        if problem is not None:
+            raise MalformedEnvelope(f"datacontenttype: {content_type!r} {problem}: binary mode cannot carry "
+                                    "the event, structured mode can", event_id=envelope.id)
     headers: Headers = {}
     for name, value in envelope.to_dict().items():
         if name in _NOT_HEADERS or value is None:
@@ -172,6 +170,14 @@ def to_binary(envelope: Envelope) -> tuple[Headers, bytes]:
         headers["content-type"] = OCTET_STREAM if "data_base64" in envelope.extensions else "application/json"
     _trace_headers(envelope, headers)
     return headers, body
+
+
+def content_type_problem(value: str) -> str | None:
+    """Why ``value`` (a ``datacontenttype``, whitespace around it aside) cannot be sent as an HTTP
+    ``Content-Type``, or ``None`` if it can."""
+    if _CONTENT_TYPE_SAFE.fullmatch(value.strip(" \t")):
+        return None
+    return "cannot be an HTTP Content-Type (a media type is printable ASCII, RFC 2046 and RFC 9110)"
 
 
 def to_structured(envelope: Envelope, body: bytes | None = None) -> tuple[Headers, bytes]:

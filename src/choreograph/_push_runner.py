@@ -41,7 +41,7 @@ import msgspec
 
 from choreograph._clock import SystemClock, backoff
 from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339, rfc3339, string_problem
-from choreograph._http_binding import decode_http_batch, is_cloudevent, to_http
+from choreograph._http_binding import content_type_problem, decode_http_batch, is_cloudevent, to_http
 from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
 from choreograph._redact import redact
 from choreograph._webhook import signature_headers
@@ -426,6 +426,12 @@ class PushRunner:
                 problem = string_problem(value) if isinstance(value, str) else None
                 if problem is not None:
                     raise EmitError(f"an event whose {name} {value!r} {problem}")
+            # ...and its datacontenttype to what a binary-mode push can send on (an RFC 2046 media
+            # type); published, it was dead-lettered by every binary-mode subscription it reached.
+            if event.datacontenttype is not None:
+                problem = content_type_problem(event.datacontenttype)
+                if problem is not None:
+                    raise EmitError(f"an event whose datacontenttype {event.datacontenttype!r} {problem}")
             output = msgspec.structs.replace(
                 event,
                 id=derive_id(cause.id, self.group, HANDLER, index),
