@@ -937,6 +937,26 @@ async def test_an_event_id_beyond_ascii_is_pushed_signed_its_webhook_id_percent_
     assert await bus.dead_letters(GROUP) == []
 
 
+async def test_an_event_id_with_a_space_at_either_end_is_pushed_signed(bus: MemoryTransport) -> None:
+    """An outside producer's id ``" e-1 "`` went into ``webhook-id`` as it is: h11 refuses a header
+    value with whitespace at either end (and a server would strip it, so the signature could not
+    verify), so every attempt failed as a connection error until max_attempts. Those spaces are
+    percent-encoded as the other characters a header cannot carry as they are; the id verifies."""
+    received: list[Envelope] = []
+
+    async def handle(envelope: Envelope) -> None:
+        received.append(envelope)
+
+    sent = signature_headers(SECRET, " e 1 ", b"{}", timestamp=1)
+    assert sent["webhook-id"] == "%20e 1%20"
+    verify(sent, b"{}", SECRET, now=1)
+    async with serve(receiver(handle, secret=SECRET)) as base, pushing(bus, subscription(base + "/")):
+        await publish(bus, " e 1 ")
+        await settled(bus)
+    assert [envelope.id for envelope in received] == [" e 1 "]
+    assert await bus.dead_letters(GROUP) == []
+
+
 async def test_a_trace_context_beyond_ascii_is_pushed_without_the_w3c_headers(bus: MemoryTransport) -> None:
     """An outside producer's ``traceparent`` holding a non-ASCII character went raw into the W3C
     ``traceparent`` header, which httpx refuses to send: every push of it failed as an internal

@@ -94,8 +94,15 @@ def wire_id(msg_id: str) -> str:
     but for characters beyond printable ASCII, percent-encoded as UTF-8 (as the CloudEvents binding
     sends a ``ce-`` header). A header value is ASCII: httpx refused to send an id holding an ``é``,
     so an event with one (an outside producer's id) could never be pushed to a signed subscriber.
-    A receiver verifies with the header as received, so any Standard Webhooks library checks it."""
-    return msg_id if msg_id.isascii() and msg_id.isprintable() else quote(msg_id, safe=_HEADER_SAFE)
+    A receiver verifies with the header as received, so any Standard Webhooks library checks it.
+    A space at either end is percent-encoded too: a header value does not begin or end with one
+    (RFC 9110 5.5; h11 refused to send it, and a server strips it, so the signature failed)."""
+    wire = msg_id if msg_id.isascii() and msg_id.isprintable() else quote(msg_id, safe=_HEADER_SAFE)
+    core = wire.strip(" ")
+    if core == wire:
+        return wire
+    start = wire.index(core) if core else len(wire)
+    return "%20" * start + core + "%20" * (len(wire) - start - len(core))
 
 
 def signature_headers(
