@@ -122,6 +122,10 @@ def _header_refused(name: str, value: object) -> str | None:
         return "not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"
     if not isinstance(value, str) or _NOT_IN_VALUES.search(value):
         return "the value must be text without control characters (no line breaks)"
+    if not value.isascii():  # httpx sends header values as ASCII (UnicodeEncodeError at every push)
+        return "the value must be printable ASCII (percent-encode or base64 the rest)"
+    if value != value.strip(" \t"):  # RFC 9110 5.5; h11 refuses to send it ("Illegal header value")
+        return "the value must not begin or end with whitespace"
     lowered = name.lower()
     if lowered in _SET_BY_THE_AMBASSADOR or lowered.startswith(("ce-", "webhook-")):
         return ("the ambassador sets it on every request (the CloudEvents binding, the Standard Webhooks "
