@@ -889,6 +889,16 @@ async def test_a_receiver_without_options_refuses_the_handshake_and_says_how_to_
     assert "--no-handshake" in message and "handshake = false" in message
 
 
+@pytest.mark.parametrize("origin", ["bus.example.com ", "b\u00fcs.example.com", "bus\nexample"])
+async def test_an_origin_no_handshake_can_send_is_a_configuration_error(bus: MemoryTransport, origin: str) -> None:
+    """The origin goes into every handshake's ``WebHook-Request-Origin``: one with whitespace at an
+    end (h11 refuses it) or beyond ASCII (httpx does) failed each handshake, every event retried
+    to its dead letter. It is refused where the ambassador is made, unless nothing handshakes."""
+    with pytest.raises(ConfigurationError, match=r"push ambassador: origin .*: the value must"):
+        PushAmbassador([subscription("http://127.0.0.1:9/hook")], bus, origin=origin)
+    await PushAmbassador([subscription("http://127.0.0.1:9/hook", handshake=False)], bus, origin=origin).client.aclose()
+
+
 async def test_handshake_false_posts_without_asking(bus: MemoryTransport) -> None:
     """A subscription with handshake=False skips OPTIONS (for receivers that do not implement it)."""
     hook = Scripted(204, allowed=None)

@@ -116,16 +116,24 @@ _SET_BY_THE_AMBASSADOR = ("content-type", "content-length", "transfer-encoding",
                           "user-agent", "traceparent", "tracestate")
 
 
-def _header_refused(name: str, value: object) -> str | None:
-    """Why a subscription may not add header ``name: value`` (``None``: it may)."""
-    if not isinstance(name, str) or not _TOKEN.match(name):
-        return "not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"
+def _value_refused(value: object) -> str | None:
+    """Why ``value`` cannot be sent as a header value (``None``: it can)."""
     if not isinstance(value, str) or _NOT_IN_VALUES.search(value):
         return "the value must be text without control characters (no line breaks)"
     if not value.isascii():  # httpx sends header values as ASCII (UnicodeEncodeError at every push)
         return "the value must be printable ASCII (percent-encode or base64 the rest)"
     if value != value.strip(" \t"):  # RFC 9110 5.5; h11 refuses to send it ("Illegal header value")
         return "the value must not begin or end with whitespace"
+    return None
+
+
+def _header_refused(name: str, value: object) -> str | None:
+    """Why a subscription may not add header ``name: value`` (``None``: it may)."""
+    if not isinstance(name, str) or not _TOKEN.match(name):
+        return "not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"
+    why = _value_refused(value)
+    if why is not None:
+        return why
     lowered = name.lower()
     if lowered in _SET_BY_THE_AMBASSADOR or lowered.startswith(("ce-", "webhook-")):
         return ("the ambassador sets it on every request (the CloudEvents binding, the Standard Webhooks "
@@ -273,6 +281,9 @@ class PushAmbassador:
         self.store = store or MemoryStore()
         self.concurrency = concurrency
         self.origin = origin or socket.gethostname() or "choreograph"
+        why = _value_refused(self.origin) if any(sub.handshake for sub in subscriptions) else None
+        if why is not None:  # sent in every handshake: it failed them all, each event retried to its end
+            raise ConfigurationError(f"push ambassador: origin {self.origin!r}: {why}")
         self.clock = clock or getattr(transport, "clock", None) or SYSTEM_CLOCK
         self.max_hops = max_hops
         self.drain_timeout = drain_timeout
