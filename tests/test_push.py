@@ -1488,13 +1488,15 @@ MINIMAL_TOML = '[[subscriptions]]\ngroup = "g"\ntypes = ["a.b"]\nurl = "http://1
         ("max_attempts = 2.5", "subscriptions[0].max_attempts: expected a whole number, got 2.5"),
         # the retry table was given to RetryPolicy as it was read: "no" a true jitter, 2.5 attempts,
         # and a quoted number an error naming no key ("'<' not supported between 'str' and 'int'")
+        ("group = true", "subscriptions[0].group: expected a group name (a string), got true"),  # was group "True"
+        ("group = 42", "subscriptions[0].group: expected a group name (a string), got 42"),
         ('retry = { jitter = "no" }', "subscriptions[0].retry.jitter: expected true or false, got 'no'"),
         ("retry = { max_attempts = 2.5 }", "subscriptions[0].retry.max_attempts: expected a whole number, got 2.5"),
         ('retry = { base = "x" }', "subscriptions[0].retry.base: expected a number of seconds, got 'x'"),
         ('retry = { max_age = "soon" }', "subscriptions[0].retry.max_age: expected a number of seconds, got 'soon'"),
     ],
     ids=["timeout-str", "timeout-bool", "max-retry-after", "handshake-str", "header-int", "headers-list",
-         "emits-int", "types-int", "max-attempts-float", "retry-jitter-str", "retry-attempts-float", "retry-base-str",
+         "emits-int", "types-int", "max-attempts-float", "group-bool", "group-int", "retry-jitter-str", "retry-attempts-float", "retry-base-str",
          "retry-max-age-str"],
 )
 def test_a_subscription_value_of_the_wrong_type_is_refused_naming_its_key(

@@ -279,8 +279,10 @@ def subscription_from_mapping(data: Any, where: str = "subscription") -> PushSub
     if "headers" in item:
         options["headers"] = _headers(item["headers"], f"{where}.headers")
     types = _types(item["types"], f"{where}.types")
+    # read as a string, not made one: ``group = true`` was the group "True", ``group = 42`` "42"
+    group = _text(item["group"], f"{where}.group", "a group name (a string)")
     try:
-        return PushSubscription(str(item["group"]), types, str(item["url"]), retry=retry,
+        return PushSubscription(group, types, str(item["url"]), retry=retry,
                                 secret=secret, filters=item.get("filters", ()), where=item.get("where"), **options)
     except FilterError as exc:
         raise ConfigurationError(f"{where}.{exc.path}: {exc.reason}") from None
