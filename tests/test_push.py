@@ -784,8 +784,9 @@ async def test_an_internal_error_before_the_post_is_retried_then_dead_lettered_n
         ("text/plain\r\nx-injected: 1", "hi", "cannot be an HTTP Content-Type"),
         ("text/plain; charset=no-such-charset", "hi", "unknown charset 'no-such-charset'"),
         ("text/plain; charset=ascii", "café", "not encodable in ascii"),
+        ("text/plain; charset=undefined", "hi", "not encodable in undefined"),  # a UnicodeError, its base class
     ],
-    ids=["non-ascii", "newline", "unknown-charset", "unencodable"],
+    ids=["non-ascii", "newline", "unknown-charset", "unencodable", "undefined-codec"],
 )
 async def test_an_event_binary_mode_cannot_carry_is_dead_lettered_at_once_naming_it(
     bus: MemoryTransport, datacontenttype: str, data: str, problem: str
@@ -1092,9 +1093,12 @@ BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce
          "$.data.delivery_id: the key is given twice in one object"),
         ([*[h for h in BINARY if h[0] != "content-type"], ("content-type", "text/plain; charset=base64")], b"aGk=",
          "datacontenttype: unknown charset 'base64'"),  # a codec, no text encoding: was a 500
+        ([*[h for h in BINARY if h[0] != "content-type"], ("content-type", "text/plain; charset=undefined")], b"hi",
+         "data: body is not valid undefined"),  # a UnicodeError, not UnicodeDecodeError: was a 500
     ],
     ids=["ce-header-twice", "raw-utf8-header", "encoded-control", "raw-tab", "c1-control", "noncharacter", "open-quote",
-         "data-key-twice", "attribute-key-twice", "structured-data-key-twice", "codec-no-text-encoding"],
+         "data-key-twice", "attribute-key-twice", "structured-data-key-twice", "codec-no-text-encoding",
+         "codec-raising-unicode-error"],
 )
 async def test_the_receiver_refuses_what_it_would_misread_with_400_naming_it(
     headers: list[tuple[str, str | bytes]], body: bytes, expected: str

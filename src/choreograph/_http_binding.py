@@ -131,7 +131,7 @@ def _data_bytes(envelope: Envelope) -> bytes:
             return data.encode(charset)
         except LookupError:
             raise MalformedEnvelope(f"datacontenttype: unknown charset {charset!r}", event_id=envelope.id) from None
-        except UnicodeEncodeError as exc:
+        except UnicodeError as exc:  # UnicodeEncodeError, or its base (the undefined and idna codecs)
             raise MalformedEnvelope(f"datacontenttype: the data is not encodable in {charset} ({exc})",
                                     event_id=envelope.id) from None
     try:
@@ -242,7 +242,7 @@ def _data_from_body(body: bytes, content_type: str | None, event_id: str | None)
             return {"data": body.decode(charset)}
         except LookupError:
             raise MalformedEnvelope(f"datacontenttype: unknown charset {charset!r}", event_id=event_id) from None
-        except UnicodeDecodeError as exc:
+        except UnicodeError as exc:  # not only UnicodeDecodeError: punycode, idna, undefined raise its base
             if content_type:
                 raise MalformedEnvelope(f"data: body is not valid {charset} ({exc})", event_id=event_id) from None
     return {"data_base64": base64.b64encode(body).decode("ascii")}
