@@ -309,14 +309,15 @@ async def test_a_permanent_status_is_dead_lettered_at_once_with_a_failure_event(
     assert (failed.correlationid, failed.causationid) == (sent.correlationid, sent.id)
 
 
+@pytest.mark.parametrize("charset", ["base64", "undefined"])
 async def test_an_error_answer_whose_charset_is_no_text_encoding_is_still_read_for_its_excerpt(
-    bus: MemoryTransport,
+    bus: MemoryTransport, charset: str
 ) -> None:
     """httpx takes any codec ``codecs.lookup`` finds as the answer's encoding (``base64``,
     ``zlib_codec``...), and decoding the excerpt with it raised LookupError: a 400 was an
     internal error, retried (the event pushed again) before a dead letter ``internal_error``
     without its status. The excerpt falls back to UTF-8; the 400 is dead-lettered at once."""
-    hook = Scripted((400, {"content-type": "text/plain; charset=base64"}, b"delivery_id is unknown"))
+    hook = Scripted((400, {"content-type": f"text/plain; charset={charset}"}, b"delivery_id is unknown"))
     async with hook.running() as url, pushing(bus, subscription(url)):
         await publish(bus, "e-1")
         await settled(bus)

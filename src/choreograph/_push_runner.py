@@ -139,7 +139,8 @@ class _Answer:
     def excerpt(self) -> str:
         try:
             text = self.content.decode(self.encoding, errors="replace")
-        except LookupError:  # a codec httpx took for a charset that is no text encoding (base64, zlib_codec...)
+        except (LookupError, UnicodeError):  # a codec httpx took for a charset: no text encoding (base64...),
+            # or one failing whatever ``errors`` says (undefined)
             text = self.content.decode("utf-8", errors="replace")
         text = text.strip().replace("\n", " ")
         return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
