@@ -273,23 +273,21 @@ class PushRunner:
             metrics.push_in_flight.labels(self.group).inc()
         try:
             try:
-                outcome = await self._attempt(delivery)
-            except Exception as exc:  # a bug below the push (not the endpoint's answer)
-                outcome = self._internal_error(delivery, exc)
-        except asyncio.CancelledError:
-            # Shutdown ran out of drain time: give the delivery back at once.
-            self._count("released", delivery.message.type)
-            if metrics is not None:
-                metrics.push_in_flight.labels(self.group).dec()
-            await asyncio.shield(delivery.retry(0.0))
-            raise
-        # The outcome is known (the receiver may have the event): settled even when the drain runs
-        # out now - released instead, the event was pushed again by the next ambassador. stop()
-        # gives what is still settling STOP_GRACE, then leaves it to the lease.
-        settling = asyncio.create_task(self._settle(delivery, outcome))
-        self.settling.add(settling)
-        settling.add_done_callback(self.settling.discard)
-        try:
+                try:
+                    outcome = await self._attempt(delivery)
+                except Exception as exc:  # a bug below the push (not the endpoint's answer)
+                    outcome = self._internal_error(delivery, exc)
+            except asyncio.CancelledError:
+                # Shutdown ran out of drain time: give the delivery back at once.
+                self._count("released", delivery.message.type)
+                await asyncio.shield(delivery.retry(0.0))
+                raise
+            # The outcome is known (the receiver may have the event): settled even when the drain
+            # runs out now - released instead, the event was pushed again by the next ambassador.
+            # stop() gives what is still settling STOP_GRACE, then leaves it to the lease.
+            settling = asyncio.create_task(self._settle(delivery, outcome))
+            self.settling.add(settling)
+            settling.add_done_callback(self.settling.discard)
             await asyncio.shield(settling)
         finally:
             if metrics is not None:
