@@ -217,7 +217,9 @@ def _trace_headers(envelope: Envelope, headers: Headers) -> None:
 
 
 def _header_safe(value: str) -> bool:
-    return value.isascii() and value.isprintable()
+    """Whether ``value`` can go into a header as it is: printable ASCII, no space at either end
+    (RFC 9110 5.5: h11 refuses to send it, and every attempt failed as a connection error)."""
+    return value.isascii() and value.isprintable() and value == value.strip(" ")
 
 
 # -- decoding -------------------------------------------------------------------------
