@@ -720,6 +720,33 @@ async def test_a_push_answered_before_the_drain_runs_out_is_settled_not_released
     assert bus.pending()[0] == 0
 
 
+async def test_a_start_that_fails_stops_the_subscriptions_it_had_started(bus: MemoryTransport) -> None:
+    """The second subscription could not subscribe (a broker refusing it): ``start()`` raised, but
+    the first one's fetch loop ran on unowned, pushing its group's events from an ambassador
+    that had failed to start and that nothing would stop (``async with`` does not call
+    ``__aexit__`` when ``__aenter__`` raises). Those started are stopped, then the error raised."""
+
+    class Refusing(MemoryTransport):
+        async def subscribe(self, group: str, types: list[str]) -> Any:
+            if group == "second":
+                raise StoreError("the broker refuses group 'second'")
+            return await super().subscribe(group, types)
+
+    refusing = Refusing(clock=bus.clock)
+    hook = Scripted(204)
+    async with hook.running() as url:
+        ambassador = PushAmbassador([subscription(url), PushSubscription("second", ["test.other"], url)], refusing,
+                                    origin=ORIGIN)
+        with pytest.raises(StoreError, match="refuses group 'second'"):
+            async with ambassador:
+                pass
+        await Publisher(refusing).publish(Assigned(delivery_id="d-1"), ids=["e-1"])
+        await asyncio.sleep(0.5)  # real time: a fetch loop left running would have pushed it by now
+        assert hook.posts == 0
+        assert ambassador.client.is_closed
+        assert all(task.done() for runner in ambassador.runners for task in runner.tasks)
+
+
 async def test_requests_in_flight_are_bounded_by_concurrency(bus: MemoryTransport) -> None:
     """With concurrency=2, a receiver holding every request never sees more than two at once."""
     gate = asyncio.Event()

@@ -595,6 +595,10 @@ class PushRunner:
     async def stop(self, drain_timeout: float) -> None:
         self.stopping = True
         self.slot_free.set()
+        if not self.tasks:  # never started (the ambassador's start failed before it)
+            if self.consumer is not None:
+                await self.consumer.close()
+            return
         fetch, touch = self.tasks
         touch.cancel()
         if self.fetching:

@@ -318,10 +318,16 @@ class PushAmbassador:
         if self._started:
             return
         self._started = True
-        await self.transport.connect()
-        await self.store.open()
-        for runner in self.runners:
-            await runner.start()
+        try:
+            await self.transport.connect()
+            await self.store.open()
+            for runner in self.runners:
+                await runner.start()
+        except BaseException:
+            # the runners started already would push on, unowned: ``async with`` calls no
+            # ``__aexit__`` when ``__aenter__`` raises, and the caller saw the start fail
+            await self.stop()
+            raise
 
     async def wait(self) -> None:
         """Until ``stop()`` is called."""
