@@ -413,6 +413,39 @@ async def test_a_redirect_is_not_followed_even_by_a_client_that_follows_them(
     assert (letter.record["reason"], letter.record["status"], letter.record["attempts"]) == ("rejected", 307, 1)
 
 
+async def test_a_copy_that_cannot_be_put_back_does_not_stop_the_fetch_loop(
+    clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy of an event whose push is in flight is put back (``defer``) from the fetch loop
+    itself: a broker failing that one call raised out of the loop, which ended silently - the
+    ambassador ran on and pushed nothing more. The copy is left to its lease, the loop goes on."""
+    from choreograph.transports.memory import MemoryDelivery
+
+    bus = MemoryTransport("memory://?lease=2", clock=clock)
+    real_defer = MemoryDelivery._defer
+    failures = [StoreError("broker unreachable for a moment")]
+
+    async def flaky_defer(self: MemoryDelivery, after: float) -> None:
+        if failures:
+            raise failures.pop()
+        await real_defer(self, after)
+
+    monkeypatch.setattr(MemoryDelivery, "_defer", flaky_defer)
+    hook = Scripted(HANG, 204)
+    async with hook.running() as url, pushing(bus, subscription(url, timeout=1.0)) as ambassador:
+        await publish(bus, "e-1")
+        await until(lambda: hook.posts == 1)
+        clock.advance(2.0)  # the hung push's lease runs out: its copy is handed out, and defer fails
+        await until(lambda: not failures)
+        await publish(bus, "e-2")
+        await until(lambda: "e-2" in {r.headers["webhook-id"] for r in hook.requests})
+        assert [runner.tasks[0].done() for runner in ambassador.runners] == [False]
+        await until(lambda: bus.pending()[0] == 1)  # only the copy left in flight
+        clock.advance(2.0)  # ...until its lease runs out: handed out again, and settled
+        await settled(bus)
+    assert sorted({r.headers["webhook-id"] for r in hook.requests}) == ["e-1", "e-2"]
+
+
 async def test_an_unreachable_receiver_is_retried_then_given_up(bus: MemoryTransport) -> None:
     """Connection refused is transient; after max attempts the record names the connection error."""
     async with serve(Scripted().app) as base:

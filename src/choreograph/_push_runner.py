@@ -240,7 +240,11 @@ class PushRunner:
                     # Its lease expired while the push is still in flight: come back later,
                     # the inbox then tells whether the push in flight succeeded. Deferred, not
                     # retried: this copy was not tried (an attempt per put-back spent its retries).
-                    await delivery.defer(1.0)
+                    try:
+                        await delivery.defer(1.0)
+                    except Exception as exc:  # out of the loop, it ended it: nothing fetched again
+                        log.warning("could not put back %r (its push is in flight): %s; it returns after "
+                                    "its lease", delivery, exc)
                     continue
                 self.active_ids.add(delivery.message.id)
                 task = asyncio.create_task(self._push(delivery))
