@@ -482,3 +482,28 @@ def test_run_processes_events_and_stops_cleanly_on_sigterm(tmp_path: Path) -> No
     finally:
         out, _ = stop(proc, 30)
         assert proc.returncode == 0, out
+
+
+def test_dlq_show_and_list_print_integers_beyond_64_bits_exactly(tmp_path: Path) -> None:
+    """orjson read an integer beyond 64 bits in the body as a float, and could not write one in the
+    record at all (a traceback): JSON has no such limit, and an id or amount must come out as it went in."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+    big = 123456789012345678901234567890
+
+    async def dead_letter_one() -> None:
+        async with open_transport(url) as bus:
+            subscription = await bus.subscribe("pay", ["t.a"])
+            await bus.publish([Message("m1", "t.a", json.dumps({"data": {"n": big}}).encode())])
+            (delivery,) = await subscription.fetch(1, timeout=5)
+            await delivery.dead_letter({"reason": "rejected", "attempts": 1, "order": big + 1})
+
+    asyncio.run(dead_letter_one())
+    shown = cli("dlq", "show", "m1", "--group", "pay", "--broker", url)
+    assert shown.returncode == 0, shown.stderr
+    letter = json.loads(shown.stdout)
+    assert letter["envelope"] == {"data": {"n": big}}
+    assert letter["record"]["order"] == big + 1
+    listed = cli("dlq", "list", "--json", "--broker", url)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["envelope"] == {"data": {"n": big}}
+

@@ -9,6 +9,7 @@ purge was not there (replayed already, mistyped, in another group) instead of re
 
 from __future__ import annotations
 
+import json as stdjson
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -41,14 +42,28 @@ def _as_dict(letter: DeadLetter) -> dict[str, Any]:
     The record keeps its own copy of the original envelope (the failure event carries it);
     printed there too, every envelope appeared twice. The one kept is the message's body:
     what ``dlq replay`` delivers again.
+
+    Parsed by the standard library, not orjson: an integer beyond 64 bits (a big id, an amount
+    in the smallest unit) stays exact, where orjson read it as a float (and could not write one
+    at all: a record holding one failed ``dlq show`` with a traceback). ``NaN`` and ``Infinity``
+    are not JSON: a body holding them is shown as text.
     """
     try:
-        body: Any = orjson.loads(letter.message.body)
-    except orjson.JSONDecodeError:
+        body: Any = stdjson.loads(letter.message.body, parse_constant=_not_json)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, and _not_json's
         body = letter.message.body.decode("utf-8", "replace")
     record = {key: value for key, value in letter.record.items() if key != "envelope"}
     return {"group": letter.group, "id": letter.message.id, "type": letter.message.type,
             "dead_at": letter.dead_at, "record": record, "envelope": body}
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _print_json(obj: Any) -> None:
+    """``obj`` as indented JSON, its integers as they are (:func:`_as_dict`: orjson has no integers beyond 64 bits)."""
+    console.print_json(stdjson.dumps(obj, ensure_ascii=False))
 
 
 def _one_line(text: str, limit: int = 120) -> str:
@@ -115,7 +130,7 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
         err_console.print(f"note: showing the oldest {limit} dead letters; there are more (--limit N shows more)",
                           markup=False, highlight=False)
     if json:
-        console.print_json(orjson.dumps([_as_dict(letter) for letter in letters]).decode())
+        _print_json([_as_dict(letter) for letter in letters])
         return
     from rich.table import Table
     from rich.text import Text
@@ -151,7 +166,7 @@ def show(message_id: str = typer.Argument(..., metavar="ID"), group: str = typer
     letter = run_async(_with_bus(broker_url(broker), shown))
     if letter is None:
         raise _missing_error(group, [message_id])
-    console.print_json(orjson.dumps(_as_dict(letter)).decode())
+    _print_json(_as_dict(letter))
 
 
 @app.command("replay")
