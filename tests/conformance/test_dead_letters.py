@@ -147,6 +147,24 @@ async def test_an_id_given_twice_is_purged_and_counted_once(bus: Transport) -> N
     assert await bus.dead_letters("g") == []
 
 
+async def test_two_replays_at_once_count_each_letter_once_between_them(buses: Buses) -> None:
+    """Two admins replaying the same group at once: the letters are delivered once each, and the
+    two counts add up to them (NATS counted every letter it had read, in each replay)."""
+    url = buses.url()
+    bus, first, second = await buses.open(url), await buses.open(url), await buses.open(url)
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(n) for n in range(3)])
+    await _dead_letter(subscription, 3)
+    counts = await asyncio.gather(first.replay("g"), second.replay("g"))
+    assert sum(counts) == 3, counts
+    assert sorted(ids(await collect(subscription, 6, within=1.5))) == ["m0", "m1", "m2"]
+    await bus.publish([message(n) for n in range(3, 6)])
+    await _dead_letter(subscription, 3)
+    picked = ["m3", "m4", "m5"]
+    counts = await asyncio.gather(first.replay("g", picked), second.replay("g", picked))
+    assert sum(counts) == 3, counts
+
+
 async def test_replay_of_picked_ids_delivers_the_oldest_dead_letter_first(bus: Transport) -> None:
     subscription = await bus.subscribe("g", [TYPE_A])
     await bus.publish([message(n) for n in range(3)])

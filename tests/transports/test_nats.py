@@ -311,12 +311,13 @@ async def test_a_replay_whose_messages_are_dead_lettered_again_before_it_ends_su
         js = bus._jetstream()
         publish = js.publish
 
-        async def publish_then_fail_them_again(items: Any) -> None:
-            await publish(items)
+        async def publish_then_fail_them_again(items: Any) -> int:
+            stored = await publish(items)
             if any(".rp." in subject for subject, _, _ in items):  # the replay's republish
                 js.publish = publish  # type: ignore[method-assign]
                 for delivery in await collect(subscription, 2):
                     await delivery.dead_letter({"reason": "again"})
+            return stored
 
         js.publish = publish_then_fail_them_again  # type: ignore[method-assign]
         assert await bus.replay("g") == 2

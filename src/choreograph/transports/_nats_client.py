@@ -191,18 +191,20 @@ class DirectClient(Client):
 class _Batch:
     """The PubAcks one :meth:`JetStream.publish` call still waits for."""
 
-    __slots__ = ("left", "error", "done")
+    __slots__ = ("left", "error", "done", "duplicates")
 
     def __init__(self, count: int, loop: asyncio.AbstractEventLoop) -> None:
         self.left = count
         self.error: BaseException | None = None
         self.done: asyncio.Future[None] = loop.create_future()
+        self.duplicates = 0  # PubAcks saying the stream had the message already (its Nats-Msg-Id)
 
-    def confirm(self, error: BaseException | None) -> None:
+    def confirm(self, error: BaseException | None, *, duplicate: bool = False) -> None:
         if self.done.done():
             return
         if error is not None and self.error is None:
             self.error = error
+        self.duplicates += duplicate
         self.left -= 1
         if self.left <= 0:
             self.done.set_result(None)
@@ -271,10 +273,11 @@ class JetStream:
             raise TransportError(f"nats: read from {stream}: {status} {headers.get('Description', '')}")
         return reply
 
-    async def publish(self, items: Sequence[Item]) -> None:
-        """Publish every item in order, then wait for all of their PubAcks."""
+    async def publish(self, items: Sequence[Item]) -> int:
+        """Publish every item in order, then wait for all of their PubAcks; return how many the
+        stream stored (not those it already had under their ``Nats-Msg-Id``: duplicates)."""
         if not items:
-            return
+            return 0
         nc = self._open()
         batch = _Batch(len(items), asyncio.get_running_loop())
         token = str(next(self._tokens))
@@ -316,6 +319,7 @@ class JetStream:
                 ) from None
             if batch.error is not None:
                 raise batch.error
+            return len(items) - batch.duplicates
         finally:
             self._pubacks.pop(token, None)
             if batch.done.done() and not batch.done.cancelled():
@@ -332,7 +336,7 @@ class JetStream:
             return
         data = msg.data
         if b'"error"' not in data and data.startswith(b"{"):  # the usual {"stream":...,"seq":...}
-            batch.confirm(None)
+            batch.confirm(None, duplicate=b'"duplicate"' in data)
             return
         if (msg.headers or {}).get("Status") == "503":
             batch.confirm(TransportError("nats: publish: no stream answered (deleted, or electing a leader?)"))

@@ -180,7 +180,13 @@ class DeadLetterStream:
 
     async def replay(self, group: str, message_ids: Collection[str] | None) -> int:
         """Republish, then delete. The replay's ``Nats-Msg-Id`` derives from the record's
-        sequence, so a replay interrupted between the two steps and run again is stored once."""
+        sequence, so a replay interrupted between the two steps and run again is stored once.
+
+        Returns how many republishes the stream stored, not how many letters were read: two
+        replays at once (two admins) both read and republish the same letters, the stream
+        stores each once, and each replay counted them all ("replayed 3" twice for 3 letters,
+        delivered once each). (A run again after one interrupted between the two steps, within
+        the stream's duplicate window, deletes the leftovers and counts none of them.)"""
         if not self._exists:
             return 0
         entries = (
@@ -193,7 +199,7 @@ class DeadLetterStream:
         consumer = codec.name_token(group)
         await self._js.api(f"find group {group!r}", f"CONSUMER.INFO.{self._events_stream}.{consumer}")
         base = f"{self._prefix}.rp.{consumer}"
-        await self._js.publish([self._replay_item(base, entry) for entry in entries])
+        replayed = await self._js.publish([self._replay_item(base, entry) for entry in entries])
         # Purged by subject up to the sequence read, not deleted by sequence: a consumer may
         # have dead-lettered the replayed message again meanwhile, which replaced the copy
         # read (one message per subject). Deleting that sequence then failed, and the replay
@@ -208,7 +214,7 @@ class DeadLetterStream:
                 await self._js.api(
                     "delete a replayed dead letter", f"STREAM.PURGE.{self.name}", {"filter": subject, "seq": below}
                 )
-        return len(entries)
+        return replayed
 
     def _replay_item(self, base: str, entry: _Entry) -> Item:
         """The replay of ``entry``: to ``<base>.<type>.<id>``, with a dedupe key of its own -
