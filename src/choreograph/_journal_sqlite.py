@@ -8,6 +8,7 @@ thread so the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -98,13 +99,36 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
         if "readonly" not in str(exc):  # its -shm cannot be made; anything else is an error
             raise
         db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
-    if _missing(db) != (set(), set()) or not _counted(db):
+    try:
+        problem = _read_only_problem(db, path)
+    except BaseException:
         db.close()
-        raise StoreError(
-            f"journal store {path}: written by an older choreograph and opened read-only; "
-            "the journal (`choreograph journal`) must open it once, with write access, to migrate it"
-        )
+        raise
+    if problem is not None:
+        db.close()
+        raise StoreError(f"journal store {path}: {problem}")
     return db
+
+
+def _read_only_problem(db: sqlite3.Connection, path: str) -> str | None:
+    """Why the file ``db`` reads cannot be read as a journal as it is, or ``None``.
+
+    A file without the journal's tables is not an older journal (every journal has had both):
+    an empty file (``touch``, a failed copy) or another program's database, named as such
+    rather than sent to be migrated, which would make it a journal.
+    """
+    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    if "journal_events" not in tables and "journal_transactions" not in tables:
+        if not tables:
+            empty = os.path.getsize(path) == 0
+            what = "an empty file" if empty else "an SQLite database without tables"
+            return f"{what}, not a journal (is this the file `choreograph journal` records to?)"
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        return f"not a choreograph journal (an SQLite database with the tables {shown}, none of the journal's)"
+    if _missing(db) != (set(), set()) or not _counted(db):
+        return ("written by an older choreograph and opened read-only; "
+                "the journal (`choreograph journal`) must open it once, with write access, to migrate it")
+    return None
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -220,3 +220,29 @@ def test_trace_refuses_an_older_journal_it_would_have_to_migrate_without_writing
     assert str(path) in done.stderr and "choreograph journal" in done.stderr and "migrate" in done.stderr
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("command", [["trace", "tx-1"], ["transactions"], ["watch", "--once"]])
+def test_an_empty_or_foreign_file_read_as_a_journal_is_named_as_such_not_as_an_older_journal(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """An empty file or another program's SQLite database was "written by an older choreograph",
+    sent to the journal to be migrated: which would have made it a journal."""
+    import contextlib
+    import sqlite3
+
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    foreign = tmp_path / "foreign.db"
+    with contextlib.closing(sqlite3.connect(foreign)) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+        db.commit()
+    for path, reason in ((empty, "an empty file, not a journal"), (foreign, "not a choreograph journal")):
+        done = cli(*command, "--journal", f"sqlite:///{path}")
+        assert done.returncode == 2, done.stderr
+        assert reason in done.stderr and str(path) in done.stderr, done.stderr
+        assert "older" not in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert empty.stat().st_size == 0  # nothing written
+    with contextlib.closing(sqlite3.connect(foreign)) as db:
+        assert [row[0] for row in db.execute("SELECT name FROM sqlite_master")] == ["invoices"]
