@@ -749,6 +749,46 @@ async def test_transactions_are_served_from_a_running_journal(bus: SpyBus, clock
     assert bad_status.status_code == bad_limit.status_code == 422
 
 
+async def test_a_journal_url_is_opened_read_only(bus: SpyBus, clock: VirtualClock, tmp_path: Path) -> None:
+    """The gateway only reads the journal. Opened for writing, a mistyped journal URL became a new,
+    empty journal file (every transaction 404 for ever, with no word that there is no journal),
+    and an older journal file was migrated by the gateway, under its writer."""
+    import sqlite3
+
+    from choreograph.runtime.records import first_envelope
+
+    missing = tmp_path / "typo" / "journal.db"
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal=f"sqlite:///{missing}", clock=clock)
+    async with client_for(gw) as client:
+        listed = await client.get("/transactions")
+    await gw.close()
+    assert listed.status_code == 503, listed.text
+    assert "no such file" in listed.json()["detail"] and str(missing) in listed.json()["detail"]
+    assert not missing.parent.exists()
+
+    path = tmp_path / "journal.db"
+    journal = Journal(f"sqlite:///{path}")
+    try:
+        await journal.record([first_envelope(Ordered.model_validate(BODY), source="/gateway", id="tx-1")])
+    finally:
+        await journal.close()
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal=f"sqlite:///{path}", clock=clock)
+    async with client_for(gw) as client:
+        one = await client.get("/transactions/tx-1")
+    await gw.close()
+    assert one.status_code == 200 and one.json()["correlation_id"] == "tx-1", one.text
+    with contextlib.closing(sqlite3.connect(path)) as db:  # as a journal before the counting rule left it
+        db.execute("PRAGMA user_version = 0")
+        db.commit()
+    gw = Gateway([Route("POST", "/orders", Ordered)], broker=bus, journal=f"sqlite:///{path}", clock=clock)
+    async with client_for(gw) as client:
+        old = await client.get("/transactions/tx-1")
+    await gw.close()
+    assert old.status_code == 503 and "migrate" in old.json()["detail"], old.text
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (0,)
+
+
 @pytest.mark.parametrize("limit", ["\u00b2", "1\u00b2", "\u0661\u0660", " 5"])
 async def test_a_limit_that_is_not_ascii_digits_is_422_not_500(bus: SpyBus, clock: VirtualClock, limit: str) -> None:
     """``str.isdigit`` is true for "²" (which ``int`` refuses) and Arabic-Indic digits (which it reads)."""

@@ -87,6 +87,8 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
     A file older than the current schema is refused: migrating it is a write, and reading it as
     it is would show compensation failures counted by the old rule.
     """
+    if not os.path.exists(path):  # SQLite's "unable to open database file" says neither which nor why
+        raise StoreError(f"journal store {path}: no such file (yet); the journal (`choreograph journal`) creates it")
     uri = Path(path).absolute().as_uri()
     try:
         db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)

@@ -75,7 +75,7 @@ from choreograph._gateway_openapi import build_openapi
 from choreograph._journal_model import STATUSES, Status, format_time
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.events import Event
-from choreograph.journal import Journal
+from choreograph.journal import Journal, open_journal_store
 from choreograph.runtime.publisher import Publisher
 from choreograph.runtime.records import first_envelope
 from choreograph.transports import open_transport
@@ -145,7 +145,8 @@ class Gateway:
 
     ``broker`` is a URL or a :class:`Transport` (the gateway closes only what it opened).
     ``journal`` (a URL or a :class:`Journal`) enables ``GET /transactions`` and
-    ``GET /transactions/{correlation_id}``. ``auth_token`` requires
+    ``GET /transactions/{correlation_id}``; a URL is opened read-only (the journal process
+    creates and writes it). ``auth_token`` requires
     ``Authorization: Bearer <token>`` on every route but ``/healthz``, ``/readyz`` and
     ``/openapi.json``. ``idempotency`` is where ``Idempotency-Key``s are kept (a
     ``sqlite:///`` URL for durability; default: this process's memory). ``telemetry``
@@ -189,7 +190,13 @@ class Gateway:
         self._owns_transport = isinstance(broker, str)
         self.transport = open_transport(broker) if isinstance(broker, str) else broker
         self._owns_journal = isinstance(journal, str)
-        self.journal = Journal(journal, clock=clock) if isinstance(journal, str) else journal
+        # Read-only: the gateway only answers /transactions from what the journal records. Opened
+        # for writing, it created a journal file at a mistyped URL (answering 404 for ever rather
+        # than saying there is none), migrated a journal under its writer, and could not read a
+        # journal it may not write (a read-only volume).
+        self.journal = (
+            Journal(open_journal_store(journal, read_only=True), clock=clock) if isinstance(journal, str) else journal
+        )
         if idempotency is None:
             idempotency = MemoryIdempotencyStore()
         self.idempotency = open_idempotency_store(idempotency) if isinstance(idempotency, str) else idempotency
