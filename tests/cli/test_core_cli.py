@@ -507,3 +507,27 @@ def test_dlq_show_and_list_print_integers_beyond_64_bits_exactly(tmp_path: Path)
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)[0]["envelope"] == {"data": {"n": big}}
 
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--data", '{"n": 123456789012345678901234567890}'],
+         "--data: $.n: integer out of range: events carry integers of at most 64 bits"),
+        (["--data", '{"a": {"b": [1, -9223372036854775809]}}'], "--data: $.a.b[1]: integer out of range"),
+        (["--data", '{"a": 1, "a": 2}'], "--data: $.a: the key is given twice in one object"),
+        (["--data", '{"a": {"k": 1, "k": 1}}'], "--data: $.a.k: the key is given twice in one object"),
+        (["--correlation-id", ""], "--correlation-id: empty"),
+    ],
+    ids=["big-int", "big-negative-int-deep", "duplicate-key", "duplicate-key-deep", "empty-correlation-id"],
+)
+def test_publish_refuses_data_it_would_not_publish_as_typed(tmp_path: Path, args: list[str], needle: str) -> None:
+    """orjson read an integer beyond 64 bits as a float and kept the last of a key given twice,
+    and an empty --correlation-id (a variable unset) started a new transaction: each was
+    published, silently, as something else than typed (the gateway answers 422 to the first two)."""
+    result = cli("publish", "chain.order.placed", *args, "--broker", f"sqlite:///{tmp_path}/bus.db")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and needle in " ".join(result.stderr.split()), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bus.db").exists()
+
