@@ -29,6 +29,13 @@ def test_gateway_on_a_port_in_use_is_one_line_naming_the_port_and_the_reason_and
 
 
 
+def test_gateway_with_an_unknown_log_level_is_one_line_naming_the_option_and_exits_2() -> None:
+    """uvicorn's KeyError: 'loud', with a traceback, once the port was bound."""
+    result = cli("gateway", "examples.drone_delivery.gateway:gateway", "--port", "0", "--log-level", "LOUD")
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr == "error: --log-level 'LOUD': expected critical, error, warning, info, debug or trace\n"
+
+
 @pytest.mark.parametrize(
     ("host", "shown"),
     [

@@ -83,6 +83,9 @@ def listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+#: The levels uvicorn's ``log_level`` takes (``uvicorn.config.LOG_LEVELS``), in any case.
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
 #: uvicorn's default backlog (it listens again with its own when it starts serving).
 _BACKLOG = 2048
 
@@ -119,6 +122,8 @@ def gateway(
     except ImportError:
         raise ConfigurationError("choreograph gateway needs uvicorn, part of choreograph's install: "
                                  "reinstall choreograph (pip install --force-reinstall choreograph)") from None
+    if log_level.lower() not in _LOG_LEVELS:  # uvicorn's KeyError, with a traceback, once the port was bound
+        raise ConfigurationError(f"--log-level {log_level!r}: expected {', '.join(_LOG_LEVELS[:-1])} or {_LOG_LEVELS[-1]}")
     sockets = inherited(fds) if fds else listen(host, port)
     try:
         if log_level.lower() in ("debug", "trace"):
