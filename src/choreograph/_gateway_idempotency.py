@@ -26,9 +26,9 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
-from urllib.parse import urlsplit
 
 from choreograph._redact import redact
+from choreograph._schemes import scheme_of
 from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores.sqlite import sqlite_path
@@ -220,7 +220,7 @@ class SQLiteIdempotencyStore(IdempotencyStore):
 
 def open_idempotency_store(url: str) -> IdempotencyStore:
     """``memory://`` or ``sqlite:///path.db``."""
-    scheme = urlsplit(url).scheme if "://" in url else ""
+    scheme = scheme_of(url, "idempotency URL")
     if scheme == "memory":
         return MemoryIdempotencyStore(url)
     if scheme == "sqlite":

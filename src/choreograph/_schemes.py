@@ -15,9 +15,27 @@ from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 
 
+def scheme_of(url: str, what: str) -> str:
+    """The scheme of ``url`` (``""`` without ``://``). A URL ``urlsplit`` cannot read (an unclosed
+    ``[``, a bracketed host that is no IP address) is a :class:`ConfigurationError` naming ``what``
+    (``broker URL``), not a ``ValueError`` with a traceback; past this check the URL splits.
+
+        >>> scheme_of("redis://[::1", "broker URL")
+        Traceback (most recent call last):
+        ...
+        choreograph.errors.ConfigurationError: broker URL 'redis://[::1': Invalid IPv6 URL
+    """
+    if "://" not in url:
+        return ""
+    try:
+        return urlsplit(url).scheme
+    except ValueError as exc:
+        raise ConfigurationError(f"{what} {redact(url)!r}: {exc}") from None
+
+
 def instantiate(url: str, schemes: Mapping[str, tuple[str, str]], what: str) -> Any:
     """``Class(url)`` for the scheme of ``url``; a clear ``ConfigurationError`` naming ``what`` otherwise."""
-    scheme = urlsplit(url).scheme if "://" in url else ""
+    scheme = scheme_of(url, what)
     if scheme not in schemes:
         raise ConfigurationError(
             f"{what} {redact(url)!r}: unknown scheme {scheme!r}; expected one of "

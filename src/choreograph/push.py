@@ -197,7 +197,12 @@ class PushSubscription:
         if not types or not all(isinstance(t, str) and t for t in types):
             raise ConfigurationError(f"push subscription {self.group!r}: types must list at least one event type")
         fix("types", frozenset(types))
-        parts = urlsplit(self.url)
+        try:
+            parts = urlsplit(self.url)
+        except ValueError as exc:  # an unclosed "[", a bracketed host that is no IP address
+            raise ConfigurationError(
+                f"push subscription {self.group!r}: url {redact(self.url)!r} is not an http(s) URL ({exc})"
+            ) from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigurationError(f"push subscription {self.group!r}: url {redact(self.url)!r} is not an http(s) URL")
         if self.mode not in MODES:

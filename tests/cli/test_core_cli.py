@@ -531,3 +531,27 @@ def test_publish_refuses_data_it_would_not_publish_as_typed(tmp_path: Path, args
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bus.db").exists()
 
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["dlq", "list", "--broker", "redis://[::1"], "broker URL 'redis://[::1': Invalid IPv6 URL"),
+        (["groups", "list", "--broker", "nats://[::1/x"], "broker URL 'nats://[::1/x': Invalid IPv6 URL"),
+        (["publish", "a.b", "--broker", "amqp://[zz]:5672/"],
+         "broker URL 'amqp://[zz]:5672/': 'zz' does not appear to be an IPv4 or IPv6 address"),
+        (["run", "examples.chain:payment", "--broker", "memory://", "--store", "sqlite://[x"],
+         "store URL 'sqlite://[x': Invalid IPv6 URL"),
+        (["trace", "tx", "--journal", "postgresql://[::1"], "journal URL 'postgresql://[::1': Invalid IPv6 URL"),
+        (["watch", "--once", "--journal", "sqlite://[x"], "sqlite URL 'sqlite://[x': Invalid IPv6 URL"),
+        (["push", "--broker", "memory://", "--group", "g", "--type", "a.b", "--url", "http://[::1"],
+         "url 'http://[::1' is not an http(s) URL (Invalid IPv6 URL)"),
+    ],
+    ids=["dlq", "groups", "publish", "run-store", "trace", "watch", "push-url"],
+)
+def test_a_url_urllib_cannot_split_is_one_line_naming_it(args: list[str], needle: str) -> None:
+    """An unclosed "[" (or a bracketed host that is no IP address) raised urlsplit's ValueError: a traceback."""
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -43,7 +43,10 @@ CREATE TABLE IF NOT EXISTS failures (
 
 def sqlite_path(url: str) -> str:
     """The file path of a ``sqlite:///path`` URL (``sqlite:///:memory:`` for in-memory)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # sqlite://[x: an unclosed "[" read as an IPv6 host
+        raise ConfigurationError(f"sqlite URL {redact(url)!r}: {exc}") from None
     path = parts.path
     if parts.netloc:
         raise ConfigurationError(f"sqlite URL {redact(url)!r}: use sqlite:///relative/path or sqlite:////absolute/path")

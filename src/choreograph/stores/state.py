@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from choreograph._redact import redact
+from choreograph._schemes import scheme_of
 from choreograph.errors import ConfigurationError
 from choreograph.stores.base import InboxStore
 from choreograph.transports.base import Message
@@ -306,7 +307,7 @@ _SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, StateSto
 
 def check_database_url(url: str) -> str:
     """``url`` if it names a supported service database, else :class:`ConfigurationError`."""
-    scheme = urlsplit(url).scheme if "://" in url else ""
+    scheme = scheme_of(url, "database URL")
     if scheme not in _SCHEMES:
         raise ConfigurationError(
             f"database URL {redact(url)!r}: expected sqlite:///path or postgresql://user@host/db"

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from urllib.parse import parse_qs, urlsplit
 
 from choreograph._redact import redact
+from choreograph._schemes import scheme_of
 from choreograph.errors import ConfigurationError
 from choreograph.transports.base import DEFAULT_LEASE, DeadLetter, Delivery, Message, Subscription, Transport
 
@@ -65,7 +66,7 @@ def lease_from_url(url: str, default: float = DEFAULT_LEASE) -> float:
 
 def open_transport(url: str) -> Transport:
     """A transport for ``url`` (not yet connected: ``async with`` it or call ``connect()``)."""
-    scheme = urlsplit(url).scheme if "://" in url else ""
+    scheme = scheme_of(url, "broker URL")
     if scheme not in _SCHEMES:
         raise ConfigurationError(
             f"broker URL {redact(url)!r}: unknown scheme {scheme!r}; expected one of "
