@@ -246,6 +246,30 @@ def test_an_empty_broker_option_is_refused_rather_than_taken_for_the_default_bus
     assert not list(tmp_path.iterdir())  # no bus was created anywhere
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_broker_option_of_push_is_refused_rather_than_taken_for_the_default_bus(
+    tmp_path: Path, value: str
+) -> None:
+    """push read ``--broker`` as ``broker or the file's``: empty, it ran against ./var/bus.db."""
+    line = refused("push", "--broker", value, "--group", "g-empty-broker", "--type", "a.b",
+                   "--url", "http://127.0.0.1:9/", "--no-handshake", cwd=tmp_path)
+    assert line == f"error: --broker {value!r}: empty; give a broker URL, or leave the option out\n"
+    assert not list(tmp_path.iterdir())  # no bus, no store
+
+
+def test_choreograph_broker_wins_over_a_push_configs_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the file's documentation says (``--broker and $CHOREOGRAPH_BROKER win``); the file's
+    broker was taken first, and the variable never read."""
+    (tmp_path / "push.toml").write_text(
+        'broker = "memory://"\n\n[[subscriptions]]\ngroup = "g-env-broker"\ntypes = ["a.b"]\n'
+        'url = "http://127.0.0.1:9/"\nhandshake = false\n'
+    )
+    monkeypatch.setenv("CHOREOGRAPH_BROKER", "kafka://from-the-variable")
+    result = cli("push", "--config", "push.toml", cwd=tmp_path, timeout=20)  # on the file's broker it runs on
+    assert result.returncode == 2, result.stderr
+    assert "'kafka://from-the-variable': unknown scheme 'kafka'" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("value", ['""', '"  "', '"${CHOREOGRAPH_TEST_UNSET_BROKER:-}"'])
 def test_an_empty_broker_in_a_push_config_names_the_file_and_its_key_not_the_broker_option(
     tmp_path: Path, value: str

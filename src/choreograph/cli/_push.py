@@ -19,11 +19,14 @@ import typer
 
 from choreograph._redact import redact
 from choreograph.cli._common import (
+    BROKER_ENV,
+    DEFAULT_BROKER,
     BrokerOption,
     LogFormatOption,
     MetricsHostOption,
     MetricsPortOption,
-    broker_url,
+    env_url,
+    given_broker,
     given_url,
     run_async,
     seconds,
@@ -123,7 +126,10 @@ def serve(
 ) -> None:
     from choreograph.push import PushAmbassador
 
-    url = broker_url(broker or settings.broker)
+    # --broker, then CHOREOGRAPH_BROKER, then the file's, then the default (the file's documented
+    # order). `broker or settings.broker` took an empty --broker for "not given" (the default bus,
+    # silently) and read the file's broker before the variable.
+    url = given_broker(broker) or env_url(BROKER_ENV, "a broker URL") or settings.broker or DEFAULT_BROKER
     store = given_url(store, "--store", "a store URL")
     subscriptions: list[PushSubscription] = settings.subscriptions
     names = "+".join(s.group for s in subscriptions)
