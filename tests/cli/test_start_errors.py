@@ -257,6 +257,15 @@ def test_an_empty_broker_option_of_push_is_refused_rather_than_taken_for_the_def
     assert not list(tmp_path.iterdir())  # no bus, no store
 
 
+def test_an_empty_group_or_url_option_of_push_is_refused_as_empty_not_as_missing(tmp_path: Path) -> None:
+    """``--group ""`` was "--group missing (give --group, --type and --url together)": it was given."""
+    assert refused("push", "--broker", "memory://", "--group", "", "--type", "a.b", "--url", "http://127.0.0.1:9/",
+                   cwd=tmp_path) == "error: options: push subscription group '': use letters, digits, '_', '.', '-'\n"
+    assert refused("push", "--broker", "memory://", "--group", "g", "--type", "a.b", "--url", "", cwd=tmp_path) == (
+        "error: options: push subscription 'g': url '' is not an http(s) URL\n"
+    )
+
+
 def test_choreograph_broker_wins_over_a_push_configs_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """As the file's documentation says (``--broker and $CHOREOGRAPH_BROKER win``); the file's
     broker was taken first, and the variable never read."""

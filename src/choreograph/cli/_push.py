@@ -81,7 +81,7 @@ def push(
     if log_level.upper() != "DEBUG":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = load_config(config) if config is not None else PushConfig(subscriptions=[])
-    if group or types or url:
+    if group is not None or types or url is not None:  # given empty: refused below for what it is, not as missing
         item: dict[str, object] = {
             "group": group, "types": types or [], "url": url, "mode": mode, "timeout": timeout,
             "max_attempts": max_attempts, "max_retry_after": max_retry_after, "handshake": not no_handshake,
@@ -92,7 +92,7 @@ def push(
             item["emits"] = emits
         if where is not None:
             item["where"] = where
-        missing = [f"--{name}" for name in ("group", "type", "url") if not item[name if name != "type" else "types"]]
+        missing = [option for option, value in (("--group", group), ("--type", types), ("--url", url)) if not value and value != ""]
         if missing:
             raise ConfigurationError(f"push: {', '.join(missing)} missing (give --group, --type and --url together)")
         settings.subscriptions.append(subscription_from_mapping(item, "options"))
