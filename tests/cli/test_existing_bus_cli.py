@@ -11,6 +11,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,29 @@ def test_on_redis_a_bus_of_an_unknown_prefix_reads_as_empty_and_nothing_is_creat
         assert asyncio.run(redis_keys(url)) == []
     finally:
         asyncio.run(redis_broker.cleanup(url))
+
+
+@pytest.mark.parametrize("command", [["dlq", "list"], ["groups", "list"], ["dlq", "purge", "--group", "g", "--all"]])
+def test_a_sqlite_file_that_is_no_bus_is_named_as_such_and_left_unwritten(tmp_path: Path, command: list[str]) -> None:
+    """Connecting created the bus's tables: in an empty file, or in the application's own
+    database given by mistake, `dlq list` wrote a bus and listed no dead letters."""
+    import contextlib
+    import sqlite3
+
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    app_db = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(app_db)) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+        db.commit()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for path, reason in ((empty, "an empty file, not a SQLite bus"), (app_db, "not a choreograph bus"),
+                         (folder, "a folder, not a SQLite bus")):
+        result = cli(*command, "--broker", f"sqlite:///{path}")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: {path}: {reason}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert empty.stat().st_size == 0
+    with contextlib.closing(sqlite3.connect(app_db)) as db:
+        assert [row[0] for row in db.execute("SELECT name FROM sqlite_master")] == ["invoices"]

@@ -111,11 +111,44 @@ def open_existing_bus(url: str) -> contextlib.AbstractAsyncContextManager[Transp
     if scheme == "sqlite":  # the SQLite transport stays unimported for the other schemes
         from choreograph.transports.sqlite import SQLiteTransport
 
-        if isinstance(transport, SQLiteTransport) and not os.path.exists(transport.path):
-            raise ConfigurationError(
-                f"no SQLite bus at {transport.path} (broker URL {redact(url)!r}; run or publish creates one)"
-            )
+        if isinstance(transport, SQLiteTransport):
+            if not os.path.exists(transport.path):
+                raise ConfigurationError(
+                    f"no SQLite bus at {transport.path} (broker URL {redact(url)!r}; run or publish creates one)"
+                )
+            problem = _not_a_bus(transport.path)
+            if problem is not None:
+                raise ConfigurationError(f"{transport.path}: {problem} (broker URL {redact(url)!r})")
     return _connected(transport, scheme)
+
+
+#: The tables of a SQLite bus (``transports/_sqlite_ops.py``): a file with none of them is no bus.
+_BUS_TABLES = frozenset({"messages", "groups", "deliveries", "dead_letters"})
+
+
+def _not_a_bus(path: str) -> str | None:
+    """Why the existing file ``path`` is no SQLite bus (a folder, an empty file, another program's
+    database), or ``None``. Connecting creates the bus's tables: in an empty file, or in the
+    application's own database given by mistake, ``dlq list`` wrote a bus. Read ``mode=ro``; a
+    file that cannot be read so is left to the transport, whose error says why."""
+    import sqlite3
+    from pathlib import Path
+
+    if os.path.isdir(path):
+        return "a folder, not a SQLite bus"
+    if os.path.getsize(path) == 0:
+        return "an empty file, not a SQLite bus (run or publish creates one)"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True)) as db:
+            tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    except sqlite3.Error:
+        return None
+    if not tables:
+        return "an SQLite database without tables, not a bus (run or publish creates one)"
+    if _BUS_TABLES.isdisjoint(tables):
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        return f"not a choreograph bus (an SQLite database with the tables {shown}, none of a bus's)"
+    return None
 
 
 @contextlib.asynccontextmanager
