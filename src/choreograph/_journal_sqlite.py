@@ -89,6 +89,8 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
     """
     if not os.path.exists(path):  # SQLite's "unable to open database file" says neither which nor why
         raise StoreError(f"journal store {path}: no such file (yet); the journal (`choreograph journal`) creates it")
+    if os.path.isdir(path):  # SQLite's "disk I/O error"
+        raise StoreError(f"journal store {path}: a folder, not a journal file")
     uri = Path(path).absolute().as_uri()
     try:
         db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)

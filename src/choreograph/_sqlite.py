@@ -13,6 +13,7 @@ the folder and why, not an ``OSError`` from deep inside a store.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def make_folder(path: str) -> None:
     """
     if path == ":memory:":
         return
+    if os.path.isdir(path):  # SQLite says "unable to open database file", or "disk I/O error"
+        raise ConfigurationError(f"SQLite database {path!r}: a folder, not a database file")
     folder = Path(path).parent
     try:
         folder.mkdir(parents=True, exist_ok=True)

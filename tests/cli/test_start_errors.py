@@ -369,3 +369,16 @@ def test_an_empty_choreograph_broker_is_refused_naming_the_variable_rather_than_
     assert refused("dlq", "list", cwd=tmp_path) == line
     assert not list(tmp_path.iterdir())  # no bus was created
     assert cli("groups", "list", "--broker", "memory://", cwd=tmp_path).returncode == 0  # the option wins: not read
+
+
+def test_a_folder_given_as_a_sqlite_file_is_named_as_a_folder(tmp_path: Path) -> None:
+    """SQLite said "unable to open database file" (the writers) or "disk I/O error" (trace)."""
+    folder = tmp_path / "var"
+    folder.mkdir()
+    url = f"sqlite:///{folder}"
+    line = f"error: SQLite database {str(folder)!r}: a folder, not a database file\n"
+    assert refused("run", "examples.chain:payment", "--broker", url) == line
+    assert refused("run", "examples.chain:payment", "--broker", "memory://", "--store", url) == line
+    assert refused("publish", "a.b", "--broker", url) == line
+    assert refused("journal", "examples.chain:app", "--broker", "memory://", "--store", url) == line
+    assert refused("trace", "tx", "--journal", url) == f"error: journal store {folder}: a folder, not a journal file\n"
