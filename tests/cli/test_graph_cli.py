@@ -285,6 +285,28 @@ def test_asyncapi_takes_push_configs_and_documents_each_subscriber_as_a_receiver
     assert [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(doc)] == []
 
 
+class Billed(Event, type="test.cli.graph.billed"):
+    cents: int = pydantic.Field(lt=10**20)  # a bound beyond 64 bits, in the event's JSON Schema
+
+
+biller = Service("biller")
+
+
+@biller.on(Billed)
+async def bill(billed: Billed) -> None: ...
+
+
+billing = App("billing", [biller], ingress=[Billed])
+
+
+def test_asyncapi_of_an_event_whose_schema_holds_an_integer_beyond_64_bits() -> None:
+    """orjson cannot write one: a TypeError traceback instead of the document."""
+    code, out, _ = run("asyncapi", f"{HERE}:billing")
+    assert code == 0
+    assert json.loads(out) == json.loads(json.dumps(asyncapi_document(billing)))
+    assert "100000000000000000000" in out
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

@@ -151,7 +151,13 @@ def asyncapi(
     from choreograph.asyncapi import asyncapi_document
 
     doc = asyncapi_document(_graph_of(target, push), version=version, title=title)
-    _emit(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), output)
+    try:
+        text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
+    except TypeError:  # an integer beyond 64 bits in an event's schema (Field(lt=10**20)): orjson has none
+        import json
+
+        text = json.dumps(doc, indent=2, ensure_ascii=False)
+    _emit(text, output)
 
 
 def register(app: typer.Typer) -> None:
