@@ -382,3 +382,18 @@ def test_a_folder_given_as_a_sqlite_file_is_named_as_a_folder(tmp_path: Path) ->
     assert refused("publish", "a.b", "--broker", url) == line
     assert refused("journal", "examples.chain:app", "--broker", "memory://", "--store", url) == line
     assert refused("trace", "tx", "--journal", url) == f"error: journal store {folder}: a folder, not a journal file\n"
+
+
+@pytest.mark.parametrize(
+    ("proc", "line"),
+    [
+        ('x="unterminated', "error: --proc 'x=\"unterminated': cannot split COMMAND as a shell would: No closing quotation\n"),
+        ('x=""', "error: --proc 'x=\"\"': COMMAND names no program\n"),
+    ],
+    ids=["unclosed-quote", "empty-program"],
+)
+def test_a_proc_command_that_names_no_program_is_refused_before_anything_starts(
+    tmp_path: Path, proc: str, line: str
+) -> None:
+    """shlex's ValueError, and uvloop's FileNotFoundError spawning "", were tracebacks."""
+    assert dev_refused(tmp_path / "var", "--proc", proc) == line

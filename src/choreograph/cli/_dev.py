@@ -173,7 +173,13 @@ def _extra_specs(procs: list[str]) -> list[ProcSpec]:
         name = name.strip()
         if not sep or not name or not command.strip() or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigurationError(f'--proc {value!r}: expected NAME=COMMAND, e.g. node="node server.mjs"')
-        specs.append(ProcSpec(name, shlex.split(command)))
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:  # "No closing quotation", "No escaped character"
+            raise ConfigurationError(f"--proc {value!r}: cannot split COMMAND as a shell would: {exc}") from None
+        if not argv or not argv[0]:  # --proc 'x=""': no program to run
+            raise ConfigurationError(f"--proc {value!r}: COMMAND names no program")
+        specs.append(ProcSpec(name, argv))
     return specs
 
 
