@@ -43,6 +43,7 @@ from choreograph._journal_model import (
 )
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
 from choreograph._redact import redact
+from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores.postgres import NUL_STAND_IN, stored_id, text_in, text_out
 
@@ -251,11 +252,53 @@ async def _save(conn: Any, summaries: Collection[TransactionSummary]) -> None:
 
 
 class PostgresJournalStore(_pg.PooledStore, JournalStore):
-    """``PostgresJournalStore("postgresql://user@host/db?schema=journal")``; tables are created on open."""
+    """``PostgresJournalStore("postgresql://user@host/db?schema=journal")``; tables are created on open.
+
+    ``read_only`` (``trace``, ``transactions``, ``watch``, the gateway) creates and migrates
+    nothing: a schema without a journal (a mistyped ``?schema=``) or with an older one is a
+    :class:`StoreError` saying so. Opened as the journal opens it, a mistyped schema became a
+    new, empty journal that listed no transactions, and a reader needed the rights to create one.
+    """
 
     WHAT = "journal store"
     COMPONENT = "journal"
     MIGRATIONS = JOURNAL_MIGRATIONS
+    read_only = False
+
+    async def open(self) -> None:
+        if not self.read_only:
+            await super().open()
+            return
+        if self._pool is not None:
+            return
+        pool = await _pg.create_pool(self.config)
+        try:
+            await self._check_version(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def _check_version(self, pool: Any) -> None:
+        """Raise :class:`StoreError` unless the schema holds a journal of the current version."""
+        where = f"journal store {redact(self.url)}"
+        with _pg.translate(where):
+            table = await pool.fetchval(
+                "SELECT to_regclass(format('%I.choreograph_migrations', $1::text)) IS NOT NULL", self.config.schema
+            )
+            version = 0 if not table else await pool.fetchval(
+                "SELECT coalesce(max(version), 0) FROM choreograph_migrations WHERE component = $1", self.COMPONENT
+            )
+        if not version:
+            raise StoreError(
+                f"{where}: no journal in schema {self.config.schema!r} (check ?schema=; "
+                "the journal, `choreograph journal`, creates it)"
+            )
+        if version < len(self.MIGRATIONS):
+            raise StoreError(
+                f"{where}: written by an older choreograph and opened read-only; "
+                "the journal (`choreograph journal`) must open it once to migrate it"
+            )
 
     async def record(self, entries: Sequence[JournalEntry], *, stuck_after: float) -> list[TransactionSummary]:
         unique: dict[str, JournalEntry] = {}

@@ -218,13 +218,11 @@ _SCHEMES: dict[str, tuple[str, str]] = {
 def open_journal_store(url: str, *, read_only: bool = False) -> JournalStore:
     """A journal store for ``url`` (not yet opened: ``await store.open()``).
 
-    ``read_only``: for a reader that must not write (``trace``, ``transactions``, ``watch``); a
-    SQLite file is then opened ``mode=ro``, never created or migrated.
+    ``read_only``: for a reader that must not write (``trace``, ``transactions``, ``watch``, the
+    gateway); a SQLite file is then opened ``mode=ro``, a PostgreSQL schema only read: neither is
+    created or migrated.
     """
     store: JournalStore = instantiate(url, _SCHEMES, "journal URL")
-    if read_only:
-        from choreograph._journal_sqlite import SQLiteJournalStore
-
-        if isinstance(store, SQLiteJournalStore):
-            store.read_only = True
+    if read_only and hasattr(store, "read_only"):  # SQLite and PostgreSQL; a memory journal is the process's own
+        store.read_only = True
     return store

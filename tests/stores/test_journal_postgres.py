@@ -275,3 +275,38 @@ async def test_a_schema_counted_by_the_previous_rule_is_counted_again(url: str) 
         assert intact is not None and intact.status(200.0) == "compensated" and intact.compensation_failures == 0
     finally:
         await store.close()
+
+
+async def test_a_read_only_journal_store_creates_and_migrates_nothing(url: str) -> None:
+    """trace, transactions, watch and the gateway open the journal read-only: a mistyped ?schema=
+    became a new, empty journal (listing no transactions), and an older one was migrated."""
+    from choreograph.errors import StoreError
+
+    schema = parse_url(url).schema
+    reader = open_journal_store(url, read_only=True)
+    with pytest.raises(StoreError, match=f"no journal in schema '{schema}'"):
+        await reader.open()
+    conn = await asyncpg.connect(parse_url(url).dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema) == 0
+        writer = PostgresJournalStore(url)
+        await writer.open()
+        await writer.record([entry("e-1", "tx-ro")], stuck_after=60)
+        await writer.close()
+        reader = open_journal_store(url, read_only=True)
+        await reader.open()
+        try:
+            assert (await reader.summary("tx-ro")) is not None
+        finally:
+            await reader.close()
+        last = len(JOURNAL_MIGRATIONS)
+        await conn.execute(f'DELETE FROM "{schema}".choreograph_migrations WHERE component = $1 AND version = $2',
+                           "journal", last)
+        reader = open_journal_store(url, read_only=True)
+        with pytest.raises(StoreError, match="written by an older choreograph"):
+            await reader.open()
+        assert await conn.fetchval(
+            f'SELECT max(version) FROM "{schema}".choreograph_migrations WHERE component = $1', "journal"
+        ) == last - 1
+    finally:
+        await conn.close()
