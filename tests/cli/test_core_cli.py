@@ -555,3 +555,12 @@ def test_a_url_urllib_cannot_split_is_one_line_naming_it(args: list[str], needle
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and needle in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_dlq_list_with_a_limit_beyond_sqlites_integers_lists_them_all(tmp_path: Path) -> None:
+    """--limit 99999999999999999999 (all of them) overflowed SQLite's integers: a traceback."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+    ids = seed_dead_letters(url)
+    listed = cli("dlq", "list", "--limit", "9" * 20, "--json", "--broker", url)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(letter["id"] for letter in json.loads(listed.stdout)) == sorted(ids)

@@ -246,3 +246,11 @@ def test_an_empty_or_foreign_file_read_as_a_journal_is_named_as_such_not_as_an_o
     assert empty.stat().st_size == 0  # nothing written
     with contextlib.closing(sqlite3.connect(foreign)) as db:
         assert [row[0] for row in db.execute("SELECT name FROM sqlite_master")] == ["invoices"]
+
+
+def test_watch_with_a_limit_beyond_sqlites_integers_shows_every_transaction(tmp_path: Path) -> None:
+    """--limit 99999999999999999999 overflowed SQLite's integers: a traceback."""
+    recorded_journal(tmp_path / "journal.db")
+    done = cli("watch", "--once", "--json", "--limit", "9" * 20, "--journal", f"sqlite:///{tmp_path / 'journal.db'}")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["transactions"] == 1

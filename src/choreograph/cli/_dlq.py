@@ -35,6 +35,9 @@ JsonOption = typer.Option(False, "--json", help="Machine-readable output")
 
 _Verb = Callable[[str, Collection[str] | None], Awaitable[int]]
 
+#: The largest ``--limit`` passed on: more than any bus holds, and within every broker's integers.
+_MOST = 2**62
+
 
 def _as_dict(letter: DeadLetter) -> dict[str, Any]:
     """A dead letter as JSON: its record, and the envelope once, beside the record.
@@ -121,7 +124,9 @@ def list_(group: str | None = GroupOption, broker: str | None = BrokerOption, js
     async def listed(bus: Transport) -> list[DeadLetter]:
         if group is not None:
             await _check_group(bus, group)
-        return await bus.dead_letters(group, limit + 1)  # one more: whether there are more than shown
+        # one more: whether there are more than shown; at most 2**62 (a "--limit 99999999999999999999",
+        # meaning all, overflowed SQLite's integers: a traceback)
+        return await bus.dead_letters(group, min(limit, _MOST) + 1)
 
     letters = run_async(_with_bus(broker_url(broker), listed))
     more = len(letters) > limit

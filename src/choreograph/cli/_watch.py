@@ -46,6 +46,7 @@ def watch(
     _positive("--window", window)
     if limit < 1:
         raise ConfigurationError(f"--limit {limit}: expected at least 1")
+    limit = min(limit, 2**62)  # more is "all", and overflowed SQLite's integers (a traceback)
     from choreograph._journal_store import open_journal_store
     from choreograph.cli._watch_view import Watcher, graph_of
 
