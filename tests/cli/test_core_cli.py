@@ -564,3 +564,18 @@ def test_dlq_list_with_a_limit_beyond_sqlites_integers_lists_them_all(tmp_path: 
     listed = cli("dlq", "list", "--limit", "9" * 20, "--json", "--broker", url)
     assert listed.returncode == 0, listed.stderr
     assert sorted(letter["id"] for letter in json.loads(listed.stdout)) == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///{tmp}/bus.db?lease=nan", "sqlite:///{tmp}/bus.db?busy_timeout=inf", "memory://?lease=nan",
+     "redis://127.0.0.1:1/0?lease=nan", "nats://127.0.0.1:1?lease=inf"],
+    ids=["sqlite-nan-lease", "sqlite-inf-busy-timeout", "memory-nan-lease", "redis-nan-lease", "nats-inf-lease"],
+)
+def test_a_lease_that_is_not_a_finite_number_of_seconds_is_refused(tmp_path: Path, url: str) -> None:
+    """nan passed `lease <= 0`: the SQLite bus failed its first fetch ("NOT NULL constraint failed"),
+    Redis with "cannot convert float NaN to integer"."""
+    result = cli("publish", "a.b", "--broker", url.format(tmp=tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "must be > 0 seconds (and finite)" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "bus.db").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 from collections.abc import Iterable
 from urllib.parse import parse_qs, urlsplit
 
@@ -59,8 +60,8 @@ def lease_from_url(url: str, default: float = DEFAULT_LEASE) -> float:
         lease = float(values[-1])
     except ValueError:
         raise ConfigurationError(f"broker URL: lease={values[-1]!r} is not a number of seconds") from None
-    if lease <= 0:
-        raise ConfigurationError("broker URL: lease must be > 0 seconds")
+    if not 0 < lease < math.inf:  # nan passed `lease <= 0`: Redis failed on its first fetch
+        raise ConfigurationError("broker URL: lease must be > 0 seconds (and finite)")
     return lease
 
 

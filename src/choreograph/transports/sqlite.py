@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -118,8 +119,8 @@ def _parse_url(url: str) -> _Config:
             seconds[key] = float(query.get(key, default))
         except ValueError:
             raise ConfigurationError(f"broker URL {redact(url)!r}: {key} must be a number of seconds") from None
-        if seconds[key] <= 0:
-            raise ConfigurationError(f"broker URL {redact(url)!r}: {key} must be > 0 seconds")
+        if not 0 < seconds[key] < math.inf:  # nan: a NOT NULL constraint failed at the first fetch
+            raise ConfigurationError(f"broker URL {redact(url)!r}: {key} must be > 0 seconds (and finite)")
     return _Config(path, seconds["lease"], synchronous, seconds["busy_timeout"])
 
 
