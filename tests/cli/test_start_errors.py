@@ -397,3 +397,11 @@ def test_a_proc_command_that_names_no_program_is_refused_before_anything_starts(
 ) -> None:
     """shlex's ValueError, and uvloop's FileNotFoundError spawning "", were tracebacks."""
     assert dev_refused(tmp_path / "var", "--proc", proc) == line
+
+
+def test_a_gc_threshold_beyond_what_python_takes_is_refused_before_the_bus_opens(tmp_path: Path) -> None:
+    """gc.set_threshold's OverflowError, a traceback once the bus was open."""
+    line = refused("run", "examples.chain:payment", "--broker", f"sqlite:///{tmp_path}/bus.db",
+                   "--gc-threshold", "2147483648", cwd=tmp_path)
+    assert "'--gc-threshold'" in line and "2147483647" in line, line
+    assert not (tmp_path / "bus.db").exists()

@@ -84,6 +84,7 @@ def run(
     metrics_host: str = MetricsHostOption,
     gc_threshold: int = typer.Option(
         DEFAULT_GC_THRESHOLD, "--gc-threshold", envvar="CHOREOGRAPH_GC_THRESHOLD", min=0,
+        max=2**31 - 1,  # what gc.set_threshold takes: more was an OverflowError once the bus was open
         help="Young-generation GC threshold set as the worker starts, after freezing what start-up "
         "allocated (0: Python's defaults; see choreograph.runtime.gc_tuning)",
     ),
