@@ -79,11 +79,21 @@ def _counted(db: sqlite3.Connection) -> bool:
     return int(db.execute("PRAGMA user_version").fetchone()[0]) >= _COUNTED
 
 
-def _connect_read_only(path: str) -> sqlite3.Connection:
-    """A connection that never writes ``path`` (``mode=ro``), for the commands that only read.
+def _read_only_file_system(path: str) -> bool:
+    """Whether the folder of ``path`` is on a file system mounted read-only (a read-only volume)."""
+    try:
+        return bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _connect_read_only(path: str) -> tuple[sqlite3.Connection, bool]:
+    """A connection that never writes ``path`` (``mode=ro``), for the commands that only read;
+    and whether it is ``immutable=1`` (a snapshot: see :meth:`SQLiteJournalStore._run`).
 
     A WAL file whose ``-shm`` cannot be created (a read-only folder with no writer at work, such
-    as a copy from production) cannot be opened ``mode=ro``; it is opened ``immutable=1`` then.
+    as a copy from production, or a read-only volume, where SQLite says "unable to open database
+    file" rather than "readonly") cannot be opened ``mode=ro``; it is opened ``immutable=1`` then.
     A file older than the current schema is refused: migrating it is a write, and reading it as
     it is would show compensation failures counted by the old rule.
     """
@@ -100,9 +110,13 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
             db.close()
             raise
     except sqlite3.OperationalError as exc:
-        if "readonly" not in str(exc):  # its -shm cannot be made; anything else is an error
+        # its -shm cannot be made; anything else is an error
+        if "readonly" not in str(exc) and not ("unable to open" in str(exc) and _read_only_file_system(path)):
             raise
         db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        immutable = True
+    else:
+        immutable = False
     try:
         problem = _read_only_problem(db, path)
     except BaseException:
@@ -111,7 +125,7 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
     if problem is not None:
         db.close()
         raise StoreError(f"journal store {path}: {problem}")
-    return db
+    return db, immutable
 
 
 def _read_only_problem(db: sqlite3.Connection, path: str) -> str | None:
@@ -228,6 +242,7 @@ class SQLiteJournalStore(JournalStore):
         self.path = sqlite_path(url)
         self.read_only = read_only
         self._db: sqlite3.Connection | None = None
+        self._immutable = False  # the connection is an immutable=1 snapshot (see _run)
         self._executor: ThreadPoolExecutor | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -239,6 +254,13 @@ class SQLiteJournalStore(JournalStore):
             if self._db is None:
                 raise StoreError(f"journal store {self.url} is closed")
             try:
+                if self._immutable:
+                    # A snapshot of the file when it was opened: SQLite takes an immutable file to
+                    # never change, so a long-lived reader (the gateway, watch) kept showing the
+                    # journal as it was at its first query. Opened again for each query instead.
+                    db, self._db = self._db, None
+                    db.close()
+                    self._db, self._immutable = _connect_read_only(self.path)  # failing: opened by the next query
                 return fn(self._db)
             except sqlite3.Error as exc:
                 raise StoreError(f"journal store {self.url}: {exc}") from exc
@@ -252,7 +274,7 @@ class SQLiteJournalStore(JournalStore):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-journal")
         executor = self._executor
 
-        def connect() -> sqlite3.Connection:
+        def connect() -> tuple[sqlite3.Connection, bool]:
             if self.read_only and self.path != ":memory:":
                 return _connect_read_only(self.path)
             db = connect_wal(self.path, schema=_SCHEMA)
@@ -261,10 +283,10 @@ class SQLiteJournalStore(JournalStore):
             except BaseException:
                 db.close()
                 raise
-            return db
+            return db, False
 
         try:
-            self._db = await asyncio.get_running_loop().run_in_executor(executor, connect)
+            self._db, self._immutable = await asyncio.get_running_loop().run_in_executor(executor, connect)
         except sqlite3.Error as exc:
             raise StoreError(f"journal store {self.url}: {exc}") from exc
 

@@ -254,3 +254,56 @@ def test_watch_with_a_limit_beyond_sqlites_integers_shows_every_transaction(tmp_
     done = cli("watch", "--once", "--json", "--limit", "9" * 20, "--journal", f"sqlite:///{tmp_path / 'journal.db'}")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["transactions"] == 1
+
+
+@pytest.fixture
+def read_only_volume(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A folder, and the same folder mounted read-only at another path: a read-only volume (as a
+    container mounts one), whose writer works through the other. Needs root to mount."""
+    writable, read_only = tmp_path / "rw", tmp_path / "ro"
+    writable.mkdir()
+    read_only.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(writable), str(read_only)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only volume needs root")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(read_only)], check=True, capture_output=True)
+        yield writable, read_only
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+
+
+def test_transactions_reads_a_journal_on_a_read_only_volume(read_only_volume: tuple[Path, Path]) -> None:
+    """There a WAL file's -shm cannot be made either, but SQLite says "unable to open database file"
+    rather than "readonly": the fall-back to immutable=1 was not taken, and the command failed."""
+    writable, read_only = read_only_volume
+    recorded_journal(writable / "journal.db")
+    done = cli("transactions", "--journal", f"sqlite:///{read_only / 'journal.db'}")
+    assert done.returncode == 0, done.stderr
+    assert "tx-ro" in done.stdout
+    assert sorted(p.name for p in writable.iterdir()) == ["journal.db"]
+
+
+def test_a_long_lived_reader_of_a_read_only_volume_sees_what_the_journal_records_later(
+    read_only_volume: tuple[Path, Path],
+) -> None:
+    """An immutable=1 connection is a snapshot (SQLite takes the file to never change): the gateway
+    and watch, reading on, kept showing the journal as it was at their first query."""
+    from choreograph.journal import Journal, open_journal_store
+    from choreograph.runtime.records import first_envelope
+
+    writable, read_only = read_only_volume
+    recorded_journal(writable / "journal.db")
+
+    async def go() -> list[str]:
+        reader = Journal(open_journal_store(f"sqlite:///{read_only / 'journal.db'}", read_only=True))
+        writer = Journal(f"sqlite:///{writable / 'journal.db'}")
+        try:
+            assert [tx.correlation_id for tx in await reader.transactions()] == ["tx-ro"]
+            await writer.record([first_envelope(OrderPlaced(order_id="o-2", amount=2), source="/gateway", id="tx-2")])
+            return sorted(tx.correlation_id for tx in await reader.transactions())
+        finally:
+            await writer.close()
+            await reader.close()
+
+    assert asyncio.run(go()) == ["tx-2", "tx-ro"]
