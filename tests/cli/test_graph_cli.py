@@ -353,6 +353,15 @@ def test_asyncapi_of_a_payload_without_a_json_schema_names_the_event_and_field_a
            "$.gauge" in " ".join(result.stderr.split())
 
 
+def test_an_output_file_under_a_file_names_that_file_not_file_exists(tmp_path: Path) -> None:
+    """mkdir's "File exists" (exist_ok is for folders) read as if the output file were there already."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = cli("graph", "examples.chain:app", "-o", str(blocker / "sub" / "out.md"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: {blocker / 'sub' / 'out.md'}: cannot write ({str(blocker)!r} is a file, not a folder)\n"
+
+
 @pytest.mark.parametrize("command", ["graph", "asyncapi"])
 def test_an_output_file_that_cannot_be_written_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
     """-o under a path that is a file (or unwritable) names the file and why, without a traceback."""

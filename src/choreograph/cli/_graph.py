@@ -67,8 +67,13 @@ def _emit(text: str, output: Path | None) -> None:
     if output is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
+    from choreograph._sqlite import why_not_made
+
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # "File exists" for -o /etc/hostname/flow.md: that one is a file, not a folder
+        raise ConfigurationError(f"{output}: cannot write ({why_not_made(output.parent, exc)})") from None
+    try:
         output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(f"{output}: cannot write ({exc.strerror or exc})") from None
