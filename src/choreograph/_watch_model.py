@@ -34,6 +34,7 @@ from choreograph._journal_model import (
     service_of,
 )
 from choreograph._journal_store import Activity, JournalStore
+from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 from choreograph.flow import RUNTIME_PREFIX, FlowGraph
 
@@ -300,5 +301,5 @@ async def read_snapshot(
             if timeline:
                 last[cid] = timeline[-1]
     return build_snapshot(
-        activity, newest, flagged, last, journal=store.url, now=now, window=window, graph=graph
+        activity, newest, flagged, last, journal=redact(store.url), now=now, window=window, graph=graph
     )

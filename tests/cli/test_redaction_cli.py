@@ -90,3 +90,25 @@ def test_the_push_status_line_names_the_subscriber_without_its_password() -> Non
                          "--no-handshake"], "running")
     assert SECRET not in out + err
     assert "http://hook:***@127.0.0.1:1/in" in err
+
+
+async def test_watch_names_its_journal_without_the_password() -> None:
+    """Its header and its --json "journal" showed the URL as given, password and all."""
+    from choreograph.journal import Journal
+    from tests.stores._databases import drop_schema, fresh_schema, postgres_url
+
+    schema = fresh_schema()
+    url = postgres_url(schema)
+    with_password = url.replace("://postgres@", f"://postgres:{SECRET}@")  # trust auth: the password is ignored
+    assert SECRET in with_password
+    journal = Journal(url)
+    try:
+        await journal.open()  # a journal to watch (watch only reads)
+        await journal.close()
+        shown = [cli("watch", "--once", "--journal", with_password, *json) for json in ([], ["--json"])]
+    finally:
+        await drop_schema(url, schema)
+    for done in shown:
+        assert done.returncode == 0, done.stderr
+        assert SECRET not in done.stdout + done.stderr
+        assert "postgresql://postgres:***@" in done.stdout
