@@ -749,6 +749,21 @@ async def test_transactions_are_served_from_a_running_journal(bus: SpyBus, clock
     assert bad_status.status_code == bad_limit.status_code == 422
 
 
+class Billed(Event, type="test.gateway.billed"):
+    cents: int = pydantic.Field(lt=10**20)  # a bound beyond 64 bits, in the event's JSON Schema
+
+
+async def test_openapi_of_an_event_whose_schema_holds_an_integer_beyond_64_bits(bus: SpyBus) -> None:
+    """orjson cannot write one: /openapi.json answered 500."""
+    gw = Gateway([Route("POST", "/bills", Billed)], broker=bus)
+    async with client_for(gw) as client:
+        response = await client.get("/openapi.json")
+    await gw.close()
+    assert response.status_code == 200, response.text
+    assert "100000000000000000000" in response.text
+    assert response.json()["paths"].keys() >= {"/bills"}
+
+
 async def test_a_journal_url_is_opened_read_only(bus: SpyBus, clock: VirtualClock, tmp_path: Path) -> None:
     """The gateway only reads the journal. Opened for writing, a mistyped journal URL became a new,
     empty journal file (every transaction 404 for ever, with no word that there is no journal),

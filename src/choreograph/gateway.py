@@ -394,7 +394,12 @@ class Gateway:
         return json_response({"correlation_id": correlation_id, "status_url": status_url}, 202, headers)
 
     async def _openapi_endpoint(self, request: Request) -> Response:
-        return json_response(self._openapi)
+        try:
+            return json_response(self._openapi)
+        except TypeError:  # an integer beyond 64 bits in an event's schema (Field(lt=10**20)): orjson has none
+            import json
+
+            return Response(json.dumps(self._openapi, ensure_ascii=False), media_type="application/json")
 
     async def _healthz(self, request: Request) -> Response:
         return json_response({"status": "ok"})
