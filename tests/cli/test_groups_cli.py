@@ -122,3 +122,21 @@ def test_groups_on_a_sqlite_bus_that_does_not_exist_is_an_error_and_creates_noth
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: no SQLite bus at {tmp_path}/var/typo.db")
     assert not (tmp_path / "var").exists()
+
+
+def test_groups_unbind_and_publish_print_names_as_they_are_not_as_emoji_codes(tmp_path: Path) -> None:
+    """Printed without emoji=False, "pay:ok:" came out as "pay🆗": a name no command takes."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+
+    async def subscribe() -> None:
+        async with open_transport(url) as bus:
+            await bus.subscribe("pay:ok:", ["t.a", "t:ok:"])
+
+    asyncio.run(subscribe())
+    done = cli("groups", "unbind", "pay:ok:", "t:ok:", "x:ok:", "--broker", url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "pay:ok: is bound to t.a\n"
+    assert done.stderr == "note: pay:ok: was not bound to x:ok:\n"
+    published = cli("publish", "x:ok:", "--broker", url)
+    assert published.returncode == 0, published.stderr
+    assert "subscribes to 'x:ok:'" in published.stderr, published.stderr

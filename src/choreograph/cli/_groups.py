@@ -96,8 +96,9 @@ def unbind(group: str = typer.Argument(..., metavar="GROUP", help="Consumer grou
     """
     after, absent = run_async(_unbound(broker_url(broker), group, types))
     if absent:
-        err_console.print(f"note: {group} was not bound to {', '.join(absent)}", markup=False, highlight=False)
+        err_console.print(f"note: {group} was not bound to {', '.join(absent)}", markup=False, highlight=False,
+                          emoji=False)
     if json:
         console.print_json(orjson.dumps({"group": group, "types": _types(after)}).decode())
     else:
-        console.print(f"{group} is bound to {_shown(after)}", markup=False, highlight=False)
+        console.print(f"{group} is bound to {_shown(after)}", markup=False, highlight=False, emoji=False)

@@ -175,7 +175,7 @@ def publish(
             err_console.print(
                 f"warning: no group on this bus subscribes to {event_type!r}: nobody receives this event "
                 "(a group receives what is published after it first subscribed: start its consumers first)",
-                markup=False, highlight=False, soft_wrap=True,
+                markup=False, highlight=False, soft_wrap=True, emoji=False,
             )
 
     run_async(main())
