@@ -8,6 +8,7 @@ against a SQLite journal file.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -460,3 +461,24 @@ def test_correlation_ids_and_types_with_brackets_are_shown_as_they_are(odd_journ
         assert result.returncode == 0, result.stderr
         assert all(cid in result.stdout for cid in ODD_IDS), result.stdout
     assert ODD_TYPE in listed.stdout
+
+
+async def test_a_journal_error_while_streaming_is_printed_as_it_is_not_as_rich_markup(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """"/data/[prod]/journal.db" lost its "[prod]", and a "[/x]" raised MarkupError, ending the watch."""
+    from choreograph._journal_store import MemoryJournalStore
+    from choreograph.cli._watch_view import Watcher
+    from choreograph.errors import StoreError
+
+    watcher = Watcher(MemoryJournalStore(), None, 60.0, 10, True)
+    first = await watcher.read()
+    stop = asyncio.Event()
+
+    async def failing() -> None:
+        stop.set()
+        raise StoreError("journal store /data/[prod]/journal.db: disk I/O error [/x]")
+
+    monkeypatch.setattr(watcher, "read", failing)
+    await watcher._stream(first, stop, 0.01)
+    assert "journal unreadable: journal store /data/[prod]/journal.db: disk I/O error [/x]" in capsys.readouterr().err

@@ -192,7 +192,9 @@ class Watcher:
                     snap = await self.read()
                     break
                 except StoreError as exc:
-                    err_console.print(f"[yellow]journal unreadable:[/] {exc}", highlight=False)
+                    # a Text: the error is not Rich markup ("/data/[prod]/journal.db" lost "[prod]"; a
+                    # "[/x]" in it raised MarkupError and ended the watch)
+                    err_console.print(Text.assemble(("journal unreadable:", "yellow"), f" {exc}"), highlight=False)
 
 
 async def _stopped(stop: asyncio.Event, interval: float) -> bool:
