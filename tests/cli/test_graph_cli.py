@@ -353,6 +353,13 @@ def test_asyncapi_of_a_payload_without_a_json_schema_names_the_event_and_field_a
            "$.gauge" in " ".join(result.stderr.split())
 
 
+def test_the_file_written_is_named_as_it_is_not_as_emoji_codes(tmp_path: Path) -> None:
+    target = tmp_path / "flow:ok:.md"
+    result = cli("graph", "examples.chain:app", "-o", str(target))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"wrote {target}\n"
+
+
 def test_an_output_file_under_a_file_names_that_file_not_file_exists(tmp_path: Path) -> None:
     """mkdir's "File exists" (exist_ok is for folders) read as if the output file were there already."""
     blocker = tmp_path / "not-a-dir"

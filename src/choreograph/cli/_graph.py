@@ -77,7 +77,7 @@ def _emit(text: str, output: Path | None) -> None:
         output.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(f"{output}: cannot write ({exc.strerror or exc})") from None
-    err_console.print(f"wrote {escape(str(output))}", highlight=False)
+    err_console.print(f"wrote {escape(str(output))}", highlight=False, emoji=False)  # "flow:ok:.md" as it is
 
 
 def graph(
