@@ -307,3 +307,12 @@ def test_a_long_lived_reader_of_a_read_only_volume_sees_what_the_journal_records
             await reader.close()
 
     assert asyncio.run(go()) == ["tx-2", "tx-ro"]
+
+
+def test_trace_of_an_id_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A byte the terminal's encoding could not decode reached SQLite: a UnicodeEncodeError traceback."""
+    recorded_journal(tmp_path / "journal.db")
+    done = cli("trace", "tx-\udcff", "--journal", f"sqlite:///{tmp_path / 'journal.db'}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ID 'tx-\\udcff': not UTF-8 text"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

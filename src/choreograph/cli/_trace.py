@@ -161,6 +161,13 @@ def trace(
 ) -> None:
     """Show one transaction: status and causation tree with timings."""
     url = existing_journal_url(journal)
+    try:
+        correlation_id.encode()
+    except UnicodeEncodeError:  # a byte the terminal's encoding could not decode: SQLite's UnicodeEncodeError
+        raise ConfigurationError(
+            f"ID {correlation_id!r}: not UTF-8 text (bytes your terminal's encoding could not decode); "
+            "no transaction has such an id"
+        ) from None
     tx: Transaction | None = run_async(_query(url, lambda j: j.transaction(correlation_id)))
     if tx is None:
         raise ConfigurationError(f"no transaction {correlation_id!r} in the journal {redact(url)}")
