@@ -1543,8 +1543,9 @@ def test_a_yaml_config_is_read_the_same_way(tmp_path: Path, monkeypatch: pytest.
         (CONFIG_YAML.replace("TEST_PUSH_SECRET", "TEST_PUSH_UNSET"), "'TEST_PUSH_UNSET' is not set"),
         (CONFIG_YAML.replace("http://127.0.0.1:8090/", "127.0.0.1:8090"), "is not an http(s) URL"),
         ("subscriptions: []\n", "list at least one subscription"),
+        ("subscriptions: 5\n", "subscriptions: expected a list of subscriptions ([[subscriptions]] tables), got 5"),
     ],
-    ids=["typo", "missing-url", "unset-secret", "bad-url", "empty"],
+    ids=["typo", "missing-url", "unset-secret", "bad-url", "empty", "not-a-list"],
 )
 def test_config_errors_name_the_file_and_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str

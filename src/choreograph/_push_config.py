@@ -308,7 +308,12 @@ def load_config(path: str | Path, *, credentials: bool = True) -> PushConfig:
         ]}
     data = _check_keys(_expand(data, path.name), _TOP, str(path.name))
     items = data.get("subscriptions")
-    if not isinstance(items, list) or not items:
+    if items is not None and not isinstance(items, list):  # `subscriptions = 5`: not "list at least one"
+        raise ConfigurationError(
+            f"{path.name}: subscriptions: expected a list of subscriptions ([[subscriptions]] tables), "
+            f"got {_shown(items)}"
+        )
+    if not items:
         raise ConfigurationError(f"{path.name}: subscriptions: list at least one subscription")
     subscriptions = [subscription_from_mapping(item, f"{path.name}: subscriptions[{i}]")
                      for i, item in enumerate(items)]
