@@ -29,6 +29,14 @@ def test_gateway_on_a_port_in_use_is_one_line_naming_the_port_and_the_reason_and
 
 
 
+@pytest.mark.parametrize("host", ["", " "])
+def test_gateway_with_an_empty_host_is_refused_rather_than_served_on_every_interface(host: str) -> None:
+    """getaddrinfo("") binds 0.0.0.0 and ::: a script passing --host "$HOST" unset served to the network."""
+    result = cli("gateway", "examples.drone_delivery.gateway:gateway", "--port", "0", "--host", host, timeout=20)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.startswith(f"error: --host {host!r}: empty; give an interface"), result.stderr
+
+
 def test_gateway_with_an_unknown_log_level_is_one_line_naming_the_option_and_exits_2() -> None:
     """uvicorn's KeyError: 'loud', with a traceback, once the port was bound."""
     result = cli("gateway", "examples.drone_delivery.gateway:gateway", "--port", "0", "--log-level", "LOUD")

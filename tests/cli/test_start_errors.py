@@ -405,3 +405,11 @@ def test_a_gc_threshold_beyond_what_python_takes_is_refused_before_the_bus_opens
                    "--gc-threshold", "2147483648", cwd=tmp_path)
     assert "'--gc-threshold'" in line and "2147483647" in line, line
     assert not (tmp_path / "bus.db").exists()
+
+
+def test_an_empty_metrics_host_is_refused_rather_than_served_on_every_interface(tmp_path: Path) -> None:
+    """Bound as given, "" served the metrics on 0.0.0.0 and ::."""
+    result = cli("run", "examples.chain:payment", "--broker", "memory://", "--store", "memory://",
+                 "--metrics-port", "0", "--metrics-host", "", cwd=tmp_path, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --metrics-host '': empty; give an interface"), result.stderr

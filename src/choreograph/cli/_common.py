@@ -177,6 +177,17 @@ async def _connected(transport: Transport, scheme: str) -> AsyncIterator[Transpo
 HOST_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL})  # EINVAL: fe80::1, no scope
 
 
+def check_host(host: str, option: str) -> None:
+    """Refuse an empty or blank ``--host`` / ``--metrics-host`` (:class:`ConfigurationError`):
+    bound as given, it listened on every interface (``0.0.0.0`` and ``::``), so a script passing
+    ``--host "$HOST"`` with the variable unset served to the whole network."""
+    if not host.strip():
+        raise ConfigurationError(
+            f"{option} {host!r}: empty; give an interface (127.0.0.1; 0.0.0.0 or :: for every one), "
+            "or leave the option out"
+        )
+
+
 def address(host: str, port: int) -> str:
     """``host:port`` as a URL writes it: an IPv6 address in brackets (``[::1]:8000``), or
     ``http://::1:8000`` would be a URL no client can use; a scoped one's zone separator

@@ -14,6 +14,7 @@ from choreograph.cli._common import (
     MetricsHostOption,
     MetricsPortOption,
     address,
+    check_host,
     kind_of,
     load_object,
     otel_option,
@@ -60,6 +61,8 @@ def listen(host: str, port: int) -> list[socket.socket]:
     """
     def refused(option: str, reason: str | None) -> ConfigurationError:
         return ConfigurationError(f"{option}: cannot listen on {address(host, port)}: {reason}")
+
+    check_host(host, "--host")
 
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

@@ -27,6 +27,7 @@ from choreograph.cli._common import (
     MetricsPortOption,
     address,
     broker_url,
+    check_host,
     given_url,
     load_services,
     otel_option,
@@ -174,6 +175,7 @@ def telemetry_options(
 
 def _serve_metrics(port: int, host: str) -> int:
     """:func:`serve_metrics`, with a port taken or a host that cannot be bound as one line naming the option."""
+    check_host(host, "--metrics-host")
     try:
         return serve_metrics(port, host)
     except OSError as exc:
