@@ -337,3 +337,31 @@ async def test_stopping_does_not_wait_out_a_handler_that_waits_on_the_clock() ->
     assert loop.time() - began < 1.5
     assert worked == [2]  # the one at work was drained
     assert worker.stats("sleeper").released == 1
+
+
+async def test_a_conflict_rerun_gets_what_is_left_of_the_timeout_on_the_clock(tmp_path: Path) -> None:
+    """A handler whose transaction conflicted runs again in place under what is left of its
+    attempt's timeout; on a test's clock the rerun got a whole new timeout on that clock."""
+    from choreograph.errors import TransactionConflict
+
+    svc = Service("package", database=f"sqlite:///{tmp_path / 'package.db'}", retry=RetryPolicy(max_attempts=1))
+    runs: list[float] = []
+
+    @svc.on(Requested, timeout=5.0)
+    async def create(req: Requested, ctx: Context) -> None:
+        runs.append(ctx.clock.monotonic())
+        await ctx.clock.sleep(4.0)
+        if len(runs) == 1:
+            raise TransactionConflict("could not serialize access (SQLSTATE 40001)")
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await asyncio.wait_for(settled(bus, timeout=30.0), 10.0)
+        stats = worker.stats("package")
+    assert len(runs) == 2
+    assert (stats.handled, stats.dead_lettered) == (0, 1)  # 4 s + 4 s of a timeout of 5 s
+    [letter] = await bus.dead_letters("package")
+    assert letter.record["last_error"]["type"] == "HandlerTimeout"
+    assert clock.monotonic() < 5.1  # at the attempt's timeout, not 5 s after its rerun began

@@ -55,6 +55,9 @@ class _Call(msgspec.Struct):
     now: float  # clock time when handling began (records)
     coro: Coroutine[Any, Any, Any]
     started: float = 0.0  # loop time when its task began (timeout): set by _start for a task only
+    #: on a test's clock (a VirtualClock): the clock's time its timeout runs from, once it ran
+    #: (its waits for the database excluded): what a rerun in place starts from (see _guarded)
+    clock_started: float | None = None
     outcome: _Outcome | None = None  # a success, left by _run for its task to settle (see _handle)
 
 

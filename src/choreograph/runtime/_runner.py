@@ -564,6 +564,7 @@ class _Runner(Timing, Verdicts, Settling):
         again = self._prepare(call.delivery)
         if isinstance(again, _Call):
             again.started = call.started
+            again.clock_started = call.clock_started  # on a test's clock (see _guarded)
             again.envelope = call.envelope  # as the attempt's span left it (its outputs are its children)
         return again
 

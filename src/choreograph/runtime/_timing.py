@@ -206,7 +206,9 @@ class Timing:
         if self.virtual_clock:
             task = asyncio.current_task()
             assert task is not None
-            self.clock_due[delivery] = self.worker.clock.monotonic() + call.handler.timeout
+            # a rerun in place (_rerun) has what is left of the attempt's timeout on the clock too
+            since = self.worker.clock.monotonic() if call.clock_started is None else call.clock_started
+            self.clock_due[delivery] = since + call.handler.timeout
             self.clock_timers[delivery] = self.loop.create_task(self._clock_timeout(task, delivery))
         try:
             result = await handler
@@ -219,7 +221,9 @@ class Timing:
                 timer = self.clock_timers.pop(delivery, None)
                 if timer is not None:
                     timer.cancel()
-                self.clock_due.pop(delivery, None)
+                due = self.clock_due.pop(delivery, None)
+                if due is not None:
+                    call.clock_started = due - call.handler.timeout
                 self.wait_from.pop(delivery, None)
             call.ctx._sealed = True  # a publish() from now on would be lost: it raises instead
             # its waits for the database excluded (see _waiting): what a rerun in place starts from
