@@ -317,6 +317,14 @@ def test_hops_as_a_string_of_too_many_digits_is_malformed_not_a_value_error(digi
     assert decode(padded).hops == 7  # leading zeros are no count
 
 
+def test_hops_as_a_string_of_over_4300_leading_zeros_is_read_not_a_value_error() -> None:
+    """Leading zeros pass the check of the digits that count, but ``int()`` counts them all: a
+    string of 5,000 zeros and a 7 raised its ValueError (no MalformedEnvelope, no hops)."""
+    body = b'{"specversion":"1.0","id":"1","source":"/s","type":"t","hops":"' + b"0" * 5000 + b'7"}'
+    assert decode(body).hops == 7
+    assert decode(body.replace(b'7"}', b'"}')).hops == 0
+
+
 def test_binary_data_is_carried_as_data_base64_untouched() -> None:
     env = decode(b'{"specversion":"1.0","id":"1","source":"/s","type":"t","data_base64":"AAE="}')
     assert env.data is None

@@ -347,7 +347,7 @@ def _from_dict_checked(obj: Any) -> Envelope:
         if len(hops.lstrip("0")) > 19:
             raise MalformedEnvelope(f"hops: expected a non-negative 64-bit integer, got a string of "
                                     f"{len(hops)} digits", event_id=_id_of(obj))
-        hops = int(hops)
+        hops = int(hops.lstrip("0") or "0")  # int() counts leading zeros against its 4,300 digits
     if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
         raise MalformedEnvelope(f"hops: expected a non-negative integer, got {hops!r}", event_id=_id_of(obj))
     extensions: dict[str, Any] = {}
