@@ -198,3 +198,52 @@ def test_a_worker_keeps_its_joins_beside_its_inbox() -> None:
     assert isinstance(join_store_beside("sqlite:///var/x.db"), SQLiteJoinStore)
     beside = join_store_beside("postgresql://u@h/db?schema=shipping")
     assert isinstance(beside, PostgresJoinStore) and beside.config.schema == "shipping"
+
+
+async def test_sqlite_get_reads_the_instance_and_its_arrivals_in_one_snapshot(tmp_path: Path) -> None:
+    """Another process's arrival committed between ``get``'s two reads is not half seen: the
+    instance as it was (one arrival, not fired), never two arrivals of an unfired instance."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'joins.db'}"
+    store, other = SQLiteJoinStore(url), SQLiteJoinStore(url)
+    await store.open()
+    await other.open()
+    try:
+        await arrive(store, 0, "a")
+        db = store._db
+        assert db is not None
+        other_db = other._db
+        assert other_db is not None
+
+        class Racing:
+            """The store's connection, with the other replica completing the join after the first read."""
+
+            def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+                cursor = db.execute(sql, *args)
+                if sql.startswith("SELECT slots, created_by"):
+                    cursor = _Prefetched(cursor.fetchone())
+                    other_db.execute("BEGIN IMMEDIATE")
+                    other_db.execute("INSERT INTO join_arrivals VALUES ('shipping', 'ship', 'tx-1', 1, 'b', x'7b7d')")
+                    other_db.execute("UPDATE join_instances SET fired_by='b'")
+                    other_db.execute("COMMIT")
+                return cursor  # type: ignore[return-value]
+
+        store._db = Racing()  # type: ignore[assignment]
+        state = await store.get(KEY)
+        store._db = db
+        assert state is not None
+        assert (state.fired_by, sorted(state.arrivals)) == (None, [0])  # one snapshot: before the race
+        state = await store.get(KEY)
+        assert state is not None and (state.fired_by, sorted(state.arrivals)) == ("b", [0, 1])
+    finally:
+        await store.close()
+        await other.close()
+
+
+class _Prefetched:
+    def __init__(self, row: object) -> None:
+        self.row = row
+
+    def fetchone(self) -> object:
+        return self.row

@@ -156,7 +156,17 @@ class SQLiteJoinStore(JoinStore):
         return await self._run(write)
 
     async def get(self, key: JoinKey) -> JoinState | None:
-        return await self._run(lambda db: _state(db, key))
+        def read(db: sqlite3.Connection) -> JoinState | None:
+            # One read transaction: the instance and its arrivals from one snapshot (autocommit
+            # would read them in two, and another process's arrival or expiry between them
+            # would give a full instance that has not fired, or arrivals without their instance).
+            db.execute("BEGIN")
+            try:
+                return _state(db, key)
+            finally:
+                db.execute("COMMIT")
+
+        return await self._run(read)
 
     async def time_out(self, key: JoinKey) -> JoinState | None:
         def write(db: sqlite3.Connection) -> JoinState | None:
