@@ -5,11 +5,17 @@ A private schema per test; skipped when PostgreSQL is unreachable, failed under 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
 import pytest
 
 from choreograph import Publisher, Worker
+from choreograph.stores import _pg
+from choreograph.stores.joins_base import Arrival, JoinKey
+from choreograph.stores.joins_database import DatabaseJoins
 from choreograph.stores.joins_postgres import PostgresJoinStore
 from choreograph.stores.postgres import PostgresStore
 from choreograph.testing import VirtualClock, settled
@@ -54,3 +60,54 @@ async def test_two_replicas_sharing_a_postgresql_database_ship_each_order_once(u
     orders = sorted(str(data["order"]) for data in shipped(bus))
     assert orders == sorted(f"o-{n}" for n in range(20))
     assert len(calls) == 20
+
+
+async def test_a_join_arrival_in_a_service_database_racing_the_expiry_of_its_instance_creates_it_again(
+    url: str,
+) -> None:
+    """Another handler's transaction expires the instance (created over RETENTION ago) after this
+    arrival's INSERT found it and before it is locked: the arrival creates it again (was: AssertionError)."""
+    key = JoinKey("shipping", "ship", "tx-old")
+    store = PostgresJoinStore(url)
+    await store.open()
+    await store.arrive(key, 0, Arrival("a", b"{}"), slots=2, now=0.0, deadline=None)  # 7+ days old
+    config = _pg.parse_url(url)
+    settings = _pg.server_settings(config)
+    mine = await asyncpg.connect(config.dsn, server_settings=settings)
+    other = await asyncpg.connect(config.dsn, server_settings=settings)
+    try:
+        class Tx:
+            backend = "postgresql"
+            raced = False
+
+            async def execute(self, sql: str, *args: Any) -> int:
+                status = await mine.execute(sql, *args)
+                if sql.startswith("INSERT INTO choreograph_join_instances") and not self.raced:
+                    self.raced = True  # the expiry commits between our INSERT and our lock
+                    await other.execute("DELETE FROM choreograph_join_instances WHERE created_at < 1")
+                return _pg.rowcount(status)
+
+            async def fetch(self, sql: str, *args: Any) -> list[Any]:
+                return list(await mine.fetch(sql, *args))
+
+            async def fetchone(self, sql: str, *args: Any) -> Any:
+                return await mine.fetchrow(sql, *args)
+
+            async def fetchval(self, sql: str, *args: Any) -> Any:
+                return await mine.fetchval(sql, *args)
+
+        tx = Tx()
+
+        @contextlib.asynccontextmanager
+        async def transaction() -> AsyncIterator[Any]:
+            yield tx
+
+        async with mine.transaction():
+            state = await DatabaseJoins(transaction, url).arrive(
+                key, 1, Arrival("b", b"{}"), slots=2, now=8 * 86400.0, deadline=None)
+        assert tx.raced
+        assert (state.created_by, sorted(state.arrivals), state.fired_by) == ("b", [1], None)
+    finally:
+        await mine.close()
+        await other.close()
+        await store.close()

@@ -41,6 +41,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
+from choreograph._redact import redact
+from choreograph.errors import StoreError
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
 from choreograph.stores.joins_sqlite import join_tables
 
@@ -136,16 +138,22 @@ class DatabaseJoins(JoinStore):
         async with self._transaction() as tx:
             ident = _ident(key, tx)
             event_id = _event_id(arrival.event_id, tx)
-            await tx.execute(_CREATE, *ident, slots, event_id, now, deadline)
             lock = " FOR UPDATE" if tx.backend == "postgresql" else ""
-            row = await tx.fetchone(_INSTANCE + lock, *ident)
-            assert row is not None  # created above or before, and only expired after RETENTION
-            if row["fired_by"] is None and not row["timed_out"]:
+            row = None
+            for _ in range(3):
+                # On PostgreSQL another handler's transaction may expire the instance (created over
+                # RETENTION ago) after our INSERT found it and before we lock it: create it again.
+                await tx.execute(_CREATE, *ident, slots, event_id, now, deadline)
+                row = await tx.fetchone(_INSTANCE + lock, *ident)
+                if row is not None:
+                    break
+            if row is not None and row["fired_by"] is None and not row["timed_out"]:
                 stored = await tx.execute(_STORE, *ident, slot, event_id, arrival.body)
                 if stored and await tx.fetchval(_COUNT, *ident) == row["slots"]:
                     await tx.execute(_FIRE, *ident, event_id)
             state = _state(await tx.fetch(_STATE, *ident), tx)
-        assert state is not None
+        if state is None:
+            raise StoreError(f"join store {redact(self.url)}: join {key} vanished while recording {arrival.event_id}")
         return state
 
     async def get(self, key: JoinKey) -> JoinState | None:
