@@ -336,3 +336,24 @@ async def test_a_compensation_whose_trigger_raced_another_while_it_ran_is_rolled
     assert rows == [("o-1", "Reserved")]  # the first trigger's run, which raced, left nothing
     assert runs[0] == "Reserved"
     assert len(bus.ids(Refunded.event_type())) == 1
+
+
+async def test_a_join_under_a_virtual_clock_keeps_its_arrivals_when_old_instances_are_dropped(tmp_path: Path) -> None:
+    """Join instances in a service database are dropped by the worker's clock, the one that dates
+    them: by the wall clock, every instance a virtual clock dated (2026-01-01) was over 7 days old,
+    and the hourly pass dropped the first arrival of a join that then never fired."""
+    from choreograph.stores import joins_database
+    from choreograph.testing import VirtualClock, settled
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    database = f"sqlite:///{tmp_path / 'shipping.db'}"
+    svc = shipping(database)
+    async with Worker([svc], bus, clock=clock):
+        await Publisher(bus).publish(Paid(order="o-1"), correlation_id="c-1")
+        await settled(bus)
+        clock.advance(2 * 3600.0)
+        joins_database._prepared(database).expired_at -= 2 * 3600.0  # an hour since the last pass, on any clock
+        await Publisher(bus).publish(Reserved(order="o-1"), correlation_id="c-1")
+        await settled(bus)
+    assert await shipments(database) == {"o-1": 1}

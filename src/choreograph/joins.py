@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -181,7 +180,7 @@ class JoinSpec:
     async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any:
         envelope = ctx.envelope
         now = clock.time()
-        store = await store_for(ctx, store)
+        store = await store_for(ctx, store, clock)
         key, slot = self.key(ctx.correlation_id), self._slot_of[route_key(envelope)]
         arrival = Arrival(envelope.id, encode(envelope))
         deadline = None if self.within is None else now + self.within
@@ -281,7 +280,7 @@ class _Timers:
         remaining = timer.due - clock.time()
         if remaining > 0:
             raise Defer(min(remaining, MAX_DEFER))
-        store = await store_for(ctx, store)
+        store = await store_for(ctx, store, clock)
         state = await store.time_out(spec.key(timer.correlation_id))
         if state is None or not state.timed_out:
             return None
@@ -300,7 +299,7 @@ class _FanOut:
         spec = self.spec
         if record.get("service") != spec.service or record.get("handler") != spec.name:
             return None
-        store = await store_for(ctx, store)
+        store = await store_for(ctx, store, clock)
         key, failed_id = spec.key(ctx.correlation_id), failure.envelope.id
         state = await store.get(key)
         if state is None:
@@ -325,18 +324,20 @@ def _ids(state: JoinState) -> dict[int, str]:
     return {slot: arrival.event_id for slot, arrival in state.arrivals.items()}
 
 
-async def store_for(ctx: Context, store: JoinStore) -> JoinStore:
+async def store_for(ctx: Context, store: JoinStore, clock: Clock) -> JoinStore:
     """Where a handler run records its joins: its service database if it has one, else the worker's store.
 
     In a service database the arrival commits with the handler's state, inbox record and
-    outputs (:mod:`choreograph.stores.joins_database`): all or nothing.
+    outputs (:mod:`choreograph.stores.joins_database`): all or nothing. Old instances are
+    dropped there by ``clock``, the worker's, which dates them (a virtual clock's instances
+    are not weeks old by the wall clock).
     """
     unit = ctx._unit
     if unit is None:
         return store
     await joins_database.prepare(unit.store)
     joins = joins_database.DatabaseJoins(ctx.transaction, unit.store.url, undo=unit.rollback)
-    await joins_database.expire_now(joins, unit.store.url, time.time())
+    await joins_database.expire_now(joins, unit.store.url, clock.time())
     return joins
 
 
