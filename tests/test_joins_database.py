@@ -9,10 +9,12 @@ the same service database. Real clock, memory bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -357,3 +359,30 @@ async def test_a_join_under_a_virtual_clock_keeps_its_arrivals_when_old_instance
         await Publisher(bus).publish(Reserved(order="o-1"), correlation_id="c-1")
         await settled(bus)
     assert await shipments(database) == {"o-1": 1}
+
+
+async def test_old_join_instances_in_a_service_database_are_kept_until_their_deadline_has_passed(
+    database: str,
+) -> None:
+    from choreograph.stores.joins_base import Arrival, JoinKey
+    from choreograph.stores.joins_database import DatabaseJoins, prepare
+    from choreograph.stores.state import open_database
+
+    svc = Service("shipping", database=database)
+    await prepare(open_database(database))
+    key = JoinKey("shipping", "ship", "c-1")
+
+    async def in_transaction(call: Callable[[DatabaseJoins], Any]) -> Any:
+        async with transaction(svc) as tx:
+            @contextlib.asynccontextmanager
+            async def same() -> AsyncIterator[Any]:
+                yield tx
+
+            return await call(DatabaseJoins(same, database))
+
+    await in_transaction(lambda j: j.arrive(key, 0, Arrival("a", b"{}"), slots=2, now=100.0, deadline=1000.0))
+    assert await in_transaction(lambda j: j.expire(500.0)) == 0
+    state = await in_transaction(lambda j: j.time_out(key))
+    assert state is not None and state.timed_out and sorted(state.arrivals) == [0]
+    assert await in_transaction(lambda j: j.expire(1001.0)) == 1
+    assert await in_transaction(lambda j: j.get(key)) is None

@@ -247,3 +247,14 @@ class _Prefetched:
 
     def fetchone(self) -> object:
         return self.row
+
+
+async def test_expire_keeps_an_instance_until_its_deadline_has_passed_too(store: JoinStore) -> None:
+    """A join whose ``within=`` is longer than the retention: its timer must still find it to announce
+    the timeout (dropped, the timer found nothing, and the arrived steps were never compensated)."""
+    await arrive(store, 0, "a", now=100.0, deadline=1000.0)
+    assert await store.expire(500.0) == 0
+    state = await store.time_out(KEY)
+    assert state is not None and state.timed_out and sorted(state.arrivals) == [0]
+    assert await store.expire(1001.0) == 1
+    assert await store.get(KEY) is None

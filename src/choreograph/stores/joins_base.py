@@ -99,7 +99,8 @@ class JoinStore(abc.ABC):
 
     @abc.abstractmethod
     async def expire(self, older_than: float) -> int:
-        """Drop instances created before ``older_than`` (epoch seconds); returns how many."""
+        """Drop instances created before ``older_than`` (epoch seconds) whose deadline, if any, also
+        passed before it (a pending timer must find its instance); returns how many."""
 
 
 _SCHEMES = {

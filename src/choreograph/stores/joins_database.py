@@ -28,7 +28,7 @@ file's, holding it would stall every handler of the service in every process.
 Tables: ``choreograph_join_instances`` and ``choreograph_join_arrivals`` (on PostgreSQL
 the same tables as :class:`~choreograph.stores.joins_postgres.PostgresJoinStore`'s,
 migrated by it); created by :func:`prepare`, outside any handler's transaction.
-Instances older than :data:`RETENTION` are dropped by a handler's transaction at most
+Instances older than :data:`RETENTION` (and past their deadline by as much) are dropped by a handler's transaction at most
 once an hour per process (:func:`expire_now`).
 """
 
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
-from choreograph.stores.joins_sqlite import join_tables
+from choreograph.stores.joins_sqlite import EXPIRED, join_tables
 
 if TYPE_CHECKING:
     from choreograph.stores.state import StateStore, Transaction
@@ -171,10 +171,11 @@ class DatabaseJoins(JoinStore):
             await tx.execute(
                 "DELETE FROM choreograph_join_arrivals WHERE EXISTS (SELECT 1 FROM choreograph_join_instances AS i "
                 "WHERE i.grp = choreograph_join_arrivals.grp AND i.name = choreograph_join_arrivals.name "
-                "AND i.correlation = choreograph_join_arrivals.correlation AND i.created_at < $1)",
+                "AND i.correlation = choreograph_join_arrivals.correlation AND "
+                + EXPIRED.replace("created_at", "i.created_at").replace("deadline", "i.deadline") + ")",
                 older_than,
             )
-            return await tx.execute("DELETE FROM choreograph_join_instances WHERE created_at < $1", older_than)
+            return await tx.execute(f"DELETE FROM choreograph_join_instances WHERE {EXPIRED}", older_than)
 
 
 class _Prepared:

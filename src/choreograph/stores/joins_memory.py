@@ -56,7 +56,8 @@ class MemoryJoinStore(JoinStore):
         return instance.state()
 
     async def expire(self, older_than: float) -> int:
-        old = [key for key, instance in self._instances.items() if instance.created_at < older_than]
+        old = [key for key, instance in self._instances.items() if instance.created_at < older_than
+               and (instance.deadline is None or instance.deadline < older_than)]
         for key in old:
             del self._instances[key]
         return len(old)

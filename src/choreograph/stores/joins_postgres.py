@@ -28,6 +28,7 @@ from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
+from choreograph.stores.joins_sqlite import EXPIRED
 from choreograph.stores.postgres import stored_id, text_in, text_out
 
 JOINS_MIGRATIONS = [
@@ -142,6 +143,6 @@ class PostgresJoinStore(_pg.PooledStore, JoinStore):
     async def expire(self, older_than: float) -> int:
         with _pg.translate(f"join store {redact(self.url)}"):
             status = await self._open_pool().execute(
-                "DELETE FROM choreograph_join_instances WHERE created_at < $1", older_than  # arrivals cascade
+                f"DELETE FROM choreograph_join_instances WHERE {EXPIRED}", older_than  # arrivals cascade
             )
         return _pg.rowcount(status)

@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS join_arrivals (
 """
 _SCHEMA = join_tables()
 
+EXPIRED = "created_at < $1 AND (deadline IS NULL OR deadline < $1)"
+"""The instances ``expire(older_than)`` drops (``$1``): created before it, and past their deadline
+if they have one (an instance still waiting for its deadline is kept whatever its age: its timer
+must find it to announce the timeout)."""
+
 
 def _state(db: sqlite3.Connection, key: JoinKey) -> JoinState | None:
     row: Any = db.execute(
@@ -187,10 +192,11 @@ class SQLiteJoinStore(JoinStore):
             def body() -> int:
                 db.execute(
                     "DELETE FROM join_arrivals WHERE (grp, name, correlation) IN "
-                    "(SELECT grp, name, correlation FROM join_instances WHERE created_at < ?)",
-                    (older_than,),
+                    f"(SELECT grp, name, correlation FROM join_instances WHERE {EXPIRED.replace('$1', '?')})",
+                    (older_than, older_than),
                 )
-                return db.execute("DELETE FROM join_instances WHERE created_at < ?", (older_than,)).rowcount
+                return db.execute(f"DELETE FROM join_instances WHERE {EXPIRED.replace('$1', '?')}",
+                                  (older_than, older_than)).rowcount
 
             return _transaction(db, body)
 
