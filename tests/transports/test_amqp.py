@@ -109,6 +109,31 @@ def test_an_unknown_url_parameter_is_a_configuration_error_naming_it(query: str,
     assert needle in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "timeout=30s",  # aiormq read it as 0
+        "heartbeat=x",  # heartbeats silently off
+        "heartbeat=70000",
+        "reconnect_interval=1e3",  # reconnect in a tight loop
+        "interleave=two",
+        "no_verify_ssl=false",  # TLS verification silently off
+        "fail_fast=maybe",
+    ],
+)
+def test_a_client_parameter_value_the_client_would_misread_is_a_configuration_error(query: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        AmqpTransport(f"amqp://guest:guest@localhost/?{query}")
+    assert f"{query.split('=')[0]}=" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "query", ["timeout=30", "heartbeat=0", "reconnect_interval=0.5", "no_verify_ssl=0", "fail_fast=false"]
+)
+def test_good_client_parameter_values_are_accepted(query: str) -> None:
+    AmqpTransport(f"amqp://guest:guest@localhost/?{query}")
+
+
 def test_every_url_parameter_aio_pika_and_aiormq_read_is_accepted() -> None:
     read = set(re.findall(r"url\.query\.get\(\s*[\"'](\w+)[\"']", inspect.getsource(aiormq.connection)))
     assert {"heartbeat", "name", "cafile"} <= read  # the pattern still finds them

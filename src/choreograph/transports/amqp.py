@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -145,6 +146,7 @@ class AmqpTransport(Transport):
             raise ConfigurationError(f"amqp URL: queue_type={self.queue_type!r}; expected quorum or classic")
         rest = [(key, value) for key, value in query if key not in _OUR_PARAMS]
         _check_client_params({key for key, _ in rest})
+        _check_client_values(rest)
         if not any(key == "reconnect_interval" for key, _ in rest):
             rest.append(("reconnect_interval", "1"))
         self._client_url = urlunsplit(parts._replace(query=urlencode(rest)))
@@ -553,6 +555,33 @@ def _check_client_params(names: set[str]) -> None:
             f"amqp URL: unknown parameter(s) {', '.join(hints)}; choreograph's are {', '.join(_OUR_PARAMS)};"
             f" aio-pika's are {', '.join(sorted(client))}"
         )
+
+
+#: The values aio-pika and aiormq would misread without a word: their parsers turn what is
+#: not a number into 0 (``?timeout=30s``: no timeout; ``?heartbeat=x`` or one of 65535 or
+#: more: heartbeats off; ``?reconnect_interval=1e3``: reconnect in a tight loop), and aiormq
+#: verifies TLS certificates only for ``no_verify_ssl=0`` (``?no_verify_ssl=false`` turned
+#: verification off). Each is checked as a plain decimal (what those parsers read).
+_CLIENT_VALUES: dict[str, tuple[str, str]] = {
+    "timeout": (r"\d+", "a whole number of seconds"),
+    "heartbeat": (r"\d{1,5}", "a whole number of seconds below 65535"),
+    "interleave": (r"\d+", "a whole number"),
+    "reconnect_interval": (r"\d+(\.\d*)?", "a number of seconds (digits, optionally a decimal point)"),
+    "happy_eyeballs_delay": (r"\d+(\.\d*)?", "a number of seconds (digits, optionally a decimal point)"),
+    "no_verify_ssl": (r"[01]", "0 (verify certificates) or 1 (do not)"),
+    "fail_fast": (r"(?i:true|yes|y|enabled?|on|1|false|no|n|disabled?|off|0)", "true or false"),
+}
+
+
+def _check_client_values(query: list[tuple[str, str]]) -> None:
+    """Refuse a value of aio-pika's or aiormq's parameters that they would misread (see
+    :data:`_CLIENT_VALUES`), naming the parameter."""
+    for name, value in query:
+        pattern, wanted = _CLIENT_VALUES.get(name, ("", ""))
+        if not pattern:
+            continue
+        if not re.fullmatch(pattern, value) or (name == "heartbeat" and int(value) >= 65535):
+            raise ConfigurationError(f"amqp URL: {name}={value!r} is not {wanted}")
 
 
 class _Refused(Exception):
