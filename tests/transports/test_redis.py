@@ -98,6 +98,28 @@ def test_a_url_parameter_redis_py_would_not_take_is_a_configuration_error_at_con
     assert needle in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("redis://127.0.0.1:6379/1O", "database '1O'"),  # redis-py used database 0
+        ("rediss://127.0.0.1:6379/x?prefix=p", "database 'x'"),
+        ("redis://127.0.0.1:6379/0?decode_responses=true", "decode_responses"),  # deliveries came empty
+        ("redis://127.0.0.1:6379/0?decode_responses=false", "decode_responses"),  # read as "false": on
+    ],
+)
+def test_a_url_redis_py_would_misread_is_a_configuration_error_naming_what(url: str, needle: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        RedisTransport(url)
+    assert needle in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/3", "redis://127.0.0.1:6379/x?db=2"],
+)
+def test_database_paths_redis_py_reads_are_accepted(url: str) -> None:
+    RedisTransport(url)
+
+
 @pytest.mark.parametrize("base", ["redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6379/0", "unix:///tmp/r.sock"])
 def test_a_url_parameter_is_refused_exactly_when_redis_py_would_refuse_it(base: str) -> None:
     """Every name redis-py parses from a URL, plus a few plain keyword arguments and a typo:

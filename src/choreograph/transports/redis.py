@@ -365,6 +365,18 @@ def _check_redis_py_params(client_url: str, names: set[str]) -> None:
         options = parse_url(client_url)
     except ValueError as exc:
         raise ConfigurationError(f"broker URL: {exc}") from None
+    parts = urlsplit(client_url)
+    path = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and path and "db" not in options:
+        # redis-py ignores a path that is not a number: redis://host/1O used database 0,
+        # sharing the bus of another (or of nothing meant to be one).
+        raise ConfigurationError(f"broker URL: database {path!r} (the URL's path) is not a number")
+    if "decode_responses" in options:
+        # The transport reads replies as bytes (its field names are bytes keys): decoded to
+        # str, every delivery came with an empty type and body and its entry id as message
+        # id, and dead letters were empty. redis-py keeps the value a string, so even
+        # ?decode_responses=false turned decoding on.
+        raise ConfigurationError("broker URL: decode_responses is not supported (the transport reads bytes)")
     connection_class = options.get("connection_class", RedisConnection)
     accepted = _redis_py_params(connection_class)
     unknown = sorted(names - accepted)
