@@ -90,6 +90,12 @@ def test_the_default_prefix_is_choreograph_and_queues_are_quorum() -> None:
     assert transport.names.dlq("billing") == "choreograph.dlq.billing"
 
 
+@pytest.mark.parametrize("netloc", ["localhost:99999", "localhost:x"])
+def test_a_bad_port_is_a_configuration_error_naming_it(netloc: str) -> None:
+    with pytest.raises(ConfigurationError, match="port"):
+        AmqpTransport(f"amqp://guest:guest@{netloc}/")
+
+
 @pytest.mark.parametrize("query", ["queue_type=lazy", "lease=0", "prefix="])
 def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
     with pytest.raises(ConfigurationError):

@@ -150,7 +150,11 @@ class AmqpTransport(Transport):
         if not any(key == "reconnect_interval" for key, _ in rest):
             rest.append(("reconnect_interval", "1"))
         self._client_url = urlunsplit(parts._replace(query=urlencode(rest)))
-        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5672}"
+        try:
+            port = parts.port
+        except ValueError as exc:  # out of range or not a number: was a bare ValueError
+            raise ConfigurationError(f"amqp URL: port: {exc}") from None
+        self._where = f"{parts.hostname or 'localhost'}:{port or 5672}"
         self.closed = False
         self._server_major = 3
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
