@@ -401,6 +401,26 @@ async def test_maxlen_refuses_a_publish_that_would_overflow_a_backlog_and_writes
 # -- dead letters ------------------------------------------------------------------------
 
 
+async def test_showing_one_dead_letter_reads_it_by_the_index_not_the_whole_stream(bus_url: str) -> None:
+    async with opened(bus_url) as bus:
+        a = await bus.subscribe("a", None)
+        await bus.publish([msg(n) for n in range(250)])
+        for delivery in await fetch_all(a, 250):
+            await delivery.dead_letter({"n": delivery.message.id})
+        walked: list[object] = []
+        real = bus._redis.xrange
+
+        async def xrange(*args: object, **kwargs: object) -> object:
+            walked.append(args)
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        bus._redis.xrange = xrange  # type: ignore[method-assign]
+        shown = await bus.dead_letter("a", "m249")
+        assert shown is not None and shown.record == {"n": "m249"} and shown.message == msg(249)
+        assert await bus.dead_letter("a", "nope") is None
+        assert walked == []  # it took three chunks of 100 (and all 250 letters) for m249
+
+
 async def test_dead_letters_are_listed_shown_replayed_to_their_group_only_and_purged(bus_url: str) -> None:
     async with opened(bus_url) as bus:
         a = await bus.subscribe("a", None)

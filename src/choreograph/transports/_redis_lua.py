@@ -341,3 +341,18 @@ index_letters(KEYS[1], KEYS[2])
 return 0
 """
 )
+
+#: KEYS: dead, dead-letter index.  ARGV: message id. The group's dead letter of that id
+#: (its fields, flat) or false: found by the index, in one step with indexing a stream from
+#: before it, so a letter replaced meanwhile is never missed.
+LETTER = (
+    _FIELDS
+    + """
+index_letters(KEYS[1], KEYS[2])
+local at = redis.call('HGET', KEYS[2], ARGV[1])
+if not at then return false end
+local e = redis.call('XRANGE', KEYS[1], at, at)
+if #e == 0 then return false end
+return e[1][2]
+"""
+)
