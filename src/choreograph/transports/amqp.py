@@ -562,7 +562,7 @@ def _check_client_params(names: set[str]) -> None:
 
 
 #: The values aio-pika and aiormq would misread without a word: their parsers turn what is
-#: not a number into 0 (``?timeout=30s``: no timeout; ``?heartbeat=x`` or one of 65535 or
+#: not a number into 0 (``?timeout=30s`` read as 0; ``?heartbeat=x`` or one of 65535 or
 #: more: heartbeats off; ``?reconnect_interval=1e3``: reconnect in a tight loop), and aiormq
 #: verifies TLS certificates only for ``no_verify_ssl=0`` (``?no_verify_ssl=false`` turned
 #: verification off). Each is checked as a plain decimal (what those parsers read).
