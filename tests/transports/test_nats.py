@@ -329,6 +329,35 @@ async def test_a_replay_whose_messages_are_dead_lettered_again_before_it_ends_su
         assert ids(await collect(subscription, 2)) == ["m1", "m2"]
 
 
+async def test_a_replay_run_again_after_one_interrupted_before_its_deletes_counts_the_letters(
+    server_url: str,
+) -> None:
+    """Interrupted between republishing and deleting, a replay reports nothing; run again
+    (within the duplicate window) its republishes are duplicates, but it deletes the
+    leftovers and says so: "replayed 2", not 0. The events are delivered once."""
+    async with opened(bus_on(server_url)) as bus:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1), msg(2)])
+        for delivery in await collect(subscription, 2):
+            await delivery.dead_letter({"reason": "first"})
+        js = bus._jetstream()
+        api = js.api
+
+        async def fail_the_deletes(action: str, subject: str, request: Any = None) -> dict[str, Any]:
+            if action == "delete a replayed dead letter":
+                raise TransportError("nats: connection lost")
+            return await api(action, subject, request)
+
+        js.api = fail_the_deletes  # type: ignore[method-assign]
+        with pytest.raises(TransportError):
+            await bus.replay("g")
+        js.api = api  # type: ignore[method-assign]
+        assert await bus.replay("g") == 2
+        assert await bus.dead_letters("g") == []
+        assert ids(await collect(subscription, 2)) == ["m1", "m2"]
+        assert await subscription.fetch(10, timeout=0.5) == []
+
+
 @pytest.mark.parametrize("message_id", ["i" * 3_000, "ü" * 1_000], ids=["3000-chars", "6000-chars-escaped"])
 async def test_an_event_with_a_very_long_id_is_dead_lettered_shown_replayed_and_purged(
     server_url: str, message_id: str

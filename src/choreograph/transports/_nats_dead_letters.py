@@ -182,11 +182,14 @@ class DeadLetterStream:
         """Republish, then delete. The replay's ``Nats-Msg-Id`` derives from the record's
         sequence, so a replay interrupted between the two steps and run again is stored once.
 
-        Returns how many republishes the stream stored, not how many letters were read: two
-        replays at once (two admins) both read and republish the same letters, the stream
-        stores each once, and each replay counted them all ("replayed 3" twice for 3 letters,
-        delivered once each). (A run again after one interrupted between the two steps, within
-        the stream's duplicate window, deletes the leftovers and counts none of them.)"""
+        Returns how many letters it replayed: the larger of how many republishes the stream
+        stored and how many letters this call deleted, not how many it read. Two replays at
+        once (two admins) both read and republish the same letters, the stream stores each
+        once, and each replay counted them all ("replayed 3" twice for 3 letters, delivered
+        once each). A run again after one interrupted between the two steps, within the
+        stream's duplicate window, stores nothing (duplicates) but deletes the leftovers: it
+        counts those, whose replay the interrupted run never reported. A letter dead-lettered
+        again meanwhile is stored but not deleted (its record was replaced): counted too."""
         if not self._exists:
             return 0
         entries = (
@@ -205,16 +208,19 @@ class DeadLetterStream:
         # read (one message per subject). Deleting that sequence then failed, and the replay
         # stopped half-way with an error though it had republished everything; purging up
         # to it keeps the new dead letter and succeeds whether or not the old copy is left.
+        deleted = 0  # letters whose record this call removed
         for entry in entries:
             body_subject = entry.record_subject.replace(".dlr.", ".dlb.", 1)
             done = [(entry.record_subject, entry.record_sequence + 1), (body_subject, entry.body_sequence + 1)]
             if entry.parts:  # published before their record
                 done.append((body_subject + ".>", entry.record_sequence))
             for subject, below in done:
-                await self._js.api(
+                response = await self._js.api(
                     "delete a replayed dead letter", f"STREAM.PURGE.{self.name}", {"filter": subject, "seq": below}
                 )
-        return replayed
+                if subject == entry.record_subject and int(response.get("purged", 0)) > 0:
+                    deleted += 1
+        return max(replayed, deleted)
 
     def _replay_item(self, base: str, entry: _Entry) -> Item:
         """The replay of ``entry``: to ``<base>.<type>.<id>``, with a dedupe key of its own -
