@@ -38,6 +38,9 @@ from choreograph.transports import _nats_codec as codec
 from choreograph.transports._nats_client import Item, JetStream, header_block
 from choreograph.transports.base import DeadLetter, Message
 
+#: "no message found" (``STREAM.MSG.GET``).
+_ERR_NO_MESSAGE = 10037
+
 #: On a record too long for one message (``store``): ``<parts> <stamp>``; the further parts
 #: are ``P.dlb.<group>.<id>.<n>``, each with the stamp in ``_H_PART``.
 _H_PARTS = "Choreograph-Parts"
@@ -182,14 +185,15 @@ class DeadLetterStream:
         """Republish, then delete. The replay's ``Nats-Msg-Id`` derives from the record's
         sequence, so a replay interrupted between the two steps and run again is stored once.
 
-        Returns how many letters it replayed: the larger of how many republishes the stream
-        stored and how many letters this call deleted, not how many it read. Two replays at
-        once (two admins) both read and republish the same letters, the stream stores each
-        once, and each replay counted them all ("replayed 3" twice for 3 letters, delivered
-        once each). A run again after one interrupted between the two steps, within the
-        stream's duplicate window, stores nothing (duplicates) but deletes the leftovers: it
-        counts those, whose replay the interrupted run never reported. A letter dead-lettered
-        again meanwhile is stored but not deleted (its record was replaced): counted too."""
+        Returns how many letters it replayed, counting a letter when it deleted its record,
+        or found it replaced by a newer dead letter (a consumer failed the replayed message
+        again meanwhile): not how many republishes the stream stored, nor how many letters
+        it read. Two replays at once (two admins) both read and republish the same letters,
+        the stream stores each once, and only one of them deletes each record: the counts
+        add up to the letters. A run again after one interrupted between the two steps,
+        within the stream's duplicate window, stores nothing (duplicates) but deletes the
+        leftovers: it counts those, whose replay the interrupted run never reported. (Both at
+        once - a letter failed again while two replays run - may be counted by both.)"""
         if not self._exists:
             return 0
         entries = (
@@ -202,13 +206,13 @@ class DeadLetterStream:
         consumer = codec.name_token(group)
         await self._js.api(f"find group {group!r}", f"CONSUMER.INFO.{self._events_stream}.{consumer}")
         base = f"{self._prefix}.rp.{consumer}"
-        replayed = await self._js.publish([self._replay_item(base, entry) for entry in entries])
+        await self._js.publish([self._replay_item(base, entry) for entry in entries])
         # Purged by subject up to the sequence read, not deleted by sequence: a consumer may
         # have dead-lettered the replayed message again meanwhile, which replaced the copy
         # read (one message per subject). Deleting that sequence then failed, and the replay
         # stopped half-way with an error though it had republished everything; purging up
         # to it keeps the new dead letter and succeeds whether or not the old copy is left.
-        deleted = 0  # letters whose record this call removed
+        replayed = 0  # letters whose record this call removed, or found replaced
         for entry in entries:
             body_subject = entry.record_subject.replace(".dlr.", ".dlb.", 1)
             done = [(entry.record_subject, entry.record_sequence + 1), (body_subject, entry.body_sequence + 1)]
@@ -218,9 +222,23 @@ class DeadLetterStream:
                 response = await self._js.api(
                     "delete a replayed dead letter", f"STREAM.PURGE.{self.name}", {"filter": subject, "seq": below}
                 )
-                if subject == entry.record_subject and int(response.get("purged", 0)) > 0:
-                    deleted += 1
-        return max(replayed, deleted)
+                if subject == entry.record_subject and (
+                    int(response.get("purged", 0)) > 0 or await self._replaced(entry)
+                ):
+                    replayed += 1
+        return replayed
+
+    async def _replaced(self, entry: _Entry) -> bool:
+        """Whether the record of ``entry`` is followed by a newer one (dead-lettered again)."""
+        try:
+            response = await self._js.api(
+                "read a dead letter", f"STREAM.MSG.GET.{self.name}", {"last_by_subj": entry.record_subject}
+            )
+        except codec.JetStreamError as exc:
+            if exc.err_code == _ERR_NO_MESSAGE:
+                return False
+            raise
+        return int(response["message"]["seq"]) > entry.record_sequence
 
     def _replay_item(self, base: str, entry: _Entry) -> Item:
         """The replay of ``entry``: to ``<base>.<type>.<id>``, with a dedupe key of its own -
