@@ -391,3 +391,37 @@ async def test_services_sharing_the_timer_type_only_time_out_their_own_joins(
         await settled(bus)
     failures = sorted((f.record["service"], at - 1_000_000.0) for _, f, at in watcher.failures)
     assert failures == [("packing", pytest.approx(10.0)), ("shipping", pytest.approx(30.0))]
+
+
+async def test_a_join_completed_by_its_failure_slot_announces_the_other_arrivals_when_it_gives_up(
+    bus: SpyBus, clock: VirtualClock
+) -> None:
+    # The completing arrival is itself a choreograph.failed event: the runtime's announcement
+    # that the join gave up is a failure *of a failure*; the join must still fan it out to the
+    # other arrivals, so the upstream step of Paid can compensate.
+    from choreograph import failed
+
+    once = RetryPolicy(max_attempts=1, base=1.0, jitter=False)
+    stock = Service("stock", retry=once)
+
+    @stock.on(Reserved)
+    async def check(reserved: Reserved) -> None:
+        raise RuntimeError("stock check down")
+
+    svc = Service("shipping", retry=once)
+
+    @svc.on_all(Paid, failed(Reserved))
+    async def refund_later(paid: Paid, failure: Failure) -> None:
+        raise RuntimeError("refund desk down")
+
+    watcher = Watcher().watch(clock)
+    async with Worker([stock, svc, watcher], bus):
+        [paid] = await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+        await settled(bus)
+        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
+        await settled(bus)
+    [letter] = await bus.dead_letters("shipping")
+    assert letter.message.type == FAILED  # the failure arrival completed the join and gave up
+    paid_failures = [f for t, f, _ in watcher.failures if t == Paid.event_type()]
+    assert [f.envelope.id for f in paid_failures] == [paid.id]
+    assert paid_failures[0].record["handler"] == "test_a_join_completed_by_its_failure_slot_announces_the_other_arrivals_when_it_gives_up.<locals>.refund_later"

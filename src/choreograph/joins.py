@@ -32,6 +32,9 @@ How it works, and why:
 * When the join's handler gives up, the runtime announces the failure of the
   completing event; the join adds the same announcement for each other arrival
   (one extra hop), again so every upstream step can compensate from its own data.
+  If a ``failed(X)`` arrival completed it, that announcement is the failure of a
+  ``choreograph.failed`` event: one failure handler of that type per service
+  (:class:`_FailureFanOuts`) hands it to the join it names.
 """
 
 from __future__ import annotations
@@ -304,7 +307,7 @@ class _FanOut:
         state = await store.get(key)
         if state is None:
             return None
-        slot = spec._slot_of.get(failure.envelope.type)
+        slot = spec._slot_of.get(route_key(failure.envelope))  # a failed(X) arrival: its route, not its type
         if (state.fired_by is None and not state.timed_out and slot is not None and slot not in state.arrivals
                 and len(state.arrivals) == state.slots - 1):
             # In a service database the completing arrival was rolled back with the function that
@@ -318,6 +321,25 @@ class _FanOut:
             for env in (orjson.loads(state.arrivals[i].body) for i in sorted(state.arrivals))
             if env["id"] != failed_id
         ]
+
+
+class _FailureFanOuts:
+    """The fan-outs of a service's joins completed by one of their ``failed(X)`` slots (one per service).
+
+    The runtime announces such a join's give-up as the failure of a ``choreograph.failed``
+    event, which reaches the service's failure handler of that type, not of ``X``: this one
+    handler, shared by every join of the service, hands it to the join the record names.
+    """
+
+    def __init__(self) -> None:
+        self.fan_outs: dict[str, _FanOut] = {}
+
+    async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any:
+        failure: Failure = argument
+        fan_out = self.fan_outs.get(str(failure.record.get("handler")))
+        if failure.record.get("service") != ctx.service or fan_out is None:
+            return None
+        return await fan_out.run(argument, ctx, store, clock)
 
 
 def _ids(state: JoinState) -> dict[int, str]:
@@ -389,12 +411,18 @@ def install(
         for route in routes:
             table = service.failure_handlers if route.failure else service.handlers
             new.append((table, route.cls.event_type(), handler(route, spec.name, spec, declared)))
+    fan_outs = service.failure_handlers.get(FAILED)
+    failure_slot = kind == "join" and any(route.failure for routes in slots for route in routes)
     if kind == "join":
         for routes in slots:
             for route in routes:
                 if not route.failure:
                     fan = handler(Route(route.cls, failure=True), f"{spec.name}.failed", _FanOut(spec), [Failed])
                     new.append((service.failure_handlers, route.cls.event_type(), fan))
+        if failure_slot and (fan_outs is None or not isinstance(fan_outs.join, _FailureFanOuts)):
+            # completed by a failure arrival, the join's give-up is a failure of choreograph.failed
+            fan_outs = handler(Route(Failed, failure=True), "join.failed", _FailureFanOuts(), [Failed])
+            new.append((service.failure_handlers, FAILED, fan_outs))
     timers = service.handlers.get(DEADLINE)
     if within is not None and timers is None:
         timers = handler(Route(JoinDeadline), "join-deadline", _Timers(service.name), [Failed])
@@ -417,6 +445,9 @@ def install(
     if within is not None:
         assert timers is not None and isinstance(timers.join, _Timers)
         timers.join.specs[spec.name] = spec
+    if failure_slot:
+        assert fan_outs is not None and isinstance(fan_outs.join, _FailureFanOuts)
+        fan_outs.join.fan_outs[spec.name] = _FanOut(spec)
     return spec
 
 
