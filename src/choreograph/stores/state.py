@@ -101,8 +101,8 @@ class TxConnection(abc.ABC):
 
         Returns ``False`` (and rolls back) when the inbox already holds the record:
         another consumer committed this event first, so this run's effects must vanish.
-        ``forget_failures=False`` skips deleting the event's failure history (a first
-        attempt has none).
+        ``forget_failures=False`` skips deleting the event's failure history (only for a
+        caller that knows no copy of the event ever failed: a first attempt does not know it).
         """
 
     @abc.abstractmethod
