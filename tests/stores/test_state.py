@@ -528,3 +528,45 @@ async def test_outbox_rows_whose_id_and_type_hold_ufffe_are_relayed_as_they_were
     assert await db.relay_pass(SERVICE, "me", 10, publish) == 3
     assert sent == odd
     assert await db.seen("g", ["e\ufffe1", "e\x001"]) == {"e\ufffe1"}
+
+
+async def test_two_relays_of_a_service_in_one_process_each_see_every_wake_up(db: StateStore) -> None:
+    # The claim holder is busy publishing when a commit wakes the standby; once done, the holder
+    # must not sleep its poll interval: the wake-up was its too.
+    from choreograph.runtime.outbox import OutboxRelay
+
+    gate = asyncio.Event()
+    publishing = asyncio.Event()
+
+    class Gated(Recorder):
+        async def __call__(self, messages: list[Message]) -> None:
+            if not self.sent:
+                publishing.set()
+                await gate.wait()
+            await super().__call__(messages)
+
+    class Bus:
+        def __init__(self) -> None:
+            self.publish = Gated()
+
+    bus = Bus()
+    holder = OutboxRelay(db, SERVICE, bus, poll_interval=3600, owner="holder")  # type: ignore[arg-type]
+    standby = OutboxRelay(db, SERVICE, bus, poll_interval=3600, owner="standby")  # type: ignore[arg-type]
+    await commit(db, msg(1))
+    await holder.start()
+    try:
+        await asyncio.wait_for(publishing.wait(), 10)  # the holder's pass, stuck in publish
+        await standby.start()
+        await asyncio.sleep(0.2)  # the standby's first pass finds the claim taken; it waits
+        await commit(db, msg(2))  # wakes the standby (no claim: it waits again), and the holder
+        await asyncio.sleep(0.2)
+        gate.set()
+        for _ in range(100):
+            if bus.publish.sent == ["m1", "m2"]:
+                break
+            await asyncio.sleep(0.05)
+        assert bus.publish.sent == ["m1", "m2"]
+    finally:
+        gate.set()
+        await standby.stop()
+        await holder.stop()

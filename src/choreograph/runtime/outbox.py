@@ -311,6 +311,7 @@ class OutboxRelay:
         self.store.wake(self.service)
         if self._task is not None:
             self.store.relay_stopped(self.service)  # commits from now on notify other processes' relays
+            self.store.forget_waiter(self.service, self.owner)
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
             try:  # flush what the last handlers committed, rather than leave it to the next start
@@ -353,7 +354,7 @@ class OutboxRelay:
                 continue
             if sent == self.batch:
                 continue  # more waiting
-            await self.store.wait_outbox(self.service, self.poll_interval)
+            await self.store.wait_outbox(self.service, self.poll_interval, self.owner)
 
 
 class Outboxes:

@@ -393,9 +393,9 @@ class PostgresStateStore(StateStore, PostgresStore):
 
     # -- wake-ups ---------------------------------------------------------------------
 
-    async def wait_outbox(self, service: str, within: float) -> None:
+    async def wait_outbox(self, service: str, within: float, owner: str | None = None) -> None:
         await self._listen()
-        await super().wait_outbox(service, within)
+        await super().wait_outbox(service, within, owner)
 
     async def _listen(self) -> None:
         """LISTEN on a dedicated connection; on failure fall back to polling and retry later."""
@@ -412,7 +412,7 @@ class PostgresStateStore(StateStore, PostgresStore):
             log.warning("cannot LISTEN on %s (%s): relays poll instead", redact(self.url), exc)
             return
         self._listener = conn
-        for service in list(self._wakers):  # catch up with commits made while nobody listened
+        for service in self.waited_services():  # catch up with commits made while nobody listened
             self.wake(service)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:

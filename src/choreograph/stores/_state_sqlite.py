@@ -391,13 +391,13 @@ class SQLiteStateStore(StateStore):
             if lock is not None:
                 lock.release()
 
-    async def wait_outbox(self, service: str, within: float) -> None:
+    async def wait_outbox(self, service: str, within: float, owner: str | None = None) -> None:
         """As :meth:`StateStore.wait_outbox`, and also until another process commits outbox rows
         of a database whose claim this store's relay holds, or the claim's lock comes free."""
         self._waiting[service] = self._waiting.get(service, 0) + 1
         self._watch()
         try:
-            await super().wait_outbox(service, within)
+            await super().wait_outbox(service, within, owner)
         finally:
             left = self._waiting.pop(service) - 1
             if left:

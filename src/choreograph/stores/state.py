@@ -192,7 +192,11 @@ class StateStore(InboxStore):
         self.url = url
         self._refs = 0
         self._open_lock = asyncio.Lock()
-        self._wakers: dict[str, asyncio.Event] = {}
+        # Wake-ups: a count per service, and the count each waiting relay last saw (so every relay
+        # of a service on this store sees every commit, not just the first one to wake).
+        self._wakes: dict[str, int] = {}
+        self._wakers: dict[str, asyncio.Event] = {}  # service -> set (and replaced) at its next wake-up
+        self._seen_wakes: dict[tuple[str, str | None], int] = {}
         self._relays_here: dict[str, int] = {}  # service -> relays of this process running on this store
 
     # -- lifecycle --------------------------------------------------------------------
@@ -258,25 +262,39 @@ class StateStore(InboxStore):
     async def purge_sent(self, older_than: float) -> int:
         """Delete outbox rows sent before ``older_than`` (epoch seconds); returns how many."""
 
-    async def wait_outbox(self, service: str, within: float) -> None:
-        """Until a commit in this process wrote outbox rows for ``service`` (or ``within`` seconds)."""
-        waker = self._waker(service)
-        if not waker.is_set():
+    async def wait_outbox(self, service: str, within: float, owner: str | None = None) -> None:
+        """Until a commit in this process wrote outbox rows for ``service`` (or ``within`` seconds).
+
+        A commit since ``owner``'s last wait ends it at once. Each relay (``owner``) keeps its
+        own count of what it saw: two relays of one service in this process used to share one
+        wake-up, which the first to wake cleared, and the other (maybe the claim holder, busy in
+        a pass at the time) then slept a whole poll interval with rows waiting.
+        """
+        key = (service, owner)
+        if self._wakes.get(service, 0) == self._seen_wakes.get(key, 0):
+            waker = self._wakers.get(service)
+            if waker is None:
+                waker = self._wakers[service] = asyncio.Event()
             try:
                 await asyncio.wait_for(waker.wait(), within)
             except TimeoutError:
                 pass
-        waker.clear()
-
-    def _waker(self, service: str) -> asyncio.Event:
-        waker = self._wakers.get(service)
-        if waker is None:
-            waker = self._wakers[service] = asyncio.Event()
-        return waker
+        self._seen_wakes[key] = self._wakes.get(service, 0)
 
     def wake(self, service: str) -> None:
-        """Tell the relay of ``service`` (if it runs in this process) that rows were committed."""
-        self._waker(service).set()
+        """Tell the relays of ``service`` (if any run in this process) that rows were committed."""
+        self._wakes[service] = self._wakes.get(service, 0) + 1
+        waker = self._wakers.pop(service, None)
+        if waker is not None:
+            waker.set()
+
+    def waited_services(self) -> set[str]:
+        """The services whose relays wait, or waited, on this store."""
+        return {service for service, _ in self._seen_wakes} | set(self._wakers)
+
+    def forget_waiter(self, service: str, owner: str | None) -> None:
+        """``owner``'s relay of ``service`` stopped: drop the count it saw."""
+        self._seen_wakes.pop((service, owner), None)
 
     def relay_started(self, service: str) -> None:
         """A relay of ``service`` runs in this process on this store (commits may rely on :meth:`wake`)."""
