@@ -8,7 +8,6 @@ Every error is an RFC 9457 problem document (``application/problem+json``) with 
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -19,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from choreograph._http_binding import BATCH, STRUCTURED
+from choreograph._json_pairs import first_misread
 from choreograph.events import field_path, not_carried
 
 if TYPE_CHECKING:
@@ -208,37 +208,14 @@ def collapsed_set(value: Any, sent: Any, path: str = "$") -> str | None:
     return None
 
 
-class _Object(list[tuple[str, Any]]):
-    """A JSON object as its (key, value) pairs, duplicates kept."""
-
-
-def _ignore(_: str) -> None:
-    return None
-
-
 def duplicate_key(body: bytes) -> str | None:
     """The path (``$.items[0].qty``) of the first key given twice in one object of ``body``, if any.
 
-    orjson keeps the last of the two values, silently; the stdlib parser, with every object
-    kept as its pairs, says whether there was a choice. ``body`` is JSON orjson has read.
+    orjson keeps the last of the two values, silently (:func:`~choreograph._json_pairs.first_misread`).
+    ``body`` is JSON orjson has read.
     """
-    try:  # numbers are not converted: only the keys matter (and int() refuses over 4300 digits)
-        root = json.loads(body, object_pairs_hook=_Object, parse_int=_ignore, parse_float=_ignore)
-    except (ValueError, RecursionError):  # nested deeper than the stdlib parser goes: orjson's reading stands
-        return None
-    stack: list[tuple[str, Any]] = [("$", root)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, _Object):
-            seen: set[str] = set()
-            for key, _ in value:
-                if key in seen:
-                    return f"{path}.{key}"
-                seen.add(key)
-            stack.extend((f"{path}.{key}", item) for key, item in reversed(value))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
-    return None
+    found = first_misread(body, ints=False)
+    return None if found is None else found[0]
 
 
 def _reason(error: Any) -> str:

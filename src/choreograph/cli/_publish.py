@@ -7,7 +7,6 @@ letter, far from the command that sent it.
 
 from __future__ import annotations
 
-import json as stdjson
 from types import ModuleType
 from typing import Any
 
@@ -17,6 +16,7 @@ import typer
 
 from choreograph._envelope import Envelope, new_id, now_rfc3339, string_problem
 from choreograph._journal_model import JOURNAL_GROUP
+from choreograph._json_pairs import first_misread
 from choreograph.cli._common import (
     BrokerOption,
     broker_url,
@@ -63,44 +63,18 @@ def _parse_data(data: str) -> dict[str, Any]:
     return payload
 
 
-class _Pairs(list[tuple[str, Any]]):
-    """A JSON object as its (key, value) pairs, a key given twice kept twice."""
-
-
-class _Int(str):
-    """A JSON integer as it was written."""
-
-
-def _fits(number: str) -> bool:
-    """Whether the JSON integer ``number`` is in the 64-bit range (-2**63 to 2**64-1) an event carries."""
-    digits = number.lstrip("-")
-    return len(digits) < 19 or (len(digits) <= 20 and -(2**63) <= int(number) <= 2**64 - 1)
-
-
 def _not_as_typed(data: str) -> str | None:
     """``$.path: why`` of the first value of ``data`` (JSON orjson has read) that would not be
     published as typed, or ``None``: a key given twice (orjson keeps the last value, silently)
     or an integer beyond 64 bits (orjson reads it as a float: ``12345678901234567890123`` went
     out as ``1.2345678901234568e+22``). The gateway answers 422 to both."""
-    try:
-        root = stdjson.loads(data, object_pairs_hook=_Pairs, parse_int=_Int)
-    except (ValueError, RecursionError):  # nested deeper than the stdlib parser goes: orjson's reading stands
+    found = first_misread(data, ints=True)
+    if found is None:
         return None
-    stack: list[tuple[str, Any]] = [("$", root)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, _Pairs):
-            seen: set[str] = set()
-            for key, _ in value:
-                if key in seen:
-                    return f"{path}.{key}: the key is given twice in one object; give it once"
-                seen.add(key)
-            stack.extend((f"{path}.{key}", item) for key, item in reversed(value))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
-        elif isinstance(value, _Int) and not _fits(value):
-            return f"{path}: integer out of range: events carry integers of at most 64 bits (send a string)"
-    return None
+    path, kind = found
+    if kind == "duplicate_key":
+        return f"{path}: the key is given twice in one object; give it once"
+    return f"{path}: integer out of range: events carry integers of at most 64 bits (send a string)"
 
 
 def _schema_class(schema: str, event_type: str) -> type[Event]:
