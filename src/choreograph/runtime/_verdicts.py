@@ -190,9 +190,12 @@ class Verdicts:
         return _Done(delivery, [], mark=False)
 
     def _duplicate(self, delivery: Delivery) -> _Done:
-        """The outcome of a delivery the inbox says was processed already: ack it, run nothing."""
+        """The outcome of a delivery the inbox says was processed already: ack it, run nothing.
+
+        A retry (attempt 2 or more) is marked again, which forgets its copy's failure history:
+        another copy committed first, on its first attempt, without looking for any."""
         self.stats.duplicates += 1
-        return _Done(delivery, [], mark=False)
+        return _Done(delivery, [], mark=delivery.attempt > 1)
 
     def _unsubscribed(self, delivery: Delivery, envelope: Envelope, now: float) -> _Outcome:
         """``delivery`` is of a type this version of the service does not subscribe to: the

@@ -183,10 +183,12 @@ class HandlerUnit:
         if conn is None:  # the handler's block rolled back and it carried on: record the rest alone
             conn = await self.store.begin()
         try:
-            # Always forget the event's failure history, even on a first attempt: another copy of
-            # the event (published twice, redelivered after its lease) may have failed before this
-            # one committed, and its redelivery, acked as a duplicate, would never clear it.
-            fresh = await conn.commit(inbox=(group, event_id), service=self.ctx.service, messages=messages)
+            fresh = await conn.commit(
+                inbox=(group, event_id), service=self.ctx.service, messages=messages,
+                # a first attempt failed nowhere (a copy that failed before it forgets its history
+                # when its retry is acked as a duplicate: Verdicts._duplicate)
+                forget_failures=self.ctx.attempt > 1,
+            )
             if fresh and self._after_commit:
                 for callback in self._after_commit:  # no await in between: still before the relay
                     callback()
