@@ -635,16 +635,20 @@ async def test_a_worker_whose_start_fails_stops_the_relays_and_databases_it_had_
     assert worker.outbox.stores == {}
 
 
+async def _package_and_audit_on_one_file(tmp_path: Path) -> tuple[str, RecordingBus, Service, Service]:
+    """Two services sharing one prepared SQLite file: ``package`` (one attempt, 2 s timeout) and ``audit``."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    await prepare(url)
+    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=1), timeout=2.0)
+    return url, RecordingBus(), svc, Service("audit", database=url)
+
+
 async def test_transaction_of_another_service_on_the_same_sqlite_file_inside_the_handler_s_block_is_refused(
     tmp_path: Path,
 ) -> None:
     """Two services share a SQLite file; inside its own open transaction a handler asks for the
     other's: that would wait for the writer turn its own transaction holds, until its timeout."""
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    await prepare(url)
-    bus = RecordingBus()
-    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=1), timeout=2.0)
-    audit = Service("audit", database=url)
+    url, bus, svc, audit = await _package_and_audit_on_one_file(tmp_path)
     errors: list[BaseException] = []
 
     @svc.on(Requested)
@@ -875,11 +879,7 @@ async def test_a_handlers_ctx_transaction_inside_its_transaction_of_another_serv
 ) -> None:
     """The handler's block waited for the writer turn its own transaction(audit) held - for ever,
     as waiting for the database does not count against the handler's timeout."""
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    await prepare(url)
-    bus = RecordingBus()
-    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=1), timeout=2.0)
-    audit = Service("audit", database=url)
+    url, bus, svc, audit = await _package_and_audit_on_one_file(tmp_path)
     errors: list[BaseException] = []
 
     @svc.on(Requested)

@@ -300,14 +300,20 @@ async def test_names_types_and_ids_that_are_not_subject_tokens_round_trip(server
         assert ids(await collect(other, 1)) == ["m1"]
 
 
+async def _two_dead_letters(bus: Any) -> Any:
+    """Group ``g`` subscribed, m1 and m2 published and dead-lettered (reason ``first``): its subscription."""
+    subscription = await bus.subscribe("g", None)
+    await bus.publish([msg(1), msg(2)])
+    for delivery in await collect(subscription, 2):
+        await delivery.dead_letter({"reason": "first"})
+    return subscription
+
+
 async def test_a_replay_whose_messages_are_dead_lettered_again_before_it_ends_succeeds(server_url: str) -> None:
     """A consumer running during a replay may fail the replayed message again before the
     replay removed the old dead letter: the replay still succeeds and the new one stays."""
     async with opened(bus_on(server_url)) as bus:
-        subscription = await bus.subscribe("g", None)
-        await bus.publish([msg(1), msg(2)])
-        for delivery in await collect(subscription, 2):
-            await delivery.dead_letter({"reason": "first"})
+        subscription = await _two_dead_letters(bus)
         js = bus._jetstream()
         publish = js.publish
 
@@ -336,10 +342,7 @@ async def test_a_replay_run_again_after_one_interrupted_before_its_deletes_count
     (within the duplicate window) its republishes are duplicates, but it deletes the
     leftovers and says so: "replayed 2", not 0. The events are delivered once."""
     async with opened(bus_on(server_url)) as bus:
-        subscription = await bus.subscribe("g", None)
-        await bus.publish([msg(1), msg(2)])
-        for delivery in await collect(subscription, 2):
-            await delivery.dead_letter({"reason": "first"})
+        subscription = await _two_dead_letters(bus)
         js = bus._jetstream()
         api = js.api
 
