@@ -244,6 +244,35 @@ async def test_a_hang_in_a_transaction_times_out_on_the_clock_while_another_wait
     assert {letter.record["last_error"]["type"] for letter in letters} == {"HandlerTimeout"}
 
 
+@pytest.mark.parametrize("database", [False, True])
+async def test_a_handlers_timeout_is_on_the_clock_from_its_first_step(tmp_path: Path, database: bool) -> None:
+    """The timeout on a test's clock was armed in a task of its own, on the clock only once that
+    task took its first step. A handler that went straight to a sleep on the clock left a loop
+    turn in which settled() saw no timer but the lease touch 10 s on, and jumped there: the
+    timeout of 2 s cut it at 10 s (seen in CI, about 1 run in 150 under load)."""
+    url = f"sqlite:///{tmp_path / 'package.db'}" if database else None
+    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=1))
+    clock = VirtualClock(start=0.0)
+    on_the_clock: list[float | None] = []
+    timed_out_at: list[float] = []
+
+    @svc.on(Requested, timeout=2.0)
+    async def create(req: Requested, ctx: Context) -> None:
+        on_the_clock.append(clock.timer_due())  # the handler's first step: what settled() may see
+        try:
+            await ctx.clock.sleep(600.0)
+        except asyncio.CancelledError:
+            timed_out_at.append(ctx.clock.monotonic())
+            raise
+
+    bus = MemoryTransport(clock=clock)
+    async with Worker([svc], bus):
+        await Publisher(bus).publish(Requested(pid="p-1"))
+        await asyncio.wait_for(settled(bus, timeout=20.0), 30.0)
+    assert on_the_clock == [2.0]
+    assert timed_out_at == [2.0]
+
+
 def test_a_clock_moves_on_to_a_new_loop_once_the_old_one_is_closed() -> None:
     """A sleeper left on a loop that was closed (a test's loop, closed after it) made the next
     advance() on the new loop raise ``RuntimeError: Event loop is closed``, and held settled()'s

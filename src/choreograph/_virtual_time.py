@@ -101,6 +101,26 @@ class VirtualClock:
         """Sleep ``seconds`` as a fetch waiting for the bus: ``settled()`` may jump past it."""
         await self._wait(seconds, backoff=False, poll=True)
 
+    def timer(self, seconds: float) -> asyncio.Future[None] | None:
+        """A sleeper of ``seconds`` registered now, not at the first step of a task that would
+        ``sleep()``: the future it sets when the clock passes that time (``None`` if that is now).
+        Cancel it to drop it. The runtime arms a handler's timeout with it: armed in a task of
+        its own, the timeout was not yet on the clock when ``settled()`` looked, and a jump to a
+        later timer cut the handler that much late."""
+        if seconds != seconds:
+            raise ValueError("seconds: NaN is not a duration")
+        self._own()
+        due = self._now + seconds
+        return None if due <= self._now else self._register(due, poll=False)[2]
+
+    def _register(self, due: float, *, poll: bool) -> _Sleeper:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sleeper = (due, next(self._seq), future)
+        heapq.heappush(self._sleepers, sleeper)
+        if not poll:
+            heapq.heappush(self._timers, sleeper)
+        return sleeper
+
     async def _wait(self, seconds: float, *, backoff: bool, poll: bool = False) -> None:
         if seconds != seconds:  # NaN: at the top of the heap it would hold back every other sleeper
             raise ValueError("seconds: NaN is not a duration")
@@ -109,11 +129,8 @@ class VirtualClock:
         if due <= self._now:  # not > 0, or too short to move the clock (1e-12 s at a million seconds)
             await asyncio.sleep(0)  # due now: such a sleeper was left for the next advance(), and
             return  # settled(), which jumps only to times ahead of the clock, never woke it
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        sleeper = (due, next(self._seq), future)
-        heapq.heappush(self._sleepers, sleeper)
-        if not poll:
-            heapq.heappush(self._timers, sleeper)
+        sleeper = self._register(due, poll=poll)
+        future = sleeper[2]
         if not backoff:
             await future
             return

@@ -141,12 +141,32 @@ class Timing:
         if handling is not None and task is not None:
             handling(task, running)
 
-    async def _clock_timeout(self, task: asyncio.Task[Any], delivery: Delivery) -> None:
+    def _arm_clock_timeout(self, task: asyncio.Task[Any], delivery: Delivery) -> None:
+        """Start :meth:`_clock_timeout` for ``task``, its first wait already on the clock: in a
+        task's first step it came a loop turn late, and ``settled()`` looking meanwhile (the
+        handler already waiting on the clock) jumped to a later timer - the timeout of 2 s cut
+        a handler at the lease touch 10 s on."""
+        clock = self.worker.clock
+        timer = getattr(clock, "timer", None)
+        first = None
+        if timer is not None:
+            now = clock.monotonic()
+            first = timer(self.clock_due.get(delivery, now) - now)
+        armed = self.loop.create_task(self._clock_timeout(task, delivery, first))
+        if first is not None:
+            armed.add_done_callback(lambda _: first.cancel())  # cancelled before its first step too
+        self.clock_timers[delivery] = armed
+
+    async def _clock_timeout(
+        self, task: asyncio.Task[Any], delivery: Delivery, first: asyncio.Future[None] | None = None
+    ) -> None:
         """Cancel ``task``, the handler of ``delivery``, once its timeout passed on the worker's clock
         (not the real one: see :meth:`_guarded`), unless the watchdog did. Due at ``clock_due``,
         which a wait for its database connection pushes on (:meth:`_waiting`); one that falls due
         during such a wait ends here, and the end of the wait arms a new one for the time left."""
         clock = self.worker.clock
+        if first is not None:
+            await first
         while True:
             now = clock.monotonic()
             due = self.clock_due.get(delivery, now)
@@ -185,7 +205,7 @@ class Timing:
                 timer = self.clock_timers.get(delivery)
                 task = asyncio.current_task()
                 if timer is not None and timer.done() and task is not None:  # it fell due during the wait
-                    self.clock_timers[delivery] = self.loop.create_task(self._clock_timeout(task, delivery))
+                    self._arm_clock_timeout(task, delivery)
 
     def _clock_waits(self, waiting: bool) -> None:
         """Tell a VirtualClock the current task waits on another's work (or no longer does)."""
@@ -209,7 +229,7 @@ class Timing:
             # a rerun in place (_rerun) has what is left of the attempt's timeout on the clock too
             since = self.worker.clock.monotonic() if call.clock_started is None else call.clock_started
             self.clock_due[delivery] = since + call.handler.timeout
-            self.clock_timers[delivery] = self.loop.create_task(self._clock_timeout(task, delivery))
+            self._arm_clock_timeout(task, delivery)
         try:
             result = await handler
         except asyncio.CancelledError:
