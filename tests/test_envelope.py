@@ -720,7 +720,7 @@ def test_only_models_that_can_write_a_value_as_null_are_read_back_before_publish
     (nor a validator of unknown type) has only optional fields' None there and is not read back."""
     import pydantic
 
-    from choreograph.events import _may_write_null_for_a_value as lossy
+    from choreograph._event_config import may_write_null_for_a_value as lossy
 
     class Inner(pydantic.BaseModel):
         weight: float

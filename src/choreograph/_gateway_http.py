@@ -17,9 +17,9 @@ import pydantic
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from choreograph._event_wire import field_path, not_carried
 from choreograph._http_binding import BATCH, STRUCTURED
 from choreograph._json_pairs import first_misread
-from choreograph.events import field_path, not_carried
 
 if TYPE_CHECKING:
     from choreograph.events import Event

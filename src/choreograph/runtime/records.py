@@ -21,7 +21,8 @@ from choreograph._envelope import (
     rfc3339,
     string_problem,
 )
-from choreograph.events import I64_MIN, U64_MAX, Event, check_published, check_wire, event_json
+from choreograph._event_wire import I64_MIN, U64_MAX, check_published, check_wire
+from choreograph.events import Event, event_json
 from choreograph.stores.base import ErrorInfo
 from choreograph.transports.base import Message
 
@@ -128,8 +129,8 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
     This is the worker's hot path (once per emitted event), hence the dict written out by hand
     and the arguments by position. Raises :class:`~choreograph.EmitError` for an event whose
     JSON does not read back as a valid instance of its model (a float inf or nan, published as
-    null: see :func:`~choreograph.events.check_published`), or holds an integer outside the 64-bit
-    range or a UTC offset with seconds (:func:`~choreograph.events.check_wire`).
+    null: see :func:`~choreograph._event_wire.check_published`), or holds an integer outside the 64-bit
+    range or a UTC offset with seconds (:func:`~choreograph._event_wire.check_wire`).
 
     Nothing here is checked against the CloudEvents String rules (:func:`~choreograph._envelope.string_problem`),
     and it need not be: the id is a derived UUID, the type and dataschema were checked when the Event class
