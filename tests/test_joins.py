@@ -425,3 +425,53 @@ async def test_a_join_completed_by_its_failure_slot_announces_the_other_arrivals
     paid_failures = [f for t, f, _ in watcher.failures if t == Paid.event_type()]
     assert [f.envelope.id for f in paid_failures] == [paid.id]
     assert paid_failures[0].record["handler"] == "test_a_join_completed_by_its_failure_slot_announces_the_other_arrivals_when_it_gives_up.<locals>.refund_later"
+
+
+@pytest.mark.parametrize("own_handler_first", [True, False])
+async def test_a_failure_slot_join_and_the_services_own_handler_of_failed_failures_both_run(
+    bus: SpyBus, clock: VirtualClock, own_handler_first: bool
+) -> None:
+    # A service with its own on_failure handler of choreograph.failed events (a compensation
+    # that gave up somewhere) may also have a join with a failed(X) slot, whose give-up is
+    # announced as such a failure: the fan-out to the other arrivals and the service's own
+    # handler both see it (it was a ConfigurationError, in either order).
+    from choreograph import failed
+    from choreograph.joins import Failed
+
+    once = RetryPolicy(max_attempts=1, base=1.0, jitter=False)
+    stock = Service("stock", retry=once)
+
+    @stock.on(Reserved)
+    async def check(reserved: Reserved) -> None:
+        raise RuntimeError("stock check down")
+
+    svc = Service("shipping", retry=once)
+    seen: list[tuple[str | None, str]] = []
+
+    def own() -> None:
+        @svc.on_failure(Failed)
+        async def alert(failure: Failure) -> None:
+            seen.append((failure.record.get("handler"), failure.envelope.id))
+
+    def join() -> None:
+        @svc.on_all(Paid, failed(Reserved))
+        async def refund_later(paid: Paid, failure: Failure) -> None:
+            raise RuntimeError("refund desk down")
+
+    for register in (own, join) if own_handler_first else (join, own):
+        register()
+    from choreograph.flow import build
+    from choreograph.sagas import is_rollback
+
+    assert is_rollback(svc.failure_handlers[FAILED])  # alert is a compensation: its give-up is marked
+    assert [s.handler.rsplit(".", 1)[-1] for s in build(svc).steps if s.trigger == FAILED] == ["alert"]
+    watcher = Watcher().watch(clock)
+    async with Worker([stock, svc, watcher], bus):
+        [paid] = await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+        await settled(bus)
+        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
+        await settled(bus)
+    [letter] = await bus.dead_letters("shipping")
+    paid_failures = [f for t, f, _ in watcher.failures if t == Paid.event_type()]
+    assert [f.envelope.id for f in paid_failures] == [paid.id]  # the fan-out ran
+    assert seen == [(paid_failures[0].record["handler"], decode(letter.message.body).id)]  # and so did alert

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
-from choreograph.joins import JoinSpec
+from choreograph.joins import JoinSpec, own_handler
 from choreograph.sagas import TIMEDOUT
 from choreograph.service import App, Handler, Service
 
@@ -265,6 +265,8 @@ def _step_of(handler: Handler) -> Step | None:
     emits = tuple(t for t in emits if not t.startswith(RUNTIME_PREFIX))
     trigger = handler.consumes.event_type()
     failure = handler.kind == "failure"
+    if handler.join is not None and (own := own_handler(handler)) is not None:
+        return _step_of(own)  # the service's own handler, run by the runtime's (see joins.own_handler)
     if handler.join is None:
         via = _route_via(trigger, failure)
         where = handler.where.source if handler.where is not None else None
@@ -334,7 +336,7 @@ def build(
     classes: dict[str, type[Event]] = {}
     for svc in services:
         for h in svc.all_handlers():
-            if h.join is None or isinstance(h.join, JoinSpec):
+            if own_handler(h) is not None or isinstance(h.join, JoinSpec):
                 for cls in (h.consumes, *h.emits):
                     classes.setdefault(cls.event_type(), cls)
     ingress, terminal = _manifest(app) if app else ({}, {})

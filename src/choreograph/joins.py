@@ -329,17 +329,60 @@ class _FailureFanOuts:
     The runtime announces such a join's give-up as the failure of a ``choreograph.failed``
     event, which reaches the service's failure handler of that type, not of ``X``: this one
     handler, shared by every join of the service, hands it to the join the record names.
+    If the service has its own ``on_failure`` handler of ``choreograph.failed`` (``handler``),
+    it runs here too, on every such failure (its ``where=`` applied here, not before the
+    fan-out), after the fan-out of a join's: one handler per event type, two jobs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, handler: Handler | None = None) -> None:
         self.fan_outs: dict[str, _FanOut] = {}
+        self.handler = handler
 
     async def run(self, argument: Any, ctx: Context, store: JoinStore, clock: Clock) -> Any:
         failure: Failure = argument
         fan_out = self.fan_outs.get(str(failure.record.get("handler")))
-        if failure.record.get("service") != ctx.service or fan_out is None:
-            return None
-        return await fan_out.run(argument, ctx, store, clock)
+        fanned: Any = None
+        if failure.record.get("service") == ctx.service and fan_out is not None:
+            fanned = await fan_out.run(argument, ctx, store, clock)
+        own = self.handler
+        if own is None or (own.accepts is not None and not own.accepts(failure.envelope)):
+            return fanned
+        result = await (own.func(failure, ctx) if own.takes_context else own.func(failure))
+        if not fanned:
+            return result  # as it returned it (the worker checks it)
+        if result is None:
+            return fanned
+        return [*fanned, *(result if isinstance(result, (list, tuple)) else [result])]
+
+
+def own_handler(handler: Handler) -> Handler | None:
+    """The handler a user registered that ``handler`` is or carries; ``None`` for the runtime's own.
+
+    A plain handler is its own; a join's or compensation's is ``None`` (see its
+    :class:`JoinSpec`); the failure fan-out of a service's joins carries the service's own
+    ``on_failure`` handler of ``choreograph.failed``, if it has one (:class:`_FailureFanOuts`).
+    """
+    if handler.join is None:
+        return handler
+    if isinstance(handler.join, _FailureFanOuts):
+        return handler.join.handler
+    return None
+
+
+def with_failure_fan_outs(handler: Handler, fan_outs: _FailureFanOuts) -> Handler:
+    """``handler`` (a service's own ``on_failure`` handler of ``choreograph.failed``) run by ``fan_outs``."""
+    fan_outs.handler = handler
+    return dataclasses.replace(handler, emits=handler.emits | {Failed}, accepts=None, join=fan_outs)
+
+
+def adopter(registered: Handler) -> Callable[[Handler], Handler] | None:
+    """How ``on_failure`` registers its handler where ``registered`` is: run by the failure fan-out
+    of the service's joins if ``registered`` is that fan-out and runs no handler of the user's yet;
+    ``None`` (a handler of that type already) otherwise."""
+    fan_outs = registered.join
+    if not isinstance(fan_outs, _FailureFanOuts) or fan_outs.handler is not None:
+        return None
+    return lambda handler: with_failure_fan_outs(handler, fan_outs)
 
 
 def _ids(state: JoinState) -> dict[int, str]:
@@ -412,6 +455,7 @@ def install(
             table = service.failure_handlers if route.failure else service.handlers
             new.append((table, route.cls.event_type(), handler(route, spec.name, spec, declared)))
     fan_outs = service.failure_handlers.get(FAILED)
+    own_failed: Handler | None = None  # the service's own on_failure handler of choreograph.failed
     failure_slot = kind == "join" and any(route.failure for routes in slots for route in routes)
     if kind == "join":
         for routes in slots:
@@ -419,10 +463,13 @@ def install(
                 if not route.failure:
                     fan = handler(Route(route.cls, failure=True), f"{spec.name}.failed", _FanOut(spec), [Failed])
                     new.append((service.failure_handlers, route.cls.event_type(), fan))
+        if failure_slot and fan_outs is not None and fan_outs.join is None:
+            own_failed, fan_outs = fan_outs, None  # it runs inside the fan-out's handler, not beside it
         if failure_slot and (fan_outs is None or not isinstance(fan_outs.join, _FailureFanOuts)):
             # completed by a failure arrival, the join's give-up is a failure of choreograph.failed
             fan_outs = handler(Route(Failed, failure=True), "join.failed", _FailureFanOuts(), [Failed])
-            new.append((service.failure_handlers, FAILED, fan_outs))
+            if own_failed is None:
+                new.append((service.failure_handlers, FAILED, fan_outs))
     timers = service.handlers.get(DEADLINE)
     if within is not None and timers is None:
         timers = handler(Route(JoinDeadline), "join-deadline", _Timers(service.name), [Failed])
@@ -448,6 +495,8 @@ def install(
     if failure_slot:
         assert fan_outs is not None and isinstance(fan_outs.join, _FailureFanOuts)
         fan_outs.join.fan_outs[spec.name] = _FanOut(spec)
+        if own_failed is not None:
+            service.failure_handlers[FAILED] = with_failure_fan_outs(own_failed, fan_outs.join)
     return spec
 
 

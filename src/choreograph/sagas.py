@@ -49,7 +49,7 @@ import pydantic
 from choreograph._envelope import Envelope
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
-from choreograph.joins import JoinSpec, Route, as_route, install
+from choreograph.joins import JoinSpec, Route, as_route, install, own_handler
 from choreograph.policy import RetryPolicy
 from choreograph.service import Handler, Service
 
@@ -138,9 +138,10 @@ def is_rollback(handler: Handler) -> bool:
     ``"compensation": true``, and the journal marks the transaction ``compensation_failed``.
 
     A plain join (``on_all``) is not one, even with a ``failed(...)`` slot, nor its
-    internal fan-out of failures."""
+    internal fan-out of failures (but the service's own ``on_failure`` handler it runs is)."""
     if handler.join is not None:
-        return is_compensation(handler)
+        own = own_handler(handler)
+        return is_rollback(own) if own is not None else is_compensation(handler)
     return handler.kind == "failure" or handler.consumes.event_type() == TIMEDOUT
 
 

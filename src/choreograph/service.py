@@ -306,14 +306,19 @@ class Service:
                 raise ConfigurationError(f"{func.__qualname__}: a handler takes (event) or (event, ctx)")
             table = self.handlers if kind == "event" else self.failure_handlers
             key = event.event_type()
-            if key in table:
+            adopt = None
+            if kind == "failure" and key in table:
+                from choreograph.joins import adopter
+
+                adopt = adopter(table[key])  # the fan-out of failed(X) joins runs it (choreograph.failed)
+            if key in table and adopt is None:
                 raise ConfigurationError(
                     f"Service {self.name!r} already has {'an event' if kind == 'event' else 'a failure'} handler for {key!r} "
                     f"({table[key].name}); use another Service for a second step "
                     "(where= filters a handler's events, it does not allow a second handler)"
                 )
             expression = None if where is None else compile_where(where, self.name, func)
-            table[key] = Handler(
+            handler = Handler(
                 service=self.name,
                 name=func.__qualname__,
                 kind=kind,
@@ -326,6 +331,7 @@ class Service:
                 where=expression,
                 accepts=None if expression is None else matcher(expression, func.__qualname__),
             )
+            table[key] = handler if adopt is None else adopt(handler)
             return func
 
         return decorator
