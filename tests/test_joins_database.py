@@ -386,3 +386,35 @@ async def test_old_join_instances_in_a_service_database_are_kept_until_their_dea
     assert state is not None and state.timed_out and sorted(state.arrivals) == [0]
     assert await in_transaction(lambda j: j.expire(1001.0)) == 1
     assert await in_transaction(lambda j: j.get(key)) is None
+
+
+async def test_the_hours_pass_over_old_join_instances_stands_when_it_ran_in_a_rolled_back_run(database: str) -> None:
+    """The hourly expiry runs in the transaction of a join's handler run. The run that completes
+    a join rolls its first record back before the function runs (and a run that fails rolls back
+    everything): the pass went with it, yet it counted as done, so old instances stayed for
+    another hour - for good if the hour's first run was always such a one."""
+    from choreograph.stores import joins_database
+    from choreograph.testing import VirtualClock, settled
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    svc = shipping(database)
+
+    async def instances() -> list[str]:
+        async with transaction(Service("reader", database=database)) as tx:
+            return sorted(row[0] for row in await tx.fetch("SELECT correlation FROM choreograph_join_instances"))
+
+    async with Worker([svc], bus, clock=clock):
+        await Publisher(bus).publish(Paid(order="old"), correlation_id="old")  # never completed
+        await settled(bus)
+        clock.advance(joins_database.RETENTION - 3600.0)
+        await Publisher(bus).publish(Paid(order="o-1"), correlation_id="c-1")  # a pass: nothing old enough yet
+        await settled(bus)
+        assert await instances() == ["c-1", "old"]
+        clock.advance(2 * 3600.0)
+        await Publisher(bus).publish(Reserved(order="o-1"), correlation_id="c-1")  # the hour's first run
+        await settled(bus)
+        assert await shipments(database) == {"o-1": 1}
+        await Publisher(bus).publish(Paid(order="o-2"), correlation_id="c-2")  # the same hour: no pass
+        await settled(bus)
+        assert await instances() == ["c-1", "c-2"]

@@ -402,7 +402,7 @@ async def store_for(ctx: Context, store: JoinStore, clock: Clock) -> JoinStore:
         return store
     await joins_database.prepare(unit.store)
     joins = joins_database.DatabaseJoins(ctx.transaction, unit.store.url, undo=unit.rollback)
-    await joins_database.expire_now(joins, unit.store.url, clock.time())
+    await joins_database.expire_now(joins, unit.store.url, clock.time(), unit.when_ended)
     return joins
 
 

@@ -97,7 +97,7 @@ class HandlerUnit:
     every other path (a no-op once committed).
     """
 
-    __slots__ = ("store", "ctx", "used", "conn", "_after_commit", "on_wait", "_published")
+    __slots__ = ("store", "ctx", "used", "conn", "_after_commit", "on_wait", "_published", "_on_end")
 
     def __init__(self, store: StateStore, ctx: Context) -> None:
         self.store = store
@@ -106,6 +106,7 @@ class HandlerUnit:
         self.conn: TxConnection | None = None
         self._after_commit: list[Callable[[], None]] | None = None
         self._published: list[int] | None = None  # where in ctx.outputs the open transaction's tx.publish went
+        self._on_end: list[Callable[[bool], None]] | None = None  # told how the open transaction ended
         #: Told ``None`` when the unit starts waiting for its connection (the SQLite writer,
         #: a pooled PostgreSQL connection) and the seconds waited when it has it: the worker
         #: keeps that time out of the handler's timeout.
@@ -122,6 +123,21 @@ class HandlerUnit:
         if self._after_commit is None:
             self._after_commit = []
         self._after_commit.append(callback)
+
+    def when_ended(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(committed)`` when the open transaction ends: ``True`` once it commits,
+        ``False`` when it is rolled back (by :meth:`rollback`, a commit that fails, or another
+        consumer having committed the event first). For work done in the run's transaction on
+        behalf of the process (the hourly expiry of join instances): undone with a rolled-back
+        run, it is not done. The callback must not raise."""
+        if self._on_end is None:
+            self._on_end = []
+        self._on_end.append(callback)
+
+    def _ended(self, committed: bool) -> None:
+        callbacks, self._on_end = self._on_end, None
+        for callback in callbacks or ():
+            callback(committed)
 
     def block(self) -> HandlerUnit:
         """``async with ctx.transaction() as tx``: begin (or re-enter); an exception rolls back.
@@ -182,6 +198,7 @@ class HandlerUnit:
         self._published = None  # its events are in ``messages`` now: nothing left to undo
         if conn is None:  # the handler's block rolled back and it carried on: record the rest alone
             conn = await self.store.begin()
+        fresh = False
         try:
             fresh = await conn.commit(
                 inbox=(group, event_id), service=self.ctx.service, messages=messages,
@@ -194,7 +211,10 @@ class HandlerUnit:
                     callback()
             return fresh
         finally:
-            await conn.rollback()  # no-op after commit; releases the writer turn if commit failed early
+            try:
+                await conn.rollback()  # no-op after commit; releases the writer turn if commit failed early
+            finally:
+                self._ended(fresh)
 
     async def rollback(self) -> None:
         """Undo the open transaction, and the events ``tx.publish``-ed in it (sent only if it
@@ -206,7 +226,10 @@ class HandlerUnit:
                 del outputs[at]
         conn, self.conn = self.conn, None
         if conn is not None:
-            await conn.rollback()
+            try:
+                await conn.rollback()
+            finally:
+                self._ended(False)
 
 
 @contextlib.asynccontextmanager

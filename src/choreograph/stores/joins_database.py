@@ -29,7 +29,7 @@ Tables: ``choreograph_join_instances`` and ``choreograph_join_arrivals`` (on Pos
 the same tables as :class:`~choreograph.stores.joins_postgres.PostgresJoinStore`'s,
 migrated by it); created by :func:`prepare`, outside any handler's transaction.
 Instances older than :data:`RETENTION` (and past their deadline by as much) are dropped by a handler's transaction at most
-once an hour per process (:func:`expire_now`).
+once an hour per process (:func:`expire_now`), counted as done once that transaction commits.
 """
 
 from __future__ import annotations
@@ -218,12 +218,33 @@ async def prepare(store: StateStore) -> None:
         prepared.ready = True
 
 
-async def expire_now(joins: JoinStore, url: str, now: float) -> None:
-    """Drop instances older than :data:`RETENTION` in the caller's transaction, at most once an hour per process."""
+async def expire_now(
+    joins: JoinStore, url: str, now: float, when_ended: Callable[[Callable[[bool], None]], None] | None = None
+) -> None:
+    """Drop instances older than :data:`RETENTION` in the caller's transaction, at most once an hour per process.
+
+    ``when_ended`` (:meth:`~choreograph.runtime.outbox.HandlerUnit.when_ended`) tells how that
+    transaction ended: a pass rolled back with it (the run failed, or it completed a join, whose
+    first record is rolled back before the function runs) is not done, and the next run does it.
+    It counted as done, and old instances stayed another hour, or for good while the hour's first
+    run was always one rolled back.
+    """
     prepared = _prepared(url)
-    if now - prepared.expired_at >= EXPIRE_EVERY:
-        prepared.expired_at = now
+    if now - prepared.expired_at < EXPIRE_EVERY:
+        return
+    before, prepared.expired_at = prepared.expired_at, now  # the other runs meanwhile leave it to this one
+
+    def ended(committed: bool) -> None:
+        if not committed and prepared.expired_at == now:
+            prepared.expired_at = before
+
+    try:
         await joins.expire(now - RETENTION)
+    except BaseException:
+        ended(False)
+        raise
+    if when_ended is not None:
+        when_ended(ended)
 
 
 def _prepare_sqlite(url: str) -> None:
