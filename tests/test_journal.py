@@ -760,3 +760,30 @@ async def test_a_journal_store_outage_is_waited_out_on_the_clock(bus: SpyBus, cl
         journal_view = Journal(store)
         tx = await journal_view.transaction(env.id)
         assert tx is not None and tx.summary.event_count == 1
+
+
+async def test_a_failure_only_a_joins_fan_out_takes_is_not_compensated(
+    store_url: str, bus: SpyBus, clock: VirtualClock
+) -> None:
+    """A join registers the runtime's fan-out of its own give-up as a failure handler of each slot's
+    type (and of ``choreograph.failed`` for a ``failed(X)`` slot): it passes that give-up on to the
+    other arrivals and ignores every other failure. The journal counted those types as compensated,
+    so a failure of ``Charged`` that nobody compensates showed ``running``, then ``stuck``, not ``failed``
+    (lint said so: ``uncompensated-failure``)."""
+    payment, drone, shipping = Service("payment"), Service("drone"), Service("shipping")
+    payment.on(Requested)(charge)
+
+    @drone.on(Charged)
+    async def fly(charged: Charged) -> Delivered:
+        raise Reject("drone lost")
+
+    @shipping.on_all(Charged, Reserved, failed(Declined))
+    async def ship(charged: Charged, reserved: Reserved, declined: Failure) -> None:
+        return None
+
+    app = App("shipping", [payment, drone, shipping], ingress=[Requested], terminal={Delivered: "completed"})
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=60, scan_interval=3600) as journal:
+        assert journal.compensated == {Declined.event_type()}  # the join's failed(Declined) slot takes those up
+        cid = await start(app, bus)
+        tx = await journal.transaction(cid)
+    assert tx is not None and tx.status == "failed"

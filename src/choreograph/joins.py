@@ -369,6 +369,20 @@ def own_handler(handler: Handler) -> Handler | None:
     return None
 
 
+def compensated_failures(services: Iterable[Service]) -> set[str]:
+    """The event types whose runtime failures some handler of ``services`` takes up: an
+    ``on_failure`` handler, a ``failed(X)`` slot of a join or a compensation (what lint's
+    ``uncompensated-failure`` counts). Not the runtime's fan-out of a join's give-up, registered
+    under each slot's type (and ``choreograph.failed``): it only passes that give-up on to the
+    other arrivals, and ignores every other failure of the type."""
+    return {
+        failed_type
+        for service in services
+        for failed_type, handler in service.failure_handlers.items()
+        if own_handler(handler) is not None or isinstance(handler.join, JoinSpec)
+    }
+
+
 def with_failure_fan_outs(handler: Handler, fan_outs: _FailureFanOuts) -> Handler:
     """``handler`` (a service's own ``on_failure`` handler of ``choreograph.failed``) run by ``fan_outs``."""
     fan_outs.handler = handler

@@ -96,7 +96,8 @@ class Journal:
 
     ``terminal`` maps event types (classes or type strings) that end a transaction to
     ``"completed"`` or ``"failed"``. ``compensated`` lists the event types whose runtime
-    failures some service compensates (has an ``on_failure`` handler for); a failure of
+    failures some service compensates (an ``on_failure`` handler, a ``failed(X)`` slot:
+    :func:`~choreograph.joins.compensated_failures`; a join's own fan-out is none); a failure of
     any other type fails the transaction at once. ``None`` (the default without an app)
     assumes every failure may be compensated, so such a transaction waits for a terminal
     event or its deadline. ``stuck_after`` is the deadline, in seconds after the journal
@@ -150,7 +151,9 @@ class Journal:
         cls, app: App, store: str | JournalStore = DEFAULT_JOURNAL, **options: Any
     ) -> Journal:
         """A journal that knows ``app``'s terminal events and which failures its services compensate."""
-        compensated = {event_type for svc in app.services for event_type in svc.failure_handlers}
+        from choreograph.joins import compensated_failures
+
+        compensated = compensated_failures(app.services)
         terminal: dict[str | type[Event], TerminalKind] = {cls: kind for cls, kind in app.terminal.items()}
         return cls(store, terminal=terminal, compensated=compensated, **options)
 

@@ -221,7 +221,9 @@ def _journal_for(target: str, store: str, broker: str, stuck_after: float) -> Jo
     services = [obj] if isinstance(obj, Service) else obj
     if not (isinstance(services, (list, tuple)) and all(isinstance(s, Service) for s in services)):
         raise ConfigurationError(f"{target!r} is a {type(obj).__name__}, not an App, a Service or a list of Services")
-    compensated = {t for svc in services for t in svc.failure_handlers}
+    from choreograph.joins import compensated_failures
+
+    compensated = compensated_failures(services)
     return Journal(store, transport=broker, compensated=compensated, stuck_after=stuck_after)
 
 
