@@ -475,3 +475,41 @@ async def test_a_failure_slot_join_and_the_services_own_handler_of_failed_failur
     paid_failures = [f for t, f, _ in watcher.failures if t == Paid.event_type()]
     assert [f.envelope.id for f in paid_failures] == [paid.id]  # the fan-out ran
     assert seen == [(paid_failures[0].record["handler"], decode(letter.message.body).id)]  # and so did alert
+
+
+@pytest.mark.parametrize("case", ["gives up", "arrives late"])
+async def test_the_arrival_of_a_failure_slot_is_not_announced_as_failed_again(
+    bus: SpyBus, clock: VirtualClock, case: str
+) -> None:
+    # The arrival of failed(Reserved) is the runtime's failure of Reserved, announced already. When
+    # the join gives up after a plain arrival completed it, or the failure arrives after the deadline,
+    # it was announced again: a failure of a choreograph.failed event, which says a compensation gave
+    # up (the journal's compensation_failed; on_failure handlers of that type) where none did.
+    from choreograph import failed
+
+    once = RetryPolicy(max_attempts=1, base=1.0, jitter=False)
+    stock = Service("stock", retry=once)
+
+    @stock.on(Reserved)
+    async def check(reserved: Reserved) -> None:
+        raise RuntimeError("stock check down")
+
+    svc = Service("shipping", retry=once)
+
+    @svc.on_all(Paid, failed(Reserved), within=30 if case == "arrives late" else None)
+    async def refund_later(paid: Paid, failure: Failure) -> None:
+        raise RuntimeError("refund desk down")
+
+    async with Worker([stock, svc], bus):
+        if case == "gives up":
+            await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
+            await settled(bus)
+            await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+        else:
+            await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+            await settled(bus)
+            clock.advance(60)
+            await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
+        await settled(bus)
+    announced = [decode(m.body) for m in bus.of_type(FAILED) if decode(m.body).source == svc.source]
+    assert sorted(e.data["type"] for e in announced) == [Paid.event_type()]

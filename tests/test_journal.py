@@ -787,3 +787,36 @@ async def test_a_failure_only_a_joins_fan_out_takes_is_not_compensated(
         cid = await start(app, bus)
         tx = await journal.transaction(cid)
     assert tx is not None and tx.status == "failed"
+
+
+async def test_a_join_that_timed_out_with_a_failure_among_its_arrivals_is_no_compensation_failure(
+    store_url: str, bus: SpyBus, clock: VirtualClock
+) -> None:
+    """At its deadline a join announces the failure of each arrival, so each upstream step can undo
+    its own. An arrival of a ``failed(X)`` slot is itself the runtime's failure of ``X``, already
+    announced: it was announced again, as a failure of a ``choreograph.failed`` event - what the
+    journal reads as a compensation that gave up (``compensation_failed``, over every other status)
+    and what ``on_failure`` handlers of ``choreograph.failed`` take for one. Nothing gave up."""
+    payment, stock, ledger, shipping = Service("payment"), Service("stock"), Service("ledger"), Service("shipping")
+    payment.on(Requested)(charge)
+
+    @stock.on(Requested)
+    async def reserve(req: Requested) -> Reserved:
+        return Reserved(order=req.order)
+
+    @ledger.on(Reserved)
+    async def book(reserved: Reserved) -> None:
+        raise Reject("ledger closed")
+
+    @shipping.on_all(Charged, failed(Reserved), within=30)
+    async def refund(charged: Charged, failure: Failure) -> Cancelled:
+        return Cancelled(order=charged.order)
+
+    app = App("refunds", [payment, stock, ledger, shipping], ingress=[Requested],
+              terminal={Cancelled: "failed", Declined: "failed"})
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=3600, scan_interval=3600) as journal:
+        cid = await start(app, bus, mode="decline")  # the charge declined: Charged never comes
+        tx = await journal.transaction(cid)
+    assert tx is not None and tx.timeline is not None
+    assert [e.record["reason"] for e in tx.timeline if e.kind == "failure" and e.record] == ["rejected"]
+    assert tx.status == "compensated" and tx.summary.compensation_failures == 0

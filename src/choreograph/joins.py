@@ -28,7 +28,9 @@ How it works, and why:
   fast-forwards it. If the join has not fired by then it never will, and one
   ``choreograph.failed`` event per arrived event is published with the record
   reason ``join_timeout`` (``missing`` / ``arrived`` name the types), so each
-  upstream step's ``failed(X)`` compensation sees its own event.
+  upstream step's ``failed(X)`` compensation sees its own event. (Not for the arrival of
+  a ``failed(X)`` slot, here and below: it is the runtime's failure of ``X``, announced
+  already; announced again, it would be a compensation's give-up where none gave up.)
 * When the join's handler gives up, the runtime announces the failure of the
   completing event; the join adds the same announcement for each other arrival
   (one extra hop), again so every upstream step can compensate from its own data.
@@ -227,7 +229,10 @@ class JoinSpec:
         return Failure(event=event, envelope=original, record=dict(envelope.data.get("record") or {}))
 
     def late_failure(self, arrived: dict[str, Any], state: JoinState, now: float) -> list[Failed]:
-        """The failure of an event that reached this join after its deadline had passed."""
+        """The failure of an event that reached this join after its deadline had passed (none for
+        the arrival of a ``failed(X)`` slot: it is the runtime's failure of ``X``, announced already)."""
+        if arrived["type"] == FAILED:
+            return []
         deadline = rfc3339(state.deadline) if state.deadline is not None else None
         record = {
             "reason": "join_timeout",
@@ -246,7 +251,13 @@ class JoinSpec:
         return [Failed(type=arrived["type"], envelope=arrived, record=record)]
 
     def timeout_failures(self, state: JoinState, now: float) -> list[Failed]:
-        """One failure event per arrived event of a join whose deadline passed."""
+        """One failure event per arrived event of a join whose deadline passed.
+
+        Not for the arrival of a ``failed(X)`` slot: it is the runtime's failure of ``X``, announced
+        already (to ``X``'s step among others); announced again it was the failure of a
+        ``choreograph.failed`` event, which says a compensation gave up (the journal's
+        ``compensation_failed``, ``on_failure`` handlers of that type) where nothing did.
+        """
         arrived = [orjson.loads(state.arrivals[i].body) for i in sorted(state.arrivals)]
         missing = [str(r) for i, routes in enumerate(self.slots) if i not in state.arrivals for r in routes]
         deadline = rfc3339(state.deadline) if state.deadline is not None else None
@@ -265,7 +276,7 @@ class JoinSpec:
             "arrived": [env["type"] for env in arrived],
             "missing": missing,
         }
-        return [Failed(type=env["type"], envelope=env, record=record) for env in arrived]
+        return [Failed(type=env["type"], envelope=env, record=record) for env in arrived if env["type"] != FAILED]
 
 
 class _Timers:
@@ -291,7 +302,8 @@ class _Timers:
 
 
 class _FanOut:
-    """Announces a given-up join's failure for every arrival, not just the one that completed it."""
+    """Announces a given-up join's failure for every arrival, not just the one that completed it
+    (but a ``failed(X)`` slot's: see :meth:`JoinSpec.timeout_failures`)."""
 
     def __init__(self, spec: JoinSpec) -> None:
         self.spec = spec
@@ -319,7 +331,7 @@ class _FanOut:
         return [
             Failed(type=env["type"], envelope=env, record=record)
             for env in (orjson.loads(state.arrivals[i].body) for i in sorted(state.arrivals))
-            if env["id"] != failed_id
+            if env["id"] != failed_id and env["type"] != FAILED
         ]
 
 
