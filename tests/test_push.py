@@ -725,6 +725,41 @@ async def test_stop_releases_a_push_still_in_flight(bus: MemoryTransport) -> Non
     await sub.close()
 
 
+async def test_the_leases_of_pushes_a_drain_waits_for_are_still_extended(
+    clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() cancelled the touch loop before draining: a push still waiting for its answer (a
+    ``drain_timeout`` of ``inf``, a slow receiver) outlived its lease, and another ambassador of
+    the group pushed the event again meanwhile. Its lease is extended until it has settled."""
+    from choreograph.transports.memory import MemoryDelivery
+
+    touches = 0
+    touch = MemoryDelivery.touch
+
+    async def counted(self: MemoryDelivery) -> None:
+        nonlocal touches
+        touches += 1
+        await touch(self)
+
+    monkeypatch.setattr(MemoryDelivery, "touch", counted)
+    bus = MemoryTransport("memory://?lease=0.3", clock=clock)  # touched every 0.1 s (real time)
+    hook = Scripted(HANG, 204)
+    async with hook.running() as url:
+        ambassador = PushAmbassador([subscription(url, timeout=60.0)], bus, origin=ORIGIN, drain_timeout=math.inf)
+        await ambassador.start()
+        await publish(bus, "e-1")
+        await until(lambda: hook.posts == 1)
+        stopping = asyncio.create_task(ambassador.stop())
+        await until(lambda: ambassador.runners[0].stopping)
+        before = touches
+        await until(lambda: touches >= before + 3)  # the drain has gone on touching it
+        assert not stopping.done()
+        hook.release.set()
+        await stopping
+    assert ambassador.stats().delivered == 1
+    assert bus.pending()[0] == 0
+
+
 async def test_a_push_answered_before_the_drain_runs_out_is_settled_not_released_to_be_pushed_again(
     bus: MemoryTransport,
 ) -> None:

@@ -193,7 +193,8 @@ class PushRunner:
         self.stopping = False
         self.fetching = False
         self.tasks: list[asyncio.Task[None]] = []
-        self.settling: set[asyncio.Task[None]] = set()  # outcomes being settled (a push cancelled meanwhile)
+        # outcomes being settled (a push cancelled meanwhile), and the delivery of each
+        self.settling: dict[asyncio.Task[None], Delivery] = {}
         self.handed_back_types: set[str] = set()  # types _unsubscribed has warned about
 
     def _count(self, outcome: str, event_type: str) -> None:
@@ -259,11 +260,20 @@ class PushRunner:
         if not task.cancelled() and task.exception() is not None:  # a bug in us: the lease redelivers it
             log.error("internal error pushing %r", delivery, exc_info=task.exception())
 
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self.settling.pop(task, None)
+
     async def _touch_loop(self) -> None:
+        """Extend the leases of the pushes in flight and of the outcomes being settled, every
+        third of a lease, until :meth:`stop` has drained them: a push that outlives its lease
+        during the drain (``drain_timeout`` of ``inf``, a slow receiver) was pushed again by
+        another ambassador of the group while the first one still waited for its answer."""
         interval = max(0.05, self.amb.transport.lease / 3)
-        while not self.stopping:
+        while True:
             await asyncio.sleep(interval)
-            for delivery in list(self.active.values()):
+            # a push being settled is in both (its task waits for its settlement): touched once
+            held = {id(delivery): delivery for delivery in [*self.active.values(), *self.settling.values()]}
+            for delivery in held.values():
                 try:
                     await delivery.touch()
                 except Exception as exc:
@@ -290,8 +300,8 @@ class PushRunner:
             # runs out now - released instead, the event was pushed again by the next ambassador.
             # stop() gives what is still settling STOP_GRACE, then leaves it to the lease.
             settling = asyncio.create_task(self._settle(delivery, outcome))
-            self.settling.add(settling)
-            settling.add_done_callback(self.settling.discard)
+            self.settling[settling] = delivery
+            settling.add_done_callback(self._settled)
             await asyncio.shield(settling)
         finally:
             if metrics is not None:
@@ -604,23 +614,26 @@ class PushRunner:
                 await self.consumer.close()
             return
         fetch, touch = self.tasks
-        touch.cancel()
         if self.fetching:
             fetch.cancel()
-        await asyncio.gather(fetch, touch, return_exceptions=True)
-        if self.active:
-            _, pending = await asyncio.wait(list(self.active), timeout=drain_timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        if self.settling:  # pushes cancelled while their outcome was settled: bounded, as the worker's
-            _, unsettled = await asyncio.wait(list(self.settling), timeout=STOP_GRACE)
-            if unsettled:
-                log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
-                            "their deliveries return after the lease", self.group, STOP_GRACE)
-                for task in unsettled:
+        await asyncio.gather(fetch, return_exceptions=True)
+        try:
+            if self.active:  # their leases still touched: another ambassador must not push them meanwhile
+                _, pending = await asyncio.wait(list(self.active), timeout=drain_timeout)
+                for task in pending:
                     task.cancel()
-                await asyncio.wait(unsettled)
+                if pending:
+                    await asyncio.wait(pending)
+            if self.settling:  # pushes cancelled while their outcome was settled: bounded, as the worker's
+                _, unsettled = await asyncio.wait(list(self.settling), timeout=STOP_GRACE)
+                if unsettled:
+                    log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
+                                "their deliveries return after the lease", self.group, STOP_GRACE)
+                    for task in unsettled:
+                        task.cancel()
+                    await asyncio.wait(unsettled)
+        finally:  # touched until every push in hand has settled (or been released)
+            touch.cancel()
+            await asyncio.gather(touch, return_exceptions=True)
         if self.consumer is not None:
             await self.consumer.close()
