@@ -933,6 +933,52 @@ async def test_the_handshake_is_asked_once_before_the_first_delivery(bus: Memory
     assert hook.posts == 3
 
 
+async def test_the_handshake_carries_the_subscriptions_headers(bus: MemoryTransport) -> None:
+    """A receiver that checks its Authorization on every request (OPTIONS included, as the webhook
+    spec allows) answered the handshake 401: it carried only our origin, not the subscription's
+    headers, and every event was dead-lettered ``rejected`` although the POST would have passed."""
+    options: list[dict[str, str]] = []
+    posts = 0
+
+    async def guarded(request: Request) -> Response:
+        nonlocal posts
+        if request.headers.get("authorization") != "Bearer s3cret":
+            return Response(status_code=401)
+        if request.method == "OPTIONS":
+            options.append(dict(request.headers))
+            return Response(status_code=200, headers={"WebHook-Allowed-Origin": ORIGIN})
+        posts += 1
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/hook", guarded, methods=["POST", "OPTIONS"])])
+    async with serve(app) as base, pushing(bus, subscription(base + "/hook", headers={"Authorization": "Bearer s3cret"})):
+        await publish(bus, "e-1", "e-2")
+        await settled(bus)
+    assert await bus.dead_letters(GROUP) == []
+    assert posts == 2
+    [asked] = options
+    assert asked["webhook-request-origin"] == ORIGIN
+    assert asked["user-agent"].startswith("choreograph-push/")
+
+
+async def test_a_grant_is_kept_per_url_and_headers() -> None:
+    """Two subscriptions to one URL with different credentials each ask for their own grant."""
+    from choreograph._push_http import Handshakes
+
+    asked: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("authorization"))
+        return httpx.Response(200, headers={"WebHook-Allowed-Origin": "*"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        handshakes = Handshakes(client, ORIGIN, VirtualClock())
+        for token in ("a", "b", "a", "b"):
+            await handshakes.ensure("http://receiver.example/hook", 5.0, {"Authorization": token})
+        await handshakes.ensure("http://receiver.example/hook", 5.0, {"authorization": "a"})
+    assert asked == ["a", "b"]
+
+
 @pytest.mark.parametrize("allowed", [None, "someone-else.example"], ids=["no-handshake-support", "other-origin"])
 async def test_a_receiver_that_does_not_grant_the_handshake_gets_no_delivery(
     bus: MemoryTransport, allowed: str | None

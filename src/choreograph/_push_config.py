@@ -17,7 +17,7 @@
     max_retry_after = 300
     max_response_body = 1048576             # bytes of an answer read at most (default 1 MiB)
     handshake = true
-    headers = { Authorization = "Bearer ..." }
+    headers = { Authorization = "Bearer ..." }   # on every request, the handshake too
     filters = [{ prefix = { subject = "eu-" } }]   # CloudEvents Subscriptions API filters, ANDed
     where = "hops < 10"                     # CESQL; the same as one more { sql = "..." } filter
 

@@ -19,6 +19,7 @@ import email.utils
 import logging
 import math
 import re
+from collections.abc import Mapping
 from datetime import UTC
 from typing import Literal
 
@@ -123,6 +124,10 @@ class HandshakeFailed(Exception):
         self.after = after
 
 
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+"""A grant's key: the URL and the headers the handshake carried (names lowercased, sorted)."""
+
+
 class Handshakes:
     """Which URLs granted delivery (CloudEvents webhook abuse protection, §4.1).
 
@@ -130,6 +135,11 @@ class Handshakes:
     grant is cached for ``ttl`` seconds, then asked again, so a receiver can revoke it.
     Refusals are not cached: each delivery asks again, and is dead-lettered with the
     refusal (replay it once the receiver is fixed).
+
+    The handshake carries the subscription's ``headers`` (an ``Authorization`` the receiver
+    checks on every request, OPTIONS included, as the webhook spec allows), and a grant is
+    kept per URL and headers: two subscriptions to one URL with different credentials each
+    ask for their own.
     """
 
     def __init__(self, client: httpx.AsyncClient, origin: str, clock: Clock, ttl: float = 3600.0) -> None:
@@ -137,28 +147,31 @@ class Handshakes:
         self.origin = origin
         self.clock = clock
         self.ttl = ttl
-        self.granted: dict[str, float] = {}
+        self.granted: dict[_Key, float] = {}
         self.asked = 0
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[_Key, asyncio.Lock] = {}
 
-    async def ensure(self, url: str, answer_within: float) -> None:
+    async def ensure(self, url: str, answer_within: float, headers: Mapping[str, str] | None = None) -> None:
         """Return once ``url`` has granted delivery; raise :class:`HandshakeRefused` or
-        :class:`HandshakeFailed`, or the ``httpx`` error of an unreachable receiver."""
-        if self.granted.get(url, -math.inf) > self.clock.monotonic():
+        :class:`HandshakeFailed`, or the ``httpx`` error of an unreachable receiver.
+        ``headers`` go with the ``OPTIONS`` (the subscription's own)."""
+        headers = dict(headers or {})
+        key = (url, tuple(sorted((name.lower(), value) for name, value in headers.items())))
+        if self.granted.get(key, -math.inf) > self.clock.monotonic():
             return
-        lock = self._locks.setdefault(url, asyncio.Lock())
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            if self.granted.get(url, -math.inf) > self.clock.monotonic():
+            if self.granted.get(key, -math.inf) > self.clock.monotonic():
                 return
             self.asked += 1
             async with asyncio.timeout(answer_within), self.client.stream(
-                "OPTIONS", url, headers={REQUEST_ORIGIN: self.origin}, timeout=answer_within,
+                "OPTIONS", url, headers={**headers, REQUEST_ORIGIN: self.origin}, timeout=answer_within,
                 follow_redirects=False,  # a grant is the answer of ``url`` itself, not of where it points
             ) as response:
                 pass  # the answer is its status and headers; a body, however large, is not read
             allowed = response.headers.get(ALLOWED_ORIGIN)
             if response.is_success and allowed is not None and allowed.strip() in (self.origin, "*"):
-                self.granted[url] = self.clock.monotonic() + self.ttl
+                self.granted[key] = self.clock.monotonic() + self.ttl
                 return
             # A 5xx (or 404, 408, 409, 429) is the receiver failing to answer, not answering no:
             # a WebHook-Allowed-Origin it carries (a proxy's or a middleware's) refuses nothing.

@@ -406,7 +406,9 @@ class PushRunner:
         started = time.perf_counter()
         try:
             if sub.handshake:
-                await self.amb.handshakes.ensure(sub.url, sub.timeout)
+                # with the subscription's headers, as the POST: a receiver checking an
+                # Authorization on every request refused the handshake without it
+                await self.amb.handshakes.ensure(sub.url, sub.timeout, {**sub.headers, "user-agent": USER_AGENT})
             return await self._post(envelope, headers, payload)
         finally:
             if metrics is not None:

@@ -152,7 +152,8 @@ class PushSubscription:
     ``secret`` signs every request (``whsec_...``; several during a rotation). ``emits``
     lists the event types the subscriber may answer with (``None``: any, except
     ``choreograph.*``); answering another type dead-letters the input as ``rejected``.
-    ``headers`` are added to every request (e.g. an ``Authorization``); not those the
+    ``headers`` are added to every request, the handshake's ``OPTIONS`` included (e.g. an
+    ``Authorization``); not those the
     ambassador sets itself (``Content-Type``, ``ce-*``, ``webhook-*``, ``traceparent``, ...):
     a second copy would go out beside its own.
 
