@@ -961,6 +961,63 @@ async def test_the_handshake_carries_the_subscriptions_headers(bus: MemoryTransp
     assert asked["user-agent"].startswith("choreograph-push/")
 
 
+async def test_a_handshake_that_never_answers_costs_the_deliveries_waiting_for_it_one_timeout(
+    bus: MemoryTransport,
+) -> None:
+    """The deliveries waiting for a handshake queued on a lock, and each asked again in turn when
+    the one before it timed out: with a receiver that never answered the OPTIONS, the n-th
+    delivery waited n timeouts and the receiver got n handshakes. They share the one in flight."""
+    answer = asyncio.Event()
+    options = posts = 0
+
+    async def hook(request: Request) -> Response:
+        nonlocal options, posts
+        if request.method == "OPTIONS":
+            options += 1
+            await answer.wait()
+            return Response(status_code=200, headers={"WebHook-Allowed-Origin": ORIGIN})
+        posts += 1
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST", "OPTIONS"])])
+    try:
+        async with serve(app) as base, pushing(bus, subscription(base + "/hook", timeout=0.3)) as ambassador:
+            await publish(bus, "e-1", "e-2", "e-3", "e-4")
+            await until(lambda: ambassador.stats().retried == 4)
+            assert (options, posts) == (1, 0)
+            answer.set()
+            await settled(bus)
+            assert ambassador.stats().delivered == 4
+    finally:
+        answer.set()
+    assert (options, posts) == (2, 4)
+
+
+async def test_stop_ends_a_handshake_its_released_deliveries_waited_for(bus: MemoryTransport) -> None:
+    """The handshake in flight is shared (shielded from a delivery's cancellation): once the drain
+    has released the deliveries, stop() ends it, rather than leave it running past the
+    ambassador, its client closed under it."""
+    answer = asyncio.Event()
+
+    async def hook(request: Request) -> Response:
+        await answer.wait()
+        return Response(status_code=200, headers={"WebHook-Allowed-Origin": "*"})
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST", "OPTIONS"])])
+    async with serve(app) as base:
+        try:
+            ambassador = PushAmbassador([subscription(base + "/hook", timeout=60.0)], bus, origin=ORIGIN,
+                                        drain_timeout=0.05)
+            async with ambassador:
+                await publish(bus, "e-1")
+                await until(lambda: ambassador.handshakes.asked == 1)
+                [asking] = ambassador.handshakes._asking.values()
+            assert asking.done()
+            assert ambassador.stats().released == 1
+        finally:
+            answer.set()
+
+
 async def test_a_grant_is_kept_per_url_and_headers() -> None:
     """Two subscriptions to one URL with different credentials each ask for their own grant."""
     from choreograph._push_http import Handshakes

@@ -131,10 +131,11 @@ _Key = tuple[str, tuple[tuple[str, str], ...]]
 class Handshakes:
     """Which URLs granted delivery (CloudEvents webhook abuse protection, §4.1).
 
-    One ``OPTIONS`` per URL, however many deliveries wait for it (a lock per URL); a
-    grant is cached for ``ttl`` seconds, then asked again, so a receiver can revoke it.
-    Refusals are not cached: each delivery asks again, and is dead-lettered with the
-    refusal (replay it once the receiver is fixed).
+    One ``OPTIONS`` per URL (and headers) at a time, however many deliveries wait for it (they share its
+    answer, a failure or a refusal too); a grant is cached for ``ttl`` seconds, then asked
+    again, so a receiver can revoke it. Refusals and failures are not cached: a delivery that
+    comes later asks again, and one refused is dead-lettered with the refusal (replay it once
+    the receiver is fixed).
 
     The handshake carries the subscription's ``headers`` (an ``Authorization`` the receiver
     checks on every request, OPTIONS included, as the webhook spec allows), and a grant is
@@ -149,34 +150,59 @@ class Handshakes:
         self.ttl = ttl
         self.granted: dict[_Key, float] = {}
         self.asked = 0
-        self._locks: dict[_Key, asyncio.Lock] = {}
+        self._asking: dict[_Key, asyncio.Task[None]] = {}  # the handshake in flight, per key
 
     async def ensure(self, url: str, answer_within: float, headers: Mapping[str, str] | None = None) -> None:
         """Return once ``url`` has granted delivery; raise :class:`HandshakeRefused` or
         :class:`HandshakeFailed`, or the ``httpx`` error of an unreachable receiver.
-        ``headers`` go with the ``OPTIONS`` (the subscription's own)."""
+        ``headers`` go with the ``OPTIONS`` (the subscription's own).
+
+        The deliveries that arrive while a handshake is in flight share its answer, its failure
+        included: they waited on a lock before, and each one then asked again in turn, so a
+        receiver that never answered the ``OPTIONS`` held the n-th delivery n timeouts."""
         headers = dict(headers or {})
         key = (url, tuple(sorted((name.lower(), value) for name, value in headers.items())))
         if self.granted.get(key, -math.inf) > self.clock.monotonic():
             return
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if self.granted.get(key, -math.inf) > self.clock.monotonic():
-                return
-            self.asked += 1
-            async with asyncio.timeout(answer_within), self.client.stream(
-                "OPTIONS", url, headers={**headers, REQUEST_ORIGIN: self.origin}, timeout=answer_within,
-                follow_redirects=False,  # a grant is the answer of ``url`` itself, not of where it points
-            ) as response:
-                pass  # the answer is its status and headers; a body, however large, is not read
-            allowed = response.headers.get(ALLOWED_ORIGIN)
-            if response.is_success and allowed is not None and allowed.strip() in (self.origin, "*"):
-                self.granted[key] = self.clock.monotonic() + self.ttl
-                return
-            # A 5xx (or 404, 408, 409, 429) is the receiver failing to answer, not answering no:
-            # a WebHook-Allowed-Origin it carries (a proxy's or a middleware's) refuses nothing.
-            # 501 is the exception: the server does not implement OPTIONS, and never will.
-            if classify(response.status_code) == "transient" and response.status_code not in NO_HANDSHAKE:
-                raise HandshakeFailed(url, response.status_code,
-                                      retry_after(response.headers.get("retry-after"), self.clock.time()))
-            raise HandshakeRefused(url, response.status_code, allowed, self.origin)
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = asyncio.create_task(self._ask(key, url, answer_within, headers),
+                                         name=f"choreograph-push-handshake-{redact(url)}")
+            self._asking[key] = asking
+            asking.add_done_callback(lambda task: self._asked(key, task))
+        # shielded: a delivery cancelled (released at shutdown) does not cancel the others' handshake
+        await asyncio.shield(asking)
+
+    def _asked(self, key: _Key, task: asyncio.Task[None]) -> None:
+        if self._asking.get(key) is task:
+            del self._asking[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every delivery that waited for it has it (or was cancelled)
+
+    async def cancel(self) -> None:
+        """Cancel the handshakes still in flight and wait for them to end (the ambassador is
+        stopping, its client about to close: nobody waits for them any more)."""
+        tasks = list(self._asking.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _ask(self, key: _Key, url: str, answer_within: float, headers: dict[str, str]) -> None:
+        """One ``OPTIONS`` to ``url``: a grant cached under ``key``, or the refusal or failure raised."""
+        self.asked += 1
+        async with asyncio.timeout(answer_within), self.client.stream(
+            "OPTIONS", url, headers={**headers, REQUEST_ORIGIN: self.origin}, timeout=answer_within,
+            follow_redirects=False,  # a grant is the answer of ``url`` itself, not of where it points
+        ) as response:
+            pass  # the answer is its status and headers; a body, however large, is not read
+        allowed = response.headers.get(ALLOWED_ORIGIN)
+        if response.is_success and allowed is not None and allowed.strip() in (self.origin, "*"):
+            self.granted[key] = self.clock.monotonic() + self.ttl
+            return
+        # A 5xx (or 404, 408, 409, 429) is the receiver failing to answer, not answering no:
+        # a WebHook-Allowed-Origin it carries (a proxy's or a middleware's) refuses nothing.
+        # 501 is the exception: the server does not implement OPTIONS, and never will.
+        if classify(response.status_code) == "transient" and response.status_code not in NO_HANDSHAKE:
+            raise HandshakeFailed(url, response.status_code,
+                                  retry_after(response.headers.get("retry-after"), self.clock.time()))
+        raise HandshakeRefused(url, response.status_code, allowed, self.origin)

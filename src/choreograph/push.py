@@ -346,6 +346,7 @@ class PushAmbassador:
         self._stopped = True
         drain = 0.0 if self._release_now else self.drain_timeout
         await asyncio.gather(*(runner.stop(drain) for runner in self.runners))
+        await self.handshakes.cancel()  # one its deliveries, all released, no longer wait for
         if self._own_client:
             await self.client.aclose()
         self._done.set()
