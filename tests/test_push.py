@@ -788,6 +788,43 @@ async def test_a_push_answered_before_the_drain_runs_out_is_settled_not_released
     assert bus.pending()[0] == 0
 
 
+async def test_a_push_answered_during_the_drain_is_settled_through_a_store_blip_not_pushed_again(
+    bus: MemoryTransport,
+) -> None:
+    """A push answered 204 while the ambassador stopped, whose inbox mark failed once (a store
+    or broker blip): its settlement gave up at that first failure ("its lease will redeliver
+    it"), and the next ambassador pushed the event again. It is tried again within the grace
+    the worker's settle task has."""
+
+    class Blip(MemoryStore):
+        failed = False
+
+        async def mark(self, group: str, ids: list[str]) -> None:
+            if not self.failed:
+                self.failed = True
+                raise StoreError("the inbox is restarting")
+            await super().mark(group, ids)
+
+    store = Blip()
+    hook = Scripted(HANG, 204)
+    async with hook.running() as url:
+        ambassador = PushAmbassador([subscription(url, timeout=60.0)], bus, origin=ORIGIN, store=store)
+        await ambassador.start()
+        await publish(bus, "e-1")
+        await until(lambda: hook.posts == 1)
+        stopping = asyncio.create_task(ambassador.stop())
+        await until(lambda: ambassador.runners[0].stopping)
+        hook.release.set()
+        await stopping
+        assert store.failed
+        assert ambassador.stats().delivered == 1
+    assert await store.seen(GROUP, ["e-1"]) == {"e-1"}
+    sub = await bus.subscribe(GROUP, [Assigned.event_type()])
+    assert bus.pending() == (0, None)  # acked, not left in flight until its lease runs out
+    await sub.close()
+    assert hook.posts == 1
+
+
 async def test_a_start_that_fails_stops_the_subscriptions_it_had_started(bus: MemoryTransport) -> None:
     """The second subscription could not subscribe (a broker refusing it): ``start()`` raised, but
     the first one's fetch loop ran on unowned, pushing its group's events from an ambassador

@@ -573,17 +573,30 @@ class PushRunner:
     # -- settling ---------------------------------------------------------------------
 
     async def _settle(self, delivery: Delivery, outcome: _Outcome) -> None:
+        """Apply ``outcome`` until it succeeds. While stopping, for up to ``STOP_GRACE`` after its
+        first failure, as the worker's settle task (a broker blip during the drain left a push
+        answered 2xx unsettled at its first failure, and another ambassador pushed it again after
+        its lease); then it is left to the lease. Those waits are in real time: nothing moves a
+        test's clock while the ambassador stops."""
         delay = 0.05
+        loop = asyncio.get_running_loop()
+        give_up_by: float | None = None
         while True:
             try:
                 await self._apply(delivery, outcome)
                 return
             except Exception as exc:  # broker or store down: keep the outcome, try again
                 if self.stopping:
-                    log.error("settling %r failed during shutdown (%s); its lease will redeliver it", delivery, exc)
-                    return
-                log.error("settling %r failed: %s; retrying", delivery, exc)
-                await backoff(self.amb.clock, delay)
+                    give_up_by = give_up_by or loop.time() + STOP_GRACE
+                    if loop.time() + delay > give_up_by:
+                        log.error("settling %r failed during shutdown (%s); its lease will redeliver it",
+                                  delivery, exc)
+                        return
+                    log.error("settling %r failed: %s; retrying", delivery, exc)
+                    await asyncio.sleep(delay)
+                else:
+                    log.error("settling %r failed: %s; retrying", delivery, exc)
+                    await backoff(self.amb.clock, delay)
                 delay = min(delay * 2, 5.0)
 
     async def _apply(self, delivery: Delivery, outcome: _Outcome) -> None:
