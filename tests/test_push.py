@@ -478,6 +478,25 @@ async def test_retry_after_is_honoured_up_to_the_cap(
     assert hook.posts == 2
 
 
+async def test_a_retry_after_date_is_read_against_the_time_of_the_answer(
+    bus: MemoryTransport, clock: VirtualClock
+) -> None:
+    """A slow receiver answered after 8 s "retry at <now + 5 s>": the date was read against the
+    time the request was sent, and the retry waited 13 s instead of 5."""
+
+    async def slow(request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return Response(status_code=200, headers={"WebHook-Allowed-Origin": "*"})
+        clock.advance(8.0)  # the receiver takes 8 s to answer (on the test's clock)
+        return Response(status_code=503, headers={"Retry-After": email.utils.formatdate(clock.time() + 5, usegmt=True)})
+
+    app = Starlette(routes=[Route("/hook", slow, methods=["POST", "OPTIONS"])])
+    async with serve(app) as base, pushing(bus, subscription(base + "/hook", timeout=30.0)) as ambassador:
+        await publish(bus, "e-1")
+        await until(lambda: ambassador.stats().retried == 1 and bus.pending()[0] == 0)
+        assert bus.pending()[1] == clock.monotonic() + 5
+
+
 async def test_a_retry_after_that_reaches_past_max_age_gives_up_at_once(bus: MemoryTransport) -> None:
     """As in the worker: no retry can honour both the Retry-After and max_age, so none is made."""
     hook = Scripted((503, {"Retry-After": "120"}, b""), 204)

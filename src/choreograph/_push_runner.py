@@ -380,7 +380,9 @@ class PushRunner:
         error = ErrorInfo("HTTPStatusError", message)
         if verdict == "permanent":
             return await self._rejected(delivery, envelope, error, now, status=status)
-        after = retry_after(response.headers.get("retry-after"), now)
+        # A date is read against the time of the answer, not of the request: a slow receiver's
+        # "in 5 s" was waited the time it took to answer on top
+        after = retry_after(response.headers.get("retry-after"), amb.clock.time())
         return await self._failed(delivery, envelope, error, now, status=status, after=after)
 
     async def _post(self, envelope: Envelope, headers: dict[str, str], payload: bytes) -> _Answer:
