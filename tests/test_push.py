@@ -60,6 +60,7 @@ from choreograph.push import (
     signature_headers,
     verify,
 )
+from choreograph.stores.base import ErrorInfo
 from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports import open_transport
@@ -664,6 +665,39 @@ async def test_an_event_already_in_the_inbox_is_not_posted_again(bus: MemoryTran
         await settled(bus)
     assert hook.posts == 1
     assert ambassador.stats().duplicates == 1
+
+
+async def test_a_copy_failed_while_another_ambassador_delivered_it_forgets_its_failure_history(
+    bus: MemoryTransport,
+) -> None:
+    """Two copies of one event (published twice) pushed by two ambassadors of the group: the first
+    answered 503 after the second had been delivered and marked, so its failure history was
+    recorded after the mark that forgets it. Its retry, acked as a duplicate, left that history
+    for good (a later copy of the id, once the inbox expired its mark, started from that stale
+    first failure). The retry of a copy is marked again, which forgets it, as the worker does."""
+    store = MemoryStore()
+    posts = 0
+
+    async def hook(request: Request) -> Response:
+        nonlocal posts
+        posts += 1
+        if posts == 1:  # the first copy's answer comes after the other copy was delivered
+            while not await store.seen(GROUP, ["e-1"]):  # noqa: ASYNC110 - the other ambassador's mark
+                await asyncio.sleep(0.005)
+            return Response(status_code=503)
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    async with serve(app) as base:
+        sub = subscription(base + "/hook", handshake=False, timeout=60.0)
+        async with pushing(bus, sub, store=store, concurrency=1), pushing(bus, sub, store=store, concurrency=1):
+            await publish(bus, "e-1")
+            await until(lambda: posts == 1)
+            await publish(bus, "e-1")  # a second copy, taken by the other ambassador (the first is busy)
+            await settled(bus)
+    assert posts == 2
+    later = (ErrorInfo("E", "later"), 99.0)
+    assert await store.record_failure(GROUP, "e-1", *later) == later  # no stale first failure
 
 
 async def test_an_inbox_down_before_the_post_puts_the_event_off_without_spending_its_retries(

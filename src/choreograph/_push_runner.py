@@ -333,7 +333,9 @@ class PushRunner:
         try:
             if await amb.store.seen(self.group, [envelope.id]):
                 self._count("duplicate", envelope.type)
-                return _Done([], mark=False)
+                # A retry is marked again, which forgets its copy's failure history: another copy
+                # (another ambassador's) was delivered and marked while this one failed (as the worker)
+                return _Done([], mark=delivery.attempt > 1)
         except Exception as exc:
             log.error("inbox unavailable for %s: %s; retrying %s later", self.group, exc, envelope.id,
                       extra=self._event_fields(envelope, delivery.attempt))
