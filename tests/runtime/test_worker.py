@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import math
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, time, timedelta, timezone
 from typing import Any
@@ -2671,3 +2672,69 @@ async def test_a_worker_whose_start_fails_closes_the_join_store_it_opened(tmp_pa
         await worker.start()
     with pytest.raises(RuntimeError, match="shutdown"):  # closed: its thread is gone with its connection
         await worker.joins.get(JoinKey("payment", "join", "tx"))
+
+
+async def test_a_stopping_worker_keeps_the_leases_of_its_handlers_still_running() -> None:
+    """stop() cancelled the lease touches first: a handler still running in the drain lost its
+    lease, and the other replica ran the event again. Its leases are extended until it settles;
+    the clock goes on through four leases, a touch tick (a third of one) at a time."""
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport("memory://?lease=3", clock=clock)
+    store = MemoryStore()  # the two replicas share their inbox, as on a real store
+    runs: list[str] = []
+    release = asyncio.Event()
+
+    def payment() -> Service:
+        svc = Service("payment")
+
+        @svc.on(Placed)
+        async def charge(order: Placed) -> None:
+            runs.append(order.order_id)
+            await release.wait()
+
+        return svc
+
+    stopping = Worker([payment()], bus, store=store, drain_timeout=math.inf)
+    await stopping.start()
+    try:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await until(lambda: runs == ["a"])
+        async with Worker([payment()], bus, store=store):
+            stop = asyncio.create_task(stopping.stop())
+            for _ in range(12):
+                clock.advance(1.0)
+                for _ in range(50):
+                    await asyncio.sleep(0)
+            release.set()
+            await stop
+            await settled(bus)
+    finally:
+        release.set()
+        await stopping.stop()
+    assert runs == ["a"]
+
+
+async def test_a_handler_past_its_timeout_in_a_stops_drain_times_out() -> None:
+    """stop() cancelled the watchdog before the drain: a hung handler was not cut at its timeout
+    but held the drain to its end (here for good), then was released. It times out, and its
+    give-up is dead-lettered as at any other time."""
+    bus = MemoryTransport()
+    svc = Service("slow", retry=RetryPolicy(max_attempts=1))
+    started = asyncio.Event()
+
+    @svc.on(Placed, timeout=0.2)
+    async def handle(order: Placed) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    worker = Worker([svc], bus, drain_timeout=math.inf)
+    await worker.start()
+    try:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await started.wait()
+        await asyncio.wait_for(worker.stop(), 30.0)  # only a guard against the hang
+    finally:
+        worker.release_in_flight()
+        await worker.stop()
+    [letter] = await bus.dead_letters("slow")
+    assert letter.record["last_error"]["type"] == "HandlerTimeout"

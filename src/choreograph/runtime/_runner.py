@@ -574,9 +574,9 @@ class _Runner(Timing, Verdicts, Settling):
         self.stopping = True
         self.slot_free.set()
         fetch, settle, touch = self.tasks
-        touch.cancel()
-        if self.watchdog is not None:
-            self.watchdog.cancel()
+        # The lease touches and the watchdog go on through the drain, until what is in hand
+        # settled: stopped first, a handler outliving its lease in the drain was run again by
+        # another replica, and one past its timeout held the drain to its end.
         if self.fetching:
             fetch.cancel()
         loop = asyncio.get_running_loop()
@@ -608,6 +608,9 @@ class _Runner(Timing, Verdicts, Settling):
             settle.cancel()
             if lane is not None:
                 lane.cancel()
+        touch.cancel()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         await asyncio.gather(settle, touch, *([self.watchdog] if self.watchdog else []), *([lane] if lane else []),
                              return_exceptions=True)
         if self.sub is not None:

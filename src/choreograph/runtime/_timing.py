@@ -68,7 +68,7 @@ class Timing:
         interval = max(0.05, self.worker.transport.lease / 3)
         clock = self.worker.clock
         before: dict[str, Delivery] = {}
-        while not self.stopping:
+        while True:  # through a stop's drain too: stop() cancels it once what is in hand settled
             if self.virtual_clock:
                 if not self.active_ids:
                     self.touch_wake.clear()
