@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker
+from choreograph._clock import handler_task
 from choreograph._envelope import decode, now_rfc3339, rfc3339
 from choreograph._journal_model import parse_time
+from choreograph._virtual_time import _quiesce
 from choreograph.service import FAILED
 from choreograph.testing import MemoryTransport, Scenario, VirtualClock, settled
 
@@ -145,6 +147,74 @@ async def test_a_scenario_runs_a_handler_that_sleeps_on_the_clock() -> None:
         s.expect(Slept)
         assert s.events(Slept)[0].after == 12.5
         assert s.emitted[-1].at == 12.5
+
+
+async def test_settled_jumps_over_the_clock_sleeps_of_tasks_a_handler_starts() -> None:
+    """Sleeps on the clock in tasks the handler starts (a ``TaskGroup``, ``gather``) are the
+    handler's own: the handler awaiting them counted as real work at hand, the clock never
+    jumped, and settled() timed out in real time. Past its timeout it times out on the clock."""
+    sleeper = Service("sleeper", retry=RetryPolicy(max_attempts=1))
+
+    @sleeper.on(Ping, timeout=60.0, emits=[Slept])
+    async def nap(ping: Ping, ctx: Context) -> Slept:
+        started = ctx.clock.monotonic()
+        async def both() -> None:
+            await asyncio.gather(ctx.clock.sleep(5.0), ctx.clock.sleep(20.0 * ping.n))
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(ctx.clock.sleep(10.0))
+            tasks.create_task(both())
+        return Slept(n=ping.n, after=ctx.clock.monotonic() - started)
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([sleeper], bus) as worker:
+        await Publisher(bus).publish(Ping(n=1))
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+        assert (worker.stats("sleeper").handled, clock.monotonic()) == (1, 20.0)
+        await Publisher(bus).publish(Ping(n=10))  # 200 s, past its timeout
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+        assert worker.stats("sleeper").dead_lettered == 1
+    assert clock.monotonic() == 80.0
+
+
+async def test_a_task_a_handler_started_holds_the_clock_while_it_works() -> None:
+    """Once woken, a task the handler started is at work, like the handler itself: no jump.
+    What the handler left running once it ended is no work of its: its sleeps are timers that
+    settled() need not wait for (a heartbeat would keep it from ever settling)."""
+    clock = VirtualClock(start=0.0)
+    worked, ended = asyncio.Event(), asyncio.Event()
+    left: list[asyncio.Task[None]] = []
+
+    async def child() -> None:
+        await clock.sleep(5.0)
+        await worked.wait()  # real work
+
+    async def beat() -> None:
+        await ended.wait()
+        while True:
+            await clock.sleep(1.0)
+
+    async def handler() -> None:
+        handler_task.set(asyncio.current_task())
+        left.append(asyncio.create_task(beat()))
+        await asyncio.create_task(child())
+
+    task = asyncio.ensure_future(handler())
+    clock.handling(task, True)  # type: ignore[arg-type]
+    await _quiesce()
+    assert not clock.busy()  # it only waits on the clock, through its task
+    clock.advance(5.0)
+    await _quiesce()
+    assert clock.busy()
+    worked.set()
+    await task
+    assert not clock.busy()
+    ended.set()
+    await _quiesce()
+    assert (clock.backoff_due(), clock.timer_due()) == (None, 6.0)
+    await asyncio.wait_for(settled(MemoryTransport(clock=clock), timeout=2.0), 5.0)
+    left[0].cancel()
 
 
 class Flaky(Event, type="test.virtual_time.flaky"):

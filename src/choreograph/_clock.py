@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -49,6 +49,13 @@ SYSTEM_CLOCK = SystemClock()
 #: (see ``VirtualClock.waiting``). ``None`` (the real clock, any other task): nobody to tell.
 waits_on_others: contextvars.ContextVar[Callable[[bool], None] | None] = contextvars.ContextVar(
     "choreograph_waits_on_others", default=None)
+
+#: Set by the worker in a handler's task on a test's clock (a VirtualClock): that task. The tasks
+#: the handler starts (``asyncio.create_task``, ``gather``, a ``TaskGroup``) inherit it, so that
+#: the clock counts their sleeps as the handler's own (see ``VirtualClock.sleep``). ``None``: the
+#: real clock, or a task no handler started.
+handler_task: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
+    "choreograph_handler_task", default=None)
 
 
 async def backoff(clock: Clock, seconds: float) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import heapq
 import itertools
 
+from choreograph._clock import handler_task
 from choreograph.transports.memory import MemoryTransport
 
 _Sleeper = tuple[float, int, "asyncio.Future[None]"]
@@ -33,6 +34,8 @@ class VirtualClock:
         self._handlers: set[asyncio.Task[object]] = set()  # handler tasks running (see handling())
         self._backing_off: dict[asyncio.Task[object], int] = {}  # tasks in a backoff, how many deep
         self._waiting: dict[asyncio.Task[object], int] = {}  # handler tasks waiting on another's work, how many deep
+        # tasks a running handler started that slept on the clock meanwhile -> that handler (see sleep())
+        self._started_by: dict[asyncio.Task[object], asyncio.Task[object]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop it serves (see _own)
 
     def _own(self) -> None:
@@ -75,11 +78,29 @@ class VirtualClock:
     def busy(self) -> bool:
         """Whether a handler runs that does not wait in a backoff (a fault's hang) on this clock,
         nor for another's work (:meth:`waiting`): real work under way, which a jump of the clock
-        would make look as if it took that long."""
+        would make look as if it took that long.
+
+        The tasks a handler started count as its own (see :meth:`sleep`): a handler is busy while
+        one of those that slept on the clock runs again, and not while one of them sleeps on the
+        clock and the others and the handler itself wait (the handler waits on them, in a
+        ``gather`` or a ``TaskGroup``: which of its tasks it awaits is not known to the clock)."""
         # one that ended unannounced, or was left on a closed loop (it never ends)
         self._handlers = {task for task in self._handlers if not task.done() and not task.get_loop().is_closed()}
-        self._waiting = {task: deep for task, deep in self._waiting.items() if task in self._handlers}
-        return any(task not in self._backing_off and task not in self._waiting for task in self._handlers)
+        self._started_by = {task: handler for task, handler in self._started_by.items()
+                            if handler in self._handlers and not task.done()}
+        self._waiting = {task: deep for task, deep in self._waiting.items()
+                         if task in self._handlers or task in self._started_by}
+
+        def waits(task: asyncio.Task[object]) -> bool:
+            return task in self._backing_off or task in self._waiting
+
+        started = {handler: [task for task, by in self._started_by.items() if by is handler]
+                   for handler in self._handlers}
+        return any(
+            not all(map(waits, started[handler]))
+            or not (waits(handler) or any(task in self._backing_off for task in started[handler]))
+            for handler in self._handlers
+        )
 
     def monotonic(self) -> float:
         return self._now
@@ -90,8 +111,20 @@ class VirtualClock:
     async def sleep(self, seconds: float) -> None:
         """Sleep ``seconds`` of virtual time. A handler's own sleep (``ctx.clock.sleep`` in a
         handler task, see :meth:`handling`) waits on the clock as a backoff does: pending work
-        that ``settled()`` jumps the clock over, not real work that holds the clock still."""
-        await self._wait(seconds, backoff=asyncio.current_task() in self._handlers)
+        that ``settled()`` jumps the clock over, not real work that holds the clock still. So
+        does the sleep of a task the handler started while it runs (``asyncio.create_task``,
+        ``gather``, a ``TaskGroup`` in the handler; the worker marks its tasks, which the tasks
+        they start inherit): the handler waiting on such a task was work that held the clock
+        still, and ``settled()`` timed out. Once the handler ended, what it left running sleeps
+        as any other task does (a timer)."""
+        task = asyncio.current_task()
+        if task is not None and task not in self._handlers:
+            handler = handler_task.get()
+            if handler is None or handler not in self._handlers or handler.done():
+                await self._wait(seconds, backoff=False)
+                return
+            self._started_by[task] = handler
+        await self._wait(seconds, backoff=task is not None)
 
     async def backoff(self, seconds: float) -> None:
         """Sleep ``seconds`` as a backoff: pending work for ``settled()`` until it ends."""

@@ -10,10 +10,12 @@ connection do not count (:meth:`Timing._waiting`). The state is the runner's (it
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from choreograph._clock import handler_task
 from choreograph.runtime._outcomes import _Call
 from choreograph.transports.base import Delivery
 
@@ -152,7 +154,10 @@ class Timing:
         if timer is not None:
             now = clock.monotonic()
             first = timer(self.clock_due.get(delivery, now) - now)
-        armed = self.loop.create_task(self._clock_timeout(task, delivery, first))
+        # not a task the handler started: its sleep on the clock is no wait of the handler's
+        context = contextvars.copy_context()
+        context.run(handler_task.set, None)
+        armed = self.loop.create_task(self._clock_timeout(task, delivery, first), context=context)
         if first is not None:
             armed.add_done_callback(lambda _: first.cancel())  # cancelled before its first step too
         self.clock_timers[delivery] = armed
@@ -230,6 +235,7 @@ class Timing:
             since = self.worker.clock.monotonic() if call.clock_started is None else call.clock_started
             self.clock_due[delivery] = since + call.handler.timeout
             self._arm_clock_timeout(task, delivery)
+            handler_task.set(task)  # inherited by the tasks it starts: see VirtualClock.sleep
         try:
             result = await handler
         except asyncio.CancelledError:
