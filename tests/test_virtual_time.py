@@ -11,7 +11,7 @@ import pytest
 
 from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker
 from choreograph._clock import handler_task
-from choreograph._envelope import decode, now_rfc3339, rfc3339
+from choreograph._envelope import decode, is_rfc3339, now_rfc3339, rfc3339
 from choreograph._journal_model import parse_time
 from choreograph._virtual_time import _quiesce
 from choreograph.service import FAILED
@@ -270,6 +270,37 @@ def test_rfc3339_writes_epoch_seconds_as_now_rfc3339_writes_now() -> None:
     assert rfc3339(1_767_225_600.9999996) == "2026-01-01T00:00:01.000000Z"  # rounded, never 60 s
     assert len(rfc3339(1_767_225_612.25)) == len(now_rfc3339())
     assert parse_time(rfc3339(1_767_225_612.25)) == 1_767_225_612.25
+
+
+async def test_a_clock_far_in_the_past_stamps_four_digit_years_and_one_beyond_them_is_refused() -> None:
+    """``%Y`` wrote the year 385 as ``385``: no RFC 3339 timestamp, so every event stamped on a
+    clock started before the year 1000 was dead-lettered as malformed. A time outside the years
+    0001-9999 raised datetime's ``year 10000 is out of range`` at the first event; the clock
+    refuses such an epoch (and a NaN or infinite one) when it is made."""
+    assert rfc3339(-50_000_000_000.0) == "0385-07-25T07:06:40.000000Z"
+    assert is_rfc3339(rfc3339(-50_000_000_000.0))
+    assert parse_time(rfc3339(-50_000_000_000.0)) == -50_000_000_000.0
+    assert rfc3339(-62_135_596_800.0) == "0001-01-01T00:00:00.000000Z"
+    for epoch in (-62_135_596_801.0, 253_402_300_800.0, 1e300, math.inf, math.nan):
+        with pytest.raises(ValueError, match="years 0001-9999"):
+            rfc3339(epoch)
+    with pytest.raises(ValueError, match="years 0001-9999"):
+        VirtualClock(epoch=300_000_000_000.0)
+    for start, epoch in ((math.nan, 0.0), (0.0, math.inf)):
+        with pytest.raises(ValueError, match="finite"):
+            VirtualClock(start=start, epoch=epoch)
+
+    echo = Service("echo")
+
+    @echo.on(Ping, emits=[Slept])
+    async def answer(ping: Ping, ctx: Context) -> Slept:
+        return Slept(n=ping.n, after=0.0)
+
+    async with Scenario([echo], clock=VirtualClock(epoch=-50_000_000_000.0), timeout=5.0) as s:
+        await asyncio.wait_for(s.given(Ping(n=1)), 10.0)
+        s.expect(Slept)
+        s.expect_no_dead_letters()
+        assert [e.envelope.time for e in s.emitted] == ["0385-07-25T07:06:40.000000Z"] * 2
 
 
 class Requested(Event, type="test.virtual_time.requested"):

@@ -187,9 +187,20 @@ def now_rfc3339() -> str:
 
 def rfc3339(epoch: float) -> str:
     """Epoch seconds as :func:`now_rfc3339` writes the current time (``2026-01-01T12:00:00.000001Z``):
-    the ``time`` of an event stamped on a clock other than the real one (a test's VirtualClock)."""
-    second, micro = divmod(round(epoch * 1_000_000), 1_000_000)
-    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{micro:06d}Z"
+    the ``time`` of an event stamped on a clock other than the real one (a test's VirtualClock).
+
+    The year has four digits (``0999-...``: ``%Y`` wrote ``999-...``, which no reader takes for
+    RFC 3339, and the event was dead-lettered as malformed). A time outside the years 0001-9999
+    raises ``ValueError`` saying so."""
+    try:
+        second, micro = divmod(round(epoch * 1_000_000), 1_000_000)
+        t = datetime.fromtimestamp(second, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(
+            f"time {epoch!r} (epoch seconds) is not in the years 0001-9999, which an RFC 3339 timestamp "
+            "(a CloudEvent's time) can carry here"
+        ) from None
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}.{micro:06d}Z"
 
 
 class Envelope(msgspec.Struct):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 
 from choreograph._clock import handler_task
+from choreograph._envelope import rfc3339
 from choreograph.transports.memory import MemoryTransport
 
 _Sleeper = tuple[float, int, "asyncio.Future[None]"]
@@ -25,6 +27,15 @@ class VirtualClock:
     """
 
     def __init__(self, start: float = 1_000_000.0, *, epoch: float = 1_767_225_600.0) -> None:
+        """``start``: what :meth:`monotonic` reads at first; ``epoch``: what :meth:`time` reads
+        at first (epoch seconds, 2026-01-01 by default), in the years 0001-9999 that an event's
+        RFC 3339 ``time`` can carry: one outside raised only at the first event stamped."""
+        if not (math.isfinite(start) and math.isfinite(epoch)):
+            raise ValueError(f"VirtualClock: start and epoch are finite seconds, got {start!r} and {epoch!r}")
+        try:
+            rfc3339(epoch)
+        except ValueError as exc:
+            raise ValueError(f"VirtualClock: epoch: {exc}") from None
         self._now = start
         self._epoch_offset = epoch - start
         self._sleepers: list[_Sleeper] = []
