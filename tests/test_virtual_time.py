@@ -15,6 +15,7 @@ from choreograph._envelope import decode, is_rfc3339, now_rfc3339, rfc3339
 from choreograph._journal_model import parse_time
 from choreograph._virtual_time import _quiesce
 from choreograph.service import FAILED
+from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, Scenario, VirtualClock, settled
 
 
@@ -301,6 +302,39 @@ async def test_a_clock_far_in_the_past_stamps_four_digit_years_and_one_beyond_th
         s.expect(Slept)
         s.expect_no_dead_letters()
         assert [e.envelope.time for e in s.emitted] == ["0385-07-25T07:06:40.000000Z"] * 2
+
+
+@pytest.mark.parametrize("database", [False, True])
+async def test_the_inbox_expires_on_the_workers_clock(tmp_path: Path, database: bool) -> None:
+    """The inbox stores dated what they recorded in real time, while ``Worker.expire`` drops what
+    is older than the clock's time less the retention: on a clock behind the wall nothing ever
+    expired; on one ahead of it (``epoch`` in 2100) the expiry at a worker's start dropped all."""
+    url = f"sqlite:///{tmp_path / 'echo.db'}" if database else None
+    echo = Service("echo", database=url)
+    handled: list[int] = []
+
+    @echo.on(Ping)
+    async def answer(ping: Ping, ctx: Context) -> None:
+        handled.append(ping.n)
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([echo], bus, retention=3600.0) as worker:
+        await Publisher(bus).publish(Ping(n=1))
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+        clock.advance(3599.0)
+        assert await worker.expire() == 0
+        clock.advance(2.0)
+        assert await worker.expire() == 1  # it stayed for good
+    ahead = VirtualClock(start=0.0, epoch=4_102_444_800.0)  # 2100-01-01
+    bus, store = MemoryTransport(clock=ahead), MemoryStore()
+    async with Worker([echo], bus, store=store, retention=3600.0):
+        (ping,) = await Publisher(bus).publish(Ping(n=2))
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+    async with Worker([echo], bus, store=store, retention=3600.0):  # expires at its start
+        await Publisher(bus).publish(Ping(n=2), ids=[ping.id])  # a copy: the inbox drops it
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+    assert handled == [1, 2]
 
 
 class Requested(Event, type="test.virtual_time.requested"):

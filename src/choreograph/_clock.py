@@ -58,6 +58,21 @@ handler_task: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.Con
     "choreograph_handler_task", default=None)
 
 
+#: Set by a worker (and a push ambassador) in its tasks when it runs on a clock other than the real
+#: one (a test's VirtualClock): that clock, on which the inbox stores date what they record
+#: (:func:`stamp_time`). ``Worker.expire`` compares those dates with the clock's time less the
+#: retention; dated in real time, an inbox entry never expired on a clock behind the wall, and all
+#: did at a worker's start on one ahead of it (their copies were then handled again).
+stamp_clock: contextvars.ContextVar[Clock | None] = contextvars.ContextVar("choreograph_stamp_clock", default=None)
+
+
+def stamp_time() -> float:
+    """Epoch seconds on the clock of the worker this task runs for (:data:`stamp_clock`): when an
+    inbox store records an event as processed. The real time outside a worker on another clock."""
+    clock = stamp_clock.get()
+    return time.time() if clock is None else clock.time()
+
+
 async def backoff(clock: Clock, seconds: float) -> None:
     """Wait ``seconds`` on ``clock`` before trying again what failed (a store or broker down).
 

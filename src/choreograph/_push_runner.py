@@ -31,6 +31,7 @@ receiver's latency, not by broker round trips.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import time
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 
-from choreograph._clock import SystemClock, backoff
+from choreograph._clock import SystemClock, backoff, stamp_clock
 from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339, rfc3339, string_problem
 from choreograph._http_binding import content_type_problem, decode_http_batch, is_cloudevent, to_http
 from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
@@ -206,9 +207,13 @@ class PushRunner:
 
     async def start(self) -> None:
         self.consumer = await self.amb.transport.subscribe(self.group, sorted(self.sub.types))
+        # on a test's clock its inbox store dates what it records on it (see _clock.stamp_clock)
+        context = contextvars.copy_context()
+        if type(self.amb.clock) is not SystemClock:
+            context.run(stamp_clock.set, self.amb.clock)
         self.tasks = [
-            asyncio.create_task(self._fetch_loop(), name=f"choreograph-push-fetch-{self.group}"),
-            asyncio.create_task(self._touch_loop(), name=f"choreograph-push-touch-{self.group}"),
+            asyncio.create_task(self._fetch_loop(), name=f"choreograph-push-fetch-{self.group}", context=context),
+            asyncio.create_task(self._touch_loop(), name=f"choreograph-push-touch-{self.group}", context=context),
         ]
 
     # -- fetching ---------------------------------------------------------------------

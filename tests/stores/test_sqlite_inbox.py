@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from choreograph._clock import stamp_clock
 from choreograph.stores import sqlite as sqlite_store
 from choreograph.stores.sqlite import SQLiteStore
+from choreograph.testing import VirtualClock
 
 
 @pytest.fixture
@@ -105,24 +107,15 @@ async def test_marking_an_event_forgets_its_failure_history_and_only_its_own(sto
     assert await store.record_failure("g", "b", later, 21.0) == (first, 11.0)  # b's kept
 
 
-class _Clock:
-    """The store module's ``time``, at a time the test sets."""
-
-    now = 1_000.0
-
-    @classmethod
-    def time(cls) -> float:
-        return cls.now
-
-
-async def test_expire_forgets_the_ids_marked_before_the_cutoff_counted_from_their_first_mark(
-    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sqlite_store, "time", _Clock)
-    _Clock.now = 100.0
-    await store.mark("g", ["old", "again"])
-    _Clock.now = 200.0
-    await store.mark("g", ["new", "again"])  # marked twice: its first mark is what counts
+async def test_expire_forgets_the_ids_marked_before_the_cutoff_counted_from_their_first_mark(store: SQLiteStore) -> None:
+    clock = VirtualClock(start=0.0, epoch=100.0)
+    token = stamp_clock.set(clock)  # the store dates its marks on the worker's clock
+    try:
+        await store.mark("g", ["old", "again"])
+        clock.advance(100.0)
+        await store.mark("g", ["new", "again"])  # marked twice: its first mark is what counts
+    finally:
+        stamp_clock.reset(token)
     assert await store.expire(150.0) == 2
     assert await store.seen("g", ["old", "again", "new"]) == {"new"}
 

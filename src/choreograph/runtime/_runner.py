@@ -21,7 +21,7 @@ import types
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from choreograph._clock import SystemClock, backoff, waits_on_others
+from choreograph._clock import SystemClock, backoff, stamp_clock, waits_on_others
 from choreograph.context import _set_current
 from choreograph.errors import EmitError, StoreError, TransactionConflict, TransportClosed
 from choreograph.runtime._coroutines import _Resumed, _suspends
@@ -167,10 +167,15 @@ class _Runner(Timing, Verdicts, Settling):
         self.has_database = database is not None
         self.store = database or self.worker.store
         self.sub = await self.worker.transport.subscribe(self.group, sorted(self.service.subscriptions))
+        # On a test's clock the stores date what they record on it (see _clock.stamp_clock): the
+        # loops' context, which the handlers' tasks and the finisher inherit.
+        context = contextvars.copy_context()
+        if self.virtual_clock:
+            context.run(stamp_clock.set, self.worker.clock)
         self.tasks = [
-            asyncio.create_task(self._fetch_loop(), name=f"choreograph-fetch-{self.group}"),
-            asyncio.create_task(self._settle_loop(), name=f"choreograph-settle-{self.group}"),
-            asyncio.create_task(self._touch_loop(), name=f"choreograph-touch-{self.group}"),
+            asyncio.create_task(self._fetch_loop(), name=f"choreograph-fetch-{self.group}", context=context),
+            asyncio.create_task(self._settle_loop(), name=f"choreograph-settle-{self.group}", context=context),
+            asyncio.create_task(self._touch_loop(), name=f"choreograph-touch-{self.group}", context=context),
         ]
         timeouts = [h.timeout for h in self.service.all_handlers()] or [1.0]
         tick = min(0.5, max(0.005, min(timeouts) / 10))

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from choreograph._clock import stamp_time
 from choreograph.errors import StoreError
 from choreograph.stores._sqlite_writer import Batch, SQLiteWriter
 from choreograph.stores.state import Row, TxConnection
@@ -104,8 +105,8 @@ class SQLiteTx(TxConnection):
             db = await self._db()
             fresh = True
             try:
-                if inbox is not None:
-                    if db.execute(_INSERT_INBOX, (*inbox, now)).rowcount == 0:
+                if inbox is not None:  # dated on the worker's clock, as Worker.expire reads it
+                    if db.execute(_INSERT_INBOX, (*inbox, stamp_time())).rowcount == 0:
                         fresh = False  # another consumer committed this event first
                     elif forget_failures:
                         db.execute("DELETE FROM choreograph_failures WHERE grp=? AND event_id=?", inbox)

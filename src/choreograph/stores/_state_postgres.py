@@ -47,6 +47,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from choreograph._clock import stamp_time
 from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
@@ -100,20 +101,23 @@ def commit_script(
     channel: str | None,
     forget_failures: bool,
     begin_next: bool = False,
+    processed_at: float | None = None,
 ) -> str:
     """The statements that end a transaction: inbox record, outbox rows, NOTIFY (if ``channel``), COMMIT.
 
     ``begin_next`` appends a ``BEGIN`` for the connection's next user; it needs a
     statement before the ``COMMIT`` (one fails in an aborted transaction, where a bare
-    ``COMMIT`` would answer ``ROLLBACK`` without an error).
+    ``COMMIT`` would answer ``ROLLBACK`` without an error). ``now`` dates the outbox rows,
+    ``processed_at`` (by default ``now``) the inbox record.
     """
     statements = []
     if inbox is not None:
         group, event_id = _text(inbox[0]), _text(stored_id(inbox[1]))
+        marked = now if processed_at is None else processed_at
         if forget_failures:
             statements.append(f"DELETE FROM choreograph_failures WHERE grp = {group} AND event_id = {event_id}")
         statements.append(
-            f"INSERT INTO choreograph_inbox (grp, event_id, processed_at) VALUES ({group}, {event_id}, {now!r})"
+            f"INSERT INTO choreograph_inbox (grp, event_id, processed_at) VALUES ({group}, {event_id}, {marked!r})"
         )
     if messages:
         svc = _text(service)
@@ -217,7 +221,7 @@ class _Tx(TxConnection):
             # BEGIN ahead needs a statement before the COMMIT (see commit_script)
             self.ahead = (inbox is not None or bool(messages)) and store._pool().begin_ahead()
             script = commit_script(
-                inbox=inbox, service=service, messages=messages, now=time.time(),
+                inbox=inbox, service=service, messages=messages, now=time.time(), processed_at=stamp_time(),
                 channel=None if quiet else store.channel, forget_failures=forget_failures, begin_next=self.ahead,
             )
             try:

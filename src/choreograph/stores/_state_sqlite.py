@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from choreograph._clock import stamp_time
 from choreograph._redact import redact
 from choreograph._sqlite import connect_wal, make_folder
 from choreograph.errors import ConfigurationError, StoreError
@@ -244,7 +245,7 @@ class SQLiteStateStore(StateStore):
         pairs = [(group, i) for i in event_ids]
         if not pairs:
             return
-        now = time.time()
+        now = stamp_time()  # on the worker's clock, as Worker.expire reads it
 
         def write(db: sqlite3.Connection) -> None:
             db.executemany("INSERT OR IGNORE INTO choreograph_inbox VALUES (?, ?, ?)", [(*p, now) for p in pairs])

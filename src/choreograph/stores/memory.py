@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection
 
+from choreograph._clock import stamp_time
 from choreograph.stores.base import ErrorInfo, InboxStore
 
 
@@ -18,7 +18,7 @@ class MemoryStore(InboxStore):
         return {i for i in event_ids if (group, i) in self._seen}
 
     async def mark(self, group: str, event_ids: Collection[str]) -> None:
-        now = time.time()
+        now = stamp_time()  # on the worker's clock, as Worker.expire reads it
         seen, failures = self._seen, self._failures
         for event_id in event_ids:
             seen.setdefault((group, event_id), now)  # the first mark counts, as in the durable stores

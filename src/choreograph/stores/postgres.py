@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from collections.abc import Collection
 from typing import Any
 
 import orjson
 
+from choreograph._clock import stamp_time
 from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
@@ -187,7 +187,7 @@ class PostgresStore(InboxStore):
                 SELECT $1, id, $3 FROM unnest($2::text[]) AS id
                 ON CONFLICT DO NOTHING
                 """,
-                group, ids, time.time(),
+                group, ids, stamp_time(),  # on the worker's clock, as Worker.expire reads it
             )
 
     async def record_failure(self, group: str, event_id: str, error: ErrorInfo, at: float) -> tuple[ErrorInfo, float]:

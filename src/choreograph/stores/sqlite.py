@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from choreograph._clock import stamp_time
 from choreograph._redact import redact
 from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
@@ -184,7 +184,7 @@ class SQLiteStore(InboxStore):
         ids = list(event_ids)
         if not ids:
             return
-        now = time.time()
+        now = stamp_time()  # on the worker's clock, as Worker.expire reads it
         if self._inline is not None and len(ids) <= INLINE_MAX:
             try:
                 _mark(self._inline, group, ids, now)
