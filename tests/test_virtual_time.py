@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker
+from choreograph import Context, Event, Publisher, RetryPolicy, Service, Worker, transaction
 from choreograph._clock import handler_task
 from choreograph._envelope import decode, is_rfc3339, now_rfc3339, rfc3339
 from choreograph._journal_model import parse_time
@@ -335,6 +335,33 @@ async def test_the_inbox_expires_on_the_workers_clock(tmp_path: Path, database: 
         await Publisher(bus).publish(Ping(n=2), ids=[ping.id])  # a copy: the inbox drops it
         await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
     assert handled == [1, 2]
+
+
+async def test_transaction_outside_a_handler_stamps_its_events_on_the_clock(tmp_path: Path) -> None:
+    """``transaction(service)`` stamped its events with the real time on a VirtualClock: given
+    ``clock=``, or called from a task of a worker on one (a handler of another service), the
+    clock's time, as ``Publisher`` stamps on its transport's clock."""
+    orders = Service("orders", database=f"sqlite:///{tmp_path / 'orders.db'}")
+    front = Service("front")
+    clock = VirtualClock(start=0.0, epoch=1_767_225_600.0)
+    stamps: list[str | None] = []
+
+    @front.on(Ping)
+    async def forward(ping: Ping, ctx: Context) -> None:
+        async with transaction(orders) as tx:
+            envelope = tx.publish(Slept(n=ping.n, after=0.0))
+        assert envelope is not None
+        stamps.append(envelope.time)
+
+    async with transaction(orders, clock=clock) as tx:
+        envelope = tx.publish(Slept(n=0, after=0.0))
+    assert envelope is not None and envelope.time == "2026-01-01T00:00:00.000000Z"
+    bus = MemoryTransport(clock=clock)
+    async with Worker([front, orders], bus):
+        clock.advance(60.0)
+        await Publisher(bus).publish(Ping(n=1))
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+    assert stamps == ["2026-01-01T00:01:00.000000Z"]
 
 
 class Requested(Event, type="test.virtual_time.requested"):

@@ -50,6 +50,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from choreograph._clock import Clock, SystemClock, stamp_clock
 from choreograph._envelope import Envelope, new_id
 from choreograph.context import current_context
 from choreograph.errors import ConfigurationError
@@ -233,7 +234,9 @@ class HandlerUnit:
 
 
 @contextlib.asynccontextmanager
-async def transaction(service: Service, *, correlation_id: str | None = None) -> AsyncIterator[Transaction]:
+async def transaction(
+    service: Service, *, correlation_id: str | None = None, clock: Clock | None = None
+) -> AsyncIterator[Transaction]:
     """Change ``service``'s state and publish events atomically, outside a handler.
 
     Commits when the block ends (rolls back if it raises). ``tx.publish`` returns the
@@ -241,6 +244,9 @@ async def transaction(service: Service, *, correlation_id: str | None = None) ->
     unless ``correlation_id`` is given. The service's relay (in its worker, in this or
     another process) publishes the rows. Keep the database open for the life of your
     app (``async with open_database(service.database):``) to avoid reconnecting per call.
+    The events' ``time`` is ``clock``'s (a test's :class:`~choreograph.testing.VirtualClock`,
+    as ``Publisher`` stamps on its transport's); by default the real time, or, in a task of a
+    worker on another clock (a handler of another service), that worker's clock's.
     """
     if correlation_id == "":  # an unset variable: each event would start a transaction of its own
         raise ValueError("correlation_id: '' is empty; pass None for events that start their own transactions")
@@ -267,12 +273,15 @@ async def transaction(service: Service, *, correlation_id: str | None = None) ->
             "SQLite writer its own transaction holds; use ctx.transaction()"
         )
     messages: list[Message] = []
+    if clock is None:
+        clock = stamp_clock.get()  # None: the real clock
 
     def publish(event: Event, subject: str | None) -> Envelope:
         if subject == "":  # as ctx.publish and Publisher.publish: a CloudEvents subject is non-empty
             raise ValueError("subject: '' is empty; a CloudEvents subject must be non-empty (pass None for none)")
         envelope = first_envelope(
-            event, source=service.source, id=new_id(), correlation_id=correlation_id, subject=subject
+            event, source=service.source, id=new_id(), correlation_id=correlation_id, subject=subject,
+            time=None if clock is None or type(clock) is SystemClock else clock.time(),
         )
         messages.append(to_message(envelope))
         return envelope
