@@ -69,6 +69,30 @@ async def test_a_scenario_refuses_nan_seconds() -> None:
         assert s.clock.monotonic() == s.clock.monotonic()  # not NaN
 
 
+@pytest.mark.timeout(30)
+async def test_the_clock_never_moves_past_the_year_9999() -> None:
+    """``advance(inf)`` made the clock read inf, and ``advance(1e300)`` lost the precision a
+    lease needs (``now + 30 == now``): a Scenario's worker then spun on deliveries whose leases
+    ended as they began, and the event loop hung (no timeout could fire). A sleep for ever
+    (``math.inf``) is no time to jump to: on the heap it was one, and a jump there read inf."""
+    clock = VirtualClock(start=0.0)
+    for seconds in (math.inf, 1e300):
+        with pytest.raises(ValueError, match="past 9999-12-31"):
+            clock.advance(seconds)
+    assert clock.monotonic() == 0.0
+    forever = asyncio.ensure_future(clock.sleep(math.inf))
+    await asyncio.sleep(0)
+    assert clock.next_due() is None and not forever.done()
+    forever.cancel()
+    async with Scenario([Service("idle")], timeout=2.0) as s:
+        for seconds in (math.inf, 1e300):
+            with pytest.raises(ValueError, match="past 9999-12-31"):
+                await asyncio.wait_for(s.given(Ping(n=1), within=seconds), 5.0)
+            with pytest.raises(ValueError, match="past 9999-12-31"):
+                await asyncio.wait_for(s.advance(seconds), 5.0)
+        assert s.clock.monotonic() == 1_000_000.0
+
+
 async def test_a_handler_that_ended_without_saying_so_does_not_keep_the_clock_busy() -> None:
     """A worker stopped while its fetch loop looked a batch up never said the loop was done;
     the ended task kept busy() true, and no later jump over a backoff on that clock happened."""

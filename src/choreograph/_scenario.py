@@ -210,8 +210,8 @@ class Scenario:
             raise RuntimeError("use the scenario as `async with Scenario(...) as s:` before given()")
         if not events:
             raise ValueError("given(): name at least one event")
-        if within is not None and not within >= 0:  # NaN too: the run never reached its end
-            raise ValueError(f"within: time does not go backwards, got {within!r}")
+        if within is not None:  # NaN: the run never reached its end; inf: the clock read inf
+            self.clock.check_move(within, "within")
         self._log.learn(type(event) for event in events)
         envelopes = await self._publisher.publish(
             *events, correlation_id=correlation_id, deadline=deadline, subject=subject
@@ -222,8 +222,7 @@ class Scenario:
 
     async def advance(self, seconds: float) -> None:
         """Let ``seconds`` of virtual time pass, running whatever falls due (join timers, deadlines, retries)."""
-        if not seconds >= 0:  # NaN too: the run never reached its end
-            raise ValueError(f"seconds: time does not go backwards, got {seconds!r}")
+        self.clock.check_move(seconds)  # NaN: the run never reached its end; inf: the clock read inf
         await self._run(self.clock.monotonic() + seconds)
 
     async def _run(self, until: float | None) -> None:

@@ -16,6 +16,8 @@ from choreograph._envelope import rfc3339
 from choreograph.transports.memory import MemoryTransport
 
 _Sleeper = tuple[float, int, "asyncio.Future[None]"]
+#: 9999-12-31T23:59:59Z: the latest time an event's RFC 3339 ``time`` can carry (see ``rfc3339``).
+_LAST = 253_402_300_799.0
 
 
 class VirtualClock:
@@ -155,7 +157,23 @@ class VirtualClock:
             raise ValueError("seconds: NaN is not a duration")
         self._own()
         due = self._now + seconds
+        if due > self._last():  # never (see _wait)
+            return asyncio.get_running_loop().create_future()
         return None if due <= self._now else self._register(due, poll=False)[2]
+
+    def _last(self) -> float:
+        """The latest :meth:`monotonic` time the clock may reach: its :meth:`time` at 9999-12-31."""
+        return _LAST - self._epoch_offset
+
+    def check_move(self, seconds: float, name: str = "seconds") -> None:
+        """``ValueError`` unless the clock may move ``seconds`` on (see :meth:`advance`)."""
+        if not seconds >= 0:  # NaN too: the clock would read NaN from then on
+            raise ValueError(f"{name}: time does not go backwards, got {seconds!r}")
+        if self._now + seconds > self._last():  # math.inf too
+            raise ValueError(
+                f"{name}: {seconds!r} s would take the clock past 9999-12-31T23:59:59Z, the last time an "
+                "event's RFC 3339 time can carry"
+            )
 
     def _register(self, due: float, *, poll: bool) -> _Sleeper:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -173,12 +191,20 @@ class VirtualClock:
         if due <= self._now:  # not > 0, or too short to move the clock (1e-12 s at a million seconds)
             await asyncio.sleep(0)  # due now: such a sleeper was left for the next advance(), and
             return  # settled(), which jumps only to times ahead of the clock, never woke it
-        sleeper = self._register(due, poll=poll)
-        future = sleeper[2]
+        if due > self._last():
+            # Never (``math.inf``: sleep for ever), as the clock never gets there (see advance): on
+            # the heap it was a time settled() jumped to, and the clock read inf, or lost the
+            # precision a lease needs (at 1e300 s, now + lease == now: a lease ran out as it began).
+            sleeper = None
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        else:
+            sleeper = self._register(due, poll=poll)
+            future = sleeper[2]
         if not backoff:
             await future
             return
-        heapq.heappush(self._backoffs, sleeper)
+        if sleeper is not None:
+            heapq.heappush(self._backoffs, sleeper)
         task = asyncio.current_task()
         assert task is not None
         self._backing_off[task] = self._backing_off.get(task, 0) + 1
@@ -203,9 +229,10 @@ class VirtualClock:
         return _earliest(self._timers)
 
     def advance(self, seconds: float) -> None:
-        """Move time forward and wake every sleeper now due."""
-        if not seconds >= 0:  # NaN too: the clock would read NaN from then on
-            raise ValueError(f"seconds: time does not go backwards, got {seconds!r}")
+        """Move time forward and wake every sleeper now due. Not past the year 9999 (``ValueError``):
+        moved to ``math.inf``, or far enough to lose the precision of a lease (at 1e300 s a lease of
+        30 s ended as it began), the runtime spun on deliveries whose leases were over at once."""
+        self.check_move(seconds)
         self._own()
         self._now += seconds
         while self._sleepers and self._sleepers[0][0] <= self._now:
