@@ -93,6 +93,26 @@ async def test_the_clock_never_moves_past_the_year_9999() -> None:
         assert s.clock.monotonic() == 1_000_000.0
 
 
+@pytest.mark.timeout(30)
+async def test_settled_and_a_scenario_refuse_a_nan_or_negative_timeout_and_a_jump_of_nothing() -> None:
+    """``timeout=nan`` was never passed: a system that never settles hung the test for good.
+    ``max_jump=nan`` was ignored, ``max_jump=0`` jumped by nothing until the timeout, and a
+    negative one raised advance()'s ``time does not go backwards`` from inside settled()."""
+    bus = MemoryTransport(clock=VirtualClock())
+    await bus.connect()
+    await bus.subscribe("nobody-fetches", None)
+    await Publisher(bus).publish(Ping(n=1))  # never settles
+    with pytest.raises(ValueError, match="timeout"):
+        await asyncio.wait_for(settled(bus, timeout=math.nan), 5.0)
+    for jump in (math.nan, 0.0, -1.0):
+        with pytest.raises(ValueError, match="max_jump"):
+            await asyncio.wait_for(settled(bus, timeout=1.0, max_jump=jump), 5.0)
+    for timeout in (math.nan, -1.0):
+        with pytest.raises(ValueError, match="timeout"):
+            Scenario([Service("idle")], timeout=timeout)
+    await bus.close()
+
+
 async def test_a_handler_that_ended_without_saying_so_does_not_keep_the_clock_busy() -> None:
     """A worker stopped while its fetch loop looked a batch up never said the loop was done;
     the ended task kept busy() true, and no later jump over a backoff on that clock happened."""

@@ -95,6 +95,8 @@ class Scenario:
         databases: Mapping[str, str] | None = None,
         timeout: float = 10.0,
     ) -> None:
+        if not timeout >= 0:  # NaN: never past it, so a run that never settles hung the test
+            raise ValueError(f"timeout: real seconds, not negative, got {timeout!r}")
         originals = list(system.services if isinstance(system, App) else system)
         unknown = sorted(set(databases or {}) - {s.name for s in originals if s.database})
         if unknown:

@@ -270,6 +270,10 @@ async def settled(bus: MemoryTransport, *, timeout: float = 10.0, max_jump: floa
     ...     await Publisher(bus).publish(OrderPlaced(order_id="o-1", amount=30))
     ...     await settled(bus)                      # the backoffs passed in virtual time
     """
+    if not timeout >= 0:  # NaN: never past it, so a system that never settles hung the test
+        raise ValueError(f"timeout: real seconds, not negative, got {timeout!r}")
+    if max_jump is not None and not max_jump > 0:  # NaN: ignored; 0: jumps of nothing until the timeout
+        raise ValueError(f"max_jump: virtual seconds, more than 0, got {max_jump!r}")
     clock = bus.clock
     virtual = clock if isinstance(clock, VirtualClock) else None
     if virtual is not None:
