@@ -204,6 +204,23 @@ async def test_expectations_before_anything_was_given_are_a_mistake() -> None:
             s.expect(OrderPlaced)
 
 
+async def test_driving_a_scenario_outside_its_async_with_block_is_a_mistake() -> None:
+    """``advance()`` before the block moved the clock with nothing running, in silence; after it,
+    ``advance()`` and ``given()`` raised the cancelled recorder's ``CancelledError``. What the
+    last run saw stays there to look at."""
+    s = Scenario(app)
+    with pytest.raises(RuntimeError, match="async with"):
+        await s.advance(5)
+    assert s.clock.monotonic() == 1_000_000.0
+    async with s:
+        await s.given(order())
+    with pytest.raises(RuntimeError, match="has ended"):
+        await asyncio.wait_for(s.advance(5), 5.0)
+    with pytest.raises(RuntimeError, match="has ended"):
+        await asyncio.wait_for(s.given(order()), 5.0)
+    s.expect(PaymentCaptured)
+
+
 async def test_an_expectation_naming_no_event_is_a_mistake() -> None:
     """``expect()`` and ``expect_not()`` with nothing named passed whatever happened: an
     assertion that cannot fail (``expect_not()`` read as "nothing was emitted", and was not)."""

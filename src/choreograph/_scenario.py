@@ -122,6 +122,7 @@ class Scenario:
         self._subscription: Subscription | None = None
         self._start = self.clock.monotonic()
         self._entered = False
+        self._ended = False
         self._worker_started = False
 
     def _isolated(self, service: Service, databases: Mapping[str, str]) -> Service:
@@ -163,6 +164,7 @@ class Scenario:
         await self._close()
 
     async def _close(self) -> None:
+        self._ended = True
         try:
             if self._worker_started:
                 await self.worker.stop()
@@ -208,8 +210,7 @@ class Scenario:
         ``deadline`` is the transaction deadline (as in :meth:`~choreograph.Publisher.publish`).
         From now on the expectations look at these transactions. Returns the envelopes.
         """
-        if not self._entered:
-            raise RuntimeError("use the scenario as `async with Scenario(...) as s:` before given()")
+        self._check_running("given")
         if not events:
             raise ValueError("given(): name at least one event")
         if within is not None:  # NaN: the run never reached its end; inf: the clock read inf
@@ -224,8 +225,18 @@ class Scenario:
 
     async def advance(self, seconds: float) -> None:
         """Let ``seconds`` of virtual time pass, running whatever falls due (join timers, deadlines, retries)."""
+        self._check_running("advance")
         self.clock.check_move(seconds)  # NaN: the run never reached its end; inf: the clock read inf
         await self._run(self.clock.monotonic() + seconds)
+
+    def _check_running(self, what: str) -> None:
+        """Before its ``async with`` block nothing runs (``advance()`` moved the clock with no worker,
+        in silence); after it, the recorder is cancelled (``CancelledError`` came out of its result)."""
+        if not self._entered:
+            raise RuntimeError(f"use the scenario as `async with Scenario(...) as s:` before {what}()")
+        if self._ended:
+            raise RuntimeError(f"{what}(): the scenario has ended (its `async with` block was left); "
+                               "its expectations still look at its last run; make a new Scenario to run again")
 
     async def _run(self, until: float | None) -> None:
         """Settle; move the clock to the next thing due on the bus (never past ``until``, stopping at
