@@ -262,6 +262,71 @@ async def test_a_task_a_handler_started_holds_the_clock_while_it_works() -> None
     left[0].cancel()
 
 
+@pytest.mark.parametrize("scenario", [False, True])
+async def test_the_clock_holds_still_while_a_handler_works_for_another_bus_on_it(scenario: bool) -> None:
+    """Two workers on two buses, one clock: with nothing in flight on its own bus, settled() (and
+    a Scenario) jumped the clock to its retry 30 s on while the other worker's handler was at
+    work, which then took 30 s."""
+    flaky = Service("flaky", retry=RetryPolicy(max_attempts=2, base=30.0, jitter=False))
+    tries: list[float] = []
+    other = Service("other")
+    took: list[float] = []
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @flaky.on(Ping)
+    async def once(ping: Ping, ctx: Context) -> None:
+        tries.append(ctx.clock.monotonic())
+        if len(tries) == 1:
+            raise RuntimeError("not yet")
+
+    @other.on(Ping, timeout=60.0)
+    async def work(ping: Ping, ctx: Context) -> None:
+        began = ctx.clock.monotonic()
+        started.set()
+        await release.wait()  # real work
+        took.append(ctx.clock.monotonic() - began)
+
+    class Watched(VirtualClock):
+        looks = 0  # how often settled() or the scenario asked whether a handler works
+
+        def busy(self) -> bool:
+            self.looks += 1
+            return super().busy()
+
+    async def retry_waits(on: MemoryTransport) -> None:
+        """Until the retry waits on ``on`` with nothing else in flight there, and then until the
+        clock moved or settled() (the scenario) looked whether it may move it a few times."""
+        while on.pending() != (0, 30.0):
+            await asyncio.sleep(0)
+        looks = clock.looks
+        while clock.monotonic() == 0.0 and clock.looks < looks + 5:
+            await asyncio.sleep(0)
+
+    clock = Watched(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([other], bus):
+        await Publisher(bus).publish(Ping(n=1))
+        await started.wait()
+        if scenario:
+            async with Scenario([flaky], clock=clock, timeout=5.0) as s:
+                running = asyncio.ensure_future(s.given(Ping(n=2)))
+                await retry_waits(s.bus)
+                assert clock.monotonic() == 0.0
+                release.set()
+                await asyncio.wait_for(running, 10.0)
+        else:
+            own = MemoryTransport(clock=clock)
+            async with Worker([flaky], own):
+                await Publisher(own).publish(Ping(n=2))
+                running = asyncio.ensure_future(settled(own, timeout=5.0))
+                await retry_waits(own)
+                assert clock.monotonic() == 0.0
+                release.set()
+                await asyncio.wait_for(running, 10.0)
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+    assert (tries, took) == ([0.0, 30.0], [0.0])
+
+
 class Flaky(Event, type="test.virtual_time.flaky"):
     n: int
 

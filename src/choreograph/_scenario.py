@@ -257,7 +257,8 @@ class Scenario:
                 # just after the last jump (as settled() does, that timer is then the next stop).
                 stalled += 1
                 wake = clock.next_due()
-                if not count and stalled > 3 and wake is not None and (until is None or wake <= until):
+                if (not count and stalled > 3 and wake is not None and (until is None or wake <= until)
+                        and not clock.busy()):
                     clock.advance(max(0.0, wake - now))
                 else:
                     await self._pause(give_up, until)
@@ -265,6 +266,9 @@ class Scenario:
             stalled = 0
             if (until is not None and now >= until) or (until is None and due is None):
                 break
+            if clock.busy():  # a handler at work for another bus on this clock (see settled())
+                await self._pause(give_up, until)
+                continue
             target = min(t for t in (due, until) if t is not None)
             deadline = await self._next_deadline()
             if deadline is not None and now + deadline + _PAST < target:

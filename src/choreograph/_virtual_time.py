@@ -295,14 +295,16 @@ async def settled(bus: MemoryTransport, *, timeout: float = 10.0, max_jump: floa
                 f"not settled after {timeout}s: {count} ready or in flight, next due at {due}"
                 + ("" if backoff is None else f", a backoff of the runtime runs until {backoff}")
             )
-        if virtual is not None and (count == 0 or (backoff is not None and not virtual.busy())):
+        if virtual is not None and (count == 0 or backoff is not None) and not virtual.busy():
             # Jump to the earliest time still in the future. A retry already due may not be
             # picked up until a consumer's timer fires: that timer is then the target (a
             # timer registered just after a jump would otherwise leave nothing to jump to).
             # Events in flight stop the clock (their handlers may still be running) unless a
             # backoff runs: a worker that holds them while its store is down waits on it, as does
             # a handler in a fault's hang - but not while another handler still runs (busy()):
-            # its real work would look as if it took the jump, and could time out on it.
+            # its real work would look as if it took the jump, and could time out on it. Nor with
+            # nothing in flight here while a handler works for another bus on this clock (two
+            # workers, one clock): a retry due here 30 s on made its 0.3 s of work take 30 s.
             # A retry or lease due later is the target itself: the fetches' polls of the bus on
             # the way (every poll_interval) only look at it again, and the jump wakes them all
             # (stepping from poll to poll, a retry a day away took hundreds of thousands of jumps).
