@@ -433,12 +433,19 @@ async def test_a_scenario_that_does_not_settle_says_what_it_saw() -> None:
         await release.wait()
         return Pong(n=ping.n)
 
-    async with Scenario([stuck], timeout=0.2) as s:
+    @stuck.on(Pong)
+    async def refuse(pong: Pong) -> None:
+        raise Reject("no pongs here")
+
+    async with Scenario([stuck], timeout=1.0) as s:  # the rejection takes a few loop turns of it
         with pytest.raises(TimeoutError) as failure:
-            await s.given(Ping(n=7))
+            await s.given(Ping(n=7), Pong(n=8), correlation_id="c-1")
         release.set()
     assert "1 events ready or in flight" in str(failure.value)
     assert "Ping" in str(failure.value) and "given" in str(failure.value)
+    # what was dead-lettered meanwhile is listed (it said "dead letters: none")
+    assert re.search(r"dead letters:\n  stuck: Pong id \w{8}, rejected after 1 attempt\(s\) in stuck.refuse: "
+                     r"Reject: no pongs here$", str(failure.value))
 
 
 async def test_the_services_passed_in_are_not_changed_and_the_temporary_databases_are_removed() -> None:

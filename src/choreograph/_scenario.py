@@ -318,10 +318,13 @@ class Scenario:
         if asyncio.get_running_loop().time() > give_up:
             count, due = self.bus.pending()
             retry = "none" if due is None else f"in {due - self.clock.monotonic():.3f}s"
+            # its dead letters so far too (the listing said "dead letters: none" whatever there was)
+            letters = [letter for letter in await self.bus.dead_letters(None, 1_000_000)
+                       if correlation_of(letter) in self._scope]
             raise TimeoutError(
                 f"the scenario did not settle within {self.timeout}s (real time): {count} events ready or "
                 f"in flight, {await self._unsent()} unsent in outboxes, next retry due: {retry}\n"
-                + self._log.listing(self._scope, [])
+                + self._log.listing(self._scope, letters)
             )
         clock = self.clock
         wake = clock.next_due() if clock.backoff_due() is not None and await self._only_waits() else None
