@@ -55,7 +55,7 @@ STOCK = {**dict.fromkeys(WIDGETS, 10**9), SCARCE: 20}
 ONCE = (
     "shop.order.placed", "shop.payment.captured", "shop.payment.declined", "shop.payment.refunded",
     "shop.stock.reserved", "shop.stock.out_of_stock", "shop.stock.released",
-    "shop.order.shipped", "shop.order.cancelled",
+    "shop.shipment.dispatched", "shop.order.shipped", "shop.order.cancelled",
 )
 """Event types of which an order may have at most one (distinct id) on the bus."""
 TERMINAL = ("shop.order.shipped", "shop.order.cancelled")

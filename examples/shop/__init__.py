@@ -3,8 +3,10 @@
 ::
 
                   ┌─▶ payment ──PaymentCaptured | PaymentDeclined──┐
-    OrderPlaced ──┤                                               ├─▶ shipping (joins Captured + Reserved) ──OrderShipped (completed)
+    OrderPlaced ──┤                                               ├─▶ shipping (joins Captured + Reserved) ──ShipmentDispatched─▶ orders ──OrderShipped (completed)
                   └─▶ inventory ──StockReserved | OutOfStock──────┘
+
+    orders ends every order: it records the outcome and publishes the terminal event in one transaction
 
     compensations (each once per order, only if its step happened, in any order):
       payment   refunds on OutOfStock, a shipping failure, inventory giving up, or the deadline

@@ -58,8 +58,17 @@ class StockReleased(Event, type="shop.stock.released"):
     reason: str
 
 
+class ShipmentDispatched(Event, type="shop.shipment.dispatched"):
+    """Shipping sent the parcel; the order is not complete until the orders service recorded it."""
+
+    order_id: str
+    shipment_id: str
+
+
 class OrderShipped(Event, type="shop.order.shipped"):
-    """Terminal (completed)."""
+    """Terminal (completed): the orders service recorded the order shipped (the row and this
+    event commit together), so the journal never calls an order completed that the orders
+    table does not have."""
 
     order_id: str
     shipment_id: str

@@ -1,4 +1,10 @@
-"""Orders: keeps each order's outcome and ends a failed order with ``OrderCancelled``.
+"""Orders: keeps each order's outcome and ends every order, with ``OrderShipped`` or ``OrderCancelled``.
+
+Both terminal events are published by this service, each committed with the order's row:
+the journal calls an order completed (or failed) only once the orders table says so. An
+order whose ``ShipmentDispatched`` this service gives up on has no row and no terminal
+event: the journal shows it ``failed`` (a runtime failure nobody compensates: the parcel
+is gone and the money taken, there is nothing to undo), with the dead letter to replay.
 
 Cancelling is a compensation of the order itself: it joins ``OrderPlaced`` with the
 first sign that the order cannot complete (a business "no", a service giving up, the
@@ -22,6 +28,7 @@ from examples.shop.events import (
     OutOfStock,
     PaymentCaptured,
     PaymentDeclined,
+    ShipmentDispatched,
     StockReserved,
 )
 
@@ -46,10 +53,11 @@ async def record(tx: Transaction, order_id: str, status: str, detail: str) -> No
                      order_id, status, detail)
 
 
-@orders.on(OrderShipped)
-async def shipped(order: OrderShipped, ctx: Context) -> None:
+@orders.on(ShipmentDispatched)
+async def shipped(shipment: ShipmentDispatched, ctx: Context) -> OrderShipped:
     async with faults.step(ctx), ctx.transaction() as tx:
-        await record(tx, order.order_id, "shipped", order.shipment_id)
+        await record(tx, shipment.order_id, "shipped", shipment.shipment_id)
+    return OrderShipped(order_id=shipment.order_id, shipment_id=shipment.shipment_id)
 
 
 @orders.compensate(

@@ -8,7 +8,7 @@ its service compensates. If shipping itself gives up (couriers refuse ``oversize
 items), the failure of *both* arrivals is announced: payment refunds, inventory releases.
 
 The shipment row, the join's record of the arrival that completed it, the inbox
-record and ``OrderShipped`` commit in one transaction of shipping's database
+record and ``ShipmentDispatched`` commit in one transaction of shipping's database
 (``docs/sagas.md``: joins in a service database).
 """
 
@@ -21,7 +21,7 @@ from choreograph import Context, Reject, Service
 from choreograph.faults import Faults
 from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import Schema, database_url
-from examples.shop.events import OrderShipped, PaymentCaptured, StockReserved
+from examples.shop.events import PaymentCaptured, ShipmentDispatched, StockReserved
 
 SHIPPING_WAIT = float(os.environ.get("SHOP_SHIPPING_WAIT") or 60.0)
 """Seconds the join waits, from the first of its two events, for the other (``$SHOP_SHIPPING_WAIT``:
@@ -41,7 +41,7 @@ schema = Schema(
 
 
 @shipping.on_all(PaymentCaptured, StockReserved, within=SHIPPING_WAIT)
-async def ship(paid: PaymentCaptured, reserved: StockReserved, ctx: Context) -> OrderShipped:
+async def ship(paid: PaymentCaptured, reserved: StockReserved, ctx: Context) -> ShipmentDispatched:
     if reserved.sku.startswith("oversize-"):
         raise Reject(f"no courier takes {reserved.sku}")
     shipment_id = f"shp-{uuid.uuid5(uuid.NAMESPACE_URL, paid.order_id).hex[:12]}"
@@ -53,4 +53,4 @@ async def ship(paid: PaymentCaptured, reserved: StockReserved, ctx: Context) -> 
         )
         shipment_id = str(await tx.fetchval("SELECT shipment_id FROM shipments WHERE order_id = $1", paid.order_id))
     ctx.logger.info("order %s shipped as %s", paid.order_id, shipment_id)
-    return OrderShipped(order_id=paid.order_id, shipment_id=shipment_id)
+    return ShipmentDispatched(order_id=paid.order_id, shipment_id=shipment_id)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+import examples.shop.orders
 import pytest
 from examples.shop.app import app
 from examples.shop.events import (
@@ -29,6 +30,7 @@ from examples.shop.payment import BALANCES
 
 from choreograph import Publisher, Service, Worker
 from choreograph._envelope import decode
+from choreograph.faults import Faults, FaultSpec
 from choreograph.journal import Journal
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from choreograph.transports.base import Message
@@ -137,7 +139,25 @@ async def test_an_order_paid_for_and_in_stock_ships(shop: Shop) -> None:
     assert shop.stock("widget") == STOCK["widget"] - 2
     assert shop.query("shipping", "SELECT order_id, sku, qty FROM shipments") == [("o-1", "widget", 2)]
     assert shop.count(PaymentRefunded, "o-1") == shop.count(StockReleased, "o-1") == 0
+    assert shop.query("orders", "SELECT order_id, status FROM orders") == [("o-1", "shipped")]
     assert await shop.status(cid) == "completed"
+
+
+async def test_an_order_the_orders_service_gives_up_recording_is_not_completed(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order is complete when the orders service recorded it, not when shipping dispatched
+    it: the journal called an order completed whose row the orders service never wrote
+    (``OrderShipped`` was shipping's output, the orders table a step after it)."""
+    monkeypatch.setattr(examples.shop.orders, "faults", Faults("orders", FaultSpec(fail_rate=1.0)))
+    worker = await run(shop)
+    cid = await shop.order("o-7", "alice", "widget", 1, 10_00)
+    await worker.stop()
+    [letter] = await shop.bus.dead_letters("orders")
+    assert letter.record["reason"] == "max_attempts"
+    assert shop.query("orders", "SELECT name FROM sqlite_master WHERE name = 'orders'") == []  # no row written
+    assert shop.ends("o-7") == []
+    assert await shop.status(cid) == "failed"  # a failure nobody compensates: replay the dead letter
 
 
 async def test_a_declined_payment_releases_the_reserved_stock_and_cancels_the_order(shop: Shop) -> None:
@@ -228,12 +248,17 @@ async def test_money_and_stock_are_conserved_and_every_order_ends_once(shop: Sho
     )
 
 
-def test_the_shop_lints_clean_with_its_compensations_ending_the_failed_path() -> None:
-    """A reference workload lints without warnings: the refund and the stock release were
-    ``unconsumed`` (neither consumed nor terminal); they end the compensation path, as
-    ``OrderCancelled`` does. What remains are infos: any compensation can give up."""
+def test_the_shop_lints_with_its_compensations_ending_the_failed_path() -> None:
+    """The refund and the stock release were ``unconsumed`` (neither consumed nor terminal);
+    they end the compensation path, as ``OrderCancelled`` does. What remains: one warning, that
+    nothing undoes a dispatched shipment if orders gives up recording it (the order is then
+    ``failed`` in the journal, for a person to replay the dead letter), and infos: any
+    compensation can give up."""
     from choreograph.flow import lint
 
     findings = lint(app)
-    assert [(f.severity, f.code) for f in findings] == [("info", "compensation-can-fail")] * 3
+    assert [(f.severity, f.code) for f in findings] == [
+        ("warning", "uncompensated-failure"), *[("info", "compensation-can-fail")] * 3
+    ]
+    assert "orders.shipped gives up on shop.shipment.dispatched" in findings[0].message
     assert app.terminal[PaymentRefunded] == app.terminal[StockReleased] == app.terminal[OrderCancelled] == "failed"
