@@ -72,6 +72,23 @@ def test_url_parameters_configure_the_transport_and_are_hidden_from_redis_py() -
     assert transport._client_url == "redis://127.0.0.1:6379/2?client_name=x"
 
 
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("lease=0.0004", "lease=0.0004 is under 1 ms"),  # rounded to 0 ms: every fetch claimed every delivery
+        ("lease=0.0009", "lease=0.0009 is under 1 ms"),
+    ],
+)
+def test_a_url_parameter_of_ours_redis_would_misread_is_refused_naming_it(query: str, needle: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        RedisTransport(f"redis://127.0.0.1:6379/0?{query}")
+    assert needle in str(raised.value)
+
+
+def test_a_lease_of_one_millisecond_is_kept_in_milliseconds() -> None:
+    assert RedisTransport("redis://127.0.0.1:6379/0?lease=0.001").lease == 0.001
+
+
 def test_the_default_prefix_is_choreograph() -> None:
     assert RedisTransport("redis://127.0.0.1:6379/0").prefix == "choreograph"
 

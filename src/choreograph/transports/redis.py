@@ -100,6 +100,8 @@ __all__ = ["RedisDelivery", "RedisSubscription", "RedisTransport"]
 
 _OUR_PARAMS = ("lease", "prefix", "maxlen", "protocol")  # protocol: pinned to RESP2
 _CHUNK = 100
+_MIN_LEASE = 0.001
+"""The shortest ``?lease=`` (seconds): Redis keeps idle times in milliseconds."""
 
 
 class RedisTransport(Transport):
@@ -108,6 +110,13 @@ class RedisTransport(Transport):
     def __init__(self, url: str) -> None:
         self.url = url
         self.lease = lease_from_url(url)
+        if self.lease < _MIN_LEASE:
+            # Redis counts a pending entry's idle time in whole milliseconds (XAUTOCLAIM's
+            # min-idle-time): a lease under 0.5 ms was rounded to 0, and every fetch claimed
+            # every delivery still being handled, so each ran again at once.
+            raise ConfigurationError(
+                f"broker URL: lease={self.lease!r} is under 1 ms, the resolution Redis counts idle time in"
+            )
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
         ours = dict((k, v) for k, v in query if k in _OUR_PARAMS)
