@@ -77,12 +77,20 @@ def test_url_parameters_configure_the_transport_and_are_hidden_from_redis_py() -
     [
         ("lease=0.0004", "lease=0.0004 is under 1 ms"),  # rounded to 0 ms: every fetch claimed every delivery
         ("lease=0.0009", "lease=0.0009 is under 1 ms"),
+        ("socket_keepalive=maybe", "socket_keepalive='maybe' is not true or false"),  # read as true
+        ("retry_on_timeout=nope", "retry_on_timeout='nope' is not true or false"),
+        ("socket_keepalive=", "socket_keepalive='' is not true or false"),  # ignored: the default applied
     ],
 )
-def test_a_url_parameter_of_ours_redis_would_misread_is_refused_naming_it(query: str, needle: str) -> None:
+def test_a_url_parameter_redis_would_misread_is_refused_naming_it(query: str, needle: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
         RedisTransport(f"redis://127.0.0.1:6379/0?{query}")
     assert needle in str(raised.value)
+
+
+@pytest.mark.parametrize("word", ["true", "False", "1", "0", "yes", "NO", "on", "off"])
+def test_a_switch_redis_py_reads_is_accepted(word: str) -> None:
+    RedisTransport(f"redis://127.0.0.1:6379/0?socket_keepalive={word}&retry_on_timeout={word}")
 
 
 def test_a_lease_of_one_millisecond_is_kept_in_milliseconds() -> None:

@@ -72,8 +72,8 @@ from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url, to_bool
 from redis.asyncio.connection import Connection as RedisConnection
-from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -100,6 +100,9 @@ __all__ = ["RedisDelivery", "RedisSubscription", "RedisTransport"]
 
 _OUR_PARAMS = ("lease", "prefix", "maxlen", "protocol")  # protocol: pinned to RESP2
 _CHUNK = 100
+_SWITCH_WORDS = ("TRUE", "FALSE", "1", "0", "YES", "NO", "ON", "OFF", "T", "F", "Y", "N")
+"""What a redis-py switch in a URL may say (case-insensitive); redis-py reads its own false words
+(``0 F FALSE N NO OFF``) as false and anything else as true."""
 _MIN_LEASE = 0.001
 """The shortest ``?lease=`` (seconds): Redis keeps idle times in milliseconds."""
 
@@ -129,7 +132,7 @@ class RedisTransport(Transport):
             raise ConfigurationError("broker URL: maxlen must be >= 0 (0: unbounded)")
         rest = [(k, v) for k, v in query if k not in _OUR_PARAMS]
         self._client_url = _without_our_params(parts, rest)
-        _check_redis_py_params(self._client_url, {k for k, _ in rest})
+        _check_redis_py_params(self._client_url, rest)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
@@ -358,14 +361,23 @@ def _without_our_params(parts: SplitResult, rest: list[tuple[str, str]]) -> str:
     return url
 
 
-def _check_redis_py_params(client_url: str, names: set[str]) -> None:
+def _check_redis_py_params(client_url: str, params: list[tuple[str, str]]) -> None:
     """Refuse, now, the query parameters redis-py would not take.
 
     redis-py turns every query parameter into a keyword argument of the connection class
     the scheme selects, known or not: a typo surfaced as a ``TypeError`` traceback at the
     first connection (``?bogus=1``), and a value it cannot parse (``?db=two``) as a
     ``ValueError``. Both are the URL's fault, so both are a :class:`ConfigurationError`
-    when the transport is made, like the other transports' unknown parameters."""
+    when the transport is made, like the other transports' unknown parameters. So is a
+    switch (``socket_keepalive``, ``retry_on_timeout``, ...) that is neither true nor false:
+    redis-py reads every value but a few false words as true (``?socket_keepalive=maybe``)."""
+    names = {name for name, _ in params}
+    for name, value in params:
+        if URL_QUERY_ARGUMENT_PARSERS.get(name) is to_bool and value.upper() not in _SWITCH_WORDS:
+            raise ConfigurationError(
+                f"broker URL: {name}={value!r} is not true or false"
+                f" ({', '.join(word.lower() for word in _SWITCH_WORDS)})"
+            )
     try:
         options = parse_url(client_url)
     except ValueError as exc:
