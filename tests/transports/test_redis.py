@@ -80,6 +80,8 @@ def test_url_parameters_configure_the_transport_and_are_hidden_from_redis_py() -
         ("socket_keepalive=maybe", "socket_keepalive='maybe' is not true or false"),  # read as true
         ("retry_on_timeout=nope", "retry_on_timeout='nope' is not true or false"),
         ("socket_keepalive=", "socket_keepalive='' is not true or false"),  # ignored: the default applied
+        ("prefix=", "prefix is empty"),  # the default prefix's keys: the default bus
+        ("prefix=shop&prefix=", "prefix is empty"),
     ],
 )
 def test_a_url_parameter_redis_would_misread_is_refused_naming_it(query: str, needle: str) -> None:

@@ -123,7 +123,9 @@ class RedisTransport(Transport):
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
         ours = dict((k, v) for k, v in query if k in _OUR_PARAMS)
-        self.prefix = ours.get("prefix") or "choreograph"
+        self.prefix = ours.get("prefix", "choreograph")
+        if not self.prefix:  # it fell back to the default: another bus's keys, if one is meant to be apart
+            raise ConfigurationError("broker URL: prefix is empty (leave it out for the default, choreograph)")
         try:
             self.maxlen = int(ours.get("maxlen") or 0)
         except ValueError:
