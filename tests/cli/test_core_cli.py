@@ -578,3 +578,25 @@ def test_a_lease_that_is_not_a_finite_number_of_seconds_is_refused(tmp_path: Pat
     assert result.returncode == 2, result.stderr
     assert "must be > 0 seconds (and finite)" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "bus.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("sqlite:///{tmp}/bus.db?lease=", "lease must be a number of seconds"),
+        ("sqlite:///{tmp}/bus.db?busy_timeout=", "busy_timeout must be a number of seconds"),
+        ("sqlite:///{tmp}/bus.db?synchronus=", "unknown parameter(s) synchronus (did you mean synchronous?)"),
+        ("memory://?lease=", "lease='' is not a number of seconds"),
+        ("redis://127.0.0.1:1/0?lease=", "lease='' is not a number of seconds"),
+        ("nats://127.0.0.1:1?lease=", "lease='' is not a number of seconds"),
+        ("amqp://guest:guest@127.0.0.1:1/?lease=", "lease='' is not a number of seconds"),
+    ],
+    ids=["sqlite", "sqlite-busy-timeout", "sqlite-typo", "memory", "redis", "nats", "amqp"],
+)
+def test_an_empty_url_parameter_is_refused_naming_it(tmp_path: Path, url: str, needle: str) -> None:
+    """``?lease=`` was read as no lease at all (the default 30 s, whatever was meant), and on
+    sqlite:// a mistyped parameter with no value passed unnoticed."""
+    result = cli("publish", "a.b", "--broker", url.format(tmp=tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "bus.db").exists()

@@ -53,7 +53,7 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
 
 def lease_from_url(url: str, default: float = DEFAULT_LEASE) -> float:
     """The ``?lease=`` query parameter of ``url`` in seconds, validated."""
-    values = parse_qs(urlsplit(url).query).get("lease")
+    values = parse_qs(urlsplit(url).query, keep_blank_values=True).get("lease")  # an empty one meant 30 s
     if not values:
         return default
     try:

@@ -102,7 +102,8 @@ def _parse_url(url: str) -> _Config:
         raise ConfigurationError(f"broker URL {redact(url)!r}: {_FRAGMENT.format(path=path)}")
     if path == ":memory:":
         raise ConfigurationError(f"broker URL {redact(url)!r}: an in-memory database is not shared; use memory://")
-    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    # Blank values kept: ?lease= meant the default and ?synchronus= (a typo) passed unnoticed.
+    query = {key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
     known = ("lease", "synchronous", "busy_timeout")
     unknown = set(query) - set(known)
     if unknown:
