@@ -82,6 +82,9 @@ def test_url_parameters_configure_the_transport_and_are_hidden_from_redis_py() -
         ("socket_keepalive=", "socket_keepalive='' is not true or false"),  # ignored: the default applied
         ("prefix=", "prefix is empty"),  # the default prefix's keys: the default bus
         ("prefix=shop&prefix=", "prefix is empty"),
+        ("maxlen=", "maxlen='' is not an integer"),  # read as 0: unbounded
+        ("socket_timeout=", "socket_timeout is empty"),  # dropped by redis-py: no timeout
+        ("client_name=", "client_name is empty"),
     ],
 )
 def test_a_url_parameter_redis_would_misread_is_refused_naming_it(query: str, needle: str) -> None:

@@ -127,7 +127,7 @@ class RedisTransport(Transport):
         if not self.prefix:  # it fell back to the default: another bus's keys, if one is meant to be apart
             raise ConfigurationError("broker URL: prefix is empty (leave it out for the default, choreograph)")
         try:
-            self.maxlen = int(ours.get("maxlen") or 0)
+            self.maxlen = int(ours.get("maxlen", "0"))  # an empty one meant unbounded
         except ValueError:
             raise ConfigurationError(f"broker URL: maxlen={ours['maxlen']!r} is not an integer") from None
         if self.maxlen < 0:
@@ -380,6 +380,8 @@ def _check_redis_py_params(client_url: str, params: list[tuple[str, str]]) -> No
                 f"broker URL: {name}={value!r} is not true or false"
                 f" ({', '.join(word.lower() for word in _SWITCH_WORDS)})"
             )
+        if not value:  # redis-py drops it: ?socket_timeout= meant no timeout, ?db= the path's
+            raise ConfigurationError(f"broker URL: {name} is empty (leave it out for redis-py's default)")
     try:
         options = parse_url(client_url)
     except ValueError as exc:
