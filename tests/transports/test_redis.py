@@ -83,6 +83,8 @@ def test_url_parameters_configure_the_transport_and_are_hidden_from_redis_py() -
         ("prefix=", "prefix is empty"),  # the default prefix's keys: the default bus
         ("prefix=shop&prefix=", "prefix is empty"),
         ("maxlen=", "maxlen='' is not an integer"),  # read as 0: unbounded
+        ("protocol=3", "protocol='3': the transport speaks RESP2 only"),  # dropped: RESP2 all the same
+        ("protocol=", "protocol='': the transport speaks RESP2 only"),
         ("socket_timeout=", "socket_timeout is empty"),  # dropped by redis-py: no timeout
         ("client_name=", "client_name is empty"),
     ],
@@ -96,6 +98,10 @@ def test_a_url_parameter_redis_would_misread_is_refused_naming_it(query: str, ne
 @pytest.mark.parametrize("word", ["true", "False", "1", "0", "yes", "NO", "on", "off"])
 def test_a_switch_redis_py_reads_is_accepted(word: str) -> None:
     RedisTransport(f"redis://127.0.0.1:6379/0?socket_keepalive={word}&retry_on_timeout={word}")
+
+
+def test_protocol_2_is_accepted() -> None:
+    assert RedisTransport("redis://127.0.0.1:6379/0?protocol=2")._client_url == "redis://127.0.0.1:6379/0"
 
 
 def test_a_lease_of_one_millisecond_is_kept_in_milliseconds() -> None:

@@ -132,6 +132,9 @@ class RedisTransport(Transport):
             raise ConfigurationError(f"broker URL: maxlen={ours['maxlen']!r} is not an integer") from None
         if self.maxlen < 0:
             raise ConfigurationError("broker URL: maxlen must be >= 0 (0: unbounded)")
+        for k, v in query:
+            if k == "protocol" and v != "2":  # it was dropped: RESP2 whatever the URL asked for
+                raise ConfigurationError(f"broker URL: protocol={v!r}: the transport speaks RESP2 only (protocol=2)")
         rest = [(k, v) for k, v in query if k not in _OUR_PARAMS]
         self._client_url = _without_our_params(parts, rest)
         _check_redis_py_params(self._client_url, rest)
