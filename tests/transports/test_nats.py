@@ -107,6 +107,22 @@ def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
         NatsTransport(f"nats://127.0.0.1:4222?{query}")
 
 
+@pytest.mark.parametrize(
+    ("netloc", "needle"),
+    [
+        ("127.0.0.1:abc", "port: Port could not be cast to integer value as 'abc'"),
+        ("127.0.0.1:99999", "port: Port out of range 0-65535"),
+        ("a:4222,b:4x", "port: Port could not be cast to integer value as '4x'"),
+        ("a:4222,,b:4222", "a server without a host in 'a:4222,,b:4222'"),
+    ],
+)
+def test_a_bad_server_is_a_configuration_error_naming_what(netloc: str, needle: str) -> None:
+    """nats-py refused these at the first connect with "invalid connect url option", naming nothing."""
+    with pytest.raises(ConfigurationError) as raised:
+        NatsTransport(f"nats://{netloc}?prefix=x")
+    assert needle in str(raised.value)
+
+
 def test_open_transport_selects_nats_for_nats_urls() -> None:
     assert isinstance(open_transport("nats://127.0.0.1:4222"), NatsTransport)
 

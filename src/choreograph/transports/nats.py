@@ -152,6 +152,13 @@ class NatsTransport(GroupBindings, Transport):
         if not parts.netloc:
             raise ConfigurationError(f"broker URL {redact(url)!r}: no host")
         self._servers = [f"nats://{server}" for server in parts.netloc.split(",")]
+        for server in self._servers:  # nats-py said only "invalid connect url option", naming nothing
+            try:
+                host, _ = urlsplit(server).hostname, urlsplit(server).port
+            except ValueError as exc:
+                raise ConfigurationError(f"broker URL {redact(url)!r}: port: {exc}") from None
+            if not host:
+                raise ConfigurationError(f"broker URL {redact(url)!r}: a server without a host in {parts.netloc!r}")
         self.events_stream = f"{self.prefix}_EVENTS"
         self.dead_letter_stream = f"{self.prefix}_DLQ"
         self.deferral_stream = f"{self.prefix}_DEFER"
