@@ -123,6 +123,15 @@ def test_a_bad_server_is_a_configuration_error_naming_what(netloc: str, needle: 
     assert needle in str(raised.value)
 
 
+@pytest.mark.parametrize("lease", ["1e10", "9223372037", "1e300"])
+def test_a_lease_longer_than_jetstream_takes_is_a_configuration_error(lease: str) -> None:
+    """Its ack_wait (an int64 of nanoseconds) overflowed: the subscribe failed with JetStream's
+    "invalid JSON", or an OverflowError from a lease of 1e300."""
+    with pytest.raises(ConfigurationError, match="is over 9223372036 s, the longest ack_wait JetStream takes"):
+        NatsTransport(f"nats://127.0.0.1:4222?lease={lease}")
+    assert NatsTransport("nats://127.0.0.1:4222?lease=9223372036").lease == 9223372036
+
+
 def test_open_transport_selects_nats_for_nats_urls() -> None:
     assert isinstance(open_transport("nats://127.0.0.1:4222"), NatsTransport)
 

@@ -77,6 +77,8 @@ def test_url_parameters_configure_the_transport_and_are_hidden_from_redis_py() -
     [
         ("lease=0.0004", "lease=0.0004 is under 1 ms"),  # rounded to 0 ms: every fetch claimed every delivery
         ("lease=0.0009", "lease=0.0009 is under 1 ms"),
+        ("lease=1e16", "lease=1e+16 is over 9223372036854774 s"),  # the first fetch failed at XAUTOCLAIM
+        ("lease=1e300", "lease=1e+300 is over 9223372036854774 s"),
         ("socket_keepalive=maybe", "socket_keepalive='maybe' is not true or false"),  # read as true
         ("retry_on_timeout=nope", "retry_on_timeout='nope' is not true or false"),
         ("socket_keepalive=", "socket_keepalive='' is not true or false"),  # ignored: the default applied

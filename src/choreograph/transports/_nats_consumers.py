@@ -119,6 +119,10 @@ def config(
     return result
 
 
+LONGEST_LEASE = 2**63 // _SECOND  # whole seconds, so int(lease * _SECOND) stays below 2**63
+"""The longest lease (seconds) JetStream takes as an ``ack_wait``: an int64 of nanoseconds, about 292 years."""
+
+
 def ack_wait(lease: float) -> int:
     """A consumer's ``ack_wait`` (nanoseconds) for ``lease`` seconds."""
     return int(lease * _SECOND)

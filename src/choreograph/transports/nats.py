@@ -99,6 +99,7 @@ from choreograph.transports import _nats_codec as codec
 from choreograph.transports import did_you_mean, lease_from_url
 from choreograph.transports._nats_bindings import GroupBindings
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
+from choreograph.transports._nats_consumers import LONGEST_LEASE
 from choreograph.transports._nats_dead_letters import DeadLetterStream
 from choreograph.transports._nats_deferrals import Deferrals
 from choreograph.transports._nats_pull import NatsSubscription
@@ -131,6 +132,11 @@ class NatsTransport(GroupBindings, Transport):
     def __init__(self, url: str) -> None:
         self.url = url
         self.lease = lease_from_url(url)
+        if self.lease > LONGEST_LEASE:  # the subscribe failed: "invalid JSON", or an OverflowError
+            raise ConfigurationError(
+                f"broker URL {redact(url)!r}: lease={self.lease!r} is over {LONGEST_LEASE:.0f} s,"
+                " the longest ack_wait JetStream takes (2^63 - 1 ns)"
+            )
         parts = urlsplit(url)
         query = parse_qs(parts.query, keep_blank_values=True)
         known = ("lease", "prefix", "replicas")

@@ -103,6 +103,8 @@ _CHUNK = 100
 _SWITCH_WORDS = ("TRUE", "FALSE", "1", "0", "YES", "NO", "ON", "OFF", "T", "F", "Y", "N")
 """What a redis-py switch in a URL may say (case-insensitive); redis-py reads its own false words
 (``0 F FALSE N NO OFF``) as false and anything else as true."""
+_MAX_LEASE = 2**63 // 1000 - 1
+"""The longest ``?lease=`` (seconds): Redis keeps idle times in an int64 of milliseconds."""
 _MIN_LEASE = 0.001
 """The shortest ``?lease=`` (seconds): Redis keeps idle times in milliseconds."""
 
@@ -113,6 +115,11 @@ class RedisTransport(Transport):
     def __init__(self, url: str) -> None:
         self.url = url
         self.lease = lease_from_url(url)
+        if self.lease > _MAX_LEASE:  # the first fetch failed: "Invalid min-idle-time argument for XAUTOCLAIM"
+            raise ConfigurationError(
+                f"broker URL: lease={self.lease!r} is over {_MAX_LEASE} s, the longest idle time Redis counts"
+                " (2^63 - 1 ms)"
+            )
         if self.lease < _MIN_LEASE:
             # Redis counts a pending entry's idle time in whole milliseconds (XAUTOCLAIM's
             # min-idle-time): a lease under 0.5 ms was rounded to 0, and every fetch claimed
