@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from choreograph.errors import ConfigurationError
 from choreograph.testing import MemoryTransport, VirtualClock
 from choreograph.transports import Message
 
@@ -26,3 +29,22 @@ async def test_dead_letters_of_one_instant_on_a_virtual_clock_are_listed_in_the_
         ("second", "m2"), ("first", "m1"), ("second", "m1"), ("first", "m2")
     ]
     assert [x.message.id for x in await bus.dead_letters("second", limit=1)] == ["m2"]
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("memory://?leese=5", "unknown parameter(s) leese (did you mean lease?); memory:// takes lease"),
+        ("memory://orders?lease=5&prefix=x", "unknown parameter(s) prefix; memory:// takes lease"),
+        ("memory://?bogus=", "unknown parameter(s) bogus;"),
+    ],
+)
+def test_an_unknown_url_parameter_is_refused_naming_it(url: str, needle: str) -> None:
+    """It was ignored: ``?leese=5`` ran on the default lease of 30 s without a word."""
+    with pytest.raises(ConfigurationError) as raised:
+        MemoryTransport(url)
+    assert needle in str(raised.value)
+
+
+def test_the_lease_is_its_only_url_parameter() -> None:
+    assert MemoryTransport("memory://orders?lease=5").lease == 5.0

@@ -24,11 +24,11 @@ import weakref
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from choreograph._clock import SYSTEM_CLOCK, Clock, poll
 from choreograph.errors import ConfigurationError, TransportClosed
-from choreograph.transports import lease_from_url
+from choreograph.transports import did_you_mean, lease_from_url
 from choreograph.transports.base import (
     DeadLetter,
     Delivery,
@@ -268,6 +268,12 @@ class MemoryTransport(Transport):
     def __init__(self, url: str = "memory://", *, clock: Clock | None = None) -> None:
         self.url = url
         self.lease = lease_from_url(url)
+        unknown = set(parse_qs(urlsplit(url).query, keep_blank_values=True)) - {"lease"}
+        if unknown:  # ?leese=5 ran on the default lease without a word
+            raise ConfigurationError(
+                f"broker URL {url!r}: unknown parameter(s) "
+                f"{', '.join(did_you_mean(name, ['lease']) for name in sorted(unknown))}; memory:// takes lease"
+            )
         name = urlsplit(url).netloc or urlsplit(url).path.strip("/")
         bus = _BUSES.get(name) if name else None
         if bus is not None and clock is not None and clock is not bus.clock:
