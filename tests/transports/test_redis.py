@@ -86,6 +86,12 @@ def test_url_parameters_configure_the_transport_and_are_hidden_from_redis_py() -
         ("prefix=shop&prefix=", "prefix is empty"),
         ("maxlen=", "maxlen='' is not an integer"),  # read as 0: unbounded
         ("protocol=3", "protocol='3': the transport speaks RESP2 only"),  # dropped: RESP2 all the same
+        ("socket_timeout=nan", "socket_timeout='nan' must be > 0"),  # a ValueError traceback at connect
+        ("socket_timeout=0", "socket_timeout='0' must be > 0"),  # "Timeout reading from 127.0.0.1:6379"
+        ("socket_connect_timeout=-1", "socket_connect_timeout='-1' must be > 0"),
+        ("socket_read_size=0", "socket_read_size='0' must be > 0"),  # "Connection closed by server"
+        ("health_check_interval=-5", "health_check_interval='-5' must be >= 0"),  # "unknown subcommand 'SETINFO'"
+        ("db=-1", "db='-1' must be >= 0"),
         ("protocol=", "protocol='': the transport speaks RESP2 only"),
         ("socket_timeout=", "socket_timeout is empty"),  # dropped by redis-py: no timeout
         ("client_name=", "client_name is empty"),
@@ -100,6 +106,13 @@ def test_a_url_parameter_redis_would_misread_is_refused_naming_it(query: str, ne
 @pytest.mark.parametrize("word", ["true", "False", "1", "0", "yes", "NO", "on", "off"])
 def test_a_switch_redis_py_reads_is_accepted(word: str) -> None:
     RedisTransport(f"redis://127.0.0.1:6379/0?socket_keepalive={word}&retry_on_timeout={word}")
+
+
+@pytest.mark.parametrize(
+    "query", ["socket_timeout=0.5", "socket_timeout=inf", "health_check_interval=0", "max_connections=0", "db=0"],
+)
+def test_numbers_redis_py_reads_are_accepted(query: str) -> None:
+    RedisTransport(f"redis://127.0.0.1:6379/0?{query}")
 
 
 def test_protocol_2_is_accepted() -> None:

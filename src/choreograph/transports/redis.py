@@ -103,6 +103,11 @@ _CHUNK = 100
 _SWITCH_WORDS = ("TRUE", "FALSE", "1", "0", "YES", "NO", "ON", "OFF", "T", "F", "Y", "N")
 """What a redis-py switch in a URL may say (case-insensitive); redis-py reads its own false words
 (``0 F FALSE N NO OFF``) as false and anything else as true."""
+_LEAST: dict[str, tuple[float, bool]] = {
+    "socket_timeout": (0, True), "socket_connect_timeout": (0, True), "socket_read_size": (0, True),
+    "health_check_interval": (0, False), "max_connections": (0, False), "db": (0, False),
+}
+"""redis-py's numeric URL parameters it takes without a range check: (bound, whether exclusive)."""
 _MAX_LEASE = 2**63 // 1000 - 1
 """The longest ``?lease=`` (seconds): Redis keeps idle times in an int64 of milliseconds."""
 _MIN_LEASE = 0.001
@@ -392,6 +397,11 @@ def _check_redis_py_params(client_url: str, params: list[tuple[str, str]]) -> No
             )
         if not value:  # redis-py drops it: ?socket_timeout= meant no timeout, ?db= the path's
             raise ConfigurationError(f"broker URL: {name} is empty (leave it out for redis-py's default)")
+        least = _LEAST.get(name)
+        if least is not None and not _at_least(value, *least):
+            # nan was a ValueError traceback at the first connect; 0 or less a timeout or a reply
+            # naming something else ("Connection closed by server", "unknown subcommand 'SETINFO'")
+            raise ConfigurationError(f"broker URL: {name}={value!r} must be {'>' if least[1] else '>='} {least[0]}")
     try:
         options = parse_url(client_url)
     except ValueError as exc:
@@ -418,6 +428,16 @@ def _check_redis_py_params(client_url: str, params: list[tuple[str, str]]) -> No
             f" choreograph's are {', '.join(_OUR_PARAMS)}, the others must be keyword arguments"
             f" of redis-py's {connection_class.__name__}"
         )
+
+
+def _at_least(value: str, bound: float, exclusive: bool) -> bool:
+    """Whether ``value`` reads as a number above ``bound`` (or equal, unless ``exclusive``); a
+    value that is no number at all passes, for redis-py's own parser to refuse by name."""
+    try:
+        number = float(value)
+    except ValueError:
+        return True
+    return number > bound if exclusive else number >= bound  # nan: neither
 
 
 def _redis_py_params(connection_class: type) -> frozenset[str]:
