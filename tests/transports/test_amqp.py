@@ -125,6 +125,8 @@ def test_an_unknown_url_parameter_is_a_configuration_error_naming_it(query: str,
         "interleave=two",
         "no_verify_ssl=false",  # TLS verification silently off
         "fail_fast=maybe",
+        "auth=bogus",  # an AuthenticationError at connect naming no parameter
+        "auth=",
     ],
 )
 def test_a_client_parameter_value_the_client_would_misread_is_a_configuration_error(query: str) -> None:
@@ -134,7 +136,9 @@ def test_a_client_parameter_value_the_client_would_misread_is_a_configuration_er
 
 
 @pytest.mark.parametrize(
-    "query", ["timeout=30", "heartbeat=0", "reconnect_interval=0.5", "no_verify_ssl=0", "fail_fast=false"]
+    "query",
+    ["timeout=30", "heartbeat=0", "reconnect_interval=0.5", "no_verify_ssl=0", "fail_fast=false", "auth=plain",
+     "auth=EXTERNAL"],
 )
 def test_good_client_parameter_values_are_accepted(query: str) -> None:
     AmqpTransport(f"amqp://guest:guest@localhost/?{query}")
@@ -144,8 +148,9 @@ def test_every_url_parameter_aio_pika_and_aiormq_read_is_accepted() -> None:
     read = set(re.findall(r"url\.query\.get\(\s*[\"'](\w+)[\"']", inspect.getsource(aiormq.connection)))
     assert {"heartbeat", "name", "cafile"} <= read  # the pattern still finds them
     read |= {parameter.name for parameter in aio_pika.RobustConnection.PARAMETERS}
+    values = {"auth": "plain"}  # a mechanism's name, not a number
     for name in sorted(read):
-        AmqpTransport(f"amqp://guest:guest@localhost/?{name}=1")
+        AmqpTransport(f"amqp://guest:guest@localhost/?{name}={values.get(name, '1')}")
 
 
 @pytest.mark.parametrize("scheme", ["amqp", "amqps"])

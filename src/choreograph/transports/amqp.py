@@ -78,6 +78,7 @@ import aiormq.exceptions
 import orjson
 import pamqp.commands
 import pamqp.frame
+from aiormq.auth import AuthMechanism
 from aiormq.connection import FrameReceiver
 from pamqp.base import Frame
 from pamqp.frame import FrameTypes
@@ -574,6 +575,9 @@ _CLIENT_VALUES: dict[str, tuple[str, str]] = {
     "happy_eyeballs_delay": (r"\d+(\.\d*)?", "a number of seconds (digits, optionally a decimal point)"),
     "no_verify_ssl": (r"[01]", "0 (verify certificates) or 1 (do not)"),
     "fail_fast": (r"(?i:true|yes|y|enabled?|on|1|false|no|n|disabled?|off|0)", "true or false"),
+    # aiormq looks the mechanism up only in the broker's answer: anything else was an
+    # AuthenticationError at connect ("[Errno PLAIN AMQPLAIN] ['PLAIN', 'EXTERNAL']") naming no parameter
+    "auth": (f"(?i:{'|'.join(m.name for m in AuthMechanism)})", " or ".join(m.name.lower() for m in AuthMechanism)),
 }
 
 
