@@ -46,17 +46,22 @@ schema = Schema(
 )
 
 
-async def record(tx: Transaction, order_id: str, status: str, detail: str) -> None:
-    """Record how an order ended; the first outcome stands."""
+async def record(tx: Transaction, order_id: str, status: str, detail: str) -> bool:
+    """Record how an order ended; the first outcome stands. Whether it is ``status``: only
+    then does the handler publish the terminal event, so an order has one, the row's."""
     await schema.ensure(tx)
     await tx.execute("INSERT INTO orders VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING",
                      order_id, status, detail)
+    return await tx.fetchval("SELECT status FROM orders WHERE order_id = $1", order_id) == status
 
 
 @orders.on(ShipmentDispatched)
-async def shipped(shipment: ShipmentDispatched, ctx: Context) -> OrderShipped:
+async def shipped(shipment: ShipmentDispatched, ctx: Context) -> OrderShipped | None:
     async with faults.step(ctx), ctx.transaction() as tx:
-        await record(tx, shipment.order_id, "shipped", shipment.shipment_id)
+        stands = await record(tx, shipment.order_id, "shipped", shipment.shipment_id)
+    if not stands:  # cancelled first (e.g. the deadline passed while this service was down)
+        ctx.logger.warning("order %s dispatched as %s after it was cancelled", shipment.order_id, shipment.shipment_id)
+        return None
     return OrderShipped(order_id=shipment.order_id, shipment_id=shipment.shipment_id)
 
 
@@ -71,9 +76,12 @@ async def shipped(shipment: ShipmentDispatched, ctx: Context) -> OrderShipped:
         timed_out(),
     ],
 )
-async def cancel(order: OrderPlaced, cause: Event | Failure | TimedOut, ctx: Context) -> OrderCancelled:
+async def cancel(order: OrderPlaced, cause: Event | Failure | TimedOut, ctx: Context) -> OrderCancelled | None:
     reason = describe(cause)
     async with faults.step(ctx), ctx.transaction() as tx:
-        await record(tx, order.order_id, "cancelled", reason)
+        stands = await record(tx, order.order_id, "cancelled", reason)
+    if not stands:  # shipped first: the order ended, and OrderShipped said so
+        ctx.logger.warning("order %s not cancelled, it shipped: %s", order.order_id, reason)
+        return None
     ctx.logger.warning("order %s cancelled: %s", order.order_id, reason)
     return OrderCancelled(order_id=order.order_id, reason=reason)

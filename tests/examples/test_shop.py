@@ -218,6 +218,27 @@ async def test_an_order_past_its_deadline_is_undone_when_the_journal_times_it_ou
     assert await shop.status(cid) == "compensated"
 
 
+async def test_an_order_has_one_terminal_event_the_one_its_row_says_when_orders_hears_both_ends(shop: Shop) -> None:
+    """The orders service was down while the order was dispatched and its deadline passed:
+    back, it finds both ``ShipmentDispatched`` and a cancellation. The first outcome stands
+    in its table; each handler published its terminal event all the same (two ends, one
+    of them contradicting the row)."""
+    others = [s for s in app.services if s.name != "orders"]
+    await (await run(shop, [s for s in app.services if s.name == "orders"])).stop()  # its group exists
+    worker = await run(shop, others)
+    cid = await shop.order("o-8", "alice", "widget", 1, 10_00)
+    shop.clock.advance(5 * 60 + 1)
+    assert await shop.journal.check_deadlines() == [cid]
+    await shop.drained()
+    await worker.stop()
+    assert shop.ends("o-8") == []  # orders is down: nothing ended the order yet
+    worker = await run(shop)
+    await shop.drained()
+    await worker.stop()
+    [(status,)] = shop.query("orders", "SELECT status FROM orders WHERE order_id = ?", "o-8")
+    assert shop.ends("o-8") == [{"shipped": "OrderShipped", "cancelled": "OrderCancelled"}[str(status)]]
+
+
 async def test_money_and_stock_are_conserved_and_every_order_ends_once(shop: Shop) -> None:
     worker = await run(shop)
     customers = ["alice", "bob", "carol", "nobody"]
