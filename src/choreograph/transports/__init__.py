@@ -51,6 +51,20 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f"{name} (did you mean {close[0]}?)" if close else name
 
 
+def refuse_fragment(url: str) -> None:
+    """Refuse a ``#`` in a broker URL, without quoting the URL.
+
+    Everything after a ``#`` is a fragment, which no broker reads: ``?prefix=a#b`` was the bus
+    ``a``, and a password with a ``#`` cut the authority short, so the error that followed
+    (``Port could not be cast to integer value as 'pa'``) quoted part of the password, which
+    :func:`~choreograph._redact.redact` cannot find in a URL read that way."""
+    if "#" in url:
+        raise ConfigurationError(
+            "broker URL: a '#' starts a URL fragment, which no broker reads (what follows it was dropped);"
+            " write a '#' in a password, a prefix or another value as %23"
+        )
+
+
 def lease_from_url(url: str, default: float = DEFAULT_LEASE) -> float:
     """The ``?lease=`` query parameter of ``url`` in seconds, validated."""
     values = parse_qs(urlsplit(url).query, keep_blank_values=True).get("lease")  # an empty one meant 30 s
