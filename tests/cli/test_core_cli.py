@@ -583,16 +583,22 @@ def test_a_lease_that_is_not_a_finite_number_of_seconds_is_refused(tmp_path: Pat
 @pytest.mark.parametrize(
     "url",
     ["redis://:hunter#2xyz@127.0.0.1:1/0", "amqp://guest:hunter#2xyz@127.0.0.1:1/", "nats://u:hunter#2xyz@127.0.0.1:1",
-     "redis://127.0.0.1:1/0?prefix=hunter#2xyz", "nats://127.0.0.1:1?prefix=hunter#2xyz", "memory://hunter#2xyz"],
-    ids=["redis-password", "amqp-password", "nats-password", "redis-prefix", "nats-prefix", "memory"],
+     "redis://127.0.0.1:1/0?prefix=hunter#2xyz", "nats://127.0.0.1:1?prefix=hunter#2xyz", "memory://hunter#2xyz",
+     "redis://:hunter/2xyz@127.0.0.1:1/0", "amqp://guest:hunter/2xyz@127.0.0.1:1/", "nats://u:hunter/2xyz@127.0.0.1:1",
+     "redis://:hunter?2xyz@127.0.0.1:1/0", "amqp://guest:hunter?2xyz@127.0.0.1:1/", "nats://u:hunter?2xyz@127.0.0.1:1",
+     "nats://u:hunter2xyz@a:4222,,b:4222"],
+    ids=["redis-hash", "amqp-hash", "nats-hash", "redis-prefix", "nats-prefix", "memory",
+         "redis-slash", "amqp-slash", "nats-slash", "redis-question", "amqp-question", "nats-question",
+         "nats-no-host"],
 )
-def test_a_hash_in_a_broker_url_is_refused_without_quoting_the_url(url: str) -> None:
-    """A ``#`` starts a fragment no broker reads: ``?prefix=a#b`` was the bus ``a``, and a password
-    with a ``#`` cut the host short: the port error quoted the password's first part, in a URL
-    ``redact`` cannot read (NATS quoted all of it)."""
+def test_a_broker_url_read_wrong_as_written_is_refused_without_quoting_it(url: str) -> None:
+    """A ``#`` starts a fragment no broker reads: ``?prefix=a#b`` was the bus ``a``. A ``#``, ``/``
+    or ``?`` in a password ends the host part early: the port error (or an unknown parameter
+    ``2xyz@127.0.0.1``) quoted part of the password, in a URL ``redact`` cannot read (NATS quoted
+    all of it), and so did NATS's message about a server without a host."""
     result = cli("dlq", "list", "--broker", url)
     assert result.returncode == 2, result.stderr
-    assert "write a '#' in a password, a prefix or another value as %23" in " ".join(result.stderr.split())
+    assert "error: broker URL: " in result.stderr, result.stderr
     assert "hunter" not in result.stderr and "2xyz" not in result.stderr, result.stderr
 
 

@@ -110,10 +110,10 @@ def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
 @pytest.mark.parametrize(
     ("netloc", "needle"),
     [
-        ("127.0.0.1:abc", "port: Port could not be cast to integer value as 'abc'"),
-        ("127.0.0.1:99999", "port: Port out of range 0-65535"),
-        ("a:4222,b:4x", "port: Port could not be cast to integer value as '4x'"),
-        ("a:4222,,b:4222", "a server without a host in 'a:4222,,b:4222'"),
+        ("127.0.0.1:abc", "broker URL: the port is not a number from 0 to 65535"),
+        ("127.0.0.1:99999", "broker URL: the port is not a number from 0 to 65535"),
+        ("a:4222,b:4x", "broker URL: the port is not a number from 0 to 65535"),
+        ("a:4222,,b:4222", "broker URL: server 2 of 3: no host"),
     ],
 )
 def test_a_bad_server_is_a_configuration_error_naming_what(netloc: str, needle: str) -> None:

@@ -51,18 +51,28 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f"{name} (did you mean {close[0]}?)" if close else name
 
 
-def refuse_fragment(url: str) -> None:
-    """Refuse a ``#`` in a broker URL, without quoting the URL.
+_IN_A_PASSWORD = "in a password, write '/' as %2F, '?' as %3F and '#' as %23"
+
+
+def refuse_unreadable(url: str) -> None:
+    """Refuse a broker URL whose host part cannot be read as written, without quoting the URL.
 
     Everything after a ``#`` is a fragment, which no broker reads: ``?prefix=a#b`` was the bus
-    ``a``, and a password with a ``#`` cut the authority short, so the error that followed
-    (``Port could not be cast to integer value as 'pa'``) quoted part of the password, which
+    ``a``. A password with a ``#``, ``/`` or ``?`` ends the host part early, so the port is read
+    from the password: the error that followed (``Port could not be cast to integer value as
+    'pa'``, an unknown parameter ``ss@host``) quoted part of the password, which
     :func:`~choreograph._redact.redact` cannot find in a URL read that way."""
     if "#" in url:
         raise ConfigurationError(
-            "broker URL: a '#' starts a URL fragment, which no broker reads (what follows it was dropped);"
-            " write a '#' in a password, a prefix or another value as %23"
+            f"broker URL: a '#' starts a URL fragment, which no broker reads (what follows it was dropped);"
+            f" {_IN_A_PASSWORD}, and in a prefix or another value as %23"
         )
+    hosts = urlsplit(url).netloc.rpartition("@")[2]
+    try:
+        for host in hosts.split(","):  # nats:// lists servers comma-separated
+            _ = urlsplit(f"//{host}").port  # reading it is the check
+    except ValueError:
+        raise ConfigurationError(f"broker URL: the port is not a number from 0 to 65535 ({_IN_A_PASSWORD})") from None
 
 
 def lease_from_url(url: str, default: float = DEFAULT_LEASE) -> float:

@@ -96,7 +96,7 @@ from nats.aio.client import Client
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
-from choreograph.transports import did_you_mean, lease_from_url, refuse_fragment
+from choreograph.transports import did_you_mean, lease_from_url, refuse_unreadable
 from choreograph.transports._nats_bindings import GroupBindings
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_consumers import LONGEST_LEASE
@@ -131,7 +131,7 @@ class NatsTransport(GroupBindings, Transport):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        refuse_fragment(url)
+        refuse_unreadable(url)
         self.lease = lease_from_url(url)
         if self.lease > LONGEST_LEASE:  # the subscribe failed: "invalid JSON", or an OverflowError
             raise ConfigurationError(
@@ -159,13 +159,16 @@ class NatsTransport(GroupBindings, Transport):
         if not parts.netloc:
             raise ConfigurationError(f"broker URL {redact(url)!r}: no host")
         self._servers = [f"nats://{server}" for server in parts.netloc.split(",")]
-        for server in self._servers:  # nats-py said only "invalid connect url option", naming nothing
+        for n, server in enumerate(self._servers, 1):  # nats-py said only "invalid connect url option"
+            which = f"server {n} of {len(self._servers)}" if len(self._servers) > 1 else "the server"
             try:
                 host, _ = urlsplit(server).hostname, urlsplit(server).port
-            except ValueError as exc:
-                raise ConfigurationError(f"broker URL {redact(url)!r}: port: {exc}") from None
+            except ValueError:  # the value is not quoted: it may be part of a password
+                raise ConfigurationError(
+                    f"broker URL: {which}: the port is not a number from 0 to 65535"
+                ) from None
             if not host:
-                raise ConfigurationError(f"broker URL {redact(url)!r}: a server without a host in {parts.netloc!r}")
+                raise ConfigurationError(f"broker URL: {which}: no host")
         self.events_stream = f"{self.prefix}_EVENTS"
         self.dead_letter_stream = f"{self.prefix}_DLQ"
         self.deferral_stream = f"{self.prefix}_DEFER"
