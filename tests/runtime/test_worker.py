@@ -2740,3 +2740,40 @@ async def test_a_handler_past_its_timeout_in_a_stops_drain_times_out() -> None:
         await worker.stop()
     [letter] = await bus.dead_letters("slow")
     assert letter.record["last_error"]["type"] == "HandlerTimeout"
+
+
+async def test_a_stop_cancelled_in_its_drain_stops_the_lease_touches_and_the_watchdog() -> None:
+    """The lease touches and the watchdog go on through the drain, and were stopped only at its
+    end: a stop() cancelled in the drain (a caller's timeout around it) left them running for
+    good, the touches extending the leases of what was in hand for ever."""
+    bus = MemoryTransport()
+    svc = Service("slow")
+    started = asyncio.Event()
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    worker = Worker([svc], bus, drain_timeout=math.inf)
+    await worker.start()
+    [runner] = worker.runners
+    touch, watchdog = runner.tasks[2], runner.watchdog
+    assert watchdog is not None
+    try:
+        await Publisher(bus).publish(Placed(order_id="a"))
+        await started.wait()
+        stop = asyncio.create_task(worker.stop())
+        await until(lambda: runner.stopping)
+        for _ in range(5):
+            await asyncio.sleep(0)  # in the drain: waiting for the handler
+        assert not stop.done()
+        stop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stop
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert touch.done() and watchdog.done()
+    finally:
+        worker.release_in_flight()
+        await worker.stop()

@@ -582,40 +582,42 @@ class _Runner(Timing, Verdicts, Settling):
         # The lease touches and the watchdog go on through the drain, until what is in hand
         # settled: stopped first, a handler outliving its lease in the drain was run again by
         # another replica, and one past its timeout held the drain to its end.
-        if self.fetching:
-            fetch.cancel()
-        loop = asyncio.get_running_loop()
-        drained_by = loop.time() + drain_timeout
-        if self.lane is not fetch:  # the fetch loop in the lane is settle work: it gets the grace below
-            await asyncio.wait([fetch], timeout=drain_timeout)  # a client ignoring cancellation must not hang us
-            if not fetch.done() and self.lane is not fetch:
-                # still looking a batch up in the inbox (or holding it through an outage): it
-                # must not start handlers after stop() returned; it releases the batch
+        try:
+            if self.fetching:
                 fetch.cancel()
-                await asyncio.wait([fetch], timeout=STOP_GRACE)
-        if self.active and self.virtual_clock:
-            drained_by = await self._drain_on_clock(drained_by)
-        if self.active:
-            _, pending = await asyncio.wait(list(self.active), timeout=max(0.0, drained_by - loop.time()))
-            for task in pending:
-                task.cancel()
-        # Every wait from here on is bounded: with the broker unreachable, settling and
-        # releasing cannot succeed, and what stays unsettled returns after its lease anyway.
-        grace_by = loop.time() + STOP_GRACE
-        if self.active:
-            await asyncio.wait(list(self.active), timeout=STOP_GRACE)
-        self.outcome_ready.set()
-        _, unsettled = await asyncio.wait([settle], timeout=max(0.0, grace_by - loop.time()))
-        lane = self.lane
-        if unsettled:
-            log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
-                        "their deliveries return after the lease", self.group, STOP_GRACE)
-            settle.cancel()
-            if lane is not None:
-                lane.cancel()
-        touch.cancel()
-        if self.watchdog is not None:
-            self.watchdog.cancel()
+            loop = asyncio.get_running_loop()
+            drained_by = loop.time() + drain_timeout
+            if self.lane is not fetch:  # the fetch loop in the lane is settle work: it gets the grace below
+                await asyncio.wait([fetch], timeout=drain_timeout)  # a client ignoring cancellation must not hang us
+                if not fetch.done() and self.lane is not fetch:
+                    # still looking a batch up in the inbox (or holding it through an outage): it
+                    # must not start handlers after stop() returned; it releases the batch
+                    fetch.cancel()
+                    await asyncio.wait([fetch], timeout=STOP_GRACE)
+            if self.active and self.virtual_clock:
+                drained_by = await self._drain_on_clock(drained_by)
+            if self.active:
+                _, pending = await asyncio.wait(list(self.active), timeout=max(0.0, drained_by - loop.time()))
+                for task in pending:
+                    task.cancel()
+            # Every wait from here on is bounded: with the broker unreachable, settling and
+            # releasing cannot succeed, and what stays unsettled returns after its lease anyway.
+            grace_by = loop.time() + STOP_GRACE
+            if self.active:
+                await asyncio.wait(list(self.active), timeout=STOP_GRACE)
+            self.outcome_ready.set()
+            _, unsettled = await asyncio.wait([settle], timeout=max(0.0, grace_by - loop.time()))
+            lane = self.lane
+            if unsettled:
+                log.warning("%s: outcomes still unsettled %.0fs after the drain (broker unreachable?); "
+                            "their deliveries return after the lease", self.group, STOP_GRACE)
+                settle.cancel()
+                if lane is not None:
+                    lane.cancel()
+        finally:  # a stop() cancelled in its drain too: they must not go on touching for good
+            touch.cancel()
+            if self.watchdog is not None:
+                self.watchdog.cancel()
         await asyncio.gather(settle, touch, *([self.watchdog] if self.watchdog else []), *([lane] if lane else []),
                              return_exceptions=True)
         if self.sub is not None:
