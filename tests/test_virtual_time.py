@@ -262,6 +262,34 @@ async def test_a_task_a_handler_started_holds_the_clock_while_it_works() -> None
     left[0].cancel()
 
 
+async def test_a_sleep_a_handler_left_running_is_a_timer_once_the_handler_ended() -> None:
+    """A sleep begun by a task the handler started, while the handler ran, stayed a backoff once
+    the handler ended: settled() waited for it, jumping the clock an hour to let a task left to do
+    something an hour later do it. Once the handler ended it is a timer, as its later sleeps."""
+    svc = Service("leaver")
+    later: list[float] = []
+    left: list[asyncio.Task[None]] = []
+
+    @svc.on(Ping)
+    async def leave(ping: Ping, ctx: Context) -> None:
+        async def in_an_hour() -> None:
+            await ctx.clock.sleep(3600.0)
+            later.append(ctx.clock.monotonic())
+
+        left.append(asyncio.create_task(in_an_hour()))
+        await asyncio.sleep(0)  # it starts its sleep while the handler runs
+
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Ping(n=1))
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+        assert worker.stats("leaver").handled == 1
+        assert (later, clock.backoff_due()) == ([], None)
+        assert clock.monotonic() < 3600.0
+    left[0].cancel()
+
+
 @pytest.mark.parametrize("scenario", [False, True])
 async def test_the_clock_holds_still_while_a_handler_works_for_another_bus_on_it(scenario: bool) -> None:
     """Two workers on two buses, one clock: with nothing in flight on its own bus, settled() (and

@@ -49,6 +49,8 @@ class VirtualClock:
         self._waiting: dict[asyncio.Task[object], int] = {}  # handler tasks waiting on another's work, how many deep
         # tasks a running handler started that slept on the clock meanwhile -> that handler (see sleep())
         self._started_by: dict[asyncio.Task[object], asyncio.Task[object]] = {}
+        # the backoffs of such tasks -> that handler: backoffs only while it runs (see backoff_due())
+        self._started_sleeps: dict[asyncio.Future[None], asyncio.Task[object]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop it serves (see _own)
 
     def _own(self) -> None:
@@ -137,6 +139,8 @@ class VirtualClock:
                 await self._wait(seconds, backoff=False)
                 return
             self._started_by[task] = handler
+            await self._wait(seconds, backoff=True, of=handler)
+            return
         await self._wait(seconds, backoff=task is not None)
 
     async def backoff(self, seconds: float) -> None:
@@ -183,7 +187,9 @@ class VirtualClock:
             heapq.heappush(self._timers, sleeper)
         return sleeper
 
-    async def _wait(self, seconds: float, *, backoff: bool, poll: bool = False) -> None:
+    async def _wait(
+        self, seconds: float, *, backoff: bool, poll: bool = False, of: asyncio.Task[object] | None = None
+    ) -> None:
         if seconds != seconds:  # NaN: at the top of the heap it would hold back every other sleeper
             raise ValueError("seconds: NaN is not a duration")
         self._own()
@@ -205,12 +211,15 @@ class VirtualClock:
             return
         if sleeper is not None:
             heapq.heappush(self._backoffs, sleeper)
+            if of is not None:  # a task the handler ``of`` started: its backoff while ``of`` runs
+                self._started_sleeps[future] = of
         task = asyncio.current_task()
         assert task is not None
         self._backing_off[task] = self._backing_off.get(task, 0) + 1
         try:
             await future
         finally:
+            self._started_sleeps.pop(future, None)
             if self._backing_off[task] == 1:
                 del self._backing_off[task]
             else:
@@ -221,8 +230,19 @@ class VirtualClock:
         return _earliest(self._sleepers)
 
     def backoff_due(self) -> float | None:
-        """When the earliest backoff still running ends; ``None`` if none runs."""
-        return _earliest(self._backoffs)
+        """When the earliest backoff still running ends; ``None`` if none runs.
+
+        The sleep of a task a handler started is one only while that handler runs: once it
+        ended, that sleep is a timer (see :meth:`sleep`). Begun before the end it stayed a
+        backoff, and ``settled()`` jumped the clock to its end (an hour on, for a task left to
+        do something an hour later)."""
+        backoffs = self._backoffs
+        while (due := _earliest(backoffs)) is not None:
+            of = self._started_sleeps.get(backoffs[0][2])
+            if of is None or (of in self._handlers and not of.done()):
+                return due
+            heapq.heappop(backoffs)  # still on the timers' heap: a timer from now on
+        return None
 
     def timer_due(self) -> float | None:
         """When the earliest sleeper that is not a fetch's poll of the bus wakes; ``None`` if none sleeps."""
