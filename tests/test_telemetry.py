@@ -436,6 +436,29 @@ async def test_the_gateway_publishes_under_a_producer_span_continuing_the_reques
     assert names_span(decode(delivery.message.body).traceparent, producer)
 
 
+async def test_the_gateway_reads_repeated_trace_headers_as_w3c_trace_context_says(
+    bus: MemoryTransport, exporter: InMemorySpanExporter, telemetry: Telemetry
+) -> None:
+    """Two ``tracestate`` headers are one list (only the first was kept); two ``traceparent``
+    headers are invalid, so a new trace (the first was continued)."""
+    gateway = Gateway([Route("POST", "/orders", Placed)], broker=bus, telemetry=telemetry)
+    probe = await bus.subscribe("probe", None)
+    other = "00-11111111111111111111111111111111-2222222222222222-01"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw") as client:
+        states = await client.post("/orders", json={"order_id": "o-1"}, headers=httpx.Headers(
+            [("traceparent", TRACEPARENT), ("tracestate", "a=1"), ("tracestate", "b=2,c=3")]))
+        parents = await client.post("/orders", json={"order_id": "o-2"}, headers=httpx.Headers(
+            [("traceparent", TRACEPARENT), ("traceparent", other)]))
+    assert states.status_code == parents.status_code == 202
+    combined, restarted = [decode(delivery.message.body) for delivery in await probe.fetch(2, timeout=0)]
+    assert combined.traceparent is not None and combined.traceparent.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+    assert combined.tracestate == "a=1,b=2,c=3"
+    first, second = sorted(exporter.get_finished_spans(), key=lambda span: span.start_time or 0)
+    assert second.parent is None and second.context is not None
+    assert second.context.trace_id not in (0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x11111111111111111111111111111111)
+    assert names_span(restarted.traceparent, second)
+
+
 async def test_the_gateway_without_telemetry_sets_no_traceparent(bus: MemoryTransport) -> None:
     gateway = Gateway([Route("POST", "/orders", Placed)], broker=bus)
     probe = await bus.subscribe("probe", None)

@@ -357,11 +357,22 @@ class Tracing:
 
         The gateway publishes under this, so its PRODUCER spans continue the caller's trace.
         An ASGI tracing middleware that already opened a server span takes precedence.
+
+        A header given more than once (``headers`` with a ``getlist``, as Starlette's) is read
+        as W3C Trace Context says: ``tracestate`` headers are one list, combined with ``,``;
+        ``traceparent`` twice is invalid (ambiguous), so a new trace.
         """
         if self._trace.get_current_span().get_span_context().is_valid:
             yield
             return
-        token = self._context.attach(self._extract(headers.get("traceparent"), headers.get("tracestate")))
+        getlist = getattr(headers, "getlist", None)
+        if getlist is None:
+            traceparent, tracestate = headers.get("traceparent"), headers.get("tracestate")
+        else:
+            parents, states = list(getlist("traceparent")), list(getlist("tracestate"))
+            traceparent = parents[0] if len(parents) == 1 else None
+            tracestate = ",".join(states) if states else None
+        token = self._context.attach(self._extract(traceparent, tracestate))
         try:
             yield
         finally:
