@@ -29,7 +29,7 @@ from choreograph.gateway import Gateway, Route
 from choreograph.journal import Journal
 from choreograph.runtime.records import to_message
 from choreograph.sagas import timed_out
-from choreograph.telemetry import Telemetry, transaction_ids
+from choreograph.telemetry import Metrics, Telemetry, transaction_ids
 from choreograph.testing import MemoryTransport, VirtualClock, settled
 from tests._procs import stop
 from tests._waiting import until
@@ -480,6 +480,33 @@ def global_exporter() -> Iterator[InMemorySpanExporter]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield exporter
     exporter.shutdown()  # the processor stays on the provider, exporting nowhere
+
+
+def test_every_metric_is_in_the_module_s_table_with_its_labels(registry: CollectorRegistry) -> None:
+    """The table is the metrics' reference: names and labels are what dashboards query."""
+    import choreograph.telemetry as module
+
+    lines = (module.__doc__ or "").splitlines()
+    rule = next(line for line in lines if line.startswith("====="))
+    name_end = rule.index(" ")
+    labels_start = rule.index("=", name_end)
+    labels_end = rule.index(" ", labels_start)
+    table: dict[str, str] = {}
+    name = ""
+    for line in lines[lines.index(rule) + 1:]:
+        if line == rule:
+            break
+        if line[:name_end].strip():
+            name = line[:name_end].strip().strip("`")
+            table[name] = ""
+        table[name] += " " + line[labels_start:labels_end]
+    documented = {name: [label.strip() for label in labels.split(",") if label.strip()]
+                  for name, labels in table.items()}
+    registered = {
+        metric._name + ("_total" if metric._type == "counter" else ""): list(metric._labelnames)
+        for metric in vars(Metrics.on(registry)).values() if metric is not registry
+    }
+    assert documented == registered
 
 
 def test_a_transaction_id_that_is_not_a_uuid_is_hashed_to_a_trace_id() -> None:

@@ -42,6 +42,8 @@ service's group), ``choreograph.handler`` and ``choreograph.attempt``.
 ``choreograph_events_retried_total``           service, event_type          failed attempts to be retried
 ``choreograph_events_dead_lettered_total``     service, event_type, reason  events given up on
 ``choreograph_events_duplicates_total``        service, event_type          deliveries the inbox had seen
+``choreograph_events_filtered_total``          service, event_type          acked unhandled: ``where=`` did
+                                                                            not match
 ``choreograph_events_handed_back_total``       service, event_type          of a type this version does not
                                                                             subscribe to: handed back for one
                                                                             that does (a rolling deploy)
