@@ -1277,6 +1277,52 @@ async def test_a_trace_context_beyond_ascii_is_pushed_without_the_w3c_headers(bu
     assert await bus.dead_letters(GROUP) == []
 
 
+async def test_a_trace_context_that_is_not_w3c_s_is_pushed_without_the_w3c_headers(bus: MemoryTransport) -> None:
+    """An outside producer's oversized ``traceparent`` (or a malformed one) went as it was into
+    the W3C header: a receiver behind a header limit (nginx answers 400 for a header over 8 KiB)
+    turned a structured-mode push away and it was dead-lettered, for a header no receiver reads
+    (W3C: over 512 characters, or malformed, is no trace context). Only a valid traceparent, with
+    a tracestate of at most 512 characters, goes into the W3C headers; the event carries them as
+    they are."""
+    sent: dict[str, tuple[str | None, str | None]] = {}
+
+    async def limited(scope: Any, receive: Any, send: Any) -> None:  # a server with nginx's 8 KiB header limit
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {name.decode(): value.decode() for name, value in scope["headers"]}
+        if scope["method"] == "OPTIONS":  # the handshake
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"webhook-allowed-origin", b"*")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        sent[orjson.loads(body)["id"]] = (headers.get("traceparent"), headers.get("tracestate"))
+        status = 400 if any(len(value) > 8192 for value in headers.values()) else 204
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    cases = {
+        "oversized": (valid + "-" + "a" * 9000, "k=v"),
+        "malformed": ("00-t-p-01", "k=v"),
+        "zero-trace-id": ("00-" + "0" * 32 + "-00f067aa0ba902b7-01", "k=v"),
+        "long-tracestate": (valid, "k=" + "v" * 600),
+        "valid": (valid, "k=v"),
+    }
+    async with serve(limited) as base, pushing(bus, subscription(base + "/", secret=None, mode="structured")):
+        for event_id, (traceparent, tracestate) in cases.items():
+            body = orjson.dumps({"specversion": "1.0", "id": event_id, "source": "/outside",
+                                 "type": Assigned.event_type(), "traceparent": traceparent,
+                                 "tracestate": tracestate, "data": {"delivery_id": "d-1"}})
+            await bus.publish([Message(event_id, Assigned.event_type(), body)])
+        await settled(bus)
+    assert await bus.dead_letters(GROUP) == []
+    assert sent == {"oversized": (None, None), "malformed": (None, None), "zero-trace-id": (None, None),
+                    "long-tracestate": (valid, None), "valid": (valid, "k=v")}
+
+
 @pytest.mark.parametrize(("traceparent", "tracestate"), [(" 00-t-p-01", "k=v"), ("00-t-p-01", "k=v ")])
 async def test_a_trace_context_with_a_space_at_either_end_is_pushed(
     bus: MemoryTransport, traceparent: str, tracestate: str

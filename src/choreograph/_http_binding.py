@@ -205,15 +205,41 @@ def to_http(envelope: Envelope, mode: Mode = "binary", body: bytes | None = None
     raise ValueError(f"mode: expected 'binary' or 'structured', got {mode!r}")
 
 
+#: A W3C Trace Context ``traceparent``: version-trace id-parent id-flags, lower-case hex; a later
+#: version than 00 may append ``-`` and more (section 3.2.4).
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
+
+#: The longest ``traceparent`` or ``tracestate`` sent as a W3C header: 512 characters, what
+#: OpenTelemetry's propagator reads (W3C asks a vendor to propagate at least 512 of a tracestate).
+TRACE_HEADER_MAX = 512
+
+
+def w3c_traceparent(value: str) -> bool:
+    """Whether ``value`` is a valid W3C ``traceparent`` a receiver would continue (section 3.2):
+    no version ``ff``, nothing after the flags in version 00, no all-zero id, at most 512 characters."""
+    if len(value) > TRACE_HEADER_MAX:
+        return False
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None:
+        return False
+    version, trace_id, parent_id, _, rest = match.groups()
+    return (version != "ff" and not (version == "00" and rest) and trace_id != "0" * 32
+            and parent_id != "0" * 16)
+
+
 def _trace_headers(envelope: Envelope, headers: Headers) -> None:
-    """The W3C headers of the event's trace context, if it can be one: printable ASCII (W3C Trace
-    Context is lower-case hex and ASCII keys). An outside producer's value beyond that went raw
-    into a header httpx refuses to send, and the push failed on every attempt; binary mode still
-    carries it, percent-encoded, in ``ce-traceparent``, structured mode in the event."""
-    if envelope.traceparent and _header_safe(envelope.traceparent):
+    """The W3C headers of the event's trace context, if it is one: a valid ``traceparent`` (and
+    its ``tracestate``, if header-safe and at most 512 characters). An outside producer's value
+    beyond printable ASCII went raw into a header httpx refuses to send, and the push failed on
+    every attempt; one of any length went as it was, so a structured-mode push of an event with
+    an oversized one was turned away by a receiver's header limit (nginx answers 400 over 8 KiB)
+    and dead-lettered, for a header no receiver would read. Binary mode still carries the value,
+    percent-encoded, in ``ce-traceparent``, structured mode in the event."""
+    if envelope.traceparent and w3c_traceparent(envelope.traceparent) and _header_safe(envelope.traceparent):
         headers["traceparent"] = envelope.traceparent
-        if envelope.tracestate and _header_safe(envelope.tracestate):
-            headers["tracestate"] = envelope.tracestate
+        tracestate = envelope.tracestate
+        if tracestate and len(tracestate) <= TRACE_HEADER_MAX and _header_safe(tracestate):
+            headers["tracestate"] = tracestate
 
 
 def _header_safe(value: str) -> bool:
