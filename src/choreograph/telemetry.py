@@ -112,7 +112,7 @@ INSTALL_HINT = "pip install 'choreograph[telemetry]'"
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 #: OpenTelemetry's well-known ``messaging.system`` values for the transports that have one.
-_SYSTEMS = {"amqp": "rabbitmq", "amqps": "rabbitmq", "rediss": "redis"}
+_SYSTEMS = {"amqp": "rabbitmq", "amqps": "rabbitmq", "rediss": "redis", "unix": "redis"}
 
 
 def messaging_system(url: str) -> str:

@@ -4,7 +4,7 @@
 ``memory://[name]``       in-process; the whole contract (tests, demos in one process)
 ``sqlite:///path/bus.db`` embedded default: a SQLite file shared by processes on a host
 ``nats://host:4222``      NATS JetStream
-``redis://host:6379/0``   Redis Streams
+``redis://host:6379/0``   Redis Streams (``rediss://`` over TLS, ``unix:///path/r.sock?db=0``)
 ``amqp://u:p@host/vhost`` RabbitMQ
 ========================  ===========================================================
 
@@ -34,6 +34,7 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "nats": ("choreograph.transports.nats", "NatsTransport", "nats"),
     "redis": ("choreograph.transports.redis", "RedisTransport", "redis"),
     "rediss": ("choreograph.transports.redis", "RedisTransport", "redis"),
+    "unix": ("choreograph.transports.redis", "RedisTransport", "redis"),  # redis-py's unix socket URL
     "amqp": ("choreograph.transports.amqp", "AmqpTransport", "amqp"),
     "amqps": ("choreograph.transports.amqp", "AmqpTransport", "amqp"),
 }
