@@ -18,7 +18,7 @@ import difflib
 import importlib
 import math
 from collections.abc import Iterable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from choreograph._redact import redact
 from choreograph._schemes import scheme_of
@@ -74,6 +74,19 @@ def refuse_unreadable(url: str) -> None:
             _ = urlsplit(f"//{host}").port  # reading it is the check
     except ValueError:
         raise ConfigurationError(f"broker URL: the port is not a number from 0 to 65535 ({_IN_A_PASSWORD})") from None
+
+
+def refuse_repeated(url: str) -> None:
+    """Refuse a broker URL that gives a query parameter twice (``?db=1&db=2``), naming it.
+
+    choreograph read the last value and the client libraries (redis-py, aiormq) the first:
+    the bus the URL was checked for was not the bus connected to. No value is quoted (it may
+    be a secret)."""
+    seen: set[str] = set()
+    for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if name in seen:
+            raise ConfigurationError(f"broker URL: parameter {name!r} is given more than once; give it once")
+        seen.add(name)
 
 
 def lease_from_url(url: str, default: float = DEFAULT_LEASE) -> float:

@@ -85,7 +85,7 @@ from pamqp.frame import FrameTypes
 
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
-from choreograph.transports import did_you_mean, lease_from_url, refuse_unreadable
+from choreograph.transports import did_you_mean, lease_from_url, refuse_repeated, refuse_unreadable
 from choreograph.transports._amqp_consumer import AmqpSubscription
 from choreograph.transports._amqp_wire import (
     CONTENT_TYPE,
@@ -138,6 +138,7 @@ class AmqpTransport(Transport):
     def __init__(self, url: str) -> None:
         self.url = url
         refuse_unreadable(url)
+        refuse_repeated(url)
         self.lease = lease_from_url(url)
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from choreograph._clock import SYSTEM_CLOCK, Clock, poll
 from choreograph.errors import ConfigurationError, TransportClosed
-from choreograph.transports import did_you_mean, lease_from_url, refuse_unreadable
+from choreograph.transports import did_you_mean, lease_from_url, refuse_repeated, refuse_unreadable
 from choreograph.transports.base import (
     DeadLetter,
     Delivery,
@@ -268,6 +268,7 @@ class MemoryTransport(Transport):
     def __init__(self, url: str = "memory://", *, clock: Clock | None = None) -> None:
         self.url = url
         refuse_unreadable(url)
+        refuse_repeated(url)
         self.lease = lease_from_url(url)
         unknown = set(parse_qs(urlsplit(url).query, keep_blank_values=True)) - {"lease"}
         if unknown:  # ?leese=5 ran on the default lease without a word

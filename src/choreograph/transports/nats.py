@@ -96,7 +96,7 @@ from nats.aio.client import Client
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
-from choreograph.transports import did_you_mean, lease_from_url, refuse_unreadable
+from choreograph.transports import did_you_mean, lease_from_url, refuse_repeated, refuse_unreadable
 from choreograph.transports._nats_bindings import GroupBindings
 from choreograph.transports._nats_client import DIRECT_SUPPORTED, DirectClient, Item, JetStream
 from choreograph.transports._nats_consumers import LONGEST_LEASE
@@ -132,6 +132,7 @@ class NatsTransport(GroupBindings, Transport):
     def __init__(self, url: str) -> None:
         self.url = url
         refuse_unreadable(url)
+        refuse_repeated(url)
         self.lease = lease_from_url(url)
         if self.lease > LONGEST_LEASE:  # the subscribe failed: "invalid JSON", or an OverflowError
             raise ConfigurationError(

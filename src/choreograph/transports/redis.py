@@ -83,7 +83,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _redis_lua as lua
-from choreograph.transports import did_you_mean, lease_from_url, refuse_unreadable
+from choreograph.transports import did_you_mean, lease_from_url, refuse_repeated, refuse_unreadable
 from choreograph.transports._redis_consumer import POLL, RedisDelivery, RedisSubscription, _str
 from choreograph.transports._redis_tls import first_ping_over_tls
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
@@ -120,6 +120,7 @@ class RedisTransport(Transport):
     def __init__(self, url: str) -> None:
         self.url = url
         refuse_unreadable(url)
+        refuse_repeated(url)
         self.lease = lease_from_url(url)
         if self.lease > _MAX_LEASE:  # the first fetch failed: "Invalid min-idle-time argument for XAUTOCLAIM"
             raise ConfigurationError(

@@ -56,7 +56,7 @@ from choreograph._redact import redact
 from choreograph._sqlite import begin_immediate
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _sqlite_ops as ops
-from choreograph.transports import did_you_mean
+from choreograph.transports import did_you_mean, refuse_repeated
 from choreograph.transports._sqlite_consumer import SQLiteSubscription
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
 
@@ -100,6 +100,7 @@ def _parse_url(url: str) -> _Config:
     path = parts.path[1:]
     if "#" in url:
         raise ConfigurationError(f"broker URL {redact(url)!r}: {_FRAGMENT.format(path=path)}")
+    refuse_repeated(url)  # the last one was read
     if path == ":memory:":
         raise ConfigurationError(f"broker URL {redact(url)!r}: an in-memory database is not shared; use memory://")
     # Blank values kept: ?lease= meant the default and ?synchronus= (a typo) passed unnoticed.
