@@ -386,6 +386,36 @@ async def test_a_replay_run_again_after_one_interrupted_before_its_deletes_count
         assert await subscription.fetch(10, timeout=0.5) == []
 
 
+async def test_two_replays_at_once_of_a_letter_failed_again_meanwhile_count_it_once(server_url: str) -> None:
+    """Two admins replay the same letter at once and a consumer fails the replayed message
+    again before the slower replay deletes it: one deleted the record, the other found it
+    replaced by the new dead letter, and both counted it ("replayed 1" twice for one letter)."""
+    url = bus_on(server_url)
+    async with opened(url) as bus, opened(url) as other:
+        subscription = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        (delivery,) = await collect(subscription, 1)
+        await delivery.dead_letter({"reason": "first"})
+        js = bus._jetstream()
+        api = js.api
+        counts: list[int] = []
+
+        async def the_other_replay_and_a_failure_first(action: str, subject: str, request: Any = None) -> Any:
+            if action == "delete a replayed dead letter" and not counts:
+                counts.append(await other.replay("g"))  # it deletes the letter the first one read
+                (again,) = await collect(subscription, 1)
+                await again.dead_letter({"reason": "again"})  # a new letter of the id
+            return await api(action, subject, request)
+
+        js.api = the_other_replay_and_a_failure_first  # type: ignore[method-assign]
+        counts.append(await bus.replay("g"))
+        js.api = api  # type: ignore[method-assign]
+        assert sum(counts) == 1, counts
+        (letter,) = await bus.dead_letters("g")
+        assert letter.record["reason"] == "again"
+        assert await bus.replay("g") == 1  # the new letter is one of its own
+
+
 @pytest.mark.parametrize("message_id", ["i" * 3_000, "ü" * 1_000], ids=["3000-chars", "6000-chars-escaped"])
 async def test_an_event_with_a_very_long_id_is_dead_lettered_shown_replayed_and_purged(
     server_url: str, message_id: str

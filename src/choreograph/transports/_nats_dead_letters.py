@@ -20,7 +20,8 @@ Replay republishes the body to ``P.rp.<group>.<type>.<id>`` on the events stream
 subject only that group's consumer filters on (an id too long for it travels in a
 ``Choreograph-Id`` header: ``P.rp.<group>.<type>.~h``), as a new stream message (attempt 1) -
 then purges both messages up to the sequences it read (a newer dead letter of the
-same id, from a consumer that failed the replay again meanwhile, stays).
+same id, from a consumer that failed the replay again meanwhile, stays), and claims the
+letter on ``P.dlb._claims`` (one replay of several at once counts it, see ``replay``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ from choreograph.errors import TransportError
 from choreograph.transports import _nats_codec as codec
 from choreograph.transports._nats_client import Item, JetStream, header_block
 from choreograph.transports.base import DeadLetter, Message
-
-#: "no message found" (``STREAM.MSG.GET``).
-_ERR_NO_MESSAGE = 10037
 
 #: On a record too long for one message (``store``): ``<parts> <stamp>``; the further parts
 #: are ``P.dlb.<group>.<id>.<n>``, each with the stamp in ``_H_PART``.
@@ -185,15 +183,19 @@ class DeadLetterStream:
         """Republish, then delete. The replay's ``Nats-Msg-Id`` derives from the record's
         sequence, so a replay interrupted between the two steps and run again is stored once.
 
-        Returns how many letters it replayed, counting a letter when it deleted its record,
-        or found it replaced by a newer dead letter (a consumer failed the replayed message
-        again meanwhile): not how many republishes the stream stored, nor how many letters
-        it read. Two replays at once (two admins) both read and republish the same letters,
-        the stream stores each once, and only one of them deletes each record: the counts
-        add up to the letters. A run again after one interrupted between the two steps,
-        within the stream's duplicate window, stores nothing (duplicates) but deletes the
-        leftovers: it counts those, whose replay the interrupted run never reported. (Both at
-        once - a letter failed again while two replays run - may be counted by both.)"""
+        Returns how many letters it replayed: each letter it read and deleted (or found deleted,
+        or replaced by a newer dead letter of its id: a consumer failed the replayed message
+        again meanwhile) counts once, in the replay that first *claims* it - a message with a
+        ``Nats-Msg-Id`` derived from the record's sequence on :attr:`claims`, which the stream
+        stores once. Two replays at once (two admins) both read and republish the same letters,
+        the stream stores each republish once, and the counts add up to the letters, even when a
+        consumer fails a replayed message again while they run (deleting the record, or finding
+        it replaced, could not tell the two replays apart: both counted it). A run again after
+        one interrupted between republishing and deleting, within the stream's duplicate
+        window, stores nothing (duplicates) but deletes and claims the leftovers: it counts
+        those, whose replay the interrupted run never reported. (A claim outside the duplicate
+        window, two minutes, is stored again: two replays of one letter that long apart each
+        count it.)"""
         if not self._exists:
             return 0
         entries = (
@@ -212,33 +214,31 @@ class DeadLetterStream:
         # read (one message per subject). Deleting that sequence then failed, and the replay
         # stopped half-way with an error though it had republished everything; purging up
         # to it keeps the new dead letter and succeeds whether or not the old copy is left.
-        replayed = 0  # letters whose record this call removed, or found replaced
+        replayed = 0  # letters this call claimed
         for entry in entries:
             body_subject = entry.record_subject.replace(".dlr.", ".dlb.", 1)
             done = [(entry.record_subject, entry.record_sequence + 1), (body_subject, entry.body_sequence + 1)]
             if entry.parts:  # published before their record
                 done.append((body_subject + ".>", entry.record_sequence))
             for subject, below in done:
-                response = await self._js.api(
+                await self._js.api(
                     "delete a replayed dead letter", f"STREAM.PURGE.{self.name}", {"filter": subject, "seq": below}
                 )
-                if subject == entry.record_subject and (
-                    int(response.get("purged", 0)) > 0 or await self._replaced(entry)
-                ):
-                    replayed += 1
+            replayed += await self._js.publish([self._claim_item(entry)])
+        # The stream keeps the claims' ids (its duplicate window) without their messages.
+        await self._js.api("delete replay claims", f"STREAM.PURGE.{self.name}", {"filter": self.claims})
         return replayed
 
-    async def _replaced(self, entry: _Entry) -> bool:
-        """Whether the record of ``entry`` is followed by a newer one (dead-lettered again)."""
-        try:
-            response = await self._js.api(
-                "read a dead letter", f"STREAM.MSG.GET.{self.name}", {"last_by_subj": entry.record_subject}
-            )
-        except codec.JetStreamError as exc:
-            if exc.err_code == _ERR_NO_MESSAGE:
-                return False
-            raise
-        return int(response["message"]["seq"]) > entry.record_sequence
+    @property
+    def claims(self) -> str:
+        """``P.dlb._claims``: where a replay claims the letters it counts (three tokens, so no
+        letter's subject; purged at the end of each replay, at most one message between)."""
+        return f"{self._prefix}.dlb._claims"
+
+    def _claim_item(self, entry: _Entry) -> Item:
+        """The claim of the replayed ``entry``: stored once per record (its ``Nats-Msg-Id``),
+        so of several replays that read the letter exactly one counts it."""
+        return self.claims, b"", {codec.H_MSG_ID: f"claim-{self.name}-{entry.record_sequence}"}
 
     def _replay_item(self, base: str, entry: _Entry) -> Item:
         """The replay of ``entry``: to ``<base>.<type>.<id>``, with a dedupe key of its own -

@@ -24,6 +24,7 @@ server; it must be ``[A-Za-z0-9_-]+``)::
     stream P_DLQ     P.dlr.<group>.<id>       dead-letter record (see _nats_dead_letters)
                      P.dlb.<group>.<id>       dead-letter body
                      P.dlb.<group>.<id>.<n>   further parts of a record past max_payload
+                     P.dlb._claims            a replay's claims on the letters it counts
     stream P_DEFER   P.df.<group>.<seq>       how many of the group's deliveries of stream
                                               message <seq> were deferrals (see _nats_deferrals)
 
