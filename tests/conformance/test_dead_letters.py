@@ -68,6 +68,15 @@ async def test_dead_letters_are_listed_oldest_first_up_to_a_limit(bus: Transport
     assert [letter.message.id for letter in await bus.dead_letters("g", limit=2)] == ["m2", "m1"]
 
 
+async def test_a_listing_limited_to_none_is_empty(bus: Transport) -> None:
+    """Redis asked XRANGE for a count of 0 and failed ("count must be a positive integer")."""
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(1)])
+    await (await collect(subscription, 1))[0].dead_letter(RECORD)
+    assert await bus.dead_letters("g", limit=0) == []
+    assert await bus.dead_letters(limit=0) == []
+
+
 async def test_one_dead_letter_can_be_shown_by_message_id(bus: Transport) -> None:
     subscription = await bus.subscribe("g", [TYPE_A])
     await bus.publish([message(1), message(2)])

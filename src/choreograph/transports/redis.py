@@ -322,6 +322,8 @@ class RedisTransport(Transport):
     # -- dead letters ------------------------------------------------------------------
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:  # XRANGE refuses a count of 0 ("must be a positive integer")
+            return []
         with self._errors("dead_letters"):
             names: Any = [group] if group is not None else await self._redis.hkeys(self._registry)
             groups = sorted(_str(name) for name in names)
