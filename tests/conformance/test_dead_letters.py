@@ -77,6 +77,17 @@ async def test_a_listing_limited_to_none_is_empty(bus: Transport) -> None:
     assert await bus.dead_letters(limit=0) == []
 
 
+async def test_a_listing_limited_below_zero_is_empty(bus: Transport) -> None:
+    """A negative limit was a slice from the end on memory:// and amqp:// (every letter but
+    the newest) and no limit on sqlite://; Redis and NATS listed none."""
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(n) for n in range(2)])
+    for delivery in await collect(subscription, 2):
+        await delivery.dead_letter(RECORD)
+    assert await bus.dead_letters("g", limit=-1) == []
+    assert await bus.dead_letters(limit=-1) == []
+
+
 async def test_one_dead_letter_can_be_shown_by_message_id(bus: Transport) -> None:
     subscription = await bus.subscribe("g", [TYPE_A])
     await bus.publish([message(1), message(2)])

@@ -482,6 +482,8 @@ class AmqpTransport(Transport):
             yield [raw for n, raw in enumerate(raws) if n in kept]
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:  # a negative slice dropped the newest
+            return []
         # Every letter is read, then the oldest ``limit`` kept: a quorum queue puts the letters
         # a listing returned behind the others, so its first ``limit`` were the oldest only
         # until the first listing (``dlq list --limit 2`` twice showed other letters).

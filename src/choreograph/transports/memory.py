@@ -355,6 +355,8 @@ class MemoryTransport(Transport):
         return {name: state.types for name, state in self.bus.groups.items()}
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:  # a negative slice dropped the newest
+            return []
         letters = [
             (letter.dead_at, seq, letter)
             for name, state in self.bus.groups.items()

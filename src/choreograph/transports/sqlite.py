@@ -292,6 +292,8 @@ class SQLiteTransport(Transport):
         return await self._read(ops.load_groups)
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:  # SQLite reads a negative LIMIT as none
+            return []
         return await self._read(lambda conn: ops.list_dead_letters(conn, group, limit))
 
     async def dead_letter(self, group: str, message_id: str) -> DeadLetter | None:
