@@ -180,6 +180,18 @@ async def test_event_types_with_wildcard_words_cannot_be_subscribed() -> None:
             await transport.subscribe("g", [bad])
 
 
+async def test_a_group_name_rabbitmq_refuses_in_a_queue_name_is_a_configuration_error(bus_url: str) -> None:
+    """pamqp refused it with a bare ValueError ("Invalid value for queue") on subscribe, listing,
+    replay and purge; a name it takes is still taken."""
+    async with opened(bus_url) as bus:
+        for bad in ["billing*", "façade", "a>b", "tab\there"]:
+            with pytest.raises(ConfigurationError, match="has characters RabbitMQ does not take"):
+                await bus.subscribe(bad, None)
+            with pytest.raises(ConfigurationError, match="has characters RabbitMQ does not take"):
+                await bus.dead_letters(bad)
+        await bus.subscribe("billing v2:eu/1+a@b,c#d", None)
+
+
 async def test_an_unreachable_broker_is_a_transport_error() -> None:
     with pytest.raises(TransportError):
         async with opened("amqp://guest:guest@127.0.0.1:1/"):

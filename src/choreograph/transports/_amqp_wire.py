@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -56,6 +57,10 @@ RETRY_REDECLARE_S = 300.0
 
 _MAX_NAME = 255
 
+#: The characters AMQP 0-9-1 allows in a queue name (pamqp refuses the others with a bare
+#: ``ValueError``: "Invalid value for queue").
+_QUEUE_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]*")
+
 
 class Names:
     """The broker-side names of one bus (see the module docstring)."""
@@ -84,6 +89,14 @@ class Names:
     def _checked(name: str) -> str:
         if len(name.encode()) > _MAX_NAME:
             raise ConfigurationError(f"amqp: queue name {name[:60]!r}... is longer than 255 bytes")
+        if not _QUEUE_NAME.fullmatch(name):
+            # A group named "billing*" or "façade" failed each subscribe, listing and replay with
+            # pamqp's ValueError traceback (which names neither the queue nor the character).
+            odd = "".join(sorted({c for c in name if not _QUEUE_NAME.fullmatch(c)}))
+            raise ConfigurationError(
+                f"amqp: queue name {name[:60]!r} has characters RabbitMQ does not take in one ({odd!r});"
+                " a group (and the prefix) may use ASCII letters, digits, spaces and - _ . : @ # , / +"
+            )
         return name
 
 
