@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+
+import pytest
 
 from choreograph.transports import Transport
 from tests.conformance._support import TYPE_A, WAIT, collect, ids, message, quiet
@@ -72,6 +75,19 @@ async def test_retry_after_is_not_delivered_before_its_delay(bus: Transport) -> 
     assert waited >= after - 0.05  # small allowance for clock granularity, never for early delivery
     assert again.attempt == 2
     assert again.message.id == "m1"
+
+
+@pytest.mark.parametrize("after", [1e12, math.inf], ids=["1e12-seconds", "inf"])
+async def test_a_retry_or_defer_after_an_endless_delay_is_not_delivered_now(bus: Transport, after: float) -> None:
+    """NATS sent a NAK delay past 2^63 ns for ``retry(1e12)``, which the server read as none:
+    redelivered at once; ``inf`` was an OverflowError on Redis, NATS and RabbitMQ."""
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(n) for n in range(2)])
+    retried, deferred = sorted(await collect(subscription, 2), key=lambda d: d.message.id)
+    await retried.retry(after)
+    await deferred.defer(after)
+    assert retried.settled and deferred.settled
+    assert await subscription.fetch(10, timeout=0.5) == []
 
 
 async def test_defer_redelivers_after_its_delay_with_the_attempt_unchanged(bus: Transport) -> None:

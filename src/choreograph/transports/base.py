@@ -57,6 +57,12 @@ from choreograph.errors import ConfigurationError
 #: Default ack deadline in seconds; override per URL with ``?lease=SECONDS``.
 DEFAULT_LEASE = 30.0
 
+#: The longest ``retry``/``defer`` delay passed to a transport (100 years: "never", within
+#: every broker's integers). Longer ones (``inf``) are cut to it: NATS sent a NAK delay
+#: past 2^63 ns, which the server read as none (redelivered at once), and Redis, NATS and
+#: RabbitMQ failed on ``inf`` with an ``OverflowError``.
+LONGEST_DELAY = 100 * 365.25 * 86_400.0
+
 
 class Message(NamedTuple):
     """One encoded event on the bus: its id (for dedupe), type (for routing) and body.
@@ -130,7 +136,7 @@ class Delivery(abc.ABC):
             return
         self.settled = True
         try:
-            await self._retry(max(0.0, after))
+            await self._retry(min(max(0.0, after), LONGEST_DELAY))  # nan: 0
         except BaseException:
             self.settled = False
             raise
@@ -149,7 +155,7 @@ class Delivery(abc.ABC):
             return
         self.settled = True
         try:
-            await self._defer(max(0.0, after))
+            await self._defer(min(max(0.0, after), LONGEST_DELAY))
         except BaseException:
             self.settled = False
             raise
