@@ -301,6 +301,12 @@ async def test_a_sqlite_standby_takes_over_at_once_when_the_holders_lock_is_gone
         assert publish.sent == ["m2"]
 
 
+async def set_lease(db: StateStore, owner: str, until: float) -> None:
+    tx = await db.begin()
+    await tx.execute("UPDATE choreograph_relay SET owner = $1, lease_until = $2", (owner, until))
+    await tx.commit(inbox=None, service=SERVICE, messages=[])
+
+
 async def test_a_sqlite_claim_of_an_owner_without_the_lock_is_taken_only_when_its_lease_lapses(
     tmp_path: Path,
 ) -> None:
@@ -309,12 +315,12 @@ async def test_a_sqlite_claim_of_an_owner_without_the_lock_is_taken_only_when_it
         await commit(db, msg(1))
         await db.relay_pass(SERVICE, "me", 10, Recorder())  # creates the claim row, then gives it to "old"
         await db.release_relay(SERVICE, "me")
-        tx = await db.begin()
-        await tx.execute("UPDATE choreograph_relay SET owner = 'old', lease_until = $1", (time.time() + 0.3,))
-        await tx.commit(inbox=None, service=SERVICE, messages=[])
+        # Its lease is set rather than waited out: one that ran out while a loaded machine got
+        # to the pass below would be taken, and one long enough to be safe would be waited for.
+        await set_lease(db, "old", time.time() + 3600)
         await commit(db, msg(2))
         assert await db.relay_pass(SERVICE, "standby", 10, Recorder()) is None
-        await asyncio.sleep(0.4)
+        await set_lease(db, "old", time.time() - 1)  # it stopped renewing: the lease lapsed
         publish = Recorder()
         assert await db.relay_pass(SERVICE, "standby", 10, publish) == 1
         assert publish.sent == ["m2"]
