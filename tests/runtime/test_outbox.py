@@ -817,11 +817,13 @@ async def test_ctx_transaction_from_a_task_left_running_after_the_handler_return
     svc = Service("package", database=database_url)
     late: list[asyncio.Task[None]] = []
     refused: list[BaseException] = []
+    returned = asyncio.Event()  # set once the handler returned and committed (a sleep of 0.1 s
+    # was not always enough under load: the late block then ran inside the handler's own)
 
     @svc.on(Requested)
     async def create(req: Requested, ctx: Context) -> Created:
         async def afterwards() -> None:
-            await asyncio.sleep(0.1)  # the handler returned and committed by then
+            await returned.wait()
             try:
                 async with ctx.transaction() as tx:
                     await tx.execute("INSERT INTO packages (pid) VALUES ($1)", f"late-{req.pid}")
@@ -837,6 +839,7 @@ async def test_ctx_transaction_from_a_task_left_running_after_the_handler_return
     async with Worker([svc], bus) as worker:
         await Publisher(bus).publish(Requested(pid="p1"))
         await asyncio.wait_for(drained(worker, bus), 10)
+        returned.set()
         await asyncio.wait_for(asyncio.gather(*late), 10)
         await Publisher(bus).publish(Requested(pid="p2"))
         await asyncio.wait_for(drained(worker, bus), 10)
