@@ -1315,3 +1315,23 @@ async def test_a_verb_whose_write_failed_is_done_by_a_second_call(
         monkeypatch.setattr(client, "publish", failing_once)
         await second_call.check_a_second_call_does_the_work(bus, subscription, delivery, verb, TransportError)
         assert len(settlements) == 2
+
+
+async def test_a_delivery_that_waited_in_the_buffer_past_its_lease_is_not_dead_lettered(server_url: str) -> None:
+    """A delivery's lease ran from when the client made it (handed out by a fetch), not from when
+    the message arrived: one that waited in the buffer (a reply that came after its fetch gave up
+    waits for the next one) had its lease on the server run out unseen, and its late dead letter
+    was stored, its TERM settling - by stream sequence - a copy another consumer may have handled."""
+    async with opened(bus_on(server_url, lease=1)) as bus:
+        subscription = await bus.subscribe("g", ["order.placed"])
+        assert isinstance(subscription, _nats_pull.NatsSubscription)
+        await bus.publish([msg(1)])
+        request = b'{"batch":1,"expires":%d}' % 5_000_000_000
+        await subscription._round(request, 1, asyncio.get_running_loop().time() + 10.0, None)
+        assert len(subscription._buffer) == 1  # arrived, not yet handed out
+        await asyncio.sleep(1.5)  # the lease of 1 s runs out on the server meanwhile
+        (late,) = await subscription.fetch(1, timeout=0)
+        await late.dead_letter({"reason": "late"})
+        assert await bus.dead_letters("g") == []
+        (again,) = await collect(subscription, 1)  # the server hands it out again
+        assert again.message.id == "m1" and again.attempt == 2

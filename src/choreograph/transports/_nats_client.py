@@ -35,6 +35,7 @@ import asyncio
 import inspect
 import itertools
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -100,9 +101,10 @@ class Raw:
     """A message as the parser read it, duck-typed like nats-py's ``Msg`` where choreograph
     reads one (headers parsed on first use)."""
 
-    __slots__ = ("subject", "reply", "data", "_raw_headers", "_headers", "_client")
+    __slots__ = ("subject", "reply", "data", "_raw_headers", "_headers", "_client", "arrived")
 
     def __init__(self, client: Client, subject: str, reply: str, data: bytes, headers: bytes | None) -> None:
+        self.arrived = time.monotonic()  # a pull reply's lease runs from here (see NatsDelivery)
         self._client = client
         self.subject = subject
         self.reply = reply

@@ -98,7 +98,7 @@ class NatsDelivery(Delivery):
     (``_deferrals``, looked up for a redelivery: see ``_nats_deferrals``).
 
     A dead letter after the lease ran out (``_until``: the lease as this client last knew it
-    to start, when the message was handed out or touched) is dropped: JetStream may have
+    to start, when the message arrived or was touched) is dropped: JetStream may have
     handed the message to another consumer meanwhile, and its TERM would settle that copy -
     by stream sequence - after a dead letter was stored for an event the copy may well have
     processed. The server hands the message out again (or has), as it would any delivery
@@ -119,7 +119,9 @@ class NatsDelivery(Delivery):
         self._msg = msg
         self._reply = msg.reply
         self._deferrals = 0
-        self._until = time.monotonic() + subscription._lease
+        # from its arrival, not from now: it may have waited in the buffer (a reply that came
+        # after its fetch gave up waits for the next fetch), its lease on the server running
+        self._until = (msg.arrived if type(msg) is Raw else _arrival(msg)) + subscription._lease
 
     async def _ack(self) -> None:
         await self._subscription._reply_to(self._reply, b"+ACK", confirm=False)
@@ -276,6 +278,7 @@ class NatsSubscription(Subscription):
     # -- receiving ----------------------------------------------------------------------
 
     async def _on_reply(self, msg: Msg) -> None:
+        setattr(msg, _ARRIVED, time.monotonic())  # noqa: B010 - nats-py's Msg has no field for it
         self._reply(msg)
 
     def _reply(self, msg: Msg | Raw) -> None:
@@ -619,6 +622,15 @@ class NatsSubscription(Subscription):
             raise TransportError(
                 f"nats: the consumer of group {self.group!r} no longer exists: {error.get('description')}"
             )
+
+
+_ARRIVED = "_choreograph_arrived"
+
+
+def _arrival(msg: Msg | Raw) -> float:
+    """When ``msg``, a nats-py ``Msg``, reached its callback (``Raw.arrived`` for the parser's)."""
+    arrived: float | None = getattr(msg, _ARRIVED, None)
+    return time.monotonic() if arrived is None else arrived
 
 
 def _ack_of(msg: Msg | Raw) -> tuple[int, int, int]:
