@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
@@ -31,6 +31,20 @@ def scheme_of(url: str, what: str) -> str:
         return urlsplit(url).scheme
     except ValueError as exc:
         raise ConfigurationError(f"{what} {redact(url)!r}: {exc}") from None
+
+
+def query_params(url: str, what: str) -> dict[str, str]:
+    """The query parameters of ``url``; one given twice (``?schema=a&schema=b``) is a
+    :class:`ConfigurationError` naming it (``dict(parse_qsl(...))`` silently kept the last value,
+    while a client library reading the rest of the URL may keep the first). No value is quoted
+    (it may be a secret).
+    """
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if name in params:
+            raise ConfigurationError(f"{what} {redact(url)!r}: parameter {name!r} is given more than once; give it once")
+        params[name] = value
+    return params
 
 
 def instantiate(url: str, schemes: Mapping[str, tuple[str, str]], what: str) -> Any:

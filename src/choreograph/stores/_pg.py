@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from choreograph._redact import redact
+from choreograph._schemes import query_params
 from choreograph.errors import ConfigurationError, StoreError, TransactionConflict
 
 try:
@@ -65,7 +66,7 @@ def parse_url(url: str) -> PgConfig:
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"PostgreSQL URL {redact(url)!r}: expected postgresql://")
-    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    params = query_params(url, "PostgreSQL URL")  # a repeated one: asyncpg and we may read different values
     schema = params.get("schema", "public")
     if not _IDENT.match(schema):
         raise ConfigurationError(f"PostgreSQL URL {redact(url)!r}: schema must be a plain identifier (letters, digits, _)")

@@ -31,12 +31,12 @@ import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
-from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
 from choreograph._clock import stamp_time
 from choreograph._redact import redact
+from choreograph._schemes import query_params
 from choreograph._sqlite import connect_wal, make_folder
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.stores._sqlite_relay import LOCKED, OutboxWatcher, RelayLock, lock_path
@@ -120,7 +120,7 @@ class SQLiteStateStore(StateStore):
         self.path = sqlite_path(url)
         if self.path == ":memory:":
             raise ConfigurationError(f"database URL {redact(url)!r}: a service database needs a file")
-        params = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+        params = query_params(url, "database URL")
         unknown = set(params) - {"relay_lease", "synchronous"}
         if unknown:  # a misspelt synchronous=FULL silently ran with NORMAL's durability
             raise ConfigurationError(

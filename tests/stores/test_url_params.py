@@ -1,0 +1,53 @@
+"""Store URL query parameters given twice are refused, naming the parameter (as broker URLs are)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from choreograph._journal_store import open_journal_store
+from choreograph.errors import ConfigurationError
+from choreograph.stores import open_store
+from choreograph.stores.joins_base import open_join_store
+from choreograph.stores.state import open_database
+
+PG = "postgresql://postgres:s3cret@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize("opener", [open_database, open_store, open_journal_store, open_join_store])
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ("schema=a&schema=b", "schema"),  # the tables of one schema, checked; of another, used
+        ("pool_max=5&pool_min=1&pool_max=1", "pool_max"),
+        ("sslmode=require&sslmode=disable", "sslmode"),  # asyncpg's own: it may read the other one
+        ("password=x&password=y", "password"),
+    ],
+)
+def test_a_postgres_parameter_given_twice_is_refused_naming_it(
+    opener: Callable[[str], Any], query: str, name: str
+) -> None:
+    """``dict(parse_qsl(...))`` kept the last value without a word."""
+    with pytest.raises(ConfigurationError, match=f"parameter '{name}' is given more than once") as caught:
+        opener(f"{PG}?{query}")
+    for secret in ("s3cret", "password=x", "password=y"):
+        assert secret not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [("synchronous=FULL&synchronous=NORMAL", "synchronous"), ("relay_lease=5&relay_lease=0.1", "relay_lease")],
+)
+def test_a_sqlite_database_parameter_given_twice_is_refused_naming_it(tmp_path: Path, query: str, name: str) -> None:
+    """``synchronous=FULL&synchronous=NORMAL`` ran with NORMAL's durability."""
+    with pytest.raises(ConfigurationError, match=f"parameter '{name}' is given more than once"):
+        open_database(f"sqlite:///{tmp_path}/svc.db?{query}")
+
+
+def test_parameters_given_once_each_are_taken(tmp_path: Path) -> None:
+    store = open_database(f"sqlite:///{tmp_path}/svc.db?synchronous=FULL&relay_lease=5")
+    assert (store.synchronous, store.relay_lease) == ("FULL", 5.0)  # type: ignore[attr-defined]
+    assert open_database(f"{PG}?schema=a&pool_max=3&sslmode=disable").config.schema == "a"  # type: ignore[attr-defined]
