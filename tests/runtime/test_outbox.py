@@ -902,3 +902,43 @@ async def test_a_handlers_ctx_transaction_inside_its_transaction_of_another_serv
         await asyncio.wait_for(drained(worker, bus), 10)
     assert len(errors) == 1 and "inside transaction() on the same SQLite file" in str(errors[0])
     assert await packages(url) == ["audit-p1", "p1"]
+
+
+async def test_ctx_transaction_in_another_task_while_the_handlers_block_is_in_use_is_refused_on_postgres(
+    postgres_database_url: str,  # noqa: F811
+) -> None:
+    """Both tasks ran statements on the one asyncpg connection: one failed ("another operation
+    is in progress") and its block's rollback closed the connection under the other ("connection
+    was closed in the middle of operation"), failing the handler's attempt - every attempt. A task
+    that enters once no other task is in a block still shares the handler's transaction."""
+    url = postgres_database_url
+    await prepare(url)
+    bus = RecordingBus()
+    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=2))
+    errors: list[BaseException] = []
+
+    async def side(ctx: Context, pid: str) -> None:
+        try:
+            async with ctx.transaction() as tx:
+                await tx.execute("INSERT INTO packages (pid) VALUES ($1)", f"side-{pid}")
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it is what the test checks
+            errors.append(exc)
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async with ctx.transaction() as tx:
+            await tx.execute("INSERT INTO packages (pid) VALUES ($1)", req.pid)
+            if req.pid == "p1":  # the task's block and the handler's statement at once
+                await asyncio.gather(side(ctx, req.pid), tx.execute("INSERT INTO packages (pid) VALUES ($1)", "x-p1"))
+        if req.pid == "p2":  # one at a time: allowed, and committed with the handler's
+            await asyncio.create_task(side(ctx, req.pid))
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"), Requested(pid="p2"))
+        await asyncio.wait_for(drained(worker, bus), 20)
+        stats = worker.stats("package")
+    assert len(errors) == 1 and isinstance(errors[0], ConfigurationError), errors
+    assert "ctx.transaction() in another task" in str(errors[0])
+    assert (stats.handled, stats.retried, stats.dead_lettered) == (2, 0, 0)
+    assert await packages(url) == ["p1", "p2", "side-p2", "x-p1"]

@@ -98,7 +98,9 @@ class HandlerUnit:
     every other path (a no-op once committed).
     """
 
-    __slots__ = ("store", "ctx", "used", "conn", "_after_commit", "on_wait", "_published", "_on_end")
+    __slots__ = (
+        "store", "ctx", "used", "conn", "_after_commit", "on_wait", "_published", "_on_end", "_inside", "_depth",
+    )
 
     def __init__(self, store: StateStore, ctx: Context) -> None:
         self.store = store
@@ -108,6 +110,8 @@ class HandlerUnit:
         self._after_commit: list[Callable[[], None]] | None = None
         self._published: list[int] | None = None  # where in ctx.outputs the open transaction's tx.publish went
         self._on_end: list[Callable[[bool], None]] | None = None  # told how the open transaction ended
+        self._inside: asyncio.Task[Any] | None = None  # the task inside a block of the unit (PostgreSQL)
+        self._depth = 0  # how deep it is
         #: Told ``None`` when the unit starts waiting for its connection (the SQLite writer,
         #: a pooled PostgreSQL connection) and the seconds waited when it has it: the worker
         #: keeps that time out of the handler's timeout.
@@ -161,6 +165,18 @@ class HandlerUnit:
                 f"{self.ctx.handler}: ctx.transaction() after the handler returned (event {self.ctx.envelope.id}): "
                 "its transaction was committed or rolled back then; use the database before returning"
             )
+        task = asyncio.current_task() if self.store.backend != "sqlite" else None
+        if task is not None and self._inside is not None and self._inside is not task:
+            # An asyncpg connection runs one operation at a time: the second task's statements
+            # failed ("another operation is in progress"), and its block's rollback closed the
+            # connection under the first one's ("connection was closed in the middle of
+            # operation"), failing the handler's attempt - every attempt.
+            raise ConfigurationError(
+                f"{self.ctx.handler}: ctx.transaction() in another task while the handler's transaction is in use "
+                f"in its block (event {self.ctx.envelope.id}): a PostgreSQL transaction runs on one connection, one "
+                "statement at a time; pass the block's tx to that work and await it inside the block, or enter "
+                "ctx.transaction() in one task at a time"
+            )
         self.used = True
         if self.conn is None:
             on_wait = self.on_wait
@@ -180,9 +196,16 @@ class HandlerUnit:
                     self.conn = conn
                 finally:
                     on_wait(loop.time() - started)
+        if task is not None:
+            self._inside = task
+            self._depth += 1
         return Transaction(self.conn, self.store.backend, self._publish)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self._inside is not None and self._inside is asyncio.current_task():
+            self._depth -= 1
+            if self._depth == 0:
+                self._inside = None
         if exc_type is not None:
             await self.rollback()
 
