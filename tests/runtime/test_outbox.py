@@ -942,3 +942,44 @@ async def test_ctx_transaction_in_another_task_while_the_handlers_block_is_in_us
     assert "ctx.transaction() in another task" in str(errors[0])
     assert (stats.handled, stats.retried, stats.dead_lettered) == (2, 0, 0)
     assert await packages(url) == ["p1", "p2", "side-p2", "x-p1"]
+
+
+async def test_a_handler_returning_while_its_task_is_inside_ctx_transaction_is_refused_on_postgres(
+    postgres_database_url: str,  # noqa: F811
+) -> None:
+    """The worker committed the half of the task's block done by then (``side-p1``; the rest
+    failed: "the transaction is already finished"), and a statement of the task in flight at the
+    commit failed every attempt ("connection was closed in the middle of operation"). Now the
+    attempt is the program's error, saying so, and nothing of it commits."""
+    url = postgres_database_url
+    await prepare(url)
+    bus = RecordingBus()
+    svc = Service("package", database=url, retry=RetryPolicy(max_attempts=2))
+    inside = asyncio.Event()
+    leave = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    @svc.on(Requested)
+    async def create(req: Requested, ctx: Context) -> Created:
+        async def side() -> None:
+            async with ctx.transaction() as tx:
+                await tx.execute("INSERT INTO packages (pid) VALUES ($1)", f"side-{req.pid}")
+                inside.set()
+                await leave.wait()
+                await tx.execute("INSERT INTO packages (pid) VALUES ($1)", f"later-{req.pid}")
+
+        tasks.append(asyncio.create_task(side()))
+        await inside.wait()
+        return Created(pid=req.pid)
+
+    async with Worker([svc], bus) as worker:
+        await Publisher(bus).publish(Requested(pid="p1"))
+        await asyncio.wait_for(drained(worker, bus), 20)
+        stats = worker.stats("package")
+        leave.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert (stats.handled, stats.retried, stats.dead_lettered) == (0, 0, 1)
+    [letter] = await bus.dead_letters("package")
+    assert letter.record["last_error"]["type"] == "ConfigurationError"
+    assert "still inside ctx.transaction()" in letter.record["last_error"]["message"]
+    assert await packages(url) == []

@@ -218,6 +218,14 @@ class HandlerUnit:
 
     async def commit(self, group: str, event_id: str, messages: Sequence[Message]) -> bool:
         """Commit state + inbox record + outbox rows; ``False`` if another consumer committed this event first."""
+        if self._inside is not None:
+            # (PostgreSQL) The commit would run on the connection under the task's statements:
+            # one of them failed, and the rollback after it closed the connection under the other.
+            raise ConfigurationError(
+                f"{self.ctx.handler}: returned while a task it started is still inside ctx.transaction() "
+                f"(event {self.ctx.envelope.id}): the commit and the task's statements would share one PostgreSQL "
+                "connection; await the task before returning"
+            )
         conn, self.conn = self.conn, None
         self._published = None  # its events are in ``messages`` now: nothing left to undo
         if conn is None:  # the handler's block rolled back and it carried on: record the rest alone
