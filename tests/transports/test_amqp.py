@@ -192,6 +192,15 @@ async def test_a_group_name_rabbitmq_refuses_in_a_queue_name_is_a_configuration_
         await bus.subscribe("billing v2:eu/1+a@b,c#d", None)
 
 
+@pytest.mark.parametrize("prefix", ["shop*", "fa%C3%A7ade", "a%3Eb"])
+def test_a_prefix_rabbitmq_refuses_in_a_name_is_a_configuration_error(prefix: str) -> None:
+    """It starts every exchange and queue name: the connect failed with pamqp's bare
+    ValueError ("Invalid value for exchange") before any queue name was checked."""
+    with pytest.raises(ConfigurationError, match="has characters RabbitMQ does not take"):
+        AmqpTransport(f"amqp://guest:guest@localhost/?prefix={prefix}")
+    AmqpTransport("amqp://guest:guest@localhost/?prefix=shop:eu/1%2Ba@b,c%23d")
+
+
 async def test_an_unreachable_broker_is_a_transport_error() -> None:
     with pytest.raises(TransportError):
         async with opened("amqp://guest:guest@127.0.0.1:1/"):

@@ -68,6 +68,14 @@ class Names:
     def __init__(self, prefix: str) -> None:
         if not prefix or any(c.isspace() for c in prefix):
             raise ConfigurationError(f"amqp URL: prefix={prefix!r} must be non-empty without spaces")
+        if not _QUEUE_NAME.fullmatch(prefix):
+            # It starts every exchange and queue name: ?prefix=shop* failed the connect with
+            # pamqp's bare ValueError ("Invalid value for exchange"), naming neither.
+            odd = "".join(sorted({c for c in prefix if not _QUEUE_NAME.fullmatch(c)}))
+            raise ConfigurationError(
+                f"amqp URL: prefix={prefix!r} has characters RabbitMQ does not take in a name ({odd!r});"
+                " it may use ASCII letters, digits and - _ . : @ # , / +"
+            )
         self.prefix = prefix
         self.exchange = f"{prefix}.events"
         self.registry = f"{prefix}.registry"
