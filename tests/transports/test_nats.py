@@ -8,6 +8,7 @@ Tests that restart a broker start their own nats-server on a free port.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -1335,3 +1336,27 @@ async def test_a_delivery_that_waited_in_the_buffer_past_its_lease_is_not_dead_l
         assert await bus.dead_letters("g") == []
         (again,) = await collect(subscription, 1)  # the server hands it out again
         assert again.message.id == "m1" and again.attempt == 2
+
+
+def test_a_message_from_the_parser_reads_no_clock_until_a_pull_subscription_buffers_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every message the parser hands over (a PubAck for each event published, an API reply)
+    read the clock for a lease only a pull reply has; the pull subscription stamps its own."""
+    from choreograph.transports._nats_client import Raw
+
+    reads: list[None] = []
+    real = time.monotonic
+
+    def counted() -> float:
+        reads.append(None)
+        return real()
+
+    monkeypatch.setattr(time, "monotonic", counted)
+    Raw(None, "_INBOX.x.1", "", b'{"stream":"S","seq":1}', None)  # type: ignore[arg-type]
+    assert reads == []
+    pull = Raw(None, "_INBOX.y", "$JS.ACK.S.g.1.1.1.0.0", b"{}", None)  # type: ignore[arg-type]
+    subscription = _nats_pull.NatsSubscription.__new__(_nats_pull.NatsSubscription)
+    subscription._buffer, subscription._waiter = collections.deque(), None  # what _reply uses
+    subscription._reply(pull)
+    assert len(reads) == 1 and pull.arrived <= real()

@@ -35,7 +35,6 @@ import asyncio
 import inspect
 import itertools
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,8 +102,10 @@ class Raw:
 
     __slots__ = ("subject", "reply", "data", "_raw_headers", "_headers", "_client", "arrived")
 
+    #: (``arrived``: set by the pull subscription for the messages it buffers, whose lease runs
+    #: from it - see ``NatsDelivery``; not here, where every PubAck and API reply would pay for it)
+
     def __init__(self, client: Client, subject: str, reply: str, data: bytes, headers: bytes | None) -> None:
-        self.arrived = time.monotonic()  # a pull reply's lease runs from here (see NatsDelivery)
         self._client = client
         self.subject = subject
         self.reply = reply

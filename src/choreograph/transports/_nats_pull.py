@@ -121,7 +121,7 @@ class NatsDelivery(Delivery):
         self._deferrals = 0
         # from its arrival, not from now: it may have waited in the buffer (a reply that came
         # after its fetch gave up waits for the next fetch), its lease on the server running
-        self._until = (msg.arrived if type(msg) is Raw else _arrival(msg)) + subscription._lease
+        self._until = msg.arrived + subscription._lease  # type: ignore[union-attr]  # set by _reply
 
     async def _ack(self) -> None:
         await self._subscription._reply_to(self._reply, b"+ACK", confirm=False)
@@ -278,11 +278,13 @@ class NatsSubscription(Subscription):
     # -- receiving ----------------------------------------------------------------------
 
     async def _on_reply(self, msg: Msg) -> None:
-        setattr(msg, _ARRIVED, time.monotonic())  # noqa: B010 - nats-py's Msg has no field for it
         self._reply(msg)
 
     def _reply(self, msg: Msg | Raw) -> None:
         if msg.reply.startswith("$JS.ACK."):
+            # its lease runs from here (see NatsDelivery); nats-py's Msg, a dataclass without
+            # slots, takes the attribute as Raw's slot does
+            msg.arrived = time.monotonic()  # type: ignore[union-attr]
             self._buffer.append(msg)
         else:
             status = (msg.headers or {}).get("Status", "")
@@ -622,15 +624,6 @@ class NatsSubscription(Subscription):
             raise TransportError(
                 f"nats: the consumer of group {self.group!r} no longer exists: {error.get('description')}"
             )
-
-
-_ARRIVED = "_choreograph_arrived"
-
-
-def _arrival(msg: Msg | Raw) -> float:
-    """When ``msg``, a nats-py ``Msg``, reached its callback (``Raw.arrived`` for the parser's)."""
-    arrived: float | None = getattr(msg, _ARRIVED, None)
-    return time.monotonic() if arrived is None else arrived
 
 
 def _ack_of(msg: Msg | Raw) -> tuple[int, int, int]:
