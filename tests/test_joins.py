@@ -376,6 +376,20 @@ async def test_a_timer_re_deferred_for_hours_keeps_its_retries_for_a_real_failur
     assert failure.reason == "join_timeout" and at - start == pytest.approx(6 * 3600 + 5 + 1.0)  # + the backoff
 
 
+_ONCE = RetryPolicy(max_attempts=1, base=1.0, jitter=False)
+
+
+def _stock_check_down() -> Service:
+    """A stock service whose check of every Reserved fails, given up at once: a failed(Reserved)."""
+    stock = Service("stock", retry=_ONCE)
+
+    @stock.on(Reserved)
+    async def check(reserved: Reserved) -> None:
+        raise RuntimeError("stock check down")
+
+    return stock
+
+
 async def test_services_sharing_the_timer_type_only_time_out_their_own_joins(
     bus: SpyBus, clock: VirtualClock
 ) -> None:
@@ -401,14 +415,9 @@ async def test_a_join_completed_by_its_failure_slot_announces_the_other_arrivals
     # other arrivals, so the upstream step of Paid can compensate.
     from choreograph import failed
 
-    once = RetryPolicy(max_attempts=1, base=1.0, jitter=False)
-    stock = Service("stock", retry=once)
+    stock = _stock_check_down()
 
-    @stock.on(Reserved)
-    async def check(reserved: Reserved) -> None:
-        raise RuntimeError("stock check down")
-
-    svc = Service("shipping", retry=once)
+    svc = Service("shipping", retry=_ONCE)
 
     @svc.on_all(Paid, failed(Reserved))
     async def refund_later(paid: Paid, failure: Failure) -> None:
@@ -438,14 +447,9 @@ async def test_a_failure_slot_join_and_the_services_own_handler_of_failed_failur
     from choreograph import failed
     from choreograph.joins import Failed
 
-    once = RetryPolicy(max_attempts=1, base=1.0, jitter=False)
-    stock = Service("stock", retry=once)
+    stock = _stock_check_down()
 
-    @stock.on(Reserved)
-    async def check(reserved: Reserved) -> None:
-        raise RuntimeError("stock check down")
-
-    svc = Service("shipping", retry=once)
+    svc = Service("shipping", retry=_ONCE)
     seen: list[tuple[str | None, str]] = []
 
     def own() -> None:
@@ -487,14 +491,9 @@ async def test_the_arrival_of_a_failure_slot_is_not_announced_as_failed_again(
     # up (the journal's compensation_failed; on_failure handlers of that type) where none did.
     from choreograph import failed
 
-    once = RetryPolicy(max_attempts=1, base=1.0, jitter=False)
-    stock = Service("stock", retry=once)
+    stock = _stock_check_down()
 
-    @stock.on(Reserved)
-    async def check(reserved: Reserved) -> None:
-        raise RuntimeError("stock check down")
-
-    svc = Service("shipping", retry=once)
+    svc = Service("shipping", retry=_ONCE)
 
     @svc.on_all(Paid, failed(Reserved), within=30 if case == "arrives late" else None)
     async def refund_later(paid: Paid, failure: Failure) -> None:

@@ -14,6 +14,7 @@ from choreograph._clock import handler_task
 from choreograph._envelope import decode, is_rfc3339, now_rfc3339, rfc3339
 from choreograph._journal_model import parse_time
 from choreograph._virtual_time import _quiesce
+from choreograph.runtime import Stats
 from choreograph.service import FAILED
 from choreograph.stores.memory import MemoryStore
 from choreograph.testing import MemoryTransport, Scenario, VirtualClock, settled
@@ -141,6 +142,17 @@ class Slept(Event, type="test.virtual_time.slept"):
     after: float
 
 
+async def _one_ping(service: Service) -> tuple[VirtualClock, Stats]:
+    """``Ping(n=1)`` handled by ``service`` on a VirtualClock from 0, until settled(): the clock and
+    the service's counters."""
+    clock = VirtualClock(start=0.0)
+    bus = MemoryTransport(clock=clock)
+    async with Worker([service], bus) as worker:
+        await Publisher(bus).publish(Ping(n=1))
+        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
+        return clock, worker.stats(service.name)
+
+
 async def test_settled_jumps_over_a_handlers_own_clock_sleep() -> None:
     """A handler that waits on ``ctx.clock.sleep()`` waits on the virtual clock: settled() must
     jump it (it counted the handler as real work at hand, never jumped, and timed out in real time)."""
@@ -152,12 +164,8 @@ async def test_settled_jumps_over_a_handlers_own_clock_sleep() -> None:
         await ctx.clock.sleep(30.0)
         return Slept(n=ping.n, after=ctx.clock.monotonic() - started)
 
-    clock = VirtualClock(start=0.0)
-    bus = MemoryTransport(clock=clock)
-    async with Worker([sleeper], bus) as worker:
-        await Publisher(bus).publish(Ping(n=1))
-        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
-        assert worker.stats("sleeper").handled == 1
+    clock, stats = await _one_ping(sleeper)
+    assert stats.handled == 1
     assert clock.monotonic() == 30.0
 
 
@@ -169,12 +177,8 @@ async def test_a_handlers_clock_sleep_past_its_timeout_times_out_on_the_clock() 
     async def nap(ping: Ping, ctx: Context) -> None:
         await ctx.clock.sleep(600.0)
 
-    clock = VirtualClock(start=0.0)
-    bus = MemoryTransport(clock=clock)
-    async with Worker([sleeper], bus) as worker:
-        await Publisher(bus).publish(Ping(n=1))
-        await asyncio.wait_for(settled(bus, timeout=5.0), 10.0)
-        assert worker.stats("sleeper").dead_lettered == 1
+    clock, stats = await _one_ping(sleeper)
+    assert stats.dead_lettered == 1
     assert clock.monotonic() == 5.0
 
 
