@@ -2776,3 +2776,23 @@ async def test_a_stop_cancelled_in_its_drain_stops_the_lease_touches_and_the_wat
     finally:
         worker.release_in_flight()
         await worker.stop()
+
+
+def test_a_worker_refuses_a_service_given_twice_or_two_services_of_one_name() -> None:
+    """A service's name is its consumer group: two runners of one group in one worker split its
+    events, each handing back (then dead-lettering ``unhandled``) the types only the other
+    handles. Accepted without a word; refused as App refuses them."""
+    placed = Service("orders")
+
+    @placed.on(Placed)
+    async def take(order: Placed) -> None: ...
+
+    shipped = Service("orders")
+
+    @shipped.on(Shipped)
+    async def ship(order: Shipped) -> None: ...
+
+    for services in ([placed, placed], [placed, shipped]):
+        with pytest.raises(ConfigurationError, match=r"services: \['orders'\] given more than once"):
+            Worker(services, MemoryTransport())
+    Worker([placed, _charging([])], MemoryTransport())  # distinct names: fine

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from choreograph._clock import SYSTEM_CLOCK, Clock
+from choreograph.errors import ConfigurationError
 from choreograph.runtime._coroutines import never_suspends as never_suspends  # for tests
 from choreograph.runtime._outcomes import Stats
 from choreograph.runtime._runner import _EAGER_TASKS as _EAGER_TASKS  # for tests
@@ -118,6 +119,14 @@ class Worker:
         if not drain_timeout >= 0:  # NaN too
             raise ValueError(f"drain_timeout: must be >= 0 seconds, got {drain_timeout!r}")
         self.services = list(services)
+        names = [s.name for s in self.services]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            # A service's name is its consumer group: two runners of one group in one worker split
+            # its events, each handing back (then dead-lettering) the types only the other handles.
+            raise ConfigurationError(
+                f"services: {twice} given more than once; a service's name is its consumer group, "
+                "so give each service once and each its own name (run replicas as more workers)"
+            )
         self.transport = transport
         self.store = store or MemoryStore()
         self.joins = joins or join_store_beside(self.store.url)
