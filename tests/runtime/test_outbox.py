@@ -944,14 +944,14 @@ async def test_ctx_transaction_in_another_task_while_the_handlers_block_is_in_us
     assert await packages(url) == ["p1", "p2", "side-p2", "x-p1"]
 
 
-async def test_a_handler_returning_while_its_task_is_inside_ctx_transaction_is_refused_on_postgres(
-    postgres_database_url: str,  # noqa: F811
+async def test_a_handler_returning_while_its_task_is_inside_ctx_transaction_is_refused(
+    database_url: str,  # noqa: F811
 ) -> None:
-    """The worker committed the half of the task's block done by then (``side-p1``; the rest
-    failed: "the transaction is already finished"), and a statement of the task in flight at the
-    commit failed every attempt ("connection was closed in the middle of operation"). Now the
-    attempt is the program's error, saying so, and nothing of it commits."""
-    url = postgres_database_url
+    """The worker committed the half of the task's block done by then (``side-p1``, on SQLite and
+    PostgreSQL; the rest failed there: "the transaction is already finished"), and on PostgreSQL a statement of the task in flight at the commit failed every
+    attempt ("connection was closed in the middle of operation"). Now the attempt is the
+    program's error, saying so, and nothing of it commits."""
+    url = database_url
     await prepare(url)
     bus = RecordingBus()
     svc = Service("package", database=url, retry=RetryPolicy(max_attempts=2))

@@ -100,6 +100,7 @@ class HandlerUnit:
 
     __slots__ = (
         "store", "ctx", "used", "conn", "_after_commit", "on_wait", "_published", "_on_end", "_inside", "_depth",
+        "_open",
     )
 
     def __init__(self, store: StateStore, ctx: Context) -> None:
@@ -112,6 +113,7 @@ class HandlerUnit:
         self._on_end: list[Callable[[bool], None]] | None = None  # told how the open transaction ended
         self._inside: asyncio.Task[Any] | None = None  # the task inside a block of the unit (PostgreSQL)
         self._depth = 0  # how deep it is
+        self._open = 0  # blocks entered and not yet left, by any task (any backend)
         #: Told ``None`` when the unit starts waiting for its connection (the SQLite writer,
         #: a pooled PostgreSQL connection) and the seconds waited when it has it: the worker
         #: keeps that time out of the handler's timeout.
@@ -199,9 +201,11 @@ class HandlerUnit:
         if task is not None:
             self._inside = task
             self._depth += 1
+        self._open += 1
         return Transaction(self.conn, self.store.backend, self._publish)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self._open -= 1
         if self._inside is not None and self._inside is asyncio.current_task():
             self._depth -= 1
             if self._depth == 0:
@@ -218,13 +222,15 @@ class HandlerUnit:
 
     async def commit(self, group: str, event_id: str, messages: Sequence[Message]) -> bool:
         """Commit state + inbox record + outbox rows; ``False`` if another consumer committed this event first."""
-        if self._inside is not None:
-            # (PostgreSQL) The commit would run on the connection under the task's statements:
-            # one of them failed, and the rollback after it closed the connection under the other.
+        if self._open:
+            # A task the handler started is still in its block. On PostgreSQL the commit would run
+            # on the connection under the task's statements: one of them failed, and the rollback
+            # after it closed the connection under the other. On SQLite (and PostgreSQL) the commit
+            # took the half of the block done so far.
             raise ConfigurationError(
                 f"{self.ctx.handler}: returned while a task it started is still inside ctx.transaction() "
-                f"(event {self.ctx.envelope.id}): the commit and the task's statements would share one PostgreSQL "
-                "connection; await the task before returning"
+                f"(event {self.ctx.envelope.id}): the commit would take its block half done; await the task "
+                "before returning"
             )
         conn, self.conn = self.conn, None
         self._published = None  # its events are in ``messages`` now: nothing left to undo
