@@ -176,6 +176,30 @@ async def test_an_integer_the_bus_cannot_carry_is_422_not_accepted_then_dead_let
     assert bus.published == []
 
 
+@pytest.mark.parametrize(("qty", "reason"), [("1" + "0" * 400, "integer out of range"), ("1e400", "number out of range"),
+                                             ("-1e400", "number out of range")])
+async def test_a_number_beyond_a_float_is_422_naming_its_field_not_400_not_json(
+    client: httpx.AsyncClient, bus: SpyBus, qty: str, reason: str
+) -> None:
+    """``1e400`` and an integer of 400 digits are valid JSON (RFC 8259 leaves the range to the
+    reader), but orjson refuses the whole document ("number is infinity"): that was a 400 "body
+    is not valid JSON" naming no field. It is the 422 of any other number out of range."""
+    body = b'{"address": "1 Main St", "items": [{"sku": "tea", "qty": ' + qty.encode() + b"}]}"
+    response = await client.post("/orders", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    [error] = response.json()["errors"]
+    assert error["path"] == "$.items[0].qty"
+    assert error["reason"].startswith(reason)
+    assert bus.published == []
+
+
+async def test_json_that_is_invalid_is_still_400(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    response = await client.post("/orders", content=b'{"address": 1e400,', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["detail"]
+    assert bus.published == []
+
+
 class Measured(Event, type="test.gateway.measured"):
     sensor: str
     value: float

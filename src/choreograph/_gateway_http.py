@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from choreograph._event_wire import field_path, not_carried
 from choreograph._http_binding import BATCH, STRUCTURED
-from choreograph._json_pairs import first_misread
+from choreograph._json_pairs import first_infinite, first_misread
 
 if TYPE_CHECKING:
     from choreograph.events import Event
@@ -28,6 +28,7 @@ EventT = TypeVar("EventT", bound="Event")
 
 PROBLEM_JSON = "application/problem+json"
 IDEMPOTENCY_KEY_MAX = 255
+INT_OUT_OF_RANGE = "integer out of range: events carry integers of at most 64 bits"
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -142,7 +143,14 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise Problem(400, f"body is not valid JSON: {exc}") from None
+        infinite = first_infinite(body)  # valid JSON, but a number orjson reads as no float
+        if infinite is None:
+            raise Problem(400, f"body is not valid JSON: {exc}") from None
+        path, integer = infinite
+        reason = (INT_OUT_OF_RANGE if integer else
+                  "number out of range: events carry numbers within a 64-bit float's (about 1.8e308)")
+        raise Problem(422, f"invalid {model.__name__}: {path}: {reason}",
+                      errors=[{"path": path, "reason": reason, "type": "number_out_of_range"}]) from None
     duplicate = duplicate_key(body)
     if duplicate is not None:
         reason = "the key is given twice in one object: which value is meant is undefined; send it once"
@@ -220,7 +228,7 @@ def duplicate_key(body: bytes) -> str | None:
 
 def _reason(error: Any) -> str:
     if error["type"] == "int_parsing_size":  # an integer orjson could not read as one
-        return "integer out of range: events carry integers of at most 64 bits"
+        return INT_OUT_OF_RANGE
     return str(error["msg"])
 
 

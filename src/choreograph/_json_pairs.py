@@ -8,6 +8,7 @@ pairs and every integer as written, tells them; the gateway, the receiver and
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 
@@ -52,4 +53,30 @@ def first_misread(body: bytes | str, *, ints: bool) -> tuple[str, Literal["dupli
             stack.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
         elif isinstance(value, _Int) and not fits_64_bits(value):
             return path, "big_int"
+    return None
+
+
+class _Number(str):
+    """A JSON number as it was written."""
+
+
+def first_infinite(body: bytes | str) -> tuple[str, bool] | None:
+    """The path of the first number of ``body`` beyond a 64-bit float's range (``1e400``, an
+    integer of over 308 digits) and whether it is written as an integer; ``None`` if none.
+    orjson refuses such a document outright ("number is infinity when parsed as double"),
+    which is valid JSON (RFC 8259 leaves a number's range to the reader); the stdlib parser
+    tells which value it was. Nested deeper than that parser goes: ``None``."""
+    try:
+        root = json.loads(body, object_pairs_hook=_Pairs, parse_int=_Int, parse_float=_Number)
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[str, Any]] = [("$", root)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, _Pairs):
+            stack.extend((f"{path}.{key}", item) for key, item in reversed(value))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
+        elif isinstance(value, (_Int, _Number)) and math.isinf(float(value)):
+            return path, isinstance(value, _Int)
     return None
