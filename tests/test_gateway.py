@@ -340,6 +340,27 @@ async def test_a_compressed_body_is_415(client: httpx.AsyncClient) -> None:
     assert response.status_code == 415 and "Content-Encoding" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("lines", [["identity", "gzip"], ["gzip", "identity"], ["identity, br"]])
+async def test_a_body_compressed_by_any_coding_listed_is_415(
+    client: httpx.AsyncClient, bus: SpyBus, lines: list[str]
+) -> None:
+    """Content-Encoding is a list, given on one line or several (RFC 9110 8.4): only the first
+    line was read, so ``identity`` then ``gzip`` passed as an uncompressed body."""
+    headers = [("content-type", "application/json"), *(("content-encoding", line) for line in lines)]
+    response = await client.post("/orders", content=b'{"address": "x", "items": []}', headers=headers)
+    assert response.status_code == 415 and "Content-Encoding" in response.json()["detail"]
+    assert bus.published == []
+
+
+async def test_a_content_type_given_twice_is_400(client: httpx.AsyncClient, bus: SpyBus) -> None:
+    """Only the first was read (``application/json`` then ``text/plain`` was a 202); a proxy in
+    front may read the last."""
+    headers = [("content-type", "application/json"), ("content-type", "text/plain")]
+    response = await client.post("/orders", content=b'{"address": "x", "items": []}', headers=headers)
+    assert response.status_code == 400 and response.json()["detail"].startswith("Content-Type: given more than once")
+    assert bus.published == []
+
+
 async def test_json_subtypes_and_utf8_charset_are_accepted(client: httpx.AsyncClient) -> None:
     for content_type in ("application/json; charset=UTF-8", "application/vnd.acme+json"):
         response = await client.post("/orders", content=b'{"address": "x", "items": []}',

@@ -88,7 +88,10 @@ def check_bearer(request: Request, token: str | None) -> None:
 def check_json_content_type(request: Request) -> None:
     """415 unless the body is declared JSON (``application/json`` or ``application/*+json``, UTF-8 if a
     charset is given) and is not compressed (a gzip body would otherwise read as malformed JSON)."""
-    header = request.headers.get("content-type")
+    given = request.headers.getlist("content-type")
+    if len(given) > 1:  # read as the first here, perhaps as the last by a proxy in front
+        raise Problem(400, "Content-Type: given more than once; which type is meant is undefined, send it once")
+    header = given[0] if given else None
     if not header:
         raise Problem(415, "missing Content-Type; send application/json")
     media_type, *params = (part.strip() for part in header.split(";"))
@@ -103,9 +106,13 @@ def check_json_content_type(request: Request) -> None:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
             raise Problem(415, f"unsupported charset {value.strip()!r}; send UTF-8 JSON")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise Problem(415, f"unsupported Content-Encoding {encoding!r}; send the body uncompressed")
+    # every coding of every line (RFC 9110 8.4: a list, lines combined): the first line only
+    # let "identity" then "gzip" through as an uncompressed body
+    codings = [coding.strip().lower() for line in request.headers.getlist("content-encoding")
+               for coding in line.split(",")]
+    applied = [coding for coding in codings if coding not in ("", "identity")]
+    if applied:
+        raise Problem(415, f"unsupported Content-Encoding {', '.join(applied)!r}; send the body uncompressed")
 
 
 async def read_body(request: Request, max_body: int) -> bytes:
