@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from examples.chain import OrderPlaced
@@ -622,3 +623,37 @@ def test_an_empty_url_parameter_is_refused_naming_it(tmp_path: Path, url: str, n
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "bus.db").exists()
+
+
+
+def test_dlq_replay_names_letters_another_command_took_between_its_look_up_and_its_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge (another connection, as another process has) taking a letter after ``dlq replay``
+    looked it up and before it replayed it: "replayed 1" and exit 0 read as both done; the
+    shortfall is an error (exit 2), after the replay of the other."""
+    from typer.testing import CliRunner
+
+    from choreograph.cli import _dlq
+    from choreograph.errors import ConfigurationError
+
+    url = f"sqlite:///{tmp_path}/bus.db"
+    first, second = seed_dead_letters(url)
+
+    async def racing_bus(bus_url: str, action: Any) -> Any:
+        async with open_transport(bus_url) as bus, open_transport(bus_url) as other:
+            replay = bus.replay
+
+            async def purged_first(group: str, ids: Any = None) -> int:
+                assert await other.purge(group, [first]) == 1  # lands between the look-up and the replay
+                return await replay(group, ids)
+
+            bus.replay = purged_first  # type: ignore[method-assign]
+            return await action(bus)
+
+    monkeypatch.setattr(_dlq, "_with_bus", racing_bus)
+    result = CliRunner().invoke(_dlq.app, ["replay", first, second, "--group", "payment", "--broker", url])
+    assert result.stdout.endswith("replayed 1 dead letter(s) to payment\n")
+    assert isinstance(result.exception, ConfigurationError), result.stdout
+    assert "1 dead letter(s) of 'payment' found were gone when replayed" in str(result.exception)
+    assert json.loads(cli("dlq", "list", "--broker", url, "--json").stdout) == []

@@ -4,7 +4,9 @@ Every subcommand opens the bus with :func:`open_existing_bus`: none has a reason
 create one. An id the group has no dead letter for is an error (exit 2), reported after
 the ids it does have were acted on: a script learns that a letter it meant to replay or
 purge was not there (replayed already, mistyped, in another group) instead of reading
-"replayed 0".
+"replayed 0". So is one found but gone by the time it was acted on (a ``purge`` or another
+``replay`` racing this one): the count says how many this command did, the error how many
+it did not.
 """
 
 from __future__ import annotations
@@ -100,20 +102,32 @@ async def _check_group(bus: Transport, group: str) -> None:
         raise ConfigurationError(f"--group: no group {group!r} on this bus (its groups: {known})")
 
 
-async def _act_on(bus: Transport, group: str, ids: list[str], verb: _Verb) -> tuple[int, list[str]]:
-    """Apply ``verb`` (replay or purge) to the ids the group has (all: none given); also return those it has not.
+async def _act_on(bus: Transport, group: str, ids: list[str], verb: _Verb) -> tuple[int, list[str], int]:
+    """Apply ``verb`` (replay or purge) to the ids the group has (all: none given); also return
+    those it has not, and how many of those it had were gone when ``verb`` ran.
 
     The transports skip unknown ids without a word, so each id is looked up first; a group the
-    bus does not have is an error (``purge --all`` of a typo said "purged 0").
+    bus does not have is an error (``purge --all`` of a typo said "purged 0"). Another process
+    can still take a letter between the look-up and ``verb`` (a ``purge`` racing a ``replay``):
+    the shortfall of ``verb``'s count is reported too, where it read as done ("replayed 0", exit 0).
     """
     await _check_group(bus, group)
     if not ids:
-        return await verb(group, None), []
+        return await verb(group, None), [], 0
     wanted = list(dict.fromkeys(ids))
     missing = [message_id for message_id in wanted if await bus.dead_letter(group, message_id) is None]
     found = [message_id for message_id in wanted if message_id not in missing]
     count = await verb(group, found) if found else 0
-    return count, missing
+    return count, missing, max(0, len(found) - count)
+
+
+def _gone_error(group: str, missing: Sequence[str], gone: int, verb: str) -> ConfigurationError:
+    """The error for ids not acted on: ``missing`` (never there) and ``gone`` more (there when looked up, not when acted on)."""
+    parts = [str(_missing_error(group, missing))] if missing else []
+    if gone:
+        parts.append(f"{gone} dead letter(s) of {group!r} found were gone when {verb}: "
+                     "replayed or purged meanwhile by another command")
+    return ConfigurationError("; ".join(parts))
 
 
 @app.command("list")
@@ -180,15 +194,15 @@ def replay(message_id: list[str] = typer.Argument(None, metavar="ID...",
            group: str = typer.Option(..., "--group", "-g"), broker: str | None = BrokerOption,
            json: bool = JsonOption) -> None:
     """Deliver dead letters to their group again, with a fresh attempt count."""
-    count, missing = run_async(
+    count, missing, gone = run_async(
         _with_bus(broker_url(broker), lambda bus: _act_on(bus, group, message_id or [], bus.replay))
     )
     if json:
         console.print_json(orjson.dumps({"replayed": count}).decode())
     else:
         console.print(f"replayed {count} dead letter(s) to {group}", markup=False, highlight=False, emoji=False)
-    if missing:
-        raise _missing_error(group, missing)
+    if missing or gone:
+        raise _gone_error(group, missing, gone, "replayed")
 
 
 @app.command("purge")
@@ -202,12 +216,12 @@ def purge(message_id: list[str] = typer.Argument(None, metavar="ID...", help="Id
         raise ConfigurationError(f"dlq purge: give the ids to delete, or --all to delete every dead letter of {group!r}")
     if message_id and all_:
         raise ConfigurationError("dlq purge: give ids or --all, not both")
-    count, missing = run_async(
+    count, missing, gone = run_async(
         _with_bus(broker_url(broker), lambda bus: _act_on(bus, group, message_id or [], bus.purge))
     )
     if json:
         console.print_json(orjson.dumps({"purged": count}).decode())
     else:
         console.print(f"purged {count} dead letter(s) from {group}", markup=False, highlight=False, emoji=False)
-    if missing:
-        raise _missing_error(group, missing)
+    if missing or gone:
+        raise _gone_error(group, missing, gone, "purged")
