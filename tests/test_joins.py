@@ -11,6 +11,7 @@ from choreograph import (
     FAILED,
     ConfigurationError,
     Context,
+    Envelope,
     Event,
     Failure,
     Publisher,
@@ -24,7 +25,7 @@ from choreograph.stores.joins_base import JoinKey, JoinState
 from choreograph.stores.joins_memory import MemoryJoinStore
 from choreograph.stores.joins_sqlite import SQLiteJoinStore
 from choreograph.testing import MemoryTransport, VirtualClock, settled
-from choreograph.transports.base import Message
+from choreograph.transports.base import DeadLetter, Message
 
 
 class Paid(Event, type="test.joins.paid"):
@@ -390,6 +391,21 @@ def _stock_check_down() -> Service:
     return stock
 
 
+async def _paid_then_reserved_fails(
+    services: list[Service], bus: SpyBus, clock: VirtualClock
+) -> tuple[Envelope, DeadLetter, list[Failure]]:
+    """Paid, then a Reserved whose check fails, in one transaction through ``services``: the Paid
+    published, shipping's one dead letter, and the failures of Paid a watcher saw."""
+    watcher = Watcher().watch(clock)
+    async with Worker([*services, watcher], bus):
+        [paid] = await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
+        await settled(bus)
+        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
+        await settled(bus)
+    [letter] = await bus.dead_letters("shipping")
+    return paid, letter, [f for t, f, _ in watcher.failures if t == Paid.event_type()]
+
+
 async def test_services_sharing_the_timer_type_only_time_out_their_own_joins(
     bus: SpyBus, clock: VirtualClock
 ) -> None:
@@ -423,15 +439,8 @@ async def test_a_join_completed_by_its_failure_slot_announces_the_other_arrivals
     async def refund_later(paid: Paid, failure: Failure) -> None:
         raise RuntimeError("refund desk down")
 
-    watcher = Watcher().watch(clock)
-    async with Worker([stock, svc, watcher], bus):
-        [paid] = await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
-        await settled(bus)
-        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
-        await settled(bus)
-    [letter] = await bus.dead_letters("shipping")
+    paid, letter, paid_failures = await _paid_then_reserved_fails([stock, svc], bus, clock)
     assert letter.message.type == FAILED  # the failure arrival completed the join and gave up
-    paid_failures = [f for t, f, _ in watcher.failures if t == Paid.event_type()]
     assert [f.envelope.id for f in paid_failures] == [paid.id]
     assert paid_failures[0].record["handler"] == "test_a_join_completed_by_its_failure_slot_announces_the_other_arrivals_when_it_gives_up.<locals>.refund_later"
 
@@ -469,14 +478,7 @@ async def test_a_failure_slot_join_and_the_services_own_handler_of_failed_failur
 
     assert is_rollback(svc.failure_handlers[FAILED])  # alert is a compensation: its give-up is marked
     assert [s.handler.rsplit(".", 1)[-1] for s in build(svc).steps if s.trigger == FAILED] == ["alert"]
-    watcher = Watcher().watch(clock)
-    async with Worker([stock, svc, watcher], bus):
-        [paid] = await Publisher(bus).publish(Paid(order="o"), correlation_id="tx")
-        await settled(bus)
-        await Publisher(bus).publish(Reserved(order="o"), correlation_id="tx")
-        await settled(bus)
-    [letter] = await bus.dead_letters("shipping")
-    paid_failures = [f for t, f, _ in watcher.failures if t == Paid.event_type()]
+    paid, letter, paid_failures = await _paid_then_reserved_fails([stock, svc], bus, clock)
     assert [f.envelope.id for f in paid_failures] == [paid.id]  # the fan-out ran
     assert seen == [(paid_failures[0].record["handler"], decode(letter.message.body).id)]  # and so did alert
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from typing import Any, Literal
 
 
@@ -39,21 +40,28 @@ def first_misread(body: bytes | str, *, ints: bool) -> tuple[str, Literal["dupli
         root = json.loads(body, object_pairs_hook=_Pairs, parse_int=_Int if ints else _ignore, parse_float=_ignore)
     except (ValueError, RecursionError):
         return None
-    stack: list[tuple[str, Any]] = [("$", root)]
-    while stack:
-        path, value = stack.pop()
+    for path, value in _walk(root):
         if isinstance(value, _Pairs):
             seen: set[str] = set()
             for key, _ in value:
                 if key in seen:
                     return f"{path}.{key}", "duplicate_key"
                 seen.add(key)
-            stack.extend((f"{path}.{key}", item) for key, item in reversed(value))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
         elif isinstance(value, _Int) and not fits_64_bits(value):
             return path, "big_int"
     return None
+
+
+def _walk(root: Any) -> Iterator[tuple[str, Any]]:
+    """Every value of ``root`` (read with :class:`_Pairs` objects) and its path, in document order."""
+    stack: list[tuple[str, Any]] = [("$", root)]
+    while stack:
+        path, value = stack.pop()
+        yield path, value
+        if isinstance(value, _Pairs):
+            stack.extend((f"{path}.{key}", item) for key, item in reversed(value))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
 
 
 class _Number(str):
@@ -70,13 +78,7 @@ def first_infinite(body: bytes | str) -> tuple[str, bool] | None:
         root = json.loads(body, object_pairs_hook=_Pairs, parse_int=_Int, parse_float=_Number)
     except (ValueError, RecursionError):
         return None
-    stack: list[tuple[str, Any]] = [("$", root)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, _Pairs):
-            stack.extend((f"{path}.{key}", item) for key, item in reversed(value))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
-        elif isinstance(value, (_Int, _Number)) and math.isinf(float(value)):
+    for path, value in _walk(root):
+        if isinstance(value, (_Int, _Number)) and math.isinf(float(value)):
             return path, isinstance(value, _Int)
     return None
