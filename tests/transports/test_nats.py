@@ -1253,6 +1253,38 @@ async def test_publish_fetch_ack_and_dead_letters_with_and_without_the_client_fa
         assert await subscription.fetch(10, timeout=0.5) == []
 
 
+async def test_commands_go_to_the_socket_at_once_unless_queued_ones_must_go_first(server_url: str) -> None:
+    """``send_commands`` writes straight to the socket when nothing waits in the client's write
+    queue (no loop turn for the flusher on the path of an output or a pull request); behind
+    commands nats-py still holds it queues, so the server reads them in the order sent."""
+    from choreograph.transports._nats_client import send_commands
+
+    async with opened(bus_on(server_url)) as bus:
+        nc = bus._nc
+        assert nc is not None
+        subject = f"direct.{uuid.uuid4().hex}"
+        got: list[bytes] = []
+
+        async def received(m: Any) -> None:
+            got.append(m.data)
+
+        sub = await nc.subscribe(subject, cb=received)
+        await nc.flush()
+        await send_commands(nc, b"PUB %s 1\r\na\r\n" % subject.encode(), 1)
+        assert nc._pending_data_size == 0  # written, not left to the flusher
+        await nc.publish(subject, b"b")  # queued for the flusher, which has not run yet
+        assert nc._pending_data_size > 0
+        await send_commands(nc, b"PUB %s 1\r\nc\r\n" % subject.encode(), 1)
+        assert nc._pending_data_size > 0  # queued behind b
+        await nc.flush()
+        for _ in range(200):
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [b"a", b"b", b"c"]
+        await sub.unsubscribe()
+
+
 async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
     server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1267,6 +1299,9 @@ async def test_an_ack_batch_whose_write_failed_is_acked_by_the_retry(
     writes: list[int] = []
 
     async def failing_once(nc: object, commands: bytes, count: int) -> None:
+        if commands.startswith(b"PUB $JS.API."):  # a pull request, not an ack
+            await real(nc, commands, count)  # type: ignore[arg-type]
+            return
         writes.append(count)
         if len(writes) == 1:
             raise nats.errors.OutboundBufferLimitError

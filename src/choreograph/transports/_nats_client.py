@@ -20,6 +20,9 @@ it to the client's write queue with the same checks ``publish`` makes (closed, d
 the reconnect buffer's limit). That uses two internals of nats-py's ``Client``
 (``_send_command`` and ``_flush_pending``, present since 2.0); :func:`bulk_supported`
 checks for them, and without them every message goes through ``publish`` as before.
+When that queue is empty (and the socket keeps up) the commands are written to the socket
+at once instead: the flusher task's wake-up was a loop turn on the path of every output
+and pull request at a light load (:func:`send_commands`).
 
 **Direct delivery.** For its own inboxes (pull replies, PubAcks) choreograph takes
 messages straight from the protocol parser (:class:`DirectClient`): a light :class:`Raw`
@@ -41,6 +44,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 
 from choreograph.errors import TransportClosed, TransportError
 from choreograph.transports import _nats_codec as codec
@@ -91,9 +95,32 @@ async def send_commands(nc: Client, commands: bytes, messages: int) -> None:
     stats = nc.stats
     stats["out_msgs"] += messages
     stats["out_bytes"] += len(commands)
+    if _write_now(nc, commands):
+        return
     await nc._send_command(commands)
     if nc._flush_queue is not None and nc._flush_queue.empty():
         await nc._flush_pending()
+
+
+def _write_now(nc: Client, commands: bytes) -> bool:
+    """Write ``commands`` to the socket at once, if nothing is queued before them: connected over
+    plain TCP (or TLS on it), the client's write queue empty and the socket's send buffer too.
+
+    Otherwise the client's flusher task writes them, a loop turn later (its queue kick, the
+    task's wake-up): on the path of every output and every pull request at a light load. In
+    order all the same: the flusher writes its queue whole, and this writes only when that
+    queue is empty; a socket that is not keeping up leaves the writing, and its waits, to it.
+    """
+    if nc._pending_data_size or not nc.is_connected:
+        return False
+    transport = nc._transport
+    if type(transport) is not TcpTransport:
+        return False
+    writer = transport._io_writer
+    if writer is None or writer.transport.is_closing() or writer.transport.get_write_buffer_size():
+        return False
+    writer.write(commands)
+    return True
 
 
 class Raw:

@@ -197,6 +197,7 @@ class NatsSubscription(Subscription):
         self._stream = stream
         self._consumer = consumer
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._next_subject_b = self._next_subject.encode()
         self._event_prefix = event_prefix  # "<prefix>.ev."
         self._replay_prefix = replay_prefix  # "<prefix>.rp.<group token>."
         self._types = binding.types
@@ -220,6 +221,7 @@ class NatsSubscription(Subscription):
         self._redelivered: list[NatsDelivery] = []  # of the last _take: their deferrals to look up
         self._on_close = on_close
         self._inbox_prefix = nc.new_inbox() + "."
+        self._inbox_prefix_b = self._inbox_prefix.encode()
         self._bulk = bulk_supported(nc)  # acks as one write of encoded commands
         self._inbox: NatsInbox | None = None
         self._buffer: collections.deque[Msg | Raw] = collections.deque()
@@ -335,7 +337,12 @@ class NatsSubscription(Subscription):
         self._statuses.clear()
         epoch = self._epoch
         with codec.translated("pull"):
-            await self._nc.publish(self._next_subject, request, reply=self._inbox_prefix + token)
+            if self._bulk:
+                command = b"PUB %s %s%s %d\r\n%s\r\n" % (self._next_subject_b, self._inbox_prefix_b, token.encode(),
+                                                          len(request), request)
+                await send_commands(self._nc, command, 1)
+            else:
+                await self._nc.publish(self._next_subject, request, reply=self._inbox_prefix + token)
         until = _earliest(deadline, guard)
         while len(self._buffer) < enough and token not in self._statuses:
             if epoch != self._epoch or self._closed:
