@@ -155,7 +155,7 @@ def raw_procs(broker: str, base: str, n: int, rate: float | None, loop: Runner) 
                 log = (tmp / f"raw-hop{hop}.log").open("wb")
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "bench._raw_chain", broker, base, prefix, str(hop), str(n), str(out)],
-                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(ROOT))))}, stdout=log, stderr=subprocess.STDOUT,
                 ))  # fmt: skip
             try:
                 _wait_running([tmp / f"raw-hop{hop}.log" for hop in (1, 2, 3)])

@@ -179,7 +179,10 @@ def start_hops(url: str, tmp: Path, n: int, out: Path, concurrency: int,
     into that folder (bench/_stages/sitecustomize.py). Each has its own SQLite inbox file, or
     with ``inbox="memory"`` an in-process one (bench/brokers.py ``--inbox memory``)."""
     procs = []
-    path = str(ROOT) if stages is None else os.pathsep.join((str(ROOT / "bench" / "_stages"), str(ROOT)))
+    # The caller's PYTHONPATH stays in front of ROOT: a baseline run from a worktree's src
+    # (``PYTHONPATH=/tmp/base/src``) must run the hops on that code, not on the installed one.
+    path = os.pathsep.join(filter(None, (str(ROOT / "bench" / "_stages") if stages is not None else None,
+                                         os.environ.get("PYTHONPATH"), str(ROOT))))
     for name in ("hop1", "hop2", "hop3"):
         store = "memory://" if inbox == "memory" else f"sqlite:///{tmp}/{name}-inbox.db"
         env = {**os.environ, "BENCH_N": str(n), "BENCH_OUT": str(out), "PYTHONPATH": path}
