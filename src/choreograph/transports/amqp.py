@@ -64,7 +64,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -76,16 +75,18 @@ import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 import orjson
-import pamqp.commands
-import pamqp.frame
-from aiormq.auth import AuthMechanism
-from aiormq.connection import FrameReceiver
-from pamqp.base import Frame
-from pamqp.frame import FrameTypes
 
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
-from choreograph.transports import did_you_mean, lease_from_url, refuse_repeated, refuse_unreadable
+from choreograph.transports import lease_from_url, refuse_repeated, refuse_unreadable
+from choreograph.transports._amqp_connect import (
+    OUR_PARAMS,
+    QUEUE_TYPES,
+    check_client_params,
+    check_client_values,
+    open_refusal,
+    server_major,
+)
 from choreograph.transports._amqp_consumer import AmqpSubscription
 from choreograph.transports._amqp_wire import (
     CONTENT_TYPE,
@@ -115,14 +116,6 @@ log = logging.getLogger("choreograph.transports.amqp")
 
 __all__ = ["AmqpTransport"]
 
-_OUR_PARAMS = ("lease", "prefix", "queue_type")
-#: What aiormq 7 reads from a URL's query (``aiormq.Connection.__init__`` and
-#: ``_credentials_class``: ``url.query.get(...)``); a test checks aiormq's source still
-#: reads no other. aio-pika's own are its connection class's PARAMETERS.
-_AIORMQ_PARAMS = (
-    "auth", "cadata", "cafile", "capath", "certfile", "heartbeat", "keyfile", "name", "no_verify_ssl", "timeout",
-)
-_QUEUE_TYPES = ("quorum", "classic")
 _UNKNOWN: Any = object()
 
 
@@ -142,14 +135,14 @@ class AmqpTransport(Transport):
         self.lease = lease_from_url(url)
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
-        ours = {key: value for key, value in query if key in _OUR_PARAMS}
+        ours = {key: value for key, value in query if key in OUR_PARAMS}
         self.names = Names(ours.get("prefix", "choreograph"))
         self.queue_type = ours.get("queue_type", "quorum")
-        if self.queue_type not in _QUEUE_TYPES:
+        if self.queue_type not in QUEUE_TYPES:
             raise ConfigurationError(f"amqp URL: queue_type={self.queue_type!r}; expected quorum or classic")
-        rest = [(key, value) for key, value in query if key not in _OUR_PARAMS]
-        _check_client_params({key for key, _ in rest})
-        _check_client_values(rest)
+        rest = [(key, value) for key, value in query if key not in OUR_PARAMS]
+        check_client_params({key for key, _ in rest})
+        check_client_values(rest)
         if not any(key == "reconnect_interval" for key, _ in rest):
             rest.append(("reconnect_interval", "1"))
         self._client_url = urlunsplit(parts._replace(query=urlencode(rest)))
@@ -188,7 +181,7 @@ class AmqpTransport(Transport):
                 return
             with translated(f"connect to {self._where}"):
                 connection = await self._open()
-                self._server_major = _server_major(connection)
+                self._server_major = server_major(connection)
                 try:
                     if not create:
                         await self._check_exists(connection)
@@ -247,7 +240,7 @@ class AmqpTransport(Transport):
                 f" (check the URL's user and password): {exc}"
             ) from exc
         except aiormq.exceptions.InvalidFrameError as exc:
-            refusal = await _open_refusal(self._client_url, self.ready_timeout)
+            refusal = await open_refusal(self._client_url, self.ready_timeout)
             if refusal is None:
                 raise
             raise TransportError(f"amqp: connect to {self._where}: {refusal}") from exc
@@ -549,107 +542,3 @@ async def _browse(channel: aiormq.abc.AbstractChannel, queue: str, limit: int | 
             break
         out.append(aio_pika.IncomingMessage(got, no_ack=False))
     return out
-
-
-def _check_client_params(names: set[str]) -> None:
-    """Refuse query parameters neither aio-pika nor aiormq reads: both take the URL's query
-    as a mapping and pick the names they know, so a typo (``?prefx=shop``, or aio-pika's
-    documented but unread ``ca_certs``) would be ignored without a word."""
-    client = {parameter.name for parameter in aio_pika.RobustConnection.PARAMETERS} | set(_AIORMQ_PARAMS)
-    unknown = sorted(names - client)
-    if unknown:
-        known = [*_OUR_PARAMS, *sorted(client)]
-        hints = [did_you_mean(name, known) for name in unknown]
-        raise ConfigurationError(
-            f"amqp URL: unknown parameter(s) {', '.join(hints)}; choreograph's are {', '.join(_OUR_PARAMS)};"
-            f" aio-pika's are {', '.join(sorted(client))}"
-        )
-
-
-#: The values aio-pika and aiormq would misread without a word: their parsers turn what is
-#: not a number into 0 (``?timeout=30s`` read as 0; ``?heartbeat=x`` or one of 65535 or
-#: more: heartbeats off; ``?reconnect_interval=1e3``: reconnect in a tight loop), and aiormq
-#: verifies TLS certificates only for ``no_verify_ssl=0`` (``?no_verify_ssl=false`` turned
-#: verification off). Each is checked as a plain decimal (what those parsers read).
-_CLIENT_VALUES: dict[str, tuple[str, str]] = {
-    "timeout": (r"\d+", "a whole number of seconds"),
-    "heartbeat": (r"\d{1,5}", "a whole number of seconds below 65535"),
-    "interleave": (r"\d+", "a whole number"),
-    "reconnect_interval": (r"\d+(\.\d*)?", "a number of seconds (digits, optionally a decimal point)"),
-    "happy_eyeballs_delay": (r"\d+(\.\d*)?", "a number of seconds (digits, optionally a decimal point)"),
-    "no_verify_ssl": (r"[01]", "0 (verify certificates) or 1 (do not)"),
-    "fail_fast": (r"(?i:true|yes|y|enabled?|on|1|false|no|n|disabled?|off|0)", "true or false"),
-    # aiormq looks the mechanism up only in the broker's answer: anything else was an
-    # AuthenticationError at connect ("[Errno PLAIN AMQPLAIN] ['PLAIN', 'EXTERNAL']") naming no parameter
-    "auth": (f"(?i:{'|'.join(m.name for m in AuthMechanism)})", " or ".join(m.name.lower() for m in AuthMechanism)),
-}
-
-
-def _check_client_values(query: list[tuple[str, str]]) -> None:
-    """Refuse a value of aio-pika's or aiormq's parameters that they would misread (see
-    :data:`_CLIENT_VALUES`), naming the parameter."""
-    for name, value in query:
-        pattern, wanted = _CLIENT_VALUES.get(name, ("", ""))
-        if not pattern:
-            continue
-        if not re.fullmatch(pattern, value) or (name == "heartbeat" and int(value) >= 65535):
-            raise ConfigurationError(f"amqp URL: {name}={value!r} is not {wanted}")
-
-
-class _Refused(Exception):
-    """The broker's Connection.Close during the handshake: (reply code, reply text)."""
-
-
-class _RefusalProbe(aiormq.Connection):
-    """An aiormq connection whose handshake reports the broker's Connection.Close as it is.
-
-    When the broker refuses Connection.Open (a vhost that does not exist, or that the user
-    may not use), aiormq 7 raises ``InvalidFrameError: Expected one of
-    ['Connection.OpenOk'], got <Connection.Close object at 0x...>``, dropping the reply
-    code and text that say which. This subclass raises them instead; it is only used to
-    connect a second time, after such a failure, to learn the reason."""
-
-    @staticmethod
-    async def _rpc(
-        request: Frame,
-        writer: asyncio.StreamWriter,
-        frame_receiver: FrameReceiver,
-        wait_response: bool = True,
-    ) -> FrameTypes | None:
-        writer.write(pamqp.frame.marshal(request, 0))
-        await writer.drain()
-        if not wait_response:
-            return None
-        _, _, frame = await frame_receiver.get_frame()
-        if isinstance(frame, pamqp.commands.Connection.Close):
-            raise _Refused(frame.reply_code, frame.reply_text)
-        return frame
-
-
-async def _open_refusal(url: str, timeout: float) -> str | None:
-    """Why the broker refuses to open a connection to ``url``: the vhost and the broker's
-    reply (``vhost 'shop': 530 NOT_ALLOWED - vhost shop not found``), or None if a second
-    attempt does not tell (it fails otherwise, or succeeds)."""
-    probe = _RefusalProbe(url)
-    try:
-        await asyncio.wait_for(probe.connect(), timeout)
-    except _Refused as refused:
-        code, text = refused.args
-        return f"the broker refused to open vhost {probe.vhost!r}: {code} {text}"
-    except Exception:
-        return None
-    with contextlib.suppress(Exception):
-        await probe.close()
-    return None
-
-
-def _server_major(connection: aio_pika.abc.AbstractRobustConnection) -> int:
-    """RabbitMQ's major version (3 if it cannot be told): quorum-queue defaults differ in 4."""
-    underlay = getattr(connection, "transport", None)
-    properties = getattr(getattr(underlay, "connection", None), "server_properties", None) or {}
-    version = properties.get("version", b"3")
-    text = version.decode() if isinstance(version, bytes) else str(version)
-    try:
-        return int(text.split(".")[0])
-    except ValueError:
-        return 3
