@@ -647,7 +647,7 @@ def test_commands_are_packed_to_the_same_bytes_as_redis_py_packs_them() -> None:
     from choreograph.transports import redis as transport_module
 
     client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
-    transport_module._pack_with_hiredis(client)
+    transport_module._fast_connections(client)
     fast: Any = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
     plain = Connection()
     if transport_module._hiredis_pack is not None:
@@ -670,6 +670,34 @@ def test_commands_are_packed_to_the_same_bytes_as_redis_py_packs_them() -> None:
     for bad in (True, None, object()):
         with pytest.raises(DataError):
             fast.pack_command("SET", "k", bad)
+
+
+async def test_a_small_command_is_written_at_once_and_a_large_one_as_redis_py_writes_it() -> None:
+    """With a socket timeout (the transport sets one) redis-py times each write with
+    ``asyncio.wait_for``, a task of its own on 3.11: the command would reach the socket a loop
+    turn later. The transport's connections write a small one in the caller's step - sending
+    it completes without suspending - and leave a large one to redis-py."""
+    from choreograph.transports import redis as transport_module
+
+    client = aioredis.Redis.from_url(require_broker("redis"), socket_timeout=10.0, protocol=2)
+    transport_module._fast_connections(client)
+    conn: Any = await client.connection_pool.get_connection()
+    try:
+        sending = conn.send_command("PING")
+        with pytest.raises(StopIteration):
+            sending.send(None)  # done in one step: nothing awaited
+        assert await conn.read_response() in (b"PONG", "PONG")
+        key = f"big-{uuid.uuid4().hex}"
+        big = b"x" * (transport_module._AT_ONCE_MAX + 1)
+        await conn.send_command("SET", key, big)
+        assert await conn.read_response() in (b"OK", "OK", True)
+        await conn.send_command("GET", key)
+        assert await conn.read_response() == big
+        await conn.send_command("DEL", key)
+        assert await conn.read_response() == 1
+    finally:
+        await client.connection_pool.release(conn)
+        await client.aclose()
 
 
 def test_deliveries_read_the_entry_fields_the_same_whatever_their_layout() -> None:

@@ -224,7 +224,7 @@ class RedisTransport(Transport):
             retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=4),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
-        _pack_with_hiredis(client)
+        _fast_connections(client)
         # Fetches read the raw XREADGROUP reply: redis-py's parser would build a field dict
         # per entry that the deliveries do not need.
         client.set_response_callback("XREADGROUP", _raw_reply)
@@ -474,11 +474,12 @@ def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 
-_FAST_CLASSES: dict[type, type] = {}
+_FAST_CLASSES: dict[tuple[type, Any], type] = {}
 
 
-def _pack_with_hiredis(client: aioredis.Redis) -> None:
-    """Have the client's connections pack commands with hiredis (one C call a command).
+def _fast_connections(client: aioredis.Redis) -> None:
+    """Have the client's connections write small commands at once (:func:`_write_at_once`)
+    and pack commands with hiredis (one C call a command).
 
     redis-py's asyncio connection packs in Python, growing a buffer argument by
     argument: for a publish script call (three arguments a message) and the ack and read
@@ -489,17 +490,56 @@ def _pack_with_hiredis(client: aioredis.Redis) -> None:
     base = pool.connection_class
     kwargs = pool.connection_kwargs
     encoding = str(kwargs.get("encoding", "utf-8")).lower().replace("_", "-")
-    if (
-        _hiredis_pack is None
-        or encoding not in ("utf-8", "utf8")
-        or kwargs.get("encoding_errors", "strict") != "strict"
-    ):
-        return
-    fast = _FAST_CLASSES.get(base)
+    pack = _hiredis_pack
+    if encoding not in ("utf-8", "utf8") or kwargs.get("encoding_errors", "strict") != "strict":
+        pack = None
+    fast = _FAST_CLASSES.get((base, pack))
     if fast is None:
-        packer = _hiredis_packer(base, _hiredis_pack)
-        fast = _FAST_CLASSES[base] = type(base.__name__, (base,), {"pack_command": packer})
+        methods: dict[str, Any] = {"send_packed_command": _write_at_once(base)}
+        if pack is not None:
+            methods["pack_command"] = _hiredis_packer(base, pack)
+        fast = _FAST_CLASSES[(base, pack)] = type(base.__name__, (base,), methods)
     pool.connection_class = fast
+
+
+#: Largest command :func:`_write_at_once` writes itself: below asyncio's default high-water mark
+#: (64 KiB), so that a write into an empty send buffer never leaves one that ``drain()`` waits on.
+_AT_ONCE_MAX = 32 * 1024
+
+
+def _write_at_once(base: type[Any]) -> Callable[..., Any]:
+    """redis-py's ``send_packed_command``, writing a small command at once.
+
+    redis-py times every write with ``asyncio.wait_for`` when a socket timeout is set (this
+    transport sets one), which on Python 3.11 wraps the write in a task of its own: the
+    command reaches the socket a loop turn later, on the path of every publish and every
+    read. A command of up to :data:`_AT_ONCE_MAX` bytes on a connected socket whose send
+    buffer is empty (and no health check due) is written here instead, in the caller's step:
+    it cannot block, so there is nothing to time. Anything else goes redis-py's way; a
+    write that fails shows as the connection's error on the reply's read, as it would have
+    after redis-py's ``drain()``."""
+    slow = base.send_packed_command
+
+    async def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
+        writer = self._writer
+        if (
+            writer is None
+            or self._reader is None
+            or (check_health and self.health_check_interval)
+            or writer.transport.is_closing()
+            or writer.transport.get_write_buffer_size()
+        ):
+            return await slow(self, command, check_health)  # type: ignore[no-any-return]
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        if sum(map(len, command)) > _AT_ONCE_MAX:
+            return await slow(self, command, check_health)  # type: ignore[no-any-return]
+        writer.writelines(command)
+        return None
+
+    return send_packed_command
 
 
 def _hiredis_packer(base: type[Any], pack: Callable[..., bytes]) -> Callable[..., list[bytes]]:
