@@ -38,11 +38,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import msgspec
 
 from choreograph._clock import SystemClock, backoff, stamp_clock
-from choreograph._envelope import Envelope, decode, derive_id, now_rfc3339, rfc3339, string_problem
-from choreograph._http_binding import content_type_problem, decode_http_batch, is_cloudevent, to_http
+from choreograph._envelope import Envelope, decode
+from choreograph._http_binding import to_http
+from choreograph._push_answer import HANDLER, Answer, AnswerTooLarge, answered_events, read_answer
 from choreograph._push_http import HandshakeFailed, HandshakeRefused, classify, retry_after
 from choreograph._redact import redact
 from choreograph._webhook import signature_headers
@@ -70,11 +70,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("choreograph.push")
 
-HANDLER = "push"
-"""The handler name in records and derived ids: outputs are ``derive_id(input, group, "push", i)``."""
 USER_AGENT = "choreograph-push/0.1"
-_EXCERPT = 500
-_EXCERPT_BYTES = 4 * _EXCERPT  # enough for _EXCERPT characters of UTF-8
 
 
 @dataclasses.dataclass
@@ -115,65 +111,6 @@ class _Dead:
 
 
 _Outcome = _Done | _Again | _Dead
-
-
-class AnswerTooLarge(Exception):
-    """A 2xx answer carrying CloudEvents is larger than the subscription's ``max_response_body``."""
-
-    def __init__(self, status: int, limit: int, declared: int | None) -> None:
-        self.status = status
-        self.limit = limit
-        size = f" ({declared} bytes declared)" if declared is not None else ""
-        super().__init__(f"a body over the subscription's max_response_body of {limit} bytes{size}")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Answer:
-    """What the receiver answered: status and headers, and as much of the body as is used."""
-
-    status: int
-    reason: str
-    headers: httpx.Headers
-    content: bytes
-    encoding: str
-
-    def excerpt(self) -> str:
-        try:
-            text = self.content.decode(self.encoding, errors="replace")
-        except (LookupError, UnicodeError):  # a codec httpx took for a charset: no text encoding (base64...),
-            # or one failing whatever ``errors`` says (undefined)
-            text = self.content.decode("utf-8", errors="replace")
-        text = text.strip().replace("\n", " ")
-        return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
-
-
-async def _read_answer(response: httpx.Response, max_body: int) -> bytes:
-    """The part of the answer's body that is used, never more than ``max_body`` bytes held.
-
-    A 2xx answer carrying CloudEvents is read whole, or refused with :class:`AnswerTooLarge`
-    (before reading, if its Content-Length says so); a 2xx without events is not read at
-    all; any other status is read up to an excerpt for the dead-letter record.
-    """
-    if classify(response.status_code) != "done":
-        limit, strict = _EXCERPT_BYTES, False
-    elif is_cloudevent(response.headers):
-        limit, strict = max_body, True
-    else:
-        return b""
-    declared = response.headers.get("content-length", "").strip()
-    if strict and declared.isdigit() and int(declared) > limit:
-        raise AnswerTooLarge(response.status_code, limit, int(declared))
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            if strict:
-                raise AnswerTooLarge(response.status_code, limit, None)
-            chunks.append(chunk[: limit - (size - len(chunk))])
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class PushRunner:
@@ -375,7 +312,7 @@ class PushRunner:
         verdict = classify(status)
         if verdict == "done":
             try:
-                outputs = self._outputs(envelope, response)
+                outputs = answered_events(envelope, response, self.group, self.sub.emits, self.amb.clock)
             except (MalformedEnvelope, EmitError) as exc:
                 error = ErrorInfo("InvalidResponse", f"POST {redact(sub.url)} answered {status} with {exc}")
                 return await self._rejected(delivery, envelope, error, now, status=status)
@@ -392,7 +329,7 @@ class PushRunner:
         after = retry_after(response.headers.get("retry-after"), amb.clock.time())
         return await self._failed(delivery, envelope, error, now, status=status, after=after)
 
-    async def _post(self, envelope: Envelope, headers: dict[str, str], payload: bytes) -> _Answer:
+    async def _post(self, envelope: Envelope, headers: dict[str, str], payload: bytes) -> Answer:
         sub, client = self.sub, self.amb.client
         headers = {**sub.headers, **headers, "user-agent": USER_AGENT}
         if sub.secret:
@@ -403,13 +340,13 @@ class PushRunner:
             # and the signed body and the subscription's headers go to the URL configured, no other
             response = await client.send(request, stream=True, follow_redirects=False)
             try:
-                content = await _read_answer(response, sub.max_response_body)
+                content = await read_answer(response, sub.max_response_body)
             finally:
                 await response.aclose()
-        return _Answer(response.status_code, response.reason_phrase, response.headers, content,
+        return Answer(response.status_code, response.reason_phrase, response.headers, content,
                        response.encoding or "utf-8")
 
-    async def _request(self, envelope: Envelope, headers: dict[str, str], payload: bytes) -> _Answer:
+    async def _request(self, envelope: Envelope, headers: dict[str, str], payload: bytes) -> Answer:
         """Handshake (once per URL) and POST; timed when metrics are on."""
         sub, metrics = self.sub, self.metrics
         started = time.perf_counter()
@@ -422,54 +359,6 @@ class PushRunner:
         finally:
             if metrics is not None:
                 metrics.push_duration.labels(self.group).observe(time.perf_counter() - started)
-
-    def _outputs(self, cause: Envelope, response: _Answer) -> list[Message]:
-        """The CloudEvents in a 2xx answer, as output events of ``cause`` with derived ids.
-
-        Whether the answer carries any is read from its headers, not from its body: an event
-        without data in binary mode is ``ce-`` headers and an empty body."""
-        if not is_cloudevent(response.headers):
-            return []
-        try:
-            answered = decode_http_batch(response.headers, response.content)
-        except MalformedEnvelope as exc:
-            raise MalformedEnvelope(f"an invalid CloudEvent: {exc}") from None
-        clock = self.amb.clock  # a test's clock's time, not the wall's
-        stamp = now_rfc3339() if type(clock) is SystemClock else rfc3339(clock.time())
-        messages = []
-        for index, event in enumerate(answered):
-            if event.type.startswith("choreograph.") or event.type == FAILED:
-                raise EmitError(f"an event of the reserved type {event.type!r}")
-            if self.sub.emits is not None and event.type not in self.sub.emits:
-                raise EmitError(f"an event of type {event.type!r}; the subscription emits {sorted(self.sub.emits)}")
-            # What the answer sets itself goes onto the bus as ours: held to CloudEvents' String
-            # type as choreograph's own attributes are (what the output inherits from the cause is not).
-            for name, value in (("source", event.source), ("type", event.type), ("subject", event.subject),
-                                ("dataschema", event.dataschema), ("partitionkey", event.partitionkey),
-                                *event.extensions.items()):
-                problem = string_problem(value) if isinstance(value, str) else None
-                if problem is not None:
-                    raise EmitError(f"an event whose {name} {value!r} {problem}")
-            # ...and its datacontenttype to what a binary-mode push can send on (an RFC 2046 media
-            # type); published, it was dead-lettered by every binary-mode subscription it reached.
-            if event.datacontenttype is not None:
-                problem = content_type_problem(event.datacontenttype)
-                if problem is not None:
-                    raise EmitError(f"an event whose datacontenttype {event.datacontenttype!r} {problem}")
-            output = msgspec.structs.replace(
-                event,
-                id=derive_id(cause.id, self.group, HANDLER, index),
-                time=event.time or stamp,
-                correlationid=cause.correlationid or cause.id,
-                causationid=cause.id,
-                traceparent=cause.traceparent,
-                tracestate=cause.tracestate,
-                hops=cause.hops + 1,
-                partitionkey=event.partitionkey or cause.partitionkey,
-                deadline=cause.deadline,
-            )
-            messages.append(to_message(output))
-        return messages
 
     def _unsubscribed(self, delivery: Delivery, envelope: Envelope, now: float) -> _Outcome:
         """``delivery`` is of a type this subscription does not list: the group is bound to it

@@ -59,9 +59,10 @@ import httpx
 from choreograph._clock import SYSTEM_CLOCK, Clock
 from choreograph._gateway_http import Problem
 from choreograph._http_binding import MODES, Mode, decode_http, decode_http_batch, to_batch, to_http
+from choreograph._push_answer import HANDLER
 from choreograph._push_filters import FilterError, Filters, compile_filters
 from choreograph._push_http import REDACTED_URLS, Handshakes, classify, retry_after
-from choreograph._push_runner import HANDLER, PushRunner, PushStats
+from choreograph._push_runner import PushRunner, PushStats
 from choreograph._receiver import read_event, receiver
 from choreograph._redact import redact
 from choreograph._webhook import (
