@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from pathlib import Path
 
 import msgspec
@@ -37,7 +37,7 @@ from choreograph.errors import ConfigurationError, StoreError
 from choreograph.journal import JOURNAL_GROUP, TIMEDOUT, Journal, JournalStore, open_journal_store
 from choreograph.runtime.records import dead_letter_record, failure_envelope, first_envelope
 from choreograph.testing import MemoryTransport, VirtualClock, settled
-from choreograph.transports.base import Message
+from choreograph.transports.base import Delivery, Message, Subscription
 from tests.stores._databases import backend_url
 
 
@@ -820,3 +820,46 @@ async def test_a_join_that_timed_out_with_a_failure_among_its_arrivals_is_no_com
     assert tx is not None and tx.timeline is not None
     assert [e.record["reason"] for e in tx.timeline if e.kind == "failure" and e.record] == ["rejected"]
     assert tx.status == "compensated" and tx.summary.compensation_failures == 0
+
+
+class BlipBus(SpyBus):
+    """A memory bus whose journal subscription fails to settle its first ``blips`` batches (acks
+    and retries), as a broker connection lost between a fetch and its ack."""
+
+    def __init__(self, clock: VirtualClock, blips: int) -> None:
+        super().__init__(clock)
+        self.blips = blips
+
+    async def subscribe(self, group: str, types: Collection[str] | None) -> Subscription:
+        sub = await super().subscribe(group, types)
+        if group != JOURNAL_GROUP:
+            return sub
+        bus = self
+        ack_many = sub.ack_many
+
+        async def blipping_ack_many(deliveries: Sequence[Delivery]) -> None:
+            if bus.blips:
+                bus.blips -= 1
+                raise ConnectionError("connection to the broker lost")
+            await ack_many(deliveries)
+
+        sub.ack_many = blipping_ack_many  # type: ignore[method-assign]
+        return sub
+
+
+async def test_a_broker_blip_while_acking_does_not_stop_the_journal(clock: VirtualClock) -> None:
+    """The journal's consumer let an ack that failed (the broker went away after the fetch) end
+    its task: the process went on saying "journal running" and recorded nothing more. Now it
+    logs it and goes on; the unacked deliveries come back after their lease and the store
+    drops the ids it already has."""
+    bus = BlipBus(clock, blips=1)
+    store = MemoryJournalStore()
+    async with Journal(store, transport=bus, scan_interval=3600) as journal:
+        [first] = await Publisher(bus, source="/gateway").publish(Requested(order="o-1"))
+        await settled(bus)
+        assert bus.blips == 0
+        [second] = await Publisher(bus, source="/gateway").publish(Requested(order="o-2"))
+        await settled(bus)
+        for env in (first, second):
+            tx = await journal.transaction(env.id)
+            assert tx is not None and tx.summary.event_count == 1

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Literal
 
 from choreograph._clock import SYSTEM_CLOCK, Clock, backoff
@@ -48,7 +48,7 @@ from choreograph._journal_model import (
     service_of,
 )
 from choreograph._journal_store import JournalStore, MemoryJournalStore, open_journal_store
-from choreograph.errors import ConfigurationError, MalformedEnvelope
+from choreograph.errors import ConfigurationError, MalformedEnvelope, TransportClosed
 from choreograph.events import Event
 from choreograph.runtime.records import to_message
 from choreograph.service import FAILED, App
@@ -299,11 +299,34 @@ class Journal:
             await self.record(envelopes)
         except Exception as exc:
             log.error("journal store failed: %s; returning %d deliveries", exc, len(batch))
-            for delivery in batch:
-                await delivery.retry(1.0)
+            pending = list(batch)
+
+            async def retry() -> None:
+                while pending:  # those returned already are not returned twice
+                    await pending[0].retry(1.0)
+                    pending.pop(0)
+
+            await self._settle(retry, batch, "return")
             await backoff(self.clock, 1.0)
             return
-        await sub.ack_many(batch)
+        await self._settle(lambda: sub.ack_many(batch), batch, "ack")
+
+    async def _settle(self, step: Callable[[], Awaitable[None]], batch: list[Delivery], what: str) -> None:
+        """Ack or return a batch, tried again while the broker is away (a failure here ended the
+        consumer's task: the journal went on running and recorded nothing more). A closed
+        transport never heals: the deliveries are left to come back after their lease."""
+        delay = 0.05
+        while True:
+            try:
+                await step()
+                return
+            except TransportClosed as exc:
+                log.error("journal cannot %s %d deliveries: %s; they come back after their lease", what, len(batch), exc)
+                return
+            except Exception as exc:
+                log.warning("journal could not %s %d deliveries: %s; retrying in %.2fs", what, len(batch), exc, delay)
+                await backoff(self.clock, delay)
+                delay = min(delay * 2, 5.0)
 
     # -- deadlines ----------------------------------------------------------------------
 
