@@ -30,7 +30,7 @@ from choreograph import (
     failed,
     timed_out,
 )
-from choreograph._envelope import Envelope, decode
+from choreograph._envelope import Envelope, decode, encode
 from choreograph._journal_model import JournalEntry, TransactionSummary, format_time
 from choreograph._journal_store import MemoryJournalStore
 from choreograph.errors import ConfigurationError, StoreError
@@ -467,6 +467,23 @@ async def test_a_deadline_no_timestamp_can_show_does_not_stop_every_other_timeou
         await settled(bus)
         clock.advance(61)
         assert sorted(await journal.check_deadlines()) == sorted([odd.id, plain.id])
+
+
+async def test_a_lowercase_z_time_and_deadline_are_read(journal: Journal, clock: VirtualClock) -> None:
+    """RFC 3339 allows ``z`` for ``Z`` (and the envelope accepts it), but Python 3.11's
+    ``fromisoformat`` does not: an event from a producer that writes it lost its time (shown at
+    the recording time) and its deadline (the transaction fell back to ``stuck_after``)."""
+    at, deadline = clock.time() - 2.5, clock.time() + 5
+    env = Envelope(
+        id="tx-z", source="/elsewhere", type=Requested.event_type(), data={"order": "o-1"},
+        time=format_time(at).replace("Z", "z"), deadline=format_time(deadline).replace("Z", "z"),
+    )
+    assert decode(encode(env)) == env  # a well-formed event
+    await journal.record([env])
+    tx = await journal.transaction("tx-z")
+    assert tx is not None and tx.timeline is not None
+    assert tx.timeline[0].at == pytest.approx(at, abs=1e-3) and tx.summary.started_at == pytest.approx(at, abs=1e-3)
+    assert tx.summary.deadline == pytest.approx(deadline, abs=1e-3) and tx.summary.deadline_explicit
 
 
 async def test_transactions_are_listed_by_status(journal: Journal, app: App, bus: SpyBus, clock: VirtualClock) -> None:

@@ -76,11 +76,13 @@ EntryKind = Literal["event", "completed", "failed", "failure", "timedout"]
 
 
 def parse_time(value: str | None) -> float | None:
-    """Epoch seconds of an RFC 3339 timestamp, or ``None`` if absent, unparseable, or outside
+    """Epoch seconds of an RFC 3339 timestamp (``z`` for ``Z`` too), or ``None`` if absent, unparseable, or outside
     what :func:`format_time` can write back (``0001-01-01T00:00:00+01:00`` is in year 0 in UTC:
     as a deadline it would stop every ``choreograph.timedout`` of the scan that met it)."""
     if not value:
         return None
+    if value[-1] == "z":  # RFC 3339's lowercase UTC designator, which fromisoformat refuses (3.11)
+        value = value[:-1] + "Z"
     try:
         parsed = datetime.fromisoformat(value)
         if parsed.tzinfo is None:
