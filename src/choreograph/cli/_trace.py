@@ -141,14 +141,17 @@ def causation_tree(tx: Transaction) -> Tree:
         parent = entry.causation_id if entry.causation_id in ids and entry.causation_id != entry.event_id else None
         children.setdefault(parent, []).append(entry)
 
-    def add(node: Tree, parent: str | None, seen: set[str]) -> None:
-        for entry in children.get(parent, []):
-            if entry.event_id in seen:  # a causation cycle would be a bug elsewhere; never loop on it
-                continue
-            seen.add(entry.event_id)
-            add(node.add(_label(entry, start)), entry.event_id, seen)
-
-    add(tree, None, set())
+    # Depth first without recursion: a causation chain of ~1,000 hops (a loop of events, with the
+    # workers' max_hops raised) was a RecursionError.
+    seen: set[str] = set()
+    stack: list[tuple[Tree, JournalEntry]] = [(tree, entry) for entry in reversed(children.get(None, []))]
+    while stack:
+        node, entry = stack.pop()
+        if entry.event_id in seen:  # a causation cycle would be a bug elsewhere; never loop on it
+            continue
+        seen.add(entry.event_id)
+        branch = node.add(_label(entry, start))
+        stack.extend((branch, child) for child in reversed(children.get(entry.event_id, [])))
     return tree
 
 
