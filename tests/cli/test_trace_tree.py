@@ -42,3 +42,12 @@ def test_a_causation_chain_thousands_of_hops_deep_is_drawn() -> None:
     the tree was built by recursion, one Python frame per hop, and trace ended in a RecursionError."""
     chain = [("e0", None), *((f"e{i}", f"e{i - 1}") for i in range(1, 3000))]
     assert depth(causation_tree(transaction(chain))) == 3000
+
+
+def test_events_in_a_causation_cycle_are_shown_not_left_out() -> None:
+    """Causation ids come from whoever published: two events naming each other as cause were
+    nobody's descendant and missing from the tree, whose title still counted them."""
+    out = drawn(transaction([("root", None), ("a", "b"), ("b", "a"), ("c", "root")]))
+    assert "4 events" in out
+    for type_ in ("test.root", "test.a", "test.b", "test.c"):
+        assert out.count(type_) == 1, out

@@ -144,15 +144,22 @@ def causation_tree(tx: Transaction) -> Tree:
     # Depth first without recursion: a causation chain of ~1,000 hops (a loop of events, with the
     # workers' max_hops raised) was a RecursionError.
     seen: set[str] = set()
+    strays = iter(timeline)
     stack: list[tuple[Tree, JournalEntry]] = [(tree, entry) for entry in reversed(children.get(None, []))]
-    while stack:
-        node, entry = stack.pop()
-        if entry.event_id in seen:  # a causation cycle would be a bug elsewhere; never loop on it
-            continue
-        seen.add(entry.event_id)
-        branch = node.add(_label(entry, start))
-        stack.extend((branch, child) for child in reversed(children.get(entry.event_id, [])))
-    return tree
+    while True:
+        while stack:
+            node, entry = stack.pop()
+            if entry.event_id in seen:  # a causation cycle leads back to an event drawn already
+                continue
+            seen.add(entry.event_id)
+            branch = node.add(_label(entry, start))
+            stack.extend((branch, child) for child in reversed(children.get(entry.event_id, [])))
+        # Events in a causation cycle (A caused by B, B by A: causation ids come from whoever
+        # published) are nobody's descendant: at the top, from the first recorded, not left out.
+        stray = next((entry for entry in strays if entry.event_id not in seen), None)
+        if stray is None:
+            return tree
+        stack.append((tree, stray))
 
 
 def trace(
