@@ -272,6 +272,32 @@ async def test_transactions_are_counted_by_status_and_the_newest_listed_with_the
     assert (rows[ids["stall"]].status, rows[ids["stall"]].last_type) == ("running", REQUESTED)
 
 
+async def test_a_long_transaction_is_shown_by_its_last_entry_without_reading_its_timeline(
+    store: JournalStore, clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refresh read the whole timeline of every listed transaction to show its last event:
+    a courier's transaction of 100,000 scans took half a second of SQLite per refresh, and as
+    much memory, for one row. The stores read the last entry alone."""
+    now = clock.time()
+    for start in range(0, 3000, 1000):
+        await store.record(
+            [entry(f"scan-{i}", "long", "test.watch.scanned", "courier", now + i) for i in range(start, start + 1000)],
+            stuck_after=60,
+        )
+    await store.record([entry("other-1", "other", REQUESTED, "gateway", now)], stuck_after=60)
+    assert (await store.last_entry("long")) == (await store.timeline("long"))[-1]
+    assert await store.last_entry("nobody") is None
+
+    async def no_timeline(correlation_id: str) -> list[JournalEntry]:
+        raise AssertionError(f"the whole timeline of {correlation_id} was read")
+
+    monkeypatch.setattr(store, "timeline", no_timeline)
+    snap = await read_snapshot(store, now=now + 3000, window=60)
+    rows = {row.correlation_id: row for row in snap.newest}
+    assert (rows["long"].last_type, rows["long"].event_count) == ("test.watch.scanned", 3000)
+    assert rows["other"].last_type == REQUESTED
+
+
 async def test_a_transaction_whose_compensation_gave_up_is_singled_out(store: JournalStore, clock: VirtualClock) -> None:
     """Nothing will finish its rollback: it needs a person as much as a failed one (it read
     ``compensated`` before, and was not flagged)."""

@@ -339,6 +339,15 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
             )
         return [_entry(row, correlation_id) for row in rows]
 
+    async def last_entry(self, correlation_id: str) -> JournalEntry | None:
+        with _pg.translate(f"journal store {redact(self.url)}"):
+            row = await self._open_pool().fetchrow(
+                f"SELECT {_SELECT_EVENT} FROM choreograph_journal_events WHERE correlation_id = $1 "
+                "ORDER BY seq DESC LIMIT 1",
+                stored_id(correlation_id),
+            )
+        return _entry(row, correlation_id) if row is not None else None
+
     async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
         args: list[Any]
         if status is None:

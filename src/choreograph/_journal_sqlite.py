@@ -346,6 +346,16 @@ class SQLiteJournalStore(JournalStore):
 
         return await self._run(read)
 
+    async def last_entry(self, correlation_id: str) -> JournalEntry | None:
+        def read(db: sqlite3.Connection) -> JournalEntry | None:
+            row = db.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM journal_events WHERE correlation_id=? ORDER BY seq DESC LIMIT 1",
+                (correlation_id,),
+            ).fetchone()
+            return _entry(row) if row is not None else None
+
+        return await self._run(read)
+
     async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
         args: list[Any]
         if status is None:

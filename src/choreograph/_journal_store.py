@@ -112,6 +112,14 @@ class JournalStore(abc.ABC):
         usually records a cause before its effects (an effect is published after its cause).
         """
 
+    async def last_entry(self, correlation_id: str) -> JournalEntry | None:
+        """Its last recorded entry (the last of :meth:`timeline`), or ``None``.
+
+        What ``choreograph watch`` shows of each listed transaction at every refresh: the
+        stores read that one entry, not a timeline of thousands (this default reads it all)."""
+        timeline = await self.timeline(correlation_id)
+        return timeline[-1] if timeline else None
+
     @abc.abstractmethod
     async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
         """Transactions with ``status`` at time ``now`` (``None``: any), most recently started first."""
@@ -169,6 +177,10 @@ class MemoryJournalStore(JournalStore):
         rows = [self._entries[i] for i in self._by_cid.get(correlation_id, [])]
         rows.sort(key=lambda row: row[0])
         return [entry for _, entry in rows]
+
+    async def last_entry(self, correlation_id: str) -> JournalEntry | None:
+        ids = self._by_cid.get(correlation_id)
+        return self._entries[ids[-1]][1] if ids else None
 
     async def summaries(self, *, status: Status | None, now: float, limit: int) -> list[TransactionSummary]:
         found = [_copy(s) for s in self._summaries.values() if matches_status(s, status, now)]

@@ -282,7 +282,7 @@ async def read_snapshot(
 
     ``window`` (seconds, > 0) is how far back edges are counted; ``limit`` caps both
     transaction lists. Costs one :meth:`~JournalStore.activity` call, up to three listings
-    and one timeline per listed transaction.
+    and one :meth:`~JournalStore.last_entry` per listed transaction.
     """
     if window <= 0 or limit < 1:
         raise ConfigurationError("read_snapshot: window must be > 0 seconds and limit >= 1")
@@ -297,9 +297,9 @@ async def read_snapshot(
     for summary in [*newest, *flagged]:
         cid = summary.correlation_id
         if cid not in last:
-            timeline = await store.timeline(cid)
-            if timeline:
-                last[cid] = timeline[-1]
+            found = await store.last_entry(cid)  # not its timeline: a long one was read whole every refresh
+            if found is not None:
+                last[cid] = found
     return build_snapshot(
         activity, newest, flagged, last, journal=redact(store.url), now=now, window=window, graph=graph
     )
