@@ -508,3 +508,41 @@ async def test_a_journal_error_while_streaming_is_printed_as_it_is_not_as_rich_m
     monkeypatch.setattr(watcher, "read", failing)
     await watcher._stream(first, stop, 0.01)
     assert "journal unreadable: journal store /data/[prod]/journal.db: disk I/O error [/x]" in capsys.readouterr().err
+
+
+CONTROL_CID, CONTROL_TYPE, CONTROL_SERVICE = "tx\x1b[2J\x1b]0;owned\x07\n-1", "test.watch.odd\x1b[31m", "svc\x9bx"
+
+
+@pytest.fixture
+async def control_journal(tmp_path: Path) -> str:
+    """A SQLite journal of one transaction whose id, type and service hold control characters."""
+    url = f"sqlite:///{tmp_path}/journal.db"
+    seeded = open_journal_store(url)
+    await seeded.open()
+    try:
+        await seeded.record([entry("e-1", CONTROL_CID, CONTROL_TYPE, CONTROL_SERVICE, time.time())], stuck_after=600)
+    finally:
+        await seeded.close()
+    return url
+
+
+def test_control_characters_off_the_bus_are_shown_escaped_not_sent_to_the_terminal(control_journal: str) -> None:
+    """A producer's event is decoded whatever its ids hold, control characters included; ``watch``,
+    ``transactions`` and ``trace`` wrote them to the terminal as they were, which obeys them (an
+    escape sequence clears the screen, retitles the window; a newline made one id look like two
+    rows). They are shown as escapes (``\\x1b``); ``--json`` carries them as they are."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "choreograph", *args, "--journal", control_journal], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    outputs = [run("watch", "--once", "--window", "3600"), run("transactions"), run("trace", CONTROL_CID)]
+    for result in outputs:
+        assert result.returncode == 0, result.stderr
+        shown = result.stdout
+        assert not any(char in shown for char in "\x1b\x07\x9b"), repr(shown)
+        assert r"tx\x1b[2J\x1b]0;owned\x07\n-1" in shown, shown
+        assert r"test.watch.odd\x1b[31m" in shown, shown
+    assert r"svc\x9bx" in outputs[0].stdout and r"svc\x9bx" in outputs[2].stdout
+    assert json.loads(run("trace", CONTROL_CID, "--json").stdout)["correlation_id"] == CONTROL_CID

@@ -9,6 +9,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import sys
 import sysconfig
 import traceback
@@ -52,6 +53,17 @@ def _console(*, stderr: bool = False) -> Console:
 
 err_console = _console(stderr=True)
 console = _console()
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: str) -> str:
+    """``value`` with its control characters (C0, DEL, C1) written as Python escapes (``\\x1b``,
+    ``\\n``), for a terminal. What came off the bus (ids, types, sources, error messages) may hold
+    any: decoding refuses none, and a terminal obeys them (Rich strips only a few)."""
+    if value.isprintable():
+        return value
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], value)
 
 BrokerOption = typer.Option(
     None, "--broker", "-b", help=f"Broker URL (env {BROKER_ENV}; default {DEFAULT_BROKER})", show_default=False

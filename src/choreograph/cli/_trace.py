@@ -37,6 +37,7 @@ from choreograph.cli._common import (
     env_url,
     given_url,
     load_object,
+    printable,
     run_async,
     seconds,
 )
@@ -109,15 +110,15 @@ def _dump(obj: Any) -> None:
 def _label(entry: JournalEntry, start: float) -> Text:
     offset = (entry.at - start) * 1000
     label = Text(f"+{offset:,.1f} ms ", style="dim")
-    label.append(entry.type, style=_KIND_STYLE.get(entry.kind, "") or "bold")
+    label.append(printable(entry.type), style=_KIND_STYLE.get(entry.kind, "") or "bold")
     if entry.kind == "failure" and entry.failed_type:
-        label.append(f" of {entry.failed_type}", style="red")
-    label.append(f"  {entry.service}", style="blue")
+        label.append(f" of {printable(entry.failed_type)}", style="red")
+    label.append(f"  {printable(entry.service)}", style="blue")
     if entry.attempt is not None:
         label.append(f"  attempt {entry.attempt}", style="dim")
-    label.append(f"  {entry.outcome}", style=_KIND_STYLE.get(entry.kind, "") or "green")
+    label.append(f"  {printable(entry.outcome)}", style=_KIND_STYLE.get(entry.kind, "") or "green")
     if entry.error:
-        label.append(f"  {entry.error}", style="red")
+        label.append(f"  {printable(entry.error)}", style="red")
     return label
 
 
@@ -130,7 +131,7 @@ def causation_tree(tx: Transaction) -> Tree:
     start = tx.summary.started_at
     span = (max((e.at for e in timeline), default=start) - start) * 1000
     title = Text("transaction ", style="bold")
-    title.append(tx.correlation_id, style="bold")
+    title.append(printable(tx.correlation_id), style="bold")
     title.append("  ")
     title.append(tx.status, style=f"bold {style}")
     title.append(f"  {len(timeline)} events over {span:,.1f} ms", style="dim")
@@ -213,8 +214,9 @@ def transactions(
     for tx in found:
         s = tx.summary
         table.add_row(
-            Text(s.correlation_id), Text(tx.status, style=_STATUS_STYLE.get(tx.status, "")), Text(s.root_type or ""),
-            str(s.event_count), str(s.failures), Text(s.terminal_type or ""), tx.to_dict()["started_at"],
+            Text(printable(s.correlation_id)), Text(tx.status, style=_STATUS_STYLE.get(tx.status, "")),
+            Text(printable(s.root_type or "")), str(s.event_count), str(s.failures),
+            Text(printable(s.terminal_type or "")), tx.to_dict()["started_at"],
         )
     console.print(table)
 

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from choreograph._journal_store import JournalStore
 from choreograph._watch_model import ATTENTION, EdgeTraffic, Snapshot, TransactionRow, read_snapshot
-from choreograph.cli._common import console, err_console, load_services
+from choreograph.cli._common import console, err_console, load_services, printable
 from choreograph.cli._trace import _STATUS_STYLE
 from choreograph.errors import StoreError
 from choreograph.flow import FlowGraph, build
@@ -55,8 +55,8 @@ def _header(snap: Snapshot, error: str | None) -> Text:
     text = Text()
     text.append("choreograph watch", style="bold")
     if snap.app:
-        text.append(f"  {snap.app}", style="bold cyan")
-    text.append(f"  journal {snap.journal}", style="dim")
+        text.append(f"  {printable(snap.app)}", style="bold cyan")
+    text.append(f"  journal {printable(snap.journal)}", style="dim")
     text.append(f"  {datetime.fromtimestamp(snap.now).strftime('%H:%M:%S')}", style="dim")
     text.append(f"  window {_duration(snap.window)}", style="dim")
     if error:
@@ -71,7 +71,7 @@ def _header(snap: Snapshot, error: str | None) -> Text:
 
 def _note(edge: EdgeTraffic) -> Text:
     if edge.kind == "failure":
-        return Text(f"gave up on {edge.failed_type or '?'}", style="bold red")
+        return Text(f"gave up on {printable(edge.failed_type or '?')}", style="bold red")
     if edge.kind == "timedout":
         return Text("timed out", style="magenta")
     if edge.idle:
@@ -93,11 +93,11 @@ def _edges(snap: Snapshot) -> Table:
     table.add_column("")
     for edge in snap.edges:
         row_style = "dim" if edge.idle else ""
-        service = Text(edge.service, style="blue") if edge.service else Text("(ingress)", style="italic")
+        service = Text(printable(edge.service), style="blue") if edge.service else Text("(ingress)", style="italic")
         kind_style = _KIND_STYLE.get(edge.kind) or (_KIND_STYLE[edge.terminal] if edge.terminal else "")
         last = f"{_duration(snap.now - edge.last_at)} ago" if edge.last_at is not None else ""
         table.add_row(
-            service, Text("→ " + edge.type, style=kind_style), str(edge.count), _rate(edge.rate), last,
+            service, Text("→ " + printable(edge.type), style=kind_style), str(edge.count), _rate(edge.rate), last,
             _note(edge), style=row_style,
         )
     if not snap.edges:
@@ -117,9 +117,10 @@ def _transactions(title: str, rows: list[TransactionRow], *, alert: bool = False
     table.add_column("failures", justify="right")
     for row in rows:
         status = Text(row.status, style=_ALERT if row.attention else _STATUS_STYLE.get(row.status, ""))
-        last = Text(row.last_type or "", style=_KIND_STYLE.get(row.last_kind or "", ""))
+        last = Text(printable(row.last_type or ""), style=_KIND_STYLE.get(row.last_kind or "", ""))
         table.add_row(
-            Text(row.correlation_id), status, _duration(row.age), last, Text(row.last_service or "", style="blue"),
+            Text(printable(row.correlation_id)), status, _duration(row.age), last,
+            Text(printable(row.last_service or ""), style="blue"),
             _duration(row.idle_for), str(row.event_count), Text(str(row.failures), style="red" if row.failures else ""),
         )
     return table
