@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -19,11 +20,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from choreograph import FAILED, App, Event, Failure, Publisher, Reject, Service, Worker
 from choreograph._journal_model import JournalEntry, TransactionSummary
 from choreograph._journal_store import Activity, EdgeCount, JournalStore, open_journal_store
 from choreograph._watch_model import EdgeTraffic, Snapshot, build_snapshot, read_snapshot
+from choreograph.cli._watch_view import render
 from choreograph.errors import ConfigurationError
 from choreograph.flow import build
 from choreograph.journal import Journal
@@ -546,3 +549,17 @@ def test_control_characters_off_the_bus_are_shown_escaped_not_sent_to_the_termin
         assert r"test.watch.odd\x1b[31m" in shown, shown
     assert r"svc\x9bx" in outputs[0].stdout and r"svc\x9bx" in outputs[2].stdout
     assert json.loads(run("trace", CONTROL_CID, "--json").stdout)["correlation_id"] == CONTROL_CID
+
+
+def test_an_edge_last_seen_on_a_clock_ahead_of_the_watchers_is_not_shown_in_the_future() -> None:
+    """The journal stamps ``recorded_at`` on its host's clock and ``watch`` reads it on another's: an
+    edge's last event read "-0.4 s ago" (and "-12 s ago" past ten seconds) when the journal's clock
+    ran ahead, where the transactions beside it, clamped, read "0.0 s"."""
+    now = 1000.0
+    activity = Activity(edges=[EdgeCount("payment", CHARGED, "event", None, 3, now + 0.4),
+                               EdgeCount("drone", DELIVERED, "event", None, 1, now + 12)], statuses={"running": 1})
+    snap = build_snapshot(activity, [], [], {}, journal="memory://", now=now, window=60)
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(render(snap))
+    assert "-0.4 s ago" not in out.getvalue() and "-12 s ago" not in out.getvalue()
+    assert out.getvalue().count("0.0 s ago") == 2, out.getvalue()

@@ -95,7 +95,8 @@ def _edges(snap: Snapshot) -> Table:
         row_style = "dim" if edge.idle else ""
         service = Text(printable(edge.service), style="blue") if edge.service else Text("(ingress)", style="italic")
         kind_style = _KIND_STYLE.get(edge.kind) or (_KIND_STYLE[edge.terminal] if edge.terminal else "")
-        last = f"{_duration(snap.now - edge.last_at)} ago" if edge.last_at is not None else ""
+        # recorded on the journal's clock, read on this host's: one ahead is not "-0.4 s ago"
+        last = f"{_duration(max(0.0, snap.now - edge.last_at))} ago" if edge.last_at is not None else ""
         table.add_row(
             service, Text("→ " + printable(edge.type), style=kind_style), str(edge.count), _rate(edge.rate), last,
             _note(edge), style=row_style,
