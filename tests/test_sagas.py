@@ -280,6 +280,14 @@ def test_deadlines_are_given_as_text_datetimes_timedeltas_or_seconds() -> None:
             deadline_text(bad, now=0.0)  # type: ignore[arg-type]
 
 
+def test_a_deadline_with_rfc3339s_lowercase_z_is_taken_and_read() -> None:
+    """RFC 3339 allows ``z`` for ``Z``; Python 3.11's ``fromisoformat`` does not: a publisher
+    refused such a deadline and a handler read another producer's as none."""
+    assert deadline_text("2030-01-01T00:00:00z", now=0.0) == "2030-01-01T00:00:00z"
+    envelope = decode(b'{"specversion":"1.0","id":"1","source":"/s","type":"t","deadline":"2030-01-01T00:00:00z"}')
+    assert deadline_of(envelope) == datetime(2030, 1, 1, tzinfo=UTC)
+
+
 @pytest.mark.parametrize("text", ["next tuesday", "", "2030-01-01", "2030-01-01T00:00:00", "2030-13-01T00:00:00Z"])
 async def test_a_publisher_refuses_deadline_text_that_is_not_an_rfc3339_timestamp(text: str) -> None:
     """Text is checked as a datetime or a delay is converted: nothing is published with a deadline

@@ -153,7 +153,7 @@ def deadline_text(value: str | float | timedelta | datetime, *, now: float) -> s
     """
     if isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value)
+            parsed = _from_rfc3339(value)
         except ValueError:
             parsed = None
         if parsed is None or parsed.tzinfo is None:  # RFC 3339 has a time and an offset, always
@@ -180,7 +180,12 @@ def deadline_of(envelope: Envelope) -> datetime | None:
     if not envelope.deadline:
         return None
     try:
-        moment = datetime.fromisoformat(envelope.deadline)
+        moment = _from_rfc3339(envelope.deadline)
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _from_rfc3339(text: str) -> datetime:
+    """``datetime.fromisoformat``, taking RFC 3339's lowercase ``z`` for UTC too (3.11 refuses it)."""
+    return datetime.fromisoformat(text[:-1] + "Z" if text.endswith("z") else text)
