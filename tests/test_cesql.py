@@ -206,3 +206,73 @@ def test_a_bare_attribute_filter_matches_the_string_true_as_cesql_casts_it() -> 
     assert urgent.matches({"urgent": "true"}) and urgent.matches({"urgent": "TRUE"})
     assert not urgent.matches({"urgent": "false"}) and not urgent.matches({"urgent": "yes"})
     assert not urgent.matches({})
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "(" * 1000 + "TRUE" + ")" * 1000,
+        "NOT " * 1000 + "TRUE",
+        "- " * 1000 + "1 = 1",
+        "ABS(" * 1000 + "1" + ")" * 1000 + " = 1",
+        " + ".join(["1"] * 1000) + " > 0",
+        "x IN (" * 1000 + "1" + ")" * 1000,
+    ],
+    ids=["parentheses", "not", "minus", "calls", "plus-chain", "in"],
+)
+def test_an_expression_nested_too_deeply_is_a_parse_error_not_a_recursion_error(expression: str) -> None:
+    # A filter from a config file or a subscription is outside input: compile() must refuse it as
+    # CESQLParseError (a ValueError, what where= and the push filters turn into a configuration error),
+    # never let Python's RecursionError escape from the parser or the compiler.
+    with pytest.raises(CESQLParseError, match="nested too deeply"):
+        compile(expression)
+
+
+def test_an_expression_at_the_nesting_limit_compiles_and_evaluates_with_stack_to_spare() -> None:
+    import sys
+
+    from choreograph._cesql_parser import MAX_DEPTH, MAX_NESTING
+
+    # each as deep as allowed: MAX_DEPTH levels from the root to the deepest leaf (or parentheses)
+    pluses = " + ".join(["x"] * (MAX_DEPTH - 1)) + " > 0"
+    parens = "(" * MAX_NESTING + "x = 'b'" + ")" * MAX_NESTING
+    calls = "LENGTH(" + "LOWER(" * (MAX_NESTING - 1) + "x" + ")" * (MAX_NESTING - 1) + ") = 1"
+    nots = "NOT " * (MAX_DEPTH - 2) + "(x != 'a')"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit - 200)  # the caller may be deep in its own stack
+    try:
+        for text in (pluses, parens, calls, nots):
+            assert compile(text).evaluate({"x": "b"} if text is not pluses else {"x": 1}) == (True, []), text[:40]
+            with pytest.raises(CESQLParseError, match="nested too deeply"):
+                compile(f"LENGTH({text})" if text in (parens, calls) else f"NOT ({text})")
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_a_chain_of_and_or_xor_of_any_length_compiles_to_a_loop_with_the_nested_semantics() -> None:
+    # A generated filter may list thousands of alternatives: the chain is one level, not thousands.
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit - 200)  # the caller may be deep in its own stack
+    try:
+        ors = compile(" OR ".join(f"subject = 's{i}'" for i in range(5000)))
+        assert ors.matches({"subject": "s4999"}) and not ors.matches({"subject": "t"})
+        # a AND (b OR (c XOR d)) behind 3,000 levels of "TRUE AND": short-circuits, casts and
+        # errors as the nested operators have them (each level reads its right operand on)
+        long = "TRUE AND " * 3000
+
+        def run(text: str) -> tuple[object, list[ErrorKind]]:
+            value, errors = compile(long + text).evaluate({})
+            return value, [error.kind for error in errors]
+
+        assert run("FALSE AND missing OR TRUE") == (False, [])  # AND stops: missing is not read
+        assert run("TRUE OR missing AND FALSE") == (True, [])  # OR stops
+        assert run("TRUE AND FALSE OR 'yes' XOR TRUE") == (False, [ErrorKind.CAST])
+        assert run("10 OR TRUE AND TRUE") == (False, [ErrorKind.CAST])  # true, but an error: the AND above says false
+        assert compile("10 OR TRUE AND TRUE").evaluate({})[0] is True  # at the top, the OR's own value
+        assert run("TRUE XOR TRUE XOR TRUE") == (True, [])
+        assert run("missing XOR TRUE AND TRUE") == (False, [ErrorKind.MISSING_ATTRIBUTE])
+        assert run(" XOR ".join(["TRUE"] * 999) + " AND missing") == (False, [ErrorKind.MISSING_ATTRIBUTE])
+    finally:
+        sys.setrecursionlimit(limit)

@@ -25,6 +25,17 @@ from typing import Literal as TypingLiteral
 INT_MIN = -(2**31)
 INT_MAX = 2**31 - 1
 
+MAX_DEPTH = 200
+"""The deepest an expression's tree may be: operators applied to operators (a chain of
+``+``s included), function calls, ``NOT`` and ``-``; a chain of ``AND``, ``OR`` and ``XOR``
+counts as one level, as it is compiled to a loop. Compiling and evaluating recurse once or
+twice per level; past this an expression is refused as a :class:`CESQLParseError` instead
+of exhausting Python's stack (a ``RecursionError``)."""
+
+MAX_NESTING = 32
+"""The most parentheses, function calls and ``IN`` lists an expression may open inside one
+another: the parser recurses through every precedence level for each (about 8 frames)."""
+
 Value = bool | int | str
 """A CESQL value: Boolean, Integer (32-bit) or String."""
 
@@ -203,7 +214,45 @@ def _string(text: str, start: int) -> _Token:
 
 def parse(text: str) -> Node:
     """The tree of ``text``, or :class:`CESQLParseError`."""
-    return _Parser(text).parse()
+    node = _Parser(text).parse()
+    _check_depth(text, node)
+    return node
+
+
+def _too_deep(text: str, pos: int) -> CESQLParseError:
+    return CESQLParseError(
+        text, pos, f"expression nested too deeply (more than {MAX_DEPTH} levels of operators, or more than "
+        f"{MAX_NESTING} parentheses, calls and IN lists inside one another)"
+    )
+
+
+def _children(node: Node) -> tuple[Node, ...]:
+    if isinstance(node, Unary | Like):
+        return (node.operand,)
+    if isinstance(node, Binary):
+        return (node.left, node.right)
+    if isinstance(node, In):
+        return (node.operand, *node.items)
+    if isinstance(node, Call):
+        return node.args
+    return ()
+
+
+def _check_depth(text: str, root: Node) -> None:
+    """:class:`CESQLParseError` if the tree is deeper than :data:`MAX_DEPTH` (walked without recursion:
+    a chain such as ``a + b + c ...`` is parsed by a loop, yet nests the tree one level per operator;
+    the right operand of a logic operator that is one too continues its chain, at the same level)."""
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep(text, node.pos)
+        if isinstance(node, Binary) and node.op in _LOGIC:
+            right = node.right
+            chained = isinstance(right, Binary) and right.op in _LOGIC
+            stack += [(node.left, depth + 1), (right, depth if chained else depth + 1)]
+        else:
+            stack.extend((child, depth + 1) for child in _children(node))
 
 
 class _Parser:
@@ -211,6 +260,13 @@ class _Parser:
         self.text = text
         self.tokens = _tokens(text)
         self.i = 0
+        self.depth = 0  # NOT and - inside one another (the parser recurses once for each)
+        self.nesting = 0  # parentheses, calls and IN lists inside one another
+
+    def enter(self, token: _Token) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _too_deep(self.text, token.pos)
 
     def error(self, token: _Token, reason: str) -> CESQLParseError:
         return CESQLParseError(self.text, token.pos, reason)
@@ -243,12 +299,25 @@ class _Parser:
         return node
 
     def logic(self) -> Node:
-        left = self.comparison()
-        token = self.token
-        if token.kind == "keyword" and token.text in _LOGIC:
-            self.take()
-            return Binary(token.text, left, self.logic(), token.pos)  # right-associative
-        return left
+        operands = [self.comparison()]
+        operators: list[_Token] = []
+        while self.token.kind == "keyword" and self.token.text in _LOGIC:
+            operators.append(self.take())
+            operands.append(self.comparison())
+        node = operands.pop()
+        while operators:  # right-associative: a AND (b OR c)
+            token = operators.pop()
+            node = Binary(token.text, operands.pop(), node, token.pos)
+        return node
+
+    def nested(self, token: _Token) -> Node:
+        """A whole expression inside ``token`` (a parenthesis, a call, an IN list)."""
+        self.nesting += 1
+        if self.nesting > MAX_NESTING:
+            raise _too_deep(self.text, token.pos)
+        node = self.logic()
+        self.nesting -= 1
+        return node
 
     def comparison(self) -> Node:
         node = self.additive()
@@ -286,11 +355,11 @@ class _Parser:
                     raise self.error(pattern, f"LIKE needs a string literal as its pattern, found {pattern.describe()}")
                 node = Like(node, pattern.text, negated, start.pos)
             else:
-                self.expect_op("(", "after IN (a list of values in parentheses)")
-                items = [self.logic()]
+                opening = self.expect_op("(", "after IN (a list of values in parentheses)")
+                items = [self.nested(opening)]
                 while self.at("op", ","):
                     self.take()
-                    items.append(self.logic())
+                    items.append(self.nested(opening))
                 self.expect_op(")", "to close the IN list")
                 node = In(node, tuple(items), negated, start.pos)
 
@@ -298,7 +367,10 @@ class _Parser:
         token = self.token
         if token.kind == "keyword" and token.text == "NOT":
             self.take()
-            return Unary("NOT", self.unary(), token.pos)
+            self.enter(token)
+            operand = self.unary()
+            self.depth -= 1
+            return Unary("NOT", operand, token.pos)
         if token.kind == "op" and token.text in ("-", "+"):
             digits = self.tokens[self.i + 1]
             if digits.kind == "int" and digits.pos == token.end:  # a signed literal: '-5', '+5'
@@ -306,7 +378,10 @@ class _Parser:
                 return self.integer(token.text + digits.text, token)
             if token.text == "-":
                 self.take()
-                return Unary("-", self.unary(), token.pos)
+                self.enter(token)
+                operand = self.unary()
+                self.depth -= 1
+                return Unary("-", operand, token.pos)
         return self.primary()
 
     def integer(self, text: str, token: _Token) -> Literal:
@@ -336,7 +411,7 @@ class _Parser:
                 raise self.error(token, f"{token.text!r} is not an attribute name (letters and digits only)")
             return Attribute(token.text.lower(), token.pos)
         if token.kind == "op" and token.text == "(":
-            node = self.logic()
+            node = self.nested(token)
             if not self.at("op", ")"):
                 raise self.error(
                     self.token,
@@ -354,10 +429,10 @@ class _Parser:
         if not self.at("op", ")"):
             if self.token.kind == "end":
                 raise self.error(self.token, f"expected an expression or ')', found {self.token.describe()}")
-            args.append(self.logic())
+            args.append(self.nested(name))
             while self.at("op", ","):
                 self.take()
-                args.append(self.logic())
+                args.append(self.nested(name))
         if not self.at("op", ")"):
             raise self.error(
                 self.token, f"expected ',' or ')' in the arguments of {name.text.upper()}, found {self.token.describe()}"

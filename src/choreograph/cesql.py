@@ -67,6 +67,7 @@ from choreograph._cesql_parser import INT_MAX, INT_MIN, CESQLParseError, Value
 __all__ = ["CESQLParseError", "ErrorKind", "EvaluationError", "Expression", "Type", "Value", "compile"]
 
 _Fn = Callable[[Mapping[str, Any], list[EvaluationError]], Value]
+_LOGIC = frozenset({"AND", "OR", "XOR"})
 
 
 class Expression:
@@ -168,6 +169,8 @@ class _Compiler:
         return negate, "Integer"
 
     def binary(self, node: syntax.Binary) -> tuple[_Fn, Type]:
+        if node.op in _LOGIC and isinstance(node.right, syntax.Binary) and node.right.op in _LOGIC:
+            return self.chain(node), "Boolean"
         left, _ = self.node(node.left)
         right, _ = self.node(node.right)
         op, pos = node.op, node.pos
@@ -220,6 +223,47 @@ class _Compiler:
             result = arithmetic(x, y)
             return by_zero(errors, pos) if result is None else clamp(result, errors, pos)
         return _integers(left, right, pos, 0, checked, errors_arg=True), "Integer"
+
+    def chain(self, node: syntax.Binary) -> _Fn:
+        """``a AND b OR c XOR d ...`` (grouped from the right: ``a AND (b OR (c XOR d))``) as one loop,
+        with the semantics of the nested operators above, so a long chain costs no recursion:
+        forward over the left operands while none decides the result (an error, or the value
+        that stops AND/OR), then back from the innermost level to the outermost."""
+        levels: list[tuple[bool | None, int, _Fn]] = []  # (OR: True, AND: False, XOR: None), pos, left
+        current: syntax.Node = node
+        while isinstance(current, syntax.Binary) and current.op in _LOGIC:
+            stop = None if current.op == "XOR" else current.op == "OR"
+            levels.append((stop, current.pos, self.node(current.left)[0]))
+            current = current.right
+        last, _ = self.node(current)
+
+        def chain(attrs: Mapping[str, Any], errors: list[EvaluationError]) -> Value:
+            pending: list[tuple[bool | None, int, Value, int]] = []  # levels waiting for their right value
+            value: Value
+            for stop, pos, left in levels:
+                count = len(errors)
+                x = left(attrs, errors)
+                if stop is None:  # XOR: both sides, then any error since `count` makes it false
+                    pending.append((None, pos, x, count))
+                    continue
+                if len(errors) != count:
+                    value = False
+                    break
+                if to_boolean(x, errors, pos) is stop:
+                    value = stop
+                    break
+                pending.append((stop, pos, x, len(errors)))  # AND/OR: an error on the right makes it false
+            else:
+                value = last(attrs, errors)
+            for stop, pos, x, count in reversed(pending):
+                if len(errors) != count:
+                    value = False
+                elif stop is None:
+                    value = to_boolean(x, errors, pos) is not to_boolean(value, errors, pos)
+                else:
+                    value = to_boolean(value, errors, pos)
+            return value
+        return chain
 
     def like(self, node: syntax.Like) -> _Fn:
         operand, _ = self.node(node.operand)
