@@ -276,3 +276,14 @@ def test_a_chain_of_and_or_xor_of_any_length_compiles_to_a_loop_with_the_nested_
         assert run(" XOR ".join(["TRUE"] * 999) + " AND missing") == (False, [ErrorKind.MISSING_ATTRIBUTE])
     finally:
         sys.setrecursionlimit(limit)
+
+
+def test_in_casts_every_item_so_the_order_of_the_set_does_not_decide() -> None:
+    # IN tests membership of a set: casting stopped at the first equal item, so the cast error of
+    # an item after it went unrecorded and `ext IN (1, 'high')` matched ext=1 while
+    # `ext IN ('high', 1)` did not (complete evaluation: every item is cast, both record it).
+    for text in ("ext IN (1, 'high')", "ext IN ('high', 1)"):
+        value, errors = compile(text).evaluate({"ext": 1})
+        assert (value, [e.kind for e in errors]) == (True, [ErrorKind.CAST]), text
+        assert not compile(text).matches({"ext": 1}), text
+    assert compile("ext IN (1, '2')").evaluate({"ext": 1}) == (True, [])

@@ -297,8 +297,10 @@ class _Compiler:
             if len(errors) != count:
                 return False
             cast = CASTS[type(value)]
-            found = any(value == (v if type(v) is type(value) else cast(v, errors, pos)) for v in values)
-            return found is not negated
+            # every item is cast (a list, not any()'s short circuit): a set has no order, so an
+            # item's cast error is recorded whether or not an equal item comes before it
+            cast_values = [v if type(v) is type(value) else cast(v, errors, pos) for v in values]
+            return (value in cast_values) is not negated
         return in_
 
     def call(self, node: syntax.Call) -> tuple[_Fn, Type | None]:
