@@ -90,7 +90,7 @@ def test_non_string_attributes_compare_by_their_cloudevents_string_form() -> Non
 
 
 def test_all_any_and_not_nest() -> None:
-    """``all`` needs every filter, ``any`` one of them, ``not`` inverts; they nest at any depth."""
+    """``all`` needs every filter, ``any`` one of them, ``not`` inverts; they nest (up to 64 levels)."""
     eu = {"prefix": {"subject": "eu-"}}
     us = {"prefix": {"subject": "us-"}}
     assigned = {"suffix": {"type": ".assigned"}}
@@ -100,6 +100,19 @@ def test_all_any_and_not_nest() -> None:
     assert matches([{"any": [us, {"not": assigned}]}]) is False
     assert matches([{"not": {"any": [us, {"not": eu}]}}]) is True
     assert matches([{"all": [{"any": [us, {"all": [eu, {"not": {"exact": {"hops": "4"}}}]}]}]}]) is True
+
+
+@pytest.mark.parametrize("dialect", ["not", "all"])
+def test_a_filter_nested_too_deeply_is_a_filter_error_not_a_recursion_error(dialect: str) -> None:
+    deepest: Any = {"prefix": {"subject": "eu-"}}
+    for _ in range(64):
+        deepest = {dialect: deepest if dialect == "not" else [deepest]}
+    assert matches([deepest]) is True  # 64 levels of not (even) or all: the filter itself
+    too_deep: Any = deepest
+    for _ in range(2000):
+        too_deep = {dialect: too_deep if dialect == "not" else [too_deep]}
+    with pytest.raises(FilterError, match="nested more than 64 levels deep"):
+        compile_filters([too_deep])
 
 
 def test_the_list_is_anded_and_where_is_one_more_sql_filter() -> None:

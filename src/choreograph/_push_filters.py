@@ -53,6 +53,11 @@ _CONNECTIVE = re.compile(r"\b(AND|OR|XOR)\b", re.IGNORECASE)
 
 _Test = Callable[[Mapping[str, Any]], bool]
 
+#: The most ``all``/``any``/``not`` objects a filter may nest inside one another. Checking,
+#: copying and evaluating a filter recurse once or more per level: deeper, a Python
+#: ``RecursionError`` escaped from :func:`compile_filters` instead of a :class:`FilterError`.
+MAX_NESTING = 64
+
 
 class FilterError(ConfigurationError):
     """A filter the spec does not allow, or one that could never match: ``path`` says where
@@ -142,7 +147,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _compile(item: Any, path: str) -> _Compiled:
+def _compile(item: Any, path: str, depth: int = 0) -> _Compiled:
+    if depth > MAX_NESTING:
+        raise FilterError(path, f"all/any/not nested more than {MAX_NESTING} levels deep")
     if not isinstance(item, Mapping):
         raise FilterError(path, f"expected a filter object {{dialect: ...}}, got {type(item).__name__}")
     if len(item) != 1:
@@ -159,12 +166,12 @@ def _compile(item: Any, path: str) -> _Compiled:
             raise FilterError(where, f"expected a list of filter objects, got {type(value).__name__}")
         if not value:
             raise FilterError(where, "list at least one filter")
-        children = [_compile(child, f"{where}[{i}]") for i, child in enumerate(value)]
+        children = [_compile(child, f"{where}[{i}]", depth + 1) for i, child in enumerate(value)]
         return _all(children) if dialect == "all" else _any(children)
     if dialect == "not":
         if not isinstance(value, Mapping):
             raise FilterError(where, f"expected one filter object, got {type(value).__name__}")
-        return _not(_compile(value, where))
+        return _not(_compile(value, where, depth + 1))
     if dialect == "sql":
         return _sql(value, where)
     raise FilterError(path, f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
