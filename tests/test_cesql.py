@@ -321,3 +321,13 @@ def test_like_takes_time_linear_in_the_value_whatever_the_wildcards() -> None:
         ("%b_b%b", "bbbab", True), ("%b_b%b", "bbba", False), ("%\n%_", "a\nb", True), ("%😀%_", "x😀y", True), ("%😀%_", "x😀", False),
     ]:
         assert compile(f"x LIKE '{pattern}'").matches({"x": value}) is expected, (pattern, value)
+
+
+def test_an_integer_literal_of_thousands_of_digits_is_read_or_refused_as_a_parse_error() -> None:
+    # int() refuses over 4,300 digits with a plain ValueError, which escaped from compile() past
+    # where='s and the push filters' handling of CESQLParseError.
+    assert compile("0" * 5000 + "1 = 1").evaluate({}) == (True, [])  # leading zeros: still 1
+    assert compile("-" + "0" * 5000 + "1 = -1").evaluate({}) == (True, [])
+    for text in ("9" * 5000 + " = 1", "-" + "9" * 5000 + " = 1"):
+        with pytest.raises(CESQLParseError, match=r"outside the 32-bit range"):
+            compile(text)

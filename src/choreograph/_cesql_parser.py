@@ -385,9 +385,13 @@ class _Parser:
         return self.primary()
 
     def integer(self, text: str, token: _Token) -> Literal:
-        value = int(text)
-        if not INT_MIN <= value <= INT_MAX:
-            raise self.error(token, f"integer literal {text} is outside the 32-bit range [{INT_MIN}, {INT_MAX}]")
+        # A 32-bit integer has at most 10 digits past its sign and leading zeros; only those go to
+        # int(), which refuses over 4,300 digits with a ValueError (not a CESQLParseError).
+        digits = text.lstrip("+-").lstrip("0") or "0"
+        value = int(digits) * (-1 if text[0] == "-" else 1) if len(digits) <= 10 else None
+        if value is None or not INT_MIN <= value <= INT_MAX:
+            shown = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
+            raise self.error(token, f"integer literal {shown} is outside the 32-bit range [{INT_MIN}, {INT_MAX}]")
         return Literal(value, token.pos)
 
     def primary(self) -> Node:
