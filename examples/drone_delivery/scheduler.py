@@ -7,7 +7,10 @@ Invariants, held by its own database in the handler's transaction:
   second request for the same delivery (a new event: a client retry, a replay)
   answers with the drone it already has instead of taking a second one. A redelivery
   of the *same* event after a crash does not even run: its inbox record committed
-  with the assignment.
+  with the assignment;
+* a delivery whose drone was released (it was cancelled) gets none again: a late
+  ``PackageCreated`` of a second request is a ``Reject``, not the released drone,
+  which another delivery may have taken meanwhile.
 
 No drone free for the weight → ``Retry`` (a drone may come back); heavier than any
 drone of the fleet → ``Reject`` (permanent). Either rolls the transaction back. When
@@ -83,11 +86,15 @@ class NoDroneFree(Exception):
 async def assign(tx: Transaction, package: PackageCreated) -> str:
     """The drone of ``package``'s delivery: the one it already has, else the lightest free one that can carry it."""
     await schema.ensure(tx)
-    existing = await tx.fetchval(
-        "SELECT drone_id FROM assignments WHERE delivery_id = $1", package.delivery_id
+    existing = await tx.fetchone(
+        "SELECT drone_id, released_at FROM assignments WHERE delivery_id = $1", package.delivery_id
     )
     if existing is not None:
-        return str(existing)
+        if existing["released_at"] is not None:  # its drone may fly another delivery by now
+            raise Reject(
+                f"delivery {package.delivery_id} was cancelled; its drone {existing['drone_id']} was released"
+            )
+        return str(existing["drone_id"])
     largest = await tx.fetchval("SELECT MAX(max_payload_kg) FROM drones") or 0.0
     if package.weight_kg > largest:
         raise Reject(

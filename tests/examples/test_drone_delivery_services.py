@@ -25,7 +25,7 @@ from examples.drone_delivery.events import (
 )
 from examples.drone_delivery.scheduler import assign, parse_fleet
 
-from choreograph import Publisher, Service, Worker
+from choreograph import Publisher, Reject, Service, Worker
 from choreograph.faults import Faults, FaultSpec
 from choreograph.runtime.outbox import transaction
 from choreograph.testing import MemoryTransport, settled
@@ -150,6 +150,28 @@ async def test_assigning_the_same_delivery_again_answers_the_drone_it_already_ha
     again = await assigned(created)
     other = await assigned(created.model_copy(update={"delivery_id": "d2"}))
     assert first == again != other
+
+
+async def test_a_late_package_of_a_cancelled_delivery_does_not_take_back_the_drone_it_released(
+    data_dir: Path,
+) -> None:
+    """A second request for a delivery (a client retry under a new correlation id) whose
+    ``PackageCreated`` reaches the scheduler after the delivery was cancelled and its drone
+    released: answering "the drone it already has" flew a drone now another delivery's."""
+    created = PackageCreated(delivery_id="d1", package_id="p1", weight_kg=2, pickup="a", dropoff="b")
+
+    async with transaction(scheduler.scheduler) as tx:
+        taken = await assign(tx, created)
+    async with transaction(scheduler.scheduler) as tx:  # what release_drone does on DeliveryCancelled
+        await tx.execute("UPDATE drones SET delivery_id = NULL WHERE delivery_id = 'd1'")
+        await tx.execute("UPDATE assignments SET released_at = 1 WHERE delivery_id = 'd1'")
+    async with transaction(scheduler.scheduler) as tx:
+        assert await assign(tx, created.model_copy(update={"delivery_id": "d2"})) == taken  # free: reused
+    with pytest.raises(Reject, match="d1 was cancelled"):
+        async with transaction(scheduler.scheduler) as tx:
+            await assign(tx, created)
+    drones = sqlite3.connect(data_dir / "drone-scheduler.db")
+    assert drones.execute("SELECT delivery_id FROM drones WHERE drone_id = ?", (taken,)).fetchone() == ("d2",)
 
 
 async def test_a_delivery_that_reaches_its_end_leaves_every_step_in_its_service_database_with_its_inbox_record(
