@@ -200,6 +200,33 @@ async def test_json_that_is_invalid_is_still_400(client: httpx.AsyncClient, bus:
     assert bus.published == []
 
 
+class Noted(Event, type="test.gateway.noted"):
+    note: Any = None
+
+
+@pytest.mark.parametrize(("levels", "bracket"), [(200, "{"), (260, "{"), (260, "["), (1100, "[")])
+async def test_a_body_nested_too_deep_is_422_naming_where_not_400_not_json_nor_500(
+    bus: SpyBus, clock: VirtualClock, levels: int, bracket: str
+) -> None:
+    """Valid JSON nested past pydantic's JSON parser was a 400 "body is not valid JSON", from 255
+    levels a 500 (serialising the event raised), past orjson's 1024 a 400 again: it is a 422
+    saying how deep a body may go, at the path of the first value too deep when it can be read."""
+    opened, closed = ('{"a": ', "}") if bracket == "{" else ("[", "]")
+    body = '{"note": ' + opened * levels + "1" + closed * levels + "}"
+    within = '{"note": ' + opened * 199 + "1" + closed * 199 + "}"
+    gw = Gateway([Route("POST", "/notes", Noted)], broker=bus, clock=clock, max_body=100_000)
+    async with client_for(gw) as client:
+        response = await client.post("/notes", content=body, headers={"content-type": "application/json"})
+        fine = await client.post("/notes", content=within, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["type"] == "too_deep" and "200 levels" in error["reason"]
+    step = ".a" if bracket == "{" else "[0]"
+    assert error["path"] == ("$" if levels > 1024 else "$.note" + step * 199)
+    assert fine.status_code == 202, fine.text
+    assert len(bus.published) == 1
+
+
 class Measured(Event, type="test.gateway.measured"):
     sensor: str
     value: float

@@ -29,6 +29,11 @@ EventT = TypeVar("EventT", bound="Event")
 PROBLEM_JSON = "application/problem+json"
 IDEMPOTENCY_KEY_MAX = 255
 INT_OUT_OF_RANGE = "integer out of range: events carry integers of at most 64 bits"
+#: Arrays and objects one inside another a body may hold, itself counted: what pydantic's JSON
+#: parser reads of an object (deeper, the strict check answered "not valid JSON", and from 255
+#: serialising the event raised: a 500), well within orjson's 1024 (a consumer's read).
+MAX_DEPTH = 200
+TOO_DEEP = f"nested too deep: a body holds arrays and objects at most {MAX_DEPTH} levels deep"
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -150,6 +155,9 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # valid JSON, but deeper than orjson reads (1024)
+            raise Problem(422, f"invalid {model.__name__}: $: {TOO_DEEP} ({exc})",
+                          errors=[{"path": "$", "reason": TOO_DEEP, "type": "too_deep"}]) from None
         infinite = first_infinite(body)  # valid JSON, but a number orjson reads as no float
         if infinite is None:
             raise Problem(400, f"body is not valid JSON: {exc}") from None
@@ -158,6 +166,10 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
                   "number out of range: events carry numbers within a 64-bit float's (about 1.8e308)")
         raise Problem(422, f"invalid {model.__name__}: {path}: {reason}",
                       errors=[{"path": path, "reason": reason, "type": "number_out_of_range"}]) from None
+    deep = too_deep(data) if body.count(b"[") + body.count(b"{") > MAX_DEPTH else None  # fewer: none is
+    if deep is not None:
+        raise Problem(422, f"invalid {model.__name__}: {deep}: {TOO_DEEP}",
+                      errors=[{"path": deep, "reason": TOO_DEEP, "type": "too_deep"}])
     duplicate = duplicate_key(body)
     if duplicate is not None:
         reason = "the key is given twice in one object: which value is meant is undefined; send it once"
@@ -193,6 +205,23 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
         raise Problem(422, f"invalid {model.__name__}: {collapsed}: {reason}",
                       errors=[{"path": collapsed, "reason": reason, "type": "duplicate_item"}])
     return event
+
+
+def too_deep(data: Any) -> str | None:
+    """The path of the first array or object of ``data`` (JSON read) at a depth beyond :data:`MAX_DEPTH`."""
+    stack: list[tuple[Any, str, int]] = [(data, "$", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, dict):
+            items: Any = ((f"{path}.{key}", item) for key, item in value.items())
+        elif isinstance(value, list):
+            items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return path
+        stack.extend(reversed([(item, sub, depth + 1) for sub, item in items if isinstance(item, (dict, list))]))
+    return None
 
 
 def collapsed_set(value: Any, sent: Any, path: str = "$") -> str | None:

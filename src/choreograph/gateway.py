@@ -16,7 +16,7 @@ bearer token, ``409`` an ``Idempotency-Key`` conflict (problem ``type``
 :data:`KEY_IN_FLIGHT`: the first request is still running, retry; :data:`KEY_REUSED`:
 the key was used with a different body), ``413`` body over ``max_body``, ``415`` not
 JSON, ``422`` invalid payload (every bad field named by its path, e.g.
-``$.items[0].qty``; a key given twice, a set item given twice, a number JSON cannot carry), ``503`` broker unavailable (retry; with an ``Idempotency-Key``
+``$.items[0].qty``; a key given twice, a set item given twice, a number JSON cannot carry, arrays and objects nested over 200 deep), ``503`` broker unavailable (retry; with an ``Idempotency-Key``
 the retry is safe), or idempotency store unavailable (only a request with a key needs it;
 the ``detail`` names which). The journal is opened only by ``/transactions``: a journal
 that cannot be opened is their ``503``, never a POST's.
