@@ -6,6 +6,9 @@ If only one of the two arrives within ``SHIPPING_WAIT`` seconds (the other branc
 no, or is stuck), the join announces a ``join_timeout`` failure of the one that came, so
 its service compensates. If shipping itself gives up (couriers refuse ``oversize-*``
 items), the failure of *both* arrivals is announced: payment refunds, inventory releases.
+An order past its deadline is not shipped either (a ``Reject``): the deadline refunds,
+releases and cancels it, perhaps while shipping was down, so shipping it when the join
+completes later would send a parcel nobody paid for.
 
 The shipment row, the join's record of the arrival that completed it, the inbox
 record and ``ShipmentDispatched`` commit in one transaction of shipping's database
@@ -19,6 +22,7 @@ import uuid
 
 from choreograph import Context, Reject, Service
 from choreograph.faults import Faults
+from choreograph.sagas import deadline_of
 from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import Schema, database_url
 from examples.shop.events import PaymentCaptured, ShipmentDispatched, StockReserved
@@ -44,6 +48,11 @@ schema = Schema(
 async def ship(paid: PaymentCaptured, reserved: StockReserved, ctx: Context) -> ShipmentDispatched:
     if reserved.sku.startswith("oversize-"):
         raise Reject(f"no courier takes {reserved.sku}")
+    deadline = deadline_of(ctx.envelope)
+    if deadline is not None and ctx.clock.time() >= deadline.timestamp():
+        # the journal times the order out: payment refunds it, inventory releases it, orders
+        # cancels it (or has: shipping may come back from an outage after all three)
+        raise Reject(f"order {paid.order_id} passed its deadline {ctx.envelope.deadline}: not shipped")
     shipment_id = f"shp-{uuid.uuid5(uuid.NAMESPACE_URL, paid.order_id).hex[:12]}"
     async with faults.step(ctx), ctx.transaction() as tx:
         await schema.ensure(tx)

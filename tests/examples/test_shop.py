@@ -23,6 +23,7 @@ from examples.shop.events import (
     OrderPlaced,
     OrderShipped,
     PaymentRefunded,
+    ShipmentDispatched,
     StockReleased,
 )
 from examples.shop.inventory import STOCK
@@ -216,6 +217,29 @@ async def test_an_order_past_its_deadline_is_undone_when_the_journal_times_it_ou
     assert shop.balance("alice") == BALANCES["alice"]
     assert shop.stock("widget") == STOCK["widget"]
     assert await shop.status(cid) == "compensated"
+
+
+async def test_shipping_back_after_the_deadline_undid_the_order_does_not_ship_it(shop: Shop) -> None:
+    """Shipping was down while the deadline passed: the order was refunded, its stock released
+    and cancelled. Back, shipping found the join complete and dispatched it anyway: a parcel
+    out for an order whose money went back and whose units were put back on the shelf."""
+    await (await run(shop, [s for s in app.services if s.name == "shipping"])).stop()  # its group exists
+    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
+    cid = await shop.order("o-9", "alice", "widget", 1, 10_00)
+    shop.clock.advance(5 * 60 + 1)
+    assert await shop.journal.check_deadlines() == [cid]
+    await shop.drained()
+    await worker.stop()
+    assert shop.balance("alice") == BALANCES["alice"] and shop.stock("widget") == STOCK["widget"]
+    worker = await run(shop)
+    await shop.drained()
+    await worker.stop()
+    assert shop.count(ShipmentDispatched, "o-9") == 0
+    [letter] = await shop.bus.dead_letters("shipping")
+    assert letter.record["reason"] == "rejected"
+    assert shop.ends("o-9") == ["OrderCancelled"]
+    assert shop.balance("alice") == BALANCES["alice"] and shop.stock("widget") == STOCK["widget"]
+    assert shop.count(PaymentRefunded, "o-9") == shop.count(StockReleased, "o-9") == 1
 
 
 async def test_an_order_has_one_terminal_event_the_one_its_row_says_when_orders_hears_both_ends(shop: Shop) -> None:
