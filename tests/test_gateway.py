@@ -961,6 +961,21 @@ async def test_unknown_paths_are_404_and_wrong_methods_405_as_problems(client: h
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
 
 
+async def test_a_path_with_two_methods_answers_405_allowing_both(bus: SpyBus, clock: VirtualClock) -> None:
+    """Each route was a Starlette route of its own: a DELETE on a path served for POST and PUT
+    was a 405 whose Allow named only the first (RFC 9110 15.5.6: every method the resource has)."""
+    gw = Gateway([Route("POST", "/orders", Ordered, name="place"), Route("PUT", "/orders", Ordered, name="replace")],
+                 broker=bus, clock=clock)
+    async with client_for(gw) as client:
+        wrong = await client.delete("/orders")
+        posted = await client.post("/orders", json=BODY, headers={"Idempotency-Key": "k"})
+        put = await client.put("/orders", json=BODY, headers={"Idempotency-Key": "k"})  # its own route's key
+    assert wrong.status_code == 405 and sorted(wrong.headers["allow"].split(", ")) == ["POST", "PUT"]
+    assert posted.status_code == put.status_code == 202
+    assert posted.json()["correlation_id"] != put.json()["correlation_id"]
+    assert len(bus.published) == 2
+
+
 async def test_the_openapi_document_describes_routes_from_the_event_models(client: httpx.AsyncClient) -> None:
     doc = (await client.get("/openapi.json")).json()
     assert doc["openapi"] == "3.1.0"

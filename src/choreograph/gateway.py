@@ -287,9 +287,15 @@ class Gateway:
     def asgi(self) -> Starlette:
         """The Starlette application (built once)."""
         if self._app is None:
+            # One Starlette route per path, whatever its methods: one per Route answered a method
+            # the path lacks with a 405 whose Allow named the first Route's method only.
+            by_path: dict[str, dict[str, Route]] = {}
+            for route in self.routes:
+                by_path.setdefault(route.path, {})[route.method] = route
             routes = [
-                StarletteRoute(route.path, self._endpoint(route), methods=[route.method], name=route.name)
-                for route in self.routes
+                StarletteRoute(path, self._endpoint(methods), methods=list(methods),
+                               name="|".join(str(route.name) for route in methods.values()))
+                for path, methods in by_path.items()
             ]
             routes.append(StarletteRoute("/openapi.json", self._openapi_endpoint, methods=["GET"]))
             routes.append(StarletteRoute("/healthz", self._healthz, methods=["GET"]))
@@ -304,11 +310,12 @@ class Gateway:
             )
         return self._app
 
-    def _endpoint(self, route: Route) -> Any:
+    def _endpoint(self, methods: dict[str, Route]) -> Any:
+        """The endpoint of one path: the Route of the request's method (Starlette let only these in)."""
         async def endpoint(request: Request) -> Response:
-            return await self._publish(request, route)
+            return await self._publish(request, methods[request.method])
 
-        endpoint.__name__ = route.name or "publish"
+        endpoint.__name__ = "_".join(str(route.name) for route in methods.values()) or "publish"
         return endpoint
 
     async def _publish(self, request: Request, route: Route) -> Response:
