@@ -1213,3 +1213,6 @@ async def test_readyz_names_a_store_that_cannot_be_opened_though_the_broker_answ
     logged = [r.getMessage() for r in caplog.records if "not ready" in r.getMessage()]
     assert logged[0].startswith("gateway not ready: idempotency store: ") and "not-a-dir" in logged[0]
     assert "broker" not in logged[0]
+    # and the OpenAPI document says so (it named the journal among what a 503 may mean)
+    described = both.openapi()["paths"]["/readyz"]["get"]["responses"]["503"]["description"]
+    assert "idempotency store" in described and "journal" not in described

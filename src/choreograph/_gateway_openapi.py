@@ -218,11 +218,11 @@ def build_openapi(
     paths["/healthz"] = {"get": {"operationId": "healthz", "summary": "Liveness", "responses": {"200": _json("Alive", "Health")}}}
     paths["/readyz"] = {"get": {
         "operationId": "readyz",
-        "summary": "Readiness: the broker answers, the stores are open",
+        "summary": "Readiness: the broker answers, the idempotency store is open",
         "responses": {
             "200": _json("The broker answered and the stores are open", "Readiness"),
-            "503": _json("The broker did not answer, or a store (idempotency store, journal) could not be opened; "
-                         "the reason names which (retry after Retry-After)", "Readiness"),
+            "503": _json("The broker did not answer, or the idempotency store could not be opened; the reason "
+                         "names which (retry after Retry-After)", "Readiness"),
         },
     }}
     doc: dict[str, Any] = {
