@@ -6,6 +6,10 @@ from pydantic import Field
 
 from choreograph import Event
 
+MAX_AMOUNT = 2**63 - 1
+"""The largest amount (cents) the payments table holds (``BIGINT``; SQLite's INTEGER): a larger
+one failed every attempt to charge it, and the order ended cancelled with a dead letter."""
+
 
 class OrderPlaced(Event, type="shop.order.placed"):
     """Ingress: a customer ordered ``qty`` of ``sku`` for ``amount`` (in cents)."""
@@ -14,7 +18,7 @@ class OrderPlaced(Event, type="shop.order.placed"):
     customer: str = Field(min_length=1, max_length=100)
     sku: str = Field(min_length=1, max_length=100)
     qty: int = Field(gt=0, le=1000)
-    amount: int = Field(gt=0)
+    amount: int = Field(gt=0, le=MAX_AMOUNT)
 
 
 class PaymentCaptured(Event, type="shop.payment.captured"):

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import examples.shop.orders
+import pydantic
 import pytest
 from examples.shop.app import app
 from examples.shop.events import (
@@ -203,6 +204,23 @@ async def test_a_shipping_failure_refunds_releases_and_cancels(shop: Shop) -> No
     [letter] = await shop.bus.dead_letters("shipping")
     assert letter.record["reason"] == "rejected"
     assert await shop.status(cid) == "compensated"
+
+
+async def test_an_amount_the_payments_table_cannot_hold_is_refused_at_the_edge_and_the_largest_declined(
+    shop: Shop,
+) -> None:
+    """``amount`` had no upper bound: 2**63 cents passed validation, then every attempt to
+    charge it failed binding a 64-bit integer, and after ten the order was cancelled with a
+    dead letter saying ``OverflowError``. It is refused where it comes in, naming the field."""
+    with pytest.raises(pydantic.ValidationError) as refused:
+        OrderPlaced(order_id="o-big", customer="carol", sku="widget", qty=1, amount=2**63)
+    assert [error["loc"] for error in refused.value.errors()] == [("amount",)]
+    worker = await run(shop)
+    await shop.order("o-max", "carol", "widget", 1, 2**63 - 1)
+    await worker.stop()
+    assert shop.ends("o-max") == ["OrderCancelled"]
+    assert await shop.bus.dead_letters("payment") == []
+    assert shop.balance("carol") == BALANCES["carol"] and shop.stock("widget") == STOCK["widget"]
 
 
 async def test_an_order_past_its_deadline_is_undone_when_the_journal_times_it_out(shop: Shop) -> None:
