@@ -361,6 +361,20 @@ async def test_a_body_that_is_not_declared_json_is_415(client: httpx.AsyncClient
     assert response.status_code == 415
 
 
+async def test_a_batch_of_cloudevents_is_415_saying_to_send_one_event_per_request(
+    client: httpx.AsyncClient, bus: SpyBus
+) -> None:
+    """A batch was answered as "a CloudEvent in structured content mode": it is several events,
+    and the client is told to send each as its own request (binary content mode)."""
+    batch = [{"specversion": "1.0", "id": "1", "source": "/s", "type": "test.gateway.ordered", "data": BODY}]
+    response = await client.post("/orders", json=batch,
+                                 headers={"content-type": "application/cloudevents-batch+json"})
+    assert response.status_code == 415
+    detail = response.json()["detail"]
+    assert "batch" in detail and "structured content mode" not in detail and "one request per event" in detail
+    assert bus.published == []
+
+
 async def test_a_compressed_body_is_415(client: httpx.AsyncClient) -> None:
     response = await client.post("/orders", content=b"\x1f\x8b...",
                                  headers={"content-type": "application/json", "content-encoding": "gzip"})

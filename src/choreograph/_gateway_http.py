@@ -101,9 +101,13 @@ def check_json_content_type(request: Request) -> None:
         raise Problem(415, "missing Content-Type; send application/json")
     media_type, *params = (part.strip() for part in header.split(";"))
     media_type = media_type.lower()
-    if media_type in (STRUCTURED, BATCH):  # JSON, but the attributes where the route's model expects data
+    if media_type == STRUCTURED:  # JSON, but the attributes where the route's model expects data
         raise Problem(415, f"unsupported Content-Type {media_type!r} (a CloudEvent in structured content mode): "
                            "send its data as an application/json body and its attributes as ce- headers "
+                           "(binary content mode)")
+    if media_type == BATCH:
+        raise Problem(415, f"unsupported Content-Type {media_type!r} (a batch of CloudEvents): send one request "
+                           "per event, its data as an application/json body and its attributes as ce- headers "
                            "(binary content mode)")
     if media_type != "application/json" and not (media_type.startswith("application/") and media_type.endswith("+json")):
         raise Problem(415, f"unsupported Content-Type {media_type!r}; send application/json")
