@@ -619,6 +619,44 @@ async def test_idempotency_claims_follow_the_documented_states(keys: Idempotency
     assert found.outcome == "new"  # keys are scoped per route
 
 
+class _Compared(float):
+    """A time that counts how often a stored key's age is compared with it (or it with another)."""
+
+    seen = 0
+
+    def __lt__(self, other: object) -> bool:
+        _Compared.seen += 1
+        return float(self) < float(other)  # type: ignore[arg-type]
+
+    def __ge__(self, other: object) -> bool:
+        _Compared.seen += 1
+        return float(self) >= float(other)  # type: ignore[arg-type]
+
+
+async def test_the_memory_store_forgets_old_keys_without_reading_every_key_at_each_claim() -> None:
+    """The default store swept expired keys by reading all of them at every claim: a busy gateway
+    holding a day of keys read millions of rows per request. It reads the oldest ones, in the
+    order they were first claimed, until one is young enough, and a key past its ttl is new."""
+    keys = open_idempotency_store("memory://")
+    for n in range(2000):
+        await keys.claim("route", f"k{n}", "fp", f"c{n}", _Compared(n), lease=30, ttl=3600)
+    await keys.complete("route", "k0")  # rewritten: keeps its place (and its age)
+    _Compared.seen = 0
+    found = await keys.claim("route", "k1999", "fp", "c", _Compared(2000), lease=30, ttl=3600)
+    assert found.outcome == "in_flight" and _Compared.seen < 10
+    for key in ("k2", "k3"):
+        await keys.complete("route", key)
+
+    async def claim(key: str, now: float) -> tuple[str, str]:
+        found = await keys.claim("route", key, "fp", "c-new", now, lease=30, ttl=3600)
+        return found.outcome, found.correlation_id
+
+    assert await claim("k0", 3600.5) == ("new", "c-new")  # done, but older than the ttl: forgotten
+    assert await claim("k1", 3600.5) == ("new", "c1")  # its holder's lease lapsed: taken over
+    assert await claim("k2", 3602.5) == ("new", "c-new")
+    assert await claim("k3", 3602.5) == ("replay", "c3")
+
+
 # -- CloudEvents binary content mode -----------------------------------------------------
 
 CE = {"ce-specversion": "1.0", "ce-type": "test.gateway.ordered", "ce-source": "/shop/web"}

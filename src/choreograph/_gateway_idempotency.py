@@ -93,18 +93,29 @@ class MemoryIdempotencyStore(IdempotencyStore):
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
+        # In the order keys were first claimed (a rewrite keeps a key's place and age), so
+        # the oldest come first: the sweep reads those past the ttl and the first that is not.
+        # Reading every key at each claim cost a busy gateway a day of keys per request.
         self._rows: dict[tuple[str, str], tuple[str, str, str, float, float]] = {}
 
     async def claim(
         self, scope: str, key: str, fingerprint: str, correlation_id: str, now: float, *, lease: float, ttl: float
     ) -> Claim:
-        for k in [k for k, row in self._rows.items() if row[4] < now - ttl]:
-            del self._rows[k]
-        row = self._rows.get((scope, key))
+        horizon = now - ttl
+        rows = self._rows
+        while rows:
+            oldest = next(iter(rows))
+            if not rows[oldest][4] < horizon:
+                break
+            del rows[oldest]
+        row = rows.get((scope, key))
+        if row is not None and row[4] < horizon:  # behind a younger key (the clock went back): expired all the same
+            del rows[(scope, key)]
+            row = None
         claim, write = _decide(row[:4] if row else None, fingerprint, correlation_id, now)
         if write:
             created = row[4] if row else now
-            self._rows[(scope, key)] = (fingerprint, claim.correlation_id, "pending", now + lease, created)
+            rows[(scope, key)] = (fingerprint, claim.correlation_id, "pending", now + lease, created)
         return claim
 
     async def complete(self, scope: str, key: str) -> None:
