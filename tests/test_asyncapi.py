@@ -235,6 +235,31 @@ def test_the_headers_describe_the_cloudevents_attributes_the_runtime_writes(doc:
     assert message["correlationId"]["location"] == "$message.header#/correlationid"
 
 
+class CloudEventsContext(pydantic.BaseModel):
+    """A payload model that happens to carry the name of the headers' schema."""
+
+    forwarded_id: str
+
+
+class Forwarded(Event, type="test.asyncapi.forwarded"):
+    original: CloudEventsContext
+
+
+def test_a_payload_model_named_like_the_headers_schema_leaves_both_described() -> None:
+    relay = Service("relay")
+
+    @relay.on(Forwarded)
+    async def relay_it(event: Forwarded) -> None: ...
+
+    doc = asyncapi_document(App("relay", [relay], ingress=[Forwarded], terminal={Forwarded: "completed"}))
+    placed = first_envelope(Forwarded(original=CloudEventsContext(forwarded_id="x")), source="/gw", id="e-1")
+    attributes = {k: v for k, v in orjson.loads(orjson.dumps(placed.to_dict())).items() if k != "data"}
+    assert list(validator(doc, "#/components/messages/test.asyncapi.forwarded/headers").iter_errors(attributes)) == []
+    payload = validator(doc, doc["components"]["messages"]["test.asyncapi.forwarded"]["payload"]["$ref"])
+    assert payload.is_valid({"original": {"forwarded_id": "x"}})
+    assert not payload.is_valid({"original": attributes})
+
+
 def test_failure_and_timeout_channels_carry_the_runtime_s_payloads(doc: dict[str, Any]) -> None:
     failed_payload = validator(doc, doc["components"]["messages"][FAILED]["payload"]["$ref"])
     assert failed_payload.is_valid(

@@ -145,7 +145,11 @@ def asyncapi_document(
         )
     except PydanticInvalidForJsonSchema as exc:
         raise _no_schema(classes, exc) from None
-    schemas: dict[str, Any] = {"CloudEventsContext": CLOUDEVENTS_CONTEXT, **_asyncapi_schema(defs.get("$defs", {}))}
+    payloads: dict[str, Any] = _asyncapi_schema(defs.get("$defs", {}))
+    # The headers' schema beside the payloads', under a key none of them has (a payload model
+    # may be named CloudEventsContext too: every message's headers would then be that model).
+    context = _unique("CloudEventsContext", payloads)
+    schemas: dict[str, Any] = {context: CLOUDEVENTS_CONTEXT, **payloads}
 
     channels: dict[str, Any] = {}
     messages: dict[str, Any] = {}
@@ -153,7 +157,7 @@ def asyncapi_document(
     for type_, cls in classes.items():
         key = _unique(_key(type_), channels)
         channel_of[type_] = key
-        messages[key] = _message(graph, type_, cls, refs[(cls, "validation")])
+        messages[key] = _message(type_, cls, refs[(cls, "validation")], context)
         channels[key] = {
             "address": type_,
             "title": type_,
@@ -273,7 +277,7 @@ def _unique(key: str, taken: dict[str, Any]) -> str:
     return candidate
 
 
-def _message(graph: FlowGraph, type_: str, cls: type[Event], payload_ref: dict[str, Any]) -> dict[str, Any]:
+def _message(type_: str, cls: type[Event], payload_ref: dict[str, Any], context: str) -> dict[str, Any]:
     fixed: dict[str, Any] = {"type": {"const": type_}}
     if type_ not in (FAILED, TIMEDOUT):
         fixed["dataschema"] = {"const": cls.schema_uri()}
@@ -283,7 +287,7 @@ def _message(graph: FlowGraph, type_: str, cls: type[Event], payload_ref: dict[s
         "contentType": "application/json",
         "headers": {
             "allOf": [
-                {"$ref": "#/components/schemas/CloudEventsContext"},
+                {"$ref": f"#/components/schemas/{context}"},
                 {"type": "object", "properties": fixed},
             ]
         },
