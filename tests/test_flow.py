@@ -541,6 +541,36 @@ def test_a_join_waiting_for_an_event_that_never_comes_cannot_terminate() -> None
     assert {"cannot-terminate", "unproduced"} <= {f.code for f in lint(app)}
 
 
+def test_an_ingress_event_a_join_awaits_still_joins_when_an_ordinary_handler_consumes_it_too() -> None:
+    """Reserved comes from outside into the transaction Placed started; an audit log of it must not
+    make it a transaction of its own that never ends, nor take it away from Placed's."""
+    a, b, audit = Service("a"), Service("b"), Service("audit")
+
+    @a.on(Placed)
+    async def start(order: Placed) -> Captured: ...
+
+    @b.on_all(Captured, Reserved)
+    async def join(paid: Captured, reserved: Reserved) -> Shipped: ...
+
+    @audit.on(Reserved)
+    async def log(reserved: Reserved) -> None: ...
+
+    app = App("x", [a, b, audit], ingress=[Placed, Reserved], terminal={Shipped: "completed"})
+    assert [f.code for f in lint(app)] == ["uncompensated-failure"]
+
+    # but an ingress event whose join fires in the transaction it starts is still checked as a starter
+    c, d = Service("c"), Service("d")
+
+    @c.on(Placed)
+    async def begin(order: Placed) -> Captured: ...
+
+    @d.on_all(Placed, Captured)
+    async def both(order: Placed, paid: Captured) -> Audit: ...
+
+    findings = lint(App("y", [c, d], ingress=[Placed], terminal={Shipped: "completed"}))
+    assert [f.subjects for f in findings if f.code == "cannot-terminate"] == [("test.flow.placed",)]
+
+
 def test_an_app_without_terminal_events_is_an_error() -> None:
     svc = Service("s")
 

@@ -12,9 +12,12 @@ Rules, and why each has its severity:
   on any path (business outcomes, failures and compensations, timeouts included), so
   the journal can never see such a transaction end. ``no-terminal`` when the App
   declares no terminal event at all. Only ingress events that *start* transactions
-  (some ordinary handler consumes them) are checked; an ingress event consumed only by
-  joins and compensations (a customer's cancellation, a courier's scan) *joins* a
-  running transaction, so it is taken as available in every transaction.
+  (some ordinary handler consumes them) are checked; an ingress event a join or a
+  compensation waits for (a customer's cancellation, a courier's scan) *joins* a
+  running transaction, so it is taken as available in every transaction. Also when an
+  ordinary handler consumes it too (an audit log, a notification): it is then checked as a
+  starter only if every join and compensation waiting for it can fire in the transaction it
+  starts (if one cannot, it comes into a transaction that has the rest).
 * ``unconsumed`` (warning): an event type is emitted (or is ingress) but nobody
   consumes it and it is not terminal: a dead end in the flow, or a consumer that lives
   elsewhere (another language behind a push subscription: give its config with
@@ -186,10 +189,12 @@ def _cannot_terminate(graph: FlowGraph) -> list[Finding]:
         ]
     out = []
     starters = [t for t, node in graph.events.items() if node.ingress and starts_transactions(graph, t)]
-    joining = [t for t, node in graph.events.items() if node.ingress and t not in starters]
+    joining = [t for t, node in graph.events.items()
+               if node.ingress and (t not in starters or _awaited(graph, t))]
     for type_ in starters:
-        happened = {t for t, via in reachable(graph, type_, joining=joining) if via == "event"}
-        if not happened & terminal:
+        seen = reachable(graph, type_, joining=joining)
+        happened = {t for t, via in seen if via == "event"}
+        if not happened & terminal and not _joins_another(graph, type_, seen):
             out.append(
                 Finding(
                     "cannot-terminate",
@@ -200,6 +205,24 @@ def _cannot_terminate(graph: FlowGraph) -> list[Finding]:
                 )
             )
     return out
+
+
+def _awaited(graph: FlowGraph, type_: str) -> bool:
+    """Whether a join or a compensation waits for ``type_`` (beside what else it needs from the
+    transaction): then an event of that type comes into a running transaction."""
+    return any(s.trigger == type_ and s.via in ("event", "step") and s.role in ("join", "compensation")
+               for s in graph.steps)
+
+
+def _joins_another(graph: FlowGraph, type_: str, seen: set[tuple[str, Via]]) -> bool:
+    """Whether ``type_`` (an ingress event some ordinary handler consumes: an audit log, a
+    notification) is awaited by a join or compensation that the transaction it would start never
+    fills (``seen``): then it joins the transaction that has the rest, not starting one of its own."""
+    return any(
+        s.trigger == type_ and s.via in ("event", "step") and s.role in ("join", "compensation")
+        and not all(any(route in seen for route in group) for group in s.requires)
+        for s in graph.steps
+    )
 
 
 def _cycles(graph: FlowGraph) -> list[Finding]:
