@@ -411,3 +411,23 @@ def test_a_payload_without_a_json_schema_is_a_configuration_error_naming_the_eve
     assert message.startswith("test.asyncapi.wired (tests.test_asyncapi.Wired): its payload has no JSON Schema "
                               "at $.probe, so the AsyncAPI document cannot describe it: ")
     assert "Sensor" in message and "\n" not in message
+
+
+class Unfinished(Event, type="test.asyncapi.unfinished"):
+    """Refers to a class never defined here (as one imported only under TYPE_CHECKING is)."""
+
+    part: NeverDefined | None = None  # noqa: F821
+
+
+def test_a_payload_with_an_undefined_forward_reference_is_a_configuration_error_naming_the_event() -> None:
+    lab = Service("lab")
+
+    @lab.on(Unfinished)
+    async def read(event: Unfinished) -> None: ...
+
+    with pytest.raises(ConfigurationError) as caught:
+        asyncapi_document(App("lab", [lab], ingress=[Unfinished]))
+    message = str(caught.value)
+    assert message.startswith("test.asyncapi.unfinished (tests.test_asyncapi.Unfinished): its payload is not "
+                              "fully defined, so the AsyncAPI document cannot describe it: ")
+    assert "NeverDefined" in message and "\n" not in message

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pydantic
-from pydantic.errors import PydanticInvalidForJsonSchema
+from pydantic.errors import PydanticInvalidForJsonSchema, PydanticUserError
 from pydantic.json_schema import models_json_schema
 
 from choreograph.errors import ConfigurationError
@@ -143,7 +143,7 @@ def asyncapi_document(
             if classes
             else ({}, {})
         )
-    except PydanticInvalidForJsonSchema as exc:
+    except PydanticUserError as exc:  # no JSON Schema for a type, or a forward reference never defined
         raise _no_schema(classes, exc) from None
     payloads: dict[str, Any] = _asyncapi_schema(defs.get("$defs", {}))
     # The headers' schema beside the payloads', under a key none of them has (a payload model
@@ -211,9 +211,10 @@ def asyncapi_document(
     }
 
 
-def _no_schema(classes: dict[str, type[Event]], exc: PydanticInvalidForJsonSchema) -> ConfigurationError:
+def _no_schema(classes: dict[str, type[Event]], exc: PydanticUserError) -> ConfigurationError:
     """The error naming the event, and the field, whose payload pydantic cannot describe (a type it
-    only checks with ``isinstance``: ``arbitrary_types_allowed``), rather than pydantic's traceback."""
+    only checks with ``isinstance``: ``arbitrary_types_allowed``; a forward reference to a class
+    never defined, e.g. one imported only under ``TYPE_CHECKING``), rather than pydantic's traceback."""
     for type_, cls in classes.items():
         try:
             cls.model_json_schema()
@@ -222,6 +223,11 @@ def _no_schema(classes: dict[str, type[Event]], exc: PydanticInvalidForJsonSchem
             at = f" at $.{field}" if field is not None else ""
             return ConfigurationError(
                 f"{type_} ({cls.__module__}.{cls.__qualname__}): its payload has no JSON Schema{at}, so the "
+                f"AsyncAPI document cannot describe it: {str(own).splitlines()[0]}"
+            )
+        except PydanticUserError as own:
+            return ConfigurationError(
+                f"{type_} ({cls.__module__}.{cls.__qualname__}): its payload is not fully defined, so the "
                 f"AsyncAPI document cannot describe it: {str(own).splitlines()[0]}"
             )
     return ConfigurationError(f"no JSON Schema for an event's payload: {str(exc).splitlines()[0]}")
