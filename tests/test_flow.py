@@ -186,6 +186,18 @@ def test_a_list_of_services_builds_a_graph_that_knows_no_ingress_or_terminal() -
     assert not any(node.ingress or node.terminal for node in graph.events.values())
 
 
+def test_a_list_naming_a_service_twice_is_refused_as_an_app_and_a_worker_refuse_it() -> None:
+    payment, *others = shop().services
+    twin = Service("payment")
+
+    @twin.on(Refunded)
+    async def note(event: Refunded) -> None: ...
+
+    for services in ([payment, *others, payment], [payment, *others, twin]):
+        with pytest.raises(ConfigurationError, match=r"\['payment'\] given more than once"):
+            build(services)
+
+
 def test_edges_merge_handlers_that_draw_the_same_line() -> None:
     svc = Service("multi")
 

@@ -323,6 +323,13 @@ def build(
         services, app = [target], None
     else:
         services, app = list(target), None
+        names = [s.name for s in services]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            # as App and Worker refuse them: drawn twice, one node would be left without its edges
+            raise ConfigurationError(
+                f"services: {twice} given more than once; a service's name is its consumer group, "
+                "so give each service once and each its own name"
+            )
     steps = [step for svc in services for h in svc.all_handlers() if (step := _step_of(h)) is not None]
     pushed: dict[str, PushNode] = {}
     for subscription in push:
