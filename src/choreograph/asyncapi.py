@@ -16,6 +16,9 @@ How choreograph maps onto AsyncAPI, and why:
   ``type``, ``correlationid``, ...) are described as the message ``headers``: on the bus
   they travel beside ``data`` in one structured-mode JSON object, on HTTP push as
   ``ce-*`` headers (binary mode); the attributes are the same either way.
+* A type no Event class of this process defines (one a push subscriber in another language
+  consumes or emits) has its channel and message too, with the CloudEvents headers and an
+  undescribed payload: the document lists every type the flow graph draws.
 * **Operations per service**: ``receive`` for what it subscribes to, ``send`` for what
   it declares it emits. The push subscribers of a graph built with ``push=`` (the CLI's
   ``--push CONFIG``) have theirs too: they consume from the bus like a service (the push
@@ -40,7 +43,7 @@ from pydantic.json_schema import models_json_schema
 
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
-from choreograph.flow import FlowGraph, build
+from choreograph.flow import RUNTIME_PREFIX, FlowGraph, build
 from choreograph.joins import Failed
 from choreograph.sagas import TIMEDOUT, TimedOut
 from choreograph.service import FAILED, App, Service
@@ -154,10 +157,17 @@ def asyncapi_document(
     channels: dict[str, Any] = {}
     messages: dict[str, Any] = {}
     channel_of: dict[str, str] = {}
-    for type_, cls in classes.items():
+    # A type no Event class of this process defines (one a push subscriber consumes or emits,
+    # served in another language) has its channel too, its payload undescribed.
+    untyped = [t for t in graph.events if t not in classes and not t.startswith(RUNTIME_PREFIX)]
+    for type_ in [*classes, *untyped]:
         key = _unique(_key(type_), channels)
         channel_of[type_] = key
-        messages[key] = _message(type_, cls, refs[(cls, "validation")], context)
+        cls = classes.get(type_)
+        messages[key] = (
+            _message(type_, cls, refs[(cls, "validation")], context) if cls is not None
+            else _untyped_message(type_, context)
+        )
         channels[key] = {
             "address": type_,
             "title": type_,
@@ -171,7 +181,7 @@ def asyncapi_document(
     def operation(service: str, action: str, type_: str, summary: str) -> None:
         verb = "receive" if action == "receive" else "send"
         if (service, verb, type_) in op_ids or type_ not in channel_of:
-            return  # (a type with no Event class, e.g. one only a push subscriber names: no channel to point at)
+            return  # (runtime plumbing, e.g. a push subscriber of choreograph.join.deadline: no channel)
         # Two types may give one key ("a b", "a_b"): each keeps its own operation.
         op_id = op_ids[(service, verb, type_)] = _unique(_key(f"{service}.{verb}.{type_}"), operations)
         key = channel_of[type_]
@@ -307,6 +317,29 @@ def _message(type_: str, cls: type[Event], payload_ref: dict[str, Any], context:
     if summary:
         message["summary"] = summary
     return message
+
+
+def _untyped_message(type_: str, context: str) -> dict[str, Any]:
+    """The message of a type no Event class here defines: its CloudEvent attributes, any JSON ``data``."""
+    return {
+        "name": _key(type_),
+        "title": type_,
+        "contentType": "application/json",
+        "headers": {
+            "allOf": [
+                {"$ref": f"#/components/schemas/{context}"},
+                {"type": "object", "properties": {"type": {"const": type_}}},
+            ]
+        },
+        "payload": {
+            "description": "Not described here: no Event class of this app defines this type (a subscriber "
+            "in another language consumes or emits it)."
+        },
+        "correlationId": {
+            "description": "The transaction this event belongs to (CloudEvents extension `correlationid`).",
+            "location": "$message.header#/correlationid",
+        },
+    }
 
 
 def _channel_description(graph: FlowGraph, type_: str) -> str:
