@@ -583,6 +583,28 @@ def test_an_ingress_event_a_join_awaits_still_joins_when_an_ordinary_handler_con
     assert [f.subjects for f in findings if f.code == "cannot-terminate"] == [("test.flow.placed",)]
 
 
+def test_a_terminal_event_nothing_emits_is_a_warning_even_when_another_one_is_reached() -> None:
+    """The App names a class nobody emits as its completion (renamed, or the wrong one): orders can
+    still end cancelled, so it is no ``cannot-terminate``, but none can ever end completed."""
+    svc, notify = Service("s"), Service("notify")
+
+    @svc.on(Placed)
+    async def handle(order: Placed) -> Captured | Cancelled: ...
+
+    @notify.on(Captured)
+    async def tell(event: Captured) -> None: ...
+
+    app = App("a", [svc, notify], ingress=[Placed], terminal={Shipped: "completed", Cancelled: "failed"})
+    [finding] = [f for f in lint(app) if f.code == "unproduced-terminal"]
+    assert finding.severity == "warning" and finding.subjects == ("test.flow.shipped",)
+    assert "completed" in finding.message
+    # emitted by someone, or coming from outside, it is fine
+    app = App("a", [svc, notify], ingress=[Placed], terminal={Captured: "completed", Cancelled: "failed"})
+    assert "unproduced-terminal" not in [f.code for f in lint(app)]
+    app = App("a", [svc, notify], ingress=[Placed, Shipped], terminal={Shipped: "completed", Cancelled: "failed"})
+    assert "unproduced-terminal" not in [f.code for f in lint(app)]
+
+
 def test_an_app_without_terminal_events_is_an_error() -> None:
     svc = Service("s")
 

@@ -22,6 +22,11 @@ Rules, and why each has its severity:
   consumes it and it is not terminal: a dead end in the flow, or a consumer that lives
   elsewhere (another language behind a push subscription: give its config with
   ``--push`` and it counts as a consumer; its filters are not taken into account).
+* ``unproduced-terminal`` (warning): a terminal event that no service (nor push subscriber)
+  emits and that is not ingress: no transaction can end with it, so the journal never marks
+  one ``completed`` (or ``failed``) that way. A class renamed, or the wrong one named in
+  ``App(terminal=...)``; ``cannot-terminate`` says so only when no terminal event at all is
+  reachable. A warning: a subscriber left out of ``--push`` may emit it.
 * ``shared-group`` (error): a push subscription delivers as the consumer group of a
   service: the two would compete for the group's events, each getting some of them.
 * ``uncompensated-failure`` (warning): a handler can give up on an event that a service
@@ -65,6 +70,7 @@ def lint(graph: FlowGraph) -> list[Finding]:
     if graph.app:
         findings += _unproduced(graph)
         findings += _unconsumed(graph)
+        findings += _unproduced_terminal(graph)
         findings += _cannot_terminate(graph)
     else:
         findings.append(
@@ -143,6 +149,22 @@ def _unconsumed(graph: FlowGraph) -> list[Finding]:
             Finding("unconsumed", "warning", message, (type_, *sorted({s.service for s in producers})))
         )
     return out
+
+
+def _unproduced_terminal(graph: FlowGraph) -> list[Finding]:
+    """A terminal event nothing emits: a typo'd or renamed class in ``App(terminal=...)``."""
+    return [
+        Finding(
+            "unproduced-terminal",
+            "warning",
+            f"terminal event {type_} ({node.terminal}) is emitted by no service and the App does not list it as "
+            f"ingress: no transaction ends {node.terminal} with it (a class renamed, or the wrong one in "
+            f"App(terminal=...)?)",
+            (type_,),
+        )
+        for type_, node in graph.events.items()
+        if node.terminal and not node.ingress and not node.runtime and not graph.producers(type_)
+    ]
 
 
 def starts_transactions(graph: FlowGraph, type_: str) -> bool:
