@@ -700,6 +700,44 @@ async def test_a_small_command_is_written_at_once_and_a_large_one_as_redis_py_wr
         await client.aclose()
 
 
+async def test_reads_go_on_the_subscriptions_own_connection_and_a_cancelled_one_is_replaced(bus_url: str) -> None:
+    """A fetch's XREADGROUP is written and read on a connection of the subscription's own, not
+    checked out of the client's pool per read (its checkout, release and retry wrapper ran
+    between the reply's arrival and the hand-out). A read cancelled while it blocks leaves a
+    reply it never read: that connection is closed, and the next read opens another."""
+    async with opened(bus_url) as bus:
+        sub: Any = await bus.subscribe("g", None)
+        pool: Any = bus._redis.connection_pool
+        checkouts = 0
+        real = pool.get_connection
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal checkouts
+            checkouts += 1
+            return await real(*args, **kwargs)
+
+        pool.get_connection = counting
+        await bus.publish([msg(1)])  # (a publish checks one out: counted from here)
+        checkouts = 0
+        assert [d.message.id for d in await sub._read(10, None)] == ["m1"]
+        first = sub._conn
+        assert checkouts == 0 and first is not None
+        blocked = asyncio.ensure_future(sub._read(10, 5_000))
+        while not sub._reading:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the XREADGROUP ... BLOCK is on the server now
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+        assert sub._conn is None and not first.is_connected
+        await bus.publish([msg(2)])
+        checkouts = 0
+        assert [d.message.id for d in await sub._read(10, 1_000)] == ["m2"]
+        assert checkouts == 0 and sub._conn is not None and sub._conn is not first
+        await sub.close()
+        assert sub._conn is None
+
+
 def test_deliveries_read_the_entry_fields_the_same_whatever_their_layout() -> None:
     from types import SimpleNamespace
 

@@ -101,6 +101,8 @@ class RedisSubscription(Subscription):
         self._closed = False
         self._next_sweep = 0.0  # loop time of the next housekeeping sweep
         self._retry_due: float | None = None  # loop time the earliest known delayed retry is due
+        self._conn: Any = None  # the connection its blocking reads go on (see _read)
+        self._reading = False
 
     # -- consuming ---------------------------------------------------------------------
 
@@ -186,15 +188,38 @@ class RedisSubscription(Subscription):
         return out, int(wait_ms)
 
     async def _read(self, max_messages: int, block_ms: int | None) -> list[RedisDelivery]:
-        """``XREADGROUP`` of fresh entries; ``block_ms=None``: do not wait."""
+        """``XREADGROUP`` of fresh entries; ``block_ms=None``: do not wait.
+
+        On a connection of the subscription's own, written and read directly rather than
+        through the client's ``execute_command``: its pool checkout and release, retry
+        wrapper and metrics hooks ran between the reply's arrival and the deliveries being
+        handed out - on the path of every event at a light load. A connection error is the
+        fetch's to retry (with backoff); a read that does not end normally (an error, a
+        cancellation) closes the connection, whose reply may be half read, and the next read
+        opens another."""
         transport = self._transport
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = transport._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         block = () if block_ms is None else ("BLOCK", block_ms)
-        reply: Any = await transport._redis.execute_command(  # type: ignore[no-untyped-call]
-            "XREADGROUP", "GROUP", self.group, transport.consumer, "COUNT", max_messages, *block,
-            "STREAMS", self._stream, ">",
-        )  # fmt: skip
-        # The reply as the server sends it (RESP2; the transport's client parses XREADGROUP
-        # replies no further): [[stream, [[entry id, [field, value, ...]], ...]]] or None.
+        self._reading = True
+        try:
+            await conn.send_command(
+                "XREADGROUP", "GROUP", self.group, transport.consumer, "COUNT", max_messages, *block,
+                "STREAMS", self._stream, ">",
+            )  # fmt: skip
+            reply: Any = await conn.read_response()
+        except BaseException:
+            self._conn = None
+            await _disconnect(conn, nowait=True)
+            raise
+        finally:
+            self._reading = False
+        if self._closed:  # closed while it read: close() left the connection to us
+            self._conn = None
+            await _disconnect(conn)
+        # The reply as the server sends it (RESP2, parsed no further):
+        # [[stream, [[entry id, [field, value, ...]], ...]]] or None.
         if not reply:
             return []
         unsettled, out = self._unsettled, []
@@ -280,7 +305,16 @@ class RedisSubscription(Subscription):
             return
         self._closed = True
         self._transport._subscriptions.discard(self)
+        conn = self._conn
+        if conn is not None and not self._reading:  # else the read under way closes it when it ends
+            self._conn = None
+            await _disconnect(conn)
         await self._release(list(self._unsettled.values()))
+
+
+async def _disconnect(conn: Any, *, nowait: bool = False) -> None:
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=nowait)
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
