@@ -69,7 +69,7 @@ def check_published(event: Event, data: bytes) -> None:
             return
         reasons = {}
     try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
-        sent: Any = event.__pydantic_serializer__.to_python(event)
+        sent: Any = event.__pydantic_serializer__.to_python(event, by_alias=True)
     except Exception:  # noqa: BLE001 - only to say which value it was
         sent = _MISSING
     if sent is not _MISSING:
@@ -216,11 +216,11 @@ def check_wire(event: Event, data: bytes) -> None:
     ints, offsets = _WIRE_RISKS.get(cls, (True, True))
     reasons: dict[str, str] = {}
     if ints and data.translate(_DIGITS_AS_ZEROS).find(_NINETEEN_DIGITS) != -1:
-        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event, mode="json")):
+        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event, mode="json", by_alias=True)):
             if type(value) is int and not I64_MIN <= value <= U64_MAX:
                 reasons.setdefault(field_path(loc), f"{value} {_NOT_AN_INT}{_as_float(value)}")
     if offsets and _OFFSET_AT_END.search(data) is not None:
-        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event)):
+        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event, by_alias=True)):
             if isinstance(value, (datetime, time)):
                 problem = _offset_problem(value)
                 if problem is not None and _written_cut(value, data):
@@ -292,7 +292,7 @@ def not_carried(event: Event, wire: Any, exc: pydantic.ValidationError) -> dict[
     path that several union members fail at is given once. What :func:`check_published` and
     the gateway (a 422 per field) say."""
     try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
-        sent: Any = event.__pydantic_serializer__.to_python(event)
+        sent: Any = event.__pydantic_serializer__.to_python(event, by_alias=True)
     except Exception:  # noqa: BLE001 - only to say which value it was
         sent = _MISSING
     reasons: dict[str, str] = {}

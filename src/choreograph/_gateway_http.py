@@ -186,7 +186,7 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
     # The bus carries the event serialised to JSON: a value that does not survive it (the
     # strings "inf" and "nan" pydantic reads as floats are published as null) reaches
     # every consumer invalid. Read it back as they will, and refuse it now.
-    wire = orjson.loads(event.__pydantic_serializer__.to_json(event))
+    wire = orjson.loads(event.__pydantic_serializer__.to_json(event, by_alias=True))
     try:
         model.__pydantic_validator__.validate_python(wire)
     except pydantic.ValidationError as exc:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from choreograph import (
     FAILED,
@@ -115,6 +115,50 @@ async def test_events_flow_through_a_chain_with_correlation_causation_and_hops(b
     assert ctx.correlation_id == first.id
     assert ctx.envelope.hops == 2
     assert ctx.causation_id is not None and ctx.causation_id != first.id
+
+
+class Tagged(Event, type="test.worker.tagged"):
+    model_config = ConfigDict(frozen=True)  # (Event's own config, as a subclass may restate it)
+    order_id: str = Field(alias="orderId")
+    lines: list[Line] = Field(default_factory=list, alias="orderLines")
+
+
+class Line(BaseModel):
+    sku: str = Field(alias="SKU")
+
+
+Tagged.model_rebuild()
+
+
+async def test_an_event_with_aliased_fields_is_published_by_its_aliases_and_read_back(bus: MemoryTransport) -> None:
+    """pydantic reads a field by its alias and wrote it by its name: every consumer of an
+    event with an aliased field - from the publisher, a handler's output or ``ctx.publish``
+    - dead-lettered it ``invalid_payload`` (``orderId: Field required``). It goes on the wire
+    by its aliases, nested models' too, the form its consumers (and its AsyncAPI schema) read."""
+    relay, sink = Service("relay"), Recorder("sink", Tagged)
+    published: list[Message] = []
+    publish = bus.publish
+
+    async def spy(messages: Sequence[Message]) -> None:
+        published.extend(messages)
+        await publish(messages)
+
+    bus.publish = spy  # type: ignore[method-assign]
+
+    @relay.on(Placed)
+    async def tag(placed: Placed, ctx: Context) -> Tagged:
+        ctx.publish(Tagged.model_validate({"orderId": placed.order_id + "-extra"}))
+        return Tagged.model_validate({"orderId": placed.order_id, "orderLines": [{"SKU": "a"}]})
+
+    async with Worker([relay, sink], bus):
+        await Publisher(bus).publish(Tagged.model_validate({"orderId": "direct"}))
+        await Publisher(bus).publish(Placed(order_id="o-1"))
+        await settled(bus)
+    assert not await bus.dead_letters()
+    received = sorted((data["order_id"], [line["sku"] for line in data["lines"]]) for _, data, _ in sink.received)
+    assert received == [("direct", []), ("o-1", ["a"]), ("o-1-extra", [])]
+    data = [orjson.loads(m.body)["data"] for m in published if m.type == Tagged.event_type()]
+    assert {"orderId": "o-1", "orderLines": [{"SKU": "a"}]} in data
 
 
 async def test_output_ids_are_deterministic_across_reruns(clock: VirtualClock) -> None:

@@ -126,7 +126,7 @@ def publish(
             model = cls.model_validate(payload)
         except pydantic.ValidationError as exc:
             raise ConfigurationError(f"--data: {format_validation_error(exc)}") from None
-        payload = model.model_dump(mode="json")
+        payload = model.model_dump(mode="json", by_alias=True)
         dataschema = cls.schema_uri()
     event_id = new_id()
     envelope = Envelope(

@@ -163,7 +163,7 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
     if cause.deadline is not None:
         out["deadline"] = cause.deadline
     out["hops"] = cause.hops + 1
-    data = event.__pydantic_serializer__.to_json(event)
+    data = event.__pydantic_serializer__.to_json(event, by_alias=True)
     if data.find(b"null") != -1:  # event_json's check, inline: a float inf or nan would be published as null
         check_published(event, data)
     if checks:  # and check_wire's, its common case in place: top-level int fields in the 64-bit range
@@ -225,7 +225,7 @@ def first_envelope(
         event_type, dataschema, checks = _EMITTED[cls]
     except KeyError:
         event_type, dataschema, checks = _emitted(cls)
-    data = event.__pydantic_serializer__.to_json(event)
+    data = event.__pydantic_serializer__.to_json(event, by_alias=True)
     if data.find(b"null") != -1:  # event_json's checks, inline (once per event published from outside)
         check_published(event, data)
     if checks:  # as in output_message
