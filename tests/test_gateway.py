@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import orjson
 import pydantic
 import pytest
 import schemathesis
@@ -270,6 +271,23 @@ async def test_a_value_lost_in_a_union_inside_a_nested_list_is_named_by_its_json
     assert "nan cannot be carried by JSON" in errors["$.readings[0][1]"]
     assert not [path for path in errors if "list[float]" in path or path.endswith(".int")], errors
     assert bus.published == []
+
+
+class Renamed(Event, type="test.gateway.renamed"):
+    order_id: str = pydantic.Field(alias="orderId")
+
+
+async def test_an_aliased_field_is_taken_and_published_by_its_alias(bus: SpyBus, clock: VirtualClock) -> None:
+    """The body names the field by its alias (as the OpenAPI document says) and the event goes
+    on the bus by it too: published by name, every consumer refused it (``orderId`` missing)."""
+    gw = Gateway([Route("POST", "/renamed", Renamed)], broker=bus, clock=clock)
+    async with client_for(gw) as client:
+        response = await client.post("/renamed", json={"orderId": "o-7"})
+    assert response.status_code == 202, response.text
+    [message] = bus.published
+    data = orjson.loads(message.body)["data"]
+    assert data == {"orderId": "o-7"}
+    assert Renamed.model_validate(data).order_id == "o-7"  # what a consumer does
 
 
 class Tagged(Event, type="test.gateway.tagged"):
