@@ -612,6 +612,62 @@ def own_redis(tmp_path: Path) -> Iterator[_OwnRedis]:
         server.kill()
 
 
+async def test_scripts_run_on_the_transports_own_connection_and_what_it_cannot_do_goes_the_clients_way(
+    own_redis: _OwnRedis,
+) -> None:
+    """Publish and ack scripts go on a connection of the transport's own, written and read
+    directly (no pool checkout per call); a script the server no longer holds (``SCRIPT
+    FLUSH``, a restart) is loaded by the client's way, and a call cancelled mid-way closes
+    that connection (its reply may be half read): the next call opens another."""
+    await own_redis.ready()
+    async with opened(f"redis://127.0.0.1:{own_redis.port}/0?prefix=line-{uuid.uuid4().hex}") as bus:
+        sub = await bus.subscribe("g", None)
+        pool: Any = bus._redis.connection_pool
+        checkouts = 0
+        real = pool.get_connection
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal checkouts
+            checkouts += 1
+            return await real(*args, **kwargs)
+
+        pool.get_connection = counting
+        await bus.publish([msg(0)])  # a fresh server holds no script: loaded by the client's way
+        assert checkouts > 0
+        checkouts = 0
+        await bus.publish([msg(1)])
+        assert checkouts == 0 and bus._line is not None and bus._line.is_connected
+        await bus._redis.script_flush()
+        checkouts = 0
+        await bus.publish([msg(2)])  # NOSCRIPT on the line: the client's way loads it again
+        assert checkouts > 0
+        got = await fetch_all(sub, 3)
+        assert sorted(d.message.id for d in got) == ["m0", "m1", "m2"]
+        await sub.ack_many(got[:1])  # (loads the ack script)
+        checkouts = 0
+        await sub.ack_many(got[1:])
+        assert checkouts == 0
+        line = bus._line
+        never = asyncio.Event()
+        send = line.send_command
+
+        async def stalled(*args: Any, **kwargs: Any) -> None:
+            await send(*args, **kwargs)
+            await never.wait()  # cancelled here: the reply is left unread
+
+        line.send_command = stalled
+        publishing = asyncio.ensure_future(bus.publish([msg(3)]))
+        while not bus._line_busy:
+            await asyncio.sleep(0.01)
+        publishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await publishing
+        assert not line.is_connected
+        del line.send_command
+        await bus.publish([msg(4)])  # the same connection object, connected afresh: no stale reply read
+        assert [d.message.id for d in await fetch_all(sub, 2)] in (["m3", "m4"], ["m4", "m3"])
+
+
 @pytest.mark.slow
 async def test_consumers_resume_after_the_server_restarts_and_get_what_was_pending(
     own_redis: _OwnRedis,

@@ -77,7 +77,7 @@ from redis.asyncio.connection import Connection as RedisConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from choreograph._redact import redact
@@ -155,6 +155,8 @@ class RedisTransport(Transport):
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
+        self._line: Any = None  # the connection scripts run on when it is free (see _script)
+        self._line_busy = False
         self._subscriptions: set[RedisSubscription] = set()
         self._groups: set[str] = set()
         self._closed = False
@@ -198,7 +200,42 @@ class RedisTransport(Transport):
                 self._drained.set()
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
+        """Run script ``name``: on the transport's own connection when it is free, else (or
+        when that cannot: see :meth:`_on_line`) through the client, as redis-py runs it."""
+        line = self._line
+        if line is not None and not self._line_busy:
+            self._line_busy = True
+            try:
+                return await self._on_line(line, name, keys, args)
+            except _OffLine:
+                pass
+            finally:
+                self._line_busy = False
         return await self._scripts[name](keys=keys, args=args, client=self._redis)
+
+    async def _on_line(self, conn: Any, name: str, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
+        """``EVALSHA`` on ``conn``, written and read directly: the client's pool checkout and
+        release, retry wrapper and metrics hooks ran before every publish and ack reached the
+        socket, on the path of every event at a light load.
+
+        What the client's way does better is left to it (:class:`_OffLine`): a script the
+        server does not hold (``NOSCRIPT``: the client loads it) and a connection error (the
+        client retries with backoff; this connection is closed, and reconnects on its next
+        use). A script's own error is raised as the client would; a call that ends otherwise
+        (cancelled) closes the connection, whose reply may be half read."""
+        try:
+            await conn.send_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+            return await conn.read_response()
+        except NoScriptError:
+            raise _OffLine from None
+        except ResponseError:
+            raise
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            await _disconnect(conn, nowait=True)
+            raise _OffLine from None
+        except BaseException:
+            await _disconnect(conn, nowait=True)
+            raise
 
     @contextlib.contextmanager
     def _errors(self, what: str, *, closing: bool = False) -> Iterator[None]:
@@ -244,6 +281,7 @@ class RedisTransport(Transport):
                 await client.aclose()
                 raise
         self._client = client
+        self._line = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # connects on first use
 
     async def close(self) -> None:
         if self._closed:
@@ -262,6 +300,9 @@ class RedisTransport(Transport):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), timeout=POLL + 5.0)
         self._client = None
+        line, self._line = self._line, None
+        if line is not None:
+            await _disconnect(line)
         if client is not None:
             await client.aclose()
 
@@ -468,6 +509,15 @@ def _keyword_names(function: Callable[..., Any]) -> tuple[set[str], bool]:
     parameters = list(inspect.signature(function).parameters.values())[1:]  # not self
     named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return named, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+class _OffLine(Exception):
+    """A script call the transport's own connection leaves to the client (see ``_on_line``)."""
+
+
+async def _disconnect(conn: Any, *, nowait: bool = False) -> None:
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=nowait)
 
 
 def _raw_reply(response: Any, **options: Any) -> Any:
