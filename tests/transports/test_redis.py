@@ -612,6 +612,21 @@ def own_redis(tmp_path: Path) -> Iterator[_OwnRedis]:
         server.kill()
 
 
+class _Checkouts:
+    """Counts the connections the transport's client checks out of its pool from now on."""
+
+    def __init__(self, bus: RedisTransport) -> None:
+        self.count = 0
+        pool: Any = bus._redis.connection_pool
+        real = pool.get_connection
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return await real(*args, **kwargs)
+
+        pool.get_connection = counting
+
+
 async def test_scripts_run_on_the_transports_own_connection_and_what_it_cannot_do_goes_the_clients_way(
     own_redis: _OwnRedis,
 ) -> None:
@@ -622,31 +637,22 @@ async def test_scripts_run_on_the_transports_own_connection_and_what_it_cannot_d
     await own_redis.ready()
     async with opened(f"redis://127.0.0.1:{own_redis.port}/0?prefix=line-{uuid.uuid4().hex}") as bus:
         sub = await bus.subscribe("g", None)
-        pool: Any = bus._redis.connection_pool
-        checkouts = 0
-        real = pool.get_connection
-
-        async def counting(*args: Any, **kwargs: Any) -> Any:
-            nonlocal checkouts
-            checkouts += 1
-            return await real(*args, **kwargs)
-
-        pool.get_connection = counting
+        checkouts = _Checkouts(bus)
         await bus.publish([msg(0)])  # a fresh server holds no script: loaded by the client's way
-        assert checkouts > 0
-        checkouts = 0
+        assert checkouts.count > 0
+        checkouts.count = 0
         await bus.publish([msg(1)])
-        assert checkouts == 0 and bus._line is not None and bus._line.is_connected
+        assert checkouts.count == 0 and bus._line is not None and bus._line.is_connected
         await bus._redis.script_flush()
-        checkouts = 0
+        checkouts.count = 0
         await bus.publish([msg(2)])  # NOSCRIPT on the line: the client's way loads it again
-        assert checkouts > 0
+        assert checkouts.count > 0
         got = await fetch_all(sub, 3)
         assert sorted(d.message.id for d in got) == ["m0", "m1", "m2"]
         await sub.ack_many(got[:1])  # (loads the ack script)
-        checkouts = 0
+        checkouts.count = 0
         await sub.ack_many(got[1:])
-        assert checkouts == 0
+        assert checkouts.count == 0
         line = bus._line
         never = asyncio.Event()
         send = line.send_command
@@ -763,21 +769,12 @@ async def test_reads_go_on_the_subscriptions_own_connection_and_a_cancelled_one_
     reply it never read: that connection is closed, and the next read opens another."""
     async with opened(bus_url) as bus:
         sub: Any = await bus.subscribe("g", None)
-        pool: Any = bus._redis.connection_pool
-        checkouts = 0
-        real = pool.get_connection
-
-        async def counting(*args: Any, **kwargs: Any) -> Any:
-            nonlocal checkouts
-            checkouts += 1
-            return await real(*args, **kwargs)
-
-        pool.get_connection = counting
+        checkouts = _Checkouts(bus)
         await bus.publish([msg(1)])  # (a publish checks one out: counted from here)
-        checkouts = 0
+        checkouts.count = 0
         assert [d.message.id for d in await sub._read(10, None)] == ["m1"]
         first = sub._conn
-        assert checkouts == 0 and first is not None
+        assert checkouts.count == 0 and first is not None
         blocked = asyncio.ensure_future(sub._read(10, 5_000))
         while not sub._reading:
             await asyncio.sleep(0.01)
@@ -787,9 +784,9 @@ async def test_reads_go_on_the_subscriptions_own_connection_and_a_cancelled_one_
             await blocked
         assert sub._conn is None and not first.is_connected
         await bus.publish([msg(2)])
-        checkouts = 0
+        checkouts.count = 0
         assert [d.message.id for d in await sub._read(10, 1_000)] == ["m2"]
-        assert checkouts == 0 and sub._conn is not None and sub._conn is not first
+        assert checkouts.count == 0 and sub._conn is not None and sub._conn is not first
         await sub.close()
         assert sub._conn is None
 
