@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+import typing
 from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,73 @@ from choreograph.errors import EmitError
 
 if TYPE_CHECKING:
     from choreograph.events import Event
+
+#: Per event class: whether its data is written by its fields' aliases (see :func:`by_alias`).
+_BY_ALIAS: dict[type, bool] = {}
+
+
+def by_alias(cls: type[pydantic.BaseModel]) -> bool:
+    """Whether ``cls``'s data goes on the wire by its fields' aliases (``by_alias=True``) or
+    by their names: by alias, unless a key so written is one its consumers do not read (a
+    ``serialization_alias`` with no matching ``validation_alias``, an ``alias_generator``
+    that generates only serialization aliases) while every name is read. Consumers read the
+    data through the model's validator, nested models' too, so the keys must be the ones it
+    takes: written by alias, a field aliased only for serialization was refused by every
+    consumer (``Field required``), as a field aliased both ways was when written by name."""
+    found = _BY_ALIAS.get(cls)
+    if found is None:
+        aliases_read, names_read = _keys_read(cls, set())
+        found = _BY_ALIAS[cls] = aliases_read or not names_read
+    return found
+
+
+def _keys_read(model: type[pydantic.BaseModel], seen: set[type]) -> tuple[bool, bool]:
+    """(every key written by alias is read, every key written by name is read) for ``model``
+    and the models its fields hold."""
+    if model in seen:
+        return True, True
+    seen.add(model)
+    config = model.model_config
+    read_names = bool(config.get("validate_by_name") or config.get("populate_by_name"))
+    read_aliases = config.get("validate_by_alias", True) is not False
+    aliases_ok = names_ok = True
+    for name, field in model.__pydantic_fields__.items():
+        for inner in _models_in(field.annotation):
+            inner_aliases, inner_names = _keys_read(inner, seen)
+            aliases_ok, names_ok = aliases_ok and inner_aliases, names_ok and inner_names
+        if field.exclude is True:
+            continue
+        read: set[str] = {name} if read_names else set()
+        if read_aliases:
+            if field.validation_alias is None:
+                read.add(field.alias or name)
+            else:
+                read |= _alias_keys(field.validation_alias)
+        aliases_ok = aliases_ok and (field.serialization_alias or field.alias or name) in read
+        names_ok = names_ok and name in read
+    return aliases_ok, names_ok
+
+
+def _alias_keys(alias: str | pydantic.AliasPath | pydantic.AliasChoices) -> set[str]:
+    """The top-level keys a validation alias reads a value from as it is (a one-step path)."""
+    if isinstance(alias, str):
+        return {alias}
+    if isinstance(alias, pydantic.AliasPath):
+        return {alias.path[0]} if len(alias.path) == 1 and isinstance(alias.path[0], str) else set()
+    return set().union(*(_alias_keys(choice) for choice in alias.choices))
+
+
+def _models_in(annotation: Any) -> list[type[pydantic.BaseModel]]:
+    """The pydantic models in a field's annotation (``list[Line]``, ``Line | None``, ...)."""
+    found, stack = [], [annotation]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, type) and issubclass(item, pydantic.BaseModel):
+            found.append(item)
+        else:
+            stack.extend(typing.get_args(item))
+    return found
+
 
 def field_path(loc: tuple[int | str, ...]) -> str:
     """``("items", 0, "qty")`` -> ``$.items[0].qty``."""
@@ -69,7 +137,7 @@ def check_published(event: Event, data: bytes) -> None:
             return
         reasons = {}
     try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
-        sent: Any = event.__pydantic_serializer__.to_python(event, by_alias=True)
+        sent: Any = event.__pydantic_serializer__.to_python(event, by_alias=by_alias(type(event)))
     except Exception:  # noqa: BLE001 - only to say which value it was
         sent = _MISSING
     if sent is not _MISSING:
@@ -216,11 +284,11 @@ def check_wire(event: Event, data: bytes) -> None:
     ints, offsets = _WIRE_RISKS.get(cls, (True, True))
     reasons: dict[str, str] = {}
     if ints and data.translate(_DIGITS_AS_ZEROS).find(_NINETEEN_DIGITS) != -1:
-        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event, mode="json", by_alias=True)):
+        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event, mode="json", by_alias=by_alias(cls))):
             if type(value) is int and not I64_MIN <= value <= U64_MAX:
                 reasons.setdefault(field_path(loc), f"{value} {_NOT_AN_INT}{_as_float(value)}")
     if offsets and _OFFSET_AT_END.search(data) is not None:
-        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event, by_alias=True)):
+        for loc, value in _leaves(event.__pydantic_serializer__.to_python(event, by_alias=by_alias(type(event)))):
             if isinstance(value, (datetime, time)):
                 problem = _offset_problem(value)
                 if problem is not None and _written_cut(value, data):
@@ -292,7 +360,7 @@ def not_carried(event: Event, wire: Any, exc: pydantic.ValidationError) -> dict[
     path that several union members fail at is given once. What :func:`check_published` and
     the gateway (a 422 per field) say."""
     try:  # the values as the handler set them (python mode keeps inf and nan), keyed as in the JSON
-        sent: Any = event.__pydantic_serializer__.to_python(event, by_alias=True)
+        sent: Any = event.__pydantic_serializer__.to_python(event, by_alias=by_alias(type(event)))
     except Exception:  # noqa: BLE001 - only to say which value it was
         sent = _MISSING
     reasons: dict[str, str] = {}

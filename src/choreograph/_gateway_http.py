@@ -17,7 +17,7 @@ import pydantic
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from choreograph._event_wire import field_path, not_carried
+from choreograph._event_wire import by_alias, field_path, not_carried
 from choreograph._http_binding import BATCH, STRUCTURED
 from choreograph._json_pairs import first_infinite, first_misread
 
@@ -186,7 +186,7 @@ def parse_payload(model: type[EventT], body: bytes) -> EventT:
     # The bus carries the event serialised to JSON: a value that does not survive it (the
     # strings "inf" and "nan" pydantic reads as floats are published as null) reaches
     # every consumer invalid. Read it back as they will, and refuse it now.
-    wire = orjson.loads(event.__pydantic_serializer__.to_json(event, by_alias=True))
+    wire = orjson.loads(event.__pydantic_serializer__.to_json(event, by_alias=by_alias(model)))
     try:
         model.__pydantic_validator__.validate_python(wire)
     except pydantic.ValidationError as exc:

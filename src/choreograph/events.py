@@ -19,7 +19,7 @@ import pydantic
 
 from choreograph._envelope import string_problem
 from choreograph._event_config import refuse_lossy_config
-from choreograph._event_wire import check_published, check_wire, field_path, plan_wire_checks
+from choreograph._event_wire import by_alias, check_published, check_wire, field_path, plan_wire_checks
 from choreograph.errors import ConfigurationError
 
 _REGISTRY: dict[str, type[Event]] = {}
@@ -132,7 +132,7 @@ def format_validation_error(exc: pydantic.ValidationError) -> str:
 def event_json(event: Event) -> bytes:
     """``event`` serialised to JSON, the CloudEvent ``data`` it is published with; :class:`EmitError`
     if consumers could not read it back (see :func:`check_published` and :func:`check_wire`)."""
-    data = event.__pydantic_serializer__.to_json(event, by_alias=True)
+    data = event.__pydantic_serializer__.to_json(event, by_alias=by_alias(type(event)))
     # Cheap: only data that holds a null can have lost a value to it. find(), not ``in``: on
     # bytes ``in`` first tries the operand as an integer, raising and clearing a TypeError.
     if data.find(b"null") != -1:

@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from choreograph import (
     FAILED,
@@ -159,6 +160,41 @@ async def test_an_event_with_aliased_fields_is_published_by_its_aliases_and_read
     assert received == [("direct", []), ("o-1", ["a"]), ("o-1-extra", [])]
     data = [orjson.loads(m.body)["data"] for m in published if m.type == Tagged.event_type()]
     assert {"orderId": "o-1", "orderLines": [{"SKU": "a"}]} in data
+
+
+class Shown(Event, type="test.worker.shown"):
+    order_id: str = Field(serialization_alias="orderId")  # read by name: aliased for output only
+    note: Note
+
+
+class Note(BaseModel):
+    model_config = ConfigDict(alias_generator=AliasGenerator(serialization_alias=to_camel))
+    note_text: str
+
+
+Shown.model_rebuild()
+
+
+async def test_an_event_aliased_only_for_serialization_is_published_by_the_names_it_is_read_by(
+    bus: MemoryTransport,
+) -> None:
+    """A ``serialization_alias`` (or an alias generator's) is not a key the model reads: written
+    by alias, as c0c26a6 wrote every event, its consumers dead-lettered it ``invalid_payload``
+    (``order_id: Field required``). Such a model goes on the wire by its fields' names."""
+    relay, sink = Service("relay"), Recorder("sink", Shown)
+
+    @relay.on(Placed)
+    async def show(placed: Placed, ctx: Context) -> Shown:
+        return Shown(order_id=placed.order_id, note=Note(note_text="hi"))
+
+    async with Worker([relay, sink], bus):
+        await Publisher(bus).publish(Shown(order_id="direct", note=Note(note_text="ho")))
+        await Publisher(bus).publish(Placed(order_id="o-1"))
+        await settled(bus)
+    assert not await bus.dead_letters()
+    assert sorted((data["order_id"], data["note"]["note_text"]) for _, data, _ in sink.received) == [
+        ("direct", "ho"), ("o-1", "hi"),
+    ]
 
 
 async def test_output_ids_are_deterministic_across_reruns(clock: VirtualClock) -> None:

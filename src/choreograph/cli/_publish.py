@@ -15,6 +15,7 @@ import pydantic
 import typer
 
 from choreograph._envelope import Envelope, new_id, now_rfc3339, string_problem
+from choreograph._event_wire import by_alias
 from choreograph._journal_model import JOURNAL_GROUP
 from choreograph._json_pairs import first_misread
 from choreograph.cli._common import (
@@ -126,7 +127,7 @@ def publish(
             model = cls.model_validate(payload)
         except pydantic.ValidationError as exc:
             raise ConfigurationError(f"--data: {format_validation_error(exc)}") from None
-        payload = model.model_dump(mode="json", by_alias=True)
+        payload = model.model_dump(mode="json", by_alias=by_alias(cls))
         dataschema = cls.schema_uri()
     event_id = new_id()
     envelope = Envelope(

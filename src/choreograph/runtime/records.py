@@ -21,7 +21,7 @@ from choreograph._envelope import (
     rfc3339,
     string_problem,
 )
-from choreograph._event_wire import I64_MIN, U64_MAX, check_published, check_wire
+from choreograph._event_wire import I64_MIN, U64_MAX, by_alias, check_published, check_wire
 from choreograph.events import Event, event_json
 from choreograph.stores.base import ErrorInfo
 from choreograph.transports.base import Message
@@ -140,9 +140,9 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
     """
     cls = type(event)
     try:
-        event_type, dataschema, checks = _EMITTED[cls]
+        event_type, dataschema, checks, aliases = _EMITTED[cls]
     except KeyError:
-        event_type, dataschema, checks = _emitted(cls)
+        event_type, dataschema, checks, aliases = _emitted(cls)
     event_id = derive_id_with(cause.id, id_suffix)
     out: dict[str, Any] = {
         "specversion": SPECVERSION, "id": event_id, "source": source, "type": event_type,
@@ -163,7 +163,7 @@ def output_message(event: Event, cause: Envelope, id_suffix: bytes, source: str,
     if cause.deadline is not None:
         out["deadline"] = cause.deadline
     out["hops"] = cause.hops + 1
-    data = event.__pydantic_serializer__.to_json(event, by_alias=True)
+    data = event.__pydantic_serializer__.to_json(event, by_alias=aliases)
     if data.find(b"null") != -1:  # event_json's check, inline: a float inf or nan would be published as null
         check_published(event, data)
     if checks:  # and check_wire's, its common case in place: top-level int fields in the 64-bit range
@@ -186,11 +186,11 @@ _new_message = tuple.__new__  # Message is a named tuple: built without its Pyth
 #: class may override ``schema_uri()``) and its ``__wire_checks__``. Reading them off the class
 #: each time cost more than the checks (a pydantic model class's attributes go through its
 #: metaclass's ``__getattr__`` hook: about 1,000 instructions each, 2,400 for ``schema_uri()``).
-_EMITTED: dict[type[Event], tuple[str, str, tuple[str, ...] | None]] = {}
+_EMITTED: dict[type[Event], tuple[str, str, tuple[str, ...] | None, bool]] = {}
 
 
-def _emitted(cls: type[Event]) -> tuple[str, str, tuple[str, ...] | None]:
-    found = _EMITTED[cls] = (cls.__event_type__, cls.schema_uri(), cls.__wire_checks__)
+def _emitted(cls: type[Event]) -> tuple[str, str, tuple[str, ...] | None, bool]:
+    found = _EMITTED[cls] = (cls.__event_type__, cls.schema_uri(), cls.__wire_checks__, by_alias(cls))
     return found
 
 
@@ -222,10 +222,10 @@ def first_envelope(
                 raise ValueError(attribute_problem(name, value))
     cls = type(event)
     try:
-        event_type, dataschema, checks = _EMITTED[cls]
+        event_type, dataschema, checks, aliases = _EMITTED[cls]
     except KeyError:
-        event_type, dataschema, checks = _emitted(cls)
-    data = event.__pydantic_serializer__.to_json(event, by_alias=True)
+        event_type, dataschema, checks, aliases = _emitted(cls)
+    data = event.__pydantic_serializer__.to_json(event, by_alias=aliases)
     if data.find(b"null") != -1:  # event_json's checks, inline (once per event published from outside)
         check_published(event, data)
     if checks:  # as in output_message
