@@ -791,6 +791,34 @@ async def test_reads_go_on_the_subscriptions_own_connection_and_a_cancelled_one_
         assert sub._conn is None
 
 
+async def test_two_fetches_of_one_subscription_at_once_each_get_an_entry(bus_url: str) -> None:
+    """Fetches of one subscription may run side by side (as they did through the client's
+    pool). With its reads on a connection of the subscription's own, the second wrote its
+    XREADGROUP on the connection the first was reading: two readers on one socket, a
+    RuntimeError out of fetch and a 'lost the server' warning. The second reads through
+    the pool."""
+    async with opened(bus_url) as bus:
+        sub: Any = await bus.subscribe("g", None)
+        reads = 0
+        real = sub._read
+
+        async def counting(*args: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await real(*args)
+
+        sub._read = counting
+        first = asyncio.ensure_future(sub.fetch(1, timeout=10))
+        while not sub._reading:
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(sub.fetch(1, timeout=10))
+        while reads < 2:
+            await asyncio.sleep(0.01)
+        await bus.publish([msg(1), msg(2)])
+        got = await asyncio.gather(first, second)
+        assert sorted(d.message.id for batch in got for d in batch) == ["m1", "m2"]
+
+
 def test_deliveries_read_the_entry_fields_the_same_whatever_their_layout() -> None:
     from types import SimpleNamespace
 

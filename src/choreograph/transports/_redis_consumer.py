@@ -198,26 +198,34 @@ class RedisSubscription(Subscription):
         cancellation) closes the connection, whose reply may be half read, and the next read
         opens another."""
         transport = self._transport
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = transport._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         block = () if block_ms is None else ("BLOCK", block_ms)
-        self._reading = True
-        try:
-            await conn.send_command(
-                "XREADGROUP", "GROUP", self.group, transport.consumer, "COUNT", max_messages, *block,
-                "STREAMS", self._stream, ">",
-            )  # fmt: skip
-            reply: Any = await conn.read_response()
-        except BaseException:
-            self._conn = None
-            await _disconnect(conn, nowait=True)
-            raise
-        finally:
-            self._reading = False
-        if self._closed:  # closed while it read: close() left the connection to us
-            self._conn = None
-            await _disconnect(conn)
+        command = (
+            "XREADGROUP", "GROUP", self.group, transport.consumer, "COUNT", max_messages, *block,
+            "STREAMS", self._stream, ">",
+        )  # fmt: skip
+        reply: Any
+        if self._reading:
+            # Another fetch of this subscription is reading on its connection (fetches may run
+            # side by side): a second command there had two readers on one socket, one of them
+            # failing with a RuntimeError. This one goes through the client's pool.
+            reply = await transport._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        else:
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = transport._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            self._reading = True
+            try:
+                await conn.send_command(*command)
+                reply = await conn.read_response()
+            except BaseException:
+                self._conn = None
+                await _disconnect(conn, nowait=True)
+                raise
+            finally:
+                self._reading = False
+            if self._closed:  # closed while it read: close() left the connection to us
+                self._conn = None
+                await _disconnect(conn)
         # The reply as the server sends it (RESP2, parsed no further):
         # [[stream, [[entry id, [field, value, ...]], ...]]] or None.
         if not reply:
