@@ -309,6 +309,30 @@ async def test_an_item_given_twice_in_a_set_is_422_not_silently_dropped(bus: Spy
     assert len(bus.published) == 1
 
 
+class AliasTagged(Event, type="test.gateway.alias-tagged"):
+    labels: frozenset[str] = pydantic.Field(alias="Labels")
+    notes: list[Tagged] = pydantic.Field(
+        default=[], validation_alias=pydantic.AliasChoices("Notes", "n"), serialization_alias="Notes"
+    )
+
+
+async def test_an_item_given_twice_in_a_set_named_by_its_alias_is_422(bus: SpyBus, clock: VirtualClock) -> None:
+    """A body names a field by its alias (as the OpenAPI document does, taken since c0c26a6):
+    the check for a set's item given twice followed only keys that are field names, so
+    ``{"Labels": ["eu", "eu"]}`` was a 202 publishing ``["eu"]``."""
+    gw = Gateway([Route("POST", "/alias-tagged", AliasTagged)], broker=bus, clock=clock)
+    async with client_for(gw) as client:
+        response = await client.post("/alias-tagged", json={"Labels": ["eu", "eu"]})
+        nested = await client.post("/alias-tagged", json={"Labels": [], "n": [{"labels": [["eu", "eu"]]}]})
+        fine = await client.post("/alias-tagged", json={"Labels": ["eu"], "Notes": [{"labels": [["eu"]]}]})
+    assert response.status_code == 422, response.text
+    assert [(e["path"], e["type"]) for e in response.json()["errors"]] == [("$.Labels", "duplicate_item")]
+    assert nested.status_code == 422, nested.text
+    assert [(e["path"], e["type"]) for e in nested.json()["errors"]] == [("$.n[0].labels[0]", "duplicate_item")]
+    assert fine.status_code == 202, fine.text
+    assert len(bus.published) == 1
+
+
 async def test_two_keys_a_mapping_reads_as_one_are_422_not_one_silently_dropped(
     bus: SpyBus, clock: VirtualClock
 ) -> None:

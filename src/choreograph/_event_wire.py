@@ -65,19 +65,19 @@ def _keys_read(model: type[pydantic.BaseModel], seen: set[type]) -> tuple[bool, 
             if field.validation_alias is None:
                 read.add(field.alias or name)
             else:
-                read |= _alias_keys(field.validation_alias)
+                read |= alias_keys(field.validation_alias)
         aliases_ok = aliases_ok and (field.serialization_alias or field.alias or name) in read
         names_ok = names_ok and name in read
     return aliases_ok, names_ok
 
 
-def _alias_keys(alias: str | pydantic.AliasPath | pydantic.AliasChoices) -> set[str]:
+def alias_keys(alias: str | pydantic.AliasPath | pydantic.AliasChoices) -> set[str]:
     """The top-level keys a validation alias reads a value from as it is (a one-step path)."""
     if isinstance(alias, str):
         return {alias}
     if isinstance(alias, pydantic.AliasPath):
         return {alias.path[0]} if len(alias.path) == 1 and isinstance(alias.path[0], str) else set()
-    return set().union(*(_alias_keys(choice) for choice in alias.choices))
+    return set().union(*(alias_keys(choice) for choice in alias.choices))
 
 
 def _models_in(annotation: Any) -> list[type[pydantic.BaseModel]]:

@@ -17,7 +17,7 @@ import pydantic
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from choreograph._event_wire import by_alias, field_path, not_carried
+from choreograph._event_wire import alias_keys, by_alias, field_path, not_carried
 from choreograph._http_binding import BATCH, STRUCTURED
 from choreograph._json_pairs import first_infinite, first_misread
 
@@ -235,10 +235,11 @@ def collapsed_set(value: Any, sent: Any, path: str = "$") -> str | None:
     if isinstance(value, (set, frozenset)):
         return path if isinstance(sent, list) and len(value) < len(sent) else None
     if isinstance(value, pydantic.BaseModel) and isinstance(sent, dict):
-        fields = type(value).model_fields
+        fields = field_names_by_key(type(value))
         for key, item in sent.items():
-            if key in fields:  # (a key given by its alias is not followed)
-                found = collapsed_set(getattr(value, key), item, f"{path}.{key}")
+            name = fields.get(key)
+            if name is not None:  # by its name or by an alias the model reads it by
+                found = collapsed_set(getattr(value, name), item, f"{path}.{key}")
                 if found is not None:
                     return found
     elif isinstance(value, dict) and isinstance(sent, dict):
@@ -254,6 +255,27 @@ def collapsed_set(value: Any, sent: Any, path: str = "$") -> str | None:
             if found is not None:
                 return found
     return None
+
+
+_FIELD_NAMES: dict[type, dict[str, str]] = {}
+
+
+def field_names_by_key(model: type[pydantic.BaseModel]) -> dict[str, str]:
+    """The field name of each top-level key ``model`` reads a value from (an alias, a name)."""
+    found = _FIELD_NAMES.get(model)
+    if found is None:
+        found = {}
+        config = model.model_config
+        by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
+        by_alias = config.get("validate_by_alias", True) is not False
+        for name, field in model.__pydantic_fields__.items():
+            keys = {name} if by_name else set()
+            if by_alias:
+                keys |= {field.alias or name} if field.validation_alias is None else alias_keys(field.validation_alias)
+            for key in keys:
+                found.setdefault(key, name)
+        _FIELD_NAMES[model] = found
+    return found
 
 
 def duplicate_key(body: bytes) -> str | None:
