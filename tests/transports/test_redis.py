@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import socket
 import subprocess
@@ -817,6 +818,28 @@ async def test_two_fetches_of_one_subscription_at_once_each_get_an_entry(bus_url
         await bus.publish([msg(1), msg(2)])
         got = await asyncio.gather(first, second)
         assert sorted(d.message.id for batch in got for d in batch) == ["m1", "m2"]
+
+
+async def test_a_read_connection_the_server_closed_while_idle_is_replaced_without_a_warning(
+    bus_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server closes a connection idle past its ``timeout`` (or an operator kills it) while
+    the consumer is not fetching (its handlers busy). The pool checks a connection before
+    handing it out; the subscription's own read connection was written to regardless, and the
+    next fetch logged 'lost the server' and paused before reading again."""
+    async with opened(bus_url) as bus:
+        sub: Any = await bus.subscribe("g", None)
+        assert await sub.fetch(1, timeout=0.01) == []
+        conn = sub._conn
+        await conn.send_command("CLIENT", "ID")
+        await bus._redis.client_kill_filter(_id=await conn.read_response())
+        while not conn._reader.at_eof():
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.INFO, logger="choreograph.transports.redis"):
+            assert await sub.fetch(1, timeout=0.1) == []  # (its read: on the connection killed)
+            await bus.publish([msg(1)])
+            assert [d.message.id for d in await sub.fetch(1, timeout=5)] == ["m1"]
+        assert [r.getMessage() for r in caplog.records if r.name == "choreograph.transports.redis"] == []
 
 
 def test_deliveries_read_the_entry_fields_the_same_whatever_their_layout() -> None:

@@ -213,6 +213,11 @@ class RedisSubscription(Subscription):
             conn = self._conn
             if conn is None:
                 conn = self._conn = transport._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            elif conn._reader is not None and conn._reader.at_eof():
+                # The server closed it while no read was under way (idle past its timeout, a
+                # client kill, a restart): as the pool would, connect again rather than write to
+                # it and take its end for a lost server (a warning and a pause).
+                await _disconnect(conn, nowait=True)
             self._reading = True
             try:
                 await conn.send_command(*command)
