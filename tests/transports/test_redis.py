@@ -779,11 +779,20 @@ async def test_reads_go_on_the_subscriptions_own_connection_and_a_cancelled_one_
         blocked = asyncio.ensure_future(sub._read(10, 5_000))
         while not sub._reading:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # the XREADGROUP ... BLOCK is on the server now
+        host, port = sub._conn._writer.get_extra_info("sockname")[:2]
+        while not blocked.done() and not any(  # until the server holds the XREADGROUP ... BLOCK
+            c["addr"] == f"{host}:{port}" and c["cmd"] == "xreadgroup" and "b" in c["flags"]
+            for c in await bus._redis.client_list()
+        ):
+            await asyncio.sleep(0.01)
         blocked.cancel()
         with pytest.raises(asyncio.CancelledError):
             await blocked
         assert sub._conn is None and not first.is_connected
+        # Until the server has dropped the closed connection: a blocked client it has not yet
+        # seen close would be served the next entry, which would wait out the lease.
+        while any(c["addr"] == f"{host}:{port}" for c in await bus._redis.client_list()):
+            await asyncio.sleep(0.01)
         await bus.publish([msg(2)])
         checkouts.count = 0
         assert [d.message.id for d in await sub._read(10, 1_000)] == ["m2"]
