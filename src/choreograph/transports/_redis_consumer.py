@@ -326,6 +326,7 @@ class RedisSubscription(Subscription):
 
 
 async def _disconnect(conn: Any, *, nowait: bool = False) -> None:
+    """Close a connection of our own (a subscription's reads, the transport's scripts), quietly."""
     with contextlib.suppress(Exception):
         await conn.disconnect(nowait=nowait)
 

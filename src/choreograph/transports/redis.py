@@ -84,7 +84,7 @@ from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
 from choreograph.transports import _redis_lua as lua
 from choreograph.transports import did_you_mean, lease_from_url, refuse_repeated, refuse_unreadable
-from choreograph.transports._redis_consumer import POLL, RedisDelivery, RedisSubscription, _str
+from choreograph.transports._redis_consumer import POLL, RedisDelivery, RedisSubscription, _disconnect, _str
 from choreograph.transports._redis_tls import first_ping_over_tls
 from choreograph.transports.base import DeadLetter, Message, Subscription, Transport, narrowed, no_such_group
 
@@ -513,11 +513,6 @@ def _keyword_names(function: Callable[..., Any]) -> tuple[set[str], bool]:
 
 class _OffLine(Exception):
     """A script call the transport's own connection leaves to the client (see ``_on_line``)."""
-
-
-async def _disconnect(conn: Any, *, nowait: bool = False) -> None:
-    with contextlib.suppress(Exception):
-        await conn.disconnect(nowait=nowait)
 
 
 def _raw_reply(response: Any, **options: Any) -> Any:
