@@ -6,14 +6,15 @@ at start-up, and it wraps the runtime's steps to stamp ``time.perf_counter_ns()`
 list, written to ``<folder>/stages-<pid>.json`` at exit. :func:`stage_medians` reads them:
 per hop process, the median of every step over the events it handled, in microseconds.
 
-The steps of one event (``recv`` only on NATS, whose parser hands messages over directly):
+The steps of one event (``recv`` on NATS, whose parser hands messages over directly, and on
+RabbitMQ, whose client calls the subscription back; not on Redis, read by ``fetch`` itself):
 
-``recv``    the client's parser hands the message to the subscription
+``recv``    the client hands the message to the subscription
 ``fetched`` ``fetch`` returns it to the worker's fetch loop
 ``seen0``   the inbox lookup starts; ``seen1`` it returned
 ``prep0``   decoding and validating start; ``prep1`` the handler's call is ready
 ``out0``    the handler returned, its output is encoded; ``out1`` encoded
-``pub0``    the transport's ``publish`` is called
+``pub0``    the transport's ``publish`` is called; ``pub1`` it returned (the broker confirmed)
 
 Each wrapper costs about a microsecond, so the figures are a little above an untraced
 run's; they say where the time goes, not what it is without them.
@@ -75,6 +76,13 @@ def _install(folder: str) -> None:
         original_reply(self, msg)
 
     _nats_pull.NatsSubscription._reply = reply  # type: ignore[method-assign]
+    original_on_message = _amqp_consumer.AmqpSubscription._on_message
+
+    async def on_message(self: Any, raw: Any) -> None:
+        add(("recv", stamp()))
+        await original_on_message(self, raw)
+
+    _amqp_consumer.AmqpSubscription._on_message = on_message  # type: ignore[method-assign]
     for cls in (
         _nats_pull.NatsSubscription,
         _redis_consumer.RedisSubscription,
@@ -88,7 +96,7 @@ def _install(folder: str) -> None:
     for module in (_runner, _verdicts):  # where the runner calls it: inline handlers, and the rest
         around(module, "output_message", "out0", "out1")
     for transport in (nats.NatsTransport, redis.RedisTransport, amqp.AmqpTransport):
-        around(transport, "publish", "pub0", None)
+        around(transport, "publish", "pub0", "pub1")
 
     def dump() -> None:
         with open(os.path.join(folder, f"stages-{os.getpid()}.json"), "w") as f:
@@ -110,7 +118,7 @@ def _subclasses(cls: type) -> list[type]:
     return out
 
 
-STEPS = ("recv", "fetched", "seen0", "seen1", "prep0", "prep1", "out0", "out1", "pub0")
+STEPS = ("recv", "fetched", "seen0", "seen1", "prep0", "prep1", "out0", "out1", "pub0", "pub1")
 
 
 def stage_medians(folder: str) -> list[dict[str, float]]:
