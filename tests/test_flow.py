@@ -127,6 +127,29 @@ def test_emits_given_as_a_keyword_is_drawn_like_an_annotation() -> None:
     assert edges(build([svc]), "emits") == {("service:audit", "event:test.flow.audit")}
 
 
+def test_emits_must_cover_what_the_return_annotation_names() -> None:
+    svc = Service("audit")
+    with pytest.raises(ConfigurationError, match=r"names Captured, which emits= does not list"):
+        @svc.on(Placed, emits=[Audit])
+        async def note(order: Placed) -> Captured | None:  # returning a Captured would fail every attempt
+            return None
+
+    # emits= may add what the handler publishes, and may name a subclass of an annotated base
+    @svc.on(Placed, emits=[Captured, Audit])
+    async def both(order: Placed) -> Captured:
+        return Captured(order=order.order)
+
+    broad = Service("broad")
+
+    @broad.on(Placed, emits=[Audit])
+    async def note_all(order: Placed) -> Event | None:
+        return None
+
+    assert edges(build([svc, broad]), "emits") == {("service:audit", "event:test.flow.captured"),
+                                                   ("service:audit", "event:test.flow.audit"),
+                                                   ("service:broad", "event:test.flow.audit")}
+
+
 def test_an_on_failure_handler_is_a_compensates_edge_from_the_failed_type() -> None:
     [edge] = [e for e in build(shop()).edges if e.kind == "compensates" and e.target == "service:payment"]
     assert (edge.source, edge.trigger, edge.label, edge.handlers) == (

@@ -116,25 +116,50 @@ def _event_classes(annotation: Any) -> Iterable[type[Event]]:
 
 
 def declared_emits(func: Callable[..., Any], emits: Iterable[type[Event]] | None) -> frozenset[type[Event]]:
-    """The event classes ``func`` may emit: ``emits=`` if given, else its return annotation."""
+    """The event classes ``func`` may emit: ``emits=`` if given, else its return annotation.
+
+    ``emits=`` replaces the annotation, so it must cover every event class the annotation
+    names (it may add more: the events the handler publishes with ``ctx.publish``). A
+    handler annotated ``-> Shipped`` with ``emits=[Delayed]`` would fail every attempt
+    that returns a ``Shipped``, and the flow would not show it: refused here instead. An
+    annotation that cannot be resolved, or names no Event class, is not checked.
+    """
     if emits is not None:
         classes = frozenset(emits)
         for cls in classes:
             if not (isinstance(cls, type) and issubclass(cls, Event)):
                 raise ConfigurationError(f"{func.__qualname__}: emits= must list Event subclasses, got {cls!r}")
+        try:
+            annotated = _annotated_emits(func)
+        except Exception:  # noqa: BLE001 - emits= is there for annotations we cannot read
+            return classes
+        missing = sorted(
+            cls.__qualname__ for cls in annotated if not any(issubclass(listed, cls) for listed in classes)
+        )
+        if missing:
+            raise ConfigurationError(
+                f"{func.__qualname__}: its return annotation names {', '.join(missing)}, which emits= does not list; "
+                "emits= replaces the annotation, so list every event the handler may return or publish"
+            )
         return classes
-    closure = dict(zip(func.__code__.co_freevars, (c.cell_contents for c in func.__closure__ or ()), strict=False))
     try:
-        hints = typing.get_type_hints(func, localns=closure)
+        return _annotated_emits(func)
+    except ConfigurationError:
+        raise
     except Exception as exc:  # unresolvable forward references
         raise ConfigurationError(
             f"{func.__qualname__}: cannot resolve its return annotation ({exc}); pass emits=[...] instead"
         ) from exc
+
+
+def _annotated_emits(func: Callable[..., Any]) -> frozenset[type[Event]]:
+    """The event classes ``func``'s return annotation names (none without one)."""
+    closure = dict(zip(func.__code__.co_freevars, (c.cell_contents for c in func.__closure__ or ()), strict=False))
+    hints = typing.get_type_hints(func, localns=closure)
     if "return" not in hints:
         return frozenset()
-    ret = hints["return"]
     # `async def f() -> X` annotates X (the awaited value), which is what we want.
-    return frozenset(_event_classes(ret))
+    return frozenset(_event_classes(hints["return"]))
 
 
 class Service:
