@@ -84,7 +84,8 @@ _JOURNAL_SCHEMAS: dict[str, Any] = {
             "time": _STR, "recorded_at": _STR, "attempt": {"type": ["integer", "null"]},
             "kind": {"enum": ["event", "completed", "failed", "failure", "timedout"]},
             "outcome": _STR, "error": _OPT_STR, "failed_type": _OPT_STR,
-            "record": {"type": ["object", "null"]}, "offset_ms": {"type": "number"},
+            "record": {"type": ["object", "null"]}, "traceparent": _OPT_STR, "tracestate": _OPT_STR,
+            "offset_ms": {"type": "number"},
         },
     },
     "Transaction": {

@@ -190,6 +190,8 @@ class JournalEntry:
             "error": self.error,
             "failed_type": self.failed_type,
             "record": self.record,
+            "traceparent": self.traceparent,
+            "tracestate": self.tracestate,
         }
 
 

@@ -136,6 +136,35 @@ def test_a_transaction_whose_compensation_gave_up_is_shown_and_filtered_as_such(
     assert tree.returncode == 0 and "compensation_failed" in tree.stdout
 
 
+def test_trace_json_carries_each_events_trace_context(tmp_path: Path) -> None:
+    """The journal stores each event's ``traceparent``/``tracestate`` (the timeout carries them):
+    ``trace --json`` left them out, so a script could not link a transaction to its trace."""
+    import msgspec
+
+    from choreograph.journal import Journal
+    from choreograph.runtime.records import first_envelope
+    from tests.test_journal import Requested, delivery_app
+
+    store = f"sqlite:///{tmp_path}/journal.db"
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    root = first_envelope(Requested(order="o"), source="/gateway", id="tx-traced", traceparent=traceparent)
+    root = msgspec.structs.replace(root, tracestate="vendor=abc")
+    untraced = first_envelope(Requested(order="o"), source="/gateway", id="tx-traced-2", correlation_id="tx-traced")
+
+    async def record() -> None:
+        journal = Journal.from_app(delivery_app(), store)
+        try:
+            await journal.record([root, untraced])
+        finally:
+            await journal.close()
+
+    asyncio.run(record())
+    result = cli("trace", "tx-traced", "--journal", store, "--json")
+    assert result.returncode == 0, result.stderr
+    timeline = json.loads(result.stdout)["timeline"]
+    assert [(e["traceparent"], e["tracestate"]) for e in timeline] == [(traceparent, "vendor=abc"), (None, None)]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
