@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import itertools
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -32,6 +33,7 @@ from choreograph import (
 )
 from choreograph._envelope import Envelope, decode, encode
 from choreograph._journal_model import JournalEntry, TransactionSummary, format_time
+from choreograph._journal_sqlite import SQLiteJournalStore
 from choreograph._journal_store import MemoryJournalStore
 from choreograph.errors import ConfigurationError, StoreError
 from choreograph.journal import JOURNAL_GROUP, TIMEDOUT, Journal, JournalStore, open_journal_store
@@ -602,6 +604,75 @@ async def test_a_durable_journal_is_readable_by_another_journal_after_restart(
         assert tx.status == "compensated" and len(tx.timeline) == 4
     finally:
         await reader.close()
+
+
+class _ReadHook:
+    """A PostgreSQL pool (or one of its connections) that runs ``hook`` before the first query of
+    the journal's entries: what another process records while the reader reads."""
+
+    def __init__(self, target: Any, hook: Callable[[], Awaitable[None]]) -> None:
+        self._target, self._hook = target, hook
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._target, name)
+
+    async def _before(self, sql: str) -> None:
+        if "choreograph_journal_events" in sql:
+            await self._hook()
+
+    async def fetch(self, sql: str, *args: object) -> object:
+        await self._before(sql)
+        return await self._target.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: object) -> object:
+        await self._before(sql)
+        return await self._target.fetchrow(sql, *args)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_ReadHook]:
+        async with self._target.acquire() as conn:
+            yield _ReadHook(conn, self._hook)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+async def test_a_transaction_is_one_read_its_summary_and_timeline_agree(app: App, store_url: str) -> None:
+    """The summary and the timeline were two queries: the journal (another process, for ``trace``
+    or the gateway) recording the terminal event between them gave a ``running`` transaction of
+    one event over a timeline of two ending in ``completed``."""
+    root = first_envelope(Requested(order="o"), source="/gateway", id="tx-read")
+    end = first_envelope(Delivered(order="o"), source="/choreograph/drone", id="tx-read-end", correlation_id="tx-read")
+    writer, reader = Journal.from_app(app, store_url), Journal(open_journal_store(store_url, read_only=True))
+    recorded: list[str] = []
+
+    async def record_the_end() -> None:
+        if not recorded:
+            recorded.append(end.id)
+            await writer.record([end])
+
+    try:
+        await writer.record([root])
+        await reader.open()
+        loop = asyncio.get_running_loop()
+        store = reader.store
+        if isinstance(store, SQLiteJournalStore):
+            def trace(sql: str) -> None:  # on the reader's thread, as a statement starts
+                if "FROM journal_events" in sql:
+                    asyncio.run_coroutine_threadsafe(record_the_end(), loop).result()
+
+            assert store._db is not None
+            store._db.set_trace_callback(trace)
+        else:
+            store._pool = _ReadHook(store._pool, record_the_end)
+        tx = await reader.transaction("tx-read")
+        assert recorded == [end.id]  # the end was recorded while the reader read
+        assert tx is not None and tx.timeline is not None
+        assert (tx.status, tx.summary.event_count, [e.event_id for e in tx.timeline]) == ("running", 1, ["tx-read"])
+        tx = await reader.transaction("tx-read")  # a read after it sees it
+        assert tx is not None and tx.timeline is not None
+        assert (tx.status, tx.summary.event_count, len(tx.timeline)) == ("completed", 2, 2)
+    finally:
+        await reader.close()
+        await writer.close()
 
 
 OLD_SQLITE_SCHEMA = """

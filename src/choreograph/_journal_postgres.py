@@ -339,6 +339,23 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
             )
         return [_entry(row, correlation_id) for row in rows]
 
+    async def snapshot(self, correlation_id: str) -> tuple[TransactionSummary, list[JournalEntry]] | None:
+        pool = self._open_pool()
+        key = stored_id(correlation_id)
+        with _pg.translate(f"journal store {redact(self.url)}"):
+            # one snapshot for both reads: replicas record on while the gateway or trace reads
+            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                row = await conn.fetchrow(
+                    f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions WHERE correlation_id = $1", key
+                )
+                if row is None:
+                    return None
+                rows = await conn.fetch(
+                    f"SELECT {_SELECT_EVENT} FROM choreograph_journal_events WHERE correlation_id = $1 ORDER BY seq",
+                    key,
+                )
+        return _summary(row), [_entry(row, correlation_id) for row in rows]
+
     async def last_entry(self, correlation_id: str) -> JournalEntry | None:
         with _pg.translate(f"journal store {redact(self.url)}"):
             row = await self._open_pool().fetchrow(

@@ -346,6 +346,25 @@ class SQLiteJournalStore(JournalStore):
 
         return await self._run(read)
 
+    async def snapshot(self, correlation_id: str) -> tuple[TransactionSummary, list[JournalEntry]] | None:
+        def read(db: sqlite3.Connection) -> tuple[TransactionSummary, list[JournalEntry]] | None:
+            db.execute("BEGIN")  # one snapshot of the file for both reads (WAL: the journal writes on)
+            try:
+                row = db.execute(
+                    f"SELECT {_TX_COLUMNS} FROM journal_transactions WHERE correlation_id=?", (correlation_id,)
+                ).fetchone()
+                if row is None:
+                    return None
+                rows = db.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM journal_events WHERE correlation_id=? ORDER BY seq",
+                    (correlation_id,),
+                ).fetchall()
+            finally:
+                db.execute("COMMIT")
+            return _summary(row), [_entry(row) for row in rows]
+
+        return await self._run(read)
+
     async def last_entry(self, correlation_id: str) -> JournalEntry | None:
         def read(db: sqlite3.Connection) -> JournalEntry | None:
             row = db.execute(

@@ -4,7 +4,7 @@ A store persists :class:`~choreograph._journal_model.JournalEntry` rows and one
 :class:`~choreograph._journal_model.TransactionSummary` per correlation id. It decides
 nothing: :func:`fold_entries` (pure) turns new entries into updated summaries, and every
 implementation calls it inside one transaction so concurrent journals cannot lose an
-update. A PostgreSQL store implements the same seven methods (``SELECT ... FOR UPDATE``
+update. A PostgreSQL store implements the same methods (``SELECT ... FOR UPDATE``
 around :func:`fold_entries`).
 
 =============================  ======================================================
@@ -111,6 +111,20 @@ class JournalStore(abc.ABC):
         Not by event time: event times come from many hosts' clocks, while the journal
         usually records a cause before its effects (an effect is published after its cause).
         """
+
+    async def snapshot(self, correlation_id: str) -> tuple[TransactionSummary, list[JournalEntry]] | None:
+        """Its summary and :meth:`timeline` as of one moment, or ``None`` if the journal never saw it.
+
+        What :meth:`Journal.transaction <choreograph.journal.Journal.transaction>` answers. Read
+        as two queries, an entry the journal recorded between them (``trace`` and the gateway read
+        while it writes) gave a summary and a timeline that disagree: a ``running`` transaction of
+        one event over a timeline of two ending in its terminal event. The SQLite and PostgreSQL
+        stores read both in one database transaction; this default reads one after the other,
+        which is one moment for a store that answers without waiting (memory)."""
+        summary = await self.summary(correlation_id)
+        if summary is None:
+            return None
+        return summary, await self.timeline(correlation_id)
 
     async def last_entry(self, correlation_id: str) -> JournalEntry | None:
         """Its last recorded entry (the last of :meth:`timeline`), or ``None``.

@@ -404,10 +404,10 @@ class Journal:
     async def transaction(self, correlation_id: str) -> Transaction | None:
         """The status and ordered timeline of one transaction, or ``None`` if never seen."""
         await self.open()
-        summary = await self.store.summary(correlation_id)
-        if summary is None:
+        found = await self.store.snapshot(correlation_id)  # one read: the summary agrees with the timeline
+        if found is None:
             return None
-        timeline = await self.store.timeline(correlation_id)
+        summary, timeline = found
         return Transaction(summary=summary, status=summary.status(self.now()), timeline=timeline)
 
     async def transactions(self, status: Status | None = None, limit: int = 100) -> list[Transaction]:
