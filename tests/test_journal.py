@@ -279,6 +279,73 @@ async def test_a_compensation_that_gave_up_is_compensation_failed_whatever_the_o
     assert tx is not None and tx.status == "compensated"
 
 
+async def test_a_compensation_replayed_after_it_gave_up_is_no_longer_compensation_failed(
+    store_url: str, bus: SpyBus
+) -> None:
+    """The README's advice: replay the dead letter once the cause is fixed. The refund then ran
+    and ended the transaction, but the journal went on showing ``compensation_failed``."""
+    payment, drone = Service("payment"), Service("drone")
+    broken = [True]
+    payment.on(Requested)(charge)
+
+    @drone.on(Charged)
+    async def fly(charged: Charged) -> Delivered:
+        raise Reject("drone lost")
+
+    @payment.on_failure(Charged)
+    async def refund(failure: Failure) -> Cancelled:
+        if broken[0]:
+            raise Reject("bank offline")
+        return Cancelled(order="refunded")
+
+    app = App("delivery", [payment, drone], ingress=[Requested],
+              terminal={Delivered: "completed", Cancelled: "failed"})
+    async with Journal.from_app(app, store_url, transport=bus, stuck_after=60, scan_interval=3600) as journal:
+        cid = await start(app, bus, mode="crash")
+        tx = await journal.transaction(cid)
+        assert tx is not None and tx.status == "compensation_failed"
+        broken[0] = False  # the cause fixed, the dead letter replayed
+        assert await bus.replay("payment") == 1
+        async with Worker(app.services, bus):
+            await settled(bus)
+        tx = await journal.transaction(cid)
+        assert tx is not None and tx.timeline is not None
+        assert [e.type for e in tx.timeline][-1] == Cancelled.event_type()
+        assert (tx.status, tx.summary.compensation_failures) == ("compensated", 0)
+        assert [t.correlation_id for t in await journal.transactions(status="compensated")] == [cid]
+        assert await journal.transactions(status="compensation_failed") == []
+
+
+def replayed(cid: str) -> list[Envelope]:
+    """:func:`rolled_back_halfway` without its other compensation's end, and the refund that gave
+    up replayed with success: its first output, whose id only that handler makes from that event."""
+    root, charged, crashed, refund_gave_up, _ = rolled_back_halfway(cid, Cancelled(order="o"))
+    refunded = first_envelope(Cancelled(order="o"), source="/choreograph/payment", correlation_id=cid,
+                              id=derive_id(crashed.id, "payment", "refund", 0))
+    return [root, charged, crashed, refund_gave_up, msgspec.structs.replace(refunded, causationid=crashed.id)]
+
+
+async def test_a_compensation_that_gave_up_and_then_ran_is_cleared_whatever_the_order(journal: Journal) -> None:
+    """Brokers do not order events across services: the replay's output may be recorded before the
+    give-up, or in one batch with it. Another handler's output on the same event clears nothing."""
+    for n, order in enumerate(list(itertools.permutations(range(5)))[::8]):
+        envelopes = replayed(f"tx-{n}")
+        for i in order:
+            await journal.record([envelopes[i]])
+        tx = await journal.transaction(f"tx-{n}")
+        assert tx is not None and (tx.status, tx.summary.compensation_failures) == ("compensated", 0), order
+    await journal.record(replayed("tx-batch"))
+    tx = await journal.transaction("tx-batch")
+    assert tx is not None and tx.status == "compensated"
+
+    root, charged, crashed, refund_gave_up, _ = rolled_back_halfway("tx-other", Cancelled(order="o"))
+    other = first_envelope(Cancelled(order="o"), source="/choreograph/stock", correlation_id="tx-other",
+                           id=derive_id(crashed.id, "stock", "release", 0))
+    await journal.record([root, charged, crashed, refund_gave_up, msgspec.structs.replace(other, causationid=crashed.id)])
+    tx = await journal.transaction("tx-other")
+    assert tx is not None and (tx.status, tx.summary.compensation_failures) == ("compensation_failed", 1)
+
+
 class Reserved(Event, type="test.journal.reserved"):
     order: str
 

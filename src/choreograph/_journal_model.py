@@ -15,6 +15,14 @@ Statuses (``Status``), for the events of one correlation id:
   compensations are the flow's: ``on_failure`` handlers, ``compensate(...)`` handlers and
   handlers of ``choreograph.timedout``; an ordinary handler that undoes something and gives
   up is a failure like any other.
+  *Until the compensation runs after all*: a give-up whose handler's first output on the same
+  event is recorded (its id, :attr:`JournalEntry.recovery_id`, is derived from that event, the
+  service and the handler: no other handler or event makes it) no longer counts. That is what
+  replaying the dead letter once the cause is fixed does; the give-up stays in the timeline and
+  among the failures, and nothing else about it counts any more: neither
+  ``compensation_failed`` nor, for a give-up nobody compensates, ``failed``. A compensation
+  that emits nothing leaves nothing on the bus to tell its replay by: its transaction stays
+  ``compensation_failed``.
 * ``completed``   -- a terminal ``completed`` event was recorded.
 * ``compensated`` -- a terminal ``failed`` event was recorded, and the transaction also
   contains a runtime failure (``choreograph.failed``) or a ``choreograph.timedout``:
@@ -33,7 +41,8 @@ completed and failed/compensated;
 later terminal events are kept in the timeline but do not change the status. The
 definitions do not depend on the order in which the journal receives events (a failure
 recorded after the terminal event still makes it ``compensated``, a compensation's failure
-recorded after it ``compensation_failed``), because brokers do not order events across services.
+recorded after it ``compensation_failed``, the replayed compensation's output recorded before
+its give-up still clears it), because brokers do not order events across services.
 """
 
 from __future__ import annotations
@@ -156,6 +165,23 @@ class JournalEntry:
         return self.failed_type in (FAILED, TIMEDOUT) or (self.record or {}).get(COMPENSATION_MARK) is True
 
     @property
+    def recovery_id(self) -> str | None:
+        """For a compensation that gave up: the id its handler's first output on the same event
+        has (``derive_id(event, service, handler, 0)``, as the worker derives it), which only a
+        successful run of that handler on that event publishes, so seeing it means the
+        compensation ran after all (its dead letter replayed). ``None`` for any other entry, and
+        for a give-up whose record names no handler."""
+        if not self.compensation_failure or self.causation_id is None:
+            return None
+        record = self.record or {}
+        service, handler = record.get("service"), record.get("handler")
+        if not (isinstance(service, str) and isinstance(handler, str)):
+            return None
+        from choreograph._envelope import derive_id  # msgspec and orjson: not for every reader of the model
+
+        return derive_id(self.causation_id, service, handler, 0)
+
+    @property
     def outcome(self) -> str:
         """A short word for the timeline: ``ok``, ``completed``, ``failed``, ``timed out``, ``gave up: REASON``."""
         if self.kind == "failure":
@@ -252,6 +278,16 @@ class TransactionSummary:
                 self.compensation_failures += 1
         elif entry.kind == "timedout":
             self.timed_out = True
+
+    def recover(self, failure: JournalEntry) -> None:
+        """Account for the recorded output of a compensation that gave up (``failure``, folded
+        already): it ran after all, so its give-up no longer leaves the transaction
+        ``compensation_failed``, nor ``failed`` as a failure nobody compensates. It stays a failure
+        (:attr:`failures`): something broke. Called once per give-up, by whichever of the two
+        entries is recorded second."""
+        self.compensation_failures = max(0, self.compensation_failures - 1)
+        if not failure.compensable:
+            self.uncompensated = max(0, self.uncompensated - 1)
 
     @property
     def base_status(self) -> BaseStatus:

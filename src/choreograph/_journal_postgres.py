@@ -41,7 +41,14 @@ from choreograph._journal_model import (
     Status,
     TransactionSummary,
 )
-from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
+from choreograph._journal_store import (
+    Activity,
+    EdgeCount,
+    JournalStore,
+    count_statuses,
+    fold_entries,
+    recoveries,
+)
 from choreograph._redact import redact
 from choreograph.errors import StoreError
 from choreograph.stores import _pg
@@ -160,6 +167,11 @@ _SAVE_SUMMARIES = (
 _LOCK_SUMMARIES = (
     f"SELECT {_SELECT_TX} FROM choreograph_journal_transactions WHERE correlation_id = ANY($1::text[]) "
     "ORDER BY correlation_id FOR UPDATE"
+)
+_RECORDED = "SELECT event_id FROM choreograph_journal_events WHERE event_id = ANY($1::text[])"
+_FAILURES = (
+    f"SELECT {_SELECT_EVENT} FROM choreograph_journal_events "
+    "WHERE correlation_id = ANY($1::text[]) AND kind = 'failure' ORDER BY seq"
 )
 # Volatile calls in the select list run after the sort, so the locks are taken in key order.
 _LOCK_CORRELATIONS = (
@@ -319,7 +331,17 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
                     summary.correlation_id: summary
                     for summary in map(_summary, await conn.fetch(_LOCK_SUMMARIES, touched))
                 } if touched else {}
-                changed = fold_entries(existing, fresh, stuck_after)
+                rids = sorted({rid for entry in fresh if (rid := entry.recovery_id) is not None})
+                held = {row[0] for row in await conn.fetch(_RECORDED, [stored_id(rid) for rid in rids])} if rids else set()
+                # the compensation failures still counted: only those transactions' failures are read
+                pending = {stored_id(cid): cid for cid, summary in existing.items() if summary.compensation_failures}
+                earlier = [
+                    entry
+                    for entry in (_entry(row, pending[row[1]]) for row in await conn.fetch(_FAILURES, list(pending)))
+                    if entry.compensation_failure
+                ] if pending else []
+                recorded = {rid for rid in rids if stored_id(rid) in held}
+                changed = fold_entries(existing, fresh, stuck_after, recoveries(fresh, recorded, earlier))
                 await _save(conn, changed.values())
         return list(changed.values())
 

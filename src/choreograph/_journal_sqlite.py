@@ -25,7 +25,14 @@ from choreograph._journal_model import (
     Status,
     TransactionSummary,
 )
-from choreograph._journal_store import Activity, EdgeCount, JournalStore, count_statuses, fold_entries
+from choreograph._journal_store import (
+    Activity,
+    EdgeCount,
+    JournalStore,
+    count_statuses,
+    fold_entries,
+    recoveries,
+)
 from choreograph._sqlite import connect_wal
 from choreograph.errors import StoreError
 from choreograph.stores.sqlite import sqlite_path
@@ -317,7 +324,22 @@ class SQLiteJournalStore(JournalStore):
                     ).fetchone()
                     if row is not None:
                         existing[cid] = _summary(row)
-                changed = fold_entries(existing, fresh, stuck_after)
+                rids = sorted({rid for e in fresh if (rid := e.recovery_id) is not None})
+                recorded = {
+                    row[0] for row in db.execute(
+                        f"SELECT event_id FROM journal_events WHERE event_id IN ({','.join('?' * len(rids))})", rids
+                    )
+                } if rids else set()
+                earlier = [  # the compensation failures still counted: only those transactions' failures are read
+                    entry
+                    for cid, summary in existing.items() if summary.compensation_failures
+                    for entry in map(_entry, db.execute(
+                        f"SELECT {_EVENT_COLUMNS} FROM journal_events WHERE correlation_id=? AND kind='failure' "
+                        "ORDER BY seq", (cid,),
+                    ))
+                    if entry.compensation_failure
+                ]
+                changed = fold_entries(existing, fresh, stuck_after, recoveries(fresh, recorded, earlier))
                 _save(db, changed.values())
                 db.execute("COMMIT")
             except BaseException:

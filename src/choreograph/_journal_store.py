@@ -26,11 +26,16 @@ from choreograph._schemes import instantiate
 
 
 def fold_entries(
-    existing: Mapping[str, TransactionSummary], entries: Sequence[JournalEntry], stuck_after: float
+    existing: Mapping[str, TransactionSummary],
+    entries: Sequence[JournalEntry],
+    stuck_after: float,
+    recovered: Sequence[JournalEntry] = (),
 ) -> dict[str, TransactionSummary]:
     """The summaries of every transaction touched by ``entries`` (all new event ids), updated.
 
     ``existing`` holds the current summaries of (at least) those transactions; it is not modified.
+    ``recovered``: the compensations that gave up whose output this batch completes
+    (:func:`recoveries`), accounted for once every entry is folded.
     """
     changed: dict[str, TransactionSummary] = {}
     for entry in entries:
@@ -42,7 +47,28 @@ def fold_entries(
             changed[cid] = TransactionSummary.first(entry, stuck_after)
         else:
             summary.fold(entry)
+    for failure in recovered:  # its transaction was touched: the failure or its output is in the batch
+        changed[failure.correlation_id].recover(failure)
     return changed
+
+
+def recoveries(
+    fresh: Sequence[JournalEntry], recorded: Collection[str], earlier: Sequence[JournalEntry]
+) -> list[JournalEntry]:
+    """The compensations that gave up and ran after all (:attr:`JournalEntry.recovery_id`) that the
+    new entries ``fresh`` complete, each counted by whichever of the pair is recorded second.
+
+    ``recorded``: those of the fresh give-ups' recovery ids that the store holds (recorded before,
+    or in this batch). ``earlier``: the compensation failures recorded before, in the transactions
+    ``fresh`` touches that still count one (the store reads them only for those: rare).
+    """
+    fresh_ids = {entry.event_id for entry in fresh}
+    found = [entry for entry in fresh if (rid := entry.recovery_id) is not None and (rid in fresh_ids or rid in recorded)]
+    waiting = {
+        rid: entry for entry in earlier if entry.event_id not in fresh_ids and (rid := entry.recovery_id) is not None
+    }
+    found += [waiting[entry.event_id] for entry in fresh if entry.event_id in waiting]
+    return found
 
 
 def _copy(summary: TransactionSummary) -> TransactionSummary:
@@ -176,7 +202,16 @@ class MemoryJournalStore(JournalStore):
                 continue
             seen.add(entry.event_id)
             fresh.append(entry)
-        changed = fold_entries(self._summaries, fresh, stuck_after)
+        rids = {rid for entry in fresh if (rid := entry.recovery_id) is not None}
+        earlier = [
+            self._entries[event_id][1]
+            for cid in {entry.correlation_id for entry in fresh}
+            if (summary := self._summaries.get(cid)) is not None and summary.compensation_failures
+            for event_id in self._by_cid.get(cid, [])
+            if self._entries[event_id][1].compensation_failure
+        ]
+        recovered = recoveries(fresh, {rid for rid in rids if rid in self._entries}, earlier)
+        changed = fold_entries(self._summaries, fresh, stuck_after, recovered)
         for entry in fresh:
             self._entries[entry.event_id] = (next(self._seq), entry)
             self._by_cid.setdefault(entry.correlation_id, []).append(entry.event_id)
