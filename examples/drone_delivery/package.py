@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 
-from choreograph import Context, Failure, Service
+from choreograph import Context, Failure, Reject, Service
 from choreograph.faults import Faults
+from choreograph.stores.state import Row
 from examples.drone_delivery._store import Schema, database_url
 from examples.drone_delivery.events import (
     DeliveryCancelled,
@@ -41,9 +42,28 @@ schema = Schema(
 )
 
 
+_REQUEST_FIELDS = ("package_id", "weight_kg", "pickup", "dropoff", "owner")
+"""What a request for a delivery id says, compared with the row its first request wrote."""
+
+
+def _conflicts(request: DeliveryRequested, row: Row) -> list[str]:
+    """``field: 'sent' (first request: 'stored')`` for each field ``request`` changes."""
+    return [
+        f"{field} {getattr(request, field)!r} (first request: {row[field]!r})"
+        for field in _REQUEST_FIELDS
+        if getattr(request, field) != row[field]
+    ]
+
+
 @package.on(DeliveryRequested)
 async def create_package(request: DeliveryRequested, ctx: Context) -> PackageCreated | DeliveryCancelled:
     """Upsert the package keyed by delivery id (a repeat request changes nothing).
+
+    ``delivery_id`` is the delivery's idempotency key: the same body again (a client
+    retry, a replay) is answered as the first was, but another body under a delivery id
+    already taken is a ``Reject`` naming the fields that differ (dead-lettered; the
+    journal shows the transaction failed with that reason). Answering it with the first
+    package told its client that a drone flies a package, a weight, a route it never sent.
 
     The row, the inbox record of the request and the event returned commit together
     when this returns; the outbox relay publishes the event afterwards.
@@ -63,6 +83,12 @@ async def create_package(request: DeliveryRequested, ctx: Context) -> PackageCre
             now,
         )
         (row,) = await tx.fetch("SELECT * FROM packages WHERE delivery_id = $1", request.delivery_id)
+        conflicts = _conflicts(request, row)
+        if conflicts:  # rolls back: nothing written, the first delivery untouched
+            raise Reject(
+                f"delivery_id {request.delivery_id!r} was first requested with another body (409 conflict): "
+                f"{'; '.join(conflicts)}; send the same body again, or use a new delivery_id"
+            )
     if row["status"] == "cancelled":  # asked again for a delivery already cancelled: say so again
         return DeliveryCancelled(
             delivery_id=row["delivery_id"], package_id=row["package_id"], reason=row["reason"]

@@ -220,3 +220,31 @@ def test_the_flow_lints_clean_and_failures_of_both_steps_after_package_are_compe
         ("event:drone.package.created", "service:package", ("cancel_unassigned",)),
         ("event:drone.drone.assigned", "service:package", ("cancel_unscheduled",)),
     }
+
+
+async def test_a_delivery_id_reused_with_another_body_is_rejected_naming_the_fields_and_changes_nothing(
+    worker: Worker, bus: MemoryTransport, data_dir: Path
+) -> None:
+    """``delivery_id`` is the delivery's idempotency key: the same body again is the same
+    delivery (answered as before), another body under it is a conflict. Answering the first
+    package to a request for another one told its client a drone flies a package it never saw."""
+    first = request("d1", 2)
+    assert await outcomes(worker, first) == {"d1": "drone.delivery.scheduled"}
+    assert await outcomes(worker, first) == {"d1": "drone.delivery.scheduled"}  # a new event, the same body
+
+    other = DeliveryRequested(delivery_id="d1", package_id="p-other", weight_kg=15, pickup="Harbour", dropoff="Mill")
+    assert await outcomes(worker, other) == {}
+
+    (letter,) = await bus.dead_letters("package")
+    assert letter.record["reason"] == "rejected"
+    message = letter.record["last_error"]["message"]
+    assert "delivery_id 'd1'" in message
+    for field in ("package_id", "weight_kg", "dropoff"):
+        assert field in message, message
+    assert "pickup" not in message  # the same as the first request's
+    packages = sqlite3.connect(data_dir / "package.db")
+    assert packages.execute("SELECT package_id, weight_kg, dropoff FROM packages").fetchall() == [
+        ("p-d1", 2.0, "Campus")
+    ]
+    drones = sqlite3.connect(data_dir / "drone-scheduler.db")
+    assert drones.execute("SELECT delivery_id, drone_id FROM assignments").fetchall() == [("d1", "d05-001")]
