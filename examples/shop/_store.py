@@ -15,10 +15,14 @@ The SQL is portable: it runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from choreograph import Reject
+from choreograph.runtime.outbox import Transaction
 from examples._schema import Schema
+from examples.shop.events import OrderPlaced
 
 DATA_ENV = "CHOREOGRAPH_DATA_DIR"
 DATABASE_ENV = "SHOP_DATABASE_{}"
@@ -34,4 +38,38 @@ def database_url(service: str) -> str:
     return os.environ.get(DATABASE_ENV.format(service.upper())) or f"sqlite:///{data_dir() / f'{service}.db'}"
 
 
-__all__ = ["DATA_ENV", "Schema", "data_dir", "database_url"]
+PLACED_ORDERS = "CREATE TABLE IF NOT EXISTS placed_orders (order_id TEXT PRIMARY KEY, body TEXT NOT NULL)"
+"""The body each order id was first placed with (in the schema of payment and of inventory)."""
+
+
+async def check_same_order(tx: Transaction, order: OrderPlaced) -> None:
+    """``Reject`` an ``order_id`` placed again with another body, naming the fields that differ.
+
+    The order id is the order's idempotency key: the same body again (a client's retry, a
+    replay) is the same order, and payment and inventory answer it with their first decision.
+    Another body under it was answered the same way, so an order for another amount, sku or
+    quantity ended "shipped" without being charged or reserved. Both services keep the whole
+    body, not just the fields they use: if only the one whose fields differ refused, the other's
+    compensation (on that refusal) would undo the first order's charge or reservation, which
+    the second order's answer shares. Call it in the step's transaction: the refusal rolls it back.
+    """
+    body = order.model_dump_json()
+    await tx.execute(
+        "INSERT INTO placed_orders VALUES ($1, $2) ON CONFLICT (order_id) DO NOTHING", order.order_id, body
+    )
+    first = str(await tx.fetchval("SELECT body FROM placed_orders WHERE order_id = $1", order.order_id))
+    if first == body:
+        return
+    stored, sent = json.loads(first), json.loads(body)
+    differ = "; ".join(
+        f"{field} {sent.get(field)!r} (first order: {stored.get(field)!r})"
+        for field in sent
+        if sent.get(field) != stored.get(field)
+    )
+    raise Reject(
+        f"order_id {order.order_id!r} was first placed with another body (409 conflict): {differ}; "
+        "place the same body again, or use a new order_id"
+    )
+
+
+__all__ = ["DATA_ENV", "PLACED_ORDERS", "Schema", "check_same_order", "data_dir", "database_url"]

@@ -18,7 +18,7 @@ from choreograph.sagas import TimedOut, failed, timed_out
 from choreograph.stores.state import Row
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
-from examples.shop._store import Schema, database_url
+from examples.shop._store import PLACED_ORDERS, Schema, check_same_order, database_url
 from examples.shop.events import OrderPlaced, OutOfStock, PaymentDeclined, StockReleased, StockReserved
 
 inventory = Service("inventory", timeout=TIMEOUT, retry=RETRY, database=database_url("inventory"))
@@ -41,6 +41,7 @@ schema = Schema(
         available BIGINT NOT NULL      -- what was available when asked
     )
     """,
+    PLACED_ORDERS,
     seed=_seed,
     probe="stock",
 )
@@ -54,6 +55,7 @@ async def take(tx: Transaction, order: OrderPlaced) -> Row:
     orders never take the same units.
     """
     await schema.ensure(tx)
+    await check_same_order(tx, order)
     available = int(await tx.fetchval("SELECT available FROM stock WHERE sku = $1", order.sku) or 0)
     first = await tx.execute(
         "INSERT INTO reservations VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT (order_id) DO NOTHING",

@@ -21,7 +21,7 @@ from choreograph.sagas import TimedOut, failed, timed_out
 from choreograph.stores.state import Row
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
-from examples.shop._store import Schema, database_url
+from examples.shop._store import PLACED_ORDERS, Schema, check_same_order, database_url
 from examples.shop.events import (
     OrderPlaced,
     OutOfStock,
@@ -50,6 +50,7 @@ schema = Schema(
         reason TEXT
     )
     """,
+    PLACED_ORDERS,
     seed=_seed,
     probe="balances",
 )
@@ -63,6 +64,7 @@ async def charge(tx: Transaction, order: OrderPlaced) -> Row:
     is taken by one conditional ``UPDATE``, so two orders never spend the same money.
     """
     await schema.ensure(tx)
+    await check_same_order(tx, order)
     first = await tx.execute(
         "INSERT INTO payments VALUES ($1, $2, $3, 'pending', NULL) ON CONFLICT (order_id) DO NOTHING",
         order.order_id, order.customer, order.amount,

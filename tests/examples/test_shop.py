@@ -162,6 +162,34 @@ async def test_an_order_the_orders_service_gives_up_recording_is_not_completed(
     assert await shop.status(cid) == "failed"  # a failure nobody compensates: replay the dead letter
 
 
+async def test_an_order_id_placed_again_with_another_body_is_rejected_and_leaves_the_first_order_as_it_was(
+    shop: Shop,
+) -> None:
+    """``order_id`` is the order's idempotency key: the same body again is the same order
+    (answered as before), another body under it is refused by payment and by inventory, each
+    naming the fields. Payment and inventory answered the first order's decision, so an order
+    for another amount was reported shipped; had only payment refused, inventory's release
+    (on payment giving up) would have put the first order's shipped units back on the shelf."""
+    worker = await run(shop)
+    await shop.order("o-10", "alice", "widget", 1, 10_00)
+    again = await shop.order("o-10", "alice", "widget", 1, 10_00)  # a new event, the same body
+    assert shop.ends("o-10") == ["OrderShipped", "OrderShipped"]
+    other = await shop.order("o-10", "alice", "widget", 1, 99_00)
+    await worker.stop()
+    assert await shop.status(again) == "completed"
+    assert await shop.status(other) != "completed"
+    assert shop.ends("o-10") == ["OrderShipped", "OrderShipped"]
+    for service in ("payment", "inventory"):
+        [letter] = await shop.bus.dead_letters(service)
+        assert letter.record["reason"] == "rejected"
+        message = letter.record["last_error"]["message"]
+        assert "order_id 'o-10'" in message and "amount 9900 (first order: 1000)" in message, message
+    assert shop.balance("alice") == BALANCES["alice"] - 10_00
+    assert shop.stock("widget") == STOCK["widget"] - 1
+    assert shop.count(PaymentRefunded, "o-10") == shop.count(StockReleased, "o-10") == 0
+    assert shop.query("orders", "SELECT status FROM orders WHERE order_id = 'o-10'") == [("shipped",)]
+
+
 async def test_a_declined_payment_releases_the_reserved_stock_and_cancels_the_order(shop: Shop) -> None:
     worker = await run(shop)
     cid = await shop.order("o-2", "bob", "widget", 1, 50_00)
