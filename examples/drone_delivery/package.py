@@ -39,6 +39,14 @@ schema = Schema(
         updated_at REAL NOT NULL
     )
     """,
+    # The transaction (correlation id) whose request created each package: only its failures
+    # cancel it. A table of its own, so a packages table from before it needs no migration.
+    """
+    CREATE TABLE IF NOT EXISTS package_creators (
+        delivery_id TEXT PRIMARY KEY,
+        correlation_id TEXT NOT NULL
+    )
+    """,
 )
 
 
@@ -71,7 +79,7 @@ async def create_package(request: DeliveryRequested, ctx: Context) -> PackageCre
     now = time.time()
     async with faults.step(ctx), ctx.transaction() as tx:
         await schema.ensure(tx)
-        await tx.execute(
+        created = await tx.execute(
             "INSERT INTO packages VALUES ($1, $2, $3, $4, $5, $6, 'created', NULL, $7, $7)"
             " ON CONFLICT (delivery_id) DO NOTHING",
             request.delivery_id,
@@ -82,6 +90,10 @@ async def create_package(request: DeliveryRequested, ctx: Context) -> PackageCre
             request.owner,
             now,
         )
+        if created:
+            await tx.execute(
+                "INSERT INTO package_creators VALUES ($1, $2)", request.delivery_id, ctx.correlation_id
+            )
         (row,) = await tx.fetch("SELECT * FROM packages WHERE delivery_id = $1", request.delivery_id)
         conflicts = _conflicts(request, row)
         if conflicts:  # rolls back: nothing written, the first delivery untouched
@@ -103,21 +115,44 @@ async def create_package(request: DeliveryRequested, ctx: Context) -> PackageCre
     )
 
 
-async def _cancel(delivery_id: str, package_id: str, failure: Failure, ctx: Context) -> DeliveryCancelled:
+async def _cancel(
+    delivery_id: str, package_id: str, failure: Failure, ctx: Context
+) -> DeliveryCancelled | None:
+    """Cancel the package if the transaction that failed is the one that created it.
+
+    A second request for a delivery (a client retry without an ``Idempotency-Key``, a
+    replayed dead letter) is another transaction over the same package: when a step gives
+    up on it, the delivery the first one scheduled still stands, and cancelling it (the
+    scheduler then frees its drone) left a drone flying a delivery the fleet counted free.
+    Such a failure cancels nothing; it answers ``DeliveryCancelled`` only when the package
+    was cancelled already (that is how its transaction ended), else nothing, and the
+    journal shows that transaction failed, with its dead letter.
+    """
     error = failure.record.get("last_error") or {}
     reason = (
         f"{failure.record.get('service', '?')} gave up ({failure.reason}): {error.get('message', '')}".strip()
     )
     async with faults.step(ctx), ctx.transaction() as tx:
         await schema.ensure(tx)
-        await tx.execute(
-            "UPDATE packages SET status = 'cancelled', reason = $1, updated_at = $2"
-            " WHERE delivery_id = $3 AND status != 'cancelled'",
-            reason,
-            time.time(),
-            delivery_id,
+        creator = await tx.fetchval(
+            "SELECT correlation_id FROM package_creators WHERE delivery_id = $1", delivery_id
         )
-        stored = await tx.fetchval("SELECT reason FROM packages WHERE delivery_id = $1", delivery_id)
+        if creator is None or creator == ctx.correlation_id:  # None: created before creators were kept
+            await tx.execute(
+                "UPDATE packages SET status = 'cancelled', reason = $1, updated_at = $2"
+                " WHERE delivery_id = $3 AND status != 'cancelled'",
+                reason,
+                time.time(),
+                delivery_id,
+            )
+        status, stored = (
+            await tx.fetchone("SELECT status, reason FROM packages WHERE delivery_id = $1", delivery_id)
+            or (None, None)
+        )
+    if status == "created":  # another transaction's delivery, which this failure does not undo
+        ctx.logger.warning("delivery %s not cancelled: %s failed on a repeat request (%s)",
+                           delivery_id, ctx.correlation_id, reason)
+        return None
     stored_reason = str(stored) if stored else reason  # the first cancellation's reason stands
     ctx.logger.warning("delivery %s cancelled: %s", delivery_id, stored_reason)
     return DeliveryCancelled(delivery_id=delivery_id, package_id=package_id, reason=stored_reason)
@@ -131,12 +166,12 @@ def _ids(failure: Failure) -> tuple[str, str]:
 
 
 @package.on_failure(PackageCreated)
-async def cancel_unassigned(failure: Failure, ctx: Context) -> DeliveryCancelled:
+async def cancel_unassigned(failure: Failure, ctx: Context) -> DeliveryCancelled | None:
     """No drone could be assigned: cancel the package (the compensation of create_package)."""
     return await _cancel(*_ids(failure), failure, ctx)
 
 
 @package.on_failure(DroneAssigned)
-async def cancel_unscheduled(failure: Failure, ctx: Context) -> DeliveryCancelled:
+async def cancel_unscheduled(failure: Failure, ctx: Context) -> DeliveryCancelled | None:
     """The delivery could not be scheduled: cancel the package (the scheduler then frees the drone)."""
     return await _cancel(*_ids(failure), failure, ctx)

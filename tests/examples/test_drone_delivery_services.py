@@ -248,3 +248,25 @@ async def test_a_delivery_id_reused_with_another_body_is_rejected_naming_the_fie
     ]
     drones = sqlite3.connect(data_dir / "drone-scheduler.db")
     assert drones.execute("SELECT delivery_id, drone_id FROM assignments").fetchall() == [("d1", "d05-001")]
+
+
+async def test_a_repeat_request_the_delivery_service_gives_up_on_does_not_cancel_the_delivery_already_scheduled(
+    worker: Worker, bus: MemoryTransport, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client retry without an ``Idempotency-Key`` is a second transaction for the same
+    delivery. When a step gave up on it, Package cancelled the delivery by its id: the first
+    transaction's package, already scheduled, turned cancelled, and the scheduler freed its
+    drone for another delivery while ``deliveries`` still had that drone flying this one."""
+    first = request("d1", 2)
+    assert await outcomes(worker, first) == {"d1": "drone.delivery.scheduled"}
+    monkeypatch.setattr(delivery, "faults", Faults("delivery", FaultSpec(fail_rate=1.0)))
+
+    assert await outcomes(worker, first) == {}  # the repeat fails; nothing to undo, nothing ends it
+
+    (letter,) = await bus.dead_letters("delivery")
+    assert letter.record["reason"] == "max_attempts"
+    packages = sqlite3.connect(data_dir / "package.db")
+    assert packages.execute("SELECT status FROM packages WHERE delivery_id = 'd1'").fetchall() == [("created",)]
+    drones = sqlite3.connect(data_dir / "drone-scheduler.db")
+    assert drones.execute("SELECT delivery_id FROM drones WHERE delivery_id IS NOT NULL").fetchall() == [("d1",)]
+    assert drones.execute("SELECT released_at FROM assignments WHERE delivery_id = 'd1'").fetchall() == [(None,)]
