@@ -38,11 +38,17 @@ def database_url(service: str) -> str:
     return os.environ.get(DATABASE_ENV.format(service.upper())) or f"sqlite:///{data_dir() / f'{service}.db'}"
 
 
-PLACED_ORDERS = "CREATE TABLE IF NOT EXISTS placed_orders (order_id TEXT PRIMARY KEY, body TEXT NOT NULL)"
-"""The body each order id was first placed with (in the schema of payment and of inventory)."""
+PLACED_ORDERS = """
+    CREATE TABLE IF NOT EXISTS placed_orders (
+        order_id TEXT PRIMARY KEY, body TEXT NOT NULL,
+        correlation_id TEXT NOT NULL   -- the transaction whose step made this service's decision
+    )
+"""
+"""The body each order id was first placed with, and by which transaction (in the schema of
+payment and of inventory)."""
 
 
-async def check_same_order(tx: Transaction, order: OrderPlaced) -> None:
+async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: str) -> None:
     """``Reject`` an ``order_id`` placed again with another body, naming the fields that differ.
 
     The order id is the order's idempotency key: the same body again (a client's retry, a
@@ -55,7 +61,8 @@ async def check_same_order(tx: Transaction, order: OrderPlaced) -> None:
     """
     body = order.model_dump_json()
     await tx.execute(
-        "INSERT INTO placed_orders VALUES ($1, $2) ON CONFLICT (order_id) DO NOTHING", order.order_id, body
+        "INSERT INTO placed_orders VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING",
+        order.order_id, body, correlation_id,
     )
     first = str(await tx.fetchval("SELECT body FROM placed_orders WHERE order_id = $1", order.order_id))
     if first == body:
@@ -72,4 +79,19 @@ async def check_same_order(tx: Transaction, order: OrderPlaced) -> None:
     )
 
 
-__all__ = ["DATA_ENV", "PLACED_ORDERS", "Schema", "check_same_order", "data_dir", "database_url"]
+async def placed_by(tx: Transaction, order_id: str, correlation_id: str) -> bool:
+    """Whether transaction ``correlation_id`` made this service's decision on ``order_id``: only
+    then may its compensation undo it.
+
+    An order placed again with the same body is a second transaction that payment and inventory
+    answer with their first decision, so its own ``PaymentCaptured`` and ``StockReserved`` join
+    its compensations. When that transaction failed (a deadline passed, shipping gave up),
+    the refund and the release, keyed by order id, undid the first transaction's charge and
+    reservation, perhaps of an order already shipped. An order with no row here (placed before
+    the table existed) is undone as before.
+    """
+    first = await tx.fetchval("SELECT correlation_id FROM placed_orders WHERE order_id = $1", order_id)
+    return first is None or first == correlation_id
+
+
+__all__ = ["DATA_ENV", "PLACED_ORDERS", "Schema", "check_same_order", "data_dir", "database_url", "placed_by"]

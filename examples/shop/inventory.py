@@ -18,7 +18,7 @@ from choreograph.sagas import TimedOut, failed, timed_out
 from choreograph.stores.state import Row
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
-from examples.shop._store import PLACED_ORDERS, Schema, check_same_order, database_url
+from examples.shop._store import PLACED_ORDERS, Schema, check_same_order, database_url, placed_by
 from examples.shop.events import OrderPlaced, OutOfStock, PaymentDeclined, StockReleased, StockReserved
 
 inventory = Service("inventory", timeout=TIMEOUT, retry=RETRY, database=database_url("inventory"))
@@ -47,7 +47,7 @@ schema = Schema(
 )
 
 
-async def take(tx: Transaction, order: OrderPlaced) -> Row:
+async def take(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Row:
     """Reserve once per order id; the reservation row (a repeat returns the first decision).
 
     The reservation row is inserted first, so a concurrent reservation for the same
@@ -55,7 +55,7 @@ async def take(tx: Transaction, order: OrderPlaced) -> Row:
     orders never take the same units.
     """
     await schema.ensure(tx)
-    await check_same_order(tx, order)
+    await check_same_order(tx, order, correlation_id)
     available = int(await tx.fetchval("SELECT available FROM stock WHERE sku = $1", order.sku) or 0)
     first = await tx.execute(
         "INSERT INTO reservations VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT (order_id) DO NOTHING",
@@ -75,7 +75,7 @@ async def take(tx: Transaction, order: OrderPlaced) -> Row:
 @inventory.on(OrderPlaced)
 async def reserve(order: OrderPlaced, ctx: Context) -> StockReserved | OutOfStock:
     async with faults.step(ctx), ctx.transaction() as tx:
-        row = await take(tx, order)
+        row = await take(tx, order, ctx.correlation_id)
     if row["status"] == "out_of_stock":
         return OutOfStock(order_id=order.order_id, sku=row["sku"], requested=row["qty"], available=row["available"])
     return StockReserved(order_id=order.order_id, sku=row["sku"], qty=row["qty"])
@@ -86,9 +86,13 @@ async def reserve(order: OrderPlaced, ctx: Context) -> StockReserved | OutOfStoc
 )
 async def release(
     reserved: StockReserved, cause: PaymentDeclined | Failure | TimedOut, ctx: Context
-) -> StockReleased:
+) -> StockReleased | None:
     async with faults.step(ctx), ctx.transaction() as tx:
         await schema.ensure(tx)
+        if not await placed_by(tx, reserved.order_id, ctx.correlation_id):
+            ctx.logger.warning("order %s placed again: its reservation is another transaction's, not released (%s)",
+                               reserved.order_id, describe(cause))
+            return None
         released = await tx.execute(
             "UPDATE reservations SET status = 'released' WHERE order_id = $1 AND status = 'reserved'",
             reserved.order_id,

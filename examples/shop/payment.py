@@ -21,7 +21,7 @@ from choreograph.sagas import TimedOut, failed, timed_out
 from choreograph.stores.state import Row
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
-from examples.shop._store import PLACED_ORDERS, Schema, check_same_order, database_url
+from examples.shop._store import PLACED_ORDERS, Schema, check_same_order, database_url, placed_by
 from examples.shop.events import (
     OrderPlaced,
     OutOfStock,
@@ -56,7 +56,7 @@ schema = Schema(
 )
 
 
-async def charge(tx: Transaction, order: OrderPlaced) -> Row:
+async def charge(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Row:
     """Charge once per order id; the payment row (a repeat returns the first decision).
 
     The payment row is inserted first, so a concurrent charge of the same order (another
@@ -64,7 +64,7 @@ async def charge(tx: Transaction, order: OrderPlaced) -> Row:
     is taken by one conditional ``UPDATE``, so two orders never spend the same money.
     """
     await schema.ensure(tx)
-    await check_same_order(tx, order)
+    await check_same_order(tx, order, correlation_id)
     first = await tx.execute(
         "INSERT INTO payments VALUES ($1, $2, $3, 'pending', NULL) ON CONFLICT (order_id) DO NOTHING",
         order.order_id, order.customer, order.amount,
@@ -88,7 +88,7 @@ async def charge(tx: Transaction, order: OrderPlaced) -> Row:
 @payment.on(OrderPlaced)
 async def capture(order: OrderPlaced, ctx: Context) -> PaymentCaptured | PaymentDeclined:
     async with faults.step(ctx), ctx.transaction() as tx:
-        row = await charge(tx, order)
+        row = await charge(tx, order, ctx.correlation_id)
     if row["status"] == "declined":
         return PaymentDeclined(order_id=order.order_id, reason=row["reason"])
     return PaymentCaptured(order_id=order.order_id, customer=row["customer"], amount=row["amount"])
@@ -97,10 +97,14 @@ async def capture(order: OrderPlaced, ctx: Context) -> PaymentCaptured | Payment
 @payment.compensate(PaymentCaptured, on=[OutOfStock, failed(PaymentCaptured), failed(OrderPlaced), timed_out()])
 async def refund(
     captured: PaymentCaptured, cause: OutOfStock | Failure | TimedOut, ctx: Context
-) -> PaymentRefunded:
+) -> PaymentRefunded | None:
     reason = describe(cause)
     async with faults.step(ctx), ctx.transaction() as tx:
         await schema.ensure(tx)
+        if not await placed_by(tx, captured.order_id, ctx.correlation_id):
+            ctx.logger.warning("order %s placed again: its charge is another transaction's, not refunded (%s)",
+                               captured.order_id, reason)
+            return None
         refunded = await tx.execute(
             "UPDATE payments SET status = 'refunded', reason = $1 WHERE order_id = $2 AND status = 'captured'",
             reason, captured.order_id,

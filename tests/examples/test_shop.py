@@ -190,6 +190,30 @@ async def test_an_order_id_placed_again_with_another_body_is_rejected_and_leaves
     assert shop.query("orders", "SELECT status FROM orders WHERE order_id = 'o-10'") == [("shipped",)]
 
 
+async def test_a_repeat_of_a_shipped_order_that_times_out_refunds_and_releases_nothing(shop: Shop) -> None:
+    """An order placed again with the same body (a client's retry) is a second transaction that
+    payment and inventory answer with their first decision. When that one failed (here: shipping
+    was down past its deadline), the refund and the release, keyed by order id, undid the first
+    order's charge and reservation: the money went back and the units onto the shelf for an
+    order already shipped. Only the transaction that charged and reserved undoes them."""
+    worker = await run(shop)
+    await shop.order("o-11", "alice", "widget", 1, 10_00)
+    await worker.stop()
+    assert shop.ends("o-11") == ["OrderShipped"]
+    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
+    again = await shop.order("o-11", "alice", "widget", 1, 10_00)
+    shop.clock.advance(5 * 60 + 1)
+    assert await shop.journal.check_deadlines() == [again]
+    await shop.drained()
+    await worker.stop()
+    assert shop.balance("alice") == BALANCES["alice"] - 10_00
+    assert shop.stock("widget") == STOCK["widget"] - 1
+    assert shop.query("payment", "SELECT status FROM payments WHERE order_id = 'o-11'") == [("captured",)]
+    assert shop.query("inventory", "SELECT status FROM reservations WHERE order_id = 'o-11'") == [("reserved",)]
+    assert shop.count(PaymentRefunded, "o-11") == shop.count(StockReleased, "o-11") == 0
+    assert shop.ends("o-11") == ["OrderShipped"]
+
+
 async def test_a_declined_payment_releases_the_reserved_stock_and_cancels_the_order(shop: Shop) -> None:
     worker = await run(shop)
     cid = await shop.order("o-2", "bob", "widget", 1, 50_00)
