@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
 
 from choreograph import Event
 
@@ -11,12 +13,23 @@ MAX_AMOUNT = 2**63 - 1
 one failed every attempt to charge it, and the order ended cancelled with a dead letter."""
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (U+0000): PostgreSQL text cannot store it")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul), Field(min_length=1, max_length=100)]
+"""A name the services store as ``TEXT``, on SQLite or PostgreSQL: without NUL, which PostgreSQL
+refuses (every attempt failed, the cancellation's too, and the order ended ``compensation_failed``)."""
+
+
 class OrderPlaced(Event, type="shop.order.placed"):
     """Ingress: a customer ordered ``qty`` of ``sku`` for ``amount`` (in cents)."""
 
-    order_id: str = Field(min_length=1, max_length=100)
-    customer: str = Field(min_length=1, max_length=100)
-    sku: str = Field(min_length=1, max_length=100)
+    order_id: Text
+    customer: Text
+    sku: Text
     qty: int = Field(gt=0, le=1000)
     amount: int = Field(gt=0, le=MAX_AMOUNT)
 

@@ -275,6 +275,20 @@ async def test_an_amount_the_payments_table_cannot_hold_is_refused_at_the_edge_a
     assert shop.balance("carol") == BALANCES["carol"] and shop.stock("widget") == STOCK["widget"]
 
 
+@pytest.mark.parametrize("field", ["order_id", "customer", "sku"])
+def test_a_nul_character_in_an_order_is_refused_at_the_edge_naming_the_field(field: str) -> None:
+    """PostgreSQL's text cannot hold U+0000 (``invalid byte sequence for encoding "UTF8": 0x00``):
+    with ``SHOP_DATABASE_<SERVICE>`` on PostgreSQL, an order carrying one failed every attempt of
+    payment and inventory, then of the orders service's cancellation (a compensation that cannot
+    run: ``compensation_failed``). It is refused where it comes in, as ``choreograph publish
+    --schema`` and the gateway validate it."""
+    body = {"order_id": "o-nul", "customer": "alice", "sku": "widget", "qty": 1, "amount": 100}
+    with pytest.raises(pydantic.ValidationError) as refused:
+        OrderPlaced(**{**body, field: body[field] + "\x00"})  # type: ignore[arg-type]
+    [error] = refused.value.errors()
+    assert error["loc"] == (field,) and "NUL" in error["msg"]
+
+
 async def test_an_order_past_its_deadline_is_undone_when_the_journal_times_it_out(shop: Shop) -> None:
     worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
     cid = await shop.order("o-6", "alice", "widget", 1, 10_00)
