@@ -20,6 +20,7 @@ import yaml
 
 from choreograph import Envelope, Event, MalformedEnvelope, decode
 from choreograph._http_binding import (
+    STRUCTURED,
     decode_http,
     decode_http_batch,
     is_cloudevent,
@@ -522,6 +523,37 @@ def test_invalid_messages_are_rejected_with_the_reason(headers: dict[str, str], 
     """Anything that is not a valid CloudEvent raises MalformedEnvelope naming what is wrong."""
     with pytest.raises(MalformedEnvelope, match=re.escape(message)):
         decode_http(headers, body)
+
+
+_BINARY_HEADERS = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t"}
+_STRUCTURED_BODY = '{"specversion":"1.0","id":"1","source":"/s","type":"t","data":{"name":"\u00c3\u00a9"}}'
+
+
+@pytest.mark.parametrize("charset", ["latin-1", "utf-16", "no-such-charset"])
+@pytest.mark.parametrize("mode", ["binary", "structured", "batch"])
+def test_json_declared_in_a_charset_other_than_utf8_is_refused_not_misread(mode: str, charset: str) -> None:
+    """JSON is UTF-8 (RFC 8259 8.1). A body declared ``application/json; charset=latin-1`` was
+    read as UTF-8 whatever it said: the Latin-1 bytes of ``"Ã©"`` became ``"é"`` (mangled data
+    handed on), UTF-16 was "not valid JSON". It is refused, naming the header and the charset."""
+    encoding = "latin-1" if charset == "no-such-charset" else charset
+    if mode == "binary":
+        headers = {**_BINARY_HEADERS, "content-type": f"application/json; charset={charset}"}
+        body = '{"name":"\u00c3\u00a9"}'.encode(encoding)
+    else:
+        media = STRUCTURED if mode == "structured" else "application/cloudevents-batch+json"
+        headers = {"content-type": f"{media}; charset={charset}"}
+        body = (_STRUCTURED_BODY if mode == "structured" else f"[{_STRUCTURED_BODY}]").encode(encoding)
+    with pytest.raises(MalformedEnvelope, match=re.escape(f"Content-Type: charset {charset!r}: JSON is UTF-8")):
+        decode_http_batch(headers, body)
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", '"utf8"', "utf_8"])
+def test_json_declared_utf8_by_any_name_of_it_is_read(charset: str) -> None:
+    """UTF-8 under any name Python knows it by is still read, in binary and structured mode."""
+    binary = decode_http({**_BINARY_HEADERS, "content-type": f"application/json; charset={charset}"},
+                         '{"name":"caf\u00e9"}'.encode())
+    structured = decode_http({"content-type": f"{STRUCTURED}; charset={charset}"}, _STRUCTURED_BODY.encode())
+    assert (binary.data, structured.data) == ({"name": "caf\u00e9"}, {"name": "\u00c3\u00a9"})
 
 
 def test_header_names_are_case_insensitive() -> None:

@@ -47,6 +47,7 @@ from choreograph._envelope import rfc3339
 from choreograph._push_config import load_config
 from choreograph.errors import ConfigurationError, MalformedEnvelope, StoreError
 from choreograph.push import (
+    Problem,
     PushAmbassador,
     PushSubscription,
     SignatureError,
@@ -1488,6 +1489,47 @@ async def test_the_receiver_refuses_what_it_would_misread_with_400_naming_it(
     assert calls == []
     [error] = read
     assert isinstance(error, MalformedEnvelope) and str(error).startswith(expected)
+
+
+@pytest.mark.parametrize("charset", ["latin-1", "utf-16"])
+@pytest.mark.parametrize("structured", [False, True], ids=["binary", "structured"])
+async def test_the_receiver_refuses_json_in_another_charset_than_utf8_with_415(structured: bool, charset: str) -> None:
+    """JSON is UTF-8 (RFC 8259 8.1). A body sent as ``application/json; charset=latin-1`` was read
+    as UTF-8: the Latin-1 bytes of ``"Ã©"`` reached the handler as ``"é"``, UTF-16 was a 400 "not
+    valid JSON". It is a 415 naming the header and the charset, the handler not called;
+    read_event() raises the same Problem."""
+    calls: list[Any] = []
+
+    async def handle(event: Envelope) -> None:
+        calls.append(event)
+
+    read: list[Any] = []
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            read.append(await read_event(request))
+        except Problem as exc:
+            read.append(exc)
+        return Response(status_code=204)
+
+    data = '{"delivery_id": "\u00c3\u00a9"}'
+    if structured:
+        headers = [("content-type", f"application/cloudevents+json; charset={charset}")]
+        body = ('{"specversion": "1.0", "id": "e-1", "source": "/s", "type": "test.push.assigned", '
+                f'"data": {data}}}').encode(charset)
+    else:
+        headers = [*[h for h in BINARY if h[0] != "content-type"], ("content-type", f"application/json; charset={charset}")]
+        body = data.encode(charset)
+    own = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+    async with serve(receiver(handle)) as base, serve(own) as own_base, httpx.AsyncClient() as client:
+        response = await client.post(base, headers=headers, content=body)
+        await client.post(own_base, headers=headers, content=body)
+    expected = f"Content-Type: charset {charset!r}: JSON is UTF-8"
+    assert response.status_code == 415, response.text
+    assert response.json()["error"].startswith(expected), response.json()["error"]
+    assert calls == []
+    [error] = read
+    assert isinstance(error, Problem) and error.status == 415 and error.detail.startswith(expected)
 
 
 async def test_the_receiver_still_takes_percent_encoded_utf8_and_distinct_keys() -> None:

@@ -18,7 +18,8 @@ headers. Decoding raises :class:`~choreograph.errors.MalformedEnvelope` naming w
 wrong, so an HTTP endpoint can answer 400 with that message.
 
 In binary mode the body is interpreted by its ``Content-Type``: JSON media types
-(``application/json``, ``*/*+json``, or none at all) are parsed into ``data``; text
+(``application/json``, ``*/*+json``, or none at all) are parsed into ``data`` (JSON is UTF-8:
+one declared in another charset is refused, in every mode, not misread); text
 (``text/*``, XML, or any type with a ``charset``) becomes a string; anything else is
 kept as ``data_base64`` so no byte is lost.
 """
@@ -75,6 +76,32 @@ def is_json(content_type: str | None) -> bool:
     """Whether data of this content type is JSON (CloudEvents: absent means JSON)."""
     mt = media_type(content_type)
     return mt in ("", "application/json", "text/json") or mt.endswith("+json")
+
+
+def json_charset_problem(content_type: str | None) -> str | None:
+    """Why a body of ``content_type`` cannot be read as JSON for its ``charset``, or ``None``.
+
+    JSON exchanged between systems is UTF-8 (RFC 8259 8.1, which defines no ``charset`` for
+    ``application/json``), and orjson reads bytes as UTF-8 whatever the header says: the Latin-1
+    bytes of ``"Ã©"`` read back as ``"é"`` (mangled, not refused), UTF-16 as "not valid JSON".
+    So a JSON type (binary mode's ``application/json``, structured and batch mode's ``+json``)
+    declared in any other charset is refused; UTF-8 under any name Python knows it by is read.
+    """
+    charset = _charset(content_type)
+    if charset is None or not is_json(content_type):
+        return None
+    try:
+        if codecs.lookup(charset).name == "utf-8":
+            return None
+    except LookupError:
+        pass
+    return f"charset {charset!r}: JSON is UTF-8 (RFC 8259 8.1); send the body as UTF-8, or leave the charset out"
+
+
+def _check_json_charset(content_type: str | None, event_id: str | None = None) -> None:
+    problem = json_charset_problem(content_type)
+    if problem is not None:
+        raise MalformedEnvelope(f"Content-Type: {problem}", event_id=event_id)
 
 
 def _is_text(content_type: str | None) -> bool:
@@ -255,6 +282,7 @@ def _data_from_body(body: bytes, content_type: str | None, event_id: str | None)
     """The ``data`` (or ``data_base64``) attribute for a binary-mode body."""
     if not body:
         return {}
+    _check_json_charset(content_type, event_id)
     if is_json(content_type):
         try:
             return {"data": orjson.loads(body)}
@@ -373,6 +401,7 @@ def decode_http(headers: Mapping[str, str], body: bytes) -> Envelope:
     lowered = _lower(headers)
     mt = media_type(lowered.get("content-type"))
     if mt == STRUCTURED:
+        _check_json_charset(lowered.get("content-type"))
         return decode(body)
     if mt == BATCH:
         raise MalformedEnvelope(f"Content-Type: {BATCH} carries several events; expected one")
@@ -389,6 +418,7 @@ def decode_http_batch(headers: Mapping[str, str], body: bytes) -> list[Envelope]
     lowered = _lower(headers)
     if media_type(lowered.get("content-type")) != BATCH:
         return [decode_http(lowered, body)]
+    _check_json_charset(lowered.get("content-type"))
     try:
         items = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

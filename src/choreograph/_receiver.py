@@ -15,8 +15,8 @@ a returned event (or list) goes back as a CloudEvent in the response (200), ``No
 is 204, ``Reject`` and invalid payloads are 422, a malformed CloudEvent 400 (one this
 would misread too: a ``ce-`` header given twice, with raw non-ASCII bytes or holding what no
 CloudEvents String may, a control character or noncharacter, raw or percent-encoded; a JSON
-key given twice; the message names it), a bad
-signature 401, ``Retry(after=)`` 503 with ``Retry-After``, any other exception 500 - an
+key given twice; the message names it), JSON declared in a charset other than UTF-8 415
+(it was read as UTF-8, mangled), a bad signature 401, ``Retry(after=)`` 503 with ``Retry-After``, any other exception 500 - an
 event that cannot be sent as JSON too (a float ``inf`` or ``nan`` would go as ``null``,
 which the ambassador's consumers refuse: :class:`~choreograph.EmitError`).
 The ``OPTIONS`` handshake is answered for ``allowed_origins``.
@@ -47,6 +47,7 @@ from choreograph._http_binding import (
     check_ce_headers,
     decode_http,
     is_json,
+    json_charset_problem,
     media_type,
     to_batch,
     to_http,
@@ -86,8 +87,8 @@ async def read_event(
 
     Raises :class:`~choreograph.push.Problem` with ``status`` 413 for a body over
     ``max_body`` (its ``detail`` names the limit), 400 for a Content-Length that is not a
-    number or a client that disconnects mid-body (``exc.response()`` is the answer
-    :func:`receiver` would give); :class:`~choreograph.push.SignatureError` (401) or
+    number or a client that disconnects mid-body, 415 for JSON declared in a charset other than
+    UTF-8 (``exc.response()`` is the answer :func:`receiver` would give); :class:`~choreograph.push.SignatureError` (401) or
     :class:`~choreograph.MalformedEnvelope` (400) for the event itself, one it would misread
     included (a ``ce-`` header given twice or with raw bytes beyond ASCII, a JSON key given
     twice: which value is meant is undefined; a ``ce-`` header holding a control character or
@@ -108,8 +109,12 @@ def _decode(headers: Headers, body: bytes) -> Envelope:
     """The CloudEvent of a request, held to what the gateway holds a client to: a ``ce-`` header
     given twice, with raw bytes beyond ASCII or whose value is no CloudEvents String, and a JSON
     key given twice (the data's, or the structured envelope's), are a :class:`MalformedEnvelope`
-    naming it, not one value kept (or a control character handed to the handler)."""
+    naming it, not one value kept (or a control character handed to the handler). JSON declared in
+    a charset other than UTF-8 is a 415 :class:`Problem` naming the header (it was read as UTF-8)."""
     content_type = headers.get("content-type")
+    charset_problem = json_charset_problem(content_type)
+    if charset_problem is not None:  # JSON in latin-1 was read as UTF-8: mangled, or a misleading 400
+        raise Problem(415, f"Content-Type: {charset_problem}")
     structured = media_type(content_type) in (STRUCTURED, BATCH)
     if not structured:
         check_ce_headers(headers.items())  # Starlette's items(): every header as received
@@ -221,6 +226,8 @@ def receiver(
             if secret is not None:
                 verify(request.headers, body, secret, tolerance=tolerance)
             envelope = _decode(request.headers, body)
+        except Problem as exc:
+            return _error(exc.status, exc.detail)
         except SignatureError as exc:
             return _error(401, str(exc))
         except MalformedEnvelope as exc:
