@@ -27,10 +27,13 @@ from choreograph import App, Context, Event, Publisher, Reject, RetryPolicy, Ser
 from choreograph._envelope import Envelope
 from choreograph.gateway import Gateway, Route
 from choreograph.journal import Journal
+from choreograph.runtime.outbox import transaction
 from choreograph.runtime.records import to_message
 from choreograph.sagas import timed_out
+from choreograph.stores.state import open_database
 from choreograph.telemetry import Metrics, Telemetry, transaction_ids
 from choreograph.testing import MemoryTransport, VirtualClock, settled
+from choreograph.transports.base import Message
 from tests._procs import stop
 from tests._waiting import until
 
@@ -185,6 +188,39 @@ async def test_a_publisher_inside_a_span_publishes_as_its_child(
         await Publisher(bus, telemetry=telemetry).publish(Placed(order_id="o-1"))
     [producer] = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.PRODUCER]
     assert producer.parent is not None and producer.parent.span_id == outer.get_span_context().span_id
+
+
+async def test_a_transaction_with_telemetry_publishes_under_a_producer_span_as_a_publisher_does(
+    tmp_path: Path, exporter: InMemorySpanExporter, telemetry: Telemetry, registry: CollectorRegistry
+) -> None:
+    """``transaction(service)`` outside a handler wrote its events to the outbox with no
+    ``traceparent`` and no span, whatever span was current (an HTTP request's): where
+    ``Publisher(telemetry=)`` starts the trace, the transaction's first hop was in a trace of
+    its own, derived from the correlation id. Given ``telemetry=``, each event committed gets a
+    PRODUCER span, a child of the current span, and the row the relay sends names it; a block
+    that rolls back makes none."""
+    assert telemetry.tracer is not None
+    package = Service("package", database=f"sqlite:///{tmp_path}/package.db")
+    with pytest.raises(RuntimeError):
+        async with transaction(package, telemetry=telemetry) as tx:
+            tx.publish(Placed(order_id="rolled-back"))
+            raise RuntimeError("abort")
+    with telemetry.tracer.start_as_current_span("checkout") as outer:
+        async with transaction(package, telemetry=telemetry) as tx:
+            placed = tx.publish(Placed(order_id="o-1"))
+    sent: list[Envelope] = []
+
+    async def relay(messages: list[Message]) -> None:
+        sent.extend(decode(message.body) for message in messages)
+
+    async with open_database(package.database) as db:
+        await db.relay_pass("package", "test", 10, relay)
+    [producer] = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.PRODUCER]
+    assert producer.name == "publish test.telemetry.placed"
+    assert producer.parent is not None and producer.parent.span_id == outer.get_span_context().span_id
+    assert [envelope.id for envelope in sent] == [placed.id]
+    assert names_span(placed.traceparent, producer) and names_span(sent[0].traceparent, producer)
+    assert sample(registry, "choreograph_events_published_total", event_type="test.telemetry.placed") == 1
 
 
 async def test_a_failed_attempt_then_a_success_are_two_spans_the_first_with_error_status(

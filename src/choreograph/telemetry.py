@@ -24,8 +24,9 @@ SDK as for any instrumented library (``choreograph run --otel`` does it from ``O
 * A failed attempt's span has status ERROR and the exception recorded; retries are sibling
   spans under the same parent, each with its ``choreograph.attempt``.
 * Publishing from outside a handler (:class:`~choreograph.runtime.publisher.Publisher`, the
-  HTTP gateway) opens a PRODUCER span ``publish <event type>``: a child of the current span
-  if there is one (the gateway: of the request's ``traceparent`` header), else a new trace.
+  HTTP gateway, :func:`~choreograph.runtime.outbox.transaction` around its commit) opens a
+  PRODUCER span ``publish <event type>``: a child of the current span if there is one (the
+  gateway: of the request's ``traceparent`` header), else a new trace.
 
 Span attributes follow OpenTelemetry's messaging conventions where they fit:
 ``messaging.system`` (the broker: ``rabbitmq``, ``nats``, ``redis``, ``sqlite``, ``memory``),

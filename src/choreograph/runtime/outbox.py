@@ -62,6 +62,7 @@ from choreograph.transports.base import Message, Transport
 if TYPE_CHECKING:
     from choreograph.context import Context
     from choreograph.service import Service
+    from choreograph.telemetry import Telemetry
 
 log = logging.getLogger("choreograph.outbox")
 
@@ -270,9 +271,15 @@ class HandlerUnit:
                 self._ended(False)
 
 
+#: ``messaging.system`` of a PRODUCER span of :func:`transaction`: the event goes to the outbox,
+#: and which broker the relay sends it on is not known there.
+OUTBOX_SYSTEM = "choreograph"
+
+
 @contextlib.asynccontextmanager
 async def transaction(
-    service: Service, *, correlation_id: str | None = None, clock: Clock | None = None
+    service: Service, *, correlation_id: str | None = None, clock: Clock | None = None,
+    telemetry: Telemetry | None = None,
 ) -> AsyncIterator[Transaction]:
     """Change ``service``'s state and publish events atomically, outside a handler.
 
@@ -284,6 +291,13 @@ async def transaction(
     The events' ``time`` is ``clock``'s (a test's :class:`~choreograph.testing.VirtualClock`,
     as ``Publisher`` stamps on its transport's); by default the real time, or, in a task of a
     worker on another clock (a handler of another service), that worker's clock's.
+
+    With ``telemetry`` each event committed gets a PRODUCER span ``publish <event type>`` (a
+    child of the current span, else a new trace) and a ``traceparent`` naming it, as
+    :class:`~choreograph.Publisher` gives the events it publishes: the relay sends the row as
+    written, so the first hop joins the caller's trace. The spans cover the commit (the durable
+    write; the broker is the relay's), so ``traceparent`` is set when the block ends; a block
+    that rolls back makes none. Without, the events carry no ``traceparent``, as a publisher's.
     """
     if correlation_id == "":  # an unset variable: each event would start a transaction of its own
         raise ValueError("correlation_id: '' is empty; pass None for events that start their own transactions")
@@ -309,7 +323,7 @@ async def transaction(
             f"inside a handler of {ctx.service!r}, transaction({service.name!r}) would wait for the "
             "SQLite writer its own transaction holds; use ctx.transaction()"
         )
-    messages: list[Message] = []
+    envelopes: list[Envelope] = []
     if clock is None:
         clock = stamp_clock.get()  # None: the real clock
 
@@ -320,7 +334,7 @@ async def transaction(
             event, source=service.source, id=new_id(), correlation_id=correlation_id, subject=subject,
             time=None if clock is None or type(clock) is SystemClock else clock.time(),
         )
-        messages.append(to_message(envelope))
+        envelopes.append(envelope)
         return envelope
 
     async with store:
@@ -329,7 +343,13 @@ async def transaction(
         token = _HOLDING.set(holding) if holding is not None else None
         try:
             yield Transaction(conn, store.backend, publish)
-            await conn.commit(inbox=None, service=service.name, messages=messages)
+            if telemetry is None:
+                await conn.commit(inbox=None, service=service.name, messages=[to_message(e) for e in envelopes])
+            else:
+                # The rows are encoded inside producing(): it sets each envelope's traceparent first.
+                with telemetry.producing(envelopes, system=OUTBOX_SYSTEM):
+                    await conn.commit(inbox=None, service=service.name,
+                                      messages=[to_message(e) for e in envelopes])
         finally:
             if holding is not None:
                 holding.open = False
