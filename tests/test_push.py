@@ -1532,6 +1532,43 @@ async def test_the_receiver_refuses_json_in_another_charset_than_utf8_with_415(s
     assert isinstance(error, Problem) and error.status == 415 and error.detail.startswith(expected)
 
 
+@pytest.mark.parametrize(
+    "types", [("text/plain", "application/json"), ("application/json", "text/plain")], ids=["json-last", "json-first"]
+)
+async def test_the_receiver_refuses_a_content_type_given_twice_with_400_naming_it(types: tuple[str, str]) -> None:
+    """A Content-Type given twice was read as the first by the receiver's checks and as the last
+    by the decoding: ``text/plain`` then ``application/json`` skipped the duplicate-key check and
+    handed the handler JSON with one of two values dropped; the other order handed it the JSON
+    body as a string. Which type is meant is undefined: a 400 naming the header, as the gateway
+    answers, the handler not called; read_event() raises MalformedEnvelope alike."""
+    calls: list[Any] = []
+
+    async def handle(event: Envelope) -> None:
+        calls.append(event)
+
+    read: list[Any] = []
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            read.append(await read_event(request))
+        except MalformedEnvelope as exc:
+            read.append(exc)
+        return Response(status_code=204)
+
+    headers = [*[h for h in BINARY if h[0] != "content-type"], *(("content-type", t) for t in types)]
+    body = b'{"delivery_id": "d-1", "delivery_id": "d-2"}'
+    own = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+    async with serve(receiver(handle)) as base, serve(own) as own_base, httpx.AsyncClient() as client:
+        response = await client.post(base, headers=headers, content=body)
+        await client.post(own_base, headers=headers, content=body)
+    expected = "Content-Type: given more than once"
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(expected), response.json()["error"]
+    assert calls == []
+    [error] = read
+    assert isinstance(error, MalformedEnvelope) and str(error).startswith(expected)
+
+
 async def test_the_receiver_still_takes_percent_encoded_utf8_and_distinct_keys() -> None:
     """What the binding sends (UTF-8 percent-encoded, each key once) is read as before."""
     calls: list[Envelope] = []

@@ -15,7 +15,7 @@ a returned event (or list) goes back as a CloudEvent in the response (200), ``No
 is 204, ``Reject`` and invalid payloads are 422, a malformed CloudEvent 400 (one this
 would misread too: a ``ce-`` header given twice, with raw non-ASCII bytes or holding what no
 CloudEvents String may, a control character or noncharacter, raw or percent-encoded; a JSON
-key given twice; the message names it), JSON declared in a charset other than UTF-8 415
+key given twice, a ``Content-Type`` given twice; the message names it), JSON declared in a charset other than UTF-8 415
 (it was read as UTF-8, mangled), a bad signature 401, ``Retry(after=)`` 503 with ``Retry-After``, any other exception 500 - an
 event that cannot be sent as JSON too (a float ``inf`` or ``nan`` would go as ``null``,
 which the ambassador's consumers refuse: :class:`~choreograph.EmitError`).
@@ -90,8 +90,8 @@ async def read_event(
     number or a client that disconnects mid-body, 415 for JSON declared in a charset other than
     UTF-8 (``exc.response()`` is the answer :func:`receiver` would give); :class:`~choreograph.push.SignatureError` (401) or
     :class:`~choreograph.MalformedEnvelope` (400) for the event itself, one it would misread
-    included (a ``ce-`` header given twice or with raw bytes beyond ASCII, a JSON key given
-    twice: which value is meant is undefined; a ``ce-`` header holding a control character or
+    included (a ``ce-`` header given twice or with raw bytes beyond ASCII, a ``Content-Type`` or
+    a JSON key given twice: which value is meant is undefined; a ``ce-`` header holding a control character or
     noncharacter, raw or percent-encoded), the message naming the header or key::
 
         try:
@@ -108,10 +108,13 @@ async def read_event(
 def _decode(headers: Headers, body: bytes) -> Envelope:
     """The CloudEvent of a request, held to what the gateway holds a client to: a ``ce-`` header
     given twice, with raw bytes beyond ASCII or whose value is no CloudEvents String, and a JSON
-    key given twice (the data's, or the structured envelope's), are a :class:`MalformedEnvelope`
-    naming it, not one value kept (or a control character handed to the handler). JSON declared in
+    key given twice (the data's, or the structured envelope's), and a ``Content-Type`` given twice
+    are a :class:`MalformedEnvelope` naming it, not one value kept (or a control character handed to the handler). JSON declared in
     a charset other than UTF-8 is a 415 :class:`Problem` naming the header (it was read as UTF-8)."""
-    content_type = headers.get("content-type")
+    types = headers.getlist("content-type")
+    if len(types) > 1:  # the checks here read the first, decode_http the last: JSON went unchecked
+        raise MalformedEnvelope("Content-Type: given more than once; which type is meant is undefined, send it once")
+    content_type = types[0] if types else None
     charset_problem = json_charset_problem(content_type)
     if charset_problem is not None:  # JSON in latin-1 was read as UTF-8: mangled, or a misleading 400
         raise Problem(415, f"Content-Type: {charset_problem}")
