@@ -972,8 +972,10 @@ async def test_an_internal_error_before_the_post_is_retried_then_dead_lettered_n
         ("text/plain; charset=no-such-charset", "hi", "unknown charset 'no-such-charset'"),
         ("text/plain; charset=ascii", "café", "not encodable in ascii"),
         ("text/plain; charset=undefined", "hi", "not encodable in undefined"),  # a UnicodeError, its base class
+        # JSON data goes as UTF-8 bytes: under this header a receiver read "cafÃ©" (or refuses it)
+        ("application/json; charset=latin-1", "café", "charset 'latin-1': JSON is UTF-8"),
     ],
-    ids=["non-ascii", "newline", "unknown-charset", "unencodable", "undefined-codec"],
+    ids=["non-ascii", "newline", "unknown-charset", "unencodable", "undefined-codec", "json-not-utf8"],
 )
 async def test_an_event_binary_mode_cannot_carry_is_dead_lettered_at_once_naming_it(
     bus: MemoryTransport, datacontenttype: str, data: str, problem: str
@@ -983,7 +985,9 @@ async def test_an_event_binary_mode_cannot_carry_is_dead_lettered_at_once_naming
     unknown, or cannot encode the data, raised encoding the body. Each failed as an internal error
     on every attempt and was retried by the policy before it was dead-lettered ``internal_error``,
     its cause hidden. Nothing can fix it by waiting: it is dead-lettered ``rejected`` at once,
-    naming the attribute, with no request made; a structured-mode subscriber still gets it."""
+    naming the attribute, with no request made; a structured-mode subscriber still gets it. JSON
+    data under a charset other than UTF-8 was sent as UTF-8 bytes under it (a receiver read
+    ``"cafÃ©"``, or refused it): rejected alike."""
     hook = Scripted(204)
     await watch(bus, "observer", [FAILED])
     body = orjson.dumps({"specversion": "1.0", "id": "ct-1", "source": "/outside", "type": Assigned.event_type(),

@@ -161,6 +161,10 @@ def _data_bytes(envelope: Envelope) -> bytes:
         except UnicodeError as exc:  # UnicodeEncodeError, or its base (the undefined and idna codecs)
             raise MalformedEnvelope(f"datacontenttype: the data is not encodable in {charset} ({exc})",
                                     event_id=envelope.id) from None
+    problem = json_charset_problem(envelope.datacontenttype)
+    if problem is not None:  # an outside producer's: the body goes as UTF-8, which the header denies
+        raise MalformedEnvelope(f"datacontenttype: {problem}: binary mode cannot carry the event, structured "
+                                "mode can", event_id=envelope.id)
     try:
         return orjson.dumps(data)
     except TypeError as exc:
