@@ -314,6 +314,22 @@ def test_mermaid_ids_stay_unique_and_labels_escaped() -> None:
     assert len(ids) == len(set(ids)) == 3
 
 
+class Ticked(Event, type="`test.flow.ticked`"):
+    pass
+
+
+def test_a_backticked_label_is_not_read_as_mermaid_markdown() -> None:
+    # "`...`" in quotes is a Mermaid markdown string: the backticks would vanish and `*`, `_`
+    # in the name would be read as emphasis
+    svc = Service("ticks")
+
+    @svc.on(Ticked)
+    async def a(event: Ticked) -> None: ...
+
+    text = build([svc]).to_mermaid()
+    assert '(["#96;test.flow.ticked#96;"])' in text and "`" not in text
+
+
 PYDOT_WARNINGS = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydot 4 on pyparsing 3.3
 
 

@@ -124,8 +124,10 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 def _mermaid_text(text: str) -> str:
     """Text for a quoted Mermaid label (or the ``%%`` comment): a line break (an App name, a
-    multi-line ``where=``) is a ``<br/>``, since a raw one would end the line mid-label."""
-    escaped = text.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+    multi-line ``where=``) is a ``<br/>``, since a raw one would end the line mid-label. A
+    backtick is an entity too: ``"`...`"`` is a Mermaid markdown string."""
+    escaped = (text.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+               .replace("`", "#96;"))
     return _LINE_BREAK.sub("<br/>", escaped)
 
 
