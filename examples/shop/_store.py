@@ -48,7 +48,7 @@ PLACED_ORDERS = """
 payment and of inventory)."""
 
 
-async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: str) -> None:
+async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: str, decisions: str) -> None:
     """``Reject`` an ``order_id`` placed again with another body, naming the fields that differ.
 
     The order id is the order's idempotency key: the same body again (a client's retry, a
@@ -57,16 +57,25 @@ async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: 
     quantity ended "shipped" without being charged or reserved. Both services keep the whole
     body, not just the fields they use: if only the one whose fields differ refused, the other's
     compensation (on that refusal) would undo the first order's charge or reservation, which
-    the second order's answer shares. Call it in the step's transaction: the refusal rolls it back.
+    the second order's answer shares. Call it in the step's transaction, before the decision
+    is written: the refusal rolls it back.
+
+    ``decisions``: the service's table of decisions by order id (``payments``, ``reservations``).
+    An order decided there before ``placed_orders`` existed (a database from the previous
+    version) gets no row here: its first body and transaction are unknown, and recording a later
+    one's made a retry of the real order a conflict, and that later transaction its owner
+    (:func:`placed_by`). Such an order is answered, and undone, as before.
     """
     body = order.model_dump_json()
     await tx.execute(
-        "INSERT INTO placed_orders VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING",
+        "INSERT INTO placed_orders SELECT $1, $2, $3"
+        f" WHERE NOT EXISTS (SELECT 1 FROM {decisions} WHERE order_id = $1) ON CONFLICT (order_id) DO NOTHING",
         order.order_id, body, correlation_id,
     )
-    first = str(await tx.fetchval("SELECT body FROM placed_orders WHERE order_id = $1", order.order_id))
-    if first == body:
+    first = await tx.fetchval("SELECT body FROM placed_orders WHERE order_id = $1", order.order_id)
+    if first is None or str(first) == body:  # None: decided before placed_orders existed
         return
+    first = str(first)
     stored, sent = json.loads(first), json.loads(body)
     differ = "; ".join(
         f"{field} {sent.get(field)!r} (first order: {stored.get(field)!r})"

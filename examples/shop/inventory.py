@@ -55,7 +55,7 @@ async def take(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Row:
     orders never take the same units.
     """
     await schema.ensure(tx)
-    await check_same_order(tx, order, correlation_id)
+    await check_same_order(tx, order, correlation_id, "reservations")
     available = int(await tx.fetchval("SELECT available FROM stock WHERE sku = $1", order.sku) or 0)
     first = await tx.execute(
         "INSERT INTO reservations VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT (order_id) DO NOTHING",

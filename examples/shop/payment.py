@@ -64,7 +64,7 @@ async def charge(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Ro
     is taken by one conditional ``UPDATE``, so two orders never spend the same money.
     """
     await schema.ensure(tx)
-    await check_same_order(tx, order, correlation_id)
+    await check_same_order(tx, order, correlation_id, "payments")
     first = await tx.execute(
         "INSERT INTO payments VALUES ($1, $2, $3, 'pending', NULL) ON CONFLICT (order_id) DO NOTHING",
         order.order_id, order.customer, order.amount,

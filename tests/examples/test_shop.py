@@ -214,6 +214,32 @@ async def test_a_repeat_of_a_shipped_order_that_times_out_refunds_and_releases_n
     assert shop.ends("o-11") == ["OrderShipped"]
 
 
+async def test_an_order_placed_before_the_upgrade_is_not_claimed_by_a_later_body(shop: Shop) -> None:
+    """Payment and inventory databases created by the previous version have orders but no
+    ``placed_orders``. An order id of theirs placed again with another body recorded that body
+    and its transaction as the order's first: the client's retry of the real order (the body
+    that was charged and reserved) was then refused as a conflict with a body nobody paid for,
+    and the later transaction owned the first one's charge and reservation."""
+    worker = await run(shop)
+    await shop.order("o-12", "alice", "widget", 1, 10_00)
+    await worker.stop()
+    for db in ("payment", "inventory"):  # as the previous version left them
+        conn = sqlite3.connect(shop.data / f"{db}.db")
+        conn.execute("DROP TABLE placed_orders")
+        conn.commit()
+        conn.close()
+    worker = await run(shop)
+    await shop.order("o-12", "alice", "widget", 1, 99_00)  # answered as before the upgrade
+    retry = await shop.order("o-12", "alice", "widget", 1, 10_00)
+    await worker.stop()
+    assert await shop.status(retry) == "completed"
+    for service in ("payment", "inventory"):
+        assert await shop.bus.dead_letters(service) == []
+        assert shop.query(service, "SELECT * FROM placed_orders") == []
+    assert shop.balance("alice") == BALANCES["alice"] - 10_00
+    assert shop.stock("widget") == STOCK["widget"] - 1
+
+
 async def test_a_declined_payment_releases_the_reserved_stock_and_cancels_the_order(shop: Shop) -> None:
     worker = await run(shop)
     cid = await shop.order("o-2", "bob", "widget", 1, 50_00)
