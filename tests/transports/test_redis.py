@@ -20,7 +20,7 @@ import redis.exceptions
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
-from choreograph.transports import open_transport
+from choreograph.transports import _redis_consumer, open_transport
 from choreograph.transports._redis_consumer import RedisDelivery, RedisSubscription
 from choreograph.transports.base import Delivery, Message, Subscription
 from choreograph.transports.redis import RedisTransport
@@ -799,6 +799,118 @@ async def test_reads_go_on_the_subscriptions_own_connection_and_a_cancelled_one_
         assert checkouts.count == 0 and sub._conn is not None and sub._conn is not first
         await sub.close()
         assert sub._conn is None
+
+
+async def _lose_a_read(bus: RedisTransport, sub: Any) -> None:
+    """Have ``sub``'s fetch cancelled while the server has handed it an entry (the next one
+    published) whose reply it never read: its read is held before the reply (as a reply
+    still on the wire is), the entry is published and shows pending under the consumer, and
+    the fetch is cancelled - as a worker stopping or a caller's timeout cancels it. The read
+    blocks for a minute (``POLL``, a lease of 600 s), not half a second: it must still be
+    waiting when the entry is published, however slow the machine."""
+    assert bus.lease >= 240 and _redis_consumer.POLL >= 60
+    if sub._conn is None:
+        assert await sub._read(10, None) == []  # its own connection, opened
+    conn, never = sub._conn, asyncio.Event()
+    real = conn.read_response
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        await never.wait()
+        return await real(*args, **kwargs)
+
+    conn.read_response = held_back
+    fetching = asyncio.ensure_future(sub.fetch(10, timeout=None))
+    host, port = conn._writer.get_extra_info("sockname")[:2]
+    while not fetching.done() and not any(  # until the server holds the XREADGROUP ... BLOCK
+        c["addr"] == f"{host}:{port}" and c["cmd"] == "xreadgroup" and "b" in c["flags"]
+        for c in await bus._redis.client_list()
+    ):
+        await asyncio.sleep(0.01)
+    assert not fetching.done(), "the fetch did not block"
+    stream = bus._keys(sub.group)[0]
+    before = (await bus._redis.xpending(stream, sub.group))["pending"]
+    await bus.publish([msg(99)])
+    while (await bus._redis.xpending(stream, sub.group))["pending"] == before:
+        await asyncio.sleep(0.01)
+    fetching.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fetching
+
+
+async def test_a_fetch_cancelled_with_entries_read_for_it_hands_them_out_next(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch cancelled while its XREADGROUP was served left the entries it was handed in
+    the pending list under this consumer, in no one's hands, until the lease expired (600 s
+    here). The next fetch hands them out, as the attempt they were read for; what is in
+    hand is left as it is (an ``XREADGROUP`` of the consumer's history would add a delivery
+    to it as well, and its settling would find it no longer held)."""
+    monkeypatch.setattr(_redis_consumer, "POLL", 60)
+    async with opened(bus_url, lease="600") as bus:
+        sub: Any = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        [in_hand] = await sub.fetch(10, timeout=5)
+        await _lose_a_read(bus, sub)
+        [lost] = await sub.fetch(10, timeout=2)
+        assert (lost.message.id, lost.attempt) == ("m99", 1)
+        assert await sub._hold([in_hand], idle_ms=0) == 1  # still held with the count it was handed out with
+        await lost.retry(after=0)
+        [again] = await sub.fetch(10, timeout=5)
+        assert (again.message.id, again.attempt) == ("m99", 2)
+        await sub.ack_many([in_hand, again])
+        assert (await bus._redis.xpending(bus._keys("g")[0], "g"))["pending"] == 0
+
+
+async def test_what_a_cancelled_fetch_hands_out_next_is_only_what_no_one_holds(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subscriptions of a group on one transport read as one consumer: the entries
+    pending under it that a cancelled fetch's next fetch hands out are neither those another
+    of them holds nor those a closed one handed on (they are the next ``XAUTOCLAIM``'s, one
+    attempt more)."""
+    monkeypatch.setattr(_redis_consumer, "POLL", 60)
+    async with opened(bus_url, lease="600") as bus, opened(bus_url) as elsewhere:
+        a: Any = await bus.subscribe("g", None)
+        b: Any = await bus.subscribe("g", None)
+        c: Any = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        [held] = await b.fetch(10, timeout=5)
+        await bus.publish([msg(2)])
+        [_] = await c.fetch(10, timeout=5)
+        await _lose_a_read(bus, a)
+        await c.close()  # m2 handed on: pending under the consumer until claimed
+        [lost] = await a.fetch(10, timeout=2)
+        assert (lost.message.id, lost.attempt) == ("m99", 1)
+        other = await elsewhere.subscribe("g", None)
+        [handed_on] = await other.fetch(10, timeout=2)
+        assert (handed_on.message.id, handed_on.attempt) == ("m2", 2)
+        assert await b._hold([held], idle_ms=0) == 1
+        await a.ack_many([lost])
+        await held.ack()
+        await handed_on.ack()
+        assert (await bus._redis.xpending(bus._keys("g")[0], "g"))["pending"] == 0
+
+
+async def test_a_subscription_closed_after_a_cancelled_fetch_hands_its_entries_on_at_once(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entries a cancelled fetch never read are handed on when the subscription closes
+    (a worker stopping cancels its fetch, then closes), not after the lease; as the attempt
+    they were read for, since no handler saw them. What was in hand is handed on as before
+    (one attempt more: its handler may have run), once."""
+    monkeypatch.setattr(_redis_consumer, "POLL", 60)
+    async with opened(bus_url, lease="600") as leaving, opened(bus_url) as staying:
+        going: Any = await leaving.subscribe("g", None)
+        other = await staying.subscribe("g", None)
+        await leaving.publish([msg(1)])
+        [_] = await going.fetch(10, timeout=5)  # in hand
+        await _lose_a_read(leaving, going)
+        await going.close()
+        handed_on = await fetch_all(other, 2, wait=2)
+        assert sorted((d.message.id, d.attempt) for d in handed_on) == [("m1", 2), ("m99", 1)]
+        assert await other.fetch(10, timeout=0) == []
+        await other.ack_many(handed_on)
+        assert (await staying._redis.xpending(staying._keys("g")[0], "g"))["pending"] == 0
 
 
 async def test_two_fetches_of_one_subscription_at_once_each_get_an_entry(bus_url: str) -> None:

@@ -103,6 +103,8 @@ class RedisSubscription(Subscription):
         self._retry_due: float | None = None  # loop time the earliest known delayed retry is due
         self._conn: Any = None  # the connection its blocking reads go on (see _read)
         self._reading = False
+        self._reads = 0  # sweeps and reads of this subscription under way
+        self._unread = False  # one ended without its reply read: entries may be ours, unseen (see _adopt)
 
     # -- consuming ---------------------------------------------------------------------
 
@@ -117,9 +119,16 @@ class RedisSubscription(Subscription):
                 raise TransportClosed(f"redis transport: subscription {self.group!r} is closed")
             try:
                 with transport._using():
-                    now = loop.time()
+                    adopting = transport._adopting
+                    while adopting and self.group in adopting:  # no read while one runs (see _adopt)
+                        await adopting[self.group].wait()
                     deliveries: list[RedisDelivery] = []
-                    if now >= self._next_sweep or (self._retry_due is not None and now >= self._retry_due):
+                    if self._unread and self._quiet():
+                        deliveries = await self._adopt(max_messages)
+                    now = loop.time()
+                    if not deliveries and (
+                        now >= self._next_sweep or (self._retry_due is not None and now >= self._retry_due)
+                    ):
                         deliveries, wait_ms = await self._sweep(max_messages)
                         now = loop.time()
                         self._next_sweep = now + min(SWEEP_EVERY, transport.lease / 4)
@@ -171,17 +180,26 @@ class RedisSubscription(Subscription):
                 return []
 
     async def _sweep(self, max_messages: int) -> tuple[list[RedisDelivery], int]:
-        cursor, claimed, fresh, wait_ms = await self._transport._script(
-            "sweep",
-            [self._stream, self._delayed],
-            [
-                self.group,
-                self._transport.consumer,
-                round(self._transport.lease * 1000),
-                self._cursor,
-                max_messages,
-            ],
-        )
+        self._reads += 1
+        try:
+            cursor, claimed, fresh, wait_ms = await self._transport._script(
+                "sweep",
+                [self._stream, self._delayed],
+                [
+                    self.group,
+                    self._transport.consumer,
+                    round(self._transport.lease * 1000),
+                    self._cursor,
+                    max_messages,
+                ],
+            )
+        except BaseException:
+            self._unread = True  # it may have claimed or read entries whose reply is lost
+            raise
+        finally:
+            self._reads -= 1
+            if self._closed and not self._reads:
+                self._transport._subscriptions.discard(self)
         self._cursor = cursor
         out = [self._deliver(entry, flat, int(count)) for entry, flat, count in claimed]
         out += [self._deliver(entry, flat, 1) for entry, flat in fresh]
@@ -204,33 +222,45 @@ class RedisSubscription(Subscription):
             "STREAMS", self._stream, ">",
         )  # fmt: skip
         reply: Any
-        if self._reading:
-            # Another fetch of this subscription is reading on its connection (fetches may run
-            # side by side): a second command there had two readers on one socket, one of them
-            # failing with a RuntimeError. This one goes through the client's pool.
-            reply = await transport._redis.execute_command(*command)  # type: ignore[no-untyped-call]
-        else:
-            conn = self._conn
-            if conn is None:
-                conn = self._conn = transport._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-            elif conn._reader is not None and conn._reader.at_eof():
-                # The server closed it while no read was under way (idle past its timeout, a
-                # client kill, a restart): as the pool would, connect again rather than write to
-                # it and take its end for a lost server (a warning and a pause).
-                await _disconnect(conn, nowait=True)
-            self._reading = True
-            try:
-                await conn.send_command(*command)
-                reply = await conn.read_response()
-            except BaseException:
-                self._conn = None
-                await _disconnect(conn, nowait=True)
-                raise
-            finally:
-                self._reading = False
-            if self._closed:  # closed while it read: close() left the connection to us
-                self._conn = None
-                await _disconnect(conn)
+        self._reads += 1
+        try:
+            if self._reading:
+                # Another fetch of this subscription is reading on its connection (fetches may run
+                # side by side): a second command there had two readers on one socket, one of them
+                # failing with a RuntimeError. This one goes through the client's pool.
+                reply = await transport._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+            else:
+                conn = self._conn
+                if conn is None:
+                    conn = self._conn = transport._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+                elif conn._reader is not None and conn._reader.at_eof():
+                    # The server closed it while no read was under way (idle past its timeout, a
+                    # client kill, a restart): as the pool would, connect again rather than write to
+                    # it and take its end for a lost server (a warning and a pause).
+                    await _disconnect(conn, nowait=True)
+                self._reading = True
+                try:
+                    await conn.send_command(*command)
+                    reply = await conn.read_response()
+                except BaseException:
+                    self._conn = None
+                    await _disconnect(conn, nowait=True)
+                    raise
+                finally:
+                    self._reading = False
+                if self._closed:  # closed while it read: close() left the connection to us
+                    self._conn = None
+                    await _disconnect(conn)
+        except BaseException:
+            # Cancelled (a worker stopping, a caller's timeout) or cut off while it blocked: the
+            # server may have handed this consumer entries that no one will see until the lease
+            # expires. The next fetch hands them out, or close() hands them on (see _adopt).
+            self._unread = True
+            raise
+        finally:
+            self._reads -= 1
+            if self._closed and not self._reads:
+                self._transport._subscriptions.discard(self)
         # The reply as the server sends it (RESP2, parsed no further):
         # [[stream, [[entry id, [field, value, ...]], ...]]] or None.
         if not reply:
@@ -240,6 +270,50 @@ class RedisSubscription(Subscription):
             delivery = unsettled[entry] = RedisDelivery(self, entry, flat, 1)
             out.append(delivery)
         return out
+
+    async def _adopt(self, max_messages: int) -> list[RedisDelivery]:
+        """Hand out again the entries this consumer was handed by a read whose reply it never
+        read (:attr:`_unread`): pending under it, in no one's hands, they waited out the lease
+        and were then delivered as one attempt more than any handler saw.
+
+        Run only when no read of the group's subscriptions on this transport is under way
+        (:meth:`_quiet`: they read as one consumer), and their fetches wait for it to end
+        (``transport._adopting``): an entry a read under way was handed is not in hand yet
+        either, and would be handed out twice."""
+        transport = self._transport
+        self._unread = False
+        adopting = transport._adopting[self.group] = asyncio.Event()
+        try:
+            more, adopted = await transport._script(
+                "adopt",
+                [self._stream],
+                [
+                    self.group, transport.consumer, "adopt", round(transport.lease * 1000), max_messages,
+                    *self._in_hand(),
+                ],
+            )  # fmt: skip
+        except BaseException:
+            self._unread = True  # its reply lost too: they are still ours, with their counts
+            raise
+        finally:
+            del transport._adopting[self.group]
+            adopting.set()
+        if more:
+            self._unread = True
+        return [self._deliver(entry, flat, int(count)) for entry, flat, count in adopted]
+
+    def _siblings(self) -> set[RedisSubscription]:
+        """This subscription and the transport's others of its group (open, or closed with a
+        read under way): they read as one consumer (the transport's name), so what one holds
+        is in hand for the pending list."""
+        return {self, *(s for s in self._transport._subscriptions if s.group == self.group)}
+
+    def _quiet(self) -> bool:
+        """Whether no read (or :meth:`_adopt`) of this consumer's in the group is under way."""
+        return self.group not in self._transport._adopting and not any(s._reads for s in self._siblings())
+
+    def _in_hand(self) -> list[bytes]:
+        return [entry for sub in self._siblings() for entry in sub._unsettled]
 
     def _deliver(self, entry: bytes, flat: Sequence[bytes], count: int) -> RedisDelivery:
         delivery = RedisDelivery(self, entry, flat, count)
@@ -307,21 +381,39 @@ class RedisSubscription(Subscription):
         """Hand unsettled deliveries to the group's next fetch now, not at lease expiry."""
         for delivery in deliveries:
             delivery.settled = True
-            self._forget(delivery)
-        with contextlib.suppress(TransportError):
-            # closing=True: a fetch whose read returned while the transport was closing hands
-            # on what it read; refused, that waited on a consumer that is gone for the lease.
-            await self._hold(deliveries, _RELEASE_IDLE_MS, closing=True)
+        try:
+            with contextlib.suppress(TransportError):
+                # closing=True: a fetch whose read returned while the transport was closing hands
+                # on what it read; refused, that waited on a consumer that is gone for the lease.
+                await self._hold(deliveries, _RELEASE_IDLE_MS, closing=True)
+        finally:
+            for delivery in deliveries:  # after: until then they are in hand (see _adopt)
+                self._forget(delivery)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._transport._subscriptions.discard(self)
+        if not self._reads:  # else it stays one of the group's until its read ends (see _adopt)
+            self._transport._subscriptions.discard(self)
         conn = self._conn
         if conn is not None and not self._reading:  # else the read under way closes it when it ends
             self._conn = None
             await _disconnect(conn)
+        if self._unread and self._quiet():
+            # A fetch cancelled in its read (a worker stopping cancels it, then closes): what
+            # the server handed it goes back to the stream as the attempt it was read for.
+            self._unread = False
+            transport = self._transport
+            with contextlib.suppress(TransportError), transport._errors("close", closing=True):
+                await transport._script(
+                    "adopt",
+                    [self._stream],
+                    [
+                        self.group, transport.consumer, "requeue", round(transport.lease * 1000), 2**31,
+                        *self._in_hand(),
+                    ],
+                )  # fmt: skip
         await self._release(list(self._unsettled.values()))
 
 

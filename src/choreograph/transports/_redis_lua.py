@@ -278,6 +278,56 @@ return n
 """
 )
 
+#: KEYS: stream.  ARGV: group, consumer, verb ('adopt' | 'requeue'), lease ms, count, then
+#: the ids of the entries the consumer holds in hand.
+#: This consumer's pending entries that are not in hand, idle for less than a lease: ones
+#: a read was handed by the server whose reply it never read (cancelled, its connection
+#: lost). Those idle longer are the next ``XAUTOCLAIM``'s: lease-expired, or handed on by
+#: ``close``. ``adopt`` hands up to ``count`` of them out again, with their delivery counts,
+#: their idle time reset (as ``touch``: ``XCLAIM ... JUSTID`` leaves the count alone;
+#: ``XREADGROUP`` of the consumer's history would add one to it, and to those in hand,
+#: whose settling then finds them no longer held). ``requeue`` (closing) puts them back at the stream's end as the attempt
+#: they were read for, which no handler saw (``XCLAIM ... IDLE`` as ``close`` does for
+#: what is in hand would make the next ``XAUTOCLAIM`` count one more). An entry deleted
+#: meanwhile is acked. Returns {1 if there may be more, {id, fields, count} per adopted}.
+ADOPT = (
+    _FIELDS
+    + """
+local stream, group, me, verb = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local lease, count = tonumber(ARGV[4]), tonumber(ARGV[5])
+local in_hand = {}
+for i = 6, #ARGV do in_hand[ARGV[i]] = true end
+local out, n, start = {}, 0, '-'
+while true do
+  local page = redis.call('XPENDING', stream, group, start, '+', 100, me)
+  for _, p in ipairs(page) do
+    local id = p[1]
+    if not in_hand[id] and tonumber(p[3]) < lease then
+      if n >= count then return {1, out} end
+      local e = redis.call('XRANGE', stream, id, id)
+      if #e == 0 then
+        redis.call('XACK', stream, group, id)
+      elseif verb == 'adopt' then
+        redis.call('XCLAIM', stream, group, me, 0, id, 'IDLE', 0, 'JUSTID')
+        out[#out + 1] = {id, e[1][2], p[4]}
+        n = n + 1
+      else
+        local f = fields(e[1][2])
+        local attempt = (tonumber(f['attempt']) or 1) + tonumber(p[4]) - 1
+        redis.call('XADD', stream, '*', 'id', f['id'] or id, 'type', f['type'] or '', 'body', f['body'] or '',
+          'attempt', attempt)
+        redis.call('XACK', stream, group, id)
+        redis.call('XDEL', stream, id)
+        n = n + 1
+      end
+    end
+  end
+  if #page < 100 then return {0, out} end
+  start = '(' .. page[#page][1]
+end
+"""
+)
+
 #: KEYS: stream.  ARGV: group, consumer. Forget the consumer name if it holds nothing
 #: (deleting a consumer that holds entries would strand them).
 FORGET = """

@@ -36,7 +36,11 @@ Design, and why:
   with a huge idle time (``XCLAIM ... IDLE``), so the next consumer's ``XAUTOCLAIM`` takes
   them (attempt + 1) without waiting out the lease; ``Transport.close`` forgets its
   consumer name when it holds nothing, and ``subscribe`` forgets idle names that hold
-  nothing (left by crashed processes), so the consumer list stays bounded.
+  nothing (left by crashed processes), so the consumer list stays bounded. Entries a read
+  was handed but never got to (a fetch cancelled while its ``XREADGROUP`` was served) were
+  no one's to claim until the lease expired: the subscription's next fetch hands them out
+  first, and its ``close`` puts them back on the stream, as the attempt they were read for
+  (no handler saw them; ``ADOPT`` in ``_redis_lua``).
 * **No daemon.** Consumers do the housekeeping in ``fetch``: one script moves due retries
   (``P:d:<group>``, a sorted set scored by server time) back into the stream, reclaims
   lease-expired entries and reads fresh ones. It runs when due - every
@@ -158,6 +162,7 @@ class RedisTransport(Transport):
         self._line: Any = None  # the connection scripts run on when it is free (see _script)
         self._line_busy = False
         self._subscriptions: set[RedisSubscription] = set()
+        self._adopting: dict[str, asyncio.Event] = {}  # group -> set when its _adopt has its reply
         self._groups: set[str] = set()
         self._closed = False
         self._inflight = 0
@@ -267,7 +272,7 @@ class RedisTransport(Transport):
         client.set_response_callback("XREADGROUP", _raw_reply)
         self._scripts = {
             name: client.register_script(getattr(lua, name.upper()))
-            for name in ("register", "unbind", "publish", "sweep", "ack", "settle", "hold", "forget", "dead", "index", "letter")
+            for name in ("register", "unbind", "publish", "sweep", "ack", "settle", "hold", "adopt", "forget", "dead", "index", "letter")
         }
         parts = urlsplit(self._client_url)
         with self._errors("connect"):
