@@ -913,6 +913,41 @@ async def test_a_subscription_closed_after_a_cancelled_fetch_hands_its_entries_o
         assert (await staying._redis.xpending(staying._keys("g")[0], "g"))["pending"] == 0
 
 
+async def test_what_a_closing_subscription_holds_is_not_handed_out_by_a_sibling_while_it_hands_it_on(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscription closing hands on what it holds (``XCLAIM ... IDLE``); until that is done
+    the entries are in its hand. It left the group's subscriptions on the transport first, so
+    a sibling's fetch after a cancelled one took them for entries no one saw and handed them
+    out again as the same attempt - and the release then handed them on a third time."""
+    monkeypatch.setattr(_redis_consumer, "POLL", 60)
+    async with opened(bus_url, lease="600") as bus:
+        a: Any = await bus.subscribe("g", None)
+        b: Any = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        [held] = await b.fetch(10, timeout=5)
+        await _lose_a_read(bus, a)
+        handing, go_on = asyncio.Event(), asyncio.Event()
+        real_hold = b._hold
+
+        async def slow_hold(*args: Any, **kwargs: Any) -> Any:
+            handing.set()
+            await go_on.wait()
+            return await real_hold(*args, **kwargs)
+
+        b._hold = slow_hold
+        closing = asyncio.ensure_future(b.close())
+        await handing.wait()
+        try:
+            got = await a.fetch(10, timeout=2)
+        finally:
+            go_on.set()
+            await closing
+        assert [(d.message.id, d.attempt) for d in got] == [("m99", 1)]
+        assert held.message.id == "m1"
+        await a.ack_many(got)
+
+
 async def test_two_fetches_of_one_subscription_at_once_each_get_an_entry(bus_url: str) -> None:
     """Fetches of one subscription may run side by side (as they did through the client's
     pool). With its reads on a connection of the subscription's own, the second wrote its

@@ -198,8 +198,8 @@ class RedisSubscription(Subscription):
             raise
         finally:
             self._reads -= 1
-            if self._closed and not self._reads:
-                self._transport._subscriptions.discard(self)
+            if self._closed:  # not a call per read on the path of every event
+                self._leave()
         self._cursor = cursor
         out = [self._deliver(entry, flat, int(count)) for entry, flat, count in claimed]
         out += [self._deliver(entry, flat, 1) for entry, flat in fresh]
@@ -259,8 +259,8 @@ class RedisSubscription(Subscription):
             raise
         finally:
             self._reads -= 1
-            if self._closed and not self._reads:
-                self._transport._subscriptions.discard(self)
+            if self._closed:  # not a call per read on the path of every event
+                self._leave()
         # The reply as the server sends it (RESP2, parsed no further):
         # [[stream, [[entry id, [field, value, ...]], ...]]] or None.
         if not reply:
@@ -307,6 +307,14 @@ class RedisSubscription(Subscription):
         read under way): they read as one consumer (the transport's name), so what one holds
         is in hand for the pending list."""
         return {self, *(s for s in self._transport._subscriptions if s.group == self.group)}
+
+    def _leave(self) -> None:
+        """Leave the group's subscriptions on the transport once closed and done with: no read
+        under way and nothing in hand (``close``, and a fetch closed while it read, hand that on
+        first). Until then what it reads or holds is in hand for its siblings' :meth:`_adopt`,
+        which took what a closing one held for entries no one saw (handed out twice)."""
+        if self._closed and not self._reads and not self._unsettled:
+            self._transport._subscriptions.discard(self)
 
     def _quiet(self) -> bool:
         """Whether no read (or :meth:`_adopt`) of this consumer's in the group is under way."""
@@ -389,13 +397,12 @@ class RedisSubscription(Subscription):
         finally:
             for delivery in deliveries:  # after: until then they are in hand (see _adopt)
                 self._forget(delivery)
+            self._leave()
 
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        if not self._reads:  # else it stays one of the group's until its read ends (see _adopt)
-            self._transport._subscriptions.discard(self)
+        self._closed = True  # it stays one of the group's until it has handed on what it holds (_leave)
         conn = self._conn
         if conn is not None and not self._reading:  # else the read under way closes it when it ends
             self._conn = None
