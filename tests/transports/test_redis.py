@@ -948,6 +948,47 @@ async def test_what_a_closing_subscription_holds_is_not_handed_out_by_a_sibling_
         await a.ack_many(got)
 
 
+async def test_what_a_sibling_reads_while_a_subscription_closes_is_not_put_back_as_well(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing after a cancelled fetch puts back on the stream the consumer's entries no one
+    holds; a sibling's read served meanwhile holds entries not yet in its hand. They were put
+    back (a copy) and handed to the sibling as well: the message handled twice."""
+    monkeypatch.setattr(_redis_consumer, "POLL", 60)
+    async with opened(bus_url, lease="600") as bus:
+        a: Any = await bus.subscribe("g", None)
+        b: Any = await bus.subscribe("g", None)
+        await _lose_a_read(bus, a)  # m99: pending under the consumer, no one's
+        requeueing, go_on = asyncio.Event(), asyncio.Event()
+        real_script = bus._script
+
+        async def held_script(name: str, keys: Any, args: Any) -> Any:
+            if name == "adopt":
+                requeueing.set()
+                await go_on.wait()
+            return await real_script(name, keys, args)
+
+        bus._script = held_script  # type: ignore[method-assign]
+        closing = asyncio.ensure_future(a.close())
+        await requeueing.wait()
+        await bus.publish([msg(5)])
+        fetching = asyncio.ensure_future(b.fetch(10, timeout=5))
+        try:
+            while not fetching.done() and not (  # it read m5, or it waits for the put-back to end
+                "g" in bus._adopting and bus._adopting["g"]._waiters  # type: ignore[attr-defined]
+            ):
+                await asyncio.sleep(0.01)
+        finally:
+            go_on.set()
+            await closing
+        got = await fetching
+        bus._script = real_script  # type: ignore[method-assign]
+        after = await fetch_all(b, 2, wait=1)
+        ids = sorted(d.message.id for d in got + after)
+        assert ids == ["m5", "m99"]
+        await b.ack_many(got + after)
+
+
 async def test_two_fetches_of_one_subscription_at_once_each_get_an_entry(bus_url: str) -> None:
     """Fetches of one subscription may run side by side (as they did through the client's
     pool). With its reads on a connection of the subscription's own, the second wrote its

@@ -271,7 +271,7 @@ class RedisSubscription(Subscription):
             out.append(delivery)
         return out
 
-    async def _adopt(self, max_messages: int) -> list[RedisDelivery]:
+    async def _adopt(self, max_messages: int, verb: str = "adopt") -> list[RedisDelivery]:
         """Hand out again the entries this consumer was handed by a read whose reply it never
         read (:attr:`_unread`): pending under it, in no one's hands, they waited out the lease
         and were then delivered as one attempt more than any handler saw.
@@ -279,7 +279,9 @@ class RedisSubscription(Subscription):
         Run only when no read of the group's subscriptions on this transport is under way
         (:meth:`_quiet`: they read as one consumer), and their fetches wait for it to end
         (``transport._adopting``): an entry a read under way was handed is not in hand yet
-        either, and would be handed out twice."""
+        either, and would be handed out twice. ``verb="requeue"`` (``close``) puts them back on
+        the stream instead, under the same exclusion: a sibling's read served meanwhile was put
+        back as well as handed to it."""
         transport = self._transport
         self._unread = False
         adopting = transport._adopting[self.group] = asyncio.Event()
@@ -288,7 +290,7 @@ class RedisSubscription(Subscription):
                 "adopt",
                 [self._stream],
                 [
-                    self.group, transport.consumer, "adopt", round(transport.lease * 1000), max_messages,
+                    self.group, transport.consumer, verb, round(transport.lease * 1000), max_messages,
                     *self._in_hand(),
                 ],
             )  # fmt: skip
@@ -410,17 +412,8 @@ class RedisSubscription(Subscription):
         if self._unread and self._quiet():
             # A fetch cancelled in its read (a worker stopping cancels it, then closes): what
             # the server handed it goes back to the stream as the attempt it was read for.
-            self._unread = False
-            transport = self._transport
-            with contextlib.suppress(TransportError), transport._errors("close", closing=True):
-                await transport._script(
-                    "adopt",
-                    [self._stream],
-                    [
-                        self.group, transport.consumer, "requeue", round(transport.lease * 1000), 2**31,
-                        *self._in_hand(),
-                    ],
-                )  # fmt: skip
+            with contextlib.suppress(TransportError), self._transport._errors("close", closing=True):
+                await self._adopt(2**31, "requeue")
         await self._release(list(self._unsettled.values()))
 
 
