@@ -948,6 +948,32 @@ async def test_what_a_closing_subscription_holds_is_not_handed_out_by_a_sibling_
         await a.ack_many(got)
 
 
+async def test_what_a_subscription_failed_to_hand_on_is_not_handed_out_by_a_sibling_as_the_same_attempt(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close whose release fails (the server unreachable) leaves what it held pending under
+    the consumer until the lease: its handler may have run, so it comes back one attempt
+    more. A sibling's fetch after a cancelled one took it for an entry no one saw and handed
+    it out again as the same attempt, the lease not out."""
+    monkeypatch.setattr(_redis_consumer, "POLL", 60)
+    async with opened(bus_url, lease="600") as bus:
+        a: Any = await bus.subscribe("g", None)
+        b: Any = await bus.subscribe("g", None)
+        await bus.publish([msg(1)])
+        [held] = await b.fetch(10, timeout=5)
+        await _lose_a_read(bus, a)
+
+        async def unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise TransportError("redis touch failed: Connection refused")
+
+        b._hold = unreachable
+        await b.close()
+        got = await a.fetch(10, timeout=2)
+        assert [(d.message.id, d.attempt) for d in got] == [("m99", 1)]
+        assert held.message.id == "m1"
+        await a.ack_many(got)
+
+
 async def test_what_a_sibling_reads_while_a_subscription_closes_is_not_put_back_as_well(
     bus_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -391,14 +391,20 @@ class RedisSubscription(Subscription):
         """Hand unsettled deliveries to the group's next fetch now, not at lease expiry."""
         for delivery in deliveries:
             delivery.settled = True
+        released = False
         try:
             with contextlib.suppress(TransportError):
                 # closing=True: a fetch whose read returned while the transport was closing hands
                 # on what it read; refused, that waited on a consumer that is gone for the lease.
                 await self._hold(deliveries, _RELEASE_IDLE_MS, closing=True)
+                released = True
         finally:
-            for delivery in deliveries:  # after: until then they are in hand (see _adopt)
-                self._forget(delivery)
+            # Forgotten after, not before: until then they are in hand (see _adopt). Not at all
+            # if that failed: pending under the consumer until the lease, their handler may have
+            # run, and a sibling's _adopt would hand them out again as the same attempt.
+            if released:
+                for delivery in deliveries:
+                    self._forget(delivery)
             self._leave()
 
     async def close(self) -> None:
