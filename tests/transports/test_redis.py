@@ -948,6 +948,101 @@ async def test_what_a_closing_subscription_holds_is_not_handed_out_by_a_sibling_
         await a.ack_many(got)
 
 
+async def test_what_a_fetch_closed_while_it_read_hands_on_is_not_handed_out_by_a_sibling_meanwhile(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch whose subscription closed while it read hands on what the read brought; until
+    that is done the entries are in its hand. The read's end took the subscription out of the
+    group's before they were, so a sibling's fetch after a cancelled one handed them out too."""
+    monkeypatch.setattr(_redis_consumer, "POLL", 60)
+    async with opened(bus_url, lease="600") as bus:
+        a: Any = await bus.subscribe("g", None)
+        b: Any = await bus.subscribe("g", None)
+        await _lose_a_read(bus, a)  # m99
+        assert await b._read(10, None) == []  # its own connection, opened
+        conn, reply_read = b._conn, asyncio.Event()
+        real_read = conn.read_response
+
+        async def held_back(*args: Any, **kwargs: Any) -> Any:
+            await reply_read.wait()
+            return await real_read(*args, **kwargs)
+
+        conn.read_response = held_back
+        fetching = asyncio.ensure_future(b.fetch(10, timeout=None))
+        host, port = conn._writer.get_extra_info("sockname")[:2]
+        while not fetching.done() and not any(  # until the server holds the XREADGROUP ... BLOCK
+            c["addr"] == f"{host}:{port}" and c["cmd"] == "xreadgroup" and "b" in c["flags"]
+            for c in await bus._redis.client_list()
+        ):
+            await asyncio.sleep(0.01)
+        stream = bus._keys("g")[0]
+        await bus.publish([msg(1)])
+        while (await bus._redis.xpending(stream, "g"))["pending"] < 2:
+            await asyncio.sleep(0.01)
+        await b.close()  # its read under way: what it brings is handed on by the fetch
+        handing, go_on = asyncio.Event(), asyncio.Event()
+        real_hold = b._hold
+
+        async def slow_hold(*args: Any, **kwargs: Any) -> Any:
+            handing.set()
+            await go_on.wait()
+            return await real_hold(*args, **kwargs)
+
+        b._hold = slow_hold
+        reply_read.set()
+        await handing.wait()
+        try:
+            got = await a.fetch(10, timeout=2)
+        finally:
+            go_on.set()
+            await asyncio.gather(fetching, return_exceptions=True)
+        assert [(d.message.id, d.attempt) for d in got] == [("m99", 1)]
+        await a.ack_many(got)
+
+
+async def test_what_a_fetch_closed_while_it_adopted_hands_on_is_not_handed_out_by_a_sibling_meanwhile(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a read: a subscription closed while its fetch hands out what a cancelled one
+    was handed stays one of the group's until it has handed that on."""
+    monkeypatch.setattr(_redis_consumer, "POLL", 60)
+    async with opened(bus_url, lease="600") as bus:
+        a: Any = await bus.subscribe("g", None)
+        b: Any = await bus.subscribe("g", None)
+        await _lose_a_read(bus, a)
+        await _lose_a_read(bus, b)  # two entries pending under the consumer, no one's
+        adopting, adopt_on = asyncio.Event(), asyncio.Event()
+        real_script = bus._script
+
+        async def held_script(name: str, keys: Any, args: Any) -> Any:
+            if name == "adopt" and not adopting.is_set():
+                adopting.set()
+                await adopt_on.wait()
+            return await real_script(name, keys, args)
+
+        bus._script = held_script  # type: ignore[method-assign]
+        fetching = asyncio.ensure_future(a.fetch(10, timeout=None))
+        await adopting.wait()
+        await a.close()  # while its fetch adopts: what that brings is handed on by the fetch
+        handing, go_on = asyncio.Event(), asyncio.Event()
+        real_hold = a._hold
+
+        async def slow_hold(*args: Any, **kwargs: Any) -> Any:
+            handing.set()
+            await go_on.wait()
+            return await real_hold(*args, **kwargs)
+
+        a._hold = slow_hold
+        adopt_on.set()
+        await handing.wait()
+        try:
+            got = await b.fetch(10, timeout=0)
+        finally:
+            go_on.set()
+            await asyncio.gather(fetching, return_exceptions=True)
+        assert got == []
+
+
 async def test_what_a_subscription_failed_to_hand_on_is_not_handed_out_by_a_sibling_as_the_same_attempt(
     bus_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

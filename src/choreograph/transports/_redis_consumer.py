@@ -193,6 +193,9 @@ class RedisSubscription(Subscription):
                     max_messages,
                 ],
             )
+            self._cursor = cursor
+            out = [self._deliver(entry, flat, int(count)) for entry, flat, count in claimed]
+            out += [self._deliver(entry, flat, 1) for entry, flat in fresh]  # in hand before _leave
         except BaseException:
             self._unread = True  # it may have claimed or read entries whose reply is lost
             raise
@@ -200,9 +203,6 @@ class RedisSubscription(Subscription):
             self._reads -= 1
             if self._closed:  # not a call per read on the path of every event
                 self._leave()
-        self._cursor = cursor
-        out = [self._deliver(entry, flat, int(count)) for entry, flat, count in claimed]
-        out += [self._deliver(entry, flat, 1) for entry, flat in fresh]
         return out, int(wait_ms)
 
     async def _read(self, max_messages: int, block_ms: int | None) -> list[RedisDelivery]:
@@ -251,6 +251,15 @@ class RedisSubscription(Subscription):
                 if self._closed:  # closed while it read: close() left the connection to us
                     self._conn = None
                     await _disconnect(conn)
+            # The reply as the server sends it (RESP2, parsed no further):
+            # [[stream, [[entry id, [field, value, ...]], ...]]] or None. In hand before _leave.
+            if not reply:
+                return []
+            unsettled, out = self._unsettled, []
+            for entry, flat in reply[0][1]:
+                delivery = unsettled[entry] = RedisDelivery(self, entry, flat, 1)
+                out.append(delivery)
+            return out
         except BaseException:
             # Cancelled (a worker stopping, a caller's timeout) or cut off while it blocked: the
             # server may have handed this consumer entries that no one will see until the lease
@@ -261,15 +270,6 @@ class RedisSubscription(Subscription):
             self._reads -= 1
             if self._closed:  # not a call per read on the path of every event
                 self._leave()
-        # The reply as the server sends it (RESP2, parsed no further):
-        # [[stream, [[entry id, [field, value, ...]], ...]]] or None.
-        if not reply:
-            return []
-        unsettled, out = self._unsettled, []
-        for entry, flat in reply[0][1]:
-            delivery = unsettled[entry] = RedisDelivery(self, entry, flat, 1)
-            out.append(delivery)
-        return out
 
     async def _adopt(self, max_messages: int, verb: str = "adopt") -> list[RedisDelivery]:
         """Hand out again the entries this consumer was handed by a read whose reply it never
@@ -285,6 +285,7 @@ class RedisSubscription(Subscription):
         transport = self._transport
         self._unread = False
         adopting = transport._adopting[self.group] = asyncio.Event()
+        self._reads += 1  # as a read: a subscription closed meanwhile stays one of the group's (_leave)
         try:
             more, adopted = await transport._script(
                 "adopt",
@@ -294,15 +295,17 @@ class RedisSubscription(Subscription):
                     *self._in_hand(),
                 ],
             )  # fmt: skip
+            if more:
+                self._unread = True
+            return [self._deliver(entry, flat, int(count)) for entry, flat, count in adopted]
         except BaseException:
             self._unread = True  # its reply lost too: they are still ours, with their counts
             raise
         finally:
+            self._reads -= 1
+            self._leave()
             del transport._adopting[self.group]
             adopting.set()
-        if more:
-            self._unread = True
-        return [self._deliver(entry, flat, int(count)) for entry, flat, count in adopted]
 
     def _siblings(self) -> set[RedisSubscription]:
         """This subscription and the transport's others of its group (open, or closed with a
