@@ -308,9 +308,9 @@ class RedisSubscription(Subscription):
             adopting.set()
 
     def _siblings(self) -> set[RedisSubscription]:
-        """This subscription and the transport's others of its group (open, or closed with a
-        read under way): they read as one consumer (the transport's name), so what one holds
-        is in hand for the pending list."""
+        """This subscription and the transport's others of its group (open, or closed and not
+        done with: see :meth:`_leave`): they read as one consumer (the transport's name), so
+        what one holds is in hand for the pending list."""
         return {self, *(s for s in self._transport._subscriptions if s.group == self.group)}
 
     def _leave(self) -> None:
