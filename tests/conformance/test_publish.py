@@ -113,6 +113,23 @@ async def test_fetch_never_returns_more_than_asked(bus: Transport) -> None:
     assert len(await subscription.fetch(3, timeout=WAIT)) == 3
 
 
+@pytest.mark.parametrize("max_messages", [0, -1])
+async def test_fetch_of_fewer_than_one_message_raises_value_error_and_takes_nothing(
+    bus: Transport, max_messages: int
+) -> None:
+    """A batch of none is refused on every transport, with a message ready and without: the
+    in-memory transport returned ``[]`` at once with one ready (an ``async for`` spun) and
+    waited out its timeout with none, where the others raised."""
+    subscription = await bus.subscribe("g", [TYPE_A])
+    with pytest.raises(ValueError, match="max_messages"):
+        await asyncio.wait_for(subscription.fetch(max_messages, timeout=0.2), WAIT)
+    await bus.publish([message(1)])
+    with pytest.raises(ValueError, match="max_messages"):
+        await asyncio.wait_for(subscription.fetch(max_messages, timeout=WAIT), WAIT)
+    (delivery,) = await collect(subscription, 1)
+    assert (delivery.message.id, delivery.attempt) == ("m1", 1)
+
+
 async def test_publish_after_close_raises_transport_closed(buses: Buses) -> None:
     transport = await buses.open()
     await transport.close()

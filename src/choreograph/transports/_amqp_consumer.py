@@ -52,7 +52,7 @@ from choreograph.transports._amqp_wire import (
     dead_letter_message,
     translated,
 )
-from choreograph.transports.base import Delivery, Message, Subscription
+from choreograph.transports.base import Delivery, Message, Subscription, bad_batch
 
 if TYPE_CHECKING:
     from choreograph.transports.amqp import AmqpTransport
@@ -182,7 +182,7 @@ class AmqpSubscription(Subscription):
 
     async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
         if max_messages < 1:
-            raise ValueError("max_messages: must be >= 1")
+            raise bad_batch(max_messages)
         self._check_open()
         await self._ensure_consuming(max_messages)
         loop = asyncio.get_running_loop()

@@ -58,7 +58,7 @@ from choreograph.transports import _nats_codec as codec
 from choreograph.transports._nats_client import DirectClient, Raw, bulk_supported, send_commands
 from choreograph.transports._nats_deferrals import Deferrals
 from choreograph.transports._nats_routing import REMOVAL_CHECK, Binding
-from choreograph.transports.base import Delivery, Message, Subscription
+from choreograph.transports.base import Delivery, Message, Subscription, bad_batch
 
 log = logging.getLogger("choreograph.transports.nats")
 
@@ -357,7 +357,7 @@ class NatsSubscription(Subscription):
 
     async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
         if max_messages < 1:
-            raise ValueError("max_messages: must be >= 1")
+            raise bad_batch(max_messages)
         self._check_open()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(0.0, timeout)

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from choreograph.errors import TransportClosed, TransportError
-from choreograph.transports.base import Delivery, Message, Subscription
+from choreograph.transports.base import Delivery, Message, Subscription, bad_batch
 
 if TYPE_CHECKING:
     from choreograph.transports.redis import RedisTransport
@@ -110,7 +110,7 @@ class RedisSubscription(Subscription):
 
     async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
         if max_messages < 1:
-            raise ValueError("max_messages: must be >= 1")
+            raise bad_batch(max_messages)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         transport, failures = self._transport, 0

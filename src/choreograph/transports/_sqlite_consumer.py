@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from choreograph.errors import TransportClosed
 from choreograph.transports import _sqlite_ops as ops
-from choreograph.transports.base import Delivery, Message, Subscription
+from choreograph.transports.base import Delivery, Message, Subscription, bad_batch
 
 if TYPE_CHECKING:
     from choreograph.transports.sqlite import SQLiteTransport
@@ -66,7 +66,7 @@ class SQLiteSubscription(Subscription):
 
     async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
         if max_messages < 1:
-            raise ValueError("max_messages must be >= 1")
+            raise bad_batch(max_messages)
         transport, clock = self._transport, self._transport._clock
         deadline = None if timeout is None else clock.monotonic() + max(0.0, timeout)
         group, lease = self.group, transport.lease

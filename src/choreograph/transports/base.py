@@ -207,6 +207,11 @@ class Subscription(abc.ABC):
         Returns ``[]`` once ``timeout`` seconds pass with nothing to deliver (``None``:
         wait indefinitely). Never waits to fill a batch. Cancel-safe: a cancelled fetch
         delivers nothing and loses nothing (what it had claimed returns to the group).
+
+        ``max_messages`` below 1 raises ``ValueError`` (:func:`bad_batch`) before anything
+        is read, on every transport: a batch of none cannot deliver anything, so the fetch
+        could only return ``[]`` at once (an ``async for`` over it spins) or wait out its
+        timeout for a message it may not take - the in-memory transport did both.
         """
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
@@ -307,6 +312,11 @@ class Transport(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def bad_batch(max_messages: int) -> ValueError:
+    """The error of ``Subscription.fetch`` for a batch size below 1 (see there why)."""
+    return ValueError(f"max_messages: must be at least 1 (a batch of none delivers nothing), got {max_messages!r}")
 
 
 def matches(types: frozenset[str] | None, message_type: str) -> bool:

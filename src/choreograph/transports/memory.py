@@ -35,6 +35,7 @@ from choreograph.transports.base import (
     Message,
     Subscription,
     Transport,
+    bad_batch,
     matches,
     narrowed,
     no_such_group,
@@ -191,6 +192,8 @@ class MemorySubscription(Subscription):
         group.consumers += 1
 
     async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:
+        if max_messages < 1:
+            raise bad_batch(max_messages)
         bus, group, lease = self._transport.bus, self._group, self._transport.lease
         clock = bus.clock
         deadline = None if timeout is None else clock.monotonic() + timeout
