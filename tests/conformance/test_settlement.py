@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from choreograph.errors import TransportClosed
 from choreograph.transports import Transport
 from tests.conformance._support import TYPE_A, WAIT, collect, ids, message, quiet
 from tests.conformance.conftest import Buses
@@ -155,6 +156,37 @@ async def test_closing_a_subscription_returns_its_unsettled_deliveries(buses: Bu
     await closing.close()
     (again,) = await collect(await bus.subscribe("g", [TYPE_A]), 1, within=LEASE + WAIT)
     assert (again.message.id, again.attempt) == ("m1", 2)
+
+
+@pytest.mark.parametrize("closing", ["subscription", "transport"])
+async def test_a_verb_after_close_raises_transport_closed_and_the_message_comes_back(
+    buses: Buses, closing: str
+) -> None:
+    """Once its subscription (or transport) is closed, a delivery's ack, retry, defer, dead
+    letter, ``ack_many`` and touch raise TransportClosed and leave it unsettled; the message
+    comes back to the group (at once or after the lease), and no dead letter is stored.
+    Redis and RabbitMQ returned as if done (``close()`` had handed the delivery on: a dead
+    letter's record was dropped, a retry's delay ignored); the others settled it."""
+    url = buses.url(lease=LEASE)
+    bus = await buses.open(url)
+    subscription = await bus.subscribe("g", [TYPE_A])
+    await bus.publish([message(n) for n in range(6)])
+    held = sorted(await collect(subscription, 6), key=lambda d: d.message.id)
+    assert len(held) == 6
+    await (subscription.close() if closing == "subscription" else bus.close())
+    acked, retried, deferred, dead, batched, touched = held
+    calls = [
+        acked.ack, lambda: retried.retry(60), lambda: deferred.defer(60),
+        lambda: dead.dead_letter({"reason": "late"}), lambda: subscription.ack_many([batched]), touched.touch,
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises(TransportClosed):
+            await call()
+    assert [d for d in held if d.settled] == []
+    other = await buses.open(url)
+    again = await collect(await other.subscribe("g", [TYPE_A]), 6, within=LEASE + WAIT)
+    assert sorted((d.message.id, d.attempt) for d in again) == [(f"m{n}", 2) for n in range(6)]
+    assert await other.dead_letters("g") == []
 
 
 async def test_touch_extends_the_lease(buses: Buses) -> None:

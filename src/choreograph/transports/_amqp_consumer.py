@@ -28,7 +28,8 @@ without raising and without publishing a copy (the runtime would otherwise retry
 ever): the message comes back as the broker redelivers it - a retry sooner than asked, a
 dead letter decided again on its next attempt, an ack's copy dropped by the inbox. The
 only failure a verb raises is a copy that could not be published: the original is then
-still held, and a second call publishes it again.
+still held, and a second call publishes it again - and TransportClosed once the
+subscription is closed, as on every transport (``close()`` has requeued what it held).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from choreograph.transports._amqp_wire import (
     dead_letter_message,
     translated,
 )
-from choreograph.transports.base import Delivery, Message, Subscription, bad_batch
+from choreograph.transports.base import Delivery, Message, Subscription, bad_batch, closed_delivery
 
 if TYPE_CHECKING:
     from choreograph.transports.amqp import AmqpTransport
@@ -94,10 +95,11 @@ class AmqpDelivery(Delivery):
     async def touch(self) -> None:
         """Restart the lease clock (kept in this process: RabbitMQ has no ack deadline)."""
         if not self.settled:
+            self._sub._check_settle(self)
             self._arm(self._sub.lease)
 
     async def _ack(self) -> None:
-        await self._sub._ack_raws([self])  # never raises: nothing to retry (see the module doc)
+        await self._sub._ack_raws([self])  # raises only once closed: nothing to retry (see the module doc)
 
     async def _retry(self, after: float) -> None:
         await self._sub._settle_by_copy(self, copy_of(self.raw, self.attempt + 1), after)
@@ -267,6 +269,13 @@ class AmqpSubscription(Subscription):
         if self._closed or self.transport.closed:
             raise TransportClosed(f"amqp: subscription of group {self.group!r} is closed")
 
+    def _check_settle(self, delivery: AmqpDelivery) -> None:
+        """A verb after the subscription closed: refused, as on every transport (see
+        base.Delivery). close() has requeued a copy (attempt + 1) and acked the original:
+        nothing is left here to settle."""
+        if self._closed or self.transport.closed:
+            raise closed_delivery(delivery, "amqp")
+
     # -- settling -------------------------------------------------------------------------
 
     def _forget(self, delivery: AmqpDelivery) -> None:
@@ -299,6 +308,8 @@ class AmqpSubscription(Subscription):
                 delivery.settled = True
 
     async def _ack_raws(self, deliveries: Sequence[AmqpDelivery]) -> None:
+        if deliveries:
+            self._check_settle(deliveries[0])
         for delivery in deliveries:
             self._forget(delivery)
         await self._ack([d.raw for d in deliveries], f"ack in group {self.group!r}")
@@ -368,6 +379,7 @@ class AmqpSubscription(Subscription):
         returned by ``close()`` - and TransportError is raised: a second call publishes
         again (a copy that reached the broker without its confirm is then there twice).
         """
+        self._check_settle(delivery)
         loop = asyncio.get_running_loop()
         due = loop.time() + self.lease if delivery._timer is None else delivery._timer.when()
         self._forget(delivery)  # close() and the lease timer leave it alone meanwhile
@@ -491,8 +503,7 @@ class AmqpSubscription(Subscription):
                 parked.cancel()
                 if live_channel(raw) is not None:
                     items.append((raw, attempt_of(raw.headers, bool(raw.redelivered))))
-        for delivery in list(self._out):
-            delivery.settled = True
+        for delivery in list(self._out):  # left unsettled: a verb on one raises (_check_settle)
             self._forget(delivery)
             if live_channel(delivery.raw) is not None:
                 items.append((delivery.raw, delivery.attempt + 1))

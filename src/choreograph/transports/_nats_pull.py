@@ -58,7 +58,7 @@ from choreograph.transports import _nats_codec as codec
 from choreograph.transports._nats_client import DirectClient, Raw, bulk_supported, send_commands
 from choreograph.transports._nats_deferrals import Deferrals
 from choreograph.transports._nats_routing import REMOVAL_CHECK, Binding
-from choreograph.transports.base import Delivery, Message, Subscription, bad_batch
+from choreograph.transports.base import Delivery, Message, Subscription, bad_batch, closed_delivery
 
 log = logging.getLogger("choreograph.transports.nats")
 
@@ -124,11 +124,13 @@ class NatsDelivery(Delivery):
         self._until = msg.arrived + subscription._lease  # type: ignore[union-attr]  # set by _reply
 
     async def _ack(self) -> None:
+        self._subscription._check_settle(self)
         await self._subscription._reply_to(self._reply, b"+ACK", confirm=False)
         if self._deferrals:
             self._subscription._forget(self)
 
     async def _retry(self, after: float) -> None:
+        self._subscription._check_settle(self)
         # No backoff is configured on the consumer, so the NAK delay is the only delay.
         payload = b"-NAK" if after <= 0 else b'-NAK {"delay": %d}' % int(after * 1_000_000_000)
         await self._subscription._reply_to(self._reply, payload)
@@ -137,6 +139,7 @@ class NatsDelivery(Delivery):
         # The count first, then the NAK: the redelivery must find it. Without it the NAK is a
         # retry (attempt + 1) rather than a message held back.
         subscription = self._subscription
+        subscription._check_settle(self)
         delivered, sequence, _ = _ack_of(self._msg)
         try:
             await subscription._deferrals.write(subscription._consumer, sequence, self._deferrals + 1, delivered)
@@ -148,6 +151,7 @@ class NatsDelivery(Delivery):
         await self._retry(after)
 
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
+        self._subscription._check_settle(self)
         if time.monotonic() > self._until:
             log.warning("nats: not dead-lettering %r of group %r: its lease ran out before (%.1fs), so the "
                         "server hands it out again", self.message.id, self.group, self._subscription._lease)
@@ -162,6 +166,7 @@ class NatsDelivery(Delivery):
     async def touch(self) -> None:
         """Reset the lease (JetStream "work in progress")."""
         if not self.settled:
+            self._subscription._check_settle(self)
             until = time.monotonic() + self._subscription._lease
             await self._subscription._reply_to(self._reply, b"+WPI")
             self._until = until
@@ -411,7 +416,9 @@ class NatsSubscription(Subscription):
                 if not delivery.settled:
                     if not isinstance(delivery, NatsDelivery):
                         await delivery.ack()
-                    elif self._bulk:
+                        continue
+                    delivery._subscription._check_settle(delivery)
+                    if self._bulk:
                         commands.append(b"PUB %s 4\r\n+ACK\r\n" % delivery._reply.encode())
                         batch.append(delivery)
                     else:
@@ -457,6 +464,14 @@ class NatsSubscription(Subscription):
             raise TransportClosed(f"nats: subscription of group {self.group!r} is closed")
         if self._nc.is_closed:
             raise TransportClosed("nats: transport is closed")
+
+    def _check_settle(self, delivery: NatsDelivery) -> None:
+        """A verb after the subscription closed: refused, as on every transport (see
+        base.Delivery), though the connection, shared by the transport's subscriptions,
+        could still send it and the server settle it. Sent, it settled the delivery here
+        while Redis and RabbitMQ, whose close hands deliveries on, dropped such a verb."""
+        if self._closed or self._nc.is_closed:
+            raise closed_delivery(delivery, "nats")
 
     def _take(self, max_messages: int) -> list[Delivery]:
         """Deliveries from the buffer. No await in here: a cancelled fetch loses nothing."""

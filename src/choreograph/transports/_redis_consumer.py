@@ -20,7 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from choreograph.errors import TransportClosed, TransportError
-from choreograph.transports.base import Delivery, Message, Subscription, bad_batch
+from choreograph.transports.base import Delivery, Message, Subscription, bad_batch, closed_delivery
 
 if TYPE_CHECKING:
     from choreograph.transports.redis import RedisTransport
@@ -87,6 +87,7 @@ class RedisDelivery(Delivery):
 
     async def touch(self) -> None:
         if not self.settled:
+            self._sub._check_settle(self)  # else it took back what close() handed on, for a lease
             await self._sub._hold([self], idle_ms=0)
 
 
@@ -335,6 +336,13 @@ class RedisSubscription(Subscription):
 
     # -- settling ----------------------------------------------------------------------
 
+    def _check_settle(self, delivery: RedisDelivery) -> None:
+        """A verb after the subscription closed: refused, as on every transport (see
+        base.Delivery). close() made the entry reclaimable at once: the group's next fetch
+        has it, and a settlement from here would find the claim gone and do nothing."""
+        if self._closed or self._transport._closed:
+            raise closed_delivery(delivery, "redis transport")
+
     def _forget(self, delivery: RedisDelivery) -> None:
         if self._unsettled.get(delivery._entry) is delivery:  # not a later redelivery of the entry
             del self._unsettled[delivery._entry]
@@ -357,6 +365,7 @@ class RedisSubscription(Subscription):
     async def _ack(self, deliveries: Sequence[RedisDelivery]) -> None:
         if not deliveries:
             return
+        self._check_settle(deliveries[0])
         entries = [delivery._entry for delivery in deliveries]
         with self._transport._errors("ack"):
             await self._transport._script("ack", [self._stream], [self.group, *entries])
@@ -369,6 +378,7 @@ class RedisSubscription(Subscription):
     async def _settle(self, delivery: RedisDelivery, verb: str, arg: str | bytes, attempt: int) -> None:
         """Retry or dead-letter ``delivery`` (one script: a no-op unless this consumer still
         holds that claim, so a second call after a failed one is safe)."""
+        self._check_settle(delivery)
         if verb == "retry":  # this consumer knows when its own retry is due without asking
             due = asyncio.get_running_loop().time() + int(arg) / 1000
             self._retry_due = due if self._retry_due is None else min(self._retry_due, due)
@@ -391,9 +401,11 @@ class RedisSubscription(Subscription):
         return held
 
     async def _release(self, deliveries: Sequence[RedisDelivery]) -> None:
-        """Hand unsettled deliveries to the group's next fetch now, not at lease expiry."""
-        for delivery in deliveries:
-            delivery.settled = True
+        """Hand unsettled deliveries to the group's next fetch now, not at lease expiry.
+
+        They are not marked settled: a verb called on one afterwards raises TransportClosed
+        (see _check_settle). Marked, it returned as if done - an ack, a retry's delay, a
+        dead letter and its record dropped without a word."""
         released = False
         try:
             with contextlib.suppress(TransportError):

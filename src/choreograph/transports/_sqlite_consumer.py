@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from choreograph.errors import TransportClosed
 from choreograph.transports import _sqlite_ops as ops
-from choreograph.transports.base import Delivery, Message, Subscription, bad_batch
+from choreograph.transports.base import Delivery, Message, Subscription, bad_batch, closed_delivery
 
 if TYPE_CHECKING:
     from choreograph.transports.sqlite import SQLiteTransport
@@ -63,6 +63,13 @@ class SQLiteSubscription(Subscription):
     def _check_open(self) -> None:
         if self._closed or self._transport._closed:
             raise TransportClosed(f"{self._transport.url}: subscription {self.group!r} is closed")
+
+    def _check_settle(self, delivery: SQLiteDelivery) -> None:
+        """A verb after the subscription closed: refused, as on every transport (see
+        base.Delivery). It used to settle the claim if no consumer had taken it since close()
+        made it available again, and to do nothing, as if it had, once one had."""
+        if self._closed or self._transport._closed:
+            raise closed_delivery(delivery, self._transport.url)
 
     async def fetch(self, max_messages: int, timeout: float | None = None) -> list[Delivery]:  # noqa: ASYNC109
         if max_messages < 1:
@@ -128,7 +135,8 @@ class SQLiteSubscription(Subscription):
         later call settled them meanwhile, nor after ``close()``, which has handed on what
         it held: then they go back to the group at once, as ``close()`` would have done.
         """
-        self._transport._check_open()
+        if deliveries:
+            self._check_settle(deliveries[0])
         claims = self._release(deliveries)
         written = self._transport._submit(lambda conn, now: op(conn, now, claims), wakes=wakes)
         try:
@@ -186,7 +194,7 @@ class SQLiteSubscription(Subscription):
         )
 
     async def _touch(self, delivery: SQLiteDelivery) -> None:
-        self._transport._check_open()
+        self._check_settle(delivery)
         claims, group, lease = [(delivery._seq, delivery.attempt)], self.group, self._transport.lease
         await self._transport._write(lambda conn, now: ops.postpone(conn, group, claims, now + lease))
 

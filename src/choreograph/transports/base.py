@@ -36,6 +36,9 @@ A transport moves opaque :class:`Message` bodies (encoded CloudEvents) between
   once more, never losing it. A failure no second call could mend (the broker already
   took the message back, as RabbitMQ does when the channel that delivered it closes)
   is not raised: the verb returns, and the message comes back as the broker redelivers it.
+* Once its subscription (or its transport) is closed, a delivery's verbs and ``touch()``
+  raise :class:`TransportClosed` and leave it unsettled, on every transport: ``close()``
+  has handed it back to the group (or its lease will), and nothing settles it any more.
 * A delivery not settled within the lease (``lease`` seconds; ``touch()`` extends it)
   is redelivered to a consumer of the group with attempt + 1: a killed process loses
   nothing.
@@ -52,7 +55,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ConfigurationError, TransportClosed
 
 #: Default ack deadline in seconds; override per URL with ``?lease=SECONDS``.
 DEFAULT_LEASE = 30.0
@@ -99,8 +102,16 @@ class Delivery(abc.ABC):
     more (the runtime's inbox drops a processed copy), never lost. A failure no second
     call can mend - the broker has already taken the message back and redelivers it on
     its own - must not raise, or the runtime would retry it for ever: the verb returns
-    and the delivery counts as settled. (A closed transport may raise TransportClosed, as
-    its other calls do: that is misuse, not the broker failing.)
+    and the delivery counts as settled.
+
+    A verb (or ``touch``) on a delivery whose subscription or transport was closed raises
+    :class:`TransportClosed` (:func:`closed_delivery`) and leaves it unsettled, on every
+    transport. Why not a silent return: Redis and RabbitMQ hand what a closing subscription
+    held back to the group at once, so such an ack, retry or dead letter did nothing while
+    its caller took it as done (a dead letter's record lost, a retry's delay ignored);
+    SQLite, NATS and the in-memory bus still settled it, if no consumer had it yet. One
+    answer everywhere, and the one callers already handle: the runtime and the journal
+    leave the deliveries to come back, as for any call on a closed transport.
 
     >>> await delivery.retry(5.0)  # doctest: +SKIP
     >>> delivery.settled           # doctest: +SKIP
@@ -175,7 +186,8 @@ class Delivery(abc.ABC):
         """Extend the lease (a long-running handler is still working on it).
 
         A no-op once settled, and while a verb is at work. A failed touch is harmless
-        (the lease runs out as it would have); callers log it and carry on.
+        (the lease runs out as it would have); callers log it and carry on. Once the
+        subscription is closed it raises :class:`TransportClosed`, as the verbs do.
         """
 
     @abc.abstractmethod
@@ -312,6 +324,15 @@ class Transport(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def closed_delivery(delivery: Delivery, what: str) -> TransportClosed:
+    """The error of a verb or ``touch`` on ``delivery`` once its subscription (or transport)
+    was closed: ``what`` is the transport, as its other errors name it."""
+    return TransportClosed(
+        f"{what}: the subscription of group {delivery.group!r} is closed: message {delivery.message.id!r} "
+        "was not settled (it goes back to the group)"
+    )
 
 
 def bad_batch(max_messages: int) -> ValueError:

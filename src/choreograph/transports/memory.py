@@ -36,6 +36,7 @@ from choreograph.transports.base import (
     Subscription,
     Transport,
     bad_batch,
+    closed_delivery,
     matches,
     narrowed,
     no_such_group,
@@ -122,9 +123,9 @@ class _Bus:
 
 
 class MemoryDelivery(Delivery):
-    __slots__ = ("_bus", "_group", "_entry", "_token", "_lease")
+    __slots__ = ("_bus", "_group", "_entry", "_token", "_lease", "_sub")
 
-    def __init__(self, bus: _Bus, group: _Group, entry: _Entry, lease: float) -> None:
+    def __init__(self, bus: _Bus, group: _Group, entry: _Entry, lease: float, sub: MemorySubscription) -> None:
         # Delivery.__init__ written out: one of these is made per message handed out
         self.message = entry.message
         self.attempt = entry.attempt
@@ -135,12 +136,20 @@ class MemoryDelivery(Delivery):
         self._entry = entry
         self._token = entry.token
         self._lease = lease
+        self._sub = sub
+
+    def _check_open(self) -> None:
+        """A verb after its subscription closed: refused, as on every transport (see base.Delivery)."""
+        sub = self._sub
+        if sub._closed or sub._transport.closed:
+            raise closed_delivery(self, "memory transport")
 
     def _take(self) -> _Entry | None:
         held = self._group.inflight.pop(self._token, None)
         return held[1] if held is not None else None
 
     async def _ack(self) -> None:
+        self._check_open()
         self._take()
 
     async def _retry(self, after: float) -> None:
@@ -150,6 +159,7 @@ class MemoryDelivery(Delivery):
         await self._again(after, 0)
 
     async def _again(self, after: float, counted: int) -> None:
+        self._check_open()
         entry = self._take()
         if entry is None:
             return  # lease expired meanwhile: already redelivered
@@ -162,6 +172,7 @@ class MemoryDelivery(Delivery):
         self._bus.wake(group)
 
     async def _dead_letter(self, record: Mapping[str, Any]) -> None:
+        self._check_open()
         entry = self._take()
         if entry is None:
             return
@@ -170,6 +181,9 @@ class MemoryDelivery(Delivery):
         )
 
     async def touch(self) -> None:
+        if self.settled:
+            return
+        self._check_open()
         held = self._group.inflight.get(self._token)
         if held is not None:
             self._group.inflight[self._token] = (self._bus.clock.monotonic() + self._lease, held[1])
@@ -225,7 +239,7 @@ class MemorySubscription(Subscription):
                     entry = group.ready.popleft()
                     entry.token = next(bus.tokens)
                     group.inflight[entry.token] = (now + lease, entry)
-                    out.append(MemoryDelivery(bus, group, entry, lease))
+                    out.append(MemoryDelivery(bus, group, entry, lease, self))
                 if now + lease < group.leases_from:
                     group.leases_from = now + lease
                 return out
@@ -251,11 +265,12 @@ class MemorySubscription(Subscription):
                     sleeper.cancel()
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        # Delivery.ack for each, without a coroutine per delivery: an in-memory ack cannot fail.
+        # Delivery.ack for each, without a coroutine per delivery: an in-memory ack fails only once closed.
         for delivery in deliveries:
             if not delivery.settled:
-                delivery.settled = True
                 assert isinstance(delivery, MemoryDelivery)
+                delivery._check_open()
+                delivery.settled = True
                 delivery._take()
 
     async def close(self) -> None:
