@@ -1427,6 +1427,32 @@ BINARY = [("ce-specversion", "1.0"), ("ce-id", "e-1"), ("ce-source", "/s"), ("ce
           ("content-type", "application/json")]
 
 
+async def _receiver_and_read_event(headers: Any, body: bytes) -> tuple[httpx.Response, list[Envelope], Any]:
+    """POST ``body`` to ``receiver()`` and to an endpoint of our own calling ``read_event()``:
+    the receiver's response, the events its handler got, and what ``read_event()`` returned
+    or raised (a MalformedEnvelope or a Problem)."""
+    calls: list[Envelope] = []
+
+    async def handle(event: Envelope) -> None:
+        calls.append(event)
+
+    read: list[Any] = []
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            read.append(await read_event(request))
+        except (MalformedEnvelope, Problem) as exc:
+            read.append(exc)
+        return Response(status_code=204)
+
+    own = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+    async with serve(receiver(handle)) as base, serve(own) as own_base, httpx.AsyncClient() as client:
+        response = await client.post(base, headers=headers, content=body)
+        await client.post(own_base, headers=headers, content=body)
+    [outcome] = read
+    return response, calls, outcome
+
+
 @pytest.mark.parametrize(
     ("headers", "body", "expected"),
     [
@@ -1470,28 +1496,10 @@ async def test_the_receiver_refuses_what_it_would_misread_with_400_naming_it(
     holds one; the handler got it), a JSON key given twice (one value dropped) are a 400 naming
     the header or key; the handler is not called. read_event() raises MalformedEnvelope for them
     alike."""
-    calls: list[Any] = []
-
-    async def handle(event: Envelope) -> None:
-        calls.append(event)
-
-    read: list[Any] = []
-
-    async def endpoint(request: Request) -> Response:
-        try:
-            read.append(await read_event(request))
-        except MalformedEnvelope as exc:
-            read.append(exc)
-        return Response(status_code=204)
-
-    own = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
-    async with serve(receiver(handle)) as base, serve(own) as own_base, httpx.AsyncClient() as client:
-        response = await client.post(base, headers=headers, content=body)
-        await client.post(own_base, headers=headers, content=body)
+    response, calls, error = await _receiver_and_read_event(headers, body)
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith(expected), response.json()["error"]
     assert calls == []
-    [error] = read
     assert isinstance(error, MalformedEnvelope) and str(error).startswith(expected)
 
 
@@ -1502,20 +1510,6 @@ async def test_the_receiver_refuses_json_in_another_charset_than_utf8_with_415(s
     as UTF-8: the Latin-1 bytes of ``"Ã©"`` reached the handler as ``"é"``, UTF-16 was a 400 "not
     valid JSON". It is a 415 naming the header and the charset, the handler not called;
     read_event() raises the same Problem."""
-    calls: list[Any] = []
-
-    async def handle(event: Envelope) -> None:
-        calls.append(event)
-
-    read: list[Any] = []
-
-    async def endpoint(request: Request) -> Response:
-        try:
-            read.append(await read_event(request))
-        except Problem as exc:
-            read.append(exc)
-        return Response(status_code=204)
-
     data = '{"delivery_id": "\u00c3\u00a9"}'
     if structured:
         headers = [("content-type", f"application/cloudevents+json; charset={charset}")]
@@ -1524,15 +1518,11 @@ async def test_the_receiver_refuses_json_in_another_charset_than_utf8_with_415(s
     else:
         headers = [*[h for h in BINARY if h[0] != "content-type"], ("content-type", f"application/json; charset={charset}")]
         body = data.encode(charset)
-    own = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
-    async with serve(receiver(handle)) as base, serve(own) as own_base, httpx.AsyncClient() as client:
-        response = await client.post(base, headers=headers, content=body)
-        await client.post(own_base, headers=headers, content=body)
+    response, calls, error = await _receiver_and_read_event(headers, body)
     expected = f"Content-Type: charset {charset!r}: JSON is UTF-8"
     assert response.status_code == 415, response.text
     assert response.json()["error"].startswith(expected), response.json()["error"]
     assert calls == []
-    [error] = read
     assert isinstance(error, Problem) and error.status == 415 and error.detail.startswith(expected)
 
 
@@ -1545,31 +1535,13 @@ async def test_the_receiver_refuses_a_content_type_given_twice_with_400_naming_i
     handed the handler JSON with one of two values dropped; the other order handed it the JSON
     body as a string. Which type is meant is undefined: a 400 naming the header, as the gateway
     answers, the handler not called; read_event() raises MalformedEnvelope alike."""
-    calls: list[Any] = []
-
-    async def handle(event: Envelope) -> None:
-        calls.append(event)
-
-    read: list[Any] = []
-
-    async def endpoint(request: Request) -> Response:
-        try:
-            read.append(await read_event(request))
-        except MalformedEnvelope as exc:
-            read.append(exc)
-        return Response(status_code=204)
-
     headers = [*[h for h in BINARY if h[0] != "content-type"], *(("content-type", t) for t in types)]
     body = b'{"delivery_id": "d-1", "delivery_id": "d-2"}'
-    own = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
-    async with serve(receiver(handle)) as base, serve(own) as own_base, httpx.AsyncClient() as client:
-        response = await client.post(base, headers=headers, content=body)
-        await client.post(own_base, headers=headers, content=body)
+    response, calls, error = await _receiver_and_read_event(headers, body)
     expected = "Content-Type: given more than once"
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith(expected), response.json()["error"]
     assert calls == []
-    [error] = read
     assert isinstance(error, MalformedEnvelope) and str(error).startswith(expected)
 
 

@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -913,6 +913,23 @@ async def test_a_subscription_closed_after_a_cancelled_fetch_hands_its_entries_o
         assert (await staying._redis.xpending(staying._keys("g")[0], "g"))["pending"] == 0
 
 
+def _hold_up(obj: Any, name: str, when: Callable[..., bool] = lambda *args: True) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make ``obj``'s coroutine method ``name`` wait before it runs, on the calls whose
+    positional arguments ``when`` accepts: returns (set once one waits, set to let them go
+    on). ``del obj.<name>`` puts the method back."""
+    waiting, go_on = asyncio.Event(), asyncio.Event()
+    real = getattr(obj, name)
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        if when(*args):
+            waiting.set()
+            await go_on.wait()
+        return await real(*args, **kwargs)
+
+    setattr(obj, name, held)
+    return waiting, go_on
+
+
 async def test_what_a_closing_subscription_holds_is_not_handed_out_by_a_sibling_while_it_hands_it_on(
     bus_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -927,15 +944,7 @@ async def test_what_a_closing_subscription_holds_is_not_handed_out_by_a_sibling_
         await bus.publish([msg(1)])
         [held] = await b.fetch(10, timeout=5)
         await _lose_a_read(bus, a)
-        handing, go_on = asyncio.Event(), asyncio.Event()
-        real_hold = b._hold
-
-        async def slow_hold(*args: Any, **kwargs: Any) -> Any:
-            handing.set()
-            await go_on.wait()
-            return await real_hold(*args, **kwargs)
-
-        b._hold = slow_hold
+        handing, go_on = _hold_up(b, "_hold")
         closing = asyncio.ensure_future(b.close())
         await handing.wait()
         try:
@@ -980,15 +989,7 @@ async def test_what_a_fetch_closed_while_it_read_hands_on_is_not_handed_out_by_a
         while (await bus._redis.xpending(stream, "g"))["pending"] < 2:
             await asyncio.sleep(0.01)
         await b.close()  # its read under way: what it brings is handed on by the fetch
-        handing, go_on = asyncio.Event(), asyncio.Event()
-        real_hold = b._hold
-
-        async def slow_hold(*args: Any, **kwargs: Any) -> Any:
-            handing.set()
-            await go_on.wait()
-            return await real_hold(*args, **kwargs)
-
-        b._hold = slow_hold
+        handing, go_on = _hold_up(b, "_hold")
         reply_read.set()
         await handing.wait()
         try:
@@ -1011,28 +1012,11 @@ async def test_what_a_fetch_closed_while_it_adopted_hands_on_is_not_handed_out_b
         b: Any = await bus.subscribe("g", None)
         await _lose_a_read(bus, a)
         await _lose_a_read(bus, b)  # two entries pending under the consumer, no one's
-        adopting, adopt_on = asyncio.Event(), asyncio.Event()
-        real_script = bus._script
-
-        async def held_script(name: str, keys: Any, args: Any) -> Any:
-            if name == "adopt" and not adopting.is_set():
-                adopting.set()
-                await adopt_on.wait()
-            return await real_script(name, keys, args)
-
-        bus._script = held_script  # type: ignore[method-assign]
+        adopting, adopt_on = _hold_up(bus, "_script", lambda name, *_: name == "adopt")
         fetching = asyncio.ensure_future(a.fetch(10, timeout=None))
         await adopting.wait()
         await a.close()  # while its fetch adopts: what that brings is handed on by the fetch
-        handing, go_on = asyncio.Event(), asyncio.Event()
-        real_hold = a._hold
-
-        async def slow_hold(*args: Any, **kwargs: Any) -> Any:
-            handing.set()
-            await go_on.wait()
-            return await real_hold(*args, **kwargs)
-
-        a._hold = slow_hold
+        handing, go_on = _hold_up(a, "_hold")
         adopt_on.set()
         await handing.wait()
         try:
@@ -1080,16 +1064,7 @@ async def test_what_a_sibling_reads_while_a_subscription_closes_is_not_put_back_
         a: Any = await bus.subscribe("g", None)
         b: Any = await bus.subscribe("g", None)
         await _lose_a_read(bus, a)  # m99: pending under the consumer, no one's
-        requeueing, go_on = asyncio.Event(), asyncio.Event()
-        real_script = bus._script
-
-        async def held_script(name: str, keys: Any, args: Any) -> Any:
-            if name == "adopt":
-                requeueing.set()
-                await go_on.wait()
-            return await real_script(name, keys, args)
-
-        bus._script = held_script  # type: ignore[method-assign]
+        requeueing, go_on = _hold_up(bus, "_script", lambda name, *_: name == "adopt")
         closing = asyncio.ensure_future(a.close())
         await requeueing.wait()
         await bus.publish([msg(5)])
@@ -1103,7 +1078,7 @@ async def test_what_a_sibling_reads_while_a_subscription_closes_is_not_put_back_
             go_on.set()
             await closing
         got = await fetching
-        bus._script = real_script  # type: ignore[method-assign]
+        del bus._script
         after = await fetch_all(b, 2, wait=1)
         ids = sorted(d.message.id for d in got + after)
         assert ids == ["m5", "m99"]
