@@ -801,21 +801,17 @@ async def test_reads_go_on_the_subscriptions_own_connection_and_a_cancelled_one_
         assert sub._conn is None
 
 
-async def _lose_a_read(bus: RedisTransport, sub: Any) -> None:
-    """Have ``sub``'s fetch cancelled while the server has handed it an entry (the next one
-    published) whose reply it never read: its read is held before the reply (as a reply
-    still on the wire is), the entry is published and shows pending under the consumer, and
-    the fetch is cancelled - as a worker stopping or a caller's timeout cancels it. The read
-    blocks for a minute (``POLL``, a lease of 600 s), not half a second: it must still be
-    waiting when the entry is published, however slow the machine."""
-    assert bus.lease >= 240 and _redis_consumer.POLL >= 60
+async def _hold_a_read(bus: RedisTransport, sub: Any) -> tuple[asyncio.Future[Any], asyncio.Event]:
+    """Start a fetch of ``sub`` whose read's reply is held back (as a reply still on the wire
+    is) until the event returned is set; return once the server holds its ``XREADGROUP ...
+    BLOCK`` (or the fetch ended), with the fetch's future."""
     if sub._conn is None:
         assert await sub._read(10, None) == []  # its own connection, opened
-    conn, never = sub._conn, asyncio.Event()
+    conn, reply_read = sub._conn, asyncio.Event()
     real = conn.read_response
 
     async def held_back(*args: Any, **kwargs: Any) -> Any:
-        await never.wait()
+        await reply_read.wait()
         return await real(*args, **kwargs)
 
     conn.read_response = held_back
@@ -826,6 +822,18 @@ async def _lose_a_read(bus: RedisTransport, sub: Any) -> None:
         for c in await bus._redis.client_list()
     ):
         await asyncio.sleep(0.01)
+    return fetching, reply_read
+
+
+async def _lose_a_read(bus: RedisTransport, sub: Any) -> None:
+    """Have ``sub``'s fetch cancelled while the server has handed it an entry (the next one
+    published) whose reply it never read: its read is held before the reply (as a reply
+    still on the wire is), the entry is published and shows pending under the consumer, and
+    the fetch is cancelled - as a worker stopping or a caller's timeout cancels it. The read
+    blocks for a minute (``POLL``, a lease of 600 s), not half a second: it must still be
+    waiting when the entry is published, however slow the machine."""
+    assert bus.lease >= 240 and _redis_consumer.POLL >= 60
+    fetching, _ = await _hold_a_read(bus, sub)
     assert not fetching.done(), "the fetch did not block"
     stream = bus._keys(sub.group)[0]
     before = (await bus._redis.xpending(stream, sub.group))["pending"]
@@ -968,22 +976,7 @@ async def test_what_a_fetch_closed_while_it_read_hands_on_is_not_handed_out_by_a
         a: Any = await bus.subscribe("g", None)
         b: Any = await bus.subscribe("g", None)
         await _lose_a_read(bus, a)  # m99
-        assert await b._read(10, None) == []  # its own connection, opened
-        conn, reply_read = b._conn, asyncio.Event()
-        real_read = conn.read_response
-
-        async def held_back(*args: Any, **kwargs: Any) -> Any:
-            await reply_read.wait()
-            return await real_read(*args, **kwargs)
-
-        conn.read_response = held_back
-        fetching = asyncio.ensure_future(b.fetch(10, timeout=None))
-        host, port = conn._writer.get_extra_info("sockname")[:2]
-        while not fetching.done() and not any(  # until the server holds the XREADGROUP ... BLOCK
-            c["addr"] == f"{host}:{port}" and c["cmd"] == "xreadgroup" and "b" in c["flags"]
-            for c in await bus._redis.client_list()
-        ):
-            await asyncio.sleep(0.01)
+        fetching, reply_read = await _hold_a_read(bus, b)
         stream = bus._keys("g")[0]
         await bus.publish([msg(1)])
         while (await bus._redis.xpending(stream, "g"))["pending"] < 2:
