@@ -22,8 +22,9 @@ A transport moves opaque :class:`Message` bodies (encoded CloudEvents) between
   types no version of the service handles any more (``choreograph groups unbind``).
   Only routing changes: events published afterwards of those types no longer reach the
   group; those it already holds stay and are settled as any other (the runtime hands
-  them back, then dead-letters them as unhandled; NATS cannot keep them, see
-  ``NatsTransport.unbind``). A consumer that subscribes for a removed type later binds
+  them back, then dead-letters them as unhandled; NATS, whose consumer delivers nothing
+  outside its filter, keeps the removed types in it until the group holds none of them:
+  see ``NatsTransport.unbind``). A consumer that subscribes for a removed type later binds
   it again (widening), so unbind once no replica asks for it.
 * A :class:`Delivery` carries the message, its ``attempt`` (1 on first delivery; the
   count lives in the broker, not in a process) and three verbs: ``ack()``,
@@ -159,8 +160,10 @@ class Delivery(abc.ABC):
         yet, a copy of an event whose other copy is being handled. A retry counted an
         attempt per deferral, and the handler's real failures then got fewer retries than
         its policy allows (a timer re-deferred for hours was dead-lettered on its first).
-        Settles as ``retry`` does. A broker that counts deliveries itself cannot keep the
-        attempt (NATS: JetStream's delivery count): there it is a retry, attempt + 1.
+        Settles as ``retry`` does. A broker that counts deliveries itself keeps the attempt
+        by counting the deferrals beside it (NATS: JetStream's delivery count, less the
+        deferrals recorded in the ``_DEFER`` stream, ``_nats_deferrals``); only where that
+        record cannot be written or read back does a deferral count as an attempt.
         """
         if self.settled:
             return
