@@ -91,6 +91,8 @@ async def capture(order: OrderPlaced, ctx: Context) -> PaymentCaptured | Payment
         row = await charge(tx, order, ctx.correlation_id)
     if row["status"] == "declined":
         return PaymentDeclined(order_id=order.order_id, reason=row["reason"])
+    if row["status"] == "refunded":  # a repeat of an order already undone: it must not ship now
+        return PaymentDeclined(order_id=order.order_id, reason=f"order {order.order_id} was refunded: {row['reason']}")
     return PaymentCaptured(order_id=order.order_id, customer=row["customer"], amount=row["amount"])
 
 

@@ -417,3 +417,26 @@ def test_the_shop_lints_with_its_compensations_ending_the_failed_path() -> None:
     ]
     assert "orders.shipped gives up on shop.shipment.dispatched" in findings[0].message
     assert app.terminal[PaymentRefunded] == app.terminal[StockReleased] == app.terminal[OrderCancelled] == "failed"
+
+
+async def test_a_repeat_of_an_order_already_refunded_is_declined_not_shipped_for_free(shop: Shop) -> None:
+    """Payment answered a repeat of an order with its first decision, and answered a refunded
+    payment as captured: the client's retry of an order the deadline had refunded, released and
+    cancelled was dispatched (a parcel out, nothing charged, no stock taken) and the retry's
+    transaction never ended (orders had the order cancelled). A refunded payment is declined."""
+    await (await run(shop, [s for s in app.services if s.name == "shipping"])).stop()  # its group exists
+    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
+    first = await shop.order("o-13", "alice", "widget", 1, 10_00)
+    shop.clock.advance(5 * 60 + 1)
+    assert await shop.journal.check_deadlines() == [first]
+    await shop.drained()
+    await worker.stop()
+    worker = await run(shop)
+    await shop.drained()
+    again = await shop.order("o-13", "alice", "widget", 1, 10_00)  # the client's retry
+    await worker.stop()
+    assert shop.count(ShipmentDispatched, "o-13") == 0
+    assert shop.ends("o-13") == ["OrderCancelled", "OrderCancelled"]
+    assert await shop.status(again) == "compensated"  # as a declined order: the join of its reservation timed out
+    assert shop.balance("alice") == BALANCES["alice"] and shop.stock("widget") == STOCK["widget"]
+    assert shop.count(PaymentRefunded, "o-13") == shop.count(StockReleased, "o-13") == 1
