@@ -9,9 +9,13 @@
     orders ends every order: it records the outcome and publishes the terminal event in one transaction
 
     compensations (each once per order, only if its step happened, in any order):
-      payment   refunds on OutOfStock, a shipping failure, inventory giving up, or the deadline
-      inventory releases on PaymentDeclined, a shipping failure, payment giving up, or the deadline
-      orders    cancels (OrderCancelled: failed) on any "no", any give-up, or the deadline
+      payment   refunds on OutOfStock, a shipping failure, or inventory giving up
+      inventory releases on PaymentDeclined, a shipping failure, or payment giving up
+      orders    cancels (OrderCancelled: failed) on any "no" or any give-up
+
+    the deadline is shipping's: it does not ship an order past it (a shipping failure), and
+    what it never ships is undone by that refusal or its join's timeout; nothing is undone on
+    the journal's ``choreograph.timedout``, which could come after the parcel left
 
 Each service declares its own database (``Service(name, database=...)``: SQLite under
 ``$CHOREOGRAPH_DATA_DIR``, default ``./var/shop``, or ``$SHOP_DATABASE_<SERVICE>``, e.g.

@@ -1,6 +1,6 @@
 """Inventory: reserves stock for an order, and releases it when the order cannot complete.
 
-    @inventory.compensate(StockReserved, on=[PaymentDeclined, failed(StockReserved), failed(OrderPlaced), timed_out()])
+    @inventory.compensate(StockReserved, on=[PaymentDeclined, failed(StockReserved), failed(OrderPlaced)])
 
 Payment and inventory run in parallel, so a decline can arrive before the stock is
 even reserved: the release then runs as soon as the reservation exists.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from choreograph import Context, Failure, Service
 from choreograph.faults import Faults
 from choreograph.runtime.outbox import Transaction
-from choreograph.sagas import TimedOut, failed, timed_out
+from choreograph.sagas import failed
 from choreograph.stores.state import Row
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
@@ -82,10 +82,10 @@ async def reserve(order: OrderPlaced, ctx: Context) -> StockReserved | OutOfStoc
 
 
 @inventory.compensate(
-    StockReserved, on=[PaymentDeclined, failed(StockReserved), failed(OrderPlaced), timed_out()]
+    StockReserved, on=[PaymentDeclined, failed(StockReserved), failed(OrderPlaced)]
 )
 async def release(
-    reserved: StockReserved, cause: PaymentDeclined | Failure | TimedOut, ctx: Context
+    reserved: StockReserved, cause: PaymentDeclined | Failure, ctx: Context
 ) -> StockReleased | None:
     async with faults.step(ctx), ctx.transaction() as tx:
         await schema.ensure(tx)

@@ -7,8 +7,11 @@ event: the journal shows it ``failed`` (a runtime failure nobody compensates: th
 is gone and the money taken, there is nothing to undo), with the dead letter to replay.
 
 Cancelling is a compensation of the order itself: it joins ``OrderPlaced`` with the
-first sign that the order cannot complete (a business "no", a service giving up, the
-deadline), so an order is cancelled exactly once however many of those arrive. The
+first sign that the order cannot complete (a business "no", a service giving up: shipping
+refusing an order past its deadline among them), so an order is cancelled exactly once
+however many of those arrive. Not on the journal's ``choreograph.timedout``: it may come
+after the dispatch (this service down meanwhile), and the order shipped would be recorded
+cancelled. The
 outcome row, the inbox record and ``OrderCancelled`` commit together (``ctx.transaction()``).
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 from choreograph import Context, Event, Failure, Service
 from choreograph.faults import Faults
 from choreograph.runtime.outbox import Transaction
-from choreograph.sagas import TimedOut, failed, timed_out
+from choreograph.sagas import failed
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import Schema, database_url
@@ -59,7 +62,7 @@ async def record(tx: Transaction, order_id: str, status: str, detail: str) -> bo
 async def shipped(shipment: ShipmentDispatched, ctx: Context) -> OrderShipped | None:
     async with faults.step(ctx), ctx.transaction() as tx:
         stands = await record(tx, shipment.order_id, "shipped", shipment.shipment_id)
-    if not stands:  # cancelled first (e.g. the deadline passed while this service was down)
+    if not stands:  # cancelled first, by another transaction of this order id
         ctx.logger.warning("order %s dispatched as %s after it was cancelled", shipment.order_id, shipment.shipment_id)
         return None
     return OrderShipped(order_id=shipment.order_id, shipment_id=shipment.shipment_id)
@@ -73,10 +76,9 @@ async def shipped(shipment: ShipmentDispatched, ctx: Context) -> OrderShipped | 
         failed(OrderPlaced),
         failed(PaymentCaptured),
         failed(StockReserved),
-        timed_out(),
     ],
 )
-async def cancel(order: OrderPlaced, cause: Event | Failure | TimedOut, ctx: Context) -> OrderCancelled | None:
+async def cancel(order: OrderPlaced, cause: Event | Failure, ctx: Context) -> OrderCancelled | None:
     reason = describe(cause)
     async with faults.step(ctx), ctx.transaction() as tx:
         stands = await record(tx, order.order_id, "cancelled", reason)

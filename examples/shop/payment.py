@@ -2,11 +2,14 @@
 
 The refund is declared next to the charge it undoes::
 
-    @payment.compensate(PaymentCaptured, on=[OutOfStock, failed(PaymentCaptured), failed(OrderPlaced), timed_out()])
+    @payment.compensate(PaymentCaptured, on=[OutOfStock, failed(PaymentCaptured), failed(OrderPlaced)])
 
 It runs once per order, only if the charge happened, whichever comes first: inventory
 saying it has no stock, shipping giving up on (or timing out waiting with) the
-captured payment, inventory giving up on the order, or the order's deadline passing.
+captured payment, or inventory giving up on the order. Not on the order's deadline
+(``timed_out()``): the journal announces it whether or not the parcel left (the orders
+service down after the dispatch, or a dispatch committed as the deadline passed), and only
+shipping knows; it refuses to ship past the deadline, a shipping failure that refunds.
 
 Both steps change ``payment``'s own database through ``ctx.transaction()``: the balance,
 the payment row, the inbox record of the event and the event emitted commit together.
@@ -17,7 +20,7 @@ from __future__ import annotations
 from choreograph import Context, Failure, Service
 from choreograph.faults import Faults
 from choreograph.runtime.outbox import Transaction
-from choreograph.sagas import TimedOut, failed, timed_out
+from choreograph.sagas import failed
 from choreograph.stores.state import Row
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
@@ -96,9 +99,9 @@ async def capture(order: OrderPlaced, ctx: Context) -> PaymentCaptured | Payment
     return PaymentCaptured(order_id=order.order_id, customer=row["customer"], amount=row["amount"])
 
 
-@payment.compensate(PaymentCaptured, on=[OutOfStock, failed(PaymentCaptured), failed(OrderPlaced), timed_out()])
+@payment.compensate(PaymentCaptured, on=[OutOfStock, failed(PaymentCaptured), failed(OrderPlaced)])
 async def refund(
-    captured: PaymentCaptured, cause: OutOfStock | Failure | TimedOut, ctx: Context
+    captured: PaymentCaptured, cause: OutOfStock | Failure, ctx: Context
 ) -> PaymentRefunded | None:
     reason = describe(cause)
     async with faults.step(ctx), ctx.transaction() as tx:

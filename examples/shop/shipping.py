@@ -6,9 +6,13 @@ If only one of the two arrives within ``SHIPPING_WAIT`` seconds (the other branc
 no, or is stuck), the join announces a ``join_timeout`` failure of the one that came, so
 its service compensates. If shipping itself gives up (couriers refuse ``oversize-*``
 items), the failure of *both* arrivals is announced: payment refunds, inventory releases.
-An order past its deadline is not shipped either (a ``Reject``): the deadline refunds,
-releases and cancels it, perhaps while shipping was down, so shipping it when the join
-completes later would send a parcel nobody paid for.
+An order past its deadline is not shipped either (a ``Reject``, so payment refunds,
+inventory releases and orders cancels, as on any shipping failure): shipping owns the
+deadline. The journal's ``choreograph.timedout`` undoes nothing in the shop: it can come
+after the dispatch (the orders service down, so the order had no terminal event yet, or a
+dispatch committed as the deadline passed), and a refund then gave the money back for a
+parcel sent. What shipping never ships is undone by this refusal or by its join's timeout
+(a late arrival included), once shipping runs.
 
 The shipment row, the join's record of the arrival that completed it, the inbox
 record and ``ShipmentDispatched`` commit in one transaction of shipping's database
@@ -50,8 +54,7 @@ async def ship(paid: PaymentCaptured, reserved: StockReserved, ctx: Context) -> 
         raise Reject(f"no courier takes {reserved.sku}")
     deadline = deadline_of(ctx.envelope)
     if deadline is not None and ctx.clock.time() >= deadline.timestamp():
-        # the journal times the order out: payment refunds it, inventory releases it, orders
-        # cancels it (or has: shipping may come back from an outage after all three)
+        # this refusal is what undoes it: payment refunds, inventory releases, orders cancels
         raise Reject(f"order {paid.order_id} passed its deadline {ctx.envelope.deadline}: not shipped")
     shipment_id = f"shp-{uuid.uuid5(uuid.NAMESPACE_URL, paid.order_id).hex[:12]}"
     async with faults.step(ctx), ctx.transaction() as tx:

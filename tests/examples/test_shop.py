@@ -193,7 +193,7 @@ async def test_an_order_id_placed_again_with_another_body_is_rejected_and_leaves
 async def test_a_repeat_of_a_shipped_order_that_times_out_refunds_and_releases_nothing(shop: Shop) -> None:
     """An order placed again with the same body (a client's retry) is a second transaction that
     payment and inventory answer with their first decision. When that one failed (here: shipping
-    was down past its deadline), the refund and the release, keyed by order id, undid the first
+    was down past its deadline, and refused it when back), the refund and the release, keyed by order id, undid the first
     order's charge and reservation: the money went back and the units onto the shelf for an
     order already shipped. Only the transaction that charged and reserved undoes them."""
     worker = await run(shop)
@@ -206,6 +206,10 @@ async def test_a_repeat_of_a_shipped_order_that_times_out_refunds_and_releases_n
     assert await shop.journal.check_deadlines() == [again]
     await shop.drained()
     await worker.stop()
+    worker = await run(shop)  # back, shipping refuses the repeat past its deadline: a shipping failure
+    await shop.drained()
+    await worker.stop()
+    assert shop.count(ShipmentDispatched, "o-11") == 1
     assert shop.balance("alice") == BALANCES["alice"] - 10_00
     assert shop.stock("widget") == STOCK["widget"] - 1
     assert shop.query("payment", "SELECT status FROM payments WHERE order_id = 'o-11'") == [("captured",)]
@@ -315,24 +319,12 @@ def test_a_nul_character_in_an_order_is_refused_at_the_edge_naming_the_field(fie
     assert error["loc"] == (field,) and "NUL" in error["msg"]
 
 
-async def test_an_order_past_its_deadline_is_undone_when_the_journal_times_it_out(shop: Shop) -> None:
-    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
-    cid = await shop.order("o-6", "alice", "widget", 1, 10_00)
-    assert shop.balance("alice") == BALANCES["alice"] - 10_00
-    shop.clock.advance(5 * 60 + 1)
-    assert await shop.journal.check_deadlines() == [cid]
-    await shop.drained()
-    await worker.stop()
-    assert shop.ends("o-6") == ["OrderCancelled"]
-    assert shop.balance("alice") == BALANCES["alice"]
-    assert shop.stock("widget") == STOCK["widget"]
-    assert await shop.status(cid) == "compensated"
-
-
-async def test_shipping_back_after_the_deadline_undid_the_order_does_not_ship_it(shop: Shop) -> None:
-    """Shipping was down while the deadline passed: the order was refunded, its stock released
-    and cancelled. Back, shipping found the join complete and dispatched it anyway: a parcel
-    out for an order whose money went back and whose units were put back on the shelf."""
+async def test_an_order_past_its_deadline_is_undone_when_shipping_refuses_it(shop: Shop) -> None:
+    """Shipping was down while the deadline passed. The journal's ``choreograph.timedout``
+    undoes nothing (only shipping knows whether the parcel left); back, shipping finds the join
+    complete and refuses the order past its deadline, which refunds, releases and cancels it,
+    once each. (Before it checked the deadline it dispatched it anyway: a parcel out for an
+    order whose money had gone back on the timeout.)"""
     await (await run(shop, [s for s in app.services if s.name == "shipping"])).stop()  # its group exists
     worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
     cid = await shop.order("o-9", "alice", "widget", 1, 10_00)
@@ -340,7 +332,8 @@ async def test_shipping_back_after_the_deadline_undid_the_order_does_not_ship_it
     assert await shop.journal.check_deadlines() == [cid]
     await shop.drained()
     await worker.stop()
-    assert shop.balance("alice") == BALANCES["alice"] and shop.stock("widget") == STOCK["widget"]
+    assert shop.balance("alice") == BALANCES["alice"] - 10_00 and shop.stock("widget") == STOCK["widget"] - 1
+    assert shop.ends("o-9") == []
     worker = await run(shop)
     await shop.drained()
     await worker.stop()
@@ -350,6 +343,34 @@ async def test_shipping_back_after_the_deadline_undid_the_order_does_not_ship_it
     assert shop.ends("o-9") == ["OrderCancelled"]
     assert shop.balance("alice") == BALANCES["alice"] and shop.stock("widget") == STOCK["widget"]
     assert shop.count(PaymentRefunded, "o-9") == shop.count(StockReleased, "o-9") == 1
+    assert await shop.status(cid) == "compensated"
+
+
+async def test_an_order_dispatched_before_its_deadline_is_not_refunded_when_orders_records_it_late(
+    shop: Shop,
+) -> None:
+    """Shipping dispatched the order; the orders service, down, had not recorded it (no terminal
+    event yet) when the deadline passed. The journal's ``choreograph.timedout`` refunded the
+    payment and released the stock of the parcel sent (and, had orders heard it first, cancelled
+    the order); back, orders recorded it shipped. Shipping owns the deadline: the timeout undoes
+    nothing, and the order is shipped, paid for and its units taken."""
+    await (await run(shop, [s for s in app.services if s.name == "orders"])).stop()  # its group exists
+    worker = await run(shop, [s for s in app.services if s.name != "orders"])  # orders is down
+    cid = await shop.order("o-14", "alice", "widget", 1, 10_00)
+    assert shop.count(ShipmentDispatched, "o-14") == 1
+    shop.clock.advance(5 * 60 + 1)
+    assert await shop.journal.check_deadlines() == [cid]
+    await shop.drained()
+    await worker.stop()
+    worker = await run(shop)
+    await shop.drained()
+    await worker.stop()
+    assert shop.count(PaymentRefunded, "o-14") == shop.count(StockReleased, "o-14") == 0
+    assert shop.balance("alice") == BALANCES["alice"] - 10_00 and shop.stock("widget") == STOCK["widget"] - 1
+    assert shop.query("payment", "SELECT status FROM payments WHERE order_id = 'o-14'") == [("captured",)]
+    assert shop.query("orders", "SELECT status FROM orders WHERE order_id = 'o-14'") == [("shipped",)]
+    assert shop.ends("o-14") == ["OrderShipped"]
+    assert await shop.status(cid) == "completed"
 
 
 async def test_an_order_has_one_terminal_event_the_one_its_row_says_when_orders_hears_both_ends(shop: Shop) -> None:
