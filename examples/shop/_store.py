@@ -19,7 +19,6 @@ import json
 import os
 from pathlib import Path
 
-from choreograph import Reject
 from choreograph.runtime.outbox import Transaction
 from examples._schema import Schema
 from examples.shop.events import OrderPlaced
@@ -48,8 +47,9 @@ PLACED_ORDERS = """
 payment and of inventory)."""
 
 
-async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: str, decisions: str) -> None:
-    """``Reject`` an ``order_id`` placed again with another body, naming the fields that differ.
+async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: str, decisions: str) -> str | None:
+    """Why an ``order_id`` placed again with another body is refused, naming the fields that
+    differ; ``None`` for the order's first body (or the same body again).
 
     The order id is the order's idempotency key: the same body again (a client's retry, a
     replay) is the same order, and payment and inventory answer it with their first decision.
@@ -58,7 +58,11 @@ async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: 
     body, not just the fields they use: if only the one whose fields differ refused, the other's
     compensation (on that refusal) would undo the first order's charge or reservation, which
     the second order's answer shares. Call it in the step's transaction, before the decision
-    is written: the refusal rolls it back.
+    is written, and answer a refusal with ``OrderRejected`` (nothing is written). Not a
+    ``Reject``: its ``failed(OrderPlaced)`` triggers the orders service's cancellation, keyed by
+    order id, which recorded the first order cancelled while it was under way (its shipment
+    then went unrecorded and its transaction never ended), and the refused transaction, whose
+    cancellation did not stand, never ended either.
 
     ``decisions``: the service's table of decisions by order id (``payments``, ``reservations``).
     An order decided there before ``placed_orders`` existed (a database from the previous
@@ -74,7 +78,7 @@ async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: 
     )
     first = await tx.fetchval("SELECT body FROM placed_orders WHERE order_id = $1", order.order_id)
     if first is None or str(first) == body:  # None: decided before placed_orders existed
-        return
+        return None
     first = str(first)
     stored, sent = json.loads(first), json.loads(body)
     differ = "; ".join(
@@ -82,7 +86,7 @@ async def check_same_order(tx: Transaction, order: OrderPlaced, correlation_id: 
         for field in sent
         if sent.get(field) != stored.get(field)
     )
-    raise Reject(
+    return (
         f"order_id {order.order_id!r} was first placed with another body (409 conflict): {differ}; "
         "place the same body again, or use a new order_id"
     )

@@ -10,12 +10,23 @@ after a failure or a timeout, ``failed`` after a business "no"). Every trigger o
 and the release also triggers the cancellation, so ending the transaction at the first of
 them holds back no ``choreograph.timedout`` that a compensation waits for; a compensation
 that gives up still marks the order ``compensation_failed``.
+
+An ``OrderPlaced`` whose ``order_id`` was first placed with another body ends ``failed`` with
+payment's and inventory's ``OrderRejected``: nothing consumes it, so the order of that id, another
+transaction's, is neither cancelled nor undone.
 """
 
 from __future__ import annotations
 
 from choreograph import App
-from examples.shop.events import OrderCancelled, OrderPlaced, OrderShipped, PaymentRefunded, StockReleased
+from examples.shop.events import (
+    OrderCancelled,
+    OrderPlaced,
+    OrderRejected,
+    OrderShipped,
+    PaymentRefunded,
+    StockReleased,
+)
 from examples.shop.inventory import inventory
 from examples.shop.orders import orders
 from examples.shop.payment import payment
@@ -30,6 +41,7 @@ app = App(
     terminal={
         OrderShipped: "completed",
         OrderCancelled: "failed",
+        OrderRejected: "failed",  # an order id placed again with another body: this transaction only
         PaymentRefunded: "failed",  # the ends of the compensation path
         StockReleased: "failed",
     },

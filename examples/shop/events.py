@@ -96,3 +96,13 @@ class OrderCancelled(Event, type="shop.order.cancelled"):
 
     order_id: str
     reason: str
+
+
+class OrderRejected(Event, type="shop.order.rejected"):
+    """Terminal (failed): payment or inventory refused this ``OrderPlaced``, whose ``order_id`` was
+    first placed with another body (``reason`` names the fields that differ). It ends this
+    transaction only: the order of that id is another transaction's, and nothing consumes this
+    event, so nothing of that order is cancelled or undone."""
+
+    order_id: str
+    reason: str

@@ -19,7 +19,14 @@ from choreograph.stores.state import Row
 from examples.shop._causes import describe
 from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import PLACED_ORDERS, Schema, check_same_order, database_url, placed_by
-from examples.shop.events import OrderPlaced, OutOfStock, PaymentDeclined, StockReleased, StockReserved
+from examples.shop.events import (
+    OrderPlaced,
+    OrderRejected,
+    OutOfStock,
+    PaymentDeclined,
+    StockReleased,
+    StockReserved,
+)
 
 inventory = Service("inventory", timeout=TIMEOUT, retry=RETRY, database=database_url("inventory"))
 faults = Faults.for_service(inventory.name)
@@ -47,15 +54,18 @@ schema = Schema(
 )
 
 
-async def take(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Row:
-    """Reserve once per order id; the reservation row (a repeat returns the first decision).
+async def take(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Row | str:
+    """Reserve once per order id; the reservation row (a repeat returns the first decision), or
+    why the order is refused (its id was first placed with another body).
 
     The reservation row is inserted first, so a concurrent reservation for the same
     order waits for this one; the stock is taken by one conditional ``UPDATE``, so two
     orders never take the same units.
     """
     await schema.ensure(tx)
-    await check_same_order(tx, order, correlation_id, "reservations")
+    refused = await check_same_order(tx, order, correlation_id, "reservations")
+    if refused is not None:
+        return refused
     available = int(await tx.fetchval("SELECT available FROM stock WHERE sku = $1", order.sku) or 0)
     first = await tx.execute(
         "INSERT INTO reservations VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT (order_id) DO NOTHING",
@@ -73,9 +83,11 @@ async def take(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Row:
 
 
 @inventory.on(OrderPlaced)
-async def reserve(order: OrderPlaced, ctx: Context) -> StockReserved | OutOfStock:
+async def reserve(order: OrderPlaced, ctx: Context) -> StockReserved | OutOfStock | OrderRejected:
     async with faults.step(ctx), ctx.transaction() as tx:
         row = await take(tx, order, ctx.correlation_id)
+    if isinstance(row, str):
+        return OrderRejected(order_id=order.order_id, reason=row)
     if row["status"] == "out_of_stock":
         return OutOfStock(order_id=order.order_id, sku=row["sku"], requested=row["qty"], available=row["available"])
     return StockReserved(order_id=order.order_id, sku=row["sku"], qty=row["qty"])

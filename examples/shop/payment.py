@@ -27,6 +27,7 @@ from examples.shop._policy import RETRY, TIMEOUT
 from examples.shop._store import PLACED_ORDERS, Schema, check_same_order, database_url, placed_by
 from examples.shop.events import (
     OrderPlaced,
+    OrderRejected,
     OutOfStock,
     PaymentCaptured,
     PaymentDeclined,
@@ -59,15 +60,18 @@ schema = Schema(
 )
 
 
-async def charge(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Row:
-    """Charge once per order id; the payment row (a repeat returns the first decision).
+async def charge(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Row | str:
+    """Charge once per order id; the payment row (a repeat returns the first decision), or why
+    the order is refused (its id was first placed with another body).
 
     The payment row is inserted first, so a concurrent charge of the same order (another
     event for it, on PostgreSQL) waits for this one and then finds its row; the balance
     is taken by one conditional ``UPDATE``, so two orders never spend the same money.
     """
     await schema.ensure(tx)
-    await check_same_order(tx, order, correlation_id, "payments")
+    refused = await check_same_order(tx, order, correlation_id, "payments")
+    if refused is not None:
+        return refused
     first = await tx.execute(
         "INSERT INTO payments VALUES ($1, $2, $3, 'pending', NULL) ON CONFLICT (order_id) DO NOTHING",
         order.order_id, order.customer, order.amount,
@@ -89,9 +93,11 @@ async def charge(tx: Transaction, order: OrderPlaced, correlation_id: str) -> Ro
 
 
 @payment.on(OrderPlaced)
-async def capture(order: OrderPlaced, ctx: Context) -> PaymentCaptured | PaymentDeclined:
+async def capture(order: OrderPlaced, ctx: Context) -> PaymentCaptured | PaymentDeclined | OrderRejected:
     async with faults.step(ctx), ctx.transaction() as tx:
         row = await charge(tx, order, ctx.correlation_id)
+    if isinstance(row, str):
+        return OrderRejected(order_id=order.order_id, reason=row)
     if row["status"] == "declined":
         return PaymentDeclined(order_id=order.order_id, reason=row["reason"])
     if row["status"] == "refunded":  # a repeat of an order already undone: it must not ship now

@@ -22,6 +22,7 @@ from examples.shop.app import app
 from examples.shop.events import (
     OrderCancelled,
     OrderPlaced,
+    OrderRejected,
     OrderShipped,
     PaymentRefunded,
     ShipmentDispatched,
@@ -169,7 +170,9 @@ async def test_an_order_id_placed_again_with_another_body_is_rejected_and_leaves
     (answered as before), another body under it is refused by payment and by inventory, each
     naming the fields. Payment and inventory answered the first order's decision, so an order
     for another amount was reported shipped; had only payment refused, inventory's release
-    (on payment giving up) would have put the first order's shipped units back on the shelf."""
+    (on payment giving up) would have put the first order's shipped units back on the shelf.
+    The refusal (``OrderRejected``) ends the refused transaction ``failed``: as a ``Reject`` it
+    stayed running, then stuck (the cancellation it triggered did not stand)."""
     worker = await run(shop)
     await shop.order("o-10", "alice", "widget", 1, 10_00)
     again = await shop.order("o-10", "alice", "widget", 1, 10_00)  # a new event, the same body
@@ -177,17 +180,44 @@ async def test_an_order_id_placed_again_with_another_body_is_rejected_and_leaves
     other = await shop.order("o-10", "alice", "widget", 1, 99_00)
     await worker.stop()
     assert await shop.status(again) == "completed"
-    assert await shop.status(other) != "completed"
+    assert await shop.status(other) == "failed"
     assert shop.ends("o-10") == ["OrderShipped", "OrderShipped"]
-    for service in ("payment", "inventory"):
-        [letter] = await shop.bus.dead_letters(service)
-        assert letter.record["reason"] == "rejected"
-        message = letter.record["last_error"]["message"]
+    refusals = [decode(m.body) for m in shop.bus.published if m.type == OrderRejected.event_type()]
+    assert sorted(env.source for env in refusals) == ["/choreograph/inventory", "/choreograph/payment"]
+    for env in refusals:
+        assert env.correlationid == other
+        message = str(env.data["reason"])
         assert "order_id 'o-10'" in message and "amount 9900 (first order: 1000)" in message, message
+    assert await shop.bus.dead_letters("payment") == await shop.bus.dead_letters("inventory") == []
     assert shop.balance("alice") == BALANCES["alice"] - 10_00
     assert shop.stock("widget") == STOCK["widget"] - 1
     assert shop.count(PaymentRefunded, "o-10") == shop.count(StockReleased, "o-10") == 0
     assert shop.query("orders", "SELECT status FROM orders WHERE order_id = 'o-10'") == [("shipped",)]
+
+
+async def test_an_order_id_placed_again_with_another_body_while_the_first_is_under_way_cancels_nothing(
+    shop: Shop,
+) -> None:
+    """The refusal of another body was a ``Reject``: its ``failed(OrderPlaced)`` triggered the
+    orders service's cancellation, keyed by order id, which recorded the first order cancelled
+    while it waited for shipping. Shipping then dispatched it, charged and reserved, and orders,
+    finding it cancelled, published no ``OrderShipped``: the first order never ended (running,
+    then stuck) and the orders table said cancelled for a parcel sent."""
+    await (await run(shop, [s for s in app.services if s.name == "shipping"])).stop()  # its group exists
+    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is behind
+    first = await shop.order("o-15", "alice", "widget", 1, 10_00)
+    other = await shop.order("o-15", "alice", "widget", 2, 10_00)
+    await worker.stop()
+    worker = await run(shop)
+    await shop.drained()
+    await worker.stop()
+    assert shop.count(ShipmentDispatched, "o-15") == 1
+    assert shop.query("orders", "SELECT status FROM orders WHERE order_id = 'o-15'") == [("shipped",)]
+    assert shop.ends("o-15") == ["OrderShipped"]
+    assert await shop.status(first) == "completed"
+    assert await shop.status(other) == "failed"
+    assert shop.balance("alice") == BALANCES["alice"] - 10_00 and shop.stock("widget") == STOCK["widget"] - 1
+    assert shop.count(PaymentRefunded, "o-15") == shop.count(StockReleased, "o-15") == 0
 
 
 async def test_a_repeat_of_a_shipped_order_that_times_out_refunds_and_releases_nothing(shop: Shop) -> None:
