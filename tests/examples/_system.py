@@ -45,7 +45,8 @@ def delivery(weight_kg: float = 2.0, **fields: Any) -> dict[str, Any]:
 
 
 class DevSystem:
-    """``choreograph dev`` on a SQLite bus in ``data_dir`` (short lease, so a killed process's work returns fast)."""
+    """``choreograph dev`` of ``app`` (Drone Delivery unless given) on a SQLite bus in ``data_dir`` (short lease, so a
+    killed process's work returns fast)."""
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class DevSystem:
         lease: float = 2.0,
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        app: str = APP,
     ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
@@ -71,7 +73,7 @@ class DevSystem:
             "-m",
             "choreograph",
             "dev",
-            APP,
+            app,
             "--data-dir",
             str(data_dir),
             "--broker",
