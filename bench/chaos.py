@@ -137,7 +137,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"not {opts.broker!r}")
     if opts.restart_broker and (how := missing(opts.broker)):
         parser.error(f"--restart-broker --broker {opts.broker}: {how}")
+    if not opts.restart_broker and (problem := broker_problem(opts.broker)):
+        parser.error(problem)  # exit 2 before anything is made: a SystemExit from the run was status 1, "FAIL"
     return opts
+
+
+BUS_SCHEMES = ("sqlite", "nats", "redis", "amqp", "amqps")
+
+
+def broker_problem(choice: str) -> str | None:
+    """Why ``--broker`` cannot be run on, or None."""
+    if choice in ("sqlite", "nats") or urlsplit(choice).scheme in BUS_SCHEMES:
+        return None
+    return f"--broker {choice!r}: expected sqlite, nats or a broker URL"
 
 
 def broker_url(choice: str, workdir: Path, lease: float) -> str:
@@ -146,8 +158,8 @@ def broker_url(choice: str, workdir: Path, lease: float) -> str:
     if choice == "nats":
         choice = os.environ.get("CHOREOGRAPH_NATS_URL", NATS_DEFAULT)
     parts = urlsplit(choice)
-    if parts.scheme not in ("sqlite", "nats", "redis", "amqp", "amqps"):
-        raise SystemExit(f"bench/chaos.py: --broker {choice!r}: expected sqlite, nats or a broker URL")
+    if (problem := broker_problem(choice)) is not None:
+        raise SystemExit(f"bench/chaos.py: {problem}")
     query = dict(parse_qsl(parts.query))
     query.setdefault("lease", f"{lease:g}")
     if parts.scheme != "sqlite":

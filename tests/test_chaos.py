@@ -280,6 +280,14 @@ def test_choreograph_chaos_without_app_runs_the_shop_with_the_options_given_firs
     assert done.returncode == 2 and "bench/chaos.py: error: --orders" in done.stderr
 
 
+def test_choreograph_chaos_refuses_a_broker_it_cannot_run_on_as_a_usage_error() -> None:
+    """Exit status 1 is the harness's "an invariant was violated": a mistyped --broker ended
+    with it (a SystemExit from the run, after its work directory was made)."""
+    done = cli("--broker", "nope", "--orders", "1")
+    assert done.returncode == 2, done
+    assert "bench/chaos.py: error: --broker 'nope': expected sqlite, nats or a broker URL" in done.stderr
+
+
 def test_choreograph_chaos_names_the_apps_it_has_a_scenario_for() -> None:
     done = cli("examples.drone_delivery.app:app")
     assert done.returncode == 2 and "no chaos scenario" in done.stderr and "examples.shop.app:app" in done.stderr
