@@ -31,7 +31,7 @@ from choreograph._redact import redact
 from choreograph._schemes import scheme_of
 from choreograph._sqlite import connect_wal
 from choreograph.errors import ConfigurationError, StoreError
-from choreograph.stores.sqlite import sqlite_path
+from choreograph.stores.sqlite import sqlite_store_path
 
 T = TypeVar("T")
 
@@ -144,7 +144,7 @@ class SQLiteIdempotencyStore(IdempotencyStore):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.path = sqlite_path(url)
+        self.path = sqlite_store_path(url, "idempotency store URL")
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._last_expiry = 0.0

@@ -35,7 +35,7 @@ from choreograph._journal_store import (
 )
 from choreograph._sqlite import connect_wal
 from choreograph.errors import StoreError
-from choreograph.stores.sqlite import sqlite_path
+from choreograph.stores.sqlite import sqlite_store_path
 
 T = TypeVar("T")
 
@@ -246,7 +246,7 @@ class SQLiteJournalStore(JournalStore):
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url
-        self.path = sqlite_path(url)
+        self.path = sqlite_store_path(url, "journal store URL")
         self.read_only = read_only
         self._db: sqlite3.Connection | None = None
         self._immutable = False  # the connection is an immutable=1 snapshot (see _run)

@@ -1,4 +1,5 @@
-"""Store URL query parameters given twice are refused, naming the parameter (as broker URLs are)."""
+"""Store URL query parameters given twice are refused, naming the parameter (as broker URLs are); a
+SQLite store that reads none refuses any."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from choreograph._gateway_idempotency import open_idempotency_store
 from choreograph._journal_store import open_journal_store
 from choreograph.errors import ConfigurationError
 from choreograph.stores import open_store
@@ -51,3 +53,25 @@ def test_parameters_given_once_each_are_taken(tmp_path: Path) -> None:
     store = open_database(f"sqlite:///{tmp_path}/svc.db?synchronous=FULL&relay_lease=5")
     assert (store.synchronous, store.relay_lease) == ("FULL", 5.0)  # type: ignore[attr-defined]
     assert open_database(f"{PG}?schema=a&pool_max=3&sslmode=disable").config.schema == "a"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("opener", "what"),
+    [
+        (open_store, "inbox"),
+        (open_journal_store, "journal"),
+        (open_join_store, "join"),
+        (open_idempotency_store, "idempotency"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("query", "names"),
+    [("synchronous=FULL", "synchronous"), ("schema=a&schema=b", "schema"), ("prefx=x&lease=3", "lease, prefx")],
+)
+def test_a_sqlite_store_that_reads_no_parameter_refuses_one_naming_it(
+    tmp_path: Path, opener: Callable[[str], Any], what: str, query: str, names: str
+) -> None:
+    """They were ignored without a word: an inbox given ``?synchronous=FULL`` ran with NORMAL."""
+    with pytest.raises(ConfigurationError, match=f"unknown parameter\\(s\\) {names}; a sqlite:// {what} store takes none"):
+        opener(f"sqlite:///{tmp_path}/{what}.db?{query}")
+    assert list(tmp_path.iterdir()) == []

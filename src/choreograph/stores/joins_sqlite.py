@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from choreograph._sqlite import connect_wal
 from choreograph.errors import StoreError
 from choreograph.stores.joins_base import Arrival, JoinKey, JoinState, JoinStore
-from choreograph.stores.sqlite import sqlite_path
+from choreograph.stores.sqlite import sqlite_store_path
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ class SQLiteJoinStore(JoinStore):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.path = sqlite_path(url)
+        self.path = sqlite_store_path(url, "join store URL")
         self._db: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="choreograph-joins")
 

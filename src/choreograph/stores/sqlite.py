@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
@@ -57,6 +57,22 @@ def sqlite_path(url: str) -> str:
     if "#" in url:  # everything after it is a fragment: the file opened would be another one
         raise ConfigurationError(f"sqlite URL {redact(url)!r}: a '#' in a URL starts a fragment, which cut the "
                                  f"file's path to {path!r}; a sqlite:// path cannot contain '#'")
+    return path
+
+
+def sqlite_store_path(url: str, what: str) -> str:
+    """:func:`sqlite_path` for a store that reads no query parameter (the inbox, journal, join and
+    idempotency stores): one given is a :class:`ConfigurationError` naming it (and ``what``), as on
+    a broker URL. It was ignored without a word: ``?synchronous=FULL`` ran with ``NORMAL``, and
+    ``?schema=a&schema=b`` was taken. A service's ``database=`` takes its own (``relay_lease``,
+    ``synchronous``)."""
+    path = sqlite_path(url)
+    names = sorted({name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)})
+    if names:
+        raise ConfigurationError(
+            f"{what} {redact(url)!r}: unknown parameter(s) {', '.join(names)}; a sqlite:// {what.split()[0]} store "
+            "takes none"
+        )
     return path
 
 
@@ -103,7 +119,7 @@ def _mark(db: sqlite3.Connection, group: str, ids: list[str], now: float) -> Non
 class SQLiteStore(InboxStore):
     def __init__(self, url: str) -> None:
         self.url = url
-        self.path = sqlite_path(url)
+        self.path = sqlite_store_path(url, "inbox store URL")
         self._db: sqlite3.Connection | None = None
         self._inline: sqlite3.Connection | None = None  # used on the event loop's thread only
         self._inline_marks = 0
