@@ -1869,12 +1869,15 @@ def test_a_yaml_config_is_read_the_same_way(tmp_path: Path, monkeypatch: pytest.
     [
         (CONFIG_YAML.replace("timeout", "timout"), "subscriptions[0].timout: unknown key"),
         (CONFIG_YAML.replace("    url: http://127.0.0.1:8090/\n", ""), "subscriptions[0].url: required key is missing"),
-        (CONFIG_YAML.replace("TEST_PUSH_SECRET", "TEST_PUSH_UNSET"), "'TEST_PUSH_UNSET' is not set"),
+        (CONFIG_YAML.replace("TEST_PUSH_SECRET", "TEST_PUSH_UNSET"),
+         "push.yaml: subscriptions[0].secret_env: environment variable 'TEST_PUSH_UNSET' is not set"),
+        (CONFIG_YAML.replace("secret_env: TEST_PUSH_SECRET", 'secret: "${TEST_PUSH_UNSET}"'),  # was "push.yaml.subscriptions"
+         "push.yaml: subscriptions[0].secret: environment variable 'TEST_PUSH_UNSET' is not set"),
         (CONFIG_YAML.replace("http://127.0.0.1:8090/", "127.0.0.1:8090"), "is not an http(s) URL"),
         ("subscriptions: []\n", "list at least one subscription"),
         ("subscriptions: 5\n", "subscriptions: expected a list of subscriptions ([[subscriptions]] tables), got 5"),
     ],
-    ids=["typo", "missing-url", "unset-secret", "bad-url", "empty", "not-a-list"],
+    ids=["typo", "missing-url", "unset-secret", "unset-variable", "bad-url", "empty", "not-a-list"],
 )
 def test_config_errors_name_the_file_and_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str

@@ -118,7 +118,8 @@ def _expand(value: Any, where: str) -> Any:
     if isinstance(value, list):
         return [_expand(item, f"{where}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, Mapping):
-        return {key: _expand(item, f"{where}.{key}") for key, item in value.items()}
+        return {key: _expand(item, f"{where}{key}" if where.endswith(": ") else f"{where}.{key}")
+                for key, item in value.items()}
     return value
 
 
@@ -306,7 +307,7 @@ def load_config(path: str | Path, *, credentials: bool = True) -> PushConfig:
             {k: v for k, v in item.items() if k not in _CREDENTIALS} if isinstance(item, Mapping) else item
             for item in data["subscriptions"]
         ]}
-    data = _check_keys(_expand(data, path.name), _TOP, str(path.name))
+    data = _check_keys(_expand(data, f"{path.name}: "), _TOP, str(path.name))  # "push.toml: subscriptions[0].secret"
     items = data.get("subscriptions")
     if items is not None and not isinstance(items, list):  # `subscriptions = 5`: not "list at least one"
         raise ConfigurationError(
