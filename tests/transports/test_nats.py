@@ -1082,8 +1082,13 @@ async def test_closing_a_subscription_ends_a_fetch_that_is_waiting() -> None:
 
 
 async def _settle_some_and_leave_two_in_flight(url: str) -> list[Delivery]:
-    """m0 acked, m1 dead-lettered, m2 and m3 delivered and unsettled; the transport closed."""
-    async with NatsTransport(url) as bus:
+    """m0 acked, m1 dead-lettered, m2 and m3 delivered and unsettled; the transport closed.
+
+    Under a lease no stall reaches (``url``'s own, short so that m2 and m3 come back soon after
+    the restart, is taken on by the group when it subscribes again): a dead letter after its
+    delivery's lease is dropped, so a stall of a second before m1's (1.2 s, injected) lost it
+    under the 1 s lease these tests used throughout."""
+    async with NatsTransport(_with_lease(url, 60)) as bus:
         subscription = await bus.subscribe("g", None)
         await bus.publish([msg(n) for n in range(4)])
         first = await collect(subscription, 4)
@@ -1094,10 +1099,13 @@ async def _settle_some_and_leave_two_in_flight(url: str) -> list[Delivery]:
 
 
 async def _everything_delivered(subscription: Subscription) -> dict[str, int]:
-    """message id -> attempt of everything the group gets until it goes quiet (acking it all)."""
+    """message id -> attempt of everything the group gets until it goes quiet (acking it all),
+    each message's first delivery here: one whose ack came after a short lease ran out (a stall)
+    is handed out again, attempt + 1, before the group goes quiet."""
     seen: dict[str, int] = {}
     while batch := await subscription.fetch(100, timeout=3.0):
-        seen.update((d.message.id, d.attempt) for d in batch)
+        for delivery in batch:
+            seen.setdefault(delivery.message.id, delivery.attempt)
         await subscription.ack_many(batch)
     return seen
 
