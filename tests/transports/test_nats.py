@@ -556,6 +556,11 @@ async def _pending(bus: NatsTransport, group: str, count: int) -> bool:
     return bool((await _consumer_info(bus, group))["num_pending"] == count)
 
 
+async def _pull_parked(bus: NatsTransport, group: str) -> bool:
+    """The server holds a pull request of the group's (a fetch waiting for messages)."""
+    return bool((await _consumer_info(bus, group))["num_waiting"] >= 1)
+
+
 async def _wait_for(condition: Callable[[], Awaitable[bool]]) -> None:
     deadline = time.monotonic() + WAIT
     while not await condition():
@@ -1146,7 +1151,7 @@ async def test_a_live_transport_resumes_consuming_and_publishing_after_a_server_
         await bus.publish([msg(1)])
         (unsettled,) = await subscription.fetch(1, timeout=WAIT)
         waiting = asyncio.ensure_future(subscription.fetch(10, timeout=3 * WAIT))
-        await asyncio.sleep(0.2)  # the fetch has parked a pull request on the old connection
+        await _wait_for(lambda: _pull_parked(bus, "g"))  # on the old connection, before the restart
 
         await asyncio.to_thread(server.restart, graceful=True)  # graceful: delivery counts persist
         await bus.publish([msg(2)])  # rides out the reconnect, then is confirmed
