@@ -50,6 +50,11 @@ def cli(*args: str, timeout: float = 60, cwd: Path = ROOT) -> subprocess.Complet
         (["dlq", "list", "--broker", "amqp://guest:guest@127.0.0.1:1/?prefx=shop"], "unknown parameter(s) prefx"),
         (["dlq", "list", "--broker", "nats://127.0.0.1:1?prefx=shop"],
          "unknown parameter(s) prefx (did you mean prefix?); nats:// takes lease, prefix, replicas"),
+        # an amqp:// URL without a host: aio-pika tried to connect to nothing every second, for ever
+        (["dlq", "list", "--broker", "amqp://"], "broker URL 'amqp://': no host"),
+        (["run", "examples.chain:payment", "--broker", "amqp:///vhost", "--store", "memory://", "--connect-timeout", "0"],
+         "broker URL 'amqp:///vhost': no host"),
+        (["publish", "chain.order.placed", "--broker", "amqps://guest:guest@:5671/"], "no host"),
         (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?synchronus=FULL"],
          "unknown parameter(s) synchronus (did you mean synchronous?); sqlite:// takes lease, synchronous, busy_timeout"),
         (["publish", "chain.order.placed", "--correlation-id", "", "--broker", "memory://"],

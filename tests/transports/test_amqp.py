@@ -96,6 +96,13 @@ def test_a_bad_port_is_a_configuration_error_naming_it(netloc: str) -> None:
         AmqpTransport(f"amqp://guest:guest@{netloc}/")
 
 
+@pytest.mark.parametrize("url", ["amqp://", "amqp:///vhost", "amqps://guest:guest@:5671/", "amqp://?prefix=shop"])
+def test_a_url_without_a_host_is_a_configuration_error(url: str) -> None:
+    """aio-pika took it, then tried to connect to no host every second, for ever (``dlq list`` hung)."""
+    with pytest.raises(ConfigurationError, match="no host"):
+        AmqpTransport(url)
+
+
 @pytest.mark.parametrize("query", ["queue_type=lazy", "lease=0", "prefix="])
 def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
     with pytest.raises(ConfigurationError):

@@ -150,7 +150,9 @@ class AmqpTransport(Transport):
             port = parts.port
         except ValueError as exc:  # out of range or not a number: was a bare ValueError
             raise ConfigurationError(f"amqp URL: port: {exc}") from None
-        self._where = f"{parts.hostname or 'localhost'}:{port or 5672}"
+        if not parts.hostname:  # aio-pika tried to connect to no host, again every second, for ever
+            raise ConfigurationError(f"broker URL {redact(url)!r}: no host (e.g. amqp://guest:guest@localhost/)")
+        self._where = f"{parts.hostname}:{port or 5672}"
         self.closed = False
         self._server_major = 3
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
