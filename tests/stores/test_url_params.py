@@ -75,3 +75,19 @@ def test_a_sqlite_store_that_reads_no_parameter_refuses_one_naming_it(
     with pytest.raises(ConfigurationError, match=f"unknown parameter\\(s\\) {names}; a sqlite:// {what} store takes none"):
         opener(f"sqlite:///{tmp_path}/{what}.db?{query}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("opener", [open_database, open_store, open_journal_store, open_join_store])
+@pytest.mark.parametrize("netloc", ["127.0.0.1:abc", "127.0.0.1:99999", "u:pa/ss@127.0.0.1", "a:5432,b:x"])
+def test_a_postgres_port_that_is_not_a_number_is_refused_without_quoting_the_url(
+    opener: Callable[[str], Any], netloc: str
+) -> None:
+    """asyncpg's ``int()`` of it was a ``ValueError`` with a traceback, from every command taking a store URL."""
+    with pytest.raises(ConfigurationError, match="the port is not a number from 0 to 65535") as caught:
+        opener(f"postgresql://{netloc}/db")
+    assert "pa/ss" not in str(caught.value)
+
+
+def test_postgres_hosts_with_and_without_ports_are_taken() -> None:
+    config = open_database("postgresql://u@a:5432,b,[::1]:5433/db").config  # type: ignore[attr-defined]
+    assert config.dsn == "postgresql://u@a:5432,b,[::1]:5433/db"

@@ -66,6 +66,14 @@ def parse_url(url: str) -> PgConfig:
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"PostgreSQL URL {redact(url)!r}: expected postgresql://")
+    for host in parts.netloc.rpartition("@")[2].split(","):  # asyncpg takes host1:5432,host2:5433
+        try:
+            _ = urlsplit(f"//{host}").port  # reading it is the check: asyncpg's int() raised a bare ValueError
+        except ValueError:  # the URL is not quoted: a '/', '?' or '#' in the password is read as the port
+            raise ConfigurationError(
+                "PostgreSQL URL: the port is not a number from 0 to 65535 "
+                "(in a password, write '/' as %2F, '?' as %3F and '#' as %23)"
+            ) from None
     params = query_params(url, "PostgreSQL URL")  # a repeated one: asyncpg and we may read different values
     schema = params.get("schema", "public")
     if not _IDENT.match(schema):
