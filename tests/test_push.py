@@ -1936,8 +1936,10 @@ def test_a_subscription_value_of_the_wrong_type_is_refused_naming_its_key(
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('concurrency = "eight"', "concurrency: expected a whole number >= 1, got 'eight'"),
-        ("concurrency = 0", "concurrency: expected a whole number >= 1, got 0"),
+        ('concurrency = "eight"', "concurrency: expected a whole number >= 1 and <= 65535, got 'eight'"),
+        ("concurrency = 0", "concurrency: expected a whole number >= 1 and <= 65535, got 0"),
+        # more than a fetch can ask for (RabbitMQ's prefetch is 16 bits): every fetch failed, for ever
+        ("concurrency = 65536", "concurrency: expected a whole number >= 1 and <= 65535, got 65536"),
         ('drain_timeout = "x"', "drain_timeout: expected a number of seconds, or inf (no limit), got 'x'"),
         ("drain_timeout = nan", "drain_timeout: expected a number of seconds, or inf (no limit), got nan"),
         ("drain_timeout = -1", "drain_timeout: expected a number of seconds, or inf (no limit), got -1"),
@@ -1945,7 +1947,7 @@ def test_a_subscription_value_of_the_wrong_type_is_refused_naming_its_key(
         ("store = 5", "store: expected a URL (a string), got 5"),
         ("origin = 5", "origin: expected a string, got 5"),
     ],
-    ids=["concurrency-str", "concurrency-zero", "drain-timeout", "drain-timeout-nan", "drain-timeout-negative",
+    ids=["concurrency-str", "concurrency-zero", "concurrency-huge", "drain-timeout", "drain-timeout-nan", "drain-timeout-negative",
          "broker", "store", "origin"],
 )
 def test_a_top_level_value_of_the_wrong_type_is_refused_naming_its_key(tmp_path: Path, line: str, message: str) -> None:

@@ -43,6 +43,7 @@ from choreograph._push_filters import FilterError
 from choreograph.errors import ConfigurationError
 from choreograph.policy import DEFAULT_RETRY, RetryPolicy
 from choreograph.push import PushSubscription
+from choreograph.transports.base import MAX_FETCH
 
 _TOP = {"broker", "store", "origin", "concurrency", "drain_timeout", "subscriptions"}
 _SUBSCRIPTION = {
@@ -151,14 +152,15 @@ def _number(value: Any, where: str, *, minimum: float = 0.0, forever: bool = Fal
     return number
 
 
-def _whole(value: Any, where: str, *, minimum: int | None = None) -> int:
+def _whole(value: Any, where: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, str) and value.strip().isdigit():
         number = int(value.strip())
-    if number is None or (minimum is not None and number < minimum):
+    if number is None or (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
         bound = f" >= {minimum}" if minimum is not None else ""
+        bound += f"{' and' if bound else ''} <= {maximum}" if maximum is not None else ""
         raise ConfigurationError(f"{where}: expected a whole number{bound}, got {_shown(value)}")
     return number
 
@@ -326,6 +328,6 @@ def load_config(path: str | Path, *, credentials: bool = True) -> PushConfig:
         broker=optional("broker", _broker),
         store=optional("store", _store),
         origin=optional("origin", _text),
-        concurrency=optional("concurrency", lambda v, w: _whole(v, w, minimum=1)),
+        concurrency=optional("concurrency", lambda v, w: _whole(v, w, minimum=1, maximum=MAX_FETCH)),
         drain_timeout=optional("drain_timeout", lambda v, w: _number(v, w, forever=True)),
     )

@@ -58,6 +58,11 @@ def cli(*args: str, timeout: float = 60, cwd: Path = ROOT) -> subprocess.Complet
         (["trace", "abc", "--journal", "postgresql://127.0.0.1:abc/x"], "PostgreSQL URL: the port is not a number"),
         (["run", "examples.chain:payment", "--broker", "memory://", "--store", "postgresql://127.0.0.1:abc/x"],
          "PostgreSQL URL: the port is not a number"),
+        # more than a fetch can ask for (RabbitMQ's prefetch is 16 bits): taken, then every fetch failed for ever
+        (["run", "examples.chain:payment", "--broker", "memory://", "--concurrency", "65536"],
+         "Invalid value for '--concurrency' / '-c': Input should be less than or equal to 65535"),
+        (["push", "--group", "g", "--type", "t", "--url", "http://127.0.0.1:1/", "--broker", "memory://",
+          "--concurrency", "99999999999999999999999"], "Invalid value for '--concurrency' / '-c'"),
         (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?synchronus=FULL"],
          "unknown parameter(s) synchronus (did you mean synchronous?); sqlite:// takes lease, synchronous, busy_timeout"),
         (["publish", "chain.order.placed", "--correlation-id", "", "--broker", "memory://"],

@@ -25,6 +25,7 @@ from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
 from choreograph.service import App, Service
 from choreograph.transports import Transport, open_transport
+from choreograph.transports.base import MAX_FETCH
 
 T = TypeVar("T")
 
@@ -366,6 +367,10 @@ def seconds(
 
     return check
 
+
+#: The most ``--concurrency`` takes (``run``, ``push``): a worker fetches up to that many messages
+#: at once (see :data:`~choreograph.transports.base.MAX_FETCH`).
+MAX_CONCURRENCY = MAX_FETCH
 
 MetricsPortOption = typer.Option(
     None, "--metrics-port", envvar="CHOREOGRAPH_METRICS_PORT", min=0, max=65535,

@@ -21,6 +21,7 @@ from choreograph._redact import redact
 from choreograph.cli._common import (
     BROKER_ENV,
     DEFAULT_BROKER,
+    MAX_CONCURRENCY,
     BrokerOption,
     LogFormatOption,
     MetricsHostOption,
@@ -64,7 +65,7 @@ def push(
     no_handshake: Annotated[bool, typer.Option("--no-handshake", help="Skip the OPTIONS handshake")] = False,
     origin: Annotated[str | None, typer.Option("--origin", help="Origin announced in the handshake")] = None,
     store: Annotated[str | None, typer.Option("--store", help="Inbox store URL (default: beside the bus)")] = None,
-    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", min=1,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", min=1, max=MAX_CONCURRENCY,
                                                     help="Requests in flight per subscription")] = None,
     drain_timeout: Annotated[float | None, typer.Option("--drain-timeout", callback=seconds(forever=True),
                                                         help="Seconds to drain on stop (inf: until done)")] = None,

@@ -21,6 +21,7 @@ import typer
 from choreograph._redact import redact
 from choreograph.cli._common import (
     HOST_ERRNOS,
+    MAX_CONCURRENCY,
     BrokerOption,
     LogFormatOption,
     MetricsHostOption,
@@ -63,7 +64,9 @@ def run(
     ),
     broker: str | None = BrokerOption,
     service: list[str] = typer.Option(None, "--service", "-s", help="Run only these services of an App"),
-    concurrency: int = typer.Option(64, "--concurrency", "-c", min=1, help="Handlers running at once per service"),
+    concurrency: int = typer.Option(
+        64, "--concurrency", "-c", min=1, max=MAX_CONCURRENCY, help="Handlers running at once per service"
+    ),
     store: str | None = typer.Option(None, "--store", help="Inbox store URL (default: beside the sqlite bus)"),
     drain_timeout: float = typer.Option(
         10.0, "--drain-timeout", callback=seconds(forever=True),

@@ -61,6 +61,11 @@ from choreograph.errors import ConfigurationError, TransportClosed
 #: Default ack deadline in seconds; override per URL with ``?lease=SECONDS``.
 DEFAULT_LEASE = 30.0
 
+#: The most messages one ``fetch`` may ask for on every transport: RabbitMQ's prefetch count is
+#: 16 bits. A worker fetches up to its concurrency, so the CLI's ``--concurrency`` (and a push
+#: config's ``concurrency``) stops here; more was taken, then every fetch failed, retried for ever.
+MAX_FETCH = 65535
+
 #: The longest ``retry``/``defer`` delay passed to a transport (100 years: "never", within
 #: every broker's integers). Longer ones (``inf``) are cut to it: NATS sent a NAK delay
 #: past 2^63 ns, which the server read as none (redelivered at once), and Redis, NATS and
