@@ -101,12 +101,13 @@ def test_bad_input_prints_one_clear_line_and_exits_2(args: list[str], needle: st
         (["chain.order.paid", "--data", '{"order_id": "o", "amount": 1}', "--schema", "examples.chain:OrderPlaced"],
          "--schema: 'examples.chain:OrderPlaced' is the Event of type 'chain.order.placed', not of 'chain.order.paid'"),
         (["chain.order.placed", "--schema", "examples.chain:Nope"], "--schema: 'examples.chain:Nope': module"),
+        (["chain.order.placed", "--data", '{"order_id": 5}', "--schema", ""], "--schema '': empty; give MODULE[:CLASS]"),
         (["chain.order.placed", "--data", '{"order_id": 5}', "--schema", "examples.chain:OrderPlaced"],
          "--data: OrderPlaced: $.order_id: Input should be a valid string"),
     ],
     ids=["array", "string", "null", "empty-source", "control-in-source", "control-in-correlation-id",
          "noncharacter-in-correlation-id", "empty-type", "space-in-type", "tab-in-type", "reserved-type",
-         "schema-not-an-event", "schema-of-another-type", "schema-missing", "data-invalid-for-schema"],
+         "schema-not-an-event", "schema-of-another-type", "schema-missing", "schema-empty", "data-invalid-for-schema"],
 )
 def test_publish_refuses_an_event_a_worker_would_dead_letter_before_opening_the_bus(
     tmp_path: Path, args: list[str], needle: str

@@ -119,9 +119,12 @@ def publish(
         problem = None if value is None else string_problem(value)
         if problem is not None:
             raise ConfigurationError(f"{option}: {value!r} {problem}")
+    if schema is not None and not schema.strip():  # "$SCHEMA" of an unset variable: not "validate nothing"
+        raise ConfigurationError(f"--schema {schema!r}: empty; give MODULE[:CLASS] of the event's class, "
+                                 "or leave the option out")
     payload = _parse_data(data)
     dataschema = None
-    cls = _schema_class(schema, event_type) if schema else event_class(event_type)
+    cls = _schema_class(schema, event_type) if schema is not None else event_class(event_type)
     if cls is not None:
         try:
             model = cls.model_validate(payload)
