@@ -133,19 +133,19 @@ def test_dev_refuses_an_unknown_log_level_before_any_process_starts(tmp_path: Pa
     )
 
 
-def dev(data_dir: Path, *options: str) -> subprocess.Popen[str]:
-    """``choreograph dev examples.chain:app`` (no gateway); stop it with :func:`stop`, which stops its
-    processes too (killing it alone would leave them running)."""
+def dev(data_dir: Path, *options: str, gateway: bool = False) -> subprocess.Popen[str]:
+    """``choreograph dev examples.chain:app`` (no gateway unless ``gateway``: give ``--gateway``); stop it
+    with :func:`stop`, which stops its processes too (killing it alone would leave them running)."""
     return subprocess.Popen(
         [sys.executable, "-m", "choreograph", "dev", "examples.chain:app", "--data-dir", str(data_dir),
-         "--no-gateway", *options], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "1000"},
+         *([] if gateway else ["--no-gateway"]), *options], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "1000"},
     )
 
 
-def dev_refused(data_dir: Path, *options: str) -> str:
+def dev_refused(data_dir: Path, *options: str, gateway: bool = False) -> str:
     """The one line of stderr of a ``dev`` that must refuse its input with exit 2 before starting anything."""
-    proc = dev(data_dir, *options)
+    proc = dev(data_dir, *options, gateway=gateway)
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -154,6 +154,20 @@ def dev_refused(data_dir: Path, *options: str) -> str:
     assert proc.returncode == 2, err
     assert "Traceback" not in err and err.count("\n") == 1, err
     return err
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [("examples.chain:OrderPlaced", "the Event class OrderPlaced"), ("examples.chain:FAILURE_RATE", "a float")],
+)
+def test_dev_refuses_a_gateway_that_is_no_gateway_nor_asgi_app_before_any_process_starts(
+    tmp_path: Path, spec: str, kind: str
+) -> None:
+    """It was imported, not checked: every service and the journal started, then the gateway process
+    refused it, and dev stopped them all (exit 1)."""
+    assert dev_refused(tmp_path / "var", "--gateway", spec, "--port", "0", gateway=True) == (
+        f"error: {spec!r} is {kind}, not a Gateway or an ASGI app\n"
+    )
 
 
 def test_run_refuses_a_negative_drain_timeout_naming_the_option() -> None:

@@ -80,9 +80,11 @@ def _find_gateway(target: str) -> str | None:
 
 def _gateway_spec(spec: str, host: str, port: int, fds: tuple[int, ...] = ()) -> ProcSpec:
     """The gateway process, serving on the listening sockets ``fds`` (bound to ``host:port`` here)."""
+    from choreograph.cli._gateway import gateway_object
     from choreograph.gateway import Gateway
 
-    obj = load_object(spec)  # fail here, with one clear line, rather than in a child
+    # fail here, with one clear line, rather than in a child once every other process has started
+    obj = gateway_object(spec)
     argv = _python_m("choreograph", "gateway", spec, "--host", host, "--port", str(port))
     for fd in fds:
         argv += ["--fd", str(fd)]

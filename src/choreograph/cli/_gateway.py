@@ -32,16 +32,28 @@ def asgi_app(spec: str, telemetry: Telemetry | None = None) -> Any:
     """
     from choreograph.gateway import Gateway
 
-    obj = load_object(spec)
+    obj = gateway_object(spec)
     if isinstance(obj, Gateway):
         if telemetry is not None and obj.telemetry is None:
             obj.instrument(telemetry)
         return obj.asgi()
+    if telemetry is not None:
+        raise ConfigurationError(f"{spec!r} is not a Gateway: --otel and --metrics-port need a choreograph Gateway")
+    return obj
+
+
+def gateway_object(spec: str) -> Any:
+    """The object ``spec`` names if it is a :class:`~choreograph.gateway.Gateway` or an ASGI app
+    (a callable), else a :class:`ConfigurationError`. ``dev`` checks its ``--gateway`` with it
+    before starting anything."""
+    from choreograph.gateway import Gateway
+
+    obj = load_object(spec)
     # A model class is callable too: uvicorn would instantiate it per request and fail on
     # validation, an error about the wrong thing.
-    if callable(obj) and not (isinstance(obj, type) and issubclass(obj, pydantic.BaseModel)):
-        if telemetry is not None:
-            raise ConfigurationError(f"{spec!r} is not a Gateway: --otel and --metrics-port need a choreograph Gateway")
+    if isinstance(obj, Gateway) or (
+        callable(obj) and not (isinstance(obj, type) and issubclass(obj, pydantic.BaseModel))
+    ):
         return obj
     raise ConfigurationError(f"{spec!r} is {kind_of(obj)}, not a Gateway or an ASGI app")
 
