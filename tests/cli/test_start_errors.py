@@ -156,6 +156,16 @@ def dev_refused(data_dir: Path, *options: str, gateway: bool = False) -> str:
     return err
 
 
+def test_dev_refuses_a_data_dir_with_a_question_mark_naming_the_option_and_creates_nothing(tmp_path: Path) -> None:
+    """``?`` starts a sqlite:// URL's query: the error named the broker URL's "unknown parameter(s)
+    b/bus.db", after the folder was made."""
+    assert dev_refused(tmp_path / "a?b") == (
+        f"error: --data-dir '{tmp_path}/a?b': a sqlite:// URL cannot name a path with '?' (it starts the URL's "
+        "query): pick a folder without one\n"
+    )
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     ("spec", "kind"),
     [("examples.chain:OrderPlaced", "the Event class OrderPlaced"), ("examples.chain:FAILURE_RATE", "a float")],

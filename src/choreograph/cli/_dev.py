@@ -254,9 +254,10 @@ def dev(
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}; choreograph dev needs an App")
     directory = data_dir or Path("var") / app.name
-    if "#" in str(directory):  # the bus, journal and stores in it are opened by sqlite:// URLs
-        raise ConfigurationError(f"--data-dir {str(directory)!r}: a sqlite:// URL cannot name a path with '#' "
-                                 "(it starts a URL fragment): pick a folder without one")
+    for char, starts in (("#", "a URL fragment"), ("?", "the URL's query")):  # the bus, journal and stores
+        if char in str(directory):  # in it are opened by sqlite:// URLs ('?': blamed on the broker URL)
+            raise ConfigurationError(f"--data-dir {str(directory)!r}: a sqlite:// URL cannot name a path with "
+                                     f"{char!r} (it starts {starts}): pick a folder without one")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
