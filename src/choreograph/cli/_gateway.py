@@ -127,7 +127,8 @@ def gateway(
     metrics_port: int | None = MetricsPortOption,
     metrics_host: str = MetricsHostOption,
     fds: list[int] = typer.Option(
-        None, "--fd", hidden=True, help="Serve on this listening socket, already bound to --host and --port "
+        None, "--fd", hidden=True, min=0,  # -1: socket()'s ValueError, a traceback
+        help="Serve on this listening socket, already bound to --host and --port "
         "(repeatable; how `choreograph dev` hands over the sockets it bound)",
     ),
 ) -> None:
