@@ -70,6 +70,10 @@ def cli(*args: str, timeout: float = 60, cwd: Path = ROOT) -> subprocess.Complet
         (["gateway", "examples.drone_delivery.gateway:gateway", "--fd", "-1"],
          "Invalid value for '--fd': Input should be greater than or equal to 0"),
         (["gateway", "examples.drone_delivery.gateway:gateway", "--fd", "999"], "--fd 999: not an open socket"),
+        # what the object is, not its metaclass ("is a ModelMetaclass")
+        (["journal", "examples.chain:OrderPlaced", "--broker", "memory://", "--store", "memory://"],
+         "'examples.chain:OrderPlaced' is the Event class OrderPlaced, not an App, a Service or a list of Services"),
+        (["dev", "examples.chain:OrderPlaced"], "'examples.chain:OrderPlaced' is the Event class OrderPlaced; choreograph dev needs an App"),
         (["run", "examples.chain:payment", "--broker", "sqlite:///x.db?synchronus=FULL"],
          "unknown parameter(s) synchronus (did you mean synchronous?); sqlite:// takes lease, synchronous, busy_timeout"),
         (["publish", "chain.order.placed", "--correlation-id", "", "--broker", "memory://"],

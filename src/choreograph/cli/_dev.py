@@ -44,6 +44,7 @@ from choreograph.cli._common import (
     console,
     env_url,
     given_broker,
+    kind_of,
     load_object,
     run_async,
     seconds,
@@ -252,7 +253,7 @@ def dev(
     journal_env = env_url(JOURNAL_ENV, "a journal store URL")  # set empty: refused before anything is made
     app = load_object(target)
     if not isinstance(app, App):
-        raise ConfigurationError(f"{target!r} is a {type(app).__name__}; choreograph dev needs an App")
+        raise ConfigurationError(f"{target!r} is {kind_of(app)}; choreograph dev needs an App")
     directory = data_dir or Path("var") / app.name
     for char, starts in (("#", "a URL fragment"), ("?", "the URL's query")):  # the bus, journal and stores
         if char in str(directory):  # in it are opened by sqlite:// URLs ('?': blamed on the broker URL)

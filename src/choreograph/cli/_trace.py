@@ -36,6 +36,7 @@ from choreograph.cli._common import (
     console,
     env_url,
     given_url,
+    kind_of,
     load_object,
     printable,
     run_async,
@@ -232,7 +233,7 @@ def _journal_for(target: str, store: str, broker: str, stuck_after: float) -> Jo
         return Journal.from_app(obj, store, transport=broker, stuck_after=stuck_after)
     services = [obj] if isinstance(obj, Service) else obj
     if not (isinstance(services, (list, tuple)) and all(isinstance(s, Service) for s in services)):
-        raise ConfigurationError(f"{target!r} is a {type(obj).__name__}, not an App, a Service or a list of Services")
+        raise ConfigurationError(f"{target!r} is {kind_of(obj)}, not an App, a Service or a list of Services")
     from choreograph.joins import compensated_failures
 
     compensated = compensated_failures(services)
