@@ -469,6 +469,30 @@ def test_an_unreachable_broker_is_one_error_line_without_the_clients_own_lines(s
     assert f"[Errno {errno.ECONNREFUSED}]" in result.stderr  # the reason, said once
 
 
+@pytest.mark.parametrize("command", [["dlq", "list"], ["publish", "chain.order.placed"]], ids=["dlq", "publish"])
+def test_ctrl_c_while_connecting_to_a_silent_amqp_server_stops_the_command(command: list[str]) -> None:
+    """The connect's cancellation was taken by aio-pika for a failed try: it tried again every second
+    and the command never ended (a second Ctrl-C neither)."""
+    import signal
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:  # accepts, never answers
+        server.settimeout(30)
+        url = f"amqp://guest:guest@127.0.0.1:{server.getsockname()[1]}/"
+        env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+        proc = subprocess.Popen([sys.executable, "-m", "choreograph", *command, "--broker", url], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**env, "PYTHONPATH": str(ROOT)})
+        try:
+            connection, _ = server.accept()  # the command is connecting
+            with connection:
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=30)
+        finally:
+            stop(proc, timeout=5)  # not needed unless it hangs
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
 def test_run_with_log_level_debug_keeps_the_client_libraries_lines() -> None:
     result = cli("run", "examples.chain:app", "--store", "memory://", "--log-level", "debug",
                  "--broker", UNREACHABLE["amqp"], "--connect-timeout", "0")

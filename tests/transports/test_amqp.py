@@ -103,6 +103,35 @@ def test_a_url_without_a_host_is_a_configuration_error(url: str) -> None:
         AmqpTransport(url)
 
 
+async def test_a_connect_cancelled_while_the_server_is_silent_leaves_no_task_trying_again() -> None:
+    """aio-pika's reconnecting task took the cancellation (Ctrl-C, SIGTERM while ``run`` waits) for a
+    failed try and tried again every second, for ever: ``asyncio.run`` waited for it at exit."""
+    accepted = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:  # and never answer
+        writers.append(writer)
+        accepted.set()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = AmqpTransport(f"amqp://guest:guest@127.0.0.1:{port}/")
+    before = asyncio.all_tasks()
+    connecting = asyncio.ensure_future(transport.connect())
+    try:
+        await asyncio.wait_for(accepted.wait(), 10)
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        assert connecting.cancelled()
+        assert asyncio.all_tasks() - before - {connecting} == set()
+    finally:
+        await transport.close()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("query", ["queue_type=lazy", "lease=0", "prefix="])
 def test_bad_url_parameters_are_configuration_errors(query: str) -> None:
     with pytest.raises(ConfigurationError):

@@ -75,6 +75,7 @@ import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 import orjson
+from aio_pika.connection import make_url
 
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError, TransportClosed, TransportError
@@ -231,10 +232,26 @@ class AmqpTransport(Transport):
     def _on_reconnected(self, _connection: object) -> None:
         log.info("amqp: reconnected to %s", self._where)
 
-    async def _open(self) -> aio_pika.abc.AbstractRobustConnection:
-        """The connection, or a :class:`TransportError` that says why the broker refused it."""
+    async def _connect(self) -> aio_pika.abc.AbstractRobustConnection:
+        """The connection.
+
+        What ``aio_pika.connect_robust`` does, but closing the connection when the connect does not
+        succeed: cancelled (Ctrl-C, or SIGTERM while ``run`` waits for the broker), its reconnecting
+        task lived on, taking the cancellation for a failed try and trying again every second, and
+        ``asyncio.run`` waited for it at exit, for ever (a server that accepts but never answers)."""
+        connection = aio_pika.RobustConnection(make_url(self._client_url))
         try:
-            return await aio_pika.connect_robust(self._client_url, timeout=self.connect_timeout)
+            await connection.connect(timeout=self.connect_timeout)
+            return connection
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+
+    async def _open(self) -> aio_pika.abc.AbstractRobustConnection:
+        """:meth:`_connect`, or a :class:`TransportError` that says why the broker refused it."""
+        try:
+            return await self._connect()
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             user = unquote(urlsplit(self._client_url).username or "guest")
             raise TransportError(
