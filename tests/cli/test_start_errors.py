@@ -156,6 +156,20 @@ def dev_refused(data_dir: Path, *options: str, gateway: bool = False) -> str:
     return err
 
 
+@pytest.mark.parametrize(("option", "variable"), [(["--secret", ""], None), (["--secret", " "], None), ([], "")])
+def test_push_refuses_an_empty_secret_rather_than_delivering_unsigned(
+    monkeypatch: pytest.MonkeyPatch, option: list[str], variable: str | None
+) -> None:
+    """``--secret "$SECRET"`` of an unset variable (or CHOREOGRAPH_PUSH_SECRET set empty) delivered
+    unsigned, without a word; a config file's empty secret was already refused."""
+    if variable is not None:
+        monkeypatch.setenv("CHOREOGRAPH_PUSH_SECRET", variable)
+    line = refused(*PUSH, *option)
+    name = "--secret" if option else "CHOREOGRAPH_PUSH_SECRET"
+    assert line == (f"error: {name} {(option[1] if option else variable)!r}: empty; give the whsec_... signing secret, "
+                    "or leave it out to deliver unsigned\n"), line
+
+
 def test_dev_refuses_a_data_dir_with_a_question_mark_naming_the_option_and_creates_nothing(tmp_path: Path) -> None:
     """``?`` starts a sqlite:// URL's query: the error named the broker URL's "unknown parameter(s)
     b/bus.db", after the folder was made."""
