@@ -5,6 +5,10 @@
 Payment and inventory run in parallel, so a decline can arrive before the stock is
 even reserved: the release then runs as soon as the reservation exists.
 
+A repeat of an order (the same body again) is answered with the first decision; a released
+reservation is answered ``OutOfStock``, as payment declines a refunded payment: the order was
+undone, and none of its units are held for the repeat to ship.
+
 Both steps change ``inventory``'s own database through ``ctx.transaction()``: the stock,
 the reservation, the inbox record of the event and the event emitted commit together.
 """
@@ -90,6 +94,8 @@ async def reserve(order: OrderPlaced, ctx: Context) -> StockReserved | OutOfStoc
         return OrderRejected(order_id=order.order_id, reason=row)
     if row["status"] == "out_of_stock":
         return OutOfStock(order_id=order.order_id, sku=row["sku"], requested=row["qty"], available=row["available"])
+    if row["status"] == "released":  # a repeat of an order already undone: none of its units are held, it must not ship
+        return OutOfStock(order_id=order.order_id, sku=row["sku"], requested=row["qty"], available=0)
     return StockReserved(order_id=order.order_id, sku=row["sku"], qty=row["qty"])
 
 

@@ -488,6 +488,34 @@ async def test_a_repeat_of_an_order_already_refunded_is_declined_not_shipped_for
     await worker.stop()
     assert shop.count(ShipmentDispatched, "o-13") == 0
     assert shop.ends("o-13") == ["OrderCancelled", "OrderCancelled"]
-    assert await shop.status(again) == "compensated"  # as a declined order: the join of its reservation timed out
+    assert await shop.status(again) == "failed"  # declined and out of stock: a business "no", nothing to undo
     assert shop.balance("alice") == BALANCES["alice"] and shop.stock("widget") == STOCK["widget"]
     assert shop.count(PaymentRefunded, "o-13") == shop.count(StockReleased, "o-13") == 1
+
+
+async def test_a_repeat_of_an_order_whose_stock_was_released_is_out_of_stock_not_shipped(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inventory answered a repeat of an order with its first decision, and answered a released
+    reservation as reserved: payment gave up on the first order (its stock released, the order
+    cancelled), the client's retry was charged and answered ``StockReserved`` from the released row,
+    and dispatched - a parcel out whose units were back on the shelf, and a retry whose
+    transaction never ended (orders had the order cancelled, so no ``OrderShipped``). A released
+    reservation is out of stock, as payment declines a refunded payment."""
+    import examples.shop.payment
+
+    working = examples.shop.payment.faults
+    monkeypatch.setattr(examples.shop.payment, "faults", Faults("payment", FaultSpec(fail_rate=1.0)))
+    worker = await run(shop)
+    first = await shop.order("o-16", "alice", "widget", 1, 10_00)
+    assert shop.ends("o-16") == ["OrderCancelled"] and shop.count(StockReleased, "o-16") == 1
+    monkeypatch.setattr(examples.shop.payment, "faults", working)  # payment recovers
+    again = await shop.order("o-16", "alice", "widget", 1, 10_00)  # the client's retry
+    await worker.stop()
+    assert shop.count(ShipmentDispatched, "o-16") == 0
+    assert shop.ends("o-16") == ["OrderCancelled", "OrderCancelled"]
+    assert await shop.status(first) == "compensated"
+    assert await shop.status(again) == "compensated"  # the refund of its charge ends it too
+    assert shop.balance("alice") == BALANCES["alice"] and shop.stock("widget") == STOCK["widget"]
+    assert shop.query("payment", "SELECT status FROM payments WHERE order_id = 'o-16'") == [("refunded",)]
+    assert shop.query("inventory", "SELECT status FROM reservations WHERE order_id = 'o-16'") == [("released",)]
