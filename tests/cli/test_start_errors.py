@@ -170,6 +170,19 @@ def test_push_refuses_an_empty_secret_rather_than_delivering_unsigned(
                     "or leave it out to deliver unsigned\n"), line
 
 
+def test_push_with_only_a_config_file_ignores_an_empty_secret_variable_it_never_reads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """CHOREOGRAPH_PUSH_SECRET is ``--secret``'s, which signs only the subscription given by options:
+    set empty (a compose file's ``${SECRET}`` unset), it refused a ``--config`` whose subscriptions
+    never read it. The file is read, and here refused for its own mistake."""
+    monkeypatch.setenv("CHOREOGRAPH_PUSH_SECRET", "")
+    config = tmp_path / "push.toml"
+    config.write_text('[[subscriptions]]\ngroup = "g"\ntypes = ["a.b"]\n')
+    line = refused("push", "--broker", "memory://", "--store", "memory://", "--config", str(config))
+    assert line == "error: push.toml: subscriptions[0].url: required key is missing\n", line
+
+
 def test_dev_refuses_a_data_dir_with_a_question_mark_naming_the_option_and_creates_nothing(tmp_path: Path) -> None:
     """``?`` starts a sqlite:// URL's query: the error named the broker URL's "unknown parameter(s)
     b/bus.db", after the folder was made."""

@@ -81,14 +81,15 @@ def push(
     configure_logging(log_level, log_format)
     if log_level.upper() != "DEBUG":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    # "$SECRET" of an unset variable is not "deliver unsigned" (a config file's empty secret is refused too);
-    # Typer takes the variable set empty for not set, as it does the option given empty
-    for name, value in (("--secret", secret), (SECRET_ENV, os.environ.get(SECRET_ENV) if secret is None else None)):
-        if value is not None and not value.strip():
-            raise ConfigurationError(f"{name} {value!r}: empty; give the whsec_... signing secret, "
-                                     "or leave it out to deliver unsigned")
     settings = load_config(config) if config is not None else PushConfig(subscriptions=[])
     if group is not None or types or url is not None:  # given empty: refused below for what it is, not as missing
+        # "$SECRET" of an unset variable is not "deliver unsigned" (a config file's empty secret is refused too);
+        # Typer takes the variable set empty for not set, as it does the option given empty. Only here, where
+        # they sign: a --config file's subscriptions never read them (an empty variable there refused the file)
+        for name, value in (("--secret", secret), (SECRET_ENV, os.environ.get(SECRET_ENV) if secret is None else None)):
+            if value is not None and not value.strip():
+                raise ConfigurationError(f"{name} {value!r}: empty; give the whsec_... signing secret, "
+                                         "or leave it out to deliver unsigned")
         item: dict[str, object] = {
             "group": group, "types": types or [], "url": url, "mode": mode, "timeout": timeout,
             "max_attempts": max_attempts, "max_retry_after": max_retry_after, "handshake": not no_handshake,
