@@ -201,6 +201,10 @@ class AmqpTransport(Transport):
                 except BaseException:
                     await connection.close()
                     raise
+            if self.closed:  # close() ran meanwhile and found no connection: nobody else would close this one
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                raise TransportClosed("amqp transport is closed")
             self._connection = connection
             # aio-pika logs its reconnects itself, but the CLI keeps the clients quiet
             # (choreograph.logs.quiet_client_loggers): say it here, as the other transports do.
