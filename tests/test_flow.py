@@ -150,6 +150,60 @@ def test_emits_must_cover_what_the_return_annotation_names() -> None:
                                                    ("service:broad", "event:test.flow.audit")}
 
 
+def _registers(how: str) -> None:
+    svc = Service("s")
+    if how == "on":
+        svc.on(Event)(_consume)
+    elif how == "on_failure":
+        svc.on_failure(Event)(_consume)
+    elif how == "annotation":
+        @svc.on(Placed)
+        async def broad(order: Placed) -> Event: ...
+    elif how == "emits":
+        svc.on(Placed, emits=[Event])(_consume)
+    elif how == "on_all":
+        @svc.on_all(Placed, Event)
+        async def both(order: Placed, event: Event) -> None: ...
+    elif how == "compensate":
+        @svc.compensate(Event, on=[Placed])
+        async def undo(step: Event, cause: Placed) -> None: ...
+    elif how == "failed":
+        @svc.compensate(Captured, on=[failed(Event)])
+        async def refund(step: Captured, cause: Failure) -> None: ...
+    elif how == "route":
+        from choreograph.gateway import Route
+
+        Route("POST", "/events", Event)
+    else:
+        @svc.on(Placed)
+        async def ship(order: Placed) -> Shipped: ...
+        build(App("a", [svc], ingress=[Event] if how == "ingress" else [Placed], terminal={
+            Event if how == "terminal" else Shipped: "completed"}))
+
+
+async def _consume(event: Event) -> None: ...
+
+
+@pytest.mark.parametrize("how", ["on", "on_failure", "annotation", "emits", "on_all", "compensate", "failed",
+                                 "ingress", "terminal", "route"])
+def test_event_itself_names_no_type_and_is_refused_where_an_event_class_is_expected(how: str) -> None:
+    """``Event`` has no type: ``on(Event)`` was drawn as a nameless event node that lint called
+    unproduced (" is consumed by ..."), and a handler annotated ``-> Event`` (or ``emits=[Event]``)
+    was drawn emitting nothing while the worker dead-lettered every event it returned ("declares
+    ['']"). Refused when registered, as any other class that is no event type."""
+    with pytest.raises(ConfigurationError, match="Event subclass|Event itself"):
+        _registers(how)
+
+
+def test_a_broad_event_annotation_is_fine_beside_emits() -> None:
+    svc = Service("s")
+
+    @svc.on(Placed, emits=[Audit])
+    async def note(order: Placed) -> Event | None: ...
+
+    assert edges(build([svc]), "emits") == {("service:s", "event:test.flow.audit")}
+
+
 def test_an_on_failure_handler_is_a_compensates_edge_from_the_failed_type() -> None:
     [edge] = [e for e in build(shop()).edges if e.kind == "compensates" and e.target == "service:payment"]
     assert (edge.source, edge.trigger, edge.label, edge.handlers) == (

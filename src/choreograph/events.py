@@ -13,7 +13,7 @@ handler through its context.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import pydantic
 
@@ -91,6 +91,13 @@ class Event(pydantic.BaseModel):
     def schema_uri(cls) -> str:
         """The CloudEvents ``dataschema`` of this event (a URN naming type and version)."""
         return cls.__schema_uri__
+
+
+def is_event_class(value: object) -> TypeGuard[type[Event]]:
+    """Whether ``value`` is an Event subclass, which has a type: not ``Event`` itself, which names
+    none (a handler of it would be drawn consuming a nameless type and never run; one declaring it,
+    emitting nothing, and every event it returned would be refused)."""
+    return isinstance(value, type) and issubclass(value, Event) and bool(value.__event_type__)
 
 
 def event_type_problem(type_name: str) -> str | None:

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from choreograph._redact import redact
 from choreograph.errors import ConfigurationError
-from choreograph.events import Event
+from choreograph.events import Event, is_event_class
 from choreograph.joins import JoinSpec, own_handler
 from choreograph.sagas import TIMEDOUT
 from choreograph.service import App, Handler, Service
@@ -372,7 +372,7 @@ def _manifest(app: App) -> tuple[dict[str, type[Event]], dict[str, Literal["comp
     kind that is neither ``completed`` nor ``failed`` would be drawn and linted as an end the journal
     refuses, and an entry that is not an Event class has no type to draw."""
     def event_type(entry: Any, where: str) -> str:
-        if not (isinstance(entry, type) and issubclass(entry, Event)):
+        if not is_event_class(entry):
             raise ConfigurationError(f"App {app.name!r}: {where}: expected an Event subclass, got {entry!r}")
         return entry.event_type()
 

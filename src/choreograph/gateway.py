@@ -74,7 +74,7 @@ from choreograph._gateway_idempotency import IdempotencyStore, MemoryIdempotency
 from choreograph._gateway_openapi import build_openapi
 from choreograph._journal_model import STATUSES, Status, format_time
 from choreograph.errors import ConfigurationError, StoreError
-from choreograph.events import Event
+from choreograph.events import Event, is_event_class
 from choreograph.journal import Journal, open_journal_store
 from choreograph.runtime.publisher import Publisher
 from choreograph.runtime.records import first_envelope
@@ -130,7 +130,7 @@ class Route:
             raise ConfigurationError(f"Route {self.path!r}: a path is '/' then letters, digits, '-._~/' (no parameters)")
         if any(self.path == r or self.path.startswith(r + "/") for r in _RESERVED):
             raise ConfigurationError(f"Route {self.path!r}: the gateway serves {', '.join(_RESERVED)} itself")
-        if not (isinstance(self.event, type) and issubclass(self.event, Event)):
+        if not is_event_class(self.event):
             raise ConfigurationError(f"Route {self.path!r}: event must be an Event subclass, got {self.event!r}")
         if self.deadline is not None and self.deadline <= 0:
             raise ConfigurationError(f"Route {self.path!r}: deadline must be > 0 seconds")

@@ -53,7 +53,7 @@ import pydantic
 
 from choreograph._envelope import Envelope, decode, encode, from_dict
 from choreograph.errors import ConfigurationError, Retry
-from choreograph.events import Event
+from choreograph.events import Event, is_event_class
 from choreograph.policy import RetryPolicy
 from choreograph.service import FAILED, Failure, Handler, Service, declared_emits
 from choreograph.stores import joins_database
@@ -129,7 +129,7 @@ def as_route(value: type[Event] | Route, service: str) -> Route:
     """An Event class or a :class:`Route` (``failed(X)``) as a route; anything else is a mistake."""
     if isinstance(value, Route):
         return value
-    if isinstance(value, type) and issubclass(value, Event):
+    if is_event_class(value):
         return Route(value)
     raise ConfigurationError(f"Service {service!r}: expected an Event subclass or failed(...), got {value!r}")
 

@@ -48,7 +48,7 @@ import pydantic
 
 from choreograph._envelope import Envelope
 from choreograph.errors import ConfigurationError
-from choreograph.events import Event
+from choreograph.events import Event, is_event_class
 from choreograph.joins import JoinSpec, Route, as_route, install, own_handler
 from choreograph.policy import RetryPolicy
 from choreograph.service import Handler, Service
@@ -92,7 +92,7 @@ def failed(event: type[Event]) -> Route:
     Some consumer of that event gave up on it, or a join waiting for it timed out
     (record ``reason`` ``join_timeout``). The handler receives a :class:`~choreograph.Failure`.
     """
-    if not (isinstance(event, type) and issubclass(event, Event)):
+    if not is_event_class(event):
         raise ConfigurationError(f"failed({event!r}): expected an Event subclass")
     return Route(event, failure=True)
 
@@ -113,7 +113,7 @@ def install_compensation(
     emits: Iterable[type[Event]] | None = None,
 ) -> JoinSpec:
     """What ``@service.compensate(step, on=[...])`` does: a join of the step with any of the triggers."""
-    if not (isinstance(step, type) and issubclass(step, Event)):
+    if not is_event_class(step):
         raise ConfigurationError(f"Service {service.name!r}: compensate({step!r}): the step must be an Event subclass")
     triggers = [as_route(trigger, service.name) for trigger in on]
     if not triggers:

@@ -31,7 +31,7 @@ from choreograph import cesql
 from choreograph._envelope import Envelope, attribute_problem, id_suffix
 from choreograph._where import compile_where, matcher
 from choreograph.errors import ConfigurationError
-from choreograph.events import Event
+from choreograph.events import Event, is_event_class
 from choreograph.policy import DEFAULT_RETRY, RetryPolicy
 
 if typing.TYPE_CHECKING:
@@ -127,7 +127,7 @@ def declared_emits(func: Callable[..., Any], emits: Iterable[type[Event]] | None
     if emits is not None:
         classes = frozenset(emits)
         for cls in classes:
-            if not (isinstance(cls, type) and issubclass(cls, Event)):
+            if not is_event_class(cls):
                 raise ConfigurationError(f"{func.__qualname__}: emits= must list Event subclasses, got {cls!r}")
         try:
             annotated = _annotated_emits(func)
@@ -159,7 +159,14 @@ def _annotated_emits(func: Callable[..., Any]) -> frozenset[type[Event]]:
     if "return" not in hints:
         return frozenset()
     # `async def f() -> X` annotates X (the awaited value), which is what we want.
-    return frozenset(_event_classes(hints["return"]))
+    classes = frozenset(_event_classes(hints["return"]))
+    if Event in classes:
+        raise ConfigurationError(
+            f"{func.__qualname__}: its return annotation names Event itself, which has no type: it declares no "
+            "event, and every one returned would be refused; name the Event subclasses it returns, or list "
+            "them in emits=[...]"
+        )
+    return classes
 
 
 class Service:
@@ -315,7 +322,7 @@ class Service:
         emits: Iterable[type[Event]] | None,
         where: str | None = None,
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-        if not (isinstance(event, type) and issubclass(event, Event)):
+        if not is_event_class(event):
             raise ConfigurationError(f"Service {self.name!r}: on({event!r}): expected an Event subclass")
         if timeout is not None and not timeout > 0:  # nan too
             raise ConfigurationError(f"Service {self.name!r}: timeout must be > 0 seconds, got {timeout!r}")
