@@ -133,6 +133,21 @@ async def run(shop: Shop, services: Sequence[Service] = app.services) -> Worker:
     return worker
 
 
+async def run_without(shop: Shop, down: str) -> Worker:
+    """Every service but ``down``, whose group is made first: what it would get waits for it."""
+    await (await run(shop, [s for s in app.services if s.name == down])).stop()
+    return await run(shop, [s for s in app.services if s.name != down])
+
+
+async def time_out(shop: Shop, cid: str, worker: Worker) -> None:
+    """The order of transaction ``cid`` passes its deadline: the journal times it out (the only one
+    to), what that sets off runs, and ``worker`` stops."""
+    shop.clock.advance(5 * 60 + 1)
+    assert await shop.journal.check_deadlines() == [cid]
+    await shop.drained()
+    await worker.stop()
+
+
 async def test_an_order_paid_for_and_in_stock_ships(shop: Shop) -> None:
     worker = await run(shop)
     cid = await shop.order("o-1", "alice", "widget", 2, 15_00)
@@ -203,8 +218,7 @@ async def test_an_order_id_placed_again_with_another_body_while_the_first_is_und
     while it waited for shipping. Shipping then dispatched it, charged and reserved, and orders,
     finding it cancelled, published no ``OrderShipped``: the first order never ended (running,
     then stuck) and the orders table said cancelled for a parcel sent."""
-    await (await run(shop, [s for s in app.services if s.name == "shipping"])).stop()  # its group exists
-    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is behind
+    worker = await run_without(shop, "shipping")  # shipping is behind
     first = await shop.order("o-15", "alice", "widget", 1, 10_00)
     other = await shop.order("o-15", "alice", "widget", 2, 10_00)
     await worker.stop()
@@ -232,10 +246,7 @@ async def test_a_repeat_of_a_shipped_order_that_times_out_refunds_and_releases_n
     assert shop.ends("o-11") == ["OrderShipped"]
     worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
     again = await shop.order("o-11", "alice", "widget", 1, 10_00)
-    shop.clock.advance(5 * 60 + 1)
-    assert await shop.journal.check_deadlines() == [again]
-    await shop.drained()
-    await worker.stop()
+    await time_out(shop, again, worker)
     worker = await run(shop)  # back, shipping refuses the repeat past its deadline: a shipping failure
     await shop.drained()
     await worker.stop()
@@ -355,13 +366,9 @@ async def test_an_order_past_its_deadline_is_undone_when_shipping_refuses_it(sho
     complete and refuses the order past its deadline, which refunds, releases and cancels it,
     once each. (Before it checked the deadline it dispatched it anyway: a parcel out for an
     order whose money had gone back on the timeout.)"""
-    await (await run(shop, [s for s in app.services if s.name == "shipping"])).stop()  # its group exists
-    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
+    worker = await run_without(shop, "shipping")
     cid = await shop.order("o-9", "alice", "widget", 1, 10_00)
-    shop.clock.advance(5 * 60 + 1)
-    assert await shop.journal.check_deadlines() == [cid]
-    await shop.drained()
-    await worker.stop()
+    await time_out(shop, cid, worker)
     assert shop.balance("alice") == BALANCES["alice"] - 10_00 and shop.stock("widget") == STOCK["widget"] - 1
     assert shop.ends("o-9") == []
     worker = await run(shop)
@@ -384,14 +391,10 @@ async def test_an_order_dispatched_before_its_deadline_is_not_refunded_when_orde
     payment and released the stock of the parcel sent (and, had orders heard it first, cancelled
     the order); back, orders recorded it shipped. Shipping owns the deadline: the timeout undoes
     nothing, and the order is shipped, paid for and its units taken."""
-    await (await run(shop, [s for s in app.services if s.name == "orders"])).stop()  # its group exists
-    worker = await run(shop, [s for s in app.services if s.name != "orders"])  # orders is down
+    worker = await run_without(shop, "orders")
     cid = await shop.order("o-14", "alice", "widget", 1, 10_00)
     assert shop.count(ShipmentDispatched, "o-14") == 1
-    shop.clock.advance(5 * 60 + 1)
-    assert await shop.journal.check_deadlines() == [cid]
-    await shop.drained()
-    await worker.stop()
+    await time_out(shop, cid, worker)
     worker = await run(shop)
     await shop.drained()
     await worker.stop()
@@ -408,14 +411,9 @@ async def test_an_order_has_one_terminal_event_the_one_its_row_says_when_orders_
     back, it finds both ``ShipmentDispatched`` and a cancellation. The first outcome stands
     in its table; each handler published its terminal event all the same (two ends, one
     of them contradicting the row)."""
-    others = [s for s in app.services if s.name != "orders"]
-    await (await run(shop, [s for s in app.services if s.name == "orders"])).stop()  # its group exists
-    worker = await run(shop, others)
+    worker = await run_without(shop, "orders")
     cid = await shop.order("o-8", "alice", "widget", 1, 10_00)
-    shop.clock.advance(5 * 60 + 1)
-    assert await shop.journal.check_deadlines() == [cid]
-    await shop.drained()
-    await worker.stop()
+    await time_out(shop, cid, worker)
     assert shop.ends("o-8") == []  # orders is down: nothing ended the order yet
     worker = await run(shop)
     await shop.drained()
@@ -475,13 +473,9 @@ async def test_a_repeat_of_an_order_already_refunded_is_declined_not_shipped_for
     payment as captured: the client's retry of an order the deadline had refunded, released and
     cancelled was dispatched (a parcel out, nothing charged, no stock taken) and the retry's
     transaction never ended (orders had the order cancelled). A refunded payment is declined."""
-    await (await run(shop, [s for s in app.services if s.name == "shipping"])).stop()  # its group exists
-    worker = await run(shop, [s for s in app.services if s.name != "shipping"])  # shipping is down
+    worker = await run_without(shop, "shipping")
     first = await shop.order("o-13", "alice", "widget", 1, 10_00)
-    shop.clock.advance(5 * 60 + 1)
-    assert await shop.journal.check_deadlines() == [first]
-    await shop.drained()
-    await worker.stop()
+    await time_out(shop, first, worker)
     worker = await run(shop)
     await shop.drained()
     again = await shop.order("o-13", "alice", "widget", 1, 10_00)  # the client's retry
