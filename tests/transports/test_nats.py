@@ -236,6 +236,42 @@ async def test_a_refused_first_connect_is_raised_from_the_sockets_own_error() ->
     assert isinstance(raised.value.__cause__, ConnectionRefusedError), repr(raised.value.__cause__)
 
 
+async def test_a_connect_cancelled_while_the_server_is_silent_closes_its_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled (Ctrl-C, SIGTERM) while the server held the handshake, nats-py left the socket open."""
+    from nats.aio.transport import TcpTransport
+
+    waiting, peers = asyncio.Event(), asyncio.Queue[asyncio.StreamReader]()
+    real_readline = TcpTransport.readline
+
+    async def readline(self: TcpTransport) -> bytes:
+        waiting.set()  # the client waits for the server's INFO: it holds the socket now
+        return await real_readline(self)
+
+    monkeypatch.setattr(TcpTransport, "readline", readline)
+    writers: list[asyncio.StreamWriter] = []
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:  # and never answer
+        writers.append(writer)
+        peers.put_nowait(reader)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    transport = NatsTransport(f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    connecting = asyncio.ensure_future(transport.connect())
+    try:
+        await asyncio.wait_for(waiting.wait(), WAIT)
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        assert connecting.cancelled()
+        peer = await asyncio.wait_for(peers.get(), WAIT)
+        assert await asyncio.wait_for(peer.read(), WAIT) == b""  # the client closed its end
+    finally:
+        await transport.close()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_using_the_transport_before_connect_is_a_transport_error() -> None:
     with pytest.raises(TransportError):
         await NatsTransport("nats://127.0.0.1:4222").publish([msg(1)])

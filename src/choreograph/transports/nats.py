@@ -85,6 +85,7 @@ Consequences worth knowing:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -216,19 +217,7 @@ class NatsTransport(GroupBindings, Transport):
         where = redact(", ".join(self._servers))
         try:
             with codec.translated(f"connect to {where}"):
-                nc = DirectClient()
-                await nc.connect(
-                    self._servers,
-                    name=f"choreograph:{self.prefix}",
-                    connect_timeout=2,
-                    reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]  # typed int; a float works
-                    max_reconnect_attempts=1,  # for the first connect: fail fast if nobody answers
-                    ping_interval=10,  # notice a silently dead server within ~30 s
-                    max_outstanding_pings=3,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                )
+                return await self._connect_client()
         except TransportError:
             if not self._connect_errors:
                 raise
@@ -237,6 +226,32 @@ class NatsTransport(GroupBindings, Transport):
             # chained from the attempt's own error (a refused socket, a login refused), not from
             # nats-py's NoServersError: what went wrong decides whether trying again can help
             raise TransportError(f"nats: connect to {where} failed: {_message(last)}") from last
+
+    async def _connect_client(self) -> DirectClient:
+        """nats-py's connect, closing the client when it ends otherwise than by an attempt's
+        failure (nats-py closes its socket then): cancelled (Ctrl-C, SIGTERM) while a server was
+        holding the handshake, its socket was left open."""
+        nc = DirectClient()
+        try:
+            await nc.connect(
+                self._servers,
+                name=f"choreograph:{self.prefix}",
+                connect_timeout=2,
+                reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]  # typed int; a float works
+                max_reconnect_attempts=1,  # for the first connect: fail fast if nobody answers
+                ping_interval=10,  # notice a silently dead server within ~30 s
+                max_outstanding_pings=3,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+        except (OSError, TimeoutError, nats.errors.Error):
+            raise
+        except BaseException:
+            if not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+            raise
         return nc
 
     async def _set_up(self, nc: DirectClient, create: bool) -> None:
