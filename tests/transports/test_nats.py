@@ -272,6 +272,41 @@ async def test_a_connect_cancelled_while_the_server_is_silent_closes_its_socket(
         await server.wait_closed()
 
 
+async def test_a_connect_that_finishes_after_close_closes_its_connection() -> None:
+    """``close()`` while a connect was under way found no connection to close; the connect then
+    installed its connection on the closed transport, open, with nobody left to close it."""
+    url = bus_on(require_broker("nats"))
+    transport = NatsTransport(url)
+    connected, go_on = asyncio.Event(), asyncio.Event()
+    clients: list[Any] = []
+    real_first_connect = transport._first_connect
+
+    async def held_first_connect() -> Any:
+        nc = await real_first_connect()
+        clients.append(nc)
+        connected.set()
+        await go_on.wait()  # close() runs here, while the connect is under way
+        return nc
+
+    transport._first_connect = held_first_connect  # type: ignore[method-assign]
+    connecting = asyncio.ensure_future(transport.connect())
+    try:
+        await asyncio.wait_for(connected.wait(), WAIT)
+        await transport.close()
+        go_on.set()
+        with pytest.raises(TransportClosed):
+            await connecting
+        [nc] = clients
+        assert nc.is_closed
+        assert transport._nc is None
+    finally:
+        go_on.set()
+        await asyncio.gather(connecting, return_exceptions=True)
+        for nc in clients:
+            await nc.close()
+        await broker.cleanup(url)
+
+
 async def test_using_the_transport_before_connect_is_a_transport_error() -> None:
     with pytest.raises(TransportError):
         await NatsTransport("nats://127.0.0.1:4222").publish([msg(1)])

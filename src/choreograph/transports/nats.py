@@ -276,6 +276,8 @@ class NatsTransport(GroupBindings, Transport):
             else:  # an inspection writes nothing: no stream created, none brought to this URL
                 events = await self._check_exists(js)
                 letters_stored = await self._stream_info(js, self.dead_letter_stream) is not None
+            if self._closed:  # close() ran meanwhile and found no connection: nobody else would close this one
+                raise TransportClosed("nats: transport is closed")
         except BaseException:
             await nc.close()
             raise
