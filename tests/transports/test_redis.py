@@ -11,7 +11,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
@@ -208,6 +208,53 @@ async def test_an_unreachable_server_is_a_transport_error() -> None:
         port = s.getsockname()[1]  # nobody listens here once the socket closes
     with pytest.raises(TransportError):
         await RedisTransport(f"redis://127.0.0.1:{port}/0").connect()
+
+
+async def test_a_connect_that_finishes_after_close_closes_its_client(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close()`` while a connect was under way found no client to close; the connect then
+    installed its client on the closed transport, its connection open, nobody left to close it."""
+    import redis.asyncio as aioredis
+
+    transport = RedisTransport(bus_url)
+    pinged, closing, go_on = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    clients: list[aioredis.Redis] = []
+    real_ping = aioredis.Redis.ping
+
+    async def held_ping(self: aioredis.Redis, **kwargs: Any) -> Any:
+        answer = await real_ping(self, **kwargs)
+        clients.append(self)
+        pinged.set()
+        await go_on.wait()  # close() runs here, while the connect is under way
+        return answer
+
+    class Drained(asyncio.Event):
+        async def wait(self) -> Literal[True]:
+            closing.set()  # close() waits for the connect's ping, the operation in flight
+            return await super().wait()
+
+    monkeypatch.setattr(aioredis.Redis, "ping", held_ping)
+    transport._drained = Drained()
+    connecting = asyncio.ensure_future(transport.connect())
+    closed = None
+    try:
+        await asyncio.wait_for(pinged.wait(), 10)
+        closed = asyncio.ensure_future(transport.close())
+        await asyncio.wait_for(closing.wait(), 10)
+        go_on.set()
+        with pytest.raises(TransportClosed):
+            await connecting
+        await closed
+        [client] = clients
+        pool = client.connection_pool
+        assert not any(conn.is_connected for conn in [*pool._available_connections, *pool._in_use_connections])
+        assert transport._client is None
+    finally:
+        go_on.set()
+        await asyncio.gather(connecting, *([closed] if closed else []), return_exceptions=True)
+        for client in clients:
+            await client.aclose()
 
 
 async def test_a_closed_transport_refuses_to_publish(bus_url: str) -> None:

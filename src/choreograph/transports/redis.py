@@ -285,6 +285,9 @@ class RedisTransport(Transport):
             except BaseException:
                 await client.aclose()
                 raise
+        if self._closed:  # close() ran meanwhile and found no client: nobody else would close this one
+            await client.aclose()
+            raise TransportClosed("redis transport is closed")
         self._client = client
         self._line = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # connects on first use
 
