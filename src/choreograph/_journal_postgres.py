@@ -283,9 +283,11 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
             return
         if self._pool is not None:
             return
+        closes = self._closes
         pool = await _pg.create_pool(self.config)
         try:
             await self._check_version(pool)
+            self._refuse_if_closed_since(closes)
         except BaseException:
             await pool.close()
             raise

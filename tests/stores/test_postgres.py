@@ -112,6 +112,54 @@ async def test_using_a_closed_store_is_a_store_error(url: str) -> None:
         await store.seen("g", ["a"])
 
 
+@pytest.mark.parametrize("kind", ["inbox", "journal", "journal read-only", "joins"])
+async def test_an_open_that_finishes_after_close_closes_its_pool(
+    url: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close()`` while an open was under way found no pool to close; the open then installed
+    its pool on the store the caller had closed, its connections open, nobody left to close it."""
+    import asyncio
+
+    from choreograph._journal_postgres import PostgresJournalStore
+    from choreograph.stores import _pg
+    from choreograph.stores.joins_postgres import PostgresJoinStore
+
+    store: PostgresStore | PostgresJournalStore | PostgresJoinStore = {
+        "inbox": PostgresStore, "journal": PostgresJournalStore, "journal read-only": PostgresJournalStore,
+        "joins": PostgresJoinStore,
+    }[kind](url)
+    if kind == "journal read-only":  # it opens only a journal that is there
+        await store.open()
+        await store.close()
+        store.read_only = True  # type: ignore[union-attr]
+    created, go_on = asyncio.Event(), asyncio.Event()
+    pools: list[asyncpg.Pool] = []
+
+    async def held_create_pool(*args: object, **kwargs: object) -> asyncpg.Pool:
+        pool = await create_pool(*args, **kwargs)  # type: ignore[arg-type]
+        pools.append(pool)
+        created.set()
+        await go_on.wait()  # close() runs here, while the open is under way
+        return pool
+
+    monkeypatch.setattr(_pg, "create_pool", held_create_pool)
+    opening = asyncio.ensure_future(store.open())
+    try:
+        await asyncio.wait_for(created.wait(), 15)
+        await store.close()
+        go_on.set()
+        with pytest.raises(StoreError, match="closed while it was opening"):
+            await opening
+        [pool] = pools
+        assert pool.is_closing()
+        assert (store.pool if isinstance(store, PostgresStore) else store._pool) is None
+    finally:
+        go_on.set()
+        await asyncio.gather(opening, return_exceptions=True)
+        for pool in pools:
+            await pool.close()
+
+
 def test_stored_text_escaping_is_reversible_and_keeps_what_older_versions_wrote() -> None:
     from choreograph.stores.postgres import text_in, text_out
 

@@ -217,18 +217,30 @@ class PooledStore:
         self.config = parse_url(url)
         self._pool: Any = None
 
+    #: How many times :meth:`close` was called: an open during which it changed closes its pool.
+    _closes = 0
+
     async def open(self) -> None:
         if self._pool is not None:
             return
+        closes = self._closes
         pool = await create_pool(self.config)
         try:
             await migrate(pool, self.config, self.COMPONENT, self.MIGRATIONS)
+            self._refuse_if_closed_since(closes)
         except BaseException:
             await pool.close()
             raise
         self._pool = pool
 
+    def _refuse_if_closed_since(self, closes: int) -> None:
+        """Raise :class:`StoreError` if :meth:`close` ran since it counted ``closes``: it found no
+        pool to close, and nobody else would close the one the open was making."""
+        if self._closes != closes:
+            raise StoreError(f"{self.WHAT} {redact(self.url)} was closed while it was opening")
+
     async def close(self) -> None:
+        self._closes += 1
         if self._pool is not None:
             pool, self._pool = self._pool, None
             with translate(f"closing {self.WHAT} {redact(self.url)}"):

@@ -141,19 +141,26 @@ class PostgresStore(InboxStore):
             raise StoreError(f"store {redact(self.url)} is not open")
         return self.pool
 
+    #: How many times :meth:`close` was called: an open during which it changed closes its pool.
+    _closes = 0
+
     async def open(self) -> None:
         if self.pool is not None:
             return
+        closes = self._closes
         pool = await _pg.create_pool(self.config, self._session_settings())
         try:
             for component, steps in self._migrations():
                 await _pg.migrate(pool, self.config, component, steps)
+            if self._closes != closes:  # close() ran meanwhile and found no pool: nobody else would close this one
+                raise StoreError(f"store {redact(self.url)} was closed while it was opening")
         except BaseException:
             await pool.close()
             raise
         self.pool = pool
 
     async def close(self) -> None:
+        self._closes += 1
         if self.pool is not None:
             pool, self.pool = self.pool, None
             with _pg.translate(f"closing {redact(self.url)}"):
