@@ -257,6 +257,44 @@ async def test_a_connect_that_finishes_after_close_closes_its_client(
             await client.aclose()
 
 
+async def test_two_connects_at_once_keep_one_client_and_close_the_other(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both found no client and made one; the second installed replaced the first, which
+    ``close()`` never closed (its connection open until the process ended)."""
+    import redis.asyncio as aioredis
+
+    transport = RedisTransport(bus_url)
+    both_pinged, go_on = asyncio.Event(), asyncio.Event()
+    clients: list[aioredis.Redis] = []
+    real_ping = aioredis.Redis.ping
+
+    async def held_ping(self: aioredis.Redis, **kwargs: Any) -> Any:
+        answer = await real_ping(self, **kwargs)
+        clients.append(self)
+        if len(clients) == 2:
+            both_pinged.set()
+        await go_on.wait()  # both connects are under way
+        return answer
+
+    monkeypatch.setattr(aioredis.Redis, "ping", held_ping)
+    connects = [asyncio.ensure_future(transport.connect()) for _ in range(2)]
+    try:
+        await asyncio.wait_for(both_pinged.wait(), 10)
+        go_on.set()
+        await asyncio.gather(*connects)
+        await transport.close()
+        for client in clients:
+            pool = client.connection_pool
+            assert not any(conn.is_connected for conn in [*pool._available_connections, *pool._in_use_connections])
+    finally:
+        go_on.set()
+        await asyncio.gather(*connects, return_exceptions=True)
+        await transport.close()
+        for client in clients:
+            await client.aclose()
+
+
 async def test_a_closed_transport_refuses_to_publish(bus_url: str) -> None:
     transport = RedisTransport(bus_url)
     await transport.connect()

@@ -288,6 +288,9 @@ class RedisTransport(Transport):
         if self._closed:  # close() ran meanwhile and found no client: nobody else would close this one
             await client.aclose()
             raise TransportClosed("redis transport is closed")
+        if self._client is not None:  # another connect finished meanwhile: its client is the one kept
+            await client.aclose()
+            return
         self._client = client
         self._line = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # connects on first use
 
