@@ -291,6 +291,9 @@ class PostgresJournalStore(_pg.PooledStore, JournalStore):
         except BaseException:
             await pool.close()
             raise
+        if self._pool is not None:  # another open finished meanwhile: its pool is the one kept
+            await pool.close()
+            return
         self._pool = pool
 
     async def _check_version(self, pool: Any) -> None:

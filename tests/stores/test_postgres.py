@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -112,6 +113,24 @@ async def test_using_a_closed_store_is_a_store_error(url: str) -> None:
         await store.seen("g", ["a"])
 
 
+async def pooled_store(kind: str, url: str) -> Any:
+    """A PostgreSQL store of ``kind`` on ``url``, not open: ``inbox``, ``journal``, ``journal
+    read-only`` (on a journal made first: it opens only one that is there) or ``joins``."""
+    from choreograph._journal_postgres import PostgresJournalStore
+    from choreograph.stores.joins_postgres import PostgresJoinStore
+
+    if kind == "inbox":
+        return PostgresStore(url)
+    if kind == "joins":
+        return PostgresJoinStore(url)
+    store = PostgresJournalStore(url)
+    if kind == "journal read-only":
+        await store.open()
+        await store.close()
+        store.read_only = True
+    return store
+
+
 @pytest.mark.parametrize("kind", ["inbox", "journal", "journal read-only", "joins"])
 async def test_an_open_that_finishes_after_close_closes_its_pool(
     url: str, kind: str, monkeypatch: pytest.MonkeyPatch
@@ -120,18 +139,9 @@ async def test_an_open_that_finishes_after_close_closes_its_pool(
     its pool on the store the caller had closed, its connections open, nobody left to close it."""
     import asyncio
 
-    from choreograph._journal_postgres import PostgresJournalStore
     from choreograph.stores import _pg
-    from choreograph.stores.joins_postgres import PostgresJoinStore
 
-    store: PostgresStore | PostgresJournalStore | PostgresJoinStore = {
-        "inbox": PostgresStore, "journal": PostgresJournalStore, "journal read-only": PostgresJournalStore,
-        "joins": PostgresJoinStore,
-    }[kind](url)
-    if kind == "journal read-only":  # it opens only a journal that is there
-        await store.open()
-        await store.close()
-        store.read_only = True  # type: ignore[union-attr]
+    store = await pooled_store(kind, url)
     created, go_on = asyncio.Event(), asyncio.Event()
     pools: list[asyncpg.Pool] = []
 
@@ -156,6 +166,43 @@ async def test_an_open_that_finishes_after_close_closes_its_pool(
     finally:
         go_on.set()
         await asyncio.gather(opening, return_exceptions=True)
+        for pool in pools:
+            await pool.close()
+
+
+@pytest.mark.parametrize("kind", ["inbox", "journal", "journal read-only", "joins"])
+async def test_two_opens_at_once_keep_one_pool_and_close_the_other(
+    url: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both found no pool and made one; the later replaced the earlier, which ``close()`` never
+    closed (its connections open until the process ended)."""
+    import asyncio
+
+    from choreograph.stores import _pg
+
+    store = await pooled_store(kind, url)
+    both_created, go_on = asyncio.Event(), asyncio.Event()
+    pools: list[asyncpg.Pool] = []
+
+    async def held_create_pool(*args: object, **kwargs: object) -> asyncpg.Pool:
+        pool = await create_pool(*args, **kwargs)  # type: ignore[arg-type]
+        pools.append(pool)
+        if len(pools) == 2:
+            both_created.set()
+        await go_on.wait()  # both opens are under way
+        return pool
+
+    monkeypatch.setattr(_pg, "create_pool", held_create_pool)
+    opens = [asyncio.ensure_future(store.open()) for _ in range(2)]
+    try:
+        await asyncio.wait_for(both_created.wait(), 15)
+        go_on.set()
+        await asyncio.gather(*opens)
+        await store.close()
+        assert [pool.is_closing() for pool in pools] == [True, True]
+    finally:
+        go_on.set()
+        await asyncio.gather(*opens, return_exceptions=True)
         for pool in pools:
             await pool.close()
 

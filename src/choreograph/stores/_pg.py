@@ -231,6 +231,9 @@ class PooledStore:
         except BaseException:
             await pool.close()
             raise
+        if self._pool is not None:  # another open finished meanwhile: its pool is the one kept
+            await pool.close()
+            return
         self._pool = pool
 
     def _refuse_if_closed_since(self, closes: int) -> None:

@@ -157,6 +157,9 @@ class PostgresStore(InboxStore):
         except BaseException:
             await pool.close()
             raise
+        if self.pool is not None:  # another open finished meanwhile: its pool is the one kept
+            await pool.close()
+            return
         self.pool = pool
 
     async def close(self) -> None:
