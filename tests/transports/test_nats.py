@@ -576,6 +576,19 @@ async def test_republishing_an_id_within_the_duplicate_window_stores_it_once() -
         assert ids(await collect(subscription, 3, within=1.0)) == ["m1", "m2"]
 
 
+async def test_a_failure_event_announced_again_under_its_id_is_not_dropped_as_a_duplicate() -> None:
+    """A replayed event given up again announces it under the same (derived) id: a group
+    that never took the first announcement must get the second, as on every other broker
+    (the inboxes drop a copy a group already handled); its id reads back from the header."""
+    async with opened(bus_on(require_broker("nats"))) as bus:
+        subscription = await bus.subscribe("refund", ["choreograph.failed", "order.placed"])
+        failure = Message(id="f-1", type="choreograph.failed", body=b'{"give-up": 1}')
+        await bus.publish([failure])
+        await bus.publish([failure._replace(body=b'{"give-up": 2}'), msg(2)])
+        got = await collect(subscription, 3)
+        assert [d.message for d in got] == [failure, failure._replace(body=b'{"give-up": 2}'), msg(2)]
+
+
 # -- groups read back from the consumers -------------------------------------------------
 
 

@@ -43,7 +43,9 @@ Consequences worth knowing:
 * **Dedupe**: ``publish`` sets ``Nats-Msg-Id`` to the message id, so republishing an id
   within the stream's duplicate window (2 minutes) stores it once - the deterministic
   output ids of the runtime make a crashed handler's re-run harmless. (Not for a body
-  so large that the header would push it past ``max_payload``: it is sent without.)
+  so large that the header would push it past ``max_payload``: it is sent without. Nor
+  for ``choreograph.failed``: a replayed event given up again announces it under the same
+  id, which the groups that never took the first announcement must receive.)
 * **Replay** republishes a dead letter to ``P.rp.<group>...``, which only that group's
   consumer filters on, as a new stream message: the group gets it with attempt 1 and
   no other group sees it.
@@ -116,6 +118,9 @@ _SECOND = 1_000_000_000  # JetStream durations are nanoseconds
 _RECONNECT_WAIT = 0.5  # seconds between reconnect attempts (nats-py waits this long per server)
 _CLOSE_TIMEOUT = 5.0  # seconds close() may spend flushing to a server that does not read
 _MSG_ID_HEADER_SIZE = codec.header_size({codec.H_MSG_ID: ""})  # plus the id's length
+_ID_HEADER_SIZE = codec.header_size({codec.H_ID: ""})  # plus the id's length
+#: The runtime's failure events: published without broker dedupe (see ``publish``).
+_FAILED = "choreograph.failed"
 _SUBJECT_CACHE = 10_000  # event types whose subject publish remembers
 
 
@@ -399,13 +404,21 @@ class NatsTransport(GroupBindings, Transport):
         items: list[Item] = []
         for m in messages:
             msg_id = codec.name_token(m.id, hash_long=False)
-            if len(m.body) + len(msg_id) + _MSG_ID_HEADER_SIZE <= room:
+            # A failure event's id is derived from the event given up on, so a replayed event
+            # given up again announces it under the same id: the server would drop that
+            # announcement within its duplicate window, and a group that did not take the first
+            # one (an old replica acked it as ignored during a rolling deploy) would never see
+            # it, as it would on every other broker. Its id rides in Choreograph-Id instead;
+            # the inboxes still drop a copy a group already handled.
+            dedupe = m.type != _FAILED
+            if len(m.body) + len(msg_id) + (_MSG_ID_HEADER_SIZE if dedupe else _ID_HEADER_SIZE) <= room:
                 subject = subjects.get(m.type)
                 if subject is None:
                     subject = subjects[m.type] = codec.message_subject(base, m.type)
                     if len(subjects) > _SUBJECT_CACHE:
                         subjects.clear()
-                items.append((subject, m.body, b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()))
+                header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" if dedupe else b"NATS/1.0\r\nChoreograph-Id: %s\r\n\r\n"
+                items.append((subject, m.body, header % msg_id.encode()))
             else:  # no room for the header: the id travels in the subject (and no broker dedupe)
                 items.append((codec.message_subject(base, m.type, m.id), m.body, None))
         await js.publish(items)
