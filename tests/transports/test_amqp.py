@@ -24,7 +24,7 @@ import pamqp.commands
 import pytest
 
 from choreograph import Context, Event, Publisher, Retry, Service, Worker
-from choreograph.errors import ConfigurationError, TransportClosed, TransportError
+from choreograph.errors import ConfigurationError, TransportError
 from choreograph.transports import open_transport
 from choreograph.transports._amqp_consumer import AmqpSubscription, live_channel
 from choreograph.transports._amqp_wire import RETRY_BUCKETS_MS, attempt_of, outgoing, retry_bucket_ms
@@ -34,6 +34,7 @@ from tests._brokers import require_broker
 from tests._waiting import until as _until
 from tests.conformance.brokers import amqp as broker
 from tests.transports import _second_call as second_call
+from tests.transports._close_race import close_during_connect
 
 WAIT = 15.0
 
@@ -136,31 +137,13 @@ async def test_a_connect_that_finishes_after_close_closes_its_connection(bus_url
     """``close()`` while a connect was under way found no connection to close; the connect then
     installed its connection on the closed transport, open, with nobody left to close it."""
     transport = AmqpTransport(bus_url)
-    opened_now, go_on = asyncio.Event(), asyncio.Event()
     connections: list[aio_pika.abc.AbstractRobustConnection] = []
-    real_open = transport._open
-
-    async def held_open() -> aio_pika.abc.AbstractRobustConnection:
-        connection = await real_open()
-        connections.append(connection)
-        opened_now.set()
-        await go_on.wait()  # close() runs here, while the connect is under way
-        return connection
-
-    transport._open = held_open  # type: ignore[method-assign]
-    connecting = asyncio.ensure_future(transport.connect())
     try:
-        await asyncio.wait_for(opened_now.wait(), WAIT)
-        await transport.close()
-        go_on.set()
-        with pytest.raises(TransportClosed):
-            await connecting
+        await close_during_connect(transport, "_open", connections)
         [connection] = connections
         assert connection.is_closed
         assert transport._connection is None
     finally:
-        go_on.set()
-        await asyncio.gather(connecting, return_exceptions=True)
         for connection in connections:
             await connection.close()
 

@@ -37,6 +37,7 @@ from tests._nats_server import NatsServer
 from tests.conformance._support import quiet
 from tests.conformance.brokers import nats as broker
 from tests.transports import _second_call as second_call
+from tests.transports._close_race import close_during_connect
 
 WAIT = 15.0  # a ceiling for a loaded machine, never a speed assertion
 
@@ -277,31 +278,13 @@ async def test_a_connect_that_finishes_after_close_closes_its_connection() -> No
     installed its connection on the closed transport, open, with nobody left to close it."""
     url = bus_on(require_broker("nats"))
     transport = NatsTransport(url)
-    connected, go_on = asyncio.Event(), asyncio.Event()
     clients: list[Any] = []
-    real_first_connect = transport._first_connect
-
-    async def held_first_connect() -> Any:
-        nc = await real_first_connect()
-        clients.append(nc)
-        connected.set()
-        await go_on.wait()  # close() runs here, while the connect is under way
-        return nc
-
-    transport._first_connect = held_first_connect  # type: ignore[method-assign]
-    connecting = asyncio.ensure_future(transport.connect())
     try:
-        await asyncio.wait_for(connected.wait(), WAIT)
-        await transport.close()
-        go_on.set()
-        with pytest.raises(TransportClosed):
-            await connecting
+        await close_during_connect(transport, "_first_connect", clients)
         [nc] = clients
         assert nc.is_closed
         assert transport._nc is None
     finally:
-        go_on.set()
-        await asyncio.gather(connecting, return_exceptions=True)
         for nc in clients:
             await nc.close()
         await broker.cleanup(url)
