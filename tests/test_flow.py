@@ -204,6 +204,19 @@ def test_a_broad_event_annotation_is_fine_beside_emits() -> None:
     assert edges(build([svc]), "emits") == {("service:s", "event:test.flow.audit")}
 
 
+def test_emits_must_cover_what_the_return_annotation_names_beside_event_itself() -> None:
+    """A broad ``Event`` in the annotation does not switch off the check of the classes it
+    names beside it (71e59d7's refusal of ``Event`` was swallowed as an unreadable annotation)."""
+    svc = Service("s")
+    with pytest.raises(ConfigurationError, match=r"names Captured, which emits= does not list"):
+        @svc.on(Placed, emits=[Audit])
+        async def note(order: Placed) -> Captured | Event | None: ...  # a Captured returned would fail
+
+    with pytest.raises(ConfigurationError, match=r"names Event, which emits= does not list"):
+        @svc.on(Placed, emits=[])
+        async def silent(order: Placed) -> Event: ...  # every event returned would fail
+
+
 def test_an_on_failure_handler_is_a_compensates_edge_from_the_failed_type() -> None:
     [edge] = [e for e in build(shop()).edges if e.kind == "compensates" and e.target == "service:payment"]
     assert (edge.source, edge.trigger, edge.label, edge.handlers) == (

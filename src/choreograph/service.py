@@ -130,7 +130,9 @@ def declared_emits(func: Callable[..., Any], emits: Iterable[type[Event]] | None
             if not is_event_class(cls):
                 raise ConfigurationError(f"{func.__qualname__}: emits= must list Event subclasses, got {cls!r}")
         try:
-            annotated = _annotated_emits(func)
+            # Event itself may be named here (e.g. ``-> Event | None``): emits= names the types,
+            # and the annotation's classes must still be covered by it
+            annotated = _annotated_classes(func)
         except Exception:  # noqa: BLE001 - emits= is there for annotations we cannot read
             return classes
         missing = sorted(
@@ -152,14 +154,19 @@ def declared_emits(func: Callable[..., Any], emits: Iterable[type[Event]] | None
         ) from exc
 
 
-def _annotated_emits(func: Callable[..., Any]) -> frozenset[type[Event]]:
-    """The event classes ``func``'s return annotation names (none without one)."""
+def _annotated_classes(func: Callable[..., Any]) -> frozenset[type[Event]]:
+    """The Event classes ``func``'s return annotation names (none without one), ``Event`` itself included."""
     closure = dict(zip(func.__code__.co_freevars, (c.cell_contents for c in func.__closure__ or ()), strict=False))
     hints = typing.get_type_hints(func, localns=closure)
     if "return" not in hints:
         return frozenset()
     # `async def f() -> X` annotates X (the awaited value), which is what we want.
-    classes = frozenset(_event_classes(hints["return"]))
+    return frozenset(_event_classes(hints["return"]))
+
+
+def _annotated_emits(func: Callable[..., Any]) -> frozenset[type[Event]]:
+    """The event classes ``func``'s return annotation names (none without one); Event itself refused."""
+    classes = _annotated_classes(func)
     if Event in classes:
         raise ConfigurationError(
             f"{func.__qualname__}: its return annotation names Event itself, which has no type: it declares no "
