@@ -2876,3 +2876,72 @@ def test_a_worker_refuses_a_service_given_twice_or_two_services_of_one_name() ->
         with pytest.raises(ConfigurationError, match=r"services: \['orders'\] given more than once"):
             Worker(services, MemoryTransport())
     Worker([placed, _charging([])], MemoryTransport())  # distinct names: fine
+
+
+async def test_a_stop_while_start_opens_the_inbox_store_closes_it_and_leaves_nothing_running(tmp_path: Any) -> None:
+    """stop() while start() was still opening a counted inbox store (a service database): the
+    worker marked it open only once open() returned, so stop() gave nothing back (and stopped
+    runners that had not started), then start() went on and left the store open and the runners
+    fetching. stop() now waits for the start under way and undoes all of it."""
+    from choreograph.stores._state_sqlite import SQLiteStateStore
+
+    opening, gate = asyncio.Event(), asyncio.Event()
+
+    class Gated(SQLiteStateStore):
+        async def _connect(self) -> None:
+            opening.set()
+            await gate.wait()
+            await super()._connect()
+
+    store = Gated(f"sqlite:///{tmp_path / 'state.db'}")
+    worker = Worker([_charging([])], MemoryTransport(), store=store, retention=None)
+    starting = asyncio.create_task(worker.start())
+    await opening.wait()
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0)  # one turn: stop() runs up to its first suspension, inside the start
+    gate.set()
+    await starting
+    await stopping
+    assert store._refs == 0
+    assert all(task.done() for runner in worker.runners for task in runner.tasks)
+
+
+async def test_a_stop_before_start_stops_nothing_and_a_later_start_starts_nothing() -> None:
+    """stop() before start() stopped runners that had never started (and raised); a start()
+    after it then ran a worker whose wait() had already returned."""
+    worker = Worker([_charging([])], MemoryTransport(), retention=None)
+    await worker.stop()
+    await worker.wait()
+    await worker.start()
+    assert all(not runner.tasks for runner in worker.runners)
+
+
+async def test_a_second_start_during_a_start_returns_once_the_worker_started(tmp_path: Any) -> None:
+    """Two start() at once: the second returned at once, before the first had opened the store or
+    subscribed, so its caller went on with a worker not started yet (or one whose start failed)."""
+    from choreograph.stores._state_sqlite import SQLiteStateStore
+
+    opening, gate = asyncio.Event(), asyncio.Event()
+
+    class Gated(SQLiteStateStore):
+        async def _connect(self) -> None:
+            opening.set()
+            await gate.wait()
+            await super()._connect()
+
+    worker = Worker([_charging([])], MemoryTransport(), store=Gated(f"sqlite:///{tmp_path / 'state.db'}"),
+                    retention=None)
+    first = asyncio.create_task(worker.start())
+    await opening.wait()
+    started_when_second_returned: list[bool] = []
+
+    async def start_again() -> None:
+        await worker.start()
+        started_when_second_returned.append(bool(worker.runners[0].tasks))
+
+    second = asyncio.create_task(start_again())
+    gate.set()
+    await first
+    await second
+    assert started_when_second_returned == [True]
+    await worker.stop()

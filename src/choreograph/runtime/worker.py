@@ -151,6 +151,10 @@ class Worker:
         self._stopped = asyncio.Event()
         self._release_now = False  # release_in_flight() was called: stop() drains nothing more
         self._started = False
+        self._running = False  # start() went through: stop() has runners, joins and relays to stop
+        # start() and stop() one at a time: a stop() during a start waits for it, then undoes all
+        # of it (it used to stop runners not started yet, and the start went on after it)
+        self._lifecycle = asyncio.Lock()
         self._store_opened = False  # start() opened the inbox store (stop() closes a counted one)
 
     def stats(self, service: str | None = None) -> Stats:
@@ -163,9 +167,13 @@ class Worker:
         return total
 
     async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
+        async with self._lifecycle:
+            if self._started or self._stopped.is_set():  # once; and a stopped worker stays stopped
+                return
+            self._started = True
+            await self._start()
+
+    async def _start(self) -> None:
         await self.transport.connect()
         await self.store.open()
         self._store_opened = True
@@ -192,6 +200,7 @@ class Worker:
             finally:
                 await self._give_back_store()
             raise
+        self._running = True
         log.debug("worker started: %s; concurrency %d, ack delay %g s", ", ".join(s.name for s in self.services),
                   self.concurrency, self.ack_delay)
         if self.retention is not None:
@@ -227,9 +236,19 @@ class Worker:
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        """Drain or release in-flight work, settle it, and close the subscriptions."""
-        if self._stopped.is_set():
-            return
+        """Drain or release in-flight work, settle it, and close the subscriptions.
+
+        Called during ``start()``, it waits for the start to finish (or fail), then stops what it
+        started; called before ``start()``, or again, it does nothing more (and a later
+        ``start()`` does not start the worker)."""
+        async with self._lifecycle:
+            if self._stopped.is_set():
+                return
+            if self._running:
+                await self._stop()
+            self._stopped.set()
+
+    async def _stop(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         try:
@@ -239,7 +258,6 @@ class Worker:
             await self.outbox.stop()
         finally:
             await self._give_back_store()
-        self._stopped.set()
 
     async def _give_back_store(self) -> None:
         if self._store_opened and isinstance(self.store, StateStore):
