@@ -1018,3 +1018,77 @@ async def test_a_broker_blip_while_acking_does_not_stop_the_journal(clock: Virtu
         for env in (first, second):
             tx = await journal.transaction(env.id)
             assert tx is not None and tx.summary.event_count == 1
+
+
+class _CountingStore(MemoryJournalStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.opens = self.closes = 0
+
+    async def open(self) -> None:
+        self.opens += 1
+
+    async def close(self) -> None:
+        self.closes += 1
+
+
+async def test_a_journal_whose_start_fails_closes_the_store_it_opened() -> None:
+    """``async with Journal(...)`` whose subscription is refused: no stop() follows, and the
+    store start() had opened stayed open."""
+
+    class Refusing(MemoryTransport):
+        async def subscribe(self, group: str, types: Collection[str] | None) -> Any:
+            raise ConnectionError("refused")
+
+    store = _CountingStore()
+    with pytest.raises(ConnectionError):
+        async with Journal(store, transport=Refusing()):
+            pass
+    assert (store.opens, store.closes) == (1, 1)
+
+
+class _GatedSubscribe(MemoryTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.subscribing, self.gate = asyncio.Event(), asyncio.Event()
+        self.subscriptions = 0
+
+    async def subscribe(self, group: str, types: Collection[str] | None) -> Any:
+        self.subscriptions += 1
+        self.subscribing.set()
+        await self.gate.wait()
+        return await super().subscribe(group, types)
+
+
+async def test_a_journal_stopped_while_it_subscribes_is_left_stopped_with_its_store_closed() -> None:
+    """stop() while start() was subscribing found no tasks and no subscription, closed the store
+    and returned; the start then went on: the journal consumed after stop(), its store closed
+    under it and its subscription never closed."""
+    store, bus = _CountingStore(), _GatedSubscribe()
+    journal = Journal(store, transport=bus)
+    starting = asyncio.create_task(journal.start())
+    await bus.subscribing.wait()
+    stopping = asyncio.create_task(journal.stop())
+    await asyncio.sleep(0)  # one turn: stop() runs up to its first suspension, inside the start
+    bus.gate.set()
+    await starting
+    await stopping
+    assert journal._tasks == [] and journal._sub is None
+    assert store.opens == store.closes == 1
+
+
+async def test_two_journal_starts_at_once_subscribe_once() -> None:
+    """Two start() at once both found no tasks: the journal subscribed twice, and the first start's
+    subscription and tasks, replaced by the second's, were never stopped."""
+    bus = _GatedSubscribe()
+    journal = Journal(_CountingStore(), transport=bus)
+    first = asyncio.create_task(journal.start())
+    await bus.subscribing.wait()
+    second = asyncio.create_task(journal.start())
+    await asyncio.sleep(0)  # one turn: the second start runs up to its first suspension
+    bus.gate.set()
+    await asyncio.gather(first, second)
+    tasks = journal._tasks
+    await journal.stop()
+    assert bus.subscriptions == 1
+    assert all(task.done() for task in tasks)

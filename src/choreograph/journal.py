@@ -144,6 +144,7 @@ class Journal:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._opened = False
+        self._lifecycle = asyncio.Lock()
         self._deadline_lock = asyncio.Lock()
 
     @classmethod
@@ -174,25 +175,42 @@ class Journal:
 
     async def start(self) -> None:
         """Subscribe as ``choreograph.journal`` (every type) and start recording and watching deadlines."""
-        if self._tasks:
-            return
-        if self.transport is None:
-            raise ConfigurationError("Journal.start(): give the journal a transport (broker) to observe")
-        await self.open()
-        await self.transport.connect()
-        self._sub = await self.transport.subscribe(self.group, None)
-        self._stopped.clear()
-        self._tasks = [
-            asyncio.create_task(self._consume(self._sub), name="choreograph-journal-consume"),
-            asyncio.create_task(self._watch_deadlines(), name="choreograph-journal-deadlines"),
-        ]
+        async with self._lifecycle:  # one start() or stop() at a time (see stop())
+            if self._tasks:
+                return
+            if self.transport is None:
+                raise ConfigurationError("Journal.start(): give the journal a transport (broker) to observe")
+            try:
+                await self.open()
+                await self.transport.connect()
+                self._sub = await self.transport.subscribe(self.group, None)
+            except BaseException:
+                # No stop() follows a failed start (``async with``): close what it opened
+                try:
+                    await self._close_all()
+                except Exception as exc:
+                    log.warning("could not undo a failed journal start cleanly: %s", exc)
+                raise
+            self._stopped.clear()
+            self._tasks = [
+                asyncio.create_task(self._consume(self._sub), name="choreograph-journal-consume"),
+                asyncio.create_task(self._watch_deadlines(), name="choreograph-journal-deadlines"),
+            ]
 
     async def stop(self) -> None:
-        """Stop consuming (unacked deliveries return to the group), then close what the journal opened."""
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Stop consuming (unacked deliveries return to the group), then close what the journal opened.
+
+        Called during ``start()``, it waits for the start to finish (or fail), then stops it: it
+        found no tasks and no subscription yet, and the start went on after it."""
+        async with self._lifecycle:
+            tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close_all()
+            self._stopped.set()
+
+    async def _close_all(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):
@@ -200,7 +218,6 @@ class Journal:
         if self._owns_transport and self.transport is not None:
             await self.transport.close()
         await self.close()
-        self._stopped.set()
 
     async def close(self) -> None:
         """Close the store."""
