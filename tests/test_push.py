@@ -2162,3 +2162,61 @@ async def test_the_ambassadors_outputs_and_failure_events_are_stamped_on_the_vir
     output, failed = await watched(bus, "observer", [Scheduled.event_type(), FAILED])
     assert output.time == rfc3339(clock.time())
     assert failed.time == rfc3339(letter.record["last_attempt_at"]) == rfc3339(clock.time())
+
+
+class _GatedSubscribe(MemoryTransport):
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock=clock)
+        self.subscribing, self.gate = asyncio.Event(), asyncio.Event()
+        self.subscriptions = 0
+
+    async def subscribe(self, group: str, types: list[str]) -> Any:
+        self.subscriptions += 1
+        self.subscribing.set()
+        await self.gate.wait()
+        return await super().subscribe(group, types)
+
+
+async def test_a_stop_while_the_ambassador_subscribes_leaves_nothing_running(bus: MemoryTransport) -> None:
+    """stop() while start() was subscribing found the runner with no subscription and no tasks yet,
+    closed the client and returned; the start then went on and the runner fetched (and pushed,
+    through a closed client) after stop(), with nothing left to stop it. stop() now waits for the
+    start, then stops what it started."""
+    gated = _GatedSubscribe(bus.clock)
+    ambassador = PushAmbassador([subscription("http://127.0.0.1:9/hook")], gated, origin=ORIGIN)
+    starting = asyncio.create_task(ambassador.start())
+    await gated.subscribing.wait()
+    stopping = asyncio.create_task(ambassador.stop())
+    await asyncio.sleep(0)  # one turn: stop() runs up to its first suspension, inside the start
+    gated.gate.set()
+    await starting
+    await stopping
+    assert ambassador.client.is_closed
+    assert all(task.done() for runner in ambassador.runners for task in runner.tasks)
+
+
+async def test_a_second_stop_returns_once_the_ambassador_has_stopped(bus: MemoryTransport) -> None:
+    """Two stop() at once: the second returned at once, while the first still drained the pushes
+    in flight and had not closed the client, so its caller went on with an ambassador still
+    pushing."""
+    gated = _GatedSubscribe(bus.clock)
+    gated.gate.set()
+    ambassador = PushAmbassador([subscription("http://127.0.0.1:9/hook")], gated, origin=ORIGIN)
+    await ambassador.start()
+    runner = ambassador.runners[0]
+    holding = asyncio.Event()
+    held = asyncio.create_task(holding.wait())  # a push in flight: the first stop() drains it
+    runner.active[held] = None  # type: ignore[assignment]  # the drain waits on the task alone
+    first = asyncio.create_task(ambassador.stop())
+    await asyncio.sleep(0)  # one turn: the first stop() is draining
+    stopped_when_second_returned: list[bool] = []
+
+    async def stop_again() -> None:
+        await ambassador.stop()
+        stopped_when_second_returned.append(ambassador.client.is_closed)
+
+    second = asyncio.create_task(stop_again())
+    await asyncio.sleep(0)
+    holding.set()
+    await asyncio.gather(first, second)
+    assert stopped_when_second_returned == [True]

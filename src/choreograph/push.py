@@ -310,6 +310,7 @@ class PushAmbassador:
         self._started = False
         self._stopped = False
         self._release_now = False  # release_in_flight() was called: stop() drains nothing more
+        self._lifecycle = asyncio.Lock()
         self._done = asyncio.Event()
 
     def stats(self, group: str | None = None) -> PushStats:
@@ -322,26 +323,36 @@ class PushAmbassador:
         return total
 
     async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        try:
-            await self.transport.connect()
-            await self.store.open()
-            for runner in self.runners:
-                await runner.start()
-        except BaseException:
-            # the runners started already would push on, unowned: ``async with`` calls no
-            # ``__aexit__`` when ``__aenter__`` raises, and the caller saw the start fail
-            await self.stop()
-            raise
+        # start() and stop() one at a time: a stop() during a start found a runner still subscribing
+        # with nothing to stop, and the start went on pushing after it; a second stop() during a
+        # stop returned before the pushes in flight had drained
+        async with self._lifecycle:
+            if self._started:
+                return
+            self._started = True
+            try:
+                await self.transport.connect()
+                await self.store.open()
+                for runner in self.runners:
+                    await runner.start()
+            except BaseException:
+                # the runners started already would push on, unowned: ``async with`` calls no
+                # ``__aexit__`` when ``__aenter__`` raises, and the caller saw the start fail
+                await self._stop()
+                raise
 
     async def wait(self) -> None:
         """Until ``stop()`` is called."""
         await self._done.wait()
 
     async def stop(self) -> None:
-        """Drain (or release) pushes in flight, settle them, close the subscriptions and the client."""
+        """Drain (or release) pushes in flight, settle them, close the subscriptions and the client.
+
+        Called during ``start()`` or another ``stop()``, it waits for that to finish first."""
+        async with self._lifecycle:
+            await self._stop()
+
+    async def _stop(self) -> None:
         if self._stopped or not self._started:
             return
         self._stopped = True
