@@ -2945,3 +2945,24 @@ async def test_a_second_start_during_a_start_returns_once_the_worker_started(tmp
     await second
     assert started_when_second_returned == [True]
     await worker.stop()
+
+
+async def test_a_start_cancelled_in_its_first_expiry_pass_stops_the_runners_it_started() -> None:
+    """start() cancelled while it expired old inbox entries (its last step, the runners already
+    fetching): ``async with`` calls no ``__aexit__`` when ``__aenter__`` raises, and that step was
+    outside what a failed start undoes, so the runners fetched and handled on for good."""
+    expiring, gate = asyncio.Event(), asyncio.Event()
+
+    class SlowExpiry(MemoryStore):
+        async def expire(self, older_than: float) -> int:
+            expiring.set()
+            await gate.wait()
+            return 0
+
+    worker = Worker([_charging([])], MemoryTransport(), store=SlowExpiry())
+    starting = asyncio.create_task(worker.start())
+    await expiring.wait()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert all(task.done() for runner in worker.runners for task in runner.tasks)

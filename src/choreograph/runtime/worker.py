@@ -186,6 +186,9 @@ class Worker:
             for runner in self.runners:
                 await runner.start()
                 started.append(runner)
+            if self.retention is not None:  # undone too: a start cancelled here left the runners running
+                await self._expire_pass()  # at start, before any delivery; then every retention / 10
+                self._housekeeping = asyncio.create_task(self._expire_loop(self.retention), name="choreograph-expire")
         except BaseException:
             # No stop() follows a failed start (``async with``): undo what did start, or the
             # runners before the failed one kept fetching and handling, and the relays kept
@@ -203,9 +206,6 @@ class Worker:
         self._running = True
         log.debug("worker started: %s; concurrency %d, ack delay %g s", ", ".join(s.name for s in self.services),
                   self.concurrency, self.ack_delay)
-        if self.retention is not None:
-            await self._expire_pass()  # at start, before any delivery; then every retention / 10
-            self._housekeeping = asyncio.create_task(self._expire_loop(self.retention), name="choreograph-expire")
 
     async def expire(self) -> int:
         """Forget inbox entries and join instances older than ``retention``; returns how many."""
