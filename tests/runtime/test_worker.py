@@ -2966,3 +2966,21 @@ async def test_a_start_cancelled_in_its_first_expiry_pass_stops_the_runners_it_s
     with pytest.raises(asyncio.CancelledError):
         await starting
     assert all(task.done() for runner in worker.runners for task in runner.tasks)
+
+
+async def test_a_stop_after_a_failed_start_stops_nothing_and_raises_nothing() -> None:
+    """``try: await worker.start() ... finally: await worker.stop()`` with the subscription refused:
+    stop() stopped the runner that had never started and raised ValueError, which replaced the
+    start's error."""
+
+    class Refusing(MemoryTransport):
+        async def subscribe(self, group: str, types: Collection[str] | None) -> Any:
+            raise ConnectionError("refused")
+
+    worker = Worker([_charging([])], Refusing(), retention=None)
+    with pytest.raises(ConnectionError):
+        try:
+            await worker.start()
+        finally:
+            await worker.stop()
+    await worker.wait()
