@@ -2878,11 +2878,8 @@ def test_a_worker_refuses_a_service_given_twice_or_two_services_of_one_name() ->
     Worker([placed, _charging([])], MemoryTransport())  # distinct names: fine
 
 
-async def test_a_stop_while_start_opens_the_inbox_store_closes_it_and_leaves_nothing_running(tmp_path: Any) -> None:
-    """stop() while start() was still opening a counted inbox store (a service database): the
-    worker marked it open only once open() returned, so stop() gave nothing back (and stopped
-    runners that had not started), then start() went on and left the store open and the runners
-    fetching. stop() now waits for the start under way and undoes all of it."""
+def _gated_state_store(tmp_path: Any) -> tuple[Any, asyncio.Event, asyncio.Event]:
+    """A service database whose open sets ``opening`` and then waits for ``gate``."""
     from choreograph.stores._state_sqlite import SQLiteStateStore
 
     opening, gate = asyncio.Event(), asyncio.Event()
@@ -2893,7 +2890,15 @@ async def test_a_stop_while_start_opens_the_inbox_store_closes_it_and_leaves_not
             await gate.wait()
             await super()._connect()
 
-    store = Gated(f"sqlite:///{tmp_path / 'state.db'}")
+    return Gated(f"sqlite:///{tmp_path / 'state.db'}"), opening, gate
+
+
+async def test_a_stop_while_start_opens_the_inbox_store_closes_it_and_leaves_nothing_running(tmp_path: Any) -> None:
+    """stop() while start() was still opening a counted inbox store (a service database): the
+    worker marked it open only once open() returned, so stop() gave nothing back (and stopped
+    runners that had not started), then start() went on and left the store open and the runners
+    fetching. stop() now waits for the start under way and undoes all of it."""
+    store, opening, gate = _gated_state_store(tmp_path)
     worker = Worker([_charging([])], MemoryTransport(), store=store, retention=None)
     starting = asyncio.create_task(worker.start())
     await opening.wait()
@@ -2919,18 +2924,8 @@ async def test_a_stop_before_start_stops_nothing_and_a_later_start_starts_nothin
 async def test_a_second_start_during_a_start_returns_once_the_worker_started(tmp_path: Any) -> None:
     """Two start() at once: the second returned at once, before the first had opened the store or
     subscribed, so its caller went on with a worker not started yet (or one whose start failed)."""
-    from choreograph.stores._state_sqlite import SQLiteStateStore
-
-    opening, gate = asyncio.Event(), asyncio.Event()
-
-    class Gated(SQLiteStateStore):
-        async def _connect(self) -> None:
-            opening.set()
-            await gate.wait()
-            await super()._connect()
-
-    worker = Worker([_charging([])], MemoryTransport(), store=Gated(f"sqlite:///{tmp_path / 'state.db'}"),
-                    retention=None)
+    store, opening, gate = _gated_state_store(tmp_path)
+    worker = Worker([_charging([])], MemoryTransport(), store=store, retention=None)
     first = asyncio.create_task(worker.start())
     await opening.wait()
     started_when_second_returned: list[bool] = []
